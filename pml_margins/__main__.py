@@ -1,0 +1,5 @@
+import sys
+
+from pml_margins.cli import main
+
+sys.exit(main())

@@ -1,0 +1,30 @@
+"""Command line entry point: ``pml-margins <command>`` (also ``python -m pml_margins``).
+
+Each command lives in its own module exposing ``register(subparsers)``, which adds
+an ``argparse`` sub-parser whose ``func`` default runs the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Sequence
+
+# module path of each command, imported lazily so that ``--help`` stays fast
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pml-margins",
+        description="Margin-based metric-learning losses and exact retrieval evaluation.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
