@@ -18,8 +18,8 @@ __all__ = [
     "check_embeddings",
     "check_indices_tuple",
     "check_labels",
-    "check_positive",
     "check_non_negative",
+    "check_positive",
 ]
 
 
@@ -43,9 +43,7 @@ def check_embeddings(
     if embeddings.shape[0] == 0:
         raise ValueError(f"{name} is empty: the batch has no rows")
     if width is not None and embeddings.shape[1] != width:
-        raise ValueError(
-            f"{name} has width {embeddings.shape[1]} but embedding_size is {width}"
-        )
+        raise ValueError(f"{name} has width {embeddings.shape[1]} but embedding_size is {width}")
     if not bool(torch.isfinite(embeddings).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
     return embeddings
@@ -65,9 +63,7 @@ def check_labels(labels: object, length: int, name: str = "labels") -> torch.Ten
     if labels.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
     if labels.shape[0] != length:
-        raise ValueError(
-            f"{name} has length {labels.shape[0]} but there are {length} embeddings"
-        )
+        raise ValueError(f"{name} has length {labels.shape[0]} but there are {length} embeddings")
     return labels
 
 
@@ -120,7 +116,7 @@ def check_indices_tuple(
         )
     ref_size = batch_size if ref_size is None else ref_size
     roles = ("a", "p", "n") if len(indices_tuple) == 3 else ("a1", "p", "a2", "n")
-    for role, idx in zip(roles, indices_tuple):
+    for role, idx in zip(roles, indices_tuple, strict=True):
         if not isinstance(idx, torch.Tensor):
             raise TypeError(f"indices_tuple[{role}] must be a tensor, got {type(idx).__name__}")
         if idx.is_floating_point() or idx.dtype == torch.bool:

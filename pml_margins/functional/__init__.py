@@ -1,0 +1,33 @@
+"""Pure functions: the margin-softmax core, target-logit functions, hyper-parameter bounds."""
+
+from pml_margins.functional.hyperparameters import (
+    cosface_margin_upper_bound,
+    cosface_scale_lower_bound,
+)
+from pml_margins.functional.margin_softmax import (
+    TargetLogitFn,
+    compute_dtype,
+    margin_softmax_cross_entropy,
+)
+from pml_margins.functional.target_logits import (
+    arcface_target,
+    combined_margin_target,
+    cos_multiple_angle,
+    cosface_target,
+    safe_sine,
+    sphereface_psi,
+)
+
+__all__ = [
+    "TargetLogitFn",
+    "arcface_target",
+    "combined_margin_target",
+    "compute_dtype",
+    "cos_multiple_angle",
+    "cosface_margin_upper_bound",
+    "cosface_scale_lower_bound",
+    "cosface_target",
+    "margin_softmax_cross_entropy",
+    "safe_sine",
+    "sphereface_psi",
+]

@@ -1,0 +1,64 @@
+r"""The margin-softmax core shared by every class-weight loss.
+
+.. math::
+    L_i = -\log \frac{e^{s_i\,\psi(z_{i,y_i})}}
+                     {e^{s_i\,\psi(z_{i,y_i})} + \sum_{j\ne y_i} e^{s_i z_{i,j}}}
+
+``z`` are the base logits (cosines :math:`\cos\theta_{ij}` for the normalized
+losses, raw :math:`W_j^\top x_i + b_j` for plain softmax), :math:`\psi` the
+loss's target-logit function (identity for softmax and NSL, :math:`\cos\theta-m`
+for CosFace, ...) and :math:`s_i` the scale (a constant, or :math:`\|x_i\|` for
+SphereFace).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TargetLogitFn", "compute_dtype", "margin_softmax_cross_entropy"]
+
+TargetLogitFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the softmax and the margins are evaluated in: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def margin_softmax_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    target_logit_fn: TargetLogitFn | None,
+    scale: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
+    r"""Per-sample cross-entropy with a modified target logit.
+
+    Args:
+        logits: base logits ``z``, shape ``(B, C)``, any floating dtype (bf16/fp16
+            inputs are promoted to float32; autocast is disabled inside).
+        labels: integer class indices, shape ``(B,)``, already validated to lie in
+            ``[0, C)``.
+        target_logit_fn: :math:`\psi`, applied to the ``B`` target logits only; ``None``
+            for the identity.
+        scale: :math:`s`, a float or a tensor of ``B`` per-sample scales.
+
+    Returns:
+        The ``B`` per-sample losses, in ``compute_dtype(logits.dtype)``.
+
+    Only the ``B`` target entries are changed (gathered, mapped, scattered back);
+    no ``(B, C)`` one-hot mask is built.
+    """
+    dtype = compute_dtype(logits.dtype)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits = logits.to(dtype)
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(dtype).reshape(-1, 1)
+        index = labels.long().unsqueeze(1)
+        scaled = logits * scale
+        if target_logit_fn is not None:
+            target = target_logit_fn(logits.gather(1, index))
+            scaled = scaled.scatter(1, index, target * scale)
+        return F.cross_entropy(scaled, labels.long(), reduction="none")

@@ -1,0 +1,148 @@
+r"""Target-logit functions of the margin-softmax losses.
+
+Each function maps the cosine :math:`\cos\theta_y` between an embedding and the
+weight of its own class to the *unscaled* logit that replaces it in the softmax.
+They are pure, element-wise and differentiable, work on any floating dtype and
+are evaluated in at least float32 by :func:`~pml_margins.functional.margin_softmax`.
+
+None of them calls ``acos`` on a path that needs a gradient: angles enter only
+through trigonometric identities and Chebyshev polynomials, so gradients stay
+finite at :math:`\cos\theta = \pm 1` (where ``d acos/dx`` is infinite).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "arcface_target",
+    "combined_margin_target",
+    "cos_multiple_angle",
+    "cosface_target",
+    "safe_sine",
+    "sphereface_psi",
+]
+
+# 1 - cos^2 below this is treated as 0 for sin(theta); keeps sqrt's gradient finite.
+_SINE_EPS = 1e-12
+
+
+def safe_sine(cosine: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sin\theta = \sqrt{(1-\cos\theta)(1+\cos\theta)}` for :math:`\theta\in[0,\pi]`.
+
+    The product form loses less precision near :math:`\cos\theta=\pm1` than
+    :math:`1-\cos^2\theta`; the clamp makes the gradient exactly 0 (not Inf/NaN)
+    where :math:`\sin\theta = 0`.
+    """
+    return torch.sqrt(torch.clamp((1 - cosine) * (1 + cosine), min=_SINE_EPS))
+
+
+def cosface_target(cosine: torch.Tensor, margin: float) -> torch.Tensor:
+    r"""CosFace / LMCL (Wang et al., 2018): :math:`\cos\theta_y - m`."""
+    return cosine - margin
+
+
+def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = False) -> torch.Tensor:
+    r"""ArcFace (Deng et al., 2019): :math:`\cos(\theta_y + m)`, margin in radians.
+
+    .. math::
+        \cos(\theta+m) = \cos\theta\cos m - \sin\theta\sin m
+
+    Where :math:`\theta + m > \pi` the cosine would grow again, so the logit falls
+    back to :math:`\cos\theta - m\sin m` (the reference implementation's rule,
+    keeping the target logit decreasing in :math:`\theta`). With ``easy_margin``
+    the margin is applied only where :math:`\cos\theta > 0`, otherwise
+    :math:`\cos\theta` is kept.
+    """
+    cos_m, sin_m = math.cos(margin), math.sin(margin)
+    with_margin = cosine * cos_m - safe_sine(cosine) * sin_m
+    if easy_margin:
+        return torch.where(cosine > 0, with_margin, cosine)
+    threshold = math.cos(math.pi - margin)
+    return torch.where(cosine > threshold, with_margin, cosine - margin * sin_m)
+
+
+def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
+    r""":math:`\cos(m\theta)` from :math:`\cos\theta`.
+
+    For an integer :math:`m` this is the Chebyshev polynomial :math:`T_m(\cos\theta)`
+    (recurrence :math:`T_{k+1} = 2xT_k - T_{k-1}`), exact and smooth everywhere.
+    For a non-integer :math:`m` it uses :math:`\theta = \arccos` of the cosine
+    clamped to :math:`[-1+\epsilon, 1-\epsilon]`, so gradients stay finite.
+    """
+    if float(multiplier).is_integer():
+        m = int(multiplier)
+        t_prev, t_curr = torch.ones_like(cosine), cosine
+        if m == 0:
+            return t_prev
+        for _ in range(m - 1):
+            t_prev, t_curr = t_curr, 2 * cosine * t_curr - t_prev
+        return t_curr
+    eps = torch.finfo(cosine.dtype).eps
+    return torch.cos(multiplier * torch.acos(torch.clamp(cosine, -1 + eps, 1 - eps)))
+
+
+def _sin_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
+    r""":math:`\sin(m\theta)`; for integer :math:`m`, :math:`\sin\theta\,U_{m-1}(\cos\theta)`."""
+    if float(multiplier).is_integer():
+        m = int(multiplier)
+        if m == 0:
+            return torch.zeros_like(cosine)
+        u_prev, u_curr = torch.ones_like(cosine), 2 * cosine  # U_0, U_1
+        if m == 1:
+            return safe_sine(cosine)
+        for _ in range(m - 2):
+            u_prev, u_curr = u_curr, 2 * cosine * u_curr - u_prev
+        return safe_sine(cosine) * u_curr
+    eps = torch.finfo(cosine.dtype).eps
+    return torch.sin(multiplier * torch.acos(torch.clamp(cosine, -1 + eps, 1 - eps)))
+
+
+def _angle_region(cosine: torch.Tensor, multiplier: float, offset: float) -> torch.Tensor:
+    r""":math:`k=\lfloor (m\theta + b)/\pi \rfloor`; piecewise constant, computed without grad."""
+    with torch.no_grad():
+        theta = torch.acos(torch.clamp(cosine, -1.0, 1.0))
+        return torch.floor((multiplier * theta + offset) / math.pi)
+
+
+def sphereface_psi(cosine: torch.Tensor, margin: int) -> torch.Tensor:
+    r"""SphereFace / A-Softmax (Liu et al., 2017): the monotone extension of :math:`\cos(m\theta)`.
+
+    .. math::
+        \psi(\theta) = (-1)^k \cos(m\theta) - 2k,
+        \quad \theta \in \left[\tfrac{k\pi}{m}, \tfrac{(k+1)\pi}{m}\right],
+        \; k \in \{0, \dots, m-1\}
+
+    :math:`\cos(m\theta)` is the Chebyshev polynomial :math:`T_m(\cos\theta)`.
+    """
+    k = _angle_region(cosine, float(margin), 0.0).clamp(max=margin - 1)
+    sign = 1 - 2 * torch.remainder(k, 2)
+    return sign * cos_multiple_angle(cosine, margin) - 2 * k
+
+
+def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
+    r"""Combined margin (ArcFace paper, Sec. 3.3): :math:`\cos(m_1\theta_y + m_2) - m_3`.
+
+    Where :math:`m_1\theta + m_2` leaves :math:`[0, \pi]` the function is made
+    monotone as the papers do, so that it reduces *exactly* to each special case:
+
+    * :math:`m_1 = 1`: ArcFace's rule with margin :math:`m_2`
+      (:func:`arcface_target`), minus :math:`m_3`. With :math:`m_2 = 0` this is
+      CosFace :math:`\cos\theta - m_3`.
+    * otherwise: the A-Softmax extension
+      :math:`(-1)^k\cos(m_1\theta + m_2) - 2k - m_3` with
+      :math:`k = \lfloor (m_1\theta + m_2)/\pi \rfloor`; with integer :math:`m_1`
+      and :math:`m_2 = 0` this is SphereFace's :math:`\psi` (:func:`sphereface_psi`).
+    """
+    if m1 == 1:
+        return arcface_target(cosine, m2) - m3 if m2 != 0 else cosine - m3
+    if m2 == 0 and float(m1).is_integer():
+        return sphereface_psi(cosine, int(m1)) - m3
+    cos_m2, sin_m2 = math.cos(m2), math.sin(m2)
+    cos_m1 = cos_multiple_angle(cosine, m1)
+    cos_shifted = cos_m1 * cos_m2 - _sin_multiple_angle(cosine, m1) * sin_m2
+    k = _angle_region(cosine, m1, m2)
+    sign = 1 - 2 * torch.remainder(k, 2)
+    return sign * cos_shifted - 2 * k - m3

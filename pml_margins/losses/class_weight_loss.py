@@ -1,0 +1,160 @@
+"""The PML plumbing shared by every loss with class weights ``W`` of shape ``(D, C)``.
+
+Subclasses only say how base logits are formed and which target-logit function
+applies; the loss itself is always
+:func:`pml_margins.functional.margin_softmax_cross_entropy`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+from pml_margins.functional.margin_softmax import (
+    TargetLogitFn,
+    compute_dtype,
+    margin_softmax_cross_entropy,
+)
+from pml_margins.validation import (
+    check_class_labels,
+    check_embeddings,
+    check_indices_tuple,
+)
+
+__all__ = ["ClassWeightLoss", "check_count"]
+
+
+def check_count(value: object, name: str) -> int:
+    """Return ``value`` after checking it is an ``int`` >= 1 (``TypeError``/``ValueError``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """Base of the class-weight (proxy) losses: softmax, NSL, SphereFace, CosFace, ArcFace.
+
+    Holds ``W`` (``embedding_size x num_classes``, PML's name and layout, so PML
+    state dicts load both ways), validates input, turns a miner's
+    ``indices_tuple`` into per-sample weights as PML does, and applies PML's
+    reducer, ``weight_regularizer`` (on ``W.t()``) and ``embedding_regularizer``.
+
+    ``W`` keeps its own dtype: embeddings of another dtype are promoted for the
+    product (or cast by autocast), never the parameter's storage.
+
+    Subclasses set ``scale`` and override :meth:`target_logit_fn` (and
+    :meth:`base_logits` where the logits are not ``scale * cos``).
+    """
+
+    #: whether :meth:`base_logits` returns cosines (the ``avg_angle`` statistic needs them)
+    logits_are_cosines: bool = True
+    #: names shown by ``extra_repr`` and recorded by PML's record-keeper
+    hyperparameter_names: tuple[str, ...] = ()
+
+    def __init__(self, num_classes: int, embedding_size: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = check_count(num_classes, "num_classes")
+        self.embedding_size = check_count(embedding_size, "embedding_size")
+        self.W = torch.nn.Parameter(torch.empty(embedding_size, num_classes))
+        self.weight_init_func(self.W)
+        self.add_to_recordable_attributes(
+            list_of_names=["num_classes", "embedding_size", *self.hyperparameter_names],
+            is_stat=False,
+        )
+        self.add_to_recordable_attributes(name="avg_angle", is_stat=True)
+
+    # --- what subclasses define -------------------------------------------------
+    def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
+        """Return the ``(B, C)`` base logits and the scale (float or ``(B,)`` tensor).
+
+        Default: cosines and the loss's constant ``scale``.
+        """
+        return self.cosine(embeddings), self.scale
+
+    def target_logit_fn(self) -> TargetLogitFn | None:
+        """The function applied to the ``B`` target base logits (``None``: identity)."""
+        return None
+
+    # --- shared helpers ---------------------------------------------------------
+    def get_default_distance(self) -> CosineSimilarity:
+        return CosineSimilarity()
+
+    def weights_for(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``W`` in the dtype the product runs in; a differentiable cast, storage untouched."""
+        dtype = torch.promote_types(embeddings.dtype, self.W.dtype)
+        return self.W if self.W.dtype == dtype else self.W.to(dtype)
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``cos(theta_ij)`` between each embedding and each class weight, via ``self.distance``."""
+        weights = self.weights_for(embeddings)
+        return self.distance(embeddings.to(weights.dtype), weights.t())
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Classification logits without margin (``s * z``), shape ``(B, C)``."""
+        check_embeddings(embeddings, width=self.embedding_size)
+        logits, scale = self.base_logits(embeddings)
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(logits.dtype).unsqueeze(1)
+        return logits * scale
+
+    # --- PML contract -------------------------------------------------------------
+    def forward(  # type: ignore[override]
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        indices_tuple: tuple[torch.Tensor, ...] | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        name = type(self).__name__
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError(
+                f"{name} compares embeddings with its class weights W; ref_emb/ref_labels "
+                "are not supported (use a pair-based loss such as CircleLoss for that)"
+            )
+        check_embeddings(embeddings, width=self.embedding_size)
+        if labels is None:
+            raise ValueError(f"{name} requires labels")
+        check_class_labels(labels, embeddings.shape[0], self.num_classes)
+        check_indices_tuple(indices_tuple, embeddings.shape[0])
+        return super().forward(embeddings, labels, indices_tuple)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+        ref_emb: torch.Tensor,
+        ref_labels: torch.Tensor,
+    ) -> dict[str, dict[str, Any]]:
+        logits, scale = self.base_logits(embeddings)
+        if self.collect_stats and self.logits_are_cosines:
+            self._record_avg_angle(logits, labels)
+        losses = margin_softmax_cross_entropy(logits, labels, self.target_logit_fn(), scale)
+        miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
+        loss_dict = {
+            "loss": {
+                "losses": losses * miner_weights,
+                "indices": torch.arange(embeddings.shape[0], device=embeddings.device),
+                "reduction_type": "element",
+            }
+        }
+        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        return loss_dict
+
+    def _record_avg_angle(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        with torch.no_grad():
+            target = logits.gather(1, labels.long().unsqueeze(1)).to(compute_dtype(logits.dtype))
+            self.avg_angle = math.degrees(torch.acos(target.clamp(-1, 1)).mean().item())
+
+    def extra_repr(self) -> str:
+        names = ("num_classes", "embedding_size", *self.hyperparameter_names)
+        return ", ".join(f"{n}={getattr(self, n)!r}" for n in names)

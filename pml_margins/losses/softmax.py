@@ -1,0 +1,68 @@
+r"""Plain softmax loss: the baseline every margin paper compares with."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pytorch_metric_learning.distances import DotProductSimilarity
+
+from pml_margins.losses.class_weight_loss import ClassWeightLoss
+
+__all__ = ["SoftmaxLoss"]
+
+
+def _linear_uniform_init(weight: torch.Tensor) -> None:
+    """``nn.Linear``'s default: uniform in +-1/sqrt(D) for ``W`` of shape ``(D, C)``."""
+    bound = 1 / math.sqrt(weight.shape[0])
+    torch.nn.init.uniform_(weight, -bound, bound)
+
+
+class SoftmaxLoss(ClassWeightLoss):
+    r"""Softmax cross-entropy on a linear classifier.
+
+    .. math::
+        L = -\log\frac{e^{W_{y}^\top x + b_{y}}}{\sum_{j} e^{W_j^\top x + b_j}}
+
+    Neither ``x`` nor ``W`` is normalized, so the learned features separate
+    classes but are not compact (Wen et al., 2016, Fig. 2). Add ``CenterLoss`` or
+    use a margin loss for retrieval.
+
+    Args:
+        num_classes: number of classes ``C``.
+        embedding_size: embedding width ``D``.
+        bias: learn a per-class bias ``b`` (parameter ``bias``, shape ``(C,)``).
+        **kwargs: PML options (``reducer``, ``weight_regularizer``,
+            ``embedding_regularizer``, ``weight_init_func``, ...). ``W`` defaults to
+            ``nn.Linear``'s uniform initialisation in :math:`\pm 1/\sqrt{D}`.
+    """
+
+    logits_are_cosines = False
+
+    def __init__(
+        self, num_classes: int, embedding_size: int, bias: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__(num_classes, embedding_size, **kwargs)
+        self.use_bias = bool(bias)
+        if self.use_bias:
+            bound = 1 / math.sqrt(embedding_size)
+            self.bias = torch.nn.Parameter(torch.empty(num_classes).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    def get_default_weight_init_func(self) -> Any:
+        return _linear_uniform_init
+
+    def get_default_distance(self) -> DotProductSimilarity:
+        return DotProductSimilarity(normalize_embeddings=False)
+
+    def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
+        weights = self.weights_for(embeddings)
+        logits = self.distance(embeddings.to(weights.dtype), weights.t())
+        if self.bias is not None:
+            logits = logits + self.bias.to(logits.dtype)
+        return logits, 1.0
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bias={self.use_bias}"

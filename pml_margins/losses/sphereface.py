@@ -1,0 +1,96 @@
+r"""SphereFace / A-Softmax: a multiplicative angular margin."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pml_margins.functional.margin_softmax import TargetLogitFn
+from pml_margins.functional.target_logits import sphereface_psi
+from pml_margins.losses.class_weight_loss import ClassWeightLoss
+from pml_margins.losses.hyperparameter import Hyperparameter
+from pml_margins.validation import check_non_negative, check_positive
+
+__all__ = ["SphereFaceLoss", "check_integer_margin"]
+
+
+def check_integer_margin(value: object, name: str) -> int:
+    """A multiplicative margin: an integer >= 1 (integer-valued floats are accepted)."""
+    value = check_positive(value, name)
+    if not value.is_integer():
+        raise ValueError(f"{name} must be an integer (the angle multiplier m), got {value}")
+    return int(value)
+
+
+def _optional_scale(value: object, name: str) -> float | None:
+    return None if value is None else check_positive(value, name)
+
+
+class SphereFaceLoss(ClassWeightLoss):
+    r"""SphereFace / A-Softmax (Liu et al., CVPR 2017, arXiv:1704.08063).
+
+    Class weights are normalized, embeddings are not: the logits are
+    :math:`\|x\|\cos\theta_j`, and the target logit uses the monotone
+    multiple-angle function
+
+    .. math::
+        \psi(\theta) = (-1)^k\cos(m\theta) - 2k,\quad
+        \theta\in\left[\tfrac{k\pi}{m}, \tfrac{(k+1)\pi}{m}\right]
+
+    .. math::
+        L = -\log\frac{e^{\|x\| f_y}}{e^{\|x\| f_y} + \sum_{j\ne y} e^{\|x\|\cos\theta_j}},
+        \qquad f_y = \frac{\lambda\cos\theta_y + \psi(\theta_y)}{1 + \lambda}
+
+    ``lambda_`` is the paper's annealing weight (start large, e.g. 1000, decay to
+    ~5: see :class:`pml_margins.schedules.SphereFaceLambdaScheduler`); with
+    ``lambda_ = 0`` this is pure A-Softmax and equals PML's ``SphereFaceLoss``.
+    :math:`\cos(m\theta)` is a Chebyshev polynomial of :math:`\cos\theta`, so no
+    ``acos`` enters the gradient.
+
+    Recommended: ``m = 4`` (an integer multiplier, no unit), the paper's choice.
+    ``scale=None`` (default) uses :math:`\|x\|` as in the paper; a number ``s``
+    instead normalizes the embeddings too and uses ``s`` as the scale (the
+    "normalized SphereFace" of the ArcFace paper's combined-margin comparison).
+
+    Args:
+        num_classes: number of classes ``C``.
+        embedding_size: embedding width ``D``.
+        margin: integer ``m >= 1``.
+        scale: ``None`` for the feature norm, or a fixed ``s > 0``.
+        lambda_: annealing weight ``lambda >= 0``.
+        **kwargs: PML options (``reducer``, ``weight_regularizer``, ``embedding_regularizer``,
+            ``weight_init_func``, ``distance`` -- a ``CosineSimilarity``).
+    """
+
+    hyperparameter_names = ("margin", "scale", "lambda_")
+    margin = Hyperparameter(check_integer_margin)
+    scale = Hyperparameter(_optional_scale)
+    lambda_ = Hyperparameter(check_non_negative)
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: int = 4,
+        scale: float | None = None,
+        lambda_: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        self.margin, self.scale, self.lambda_ = margin, scale, lambda_
+        super().__init__(num_classes, embedding_size, **kwargs)
+
+    def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
+        cosine = self.cosine(embeddings)
+        if self.scale is not None:
+            return cosine, self.scale
+        return cosine, torch.linalg.vector_norm(embeddings.to(cosine.dtype), dim=1)
+
+    def target_logit_fn(self) -> TargetLogitFn:
+        margin, lam = self.margin, self.lambda_
+
+        def target(cosine: torch.Tensor) -> torch.Tensor:
+            psi = sphereface_psi(cosine, margin)
+            return psi if lam == 0 else (lam * cosine + psi) / (1 + lam)
+
+        return target
