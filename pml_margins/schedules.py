@@ -1,0 +1,141 @@
+r"""Schedules for loss hyper-parameters, in the style of ``torch.optim.lr_scheduler``.
+
+Call ``step()`` once per iteration (or epoch) after ``optimizer.step()``; save and
+restore with ``state_dict()`` / ``load_state_dict()`` next to the optimizer's.
+
+Example:
+    >>> from pml_margins.losses import ArcFaceLoss
+    >>> loss = ArcFaceLoss(10, 64)
+    >>> sched = MarginScheduler(loss, start=0.1, end=0.5, total_steps=4)
+    >>> [round(sched.step(), 2) for _ in range(5)]
+    [0.2, 0.3, 0.4, 0.5, 0.5]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from pml_margins.validation import check_non_negative
+
+__all__ = ["MarginScheduler", "SphereFaceLambdaScheduler"]
+
+
+def _check_steps(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+class _AttributeScheduler:
+    """Sets ``loss.<attr>`` to ``value_at(step)``; the loss validates every value set."""
+
+    def __init__(self, loss: torch.nn.Module, attr: str) -> None:
+        if not hasattr(loss, attr):
+            raise ValueError(f"{type(loss).__name__} has no hyper-parameter {attr!r}")
+        self.loss, self.attr = loss, attr
+        self.last_step = 0
+        setattr(self.loss, self.attr, self.value_at(0))
+
+    def value_at(self, step: int) -> float:
+        raise NotImplementedError
+
+    def step(self) -> float:
+        """Advance one step, set the loss's attribute and return the new value."""
+        self.last_step += 1
+        value = self.value_at(self.last_step)
+        setattr(self.loss, self.attr, value)
+        return value
+
+    def get_last_value(self) -> float:
+        return float(getattr(self.loss, self.attr))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the loss itself (as ``lr_scheduler`` leaves out the optimizer)."""
+        return {k: v for k, v in self.__dict__.items() if k != "loss"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.__dict__.update(state_dict)
+        setattr(self.loss, self.attr, self.value_at(self.last_step))
+
+
+class MarginScheduler(_AttributeScheduler):
+    r"""Moves a margin from ``start`` to ``end`` over ``total_steps``, then holds it.
+
+    The "dynamic margin" of the seed articles: start easy (e.g. ArcFace m = 0.1 rad)
+    so that a randomly initialised network can fit, end strict (e.g. 0.5 or 0.8).
+
+    .. math::
+        m_t = m_0 + (m_1 - m_0)\,f(\min(t/T, 1)),\quad
+        f(u) = u \;(\text{linear}) \text{ or } \tfrac{1 - \cos\pi u}{2} \;(\text{cosine})
+
+    Args:
+        loss: any loss with the attribute ``attr`` (``margin``; ``m2``/``m3`` for
+            :class:`~pml_margins.losses.CombinedMarginLoss`; ``scale`` works too).
+        start: value at step 0 (set on construction).
+        end: value from ``total_steps`` on.
+        total_steps: length of the ramp, in calls to :meth:`step`.
+        attr: attribute to drive.
+        mode: ``"linear"`` or ``"cosine"``.
+        warmup_steps: steps held at ``start`` before the ramp begins.
+
+    Raises:
+        ValueError: unknown ``mode``/``attr``, non-positive ``total_steps``; the
+            loss's own validation rejects invalid margins (e.g. a negative one).
+    """
+
+    def __init__(
+        self,
+        loss: torch.nn.Module,
+        start: float,
+        end: float,
+        total_steps: int,
+        attr: str = "margin",
+        mode: str = "linear",
+        warmup_steps: int = 0,
+    ) -> None:
+        if mode not in ("linear", "cosine"):
+            raise ValueError(f"mode must be 'linear' or 'cosine', got {mode!r}")
+        self.start, self.end, self.mode = float(start), float(end), mode
+        self.total_steps = _check_steps(total_steps, "total_steps")
+        self.warmup_steps = int(check_non_negative(warmup_steps, "warmup_steps"))
+        super().__init__(loss, attr)
+
+    def value_at(self, step: int) -> float:
+        u = min(max(step - self.warmup_steps, 0) / self.total_steps, 1.0)
+        if self.mode == "cosine":
+            u = (1 - math.cos(math.pi * u)) / 2
+        return self.start + (self.end - self.start) * u
+
+
+class SphereFaceLambdaScheduler(_AttributeScheduler):
+    r"""SphereFace's annealing of :math:`\lambda` (Liu et al., 2017, Sec. 3.4 / official code).
+
+    .. math::
+        \lambda_t = \max\left(\lambda_{\min},\; \lambda_0 (1 + \gamma t)^{-p}\right)
+
+    Defaults are those of the official SphereFace training (``base=1000,
+    gamma=0.12, power=1, lambda_min=5``), stepped once per iteration. Drives
+    :class:`~pml_margins.losses.SphereFaceLoss`'s ``lambda_``.
+    """
+
+    def __init__(
+        self,
+        loss: torch.nn.Module,
+        base: float = 1000.0,
+        gamma: float = 0.12,
+        power: float = 1.0,
+        lambda_min: float = 5.0,
+    ) -> None:
+        self.base = check_non_negative(base, "base")
+        self.gamma = check_non_negative(gamma, "gamma")
+        self.power = check_non_negative(power, "power")
+        self.lambda_min = check_non_negative(lambda_min, "lambda_min")
+        super().__init__(loss, "lambda_")
+
+    def value_at(self, step: int) -> float:
+        return max(self.lambda_min, self.base * (1 + self.gamma * step) ** (-self.power))

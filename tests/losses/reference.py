@@ -1,0 +1,107 @@
+"""Float64 references written from the papers' formulas, independent of pml_margins.
+
+Angles are computed with ``acos`` directly and each target logit is written the
+way the paper states it, so these share no code path with the library (which
+uses trigonometric identities and Chebyshev polynomials).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def normalized_cosine(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """cos(theta_ij) for x (B, D) and class weights w (D, C)."""
+    x = x / x.norm(dim=1, keepdim=True)
+    w = w / w.norm(dim=0, keepdim=True)
+    return x @ w
+
+
+def _theta(c: torch.Tensor) -> torch.Tensor:
+    return torch.acos(c.clamp(-1, 1))
+
+
+def target_softmax_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """-log( e^{t_i} / (e^{t_i} + sum_{j != y_i} e^{z_ij}) ), per sample."""
+    others = logits.clone()
+    others[torch.arange(len(labels)), labels] = -math.inf
+    denom = torch.logsumexp(torch.cat([others, target[:, None]], dim=1), dim=1)
+    return denom - target
+
+
+def sphereface_psi(c: torch.Tensor, m: int) -> torch.Tensor:
+    """(-1)^k cos(m theta) - 2k on [k pi/m, (k+1) pi/m] (SphereFace, Eq. 7)."""
+    theta = _theta(c)
+    k = torch.clamp(torch.floor(theta * m / math.pi), max=m - 1)
+    return (-1) ** k * torch.cos(m * theta) - 2 * k
+
+
+def arcface_cos(c: torch.Tensor, m: float, easy_margin: bool = False) -> torch.Tensor:
+    """cos(theta + m); beyond theta + m > pi: cos(theta) - m sin(m)."""
+    theta = _theta(c)
+    with_margin = torch.cos(theta + m)
+    if easy_margin:
+        return torch.where(c > 0, with_margin, c)
+    return torch.where(theta + m <= math.pi, with_margin, c - m * math.sin(m))
+
+
+def combined_cos(c: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
+    """cos(m1 theta + m2) - m3, made monotone beyond pi as documented."""
+    if m1 == 1:
+        return arcface_cos(c, m2) - m3
+    phi = m1 * _theta(c) + m2
+    k = torch.floor(phi / math.pi)
+    if float(m1).is_integer() and m2 == 0:
+        k = k.clamp(max=m1 - 1)
+    return (-1) ** k * torch.cos(phi) - 2 * k - m3
+
+
+def reference_per_sample(
+    kind: str,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    **hp: float,
+) -> torch.Tensor:
+    """Per-sample loss of each family, in float64."""
+    x, w = x.double(), w.double()
+    rows = torch.arange(len(labels))
+    if kind == "softmax":
+        logits = x @ w + (bias.double() if bias is not None else 0)
+        return target_softmax_cross_entropy(logits, labels, logits[rows, labels])
+    c = normalized_cosine(x, w)
+    cy = c[rows, labels]
+    if kind == "sphereface":
+        scale = x.norm(dim=1) if hp.get("scale") is None else hp["scale"]
+        lam = hp.get("lambda_", 0.0)
+        target = (lam * cy + sphereface_psi(cy, int(hp["margin"]))) / (1 + lam)
+        scale_col = scale[:, None] if isinstance(scale, torch.Tensor) else scale
+        return target_softmax_cross_entropy(c * scale_col, labels, target * scale)
+    s = hp["scale"]
+    if kind == "nsl":
+        target = cy
+    elif kind == "cosface":
+        target = cy - hp["margin"]
+    elif kind == "arcface":
+        target = arcface_cos(cy, hp["margin"], bool(hp.get("easy_margin", False)))
+    elif kind == "combined":
+        target = combined_cos(cy, hp["m1"], hp["m2"], hp["m3"])
+    else:
+        raise KeyError(kind)
+    return target_softmax_cross_entropy(s * c, labels, s * target)
+
+
+def miner_weights(indices_tuple: tuple[torch.Tensor, ...] | None, batch: int) -> torch.Tensor:
+    """PML's rule: weight = (times a sample appears in the tuple) / (max count)."""
+    if indices_tuple is None or all(len(t) == 0 for t in indices_tuple):
+        return torch.ones(batch, dtype=torch.float64)
+    counts = torch.zeros(batch, dtype=torch.float64)
+    for t in indices_tuple:
+        for i in t.tolist():
+            counts[i] += 1
+    return counts / counts.max()

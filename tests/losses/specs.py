@@ -1,0 +1,99 @@
+"""One entry per class-weight loss: how to build it and how to compute its reference."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pml_margins.losses import (
+    ArcFaceLoss,
+    ClassWeightLoss,
+    CombinedMarginLoss,
+    CosFaceLoss,
+    NormSoftmaxLoss,
+    SoftmaxLoss,
+    SphereFaceLoss,
+)
+from tests.losses.reference import reference_per_sample
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    id: str
+    cls: type[ClassWeightLoss]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    kind: str = ""
+    ref_hp: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, num_classes: int, embedding_size: int, **extra: Any) -> ClassWeightLoss:
+        return self.cls(num_classes, embedding_size, **{**self.kwargs, **extra})
+
+    def reference(self, loss: ClassWeightLoss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        bias = getattr(loss, "bias", None)
+        return reference_per_sample(self.kind, x, loss.W, y, bias=bias, **self.ref_hp)
+
+
+SPECS = [
+    LossSpec("softmax", SoftmaxLoss, {}, "softmax"),
+    LossSpec("softmax_nobias", SoftmaxLoss, {"bias": False}, "softmax"),
+    LossSpec("nsl", NormSoftmaxLoss, {"scale": 30.0}, "nsl", {"scale": 30.0}),
+    LossSpec("cosface", CosFaceLoss, {}, "cosface", {"margin": 0.35, "scale": 64.0}),
+    LossSpec("arcface", ArcFaceLoss, {}, "arcface", {"margin": 0.5, "scale": 64.0}),
+    LossSpec(
+        "arcface_big_margin",
+        ArcFaceLoss,
+        {"margin": 1.2, "scale": 16.0},
+        "arcface",
+        {"margin": 1.2, "scale": 16.0},
+    ),
+    LossSpec(
+        "arcface_easy",
+        ArcFaceLoss,
+        {"easy_margin": True, "scale": 32.0},
+        "arcface",
+        {"margin": 0.5, "scale": 32.0, "easy_margin": True},
+    ),
+    LossSpec("sphereface", SphereFaceLoss, {}, "sphereface", {"margin": 4}),
+    LossSpec(
+        "sphereface_lambda",
+        SphereFaceLoss,
+        {"margin": 3, "lambda_": 5.0},
+        "sphereface",
+        {"margin": 3, "lambda_": 5.0},
+    ),
+    LossSpec(
+        "sphereface_fixed_scale",
+        SphereFaceLoss,
+        {"margin": 2, "scale": 16.0},
+        "sphereface",
+        {"margin": 2, "scale": 16.0},
+    ),
+    LossSpec(
+        "combined",
+        CombinedMarginLoss,
+        {"m1": 1.0, "m2": 0.3, "m3": 0.2, "scale": 32.0},
+        "combined",
+        {"m1": 1.0, "m2": 0.3, "m3": 0.2, "scale": 32.0},
+    ),
+    LossSpec(
+        "combined_general",
+        CombinedMarginLoss,
+        {"m1": 1.35, "m2": 0.25, "m3": 0.1, "scale": 16.0},
+        "combined",
+        {"m1": 1.35, "m2": 0.25, "m3": 0.1, "scale": 16.0},
+    ),
+    LossSpec(
+        "combined_integer_m1",
+        CombinedMarginLoss,
+        {"m1": 2.0, "m2": 0.2, "m3": 0.0, "scale": 16.0},
+        "combined",
+        {"m1": 2.0, "m2": 0.2, "m3": 0.0, "scale": 16.0},
+    ),
+]
+
+SPEC_IDS = [s.id for s in SPECS]
+
+RADIANS_28_6 = math.radians(28.6)

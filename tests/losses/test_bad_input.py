@@ -1,0 +1,121 @@
+"""Bad input raises a clear TypeError/ValueError naming the problem."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pml_margins.losses import (
+    ArcFaceLoss,
+    CombinedMarginLoss,
+    CosFaceLoss,
+    NormSoftmaxLoss,
+    SphereFaceLoss,
+)
+from tests.losses.specs import SPEC_IDS, SPECS, LossSpec
+
+
+def _ok(batch: int = 4):
+    return torch.randn(batch, 8), torch.tensor([0, 1, 2, 3][:batch])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+class TestForwardInput:
+    def test_label_above_range(self, spec: LossSpec) -> None:
+        x, _ = _ok()
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\).*\[0, 5\]"):
+            spec.build(5, 8)(x, torch.tensor([0, 1, 2, 5]))
+
+    def test_negative_label(self, spec: LossSpec) -> None:
+        x, _ = _ok()
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+            spec.build(5, 8)(x, torch.tensor([0, -1, 2, 3]))
+
+    def test_float_labels(self, spec: LossSpec) -> None:
+        x, _ = _ok()
+        with pytest.raises(TypeError, match="labels must have an integer dtype"):
+            spec.build(5, 8)(x, torch.tensor([0.0, 1.0, 2.0, 3.0]))
+
+    def test_missing_labels(self, spec: LossSpec) -> None:
+        with pytest.raises(ValueError, match="requires labels"):
+            spec.build(5, 8)(torch.randn(4, 8))
+
+    @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+    def test_non_finite_embeddings(self, spec: LossSpec, bad: float) -> None:
+        x, y = _ok()
+        x[1, 3] = bad
+        with pytest.raises(ValueError, match="embeddings contains NaN or Inf"):
+            spec.build(5, 8)(x, y)
+
+    def test_wrong_width(self, spec: LossSpec) -> None:
+        with pytest.raises(ValueError, match="embeddings has width 7 but embedding_size is 8"):
+            spec.build(5, 8)(torch.randn(4, 7), torch.tensor([0, 1, 2, 3]))
+
+    def test_length_mismatch(self, spec: LossSpec) -> None:
+        with pytest.raises(ValueError, match="labels has length 3 but there are 4 embeddings"):
+            spec.build(5, 8)(torch.randn(4, 8), torch.tensor([0, 1, 2]))
+
+    def test_empty_batch(self, spec: LossSpec) -> None:
+        with pytest.raises(ValueError, match="embeddings is empty"):
+            spec.build(5, 8)(torch.randn(0, 8), torch.tensor([], dtype=torch.long))
+
+    def test_one_dimensional_embeddings(self, spec: LossSpec) -> None:
+        with pytest.raises(ValueError, match="embeddings must be 2-D"):
+            spec.build(5, 8)(torch.randn(8), torch.tensor([0]))
+
+    def test_integer_embeddings(self, spec: LossSpec) -> None:
+        with pytest.raises(TypeError, match="embeddings must have a floating dtype"):
+            spec.build(5, 8)(torch.ones(4, 8, dtype=torch.long), torch.tensor([0, 1, 2, 3]))
+
+    def test_ref_emb(self, spec: LossSpec) -> None:
+        x, y = _ok()
+        with pytest.raises(ValueError, match="ref_emb/ref_labels are not supported"):
+            spec.build(5, 8)(x, y, ref_emb=x.clone(), ref_labels=y)
+
+    def test_bad_indices_tuple_arity(self, spec: LossSpec) -> None:
+        x, y = _ok()
+        with pytest.raises(ValueError, match="indices_tuple must have 3 elements"):
+            spec.build(5, 8)(x, y, (torch.tensor([0]), torch.tensor([1])))
+
+    def test_indices_out_of_range(self, spec: LossSpec) -> None:
+        x, y = _ok()
+        bad = (torch.tensor([0]), torch.tensor([9]), torch.tensor([1]))
+        with pytest.raises(ValueError, match=r"indices_tuple\[p\] .* must lie in \[0, 4\)"):
+            spec.build(5, 8)(x, y, bad)
+
+    def test_get_logits_checks_width(self, spec: LossSpec) -> None:
+        with pytest.raises(ValueError, match="width 3"):
+            spec.build(5, 8).get_logits(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: CosFaceLoss(5, 8, margin=-0.1), ValueError, "margin must be >= 0"),
+        (lambda: CosFaceLoss(5, 8, scale=0), ValueError, "scale must be > 0"),
+        (lambda: CosFaceLoss(5, 8, scale=math.nan), ValueError, "scale must be finite"),
+        (lambda: NormSoftmaxLoss(5, 8, scale=-30), ValueError, "scale must be > 0"),
+        (lambda: ArcFaceLoss(5, 8, margin=-0.5), ValueError, "margin must be >= 0"),
+        (lambda: ArcFaceLoss(5, 8, margin=28.6), ValueError, "radians.*math.radians"),
+        (lambda: ArcFaceLoss(5, 8, margin="0.5"), TypeError, "margin must be a real number"),
+        (lambda: SphereFaceLoss(5, 8, margin=2.5), ValueError, "margin must be an integer"),
+        (lambda: SphereFaceLoss(5, 8, margin=0), ValueError, "margin must be > 0"),
+        (lambda: SphereFaceLoss(5, 8, lambda_=-1), ValueError, "lambda_ must be >= 0"),
+        (lambda: CombinedMarginLoss(5, 8, m1=0.5), ValueError, "m1 must be >= 1"),
+        (lambda: CombinedMarginLoss(5, 8, m3=-0.2), ValueError, "m3 must be >= 0"),
+        (lambda: CosFaceLoss(0, 8), ValueError, "num_classes must be >= 1"),
+        (lambda: CosFaceLoss(5, 8.0), TypeError, "embedding_size must be an int"),
+    ],
+)
+def test_invalid_hyperparameters(make, error, message: str) -> None:
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_invalid_margin_assignment_is_rejected_after_construction() -> None:
+    loss = ArcFaceLoss(5, 8)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        loss.margin = -0.1
+    assert loss.margin == 0.5

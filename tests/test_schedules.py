@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pml_margins.losses import ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, SphereFaceLoss
+from pml_margins.schedules import MarginScheduler, SphereFaceLambdaScheduler
+
+
+def test_linear_ramp_sets_the_loss_margin_then_holds() -> None:
+    loss = ArcFaceLoss(5, 8, margin=0.5)
+    sched = MarginScheduler(loss, start=0.1, end=0.8, total_steps=7)
+    assert loss.margin == pytest.approx(0.1)
+    values = [sched.step() for _ in range(9)]
+    assert values == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.8, 0.8])
+    assert loss.margin == pytest.approx(0.8) and sched.get_last_value() == pytest.approx(0.8)
+
+
+def test_cosine_ramp_and_warmup() -> None:
+    loss = CosFaceLoss(5, 8)
+    sched = MarginScheduler(loss, 0.0, 0.4, total_steps=4, mode="cosine", warmup_steps=2)
+    values = [sched.step() for _ in range(6)]
+    expected = [0.0, 0.0] + [0.4 * (1 - math.cos(math.pi * k / 4)) / 2 for k in (1, 2, 3, 4)]
+    assert values == pytest.approx(expected)
+
+
+def test_state_dict_round_trip_restores_the_margin() -> None:
+    loss = ArcFaceLoss(5, 8)
+    sched = MarginScheduler(loss, 0.1, 0.5, total_steps=10)
+    for _ in range(4):
+        sched.step()
+    state = sched.state_dict()
+    assert "loss" not in state
+    fresh_loss = ArcFaceLoss(5, 8)
+    fresh = MarginScheduler(fresh_loss, 0.1, 0.5, total_steps=10)
+    fresh.load_state_dict(state)
+    assert fresh.last_step == 4 and fresh_loss.margin == pytest.approx(loss.margin)
+    assert fresh.step() == pytest.approx(sched.step())
+
+
+def test_drives_other_attributes() -> None:
+    loss = CombinedMarginLoss(5, 8, m1=1.0, m2=0.3, m3=0.2)
+    MarginScheduler(loss, 0.0, 0.2, total_steps=2, attr="m3").step()
+    assert loss.m3 == pytest.approx(0.1)
+
+
+def test_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="mode must be"):
+        MarginScheduler(ArcFaceLoss(5, 8), 0.1, 0.5, 10, mode="step")
+    with pytest.raises(ValueError, match="total_steps must be >= 1"):
+        MarginScheduler(ArcFaceLoss(5, 8), 0.1, 0.5, 0)
+    with pytest.raises(ValueError, match="has no hyper-parameter 'gamma'"):
+        MarginScheduler(ArcFaceLoss(5, 8), 0.1, 0.5, 10, attr="gamma")
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        MarginScheduler(ArcFaceLoss(5, 8), -0.1, 0.5, 10)
+
+
+def test_sphereface_lambda_annealing() -> None:
+    loss = SphereFaceLoss(5, 8)
+    sched = SphereFaceLambdaScheduler(loss)
+    assert loss.lambda_ == 1000.0
+    sched.step()
+    assert loss.lambda_ == pytest.approx(1000 / 1.12)
+    for _ in range(10000):
+        sched.step()
+    assert loss.lambda_ == 5.0
