@@ -1,0 +1,127 @@
+"""Thin, autograd-aware wrappers over ``torch.distributed`` collectives.
+
+Everything goes through the process group's own collectives (gloo on CPU, NCCL
+on CUDA); nothing here moves bytes by itself. Without an initialized process
+group every function acts as if ``world_size == 1`` (identity), so the sharded
+code also runs, unsharded, in one process.
+
+Batches may differ in size between ranks (the last batch of an epoch): rows are
+padded to the largest batch for the collective and the padding is dropped again.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "all_gather_rows",
+    "all_reduce_",
+    "gather_rows_with_grad",
+    "is_distributed",
+    "rank_and_world_size",
+]
+
+ProcessGroup = object  # ``dist.ProcessGroup`` when torch.distributed is available
+
+# torch >= 2.13 renamed the tensor collectives; older versions only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def is_distributed() -> bool:
+    """Whether a default process group is initialized."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world_size(group: ProcessGroup | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` in ``group``; ``(0, 1)`` without a process group."""
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def all_reduce_(tensor: torch.Tensor, op: str, group: ProcessGroup | None = None) -> torch.Tensor:
+    """In-place all-reduce (``op`` is ``"sum"`` or ``"max"``), no autograd; returns ``tensor``."""
+    if rank_and_world_size(group)[1] > 1:
+        dist.all_reduce(
+            tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group
+        )
+    return tensor
+
+
+def _batch_sizes(rows: int, device: torch.device, group: ProcessGroup | None) -> list[int]:
+    world_size = rank_and_world_size(group)[1]
+    local = torch.tensor([rows], dtype=torch.long, device=device)
+    sizes = torch.empty(world_size, dtype=torch.long, device=device)
+    _all_gather_single(sizes, local, group=group)
+    return sizes.tolist()
+
+
+def _valid_rows(sizes: list[int], padded: int, device: torch.device) -> torch.Tensor:
+    """Positions of the real rows inside the ``world_size * padded`` gathered rows."""
+    return torch.cat([torch.arange(n, device=device) + r * padded for r, n in enumerate(sizes)])
+
+
+def _gather_padded(x: torch.Tensor, sizes: list[int], group: ProcessGroup | None) -> torch.Tensor:
+    padded = max(sizes)
+    x = x.contiguous()
+    if x.shape[0] < padded:
+        x = torch.cat([x, x.new_zeros((padded - x.shape[0], *x.shape[1:]))])
+    out = x.new_empty((len(sizes) * padded, *x.shape[1:]))
+    _all_gather_single(out, x, group=group)
+    if all(n == padded for n in sizes):
+        return out
+    return out.index_select(0, _valid_rows(sizes, padded, x.device))
+
+
+def all_gather_rows(
+    x: torch.Tensor, group: ProcessGroup | None = None
+) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate every rank's ``x`` along dim 0 in rank order (no gradient).
+
+    Returns:
+        The gathered tensor and the per-rank row counts.
+    """
+    if rank_and_world_size(group)[1] == 1:
+        return x, [x.shape[0]]
+    sizes = _batch_sizes(x.shape[0], x.device, group)
+    return _gather_padded(x.detach(), sizes, group), sizes
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 whose backward reduce-scatters (sums) the gradient.
+
+    Rank ``r``'s rows of the gathered tensor are used by every rank; the gradient
+    of ``x_r`` is therefore the sum over ranks of each rank's gradient for those
+    rows, which is what ``reduce_scatter`` computes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int], group: ProcessGroup | None):  # type: ignore[override]
+        ctx.sizes, ctx.group, ctx.rank = sizes, group, rank_and_world_size(group)[0]
+        return _gather_padded(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        sizes, padded = ctx.sizes, max(ctx.sizes)
+        full = grad.new_zeros((len(sizes) * padded, *grad.shape[1:]))
+        full.index_copy_(0, _valid_rows(sizes, padded, grad.device), grad.contiguous())
+        out = grad.new_empty((padded, *grad.shape[1:]))
+        _reduce_scatter_single(out, full, group=ctx.group)
+        return out[: sizes[ctx.rank]], None, None
+
+
+def gather_rows_with_grad(
+    x: torch.Tensor, group: ProcessGroup | None = None
+) -> tuple[torch.Tensor, list[int]]:
+    """Like :func:`all_gather_rows`, but gradients flow back to each owner rank.
+
+    The backward is a sum over ranks (``reduce_scatter``): if every rank's
+    objective uses the gathered rows, rank ``r``'s ``x.grad`` is the gradient of
+    the *sum* of those objectives with respect to ``x_r``.
+    """
+    if rank_and_world_size(group)[1] == 1:
+        return x, [x.shape[0]]
+    sizes = _batch_sizes(x.shape[0], x.device, group)
+    return _GatherRows.apply(x, sizes, group), sizes

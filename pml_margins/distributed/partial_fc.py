@@ -1,0 +1,68 @@
+r"""Partial FC (An et al., "Partial FC: Training 10 Million Identities on a Single Machine", 2021).
+
+Each rank keeps the classes of its shard that occur among the gathered labels
+(the positives) and a uniform random subset, without replacement, of its other
+classes, so that it keeps ``max(#positives, round(sample_rate * C_local))``
+columns. The loss is then the margin softmax over the *union of the kept
+classes of all ranks* -- every target is in it:
+
+.. math::
+    L_i = -\log\frac{e^{s\psi(z_{i,y_i})}}
+                    {e^{s\psi(z_{i,y_i})} + \sum_{j \in K\setminus\{y_i\}} e^{s z_{ij}}}
+
+With fewer negatives in the normalizer this is a lower bound on the full
+loss, not an unbiased estimate of it; the paper finds that ``sample_rate=0.1``
+keeps the accuracy of full training on face data while cutting the logits and
+their gradients tenfold. Only the kept columns of ``W`` get a (non-zero) gradient. With
+``sample_rate == 1`` no sampling happens at all and the full loss is computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["num_sampled", "sample_local_classes"]
+
+
+def num_sampled(sample_rate: float, num_local: int) -> int:
+    """``round(sample_rate * num_local)`` (halves rounded up), at least 1."""
+    return max(1, min(num_local, int(sample_rate * num_local + 0.5)))
+
+
+def sample_local_classes(
+    labels: torch.Tensor,
+    class_start: int,
+    num_local: int,
+    sample_rate: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the columns of the local shard that take part in this step.
+
+    Args:
+        labels: the ``N`` gathered global labels.
+        class_start: first global class of this rank's shard.
+        num_local: number of classes in the shard.
+        sample_rate: fraction in ``(0, 1]`` of the shard to keep.
+        generator: random source for the negatives (on the labels' device).
+
+    Returns:
+        ``index``: the kept local columns, sorted ascending (shape ``(K,)``), and
+        ``target``: for each of the ``N`` rows the position of its label in
+        ``index``, or ``-1`` where another rank owns the label.
+    """
+    local = labels.long() - class_start
+    owned = (local >= 0) & (local < num_local)
+    positive = torch.zeros(num_local, dtype=torch.bool, device=labels.device)
+    positive[local[owned]] = True
+    keep = max(int(positive.sum()), num_sampled(sample_rate, num_local))
+    if keep >= num_local:
+        index = torch.arange(num_local, device=labels.device)
+    else:
+        score = torch.rand(num_local, generator=generator, device=labels.device)
+        score[positive] = 2.0  # above every uniform draw: positives always kept
+        index = torch.topk(score, keep, sorted=False).indices.sort().values
+    position = torch.full((num_local,), -1, dtype=torch.long, device=labels.device)
+    position[index] = torch.arange(index.numel(), device=labels.device)
+    target = torch.full_like(local, -1)
+    target[owned] = position[local[owned]]
+    return index, target

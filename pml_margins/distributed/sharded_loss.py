@@ -1,0 +1,192 @@
+r"""Model-parallel class-weight loss: each rank owns a contiguous shard of ``W``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from pml_margins.distributed.collectives import (
+    ProcessGroup,
+    all_gather_rows,
+    gather_rows_with_grad,
+    rank_and_world_size,
+)
+from pml_margins.distributed.partial_fc import sample_local_classes
+from pml_margins.distributed.sharded_margin_softmax import sharded_margin_softmax_cross_entropy
+from pml_margins.distributed.sharding import shard_range
+from pml_margins.losses.class_weight_loss import ClassWeightLoss, check_count
+from pml_margins.validation import check_class_labels, check_embeddings, check_positive
+
+__all__ = ["ShardedMarginSoftmaxLoss"]
+
+
+class _BaseLogits(torch.nn.Module):
+    """Calls ``loss.base_logits`` as ``forward``, so ``functional_call`` can swap in sampled W."""
+
+    def __init__(self, loss: ClassWeightLoss) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
+        return self.loss.base_logits(embeddings)
+
+
+def _check_sample_rate(value: object) -> float:
+    value = check_positive(value, "sample_rate")
+    if value > 1:
+        raise ValueError(f"sample_rate must lie in (0, 1], got {value}")
+    return value
+
+
+class ShardedMarginSoftmaxLoss(torch.nn.Module):
+    r"""Any class-weight loss with ``W`` sharded across ranks, optionally with Partial FC.
+
+    Rank ``r`` of ``world_size`` owns classes ``[start, end)`` (contiguous,
+    sizes differing by at most one; :func:`~pml_margins.distributed.shard_range`)
+    and stores only ``W_local`` of shape ``(D, end - start)`` in PML's layout, as
+    ``self.loss.W`` of an ordinary ``loss_type(end - start, D, **loss_kwargs)``
+    (so its ``base_logits``, target-logit function :math:`\psi`, scale and
+    weight initialisation are those of the loss itself; SoftmaxLoss's ``bias``
+    is sharded with ``W``).
+
+    Each step: the local embeddings are all-gathered (the gradient flows back to
+    their owner rank), each rank forms the base logits of all ``N`` gathered
+    embeddings against its (sampled) shard, :math:`\psi` is applied on the rank
+    that owns the target, and the softmax normalizer is all-reduced
+    (:func:`~pml_margins.distributed.sharded_margin_softmax_cross_entropy`). The
+    loss's PML reducer (mean by default) turns the ``N`` per-sample losses into
+    the returned scalar, **the same value on every rank**. Its gradients are those
+    of that single loss: ``embeddings.grad`` equals the rows of this rank in the
+    gradient of the single-process loss on the gathered batch, ``W_local.grad``
+    its columns of this shard.
+
+    With DDP on the backbone, DDP *averages* parameter gradients over ranks; the
+    backbone then receives the single-process gradient divided by
+    ``world_size`` (insightface multiplies the embedding gradient by
+    ``world_size`` to compensate; here, scale the backbone's learning rate or
+    the loss if you want the single-process step).
+
+    Partial FC (``sample_rate < 1``): see :mod:`pml_margins.distributed.partial_fc`.
+    Each rank draws its negatives from its own generator, seeded with
+    ``seed * 1_000_003 + rank``; ``sampled_classes`` holds the global ids kept
+    by this rank in the last step.
+
+    Miners (``indices_tuple``), ``weight_regularizer`` and ``embedding_regularizer``
+    are not supported (they need all of ``W`` or per-rank batches).
+
+    Args:
+        loss_type: a :class:`~pml_margins.losses.ClassWeightLoss` subclass, e.g.
+            :class:`~pml_margins.losses.ArcFaceLoss`.
+        num_classes: total number of classes ``C`` (over all ranks).
+        embedding_size: ``D``.
+        sample_rate: Partial FC rate in ``(0, 1]``; 1 disables sampling.
+        seed: seed of the negative-class sampling.
+        group: process group (default: the world).
+        rank, world_size: override the group's (e.g. to build a shard offline);
+            without a process group the default is ``(0, 1)``, the unsharded loss.
+        **loss_kwargs: the loss's own arguments (``margin``, ``scale``, ``reducer``...).
+
+    Example:
+        >>> from pml_margins.losses import ArcFaceLoss
+        >>> loss_fn = ShardedMarginSoftmaxLoss(ArcFaceLoss, 1000, 128, sample_rate=0.1, margin=0.5)
+        >>> loss = loss_fn(torch.randn(8, 128), torch.randint(0, 1000, (8,)))
+    """
+
+    def __init__(
+        self,
+        loss_type: type[ClassWeightLoss],
+        num_classes: int,
+        embedding_size: int,
+        sample_rate: float = 1.0,
+        seed: int = 0,
+        group: ProcessGroup | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        **loss_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(loss_type, type) and issubclass(loss_type, ClassWeightLoss)):
+            raise TypeError(f"loss_type must be a ClassWeightLoss subclass, got {loss_type!r}")
+        self.loss_type = loss_type
+        self.num_classes = check_count(num_classes, "num_classes")
+        self.embedding_size = check_count(embedding_size, "embedding_size")
+        self.sample_rate = _check_sample_rate(sample_rate)
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        if rank is None or world_size is None:
+            rank, world_size = rank_and_world_size(group)
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.class_start, self.class_end = shard_range(num_classes, world_size, rank)
+        self.seed = int(seed)
+        self.loss_kwargs = dict(loss_kwargs)
+        self.loss = loss_type(self.class_end - self.class_start, embedding_size, **loss_kwargs)
+        for name in ("weight_regularizer", "embedding_regularizer"):
+            if getattr(self.loss, name, None) is not None:
+                raise ValueError(f"{name} is not supported by {type(self).__name__}")
+        self._generator: torch.Generator | None = None
+        self.sampled_classes: torch.Tensor | None = None
+
+    @property
+    def W_local(self) -> torch.nn.Parameter:
+        """This rank's class weights ``(D, C_local)``: classes ``[class_start, class_end)``."""
+        return self.loss.W
+
+    @property
+    def num_local(self) -> int:
+        return self.class_end - self.class_start
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed * 1_000_003 + self.rank)
+        return self._generator
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The reduced loss over the batch gathered from all ranks (same on every rank).
+
+        Args:
+            embeddings: this rank's ``(B, D)`` embeddings (``B`` may differ across ranks).
+            labels: this rank's ``B`` global class labels in ``[0, C)``.
+        """
+        check_embeddings(embeddings, width=self.embedding_size)
+        check_class_labels(labels, embeddings.shape[0], self.num_classes)
+        all_emb, _ = gather_rows_with_grad(embeddings, self.group)
+        all_labels, _ = all_gather_rows(labels.to(embeddings.device), self.group)
+        if self.sample_rate == 1:
+            local = all_labels.long() - self.class_start
+            target = torch.where((local >= 0) & (local < self.num_local), local, -1)
+            logits, scale = self.loss.base_logits(all_emb)
+            self.sampled_classes = None
+        else:
+            index, target = sample_local_classes(
+                all_labels,
+                self.class_start,
+                self.num_local,
+                self.sample_rate,
+                self._generator_for(all_labels.device),
+            )
+            params = {"loss.W": self.loss.W.index_select(1, index)}
+            if getattr(self.loss, "bias", None) is not None:
+                params["loss.bias"] = self.loss.bias.index_select(0, index)
+            logits, scale = functional_call(_BaseLogits(self.loss), params, (all_emb,))
+            self.sampled_classes = index + self.class_start
+        losses = sharded_margin_softmax_cross_entropy(
+            logits, target, self.loss.target_logit_fn(), scale, self.group
+        )
+        loss_dict = {
+            "loss": {
+                "losses": losses,
+                "indices": torch.arange(losses.shape[0], device=losses.device),
+                "reduction_type": "element",
+            }
+        }
+        return self.loss.reducer(loss_dict, all_emb, all_labels)
+
+    def extra_repr(self) -> str:
+        return (
+            f"loss_type={self.loss_type.__name__}, num_classes={self.num_classes}, "
+            f"classes=[{self.class_start}, {self.class_end}), rank={self.rank}, "
+            f"world_size={self.world_size}, sample_rate={self.sample_rate}"
+        )

@@ -1,0 +1,121 @@
+r"""The margin-softmax cross-entropy with the classes sharded across ranks.
+
+Rank :math:`r` holds the base logits :math:`z^{(r)}` (shape ``(N, C_r)``) of all
+``N`` gathered embeddings against its own classes. With :math:`\ell_{ij}` the
+scaled logits, :math:`\ell_{ij} = s_i z_{ij}` except at the target, where the
+owner rank of :math:`y_i` puts :math:`s_i\,\psi(z_{i,y_i})`:
+
+.. math::
+    M_i = \max_r \max_{j \in r} \ell_{ij}, \qquad
+    S_i = \sum_r \sum_{j \in r} e^{\ell_{ij} - M_i}, \qquad
+    L_i = \log S_i - (\ell_{i,y_i} - M_i)
+
+:math:`M` is one all-reduce (MAX, no gradient: :math:`L` does not depend on
+it); :math:`S` and the shifted target logit (non-zero on the owner rank only)
+are one all-reduce (SUM) of an ``(N, 2)`` tensor. Every rank then holds the
+same ``N`` per-sample losses: exactly those of the single-process
+:func:`~pml_margins.functional.margin_softmax_cross_entropy` on the full logits.
+
+Gradient (analytic, no communication): rank :math:`r` gets
+
+.. math::
+    \frac{\partial L}{\partial \ell^{(r)}_{ij}} = g_i\,(p_{ij} - [j = y_i]),
+    \qquad p_{ij} = e^{\ell_{ij} - M_i} / S_i
+
+for its own columns only, where :math:`g_i = \partial\,\mathrm{loss}/\partial L_i`
+must be the same on every rank (it is, when every rank reduces the same ``N``
+losses the same way). Autograd carries it through :math:`\psi`, the scale and
+the local cosines to the local weight shard (complete: no other rank uses those
+columns) and to the local copy of the gathered embeddings (partial: the sum
+over ranks, done by the gather's reduce-scatter backward, is the full gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pml_margins.distributed.collectives import ProcessGroup, all_reduce_
+from pml_margins.functional.margin_softmax import TargetLogitFn, compute_dtype
+
+__all__ = ["sharded_margin_softmax_cross_entropy"]
+
+
+class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits split by columns across ranks; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None):  # type: ignore[override]
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        owned = target >= 0
+        row_max = (
+            logits.max(dim=1).values
+            if logits.shape[1]
+            else logits.new_full((logits.shape[0],), -torch.inf)
+        )
+        row_max = all_reduce_(row_max, "max", group)
+        exp = torch.exp(logits - row_max.unsqueeze(1))
+        stats = torch.zeros(logits.shape[0], 2, dtype=logits.dtype, device=logits.device)
+        stats[:, 0] = exp.sum(dim=1)
+        stats[owned, 1] = logits[rows[owned], target[owned]] - row_max[owned]
+        stats = all_reduce_(stats, "sum", group)
+        ctx.save_for_backward(exp, stats[:, 0], target)
+        return torch.log(stats[:, 0]) - stats[:, 1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        exp, sum_exp, target = ctx.saved_tensors
+        grad_logits = exp * (grad / sum_exp).unsqueeze(1)
+        owned = torch.nonzero(target >= 0).squeeze(1)
+        grad_logits[owned, target[owned]] -= grad[owned]
+        return grad_logits, None, None
+
+
+def sharded_margin_softmax_cross_entropy(
+    local_logits: torch.Tensor,
+    local_target: torch.Tensor,
+    target_logit_fn: TargetLogitFn | None,
+    scale: float | torch.Tensor = 1.0,
+    group: ProcessGroup | None = None,
+) -> torch.Tensor:
+    r"""Per-sample margin-softmax cross-entropy with the classes split across ranks.
+
+    Args:
+        local_logits: base logits ``z`` of all ``N`` (gathered) embeddings against
+            this rank's classes, shape ``(N, C_local)``.
+        local_target: ``(N,)`` integer column of each row's target class in
+            ``local_logits``, or ``-1`` where another rank owns the class. Every
+            row must be owned by exactly one rank.
+        target_logit_fn: :math:`\psi`, applied here to the owned target logits only
+            (``None``: identity).
+        scale: :math:`s`, a float or ``N`` per-row scales (the same on every rank).
+        group: the process group (default: the world; none initialized: one process).
+
+    Returns:
+        The ``N`` per-sample losses, identical on every rank, in
+        ``compute_dtype(local_logits.dtype)``. Backward needs the same upstream
+        gradient on every rank (see the module docstring).
+
+    Example:
+        Without a process group this is the single-process core:
+
+        >>> from pml_margins.functional import margin_softmax_cross_entropy
+        >>> z, y = torch.randn(4, 6).tanh(), torch.tensor([0, 5, 2, 2])
+        >>> a = sharded_margin_softmax_cross_entropy(z, y, lambda c: c - 0.35, 30.0)
+        >>> b = margin_softmax_cross_entropy(z, y, lambda c: c - 0.35, 30.0)
+        >>> torch.allclose(a, b)
+        True
+    """
+    dtype = compute_dtype(local_logits.dtype)
+    with torch.autocast(device_type=local_logits.device.type, enabled=False):
+        logits = local_logits.to(dtype)
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(dtype).reshape(-1, 1)
+        scaled = logits * scale
+        target = local_target.long()
+        if target_logit_fn is not None:
+            rows = torch.nonzero(target >= 0).squeeze(1)
+            cols = target[rows]
+            owned_scale = scale[rows] if isinstance(scale, torch.Tensor) else scale
+            psi = target_logit_fn(logits[rows, cols].unsqueeze(1)) * owned_scale
+            scaled = scaled.index_put((rows, cols), psi.squeeze(1))
+        return _ShardedSoftmaxCrossEntropy.apply(scaled, target, group)

@@ -1,0 +1,101 @@
+"""Per-shard checkpoints: save on 2 ranks, load on 3 ranks or into the single-process loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pml_margins.distributed import ShardedMarginSoftmaxLoss
+from pml_margins.distributed.checkpoint import (
+    from_single_process_loss,
+    load_into,
+    load_shard,
+    merge_shards,
+    reshard,
+    save_shard,
+    split_checkpoint,
+    to_single_process_loss,
+)
+from pml_margins.losses import ArcFaceLoss, SoftmaxLoss
+from tests.distributed import cases
+from tests.distributed.test_sharded_loss import F64, check_rank, load_results, single_process
+
+
+def _trained_reference() -> ArcFaceLoss:
+    """The single-process loss after the same SGD step the 2-rank run took."""
+    ref = cases.reference_loss(cases.SPEC_BY_ID["arcface"])
+    single_process(ref, *cases.batch(2, cases.NUM_CLASSES))
+    with torch.no_grad():
+        ref.W.sub_(cases.LR * ref.W.grad)
+    ref.W.grad = None
+    return ref
+
+
+def test_two_rank_shards_merge_to_the_single_process_step(runs) -> None:
+    shards = [load_shard(runs[2] / f"ckpt_{r}.pt") for r in range(2)]
+    ref = _trained_reference()
+    loss = to_single_process_loss(shards)
+    assert type(loss) is ArcFaceLoss
+    assert (loss.margin, loss.scale, loss.num_classes) == (ref.margin, ref.scale, 11)
+    torch.testing.assert_close(loss.W.double(), ref.W, **F64)
+
+
+def test_two_rank_checkpoint_loaded_on_three_ranks(runs) -> None:
+    """The 3-rank run loaded the re-sharded 2-rank checkpoint: same loss and gradients."""
+    shards = [load_shard(runs[2] / f"ckpt_{r}.pt") for r in range(2)]
+    ref = to_single_process_loss(shards).double()
+    loss, x_grad = single_process(ref, *cases.batch(3, cases.NUM_CLASSES))
+    for rank, result in enumerate(load_results(runs[3], "resharded", 3)):
+        check_rank(result, rank, 3, loss, x_grad, ref, F64)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
+def test_split_merge_round_trip(world_size: int) -> None:
+    ref = SoftmaxLoss(7, 3)
+    full = from_single_process_loss(ref, bias=True)
+    shards = split_checkpoint(full, world_size)
+    assert [s["class_range"][1] - s["class_range"][0] for s in shards] == [
+        len(c) for c in torch.arange(7).tensor_split(world_size)
+    ]
+    merged = merge_shards(list(reversed(shards)))
+    for key in ("W", "bias"):
+        assert torch.equal(merged["state_dict"][key], ref.state_dict()[key])
+    for n in (1, 2, 5):
+        again = merge_shards(reshard(shards, n))
+        assert torch.equal(again["state_dict"]["W"], ref.W.detach())
+
+
+def test_files_and_sharded_module_round_trip(tmp_path) -> None:
+    """Offline (rank/world_size given): build shards, save, load into the single-process loss."""
+    ref = ArcFaceLoss(10, 4, margin=0.3, scale=16.0)
+    full = from_single_process_loss(ref, margin=0.3, scale=16.0)
+    paths = []
+    for rank, shard in enumerate(split_checkpoint(full, 3)):
+        module = ShardedMarginSoftmaxLoss(
+            ArcFaceLoss, 10, 4, rank=rank, world_size=3, margin=0.3, scale=16.0
+        )
+        load_into(module, shard)
+        paths.append(tmp_path / f"s{rank}.pt")
+        save_shard(module, paths[-1])
+    loss = to_single_process_loss([load_shard(p) for p in paths])
+    assert (loss.margin, loss.scale) == (0.3, 16.0)
+    assert torch.equal(loss.W, ref.W)
+
+
+def test_bad_checkpoints(tmp_path) -> None:
+    shards = split_checkpoint(from_single_process_loss(ArcFaceLoss(10, 4)), 3)
+    with pytest.raises(ValueError, match="one shard per rank"):
+        merge_shards(shards[:2])
+    with pytest.raises(ValueError, match="one shard per rank"):
+        merge_shards([shards[0], shards[0], shards[2]])
+    other = split_checkpoint(from_single_process_loss(ArcFaceLoss(11, 4)), 3)
+    with pytest.raises(ValueError, match="disagree"):
+        merge_shards([shards[0], shards[1], other[2]])
+    module = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="reshard"):
+        load_into(module, shards[0])
+    torch.save({"W": torch.zeros(2)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a"):
+        load_shard(tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="merged"):
+        split_checkpoint(shards[0], 2)

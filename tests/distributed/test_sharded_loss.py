@@ -1,0 +1,128 @@
+"""Sharded margin softmax on 2 and 3 gloo ranks equals the single-process loss."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import pytest
+import torch
+
+from pml_margins.distributed import shard_range
+from pml_margins.distributed.partial_fc import num_sampled
+from pml_margins.losses import ClassWeightLoss
+from tests.distributed import cases
+from tests.distributed.conftest import WORLD_SIZES
+
+F64 = {"rtol": 1e-10, "atol": 1e-12}
+TOL = {torch.float64: F64, torch.float32: {"rtol": 1e-5, "atol": 1e-6}}
+
+
+def load_results(out: pathlib.Path, name: str, world_size: int) -> list[dict[str, Any]]:
+    return [torch.load(out / f"{name}_{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def single_process(
+    loss_fn: ClassWeightLoss, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    loss = loss_fn(x, y)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def check_rank(
+    result: dict[str, Any],
+    rank: int,
+    world_size: int,
+    loss: torch.Tensor,
+    x_grad: torch.Tensor,
+    loss_fn: ClassWeightLoss,
+    tol: dict[str, float],
+) -> None:
+    torch.testing.assert_close(result["loss"], loss, **tol)
+    torch.testing.assert_close(result["x_grad"], x_grad[cases.rows(world_size, rank)], **tol)
+    start, end = result["range"]
+    torch.testing.assert_close(result["w_grad"], loss_fn.W.grad[:, start:end], **tol)
+    if getattr(loss_fn, "bias", None) is not None:
+        torch.testing.assert_close(result["bias_grad"], loss_fn.bias.grad[start:end], **tol)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("case", [*cases.SPEC_BY_ID, "arcface_float32"])
+def test_equals_single_process(runs, world_size: int, case: str) -> None:
+    """Loss, embedding gradients and every W (and bias) shard's gradient match."""
+    dtype = torch.float32 if case.endswith("float32") else torch.float64
+    spec = cases.SPEC_BY_ID[case.removesuffix("_float32")]
+    loss_fn = cases.reference_loss(spec, cases.NUM_CLASSES, dtype)
+    loss, x_grad = single_process(loss_fn, *cases.batch(world_size, cases.NUM_CLASSES, dtype=dtype))
+    for rank, results in enumerate(load_results(runs[world_size], "losses", world_size)):
+        result = results[case]
+        assert result["range"] == shard_range(cases.NUM_CLASSES, world_size, rank)
+        assert result["sampled"] is None
+        check_rank(result, rank, world_size, loss, x_grad, loss_fn, TOL[dtype])
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("spec_id", cases.SAMPLED_SPECS)
+def test_partial_fc(runs, world_size: int, spec_id: str) -> None:
+    """sample_rate=0.5: the softmax over the union of kept classes; others get no gradient."""
+    spec = cases.SPEC_BY_ID[spec_id]
+    c = cases.SAMPLED_CLASSES
+    x, y = cases.batch(world_size, c)
+    results = [r[spec_id] for r in load_results(runs[world_size], "sampled", world_size)]
+    first, again = [r[0] for r in results], [r[1] for r in results]
+    kept = torch.cat([r["sampled"] for r in first])
+    for rank, (a, b) in enumerate(zip(first, again, strict=True)):
+        start, end = shard_range(c, world_size, rank)
+        positives = y[(y >= start) & (y < end)].unique()
+        assert torch.isin(positives, a["sampled"]).all(), "a positive class was dropped"
+        expected = max(len(positives), num_sampled(cases.SAMPLE_RATE, end - start))
+        assert len(a["sampled"]) == expected
+        assert len(a["sampled"].unique()) == expected
+        assert ((a["sampled"] >= start) & (a["sampled"] < end)).all()
+        assert torch.equal(a["sampled"], b["sampled"]), "same seed, different draw"
+    assert len(kept) < c, "nothing was sampled out"
+
+    full = cases.reference_loss(spec, c)
+    sub = spec.build(len(kept), cases.EMBEDDING_SIZE).double()
+    with torch.no_grad():
+        sub.W.copy_(full.W[:, kept])
+        if getattr(sub, "bias", None) is not None:
+            sub.bias.copy_(full.bias[kept])
+    position = torch.full((c,), -1, dtype=torch.long)
+    position[kept] = torch.arange(len(kept))
+    loss, x_grad = single_process(sub, x, position[y])
+    w_grad = torch.zeros_like(full.W)
+    w_grad[:, kept] = sub.W.grad
+    for rank, result in enumerate(first):
+        start, end = result["range"]
+        torch.testing.assert_close(result["loss"], loss, **F64)
+        torch.testing.assert_close(result["x_grad"], x_grad[cases.rows(world_size, rank)], **F64)
+        torch.testing.assert_close(result["w_grad"], w_grad[:, start:end], **F64)
+        if result["bias_grad"] is not None:
+            b_grad = torch.zeros(c, dtype=torch.float64)
+            b_grad[kept] = sub.bias.grad
+            torch.testing.assert_close(result["bias_grad"], b_grad[start:end], **F64)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_circle_loss_under_pml_wrapper(runs, world_size: int) -> None:
+    """PML's CircleLoss in PML's DistributedLossWrapper: world_size x the single-process loss.
+
+    The wrapper returns ``world_size * L`` with gradients only through the local
+    rows, so that DDP's average over ranks gives the backbone exactly the
+    single-process gradient.
+    """
+    from pytorch_metric_learning.losses import CircleLoss
+
+    x, y = cases.batch(world_size, 3, seed=5, equal=True)
+    loss, x_grad = single_process(CircleLoss(m=0.4, gamma=80), x, y)
+    for rank, result in enumerate(load_results(runs[world_size], "circle", world_size)):
+        torch.testing.assert_close(result["loss"] / world_size, loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            result["x_grad"] / world_size,
+            x_grad[cases.rows(world_size, rank, equal=True)],
+            rtol=1e-5,
+            atol=1e-6,
+        )

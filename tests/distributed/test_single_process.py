@@ -1,0 +1,111 @@
+"""The distributed pieces without a process group (world_size 1): no spawning needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pytorch_metric_learning.regularizers import LpRegularizer
+
+from pml_margins.distributed import (
+    ShardedMarginSoftmaxLoss,
+    sample_local_classes,
+    shard_range,
+    shard_ranges,
+    sharded_margin_softmax_cross_entropy,
+)
+from pml_margins.distributed.partial_fc import num_sampled
+from pml_margins.functional import margin_softmax_cross_entropy
+from pml_margins.losses import ArcFaceLoss, SoftmaxLoss, SphereFaceLoss
+from tests.losses.specs import SPECS
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.id for s in SPECS])
+def test_world_size_one_is_the_loss(spec) -> None:
+    ref = spec.build(9, 4).double()
+    sharded = ShardedMarginSoftmaxLoss(spec.cls, 9, 4, **spec.kwargs).double()
+    sharded.loss.load_state_dict(ref.state_dict())
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 9, (6,))
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = sharded(xa, y), ref(xb, y)
+    (a + b).backward()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(sharded.W_local.grad, ref.W.grad)
+
+
+@pytest.mark.parametrize("loss_type", [ArcFaceLoss, SoftmaxLoss, SphereFaceLoss])
+def test_keeping_every_column_equals_the_unsampled_path_exactly(loss_type) -> None:
+    """0.97 * 9 rounds to 9: the sampling path runs with all columns, bit for bit equal."""
+    full = ShardedMarginSoftmaxLoss(loss_type, 9, 4)
+    sampled = ShardedMarginSoftmaxLoss(loss_type, 9, 4, sample_rate=0.97)
+    sampled.load_state_dict(full.state_dict())
+    x, y = torch.randn(5, 4), torch.randint(0, 9, (5,))
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = full(xa, y), sampled(xb, y)
+    (a + b).backward()
+    assert torch.equal(sampled.sampled_classes, torch.arange(9))
+    assert torch.equal(a, b)
+    assert torch.equal(xa.grad, xb.grad)
+    assert torch.equal(full.W_local.grad, sampled.W_local.grad)
+
+
+def test_unsampled_columns_get_zero_gradient() -> None:
+    loss_fn = ShardedMarginSoftmaxLoss(ArcFaceLoss, 40, 4, sample_rate=0.25, seed=1)
+    loss_fn(torch.randn(3, 4), torch.tensor([0, 5, 5])).backward()
+    kept = loss_fn.sampled_classes
+    assert len(kept) == 10 and torch.isin(torch.tensor([0, 5]), kept).all()
+    dropped = torch.ones(40, dtype=torch.bool)
+    dropped[kept] = False
+    assert (loss_fn.W_local.grad[:, dropped] == 0).all()
+    assert (loss_fn.W_local.grad[:, kept].abs().sum(0) > 0).all()
+
+
+def test_sample_local_classes() -> None:
+    labels = torch.tensor([3, 12, 4, 3, 19])  # shard [10, 20): positives 12, 19
+    index, target = sample_local_classes(labels, 10, 10, 0.3, torch.Generator().manual_seed(0))
+    assert len(index) == 3 and torch.isin(torch.tensor([2, 9]), index).all()
+    assert torch.equal(index, index.sort().values)
+    assert target[[0, 2, 3]].tolist() == [-1, -1, -1]
+    assert index[target[1]] == 2 and index[target[4]] == 9
+    # more positives than the rate allows: all positives, nothing else
+    index, _ = sample_local_classes(torch.arange(10, 20), 10, 10, 0.1)
+    assert torch.equal(index, torch.arange(10))
+    assert num_sampled(0.05, 10) == 1 and num_sampled(0.25, 10) == 3 and num_sampled(1.0, 7) == 7
+
+
+def test_core_without_process_group_is_the_single_process_core() -> None:
+    z, y = torch.randn(6, 8).tanh().double(), torch.randint(0, 8, (6,))
+    scale = torch.rand(6, dtype=torch.float64) + 1
+    a = sharded_margin_softmax_cross_entropy(z, y, lambda c: c - 0.35, scale)
+    b = margin_softmax_cross_entropy(z, y, lambda c: c - 0.35, scale)
+    torch.testing.assert_close(a, b)
+
+
+def test_shard_ranges() -> None:
+    assert shard_ranges(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert shard_ranges(6, 3) == [(0, 2), (2, 4), (4, 6)]
+    assert shard_range(10, 3, 2) == (7, 10)
+    with pytest.raises(ValueError, match="every rank owns"):
+        shard_ranges(2, 3)
+    with pytest.raises(ValueError, match="rank"):
+        shard_range(10, 3, 3)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="ClassWeightLoss"):
+        ShardedMarginSoftmaxLoss(torch.nn.Linear, 10, 4)
+    for rate in (0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="sample_rate"):
+            ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, sample_rate=rate)
+    with pytest.raises(ValueError, match="both"):
+        ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=1)
+    with pytest.raises(ValueError, match="weight_regularizer"):
+        ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, weight_regularizer=LpRegularizer())
+    loss_fn = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=1, world_size=2)
+    assert (loss_fn.class_start, loss_fn.class_end) == (5, 10)
+    assert loss_fn.W_local.shape == (4, 5)
+    assert "classes=[5, 10)" in repr(loss_fn)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        loss_fn(torch.randn(2, 4), torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="width"):
+        loss_fn(torch.randn(2, 3), torch.tensor([0, 1]))

@@ -1,0 +1,145 @@
+"""What each rank runs (in a spawned process); results go to ``out/<name>_<rank>.pt``."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
+from pytorch_metric_learning.losses import CircleLoss
+from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+from pml_margins.distributed import ShardedMarginSoftmaxLoss, shard_range
+from pml_margins.distributed.checkpoint import (
+    from_single_process_loss,
+    load_into,
+    load_shard,
+    save_shard,
+    split_checkpoint,
+)
+from pml_margins.distributed.evaluation import sharded_topk
+from tests.distributed import cases
+
+
+def _sharded_from_reference(
+    spec_id: str, rank: int, world_size: int, num_classes: int, dtype: torch.dtype, **kw: Any
+) -> ShardedMarginSoftmaxLoss:
+    spec = cases.SPEC_BY_ID[spec_id]
+    ref = cases.reference_loss(spec, num_classes, dtype)
+    shard = split_checkpoint(from_single_process_loss(ref, **spec.kwargs), world_size)[rank]
+    loss = ShardedMarginSoftmaxLoss(
+        spec.cls, num_classes, cases.EMBEDDING_SIZE, **spec.kwargs, **kw
+    )
+    load_into(loss.to(dtype), shard)
+    return loss
+
+
+def _step(
+    loss_fn: ShardedMarginSoftmaxLoss, rank: int, world_size: int, num_classes: int, dtype
+) -> dict[str, Any]:
+    x, y = cases.batch(world_size, num_classes, dtype=dtype)
+    part = cases.rows(world_size, rank)
+    x_local = x[part].clone().requires_grad_(True)
+    loss = loss_fn(x_local, y[part])
+    loss.backward()
+    bias = getattr(loss_fn.loss, "bias", None)
+    return {
+        "loss": loss.detach(),
+        "x_grad": x_local.grad,
+        "w_grad": loss_fn.W_local.grad.clone(),
+        "bias_grad": None if bias is None else bias.grad.clone(),
+        "sampled": loss_fn.sampled_classes,
+        "range": (loss_fn.class_start, loss_fn.class_end),
+    }
+
+
+def losses(rank: int, world_size: int, out: pathlib.Path) -> None:
+    """Every class-weight loss, unsampled: loss and gradients, float64 and one float32."""
+    result = {}
+    for spec_id in cases.SPEC_BY_ID:
+        loss_fn = _sharded_from_reference(
+            spec_id, rank, world_size, cases.NUM_CLASSES, torch.float64
+        )
+        result[spec_id] = _step(loss_fn, rank, world_size, cases.NUM_CLASSES, torch.float64)
+    loss_fn = _sharded_from_reference("arcface", rank, world_size, cases.NUM_CLASSES, torch.float32)
+    result["arcface_float32"] = _step(loss_fn, rank, world_size, cases.NUM_CLASSES, torch.float32)
+    torch.save(result, out / f"losses_{rank}.pt")
+
+
+def sampled(rank: int, world_size: int, out: pathlib.Path) -> None:
+    """Partial FC at sample_rate 0.5: loss, gradients, kept classes; same seed, same draw."""
+    result = {}
+    for spec_id in cases.SAMPLED_SPECS:
+        runs = []
+        for _ in range(2):
+            loss_fn = _sharded_from_reference(
+                spec_id,
+                rank,
+                world_size,
+                cases.SAMPLED_CLASSES,
+                torch.float64,
+                sample_rate=cases.SAMPLE_RATE,
+                seed=3,
+            )
+            runs.append(_step(loss_fn, rank, world_size, cases.SAMPLED_CLASSES, torch.float64))
+        result[spec_id] = runs
+    torch.save(result, out / f"sampled_{rank}.pt")
+
+
+def checkpoint(rank: int, world_size: int, out: pathlib.Path, load_from: str | None) -> None:
+    """One SGD step on the shard then save it; or load re-sharded shards and evaluate."""
+    if load_from is None:
+        loss_fn = _sharded_from_reference(
+            "arcface", rank, world_size, cases.NUM_CLASSES, torch.float64
+        )
+        _step(loss_fn, rank, world_size, cases.NUM_CLASSES, torch.float64)
+        with torch.no_grad():
+            loss_fn.W_local.sub_(cases.LR * loss_fn.W_local.grad)
+        save_shard(loss_fn, out / f"ckpt_{rank}.pt")
+        return
+    shard = load_shard(pathlib.Path(load_from) / f"ckpt_{rank}.pt")
+    spec = cases.SPEC_BY_ID["arcface"]
+    loss_fn = ShardedMarginSoftmaxLoss(
+        spec.cls, shard["num_classes"], shard["embedding_size"], **shard["loss_kwargs"]
+    ).double()
+    load_into(loss_fn, shard)
+    result = _step(loss_fn, rank, world_size, cases.NUM_CLASSES, torch.float64)
+    torch.save(result, out / f"resharded_{rank}.pt")
+
+
+def retrieval(rank: int, world_size: int, out: pathlib.Path) -> None:
+    """Sharded exact top-k with three distances, continuous data and tie-heavy integers."""
+    data = cases.retrieval_data()
+    start, end = shard_range(cases.NUM_REFERENCES, world_size, rank)
+    result = {}
+    for name, distance, q, r in [
+        ("cosine", CosineSimilarity(), data["q"], data["r"]),
+        ("lp", LpDistance(), data["q"], data["r"]),
+        ("dot_ties", DotProductSimilarity(normalize_embeddings=False), data["qi"], data["ri"]),
+        ("lp_ties", LpDistance(normalize_embeddings=False, power=2), data["qi"], data["ri"]),
+    ]:
+        for k in (1, 5, cases.NUM_REFERENCES):
+            result[name, k] = sharded_topk(q, r[start:end], k, distance=distance, block_size=4)
+    torch.save(result, out / f"retrieval_{rank}.pt")
+
+
+def circle(rank: int, world_size: int, out: pathlib.Path) -> None:
+    """PML's CircleLoss under PML's DistributedLossWrapper (it needs equal batch sizes)."""
+    x, y = cases.batch(world_size, 3, seed=5, equal=True)
+    part = cases.rows(world_size, rank, equal=True)
+    x_local = x[part].clone().requires_grad_(True)
+    loss = DistributedLossWrapper(CircleLoss(m=0.4, gamma=80))(x_local, y[part])
+    loss.backward()
+    torch.save({"loss": loss.detach(), "x_grad": x_local.grad}, out / f"circle_{rank}.pt")
+
+
+def all_scenarios(
+    rank: int, world_size: int, out: pathlib.Path, load_from: str | None = None
+) -> None:
+    """One process group, every scenario (spawning is the slow part on a small CPU box)."""
+    losses(rank, world_size, out)
+    sampled(rank, world_size, out)
+    checkpoint(rank, world_size, out, load_from)
+    retrieval(rank, world_size, out)
+    circle(rank, world_size, out)
