@@ -18,15 +18,21 @@ __all__ = [
     "check_embeddings",
     "check_indices_tuple",
     "check_labels",
-    "check_positive",
     "check_non_negative",
+    "check_positive",
 ]
 
 
 def check_embeddings(
-    embeddings: object, name: str = "embeddings", width: int | None = None
+    embeddings: object,
+    name: str = "embeddings",
+    width: int | None = None,
+    width_name: str = "embedding_size",
 ) -> torch.Tensor:
     """Check a ``(N, D)`` floating tensor with finite values and return it.
+
+    ``width_name`` names what ``width`` comes from in the error message (for
+    example the width of the query set when checking a reference set).
 
     Raises:
         TypeError: not a tensor, or not a floating dtype.
@@ -44,7 +50,7 @@ def check_embeddings(
         raise ValueError(f"{name} is empty: the batch has no rows")
     if width is not None and embeddings.shape[1] != width:
         raise ValueError(
-            f"{name} has width {embeddings.shape[1]} but embedding_size is {width}"
+            f"{name} has width {embeddings.shape[1]} but {width_name} is {width}"
         )
     if not bool(torch.isfinite(embeddings).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
@@ -120,7 +126,7 @@ def check_indices_tuple(
         )
     ref_size = batch_size if ref_size is None else ref_size
     roles = ("a", "p", "n") if len(indices_tuple) == 3 else ("a1", "p", "a2", "n")
-    for role, idx in zip(roles, indices_tuple):
+    for role, idx in zip(roles, indices_tuple, strict=True):
         if not isinstance(idx, torch.Tensor):
             raise TypeError(f"indices_tuple[{role}] must be a tensor, got {type(idx).__name__}")
         if idx.is_floating_point() or idx.dtype == torch.bool:
