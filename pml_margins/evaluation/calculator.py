@@ -203,15 +203,24 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             reference, reference_labels, ref_includes_query = query, query_labels, True
         elif reference_labels is None:
             raise ValueError("reference given without reference_labels")
+        query_in = query
         query = check_embeddings(_to_tensor(query, "query"), "query")
         device = self.device if self.device is not None else query.device
         query = query.to(device)
-        reference = check_embeddings(
-            _to_tensor(reference, "reference"), "reference", query.shape[1], "the query's width"
-        ).to(device)
+        same = reference is query_in and reference_labels is query_labels
+        if same:  # query = reference: check and compare once
+            reference = query
+        else:
+            reference = check_embeddings(
+                _to_tensor(reference, "reference"), "reference", query.shape[1], "the query's width"
+            ).to(device)
         query_labels = _to_labels(query_labels, len(query), "query_labels", device)
-        reference_labels = _to_labels(reference_labels, len(reference), "reference_labels", device)
-        if ref_includes_query:
+        reference_labels = (
+            query_labels
+            if same
+            else _to_labels(reference_labels, len(reference), "reference_labels", device)
+        )
+        if ref_includes_query and not same:
             n = len(query)
             if len(reference) < n or not (
                 torch.allclose(query, reference[:n].to(query.dtype))

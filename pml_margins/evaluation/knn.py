@@ -19,7 +19,7 @@ __all__ = ["auto_block_rows", "exact_knn", "topk_lowest_index_ties"]
 
 Metric = Literal["euclidean", "dot"]
 
-_CPU_BUDGET_BYTES = 256 * 2**20
+_CPU_BUDGET_BYTES = 128 * 2**20
 _CUDA_BUDGET_CAP_BYTES = 4 * 2**30
 
 
@@ -35,7 +35,7 @@ def auto_block_rows(
         num_reference: number of reference embeddings (columns of a block).
         itemsize: bytes per score.
         device: where the block is computed; on CUDA the default budget is a
-            quarter of the free memory, capped at 4 GiB; on CPU it is 256 MiB.
+            quarter of the free memory, capped at 4 GiB; on CPU it is 128 MiB.
         memory_budget: bytes allowed for one block; overrides the default.
 
     Returns:
@@ -58,9 +58,10 @@ def topk_lowest_index_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, 
 
     ``torch.topk`` returns the right values but, among equal values at the
     boundary, an arbitrary subset of columns in an arbitrary order. Rows where it
-    left out a tied column are redone with a stable full sort (rare: it needs an
-    exact tie at the k-th score), then every row is ordered by (score descending,
-    column ascending).
+    left out a tied column are redone with a stable full sort: found by asking
+    ``torch.topk`` for ``k + 1`` columns, they are the rows whose ``(k+1)``-th score
+    equals the ``k``-th (rare: it needs an exact tie there). Then every row is
+    ordered by (score descending, column ascending).
 
     Args:
         scores: ``(B, N)`` scores, higher is nearer; no NaN.
@@ -69,17 +70,18 @@ def topk_lowest_index_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     Returns:
         ``(values, columns)``, each ``(B, k)``.
     """
-    values, columns = torch.topk(scores, k, dim=1, largest=True, sorted=True)
-    kth = values[:, k - 1 : k]
-    ties_in_row = (scores == kth).sum(dim=1)
-    ties_taken = (values == kth).sum(dim=1)
-    redo = torch.nonzero(ties_in_row != ties_taken).flatten()
-    if redo.numel() > 0:
-        sorted_values, sorted_columns = torch.sort(
-            scores[redo], dim=1, descending=True, stable=True
-        )
-        values[redo] = sorted_values[:, :k]
-        columns[redo] = sorted_columns[:, :k]
+    extra = int(k < scores.shape[1])  # one more column tells whether a tie was cut
+    values, columns = torch.topk(scores, k + extra, dim=1, largest=True, sorted=True)
+    if extra:
+        # a tie at the boundary can only have been cut where the (k+1)-th equals the k-th
+        redo = torch.nonzero(values[:, k] == values[:, k - 1]).flatten()
+        values, columns = values[:, :k], columns[:, :k]
+        if redo.numel() > 0:
+            sorted_values, sorted_columns = torch.sort(
+                scores[redo], dim=1, descending=True, stable=True
+            )
+            values[redo] = sorted_values[:, :k]
+            columns[redo] = sorted_columns[:, :k]
     columns, order = torch.sort(columns, dim=1)
     values = values.gather(1, order)
     values, order = torch.sort(values, dim=1, descending=True, stable=True)
