@@ -292,6 +292,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             "knn_distances": distances[:, :k_pml],
             "lone_query_labels": unique_query_labels[bin_counts - int(ref_includes_query) <= 0],
             "not_lone_query_mask": not_lone,
+            "num_lone": int((~not_lone).sum()),
             "knn_match": knn_labels == query_labels[:, None],
             "relevant_counts": relevant,
             "knn_k": k_pml,
@@ -320,7 +321,10 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         """Match matrix, relevant counts and labels of the queries that are not lone."""
         mask = kwargs["not_lone_query_mask"]
         match = kwargs["knn_match"] if full_k else kwargs["knn_match"][:, : kwargs["knn_k"]]
-        return match[mask], kwargs["relevant_counts"][mask], kwargs["query_labels"][mask]
+        relevant, labels = kwargs["relevant_counts"], kwargs["query_labels"]
+        if kwargs["num_lone"] == 0:
+            return match, relevant, labels
+        return match[mask], relevant[mask], labels[mask]
 
     def _aggregate(self, per_query_fn, kwargs: dict[str, Any], full_k: bool = False, **fn_kw):
         match, relevant, labels = self._kept(kwargs, full_k)
@@ -349,9 +353,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     def calculate_mean_reciprocal_rank(self, **kwargs: Any) -> float | list[float]:
         return self._aggregate(lambda m, _r: M.reciprocal_rank(m), kwargs)
 
-    def calculate_num_excluded_queries(self, not_lone_query_mask: torch.Tensor, **_: Any) -> int:
+    def calculate_num_excluded_queries(self, num_lone: int, **_: Any) -> int:
         """Queries left out of the k-nn metrics: no other reference has their label."""
-        return int((~not_lone_query_mask).sum())
+        return num_lone
 
     def extra_repr(self) -> str:
         return (

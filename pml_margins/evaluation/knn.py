@@ -82,10 +82,14 @@ def topk_lowest_index_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, 
             )
             values[redo] = sorted_values[:, :k]
             columns[redo] = sorted_columns[:, :k]
-    columns, order = torch.sort(columns, dim=1)
-    values = values.gather(1, order)
-    values, order = torch.sort(values, dim=1, descending=True, stable=True)
-    return values, columns.gather(1, order)
+    # topk sorts by value only; reorder the rows holding equal values by column
+    tied = torch.nonzero((values[:, 1:] == values[:, :-1]).any(dim=1)).flatten()
+    if tied.numel() > 0:
+        v, c = values[tied], columns[tied]
+        c, order = torch.sort(c, dim=1)
+        v, order2 = torch.sort(v.gather(1, order), dim=1, descending=True, stable=True)
+        values[tied], columns[tied] = v, c.gather(1, order2)
+    return values, columns
 
 
 def exact_knn(
