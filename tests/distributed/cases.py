@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from pytorch_metric_learning.distances import CosineSimilarity
 
 from pml_margins.losses import ClassWeightLoss
 from tests.losses.specs import SPECS, LossSpec
@@ -53,14 +56,57 @@ def reference_loss(
 
 
 def retrieval_data() -> dict[str, torch.Tensor]:
-    """Queries and references: continuous (no ties) and small integers (many exact ties)."""
+    """Queries, references and labels: continuous (no ties) and small integers (many ties).
+
+    The first ``NUM_QUERIES`` references are the queries (for ``exclude_self``).
+    """
     g = torch.Generator().manual_seed(7)
-    q = torch.randn(NUM_QUERIES, 4, generator=g)
-    r = torch.randn(NUM_REFERENCES, 4, generator=g)
-    qi = torch.randint(-1, 2, (NUM_QUERIES, 3), generator=g).float()
-    ri = torch.randint(-1, 2, (NUM_REFERENCES, 3), generator=g).float()
-    ri[ri.abs().sum(1) == 0] = 1.0  # no zero rows
-    qi[qi.abs().sum(1) == 0] = 1.0
-    ql = torch.randint(0, 4, (NUM_QUERIES,), generator=g)
+    centres = 2 * torch.randn(4, 4, generator=g)
     rl = torch.randint(0, 4, (NUM_REFERENCES,), generator=g)
-    return {"q": q, "r": r, "qi": qi, "ri": ri, "ql": ql, "rl": rl}
+    r = centres[rl] + torch.randn(NUM_REFERENCES, 4, generator=g)
+    ri = torch.randint(-1, 2, (NUM_REFERENCES, 3), generator=g).float()
+    return {
+        "q": r[:NUM_QUERIES],
+        "r": r,
+        "qi": ri[:NUM_QUERIES],
+        "ri": ri,
+        "ql": rl[:NUM_QUERIES],
+        "rl": rl,
+    }
+
+
+KNN_CASES = [
+    (metric, exclude_self, k)
+    for metric in ("dot", "euclidean")
+    for exclude_self in (False, True)
+    for k in (0, 1, 5, NUM_REFERENCES - 1)
+]
+
+NO_CLUSTERING = {"exclude": ("NMI", "AMI")}
+CALCULATOR_CASES: dict[str, tuple[dict[str, Any], str]] = {
+    "euclidean_all_k": (NO_CLUSTERING, "separate"),
+    "cosine_max_bin_count_avg_of_avgs": (
+        {
+            **NO_CLUSTERING,
+            "distance": CosineSimilarity(),
+            "k": "max_bin_count",
+            "avg_of_avgs": True,
+        },
+        "separate",
+    ),
+    "ref_includes_query_per_class": (
+        {**NO_CLUSTERING, "return_per_class": True, "recall_ks": (1, 3)},
+        "includes",
+    ),
+    "set_against_itself_k5": ({**NO_CLUSTERING, "k": 5}, "self"),
+}
+
+
+def calculator_inputs(mode: str) -> tuple[torch.Tensor, ...]:
+    """``(query, query_labels, reference, reference_labels, ref_includes_query)``."""
+    d = retrieval_data()
+    if mode == "separate":  # queries that are not in the reference set
+        g = torch.Generator().manual_seed(11)
+        q = d["r"][:NUM_QUERIES] + 0.5 * torch.randn(NUM_QUERIES, 4, generator=g)
+        return q, d["ql"], d["r"], d["rl"], False
+    return d["q"], d["ql"], d["r"], d["rl"], True

@@ -89,7 +89,8 @@ def run_workers(
                 p.join()
     errors = sorted(out.glob("error_*.txt"))
     if errors:
-        raise RuntimeError(f"worker failed ({errors[0].name}):\n{errors[0].read_text()}")
+        details = "\n".join(f"--- {e.name}\n{e.read_text()}" for e in errors)
+        raise RuntimeError(f"{len(errors)} worker(s) failed:\n{details}")
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     if bad:
         raise RuntimeError(f"workers exited with codes {[p.exitcode for p in procs]}")

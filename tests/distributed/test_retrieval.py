@@ -1,51 +1,63 @@
-"""Sharded exact top-k on 2 and 3 ranks equals single-process brute force, ties included."""
+"""Sharded exact k-nn and accuracy on 2 and 3 ranks equal the single-process ones."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 
-from pml_margins.distributed.evaluation import exact_topk, merge_topk, sharded_topk
+from pml_margins.distributed.evaluation import (
+    ShardedRetrievalAccuracyCalculator,
+    merge_topk,
+    sharded_exact_knn,
+)
+from pml_margins.evaluation import RetrievalAccuracyCalculator, exact_knn
 from tests.distributed import cases
 from tests.distributed.conftest import WORLD_SIZES
 from tests.distributed.test_sharded_loss import load_results
 
-DISTANCES = {
-    "cosine": (CosineSimilarity(), "q", "r"),
-    "lp": (LpDistance(), "q", "r"),
-    "dot_ties": (DotProductSimilarity(normalize_embeddings=False), "qi", "ri"),
-    "lp_ties": (LpDistance(normalize_embeddings=False, power=2), "qi", "ri"),
-}
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("data", ["random", "ties"])
+def test_sharded_knn_equals_exact_knn(runs, world_size: int, data: str) -> None:
+    d = cases.retrieval_data()
+    q, r = (d["q"], d["r"]) if data == "random" else (d["qi"], d["ri"])
+    results = load_results(runs[world_size], "retrieval", world_size)
+    for metric, exclude_self, k in cases.KNN_CASES:
+        scores, indices = exact_knn(q, r, k, metric=metric, exclude_self=exclude_self, block_rows=4)
+        if data == "ties" and k > 1:
+            assert (scores[:, 1:] == scores[:, :-1]).any(), "the tie data should have ties"
+        for result in results:
+            got_scores, got_indices = result[data, metric, exclude_self, k]
+            assert torch.equal(got_indices, indices), (metric, exclude_self, k)
+            power = 2 if metric == "euclidean" else 1  # sqrt amplifies rounding near 0
+            torch.testing.assert_close(got_scores**power, scores**power, rtol=1e-5, atol=1e-5)
 
 
-def brute_force(distance, q: torch.Tensor, r: torch.Tensor, k: int):
-    """Full matrix, stable sort: best first, ties by the smaller reference index."""
-    mat = distance(q, r)
-    order = torch.sort(mat, dim=1, descending=distance.is_inverted, stable=True).indices[:, :k]
-    return mat.gather(1, order), order
+def _assert_same_metrics(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        values = value if isinstance(value, list) else [value]
+        got_values = got[name] if isinstance(got[name], list) else [got[name]]
+        assert len(values) == len(got_values), name
+        for a, b in zip(got_values, values, strict=True):
+            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-12), name
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("name", DISTANCES)
-@pytest.mark.parametrize("k", [1, 5, cases.NUM_REFERENCES])
-def test_sharded_topk_equals_brute_force(runs, world_size: int, name: str, k: int) -> None:
-    distance, q, r = DISTANCES[name]
-    data = cases.retrieval_data()
-    values, indices = brute_force(distance, data[q], data[r], k)
-    if name.endswith("ties"):
-        assert len(values.unique()) < values.numel(), "the tie data should have ties"
+@pytest.mark.parametrize("case_id", cases.CALCULATOR_CASES)
+def test_sharded_calculator_equals_single_process(runs, world_size: int, case_id: str) -> None:
+    kwargs, mode = cases.CALCULATOR_CASES[case_id]
+    q, ql, r, rl, ref_includes_query = cases.calculator_inputs(mode)
+    calc = RetrievalAccuracyCalculator(**kwargs)
+    if mode == "self":
+        expected = calc.get_accuracy(r, rl)
+    else:
+        expected = calc.get_accuracy(q, ql, r, rl, ref_includes_query=ref_includes_query)
+    assert expected["precision_at_1"] != 0, "metrics should be informative"
     for result in load_results(runs[world_size], "retrieval", world_size):
-        got_values, got_indices = result[name, k]
-        assert torch.equal(got_indices, indices)
-        torch.testing.assert_close(got_values, values, rtol=1e-6, atol=1e-6)
-
-
-def test_exact_topk_breaks_ties_by_position() -> None:
-    key = torch.tensor([[1.0, 3, 3, 2, 3, 0], [5, 5, 5, 5, 5, 5]])
-    values, cols = exact_topk(key, 4)
-    assert cols.tolist() == [[1, 2, 4, 3], [0, 1, 2, 3]]
-    assert values.tolist() == [[3, 3, 3, 2], [5, 5, 5, 5]]
+        _assert_same_metrics(result[case_id], expected)
 
 
 def test_merge_topk_orders_by_value_then_index() -> None:
@@ -55,14 +67,26 @@ def test_merge_topk_orders_by_value_then_index() -> None:
     assert i.tolist() == [[7, 4, 9]] and v.tolist() == [[3, 2, 2]]
 
 
-def test_single_process_and_bad_k() -> None:
+def test_single_process_and_bad_input() -> None:
     q, r = torch.randn(5, 3), torch.randn(8, 3)
-    values, indices = sharded_topk(q, r, 3, block_size=2)
-    ref_values, ref_indices = brute_force(CosineSimilarity(), q, r, 3)
-    assert torch.equal(indices, ref_indices)
-    torch.testing.assert_close(values, ref_values)
-    for k in (0, 9, 2.0):
+    for metric in ("dot", "euclidean"):
+        got = sharded_exact_knn(q, r, 3, metric=metric, block_rows=2)
+        expected = exact_knn(q, r, 3, metric=metric, block_rows=2)
+        assert torch.equal(got[1], expected[1])
+        torch.testing.assert_close(got[0], expected[0])
+    for k in (-1, 9, 2.0, True):
         with pytest.raises(ValueError, match="k must"):
-            sharded_topk(q, r, k)
-    with pytest.raises(ValueError, match="width"):
-        sharded_topk(q, torch.randn(8, 4), 2)
+            sharded_exact_knn(q, r, k)
+    with pytest.raises(ValueError, match="k must"):
+        sharded_exact_knn(q, r, 8, exclude_self=True)
+    with pytest.raises(ValueError, match="widths"):
+        sharded_exact_knn(q, torch.randn(8, 4), 2)
+    with pytest.raises(ValueError, match="metric"):
+        sharded_exact_knn(q, r, 2, metric="cosine")
+    calc = ShardedRetrievalAccuracyCalculator(include=("precision_at_1",))
+    with pytest.raises(ValueError, match="ref_includes_query"):
+        calc.get_accuracy(q, torch.zeros(5), r, torch.zeros(8), ref_includes_query=True)
+    from pytorch_metric_learning.utils.inference import FaissKNN
+
+    with pytest.raises(ValueError, match="knn_func"):
+        ShardedRetrievalAccuracyCalculator(knn_func=FaissKNN())

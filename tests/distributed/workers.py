@@ -6,7 +6,6 @@ import pathlib
 from typing import Any
 
 import torch
-from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from pytorch_metric_learning.losses import CircleLoss
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
@@ -18,7 +17,10 @@ from pml_margins.distributed.checkpoint import (
     save_shard,
     split_checkpoint,
 )
-from pml_margins.distributed.evaluation import sharded_topk
+from pml_margins.distributed.evaluation import (
+    ShardedRetrievalAccuracyCalculator,
+    sharded_exact_knn,
+)
 from tests.distributed import cases
 
 
@@ -109,18 +111,28 @@ def checkpoint(rank: int, world_size: int, out: pathlib.Path, load_from: str | N
 
 
 def retrieval(rank: int, world_size: int, out: pathlib.Path) -> None:
-    """Sharded exact top-k with three distances, continuous data and tie-heavy integers."""
+    """Sharded exact k-nn (continuous and tie-heavy data) and the sharded calculator."""
     data = cases.retrieval_data()
-    start, end = shard_range(cases.NUM_REFERENCES, world_size, rank)
-    result = {}
-    for name, distance, q, r in [
-        ("cosine", CosineSimilarity(), data["q"], data["r"]),
-        ("lp", LpDistance(), data["q"], data["r"]),
-        ("dot_ties", DotProductSimilarity(normalize_embeddings=False), data["qi"], data["ri"]),
-        ("lp_ties", LpDistance(normalize_embeddings=False, power=2), data["qi"], data["ri"]),
-    ]:
-        for k in (1, 5, cases.NUM_REFERENCES):
-            result[name, k] = sharded_topk(q, r[start:end], k, distance=distance, block_size=4)
+    result: dict[Any, Any] = {}
+    for name, (q, r) in {
+        "random": (data["q"], data["r"]),
+        "ties": (data["qi"], data["ri"]),
+    }.items():
+        start, end = shard_range(len(r), world_size, rank)
+        for metric, exclude_self, k in cases.KNN_CASES:
+            result[name, metric, exclude_self, k] = sharded_exact_knn(
+                q, r[start:end], k, metric=metric, exclude_self=exclude_self, block_rows=4
+            )
+    for case_id, (kwargs, mode) in cases.CALCULATOR_CASES.items():
+        q, ql, r, rl, ref_includes_query = cases.calculator_inputs(mode)
+        start, end = shard_range(len(r), world_size, rank)
+        calc = ShardedRetrievalAccuracyCalculator(**kwargs)
+        if mode == "self":  # each rank passes its slice of one set
+            result[case_id] = calc.get_accuracy(r[start:end], rl[start:end])
+        else:
+            result[case_id] = calc.get_accuracy(
+                q, ql, r[start:end], rl[start:end], ref_includes_query=ref_includes_query
+            )
     torch.save(result, out / f"retrieval_{rank}.pt")
 
 
