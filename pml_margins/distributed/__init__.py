@@ -2,6 +2,7 @@
 
 from pml_margins.distributed.collectives import (
     all_gather_rows,
+    default_backend,
     gather_rows_with_grad,
     is_distributed,
     rank_and_world_size,
@@ -14,6 +15,7 @@ from pml_margins.distributed.sharding import shard_range, shard_ranges
 __all__ = [
     "ShardedMarginSoftmaxLoss",
     "all_gather_rows",
+    "default_backend",
     "gather_rows_with_grad",
     "is_distributed",
     "rank_and_world_size",

@@ -17,6 +17,7 @@ import torch.distributed as dist
 __all__ = [
     "all_gather_rows",
     "all_reduce_",
+    "default_backend",
     "gather_rows_with_grad",
     "is_distributed",
     "rank_and_world_size",
@@ -27,6 +28,17 @@ ProcessGroup = object  # ``dist.ProcessGroup`` when torch.distributed is availab
 # torch >= 2.13 renamed the tensor collectives; older versions only have the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def default_backend() -> str:
+    """``"nccl"`` where CUDA and NCCL are available, else ``"gloo"``: for ``init_process_group``.
+
+    The collectives here run on whatever backend the process group was created
+    with; tensors must live where that backend expects them (CUDA for NCCL).
+    """
+    if torch.cuda.is_available() and dist.is_available() and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
 
 
 def is_distributed() -> bool:

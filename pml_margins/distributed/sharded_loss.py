@@ -68,10 +68,15 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
     ``world_size`` to compensate; here, scale the backbone's learning rate or
     the loss if you want the single-process step).
 
+    ``W_local`` is initialised by the loss's ``weight_init_func`` under the seed
+    ``seed * 1_000_003 + rank`` (the global RNG is left as it was), so shards
+    differ from each other even when every rank seeds torch identically, and a
+    run is reproducible. To start from given weights, load a checkpoint
+    (:mod:`pml_margins.distributed.checkpoint`).
+
     Partial FC (``sample_rate < 1``): see :mod:`pml_margins.distributed.partial_fc`.
-    Each rank draws its negatives from its own generator, seeded with
-    ``seed * 1_000_003 + rank``; ``sampled_classes`` holds the global ids kept
-    by this rank in the last step.
+    Each rank draws its negatives from its own generator with the same seed;
+    ``sampled_classes`` holds the global ids kept by this rank in the last step.
 
     Miners (``indices_tuple``), ``weight_regularizer`` and ``embedding_regularizer``
     are not supported (they need all of ``W`` or per-rank batches).
@@ -82,7 +87,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         num_classes: total number of classes ``C`` (over all ranks).
         embedding_size: ``D``.
         sample_rate: Partial FC rate in ``(0, 1]``; 1 disables sampling.
-        seed: seed of the negative-class sampling.
+        seed: seed of the shard's initialisation and of the negative-class sampling.
         group: process group (default: the world).
         rank, world_size: override the group's (e.g. to build a shard offline);
             without a process group the default is ``(0, 1)``, the unsharded loss.
@@ -121,7 +126,9 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self.class_start, self.class_end = shard_range(num_classes, world_size, rank)
         self.seed = int(seed)
         self.loss_kwargs = dict(loss_kwargs)
-        self.loss = loss_type(self.class_end - self.class_start, embedding_size, **loss_kwargs)
+        with torch.random.fork_rng(devices=[]):  # own init per shard, global RNG untouched
+            torch.manual_seed(self._stream_seed())
+            self.loss = loss_type(self.class_end - self.class_start, embedding_size, **loss_kwargs)
         for name in ("weight_regularizer", "embedding_regularizer"):
             if getattr(self.loss, name, None) is not None:
                 raise ValueError(f"{name} is not supported by {type(self).__name__}")
@@ -137,10 +144,13 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
     def num_local(self) -> int:
         return self.class_end - self.class_start
 
+    def _stream_seed(self) -> int:
+        return self.seed * 1_000_003 + self.rank
+
     def _generator_for(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed * 1_000_003 + self.rank)
+            self._generator.manual_seed(self._stream_seed())
         return self._generator
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -21,15 +21,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _entry(
-    target: str, rank: int, world_size: int, store: str, out: str, kwargs: dict[str, Any]
+    target: str,
+    rank: int,
+    world_size: int,
+    store: str,
+    out: str,
+    backend: str,
+    kwargs: dict[str, Any],
 ) -> None:
     try:
         import torch
         import torch.distributed as dist
 
         torch.set_num_threads(1)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{store}",
             rank=rank,
             world_size=world_size,
@@ -51,6 +59,7 @@ def run_workers(
     world_size: int,
     out: pathlib.Path,
     timeout: float = 240.0,
+    backend: str = "gloo",
     **kwargs: Any,
 ) -> None:
     """Run ``target(rank, world_size, out, **kwargs)`` (a dotted name) on every rank."""
@@ -60,7 +69,9 @@ def run_workers(
     env_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env_path) if p)
     procs = [
-        ctx.Process(target=_entry, args=(target, r, world_size, str(store), str(out), kwargs))
+        ctx.Process(
+            target=_entry, args=(target, r, world_size, str(store), str(out), backend, kwargs)
+        )
         for r in range(world_size)
     ]
     try:

@@ -126,3 +126,18 @@ def test_circle_loss_under_pml_wrapper(runs, world_size: int) -> None:
             rtol=1e-5,
             atol=1e-6,
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two CUDA devices")
+@pytest.mark.parametrize("spec_id", ["arcface", "sphereface", "softmax"])
+def test_nccl_equals_single_process(tmp_path_factory, spec_id: str) -> None:
+    from tests.distributed.harness import run_workers
+
+    out = tmp_path_factory.getbasetemp() / "nccl"
+    if not (out / "losses_0.pt").exists():
+        run_workers("tests.distributed.workers.losses_cuda", 2, out, backend="nccl")
+    loss_fn = cases.reference_loss(cases.SPEC_BY_ID[spec_id])
+    loss, x_grad = single_process(loss_fn, *cases.batch(2, cases.NUM_CLASSES))
+    for rank, results in enumerate(load_results(out, "losses", 2)):
+        check_rank(results[spec_id], rank, 2, loss, x_grad, loss_fn, F64)

@@ -109,3 +109,16 @@ def test_bad_arguments() -> None:
         loss_fn(torch.randn(2, 4), torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="width"):
         loss_fn(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def test_shards_are_initialised_per_rank_and_reproducibly() -> None:
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a0 = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=2, seed=5)
+    assert torch.equal(torch.get_rng_state(), state), "the global RNG was used"
+    a1 = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=1, world_size=2, seed=5)
+    b0 = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=2, seed=5)
+    c0 = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=2, seed=6)
+    assert not torch.equal(a0.W_local, a1.W_local)
+    assert torch.equal(a0.W_local, b0.W_local)
+    assert not torch.equal(a0.W_local, c0.W_local)

@@ -38,20 +38,26 @@ def _sharded_from_reference(
 
 
 def _step(
-    loss_fn: ShardedMarginSoftmaxLoss, rank: int, world_size: int, num_classes: int, dtype
+    loss_fn: ShardedMarginSoftmaxLoss,
+    rank: int,
+    world_size: int,
+    num_classes: int,
+    dtype: torch.dtype,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     x, y = cases.batch(world_size, num_classes, dtype=dtype)
     part = cases.rows(world_size, rank)
-    x_local = x[part].clone().requires_grad_(True)
-    loss = loss_fn(x_local, y[part])
+    x_local = x[part].clone().to(device).requires_grad_(True)
+    loss = loss_fn.to(device)(x_local, y[part].to(device))
     loss.backward()
     bias = getattr(loss_fn.loss, "bias", None)
+    sampled = loss_fn.sampled_classes
     return {
-        "loss": loss.detach(),
-        "x_grad": x_local.grad,
-        "w_grad": loss_fn.W_local.grad.clone(),
-        "bias_grad": None if bias is None else bias.grad.clone(),
-        "sampled": loss_fn.sampled_classes,
+        "loss": loss.detach().cpu(),
+        "x_grad": x_local.grad.cpu(),
+        "w_grad": loss_fn.W_local.grad.cpu(),
+        "bias_grad": None if bias is None else bias.grad.cpu(),
+        "sampled": None if sampled is None else sampled.cpu(),
         "range": (loss_fn.class_start, loss_fn.class_end),
     }
 
@@ -66,6 +72,17 @@ def losses(rank: int, world_size: int, out: pathlib.Path) -> None:
         result[spec_id] = _step(loss_fn, rank, world_size, cases.NUM_CLASSES, torch.float64)
     loss_fn = _sharded_from_reference("arcface", rank, world_size, cases.NUM_CLASSES, torch.float32)
     result["arcface_float32"] = _step(loss_fn, rank, world_size, cases.NUM_CLASSES, torch.float32)
+    torch.save(result, out / f"losses_{rank}.pt")
+
+
+def losses_cuda(rank: int, world_size: int, out: pathlib.Path) -> None:
+    """The NCCL path: a few losses on CUDA, unsampled and with Partial FC."""
+    result = {}
+    for spec_id in ("arcface", "sphereface", "softmax"):
+        loss_fn = _sharded_from_reference(
+            spec_id, rank, world_size, cases.NUM_CLASSES, torch.float64
+        )
+        result[spec_id] = _step(loss_fn, rank, world_size, cases.NUM_CLASSES, torch.float64, "cuda")
     torch.save(result, out / f"losses_{rank}.pt")
 
 
