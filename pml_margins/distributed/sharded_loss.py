@@ -68,6 +68,10 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
     ``world_size`` to compensate; here, scale the backbone's learning rate or
     the loss if you want the single-process step).
 
+    Do not wrap this module in ``DistributedDataParallel`` (its parameters differ
+    on every rank and must not be averaged): wrap the backbone only, and give
+    ``parameters()`` of this module to the optimizer.
+
     ``W_local`` is initialised by the loss's ``weight_init_func`` under the seed
     ``seed * 1_000_003 + rank`` (the global RNG is left as it was), so shards
     differ from each other even when every rank seeds torch identically, and a

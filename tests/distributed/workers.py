@@ -172,3 +172,10 @@ def all_scenarios(
     checkpoint(rank, world_size, out, load_from)
     retrieval(rank, world_size, out)
     circle(rank, world_size, out)
+
+
+def fail_on_rank_1(rank: int, world_size: int, out: pathlib.Path) -> None:
+    """Rank 1 raises; the others block in a collective that can never complete."""
+    if rank == 1:
+        raise RuntimeError("deliberate failure on rank 1")
+    torch.distributed.barrier()
