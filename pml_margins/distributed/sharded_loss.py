@@ -82,6 +82,12 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
     Each rank draws its negatives from its own generator with the same seed;
     ``sampled_classes`` holds the global ids kept by this rank in the last step.
 
+    Every rank must call ``forward`` at each step, with at least one embedding
+    (it runs collectives). It gathers by itself: do not also wrap it in PML's
+    ``DistributedLossWrapper``. Memory per rank: ``W_local`` and its gradient
+    (``D x C / world_size``) plus a few ``N x C / world_size`` logit-sized
+    buffers (``N x K`` with Partial FC keeping ``K`` columns).
+
     Miners (``indices_tuple``), ``weight_regularizer`` and ``embedding_regularizer``
     are not supported (they need all of ``W`` or per-rank batches).
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from pytorch_metric_learning.reducers import SumReducer
 
 from pml_margins.distributed import shard_range
 from pml_margins.distributed.partial_fc import num_sampled
@@ -49,12 +50,14 @@ def check_rank(
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("case", [*cases.SPEC_BY_ID, "arcface_float32"])
+@pytest.mark.parametrize("case", [*cases.SPEC_BY_ID, "arcface_float32", "cosface_sum_reducer"])
 def test_equals_single_process(runs, world_size: int, case: str) -> None:
     """Loss, embedding gradients and every W (and bias) shard's gradient match."""
     dtype = torch.float32 if case.endswith("float32") else torch.float64
-    spec = cases.SPEC_BY_ID[case.removesuffix("_float32")]
+    spec = cases.SPEC_BY_ID[case.removesuffix("_float32").removesuffix("_sum_reducer")]
     loss_fn = cases.reference_loss(spec, cases.NUM_CLASSES, dtype)
+    if case.endswith("sum_reducer"):
+        loss_fn.reducer = SumReducer()
     loss, x_grad = single_process(loss_fn, *cases.batch(world_size, cases.NUM_CLASSES, dtype=dtype))
     for rank, results in enumerate(load_results(runs[world_size], "losses", world_size)):
         result = results[case]

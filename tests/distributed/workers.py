@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from pytorch_metric_learning.losses import CircleLoss
+from pytorch_metric_learning.reducers import SumReducer
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
 from pml_margins.distributed import ShardedMarginSoftmaxLoss, shard_range
@@ -72,6 +73,12 @@ def losses(rank: int, world_size: int, out: pathlib.Path) -> None:
         result[spec_id] = _step(loss_fn, rank, world_size, cases.NUM_CLASSES, torch.float64)
     loss_fn = _sharded_from_reference("arcface", rank, world_size, cases.NUM_CLASSES, torch.float32)
     result["arcface_float32"] = _step(loss_fn, rank, world_size, cases.NUM_CLASSES, torch.float32)
+    loss_fn = _sharded_from_reference(
+        "cosface", rank, world_size, cases.NUM_CLASSES, torch.float64, reducer=SumReducer()
+    )
+    result["cosface_sum_reducer"] = _step(
+        loss_fn, rank, world_size, cases.NUM_CLASSES, torch.float64
+    )
     torch.save(result, out / f"losses_{rank}.pt")
 
 
