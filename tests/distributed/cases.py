@@ -110,3 +110,15 @@ def calculator_inputs(mode: str) -> tuple[torch.Tensor, ...]:
         q = d["r"][:NUM_QUERIES] + 0.5 * torch.randn(NUM_QUERIES, 4, generator=g)
         return q, d["ql"], d["r"], d["rl"], False
     return d["q"], d["ql"], d["r"], d["rl"], True
+
+
+def circle_losses() -> dict[str, type]:
+    """PML's CircleLoss, and pml_margins' once it exists on this branch."""
+    from pytorch_metric_learning.losses import CircleLoss
+
+    import pml_margins.losses
+
+    found = {"pml": CircleLoss}
+    if hasattr(pml_margins.losses, "CircleLoss"):
+        found["pml_margins"] = pml_margins.losses.CircleLoss
+    return found

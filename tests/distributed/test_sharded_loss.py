@@ -110,18 +110,21 @@ def test_partial_fc(runs, world_size: int, spec_id: str) -> None:
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_circle_loss_under_pml_wrapper(runs, world_size: int) -> None:
-    """PML's CircleLoss in PML's DistributedLossWrapper: world_size x the single-process loss.
+@pytest.mark.parametrize("impl", ["pml", "pml_margins"])
+def test_circle_loss_under_pml_wrapper(runs, world_size: int, impl: str) -> None:
+    """CircleLoss in PML's DistributedLossWrapper: world_size x the single-process loss.
 
     The wrapper returns ``world_size * L`` with gradients only through the local
     rows, so that DDP's average over ranks gives the backbone exactly the
     single-process gradient.
     """
-    from pytorch_metric_learning.losses import CircleLoss
-
+    losses = cases.circle_losses()
+    if impl not in losses:
+        pytest.skip("pml_margins.losses.CircleLoss has not landed on this branch")
     x, y = cases.batch(world_size, 3, seed=5, equal=True)
-    loss, x_grad = single_process(CircleLoss(m=0.4, gamma=80), x, y)
-    for rank, result in enumerate(load_results(runs[world_size], "circle", world_size)):
+    loss, x_grad = single_process(losses[impl](m=0.4, gamma=80), x, y)
+    for rank, results in enumerate(load_results(runs[world_size], "circle", world_size)):
+        result = results[impl]
         torch.testing.assert_close(result["loss"] / world_size, loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(
             result["x_grad"] / world_size,

@@ -6,7 +6,6 @@ import pathlib
 from typing import Any
 
 import torch
-from pytorch_metric_learning.losses import CircleLoss
 from pytorch_metric_learning.reducers import SumReducer
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
@@ -161,13 +160,19 @@ def retrieval(rank: int, world_size: int, out: pathlib.Path) -> None:
 
 
 def circle(rank: int, world_size: int, out: pathlib.Path) -> None:
-    """PML's CircleLoss under PML's DistributedLossWrapper (it needs equal batch sizes)."""
+    """CircleLoss (PML's, and ours where present) under PML's DistributedLossWrapper.
+
+    The wrapper needs equal batch sizes on every rank.
+    """
     x, y = cases.batch(world_size, 3, seed=5, equal=True)
     part = cases.rows(world_size, rank, equal=True)
-    x_local = x[part].clone().requires_grad_(True)
-    loss = DistributedLossWrapper(CircleLoss(m=0.4, gamma=80))(x_local, y[part])
-    loss.backward()
-    torch.save({"loss": loss.detach(), "x_grad": x_local.grad}, out / f"circle_{rank}.pt")
+    result = {}
+    for name, loss_type in cases.circle_losses().items():
+        x_local = x[part].clone().requires_grad_(True)
+        loss = DistributedLossWrapper(loss_type(m=0.4, gamma=80))(x_local, y[part])
+        loss.backward()
+        result[name] = {"loss": loss.detach(), "x_grad": x_local.grad}
+    torch.save(result, out / f"circle_{rank}.pt")
 
 
 def all_scenarios(
