@@ -7,7 +7,12 @@ simply the one shard of ``world_size == 1``::
     {"format": "pml_margins.sharded/1", "loss_type": "pml_margins.losses.arcface.ArcFaceLoss",
      "loss_kwargs": {"margin": 0.5, ...}, "num_classes": C, "embedding_size": D,
      "rank": r, "world_size": n, "class_range": (start, end),
-     "state_dict": {"W": (D, end - start) tensor, "bias": (end - start,) tensor (softmax)}}
+     "state_dict": {"W": (D, end - start) tensor, "bias": (end - start,) tensor (softmax)},
+     "sampler_state": the Partial FC sampler's RNG state, or None}
+
+The sampler state is restored by :func:`load_into` for the same world size, so a
+resumed run draws the same classes; merging or re-sharding drops it (the
+sampling of another world size is different anyway).
 
 Only plain ``loss_kwargs`` (numbers, strings, booleans, ``None``) are saved;
 pass objects such as a ``reducer`` again when rebuilding a loss.
@@ -74,6 +79,7 @@ def shard_checkpoint(loss: ShardedMarginSoftmaxLoss) -> Checkpoint:
         "world_size": loss.world_size,
         "class_range": (loss.class_start, loss.class_end),
         "state_dict": {k: v.detach().cpu().clone() for k, v in loss.loss.state_dict().items()},
+        "sampler_state": loss.sampler_state(),
     }
 
 
@@ -125,6 +131,7 @@ def merge_shards(shards: Sequence[Checkpoint]) -> Checkpoint:
         "world_size": 1,
         "class_range": (0, first["num_classes"]),
         "state_dict": state,
+        "sampler_state": None,
     }
 
 
@@ -147,6 +154,7 @@ def split_checkpoint(full: Checkpoint, world_size: int) -> list[Checkpoint]:
                 "world_size": world_size,
                 "class_range": (start, end),
                 "state_dict": state,
+                "sampler_state": None,
             }
         )
     return shards
@@ -169,6 +177,8 @@ def load_into(loss: ShardedMarginSoftmaxLoss, shard: Checkpoint) -> None:
             "use reshard() first"
         )
     loss.loss.load_state_dict(shard["state_dict"])
+    if shard.get("world_size") == loss.world_size:
+        loss.load_sampler_state(shard.get("sampler_state"))
 
 
 def to_single_process_loss(
@@ -206,4 +216,5 @@ def from_single_process_loss(loss: ClassWeightLoss, **loss_kwargs: Any) -> Check
         "world_size": 1,
         "class_range": (0, loss.num_classes),
         "state_dict": {k: v.detach().cpu().clone() for k, v in loss.state_dict().items()},
+        "sampler_state": None,
     }

@@ -143,6 +143,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             if getattr(self.loss, name, None) is not None:
                 raise ValueError(f"{name} is not supported by {type(self).__name__}")
         self._generator: torch.Generator | None = None
+        self._pending_sampler_state: torch.Tensor | None = None
         self.sampled_classes: torch.Tensor | None = None
 
     @property
@@ -161,7 +162,21 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self._stream_seed())
+            if self._pending_sampler_state is not None:
+                self._generator.set_state(self._pending_sampler_state)
+                self._pending_sampler_state = None
         return self._generator
+
+    def sampler_state(self) -> torch.Tensor | None:
+        """The Partial FC sampler's RNG state (``None`` before the first sampled step)."""
+        if self._generator is None:
+            return self._pending_sampler_state
+        return self._generator.get_state()
+
+    def load_sampler_state(self, state: torch.Tensor | None) -> None:
+        """Resume sampling from :meth:`sampler_state` (same device type); ``None``: from seed."""
+        self._generator = None
+        self._pending_sampler_state = None if state is None else state.clone()
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The reduced loss over the batch gathered from all ranks (same on every rank).

@@ -13,6 +13,7 @@ from pml_margins.distributed.checkpoint import (
     merge_shards,
     reshard,
     save_shard,
+    shard_checkpoint,
     split_checkpoint,
     to_single_process_loss,
 )
@@ -99,3 +100,25 @@ def test_bad_checkpoints(tmp_path) -> None:
         load_shard(tmp_path / "x.pt")
     with pytest.raises(ValueError, match="merged"):
         split_checkpoint(shards[0], 2)
+
+
+def test_resumed_run_draws_the_same_classes(tmp_path) -> None:
+    """The sampler's RNG state travels with the shard: step 2 after a restart is the same."""
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 3])
+    run = ShardedMarginSoftmaxLoss(ArcFaceLoss, 60, 4, rank=1, world_size=2, sample_rate=0.2)
+    run(x, y)
+    save_shard(run, tmp_path / "s1.pt")
+    run(x, y)
+    resumed = ShardedMarginSoftmaxLoss(
+        ArcFaceLoss, 60, 4, rank=1, world_size=2, sample_rate=0.2, seed=99
+    )
+    load_into(resumed, load_shard(tmp_path / "s1.pt"))
+    resumed(x, y)
+    assert torch.equal(resumed.sampled_classes, run.sampled_classes)
+    assert torch.equal(resumed.W_local, run.W_local)
+    fresh = ShardedMarginSoftmaxLoss(ArcFaceLoss, 60, 4, rank=1, world_size=2, sample_rate=0.2)
+    fresh(x, y)
+    assert not torch.equal(fresh.sampled_classes, run.sampled_classes)
+    rank0 = ShardedMarginSoftmaxLoss(ArcFaceLoss, 60, 4, rank=0, world_size=2, sample_rate=0.2)
+    shards = [shard_checkpoint(rank0), load_shard(tmp_path / "s1.pt")]
+    assert all(s["sampler_state"] is None for s in reshard(shards, 3))
