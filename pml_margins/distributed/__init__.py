@@ -1,11 +1,35 @@
-"""Scale-out on ``torch.distributed``: sharded class weights (Partial FC) and sharded retrieval."""
+"""Scale-out on ``torch.distributed``: sharded class weights (Partial FC) and sharded retrieval.
 
+- :class:`ShardedMarginSoftmaxLoss`: any class-weight loss with ``W`` split by
+  classes across ranks, exact or with Partial FC sampling.
+- :mod:`~pml_margins.distributed.checkpoint`: per-shard checkpoints, merge,
+  re-shard, conversion to and from the single-process loss.
+- :class:`ShardedRetrievalAccuracyCalculator` / :func:`sharded_exact_knn`: exact
+  retrieval metrics with the reference set split across ranks.
+"""
+
+from pml_margins.distributed.checkpoint import (
+    from_single_process_loss,
+    load_into,
+    load_shard,
+    merge_shards,
+    reshard,
+    save_shard,
+    shard_checkpoint,
+    split_checkpoint,
+    to_single_process_loss,
+)
 from pml_margins.distributed.collectives import (
     all_gather_rows,
     default_backend,
     gather_rows_with_grad,
     is_distributed,
     rank_and_world_size,
+)
+from pml_margins.distributed.evaluation import (
+    ShardedRetrievalAccuracyCalculator,
+    merge_topk,
+    sharded_exact_knn,
 )
 from pml_margins.distributed.partial_fc import sample_local_classes
 from pml_margins.distributed.sharded_loss import ShardedMarginSoftmaxLoss
@@ -14,13 +38,25 @@ from pml_margins.distributed.sharding import shard_range, shard_ranges
 
 __all__ = [
     "ShardedMarginSoftmaxLoss",
+    "ShardedRetrievalAccuracyCalculator",
     "all_gather_rows",
     "default_backend",
+    "from_single_process_loss",
     "gather_rows_with_grad",
     "is_distributed",
+    "load_into",
+    "load_shard",
+    "merge_shards",
+    "merge_topk",
     "rank_and_world_size",
+    "reshard",
     "sample_local_classes",
+    "save_shard",
+    "shard_checkpoint",
     "shard_range",
     "shard_ranges",
+    "sharded_exact_knn",
     "sharded_margin_softmax_cross_entropy",
+    "split_checkpoint",
+    "to_single_process_loss",
 ]
