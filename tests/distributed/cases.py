@@ -122,3 +122,16 @@ def circle_losses() -> dict[str, type]:
     if hasattr(pml_margins.losses, "CircleLoss"):
         found["pml_margins"] = pml_margins.losses.CircleLoss
     return found
+
+
+def backbone() -> torch.nn.Linear:
+    """A tiny float64 backbone, identical on every rank and in the parent."""
+    torch.manual_seed(99)
+    return torch.nn.Linear(6, EMBEDDING_SIZE).double()
+
+
+def backbone_batch(world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    n = sum(batch_sizes(world_size))
+    features = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    return features, torch.randint(0, NUM_CLASSES, (n,), generator=g)

@@ -134,6 +134,17 @@ def test_circle_loss_under_pml_wrapper(runs, world_size: int, impl: str) -> None
         )
 
 
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_ddp_backbone_gets_single_process_gradient_over_world_size(runs, world_size) -> None:
+    """DDP averages the ranks' backbone gradients: the single-process one / world_size."""
+    backbone = cases.backbone()
+    features, y = cases.backbone_batch(world_size)
+    loss_fn = cases.reference_loss(cases.SPEC_BY_ID["arcface"])
+    loss_fn(backbone(features), y).backward()
+    for result in load_results(runs[world_size], "ddp", world_size):
+        torch.testing.assert_close(result["weight_grad"], backbone.weight.grad / world_size, **F64)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two CUDA devices")
 @pytest.mark.parametrize("spec_id", ["arcface", "sphereface", "softmax"])

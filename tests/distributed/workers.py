@@ -175,6 +175,19 @@ def circle(rank: int, world_size: int, out: pathlib.Path) -> None:
     torch.save(result, out / f"circle_{rank}.pt")
 
 
+def ddp_backbone(rank: int, world_size: int, out: pathlib.Path) -> None:
+    """A DDP-wrapped backbone feeding the sharded loss: the documented 1/world_size."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    backbone = cases.backbone()
+    ddp = DistributedDataParallel(backbone)
+    loss_fn = _sharded_from_reference("arcface", rank, world_size, cases.NUM_CLASSES, torch.float64)
+    features, y = cases.backbone_batch(world_size)
+    part = cases.rows(world_size, rank)
+    loss_fn(ddp(features[part]), y[part]).backward()
+    torch.save({"weight_grad": backbone.weight.grad}, out / f"ddp_{rank}.pt")
+
+
 def all_scenarios(
     rank: int, world_size: int, out: pathlib.Path, load_from: str | None = None
 ) -> None:
@@ -184,6 +197,7 @@ def all_scenarios(
     checkpoint(rank, world_size, out, load_from)
     retrieval(rank, world_size, out)
     circle(rank, world_size, out)
+    ddp_backbone(rank, world_size, out)
 
 
 def fail_on_rank_1(rank: int, world_size: int, out: pathlib.Path) -> None:
