@@ -53,7 +53,7 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
             else logits.new_full((logits.shape[0],), -torch.inf)
         )
         row_max = all_reduce_(row_max, "max", group)
-        exp = torch.exp(logits - row_max.unsqueeze(1))
+        exp = (logits - row_max.unsqueeze(1)).exp_()
         stats = torch.zeros(logits.shape[0], 2, dtype=logits.dtype, device=logits.device)
         stats[:, 0] = exp.sum(dim=1)
         stats[owned, 1] = logits[rows[owned], target[owned]] - row_max[owned]
@@ -64,7 +64,9 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         exp, sum_exp, target = ctx.saved_tensors
-        grad_logits = exp * (grad / sum_exp).unsqueeze(1)
+        # in place: the softmax buffer becomes the gradient (a second backward through
+        # this graph then fails autograd's version check instead of going wrong)
+        grad_logits = exp.mul_((grad / sum_exp).unsqueeze(1))
         owned = torch.nonzero(target >= 0).squeeze(1)
         grad_logits[owned, target[owned]] -= grad[owned]
         return grad_logits, None, None
@@ -117,5 +119,5 @@ def sharded_margin_softmax_cross_entropy(
             cols = target[rows]
             owned_scale = scale[rows] if isinstance(scale, torch.Tensor) else scale
             psi = target_logit_fn(logits[rows, cols].unsqueeze(1)) * owned_scale
-            scaled = scaled.index_put((rows, cols), psi.squeeze(1))
+            scaled.index_put_((rows, cols), psi.squeeze(1))  # mul's backward needs no output
         return _ShardedSoftmaxCrossEntropy.apply(scaled, target, group)

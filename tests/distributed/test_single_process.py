@@ -122,3 +122,12 @@ def test_shards_are_initialised_per_rank_and_reproducibly() -> None:
     assert not torch.equal(a0.W_local, a1.W_local)
     assert torch.equal(a0.W_local, b0.W_local)
     assert not torch.equal(a0.W_local, c0.W_local)
+
+
+def test_second_backward_through_the_same_graph_raises() -> None:
+    """The backward reuses the softmax buffer in place; autograd's version check guards it."""
+    loss_fn = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4)
+    loss = loss_fn(torch.randn(5, 4, requires_grad=True), torch.randint(0, 10, (5,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
