@@ -6,6 +6,17 @@
   re-shard, conversion to and from the single-process loss.
 - :class:`ShardedRetrievalAccuracyCalculator` / :func:`sharded_exact_knn`: exact
   retrieval metrics with the reference set split across ranks.
+
+Training, on every rank (``torchrun --nproc-per-node N train.py``)::
+
+    dist.init_process_group(default_backend())
+    model = DistributedDataParallel(backbone.cuda())           # the backbone only
+    loss_fn = ShardedMarginSoftmaxLoss(ArcFaceLoss, 1_000_000, 512,
+                                       sample_rate=0.1, margin=0.5).cuda()
+    opt = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.1)
+    loss = loss_fn(model(images), labels)                      # same value on all ranks
+    loss.backward(); opt.step(); opt.zero_grad()
+    save_shard(loss_fn, f"ckpt/head_{dist.get_rank()}.pt")      # per shard
 """
 
 from pml_margins.distributed.checkpoint import (
