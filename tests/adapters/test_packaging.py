@@ -18,6 +18,7 @@ from tests.adapters.conftest import REPO_ROOT, SOURCE_ADAPTERS
 # the adapters that need an extra: module, the modules it needs, the extra, a name it exports
 EXTRAS = [
     ("lightning", ("lightning", "lightning.pytorch"), "lightning", "MetricLearningModule"),
+    ("sentence_transformers", ("sentence_transformers",), "sentence-transformers", "MetricLoss"),
 ]
 
 # run in a fresh interpreter: imports the adapters package and reports what came with it
