@@ -6,12 +6,12 @@ from collections.abc import Sequence
 
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-from pytorch_metric_learning.utils.inference import CustomKNN
+
+from pml_margins.evaluation import RetrievalAccuracyCalculator
 
 __all__ = ["DEFAULT_METRICS", "retrieval_calculator"]
 
-#: PML metrics the adapters report by default (the k-means ones, NMI and AMI, are left out)
+#: metrics the adapters report besides ``recall_at_K`` (the k-means ones, NMI and AMI, are left out)
 DEFAULT_METRICS: tuple[str, ...] = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
 
@@ -20,23 +20,27 @@ def retrieval_calculator(
     include: Sequence[str] | None = None,
     k: int | str | None = None,
     device: torch.device | str | None = None,
-) -> AccuracyCalculator:
-    """An exact (torch, no faiss) cosine k-nn accuracy calculator.
+) -> RetrievalAccuracyCalculator:
+    """Our exact retrieval calculator, ranking by cosine similarity (no faiss for the k-nn).
 
     Args:
         recall_ks: cut-offs ``K`` of the ``recall_at_K`` metrics.
-        include: metric names to compute; default :data:`DEFAULT_METRICS` and the
-            ``recall_at_K`` for each ``K`` in ``recall_ks``.
+        include: metric names to compute; default the ``recall_at_K`` for each ``K``
+            in ``recall_ks`` and :data:`DEFAULT_METRICS`.
         k: neighbours to retrieve, as PML's ``AccuracyCalculator`` (``None``: enough
-            for R-precision and MAP@R).
-        device: where the k-nn runs; ``None``: the calculator's default (CUDA if available).
+            for every metric asked for).
+        device: where the k-nn runs; ``None``: where the query embeddings are.
 
     Returns:
-        A PML ``AccuracyCalculator`` ranking by cosine similarity.
+        A :class:`pml_margins.evaluation.RetrievalAccuracyCalculator` (a PML
+        ``AccuracyCalculator``, accepted by PML's testers and hooks).
     """
-    # TODO(eval): switch to pml_margins.evaluation.RetrievalAccuracyCalculator (Recall@K)
-    del recall_ks
-    include = DEFAULT_METRICS if include is None else tuple(include)
-    return AccuracyCalculator(
-        include=include, k=k, device=device, knn_func=CustomKNN(CosineSimilarity())
+    if include is None:
+        include = (*(f"recall_at_{kk}" for kk in sorted(set(recall_ks))), *DEFAULT_METRICS)
+    return RetrievalAccuracyCalculator(
+        include=tuple(include),
+        k=k,
+        device=device,
+        recall_ks=tuple(recall_ks),
+        distance=CosineSimilarity(),
     )

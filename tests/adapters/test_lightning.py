@@ -29,7 +29,15 @@ pytestmark = [
 ]
 
 EMB = 32
-METRICS = ("precision_at_1", "r_precision", "map_at_r")
+METRICS = (
+    "recall_at_1",
+    "recall_at_2",
+    "recall_at_4",
+    "recall_at_8",
+    "precision_at_1",
+    "r_precision",
+    "map_at_r",
+)
 
 
 def arcface() -> ArcFaceLoss:
@@ -83,7 +91,8 @@ def test_fit_logs_retrieval_metrics_every_epoch(digits: Digits, tmp_path: Path) 
         value = float(trainer.callback_metrics[name])
         assert value == pytest.approx(callback.metrics[name])
         assert 0.0 <= value <= 1.0 and math.isfinite(value)
-    assert callback.metrics["precision_at_1"] > 0.85
+    assert callback.metrics["recall_at_1"] > 0.85
+    assert callback.metrics["recall_at_8"] >= callback.metrics["recall_at_1"]
     # one logged row per epoch (the sanity check before training is not evaluated)
     rows = [r for r in logged_rows(tmp_path) if r.get("map_at_r")]
     assert [int(r["epoch"]) for r in rows] == [0, 1]

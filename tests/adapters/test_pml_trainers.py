@@ -13,6 +13,7 @@ from pml_margins.losses import ArcFaceLoss
 from tests.adapters.conftest import Digits, changed, mlp, params_copy
 
 EMB = 32
+METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 CPU = torch.device("cpu")
 
 # PML's trainer formats the loss tensor for its progress bar (not our code)
@@ -104,11 +105,14 @@ def _test_accuracies(digits: Digits, trunk: torch.nn.Module) -> dict[str, float]
 
 
 def _assert_retrieval(accuracies: dict[str, float]) -> None:
-    for name in ("precision_at_1", "r_precision", "mean_average_precision_at_r"):
-        value = accuracies[f"{name}_level0"]
-        assert 0.0 <= value <= 1.0 and math.isfinite(value), (name, value)
+    recalls = [accuracies[f"recall_at_{k}_level0"] for k in (1, 2, 4, 8)]
+    others = [accuracies[f"{name}_level0"] for name in METRICS]
+    for value in (*recalls, *others):
+        assert 0.0 <= value <= 1.0 and math.isfinite(value)
+    assert recalls == sorted(recalls)  # Recall@K grows with K
+    assert recalls[0] == pytest.approx(accuracies["precision_at_1_level0"])
     # a trained MLP retrieves digits well (kNN on the raw pixels already does)
-    assert accuracies["precision_at_1_level0"] > 0.85
+    assert recalls[0] > 0.85
 
 
 def test_metric_loss_only_with_arcface(digits: Digits) -> None:
