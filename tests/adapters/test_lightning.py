@@ -99,16 +99,25 @@ def test_fit_logs_retrieval_metrics_every_epoch(digits: Digits, tmp_path: Path) 
     assert any(r.get("train_loss_epoch") for r in logged_rows(tmp_path))
 
 
-def test_fit_with_a_miner(digits: Digits, tmp_path: Path) -> None:
+def test_fit_with_a_miner_and_a_scheduler(digits: Digits, tmp_path: Path) -> None:
     loss = arcface()
-    module = MetricLearningModule(mlp(), loss, MultiSimilarityMiner(epsilon=0.1), loss_lr=1e-2)
+    module = MetricLearningModule(
+        mlp(),
+        loss,
+        MultiSimilarityMiner(epsilon=0.1),
+        loss_lr=1e-2,
+        optimizer=torch.optim.SGD,
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1),
+    )
     callback = RetrievalMetricsCallback(prefix="val/")
     w_before = loss.W.detach().clone()
-    make_trainer(tmp_path, callback, max_epochs=1, limit_train_batches=8).fit(
-        module, *loaders(digits)
-    )
+    trainer = make_trainer(tmp_path, callback, max_epochs=1, limit_train_batches=8)
+    trainer.fit(module, *loaders(digits))
     assert not torch.equal(loss.W.detach(), w_before)
     assert set(callback.metrics) == {f"val/{m}" for m in METRICS}
+    (optimizer,) = trainer.optimizers
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-3])  # one step
 
 
 class PlainModule(pl.LightningModule):
@@ -159,7 +168,6 @@ def test_merge_ranks_unequal_sizes() -> None:
         merge_ranks(gathered, [3])
 
 
-@pytest.mark.slow
 def test_ddp_metrics_equal_single_process_metrics(digits: Digits, tmp_path: Path) -> None:
     """Two CPU ranks (gloo): metrics from gathered embeddings equal those of one process.
 
