@@ -194,3 +194,12 @@ def test_bad_arguments() -> None:
         MetricLearningModule(mlp(), arcface(), lr=0)
     with pytest.raises(ValueError, match="weight_decay must be >= 0"):
         MetricLearningModule(mlp(), arcface(), weight_decay=-1)
+
+
+def test_batches_as_mappings_and_bad_batches(digits: Digits) -> None:
+    module = MetricLearningModule(mlp(), arcface())
+    x, y = digits.x_test[:8], digits.y_test[:8]
+    out = module.validation_step({"input": x, "label": y}, 0)
+    assert out["embeddings"].shape == (8, EMB) and torch.equal(out["labels"], y)
+    with pytest.raises(TypeError, match="batches must be"):
+        module.validation_step(x, 0)
