@@ -6,18 +6,16 @@ Importing this package imports no ecosystem: each adapter module imports its
 own on first use and, when it is missing, raises an ``ImportError`` naming the
 extra to install.
 
-============================  ==============================  =====================================
-module                        needs                           gives
-============================  ==============================  =====================================
-``adapters.pml_trainers``     nothing extra (PML is core)     :func:`trainer_optimizers`,
-                                                              :func:`retrieval_tester`
-``adapters.retrieval``        nothing extra                   :func:`retrieval_calculator`
-``adapters.lightning``        ``pml-margins[lightning]``      :class:`MetricLearningModule`,
-                                                              :class:`RetrievalMetricsCallback`
-``adapters.sentence_transformers``  ``pml-margins[sentence-transformers]``  :class:`MetricLoss`
-============================  ==============================  =====================================
+- ``pml_margins.adapters.pml_trainers`` (no extra: PML is a core dependency):
+  :func:`trainer_optimizers`, :func:`retrieval_tester` for PML's trainers and testers.
+- ``pml_margins.adapters.retrieval`` (no extra): :func:`retrieval_calculator`, the
+  calculator the tester and the Lightning callback use.
+- ``pml_margins.adapters.lightning`` (``pip install 'pml-margins[lightning]'``):
+  :class:`MetricLearningModule`, :class:`RetrievalMetricsCallback`.
+- ``pml_margins.adapters.sentence_transformers``
+  (``pip install 'pml-margins[sentence-transformers]'``): :class:`MetricLoss`.
 
-The names in the last column can also be imported from this package directly,
+These names can also be imported from this package directly,
 e.g. ``from pml_margins.adapters import MetricLearningModule``; the module that
 holds a name is imported only then.
 """

@@ -2,11 +2,12 @@
 
 Needs ``pip install 'pml-margins[lightning]'``.
 
-Example:
-    >>> module = MetricLearningModule(backbone, ArcFaceLoss(10, 32), lr=1e-3, loss_lr=1e-2)
-    >>> trainer = lightning.pytorch.Trainer(max_epochs=10, callbacks=[RetrievalMetricsCallback()])
-    >>> trainer.fit(module, train_loader, val_loader)
-    >>> trainer.callback_metrics["recall_at_1"], trainer.callback_metrics["map_at_r"]
+Example::
+
+    module = MetricLearningModule(backbone, ArcFaceLoss(10, 32), lr=1e-3, loss_lr=1e-2)
+    trainer = lightning.pytorch.Trainer(max_epochs=10, callbacks=[RetrievalMetricsCallback()])
+    trainer.fit(module, train_loader, val_loader)
+    trainer.callback_metrics["recall_at_1"], trainer.callback_metrics["map_at_r"]
 """
 
 from __future__ import annotations

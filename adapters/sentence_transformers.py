@@ -7,16 +7,17 @@ The dataset has one text column and a ``label`` column of integer classes
 (``0 .. C-1`` for the class-weight losses), the same input format as
 sentence-transformers' ``BatchAllTripletLoss``.
 
-Example:
-    >>> from datasets import Dataset
-    >>> from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-    >>> from sentence_transformers import SentenceTransformerTrainingArguments as Args
-    >>> model = SentenceTransformer("all-MiniLM-L6-v2")
-    >>> train = Dataset.from_dict({"sentence": texts, "label": classes})
-    >>> loss = MetricLoss(model, ArcFaceLoss(num_classes=20, embedding_size=384, scale=32.0))
-    >>> args = Args(output_dir="out", learning_rate=2e-5,
-    ...             learning_rate_mapping={r"metric_loss\\.": 1e-2})  # class weights
-    >>> SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss).train()
+Example::
+
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers import SentenceTransformerTrainingArguments as Args
+    model = SentenceTransformer("all-MiniLM-L6-v2")
+    train = Dataset.from_dict({"sentence": texts, "label": classes})
+    loss = MetricLoss(model, ArcFaceLoss(num_classes=20, embedding_size=384, scale=32.0))
+    args = Args(output_dir="out", learning_rate=2e-5,
+                learning_rate_mapping={r"metric_loss\\.": 1e-2})  # class weights
+    SentenceTransformerTrainer(model=model, args=args, train_dataset=train, loss=loss).train()
 
 For a pair loss with a miner (Circle + ``MultiSimilarityMiner``), ask for
 batches holding several samples per class: ``Args(batch_sampler="group_by_label")``.
