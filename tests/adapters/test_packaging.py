@@ -89,9 +89,19 @@ def test_wheel_ships_and_imports_the_adapters(tmp_path: Path) -> None:
 
     target = tmp_path / "target"
     _pip("install", "--no-deps", "--no-index", "--target", str(target), str(wheel))
+    # the unrelated `adapters` distribution installed alongside: both must import
+    (target / "adapters").mkdir()
+    (target / "adapters" / "__init__.py").write_text("UNRELATED = True\n")
     where, heavy = _probe(tmp_path, env_path=str(target))
     assert where == target / "pml_margins" / "adapters" / "__init__.py"
     assert heavy == "-"  # importing the package imports no ecosystem
+    check = "import adapters, pml_margins.adapters; assert adapters.UNRELATED"
+    subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        check=True,
+    )
 
 
 def test_editable_install_maps_the_adapters_folder(tmp_path: Path) -> None:
