@@ -1,6 +1,7 @@
 """Losses, each a ``pytorch_metric_learning.losses.BaseMetricLossFunction``."""
 
 from pml_margins.losses.arcface import ArcFaceLoss
+from pml_margins.losses.circle import CircleLoss
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.combined_margin import CombinedMarginLoss
 from pml_margins.losses.cosface import CosFaceLoss
@@ -10,6 +11,7 @@ from pml_margins.losses.sphereface import SphereFaceLoss
 
 __all__ = [
     "ArcFaceLoss",
+    "CircleLoss",
     "ClassWeightLoss",
     "CombinedMarginLoss",
     "CosFaceLoss",
