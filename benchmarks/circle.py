@@ -68,10 +68,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="batch sizes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = (64, 256) if args.quick else (256, 1024, 4096)
+    sizes = args.sizes or ((64, 256) if args.quick else (256, 1024, 4096))
     repeats = args.repeats or (5 if args.quick else 9)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, D={args.dim}")
     print(f"{'B':>5} {'pairs':>8} {'ours ms':>9} {'PML ms':>9} {'speedup':>8} {'|diff|':>9}")

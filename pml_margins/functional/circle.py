@@ -20,8 +20,11 @@ negative pair contributes exactly 0 with zero (not NaN) gradients.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from pml_margins.functional.margin_softmax import compute_dtype
 
@@ -74,17 +77,55 @@ def segment_logsumexp(
     return torch.log(sums) + shift, present
 
 
-def _masked_row_logsumexp(
-    logits: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise log-sum-exp over ``mask`` entries; 0 (zero gradient) for empty rows."""
-    masked = logits.masked_fill(~mask, float("-inf"))
-    shift = masked.detach().amax(dim=1)
-    present = torch.isfinite(shift)
-    shift = torch.where(present, shift, torch.zeros_like(shift))
-    sums = torch.exp(masked - shift.unsqueeze(1)).sum(dim=1)
-    sums = torch.where(present, sums, torch.ones_like(sums))
-    return torch.log(sums) + shift, present
+class _DenseCircle(torch.autograd.Function):
+    r"""Per-row Circle loss on a dense matrix with a hand-written backward.
+
+    Forward: :math:`v = 1 - s` (positives) or :math:`s` (negatives), so that both
+    pair kinds read :math:`\ell = \gamma[v + m]_+(v - m)` (one pass for both);
+    then a row-wise log-sum-exp per kind and a softplus. Backward uses the
+    detached :math:`\alpha` (:math:`\partial\ell/\partial v = \gamma[v + m]_+`) and
+    the normalized exponentials saved by the forward: a few passes over the
+    matrix instead of autograd's replay of every element-wise op.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        sim: torch.Tensor,
+        pos_mask: torch.Tensor,
+        neg_mask: torch.Tensor,
+        m: float,
+        gamma: float,
+    ) -> torch.Tensor:
+        v = torch.where(pos_mask, 1 - sim, sim)
+        slope = torch.relu(v + m).mul_(gamma)  # gamma * alpha = d l / d v
+        logits = v.sub_(m).mul_(slope)
+        saved, lses = [], []
+        for mask in (pos_mask, neg_mask):
+            masked = torch.where(mask, logits, float("-inf"))
+            shift = masked.amax(dim=1)
+            present = torch.isfinite(shift)
+            shift = torch.where(present, shift, 0.0)
+            exp = masked.sub_(shift.unsqueeze(1)).exp_()
+            total = torch.where(present, exp.sum(dim=1), 1.0)
+            saved += [exp, total]
+            lses.append((torch.log(total) + shift, present))
+        (lse_p, has_p), (lse_n, has_n) = lses
+        valid = has_p & has_n
+        z = lse_p + lse_n
+        ctx.save_for_backward(pos_mask, slope, *saved, z, valid)
+        return torch.where(valid, F.softplus(z), 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        pos_mask, slope, exp_p, sum_p, exp_n, sum_n, z, valid = ctx.saved_tensors
+        row = torch.where(valid, grad * torch.sigmoid(z), 0.0)
+        grad_l = exp_p * (row / sum_p).unsqueeze(1)
+        grad_l.addcmul_(exp_n, (row / sum_n).unsqueeze(1))
+        grad_v = grad_l.mul_(slope)
+        grad_sim = torch.where(pos_mask, -grad_v, grad_v)
+        return grad_sim, None, None, None, None
 
 
 def circle_loss_dense(
@@ -110,15 +151,7 @@ def circle_loss_dense(
     """
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(compute_dtype(sim.dtype))
-        # One pass for both kinds: with v = 1 - s for positives and v = s for negatives,
-        # l_p = gamma [O_p - s]_+ (Delta_p - s) and l_n = gamma [s - O_n]_+ (s - Delta_n)
-        # both read gamma [v + m]_+ (v - m).
-        v = torch.where(pos_mask, 1 - sim, sim)
-        logits = torch.relu(v.detach() + m).mul_(gamma) * (v - m)
-        lse_p, has_p = _masked_row_logsumexp(logits, pos_mask)
-        lse_n, has_n = _masked_row_logsumexp(logits, neg_mask)
-        valid = has_p & has_n
-        return torch.where(valid, F.softplus(lse_p + lse_n), torch.zeros_like(lse_p))
+        return _DenseCircle.apply(sim, pos_mask, neg_mask, float(m), float(gamma))
 
 
 def circle_loss_pairs(
