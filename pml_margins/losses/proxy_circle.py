@@ -66,6 +66,10 @@ class ProxyCircleLoss(ClassWeightLoss):
         self.m, self.gamma = m, gamma
         super().__init__(num_classes, embedding_size, **kwargs)
 
+    def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Cosines to the class weights and ``gamma`` (``get_logits`` is ``gamma * cos``)."""
+        return self.cosine(embeddings), self.gamma
+
     def compute_loss(
         self,
         embeddings: torch.Tensor,
@@ -74,7 +78,7 @@ class ProxyCircleLoss(ClassWeightLoss):
         ref_emb: torch.Tensor,
         ref_labels: torch.Tensor,
     ) -> dict[str, dict[str, Any]]:
-        cosines = self.cosine(embeddings)
+        cosines, _ = self.base_logits(embeddings)
         if self.collect_stats:
             self._record_avg_angle(cosines, labels)
         losses = margin_softmax_cross_entropy(

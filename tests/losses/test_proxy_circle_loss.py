@@ -176,3 +176,26 @@ def test_extra_repr():
     assert "num_classes=4, embedding_size=5, m=0.4, gamma=80.0" in repr(
         ProxyCircleLoss(4, 5, m=0.4, gamma=80)
     )
+
+
+def test_get_logits_are_scaled_cosines():
+    x, _, loss = _setup(seed=9)
+    cos = (x / x.norm(dim=1, keepdim=True)) @ (loss.W / loss.W.norm(dim=0, keepdim=True))
+    torch.testing.assert_close(loss.get_logits(x), 32.0 * cos)
+
+
+def test_core_non_target_logit_fn():
+    """The hook the class-level form uses: identity changes nothing; it maps non-targets only."""
+    from pml_margins.functional import margin_softmax_cross_entropy
+
+    logits = torch.randn(5, 4, dtype=F64)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    base = margin_softmax_cross_entropy(logits, labels, lambda t: t - 0.3, 2.0)
+    same = margin_softmax_cross_entropy(
+        logits, labels, lambda t: t - 0.3, 2.0, non_target_logit_fn=lambda t: t
+    )
+    torch.testing.assert_close(base, same)
+    doubled = margin_softmax_cross_entropy(
+        logits, labels, lambda t: 2 * (t - 0.3), 1.0, non_target_logit_fn=lambda t: 2 * t
+    )
+    torch.testing.assert_close(doubled, base)
