@@ -47,7 +47,11 @@ def check_embeddings(
         raise ValueError(f"{name} is empty: the batch has no rows")
     if width is not None and embeddings.shape[1] != width:
         raise ValueError(f"{name} has width {embeddings.shape[1]} but embedding_size is {width}")
-    if not bool(torch.isfinite(embeddings).all()):
+    # A finite sum implies finite elements (NaN/Inf propagate); only a non-finite sum,
+    # which may also be an overflow of finite values, needs the element-wise check.
+    if not bool(torch.isfinite(embeddings.detach().sum())) and not bool(
+        torch.isfinite(embeddings).all()
+    ):
         raise ValueError(f"{name} contains NaN or Inf values")
     return embeddings
 
@@ -127,11 +131,13 @@ def check_indices_tuple(
         if idx.ndim != 1:
             raise ValueError(f"indices_tuple[{role}] must be 1-D, got shape {tuple(idx.shape)}")
         bound = batch_size if role.startswith("a") else ref_size
-        if idx.numel() > 0 and (int(idx.min()) < 0 or int(idx.max()) >= bound):
-            raise ValueError(
-                f"indices_tuple[{role}] has indices in [{int(idx.min())}, {int(idx.max())}] "
-                f"but must lie in [0, {bound})"
-            )
+        if idx.numel() > 0:
+            lo, hi = (int(v) for v in torch.aminmax(idx))
+            if lo < 0 or hi >= bound:
+                raise ValueError(
+                    f"indices_tuple[{role}] has indices in [{lo}, {hi}] "
+                    f"but must lie in [0, {bound})"
+                )
     groups = [indices_tuple] if len(indices_tuple) == 3 else [indices_tuple[:2], indices_tuple[2:]]
     for group in groups:
         if len({int(t.numel()) for t in group}) != 1:

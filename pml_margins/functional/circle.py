@@ -30,6 +30,7 @@ from pml_margins.functional.margin_softmax import compute_dtype
 
 __all__ = [
     "circle_loss_dense",
+    "circle_loss_dense_negatives",
     "circle_loss_pairs",
     "circle_loss_whole",
     "circle_negative_logits",
@@ -152,6 +153,88 @@ def circle_loss_dense(
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(compute_dtype(sim.dtype))
         return _DenseCircle.apply(sim, pos_mask, neg_mask, float(m), float(gamma))
+
+
+class _DenseNegativesCircle(torch.autograd.Function):
+    r"""Per-row Circle loss with dense negatives and a list of positive pairs.
+
+    The usual shape of a metric-learning batch: few positives per anchor, nearly
+    all other pairs negative. Negatives are reduced on the matrix (mask, one
+    log-sum-exp per row), positives gathered and reduced per row with scatter
+    ``amax``/``index_add``; the backward is hand-written as in :class:`_DenseCircle`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        sim: torch.Tensor,
+        neg_mask: torch.Tensor,
+        pos_keys: torch.Tensor,
+        m: float,
+        gamma: float,
+    ) -> torch.Tensor:
+        batch, ref_size = sim.shape
+        rows = torch.div(pos_keys, ref_size, rounding_mode="floor")
+        s_p = sim.reshape(-1).index_select(0, pos_keys)
+        slope_p = torch.relu((1 + m) - s_p).mul_(gamma)  # -d l_p / d s_p
+        l_p = (1 - m) - s_p
+        l_p.mul_(slope_p)
+        shift_p = sim.new_full((batch,), float("-inf")).scatter_reduce_(0, rows, l_p, "amax")
+        has_p = torch.isfinite(shift_p)
+        shift_p = torch.where(has_p, shift_p, 0.0)
+        exp_p = l_p.sub_(shift_p.index_select(0, rows)).exp_()
+        sum_p = torch.where(has_p, sim.new_zeros(batch).index_add_(0, rows, exp_p), 1.0)
+
+        slope_n = torch.relu(sim + m).mul_(gamma)  # d l_n / d s_n
+        masked = torch.where(neg_mask, (sim - m).mul_(slope_n), float("-inf"))
+        shift_n = masked.amax(dim=1)
+        has_n = torch.isfinite(shift_n)
+        shift_n = torch.where(has_n, shift_n, 0.0)
+        exp_n = masked.sub_(shift_n.unsqueeze(1)).exp_()
+        sum_n = torch.where(has_n, exp_n.sum(dim=1), 1.0)
+
+        valid = has_p & has_n
+        z = torch.log(sum_p) + shift_p + torch.log(sum_n) + shift_n
+        ctx.save_for_backward(
+            pos_keys, rows, slope_p, exp_p, sum_p, slope_n, exp_n, sum_n, z, valid
+        )
+        return torch.where(valid, F.softplus(z), 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        pos_keys, rows, slope_p, exp_p, sum_p, slope_n, exp_n, sum_n, z, valid = ctx.saved_tensors
+        row = torch.where(valid, grad * torch.sigmoid(z), 0.0)
+        grad_sim = exp_n * (row / sum_n).unsqueeze(1)
+        grad_sim.mul_(slope_n)
+        grad_p = exp_p * (row / sum_p).index_select(0, rows)
+        grad_sim.view(-1).index_add_(0, pos_keys, grad_p.mul_(slope_p).neg_())
+        return grad_sim, None, None, None, None
+
+
+def circle_loss_dense_negatives(
+    sim: torch.Tensor,
+    neg_mask: torch.Tensor,
+    pos_keys: torch.Tensor,
+    m: float,
+    gamma: float,
+) -> torch.Tensor:
+    r"""Per-anchor Circle loss with negatives on the matrix and positives as a list.
+
+    Args:
+        sim: ``(B, R)`` cosine similarities.
+        neg_mask: ``(B, R)`` bool, the negative pairs.
+        pos_keys: 1-D flat indices ``a * R + r`` of the positive pairs (deduplicated,
+            disjoint from ``neg_mask``).
+        m: relaxation margin.
+        gamma: scale.
+
+    Returns:
+        ``(B,)`` losses as :func:`circle_loss_dense`, which it equals.
+    """
+    with torch.autocast(device_type=sim.device.type, enabled=False):
+        sim = sim.to(compute_dtype(sim.dtype)).contiguous()
+        return _DenseNegativesCircle.apply(sim, neg_mask, pos_keys.long(), float(m), float(gamma))
 
 
 def circle_loss_pairs(

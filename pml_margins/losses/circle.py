@@ -12,6 +12,7 @@ from pytorch_metric_learning.reducers import AvgNonZeroReducer
 
 from pml_margins.functional.circle import (
     circle_loss_dense,
+    circle_loss_dense_negatives,
     circle_loss_pairs,
     circle_loss_whole,
 )
@@ -33,8 +34,18 @@ check_circle_margin.__doc__ = (
 )
 
 
-# Mined sets listing at least 1/_DENSE_FRACTION of all B x R pairs use the dense path.
-_DENSE_FRACTION = 8
+def _choose_path(num_pos: int, num_neg: int, cells: int) -> str:
+    """How the per-anchor loss is evaluated; all paths give the same values and gradients.
+
+    ``"pairs"`` (gather the pairs, scatter log-sum-exp) when the pairs are a small
+    part of the ``B x R`` matrix, ``"dense_negatives"`` when only the positives are
+    (the usual batch), else ``"dense"``. Chosen from ``benchmarks/circle.py`` timings.
+    """
+    if 8 * (num_pos + num_neg) <= cells:
+        return "pairs"
+    if 4 * num_pos <= cells:
+        return "dense_negatives"
+    return "dense"
 
 
 class CircleLoss(BaseMetricLossFunction):
@@ -148,38 +159,41 @@ class CircleLoss(BaseMetricLossFunction):
         if indices_tuple is None:
             if labels is None or ref_labels is None:
                 raise ValueError("CircleLoss needs labels (and ref_labels with ref_emb)")
-            same = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
-            different = ~same
+            pos_mask = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
+            neg_mask = ~pos_mask
             if ref_labels is labels:  # the reference set is the batch: no self-pairs
-                same.fill_diagonal_(False)
-            if self.per_anchor:
-                losses = circle_loss_dense(sim, same, different, self.m, self.gamma)
-                return self._per_anchor_dict(losses)
-            if ref_labels is labels:  # each unordered pair once, as the seed code
-                upper = torch.ones_like(same).triu_(1)
-                same, different = same & upper, different & upper
-            loss = circle_loss_whole(sim[same], sim[different], self.m, self.gamma)
-            return self._whole_dict(loss)
-
-        pos_mask, neg_mask, num_listed = _pair_masks(indices_tuple, batch, ref_size)
+                pos_mask.fill_diagonal_(False)
+                if not self.per_anchor:  # each unordered pair once, as the seed code
+                    upper = torch.ones_like(pos_mask).triu_(1)
+                    pos_mask, neg_mask = pos_mask & upper, neg_mask & upper
+            num_pos = num_neg = None
+        else:
+            pos_mask, neg_mask, num_pos, num_neg = _pair_masks(indices_tuple, batch, ref_size)
         if not self.per_anchor:
             loss = circle_loss_whole(sim[pos_mask], sim[neg_mask], self.m, self.gamma)
             return self._whole_dict(loss)
-        if num_listed * _DENSE_FRACTION >= batch * ref_size:
+        if num_pos is None:
+            num_pos = int(pos_mask.sum())
+            num_neg = batch * ref_size - num_pos
+        path = _choose_path(num_pos, num_neg, batch * ref_size)
+        if path == "dense":
             losses = circle_loss_dense(sim, pos_mask, neg_mask, self.m, self.gamma)
-            return self._per_anchor_dict(losses)
-        pos_keys = pos_mask.view(-1).nonzero().squeeze(1)  # sorted, deduplicated
-        neg_keys = neg_mask.view(-1).nonzero().squeeze(1)
-        flat = sim.reshape(-1)
-        losses = circle_loss_pairs(
-            flat.index_select(0, pos_keys),
-            torch.div(pos_keys, ref_size, rounding_mode="floor"),
-            flat.index_select(0, neg_keys),
-            torch.div(neg_keys, ref_size, rounding_mode="floor"),
-            batch,
-            self.m,
-            self.gamma,
-        )
+        elif path == "dense_negatives":
+            pos_keys = pos_mask.view(-1).nonzero().squeeze(1)
+            losses = circle_loss_dense_negatives(sim, neg_mask, pos_keys, self.m, self.gamma)
+        else:
+            pos_keys = pos_mask.view(-1).nonzero().squeeze(1)  # sorted, deduplicated
+            neg_keys = neg_mask.view(-1).nonzero().squeeze(1)
+            flat = sim.reshape(-1)
+            losses = circle_loss_pairs(
+                flat.index_select(0, pos_keys),
+                torch.div(pos_keys, ref_size, rounding_mode="floor"),
+                flat.index_select(0, neg_keys),
+                torch.div(neg_keys, ref_size, rounding_mode="floor"),
+                batch,
+                self.m,
+                self.gamma,
+            )
         return self._per_anchor_dict(losses)
 
     @staticmethod
@@ -197,8 +211,9 @@ class CircleLoss(BaseMetricLossFunction):
 
 def _pair_masks(
     indices_tuple: tuple[torch.Tensor, ...], batch: int, ref_size: int
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Boolean ``(B, R)`` sets of the positive and negative pairs, and how many were listed.
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Boolean ``(B, R)`` sets of the positive and negative pairs, and how many of each
+    were listed.
 
     Triplets ``(a, p, n)`` become pairs ``(a, p)`` and ``(a, n)`` (PML's
     ``convert_to_pairs``); a pair listed several times is set once, as PML's
@@ -215,9 +230,9 @@ def _pair_masks(
     neg = torch.zeros(batch, ref_size, dtype=torch.bool, device=device)
     pos[a1.long(), p.long()] = True
     neg[a2.long(), n.long()] = True
-    if n.numel() and bool(pos[a2.long(), n.long()].any()):
+    if n.numel() and p.numel() and bool((pos & neg).any()):
         raise ValueError(
             "indices_tuple lists a pair both as positive and as negative; each pair must be "
             "either positive or negative"
         )
-    return pos, neg, int(p.numel() + n.numel())
+    return pos, neg, int(p.numel()), int(n.numel())

@@ -215,16 +215,29 @@ def test_matches_pml(miner, dtype, tol):
     _close(ours[1][0], theirs[1][0], tol)
 
 
-@pytest.mark.parametrize("fraction", [1, 10**9])
-def test_dense_and_gather_paths_agree_with_pml(monkeypatch, fraction):
-    """Mined sets go through the dense path or the gather/scatter path by size."""
-    monkeypatch.setattr(circle_module, "_DENSE_FRACTION", fraction)
+@pytest.mark.parametrize("path", ["dense", "dense_negatives", "pairs"])
+@pytest.mark.parametrize("miner", ["none", "multi_similarity", "batch_hard", "triplet_all"])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_every_evaluation_path_matches_pml(monkeypatch, path, miner, with_ref):
+    """The per-anchor loss is evaluated densely or from pair lists by size; all agree."""
+    monkeypatch.setattr(circle_module, "_choose_path", lambda *_: path)
     x, y = _data(b=20, d=8, classes=4, seed=12)
-    for it in (pml_miners.MultiSimilarityMiner()(x, y), pml_miners.BatchHardMiner()(x, y)):
-        ours = _value_and_grad(lambda it=it: CircleLoss(m=0.4, gamma=80)(x, y, it), x)
-        theirs = _value_and_grad(lambda it=it: pml_losses.CircleLoss()(x, y, it), x)
-        _close(ours[0], theirs[0])
-        _close(ours[1][0], theirs[1][0])
+    r, ry = _data(b=9, d=8, classes=4, seed=17) if with_ref else (None, None)
+    mine = MINERS[miner]()
+    it = mine(x, y, r, ry) if mine is not None else None
+    inputs = (x, r) if with_ref else (x,)
+    ours = _value_and_grad(lambda: CircleLoss(m=0.4, gamma=80)(x, y, it, r, ry), *inputs)
+    theirs = _value_and_grad(lambda: pml_losses.CircleLoss()(x, y, it, r, ry), *inputs)
+    _close(ours[0], theirs[0], 1e-9)
+    for a, b in zip(ours[1], theirs[1], strict=True):
+        _close(a, b, 1e-8)  # gradients reach ~10 at gamma = 80
+
+
+def test_path_choice():
+    choose = circle_module._choose_path
+    assert choose(10, 10, 1000) == "pairs"
+    assert choose(10, 900, 1000) == "dense_negatives"
+    assert choose(500, 500, 1000) == "dense"
 
 
 @pytest.mark.parametrize("miner", ["none", "multi_similarity", "triplet_margin"])
@@ -488,6 +501,14 @@ def test_segment_logsumexp_matches_torch():
             assert present[k]
         else:
             assert lse[k] == 0 and not present[k]
+
+
+def test_huge_finite_embeddings_are_accepted():
+    """The NaN/Inf check must not reject finite values whose sum overflows."""
+    x = torch.full((4, 3), 3e38)
+    x[1] *= -1
+    value = CircleLoss()(x, torch.tensor([0, 0, 1, 1]))
+    assert torch.isfinite(value)
 
 
 def test_no_warning_on_plain_call():
