@@ -3,6 +3,7 @@
 from pml_margins.functional.center import center_distances, center_ema_update
 from pml_margins.functional.circle import (
     circle_loss_dense,
+    circle_loss_dense_negatives,
     circle_loss_pairs,
     circle_loss_whole,
     circle_negative_logits,
@@ -33,6 +34,7 @@ __all__ = [
     "center_distances",
     "center_ema_update",
     "circle_loss_dense",
+    "circle_loss_dense_negatives",
     "circle_loss_pairs",
     "circle_loss_whole",
     "circle_negative_logits",

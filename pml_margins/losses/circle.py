@@ -90,9 +90,17 @@ class CircleLoss(BaseMetricLossFunction):
       element (e.g. one positive and one negative pair); here such a set gives
       its real loss.
 
+    Defaults are the paper's face-recognition setting (PML defaults to
+    ``m = 0.4, gamma = 80``: pass them explicitly when comparing).
+
     ``per_anchor=False`` gives the whole-batch form (one log-sum over all
-    positive and all negative pairs, a single scalar loss): with labels only,
-    each unordered pair of the batch is taken once, as in the seed code.
+    positive and all negative pairs, a single scalar loss, returned as already
+    reduced so the reducer does not apply): with labels only, each unordered pair
+    of the batch is taken once, as in the seed code; with a miner, its pair set.
+
+    No loop over anchors: the per-anchor form runs on the ``B x R`` matrix or on
+    the pair lists, whichever is smaller (see ``_choose_path``); every path has the
+    same values and gradients.
 
     Args:
         m: relaxation margin, in [0, 0.5].

@@ -13,7 +13,12 @@ from pytorch_metric_learning.reducers import MeanReducer
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
 import pml_margins.losses.circle as circle_module
-from pml_margins.functional import segment_logsumexp
+from pml_margins.functional import (
+    circle_loss_dense,
+    circle_loss_dense_negatives,
+    circle_loss_pairs,
+    segment_logsumexp,
+)
 from pml_margins.losses import CircleLoss
 
 F64 = torch.float64
@@ -501,6 +506,31 @@ def test_segment_logsumexp_matches_torch():
             assert present[k]
         else:
             assert lse[k] == 0 and not present[k]
+
+
+@pytest.mark.parametrize(("dtype", "gamma"), [(F64, 16.0), (torch.float32, 1024.0)])
+def test_functional_paths_agree(dtype, gamma):
+    """Dense, dense-negatives and pair-list evaluations; rows 0-1 lack positives/negatives."""
+    g = torch.Generator().manual_seed(70)
+    sim = (torch.rand(6, 9, generator=g, dtype=dtype) * 2 - 1).requires_grad_(True)
+    kind = torch.randint(0, 3, (6, 9), generator=g)  # 0 positive, 1 negative, 2 neither
+    kind[0] = torch.where(kind[0] == 0, 1, kind[0])
+    kind[1] = torch.where(kind[1] == 1, 0, kind[1])
+    pos, neg = kind == 0, kind == 1
+    keys_p, keys_n = pos.view(-1).nonzero().squeeze(1), neg.view(-1).nonzero().squeeze(1)
+    flat = sim.view(-1)
+    results = [
+        circle_loss_dense(sim, pos, neg, 0.25, gamma),
+        circle_loss_dense_negatives(sim, neg, keys_p, 0.25, gamma),
+        circle_loss_pairs(flat[keys_p], keys_p // 9, flat[keys_n], keys_n // 9, 6, 0.25, gamma),
+    ]
+    weights = torch.arange(1.0, 7.0, dtype=dtype)
+    grads = [torch.autograd.grad((r * weights).sum(), sim)[0] for r in results]
+    for r, gr in zip(results[1:], grads[1:], strict=True):
+        torch.testing.assert_close(r, results[0])
+        torch.testing.assert_close(gr, grads[0])
+    assert results[0][:2].eq(0).all() and grads[0][:2].eq(0).all()
+    assert all(torch.isfinite(gr).all() for gr in grads)
 
 
 def test_huge_finite_embeddings_are_accepted():
