@@ -176,7 +176,9 @@ class CircleLoss(BaseMetricLossFunction):
                     pos_mask, neg_mask = pos_mask & upper, neg_mask & upper
             num_pos = num_neg = None
         else:
-            pos_mask, neg_mask, num_pos, num_neg = _pair_masks(indices_tuple, batch, ref_size)
+            pos_mask, neg_mask, num_pos, num_neg = _pair_masks(
+                indices_tuple, batch, ref_size, sim.device
+            )
         if not self.per_anchor:
             loss = circle_loss_whole(sim[pos_mask], sim[neg_mask], self.m, self.gamma)
             return self._whole_dict(loss)
@@ -218,7 +220,7 @@ class CircleLoss(BaseMetricLossFunction):
 
 
 def _pair_masks(
-    indices_tuple: tuple[torch.Tensor, ...], batch: int, ref_size: int
+    indices_tuple: tuple[torch.Tensor, ...], batch: int, ref_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Boolean ``(B, R)`` sets of the positive and negative pairs, and how many of each
     were listed.
@@ -233,11 +235,11 @@ def _pair_masks(
         a2 = a1
     else:
         a1, p, a2, n = indices_tuple
-    device = a1.device
+    a1, p, a2, n = (t.to(device=device, dtype=torch.long) for t in (a1, p, a2, n))
     pos = torch.zeros(batch, ref_size, dtype=torch.bool, device=device)
     neg = torch.zeros(batch, ref_size, dtype=torch.bool, device=device)
-    pos[a1.long(), p.long()] = True
-    neg[a2.long(), n.long()] = True
+    pos[a1, p] = True
+    neg[a2, n] = True
     if n.numel() and p.numel() and bool((pos & neg).any()):
         raise ValueError(
             "indices_tuple lists a pair both as positive and as negative; each pair must be "
