@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -313,6 +314,33 @@ def test_distributed_wrapper_world_size_one(tmp_path):
         _close(wrapped(x, y), pml_losses.CircleLoss(m=0.25, gamma=64)(x, y))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("PML_MARGINS_SLOW") != "1",
+    reason="spawns two gloo processes (~15 s on a shared CPU); set PML_MARGINS_SLOW=1",
+)
+def test_distributed_wrapper_two_processes(tmp_path):
+    """Two gloo ranks on CPU, efficient and not: equal to PML's CircleLoss on every rank."""
+    import torch.multiprocessing as mp
+    from _distributed_worker import run  # tests/losses is on sys.path under pytest
+
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    store = str(tmp_path / "store")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=run, args=(r, 2, store, outs[r])) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    for out in outs:
+        results = torch.load(out)
+        for efficient in (False, True):
+            ours, theirs = results[(efficient, "ours")], results[(efficient, "pml")]
+            _close(ours[0], theirs[0])
+            _close(ours[1], theirs[1])
 
 
 def test_pml_single_pair_quirk_documented():
