@@ -163,7 +163,7 @@ class CircleLoss(BaseMetricLossFunction):
         ref_labels: torch.Tensor | None,
     ) -> dict[str, dict[str, Any]]:
         batch, ref_size = embeddings.shape[0], ref_emb.shape[0]
-        sim = self.distance(embeddings, ref_emb)
+        sim = self.similarity(embeddings, ref_emb)
         if indices_tuple is None:
             if labels is None or ref_labels is None:
                 raise ValueError("CircleLoss needs labels (and ref_labels with ref_emb)")
@@ -206,6 +206,23 @@ class CircleLoss(BaseMetricLossFunction):
             )
         return self._per_anchor_dict(losses)
 
+    def similarity(self, embeddings: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+        """``(B, R)`` cosine similarities, as ``self.distance(embeddings, ref_emb)``.
+
+        For PML's plain ``CosineSimilarity`` (no stats, ``p = 2``, ``power = 1``) the
+        rows are scaled by their reciprocal norm (same eps as ``F.normalize``) and the
+        batch is normalized once when it is its own reference: the same values to
+        rounding, with a cheaper backward. Any other configuration calls the distance.
+        """
+        dist = self.distance
+        if type(dist) is not CosineSimilarity or dist.collect_stats or dist.power != 1:
+            return dist(embeddings, ref_emb)
+        if dist.p != 2:
+            return dist(embeddings, ref_emb)
+        query = _unit_rows(embeddings)
+        ref = query if ref_emb is embeddings else _unit_rows(ref_emb)
+        return query @ ref.t()
+
     @staticmethod
     def _per_anchor_dict(losses: torch.Tensor) -> dict[str, dict[str, Any]]:
         indices = torch.arange(losses.shape[0], device=losses.device)
@@ -217,6 +234,12 @@ class CircleLoss(BaseMetricLossFunction):
 
     def extra_repr(self) -> str:
         return f"m={self.m!r}, gamma={self.gamma!r}, per_anchor={self.per_anchor}"
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (norms clamped at 1e-12, as ``F.normalize``)."""
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+    return x * norms.reciprocal()
 
 
 def _pair_masks(

@@ -502,6 +502,21 @@ def test_bad_hyperparameters(kwargs, exc, match):
         CircleLoss(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [{"collect_stats": True}, {"power": 2}])
+def test_custom_cosine_distance_is_used(kwargs):
+    """The fast normalisation applies to the plain CosineSimilarity only; else the distance."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    x, y = _data(seed=62)
+    ours = _value_and_grad(lambda: CircleLoss(distance=CosineSimilarity(**kwargs))(x, y), x)
+    theirs = _value_and_grad(
+        lambda: pml_losses.CircleLoss(m=0.25, gamma=256, distance=CosineSimilarity(**kwargs))(x, y),
+        x,
+    )
+    _close(ours[0], theirs[0])
+    _close(ours[1][0], theirs[1][0])
+
+
 def test_hyperparameters_checked_on_assignment_and_repr():
     loss = CircleLoss(m=0.4, gamma=80)
     with pytest.raises(ValueError, match="gamma"):
