@@ -1,5 +1,15 @@
 """Pure functions: the margin-softmax core, target-logit functions, hyper-parameter bounds."""
 
+from pml_margins.functional.center import center_distances, center_ema_update
+from pml_margins.functional.circle import (
+    circle_loss_dense,
+    circle_loss_dense_negatives,
+    circle_loss_pairs,
+    circle_loss_whole,
+    circle_negative_logits,
+    circle_positive_logits,
+    segment_logsumexp,
+)
 from pml_margins.functional.hyperparameters import (
     cosface_margin_upper_bound,
     cosface_scale_lower_bound,
@@ -21,6 +31,14 @@ from pml_margins.functional.target_logits import (
 __all__ = [
     "TargetLogitFn",
     "arcface_target",
+    "center_distances",
+    "center_ema_update",
+    "circle_loss_dense",
+    "circle_loss_dense_negatives",
+    "circle_loss_pairs",
+    "circle_loss_whole",
+    "circle_negative_logits",
+    "circle_positive_logits",
     "combined_margin_target",
     "compute_dtype",
     "cos_multiple_angle",
@@ -29,5 +47,6 @@ __all__ = [
     "cosface_target",
     "margin_softmax_cross_entropy",
     "safe_sine",
+    "segment_logsumexp",
     "sphereface_psi",
 ]
