@@ -13,11 +13,12 @@ pytest.importorskip("lightning", reason="needs pip install 'pml-margins[lightnin
 
 import lightning.pytorch as pl
 from pytorch_metric_learning.miners import MultiSimilarityMiner
+from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pml_margins.adapters import MetricLearningModule, RetrievalMetricsCallback
 from pml_margins.adapters.lightning import merge_ranks
-from pml_margins.losses import ArcFaceLoss
+from pml_margins.losses import ArcFaceLoss, CircleLoss
 from tests.adapters.conftest import Digits, changed, mlp, params_copy
 
 pytestmark = [
@@ -118,6 +119,18 @@ def test_fit_with_a_miner_and_a_scheduler(digits: Digits, tmp_path: Path) -> Non
     (optimizer,) = trainer.optimizers
     assert isinstance(optimizer, torch.optim.SGD)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-3])  # one step
+
+
+def test_fit_with_circle_and_a_miner(digits: Digits, tmp_path: Path) -> None:
+    sampler = MPerClassSampler(digits.y_train, m=8, batch_size=64, length_before_new_iter=64 * 10)
+    train = DataLoader(digits.train_set(), batch_size=64, sampler=sampler)
+    module = MetricLearningModule(mlp(), CircleLoss(m=0.25, gamma=64), MultiSimilarityMiner())
+    assert [g["name"] for g in module.param_groups()] == ["backbone"]  # no class weights
+    backbone_before = params_copy(module.backbone)
+    callback = RetrievalMetricsCallback()
+    make_trainer(tmp_path, callback, max_epochs=1).fit(module, train, loaders(digits)[1])
+    assert changed(backbone_before, module.backbone)
+    assert callback.metrics["recall_at_1"] > 0.85
 
 
 class PlainModule(pl.LightningModule):

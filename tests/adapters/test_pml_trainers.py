@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+from pytorch_metric_learning.miners import MultiSimilarityMiner
+from pytorch_metric_learning.samplers import MPerClassSampler
 from pytorch_metric_learning.trainers import MetricLossOnly, TrainWithClassifier
 
 from pml_margins.adapters import TrainerOptimizers, retrieval_tester, trainer_optimizers
-from pml_margins.losses import ArcFaceLoss
+from pml_margins.losses import ArcFaceLoss, CircleLoss
 from tests.adapters.conftest import Digits, changed, mlp, params_copy
 
 EMB = 32
@@ -173,6 +175,63 @@ def test_train_with_classifier_with_arcface(digits: Digits) -> None:
     assert changed(classifier_before, classifier)
     full = torch.nn.Sequential(trunk, embedder)
     _assert_retrieval(_test_accuracies(digits, full))
+
+
+def _m_per_class(digits: Digits, iterations: int) -> MPerClassSampler:
+    """Batches of 64 with 8 samples of each of 8 classes: positives for a pair loss."""
+    return MPerClassSampler(
+        digits.y_train, m=8, batch_size=64, length_before_new_iter=64 * iterations
+    )
+
+
+def test_metric_loss_only_with_circle_and_miner(digits: Digits) -> None:
+    trunk = mlp()
+    models, losses = {"trunk": trunk}, {"metric_loss": CircleLoss(m=0.25, gamma=64)}
+    opt = trainer_optimizers(models, losses, lr=1e-3)
+    assert sorted(opt.optimizers) == ["trunk_optimizer"]  # Circle has no parameters
+    miner = MultiSimilarityMiner(epsilon=0.1)
+    trunk_before = params_copy(trunk)
+    trainer = MetricLossOnly(
+        models=models,
+        optimizers=opt.optimizers,
+        batch_size=64,
+        loss_funcs=losses,
+        mining_funcs={"tuple_miner": miner},
+        dataset=digits.train_set(),
+        sampler=_m_per_class(digits, 15),
+        dataloader_num_workers=0,
+        data_device=CPU,
+    )
+    trainer.train(num_epochs=1)
+
+    assert trainer.iterations_per_epoch == 15
+    assert miner.num_pos_pairs > 0 and miner.num_neg_pairs > 0  # the miner fed the loss
+    assert changed(trunk_before, trunk)
+    _assert_retrieval(_test_accuracies(digits, trunk))
+
+
+def test_train_with_classifier_with_circle_and_miner(digits: Digits) -> None:
+    trunk, classifier = mlp(), torch.nn.Linear(EMB, 10)
+    models = {"trunk": trunk, "classifier": classifier}
+    losses = {"metric_loss": CircleLoss(), "classifier_loss": torch.nn.CrossEntropyLoss()}
+    opt = trainer_optimizers(models, losses, lr=1e-3)
+    trunk_before, classifier_before = params_copy(trunk), params_copy(classifier)
+    trainer = TrainWithClassifier(
+        models=models,
+        optimizers=opt.optimizers,
+        batch_size=64,
+        loss_funcs=losses,
+        mining_funcs={"tuple_miner": MultiSimilarityMiner(epsilon=0.1)},
+        dataset=digits.train_set(),
+        sampler=_m_per_class(digits, 15),
+        dataloader_num_workers=0,
+        data_device=CPU,
+    )
+    trainer.train(num_epochs=1)
+
+    assert changed(trunk_before, trunk)
+    assert changed(classifier_before, classifier)  # the classifier's class weights
+    _assert_retrieval(_test_accuracies(digits, trunk))
 
 
 def test_a_wrong_key_is_what_pml_rejects(digits: Digits) -> None:

@@ -21,7 +21,7 @@ pytest.importorskip("datasets", reason="needs pip install 'pml-margins[sentence-
 pytest.importorskip("accelerate", reason="needs pip install 'pml-margins[sentence-transformers]'")
 
 from pml_margins.adapters import MetricLoss
-from pml_margins.losses import ArcFaceLoss
+from pml_margins.losses import ArcFaceLoss, CircleLoss
 from tests.adapters.conftest import params_copy
 
 pytestmark = [
@@ -165,3 +165,16 @@ def test_loss_protocol_miner_and_errors() -> None:
         loss(features * 2, labels)
     with pytest.raises(ValueError, match="'label' column"):
         loss(features, None)
+
+
+def test_circle_with_a_miner() -> None:
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+
+    encoder, circle = FakeEncoder(), CircleLoss()
+    loss = MetricLoss(encoder, circle, MultiSimilarityMiner())
+    features, labels = [{"x": torch.randn(12, 6)}], torch.arange(12) % 3
+    value = loss(features, labels)
+    emb = encoder(features[0])["sentence_embedding"]
+    torch.testing.assert_close(value, circle(emb, labels, MultiSimilarityMiner()(emb, labels)))
+    value.backward()
+    assert encoder.linear.weight.grad is not None
