@@ -1,5 +1,10 @@
 """Pure functions: the margin-softmax core, target-logit functions, hyper-parameter bounds."""
 
+from pml_margins.functional.fused_margin_softmax import (
+    auto_chunk_size,
+    fused_margin_softmax_cross_entropy,
+    sample_classes,
+)
 from pml_margins.functional.hyperparameters import (
     cosface_margin_upper_bound,
     cosface_scale_lower_bound,
@@ -21,13 +26,16 @@ from pml_margins.functional.target_logits import (
 __all__ = [
     "TargetLogitFn",
     "arcface_target",
+    "auto_chunk_size",
     "combined_margin_target",
     "compute_dtype",
     "cos_multiple_angle",
     "cosface_margin_upper_bound",
     "cosface_scale_lower_bound",
     "cosface_target",
+    "fused_margin_softmax_cross_entropy",
     "margin_softmax_cross_entropy",
     "safe_sine",
+    "sample_classes",
     "sphereface_psi",
 ]
