@@ -64,6 +64,8 @@ ChunkSize = int | str | None
 _NORM_EPS = 1e-12
 #: elements of one ``(B, k)`` block in default mode on CPU: about 4 MiB of fp32, cache-sized
 _CPU_BLOCK_ELEMENTS = 1 << 20
+#: default mode: block temporaries at most 1/this of the saved (B, C) buffer (small C)
+_DEFAULT_BLOCK_FRACTION = 2
 #: elements of the largest ``(B or D, k)`` temporary on an accelerator: 256 MiB of fp32
 _DEVICE_BLOCK_ELEMENTS = 1 << 26
 
@@ -200,8 +202,11 @@ def fused_margin_softmax_cross_entropy(
     num_classes = weight.shape[1]
     saved = chunk_size is None
     if chunk_size is None:
+        # temporaries of (B or D) x block elements: cache-sized, and at most ~1/8 of the buffer
+        widest = max(batch, width, 1)
         budget = _CPU_BLOCK_ELEMENTS if x.device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
-        block = max(256, budget // max(batch, width, 1))
+        share = batch * num_classes // (_DEFAULT_BLOCK_FRACTION * widest)
+        block = min(budget // widest, max(256, share))
     elif chunk_size == "auto":
         block = auto_chunk_size(batch, width, x.device)
     else:
@@ -263,28 +268,24 @@ def _normalized_columns(
     return w / clamped, clamped, norm > _NORM_EPS
 
 
-def _mask_targets(
-    logits: torch.Tensor, labels: torch.Tensor, start: int, value: float | torch.Tensor
-) -> None:
-    """Set ``logits[i, labels[i] - start]`` to ``value`` (or ``value[i]``) inside the block."""
-    local = labels - start
-    inside = (local >= 0) & (local < logits.shape[1])
-    col = local.clamp(0, logits.shape[1] - 1).unsqueeze(1)
-    current = logits.gather(1, col)
-    if isinstance(value, torch.Tensor):
-        value = value.unsqueeze(1)
-    logits.scatter_(1, col, torch.where(inside.unsqueeze(1), value, current))
+class _Targets:
+    """Where each row's target column falls in the blocks, to set those ``B`` entries per block."""
 
+    def __init__(self, labels: torch.Tensor, block: int, num_classes: int) -> None:
+        self.block_id = torch.div(labels, block, rounding_mode="floor")
+        col = (labels - self.block_id * block).unsqueeze(1)
+        last_width = num_classes - (num_classes - 1) // block * block
+        self.col = col
+        self.col_last = col.clamp(max=last_width - 1)
+        self.num_blocks = (num_classes + block - 1) // block
 
-def _column_norms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(1 / max(|w_j|, eps), |w_j| > eps)`` for the columns of a ``(D, k)`` block.
-
-    The squared norms come from a ``(1, D) x (D, k)`` product, several times faster
-    on CPU than a reduction along the strided dimension 0.
-    """
-    ones = torch.ones(1, w.shape[0], dtype=w.dtype, device=w.device)
-    norm = torch.mm(ones, w * w).squeeze(0).sqrt_()
-    return norm.clamp_min(_NORM_EPS).reciprocal_(), norm > _NORM_EPS
+    def set(self, logits: torch.Tensor, k: int, value: float | torch.Tensor) -> None:
+        """``logits[i, col_i] = value`` (or ``value[i]``) for rows whose target is in block k."""
+        col = self.col_last if k == self.num_blocks - 1 else self.col
+        inside = (self.block_id == k).unsqueeze(1)
+        if isinstance(value, torch.Tensor):
+            value = value.unsqueeze(1)
+        logits.scatter_(1, col, torch.where(inside, value, logits.gather(1, col)))
 
 
 def _block_logits(
@@ -292,31 +293,25 @@ def _block_logits(
     w: torch.Tensor,
     inv_norm: torch.Tensor | None,
     bias: torch.Tensor | None,
-    labels: torch.Tensor,
     start: int,
-    config: _Config,
+    dtype: torch.dtype,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Non-target logits ``s z + b`` of one block (targets set to ``-inf``), in ``config.dtype``.
+    """Logits ``s z + b`` of one block (targets not yet replaced), in ``dtype``.
 
     ``w`` is the raw column block (in the product dtype); the normalization is a
     column scaling of the ``(B, k)`` result by ``inv_norm``.
     """
-    if w.dtype == config.dtype:
+    if w.dtype == dtype:
         logits = torch.mm(xs, w) if out is None else torch.mm(xs, w, out=out)
     else:
         low = torch.mm(xs, w)
-        logits = low.to(config.dtype) if out is None else out.copy_(low)
+        logits = low.to(dtype) if out is None else out.copy_(low)
     if inv_norm is not None:
         logits.mul_(inv_norm)
     if bias is not None:
-        logits.add_(bias[start : start + logits.shape[1]].to(config.dtype))
-    _mask_targets(logits, labels, start, float("-inf"))
+        logits.add_(bias[start : start + logits.shape[1]].to(dtype))
     return logits
-
-
-def _finite_or_zero(values: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isneginf(values), 0.0, values)
 
 
 def _target_terms(
@@ -361,45 +356,44 @@ def _forward(
         target = s * psi
         if bias is not None:
             target = target + bias.detach().index_select(0, labels).to(dtype)
-        # online log-sum-exp of the non-target logits, block by block
+        # log-sum-exp of the non-target logits, block by block
         batch, num_classes = x.shape[0], weight.shape[1]
         blocks = _blocks(num_classes, config.block)
-        run_max = torch.full((batch,), float("-inf"), dtype=dtype, device=x.device)
-        run_sum = torch.zeros(batch, dtype=dtype, device=x.device)
-        buffer = torch.empty(batch * num_classes, dtype=dtype, device=x.device) if save else None
-        block_max = torch.empty(len(blocks), batch, dtype=dtype, device=x.device) if save else None
+        targets = _Targets(labels, config.block, num_classes)
+        opts = {"dtype": dtype, "device": x.device}
+        block_max = torch.empty(len(blocks), batch, **opts)
+        block_sum = torch.empty(len(blocks), batch, **opts)
+        buffer = torch.empty(batch * num_classes, **opts) if save else None
         bias_d = None if bias is None else bias.detach()
         w_d = weight.detach()
         inv_norm = active = None
         if config.normalize_weight:
-            inv_norm = torch.empty(num_classes, dtype=dtype, device=x.device)
-            active = torch.empty(num_classes, dtype=torch.bool, device=x.device)
+            inv_norm = torch.empty(num_classes, **opts)
+        lowest = torch.finfo(dtype).min
         for k, (start, stop) in enumerate(blocks):
             w = w_d[:, start:stop]
             inv = None
             if inv_norm is not None:
-                inv, act = _column_norms(w.to(dtype))
-                inv_norm[start:stop], active[start:stop] = inv, act
+                inv = inv_norm[start:stop]
+                wc = w.to(dtype)
+                torch.rsqrt(torch.linalg.vecdot(wc, wc, dim=0).clamp_min_(_NORM_EPS**2), out=inv)
             out = None
             if buffer is not None:
                 out = buffer[batch * start : batch * stop].view(batch, stop - start)
-            logits = _block_logits(
-                xs, w.to(config.mm_dtype), inv, bias_d, labels, start, config, out
-            )
-            m = logits.amax(1)
-            m_safe = _finite_or_zero(m)
-            logits.sub_(m_safe.unsqueeze(1)).exp_()
-            new_max = torch.maximum(run_max, m)
-            base = _finite_or_zero(new_max)
-            run_sum = run_sum * torch.exp(run_max - base) + logits.sum(1) * torch.exp(m - base)
-            run_max = new_max
-            if block_max is not None:
-                block_max[k] = m_safe
-        lse = torch.logaddexp(_finite_or_zero(run_max) + torch.log(run_sum), target)
+            logits = _block_logits(xs, w.to(config.mm_dtype), inv, bias_d, start, dtype, out)
+            targets.set(logits, k, float("-inf"))
+            m = torch.amax(logits, 1, out=block_max[k]).clamp_min_(lowest)  # finite
+            logits.sub_(m.unsqueeze(1)).exp_()
+            torch.sum(logits, 1, out=block_sum[k])
+        if inv_norm is not None:
+            active = inv_norm < 1 / _NORM_EPS  # norms above eps; the others are clamped
+        top = block_max.amax(0)
+        others = top + torch.log((block_sum * torch.exp(block_max - top)).sum(0))
+        lse = torch.logaddexp(others, target)
         losses = lse - target
     state = {
         "buffer": buffer,
-        "block_max": block_max,
+        "block_max": block_max if save else None,
         "lse": lse,
         "p_target": torch.exp(target - lse),
         "psi": psi,
@@ -483,19 +477,24 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             w_d = weight.detach()
             # the B target entries of d loss / d z, before the row factor g s: (p_y - 1) psi'
             target_value = (p_target - 1) * slope
+            targets = _Targets(labels, config.block, num_classes)
+            row_factor = None if buffer is None else torch.exp(block_max - lse)
+            radial_scale = None if inv_norm is None else inv_norm * inv_norm * active
             for k, (start, stop) in enumerate(_blocks(num_classes, config.block)):
                 w = w_d[:, start:stop]
                 w_mm = w.to(mm_dtype)
                 inv = None if inv_norm is None else inv_norm[start:stop]
                 if buffer is not None:
                     stored = buffer[batch * start : batch * stop].view(batch, stop - start)
-                    prob = stored * torch.exp(block_max[k] - lse).unsqueeze(1)
+                    prob = stored * row_factor[k].unsqueeze(1)  # target entries are 0
                 else:
-                    prob = _block_logits(xs, w_mm, inv, bias, labels, start, config)
+                    prob = _block_logits(xs, w_mm, inv, bias, start, dtype)
                     prob.sub_(lse.unsqueeze(1)).exp_()
+                    if grad_b is not None:
+                        targets.set(prob, k, 0.0)
                 if grad_b is not None:
                     grad_b[start:stop] = torch.mv(prob.t(), g)
-                _mask_targets(prob, labels, start, target_value)
+                targets.set(prob, k, target_value)
                 if inv is not None:
                     prob.mul_(inv)  # P diag(1/|W_j|): the products then use the raw W
                 prob_mm = prob.to(mm_dtype)
@@ -506,19 +505,16 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                         acc.add_(torch.mm(prob_mm, w_mm.t()).to(dtype))
                 if grad_w is not None:
                     # G1 = x_g^T P diag(1/n); grad W = G1 - W diag(<G1_j, W_j> / n_j^2)
-                    target = grad_w[:, start:stop]
+                    dest = grad_w[:, start:stop]
                     direct = grad_w.dtype == mm_dtype == dtype
-                    g1 = torch.mm(x_grad_op.t(), prob_mm, out=target if direct else None)
+                    g1 = torch.mm(x_grad_op.t(), prob_mm, out=dest if direct else None)
                     g1 = g1.to(dtype)
                     if inv is not None:
                         wc = w.to(dtype)
-                        radial = torch.mm(
-                            torch.ones(1, wc.shape[0], dtype=dtype, device=wc.device), g1 * wc
-                        ).squeeze(0)
-                        radial.mul_(inv * inv * active[start:stop])
+                        radial = torch.linalg.vecdot(g1, wc, dim=0).mul_(radial_scale[start:stop])
                         g1.addcmul_(wc, radial, value=-1)
                     if not direct:
-                        target.copy_(g1)
+                        dest.copy_(g1)
             grad_x = grad_s = None
             if need_x:
                 grad_x = (acc * gs.unsqueeze(1)).to(x.dtype)
