@@ -9,10 +9,10 @@ backward of
 * ``floor``: the three matrix products of that size (x W, G W^T, x^T G),
 
 interleaved (A B C A B C ...) so that a noisy, shared machine slows all alike,
-and reports medians. Peak activation memory is measured per case in a fresh
-subprocess on CPU (peak RSS growth during one step) or with
-``torch.cuda.max_memory_allocated`` on CUDA; W's gradient (D x C) is subtracted,
-so the column reads "memory beyond W and its gradient".
+and reports medians. Peak activation memory of one step is measured with
+``torch.profiler(profile_memory=True)`` on CPU or ``torch.cuda.max_memory_allocated``
+on CUDA; W's gradient (D x C) is subtracted, so the column reads "memory beyond
+W and its gradient".
 
 Usage::
 
@@ -29,7 +29,6 @@ import contextlib
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -118,49 +117,34 @@ class Case:
 
 
 def measure_memory(impl: str, loss: str, size: tuple[int, int, int], args) -> float:
-    """Peak activation memory (bytes) of one step, beyond W and its gradient."""
+    """Peak activation memory (bytes) of one step, beyond W and its gradient.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: ``torch.profiler`` with
+    ``profile_memory=True``: the running sum of its allocation/free records, in
+    time order, gives the peak of live tensor bytes (independent of the
+    allocator's caching, unlike RSS).
+    """
     if impl == "floor":
         return float("nan")
+    case = Case(impl, loss, size, args)
+    case.step()  # warm-up
+    grad_bytes = case.w.numel() * case.w.element_size()
     if args.device == "cuda":
-        case = Case(impl, loss, size, args)
-        case.step()  # warm-up: cuBLAS workspaces etc.
-        grad_bytes = case.w.numel() * case.w.element_size()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         case.step()
         return torch.cuda.max_memory_allocated() - base - grad_bytes
-    cmd = [sys.executable, __file__, "--_memory-case", json.dumps([impl, loss, list(size)])]
-    cmd += ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
+    from torch.profiler import ProfilerActivity, profile
 
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _memory_subprocess(spec: str, args) -> None:
-    impl, loss, size = json.loads(spec)
-    torch.set_grad_enabled(True)
-    case = Case(impl, loss, tuple(size), args)
-    grad_bytes = case.w.numel() * case.w.element_size()
-    case.step()  # warm-up: thread pools, GEMM packing buffers, allocator caches
-    _reset_peak_rss()
-    base = _status_bytes("VmRSS")
-    with autocast(args.device, args.dtype):
-        case.loss(case.x, case.labels).backward()
-    print(_status_bytes("VmHWM") - base - grad_bytes)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        case.step()
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        current += record.nbytes()
+        peak = max(peak, current)
+    return peak - grad_bytes
 
 
 def run(args) -> list[dict]:
@@ -237,13 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--default-max-classes", type=int, default=DEFAULT_MAX_CLASSES)
     parser.add_argument("--pml-large", action="store_true", help="also run PML above that")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
-    parser.add_argument("--_memory-case", dest="memory_case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_case is not None:
-        _memory_subprocess(args.memory_case, args)
-        return
     print_table(run(args), args)
 
 
