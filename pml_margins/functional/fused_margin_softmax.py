@@ -202,7 +202,7 @@ def fused_margin_softmax_cross_entropy(
     num_classes = weight.shape[1]
     saved = chunk_size is None
     if chunk_size is None:
-        # temporaries of (B or D) x block elements: cache-sized, and at most ~1/8 of the buffer
+        # block temporaries of (B or D) x block elements: cache-sized, and small next to the buffer
         widest = max(batch, width, 1)
         budget = _CPU_BLOCK_ELEMENTS if x.device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
         share = batch * num_classes // (_DEFAULT_BLOCK_FRACTION * widest)
@@ -386,7 +386,8 @@ def _forward(
             logits.sub_(m.unsqueeze(1)).exp_()
             torch.sum(logits, 1, out=block_sum[k])
         if inv_norm is not None:
-            active = inv_norm < 1 / _NORM_EPS  # norms above eps; the others are clamped
+            # norms above eps (the others are clamped, so no gradient flows through them)
+            active = inv_norm < (1 - 1e-3) / _NORM_EPS
         top = block_max.amax(0)
         others = top + torch.log((block_sum * torch.exp(block_max - top)).sum(0))
         lse = torch.logaddexp(others, target)
