@@ -116,6 +116,14 @@ class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         """The function applied to the ``B`` target base logits (``None``: identity)."""
         return None
 
+    def non_target_logit_fn(self) -> TargetLogitFn | None:
+        """The function applied to every base logit before scaling (``None``: identity).
+
+        Only the class-level Circle loss needs one; losses that set it take the
+        plain (unfused) core.
+        """
+        return None
+
     # --- shared helpers ---------------------------------------------------------
     def get_default_distance(self) -> CosineSimilarity:
         return CosineSimilarity()
@@ -168,13 +176,16 @@ class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         ref_emb: torch.Tensor,
         ref_labels: torch.Tensor,
     ) -> dict[str, dict[str, Any]]:
-        if self._fused_supported():
+        non_target_fn = self.non_target_logit_fn()
+        if non_target_fn is None and self._fused_supported():
             losses = self._fused_losses(embeddings, labels)
         else:
             logits, scale = self.base_logits(embeddings)
             if self.collect_stats and self.logits_are_cosines:
                 self._record_avg_angle(logits, labels)
-            losses = margin_softmax_cross_entropy(logits, labels, self.target_logit_fn(), scale)
+            losses = margin_softmax_cross_entropy(
+                logits, labels, self.target_logit_fn(), scale, non_target_logit_fn=non_target_fn
+            )
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
         loss_dict = {
             "loss": {
