@@ -10,6 +10,11 @@ from pml_margins.functional.circle import (
     circle_positive_logits,
     segment_logsumexp,
 )
+from pml_margins.functional.fused_margin_softmax import (
+    auto_chunk_size,
+    fused_margin_softmax_cross_entropy,
+    sample_classes,
+)
 from pml_margins.functional.hyperparameters import (
     cosface_margin_upper_bound,
     cosface_scale_lower_bound,
@@ -31,6 +36,7 @@ from pml_margins.functional.target_logits import (
 __all__ = [
     "TargetLogitFn",
     "arcface_target",
+    "auto_chunk_size",
     "center_distances",
     "center_ema_update",
     "circle_loss_dense",
@@ -45,8 +51,10 @@ __all__ = [
     "cosface_margin_upper_bound",
     "cosface_scale_lower_bound",
     "cosface_target",
+    "fused_margin_softmax_cross_entropy",
     "margin_softmax_cross_entropy",
     "safe_sine",
+    "sample_classes",
     "segment_logsumexp",
     "sphereface_psi",
 ]

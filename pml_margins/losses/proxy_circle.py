@@ -6,10 +6,9 @@ from functools import partial
 from typing import Any
 
 import torch
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_margins.functional.circle import circle_negative_logits, circle_positive_logits
-from pml_margins.functional.margin_softmax import margin_softmax_cross_entropy
+from pml_margins.functional.margin_softmax import TargetLogitFn
 from pml_margins.losses.circle import check_circle_margin
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
@@ -34,7 +33,8 @@ class ProxyCircleLoss(ClassWeightLoss):
     detached, :math:`\Delta_p = 1 - m`, :math:`\Delta_n = m`. The right-hand side is a
     softmax cross-entropy with these logits, so the loss runs through the shared
     :func:`~pml_margins.functional.margin_softmax_cross_entropy` core (target logit
-    :math:`z_y`, every other logit :math:`z_j`).
+    :math:`z_y`, every other logit :math:`z_j`; both are :math:`\gamma` times a
+    function of the cosine, so ``get_logits`` gives :math:`\gamma\cos\theta_j`).
 
     Recommended (paper): face recognition ``m = 0.25, gamma = 256``; person re-id
     ``m = 0.25, gamma = 128`` (``m`` is a cosine, unitless in [0, 0.5]; ``gamma`` a
@@ -65,39 +65,21 @@ class ProxyCircleLoss(ClassWeightLoss):
     ) -> None:
         self.m, self.gamma = m, gamma
         super().__init__(num_classes, embedding_size, **kwargs)
+        if self.chunk_size is not None or self.sample_rate != 1.0:
+            raise ValueError(
+                "ProxyCircleLoss runs on the plain core: chunk_size and sample_rate "
+                "are not supported"
+            )
 
-    def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Cosines to the class weights and ``gamma`` (``get_logits`` is ``gamma * cos``)."""
-        return self.cosine(embeddings), self.gamma
+    def logit_scale(self, embeddings: torch.Tensor) -> float:
+        """``gamma``: both logit functions are evaluated unscaled and then scaled by it."""
+        return self.gamma
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: tuple[torch.Tensor, ...] | None,
-        ref_emb: torch.Tensor,
-        ref_labels: torch.Tensor,
-    ) -> dict[str, dict[str, Any]]:
-        cosines, _ = self.base_logits(embeddings)
-        if self.collect_stats:
-            self._record_avg_angle(cosines, labels)
-        losses = margin_softmax_cross_entropy(
-            cosines,
-            labels,
-            partial(circle_positive_logits_as_target, m=self.m, gamma=self.gamma),
-            1.0,
-            non_target_logit_fn=partial(circle_negative_logits, m=self.m, gamma=self.gamma),
-        )
-        miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
-        loss_dict = {
-            "loss": {
-                "losses": losses * miner_weights,
-                "indices": torch.arange(embeddings.shape[0], device=embeddings.device),
-                "reduction_type": "element",
-            }
-        }
-        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
-        return loss_dict
+    def target_logit_fn(self) -> TargetLogitFn:
+        return partial(circle_positive_logits_as_target, m=self.m, gamma=1.0)
+
+    def non_target_logit_fn(self) -> TargetLogitFn:
+        return partial(circle_negative_logits, m=self.m, gamma=1.0)
 
 
 def circle_positive_logits_as_target(s_p: torch.Tensor, m: float, gamma: float) -> torch.Tensor:
