@@ -142,6 +142,11 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         for name in ("weight_regularizer", "embedding_regularizer"):
             if getattr(self.loss, name, None) is not None:
                 raise ValueError(f"{name} is not supported by {type(self).__name__}")
+        if "chunk_size" in loss_kwargs and loss_kwargs["chunk_size"] is not None:
+            raise ValueError(
+                f"chunk_size is not used by {type(self).__name__}: each rank holds the "
+                "logits of its own classes only; shard over more ranks or use sample_rate"
+            )
         self._generator: torch.Generator | None = None
         self._pending_sampler_state: torch.Tensor | None = None
         self.sampled_classes: torch.Tensor | None = None
@@ -208,7 +213,12 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             logits, scale = functional_call(_BaseLogits(self.loss), params, (all_emb,))
             self.sampled_classes = index + self.class_start
         losses = sharded_margin_softmax_cross_entropy(
-            logits, target, self.loss.target_logit_fn(), scale, self.group
+            logits,
+            target,
+            self.loss.target_logit_fn(),
+            scale,
+            self.group,
+            non_target_logit_fn=self.loss.non_target_logit_fn(),
         )
         loss_dict = {
             "loss": {

@@ -78,6 +78,7 @@ def sharded_margin_softmax_cross_entropy(
     target_logit_fn: TargetLogitFn | None,
     scale: float | torch.Tensor = 1.0,
     group: ProcessGroup | None = None,
+    non_target_logit_fn: TargetLogitFn | None = None,
 ) -> torch.Tensor:
     r"""Per-sample margin-softmax cross-entropy with the classes split across ranks.
 
@@ -91,6 +92,10 @@ def sharded_margin_softmax_cross_entropy(
             (``None``: identity).
         scale: :math:`s`, a float or ``N`` per-row scales (the same on every rank).
         group: the process group (default: the world; none initialized: one process).
+        non_target_logit_fn: applied element-wise to every local base logit before
+            scaling (``None``: identity); the owned target entries are then
+            overwritten with ``target_logit_fn`` of their base logit, as in
+            :func:`~pml_margins.functional.margin_softmax_cross_entropy`.
 
     Returns:
         The ``N`` per-sample losses, identical on every rank, in
@@ -112,7 +117,8 @@ def sharded_margin_softmax_cross_entropy(
         logits = local_logits.to(dtype)
         if isinstance(scale, torch.Tensor):
             scale = scale.to(dtype).reshape(-1, 1)
-        scaled = logits * scale
+        base = logits if non_target_logit_fn is None else non_target_logit_fn(logits)
+        scaled = base * scale
         target = local_target.long()
         if target_logit_fn is not None:
             rows = torch.nonzero(target >= 0).squeeze(1)

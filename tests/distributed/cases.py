@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 
-from pml_margins.losses import ClassWeightLoss
+from pml_margins.losses import ClassWeightLoss, ProxyCircleLoss
 from tests.losses.specs import SPECS, LossSpec
 
 NUM_CLASSES = 11  # uneven shards: 6/5 on two ranks, 4/4/3 on three
@@ -15,8 +15,12 @@ SAMPLED_CLASSES = 23
 EMBEDDING_SIZE = 5
 SAMPLE_RATE = 0.5
 LR = 0.1
-SPEC_BY_ID = {s.id: s for s in SPECS}
-SAMPLED_SPECS = ("arcface", "cosface", "softmax")
+#: every class-weight loss: the foundation's (with their paper references) and ProxyCircle
+SPEC_BY_ID = {
+    **{s.id: s for s in SPECS},
+    "proxy_circle": LossSpec("proxy_circle", ProxyCircleLoss, {"m": 0.25, "gamma": 32.0}),
+}
+SAMPLED_SPECS = ("arcface", "cosface", "softmax", "proxy_circle")
 NUM_QUERIES, NUM_REFERENCES = 9, 17
 
 

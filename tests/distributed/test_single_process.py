@@ -16,10 +16,10 @@ from pml_margins.distributed import (
 from pml_margins.distributed.partial_fc import num_sampled
 from pml_margins.functional import margin_softmax_cross_entropy
 from pml_margins.losses import ArcFaceLoss, SoftmaxLoss, SphereFaceLoss
-from tests.losses.specs import SPECS
+from tests.distributed.cases import SPEC_BY_ID
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=[s.id for s in SPECS])
+@pytest.mark.parametrize("spec", SPEC_BY_ID.values(), ids=list(SPEC_BY_ID))
 def test_world_size_one_is_the_loss(spec) -> None:
     ref = spec.build(9, 4).double()
     sharded = ShardedMarginSoftmaxLoss(spec.cls, 9, 4, **spec.kwargs).double()
@@ -99,6 +99,8 @@ def test_bad_arguments() -> None:
             ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, sample_rate=rate)
     with pytest.raises(ValueError, match="both"):
         ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, chunk_size=4)
     with pytest.raises(ValueError, match="weight_regularizer"):
         ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, weight_regularizer=LpRegularizer())
     loss_fn = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=1, world_size=2)
