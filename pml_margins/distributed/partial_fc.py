@@ -10,7 +10,10 @@ classes of all ranks* -- every target is in it:
     L_i = -\log\frac{e^{s\psi(z_{i,y_i})}}
                     {e^{s\psi(z_{i,y_i})} + \sum_{j \in K\setminus\{y_i\}} e^{s z_{ij}}}
 
-With fewer negatives in the normalizer this is a lower bound on the full
+The draw is the single-process Partial FC's
+(:func:`pml_margins.functional.fused_margin_softmax.sample_classes`) applied to
+each shard: on one rank, with the same random stream, both keep the same
+classes. With fewer negatives in the normalizer this is a lower bound on the full
 loss, not an unbiased estimate of it; the paper finds that ``sample_rate=0.1``
 keeps the accuracy of full training on face data while cutting the logits and
 their gradients tenfold. Only the kept columns of ``W`` get a (non-zero) gradient. With
@@ -25,8 +28,9 @@ __all__ = ["num_sampled", "sample_local_classes"]
 
 
 def num_sampled(sample_rate: float, num_local: int) -> int:
-    """``round(sample_rate * num_local)`` (halves rounded up), at least 1."""
-    return max(1, min(num_local, int(sample_rate * num_local + 0.5)))
+    """``round(sample_rate * num_local)`` (Python's rounding, as the single-process
+    :func:`~pml_margins.functional.fused_margin_softmax.sample_classes`), at least 1."""
+    return max(1, min(num_local, round(sample_rate * num_local)))
 
 
 def sample_local_classes(
