@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pytorch_metric_learning.distances import CosineSimilarity
 from torch.func import functional_call
 
 from pml_margins.distributed.collectives import (
@@ -13,6 +14,7 @@ from pml_margins.distributed.collectives import (
     gather_rows_with_grad,
     rank_and_world_size,
 )
+from pml_margins.distributed.local_logits import cosine_logits
 from pml_margins.distributed.partial_fc import sample_local_classes
 from pml_margins.distributed.sharded_margin_softmax import sharded_margin_softmax_cross_entropy
 from pml_margins.distributed.sharding import shard_range
@@ -31,6 +33,28 @@ class _BaseLogits(torch.nn.Module):
 
     def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
         return self.loss.base_logits(embeddings)
+
+
+def _has_cosine_logits(loss: ClassWeightLoss) -> bool:
+    """Whether ``loss.base_logits`` is PML's plain cosine times ``loss.logit_scale``.
+
+    A class that overrides ``base_logits`` counts only if it (or a subclass)
+    also defines ``logit_scale``, i.e. the two were written to agree.
+    """
+
+    def owner(name: str) -> type:
+        return next(c for c in type(loss).__mro__ if name in c.__dict__)
+
+    distance = loss.distance
+    plain_cosine = (
+        type(distance) is CosineSimilarity
+        and distance.power == 1
+        and distance.p == 2
+        and distance.normalize_embeddings
+    )
+    logits_owner = owner("base_logits")
+    consistent = logits_owner is ClassWeightLoss or issubclass(owner("logit_scale"), logits_owner)
+    return plain_cosine and loss.logits_are_cosines and consistent
 
 
 def _check_sample_rate(value: object) -> float:
@@ -147,6 +171,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                 f"chunk_size is not used by {type(self).__name__}: each rank holds the "
                 "logits of its own classes only; shard over more ranks or use sample_rate"
             )
+        self._cosine = _has_cosine_logits(self.loss)
         self._generator: torch.Generator | None = None
         self._pending_sampler_state: torch.Tensor | None = None
         self.sampled_classes: torch.Tensor | None = None
@@ -194,10 +219,10 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         check_class_labels(labels, embeddings.shape[0], self.num_classes)
         all_emb, _ = gather_rows_with_grad(embeddings, self.group)
         all_labels, _ = all_gather_rows(labels.to(embeddings.device), self.group)
+        index: torch.Tensor | None = None
         if self.sample_rate == 1:
             local = all_labels.long() - self.class_start
             target = torch.where((local >= 0) & (local < self.num_local), local, -1)
-            logits, scale = self.loss.base_logits(all_emb)
             self.sampled_classes = None
         else:
             index, target = sample_local_classes(
@@ -207,11 +232,8 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                 self.sample_rate,
                 self._generator_for(all_labels.device),
             )
-            params = {"loss.W": self.loss.W.index_select(1, index)}
-            if getattr(self.loss, "bias", None) is not None:
-                params["loss.bias"] = self.loss.bias.index_select(0, index)
-            logits, scale = functional_call(_BaseLogits(self.loss), params, (all_emb,))
             self.sampled_classes = index + self.class_start
+        logits, scale = self._local_logits(all_emb, index)
         losses = sharded_margin_softmax_cross_entropy(
             logits,
             target,
@@ -228,6 +250,23 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             }
         }
         return self.loss.reducer(loss_dict, all_emb, all_labels)
+
+    def _local_logits(
+        self, embeddings: torch.Tensor, index: torch.Tensor | None
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
+        """Base logits and scale of the gathered batch against the (sampled) shard."""
+        if self._cosine:
+            weight = self.loss.weights_for(embeddings)
+            if index is not None:
+                weight = weight.index_select(1, index)
+            embeddings = embeddings.to(weight.dtype)
+            return cosine_logits(embeddings, weight), self.loss.logit_scale(embeddings)
+        if index is None:
+            return self.loss.base_logits(embeddings)
+        params = {"loss.W": self.loss.W.index_select(1, index)}
+        if getattr(self.loss, "bias", None) is not None:
+            params["loss.bias"] = self.loss.bias.index_select(0, index)
+        return functional_call(_BaseLogits(self.loss), params, (embeddings,))
 
     def extra_repr(self) -> str:
         return (

@@ -153,3 +153,25 @@ def test_partial_fc_on_one_rank_equals_the_single_process_partial_fc(loss_type) 
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(xa.grad, xb.grad)
     torch.testing.assert_close(sharded.W_local.grad, ref.W.grad)
+
+
+def test_cosine_logits_matches_pml_cosine_with_gradients() -> None:
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    from pml_margins.distributed.local_logits import cosine_logits
+
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(cosine_logits, (x, w))
+    g = torch.randn(5, 7, dtype=torch.float64)
+    ours = torch.autograd.grad((cosine_logits(x, w) * g).sum(), (x, w))
+    pml = torch.autograd.grad((CosineSimilarity()(x, w.t()) * g).sum(), (x, w))
+    for a, b in zip(ours, pml, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_which_losses_take_the_cosine_path() -> None:
+    from pml_margins.distributed.sharded_loss import _has_cosine_logits
+
+    cosine = {i for i, s in SPEC_BY_ID.items() if _has_cosine_logits(s.build(4, 3))}
+    assert cosine == set(SPEC_BY_ID) - {"softmax", "softmax_nobias"}
