@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Sequence
 
 # module path of each command, imported lazily so that ``--help`` stays fast
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("pml_margins.bench.cli_bench",)
 
 
 def build_parser() -> argparse.ArgumentParser:
