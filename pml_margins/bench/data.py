@@ -29,6 +29,7 @@ __all__ = [
     "RemapLabels",
     "RetrievalData",
     "check_dataset_folder",
+    "load_digits_all_classes",
     "load_digits_split",
     "load_image_dataset",
 ]
@@ -99,6 +100,32 @@ def load_digits_split(
         train=TensorDataset(images[is_train], remap[targets[is_train]]),
         test=TensorDataset(images[~is_train], targets[~is_train]),
         num_train_classes=len(train_set),
+        recall_ks=RECALL_KS["digits"],
+        input_shape=(1, 8, 8),
+    )
+
+
+def load_digits_all_classes(test_fraction: float = 0.3, seed: int = 0) -> RetrievalData:
+    """All ten digits, a stratified random split of the images (closed set).
+
+    Used by ``pml-margins sphere``: the figure shows how each loss arranges the
+    classes it was trained on, plotted for images held out from training.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    targets = torch.as_tensor(digits.target, dtype=torch.long)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(targets)), test_size=test_fraction, random_state=seed, stratify=targets
+    )
+    train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    return RetrievalData(
+        name="digits-all",
+        train=TensorDataset(images[train_idx], targets[train_idx]),
+        test=TensorDataset(images[test_idx], targets[test_idx]),
+        num_train_classes=10,
         recall_ks=RECALL_KS["digits"],
         input_shape=(1, 8, 8),
     )
