@@ -21,7 +21,7 @@ import torch
 
 __all__ = ["register", "run_bench"]
 
-DIGITS_DEFAULTS = {"epochs": 30, "embedding_size": 64, "batch_size": 128, "lr": 1e-3}
+DIGITS_DEFAULTS = {"epochs": 10, "embedding_size": 64, "batch_size": 128, "lr": 1e-3}
 IMAGE_DEFAULTS = {"epochs": 20, "embedding_size": 512, "batch_size": 64, "lr": 1e-4}
 
 
@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
         metavar="LOSS.KEY=VALUE",
         help="override a loss hyper-parameter, e.g. arcface.margin=0.3 (repeatable)",
     )
-    p.add_argument("--epochs", type=int, help="default: 30 (digits), 20 (cub/sop)")
+    p.add_argument("--epochs", type=int, help="default: 10 (digits), 20 (cub/sop)")
     p.add_argument("--batch-size", type=int, help="default: 128 (digits), 64 (cub/sop)")
     p.add_argument("--embedding-size", type=int, help="default: 64 (digits), 512 (cub/sop)")
     p.add_argument("--lr", type=float, help="model learning rate; default 1e-3 / 1e-4")
@@ -68,7 +68,7 @@ def register(subparsers: Any) -> None:
         "add contention, ~10x slower on a busy 2-core machine), torch's default otherwise",
     )
     p.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (autocast)")
-    p.add_argument("--out", default="bench_out", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default="out/bench", help="output folder (default: %(default)s)")
     p.add_argument(
         "--embeddings-only",
         action="store_true",

@@ -8,6 +8,7 @@ and schedule) and saves one PNG: the held-out images' features on the unit circl
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="sphere.png", help="PNG path (default: %(default)s)")
+    p.add_argument("--out", default="out/sphere.png", help="PNG path (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_sphere)
 
@@ -79,6 +80,7 @@ def run_sphere(args: argparse.Namespace) -> int:
                     precision_at_1=p1,
                 )
             )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     sphere_plot.plot_sphere_grid(panels.get(2, []), panels.get(3, []), args.out)
     print(f"wrote {args.out}")
     return 0

@@ -146,3 +146,38 @@ def test_image_bench_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
         )
     with pytest.raises(SystemExit, match="needs --data-root"):
         main(["bench", "--dataset", "sop", "--out", str(tmp_path), *TINY])
+
+
+def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
+    main(["bench", "--losses", "arcface", "--amp", "bf16", "--out", str(tmp_path), *TINY])
+    assert 0.0 <= _results(tmp_path)["losses"][0]["metrics"]["precision_at_1"] <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [[], ["--amp", "bf16"], ["--amp", "fp16"]])
+def test_cuda_end_to_end(tmp_path: Path, amp: list[str]) -> None:
+    main(
+        [
+            "bench",
+            "--losses",
+            "arcface,sphereface",
+            "--device",
+            "cuda",
+            *amp,
+            "--out",
+            str(tmp_path),
+            *TINY,
+        ]
+    )
+    results = _results(tmp_path)
+    assert results["config"]["device"] == "cuda"
+    assert all(0.0 <= e["metrics"]["precision_at_1"] <= 1.0 for e in results["losses"])
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match=r"cuda\.is_available"):
+        main(["bench", "--losses", "nsl", "--device", "cuda", "--out", str(tmp_path), *TINY])

@@ -117,3 +117,28 @@ def test_image_to_tensor_converts_grayscale() -> None:
     tensor = data.ImageToTensor(4)(Image.new("L", (7, 5), color=128))
     assert tensor.shape == (3, 4, 4)
     assert torch.allclose(tensor[0, 0, 0], (torch.tensor(128 / 255) - 0.485) / 0.229)
+
+
+@pytest.mark.parametrize("name", ["cub", "sop"])
+def test_download_passes_through_to_pml(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytorch_metric_learning import datasets
+
+    from .conftest import make_fake_cub, make_fake_sop
+
+    calls: list[str] = []
+
+    def fake_download(self: object) -> None:  # stands in for PML's network download
+        calls.append(self.root)  # type: ignore[attr-defined]
+        (make_fake_cub if name == "cub" else make_fake_sop)(Path(self.root))  # type: ignore[attr-defined]
+
+    cls = datasets.CUB if name == "cub" else datasets.StanfordOnlineProducts
+    monkeypatch.setattr(cls, "download_and_remove", fake_download)
+    root = tmp_path / "new"
+    split = data.load_image_dataset(name, root, download=True, image_size=8)
+    assert calls == [str(root)]
+    assert len(split.train) > 0 and len(split.test) > 0
+    # an existing, non-empty folder is not downloaded again (PML's rule)
+    data.load_image_dataset(name, root, download=True, image_size=8)
+    assert calls == [str(root)]
