@@ -24,9 +24,15 @@ __all__ = [
 
 
 def check_embeddings(
-    embeddings: object, name: str = "embeddings", width: int | None = None
+    embeddings: object,
+    name: str = "embeddings",
+    width: int | None = None,
+    width_name: str = "embedding_size",
 ) -> torch.Tensor:
     """Check a ``(N, D)`` floating tensor with finite values and return it.
+
+    ``width_name`` names what ``width`` comes from in the error message (for
+    example the width of the query set when checking a reference set).
 
     Raises:
         TypeError: not a tensor, or not a floating dtype.
@@ -43,7 +49,9 @@ def check_embeddings(
     if embeddings.shape[0] == 0:
         raise ValueError(f"{name} is empty: the batch has no rows")
     if width is not None and embeddings.shape[1] != width:
-        raise ValueError(f"{name} has width {embeddings.shape[1]} but embedding_size is {width}")
+        raise ValueError(
+            f"{name} has width {embeddings.shape[1]} but {width_name} is {width}"
+        )
     if not bool(torch.isfinite(embeddings).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
     return embeddings

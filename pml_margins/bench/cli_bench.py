@@ -75,6 +75,11 @@ def register(subparsers: Any) -> None:
         help="no training: evaluate saved checkpoints (--checkpoint, default <out>/checkpoints)",
     )
     p.add_argument("--checkpoint", action="append", default=[], help="a saved .pt (repeatable)")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="digits: skip the 'raw pixels' row (retrieval on the 64 input pixels, no training)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
     p.set_defaults(func=run_bench)
 
@@ -217,9 +222,27 @@ def run_bench(args: argparse.Namespace) -> int:
             },
             os.path.join(checkpoints, f"{name}.pt"),
         )
+    if bench_data.name == "digits" and not args.no_baseline:
+        results["losses"].append(_pixel_baseline(bench_data))
     results["total_seconds"] = round(time.perf_counter() - start, 1)
     _finish(results, args.out)
     return 0
+
+
+def _pixel_baseline(bench_data: Any) -> dict[str, Any]:
+    """Retrieval on the raw input pixels (cosine), the reference a learned embedding must beat."""
+    from pml_margins.bench import evaluate
+
+    inputs, labels = bench_data.test.tensors
+    return {
+        "name": "pixels",
+        "label": "Raw pixels (no training)",
+        "model": "identity on the flattened input",
+        "hyperparameters": {},
+        "train_seconds": 0.0,
+        "steps": 0,
+        "metrics": evaluate.evaluate_retrieval(inputs.flatten(1), labels, bench_data.recall_ks),
+    }
 
 
 def _evaluate_checkpoints(

@@ -17,22 +17,21 @@ def evaluate_retrieval(
 ) -> dict[str, float]:
     """Recall@K, P@1, R-Precision and MAP@R of ``embeddings`` retrieving among themselves.
 
-    Embeddings are L2-normalized first (retrieval by cosine similarity, the geometry
-    every margin loss trains for). Each embedding is a query; the reference set is
-    all the others (``ref_includes_query=True``: the query itself is not counted).
+    Ranks by cosine similarity (the geometry every margin loss trains for) with
+    :class:`pml_margins.evaluation.RetrievalAccuracyCalculator`. Each embedding is a
+    query; the reference set is all the others (the query itself is not counted).
 
     Returns:
         ``{"recall_at_<k>": ..., "precision_at_1": ..., "r_precision": ...,
         "mean_average_precision_at_r": ...}`` as floats in ``[0, 1]``.
     """
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.distances import CosineSimilarity
 
-    normalized = torch.nn.functional.normalize(embeddings.float(), dim=1)
-    calculator = AccuracyCalculator(include=METRIC_KEYS, k="max_bin_count")
-    metrics = calculator.get_accuracy(normalized, labels)
-    # PML's calculator has no Recall@K; Recall@1 equals P@1 (a correct first neighbour)
-    result = {f"recall_at_{k}": float("nan") for k in recall_ks}
-    if 1 in recall_ks:
-        result["recall_at_1"] = float(metrics["precision_at_1"])
-    result.update({key: float(metrics[key]) for key in METRIC_KEYS})
-    return result
+    from pml_margins.evaluation import RetrievalAccuracyCalculator
+
+    keys = (*(f"recall_at_{k}" for k in recall_ks), *METRIC_KEYS)
+    calculator = RetrievalAccuracyCalculator(
+        include=keys, recall_ks=tuple(recall_ks), distance=CosineSimilarity()
+    )
+    metrics = calculator.get_accuracy(embeddings.float(), labels)
+    return {key: float(metrics[key]) for key in keys}

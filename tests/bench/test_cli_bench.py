@@ -10,7 +10,7 @@ import pytest
 
 from pml_margins.cli import main
 
-TINY = ["--epochs", "1", "--no-progress", "--threads", "1"]
+TINY = ["--epochs", "1", "--no-progress", "--threads", "1", "--no-baseline"]
 KEYS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
 
@@ -20,12 +20,13 @@ def _results(out: Path) -> dict:
 
 def test_tiny_digits_bench_writes_results_and_png(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    assert main(["bench", "--losses", "softmax,arcface", "--out", str(out), *TINY]) == 0
+    args = ["bench", "--losses", "softmax,arcface", "--out", str(out), *TINY]
+    assert main(args[:-1]) == 0  # with the raw-pixel baseline
     results = _results(out)
     assert results["dataset"] == "digits"
     assert results["recall_ks"] == [1, 2, 4, 8]
-    assert [e["name"] for e in results["losses"]] == ["softmax", "arcface"]
-    for entry in results["losses"]:
+    assert [e["name"] for e in results["losses"]] == ["softmax", "arcface", "pixels"]
+    for entry in results["losses"][:2]:
         assert entry["train_seconds"] > 0 and entry["steps"] > 0
         metrics = entry["metrics"]
         assert {f"recall_at_{k}" for k in (1, 2, 4, 8)} | set(KEYS) <= set(metrics)
@@ -39,6 +40,7 @@ def test_tiny_digits_bench_writes_results_and_png(tmp_path: Path, capsys) -> Non
     table = capsys.readouterr().out
     assert "| Loss | R@1 | R@2 | R@4 | R@8 | P@1 | R-Prec | MAP@R | Train (s) |" in table
     assert "| ArcFace |" in table
+    assert "| Raw pixels (no training) |" in table
     assert (out / "results.md").read_text() in table
 
 

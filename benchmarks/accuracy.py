@@ -1,0 +1,152 @@
+"""Benchmark: RetrievalAccuracyCalculator vs PML's AccuracyCalculator.
+
+Prints one Markdown table: wall time and peak RSS of ours and PML's on the same
+synthetic data, as ratios, plus the time of one query × reference matrix product
+of that size. Every case runs in a fresh subprocess so that peak RSS is its own.
+
+    PYTHONPATH=. python3 benchmarks/accuracy.py            # CUB- and SOP-test scale
+    PYTHONPATH=. python3 benchmarks/accuracy.py --quick    # small smoke test
+    PYTHONPATH=. python3 benchmarks/accuracy.py --device cuda
+
+On CPU PML runs with its default faiss-cpu k-nn; on CUDA with its torch
+``CustomKNN`` (whole matrix and batched; the faster is reported). Both rank by
+Euclidean distance and compute P@1, R-Precision and MAP@R with k="max_bin_count".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
+SCALES = {  # name: (N, D, classes)
+    "CUB-test": (5924, 512, 100),
+    "SOP-test": (60502, 512, 11316),
+}
+QUICK_SCALES = {"CUB-like (quick)": (2000, 64, 40), "SOP-like (quick)": (6000, 64, 1200)}
+PML_CUDA_BATCH = 4096
+
+
+def make_data(n: int, dim: int, classes: int, folder: Path, seed: int = 0) -> None:
+    """Clustered float32 embeddings, every class with at least two members."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % classes).astype(np.int64)
+    centres = rng.standard_normal((classes, dim), dtype=np.float32)
+    x = centres[labels] + 1.5 * rng.standard_normal((n, dim), dtype=np.float32)
+    np.save(folder / "x.npy", x)
+    np.save(folder / "y.npy", labels)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_case(case: str, folder: Path, device: str) -> dict:
+    """Run one case in this process; returns seconds, peak RSS and metrics."""
+    import torch
+
+    x = torch.from_numpy(np.load(folder / "x.npy")).to(device)
+    y = torch.from_numpy(np.load(folder / "y.npy")).to(device)
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    from pml_margins.evaluation import RetrievalAccuracyCalculator
+
+    (x[:256] @ x[:256].T).sum()  # start the BLAS threads before timing, in every case
+    _sync(device)
+    metrics: dict = {}
+    start = time.perf_counter()  # imports and loading are not timed
+    if case == "ours":
+        calc = RetrievalAccuracyCalculator(include=METRICS, k="max_bin_count")
+        metrics = calc.get_accuracy(x, y)
+    elif case.startswith("pml"):
+        knn = None
+        if case == "pml-custom":
+            knn = CustomKNN(LpDistance(normalize_embeddings=False))
+        elif case == "pml-custom-batched":
+            knn = CustomKNN(LpDistance(normalize_embeddings=False), batch_size=PML_CUDA_BATCH)
+        calc = AccuracyCalculator(
+            include=METRICS, k="max_bin_count", device=torch.device(device), knn_func=knn
+        )
+        metrics = calc.get_accuracy(x, y)
+    elif case == "matmul":  # one Q × N product, in row blocks (SOP's would need 14.6 GB)
+        block = 4096
+        for s in range(0, len(x), block):
+            (x[s : s + block] @ x.T).sum()
+    else:
+        raise ValueError(f"unknown case {case!r}")
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0.0
+    return {"seconds": seconds, "peak_rss_mb": peak_mb, "gpu_peak_mb": gpu_peak_mb, **metrics}
+
+
+def spawn(case: str, folder: Path, device: str) -> dict:
+    cmd = [sys.executable, __file__, "--case", case, "--data", str(folder), "--device", device]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", nargs="+", help="scale names to run")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, Path(args.data), args.device)))
+        return
+
+    scales = QUICK_SCALES if args.quick else SCALES
+    cuda = args.device.startswith("cuda")
+    pml_cases = ["pml-custom", "pml-custom-batched"] if cuda else ["pml"]
+    mem = "peak GPU MiB" if cuda else "peak RSS MiB"
+    rows = [
+        f"| set | N × D, classes | PML s | ours s | time ours/PML | PML {mem} | ours {mem} "
+        "| memory ours/PML | matmul s | ours/matmul | max abs Δ metric |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (n, dim, classes) in scales.items():
+        if args.only and name not in args.only:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            make_data(n, dim, classes, folder)
+            ours = spawn("ours", folder, args.device)
+            pmls = [spawn(c, folder, args.device) for c in pml_cases]
+            matmul = spawn("matmul", folder, args.device)
+        ok = [p for p in pmls if "error" in p] != pmls
+        pml = min((p for p in pmls if "error" not in p), key=lambda p: p["seconds"]) if ok else {}
+        if "error" in ours or not pml or "error" in matmul:
+            rows.append(f"| {name} | error: {ours.get('error') or pmls or matmul} |")
+            continue
+        key = "gpu_peak_mb" if cuda else "peak_rss_mb"
+        delta = max(abs(ours[m] - pml[m]) for m in METRICS)
+        rows.append(
+            f"| {name} | {n:,} × {dim}, {classes:,} | {pml['seconds']:.2f} | "
+            f"{ours['seconds']:.2f} | {ours['seconds'] / pml['seconds']:.2f} | "
+            f"{pml[key]:,.0f} | {ours[key]:,.0f} | {ours[key] / pml[key]:.2f} | "
+            f"{matmul['seconds']:.2f} | {ours['seconds'] / matmul['seconds']:.2f} | {delta:.1e} |"
+        )
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Retrieval metrics per query, from the k-nn label-match matrix.
+
+Every function takes ``match``, a ``(Q, k)`` boolean matrix whose entry
+``[i, j]`` says whether query ``i``'s ``j``-th nearest reference shares its
+label, and where needed ``relevant``, the number of references that share query
+``i``'s label (its own entry excluded when the reference set contains the query).
+They return one float64 value per query; :func:`aggregate` averages them. The
+definitions follow pytorch-metric-learning's ``AccuracyCalculator`` exactly,
+including what happens when ``k`` is smaller than ``relevant``.
+
+With :math:`m_{ij}` the match matrix and :math:`R_i` the relevant count:
+
+.. math::
+
+    \\mathrm{Recall@K}_i = \\max_{j < K} m_{ij}, \\qquad
+    \\mathrm{RP}_i = \\frac{1}{\\min(R_i, k)} \\sum_{j < \\min(R_i, k)} m_{ij}, \\qquad
+    \\mathrm{AP@R}_i = \\frac{1}{R_i} \\sum_{j < \\min(R_i, k)} m_{ij}\\,
+        \\frac{\\sum_{l \\le j} m_{il}}{j + 1}
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "aggregate",
+    "average_precision",
+    "average_precision_at_r",
+    "precision_at_1",
+    "r_precision",
+    "recall_at_k",
+    "reciprocal_rank",
+    "relevant_counts",
+]
+
+_ROWS_PER_CHUNK = 8192
+
+
+def relevant_counts(
+    query_labels: torch.Tensor, reference_labels: torch.Tensor, ref_includes_query: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query, how many references carry its label, with and without itself.
+
+    Counting uses ``torch.unique`` and a sorted search, no classes × N matrix.
+
+    Args:
+        query_labels: ``(Q,)`` integer labels.
+        reference_labels: ``(N,)`` integer labels on the same device.
+        ref_includes_query: query ``i`` is reference ``i``; its own entry is
+            subtracted from the relevant count.
+
+    Returns:
+        ``(label_count, relevant)``: the number of references with the query's
+        label, and that number minus one when ``ref_includes_query``; int64 ``(Q,)``.
+
+    Example:
+        >>> relevant_counts(torch.tensor([5, 7]), torch.tensor([5, 5, 7, 9]), True)
+        (tensor([2, 1]), tensor([1, 0]))
+    """
+    unique, counts = torch.unique(reference_labels, return_counts=True)
+    position = torch.searchsorted(unique, query_labels).clamp_(max=len(unique) - 1)
+    found = unique[position] == query_labels
+    label_count = torch.where(found, counts[position], torch.zeros_like(counts[position]))
+    return label_count, label_count - int(ref_includes_query)
+
+
+def _by_row_chunks(fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """Apply ``fn`` to row chunks so float64 temporaries stay bounded."""
+    num_rows = len(tensors[0])
+    if num_rows <= _ROWS_PER_CHUNK:
+        return fn(*tensors)
+    return torch.cat(
+        [
+            fn(*(t[s : s + _ROWS_PER_CHUNK] for t in tensors))
+            for s in range(0, num_rows, _ROWS_PER_CHUNK)
+        ]
+    )
+
+
+def recall_at_k(match: torch.Tensor, k: int) -> torch.Tensor:
+    """1 where one of the first ``k`` neighbours shares the query's label, else 0.
+
+    Args:
+        match: ``(Q, k_total)`` boolean matches; ``k`` larger than ``k_total``
+            uses all columns.
+        k: the cut-off, ``>= 1``.
+
+    Returns:
+        ``(Q,)`` float64.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return match[:, :k].any(dim=1).to(torch.float64)
+
+
+def precision_at_1(match: torch.Tensor) -> torch.Tensor:
+    """1 where the nearest neighbour shares the query's label (equals Recall@1)."""
+    return recall_at_k(match, 1)
+
+
+def _relevance_mask(match: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    columns = torch.arange(match.shape[1], device=match.device)
+    return columns < relevant[:, None]
+
+
+def r_precision(match: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """Share of matches among the first ``R`` neighbours (``min(R, k)`` if ``k < R``).
+
+    Queries with ``R = 0`` give NaN; exclude them first.
+    """
+
+    def fn(m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        mask = _relevance_mask(m, r)
+        return (m & mask).sum(dim=1).to(torch.float64) / mask.sum(dim=1)
+
+    return _by_row_chunks(fn, match, relevant)
+
+
+def _average_precision(match: torch.Tensor, relevant: torch.Tensor, at_r: bool) -> torch.Tensor:
+    def fn(m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        hits = m & _relevance_mask(m, r) if at_r else m
+        ranks = torch.arange(1, m.shape[1] + 1, device=m.device, dtype=torch.float64)
+        precision = hits.cumsum(dim=1).to(torch.float64) / ranks
+        return (precision * hits).sum(dim=1) / r
+
+    return _by_row_chunks(fn, match, relevant)
+
+
+def average_precision_at_r(match: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """Average precision over the first ``R`` neighbours, divided by ``R`` (MAP@R)."""
+    return _average_precision(match, relevant, at_r=True)
+
+
+def average_precision(match: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """Sum of precision at every matching rank among all ``k`` columns, divided by ``R``.
+
+    This is PML's ``mean_average_precision`` per query: it depends on ``k``.
+    """
+    return _average_precision(match, relevant, at_r=False)
+
+
+def reciprocal_rank(match: torch.Tensor) -> torch.Tensor:
+    """``1 / rank`` of the first match among the ``k`` neighbours, 0 if none."""
+    if match.shape[1] == 0:
+        return torch.zeros(len(match), dtype=torch.float64, device=match.device)
+    first = match.to(torch.uint8).argmax(dim=1).to(torch.float64)
+    return torch.where(match.any(dim=1), 1.0 / (first + 1.0), torch.zeros_like(first))
+
+
+def aggregate(
+    per_query: torch.Tensor,
+    labels: torch.Tensor,
+    avg_of_avgs: bool = False,
+    return_per_class: bool = False,
+) -> float | list[float]:
+    """Average per-query values: over queries, over classes, or one per class.
+
+    Args:
+        per_query: ``(Q,)`` values.
+        labels: ``(Q,)`` integer labels of the queries.
+        avg_of_avgs: mean of the per-class means.
+        return_per_class: per-class means, in ascending label order.
+
+    Returns:
+        A float, or a list of floats when ``return_per_class``.
+
+    Example:
+        >>> aggregate(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([3, 3, 8]), avg_of_avgs=True)
+        0.25
+    """
+    if avg_of_avgs and return_per_class:
+        raise ValueError("avg_of_avgs and return_per_class are mutually exclusive")
+    per_query = per_query.to(torch.float64)
+    if not (avg_of_avgs or return_per_class):
+        return per_query.mean().item()
+    unique, inverse = torch.unique(labels, return_inverse=True)
+    sums = torch.zeros(len(unique), dtype=torch.float64, device=per_query.device)
+    sums.index_add_(0, inverse, per_query)
+    per_class = sums / torch.bincount(inverse, minlength=len(unique))
+    if return_per_class:
+        return per_class.cpu().tolist()
+    return per_class.mean().item()
