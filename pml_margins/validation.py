@@ -49,9 +49,7 @@ def check_embeddings(
     if embeddings.shape[0] == 0:
         raise ValueError(f"{name} is empty: the batch has no rows")
     if width is not None and embeddings.shape[1] != width:
-        raise ValueError(
-            f"{name} has width {embeddings.shape[1]} but {width_name} is {width}"
-        )
+        raise ValueError(f"{name} has width {embeddings.shape[1]} but {width_name} is {width}")
     if not bool(torch.isfinite(embeddings).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
     return embeddings

@@ -41,13 +41,34 @@ def test_eval_writes_json_equal_to_the_calculator(tmp_path, capsys, fmt):
 
 def test_eval_with_reference_set_cosine_and_recall_ks(tmp_path):
     x, y = make_data("clustered", 100, 5, 4, seed=14)
-    paths = {n: save(tmp_path / f"{n}.npy", t, "npy") for n, t in
-             {"q": x[:40], "ql": y[:40], "r": x[40:], "rl": y[40:]}.items()}
+    paths = {
+        n: save(tmp_path / f"{n}.npy", t, "npy")
+        for n, t in {"q": x[:40], "ql": y[:40], "r": x[40:], "rl": y[40:]}.items()
+    }
     out = tmp_path / "acc.json"
-    main(["eval", "--embeddings", paths["q"], "--labels", paths["ql"],
-          "--reference-embeddings", paths["r"], "--reference-labels", paths["rl"],
-          "--recall-ks", "1", "16", "--distance", "cosine", "--exclude", "NMI", "AMI",
-          "--output", str(out)])
+    main(
+        [
+            "eval",
+            "--embeddings",
+            paths["q"],
+            "--labels",
+            paths["ql"],
+            "--reference-embeddings",
+            paths["r"],
+            "--reference-labels",
+            paths["rl"],
+            "--recall-ks",
+            "1",
+            "16",
+            "--distance",
+            "cosine",
+            "--exclude",
+            "NMI",
+            "AMI",
+            "--output",
+            str(out),
+        ]
+    )
     results = json.loads(out.read_text())
     assert {"recall_at_1", "recall_at_16", "num_excluded_queries"} <= set(results)
     assert "recall_at_2" not in results and "AMI" not in results
