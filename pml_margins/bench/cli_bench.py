@@ -198,7 +198,12 @@ def run_bench(args: argparse.Namespace) -> int:
         )
         run = train.train_embedding(model, setup, bench_data.train, cfg)
         emb, labels = train.embed(
-            model, bench_data.test, device=args.device, amp=args.amp, num_workers=args.num_workers
+            model,
+            bench_data.test,
+            device=args.device,
+            amp=args.amp,
+            num_workers=args.num_workers,
+            keep_on_device=True,
         )
         metrics = evaluate.evaluate_retrieval(emb, labels, bench_data.recall_ks)
         entry = {
@@ -264,7 +269,12 @@ def _evaluate_checkpoints(
         model, description = models.build_model(saved["model_config"])
         model.load_state_dict(saved["model_state"])
         emb, labels = train.embed(
-            model, bench_data.test, device=args.device, amp=args.amp, num_workers=args.num_workers
+            model,
+            bench_data.test,
+            device=args.device,
+            amp=args.amp,
+            num_workers=args.num_workers,
+            keep_on_device=True,
         )
         results["losses"].append(
             {

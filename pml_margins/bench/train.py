@@ -208,14 +208,20 @@ def embed(
     device: str = "cpu",
     amp: str | None = None,
     num_workers: int = 0,
+    keep_on_device: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings (float32, on CPU) and labels of ``dataset``, in dataset order, eval mode."""
+    """Embeddings (float32) and labels of ``dataset``, in dataset order, in eval mode.
+
+    Both come back on the CPU, or on ``device`` with ``keep_on_device=True`` (so that
+    the retrieval evaluation runs on the GPU too).
+    """
     dev = resolve_device(device)
     model.to(dev).eval()
     chunks, labels = [], []
     for inputs, targets in _batches(dataset, batch_size, num_workers):
         with autocast(dev, amp):
             out = model(inputs.to(dev, non_blocking=True))
-        chunks.append(out.float().cpu())
+        chunks.append(out.float() if keep_on_device else out.float().cpu())
         labels.append(torch.as_tensor(targets))
-    return torch.cat(chunks), torch.cat(labels)
+    embeddings, all_labels = torch.cat(chunks), torch.cat(labels)
+    return embeddings, all_labels.to(embeddings.device)
