@@ -266,7 +266,8 @@ def _evaluate_checkpoints(
             raise SystemExit(
                 f"{path} was trained on {saved.get('dataset')!r}, not --dataset {bench_data.name}"
             )
-        model, description = models.build_model(saved["model_config"])
+        # the checkpoint holds every weight: no pretrained weights to load first
+        model, description = models.build_model({**saved["model_config"], "weights_path": None})
         model.load_state_dict(saved["model_state"])
         emb, labels = train.embed(
             model,

@@ -7,6 +7,7 @@ are used only when they are already on disk; nothing is ever downloaded.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from typing import Any
@@ -107,50 +108,59 @@ def build_backbone(
     """An image embedder ``name`` (e.g. ``"resnet50"``) and a line saying what was built.
 
     Tries timm, then torchvision; falls back to :class:`ConvEmbedder` with a warning
-    when neither is installed or ``name == "small-cnn"``. Pretrained weights come from
-    ``weights_path`` (a state dict for the backbone) or, for torchvision, the hub
-    cache when the file is already there; otherwise the backbone is randomly
-    initialized. No download is attempted.
+    when neither is installed (``name == "small-cnn"`` asks for it directly).
+    Pretrained weights come from ``weights_path`` (a state dict of the backbone) or,
+    for torchvision, from the torch hub cache when the file is already there;
+    otherwise the backbone is randomly initialized. Nothing is downloaded (timm is
+    always created with ``pretrained=False``).
+
+    Raises:
+        ValueError: timm/torchvision are installed but know no model ``name``.
     """
     if name == "small-cnn":
         return ConvEmbedder(embedding_size), "small-cnn (random init)"
-    backbone: nn.Module | None = None
-    source = ""
-    try:
-        import timm
-
-        if name in timm.list_models():
-            backbone = timm.create_model(name, pretrained=False, num_classes=0)
-            feature_size = int(backbone.num_features)
-            source = "timm"
-    except ImportError:
-        pass
-    if backbone is None:
-        try:
-            from torchvision import models as tv_models
-
-            weights = None if weights_path else _torchvision_weights_on_disk(name)
-            backbone = tv_models.get_model(name, weights=weights)
-            source = "torchvision" + (" (pretrained, hub cache)" if weights else "")
-            feature_size = _strip_classifier(backbone)
-        except ImportError:
-            pass
-        except ValueError as err:  # unknown model name
-            raise ValueError(f"unknown backbone {name!r} for timm/torchvision: {err}") from err
-    if backbone is None:
+    built = _from_timm(name) or _from_torchvision(name, use_cache=weights_path is None)
+    if built is None:
+        if importlib.util.find_spec("timm") or importlib.util.find_spec("torchvision"):
+            raise ValueError(f"unknown backbone {name!r}: neither timm nor torchvision has it")
         warnings.warn(
             f"neither timm nor torchvision is installed (pip install 'pml-margins[vision]'); "
             f"using the small CNN instead of {name!r}",
             stacklevel=2,
         )
         return ConvEmbedder(embedding_size), "small-cnn (no torchvision/timm)"
+    backbone, feature_size, source = built
     if weights_path:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         missing, _ = backbone.load_state_dict(state, strict=False)
         source += f" (weights from {weights_path}; {len(missing)} missing keys)"
     elif "pretrained" not in source:
-        source += " (random init: no local pretrained weights)"
+        source += " (random init: no weights on disk)"
     return BackboneEmbedder(backbone, feature_size, embedding_size), f"{name} via {source}"
+
+
+def _from_timm(name: str) -> tuple[nn.Module, int, str] | None:
+    try:
+        import timm
+    except ImportError:
+        return None
+    if name not in timm.list_models():
+        return None
+    backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    return backbone, int(backbone.num_features), "timm"
+
+
+def _from_torchvision(name: str, use_cache: bool) -> tuple[nn.Module, int, str] | None:
+    try:
+        from torchvision import models as tv_models
+    except ImportError:
+        return None
+    if name not in tv_models.list_models():
+        return None
+    weights = _torchvision_weights_on_disk(name) if use_cache else None
+    backbone = tv_models.get_model(name, weights=weights)
+    source = "torchvision" + (" (pretrained, from the hub cache)" if weights else "")
+    return backbone, _strip_classifier(backbone), source
 
 
 def _strip_classifier(model: nn.Module) -> int:

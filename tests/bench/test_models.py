@@ -53,3 +53,72 @@ def test_strip_classifier_replaces_the_last_linear() -> None:
     assert models._strip_classifier(seq) == 5
     with pytest.raises(ValueError, match="classifier"):
         models._strip_classifier(nn.Module())
+
+
+def _fake_torchvision(monkeypatch: pytest.MonkeyPatch, tmp_path, cached: bool) -> list:
+    """A stand-in ``torchvision.models`` recording the ``weights`` it is asked for."""
+    import sys
+    import types
+
+    calls: list = []
+
+    class Weights:
+        url = "https://download.example/resnet_fake-1234.pth"
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Flatten()
+            self.fc = nn.Linear(12, 1000)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.body(x))
+
+    def get_model(name: str, weights: object = None) -> nn.Module:
+        calls.append(weights)
+        return Net()
+
+    tv_models = types.SimpleNamespace(
+        list_models=lambda: ["resnet_fake"],
+        get_model=get_model,
+        get_model_weights=lambda name: types.SimpleNamespace(DEFAULT=Weights),
+    )
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=tv_models))
+    monkeypatch.setitem(sys.modules, "torchvision.models", tv_models)
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    if cached:
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "resnet_fake-1234.pth").write_bytes(b"")
+    return calls
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_torchvision_pretrained_only_from_the_local_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, cached: bool
+) -> None:
+    calls = _fake_torchvision(monkeypatch, tmp_path, cached)
+    model, description = models.build_backbone("resnet_fake", 5)
+    assert isinstance(model, models.BackboneEmbedder)
+    assert model(torch.rand(2, 3, 2, 2)).shape == (2, 5)  # classifier replaced by the head
+    assert (calls[0] is not None) == cached  # weights requested only when on disk
+    assert ("pretrained" in description) == cached
+    assert ("random init" in description) == (not cached)
+
+
+def test_local_weights_file_is_loaded(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    calls = _fake_torchvision(monkeypatch, tmp_path, cached=True)
+    state = {"fc.weight": torch.zeros(1000, 12), "fc.bias": torch.zeros(1000)}
+    torch.save(state, tmp_path / "w.pt")
+    _, description = models.build_backbone("resnet_fake", 5, weights_path=str(tmp_path / "w.pt"))
+    assert calls == [None]  # the cache is not consulted when a file is given
+    assert "weights from" in description
+
+
+def test_unknown_backbone_with_torchvision_installed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    _fake_torchvision(monkeypatch, tmp_path, cached=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: name == "torchvision")
+    with pytest.raises(ValueError, match="unknown backbone 'vit_nope'"):
+        models.build_backbone("vit_nope", 5)
