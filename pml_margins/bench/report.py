@@ -91,7 +91,10 @@ def write_json(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
 
 def plot_recall(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Recall@K against K (log scale), one line per loss, saved as a PNG."""
+    """Recall@K against K (log scale), one line per loss, saved as a PNG.
+
+    The raw-pixel baseline (entry ``name == "pixels"``) is drawn dashed grey.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +110,8 @@ def plot_recall(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
             if v is not None and not math.isnan(v)
         ]
         if points:
-            ax.plot(*zip(*points, strict=True), marker="o", label=entry["label"])
+            style = {"ls": "--", "color": "0.4"} if entry.get("name") == "pixels" else {}
+            ax.plot(*zip(*points, strict=True), marker="o", label=entry["label"], **style)
     ax.set_xscale("log", base=2 if ks[-1] <= 64 else 10)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K")
