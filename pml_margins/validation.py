@@ -14,12 +14,15 @@ from numbers import Real
 import torch
 
 __all__ = [
+    "check_choice",
     "check_class_labels",
     "check_embeddings",
+    "check_in_interval",
     "check_indices_tuple",
     "check_labels",
     "check_non_negative",
     "check_positive",
+    "check_reference",
 ]
 
 
@@ -50,7 +53,11 @@ def check_embeddings(
         raise ValueError(f"{name} is empty: the batch has no rows")
     if width is not None and embeddings.shape[1] != width:
         raise ValueError(f"{name} has width {embeddings.shape[1]} but {width_name} is {width}")
-    if not bool(torch.isfinite(embeddings).all()):
+    # A finite sum implies finite elements (NaN/Inf propagate); only a non-finite sum,
+    # which may also be an overflow of finite values, needs the element-wise check.
+    if not bool(torch.isfinite(embeddings.detach().sum())) and not bool(
+        torch.isfinite(embeddings).all()
+    ):
         raise ValueError(f"{name} contains NaN or Inf values")
     return embeddings
 
@@ -130,11 +137,13 @@ def check_indices_tuple(
         if idx.ndim != 1:
             raise ValueError(f"indices_tuple[{role}] must be 1-D, got shape {tuple(idx.shape)}")
         bound = batch_size if role.startswith("a") else ref_size
-        if idx.numel() > 0 and (int(idx.min()) < 0 or int(idx.max()) >= bound):
-            raise ValueError(
-                f"indices_tuple[{role}] has indices in [{int(idx.min())}, {int(idx.max())}] "
-                f"but must lie in [0, {bound})"
-            )
+        if idx.numel() > 0:
+            lo, hi = (int(v) for v in torch.aminmax(idx))
+            if lo < 0 or hi >= bound:
+                raise ValueError(
+                    f"indices_tuple[{role}] has indices in [{lo}, {hi}] "
+                    f"but must lie in [0, {bound})"
+                )
     groups = [indices_tuple] if len(indices_tuple) == 3 else [indices_tuple[:2], indices_tuple[2:]]
     for group in groups:
         if len({int(t.numel()) for t in group}) != 1:
@@ -143,6 +152,86 @@ def check_indices_tuple(
                 f"{[int(t.numel()) for t in group]}"
             )
     return tuple(indices_tuple)
+
+
+def check_reference(
+    ref_emb: object,
+    ref_labels: object,
+    width: int,
+    labels_required: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Check the reference set of a pair-based loss (``ref_emb``, ``ref_labels``).
+
+    ``ref_emb`` must be ``(R, width)`` like :func:`check_embeddings`; ``ref_labels``,
+    when given, a 1-D integer tensor of length ``R``. ``ref_labels`` without
+    ``ref_emb`` is an error, and so is ``ref_emb`` without ``ref_labels`` when the
+    pairs have to be formed from labels (``labels_required``).
+
+    Raises:
+        TypeError / ValueError: as :func:`check_embeddings` and :func:`check_labels`,
+        and ``ValueError`` for the missing halves described above.
+    """
+    if ref_emb is None:
+        if ref_labels is not None:
+            raise ValueError("ref_labels was given without ref_emb")
+        return None, None
+    ref_emb = check_embeddings(ref_emb, name="ref_emb")
+    if ref_emb.shape[1] != width:
+        raise ValueError(
+            f"ref_emb has width {ref_emb.shape[1]} but the embeddings have width {width}"
+        )
+    if ref_labels is None:
+        if labels_required:
+            raise ValueError(
+                "ref_emb was given without ref_labels: pass ref_labels, or an indices_tuple "
+                "whose positives/negatives index ref_emb"
+            )
+        return ref_emb, None
+    if not isinstance(ref_labels, torch.Tensor):
+        raise TypeError(f"ref_labels must be a torch.Tensor, got {type(ref_labels).__name__}")
+    if ref_labels.ndim == 1 and ref_labels.shape[0] != ref_emb.shape[0]:
+        raise ValueError(
+            f"ref_labels has length {ref_labels.shape[0]} but ref_emb has {ref_emb.shape[0]} rows"
+        )
+    return ref_emb, check_labels(ref_labels, ref_emb.shape[0], name="ref_labels")
+
+
+def check_in_interval(
+    value: object,
+    name: str,
+    low: float,
+    high: float,
+    *,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """Return ``value`` as a float after checking it lies in the given interval.
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: NaN/Inf, or outside the interval (the message shows it).
+    """
+    value = _check_real(value, name)
+    above = value >= low if low_inclusive else value > low
+    below = value <= high if high_inclusive else value < high
+    if not (above and below):
+        lb, hb = ("[" if low_inclusive else "("), ("]" if high_inclusive else ")")
+        raise ValueError(f"{name} must lie in {lb}{low}, {high}{hb}, got {value}")
+    return value
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    """Return ``value`` after checking it is one of the strings ``choices``.
+
+    Raises:
+        TypeError: not a string.
+        ValueError: not one of ``choices``.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
 def check_positive(value: object, name: str) -> float:

@@ -1,5 +1,20 @@
 """Pure functions: the margin-softmax core, target-logit functions, hyper-parameter bounds."""
 
+from pml_margins.functional.center import center_distances, center_ema_update
+from pml_margins.functional.circle import (
+    circle_loss_dense,
+    circle_loss_dense_negatives,
+    circle_loss_pairs,
+    circle_loss_whole,
+    circle_negative_logits,
+    circle_positive_logits,
+    segment_logsumexp,
+)
+from pml_margins.functional.fused_margin_softmax import (
+    auto_chunk_size,
+    fused_margin_softmax_cross_entropy,
+    sample_classes,
+)
 from pml_margins.functional.hyperparameters import (
     cosface_margin_upper_bound,
     cosface_scale_lower_bound,
@@ -21,13 +36,25 @@ from pml_margins.functional.target_logits import (
 __all__ = [
     "TargetLogitFn",
     "arcface_target",
+    "auto_chunk_size",
+    "center_distances",
+    "center_ema_update",
+    "circle_loss_dense",
+    "circle_loss_dense_negatives",
+    "circle_loss_pairs",
+    "circle_loss_whole",
+    "circle_negative_logits",
+    "circle_positive_logits",
     "combined_margin_target",
     "compute_dtype",
     "cos_multiple_angle",
     "cosface_margin_upper_bound",
     "cosface_scale_lower_bound",
     "cosface_target",
+    "fused_margin_softmax_cross_entropy",
     "margin_softmax_cross_entropy",
     "safe_sine",
+    "sample_classes",
+    "segment_logsumexp",
     "sphereface_psi",
 ]

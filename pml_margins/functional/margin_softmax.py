@@ -33,6 +33,7 @@ def margin_softmax_cross_entropy(
     labels: torch.Tensor,
     target_logit_fn: TargetLogitFn | None,
     scale: float | torch.Tensor = 1.0,
+    non_target_logit_fn: TargetLogitFn | None = None,
 ) -> torch.Tensor:
     r"""Per-sample cross-entropy with a modified target logit.
 
@@ -44,6 +45,10 @@ def margin_softmax_cross_entropy(
         target_logit_fn: :math:`\psi`, applied to the ``B`` target logits only; ``None``
             for the identity.
         scale: :math:`s`, a float or a tensor of ``B`` per-sample scales.
+        non_target_logit_fn: applied element-wise to all base logits before scaling
+            (``None``: identity); the target entries are then overwritten with
+            ``target_logit_fn`` of their *base* logit. Circle loss's class-level form
+            uses it, whose non-target logits are not the cosines themselves.
 
     Returns:
         The ``B`` per-sample losses, in ``compute_dtype(logits.dtype)``.
@@ -57,7 +62,7 @@ def margin_softmax_cross_entropy(
         if isinstance(scale, torch.Tensor):
             scale = scale.to(dtype).reshape(-1, 1)
         index = labels.long().unsqueeze(1)
-        scaled = logits * scale
+        scaled = (logits if non_target_logit_fn is None else non_target_logit_fn(logits)) * scale
         if target_logit_fn is not None:
             target = target_logit_fn(logits.gather(1, index))
             scaled = scaled.scatter(1, index, target * scale)

@@ -64,5 +64,8 @@ class SoftmaxLoss(ClassWeightLoss):
             logits = logits + self.bias.to(logits.dtype)
         return logits, 1.0
 
+    def logit_scale(self, embeddings: torch.Tensor) -> float:
+        return 1.0
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bias={self.use_bias}"

@@ -82,9 +82,13 @@ class SphereFaceLoss(ClassWeightLoss):
 
     def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
         cosine = self.cosine(embeddings)
+        return cosine, self.logit_scale(embeddings.to(cosine.dtype))
+
+    def logit_scale(self, embeddings: torch.Tensor) -> float | torch.Tensor:
+        """The fixed ``scale``, or the feature norms ``||x_i||`` when it is ``None``."""
         if self.scale is not None:
-            return cosine, self.scale
-        return cosine, torch.linalg.vector_norm(embeddings.to(cosine.dtype), dim=1)
+            return self.scale
+        return torch.linalg.vector_norm(embeddings, dim=1)
 
     def target_logit_fn(self) -> TargetLogitFn:
         margin, lam = self.margin, self.lambda_

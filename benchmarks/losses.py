@@ -1,0 +1,231 @@
+"""Speed and memory of our class-weight losses against PML's and the matrix-product floor.
+
+For ArcFace, CosFace, SphereFace and NSL at each (B, D, C), times one forward +
+backward of
+
+* ``ours``: pml_margins' loss, default mode (one saved (B, C) buffer),
+* ``ours-bounded``: the same with ``chunk_size="auto"`` (no (B, C) tensor),
+* ``pml``: pytorch-metric-learning's loss with the same hyper-parameters,
+* ``floor``: the three matrix products of that size (x W, G W^T, x^T G),
+
+interleaved (A B C A B C ...) so that a noisy, shared machine slows all alike,
+and reports medians. Peak activation memory of one step is measured with
+``torch.profiler(profile_memory=True)`` on CPU or ``torch.cuda.max_memory_allocated``
+on CUDA; W's gradient (D x C) is subtracted, so the column reads "memory beyond
+W and its gradient".
+
+Usage::
+
+    python3 benchmarks/losses.py                      # full CPU run (slow: minutes)
+    python3 benchmarks/losses.py --quick              # small sizes, smoke test
+    python3 benchmarks/losses.py --device cuda --dtype bf16
+    python3 benchmarks/losses.py --sizes 512x512x100000 --losses arcface --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytorch_metric_learning.losses as pml
+
+import pml_margins.losses as ours
+
+FULL_SIZES = [(256, 512, 10_000), (512, 512, 100_000), (512, 512, 1_000_000)]
+QUICK_SIZES = [(64, 64, 2_000), (128, 64, 20_000), (128, 64, 100_000)]
+#: default mode and PML only up to this many classes (bounded mode beyond)
+DEFAULT_MAX_CLASSES = 100_000
+LOSSES = ("arcface", "cosface", "sphereface", "nsl")
+
+
+def make_loss(name: str, impl: str, num_classes: int, dim: int) -> torch.nn.Module:
+    """Same hyper-parameters on both sides (PML's ArcFace margin is in degrees)."""
+    if impl == "pml":
+        return {
+            "arcface": lambda: pml.ArcFaceLoss(
+                num_classes, dim, margin=math.degrees(0.5), scale=64
+            ),
+            "cosface": lambda: pml.CosFaceLoss(num_classes, dim, margin=0.35, scale=64),
+            "sphereface": lambda: pml.SphereFaceLoss(num_classes, dim, margin=4, scale=1),
+            "nsl": lambda: pml.NormalizedSoftmaxLoss(num_classes, dim, temperature=1 / 30),
+        }[name]()
+    kwargs = {"chunk_size": "auto"} if impl == "ours-bounded" else {}
+    return {
+        "arcface": lambda: ours.ArcFaceLoss(num_classes, dim, margin=0.5, scale=64.0, **kwargs),
+        "cosface": lambda: ours.CosFaceLoss(num_classes, dim, margin=0.35, scale=64.0, **kwargs),
+        "sphereface": lambda: ours.SphereFaceLoss(num_classes, dim, margin=4, **kwargs),
+        "nsl": lambda: ours.NormSoftmaxLoss(num_classes, dim, scale=30.0, **kwargs),
+    }[name]()
+
+
+def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Case:
+    """One thing to time: a loss implementation or the floor, with its inputs."""
+
+    def __init__(self, impl: str, loss: str, size: tuple[int, int, int], args) -> None:
+        batch, dim, num_classes = size
+        self.impl, self.loss_name, self.device, self.dtype = impl, loss, args.device, args.dtype
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(batch, dim, generator=gen).to(args.device).requires_grad_(True)
+        self.labels = torch.randint(0, num_classes, (batch,), generator=gen).to(args.device)
+        if impl == "floor":
+            self.w = torch.randn(dim, num_classes, generator=gen).to(args.device)
+            self.loss = None
+        else:
+            torch.manual_seed(0)
+            self.loss = make_loss(loss, impl, num_classes, dim).to(args.device)
+            self.w = self.loss.W
+
+    def step(self) -> None:
+        with autocast(self.device, self.dtype):
+            if self.loss is None:  # the floor: forward product and both gradients
+                logits = self.x.detach() @ self.w
+                _ = logits @ self.w.t()
+                _ = self.x.detach().t() @ logits
+                del logits
+            else:
+                self.loss(self.x, self.labels).backward()
+        if self.loss is not None:
+            self.loss.W.grad = None
+            self.x.grad = None
+        sync(self.device)
+
+    def time(self) -> float:
+        start = time.perf_counter()
+        self.step()
+        return time.perf_counter() - start
+
+
+def measure_memory(impl: str, loss: str, size: tuple[int, int, int], args) -> float:
+    """Peak activation memory (bytes) of one step, beyond W and its gradient.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: ``torch.profiler`` with
+    ``profile_memory=True``: the running sum of its allocation/free records, in
+    time order, gives the peak of live tensor bytes (independent of the
+    allocator's caching, unlike RSS).
+    """
+    if impl == "floor":
+        return float("nan")
+    case = Case(impl, loss, size, args)
+    case.step()  # warm-up
+    grad_bytes = case.w.numel() * case.w.element_size()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        case.step()
+        return torch.cuda.max_memory_allocated() - base - grad_bytes
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        case.step()
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        current += record.nbytes()
+        peak = max(peak, current)
+    return peak - grad_bytes
+
+
+def run(args) -> list[dict]:
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    if args.sizes:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    rows = []
+    for size in sizes:
+        big = size[2] > args.default_max_classes
+        impls = ["ours-bounded"] if big else ["ours", "ours-bounded", "pml"]
+        if big and args.pml_large:
+            impls.append("pml")
+        cases = {("floor", "-"): Case("floor", "-", size, args)}
+        for loss in args.losses.split(","):
+            for impl in impls:
+                cases[(impl, loss)] = Case(impl, loss, size, args)
+        for case in cases.values():  # warm-up
+            case.step()
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
+        for _ in range(args.repeats):  # interleaved: A B C A B C ...
+            for key, case in cases.items():
+                times[key].append(case.time())
+        del cases
+        floor = statistics.median(times[("floor", "-")])
+        for (impl, loss), values in times.items():
+            row = {
+                "size": "x".join(map(str, size)),
+                "loss": loss,
+                "impl": impl,
+                "ms": 1e3 * statistics.median(values),
+                "floor_ms": 1e3 * floor,
+                "mem_MB": float("nan"),
+            }
+            if not args.no_memory:
+                row["mem_MB"] = measure_memory(impl, loss, size, args) / 2**20
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def print_table(rows: list[dict], args) -> None:
+    print(
+        f"device={args.device} dtype={args.dtype} torch={torch.__version__} "
+        f"threads={torch.get_num_threads()} repeats={args.repeats} (medians, interleaved)"
+    )
+    header = (
+        f"{'B x D x C':>16} {'loss':>10} {'impl':>12} {'ms':>9} {'x floor':>8} "
+        f"{'PML/ours':>8} {'act MB':>9} {'mem/PML':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    by_key = {(r["size"], r["loss"], r["impl"]): r for r in rows}
+    for r in rows:
+        pml_row = by_key.get((r["size"], r["loss"], "pml"))
+        speedup = pml_row["ms"] / r["ms"] if pml_row and r["impl"] != "pml" else float("nan")
+        mem_ratio = (
+            r["mem_MB"] / pml_row["mem_MB"] if pml_row and r["impl"] != "pml" else float("nan")
+        )
+        print(
+            f"{r['size']:>16} {r['loss']:>10} {r['impl']:>12} {r['ms']:9.1f} "
+            f"{r['ms'] / r['floor_ms']:8.2f} {speedup:8.2f} {r['mem_MB']:9.1f} {mem_ratio:8.3f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--sizes", default="", help="comma-separated BxDxC, e.g. 256x512x10000")
+    parser.add_argument("--losses", default=",".join(LOSSES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--default-max-classes", type=int, default=DEFAULT_MAX_CLASSES)
+    parser.add_argument("--pml-large", action="store_true", help="also run PML above that")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print_table(run(args), args)
+
+
+if __name__ == "__main__":
+    main()

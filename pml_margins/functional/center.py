@@ -1,0 +1,67 @@
+r"""Center loss (Wen et al., ECCV 2016) as pure functions.
+
+.. math::
+    L_C = \frac12 \sum_{i=1}^{B} \lVert x_i - c_{y_i} \rVert_2^2
+
+and the paper's center update (its Eq. 4 and Algorithm 1):
+
+.. math::
+    \Delta c_j = \frac{\sum_{i} \delta(y_i = j)\,(c_j - x_i)}{1 + \sum_i \delta(y_i = j)},
+    \qquad c_j \leftarrow c_j - \alpha\,\Delta c_j
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pml_margins.functional.margin_softmax import compute_dtype
+
+__all__ = ["center_distances", "center_ema_update"]
+
+
+def center_distances(
+    embeddings: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    r"""Per-sample :math:`\tfrac12\lVert x_i - c_{y_i}\rVert^2`.
+
+    Args:
+        embeddings: ``(B, D)`` features :math:`x_i`.
+        centers: ``(C, D)`` class centers.
+        labels: ``(B,)`` integer labels in ``[0, C)``.
+
+    Returns:
+        ``(B,)`` losses in ``compute_dtype`` of the promoted input dtype; their sum is
+        the paper's :math:`L_C`. Gradients flow to ``embeddings`` and to ``centers``
+        (only the gathered rows).
+    """
+    dtype = compute_dtype(torch.promote_types(embeddings.dtype, centers.dtype))
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        diff = embeddings.to(dtype) - centers.to(dtype).index_select(0, labels.long())
+        return 0.5 * diff.pow(2).sum(dim=1)
+
+
+def center_ema_update(
+    centers: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    r"""The paper's center update on one mini-batch; returns the new centers.
+
+    Args:
+        centers: ``(C, D)`` current centers :math:`c_j`.
+        embeddings: ``(B, D)`` features of the batch (used as constants).
+        labels: ``(B,)`` integer labels in ``[0, C)``.
+        alpha: the centers' learning rate :math:`\alpha \in (0, 1]`.
+
+    Returns:
+        ``(C, D)`` centers, in ``centers.dtype``, :math:`c_j - \alpha\Delta c_j`. Classes
+        absent from the batch (:math:`n_j = 0`) are unchanged. Pure: ``centers`` is not
+        modified, and nothing is differentiated (the inputs are detached).
+    """
+    c = centers.detach()
+    dtype = compute_dtype(c.dtype)
+    with torch.autocast(device_type=c.device.type, enabled=False):
+        c32 = c.to(dtype)
+        idx = labels.long()
+        sums = torch.zeros_like(c32).index_add(0, idx, embeddings.detach().to(dtype))
+        counts = torch.bincount(idx, minlength=c.shape[0]).to(dtype).unsqueeze(1)
+        delta = (counts * c32 - sums) / (1 + counts)
+        return (c32 - alpha * delta).to(c.dtype)

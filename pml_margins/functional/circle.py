@@ -1,0 +1,303 @@
+r"""Circle loss (Sun et al., CVPR 2020, arXiv:2002.10857) as pure functions.
+
+For one anchor with positive similarities :math:`s_p^i` and negative
+similarities :math:`s_n^j`:
+
+.. math::
+    L = \log\Big(1 + \sum_j e^{\gamma\alpha_n^j (s_n^j - \Delta_n)}
+                     \sum_i e^{-\gamma\alpha_p^i (s_p^i - \Delta_p)}\Big)
+      = \operatorname{softplus}\big(\operatorname{LSE}_j\,\ell_n^j
+                                     + \operatorname{LSE}_i\,\ell_p^i\big)
+
+with :math:`\alpha_p = [O_p - s_p]_+`, :math:`\alpha_n = [s_n - O_n]_+` treated
+as constants (detached, as in the paper), :math:`O_p = 1+m`, :math:`O_n = -m`,
+:math:`\Delta_p = 1-m`, :math:`\Delta_n = m`. :math:`\ell_p` and :math:`\ell_n`
+are the *pair logits* below. Every reduction is a log-sum-exp followed by a
+softplus, evaluated in at least float32 with autocast disabled, so nothing
+overflows at :math:`\gamma = 256` or far beyond. A set with no positive or no
+negative pair contributes exactly 0 with zero (not NaN) gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from pml_margins.functional.margin_softmax import compute_dtype
+
+__all__ = [
+    "circle_loss_dense",
+    "circle_loss_dense_negatives",
+    "circle_loss_pairs",
+    "circle_loss_whole",
+    "circle_negative_logits",
+    "circle_positive_logits",
+    "segment_logsumexp",
+]
+
+
+def circle_positive_logits(s_p: torch.Tensor, m: float, gamma: float) -> torch.Tensor:
+    r""":math:`\ell_p = -\gamma\,[O_p - s_p]_+\,(s_p - \Delta_p)`, :math:`\alpha_p` detached."""
+    alpha = torch.relu((1 + m) - s_p.detach())
+    return -gamma * alpha * (s_p - (1 - m))
+
+
+def circle_negative_logits(s_n: torch.Tensor, m: float, gamma: float) -> torch.Tensor:
+    r""":math:`\ell_n = \gamma\,[s_n - O_n]_+\,(s_n - \Delta_n)`, :math:`\alpha_n` detached."""
+    alpha = torch.relu(s_n.detach() + m)
+    return gamma * alpha * (s_n - m)
+
+
+def segment_logsumexp(
+    values: torch.Tensor, segments: torch.Tensor, num_segments: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Log-sum-exp of ``values`` grouped by ``segments`` (any order, duplicates allowed).
+
+    Args:
+        values: 1-D floating tensor.
+        segments: 1-D integer tensor of the same length, in ``[0, num_segments)``.
+        num_segments: number of output segments.
+
+    Returns:
+        ``(lse, present)``: ``lse[k] = log sum_{i: segments_i = k} exp(values_i)`` (0 for
+        an empty segment, with zero gradient) and the boolean mask of non-empty segments.
+
+    The per-segment maximum (a scatter ``amax``, detached) is subtracted before
+    the exponential, so the result is exact for any magnitude of ``values``.
+    """
+    shift = torch.full((num_segments,), float("-inf"), dtype=values.dtype, device=values.device)
+    shift = shift.scatter_reduce(0, segments, values.detach(), reduce="amax")
+    present = torch.isfinite(shift)
+    shift = torch.where(present, shift, torch.zeros_like(shift))
+    exps = torch.exp(values - shift[segments])
+    sums = torch.zeros_like(shift).index_add(0, segments, exps)
+    sums = torch.where(present, sums, torch.ones_like(sums))
+    return torch.log(sums) + shift, present
+
+
+class _DenseCircle(torch.autograd.Function):
+    r"""Per-row Circle loss on a dense matrix with a hand-written backward.
+
+    Forward: :math:`v = 1 - s` (positives) or :math:`s` (negatives), so that both
+    pair kinds read :math:`\ell = \gamma[v + m]_+(v - m)` (one pass for both);
+    then a row-wise log-sum-exp per kind and a softplus. Backward uses the
+    detached :math:`\alpha` (:math:`\partial\ell/\partial v = \gamma[v + m]_+`) and
+    the normalized exponentials saved by the forward: a few passes over the
+    matrix instead of autograd's replay of every element-wise op.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        sim: torch.Tensor,
+        pos_mask: torch.Tensor,
+        neg_mask: torch.Tensor,
+        m: float,
+        gamma: float,
+    ) -> torch.Tensor:
+        v = torch.where(pos_mask, 1 - sim, sim)
+        slope = torch.relu(v + m).mul_(gamma)  # gamma * alpha = d l / d v
+        logits = v.sub_(m).mul_(slope)
+        saved, lses = [], []
+        for mask in (pos_mask, neg_mask):
+            masked = torch.where(mask, logits, float("-inf"))
+            shift = masked.amax(dim=1)
+            present = torch.isfinite(shift)
+            shift = torch.where(present, shift, 0.0)
+            exp = masked.sub_(shift.unsqueeze(1)).exp_()
+            total = torch.where(present, exp.sum(dim=1), 1.0)
+            saved += [exp, total]
+            lses.append((torch.log(total) + shift, present))
+        (lse_p, has_p), (lse_n, has_n) = lses
+        valid = has_p & has_n
+        z = lse_p + lse_n
+        ctx.save_for_backward(pos_mask, slope, *saved, z, valid)
+        return torch.where(valid, F.softplus(z), 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        pos_mask, slope, exp_p, sum_p, exp_n, sum_n, z, valid = ctx.saved_tensors
+        row = torch.where(valid, grad * torch.sigmoid(z), 0.0)
+        grad_l = exp_p * (row / sum_p).unsqueeze(1)
+        grad_l.addcmul_(exp_n, (row / sum_n).unsqueeze(1))
+        grad_v = grad_l.mul_(slope)
+        grad_sim = torch.where(pos_mask, -grad_v, grad_v)
+        return grad_sim, None, None, None, None
+
+
+def circle_loss_dense(
+    sim: torch.Tensor,
+    pos_mask: torch.Tensor,
+    neg_mask: torch.Tensor,
+    m: float,
+    gamma: float,
+) -> torch.Tensor:
+    r"""Per-anchor Circle loss on a dense similarity matrix.
+
+    Args:
+        sim: ``(B, R)`` cosine similarities, row ``a`` holding anchor ``a``'s pairs.
+        pos_mask: ``(B, R)`` bool, the positive pairs.
+        neg_mask: ``(B, R)`` bool, the negative pairs (disjoint from ``pos_mask``).
+        m: relaxation margin.
+        gamma: scale.
+
+    Returns:
+        ``(B,)`` losses in ``compute_dtype(sim.dtype)``: :math:`\operatorname{softplus}
+        (\operatorname{LSE}\ell_n + \operatorname{LSE}\ell_p)` per row, 0 where the row
+        has no positive or no negative.
+    """
+    with torch.autocast(device_type=sim.device.type, enabled=False):
+        sim = sim.to(compute_dtype(sim.dtype))
+        return _DenseCircle.apply(sim, pos_mask, neg_mask, float(m), float(gamma))
+
+
+class _DenseNegativesCircle(torch.autograd.Function):
+    r"""Per-row Circle loss with dense negatives and a list of positive pairs.
+
+    The usual shape of a metric-learning batch: few positives per anchor, nearly
+    all other pairs negative. Negatives are reduced on the matrix (mask, one
+    log-sum-exp per row), positives gathered and reduced per row with scatter
+    ``amax``/``index_add``; the backward is hand-written as in :class:`_DenseCircle`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        sim: torch.Tensor,
+        neg_mask: torch.Tensor,
+        pos_keys: torch.Tensor,
+        m: float,
+        gamma: float,
+    ) -> torch.Tensor:
+        batch, ref_size = sim.shape
+        rows = torch.div(pos_keys, ref_size, rounding_mode="floor")
+        s_p = sim.reshape(-1).index_select(0, pos_keys)
+        slope_p = torch.relu((1 + m) - s_p).mul_(gamma)  # -d l_p / d s_p
+        l_p = (1 - m) - s_p
+        l_p.mul_(slope_p)
+        shift_p = sim.new_full((batch,), float("-inf")).scatter_reduce_(0, rows, l_p, "amax")
+        has_p = torch.isfinite(shift_p)
+        shift_p = torch.where(has_p, shift_p, 0.0)
+        exp_p = l_p.sub_(shift_p.index_select(0, rows)).exp_()
+        sum_p = torch.where(has_p, sim.new_zeros(batch).index_add_(0, rows, exp_p), 1.0)
+
+        slope_n = torch.relu(sim + m).mul_(gamma)  # d l_n / d s_n
+        masked = torch.where(neg_mask, (sim - m).mul_(slope_n), float("-inf"))
+        shift_n = masked.amax(dim=1)
+        has_n = torch.isfinite(shift_n)
+        shift_n = torch.where(has_n, shift_n, 0.0)
+        exp_n = masked.sub_(shift_n.unsqueeze(1)).exp_()
+        sum_n = torch.where(has_n, exp_n.sum(dim=1), 1.0)
+
+        valid = has_p & has_n
+        z = torch.log(sum_p) + shift_p + torch.log(sum_n) + shift_n
+        ctx.save_for_backward(
+            pos_keys, rows, slope_p, exp_p, sum_p, slope_n, exp_n, sum_n, z, valid
+        )
+        return torch.where(valid, F.softplus(z), 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        pos_keys, rows, slope_p, exp_p, sum_p, slope_n, exp_n, sum_n, z, valid = ctx.saved_tensors
+        row = torch.where(valid, grad * torch.sigmoid(z), 0.0)
+        grad_sim = exp_n * (row / sum_n).unsqueeze(1)
+        grad_sim.mul_(slope_n)
+        grad_p = exp_p * (row / sum_p).index_select(0, rows)
+        grad_sim.view(-1).index_add_(0, pos_keys, grad_p.mul_(slope_p).neg_())
+        return grad_sim, None, None, None, None
+
+
+def circle_loss_dense_negatives(
+    sim: torch.Tensor,
+    neg_mask: torch.Tensor,
+    pos_keys: torch.Tensor,
+    m: float,
+    gamma: float,
+) -> torch.Tensor:
+    r"""Per-anchor Circle loss with negatives on the matrix and positives as a list.
+
+    Args:
+        sim: ``(B, R)`` cosine similarities.
+        neg_mask: ``(B, R)`` bool, the negative pairs.
+        pos_keys: 1-D flat indices ``a * R + r`` of the positive pairs (deduplicated,
+            disjoint from ``neg_mask``).
+        m: relaxation margin.
+        gamma: scale.
+
+    Returns:
+        ``(B,)`` losses as :func:`circle_loss_dense`, which it equals.
+    """
+    with torch.autocast(device_type=sim.device.type, enabled=False):
+        sim = sim.to(compute_dtype(sim.dtype)).contiguous()
+        return _DenseNegativesCircle.apply(sim, neg_mask, pos_keys.long(), float(m), float(gamma))
+
+
+def circle_loss_pairs(
+    s_p: torch.Tensor,
+    pos_anchors: torch.Tensor,
+    s_n: torch.Tensor,
+    neg_anchors: torch.Tensor,
+    num_anchors: int,
+    m: float,
+    gamma: float,
+) -> torch.Tensor:
+    r"""Per-anchor Circle loss from lists of pair similarities.
+
+    Args:
+        s_p: 1-D similarities of the positive pairs.
+        pos_anchors: anchor index of each positive pair, in ``[0, num_anchors)``.
+        s_n: 1-D similarities of the negative pairs.
+        neg_anchors: anchor index of each negative pair.
+        num_anchors: number of anchors ``B`` (length of the output).
+        m: relaxation margin.
+        gamma: scale.
+
+    Returns:
+        ``(B,)`` losses, 0 (zero gradient) for anchors without a positive or without
+        a negative pair. Every listed pair counts, duplicates included: deduplicate
+        first to follow PML's set semantics.
+    """
+    dtype = compute_dtype(torch.promote_types(s_p.dtype, s_n.dtype))
+    with torch.autocast(device_type=s_p.device.type, enabled=False):
+        lse_p, has_p = segment_logsumexp(
+            circle_positive_logits(s_p.to(dtype), m, gamma), pos_anchors, num_anchors
+        )
+        lse_n, has_n = segment_logsumexp(
+            circle_negative_logits(s_n.to(dtype), m, gamma), neg_anchors, num_anchors
+        )
+        valid = has_p & has_n
+        return torch.where(valid, F.softplus(lse_p + lse_n), torch.zeros_like(lse_p))
+
+
+def circle_loss_whole(s_p: torch.Tensor, s_n: torch.Tensor, m: float, gamma: float) -> torch.Tensor:
+    r"""Whole-set Circle loss: one log-sum over all positive and all negative pairs.
+
+    .. math::
+        L = \operatorname{softplus}\big(\operatorname{LSE}_{j\in\mathcal N}\ell_n^j
+                                       + \operatorname{LSE}_{i\in\mathcal P}\ell_p^i\big)
+
+    This is the paper's Eq. 4 applied to the whole batch, as in the seed
+    implementation (which takes each unordered pair of the batch once).
+
+    Args:
+        s_p: similarities of all positive pairs (any shape).
+        s_n: similarities of all negative pairs (any shape).
+        m: relaxation margin.
+        gamma: scale.
+
+    Returns:
+        A 0-dim tensor; 0 with zero gradients when either set is empty.
+    """
+    dtype = compute_dtype(torch.promote_types(s_p.dtype, s_n.dtype))
+    with torch.autocast(device_type=s_p.device.type, enabled=False):
+        s_p, s_n = s_p.to(dtype).reshape(-1), s_n.to(dtype).reshape(-1)
+        if s_p.numel() == 0 or s_n.numel() == 0:
+            return (s_p.sum() + s_n.sum()) * 0
+        lse_p = torch.logsumexp(circle_positive_logits(s_p, m, gamma), dim=0)
+        lse_n = torch.logsumexp(circle_negative_logits(s_n, m, gamma), dim=0)
+        return F.softplus(lse_p + lse_n)

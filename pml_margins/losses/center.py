@@ -1,0 +1,165 @@
+r"""Center loss: pull each embedding towards a learned center of its class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+from pml_margins.functional.center import center_distances, center_ema_update
+from pml_margins.losses.class_weight_loss import check_count
+from pml_margins.losses.hyperparameter import Hyperparameter
+from pml_margins.validation import (
+    check_choice,
+    check_class_labels,
+    check_embeddings,
+    check_in_interval,
+    check_indices_tuple,
+)
+
+__all__ = ["CenterLoss"]
+
+
+def _check_alpha(value: object, name: str) -> float:
+    return check_in_interval(value, name, 0.0, 1.0, low_inclusive=False)
+
+
+class CenterLoss(BaseMetricLossFunction):
+    r"""Center loss (Wen, Zhang, Li, Qiao, ECCV 2016, "A Discriminative Feature Learning
+    Approach for Deep Face Recognition").
+
+    .. math::
+        L_C = \frac12 \sum_{i=1}^{B} \lVert x_i - c_{y_i} \rVert_2^2
+
+    The per-sample terms :math:`\tfrac12\lVert x_i - c_{y_i}\rVert^2` go to PML's
+    reducer (``reduction_type="element"``); the default ``MeanReducer`` therefore
+    gives :math:`L_C / B`. The paper's :math:`L_C` is a **sum**: pass
+    ``reducer=pytorch_metric_learning.reducers.SumReducer()`` to get it exactly.
+    Units: squared embedding norm (the embeddings are not normalized).
+
+    Center update (``centers`` has shape ``(num_classes, embedding_size)``):
+
+    * ``update="ema"`` (the paper's rule, default): ``centers`` is a buffer. After
+      each forward in training mode, with the batch's statistics,
+      :math:`\Delta c_j = \sum_{i: y_i = j}(c_j - x_i) / (1 + n_j)`,
+      :math:`c_j \leftarrow c_j - \alpha\Delta c_j` -- only classes present move,
+      no optimizer and no autograd is involved, and the loss value uses the
+      centers as they were before the update. All the batch's samples enter the
+      update, whatever a miner selected for the loss. ``alpha`` is the paper's
+      :math:`\alpha` (centers' learning rate, in (0, 1]; the paper finds 0.1-1.0
+      work and uses 0.5).
+    * ``update="sgd"``: ``centers`` is an ``nn.Parameter`` learned by the
+      optimizer that holds ``loss.parameters()`` (``alpha`` is then unused). Its
+      gradient is :math:`\lambda/B\sum_{i:y_i=j}(c_j - x_i)` with the default
+      ``MeanReducer`` and weight :math:`\lambda`, so to approximate the paper's
+      step give the centers their own parameter group with
+      ``lr`` :math:`\approx \alpha B / (\lambda (1 + n_j))`.
+
+    Nothing changes in eval mode (``loss.eval()``; ``MultipleLosses`` passes its
+    mode on). Joint supervision, the paper's :math:`L = L_S + \lambda L_C`
+    (:math:`\lambda = 0.003`-:math:`0.1`, 0.003 for faces), is PML's own
+    combiner::
+
+        from pytorch_metric_learning.losses import MultipleLosses
+        from pml_margins.losses import CenterLoss, SoftmaxLoss
+
+        loss_fn = MultipleLosses(
+            [SoftmaxLoss(num_classes, dim), CenterLoss(num_classes, dim)],
+            weights=[1.0, lam],
+        )
+
+    Miner ``indices_tuple`` become per-sample weights (PML's
+    ``convert_to_weights``), and ``reducer`` / ``embedding_regularizer`` apply as
+    for any PML loss. ``ref_emb`` is not supported: the reference is the centers.
+
+    Args:
+        num_classes: number of classes ``C``.
+        embedding_size: embedding width ``D``.
+        alpha: centers' learning rate for ``update="ema"``, in (0, 1].
+        update: ``"ema"`` (paper) or ``"sgd"``.
+        **kwargs: PML options (``reducer``, ``embedding_regularizer``).
+    """
+
+    alpha = Hyperparameter(_check_alpha)
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        alpha: float = 0.5,
+        update: str = "ema",
+        **kwargs: Any,
+    ) -> None:
+        self.alpha = alpha
+        self.update = check_choice(update, "update", ("ema", "sgd"))
+        super().__init__(**kwargs)
+        self.num_classes = check_count(num_classes, "num_classes")
+        self.embedding_size = check_count(embedding_size, "embedding_size")
+        centers = torch.zeros(num_classes, embedding_size)
+        if self.update == "sgd":
+            self.centers = torch.nn.Parameter(centers)
+        else:
+            self.register_buffer("centers", centers)
+        self.add_to_recordable_attributes(
+            list_of_names=["num_classes", "embedding_size", "alpha"], is_stat=False
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        indices_tuple: tuple[torch.Tensor, ...] | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError(
+                "CenterLoss compares embeddings with its centers; ref_emb/ref_labels "
+                "are not supported"
+            )
+        check_embeddings(embeddings, width=self.embedding_size)
+        if labels is None:
+            raise ValueError("CenterLoss requires labels")
+        check_class_labels(labels, embeddings.shape[0], self.num_classes)
+        check_indices_tuple(indices_tuple, embeddings.shape[0])
+        loss = super().forward(embeddings, labels, indices_tuple)
+        if self.training and self.update == "ema":
+            self.update_centers(embeddings, labels)
+        return loss
+
+    @torch.no_grad()
+    def update_centers(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Apply the paper's update in place (``update="ema"``; called by ``forward``)."""
+        labels = labels.to(self.centers.device)
+        new = center_ema_update(
+            self.centers, embeddings.to(self.centers.device), labels, self.alpha
+        )
+        self.centers.copy_(new)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+        ref_emb: torch.Tensor,
+        ref_labels: torch.Tensor,
+    ) -> dict[str, dict[str, Any]]:
+        centers = self.centers.to(embeddings.device)
+        losses = center_distances(embeddings, centers, labels.to(embeddings.device))
+        weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
+        return {
+            "loss": {
+                "losses": losses * weights,
+                "indices": torch.arange(embeddings.shape[0], device=embeddings.device),
+                "reduction_type": "element",
+            }
+        }
+
+    def extra_repr(self) -> str:
+        alpha = f", alpha={self.alpha!r}" if self.update == "ema" else ""
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+            f"update={self.update!r}{alpha}"
+        )

@@ -1,0 +1,271 @@
+r"""Circle loss, pair-based: any PML miner, ``ref_emb``, CrossBatchMemory, distributed."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.reducers import AvgNonZeroReducer
+
+from pml_margins.functional.circle import (
+    circle_loss_dense,
+    circle_loss_dense_negatives,
+    circle_loss_pairs,
+    circle_loss_whole,
+)
+from pml_margins.losses.hyperparameter import Hyperparameter
+from pml_margins.validation import (
+    check_embeddings,
+    check_in_interval,
+    check_indices_tuple,
+    check_labels,
+    check_positive,
+    check_reference,
+)
+
+__all__ = ["CircleLoss", "check_circle_margin"]
+
+check_circle_margin = partial(check_in_interval, low=0.0, high=0.5)
+check_circle_margin.__doc__ = (
+    "``m`` in [0, 0.5]: beyond 0.5 the thresholds cross (Delta_p = 1-m < Delta_n = m)."
+)
+
+
+def _choose_path(num_pos: int, num_neg: int, cells: int) -> str:
+    """How the per-anchor loss is evaluated; all paths give the same values and gradients.
+
+    ``"pairs"`` (gather the pairs, scatter log-sum-exp) when the pairs are a small
+    part of the ``B x R`` matrix, ``"dense_negatives"`` when only the positives are
+    (the usual batch), else ``"dense"``. Chosen from ``benchmarks/circle.py`` timings.
+    """
+    if 8 * (num_pos + num_neg) <= cells:
+        return "pairs"
+    if 4 * num_pos <= cells:
+        return "dense_negatives"
+    return "dense"
+
+
+class CircleLoss(BaseMetricLossFunction):
+    r"""Circle loss (Sun et al., CVPR 2020, arXiv:2002.10857), pair-based, on cosine similarity.
+
+    For each anchor with positive pairs :math:`s_p^i` and negative pairs
+    :math:`s_n^j` (cosine similarities):
+
+    .. math::
+        L = \log\Big(1 + \sum_j e^{\gamma\alpha_n^j(s_n^j - \Delta_n)}
+                         \sum_i e^{-\gamma\alpha_p^i(s_p^i - \Delta_p)}\Big),
+        \quad \alpha_p^i = [O_p - s_p^i]_+,\ \alpha_n^j = [s_n^j - O_n]_+
+
+    with :math:`O_p = 1+m`, :math:`O_n = -m`, :math:`\Delta_p = 1-m`,
+    :math:`\Delta_n = m`; the :math:`\alpha` are detached (constants), as in the
+    paper. Evaluated as a softplus of two log-sum-exps in at least float32, so it
+    is stable for any :math:`\gamma` and under bf16/fp16 autocast.
+
+    Recommended (paper, Sec. 4): face recognition ``m = 0.25, gamma = 256``;
+    person re-identification ``m = 0.25, gamma = 128``; fine-grained retrieval
+    (CUB, Cars, SOP) ``m = 0.4, gamma = 80``. ``m`` is a cosine (unitless, in
+    [0, 0.5]); ``gamma`` is a unitless scale (> 0).
+
+    Pairs come from ``labels`` (every pair of the batch, or of batch x ``ref_emb``)
+    or from any PML miner's ``indices_tuple``: pairs ``(a1, p, a2, n)`` or
+    triplets ``(a, p, n)`` (read as pairs ``(a, p)`` and ``(a, n)``). Positives and
+    negatives index ``ref_emb`` when given, so ``CrossBatchMemory(CircleLoss(...))``
+    and ``DistributedLossWrapper`` work.
+
+    Compatibility with PML's ``CircleLoss`` (values and gradients equal, same
+    default reducer ``AvgNonZeroReducer``, one loss per anchor):
+
+    * mined pairs are a *set*: a pair listed twice (e.g. one positive in several
+      triplets) counts once;
+    * an anchor with only positives or only negatives contributes a loss of 0
+      (which ``AvgNonZeroReducer`` leaves out of the mean);
+    * a pair that is both positive and negative is an error (``ValueError`` here,
+      an ``AssertionError`` in PML);
+    * labels only: an anchor is not paired with itself when the reference set is
+      the batch;
+    * one difference: PML returns 0 whenever every index tensor has at most one
+      element (e.g. one positive and one negative pair); here such a set gives
+      its real loss.
+
+    Defaults are the paper's face-recognition setting (PML defaults to
+    ``m = 0.4, gamma = 80``: pass them explicitly when comparing).
+
+    ``per_anchor=False`` gives the whole-batch form (one log-sum over all
+    positive and all negative pairs, a single scalar loss, returned as already
+    reduced so the reducer does not apply): with labels only, each unordered pair
+    of the batch is taken once, as in the seed code; with a miner, its pair set.
+
+    No loop over anchors: the per-anchor form runs on the ``B x R`` matrix or on
+    the pair lists, whichever is smaller (see ``_choose_path``); every path has the
+    same values and gradients.
+
+    Args:
+        m: relaxation margin, in [0, 0.5].
+        gamma: scale, > 0.
+        per_anchor: one loss per anchor (PML's form, default) or one for the whole set.
+        **kwargs: PML options (``reducer``, ``embedding_regularizer``, ``distance`` --
+            must be a ``CosineSimilarity``).
+    """
+
+    m = Hyperparameter(check_circle_margin)
+    gamma = Hyperparameter(check_positive)
+
+    def __init__(
+        self, m: float = 0.25, gamma: float = 256.0, per_anchor: bool = True, **kwargs: Any
+    ) -> None:
+        self.m, self.gamma = m, gamma
+        if not isinstance(per_anchor, bool):
+            raise TypeError(f"per_anchor must be a bool, got {type(per_anchor).__name__}")
+        self.per_anchor = per_anchor
+        super().__init__(**kwargs)
+        if not isinstance(self.distance, CosineSimilarity):
+            raise TypeError(
+                f"CircleLoss is defined on cosine similarity; distance must be a "
+                f"CosineSimilarity, got {type(self.distance).__name__}"
+            )
+        self.add_to_recordable_attributes(list_of_names=["m", "gamma"], is_stat=False)
+
+    def get_default_reducer(self) -> AvgNonZeroReducer:
+        return AvgNonZeroReducer()
+
+    def get_default_distance(self) -> CosineSimilarity:
+        return CosineSimilarity()
+
+    def forward(  # type: ignore[override]
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        indices_tuple: tuple[torch.Tensor, ...] | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        check_embeddings(embeddings)
+        if labels is None and indices_tuple is None:
+            raise ValueError("CircleLoss needs labels or an indices_tuple")
+        if labels is not None:
+            check_labels(labels, embeddings.shape[0])
+        check_reference(
+            ref_emb, ref_labels, embeddings.shape[1], labels_required=indices_tuple is None
+        )
+        ref_size = None if ref_emb is None else ref_emb.shape[0]
+        check_indices_tuple(indices_tuple, embeddings.shape[0], ref_size)
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+        ref_emb: torch.Tensor,
+        ref_labels: torch.Tensor | None,
+    ) -> dict[str, dict[str, Any]]:
+        batch, ref_size = embeddings.shape[0], ref_emb.shape[0]
+        sim = self.similarity(embeddings, ref_emb)
+        if indices_tuple is None:
+            if labels is None or ref_labels is None:
+                raise ValueError("CircleLoss needs labels (and ref_labels with ref_emb)")
+            pos_mask = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
+            neg_mask = ~pos_mask
+            if ref_labels is labels:  # the reference set is the batch: no self-pairs
+                pos_mask.fill_diagonal_(False)
+                if not self.per_anchor:  # each unordered pair once, as the seed code
+                    upper = torch.ones_like(pos_mask).triu_(1)
+                    pos_mask, neg_mask = pos_mask & upper, neg_mask & upper
+            num_pos = num_neg = None
+        else:
+            pos_mask, neg_mask, num_pos, num_neg = _pair_masks(
+                indices_tuple, batch, ref_size, sim.device
+            )
+        if not self.per_anchor:
+            loss = circle_loss_whole(sim[pos_mask], sim[neg_mask], self.m, self.gamma)
+            return self._whole_dict(loss)
+        if num_pos is None:
+            num_pos = int(pos_mask.sum())
+            num_neg = batch * ref_size - num_pos
+        path = _choose_path(num_pos, num_neg, batch * ref_size)
+        if path == "dense":
+            losses = circle_loss_dense(sim, pos_mask, neg_mask, self.m, self.gamma)
+        elif path == "dense_negatives":
+            pos_keys = pos_mask.view(-1).nonzero().squeeze(1)
+            losses = circle_loss_dense_negatives(sim, neg_mask, pos_keys, self.m, self.gamma)
+        else:
+            pos_keys = pos_mask.view(-1).nonzero().squeeze(1)  # sorted, deduplicated
+            neg_keys = neg_mask.view(-1).nonzero().squeeze(1)
+            flat = sim.reshape(-1)
+            losses = circle_loss_pairs(
+                flat.index_select(0, pos_keys),
+                torch.div(pos_keys, ref_size, rounding_mode="floor"),
+                flat.index_select(0, neg_keys),
+                torch.div(neg_keys, ref_size, rounding_mode="floor"),
+                batch,
+                self.m,
+                self.gamma,
+            )
+        return self._per_anchor_dict(losses)
+
+    def similarity(self, embeddings: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+        """``(B, R)`` cosine similarities, as ``self.distance(embeddings, ref_emb)``.
+
+        For PML's plain ``CosineSimilarity`` (no stats, ``p = 2``, ``power = 1``) the
+        rows are scaled by their reciprocal norm (same eps as ``F.normalize``) and the
+        batch is normalized once when it is its own reference: the same values to
+        rounding, with a cheaper backward. Any other configuration calls the distance.
+        """
+        dist = self.distance
+        if type(dist) is not CosineSimilarity or dist.collect_stats or dist.power != 1:
+            return dist(embeddings, ref_emb)
+        if dist.p != 2:
+            return dist(embeddings, ref_emb)
+        query = _unit_rows(embeddings)
+        ref = query if ref_emb is embeddings else _unit_rows(ref_emb)
+        return query @ ref.t()
+
+    @staticmethod
+    def _per_anchor_dict(losses: torch.Tensor) -> dict[str, dict[str, Any]]:
+        indices = torch.arange(losses.shape[0], device=losses.device)
+        return {"loss": {"losses": losses, "indices": indices, "reduction_type": "element"}}
+
+    @staticmethod
+    def _whole_dict(loss: torch.Tensor) -> dict[str, dict[str, Any]]:
+        return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
+
+    def extra_repr(self) -> str:
+        return f"m={self.m!r}, gamma={self.gamma!r}, per_anchor={self.per_anchor}"
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (norms clamped at 1e-12, as ``F.normalize``)."""
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+    return x * norms.reciprocal()
+
+
+def _pair_masks(
+    indices_tuple: tuple[torch.Tensor, ...], batch: int, ref_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Boolean ``(B, R)`` sets of the positive and negative pairs, and how many of each
+    were listed.
+
+    Triplets ``(a, p, n)`` become pairs ``(a, p)`` and ``(a, n)`` (PML's
+    ``convert_to_pairs``); a pair listed several times is set once, as PML's
+    masks do. The masks are the deduplicated pair sets (one byte per pair, no
+    sort). Raises ``ValueError`` if a pair is both positive and negative.
+    """
+    if len(indices_tuple) == 3:
+        a1, p, n = indices_tuple
+        a2 = a1
+    else:
+        a1, p, a2, n = indices_tuple
+    a1, p, a2, n = (t.to(device=device, dtype=torch.long) for t in (a1, p, a2, n))
+    pos = torch.zeros(batch, ref_size, dtype=torch.bool, device=device)
+    neg = torch.zeros(batch, ref_size, dtype=torch.bool, device=device)
+    pos[a1, p] = True
+    neg[a2, n] = True
+    if n.numel() and p.numel() and bool((pos & neg).any()):
+        raise ValueError(
+            "indices_tuple lists a pair both as positive and as negative; each pair must be "
+            "either positive or negative"
+        )
+    return pos, neg, int(p.numel()), int(n.numel())

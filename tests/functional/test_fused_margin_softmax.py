@@ -1,0 +1,416 @@
+"""The fused margin-softmax path against the plain core and a float64 reference."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import miners, reducers, regularizers
+from pytorch_metric_learning.distances import CosineSimilarity
+
+from pml_margins.functional import (
+    arcface_target,
+    combined_margin_target,
+    cosface_target,
+    fused_margin_softmax_cross_entropy,
+    margin_softmax_cross_entropy,
+    sample_classes,
+    sphereface_psi,
+)
+from pml_margins.losses import (
+    ArcFaceLoss,
+    CombinedMarginLoss,
+    CosFaceLoss,
+    NormSoftmaxLoss,
+    SoftmaxLoss,
+    SphereFaceLoss,
+)
+
+B, D, C = 9, 6, 23
+
+
+def _sphere_lambda(cosine: torch.Tensor) -> torch.Tensor:
+    return (3.0 * cosine + sphereface_psi(cosine, 4)) / 4.0
+
+
+# name -> (psi, scale: float or "norm", normalize, bias)
+CASES = {
+    "softmax": (None, 1.0, False, True),
+    "nsl": (None, 8.0, True, False),
+    "cosface": (partial(cosface_target, margin=0.35), 16.0, True, False),
+    "arcface": (partial(arcface_target, margin=0.5), 16.0, True, False),
+    "arcface_easy": (partial(arcface_target, margin=0.5, easy_margin=True), 16.0, True, False),
+    "sphereface": (partial(sphereface_psi, margin=4), "norm", True, False),
+    "sphereface_lambda": (_sphere_lambda, 10.0, True, False),
+    "combined": (partial(combined_margin_target, m1=1.5, m2=0.2, m3=0.1), 16.0, True, False),
+}
+# chunk_size / sample_rate settings that must all give the full loss
+MODES = {
+    "default": {},
+    "chunk1": {"chunk_size": 1},
+    "chunk5": {"chunk_size": 5},  # does not divide C
+    "chunk64": {"chunk_size": 64},  # larger than C
+    "auto": {"chunk_size": "auto"},
+    "sampled_full": {"sample_rate": 1.0},
+    "sampled_chunk": {"sample_rate": 1.0, "chunk_size": 7},
+}
+TOL = {torch.float32: {"atol": 2e-5, "rtol": 2e-5}, torch.float64: {"atol": 1e-10, "rtol": 1e-10}}
+
+
+def _inputs(case: str, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=gen, dtype=dtype)
+    w = torch.randn(D, C, generator=gen, dtype=dtype)
+    labels = torch.randint(0, C, (B,), generator=gen)
+    labels[1] = labels[0]  # a repeated class
+    bias = torch.randn(C, generator=gen, dtype=dtype) if CASES[case][3] else None
+    upstream = torch.rand(B, generator=gen, dtype=dtype)
+    return x, w, labels, bias, upstream
+
+
+def _scale(case: str, x: torch.Tensor) -> float | torch.Tensor:
+    scale = CASES[case][1]
+    return torch.linalg.vector_norm(x, dim=1) if scale == "norm" else scale
+
+
+def _fused(case, x, w, labels, bias, **mode):
+    psi, _, normalize, _ = CASES[case]
+    return fused_margin_softmax_cross_entropy(
+        x,
+        w,
+        labels,
+        psi,
+        _scale(case, x),
+        normalize_embeddings=normalize,
+        normalize_weight=normalize,
+        bias=bias,
+        **mode,
+    )
+
+
+def _plain(case, x, w, labels, bias):
+    psi, _, normalize, _ = CASES[case]
+    xn = F.normalize(x, dim=1) if normalize else x
+    wn = F.normalize(w, dim=0) if normalize else w
+    logits = xn @ wn
+    if bias is not None:
+        logits = logits + bias
+        psi = None  # softmax only
+    return margin_softmax_cross_entropy(logits, labels, psi, _scale(case, x))
+
+
+def _reference(case, x, w, labels, bias):
+    """The formula in float64 with a one-hot mask (independent of both implementations)."""
+    psi, _, normalize, _ = CASES[case]
+    x64, w64 = x.double(), w.double()
+    if normalize:
+        x64 = x64 / x64.norm(dim=1, keepdim=True)
+        w64 = w64 / w64.norm(dim=0, keepdim=True)
+    z = x64 @ w64
+    scale = _scale(case, x.double())
+    scale = scale.unsqueeze(1) if isinstance(scale, torch.Tensor) else scale
+    onehot = F.one_hot(labels, C).double()
+    target = (z * onehot).sum(1, keepdim=True)
+    target = psi(target) if psi is not None else target
+    logits = scale * (z * (1 - onehot) + target * onehot)
+    if bias is not None:
+        logits = logits + bias.double()
+    return torch.logsumexp(logits, 1) - (logits * onehot).sum(1)
+
+
+def _value_and_grads(fn, case, x, w, labels, bias, upstream, **mode):
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    b = None if bias is None else bias.clone().requires_grad_(True)
+    losses = fn(case, x, w, labels, b, **mode)
+    (losses * upstream.to(losses.dtype)).sum().backward()
+    grads = [x.grad, w.grad] + ([] if b is None else [b.grad])
+    return losses.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_equals_plain_and_reference(case, mode, dtype):
+    x, w, labels, bias, upstream = _inputs(case, dtype)
+    fused = _value_and_grads(_fused, case, x, w, labels, bias, upstream, **MODES[mode])
+    plain = _value_and_grads(_plain, case, x, w, labels, bias, upstream)
+    ref = _value_and_grads(_reference, case, x, w, labels, bias, upstream)
+    assert fused[0].dtype == dtype
+    torch.testing.assert_close(fused[0], plain[0], **TOL[dtype])
+    torch.testing.assert_close(fused[0].double(), ref[0], **TOL[dtype])
+    for got, want, want64 in zip(fused[1], plain[1], ref[1], strict=True):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+        torch.testing.assert_close(got.double(), want64.double(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", ["default", "chunk5"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_autocast_bf16_close_to_plain(case, mode):
+    x, w, labels, bias, upstream = _inputs(case, torch.float32, seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = _value_and_grads(_fused, case, x, w, labels, bias, upstream, **MODES[mode])
+        plain = _value_and_grads(_plain, case, x, w, labels, bias, upstream)
+    ref = _value_and_grads(_reference, case, x, w, labels, bias, upstream)
+    assert fused[0].dtype == torch.float32
+    for got in (fused, plain):
+        torch.testing.assert_close(got[0].double(), ref[0], atol=0.15, rtol=0.03)
+        for g, want in zip(got[1], ref[1], strict=True):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g.double(), want.double(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("mode", ["default", "chunk5"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_gradcheck(case, mode):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(3, 11, dtype=torch.float64, generator=gen, requires_grad=True)
+    labels = torch.tensor([0, 5, 5, 10])
+    inputs = [x, w]
+    if CASES[case][3]:
+        inputs.append(torch.randn(11, dtype=torch.float64, generator=gen, requires_grad=True))
+
+    def fn(x, w, b=None):
+        psi, scale, normalize, _ = CASES[case]
+        scale = torch.linalg.vector_norm(x, dim=1) if scale == "norm" else scale
+        return fused_margin_softmax_cross_entropy(
+            x,
+            w,
+            labels,
+            psi,
+            scale,
+            normalize_embeddings=normalize,
+            normalize_weight=normalize,
+            bias=b,
+            **MODES[mode],
+        )
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_mixed_dtypes_keep_weight_dtype():
+    x, w, labels, _, upstream = _inputs("arcface", torch.float64)
+    w32 = w.float().requires_grad_(True)
+    losses = _fused("arcface", x, w32, labels, None, chunk_size=4)
+    assert losses.dtype == torch.float64
+    (losses * upstream).sum().backward()
+    assert w32.grad.dtype == torch.float32
+
+
+def test_no_grad_path_matches():
+    x, w, labels, _, _ = _inputs("cosface", torch.float32)
+    with torch.no_grad():
+        value = _fused("cosface", x, w, labels, None)
+    torch.testing.assert_close(value, _plain("cosface", x, w, labels, None))
+
+
+def test_retain_graph_backward_twice_is_consistent():
+    x, w, labels, _, _ = _inputs("arcface", torch.float64)
+    w.requires_grad_(True)
+    losses = _fused("arcface", x, w, labels, None)
+    (first,) = torch.autograd.grad(losses.sum(), w, retain_graph=True)
+    (second,) = torch.autograd.grad(losses.sum(), w)
+    torch.testing.assert_close(first, second)
+
+
+# --- sampling -----------------------------------------------------------------------
+def test_sample_classes_keeps_positives_and_remaps():
+    labels = torch.tensor([3, 3, 17, 40, 99])
+    gen = torch.Generator().manual_seed(0)
+    index, local = sample_classes(labels, 100, 0.1, gen)
+    assert index.numel() == 10
+    assert torch.equal(index, index.sort().values)
+    assert torch.equal(index[local], labels)
+    assert sample_classes(labels, 100, 1.0) is None
+
+
+def test_sample_classes_never_drops_positives():
+    labels = torch.arange(20)
+    index, local = sample_classes(labels, 50, 0.1)  # 5 asked, 20 positives
+    assert torch.equal(index, labels)
+    assert torch.equal(local, labels)
+
+
+def test_sampling_grad_only_on_sampled_columns_and_deterministic():
+    x, w, labels, _, _ = _inputs("cosface", torch.float64)
+    results = []
+    for _ in range(2):
+        wg = w.clone().requires_grad_(True)
+        gen = torch.Generator().manual_seed(7)
+        losses = _fused("cosface", x, wg, labels, None, sample_rate=0.4, generator=gen)
+        losses.sum().backward()
+        results.append((losses.detach(), wg.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+    index, _ = sample_classes(labels, C, 0.4, torch.Generator().manual_seed(7))
+    touched = results[0][1].abs().sum(0) > 0
+    assert touched[labels].all()
+    assert torch.equal(touched.nonzero().squeeze(1), index)
+    # the sampled loss is the full loss restricted to those classes
+    _, local = sample_classes(labels, C, 0.4, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(
+        results[0][0], _plain("cosface", x, w[:, index], local, None), atol=1e-10, rtol=1e-10
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"sample_rate": 0.0},
+        {"sample_rate": 1.5},
+        {"sample_rate": -0.1},
+        {"sample_rate": "half"},
+        {"chunk_size": 0},
+        {"chunk_size": -3},
+        {"chunk_size": 2.5},
+        {"chunk_size": "big"},
+    ],
+)
+def test_bad_kwargs_raise(kwargs):
+    x, w, labels, _, _ = _inputs("nsl", torch.float32)
+    with pytest.raises(ValueError):
+        _fused("nsl", x, w, labels, None, **kwargs)
+    with pytest.raises(ValueError):
+        NormSoftmaxLoss(C, D, **kwargs)
+
+
+def test_shape_mismatch_raises():
+    x, w, labels, _, _ = _inputs("nsl", torch.float32)
+    with pytest.raises(ValueError):
+        fused_margin_softmax_cross_entropy(x, w.t(), labels, None, 1.0)
+
+
+# --- memory: what is kept for the backward ------------------------------------------
+def _saved_numels(**mode) -> list[int]:
+    numels: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        numels.append(t.numel())
+        return t
+
+    x = torch.randn(12, 5, requires_grad=True)
+    w = torch.randn(5, 40, requires_grad=True)
+    labels = torch.randint(0, 40, (12,))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _fused("arcface", x, w, labels, None, **mode)
+    return numels
+
+
+def test_default_mode_saves_one_batch_by_classes_buffer():
+    assert _saved_numels().count(12 * 40) == 1
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, "auto"])
+def test_bounded_mode_saves_no_batch_by_classes_tensor(chunk_size):
+    numels = _saved_numels(chunk_size=chunk_size)
+    assert 12 * 40 not in numels
+    assert max(numels) <= 5 * 40  # W itself is the largest
+
+
+# --- the loss classes route through the fused path ----------------------------------
+LOSSES = {
+    "arcface": (ArcFaceLoss, {"scale": 16.0}),
+    "cosface": (CosFaceLoss, {"scale": 16.0}),
+    "sphereface": (SphereFaceLoss, {}),
+    "sphereface_scaled": (SphereFaceLoss, {"scale": 10.0, "lambda_": 3.0}),
+    "nsl": (NormSoftmaxLoss, {"scale": 8.0}),
+    "softmax": (SoftmaxLoss, {}),
+    "combined": (CombinedMarginLoss, {"m1": 1.5, "m2": 0.2, "m3": 0.1, "scale": 16.0}),
+}
+
+
+def _plain_loss(loss, x, labels):
+    logits, scale = loss.base_logits(x)
+    return margin_softmax_cross_entropy(logits, labels, loss.target_logit_fn(), scale)
+
+
+@pytest.mark.parametrize("mode", ["default", "chunk5", "auto", "sampled_full"])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_loss_classes_match_plain_path(name, mode):
+    cls, kwargs = LOSSES[name]
+    torch.manual_seed(0)
+    loss = cls(C, D, **kwargs, **MODES[mode]).double()
+    assert loss._fused_supported()
+    x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, C, (B,))
+    params = [x, *loss.parameters()]
+    got = torch.autograd.grad(loss(x, labels), params)
+    want = torch.autograd.grad(_plain_loss(loss, x, labels).mean(), params)
+    for g, v in zip(got, want, strict=True):
+        torch.testing.assert_close(g, v, atol=1e-10, rtol=1e-10)
+
+
+def test_loss_with_miner_reducer_regularizer(monkeypatch):
+    def make() -> ArcFaceLoss:
+        torch.manual_seed(0)
+        return ArcFaceLoss(
+            C,
+            D,
+            scale=16.0,
+            chunk_size=4,
+            reducer=reducers.ThresholdReducer(low=0.1),
+            weight_regularizer=regularizers.RegularFaceRegularizer(),
+            embedding_regularizer=regularizers.LpRegularizer(),
+        )
+
+    fused, plain = make(), make()
+    monkeypatch.setattr(plain, "_fused_supported", lambda: False)
+    x = torch.randn(B, D, requires_grad=True)
+    labels = torch.randint(0, 3, (B,))
+    indices = miners.MultiSimilarityMiner(epsilon=0.5)(x, labels)
+    values = []
+    for loss in (fused, plain):
+        value = loss(x, labels, indices)
+        values.append((value, *torch.autograd.grad(value, [x, loss.W])))
+    assert torch.isfinite(values[0][0])
+    for got, want in zip(*values, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_distance_falls_back_to_plain_path():
+    loss = ArcFaceLoss(C, D, distance=CosineSimilarity(power=2))
+    assert not loss._fused_supported()
+    x = torch.randn(B, D)
+    labels = torch.randint(0, C, (B,))
+    torch.testing.assert_close(loss(x, labels), _plain_loss(loss, x, labels).mean())
+
+
+def test_loss_keeps_weight_dtype_and_stats():
+    loss = CosFaceLoss(C, D, chunk_size=3, collect_stats=True)
+    x = torch.randn(B, D, dtype=torch.float64)
+    labels = torch.randint(0, C, (B,))
+    loss(x, labels).backward()
+    assert loss.W.dtype == torch.float32 and loss.W.grad.dtype == torch.float32
+    cos = (F.normalize(x, dim=1) @ F.normalize(loss.W.double(), dim=0)).gather(
+        1, labels.unsqueeze(1)
+    )
+    assert loss.avg_angle == pytest.approx(math.degrees(torch.acos(cos).mean().item()), abs=1e-3)
+
+
+def test_sampled_loss_trains_only_sampled_columns():
+    torch.manual_seed(0)
+    loss = ArcFaceLoss(1000, D, sample_rate=0.05)
+    x = torch.randn(B, D)
+    labels = torch.randint(0, 1000, (B,))
+    loss(x, labels).backward()
+    touched = loss.W.grad.abs().sum(0) > 0
+    assert touched[labels].all()
+    assert int(touched.sum()) == 50
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["default", "chunk5"])
+@pytest.mark.parametrize("case", ["arcface", "sphereface", "softmax"])
+def test_cuda_matches_cpu(case, mode):
+    x, w, labels, bias, upstream = _inputs(case, torch.float64)
+    cpu = _value_and_grads(_fused, case, x, w, labels, bias, upstream, **MODES[mode])
+    to = [t.cuda() if t is not None else None for t in (x, w, labels, bias, upstream)]
+    gpu = _value_and_grads(_fused, case, *to, **MODES[mode])
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0])
+    for g, c in zip(gpu[1], cpu[1], strict=True):
+        torch.testing.assert_close(g.cpu(), c)
