@@ -14,8 +14,14 @@ margins fit the 5 training classes more tightly and transfer slightly worse
 0.2), and NSL without a margin transfers best; the papers' gains come from
 thousands of classes.
 
+Center loss: ``lambda = 0.01``, mid-range of the paper's 0.003-0.1, with the
+paper's centre update (``alpha = 0.5``). Circle loss: the paper's setting for
+fine-grained retrieval (``m = 0.4, gamma = 80``, also PML's default) with PML's
+``MultiSimilarityMiner``. Proxy Circle (not in the default list): ``gamma = 32``,
+the face setting 256 scaled down like ``s`` above.
+
 Units: CosFace ``m`` is a cosine, ArcFace ``m`` radians, SphereFace ``m`` an
-integer multiplier, Circle ``m`` a similarity relaxation and ``gamma`` a scale.
+integer multiplier, Circle ``m`` a cosine relaxation and ``gamma`` a scale.
 
 Every factory takes ``(num_classes, embedding_size, **overrides)`` and returns a
 :class:`LossSetup`; ``overrides`` replace the documented defaults (``--loss-args``).
@@ -129,6 +135,14 @@ def _circle(num_classes: int, embedding_size: int, **kw: Any) -> LossSetup:
     )
 
 
+def _proxy_circle(num_classes: int, embedding_size: int, **kw: Any) -> LossSetup:
+    from pml_margins.losses import ProxyCircleLoss
+
+    hp = {"m": 0.25, "gamma": 32.0, **kw}
+    loss = ProxyCircleLoss(num_classes, embedding_size, **hp)
+    return LossSetup(loss, None, "Proxy Circle", hp)
+
+
 #: name -> factory. ``num_classes`` / ``embedding_size`` are ignored by pair losses.
 LOSSES: dict[str, Factory] = {
     "softmax": _softmax,
@@ -139,10 +153,19 @@ LOSSES: dict[str, Factory] = {
     "center": _center,
     "circle": _circle,
     "combined": _combined,
+    "proxy_circle": _proxy_circle,
 }
 
 #: what ``pml-margins bench`` trains when ``--losses`` is not given.
-DEFAULT_LOSSES: tuple[str, ...] = ("softmax", "nsl", "sphereface", "cosface", "arcface")
+DEFAULT_LOSSES: tuple[str, ...] = (
+    "softmax",
+    "nsl",
+    "sphereface",
+    "cosface",
+    "arcface",
+    "center",
+    "circle",
+)
 
 
 def loss_names() -> list[str]:
