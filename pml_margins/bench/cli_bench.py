@@ -21,8 +21,8 @@ import torch
 
 __all__ = ["register", "run_bench"]
 
-DIGITS_DEFAULTS = {"epochs": 10, "embedding_size": 64, "batch_size": 128, "lr": 1e-3}
-IMAGE_DEFAULTS = {"epochs": 20, "embedding_size": 512, "batch_size": 64, "lr": 1e-4}
+DIGITS_DEFAULTS = {"epochs": 10, "embedding_size": 64, "batch_size": 128, "lr": 1e-3, "repeats": 5}
+IMAGE_DEFAULTS = {"epochs": 20, "embedding_size": 512, "batch_size": 64, "lr": 1e-4, "repeats": 1}
 
 
 def register(subparsers: Any) -> None:
@@ -54,7 +54,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--embedding-size", type=int, help="default: 64 (digits), 512 (cub/sop)")
     p.add_argument("--lr", type=float, help="model learning rate; default 1e-3 / 1e-4")
     p.add_argument("--loss-lr", type=float, default=1e-2, help="class-weight learning rate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="seeds per loss (seed, seed+1, ...): the table shows mean ± std; "
+        "default 5 (digits), 1 (cub/sop)",
+    )
     p.add_argument("--train-classes", default="0,1,2,3,4", help="digits used for training")
     p.add_argument("--backbone", default="resnet50", help="cub/sop: timm/torchvision model")
     p.add_argument("--weights", help="cub/sop: local state dict of pretrained backbone weights")
@@ -117,7 +123,11 @@ def _load_data(args: argparse.Namespace) -> Any:
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     defaults = DIGITS_DEFAULTS if args.dataset == "digits" else IMAGE_DEFAULTS
-    return {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    settings = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
+    for key, value in settings.items():
+        if key != "lr" and value < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    return settings
 
 
 def _model_config(args: argparse.Namespace, bench_data: Any, embedding_size: int) -> dict:
@@ -145,7 +155,7 @@ def _finish(results: dict[str, Any], out: str) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     """The ``bench`` command; returns the exit status."""
-    from pml_margins.bench import evaluate, models, registry, report, train
+    from pml_margins.bench import registry, report, train
 
     start = time.perf_counter()
     threads = args.threads or (1 if args.dataset == "digits" else None)
@@ -187,51 +197,91 @@ def run_bench(args: argparse.Namespace) -> int:
     checkpoints = os.path.join(args.out, "checkpoints")
     os.makedirs(checkpoints, exist_ok=True)
     for name in names:
-        train.seed_everything(args.seed)
-        config = _model_config(args, bench_data, settings["embedding_size"])
-        model, description = models.build_model(config)
-        setup = registry.build_loss(
-            name,
-            bench_data.num_train_classes,
-            settings["embedding_size"],
-            **overrides.get(name, {}),
-        )
-        run = train.train_embedding(model, setup, bench_data.train, cfg)
-        emb, labels = train.embed(
-            model,
-            bench_data.test,
-            device=args.device,
-            amp=args.amp,
-            num_workers=args.num_workers,
-            keep_on_device=True,
-        )
-        metrics = evaluate.evaluate_retrieval(emb, labels, bench_data.recall_ks)
-        entry = {
-            "name": name,
-            "label": setup.label,
-            "model": description,
-            "hyperparameters": setup.hyperparameters,
-            "train_seconds": round(run.seconds, 2),
-            "steps": run.steps,
-            "final_train_loss": run.epoch_losses[-1],
-            "metrics": metrics,
-        }
-        results["losses"].append(entry)
-        torch.save(
-            {
-                "model_config": config,
-                "model_state": model.cpu().state_dict(),
-                "loss_state": setup.loss.cpu().state_dict(),
-                "dataset": bench_data.name,
-                **{k: entry[k] for k in ("name", "label", "hyperparameters", "train_seconds")},
-            },
-            os.path.join(checkpoints, f"{name}.pt"),
-        )
+        runs = []
+        for repeat in range(settings["repeats"]):
+            cfg.seed = args.seed + repeat
+            run, model, setup, config = _train_one(
+                name, args, bench_data, settings, cfg, overrides.get(name, {})
+            )
+            runs.append(run)
+            if repeat == 0:  # the checkpoint is the first seed's model
+                torch.save(
+                    {
+                        "model_config": config,
+                        "model_state": model.cpu().state_dict(),
+                        "loss_state": setup.loss.cpu().state_dict(),
+                        "dataset": bench_data.name,
+                        "name": name,
+                        "label": setup.label,
+                        "hyperparameters": setup.hyperparameters,
+                        "train_seconds": run["train_seconds"],
+                        "seed": args.seed,
+                    },
+                    os.path.join(checkpoints, f"{name}.pt"),
+                )
+        results["losses"].append(_summarize(name, setup, runs))
     if bench_data.name == "digits" and not args.no_baseline:
         results["losses"].append(_pixel_baseline(bench_data))
     results["total_seconds"] = round(time.perf_counter() - start, 1)
     _finish(results, args.out)
     return 0
+
+
+def _train_one(
+    name: str,
+    args: argparse.Namespace,
+    bench_data: Any,
+    settings: dict[str, Any],
+    cfg: Any,
+    overrides: dict[str, Any],
+) -> tuple[dict[str, Any], torch.nn.Module, Any, dict[str, Any]]:
+    """Train and evaluate one (loss, seed); returns the run's record, model, setup, config."""
+    from pml_margins.bench import evaluate, models, registry, train
+
+    train.seed_everything(cfg.seed)
+    config = _model_config(args, bench_data, settings["embedding_size"])
+    model, description = models.build_model(config)
+    setup = registry.build_loss(
+        name, bench_data.num_train_classes, settings["embedding_size"], **overrides
+    )
+    run = train.train_embedding(model, setup, bench_data.train, cfg)
+    emb, labels = train.embed(
+        model,
+        bench_data.test,
+        device=args.device,
+        amp=args.amp,
+        num_workers=args.num_workers,
+        keep_on_device=True,
+    )
+    record = {
+        "seed": cfg.seed,
+        "model": description,
+        "train_seconds": round(run.seconds, 2),
+        "steps": run.steps,
+        "final_train_loss": run.epoch_losses[-1],
+        "metrics": evaluate.evaluate_retrieval(emb, labels, bench_data.recall_ks),
+    }
+    return record, model, setup, config
+
+
+def _summarize(name: str, setup: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table row: metrics averaged over the seeds (std when more than one), runs kept."""
+    keys = runs[0]["metrics"].keys()
+    values = {k: torch.tensor([r["metrics"][k] for r in runs], dtype=torch.float64) for k in keys}
+    entry = {
+        "name": name,
+        "label": setup.label,
+        "model": runs[0]["model"],
+        "hyperparameters": setup.hyperparameters,
+        "seeds": [r["seed"] for r in runs],
+        "train_seconds": round(sum(r["train_seconds"] for r in runs) / len(runs), 2),
+        "steps": runs[0]["steps"],
+        "metrics": {k: float(v.mean()) for k, v in values.items()},
+        "runs": runs,
+    }
+    if len(runs) > 1:
+        entry["metrics_std"] = {k: float(v.std()) for k, v in values.items()}
+    return entry
 
 
 def _pixel_baseline(bench_data: Any) -> dict[str, Any]:

@@ -41,14 +41,20 @@ def environment() -> dict[str, str]:
     }
 
 
-def _cell(value: float | None, percent: bool = True) -> str:
+def _cell(value: float | None, percent: bool = True, std: float | None = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
-    return f"{100 * value:.1f}" if percent else f"{value:.1f}"
+    if not percent:
+        return f"{value:.1f}"
+    return f"{100 * value:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """One row per loss: Recall@K, P@1, R-Precision, MAP@R (percent) and train time (s)."""
+    """One row per loss: Recall@K, P@1, R-Precision, MAP@R (percent) and train time (s).
+
+    Metrics are ``mean ± std`` (sample std over seeds) where an entry has ``metrics_std``;
+    the train time is the mean per run.
+    """
     ks = results["recall_ks"]
     header = [
         "Loss",
@@ -60,13 +66,12 @@ def markdown_table(results: dict[str, Any]) -> str:
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for entry in results["losses"]:
-        m = entry["metrics"]
+        m, sd = entry["metrics"], entry.get("metrics_std", {})
+        keys = [*(f"recall_at_{k}" for k in ks), "precision_at_1", "r_precision"]
+        keys.append("mean_average_precision_at_r")
         row = [
             entry["label"],
-            *(_cell(m.get(f"recall_at_{k}")) for k in ks),
-            _cell(m.get("precision_at_1")),
-            _cell(m.get("r_precision")),
-            _cell(m.get("mean_average_precision_at_r")),
+            *(_cell(m.get(key), std=sd.get(key)) for key in keys),
             _cell(entry.get("train_seconds"), percent=False),
         ]
         lines.append("| " + " | ".join(row) + " |")
@@ -93,7 +98,8 @@ def write_json(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
 def plot_recall(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Recall@K against K (log scale), one line per loss, saved as a PNG.
 
-    The raw-pixel baseline (entry ``name == "pixels"``) is drawn dashed grey.
+    Bands show ± one std over seeds where an entry has ``metrics_std``; the raw-pixel
+    baseline (entry ``name == "pixels"``) is drawn dashed grey.
     """
     import matplotlib
 
@@ -109,14 +115,33 @@ def plot_recall(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
             for k, v in zip(ks, values, strict=True)
             if v is not None and not math.isnan(v)
         ]
-        if points:
-            style = {"ls": "--", "color": "0.4"} if entry.get("name") == "pixels" else {}
-            ax.plot(*zip(*points, strict=True), marker="o", label=entry["label"], **style)
+        if not points:
+            continue
+        style = {"ls": "--", "color": "0.4"} if entry.get("name") == "pixels" else {}
+        (line,) = ax.plot(*zip(*points, strict=True), marker="o", label=entry["label"], **style)
+        std = entry.get("metrics_std")
+        if std and all(f"recall_at_{k}" in std for k, _ in points):
+            xs = [k for k, _ in points]
+            spread = [100 * std[f"recall_at_{k}"] for k in xs]
+            mean = [v for _, v in points]
+            ax.fill_between(
+                xs,
+                [m - d for m, d in zip(mean, spread, strict=True)],
+                [m + d for m, d in zip(mean, spread, strict=True)],
+                color=line.get_color(),
+                alpha=0.12,
+                linewidth=0,
+            )
     ax.set_xscale("log", base=2 if ks[-1] <= 64 else 10)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K (%)")
-    ax.set_title(f"Retrieval on held-out classes: {results['dataset']}")
+    title = f"Retrieval on held-out classes: {results['dataset']}"
+    seeds = max((len(e.get("seeds", [])) for e in results["losses"]), default=0)
+    if seeds > 1:
+        title += f" (mean ± std, {seeds} seeds)"
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(top=100.5)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

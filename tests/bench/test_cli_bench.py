@@ -10,7 +10,7 @@ import pytest
 
 from pml_margins.cli import main
 
-TINY = ["--epochs", "1", "--no-progress", "--threads", "1", "--no-baseline"]
+TINY = ["--epochs", "1", "--repeats", "1", "--no-progress", "--threads", "1", "--no-baseline"]
 KEYS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
 
@@ -77,7 +77,7 @@ def test_embeddings_only_evaluates_saved_model(tmp_path: Path) -> None:
     evaluated = _results(out)
     assert [e["name"] for e in evaluated["losses"]] == ["cosface"]
     assert evaluated["losses"][0]["checkpoint"] == str(ckpt)
-    assert evaluated["losses"][0]["metrics"] == trained["losses"][1]["metrics"]
+    assert evaluated["losses"][0]["metrics"] == trained["losses"][1]["runs"][0]["metrics"]
     # default: every checkpoint under <out>/checkpoints
     main(["bench", "--embeddings-only", "--out", str(tmp_path / "train"), *TINY])
     assert [e["name"] for e in _results(tmp_path / "train")["losses"]] == ["cosface", "nsl"]
@@ -183,3 +183,16 @@ def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path: Path) -> None:
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match=r"cuda\.is_available"):
         main(["bench", "--losses", "nsl", "--device", "cuda", "--out", str(tmp_path), *TINY])
+
+
+def test_repeats_report_mean_and_std(tmp_path: Path) -> None:
+    args = ["bench", "--losses", "nsl", "--out", str(tmp_path), *TINY, "--repeats", "2"]
+    main(args)
+    entry = _results(tmp_path)["losses"][0]
+    assert entry["seeds"] == [0, 1] and len(entry["runs"]) == 2
+    p1 = [run["metrics"]["precision_at_1"] for run in entry["runs"]]
+    assert math.isclose(entry["metrics"]["precision_at_1"], sum(p1) / 2)
+    assert math.isclose(entry["metrics_std"]["precision_at_1"], abs(p1[0] - p1[1]) / math.sqrt(2))
+    assert " ± " in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit, match="--repeats must be >= 1"):
+        main([*args, "--repeats", "0"])
