@@ -155,12 +155,16 @@ def _finish(results: dict[str, Any], out: str) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     """The ``bench`` command; returns the exit status."""
+    from pml_margins.bench import train
+
+    with train.torch_threads(args.threads or (1 if args.dataset == "digits" else None)):
+        return _run_bench(args)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
     from pml_margins.bench import registry, report, train
 
     start = time.perf_counter()
-    threads = args.threads or (1 if args.dataset == "digits" else None)
-    if threads:
-        torch.set_num_threads(threads)
     os.makedirs(args.out, exist_ok=True)
     bench_data = _load_data(args)
     settings = _settings(args)

@@ -11,8 +11,6 @@ import argparse
 import os
 from typing import Any
 
-import torch
-
 __all__ = ["SPHERE_LOSSES", "register", "run_sphere"]
 
 #: what the figure shows by default (Center loss is added when available)
@@ -42,9 +40,15 @@ def register(subparsers: Any) -> None:
 
 def run_sphere(args: argparse.Namespace) -> int:
     """The ``sphere`` command; returns the exit status."""
+    from pml_margins.bench import train
+
+    with train.torch_threads(args.threads):
+        return _run_sphere(args)
+
+
+def _run_sphere(args: argparse.Namespace) -> int:
     from pml_margins.bench import data, evaluate, models, registry, sphere_plot, train
 
-    torch.set_num_threads(args.threads)
     digits = data.load_digits_all_classes(seed=args.seed)
     names = [n.strip() for n in args.losses.split(",") if n.strip()]
     dims = [int(d) for d in args.dims.split(",") if d.strip()]

@@ -30,6 +30,7 @@ __all__ = [
     "embed",
     "resolve_device",
     "seed_everything",
+    "torch_threads",
     "train_embedding",
 ]
 
@@ -80,6 +81,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 -- PML samplers/miners draw from the global state
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (``None``: unchanged), then restore."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -196,3 +196,11 @@ def test_repeats_report_mean_and_std(tmp_path: Path) -> None:
     assert " ± " in (tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit, match="--repeats must be >= 1"):
         main([*args, "--repeats", "0"])
+
+
+def test_thread_setting_is_restored(tmp_path: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    main(["bench", "--losses", "nsl", "--out", str(tmp_path), *TINY])
+    assert torch.get_num_threads() == before
