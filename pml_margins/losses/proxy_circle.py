@@ -65,6 +65,11 @@ class ProxyCircleLoss(ClassWeightLoss):
     ) -> None:
         self.m, self.gamma = m, gamma
         super().__init__(num_classes, embedding_size, **kwargs)
+        if self.chunk_size is not None or self.sample_rate != 1.0:
+            raise ValueError(
+                "ProxyCircleLoss runs on the plain core: chunk_size and sample_rate "
+                "are not supported"
+            )
 
     def logit_scale(self, embeddings: torch.Tensor) -> float:
         """``gamma``: both logit functions are evaluated unscaled and then scaled by it."""

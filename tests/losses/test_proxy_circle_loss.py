@@ -199,3 +199,9 @@ def test_core_non_target_logit_fn():
         logits, labels, lambda t: 2 * (t - 0.3), 1.0, non_target_logit_fn=lambda t: 2 * t
     )
     torch.testing.assert_close(doubled, base)
+
+
+@pytest.mark.parametrize("kwargs", [{"chunk_size": 16}, {"sample_rate": 0.5}])
+def test_fused_only_options_are_rejected(kwargs) -> None:
+    with pytest.raises(ValueError, match="chunk_size and sample_rate are not supported"):
+        ProxyCircleLoss(5, 8, **kwargs)

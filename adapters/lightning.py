@@ -1,0 +1,257 @@
+"""PyTorch Lightning: a metric-learning ``LightningModule`` and a retrieval-metrics callback.
+
+Needs ``pip install 'pml-margins[lightning]'``.
+
+Example::
+
+    module = MetricLearningModule(backbone, ArcFaceLoss(10, 32), lr=1e-3, loss_lr=1e-2)
+    trainer = lightning.pytorch.Trainer(max_epochs=10, callbacks=[RetrievalMetricsCallback()])
+    trainer.fit(module, train_loader, val_loader)
+    trainer.callback_metrics["recall_at_1"], trainer.callback_metrics["map_at_r"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from pml_margins.adapters._extras import require
+from pml_margins.adapters.retrieval import retrieval_calculator
+from pml_margins.validation import check_non_negative, check_positive
+
+pl = require("lightning.pytorch", extra="lightning")
+
+__all__ = ["METRIC_NAMES", "MetricLearningModule", "RetrievalMetricsCallback", "merge_ranks"]
+
+#: short names under which the callback logs the calculator's metrics (others keep theirs)
+METRIC_NAMES: dict[str, str] = {"mean_average_precision_at_r": "map_at_r"}
+
+
+def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    if isinstance(batch, Mapping):
+        return batch["input"], batch["label"]
+    if isinstance(batch, Sequence) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        "batches must be (inputs, labels, ...) sequences or {'input', 'label'} mappings, "
+        f"got {type(batch).__name__}"
+    )
+
+
+class MetricLearningModule(pl.LightningModule):
+    """Train a backbone with one of our losses (or any PML loss), optionally with a PML miner.
+
+    ``training_step`` embeds the batch, mines it when a ``miner`` is given and logs
+    ``train_loss``. ``validation_step`` only returns ``{"embeddings", "labels"}``
+    for :class:`RetrievalMetricsCallback` (validation classes may be unseen in
+    training, so no loss is computed there). The optimizer gets two parameter
+    groups: the backbone (``lr``, ``weight_decay``) and the loss's own parameters,
+    e.g. the class weights ``W`` of ArcFace (``loss_lr``, no weight decay: the
+    cosine losses do not depend on the norm of ``W``).
+
+    Args:
+        backbone: maps a batch of inputs to ``(B, D)`` embeddings.
+        loss: a PML loss called as ``loss(embeddings, labels, indices_tuple)``.
+        miner: a PML miner whose ``indices_tuple`` the loss receives; ``None``: none.
+        lr: learning rate of the backbone.
+        loss_lr: learning rate of the loss's parameters; default ``lr``.
+        weight_decay: weight decay of the backbone.
+        optimizer: called as ``optimizer(param_groups, lr=lr)``.
+        scheduler: called with the optimizer to build a scheduler stepped every epoch.
+    """
+
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        loss: torch.nn.Module,
+        miner: torch.nn.Module | None = None,
+        *,
+        lr: float = 1e-3,
+        loss_lr: float | None = None,
+        weight_decay: float = 0.0,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone, self.loss, self.miner = backbone, loss, miner
+        self.lr = check_positive(lr, "lr")
+        self.loss_lr = self.lr if loss_lr is None else check_positive(loss_lr, "loss_lr")
+        self.weight_decay = check_non_negative(weight_decay, "weight_decay")
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.save_hyperparameters("lr", "loss_lr", "weight_decay")
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        return self.backbone(inputs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, labels = _split_batch(batch)
+        embeddings = self(inputs)
+        indices_tuple = None if self.miner is None else self.miner(embeddings, labels)
+        loss = self.loss(embeddings, labels, indices_tuple)
+        self.log(
+            "train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels)
+        )
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        inputs, labels = _split_batch(batch)
+        return {"embeddings": self(inputs), "labels": labels}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: ``backbone`` and ``loss`` (empty ones left out)."""
+        groups = [
+            {
+                "name": "backbone",
+                "params": self.backbone.parameters(),
+                "lr": self.lr,
+                "weight_decay": self.weight_decay,
+            },
+            {
+                "name": "loss",
+                "params": self.loss.parameters(),
+                "lr": self.loss_lr,
+                "weight_decay": 0.0,
+            },
+        ]
+        for group in groups:
+            group["params"] = [p for p in group["params"] if p.requires_grad]
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.param_groups(), lr=self.lr)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+
+def merge_ranks(
+    gathered: torch.Tensor, sizes: Sequence[int], num_samples: int | None = None
+) -> torch.Tensor:
+    """Undo the split of a validation set over ``W`` ranks.
+
+    Args:
+        gathered: ``(W, n, ...)``: each rank's rows, padded to a common ``n``.
+        sizes: how many rows of each rank are real.
+        num_samples: the dataset's length when the ranks were fed by a
+            ``DistributedSampler(shuffle=False)``, which deals sample ``i`` to rank
+            ``i % W`` and pads the last round with copies of the first samples;
+            then the original order is restored and the copies are dropped (a copy of
+            a query among the references would be a perfect false neighbour).
+            ``None``: the ranks' rows are concatenated as they are.
+
+    Returns:
+        ``(N, ...)`` rows.
+    """
+    world = gathered.shape[0]
+    if len(sizes) != world:
+        raise ValueError(f"sizes has {len(sizes)} entries for {world} ranks")
+    if num_samples is not None and len(set(sizes)) == 1 and world * sizes[0] >= num_samples:
+        per_rank = sizes[0]
+        interleaved = (
+            gathered[:, :per_rank].transpose(0, 1).reshape(world * per_rank, *gathered.shape[2:])
+        )
+        return interleaved[:num_samples]
+    return torch.cat([gathered[r, : sizes[r]] for r in range(world)])
+
+
+def _distributed_num_samples(trainer: Any, dataloader_idx: int) -> int | None:
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, Sequence):
+        loaders = loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
+    sampler = getattr(loaders, "sampler", None)
+    if (
+        isinstance(sampler, torch.utils.data.DistributedSampler)
+        and not sampler.shuffle
+        and not sampler.drop_last
+    ):
+        return len(sampler.dataset)
+    return None
+
+
+class RetrievalMetricsCallback(pl.Callback):
+    """Compute our retrieval metrics on the validation set at each validation epoch end.
+
+    Every embedding of the validation set is a query against all the others
+    (leave-one-out). The callback collects ``{"embeddings", "labels"}`` returned by
+    ``validation_step`` (as :class:`MetricLearningModule` does); for any other
+    module it embeds ``batch[0]`` with ``pl_module(...)`` and takes ``batch[1]``
+    as labels. Under DDP the embeddings of all ranks are gathered (and the
+    padding copies of ``DistributedSampler`` dropped) before the metrics are
+    computed, identically on every rank. Logged as ``recall_at_1``,
+    ``recall_at_2``, ..., ``precision_at_1``, ``r_precision``, ``map_at_r``
+    (with ``prefix``); the last values are also in :attr:`metrics`.
+
+    Args:
+        recall_ks, include, k: passed to :func:`~pml_margins.adapters.retrieval_calculator`.
+        accuracy_calculator: use this PML ``AccuracyCalculator`` instead.
+        prefix: prepended to every logged name, e.g. ``"val/"``.
+        dataloader_idx: which validation dataloader to evaluate.
+    """
+
+    def __init__(
+        self,
+        recall_ks: Sequence[int] = (1, 2, 4, 8),
+        include: Sequence[str] | None = None,
+        k: int | str | None = None,
+        accuracy_calculator: Any = None,
+        prefix: str = "",
+        dataloader_idx: int = 0,
+    ) -> None:
+        super().__init__()
+        if accuracy_calculator is None:
+            accuracy_calculator = retrieval_calculator(recall_ks=recall_ks, include=include, k=k)
+        self.calculator = accuracy_calculator
+        self.prefix, self.dataloader_idx = prefix, dataloader_idx
+        self.metrics: dict[str, float] = {}
+        self._embeddings: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._embeddings, self._labels = [], []
+
+    def on_validation_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or dataloader_idx != self.dataloader_idx:
+            return
+        if isinstance(outputs, Mapping) and "embeddings" in outputs and "labels" in outputs:
+            embeddings, labels = outputs["embeddings"], outputs["labels"]
+        else:
+            inputs, labels = _split_batch(batch)
+            embeddings = pl_module(inputs)
+        self._embeddings.append(embeddings.detach())
+        self._labels.append(labels.detach().reshape(-1))
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or not self._embeddings:
+            return
+        embeddings, labels = torch.cat(self._embeddings), torch.cat(self._labels)
+        self._embeddings, self._labels = [], []
+        if trainer.world_size > 1:
+            num_samples = _distributed_num_samples(trainer, self.dataloader_idx)
+            embeddings = self._gather(pl_module, embeddings, num_samples)
+            labels = self._gather(pl_module, labels, num_samples)
+        accuracies = self.calculator.get_accuracy(embeddings.float(), labels)
+        self.metrics = {
+            self.prefix + METRIC_NAMES.get(k, k): float(v) for k, v in accuracies.items()
+        }
+        for name, value in self.metrics.items():
+            pl_module.log(
+                name, value, prog_bar=name.endswith("recall_at_1"), sync_dist=trainer.world_size > 1
+            )
+
+    @staticmethod
+    def _gather(pl_module: Any, local: torch.Tensor, num_samples: int | None) -> torch.Tensor:
+        size = torch.tensor([local.shape[0]], device=local.device)
+        sizes = [int(s) for s in pl_module.all_gather(size).reshape(-1)]
+        padded = local.new_zeros((max(sizes), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        return merge_ranks(pl_module.all_gather(padded), sizes, num_samples)

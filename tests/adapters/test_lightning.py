@@ -1,0 +1,218 @@
+"""The Lightning module and retrieval callback, in real ``Trainer`` runs on the digits."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning", reason="needs pip install 'pml-margins[lightning]'")
+
+import lightning.pytorch as pl
+from pytorch_metric_learning.miners import MultiSimilarityMiner
+from pytorch_metric_learning.samplers import MPerClassSampler
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pml_margins.adapters import MetricLearningModule, RetrievalMetricsCallback
+from pml_margins.adapters.lightning import merge_ranks
+from pml_margins.losses import ArcFaceLoss, CircleLoss
+from tests.adapters.conftest import Digits, changed, mlp, params_copy
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*is smaller than the logging interval:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*GPU available but not used:UserWarning"),
+    # lightning 2.6 on torch 2.13 (not our code)
+    pytest.mark.filterwarnings("ignore:`isinstance.treespec, LeafSpec.` is deprecated"),
+]
+
+EMB = 32
+METRICS = (
+    "recall_at_1",
+    "recall_at_2",
+    "recall_at_4",
+    "recall_at_8",
+    "precision_at_1",
+    "r_precision",
+    "map_at_r",
+)
+
+
+def arcface() -> ArcFaceLoss:
+    return ArcFaceLoss(num_classes=10, embedding_size=EMB, margin=0.3, scale=16.0)
+
+
+def loaders(digits: Digits) -> tuple[DataLoader, DataLoader]:
+    train = DataLoader(digits.train_set(), batch_size=64, shuffle=True)
+    return train, DataLoader(digits.test_set(), batch_size=128)
+
+
+def make_trainer(tmp_path: Path, callback: pl.Callback, **kwargs: object) -> pl.Trainer:
+    options = dict(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=pl.loggers.CSVLogger(tmp_path, name="run"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    return pl.Trainer(**{**options, **kwargs})
+
+
+def logged_rows(tmp_path: Path) -> list[dict[str, str]]:
+    (path,) = tmp_path.glob("run/*/metrics.csv")
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_logs_retrieval_metrics_every_epoch(digits: Digits, tmp_path: Path) -> None:
+    loss = arcface()
+    module = MetricLearningModule(mlp(), loss, lr=1e-3, loss_lr=1e-2, weight_decay=1e-4)
+    callback = RetrievalMetricsCallback()
+    w_before, backbone_before = loss.W.detach().clone(), params_copy(module.backbone)
+    trainer = make_trainer(tmp_path, callback)
+    trainer.fit(module, *loaders(digits))
+
+    # separate parameter group for the class weights, with its own learning rate
+    (optimizer,) = trainer.optimizers
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["loss"]["params"] == [loss.W]
+    assert (groups["loss"]["lr"], groups["loss"]["weight_decay"]) == (1e-2, 0.0)
+    assert (groups["backbone"]["lr"], groups["backbone"]["weight_decay"]) == (1e-3, 1e-4)
+    assert not torch.equal(loss.W.detach(), w_before)
+    assert changed(backbone_before, module.backbone)
+
+    # metrics of the last epoch, logged and kept by the callback
+    for name in METRICS:
+        value = float(trainer.callback_metrics[name])
+        assert value == pytest.approx(callback.metrics[name])
+        assert 0.0 <= value <= 1.0 and math.isfinite(value)
+    assert callback.metrics["recall_at_1"] > 0.85
+    assert callback.metrics["recall_at_8"] >= callback.metrics["recall_at_1"]
+    # one logged row per epoch (the sanity check before training is not evaluated)
+    rows = [r for r in logged_rows(tmp_path) if r.get("map_at_r")]
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert any(r.get("train_loss_epoch") for r in logged_rows(tmp_path))
+
+
+def test_fit_with_a_miner_and_a_scheduler(digits: Digits, tmp_path: Path) -> None:
+    loss = arcface()
+    module = MetricLearningModule(
+        mlp(),
+        loss,
+        MultiSimilarityMiner(epsilon=0.1),
+        loss_lr=1e-2,
+        optimizer=torch.optim.SGD,
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1),
+    )
+    callback = RetrievalMetricsCallback(prefix="val/")
+    w_before = loss.W.detach().clone()
+    trainer = make_trainer(tmp_path, callback, max_epochs=1, limit_train_batches=8)
+    trainer.fit(module, *loaders(digits))
+    assert not torch.equal(loss.W.detach(), w_before)
+    assert set(callback.metrics) == {f"val/{m}" for m in METRICS}
+    (optimizer,) = trainer.optimizers
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-3])  # one step
+
+
+def test_fit_with_circle_and_a_miner(digits: Digits, tmp_path: Path) -> None:
+    sampler = MPerClassSampler(digits.y_train, m=8, batch_size=64, length_before_new_iter=64 * 10)
+    train = DataLoader(digits.train_set(), batch_size=64, sampler=sampler)
+    module = MetricLearningModule(mlp(), CircleLoss(m=0.25, gamma=64), MultiSimilarityMiner())
+    assert [g["name"] for g in module.param_groups()] == ["backbone"]  # no class weights
+    backbone_before = params_copy(module.backbone)
+    callback = RetrievalMetricsCallback()
+    make_trainer(tmp_path, callback, max_epochs=1).fit(module, train, loaders(digits)[1])
+    assert changed(backbone_before, module.backbone)
+    assert callback.metrics["recall_at_1"] > 0.85
+
+
+class PlainModule(pl.LightningModule):
+    """Any module: its validation_step returns nothing, the callback embeds the batch."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def validation_step(self, batch: object, batch_idx: int) -> None:
+        return None
+
+
+def test_callback_embeds_batches_of_any_module(digits: Digits, tmp_path: Path) -> None:
+    backbone = mlp()
+    callback = RetrievalMetricsCallback(include=("precision_at_1",))
+    trainer = make_trainer(tmp_path, callback)
+    trainer.validate(PlainModule(backbone), loaders(digits)[1], verbose=False)
+
+    reference = RetrievalMetricsCallback(include=("precision_at_1",)).calculator
+    with torch.no_grad():
+        expected = reference.get_accuracy(backbone(digits.x_test), digits.y_test)
+    assert callback.metrics == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("num_samples", "world"), [(10, 3), (9, 3), (7, 2), (4, 4), (2, 3)])
+def test_merge_ranks_restores_distributed_sampler_order(num_samples: int, world: int) -> None:
+    data = torch.arange(num_samples * 2).reshape(num_samples, 2)
+    dataset = torch.utils.data.TensorDataset(data)
+    per_rank = [
+        data[list(DistributedSampler(dataset, num_replicas=world, rank=r, shuffle=False))]
+        for r in range(world)
+    ]
+    sizes = [len(x) for x in per_rank]
+    gathered = torch.stack(per_rank)
+    assert torch.equal(merge_ranks(gathered, sizes, num_samples), data)
+    # without the dataset length: plain concatenation of the real rows
+    assert merge_ranks(gathered, sizes).shape[0] == sum(sizes)
+
+
+def test_merge_ranks_unequal_sizes() -> None:
+    gathered = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    assert merge_ranks(gathered, [3, 2], num_samples=5).tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="ranks"):
+        merge_ranks(gathered, [3])
+
+
+def test_ddp_metrics_equal_single_process_metrics(digits: Digits, tmp_path: Path) -> None:
+    """Two CPU ranks (gloo): metrics from gathered embeddings equal those of one process.
+
+    61 validation samples over 2 ranks: DistributedSampler pads one copy, which the
+    callback must drop. Without the gather each rank would score only its half.
+    """
+    torch.manual_seed(0)
+    module = MetricLearningModule(mlp(), arcface())
+    val = DataLoader(
+        torch.utils.data.TensorDataset(digits.x_test[:61], digits.y_test[:61]), batch_size=16
+    )
+
+    single = RetrievalMetricsCallback()
+    make_trainer(tmp_path / "single", single).validate(module, val, verbose=False)
+
+    ddp = make_trainer(tmp_path / "ddp", RetrievalMetricsCallback(), devices=2, strategy="ddp_fork")
+    ddp.validate(module, val, verbose=False)
+    for name, value in single.metrics.items():
+        assert float(ddp.callback_metrics[name]) == pytest.approx(value, abs=1e-6), name
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        MetricLearningModule(mlp(), arcface(), lr=0)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        MetricLearningModule(mlp(), arcface(), weight_decay=-1)
+
+
+def test_batches_as_mappings_and_bad_batches(digits: Digits) -> None:
+    module = MetricLearningModule(mlp(), arcface())
+    x, y = digits.x_test[:8], digits.y_test[:8]
+    out = module.validation_step({"input": x, "label": y}, 0)
+    assert out["embeddings"].shape == (8, EMB) and torch.equal(out["labels"], y)
+    with pytest.raises(TypeError, match="batches must be"):
+        module.validation_step(x, 0)
