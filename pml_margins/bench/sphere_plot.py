@@ -86,17 +86,20 @@ def plot_sphere_grid(
     from matplotlib.lines import Line2D
 
     cols = max(len(circle), len(sphere))
+    rows = int(bool(circle)) + int(bool(sphere))
     colors = plt.get_cmap("tab10").colors
     rng = np.random.default_rng(0)
-    fig = plt.figure(figsize=(max(2.6 * cols, 6.5), 5.9), dpi=90)
+    fig = plt.figure(figsize=(max(2.6 * cols, 6.5), 0.3 + 2.8 * rows), dpi=90)
     for i, panel in enumerate(circle):
-        ax = fig.add_subplot(2, cols, i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         _circle(ax, panel, colors, rng)
         ax.set_title(f"{panel.label}\n2-D, P@1 {100 * panel.precision_at_1:.0f}%", fontsize=9)
+    offset = cols if circle else 0
     for i, panel in enumerate(sphere):
-        ax = fig.add_subplot(2, cols, cols + i + 1, projection="3d")
+        ax = fig.add_subplot(rows, cols, offset + i + 1, projection="3d")
         _sphere(ax, panel, colors)
-        ax.set_title(f"3-D, P@1 {100 * panel.precision_at_1:.0f}%", fontsize=9, y=0.95)
+        title = f"3-D, P@1 {100 * panel.precision_at_1:.0f}%"
+        ax.set_title(title if circle else f"{panel.label}\n{title}", fontsize=9, y=0.95)
     handles = [
         Line2D([], [], marker="o", ls="", color=colors[d], label=str(d), markersize=5)
         for d in range(10)
@@ -106,6 +109,7 @@ def plot_sphere_grid(
         "Digits features by loss: angle between classes (held-out images, L2-normalized)",
         fontsize=10,
     )
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.06, wspace=0.05, hspace=0.12)
+    top, bottom = (0.86, 0.06) if rows == 2 else (0.78, 0.1)
+    fig.subplots_adjust(left=0.01, right=0.99, top=top, bottom=bottom, wspace=0.05, hspace=0.12)
     fig.savefig(path)
     plt.close(fig)

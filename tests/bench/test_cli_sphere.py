@@ -20,6 +20,14 @@ def test_sphere_writes_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert str(out) in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("dims", ["2", "3"])
+def test_sphere_single_row(tmp_path: Path, dims: str) -> None:
+    out = tmp_path / "one.png"
+    args = ["sphere", "--losses", "nsl", "--dims", dims, "--epochs", "1", "--no-progress"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
 def test_sphere_rejects_bad_dims(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--dims"):
         main(["sphere", "--dims", "4", "--out", str(tmp_path / "x.png")])
