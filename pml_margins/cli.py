@@ -11,7 +11,11 @@ import importlib
 from collections.abc import Sequence
 
 # module path of each command, imported lazily so that ``--help`` stays fast
-COMMAND_MODULES: tuple[str, ...] = ("pml_margins.evaluation.cli_eval",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "pml_margins.evaluation.cli_eval",
+    "pml_margins.bench.cli_bench",
+    "pml_margins.bench.cli_sphere",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,310 @@
+"""Benchmark data: the bundled digits (default) and CUB-200-2011 / Stanford Online Products.
+
+Every dataset comes as a :class:`RetrievalData`: a training set whose labels are
+remapped to ``0..C-1`` (class-weight losses index ``W`` with them) and a test set
+of *other* classes (open-set retrieval, the protocol of the CUB/SOP papers).
+
+CUB and SOP are read through PML's ``datasets.CUB`` and
+``datasets.StanfordOnlineProducts`` with their official class-disjoint splits
+(CUB: classes 1-100 train, 101-200 test; SOP: ``Ebay_train.txt`` /
+``Ebay_test.txt``). The folder is checked first, so that a missing or incomplete
+copy fails with a message naming the files expected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+__all__ = [
+    "DATASET_LAYOUTS",
+    "DatasetFolderError",
+    "ImageToTensor",
+    "RemapLabels",
+    "RetrievalData",
+    "check_dataset_folder",
+    "load_digits_all_classes",
+    "load_digits_split",
+    "load_image_dataset",
+]
+
+#: Recall@K cut-offs reported for each dataset (those of the CUB/SOP literature).
+RECALL_KS: dict[str, tuple[int, ...]] = {
+    "digits": (1, 2, 4, 8),
+    "cub": (1, 2, 4, 8),
+    "sop": (1, 10, 100, 1000),
+}
+
+
+@dataclass
+class RetrievalData:
+    """A class-disjoint train/test pair.
+
+    Attributes:
+        name: ``"digits"``, ``"cub"`` or ``"sop"``.
+        train: dataset of ``(input, label)`` with labels in ``0..num_train_classes-1``.
+        test: dataset of ``(input, label)``; its classes never occur in ``train``.
+        num_train_classes: number of training classes ``C`` (the width of ``W``).
+        recall_ks: the Recall@K cut-offs to report.
+        input_shape: shape of one input tensor (``(1, 8, 8)`` for the digits).
+    """
+
+    name: str
+    train: Dataset
+    test: Dataset
+    num_train_classes: int
+    recall_ks: tuple[int, ...]
+    input_shape: tuple[int, ...]
+
+
+# --- digits -----------------------------------------------------------------------
+
+
+def load_digits_split(
+    train_classes: Sequence[int] = (0, 1, 2, 3, 4),
+) -> RetrievalData:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 real images), split by class.
+
+    Training uses the images of ``train_classes`` (labels remapped to ``0..C-1``);
+    retrieval is evaluated on the images of the remaining digits, which the model
+    never sees. Pixels are scaled from ``0..16`` to ``0..1``. No download, no
+    randomness: the split is fixed by ``train_classes``.
+
+    Raises:
+        ValueError: ``train_classes`` empty, with duplicates, outside 0-9, or all ten.
+    """
+    from sklearn.datasets import load_digits
+
+    train_set = sorted({int(c) for c in train_classes})
+    if len(train_set) != len(train_classes) or not train_set:
+        raise ValueError(f"train_classes must be distinct digits, got {list(train_classes)}")
+    if train_set[0] < 0 or train_set[-1] > 9 or len(train_set) == 10:
+        raise ValueError(
+            f"train_classes must be a proper subset of 0..9 (the rest are retrieved), "
+            f"got {train_set}"
+        )
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    targets = torch.as_tensor(digits.target, dtype=torch.long)
+    is_train = torch.isin(targets, torch.tensor(train_set))
+    remap = torch.full((10,), -1, dtype=torch.long)
+    remap[torch.tensor(train_set)] = torch.arange(len(train_set))
+    return RetrievalData(
+        name="digits",
+        train=TensorDataset(images[is_train], remap[targets[is_train]]),
+        test=TensorDataset(images[~is_train], targets[~is_train]),
+        num_train_classes=len(train_set),
+        recall_ks=RECALL_KS["digits"],
+        input_shape=(1, 8, 8),
+    )
+
+
+def load_digits_all_classes(test_fraction: float = 0.3, seed: int = 0) -> RetrievalData:
+    """All ten digits, a stratified random split of the images (closed set).
+
+    Used by ``pml-margins sphere``: the figure shows how each loss arranges the
+    classes it was trained on, plotted for images held out from training.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    targets = torch.as_tensor(digits.target, dtype=torch.long)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(targets)), test_size=test_fraction, random_state=seed, stratify=targets
+    )
+    train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    return RetrievalData(
+        name="digits-all",
+        train=TensorDataset(images[train_idx], targets[train_idx]),
+        test=TensorDataset(images[test_idx], targets[test_idx]),
+        num_train_classes=10,
+        recall_ks=RECALL_KS["digits"],
+        input_shape=(1, 8, 8),
+    )
+
+
+# --- CUB / SOP ----------------------------------------------------------------------
+
+
+class DatasetFolderError(FileNotFoundError):
+    """A CUB/SOP folder is missing or incomplete; the message names the expected files."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    subdir: str
+    index_files: tuple[str, ...]
+    what: str
+
+
+#: What PML's dataset classes read, relative to ``--data-root``.
+DATASET_LAYOUTS: dict[str, _Layout] = {
+    "cub": _Layout(
+        subdir="CUB_200_2011",
+        index_files=("images.txt", "image_class_labels.txt"),
+        what="images/<class folder>/<name>.jpg, listed in images.txt",
+    ),
+    "sop": _Layout(
+        subdir="Stanford_Online_Products",
+        index_files=("Ebay_train.txt", "Ebay_test.txt"),
+        what="<category>_final/<name>.JPG, listed in Ebay_train.txt / Ebay_test.txt",
+    ),
+}
+
+
+def _listed_images(name: str, folder: str) -> list[str]:
+    """Image paths (relative to ``folder``) that the index files list."""
+    paths: list[str] = []
+    if name == "cub":
+        with open(os.path.join(folder, "images.txt")) as f:
+            paths = [os.path.join("images", line.split()[1]) for line in f if line.strip()]
+    else:
+        for split in ("train", "test"):
+            with open(os.path.join(folder, f"Ebay_{split}.txt")) as f:
+                next(f, None)  # header: image_id class_id super_class_id path
+                paths += [line.split()[3] for line in f if line.strip()]
+    return paths
+
+
+def check_dataset_folder(name: str, root: str | os.PathLike[str], max_listed: int = 5) -> None:
+    """Check that ``root`` holds the files PML's ``CUB`` / ``StanfordOnlineProducts`` read.
+
+    Raises:
+        ValueError: unknown ``name``.
+        DatasetFolderError: the folder, an index file, or listed images are missing;
+            the message names the expected layout and up to ``max_listed`` missing files.
+    """
+    if name not in DATASET_LAYOUTS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASET_LAYOUTS)}")
+    layout = DATASET_LAYOUTS[name]
+    folder = os.path.join(os.fspath(root), layout.subdir)
+    expected = ", ".join(os.path.join(folder, f) for f in layout.index_files)
+    hint = (
+        f"expected {expected} and {layout.what} (the layout of the official archive, "
+        "unpacked into --data-root); pass --download to let PML fetch it"
+    )
+    if not os.path.isdir(folder):
+        raise DatasetFolderError(f"{name.upper()} folder {folder} not found: {hint}")
+    missing_index = [f for f in layout.index_files if not os.path.isfile(os.path.join(folder, f))]
+    if missing_index:
+        raise DatasetFolderError(
+            f"{name.upper()} folder {folder} is incomplete: missing {', '.join(missing_index)}; "
+            + hint
+        )
+    try:
+        listed = _listed_images(name, folder)
+    except (IndexError, ValueError, StopIteration) as err:
+        raise DatasetFolderError(
+            f"{name.upper()} index files in {folder} are malformed ({err}); {hint}"
+        ) from err
+    if not listed:
+        raise DatasetFolderError(f"{name.upper()} index files in {folder} list no images; {hint}")
+    missing = [p for p in listed if not os.path.isfile(os.path.join(folder, p))]
+    if missing:
+        shown = ", ".join(missing[:max_listed]) + (" ..." if len(missing) > max_listed else "")
+        raise DatasetFolderError(
+            f"{name.upper()} folder {folder} is incomplete: {len(missing)} of {len(listed)} "
+            f"listed images are missing ({shown}); {hint}"
+        )
+
+
+class ImageToTensor:
+    """PIL image -> RGB float tensor ``(3, size, size)``, ImageNet-normalized.
+
+    Converting to RGB matters: CUB contains grayscale images, and one such image in
+    a batch of RGB ones breaks collation. Needs only Pillow (no torchvision).
+    """
+
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+    def __init__(self, size: int = 224) -> None:
+        if size < 1:
+            raise ValueError(f"image size must be >= 1, got {size}")
+        self.size = size
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        from PIL import Image
+
+        image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
+        return (tensor - self.mean) / self.std
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+class RemapLabels:
+    """Maps the dataset's class ids to ``0..C-1`` in sorted order (picklable for workers)."""
+
+    def __init__(self, labels: Sequence[int]) -> None:
+        self.mapping = {label: i for i, label in enumerate(sorted(set(labels)))}
+
+    def __call__(self, label: int) -> int:
+        return self.mapping[label]
+
+    def __len__(self) -> int:
+        return len(self.mapping)
+
+
+def load_image_dataset(
+    name: str,
+    root: str | os.PathLike[str],
+    download: bool = False,
+    image_size: int = 224,
+    transform: Callable[[Any], torch.Tensor] | None = None,
+) -> RetrievalData:
+    """CUB-200-2011 or Stanford Online Products via PML's dataset classes.
+
+    Args:
+        name: ``"cub"`` or ``"sop"``.
+        root: the folder holding ``CUB_200_2011/`` or ``Stanford_Online_Products/``.
+        download: let PML download and unpack the archive (it does so only when
+            ``root`` is missing or empty; no checksum is verified).
+        image_size: side of the square RGB tensors (ignored if ``transform`` is given).
+        transform: PIL image -> tensor; default :class:`ImageToTensor`.
+
+    Raises:
+        DatasetFolderError: the folder is missing or incomplete (after any download).
+    """
+    from pytorch_metric_learning import datasets
+
+    classes = {"cub": datasets.CUB, "sop": datasets.StanfordOnlineProducts}
+    if name not in classes:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(classes)}")
+    root = os.fspath(root)
+    if download and (not os.path.isdir(root) or not os.listdir(root)):
+        # PML downloads inside the constructor, then reads the split files
+        classes[name](root=root, split="train", download=True)
+    check_dataset_folder(name, root)
+    transform = transform or ImageToTensor(image_size)
+    train = classes[name](root=root, split="train", transform=transform)
+    test = classes[name](root=root, split="test", transform=transform)
+    remap = RemapLabels(train.labels)
+    train.target_transform = remap
+    sample = transform(_open_image(train.paths[0]))
+    return RetrievalData(
+        name=name,
+        train=train,
+        test=test,
+        num_train_classes=len(remap),
+        recall_ks=RECALL_KS[name],
+        input_shape=tuple(sample.shape),
+    )
+
+
+def _open_image(path: str) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        return image

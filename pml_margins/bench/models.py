@@ -1,0 +1,196 @@
+"""Embedding networks: a small MLP for the 8x8 digits, a tiny CNN, and optional big backbones.
+
+torchvision and timm stay optional: :func:`build_backbone` imports them lazily and
+falls back to :class:`ConvEmbedder` when neither is installed. Pretrained weights
+are used only when they are already on disk; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BackboneEmbedder",
+    "ConvEmbedder",
+    "MLPEmbedder",
+    "build_backbone",
+    "build_model",
+    "model_config",
+]
+
+
+class MLPEmbedder(nn.Module):
+    """Flatten -> ``[Linear, BatchNorm, ReLU] x len(hidden)`` -> Linear to ``embedding_size``.
+
+    The last layer is linear with no normalization, so the losses see raw features
+    (softmax and SphereFace use the feature norm; the others normalize themselves).
+    """
+
+    def __init__(
+        self, in_features: int, embedding_size: int, hidden: tuple[int, ...] = (256, 256)
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+            width = h
+        layers.append(nn.Linear(width, embedding_size))
+        self.net = nn.Sequential(*layers)
+        self.in_features, self.embedding_size, self.hidden = in_features, embedding_size, hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvEmbedder(nn.Module):
+    """A four-block CNN with global average pooling; any input size, ``channels`` inputs.
+
+    The fallback image backbone when torchvision/timm are missing (and the model used
+    by the tests on tiny fake CUB/SOP images).
+    """
+
+    def __init__(self, embedding_size: int, channels: int = 3, width: int = 32) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c_in = channels
+        for c_out in (width, 2 * width, 4 * width, 8 * width):
+            blocks += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
+            c_in = c_out
+        self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c_in, embedding_size)
+        self.embedding_size = embedding_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class BackboneEmbedder(nn.Module):
+    """A feature extractor returning ``(B, F)`` followed by a linear head to the embedding."""
+
+    def __init__(self, backbone: nn.Module, feature_size: int, embedding_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_size, embedding_size)
+        self.embedding_size = embedding_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _torchvision_weights_on_disk(arch: str) -> Any | None:
+    """torchvision's ``weights`` enum for ``arch`` if its file is already in the hub cache."""
+    from torchvision import models as tv_models
+
+    try:
+        weights = tv_models.get_model_weights(arch).DEFAULT
+    except (ValueError, AttributeError):
+        return None
+    filename = os.path.basename(weights.url)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    return weights if os.path.isfile(path) else None
+
+
+def build_backbone(
+    name: str, embedding_size: int, weights_path: str | None = None
+) -> tuple[nn.Module, str]:
+    """An image embedder ``name`` (e.g. ``"resnet50"``) and a line saying what was built.
+
+    Tries timm, then torchvision; falls back to :class:`ConvEmbedder` with a warning
+    when neither is installed (``name == "small-cnn"`` asks for it directly).
+    Pretrained weights come from ``weights_path`` (a state dict of the backbone) or,
+    for torchvision, from the torch hub cache when the file is already there;
+    otherwise the backbone is randomly initialized. Nothing is downloaded (timm is
+    always created with ``pretrained=False``).
+
+    Raises:
+        ValueError: timm/torchvision are installed but know no model ``name``.
+    """
+    if name == "small-cnn":
+        return ConvEmbedder(embedding_size), "small-cnn (random init)"
+    built = _from_timm(name) or _from_torchvision(name, use_cache=weights_path is None)
+    if built is None:
+        if importlib.util.find_spec("timm") or importlib.util.find_spec("torchvision"):
+            raise ValueError(f"unknown backbone {name!r}: neither timm nor torchvision has it")
+        warnings.warn(
+            f"neither timm nor torchvision is installed (pip install 'pml-margins[vision]'); "
+            f"using the small CNN instead of {name!r}",
+            stacklevel=2,
+        )
+        return ConvEmbedder(embedding_size), "small-cnn (no torchvision/timm)"
+    backbone, feature_size, source = built
+    if weights_path:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        missing, _ = backbone.load_state_dict(state, strict=False)
+        source += f" (weights from {weights_path}; {len(missing)} missing keys)"
+    elif "pretrained" not in source:
+        source += " (random init: no weights on disk)"
+    return BackboneEmbedder(backbone, feature_size, embedding_size), f"{name} via {source}"
+
+
+def _from_timm(name: str) -> tuple[nn.Module, int, str] | None:
+    try:
+        import timm
+    except ImportError:
+        return None
+    if name not in timm.list_models():
+        return None
+    backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    return backbone, int(backbone.num_features), "timm"
+
+
+def _from_torchvision(name: str, use_cache: bool) -> tuple[nn.Module, int, str] | None:
+    try:
+        from torchvision import models as tv_models
+    except ImportError:
+        return None
+    if name not in tv_models.list_models():
+        return None
+    weights = _torchvision_weights_on_disk(name) if use_cache else None
+    backbone = tv_models.get_model(name, weights=weights)
+    source = "torchvision" + (" (pretrained, from the hub cache)" if weights else "")
+    return backbone, _strip_classifier(backbone), source
+
+
+def _strip_classifier(model: nn.Module) -> int:
+    """Replace a torchvision model's final classifier by the identity; return its input size."""
+    for attr in ("fc", "classifier", "head", "heads"):
+        layer = getattr(model, attr, None)
+        if layer is None:
+            continue
+        last = layer[-1] if isinstance(layer, nn.Sequential) else layer
+        if isinstance(last, nn.Linear):
+            if isinstance(layer, nn.Sequential):
+                layer[-1] = nn.Identity()
+            else:
+                setattr(model, attr, nn.Identity())
+            return int(last.in_features)
+    raise ValueError(f"cannot find the classifier of {type(model).__name__} to remove")
+
+
+def model_config(kind: str, embedding_size: int, **kwargs: Any) -> dict[str, Any]:
+    """The dict saved with a checkpoint, from which :func:`build_model` rebuilds the model."""
+    return {"kind": kind, "embedding_size": embedding_size, **kwargs}
+
+
+def build_model(config: dict[str, Any]) -> tuple[nn.Module, str]:
+    """Build the model a :func:`model_config` dict describes; returns it and a description."""
+    kind = config["kind"]
+    size = int(config["embedding_size"])
+    if kind == "mlp":
+        hidden = tuple(config.get("hidden", (256, 256)))
+        return MLPEmbedder(int(config["in_features"]), size, hidden), f"MLP {hidden}"
+    if kind == "small-cnn":
+        return ConvEmbedder(size, channels=int(config.get("channels", 3))), "small-cnn"
+    return build_backbone(kind, size, config.get("weights_path"))

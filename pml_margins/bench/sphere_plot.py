@@ -1,0 +1,115 @@
+"""The seeds' figure: 2-D (circle) and 3-D (sphere) features, one column per loss."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["SpherePanel", "class_weight_directions", "plot_sphere_grid"]
+
+
+@dataclass
+class SpherePanel:
+    """One trained model: held-out embeddings (``N x 2`` or ``N x 3``) and what to print."""
+
+    label: str
+    embeddings: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray | None  # class weight directions, ``C x D``, or None
+    precision_at_1: float
+
+
+def class_weight_directions(loss: torch.nn.Module) -> np.ndarray | None:
+    """Unit class-weight vectors ``W_j`` (``C x D``) of ``loss`` or its first sub-loss with W."""
+    for module in loss.modules():
+        weight = getattr(module, "W", None)
+        if isinstance(weight, torch.Tensor):
+            w = torch.nn.functional.normalize(weight.detach().float().t(), dim=1)
+            return w.cpu().numpy()
+    return None
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _circle(ax: Any, panel: SpherePanel, colors: Sequence[Any], rng: np.random.Generator) -> None:
+    u = _unit(panel.embeddings)
+    # radial jitter only to show density; the angle is the learned one
+    radius = 1 + 0.12 * (rng.random(len(u)) - 0.5)
+    theta = np.linspace(0, 2 * np.pi, 200)
+    ax.plot(np.cos(theta), np.sin(theta), color="0.8", lw=0.8, zorder=0)
+    if panel.weights is not None:
+        for j, w in enumerate(panel.weights):
+            ax.plot([0, 1.3 * w[0]], [0, 1.3 * w[1]], color=colors[j], lw=1.2, ls="--")
+    ax.scatter(
+        u[:, 0] * radius,
+        u[:, 1] * radius,
+        c=[colors[y] for y in panel.labels],
+        s=4,
+        alpha=0.7,
+        linewidths=0,
+    )
+    ax.set_xlim(-1.35, 1.35)
+    ax.set_ylim(-1.35, 1.35)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+
+
+def _sphere(ax: Any, panel: SpherePanel, colors: Sequence[Any]) -> None:
+    u = _unit(panel.embeddings)
+    a, b = np.mgrid[0 : 2 * np.pi : 24j, 0 : np.pi : 12j]
+    ax.plot_wireframe(np.cos(a) * np.sin(b), np.sin(a) * np.sin(b), np.cos(b), color="0.85", lw=0.4)
+    ax.scatter(u[:, 0], u[:, 1], u[:, 2], c=[colors[y] for y in panel.labels], s=3, alpha=0.8)
+    ax.view_init(elev=20, azim=35)
+    ax.set_box_aspect((1, 1, 1), zoom=1.45)
+    ax.set_axis_off()
+
+
+def plot_sphere_grid(
+    circle: list[SpherePanel], sphere: list[SpherePanel], path: str | os.PathLike[str]
+) -> None:
+    """Row 1: 2-D features on the unit circle; row 2: 3-D features on the unit sphere.
+
+    Points are held-out images, L2-normalized (the angle is what every margin acts
+    on); dashed lines are the class-weight directions of the 2-D models.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    cols = max(len(circle), len(sphere))
+    rows = int(bool(circle)) + int(bool(sphere))
+    colors = plt.get_cmap("tab10").colors
+    rng = np.random.default_rng(0)
+    fig = plt.figure(figsize=(max(2.6 * cols, 6.5), 0.3 + 2.8 * rows), dpi=90)
+    for i, panel in enumerate(circle):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        _circle(ax, panel, colors, rng)
+        ax.set_title(f"{panel.label}\n2-D, P@1 {100 * panel.precision_at_1:.0f}%", fontsize=9)
+    offset = cols if circle else 0
+    for i, panel in enumerate(sphere):
+        ax = fig.add_subplot(rows, cols, offset + i + 1, projection="3d")
+        _sphere(ax, panel, colors)
+        title = f"3-D, P@1 {100 * panel.precision_at_1:.0f}%"
+        ax.set_title(title if circle else f"{panel.label}\n{title}", fontsize=9, y=0.95)
+    handles = [
+        Line2D([], [], marker="o", ls="", color=colors[d], label=str(d), markersize=5)
+        for d in range(10)
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=10, fontsize=8, frameon=False)
+    fig.suptitle(
+        "Digits features by loss: angle between classes (held-out images, L2-normalized)",
+        fontsize=10,
+    )
+    top, bottom = (0.86, 0.06) if rows == 2 else (0.78, 0.1)
+    fig.subplots_adjust(left=0.01, right=0.99, top=top, bottom=bottom, wspace=0.05, hspace=0.12)
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,240 @@
+"""One training run for one loss, and embedding a dataset with the trained model.
+
+The class weights ``W`` (and biases, centres) of a loss live in the loss, not the
+model, so they get their own optimizer parameter group: forgetting them is the
+classic bug that leaves ``W`` at its random initialization.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pml_margins.bench.registry import LossSetup
+
+__all__ = [
+    "AMP_DTYPES",
+    "TrainConfig",
+    "TrainResult",
+    "autocast",
+    "dataset_labels",
+    "embed",
+    "resolve_device",
+    "seed_everything",
+    "torch_threads",
+    "train_embedding",
+]
+
+#: ``--amp`` choices.
+AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings for :func:`train_embedding`.
+
+    Attributes:
+        epochs: passes over the training set.
+        batch_size: samples per step.
+        lr: Adam learning rate of the model (cosine-annealed to 0).
+        loss_lr: Adam learning rate of the loss's own parameters (class weights, centres).
+        weight_decay: on the model parameters only.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        amp: ``None``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds a gradient scaler).
+        seed: seeds Python, NumPy, torch and the data order.
+        num_workers: DataLoader workers (0 for in-memory tensors).
+        progress: show a tqdm bar.
+    """
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    loss_lr: float = 1e-2
+    weight_decay: float = 1e-4
+    device: str = "cpu"
+    amp: str | None = None
+    seed: int = 0
+    num_workers: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What a run reports: wall time of the training loop, steps, loss per epoch."""
+
+    seconds: float
+    steps: int
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 -- PML samplers/miners draw from the global state
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (``None``: unchanged), then restore."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)``, with a clear error when CUDA is asked for but missing."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} requested but torch.cuda.is_available() is False")
+    return device
+
+
+def autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager[None]:
+    """``torch.autocast`` for ``amp`` on ``device``, or a no-op context when ``amp`` is None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """The (remapped) labels of a ``TensorDataset`` or PML image dataset; loads no image."""
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is not None:
+        return [int(v) for v in tensors[1]]
+    labels = dataset.labels  # type: ignore[attr-defined]
+    remap = getattr(dataset, "target_transform", None)
+    return [int(remap(v)) if remap else int(v) for v in labels]
+
+
+def _loader(dataset: Dataset, setup: LossSetup, cfg: TrainConfig) -> DataLoader:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    kwargs = {"num_workers": cfg.num_workers, "pin_memory": cfg.device.startswith("cuda")}
+    if setup.miner is not None:
+        # pair losses need positives in every batch: m samples per class when possible
+        from pytorch_metric_learning.samplers import MPerClassSampler
+
+        labels = dataset_labels(dataset)
+        m = 4
+        if cfg.batch_size % m == 0 and len(set(labels)) * m >= cfg.batch_size:
+            sampler = MPerClassSampler(
+                labels, m, batch_size=cfg.batch_size, length_before_new_iter=len(labels)
+            )
+            return DataLoader(dataset, cfg.batch_size, sampler=sampler, drop_last=True, **kwargs)
+    return DataLoader(
+        dataset, cfg.batch_size, shuffle=True, drop_last=True, generator=generator, **kwargs
+    )
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def train_embedding(
+    model: nn.Module, setup: LossSetup, dataset: Dataset, cfg: TrainConfig
+) -> TrainResult:
+    """Train ``model`` with ``setup.loss`` (and ``setup.miner``) on ``dataset``, in place.
+
+    The loss is computed in float32 even under autocast (margins on bf16 cosines lose
+    most of their digits). A non-finite loss stops the run with a ``RuntimeError``.
+    """
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    model.to(device).train()
+    setup.loss.to(device).train()
+    loader = _loader(dataset, setup, cfg)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the training set has {len(dataset)} samples, fewer than one batch of "
+            f"{cfg.batch_size}; lower --batch-size"
+        )
+    groups = [{"params": _trainable(model), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    loss_params = _trainable(setup.loss)
+    if loss_params:
+        groups.append({"params": loss_params, "lr": cfg.loss_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.Adam(groups)
+    total = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+    result = TrainResult(seconds=0.0, steps=0)
+    bar = tqdm(total=total, desc=setup.label, disable=not cfg.progress, unit="step", leave=True)
+    start = time.perf_counter()
+    for _ in range(cfg.epochs):
+        running, count = 0.0, 0
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device)
+            with autocast(device, cfg.amp):
+                embeddings = model(inputs)
+            embeddings = embeddings.float()
+            indices = setup.miner(embeddings, labels) if setup.miner is not None else None
+            loss = setup.loss(embeddings, labels, indices)
+            if not torch.isfinite(loss):
+                raise RuntimeError(
+                    f"{setup.label}: non-finite loss {loss.item()} at step {result.steps}; "
+                    "lower the learning rate or the scale"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            result.steps += 1
+            running, count = running + loss.item(), count + 1
+            bar.update()
+        result.epoch_losses.append(running / count)
+        bar.set_postfix(loss=f"{result.epoch_losses[-1]:.3f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    result.seconds = time.perf_counter() - start
+    bar.close()
+    return result
+
+
+def _batches(
+    dataset: Dataset, batch_size: int, num_workers: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    yield from DataLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+
+
+@torch.no_grad()
+def embed(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    device: str = "cpu",
+    amp: str | None = None,
+    num_workers: int = 0,
+    keep_on_device: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (float32) and labels of ``dataset``, in dataset order, in eval mode.
+
+    Both come back on the CPU, or on ``device`` with ``keep_on_device=True`` (so that
+    the retrieval evaluation runs on the GPU too).
+    """
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    chunks, labels = [], []
+    for inputs, targets in _batches(dataset, batch_size, num_workers):
+        with autocast(dev, amp):
+            out = model(inputs.to(dev, non_blocking=True))
+        chunks.append(out.float() if keep_on_device else out.float().cpu())
+        labels.append(torch.as_tensor(targets))
+    embeddings, all_labels = torch.cat(chunks), torch.cat(labels)
+    return embeddings, all_labels.to(embeddings.device)

@@ -1,0 +1,144 @@
+"""Datasets: the digits' class-disjoint split; CUB/SOP through PML's classes; folder errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pml_margins.bench import data
+from pml_margins.bench.train import dataset_labels
+
+from .conftest import CUB_CLASSES, SOP_TEST, SOP_TRAIN
+
+
+def test_digits_split_is_class_disjoint() -> None:
+    split = data.load_digits_split((0, 1, 2, 3, 4))
+    train_x, train_y = split.train.tensors
+    test_x, test_y = split.test.tensors
+    assert set(train_y.tolist()) == set(range(5))  # remapped to 0..C-1
+    assert set(test_y.tolist()) == {5, 6, 7, 8, 9}
+    assert len(train_y) + len(test_y) == 1797
+    assert train_x.shape[1:] == (1, 8, 8) and float(train_x.max()) <= 1.0
+    # no image of the test set appears in the training set
+    flat_train = {tuple(row.tolist()) for row in train_x.flatten(1)}
+    overlap = sum(tuple(row.tolist()) in flat_train for row in test_x.flatten(1))
+    assert overlap <= 2  # a couple of 8x8 digits are pixel-identical across classes, if any
+    assert split.recall_ks == (1, 2, 4, 8)
+
+
+def test_digits_split_remaps_arbitrary_classes() -> None:
+    split = data.load_digits_split((9, 3, 5))
+    assert split.num_train_classes == 3
+    assert set(split.train.tensors[1].tolist()) == {0, 1, 2}
+    assert set(split.test.tensors[1].tolist()) == {0, 1, 2, 4, 6, 7, 8}
+
+
+@pytest.mark.parametrize("classes", [(), (1, 1), (0, 10), tuple(range(10))])
+def test_digits_split_rejects_bad_classes(classes: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="train_classes"):
+        data.load_digits_split(classes)
+
+
+def test_cub_loads_through_pml_with_rgb_and_remapped_labels(fake_cub: Path) -> None:
+    from pytorch_metric_learning.datasets import CUB
+
+    split = data.load_image_dataset("cub", fake_cub, image_size=16)
+    assert isinstance(split.train, CUB) and isinstance(split.test, CUB)
+    assert split.num_train_classes == 3
+    assert split.input_shape == (3, 16, 16)
+    # official split: classes 1-100 train, 101-200 test
+    assert sorted(set(split.train.labels)) == [1, 2, 3]
+    assert sorted(set(split.test.labels)) == [101, 102]
+    assert len(split.train) == sum(v for k, v in CUB_CLASSES.items() if k <= 100)
+    # image 1 is grayscale on disk and comes out as 3 channels
+    assert Path(split.train.paths[0]).exists()
+    image, label = split.train[0]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+    assert label == 0
+    assert sorted(set(dataset_labels(split.train))) == [0, 1, 2]
+    batch = torch.stack([split.train[i][0] for i in range(len(split.train))])
+    assert torch.isfinite(batch).all()
+
+
+def test_sop_loads_through_pml_with_official_split(fake_sop: Path) -> None:
+    from pytorch_metric_learning.datasets import StanfordOnlineProducts
+
+    split = data.load_image_dataset("sop", fake_sop, image_size=8)
+    assert isinstance(split.train, StanfordOnlineProducts)
+    assert sorted(set(split.train.labels)) == sorted(SOP_TRAIN)
+    assert sorted(set(split.test.labels)) == sorted(SOP_TEST)
+    assert sorted(set(dataset_labels(split.train))) == [0, 1, 2]
+    assert split.recall_ks == (1, 10, 100, 1000)
+    image, label = split.test[0]
+    assert image.shape == (3, 8, 8) and label == 11319
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("cub", "images.txt, .*image_class_labels.txt"), ("sop", "Ebay_train.txt, .*Ebay_test.txt")],
+)
+def test_missing_folder_names_expected_files(tmp_path: Path, name: str, expected: str) -> None:
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(data.DatasetFolderError, match=f"not found: expected .*{expected}"):
+        data.load_image_dataset(name, tmp_path / "empty")
+
+
+def test_cub_missing_index_file(fake_cub: Path) -> None:
+    (fake_cub / "CUB_200_2011" / "image_class_labels.txt").unlink()
+    with pytest.raises(data.DatasetFolderError, match=r"missing image_class_labels\.txt"):
+        data.load_image_dataset("cub", fake_cub)
+
+
+def test_cub_missing_images_are_listed(fake_cub: Path) -> None:
+    victim = next((fake_cub / "CUB_200_2011" / "images").rglob("*.jpg"))
+    victim.unlink()
+    with pytest.raises(data.DatasetFolderError, match=r"1 of 14 listed images are missing") as err:
+        data.load_image_dataset("cub", fake_cub)
+    assert victim.name in str(err.value)
+
+
+def test_sop_missing_split_file(fake_sop: Path) -> None:
+    (fake_sop / "Stanford_Online_Products" / "Ebay_test.txt").unlink()
+    with pytest.raises(data.DatasetFolderError, match=r"missing Ebay_test\.txt"):
+        data.load_image_dataset("sop", fake_sop)
+
+
+def test_unknown_dataset(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.check_dataset_folder("imagenet", tmp_path)
+
+
+def test_image_to_tensor_converts_grayscale() -> None:
+    from PIL import Image
+
+    tensor = data.ImageToTensor(4)(Image.new("L", (7, 5), color=128))
+    assert tensor.shape == (3, 4, 4)
+    assert torch.allclose(tensor[0, 0, 0], (torch.tensor(128 / 255) - 0.485) / 0.229)
+
+
+@pytest.mark.parametrize("name", ["cub", "sop"])
+def test_download_passes_through_to_pml(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytorch_metric_learning import datasets
+
+    from .conftest import make_fake_cub, make_fake_sop
+
+    calls: list[str] = []
+
+    def fake_download(self: object) -> None:  # stands in for PML's network download
+        calls.append(self.root)  # type: ignore[attr-defined]
+        (make_fake_cub if name == "cub" else make_fake_sop)(Path(self.root))  # type: ignore[attr-defined]
+
+    cls = datasets.CUB if name == "cub" else datasets.StanfordOnlineProducts
+    monkeypatch.setattr(cls, "download_and_remove", fake_download)
+    root = tmp_path / "new"
+    split = data.load_image_dataset(name, root, download=True, image_size=8)
+    assert calls == [str(root)]
+    assert len(split.train) > 0 and len(split.test) > 0
+    # an existing, non-empty folder is not downloaded again (PML's rule)
+    data.load_image_dataset(name, root, download=True, image_size=8)
+    assert calls == [str(root)]

@@ -1,0 +1,124 @@
+"""Embedding networks and the optional-backbone fallback."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from pml_margins.bench import models
+
+HAS_VISION = any(importlib.util.find_spec(m) for m in ("torchvision", "timm"))
+
+
+def test_mlp_and_cnn_shapes() -> None:
+    mlp = models.MLPEmbedder(64, 3)
+    assert mlp(torch.rand(5, 1, 8, 8)).shape == (5, 3)
+    cnn = models.ConvEmbedder(7, channels=3, width=4)
+    assert cnn(torch.rand(2, 3, 13, 17)).shape == (2, 7)
+
+
+def test_build_model_round_trip() -> None:
+    config = models.model_config("mlp", 16, in_features=64, hidden=[32])
+    model, description = models.build_model(config)
+    assert isinstance(model, models.MLPEmbedder) and model.hidden == (32,)
+    assert "MLP" in description
+    again, _ = models.build_model(config)
+    again.load_state_dict(model.state_dict())
+
+
+@pytest.mark.skipif(HAS_VISION, reason="torchvision or timm is installed")
+def test_backbone_falls_back_to_small_cnn_with_a_hint() -> None:
+    with pytest.warns(UserWarning, match=r"pml-margins\[vision\]"):
+        model, description = models.build_backbone("resnet50", 8)
+    assert isinstance(model, models.ConvEmbedder)
+    assert "no torchvision/timm" in description
+
+
+def test_small_cnn_backbone_by_name() -> None:
+    model, description = models.build_backbone("small-cnn", 8)
+    assert isinstance(model, models.ConvEmbedder) and description.startswith("small-cnn")
+
+
+def test_strip_classifier_replaces_the_last_linear() -> None:
+    net = nn.Sequential()
+    net.features = nn.Linear(4, 6)
+    net.fc = nn.Linear(6, 10)
+    assert models._strip_classifier(net) == 6
+    assert isinstance(net.fc, nn.Identity)
+    seq = nn.Module()
+    seq.classifier = nn.Sequential(nn.Dropout(), nn.Linear(5, 3))
+    assert models._strip_classifier(seq) == 5
+    with pytest.raises(ValueError, match="classifier"):
+        models._strip_classifier(nn.Module())
+
+
+def _fake_torchvision(monkeypatch: pytest.MonkeyPatch, tmp_path, cached: bool) -> list:
+    """A stand-in ``torchvision.models`` recording the ``weights`` it is asked for."""
+    import sys
+    import types
+
+    calls: list = []
+
+    class Weights:
+        url = "https://download.example/resnet_fake-1234.pth"
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Flatten()
+            self.fc = nn.Linear(12, 1000)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.body(x))
+
+    def get_model(name: str, weights: object = None) -> nn.Module:
+        calls.append(weights)
+        return Net()
+
+    tv_models = types.SimpleNamespace(
+        list_models=lambda: ["resnet_fake"],
+        get_model=get_model,
+        get_model_weights=lambda name: types.SimpleNamespace(DEFAULT=Weights),
+    )
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=tv_models))
+    monkeypatch.setitem(sys.modules, "torchvision.models", tv_models)
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    if cached:
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "resnet_fake-1234.pth").write_bytes(b"")
+    return calls
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_torchvision_pretrained_only_from_the_local_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, cached: bool
+) -> None:
+    calls = _fake_torchvision(monkeypatch, tmp_path, cached)
+    model, description = models.build_backbone("resnet_fake", 5)
+    assert isinstance(model, models.BackboneEmbedder)
+    assert model(torch.rand(2, 3, 2, 2)).shape == (2, 5)  # classifier replaced by the head
+    assert (calls[0] is not None) == cached  # weights requested only when on disk
+    assert ("pretrained" in description) == cached
+    assert ("random init" in description) == (not cached)
+
+
+def test_local_weights_file_is_loaded(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    calls = _fake_torchvision(monkeypatch, tmp_path, cached=True)
+    state = {"fc.weight": torch.zeros(1000, 12), "fc.bias": torch.zeros(1000)}
+    torch.save(state, tmp_path / "w.pt")
+    _, description = models.build_backbone("resnet_fake", 5, weights_path=str(tmp_path / "w.pt"))
+    assert calls == [None]  # the cache is not consulted when a file is given
+    assert "weights from" in description
+
+
+def test_unknown_backbone_with_torchvision_installed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    _fake_torchvision(monkeypatch, tmp_path, cached=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: name == "torchvision")
+    with pytest.raises(ValueError, match="unknown backbone 'vit_nope'"):
+        models.build_backbone("vit_nope", 5)

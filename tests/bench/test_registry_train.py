@@ -1,0 +1,95 @@
+"""Loss registry and the training loop's plumbing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from pml_margins.bench import registry, train
+
+
+@pytest.mark.parametrize("name", registry.loss_names())
+def test_every_registered_loss_builds_and_runs(name: str) -> None:
+    try:
+        setup = registry.build_loss(name, 3, 4)
+    except ImportError as err:
+        pytest.skip(str(err))
+    embeddings = torch.randn(12, 4, requires_grad=True)
+    labels = torch.arange(12) % 3
+    indices = setup.miner(embeddings, labels) if setup.miner is not None else None
+    loss = setup.loss(embeddings, labels, indices)
+    loss.backward()
+    assert torch.isfinite(loss) and embeddings.grad is not None
+    assert setup.label and isinstance(setup.hyperparameters, dict)
+
+
+def test_defaults_are_registered_and_overrides_apply() -> None:
+    assert set(registry.DEFAULT_LOSSES) <= set(registry.LOSSES)
+    setup = registry.build_loss("arcface", 3, 4, margin=0.1)
+    assert setup.loss.margin == 0.1 and setup.hyperparameters["margin"] == 0.1
+    with pytest.raises(ValueError, match="unknown loss 'nope'"):
+        registry.build_loss("nope", 3, 4)
+
+
+def _toy(n: int = 32) -> TensorDataset:
+    return TensorDataset(torch.randn(n, 4), torch.arange(n) % 4)
+
+
+def test_class_weights_are_trained() -> None:
+    setup = registry.build_loss("nsl", 4, 3)
+    before = setup.loss.W.detach().clone()
+    model = torch.nn.Linear(4, 3)
+    cfg = train.TrainConfig(epochs=1, batch_size=8, progress=False)
+    result = train.train_embedding(model, setup, _toy(), cfg)
+    assert result.steps == 4 and len(result.epoch_losses) == 1
+    assert not torch.equal(before, setup.loss.W.detach())
+
+
+def test_miner_entry_uses_m_per_class_batches() -> None:
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+
+    setup = registry.build_loss("nsl", 4, 3)
+    setup.miner = MultiSimilarityMiner()
+    loader = train._loader(_toy(), setup, train.TrainConfig(batch_size=8))
+    labels = next(iter(loader))[1]
+    counts = torch.bincount(labels)
+    assert sorted(counts[counts > 0].tolist()) == [4, 4]  # 2 classes x m=4
+
+
+def test_non_finite_loss_stops_with_the_loss_name() -> None:
+    setup = registry.build_loss("nsl", 4, 3)
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.fill_(float("inf"))
+    cfg = train.TrainConfig(epochs=1, batch_size=8, progress=False)
+    with pytest.raises((RuntimeError, ValueError), match=r"NaN|non-finite"):
+        train.train_embedding(model, setup, _toy(), cfg)
+
+
+def test_too_few_samples_for_one_batch() -> None:
+    setup = registry.build_loss("nsl", 4, 3)
+    with pytest.raises(ValueError, match="lower --batch-size"):
+        train.train_embedding(
+            torch.nn.Linear(4, 3), setup, _toy(8), train.TrainConfig(batch_size=16, progress=False)
+        )
+
+
+def test_bad_amp_and_missing_cuda() -> None:
+    with pytest.raises(ValueError, match="amp must be"):
+        train.autocast(torch.device("cpu"), "fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda"):
+            train.resolve_device("cuda")
+
+
+class _NanLoss(torch.nn.Module):
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices=None):
+        return embeddings.sum() * float("nan")
+
+
+def test_nan_loss_stops_with_the_loss_label() -> None:
+    setup = registry.LossSetup(_NanLoss(), None, "Broken")
+    cfg = train.TrainConfig(epochs=1, batch_size=8, progress=False)
+    with pytest.raises(RuntimeError, match="Broken: non-finite loss nan at step 0"):
+        train.train_embedding(torch.nn.Linear(4, 3), setup, _toy(), cfg)
