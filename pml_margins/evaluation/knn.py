@@ -12,19 +12,25 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["auto_block_rows", "exact_knn", "topk_lowest_index_ties"]
+__all__ = ["auto_block_rows", "block_scores", "exact_knn", "topk_lowest_index_ties"]
 
 Metric = Literal["euclidean", "dot"]
 
-_CPU_BUDGET_BYTES = 128 * 2**20
+_CPU_BUDGET_MIN_BYTES = 32 * 2**20
+_CPU_BUDGET_MAX_BYTES = 512 * 2**20
 _CUDA_BUDGET_CAP_BYTES = 4 * 2**30
 
 
 def auto_block_rows(
-    num_reference: int, itemsize: int, device: torch.device, memory_budget: int | None = None
+    num_reference: int,
+    itemsize: int,
+    device: torch.device,
+    memory_budget: int | None = None,
+    dim: int = 0,
 ) -> int:
     """Number of query rows per block so that one block's temporaries fit a budget.
 
@@ -35,8 +41,11 @@ def auto_block_rows(
         num_reference: number of reference embeddings (columns of a block).
         itemsize: bytes per score.
         device: where the block is computed; on CUDA the default budget is a
-            quarter of the free memory, capped at 4 GiB; on CPU it is 128 MiB.
+            quarter of the free memory, capped at 4 GiB; on CPU it is four times
+            the reference set's size, within [32 MiB, 512 MiB] (tall blocks keep the
+            GEMM efficient on large sets, small ones keep small sets lean).
         memory_budget: bytes allowed for one block; overrides the default.
+        dim: embedding width, for the CPU default.
 
     Returns:
         The number of rows, at least 1.
@@ -46,7 +55,8 @@ def auto_block_rows(
             free, _ = torch.cuda.mem_get_info(device)
             memory_budget = min(free // 4, _CUDA_BUDGET_CAP_BYTES)
         else:
-            memory_budget = _CPU_BUDGET_BYTES
+            reference_bytes = 4 * num_reference * dim * itemsize
+            memory_budget = min(max(reference_bytes, _CPU_BUDGET_MIN_BYTES), _CPU_BUDGET_MAX_BYTES)
     if memory_budget <= 0:
         raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
     bytes_per_row = max(1, num_reference * (itemsize + 1))
@@ -90,6 +100,22 @@ def topk_lowest_index_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, 
         v, order2 = torch.sort(v.gather(1, order), dim=1, descending=True, stable=True)
         values[tied], columns[tied] = v, c.gather(1, order2)
     return values, columns
+
+
+def block_scores(query_block: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``query_block @ reference.T``; on CPU through numpy's BLAS.
+
+    torch's CPU wheels link MKL, whose single-precision GEMM runs about 1.7x slower
+    than the OpenBLAS that numpy ships on the AMD EPYC machines we measure on
+    (4,096 x 512 by 512 x 60,502: 2.17 s vs 1.26 s, 2 threads; faiss, which PML
+    uses, also links OpenBLAS). The numpy product shares memory with the returned
+    tensor, so nothing is copied. Other devices use torch.
+    """
+    if query_block.device.type == "cpu" and not (
+        query_block.requires_grad or reference.requires_grad
+    ):
+        return torch.from_numpy(np.matmul(query_block.numpy(), reference.numpy().T))
+    return query_block @ reference.T
 
 
 def exact_knn(
@@ -157,16 +183,25 @@ def exact_knn(
     if k == 0:
         return out_scores, out_indices
 
-    ref_sq_norms = (reference * reference).sum(dim=1) if metric == "euclidean" else None
+    ref_sq_norms = None
+    scoring_reference = reference
+    if metric == "euclidean":
+        # rank by 2 q.r - |r|^2 = [q, 1] . [2 r, -|r|^2]: one product, no pass over the block
+        ref_sq_norms = (reference * reference).sum(dim=1, keepdim=True)
+        scoring_reference = torch.cat([2 * reference, -ref_sq_norms], dim=1)
     if block_rows is None:
-        block_rows = auto_block_rows(len(reference), dtype.itemsize, device, memory_budget)
+        block_rows = auto_block_rows(
+            len(reference), dtype.itemsize, device, memory_budget, dim=reference.shape[1]
+        )
     starts = range(0, num_query, block_rows)
     for start in tqdm(starts, desc="k-nn", unit="block", disable=not progress):
         stop = min(start + block_rows, num_query)
         q = query[start:stop].to(dtype)
-        scores = q @ reference.T
         if ref_sq_norms is not None:
-            scores.mul_(2).sub_(ref_sq_norms)
+            ones = torch.ones(len(q), 1, dtype=dtype, device=device)
+            scores = block_scores(torch.cat([q, ones], dim=1), scoring_reference)
+        else:
+            scores = block_scores(q, scoring_reference)
         if exclude_self:
             rows = torch.arange(stop - start, device=device)
             scores[rows, rows + start] = float("-inf")
