@@ -51,7 +51,11 @@ def _pip(*args: str) -> None:
 
 
 def _probe(cwd: Path, env_path: str = "", site_dir: Path | None = None) -> tuple[Path, str]:
-    """Import pml_margins.adapters in a clean interpreter started outside the checkout."""
+    """Import pml_margins.adapters in a clean interpreter started outside the checkout.
+
+    ``-S``: without the environment's site-packages, so that an installed
+    pml-margins (CI's own editable install) cannot shadow the one under test.
+    """
     code = (
         PROBE if site_dir is None else f"import site; site.addsitedir({str(site_dir)!r})\n" + PROBE
     )
@@ -59,7 +63,12 @@ def _probe(cwd: Path, env_path: str = "", site_dir: Path | None = None) -> tuple
     if env_path:
         env["PYTHONPATH"] = env_path
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, env=env, check=True, capture_output=True, text=True
+        [sys.executable, "-S", "-c", code],
+        cwd=cwd,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.split("\n")
     return Path(out[0]), out[1]
 
@@ -107,7 +116,17 @@ def test_wheel_ships_and_imports_the_adapters(tmp_path: Path) -> None:
 def test_editable_install_maps_the_adapters_folder(tmp_path: Path) -> None:
     src = _copy_source(tmp_path / "src")
     prefix = tmp_path / "prefix"
-    _pip("install", "--no-deps", "--no-build-isolation", "--prefix", str(prefix), "-e", str(src))
+    # --ignore-installed: without it pip uninstalls the environment's own pml-margins first
+    _pip(
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "--ignore-installed",
+        "--prefix",
+        str(prefix),
+        "-e",
+        str(src),
+    )
     site_dir = Path(
         sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)})
     )
