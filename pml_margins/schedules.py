@@ -18,17 +18,9 @@ from typing import Any
 
 import torch
 
-from pml_margins.validation import check_non_negative
+from pml_margins.validation import check_count, check_non_negative
 
 __all__ = ["MarginScheduler", "SphereFaceLambdaScheduler"]
-
-
-def _check_steps(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 class _AttributeScheduler:
@@ -101,7 +93,7 @@ class MarginScheduler(_AttributeScheduler):
         if mode not in ("linear", "cosine"):
             raise ValueError(f"mode must be 'linear' or 'cosine', got {mode!r}")
         self.start, self.end, self.mode = float(start), float(end), mode
-        self.total_steps = _check_steps(total_steps, "total_steps")
+        self.total_steps = check_count(total_steps, "total_steps")
         self.warmup_steps = int(check_non_negative(warmup_steps, "warmup_steps"))
         super().__init__(loss, attr)
 

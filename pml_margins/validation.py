@@ -234,6 +234,45 @@ def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
     return value
 
 
+def check_count(value: object, name: str) -> int:
+    """Return ``value`` after checking it is an ``int`` >= 1 (``TypeError``/``ValueError``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_class_loss_input(
+    loss_name: str,
+    compared_with: str,
+    num_classes: int,
+    embedding_size: int,
+    embeddings: object,
+    labels: object,
+    indices_tuple: object,
+    ref_emb: object,
+    ref_labels: object,
+    hint: str = "",
+) -> None:
+    """The forward checks of a loss that compares embeddings with per-class vectors.
+
+    Rejects ``ref_emb``/``ref_labels`` (naming what the loss compares with, then
+    ``hint``), checks the embeddings' width, requires labels in ``[0, num_classes)``
+    and checks a miner's ``indices_tuple`` against the batch.
+    """
+    if ref_emb is not None or ref_labels is not None:
+        raise ValueError(
+            f"{loss_name} compares embeddings with {compared_with}; ref_emb/ref_labels "
+            f"are not supported{hint}"
+        )
+    embeddings = check_embeddings(embeddings, width=embedding_size)
+    if labels is None:
+        raise ValueError(f"{loss_name} requires labels")
+    check_class_labels(labels, embeddings.shape[0], num_classes)
+    check_indices_tuple(indices_tuple, embeddings.shape[0])
+
+
 def check_positive(value: object, name: str) -> float:
     """Return ``value`` as a float after checking it is a finite real number > 0."""
     value = _check_real(value, name)

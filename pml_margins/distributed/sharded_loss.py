@@ -18,8 +18,13 @@ from pml_margins.distributed.local_logits import cosine_logits
 from pml_margins.distributed.partial_fc import sample_local_classes
 from pml_margins.distributed.sharded_margin_softmax import sharded_margin_softmax_cross_entropy
 from pml_margins.distributed.sharding import shard_range
-from pml_margins.losses.class_weight_loss import ClassWeightLoss, check_count
-from pml_margins.validation import check_class_labels, check_embeddings, check_positive
+from pml_margins.losses.class_weight_loss import ClassWeightLoss
+from pml_margins.validation import (
+    check_class_labels,
+    check_count,
+    check_embeddings,
+    check_positive,
+)
 
 __all__ = ["ShardedMarginSoftmaxLoss"]
 

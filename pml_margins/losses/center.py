@@ -9,14 +9,12 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_margins.functional.center import center_distances, center_ema_update
-from pml_margins.losses.class_weight_loss import check_count
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
     check_choice,
-    check_class_labels,
-    check_embeddings,
+    check_class_loss_input,
+    check_count,
     check_in_interval,
-    check_indices_tuple,
 )
 
 __all__ = ["CenterLoss"]
@@ -114,16 +112,17 @@ class CenterLoss(BaseMetricLossFunction):
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if ref_emb is not None or ref_labels is not None:
-            raise ValueError(
-                "CenterLoss compares embeddings with its centers; ref_emb/ref_labels "
-                "are not supported"
-            )
-        check_embeddings(embeddings, width=self.embedding_size)
-        if labels is None:
-            raise ValueError("CenterLoss requires labels")
-        check_class_labels(labels, embeddings.shape[0], self.num_classes)
-        check_indices_tuple(indices_tuple, embeddings.shape[0])
+        check_class_loss_input(
+            "CenterLoss",
+            "its centers",
+            self.num_classes,
+            self.embedding_size,
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+        )
         loss = super().forward(embeddings, labels, indices_tuple)
         if self.training and self.update == "ema":
             self.update_centers(embeddings, labels)

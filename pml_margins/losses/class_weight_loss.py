@@ -32,21 +32,12 @@ from pml_margins.functional.margin_softmax import (
     margin_softmax_cross_entropy,
 )
 from pml_margins.validation import (
-    check_class_labels,
+    check_class_loss_input,
+    check_count,
     check_embeddings,
-    check_indices_tuple,
 )
 
-__all__ = ["ClassWeightLoss", "check_count"]
-
-
-def check_count(value: object, name: str) -> int:
-    """Return ``value`` after checking it is an ``int`` >= 1 (``TypeError``/``ValueError``)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+__all__ = ["ClassWeightLoss"]
 
 
 class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
@@ -155,17 +146,18 @@ class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        name = type(self).__name__
-        if ref_emb is not None or ref_labels is not None:
-            raise ValueError(
-                f"{name} compares embeddings with its class weights W; ref_emb/ref_labels "
-                "are not supported (use a pair-based loss such as CircleLoss for that)"
-            )
-        check_embeddings(embeddings, width=self.embedding_size)
-        if labels is None:
-            raise ValueError(f"{name} requires labels")
-        check_class_labels(labels, embeddings.shape[0], self.num_classes)
-        check_indices_tuple(indices_tuple, embeddings.shape[0])
+        check_class_loss_input(
+            type(self).__name__,
+            "its class weights W",
+            self.num_classes,
+            self.embedding_size,
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+            hint=" (use a pair-based loss such as CircleLoss for that)",
+        )
         return super().forward(embeddings, labels, indices_tuple)
 
     def compute_loss(
