@@ -30,7 +30,8 @@ from pml_margins.distributed.collectives import (
 )
 from pml_margins.evaluation import RetrievalAccuracyCalculator
 from pml_margins.evaluation.calculator import _to_labels, _to_tensor
-from pml_margins.evaluation.knn import Metric, auto_block_rows, topk_lowest_index_ties
+from pml_margins.evaluation.knn import Metric, auto_block_rows
+from pml_margins.evaluation.topk import merge_candidates, topk_lowest_index_ties
 from pml_margins.validation import check_embeddings
 
 __all__ = ["ShardedRetrievalAccuracyCalculator", "merge_topk", "sharded_exact_knn"]
@@ -40,10 +41,7 @@ def merge_topk(
     values: torch.Tensor, indices: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge candidate lists ``(n, m)`` into the top ``k`` by (value desc, index asc)."""
-    by_index = torch.sort(indices, dim=1, stable=True).indices
-    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
-    by_value = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
-    return values.gather(1, by_value), indices.gather(1, by_value)
+    return merge_candidates(values, indices, k, largest=True)
 
 
 def _gather_columns(x: torch.Tensor, world_size: int, group: ProcessGroup | None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Exact retrieval evaluation: blocked k-nn, Recall@K and PML's metrics."""
 
 from pml_margins.evaluation.calculator import RetrievalAccuracyCalculator, resolve_distance
-from pml_margins.evaluation.knn import auto_block_rows, exact_knn, topk_lowest_index_ties
+from pml_margins.evaluation.knn import auto_block_rows, exact_knn
 from pml_margins.evaluation.metrics import (
     aggregate,
     average_precision,
@@ -12,6 +12,7 @@ from pml_margins.evaluation.metrics import (
     reciprocal_rank,
     relevant_counts,
 )
+from pml_margins.evaluation.topk import topk_lowest_index_ties
 
 __all__ = [
     "RetrievalAccuracyCalculator",
