@@ -41,6 +41,9 @@ _CPU_BUDGET_MIN_BYTES = 16 * 2**20
 _CPU_BUDGET_MAX_BYTES = 512 * 2**20
 _CUDA_BUDGET_CAP_BYTES = 4 * 2**30
 
+#: most worker threads of the CPU k-nn
+MAX_KNN_WORKERS = 8
+
 
 def default_memory_budget(device: torch.device, num_reference: int, dim: int, itemsize: int) -> int:
     """Default bytes for the score blocks of :func:`exact_knn`.
@@ -88,11 +91,12 @@ def auto_block_rows(
 
 
 def knn_workers(device: torch.device, dtype: torch.dtype, k: int) -> int:
-    """Worker threads for :func:`exact_knn`: torch's CPU thread count where the
-    selection runs in faiss heaps (CPU, float32, ``k <= HEAP_MAX_K``), else 1."""
+    """Worker threads for :func:`exact_knn`: torch's CPU thread count, at most
+    :data:`MAX_KNN_WORKERS` (each holds its own ``Q x k`` heaps), where the
+    selection runs in faiss heaps (CPU, float32, ``k <= HEAP_MAX_K``); else 1."""
     if device.type != "cpu" or dtype != torch.float32 or k > HEAP_MAX_K:
         return 1
-    return max(1, torch.get_num_threads())
+    return max(1, min(torch.get_num_threads(), MAX_KNN_WORKERS))
 
 
 def gram_block(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -189,7 +189,9 @@ class FaissHeapRunningTopK(RunningTopK):
 
     def add(self, row_start: int, costs: torch.Tensor, col_start: int) -> None:
         block = np.ascontiguousarray(costs.numpy(), dtype=np.float32)
-        self._heaps.addn(block.shape[1], self._swig_ptr(block), col_start, row_start, len(block))
+        self._heaps.addn(
+            block.shape[1], self._swig_ptr(block), int(col_start), int(row_start), len(block)
+        )
 
     def unordered_ties_result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The heaps sorted by cost (faiss only, no torch op to start threads)."""

@@ -3,7 +3,10 @@ import pytest
 import torch
 from conftest import brute_force_neighbours, make_data
 
+import pml_margins.evaluation.knn as knn_module
 from pml_margins.evaluation import auto_block_rows, exact_knn, topk_lowest_index_ties
+from pml_margins.evaluation.knn import cost_operands, default_memory_budget, gram_block
+from pml_margins.evaluation.topk import HEAP_MAX_K
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "dot"])
@@ -100,3 +103,117 @@ def test_cuda_matches_cpu():
     assert i_gpu.is_cuda
     torch.testing.assert_close(d_gpu.cpu(), d_cpu, atol=1e-3, rtol=1e-3)
     assert (i_gpu.cpu() == i_cpu).float().mean() > 0.99  # float rounding may swap near-ties
+
+
+def _integer_points(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Small integer coordinates: many exactly equal distances and duplicate points."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-1, 2, (n, dim), generator=g).float()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("block_rows", [None, 1, 5, 16])
+def test_symmetric_half_products_match_brute_force_with_ties(
+    monkeypatch, workers, metric, exclude_self, block_rows
+):
+    monkeypatch.setattr(knn_module, "knn_workers", lambda *_: workers)
+    x = _integer_points(37, 3, seed=4)
+    k = 36 if exclude_self else 37
+    # an equal copy takes the symmetric path as well as the same tensor
+    for reference in (x, x.clone()):
+        values, idx = exact_knn(
+            x, reference, k, metric=metric, exclude_self=exclude_self, block_rows=block_rows
+        )
+        expected = brute_force_neighbours(x.numpy(), x.numpy(), exclude_self, metric)[:, :k]
+        np.testing.assert_array_equal(idx.numpy(), expected)
+        x64 = x.double()
+        if metric == "euclidean":
+            truth = torch.cdist(x64, x64).gather(1, idx)
+        else:
+            truth = (x64 @ x64.T).gather(1, idx)
+        torch.testing.assert_close(values.double(), truth, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+def test_row_blocks_match_brute_force_with_ties(monkeypatch, workers, metric):
+    monkeypatch.setattr(knn_module, "knn_workers", lambda *_: workers)
+    x = _integer_points(50, 3, seed=6)
+    q = x[:20]
+    for block_rows in (None, 1, 3):
+        _, idx = exact_knn(q, x, 19, metric=metric, exclude_self=True, block_rows=block_rows)
+        expected = brute_force_neighbours(q.numpy(), x.numpy(), True, metric)[:, :19]
+        np.testing.assert_array_equal(idx.numpy(), expected)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_k_and_float64_use_torch_topk_and_agree(symmetric, dtype):
+    x = _integer_points(300, 4, seed=8).to(dtype)
+    q = x if symmetric else x[:120]
+    k = HEAP_MAX_K + 70
+    _, idx = exact_knn(q, x, k, exclude_self=True, block_rows=64)
+    expected = brute_force_neighbours(q.numpy(), x.numpy(), True)[:, :k]
+    np.testing.assert_array_equal(idx.numpy(), expected)
+
+
+def test_memory_budget_sets_block_size_without_changing_the_result():
+    x, _ = make_data("clustered", 400, 16, 7, seed=9)
+    base = exact_knn(x, x, 10, exclude_self=True)
+    for budget in (1, 4096, 2**20):
+        got = exact_knn(x, x, 10, exclude_self=True, memory_budget=budget)
+        assert torch.equal(got[1], base[1])
+        torch.testing.assert_close(got[0], base[0])
+    with pytest.raises(ValueError, match="memory_budget must be > 0"):
+        exact_knn(x, x, 10, memory_budget=0)
+
+
+def test_cost_operands_give_half_squared_distance_and_negated_dot():
+    x = torch.randn(6, 5, dtype=torch.float64)
+    left, right = cost_operands(x, "euclidean")
+    torch.testing.assert_close(left @ right.T, torch.cdist(x, x) ** 2 / 2)
+    left, right = cost_operands(x, "dot")
+    torch.testing.assert_close(left @ right.T, -(x @ x.T))
+
+
+def test_gram_block_writes_into_a_reused_buffer():
+    a, b = torch.randn(4, 3), torch.randn(5, 3)
+    out = torch.empty(4, 5)
+    assert gram_block(a, b, out) is out
+    torch.testing.assert_close(out, a @ b.T)
+    torch.testing.assert_close(gram_block(a, b), a @ b.T)
+
+
+def test_default_memory_budget_bounds():
+    cpu = torch.device("cpu")
+    assert default_memory_budget(cpu, 10, 4, 4) == 16 * 2**20
+    assert default_memory_budget(cpu, 10**9, 512, 4) == 512 * 2**20
+
+
+def test_inputs_that_require_grad_are_accepted():
+    x = torch.randn(30, 4, requires_grad=True)
+    _, idx = exact_knn(x, x, 3, exclude_self=True)
+    expected = brute_force_neighbours(x.detach().numpy(), x.detach().numpy(), True)[:, :3]
+    np.testing.assert_array_equal(idx.numpy(), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_cuda_ties_match_brute_force(symmetric):
+    x = _integer_points(200, 4, seed=10)
+    q = x if symmetric else x[:70]
+    for k, block_rows in ((20, None), (150, 32)):
+        _, idx = exact_knn(q.cuda(), x.cuda(), k, exclude_self=True, block_rows=block_rows)
+        assert idx.is_cuda
+        expected = brute_force_neighbours(q.numpy(), x.numpy(), True)[:, :k]
+        np.testing.assert_array_equal(idx.cpu().numpy(), expected)
+
+
+def test_workers_are_capped():
+    assert knn_module.knn_workers(torch.device("cpu"), torch.float64, 5) == 1
+    assert knn_module.knn_workers(torch.device("cpu"), torch.float32, HEAP_MAX_K + 1) == 1
+    n = knn_module.knn_workers(torch.device("cpu"), torch.float32, 5)
+    assert 1 <= n <= knn_module.MAX_KNN_WORKERS
