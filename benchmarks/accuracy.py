@@ -34,11 +34,17 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
-SCALES = {  # name: (N, D, classes)
+SCALES = {  # name: (N, D, classes); "query / reference": even rows query the odd rows
     "CUB-test": (5924, 512, 100),
+    "CUB-test, query / reference": (5924, 512, 100),
     "SOP-test": (60502, 512, 11316),
+    "SOP-test, query / reference": (60502, 512, 11316),
 }
-QUICK_SCALES = {"CUB-like (quick)": (2000, 64, 40), "SOP-like (quick)": (6000, 64, 1200)}
+QUICK_SCALES = {
+    "CUB-like (quick)": (2000, 64, 40),
+    "CUB-like (quick), query / reference": (2000, 64, 40),
+    "SOP-like (quick)": (6000, 64, 1200),
+}
 PML_CUDA_BATCH = 4096
 
 
@@ -74,7 +80,14 @@ def _reset_peak_rss() -> float:
     return _status_kb("VmRSS") / 1024
 
 
-def run_case(case: str, folder: Path, device: str, repeats: int) -> dict:
+def _split(x, y, separate: bool) -> tuple:
+    """``(query, labels)`` or, when ``separate``, ``(q, ql, r, rl)`` (even / odd rows)."""
+    if not separate:
+        return x, y
+    return tuple(t.contiguous() for t in (x[0::2], y[0::2], x[1::2], y[1::2]))
+
+
+def run_case(case: str, folder: Path, device: str, repeats: int, separate: bool) -> dict:
     """Run one case in this process; returns the median seconds, memory and metrics."""
     import torch
 
@@ -93,7 +106,7 @@ def run_case(case: str, folder: Path, device: str, repeats: int) -> dict:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()  # imports and loading are not timed
-        metrics = _call(case, x, y, device)
+        metrics = _call(case, _split(x, y, separate), device)
         _sync(device)
         times.append(time.perf_counter() - start)
         working_mb.append(_status_kb("VmHWM") / 1024 - base_mb)
@@ -110,7 +123,7 @@ def run_case(case: str, folder: Path, device: str, repeats: int) -> dict:
     }
 
 
-def _call(case: str, x, y, device: str) -> dict:
+def _call(case: str, inputs: tuple, device: str) -> dict:
     import torch
     from pytorch_metric_learning.distances import LpDistance
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -120,7 +133,7 @@ def _call(case: str, x, y, device: str) -> dict:
 
     if case == "ours":
         calc = RetrievalAccuracyCalculator(include=METRICS, k="max_bin_count")
-        return calc.get_accuracy(x, y)
+        return calc.get_accuracy(*inputs)
     if case.startswith("pml"):
         knn = None
         if case == "pml-custom":
@@ -130,18 +143,19 @@ def _call(case: str, x, y, device: str) -> dict:
         calc = AccuracyCalculator(
             include=METRICS, k="max_bin_count", device=torch.device(device), knn_func=knn
         )
-        return calc.get_accuracy(x, y)
+        return calc.get_accuracy(*inputs)
     if case == "matmul":  # one Q × N product, in row blocks (SOP's would need 14.6 GB)
+        query, reference = inputs[0], inputs[2] if len(inputs) > 2 else inputs[0]
         block = 4096
-        for s in range(0, len(x), block):
-            (x[s : s + block] @ x.T).sum()
+        for s in range(0, len(query), block):
+            (query[s : s + block] @ reference.T).sum()
         return {}
     raise ValueError(f"unknown case {case!r}")
 
 
-def spawn(case: str, folder: Path, device: str, repeats: int) -> dict:
+def spawn(case: str, folder: Path, device: str, repeats: int, separate: bool) -> dict:
     cmd = [sys.executable, __file__, "--case", case, "--data", str(folder), "--device", device]
-    cmd += ["--repeats", str(repeats)]
+    cmd += ["--repeats", str(repeats)] + (["--separate"] if separate else [])
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
@@ -155,10 +169,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="scale names to run")
     parser.add_argument("--repeats", type=int, default=3, help="calls per case (median time)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--separate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, Path(args.data), args.device, args.repeats)))
+        result = run_case(args.case, Path(args.data), args.device, args.repeats, args.separate)
+        print(json.dumps(result))
         return
 
     scales = QUICK_SCALES if args.quick else SCALES
@@ -177,9 +193,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             make_data(n, dim, classes, folder)
-            ours = spawn("ours", folder, args.device, args.repeats)
-            pmls = [spawn(c, folder, args.device, args.repeats) for c in pml_cases]
-            matmul = spawn("matmul", folder, args.device, args.repeats)
+            separate = "query / reference" in name
+            ours = spawn("ours", folder, args.device, args.repeats, separate)
+            pmls = [spawn(c, folder, args.device, args.repeats, separate) for c in pml_cases]
+            matmul = spawn("matmul", folder, args.device, args.repeats, separate)
         ok = [p for p in pmls if "error" in p] != pmls
         pml = min((p for p in pmls if "error" not in p), key=lambda p: p["seconds"]) if ok else {}
         if "error" in ours or not pml or "error" in matmul:

@@ -119,9 +119,7 @@ def gram_block(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
     return torch.mm(a, b.T, out=out)
 
 
-def cost_operands(
-    x: torch.Tensor, metric: Metric, half_sq_norms: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def cost_operands(x: torch.Tensor, metric: Metric) -> tuple[torch.Tensor, torch.Tensor]:
     """``(left, right)`` with ``left_a · right_b`` the cost of ``a`` to ``b`` (lower is nearer).
 
     * ``"dot"``: ``left = -x``, ``right = x``; cost ``-a·b``.
@@ -130,16 +128,29 @@ def cost_operands(
       product and no pass over the block. The cost is symmetric, so a block's
       transpose is the mirror block's cost.
 
+    On CPU the operands are built with numpy (one thread: called from the k-nn
+    worker threads, where torch's intra-op threads would compete).
+
     Args:
         x: ``(n, D)`` embeddings.
         metric: ``"dot"`` or ``"euclidean"``.
-        half_sq_norms: ``|x|^2 / 2`` if already computed.
     """
+    if x.device.type == "cpu":
+        a = x.numpy()
+        if metric == "dot":
+            return torch.from_numpy(np.negative(a)), x
+        n, dim = a.shape
+        h = np.einsum("ij,ij->i", a, a) / 2
+        left, right = np.empty((n, dim + 2), a.dtype), np.empty((n, dim + 2), a.dtype)
+        np.negative(a, out=left[:, :dim])
+        right[:, :dim] = a
+        left[:, dim], left[:, dim + 1] = h, 1
+        right[:, dim], right[:, dim + 1] = 1, h
+        return torch.from_numpy(left), torch.from_numpy(right)
     if metric == "dot":
         return -x, x
-    if half_sq_norms is None:
-        half_sq_norms = (x * x).sum(dim=1) / 2
-    h, ones = half_sq_norms[:, None], torch.ones(len(x), 1, dtype=x.dtype, device=x.device)
+    h = ((x * x).sum(dim=1) / 2)[:, None]
+    ones = torch.ones(len(x), 1, dtype=x.dtype, device=x.device)
     return torch.cat([-x, h, ones], dim=1), torch.cat([x, ones, h], dim=1)
 
 

@@ -30,16 +30,23 @@ State = TypeVar("State")
 Result = TypeVar("Result")
 
 
+_CONTROLLER = None
+
+
 @contextlib.contextmanager
 def one_thread_per_library() -> Iterator[None]:
     """Limit the BLAS libraries to one thread for the duration (restored after).
 
     faiss's OpenMP thread count is a per-thread setting: each worker sets its
-    own (see :func:`run_workers`).
+    own (see :func:`run_workers`). The threadpoolctl controller (a scan of the
+    loaded libraries, about 1 ms) is made once.
     """
-    from threadpoolctl import threadpool_limits
+    global _CONTROLLER
+    from threadpoolctl import ThreadpoolController
 
-    with threadpool_limits(1, user_api="blas"):
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    with _CONTROLLER.limit(limits=1, user_api="blas"):
         yield
 
 
