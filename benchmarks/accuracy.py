@@ -134,6 +134,12 @@ def _call(case: str, inputs: tuple, device: str) -> dict:
     if case == "ours":
         calc = RetrievalAccuracyCalculator(include=METRICS, k="max_bin_count")
         return calc.get_accuracy(*inputs)
+    if case.startswith("ours-recall-"):  # ours-recall-1-10-100-1000: Recall@K only
+        ks = tuple(int(v) for v in case.removeprefix("ours-recall-").split("-"))
+        calc = RetrievalAccuracyCalculator(
+            include=[f"recall_at_{v}" for v in ks], recall_ks=ks, k="max_bin_count"
+        )
+        return calc.get_accuracy(*inputs)
     if case.startswith("pml"):
         knn = None
         if case == "pml-custom":
@@ -168,6 +174,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="+", help="scale names to run")
     parser.add_argument("--repeats", type=int, default=3, help="calls per case (median time)")
+    parser.add_argument(
+        "--recall-ks",
+        type=int,
+        nargs="+",
+        help="also time ours computing only Recall@these K (PML has no Recall@K)",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--separate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -214,6 +226,33 @@ def main() -> None:
             f"{matmul['seconds']:.2f} | {ours['seconds'] / matmul['seconds']:.2f} | {delta:.1e} |"
         )
     print("\n".join(rows))
+    if args.recall_ks:
+        print(recall_table(scales, args))
+
+
+def recall_table(scales: dict, args: argparse.Namespace) -> str:
+    """Ours alone computing Recall@K for large K (its k-nn needs k = max(K))."""
+    case = "ours-recall-" + "-".join(str(v) for v in sorted(set(args.recall_ks)))
+    rows = [
+        "| set | Recall@K | ours s | ours working MiB 1st/later | Recall@K values |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (n, dim, classes) in scales.items():
+        if args.only and name not in args.only:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            make_data(n, dim, classes, Path(tmp))
+            got = spawn(case, Path(tmp), args.device, args.repeats, "query / reference" in name)
+        if "error" in got:
+            rows.append(f"| {name} | error: {got['error']} |")
+            continue
+        values = ", ".join(f"{got[f'recall_at_{v}']:.4f}" for v in sorted(set(args.recall_ks)))
+        rows.append(
+            f"| {name} | {', '.join(map(str, sorted(set(args.recall_ks))))} | "
+            f"{got['seconds']:.2f} | {got['working_first_mb']:,.0f} / {got['working_mb']:,.0f} | "
+            f"{values} |"
+        )
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from pml_margins.evaluation.topk import (
-    HEAP_MAX_K,
     merge_candidates,
     order_ties_by_index,
     running_topk,
@@ -43,6 +42,10 @@ _CUDA_BUDGET_CAP_BYTES = 4 * 2**30
 
 #: most worker threads of the CPU k-nn
 MAX_KNN_WORKERS = 8
+#: most bytes of per-worker heaps (SOP's 60,502 queries at k = 1,000: 726 MB each)
+MAX_HEAP_BYTES = 2 * 2**30
+#: rows merged at a time from the workers' lists (bounds the merge's temporaries)
+MERGE_ROWS = 4096
 
 
 def default_memory_budget(device: torch.device, num_reference: int, dim: int, itemsize: int) -> int:
@@ -90,13 +93,19 @@ def auto_block_rows(
     return max(1, int(memory_budget // bytes_per_row))
 
 
-def knn_workers(device: torch.device, dtype: torch.dtype, k: int) -> int:
-    """Worker threads for :func:`exact_knn`: torch's CPU thread count, at most
-    :data:`MAX_KNN_WORKERS` (each holds its own ``Q x k`` heaps), where the
-    selection runs in faiss heaps (CPU, float32, ``k <= HEAP_MAX_K``); else 1."""
-    if device.type != "cpu" or dtype != torch.float32 or k > HEAP_MAX_K:
+def knn_workers(device: torch.device, dtype: torch.dtype, k: int, num_query: int = 0) -> int:
+    """Worker threads for :func:`exact_knn`.
+
+    Where the selection runs in faiss heaps (CPU, float32): torch's CPU thread
+    count, at most :data:`MAX_KNN_WORKERS`, and no more than fit
+    :data:`MAX_HEAP_BYTES` of ``num_query x k`` heaps (each worker holds its own).
+    Otherwise 1.
+    """
+    if device.type != "cpu" or dtype != torch.float32:
         return 1
-    return max(1, min(torch.get_num_threads(), MAX_KNN_WORKERS))
+    heap_bytes = max(1, num_query * k * 12)  # float32 cost + int64 column
+    by_memory = max(1, MAX_HEAP_BYTES // heap_bytes)
+    return max(1, min(torch.get_num_threads(), MAX_KNN_WORKERS, by_memory))
 
 
 def gram_block(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,10 +240,10 @@ def exact_knn(
     reference index. When ``query`` equals ``reference`` (same shape, equal
     values) only the blocks on and above the diagonal are multiplied.
 
-    On CPU with up to :data:`~.topk.HEAP_MAX_K` neighbours, blocks are shared
-    out to :func:`knn_workers` threads that each multiply (numpy's BLAS) and
-    select (faiss heaps) with one thread per library (:mod:`.workers`); the BLAS
-    thread setting is changed for the duration of the call and restored.
+    On CPU (float32), blocks are shared out to :func:`knn_workers` threads that
+    each multiply (numpy's BLAS) and select (faiss heaps) with one thread per
+    library (:mod:`.workers`); the BLAS thread setting is changed for the
+    duration of the call and restored.
 
     Args:
         query: ``(Q, D)`` floating embeddings.
@@ -291,7 +300,7 @@ def exact_knn(
         symmetric = query is reference or (
             query.shape == reference.shape and torch.equal(query, reference.to(device, dtype))
         )
-        workers = knn_workers(device, dtype, k)
+        workers = knn_workers(device, dtype, k, num_query)
         if memory_budget is None and block_rows is None:
             memory_budget = default_memory_budget(
                 device, len(reference), query.shape[1], dtype.itemsize
@@ -336,12 +345,15 @@ def exact_knn(
         if len(results) == 1:
             costs, indices = order_ties_by_index(*results[0], largest=False)
         else:
-            costs, indices = merge_candidates(
-                torch.cat([c for c, _ in results], dim=1),
-                torch.cat([i for _, i in results], dim=1),
-                k,
-                largest=False,
-            )
+            costs, indices = results[0]  # merged into the first worker's lists
+            for start in range(0, num_query, MERGE_ROWS):
+                rows = slice(start, start + MERGE_ROWS)
+                costs[rows], indices[rows] = merge_candidates(
+                    torch.cat([c[rows] for c, _ in results], dim=1),
+                    torch.cat([i[rows] for _, i in results], dim=1),
+                    k,
+                    largest=False,
+                )
         if metric == "euclidean":  # cost = |q - r|^2 / 2
             values = (2 * costs).clamp_(min=0).sqrt_()
         else:

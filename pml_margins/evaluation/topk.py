@@ -12,11 +12,11 @@ among equal scores). Two implementations:
 
 * :class:`TorchRunningTopK`: ``torch.topk`` per block, merged with the running
   result; any device, any floating dtype.
-* :class:`FaissHeapRunningTopK`: faiss's OpenMP binary heaps (the selection
-  faiss's own flat-index search uses), CPU float32. On a block a heap rejects most
-  costs with one comparison, so it beats ``torch.topk`` for small ``k``; for
-  large ``k`` the heap updates cost more than ``torch.topk``'s radix select
-  (see :data:`HEAP_MAX_K` and ``benchmarks/accuracy.py``).
+* :class:`FaissHeapRunningTopK`: faiss's binary heaps (the selection faiss's own
+  flat-index search uses), CPU float32. A heap rejects most costs with one
+  comparison and needs no merge between blocks; run per worker thread it beat
+  the ``torch.topk`` engine by 2-2.8x at every size we measured (5,924 and 20,000
+  points, k = 200 and 1,000, 2 cores), so it is the CPU float32 choice for any ``k``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 __all__ = [
-    "HEAP_MAX_K",
     "FaissHeapRunningTopK",
     "RunningTopK",
     "TorchRunningTopK",
@@ -34,10 +33,6 @@ __all__ = [
     "running_topk",
     "topk_lowest_index_ties",
 ]
-
-#: largest ``k`` for which the faiss heaps are used on CPU (faiss itself switches
-#: from heaps to a reservoir at 100)
-HEAP_MAX_K = 128
 
 
 def order_ties_by_index(
@@ -233,8 +228,8 @@ def _sort_by_column_then_value(
 
 
 def running_topk(num_rows: int, k: int, dtype: torch.dtype, device: torch.device) -> RunningTopK:
-    """The faster :class:`RunningTopK` for this case: faiss heaps on CPU float32 for
-    ``k <= HEAP_MAX_K``, ``torch.topk`` otherwise."""
-    if device.type == "cpu" and dtype == torch.float32 and k <= HEAP_MAX_K:
+    """The faster :class:`RunningTopK` for this case: faiss heaps on CPU float32,
+    ``torch.topk`` otherwise (CUDA, float64)."""
+    if device.type == "cpu" and dtype == torch.float32:
         return FaissHeapRunningTopK(num_rows, k, dtype, device)
     return TorchRunningTopK(num_rows, k, dtype, device)

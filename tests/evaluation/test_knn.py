@@ -6,7 +6,6 @@ from conftest import brute_force_neighbours, make_data
 import pml_margins.evaluation.knn as knn_module
 from pml_margins.evaluation import auto_block_rows, exact_knn, topk_lowest_index_ties
 from pml_margins.evaluation.knn import cost_operands, default_memory_budget, gram_block
-from pml_margins.evaluation.topk import HEAP_MAX_K
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "dot"])
@@ -150,10 +149,11 @@ def test_row_blocks_match_brute_force_with_ties(monkeypatch, workers, metric):
 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_large_k_and_float64_use_torch_topk_and_agree(symmetric, dtype):
+def test_large_k_in_both_engines(symmetric, dtype):
+    # float32: faiss heaps; float64: torch.topk per block, merged
     x = _integer_points(300, 4, seed=8).to(dtype)
     q = x if symmetric else x[:120]
-    k = HEAP_MAX_K + 70
+    k = 200
     _, idx = exact_knn(q, x, k, exclude_self=True, block_rows=64)
     expected = brute_force_neighbours(q.numpy(), x.numpy(), True)[:, :k]
     np.testing.assert_array_equal(idx.numpy(), expected)
@@ -212,8 +212,21 @@ def test_cuda_ties_match_brute_force(symmetric):
         np.testing.assert_array_equal(idx.cpu().numpy(), expected)
 
 
-def test_workers_are_capped():
-    assert knn_module.knn_workers(torch.device("cpu"), torch.float64, 5) == 1
-    assert knn_module.knn_workers(torch.device("cpu"), torch.float32, HEAP_MAX_K + 1) == 1
-    n = knn_module.knn_workers(torch.device("cpu"), torch.float32, 5)
-    assert 1 <= n <= knn_module.MAX_KNN_WORKERS
+def test_workers_are_capped(monkeypatch):
+    cpu = torch.device("cpu")
+    assert knn_module.knn_workers(cpu, torch.float64, 5, 100) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    assert knn_module.knn_workers(cpu, torch.float32, 5, 100) == knn_module.MAX_KNN_WORKERS
+    # each worker's heaps: 60,502 x 1,000 x 12 bytes; no more than fit MAX_HEAP_BYTES
+    assert knn_module.knn_workers(cpu, torch.float32, 1000, 60502) == 2
+    assert knn_module.knn_workers(cpu, torch.float32, 10**6, 10**6) == 1
+
+
+def test_worker_lists_are_merged_in_row_chunks(monkeypatch):
+    monkeypatch.setattr(knn_module, "knn_workers", lambda *_: 3)
+    monkeypatch.setattr(knn_module, "MERGE_ROWS", 7)
+    x = _integer_points(40, 3, seed=12)
+    _, idx = exact_knn(x, x, 25, exclude_self=True, block_rows=6)
+    np.testing.assert_array_equal(
+        idx.numpy(), brute_force_neighbours(x.numpy(), x.numpy(), True)[:, :25]
+    )

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from pml_margins.evaluation.topk import (
-    HEAP_MAX_K,
     FaissHeapRunningTopK,
     TorchRunningTopK,
     merge_candidates,
@@ -87,9 +86,9 @@ def test_heap_engine_refuses_what_faiss_cannot_hold():
         FaissHeapRunningTopK(3, 2, torch.float64, CPU)
 
 
-def test_running_topk_picks_heaps_only_where_they_are_faster():
-    assert isinstance(running_topk(4, HEAP_MAX_K, torch.float32, CPU), FaissHeapRunningTopK)
-    assert isinstance(running_topk(4, HEAP_MAX_K + 1, torch.float32, CPU), TorchRunningTopK)
+def test_running_topk_picks_heaps_for_cpu_float32():
+    assert isinstance(running_topk(4, 3, torch.float32, CPU), FaissHeapRunningTopK)
+    assert isinstance(running_topk(4, 1000, torch.float32, CPU), FaissHeapRunningTopK)
     assert isinstance(running_topk(4, 3, torch.float64, CPU), TorchRunningTopK)
 
 

@@ -1,0 +1,23 @@
+"""The accuracy benchmark runs end to end on its quick sizes (ours and PML agree)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_accuracy_benchmark_prints_equal_metrics_and_recall_table():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--repeats", "1"]
+    cmd += ["--only", "CUB-like (quick), query / reference", "--recall-ks", "1", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("| CUB-like")]
+    assert len(lines) == 2, done.stdout
+    assert lines[0].rstrip(" |").endswith("0.0e+00"), lines[0]  # ours == PML on every metric
+    assert "error" not in done.stdout
+    recall_values = [float(v) for v in lines[1].split("|")[-2].split(",")]
+    assert 0.0 < recall_values[0] <= recall_values[1] <= 1.0
