@@ -159,6 +159,17 @@ def _call(case: str, inputs: tuple, device: str) -> dict:
     raise ValueError(f"unknown case {case!r}")
 
 
+def scale_data(scales: dict, only: list[str] | None):
+    """Yield ``(name, (n, dim, classes), folder, separate)``, the data written to a
+    temporary folder that lives until the next item."""
+    for name, size in scales.items():
+        if only and name not in only:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            make_data(*size, Path(tmp))
+            yield name, size, Path(tmp), "query / reference" in name
+
+
 def spawn(case: str, folder: Path, device: str, repeats: int, separate: bool) -> dict:
     cmd = [sys.executable, __file__, "--case", case, "--data", str(folder), "--device", device]
     cmd += ["--repeats", str(repeats)] + (["--separate"] if separate else [])
@@ -199,16 +210,10 @@ def main() -> None:
         "| matmul s | ours/matmul | max abs Δ metric |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, (n, dim, classes) in scales.items():
-        if args.only and name not in args.only:
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            make_data(n, dim, classes, folder)
-            separate = "query / reference" in name
-            ours = spawn("ours", folder, args.device, args.repeats, separate)
-            pmls = [spawn(c, folder, args.device, args.repeats, separate) for c in pml_cases]
-            matmul = spawn("matmul", folder, args.device, args.repeats, separate)
+    for name, (n, dim, classes), folder, separate in scale_data(scales, args.only):
+        ours = spawn("ours", folder, args.device, args.repeats, separate)
+        pmls = [spawn(c, folder, args.device, args.repeats, separate) for c in pml_cases]
+        matmul = spawn("matmul", folder, args.device, args.repeats, separate)
         ok = [p for p in pmls if "error" in p] != pmls
         pml = min((p for p in pmls if "error" not in p), key=lambda p: p["seconds"]) if ok else {}
         if "error" in ours or not pml or "error" in matmul:
@@ -237,12 +242,8 @@ def recall_table(scales: dict, args: argparse.Namespace) -> str:
         "| set | Recall@K | ours s | ours working MiB 1st/later | Recall@K values |",
         "|---|---|---|---|---|",
     ]
-    for name, (n, dim, classes) in scales.items():
-        if args.only and name not in args.only:
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            make_data(n, dim, classes, Path(tmp))
-            got = spawn(case, Path(tmp), args.device, args.repeats, "query / reference" in name)
+    for name, _, folder, separate in scale_data(scales, args.only):
+        got = spawn(case, folder, args.device, args.repeats, separate)
         if "error" in got:
             rows.append(f"| {name} | error: {got['error']} |")
             continue
