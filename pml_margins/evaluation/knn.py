@@ -32,6 +32,7 @@ __all__ = [
     "default_memory_budget",
     "exact_knn",
     "gram_block",
+    "half_sq_norms",
 ]
 
 Metric = Literal["euclidean", "dot"]
@@ -44,8 +45,8 @@ _CUDA_BUDGET_CAP_BYTES = 4 * 2**30
 MAX_KNN_WORKERS = 8
 #: most bytes of per-worker heaps (SOP's 60,502 queries at k = 1,000: 726 MB each)
 MAX_HEAP_BYTES = 2 * 2**30
-#: rows merged at a time from the workers' lists (bounds the merge's temporaries)
-MERGE_ROWS = 4096
+#: bytes of temporaries for merging the workers' lists (rows are merged in chunks)
+MERGE_BYTES = 64 * 2**20
 
 
 def default_memory_budget(device: torch.device, num_reference: int, dim: int, itemsize: int) -> int:
@@ -128,39 +129,56 @@ def gram_block(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None
     return torch.mm(a, b.T, out=out)
 
 
-def cost_operands(x: torch.Tensor, metric: Metric) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(left, right)`` with ``left_a · right_b`` the cost of ``a`` to ``b`` (lower is nearer).
+def half_sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """``|x|^2 / 2`` per row, summed in float64 and rounded once to ``x``'s dtype.
 
-    * ``"dot"``: ``left = -x``, ``right = x``; cost ``-a·b``.
-    * ``"euclidean"``: ``left = [-x, h, 1]``, ``right = [x, 1, h]`` with
-      ``h = |x|^2 / 2``; cost ``h_a + h_b - a·b = |a - b|^2 / 2``, one matrix
-      product and no pass over the block. The cost is symmetric, so a block's
-      transpose is the mirror block's cost.
+    Rounded once from a near-exact sum, equal rows get equal values wherever
+    they sit in memory (a float32 reduction's order can depend on alignment), so
+    exact duplicates tie exactly. On CPU with numpy, in row chunks.
+    """
+    if x.device.type != "cpu":
+        return ((x.double() ** 2).sum(dim=1) / 2).to(x.dtype)
+    a = x.numpy()
+    out = np.empty(len(a), dtype=a.dtype)
+    for start in range(0, len(a), 4096):
+        chunk = a[start : start + 4096].astype(np.float64)
+        out[start : start + 4096] = np.einsum("ij,ij->i", chunk, chunk) / 2
+    return torch.from_numpy(out)
 
-    On CPU the operands are built with numpy (one thread: called from the k-nn
-    worker threads, where torch's intra-op threads would compete).
+
+def cost_operands(
+    x: torch.Tensor, metric: Metric, half_norms: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left, right)`` with ``left_a · right_b`` the cost of ``b`` for query ``a``.
+
+    Lower is nearer. ``"dot"``: ``left = -x``, ``right = x``, cost ``-a·b``.
+    ``"euclidean"``: ``left = [-x, 1]``, ``right = [x, h]`` with
+    ``h = |x|^2 / 2``, cost ``h_b - a·b``, so ``|a - b|^2 = |a|^2 + 2 cost``: one
+    matrix product, no pass over the block, and within a row every cost is
+    rounded the same way. On CPU the operands are built with numpy (one thread:
+    this runs in the k-nn worker threads, where torch's intra-op threads would
+    compete).
 
     Args:
         x: ``(n, D)`` embeddings.
         metric: ``"dot"`` or ``"euclidean"``.
+        half_norms: :func:`half_sq_norms` of ``x`` if already computed.
     """
-    if x.device.type == "cpu":
-        a = x.numpy()
-        if metric == "dot":
-            return torch.from_numpy(np.negative(a)), x
-        n, dim = a.shape
-        h = np.einsum("ij,ij->i", a, a) / 2
-        left, right = np.empty((n, dim + 2), a.dtype), np.empty((n, dim + 2), a.dtype)
-        np.negative(a, out=left[:, :dim])
-        right[:, :dim] = a
-        left[:, dim], left[:, dim + 1] = h, 1
-        right[:, dim], right[:, dim + 1] = 1, h
-        return torch.from_numpy(left), torch.from_numpy(right)
     if metric == "dot":
+        if x.device.type == "cpu":
+            return torch.from_numpy(np.negative(x.numpy())), x
         return -x, x
-    h = ((x * x).sum(dim=1) / 2)[:, None]
+    if half_norms is None:
+        half_norms = half_sq_norms(x)
+    if x.device.type == "cpu":
+        a, n, dim = x.numpy(), len(x), x.shape[1]
+        left, right = np.empty((n, dim + 1), a.dtype), np.empty((n, dim + 1), a.dtype)
+        np.negative(a, out=left[:, :dim])
+        left[:, dim] = 1
+        right[:, :dim], right[:, dim] = a, half_norms.numpy()
+        return torch.from_numpy(left), torch.from_numpy(right)
     ones = torch.ones(len(x), 1, dtype=x.dtype, device=x.device)
-    return torch.cat([-x, h, ones], dim=1), torch.cat([x, ones, h], dim=1)
+    return torch.cat([-x, ones], dim=1), torch.cat([x, half_norms[:, None]], dim=1)
 
 
 def _view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -168,16 +186,33 @@ def _view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return buffer[: rows * cols].view(rows, cols)
 
 
-def _transpose_into(block: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    if block.device.type == "cpu":  # numpy: no torch intra-op threads in the producer
-        np.copyto(out.numpy(), block.numpy().T)
+def _add_row_vector(block: torch.Tensor, row: torch.Tensor) -> None:
+    """``block += row[None, :]`` in place (numpy on CPU: one thread)."""
+    if block.device.type == "cpu":
+        np.add(block.numpy(), row.numpy()[None, :], out=block.numpy())
     else:
+        block.add_(row)
+
+
+def _transpose_into(
+    block: torch.Tensor, out: torch.Tensor, row: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``out = block.T (+ row[None, :])`` in one pass (numpy on CPU: one thread)."""
+    if block.device.type == "cpu":
+        if row is None:
+            np.copyto(out.numpy(), block.numpy().T)
+        else:
+            np.add(block.numpy().T, row.numpy()[None, :], out=out.numpy())
+    elif row is None:
         out.copy_(block.T)
+    else:
+        torch.add(block.T, row, out=out)
     return out
 
 
 def _row_block_costs(
     query: torch.Tensor,
+    query_half_norms: torch.Tensor | None,
     reference_right: torch.Tensor,
     metric: Metric,
     exclude_self: bool,
@@ -186,7 +221,8 @@ def _row_block_costs(
     buffer: tuple[torch.Tensor, ...],
 ) -> list[tuple[int, torch.Tensor, int]]:
     """Costs of queries ``start:stop`` to every reference, as ``(row, costs, column)``."""
-    left, _ = cost_operands(query[start:stop], metric)
+    h = None if query_half_norms is None else query_half_norms[start:stop]
+    left, _ = cost_operands(query[start:stop], metric, h)
     costs = gram_block(left, reference_right, _view(buffer[0], stop - start, len(reference_right)))
     if exclude_self:  # query start + t is reference start + t
         costs.diagonal(offset=start).fill_(torch.inf)
@@ -195,7 +231,7 @@ def _row_block_costs(
 
 def _symmetric_block_costs(
     x: torch.Tensor,
-    metric: Metric,
+    half_norms: torch.Tensor | None,
     exclude_self: bool,
     side: int,
     pair: tuple[int, int],
@@ -210,15 +246,23 @@ def _symmetric_block_costs(
     n = len(x)
     i, j = pair
     i_stop, j_stop = min(i + side, n), min(j + side, n)
-    left, _ = cost_operands(x[i:i_stop], metric)
-    _, right = cost_operands(x[j:j_stop], metric)
-    costs = gram_block(left, right, _view(buffer[0], i_stop - i, j_stop - j))
-    if j == i:
+    # the products -a·b alone are symmetric to the bit (the same terms summed in
+    # the same order); |b|^2 / 2 is added after, to the direct block by column and
+    # to the transposed block by its own column, so each row's costs are h_b - a·b
+    # rounded alike whichever block they come from
+    negated, _ = cost_operands(x[i:i_stop], "dot")
+    products = gram_block(negated, x[j:j_stop], _view(buffer[0], i_stop - i, j_stop - j))
+    mirror = None
+    if j != i:
+        h_i = None if half_norms is None else half_norms[i:i_stop]
+        mirror = _transpose_into(products, _view(buffer[1], j_stop - j, i_stop - i), h_i)
+    if half_norms is not None:
+        _add_row_vector(products, half_norms[j:j_stop])
+    if mirror is None:
         if exclude_self:
-            costs.diagonal().fill_(torch.inf)
-        return [(i, costs, j)]
-    mirror = _transpose_into(costs, _view(buffer[1], j_stop - j, i_stop - i))
-    return [(i, costs, j), (j, mirror, i)]
+            products.diagonal().fill_(torch.inf)
+        return [(i, products, j)]
+    return [(i, products, j), (j, mirror, i)]
 
 
 def exact_knn(
@@ -301,6 +345,7 @@ def exact_knn(
             query.shape == reference.shape and torch.equal(query, reference.to(device, dtype))
         )
         workers = knn_workers(device, dtype, k, num_query)
+        query_half_norms = half_sq_norms(query) if metric == "euclidean" else None
         if memory_budget is None and block_rows is None:
             memory_budget = default_memory_budget(
                 device, len(reference), query.shape[1], dtype.itemsize
@@ -311,7 +356,9 @@ def exact_knn(
             sizes = [side * min(side, num_query)] * (2 if len(tasks) > 1 else 1)
 
             def produce(pair, buffers):
-                return _symmetric_block_costs(query, metric, exclude_self, side, pair, buffers)
+                return _symmetric_block_costs(
+                    query, query_half_norms, exclude_self, side, pair, buffers
+                )
 
         else:
             reference = reference.detach().to(device, dtype).contiguous()
@@ -325,7 +372,14 @@ def exact_knn(
             def produce(start, buffers):
                 stop = min(start + rows, num_query)
                 return _row_block_costs(
-                    query, reference_right, metric, exclude_self, start, stop, buffers
+                    query,
+                    query_half_norms,
+                    reference_right,
+                    metric,
+                    exclude_self,
+                    start,
+                    stop,
+                    buffers,
                 )
 
         def make_state():
@@ -346,16 +400,19 @@ def exact_knn(
             costs, indices = order_ties_by_index(*results[0], largest=False)
         else:
             costs, indices = results[0]  # merged into the first worker's lists
-            for start in range(0, num_query, MERGE_ROWS):
-                rows = slice(start, start + MERGE_ROWS)
+            # per candidate: cost, column, sort order, gathered copies: about 48 bytes
+            chunk = max(1, MERGE_BYTES // (48 * k * len(results)))
+            for start in range(0, num_query, chunk):
+                rows = slice(start, start + chunk)
                 costs[rows], indices[rows] = merge_candidates(
                     torch.cat([c[rows] for c, _ in results], dim=1),
                     torch.cat([i[rows] for _, i in results], dim=1),
                     k,
                     largest=False,
                 )
-        if metric == "euclidean":  # cost = |q - r|^2 / 2
-            values = (2 * costs).clamp_(min=0).sqrt_()
+        if metric == "euclidean":  # cost = |r|^2 / 2 - q·r = (|q - r|^2 - |q|^2) / 2
+            h = query_half_norms.to(costs.device)[:, None]
+            values = (2 * (costs + h)).clamp_(min=0).sqrt_()
         else:
             values = -costs
     return values.to(device), indices.to(device)

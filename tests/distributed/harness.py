@@ -47,6 +47,10 @@ def _entry(
         getattr(importlib.import_module(module), name)(
             rank, world_size, pathlib.Path(out), **kwargs
         )
+        # the work is done and written; what follows is teardown, in which gloo can
+        # abort a rank whose peer closed its connection first (a SIGABRT seen twice in
+        # ~15 full runs on a loaded 2-core box), so the parent judges by this marker
+        pathlib.Path(out, f"done_{rank}").touch()
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:
@@ -102,6 +106,10 @@ def run_workers(
     if errors:
         details = "\n".join(f"--- {e.name}\n{e.read_text()}" for e in errors)
         raise RuntimeError(f"{len(errors)} worker(s) failed:\n{details}")
-    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    bad = [
+        p.exitcode
+        for rank, p in enumerate(procs)
+        if p.exitcode != 0 and not (out / f"done_{rank}").exists()
+    ]
     if bad:
         raise RuntimeError(f"workers exited with codes {[p.exitcode for p in procs]}")

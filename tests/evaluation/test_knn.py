@@ -5,7 +5,12 @@ from conftest import brute_force_neighbours, make_data
 
 import pml_margins.evaluation.knn as knn_module
 from pml_margins.evaluation import auto_block_rows, exact_knn, topk_lowest_index_ties
-from pml_margins.evaluation.knn import cost_operands, default_memory_budget, gram_block
+from pml_margins.evaluation.knn import (
+    cost_operands,
+    default_memory_budget,
+    gram_block,
+    half_sq_norms,
+)
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "dot"])
@@ -170,10 +175,13 @@ def test_memory_budget_sets_block_size_without_changing_the_result():
         exact_knn(x, x, 10, memory_budget=0)
 
 
-def test_cost_operands_give_half_squared_distance_and_negated_dot():
+def test_cost_operands_rank_by_distance_and_negated_dot():
     x = torch.randn(6, 5, dtype=torch.float64)
     left, right = cost_operands(x, "euclidean")
-    torch.testing.assert_close(left @ right.T, torch.cdist(x, x) ** 2 / 2)
+    # |a - b|^2 = |a|^2 + 2 cost(a, b)
+    squared = (x * x).sum(1, keepdim=True) + 2 * (left @ right.T)
+    torch.testing.assert_close(squared, torch.cdist(x, x) ** 2)
+    torch.testing.assert_close(half_sq_norms(x), (x * x).sum(1) / 2)
     left, right = cost_operands(x, "dot")
     torch.testing.assert_close(left @ right.T, -(x @ x.T))
 
@@ -224,9 +232,30 @@ def test_workers_are_capped(monkeypatch):
 
 def test_worker_lists_are_merged_in_row_chunks(monkeypatch):
     monkeypatch.setattr(knn_module, "knn_workers", lambda *_: 3)
-    monkeypatch.setattr(knn_module, "MERGE_ROWS", 7)
+    monkeypatch.setattr(knn_module, "MERGE_BYTES", 7 * 48 * 25 * 3)  # 7 rows at a time
     x = _integer_points(40, 3, seed=12)
     _, idx = exact_knn(x, x, 25, exclude_self=True, block_rows=6)
     np.testing.assert_array_equal(
         idx.numpy(), brute_force_neighbours(x.numpy(), x.numpy(), True)[:, :25]
     )
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+@pytest.mark.parametrize("separate", [False, True])
+@pytest.mark.parametrize("block_rows", [None, 4, 7])
+def test_float_duplicates_in_different_blocks_tie_exactly(metric, separate, block_rows):
+    # continuous coordinates (rounding everywhere), copies placed in other blocks
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(40, 5, generator=g) * 3.7
+    copies = {30: 3, 25: 11, 39: 0, 17: 16}
+    for dst, src in copies.items():
+        x[dst] = x[src]
+    q = x[:21] if separate else x
+    _, idx = exact_knn(q, x, 39, metric=metric, exclude_self=True, block_rows=block_rows)
+    for a, row in enumerate(idx.tolist()):
+        position = {col: p for p, col in enumerate(row)}
+        for dst, src in copies.items():
+            if a in (dst, src):
+                continue
+            # equal costs: adjacent, lower index first
+            assert position[src] + 1 == position[dst], (a, src, dst, row)
