@@ -11,6 +11,7 @@ from pml_margins.evaluation.knn import (
     gram_block,
     half_sq_norms,
 )
+from pml_margins.evaluation.topk import TorchRunningTopK
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "dot"])
@@ -259,3 +260,20 @@ def test_float_duplicates_in_different_blocks_tie_exactly(metric, separate, bloc
                 continue
             # equal costs: adjacent, lower index first
             assert position[src] + 1 == position[dst], (a, src, dst, row)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_cuda_code_path_on_cpu_tensors(monkeypatch, metric, symmetric):
+    # what CUDA tensors take: torch block arithmetic, torch.topk engine, one worker
+    monkeypatch.setattr(knn_module, "_numpy_path", lambda _: False)
+    monkeypatch.setattr(knn_module, "knn_workers", lambda *_: 1)
+    monkeypatch.setattr(knn_module, "running_topk", lambda *a: TorchRunningTopK(*a))
+    for x in (_integer_points(45, 3, seed=14), torch.randn(45, 6) * 2):
+        q = x if symmetric else x[:20]
+        values, idx = exact_knn(q, x, 30, metric=metric, exclude_self=True, block_rows=8)
+        expected = brute_force_neighbours(q.numpy(), x.numpy(), True, metric)[:, :30]
+        np.testing.assert_array_equal(idx.numpy(), expected)
+        q64, x64 = q.double(), x.double()
+        truth = torch.cdist(q64, x64) if metric == "euclidean" else q64 @ x64.T
+        torch.testing.assert_close(values.double(), truth.gather(1, idx), atol=1e-4, rtol=1e-4)
