@@ -31,6 +31,9 @@ Result = TypeVar("Result")
 
 
 _CONTROLLER = None
+_LIMIT_LOCK = threading.Lock()
+_LIMIT_DEPTH = 0
+_LIMIT = None
 
 
 @contextlib.contextmanager
@@ -39,15 +42,27 @@ def one_thread_per_library() -> Iterator[None]:
 
     faiss's OpenMP thread count is a per-thread setting: each worker sets its
     own (see :func:`run_workers`). The threadpoolctl controller (a scan of the
-    loaded libraries, about 1 ms) is made once.
+    loaded libraries, about 1 ms) is made once. Calls overlapping from several
+    threads share one limit: the first in sets it, the last out restores the
+    original setting (not an intermediate one).
     """
-    global _CONTROLLER
+    global _CONTROLLER, _LIMIT_DEPTH, _LIMIT
     from threadpoolctl import ThreadpoolController
 
-    if _CONTROLLER is None:
-        _CONTROLLER = ThreadpoolController()
-    with _CONTROLLER.limit(limits=1, user_api="blas"):
+    with _LIMIT_LOCK:
+        if _CONTROLLER is None:
+            _CONTROLLER = ThreadpoolController()
+        if _LIMIT_DEPTH == 0:
+            _LIMIT = _CONTROLLER.limit(limits=1, user_api="blas")
+        _LIMIT_DEPTH += 1
+    try:
         yield
+    finally:
+        with _LIMIT_LOCK:
+            _LIMIT_DEPTH -= 1
+            if _LIMIT_DEPTH == 0 and _LIMIT is not None:
+                _LIMIT.restore_original_limits()
+                _LIMIT = None
 
 
 def _limit_faiss_threads() -> None:

@@ -9,6 +9,11 @@ import pytest
 from pml_margins.evaluation.workers import one_thread_per_library, run_workers
 
 
+def _blas_threads() -> list[int]:
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+
+
 def _record(state, task):
     state.append(task)
 
@@ -40,12 +45,40 @@ def test_a_worker_error_is_raised_in_the_caller():
 
 
 def test_blas_thread_limit_is_restored():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    before = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+    before = _blas_threads()
     with one_thread_per_library():
-        inside = [
-            p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"
-        ]
-        assert all(n == 1 for n in inside)
-    after = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
-    assert after == before
+        assert all(n == 1 for n in _blas_threads())
+    assert _blas_threads() == before
+
+
+def test_overlapping_limits_restore_the_original_setting():
+    before = _blas_threads()
+    first, second = one_thread_per_library(), one_thread_per_library()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first out must not restore yet
+    assert all(n == 1 for n in _blas_threads())
+    second.__exit__(None, None, None)
+    assert _blas_threads() == before
+
+
+def test_concurrent_knn_calls_agree_and_restore_blas_threads():
+    import torch
+
+    from pml_margins.evaluation import exact_knn
+
+    before = _blas_threads()
+    x = torch.randn(300, 16)
+    expected = exact_knn(x, x, 10, exclude_self=True)[1]
+    results = [None] * 4
+
+    def run(i):
+        results[i] = exact_knn(x, x, 10, exclude_self=True, block_rows=50)[1]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(r, expected) for r in results)
+    assert _blas_threads() == before
