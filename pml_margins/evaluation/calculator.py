@@ -98,8 +98,10 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         recall_ks: the cut-offs ``K`` of the ``recall_at_K`` metrics.
         distance: PML distance object for ranking; default Euclidean on the raw
             embeddings, as PML's default faiss k-nn.
-        block_rows, memory_budget: query rows per k-nn block, or the bytes one
-            block may use (automatic by default, see :func:`~.knn.auto_block_rows`).
+        block_rows, memory_budget: query rows per k-nn block (the block side
+            when the query set is the reference set), or the bytes all the score
+            blocks held at once may use (automatic by default, see
+            :func:`~.knn.exact_knn` and :func:`~.knn.default_memory_budget`).
         progress: show a tqdm bar over the k-nn blocks.
 
     Besides the metrics the result holds ``num_excluded_queries``: queries whose
