@@ -30,7 +30,7 @@ from pml_margins.distributed.collectives import (
 )
 from pml_margins.evaluation import RetrievalAccuracyCalculator
 from pml_margins.evaluation.calculator import _to_labels, _to_tensor
-from pml_margins.evaluation.knn import Metric, auto_block_rows
+from pml_margins.evaluation.knn import Metric, auto_block_rows, check_knn_inputs, check_knn_k
 from pml_margins.evaluation.topk import merge_candidates, topk_lowest_index_ties
 from pml_margins.validation import check_embeddings
 
@@ -80,23 +80,13 @@ def sharded_exact_knn(
     Raises:
         ValueError: bad ``k`` or ``metric``, or mismatched widths.
     """
-    if metric not in ("euclidean", "dot"):
-        raise ValueError(f"metric must be 'euclidean' or 'dot', got {metric!r}")
-    if query.ndim != 2 or reference_shard.ndim != 2 or query.shape[1] != reference_shard.shape[1]:
-        raise ValueError(
-            f"query and reference_shard must be 2-D with equal widths, got "
-            f"{tuple(query.shape)} and {tuple(reference_shard.shape)}"
-        )
+    check_knn_inputs(query, reference_shard, metric, "reference_shard")
     device = query.device
     rank, world_size = rank_and_world_size(group)
     sizes = all_gather_rows(torch.tensor([len(reference_shard)], device=device), group)[0]
     sizes = sizes.tolist()
     total, offset = sum(sizes), sum(sizes[:rank])
-    if exclude_self and total < len(query):
-        raise ValueError("exclude_self needs the reference set to start with the query set")
-    available = total - int(exclude_self)
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= available:
-        raise ValueError(f"k must be an integer in [0, {available}], got {k!r}")
+    check_knn_k(k, len(query), total, exclude_self)
     dtype = torch.promote_types(query.dtype, torch.float32)
     num_query, num_local = len(query), len(reference_shard)
     if k == 0:
@@ -184,9 +174,7 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         if reference is None:
             if reference_labels is not None:
                 raise ValueError("reference_labels given without reference")
-            shard = check_embeddings(_to_tensor(query, "query"), "query")
-            device = self.device if self.device is not None else shard.device
-            shard = shard.to(device)
+            shard, device = self._checked_query(query)
             shard_labels = _to_labels(query_labels, len(shard), "query_labels", device)
             query = all_gather_rows(shard, self.group)[0]
             query_labels = all_gather_rows(shard_labels, self.group)[0]
@@ -194,9 +182,7 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         else:
             if reference_labels is None:
                 raise ValueError("reference given without reference_labels")
-            query = check_embeddings(_to_tensor(query, "query"), "query")
-            device = self.device if self.device is not None else query.device
-            query = query.to(device)
+            query, device = self._checked_query(query)
             query_labels = _to_labels(query_labels, len(query), "query_labels", device)
             shard = check_embeddings(
                 _to_tensor(reference, "reference"), "reference", query.shape[1], "the query's width"
@@ -208,22 +194,16 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         self._shard = shard
         # only len() of the reference is read outside _knn: a zero-stride stand-in
         virtual_reference = shard.new_zeros(()).expand(len(reference_labels), shard.shape[1])
-        self.curr_function_dict = self.get_function_dict(tuple(include), tuple(exclude))
-        kwargs: dict[str, Any] = {
-            "query": query,
-            "reference": virtual_reference,
-            "query_labels": query_labels,
-            "reference_labels": reference_labels,
-            "ref_includes_query": ref_includes_query,
-            "label_comparison_fn": self.label_comparison_fn,
-        }
-        metrics = self.get_curr_metrics()
         try:
-            if any(x in self.requires_knn() for x in metrics):
-                kwargs.update(self._knn_kwargs(**kwargs))
-            if any(x in self.requires_clustering() for x in metrics):
-                kwargs["cluster_labels"] = self.get_cluster_labels(**kwargs)
-            return self._get_accuracy(self.curr_function_dict, **kwargs)
+            return self._compute(
+                query,
+                virtual_reference,
+                query_labels,
+                reference_labels,
+                ref_includes_query,
+                include,
+                exclude,
+            )
         finally:
             self._shard = None
 

@@ -206,9 +206,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         elif reference_labels is None:
             raise ValueError("reference given without reference_labels")
         query_in = query
-        query = check_embeddings(_to_tensor(query, "query"), "query")
-        device = self.device if self.device is not None else query.device
-        query = query.to(device)
+        query, device = self._checked_query(query)
         same = reference is query_in and reference_labels is query_labels
         if same:  # query = reference: check and compare once
             reference = query
@@ -233,6 +231,27 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                     "reference_labels to equal query and query_labels"
                 )
 
+        return self._compute(
+            query, reference, query_labels, reference_labels, ref_includes_query, include, exclude
+        )
+
+    def _checked_query(self, query: Any) -> tuple[torch.Tensor, torch.device]:
+        """The query as a checked tensor on the compute device, and that device."""
+        query = check_embeddings(_to_tensor(query, "query"), "query")
+        device = self.device if self.device is not None else query.device
+        return query.to(device), device
+
+    def _compute(
+        self,
+        query: torch.Tensor,
+        reference: torch.Tensor,
+        query_labels: torch.Tensor,
+        reference_labels: torch.Tensor,
+        ref_includes_query: bool,
+        include: Sequence[str],
+        exclude: Sequence[str],
+    ) -> dict[str, Any]:
+        """The metrics from checked tensors (k-nn, clustering, PML's aggregation)."""
         self.curr_function_dict = self.get_function_dict(tuple(include), tuple(exclude))
         kwargs: dict[str, Any] = {
             "query": query,
@@ -253,7 +272,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                     "adjusted_mutual_info_score is quadratic in the number of classes "
                     "(expect minutes to hours); pass exclude=('AMI',) to skip it",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
             kwargs["cluster_labels"] = self.get_cluster_labels(**kwargs)
         return self._get_accuracy(self.curr_function_dict, **kwargs)

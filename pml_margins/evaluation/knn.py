@@ -28,6 +28,8 @@ from pml_margins.evaluation.workers import run_workers
 
 __all__ = [
     "auto_block_rows",
+    "check_knn_inputs",
+    "check_knn_k",
     "cost_operands",
     "default_memory_budget",
     "exact_knn",
@@ -107,6 +109,29 @@ def knn_workers(device: torch.device, dtype: torch.dtype, k: int, num_query: int
     heap_bytes = max(1, num_query * k * 12)  # float32 cost + int64 column
     by_memory = max(1, MAX_HEAP_BYTES // heap_bytes)
     return max(1, min(torch.get_num_threads(), MAX_KNN_WORKERS, by_memory))
+
+
+def check_knn_inputs(
+    query: torch.Tensor, reference: torch.Tensor, metric: str, reference_name: str = "reference"
+) -> None:
+    """``ValueError`` unless ``metric`` is known and both sets are 2-D of equal widths."""
+    if metric not in ("euclidean", "dot"):
+        raise ValueError(f"metric must be 'euclidean' or 'dot', got {metric!r}")
+    if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
+        raise ValueError(
+            f"query and {reference_name} must be 2-D with equal widths, got "
+            f"{tuple(query.shape)} and {tuple(reference.shape)}"
+        )
+
+
+def check_knn_k(k: object, num_query: int, num_reference: int, exclude_self: bool) -> None:
+    """``ValueError`` unless ``0 <= k <= num_reference`` (minus one with
+    ``exclude_self``, which also needs the reference set to hold the queries)."""
+    if exclude_self and num_reference < num_query:
+        raise ValueError("exclude_self needs the reference set to start with the query set")
+    available = num_reference - int(exclude_self)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= available:
+        raise ValueError(f"k must be an integer in [0, {available}], got {k!r}")
 
 
 def _numpy_path(t: torch.Tensor) -> bool:
@@ -320,18 +345,8 @@ def exact_knn(
         >>> exact_knn(x, x, 2, exclude_self=True)[1].tolist()
         [[1, 2], [2, 0], [1, 0], [1, 2]]
     """
-    if metric not in ("euclidean", "dot"):
-        raise ValueError(f"metric must be 'euclidean' or 'dot', got {metric!r}")
-    if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
-        raise ValueError(
-            f"query and reference must be 2-D with equal widths, got {tuple(query.shape)} "
-            f"and {tuple(reference.shape)}"
-        )
-    if exclude_self and len(reference) < len(query):
-        raise ValueError("exclude_self needs the reference set to start with the query set")
-    available = len(reference) - int(exclude_self)
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= available:
-        raise ValueError(f"k must be an integer in [0, {available}], got {k!r}")
+    check_knn_inputs(query, reference, metric)
+    check_knn_k(k, len(query), len(reference), exclude_self)
     if block_rows is not None and (not isinstance(block_rows, int) or block_rows < 1):
         raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
     if memory_budget is not None and memory_budget <= 0:

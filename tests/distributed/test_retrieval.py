@@ -90,3 +90,13 @@ def test_single_process_and_bad_input() -> None:
 
     with pytest.raises(ValueError, match="knn_func"):
         ShardedRetrievalAccuracyCalculator(knn_func=FaissKNN())
+
+
+def test_sharded_calculator_shares_the_ami_warning(monkeypatch) -> None:
+    import pml_margins.evaluation.calculator as calculator_module
+
+    monkeypatch.setattr(calculator_module, "AMI_SLOW_NUM_CLASSES", 2)
+    d = cases.retrieval_data()
+    classes = len(torch.unique(d["rl"]))
+    with pytest.warns(UserWarning, match=f"AMI with {classes} classes is very slow"):
+        ShardedRetrievalAccuracyCalculator(include=("AMI",)).get_accuracy(d["r"], d["rl"])
