@@ -4,26 +4,120 @@ Every check raises a ``TypeError`` (wrong kind of object or dtype) or a
 ``ValueError`` (wrong shape, range or value) whose message names the argument
 and what was expected, so that bad input never reaches a kernel where it would
 become a device-side assert or a silent NaN.
+
+Shape and dtype checks read only metadata. The value checks (NaN/Inf
+embeddings, labels and miner indices out of range) need the values: a forward
+call gathers them in one :class:`ValueChecks` and reads them back to the host
+in **one** synchronisation. :func:`value_checks` turns them off for production
+training (shape and dtype checks always stay)::
+
+    import pml_margins
+
+    pml_margins.value_checks(False)  # from now on
+    with pml_margins.value_checks(False):  # or only inside the block
+        loss = loss_fn(embeddings, labels)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import threading
+from collections.abc import Callable, Sequence
 from numbers import Real
+from typing import Any
 
 import torch
 
 __all__ = [
+    "ValueChecks",
+    "check_angle_margin",
     "check_choice",
+    "check_chunk_size",
+    "check_circle_margin",
     "check_class_labels",
+    "check_class_loss_input",
+    "check_count",
     "check_embeddings",
     "check_in_interval",
     "check_indices_tuple",
+    "check_integer_margin",
     "check_labels",
+    "check_multiplier",
     "check_non_negative",
+    "check_optional_positive",
     "check_positive",
     "check_reference",
+    "check_sample_rate",
+    "check_unit_interval",
+    "value_checks",
+    "value_checks_enabled",
 ]
+
+_state = threading.local()
+
+
+def value_checks_enabled() -> bool:
+    """Whether the value checks run in this thread (default ``True``; see :func:`value_checks`)."""
+    return getattr(_state, "enabled", True)
+
+
+class value_checks:
+    """Turn the value checks on or off, from now on or (as a context manager) inside a block.
+
+    Off, a loss still checks shapes, dtypes and sizes but no longer reads values:
+    no host synchronisation, and NaN/Inf embeddings or out-of-range labels then
+    reach the kernels unchecked (a wrong number or a device-side assert). The
+    setting is per thread, like autograd's.
+
+    Args:
+        enabled: ``False`` to skip the value checks.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self.previous = value_checks_enabled()
+        _state.enabled = enabled
+
+    def __enter__(self) -> value_checks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _state.enabled = self.previous
+
+
+class ValueChecks:
+    """Value checks gathered over one call, then read back in one host synchronisation.
+
+    Each check adds a boolean 0-d tensor that is true when something is wrong and
+    a function that builds the error (it may look at the values again: it runs
+    only on the error path, and may return ``None`` when a closer look clears the
+    input). :meth:`run` stacks the flags, reads them once and raises the first
+    error. Nothing is gathered while :func:`value_checks` is off.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = value_checks_enabled()
+        self._flags: list[torch.Tensor] = []
+        self._errors: list[Callable[[], Exception | None]] = []
+
+    def add(self, flag: Callable[[], torch.Tensor], error: Callable[[], Exception | None]) -> None:
+        """Queue ``flag()`` (a bool tensor, true when wrong) and the error it stands for."""
+        if self.enabled:
+            self._flags.append(flag().reshape(()))
+            self._errors.append(error)
+
+    def run(self) -> None:
+        """Read every queued flag in one synchronisation; raise the first error found."""
+        if not self._flags:
+            return
+        device = self._flags[0].device
+        hits = torch.stack([f.to(device, non_blocking=True) for f in self._flags]).tolist()
+        self._flags, errors, self._errors = [], self._errors, []
+        for hit, error in zip(hits, errors, strict=True):
+            found = error() if hit else None
+            if found is not None:
+                raise found
 
 
 def check_embeddings(
@@ -31,11 +125,14 @@ def check_embeddings(
     name: str = "embeddings",
     width: int | None = None,
     width_name: str = "embedding_size",
+    checks: ValueChecks | None = None,
 ) -> torch.Tensor:
     """Check a ``(N, D)`` floating tensor with finite values and return it.
 
     ``width_name`` names what ``width`` comes from in the error message (for
-    example the width of the query set when checking a reference set).
+    example the width of the query set when checking a reference set). The
+    finiteness check joins ``checks`` when given (the caller runs them), else it
+    runs at once (unless :func:`value_checks` is off).
 
     Raises:
         TypeError: not a tensor, or not a floating dtype.
@@ -55,11 +152,28 @@ def check_embeddings(
         raise ValueError(f"{name} has width {embeddings.shape[1]} but {width_name} is {width}")
     # A finite sum implies finite elements (NaN/Inf propagate); only a non-finite sum,
     # which may also be an overflow of finite values, needs the element-wise check.
-    if not bool(torch.isfinite(embeddings.detach().sum())) and not bool(
-        torch.isfinite(embeddings).all()
-    ):
-        raise ValueError(f"{name} contains NaN or Inf values")
+    detached = embeddings.detach()
+    sum_dtype = torch.promote_types(detached.dtype, torch.float32)
+
+    def not_finite() -> ValueError | None:
+        if bool(torch.isfinite(detached).all()):
+            return None
+        return ValueError(f"{name} contains NaN or Inf values")
+
+    _run_now_or_later(checks, lambda: ~torch.isfinite(detached.sum(dtype=sum_dtype)), not_finite)
     return embeddings
+
+
+def _run_now_or_later(
+    checks: ValueChecks | None,
+    flag: Callable[[], torch.Tensor],
+    error: Callable[[], Exception | None],
+) -> None:
+    """Add a check to ``checks``, or run it at once when there are none to join."""
+    own = ValueChecks() if checks is None else checks
+    own.add(flag, error)
+    if checks is None:
+        own.run()
 
 
 def check_labels(labels: object, length: int, name: str = "labels") -> torch.Tensor:
@@ -81,9 +195,15 @@ def check_labels(labels: object, length: int, name: str = "labels") -> torch.Ten
 
 
 def check_class_labels(
-    labels: object, length: int, num_classes: int, name: str = "labels"
+    labels: object,
+    length: int,
+    num_classes: int,
+    name: str = "labels",
+    checks: ValueChecks | None = None,
 ) -> torch.Tensor:
     """Check integer class labels in ``[0, num_classes)``.
+
+    The range check joins ``checks`` when given, as in :func:`check_embeddings`.
 
     Raises:
         TypeError / ValueError: as :func:`check_labels`, and ``ValueError`` when a
@@ -91,24 +211,35 @@ def check_class_labels(
     """
     labels = check_labels(labels, length, name)
     if labels.numel() > 0:
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(
+
+        def out_of_range() -> ValueError:
+            lo, hi = (int(v) for v in torch.aminmax(labels))
+            return ValueError(
                 f"{name} must lie in [0, {num_classes}) for num_classes={num_classes}, "
                 f"got values in [{lo}, {hi}]"
             )
+
+        _run_now_or_later(checks, lambda: _outside(labels, num_classes), out_of_range)
     return labels
+
+
+def _outside(values: torch.Tensor, bound: int) -> torch.Tensor:
+    """True when some value lies outside ``[0, bound)`` (a 0-d bool tensor, no sync)."""
+    lo, hi = torch.aminmax(values)
+    return (lo < 0) | (hi >= bound)
 
 
 def check_indices_tuple(
     indices_tuple: object,
     batch_size: int,
     ref_size: int | None = None,
+    checks: ValueChecks | None = None,
 ) -> tuple[torch.Tensor, ...] | None:
     """Check a PML miner output: ``(a, p, n)`` triplets or ``(a1, p, a2, n)`` pairs.
 
     Anchors index the batch (``batch_size``); positives and negatives index the
-    reference set (``ref_size``, the batch itself when ``None``).
+    reference set (``ref_size``, the batch itself when ``None``). The range checks
+    join ``checks`` when given, as in :func:`check_embeddings`.
 
     Raises:
         TypeError: not a tuple/list of integer tensors.
@@ -136,14 +267,6 @@ def check_indices_tuple(
             raise TypeError(f"indices_tuple[{role}] must be integer, got {idx.dtype}")
         if idx.ndim != 1:
             raise ValueError(f"indices_tuple[{role}] must be 1-D, got shape {tuple(idx.shape)}")
-        bound = batch_size if role.startswith("a") else ref_size
-        if idx.numel() > 0:
-            lo, hi = (int(v) for v in torch.aminmax(idx))
-            if lo < 0 or hi >= bound:
-                raise ValueError(
-                    f"indices_tuple[{role}] has indices in [{lo}, {hi}] "
-                    f"but must lie in [0, {bound})"
-                )
     groups = [indices_tuple] if len(indices_tuple) == 3 else [indices_tuple[:2], indices_tuple[2:]]
     for group in groups:
         if len({int(t.numel()) for t in group}) != 1:
@@ -151,7 +274,24 @@ def check_indices_tuple(
                 "indices_tuple tensors that form one tuple must have equal lengths, got "
                 f"{[int(t.numel()) for t in group]}"
             )
+    own = ValueChecks() if checks is None else checks
+    for role, idx in zip(roles, indices_tuple, strict=True):
+        if idx.numel() > 0:
+            bound = batch_size if role.startswith("a") else ref_size
+            own.add(
+                lambda idx=idx, bound=bound: _outside(idx, bound),
+                lambda role=role, idx=idx, bound=bound: _index_error(role, idx, bound),
+            )
+    if checks is None:
+        own.run()
     return tuple(indices_tuple)
+
+
+def _index_error(role: str, idx: torch.Tensor, bound: int) -> ValueError:
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    return ValueError(
+        f"indices_tuple[{role}] has indices in [{lo}, {hi}] but must lie in [0, {bound})"
+    )
 
 
 def check_reference(
@@ -159,6 +299,7 @@ def check_reference(
     ref_labels: object,
     width: int,
     labels_required: bool,
+    checks: ValueChecks | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Check the reference set of a pair-based loss (``ref_emb``, ``ref_labels``).
 
@@ -175,7 +316,7 @@ def check_reference(
         if ref_labels is not None:
             raise ValueError("ref_labels was given without ref_emb")
         return None, None
-    ref_emb = check_embeddings(ref_emb, name="ref_emb")
+    ref_emb = check_embeddings(ref_emb, name="ref_emb", checks=checks)
     if ref_emb.shape[1] != width:
         raise ValueError(
             f"ref_emb has width {ref_emb.shape[1]} but the embeddings have width {width}"
@@ -259,18 +400,21 @@ def check_class_loss_input(
 
     Rejects ``ref_emb``/``ref_labels`` (naming what the loss compares with, then
     ``hint``), checks the embeddings' width, requires labels in ``[0, num_classes)``
-    and checks a miner's ``indices_tuple`` against the batch.
+    and checks a miner's ``indices_tuple`` against the batch. The value checks are
+    read back in one host synchronisation (none while :func:`value_checks` is off).
     """
     if ref_emb is not None or ref_labels is not None:
         raise ValueError(
             f"{loss_name} compares embeddings with {compared_with}; ref_emb/ref_labels "
             f"are not supported{hint}"
         )
-    embeddings = check_embeddings(embeddings, width=embedding_size)
+    checks = ValueChecks()
+    embeddings = check_embeddings(embeddings, width=embedding_size, checks=checks)
     if labels is None:
         raise ValueError(f"{loss_name} requires labels")
-    check_class_labels(labels, embeddings.shape[0], num_classes)
-    check_indices_tuple(indices_tuple, embeddings.shape[0])
+    check_class_labels(labels, embeddings.shape[0], num_classes, checks=checks)
+    check_indices_tuple(indices_tuple, embeddings.shape[0], checks=checks)
+    checks.run()
 
 
 def check_positive(value: object, name: str) -> float:
@@ -287,6 +431,64 @@ def check_non_negative(value: object, name: str) -> float:
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
+
+
+def check_unit_interval(value: object, name: str) -> float:
+    """A real number in ``(0, 1]`` (a rate or a fraction)."""
+    return check_in_interval(value, name, 0.0, 1.0, low_inclusive=False)
+
+
+def check_optional_positive(value: object, name: str) -> float | None:
+    """``None``, or a finite real number > 0."""
+    return None if value is None else check_positive(value, name)
+
+
+def check_angle_margin(value: object, name: str) -> float:
+    """An angular margin in radians, in ``[0, pi)``; a value above pi is taken for degrees."""
+    value = check_non_negative(value, name)
+    if value >= math.pi:
+        raise ValueError(
+            f"{name} is in radians and must lie in [0, pi), got {value}; "
+            f"if you meant {value} degrees (PML's unit), pass math.radians({value})"
+        )
+    return value
+
+
+def check_integer_margin(value: object, name: str) -> int:
+    """A multiplicative margin: an integer >= 1 (integer-valued floats are accepted)."""
+    value = check_positive(value, name)
+    if not value.is_integer():
+        raise ValueError(f"{name} must be an integer (the angle multiplier m), got {value}")
+    return int(value)
+
+
+def check_multiplier(value: object, name: str) -> float:
+    """A multiplicative angular margin: a real number >= 1."""
+    value = check_positive(value, name)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1 (a multiplicative angular margin), got {value}")
+    return value
+
+
+def check_circle_margin(value: object, name: str) -> float:
+    """Circle loss's ``m`` in [0, 0.5]: beyond 0.5 the thresholds cross (1 - m < m)."""
+    return check_in_interval(value, name, 0.0, 0.5)
+
+
+def check_chunk_size(chunk_size: object, name: str = "chunk_size") -> Any:
+    """``None``, ``"auto"`` or an ``int >= 1`` (classes per block of the fused core)."""
+    if chunk_size is None or chunk_size == "auto":
+        return chunk_size
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"{name} must be None, 'auto' or an int >= 1, got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"{name} must be >= 1, got {chunk_size}")
+    return chunk_size
+
+
+def check_sample_rate(sample_rate: object, name: str = "sample_rate") -> float:
+    """A Partial FC sampling rate: a real number in ``(0, 1]``."""
+    return check_unit_interval(sample_rate, name)
 
 
 def _check_real(value: object, name: str) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pytorch_metric_learning.distances import CosineSimilarity
 from torch.func import functional_call
 
 from pml_margins.distributed.collectives import (
@@ -23,7 +22,7 @@ from pml_margins.validation import (
     check_class_labels,
     check_count,
     check_embeddings,
-    check_positive,
+    check_sample_rate,
 )
 
 __all__ = ["ShardedMarginSoftmaxLoss"]
@@ -40,33 +39,21 @@ class _BaseLogits(torch.nn.Module):
         return self.loss.base_logits(embeddings)
 
 
-def _has_cosine_logits(loss: ClassWeightLoss) -> bool:
-    """Whether ``loss.base_logits`` is PML's plain cosine times ``loss.logit_scale``.
+def _cosine_scale(loss: ClassWeightLoss, embeddings: torch.Tensor) -> float | torch.Tensor | None:
+    """The scale when ``loss`` declares scaled cosine logits (no bias), else ``None``.
 
-    A class that overrides ``base_logits`` counts only if it (or a subclass)
-    also defines ``logit_scale``, i.e. the two were written to agree.
+    Read from the loss's explicit declaration,
+    :meth:`~pml_margins.losses.ClassWeightLoss.fused_logits`: then the shard's logits
+    can be formed by :func:`~pml_margins.distributed.local_logits.cosine_logits`.
     """
-
-    def owner(name: str) -> type:
-        return next(c for c in type(loss).__mro__ if name in c.__dict__)
-
-    distance = loss.distance
-    plain_cosine = (
-        type(distance) is CosineSimilarity
-        and distance.power == 1
-        and distance.p == 2
-        and distance.normalize_embeddings
+    form = loss.fused_logits(embeddings)
+    cosine = (
+        form is not None
+        and form.normalize_embeddings
+        and form.normalize_weight
+        and form.bias is None
     )
-    logits_owner = owner("base_logits")
-    consistent = logits_owner is ClassWeightLoss or issubclass(owner("logit_scale"), logits_owner)
-    return plain_cosine and loss.logits_are_cosines and consistent
-
-
-def _check_sample_rate(value: object) -> float:
-    value = check_positive(value, "sample_rate")
-    if value > 1:
-        raise ValueError(f"sample_rate must lie in (0, 1], got {value}")
-    return value
+    return form.scale if cosine else None
 
 
 class ShardedMarginSoftmaxLoss(torch.nn.Module):
@@ -156,7 +143,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self.loss_type = loss_type
         self.num_classes = check_count(num_classes, "num_classes")
         self.embedding_size = check_count(embedding_size, "embedding_size")
-        self.sample_rate = _check_sample_rate(sample_rate)
+        self.sample_rate = check_sample_rate(sample_rate)
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
         if rank is None or world_size is None:
@@ -176,7 +163,6 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                 f"chunk_size is not used by {type(self).__name__}: each rank holds the "
                 "logits of its own classes only; shard over more ranks or use sample_rate"
             )
-        self._cosine = _has_cosine_logits(self.loss)
         self._generator: torch.Generator | None = None
         self._pending_sampler_state: torch.Tensor | None = None
         self.sampled_classes: torch.Tensor | None = None
@@ -260,12 +246,12 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self, embeddings: torch.Tensor, index: torch.Tensor | None
     ) -> tuple[torch.Tensor, float | torch.Tensor]:
         """Base logits and scale of the gathered batch against the (sampled) shard."""
-        if self._cosine:
+        scale = _cosine_scale(self.loss, embeddings)
+        if scale is not None:
             weight = self.loss.weights_for(embeddings)
             if index is not None:
                 weight = weight.index_select(1, index)
-            embeddings = embeddings.to(weight.dtype)
-            return cosine_logits(embeddings, weight), self.loss.logit_scale(embeddings)
+            return cosine_logits(embeddings.to(weight.dtype), weight), scale
         if index is None:
             return self.loss.base_logits(embeddings)
         params = {"loss.W": self.loss.W.index_select(1, index)}

@@ -11,6 +11,8 @@ from pml_margins.functional.circle import (
     segment_logsumexp,
 )
 from pml_margins.functional.fused_margin_softmax import (
+    MATERIALIZE_MAX_ELEMENTS,
+    FusedLogits,
     auto_chunk_size,
     fused_margin_softmax_cross_entropy,
     sample_classes,
@@ -34,6 +36,8 @@ from pml_margins.functional.target_logits import (
 )
 
 __all__ = [
+    "MATERIALIZE_MAX_ELEMENTS",
+    "FusedLogits",
     "TargetLogitFn",
     "arcface_target",
     "auto_chunk_size",

@@ -42,6 +42,7 @@ dtype of ``W`` never changes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,11 +50,12 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from pml_margins.functional.margin_softmax import TargetLogitFn, compute_dtype
+from pml_margins.validation import check_chunk_size, check_sample_rate
 
 __all__ = [
+    "MATERIALIZE_MAX_ELEMENTS",
+    "FusedLogits",
     "auto_chunk_size",
-    "check_chunk_size",
-    "check_sample_rate",
     "fused_margin_softmax_cross_entropy",
     "sample_classes",
 ]
@@ -68,26 +70,37 @@ _CPU_BLOCK_ELEMENTS = 1 << 20
 _DEFAULT_BLOCK_FRACTION = 2
 #: elements of the largest ``(B or D, k)`` temporary on an accelerator: 256 MiB of fp32
 _DEVICE_BLOCK_ELEMENTS = 1 << 26
+#: default mode materializes the (B, C) logits and lets autograd differentiate them up
+#: to this many elements, where the blocked function's per-block overhead outweighs its
+#: saving (benchmarks/losses.py, C = 100 and 1,000 rows; BENCHMARKS.md)
+MATERIALIZE_MAX_ELEMENTS = 1 << 18
 
 
-def check_chunk_size(chunk_size: object) -> ChunkSize:
-    """``None``, ``"auto"`` or an ``int >= 1``; raises ``ValueError`` otherwise."""
-    if chunk_size is None or chunk_size == "auto":
-        return chunk_size  # type: ignore[return-value]
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise ValueError(f"chunk_size must be None, 'auto' or an int >= 1, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return chunk_size
+@dataclass(frozen=True)
+class FusedLogits:
+    r"""Base logits in the one form the fused core computes.
 
+    .. math::
+        \ell_{ij} = s_i\,	ilde x_i^	op 	ilde W_j + b_j
 
-def check_sample_rate(sample_rate: object) -> float:
-    """A real number in ``(0, 1]``; raises ``ValueError`` otherwise."""
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float):
-        raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
-    return float(sample_rate)
+    where :math:`	ilde x_i` is :math:`x_i/\|x_i\|` when ``normalize_embeddings``
+    (else :math:`x_i`), :math:`	ilde W_j` likewise with ``normalize_weight``, and the
+    target-logit function applies to :math:`	ilde x_i^	op 	ilde W_{y_i}`.
+
+    A :class:`~pml_margins.losses.ClassWeightLoss` returns one from
+    ``fused_logits`` to declare that its ``base_logits`` are exactly this.
+
+    Attributes:
+        normalize_embeddings: L2-normalize the embeddings (rows).
+        normalize_weight: L2-normalize the class weights (columns of ``W``).
+        scale: :math:`s`, a float or a ``(B,)`` tensor (may require grad).
+        bias: optional ``(C,)`` per-class bias :math:`b`.
+    """
+
+    normalize_embeddings: bool
+    normalize_weight: bool
+    scale: float | torch.Tensor = 1.0
+    bias: torch.Tensor | None = None
 
 
 def auto_chunk_size(
@@ -144,6 +157,7 @@ def fused_margin_softmax_cross_entropy(
     chunk_size: ChunkSize = None,
     sample_rate: float = 1.0,
     generator: torch.Generator | None = None,
+    materialize: bool | None = None,
 ) -> torch.Tensor:
     r"""Per-sample margin-softmax cross-entropy straight from embeddings and class weights.
 
@@ -164,6 +178,10 @@ def fused_margin_softmax_cross_entropy(
             bounded-memory mode that never holds a ``(B, C)`` tensor.
         sample_rate: partial-FC fraction of classes, in ``(0, 1]`` (:func:`sample_classes`).
         generator: random generator for the class sampling.
+        materialize: ``True`` forms the ``(B, C)`` logits and lets autograd differentiate
+            them (faster for small problems); ``False`` always runs the blocked function;
+            ``None`` (default) materializes in default mode (``chunk_size=None``) up to
+            :data:`MATERIALIZE_MAX_ELEMENTS` logits. Same values either way.
 
     Returns:
         ``(B,)`` losses in ``compute_dtype`` of the inputs (float32 under autocast).
@@ -197,7 +215,9 @@ def fused_margin_softmax_cross_entropy(
             index, labels = sampled
             weight = weight.index_select(1, index)
             bias = None if bias is None else bias.index_select(0, index)
-    x = F.normalize(embeddings, dim=1, eps=_NORM_EPS) if normalize_embeddings else embeddings
+    # half embeddings are widened before the normalization, so it does not round to their dtype
+    x = embeddings.to(compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype)))
+    x = F.normalize(x, dim=1, eps=_NORM_EPS) if normalize_embeddings else x
     batch, width = x.shape
     num_classes = weight.shape[1]
     saved = chunk_size is None
@@ -216,6 +236,10 @@ def fused_margin_softmax_cross_entropy(
     scale_value = 1.0 if isinstance(scale, torch.Tensor) else float(scale)
     if scale_tensor is not None and scale_tensor.shape != (batch,):
         raise ValueError(f"a tensor scale must have shape ({batch},), got {tuple(scale.shape)}")
+    if materialize is None:
+        materialize = saved and batch * num_classes <= MATERIALIZE_MAX_ELEMENTS
+    if materialize:
+        return _materialized(x, weight, labels, target_logit_fn, scale, normalize_weight, bias)
     config = _Config(
         target_logit_fn, scale_value, normalize_weight, block, saved, *_dtypes(x, weight)
     )
@@ -224,6 +248,40 @@ def fused_margin_softmax_cross_entropy(
         return _FusedMarginSoftmax.apply(x, weight, scale_tensor, bias, labels, config)
     with torch.no_grad():
         return _forward(x, weight, scale_tensor, bias, labels, config, save=False)[0]
+
+
+def _materialized(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    target_logit_fn: TargetLogitFn | None,
+    scale: float | torch.Tensor,
+    normalize_weight: bool,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The same losses on the materialized ``(B, C)`` logits, differentiated by autograd.
+
+    ``x`` is already in the compute dtype (and normalized when asked). The scale is
+    folded into ``x`` before the product and the ``B`` target logits are written over
+    the product's output in place, so one ``(B, C)`` tensor is formed and kept.
+    """
+    dtype = x.dtype
+    w = weight.to(dtype)
+    w = F.normalize(w, dim=0, eps=_NORM_EPS) if normalize_weight else w
+    s = scale.to(dtype) if isinstance(scale, torch.Tensor) else float(scale)
+    s_col = s.unsqueeze(1) if isinstance(s, torch.Tensor) else s
+    logits = torch.mm(x * s_col, w)  # the autocast dtype under autocast
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        logits = logits.to(dtype)
+        z_y = (x * w.index_select(1, labels).t()).sum(1)
+        target = s * (z_y if target_logit_fn is None else target_logit_fn(z_y).to(dtype))
+        if bias is not None:
+            b = bias.to(dtype)
+            logits = logits + b
+            target = target + b.index_select(0, labels)
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        logits = logits.index_put_((rows, labels), target)
+        return F.cross_entropy(logits, labels, reduction="none")
 
 
 class _Config:
@@ -501,7 +559,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                 prob_mm = prob.to(mm_dtype)
                 if need_x or need_s:
                     if mm_dtype == dtype:
-                        acc.addmm_(prob, w.t())
+                        acc.addmm_(prob, w_mm.t())
                     else:
                         acc.add_(torch.mm(prob_mm, w_mm.t()).to(dtype))
                 if grad_w is not None:

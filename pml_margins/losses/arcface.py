@@ -2,7 +2,6 @@ r"""ArcFace / additive angular margin loss."""
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any
 
@@ -10,20 +9,9 @@ from pml_margins.functional.margin_softmax import TargetLogitFn
 from pml_margins.functional.target_logits import arcface_target
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
-from pml_margins.validation import check_non_negative, check_positive
+from pml_margins.validation import check_angle_margin, check_positive
 
-__all__ = ["ArcFaceLoss", "check_angle_margin"]
-
-
-def check_angle_margin(value: object, name: str) -> float:
-    """An angular margin in radians, in ``[0, pi)``; a value above pi is taken for degrees."""
-    value = check_non_negative(value, name)
-    if value >= math.pi:
-        raise ValueError(
-            f"{name} is in radians and must lie in [0, pi), got {value}; "
-            f"if you meant {value} degrees (PML's unit), pass math.radians({value})"
-        )
-    return value
+__all__ = ["ArcFaceLoss"]
 
 
 class ArcFaceLoss(ClassWeightLoss):

@@ -9,22 +9,19 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_margins.functional.center import center_distances, center_ema_update
+from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
     check_choice,
     check_class_loss_input,
     check_count,
-    check_in_interval,
+    check_unit_interval,
 )
 
 __all__ = ["CenterLoss"]
 
 
-def _check_alpha(value: object, name: str) -> float:
-    return check_in_interval(value, name, 0.0, 1.0, low_inclusive=False)
-
-
-class CenterLoss(BaseMetricLossFunction):
+class CenterLoss(CheckedForwardMixin, BaseMetricLossFunction):
     r"""Center loss (Wen, Zhang, Li, Qiao, ECCV 2016, "A Discriminative Feature Learning
     Approach for Deep Face Recognition").
 
@@ -80,7 +77,7 @@ class CenterLoss(BaseMetricLossFunction):
         **kwargs: PML options (``reducer``, ``embedding_regularizer``).
     """
 
-    alpha = Hyperparameter(_check_alpha)
+    alpha = Hyperparameter(check_unit_interval)
 
     def __init__(
         self,
@@ -104,14 +101,15 @@ class CenterLoss(BaseMetricLossFunction):
             list_of_names=["num_classes", "embedding_size", "alpha"], is_stat=False
         )
 
-    def forward(  # type: ignore[override]
+    def check_inputs(
         self,
         embeddings: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        indices_tuple: tuple[torch.Tensor, ...] | None = None,
-        ref_emb: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        labels: torch.Tensor | None,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> None:
+        """Embeddings of width ``embedding_size``, labels in ``[0, C)``, no ``ref_emb``."""
         check_class_loss_input(
             "CenterLoss",
             "its centers",
@@ -123,7 +121,17 @@ class CenterLoss(BaseMetricLossFunction):
             ref_emb,
             ref_labels,
         )
-        loss = super().forward(embeddings, labels, indices_tuple)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        indices_tuple: tuple[torch.Tensor, ...] | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The checked loss; then, in training mode with ``update="ema"``, the centre update."""
+        loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if self.training and self.update == "ema":
             self.update_centers(embeddings, labels)
         return loss

@@ -2,7 +2,6 @@ r"""Circle loss, pair-based: any PML miner, ``ref_emb``, CrossBatchMemory, distr
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
@@ -16,22 +15,19 @@ from pml_margins.functional.circle import (
     circle_loss_pairs,
     circle_loss_whole,
 )
+from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
+    ValueChecks,
+    check_circle_margin,
     check_embeddings,
-    check_in_interval,
     check_indices_tuple,
     check_labels,
     check_positive,
     check_reference,
 )
 
-__all__ = ["CircleLoss", "check_circle_margin"]
-
-check_circle_margin = partial(check_in_interval, low=0.0, high=0.5)
-check_circle_margin.__doc__ = (
-    "``m`` in [0, 0.5]: beyond 0.5 the thresholds cross (Delta_p = 1-m < Delta_n = m)."
-)
+__all__ = ["CircleLoss"]
 
 
 def _choose_path(num_pos: int, num_neg: int, cells: int) -> str:
@@ -48,7 +44,7 @@ def _choose_path(num_pos: int, num_neg: int, cells: int) -> str:
     return "dense"
 
 
-class CircleLoss(BaseMetricLossFunction):
+class CircleLoss(CheckedForwardMixin, BaseMetricLossFunction):
     r"""Circle loss (Sun et al., CVPR 2020, arXiv:2002.10857), pair-based, on cosine similarity.
 
     For each anchor with positive pairs :math:`s_p^i` and negative pairs
@@ -134,25 +130,31 @@ class CircleLoss(BaseMetricLossFunction):
     def get_default_distance(self) -> CosineSimilarity:
         return CosineSimilarity()
 
-    def forward(  # type: ignore[override]
+    def check_inputs(
         self,
         embeddings: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        indices_tuple: tuple[torch.Tensor, ...] | None = None,
-        ref_emb: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        check_embeddings(embeddings)
+        labels: torch.Tensor | None,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> None:
+        """Embeddings, labels or a miner's tuple, and an optional reference set."""
+        checks = ValueChecks()
+        check_embeddings(embeddings, checks=checks)
         if labels is None and indices_tuple is None:
             raise ValueError("CircleLoss needs labels or an indices_tuple")
         if labels is not None:
             check_labels(labels, embeddings.shape[0])
         check_reference(
-            ref_emb, ref_labels, embeddings.shape[1], labels_required=indices_tuple is None
+            ref_emb,
+            ref_labels,
+            embeddings.shape[1],
+            labels_required=indices_tuple is None,
+            checks=checks,
         )
         ref_size = None if ref_emb is None else ref_emb.shape[0]
-        check_indices_tuple(indices_tuple, embeddings.shape[0], ref_size)
-        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        check_indices_tuple(indices_tuple, embeddings.shape[0], ref_size, checks=checks)
+        checks.run()
 
     def compute_loss(
         self,

@@ -1,13 +1,11 @@
 """The PML plumbing shared by every loss with class weights ``W`` of shape ``(D, C)``.
 
-Subclasses only say how base logits are formed and which target-logit function
-applies. The loss is computed by
-:func:`pml_margins.functional.fused_margin_softmax_cross_entropy` straight from the
-embeddings and ``W`` (no ``(B, C)`` temporaries beyond one saved buffer, or none
-with ``chunk_size``); subclasses that change :meth:`ClassWeightLoss.base_logits`
-without a matching :meth:`ClassWeightLoss.logit_scale`, or a distance other than
-PML's cosine/dot-product similarity, use the plain
-:func:`pml_margins.functional.margin_softmax_cross_entropy` on the logits.
+Subclasses say how base logits are formed and which target-logit function applies.
+Whether a loss runs on the fused core
+(:func:`pml_margins.functional.fused_margin_softmax_cross_entropy`, no ``(B, C)``
+temporaries beyond one buffer, bounded memory and Partial FC) is declared, never
+guessed: by :meth:`ClassWeightLoss.fused_logits`. See the class docstring for how to
+add a margin.
 """
 
 from __future__ import annotations
@@ -16,14 +14,13 @@ import math
 from typing import Any
 
 import torch
-from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
+from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, DotProductSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_margins.functional.fused_margin_softmax import (
-    check_chunk_size,
-    check_sample_rate,
+    FusedLogits,
     fused_margin_softmax_cross_entropy,
 )
 from pml_margins.functional.margin_softmax import (
@@ -31,43 +28,100 @@ from pml_margins.functional.margin_softmax import (
     compute_dtype,
     margin_softmax_cross_entropy,
 )
+from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.validation import (
+    check_chunk_size,
     check_class_loss_input,
     check_count,
     check_embeddings,
+    check_sample_rate,
 )
 
 __all__ = ["ClassWeightLoss"]
 
 
-class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
-    """Base of the class-weight (proxy) losses: softmax, NSL, SphereFace, CosFace, ArcFace.
+def is_plain_inner_product(distance: BaseDistance) -> bool:
+    """Whether ``distance`` is PML's cosine or dot-product similarity, nothing added.
+
+    Exactly ``CosineSimilarity`` or ``DotProductSimilarity`` (not a subclass), power 1,
+    and L2 normalization when it normalizes: the forms the fused core computes.
+    """
+    return (
+        type(distance) in (CosineSimilarity, DotProductSimilarity)
+        and distance.power == 1
+        and (not distance.normalize_embeddings or distance.p == 2)
+    )
+
+
+class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLossFunction):
+    r"""Base of the class-weight (proxy) losses: softmax, NSL, SphereFace, CosFace, ArcFace.
 
     Holds ``W`` (``embedding_size x num_classes``, PML's name and layout, so PML
     state dicts load both ways), validates input, turns a miner's
     ``indices_tuple`` into per-sample weights as PML does, and applies PML's
     reducer, ``weight_regularizer`` (on ``W.t()``) and ``embedding_regularizer``.
 
-    ``W`` keeps its own dtype: embeddings of another dtype are promoted for the
-    product (or cast by autocast), never the parameter's storage.
+    **Dtypes.** ``W`` keeps its storage dtype. Embeddings and ``W`` of any floating
+    dtypes (float16, bfloat16, float32, float64, mixed) are combined in
+    ``compute_dtype`` of both: float64 if either is, else float32 (products run in
+    the autocast dtype under autocast). ``embeddings.grad`` has the embeddings'
+    dtype and ``W.grad`` has ``W``'s.
 
-    Subclasses set ``scale`` and override :meth:`target_logit_fn` (and
-    :meth:`base_logits` with :meth:`logit_scale` where the logits are not ``scale * cos``).
+    **Extension point.** The loss is
+
+    .. math::
+        L_i = -\log\frac{e^{s_i\psi(z_{iy_i})}}{e^{s_i\psi(z_{iy_i})}
+              + \sum_{j\ne y_i} e^{s_i\,\phi(z_{ij})}}
+
+    with base logits :math:`z` and scale :math:`s` from :meth:`base_logits`, the
+    target-logit function :math:`\psi` from :meth:`target_logit_fn` and
+    :math:`\phi` from :meth:`non_target_logit_fn` (identity by default).
+
+    * *A margin that changes only the target logit* (CosFace, ArcFace, SphereFace,
+      the combined margin): set ``scale`` and override :meth:`target_logit_fn` to
+      return :math:`\psi`, an element-wise differentiable function of the ``B``
+      target cosines. Nothing else: the default :meth:`base_logits` (cosines from
+      ``self.distance``) and the default :meth:`fused_logits` agree, so the loss
+      runs on the fused core, with ``chunk_size`` and ``sample_rate``.
+    * *A margin that changes the base logits* (e.g. a max over sub-centres):
+      override :meth:`base_logits` (and :meth:`get_logits` follows). Such a class
+      runs on the plain path (the ``(B, C)`` logits through autograd) unless the
+      **same class** also overrides :meth:`fused_logits` to declare that its
+      logits are exactly :class:`~pml_margins.functional.FusedLogits` (a scale
+      times the inner product of optionally normalized embeddings and class
+      weights, plus a bias). A subclass that overrides :meth:`base_logits` or
+      :meth:`cosine` without restating :meth:`fused_logits` is moved to the plain
+      path automatically, whatever else it overrides.
+    * *A margin that changes the non-target logits* (the class-level Circle loss):
+      override :meth:`non_target_logit_fn`; it runs on the plain path.
+
+    **Input checks.** Shapes and dtypes always; values (NaN/Inf, label and miner
+    index ranges) in one host synchronisation per call, which
+    :class:`pml_margins.validation.value_checks` turns off for production training.
 
     Keyword arguments shared by every subclass (besides PML's):
 
     * ``chunk_size``: ``None`` (default: one saved ``(B, C)`` buffer), an ``int``
       number of classes per block or ``"auto"``: bounded memory, no ``(B, C)``
-      tensor is ever held (for very many classes).
+      tensor is ever held (for very many classes). Fused losses only.
     * ``sample_rate``: partial-FC negative-class sampling in ``(0, 1]``: each step
       keeps the batch's classes and a random subset of the others,
       ``round(sample_rate * C)`` in all; only those columns of ``W`` get gradients.
+      Fused losses only.
     """
 
     #: whether :meth:`base_logits` returns cosines (the ``avg_angle`` statistic needs them)
     logits_are_cosines: bool = True
     #: names shown by ``extra_repr`` and recorded by PML's record-keeper
     hyperparameter_names: tuple[str, ...] = ()
+    #: the distance classes this loss accepts (PML's rule for the same loss)
+    distance_types: tuple[type[BaseDistance], ...] = (CosineSimilarity,)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        redefines_logits = any(name in cls.__dict__ for name in ("base_logits", "cosine"))
+        if redefines_logits and "fused_logits" not in cls.__dict__:
+            cls.fused_logits = ClassWeightLoss._not_fused  # type: ignore[method-assign]
 
     def __init__(
         self,
@@ -81,6 +135,12 @@ class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.chunk_size = check_chunk_size(chunk_size)
         self.sample_rate = check_sample_rate(sample_rate)
         super().__init__(**kwargs)
+        if not isinstance(self.distance, self.distance_types):
+            names = " or ".join(t.__name__ for t in self.distance_types)
+            raise TypeError(
+                f"{type(self).__name__} needs a {names} distance, "
+                f"got {type(self.distance).__name__}"
+            )
         self.num_classes = check_count(num_classes, "num_classes")
         self.embedding_size = check_count(embedding_size, "embedding_size")
         self.W = torch.nn.Parameter(torch.empty(embedding_size, num_classes))
@@ -95,13 +155,29 @@ class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
         """Return the ``(B, C)`` base logits and the scale (float or ``(B,)`` tensor).
 
-        Default: cosines and :meth:`logit_scale`.
+        Default: :meth:`cosine` and :meth:`logit_scale`.
         """
         return self.cosine(embeddings), self.logit_scale(embeddings)
 
     def logit_scale(self, embeddings: torch.Tensor) -> float | torch.Tensor:
         """The scale ``s`` (float or ``(B,)`` tensor) of :meth:`base_logits`; default ``scale``."""
         return self.scale
+
+    def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
+        """How the fused core forms :meth:`base_logits`, or ``None`` for the plain path.
+
+        Default: the form of ``self.distance`` when it is PML's plain cosine or
+        dot-product similarity (both sides normalized, or neither), with
+        :meth:`logit_scale`. See the class docstring for when to override it.
+        """
+        if not is_plain_inner_product(self.distance):
+            return None
+        normalize = bool(self.distance.normalize_embeddings)
+        return FusedLogits(normalize, normalize, self.logit_scale(embeddings))
+
+    def _not_fused(self, embeddings: torch.Tensor) -> FusedLogits | None:
+        """The :meth:`fused_logits` of a class that redefines its logits without declaring them."""
+        return None
 
     def target_logit_fn(self) -> TargetLogitFn | None:
         """The function applied to the ``B`` target base logits (``None``: identity)."""
@@ -116,12 +192,16 @@ class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         return None
 
     # --- shared helpers ---------------------------------------------------------
-    def get_default_distance(self) -> CosineSimilarity:
+    def get_default_distance(self) -> BaseDistance:
         return CosineSimilarity()
 
+    def compute_dtype(self, embeddings: torch.Tensor) -> torch.dtype:
+        """The dtype the logits are formed in: float64 if either side is, else float32."""
+        return compute_dtype(torch.promote_types(embeddings.dtype, self.W.dtype))
+
     def weights_for(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """``W`` in the dtype the product runs in; a differentiable cast, storage untouched."""
-        dtype = torch.promote_types(embeddings.dtype, self.W.dtype)
+        """``W`` in :meth:`compute_dtype`; a differentiable cast, storage untouched."""
+        dtype = self.compute_dtype(embeddings)
         return self.W if self.W.dtype == dtype else self.W.to(dtype)
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -138,14 +218,15 @@ class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         return logits * scale
 
     # --- PML contract -------------------------------------------------------------
-    def forward(  # type: ignore[override]
+    def check_inputs(
         self,
         embeddings: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        indices_tuple: tuple[torch.Tensor, ...] | None = None,
-        ref_emb: torch.Tensor | None = None,
-        ref_labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        labels: torch.Tensor | None,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> None:
+        """Embeddings of width ``embedding_size``, labels in ``[0, C)``, no ``ref_emb``."""
         check_class_loss_input(
             type(self).__name__,
             "its class weights W",
@@ -158,7 +239,6 @@ class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             ref_labels,
             hint=" (use a pair-based loss such as CircleLoss for that)",
         )
-        return super().forward(embeddings, labels, indices_tuple)
 
     def compute_loss(
         self,
@@ -169,9 +249,11 @@ class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         ref_labels: torch.Tensor,
     ) -> dict[str, dict[str, Any]]:
         non_target_fn = self.non_target_logit_fn()
-        if non_target_fn is None and self._fused_supported():
-            losses = self._fused_losses(embeddings, labels)
+        form = self.fused_logits(embeddings) if non_target_fn is None else None
+        if form is not None:
+            losses = self._fused_losses(embeddings, labels, form)
         else:
+            self._check_plain_mode()
             logits, scale = self.base_logits(embeddings)
             if self.collect_stats and self.logits_are_cosines:
                 self._record_avg_angle(logits, labels)
@@ -189,26 +271,17 @@ class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
 
-    def _fused_supported(self) -> bool:
-        """Whether :meth:`base_logits` is ``logit_scale * distance(x, W)`` with a PML dot/cosine."""
+    def _check_plain_mode(self) -> None:
+        if self.chunk_size is not None or self.sample_rate != 1.0:
+            raise ValueError(
+                f"{type(self).__name__} with {type(self.distance).__name__} runs on the plain "
+                "path (its logits are not declared by fused_logits): chunk_size and "
+                "sample_rate are not supported"
+            )
 
-        def owner(name: str) -> type:
-            return next(c for c in type(self).__mro__ if name in c.__dict__)
-
-        distance = self.distance
-        plain_distance = (
-            type(distance) in (CosineSimilarity, DotProductSimilarity)
-            and distance.power == 1
-            and (not distance.normalize_embeddings or distance.p == 2)
-        )
-        logits_owner = owner("base_logits")
-        scale_matches = logits_owner is ClassWeightLoss or issubclass(
-            owner("logit_scale"), logits_owner
-        )
-        return plain_distance and scale_matches
-
-    def _fused_losses(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        normalize = bool(self.distance.normalize_embeddings)
+    def _fused_losses(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, form: FusedLogits
+    ) -> torch.Tensor:
         if self.collect_stats and self.logits_are_cosines:
             with torch.no_grad():
                 x = torch.nn.functional.normalize(embeddings.detach(), dim=1)
@@ -220,10 +293,10 @@ class ClassWeightLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             self.W,
             labels,
             self.target_logit_fn(),
-            self.logit_scale(embeddings),
-            normalize_embeddings=normalize,
-            normalize_weight=normalize,
-            bias=getattr(self, "bias", None),
+            form.scale,
+            normalize_embeddings=form.normalize_embeddings,
+            normalize_weight=form.normalize_weight,
+            bias=form.bias,
             chunk_size=self.chunk_size,
             sample_rate=self.sample_rate,
         )

@@ -7,19 +7,16 @@ from typing import Any
 
 from pml_margins.functional.margin_softmax import TargetLogitFn
 from pml_margins.functional.target_logits import combined_margin_target
-from pml_margins.losses.arcface import check_angle_margin
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
-from pml_margins.validation import check_non_negative, check_positive
+from pml_margins.validation import (
+    check_angle_margin,
+    check_multiplier,
+    check_non_negative,
+    check_positive,
+)
 
 __all__ = ["CombinedMarginLoss"]
-
-
-def _check_multiplier(value: object, name: str) -> float:
-    value = check_positive(value, name)
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1 (a multiplicative angular margin), got {value}")
-    return value
 
 
 class CombinedMarginLoss(ClassWeightLoss):
@@ -50,7 +47,7 @@ class CombinedMarginLoss(ClassWeightLoss):
     """
 
     hyperparameter_names = ("m1", "m2", "m3", "scale")
-    m1 = Hyperparameter(_check_multiplier)
+    m1 = Hyperparameter(check_multiplier)
     m2 = Hyperparameter(check_angle_margin)
     m3 = Hyperparameter(check_non_negative)
     scale = Hyperparameter(check_positive)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pml_margins.losses.class_weight_loss import ClassWeightLoss
+import torch
+from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
+
+from pml_margins.functional.fused_margin_softmax import FusedLogits
+from pml_margins.losses.class_weight_loss import ClassWeightLoss, is_plain_inner_product
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import check_positive
 
@@ -21,6 +25,13 @@ class NormSoftmaxLoss(ClassWeightLoss):
     NSL in the CosFace paper (Wang et al., 2018, Eq. 3), NormFace (Wang et al.,
     2017), and PML's ``NormalizedSoftmaxLoss`` with ``temperature = 1 / s``.
 
+    As in PML, the class weights are always normalized (by ``distance.normalize``)
+    and the distance decides the rest: with the default ``CosineSimilarity`` (or
+    PML's default ``DotProductSimilarity()``) the embeddings are normalized too;
+    ``DotProductSimilarity(normalize_embeddings=False)`` gives
+    :math:`s\,x^\top \hat W_j`; a distance that is not a similarity (e.g.
+    ``LpDistance``) enters negated. Every distance gives PML's value.
+
     Recommended ``s`` (unitless): 30 (default) for retrieval; 64 for face
     recognition with ~10k+ identities (see
     :func:`pml_margins.functional.cosface_scale_lower_bound`). PML's default
@@ -31,10 +42,11 @@ class NormSoftmaxLoss(ClassWeightLoss):
         embedding_size: embedding width ``D``.
         scale: ``s > 0``.
         **kwargs: PML options (``reducer``, ``weight_regularizer``, ``embedding_regularizer``,
-            ``weight_init_func``, ``distance`` -- a ``CosineSimilarity``).
+            ``weight_init_func``, ``distance`` -- any PML distance, see above).
     """
 
     hyperparameter_names = ("scale",)
+    distance_types = (BaseDistance,)
     scale = Hyperparameter(check_positive)
 
     def __init__(
@@ -42,3 +54,20 @@ class NormSoftmaxLoss(ClassWeightLoss):
     ) -> None:
         self.scale = scale
         super().__init__(num_classes, embedding_size, **kwargs)
+
+    @property
+    def logits_are_cosines(self) -> bool:  # type: ignore[override]
+        """Cosines only with a normalizing cosine similarity (for the ``avg_angle`` statistic)."""
+        return isinstance(self.distance, CosineSimilarity) and self.distance.normalize_embeddings
+
+    def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """PML's logits: ``distance(x, normalize(W))``, negated for a non-similarity."""
+        weights = self.distance.normalize(self.weights_for(embeddings), dim=0)
+        logits = self.distance(embeddings.to(weights.dtype), weights.t())
+        return (logits if self.distance.is_inverted else -logits), self.scale
+
+    def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
+        """Fused with a plain cosine/dot similarity: ``W`` normalized, ``x`` as it says."""
+        if not is_plain_inner_product(self.distance) or self.distance.p != 2:
+            return None
+        return FusedLogits(bool(self.distance.normalize_embeddings), True, self.scale)

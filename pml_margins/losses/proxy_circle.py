@@ -9,10 +9,9 @@ import torch
 
 from pml_margins.functional.circle import circle_negative_logits, circle_positive_logits
 from pml_margins.functional.margin_softmax import TargetLogitFn
-from pml_margins.losses.circle import check_circle_margin
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
-from pml_margins.validation import check_positive
+from pml_margins.validation import check_circle_margin, check_positive
 
 __all__ = ["ProxyCircleLoss"]
 

@@ -6,9 +6,10 @@ import math
 from typing import Any
 
 import torch
-from pytorch_metric_learning.distances import DotProductSimilarity
+from pytorch_metric_learning.distances import BaseDistance, DotProductSimilarity
 
-from pml_margins.losses.class_weight_loss import ClassWeightLoss
+from pml_margins.functional.fused_margin_softmax import FusedLogits
+from pml_margins.losses.class_weight_loss import ClassWeightLoss, is_plain_inner_product
 
 __all__ = ["SoftmaxLoss"]
 
@@ -39,6 +40,7 @@ class SoftmaxLoss(ClassWeightLoss):
     """
 
     logits_are_cosines = False
+    distance_types = (BaseDistance,)
 
     def __init__(
         self, num_classes: int, embedding_size: int, bias: bool = True, **kwargs: Any
@@ -66,6 +68,13 @@ class SoftmaxLoss(ClassWeightLoss):
 
     def logit_scale(self, embeddings: torch.Tensor) -> float:
         return 1.0
+
+    def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
+        """``W^T x + b`` (fused) with the default distance, or cosines + ``b`` with a cosine one."""
+        if not is_plain_inner_product(self.distance):
+            return None
+        normalize = bool(self.distance.normalize_embeddings)
+        return FusedLogits(normalize, normalize, 1.0, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bias={self.use_bias}"

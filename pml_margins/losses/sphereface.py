@@ -10,21 +10,13 @@ from pml_margins.functional.margin_softmax import TargetLogitFn
 from pml_margins.functional.target_logits import sphereface_psi
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
-from pml_margins.validation import check_non_negative, check_positive
+from pml_margins.validation import (
+    check_integer_margin,
+    check_non_negative,
+    check_optional_positive,
+)
 
-__all__ = ["SphereFaceLoss", "check_integer_margin"]
-
-
-def check_integer_margin(value: object, name: str) -> int:
-    """A multiplicative margin: an integer >= 1 (integer-valued floats are accepted)."""
-    value = check_positive(value, name)
-    if not value.is_integer():
-        raise ValueError(f"{name} must be an integer (the angle multiplier m), got {value}")
-    return int(value)
-
-
-def _optional_scale(value: object, name: str) -> float | None:
-    return None if value is None else check_positive(value, name)
+__all__ = ["SphereFaceLoss"]
 
 
 class SphereFaceLoss(ClassWeightLoss):
@@ -65,7 +57,7 @@ class SphereFaceLoss(ClassWeightLoss):
 
     hyperparameter_names = ("margin", "scale", "lambda_")
     margin = Hyperparameter(check_integer_margin)
-    scale = Hyperparameter(_optional_scale)
+    scale = Hyperparameter(check_optional_positive)
     lambda_ = Hyperparameter(check_non_negative)
 
     def __init__(
@@ -80,15 +72,11 @@ class SphereFaceLoss(ClassWeightLoss):
         self.margin, self.scale, self.lambda_ = margin, scale, lambda_
         super().__init__(num_classes, embedding_size, **kwargs)
 
-    def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
-        cosine = self.cosine(embeddings)
-        return cosine, self.logit_scale(embeddings.to(cosine.dtype))
-
     def logit_scale(self, embeddings: torch.Tensor) -> float | torch.Tensor:
         """The fixed ``scale``, or the feature norms ``||x_i||`` when it is ``None``."""
         if self.scale is not None:
             return self.scale
-        return torch.linalg.vector_norm(embeddings, dim=1)
+        return torch.linalg.vector_norm(embeddings.to(self.compute_dtype(embeddings)), dim=1)
 
     def target_logit_fn(self) -> TargetLogitFn:
         margin, lam = self.margin, self.lambda_

@@ -171,7 +171,8 @@ def test_cosine_logits_matches_pml_cosine_with_gradients() -> None:
 
 
 def test_which_losses_take_the_cosine_path() -> None:
-    from pml_margins.distributed.sharded_loss import _has_cosine_logits
+    from pml_margins.distributed.sharded_loss import _cosine_scale
 
-    cosine = {i for i, s in SPEC_BY_ID.items() if _has_cosine_logits(s.build(4, 3))}
+    x = torch.randn(2, 3)
+    cosine = {i for i, s in SPEC_BY_ID.items() if _cosine_scale(s.build(4, 3), x) is not None}
     assert cosine == set(SPEC_BY_ID) - {"softmax", "softmax_nobias"}

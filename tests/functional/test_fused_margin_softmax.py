@@ -1,4 +1,9 @@
-"""The fused margin-softmax path against the plain core and a float64 reference."""
+"""The fused margin-softmax path against the plain core and a float64 reference.
+
+The reference (``_reference``) takes its target logits from ``tests/losses/reference.py``,
+written from the papers' formulas with ``acos``; the library's target-logit functions
+only feed the code under test.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from pml_margins.losses import (
     SoftmaxLoss,
     SphereFaceLoss,
 )
+from tests.losses import reference as paper
 
 B, D, C = 9, 6, 23
 
@@ -36,7 +42,18 @@ def _sphere_lambda(cosine: torch.Tensor) -> torch.Tensor:
     return (3.0 * cosine + sphereface_psi(cosine, 4)) / 4.0
 
 
-# name -> (psi, scale: float or "norm", normalize, bias)
+# the papers' target logits, for the reference only
+PAPER_PSI = {
+    "softmax": None,
+    "nsl": None,
+    "cosface": lambda c: c - 0.35,
+    "arcface": partial(paper.arcface_cos, m=0.5),
+    "arcface_easy": partial(paper.arcface_cos, m=0.5, easy_margin=True),
+    "sphereface": partial(paper.sphereface_psi, m=4),
+    "sphereface_lambda": lambda c: (3.0 * c + paper.sphereface_psi(c, 4)) / 4.0,
+    "combined": partial(paper.combined_cos, m1=1.5, m2=0.2, m3=0.1),
+}
+# name -> (psi of the code under test, scale: float or "norm", normalize, bias)
 CASES = {
     "softmax": (None, 1.0, False, True),
     "nsl": (None, 8.0, True, False),
@@ -50,6 +67,8 @@ CASES = {
 # chunk_size / sample_rate settings that must all give the full loss
 MODES = {
     "default": {},
+    "materialized": {"materialize": True},
+    "blocked": {"materialize": False},
     "chunk1": {"chunk_size": 1},
     "chunk5": {"chunk_size": 5},  # does not divide C
     "chunk64": {"chunk_size": 64},  # larger than C
@@ -103,8 +122,8 @@ def _plain(case, x, w, labels, bias):
 
 
 def _reference(case, x, w, labels, bias):
-    """The formula in float64 with a one-hot mask (independent of both implementations)."""
-    psi, _, normalize, _ = CASES[case]
+    """The formula in float64 with a one-hot mask and the papers' target logits."""
+    psi, (_, _, normalize, _) = PAPER_PSI[case], CASES[case]
     x64, w64 = x.double(), w.double()
     if normalize:
         x64 = x64 / x64.norm(dim=1, keepdim=True)
@@ -147,7 +166,7 @@ def test_fused_equals_plain_and_reference(case, mode, dtype):
         torch.testing.assert_close(got.double(), want64.double(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("mode", ["default", "chunk5"])
+@pytest.mark.parametrize("mode", ["materialized", "blocked", "chunk5"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_autocast_bf16_close_to_plain(case, mode):
     x, w, labels, bias, upstream = _inputs(case, torch.float32, seed=1)
@@ -163,7 +182,7 @@ def test_autocast_bf16_close_to_plain(case, mode):
             torch.testing.assert_close(g.double(), want.double(), atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("mode", ["default", "chunk5"])
+@pytest.mark.parametrize("mode", ["materialized", "blocked", "chunk5"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_gradcheck(case, mode):
     gen = torch.Generator().manual_seed(3)
@@ -258,23 +277,24 @@ def test_sampling_grad_only_on_sampled_columns_and_deterministic():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "error"),
     [
-        {"sample_rate": 0.0},
-        {"sample_rate": 1.5},
-        {"sample_rate": -0.1},
-        {"sample_rate": "half"},
-        {"chunk_size": 0},
-        {"chunk_size": -3},
-        {"chunk_size": 2.5},
-        {"chunk_size": "big"},
+        ({"sample_rate": 0.0}, ValueError),
+        ({"sample_rate": 1.5}, ValueError),
+        ({"sample_rate": -0.1}, ValueError),
+        ({"sample_rate": "half"}, TypeError),
+        ({"chunk_size": 0}, ValueError),
+        ({"chunk_size": -3}, ValueError),
+        ({"chunk_size": 2.5}, TypeError),
+        ({"chunk_size": "big"}, TypeError),
     ],
 )
-def test_bad_kwargs_raise(kwargs):
+def test_bad_kwargs_raise(kwargs, error):
     x, w, labels, _, _ = _inputs("nsl", torch.float32)
-    with pytest.raises(ValueError):
+    (name,) = kwargs
+    with pytest.raises(error, match=name):
         _fused("nsl", x, w, labels, None, **kwargs)
-    with pytest.raises(ValueError):
+    with pytest.raises(error, match=name):
         NormSoftmaxLoss(C, D, **kwargs)
 
 
@@ -300,8 +320,26 @@ def _saved_numels(**mode) -> list[int]:
     return numels
 
 
-def test_default_mode_saves_one_batch_by_classes_buffer():
-    assert _saved_numels().count(12 * 40) == 1
+def test_blocked_default_mode_saves_one_batch_by_classes_buffer():
+    assert _saved_numels(materialize=False).count(12 * 40) == 1
+
+
+def test_small_problems_are_materialized_and_large_ones_blocked():
+    from pml_margins.functional.fused_margin_softmax import MATERIALIZE_MAX_ELEMENTS
+
+    def backward_name(batch: int, num_classes: int, **mode) -> str:
+        x = torch.randn(batch, 4, requires_grad=True)
+        w = torch.randn(4, num_classes)
+        labels = torch.randint(0, num_classes, (batch,))
+        return type(_fused("arcface", x, w, labels, None, **mode).grad_fn).__name__
+
+    blocked = "_FusedMarginSoftmaxBackward"
+    small, large = MATERIALIZE_MAX_ELEMENTS // 16, MATERIALIZE_MAX_ELEMENTS // 16 + 1
+    assert backward_name(16, small) != blocked
+    assert backward_name(16, large) == blocked
+    assert backward_name(16, small, materialize=False) == blocked
+    assert backward_name(16, small, chunk_size=64) == blocked
+    assert backward_name(16, large, materialize=True) != blocked
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, "auto"])
@@ -334,8 +372,8 @@ def test_loss_classes_match_plain_path(name, mode):
     cls, kwargs = LOSSES[name]
     torch.manual_seed(0)
     loss = cls(C, D, **kwargs, **MODES[mode]).double()
-    assert loss._fused_supported()
     x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    assert loss.fused_logits(x) is not None
     labels = torch.randint(0, C, (B,))
     params = [x, *loss.parameters()]
     got = torch.autograd.grad(loss(x, labels), params)
@@ -358,7 +396,8 @@ def test_loss_with_miner_reducer_regularizer(monkeypatch):
         )
 
     fused, plain = make(), make()
-    monkeypatch.setattr(plain, "_fused_supported", lambda: False)
+    plain.chunk_size = None  # the plain path takes no chunk_size
+    monkeypatch.setattr(plain, "fused_logits", lambda embeddings: None)
     x = torch.randn(B, D, requires_grad=True)
     labels = torch.randint(0, 3, (B,))
     indices = miners.MultiSimilarityMiner(epsilon=0.5)(x, labels)
@@ -373,8 +412,8 @@ def test_loss_with_miner_reducer_regularizer(monkeypatch):
 
 def test_custom_distance_falls_back_to_plain_path():
     loss = ArcFaceLoss(C, D, distance=CosineSimilarity(power=2))
-    assert not loss._fused_supported()
     x = torch.randn(B, D)
+    assert loss.fused_logits(x) is None
     labels = torch.randint(0, C, (B,))
     torch.testing.assert_close(loss(x, labels), _plain_loss(loss, x, labels).mean())
 

@@ -8,6 +8,12 @@ import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners
+from pytorch_metric_learning.distances import (
+    CosineSimilarity,
+    DotProductSimilarity,
+    LpDistance,
+    SNRDistance,
+)
 
 from pml_margins.losses import ArcFaceLoss, CosFaceLoss, NormSoftmaxLoss, SphereFaceLoss
 
@@ -71,3 +77,100 @@ def test_pml_loses_fp32_master_weights_under_autocast_but_ours_keep_them() -> No
         ours(model(torch.randn(8, 16)), y)
     assert pml.W.dtype == torch.bfloat16 and not torch.equal(pml.W.float(), w0)  # PML's defect
     assert ours.W.dtype == torch.float32 and torch.equal(ours.W, w0)
+
+
+# --- every distance PML accepts gives PML's value --------------------------------------
+NSL_DISTANCES = {
+    "default": lambda: None,
+    "dot_unnormalized": lambda: DotProductSimilarity(normalize_embeddings=False),
+    "dot": lambda: DotProductSimilarity(),
+    "cosine": lambda: CosineSimilarity(),
+    "cosine_power2": lambda: CosineSimilarity(power=2),
+    "lp": lambda: LpDistance(),
+    "lp_squared": lambda: LpDistance(power=2),
+    "lp_unnormalized": lambda: LpDistance(normalize_embeddings=False),
+    "snr": lambda: SNRDistance(),
+}
+MARGIN_DISTANCES = {
+    "default": lambda: None,
+    "cosine": lambda: CosineSimilarity(),
+    "cosine_power2": lambda: CosineSimilarity(power=2),
+}
+#: the NSL distances that run on the fused core (so chunk_size applies)
+FUSED_NSL_DISTANCES = ["default", "dot_unnormalized", "dot", "cosine"]
+
+
+def _with_distance(make, distance):
+    kwargs = {} if distance is None else {"distance": distance}
+    return make(**kwargs)
+
+
+def _assert_same_loss_and_grads(pml, ours, x, y, tol) -> None:
+    ours.load_state_dict(pml.state_dict())
+    out_pml, out_ours = pml(x, y), ours(x, y)
+    torch.testing.assert_close(out_ours, out_pml, **tol)
+    for a, b in zip(
+        torch.autograd.grad(out_ours, (x, ours.W)),
+        torch.autograd.grad(out_pml, (x, pml.W)),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize(
+    ("distance", "chunk_size"),
+    [(d, None) for d in NSL_DISTANCES] + [(d, 5) for d in FUSED_NSL_DISTANCES],
+)
+def test_nsl_equals_pml_for_every_distance(distance, chunk_size) -> None:
+    torch.manual_seed(0)
+    make_distance = NSL_DISTANCES[distance]
+    pml = _with_distance(
+        lambda **kw: pml_losses.NormalizedSoftmaxLoss(12, 16, temperature=0.1, **kw),
+        make_distance(),
+    ).double()
+    ours = _with_distance(
+        lambda **kw: NormSoftmaxLoss(12, 16, scale=10.0, **kw), make_distance()
+    ).double()
+    fused = ours.fused_logits(torch.zeros(1, 16)) is not None
+    assert fused == (distance in FUSED_NSL_DISTANCES)
+    ours.chunk_size = chunk_size
+    x = (3 * torch.randn(20, 16, dtype=torch.float64)).requires_grad_(True)
+    y = torch.arange(20) % 12
+    _assert_same_loss_and_grads(pml, ours, x, y, {"rtol": 1e-10, "atol": 1e-10})
+
+
+MARGIN_PAIRS = {
+    "arcface": (
+        lambda **kw: pml_losses.ArcFaceLoss(12, 16, margin=28.6, scale=30, **kw),
+        lambda **kw: ArcFaceLoss(12, 16, margin=math.radians(28.6), scale=30, **kw),
+    ),
+    "cosface": (
+        lambda **kw: pml_losses.CosFaceLoss(12, 16, margin=0.35, scale=30, **kw),
+        lambda **kw: CosFaceLoss(12, 16, margin=0.35, scale=30, **kw),
+    ),
+    "sphereface": (
+        lambda **kw: pml_losses.SphereFaceLoss(12, 16, margin=4, **kw),
+        lambda **kw: SphereFaceLoss(12, 16, margin=4, **kw),
+    ),
+}
+
+
+@pytest.mark.parametrize("distance", MARGIN_DISTANCES, ids=list(MARGIN_DISTANCES))
+@pytest.mark.parametrize("name", MARGIN_PAIRS)
+def test_margin_losses_equal_pml_for_every_cosine_distance(name, distance) -> None:
+    torch.manual_seed(0)
+    make_pml, make_ours = MARGIN_PAIRS[name]
+    make_distance = MARGIN_DISTANCES[distance]
+    pml = _with_distance(make_pml, make_distance()).double()
+    ours = _with_distance(make_ours, make_distance()).double()
+    x = (3 * torch.randn(20, 16, dtype=torch.float64)).requires_grad_(True)
+    y = torch.arange(20) % 12
+    _assert_same_loss_and_grads(pml, ours, x, y, {"rtol": 1e-9, "atol": 1e-9})
+
+
+@pytest.mark.parametrize("name", MARGIN_PAIRS)
+@pytest.mark.parametrize("distance", [LpDistance, DotProductSimilarity, SNRDistance])
+def test_margin_losses_reject_what_pml_rejects(name, distance) -> None:
+    _, make_ours = MARGIN_PAIRS[name]
+    with pytest.raises(TypeError, match="needs a CosineSimilarity distance"):
+        make_ours(distance=distance())

@@ -1,0 +1,134 @@
+"""Every pair of embedding and ``W`` dtypes, for every class-weight loss and mode.
+
+Each case runs forward and backward and checks that ``W`` keeps its storage dtype,
+that ``x.grad`` has ``x``'s dtype and ``W.grad`` has ``W``'s, and that the value and
+both gradients are within a dtype-appropriate tolerance of the float64 reference
+(``tests/losses/reference.py``, written from the papers) on the same inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pml_margins.functional import sample_classes
+from pml_margins.losses import ProxyCircleLoss
+from tests.losses.reference import reference_per_sample
+from tests.losses.specs import SPECS, LossSpec
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+DTYPE_IDS = ["fp16", "bf16", "fp32", "fp64"]
+#: one spec per loss class (the first of each in SPECS)
+FAMILIES = list({spec.cls: spec for spec in reversed(SPECS)}.values())[::-1]
+MODES = {"default": {}, "chunked": {"chunk_size": 7}, "partial_fc": {"sample_rate": 0.6}}
+
+NUM_CLASSES, WIDTH, BATCH = 23, 8, 12
+
+
+def _rounding(dtype: torch.dtype) -> float:
+    """Relative rounding of storing a value in ``dtype``."""
+    return float(torch.finfo(dtype).eps)
+
+
+def _reference(spec: LossSpec, loss_fn, x, y, seed: int, mode: dict) -> torch.Tensor:
+    """Mean float64 loss of the same inputs, on the classes the run sampled."""
+    w = loss_fn.W.detach().double().clone().requires_grad_(True)
+    bias = getattr(loss_fn, "bias", None)
+    bias = None if bias is None else bias.detach().double()
+    x = x.detach().double().clone().requires_grad_(True)
+    w_used, y_used, bias_used = w, y, bias
+    if "sample_rate" in mode:
+        torch.manual_seed(seed)
+        sampled = sample_classes(y, NUM_CLASSES, mode["sample_rate"])
+        if sampled is not None:
+            index, y_used = sampled
+            w_used = w[:, index]
+            bias_used = None if bias is None else bias[index]
+    value = reference_per_sample(spec.kind, x, w_used, y_used, bias=bias_used, **spec.ref_hp)
+    value = value.mean()
+    gx, gw = torch.autograd.grad(value, (x, w))
+    return value, gx, gw
+
+
+def _inputs(x_dtype: torch.dtype, w_dtype: torch.dtype, spec: LossSpec, mode: dict):
+    torch.manual_seed(0)
+    loss_fn = spec.build(NUM_CLASSES, WIDTH, **mode)
+    loss_fn.W.data = loss_fn.W.data.to(w_dtype)
+    if getattr(loss_fn, "bias", None) is not None:
+        loss_fn.bias.data = loss_fn.bias.data.to(w_dtype)
+    # scaled so that SphereFace's feature-norm scale stays moderate
+    x = (0.5 * torch.randn(BATCH, WIDTH)).to(x_dtype).requires_grad_(True)
+    y = torch.randint(0, NUM_CLASSES, (BATCH,))
+    return loss_fn, x, y
+
+
+def _check_case(spec: LossSpec, x_dtype, w_dtype, mode: dict, autocast: torch.dtype | None):
+    loss_fn, x, y = _inputs(x_dtype, w_dtype, spec, mode)
+    w_before = loss_fn.W.detach().clone()
+    seed = 1234
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = loss_fn(x, y)
+    out.backward()
+    assert loss_fn.W.dtype == w_dtype and torch.equal(loss_fn.W.detach(), w_before)
+    assert x.grad is not None and x.grad.dtype == x_dtype
+    assert loss_fn.W.grad is not None and loss_fn.W.grad.dtype == w_dtype
+    ref, ref_gx, ref_gw = _reference(spec, loss_fn, x, y, seed, mode)
+    wide = torch.promote_types(x_dtype, w_dtype)
+    # arithmetic: float64 when either input is float64, else float32 (bf16 products under autocast)
+    arithmetic = torch.float64 if wide == torch.float64 else torch.float32
+    work = _rounding(autocast or arithmetic)
+    # logits carry the scale (up to 64): errors of the cosines are multiplied by it
+    tol = 100 * work * 64
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    for got, want, dtype in ((x.grad, ref_gx, x_dtype), (loss_fn.W.grad, ref_gw, w_dtype)):
+        # the gradient is rounded once more to its own dtype
+        g_tol = tol + 4 * _rounding(dtype)
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.double(), want, rtol=g_tol, atol=g_tol * max(scale, 1))
+
+
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+@pytest.mark.parametrize("spec", FAMILIES, ids=[s.cls.__name__ for s in FAMILIES])
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=DTYPE_IDS)
+def test_every_dtype_pair(x_dtype, w_dtype, spec: LossSpec, mode: dict) -> None:
+    _check_case(spec, x_dtype, w_dtype, mode, autocast=None)
+
+
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+@pytest.mark.parametrize("spec", FAMILIES, ids=[s.cls.__name__ for s in FAMILIES])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_autocast_bf16(x_dtype, spec: LossSpec, mode: dict) -> None:
+    _check_case(spec, x_dtype, torch.float32, mode, autocast=torch.bfloat16)
+
+
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=DTYPE_IDS)
+def test_proxy_circle_every_dtype_pair(x_dtype, w_dtype) -> None:
+    torch.manual_seed(0)
+    loss_fn = ProxyCircleLoss(NUM_CLASSES, WIDTH, m=0.25, gamma=32.0)
+    loss_fn.W.data = loss_fn.W.data.to(w_dtype)
+    x = torch.randn(BATCH, WIDTH).to(x_dtype).requires_grad_(True)
+    y = torch.randint(0, NUM_CLASSES, (BATCH,))
+    loss_fn(x, y).backward()
+    assert loss_fn.W.dtype == w_dtype and loss_fn.W.grad.dtype == w_dtype
+    assert x.grad.dtype == x_dtype and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+@pytest.mark.parametrize("spec", FAMILIES, ids=[s.cls.__name__ for s in FAMILIES])
+@pytest.mark.parametrize("autocast", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_autocast(autocast, spec: LossSpec, mode: dict) -> None:
+    loss_fn, x, y = _inputs(torch.float32, torch.float32, spec, mode)
+    loss_fn = loss_fn.cuda()
+    x = x.detach().cuda().requires_grad_(True)
+    with torch.autocast("cuda", dtype=autocast):
+        out = loss_fn(x, y.cuda())
+    out.backward()
+    assert loss_fn.W.dtype == torch.float32 and loss_fn.W.grad.dtype == torch.float32
+    assert torch.isfinite(x.grad).all() and torch.isfinite(loss_fn.W.grad).all()
+    ref = _reference(spec, loss_fn.cpu(), x.cpu(), y, 0, {})[0] if not mode else None
+    if ref is not None:
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=5e-2, atol=0.5)
