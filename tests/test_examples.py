@@ -53,8 +53,12 @@ CASES = [
 ]
 
 
+# launched under torchrun: tests/test_example_distributed.py
+TORCHRUN_EXAMPLES = {"06_distributed_partial_fc.py"}
+
+
 def test_every_example_is_tested() -> None:
-    tested = {p.values[0] for p in CASES}
+    tested = {p.values[0] for p in CASES} | TORCHRUN_EXAMPLES
     assert tested == {p.name for p in EXAMPLES.glob("[0-9]*.py")}
 
 
