@@ -17,7 +17,7 @@ from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pml_margins.adapters import MetricLearningModule, RetrievalMetricsCallback
-from pml_margins.adapters.lightning import merge_ranks
+from pml_margins.adapters.lightning import _merge_ranks
 from pml_margins.losses import ArcFaceLoss, CircleLoss
 from tests.adapters.conftest import Digits, changed, mlp, params_copy
 
@@ -169,16 +169,16 @@ def test_merge_ranks_restores_distributed_sampler_order(num_samples: int, world:
     ]
     sizes = [len(x) for x in per_rank]
     gathered = torch.stack(per_rank)
-    assert torch.equal(merge_ranks(gathered, sizes, num_samples), data)
+    assert torch.equal(_merge_ranks(gathered, sizes, num_samples), data)
     # without the dataset length: plain concatenation of the real rows
-    assert merge_ranks(gathered, sizes).shape[0] == sum(sizes)
+    assert _merge_ranks(gathered, sizes).shape[0] == sum(sizes)
 
 
 def test_merge_ranks_unequal_sizes() -> None:
     gathered = torch.tensor([[1, 2, 3], [4, 5, 0]])
-    assert merge_ranks(gathered, [3, 2], num_samples=5).tolist() == [1, 2, 3, 4, 5]
+    assert _merge_ranks(gathered, [3, 2], num_samples=5).tolist() == [1, 2, 3, 4, 5]
     with pytest.raises(ValueError, match="ranks"):
-        merge_ranks(gathered, [3])
+        _merge_ranks(gathered, [3])
 
 
 def test_ddp_metrics_equal_single_process_metrics(digits: Digits, tmp_path: Path) -> None:
