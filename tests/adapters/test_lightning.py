@@ -9,17 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("lightning", reason="needs pip install 'pml-margins[lightning]'")
+from tests.adapters.conftest import require_extra
 
-import lightning.pytorch as pl
-from pytorch_metric_learning.miners import MultiSimilarityMiner
-from pytorch_metric_learning.samplers import MPerClassSampler
-from torch.utils.data import DataLoader, DistributedSampler
+require_extra("lightning", "'pml-margins[lightning]'")
 
-from pml_margins.adapters import MetricLearningModule, RetrievalMetricsCallback
-from pml_margins.adapters.lightning import _merge_ranks
-from pml_margins.losses import ArcFaceLoss, CircleLoss
-from tests.adapters.conftest import Digits, changed, mlp, params_copy
+import lightning.pytorch as pl  # noqa: E402
+from pytorch_metric_learning.miners import MultiSimilarityMiner  # noqa: E402
+from pytorch_metric_learning.samplers import MPerClassSampler  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
+
+from pml_margins.adapters import MetricLearningModule, RetrievalMetricsCallback  # noqa: E402
+from pml_margins.adapters.lightning import _merge_ranks  # noqa: E402
+from pml_margins.losses import ArcFaceLoss, CircleLoss  # noqa: E402
+from tests.adapters.conftest import Digits, changed, mlp, params_copy  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
