@@ -23,7 +23,7 @@ from pml_margins.validation import check_non_negative, check_positive
 
 pl = require("lightning.pytorch", extra="lightning")
 
-__all__ = ["METRIC_NAMES", "MetricLearningModule", "RetrievalMetricsCallback", "merge_ranks"]
+__all__ = ["METRIC_NAMES", "MetricLearningModule", "RetrievalMetricsCallback"]
 
 #: short names under which the callback logs the calculator's metrics (others keep theirs)
 METRIC_NAMES: dict[str, str] = {"mean_average_precision_at_r": "map_at_r"}
@@ -126,7 +126,7 @@ class MetricLearningModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
 
-def merge_ranks(
+def _merge_ranks(
     gathered: torch.Tensor, sizes: Sequence[int], num_samples: int | None = None
 ) -> torch.Tensor:
     """Undo the split of a validation set over ``W`` ranks.
@@ -254,4 +254,4 @@ class RetrievalMetricsCallback(pl.Callback):
         sizes = [int(s) for s in pl_module.all_gather(size).reshape(-1)]
         padded = local.new_zeros((max(sizes), *local.shape[1:]))
         padded[: local.shape[0]] = local
-        return merge_ranks(pl_module.all_gather(padded), sizes, num_samples)
+        return _merge_ranks(pl_module.all_gather(padded), sizes, num_samples)

@@ -3,7 +3,7 @@ r"""Schedules for loss hyper-parameters, in the style of ``torch.optim.lr_schedu
 Call ``step()`` once per iteration (or epoch) after ``optimizer.step()``; save and
 restore with ``state_dict()`` / ``load_state_dict()`` next to the optimizer's.
 
-Example:
+Examples:
     >>> from pml_margins.losses import ArcFaceLoss
     >>> loss = ArcFaceLoss(10, 64)
     >>> sched = MarginScheduler(loss, start=0.1, end=0.5, total_steps=4)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -14,47 +13,33 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def _available(module: str, name: str) -> bool:
-    try:
-        return hasattr(importlib.import_module(module), name)
-    except ImportError:
-        return False
-
-
-HAS_CALCULATOR = _available("pml_margins.evaluation", "RetrievalAccuracyCalculator")
-HAS_CIRCLE = _available("pml_margins.losses", "CircleLoss")
-HAS_CENTER = _available("pml_margins.losses", "CenterLoss")
-
 CASES = [
     pytest.param("01_arcface_plain_loop.py", ["margin = 0.3 rad", "test accuracy"], id="01"),
     pytest.param(
         "02_circle_pair_mining.py",
         ["retrieval among unseen digits", "recall_at_8"],
-        marks=pytest.mark.skipif(
-            not (HAS_CIRCLE and HAS_CALCULATOR), reason="CircleLoss/calculator not merged yet"
-        ),
         id="02",
     ),
     pytest.param(
         "03_softmax_center_joint.py",
         ["| lambda | intra/inter distance |", "| 0.0 |", "| 0.1 |"],
-        marks=pytest.mark.skipif(
-            not (HAS_CENTER and HAS_CALCULATOR), reason="CenterLoss/calculator not merged yet"
-        ),
         id="03",
     ),
     pytest.param(
         "04_evaluate_saved_embeddings.py",
         ["| embeddings | R@1 | R@2 | R@4 | R@8 |", "| pixels.pt |", "| random16.npz |"],
-        marks=pytest.mark.skipif(not HAS_CALCULATOR, reason="calculator not merged yet"),
         id="04",
     ),
     pytest.param("05_margin_warmup.py", ["margin 0.500 rad", "resumed scheduler"], id="05"),
 ]
 
 
+# launched under torchrun: tests/test_example_distributed.py
+TORCHRUN_EXAMPLES = {"06_distributed_partial_fc.py"}
+
+
 def test_every_example_is_tested() -> None:
-    tested = {p.values[0] for p in CASES}
+    tested = {p.values[0] for p in CASES} | TORCHRUN_EXAMPLES
     assert tested == {p.name for p in EXAMPLES.glob("[0-9]*.py")}
 
 

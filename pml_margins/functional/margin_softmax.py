@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 __all__ = ["TargetLogitFn", "compute_dtype", "margin_softmax_cross_entropy"]
 
+#: a target-logit function: base logits (cosines) in, the logits the softmax uses out
 TargetLogitFn = Callable[[torch.Tensor], torch.Tensor]
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -96,3 +97,18 @@ def changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
     return len(before) == len(after) and all(
         not torch.equal(b, a.detach().cpu()) for b, a in zip(before, after, strict=True)
     )
+
+
+def require_extra(module: str, extra: str) -> ModuleType:
+    """Import ``module`` for an adapter test: skip only when it is not installed at all.
+
+    ``pytest.importorskip`` also skips when an installed package fails to import
+    (e.g. a broken torchvision beside a CPU torch), under a reason that then says
+    the extra is missing. Here that case fails, with the real import error.
+    """
+    if importlib.util.find_spec(module.partition(".")[0]) is None:
+        pytest.skip(f"{module} is not installed: pip install {extra}")
+    try:
+        return importlib.import_module(module)
+    except Exception as err:
+        raise ImportError(f"{module} is installed but does not import: {err!r}") from err

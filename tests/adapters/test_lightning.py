@@ -9,17 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("lightning", reason="needs pip install 'pml-margins[lightning]'")
+from tests.adapters.conftest import require_extra
 
-import lightning.pytorch as pl
-from pytorch_metric_learning.miners import MultiSimilarityMiner
-from pytorch_metric_learning.samplers import MPerClassSampler
-from torch.utils.data import DataLoader, DistributedSampler
+require_extra("lightning", "'pml-margins[lightning]'")
 
-from pml_margins.adapters import MetricLearningModule, RetrievalMetricsCallback
-from pml_margins.adapters.lightning import merge_ranks
-from pml_margins.losses import ArcFaceLoss, CircleLoss
-from tests.adapters.conftest import Digits, changed, mlp, params_copy
+import lightning.pytorch as pl  # noqa: E402
+from pytorch_metric_learning.miners import MultiSimilarityMiner  # noqa: E402
+from pytorch_metric_learning.samplers import MPerClassSampler  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
+
+from pml_margins.adapters import MetricLearningModule, RetrievalMetricsCallback  # noqa: E402
+from pml_margins.adapters.lightning import _merge_ranks  # noqa: E402
+from pml_margins.losses import ArcFaceLoss, CircleLoss  # noqa: E402
+from tests.adapters.conftest import Digits, changed, mlp, params_copy  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
@@ -169,16 +171,16 @@ def test_merge_ranks_restores_distributed_sampler_order(num_samples: int, world:
     ]
     sizes = [len(x) for x in per_rank]
     gathered = torch.stack(per_rank)
-    assert torch.equal(merge_ranks(gathered, sizes, num_samples), data)
+    assert torch.equal(_merge_ranks(gathered, sizes, num_samples), data)
     # without the dataset length: plain concatenation of the real rows
-    assert merge_ranks(gathered, sizes).shape[0] == sum(sizes)
+    assert _merge_ranks(gathered, sizes).shape[0] == sum(sizes)
 
 
 def test_merge_ranks_unequal_sizes() -> None:
     gathered = torch.tensor([[1, 2, 3], [4, 5, 0]])
-    assert merge_ranks(gathered, [3, 2], num_samples=5).tolist() == [1, 2, 3, 4, 5]
+    assert _merge_ranks(gathered, [3, 2], num_samples=5).tolist() == [1, 2, 3, 4, 5]
     with pytest.raises(ValueError, match="ranks"):
-        merge_ranks(gathered, [3])
+        _merge_ranks(gathered, [3])
 
 
 def test_ddp_metrics_equal_single_process_metrics(digits: Digits, tmp_path: Path) -> None:

