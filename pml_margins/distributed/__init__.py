@@ -39,7 +39,6 @@ from pml_margins.distributed.collectives import (
 )
 from pml_margins.distributed.evaluation import (
     ShardedRetrievalAccuracyCalculator,
-    merge_topk,
     sharded_exact_knn,
 )
 from pml_margins.distributed.partial_fc import sample_local_classes
@@ -58,7 +57,6 @@ __all__ = [
     "load_into",
     "load_shard",
     "merge_shards",
-    "merge_topk",
     "rank_and_world_size",
     "reshard",
     "sample_local_classes",
