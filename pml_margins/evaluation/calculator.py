@@ -315,11 +315,16 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         the depth of the k-nn (also covering the requested Recall@K)."""
         metrics = self.get_curr_metrics()
         available = num_reference - int(ref_includes_query)
-        pml_metrics = set(AccuracyCalculator.requires_knn(self)) | {"mean_reciprocal_rank"}
+        recalls = {f"recall_at_{kk}" for kk in self.recall_ks}
+        pml_rule = [
+            m
+            for m in metrics
+            if m in self.requires_knn() and m not in recalls and m != "num_excluded_queries"
+        ]  # PML's metrics and a subclass's own k-nn metrics
         k_pml = 0
-        if pml_metrics.intersection(metrics) and len(bin_counts):
+        if pml_rule and len(bin_counts):
             k_pml = min(self.determine_k(bin_counts, num_reference, ref_includes_query), available)
-        wanted = [int(m.rsplit("_", 1)[1]) for m in metrics if m.startswith("recall_at_")]
+        wanted = [int(m.rsplit("_", 1)[1]) for m in metrics if m in recalls]
         return max(k_pml, 0), max(0, min(max([k_pml, *wanted]), available))
 
     def _knn_kwargs(
