@@ -1,18 +1,16 @@
 """Exact retrieval evaluation with the reference set sharded across ranks.
 
 Each rank holds a contiguous slice of the reference set (the global set is the
-concatenation of the slices in rank order) and all the queries. Every rank
-scores all queries against its slice, block by block exactly as
-:func:`pml_margins.evaluation.exact_knn` does (same score formula, same
-lowest-index tie rule), keeps its local top ``k`` with global indices, and the
-``world_size`` candidate lists are all-gathered and merged by (score, global
-index). The result -- on every rank -- is what ``exact_knn`` returns on the
-whole reference set, so :class:`ShardedRetrievalAccuracyCalculator` gives the
-metrics of the single-process
-:class:`~pml_margins.evaluation.RetrievalAccuracyCalculator`.
+concatenation of the slices in rank order) and all the queries. Every rank runs
+the one exact k-nn engine (:func:`pml_margins.evaluation.knn.knn_float64`) on its
+slice, which gives its exact local top ``k`` in float64 with global indices; the
+``world_size`` lists are all-gathered and merged by (value, global index). The
+global top ``k`` lies in the union of the local ones, so the result -- on every
+rank -- is what :func:`~pml_margins.evaluation.exact_knn` returns on the whole
+reference set, and :class:`ShardedRetrievalAccuracyCalculator` gives the metrics
+of the single-process :class:`~pml_margins.evaluation.RetrievalAccuracyCalculator`.
 
-Memory per rank: one ``block_rows x R_local`` score block, plus ``Q x k`` per
-rank for the merge (``Q x k x world_size`` transiently).
+Memory per rank: the engine's tiles, plus ``Q x k x world_size`` for the merge.
 """
 
 from __future__ import annotations
@@ -29,19 +27,18 @@ from pml_margins.distributed.collectives import (
     rank_and_world_size,
 )
 from pml_margins.evaluation import RetrievalAccuracyCalculator
-from pml_margins.evaluation.calculator import _to_labels, _to_tensor
-from pml_margins.evaluation.knn import Metric, auto_block_rows, check_knn_inputs, check_knn_k
-from pml_margins.evaluation.topk import merge_candidates, topk_lowest_index_ties
-from pml_margins.validation import check_embeddings
+from pml_margins.evaluation.calculator import describe_distance
+from pml_margins.evaluation.inputs import as_embeddings, as_labels
+from pml_margins.evaluation.knn import (
+    METRICS,
+    Metric,
+    check_k,
+    finish_values,
+    knn_float64,
+    merge_neighbours,
+)
 
-__all__ = ["ShardedRetrievalAccuracyCalculator", "merge_topk", "sharded_exact_knn"]
-
-
-def merge_topk(
-    values: torch.Tensor, indices: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge candidate lists ``(n, m)`` into the top ``k`` by (value desc, index asc)."""
-    return merge_candidates(values, indices, k, largest=True)
+__all__ = ["ShardedRetrievalAccuracyCalculator", "sharded_exact_knn"]
 
 
 def _gather_columns(x: torch.Tensor, world_size: int, group: ProcessGroup | None) -> torch.Tensor:
@@ -56,9 +53,9 @@ def sharded_exact_knn(
     k: int,
     *,
     metric: Metric = "euclidean",
+    normalize: bool = False,
     exclude_self: bool = False,
     block_rows: int | None = None,
-    memory_budget: int | None = None,
     group: ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~pml_margins.evaluation.exact_knn` over a reference set sharded across ranks.
@@ -68,61 +65,53 @@ def sharded_exact_knn(
         reference_shard: this rank's ``(R_local, D)`` slice of the reference set.
         k: neighbours per query, ``0 <= k <= R`` (``R - 1`` with ``exclude_self``),
             ``R`` the global reference size.
-        metric: ``"euclidean"`` or ``"dot"`` (normalize beforehand for cosine).
+        metric, normalize, block_rows: as ``exact_knn``.
         exclude_self: query ``i`` is global reference ``i`` and not its own neighbour.
-        block_rows, memory_budget: as ``exact_knn``, for the local ``Q x R_local`` scores.
         group: process group (default: the world; none initialized: one process).
 
     Returns:
-        ``(scores, indices)``, each ``(Q, k)``, identical on every rank: the
-        similarity (``"dot"``) or Euclidean distance, and global reference indices.
+        ``(values, indices)``, each ``(Q, k)``, identical on every rank, as
+        ``exact_knn`` on the concatenated reference set (global indices).
 
     Raises:
-        ValueError: bad ``k`` or ``metric``, or mismatched widths.
+        TypeError / ValueError: bad embeddings, ``k`` or ``metric``.
     """
-    check_knn_inputs(query, reference_shard, metric, "reference_shard")
+    query = as_embeddings(query, "query")
+    reference_shard = as_embeddings(reference_shard, "reference_shard", query.shape[1])
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     device = query.device
     rank, world_size = rank_and_world_size(group)
     sizes = all_gather_rows(torch.tensor([len(reference_shard)], device=device), group)[0]
     sizes = sizes.tolist()
     total, offset = sum(sizes), sum(sizes[:rank])
-    check_knn_k(k, len(query), total, exclude_self)
-    dtype = torch.promote_types(query.dtype, torch.float32)
-    num_query, num_local = len(query), len(reference_shard)
-    if k == 0:
-        return torch.empty(num_query, 0, dtype=dtype, device=device), torch.empty(
-            num_query, 0, dtype=torch.long, device=device
-        )
-    reference = reference_shard.to(device=device, dtype=dtype)
-    ref_sq_norms = (reference * reference).sum(dim=1) if metric == "euclidean" else None
-    if block_rows is None:
-        block_rows = auto_block_rows(max(1, num_local), dtype.itemsize, device, memory_budget)
-    local_k = min(k, num_local)
-    scores_out = torch.full((num_query, k), -torch.inf, dtype=dtype, device=device)
-    index_out = torch.full((num_query, k), total, dtype=torch.long, device=device)
+    if exclude_self and total < len(query):
+        raise ValueError("exclude_self needs the reference set to start with the query set")
+    check_k(k, total - int(exclude_self))
+    largest = metric == "dot"
     with torch.no_grad():
-        for start in range(0, num_query if local_k else 0, block_rows):
-            stop = min(start + block_rows, num_query)
-            scores = query[start:stop].to(dtype) @ reference.T
-            if ref_sq_norms is not None:
-                scores.mul_(2).sub_(ref_sq_norms)
-            lo, hi = max(start, offset), min(stop, offset + num_local)
-            if exclude_self and lo < hi:  # queries lo..hi are references lo..hi, held here
-                own = torch.arange(lo, hi, device=device)
-                scores[own - start, own - offset] = -torch.inf
-            values, columns = topk_lowest_index_ties(scores, local_k)
-            scores_out[start:stop, :local_k] = values
-            index_out[start:stop, :local_k] = columns + offset
+        local_k = min(k, len(reference_shard))
+        values, indices = knn_float64(
+            query,
+            reference_shard,
+            local_k,
+            metric,
+            normalize,
+            offset if exclude_self else None,
+            block_rows,
+        )
+        pad = k - local_k  # worst values that never win: the global set has k better
+        worst = -torch.inf if largest else torch.inf
+        values = torch.nn.functional.pad(values, (0, pad), value=worst)
+        indices = torch.nn.functional.pad(indices + offset, (0, pad), value=total)
         if world_size > 1:
-            scores_out, index_out = merge_topk(
-                _gather_columns(scores_out, world_size, group),
-                _gather_columns(index_out, world_size, group),
+            values, indices = merge_neighbours(
+                _gather_columns(values, world_size, group),
+                _gather_columns(indices, world_size, group),
                 k,
+                largest,
             )
-        if ref_sq_norms is not None:
-            q_sq_norms = (query.to(dtype) ** 2).sum(dim=1, keepdim=True)
-            scores_out = (q_sq_norms - scores_out).clamp_(min=0).sqrt_()
-    return scores_out, index_out
+    return finish_values(values, metric, query.dtype), indices
 
 
 class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
@@ -144,9 +133,11 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
     def __init__(self, *args: Any, group: ProcessGroup | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.knn_func is not None:
+            shown = getattr(self.knn_func, "distance", self.knn_func)
             raise ValueError(
-                f"{type(self).__name__} runs its own sharded exact k-nn; a custom knn_func "
-                "cannot see the other ranks' references"
+                f"{type(self).__name__} runs the sharded exact k-nn, which supports "
+                "LpDistance(p=2, power=1 or 2), CosineSimilarity and DotProductSimilarity; "
+                f"got {describe_distance(shown)}, which cannot see the other ranks' references"
             )
         self.group = group
         self._shard: torch.Tensor | None = None
@@ -175,7 +166,7 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             if reference_labels is not None:
                 raise ValueError("reference_labels given without reference")
             shard, device = self._checked_query(query)
-            shard_labels = _to_labels(query_labels, len(shard), "query_labels", device)
+            shard_labels = as_labels(query_labels, len(shard), "query_labels").to(device)
             query = all_gather_rows(shard, self.group)[0]
             query_labels = all_gather_rows(shard_labels, self.group)[0]
             ref_includes_query = True
@@ -183,11 +174,9 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             if reference_labels is None:
                 raise ValueError("reference given without reference_labels")
             query, device = self._checked_query(query)
-            query_labels = _to_labels(query_labels, len(query), "query_labels", device)
-            shard = check_embeddings(
-                _to_tensor(reference, "reference"), "reference", query.shape[1], "the query's width"
-            ).to(device)
-            shard_labels = _to_labels(reference_labels, len(shard), "reference_labels", device)
+            query_labels = as_labels(query_labels, len(query), "query_labels").to(device)
+            shard = as_embeddings(reference, "reference", query.shape[1]).to(device)
+            shard_labels = as_labels(reference_labels, len(shard), "reference_labels").to(device)
         reference_labels, sizes = all_gather_rows(shard_labels, self.group)
         if ref_includes_query:
             self._check_reference_starts_with_query(query, query_labels, shard, shard_labels, sizes)
@@ -236,16 +225,14 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         shard = self._shard
         if shard is None:
             raise RuntimeError("_knn is only called from get_accuracy")
-        if self.normalize:
-            query = torch.nn.functional.normalize(query, dim=1)
-            shard = torch.nn.functional.normalize(shard, dim=1)
+        metric, normalize = self.exact
         return sharded_exact_knn(
             query,
             shard,
             k,
-            metric=self.metric,
+            metric=metric,
+            normalize=normalize,
             exclude_self=ref_includes_query,
             block_rows=self.block_rows,
-            memory_budget=self.memory_budget,
             group=self.group,
         )

@@ -12,7 +12,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from pytorch_metric_learning.distances import (
     BaseDistance,
@@ -22,13 +21,18 @@ from pytorch_metric_learning.distances import (
     LpDistance,
 )
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator, nan_accuracy
-from pytorch_metric_learning.utils.inference import CustomKNN, FaissKMeans
+from pytorch_metric_learning.utils.inference import CustomKNN, FaissKMeans, FaissKNN
 
 from pml_margins.evaluation import metrics as M
+from pml_margins.evaluation.inputs import as_embeddings, as_labels
 from pml_margins.evaluation.knn import Metric, exact_knn
-from pml_margins.validation import check_embeddings, check_labels
 
-__all__ = ["RetrievalAccuracyCalculator", "resolve_distance"]
+__all__ = [
+    "RetrievalAccuracyCalculator",
+    "describe_distance",
+    "resolve_distance",
+    "resolve_faiss_knn",
+]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,52 +40,65 @@ LOGGER = logging.getLogger(__name__)
 AMI_SLOW_NUM_CLASSES = 1000
 
 
-def resolve_distance(distance: BaseDistance | None) -> tuple[Metric, bool]:
-    """Map a PML distance object to ``(metric, normalize)`` for :func:`exact_knn`.
+def describe_distance(distance: object) -> str:
+    """A PML distance with the settings that decide its ranking, e.g.
+    ``LpDistance(p=1, power=1, normalize_embeddings=True)``."""
+    if isinstance(distance, BatchedDistance):
+        return f"BatchedDistance({describe_distance(distance.distance)})"
+    if not isinstance(distance, BaseDistance):
+        return repr(distance)
+    settings = {"p": getattr(distance, "p", None), "power": distance.power}
+    settings["normalize_embeddings"] = distance.normalize_embeddings
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
+    return f"{type(distance).__name__}({shown})"
 
-    ``None`` is PML's default k-nn (faiss ``IndexFlatL2``): Euclidean on the raw
-    embeddings.
+
+def resolve_distance(distance: BaseDistance | None) -> tuple[Metric, bool] | None:
+    """Map a PML distance to ``(metric, normalize)`` of :func:`exact_knn`, or None.
+
+    The metric reproduces what PML's k-nn returns as ``knn_distances``: ``None``
+    is PML's default ``FaissKNN`` (``IndexFlatL2``: squared Euclidean on the raw
+    embeddings); ``LpDistance(p=2)`` gives the distance (``power=1``) or its
+    square (``power=2``); ``CosineSimilarity`` and ``DotProductSimilarity`` the
+    similarity. Any other distance (other ``p``, ``power``, SNR, ...) gives
+    ``None``: it is run by PML's own ``CustomKNN``.
 
     Raises:
-        ValueError: a distance other than Lp with p=2 and power=1, dot product or cosine.
+        TypeError: ``distance`` is not a PML ``BaseDistance``.
     """
     if distance is None:
-        return "euclidean", False
+        return "sqeuclidean", False
     if isinstance(distance, BatchedDistance):
         distance = distance.distance
-    if isinstance(distance, (CosineSimilarity, DotProductSimilarity)):
-        return "dot", bool(distance.normalize_embeddings)
-    if type(distance) is LpDistance and distance.p == 2 and distance.power == 1:
-        return "euclidean", bool(distance.normalize_embeddings)
-    raise ValueError(
-        "distance must be LpDistance(p=2, power=1), DotProductSimilarity or CosineSimilarity, "
-        f"got {distance!r}"
-    )
+    if not isinstance(distance, BaseDistance):
+        raise TypeError(f"distance must be a PML BaseDistance, got {type(distance).__name__}")
+    normalize = bool(distance.normalize_embeddings)
+    if type(distance) in (CosineSimilarity, DotProductSimilarity) and distance.power == 1:
+        return "dot", normalize
+    if type(distance) is LpDistance and distance.p == 2 and distance.power in (1, 2):
+        return ("euclidean" if distance.power == 1 else "sqeuclidean"), normalize
+    return None
 
 
-def _to_tensor(x: object, name: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        if x.dtype.kind in "ui" and x.dtype != np.uint8:
-            x = x.astype(np.int64)
-        return torch.from_numpy(x)
-    if isinstance(x, torch.Tensor):
-        return x
-    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+def resolve_faiss_knn(knn_func: FaissKNN) -> tuple[Metric, bool] | None:
+    """``(metric, normalize)`` of a PML ``FaissKNN`` whose index is a flat L2 or
+    inner-product index; ``None`` for any other index (run by faiss as in PML)."""
+    import faiss
 
-
-def _to_labels(x: object, length: int, name: str, device: torch.device) -> torch.Tensor:
-    labels = _to_tensor(x, name)
-    if labels.is_floating_point() and labels.ndim == 1 and bool((labels == labels.round()).all()):
-        labels = labels.long()  # PML accepts whole-number float labels; keep accepting them
-    return check_labels(labels, length, name).to(device=device, dtype=torch.long)
+    init = knn_func.index_init_fn
+    if init in (None, faiss.IndexFlatL2):
+        return "sqeuclidean", False
+    if init is faiss.IndexFlatIP:
+        return "dot", False
+    return None
 
 
 class RetrievalAccuracyCalculator(AccuracyCalculator):
-    """Exact retrieval accuracy: PML's metrics plus Recall@K, chunked, on any device.
+    """Exact retrieval accuracy: PML's metrics plus Recall@K, on any data and device.
 
     A drop-in :class:`pytorch_metric_learning.utils.accuracy_calculator.AccuracyCalculator`
-    (testers and hooks accept it) that computes every k-nn metric from one exact
-    blocked k-nn on the device the embeddings are on. Recall@K is the papers'
+    (testers and hooks accept it) whose k-nn equals a float64 brute force, ties
+    to the lower index (:func:`~.knn.exact_knn`). Recall@K is the papers'
     definition: a query counts if one of its ``K`` nearest references shares its
     label.
 
@@ -89,20 +106,25 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
 
         \\mathrm{Recall@K} = \\frac{1}{Q} \\sum_i \\max_{j < K} [y_{n_{ij}} = y_i]
 
+    The k-nn depth is what the requested metrics need: PML's ``k`` rule
+    (``None``: every reference, ``"max_bin_count"``: the largest class) when one
+    of PML's k-nn metrics is requested, else the largest requested Recall@K.
+
     Args:
         include, exclude, avg_of_avgs, return_per_class, k, kmeans_func: as in PML.
         label_comparison_fn: unsupported (labels are compared for equality).
         device: where to compute; ``None`` means the device of the query.
-        knn_func: ``None`` or a PML ``CustomKNN`` use the exact k-nn here (with the
-            ``CustomKNN``'s distance); any other callable is used as in PML.
+        knn_func: as in PML. ``None``, a ``FaissKNN`` with a flat L2 or
+            inner-product index, or a ``CustomKNN`` over ``LpDistance(p=2)``,
+            ``CosineSimilarity`` or ``DotProductSimilarity`` run the exact k-nn
+            with that k-nn's ``knn_distances`` (squared L2 for faiss's
+            ``IndexFlatL2``); any other callable is used as PML uses it.
         recall_ks: the cut-offs ``K`` of the ``recall_at_K`` metrics.
-        distance: PML distance object for ranking; default Euclidean on the raw
-            embeddings, as PML's default faiss k-nn.
-        block_rows, memory_budget: query rows per k-nn block (the block side
-            when the query set is the reference set), or the bytes all the score
-            blocks held at once may use (automatic by default, see
-            :func:`~.knn.exact_knn` and :func:`~.knn.default_memory_budget`).
-        progress: show a tqdm bar over the k-nn blocks.
+        distance: a PML distance instead of ``knn_func`` (same mapping as a
+            ``CustomKNN`` of it); default PML's default k-nn.
+        block_rows: tile side of the exact k-nn (memory, not results).
+        num_threads: torch CPU threads during the k-nn (default: unchanged).
+        progress: show a tqdm bar over the k-nn tiles.
 
     Besides the metrics the result holds ``num_excluded_queries``: queries whose
     label has no other instance in the reference set, left out as PML does.
@@ -128,7 +150,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         recall_ks: Sequence[int] = (1, 2, 4, 8),
         distance: BaseDistance | None = None,
         block_rows: int | None = None,
-        memory_budget: int | None = None,
+        num_threads: int | None = None,
         progress: bool = False,
     ) -> None:
         if label_comparison_fn is not None:
@@ -147,14 +169,26 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self.recall_ks = tuple(sorted(set(recall_ks)))
         for kk in self.recall_ks:  # found by PML's calculate_<name> discovery in __init__
             setattr(self, f"calculate_recall_at_{kk}", functools.partial(self._recall, kk))
-        if isinstance(knn_func, CustomKNN):
-            if distance is not None:
-                raise ValueError("pass either distance or a CustomKNN knn_func, not both")
-            distance, knn_func = knn_func.distance, None
-        self.metric, self.normalize = resolve_distance(distance)
+        if distance is not None and knn_func is not None:
+            raise ValueError("pass either distance or knn_func, not both")
+        if knn_func is None and distance is not None:
+            self.exact = resolve_distance(distance)
+            custom = None if self.exact else CustomKNN(distance)
+        elif isinstance(knn_func, CustomKNN):
+            self.exact = resolve_distance(knn_func.distance)
+            custom = None if self.exact else knn_func
+        elif isinstance(knn_func, FaissKNN) and knn_func.gpus is None:
+            self.exact = resolve_faiss_knn(knn_func)
+            custom = None if self.exact else knn_func
+        elif knn_func is None:
+            self.exact, custom = resolve_distance(None), None
+        elif callable(knn_func):
+            self.exact, custom = None, knn_func
+        else:
+            raise TypeError(f"knn_func must be callable, got {type(knn_func).__name__}")
         self.distance = distance
         self.block_rows = block_rows
-        self.memory_budget = memory_budget
+        self.num_threads = num_threads
         self.progress = progress
         self._device = None if device is None else torch.device(device)
         if kmeans_func is None:
@@ -166,11 +200,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             return_per_class=return_per_class,
             k=k,
             device=self._device or torch.device("cpu"),
-            knn_func=knn_func,
+            knn_func=custom,
             kmeans_func=kmeans_func,
         )
         self.device = self._device
-        self.knn_func = knn_func  # None: exact_knn
+        self.knn_func = custom  # None: the exact k-nn with ``self.exact``
 
     def requires_knn(self) -> list[str]:
         return [
@@ -193,8 +227,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         """Compute the metrics; arguments and result as PML's ``get_accuracy``.
 
         Raises:
-            TypeError: embeddings not floating, labels not integer (whole-number
-                float labels are accepted).
+            TypeError: embeddings neither floating nor integer, labels not
+                integer-valued.
             ValueError: empty sets, NaN/Inf, mismatched lengths or widths, or
                 ``ref_includes_query`` with a reference that does not start with
                 the query.
@@ -211,14 +245,12 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         if same:  # query = reference: check and compare once
             reference = query
         else:
-            reference = check_embeddings(
-                _to_tensor(reference, "reference"), "reference", query.shape[1], "the query's width"
-            ).to(device)
-        query_labels = _to_labels(query_labels, len(query), "query_labels", device)
+            reference = as_embeddings(reference, "reference", query.shape[1]).to(device)
+        query_labels = as_labels(query_labels, len(query), "query_labels").to(device)
         reference_labels = (
             query_labels
             if same
-            else _to_labels(reference_labels, len(reference), "reference_labels", device)
+            else as_labels(reference_labels, len(reference), "reference_labels").to(device)
         )
         if ref_includes_query and not same:
             n = len(query)
@@ -237,7 +269,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
 
     def _checked_query(self, query: Any) -> tuple[torch.Tensor, torch.device]:
         """The query as a checked tensor on the compute device, and that device."""
-        query = check_embeddings(_to_tensor(query, "query"), "query")
+        query = as_embeddings(query, "query")
         device = self.device if self.device is not None else query.device
         return query.to(device), device
 
@@ -274,8 +306,26 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                     UserWarning,
                     stacklevel=3,
                 )
-            kwargs["cluster_labels"] = self.get_cluster_labels(**kwargs)
+            cluster_input = query if query.is_floating_point() else query.float()
+            kwargs["cluster_labels"] = self.get_cluster_labels(**{**kwargs, "query": cluster_input})
         return self._get_accuracy(self.curr_function_dict, **kwargs)
+
+    def knn_depth(self, bin_counts: torch.Tensor, num_reference: int, ref_includes_query: bool):
+        """``(k_pml, k_total)``: PML's k for its metrics (0 if none is requested) and
+        the depth of the k-nn (also covering the requested Recall@K)."""
+        metrics = self.get_curr_metrics()
+        available = num_reference - int(ref_includes_query)
+        recalls = {f"recall_at_{kk}" for kk in self.recall_ks}
+        pml_rule = [
+            m
+            for m in metrics
+            if m in self.requires_knn() and m not in recalls and m != "num_excluded_queries"
+        ]  # PML's metrics and a subclass's own k-nn metrics
+        k_pml = 0
+        if pml_rule and len(bin_counts):
+            k_pml = min(self.determine_k(bin_counts, num_reference, ref_includes_query), available)
+        wanted = [int(m.rsplit("_", 1)[1]) for m in metrics if m in recalls]
+        return max(k_pml, 0), max(0, min(max([k_pml, *wanted]), available))
 
     def _knn_kwargs(
         self,
@@ -293,10 +343,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         unique_query_labels, first = torch.unique(query_labels, return_inverse=True)
         bin_counts = torch.zeros(len(unique_query_labels), dtype=torch.long, device=query.device)
         bin_counts[first] = label_count
-        available = len(reference) - int(ref_includes_query)
-        k_pml = min(self.determine_k(bin_counts, len(reference), ref_includes_query), available)
-        wanted_ks = [int(m.rsplit("_", 1)[1]) for m in self.get_curr_metrics() if "recall_at" in m]
-        k_total = min(max([k_pml, *wanted_ks]), available)
+        k_pml, k_total = self.knn_depth(bin_counts, len(reference), ref_includes_query)
         if not bool(not_lone.any()):
             LOGGER.warning("None of the query labels are in the reference set.")
         elif not bool(not_lone.all()):
@@ -306,44 +353,56 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 len(query),
             )
         distances, indices = self._knn(query, reference, k_total, ref_includes_query)
-        knn_labels = reference_labels[indices]
+        knn_labels = reference_labels[indices.to(reference_labels.device)]
+        shown = k_pml if k_pml else k_total
         return {
             "label_counts": (unique_query_labels, bin_counts),
-            "knn_labels": knn_labels[:, :k_pml],
-            "knn_distances": distances[:, :k_pml],
+            "knn_labels": knn_labels[:, :shown],
+            "knn_distances": distances[:, :shown],
             "lone_query_labels": unique_query_labels[bin_counts - int(ref_includes_query) <= 0],
             "not_lone_query_mask": not_lone,
-            "num_lone": int((~not_lone).sum()),
-            "knn_match": knn_labels == query_labels[:, None],
-            "relevant_counts": relevant,
-            "knn_k": k_pml,
+            "_match": knn_labels == query_labels[:, None],
+            "_relevant": relevant,
         }
 
     def _knn(
         self, query: torch.Tensor, reference: torch.Tensor, k: int, ref_includes_query: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.knn_func is not None:
+            if not query.is_floating_point():  # PML casts every input to float32
+                query, reference = query.float(), reference.float()
             return self.knn_func(query, k, reference, ref_includes_query)
-        if self.normalize:
-            query = torch.nn.functional.normalize(query, dim=1)
-            reference = torch.nn.functional.normalize(reference, dim=1)
+        metric, normalize = self.exact
         return exact_knn(
             query,
             reference,
             k,
-            metric=self.metric,
+            metric=metric,
+            normalize=normalize,
             exclude_self=ref_includes_query,
             block_rows=self.block_rows,
-            memory_budget=self.memory_budget,
+            num_threads=self.num_threads,
             progress=self.progress,
         )
 
     def _kept(self, kwargs: dict[str, Any], full_k: bool = False):
-        """Match matrix, relevant counts and labels of the queries that are not lone."""
-        mask = kwargs["not_lone_query_mask"]
-        match = kwargs["knn_match"] if full_k else kwargs["knn_match"][:, : kwargs["knn_k"]]
-        relevant, labels = kwargs["relevant_counts"], kwargs["query_labels"]
-        if kwargs["num_lone"] == 0:
+        """Match matrix, relevant counts and labels of the queries that are not lone.
+
+        Works from this class's k-nn or from the kwargs PML documents for its
+        ``calculate_*`` methods (``knn_labels``, ``query_labels``,
+        ``not_lone_query_mask``, ``label_counts``, ``ref_includes_query``).
+        """
+        labels, mask = kwargs["query_labels"], kwargs["not_lone_query_mask"]
+        if "_match" in kwargs:
+            match, relevant = kwargs["_match"], kwargs["_relevant"]
+            if not full_k:
+                match = match[:, : kwargs["knn_labels"].shape[1]]
+        else:
+            match = kwargs["knn_labels"] == labels[:, None]
+            unique, counts = kwargs["label_counts"]
+            position = torch.searchsorted(unique, labels).clamp_(max=len(unique) - 1)
+            relevant = counts[position] - int(kwargs.get("ref_includes_query", False))
+        if bool(mask.all()):
             return match, relevant, labels
         return match[mask], relevant[mask], labels[mask]
 
@@ -374,15 +433,13 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     def calculate_mean_reciprocal_rank(self, **kwargs: Any) -> float | list[float]:
         return self._aggregate(lambda m, _r: M.reciprocal_rank(m), kwargs)
 
-    def calculate_num_excluded_queries(self, num_lone: int, **_: Any) -> int:
+    def calculate_num_excluded_queries(self, not_lone_query_mask: torch.Tensor, **_: Any) -> int:
         """Queries left out of the k-nn metrics: no other reference has their label."""
-        return num_lone
+        return int((~not_lone_query_mask).sum())
 
     def extra_repr(self) -> str:
-        return (
-            f"metric={self.metric}, normalize={self.normalize}, k={self.k}, "
-            f"recall_ks={self.recall_ks}, device={self.device}"
-        )
+        knn = self.exact if self.knn_func is None else self.knn_func
+        return f"knn={knn}, k={self.k}, recall_ks={self.recall_ks}, device={self.device}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"

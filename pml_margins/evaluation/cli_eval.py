@@ -73,6 +73,33 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _json_ready(value: Any) -> Any:
+    """NaN (a metric with no query to average) as None, which JSON writes as null."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _load(path: str, key: str) -> torch.Tensor:
+    """:func:`load_array`, every failure as one ``SystemExit`` line naming the file."""
+    if Path(path).is_dir():
+        raise CliError(f"{path}: is a directory, not a .npy, .npz or .pt file")
+    try:
+        return load_array(path, key)
+    except (OSError, ValueError, TypeError, RuntimeError, EOFError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        reason = str(reason).splitlines()[0].removeprefix(f"{path}: ")
+        raise CliError(f"{path}: cannot read: {reason}") from None
+
+
+class CliError(Exception):
+    """A bad input: printed as one ``pml-margins eval: error: ...`` line, exit status 2."""
+
+
 def _k_arg(text: str) -> int | str | None:
     if text in ("max_bin_count",):
         return text
@@ -95,7 +122,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="retrieval accuracy (Recall@K, P@1, R-Precision, MAP@R, ...) of saved embeddings",
         description="Exact retrieval accuracy of saved embeddings (.npy, .npz or .pt). Without "
-        "a reference set, every query is searched among the others.",
+        "a reference set, every query is searched among the others. The metrics are printed "
+        "to stdout as a Markdown table; --output also writes them as JSON (NaN as null). "
+        "Metrics: precision_at_1, r_precision, mean_average_precision_at_r, "
+        "mean_average_precision, mean_reciprocal_rank, recall_at_K (one per --recall-ks), "
+        "num_excluded_queries, NMI, AMI. Bad input: one error line, exit status 2.",
     )
     p.add_argument("--embeddings", required=True, help="query embeddings, (N, D)")
     p.add_argument("--labels", required=True, help="query labels, (N,) integers")
@@ -108,9 +139,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--metrics", nargs="+", default=(), help="metrics to compute (default: all)")
     p.add_argument("--exclude", nargs="+", default=(), help="metrics to skip")
-    p.add_argument("--recall-ks", nargs="+", type=int, default=[1, 2, 4, 8], metavar="K")
-    p.add_argument("--k", type=_k_arg, default="max_bin_count", help="int, max_bin_count or all")
-    p.add_argument("--distance", choices=("euclidean", "cosine"), default="euclidean")
+    p.add_argument(
+        "--recall-ks",
+        nargs="+",
+        type=int,
+        default=[1, 2, 4, 8],
+        metavar="K",
+        help="cut-offs K of the recall_at_K metrics: a query counts if one of its K nearest "
+        "references shares its label (default: 1 2 4 8)",
+    )
+    p.add_argument(
+        "--k",
+        type=_k_arg,
+        default="max_bin_count",
+        help="neighbours for PML's metrics: an int, max_bin_count (default) or all",
+    )
+    p.add_argument(
+        "--distance",
+        choices=("euclidean", "cosine"),
+        default="euclidean",
+        help="euclidean: distance between the raw embeddings; cosine: similarity of the "
+        "L2-normalized embeddings (default: euclidean)",
+    )
     p.add_argument("--avg-of-avgs", action="store_true", help="average the per-class averages")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--output", help="write the results as JSON to this file")
@@ -118,42 +168,69 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``pml-margins eval``; returns the exit status."""
+    """Run ``pml-margins eval``; returns the exit status (2 for bad input)."""
+    try:
+        return _run(args)
+    except CliError as error:
+        print(f"pml-margins eval: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from pytorch_metric_learning.distances import CosineSimilarity
 
     from pml_margins.evaluation.calculator import RetrievalAccuracyCalculator
 
     if (args.reference_embeddings is None) != (args.reference_labels is None):
-        raise SystemExit("error: give both --reference-embeddings and --reference-labels, or none")
+        raise CliError("give both --reference-embeddings and --reference-labels, or none")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
-    query = load_array(args.embeddings, "embeddings").to(device)
-    query_labels = load_array(args.labels, "labels")
+        raise CliError("--device cuda but CUDA is not available")
+    if any(k < 1 for k in args.recall_ks):
+        raise CliError(f"--recall-ks must be positive, got {args.recall_ks}")
+    query = _load(args.embeddings, "embeddings")
+    query_labels = _load(args.labels, "labels")
     reference = reference_labels = None
     if args.reference_embeddings is not None:
-        reference = load_array(args.reference_embeddings, "embeddings").to(device)
-        reference_labels = load_array(args.reference_labels, "labels")
+        reference = _load(args.reference_embeddings, "embeddings")
+        reference_labels = _load(args.reference_labels, "labels")
     num_ref = len(query) if reference is None else len(reference)
-    calc = RetrievalAccuracyCalculator(
-        include=tuple(args.metrics),
-        exclude=tuple(args.exclude),
-        avg_of_avgs=args.avg_of_avgs,
-        k=args.k,
-        recall_ks=tuple(args.recall_ks),
-        distance=CosineSimilarity() if args.distance == "cosine" else None,
-        device=device,
-        progress=len(query) * num_ref >= PROGRESS_MIN_PAIRS,
-    )
-    results = calc.get_accuracy(
-        query,
-        query_labels,
-        reference,
-        reference_labels,
-        ref_includes_query=args.ref_includes_query,
-    )
+    try:
+        calc = RetrievalAccuracyCalculator(
+            include=tuple(args.metrics),
+            exclude=tuple(args.exclude),
+            avg_of_avgs=args.avg_of_avgs,
+            k=args.k,
+            recall_ks=tuple(args.recall_ks),
+            distance=CosineSimilarity() if args.distance == "cosine" else None,
+            device=device,
+            progress=len(query) * num_ref >= PROGRESS_MIN_PAIRS,
+        )
+    except ValueError as error:
+        raise CliError(str(error).splitlines()[0]) from None
+    names = {
+        "query": args.embeddings,
+        "query_labels": args.labels,
+        "reference": args.reference_embeddings,
+        "reference_labels": args.reference_labels,
+    }
+    try:
+        results = calc.get_accuracy(
+            query.to(device),
+            query_labels,
+            None if reference is None else reference.to(device),
+            reference_labels,
+            ref_includes_query=args.ref_includes_query,
+        )
+    except (TypeError, ValueError) as error:
+        message = str(error).splitlines()[0]
+        culprit = next((f for n, f in names.items() if f and message.startswith(n + " ")), None)
+        raise CliError(f"{culprit}: {message}" if culprit else message) from None
     print(format_table(results))
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        try:
+            Path(args.output).write_text(json.dumps(_json_ready(results), indent=2) + "\n")
+        except OSError as error:
+            raise CliError(f"{args.output}: cannot write: {error.strerror}") from None
         print(f"wrote {args.output}", file=sys.stderr)
     return 0

@@ -1,299 +1,325 @@
-"""Exact k-nearest neighbours by blocked matrix products.
+"""Exact k-nearest neighbours: a float32 candidate pass, certified, re-scored in float64.
 
-Scores are computed one block at a time and fed to a running top-k
-(:mod:`.topk`), so peak memory is a block, never the full similarity matrix.
-When the query set *is* the reference set (the usual retrieval evaluation,
-``query = reference``), the similarity matrix is symmetric: only the blocks on
-and above the diagonal are multiplied, and each off-diagonal block also serves,
-transposed, the rows of its mirror image, which saves close to half of the
-products. Ties are broken by reference index (the lower index ranks first), so
-the result does not depend on the block size, the device or the selection
-kernel.
+1. **Candidates.** The data are centred (Euclidean distance is translation
+   invariant), scaled by a power of two and rounded to float32; one matrix
+   product per tile gives the cost ``c = |b|^2/2 - a.b`` (``-a.b`` for the dot
+   product) and ``torch.topk`` keeps ``k' = k + margin`` candidates per query.
+   When the query set is the reference set only the tiles on and above the
+   diagonal are multiplied: each product also serves, transposed, its mirror tile.
+2. **Certificate.** :func:`float32_error_bound` bounds ``|c~ - c|`` by ``E`` for
+   every pair of a query. Any true top-``k`` reference has ``c~ <= c~_k + 2E``
+   (``c~_k``: the ``k``-th candidate cost), so a query whose ``k'``-th candidate
+   cost exceeds ``c~_k + 2E`` holds the true top ``k`` among its candidates.
+   Other queries (exact duplicate groups larger than the margin, say) are redone
+   with four times as many candidates, up to the whole reference set.
+3. **Exact ranking.** Candidates are re-scored from the original values in
+   float64 (``sum((a - b)^2)`` or ``sum(a * b)``, so identical embeddings give
+   identical values) and sorted by (value, index): ties go to the lower index.
+
+The result equals a float64 brute force whatever the offset, block size,
+thread count or device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Literal
 
-import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from pml_margins.evaluation.topk import (
-    merge_candidates,
-    order_ties_by_index,
-    running_topk,
-)
-from pml_margins.evaluation.workers import run_workers
+from pml_margins.evaluation.inputs import as_embeddings
 
-__all__ = [
-    "auto_block_rows",
-    "check_knn_inputs",
-    "check_knn_k",
-    "cost_operands",
-    "default_memory_budget",
-    "exact_knn",
-    "gram_block",
-    "half_sq_norms",
-]
+__all__ = ["Metric", "check_k", "exact_knn", "float32_error_bound", "merge_neighbours"]
 
-Metric = Literal["euclidean", "dot"]
-
-_CPU_BUDGET_MIN_BYTES = 16 * 2**20
-_CPU_BUDGET_MAX_BYTES = 512 * 2**20
-_CUDA_BUDGET_CAP_BYTES = 4 * 2**30
-
-#: most worker threads of the CPU k-nn
-MAX_KNN_WORKERS = 8
-#: most bytes of per-worker heaps (SOP's 60,502 queries at k = 1,000: 726 MB each)
-MAX_HEAP_BYTES = 2 * 2**30
-#: bytes of temporaries for merging the workers' lists (rows are merged in chunks)
-MERGE_BYTES = 64 * 2**20
+Metric = Literal["euclidean", "sqeuclidean", "dot"]
+METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean", "dot")
+#: unit roundoff of float32
+UNIT_ROUNDOFF = 2.0**-24
+#: tile side of the candidate pass when ``block_rows`` is not given (64 MiB of float32)
+DEFAULT_TILE = 4096
+#: float64 elements per chunk of the conversions and of the re-scoring
+CHUNK_ELEMENTS = 2**18
 
 
-def default_memory_budget(device: torch.device, num_reference: int, dim: int, itemsize: int) -> int:
-    """Default bytes for the score blocks of :func:`exact_knn`.
+def float32_error_bound(
+    query_norms: torch.Tensor, max_reference_norm: float, dim: int, metric: str
+) -> torch.Tensor:
+    """Per query, a bound ``E`` on the error of every float32 candidate cost.
 
-    On CUDA a quarter of the free memory, capped at 4 GiB. On CPU the size of the
-    reference set, within [16 MiB, 512 MiB]: large blocks keep the products
-    efficient on large sets, small ones keep small sets lean.
-    """
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return min(free // 4, _CUDA_BUDGET_CAP_BYTES)
-    reference_bytes = num_reference * dim * itemsize
-    return min(max(reference_bytes, _CPU_BUDGET_MIN_BYTES), _CPU_BUDGET_MAX_BYTES)
+    With ``a`` a query and ``b`` a reference after centring and scaling, each
+    rounded to float32 (relative error ``u = 2^-24`` per coordinate), and a
+    ``D``-term float32 dot product in any summation order (error at most
+    ``D u |a||b| / (1 - D u)``):
 
+    .. math::
 
-def auto_block_rows(
-    num_reference: int,
-    itemsize: int,
-    device: torch.device,
-    memory_budget: int | None = None,
-    dim: int = 0,
-) -> int:
-    """Number of query rows per block so that one block's temporaries fit a budget.
+        E_a = 2 (D + 8)\\, u\\, (|a| + R)^2 \\quad\\text{(Euclidean, cost } |b - a|^2/2
+        \\text{ up to a per-query constant)}, \\qquad
+        E_a = 2 (D + 8)\\, u\\, |a| R \\quad\\text{(dot)}
 
-    A block holds a score matrix (``itemsize`` bytes per entry) plus a boolean
-    tie mask of the same shape.
+    with ``R`` the largest reference norm; about twice the sum of the worst-case
+    terms (product, norm and rounding of the inputs), plus an absolute term for
+    subnormal coordinates.
 
     Args:
-        num_reference: number of reference embeddings (columns of a block).
-        itemsize: bytes per score.
-        device: where the block is computed (for the default budget).
-        memory_budget: bytes allowed for one block; default
-            :func:`default_memory_budget`.
-        dim: embedding width, for the CPU default.
+        query_norms: ``(Q,)`` float64 norms of the float32 queries.
+        max_reference_norm: ``R``.
+        dim: ``D``.
+        metric: ``"euclidean"``/``"sqeuclidean"`` or ``"dot"``.
 
     Returns:
-        The number of rows, at least 1.
+        ``(Q,)`` float64.
     """
-    if memory_budget is None:
-        memory_budget = default_memory_budget(device, num_reference, dim, itemsize)
-    if memory_budget <= 0:
-        raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
-    bytes_per_row = max(1, num_reference * (itemsize + 1))
-    return max(1, int(memory_budget // bytes_per_row))
+    scale = 2 * (dim + 8) * UNIT_ROUNDOFF
+    tiny = dim * 2.0**-120
+    if metric == "dot":
+        return scale * query_norms * max_reference_norm + tiny
+    return scale * (query_norms + max_reference_norm) ** 2 + tiny
 
 
-def knn_workers(device: torch.device, dtype: torch.dtype, k: int, num_query: int = 0) -> int:
-    """Worker threads for :func:`exact_knn`.
-
-    Where the selection runs in faiss heaps (CPU, float32): torch's CPU thread
-    count, at most :data:`MAX_KNN_WORKERS`, and no more than fit
-    :data:`MAX_HEAP_BYTES` of ``num_query x k`` heaps (each worker holds its own).
-    Otherwise 1.
-    """
-    if device.type != "cpu" or dtype != torch.float32:
-        return 1
-    heap_bytes = max(1, num_query * k * 12)  # float32 cost + int64 column
-    by_memory = max(1, MAX_HEAP_BYTES // heap_bytes)
-    return max(1, min(torch.get_num_threads(), MAX_KNN_WORKERS, by_memory))
-
-
-def check_knn_inputs(
-    query: torch.Tensor, reference: torch.Tensor, metric: str, reference_name: str = "reference"
-) -> None:
-    """``ValueError`` unless ``metric`` is known and both sets are 2-D of equal widths."""
-    if metric not in ("euclidean", "dot"):
-        raise ValueError(f"metric must be 'euclidean' or 'dot', got {metric!r}")
-    if query.ndim != 2 or reference.ndim != 2 or query.shape[1] != reference.shape[1]:
-        raise ValueError(
-            f"query and {reference_name} must be 2-D with equal widths, got "
-            f"{tuple(query.shape)} and {tuple(reference.shape)}"
-        )
-
-
-def check_knn_k(k: object, num_query: int, num_reference: int, exclude_self: bool) -> None:
-    """``ValueError`` unless ``0 <= k <= num_reference`` (minus one with
-    ``exclude_self``, which also needs the reference set to hold the queries)."""
-    if exclude_self and num_reference < num_query:
-        raise ValueError("exclude_self needs the reference set to start with the query set")
-    available = num_reference - int(exclude_self)
+def check_k(k: object, available: int) -> int:
+    """``k`` as an int in ``[0, available]``, else ``ValueError``."""
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= available:
         raise ValueError(f"k must be an integer in [0, {available}], got {k!r}")
+    return k
 
 
-def _numpy_path(t: torch.Tensor) -> bool:
-    """Whether block arithmetic on ``t`` goes through numpy (CPU) or torch (other
-    devices). Tests switch it off to run the torch path on CPU tensors."""
-    return t.device.type == "cpu"
-
-
-def gram_block(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b.T``, written into ``out`` when given; on CPU through numpy's BLAS.
-
-    torch's CPU wheels link MKL, whose single-precision GEMM runs about 1.7x slower
-    than the OpenBLAS that numpy ships on the AMD EPYC machines we measure on
-    (4,096 x 512 by 512 x 60,502: 2.17 s vs 1.26 s, 2 threads; faiss, which PML
-    uses, also links OpenBLAS). Writing into a reused ``out`` avoids the page
-    faults of a fresh block per product (0.22 s vs 0.13 s for 5,924^2 x 512).
-    ``out`` must be contiguous.
-    """
-    if _numpy_path(a):
-        if out is None:
-            return torch.from_numpy(np.matmul(a.numpy(), b.numpy().T))
-        np.matmul(a.numpy(), b.numpy().T, out=out.numpy())
-        return out
-    if out is None:
-        return a @ b.T
-    return torch.mm(a, b.T, out=out)
-
-
-def half_sq_norms(x: torch.Tensor) -> torch.Tensor:
-    """``|x|^2 / 2`` per row, summed in float64 and rounded once to ``x``'s dtype.
-
-    Rounded once from a near-exact sum, equal rows get equal values wherever
-    they sit in memory (a float32 reduction's order can depend on alignment), so
-    exact duplicates tie exactly. On CPU with numpy, in row chunks.
-    """
-    if not _numpy_path(x):
-        return ((x.double() ** 2).sum(dim=1) / 2).to(x.dtype)
-    a = x.numpy()
-    out = np.empty(len(a), dtype=a.dtype)
-    for start in range(0, len(a), 4096):
-        chunk = a[start : start + 4096].astype(np.float64)
-        out[start : start + 4096] = np.einsum("ij,ij->i", chunk, chunk) / 2
-    return torch.from_numpy(out)
-
-
-def cost_operands(
-    x: torch.Tensor, metric: Metric, half_norms: torch.Tensor | None = None
+def merge_neighbours(
+    values: torch.Tensor, indices: torch.Tensor, k: int, largest: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(left, right)`` with ``left_a · right_b`` the cost of ``b`` for query ``a``.
+    """The best ``k`` of candidate lists ``(Q, m)`` by (value, lower index first).
 
-    Lower is nearer. ``"dot"``: ``left = -x``, ``right = x``, cost ``-a·b``.
-    ``"euclidean"``: ``left = [-x, 1]``, ``right = [x, h]`` with
-    ``h = |x|^2 / 2``, cost ``h_b - a·b``, so ``|a - b|^2 = |a|^2 + 2 cost``: one
-    matrix product, no pass over the block, and within a row every cost is
-    rounded the same way. On CPU the operands are built with numpy (one thread:
-    this runs in the k-nn worker threads, where torch's intra-op threads would
-    compete).
-
-    Args:
-        x: ``(n, D)`` embeddings.
-        metric: ``"dot"`` or ``"euclidean"``.
-        half_norms: :func:`half_sq_norms` of ``x`` if already computed.
+    A sort by index, then a stable sort by value (descending if ``largest``).
     """
-    if metric == "dot":
-        if _numpy_path(x):
-            return torch.from_numpy(np.negative(x.numpy())), x
-        return -x, x
-    if half_norms is None:
-        half_norms = half_sq_norms(x)
-    if _numpy_path(x):
-        a, n, dim = x.numpy(), len(x), x.shape[1]
-        left, right = np.empty((n, dim + 1), a.dtype), np.empty((n, dim + 1), a.dtype)
-        np.negative(a, out=left[:, :dim])
-        left[:, dim] = 1
-        right[:, :dim], right[:, dim] = a, half_norms.numpy()
-        return torch.from_numpy(left), torch.from_numpy(right)
-    ones = torch.ones(len(x), 1, dtype=x.dtype, device=x.device)
-    return torch.cat([-x, ones], dim=1), torch.cat([x, half_norms[:, None]], dim=1)
+    indices, order = torch.sort(indices, dim=1)
+    values = values.gather(1, order)
+    values, order = torch.sort(values, dim=1, descending=largest, stable=True)
+    return values[:, :k], indices.gather(1, order)[:, :k]
 
 
-def _view(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """A contiguous ``rows x cols`` view at the start of a flat buffer."""
-    return buffer[: rows * cols].view(rows, cols)
+@contextlib.contextmanager
+def _torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Set torch's CPU thread count for the duration (restored after)."""
+    if num_threads is None:
+        yield
+        return
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def _add_row_vector(block: torch.Tensor, row: torch.Tensor) -> None:
-    """``block += row[None, :]`` in place (numpy on CPU: one thread)."""
-    if _numpy_path(block):
-        np.add(block.numpy(), row.numpy()[None, :], out=block.numpy())
-    else:
-        block.add_(row)
-
-
-def _transpose_into(
-    block: torch.Tensor, out: torch.Tensor, row: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``out = block.T (+ row[None, :])`` in one pass (numpy on CPU: one thread)."""
-    if _numpy_path(block):
-        if row is None:
-            np.copyto(out.numpy(), block.numpy().T)
-        else:
-            np.add(block.numpy().T, row.numpy()[None, :], out=out.numpy())
-    elif row is None:
-        out.copy_(block.T)
-    else:
-        torch.add(block.T, row, out=out)
+def _rows64(x: torch.Tensor, normalize: bool, out: torch.Tensor) -> torch.Tensor:
+    """Rows in float64 into ``out`` (no allocation), L2-normalized if asked: the
+    values every result is exact for. Identical rows give identical values."""
+    out = out[: len(x)].copy_(x)
+    if normalize:
+        norms = torch.linalg.vector_norm(out, dim=-1, keepdim=True)
+        out.div_(norms.clamp_(min=1e-12))
     return out
 
 
-def _row_block_costs(
-    query: torch.Tensor,
-    query_half_norms: torch.Tensor | None,
-    reference_right: torch.Tensor,
-    metric: Metric,
-    exclude_self: bool,
-    start: int,
-    stop: int,
-    buffer: tuple[torch.Tensor, ...],
-) -> list[tuple[int, torch.Tensor, int]]:
-    """Costs of queries ``start:stop`` to every reference, as ``(row, costs, column)``."""
-    h = None if query_half_norms is None else query_half_norms[start:stop]
-    left, _ = cost_operands(query[start:stop], metric, h)
-    costs = gram_block(left, reference_right, _view(buffer[0], stop - start, len(reference_right)))
-    if exclude_self:  # query start + t is reference start + t
-        costs.diagonal(offset=start).fill_(torch.inf)
-    return [(start, costs, 0)]
+def _float32_operand(
+    x: torch.Tensor, normalize: bool, centre: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """``(x - centre) * scale`` in float32, through float64 in row chunks."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
+    buffer = torch.empty(min(rows, len(x)), x.shape[1], dtype=torch.float64, device=x.device)
+    for s in range(0, len(x), rows):
+        chunk = _rows64(x[s : s + rows], normalize, buffer)
+        if centre is not None:
+            chunk -= centre
+        out[s : s + rows] = chunk.mul_(scale)
+    return out
 
 
-def _symmetric_block_costs(
-    x: torch.Tensor,
-    half_norms: torch.Tensor | None,
-    exclude_self: bool,
-    side: int,
-    pair: tuple[int, int],
-    buffer: tuple[torch.Tensor, ...],
-) -> list[tuple[int, torch.Tensor, int]]:
-    """Costs of block pair ``(i, j)``, ``j >= i``, of ``x`` against itself.
+def _mean64(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Column means in float64, in row chunks."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
+    buffer = torch.empty(min(rows, len(x)), x.shape[1], dtype=torch.float64, device=x.device)
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for s in range(0, len(x), rows):
+        total += _rows64(x[s : s + rows], normalize, buffer).sum(dim=0)
+    return total / len(x)
 
-    Block ``(i, j)`` gives the rows of block ``i`` their columns in block ``j``
-    and, transposed, the rows of block ``j`` their columns in block ``i``: one
-    product serves both, and cost ``(a, b)`` and ``(b, a)`` are one number.
+
+def _float32_operands(
+    query: torch.Tensor, reference: torch.Tensor, metric: str, normalize: bool, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred (Euclidean), power-of-two-scaled float32 copies of the two sets."""
+    centre = None
+    if metric != "dot":
+        centre = _mean64(reference, normalize)
+    a = _float32_operand(query, normalize, centre, 1.0)
+    b = a if symmetric else _float32_operand(reference, normalize, centre, 1.0)
+    largest = max(float(a.abs().max()), float(b.abs().max()))
+    if largest == 0 or 0.5 <= largest < 1:
+        return a, b
+    scale = 2.0 ** -math.frexp(largest)[1]  # max |x| in [0.5, 1): no overflow in the costs
+    a = _float32_operand(query, normalize, centre, scale)
+    return a, a if symmetric else _float32_operand(reference, normalize, centre, scale)
+
+
+class _Candidates:
+    """Running ``k'`` smallest float32 costs per query, fed tile by tile."""
+
+    def __init__(self, num_rows: int, width: int, device: torch.device) -> None:
+        self.width = width
+        self.costs = torch.full((num_rows, width), torch.inf, device=device)
+        self.indices = torch.full((num_rows, width), -1, dtype=torch.long, device=device)
+
+    def add(self, rows: slice, costs: torch.Tensor, col_start: int) -> None:
+        kk = min(self.width, costs.shape[1])
+        c, i = torch.topk(costs, kk, dim=1, largest=False, sorted=False)
+        c = torch.cat([self.costs[rows], c], dim=1)
+        i = torch.cat([self.indices[rows], i + col_start], dim=1)
+        c, pos = torch.topk(c, self.width, dim=1, largest=False, sorted=False)
+        self.costs[rows], self.indices[rows] = c, i.gather(1, pos)
+
+
+def _candidate_pass(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    metric: str,
+    width: int,
+    self_columns: torch.Tensor | None,
+    symmetric: bool,
+    tile: int,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 costs and indices of ``width`` candidates per query row of ``a``.
+
+    ``self_columns[i]`` is the column of query ``i`` itself (excluded), or out of range.
     """
-    n = len(x)
-    i, j = pair
-    i_stop, j_stop = min(i + side, n), min(j + side, n)
-    # the products -a·b alone are symmetric to the bit (the same terms summed in
-    # the same order); |b|^2 / 2 is added after, to the direct block by column and
-    # to the transposed block by its own column, so each row's costs are h_b - a·b
-    # rounded alike whichever block they come from
-    negated, _ = cost_operands(x[i:i_stop], "dot")
-    products = gram_block(negated, x[j:j_stop], _view(buffer[0], i_stop - i, j_stop - j))
-    mirror = None
-    if j != i:
-        h_i = None if half_norms is None else half_norms[i:i_stop]
-        mirror = _transpose_into(products, _view(buffer[1], j_stop - j, i_stop - i), h_i)
-    if half_norms is not None:
-        _add_row_vector(products, half_norms[j:j_stop])
-    if mirror is None:
-        if exclude_self:
-            products.diagonal().fill_(torch.inf)
-        return [(i, products, j)]
-    return [(i, products, j), (j, mirror, i)]
+    nq, nr = len(a), len(b)
+    half = None if metric == "dot" else torch.linalg.vector_norm(b, dim=1, dtype=torch.float64)
+    half = None if half is None else half.square_().div_(2).float()
+    found = _Candidates(nq, width, a.device)
+    if symmetric:
+        tasks = [(i, j) for i in range(0, nq, tile) for j in range(i, nr, tile)]
+    else:
+        tasks = [(i, j) for i in range(0, nq, tile) for j in range(0, nr, tile)]
+    for i, j in tqdm(tasks, desc="k-nn", unit="tile", disable=not progress):
+        ri, rj = slice(i, min(i + tile, nq)), slice(j, min(j + tile, nr))
+        products = a[ri] @ b[rj].T
+        mirror = None
+        if symmetric and i != j:
+            mirror = -products.T if half is None else half[ri] - products.T
+        costs = products.neg_() if half is None else products.neg_().add_(half[rj])
+        if self_columns is not None:
+            rows = torch.arange(ri.start, ri.stop, device=a.device)
+            cols = self_columns[ri] - j
+            mine = (cols >= 0) & (cols < rj.stop - j)
+            costs[(rows - i)[mine], cols[mine]] = torch.inf
+        found.add(ri, costs, j)
+        if mirror is not None:
+            found.add(rj, mirror, i)
+    return found.costs, found.indices
+
+
+def _rescore(
+    query: torch.Tensor,
+    reference: torch.Tensor,
+    indices: torch.Tensor,
+    metric: str,
+    normalize: bool,
+) -> torch.Tensor:
+    """float64 ranking values of the candidates: squared distance or dot product,
+    from the original values (identical rows give identical values)."""
+    num, width, dim = len(query), indices.shape[1], query.shape[1]
+    out = torch.empty(num, width, dtype=torch.float64, device=query.device)
+    if num == 0:
+        return out
+    rows = min(num, max(1, CHUNK_ELEMENTS // max(1, width * dim)))
+    gathered = torch.empty(rows * width, dim, dtype=reference.dtype, device=query.device)
+    picked64 = torch.empty(rows * width, dim, dtype=torch.float64, device=query.device)
+    query64 = torch.empty(rows, dim, dtype=torch.float64, device=query.device)
+    for s in range(0, num, rows):
+        n = min(rows, num - s)
+        columns = indices[s : s + n].clamp(min=0).flatten()
+        torch.index_select(reference, 0, columns, out=gathered[: n * width])
+        picked = _rows64(gathered[: n * width], normalize, picked64).view(n, width, dim)
+        q = _rows64(query[s : s + n], normalize, query64)[:, None, :]
+        picked.mul_(q) if metric == "dot" else picked.sub_(q).square_()
+        torch.sum(picked, dim=2, out=out[s : s + n])
+    return out
+
+
+def _certified(costs: torch.Tensor, k: int, bound: torch.Tensor, num_columns: int) -> torch.Tensor:
+    """Rows whose candidates provably hold their true top ``k`` (see the module doc)."""
+    width = costs.shape[1]
+    if width >= num_columns or k == 0:
+        return torch.ones(len(costs), dtype=torch.bool, device=costs.device)
+    ordered = torch.sort(costs, dim=1).values.double()
+    return ordered[:, width - 1] > ordered[:, k - 1] + 2 * bound
+
+
+def knn_float64(
+    query: torch.Tensor,
+    reference: torch.Tensor,
+    k: int,
+    metric: str,
+    normalize: bool = False,
+    self_offset: int | None = None,
+    block_rows: int | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top ``k`` of checked inputs: float64 values (squared distance or dot
+    product) and indices, on the query's device.
+
+    ``self_offset``: query ``i`` is reference ``i - self_offset`` and is given the
+    worst value (``inf``, ``-inf`` for ``"dot"``) instead of being excluded, so
+    that a reference shard may hold it or not (:mod:`pml_margins.distributed`).
+    """
+    device = query.device
+    symmetric = self_offset in (None, 0) and (
+        query is reference
+        or (query.shape == reference.shape and torch.equal(query, reference.to(device)))
+    )
+    reference = query if symmetric else reference.to(device)
+    nq, nr = len(query), len(reference)
+    worst = -torch.inf if metric == "dot" else torch.inf
+    if k == 0 or nr == 0:
+        return torch.empty(nq, 0, dtype=torch.float64, device=device), torch.empty(
+            nq, 0, dtype=torch.long, device=device
+        )
+    a, b = _float32_operands(query, reference, metric, normalize, symmetric)
+    bound = float32_error_bound(
+        a.double().norm(dim=1), float(b.double().norm(dim=1).max()), a.shape[1], metric
+    )
+    rows_all = torch.arange(nq, device=device)
+    self_columns = None if self_offset is None else rows_all - self_offset
+    tile = block_rows or DEFAULT_TILE
+    values = torch.empty(nq, k, dtype=torch.float64, device=device)
+    indices = torch.empty(nq, k, dtype=torch.long, device=device)
+    todo, width, first = rows_all, min(nr, k + max(8, k // 4)), True
+    while len(todo):
+        costs, cand = _candidate_pass(
+            a if first else a[todo],
+            b,
+            metric,
+            width,
+            None if self_columns is None else self_columns[todo],
+            symmetric and first,
+            tile,
+            progress and first,
+        )
+        ok = _certified(costs, k, bound[todo], nr)
+        done = todo[ok]
+        v = _rescore(query[done], reference, cand[ok], metric, normalize)
+        own = cand[ok] == (done[:, None] - self_offset if self_offset is not None else -2)
+        v[own | (cand[ok] < 0)] = worst
+        values[done], indices[done] = merge_neighbours(v, cand[ok], k, metric == "dot")
+        todo, width, first = todo[~ok], min(nr, 4 * width), False
+    return values, indices
 
 
 def exact_knn(
@@ -302,138 +328,71 @@ def exact_knn(
     k: int,
     *,
     metric: Metric = "euclidean",
+    normalize: bool = False,
     exclude_self: bool = False,
     block_rows: int | None = None,
-    memory_budget: int | None = None,
+    num_threads: int | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact ``k`` nearest references of every query, on the query's device.
+    """Exact ``k`` nearest references of every query, equal to a float64 brute force.
 
-    Ranking is by the dot product (``metric="dot"``; normalize beforehand for
-    cosine similarity) or by Euclidean distance; both go through one matrix
-    product per block (see :func:`cost_operands`). Ties go to the lower
-    reference index. When ``query`` equals ``reference`` (same shape, equal
-    values) only the blocks on and above the diagonal are multiplied.
-
-    On CPU (float32), blocks are shared out to :func:`knn_workers` threads that
-    each multiply (numpy's BLAS) and select (faiss heaps) with one thread per
-    library (:mod:`.workers`); the BLAS thread setting is changed for the
-    duration of the call and restored.
+    Ties go to the lower reference index. The result does not depend on
+    ``block_rows``, ``num_threads`` or the device (see the module docstring).
 
     Args:
-        query: ``(Q, D)`` floating embeddings.
-        reference: ``(N, D)`` floating embeddings on the same device.
+        query: ``(Q, D)`` embeddings, floating or integer (tensor or numpy array).
+        reference: ``(N, D)`` embeddings.
         k: neighbours per query, ``0 <= k <= N`` (``N - 1`` with ``exclude_self``).
-        metric: ``"euclidean"`` or ``"dot"``.
-        exclude_self: query ``i`` is reference ``i`` and is never its own
-            neighbour (excluded by index, so exact duplicates still count).
-        block_rows: query rows per block (the block side when ``query`` equals
-            ``reference``); automatic from ``memory_budget`` if None.
-        memory_budget: bytes for all the score blocks held at once (see
-            :func:`auto_block_rows` for the default).
-        progress: show a tqdm bar over blocks.
+        metric: ``"euclidean"`` (distance), ``"sqeuclidean"`` (squared distance, what
+            faiss's ``IndexFlatL2`` returns) or ``"dot"`` (similarity, highest first).
+        normalize: L2-normalize both sets first (in float64): cosine with ``"dot"``.
+        exclude_self: query ``i`` is reference ``i`` and never its own neighbour
+            (excluded by index: exact duplicates still count).
+        block_rows: tile side of the candidate pass (memory ``~4 block_rows^2`` bytes).
+        num_threads: torch CPU threads for the call (restored after); default unchanged.
+        progress: a tqdm bar over tiles.
 
     Returns:
-        ``(scores, indices)``, each ``(Q, k)``, nearest first: the similarity for
-        ``"dot"``, the Euclidean distance for ``"euclidean"``; indices are int64.
+        ``(values, indices)``, each ``(Q, k)``, nearest first; values are float64
+        for float64 input, else float32.
 
     Raises:
-        ValueError: bad ``k``, ``metric`` or ``block_rows``, or mismatched widths.
+        TypeError / ValueError: bad embeddings (see :func:`.inputs.as_embeddings`),
+            ``k``, ``metric``, ``block_rows`` or ``num_threads``.
 
     Example:
         >>> x = torch.tensor([[0.0], [1.0], [1.0], [3.0]])
         >>> exact_knn(x, x, 2, exclude_self=True)[1].tolist()
         [[1, 2], [2, 0], [1, 0], [1, 2]]
     """
-    check_knn_inputs(query, reference, metric)
-    check_knn_k(k, len(query), len(reference), exclude_self)
-    if block_rows is not None and (not isinstance(block_rows, int) or block_rows < 1):
+    query = as_embeddings(query, "query")
+    reference = as_embeddings(reference, "reference", query.shape[1])
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if exclude_self and len(reference) < len(query):
+        raise ValueError("exclude_self needs the reference set to start with the query set")
+    check_k(k, len(reference) - int(exclude_self))
+    if block_rows is not None and (
+        isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1
+    ):
         raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
-    if memory_budget is not None and memory_budget <= 0:
-        raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
-
-    device = query.device
-    dtype = torch.promote_types(query.dtype, torch.float32)
-    num_query = len(query)
-    if k == 0:
-        return (
-            torch.empty(num_query, 0, dtype=dtype, device=device),
-            torch.empty(num_query, 0, dtype=torch.long, device=device),
+    with torch.no_grad(), _torch_threads(num_threads):
+        values, indices = knn_float64(
+            query,
+            reference,
+            k,
+            metric,
+            normalize,
+            0 if exclude_self else None,
+            block_rows,
+            progress,
         )
-    with torch.no_grad():
-        query = query.detach().to(dtype).contiguous()
-        symmetric = query is reference or (
-            query.shape == reference.shape and torch.equal(query, reference.to(device, dtype))
-        )
-        workers = knn_workers(device, dtype, k, num_query)
-        query_half_norms = half_sq_norms(query) if metric == "euclidean" else None
-        if memory_budget is None and block_rows is None:
-            memory_budget = default_memory_budget(
-                device, len(reference), query.shape[1], dtype.itemsize
-            )
-        if symmetric:
-            side = block_rows or max(1, math.isqrt(memory_budget // (2 * workers * dtype.itemsize)))
-            tasks = [(i, j) for i in range(0, num_query, side) for j in range(i, num_query, side)]
-            sizes = [side * min(side, num_query)] * (2 if len(tasks) > 1 else 1)
+    return finish_values(values, metric, query.dtype), indices
 
-            def produce(pair, buffers):
-                return _symmetric_block_costs(
-                    query, query_half_norms, exclude_self, side, pair, buffers
-                )
 
-        else:
-            reference = reference.detach().to(device, dtype).contiguous()
-            _, reference_right = cost_operands(reference, metric)
-            rows = block_rows or auto_block_rows(
-                len(reference), dtype.itemsize, device, max(1, memory_budget // workers)
-            )
-            tasks = list(range(0, num_query, rows))
-            sizes = [min(rows, num_query) * len(reference)]
-
-            def produce(start, buffers):
-                stop = min(start + rows, num_query)
-                return _row_block_costs(
-                    query,
-                    query_half_norms,
-                    reference_right,
-                    metric,
-                    exclude_self,
-                    start,
-                    stop,
-                    buffers,
-                )
-
-        def make_state():
-            buffers = tuple(torch.empty(n, dtype=dtype, device=device) for n in sizes)
-            return buffers, running_topk(num_query, k, dtype, device)
-
-        def work(state, task):
-            buffers, topk = state
-            for row_start, block_costs, col_start in produce(task, buffers):
-                topk.add(row_start, block_costs, col_start)
-
-        def finish(state):  # equal costs are put in column order below
-            return state[1].unordered_ties_result()
-
-        num_workers = min(workers, len(tasks))
-        results = run_workers(tasks, num_workers, make_state, work, finish, progress=progress)
-        if len(results) == 1:
-            costs, indices = order_ties_by_index(*results[0], largest=False)
-        else:
-            costs, indices = results[0]  # merged into the first worker's lists
-            # per candidate: cost, column, sort order, gathered copies: about 48 bytes
-            chunk = max(1, MERGE_BYTES // (48 * k * len(results)))
-            for start in range(0, num_query, chunk):
-                rows = slice(start, start + chunk)
-                costs[rows], indices[rows] = merge_candidates(
-                    torch.cat([c[rows] for c, _ in results], dim=1),
-                    torch.cat([i[rows] for _, i in results], dim=1),
-                    k,
-                    largest=False,
-                )
-        if metric == "euclidean":  # cost = |r|^2 / 2 - q·r = (|q - r|^2 - |q|^2) / 2
-            h = query_half_norms.to(costs.device)[:, None]
-            values = (2 * (costs + h)).clamp_(min=0).sqrt_()
-        else:
-            values = -costs
-    return values.to(device), indices.to(device)
+def finish_values(values: torch.Tensor, metric: str, dtype: torch.dtype) -> torch.Tensor:
+    """float64 ranking values as returned: distance (sqrt) for ``"euclidean"``, in
+    float64 for float64 input, else float32."""
+    if metric == "euclidean":
+        values = values.sqrt()
+    return values.to(torch.float64 if dtype == torch.float64 else torch.float32)

@@ -9,20 +9,22 @@ import torch
 
 from pml_margins.distributed.evaluation import (
     ShardedRetrievalAccuracyCalculator,
-    merge_topk,
     sharded_exact_knn,
 )
 from pml_margins.evaluation import RetrievalAccuracyCalculator, exact_knn
+from pml_margins.evaluation.knn import merge_neighbours
 from tests.distributed import cases
 from tests.distributed.conftest import WORLD_SIZES
 from tests.distributed.test_sharded_loss import load_results
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("data", ["random", "ties"])
+@pytest.mark.parametrize("data", ["random", "ties", "offset"])
 def test_sharded_knn_equals_exact_knn(runs, world_size: int, data: str) -> None:
     d = cases.retrieval_data()
-    q, r = (d["q"], d["r"]) if data == "random" else (d["qi"], d["ri"])
+    q, r = {"random": (d["q"], d["r"]), "ties": (d["qi"], d["ri"])}.get(
+        data, (d["q"] + 1000, d["r"] + 1000)
+    )
     results = load_results(runs[world_size], "retrieval", world_size)
     for metric, exclude_self, k in cases.KNN_CASES:
         scores, indices = exact_knn(q, r, k, metric=metric, exclude_self=exclude_self, block_rows=4)
@@ -31,8 +33,7 @@ def test_sharded_knn_equals_exact_knn(runs, world_size: int, data: str) -> None:
         for result in results:
             got_scores, got_indices = result[data, metric, exclude_self, k]
             assert torch.equal(got_indices, indices), (metric, exclude_self, k)
-            power = 2 if metric == "euclidean" else 1  # sqrt amplifies rounding near 0
-            torch.testing.assert_close(got_scores**power, scores**power, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got_scores, scores), (metric, exclude_self, k)
 
 
 def _assert_same_metrics(got: dict, expected: dict) -> None:
@@ -60,11 +61,13 @@ def test_sharded_calculator_equals_single_process(runs, world_size: int, case_id
         _assert_same_metrics(result[case_id], expected)
 
 
-def test_merge_topk_orders_by_value_then_index() -> None:
+def test_merge_orders_by_value_then_index() -> None:
     values = torch.tensor([[2.0, 1.0, 2.0, 3.0]])
     indices = torch.tensor([[9, 0, 4, 7]])
-    v, i = merge_topk(values, indices, 3)
+    v, i = merge_neighbours(values, indices, 3, largest=True)
     assert i.tolist() == [[7, 4, 9]] and v.tolist() == [[3, 2, 2]]
+    v, i = merge_neighbours(values, indices, 3, largest=False)
+    assert i.tolist() == [[0, 4, 9]] and v.tolist() == [[1, 2, 2]]
 
 
 def test_single_process_and_bad_input() -> None:
@@ -79,17 +82,20 @@ def test_single_process_and_bad_input() -> None:
             sharded_exact_knn(q, r, k)
     with pytest.raises(ValueError, match="k must"):
         sharded_exact_knn(q, r, 8, exclude_self=True)
-    with pytest.raises(ValueError, match="widths"):
+    with pytest.raises(ValueError, match="width"):
         sharded_exact_knn(q, torch.randn(8, 4), 2)
     with pytest.raises(ValueError, match="metric"):
         sharded_exact_knn(q, r, 2, metric="cosine")
     calc = ShardedRetrievalAccuracyCalculator(include=("precision_at_1",))
     with pytest.raises(ValueError, match="ref_includes_query"):
         calc.get_accuracy(q, torch.zeros(5), r, torch.zeros(8), ref_includes_query=True)
-    from pytorch_metric_learning.utils.inference import FaissKNN
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.inference import CustomKNN
 
-    with pytest.raises(ValueError, match="knn_func"):
-        ShardedRetrievalAccuracyCalculator(knn_func=FaissKNN())
+    with pytest.raises(
+        ValueError, match=r"got LpDistance\(p=1, power=1, normalize_embeddings=True\)"
+    ):
+        ShardedRetrievalAccuracyCalculator(knn_func=CustomKNN(LpDistance(p=1)))
 
 
 def test_sharded_calculator_shares_the_ami_warning(monkeypatch) -> None:

@@ -140,6 +140,7 @@ def retrieval(rank: int, world_size: int, out: pathlib.Path) -> None:
     for name, (q, r) in {
         "random": (data["q"], data["r"]),
         "ties": (data["qi"], data["ri"]),
+        "offset": (data["q"] + 1000, data["r"] + 1000),
     }.items():
         start, end = shard_range(len(r), world_size, rank)
         for metric, exclude_self, k in cases.KNN_CASES:

@@ -1,0 +1,74 @@
+"""Input checks of the retrieval evaluation: embeddings and labels as PML accepts them.
+
+PML's ``AccuracyCalculator`` takes torch tensors or numpy arrays, floating or
+integer-valued (its own tests use ``torch.arange``). These checks accept the same
+and turn everything else into a ``TypeError``/``ValueError`` naming the argument,
+before any kernel sees it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["as_embeddings", "as_labels", "as_tensor"]
+
+
+def as_tensor(x: object, name: str) -> torch.Tensor:
+    """``x`` as a tensor (numpy arrays are wrapped without a copy).
+
+    Raises:
+        TypeError: neither a ``torch.Tensor`` nor a ``numpy.ndarray``.
+    """
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind in "ui" and x.dtype != np.uint8:
+            x = x.astype(np.int64)  # torch lacks uint16/32/64 arithmetic
+        if x.dtype.kind not in "fiub":
+            raise TypeError(f"{name} must hold numbers, got a numpy array of dtype {x.dtype}")
+        return torch.from_numpy(x)
+    if isinstance(x, torch.Tensor):
+        return x
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def as_embeddings(
+    x: object, name: str, width: int | None = None, width_name: str = "the query's width"
+) -> torch.Tensor:
+    """A checked ``(N, D)`` real tensor: floating or integer, finite, non-empty.
+
+    Raises:
+        TypeError: not a tensor/array, or a bool or complex dtype.
+        ValueError: not 2-D, no rows, wrong width, or NaN/Inf values.
+    """
+    t = as_tensor(x, name)
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must have a floating or integer dtype, got {t.dtype}")
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (num_embeddings, dim), got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty: it has no rows")
+    if width is not None and t.shape[1] != width:
+        raise ValueError(f"{name} has width {t.shape[1]} but {width_name} is {width}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return t.detach()
+
+
+def as_labels(x: object, length: int, name: str) -> torch.Tensor:
+    """Checked ``(length,)`` int64 labels; whole-number float labels are accepted as PML does.
+
+    Raises:
+        TypeError: not a tensor/array, or fractional/non-finite float labels or a bool dtype.
+        ValueError: not 1-D, or a length other than ``length``.
+    """
+    t = as_tensor(x, name)
+    if t.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.shape[0] != length:
+        raise ValueError(f"{name} has length {t.shape[0]} but there are {length} embeddings")
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
+    if t.is_floating_point():
+        if not bool(torch.isfinite(t).all() and (t == t.round()).all()):
+            raise TypeError(f"{name} must be integers, got {t.dtype} values with a fraction")
+    return t.long()

@@ -1,0 +1,148 @@
+"""Issue 15: every flag of ``pml-margins eval`` changes what it should; bad input is
+one error line with exit status 2 (issue 16.8)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import brute_force_neighbours
+
+from pml_margins.cli import main
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Data where cosine and Euclidean rank differently: the class is the direction,
+    the norm is noise, so cosine finds the class and Euclidean does not."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(120) % 4
+    angles = y * (np.pi / 2) + 0.3 * torch.randn(120, generator=g)
+    radii = torch.rand(120, generator=g) * 9 + 1
+    x = torch.stack([radii * torch.cos(angles), radii * torch.sin(angles)], dim=1).float()
+    paths = {"x": tmp_path / "x.npy", "y": tmp_path / "y.npy"}
+    np.save(paths["x"], x.numpy())
+    np.save(paths["y"], y.numpy())
+    return x, y, {k: str(v) for k, v in paths.items()}, tmp_path
+
+
+def _run(argv, tmp_path):
+    out = tmp_path / "out.json"
+    assert main([*argv, "--output", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def _base(paths):
+    return ["eval", "--embeddings", paths["x"], "--labels", paths["y"]]
+
+
+def _p_at_1(x, y, metric):
+    xx = x / x.norm(dim=1, keepdim=True) if metric == "dot" else x
+    first = brute_force_neighbours(xx, xx, True, metric)[:, 0]
+    return float((y.numpy()[first] == y.numpy()).mean())
+
+
+def test_distance_flag_changes_the_ranking(files):
+    x, y, paths, tmp = files
+    argv = [*_base(paths), "--metrics", "precision_at_1"]
+    euclid = _run(argv, tmp)["precision_at_1"]
+    cosine = _run([*argv, "--distance", "cosine"], tmp)["precision_at_1"]
+    assert euclid == pytest.approx(_p_at_1(x, y, "euclidean"))
+    assert cosine == pytest.approx(_p_at_1(x, y, "dot"))
+    assert cosine != euclid
+
+
+def test_recall_ks_metrics_and_exclude_flags(files):
+    x, y, paths, tmp = files
+    got = _run(
+        [*_base(paths), "--metrics", "recall_at_1", "recall_at_3", "--recall-ks", "1", "3"], tmp
+    )
+    assert set(got) == {"recall_at_1", "recall_at_3"}
+    order = brute_force_neighbours(x, x, True)
+    hits = y.numpy()[order[:, :3]] == y.numpy()[:, None]
+    assert got["recall_at_3"] == pytest.approx(hits.any(1).mean())
+    assert got["recall_at_1"] == pytest.approx(hits[:, 0].mean())
+    got = _run([*_base(paths), "--exclude", "NMI", "AMI", "recall_at_2"], tmp)
+    assert "NMI" not in got and "recall_at_2" not in got and "recall_at_8" in got
+
+
+def test_k_avg_of_avgs_and_reference_flags(files):
+    x, y, paths, tmp = files
+    metrics = ["--metrics", "mean_average_precision"]
+    k3 = _run([*_base(paths), *metrics, "--k", "3"], tmp)["mean_average_precision"]
+    k_all = _run([*_base(paths), *metrics, "--k", "all"], tmp)["mean_average_precision"]
+    assert k3 != k_all  # PML's MAP depends on k
+    y_unbalanced = torch.cat([torch.zeros(100, dtype=torch.long), torch.arange(1, 21) % 2 + 1])
+    np.save(tmp / "yu.npy", y_unbalanced.numpy())
+    argv = ["eval", "--embeddings", paths["x"], "--labels", str(tmp / "yu.npy")]
+    plain = _run([*argv, "--metrics", "precision_at_1"], tmp)["precision_at_1"]
+    avg = _run([*argv, "--metrics", "precision_at_1", "--avg-of-avgs"], tmp)["precision_at_1"]
+    assert plain != pytest.approx(avg)
+    np.save(tmp / "q.npy", x[:30].numpy())
+    np.save(tmp / "ql.npy", y[:30].numpy())
+    ref = ["--reference-embeddings", paths["x"], "--reference-labels", paths["y"]]
+    q = ["eval", "--embeddings", str(tmp / "q.npy"), "--labels", str(tmp / "ql.npy")]
+    with_self = _run([*q, *ref, "--metrics", "precision_at_1"], tmp)["precision_at_1"]
+    assert with_self == 1.0  # each query finds itself in the reference set
+    without = _run([*q, *ref, "--ref-includes-query", "--metrics", "precision_at_1"], tmp)
+    assert without["precision_at_1"] == pytest.approx(
+        _p_at_1(x, y, "euclidean") if False else without["precision_at_1"]
+    )
+    first = brute_force_neighbours(x[:30], x, False)
+    first = [row[row != i][0] for i, row in enumerate(first)]
+    assert without["precision_at_1"] == pytest.approx(
+        float((y.numpy()[first] == y[:30].numpy()).mean())
+    )
+
+
+def test_output_writes_null_for_nan(files, capsys):
+    _, _, paths, tmp = files
+    np.save(tmp / "lone.npy", np.arange(120))  # every label alone: P@1 is NaN
+    argv = ["eval", "--embeddings", paths["x"], "--labels", str(tmp / "lone.npy")]
+    got = _run([*argv, "--metrics", "precision_at_1"], tmp)
+    assert got == {"precision_at_1": None}
+    assert "null" in (tmp / "out.json").read_text()
+    assert "| precision_at_1 | nan |" in capsys.readouterr().out
+
+
+def test_help_lists_metrics_and_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for word in (
+        "precision_at_1",
+        "mean_average_precision_at_r",
+        "recall_at_K",
+        "stdout",
+        "nearest references",
+        "L2-normalized",
+        "null",
+    ):
+        assert word in text
+
+
+@pytest.mark.parametrize(
+    ("embeddings", "labels", "message"),
+    [
+        ("missing.npy", "y.npy", "missing.npy: cannot read: No such file"),
+        (".", "y.npy", ": is a directory"),
+        ("x.npy", "frac.npy", "frac.npy: query_labels must be integers"),
+        ("x.npy", "str.npy", "str.npy: cannot read"),
+        ("x.npy", "short.npy", "short.npy: query_labels has length 5"),
+        ("nan.npy", "y.npy", "nan.npy: query contains NaN"),
+        ("x.txt", "y.npy", "x.txt: cannot read: expected a .npy"),
+    ],
+)
+def test_bad_files_give_one_line_and_status_2(
+    files, capsys, monkeypatch, embeddings, labels, message
+):
+    _, _, _, tmp = files
+    np.save(tmp / "frac.npy", np.linspace(0, 1, 120))
+    np.save(tmp / "str.npy", np.array(["a"] * 120))
+    np.save(tmp / "short.npy", np.arange(5))
+    np.save(tmp / "nan.npy", np.full((120, 2), np.nan, dtype=np.float32))
+    (tmp / "x.txt").write_text("1 2\n")
+    monkeypatch.chdir(tmp)
+    assert main(["eval", "--embeddings", embeddings, "--labels", labels]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err

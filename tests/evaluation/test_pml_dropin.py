@@ -1,0 +1,166 @@
+"""Issue 16: the calculator as a PML user meets it (off-centre, duplicate and integer
+data, PML's knn_func/knn_distances semantics, the public calculate_* methods)."""
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from conftest import brute_force_neighbours, make_data
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance, SNRDistance
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.inference import CustomKNN, FaissKNN
+
+from pml_margins.evaluation import RetrievalAccuracyCalculator
+
+PML_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
+
+
+def _brute_p_at_1(x, y):
+    order = brute_force_neighbours(x, x, True)[:, 0]
+    y = np.asarray(y)
+    return float((y[order] == y).mean())
+
+
+def test_off_centre_data_equal_pml_and_brute_force():
+    # issue 16.1: offset 1000 gave P@1 0.1080, truth 0.1310
+    x, y = make_data("random", 1000, 64, 20, seed=0)
+    x = x + 1000.0
+    ours = RetrievalAccuracyCalculator(include=PML_METRICS).get_accuracy(x, y)
+    pml = AccuracyCalculator(include=PML_METRICS, device=torch.device("cpu")).get_accuracy(x, y)
+    assert ours == pytest.approx(pml, abs=1e-6)  # faiss is not exact at this offset
+    assert ours["precision_at_1"] == pytest.approx(_brute_p_at_1(x, y), abs=1e-12)
+
+
+def test_duplicates_do_not_depend_on_block_size():
+    # issue 16.2: P@1 0.1267 / 0.1250 / 0.1117 for block_rows None / 7 / 64
+    x, y = make_data("random", 60, 8, 20, seed=1)
+    x, y = (
+        x.repeat(10, 1) + 10.0,
+        torch.randint(0, 20, (600,), generator=torch.Generator().manual_seed(2)),
+    )
+    results = [
+        RetrievalAccuracyCalculator(include=("precision_at_1",), block_rows=b).get_accuracy(x, y)
+        for b in (None, 7, 64)
+    ]
+    truth = _brute_p_at_1(x, y)
+    assert all(r["precision_at_1"] == pytest.approx(truth, abs=1e-12) for r in results)
+
+
+def test_recall_only_needs_only_max_k_neighbours(monkeypatch):
+    # issue 16.3: k=None with only recall_at_1 built the full N x N k-nn
+    x, y = make_data("clustered", 300, 8, 10, seed=3)
+    calc = RetrievalAccuracyCalculator(include=("recall_at_1", "recall_at_4"))
+    depths = []
+    original = calc._knn
+    monkeypatch.setattr(calc, "_knn", lambda q, r, k, s: depths.append(k) or original(q, r, k, s))
+    calc.get_accuracy(x, y)
+    assert depths == [4]
+    full = RetrievalAccuracyCalculator(include=("recall_at_1", "precision_at_1"))
+    monkeypatch.setattr(full, "_knn", lambda q, r, k, s: depths.append(k) or original(q, r, k, s))
+    full.get_accuracy(x, y)
+    assert depths[-1] == 299  # PML's rule for its own metrics: k=None is every reference
+
+
+class _Distances:
+    """A custom metric as PML users write them: reads knn_distances."""
+
+    def calculate_knn_distances(self, knn_distances, **kwargs):
+        return knn_distances[:, :2].tolist()
+
+    def requires_knn(self):
+        return [*super().requires_knn(), "knn_distances"]
+
+
+class OursWithDistances(_Distances, RetrievalAccuracyCalculator):
+    pass
+
+
+class PMLWithDistances(_Distances, AccuracyCalculator):
+    pass
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"knn_func": CustomKNN(LpDistance(normalize_embeddings=False))},
+        {"knn_func": CustomKNN(LpDistance(normalize_embeddings=False, power=2))},
+        {"knn_func": CustomKNN(CosineSimilarity())},
+        {"knn_func": FaissKNN(index_init_fn=faiss.IndexFlatIP)},
+    ],
+    ids=["default", "lp", "lp_power2", "cosine", "faiss_ip"],
+)
+def test_knn_distances_have_pml_semantics(kwargs):
+    # issue 16.4: PML's default gives squared L2 (9, 9, 16, 16), we gave 3, 3, 4, 4
+    x, y = torch.tensor([[0.0], [3.0], [10.0], [14.0]]), torch.tensor([0, 0, 1, 1])
+    if "cosine" in str(kwargs) or "IP" in str(kwargs):
+        x = torch.tensor([[1.0, 0.2], [0.9, 0.5], [-1.0, 0.3], [-0.7, -0.9]])
+    ours = OursWithDistances(include=("knn_distances",), k=2, **kwargs).get_accuracy(x, y)
+    pml = PMLWithDistances(include=("knn_distances",), k=2, device=torch.device("cpu"), **kwargs)
+    np.testing.assert_allclose(
+        ours["knn_distances"], pml.get_accuracy(x, y)["knn_distances"], rtol=1e-6
+    )
+    if not kwargs:
+        assert ours["knn_distances"] == [[9.0, 100.0], [9.0, 49.0], [16.0, 49.0], [16.0, 121.0]]
+
+
+def test_calculate_methods_accept_pml_kwargs():
+    # issue 16.5: KeyError('knn_match') with the kwargs PML documents
+    x, y = make_data("clustered", 200, 8, 10, seed=4)
+    pml = AccuracyCalculator(k="max_bin_count", device=torch.device("cpu"))
+    ours = RetrievalAccuracyCalculator(k="max_bin_count")
+    knn_labels = y[torch.from_numpy(brute_force_neighbours(x, x, True)[:, :40])]
+    unique, counts = torch.unique(y, return_counts=True)
+    kwargs = {
+        "knn_labels": knn_labels,
+        "query_labels": y,
+        "not_lone_query_mask": torch.ones(200, dtype=torch.bool),
+        "label_counts": (unique, counts),
+        "ref_includes_query": True,
+    }
+    for name in (*PML_METRICS, "mean_average_precision", "mean_reciprocal_rank"):
+        got = getattr(ours, f"calculate_{name}")(**kwargs)
+        expected = getattr(pml, f"calculate_{name}")(**kwargs)
+        assert got == pytest.approx(expected, abs=1e-7), name  # PML: MRR in float32
+    assert ours.calculate_recall_at_4(**kwargs) == pytest.approx(
+        float((knn_labels[:, :4] == y[:, None]).any(1).double().mean())
+    )
+
+
+@pytest.mark.parametrize(
+    "knn_func",
+    [
+        None,
+        CustomKNN(LpDistance(power=2, normalize_embeddings=False)),
+        CustomKNN(SNRDistance()),
+        CustomKNN(LpDistance(p=1)),
+        FaissKNN(index_init_fn=lambda d: faiss.IndexHNSWFlat(d, 8)),
+    ],
+    ids=["default", "lp_power2", "snr", "l1", "faiss_hnsw"],
+)
+def test_what_pml_accepts_works(knn_func):
+    # issue 16.6: integer embeddings, CustomKNN with other distances, FaissKNN(index_init_fn)
+    x = torch.arange(120).view(40, 3) % 7  # PML's own tests use torch.arange
+    y = torch.arange(40) % 5
+    ours = RetrievalAccuracyCalculator(include=PML_METRICS, knn_func=knn_func).get_accuracy(x, y)
+    pml = AccuracyCalculator(include=PML_METRICS, knn_func=knn_func, device=torch.device("cpu"))
+    expected = pml.get_accuracy(x, y)
+    if knn_func is None or (
+        isinstance(knn_func, CustomKNN)
+        and isinstance(knn_func.distance, LpDistance)
+        and knn_func.distance.p == 2
+    ):
+        # exact ranking: compare with the float64 brute force (PML's ties are arbitrary)
+        assert ours["precision_at_1"] == pytest.approx(_brute_p_at_1(x.double(), y), abs=1e-12)
+    else:
+        assert ours == pytest.approx(expected, abs=1e-12)
+
+
+def test_lp_power_2_ranks_as_euclidean():
+    x, y = make_data("clustered", 150, 6, 8, seed=5)
+    x = x + 500.0
+    a = RetrievalAccuracyCalculator(
+        include=PML_METRICS, knn_func=CustomKNN(LpDistance(power=2, normalize_embeddings=False))
+    )
+    b = RetrievalAccuracyCalculator(include=PML_METRICS)
+    assert a.get_accuracy(x, y) == b.get_accuracy(x, y)
