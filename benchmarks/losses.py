@@ -3,13 +3,20 @@
 For ArcFace, CosFace, SphereFace and NSL at each (B, D, C), times one forward +
 backward of
 
-* ``ours``: pml_margins' loss, default mode (one saved (B, C) buffer),
+* ``ours``: pml_margins' loss, default mode (materialized logits up to
+  ``MATERIALIZE_MAX_ELEMENTS``, else the blocked function with one saved (B, C) buffer),
+* ``ours-unchecked``: the same under ``pml_margins.value_checks(False)`` (the
+  difference is the cost of the input checks),
 * ``ours-bounded``: the same with ``chunk_size="auto"`` (no (B, C) tensor),
-* ``pml``: pytorch-metric-learning's loss with the same hyper-parameters,
+* ``plain``: a plain torch implementation, as a user would write it (normalize,
+  matmul, gather the target cosine, margin, scatter, scale, cross-entropy),
+* ``pml``: pytorch-metric-learning's loss with the same hyper-parameters and ``W``,
 * ``floor``: the three matrix products of that size (x W, G W^T, x^T G),
 
 interleaved (A B C A B C ...) so that a noisy, shared machine slows all alike,
-and reports medians. Peak activation memory of one step is measured with
+and reports medians. Before timing, the loss values of ``ours``, ``plain`` and ``pml``
+on the same inputs and ``W`` are compared: the ``|d| PML`` column is the largest
+absolute difference from PML's value (float32). Peak activation memory of one step is measured with
 ``torch.profiler(profile_memory=True)`` on CPU or ``torch.cuda.max_memory_allocated``
 on CUDA; W's gradient (D x C) is subtracted, so the column reads "memory beyond
 W and its gradient".
@@ -18,6 +25,7 @@ Usage::
 
     python3 benchmarks/losses.py                      # full CPU run (slow: minutes)
     python3 benchmarks/losses.py --quick              # small sizes, smoke test
+    python3 benchmarks/losses.py --small              # C = 100 and 1,000 rows only
     python3 benchmarks/losses.py --device cuda --dtype bf16
     python3 benchmarks/losses.py --sizes 512x512x100000 --losses arcface --repeats 5
 """
@@ -38,33 +46,75 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytorch_metric_learning.losses as pml
+import torch.nn.functional as F
 
+import pml_margins
 import pml_margins.losses as ours
+from pml_margins.functional import sphereface_psi
 
-FULL_SIZES = [(256, 512, 10_000), (512, 512, 100_000), (512, 512, 1_000_000)]
-QUICK_SIZES = [(64, 64, 2_000), (128, 64, 20_000), (128, 64, 100_000)]
+#: the common case (CUB trains on 100 classes, the glyph set on ~1,200)
+SMALL_SIZES = [
+    (batch, dim, classes) for classes in (100, 1_000) for batch in (64, 256) for dim in (128, 512)
+]
+FULL_SIZES = [*SMALL_SIZES, (256, 512, 10_000), (512, 512, 100_000), (512, 512, 1_000_000)]
+QUICK_SIZES = [(64, 128, 100), (64, 64, 2_000), (128, 64, 20_000), (128, 64, 100_000)]
+#: hyper-parameters shared by every implementation
+ARC_MARGIN, COS_MARGIN, SCALE, NSL_SCALE = 0.5, 0.35, 64.0, 30.0
 #: default mode and PML only up to this many classes (bounded mode beyond)
 DEFAULT_MAX_CLASSES = 100_000
 LOSSES = ("arcface", "cosface", "sphereface", "nsl")
 
 
+class PlainTorchLoss(torch.nn.Module):
+    """A plain torch margin softmax, as written by hand: the baseline for small problems."""
+
+    def __init__(self, name: str, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.name = name
+        self.W = torch.nn.Parameter(torch.empty(dim, num_classes).normal_())
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        w = F.normalize(self.W, dim=0)
+        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        cos = F.normalize(x, dim=1) @ w
+        target = cos.gather(1, labels.unsqueeze(1))
+        if self.name == "arcface":
+            sin = torch.sqrt((1 - target * target).clamp_min(0))
+            margined = target * math.cos(ARC_MARGIN) - sin * math.sin(ARC_MARGIN)
+            beyond = target - ARC_MARGIN * math.sin(ARC_MARGIN)  # theta + m > pi
+            target = torch.where(target > math.cos(math.pi - ARC_MARGIN), margined, beyond)
+        elif self.name == "cosface":
+            target = target - COS_MARGIN
+        elif self.name == "sphereface":
+            target = sphereface_psi(target, 4)
+        scale = norms if self.name == "sphereface" else (NSL_SCALE if self.name == "nsl" else SCALE)
+        logits = cos.scatter(1, labels.unsqueeze(1), target) * scale
+        return F.cross_entropy(logits, labels)
+
+
 def make_loss(name: str, impl: str, num_classes: int, dim: int) -> torch.nn.Module:
-    """Same hyper-parameters on both sides (PML's ArcFace margin is in degrees)."""
+    """Same hyper-parameters on every side (PML's ArcFace margin is in degrees)."""
+    if impl == "plain":
+        return PlainTorchLoss(name, num_classes, dim)
     if impl == "pml":
         return {
             "arcface": lambda: pml.ArcFaceLoss(
-                num_classes, dim, margin=math.degrees(0.5), scale=64
+                num_classes, dim, margin=math.degrees(ARC_MARGIN), scale=SCALE
             ),
-            "cosface": lambda: pml.CosFaceLoss(num_classes, dim, margin=0.35, scale=64),
+            "cosface": lambda: pml.CosFaceLoss(num_classes, dim, margin=COS_MARGIN, scale=SCALE),
             "sphereface": lambda: pml.SphereFaceLoss(num_classes, dim, margin=4, scale=1),
-            "nsl": lambda: pml.NormalizedSoftmaxLoss(num_classes, dim, temperature=1 / 30),
+            "nsl": lambda: pml.NormalizedSoftmaxLoss(num_classes, dim, temperature=1 / NSL_SCALE),
         }[name]()
     kwargs = {"chunk_size": "auto"} if impl == "ours-bounded" else {}
     return {
-        "arcface": lambda: ours.ArcFaceLoss(num_classes, dim, margin=0.5, scale=64.0, **kwargs),
-        "cosface": lambda: ours.CosFaceLoss(num_classes, dim, margin=0.35, scale=64.0, **kwargs),
+        "arcface": lambda: ours.ArcFaceLoss(
+            num_classes, dim, margin=ARC_MARGIN, scale=SCALE, **kwargs
+        ),
+        "cosface": lambda: ours.CosFaceLoss(
+            num_classes, dim, margin=COS_MARGIN, scale=SCALE, **kwargs
+        ),
         "sphereface": lambda: ours.SphereFaceLoss(num_classes, dim, margin=4, **kwargs),
-        "nsl": lambda: ours.NormSoftmaxLoss(num_classes, dim, scale=30.0, **kwargs),
+        "nsl": lambda: ours.NormSoftmaxLoss(num_classes, dim, scale=NSL_SCALE, **kwargs),
     }[name]()
 
 
@@ -92,12 +142,20 @@ class Case:
             self.w = torch.randn(dim, num_classes, generator=gen).to(args.device)
             self.loss = None
         else:
-            torch.manual_seed(0)
             self.loss = make_loss(loss, impl, num_classes, dim).to(args.device)
+            with torch.no_grad():  # one W for every implementation
+                gen.manual_seed(1)
+                self.loss.W.copy_(torch.randn(dim, num_classes, generator=gen))
             self.w = self.loss.W
 
+    def value(self) -> float:
+        """The loss on this case's inputs (no backward)."""
+        with torch.no_grad(), autocast(self.device, self.dtype):
+            return float(self.loss(self.x, self.labels))
+
     def step(self) -> None:
-        with autocast(self.device, self.dtype):
+        checks = pml_margins.value_checks(self.impl != "ours-unchecked")
+        with autocast(self.device, self.dtype), checks:
             if self.loss is None:  # the floor: forward product and both gradients
                 logits = self.x.detach() @ self.w
                 _ = logits @ self.w.t()
@@ -148,19 +206,20 @@ def measure_memory(impl: str, loss: str, size: tuple[int, int, int], args) -> fl
 
 
 def run(args) -> list[dict]:
-    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    sizes = QUICK_SIZES if args.quick else (SMALL_SIZES if args.small else FULL_SIZES)
     if args.sizes:
         sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     rows = []
     for size in sizes:
         big = size[2] > args.default_max_classes
-        impls = ["ours-bounded"] if big else ["ours", "ours-bounded", "pml"]
-        if big and args.pml_large:
+        impls = ["ours-bounded"] if big else ["ours", "ours-unchecked", "ours-bounded", "plain"]
+        if not big or args.pml_large:
             impls.append("pml")
         cases = {("floor", "-"): Case("floor", "-", size, args)}
         for loss in args.losses.split(","):
             for impl in impls:
                 cases[(impl, loss)] = Case(impl, loss, size, args)
+        loss_values = {k: case.value() for k, case in cases.items() if case.loss is not None}
         for case in cases.values():  # warm-up
             case.step()
         times: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
@@ -177,6 +236,10 @@ def run(args) -> list[dict]:
                 "ms": 1e3 * statistics.median(values),
                 "floor_ms": 1e3 * floor,
                 "mem_MB": float("nan"),
+                "value": loss_values.get((impl, loss), float("nan")),
+                "pml_gap": abs(loss_values[(impl, loss)] - loss_values[("pml", loss)])
+                if ("pml", loss) in loss_values and (impl, loss) in loss_values
+                else float("nan"),
             }
             if not args.no_memory:
                 row["mem_MB"] = measure_memory(impl, loss, size, args) / 2**20
@@ -192,7 +255,7 @@ def print_table(rows: list[dict], args) -> None:
     )
     header = (
         f"{'B x D x C':>16} {'loss':>10} {'impl':>12} {'ms':>9} {'x floor':>8} "
-        f"{'PML/ours':>8} {'act MB':>9} {'mem/PML':>8}"
+        f"{'PML/ours':>8} {'act MB':>9} {'mem/PML':>8} {'|d| PML':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -205,7 +268,8 @@ def print_table(rows: list[dict], args) -> None:
         )
         print(
             f"{r['size']:>16} {r['loss']:>10} {r['impl']:>12} {r['ms']:9.1f} "
-            f"{r['ms'] / r['floor_ms']:8.2f} {speedup:8.2f} {r['mem_MB']:9.1f} {mem_ratio:8.3f}"
+            f"{r['ms'] / r['floor_ms']:8.2f} {speedup:8.2f} {r['mem_MB']:9.1f} {mem_ratio:8.3f} "
+            f"{r['pml_gap']:9.1e}"
         )
 
 
@@ -214,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--small", action="store_true", help="only the C = 100 / 1,000 rows")
     parser.add_argument("--sizes", default="", help="comma-separated BxDxC, e.g. 256x512x10000")
     parser.add_argument("--losses", default=",".join(LOSSES))
     parser.add_argument("--repeats", type=int, default=5)

@@ -25,7 +25,7 @@ __all__ = [
     "sphereface_psi",
 ]
 
-# 1 - cos^2 below this is treated as 0 for sin(theta); keeps sqrt's gradient finite.
+# sin^2 below this gets no gradient through sqrt (whose slope is infinite at 0).
 _SINE_EPS = 1e-12
 
 
@@ -33,10 +33,15 @@ def safe_sine(cosine: torch.Tensor) -> torch.Tensor:
     r""":math:`\sin\theta = \sqrt{(1-\cos\theta)(1+\cos\theta)}` for :math:`\theta\in[0,\pi]`.
 
     The product form loses less precision near :math:`\cos\theta=\pm1` than
-    :math:`1-\cos^2\theta`; the clamp makes the gradient exactly 0 (not Inf/NaN)
-    where :math:`\sin\theta = 0`.
+    :math:`1-\cos^2\theta`. The value is exact everywhere (0 at
+    :math:`\cos\theta=\pm1`); the gradient is exactly 0 (not Inf/NaN) where
+    :math:`\sin^2\theta \le 10^{-12}`, i.e. within about 1e-6 rad of alignment.
     """
-    return torch.sqrt(torch.clamp((1 - cosine) * (1 + cosine), min=_SINE_EPS))
+    squared = ((1 - cosine) * (1 + cosine)).clamp_min(0)
+    tiny = squared <= _SINE_EPS
+    # sqrt is differentiated only where it is finite; the tiny values keep their value only
+    differentiable = torch.sqrt(torch.where(tiny, torch.ones_like(squared), squared))
+    return torch.where(tiny, squared.detach().sqrt(), differentiable)
 
 
 def cosface_target(cosine: torch.Tensor, margin: float) -> torch.Tensor:

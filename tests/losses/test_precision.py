@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.losses.reference import reference_per_sample
 from tests.losses.specs import SPEC_IDS, SPECS, LossSpec
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
@@ -91,3 +92,47 @@ def test_pml_arcface_is_not_finite_at_cosine_one_but_ours_is() -> None:
     g_ours = torch.autograd.grad(ours(x, y), x)[0]
     assert not torch.isfinite(g_pml).all()
     assert torch.isfinite(g_ours).all()
+
+
+def _symmetric_gradients(fn, x: torch.Tensor, w: torch.Tensor, step: float = 1e-5):
+    """Mean autograd gradients of the float64 scalar ``fn(x + d, w)`` and ``fn(x - d, w)``.
+
+    At cos = +-1 the reference's ``acos`` has an infinite slope, and where the target
+    logit has a kink in the angle (ArcFace at theta = 0, a non-integer combined margin at
+    theta = pi) the gradient there is direction-dependent; the mean of the gradients a
+    small step to either side cancels the kink and keeps the smooth part, O(step^2).
+    """
+    d = torch.nn.functional.normalize(torch.randn(x.shape, dtype=x.dtype), dim=1) * step
+    grads = []
+    for moved in (x + d, x - d):
+        xr, wr = moved.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(fn(xr, wr), (xr, wr)))
+    return [(a + b) / 2 for a, b in zip(*grads, strict=True)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["cos=+1", "cos=-1"])
+def test_values_and_gradients_at_cosine_plus_minus_one_match_the_reference(spec, sign) -> None:
+    """At cos = +-1 (ArcFace's theta + m > pi fallback at -1) against the paper's formula.
+
+    The reference's ``acos`` has no gradient there, so its gradients are the symmetric
+    mean beside the point (:func:`_symmetric_gradients`): the zero-kink gradient, which is
+    also ours (d cos / d x vanishes at alignment, whatever the slope of the margin).
+    """
+    loss_fn, x, y = _aligned_inputs(spec, torch.float64, sign)
+    bias = getattr(loss_fn, "bias", None)
+    bias = None if bias is None else bias.detach()
+
+    def reference(x_: torch.Tensor, w_: torch.Tensor) -> torch.Tensor:
+        return reference_per_sample(spec.kind, x_, w_, y, bias=bias, **spec.ref_hp).mean()
+
+    out = loss_fn(x, y)
+    gx, gw = torch.autograd.grad(out, (x, loss_fn.W))
+    w = loss_fn.W.detach()
+    # the angle is ill-conditioned at cos = +-1: one ulp of the cosine moves theta by ~1.5e-8,
+    # and the two computations round the cosine differently (scale * sin m * 1.5e-8 < 1e-6)
+    torch.testing.assert_close(out, reference(x.detach(), w), rtol=1e-8, atol=1e-6)
+    torch.manual_seed(0)
+    ref_gx, ref_gw = _symmetric_gradients(reference, x.detach(), w)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-4)

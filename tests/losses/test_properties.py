@@ -22,6 +22,7 @@ from pml_margins.losses import (
     NormSoftmaxLoss,
     SphereFaceLoss,
 )
+from tests.losses.reference import reference_per_sample
 
 cosines = st.floats(-1.0, 1.0, allow_nan=False)
 margins = st.floats(0.0, 1.5, allow_nan=False)
@@ -105,3 +106,24 @@ def test_sphereface_psi_is_continuous_and_decreasing_in_angle(m: int) -> None:
     assert (psi[1:] <= psi[:-1] + 1e-12).all()
     assert (psi[1:] - psi[:-1]).abs().max() < 1e-2
     assert psi[-1].item() == pytest.approx(1 - 2 * m)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, m=st.floats(0.0, 1.2), m_int=st.integers(1, 5), scale=st.floats(1.0, 64.0))
+def test_combined_margin_special_cases_equal_the_papers_formulas(seed, m, m_int, scale) -> None:
+    """Each special case against the independent float64 reference of that paper."""
+    x, y = _batch(seed)
+    cases = [
+        ((1.0, 0.0, m), "cosface", {"margin": m, "scale": scale}),
+        ((1.0, m, 0.0), "arcface", {"margin": m, "scale": scale}),
+        ((float(m_int), 0.0, 0.0), "sphereface", {"margin": m_int, "scale": scale}),
+    ]
+    for (m1, m2, m3), kind, hp in cases:
+        loss = CombinedMarginLoss(4, 5, m1, m2, m3, scale=scale).double()
+        xg = x.clone().requires_grad_(True)
+        value = loss(xg, y)
+        xr = x.clone().requires_grad_(True)
+        ref = reference_per_sample(kind, xr, loss.W.detach(), y, **hp).mean()
+        torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-10)
+        grad, ref_grad = torch.autograd.grad(value, xg)[0], torch.autograd.grad(ref, xr)[0]
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-8)

@@ -1,0 +1,29 @@
+"""benchmarks/losses.py on quick sizes: every implementation gives PML's value in the run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+IMPLS = {"ours", "ours-unchecked", "ours-bounded", "plain", "pml", "floor"}
+
+
+def test_quick_losses_benchmark_agrees_with_pml_on_materialized_and_blocked_sizes():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # 64 x 100 logits are materialized, 128 x 5000 run the blocked function
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "losses.py"), "--repeats", "1"]
+    cmd += ["--sizes", "64x128x100,128x64x5000", "--no-memory", "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert {(r[0], r[2]) for r in rows} >= {
+        (size, impl) for size in ("64x128x100", "128x64x5000") for impl in IMPLS
+    }
+    losses = {r[1] for r in rows if r[1] != "-"}
+    assert losses == {"arcface", "cosface", "sphereface", "nsl"}
+    for size, loss, impl, ms, *_, gap in rows:
+        assert float(ms) > 0
+        if impl != "floor":
+            assert float(gap) <= 1e-4, (size, loss, impl, gap)  # fp32 rounding of a ~10-60 loss

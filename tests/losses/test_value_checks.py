@@ -1,0 +1,157 @@
+"""Value checks: at most one host read-back per forward, and a switch that turns them off."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+import torch
+from pytorch_metric_learning.miners import MultiSimilarityMiner
+
+import pml_margins
+from pml_margins.losses import ArcFaceLoss, CenterLoss, CircleLoss, SoftmaxLoss
+from pml_margins.validation import (
+    ValueChecks,
+    check_embeddings,
+    value_checks,
+    value_checks_enabled,
+)
+
+#: every way a tensor's value reaches Python
+READ_BACKS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def count_read_backs():
+    """Count the tensor-to-Python conversions made inside the block."""
+    calls: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in READ_BACKS}
+
+    def wrap(name):
+        original = originals[name]
+
+        def counted(self, *args, **kwargs):
+            calls.append(name)
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    for name in READ_BACKS:
+        setattr(torch.Tensor, name, wrap(name))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def _inputs():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    y = torch.randint(0, 4, (16,))
+    return x, y, MultiSimilarityMiner(0.1)(x, y)
+
+
+LOSSES = {
+    "arcface": lambda: ArcFaceLoss(4, 8),
+    "softmax": lambda: SoftmaxLoss(4, 8),
+    "center": lambda: CenterLoss(4, 8),
+    "circle": lambda: CircleLoss(),
+}
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("with_miner", [False, True], ids=["labels", "miner"])
+def test_checks_read_back_once(name, with_miner) -> None:
+    loss = LOSSES[name]()
+    x, y, tuples = _inputs()
+    tuples = tuples if with_miner else None
+    with count_read_backs() as calls:
+        loss.check_inputs(x, y, tuples, None, None)
+    assert calls == ["tolist"]
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_switched_off_checks_read_nothing(name) -> None:
+    loss = LOSSES[name]()
+    x, y, tuples = _inputs()
+    with value_checks(False), count_read_backs() as calls:
+        loss.check_inputs(x, y, tuples, None, None)
+    assert calls == []
+
+
+def test_switched_off_checks_keep_shape_and_dtype_checks() -> None:
+    loss = ArcFaceLoss(4, 8)
+    with value_checks(False):
+        loss(torch.full((3, 8), float("nan")), torch.tensor([0, 1, 2]))  # not checked: no error
+        with pytest.raises(ValueError, match="width"):
+            loss(torch.randn(3, 5), torch.tensor([0, 1, 2]))
+        with pytest.raises(TypeError, match="integer dtype"):
+            loss(torch.randn(3, 8), torch.tensor([0.0, 1.0, 2.0]))
+        with pytest.raises(ValueError, match="empty"):
+            loss(torch.randn(0, 8), torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        loss(torch.full((3, 8), float("nan")), torch.tensor([0, 1, 2]))
+
+
+def test_switch_is_a_context_manager_a_function_and_per_thread() -> None:
+    assert value_checks_enabled()
+    with value_checks(False):
+        assert not value_checks_enabled()
+        with value_checks(True):
+            assert value_checks_enabled()
+        assert not value_checks_enabled()
+    assert value_checks_enabled()
+    seen = []
+    pml_margins.value_checks(False)
+    try:
+        thread = threading.Thread(target=lambda: seen.append(value_checks_enabled()))
+        thread.start()
+        thread.join()
+        assert not value_checks_enabled() and seen == [True]
+    finally:
+        pml_margins.value_checks(True)
+    with pytest.raises(TypeError, match="bool"):
+        value_checks("no")
+
+
+@pytest.mark.parametrize(
+    ("embeddings", "labels", "message"),
+    [
+        (torch.full((2, 8), float("inf")), torch.tensor([0, 1]), "NaN or Inf"),
+        (torch.randn(2, 8), torch.tensor([0, 4]), r"must lie in \[0, 4\).*\[0, 4\]"),
+        (torch.randn(2, 8), torch.tensor([-1, 0]), r"got values in \[-1, 0\]"),
+    ],
+)
+def test_each_value_error_still_names_the_problem(embeddings, labels, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ArcFaceLoss(4, 8)(embeddings, labels)
+
+
+def test_miner_indices_out_of_range_are_found_in_the_same_read_back() -> None:
+    x, y, _ = _inputs()
+    bad = (torch.tensor([0, 1]), torch.tensor([2, 16]), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match=r"indices_tuple\[p\] has indices in \[2, 16\]"):
+        ArcFaceLoss(4, 8)(x, y, bad)
+
+
+def test_finite_values_whose_sum_overflows_are_accepted() -> None:
+    x = torch.full((4, 8), 6e4, dtype=torch.float16)  # the float16 sum would overflow
+    checks = ValueChecks()
+    check_embeddings(x, checks=checks)
+    checks.run()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_synchronizes_once() -> None:
+    loss = ArcFaceLoss(4, 8).cuda()
+    x, y, _ = _inputs()
+    x, y, tuples = x.cuda(), y.cuda(), None
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as record:
+            loss.check_inputs(x, y, tuples, None, None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(record) == 1
