@@ -88,8 +88,9 @@ def sharded_margin_softmax_cross_entropy(
         local_target: ``(N,)`` integer column of each row's target class in
             ``local_logits``, or ``-1`` where another rank owns the class. Every
             row must be owned by exactly one rank.
-        target_logit_fn: :math:`\psi`, applied here to the owned target logits only
-            (``None``: identity).
+        target_logit_fn: :math:`\psi`, applied here to the vector of the owned target
+            logits only (``None``: identity); it sees a subset of the rows, so it must
+            not close over per-row tensors of all ``N`` rows.
         scale: :math:`s`, a float or ``N`` per-row scales (the same on every rank).
         group: the process group (default: the world; none initialized: one process).
         non_target_logit_fn: applied element-wise to every local base logit before
@@ -123,7 +124,7 @@ def sharded_margin_softmax_cross_entropy(
         if target_logit_fn is not None:
             rows = torch.nonzero(target >= 0).squeeze(1)
             cols = target[rows]
-            owned_scale = scale[rows] if isinstance(scale, torch.Tensor) else scale
-            psi = target_logit_fn(logits[rows, cols].unsqueeze(1)) * owned_scale
-            scaled.index_put_((rows, cols), psi.squeeze(1))  # mul's backward needs no output
+            owned_scale = scale[rows].squeeze(1) if isinstance(scale, torch.Tensor) else scale
+            psi = target_logit_fn(logits[rows, cols]) * owned_scale
+            scaled.index_put_((rows, cols), psi)  # mul's backward needs no output
         return _ShardedSoftmaxCrossEntropy.apply(scaled, target, group)

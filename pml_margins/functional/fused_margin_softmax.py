@@ -17,9 +17,11 @@ logits, in one :class:`torch.autograd.Function` with an analytic backward:
 * the classes are processed in column blocks; the weight normalization, the
   target masking, the block max and ``exp`` all run on one block while it is in
   cache, and the normalization's backward is analytic and per block;
-* :math:`\psi` is evaluated on the ``B`` target cosines only (a row-wise dot
-  product), and its slope :math:`\psi'` comes from autograd on that ``B``-vector,
-  so the target-logit functions stay pure;
+* the ``B`` target logits :math:`s_i\psi(z_{iy_i}) + b_{y_i}` are formed outside the
+  blocked function by ordinary autograd (a row-wise dot product and :math:`\psi` on a
+  ``B``-vector), so :math:`\psi` may depend on anything else that has a gradient
+  (per-row margins from feature norms, say); the blocked function takes them as
+  an input and returns their gradient :math:`p_{iy_i} - 1`;
 * the row factors of the gradient (upstream gradient, scale) are folded into the
   ``(B, D)`` operands of the two backward products, never applied to ``(B, C)``.
 
@@ -166,8 +168,10 @@ def fused_margin_softmax_cross_entropy(
         weight: class weights ``W``, shape ``(D, C)`` (PML's layout), any floating dtype;
             its storage is never cast as a whole (blocks are cast on the fly).
         labels: ``(B,)`` integer classes in ``[0, C)`` (not re-validated here).
-        target_logit_fn: :math:`\psi`, applied to the ``B`` target cosines; ``None``
-            for the identity. Must be element-wise and differentiable.
+        target_logit_fn: :math:`\psi`, applied to the ``(B,)`` vector of target cosines;
+            ``None`` for the identity. Element ``i`` of its output must depend on element
+            ``i`` of its input only; it may close over per-row ``(B,)`` tensors (margins,
+            norms), which then get their gradients too.
         scale: :math:`s`, a float or a ``(B,)`` tensor (may require grad, e.g.
             :math:`\|x_i\|` for SphereFace).
         normalize_embeddings: L2-normalize the rows of ``embeddings`` (``F.normalize``).
@@ -240,14 +244,39 @@ def fused_margin_softmax_cross_entropy(
         materialize = saved and batch * num_classes <= MATERIALIZE_MAX_ELEMENTS
     if materialize:
         return _materialized(x, weight, labels, target_logit_fn, scale, normalize_weight, bias)
-    config = _Config(
-        target_logit_fn, scale_value, normalize_weight, block, saved, *_dtypes(x, weight)
-    )
-    inputs = (x, weight, scale_tensor, bias)
+    target = _target_logits(x, weight, labels, target_logit_fn, scale, normalize_weight, bias)
+    config = _Config(scale_value, normalize_weight, block, saved, *_dtypes(x, weight))
+    inputs = (x, weight, scale_tensor, bias, target)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _FusedMarginSoftmax.apply(x, weight, scale_tensor, bias, labels, config)
+        return _FusedMarginSoftmax.apply(x, weight, scale_tensor, bias, target, labels, config)
     with torch.no_grad():
-        return _forward(x, weight, scale_tensor, bias, labels, config, save=False)[0]
+        return _forward(x, weight, scale_tensor, bias, target, labels, config, save=False)[0]
+
+
+def _target_logits(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    target_logit_fn: TargetLogitFn | None,
+    scale: float | torch.Tensor,
+    normalize_weight: bool,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    r"""The ``B`` target logits :math:`s_i\psi(\tilde x_i^\top \tilde W_{y_i}) + b_{y_i}`.
+
+    Ordinary autograd on ``(B, D)`` and ``(B,)`` tensors: ``x`` is in the compute dtype,
+    the ``B`` target columns of ``W`` are normalized here when asked.
+    """
+    dtype = x.dtype
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        w_y = weight.index_select(1, labels).to(dtype)
+        w_y = F.normalize(w_y, dim=0, eps=_NORM_EPS) if normalize_weight else w_y
+        z_y = (x * w_y.t()).sum(1)
+        psi = z_y if target_logit_fn is None else target_logit_fn(z_y).to(dtype)
+        target = psi * (scale.to(dtype) if isinstance(scale, torch.Tensor) else float(scale))
+        if bias is not None:
+            target = target + bias.index_select(0, labels).to(dtype)
+        return target
 
 
 def _materialized(
@@ -259,28 +288,29 @@ def _materialized(
     normalize_weight: bool,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The same losses on the materialized ``(B, C)`` logits, differentiated by autograd.
+    """The same losses on the materialized ``(B, C)`` base logits, differentiated by autograd.
 
-    ``x`` is already in the compute dtype (and normalized when asked). The scale is
-    folded into ``x`` before the product and the ``B`` target logits are written over
-    the product's output in place, so one ``(B, C)`` tensor is formed and kept.
+    ``x`` is already in the compute dtype (and normalized when asked). The ``B`` target
+    cosines are gathered from the product and written back, margined and scaled, in
+    place: as few ``(B, C)`` passes as a hand-written loss makes.
     """
     dtype = x.dtype
     w = weight.to(dtype)
     w = F.normalize(w, dim=0, eps=_NORM_EPS) if normalize_weight else w
-    s = scale.to(dtype) if isinstance(scale, torch.Tensor) else float(scale)
-    s_col = s.unsqueeze(1) if isinstance(s, torch.Tensor) else s
-    logits = torch.mm(x * s_col, w)  # the autocast dtype under autocast
+    cosine = torch.mm(x, w)  # the autocast dtype under autocast
     with torch.autocast(device_type=x.device.type, enabled=False):
-        logits = logits.to(dtype)
-        z_y = (x * w.index_select(1, labels).t()).sum(1)
-        target = s * (z_y if target_logit_fn is None else target_logit_fn(z_y).to(dtype))
+        cosine = cosine.to(dtype)
+        index = labels.unsqueeze(1)
+        z_y = cosine.gather(1, index).squeeze(1)
+        psi = z_y if target_logit_fn is None else target_logit_fn(z_y).to(dtype)
+        s = scale.to(dtype) if isinstance(scale, torch.Tensor) else float(scale)
+        logits = cosine * (s.unsqueeze(1) if isinstance(s, torch.Tensor) else s)
+        target = psi * s
         if bias is not None:
             b = bias.to(dtype)
             logits = logits + b
             target = target + b.index_select(0, labels)
-        rows = torch.arange(labels.shape[0], device=labels.device)
-        logits = logits.index_put_((rows, labels), target)
+        logits = logits.scatter_(1, index, target.unsqueeze(1))
         return F.cross_entropy(logits, labels, reduction="none")
 
 
@@ -289,7 +319,6 @@ class _Config:
 
     def __init__(
         self,
-        target_logit_fn: TargetLogitFn | None,
         scale: float,
         normalize_weight: bool,
         block: int,
@@ -297,7 +326,6 @@ class _Config:
         dtype: torch.dtype,
         mm_dtype: torch.dtype,
     ) -> None:
-        self.target_logit_fn = target_logit_fn
         self.scale = scale
         self.normalize_weight = normalize_weight
         self.block = block
@@ -312,18 +340,6 @@ def _dtypes(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.d
     if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
         return dtype, torch.get_autocast_dtype(device_type)
     return dtype, dtype
-
-
-def _normalized_columns(
-    w: torch.Tensor, normalize: bool, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(W_hat, norm_clamped, norm_above_eps)`` for a column block (norm terms ``None`` if raw)."""
-    w = w.to(dtype)
-    if not normalize:
-        return w, None, None
-    norm = torch.linalg.vector_norm(w, dim=0)
-    clamped = norm.clamp_min(_NORM_EPS)
-    return w / clamped, clamped, norm > _NORM_EPS
 
 
 class _Targets:
@@ -372,22 +388,6 @@ def _block_logits(
     return logits
 
 
-def _target_terms(
-    z: torch.Tensor, target_logit_fn: TargetLogitFn | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r""":math:`\psi(z)` and :math:`\psi'(z)` on the ``B`` target cosines (autograd on a vector)."""
-    if target_logit_fn is None:
-        return z, torch.ones_like(z)
-    with torch.enable_grad():
-        leaf = z.detach().requires_grad_(True)
-        psi = target_logit_fn(leaf)
-        if not psi.requires_grad:
-            return psi.detach().to(z.dtype), torch.zeros_like(z)
-        (slope,) = torch.autograd.grad(psi, leaf, torch.ones_like(psi), allow_unused=True)
-    slope = torch.zeros_like(z) if slope is None else slope
-    return psi.detach().to(z.dtype), slope.to(z.dtype)
-
-
 def _blocks(num_classes: int, block: int) -> list[tuple[int, int]]:
     return [(c, min(c + block, num_classes)) for c in range(0, num_classes, block)]
 
@@ -397,6 +397,7 @@ def _forward(
     weight: torch.Tensor,
     scale_tensor: torch.Tensor | None,
     bias: torch.Tensor | None,
+    target: torch.Tensor,
     labels: torch.Tensor,
     config: _Config,
     save: bool,
@@ -407,13 +408,7 @@ def _forward(
         s = config.scale if scale_tensor is None else scale_tensor.detach().to(dtype)
         s_col = s.unsqueeze(1) if isinstance(s, torch.Tensor) else s
         xs = (xc * s_col).to(config.mm_dtype)
-        # the B target cosines, psi and its slope
-        w_y = _normalized_columns(weight.index_select(1, labels), config.normalize_weight, dtype)[0]
-        z_y = (xc * w_y.t()).sum(1)
-        psi, slope = _target_terms(z_y, config.target_logit_fn)
-        target = s * psi
-        if bias is not None:
-            target = target + bias.detach().index_select(0, labels).to(dtype)
+        target = target.detach().to(dtype)
         # log-sum-exp of the non-target logits, block by block
         batch, num_classes = x.shape[0], weight.shape[1]
         blocks = _blocks(num_classes, config.block)
@@ -455,9 +450,6 @@ def _forward(
         "block_max": block_max if save else None,
         "lse": lse,
         "p_target": torch.exp(target - lse),
-        "psi": psi,
-        "slope": slope,
-        "z_y": z_y,
         "inv_norm": inv_norm,
         "active": active,
     }
@@ -472,10 +464,13 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         weight: torch.Tensor,
         scale_tensor: torch.Tensor | None,
         bias: torch.Tensor | None,
+        target: torch.Tensor,
         labels: torch.Tensor,
         config: _Config,
     ) -> torch.Tensor:
-        losses, st = _forward(x, weight, scale_tensor, bias, labels, config, save=config.saved)
+        losses, st = _forward(
+            x, weight, scale_tensor, bias, target, labels, config, save=config.saved
+        )
         ctx.config = config
         ctx.has_scale = scale_tensor is not None
         ctx.has_bias = bias is not None
@@ -489,9 +484,6 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             st["block_max"],
             st["lse"],
             st["p_target"],
-            st["psi"],
-            st["slope"],
-            st["z_y"],
             st["inv_norm"],
             st["active"],
         )
@@ -510,15 +502,12 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             block_max,
             lse,
             p_target,
-            psi,
-            slope,
-            z_y,
             inv_norm,
             active,
         ) = ctx.saved_tensors
         config: _Config = ctx.config
         dtype, mm_dtype = config.dtype, config.mm_dtype
-        need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
+        need_x, need_w, need_s, need_b, need_t = ctx.needs_input_grad[:5]
         with torch.autocast(device_type=x.device.type, enabled=False):
             xc = x.to(dtype)
             g = grad_losses.to(dtype)
@@ -534,8 +523,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             grad_w = grad_w if need_w else None
             grad_b = torch.empty(num_classes, dtype=dtype, device=x.device) if need_b else None
             w_d = weight.detach()
-            # the B target entries of d loss / d z, before the row factor g s: (p_y - 1) psi'
-            target_value = (p_target - 1) * slope
+            # the target entries are 0 here: their gradient goes to the target logits input
             targets = _Targets(labels, config.block, num_classes)
             row_factor = None if buffer is None else torch.exp(block_max - lse)
             radial_scale = None if inv_norm is None else inv_norm * inv_norm * active
@@ -549,11 +537,9 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                 else:
                     prob = _block_logits(xs, w_mm, inv, bias, start, dtype)
                     prob.sub_(lse.unsqueeze(1)).exp_()
-                    if grad_b is not None:
-                        targets.set(prob, k, 0.0)
+                    targets.set(prob, k, 0.0)
                 if grad_b is not None:
                     grad_b[start:stop] = torch.mv(prob.t(), g)
-                targets.set(prob, k, target_value)
                 if inv is not None:
                     prob.mul_(inv)  # P diag(1/|W_j|): the products then use the raw W
                 prob_mm = prob.to(mm_dtype)
@@ -574,13 +560,13 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                         g1.addcmul_(wc, radial, value=-1)
                     if not direct:
                         dest.copy_(g1)
-            grad_x = grad_s = None
+            grad_x = grad_s = grad_t = None
             if need_x:
                 grad_x = (acc * gs.unsqueeze(1)).to(x.dtype)
-            if need_s:  # sum_{j != y} p_j z_j = <x, acc> minus the target entry
-                nontarget = (xc * acc).sum(1) - target_value * z_y
-                grad_s = (g * (nontarget + (p_target - 1) * psi)).to(scale_tensor.dtype)
+            if need_s:  # sum_{j != y} p_j z_j = <x, acc>
+                grad_s = (g * (xc * acc).sum(1)).to(scale_tensor.dtype)
             if grad_b is not None:
-                grad_b.index_add_(0, labels, g * (p_target - 1))
                 grad_b = grad_b.to(bias.dtype)
-        return grad_x, grad_w, grad_s, grad_b, None, None
+            if need_t:
+                grad_t = g * (p_target - 1)
+        return grad_x, grad_w, grad_s, grad_b, grad_t, None, None

@@ -43,7 +43,7 @@ def margin_softmax_cross_entropy(
             inputs are promoted to float32; autocast is disabled inside).
         labels: integer class indices, shape ``(B,)``, already validated to lie in
             ``[0, C)``.
-        target_logit_fn: :math:`\psi`, applied to the ``B`` target logits only; ``None``
+        target_logit_fn: :math:`\psi`, applied to the ``(B,)`` vector of target logits; ``None``
             for the identity.
         scale: :math:`s`, a float or a tensor of ``B`` per-sample scales.
         non_target_logit_fn: applied element-wise to all base logits before scaling
@@ -65,6 +65,6 @@ def margin_softmax_cross_entropy(
         index = labels.long().unsqueeze(1)
         scaled = (logits if non_target_logit_fn is None else non_target_logit_fn(logits)) * scale
         if target_logit_fn is not None:
-            target = target_logit_fn(logits.gather(1, index))
+            target = target_logit_fn(logits.gather(1, index).squeeze(1)).unsqueeze(1)
             scaled = scaled.scatter(1, index, target * scale)
         return F.cross_entropy(scaled, labels.long(), reduction="none")
