@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pml_margins.evaluation.cli_eval",
     "pml_margins.bench.cli_bench",
     "pml_margins.bench.cli_sphere",
+    "pml_margins.bench.cli_ablate",
 )
 
 

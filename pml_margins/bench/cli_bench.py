@@ -1,7 +1,9 @@
 """``pml-margins bench``: train one embedding model per loss, evaluate retrieval on unseen classes.
 
-Default (no download, ~1-2 min on 2 CPU cores): scikit-learn's 8x8 digits, train on
-digits 0-4, retrieve among digits 5-9. ``--dataset cub|sop --data-root DIR`` uses
+Default (no download, a few minutes on 2 CPU cores): the glyph set -- characters
+drawn in matplotlib's fonts, one class per character; train on half of the
+characters, retrieve among the images of the other half. ``--dataset digits``
+is scikit-learn's 8x8 digits; ``--dataset cub|sop --data-root DIR`` uses
 CUB-200-2011 / Stanford Online Products through PML's dataset classes.
 
 Writes into ``--out``: ``results.json``, ``results.md`` (the table printed),
@@ -21,12 +23,26 @@ import torch
 
 __all__ = ["register", "run_bench"]
 
-DIGITS_DEFAULTS = {"epochs": 10, "embedding_size": 64, "batch_size": 128, "lr": 1e-3, "repeats": 5}
-IMAGE_DEFAULTS = {"epochs": 20, "embedding_size": 512, "batch_size": 64, "lr": 1e-4, "repeats": 1}
+#: settings a dataset gives defaults for (see :class:`pml_margins.bench.datasets.DatasetSpec`)
+SETTINGS: tuple[str, ...] = (
+    "epochs",
+    "embedding_size",
+    "batch_size",
+    "lr",
+    "repeats",
+    "threads",
+    "shift",
+)
 
 
 def register(subparsers: Any) -> None:
+    from pml_margins.bench.datasets import DATASETS, DEFAULT_DATASET
     from pml_margins.bench.registry import DEFAULT_LOSSES, loss_names
+
+    def per_dataset(key: str) -> str:
+        return "default: " + ", ".join(
+            f"{spec.defaults[key]} ({name})" for name, spec in DATASETS.items()
+        )
 
     p = subparsers.add_parser(
         "bench",
@@ -34,7 +50,13 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dataset", choices=("digits", "cub", "sop"), default="digits")
+    p.add_argument(
+        "--dataset",
+        choices=tuple(DATASETS),
+        default=DEFAULT_DATASET,
+        help="; ".join(f"{name}: {spec.summary}" for name, spec in DATASETS.items())
+        + " (default: %(default)s)",
+    )
     p.add_argument("--data-root", help="folder holding CUB_200_2011/ or Stanford_Online_Products/")
     p.add_argument("--download", action="store_true", help="let PML download CUB/SOP into it")
     p.add_argument(
@@ -49,29 +71,45 @@ def register(subparsers: Any) -> None:
         metavar="LOSS.KEY=VALUE",
         help="override a loss hyper-parameter, e.g. arcface.margin=0.3 (repeatable)",
     )
-    p.add_argument("--epochs", type=int, help="default: 10 (digits), 20 (cub/sop)")
-    p.add_argument("--batch-size", type=int, help="default: 128 (digits), 64 (cub/sop)")
-    p.add_argument("--embedding-size", type=int, help="default: 64 (digits), 512 (cub/sop)")
-    p.add_argument("--lr", type=float, help="model learning rate; default 1e-3 / 1e-4")
+    p.add_argument("--epochs", type=int, help=per_dataset("epochs"))
+    p.add_argument("--batch-size", type=int, help=per_dataset("batch_size"))
+    p.add_argument("--embedding-size", type=int, help=per_dataset("embedding_size"))
+    p.add_argument("--lr", type=float, help="model learning rate; " + per_dataset("lr"))
     p.add_argument("--loss-lr", type=float, default=1e-2, help="class-weight learning rate")
     p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
     p.add_argument(
         "--repeats",
         type=int,
         help="seeds per loss (seed, seed+1, ...): the table shows mean ± std; "
-        "default 5 (digits), 1 (cub/sop)",
+        + per_dataset("repeats"),
+    )
+    p.add_argument(
+        "--shift",
+        type=int,
+        help="random translation of training images, pixels; " + per_dataset("shift"),
     )
     p.add_argument("--train-classes", default="0,1,2,3,4", help="digits used for training")
+    p.add_argument(
+        "--min-fonts",
+        type=int,
+        default=12,
+        help="glyphs: a character is a class when this many fonts draw it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-classes",
+        type=int,
+        help="glyphs: keep only the first N characters (quick runs; default: all)",
+    )
     p.add_argument("--backbone", default="resnet50", help="cub/sop: timm/torchvision model")
     p.add_argument("--weights", help="cub/sop: local state dict of pretrained backbone weights")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, help="glyphs: 32 (default), cub/sop: 224")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--threads",
         type=int,
         help="torch CPU threads; default 1 for digits (tiny matrices: more threads only "
-        "add contention, ~10x slower on a busy 2-core machine), torch's default otherwise",
+        "add contention), torch's default otherwise",
     )
     p.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (autocast)")
     p.add_argument("--out", default="out/bench", help="output folder (default: %(default)s)")
@@ -84,9 +122,13 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--no-baseline",
         action="store_true",
-        help="digits: skip the 'raw pixels' row (retrieval on the 64 input pixels, no training)",
+        help="glyphs/digits: skip the 'raw pixels' row (retrieval on the input pixels)",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress output (default: a bar on a terminal, one line per epoch otherwise)",
+    )
     p.set_defaults(func=run_bench)
 
 
@@ -96,7 +138,7 @@ def _parse_loss_args(items: list[str]) -> dict[str, dict[str, Any]]:
         key, sep, raw = item.partition("=")
         name, dot, field = key.partition(".")
         if not (sep and dot and name and field):
-            raise SystemExit(f"--loss-arg expects LOSS.KEY=VALUE, got {item!r}")
+            raise SystemExit(f"error: --loss-arg expects LOSS.KEY=VALUE, got {item!r}")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -106,39 +148,41 @@ def _parse_loss_args(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def _load_data(args: argparse.Namespace) -> Any:
-    from pml_margins.bench import data
+    from pml_margins.bench import datasets
 
-    if args.dataset == "digits":
-        classes = [int(c) for c in args.train_classes.split(",") if c.strip()]
-        return data.load_digits_split(classes)
-    if not args.data_root:
-        raise SystemExit(f"--dataset {args.dataset} needs --data-root DIR")
     try:
-        return data.load_image_dataset(
-            args.dataset, args.data_root, download=args.download, image_size=args.image_size
-        )
-    except data.DatasetFolderError as err:
+        return datasets.load_dataset(args.dataset, args)
+    except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from err
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    defaults = DIGITS_DEFAULTS if args.dataset == "digits" else IMAGE_DEFAULTS
-    settings = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
+    """Command-line settings, the dataset's defaults where none is given; checked."""
+    from pml_margins.bench.datasets import DATASETS
+
+    defaults = DATASETS[args.dataset].defaults
+    settings = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in SETTINGS}
     for key, value in settings.items():
-        if key != "lr" and value < 1:
-            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+        if value is None:
+            continue
+        low = 0 if key == "shift" else 1
+        if (key == "lr" and value <= 0) or (key != "lr" and value < low):
+            flag = "--" + key.replace("_", "-")
+            bound = "> 0" if key == "lr" else f">= {low}"
+            raise SystemExit(f"error: {flag} must be {bound}, got {value}")
     return settings
 
 
-def _model_config(args: argparse.Namespace, bench_data: Any, embedding_size: int) -> dict:
-    from pml_margins.bench.models import model_config
+def _data_counts(bench_data: Any) -> dict[str, int]:
+    from pml_margins.bench.train import dataset_labels
 
-    if args.dataset == "digits":
-        n_in = 1
-        for s in bench_data.input_shape:
-            n_in *= s
-        return model_config("mlp", embedding_size, in_features=n_in, hidden=[256, 256])
-    return model_config(args.backbone, embedding_size, weights_path=args.weights)
+    test_labels = dataset_labels(bench_data.test)
+    return {
+        "train_classes": bench_data.num_train_classes,
+        "test_classes": len(set(test_labels)),
+        "train_images": len(bench_data.train),
+        "test_images": len(test_labels),
+    }
 
 
 def _finish(results: dict[str, Any], out: str) -> None:
@@ -157,24 +201,45 @@ def run_bench(args: argparse.Namespace) -> int:
     """The ``bench`` command; returns the exit status."""
     from pml_margins.bench import train
 
-    with train.torch_threads(args.threads or (1 if args.dataset == "digits" else None)):
-        return _run_bench(args)
+    settings = _settings(args)
+    with train.torch_threads(settings["threads"]):
+        return _run_bench(args, settings)
 
 
-def _run_bench(args: argparse.Namespace) -> int:
-    from pml_margins.bench import registry, report, train
+def _loss_plan(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    from pml_margins.bench import registry
+
+    names = [n.strip() for n in args.losses.split(",") if n.strip()]
+    overrides = _parse_loss_args(args.loss_arg)
+    unknown = sorted(set(names) - set(registry.LOSSES)) + sorted(set(overrides) - set(names))
+    if unknown:
+        raise SystemExit(
+            f"error: unknown or unused loss names: {', '.join(unknown)} "
+            f"(choose from {', '.join(registry.LOSSES)})"
+        )
+    if not names:
+        raise SystemExit("error: --losses names no loss")
+    return names, overrides
+
+
+def _run_bench(args: argparse.Namespace, settings: dict[str, Any]) -> int:
+    from pml_margins.bench import report, train
 
     start = time.perf_counter()
+    names, overrides = ([], {}) if args.embeddings_only else _loss_plan(args)
     os.makedirs(args.out, exist_ok=True)
     bench_data = _load_data(args)
-    settings = _settings(args)
+    counts = _data_counts(bench_data)
     results: dict[str, Any] = {
         "dataset": bench_data.name,
+        **counts,
         "recall_ks": list(bench_data.recall_ks),
         "protocol": (
-            f"train on {bench_data.num_train_classes} classes, retrieve among "
-            f"{len(bench_data.test)} images of the other classes (each image a query)"
+            f"train on {counts['train_classes']} classes ({counts['train_images']} images), "
+            f"retrieve among {counts['test_images']} images of {counts['test_classes']} "
+            "other classes (each image queries all the others)"
         ),
+        "dataset_info": bench_data.info,
         "config": {k: v for k, v in vars(args).items() if k != "func"} | settings,
         "environment": report.environment(),
         "losses": [],
@@ -182,11 +247,6 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.embeddings_only:
         return _evaluate_checkpoints(args, bench_data, results, start)
 
-    names = [n.strip() for n in args.losses.split(",") if n.strip()]
-    overrides = _parse_loss_args(args.loss_arg)
-    unknown = sorted(set(names) - set(registry.LOSSES)) + sorted(set(overrides) - set(names))
-    if unknown:
-        raise SystemExit(f"unknown or unused loss names: {', '.join(unknown)}")
     cfg = train.TrainConfig(
         epochs=settings["epochs"],
         batch_size=settings["batch_size"],
@@ -197,6 +257,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_workers=args.num_workers,
         progress=not args.no_progress,
+        shift=settings["shift"],
     )
     checkpoints = os.path.join(args.out, "checkpoints")
     os.makedirs(checkpoints, exist_ok=True)
@@ -219,16 +280,31 @@ def _run_bench(args: argparse.Namespace) -> int:
                         "label": setup.label,
                         "hyperparameters": setup.hyperparameters,
                         "train_seconds": run["train_seconds"],
+                        "images_per_second": run["images_per_second"],
                         "seed": args.seed,
                     },
                     os.path.join(checkpoints, f"{name}.pt"),
                 )
-        results["losses"].append(_summarize(name, setup, runs))
-    if bench_data.name == "digits" and not args.no_baseline:
+        entry = _summarize(name, setup, runs)
+        results["losses"].append(entry)
+        if not args.no_progress:
+            r1 = entry["metrics"][f"recall_at_{bench_data.recall_ks[0]}"]
+            print(
+                f"{setup.label}: done, R@{bench_data.recall_ks[0]} {100 * r1:.1f}, "
+                f"{entry['train_seconds']:.1f} s/run",
+                flush=True,
+            )
+    if _has_pixel_baseline(args) and not args.no_baseline:
         results["losses"].append(_pixel_baseline(bench_data))
     results["total_seconds"] = round(time.perf_counter() - start, 1)
     _finish(results, args.out)
     return 0
+
+
+def _has_pixel_baseline(args: argparse.Namespace) -> bool:
+    from pml_margins.bench.datasets import DATASETS
+
+    return DATASETS[args.dataset].pixel_baseline
 
 
 def _train_one(
@@ -238,16 +314,25 @@ def _train_one(
     settings: dict[str, Any],
     cfg: Any,
     overrides: dict[str, Any],
+    schedule: Any = None,
 ) -> tuple[dict[str, Any], torch.nn.Module, Any, dict[str, Any]]:
-    """Train and evaluate one (loss, seed); returns the run's record, model, setup, config."""
-    from pml_margins.bench import evaluate, models, registry, train
+    """Train and evaluate one (loss, seed); returns the run's record, model, setup, config.
+
+    ``schedule`` (``LossSetup.schedule``) is stepped with the optimizer, e.g. a margin warm-up.
+    """
+    from pml_margins.bench import datasets, evaluate, models, registry, train
 
     train.seed_everything(cfg.seed)
-    config = _model_config(args, bench_data, settings["embedding_size"])
+    config = datasets.DATASETS[args.dataset].model(bench_data, settings["embedding_size"], args)
     model, description = models.build_model(config)
-    setup = registry.build_loss(
-        name, bench_data.num_train_classes, settings["embedding_size"], **overrides
-    )
+    try:
+        setup = registry.build_loss(
+            name, bench_data.num_train_classes, settings["embedding_size"], **overrides
+        )
+    except (ValueError, ImportError) as err:
+        raise SystemExit(f"error: {err}") from err
+    if schedule is not None:
+        setup.schedule = schedule
     run = train.train_embedding(model, setup, bench_data.train, cfg)
     emb, labels = train.embed(
         model,
@@ -261,6 +346,8 @@ def _train_one(
         "seed": cfg.seed,
         "model": description,
         "train_seconds": round(run.seconds, 2),
+        "images_per_second": round(run.images_per_second, 1),
+        "forward_dtype": run.forward_dtype,
         "steps": run.steps,
         "final_train_loss": run.epoch_losses[-1],
         "metrics": evaluate.evaluate_retrieval(emb, labels, bench_data.recall_ks),
@@ -279,6 +366,7 @@ def _summarize(name: str, setup: Any, runs: list[dict[str, Any]]) -> dict[str, A
         "hyperparameters": setup.hyperparameters,
         "seeds": [r["seed"] for r in runs],
         "train_seconds": round(sum(r["train_seconds"] for r in runs) / len(runs), 2),
+        "images_per_second": round(sum(r["images_per_second"] for r in runs) / len(runs), 1),
         "steps": runs[0]["steps"],
         "metrics": {k: float(v.mean()) for k, v in values.items()},
         "runs": runs,
@@ -299,9 +387,29 @@ def _pixel_baseline(bench_data: Any) -> dict[str, Any]:
         "model": "identity on the flattened input",
         "hyperparameters": {},
         "train_seconds": 0.0,
+        "images_per_second": None,
         "steps": 0,
         "metrics": evaluate.evaluate_retrieval(inputs.flatten(1), labels, bench_data.recall_ks),
     }
+
+
+_CHECKPOINT_KEYS = ("model_config", "model_state", "dataset", "name", "label")
+
+
+def _read_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint written by ``bench``; a clear exit message for anything else."""
+    import pickle
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise SystemExit(f"error: cannot read checkpoint {path}: {err}") from err
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise SystemExit(
+            f"error: {path} is not a pml-margins bench checkpoint (missing {', '.join(missing)})"
+        )
+    return saved
 
 
 def _evaluate_checkpoints(
@@ -312,13 +420,14 @@ def _evaluate_checkpoints(
     paths = args.checkpoint or sorted(glob.glob(os.path.join(args.out, "checkpoints", "*.pt")))
     if not paths:
         raise SystemExit(
-            f"--embeddings-only: no checkpoints given and none in {args.out}/checkpoints"
+            f"error: --embeddings-only: no checkpoints given and none in {args.out}/checkpoints"
         )
     for path in paths:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = _read_checkpoint(path)
         if saved.get("dataset") != bench_data.name:
             raise SystemExit(
-                f"{path} was trained on {saved.get('dataset')!r}, not --dataset {bench_data.name}"
+                f"error: {path} was trained on {saved.get('dataset')!r}, "
+                f"not --dataset {bench_data.name}"
             )
         # the checkpoint holds every weight: no pretrained weights to load first
         model, description = models.build_model({**saved["model_config"], "weights_path": None})
@@ -339,6 +448,7 @@ def _evaluate_checkpoints(
                 "checkpoint": path,
                 "hyperparameters": saved.get("hyperparameters", {}),
                 "train_seconds": saved.get("train_seconds"),
+                "images_per_second": saved.get("images_per_second"),
                 "metrics": evaluate.evaluate_retrieval(emb, labels, bench_data.recall_ks),
             }
         )

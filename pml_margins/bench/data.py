@@ -1,4 +1,7 @@
-"""Benchmark data: the bundled digits (default) and CUB-200-2011 / Stanford Online Products.
+"""Benchmark data: the bundled digits and CUB-200-2011 / Stanford Online Products.
+
+The glyph set (the default) is built in :mod:`pml_margins.bench.glyphs`; the
+registry of all datasets is :mod:`pml_margins.bench.datasets`.
 
 Every dataset comes as a :class:`RetrievalData`: a training set whose labels are
 remapped to ``0..C-1`` (class-weight losses index ``W`` with them) and a test set
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,13 +37,6 @@ __all__ = [
     "load_image_dataset",
 ]
 
-#: Recall@K cut-offs reported for each dataset (those of the CUB/SOP literature).
-RECALL_KS: dict[str, tuple[int, ...]] = {
-    "digits": (1, 2, 4, 8),
-    "cub": (1, 2, 4, 8),
-    "sop": (1, 10, 100, 1000),
-}
-
 
 @dataclass
 class RetrievalData:
@@ -51,16 +47,20 @@ class RetrievalData:
         train: dataset of ``(input, label)`` with labels in ``0..num_train_classes-1``.
         test: dataset of ``(input, label)``; its classes never occur in ``train``.
         num_train_classes: number of training classes ``C`` (the width of ``W``).
-        recall_ks: the Recall@K cut-offs to report.
         input_shape: shape of one input tensor (``(1, 8, 8)`` for the digits).
+        info: what ``results.json`` records about the data besides the counts
+            (e.g. the glyph set's fonts and characters).
+        recall_ks: the Recall@K cut-offs, filled in from the dataset registry
+            (:mod:`pml_margins.bench.datasets`).
     """
 
     name: str
     train: Dataset
     test: Dataset
     num_train_classes: int
-    recall_ks: tuple[int, ...]
     input_shape: tuple[int, ...]
+    info: dict[str, Any] = field(default_factory=dict)
+    recall_ks: tuple[int, ...] = ()
 
 
 # --- digits -----------------------------------------------------------------------
@@ -100,7 +100,6 @@ def load_digits_split(
         train=TensorDataset(images[is_train], remap[targets[is_train]]),
         test=TensorDataset(images[~is_train], targets[~is_train]),
         num_train_classes=len(train_set),
-        recall_ks=RECALL_KS["digits"],
         input_shape=(1, 8, 8),
     )
 
@@ -126,7 +125,6 @@ def load_digits_all_classes(test_fraction: float = 0.3, seed: int = 0) -> Retrie
         train=TensorDataset(images[train_idx], targets[train_idx]),
         test=TensorDataset(images[test_idx], targets[test_idx]),
         num_train_classes=10,
-        recall_ks=RECALL_KS["digits"],
         input_shape=(1, 8, 8),
     )
 
@@ -138,11 +136,29 @@ class DatasetFolderError(FileNotFoundError):
     """A CUB/SOP folder is missing or incomplete; the message names the expected files."""
 
 
+def _cub_images(folder: str) -> list[str]:
+    """Image paths (relative to ``folder``) that CUB's ``images.txt`` lists."""
+    with open(os.path.join(folder, "images.txt")) as f:
+        return [os.path.join("images", line.split()[1]) for line in f if line.strip()]
+
+
+def _sop_images(folder: str) -> list[str]:
+    """Image paths (relative to ``folder``) that SOP's ``Ebay_{train,test}.txt`` list."""
+    paths: list[str] = []
+    for split in ("train", "test"):
+        with open(os.path.join(folder, f"Ebay_{split}.txt")) as f:
+            next(f, None)  # header: image_id class_id super_class_id path
+            paths += [line.split()[3] for line in f if line.strip()]
+    return paths
+
+
 @dataclass(frozen=True)
 class _Layout:
     subdir: str
     index_files: tuple[str, ...]
     what: str
+    list_images: Callable[[str], list[str]]
+    pml_class: str  # the class in pytorch_metric_learning.datasets
 
 
 #: What PML's dataset classes read, relative to ``--data-root``.
@@ -151,27 +167,17 @@ DATASET_LAYOUTS: dict[str, _Layout] = {
         subdir="CUB_200_2011",
         index_files=("images.txt", "image_class_labels.txt"),
         what="images/<class folder>/<name>.jpg, listed in images.txt",
+        list_images=_cub_images,
+        pml_class="CUB",
     ),
     "sop": _Layout(
         subdir="Stanford_Online_Products",
         index_files=("Ebay_train.txt", "Ebay_test.txt"),
         what="<category>_final/<name>.JPG, listed in Ebay_train.txt / Ebay_test.txt",
+        list_images=_sop_images,
+        pml_class="StanfordOnlineProducts",
     ),
 }
-
-
-def _listed_images(name: str, folder: str) -> list[str]:
-    """Image paths (relative to ``folder``) that the index files list."""
-    paths: list[str] = []
-    if name == "cub":
-        with open(os.path.join(folder, "images.txt")) as f:
-            paths = [os.path.join("images", line.split()[1]) for line in f if line.strip()]
-    else:
-        for split in ("train", "test"):
-            with open(os.path.join(folder, f"Ebay_{split}.txt")) as f:
-                next(f, None)  # header: image_id class_id super_class_id path
-                paths += [line.split()[3] for line in f if line.strip()]
-    return paths
 
 
 def check_dataset_folder(name: str, root: str | os.PathLike[str], max_listed: int = 5) -> None:
@@ -200,7 +206,7 @@ def check_dataset_folder(name: str, root: str | os.PathLike[str], max_listed: in
             + hint
         )
     try:
-        listed = _listed_images(name, folder)
+        listed = layout.list_images(folder)
     except (IndexError, ValueError, StopIteration) as err:
         raise DatasetFolderError(
             f"{name.upper()} index files in {folder} are malformed ({err}); {hint}"
@@ -278,9 +284,9 @@ def load_image_dataset(
     """
     from pytorch_metric_learning import datasets
 
-    classes = {"cub": datasets.CUB, "sop": datasets.StanfordOnlineProducts}
-    if name not in classes:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(classes)}")
+    if name not in DATASET_LAYOUTS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASET_LAYOUTS)}")
+    classes = {name: getattr(datasets, DATASET_LAYOUTS[name].pml_class)}
     root = os.fspath(root)
     if download and (not os.path.isdir(root) or not os.listdir(root)):
         # PML downloads inside the constructor, then reads the split files
@@ -297,7 +303,6 @@ def load_image_dataset(
         train=train,
         test=test,
         num_train_classes=len(remap),
-        recall_ks=RECALL_KS[name],
         input_shape=tuple(sample.shape),
     )
 

@@ -20,6 +20,9 @@ def evaluate_retrieval(
     Ranks by cosine similarity (the geometry every margin loss trains for) with
     :class:`pml_margins.evaluation.RetrievalAccuracyCalculator`. Each embedding is a
     query; the reference set is all the others (the query itself is not counted).
+    Only the neighbours the metrics need are searched: ``k`` is the largest class
+    size minus one (R of R-Precision and MAP@R) or the largest Recall@K cut-off,
+    not PML's default of every other item (which on 16k glyphs costs minutes).
 
     Returns:
         ``{"recall_at_<k>": ..., "precision_at_1": ..., "r_precision": ...,
@@ -31,7 +34,10 @@ def evaluate_retrieval(
 
     keys = (*(f"recall_at_{k}" for k in recall_ks), *METRIC_KEYS)
     calculator = RetrievalAccuracyCalculator(
-        include=keys, recall_ks=tuple(recall_ks), distance=CosineSimilarity()
+        include=keys,
+        recall_ks=tuple(recall_ks),
+        distance=CosineSimilarity(),
+        k="max_bin_count",
     )
     metrics = calculator.get_accuracy(embeddings.float(), labels)
     return {key: float(metrics[key]) for key in keys}

@@ -1,4 +1,4 @@
-"""Embedding networks: a small MLP for the 8x8 digits, a tiny CNN, and optional big backbones.
+"""Embedding networks: an MLP (digits), small CNNs (glyphs, fallback), optional big backbones.
 
 torchvision and timm stay optional: :func:`build_backbone` imports them lazily and
 falls back to :class:`ConvEmbedder` when neither is installed. Pretrained weights
@@ -18,6 +18,7 @@ from torch import nn
 __all__ = [
     "BackboneEmbedder",
     "ConvEmbedder",
+    "GlyphCNN",
     "MLPEmbedder",
     "build_backbone",
     "build_model",
@@ -71,6 +72,42 @@ class ConvEmbedder(nn.Module):
         self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(c_in, embedding_size)
         self.embedding_size = embedding_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class GlyphCNN(nn.Module):
+    """Small CNN for ``1 x size x size`` glyphs: ``[Conv3x3, BatchNorm, ReLU, MaxPool2]`` blocks.
+
+    The last feature map is flattened (not averaged), so the head sees where the
+    strokes are, then a linear layer maps it to the embedding. ``size`` must be
+    divisible by ``2 ** len(widths)``.
+    """
+
+    def __init__(
+        self, embedding_size: int, image_size: int = 32, widths: tuple[int, ...] = (16, 32, 64)
+    ) -> None:
+        super().__init__()
+        if not widths or image_size % 2 ** len(widths):
+            raise ValueError(
+                f"image_size {image_size} must be divisible by 2**{len(widths)} "
+                f"(one halving per block of widths {widths})"
+            )
+        blocks: list[nn.Module] = []
+        c_in = 1
+        for c_out in widths:
+            blocks += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            c_in = c_out
+        side = image_size // 2 ** len(widths)
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.head = nn.Linear(c_in * side * side, embedding_size)
+        self.embedding_size, self.image_size, self.widths = embedding_size, image_size, widths
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -191,6 +228,10 @@ def build_model(config: dict[str, Any]) -> tuple[nn.Module, str]:
     if kind == "mlp":
         hidden = tuple(config.get("hidden", (256, 256)))
         return MLPEmbedder(int(config["in_features"]), size, hidden), f"MLP {hidden}"
+    if kind == "glyph-cnn":
+        widths = tuple(int(w) for w in config.get("widths", (16, 32, 64)))
+        image_size = int(config.get("image_size", 32))
+        return GlyphCNN(size, image_size, widths), f"glyph CNN {widths} on {image_size}px"
     if kind == "small-cnn":
         return ConvEmbedder(size, channels=int(config.get("channels", 3))), "small-cnn"
     return build_backbone(kind, size, config.get("weights_path"))

@@ -49,11 +49,18 @@ def _cell(value: float | None, percent: bool = True, std: float | None = None) -
     return f"{100 * value:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
 
 
+def _count(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:,.0f}"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    """One row per loss: Recall@K, P@1, R-Precision, MAP@R (percent) and train time (s).
+    """One row per loss: Recall@K, P@1, R-Precision, MAP@R (percent), train time (s), img/s.
 
     Metrics are ``mean ± std`` (sample std over seeds) where an entry has ``metrics_std``;
-    the train time is the mean per run.
+    the train time (seconds per run) and the training throughput (images per second)
+    are means over the runs.
     """
     ks = results["recall_ks"]
     header = [
@@ -63,6 +70,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         "R-Prec",
         "MAP@R",
         "Train (s)",
+        "img/s",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for entry in results["losses"]:
@@ -73,6 +81,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             entry["label"],
             *(_cell(m.get(key), std=sd.get(key)) for key in keys),
             _cell(entry.get("train_seconds"), percent=False),
+            _count(entry.get("images_per_second")),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ __all__ = [
     "autocast",
     "dataset_labels",
     "embed",
+    "random_shift",
     "resolve_device",
     "seed_everything",
     "torch_threads",
@@ -52,7 +54,10 @@ class TrainConfig:
         amp: ``None``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds a gradient scaler).
         seed: seeds Python, NumPy, torch and the data order.
         num_workers: DataLoader workers (0 for in-memory tensors).
-        progress: show a tqdm bar.
+        progress: report progress: a tqdm bar when stdout is a terminal, otherwise
+            one line per finished epoch (logs stay readable).
+        shift: translate each training image by a random ``-shift..shift`` pixels
+            in each direction (zero fill); 0 for none.
     """
 
     epochs: int = 30
@@ -65,15 +70,23 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     progress: bool = True
+    shift: int = 0
 
 
 @dataclass
 class TrainResult:
-    """What a run reports: wall time of the training loop, steps, loss per epoch."""
+    """What a run reports: wall time of the training loop, steps, images, loss per epoch."""
 
     seconds: float
     steps: int
     epoch_losses: list[float] = field(default_factory=list)
+    images: int = 0
+    forward_dtype: str = ""  # the model output's dtype in training (autocast shows here)
+
+    @property
+    def images_per_second(self) -> float:
+        """Training throughput: images through forward and backward per second of the loop."""
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
 
 
 def seed_everything(seed: int) -> None:
@@ -141,6 +154,48 @@ def _loader(dataset: Dataset, setup: LossSetup, cfg: TrainConfig) -> DataLoader:
     )
 
 
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image of ``(B, C, H, W)`` by its own offset in ``-max_shift..max_shift``.
+
+    Pixels moved in from outside are 0 (the glyphs' background). Offsets are drawn
+    on the CPU from ``generator`` so that runs are reproducible on any device.
+    """
+    if max_shift == 0:
+        return images
+    b, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b), generator=generator).to(images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise one printed line per finished epoch."""
+
+    def __init__(self, enabled: bool, total: int, label: str, epochs: int) -> None:
+        self.label, self.epochs = label, epochs
+        self.lines = enabled and not sys.stdout.isatty()
+        self.bar = tqdm(total=total, desc=label, disable=not enabled or self.lines, unit="step")
+
+    def step(self) -> None:
+        self.bar.update()
+
+    def epoch(self, epoch: int, loss: float, images_per_second: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.3f}")
+        if self.lines:
+            print(
+                f"{self.label}: epoch {epoch}/{self.epochs} loss {loss:.4f} "
+                f"({images_per_second:.0f} images/s)",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -173,15 +228,20 @@ def train_embedding(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
+    schedule = setup.schedule(setup.loss, total) if setup.schedule is not None else None
+    shifts = torch.Generator().manual_seed(cfg.seed + 1)
+
     result = TrainResult(seconds=0.0, steps=0)
-    bar = tqdm(total=total, desc=setup.label, disable=not cfg.progress, unit="step", leave=True)
+    progress = _Progress(cfg.progress, total, setup.label, cfg.epochs)
     start = time.perf_counter()
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         running, count = 0.0, 0
         for inputs, labels in loader:
             inputs, labels = inputs.to(device, non_blocking=True), labels.to(device)
+            inputs = random_shift(inputs, cfg.shift, shifts)
             with autocast(device, cfg.amp):
                 embeddings = model(inputs)
+            result.forward_dtype = str(embeddings.dtype)
             embeddings = embeddings.float()
             indices = setup.miner(embeddings, labels) if setup.miner is not None else None
             loss = setup.loss(embeddings, labels, indices)
@@ -195,15 +255,19 @@ def train_embedding(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if schedule is not None:
+                schedule.step()
             result.steps += 1
+            result.images += len(labels)
             running, count = running + loss.item(), count + 1
-            bar.update()
+            progress.step()
         result.epoch_losses.append(running / count)
-        bar.set_postfix(loss=f"{result.epoch_losses[-1]:.3f}")
+        elapsed = time.perf_counter() - start
+        progress.epoch(epoch + 1, result.epoch_losses[-1], result.images / elapsed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     result.seconds = time.perf_counter() - start
-    bar.close()
+    progress.close()
     return result
 
 

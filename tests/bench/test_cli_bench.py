@@ -10,7 +10,21 @@ import pytest
 
 from pml_margins.cli import main
 
-TINY = ["--epochs", "1", "--repeats", "1", "--no-progress", "--threads", "1", "--no-baseline"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--epochs",
+    "1",
+    "--repeats",
+    "1",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--no-baseline",
+]
+COMMON = TINY[2:]  # without --dataset
+#: the glyph set cut to its first 40 characters (about 800 images)
+GLYPHS = ["--dataset", "glyphs", "--max-classes", "40", "--image-size", "16", "--batch-size", "32"]
 KEYS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
 
@@ -38,7 +52,8 @@ def test_tiny_digits_bench_writes_results_and_png(tmp_path: Path, capsys) -> Non
     assert png.startswith(b"\x89PNG")
     assert (out / "checkpoints" / "arcface.pt").exists()
     table = capsys.readouterr().out
-    assert "| Loss | R@1 | R@2 | R@4 | R@8 | P@1 | R-Prec | MAP@R | Train (s) |" in table
+    header = "| Loss | R@1 | R@2 | R@4 | R@8 | P@1 | R-Prec | MAP@R | Train (s) | img/s |"
+    assert header in table
     assert "| ArcFace |" in table
     assert "| Raw pixels (no training) |" in table
     assert (out / "results.md").read_text() in table
@@ -120,7 +135,7 @@ def test_image_bench_on_fake_folders(
         "nsl",
         "--out",
         str(out),
-        *TINY,
+        *COMMON,
     ]
     assert main(args) == 0
     results = _results(out)
@@ -143,16 +158,21 @@ def test_image_bench_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
                 str(tmp_path / "data"),
                 "--out",
                 str(tmp_path),
-                *TINY,
+                *COMMON,
             ]
         )
     with pytest.raises(SystemExit, match="needs --data-root"):
-        main(["bench", "--dataset", "sop", "--out", str(tmp_path), *TINY])
+        main(["bench", "--dataset", "sop", "--out", str(tmp_path), *COMMON])
 
 
-def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
-    main(["bench", "--losses", "arcface", "--amp", "bf16", "--out", str(tmp_path), *TINY])
-    assert 0.0 <= _results(tmp_path)["losses"][0]["metrics"]["precision_at_1"] <= 1.0
+@pytest.mark.parametrize(
+    ("amp", "dtype"), [([], "torch.float32"), (["--amp", "bf16"], "torch.bfloat16")]
+)
+def test_bf16_autocast_on_cpu(tmp_path: Path, amp: list[str], dtype: str) -> None:
+    main(["bench", "--losses", "arcface", *amp, "--out", str(tmp_path), *TINY])
+    run = _results(tmp_path)["losses"][0]["runs"][0]
+    assert run["forward_dtype"] == dtype  # the model really ran under autocast
+    assert 0.0 <= run["metrics"]["precision_at_1"] <= 1.0
 
 
 @pytest.mark.gpu
@@ -194,7 +214,7 @@ def test_repeats_report_mean_and_std(tmp_path: Path) -> None:
     assert math.isclose(entry["metrics"]["precision_at_1"], sum(p1) / 2)
     assert math.isclose(entry["metrics_std"]["precision_at_1"], abs(p1[0] - p1[1]) / math.sqrt(2))
     assert " ± " in (tmp_path / "results.md").read_text()
-    with pytest.raises(SystemExit, match="--repeats must be >= 1"):
+    with pytest.raises(SystemExit, match="error: --repeats must be >= 1"):
         main([*args, "--repeats", "0"])
 
 
@@ -204,3 +224,179 @@ def test_thread_setting_is_restored(tmp_path: Path) -> None:
     before = torch.get_num_threads()
     main(["bench", "--losses", "nsl", "--out", str(tmp_path), *TINY])
     assert torch.get_num_threads() == before
+
+
+# --- the glyph default, and what each flag changes ---------------------------------
+
+
+def test_default_dataset_is_glyphs() -> None:
+    from pml_margins.cli import build_parser
+
+    args = build_parser().parse_args(["bench"])
+    assert args.dataset == "glyphs"
+
+
+def test_glyph_bench_records_counts_fonts_and_baseline(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "g"
+    args = ["bench", *TINY[:-1], *GLYPHS, "--losses", "nsl", "--out", str(out)]
+    assert main(args) == 0
+    results = _results(out)
+    assert results["dataset"] == "glyphs"
+    assert results["train_classes"] == 20 and results["test_classes"] == 20
+    assert results["train_images"] + results["test_images"] > 40 * 12
+    info = results["dataset_info"]
+    assert len(info["train_characters"]) == 20 and len(info["fonts"]) >= 12
+    assert [e["name"] for e in results["losses"]] == ["nsl", "pixels"]
+    assert results["losses"][0]["images_per_second"] > 0
+    assert results["config"]["image_size"] == 16
+    assert (
+        results["losses"][0]["model"].startswith("glyph CNN")
+        and "16px" in results["losses"][0]["model"]
+    )
+
+
+def test_progress_is_one_line_per_epoch_without_a_terminal(tmp_path: Path, capsys) -> None:
+    args = ["bench", *TINY, "--losses", "nsl", "--epochs", "2", "--out", str(tmp_path)]
+    args.remove("--no-progress")
+    main(args)
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("NSL:")]
+    assert [line.split(" loss")[0] for line in lines[:2]] == ["NSL: epoch 1/2", "NSL: epoch 2/2"]
+    assert "images/s" in lines[0] and lines[2].startswith("NSL: done, R@1")
+    assert "\r" not in out + err  # no carriage-return bar in a log
+    main([*args, "--no-progress"])
+    assert "epoch" not in capsys.readouterr().out
+
+
+def _one(tmp_path: Path, name: str, *extra: str, losses: str = "nsl") -> dict:
+    out = tmp_path / name
+    main(["bench", *TINY, "--losses", losses, "--out", str(out), *extra])
+    return _results(out)
+
+
+def test_epochs_batch_size_and_seed_change_the_run(tmp_path: Path) -> None:
+    base = _one(tmp_path, "base")["losses"][0]
+    # digits 0-4: 901 training images, batches of 128 with drop_last -> 7 steps per epoch
+    assert base["steps"] == 7
+    assert _one(tmp_path, "e2", "--epochs", "2")["losses"][0]["steps"] == 14
+    assert _one(tmp_path, "b64", "--batch-size", "64")["losses"][0]["steps"] == 14
+    seeded = _one(tmp_path, "s1", "--seed", "1")["losses"][0]
+    assert seeded["seeds"] == [1] and seeded["metrics"] != base["metrics"]
+    lr = _one(tmp_path, "lr", "--lr", "1e-2")["losses"][0]
+    assert lr["metrics"] != base["metrics"]
+
+
+def test_embedding_size_and_loss_lr_reach_the_checkpoint(tmp_path: Path) -> None:
+    import torch
+
+    _one(tmp_path, "a", "--embedding-size", "16")
+    saved = torch.load(tmp_path / "a" / "checkpoints" / "nsl.pt", weights_only=True)
+    assert saved["loss_state"]["W"].shape == (16, 5)
+    _one(tmp_path, "b", "--embedding-size", "16", "--loss-lr", "0")
+    frozen = torch.load(tmp_path / "b" / "checkpoints" / "nsl.pt", weights_only=True)
+    from pml_margins.bench.train import seed_everything
+    from pml_margins.losses import NormSoftmaxLoss
+
+    seed_everything(0)  # the same draws as the run: model first, then the loss
+    from pml_margins.bench import models
+
+    models.build_model(saved["model_config"])
+    initial = NormSoftmaxLoss(5, 16).W.detach()
+    assert torch.equal(frozen["loss_state"]["W"], initial)  # lr 0: W never moved
+    assert not torch.equal(saved["loss_state"]["W"], initial)
+
+
+def test_shift_is_used_and_recorded(tmp_path: Path) -> None:
+    plain = _one(tmp_path, "a", *GLYPHS)
+    shifted = _one(tmp_path, "b", *GLYPHS, "--shift", "2")
+    assert plain["config"]["shift"] == 2  # the glyph default
+    assert (
+        _one(tmp_path, "c", *GLYPHS, "--shift", "0")["losses"][0]["metrics"]
+        != (shifted["losses"][0]["metrics"])
+    )
+    with pytest.raises(SystemExit, match="error: --shift must be >= 0"):
+        _one(tmp_path, "d", "--shift", "-1")
+
+
+def test_threads_are_used_inside_the_run(tmp_path: Path) -> None:
+    results = _one(tmp_path, "t")
+    assert results["environment"]["cpu_threads"] == "1"
+
+
+def test_train_classes_and_min_fonts(tmp_path: Path) -> None:
+    digits = _one(tmp_path, "d", "--train-classes", "0,1,2")
+    assert digits["train_classes"] == 3 and digits["test_classes"] == 7
+    with pytest.raises(SystemExit, match="error: --train-classes"):
+        _one(tmp_path, "x", "--train-classes", "a,b")
+    few = _one(tmp_path, "g", *GLYPHS, "--min-fonts", "20")
+    assert few["dataset_info"]["min_fonts"] == 20
+    assert few["train_images"] + few["test_images"] >= 40 * 20
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dataset", "nope"], None),
+        (["--epochs", "0"], "error: --epochs must be >= 1"),
+        (["--lr", "0"], "error: --lr must be > 0"),
+        (["--losses", ","], "error: --losses names no loss"),
+        (["--loss-arg", "nsl.scale"], "error: --loss-arg expects LOSS.KEY=VALUE"),
+        (["--loss-arg", "nsl.nope=1"], "nsl.*nope"),
+        (["--dataset", "glyphs", "--max-classes", "1"], "error: max_classes"),
+        (["--dataset", "glyphs", "--image-size", "4"], "error: glyph size must be >= 8"),
+    ],
+)
+def test_bad_input_exits_with_a_message(
+    tmp_path: Path, argv: list[str], message: str | None
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["bench", *TINY, "--losses", "nsl", "--out", str(tmp_path), *argv])
+    if message is None:
+        assert info.value.code == 2  # argparse: invalid choice
+    else:
+        assert info.value.code != 0
+        import re
+
+        assert re.search(message, str(info.value.code))
+
+
+def test_bad_checkpoint_file_is_a_clear_error(tmp_path: Path) -> None:
+    import torch
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="error: cannot read checkpoint"):
+        main(
+            ["bench", *TINY, "--embeddings-only", "--checkpoint", str(bad), "--out", str(tmp_path)]
+        )
+    torch.save({"model_state": {}}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not a pml-margins bench checkpoint"):
+        main(
+            [
+                "bench",
+                *TINY,
+                "--embeddings-only",
+                "--checkpoint",
+                str(tmp_path / "other.pt"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+
+
+def test_embeddings_only_refuses_another_dataset(tmp_path: Path) -> None:
+    main(["bench", *TINY, "--losses", "nsl", "--out", str(tmp_path / "d")])
+    ckpt = str(tmp_path / "d" / "checkpoints" / "nsl.pt")
+    with pytest.raises(SystemExit, match="trained on 'digits', not --dataset glyphs"):
+        main(
+            [
+                "bench",
+                *TINY,
+                *GLYPHS,
+                "--embeddings-only",
+                "--checkpoint",
+                ckpt,
+                "--out",
+                str(tmp_path),
+            ]
+        )

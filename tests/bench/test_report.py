@@ -15,6 +15,7 @@ RESULTS = {
         {
             "label": "A",
             "train_seconds": 1.234,
+            "images_per_second": 1234.6,
             "metrics": {
                 "recall_at_1": 0.5,
                 "recall_at_10": math.nan,
@@ -30,9 +31,9 @@ RESULTS = {
 
 def test_markdown_table() -> None:
     lines = report.markdown_table(RESULTS).splitlines()
-    assert lines[0] == "| Loss | R@1 | R@10 | P@1 | R-Prec | MAP@R | Train (s) |"
-    assert lines[2] == "| A | 50.0 | — | 50.0 | 25.0 | 12.5 | 1.2 |"
-    assert lines[3] == "| B | 100.0 | — | — | — | — | — |"
+    assert lines[0] == "| Loss | R@1 | R@10 | P@1 | R-Prec | MAP@R | Train (s) | img/s |"
+    assert lines[2] == "| A | 50.0 | — | 50.0 | 25.0 | 12.5 | 1.2 | 1,235 |"
+    assert lines[3] == "| B | 100.0 | — | — | — | — | — | — |"
 
 
 def test_json_replaces_nan_by_null(tmp_path: Path) -> None:

@@ -1,0 +1,192 @@
+"""The dataset registry: name -> how to load it, its Recall@K cut-offs, model and settings.
+
+``pml-margins bench --dataset NAME`` takes its choices from :data:`DATASETS`;
+adding a dataset is one :class:`DatasetSpec` entry (a loader and a model builder)
+and touches no other module.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any
+
+from pml_margins.bench.data import RetrievalData
+
+__all__ = ["DATASETS", "DEFAULT_DATASET", "DatasetSpec", "load_dataset"]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One benchmark dataset.
+
+    Attributes:
+        name: the ``--dataset`` name.
+        summary: one line for ``--help``.
+        load: ``load(args) -> RetrievalData`` (``args``: the parsed command line).
+        model: ``model(data, embedding_size, args) -> model config`` for
+            :func:`pml_margins.bench.models.build_model`.
+        recall_ks: the Recall@K cut-offs reported.
+        defaults: ``epochs``, ``embedding_size``, ``batch_size``, ``lr``, ``repeats``,
+            ``threads`` (``None``: torch's default) and ``shift`` (random translation
+            of training images, pixels), used where the command line gives none.
+        pixel_baseline: add a "raw pixels" row (retrieval on the flattened input).
+    """
+
+    name: str
+    summary: str
+    load: Callable[[argparse.Namespace], RetrievalData]
+    model: Callable[[RetrievalData, int, argparse.Namespace], dict[str, Any]]
+    recall_ks: tuple[int, ...]
+    defaults: Mapping[str, Any]
+    pixel_baseline: bool = False
+
+
+def _load_glyphs(args: argparse.Namespace) -> RetrievalData:
+    from pml_margins.bench.glyphs import load_glyph_split
+
+    size = getattr(args, "image_size", None) or 32
+    return load_glyph_split(
+        size=size,
+        min_fonts=getattr(args, "min_fonts", 12),
+        max_classes=getattr(args, "max_classes", None),
+    )
+
+
+def _load_digits(args: argparse.Namespace) -> RetrievalData:
+    from pml_margins.bench.data import load_digits_split
+
+    text = getattr(args, "train_classes", None) or "0,1,2,3,4"
+    try:
+        classes = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError as err:
+        raise ValueError(f"--train-classes must be comma-separated digits, got {text!r}") from err
+    return load_digits_split(classes)
+
+
+def _load_image_folder(name: str) -> Callable[[argparse.Namespace], RetrievalData]:
+    def load(args: argparse.Namespace) -> RetrievalData:
+        from pml_margins.bench.data import load_image_dataset
+
+        if not getattr(args, "data_root", None):
+            raise ValueError(f"--dataset {name} needs --data-root DIR")
+        return load_image_dataset(
+            name,
+            args.data_root,
+            download=bool(getattr(args, "download", False)),
+            image_size=getattr(args, "image_size", None) or 224,
+        )
+
+    return load
+
+
+def _glyph_model(data: RetrievalData, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    from pml_margins.bench.models import model_config
+
+    return model_config("glyph-cnn", size, image_size=data.input_shape[-1])
+
+
+def _mlp_model(data: RetrievalData, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    from pml_margins.bench.models import model_config
+
+    n_in = 1
+    for s in data.input_shape:
+        n_in *= s
+    return model_config("mlp", size, in_features=n_in, hidden=[256, 256])
+
+
+def _backbone_model(data: RetrievalData, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    from pml_margins.bench.models import model_config
+
+    backbone = getattr(args, "backbone", None) or "resnet50"
+    return model_config(backbone, size, weights_path=getattr(args, "weights", None))
+
+
+_IMAGE_DEFAULTS = MappingProxyType(
+    {
+        "epochs": 20,
+        "embedding_size": 512,
+        "batch_size": 64,
+        "lr": 1e-4,
+        "repeats": 1,
+        "threads": None,
+        "shift": 0,
+    }
+)
+
+DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
+    {
+        "glyphs": DatasetSpec(
+            name="glyphs",
+            summary="characters in matplotlib's fonts, half of the characters held out",
+            load=_load_glyphs,
+            model=_glyph_model,
+            recall_ks=(1, 2, 4, 8),
+            defaults=MappingProxyType(
+                {
+                    "epochs": 2,
+                    "embedding_size": 128,
+                    "batch_size": 128,
+                    "lr": 2e-3,
+                    "repeats": 1,
+                    "threads": None,
+                    "shift": 2,
+                }
+            ),
+            pixel_baseline=True,
+        ),
+        "digits": DatasetSpec(
+            name="digits",
+            summary="scikit-learn's 8x8 digits, digits 5-9 held out",
+            load=_load_digits,
+            model=_mlp_model,
+            recall_ks=(1, 2, 4, 8),
+            defaults=MappingProxyType(
+                {
+                    "epochs": 10,
+                    "embedding_size": 64,
+                    "batch_size": 128,
+                    "lr": 1e-3,
+                    "repeats": 5,
+                    "threads": 1,  # tiny matrices: more threads only add contention
+                    "shift": 0,
+                }
+            ),
+            pixel_baseline=True,
+        ),
+        "cub": DatasetSpec(
+            name="cub",
+            summary="CUB-200-2011 from --data-root, classes 101-200 held out",
+            load=_load_image_folder("cub"),
+            model=_backbone_model,
+            recall_ks=(1, 2, 4, 8),
+            defaults=_IMAGE_DEFAULTS,
+        ),
+        "sop": DatasetSpec(
+            name="sop",
+            summary="Stanford Online Products from --data-root, Ebay_test.txt held out",
+            load=_load_image_folder("sop"),
+            model=_backbone_model,
+            recall_ks=(1, 10, 100, 1000),
+            defaults=_IMAGE_DEFAULTS,
+        ),
+    }
+)
+
+#: what ``pml-margins bench`` uses without ``--dataset``
+DEFAULT_DATASET = "glyphs"
+
+
+def load_dataset(name: str, args: argparse.Namespace) -> RetrievalData:
+    """Load the registered dataset ``name`` with its Recall@K cut-offs filled in.
+
+    Raises:
+        ValueError: unknown name, or bad options (e.g. ``--data-root`` missing).
+        FileNotFoundError: the dataset's files are missing (the message names them).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    return replace(spec.load(args), recall_ks=spec.recall_ks)
