@@ -20,13 +20,47 @@ def test_mlp_and_cnn_shapes() -> None:
     assert cnn(torch.rand(2, 3, 13, 17)).shape == (2, 7)
 
 
-def test_build_model_round_trip() -> None:
-    config = models.model_config("mlp", 16, in_features=64, hidden=[32])
+def _perturb(model: nn.Module) -> None:
+    """Move every parameter and BatchNorm statistic away from its initial value."""
+    gen = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.add_(torch.rand(tensor.shape, generator=gen) * 0.5 + 0.1)
+
+
+ROUND_TRIP_CONFIGS = [
+    (models.model_config("mlp", 16, in_features=64, hidden=[32]), (3, 1, 8, 8)),
+    (models.model_config("glyph-cnn", 12, image_size=16, widths=[4, 8]), (3, 1, 16, 16)),
+    (models.model_config("small-cnn", 6, channels=1), (3, 1, 12, 12)),
+]
+
+
+@pytest.mark.parametrize(("config", "shape"), ROUND_TRIP_CONFIGS, ids=lambda c: str(c)[:20])
+def test_build_model_round_trip(tmp_path, config: dict, shape: tuple[int, ...]) -> None:
+    """A saved state dict, loaded into a model rebuilt from its config, gives the same outputs."""
     model, description = models.build_model(config)
-    assert isinstance(model, models.MLPEmbedder) and model.hidden == (32,)
-    assert "MLP" in description
-    again, _ = models.build_model(config)
-    again.load_state_dict(model.state_dict())
+    assert description
+    _perturb(model)  # a trained model differs from a fresh one, BatchNorm statistics included
+    model.eval()
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    expected = model(x)
+    torch.save({"config": config, "state": model.state_dict()}, tmp_path / "m.pt")
+
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)
+    again, _ = models.build_model(saved["config"])
+    again.eval()
+    assert not torch.allclose(again(x), expected)  # the rebuilt model starts elsewhere
+    again.load_state_dict(saved["state"])
+    torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
+
+
+def test_build_model_keeps_the_configured_architecture() -> None:
+    mlp, _ = models.build_model(models.model_config("mlp", 16, in_features=64, hidden=[32]))
+    assert isinstance(mlp, models.MLPEmbedder) and mlp.hidden == (32,)
+    cnn, text = models.build_model(models.model_config("glyph-cnn", 8, image_size=24, widths=[4]))
+    assert isinstance(cnn, models.GlyphCNN) and (cnn.widths, cnn.image_size) == ((4,), 24)
+    assert "24px" in text
 
 
 @pytest.mark.skipif(HAS_VISION, reason="torchvision or timm is installed")
