@@ -1,20 +1,27 @@
 """``pml-margins sphere``: the seeds' figure -- how each margin separates classes by angle.
 
 Trains 2-D and 3-D embeddings of all ten digits with each loss (same network, seed
-and schedule) and saves one PNG: the held-out images' features on the unit circle
-(top row, with the class-weight directions) and on the unit sphere (bottom row).
+and schedule) and saves one figure: the held-out images' features on the unit
+circle (top row, with the class-weight directions) and on the unit sphere (bottom
+row). Prints one line per trained model (P@1 on the held-out images, steps, time).
+Bad input: one error line, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
-__all__ = ["SPHERE_LOSSES", "register", "run_sphere"]
+__all__ = ["SPHERE_LOSSES", "SphereError", "register", "run_sphere"]
 
 #: what the figure shows by default (Center loss is added when available)
 SPHERE_LOSSES: tuple[str, ...] = ("softmax", "nsl", "sphereface", "cosface", "arcface", "center")
+
+
+class SphereError(Exception):
+    """A bad input: printed as one ``pml-margins sphere: error: ...`` line, exit status 2."""
 
 
 def register(subparsers: Any) -> None:
@@ -28,32 +35,82 @@ def register(subparsers: Any) -> None:
         "--losses", default=",".join(SPHERE_LOSSES), help="comma-separated (default: %(default)s)"
     )
     p.add_argument("--dims", default="2,3", help="embedding sizes to plot (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=40, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=128, help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="data split and training (default: 0)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="out/sphere.png", help="PNG path (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument(
+        "--out",
+        default="out/sphere.png",
+        help="figure path; its suffix picks the format (default: %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no per-epoch progress output")
     p.set_defaults(func=run_sphere)
 
 
 def run_sphere(args: argparse.Namespace) -> int:
-    """The ``sphere`` command; returns the exit status."""
+    """The ``sphere`` command; returns the exit status (2 for bad input)."""
     from pml_margins.bench import train
 
-    with train.torch_threads(args.threads):
-        return _run_sphere(args)
+    try:
+        names, dims = _check(args)
+        with train.torch_threads(args.threads):
+            return _run_sphere(args, names, dims)
+    except SphereError as error:
+        print(f"pml-margins sphere: error: {error}", file=sys.stderr)
+        return 2
 
 
-def _run_sphere(args: argparse.Namespace) -> int:
+def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """Validate the command line before any training; returns the losses and dimensions."""
+    from pml_margins.bench import registry, train
+
+    names = [n.strip() for n in args.losses.split(",") if n.strip()]
+    if not names:
+        raise SphereError("--losses names no loss")
+    unknown = [n for n in names if n not in registry.LOSSES]
+    if unknown:
+        raise SphereError(
+            f"--losses: unknown {', '.join(unknown)} (choose from {', '.join(registry.LOSSES)})"
+        )
+    parts = [d.strip() for d in args.dims.split(",") if d.strip()]
+    if not parts or any(d not in ("2", "3") for d in parts):
+        raise SphereError(f"--dims must be 2, 3 or 2,3, got {args.dims!r}")
+    for flag in ("epochs", "batch_size", "threads"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise SphereError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    try:
+        train.resolve_device(args.device)
+    except (RuntimeError, ValueError) as error:
+        raise SphereError(f"--device: {str(error).splitlines()[0]}") from None
+    _check_out(args.out)
+    return list(dict.fromkeys(names)), sorted({int(d) for d in parts})
+
+
+def _check_out(path: str) -> None:
+    """The figure can be written there: not a folder, a format matplotlib writes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if os.path.isdir(path):
+        raise SphereError(f"--out {path}: is a directory, give a file name such as sphere.png")
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise SphereError(
+            f"--out {path}: matplotlib cannot write .{suffix} (use one of: {', '.join(formats)})"
+        )
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise SphereError(f"--out {path}: {parent} is a file, not a folder")
+
+
+def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> int:
     from pml_margins.bench import data, evaluate, models, registry, sphere_plot, train
 
     digits = data.load_digits_all_classes(seed=args.seed)
-    names = [n.strip() for n in args.losses.split(",") if n.strip()]
-    dims = [int(d) for d in args.dims.split(",") if d.strip()]
-    if not names or not dims or any(d not in (2, 3) for d in dims):
-        raise SystemExit("--losses must name at least one loss and --dims be 2, 3 or 2,3")
     cfg = train.TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -61,6 +118,10 @@ def _run_sphere(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
+    if len(digits.train) < args.batch_size:
+        raise SphereError(
+            f"--batch-size {args.batch_size} is larger than the {len(digits.train)} training images"
+        )
     panels: dict[int, list[sphere_plot.SpherePanel]] = {d: [] for d in dims}
     for name in names:
         for dim in dims:
@@ -71,19 +132,25 @@ def _run_sphere(args: argparse.Namespace) -> int:
             except ImportError as err:
                 print(f"skipping {name}: {err}")
                 break
-            setup.label = f"{setup.label} ({dim}-D)"
-            train.train_embedding(model, setup, digits.train, cfg)
+            label, setup.label = setup.label, f"{setup.label} ({dim}-D)"
+            run = train.train_embedding(model, setup, digits.train, cfg)
             emb, labels = train.embed(model, digits.test, device=args.device)
             p1 = evaluate.evaluate_retrieval(emb, labels, (1,))["precision_at_1"]
+            print(
+                f"{setup.label}: P@1 {100 * p1:.1f}%, {run.steps} steps, {run.seconds:.1f} s",
+                flush=True,
+            )
             panels[dim].append(
                 sphere_plot.SpherePanel(
-                    label=setup.label.rsplit(" (", 1)[0],
+                    label=label,
                     embeddings=emb.numpy(),
                     labels=labels.numpy(),
                     weights=sphere_plot.class_weight_directions(setup.loss),
                     precision_at_1=p1,
                 )
             )
+    if not any(panels.values()):
+        raise SphereError("no loss could be trained, nothing to plot")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     sphere_plot.plot_sphere_grid(panels.get(2, []), panels.get(3, []), args.out)
     print(f"wrote {args.out}")

@@ -7,10 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
-__all__ = ["SpherePanel", "class_weight_directions", "plot_sphere_grid"]
+__all__ = ["SpherePanel", "class_weight_directions", "plot_sphere_grid", "sphere_figure"]
 
 
 @dataclass
@@ -46,7 +48,9 @@ def _circle(ax: Any, panel: SpherePanel, colors: Sequence[Any], rng: np.random.G
     ax.plot(np.cos(theta), np.sin(theta), color="0.8", lw=0.8, zorder=0)
     if panel.weights is not None:
         for j, w in enumerate(panel.weights):
-            ax.plot([0, 1.3 * w[0]], [0, 1.3 * w[1]], color=colors[j], lw=1.2, ls="--")
+            ax.plot(
+                [0, 1.3 * w[0]], [0, 1.3 * w[1]], color=colors[j], lw=1.2, ls="--", label=f"W_{j}"
+            )
     ax.scatter(
         u[:, 0] * radius,
         u[:, 1] * radius,
@@ -54,6 +58,7 @@ def _circle(ax: Any, panel: SpherePanel, colors: Sequence[Any], rng: np.random.G
         s=4,
         alpha=0.7,
         linewidths=0,
+        label=f"{panel.label} features",
     )
     ax.set_xlim(-1.35, 1.35)
     ax.set_ylim(-1.35, 1.35)
@@ -65,31 +70,46 @@ def _sphere(ax: Any, panel: SpherePanel, colors: Sequence[Any]) -> None:
     u = _unit(panel.embeddings)
     a, b = np.mgrid[0 : 2 * np.pi : 24j, 0 : np.pi : 12j]
     ax.plot_wireframe(np.cos(a) * np.sin(b), np.sin(a) * np.sin(b), np.cos(b), color="0.85", lw=0.4)
-    ax.scatter(u[:, 0], u[:, 1], u[:, 2], c=[colors[y] for y in panel.labels], s=3, alpha=0.8)
+    ax.scatter(
+        u[:, 0],
+        u[:, 1],
+        u[:, 2],
+        c=[colors[y] for y in panel.labels],
+        s=3,
+        alpha=0.8,
+        label=f"{panel.label} features",
+    )
     ax.view_init(elev=20, azim=35)
     ax.set_box_aspect((1, 1, 1), zoom=1.45)
     ax.set_axis_off()
 
 
-def plot_sphere_grid(
-    circle: list[SpherePanel], sphere: list[SpherePanel], path: str | os.PathLike[str]
-) -> None:
-    """Row 1: 2-D features on the unit circle; row 2: 3-D features on the unit sphere.
+def sphere_figure(circle: list[SpherePanel], sphere: list[SpherePanel]) -> Figure:
+    """The figure: row 1, 2-D features on the unit circle; row 2, 3-D features on the sphere.
 
     Points are held-out images, L2-normalized (the angle is what every margin acts
-    on); dashed lines are the class-weight directions of the 2-D models.
-    """
-    import matplotlib
+    on); dashed lines are the class-weight directions of the 2-D models. Each
+    scatter is labelled ``"<loss> features"`` and each weight line ``"W_<class>"``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Raises:
+        ValueError: both rows are empty, or a panel's embeddings are not 2-D/3-D as its row.
+    """
     from matplotlib.lines import Line2D
 
+    if not circle and not sphere:
+        raise ValueError("no panel to plot")
+    for row, dim in ((circle, 2), (sphere, 3)):
+        for panel in row:
+            if panel.embeddings.ndim != 2 or panel.embeddings.shape[1] != dim:
+                raise ValueError(
+                    f"{panel.label}: embeddings of shape {panel.embeddings.shape} "
+                    f"in the {dim}-D row"
+                )
     cols = max(len(circle), len(sphere))
     rows = int(bool(circle)) + int(bool(sphere))
-    colors = plt.get_cmap("tab10").colors
+    colors = matplotlib.colormaps["tab10"].colors
     rng = np.random.default_rng(0)
-    fig = plt.figure(figsize=(max(2.6 * cols, 6.5), 0.3 + 2.8 * rows), dpi=90)
+    fig = Figure(figsize=(max(2.6 * cols, 6.5), 0.3 + 2.8 * rows), dpi=90)
     for i, panel in enumerate(circle):
         ax = fig.add_subplot(rows, cols, i + 1)
         _circle(ax, panel, colors, rng)
@@ -111,5 +131,11 @@ def plot_sphere_grid(
     )
     top, bottom = (0.86, 0.06) if rows == 2 else (0.78, 0.1)
     fig.subplots_adjust(left=0.01, right=0.99, top=top, bottom=bottom, wspace=0.05, hspace=0.12)
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def plot_sphere_grid(
+    circle: list[SpherePanel], sphere: list[SpherePanel], path: str | os.PathLike[str]
+) -> None:
+    """Save :func:`sphere_figure` to ``path`` (format from its suffix, PNG without one)."""
+    sphere_figure(circle, sphere).savefig(path)
