@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from pml_margins.functional.margin_softmax import TargetLogitFn, compute_dtype
+from pml_margins.functional.margin_softmax import TargetLogitFn, autocast_off, compute_dtype
 from pml_margins.validation import check_chunk_size, check_sample_rate
 
 __all__ = [
@@ -268,7 +268,7 @@ def _target_logits(
     the ``B`` target columns of ``W`` are normalized here when asked.
     """
     dtype = x.dtype
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         w_y = weight.index_select(1, labels).to(dtype)
         w_y = F.normalize(w_y, dim=0, eps=_NORM_EPS) if normalize_weight else w_y
         z_y = (x * w_y.t()).sum(1)
@@ -296,10 +296,12 @@ def _materialized(
     """
     dtype = x.dtype
     w = weight.to(dtype)
-    w = F.normalize(w, dim=0, eps=_NORM_EPS) if normalize_weight else w
     cosine = torch.mm(x, w)  # the autocast dtype under autocast
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         cosine = cosine.to(dtype)
+        if normalize_weight:  # a column scaling of the (B, C) product: no normalized W copy
+            norm = torch.linalg.vector_norm(w, dim=0).clamp_min(_NORM_EPS)
+            cosine = cosine / norm
         index = labels.unsqueeze(1)
         z_y = cosine.gather(1, index).squeeze(1)
         psi = z_y if target_logit_fn is None else target_logit_fn(z_y).to(dtype)
@@ -403,7 +405,7 @@ def _forward(
     save: bool,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     dtype = config.dtype
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         xc = x.to(dtype)
         s = config.scale if scale_tensor is None else scale_tensor.detach().to(dtype)
         s_col = s.unsqueeze(1) if isinstance(s, torch.Tensor) else s
@@ -508,7 +510,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         config: _Config = ctx.config
         dtype, mm_dtype = config.dtype, config.mm_dtype
         need_x, need_w, need_s, need_b, need_t = ctx.needs_input_grad[:5]
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             xc = x.to(dtype)
             g = grad_losses.to(dtype)
             s = config.scale if scale_tensor is None else scale_tensor.to(dtype)
