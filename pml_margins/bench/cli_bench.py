@@ -327,7 +327,10 @@ def _train_one(
     model, description = models.build_model(config)
     try:
         setup = registry.build_loss(
-            name, bench_data.num_train_classes, settings["embedding_size"], **overrides
+            name,
+            bench_data.num_train_classes,
+            settings["embedding_size"],
+            **datasets.loss_overrides(args.dataset, name, overrides),
         )
     except (ValueError, ImportError) as err:
         raise SystemExit(f"error: {err}") from err

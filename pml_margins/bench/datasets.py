@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
 from pml_margins.bench.data import RetrievalData
 
-__all__ = ["DATASETS", "DEFAULT_DATASET", "DatasetSpec", "load_dataset"]
+__all__ = ["DATASETS", "DEFAULT_DATASET", "DatasetSpec", "load_dataset", "loss_overrides"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class DatasetSpec:
             ``threads`` (``None``: torch's default) and ``shift`` (random translation
             of training images, pixels), used where the command line gives none.
         pixel_baseline: add a "raw pixels" row (retrieval on the flattened input).
+        loss_defaults: per loss name, hyper-parameters that replace the loss table's
+            defaults on this dataset (``--loss-arg`` still overrides them).
     """
 
     name: str
@@ -42,6 +44,7 @@ class DatasetSpec:
     recall_ks: tuple[int, ...]
     defaults: Mapping[str, Any]
     pixel_baseline: bool = False
+    loss_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def _load_glyphs(args: argparse.Namespace) -> RetrievalData:
@@ -82,10 +85,14 @@ def _load_image_folder(name: str) -> Callable[[argparse.Namespace], RetrievalDat
     return load
 
 
+#: the glyph CNN (:class:`pml_margins.bench.models.GlyphCNN`); docs/bench_glyphs.md says why
+GLYPH_MODEL: Mapping[str, Any] = MappingProxyType({"widths": (16, 32, 64), "unshuffle": 2})
+
+
 def _glyph_model(data: RetrievalData, size: int, args: argparse.Namespace) -> dict[str, Any]:
     from pml_margins.bench.models import model_config
 
-    return model_config("glyph-cnn", size, image_size=data.input_shape[-1])
+    return model_config("glyph-cnn", size, image_size=data.input_shape[-1], **GLYPH_MODEL)
 
 
 def _mlp_model(data: RetrievalData, size: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -136,6 +143,10 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
                 }
             ),
             pixel_baseline=True,
+            # 1,162 training classes: s = 30 (CosFace's lower bound is 11.7 at p = 0.99)
+            loss_defaults=MappingProxyType(
+                {name: {"scale": 30.0} for name in ("nsl", "cosface", "arcface", "combined")}
+            ),
         ),
         "digits": DatasetSpec(
             name="digits",
@@ -177,6 +188,14 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
 
 #: what ``pml-margins bench`` uses without ``--dataset``
 DEFAULT_DATASET = "glyphs"
+
+
+def loss_overrides(dataset: str, loss: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters of ``loss`` on ``dataset``: the dataset's defaults, then ``overrides``.
+
+    ``overrides`` are the command line's ``--loss-arg`` values or a sweep point's.
+    """
+    return {**DATASETS[dataset].loss_defaults.get(loss, {}), **overrides}
 
 
 def load_dataset(name: str, args: argparse.Namespace) -> RetrievalData:

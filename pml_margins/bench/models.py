@@ -80,22 +80,31 @@ class ConvEmbedder(nn.Module):
 class GlyphCNN(nn.Module):
     """Small CNN for ``1 x size x size`` glyphs: ``[Conv3x3, BatchNorm, ReLU, MaxPool2]`` blocks.
 
-    The last feature map is flattened (not averaged), so the head sees where the
-    strokes are, then a linear layer maps it to the embedding. ``size`` must be
-    divisible by ``2 ** len(widths)``.
+    ``unshuffle = r > 1`` first folds each ``r x r`` pixel patch into ``r * r``
+    channels (``nn.PixelUnshuffle``): the blocks then run at ``size / r`` with every
+    input pixel kept, about ``r * r`` times cheaper than at full size. The last
+    feature map is flattened (not averaged), so the head sees where the strokes
+    are, then a linear layer maps it to the embedding. ``size`` must be divisible
+    by ``unshuffle * 2 ** len(widths)``.
     """
 
     def __init__(
-        self, embedding_size: int, image_size: int = 32, widths: tuple[int, ...] = (16, 32, 64)
+        self,
+        embedding_size: int,
+        image_size: int = 32,
+        widths: tuple[int, ...] = (16, 32, 64),
+        unshuffle: int = 1,
     ) -> None:
         super().__init__()
-        if not widths or image_size % 2 ** len(widths):
+        if unshuffle < 1:
+            raise ValueError(f"unshuffle must be >= 1, got {unshuffle}")
+        if not widths or image_size % (unshuffle * 2 ** len(widths)):
             raise ValueError(
-                f"image_size {image_size} must be divisible by 2**{len(widths)} "
-                f"(one halving per block of widths {widths})"
+                f"image_size {image_size} must be divisible by {unshuffle} * 2**{len(widths)} "
+                f"(unshuffle {unshuffle}, one halving per block of widths {widths})"
             )
-        blocks: list[nn.Module] = []
-        c_in = 1
+        blocks: list[nn.Module] = [nn.PixelUnshuffle(unshuffle)] if unshuffle > 1 else []
+        c_in = unshuffle * unshuffle
         for c_out in widths:
             blocks += [
                 nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
@@ -104,10 +113,11 @@ class GlyphCNN(nn.Module):
                 nn.MaxPool2d(2),
             ]
             c_in = c_out
-        side = image_size // 2 ** len(widths)
+        side = image_size // (unshuffle * 2 ** len(widths))
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.head = nn.Linear(c_in * side * side, embedding_size)
         self.embedding_size, self.image_size, self.widths = embedding_size, image_size, widths
+        self.unshuffle = unshuffle
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -231,7 +241,11 @@ def build_model(config: dict[str, Any]) -> tuple[nn.Module, str]:
     if kind == "glyph-cnn":
         widths = tuple(int(w) for w in config.get("widths", (16, 32, 64)))
         image_size = int(config.get("image_size", 32))
-        return GlyphCNN(size, image_size, widths), f"glyph CNN {widths} on {image_size}px"
+        unshuffle = int(config.get("unshuffle", 1))
+        text = f"glyph CNN {widths} on {image_size}px" + (
+            f" (pixel unshuffle {unshuffle})" if unshuffle > 1 else ""
+        )
+        return GlyphCNN(size, image_size, widths, unshuffle), text
     if kind == "small-cnn":
         return ConvEmbedder(size, channels=int(config.get("channels", 3))), "small-cnn"
     return build_backbone(kind, size, config.get("weights_path"))

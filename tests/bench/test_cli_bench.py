@@ -255,6 +255,27 @@ def test_glyph_bench_records_counts_fonts_and_baseline(tmp_path: Path, capsys) -
     )
 
 
+def test_glyph_loss_defaults_apply_and_yield_to_loss_arg(tmp_path: Path) -> None:
+    from pml_margins.bench.datasets import DATASETS
+    from pml_margins.bench.registry import LOSSES
+
+    glyph_defaults = DATASETS["glyphs"].loss_defaults
+    assert glyph_defaults  # the glyph set has its own settings for some losses
+    name, values = next(iter(glyph_defaults.items()))
+    table = dict(LOSSES[name].defaults)
+    assert any(table[k] != v for k, v in values.items())  # they differ from the table's
+    key = next(iter(values))
+    base = ["bench", *TINY[:-1], *GLYPHS, "--losses", name, "--no-baseline"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    used = _results(tmp_path / "a")["losses"][0]["hyperparameters"]
+    assert used == {**table, **values}
+    assert main([*base, "--loss-arg", f"{name}.{key}=7.5", "--out", str(tmp_path / "b")]) == 0
+    assert _results(tmp_path / "b")["losses"][0]["hyperparameters"][key] == 7.5
+    # another dataset keeps the table's defaults
+    assert main(["bench", *TINY, "--losses", name, "--out", str(tmp_path / "c")]) == 0
+    assert _results(tmp_path / "c")["losses"][0]["hyperparameters"] == table
+
+
 def test_progress_is_one_line_per_epoch_without_a_terminal(tmp_path: Path, capsys) -> None:
     args = ["bench", *TINY, "--losses", "nsl", "--epochs", "2", "--out", str(tmp_path)]
     args.remove("--no-progress")

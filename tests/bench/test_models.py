@@ -32,6 +32,7 @@ def _perturb(model: nn.Module) -> None:
 ROUND_TRIP_CONFIGS = [
     (models.model_config("mlp", 16, in_features=64, hidden=[32]), (3, 1, 8, 8)),
     (models.model_config("glyph-cnn", 12, image_size=16, widths=[4, 8]), (3, 1, 16, 16)),
+    (models.model_config("glyph-cnn", 5, image_size=16, widths=[3], unshuffle=2), (3, 1, 16, 16)),
     (models.model_config("small-cnn", 6, channels=1), (3, 1, 12, 12)),
 ]
 
@@ -61,6 +62,22 @@ def test_build_model_keeps_the_configured_architecture() -> None:
     cnn, text = models.build_model(models.model_config("glyph-cnn", 8, image_size=24, widths=[4]))
     assert isinstance(cnn, models.GlyphCNN) and (cnn.widths, cnn.image_size) == ((4,), 24)
     assert "24px" in text
+    cnn, text = models.build_model(
+        models.model_config("glyph-cnn", 8, image_size=32, widths=[4, 8], unshuffle=2)
+    )
+    assert cnn.unshuffle == 2 and "pixel unshuffle 2" in text
+    assert isinstance(cnn.features[0], nn.PixelUnshuffle)
+    assert cnn.features[1].in_channels == 4  # each 2 x 2 patch folded into 4 channels
+
+
+@pytest.mark.parametrize(
+    ("size", "widths", "unshuffle", "match"),
+    [(24, (4, 8, 16), 2, "divisible by 2 \\* 2\\*\\*3"), (32, (4,), 0, "unshuffle must be >= 1"),
+     (31, (4,), 1, "divisible by 1 \\* 2\\*\\*1"), (32, (), 1, "divisible")],
+)  # fmt: skip
+def test_glyph_cnn_rejects_sizes_it_cannot_halve(size, widths, unshuffle, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        models.GlyphCNN(8, size, widths, unshuffle)
 
 
 @pytest.mark.skipif(HAS_VISION, reason="torchvision or timm is installed")
