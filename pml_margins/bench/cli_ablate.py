@@ -35,7 +35,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--epochs", type=int, help="default: the glyph bench default")
     p.add_argument("--repeats", type=int, default=1, help="seeds per point (default: 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the glyph bench's)")
     p.add_argument("--out", default="out/ablate", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_ablate)
@@ -51,7 +51,10 @@ def run_ablate(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{flag} must be >= 1, got {value}")
-    with train.torch_threads(args.threads):
+    from pml_margins.bench.datasets import DATASETS
+
+    threads = DATASETS["glyphs"].defaults["threads"] if args.threads is None else args.threads
+    with train.torch_threads(threads):
         return _run(args, [SWEEPS[n] for n in dict.fromkeys(names)])
 
 

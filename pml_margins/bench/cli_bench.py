@@ -108,8 +108,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        help="torch CPU threads; default 1 for digits (tiny matrices: more threads only "
-        "add contention), torch's default otherwise",
+        help="torch CPU threads; " + per_dataset("threads") + " (None: torch's default); "
+        "small networks run faster on 1 (more threads only add contention)",
     )
     p.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (autocast)")
     p.add_argument("--out", default="out/bench", help="output folder (default: %(default)s)")
