@@ -16,7 +16,7 @@ from pml_margins.distributed.collectives import (
 from pml_margins.distributed.local_logits import cosine_logits
 from pml_margins.distributed.partial_fc import sample_local_classes
 from pml_margins.distributed.sharded_margin_softmax import sharded_margin_softmax_cross_entropy
-from pml_margins.distributed.sharding import shard_range
+from pml_margins.distributed.sharding import class_columns, shard_range
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.validation import (
     check_class_labels,
@@ -254,7 +254,9 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             return cosine_logits(embeddings.to(weight.dtype), weight), scale
         if index is None:
             return self.loss.base_logits(embeddings)
-        params = {"loss.W": self.loss.W.index_select(1, index)}
+        # W may hold several columns per class (sub-centres): keep all of each kept class
+        columns = class_columns(index, self.loss.W.shape[1] // self.num_local)
+        params = {"loss.W": self.loss.W.index_select(1, columns)}
         if getattr(self.loss, "bias", None) is not None:
             params["loss.bias"] = self.loss.bias.index_select(0, index)
         return functional_call(_BaseLogits(self.loss), params, (embeddings,))

@@ -10,6 +10,7 @@ from pml_margins.losses.norm_softmax import NormSoftmaxLoss
 from pml_margins.losses.proxy_circle import ProxyCircleLoss
 from pml_margins.losses.softmax import SoftmaxLoss
 from pml_margins.losses.sphereface import SphereFaceLoss
+from pml_margins.losses.subcenter_arcface import SubCenterArcFaceLoss
 
 __all__ = [
     "ArcFaceLoss",
@@ -22,4 +23,5 @@ __all__ = [
     "ProxyCircleLoss",
     "SoftmaxLoss",
     "SphereFaceLoss",
+    "SubCenterArcFaceLoss",
 ]

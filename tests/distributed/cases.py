@@ -20,7 +20,7 @@ SPEC_BY_ID = {
     **{s.id: s for s in SPECS},
     "proxy_circle": LossSpec("proxy_circle", ProxyCircleLoss, {"m": 0.25, "gamma": 32.0}),
 }
-SAMPLED_SPECS = ("arcface", "cosface", "softmax", "proxy_circle")
+SAMPLED_SPECS = ("arcface", "cosface", "softmax", "proxy_circle", "subcenter")
 NUM_QUERIES, NUM_REFERENCES = 9, 17
 
 

@@ -19,6 +19,18 @@ def normalized_cosine(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x @ w
 
 
+def class_cosine(x: torch.Tensor, w: torch.Tensor, sub_centers: int = 1) -> torch.Tensor:
+    """cos(theta_ij) per class: the largest over its sub-centres (columns j*K .. j*K + K-1).
+
+    Sub-center ArcFace (Deng et al., ECCV 2020, Eq. 2): the class logit is the
+    maximum of the cosines to the class's K sub-centres.
+    """
+    c = normalized_cosine(x, w)
+    if sub_centers == 1:
+        return c
+    return c.reshape(c.shape[0], -1, sub_centers).amax(dim=2)
+
+
 def _theta(c: torch.Tensor) -> torch.Tensor:
     return torch.acos(c.clamp(-1, 1))
 
@@ -74,7 +86,7 @@ def reference_per_sample(
     if kind == "softmax":
         logits = x @ w + (bias.double() if bias is not None else 0)
         return target_softmax_cross_entropy(logits, labels, logits[rows, labels])
-    c = normalized_cosine(x, w)
+    c = class_cosine(x, w, int(hp.get("sub_centers", 1)))
     cy = c[rows, labels]
     if kind == "sphereface":
         scale = x.norm(dim=1) if hp.get("scale") is None else hp["scale"]
@@ -87,7 +99,7 @@ def reference_per_sample(
         target = cy
     elif kind == "cosface":
         target = cy - hp["margin"]
-    elif kind == "arcface":
+    elif kind in ("arcface", "subcenter"):
         target = arcface_cos(cy, hp["margin"], bool(hp.get("easy_margin", False)))
     elif kind == "combined":
         target = combined_cos(cy, hp["m1"], hp["m2"], hp["m3"])

@@ -16,6 +16,7 @@ from pml_margins.losses import (
     NormSoftmaxLoss,
     SoftmaxLoss,
     SphereFaceLoss,
+    SubCenterArcFaceLoss,
 )
 from tests.losses.reference import reference_per_sample
 
@@ -30,6 +31,11 @@ class LossSpec:
 
     def build(self, num_classes: int, embedding_size: int, **extra: Any) -> ClassWeightLoss:
         return self.cls(num_classes, embedding_size, **{**self.kwargs, **extra})
+
+    @property
+    def columns_per_class(self) -> int:
+        """Columns of ``W`` per class (sub-centres)."""
+        return int(self.ref_hp.get("sub_centers", 1))
 
     def reference(self, loss: ClassWeightLoss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         bias = getattr(loss, "bias", None)
@@ -91,6 +97,20 @@ SPECS = [
         {"m1": 2.0, "m2": 0.2, "m3": 0.0, "scale": 16.0},
         "combined",
         {"m1": 2.0, "m2": 0.2, "m3": 0.0, "scale": 16.0},
+    ),
+    LossSpec(
+        "subcenter",
+        SubCenterArcFaceLoss,
+        {"scale": 32.0},
+        "subcenter",
+        {"margin": 0.5, "scale": 32.0, "sub_centers": 3},
+    ),
+    LossSpec(
+        "subcenter_k2_big_margin",
+        SubCenterArcFaceLoss,
+        {"margin": 1.2, "scale": 16.0, "sub_centers": 2},
+        "subcenter",
+        {"margin": 1.2, "scale": 16.0, "sub_centers": 2},
     ),
 ]
 

@@ -50,7 +50,8 @@ def _aligned_inputs(spec: LossSpec, dtype, sign: float):
     """Embeddings exactly equal to (or opposite) their class weight: cos = +-1."""
     loss_fn = spec.build(4, 6).to(dtype)
     y = torch.tensor([0, 1, 2, 3, 1])
-    x = (sign * loss_fn.W.detach().t()[y]).clone().requires_grad_(True)
+    # the class weight (sub-centre 0 of the class where there are several)
+    x = (sign * loss_fn.W.detach().t()[y * spec.columns_per_class]).clone().requires_grad_(True)
     return loss_fn, x, y
 
 
