@@ -1,7 +1,7 @@
 """Speed and memory of our class-weight losses against PML's and the matrix-product floor.
 
-For ArcFace, CosFace, SphereFace and NSL (and, with ``--losses``, Sub-center ArcFace)
-at each (B, D, C), times one forward + backward of
+For ArcFace, CosFace, SphereFace and NSL (and, with ``--losses``, Sub-center ArcFace
+and ElasticFace-Arc) at each (B, D, C), times one forward + backward of
 
 * ``ours``: pml_margins' loss, default mode (materialized logits up to
   ``MATERIALIZE_MAX_ELEMENTS``, else the blocked function with one saved (B, C) buffer),
@@ -10,7 +10,8 @@ at each (B, D, C), times one forward + backward of
 * ``ours-bounded``: the same with ``chunk_size="auto"`` (no (B, C) tensor),
 * ``plain``: a plain torch implementation, as a user would write it (normalize,
   matmul, gather the target cosine, margin, scatter, scale, cross-entropy),
-* ``pml``: pytorch-metric-learning's loss with the same hyper-parameters and ``W``,
+* ``pml``: pytorch-metric-learning's loss with the same hyper-parameters and ``W``
+  (not for ElasticFace, which PML lacks; nor ``plain``: its margins are random),
 * ``floor``: the three matrix products of that size (x W, G W^T, x^T G); for
   Sub-center ArcFace its own floor with ``K`` times the columns (row ``floor``, loss
   ``subcenter``; it runs on the plain path, so it has no ``ours-bounded`` row),
@@ -67,7 +68,11 @@ ARC_MARGIN, COS_MARGIN, SCALE, NSL_SCALE = 0.5, 0.35, 64.0, 30.0
 DEFAULT_MAX_CLASSES = 100_000
 LOSSES = ("arcface", "cosface", "sphereface", "nsl")
 #: losses run only when named in --losses
-EXTRA_LOSSES = ("subcenter",)
+EXTRA_LOSSES = ("subcenter", "elasticface")
+#: losses with neither a PML nor a plain-torch counterpart here
+OURS_ONLY_LOSSES = ("elasticface",)
+#: ElasticFace-Arc's margin standard deviation (the paper's, radians)
+ELASTIC_SIGMA = 0.05
 #: sub-centres per class of Sub-center ArcFace (the paper's K)
 SUB_CENTERS = 3
 #: columns of W per class, where not 1
@@ -138,6 +143,9 @@ def make_loss(name: str, impl: str, num_classes: int, dim: int) -> torch.nn.Modu
         "nsl": lambda: ours.NormSoftmaxLoss(num_classes, dim, scale=NSL_SCALE, **kwargs),
         "subcenter": lambda: ours.SubCenterArcFaceLoss(
             num_classes, dim, ARC_MARGIN, SCALE, SUB_CENTERS, **kwargs
+        ),
+        "elasticface": lambda: ours.ElasticFaceLoss(
+            num_classes, dim, ARC_MARGIN, ELASTIC_SIGMA, SCALE, **kwargs
         ),
     }[name]()
 
@@ -245,7 +253,10 @@ def run(args) -> list[dict]:
             if loss in COLUMNS_PER_CLASS:  # its own floor: K times the columns
                 cases[("floor", loss)] = Case("floor", loss, size, args)
             for impl in impls:
-                if not (impl == "ours-bounded" and loss in PLAIN_PATH_LOSSES):
+                skip = (impl == "ours-bounded" and loss in PLAIN_PATH_LOSSES) or (
+                    impl in ("plain", "pml") and loss in OURS_ONLY_LOSSES
+                )
+                if not skip:
                     cases[(impl, loss)] = Case(impl, loss, size, args)
         loss_values = {k: case.value() for k, case in cases.items() if case.loss is not None}
         for case in cases.values():  # warm-up

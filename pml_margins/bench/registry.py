@@ -13,7 +13,9 @@ final annealing value ``lambda_ = 5`` from the start (short runs). Center loss:
 (``alpha = 0.5``). Circle loss: the paper's fine-grained setting (``m = 0.4,
 gamma = 80``, PML's default) with PML's ``MultiSimilarityMiner``. Proxy Circle:
 ``gamma = 32``, the face setting 256 scaled down like ``s``. Sub-center ArcFace:
-ArcFace's ``m = 0.3`` rad and ``s = 16``, the paper's ``K = 3`` sub-centres. How the
+ArcFace's ``m = 0.3`` rad and ``s = 16``, the paper's ``K = 3`` sub-centres.
+ElasticFace-Arc: ArcFace's ``m = 0.3`` rad and ``s = 16``, ``sigma = 0.03`` rad (the
+paper's ratio sigma/m = 0.1). How the
 defaults were checked on the glyph benchmark: ``docs/bench_glyphs.md``.
 
 Units: CosFace ``m`` is a cosine, ArcFace ``m`` radians, SphereFace ``m`` an integer
@@ -139,6 +141,7 @@ LOSS_TABLE: tuple[LossSpec, ...] = (
     LossSpec("circle", "Circle+MS miner", _circle_ms, {"m": 0.4, "gamma": 80.0, "miner_epsilon": 0.1}, class_weights=False),  # noqa: E501
     LossSpec("combined", "Combined", "CombinedMarginLoss", {"m1": 1.0, "m2": 0.3, "m3": 0.2, "scale": 16.0}),  # noqa: E501
     LossSpec("proxy_circle", "Proxy Circle", "ProxyCircleLoss", {"m": 0.25, "gamma": 32.0}),
+    LossSpec("elasticface", "ElasticFace-Arc", "ElasticFaceLoss", {"margin": 0.3, "sigma": 0.03, "scale": 16.0}),  # noqa: E501
     LossSpec("subcenter", "Sub-center ArcFace", "SubCenterArcFaceLoss", {"margin": 0.3, "scale": 16.0, "sub_centers": 3}),  # noqa: E501
 )
 

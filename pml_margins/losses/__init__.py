@@ -6,6 +6,7 @@ from pml_margins.losses.circle import CircleLoss
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.combined_margin import CombinedMarginLoss
 from pml_margins.losses.cosface import CosFaceLoss
+from pml_margins.losses.elasticface import ElasticFaceLoss
 from pml_margins.losses.norm_softmax import NormSoftmaxLoss
 from pml_margins.losses.proxy_circle import ProxyCircleLoss
 from pml_margins.losses.softmax import SoftmaxLoss
@@ -19,6 +20,7 @@ __all__ = [
     "ClassWeightLoss",
     "CombinedMarginLoss",
     "CosFaceLoss",
+    "ElasticFaceLoss",
     "NormSoftmaxLoss",
     "ProxyCircleLoss",
     "SoftmaxLoss",

@@ -61,6 +61,13 @@ def arcface_cos(c: torch.Tensor, m: float, easy_margin: bool = False) -> torch.T
     return torch.where(theta + m <= math.pi, with_margin, c - m * math.sin(m))
 
 
+def elastic_arc_cos(c: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+    """ElasticFace-Arc: cos(theta_i + m_i), m_i per row; beyond pi: cos(theta_i) - m_i sin(m_i)."""
+    theta = _theta(c)
+    m = margins.to(c.dtype)
+    return torch.where(theta + m <= math.pi, torch.cos(theta + m), c - m * torch.sin(m))
+
+
 def combined_cos(c: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
     """cos(m1 theta + m2) - m3, made monotone beyond pi as documented."""
     if m1 == 1:
@@ -101,6 +108,10 @@ def reference_per_sample(
         target = cy - hp["margin"]
     elif kind in ("arcface", "subcenter"):
         target = arcface_cos(cy, hp["margin"], bool(hp.get("easy_margin", False)))
+    elif kind == "elastic_arc":
+        target = elastic_arc_cos(cy, hp["margins"])
+    elif kind == "elastic_cos":
+        target = cy - hp["margins"].to(cy.dtype)
     elif kind == "combined":
         target = combined_cos(cy, hp["m1"], hp["m2"], hp["m3"])
     else:

@@ -13,6 +13,7 @@ from pml_margins.losses import (
     ClassWeightLoss,
     CombinedMarginLoss,
     CosFaceLoss,
+    ElasticFaceLoss,
     NormSoftmaxLoss,
     SoftmaxLoss,
     SphereFaceLoss,
@@ -37,9 +38,21 @@ class LossSpec:
         """Columns of ``W`` per class (sub-centres)."""
         return int(self.ref_hp.get("sub_centers", 1))
 
+    def hp_for(self, loss: ClassWeightLoss) -> dict[str, Any]:
+        """The reference's hyper-parameters, with what ``loss`` drew in its last forward.
+
+        ElasticFace: the ``(B,)`` margins (``last_margins``; ``m`` everywhere when
+        ``sigma = 0``), read after the forward, so the reference draws nothing itself.
+        """
+        if not self.kind.startswith("elastic"):
+            return self.ref_hp
+        drawn = loss.last_margins
+        margins = torch.full((1,), self.ref_hp["margin"]) if drawn is None else drawn
+        return {**self.ref_hp, "margins": margins.double()}
+
     def reference(self, loss: ClassWeightLoss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         bias = getattr(loss, "bias", None)
-        return reference_per_sample(self.kind, x, loss.W, y, bias=bias, **self.ref_hp)
+        return reference_per_sample(self.kind, x, loss.W, y, bias=bias, **self.hp_for(loss))
 
 
 SPECS = [
@@ -111,6 +124,27 @@ SPECS = [
         {"margin": 1.2, "scale": 16.0, "sub_centers": 2},
         "subcenter",
         {"margin": 1.2, "scale": 16.0, "sub_centers": 2},
+    ),
+    LossSpec(
+        "elasticface_arc",
+        ElasticFaceLoss,
+        {"sigma": 0.1, "scale": 32.0},
+        "elastic_arc",
+        {"margin": 0.5, "scale": 32.0},
+    ),
+    LossSpec(
+        "elasticface_cos",
+        ElasticFaceLoss,
+        {"variant": "cos", "sigma": 0.05, "scale": 32.0},
+        "elastic_cos",
+        {"margin": 0.35, "scale": 32.0},
+    ),
+    LossSpec(
+        "elasticface_arc_big_margin",
+        ElasticFaceLoss,
+        {"margin": 2.0, "sigma": 0.5, "scale": 16.0},
+        "elastic_arc",
+        {"margin": 2.0, "scale": 16.0},
     ),
 ]
 

@@ -44,7 +44,9 @@ def _reference(spec: LossSpec, loss_fn, x, y, seed: int, mode: dict) -> torch.Te
             index, y_used = sampled
             w_used = w[:, index]
             bias_used = None if bias is None else bias[index]
-    value = reference_per_sample(spec.kind, x, w_used, y_used, bias=bias_used, **spec.ref_hp)
+    value = reference_per_sample(
+        spec.kind, x, w_used, y_used, bias=bias_used, **spec.hp_for(loss_fn)
+    )
     value = value.mean()
     gx, gw = torch.autograd.grad(value, (x, w))
     return value, gx, gw

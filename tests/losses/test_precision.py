@@ -125,7 +125,7 @@ def test_values_and_gradients_at_cosine_plus_minus_one_match_the_reference(spec,
     bias = None if bias is None else bias.detach()
 
     def reference(x_: torch.Tensor, w_: torch.Tensor) -> torch.Tensor:
-        return reference_per_sample(spec.kind, x_, w_, y, bias=bias, **spec.ref_hp).mean()
+        return reference_per_sample(spec.kind, x_, w_, y, bias=bias, **spec.hp_for(loss_fn)).mean()
 
     out = loss_fn(x, y)
     gx, gw = torch.autograd.grad(out, (x, loss_fn.W))
