@@ -15,7 +15,7 @@ gamma = 80``, PML's default) with PML's ``MultiSimilarityMiner``. Proxy Circle:
 ``gamma = 32``, the face setting 256 scaled down like ``s``. Sub-center ArcFace:
 ArcFace's ``m = 0.3`` rad and ``s = 16``, the paper's ``K = 3`` sub-centres.
 ElasticFace-Arc: ArcFace's ``m = 0.3`` rad and ``s = 16``, ``sigma = 0.03`` rad (the
-paper's ratio sigma/m = 0.1). How the
+paper's ratio sigma/m = 0.1). AdaCos: the paper's dynamic scale, nothing to set. How the
 defaults were checked on the glyph benchmark: ``docs/bench_glyphs.md``.
 
 Units: CosFace ``m`` is a cosine, ArcFace ``m`` radians, SphereFace ``m`` an integer
@@ -142,6 +142,7 @@ LOSS_TABLE: tuple[LossSpec, ...] = (
     LossSpec("combined", "Combined", "CombinedMarginLoss", {"m1": 1.0, "m2": 0.3, "m3": 0.2, "scale": 16.0}),  # noqa: E501
     LossSpec("proxy_circle", "Proxy Circle", "ProxyCircleLoss", {"m": 0.25, "gamma": 32.0}),
     LossSpec("elasticface", "ElasticFace-Arc", "ElasticFaceLoss", {"margin": 0.3, "sigma": 0.03, "scale": 16.0}),  # noqa: E501
+    LossSpec("adacos", "AdaCos", "AdaCosLoss", {"dynamic": True}),
     LossSpec("subcenter", "Sub-center ArcFace", "SubCenterArcFaceLoss", {"margin": 0.3, "scale": 16.0, "sub_centers": 3}),  # noqa: E501
 )
 

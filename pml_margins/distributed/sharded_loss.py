@@ -105,7 +105,9 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
     buffers (``N x K`` with Partial FC keeping ``K`` columns).
 
     Miners (``indices_tuple``), ``weight_regularizer`` and ``embedding_regularizer``
-    are not supported (they need all of ``W`` or per-rank batches).
+    are not supported (they need all of ``W`` or per-rank batches); nor is a loss whose
+    ``sharding_unsupported()`` returns a reason (e.g. AdaCos's dynamic scale), which is
+    raised as a ``ValueError``.
 
     Args:
         loss_type: a :class:`~pml_margins.losses.ClassWeightLoss` subclass, e.g.
@@ -155,6 +157,10 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         with torch.random.fork_rng(devices=[]):  # own init per shard, global RNG untouched
             torch.manual_seed(self._stream_seed())
             self.loss = loss_type(self.class_end - self.class_start, embedding_size, **loss_kwargs)
+        unsupported = getattr(self.loss, "sharding_unsupported", None)
+        reason = unsupported() if unsupported is not None else None
+        if reason is not None:
+            raise ValueError(reason)
         for name in ("weight_regularizer", "embedding_regularizer"):
             if getattr(self.loss, name, None) is not None:
                 raise ValueError(f"{name} is not supported by {type(self).__name__}")

@@ -1,5 +1,6 @@
 """Losses, each a ``pytorch_metric_learning.losses.BaseMetricLossFunction``."""
 
+from pml_margins.losses.adacos import AdaCosLoss
 from pml_margins.losses.arcface import ArcFaceLoss
 from pml_margins.losses.center import CenterLoss
 from pml_margins.losses.circle import CircleLoss
@@ -14,6 +15,7 @@ from pml_margins.losses.sphereface import SphereFaceLoss
 from pml_margins.losses.subcenter_arcface import SubCenterArcFaceLoss
 
 __all__ = [
+    "AdaCosLoss",
     "ArcFaceLoss",
     "CenterLoss",
     "CircleLoss",

@@ -102,7 +102,7 @@ def reference_per_sample(
         scale_col = scale[:, None] if isinstance(scale, torch.Tensor) else scale
         return target_softmax_cross_entropy(c * scale_col, labels, target * scale)
     s = hp["scale"]
-    if kind == "nsl":
+    if kind in ("nsl", "adacos"):  # AdaCos: NSL at the scale the step used
         target = cy
     elif kind == "cosface":
         target = cy - hp["margin"]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from pml_margins.losses import (
+    AdaCosLoss,
     ArcFaceLoss,
     ClassWeightLoss,
     CombinedMarginLoss,
@@ -43,7 +44,10 @@ class LossSpec:
 
         ElasticFace: the ``(B,)`` margins (``last_margins``; ``m`` everywhere when
         ``sigma = 0``), read after the forward, so the reference draws nothing itself.
+        AdaCos: the scale of the step (set from the batch before it is used).
         """
+        if self.kind == "adacos":  # the scale this step used (its update: test_adacos.py)
+            return {**self.ref_hp, "scale": float(loss.scale)}
         if not self.kind.startswith("elastic"):
             return self.ref_hp
         drawn = loss.last_margins
@@ -146,6 +150,8 @@ SPECS = [
         "elastic_arc",
         {"margin": 2.0, "scale": 16.0},
     ),
+    LossSpec("adacos", AdaCosLoss, {}, "adacos"),
+    LossSpec("adacos_fixed", AdaCosLoss, {"dynamic": False}, "adacos"),
 ]
 
 SPEC_IDS = [s.id for s in SPECS]

@@ -11,6 +11,7 @@ from pytorch_metric_learning import miners, regularizers
 
 from pml_margins.losses import ArcFaceLoss, SubCenterArcFaceLoss
 from tests.losses.reference import arcface_cos, class_cosine, target_softmax_cross_entropy
+from tests.losses.test_pml_equality import assert_same_value_and_grads
 
 C, D, K = 12, 16, 3
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {"rtol": 1e-10, "atol": 1e-10}}
@@ -25,16 +26,6 @@ def _pair(degrees: float = 28.6, scale: float = 64.0, k: int = K, **kw):
     return pml, ours
 
 
-def _grads_equal(out_ours, out_pml, ours, pml, x, tol) -> None:
-    torch.testing.assert_close(out_ours, out_pml, **tol)
-    for a, b in zip(
-        torch.autograd.grad(out_ours, (x, ours.W)),
-        torch.autograd.grad(out_pml, (x, pml.W)),
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b, **tol)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("use_miner", [False, True], ids=["labels", "miner"])
 @pytest.mark.parametrize(("degrees", "k"), [(28.6, 3), (70.0, 2), (28.6, 1)])
@@ -45,7 +36,7 @@ def test_equal_to_pml(dtype, use_miner: bool, degrees: float, k: int) -> None:
     x = torch.randn(40, D, dtype=dtype, requires_grad=True)
     y = torch.arange(40) % C
     tuples = miners.MultiSimilarityMiner(0.3)(x, y) if use_miner else None
-    _grads_equal(ours(x, y, tuples), pml(x, y, tuples), ours, pml, x, TOL[dtype])
+    assert_same_value_and_grads(ours(x, y, tuples), pml(x, y, tuples), ours, pml, x, TOL[dtype])
 
 
 def test_tied_sub_centres_send_the_gradient_to_the_first_as_pml_does() -> None:
@@ -60,7 +51,7 @@ def test_tied_sub_centres_send_the_gradient_to_the_first_as_pml_does() -> None:
     ours.load_state_dict(pml.state_dict())
     x = torch.randn(30, D, dtype=torch.float64, requires_grad=True)
     y = torch.arange(30) % C
-    _grads_equal(ours(x, y), pml(x, y), ours, pml, x, TOL[torch.float64])
+    assert_same_value_and_grads(ours(x, y), pml(x, y), ours, pml, x, TOL[torch.float64])
     grad_w = torch.autograd.grad(ours(x, y), ours.W)[0].view(D, C, K)
     assert (grad_w[:, :, 1:] == 0).all() and (grad_w[:, :, 0] != 0).any()
 
@@ -83,7 +74,7 @@ def test_weight_regularizer_and_get_logits_equal_pml() -> None:
     pml, ours = pml.double(), ours.double()
     x = torch.randn(20, D, dtype=torch.float64, requires_grad=True)
     y = torch.arange(20) % C
-    _grads_equal(ours(x, y), pml(x, y), ours, pml, x, TOL[torch.float64])
+    assert_same_value_and_grads(ours(x, y), pml(x, y), ours, pml, x, TOL[torch.float64])
     torch.testing.assert_close(ours.get_logits(x), pml.get_logits(x))
     assert ours.get_logits(x).shape == (20, C)
 
