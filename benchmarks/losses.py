@@ -1,7 +1,7 @@
 """Speed and memory of our class-weight losses against PML's and the matrix-product floor.
 
 For ArcFace, CosFace, SphereFace and NSL (and, with ``--losses``, Sub-center ArcFace
-ElasticFace-Arc and dynamic AdaCos) at each (B, D, C), times one forward + backward of
+ElasticFace-Arc, dynamic AdaCos and MagFace) at each (B, D, C), times one forward + backward of
 
 * ``ours``: pml_margins' loss, default mode (materialized logits up to
   ``MATERIALIZE_MAX_ELEMENTS``, else the blocked function with one saved (B, C) buffer),
@@ -11,7 +11,7 @@ ElasticFace-Arc and dynamic AdaCos) at each (B, D, C), times one forward + backw
 * ``plain``: a plain torch implementation, as a user would write it (normalize,
   matmul, gather the target cosine, margin, scatter, scale, cross-entropy),
 * ``pml``: pytorch-metric-learning's loss with the same hyper-parameters and ``W``
-  (not for ElasticFace and AdaCos, which PML lacks, nor their ``plain`` rows),
+  (not for ElasticFace, AdaCos and MagFace, which PML lacks, nor their ``plain`` rows),
 * ``floor``: the three matrix products of that size (x W, G W^T, x^T G); for
   Sub-center ArcFace its own floor with ``K`` times the columns (row ``floor``, loss
   ``subcenter``; it runs on the plain path, so it has no ``ours-bounded`` row),
@@ -68,9 +68,9 @@ ARC_MARGIN, COS_MARGIN, SCALE, NSL_SCALE = 0.5, 0.35, 64.0, 30.0
 DEFAULT_MAX_CLASSES = 100_000
 LOSSES = ("arcface", "cosface", "sphereface", "nsl")
 #: losses run only when named in --losses
-EXTRA_LOSSES = ("subcenter", "elasticface", "adacos")
+EXTRA_LOSSES = ("subcenter", "elasticface", "adacos", "magface")
 #: losses with neither a PML nor a plain-torch counterpart here
-OURS_ONLY_LOSSES = ("elasticface", "adacos")
+OURS_ONLY_LOSSES = ("elasticface", "adacos", "magface")
 #: ElasticFace-Arc's margin standard deviation (the paper's, radians)
 ELASTIC_SIGMA = 0.05
 #: sub-centres per class of Sub-center ArcFace (the paper's K)
@@ -148,6 +148,10 @@ def make_loss(name: str, impl: str, num_classes: int, dim: int) -> torch.nn.Modu
             num_classes, dim, ARC_MARGIN, ELASTIC_SIGMA, SCALE, **kwargs
         ),
         "adacos": lambda: ours.AdaCosLoss(num_classes, dim, dynamic=True, **kwargs),
+        # the benchmark's features have norms near sqrt(dim): the norm range brackets them
+        "magface": lambda: ours.MagFaceLoss(
+            num_classes, dim, SCALE, 0.5 * math.sqrt(dim), 2 * math.sqrt(dim), **kwargs
+        ),
     }[name]()
 
 

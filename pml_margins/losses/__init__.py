@@ -8,6 +8,7 @@ from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.combined_margin import CombinedMarginLoss
 from pml_margins.losses.cosface import CosFaceLoss
 from pml_margins.losses.elasticface import ElasticFaceLoss
+from pml_margins.losses.magface import MagFaceLoss
 from pml_margins.losses.norm_softmax import NormSoftmaxLoss
 from pml_margins.losses.proxy_circle import ProxyCircleLoss
 from pml_margins.losses.softmax import SoftmaxLoss
@@ -23,6 +24,7 @@ __all__ = [
     "CombinedMarginLoss",
     "CosFaceLoss",
     "ElasticFaceLoss",
+    "MagFaceLoss",
     "NormSoftmaxLoss",
     "ProxyCircleLoss",
     "SoftmaxLoss",

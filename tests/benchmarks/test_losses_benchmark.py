@@ -44,15 +44,15 @@ def test_subcenter_rows_have_their_own_floor_and_agree_with_pml():
             assert float(gap) <= 1e-4, (loss, impl, gap)
 
 
-def test_elasticface_and_adacos_rows_run_ours_only():
+def test_losses_without_pml_counterpart_run_ours_only():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "losses.py"), "--repeats", "1"]
     cmd += ["--sizes", "64x128x300", "--no-memory", "--threads", "1"]
-    cmd += ["--losses", "elasticface,adacos"]
+    cmd += ["--losses", "elasticface,adacos,magface"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
     rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert {(r[1], r[2]) for r in rows} == {("-", "floor")} | {
         (loss, i)
-        for loss in ("elasticface", "adacos")
+        for loss in ("elasticface", "adacos", "magface")
         for i in ("ours", "ours-unchecked", "ours-bounded")
     }

@@ -102,6 +102,11 @@ def reference_per_sample(
         scale_col = scale[:, None] if isinstance(scale, torch.Tensor) else scale
         return target_softmax_cross_entropy(c * scale_col, labels, target * scale)
     s = hp["scale"]
+    if kind == "magface":  # Eqs. 4-5 of the paper, the norm clipped to [l_a, u_a]
+        a = x.norm(dim=1).clamp(hp["l_a"], hp["u_a"])
+        m = (hp["u_m"] - hp["l_m"]) / (hp["u_a"] - hp["l_a"]) * (a - hp["l_a"]) + hp["l_m"]
+        ce = target_softmax_cross_entropy(s * c, labels, s * elastic_arc_cos(cy, m))
+        return ce + hp["lambda_g"] * (1 / a + a / hp["u_a"] ** 2)
     if kind in ("nsl", "adacos"):  # AdaCos: NSL at the scale the step used
         target = cy
     elif kind == "cosface":

@@ -15,6 +15,7 @@ from pml_margins.losses import (
     CombinedMarginLoss,
     CosFaceLoss,
     ElasticFaceLoss,
+    MagFaceLoss,
     NormSoftmaxLoss,
     SoftmaxLoss,
     SphereFaceLoss,
@@ -58,6 +59,24 @@ class LossSpec:
         bias = getattr(loss, "bias", None)
         return reference_per_sample(self.kind, x, loss.W, y, bias=bias, **self.hp_for(loss))
 
+
+MAGFACE_PAPER = {
+    "scale": 64.0,
+    "l_a": 10.0,
+    "u_a": 110.0,
+    "l_m": 0.45,
+    "u_m": 0.8,
+    "lambda_g": 35.0,
+}
+#: a norm range that the tests' embeddings (norms ~0.5-10) fall into: margins vary per row
+MAGFACE_SMALL_NORMS = {
+    "scale": 16.0,
+    "l_a": 1.0,
+    "u_a": 6.0,
+    "l_m": 0.3,
+    "u_m": 1.2,
+    "lambda_g": 2.0,
+}
 
 SPECS = [
     LossSpec("softmax", SoftmaxLoss, {}, "softmax"),
@@ -152,6 +171,15 @@ SPECS = [
     ),
     LossSpec("adacos", AdaCosLoss, {}, "adacos"),
     LossSpec("adacos_fixed", AdaCosLoss, {"dynamic": False}, "adacos"),
+    # first of its class, so the dtype matrix runs the norm-dependent margin
+    LossSpec(
+        "magface_small_norms",
+        MagFaceLoss,
+        MAGFACE_SMALL_NORMS,
+        "magface",
+        {**MAGFACE_PAPER, **MAGFACE_SMALL_NORMS},
+    ),
+    LossSpec("magface", MagFaceLoss, {}, "magface", MAGFACE_PAPER),
 ]
 
 SPEC_IDS = [s.id for s in SPECS]
