@@ -1,11 +1,15 @@
 """Exact k-nearest neighbours: a float32 candidate pass, certified, re-scored in float64.
 
 1. **Candidates.** The data are centred (Euclidean distance is translation
-   invariant), scaled by a power of two and rounded to float32; one matrix
-   product per tile gives the cost ``c = |b|^2/2 - a.b`` (``-a.b`` for the dot
-   product) and ``torch.topk`` keeps ``k' = k + margin`` candidates per query.
-   When the query set is the reference set only the tiles on and above the
-   diagonal are multiplied: each product also serves, transposed, its mirror tile.
+   invariant), scaled by a power of two and rounded to float32, with two more
+   columns so that one matrix product per tile gives the cost itself:
+   ``[a, |a|^2/2, 1] . [-b, 1, |b|^2/2] = |a - b|^2 / 2`` (``-a.b`` for the dot
+   product). The ``k' = k + margin`` smallest costs of every query are kept in
+   faiss's binary heaps (CPU; one comparison rejects most costs, no merge between
+   tiles) or, with ``backend="torch"`` or on another device, by ``torch.topk`` per
+   tile. When the query set is the reference set the cost is symmetric: only the
+   tiles on and above the diagonal are multiplied, and each also serves,
+   transposed, its mirror tile.
 2. **Certificate.** :func:`float32_error_bound` bounds ``|c~ - c|`` by ``E`` for
    every pair of a query. Any true top-``k`` reference has ``c~ <= c~_k + 2E``
    (``c~_k``: the ``k``-th candidate cost), so a query whose ``k'``-th candidate
@@ -17,7 +21,7 @@
    identical values) and sorted by (value, index): ties go to the lower index.
 
 The result equals a float64 brute force whatever the offset, block size,
-thread count or device.
+backend, thread count or device.
 """
 
 from __future__ import annotations
@@ -27,15 +31,27 @@ import math
 from collections.abc import Iterator
 from typing import Literal
 
+import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from pml_margins.evaluation.inputs import as_embeddings
 
-__all__ = ["Metric", "check_k", "exact_knn", "float32_error_bound", "merge_neighbours"]
+__all__ = [
+    "Backend",
+    "Metric",
+    "check_k",
+    "exact_knn",
+    "float32_error_bound",
+    "merge_neighbours",
+    "thread_limit",
+]
 
 Metric = Literal["euclidean", "sqeuclidean", "dot"]
 METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean", "dot")
+Backend = Literal["auto", "faiss", "torch"]
+BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
 #: unit roundoff of float32
 UNIT_ROUNDOFF = 2.0**-24
 #: tile side of the candidate pass when ``block_rows`` is not given (64 MiB of float32)
@@ -50,19 +66,19 @@ def float32_error_bound(
     """Per query, a bound ``E`` on the error of every float32 candidate cost.
 
     With ``a`` a query and ``b`` a reference after centring and scaling, each
-    rounded to float32 (relative error ``u = 2^-24`` per coordinate), and a
-    ``D``-term float32 dot product in any summation order (error at most
-    ``D u |a||b| / (1 - D u)``):
+    rounded to float32 (relative error ``u = 2^-24`` per coordinate), ``|x|^2/2``
+    rounded to float32, and the ``(D + 2)``-term float32 product
+    ``[a, |a|^2/2, 1] . [-b, 1, |b|^2/2]`` in any summation order (error at most
+    ``(D + 2) u (|a||b| + |a|^2/2 + |b|^2/2) / (1 - (D + 2) u)``):
 
     .. math::
 
-        E_a = 2 (D + 8)\\, u\\, (|a| + R)^2 \\quad\\text{(Euclidean, cost } |b - a|^2/2
-        \\text{ up to a per-query constant)}, \\qquad
-        E_a = 2 (D + 8)\\, u\\, |a| R \\quad\\text{(dot)}
+        E_a = 2 (D + 8)\\, u\\, (|a| + R)^2 \\quad\\text{(Euclidean, cost } |b - a|^2/2),
+        \\qquad E_a = 2 (D + 8)\\, u\\, |a| R \\quad\\text{(dot, cost } -a \\cdot b)
 
-    with ``R`` the largest reference norm; about twice the sum of the worst-case
-    terms (product, norm and rounding of the inputs), plus an absolute term for
-    subnormal coordinates.
+    with ``R`` the largest reference norm: more than four times the sum of the
+    worst-case terms (product, norms and rounding of the inputs, at most
+    ``(D + 5) u (|a| + R)^2 / 2``), plus an absolute term for subnormal coordinates.
 
     Args:
         query_norms: ``(Q,)`` float64 norms of the float32 queries.
@@ -101,19 +117,63 @@ def merge_neighbours(
 
 
 @contextlib.contextmanager
-def _torch_threads(num_threads: int | None) -> Iterator[None]:
-    """Set torch's CPU thread count for the duration (restored after)."""
+def thread_limit(num_threads: int | None) -> Iterator[None]:
+    """At most ``num_threads`` CPU threads in torch, BLAS and OpenMP (faiss) for the
+    duration (restored after); ``None`` changes nothing.
+
+    Raises:
+        ValueError: ``num_threads`` is not a positive integer.
+    """
     if num_threads is None:
         yield
         return
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
+    with _torch_threads(num_threads), threadpool_limits(limits=num_threads):
+        yield
+
+
+@contextlib.contextmanager
+def _torch_threads(num_threads: int | None) -> Iterator[None]:
+    """torch's CPU thread count for the duration (restored after); ``None``: unchanged.
+
+    The engine runs its float64 passes and small bookkeeping on one torch thread:
+    they work in cache-sized chunks, where starting a parallel region costs more
+    than it saves (on a busy 2-core machine, 48 ms against 0.1 ms per chunk).
+    """
+    if num_threads is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def check_backend(backend: object, device: torch.device) -> bool:
+    """Whether the candidates go to faiss's heaps (else ``torch.topk``).
+
+    ``"auto"``: faiss on CPU when it imports; ``"faiss"``: CPU only.
+
+    Raises:
+        ValueError: unknown ``backend``, or ``"faiss"`` off the CPU.
+        ImportError: ``"faiss"`` without faiss installed.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and device.type != "cpu"):
+        return False
+    if device.type != "cpu":
+        raise ValueError(f"backend='faiss' needs CPU tensors, got device {device}")
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        if backend == "faiss":
+            raise
+        return False
+    return True
 
 
 def _rows64(x: torch.Tensor, normalize: bool, out: torch.Tensor) -> torch.Tensor:
@@ -126,50 +186,91 @@ def _rows64(x: torch.Tensor, normalize: bool, out: torch.Tensor) -> torch.Tensor
     return out
 
 
-def _float32_operand(
-    x: torch.Tensor, normalize: bool, centre: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """``(x - centre) * scale`` in float32, through float64 in row chunks."""
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+def _chunks(x: torch.Tensor, normalize: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, rows in float64)`` over row chunks of ``x``, one reused buffer."""
     rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
     buffer = torch.empty(min(rows, len(x)), x.shape[1], dtype=torch.float64, device=x.device)
     for s in range(0, len(x), rows):
-        chunk = _rows64(x[s : s + rows], normalize, buffer)
-        if centre is not None:
-            chunk -= centre
-        out[s : s + rows] = chunk.mul_(scale)
-    return out
+        yield s, _rows64(x[s : s + rows], normalize, buffer)
 
 
-def _mean64(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Column means in float64, in row chunks."""
-    rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
-    buffer = torch.empty(min(rows, len(x)), x.shape[1], dtype=torch.float64, device=x.device)
+def _column_stats(x: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, ...]:
+    """Column sums, minima and maxima in float64."""
     total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    for s in range(0, len(x), rows):
-        total += _rows64(x[s : s + rows], normalize, buffer).sum(dim=0)
-    return total / len(x)
+    low, high = total + torch.inf, total - torch.inf
+    for _, chunk in _chunks(x, normalize):
+        total += chunk.sum(dim=0)
+        low, high = torch.minimum(low, chunk.amin(dim=0)), torch.maximum(high, chunk.amax(dim=0))
+    return total, low, high
+
+
+def _float32_operand(
+    x: torch.Tensor, normalize: bool, centre: torch.Tensor, scale: float, augment: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = (x - centre) * scale`` in float32, as ``[y, |y|^2/2, 1]`` if ``augment``,
+    and the float64 norms of ``y``. ``|y|^2/2`` is summed in float64 and rounded once."""
+    dim = x.shape[1]
+    out = torch.empty(len(x), dim + 2 * augment, dtype=torch.float32, device=x.device)
+    norms = torch.empty(len(x), dtype=torch.float64, device=x.device)
+    for s, chunk in _chunks(x, normalize):
+        rows = slice(s, s + len(chunk))
+        out[rows, :dim] = chunk.sub_(centre).mul_(scale)
+        squares = chunk.copy_(out[rows, :dim]).square_().sum(dim=1)
+        norms[rows] = squares.sqrt()
+        if augment:
+            out[rows, dim], out[rows, dim + 1] = squares / 2, 1.0
+    return out, norms
 
 
 def _float32_operands(
     query: torch.Tensor, reference: torch.Tensor, metric: str, normalize: bool, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centred (Euclidean), power-of-two-scaled float32 copies of the two sets."""
-    centre = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The candidate pass's float32 sets (see :func:`_float32_operand`), centred on the
+    reference mean (Euclidean), scaled so that the largest ``|coordinate|`` is in
+    ``[0.5, 1)``; and their float64 norms."""
+    sets = (query,) if symmetric else (query, reference)
+    stats = [_column_stats(x, normalize) for x in sets]
+    centre = torch.zeros_like(stats[0][0])
     if metric != "dot":
-        centre = _mean64(reference, normalize)
-    a = _float32_operand(query, normalize, centre, 1.0)
-    b = a if symmetric else _float32_operand(reference, normalize, centre, 1.0)
-    largest = max(float(a.abs().max()), float(b.abs().max()))
-    if largest == 0 or 0.5 <= largest < 1:
-        return a, b
-    scale = 2.0 ** -math.frexp(largest)[1]  # max |x| in [0.5, 1): no overflow in the costs
-    a = _float32_operand(query, normalize, centre, scale)
-    return a, a if symmetric else _float32_operand(reference, normalize, centre, scale)
+        centre = stats[-1][0] / len(reference)
+    largest = max(float(torch.maximum(high - centre, centre - low).max()) for _, low, high in stats)
+    if not math.isfinite(largest):
+        raise ValueError("the embeddings span more than float64 can hold")
+    scale = 1.0 if largest == 0 else 2.0 ** -math.frexp(largest)[1]
+    ops = [_float32_operand(x, normalize, centre, scale, metric != "dot") for x in sets]
+    return ops[0][0], ops[-1][0], ops[0][1], ops[-1][1]
 
 
-class _Candidates:
-    """Running ``k'`` smallest float32 costs per query, fed tile by tile."""
+def _right_operand(b: torch.Tensor, metric: str, out: torch.Tensor) -> torch.Tensor:
+    """``[-b, 1, |b|^2/2]`` from ``[b, |b|^2/2, 1]`` (``-b`` for ``"dot"``) into ``out``."""
+    out = out[: len(b)]
+    if metric == "dot":
+        return torch.neg(b, out=out)
+    dim = b.shape[1] - 2
+    torch.neg(b[:, :dim], out=out[:, :dim])
+    out[:, dim], out[:, dim + 1] = b[:, dim + 1], b[:, dim]
+    return out
+
+
+def _tile_costs(
+    a: torch.Tensor, b: torch.Tensor, metric: str, right: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """float32 costs ``(len(a), len(b))`` of operand rows into ``out``; ``right``: a buffer.
+
+    On CPU the product goes through numpy's BLAS (OpenBLAS, faster than torch's MKL
+    on the AMD machines measured: 1.7x for 4,096 x 512 x 60,502).
+    """
+    right = _right_operand(b, metric, right)
+    out = out[: len(a) * len(b)].view(len(a), len(b))
+    if a.device.type == "cpu":
+        np.matmul(a.numpy(), right.numpy().T, out=out.numpy())
+    else:
+        torch.mm(a, right.T, out=out)
+    return out
+
+
+class _TopkCandidates:
+    """Running ``k'`` smallest float32 costs per query by ``torch.topk``, tile by tile."""
 
     def __init__(self, num_rows: int, width: int, device: torch.device) -> None:
         self.width = width
@@ -185,6 +286,28 @@ class _Candidates:
         self.costs[rows], self.indices[rows] = c, i.gather(1, pos)
 
 
+class _HeapCandidates:
+    """Running ``k'`` smallest float32 costs per query in faiss's binary max-heaps
+    (CPU; rows in parallel with OpenMP). ``costs`` given to :meth:`add` must be
+    C-contiguous."""
+
+    def __init__(self, num_rows: int, width: int) -> None:
+        import faiss
+
+        self.costs = torch.empty(num_rows, width)
+        self.indices = torch.empty(num_rows, width, dtype=torch.long)
+        self._heaps = faiss.float_maxheap_array_t()
+        self._heaps.nh, self._heaps.k = num_rows, width
+        self._heaps.val = faiss.swig_ptr(self.costs.numpy())
+        self._heaps.ids = faiss.swig_ptr(self.indices.numpy())
+        self._heaps.heapify()  # every slot (inf, -1)
+        self._pointer = faiss.swig_ptr
+
+    def add(self, rows: slice, costs: torch.Tensor, col_start: int) -> None:
+        pointer = self._pointer(costs.numpy())
+        self._heaps.addn(costs.shape[1], pointer, col_start, rows.start, rows.stop - rows.start)
+
+
 def _candidate_pass(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -193,35 +316,31 @@ def _candidate_pass(
     self_columns: torch.Tensor | None,
     symmetric: bool,
     tile: int,
+    heaps: bool,
     progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 costs and indices of ``width`` candidates per query row of ``a``.
+    """float32 costs and indices of ``width`` candidates per operand row of ``a``.
 
     ``self_columns[i]`` is the column of query ``i`` itself (excluded), or out of range.
     """
     nq, nr = len(a), len(b)
-    half = None if metric == "dot" else torch.linalg.vector_norm(b, dim=1, dtype=torch.float64)
-    half = None if half is None else half.square_().div_(2).float()
-    found = _Candidates(nq, width, a.device)
-    if symmetric:
-        tasks = [(i, j) for i in range(0, nq, tile) for j in range(i, nr, tile)]
-    else:
-        tasks = [(i, j) for i in range(0, nq, tile) for j in range(0, nr, tile)]
+    found = _HeapCandidates(nq, width) if heaps else _TopkCandidates(nq, width, a.device)
+    tq, tr = min(tile, nq), min(tile, nr)
+    products = torch.empty(tq * tr, device=a.device)
+    mirror = torch.empty(tq * tr if symmetric else 0, device=a.device)
+    right = torch.empty(tr, b.shape[1], device=a.device)
+    tasks = [(i, j) for i in range(0, nq, tile) for j in range(i if symmetric else 0, nr, tile)]
     for i, j in tqdm(tasks, desc="k-nn", unit="tile", disable=not progress):
         ri, rj = slice(i, min(i + tile, nq)), slice(j, min(j + tile, nr))
-        products = a[ri] @ b[rj].T
-        mirror = None
-        if symmetric and i != j:
-            mirror = -products.T if half is None else half[ri] - products.T
-        costs = products.neg_() if half is None else products.neg_().add_(half[rj])
+        costs = _tile_costs(a[ri], b[rj], metric, right, products)
         if self_columns is not None:
-            rows = torch.arange(ri.start, ri.stop, device=a.device)
+            rows = torch.arange(ri.stop - i, device=a.device)
             cols = self_columns[ri] - j
             mine = (cols >= 0) & (cols < rj.stop - j)
-            costs[(rows - i)[mine], cols[mine]] = torch.inf
+            costs[rows[mine], cols[mine]] = torch.inf
         found.add(ri, costs, j)
-        if mirror is not None:
-            found.add(rj, mirror, i)
+        if symmetric and i != j:
+            found.add(rj, mirror[: costs.numel()].view(costs.shape[::-1]).copy_(costs.T), i)
     return found.costs, found.indices
 
 
@@ -246,9 +365,17 @@ def _rescore(
         n = min(rows, num - s)
         columns = indices[s : s + n].clamp(min=0).flatten()
         torch.index_select(reference, 0, columns, out=gathered[: n * width])
-        picked = _rows64(gathered[: n * width], normalize, picked64).view(n, width, dim)
         q = _rows64(query[s : s + n], normalize, query64)[:, None, :]
-        picked.mul_(q) if metric == "dot" else picked.sub_(q).square_()
+        if normalize:
+            picked = _rows64(gathered[: n * width], True, picked64).view(n, width, dim)
+            picked.mul_(q) if metric == "dot" else picked.sub_(q).square_()
+        else:  # the float64 conversion fused into the first operation
+            picked = picked64[: n * width].view(n, width, dim)
+            g = gathered[: n * width].view(n, width, dim)
+            if metric == "dot":
+                torch.mul(g, q, out=picked)
+            else:
+                torch.sub(g, q, out=picked).square_()
         torch.sum(picked, dim=2, out=out[s : s + n])
     return out
 
@@ -271,6 +398,7 @@ def knn_float64(
     self_offset: int | None = None,
     block_rows: int | None = None,
     progress: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top ``k`` of checked inputs: float64 values (squared distance or dot
     product) and indices, on the query's device.
@@ -280,6 +408,7 @@ def knn_float64(
     that a reference shard may hold it or not (:mod:`pml_margins.distributed`).
     """
     device = query.device
+    heaps = check_backend(backend, device)
     symmetric = self_offset in (None, 0) and (
         query is reference
         or (query.shape == reference.shape and torch.equal(query, reference.to(device)))
@@ -291,10 +420,9 @@ def knn_float64(
         return torch.empty(nq, 0, dtype=torch.float64, device=device), torch.empty(
             nq, 0, dtype=torch.long, device=device
         )
-    a, b = _float32_operands(query, reference, metric, normalize, symmetric)
-    bound = float32_error_bound(
-        a.double().norm(dim=1), float(b.double().norm(dim=1).max()), a.shape[1], metric
-    )
+    with _torch_threads(1):
+        a, b, a_norms, b_norms = _float32_operands(query, reference, metric, normalize, symmetric)
+    bound = float32_error_bound(a_norms, float(b_norms.max()), query.shape[1], metric)
     rows_all = torch.arange(nq, device=device)
     self_columns = None if self_offset is None else rows_all - self_offset
     tile = block_rows or DEFAULT_TILE
@@ -302,22 +430,25 @@ def knn_float64(
     indices = torch.empty(nq, k, dtype=torch.long, device=device)
     todo, width, first = rows_all, min(nr, k + max(8, k // 4)), True
     while len(todo):
-        costs, cand = _candidate_pass(
-            a if first else a[todo],
-            b,
-            metric,
-            width,
-            None if self_columns is None else self_columns[todo],
-            symmetric and first,
-            tile,
-            progress and first,
-        )
-        ok = _certified(costs, k, bound[todo], nr)
-        done = todo[ok]
-        v = _rescore(query[done], reference, cand[ok], metric, normalize)
-        own = cand[ok] == (done[:, None] - self_offset if self_offset is not None else -2)
-        v[own | (cand[ok] < 0)] = worst
-        values[done], indices[done] = merge_neighbours(v, cand[ok], k, metric == "dot")
+        with _torch_threads(1 if heaps else None):  # torch.topk wants the threads
+            costs, cand = _candidate_pass(
+                a if first else a[todo],
+                b,
+                metric,
+                width,
+                None if self_columns is None else self_columns[todo],
+                symmetric and first,
+                tile,
+                heaps,
+                progress and first,
+            )
+        with _torch_threads(1):
+            ok = _certified(costs, k, bound[todo], nr)
+            done = todo[ok]
+            v = _rescore(query[done], reference, cand[ok], metric, normalize)
+            own = cand[ok] == (done[:, None] - self_offset if self_offset is not None else -2)
+            v[own | (cand[ok] < 0)] = worst
+            values[done], indices[done] = merge_neighbours(v, cand[ok], k, metric == "dot")
         todo, width, first = todo[~ok], min(nr, 4 * width), False
     return values, indices
 
@@ -332,12 +463,14 @@ def exact_knn(
     exclude_self: bool = False,
     block_rows: int | None = None,
     num_threads: int | None = None,
+    backend: Backend = "auto",
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``k`` nearest references of every query, equal to a float64 brute force.
 
     Ties go to the lower reference index. The result does not depend on
-    ``block_rows``, ``num_threads`` or the device (see the module docstring).
+    ``block_rows``, ``num_threads``, ``backend`` or the device (see the module
+    docstring).
 
     Args:
         query: ``(Q, D)`` embeddings, floating or integer (tensor or numpy array).
@@ -348,8 +481,11 @@ def exact_knn(
         normalize: L2-normalize both sets first (in float64): cosine with ``"dot"``.
         exclude_self: query ``i`` is reference ``i`` and never its own neighbour
             (excluded by index: exact duplicates still count).
-        block_rows: tile side of the candidate pass (memory ``~4 block_rows^2`` bytes).
-        num_threads: torch CPU threads for the call (restored after); default unchanged.
+        block_rows: tile side of the candidate pass (memory ``~8 block_rows^2`` bytes).
+        num_threads: CPU threads of torch, BLAS and faiss for the call (restored
+            after); default unchanged.
+        backend: candidate selection: ``"faiss"`` (binary heaps, CPU), ``"torch"``
+            (``torch.topk``, any device) or ``"auto"`` (faiss on CPU when installed).
         progress: a tqdm bar over tiles.
 
     Returns:
@@ -358,7 +494,7 @@ def exact_knn(
 
     Raises:
         TypeError / ValueError: bad embeddings (see :func:`.inputs.as_embeddings`),
-            ``k``, ``metric``, ``block_rows`` or ``num_threads``.
+            ``k``, ``metric``, ``block_rows``, ``num_threads`` or ``backend``.
 
     Example:
         >>> x = torch.tensor([[0.0], [1.0], [1.0], [3.0]])
@@ -376,7 +512,7 @@ def exact_knn(
         isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1
     ):
         raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
-    with torch.no_grad(), _torch_threads(num_threads):
+    with torch.no_grad(), thread_limit(num_threads):
         values, indices = knn_float64(
             query,
             reference,
@@ -386,6 +522,7 @@ def exact_knn(
             0 if exclude_self else None,
             block_rows,
             progress,
+            backend,
         )
     return finish_values(values, metric, query.dtype), indices
 
