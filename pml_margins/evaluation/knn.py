@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -58,6 +59,12 @@ UNIT_ROUNDOFF = 2.0**-24
 DEFAULT_TILE = 4096
 #: float64 elements per chunk of the conversions and of the re-scoring
 CHUNK_ELEMENTS = 2**18
+#: most worker threads of the faiss candidate pass
+MAX_WORKERS = 8
+#: most bytes of the workers' heaps together (each worker holds ``Q x k'`` of them)
+HEAP_BYTES = 2**30
+#: query rows per step when the workers' candidate lists are merged
+MERGE_ROWS = 4096
 
 
 def float32_error_bound(
@@ -288,8 +295,7 @@ class _TopkCandidates:
 
 class _HeapCandidates:
     """Running ``k'`` smallest float32 costs per query in faiss's binary max-heaps
-    (CPU; rows in parallel with OpenMP). ``costs`` given to :meth:`add` must be
-    C-contiguous."""
+    (CPU). ``costs`` given to :meth:`add` must be C-contiguous."""
 
     def __init__(self, num_rows: int, width: int) -> None:
         import faiss
@@ -316,32 +322,53 @@ def _candidate_pass(
     self_columns: torch.Tensor | None,
     symmetric: bool,
     tile: int,
-    heaps: bool,
+    workers: int,
     progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 costs and indices of ``width`` candidates per operand row of ``a``.
 
     ``self_columns[i]`` is the column of query ``i`` itself (excluded), or out of range.
+    ``workers = 0``: ``torch.topk`` on this thread. Otherwise faiss heaps in
+    ``workers`` threads, each with its own heaps and buffers and every library at
+    one thread (numpy's BLAS and faiss's OpenMP pools taking turns spin against each
+    other); their lists are merged by a sort.
     """
     nq, nr = len(a), len(b)
-    found = _HeapCandidates(nq, width) if heaps else _TopkCandidates(nq, width, a.device)
-    tq, tr = min(tile, nq), min(tile, nr)
-    products = torch.empty(tq * tr, device=a.device)
-    mirror = torch.empty(tq * tr if symmetric else 0, device=a.device)
-    right = torch.empty(tr, b.shape[1], device=a.device)
     tasks = [(i, j) for i in range(0, nq, tile) for j in range(i if symmetric else 0, nr, tile)]
-    for i, j in tqdm(tasks, desc="k-nn", unit="tile", disable=not progress):
-        ri, rj = slice(i, min(i + tile, nq)), slice(j, min(j + tile, nr))
-        costs = _tile_costs(a[ri], b[rj], metric, right, products)
-        if self_columns is not None:
-            rows = torch.arange(ri.stop - i, device=a.device)
-            cols = self_columns[ri] - j
-            mine = (cols >= 0) & (cols < rj.stop - j)
-            costs[rows[mine], cols[mine]] = torch.inf
-        found.add(ri, costs, j)
-        if symmetric and i != j:
-            found.add(rj, mirror[: costs.numel()].view(costs.shape[::-1]).copy_(costs.T), i)
-    return found.costs, found.indices
+    bar = tqdm(total=len(tasks), desc="k-nn", unit="tile", disable=not progress)
+
+    def run(share: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        found = _HeapCandidates(nq, width) if workers else _TopkCandidates(nq, width, a.device)
+        tq, tr = min(tile, nq), min(tile, nr)
+        products = torch.empty(tq * tr, device=a.device)
+        mirror = torch.empty(tq * tr if symmetric else 0, device=a.device)
+        right = torch.empty(tr, b.shape[1], device=a.device)
+        for i, j in share:
+            ri, rj = slice(i, min(i + tile, nq)), slice(j, min(j + tile, nr))
+            costs = _tile_costs(a[ri], b[rj], metric, right, products)
+            if self_columns is not None:
+                rows = torch.arange(ri.stop - i, device=a.device)
+                cols = self_columns[ri] - j
+                mine = (cols >= 0) & (cols < rj.stop - j)
+                costs[rows[mine], cols[mine]] = torch.inf
+            found.add(ri, costs, j)
+            if symmetric and i != j:
+                found.add(rj, mirror[: costs.numel()].view(costs.shape[::-1]).copy_(costs.T), i)
+            bar.update()
+        return found.costs, found.indices
+
+    with bar:
+        if not workers:
+            return run(tasks)
+        workers = min(workers, len(tasks))
+        with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
+            lists = list(pool.map(run, [tasks[w::workers] for w in range(workers)]))
+    costs, indices = (torch.cat(parts, dim=1) for parts in zip(*lists, strict=True))
+    for s in range(0, nq, MERGE_ROWS):  # the smallest ``width`` of the workers' lists
+        rows = slice(s, s + MERGE_ROWS)
+        c, order = torch.topk(costs[rows], width, dim=1, largest=False, sorted=False)
+        costs[rows, :width], indices[rows, :width] = c, indices[rows].gather(1, order)
+    return costs[:, :width], indices[:, :width]
 
 
 def _rescore(
@@ -430,6 +457,8 @@ def knn_float64(
     indices = torch.empty(nq, k, dtype=torch.long, device=device)
     todo, width, first = rows_all, min(nr, k + max(8, k // 4)), True
     while len(todo):
+        workers = torch.get_num_threads() if heaps else 0
+        workers = min(workers, MAX_WORKERS, max(1, HEAP_BYTES // (12 * len(todo) * width)))
         with _torch_threads(1 if heaps else None):  # torch.topk wants the threads
             costs, cand = _candidate_pass(
                 a if first else a[todo],
@@ -439,7 +468,7 @@ def knn_float64(
                 None if self_columns is None else self_columns[todo],
                 symmetric and first,
                 tile,
-                heaps,
+                workers,
                 progress and first,
             )
         with _torch_threads(1):

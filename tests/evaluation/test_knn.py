@@ -146,7 +146,7 @@ def test_numpy_input_and_cosine():
 @pytest.mark.parametrize("metric", ["euclidean", "dot"])
 @pytest.mark.parametrize("same", [True, False])
 def test_faiss_heaps_keep_the_smallest_costs(metric, same):
-    """The heap pass (mirror tiles included) keeps, per row, the smallest costs: a full
+    """Each candidate pass (mirror tiles included) keeps, per row, the smallest costs: a full
     sort of the whole cost matrix is the reference (one product, so its float32
     rounding differs from the tiles' in the last bits)."""
     g = torch.Generator().manual_seed(7)
@@ -158,9 +158,9 @@ def test_faiss_heaps_keep_the_smallest_costs(metric, same):
         full.fill_diagonal_(torch.inf)
     self_columns = torch.arange(len(a)) if same else None
     width = 11
-    for heaps in (True, False):
+    for workers in (0, 1, 3):  # torch.topk; faiss heaps in 1 or 3 threads, merged
         costs, columns = knn_module._candidate_pass(
-            a, b, metric, width, self_columns, same, 32, heaps, False
+            a, b, metric, width, self_columns, same, 32, workers, False
         )
         expected = torch.sort(full, dim=1).values[:, :width]
         torch.testing.assert_close(torch.sort(costs, dim=1).values, expected, rtol=0, atol=1e-6)
