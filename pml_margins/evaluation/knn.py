@@ -5,11 +5,11 @@
    columns so that one matrix product per tile gives the cost itself:
    ``[a, |a|^2/2, 1] . [-b, 1, |b|^2/2] = |a - b|^2 / 2`` (``-a.b`` for the dot
    product). The ``k' = k + margin`` smallest costs of every query are kept in
-   faiss's binary heaps (CPU; one comparison rejects most costs, no merge between
-   tiles) or, with ``backend="torch"`` or on another device, by ``torch.topk`` per
-   tile. When the query set is the reference set the cost is symmetric: only the
-   tiles on and above the diagonal are multiplied, and each also serves,
-   transposed, its mirror tile.
+   faiss's binary heaps (CPU: one comparison rejects most costs, no merge between
+   tiles; one worker thread per CPU thread) or, with ``backend="torch"`` or on
+   another device, by ``torch.topk`` per tile. When the query set is the reference
+   set the cost is symmetric: only the tiles on and above the diagonal are
+   multiplied, and each also serves, transposed, its mirror tile.
 2. **Certificate.** :func:`float32_error_bound` bounds ``|c~ - c|`` by ``E`` for
    every pair of a query. Any true top-``k`` reference has ``c~ <= c~_k + 2E``
    (``c~_k``: the ``k``-th candidate cost), so a query whose ``k'``-th candidate
@@ -59,12 +59,8 @@ UNIT_ROUNDOFF = 2.0**-24
 DEFAULT_TILE = 4096
 #: float64 elements per chunk of the conversions and of the re-scoring
 CHUNK_ELEMENTS = 2**18
-#: most worker threads of the faiss candidate pass
-MAX_WORKERS = 8
-#: most bytes of the workers' heaps together (each worker holds ``Q x k'`` of them)
-HEAP_BYTES = 2**30
-#: query rows per step when the workers' candidate lists are merged
-MERGE_ROWS = 4096
+#: most worker threads of the faiss pass, and most bytes of their heaps together
+MAX_WORKERS, HEAP_BYTES = 8, 2**30
 
 
 def float32_error_bound(
@@ -83,9 +79,9 @@ def float32_error_bound(
         E_a = 2 (D + 8)\\, u\\, (|a| + R)^2 \\quad\\text{(Euclidean, cost } |b - a|^2/2),
         \\qquad E_a = 2 (D + 8)\\, u\\, |a| R \\quad\\text{(dot, cost } -a \\cdot b)
 
-    with ``R`` the largest reference norm: more than four times the sum of the
-    worst-case terms (product, norms and rounding of the inputs, at most
-    ``(D + 5) u (|a| + R)^2 / 2``), plus an absolute term for subnormal coordinates.
+    with ``R`` the largest reference norm: over four times the sum of the worst-case
+    terms (product, norms, rounding of the inputs: ``(D + 5) u (|a| + R)^2 / 2``),
+    plus an absolute term for subnormal coordinates.
 
     Args:
         query_norms: ``(Q,)`` float64 norms of the float32 queries.
@@ -96,8 +92,7 @@ def float32_error_bound(
     Returns:
         ``(Q,)`` float64.
     """
-    scale = 2 * (dim + 8) * UNIT_ROUNDOFF
-    tiny = dim * 2.0**-120
+    scale, tiny = 2 * (dim + 8) * UNIT_ROUNDOFF, dim * 2.0**-120
     if metric == "dot":
         return scale * query_norms * max_reference_norm + tiny
     return scale * (query_norms + max_reference_norm) ** 2 + tiny
@@ -124,9 +119,13 @@ def merge_neighbours(
 
 
 @contextlib.contextmanager
-def thread_limit(num_threads: int | None) -> Iterator[None]:
-    """At most ``num_threads`` CPU threads in torch, BLAS and OpenMP (faiss) for the
-    duration (restored after); ``None`` changes nothing.
+def thread_limit(num_threads: int | None, libraries: bool = True) -> Iterator[None]:
+    """At most ``num_threads`` CPU threads in torch and, if ``libraries``, in BLAS and
+    OpenMP (faiss) for the duration (restored after); ``None`` changes nothing.
+
+    The engine runs its float64 passes on one torch thread: they work in cache-sized
+    chunks, where starting a parallel region costs more than it saves (on a busy
+    2-core machine, 48 ms against 0.1 ms per chunk).
 
     Raises:
         ValueError: ``num_threads`` is not a positive integer.
@@ -136,33 +135,18 @@ def thread_limit(num_threads: int | None) -> Iterator[None]:
         return
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
-    with _torch_threads(num_threads), threadpool_limits(limits=num_threads):
-        yield
-
-
-@contextlib.contextmanager
-def _torch_threads(num_threads: int | None) -> Iterator[None]:
-    """torch's CPU thread count for the duration (restored after); ``None``: unchanged.
-
-    The engine runs its float64 passes and small bookkeeping on one torch thread:
-    they work in cache-sized chunks, where starting a parallel region costs more
-    than it saves (on a busy 2-core machine, 48 ms against 0.1 ms per chunk).
-    """
-    if num_threads is None:
-        yield
-        return
     before = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        yield
+        with threadpool_limits(num_threads) if libraries else contextlib.nullcontext():
+            yield
     finally:
         torch.set_num_threads(before)
 
 
-def check_backend(backend: object, device: torch.device) -> bool:
-    """Whether the candidates go to faiss's heaps (else ``torch.topk``).
-
-    ``"auto"``: faiss on CPU when it imports; ``"faiss"``: CPU only.
+def use_faiss(backend: object, device: torch.device) -> bool:
+    """Whether the candidates go to faiss's heaps (``"auto"``: on CPU when faiss
+    imports), else to ``torch.topk``.
 
     Raises:
         ValueError: unknown ``backend``, or ``"faiss"`` off the CPU.
@@ -170,9 +154,7 @@ def check_backend(backend: object, device: torch.device) -> bool:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend == "auto" and device.type != "cpu"):
-        return False
-    if device.type != "cpu":
+    if backend == "faiss" and device.type != "cpu":
         raise ValueError(f"backend='faiss' needs CPU tensors, got device {device}")
     try:
         import faiss  # noqa: F401
@@ -180,7 +162,7 @@ def check_backend(backend: object, device: torch.device) -> bool:
         if backend == "faiss":
             raise
         return False
-    return True
+    return backend != "torch" and device.type == "cpu"
 
 
 def _rows64(x: torch.Tensor, normalize: bool, out: torch.Tensor) -> torch.Tensor:
@@ -188,86 +170,56 @@ def _rows64(x: torch.Tensor, normalize: bool, out: torch.Tensor) -> torch.Tensor
     values every result is exact for. Identical rows give identical values."""
     out = out[: len(x)].copy_(x)
     if normalize:
-        norms = torch.linalg.vector_norm(out, dim=-1, keepdim=True)
-        out.div_(norms.clamp_(min=1e-12))
+        out.div_(torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_(min=1e-12))
     return out
 
 
-def _chunks(x: torch.Tensor, normalize: bool) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, rows in float64)`` over row chunks of ``x``, one reused buffer."""
-    rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
-    buffer = torch.empty(min(rows, len(x)), x.shape[1], dtype=torch.float64, device=x.device)
-    for s in range(0, len(x), rows):
-        yield s, _rows64(x[s : s + rows], normalize, buffer)
-
-
-def _column_stats(x: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, ...]:
-    """Column sums, minima and maxima in float64."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    low, high = total + torch.inf, total - torch.inf
-    for _, chunk in _chunks(x, normalize):
-        total += chunk.sum(dim=0)
-        low, high = torch.minimum(low, chunk.amin(dim=0)), torch.maximum(high, chunk.amax(dim=0))
-    return total, low, high
-
-
-def _float32_operand(
-    x: torch.Tensor, normalize: bool, centre: torch.Tensor, scale: float, augment: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y = (x - centre) * scale`` in float32, as ``[y, |y|^2/2, 1]`` if ``augment``,
-    and the float64 norms of ``y``. ``|y|^2/2`` is summed in float64 and rounded once."""
-    dim = x.shape[1]
-    out = torch.empty(len(x), dim + 2 * augment, dtype=torch.float32, device=x.device)
-    norms = torch.empty(len(x), dtype=torch.float64, device=x.device)
-    for s, chunk in _chunks(x, normalize):
-        rows = slice(s, s + len(chunk))
-        out[rows, :dim] = chunk.sub_(centre).mul_(scale)
-        squares = chunk.copy_(out[rows, :dim]).square_().sum(dim=1)
-        norms[rows] = squares.sqrt()
-        if augment:
-            out[rows, dim], out[rows, dim + 1] = squares / 2, 1.0
-    return out, norms
+def _chunks(x: torch.Tensor, normalize: bool) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows, x[rows] in float64)`` over row chunks of ``x``, one reused buffer."""
+    step = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
+    buffer = torch.empty(min(step, len(x)), x.shape[1], dtype=torch.float64, device=x.device)
+    for s in range(0, len(x), step):
+        yield slice(s, min(s + step, len(x))), _rows64(x[s : s + step], normalize, buffer)
 
 
 def _float32_operands(
     query: torch.Tensor, reference: torch.Tensor, metric: str, normalize: bool, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The candidate pass's float32 sets (see :func:`_float32_operand`), centred on the
-    reference mean (Euclidean), scaled so that the largest ``|coordinate|`` is in
-    ``[0.5, 1)``; and their float64 norms."""
+    """float32 ``y = (x - centre) * scale`` of both sets, as ``[y, |y|^2/2, 1]``
+    (Euclidean; ``|y|^2/2`` summed in float64, rounded once) or ``y`` (dot), and the
+    float64 norms of ``y``. Centre: the reference mean (Euclidean) or 0; ``scale``:
+    the power of two that puts the largest ``|y|`` coordinate in ``[0.5, 1)``."""
     sets = (query,) if symmetric else (query, reference)
-    stats = [_column_stats(x, normalize) for x in sets]
-    centre = torch.zeros_like(stats[0][0])
+    centre = torch.zeros(query.shape[1], dtype=torch.float64, device=query.device)
     if metric != "dot":
-        centre = stats[-1][0] / len(reference)
-    largest = max(float(torch.maximum(high - centre, centre - low).max()) for _, low, high in stats)
+        centre = sum(c.sum(dim=0) for _, c in _chunks(reference, normalize)) / len(reference)
+    largest = max(float((c - centre).abs().max()) for x in sets for _, c in _chunks(x, normalize))
     if not math.isfinite(largest):
         raise ValueError("the embeddings span more than float64 can hold")
     scale = 1.0 if largest == 0 else 2.0 ** -math.frexp(largest)[1]
-    ops = [_float32_operand(x, normalize, centre, scale, metric != "dot") for x in sets]
-    return ops[0][0], ops[-1][0], ops[0][1], ops[-1][1]
-
-
-def _right_operand(b: torch.Tensor, metric: str, out: torch.Tensor) -> torch.Tensor:
-    """``[-b, 1, |b|^2/2]`` from ``[b, |b|^2/2, 1]`` (``-b`` for ``"dot"``) into ``out``."""
-    out = out[: len(b)]
-    if metric == "dot":
-        return torch.neg(b, out=out)
-    dim = b.shape[1] - 2
-    torch.neg(b[:, :dim], out=out[:, :dim])
-    out[:, dim], out[:, dim + 1] = b[:, dim + 1], b[:, dim]
-    return out
+    out = []
+    for x in sets:
+        y = torch.empty(len(x), x.shape[1] + 2 * (metric != "dot"), device=x.device)
+        norms = torch.empty(len(x), dtype=torch.float64, device=x.device)
+        for rows, chunk in _chunks(x, normalize):
+            y[rows, : x.shape[1]] = chunk.sub_(centre).mul_(scale)
+            squares = chunk.copy_(y[rows, : x.shape[1]]).square_().sum(dim=1)
+            norms[rows] = squares.sqrt()
+            if metric != "dot":
+                y[rows, -2], y[rows, -1] = squares / 2, 1.0
+        out.append((y, norms))
+    return out[0][0], out[-1][0], out[0][1], out[-1][1]
 
 
 def _tile_costs(
     a: torch.Tensor, b: torch.Tensor, metric: str, right: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
-    """float32 costs ``(len(a), len(b))`` of operand rows into ``out``; ``right``: a buffer.
-
-    On CPU the product goes through numpy's BLAS (OpenBLAS, faster than torch's MKL
-    on the AMD machines measured: 1.7x for 4,096 x 512 x 60,502).
-    """
-    right = _right_operand(b, metric, right)
+    """float32 costs ``(len(a), len(b))`` of operand rows into ``out``; ``right``: a
+    buffer for ``[-b, 1, |b|^2/2]`` (``-b`` for dot). On CPU the product goes through
+    numpy's BLAS (OpenBLAS: 1.7x torch's MKL on the AMD machines measured)."""
+    right = torch.neg(b, out=right[: len(b)])
+    if metric != "dot":
+        right[:, -2:] = b[:, [-1, -2]]
     out = out[: len(a) * len(b)].view(len(a), len(b))
     if a.device.type == "cpu":
         np.matmul(a.numpy(), right.numpy().T, out=out.numpy())
@@ -277,37 +229,34 @@ def _tile_costs(
 
 
 class _TopkCandidates:
-    """Running ``k'`` smallest float32 costs per query by ``torch.topk``, tile by tile."""
+    """Running ``k'`` smallest costs per query by ``torch.topk``, tile by tile."""
 
     def __init__(self, num_rows: int, width: int, device: torch.device) -> None:
-        self.width = width
         self.costs = torch.full((num_rows, width), torch.inf, device=device)
         self.indices = torch.full((num_rows, width), -1, dtype=torch.long, device=device)
 
     def add(self, rows: slice, costs: torch.Tensor, col_start: int) -> None:
-        kk = min(self.width, costs.shape[1])
-        c, i = torch.topk(costs, kk, dim=1, largest=False, sorted=False)
+        c, i = torch.topk(costs, min(self.costs.shape[1], costs.shape[1]), 1, False, False)
         c = torch.cat([self.costs[rows], c], dim=1)
         i = torch.cat([self.indices[rows], i + col_start], dim=1)
-        c, pos = torch.topk(c, self.width, dim=1, largest=False, sorted=False)
+        c, pos = torch.topk(c, self.costs.shape[1], 1, False, False)
         self.costs[rows], self.indices[rows] = c, i.gather(1, pos)
 
 
 class _HeapCandidates:
-    """Running ``k'`` smallest float32 costs per query in faiss's binary max-heaps
-    (CPU). ``costs`` given to :meth:`add` must be C-contiguous."""
+    """Running ``k'`` smallest costs per query in faiss's binary max-heaps (CPU);
+    :meth:`add` takes C-contiguous costs."""
 
     def __init__(self, num_rows: int, width: int) -> None:
         import faiss
 
         self.costs = torch.empty(num_rows, width)
         self.indices = torch.empty(num_rows, width, dtype=torch.long)
-        self._heaps = faiss.float_maxheap_array_t()
+        self._heaps, self._pointer = faiss.float_maxheap_array_t(), faiss.swig_ptr
         self._heaps.nh, self._heaps.k = num_rows, width
         self._heaps.val = faiss.swig_ptr(self.costs.numpy())
         self._heaps.ids = faiss.swig_ptr(self.indices.numpy())
         self._heaps.heapify()  # every slot (inf, -1)
-        self._pointer = faiss.swig_ptr
 
     def add(self, rows: slice, costs: torch.Tensor, col_start: int) -> None:
         pointer = self._pointer(costs.numpy())
@@ -327,11 +276,11 @@ def _candidate_pass(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 costs and indices of ``width`` candidates per operand row of ``a``.
 
-    ``self_columns[i]`` is the column of query ``i`` itself (excluded), or out of range.
-    ``workers = 0``: ``torch.topk`` on this thread. Otherwise faiss heaps in
-    ``workers`` threads, each with its own heaps and buffers and every library at
-    one thread (numpy's BLAS and faiss's OpenMP pools taking turns spin against each
-    other); their lists are merged by a sort.
+    ``self_columns[i]``: the column of query ``i`` itself (excluded), or out of range.
+    ``workers = 0``: ``torch.topk`` on this thread; else faiss heaps in ``workers``
+    threads, each with its own heaps and buffers and every library at one thread
+    (numpy's BLAS and faiss's OpenMP pools taking turns spin against each other),
+    their lists merged after.
     """
     nq, nr = len(a), len(b)
     tasks = [(i, j) for i in range(0, nq, tile) for j in range(i if symmetric else 0, nr, tile)]
@@ -347,8 +296,7 @@ def _candidate_pass(
             ri, rj = slice(i, min(i + tile, nq)), slice(j, min(j + tile, nr))
             costs = _tile_costs(a[ri], b[rj], metric, right, products)
             if self_columns is not None:
-                rows = torch.arange(ri.stop - i, device=a.device)
-                cols = self_columns[ri] - j
+                rows, cols = torch.arange(ri.stop - i, device=a.device), self_columns[ri] - j
                 mine = (cols >= 0) & (cols < rj.stop - j)
                 costs[rows[mine], cols[mine]] = torch.inf
             found.add(ri, costs, j)
@@ -361,11 +309,10 @@ def _candidate_pass(
         if not workers:
             return run(tasks)
         workers = min(workers, len(tasks))
-        with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
+        with thread_limit(1), ThreadPoolExecutor(workers) as pool:
             lists = list(pool.map(run, [tasks[w::workers] for w in range(workers)]))
     costs, indices = (torch.cat(parts, dim=1) for parts in zip(*lists, strict=True))
-    for s in range(0, nq, MERGE_ROWS):  # the smallest ``width`` of the workers' lists
-        rows = slice(s, s + MERGE_ROWS)
+    for rows, _ in _chunks(costs[:, :1], False):  # keep the smallest ``width`` of all lists
         c, order = torch.topk(costs[rows], width, dim=1, largest=False, sorted=False)
         costs[rows, :width], indices[rows, :width] = c, indices[rows].gather(1, order)
     return costs[:, :width], indices[:, :width]
@@ -382,27 +329,18 @@ def _rescore(
     from the original values (identical rows give identical values)."""
     num, width, dim = len(query), indices.shape[1], query.shape[1]
     out = torch.empty(num, width, dtype=torch.float64, device=query.device)
-    if num == 0:
-        return out
-    rows = min(num, max(1, CHUNK_ELEMENTS // max(1, width * dim)))
+    rows = max(1, min(num, CHUNK_ELEMENTS // max(1, width * dim)))
     gathered = torch.empty(rows * width, dim, dtype=reference.dtype, device=query.device)
     picked64 = torch.empty(rows * width, dim, dtype=torch.float64, device=query.device)
     query64 = torch.empty(rows, dim, dtype=torch.float64, device=query.device)
     for s in range(0, num, rows):
         n = min(rows, num - s)
-        columns = indices[s : s + n].clamp(min=0).flatten()
-        torch.index_select(reference, 0, columns, out=gathered[: n * width])
+        torch.index_select(
+            reference, 0, indices[s : s + n].clamp(min=0).flatten(), out=gathered[: n * width]
+        )
+        picked = _rows64(gathered[: n * width], normalize, picked64).view(n, width, dim)
         q = _rows64(query[s : s + n], normalize, query64)[:, None, :]
-        if normalize:
-            picked = _rows64(gathered[: n * width], True, picked64).view(n, width, dim)
-            picked.mul_(q) if metric == "dot" else picked.sub_(q).square_()
-        else:  # the float64 conversion fused into the first operation
-            picked = picked64[: n * width].view(n, width, dim)
-            g = gathered[: n * width].view(n, width, dim)
-            if metric == "dot":
-                torch.mul(g, q, out=picked)
-            else:
-                torch.sub(g, q, out=picked).square_()
+        picked.mul_(q) if metric == "dot" else picked.sub_(q).square_()
         torch.sum(picked, dim=2, out=out[s : s + n])
     return out
 
@@ -435,49 +373,43 @@ def knn_float64(
     that a reference shard may hold it or not (:mod:`pml_margins.distributed`).
     """
     device = query.device
-    heaps = check_backend(backend, device)
+    heaps = use_faiss(backend, device)
     symmetric = self_offset in (None, 0) and (
         query is reference
         or (query.shape == reference.shape and torch.equal(query, reference.to(device)))
     )
     reference = query if symmetric else reference.to(device)
     nq, nr = len(query), len(reference)
-    worst = -torch.inf if metric == "dot" else torch.inf
-    if k == 0 or nr == 0:
-        return torch.empty(nq, 0, dtype=torch.float64, device=device), torch.empty(
-            nq, 0, dtype=torch.long, device=device
-        )
-    with _torch_threads(1):
-        a, b, a_norms, b_norms = _float32_operands(query, reference, metric, normalize, symmetric)
-    bound = float32_error_bound(a_norms, float(b_norms.max()), query.shape[1], metric)
-    rows_all = torch.arange(nq, device=device)
-    self_columns = None if self_offset is None else rows_all - self_offset
-    tile = block_rows or DEFAULT_TILE
     values = torch.empty(nq, k, dtype=torch.float64, device=device)
     indices = torch.empty(nq, k, dtype=torch.long, device=device)
-    todo, width, first = rows_all, min(nr, k + max(8, k // 4)), True
+    if k == 0 or nr == 0:
+        return values, indices
+    threads = torch.get_num_threads()
+    with thread_limit(1, libraries=False):
+        a, b, a_norms, b_norms = _float32_operands(query, reference, metric, normalize, symmetric)
+    bound = float32_error_bound(a_norms, float(b_norms.max()), query.shape[1], metric)
+    self_columns = None if self_offset is None else torch.arange(nq, device=device) - self_offset
+    todo, width, first = torch.arange(nq, device=device), min(nr, k + max(8, k // 4)), True
     while len(todo):
-        workers = torch.get_num_threads() if heaps else 0
-        workers = min(workers, MAX_WORKERS, max(1, HEAP_BYTES // (12 * len(todo) * width)))
-        with _torch_threads(1 if heaps else None):  # torch.topk wants the threads
-            costs, cand = _candidate_pass(
-                a if first else a[todo],
-                b,
-                metric,
-                width,
-                None if self_columns is None else self_columns[todo],
-                symmetric and first,
-                tile,
-                workers,
-                progress and first,
-            )
-        with _torch_threads(1):
+        workers = min(threads, MAX_WORKERS, max(1, HEAP_BYTES // (12 * len(todo) * width)))
+        costs, cand = _candidate_pass(
+            a if first else a[todo],
+            b,
+            metric,
+            width,
+            None if self_columns is None else self_columns[todo],
+            symmetric and first,
+            block_rows or DEFAULT_TILE,
+            workers if heaps else 0,
+            progress and first,
+        )
+        with thread_limit(1, libraries=False):
             ok = _certified(costs, k, bound[todo], nr)
-            done = todo[ok]
-            v = _rescore(query[done], reference, cand[ok], metric, normalize)
-            own = cand[ok] == (done[:, None] - self_offset if self_offset is not None else -2)
-            v[own | (cand[ok] < 0)] = worst
-            values[done], indices[done] = merge_neighbours(v, cand[ok], k, metric == "dot")
+            done, cand = todo[ok], cand[ok]
+            v = _rescore(query[done], reference, cand, metric, normalize)
+            own = cand == (done[:, None] - self_offset if self_offset is not None else -2)
+            v[own | (cand < 0)] = -torch.inf if metric == "dot" else torch.inf
+            values[done], indices[done] = merge_neighbours(v, cand, k, metric == "dot")
         todo, width, first = todo[~ok], min(nr, 4 * width), False
     return values, indices
 
@@ -510,9 +442,10 @@ def exact_knn(
         normalize: L2-normalize both sets first (in float64): cosine with ``"dot"``.
         exclude_self: query ``i`` is reference ``i`` and never its own neighbour
             (excluded by index: exact duplicates still count).
-        block_rows: tile side of the candidate pass (memory ``~8 block_rows^2`` bytes).
+        block_rows: tile side of the candidate pass (memory ``~8 block_rows^2`` bytes
+            per worker thread).
         num_threads: CPU threads of torch, BLAS and faiss for the call (restored
-            after); default unchanged.
+            after); default: torch's thread count, others unchanged.
         backend: candidate selection: ``"faiss"`` (binary heaps, CPU), ``"torch"``
             (``torch.topk``, any device) or ``"auto"`` (faiss on CPU when installed).
         progress: a tqdm bar over tiles.
@@ -524,6 +457,7 @@ def exact_knn(
     Raises:
         TypeError / ValueError: bad embeddings (see :func:`.inputs.as_embeddings`),
             ``k``, ``metric``, ``block_rows``, ``num_threads`` or ``backend``.
+        ImportError: ``backend="faiss"`` without faiss.
 
     Example:
         >>> x = torch.tensor([[0.0], [1.0], [1.0], [3.0]])
@@ -542,16 +476,9 @@ def exact_knn(
     ):
         raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
     with torch.no_grad(), thread_limit(num_threads):
+        self_offset = 0 if exclude_self else None
         values, indices = knn_float64(
-            query,
-            reference,
-            k,
-            metric,
-            normalize,
-            0 if exclude_self else None,
-            block_rows,
-            progress,
-            backend,
+            query, reference, k, metric, normalize, self_offset, block_rows, progress, backend
         )
     return finish_values(values, metric, query.dtype), indices
 
@@ -559,6 +486,5 @@ def exact_knn(
 def finish_values(values: torch.Tensor, metric: str, dtype: torch.dtype) -> torch.Tensor:
     """float64 ranking values as returned: distance (sqrt) for ``"euclidean"``, in
     float64 for float64 input, else float32."""
-    if metric == "euclidean":
-        values = values.sqrt()
+    values = values.sqrt() if metric == "euclidean" else values
     return values.to(torch.float64 if dtype == torch.float64 else torch.float32)
