@@ -55,8 +55,9 @@ Backend = Literal["auto", "faiss", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
 #: unit roundoff of float32
 UNIT_ROUNDOFF = 2.0**-24
-#: tile side of the candidate pass when ``block_rows`` is not given (64 MiB of float32)
-DEFAULT_TILE = 4096
+#: tile side of the candidate pass when ``block_rows`` is not given (4 MiB of float32;
+#: as fast as 4,096 on 2 cores and it halves the products wasted below the diagonal)
+DEFAULT_TILE = 1024
 #: float64 elements per chunk of the conversions and of the re-scoring
 CHUNK_ELEMENTS = 2**18
 #: most worker threads of the faiss pass, and most bytes of their heaps together
