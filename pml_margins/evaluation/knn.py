@@ -312,10 +312,13 @@ def _candidate_pass(
         workers = min(workers, len(tasks))
         with thread_limit(1), ThreadPoolExecutor(workers) as pool:
             lists = list(pool.map(run, [tasks[w::workers] for w in range(workers)]))
-    costs, indices = (torch.cat(parts, dim=1) for parts in zip(*lists, strict=True))
-    for rows, _ in _chunks(costs[:, :1], False):  # keep the smallest ``width`` of all lists
-        c, order = torch.topk(costs[rows], width, dim=1, largest=False, sorted=False)
-        costs[rows, :width], indices[rows, :width] = c, indices[rows].gather(1, order)
+            if workers == 1:
+                return lists[0]
+            costs, indices = (torch.cat(parts, dim=1) for parts in zip(*lists, strict=True))
+            for s in range(0, nq, tile):  # keep the smallest ``width`` of all lists
+                c, order = torch.topk(costs[s : s + tile], width, 1, largest=False, sorted=False)
+                costs[s : s + tile, :width] = c
+                indices[s : s + tile, :width] = indices[s : s + tile].gather(1, order)
     return costs[:, :width], indices[:, :width]
 
 
