@@ -61,7 +61,7 @@ DEFAULT_TILE = 1024
 #: float64 elements per chunk of the conversions and of the re-scoring
 CHUNK_ELEMENTS = 2**18
 #: most worker threads of the faiss pass, and most bytes of their heaps together
-MAX_WORKERS, HEAP_BYTES = 8, 2**30
+MAX_WORKERS, HEAP_BYTES = 8, 2**31
 
 
 def float32_error_bound(
@@ -312,14 +312,14 @@ def _candidate_pass(
         workers = min(workers, len(tasks))
         with thread_limit(1), ThreadPoolExecutor(workers) as pool:
             lists = list(pool.map(run, [tasks[w::workers] for w in range(workers)]))
-            if workers == 1:
-                return lists[0]
-            costs, indices = (torch.cat(parts, dim=1) for parts in zip(*lists, strict=True))
-            for s in range(0, nq, tile):  # keep the smallest ``width`` of all lists
-                c, order = torch.topk(costs[s : s + tile], width, 1, largest=False, sorted=False)
-                costs[s : s + tile, :width] = c
-                indices[s : s + tile, :width] = indices[s : s + tile].gather(1, order)
-    return costs[:, :width], indices[:, :width]
+            costs, indices = lists[0]
+            for s in range(0, nq, tile) if workers > 1 else ():  # the smallest of all lists
+                rows = slice(s, s + tile)
+                c = torch.cat([part[0][rows] for part in lists], dim=1)
+                c, order = torch.topk(c, width, dim=1, largest=False, sorted=False)
+                i = torch.cat([part[1][rows] for part in lists], dim=1).gather(1, order)
+                costs[rows], indices[rows] = c, i
+    return costs, indices
 
 
 def _rescore(
