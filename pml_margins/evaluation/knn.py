@@ -307,8 +307,13 @@ def _candidate_pass(
         return found.costs, found.indices
 
     with bar:
-        if not workers:
-            return run(tasks)
+        if not workers:  # torch's products in full float32: TF32 would void the bound
+            precision = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("highest")
+            try:
+                return run(tasks)
+            finally:
+                torch.set_float32_matmul_precision(precision)
         workers = min(workers, len(tasks))
         with thread_limit(1), ThreadPoolExecutor(workers) as pool:
             lists = list(pool.map(run, [tasks[w::workers] for w in range(workers)]))

@@ -190,6 +190,23 @@ def test_coordinates_near_the_float32_limit():
         exact_knn(big, big, 1)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_reduced_precision_matmul_settings_are_ignored_and_restored(device):
+    # TF32 (CUDA) or bfloat16 (CPU oneDNN) products would break the float32 error bound
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    x = (torch.randn(400, 48, generator=torch.Generator().manual_seed(9)) + 300).to(device)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        _, indices = exact_knn(x, x, 6, exclude_self=True, backend="torch")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    want = brute_force_neighbours(x.cpu(), x.cpu(), True)[:, :6]
+    np.testing.assert_array_equal(indices.cpu().numpy(), want)
+
+
 def test_auto_backend_falls_back_to_torch_without_faiss(monkeypatch):
     x, _ = make_data("clustered", 300, 8, 10, seed=8)
     with_faiss = exact_knn(x, x, 7, exclude_self=True)
