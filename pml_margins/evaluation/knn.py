@@ -145,7 +145,7 @@ def thread_limit(num_threads: int | None, libraries: bool = True) -> Iterator[No
         torch.set_num_threads(before)
 
 
-def use_faiss(backend: object, device: torch.device) -> bool:
+def _use_faiss(backend: object, device: torch.device) -> bool:
     """Whether the candidates go to faiss's heaps (``"auto"``: on CPU when faiss
     imports), else to ``torch.topk``.
 
@@ -382,7 +382,7 @@ def knn_float64(
     that a reference shard may hold it or not (:mod:`pml_margins.distributed`).
     """
     device = query.device
-    heaps = use_faiss(backend, device)
+    heaps = _use_faiss(backend, device)
     symmetric = self_offset in (None, 0) and (
         query is reference
         or (query.shape == reference.shape and torch.equal(query, reference.to(device)))
