@@ -499,6 +499,8 @@ def check_sample_rate(sample_rate: object, name: str = "sample_rate") -> float:
 
 
 def _check_real(value: object, name: str) -> float:
+    if type(value) is float and math.isfinite(value):  # the common case, without ABC checks
+        return value
     if isinstance(value, bool) or not isinstance(value, (Real, torch.Tensor)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):

@@ -13,15 +13,23 @@ SphereFace).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TargetLogitFn", "compute_dtype", "margin_softmax_cross_entropy"]
+__all__ = ["TargetLogitFn", "autocast_off", "compute_dtype", "margin_softmax_cross_entropy"]
 
 #: a target-logit function: base logits (cosines) in, the logits the softmax uses out
 TargetLogitFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled inside, where it is on; else a no-op (cheaper than entering one)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,7 +66,7 @@ def margin_softmax_cross_entropy(
     no ``(B, C)`` one-hot mask is built.
     """
     dtype = compute_dtype(logits.dtype)
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with autocast_off(logits.device.type):
         logits = logits.to(dtype)
         if isinstance(scale, torch.Tensor):
             scale = scale.to(dtype).reshape(-1, 1)

@@ -13,6 +13,7 @@ finite at :math:`\cos\theta = \pm 1` (where ``d acos/dx`` is infinite).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -25,8 +26,8 @@ __all__ = [
     "sphereface_psi",
 ]
 
-# sin^2 below this gets no gradient through sqrt (whose slope is infinite at 0).
-_SINE_EPS = 1e-12
+# sin(theta) at or below this gets no gradient (sqrt's slope is infinite at 0).
+_SINE_MIN = 1e-6
 
 
 def safe_sine(cosine: torch.Tensor) -> torch.Tensor:
@@ -34,14 +35,28 @@ def safe_sine(cosine: torch.Tensor) -> torch.Tensor:
 
     The product form loses less precision near :math:`\cos\theta=\pm1` than
     :math:`1-\cos^2\theta`. The value is exact everywhere (0 at
-    :math:`\cos\theta=\pm1`); the gradient is exactly 0 (not Inf/NaN) where
-    :math:`\sin^2\theta \le 10^{-12}`, i.e. within about 1e-6 rad of alignment.
+    :math:`\cos\theta=\pm1`); the gradient :math:`-\cos\theta/\sin\theta` is
+    exactly 0 (not Inf/NaN) where :math:`\sin\theta \le 10^{-6}`, i.e. within about
+    1e-6 rad of alignment.
     """
-    squared = ((1 - cosine) * (1 + cosine)).clamp_min(0)
-    tiny = squared <= _SINE_EPS
-    # sqrt is differentiated only where it is finite; the tiny values keep their value only
-    differentiable = torch.sqrt(torch.where(tiny, torch.ones_like(squared), squared))
-    return torch.where(tiny, squared.detach().sqrt(), differentiable)
+    return _SafeSine.apply(cosine)
+
+
+class _SafeSine(torch.autograd.Function):
+    """``safe_sine`` in one pass each way (it runs on every step of every angular loss)."""
+
+    @staticmethod
+    def forward(ctx: Any, cosine: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        sine = ((1 - cosine) * (1 + cosine)).clamp_min_(0).sqrt_()
+        ctx.save_for_backward(cosine, sine)
+        return sine
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        cosine, sine = ctx.saved_tensors
+        # d sin / d cos = -cos / sin; the masked entries divide by a tiny sine, never used
+        slope = -cosine / sine.clamp_min(_SINE_MIN)
+        return grad * slope.masked_fill_(sine <= _SINE_MIN, 0)
 
 
 def cosface_target(cosine: torch.Tensor, margin: float) -> torch.Tensor:

@@ -82,7 +82,11 @@ def test_weight_regularizer_and_get_logits_equal_pml() -> None:
 @pytest.mark.parametrize("margin", [0.3, 1.2, 2.9], ids=["small", "big", "beyond_pi"])
 @pytest.mark.parametrize("easy_margin", [False, True], ids=["hard", "easy"])
 def test_one_sub_centre_is_arcface_exactly(margin: float, easy_margin: bool) -> None:
-    """K = 1 is ArcFace, bit for bit, including the theta + m > pi fallback."""
+    """K = 1 is ArcFace, including the theta + m > pi fallback.
+
+    To rounding: ArcFace runs on the fused core, Sub-center on the plain path (PML's
+    CosineSimilarity), which round the cosines differently.
+    """
     torch.manual_seed(2)
     arc = ArcFaceLoss(C, D, margin, 16.0, easy_margin).double()
     sub = SubCenterArcFaceLoss(C, D, margin, 16.0, 1, easy_margin).double()
@@ -90,7 +94,7 @@ def test_one_sub_centre_is_arcface_exactly(margin: float, easy_margin: bool) -> 
     x = torch.randn(25, D, dtype=torch.float64, requires_grad=True)
     y = torch.arange(25) % C
     a, b = sub(x, y), arc(x, y)
-    assert torch.equal(a, b)
+    torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
     ga = torch.autograd.grad(a, (x, sub.W))
     gb = torch.autograd.grad(b, (x, arc.W))
     for u, v in zip(ga, gb, strict=True):
