@@ -13,6 +13,11 @@ the largest of the later calls; on CUDA, the peak allocated.
     PYTHONPATH=. python3 benchmarks/accuracy.py            # CUB- and SOP-test scale
     PYTHONPATH=. python3 benchmarks/accuracy.py --quick    # small smoke test
     PYTHONPATH=. python3 benchmarks/accuracy.py --device cuda
+    PYTHONPATH=. python3 benchmarks/accuracy.py --rounds 3   # on a shared machine
+
+``--rounds`` runs ours, PML and the matmul in turn, each round in fresh processes,
+and reports the median time and the median of the per-round ratios, so that a
+shared machine's changing load falls on both alike.
 
 On CPU PML runs with its default faiss-cpu k-nn; on CUDA with its torch
 ``CustomKNN`` (whole matrix and batched; the faster is reported). Both rank by
@@ -179,12 +184,40 @@ def spawn(case: str, folder: Path, device: str, repeats: int, separate: bool) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def interleaved(cases: list[str], folder: Path, args: argparse.Namespace, separate: bool) -> list:
+    """Each case's result over ``--rounds`` rounds that run the cases in turn (so that
+    a shared machine's load falls on all of them alike): the median seconds, the
+    largest memory figures, and per round the seconds (``round_seconds``)."""
+    rounds = [
+        [spawn(c, folder, args.device, args.repeats, separate) for c in cases]
+        for _ in range(args.rounds)
+    ]
+    results = []
+    for runs in zip(*rounds, strict=True):
+        if any("error" in r for r in runs):
+            results.append(next(r for r in runs if "error" in r))
+            continue
+        merged = {key: max(r[key] for r in runs) for key in runs[0]}
+        merged.update({m: runs[0][m] for m in METRICS if m in runs[0]})
+        merged["round_seconds"] = [r["seconds"] for r in runs]
+        merged["seconds"] = statistics.median(merged["round_seconds"])
+        results.append(merged)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="+", help="scale names to run")
     parser.add_argument("--repeats", type=int, default=3, help="calls per case (median time)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run ours, PML and matmul in turn this many times, each in a fresh process "
+        "(median time; on a shared machine, also the median of the per-round ours/PML ratios)",
+    )
     parser.add_argument(
         "--recall-ks",
         type=int,
@@ -211,9 +244,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (n, dim, classes), folder, separate in scale_data(scales, args.only):
-        ours = spawn("ours", folder, args.device, args.repeats, separate)
-        pmls = [spawn(c, folder, args.device, args.repeats, separate) for c in pml_cases]
-        matmul = spawn("matmul", folder, args.device, args.repeats, separate)
+        ours, *pmls, matmul = interleaved(["ours", *pml_cases, "matmul"], folder, args, separate)
         ok = [p for p in pmls if "error" in p] != pmls
         pml = min((p for p in pmls if "error" not in p), key=lambda p: p["seconds"]) if ok else {}
         if "error" in ours or not pml or "error" in matmul:
@@ -221,9 +252,11 @@ def main() -> None:
             continue
         key = "gpu_peak_mb" if cuda else "peak_rss_mb"
         delta = max(abs(ours[m] - pml[m]) for m in METRICS)
+        pairs = zip(ours["round_seconds"], pml["round_seconds"], strict=True)
+        ratio = statistics.median(o / p for o, p in pairs)  # per round: same load on both
         rows.append(
             f"| {name} | {n:,} × {dim}, {classes:,} | {pml['seconds']:.2f} | "
-            f"{ours['seconds']:.2f} | {ours['seconds'] / pml['seconds']:.2f} | "
+            f"{ours['seconds']:.2f} | {ratio:.2f} | "
             f"{pml[key]:,.0f} | {ours[key]:,.0f} | {ours[key] / pml[key]:.2f} | "
             f"{pml['working_first_mb']:,.0f} / {pml['working_mb']:,.0f} | "
             f"{ours['working_first_mb']:,.0f} / {ours['working_mb']:,.0f} | "

@@ -1,7 +1,7 @@
 """Speed and memory of our class-weight losses against PML's and the matrix-product floor.
 
-For ArcFace, CosFace, SphereFace and NSL at each (B, D, C), times one forward +
-backward of
+For ArcFace, CosFace, SphereFace and NSL (and, with ``--losses``, Sub-center ArcFace
+ElasticFace-Arc, dynamic AdaCos and MagFace) at each (B, D, C), times one forward + backward of
 
 * ``ours``: pml_margins' loss, default mode (materialized logits up to
   ``MATERIALIZE_MAX_ELEMENTS``, else the blocked function with one saved (B, C) buffer),
@@ -10,8 +10,11 @@ backward of
 * ``ours-bounded``: the same with ``chunk_size="auto"`` (no (B, C) tensor),
 * ``plain``: a plain torch implementation, as a user would write it (normalize,
   matmul, gather the target cosine, margin, scatter, scale, cross-entropy),
-* ``pml``: pytorch-metric-learning's loss with the same hyper-parameters and ``W``,
-* ``floor``: the three matrix products of that size (x W, G W^T, x^T G),
+* ``pml``: pytorch-metric-learning's loss with the same hyper-parameters and ``W``
+  (not for ElasticFace, AdaCos and MagFace, which PML lacks, nor their ``plain`` rows),
+* ``floor``: the three matrix products of that size (x W, G W^T, x^T G); for
+  Sub-center ArcFace its own floor with ``K`` times the columns (row ``floor``, loss
+  ``subcenter``; it runs on the plain path, so it has no ``ours-bounded`` row),
 
 interleaved (A B C A B C ...) so that a noisy, shared machine slows all alike,
 and reports medians. Before timing, the loss values of ``ours``, ``plain`` and ``pml``
@@ -28,6 +31,7 @@ Usage::
     python3 benchmarks/losses.py --small              # C = 100 and 1,000 rows only
     python3 benchmarks/losses.py --device cuda --dtype bf16
     python3 benchmarks/losses.py --sizes 512x512x100000 --losses arcface --repeats 5
+    python3 benchmarks/losses.py --sizes 256x512x10000 --losses arcface,subcenter
 """
 
 from __future__ import annotations
@@ -63,6 +67,18 @@ ARC_MARGIN, COS_MARGIN, SCALE, NSL_SCALE = 0.5, 0.35, 64.0, 30.0
 #: default mode and PML only up to this many classes (bounded mode beyond)
 DEFAULT_MAX_CLASSES = 100_000
 LOSSES = ("arcface", "cosface", "sphereface", "nsl")
+#: losses run only when named in --losses
+EXTRA_LOSSES = ("subcenter", "elasticface", "adacos", "magface")
+#: losses with neither a PML nor a plain-torch counterpart here
+OURS_ONLY_LOSSES = ("elasticface", "adacos", "magface")
+#: ElasticFace-Arc's margin standard deviation (the paper's, radians)
+ELASTIC_SIGMA = 0.05
+#: sub-centres per class of Sub-center ArcFace (the paper's K)
+SUB_CENTERS = 3
+#: columns of W per class, where not 1
+COLUMNS_PER_CLASS = {"subcenter": SUB_CENTERS}
+#: losses on the plain path (no bounded mode)
+PLAIN_PATH_LOSSES = ("subcenter",)
 
 
 class PlainTorchLoss(torch.nn.Module):
@@ -71,14 +87,17 @@ class PlainTorchLoss(torch.nn.Module):
     def __init__(self, name: str, num_classes: int, dim: int) -> None:
         super().__init__()
         self.name = name
-        self.W = torch.nn.Parameter(torch.empty(dim, num_classes).normal_())
+        per_class = COLUMNS_PER_CLASS.get(name, 1)
+        self.W = torch.nn.Parameter(torch.empty(dim, num_classes * per_class).normal_())
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         w = F.normalize(self.W, dim=0)
         norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         cos = F.normalize(x, dim=1) @ w
+        if self.name == "subcenter":
+            cos = cos.unflatten(1, (-1, SUB_CENTERS)).max(dim=2).values
         target = cos.gather(1, labels.unsqueeze(1))
-        if self.name == "arcface":
+        if self.name in ("arcface", "subcenter"):
             sin = torch.sqrt((1 - target * target).clamp_min(0))
             margined = target * math.cos(ARC_MARGIN) - sin * math.sin(ARC_MARGIN)
             beyond = target - ARC_MARGIN * math.sin(ARC_MARGIN)  # theta + m > pi
@@ -104,6 +123,13 @@ def make_loss(name: str, impl: str, num_classes: int, dim: int) -> torch.nn.Modu
             "cosface": lambda: pml.CosFaceLoss(num_classes, dim, margin=COS_MARGIN, scale=SCALE),
             "sphereface": lambda: pml.SphereFaceLoss(num_classes, dim, margin=4, scale=1),
             "nsl": lambda: pml.NormalizedSoftmaxLoss(num_classes, dim, temperature=1 / NSL_SCALE),
+            "subcenter": lambda: pml.SubCenterArcFaceLoss(
+                num_classes=num_classes,
+                embedding_size=dim,
+                margin=math.degrees(ARC_MARGIN),
+                scale=SCALE,
+                sub_centers=SUB_CENTERS,
+            ),
         }[name]()
     kwargs = {"chunk_size": "auto"} if impl == "ours-bounded" else {}
     return {
@@ -115,6 +141,17 @@ def make_loss(name: str, impl: str, num_classes: int, dim: int) -> torch.nn.Modu
         ),
         "sphereface": lambda: ours.SphereFaceLoss(num_classes, dim, margin=4, **kwargs),
         "nsl": lambda: ours.NormSoftmaxLoss(num_classes, dim, scale=NSL_SCALE, **kwargs),
+        "subcenter": lambda: ours.SubCenterArcFaceLoss(
+            num_classes, dim, ARC_MARGIN, SCALE, SUB_CENTERS, **kwargs
+        ),
+        "elasticface": lambda: ours.ElasticFaceLoss(
+            num_classes, dim, ARC_MARGIN, ELASTIC_SIGMA, SCALE, **kwargs
+        ),
+        "adacos": lambda: ours.AdaCosLoss(num_classes, dim, dynamic=True, **kwargs),
+        # the benchmark's features have norms near sqrt(dim): the norm range brackets them
+        "magface": lambda: ours.MagFaceLoss(
+            num_classes, dim, SCALE, 0.5 * math.sqrt(dim), 2 * math.sqrt(dim), **kwargs
+        ),
     }[name]()
 
 
@@ -138,14 +175,15 @@ class Case:
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(batch, dim, generator=gen).to(args.device).requires_grad_(True)
         self.labels = torch.randint(0, num_classes, (batch,), generator=gen).to(args.device)
+        columns = num_classes * COLUMNS_PER_CLASS.get(loss, 1)
         if impl == "floor":
-            self.w = torch.randn(dim, num_classes, generator=gen).to(args.device)
+            self.w = torch.randn(dim, columns, generator=gen).to(args.device)
             self.loss = None
         else:
             self.loss = make_loss(loss, impl, num_classes, dim).to(args.device)
             with torch.no_grad():  # one W for every implementation
                 gen.manual_seed(1)
-                self.loss.W.copy_(torch.randn(dim, num_classes, generator=gen))
+                self.loss.W.copy_(torch.randn(dim, columns, generator=gen))
             self.w = self.loss.W
 
     def value(self) -> float:
@@ -217,8 +255,14 @@ def run(args) -> list[dict]:
             impls.append("pml")
         cases = {("floor", "-"): Case("floor", "-", size, args)}
         for loss in args.losses.split(","):
+            if loss in COLUMNS_PER_CLASS:  # its own floor: K times the columns
+                cases[("floor", loss)] = Case("floor", loss, size, args)
             for impl in impls:
-                cases[(impl, loss)] = Case(impl, loss, size, args)
+                skip = (impl == "ours-bounded" and loss in PLAIN_PATH_LOSSES) or (
+                    impl in ("plain", "pml") and loss in OURS_ONLY_LOSSES
+                )
+                if not skip:
+                    cases[(impl, loss)] = Case(impl, loss, size, args)
         loss_values = {k: case.value() for k, case in cases.items() if case.loss is not None}
         for case in cases.values():  # warm-up
             case.step()
@@ -227,8 +271,8 @@ def run(args) -> list[dict]:
             for key, case in cases.items():
                 times[key].append(case.time())
         del cases
-        floor = statistics.median(times[("floor", "-")])
         for (impl, loss), values in times.items():
+            floor = statistics.median(times[("floor", loss if loss in COLUMNS_PER_CLASS else "-")])
             row = {
                 "size": "x".join(map(str, size)),
                 "loss": loss,
@@ -262,10 +306,9 @@ def print_table(rows: list[dict], args) -> None:
     by_key = {(r["size"], r["loss"], r["impl"]): r for r in rows}
     for r in rows:
         pml_row = by_key.get((r["size"], r["loss"], "pml"))
-        speedup = pml_row["ms"] / r["ms"] if pml_row and r["impl"] != "pml" else float("nan")
-        mem_ratio = (
-            r["mem_MB"] / pml_row["mem_MB"] if pml_row and r["impl"] != "pml" else float("nan")
-        )
+        compared = pml_row and r["impl"] not in ("pml", "floor")
+        speedup = pml_row["ms"] / r["ms"] if compared else float("nan")
+        mem_ratio = r["mem_MB"] / pml_row["mem_MB"] if compared else float("nan")
         print(
             f"{r['size']:>16} {r['loss']:>10} {r['impl']:>12} {r['ms']:9.1f} "
             f"{r['ms'] / r['floor_ms']:8.2f} {speedup:8.2f} {r['mem_MB']:9.1f} {mem_ratio:8.3f} "
@@ -280,7 +323,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--small", action="store_true", help="only the C = 100 / 1,000 rows")
     parser.add_argument("--sizes", default="", help="comma-separated BxDxC, e.g. 256x512x10000")
-    parser.add_argument("--losses", default=",".join(LOSSES))
+    parser.add_argument(
+        "--losses",
+        default=",".join(LOSSES),
+        help=f"comma-separated, from {', '.join(LOSSES + EXTRA_LOSSES)}",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--default-max-classes", type=int, default=DEFAULT_MAX_CLASSES)

@@ -2,9 +2,22 @@
 
 A plugin for pytorch-metric-learning: every loss is a
 ``pytorch_metric_learning.losses.BaseMetricLossFunction``.
+
+``pml_margins.value_checks`` and ``pml_margins.value_checks_enabled`` are
+:func:`pml_margins.validation.value_checks` and
+:func:`pml_margins.validation.value_checks_enabled`, imported on first use (importing
+the package itself imports no torch).
 """
 
-from pml_margins.validation import value_checks, value_checks_enabled
+from typing import Any
 
 __all__ = ["value_checks", "value_checks_enabled"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from pml_margins import validation
+
+        return getattr(validation, name)
+    raise AttributeError(f"module 'pml_margins' has no attribute {name!r}")

@@ -45,6 +45,7 @@ __all__ = [
     "check_multiplier",
     "check_non_negative",
     "check_optional_positive",
+    "check_ordered",
     "check_positive",
     "check_reference",
     "check_sample_rate",
@@ -473,6 +474,12 @@ def check_multiplier(value: object, name: str) -> float:
 def check_circle_margin(value: object, name: str) -> float:
     """Circle loss's ``m`` in [0, 0.5]: beyond 0.5 the thresholds cross (1 - m < m)."""
     return check_in_interval(value, name, 0.0, 0.5)
+
+
+def check_ordered(low: float, high: float, low_name: str, high_name: str) -> None:
+    """Raise ``ValueError`` unless ``low < high`` (two already-checked bounds of a range)."""
+    if not low < high:
+        raise ValueError(f"{low_name} must be < {high_name}, got {low} and {high}")
 
 
 def check_chunk_size(chunk_size: object, name: str = "chunk_size") -> Any:

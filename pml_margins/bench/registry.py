@@ -14,8 +14,14 @@ final annealing value ``lambda_ = 5`` from the start (short runs). Center loss:
 ``lambda = 0.01``, mid-range of the paper's 0.003-0.1, with the paper's centre update
 (``alpha = 0.5``). Circle loss: the paper's fine-grained setting (``m = 0.4,
 gamma = 80``, PML's default) with PML's ``MultiSimilarityMiner``. Proxy Circle:
-``gamma = 32``, the face setting 256 scaled down like ``s``. How the defaults were
-checked on the glyph benchmark: ``docs/bench_glyphs.md``.
+``gamma = 32``, the face setting 256 scaled down like ``s``. Sub-center ArcFace:
+ArcFace's ``m = 0.3`` rad and ``s = 16``, the paper's ``K = 3`` sub-centres.
+ElasticFace-Arc: ArcFace's ``m = 0.3`` rad and ``s = 16``, ``sigma = 0.03`` rad (the
+paper's ratio sigma/m = 0.1). AdaCos: the paper's dynamic scale, nothing to set. MagFace: the
+paper's ``lambda_g = 35`` and margin ratio ``u_m / l_m`` about 2, centred on ArcFace's
+0.3 rad (0.2-0.4 rad), with the norm range scaled to a small model's features (1-20,
+the paper's 10-110 is for a face backbone) and ``s = 16``. How the
+defaults were checked on the glyph benchmark: ``docs/bench_glyphs.md``.
 
 Units: CosFace ``m`` is a cosine, ArcFace ``m`` radians, SphereFace ``m`` an integer
 multiplier, Circle ``m`` a cosine relaxation and ``gamma`` a scale.
@@ -140,6 +146,10 @@ LOSS_TABLE: tuple[LossSpec, ...] = (
     LossSpec("circle", "Circle+MS miner", _circle_ms, {"m": 0.4, "gamma": 80.0, "miner_epsilon": 0.1}, class_weights=False),  # noqa: E501
     LossSpec("combined", "Combined", "CombinedMarginLoss", {"m1": 1.0, "m2": 0.3, "m3": 0.2, "scale": 16.0}),  # noqa: E501
     LossSpec("proxy_circle", "Proxy Circle", "ProxyCircleLoss", {"m": 0.25, "gamma": 32.0}),
+    LossSpec("elasticface", "ElasticFace-Arc", "ElasticFaceLoss", {"margin": 0.3, "sigma": 0.03, "scale": 16.0}),  # noqa: E501
+    LossSpec("adacos", "AdaCos", "AdaCosLoss", {"dynamic": True}),
+    LossSpec("magface", "MagFace", "MagFaceLoss", {"scale": 16.0, "l_a": 1.0, "u_a": 20.0, "l_m": 0.2, "u_m": 0.4, "lambda_g": 35.0}),  # noqa: E501
+    LossSpec("subcenter", "Sub-center ArcFace", "SubCenterArcFaceLoss", {"margin": 0.3, "scale": 16.0, "sub_centers": 3}),  # noqa: E501
 )
 
 #: name -> spec

@@ -139,14 +139,19 @@ def split_checkpoint(full: Checkpoint, world_size: int) -> list[Checkpoint]:
     """Split a ``world_size == 1`` checkpoint into ``world_size`` shards (list index = rank)."""
     if full["world_size"] != 1:
         raise ValueError("split_checkpoint needs a merged checkpoint; use reshard for shards")
+    num_classes = full["num_classes"]
     shards = []
-    for rank, (start, end) in enumerate(shard_ranges(full["num_classes"], world_size)):
-        state = {
-            key: value.clone()
-            if key not in _CLASS_DIM
-            else value.narrow(_CLASS_DIM[key], start, end - start).clone()
-            for key, value in full["state_dict"].items()
-        }
+    for rank, (start, end) in enumerate(shard_ranges(num_classes, world_size)):
+        state = {}
+        for key, value in full["state_dict"].items():
+            if key not in _CLASS_DIM:
+                state[key] = value.clone()
+                continue
+            # each class may own several consecutive entries (sub-centres: K columns of W)
+            per_class = value.shape[_CLASS_DIM[key]] // num_classes
+            state[key] = value.narrow(
+                _CLASS_DIM[key], start * per_class, (end - start) * per_class
+            ).clone()
         shards.append(
             {
                 **full,

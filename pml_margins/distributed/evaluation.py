@@ -31,11 +31,13 @@ from pml_margins.evaluation.calculator import describe_distance
 from pml_margins.evaluation.inputs import as_embeddings, as_labels
 from pml_margins.evaluation.knn import (
     METRICS,
+    Backend,
     Metric,
     check_k,
     finish_values,
     knn_float64,
     merge_neighbours,
+    thread_limit,
 )
 
 __all__ = ["ShardedRetrievalAccuracyCalculator", "sharded_exact_knn"]
@@ -56,6 +58,8 @@ def sharded_exact_knn(
     normalize: bool = False,
     exclude_self: bool = False,
     block_rows: int | None = None,
+    num_threads: int | None = None,
+    backend: Backend = "auto",
     group: ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~pml_margins.evaluation.exact_knn` over a reference set sharded across ranks.
@@ -65,7 +69,7 @@ def sharded_exact_knn(
         reference_shard: this rank's ``(R_local, D)`` slice of the reference set.
         k: neighbours per query, ``0 <= k <= R`` (``R - 1`` with ``exclude_self``),
             ``R`` the global reference size.
-        metric, normalize, block_rows: as ``exact_knn``.
+        metric, normalize, block_rows, num_threads, backend: as ``exact_knn``.
         exclude_self: query ``i`` is global reference ``i`` and not its own neighbour.
         group: process group (default: the world; none initialized: one process).
 
@@ -74,7 +78,8 @@ def sharded_exact_knn(
         ``exact_knn`` on the concatenated reference set (global indices).
 
     Raises:
-        TypeError / ValueError: bad embeddings, ``k`` or ``metric``.
+        TypeError / ValueError: bad embeddings, ``k``, ``metric``, ``num_threads``
+            or ``backend``.
     """
     query = as_embeddings(query, "query")
     reference_shard = as_embeddings(reference_shard, "reference_shard", query.shape[1])
@@ -89,7 +94,7 @@ def sharded_exact_knn(
         raise ValueError("exclude_self needs the reference set to start with the query set")
     check_k(k, total - int(exclude_self))
     largest = metric == "dot"
-    with torch.no_grad():
+    with torch.no_grad(), thread_limit(num_threads):
         local_k = min(k, len(reference_shard))
         values, indices = knn_float64(
             query,
@@ -99,6 +104,7 @@ def sharded_exact_knn(
             normalize,
             offset if exclude_self else None,
             block_rows,
+            backend=backend,
         )
         pad = k - local_k  # worst values that never win: the global set has k better
         worst = -torch.inf if largest else torch.inf
@@ -234,5 +240,6 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             normalize=normalize,
             exclude_self=ref_includes_query,
             block_rows=self.block_rows,
+            num_threads=self.num_threads,
             group=self.group,
         )

@@ -16,7 +16,7 @@ from pml_margins.distributed.collectives import (
 from pml_margins.distributed.local_logits import cosine_logits
 from pml_margins.distributed.partial_fc import sample_local_classes
 from pml_margins.distributed.sharded_margin_softmax import sharded_margin_softmax_cross_entropy
-from pml_margins.distributed.sharding import shard_range
+from pml_margins.distributed.sharding import class_columns, shard_range
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.validation import (
     check_class_labels,
@@ -105,7 +105,9 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
     buffers (``N x K`` with Partial FC keeping ``K`` columns).
 
     Miners (``indices_tuple``), ``weight_regularizer`` and ``embedding_regularizer``
-    are not supported (they need all of ``W`` or per-rank batches).
+    are not supported (they need all of ``W`` or per-rank batches); nor is a loss whose
+    ``sharding_unsupported()`` returns a reason (e.g. AdaCos's dynamic scale), which is
+    raised as a ``ValueError``.
 
     Args:
         loss_type: a :class:`~pml_margins.losses.ClassWeightLoss` subclass, e.g.
@@ -155,6 +157,10 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         with torch.random.fork_rng(devices=[]):  # own init per shard, global RNG untouched
             torch.manual_seed(self._stream_seed())
             self.loss = loss_type(self.class_end - self.class_start, embedding_size, **loss_kwargs)
+        unsupported = getattr(self.loss, "sharding_unsupported", None)
+        reason = unsupported() if unsupported is not None else None
+        if reason is not None:
+            raise ValueError(reason)
         for name in ("weight_regularizer", "embedding_regularizer"):
             if getattr(self.loss, name, None) is not None:
                 raise ValueError(f"{name} is not supported by {type(self).__name__}")
@@ -254,7 +260,9 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             return cosine_logits(embeddings.to(weight.dtype), weight), scale
         if index is None:
             return self.loss.base_logits(embeddings)
-        params = {"loss.W": self.loss.W.index_select(1, index)}
+        # W may hold several columns per class (sub-centres): keep all of each kept class
+        columns = class_columns(index, self.loss.W.shape[1] // self.num_local)
+        params = {"loss.W": self.loss.W.index_select(1, columns)}
         if getattr(self.loss, "bias", None) is not None:
             params["loss.bias"] = self.loss.bias.index_select(0, index)
         return functional_call(_BaseLogits(self.loss), params, (embeddings,))

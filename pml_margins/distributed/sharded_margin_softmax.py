@@ -88,9 +88,11 @@ def sharded_margin_softmax_cross_entropy(
         local_target: ``(N,)`` integer column of each row's target class in
             ``local_logits``, or ``-1`` where another rank owns the class. Every
             row must be owned by exactly one rank.
-        target_logit_fn: :math:`\psi`, applied here to the vector of the owned target
-            logits only (``None``: identity); it sees a subset of the rows, so it must
-            not close over per-row tensors of all ``N`` rows.
+        target_logit_fn: :math:`\psi` (``None``: identity), applied to an ``(N,)`` vector
+            that holds this rank's owned target logits (0 in the other rows, whose
+            results are dropped), so that element ``i`` belongs to row ``i`` as on every
+            single-process path: :math:`\psi` may close over per-row ``(N,)`` tensors
+            (margins, feature norms of the gathered batch), which get their gradients.
         scale: :math:`s`, a float or ``N`` per-row scales (the same on every rank).
         group: the process group (default: the world; none initialized: one process).
         non_target_logit_fn: applied element-wise to every local base logit before
@@ -125,6 +127,8 @@ def sharded_margin_softmax_cross_entropy(
             rows = torch.nonzero(target >= 0).squeeze(1)
             cols = target[rows]
             owned_scale = scale[rows].squeeze(1) if isinstance(scale, torch.Tensor) else scale
-            psi = target_logit_fn(logits[rows, cols]) * owned_scale
+            # every row's slot, so that per-row closures line up; only the owned rows are kept
+            every_row = logits.new_zeros(logits.shape[0]).index_put((rows,), logits[rows, cols])
+            psi = target_logit_fn(every_row)[rows] * owned_scale
             scaled.index_put_((rows, cols), psi)  # mul's backward needs no output
         return _ShardedSoftmaxCrossEntropy.apply(scaled, target, group)

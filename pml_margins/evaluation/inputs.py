@@ -49,7 +49,12 @@ def as_embeddings(
         raise ValueError(f"{name} is empty: it has no rows")
     if width is not None and t.shape[1] != width:
         raise ValueError(f"{name} has width {t.shape[1]} but {width_name} is {width}")
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    # min and max propagate NaN and are finite only if every value is (one pass, no mask)
+    if (
+        t.is_floating_point()
+        and t.numel()
+        and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+    ):
         raise ValueError(f"{name} contains NaN or Inf values")
     return t.detach()
 

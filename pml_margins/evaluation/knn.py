@@ -1,11 +1,15 @@
 """Exact k-nearest neighbours: a float32 candidate pass, certified, re-scored in float64.
 
 1. **Candidates.** The data are centred (Euclidean distance is translation
-   invariant), scaled by a power of two and rounded to float32; one matrix
-   product per tile gives the cost ``c = |b|^2/2 - a.b`` (``-a.b`` for the dot
-   product) and ``torch.topk`` keeps ``k' = k + margin`` candidates per query.
-   When the query set is the reference set only the tiles on and above the
-   diagonal are multiplied: each product also serves, transposed, its mirror tile.
+   invariant), scaled by a power of two and rounded to float32, with two more
+   columns so that one matrix product per tile gives the cost itself:
+   ``[a, |a|^2/2, 1] . [-b, 1, |b|^2/2] = |a - b|^2 / 2`` (``-a.b`` for the dot
+   product). The ``k' = k + margin`` smallest costs of every query are kept in
+   faiss's binary heaps (CPU: one comparison rejects most costs, no merge between
+   tiles; one worker thread per CPU thread) or, with ``backend="torch"`` or on
+   another device, by ``torch.topk`` per tile. When the query set is the reference
+   set the cost is symmetric: only the tiles on and above the diagonal are
+   multiplied, and each also serves, transposed, its mirror tile.
 2. **Certificate.** :func:`float32_error_bound` bounds ``|c~ - c|`` by ``E`` for
    every pair of a query. Any true top-``k`` reference has ``c~ <= c~_k + 2E``
    (``c~_k``: the ``k``-th candidate cost), so a query whose ``k'``-th candidate
@@ -17,7 +21,7 @@
    identical values) and sorted by (value, index): ties go to the lower index.
 
 The result equals a float64 brute force whatever the offset, block size,
-thread count or device.
+backend, thread count or device.
 """
 
 from __future__ import annotations
@@ -25,23 +29,39 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from pml_margins.evaluation.inputs import as_embeddings
 
-__all__ = ["Metric", "check_k", "exact_knn", "float32_error_bound", "merge_neighbours"]
+__all__ = [
+    "Backend",
+    "Metric",
+    "check_k",
+    "exact_knn",
+    "float32_error_bound",
+    "merge_neighbours",
+    "thread_limit",
+]
 
 Metric = Literal["euclidean", "sqeuclidean", "dot"]
 METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean", "dot")
+Backend = Literal["auto", "faiss", "torch"]
+BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
 #: unit roundoff of float32
 UNIT_ROUNDOFF = 2.0**-24
-#: tile side of the candidate pass when ``block_rows`` is not given (64 MiB of float32)
-DEFAULT_TILE = 4096
+#: tile side of the candidate pass when ``block_rows`` is not given (4 MiB of float32;
+#: as fast as 4,096 on 2 cores and it halves the products wasted below the diagonal)
+DEFAULT_TILE = 1024
 #: float64 elements per chunk of the conversions and of the re-scoring
 CHUNK_ELEMENTS = 2**18
+#: most worker threads of the faiss pass, and most bytes of their heaps together
+MAX_WORKERS, HEAP_BYTES = 8, 2**31
 
 
 def float32_error_bound(
@@ -50,19 +70,19 @@ def float32_error_bound(
     """Per query, a bound ``E`` on the error of every float32 candidate cost.
 
     With ``a`` a query and ``b`` a reference after centring and scaling, each
-    rounded to float32 (relative error ``u = 2^-24`` per coordinate), and a
-    ``D``-term float32 dot product in any summation order (error at most
-    ``D u |a||b| / (1 - D u)``):
+    rounded to float32 (relative error ``u = 2^-24`` per coordinate), ``|x|^2/2``
+    rounded to float32, and the ``(D + 2)``-term float32 product
+    ``[a, |a|^2/2, 1] . [-b, 1, |b|^2/2]`` in any summation order (error at most
+    ``(D + 2) u (|a||b| + |a|^2/2 + |b|^2/2) / (1 - (D + 2) u)``):
 
     .. math::
 
-        E_a = 2 (D + 8)\\, u\\, (|a| + R)^2 \\quad\\text{(Euclidean, cost } |b - a|^2/2
-        \\text{ up to a per-query constant)}, \\qquad
-        E_a = 2 (D + 8)\\, u\\, |a| R \\quad\\text{(dot)}
+        E_a = 2 (D + 8)\\, u\\, (|a| + R)^2 \\quad\\text{(Euclidean, cost } |b - a|^2/2),
+        \\qquad E_a = 2 (D + 8)\\, u\\, |a| R \\quad\\text{(dot, cost } -a \\cdot b)
 
-    with ``R`` the largest reference norm; about twice the sum of the worst-case
-    terms (product, norm and rounding of the inputs), plus an absolute term for
-    subnormal coordinates.
+    with ``R`` the largest reference norm: over four times the sum of the worst-case
+    terms (product, norms, rounding of the inputs: ``(D + 5) u (|a| + R)^2 / 2``),
+    plus an absolute term for subnormal coordinates.
 
     Args:
         query_norms: ``(Q,)`` float64 norms of the float32 queries.
@@ -73,8 +93,7 @@ def float32_error_bound(
     Returns:
         ``(Q,)`` float64.
     """
-    scale = 2 * (dim + 8) * UNIT_ROUNDOFF
-    tiny = dim * 2.0**-120
+    scale, tiny = 2 * (dim + 8) * UNIT_ROUNDOFF, dim * 2.0**-120
     if metric == "dot":
         return scale * query_norms * max_reference_norm + tiny
     return scale * (query_norms + max_reference_norm) ** 2 + tiny
@@ -101,8 +120,17 @@ def merge_neighbours(
 
 
 @contextlib.contextmanager
-def _torch_threads(num_threads: int | None) -> Iterator[None]:
-    """Set torch's CPU thread count for the duration (restored after)."""
+def thread_limit(num_threads: int | None, libraries: bool = True) -> Iterator[None]:
+    """At most ``num_threads`` CPU threads in torch and, if ``libraries``, in BLAS and
+    OpenMP (faiss) for the duration (restored after); ``None`` changes nothing.
+
+    The engine runs its float64 passes on one torch thread: they work in cache-sized
+    chunks, where starting a parallel region costs more than it saves (on a busy
+    2-core machine, 48 ms against 0.1 ms per chunk).
+
+    Raises:
+        ValueError: ``num_threads`` is not a positive integer.
+    """
     if num_threads is None:
         yield
         return
@@ -111,9 +139,31 @@ def _torch_threads(num_threads: int | None) -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        yield
+        with threadpool_limits(num_threads) if libraries else contextlib.nullcontext():
+            yield
     finally:
         torch.set_num_threads(before)
+
+
+def _use_faiss(backend: object, device: torch.device) -> bool:
+    """Whether the candidates go to faiss's heaps (``"auto"``: on CPU when faiss
+    imports), else to ``torch.topk``.
+
+    Raises:
+        ValueError: unknown ``backend``, or ``"faiss"`` off the CPU.
+        ImportError: ``"faiss"`` without faiss installed.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "faiss" and device.type != "cpu":
+        raise ValueError(f"backend='faiss' needs CPU tensors, got device {device}")
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        if backend == "faiss":
+            raise
+        return False
+    return backend != "torch" and device.type == "cpu"
 
 
 def _rows64(x: torch.Tensor, normalize: bool, out: torch.Tensor) -> torch.Tensor:
@@ -121,68 +171,97 @@ def _rows64(x: torch.Tensor, normalize: bool, out: torch.Tensor) -> torch.Tensor
     values every result is exact for. Identical rows give identical values."""
     out = out[: len(x)].copy_(x)
     if normalize:
-        norms = torch.linalg.vector_norm(out, dim=-1, keepdim=True)
-        out.div_(norms.clamp_(min=1e-12))
+        out.div_(torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_(min=1e-12))
     return out
 
 
-def _float32_operand(
-    x: torch.Tensor, normalize: bool, centre: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """``(x - centre) * scale`` in float32, through float64 in row chunks."""
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
-    buffer = torch.empty(min(rows, len(x)), x.shape[1], dtype=torch.float64, device=x.device)
-    for s in range(0, len(x), rows):
-        chunk = _rows64(x[s : s + rows], normalize, buffer)
-        if centre is not None:
-            chunk -= centre
-        out[s : s + rows] = chunk.mul_(scale)
-    return out
-
-
-def _mean64(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Column means in float64, in row chunks."""
-    rows = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
-    buffer = torch.empty(min(rows, len(x)), x.shape[1], dtype=torch.float64, device=x.device)
-    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    for s in range(0, len(x), rows):
-        total += _rows64(x[s : s + rows], normalize, buffer).sum(dim=0)
-    return total / len(x)
+def _chunks(x: torch.Tensor, normalize: bool) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows, x[rows] in float64)`` over row chunks of ``x``, one reused buffer."""
+    step = max(1, CHUNK_ELEMENTS // max(1, x.shape[1]))
+    buffer = torch.empty(min(step, len(x)), x.shape[1], dtype=torch.float64, device=x.device)
+    for s in range(0, len(x), step):
+        yield slice(s, min(s + step, len(x))), _rows64(x[s : s + step], normalize, buffer)
 
 
 def _float32_operands(
     query: torch.Tensor, reference: torch.Tensor, metric: str, normalize: bool, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centred (Euclidean), power-of-two-scaled float32 copies of the two sets."""
-    centre = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 ``y = (x - centre) * scale`` of both sets, as ``[y, |y|^2/2, 1]``
+    (Euclidean; ``|y|^2/2`` summed in float64, rounded once) or ``y`` (dot), and the
+    float64 norms of ``y``. Centre: the reference mean (Euclidean) or 0; ``scale``:
+    the power of two that puts the largest ``|y|`` coordinate in ``[0.5, 1)``."""
+    sets = (query,) if symmetric else (query, reference)
+    centre = torch.zeros(query.shape[1], dtype=torch.float64, device=query.device)
     if metric != "dot":
-        centre = _mean64(reference, normalize)
-    a = _float32_operand(query, normalize, centre, 1.0)
-    b = a if symmetric else _float32_operand(reference, normalize, centre, 1.0)
-    largest = max(float(a.abs().max()), float(b.abs().max()))
-    if largest == 0 or 0.5 <= largest < 1:
-        return a, b
-    scale = 2.0 ** -math.frexp(largest)[1]  # max |x| in [0.5, 1): no overflow in the costs
-    a = _float32_operand(query, normalize, centre, scale)
-    return a, a if symmetric else _float32_operand(reference, normalize, centre, scale)
+        centre = sum(c.sum(dim=0) for _, c in _chunks(reference, normalize)) / len(reference)
+    largest = max(float((c - centre).abs().max()) for x in sets for _, c in _chunks(x, normalize))
+    if not math.isfinite(largest):
+        raise ValueError("the embeddings span more than float64 can hold")
+    scale = 1.0 if largest == 0 else 2.0 ** -math.frexp(largest)[1]
+    out = []
+    for x in sets:
+        y = torch.empty(len(x), x.shape[1] + 2 * (metric != "dot"), device=x.device)
+        norms = torch.empty(len(x), dtype=torch.float64, device=x.device)
+        for rows, chunk in _chunks(x, normalize):
+            y[rows, : x.shape[1]] = chunk.sub_(centre).mul_(scale)
+            squares = chunk.copy_(y[rows, : x.shape[1]]).square_().sum(dim=1)
+            norms[rows] = squares.sqrt()
+            if metric != "dot":
+                y[rows, -2], y[rows, -1] = squares / 2, 1.0
+        out.append((y, norms))
+    return out[0][0], out[-1][0], out[0][1], out[-1][1]
 
 
-class _Candidates:
-    """Running ``k'`` smallest float32 costs per query, fed tile by tile."""
+def _tile_costs(
+    a: torch.Tensor, b: torch.Tensor, metric: str, right: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """float32 costs ``(len(a), len(b))`` of operand rows into ``out``; ``right``: a
+    buffer for ``[-b, 1, |b|^2/2]`` (``-b`` for dot). On CPU the product goes through
+    numpy's BLAS (OpenBLAS: 1.7x torch's MKL on the AMD machines measured)."""
+    right = torch.neg(b, out=right[: len(b)])
+    if metric != "dot":
+        right[:, -2:] = b[:, [-1, -2]]
+    out = out[: len(a) * len(b)].view(len(a), len(b))
+    if a.device.type == "cpu":
+        np.matmul(a.numpy(), right.numpy().T, out=out.numpy())
+    else:
+        torch.mm(a, right.T, out=out)
+    return out
+
+
+class _TopkCandidates:
+    """Running ``k'`` smallest costs per query by ``torch.topk``, tile by tile."""
 
     def __init__(self, num_rows: int, width: int, device: torch.device) -> None:
-        self.width = width
         self.costs = torch.full((num_rows, width), torch.inf, device=device)
         self.indices = torch.full((num_rows, width), -1, dtype=torch.long, device=device)
 
     def add(self, rows: slice, costs: torch.Tensor, col_start: int) -> None:
-        kk = min(self.width, costs.shape[1])
-        c, i = torch.topk(costs, kk, dim=1, largest=False, sorted=False)
+        c, i = torch.topk(costs, min(self.costs.shape[1], costs.shape[1]), 1, False, False)
         c = torch.cat([self.costs[rows], c], dim=1)
         i = torch.cat([self.indices[rows], i + col_start], dim=1)
-        c, pos = torch.topk(c, self.width, dim=1, largest=False, sorted=False)
+        c, pos = torch.topk(c, self.costs.shape[1], 1, False, False)
         self.costs[rows], self.indices[rows] = c, i.gather(1, pos)
+
+
+class _HeapCandidates:
+    """Running ``k'`` smallest costs per query in faiss's binary max-heaps (CPU);
+    :meth:`add` takes C-contiguous costs."""
+
+    def __init__(self, num_rows: int, width: int) -> None:
+        import faiss
+
+        self.costs = torch.empty(num_rows, width)
+        self.indices = torch.empty(num_rows, width, dtype=torch.long)
+        self._heaps, self._pointer = faiss.float_maxheap_array_t(), faiss.swig_ptr
+        self._heaps.nh, self._heaps.k = num_rows, width
+        self._heaps.val = faiss.swig_ptr(self.costs.numpy())
+        self._heaps.ids = faiss.swig_ptr(self.indices.numpy())
+        self._heaps.heapify()  # every slot (inf, -1)
+
+    def add(self, rows: slice, costs: torch.Tensor, col_start: int) -> None:
+        pointer = self._pointer(costs.numpy())
+        self._heaps.addn(costs.shape[1], pointer, col_start, rows.start, rows.stop - rows.start)
 
 
 def _candidate_pass(
@@ -193,36 +272,59 @@ def _candidate_pass(
     self_columns: torch.Tensor | None,
     symmetric: bool,
     tile: int,
+    workers: int,
     progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 costs and indices of ``width`` candidates per query row of ``a``.
+    """float32 costs and indices of ``width`` candidates per operand row of ``a``.
 
-    ``self_columns[i]`` is the column of query ``i`` itself (excluded), or out of range.
+    ``self_columns[i]``: the column of query ``i`` itself (excluded), or out of range.
+    ``workers = 0``: ``torch.topk`` on this thread; else faiss heaps in ``workers``
+    threads, each with its own heaps and buffers and every library at one thread
+    (numpy's BLAS and faiss's OpenMP pools taking turns spin against each other),
+    their lists merged after.
     """
     nq, nr = len(a), len(b)
-    half = None if metric == "dot" else torch.linalg.vector_norm(b, dim=1, dtype=torch.float64)
-    half = None if half is None else half.square_().div_(2).float()
-    found = _Candidates(nq, width, a.device)
-    if symmetric:
-        tasks = [(i, j) for i in range(0, nq, tile) for j in range(i, nr, tile)]
-    else:
-        tasks = [(i, j) for i in range(0, nq, tile) for j in range(0, nr, tile)]
-    for i, j in tqdm(tasks, desc="k-nn", unit="tile", disable=not progress):
-        ri, rj = slice(i, min(i + tile, nq)), slice(j, min(j + tile, nr))
-        products = a[ri] @ b[rj].T
-        mirror = None
-        if symmetric and i != j:
-            mirror = -products.T if half is None else half[ri] - products.T
-        costs = products.neg_() if half is None else products.neg_().add_(half[rj])
-        if self_columns is not None:
-            rows = torch.arange(ri.start, ri.stop, device=a.device)
-            cols = self_columns[ri] - j
-            mine = (cols >= 0) & (cols < rj.stop - j)
-            costs[(rows - i)[mine], cols[mine]] = torch.inf
-        found.add(ri, costs, j)
-        if mirror is not None:
-            found.add(rj, mirror, i)
-    return found.costs, found.indices
+    tasks = [(i, j) for i in range(0, nq, tile) for j in range(i if symmetric else 0, nr, tile)]
+    bar = tqdm(total=len(tasks), desc="k-nn", unit="tile", disable=not progress)
+
+    def run(share: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        found = _HeapCandidates(nq, width) if workers else _TopkCandidates(nq, width, a.device)
+        tq, tr = min(tile, nq), min(tile, nr)
+        products = torch.empty(tq * tr, device=a.device)
+        mirror = torch.empty(tq * tr if symmetric else 0, device=a.device)
+        right = torch.empty(tr, b.shape[1], device=a.device)
+        for i, j in share:
+            ri, rj = slice(i, min(i + tile, nq)), slice(j, min(j + tile, nr))
+            costs = _tile_costs(a[ri], b[rj], metric, right, products)
+            if self_columns is not None:
+                rows, cols = torch.arange(ri.stop - i, device=a.device), self_columns[ri] - j
+                mine = (cols >= 0) & (cols < rj.stop - j)
+                costs[rows[mine], cols[mine]] = torch.inf
+            found.add(ri, costs, j)
+            if symmetric and i != j:
+                found.add(rj, mirror[: costs.numel()].view(costs.shape[::-1]).copy_(costs.T), i)
+            bar.update()
+        return found.costs, found.indices
+
+    with bar:
+        if not workers:  # torch's products in full float32: TF32 would void the bound
+            precision = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("highest")
+            try:
+                return run(tasks)
+            finally:
+                torch.set_float32_matmul_precision(precision)
+        workers = min(workers, len(tasks))
+        with thread_limit(1), ThreadPoolExecutor(workers) as pool:
+            lists = list(pool.map(run, [tasks[w::workers] for w in range(workers)]))
+            costs, indices = lists[0]
+            for s in range(0, nq, tile) if workers > 1 else ():  # the smallest of all lists
+                rows = slice(s, s + tile)
+                c = torch.cat([part[0][rows] for part in lists], dim=1)
+                c, order = torch.topk(c, width, dim=1, largest=False, sorted=False)
+                i = torch.cat([part[1][rows] for part in lists], dim=1).gather(1, order)
+                costs[rows], indices[rows] = c, i
+    return costs, indices
 
 
 def _rescore(
@@ -236,16 +338,15 @@ def _rescore(
     from the original values (identical rows give identical values)."""
     num, width, dim = len(query), indices.shape[1], query.shape[1]
     out = torch.empty(num, width, dtype=torch.float64, device=query.device)
-    if num == 0:
-        return out
-    rows = min(num, max(1, CHUNK_ELEMENTS // max(1, width * dim)))
+    rows = max(1, min(num, CHUNK_ELEMENTS // max(1, width * dim)))
     gathered = torch.empty(rows * width, dim, dtype=reference.dtype, device=query.device)
     picked64 = torch.empty(rows * width, dim, dtype=torch.float64, device=query.device)
     query64 = torch.empty(rows, dim, dtype=torch.float64, device=query.device)
     for s in range(0, num, rows):
         n = min(rows, num - s)
-        columns = indices[s : s + n].clamp(min=0).flatten()
-        torch.index_select(reference, 0, columns, out=gathered[: n * width])
+        torch.index_select(
+            reference, 0, indices[s : s + n].clamp(min=0).flatten(), out=gathered[: n * width]
+        )
         picked = _rows64(gathered[: n * width], normalize, picked64).view(n, width, dim)
         q = _rows64(query[s : s + n], normalize, query64)[:, None, :]
         picked.mul_(q) if metric == "dot" else picked.sub_(q).square_()
@@ -258,8 +359,8 @@ def _certified(costs: torch.Tensor, k: int, bound: torch.Tensor, num_columns: in
     width = costs.shape[1]
     if width >= num_columns or k == 0:
         return torch.ones(len(costs), dtype=torch.bool, device=costs.device)
-    ordered = torch.sort(costs, dim=1).values.double()
-    return ordered[:, width - 1] > ordered[:, k - 1] + 2 * bound
+    kth = torch.kthvalue(costs, k, dim=1).values.double()  # no sort: two selections
+    return costs.amax(dim=1).double() > kth + 2 * bound
 
 
 def knn_float64(
@@ -271,6 +372,7 @@ def knn_float64(
     self_offset: int | None = None,
     block_rows: int | None = None,
     progress: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top ``k`` of checked inputs: float64 values (squared distance or dot
     product) and indices, on the query's device.
@@ -280,28 +382,25 @@ def knn_float64(
     that a reference shard may hold it or not (:mod:`pml_margins.distributed`).
     """
     device = query.device
+    heaps = _use_faiss(backend, device)
     symmetric = self_offset in (None, 0) and (
         query is reference
         or (query.shape == reference.shape and torch.equal(query, reference.to(device)))
     )
     reference = query if symmetric else reference.to(device)
     nq, nr = len(query), len(reference)
-    worst = -torch.inf if metric == "dot" else torch.inf
-    if k == 0 or nr == 0:
-        return torch.empty(nq, 0, dtype=torch.float64, device=device), torch.empty(
-            nq, 0, dtype=torch.long, device=device
-        )
-    a, b = _float32_operands(query, reference, metric, normalize, symmetric)
-    bound = float32_error_bound(
-        a.double().norm(dim=1), float(b.double().norm(dim=1).max()), a.shape[1], metric
-    )
-    rows_all = torch.arange(nq, device=device)
-    self_columns = None if self_offset is None else rows_all - self_offset
-    tile = block_rows or DEFAULT_TILE
     values = torch.empty(nq, k, dtype=torch.float64, device=device)
     indices = torch.empty(nq, k, dtype=torch.long, device=device)
-    todo, width, first = rows_all, min(nr, k + max(8, k // 4)), True
+    if k == 0 or nr == 0:
+        return values, indices
+    threads = torch.get_num_threads()
+    with thread_limit(1, libraries=False):
+        a, b, a_norms, b_norms = _float32_operands(query, reference, metric, normalize, symmetric)
+    bound = float32_error_bound(a_norms, float(b_norms.max()), query.shape[1], metric)
+    self_columns = None if self_offset is None else torch.arange(nq, device=device) - self_offset
+    todo, width, first = torch.arange(nq, device=device), min(nr, k + max(8, k // 4)), True
     while len(todo):
+        workers = min(threads, MAX_WORKERS, max(1, HEAP_BYTES // (12 * len(todo) * width)))
         costs, cand = _candidate_pass(
             a if first else a[todo],
             b,
@@ -309,15 +408,17 @@ def knn_float64(
             width,
             None if self_columns is None else self_columns[todo],
             symmetric and first,
-            tile,
+            block_rows or DEFAULT_TILE,
+            workers if heaps else 0,
             progress and first,
         )
-        ok = _certified(costs, k, bound[todo], nr)
-        done = todo[ok]
-        v = _rescore(query[done], reference, cand[ok], metric, normalize)
-        own = cand[ok] == (done[:, None] - self_offset if self_offset is not None else -2)
-        v[own | (cand[ok] < 0)] = worst
-        values[done], indices[done] = merge_neighbours(v, cand[ok], k, metric == "dot")
+        with thread_limit(1, libraries=False):
+            ok = _certified(costs, k, bound[todo], nr)
+            done, cand = todo[ok], cand[ok]
+            v = _rescore(query[done], reference, cand, metric, normalize)
+            own = cand == (done[:, None] - self_offset if self_offset is not None else -2)
+            v[own | (cand < 0)] = -torch.inf if metric == "dot" else torch.inf
+            values[done], indices[done] = merge_neighbours(v, cand, k, metric == "dot")
         todo, width, first = todo[~ok], min(nr, 4 * width), False
     return values, indices
 
@@ -332,12 +433,14 @@ def exact_knn(
     exclude_self: bool = False,
     block_rows: int | None = None,
     num_threads: int | None = None,
+    backend: Backend = "auto",
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``k`` nearest references of every query, equal to a float64 brute force.
 
     Ties go to the lower reference index. The result does not depend on
-    ``block_rows``, ``num_threads`` or the device (see the module docstring).
+    ``block_rows``, ``num_threads``, ``backend`` or the device (see the module
+    docstring).
 
     Args:
         query: ``(Q, D)`` embeddings, floating or integer (tensor or numpy array).
@@ -348,8 +451,12 @@ def exact_knn(
         normalize: L2-normalize both sets first (in float64): cosine with ``"dot"``.
         exclude_self: query ``i`` is reference ``i`` and never its own neighbour
             (excluded by index: exact duplicates still count).
-        block_rows: tile side of the candidate pass (memory ``~4 block_rows^2`` bytes).
-        num_threads: torch CPU threads for the call (restored after); default unchanged.
+        block_rows: tile side of the candidate pass (memory ``~8 block_rows^2`` bytes
+            per worker thread).
+        num_threads: CPU threads of torch, BLAS and faiss for the call (restored
+            after); default: torch's thread count, others unchanged.
+        backend: candidate selection: ``"faiss"`` (binary heaps, CPU), ``"torch"``
+            (``torch.topk``, any device) or ``"auto"`` (faiss on CPU when installed).
         progress: a tqdm bar over tiles.
 
     Returns:
@@ -358,7 +465,8 @@ def exact_knn(
 
     Raises:
         TypeError / ValueError: bad embeddings (see :func:`.inputs.as_embeddings`),
-            ``k``, ``metric``, ``block_rows`` or ``num_threads``.
+            ``k``, ``metric``, ``block_rows``, ``num_threads`` or ``backend``.
+        ImportError: ``backend="faiss"`` without faiss.
 
     Example:
         >>> x = torch.tensor([[0.0], [1.0], [1.0], [3.0]])
@@ -376,16 +484,10 @@ def exact_knn(
         isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1
     ):
         raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
-    with torch.no_grad(), _torch_threads(num_threads):
+    with torch.no_grad(), thread_limit(num_threads):
+        self_offset = 0 if exclude_self else None
         values, indices = knn_float64(
-            query,
-            reference,
-            k,
-            metric,
-            normalize,
-            0 if exclude_self else None,
-            block_rows,
-            progress,
+            query, reference, k, metric, normalize, self_offset, block_rows, progress, backend
         )
     return finish_values(values, metric, query.dtype), indices
 
@@ -393,6 +495,5 @@ def exact_knn(
 def finish_values(values: torch.Tensor, metric: str, dtype: torch.dtype) -> torch.Tensor:
     """float64 ranking values as returned: distance (sqrt) for ``"euclidean"``, in
     float64 for float64 input, else float32."""
-    if metric == "euclidean":
-        values = values.sqrt()
+    values = values.sqrt() if metric == "euclidean" else values
     return values.to(torch.float64 if dtype == torch.float64 else torch.float32)

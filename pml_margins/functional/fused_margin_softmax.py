@@ -17,11 +17,13 @@ logits, in one :class:`torch.autograd.Function` with an analytic backward:
 * the classes are processed in column blocks; the weight normalization, the
   target masking, the block max and ``exp`` all run on one block while it is in
   cache, and the normalization's backward is analytic and per block;
-* the ``B`` target logits :math:`s_i\psi(z_{iy_i}) + b_{y_i}` are formed outside the
-  blocked function by ordinary autograd (a row-wise dot product and :math:`\psi` on a
-  ``B``-vector), so :math:`\psi` may depend on anything else that has a gradient
-  (per-row margins from feature norms, say); the blocked function takes them as
-  an input and returns their gradient :math:`p_{iy_i} - 1`;
+* the ``B`` target logits :math:`t_i = s_i\psi(z_{iy_i}) + b_{y_i}` are formed outside
+  the blocked function by ordinary autograd from the detached target cosines, so
+  :math:`\psi` may depend on anything else that has a gradient (per-row margins from
+  feature norms, say); the blocked function takes :math:`t` as an input and returns
+  :math:`\partial L/\partial t = p_{iy_i} - 1`, while the cosines' share,
+  :math:`(p_{iy_i} - 1)\,s_i\psi'(z_{iy_i})`, is folded into its own blocks (no
+  ``W``-sized gradient beside them);
 * the row factors of the gradient (upstream gradient, scale) are folded into the
   ``(B, D)`` operands of the two backward products, never applied to ``(B, C)``.
 
@@ -244,16 +246,21 @@ def fused_margin_softmax_cross_entropy(
         materialize = saved and batch * num_classes <= MATERIALIZE_MAX_ELEMENTS
     if materialize:
         return _materialized(x, weight, labels, target_logit_fn, scale, normalize_weight, bias)
-    target = _target_logits(x, weight, labels, target_logit_fn, scale, normalize_weight, bias)
     config = _Config(scale_value, normalize_weight, block, saved, *_dtypes(x, weight))
-    inputs = (x, weight, scale_tensor, bias, target)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _FusedMarginSoftmax.apply(x, weight, scale_tensor, bias, target, labels, config)
+    inputs = (x, weight, scale_tensor, bias)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    target, slope, z_y = _target_terms(
+        x, weight, labels, target_logit_fn, scale, normalize_weight, bias, grad
+    )
+    if grad or target.requires_grad:
+        return _FusedMarginSoftmax.apply(
+            x, weight, scale_tensor, bias, target, labels, slope, z_y, config
+        )
     with torch.no_grad():
         return _forward(x, weight, scale_tensor, bias, target, labels, config, save=False)[0]
 
 
-def _target_logits(
+def _target_terms(
     x: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -261,22 +268,45 @@ def _target_logits(
     scale: float | torch.Tensor,
     normalize_weight: bool,
     bias: torch.Tensor | None,
-) -> torch.Tensor:
-    r"""The ``B`` target logits :math:`s_i\psi(\tilde x_i^\top \tilde W_{y_i}) + b_{y_i}`.
+    slope_needed: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    r"""The target logits :math:`t`, the slope :math:`\psi'(z)` and the target cosines ``z``.
 
-    Ordinary autograd on ``(B, D)`` and ``(B,)`` tensors: ``x`` is in the compute dtype,
-    the ``B`` target columns of ``W`` are normalized here when asked.
+    ``z`` is computed without a graph (the blocked function differentiates it); ``t``
+    has the graph of :math:`\psi`'s other inputs, the scale and the bias.
     """
     dtype = x.dtype
     with autocast_off(x.device.type):
-        w_y = weight.index_select(1, labels).to(dtype)
-        w_y = F.normalize(w_y, dim=0, eps=_NORM_EPS) if normalize_weight else w_y
-        z_y = (x * w_y.t()).sum(1)
-        psi = z_y if target_logit_fn is None else target_logit_fn(z_y).to(dtype)
+        with torch.no_grad():
+            w_y = weight.index_select(1, labels).to(dtype)
+            w_y = F.normalize(w_y, dim=0, eps=_NORM_EPS) if normalize_weight else w_y
+            z_y = (x * w_y.t()).sum(1)
+        slope = None
+        if target_logit_fn is None:
+            psi = z_y
+            slope = torch.ones_like(z_y) if slope_needed else None
+        else:
+            with torch.enable_grad():
+                leaf = z_y.clone().requires_grad_(slope_needed)
+                psi = target_logit_fn(leaf).to(dtype)
+                if slope_needed:
+                    slope = _slope(psi, leaf)
+            if not slope_needed and not psi.requires_grad:
+                psi = psi.detach()
         target = psi * (scale.to(dtype) if isinstance(scale, torch.Tensor) else float(scale))
         if bias is not None:
             target = target + bias.index_select(0, labels).to(dtype)
-        return target
+        return target, slope, z_y
+
+
+def _slope(psi: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    r""":math:`\partial\psi/\partial z`, element-wise, keeping the graph of :math:`\psi`."""
+    if not psi.requires_grad:
+        return torch.zeros_like(leaf)
+    (slope,) = torch.autograd.grad(
+        psi, leaf, torch.ones_like(psi), retain_graph=True, allow_unused=True
+    )
+    return torch.zeros_like(leaf) if slope is None else slope.detach()
 
 
 def _materialized(
@@ -468,6 +498,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         bias: torch.Tensor | None,
         target: torch.Tensor,
         labels: torch.Tensor,
+        slope: torch.Tensor,
+        z_y: torch.Tensor,
         config: _Config,
     ) -> torch.Tensor:
         losses, st = _forward(
@@ -486,6 +518,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             st["block_max"],
             st["lse"],
             st["p_target"],
+            slope,
+            z_y,
             st["inv_norm"],
             st["active"],
         )
@@ -504,6 +538,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             block_max,
             lse,
             p_target,
+            slope,
+            z_y,
             inv_norm,
             active,
         ) = ctx.saved_tensors
@@ -525,7 +561,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             grad_w = grad_w if need_w else None
             grad_b = torch.empty(num_classes, dtype=dtype, device=x.device) if need_b else None
             w_d = weight.detach()
-            # the target entries are 0 here: their gradient goes to the target logits input
+            # the B target entries of d loss / d z, before the row factor g s: (p_y - 1) psi'
+            target_value = (p_target - 1) * (0 if slope is None else slope)
             targets = _Targets(labels, config.block, num_classes)
             row_factor = None if buffer is None else torch.exp(block_max - lse)
             radial_scale = None if inv_norm is None else inv_norm * inv_norm * active
@@ -539,9 +576,11 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                 else:
                     prob = _block_logits(xs, w_mm, inv, bias, start, dtype)
                     prob.sub_(lse.unsqueeze(1)).exp_()
-                    targets.set(prob, k, 0.0)
-                if grad_b is not None:
+                    if grad_b is not None:
+                        targets.set(prob, k, 0.0)
+                if grad_b is not None:  # the target's share reaches b through t
                     grad_b[start:stop] = torch.mv(prob.t(), g)
+                targets.set(prob, k, target_value)
                 if inv is not None:
                     prob.mul_(inv)  # P diag(1/|W_j|): the products then use the raw W
                 prob_mm = prob.to(mm_dtype)
@@ -565,10 +604,11 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             grad_x = grad_s = grad_t = None
             if need_x:
                 grad_x = (acc * gs.unsqueeze(1)).to(x.dtype)
-            if need_s:  # sum_{j != y} p_j z_j = <x, acc>
-                grad_s = (g * (xc * acc).sum(1)).to(scale_tensor.dtype)
+            if need_s:  # sum_{j != y} p_j z_j = <x, acc> minus the target entry
+                nontarget = (xc * acc).sum(1) - target_value * z_y
+                grad_s = (g * nontarget).to(scale_tensor.dtype)
             if grad_b is not None:
                 grad_b = grad_b.to(bias.dtype)
             if need_t:
                 grad_t = g * (p_target - 1)
-        return grad_x, grad_w, grad_s, grad_b, grad_t, None, None
+        return grad_x, grad_w, grad_s, grad_b, grad_t, None, None, None, None

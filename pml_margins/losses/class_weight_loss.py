@@ -260,10 +260,11 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
             losses = margin_softmax_cross_entropy(
                 logits, labels, self.target_logit_fn(), scale, non_target_logit_fn=non_target_fn
             )
-        miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
+        if indices_tuple is not None:
+            losses = losses * lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
         loss_dict = {
             "loss": {
-                "losses": losses * miner_weights,
+                "losses": losses,
                 "indices": torch.arange(embeddings.shape[0], device=embeddings.device),
                 "reduction_type": "element",
             }

@@ -50,3 +50,53 @@ def test_plot_recall_writes_png(tmp_path: Path) -> None:
 def test_environment_has_versions() -> None:
     env = report.environment()
     assert {"pml_margins", "pytorch_metric_learning", "torch"} <= set(env)
+
+
+def test_plot_recall_draws_one_series_per_loss_with_bands_and_labels(tmp_path: Path, monkeypatch):
+    """The figure itself, captured before it is saved: axes, series, styles, bands, labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    results = {
+        "dataset": "glyphs",
+        "recall_ks": [1, 2, 4, 8],
+        "losses": [
+            {
+                "label": "ArcFace",
+                "metrics": {
+                    f"recall_at_{k}": v
+                    for k, v in zip((1, 2, 4, 8), (0.5, 0.6, 0.7, 0.8), strict=True)
+                },
+                "metrics_std": {f"recall_at_{k}": 0.01 for k in (1, 2, 4, 8)},
+            },
+            {
+                "label": "Raw pixels",
+                "name": "pixels",
+                "metrics": {
+                    f"recall_at_{k}": v
+                    for k, v in zip((1, 2, 4, 8), (0.4, 0.5, 0.6, 0.7), strict=True)
+                },
+            },
+        ],
+    }
+    report.plot_recall(results, tmp_path / "r.png")
+    (fig,) = figures
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "K" and ax.get_ylabel() == "Recall@K (%)"
+    assert ax.get_xscale() == "log" and "glyphs" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8"]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"ArcFace", "Raw pixels"}
+    assert list(lines["ArcFace"].get_ydata()) == [50.0, 60.0, 70.0, 80.0]
+    assert list(lines["Raw pixels"].get_xdata()) == [1, 2, 4, 8]
+    assert lines["Raw pixels"].get_linestyle() == "--"
+    assert lines["ArcFace"].get_linestyle() == "-"
+    assert len(ax.collections) == 1  # one std band: only the entry with metrics_std
+    legend = ax.get_legend()
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == ["ArcFace", "Raw pixels"]
+    plt.close(fig)

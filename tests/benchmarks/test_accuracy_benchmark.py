@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quick_accuracy_benchmark_prints_equal_metrics_and_recall_table():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--repeats", "1"]
+    cmd += ["--rounds", "2"]  # ours, PML and matmul in turn, twice
     cmd += ["--only", "CUB-like (quick), query / reference", "--recall-ks", "1", "4"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("| CUB-like")]

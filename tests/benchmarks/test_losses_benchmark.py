@@ -27,3 +27,32 @@ def test_quick_losses_benchmark_agrees_with_pml_on_materialized_and_blocked_size
         assert float(ms) > 0
         if impl != "floor":
             assert float(gap) <= 1e-4, (size, loss, impl, gap)  # fp32 rounding of a ~10-60 loss
+
+
+def test_subcenter_rows_have_their_own_floor_and_agree_with_pml():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "losses.py"), "--repeats", "1"]
+    cmd += ["--sizes", "64x128x300", "--no-memory", "--threads", "1", "--losses", "subcenter"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
+    impls = {(r[1], r[2]) for r in rows}
+    expected = {("subcenter", i) for i in IMPLS - {"ours-bounded"}}  # plain path: no bounded
+    assert impls == expected | {("-", "floor")}
+    for _, loss, impl, ms, *_, gap in rows:
+        assert float(ms) > 0
+        if impl not in ("floor", "pml"):
+            assert float(gap) <= 1e-4, (loss, impl, gap)
+
+
+def test_losses_without_pml_counterpart_run_ours_only():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "losses.py"), "--repeats", "1"]
+    cmd += ["--sizes", "64x128x300", "--no-memory", "--threads", "1"]
+    cmd += ["--losses", "elasticface,adacos,magface"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert {(r[1], r[2]) for r in rows} == {("-", "floor")} | {
+        (loss, i)
+        for loss in ("elasticface", "adacos", "magface")
+        for i in ("ours", "ours-unchecked", "ours-bounded")
+    }

@@ -15,12 +15,20 @@ SAMPLED_CLASSES = 23
 EMBEDDING_SIZE = 5
 SAMPLE_RATE = 0.5
 LR = 0.1
-#: every class-weight loss: the foundation's (with their paper references) and ProxyCircle
+
+
+def _shardable(spec: LossSpec) -> bool:
+    """Whether the loss takes ShardedMarginSoftmaxLoss (AdaCos's dynamic scale does not)."""
+    reason = getattr(spec.build(3, 2), "sharding_unsupported", lambda: None)()
+    return reason is None
+
+
+#: every shardable class-weight loss: the foundation's (with their paper references), ProxyCircle
 SPEC_BY_ID = {
-    **{s.id: s for s in SPECS},
+    **{s.id: s for s in SPECS if _shardable(s)},
     "proxy_circle": LossSpec("proxy_circle", ProxyCircleLoss, {"m": 0.25, "gamma": 32.0}),
 }
-SAMPLED_SPECS = ("arcface", "cosface", "softmax", "proxy_circle")
+SAMPLED_SPECS = ("arcface", "cosface", "softmax", "proxy_circle", "subcenter")
 NUM_QUERIES, NUM_REFERENCES = 9, 17
 
 

@@ -77,6 +77,13 @@ def test_single_process_and_bad_input() -> None:
         expected = exact_knn(q, r, 3, metric=metric, block_rows=2)
         assert torch.equal(got[1], expected[1])
         torch.testing.assert_close(got[0], expected[0])
+        for backend in ("faiss", "torch"):
+            got = sharded_exact_knn(q, r, 3, metric=metric, num_threads=1, backend=backend)
+            assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+    with pytest.raises(ValueError, match="backend"):
+        sharded_exact_knn(q, r, 2, backend="gpu")
+    with pytest.raises(ValueError, match="num_threads"):
+        sharded_exact_knn(q, r, 2, num_threads=0)
     for k in (-1, 9, 2.0, True):
         with pytest.raises(ValueError, match="k must"):
             sharded_exact_knn(q, r, k)

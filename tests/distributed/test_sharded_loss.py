@@ -11,6 +11,7 @@ from pytorch_metric_learning.reducers import SumReducer
 
 from pml_margins.distributed import shard_range
 from pml_margins.distributed.partial_fc import num_sampled
+from pml_margins.distributed.sharding import class_columns
 from pml_margins.losses import ClassWeightLoss
 from tests.distributed import cases
 from tests.distributed.conftest import WORLD_SIZES
@@ -44,7 +45,8 @@ def check_rank(
     torch.testing.assert_close(result["loss"], loss, **tol)
     torch.testing.assert_close(result["x_grad"], x_grad[cases.rows(world_size, rank)], **tol)
     start, end = result["range"]
-    torch.testing.assert_close(result["w_grad"], loss_fn.W.grad[:, start:end], **tol)
+    per = loss_fn.W.shape[1] // loss_fn.num_classes  # sub-centres: K columns per class
+    torch.testing.assert_close(result["w_grad"], loss_fn.W.grad[:, start * per : end * per], **tol)
     if getattr(loss_fn, "bias", None) is not None:
         torch.testing.assert_close(result["bias_grad"], loss_fn.bias.grad[start:end], **tol)
 
@@ -89,20 +91,22 @@ def test_partial_fc(runs, world_size: int, spec_id: str) -> None:
 
     full = cases.reference_loss(spec, c)
     sub = spec.build(len(kept), cases.EMBEDDING_SIZE).double()
+    columns = class_columns(kept, spec.columns_per_class)  # every sub-centre of a kept class
     with torch.no_grad():
-        sub.W.copy_(full.W[:, kept])
+        sub.W.copy_(full.W[:, columns])
         if getattr(sub, "bias", None) is not None:
             sub.bias.copy_(full.bias[kept])
     position = torch.full((c,), -1, dtype=torch.long)
     position[kept] = torch.arange(len(kept))
     loss, x_grad = single_process(sub, x, position[y])
     w_grad = torch.zeros_like(full.W)
-    w_grad[:, kept] = sub.W.grad
+    w_grad[:, columns] = sub.W.grad
     for rank, result in enumerate(first):
         start, end = result["range"]
         torch.testing.assert_close(result["loss"], loss, **F64)
         torch.testing.assert_close(result["x_grad"], x_grad[cases.rows(world_size, rank)], **F64)
-        torch.testing.assert_close(result["w_grad"], w_grad[:, start:end], **F64)
+        per = spec.columns_per_class
+        torch.testing.assert_close(result["w_grad"], w_grad[:, start * per : end * per], **F64)
         if result["bias_grad"] is not None:
             b_grad = torch.zeros(c, dtype=torch.float64)
             b_grad[kept] = sub.bias.grad

@@ -1,9 +1,12 @@
 """The exact k-nn against a float64 brute force (numpy, direct formula)."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 from conftest import brute_force_neighbours, make_data
+from threadpoolctl import threadpool_info
 
 from pml_margins.evaluation import exact_knn, float32_error_bound
 from pml_margins.evaluation import knn as knn_module
@@ -27,23 +30,25 @@ def _check(q, r, k, exclude_self=False, metric="euclidean", **kw):
 
 @pytest.mark.parametrize("offset", [0.0, 100.0, 1e3, 1e4, 1e6])
 @pytest.mark.parametrize("same", [True, False])
-def test_off_centre_data_equal_brute_force(offset, same):
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_off_centre_data_equal_brute_force(offset, same, backend):
     # issue 16.1: 1000 + N(0, 1) had 253 of 400 nearest neighbours wrong
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 32, generator=g) + offset
     if same:
-        _check(x, x, 5, exclude_self=True, block_rows=64)
+        _check(x, x, 5, exclude_self=True, block_rows=64, backend=backend)
     else:
-        _check(x[:150], x[150:], 5, block_rows=64)
+        _check(x[:150], x[150:], 5, block_rows=64, backend=backend)
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "dot"])
 @pytest.mark.parametrize("block_rows", [None, 3, 7, 64])
-def test_duplicates_tie_exactly_and_go_to_the_lower_index(metric, block_rows):
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_duplicates_tie_exactly_and_go_to_the_lower_index(metric, block_rows, backend):
     # issue 16.2: copies of one point got 1.2657978 and 1.2657980
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 13, generator=g).repeat(10, 1) + 50.0  # odd width, off-centre
-    values, indices = _check(x, x, 15, True, metric, block_rows=block_rows)
+    values, indices = _check(x, x, 15, True, metric, block_rows=block_rows, backend=backend)
     for row in range(len(x)):  # the 9 other copies: equal values, ascending indices
         copies = indices[row, :9] if metric != "dot" else None
         if copies is not None:
@@ -55,18 +60,21 @@ def test_duplicates_tie_exactly_and_go_to_the_lower_index(metric, block_rows):
 def test_results_do_not_depend_on_block_size_or_threads():
     x, _ = make_data("clustered", 600, 16, 20, seed=2)
     x = torch.cat([x, x[:100]]) + 1000.0  # duplicates straddling blocks
+    threads_before = (torch.get_num_threads(), threadpool_info())
     runs = [
-        exact_knn(x, x, 12, exclude_self=True, block_rows=b, num_threads=t)
+        exact_knn(x, x, 12, exclude_self=True, block_rows=b, num_threads=t, backend=e)
         for b in (None, 7, 64, 333)
         for t in (1, 2)
+        for e in ("faiss", "torch")
     ]
     for values, indices in runs[1:]:
         assert torch.equal(indices, runs[0][1]) and torch.equal(values, runs[0][0])
     _check(x, x, 12, exclude_self=True, block_rows=64)
-    assert torch.get_num_threads() >= 1
+    assert (torch.get_num_threads(), threadpool_info()) == threads_before  # restored
 
 
-def test_large_duplicate_groups_use_the_retry_path(monkeypatch):
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_large_duplicate_groups_use_the_retry_path(monkeypatch, backend):
     # 40 copies per point: far more than the first pass's margin around k = 3
     calls = []
     original = knn_module._candidate_pass
@@ -77,33 +85,32 @@ def test_large_duplicate_groups_use_the_retry_path(monkeypatch):
 
     monkeypatch.setattr(knn_module, "_candidate_pass", spy)
     x = torch.randn(3, 6).repeat(40, 1)
-    _check(x, x, 3, exclude_self=True, block_rows=16)
+    _check(x, x, 3, exclude_self=True, block_rows=16, backend=backend)
     assert len(calls) > 1 and calls[1][1] > calls[0][1]
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "dot"])
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 def test_error_bound_holds(metric, offset):
-    """float32 candidate costs lie within the bound of the exact ones (float64, from
-    the unrounded centred and scaled data; Euclidean as |a - b|^2 / 2)."""
+    """float32 candidate costs (the tile products both backends select from) lie within
+    the bound of the exact ones: float64, from the unrounded centred and scaled data;
+    Euclidean as |a - b|^2 / 2."""
     g = torch.Generator().manual_seed(3)
     q64 = torch.randn(64, 200, generator=g, dtype=torch.float64) * 3 + offset
     r64 = torch.randn(300, 200, generator=g, dtype=torch.float64) * 3 + offset
-    a, b = knn_module._float32_operands(q64, r64, metric, False, False)
+    a, b, a_norms, b_norms = knn_module._float32_operands(q64, r64, metric, False, False)
     centre = r64.mean(0) if metric != "dot" else torch.zeros(200, dtype=torch.float64)
     qc, rc = q64 - centre, r64 - centre
     scale = 2.0 ** -np.frexp(max(float(qc.abs().max()), float(rc.abs().max())))[1]
     qc, rc = qc * scale, rc * scale
-    products = a @ b.T  # float32, as the candidate pass
+    right, out = torch.empty(b.shape), torch.empty(len(a) * len(b))
+    approx = knn_module._tile_costs(a, b, metric, right, out).double()
     if metric == "dot":
-        approx, exact = -products.double(), -(qc @ rc.T)
+        exact = -(qc @ rc.T)
     else:
-        half = ((b.double() ** 2).sum(1) / 2).float()
-        approx = (half - products).double() + (a.double() ** 2).sum(1)[:, None] / 2
         exact = ((qc[:, None] - rc[None]) ** 2).sum(-1) / 2
-    bound = float32_error_bound(
-        a.double().norm(dim=1), float(b.double().norm(dim=1).max()), 200, metric
-    )
+    torch.testing.assert_close(a_norms, qc.norm(dim=1), rtol=1e-6, atol=0)
+    bound = float32_error_bound(a_norms, float(b_norms.max()), 200, metric)
     err = (approx - exact).abs().max(dim=1).values
     assert (err <= bound).all()
     assert (err > bound / 1e4).all()  # and the bound is not vacuous
@@ -134,6 +141,80 @@ def test_numpy_input_and_cosine():
     np.testing.assert_allclose(
         values.numpy(), np.sort(qn @ rn.T, axis=1)[:, ::-1][:, :4], rtol=1e-6
     )
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+@pytest.mark.parametrize("same", [True, False])
+def test_faiss_heaps_keep_the_smallest_costs(metric, same):
+    """Each candidate pass (mirror tiles included) keeps, per row, the smallest costs: a full
+    sort of the whole cost matrix is the reference (one product, so its float32
+    rounding differs from the tiles' in the last bits)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(230, 9, generator=g) * 4 + 20
+    q, r = (x, x) if same else (x[:100], x[100:])
+    a, b, _, _ = knn_module._float32_operands(q, r, metric, False, same)
+    full = knn_module._tile_costs(a, b, metric, torch.empty(b.shape), torch.empty(len(a) * len(b)))
+    if same:
+        full.fill_diagonal_(torch.inf)
+    self_columns = torch.arange(len(a)) if same else None
+    width = 11
+    for workers in (0, 1, 3):  # torch.topk; faiss heaps in 1 or 3 threads, merged
+        costs, columns = knn_module._candidate_pass(
+            a, b, metric, width, self_columns, same, 32, workers, False
+        )
+        expected = torch.sort(full, dim=1).values[:, :width]
+        torch.testing.assert_close(torch.sort(costs, dim=1).values, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(full.gather(1, columns), costs, rtol=0, atol=1e-6)
+
+
+def test_coordinates_near_the_float32_limit():
+    # centred on the mean (-2e38), 3e38 becomes 5e38: beyond float32, so the scale is
+    # chosen in float64; distances beyond float32 come back as inf, as float32 values
+    x = torch.tensor([[3.0e38, 0.0]] + [[-3.0e38, float(i)] for i in range(5)])
+    x = torch.cat([x, torch.tensor([[1e-30, 0.0], [0.0, 1e-30]])])
+    for backend in ("faiss", "torch"):
+        for metric, k in (("euclidean", 4), ("dot", 2)):
+            values, indices = exact_knn(x, x, k, metric=metric, exclude_self=True, backend=backend)
+            want = brute_force_neighbours(x, x, True, metric)[:, :k]
+            np.testing.assert_array_equal(indices.numpy(), want)
+            x64 = x.double().numpy()
+            if metric == "dot":
+                exact = (x64[want] * x64[:, None]).sum(-1)
+            else:
+                exact = np.sqrt(((x64[want] - x64[:, None]) ** 2).sum(-1))
+            with np.errstate(over="ignore"):  # float32 values beyond its range: inf
+                exact = exact.astype(np.float32)
+            np.testing.assert_allclose(values.numpy(), exact, rtol=1e-6)
+    with pytest.raises(ValueError, match="float64"):
+        big = torch.tensor([[1.7e308], [-1.7e308], [-1.7e308]], dtype=torch.float64)
+        exact_knn(big, big, 1)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_reduced_precision_matmul_settings_are_ignored_and_restored(device):
+    # TF32 (CUDA) or bfloat16 (CPU oneDNN) products would break the float32 error bound
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    x = (torch.randn(400, 48, generator=torch.Generator().manual_seed(9)) + 300).to(device)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        _, indices = exact_knn(x, x, 6, exclude_self=True, backend="torch")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    want = brute_force_neighbours(x.cpu(), x.cpu(), True)[:, :6]
+    np.testing.assert_array_equal(indices.cpu().numpy(), want)
+
+
+def test_auto_backend_falls_back_to_torch_without_faiss(monkeypatch):
+    x, _ = make_data("clustered", 300, 8, 10, seed=8)
+    with_faiss = exact_knn(x, x, 7, exclude_self=True)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    without = exact_knn(x, x, 7, exclude_self=True)
+    assert torch.equal(without[1], with_faiss[1]) and torch.equal(without[0], with_faiss[0])
+    with pytest.raises(ImportError):
+        exact_knn(x, x, 7, backend="faiss")
 
 
 @pytest.mark.parametrize(
@@ -168,6 +249,8 @@ def test_bad_arguments():
         exact_knn(x, x, 1, block_rows=0)
     with pytest.raises(ValueError, match="num_threads"):
         exact_knn(x, x, 1, num_threads=0)
+    with pytest.raises(ValueError, match="backend"):
+        exact_knn(x, x, 1, backend="sklearn")
     assert exact_knn(x, x, 0)[1].shape == (5, 0)
 
 
@@ -179,3 +262,5 @@ def test_cuda_equals_cpu():
     gpu = exact_knn(x.cuda(), x.cuda(), 20, exclude_self=True)
     assert torch.equal(gpu[1].cpu(), cpu[1])
     assert torch.equal(gpu[0].cpu(), cpu[0])
+    with pytest.raises(ValueError, match="CPU"):
+        exact_knn(x.cuda(), x.cuda(), 2, backend="faiss")

@@ -19,6 +19,18 @@ def normalized_cosine(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x @ w
 
 
+def class_cosine(x: torch.Tensor, w: torch.Tensor, sub_centers: int = 1) -> torch.Tensor:
+    """cos(theta_ij) per class: the largest over its sub-centres (columns j*K .. j*K + K-1).
+
+    Sub-center ArcFace (Deng et al., ECCV 2020, Eq. 2): the class logit is the
+    maximum of the cosines to the class's K sub-centres.
+    """
+    c = normalized_cosine(x, w)
+    if sub_centers == 1:
+        return c
+    return c.reshape(c.shape[0], -1, sub_centers).amax(dim=2)
+
+
 def _theta(c: torch.Tensor) -> torch.Tensor:
     return torch.acos(c.clamp(-1, 1))
 
@@ -49,6 +61,13 @@ def arcface_cos(c: torch.Tensor, m: float, easy_margin: bool = False) -> torch.T
     return torch.where(theta + m <= math.pi, with_margin, c - m * math.sin(m))
 
 
+def elastic_arc_cos(c: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+    """ElasticFace-Arc: cos(theta_i + m_i), m_i per row; beyond pi: cos(theta_i) - m_i sin(m_i)."""
+    theta = _theta(c)
+    m = margins.to(c.dtype)
+    return torch.where(theta + m <= math.pi, torch.cos(theta + m), c - m * torch.sin(m))
+
+
 def combined_cos(c: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
     """cos(m1 theta + m2) - m3, made monotone beyond pi as documented."""
     if m1 == 1:
@@ -74,7 +93,7 @@ def reference_per_sample(
     if kind == "softmax":
         logits = x @ w + (bias.double() if bias is not None else 0)
         return target_softmax_cross_entropy(logits, labels, logits[rows, labels])
-    c = normalized_cosine(x, w)
+    c = class_cosine(x, w, int(hp.get("sub_centers", 1)))
     cy = c[rows, labels]
     if kind == "sphereface":
         scale = x.norm(dim=1) if hp.get("scale") is None else hp["scale"]
@@ -83,12 +102,21 @@ def reference_per_sample(
         scale_col = scale[:, None] if isinstance(scale, torch.Tensor) else scale
         return target_softmax_cross_entropy(c * scale_col, labels, target * scale)
     s = hp["scale"]
-    if kind == "nsl":
+    if kind == "magface":  # Eqs. 4-5 of the paper, the norm clipped to [l_a, u_a]
+        a = x.norm(dim=1).clamp(hp["l_a"], hp["u_a"])
+        m = (hp["u_m"] - hp["l_m"]) / (hp["u_a"] - hp["l_a"]) * (a - hp["l_a"]) + hp["l_m"]
+        ce = target_softmax_cross_entropy(s * c, labels, s * elastic_arc_cos(cy, m))
+        return ce + hp["lambda_g"] * (1 / a + a / hp["u_a"] ** 2)
+    if kind in ("nsl", "adacos"):  # AdaCos: NSL at the scale the step used
         target = cy
     elif kind == "cosface":
         target = cy - hp["margin"]
-    elif kind == "arcface":
+    elif kind in ("arcface", "subcenter"):
         target = arcface_cos(cy, hp["margin"], bool(hp.get("easy_margin", False)))
+    elif kind == "elastic_arc":
+        target = elastic_arc_cos(cy, hp["margins"])
+    elif kind == "elastic_cos":
+        target = cy - hp["margins"].to(cy.dtype)
     elif kind == "combined":
         target = combined_cos(cy, hp["m1"], hp["m2"], hp["m3"])
     else:

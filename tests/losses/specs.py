@@ -9,13 +9,17 @@ from typing import Any
 import torch
 
 from pml_margins.losses import (
+    AdaCosLoss,
     ArcFaceLoss,
     ClassWeightLoss,
     CombinedMarginLoss,
     CosFaceLoss,
+    ElasticFaceLoss,
+    MagFaceLoss,
     NormSoftmaxLoss,
     SoftmaxLoss,
     SphereFaceLoss,
+    SubCenterArcFaceLoss,
 )
 from tests.losses.reference import reference_per_sample
 
@@ -31,10 +35,48 @@ class LossSpec:
     def build(self, num_classes: int, embedding_size: int, **extra: Any) -> ClassWeightLoss:
         return self.cls(num_classes, embedding_size, **{**self.kwargs, **extra})
 
+    @property
+    def columns_per_class(self) -> int:
+        """Columns of ``W`` per class (sub-centres)."""
+        return int(self.ref_hp.get("sub_centers", 1))
+
+    def hp_for(self, loss: ClassWeightLoss) -> dict[str, Any]:
+        """The reference's hyper-parameters, with what ``loss`` drew in its last forward.
+
+        ElasticFace: the ``(B,)`` margins (``last_margins``; ``m`` everywhere when
+        ``sigma = 0``), read after the forward, so the reference draws nothing itself.
+        AdaCos: the scale of the step (set from the batch before it is used).
+        """
+        if self.kind == "adacos":  # the scale this step used (its update: test_adacos.py)
+            return {**self.ref_hp, "scale": float(loss.scale)}
+        if not self.kind.startswith("elastic"):
+            return self.ref_hp
+        drawn = loss.last_margins
+        margins = torch.full((1,), self.ref_hp["margin"]) if drawn is None else drawn
+        return {**self.ref_hp, "margins": margins.double()}
+
     def reference(self, loss: ClassWeightLoss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         bias = getattr(loss, "bias", None)
-        return reference_per_sample(self.kind, x, loss.W, y, bias=bias, **self.ref_hp)
+        return reference_per_sample(self.kind, x, loss.W, y, bias=bias, **self.hp_for(loss))
 
+
+MAGFACE_PAPER = {
+    "scale": 64.0,
+    "l_a": 10.0,
+    "u_a": 110.0,
+    "l_m": 0.45,
+    "u_m": 0.8,
+    "lambda_g": 35.0,
+}
+#: a norm range that the tests' embeddings (norms ~0.5-10) fall into: margins vary per row
+MAGFACE_SMALL_NORMS = {
+    "scale": 16.0,
+    "l_a": 1.0,
+    "u_a": 6.0,
+    "l_m": 0.3,
+    "u_m": 1.2,
+    "lambda_g": 2.0,
+}
 
 SPECS = [
     LossSpec("softmax", SoftmaxLoss, {}, "softmax"),
@@ -92,6 +134,52 @@ SPECS = [
         "combined",
         {"m1": 2.0, "m2": 0.2, "m3": 0.0, "scale": 16.0},
     ),
+    LossSpec(
+        "subcenter",
+        SubCenterArcFaceLoss,
+        {"scale": 32.0},
+        "subcenter",
+        {"margin": 0.5, "scale": 32.0, "sub_centers": 3},
+    ),
+    LossSpec(
+        "subcenter_k2_big_margin",
+        SubCenterArcFaceLoss,
+        {"margin": 1.2, "scale": 16.0, "sub_centers": 2},
+        "subcenter",
+        {"margin": 1.2, "scale": 16.0, "sub_centers": 2},
+    ),
+    LossSpec(
+        "elasticface_arc",
+        ElasticFaceLoss,
+        {"sigma": 0.1, "scale": 32.0},
+        "elastic_arc",
+        {"margin": 0.5, "scale": 32.0},
+    ),
+    LossSpec(
+        "elasticface_cos",
+        ElasticFaceLoss,
+        {"variant": "cos", "sigma": 0.05, "scale": 32.0},
+        "elastic_cos",
+        {"margin": 0.35, "scale": 32.0},
+    ),
+    LossSpec(
+        "elasticface_arc_big_margin",
+        ElasticFaceLoss,
+        {"margin": 2.0, "sigma": 0.5, "scale": 16.0},
+        "elastic_arc",
+        {"margin": 2.0, "scale": 16.0},
+    ),
+    LossSpec("adacos", AdaCosLoss, {}, "adacos"),
+    LossSpec("adacos_fixed", AdaCosLoss, {"dynamic": False}, "adacos"),
+    # first of its class, so the dtype matrix runs the norm-dependent margin
+    LossSpec(
+        "magface_small_norms",
+        MagFaceLoss,
+        MAGFACE_SMALL_NORMS,
+        "magface",
+        {**MAGFACE_PAPER, **MAGFACE_SMALL_NORMS},
+    ),
+    LossSpec("magface", MagFaceLoss, {}, "magface", MAGFACE_PAPER),
 ]
 
 SPEC_IDS = [s.id for s in SPECS]

@@ -44,6 +44,11 @@ def test_equal_to_pml(name, make_pml, make_ours, dtype, use_miner) -> None:
     tuples = miners.MultiSimilarityMiner(0.3)(x, y) if use_miner else None
     out_pml, out_ours = pml(x, y, tuples), ours(x, y, tuples)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    assert_same_value_and_grads(out_ours, out_pml, ours, pml, x, tol)
+
+
+def assert_same_value_and_grads(out_ours, out_pml, ours, pml, x, tol) -> None:
+    """The two losses' values, and their gradients in ``x`` and in each one's ``W``."""
     torch.testing.assert_close(out_ours, out_pml, **tol)
     for a, b in zip(
         torch.autograd.grad(out_ours, (x, ours.W)),
@@ -107,14 +112,7 @@ def _with_distance(make, distance):
 
 def _assert_same_loss_and_grads(pml, ours, x, y, tol) -> None:
     ours.load_state_dict(pml.state_dict())
-    out_pml, out_ours = pml(x, y), ours(x, y)
-    torch.testing.assert_close(out_ours, out_pml, **tol)
-    for a, b in zip(
-        torch.autograd.grad(out_ours, (x, ours.W)),
-        torch.autograd.grad(out_pml, (x, pml.W)),
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b, **tol)
+    assert_same_value_and_grads(ours(x, y), pml(x, y), ours, pml, x, tol)
 
 
 @pytest.mark.parametrize(

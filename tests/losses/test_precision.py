@@ -50,7 +50,8 @@ def _aligned_inputs(spec: LossSpec, dtype, sign: float):
     """Embeddings exactly equal to (or opposite) their class weight: cos = +-1."""
     loss_fn = spec.build(4, 6).to(dtype)
     y = torch.tensor([0, 1, 2, 3, 1])
-    x = (sign * loss_fn.W.detach().t()[y]).clone().requires_grad_(True)
+    # the class weight (sub-centre 0 of the class where there are several)
+    x = (sign * loss_fn.W.detach().t()[y * spec.columns_per_class]).clone().requires_grad_(True)
     return loss_fn, x, y
 
 
@@ -124,7 +125,7 @@ def test_values_and_gradients_at_cosine_plus_minus_one_match_the_reference(spec,
     bias = None if bias is None else bias.detach()
 
     def reference(x_: torch.Tensor, w_: torch.Tensor) -> torch.Tensor:
-        return reference_per_sample(spec.kind, x_, w_, y, bias=bias, **spec.ref_hp).mean()
+        return reference_per_sample(spec.kind, x_, w_, y, bias=bias, **spec.hp_for(loss_fn)).mean()
 
     out = loss_fn(x, y)
     gx, gw = torch.autograd.grad(out, (x, loss_fn.W))

@@ -1,0 +1,132 @@
+r"""ElasticFace: ArcFace or CosFace with a margin drawn per sample from a normal distribution."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from pml_margins.functional.margin_softmax import TargetLogitFn
+from pml_margins.functional.target_logits import arcface_target, cosface_target, safe_sine
+from pml_margins.losses.class_weight_loss import ClassWeightLoss
+from pml_margins.losses.hyperparameter import Hyperparameter
+from pml_margins.validation import (
+    check_angle_margin,
+    check_choice,
+    check_non_negative,
+    check_positive,
+)
+
+__all__ = ["ElasticFaceLoss", "elastic_arc_target", "elastic_cos_target"]
+
+#: the paper's mean margin per variant (ElasticFace-Arc: radians, ElasticFace-Cos: a cosine)
+PAPER_MARGINS = {"arc": 0.5, "cos": 0.35}
+
+
+def elastic_arc_target(cosine: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+    r"""ElasticFace-Arc: :math:`\cos(\theta_i + m_i)` with a margin per row (radians).
+
+    .. math::
+        \cos(\theta_i + m_i) = \cos\theta_i\cos m_i - \sin\theta_i\sin m_i
+
+    Where :math:`\theta_i + m_i > \pi` the logit is :math:`\cos\theta_i - m_i\sin m_i`,
+    ArcFace's rule (:func:`~pml_margins.functional.arcface_target`) per row.
+    """
+    margins = margins.to(cosine.dtype)
+    cos_m, sin_m = torch.cos(margins), torch.sin(margins)
+    with_margin = cosine * cos_m - safe_sine(cosine) * sin_m
+    return torch.where(cosine > -cos_m, with_margin, cosine - margins * sin_m)
+
+
+def elastic_cos_target(cosine: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
+    r"""ElasticFace-Cos: :math:`\cos\theta_i - m_i` with a margin per row (a cosine)."""
+    return cosine - margins.to(cosine.dtype)
+
+
+class ElasticFaceLoss(ClassWeightLoss):
+    r"""ElasticFace (Boutros et al., CVPRW 2022, arXiv:2109.09416): a random margin per sample.
+
+    Each step draws, for every sample :math:`i`, a margin
+    :math:`m_i \sim \mathcal N(m, \sigma^2)` (from torch's global generator, so
+    reproducible under ``torch.manual_seed``) and applies it as ArcFace or CosFace does:
+
+    .. math::
+        \text{arc:}\; L_i = -\log\frac{e^{s\cos(\theta_{y_i} + m_i)}}
+            {e^{s\cos(\theta_{y_i} + m_i)} + \sum_{j\ne y_i} e^{s\cos\theta_j}},
+        \qquad
+        \text{cos:}\; \cos(\theta_{y_i} + m_i) \to \cos\theta_{y_i} - m_i
+
+    The margins are not clipped (as in the paper). ``sigma = 0`` is exactly
+    :class:`ArcFaceLoss` (including its :math:`\theta + m > \pi` fallback, applied per
+    sample here) or :class:`CosFaceLoss`. The margins of the last forward are kept in
+    ``last_margins`` (``(B,)``, for logging; not in the state dict).
+
+    **Units:** ``variant="arc"``: ``margin`` and ``sigma`` in radians;
+    ``variant="cos"``: a cosine. Recommended (paper, faces, ``s = 64``):
+    ElasticFace-Arc ``m = 0.5`` rad, ``sigma = 0.05`` rad; ElasticFace-Cos ``m = 0.35``,
+    ``sigma = 0.05`` (``margin=None`` picks these per variant). For CUB/SOP retrieval,
+    the ArcFace/CosFace ranges (``s`` 16-32) with ``sigma`` about a tenth of ``m``.
+
+    The margin changes only the target logit, so the loss runs on the fused core
+    (``chunk_size``, ``sample_rate``) and sharded (the ranks draw the same margins
+    under the same seed, equal to the single-process loss on the gathered batch).
+
+    Args:
+        num_classes: number of classes ``C``.
+        embedding_size: embedding width ``D``.
+        margin: mean margin ``m`` (``None``: the paper's, 0.5 rad for arc, 0.35 for cos);
+            ``[0, pi)`` for arc, ``>= 0`` for cos.
+        sigma: standard deviation ``>= 0`` of the margin, in the margin's unit.
+        scale: ``s > 0``.
+        variant: ``"arc"`` (ElasticFace-Arc) or ``"cos"`` (ElasticFace-Cos).
+        **kwargs: PML options (``reducer``, ``weight_regularizer``, ``embedding_regularizer``,
+            ``weight_init_func``, ``distance`` -- a ``CosineSimilarity``) and the core's
+            ``chunk_size`` / ``sample_rate``.
+    """
+
+    hyperparameter_names = ("margin", "sigma", "scale", "variant")
+    sigma = Hyperparameter(check_non_negative)
+    scale = Hyperparameter(check_positive)
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: float | None = None,
+        sigma: float = 0.05,
+        scale: float = 64.0,
+        variant: str = "arc",
+        **kwargs: Any,
+    ) -> None:
+        self.variant = check_choice(variant, "variant", tuple(PAPER_MARGINS))
+        self.margin = PAPER_MARGINS[self.variant] if margin is None else margin
+        self.sigma, self.scale = sigma, scale
+        self.last_margins: torch.Tensor | None = None
+        super().__init__(num_classes, embedding_size, **kwargs)
+
+    @property
+    def margin(self) -> float:
+        """The mean margin ``m`` (radians for arc, a cosine for cos); checked when set."""
+        return self._margin
+
+    @margin.setter
+    def margin(self, value: float) -> None:
+        check = check_angle_margin if self.variant == "arc" else check_non_negative
+        self._margin = check(value, "margin")
+
+    def target_logit_fn(self) -> TargetLogitFn:
+        if self.sigma == 0:  # deterministic: exactly ArcFace's / CosFace's function
+            self.last_margins = None
+            if self.variant == "arc":
+                return partial(arcface_target, margin=self.margin)
+            return partial(cosface_target, margin=self.margin)
+        return self._draw_and_apply
+
+    def _draw_and_apply(self, cosine: torch.Tensor) -> torch.Tensor:
+        """Draw the ``(B,)`` margins for this step and apply them to the target cosines."""
+        noise = torch.randn(cosine.shape, dtype=cosine.dtype, device=cosine.device)
+        margins = self.margin + self.sigma * noise
+        self.last_margins = margins
+        apply = elastic_arc_target if self.variant == "arc" else elastic_cos_target
+        return apply(cosine, margins)

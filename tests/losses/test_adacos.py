@@ -1,0 +1,142 @@
+"""AdaCos: the fixed scale, the dynamic update against the paper's formulas, the buffer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pml_margins.distributed import ShardedMarginSoftmaxLoss
+from pml_margins.losses import AdaCosLoss, NormSoftmaxLoss
+from tests.losses.reference import normalized_cosine
+
+C, D, B = 17, 8, 21
+
+
+def _paper_dynamic_scale(x, w, y, s_prev: float) -> float:
+    """Eqs. 15-16 in float64, written out: B_avg as a plain sum, the median by sorting."""
+    cos = normalized_cosine(x.double(), w.double())
+    b_avg = 0.0
+    for i in range(len(y)):
+        for k in range(cos.shape[1]):
+            if k != int(y[i]):
+                b_avg += math.exp(s_prev * float(cos[i, k]))
+    b_avg /= len(y)
+    angles = sorted(math.acos(max(-1.0, min(1.0, float(cos[i, y[i]])))) for i in range(len(y)))
+    theta_med = angles[(len(angles) - 1) // 2]  # the lower median, torch.median's
+    return math.log(b_avg) / math.cos(min(math.pi / 4, theta_med))
+
+
+@pytest.mark.parametrize("num_classes", [3, 100, 10_575])
+def test_fixed_scale_is_sqrt2_log_c_minus_1(num_classes: int) -> None:
+    loss = AdaCosLoss(num_classes, 4, dynamic=False)
+    assert float(loss.scale) == pytest.approx(math.sqrt(2) * math.log(num_classes - 1), rel=1e-6)
+
+
+def test_fixed_scale_equals_normalized_softmax_with_that_scale() -> None:
+    torch.manual_seed(0)
+    ada = AdaCosLoss(C, D, dynamic=False).double()
+    nsl = NormSoftmaxLoss(C, D, scale=math.sqrt(2) * math.log(C - 1)).double()
+    nsl.load_state_dict(ada.state_dict(), strict=False)
+    x, y = torch.randn(B, D, dtype=torch.float64), torch.randint(0, C, (B,))
+    torch.testing.assert_close(ada(x, y), nsl(x, y), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [B, B + 1], ids=["odd", "even"])
+def test_dynamic_scale_follows_the_paper_step_by_step(batch: int) -> None:
+    torch.manual_seed(1)
+    loss = AdaCosLoss(C, D).double()
+    s = math.sqrt(2) * math.log(C - 1)
+    for step in range(4):
+        x = (torch.randn(batch, D, dtype=torch.float64) + step).requires_grad_(True)
+        y = torch.randint(0, C, (batch,))
+        s = _paper_dynamic_scale(x.detach(), loss.W.detach(), y, s)
+        out = loss(x, y)
+        assert float(loss.scale) == pytest.approx(s, rel=1e-10)
+        # the step's loss already uses the new scale (Algorithm 1), as a constant
+        nsl = NormSoftmaxLoss(C, D, scale=s).double()
+        nsl.load_state_dict(loss.state_dict(), strict=False)
+        xr = x.detach().clone().requires_grad_(True)
+        ref = nsl(xr, y)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        g = torch.autograd.grad(out, x)[0]
+        torch.testing.assert_close(g, torch.autograd.grad(ref, xr)[0], rtol=1e-8, atol=1e-12)
+
+
+def test_dynamic_scale_with_small_target_angles() -> None:
+    """theta_med below pi/4: the cosine of the median angle itself, not of pi/4."""
+    torch.manual_seed(3)
+    loss = AdaCosLoss(C, D).double()
+    y = torch.randint(0, C, (B,))
+    x = loss.W.detach().t()[y] + 0.1 * torch.randn(B, D, dtype=torch.float64)
+    cos = normalized_cosine(x, loss.W.detach())[torch.arange(B), y]
+    assert torch.acos(cos).median() < math.pi / 4
+    s = _paper_dynamic_scale(x, loss.W.detach(), y, float(loss.scale))
+    loss(x, y)
+    assert float(loss.scale) == pytest.approx(s, rel=1e-10)
+
+
+def test_scale_changes_only_in_training_mode() -> None:
+    loss = AdaCosLoss(C, D)
+    x, y = torch.randn(B, D), torch.randint(0, C, (B,))
+    start = loss.scale.clone()
+    loss.eval()
+    loss(x, y)
+    assert torch.equal(loss.scale, start)
+    loss.train()
+    loss(x, y)
+    assert not torch.equal(loss.scale, start)
+    fixed = AdaCosLoss(C, D, dynamic=False)
+    fixed(x, y)
+    assert float(fixed.scale) == pytest.approx(math.sqrt(2) * math.log(C - 1), rel=1e-6)
+
+
+def test_scale_is_a_buffer_that_round_trips() -> None:
+    a = AdaCosLoss(C, D)
+    a(torch.randn(B, D), torch.randint(0, C, (B,)))
+    assert set(a.state_dict()) == {"W", "scale"}
+    b = AdaCosLoss(C, D)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.scale, a.scale) and torch.equal(b.W, a.W)
+    x, y = torch.randn(5, D), torch.randint(0, C, (5,))
+    a.eval(), b.eval()
+    assert torch.equal(a(x, y), b(x, y))
+    assert "scale=" in repr(a) and "dynamic=True" in repr(a)
+
+
+def test_initial_scale_and_fused_modes() -> None:
+    """A given scale is the start; chunked and Partial FC give the same step as default."""
+    torch.manual_seed(2)
+    x, y = torch.randn(B, D, dtype=torch.float64), torch.randint(0, C, (B,))
+    base = AdaCosLoss(C, D, scale=5.0).double()
+    assert float(base.scale) == 5.0
+    chunked = AdaCosLoss(C, D, scale=5.0, chunk_size=4).double()
+    chunked.load_state_dict(base.state_dict())
+    torch.testing.assert_close(base(x, y), chunked(x, y), rtol=1e-12, atol=1e-12)
+    assert torch.equal(base.scale, chunked.scale)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_classes": 2}, ValueError, r"num_classes >= 3.*0 for two classes"),
+        ({"scale": 0.0}, ValueError, "scale must be > 0"),
+        ({"scale": math.nan}, ValueError, "scale must be finite"),
+        ({"dynamic": "yes"}, TypeError, "dynamic must be a bool"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, error, message: str) -> None:
+    args = {"num_classes": C, "embedding_size": D, **kwargs}
+    with pytest.raises(error, match=message):
+        AdaCosLoss(**args)
+
+
+def test_sharded_dynamic_is_a_clear_error_and_fixed_is_supported() -> None:
+    with pytest.raises(ValueError, match="AdaCosLoss with dynamic=True cannot be sharded"):
+        ShardedMarginSoftmaxLoss(AdaCosLoss, C, D)
+    sharded = ShardedMarginSoftmaxLoss(AdaCosLoss, C, D, dynamic=False).double()
+    ref = AdaCosLoss(C, D, dynamic=False).double()
+    sharded.loss.load_state_dict(ref.state_dict())
+    x, y = torch.randn(B, D, dtype=torch.float64), torch.randint(0, C, (B,))
+    torch.testing.assert_close(sharded(x, y), ref(x, y), rtol=1e-12, atol=1e-12)

@@ -1,0 +1,187 @@
+"""Sub-center ArcFace against PML's SubCenterArcFaceLoss and against ArcFace (K = 1)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners, regularizers
+
+from pml_margins.losses import ArcFaceLoss, SubCenterArcFaceLoss
+from tests.losses.reference import arcface_cos, class_cosine, target_softmax_cross_entropy
+from tests.losses.test_pml_equality import assert_same_value_and_grads
+
+C, D, K = 12, 16, 3
+TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {"rtol": 1e-10, "atol": 1e-10}}
+
+
+def _pair(degrees: float = 28.6, scale: float = 64.0, k: int = K, **kw):
+    pml = pml_losses.SubCenterArcFaceLoss(
+        num_classes=C, embedding_size=D, margin=degrees, scale=scale, sub_centers=k, **kw
+    )
+    ours = SubCenterArcFaceLoss(C, D, math.radians(degrees), scale, sub_centers=k, **kw)
+    ours.load_state_dict(pml.state_dict())
+    return pml, ours
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("use_miner", [False, True], ids=["labels", "miner"])
+@pytest.mark.parametrize(("degrees", "k"), [(28.6, 3), (70.0, 2), (28.6, 1)])
+def test_equal_to_pml(dtype, use_miner: bool, degrees: float, k: int) -> None:
+    torch.manual_seed(0)
+    pml, ours = _pair(degrees, 30.0, k)
+    pml, ours = pml.to(dtype), ours.to(dtype)
+    x = torch.randn(40, D, dtype=dtype, requires_grad=True)
+    y = torch.arange(40) % C
+    tuples = miners.MultiSimilarityMiner(0.3)(x, y) if use_miner else None
+    assert_same_value_and_grads(ours(x, y, tuples), pml(x, y, tuples), ours, pml, x, TOL[dtype])
+
+
+def test_tied_sub_centres_send_the_gradient_to_the_first_as_pml_does() -> None:
+    """Duplicate sub-centres tie for the max: PML's max() picks the first, so do we."""
+    torch.manual_seed(0)
+    pml, ours = _pair()
+    pml, ours = pml.double(), ours.double()
+    with torch.no_grad():
+        w = pml.W.view(D, C, K)
+        w[:, :, 1] = w[:, :, 0]
+        w[:, :, 2] = w[:, :, 0]
+    ours.load_state_dict(pml.state_dict())
+    x = torch.randn(30, D, dtype=torch.float64, requires_grad=True)
+    y = torch.arange(30) % C
+    assert_same_value_and_grads(ours(x, y), pml(x, y), ours, pml, x, TOL[torch.float64])
+    grad_w = torch.autograd.grad(ours(x, y), ours.W)[0].view(D, C, K)
+    assert (grad_w[:, :, 1:] == 0).all() and (grad_w[:, :, 0] != 0).any()
+
+
+def test_state_dicts_load_both_ways() -> None:
+    pml, ours = _pair()
+    assert set(pml.state_dict()) == set(ours.state_dict()) == {"W"}
+    assert ours.W.shape == pml.W.shape == (D, C * K)
+    assert torch.equal(ours.W, pml.W)
+    trained = SubCenterArcFaceLoss(C, D)
+    pml.load_state_dict(trained.state_dict())
+    assert torch.equal(pml.W, trained.W)
+    assert ours.num_classes == C and ours.sub_centers == K
+
+
+def test_weight_regularizer_and_get_logits_equal_pml() -> None:
+    torch.manual_seed(1)
+    reg = {"weight_regularizer": regularizers.RegularFaceRegularizer(), "weight_reg_weight": 0.5}
+    pml, ours = _pair(**reg)
+    pml, ours = pml.double(), ours.double()
+    x = torch.randn(20, D, dtype=torch.float64, requires_grad=True)
+    y = torch.arange(20) % C
+    assert_same_value_and_grads(ours(x, y), pml(x, y), ours, pml, x, TOL[torch.float64])
+    torch.testing.assert_close(ours.get_logits(x), pml.get_logits(x))
+    assert ours.get_logits(x).shape == (20, C)
+
+
+@pytest.mark.parametrize("margin", [0.3, 1.2, 2.9], ids=["small", "big", "beyond_pi"])
+@pytest.mark.parametrize("easy_margin", [False, True], ids=["hard", "easy"])
+def test_one_sub_centre_is_arcface_exactly(margin: float, easy_margin: bool) -> None:
+    """K = 1 is ArcFace, including the theta + m > pi fallback.
+
+    To rounding: ArcFace runs on the fused core, Sub-center on the plain path (PML's
+    CosineSimilarity), which round the cosines differently.
+    """
+    torch.manual_seed(2)
+    arc = ArcFaceLoss(C, D, margin, 16.0, easy_margin).double()
+    sub = SubCenterArcFaceLoss(C, D, margin, 16.0, 1, easy_margin).double()
+    sub.load_state_dict(arc.state_dict())
+    x = torch.randn(25, D, dtype=torch.float64, requires_grad=True)
+    y = torch.arange(25) % C
+    a, b = sub(x, y), arc(x, y)
+    torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    ga = torch.autograd.grad(a, (x, sub.W))
+    gb = torch.autograd.grad(b, (x, arc.W))
+    for u, v in zip(ga, gb, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-14)
+
+
+def test_against_paper_formula_with_far_sub_centres() -> None:
+    """A sample nearest a non-first sub-centre: the paper's max, not the first column."""
+    torch.manual_seed(3)
+    loss = SubCenterArcFaceLoss(4, 6, 0.5, 10.0, 3).double()
+    y = torch.tensor([0, 1, 2, 3])
+    x = loss.W.detach().t()[y * 3 + 2] + 0.01 * torch.randn(4, 6, dtype=torch.float64)
+    cos = class_cosine(x, loss.W.detach(), 3)
+    rows = torch.arange(4)
+    expected = target_softmax_cross_entropy(10 * cos, y, 10 * arcface_cos(cos[rows, y], 0.5))
+    torch.testing.assert_close(loss(x, y), expected.mean(), rtol=1e-12, atol=1e-12)
+
+
+# --- get_outliers --------------------------------------------------------------------
+@pytest.mark.parametrize("degrees", [30.0, 60.0, 75.0, 90.0])
+def test_get_outliers_equals_pml(degrees: float) -> None:
+    torch.manual_seed(4)
+    pml, ours = _pair()
+    x = torch.randn(60, D)
+    y = torch.arange(60) % C
+    pml_outliers, pml_centres = pml.get_outliers(x, y, threshold=degrees)
+    outliers, centres = ours.get_outliers(x, y, threshold=math.radians(degrees))
+    assert torch.equal(outliers, pml_outliers)
+    assert torch.equal(centres, pml_centres)
+    only = ours.get_outliers(x, y, math.radians(degrees), return_dominant_centers=False)
+    assert isinstance(only, torch.Tensor) and torch.equal(only, pml_outliers)
+
+
+def test_get_outliers_planted() -> None:
+    """Class 0's samples sit on sub-centre 1, except one far from it: that one is the outlier."""
+    loss = SubCenterArcFaceLoss(2, 3, sub_centers=2)
+    with torch.no_grad():
+        loss.W.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0, 0, 0, 1.0]]))
+    x = torch.tensor([[0.0, 1.0, 0.1], [0.1, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    y = torch.tensor([0, 0, 0, 0])
+    outliers, centres = loss.get_outliers(x, y, threshold=math.radians(45))
+    assert outliers.tolist() == [3]
+    assert torch.equal(centres[:, 0], loss.W[:, 1])
+    assert torch.isnan(centres[:, 1]).all()  # class 1 has no sample: no dominant sub-centre
+    assert loss.get_outliers(x, y, threshold=3.1)[0].numel() == 0
+
+
+def test_get_outliers_keeps_w_dtype_unlike_pml() -> None:
+    _, ours = _pair()
+    x = torch.randn(10, D, dtype=torch.float64)
+    _, centres = ours.get_outliers(x, torch.arange(10))
+    assert ours.W.dtype == torch.float32 and centres.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"threshold": 75.0}, ValueError, "radians.*math.radians"),
+        ({"threshold": -0.1}, ValueError, "threshold must be >= 0"),
+        ({"labels": torch.tensor([0, 12])}, ValueError, r"labels must lie in \[0, 12\)"),
+        ({"embeddings": torch.randn(2, 5)}, ValueError, "width 5"),
+    ],
+)
+def test_get_outliers_bad_input(kwargs, error, message: str) -> None:
+    _, ours = _pair()
+    args = {"embeddings": torch.randn(2, D), "labels": torch.tensor([0, 1]), **kwargs}
+    with pytest.raises(error, match=message):
+        ours.get_outliers(**args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"sub_centers": 0}, ValueError, "sub_centers must be >= 1"),
+        ({"sub_centers": 2.0}, TypeError, "sub_centers must be an int"),
+        ({"margin": 28.6}, ValueError, "radians.*math.radians"),
+        ({"scale": 0.0}, ValueError, "scale must be > 0"),
+        ({"num_classes": 0}, ValueError, "num_classes must be >= 1"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, error, message: str) -> None:
+    args = {"num_classes": C, "embedding_size": D, **kwargs}
+    with pytest.raises(error, match=message):
+        SubCenterArcFaceLoss(**args)
+
+
+def test_plain_path_rejects_fused_only_options() -> None:
+    loss = SubCenterArcFaceLoss(C, D, chunk_size=4)
+    with pytest.raises(ValueError, match="chunk_size and sample_rate are not supported"):
+        loss(torch.randn(3, D), torch.tensor([0, 1, 2]))
