@@ -148,7 +148,10 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
             loss_defaults=MappingProxyType(
                 {
                     name: {"scale": 30.0}
-                    for name in ("nsl", "sphereface", "cosface", "arcface", "combined")
+                    for name in (
+                        *("nsl", "sphereface", "cosface", "arcface", "combined"),
+                        *("elasticface", "magface", "subcenter"),
+                    )
                 }
             ),
         ),
