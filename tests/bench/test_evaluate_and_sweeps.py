@@ -153,3 +153,36 @@ def test_ablate_cli_tiny(tmp_path, monkeypatch) -> None:
     assert "| ArcFace | fixed m |" in (out / "warmup.md").read_text()
     with pytest.raises(SystemExit, match="error: --repeats must be >= 1"):
         main(["ablate", "--repeats", "0", "--out", str(out)])
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], None), (["--threads", "2"], 2)])
+def test_ablate_threads_and_glyph_loss_defaults(tmp_path, monkeypatch, flag, expected) -> None:
+    import json
+
+    from pml_margins.bench import cli_ablate, train
+    from pml_margins.bench.datasets import DATASETS
+    from pml_margins.cli import main
+
+    real_args, real_train = cli_ablate._bench_args, train.train_embedding
+    threads: list[int] = []
+
+    def small(args):
+        ns = real_args(args)
+        ns.max_classes, ns.image_size, ns.batch_size = 20, 16, 32
+        return ns
+
+    def record(*args, **kwargs):
+        threads.append(torch.get_num_threads())
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(cli_ablate, "_bench_args", small)
+    monkeypatch.setattr(train, "train_embedding", record)
+    before = torch.get_num_threads()
+    out = tmp_path / "ab"
+    args = ["ablate", "--sweep", "normalization", "--epochs", "1", "--no-progress", *flag]
+    assert main([*args, "--out", str(out)]) == 0
+    glyphs = DATASETS["glyphs"]
+    assert threads == [expected or glyphs.defaults["threads"]] * 2
+    assert torch.get_num_threads() == before
+    points = json.loads((out / "normalization.json").read_text())["points"]
+    assert points[1]["hyperparameters"]["scale"] == glyphs.loss_defaults["nsl"]["scale"]
