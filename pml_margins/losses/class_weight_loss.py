@@ -25,6 +25,7 @@ from pml_margins.functional.fused_margin_softmax import (
 )
 from pml_margins.functional.margin_softmax import (
     TargetLogitFn,
+    autocast_off,
     compute_dtype,
     margin_softmax_cross_entropy,
 )
@@ -198,6 +199,12 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
     def compute_dtype(self, embeddings: torch.Tensor) -> torch.dtype:
         """The dtype the logits are formed in: float64 if either side is, else float32."""
         return compute_dtype(torch.promote_types(embeddings.dtype, self.W.dtype))
+
+    def feature_norms(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` embedding norms in :meth:`compute_dtype`, outside autocast."""
+        with autocast_off(embeddings.device.type):
+            x = embeddings.to(self.compute_dtype(embeddings))
+            return torch.linalg.vector_norm(x, dim=1)
 
     def weights_for(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``W`` in :meth:`compute_dtype`; a differentiable cast, storage untouched."""

@@ -113,12 +113,6 @@ class MagFaceLoss(ClassWeightLoss):
             raise ValueError(f"u_m must be >= l_m, got {u_m} and {l_m}")
         self.l_a, self.u_a, self.l_m, self.u_m = l_a, u_a, l_m, u_m
 
-    def norms(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` feature norms in the compute dtype (outside autocast)."""
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            x = embeddings.to(self.compute_dtype(embeddings))
-            return torch.linalg.vector_norm(x, dim=1)
-
     def compute_loss(
         self,
         embeddings: torch.Tensor,
@@ -127,7 +121,7 @@ class MagFaceLoss(ClassWeightLoss):
         ref_emb: torch.Tensor,
         ref_labels: torch.Tensor,
     ) -> dict[str, dict[str, Any]]:
-        norms = self.norms(embeddings)
+        norms = self.feature_norms(embeddings)
         self._margins = magface_margin(norms, self.l_a, self.u_a, self.l_m, self.u_m)
         try:
             loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)

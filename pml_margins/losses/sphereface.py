@@ -76,7 +76,7 @@ class SphereFaceLoss(ClassWeightLoss):
         """The fixed ``scale``, or the feature norms ``||x_i||`` when it is ``None``."""
         if self.scale is not None:
             return self.scale
-        return torch.linalg.vector_norm(embeddings.to(self.compute_dtype(embeddings)), dim=1)
+        return self.feature_norms(embeddings)
 
     def target_logit_fn(self) -> TargetLogitFn:
         margin, lam = self.margin, self.lambda_
