@@ -333,34 +333,52 @@ def _rescore(
     indices: torch.Tensor,
     metric: str,
     normalize: bool,
+    workers: int = 1,
 ) -> torch.Tensor:
     """float64 ranking values of the candidates: squared distance or dot product,
-    from the original values (identical rows give identical values)."""
+    from the original values (identical rows give identical values). Row chunks
+    run in ``workers`` threads (torch's kernels release the GIL)."""
     num, width, dim = len(query), indices.shape[1], query.shape[1]
     out = torch.empty(num, width, dtype=torch.float64, device=query.device)
     rows = max(1, min(num, CHUNK_ELEMENTS // max(1, width * dim)))
-    gathered = torch.empty(rows * width, dim, dtype=reference.dtype, device=query.device)
-    picked64 = torch.empty(rows * width, dim, dtype=torch.float64, device=query.device)
-    query64 = torch.empty(rows, dim, dtype=torch.float64, device=query.device)
-    for s in range(0, num, rows):
-        n = min(rows, num - s)
-        torch.index_select(
-            reference, 0, indices[s : s + n].clamp(min=0).flatten(), out=gathered[: n * width]
-        )
-        picked = _rows64(gathered[: n * width], normalize, picked64).view(n, width, dim)
-        q = _rows64(query[s : s + n], normalize, query64)[:, None, :]
-        picked.mul_(q) if metric == "dot" else picked.sub_(q).square_()
-        torch.sum(picked, dim=2, out=out[s : s + n])
+    opts = {"dtype": torch.float64, "device": query.device}
+
+    def run(starts: range) -> None:
+        gathered = torch.empty(rows * width, dim, dtype=reference.dtype, device=query.device)
+        picked64, query64 = torch.empty(rows * width, dim, **opts), torch.empty(rows, dim, **opts)
+        for s in starts:
+            n = min(rows, num - s)
+            flat = indices[s : s + n].clamp(min=0).flatten()
+            torch.index_select(reference, 0, flat, out=gathered[: n * width])
+            picked = _rows64(gathered[: n * width], normalize, picked64).view(n, width, dim)
+            q = _rows64(query[s : s + n], normalize, query64)[:, None, :]
+            picked.mul_(q) if metric == "dot" else picked.sub_(q).square_()
+            torch.sum(picked, dim=2, out=out[s : s + n])
+
+    chunks = range(0, num, rows)
+    workers = max(1, min(workers, len(chunks)))
+    if workers == 1:
+        run(chunks)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, [chunks[w::workers] for w in range(workers)]))
     return out
 
 
-def _certified(costs: torch.Tensor, k: int, bound: torch.Tensor, num_columns: int) -> torch.Tensor:
-    """Rows whose candidates provably hold their true top ``k`` (see the module doc)."""
-    width = costs.shape[1]
-    if width >= num_columns or k == 0:
-        return torch.ones(len(costs), dtype=torch.bool, device=costs.device)
-    kth = torch.kthvalue(costs, k, dim=1).values.double()  # no sort: two selections
-    return costs.amax(dim=1).double() > kth + 2 * bound
+def _certified(
+    costs: torch.Tensor, cand: torch.Tensor, k: int, bound: torch.Tensor, num_columns: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose candidates provably hold their true top ``k`` (see the module doc)
+    and, for those rows, the candidates that may be in it (cost at most ``c~_k + 2E``),
+    cheapest first: the columns the float64 re-scoring needs (``k >= 1``)."""
+    costs, order = torch.sort(costs, dim=1)
+    limit = costs[:, k - 1].double() + 2 * bound
+    ok = torch.ones(len(costs), dtype=torch.bool, device=costs.device)
+    if costs.shape[1] < num_columns:
+        ok = costs[:, -1].double() > limit
+    plausible = (costs[ok].double() <= limit[ok, None]).sum(dim=1)
+    width = max(k, int(plausible.max())) if len(plausible) else k
+    return ok, cand.gather(1, order)[ok, :width]
 
 
 def knn_float64(
@@ -394,6 +412,7 @@ def knn_float64(
     if k == 0 or nr == 0:
         return values, indices
     threads = torch.get_num_threads()
+    cpu_threads = threads if device.type == "cpu" else 1
     with thread_limit(1, libraries=False):
         a, b, a_norms, b_norms = _float32_operands(query, reference, metric, normalize, symmetric)
     bound = float32_error_bound(a_norms, float(b_norms.max()), query.shape[1], metric)
@@ -413,9 +432,9 @@ def knn_float64(
             progress and first,
         )
         with thread_limit(1, libraries=False):
-            ok = _certified(costs, k, bound[todo], nr)
-            done, cand = todo[ok], cand[ok]
-            v = _rescore(query[done], reference, cand, metric, normalize)
+            ok, cand = _certified(costs, cand, k, bound[todo], nr)
+            done = todo[ok]
+            v = _rescore(query[done], reference, cand, metric, normalize, cpu_threads)
             own = cand == (done[:, None] - self_offset if self_offset is not None else -2)
             v[own | (cand < 0)] = -torch.inf if metric == "dot" else torch.inf
             values[done], indices[done] = merge_neighbours(v, cand, k, metric == "dot")
