@@ -13,6 +13,7 @@ from pml_margins.losses.norm_softmax import NormSoftmaxLoss
 from pml_margins.losses.proxy_circle import ProxyCircleLoss
 from pml_margins.losses.softmax import SoftmaxLoss
 from pml_margins.losses.sphereface import SphereFaceLoss
+from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.losses.subcenter_arcface import SubCenterArcFaceLoss
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "ProxyCircleLoss",
     "SoftmaxLoss",
     "SphereFaceLoss",
+    "StepStatistics",
     "SubCenterArcFaceLoss",
 ]
