@@ -1,6 +1,7 @@
 """Losses, each a ``pytorch_metric_learning.losses.BaseMetricLossFunction``."""
 
 from pml_margins.losses.adacos import AdaCosLoss
+from pml_margins.losses.adaface import AdaFaceLoss
 from pml_margins.losses.arcface import ArcFaceLoss
 from pml_margins.losses.center import CenterLoss
 from pml_margins.losses.circle import CircleLoss
@@ -18,6 +19,7 @@ from pml_margins.losses.subcenter_arcface import SubCenterArcFaceLoss
 
 __all__ = [
     "AdaCosLoss",
+    "AdaFaceLoss",
     "ArcFaceLoss",
     "CenterLoss",
     "CircleLoss",

@@ -38,6 +38,7 @@ SAMPLED_SPECS = (
     "proxy_circle",
     "subcenter",
     "magface_small_norms",
+    "adaface_spread",
 )
 NUM_QUERIES, NUM_REFERENCES = 9, 17
 
