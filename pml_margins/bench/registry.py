@@ -20,7 +20,10 @@ ElasticFace-Arc: ArcFace's ``m = 0.3`` rad and ``s = 16``, ``sigma = 0.03`` rad 
 paper's ratio sigma/m = 0.1). AdaCos: the paper's dynamic scale, nothing to set. MagFace: the
 paper's ``lambda_g = 35`` and margin ratio ``u_m / l_m`` about 2, centred on ArcFace's
 0.3 rad (0.2-0.4 rad), with the norm range scaled to a small model's features (1-20,
-the paper's 10-110 is for a face backbone) and ``s = 16``. How the
+the paper's 10-110 is for a face backbone) and ``s = 16``. AdaFace: the paper's
+``m = 0.4``, ``h = 0.333`` and ``t_alpha = 0.01`` with ``s = 16``; its norm statistics
+are self-normalising (running mean and deviation of the batch's norms), so, unlike
+MagFace, no norm range is scaled to the model. How the
 defaults were checked on the glyph benchmark: ``docs/bench_glyphs.md``.
 
 Units: CosFace ``m`` is a cosine, ArcFace ``m`` radians, SphereFace ``m`` an integer
@@ -149,6 +152,7 @@ LOSS_TABLE: tuple[LossSpec, ...] = (
     LossSpec("elasticface", "ElasticFace-Arc", "ElasticFaceLoss", {"margin": 0.3, "sigma": 0.03, "scale": 16.0}),  # noqa: E501
     LossSpec("adacos", "AdaCos", "AdaCosLoss", {"dynamic": True}),
     LossSpec("magface", "MagFace", "MagFaceLoss", {"scale": 16.0, "l_a": 1.0, "u_a": 20.0, "l_m": 0.2, "u_m": 0.4, "lambda_g": 35.0}),  # noqa: E501
+    LossSpec("adaface", "AdaFace", "AdaFaceLoss", {"margin": 0.4, "h": 0.333, "scale": 16.0, "t_alpha": 0.01}),  # noqa: E501
     LossSpec("subcenter", "Sub-center ArcFace", "SubCenterArcFaceLoss", {"margin": 0.3, "scale": 16.0, "sub_centers": 3}),  # noqa: E501
 )
 

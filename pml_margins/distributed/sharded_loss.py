@@ -2,6 +2,7 @@ r"""Model-parallel class-weight loss: each rank owns a contiguous shard of ``W``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch.func import functional_call
 from pml_margins.distributed.collectives import (
     ProcessGroup,
     all_gather_rows,
+    all_reduce_,
     gather_rows_with_grad,
     rank_and_world_size,
 )
@@ -18,6 +20,7 @@ from pml_margins.distributed.partial_fc import sample_local_classes
 from pml_margins.distributed.sharded_margin_softmax import sharded_margin_softmax_cross_entropy
 from pml_margins.distributed.sharding import class_columns, shard_range
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
+from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     check_class_labels,
     check_count,
@@ -37,6 +40,25 @@ class _BaseLogits(torch.nn.Module):
 
     def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
         return self.loss.base_logits(embeddings)
+
+
+class _ShardStatistics(StepStatistics):
+    """Step statistics of a shard: sums and maxima over the classes are all-reduced."""
+
+    def __init__(
+        self,
+        cosine: Callable[[], torch.Tensor],
+        target: torch.Tensor,
+        group: ProcessGroup | None,
+    ) -> None:
+        super().__init__(cosine, target)
+        self.group = group
+
+    def sum_over_classes(self, value: torch.Tensor) -> torch.Tensor:
+        return all_reduce_(value.clone(), "sum", self.group)
+
+    def max_over_classes(self, value: torch.Tensor) -> torch.Tensor:
+        return all_reduce_(value.clone(), "max", self.group)
 
 
 def _cosine_scale(loss: ClassWeightLoss, embeddings: torch.Tensor) -> float | torch.Tensor | None:
@@ -104,10 +126,18 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
     (``D x C / world_size``) plus a few ``N x C / world_size`` logit-sized
     buffers (``N x K`` with Partial FC keeping ``K`` columns).
 
+    A loss whose margin or scale needs batch statistics (MagFace, AdaFace, dynamic
+    AdaCos) gets them through its
+    :meth:`~pml_margins.losses.ClassWeightLoss.prepare_step`, entered with the
+    gathered batch (the same on every rank) and statistics whose sums over classes
+    are all-reduced over ``group``; its buffers (AdaCos's scale, AdaFace's norm
+    statistics) stay equal on every rank. Its per-row
+    :meth:`~pml_margins.losses.ClassWeightLoss.extra_losses` are added to the ``N``
+    losses on every rank, their gradient counted once.
+
     Miners (``indices_tuple``), ``weight_regularizer`` and ``embedding_regularizer``
     are not supported (they need all of ``W`` or per-rank batches); nor is a loss whose
-    ``sharding_unsupported()`` returns a reason (e.g. AdaCos's dynamic scale), which is
-    raised as a ``ValueError``.
+    ``sharding_unsupported()`` returns a reason, which is raised as a ``ValueError``.
 
     Args:
         loss_type: a :class:`~pml_margins.losses.ClassWeightLoss` subclass, e.g.
@@ -157,8 +187,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         with torch.random.fork_rng(devices=[]):  # own init per shard, global RNG untouched
             torch.manual_seed(self._stream_seed())
             self.loss = loss_type(self.class_end - self.class_start, embedding_size, **loss_kwargs)
-        unsupported = getattr(self.loss, "sharding_unsupported", None)
-        reason = unsupported() if unsupported is not None else None
+        reason = self.loss.sharding_unsupported()
         if reason is not None:
             raise ValueError(reason)
         for name in ("weight_regularizer", "embedding_regularizer"):
@@ -216,10 +245,27 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         check_class_labels(labels, embeddings.shape[0], self.num_classes)
         all_emb, _ = gather_rows_with_grad(embeddings, self.group)
         all_labels, _ = all_gather_rows(labels.to(embeddings.device), self.group)
+        local = all_labels.long() - self.class_start
+        owned = torch.where((local >= 0) & (local < self.num_local), local, -1)
+        statistics = _ShardStatistics(lambda: self.loss.cosine(all_emb), owned, self.group)
+        with self.loss.prepare_step(all_emb, all_labels, statistics):
+            losses = self._losses(all_emb, all_labels, owned)
+        loss_dict = {
+            "loss": {
+                "losses": losses,
+                "indices": torch.arange(losses.shape[0], device=losses.device),
+                "reduction_type": "element",
+            }
+        }
+        return self.loss.reducer(loss_dict, all_emb, all_labels)
+
+    def _losses(
+        self, all_emb: torch.Tensor, all_labels: torch.Tensor, owned: torch.Tensor
+    ) -> torch.Tensor:
+        """The ``N`` per-sample losses, inside the loss's step context."""
         index: torch.Tensor | None = None
         if self.sample_rate == 1:
-            local = all_labels.long() - self.class_start
-            target = torch.where((local >= 0) & (local < self.num_local), local, -1)
+            target = owned
             self.sampled_classes = None
         else:
             index, target = sample_local_classes(
@@ -239,14 +285,13 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             self.group,
             non_target_logit_fn=self.loss.non_target_logit_fn(),
         )
-        loss_dict = {
-            "loss": {
-                "losses": losses,
-                "indices": torch.arange(losses.shape[0], device=losses.device),
-                "reduction_type": "element",
-            }
-        }
-        return self.loss.reducer(loss_dict, all_emb, all_labels)
+        extra = self.loss.extra_losses(all_emb, all_labels)
+        if extra is None:
+            return losses
+        # the same value on every rank; its gradient from the row's owner rank only, so
+        # that the gather's backward (a sum over ranks) counts it once
+        extra = torch.where(owned >= 0, extra, extra.detach())
+        return losses + extra.to(losses.dtype)
 
     def _local_logits(
         self, embeddings: torch.Tensor, index: torch.Tensor | None

@@ -1,6 +1,7 @@
 """Losses, each a ``pytorch_metric_learning.losses.BaseMetricLossFunction``."""
 
 from pml_margins.losses.adacos import AdaCosLoss
+from pml_margins.losses.adaface import AdaFaceLoss
 from pml_margins.losses.arcface import ArcFaceLoss
 from pml_margins.losses.center import CenterLoss
 from pml_margins.losses.circle import CircleLoss
@@ -13,10 +14,12 @@ from pml_margins.losses.norm_softmax import NormSoftmaxLoss
 from pml_margins.losses.proxy_circle import ProxyCircleLoss
 from pml_margins.losses.softmax import SoftmaxLoss
 from pml_margins.losses.sphereface import SphereFaceLoss
+from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.losses.subcenter_arcface import SubCenterArcFaceLoss
 
 __all__ = [
     "AdaCosLoss",
+    "AdaFaceLoss",
     "ArcFaceLoss",
     "CenterLoss",
     "CircleLoss",
@@ -29,5 +32,6 @@ __all__ = [
     "ProxyCircleLoss",
     "SoftmaxLoss",
     "SphereFaceLoss",
+    "StepStatistics",
     "SubCenterArcFaceLoss",
 ]

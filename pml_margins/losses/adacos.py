@@ -3,15 +3,22 @@ r"""AdaCos: normalized softmax with the scale set automatically, no margin."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from pml_margins.functional.margin_softmax import compute_dtype
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
+from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import check_count, check_optional_positive
 
-__all__ = ["AdaCosLoss", "adacos_dynamic_scale", "adacos_fixed_scale"]
+__all__ = [
+    "AdaCosLoss",
+    "adacos_dynamic_scale",
+    "adacos_fixed_scale",
+    "adacos_scale_from_statistics",
+]
 
 
 def adacos_fixed_scale(num_classes: int) -> float:
@@ -49,12 +56,21 @@ def adacos_dynamic_scale(
     Returns:
         The new scale, a 0-dim tensor in the cosines' dtype (at least float32); no gradient.
     """
+    return adacos_scale_from_statistics(StepStatistics(lambda: cosine, labels), scale)
+
+
+def adacos_scale_from_statistics(
+    statistics: StepStatistics, scale: float | torch.Tensor
+) -> torch.Tensor:
+    r""":func:`adacos_dynamic_scale` from a step's statistics over all classes (sharded too).
+
+    :math:`\log B_{avg}` and the target angles are reduced over the holders of the
+    classes by ``statistics``, so every rank of a sharded loss gets the same scale.
+    """
     with torch.no_grad():
-        cosine = cosine.detach().to(compute_dtype(cosine.dtype))
-        index = labels.long().unsqueeze(1)
-        logits = (cosine * scale).scatter(1, index, -math.inf)  # non-target logits only
-        log_b_avg = torch.logsumexp(logits.flatten(), 0) - math.log(cosine.shape[0])
-        theta_med = torch.acos(cosine.gather(1, index).clamp(-1, 1)).median()
+        rows = statistics.target.shape[0]
+        log_b_avg = statistics.non_target_logsumexp(scale) - math.log(rows)
+        theta_med = torch.acos(statistics.target_cosines().clamp(-1, 1)).median()
         return log_b_avg / torch.cos(theta_med.clamp(max=math.pi / 4))
 
 
@@ -77,10 +93,14 @@ class AdaCosLoss(ClassWeightLoss):
     Recommended: the paper's defaults, nothing to tune (units: none). The fixed scale
     for 10,575 classes (CASIA-WebFace) is 13.1; for 100 classes (CUB) 6.5.
 
-    Single-process it runs on the fused core (``chunk_size``, ``sample_rate``); the
-    dynamic scale costs one more ``B x D x C`` product (without gradient) per training
-    step. Sharded: ``dynamic=False`` only (the dynamic statistics would need the whole
-    batch's logits).
+    It runs on the fused core (``chunk_size``, ``sample_rate``; the statistics always
+    cover every class); the dynamic scale costs one more ``B x D x C`` product (without
+    gradient) per training step. Sharded
+    (:class:`~pml_margins.distributed.ShardedMarginSoftmaxLoss`), :math:`B_{avg}` and
+    the target angles are reduced over the ranks that hold the classes, so the scale
+    is the same on every rank and equal to the single-process one on the gathered
+    batch. Give ``scale`` explicitly when sharding: each rank's loss holds only its
+    own classes, so ``scale=None`` would take :math:`\sqrt2\log(C_{local}-1)`.
 
     Args:
         num_classes: number of classes ``C >= 3``.
@@ -118,28 +138,14 @@ class AdaCosLoss(ClassWeightLoss):
         """The current scale, once per row (no host synchronisation)."""
         return self.scale.detach().expand(embeddings.shape[0])
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: tuple[torch.Tensor, ...] | None,
-        ref_emb: torch.Tensor,
-        ref_labels: torch.Tensor,
-    ) -> dict[str, dict[str, Any]]:
+    @contextmanager
+    def prepare_step(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, statistics: StepStatistics
+    ) -> Iterator[None]:
+        """In training with ``dynamic``: set the scale from the batch before it is used."""
         if self.dynamic and self.training:
-            with torch.no_grad():
-                new = adacos_dynamic_scale(self.cosine(embeddings), labels, self.scale)
-                self.scale.copy_(new)
-        return super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-
-    def sharding_unsupported(self) -> str | None:
-        """Why this loss cannot be sharded, or ``None`` (read by ShardedMarginSoftmaxLoss)."""
-        if self.dynamic:
-            return (
-                "AdaCosLoss with dynamic=True cannot be sharded: its scale comes from "
-                "statistics of the whole batch's logits; use dynamic=False (the fixed scale)"
-            )
-        return None
+            self.scale.copy_(adacos_scale_from_statistics(statistics, self.scale))
+        yield
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={float(self.scale):.4g}"

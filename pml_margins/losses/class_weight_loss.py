@@ -11,6 +11,7 @@ add a margin.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from pml_margins.functional.margin_softmax import (
     margin_softmax_cross_entropy,
 )
 from pml_margins.losses.checked_forward import CheckedForwardMixin
+from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     check_chunk_size,
     check_class_loss_input,
@@ -95,6 +97,22 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
       path automatically, whatever else it overrides.
     * *A margin that changes the non-target logits* (the class-level Circle loss):
       override :meth:`non_target_logit_fn`; it runs on the plain path.
+    * *A margin that needs per-row or batch statistics* (MagFace's and AdaFace's
+      feature norms, AdaCos's dynamic scale): override :meth:`prepare_step`, a
+      context manager entered once per step around the logits, with the step's
+      ``N`` embeddings (gradients flow through them), labels and a
+      :class:`~pml_margins.losses.StepStatistics`; set there what
+      :meth:`target_logit_fn` (per-row closures over ``(N,)`` tensors) or
+      :meth:`logit_scale` read, update buffers, and clear it on exit. Quantities of
+      the rows alone (norms, their batch mean) come from the embeddings; those that
+      run over the classes (target cosines, sums over the non-target logits) come
+      from the statistics object, which reduces them over the ranks that hold the
+      classes. A per-row additive term (MagFace's regulariser) is returned by
+      :meth:`extra_losses`, which may use only the embeddings, not ``W``. The same
+      two methods are called by
+      :class:`~pml_margins.distributed.ShardedMarginSoftmaxLoss` with the gathered
+      batch (identical on every rank), so such a loss shards, with equal buffers on
+      every rank.
 
     **Input checks.** Shapes and dtypes always; values (NaN/Inf, label and miner
     index ranges) in one host synchronisation per call, which
@@ -192,6 +210,34 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         """
         return None
 
+    def prepare_step(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, statistics: StepStatistics
+    ) -> AbstractContextManager[None]:
+        """Context of one step: set per-step state from the batch; clear it on exit.
+
+        Entered once per forward around the logits, by ``compute_loss`` and by the
+        sharded loss (there with the gathered batch). Default: nothing.
+
+        Args:
+            embeddings: the step's ``(N, D)`` embeddings, with their graph.
+            labels: their ``(N,)`` classes.
+            statistics: reductions over all classes (see
+                :class:`~pml_margins.losses.StepStatistics`).
+        """
+        return nullcontext()
+
+    def extra_losses(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """``(N,)`` terms added to the per-sample losses (``None``: none), inside the step.
+
+        Called within :meth:`prepare_step`; it may depend on the embeddings (e.g. their
+        norms), not on ``W`` (the sharded loss counts its gradient once per row).
+        """
+        return None
+
+    def sharding_unsupported(self) -> str | None:
+        """Why this loss cannot be sharded, or ``None`` (read by ShardedMarginSoftmaxLoss)."""
+        return None
+
     # --- shared helpers ---------------------------------------------------------
     def get_default_distance(self) -> BaseDistance:
         return CosineSimilarity()
@@ -255,18 +301,12 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         ref_emb: torch.Tensor,
         ref_labels: torch.Tensor,
     ) -> dict[str, dict[str, Any]]:
-        non_target_fn = self.non_target_logit_fn()
-        form = self.fused_logits(embeddings) if non_target_fn is None else None
-        if form is not None:
-            losses = self._fused_losses(embeddings, labels, form)
-        else:
-            self._check_plain_mode()
-            logits, scale = self.base_logits(embeddings)
-            if self.collect_stats and self.logits_are_cosines:
-                self._record_avg_angle(logits, labels)
-            losses = margin_softmax_cross_entropy(
-                logits, labels, self.target_logit_fn(), scale, non_target_logit_fn=non_target_fn
-            )
+        statistics = StepStatistics(lambda: self.cosine(embeddings), labels)
+        with self.prepare_step(embeddings, labels, statistics):
+            losses = self._per_sample_losses(embeddings, labels)
+            extra = self.extra_losses(embeddings, labels)
+        if extra is not None:
+            losses = losses + extra.to(losses.dtype)
         if indices_tuple is not None:
             losses = losses * lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
         loss_dict = {
@@ -278,6 +318,19 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         }
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
+
+    def _per_sample_losses(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        non_target_fn = self.non_target_logit_fn()
+        form = self.fused_logits(embeddings) if non_target_fn is None else None
+        if form is not None:
+            return self._fused_losses(embeddings, labels, form)
+        self._check_plain_mode()
+        logits, scale = self.base_logits(embeddings)
+        if self.collect_stats and self.logits_are_cosines:
+            self._record_avg_angle(logits, labels)
+        return margin_softmax_cross_entropy(
+            logits, labels, self.target_logit_fn(), scale, non_target_logit_fn=non_target_fn
+        )
 
     def _check_plain_mode(self) -> None:
         if self.chunk_size is not None or self.sample_rate != 1.0:

@@ -2,16 +2,18 @@ r"""MagFace: ArcFace with a margin that grows with the feature norm, plus a norm
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 import torch
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_margins.functional.margin_softmax import TargetLogitFn
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.elasticface import elastic_arc_target
 from pml_margins.losses.hyperparameter import Hyperparameter
+from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     check_angle_margin,
     check_non_negative,
@@ -66,8 +68,10 @@ class MagFaceLoss(ClassWeightLoss):
     small retrieval model whose features have norms of a few units, scale ``l_a``/``u_a``
     down accordingly (the glyph benchmark uses 1 and 20).
 
-    Fused core (``chunk_size``, ``sample_rate``). Not shardable (the margins come from
-    the norms of each rank's embeddings, which the sharded loss does not pass on).
+    Fused core (``chunk_size``, ``sample_rate``) and sharded
+    (:class:`~pml_margins.distributed.ShardedMarginSoftmaxLoss`: the margins and the
+    regulariser come from the gathered batch's norms, the same on every rank; equal to
+    the single-process loss on that batch).
 
     Args:
         num_classes: number of classes ``C``.
@@ -101,6 +105,7 @@ class MagFaceLoss(ClassWeightLoss):
     ) -> None:
         self.scale, self.lambda_g = scale, lambda_g
         self.set_ranges(l_a, u_a, l_m, u_m)
+        self._norms: torch.Tensor | None = None
         self._margins: torch.Tensor | None = None
         super().__init__(num_classes, embedding_size, **kwargs)
 
@@ -113,26 +118,23 @@ class MagFaceLoss(ClassWeightLoss):
             raise ValueError(f"u_m must be >= l_m, got {u_m} and {l_m}")
         self.l_a, self.u_a, self.l_m, self.u_m = l_a, u_a, l_m, u_m
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor,
-        indices_tuple: tuple[torch.Tensor, ...] | None,
-        ref_emb: torch.Tensor,
-        ref_labels: torch.Tensor,
-    ) -> dict[str, dict[str, Any]]:
-        norms = self.feature_norms(embeddings)
-        self._margins = magface_margin(norms, self.l_a, self.u_a, self.l_m, self.u_m)
+    @contextmanager
+    def prepare_step(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, statistics: StepStatistics
+    ) -> Iterator[None]:
+        """The step's norms (with their gradient) and margins, from the batch's embeddings."""
+        self._norms = self.feature_norms(embeddings)
+        self._margins = magface_margin(self._norms, self.l_a, self.u_a, self.l_m, self.u_m)
         try:
-            loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            yield
         finally:
-            self._margins = None
-        if self.lambda_g:
-            term = loss_dict["loss"]
-            g = self.lambda_g * magface_regularizer(norms, self.l_a, self.u_a)
-            weights = lmu.convert_to_weights(indices_tuple, labels, dtype=g.dtype)
-            term["losses"] = term["losses"] + (g * weights).to(term["losses"].dtype)
-        return loss_dict
+            self._norms = self._margins = None
+
+    def extra_losses(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        r"""The regulariser :math:`\lambda_g\,g(a_i)` per row (``None`` when ``lambda_g = 0``)."""
+        if not self.lambda_g or self._norms is None:
+            return None
+        return self.lambda_g * magface_regularizer(self._norms, self.l_a, self.u_a)
 
     def target_logit_fn(self) -> TargetLogitFn:
         if self._margins is None:
@@ -141,10 +143,3 @@ class MagFaceLoss(ClassWeightLoss):
                 "(its forward), not target_logit_fn on its own"
             )
         return partial(elastic_arc_target, margins=self._margins)
-
-    def sharding_unsupported(self) -> str | None:
-        """Why this loss cannot be sharded (read by ShardedMarginSoftmaxLoss)."""
-        return (
-            "MagFaceLoss cannot be sharded: its margins and regulariser come from the norms "
-            "of the embeddings, which ShardedMarginSoftmaxLoss does not pass to the loss"
-        )

@@ -18,9 +18,12 @@ LR = 0.1
 
 
 def _shardable(spec: LossSpec) -> bool:
-    """Whether the loss takes ShardedMarginSoftmaxLoss (AdaCos's dynamic scale does not)."""
-    reason = getattr(spec.build(3, 2), "sharding_unsupported", lambda: None)()
-    return reason is None
+    """Whether the loss takes ShardedMarginSoftmaxLoss (its ``sharding_unsupported()``).
+
+    Every loss of SPECS does, those with batch statistics (MagFace, AdaFace, dynamic
+    AdaCos) through ``prepare_step``; the predicate stays for a loss that declines.
+    """
+    return spec.build(3, 2).sharding_unsupported() is None
 
 
 #: every shardable class-weight loss: the foundation's (with their paper references), ProxyCircle
@@ -28,7 +31,15 @@ SPEC_BY_ID = {
     **{s.id: s for s in SPECS if _shardable(s)},
     "proxy_circle": LossSpec("proxy_circle", ProxyCircleLoss, {"m": 0.25, "gamma": 32.0}),
 }
-SAMPLED_SPECS = ("arcface", "cosface", "softmax", "proxy_circle", "subcenter")
+SAMPLED_SPECS = (
+    "arcface",
+    "cosface",
+    "softmax",
+    "proxy_circle",
+    "subcenter",
+    "magface_small_norms",
+    "adaface_spread",
+)
 NUM_QUERIES, NUM_REFERENCES = 9, 17
 
 

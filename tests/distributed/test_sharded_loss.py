@@ -49,6 +49,11 @@ def check_rank(
     torch.testing.assert_close(result["w_grad"], loss_fn.W.grad[:, start * per : end * per], **tol)
     if getattr(loss_fn, "bias", None) is not None:
         torch.testing.assert_close(result["bias_grad"], loss_fn.bias.grad[start:end], **tol)
+    # buffers moved by the step (AdaCos's scale, AdaFace's norm statistics)
+    buffers = dict(loss_fn.named_buffers())
+    assert result["buffers"].keys() == buffers.keys()
+    for name, value in buffers.items():
+        torch.testing.assert_close(result["buffers"][name], value, **tol)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -61,11 +66,13 @@ def test_equals_single_process(runs, world_size: int, case: str) -> None:
     if case.endswith("sum_reducer"):
         loss_fn.reducer = SumReducer()
     loss, x_grad = single_process(loss_fn, *cases.batch(world_size, cases.NUM_CLASSES, dtype=dtype))
-    for rank, results in enumerate(load_results(runs[world_size], "losses", world_size)):
-        result = results[case]
+    ranks = [r[case] for r in load_results(runs[world_size], "losses", world_size)]
+    for rank, result in enumerate(ranks):
         assert result["range"] == shard_range(cases.NUM_CLASSES, world_size, rank)
         assert result["sampled"] is None
         check_rank(result, rank, world_size, loss, x_grad, loss_fn, TOL[dtype])
+        for name, value in result["buffers"].items():  # the same on every rank, bit for bit
+            assert torch.equal(value, ranks[0]["buffers"][name]), name
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

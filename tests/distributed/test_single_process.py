@@ -34,6 +34,8 @@ def test_world_size_one_is_the_loss(spec) -> None:
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(xa.grad, xb.grad)
     torch.testing.assert_close(sharded.W_local.grad, ref.W.grad)
+    for name, value in ref.named_buffers():  # AdaCos's scale, AdaFace's statistics
+        torch.testing.assert_close(dict(sharded.loss.named_buffers())[name], value)
 
 
 @pytest.mark.parametrize("loss_type", [ArcFaceLoss, SoftmaxLoss, SphereFaceLoss])

@@ -59,6 +59,7 @@ def _step(
         "bias_grad": None if bias is None else bias.grad.cpu(),
         "sampled": None if sampled is None else sampled.cpu(),
         "range": (loss_fn.class_start, loss_fn.class_end),
+        "buffers": {k: v.detach().cpu().clone() for k, v in loss_fn.loss.named_buffers()},
     }
 
 

@@ -79,6 +79,20 @@ def combined_cos(c: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tens
     return (-1) ** k * torch.cos(phi) - 2 * k - m3
 
 
+def adaface_cos(x: torch.Tensor, c: torch.Tensor, hp: dict) -> torch.Tensor:
+    """AdaFace (Eqs. 7 and 10) at the step's statistics ``batch_mean``, ``batch_std``.
+
+    With the authors' clips: the norm to [0.001, 100] (no gradient), the target cosine
+    to [-1 + eps, 1 - eps] and the angle theta + g_angle to [eps, pi - eps].
+    """
+    m, h, eps = hp["margin"], hp["h"], hp["eps"]
+    norm = x.detach().norm(dim=1).clamp(0.001, 100)
+    z = torch.clamp(h * (norm - hp["batch_mean"]) / (hp["batch_std"] + eps), -1, 1)
+    g_angle, g_add = -m * z, m * z + m
+    theta = torch.acos(c.clamp(-1 + eps, 1 - eps))
+    return torch.cos(torch.clamp(theta + g_angle, eps, math.pi - eps)) - g_add
+
+
 def reference_per_sample(
     kind: str,
     x: torch.Tensor,
@@ -119,6 +133,8 @@ def reference_per_sample(
         target = cy - hp["margins"].to(cy.dtype)
     elif kind == "combined":
         target = combined_cos(cy, hp["m1"], hp["m2"], hp["m3"])
+    elif kind == "adaface":
+        target = adaface_cos(x, cy, hp)
     else:
         raise KeyError(kind)
     return target_softmax_cross_entropy(s * c, labels, s * target)

@@ -10,6 +10,7 @@ import torch
 
 from pml_margins.losses import (
     AdaCosLoss,
+    AdaFaceLoss,
     ArcFaceLoss,
     ClassWeightLoss,
     CombinedMarginLoss,
@@ -45,10 +46,14 @@ class LossSpec:
 
         ElasticFace: the ``(B,)`` margins (``last_margins``; ``m`` everywhere when
         ``sigma = 0``), read after the forward, so the reference draws nothing itself.
-        AdaCos: the scale of the step (set from the batch before it is used).
+        AdaCos: the scale of the step (set from the batch before it is used). AdaFace:
+        the norm statistics of the step (likewise).
         """
         if self.kind == "adacos":  # the scale this step used (its update: test_adacos.py)
             return {**self.ref_hp, "scale": float(loss.scale)}
+        if self.kind == "adaface":  # the statistics this step used (updated: test_adaface.py)
+            stats = {"batch_mean": float(loss.batch_mean), "batch_std": float(loss.batch_std)}
+            return {**self.ref_hp, **stats}
         if not self.kind.startswith("elastic"):
             return self.ref_hp
         drawn = loss.last_margins
@@ -77,6 +82,9 @@ MAGFACE_SMALL_NORMS = {
     "u_m": 1.2,
     "lambda_g": 2.0,
 }
+ADAFACE_PAPER = {"margin": 0.4, "h": 0.333, "scale": 64.0, "t_alpha": 0.01, "eps": 1e-3}
+#: this batch's statistics only, h = 1: the normalized norms spread over [-1, 1] (some clipped)
+ADAFACE_SPREAD = {"h": 1.0, "t_alpha": 1.0, "scale": 16.0}
 
 SPECS = [
     LossSpec("softmax", SoftmaxLoss, {}, "softmax"),
@@ -180,6 +188,15 @@ SPECS = [
         {**MAGFACE_PAPER, **MAGFACE_SMALL_NORMS},
     ),
     LossSpec("magface", MagFaceLoss, {}, "magface", MAGFACE_PAPER),
+    # first of its class, so the dtype matrix runs margins that differ per row
+    LossSpec(
+        "adaface_spread",
+        AdaFaceLoss,
+        ADAFACE_SPREAD,
+        "adaface",
+        {**ADAFACE_PAPER, **ADAFACE_SPREAD},
+    ),
+    LossSpec("adaface", AdaFaceLoss, {}, "adaface", ADAFACE_PAPER),
 ]
 
 SPEC_IDS = [s.id for s in SPECS]

@@ -132,11 +132,14 @@ def test_bad_hyperparameters(kwargs, error, message: str) -> None:
         AdaCosLoss(**args)
 
 
-def test_sharded_dynamic_is_a_clear_error_and_fixed_is_supported() -> None:
-    with pytest.raises(ValueError, match="AdaCosLoss with dynamic=True cannot be sharded"):
-        ShardedMarginSoftmaxLoss(AdaCosLoss, C, D)
-    sharded = ShardedMarginSoftmaxLoss(AdaCosLoss, C, D, dynamic=False).double()
-    ref = AdaCosLoss(C, D, dynamic=False).double()
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "fixed"])
+def test_sharded_in_one_process_equals_the_loss(dynamic: bool) -> None:
+    """The dynamic scale through prepare_step's statistics: the same scale and loss."""
+    sharded = ShardedMarginSoftmaxLoss(AdaCosLoss, C, D, dynamic=dynamic).double()
+    ref = AdaCosLoss(C, D, dynamic=dynamic).double()
     sharded.loss.load_state_dict(ref.state_dict())
-    x, y = torch.randn(B, D, dtype=torch.float64), torch.randint(0, C, (B,))
-    torch.testing.assert_close(sharded(x, y), ref(x, y), rtol=1e-12, atol=1e-12)
+    for _ in range(2):
+        x, y = torch.randn(B, D, dtype=torch.float64), torch.randint(0, C, (B,))
+        torch.testing.assert_close(sharded(x, y), ref(x, y), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sharded.loss.scale, ref.scale, rtol=1e-12, atol=0)
+    assert (float(ref.scale) != math.sqrt(2) * math.log(C - 1)) == dynamic

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,3 +119,45 @@ def test_sharded_loss_reads_the_same_declaration() -> None:
     y = torch.randint(0, C, (B,))
     expected = _subcenter_reference(sharded.loss, x, y, lambda c: arcface_cos(c, 0.5))
     torch.testing.assert_close(sharded(x, y).double(), expected, rtol=1e-6, atol=1e-5)
+
+
+class BatchCentredCosFace(CosFaceLoss):
+    """A margin from a batch statistic: 0.2 plus the batch's mean target cosine / 10.
+
+    Written only with ``prepare_step`` (which reads the statistics over all classes) and a
+    per-row ``extra_losses``, as the ClassWeightLoss docstring describes.
+    """
+
+    @contextmanager
+    def prepare_step(self, embeddings, labels, statistics):
+        self.step_margin = 0.2 + statistics.target_cosines().mean() / 10
+        try:
+            yield
+        finally:
+            self.step_margin = None
+
+    def target_logit_fn(self):
+        return lambda c: c - self.step_margin
+
+    def extra_losses(self, embeddings, labels):
+        return 0.1 * embeddings.norm(dim=1)
+
+
+def test_batch_statistic_hook_single_process_and_sharded() -> None:
+    torch.manual_seed(0)
+    loss = BatchCentredCosFace(C, D, scale=16.0).double()
+    sharded = ShardedMarginSoftmaxLoss(BatchCentredCosFace, C, D, scale=16.0).double()
+    sharded.loss.load_state_dict(loss.state_dict())
+    x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, C, (B,))
+    cos = F.normalize(x.detach(), dim=1) @ F.normalize(loss.W.detach(), dim=0)
+    rows = torch.arange(B)
+    margin = 0.2 + cos[rows, y].mean() / 10
+    expected = target_softmax_cross_entropy(16 * cos, y, 16 * (cos[rows, y] - margin))
+    expected = (expected + 0.1 * x.detach().norm(dim=1)).mean()
+    out, out_sharded = loss(x, y), sharded(x, y)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out_sharded, expected)
+    grads = [torch.autograd.grad(v, x)[0] for v in (out, out_sharded)]
+    torch.testing.assert_close(grads[0], grads[1])
+    assert loss.step_margin is None and sharded.loss.step_margin is None  # cleared on exit

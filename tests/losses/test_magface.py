@@ -91,11 +91,28 @@ def test_bad_hyperparameters(kwargs, message: str) -> None:
         MagFaceLoss(C, D, **kwargs)
 
 
-def test_target_logit_fn_alone_and_sharding_are_clear_errors() -> None:
+def test_target_logit_fn_alone_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="depend on the embeddings' norms"):
         MagFaceLoss(C, D).target_logit_fn()
-    with pytest.raises(ValueError, match="MagFaceLoss cannot be sharded"):
-        ShardedMarginSoftmaxLoss(MagFaceLoss, C, D)
+
+
+def test_sharded_in_one_process_equals_the_loss() -> None:
+    """Through prepare_step/extra_losses: margins and regulariser, values and gradients."""
+    torch.manual_seed(3)
+    kwargs = {"scale": 16.0, "lambda_g": 5.0, **SMALL}
+    sharded = ShardedMarginSoftmaxLoss(MagFaceLoss, C, D, **kwargs).double()
+    ref = MagFaceLoss(C, D, **kwargs).double()
+    sharded.loss.load_state_dict(ref.state_dict())
+    x = (3 * torch.randn(B, D, dtype=torch.float64)).requires_grad_(True)
+    y = torch.randint(0, C, (B,))
+    a, b = sharded(x, y), ref(x, y)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for u, v in zip(
+        torch.autograd.grad(a, (x, sharded.W_local)),
+        torch.autograd.grad(b, (x, ref.W)),
+        strict=True,
+    ):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
 
 
 def test_set_ranges_checks_and_keeps_the_old_values_on_error() -> None:

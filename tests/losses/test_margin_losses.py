@@ -77,8 +77,13 @@ def test_gradcheck_fp64(spec: LossSpec) -> None:
     loss_fn = spec.build(4, 5).double().eval()
     x, y = _inputs(3, 5, 4)
     w = loss_fn.W.detach().clone().requires_grad_(True)
+    # AdaFace's norm is a quality proxy without gradient: the finite differences must not
+    # move it, so x enters as a direction at fixed norms
+    norms = x.detach().norm(dim=1, keepdim=True) if spec.kind == "adaface" else None
 
     def loss_of(x_: torch.Tensor, w_: torch.Tensor) -> torch.Tensor:
+        if norms is not None:
+            x_ = x_ / x_.norm(dim=1, keepdim=True) * norms
         torch.manual_seed(0)  # the same draw each call (ElasticFace's margins)
         return torch.func.functional_call(loss_fn, {"W": w_}, (x_, y))
 
