@@ -14,6 +14,7 @@ from pml_margins.losses import (
     ClassWeightLoss,
     CombinedMarginLoss,
     CosFaceLoss,
+    CurricularFaceLoss,
     ElasticFaceLoss,
     MagFaceLoss,
     NormSoftmaxLoss,
@@ -46,9 +47,12 @@ class LossSpec:
         ElasticFace: the ``(B,)`` margins (``last_margins``; ``m`` everywhere when
         ``sigma = 0``), read after the forward, so the reference draws nothing itself.
         AdaCos: the scale of the step (set from the batch before it is used).
+        CurricularFace: the step's ``t`` (likewise updated before it is used).
         """
         if self.kind == "adacos":  # the scale this step used (its update: test_adacos.py)
             return {**self.ref_hp, "scale": float(loss.scale)}
+        if self.kind == "curricular":  # the t this step used (updated first in training)
+            return {**self.ref_hp, "t": float(loss.t)}
         if not self.kind.startswith("elastic"):
             return self.ref_hp
         drawn = loss.last_margins
@@ -180,6 +184,17 @@ SPECS = [
         {**MAGFACE_PAPER, **MAGFACE_SMALL_NORMS},
     ),
     LossSpec("magface", MagFaceLoss, {}, "magface", MAGFACE_PAPER),
+    # first of its class (the dtype matrix): a fast t, so the step's t is far from 0
+    LossSpec(
+        "curricularface_fast_t",
+        CurricularFaceLoss,
+        {"momentum": 0.5, "scale": 32.0},
+        "curricular",
+        {"margin": 0.5, "scale": 32.0},
+    ),
+    LossSpec(
+        "curricularface", CurricularFaceLoss, {}, "curricular", {"margin": 0.5, "scale": 64.0}
+    ),
 ]
 
 SPEC_IDS = [s.id for s in SPECS]
