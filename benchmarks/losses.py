@@ -1,7 +1,8 @@
 """Speed and memory of our class-weight losses against PML's and the matrix-product floor.
 
 For ArcFace, CosFace, SphereFace and NSL (and, with ``--losses``, Sub-center ArcFace
-ElasticFace-Arc, dynamic AdaCos and MagFace) at each (B, D, C), times one forward + backward of
+ElasticFace-Arc, dynamic AdaCos, MagFace and CurricularFace) at each (B, D, C), times one
+forward + backward of
 
 * ``ours``: pml_margins' loss, default mode (materialized logits up to
   ``MATERIALIZE_MAX_ELEMENTS``, else the blocked function with one saved (B, C) buffer),
@@ -11,7 +12,8 @@ ElasticFace-Arc, dynamic AdaCos and MagFace) at each (B, D, C), times one forwar
 * ``plain``: a plain torch implementation, as a user would write it (normalize,
   matmul, gather the target cosine, margin, scatter, scale, cross-entropy),
 * ``pml``: pytorch-metric-learning's loss with the same hyper-parameters and ``W``
-  (not for ElasticFace, AdaCos and MagFace, which PML lacks, nor their ``plain`` rows),
+  (not for ElasticFace, AdaCos, MagFace and CurricularFace, which PML lacks, nor their
+  ``plain`` rows),
 * ``floor``: the three matrix products of that size (x W, G W^T, x^T G); for
   Sub-center ArcFace its own floor with ``K`` times the columns (row ``floor``, loss
   ``subcenter``; it runs on the plain path, so it has no ``ours-bounded`` row),
@@ -68,9 +70,9 @@ ARC_MARGIN, COS_MARGIN, SCALE, NSL_SCALE = 0.5, 0.35, 64.0, 30.0
 DEFAULT_MAX_CLASSES = 100_000
 LOSSES = ("arcface", "cosface", "sphereface", "nsl")
 #: losses run only when named in --losses
-EXTRA_LOSSES = ("subcenter", "elasticface", "adacos", "magface")
+EXTRA_LOSSES = ("subcenter", "elasticface", "adacos", "magface", "curricularface")
 #: losses with neither a PML nor a plain-torch counterpart here
-OURS_ONLY_LOSSES = ("elasticface", "adacos", "magface")
+OURS_ONLY_LOSSES = ("elasticface", "adacos", "magface", "curricularface")
 #: ElasticFace-Arc's margin standard deviation (the paper's, radians)
 ELASTIC_SIGMA = 0.05
 #: sub-centres per class of Sub-center ArcFace (the paper's K)
@@ -151,6 +153,9 @@ def make_loss(name: str, impl: str, num_classes: int, dim: int) -> torch.nn.Modu
         # the benchmark's features have norms near sqrt(dim): the norm range brackets them
         "magface": lambda: ours.MagFaceLoss(
             num_classes, dim, SCALE, 0.5 * math.sqrt(dim), 2 * math.sqrt(dim), **kwargs
+        ),
+        "curricularface": lambda: ours.CurricularFaceLoss(
+            num_classes, dim, ARC_MARGIN, SCALE, **kwargs
         ),
     }[name]()
 

@@ -20,7 +20,9 @@ ElasticFace-Arc: ArcFace's ``m = 0.3`` rad and ``s = 16``, ``sigma = 0.03`` rad 
 paper's ratio sigma/m = 0.1). AdaCos: the paper's dynamic scale, nothing to set. MagFace: the
 paper's ``lambda_g = 35`` and margin ratio ``u_m / l_m`` about 2, centred on ArcFace's
 0.3 rad (0.2-0.4 rad), with the norm range scaled to a small model's features (1-20,
-the paper's 10-110 is for a face backbone) and ``s = 16``. How the
+the paper's 10-110 is for a face backbone) and ``s = 16``. CurricularFace: ArcFace's
+``m = 0.3`` rad and ``s = 16`` (``s = 30`` on the glyph set, as ArcFace), the paper's
+``momentum = 0.01`` for ``t``. How the
 defaults were checked on the glyph benchmark: ``docs/bench_glyphs.md``.
 
 Units: CosFace ``m`` is a cosine, ArcFace ``m`` radians, SphereFace ``m`` an integer
@@ -136,6 +138,7 @@ def _circle_ms(ctx: LossContext, *, miner_epsilon: float, **circle: Any) -> tupl
 
 
 #: one line per loss, in table order
+# fmt: off
 LOSS_TABLE: tuple[LossSpec, ...] = (
     LossSpec("softmax", "Softmax", "SoftmaxLoss", {"bias": True}),
     LossSpec("nsl", "NSL", "NormSoftmaxLoss", {"scale": 16.0}),
@@ -150,7 +153,9 @@ LOSS_TABLE: tuple[LossSpec, ...] = (
     LossSpec("adacos", "AdaCos", "AdaCosLoss", {"dynamic": True}),
     LossSpec("magface", "MagFace", "MagFaceLoss", {"scale": 16.0, "l_a": 1.0, "u_a": 20.0, "l_m": 0.2, "u_m": 0.4, "lambda_g": 35.0}),  # noqa: E501
     LossSpec("subcenter", "Sub-center ArcFace", "SubCenterArcFaceLoss", {"margin": 0.3, "scale": 16.0, "sub_centers": 3}),  # noqa: E501
+    LossSpec("curricularface", "CurricularFace", "CurricularFaceLoss", {"margin": 0.3, "scale": 16.0, "momentum": 0.01}),  # noqa: E501
 )
+# fmt: on
 
 #: name -> spec
 LOSSES: Mapping[str, LossSpec] = MappingProxyType({spec.name: spec for spec in LOSS_TABLE})
