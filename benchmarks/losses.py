@@ -1,8 +1,8 @@
 """Speed and memory of our class-weight losses against PML's and the matrix-product floor.
 
 For ArcFace, CosFace, SphereFace and NSL (and, with ``--losses``, Sub-center ArcFace
-ElasticFace-Arc, dynamic AdaCos, MagFace and AdaFace) at each (B, D, C), times one forward +
-backward of
+ElasticFace-Arc, dynamic AdaCos, MagFace, AdaFace and CurricularFace) at each (B, D, C), times
+one forward + backward of
 
 * ``ours``: pml_margins' loss, default mode (materialized logits up to
   ``MATERIALIZE_MAX_ELEMENTS``, else the blocked function with one saved (B, C) buffer),
@@ -12,8 +12,8 @@ backward of
 * ``plain``: a plain torch implementation, as a user would write it (normalize,
   matmul, gather the target cosine, margin, scatter, scale, cross-entropy),
 * ``pml``: pytorch-metric-learning's loss with the same hyper-parameters and ``W``
-  (not for ElasticFace, AdaCos, MagFace and AdaFace, which PML lacks, nor their ``plain``
-  rows),
+  (not for ElasticFace, AdaCos, MagFace, AdaFace and CurricularFace, which PML lacks, nor
+  their ``plain`` rows),
 * ``floor``: the three matrix products of that size (x W, G W^T, x^T G); for
   Sub-center ArcFace its own floor with ``K`` times the columns (row ``floor``, loss
   ``subcenter``; it runs on the plain path, so it has no ``ours-bounded`` row),
@@ -70,9 +70,9 @@ ARC_MARGIN, COS_MARGIN, SCALE, NSL_SCALE = 0.5, 0.35, 64.0, 30.0
 DEFAULT_MAX_CLASSES = 100_000
 LOSSES = ("arcface", "cosface", "sphereface", "nsl")
 #: losses run only when named in --losses
-EXTRA_LOSSES = ("subcenter", "elasticface", "adacos", "magface", "adaface")
+EXTRA_LOSSES = ("subcenter", "elasticface", "adacos", "magface", "adaface", "curricularface")
 #: losses with neither a PML nor a plain-torch counterpart here
-OURS_ONLY_LOSSES = ("elasticface", "adacos", "magface", "adaface")
+OURS_ONLY_LOSSES = ("elasticface", "adacos", "magface", "adaface", "curricularface")
 #: ElasticFace-Arc's margin standard deviation (the paper's, radians)
 ELASTIC_SIGMA = 0.05
 #: sub-centres per class of Sub-center ArcFace (the paper's K)
@@ -156,6 +156,9 @@ def make_loss(name: str, impl: str, num_classes: int, dim: int) -> torch.nn.Modu
         ),
         # the paper's m, h and t_alpha; its running norm statistics need no norm range
         "adaface": lambda: ours.AdaFaceLoss(num_classes, dim, scale=SCALE, **kwargs),
+        "curricularface": lambda: ours.CurricularFaceLoss(
+            num_classes, dim, ARC_MARGIN, SCALE, **kwargs
+        ),
     }[name]()
 
 

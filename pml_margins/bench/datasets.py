@@ -150,7 +150,7 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
                     name: {"scale": 30.0}
                     for name in (
                         *("nsl", "sphereface", "cosface", "arcface", "combined"),
-                        *("elasticface", "magface", "adaface", "subcenter"),
+                        *("elasticface", "magface", "adaface", "subcenter", "curricularface"),
                     )
                 }
             ),

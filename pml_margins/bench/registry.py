@@ -23,7 +23,9 @@ paper's ``lambda_g = 35`` and margin ratio ``u_m / l_m`` about 2, centred on Arc
 the paper's 10-110 is for a face backbone) and ``s = 16``. AdaFace: the paper's
 ``m = 0.4``, ``h = 0.333`` and ``t_alpha = 0.01`` with ``s = 16``; its norm statistics
 are self-normalising (running mean and deviation of the batch's norms), so, unlike
-MagFace, no norm range is scaled to the model. How the
+MagFace, no norm range is scaled to the model. CurricularFace: ArcFace's
+``m = 0.3`` rad and ``s = 16`` (``s = 30`` on the glyph set, as ArcFace), the paper's
+``momentum = 0.01`` for ``t``. How the
 defaults were checked on the glyph benchmark: ``docs/bench_glyphs.md``.
 
 Units: CosFace ``m`` is a cosine, ArcFace ``m`` radians, SphereFace ``m`` an integer
@@ -139,6 +141,7 @@ def _circle_ms(ctx: LossContext, *, miner_epsilon: float, **circle: Any) -> tupl
 
 
 #: one line per loss, in table order
+# fmt: off
 LOSS_TABLE: tuple[LossSpec, ...] = (
     LossSpec("softmax", "Softmax", "SoftmaxLoss", {"bias": True}),
     LossSpec("nsl", "NSL", "NormSoftmaxLoss", {"scale": 16.0}),
@@ -154,7 +157,9 @@ LOSS_TABLE: tuple[LossSpec, ...] = (
     LossSpec("magface", "MagFace", "MagFaceLoss", {"scale": 16.0, "l_a": 1.0, "u_a": 20.0, "l_m": 0.2, "u_m": 0.4, "lambda_g": 35.0}),  # noqa: E501
     LossSpec("adaface", "AdaFace", "AdaFaceLoss", {"margin": 0.4, "h": 0.333, "scale": 16.0, "t_alpha": 0.01}),  # noqa: E501
     LossSpec("subcenter", "Sub-center ArcFace", "SubCenterArcFaceLoss", {"margin": 0.3, "scale": 16.0, "sub_centers": 3}),  # noqa: E501
+    LossSpec("curricularface", "CurricularFace", "CurricularFaceLoss", {"margin": 0.3, "scale": 16.0, "momentum": 0.01}),  # noqa: E501
 )
+# fmt: on
 
 #: name -> spec
 LOSSES: Mapping[str, LossSpec] = MappingProxyType({spec.name: spec for spec in LOSS_TABLE})

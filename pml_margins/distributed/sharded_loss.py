@@ -49,9 +49,10 @@ class _ShardStatistics(StepStatistics):
         self,
         cosine: Callable[[], torch.Tensor],
         target: torch.Tensor,
+        target_cosine: Callable[[torch.Tensor], torch.Tensor],
         group: ProcessGroup | None,
     ) -> None:
-        super().__init__(cosine, target)
+        super().__init__(cosine, target, target_cosine)
         self.group = group
 
     def sum_over_classes(self, value: torch.Tensor) -> torch.Tensor:
@@ -247,7 +248,12 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         all_labels, _ = all_gather_rows(labels.to(embeddings.device), self.group)
         local = all_labels.long() - self.class_start
         owned = torch.where((local >= 0) & (local < self.num_local), local, -1)
-        statistics = _ShardStatistics(lambda: self.loss.cosine(all_emb), owned, self.group)
+        statistics = _ShardStatistics(
+            lambda: self.loss.cosine(all_emb),
+            owned,
+            lambda columns: self.loss.target_cosines(all_emb, columns),
+            self.group,
+        )
         with self.loss.prepare_step(all_emb, all_labels, statistics):
             losses = self._losses(all_emb, all_labels, owned)
         loss_dict = {

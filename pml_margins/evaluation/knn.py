@@ -342,8 +342,14 @@ def _rescore(
     out = torch.empty(num, width, dtype=torch.float64, device=query.device)
     rows = max(1, min(num, CHUNK_ELEMENTS // max(1, width * dim)))
     opts = {"dtype": torch.float64, "device": query.device}
+    inference = torch.is_inference_mode_enabled()  # thread-local: passed on to the workers
 
+    @torch.no_grad()
     def run(starts: range) -> None:
+        with torch.inference_mode(inference):
+            _rescore_chunks(starts)
+
+    def _rescore_chunks(starts: range) -> None:
         gathered = torch.empty(rows * width, dim, dtype=reference.dtype, device=query.device)
         picked64, query64 = torch.empty(rows * width, dim, **opts), torch.empty(rows, dim, **opts)
         for s in starts:

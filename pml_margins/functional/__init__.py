@@ -13,6 +13,7 @@ from pml_margins.functional.circle import (
 from pml_margins.functional.fused_margin_softmax import (
     MATERIALIZE_MAX_ELEMENTS,
     FusedLogits,
+    NonTargetLogitFn,
     auto_chunk_size,
     fused_margin_softmax_cross_entropy,
     sample_classes,
@@ -38,6 +39,7 @@ from pml_margins.functional.target_logits import (
 __all__ = [
     "MATERIALIZE_MAX_ELEMENTS",
     "FusedLogits",
+    "NonTargetLogitFn",
     "TargetLogitFn",
     "arcface_target",
     "auto_chunk_size",

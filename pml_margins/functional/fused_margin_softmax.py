@@ -6,11 +6,12 @@ function :math:`\psi`,
 
 .. math::
     z_{ij} = \hat x_i^\top \hat W_j,\qquad
-    \ell_{ij} = s_i z_{ij} + b_j \;(j \ne y_i),\qquad
+    \ell_{ij} = s_i\,\phi(z_{ij}) + b_j \;(j \ne y_i),\qquad
     \ell_{iy_i} = s_i\,\psi(z_{iy_i}) + b_{y_i},\qquad
     L_i = \log\sum_j e^{\ell_{ij}} - \ell_{iy_i}
 
-(hats: L2-normalized, when asked) -- the same value as
+(hats: L2-normalized, when asked; :math:`\phi` the optional non-target function,
+identity by default) -- the same value as
 :func:`~pml_margins.functional.margin_softmax_cross_entropy` on the materialized
 logits, in one :class:`torch.autograd.Function` with an analytic backward:
 
@@ -26,6 +27,25 @@ logits, in one :class:`torch.autograd.Function` with an analytic backward:
   ``W``-sized gradient beside them);
 * the row factors of the gradient (upstream gradient, scale) are folded into the
   ``(B, D)`` operands of the two backward products, never applied to ``(B, C)``.
+
+**Non-target function** :math:`\phi` (``non_target_logit_fn``; CurricularFace's hard
+negatives, the class-level Circle loss). It maps a ``(B, k)`` block of cosines ``z`` --
+every row of the batch, any subset of the columns (a block, the Partial FC sample,
+or all ``C``) -- to the unscaled logits, element-wise: entry ``(i, j)`` may depend on
+``z[i, j]`` and on row ``i`` only, so it may close over per-row ``(B,)`` tensors
+(used as ``v.unsqueeze(1)``). Those tensors and anything else it closes over are
+**constants** here (no gradient reaches them: detach them). Its derivative
+:math:`\phi'(z)` comes from its ``slope(z)`` method when it has one (same shapes; see
+:class:`NonTargetLogitFn`), else from autograd on the block. The forward applies
+:math:`\phi` to each block's cosines before scaling; the backward multiplies the
+block's probabilities by :math:`\phi'(z)` (the target entries are replaced as before).
+In default mode the saved ``(B, C)`` buffer then holds the **cosines** ``z`` instead
+of the block exponentials, and the backward re-forms :math:`\phi(z)`, the exponential
+and :math:`\phi'(z)` element-wise from it: a few ``(B, C)`` element-wise passes, and
+no fourth matrix product (re-forming ``z`` would cost one, ``B·D·C`` multiply-adds,
+against a handful of operations per element). Bounded mode recomputes ``z`` as it
+already does. With a tensor scale, :math:`\partial L/\partial s_i` takes one more
+row-sum pass, :math:`\sum_{j\ne y_i} p_{ij}\phi(z_{ij})`.
 
 Modes:
 
@@ -46,8 +66,9 @@ dtype of ``W`` never changes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +80,7 @@ from pml_margins.validation import check_chunk_size, check_sample_rate
 __all__ = [
     "MATERIALIZE_MAX_ELEMENTS",
     "FusedLogits",
+    "NonTargetLogitFn",
     "auto_chunk_size",
     "fused_margin_softmax_cross_entropy",
     "sample_classes",
@@ -78,6 +100,22 @@ _DEVICE_BLOCK_ELEMENTS = 1 << 26
 #: to this many elements, where the blocked function's per-block overhead outweighs its
 #: saving (benchmarks/losses.py, C = 100 and 1,000 rows; BENCHMARKS.md)
 MATERIALIZE_MAX_ELEMENTS = 1 << 18
+
+
+class NonTargetLogitFn(Protocol):
+    r"""A non-target function :math:`\phi` that also gives its derivative (optional protocol).
+
+    Any element-wise callable is accepted as ``non_target_logit_fn``; one that also has
+    ``slope`` spares the core an autograd pass per block in the backward.
+    """
+
+    def __call__(self, cosine: torch.Tensor) -> torch.Tensor:
+        r""":math:`\phi(z)`, element-wise over a ``(B, k)`` block of cosines."""
+        ...
+
+    def slope(self, cosine: torch.Tensor) -> torch.Tensor:
+        r""":math:`\phi'(z)`, element-wise, same shape (what it closes over held fixed)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -162,6 +200,7 @@ def fused_margin_softmax_cross_entropy(
     sample_rate: float = 1.0,
     generator: torch.Generator | None = None,
     materialize: bool | None = None,
+    non_target_logit_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     r"""Per-sample margin-softmax cross-entropy straight from embeddings and class weights.
 
@@ -188,6 +227,10 @@ def fused_margin_softmax_cross_entropy(
             them (faster for small problems); ``False`` always runs the blocked function;
             ``None`` (default) materializes in default mode (``chunk_size=None``) up to
             :data:`MATERIALIZE_MAX_ELEMENTS` logits. Same values either way.
+        non_target_logit_fn: :math:`\phi`, applied element-wise to the non-target cosines
+            before scaling (``None``: identity); see the module docstring for what it may
+            depend on (per-row constants) and :class:`NonTargetLogitFn` for its optional
+            ``slope``.
 
     Returns:
         ``(B,)`` losses in ``compute_dtype`` of the inputs (float32 under autocast).
@@ -244,9 +287,10 @@ def fused_margin_softmax_cross_entropy(
         raise ValueError(f"a tensor scale must have shape ({batch},), got {tuple(scale.shape)}")
     if materialize is None:
         materialize = saved and batch * num_classes <= MATERIALIZE_MAX_ELEMENTS
+    phi = non_target_logit_fn
     if materialize:
-        return _materialized(x, weight, labels, target_logit_fn, scale, normalize_weight, bias)
-    config = _Config(scale_value, normalize_weight, block, saved, *_dtypes(x, weight))
+        return _materialized(x, weight, labels, target_logit_fn, scale, normalize_weight, bias, phi)
+    config = _Config(scale_value, normalize_weight, block, saved, *_dtypes(x, weight), phi)
     inputs = (x, weight, scale_tensor, bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     target, slope, z_y = _target_terms(
@@ -317,6 +361,7 @@ def _materialized(
     scale: float | torch.Tensor,
     normalize_weight: bool,
     bias: torch.Tensor | None,
+    phi: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The same losses on the materialized ``(B, C)`` base logits, differentiated by autograd.
 
@@ -336,7 +381,8 @@ def _materialized(
         z_y = cosine.gather(1, index).squeeze(1)
         psi = z_y if target_logit_fn is None else target_logit_fn(z_y).to(dtype)
         s = scale.to(dtype) if isinstance(scale, torch.Tensor) else float(scale)
-        logits = cosine * (s.unsqueeze(1) if isinstance(s, torch.Tensor) else s)
+        base = cosine if phi is None else phi(cosine).to(dtype)
+        logits = base * (s.unsqueeze(1) if isinstance(s, torch.Tensor) else s)
         target = psi * s
         if bias is not None:
             b = bias.to(dtype)
@@ -357,6 +403,7 @@ class _Config:
         saved: bool,
         dtype: torch.dtype,
         mm_dtype: torch.dtype,
+        phi: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.scale = scale
         self.normalize_weight = normalize_weight
@@ -364,6 +411,7 @@ class _Config:
         self.saved = saved
         self.dtype = dtype  # softmax, margins, accumulations
         self.mm_dtype = mm_dtype  # operands of the matrix products
+        self.phi = phi  # the non-target function (None: identity)
 
 
 def _dtypes(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -420,6 +468,36 @@ def _block_logits(
     return logits
 
 
+def _phi_logits(
+    value: torch.Tensor,
+    s_col: float | torch.Tensor,
+    bias: torch.Tensor | None,
+    start: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``s phi(z) + b`` of one block from ``value = phi(z)``, as a new tensor."""
+    logits = value.to(dtype) * s_col
+    if bias is not None:
+        logits.add_(bias[start : start + logits.shape[1]].to(dtype))
+    return logits
+
+
+def _phi_and_slope(
+    phi: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`\phi(z)` and :math:`\phi'(z)` of a block (by ``phi.slope``, else autograd)."""
+    slope = getattr(phi, "slope", None)
+    if slope is not None:
+        return phi(z), slope(z)
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_(True)
+        value = phi(leaf)
+        if not value.requires_grad:  # constant in z
+            return value.detach(), torch.zeros_like(z)
+        (grad,) = torch.autograd.grad(value, leaf, torch.ones_like(value))
+    return value.detach(), grad
+
+
 def _blocks(num_classes: int, block: int) -> list[tuple[int, int]]:
     return [(c, min(c + block, num_classes)) for c in range(0, num_classes, block)]
 
@@ -439,7 +517,9 @@ def _forward(
         xc = x.to(dtype)
         s = config.scale if scale_tensor is None else scale_tensor.detach().to(dtype)
         s_col = s.unsqueeze(1) if isinstance(s, torch.Tensor) else s
-        xs = (xc * s_col).to(config.mm_dtype)
+        phi = config.phi
+        # the products give s z, or z itself when phi applies before the scale
+        xs = (xc if phi is not None else xc * s_col).to(config.mm_dtype)
         target = target.detach().to(dtype)
         # log-sum-exp of the non-target logits, block by block
         batch, num_classes = x.shape[0], weight.shape[1]
@@ -465,7 +545,12 @@ def _forward(
             out = None
             if buffer is not None:
                 out = buffer[batch * start : batch * stop].view(batch, stop - start)
-            logits = _block_logits(xs, w.to(config.mm_dtype), inv, bias_d, start, dtype, out)
+            w_mm = w.to(config.mm_dtype)
+            if phi is None:
+                logits = _block_logits(xs, w_mm, inv, bias_d, start, dtype, out)
+            else:  # the buffer keeps the cosines z; the logits s phi(z) + b are a new block
+                z = _block_logits(xs, w_mm, inv, None, start, dtype, out)
+                logits = _phi_logits(phi(z), s_col, bias_d, start, dtype)
             targets.set(logits, k, float("-inf"))
             m = torch.amax(logits, 1, out=block_max[k]).clamp_min_(lowest)  # finite
             logits.sub_(m.unsqueeze(1)).exp_()
@@ -552,7 +637,9 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             s = config.scale if scale_tensor is None else scale_tensor.to(dtype)
             gs = g * s
             s_col = s.unsqueeze(1) if isinstance(s, torch.Tensor) else s
-            xs = (xc * s_col).to(mm_dtype)  # forward operand, for recomputation
+            phi = config.phi
+            # forward operand, for recomputation (s z, or z when phi applies before the scale)
+            xs = (xc if phi is not None else xc * s_col).to(mm_dtype)
             x_grad_op = (xc * gs.unsqueeze(1)).to(mm_dtype)  # operand of grad W
             batch, num_classes = x.shape[0], weight.shape[1]
             # A = sum over non-target classes j of p_ij W_hat_j  (B, D)
@@ -564,13 +651,26 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             # the B target entries of d loss / d z, before the row factor g s: (p_y - 1) psi'
             target_value = (p_target - 1) * (0 if slope is None else slope)
             targets = _Targets(labels, config.block, num_classes)
-            row_factor = None if buffer is None else torch.exp(block_max - lse)
+            row_factor = None if buffer is None or phi is not None else torch.exp(block_max - lse)
+            # with phi and a tensor scale: sum over j != y of p_ij phi(z_ij), for grad s
+            phi_sum = torch.zeros_like(lse) if phi is not None and need_s else None
             radial_scale = None if inv_norm is None else inv_norm * inv_norm * active
             for k, (start, stop) in enumerate(_blocks(num_classes, config.block)):
                 w = w_d[:, start:stop]
                 w_mm = w.to(mm_dtype)
                 inv = None if inv_norm is None else inv_norm[start:stop]
-                if buffer is not None:
+                if phi is not None:
+                    if buffer is not None:  # the saved cosines
+                        z = buffer[batch * start : batch * stop].view(batch, stop - start)
+                    else:
+                        z = _block_logits(xs, w_mm, inv, None, start, dtype)
+                    value, phi_slope = _phi_and_slope(phi, z)
+                    prob = _phi_logits(value, s_col, bias, start, dtype)
+                    prob.sub_(lse.unsqueeze(1)).exp_()
+                    targets.set(prob, k, 0.0)
+                    if phi_sum is not None:
+                        phi_sum.add_(torch.linalg.vecdot(prob, value.to(dtype)))
+                elif buffer is not None:
                     stored = buffer[batch * start : batch * stop].view(batch, stop - start)
                     prob = stored * row_factor[k].unsqueeze(1)  # target entries are 0
                 else:
@@ -580,6 +680,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                         targets.set(prob, k, 0.0)
                 if grad_b is not None:  # the target's share reaches b through t
                     grad_b[start:stop] = torch.mv(prob.t(), g)
+                if phi is not None:
+                    prob.mul_(phi_slope)  # d l_ij / d z_ij = s_i phi'(z_ij)
                 targets.set(prob, k, target_value)
                 if inv is not None:
                     prob.mul_(inv)  # P diag(1/|W_j|): the products then use the raw W
@@ -604,8 +706,10 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             grad_x = grad_s = grad_t = None
             if need_x:
                 grad_x = (acc * gs.unsqueeze(1)).to(x.dtype)
-            if need_s:  # sum_{j != y} p_j z_j = <x, acc> minus the target entry
-                nontarget = (xc * acc).sum(1) - target_value * z_y
+            if need_s:  # sum_{j != y} p_j phi(z_j); without phi, <x, acc> minus the target entry
+                nontarget = phi_sum
+                if nontarget is None:
+                    nontarget = (xc * acc).sum(1) - target_value * z_y
                 grad_s = (g * nontarget).to(scale_tensor.dtype)
             if grad_b is not None:
                 grad_b = grad_b.to(bias.dtype)

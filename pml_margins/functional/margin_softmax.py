@@ -57,7 +57,10 @@ def margin_softmax_cross_entropy(
         non_target_logit_fn: applied element-wise to all base logits before scaling
             (``None``: identity); the target entries are then overwritten with
             ``target_logit_fn`` of their *base* logit. Circle loss's class-level form
-            uses it, whose non-target logits are not the cosines themselves.
+            and CurricularFace use it. It may close over per-row ``(B,)`` tensors (used
+            as ``v.unsqueeze(1)``); the fused core
+            (:func:`~pml_margins.functional.fused_margin_softmax_cross_entropy`) takes
+            the same function.
 
     Returns:
         The ``B`` per-sample losses, in ``compute_dtype(logits.dtype)``.

@@ -8,6 +8,7 @@ from pml_margins.losses.circle import CircleLoss
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.combined_margin import CombinedMarginLoss
 from pml_margins.losses.cosface import CosFaceLoss
+from pml_margins.losses.curricularface import CurricularFaceLoss
 from pml_margins.losses.elasticface import ElasticFaceLoss
 from pml_margins.losses.magface import MagFaceLoss
 from pml_margins.losses.norm_softmax import NormSoftmaxLoss
@@ -26,6 +27,7 @@ __all__ = [
     "ClassWeightLoss",
     "CombinedMarginLoss",
     "CosFaceLoss",
+    "CurricularFaceLoss",
     "ElasticFaceLoss",
     "MagFaceLoss",
     "NormSoftmaxLoss",

@@ -95,8 +95,16 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
       weights, plus a bias). A subclass that overrides :meth:`base_logits` or
       :meth:`cosine` without restating :meth:`fused_logits` is moved to the plain
       path automatically, whatever else it overrides.
-    * *A margin that changes the non-target logits* (the class-level Circle loss):
-      override :meth:`non_target_logit_fn`; it runs on the plain path.
+    * *A margin that changes the non-target logits* (CurricularFace, the class-level
+      Circle loss): override :meth:`non_target_logit_fn` to return :math:`\phi`, applied
+      element-wise to blocks of base logits (cosines) of every row before scaling. It
+      may close over per-row ``(B,)`` constants (use them as ``v.unsqueeze(1)``; e.g.
+      CurricularFace's margined target cosine of each row) and scalars; they get no
+      gradient (detach them). Give the returned object a ``slope(z)`` method
+      (:math:`\phi'`, :class:`~pml_margins.functional.NonTargetLogitFn`) to spare the
+      fused backward an autograd pass per block. Such a loss stays on the fused core
+      (``chunk_size``, ``sample_rate``) when its logits are declared as above; set the
+      per-step constants in :meth:`prepare_step` (below), so that it also shards.
     * *A margin that needs per-row or batch statistics* (MagFace's and AdaFace's
       feature norms, AdaCos's dynamic scale): override :meth:`prepare_step`, a
       context manager entered once per step around the logits, with the step's
@@ -203,10 +211,10 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         return None
 
     def non_target_logit_fn(self) -> TargetLogitFn | None:
-        """The function applied to every base logit before scaling (``None``: identity).
+        r"""The function :math:`\phi` applied to every non-target base logit before scaling.
 
-        Only the class-level Circle loss needs one; losses that set it take the
-        plain (unfused) core.
+        ``None``: identity. Element-wise; see the class docstring (extension point) for
+        what it may close over. Runs on the fused core and the plain path alike.
         """
         return None
 
@@ -257,6 +265,14 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         dtype = self.compute_dtype(embeddings)
         return self.W if self.W.dtype == dtype else self.W.to(dtype)
 
+    def target_cosines(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` cosines to each row's own class weight: no gradient, :meth:`compute_dtype`."""
+        with torch.no_grad(), autocast_off(embeddings.device.type):
+            dtype = self.compute_dtype(embeddings)
+            x = torch.nn.functional.normalize(embeddings.detach().to(dtype), dim=1)
+            w = self.W.detach().index_select(1, labels.long()).to(dtype)
+            return torch.linalg.vecdot(x, torch.nn.functional.normalize(w, dim=0).t())
+
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``cos(theta_ij)`` between each embedding and each class weight, via ``self.distance``."""
         weights = self.weights_for(embeddings)
@@ -301,7 +317,11 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         ref_emb: torch.Tensor,
         ref_labels: torch.Tensor,
     ) -> dict[str, dict[str, Any]]:
-        statistics = StepStatistics(lambda: self.cosine(embeddings), labels)
+        statistics = StepStatistics(
+            lambda: self.cosine(embeddings),
+            labels,
+            lambda columns: self.target_cosines(embeddings, columns),
+        )
         with self.prepare_step(embeddings, labels, statistics):
             losses = self._per_sample_losses(embeddings, labels)
             extra = self.extra_losses(embeddings, labels)
@@ -321,9 +341,9 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
 
     def _per_sample_losses(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         non_target_fn = self.non_target_logit_fn()
-        form = self.fused_logits(embeddings) if non_target_fn is None else None
+        form = self.fused_logits(embeddings)
         if form is not None:
-            return self._fused_losses(embeddings, labels, form)
+            return self._fused_losses(embeddings, labels, form, non_target_fn)
         self._check_plain_mode()
         logits, scale = self.base_logits(embeddings)
         if self.collect_stats and self.logits_are_cosines:
@@ -341,13 +361,14 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
             )
 
     def _fused_losses(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, form: FusedLogits
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        form: FusedLogits,
+        non_target_fn: TargetLogitFn | None,
     ) -> torch.Tensor:
         if self.collect_stats and self.logits_are_cosines:
-            with torch.no_grad():
-                x = torch.nn.functional.normalize(embeddings.detach(), dim=1)
-                w = torch.nn.functional.normalize(self.W.detach()[:, labels.long()], dim=0)
-                cosine = (x * w.t().to(x.dtype)).sum(1, keepdim=True)
+            cosine = self.target_cosines(embeddings, labels).unsqueeze(1)
             self._record_avg_angle(cosine, torch.zeros_like(labels))
         return fused_margin_softmax_cross_entropy(
             embeddings,
@@ -360,6 +381,7 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
             bias=form.bias,
             chunk_size=self.chunk_size,
             sample_rate=self.sample_rate,
+            non_target_logit_fn=non_target_fn,
         )
 
     def _record_avg_angle(self, logits: torch.Tensor, labels: torch.Tensor) -> None:

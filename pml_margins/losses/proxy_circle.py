@@ -30,10 +30,11 @@ class ProxyCircleLoss(ClassWeightLoss):
     :math:`z_y = \gamma\alpha_p(s_p - \Delta_p)`, :math:`z_j = \gamma\alpha_n^j(s_n^j -
     \Delta_n)`, :math:`\alpha_p = [1 + m - s_p]_+` and :math:`\alpha_n^j = [s_n^j + m]_+`
     detached, :math:`\Delta_p = 1 - m`, :math:`\Delta_n = m`. The right-hand side is a
-    softmax cross-entropy with these logits, so the loss runs through the shared
-    :func:`~pml_margins.functional.margin_softmax_cross_entropy` core (target logit
-    :math:`z_y`, every other logit :math:`z_j`; both are :math:`\gamma` times a
-    function of the cosine, so ``get_logits`` gives :math:`\gamma\cos\theta_j`).
+    softmax cross-entropy with these logits, so the loss runs on the shared fused core
+    (target logit :math:`z_y`, every other logit :math:`z_j` through the core's
+    non-target function; both are :math:`\gamma` times a function of the cosine, so
+    ``get_logits`` gives :math:`\gamma\cos\theta_j`), with ``chunk_size`` and
+    ``sample_rate`` like the other class-weight losses.
 
     Recommended (paper): face recognition ``m = 0.25, gamma = 256``; person re-id
     ``m = 0.25, gamma = 128`` (``m`` is a cosine, unitless in [0, 0.5]; ``gamma`` a
@@ -47,7 +48,8 @@ class ProxyCircleLoss(ClassWeightLoss):
         m: relaxation margin, in [0, 0.5].
         gamma: scale, > 0.
         **kwargs: PML options (``reducer``, ``weight_regularizer``, ``embedding_regularizer``,
-            ``weight_init_func``, ``distance`` -- a ``CosineSimilarity``).
+            ``weight_init_func``, ``distance`` -- a ``CosineSimilarity``) and the core's
+            ``chunk_size`` / ``sample_rate``.
     """
 
     hyperparameter_names = ("m", "gamma")
@@ -64,11 +66,6 @@ class ProxyCircleLoss(ClassWeightLoss):
     ) -> None:
         self.m, self.gamma = m, gamma
         super().__init__(num_classes, embedding_size, **kwargs)
-        if self.chunk_size is not None or self.sample_rate != 1.0:
-            raise ValueError(
-                "ProxyCircleLoss runs on the plain core: chunk_size and sample_rate "
-                "are not supported"
-            )
 
     def logit_scale(self, embeddings: torch.Tensor) -> float:
         """``gamma``: both logit functions are evaluated unscaled and then scaled by it."""

@@ -30,11 +30,20 @@ class StepStatistics:
             classes held here (called at most once, lazily, without gradient).
         target: ``(N,)`` column of each row's class among those held here, ``-1``
             where another rank holds it (in one process: the labels).
+        target_cosine: optional; given ``(N,)`` columns held here, returns each row's
+            cosine with its column, without gradient: :meth:`target_cosines` then costs
+            ``O(N D)`` instead of the ``(N, C_here)`` product (unless that is needed anyway).
     """
 
-    def __init__(self, cosine: Callable[[], torch.Tensor], target: torch.Tensor) -> None:
+    def __init__(
+        self,
+        cosine: Callable[[], torch.Tensor],
+        target: torch.Tensor,
+        target_cosine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self._cosine_fn = cosine
         self._cosine: torch.Tensor | None = None
+        self._target_cosine_fn = target_cosine
         self.target = target.long()
 
     # --- reductions over the classes: the identity here, all-reduced when sharded -----
@@ -57,9 +66,12 @@ class StepStatistics:
 
     def target_cosines(self) -> torch.Tensor:
         """``(N,)`` cosine of every row with its target class, wherever that class is held."""
-        cosine = self.class_cosines()
-        owned = self.target >= 0
-        mine = cosine.gather(1, self.target.clamp(min=0).unsqueeze(1)).squeeze(1)
+        owned, columns = self.target >= 0, self.target.clamp(min=0)
+        if self._cosine is None and self._target_cosine_fn is not None:
+            with torch.no_grad():
+                mine = self._target_cosine_fn(columns).detach()
+        else:
+            mine = self.class_cosines().gather(1, columns.unsqueeze(1)).squeeze(1)
         return self.sum_over_classes(torch.where(owned, mine, torch.zeros_like(mine)))
 
     def logsumexp_over_classes(self, value: torch.Tensor) -> torch.Tensor:

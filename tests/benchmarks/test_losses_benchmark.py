@@ -48,11 +48,11 @@ def test_losses_without_pml_counterpart_run_ours_only():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "losses.py"), "--repeats", "1"]
     cmd += ["--sizes", "64x128x300", "--no-memory", "--threads", "1"]
-    cmd += ["--losses", "elasticface,adacos,magface,adaface"]
+    cmd += ["--losses", "elasticface,adacos,magface,adaface,curricularface"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
     rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert {(r[1], r[2]) for r in rows} == {("-", "floor")} | {
         (loss, i)
-        for loss in ("elasticface", "adacos", "magface", "adaface")
+        for loss in ("elasticface", "adacos", "magface", "adaface", "curricularface")
         for i in ("ours", "ours-unchecked", "ours-bounded")
     }

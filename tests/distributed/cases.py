@@ -21,7 +21,8 @@ def _shardable(spec: LossSpec) -> bool:
     """Whether the loss takes ShardedMarginSoftmaxLoss (its ``sharding_unsupported()``).
 
     Every loss of SPECS does, those with batch statistics (MagFace, AdaFace, dynamic
-    AdaCos) through ``prepare_step``; the predicate stays for a loss that declines.
+    AdaCos, CurricularFace) through ``prepare_step``; the predicate stays for a loss that
+    declines.
     """
     return spec.build(3, 2).sharding_unsupported() is None
 
@@ -39,6 +40,7 @@ SAMPLED_SPECS = (
     "subcenter",
     "magface_small_norms",
     "adaface_spread",
+    "curricularface_fast_t",
 )
 NUM_QUERIES, NUM_REFERENCES = 9, 17
 

@@ -264,3 +264,13 @@ def test_cuda_equals_cpu():
     assert torch.equal(gpu[0].cpu(), cpu[0])
     with pytest.raises(ValueError, match="CPU"):
         exact_knn(x.cuda(), x.cuda(), 2, backend="faiss")
+
+
+def test_inference_mode_reaches_the_rescoring_threads() -> None:
+    """Under ``torch.inference_mode`` (Lightning's validation) the float64 re-scoring,
+    spread over worker threads, writes its inference-mode output, same result."""
+    x = torch.randn(1500, 64, generator=torch.Generator().manual_seed(0))  # many chunks
+    with torch.inference_mode():
+        values, indices = exact_knn(x, x, 20, exclude_self=True, num_threads=2)
+    expected = exact_knn(x, x, 20, exclude_self=True, num_threads=1)
+    assert torch.equal(values, expected[0]) and torch.equal(indices, expected[1])

@@ -305,7 +305,8 @@ def test_shape_mismatch_raises():
 
 
 # --- memory: what is kept for the backward ------------------------------------------
-def _saved_numels(**mode) -> list[int]:
+def _saved_numels(phi=None, **mode) -> list[int]:
+    """Sizes of the tensors an ArcFace forward (with ``phi``, if given) saves for backward."""
     numels: list[int] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -315,8 +316,9 @@ def _saved_numels(**mode) -> list[int]:
     x = torch.randn(12, 5, requires_grad=True)
     w = torch.randn(5, 40, requires_grad=True)
     labels = torch.randint(0, 40, (12,))
+    psi = CASES["arcface"][0]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _fused("arcface", x, w, labels, None, **mode)
+        fused_margin_softmax_cross_entropy(x, w, labels, psi, 16.0, non_target_logit_fn=phi, **mode)
     return numels
 
 
@@ -496,3 +498,94 @@ def test_per_row_tensor_with_grad_while_embeddings_and_weights_have_none():
         )
         p_y = logits.softmax(1).gather(1, labels[:, None]).squeeze(1)
         torch.testing.assert_close(grad, 8.0 * (1 - p_y), rtol=1e-10, atol=1e-10)
+
+
+# --- a non-target function phi that closes over per-row constants --------------------
+class _HardNegatives:
+    """phi_i(z) = z (0.2 + z) where z > tau_i, else z; with its analytic slope."""
+
+    def __init__(self, tau: torch.Tensor) -> None:
+        self.tau = tau
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.where(z > self.tau.to(z.dtype).unsqueeze(1), z * (0.2 + z), z)
+
+    def slope(self, z: torch.Tensor) -> torch.Tensor:
+        hard = z > self.tau.to(z.dtype).unsqueeze(1)
+        return torch.where(hard, 0.2 + 2 * z, torch.ones_like(z))
+
+
+def _phi_reference(x, w, labels, tau, scale):
+    """The formula in float64, written out: one-hot target, phi on the other entries."""
+    z = F.normalize(x, dim=1) @ F.normalize(w, dim=0)
+    hard = z.detach() > tau[:, None]
+    others = torch.where(hard, z * (0.2 + z), z)
+    target = paper.arcface_cos(z.gather(1, labels[:, None]).squeeze(1), 0.5)
+    s_col = scale.unsqueeze(1) if isinstance(scale, torch.Tensor) else scale
+    return paper.target_softmax_cross_entropy(s_col * others, labels, scale * target)
+
+
+@pytest.mark.parametrize("scale", ["float", "norm"])
+@pytest.mark.parametrize("analytic", [True, False], ids=["slope", "autograd"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_non_target_function_on_every_mode(mode, analytic, scale):
+    x, w, labels, _, upstream = _inputs("arcface", torch.float64)
+    tau = torch.linspace(-0.6, 0.4, B, dtype=torch.float64)
+    phi = _HardNegatives(tau)
+    fn = phi if analytic else phi.__call__  # a plain callable: slope by autograd
+
+    def value_and_grads(compute):
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        s = torch.linalg.vector_norm(xg, dim=1) if scale == "norm" else 16.0
+        losses = compute(xg, wg, s)
+        return (losses, *torch.autograd.grad((losses * upstream).sum(), (xg, wg)))
+
+    got = value_and_grads(
+        lambda xg, wg, s: fused_margin_softmax_cross_entropy(
+            xg,
+            wg,
+            labels,
+            partial(arcface_target, margin=0.5),
+            s,
+            non_target_logit_fn=fn,
+            **MODES[mode],
+        )
+    )
+    want = value_and_grads(lambda xg, wg, s: _phi_reference(xg, wg, labels, tau, s))
+    assert (F.normalize(x, dim=1) @ F.normalize(w, dim=0) > tau[:, None]).any()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_non_target_function_with_bias_and_partial_fc_sampled_columns():
+    """phi before the scale, bias after it; Partial FC: the reference on the sampled columns."""
+    x, w, labels, _, _ = _inputs("arcface", torch.float64)
+    bias = torch.randn(C, dtype=torch.float64)
+    phi = _HardNegatives(torch.zeros(B, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(3)
+    got = fused_margin_softmax_cross_entropy(
+        x,
+        w,
+        labels,
+        None,
+        4.0,
+        normalize_embeddings=False,
+        normalize_weight=False,
+        bias=bias,
+        sample_rate=0.5,
+        generator=gen,
+        materialize=False,
+        non_target_logit_fn=phi,
+    )
+    index, local = sample_classes(labels, C, 0.5, torch.Generator().manual_seed(3))
+    z = x @ w[:, index]
+    logits = 4.0 * torch.where(z > 0, z * (0.2 + z), z) + bias[index]
+    target = 4.0 * z.gather(1, local[:, None]).squeeze(1) + bias[index][local]
+    want = paper.target_softmax_cross_entropy(logits, local, target)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_non_target_function_saves_the_cosines_in_the_one_buffer():
+    phi = _HardNegatives(torch.zeros(12))
+    assert _saved_numels(phi, materialize=False).count(12 * 40) == 1
+    assert 12 * 40 not in _saved_numels(phi, chunk_size=7)

@@ -68,6 +68,14 @@ def elastic_arc_cos(c: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
     return torch.where(theta + m <= math.pi, torch.cos(theta + m), c - m * torch.sin(m))
 
 
+def curricular_non_target(c: torch.Tensor, cy: torch.Tensor, m: float, t: float) -> torch.Tensor:
+    """CurricularFace's N(t, cos_j): cos_j where cos_j <= cos(theta_y + m) (no fallback, as the
+    paper's code compares), else cos_j (t + cos_j); the mask carries no gradient."""
+    bound = torch.cos(_theta(cy.detach()) + m)
+    hard = c.detach() > bound[:, None]
+    return torch.where(hard, c * (t + c), c)
+
+
 def combined_cos(c: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
     """cos(m1 theta + m2) - m3, made monotone beyond pi as documented."""
     if m1 == 1:
@@ -121,6 +129,9 @@ def reference_per_sample(
         m = (hp["u_m"] - hp["l_m"]) / (hp["u_a"] - hp["l_a"]) * (a - hp["l_a"]) + hp["l_m"]
         ce = target_softmax_cross_entropy(s * c, labels, s * elastic_arc_cos(cy, m))
         return ce + hp["lambda_g"] * (1 / a + a / hp["u_a"] ** 2)
+    if kind == "curricular":  # ArcFace's target, N(t, cos_j) at the step's t
+        others = curricular_non_target(c, cy, hp["margin"], hp["t"])
+        return target_softmax_cross_entropy(s * others, labels, s * arcface_cos(cy, hp["margin"]))
     if kind in ("nsl", "adacos"):  # AdaCos: NSL at the scale the step used
         target = cy
     elif kind == "cosface":

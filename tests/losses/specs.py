@@ -15,6 +15,7 @@ from pml_margins.losses import (
     ClassWeightLoss,
     CombinedMarginLoss,
     CosFaceLoss,
+    CurricularFaceLoss,
     ElasticFaceLoss,
     MagFaceLoss,
     NormSoftmaxLoss,
@@ -47,13 +48,15 @@ class LossSpec:
         ElasticFace: the ``(B,)`` margins (``last_margins``; ``m`` everywhere when
         ``sigma = 0``), read after the forward, so the reference draws nothing itself.
         AdaCos: the scale of the step (set from the batch before it is used). AdaFace:
-        the norm statistics of the step (likewise).
+        the norm statistics of the step (likewise). CurricularFace: the step's ``t``.
         """
         if self.kind == "adacos":  # the scale this step used (its update: test_adacos.py)
             return {**self.ref_hp, "scale": float(loss.scale)}
         if self.kind == "adaface":  # the statistics this step used (updated: test_adaface.py)
             stats = {"batch_mean": float(loss.batch_mean), "batch_std": float(loss.batch_std)}
             return {**self.ref_hp, **stats}
+        if self.kind == "curricular":  # the t this step used (updated first in training)
+            return {**self.ref_hp, "t": float(loss.t)}
         if not self.kind.startswith("elastic"):
             return self.ref_hp
         drawn = loss.last_margins
@@ -197,6 +200,17 @@ SPECS = [
         {**ADAFACE_PAPER, **ADAFACE_SPREAD},
     ),
     LossSpec("adaface", AdaFaceLoss, {}, "adaface", ADAFACE_PAPER),
+    # first of its class (the dtype matrix): a fast t, so the step's t is far from 0
+    LossSpec(
+        "curricularface_fast_t",
+        CurricularFaceLoss,
+        {"momentum": 0.5, "scale": 32.0},
+        "curricular",
+        {"margin": 0.5, "scale": 32.0},
+    ),
+    LossSpec(
+        "curricularface", CurricularFaceLoss, {}, "curricular", {"margin": 0.5, "scale": 64.0}
+    ),
 ]
 
 SPEC_IDS = [s.id for s in SPECS]

@@ -201,7 +201,22 @@ def test_core_non_target_logit_fn():
     torch.testing.assert_close(doubled, base)
 
 
-@pytest.mark.parametrize("kwargs", [{"chunk_size": 16}, {"sample_rate": 0.5}])
-def test_fused_only_options_are_rejected(kwargs) -> None:
-    with pytest.raises(ValueError, match="chunk_size and sample_rate are not supported"):
-        ProxyCircleLoss(5, 8, **kwargs)
+@pytest.mark.parametrize("kwargs", [{"chunk_size": 3}, {"chunk_size": "auto"}])
+def test_bounded_mode_matches_formula(kwargs) -> None:
+    """The non-target function runs on the fused core, in bounded mode too."""
+    x, y, loss = _setup(b=10, classes=7, seed=3, **kwargs)
+    got = loss(x, y)
+    want = ref_losses(x, loss.W, y, 0.25, 32.0).mean()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for a, b in zip(
+        torch.autograd.grad(got, (x, loss.W)), torch.autograd.grad(want, (x, loss.W)), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_partial_fc_grad_only_on_sampled_columns() -> None:
+    x, y, loss = _setup(b=6, classes=20, seed=4, sample_rate=0.5)
+    torch.manual_seed(0)
+    loss(x, y).backward()
+    touched = (loss.W.grad != 0).any(0)
+    assert touched[y].all() and int(touched.sum()) == 10

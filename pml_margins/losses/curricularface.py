@@ -1,0 +1,175 @@
+r"""CurricularFace: ArcFace whose hard negatives weigh more as training advances."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+
+from pml_margins.functional.margin_softmax import TargetLogitFn
+from pml_margins.functional.target_logits import arcface_target, safe_sine
+from pml_margins.losses.class_weight_loss import ClassWeightLoss
+from pml_margins.losses.hyperparameter import Hyperparameter
+from pml_margins.losses.step_statistics import StepStatistics
+from pml_margins.validation import check_angle_margin, check_in_interval, check_positive
+
+__all__ = [
+    "CurricularFaceLoss",
+    "CurricularNonTarget",
+    "curricular_hard_bound",
+    "curricular_non_target",
+    "curricular_t_update",
+]
+
+
+def curricular_hard_bound(target_cosine: torch.Tensor, margin: float) -> torch.Tensor:
+    r"""Each row's bound for a hard negative: :math:`\cos(\theta_y + m)`, no fallback, no gradient.
+
+    The paper's code compares with :math:`\cos\theta_y\cos m - \sin\theta_y\sin m` even
+    where :math:`\theta_y + m > \pi` (where the target logit takes ArcFace's fallback).
+    """
+    c = target_cosine.detach()
+    return c * math.cos(margin) - safe_sine(c) * math.sin(margin)
+
+
+def curricular_non_target(
+    cosine: torch.Tensor, bound: torch.Tensor, t: float | torch.Tensor
+) -> torch.Tensor:
+    r"""The paper's :math:`N(t, \cos\theta_j)`: :math:`\cos\theta_j` where it is :math:`\le`
+    its row's bound, else :math:`\cos\theta_j\,(t + \cos\theta_j)`.
+
+    ``cosine`` is ``(B, k)`` (any columns of the batch's rows), ``bound`` ``(B,)``; the
+    hard-negative mask and ``t`` carry no gradient.
+    """
+    hard = cosine > bound.to(cosine.dtype).unsqueeze(1)
+    return torch.where(hard, cosine * (t + cosine), cosine)
+
+
+def curricular_t_update(
+    t: torch.Tensor, target_cosine: torch.Tensor, momentum: float
+) -> torch.Tensor:
+    r"""The moving average :math:`t \leftarrow \alpha r + (1 - \alpha) t`, :math:`r` the mean
+    target cosine of the batch (no gradient)."""
+    return momentum * target_cosine.detach().mean() + (1 - momentum) * t.to(target_cosine.dtype)
+
+
+class CurricularNonTarget:
+    r"""The fused core's non-target function: :func:`curricular_non_target` and its slope.
+
+    :math:`\partial/\partial z` is :math:`t + 2z` on hard negatives and 1 elsewhere (mask
+    and ``t`` held fixed, as in the paper's code).
+    """
+
+    def __init__(self, bound: torch.Tensor, t: torch.Tensor) -> None:
+        self.bound, self.t = bound, t
+
+    def __call__(self, cosine: torch.Tensor) -> torch.Tensor:
+        return curricular_non_target(cosine, self.bound, self.t.to(cosine.dtype))
+
+    def slope(self, cosine: torch.Tensor) -> torch.Tensor:
+        hard = cosine > self.bound.to(cosine.dtype).unsqueeze(1)
+        return torch.where(hard, self.t.to(cosine.dtype) + 2 * cosine, torch.ones_like(cosine))
+
+
+class CurricularFaceLoss(ClassWeightLoss):
+    r"""CurricularFace (Huang et al., CVPR 2020, arXiv:2004.00288): adaptive curriculum learning.
+
+    ArcFace's target logit, and non-target logits that depend on how hard they are:
+
+    .. math::
+        L_i = -\log\frac{e^{s\cos(\theta_{y_i} + m)}}
+              {e^{s\cos(\theta_{y_i} + m)} + \sum_{j\ne y_i} e^{s N(t, \cos\theta_j)}},
+        \qquad
+        N(t, \cos\theta_j) = \begin{cases}
+            \cos\theta_j & \cos\theta_j \le \cos(\theta_{y_i} + m) \\
+            \cos\theta_j\,(t + \cos\theta_j) & \text{otherwise (a hard negative)}
+        \end{cases}
+
+    :math:`t` is the buffer ``t`` (0-dim, in the state dict, 0 at the start): at every
+    **training** step it is first updated to :math:`0.01\,r + 0.99\,t` with :math:`r`
+    the batch's mean target cosine :math:`\cos\theta_y` (``momentum`` = 0.01; every
+    sample counts, whatever a miner selects), then used by that step, as in the paper's
+    code. In eval mode ``t`` stays as it is. Early on :math:`t \approx 0` and hard
+    negatives are damped (:math:`\cos^2\theta_j`, the easy ones first); as :math:`t`
+    grows towards 1 they weigh more. No gradient flows through :math:`t` or the mask.
+
+    Where :math:`\theta_y + m > \pi` the target logit is ArcFace's fallback
+    :math:`\cos\theta_y - m\sin m` (the paper's code does the same), while the hard
+    negatives are still those above :math:`\cos(\theta_y + m)` itself
+    (:func:`curricular_hard_bound`, as the code compares). With no hard negative the
+    loss is ArcFace's.
+
+    **Units:** ``margin`` in radians; ``scale`` and ``momentum`` unitless. Recommended
+    (paper, faces): ``m = 0.5`` rad, ``s = 64``, ``momentum = 0.01``; for CUB/SOP-sized
+    retrieval, ArcFace's ranges (``s`` 16-32, ``m`` 0.2-0.5 rad).
+
+    Fused core (``chunk_size``, ``sample_rate``) through the core's non-target function;
+    the ``B`` target cosines for ``t`` and the bounds cost one ``(B, D)`` pass. Sharded
+    (:class:`~pml_margins.distributed.ShardedMarginSoftmaxLoss`): the gathered batch's
+    target cosines are all-reduced from the ranks that own the classes, so ``t`` and
+    the bounds are those of the whole batch, equal on every rank.
+
+    Args:
+        num_classes: number of classes ``C``.
+        embedding_size: embedding width ``D``.
+        margin: ``m`` in radians, ``0 <= m < pi``.
+        scale: ``s > 0``.
+        momentum: :math:`\alpha` of ``t``'s moving average, in ``[0, 1]`` (0: ``t`` fixed).
+        **kwargs: PML options (``reducer``, ``weight_regularizer``, ``embedding_regularizer``,
+            ``weight_init_func``, ``distance`` -- a ``CosineSimilarity``) and the core's
+            ``chunk_size`` / ``sample_rate``.
+    """
+
+    hyperparameter_names = ("margin", "scale", "momentum")
+    margin = Hyperparameter(check_angle_margin)
+    scale = Hyperparameter(check_positive)
+    momentum = Hyperparameter(partial(check_in_interval, low=0.0, high=1.0))
+    t: torch.Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: float = 0.5,
+        scale: float = 64.0,
+        momentum: float = 0.01,
+        **kwargs: Any,
+    ) -> None:
+        self.margin, self.scale, self.momentum = margin, scale, momentum
+        self._non_target: CurricularNonTarget | None = None
+        super().__init__(num_classes, embedding_size, **kwargs)
+        self.register_buffer("t", torch.zeros(()))
+
+    @contextmanager
+    def prepare_step(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, statistics: StepStatistics
+    ) -> Iterator[None]:
+        """Update ``t`` (training) from the step's target cosines, then fix the bounds."""
+        target = statistics.target_cosines()  # all-reduced over the ranks when sharded
+        if self.training:
+            self.t.copy_(curricular_t_update(self.t, target, self.momentum))
+        # a copy: a later step's update must not change this step's backward
+        t = self.t.detach().to(target.dtype, copy=True)
+        self._non_target = CurricularNonTarget(curricular_hard_bound(target, self.margin), t)
+        try:
+            yield
+        finally:
+            self._non_target = None
+
+    def target_logit_fn(self) -> TargetLogitFn:
+        return partial(arcface_target, margin=self.margin)
+
+    def non_target_logit_fn(self) -> CurricularNonTarget:
+        if self._non_target is None:
+            raise RuntimeError(
+                "CurricularFaceLoss's non-target logits depend on each row's target cosine: "
+                "call the loss (its forward), not non_target_logit_fn on its own"
+            )
+        return self._non_target
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, t={float(self.t):.4g}"
