@@ -187,7 +187,8 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self.loss_kwargs = dict(loss_kwargs)
         with torch.random.fork_rng(devices=[]):  # own init per shard, global RNG untouched
             torch.manual_seed(self._stream_seed())
-            self.loss = loss_type(self.class_end - self.class_start, embedding_size, **loss_kwargs)
+            shard_kwargs = loss_type.shard_kwargs(self.num_classes, dict(loss_kwargs))
+            self.loss = loss_type(self.class_end - self.class_start, embedding_size, **shard_kwargs)
         reason = self.loss.sharding_unsupported()
         if reason is not None:
             raise ValueError(reason)

@@ -99,8 +99,8 @@ class AdaCosLoss(ClassWeightLoss):
     (:class:`~pml_margins.distributed.ShardedMarginSoftmaxLoss`), :math:`B_{avg}` and
     the target angles are reduced over the ranks that hold the classes, so the scale
     is the same on every rank and equal to the single-process one on the gathered
-    batch. Give ``scale`` explicitly when sharding: each rank's loss holds only its
-    own classes, so ``scale=None`` would take :math:`\sqrt2\log(C_{local}-1)`.
+    batch; ``scale=None`` takes :math:`\sqrt2\log(C-1)` of all ``C`` classes on every
+    rank (:meth:`shard_kwargs`), not of the rank's own.
 
     Args:
         num_classes: number of classes ``C >= 3``.
@@ -133,6 +133,13 @@ class AdaCosLoss(ClassWeightLoss):
         super().__init__(num_classes, embedding_size, **kwargs)
         # float64 until the module is cast: sqrt(2) log(C - 1) is kept exactly
         self.register_buffer("scale", torch.tensor(initial, dtype=torch.float64))
+
+    @classmethod
+    def shard_kwargs(cls, num_classes: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A shard's loss starts from the scale of all ``num_classes`` (when not given)."""
+        if kwargs.get("scale") is None:
+            kwargs = {**kwargs, "scale": adacos_fixed_scale(num_classes)}
+        return kwargs
 
     def logit_scale(self, embeddings: torch.Tensor) -> torch.Tensor:
         """The current scale, once per row (no host synchronisation)."""

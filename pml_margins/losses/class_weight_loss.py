@@ -246,6 +246,16 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         """Why this loss cannot be sharded, or ``None`` (read by ShardedMarginSoftmaxLoss)."""
         return None
 
+    @classmethod
+    def shard_kwargs(cls, num_classes: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of one shard's loss, given the total ``num_classes``.
+
+        :class:`~pml_margins.distributed.ShardedMarginSoftmaxLoss` builds each rank's
+        loss with its own number of classes; a default that depends on the total
+        (AdaCos's scale) is resolved here, from all ``C`` classes. Default: ``kwargs``.
+        """
+        return kwargs
+
     # --- shared helpers ---------------------------------------------------------
     def get_default_distance(self) -> BaseDistance:
         return CosineSimilarity()

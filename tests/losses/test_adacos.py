@@ -143,3 +143,19 @@ def test_sharded_in_one_process_equals_the_loss(dynamic: bool) -> None:
         torch.testing.assert_close(sharded(x, y), ref(x, y), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(sharded.loss.scale, ref.scale, rtol=1e-12, atol=0)
     assert (float(ref.scale) != math.sqrt(2) * math.log(C - 1)) == dynamic
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 5])
+def test_every_shard_starts_from_the_scale_of_all_classes(world_size: int) -> None:
+    """scale=None is sqrt(2) log(C - 1) of all C classes on every rank, even on a rank
+    with fewer than 3 classes of its own (5 classes on 3 or 5 ranks)."""
+    for num_classes in (5, 11):
+        for rank in range(world_size):
+            shard = ShardedMarginSoftmaxLoss(
+                AdaCosLoss, num_classes, D, rank=rank, world_size=world_size
+            )
+            assert float(shard.loss.scale) == math.sqrt(2) * math.log(num_classes - 1)
+            given = ShardedMarginSoftmaxLoss(
+                AdaCosLoss, num_classes, D, rank=rank, world_size=world_size, scale=7.0
+            )
+            assert float(given.loss.scale) == 7.0
