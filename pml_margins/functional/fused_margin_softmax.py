@@ -604,8 +604,9 @@ def _class_cosines(
     per_class, _, width = planes.shape
     z = torch.empty(per_class, xs.shape[0], width, dtype=dtype, device=xs.device)
     for k in range(per_class):
-        inv = None if inv_planes is None else inv_planes[k]
-        _block_logits(xs, planes[k], inv, None, 0, dtype, out=z[k])
+        _block_logits(xs, planes[k], None, None, 0, dtype, out=z[k])
+    if inv_planes is not None:  # the normalization: a column scaling of each product
+        z.mul_(inv_planes.unsqueeze(1))
     if not winner_needed:
         return z.amax(0), None
     values, winner = z.max(0)
