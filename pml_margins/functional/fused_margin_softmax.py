@@ -613,6 +613,32 @@ def _class_cosines(
     return values, winner
 
 
+def _sub_centre_block(
+    xs: torch.Tensor,
+    w: torch.Tensor,
+    inv: torch.Tensor | None,
+    per_class: int,
+    config: _Config,
+    winner: torch.Tensor | None,
+) -> torch.Tensor:
+    """Forward of one block of whole classes: its ``(B, k)`` class cosines.
+
+    Fills ``inv`` (the block's ``1/|W|`` per column, when normalizing) and ``winner``
+    (the winning sub-centres, when the backward needs them saved).
+    """
+    dtype = config.dtype
+    planes = _planes(w, per_class, config.mm_dtype)
+    inv_planes = None
+    if inv is not None:  # per plane too: equal columns, equal norms
+        wc = planes if planes.dtype == dtype else _planes(w, per_class, dtype)
+        inv_planes = torch.linalg.vecdot(wc, wc, dim=1).clamp_min_(_NORM_EPS**2).rsqrt_()
+        inv.view(-1, per_class).copy_(inv_planes.t())
+    cos, index = _class_cosines(xs, planes, inv_planes, dtype, winner is not None)
+    if winner is not None:
+        winner.copy_(index)
+    return cos
+
+
 def _winner_dtype(per_class: int) -> torch.dtype:
     """The smallest integer dtype that holds a sub-centre index (saved in default mode)."""
     return torch.uint8 if per_class <= 256 else torch.int64
@@ -691,15 +717,10 @@ def _forward(
             if buffer is not None:
                 out = buffer[batch * start : batch * stop].view(batch, stop - start)
             if per_class > 1:  # the buffer keeps s c + b (exponentiated below), or c with phi
-                planes = _planes(w, per_class, config.mm_dtype)
-                inv_planes = None
-                if inv is not None:  # per plane too: equal columns, equal norms
-                    wc = planes if planes.dtype == dtype else _planes(w, per_class, dtype)
-                    inv_planes = torch.linalg.vecdot(wc, wc, dim=1).clamp_min_(_NORM_EPS**2)
-                    inv.view(-1, per_class).copy_(inv_planes.rsqrt_().t())
-                cos, winner = _class_cosines(xs, planes, inv_planes, dtype, winners is not None)
+                winner = None
                 if winners is not None:
-                    winners[batch * start : batch * stop].view(batch, stop - start).copy_(winner)
+                    winner = winners[batch * start : batch * stop].view(batch, stop - start)
+                cos = _sub_centre_block(xs, w, inv, per_class, config, winner)
                 if phi is None:
                     logits = _scaled_logits(cos, s_col, bias_d, start, dtype, out)
                 else:
