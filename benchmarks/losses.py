@@ -16,7 +16,7 @@ one forward + backward of
   their ``plain`` rows),
 * ``floor``: the three matrix products of that size (x W, G W^T, x^T G); for
   Sub-center ArcFace its own floor with ``K`` times the columns (row ``floor``, loss
-  ``subcenter``; it runs on the plain path, so it has no ``ours-bounded`` row),
+  ``subcenter``),
 
 interleaved (A B C A B C ...) so that a noisy, shared machine slows all alike,
 and reports medians. Before timing, the loss values of ``ours``, ``plain`` and ``pml``
@@ -79,8 +79,6 @@ ELASTIC_SIGMA = 0.05
 SUB_CENTERS = 3
 #: columns of W per class, where not 1
 COLUMNS_PER_CLASS = {"subcenter": SUB_CENTERS}
-#: losses on the plain path (no bounded mode)
-PLAIN_PATH_LOSSES = ("subcenter",)
 
 
 class PlainTorchLoss(torch.nn.Module):
@@ -265,10 +263,7 @@ def run(args) -> list[dict]:
             if loss in COLUMNS_PER_CLASS:  # its own floor: K times the columns
                 cases[("floor", loss)] = Case("floor", loss, size, args)
             for impl in impls:
-                skip = (impl == "ours-bounded" and loss in PLAIN_PATH_LOSSES) or (
-                    impl in ("plain", "pml") and loss in OURS_ONLY_LOSSES
-                )
-                if not skip:
+                if not (impl in ("plain", "pml") and loss in OURS_ONLY_LOSSES):
                     cases[(impl, loss)] = Case(impl, loss, size, args)
         loss_values = {k: case.value() for k, case in cases.items() if case.loss is not None}
         for case in cases.values():  # warm-up

@@ -67,7 +67,9 @@ def _cosine_scale(loss: ClassWeightLoss, embeddings: torch.Tensor) -> float | to
 
     Read from the loss's explicit declaration,
     :meth:`~pml_margins.losses.ClassWeightLoss.fused_logits`: then the shard's logits
-    can be formed by :func:`~pml_margins.distributed.local_logits.cosine_logits`.
+    can be formed by :func:`~pml_margins.distributed.local_logits.cosine_logits`. A
+    sub-centre declaration (a maximum over columns) is not plain cosines: such a loss
+    forms its shard's logits by its own ``base_logits``.
     """
     form = loss.fused_logits(embeddings)
     cosine = (
@@ -75,6 +77,7 @@ def _cosine_scale(loss: ClassWeightLoss, embeddings: torch.Tensor) -> float | to
         and form.normalize_embeddings
         and form.normalize_weight
         and form.bias is None
+        and form.sub_centers == 1
     )
     return form.scale if cosine else None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from pml_margins.functional.fused_margin_softmax import class_columns
 
 __all__ = ["class_columns", "shard_range", "shard_ranges"]
 
@@ -38,19 +38,3 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
     return shard_ranges(num_classes, world_size)[rank]
-
-
-def class_columns(classes: torch.Tensor, per_class: int) -> torch.Tensor:
-    """Columns of ``W`` holding ``classes`` when each class has ``per_class`` consecutive ones.
-
-    Class ``j`` owns columns ``[j * per_class, (j + 1) * per_class)`` (PML's sub-centre
-    layout; ``per_class = 1`` for every other loss).
-
-    Example:
-        >>> class_columns(torch.tensor([0, 2]), 3)
-        tensor([0, 1, 2, 6, 7, 8])
-    """
-    if per_class == 1:
-        return classes
-    offsets = torch.arange(per_class, device=classes.device, dtype=classes.dtype)
-    return (classes.unsqueeze(1) * per_class + offsets).flatten()

@@ -15,6 +15,7 @@ from pml_margins.functional.fused_margin_softmax import (
     FusedLogits,
     NonTargetLogitFn,
     auto_chunk_size,
+    class_columns,
     fused_margin_softmax_cross_entropy,
     sample_classes,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "circle_loss_whole",
     "circle_negative_logits",
     "circle_positive_logits",
+    "class_columns",
     "combined_margin_target",
     "compute_dtype",
     "cos_multiple_angle",

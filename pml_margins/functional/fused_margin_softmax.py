@@ -47,6 +47,20 @@ against a handful of operations per element). Bounded mode recomputes ``z`` as i
 already does. With a tensor scale, :math:`\partial L/\partial s_i` takes one more
 row-sum pass, :math:`\sum_{j\ne y_i} p_{ij}\phi(z_{ij})`.
 
+**Sub-centres** (``sub_centers=K``; Sub-center ArcFace). ``W`` is ``(D, C*K)`` in PML's
+layout, column ``j*K + k`` for sub-centre ``k`` of class ``j``, and the class cosine is
+:math:`z_{ij} = \max_k \hat x_i^\top \hat W_{jK+k}` (everything above then applies to
+it). Blocks hold whole classes (``k*K`` columns, ``k`` classes per block for
+``chunk_size=k``); each block's product is reduced to ``(B, k)`` by the maximum before
+the scale, :math:`\phi`, the bias and the softmax, and the backward sends each class's
+entry to its winning column (the first maximal one, as ``torch.max`` -- PML's plain
+path -- does; the target's, to the winner among the ``B`` target cosines). Default mode
+saves, besides the class-level ``(B, C)`` buffer, the winners as one byte per
+``(i, j)``: re-forming them would take a fourth product of ``K*C`` columns, against one
+``(B, C)`` byte copy in the forward and a scatter per block in the backward. Bounded
+mode recomputes each block (and its winners), as it already does; Partial FC keeps or
+drops whole classes. The three products have ``K*C`` columns (the floor at that size).
+
 Modes:
 
 * ``chunk_size=None`` (default): the block exponentials are kept for the backward
@@ -75,13 +89,14 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from pml_margins.functional.margin_softmax import TargetLogitFn, autocast_off, compute_dtype
-from pml_margins.validation import check_chunk_size, check_sample_rate
+from pml_margins.validation import check_chunk_size, check_count, check_sample_rate
 
 __all__ = [
     "MATERIALIZE_MAX_ELEMENTS",
     "FusedLogits",
     "NonTargetLogitFn",
     "auto_chunk_size",
+    "class_columns",
     "fused_margin_softmax_cross_entropy",
     "sample_classes",
 ]
@@ -123,26 +138,31 @@ class FusedLogits:
     r"""Base logits in the one form the fused core computes.
 
     .. math::
-        \ell_{ij} = s_i\,	ilde x_i^	op 	ilde W_j + b_j
+        \ell_{ij} = s_i\,\max_{k<K}\,\tilde x_i^\top \tilde W_{jK+k} + b_j
 
-    where :math:`	ilde x_i` is :math:`x_i/\|x_i\|` when ``normalize_embeddings``
-    (else :math:`x_i`), :math:`	ilde W_j` likewise with ``normalize_weight``, and the
-    target-logit function applies to :math:`	ilde x_i^	op 	ilde W_{y_i}`.
+    where :math:`\tilde x_i` is :math:`x_i/\|x_i\|` when ``normalize_embeddings``
+    (else :math:`x_i`), :math:`\tilde W` likewise with ``normalize_weight`` (per
+    column), ``K = sub_centers`` columns of ``W`` per class (``K = 1``: one column,
+    no maximum), and the target-logit function applies to the target class's maximum.
 
     A :class:`~pml_margins.losses.ClassWeightLoss` returns one from
     ``fused_logits`` to declare that its ``base_logits`` are exactly this.
 
     Attributes:
         normalize_embeddings: L2-normalize the embeddings (rows).
-        normalize_weight: L2-normalize the class weights (columns of ``W``).
+        normalize_weight: L2-normalize the columns of ``W``.
         scale: :math:`s`, a float or a ``(B,)`` tensor (may require grad).
         bias: optional ``(C,)`` per-class bias :math:`b`.
+        sub_centers: ``K``, columns of ``W`` per class (PML's sub-centre layout: column
+            ``j*K + k`` is sub-centre ``k`` of class ``j``); the class cosine is their
+            maximum, its gradient going to the first maximal one.
     """
 
     normalize_embeddings: bool
     normalize_weight: bool
     scale: float | torch.Tensor = 1.0
     bias: torch.Tensor | None = None
+    sub_centers: int = 1
 
 
 def auto_chunk_size(
@@ -186,6 +206,22 @@ def sample_classes(
     return index, torch.searchsorted(index, labels.long())
 
 
+def class_columns(classes: torch.Tensor, per_class: int) -> torch.Tensor:
+    """Columns of ``W`` holding ``classes`` when each class has ``per_class`` consecutive ones.
+
+    Class ``j`` owns columns ``[j * per_class, (j + 1) * per_class)`` (PML's sub-centre
+    layout; ``per_class = 1`` for every other loss).
+
+    Example:
+        >>> class_columns(torch.tensor([0, 2]), 3)
+        tensor([0, 1, 2, 6, 7, 8])
+    """
+    if per_class == 1:
+        return classes
+    offsets = torch.arange(per_class, device=classes.device, dtype=classes.dtype)
+    return (classes.unsqueeze(1) * per_class + offsets).flatten()
+
+
 def fused_margin_softmax_cross_entropy(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
@@ -201,13 +237,15 @@ def fused_margin_softmax_cross_entropy(
     generator: torch.Generator | None = None,
     materialize: bool | None = None,
     non_target_logit_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sub_centers: int = 1,
 ) -> torch.Tensor:
     r"""Per-sample margin-softmax cross-entropy straight from embeddings and class weights.
 
     Args:
         embeddings: ``(B, D)`` floating tensor.
-        weight: class weights ``W``, shape ``(D, C)`` (PML's layout), any floating dtype;
-            its storage is never cast as a whole (blocks are cast on the fly).
+        weight: class weights ``W``, shape ``(D, C*K)`` (PML's layout; ``K = sub_centers``),
+            any floating dtype; its storage is never cast as a whole (blocks are cast on
+            the fly).
         labels: ``(B,)`` integer classes in ``[0, C)`` (not re-validated here).
         target_logit_fn: :math:`\psi`, applied to the ``(B,)`` vector of target cosines;
             ``None`` for the identity. Element ``i`` of its output must depend on element
@@ -219,8 +257,9 @@ def fused_margin_softmax_cross_entropy(
         normalize_weight: L2-normalize the columns of ``W``.
         bias: optional ``(C,)`` per-class bias added to every logit.
         chunk_size: ``None`` (one saved ``(B, C)`` buffer, fastest), an ``int`` number
-            of classes per block, or ``"auto"`` (:func:`auto_chunk_size`) for the
-            bounded-memory mode that never holds a ``(B, C)`` tensor.
+            of classes per block (``K`` columns each), or ``"auto"``
+            (:func:`auto_chunk_size`) for the bounded-memory mode that never holds a
+            ``(B, C)`` tensor.
         sample_rate: partial-FC fraction of classes, in ``(0, 1]`` (:func:`sample_classes`).
         generator: random generator for the class sampling.
         materialize: ``True`` forms the ``(B, C)`` logits and lets autograd differentiate
@@ -231,12 +270,16 @@ def fused_margin_softmax_cross_entropy(
             before scaling (``None``: identity); see the module docstring for what it may
             depend on (per-row constants) and :class:`NonTargetLogitFn` for its optional
             ``slope``.
+        sub_centers: ``K >= 1`` columns of ``W`` per class, column ``j*K + k`` for
+            sub-centre ``k`` of class ``j``; the class cosine is their maximum (see the
+            module docstring). Partial FC then keeps or drops whole classes.
 
     Returns:
         ``(B,)`` losses in ``compute_dtype`` of the inputs (float32 under autocast).
 
     Raises:
-        ValueError: bad ``chunk_size`` or ``sample_rate``, or mismatched shapes.
+        ValueError: bad ``chunk_size``, ``sample_rate`` or ``sub_centers``, or mismatched
+            shapes (``W``'s columns not a multiple of ``sub_centers``).
 
     Example:
         >>> from functools import partial
@@ -250,34 +293,40 @@ def fused_margin_softmax_cross_entropy(
     """
     chunk_size = check_chunk_size(chunk_size)
     sample_rate = check_sample_rate(sample_rate)
+    per_class = check_count(sub_centers, "sub_centers")
     if embeddings.ndim != 2 or weight.ndim != 2 or embeddings.shape[1] != weight.shape[0]:
         raise ValueError(
             f"embeddings (B, D) and weight (D, C) do not match: "
             f"{tuple(embeddings.shape)} and {tuple(weight.shape)}"
         )
-    if bias is not None and bias.shape != (weight.shape[1],):
-        raise ValueError(f"bias must have shape ({weight.shape[1]},), got {tuple(bias.shape)}")
+    if weight.shape[1] % per_class:
+        raise ValueError(
+            f"weight has {weight.shape[1]} columns, not a multiple of sub_centers={per_class}"
+        )
+    num_classes = weight.shape[1] // per_class
+    if bias is not None and bias.shape != (num_classes,):
+        raise ValueError(f"bias must have shape ({num_classes},), got {tuple(bias.shape)}")
     labels = labels.long()
     if sample_rate < 1:
-        sampled = sample_classes(labels, weight.shape[1], sample_rate, generator)
+        sampled = sample_classes(labels, num_classes, sample_rate, generator)
         if sampled is not None:
             index, labels = sampled
-            weight = weight.index_select(1, index)
+            weight = weight.index_select(1, class_columns(index, per_class))
             bias = None if bias is None else bias.index_select(0, index)
     # half embeddings are widened before the normalization, so it does not round to their dtype
     x = embeddings.to(compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype)))
     x = F.normalize(x, dim=1, eps=_NORM_EPS) if normalize_embeddings else x
     batch, width = x.shape
-    num_classes = weight.shape[1]
+    num_classes = weight.shape[1] // per_class
     saved = chunk_size is None
     if chunk_size is None:
         # block temporaries of (B or D) x block elements: cache-sized, and small next to the buffer
         widest = max(batch, width, 1)
         budget = _CPU_BLOCK_ELEMENTS if x.device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
         share = batch * num_classes // (_DEFAULT_BLOCK_FRACTION * widest)
-        block = min(budget // widest, max(256, share))
+        block = max(1, min(budget // widest, max(256, share)) // per_class)
     elif chunk_size == "auto":
-        block = auto_chunk_size(batch, width, x.device)
+        block = max(1, auto_chunk_size(batch, width, x.device) // per_class)
     else:
         block = chunk_size
     block = min(block, num_classes)
@@ -286,19 +335,23 @@ def fused_margin_softmax_cross_entropy(
     if scale_tensor is not None and scale_tensor.shape != (batch,):
         raise ValueError(f"a tensor scale must have shape ({batch},), got {tuple(scale.shape)}")
     if materialize is None:
-        materialize = saved and batch * num_classes <= MATERIALIZE_MAX_ELEMENTS
+        materialize = saved and batch * weight.shape[1] <= MATERIALIZE_MAX_ELEMENTS
     phi = non_target_logit_fn
     if materialize:
-        return _materialized(x, weight, labels, target_logit_fn, scale, normalize_weight, bias, phi)
-    config = _Config(scale_value, normalize_weight, block, saved, *_dtypes(x, weight), phi)
+        return _materialized(
+            x, weight, labels, target_logit_fn, scale, normalize_weight, bias, phi, per_class
+        )
+    config = _Config(
+        scale_value, normalize_weight, block, saved, *_dtypes(x, weight), phi, per_class
+    )
     inputs = (x, weight, scale_tensor, bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    target, slope, z_y = _target_terms(
-        x, weight, labels, target_logit_fn, scale, normalize_weight, bias, grad
+    target, slope, z_y, winner = _target_terms(
+        x, weight, labels, target_logit_fn, scale, normalize_weight, bias, grad, per_class
     )
     if grad or target.requires_grad:
         return _FusedMarginSoftmax.apply(
-            x, weight, scale_tensor, bias, target, labels, slope, z_y, config
+            x, weight, scale_tensor, bias, target, labels, slope, z_y, winner, config
         )
     with torch.no_grad():
         return _forward(x, weight, scale_tensor, bias, target, labels, config, save=False)[0]
@@ -313,18 +366,30 @@ def _target_terms(
     normalize_weight: bool,
     bias: torch.Tensor | None,
     slope_needed: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    r"""The target logits :math:`t`, the slope :math:`\psi'(z)` and the target cosines ``z``.
+    per_class: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    r"""The target logits :math:`t`, the slope :math:`\psi'(z)`, the target cosines ``z``.
 
     ``z`` is computed without a graph (the blocked function differentiates it); ``t``
-    has the graph of :math:`\psi`'s other inputs, the scale and the bias.
+    has the graph of :math:`\psi`'s other inputs, the scale and the bias. With sub-centres
+    ``z`` is the maximum over the target class's ``K`` columns, and the fourth value is the
+    winning sub-centre of each row (the first on ties; ``None`` when ``K = 1``).
     """
     dtype = x.dtype
+    winner = None
     with autocast_off(x.device.type):
         with torch.no_grad():
-            w_y = weight.index_select(1, labels).to(dtype)
-            w_y = F.normalize(w_y, dim=0, eps=_NORM_EPS) if normalize_weight else w_y
-            z_y = (x * w_y.t()).sum(1)
+            w_y = weight.index_select(1, class_columns(labels, per_class)).to(dtype)
+            # (K, D, B): one plane per sub-centre, the same operations on each (see _planes)
+            z_sub = []
+            for plane in w_y.unflatten(1, (-1, per_class)).permute(2, 0, 1):
+                plane = plane.contiguous()
+                plane = F.normalize(plane, dim=0, eps=_NORM_EPS) if normalize_weight else plane
+                z_sub.append((x * plane.t()).sum(1))
+            if per_class == 1:
+                z_y = z_sub[0]
+            else:  # the nearest of the target's sub-centres
+                z_y, winner = torch.stack(z_sub).max(0)
         slope = None
         if target_logit_fn is None:
             psi = z_y
@@ -340,7 +405,7 @@ def _target_terms(
         target = psi * (scale.to(dtype) if isinstance(scale, torch.Tensor) else float(scale))
         if bias is not None:
             target = target + bias.index_select(0, labels).to(dtype)
-        return target, slope, z_y
+        return target, slope, z_y, winner
 
 
 def _slope(psi: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
@@ -362,21 +427,29 @@ def _materialized(
     normalize_weight: bool,
     bias: torch.Tensor | None,
     phi: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    per_class: int = 1,
 ) -> torch.Tensor:
     """The same losses on the materialized ``(B, C)`` base logits, differentiated by autograd.
 
     ``x`` is already in the compute dtype (and normalized when asked). The ``B`` target
     cosines are gathered from the product and written back, margined and scaled, in
-    place: as few ``(B, C)`` passes as a hand-written loss makes.
+    place: as few ``(B, C)`` passes as a hand-written loss makes. With sub-centres the
+    ``(B, C*K)`` product is reduced by ``max`` (whose gradient goes to the first maximum).
     """
     dtype = x.dtype
     w = weight.to(dtype)
-    cosine = torch.mm(x, w)  # the autocast dtype under autocast
+    if per_class > 1:  # (K, D, C) planes, one product each (see _planes)
+        w = w.unflatten(1, (-1, per_class)).permute(2, 0, 1).contiguous()
+        cosine = torch.stack([torch.mm(x, plane) for plane in w])  # (K, B, C)
+    else:
+        cosine = torch.mm(x, w)  # the autocast dtype under autocast
     with autocast_off(x.device.type):
         cosine = cosine.to(dtype)
         if normalize_weight:  # a column scaling of the (B, C) product: no normalized W copy
-            norm = torch.linalg.vector_norm(w, dim=0).clamp_min(_NORM_EPS)
-            cosine = cosine / norm
+            norm = torch.linalg.vector_norm(w, dim=-2).clamp_min(_NORM_EPS)
+            cosine = cosine / (norm.unsqueeze(1) if per_class > 1 else norm)
+        if per_class > 1:  # torch.max: the gradient goes to the first maximum
+            cosine = cosine.max(dim=0).values
         index = labels.unsqueeze(1)
         z_y = cosine.gather(1, index).squeeze(1)
         psi = z_y if target_logit_fn is None else target_logit_fn(z_y).to(dtype)
@@ -404,6 +477,7 @@ class _Config:
         dtype: torch.dtype,
         mm_dtype: torch.dtype,
         phi: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sub_centers: int = 1,
     ) -> None:
         self.scale = scale
         self.normalize_weight = normalize_weight
@@ -412,6 +486,9 @@ class _Config:
         self.dtype = dtype  # softmax, margins, accumulations
         self.mm_dtype = mm_dtype  # operands of the matrix products
         self.phi = phi  # the non-target function (None: identity)
+        self.sub_centers = sub_centers  # columns of W per class
+        # the products give s z (the scale folded into the x operand), else z
+        self.fold_scale = phi is None and sub_centers == 1
 
 
 def _dtypes(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -468,15 +545,16 @@ def _block_logits(
     return logits
 
 
-def _phi_logits(
+def _scaled_logits(
     value: torch.Tensor,
     s_col: float | torch.Tensor,
     bias: torch.Tensor | None,
     start: int,
     dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``s phi(z) + b`` of one block from ``value = phi(z)``, as a new tensor."""
-    logits = value.to(dtype) * s_col
+    """``s v + b`` of one block from ``v`` (``phi(z)``, or class cosines), new or in ``out``."""
+    logits = torch.mul(value.to(dtype), s_col, out=out)
     if bias is not None:
         logits.add_(bias[start : start + logits.shape[1]].to(dtype))
     return logits
@@ -498,6 +576,95 @@ def _phi_and_slope(
     return value.detach(), grad
 
 
+def _planes(w: torch.Tensor, per_class: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(K, D, k)``: sub-centre ``k`` of a block's ``k`` classes as one contiguous matrix.
+
+    One product per plane, the same shapes for every sub-centre, so that equal columns of
+    ``W`` give equal cosines: one product over all ``k*K`` columns may round a column
+    differently by where it falls in the kernel's tiles, which would break exact ties.
+    """
+    planes = torch.empty(
+        per_class, w.shape[0], w.shape[1] // per_class, dtype=dtype, device=w.device
+    )
+    return planes.copy_(w.unflatten(1, (-1, per_class)).permute(2, 0, 1))
+
+
+def _class_cosines(
+    xs: torch.Tensor,
+    planes: torch.Tensor,
+    inv_planes: torch.Tensor | None,
+    dtype: torch.dtype,
+    winner_needed: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(B, k)`` class cosines of a block: the maximum over its ``K`` planes' products.
+
+    With ``winner_needed``, also the winning sub-centre of each entry (int64, the first
+    on ties, as ``torch.max`` and so PML's plain path); else only the values (faster).
+    """
+    per_class, _, width = planes.shape
+    z = torch.empty(per_class, xs.shape[0], width, dtype=dtype, device=xs.device)
+    for k in range(per_class):
+        _block_logits(xs, planes[k], None, None, 0, dtype, out=z[k])
+    if inv_planes is not None:  # the normalization: a column scaling of each product
+        z.mul_(inv_planes.unsqueeze(1))
+    if not winner_needed:
+        return z.amax(0), None
+    values, winner = z.max(0)
+    return values, winner
+
+
+def _sub_centre_block(
+    xs: torch.Tensor,
+    w: torch.Tensor,
+    inv: torch.Tensor | None,
+    per_class: int,
+    config: _Config,
+    winner: torch.Tensor | None,
+) -> torch.Tensor:
+    """Forward of one block of whole classes: its ``(B, k)`` class cosines.
+
+    Fills ``inv`` (the block's ``1/|W|`` per column, when normalizing) and ``winner``
+    (the winning sub-centres, when the backward needs them saved).
+    """
+    dtype = config.dtype
+    planes = _planes(w, per_class, config.mm_dtype)
+    inv_planes = None
+    if inv is not None:  # per plane too: equal columns, equal norms
+        wc = planes if planes.dtype == dtype else _planes(w, per_class, dtype)
+        inv_planes = torch.linalg.vecdot(wc, wc, dim=1).clamp_min_(_NORM_EPS**2).rsqrt_()
+        inv.view(-1, per_class).copy_(inv_planes.t())
+    cos, index = _class_cosines(xs, planes, inv_planes, dtype, winner is not None)
+    if winner is not None:
+        winner.copy_(index)
+    return cos
+
+
+def _winner_dtype(per_class: int) -> torch.dtype:
+    """The smallest integer dtype that holds a sub-centre index (saved in default mode)."""
+    return torch.uint8 if per_class <= 256 else torch.int64
+
+
+def _to_columns(
+    grad: torch.Tensor,
+    winner: torch.Tensor,
+    per_class: int,
+    targets: _Targets,
+    k: int,
+    target_winner: torch.Tensor,
+) -> torch.Tensor:
+    """Route a ``(B, k)`` class-level gradient to the winning columns: ``(B, k*K)``.
+
+    The target entries go to the target's own winner (that of the ``B`` target
+    cosines); the other ``K - 1`` columns of each class get zero.
+    """
+    index = winner.long()
+    targets.set(index, k, target_winner)
+    batch, width = grad.shape
+    full = torch.zeros(batch, width, per_class, dtype=grad.dtype, device=grad.device)
+    full.scatter_(2, index.unsqueeze(2), grad.unsqueeze(2))
+    return full.view(batch, width * per_class)
+
+
 def _blocks(num_classes: int, block: int) -> list[tuple[int, int]]:
     return [(c, min(c + block, num_classes)) for c in range(0, num_classes, block)]
 
@@ -517,40 +684,60 @@ def _forward(
         xc = x.to(dtype)
         s = config.scale if scale_tensor is None else scale_tensor.detach().to(dtype)
         s_col = s.unsqueeze(1) if isinstance(s, torch.Tensor) else s
-        phi = config.phi
-        # the products give s z, or z itself when phi applies before the scale
-        xs = (xc if phi is not None else xc * s_col).to(config.mm_dtype)
+        phi, per_class = config.phi, config.sub_centers
+        # the products give s z, or z itself (phi applies before the scale; sub-centres'
+        # maximum is taken over the cosines)
+        xs = (xc * s_col if config.fold_scale else xc).to(config.mm_dtype)
         target = target.detach().to(dtype)
         # log-sum-exp of the non-target logits, block by block
-        batch, num_classes = x.shape[0], weight.shape[1]
+        batch, columns = x.shape[0], weight.shape[1]
+        num_classes = columns // per_class
         blocks = _blocks(num_classes, config.block)
         targets = _Targets(labels, config.block, num_classes)
         opts = {"dtype": dtype, "device": x.device}
         block_max = torch.empty(len(blocks), batch, **opts)
         block_sum = torch.empty(len(blocks), batch, **opts)
         buffer = torch.empty(batch * num_classes, **opts) if save else None
+        winners = None  # the winning sub-centre of each (row, class), for the backward
+        if save and per_class > 1:
+            winners = torch.empty(
+                batch * num_classes, dtype=_winner_dtype(per_class), device=x.device
+            )
         bias_d = None if bias is None else bias.detach()
         w_d = weight.detach()
         inv_norm = active = None
         if config.normalize_weight:
-            inv_norm = torch.empty(num_classes, **opts)
+            inv_norm = torch.empty(columns, **opts)
         lowest = torch.finfo(dtype).min
         for k, (start, stop) in enumerate(blocks):
-            w = w_d[:, start:stop]
-            inv = None
-            if inv_norm is not None:
-                inv = inv_norm[start:stop]
-                wc = w.to(dtype)
-                torch.rsqrt(torch.linalg.vecdot(wc, wc, dim=0).clamp_min_(_NORM_EPS**2), out=inv)
+            first, last = start * per_class, stop * per_class  # the block's columns
+            w = w_d[:, first:last]
+            inv = None if inv_norm is None else inv_norm[first:last]
             out = None
             if buffer is not None:
                 out = buffer[batch * start : batch * stop].view(batch, stop - start)
-            w_mm = w.to(config.mm_dtype)
-            if phi is None:
-                logits = _block_logits(xs, w_mm, inv, bias_d, start, dtype, out)
-            else:  # the buffer keeps the cosines z; the logits s phi(z) + b are a new block
-                z = _block_logits(xs, w_mm, inv, None, start, dtype, out)
-                logits = _phi_logits(phi(z), s_col, bias_d, start, dtype)
+            if per_class > 1:  # the buffer keeps s c + b (exponentiated below), or c with phi
+                winner = None
+                if winners is not None:
+                    winner = winners[batch * start : batch * stop].view(batch, stop - start)
+                cos = _sub_centre_block(xs, w, inv, per_class, config, winner)
+                if phi is None:
+                    logits = _scaled_logits(cos, s_col, bias_d, start, dtype, out)
+                else:
+                    if out is not None:
+                        out.copy_(cos)
+                    logits = _scaled_logits(phi(cos), s_col, bias_d, start, dtype)
+            else:
+                if inv is not None:
+                    wc = w.to(dtype)
+                    dots = torch.linalg.vecdot(wc, wc, dim=0)
+                    torch.rsqrt(dots.clamp_min_(_NORM_EPS**2), out=inv)
+                w_mm = w.to(config.mm_dtype)
+                if phi is None:
+                    logits = _block_logits(xs, w_mm, inv, bias_d, start, dtype, out)
+                else:  # the buffer keeps the cosines z; the logits s phi(z) + b are a new block
+                    z = _block_logits(xs, w_mm, inv, None, start, dtype, out)
+                    logits = _scaled_logits(phi(z), s_col, bias_d, start, dtype)
             targets.set(logits, k, float("-inf"))
             m = torch.amax(logits, 1, out=block_max[k]).clamp_min_(lowest)  # finite
             logits.sub_(m.unsqueeze(1)).exp_()
@@ -564,6 +751,7 @@ def _forward(
         losses = lse - target
     state = {
         "buffer": buffer,
+        "winners": winners,
         "block_max": block_max if save else None,
         "lse": lse,
         "p_target": torch.exp(target - lse),
@@ -585,6 +773,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         labels: torch.Tensor,
         slope: torch.Tensor,
         z_y: torch.Tensor,
+        target_winner: torch.Tensor | None,
         config: _Config,
     ) -> torch.Tensor:
         losses, st = _forward(
@@ -600,11 +789,13 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             bias,
             labels,
             st["buffer"],
+            st["winners"],
             st["block_max"],
             st["lse"],
             st["p_target"],
             slope,
             z_y,
+            target_winner,
             st["inv_norm"],
             st["active"],
         )
@@ -620,11 +811,13 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             bias,
             labels,
             buffer,
+            winners,
             block_max,
             lse,
             p_target,
             slope,
             z_y,
+            target_winner,
             inv_norm,
             active,
         ) = ctx.saved_tensors
@@ -637,11 +830,11 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             s = config.scale if scale_tensor is None else scale_tensor.to(dtype)
             gs = g * s
             s_col = s.unsqueeze(1) if isinstance(s, torch.Tensor) else s
-            phi = config.phi
-            # forward operand, for recomputation (s z, or z when phi applies before the scale)
-            xs = (xc if phi is not None else xc * s_col).to(mm_dtype)
+            phi, per_class = config.phi, config.sub_centers
+            # forward operand, for recomputation (s z, or z: see _forward)
+            xs = (xc * s_col if config.fold_scale else xc).to(mm_dtype)
             x_grad_op = (xc * gs.unsqueeze(1)).to(mm_dtype)  # operand of grad W
-            batch, num_classes = x.shape[0], weight.shape[1]
+            batch, num_classes = x.shape[0], weight.shape[1] // per_class
             # A = sum over non-target classes j of p_ij W_hat_j  (B, D)
             acc = torch.zeros(batch, x.shape[1], dtype=dtype, device=x.device)
             grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
@@ -656,25 +849,36 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             phi_sum = torch.zeros_like(lse) if phi is not None and need_s else None
             radial_scale = None if inv_norm is None else inv_norm * inv_norm * active
             for k, (start, stop) in enumerate(_blocks(num_classes, config.block)):
-                w = w_d[:, start:stop]
+                first, last = start * per_class, stop * per_class  # the block's columns
+                w = w_d[:, first:last]
                 w_mm = w.to(mm_dtype)
-                inv = None if inv_norm is None else inv_norm[start:stop]
+                inv = None if inv_norm is None else inv_norm[first:last]
+                stored = winner = z = None
+                if buffer is not None:  # exponentials, or the (class) cosines with phi
+                    stored = buffer[batch * start : batch * stop].view(batch, stop - start)
+                    if winners is not None:
+                        winner = winners[batch * start : batch * stop].view(batch, stop - start)
+                elif per_class > 1:  # recompute the class cosines and their winners
+                    planes = _planes(w, per_class, mm_dtype)
+                    inv_planes = None if inv is None else inv.view(-1, per_class).t()
+                    z, winner = _class_cosines(xs, planes, inv_planes, dtype, True)
+                elif not config.fold_scale:  # recompute the cosines
+                    z = _block_logits(xs, w_mm, inv, None, start, dtype)
                 if phi is not None:
-                    if buffer is not None:  # the saved cosines
-                        z = buffer[batch * start : batch * stop].view(batch, stop - start)
-                    else:
-                        z = _block_logits(xs, w_mm, inv, None, start, dtype)
+                    z = stored if z is None else z
                     value, phi_slope = _phi_and_slope(phi, z)
-                    prob = _phi_logits(value, s_col, bias, start, dtype)
+                    prob = _scaled_logits(value, s_col, bias, start, dtype)
                     prob.sub_(lse.unsqueeze(1)).exp_()
                     targets.set(prob, k, 0.0)
                     if phi_sum is not None:
                         phi_sum.add_(torch.linalg.vecdot(prob, value.to(dtype)))
-                elif buffer is not None:
-                    stored = buffer[batch * start : batch * stop].view(batch, stop - start)
+                elif stored is not None:
                     prob = stored * row_factor[k].unsqueeze(1)  # target entries are 0
                 else:
-                    prob = _block_logits(xs, w_mm, inv, bias, start, dtype)
+                    if z is None:
+                        prob = _block_logits(xs, w_mm, inv, bias, start, dtype)
+                    else:
+                        prob = _scaled_logits(z, s_col, bias, start, dtype)
                     prob.sub_(lse.unsqueeze(1)).exp_()
                     if grad_b is not None:
                         targets.set(prob, k, 0.0)
@@ -683,6 +887,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                 if phi is not None:
                     prob.mul_(phi_slope)  # d l_ij / d z_ij = s_i phi'(z_ij)
                 targets.set(prob, k, target_value)
+                if winner is not None:  # each class's entry to its winning sub-centre
+                    prob = _to_columns(prob, winner, per_class, targets, k, target_winner)
                 if inv is not None:
                     prob.mul_(inv)  # P diag(1/|W_j|): the products then use the raw W
                 prob_mm = prob.to(mm_dtype)
@@ -693,13 +899,13 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                         acc.add_(torch.mm(prob_mm, w_mm.t()).to(dtype))
                 if grad_w is not None:
                     # G1 = x_g^T P diag(1/n); grad W = G1 - W diag(<G1_j, W_j> / n_j^2)
-                    dest = grad_w[:, start:stop]
+                    dest = grad_w[:, first:last]
                     direct = grad_w.dtype == mm_dtype == dtype
                     g1 = torch.mm(x_grad_op.t(), prob_mm, out=dest if direct else None)
                     g1 = g1.to(dtype)
                     if inv is not None:
                         wc = w.to(dtype)
-                        radial = torch.linalg.vecdot(g1, wc, dim=0).mul_(radial_scale[start:stop])
+                        radial = torch.linalg.vecdot(g1, wc, dim=0).mul_(radial_scale[first:last])
                         g1.addcmul_(wc, radial, value=-1)
                     if not direct:
                         dest.copy_(g1)
@@ -715,4 +921,4 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                 grad_b = grad_b.to(bias.dtype)
             if need_t:
                 grad_t = g * (p_target - 1)
-        return grad_x, grad_w, grad_s, grad_b, grad_t, None, None, None, None
+        return grad_x, grad_w, grad_s, grad_b, grad_t, None, None, None, None, None

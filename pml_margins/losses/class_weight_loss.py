@@ -86,13 +86,16 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
       target cosines. Nothing else: the default :meth:`base_logits` (cosines from
       ``self.distance``) and the default :meth:`fused_logits` agree, so the loss
       runs on the fused core, with ``chunk_size`` and ``sample_rate``.
-    * *A margin that changes the base logits* (e.g. a max over sub-centres):
-      override :meth:`base_logits` (and :meth:`get_logits` follows). Such a class
-      runs on the plain path (the ``(B, C)`` logits through autograd) unless the
-      **same class** also overrides :meth:`fused_logits` to declare that its
-      logits are exactly :class:`~pml_margins.functional.FusedLogits` (a scale
-      times the inner product of optionally normalized embeddings and class
-      weights, plus a bias). A subclass that overrides :meth:`base_logits` or
+    * *A margin that changes the base logits*: override :meth:`base_logits` or
+      :meth:`cosine` (and :meth:`get_logits` follows). Such a class runs on the plain
+      path (the ``(B, C)`` logits through autograd) unless the **same class** also
+      overrides :meth:`fused_logits` to declare that its logits are exactly
+      :class:`~pml_margins.functional.FusedLogits`: a scale times the inner product
+      of optionally normalized embeddings and class weights, plus a bias -- or, with
+      ``sub_centers=K``, the maximum of that product over each class's ``K``
+      consecutive columns of ``W`` (Sub-center ArcFace's ``cosine``; the fused core
+      then runs blocks of whole classes and sends each class's gradient to its
+      winning column). A subclass that overrides :meth:`base_logits` or
       :meth:`cosine` without restating :meth:`fused_logits` is moved to the plain
       path automatically, whatever else it overrides.
     * *A margin that changes the non-target logits* (CurricularFace, the class-level
@@ -392,6 +395,7 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
             chunk_size=self.chunk_size,
             sample_rate=self.sample_rate,
             non_target_logit_fn=non_target_fn,
+            sub_centers=form.sub_centers,
         )
 
     def _record_avg_angle(self, logits: torch.Tensor, labels: torch.Tensor) -> None:

@@ -2,11 +2,13 @@ r"""Sub-center ArcFace: ``K`` sub-centres per class, the class cosine is their m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 
+from pml_margins.functional.fused_margin_softmax import FusedLogits, class_columns
 from pml_margins.losses.arcface import ArcFaceLoss
 from pml_margins.validation import check_angle_margin, check_count
 
@@ -36,9 +38,12 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
     Recommended (paper, faces): ``m = 0.5`` rad, ``s = 64``, ``K = 3``; for CUB/SOP
     retrieval ``m`` 0.2-0.5 rad and ``s`` 16-32, as for ArcFace.
 
-    It changes the base logits (a maximum over columns), so it runs on the plain path
-    (the ``(B, C*K)`` cosines through autograd): no ``chunk_size`` or ``sample_rate``.
-    Sharded, each rank holds whole classes (all ``K`` columns of each).
+    It changes the base logits (a maximum over columns) and declares them to the fused
+    core (:meth:`fused_logits`, ``sub_centers=K``), which runs blocks of whole classes:
+    default mode saves one ``(B, C)`` buffer of class values plus the ``(B, C)`` winning
+    sub-centres as bytes; ``chunk_size`` never holds ``(B, C)`` or ``(B, C*K)``;
+    ``sample_rate`` (Partial FC) keeps or drops whole classes. Sharded, each rank holds
+    whole classes (all ``K`` columns of each).
 
     Args:
         num_classes: number of classes ``C``.
@@ -73,6 +78,18 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         """``(B, C)`` class cosines: the maximum over each class's ``K`` sub-centres."""
         per_column = super().cosine(embeddings)
         return per_column.unflatten(1, (-1, self.sub_centers)).max(dim=2).values
+
+    def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
+        """ArcFace's declaration with ``sub_centers=K``: the same logits as :meth:`cosine`."""
+        form = super().fused_logits(embeddings)
+        return None if form is None else dataclasses.replace(form, sub_centers=self.sub_centers)
+
+    def target_cosines(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` cosines to each row's own class (its nearest sub-centre), no gradient."""
+        k = self.sub_centers
+        columns = class_columns(labels.long(), k)
+        per_column = super().target_cosines(embeddings.repeat_interleave(k, 0), columns)
+        return per_column.view(-1, k).amax(1)
 
     def get_outliers(
         self,

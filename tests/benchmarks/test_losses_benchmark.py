@@ -36,8 +36,7 @@ def test_subcenter_rows_have_their_own_floor_and_agree_with_pml():
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
     rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
     impls = {(r[1], r[2]) for r in rows}
-    expected = {("subcenter", i) for i in IMPLS - {"ours-bounded"}}  # plain path: no bounded
-    assert impls == expected | {("-", "floor")}
+    assert impls == {("subcenter", i) for i in IMPLS} | {("-", "floor")}  # fused: a bounded row
     for _, loss, impl, ms, *_, gap in rows:
         assert float(ms) > 0
         if impl not in ("floor", "pml"):

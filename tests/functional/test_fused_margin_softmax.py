@@ -18,6 +18,7 @@ from pytorch_metric_learning.distances import CosineSimilarity
 
 from pml_margins.functional import (
     arcface_target,
+    class_columns,
     combined_margin_target,
     cosface_target,
     fused_margin_softmax_cross_entropy,
@@ -589,3 +590,221 @@ def test_non_target_function_saves_the_cosines_in_the_one_buffer():
     phi = _HardNegatives(torch.zeros(12))
     assert _saved_numels(phi, materialize=False).count(12 * 40) == 1
     assert 12 * 40 not in _saved_numels(phi, chunk_size=7)
+
+
+# --- sub-centres: K columns per class, the class cosine their maximum ----------------
+K = 3
+# name -> (psi, scale: float or "norm", normalize, bias, phi)
+SUB_CASES = {
+    "arcface": (partial(arcface_target, margin=0.5), 16.0, True, False, False),
+    "norm_scale": (partial(cosface_target, margin=0.35), "norm", True, False, False),
+    "bias_raw": (None, 1.0, False, True, False),
+    "phi": (partial(arcface_target, margin=0.5), 16.0, True, False, True),
+    "phi_norm_scale": (None, "norm", True, False, True),
+}
+SUB_PAPER_PSI = {
+    "arcface": partial(paper.arcface_cos, m=0.5),
+    "norm_scale": lambda c: c - 0.35,
+    "bias_raw": None,
+    "phi": partial(paper.arcface_cos, m=0.5),
+    "phi_norm_scale": None,
+}
+_TAU = torch.linspace(-0.6, 0.4, B, dtype=torch.float64)
+
+
+def _sub_inputs(dtype: torch.dtype, ties: bool = False, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=gen, dtype=dtype)
+    w = torch.randn(D, C * K, generator=gen, dtype=dtype)
+    labels = torch.randint(0, C, (B,), generator=gen)
+    labels[1] = labels[0]
+    if ties:  # every class: sub-centre 1 equals 0; odd classes: 2 equals 1 too
+        planes = w.view(D, C, K)
+        planes[:, :, 1] = planes[:, :, 0]
+        planes[:, 1::2, 2] = planes[:, 1::2, 1]
+    bias = torch.randn(C, generator=gen, dtype=dtype)
+    upstream = torch.rand(B, generator=gen, dtype=dtype)
+    return x, w, labels, bias, upstream
+
+
+def _sub_fused(case, x, w, labels, bias, **mode):
+    psi, scale, normalize, has_bias, has_phi = SUB_CASES[case]
+    return fused_margin_softmax_cross_entropy(
+        x,
+        w,
+        labels,
+        psi,
+        torch.linalg.vector_norm(x, dim=1) if scale == "norm" else scale,
+        normalize_embeddings=normalize,
+        normalize_weight=normalize,
+        bias=bias if has_bias else None,
+        non_target_logit_fn=_HardNegatives(_TAU.to(x.dtype)) if has_phi else None,
+        sub_centers=K,
+        **mode,
+    )
+
+
+def _sub_reference(case, x, w, labels, bias):
+    """Sub-center's formula: one product per sub-centre, ``torch.max`` (first on ties)."""
+    _, scale, normalize, has_bias, has_phi = SUB_CASES[case]
+    psi = SUB_PAPER_PSI[case]
+    xn = F.normalize(x, dim=1) if normalize else x
+    wn = F.normalize(w, dim=0) if normalize else w
+    z = torch.stack([xn @ wn[:, k::K] for k in range(K)]).max(dim=0).values  # (B, C)
+    rows = torch.arange(len(labels))
+    target = z[rows, labels]
+    target = psi(target) if psi is not None else target
+    others = _HardNegatives(_TAU.to(x.dtype))(z) if has_phi else z
+    s = torch.linalg.vector_norm(x, dim=1) if scale == "norm" else scale
+    s_col = s.unsqueeze(1) if isinstance(s, torch.Tensor) else s
+    logits, target = s_col * others, s * target
+    if has_bias:
+        logits, target = logits + bias, target + bias[labels]
+    return paper.target_softmax_cross_entropy(logits, labels, target)
+
+
+def _sub_value_and_grads(fn, case, x, w, labels, bias, upstream, **mode):
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    b = bias.clone().requires_grad_(True)
+    losses = fn(case, x, w, labels, b, **mode)
+    inputs = (x, w, b) if SUB_CASES[case][3] else (x, w)
+    return (losses.detach(), *torch.autograd.grad((losses * upstream).sum(), inputs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("case", list(SUB_CASES))
+def test_sub_centres_on_every_mode(case, mode, ties, dtype):
+    x, w, labels, bias, upstream = _sub_inputs(dtype, ties)
+    got = _sub_value_and_grads(_sub_fused, case, x, w, labels, bias, upstream, **MODES[mode])
+    want = _sub_value_and_grads(_sub_reference, case, x, w, labels, bias, upstream)
+    assert got[0].dtype == dtype
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    if ties:  # only the first of tied sub-centres gets a gradient
+        grad_w = got[2].view(D, C, K)
+        assert (grad_w[:, :, 1] == 0).all() and (grad_w[:, 1::2, 2] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["default", "materialized", "blocked", "chunk5"])
+def test_sub_centres_partial_fc_samples_whole_classes(mode):
+    x, w, labels, bias, upstream = _sub_inputs(torch.float64, ties=True, seed=1)
+    got = _sub_value_and_grads(
+        _sub_fused,
+        "bias_raw",
+        x,
+        w,
+        labels,
+        bias,
+        upstream,
+        sample_rate=0.5,
+        generator=torch.Generator().manual_seed(3),
+        **MODES[mode],
+    )
+    index, local = sample_classes(labels, C, 0.5, torch.Generator().manual_seed(3))
+    columns = class_columns(index, K)
+    want = _sub_value_and_grads(
+        _sub_reference, "bias_raw", x, w[:, columns], local, bias[index], upstream
+    )
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[2][:, columns], want[2], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[3][index], want[3], rtol=1e-10, atol=1e-10)
+    dropped = torch.ones(C * K, dtype=torch.bool)
+    dropped[columns] = False
+    assert dropped.any() and (got[2][:, dropped] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["materialized", "blocked", "chunk5"])
+def test_sub_centres_gradcheck(mode):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(3, 11 * K, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, generator=gen, requires_grad=True)
+    labels = torch.tensor([0, 5, 5, 10])
+
+    def fn(x, w, b):
+        return fused_margin_softmax_cross_entropy(
+            x,
+            w,
+            labels,
+            partial(arcface_target, margin=0.5),
+            torch.linalg.vector_norm(x, dim=1),
+            bias=b,
+            sub_centers=K,
+            **MODES[mode],
+        )
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("mode", ["materialized", "blocked", "chunk5"])
+def test_sub_centres_autocast_bf16_close_to_reference(mode):
+    x, w, labels, bias, upstream = _sub_inputs(torch.float32, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _sub_value_and_grads(
+            _sub_fused, "arcface", x, w, labels, bias, upstream, **MODES[mode]
+        )
+    want = _sub_value_and_grads(
+        _sub_reference, "arcface", x.double(), w.double(), labels, bias.double(), upstream.double()
+    )
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, atol=0.15, rtol=0.05)
+
+
+def _sub_saved(**mode) -> list[tuple[int, torch.dtype]]:
+    """Sizes and dtypes of what a sub-centre forward (12 rows, 40 classes, K = 3) saves."""
+    saved: list[tuple[int, torch.dtype]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((t.numel(), t.dtype))
+        return t
+
+    x = torch.randn(12, 5, requires_grad=True)
+    w = torch.randn(5, 40 * K, requires_grad=True)
+    labels = torch.randint(0, 40, (12,))
+    psi = partial(arcface_target, margin=0.5)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fused_margin_softmax_cross_entropy(x, w, labels, psi, 16.0, sub_centers=K, **mode)
+    return saved
+
+
+def test_sub_centres_default_mode_saves_class_values_and_byte_winners():
+    saved = _sub_saved(materialize=False)
+    assert saved.count((12 * 40, torch.float32)) == 1
+    assert saved.count((12 * 40, torch.uint8)) == 1
+    assert all(n < 12 * 40 * K for n, _ in saved if n != 5 * 40 * K)  # nothing (B, C*K) but W
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, "auto"])
+def test_sub_centres_bounded_mode_saves_no_batch_by_classes_tensor(chunk_size):
+    numels = [n for n, _ in _sub_saved(chunk_size=chunk_size)]
+    assert 12 * 40 not in numels and 12 * 40 * K not in numels
+    assert max(numels) <= 5 * 40 * K  # W itself is the largest
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"sub_centers": 0}, ValueError, "sub_centers must be >= 1"),
+        ({"sub_centers": 2.0}, TypeError, "sub_centers must be an int"),
+        ({"sub_centers": 2}, ValueError, "not a multiple of sub_centers=2"),
+        ({"sub_centers": 3, "bias": torch.zeros(C * K)}, ValueError, rf"bias .*\({C},\)"),
+    ],
+)
+def test_sub_centres_bad_arguments(kwargs, error, match):
+    x, w, labels, _, _ = _sub_inputs(torch.float32)
+    with pytest.raises(error, match=match):
+        fused_margin_softmax_cross_entropy(x, w, labels, None, **kwargs)
+
+
+def test_one_sub_centre_is_the_plain_core_bit_for_bit():
+    x, w, labels, _, _ = _inputs("arcface", torch.float64)
+    psi = CASES["arcface"][0]
+    for mode in ({"materialize": False}, {"chunk_size": 5}, {"materialize": True}):
+        got = fused_margin_softmax_cross_entropy(x, w, labels, psi, 16.0, sub_centers=1, **mode)
+        want = fused_margin_softmax_cross_entropy(x, w, labels, psi, 16.0, **mode)
+        assert torch.equal(got, want)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pml_margins.functional import sample_classes
+from pml_margins.functional import class_columns, sample_classes
 from pml_margins.losses import ProxyCircleLoss
 from tests.losses.reference import reference_per_sample
 from tests.losses.specs import SPECS, LossSpec
@@ -42,7 +42,7 @@ def _reference(spec: LossSpec, loss_fn, x, y, seed: int, mode: dict) -> torch.Te
         sampled = sample_classes(y, NUM_CLASSES, mode["sample_rate"])
         if sampled is not None:
             index, y_used = sampled
-            w_used = w[:, index]
+            w_used = w[:, class_columns(index, spec.columns_per_class)]  # whole classes
             bias_used = None if bias is None else bias[index]
     value = reference_per_sample(
         spec.kind, x, w_used, y_used, bias=bias_used, **spec.hp_for(loss_fn)
@@ -66,10 +66,7 @@ def _inputs(x_dtype: torch.dtype, w_dtype: torch.dtype, spec: LossSpec, mode: di
 
 def _check_case(spec: LossSpec, x_dtype, w_dtype, mode: dict, autocast: torch.dtype | None):
     loss_fn, x, y = _inputs(x_dtype, w_dtype, spec, mode)
-    if mode and loss_fn.fused_logits(x) is None:  # plain path (e.g. sub-centres): a clear error
-        with pytest.raises(ValueError, match="chunk_size and sample_rate are not supported"):
-            loss_fn(x, y)
-        return
+    assert loss_fn.fused_logits(x) is not None  # every loss here runs on the fused core
     w_before = loss_fn.W.detach().clone()
     seed = 1234
     torch.manual_seed(seed)
@@ -130,10 +127,6 @@ def test_cuda_autocast(autocast, spec: LossSpec, mode: dict) -> None:
     loss_fn, x, y = _inputs(torch.float32, torch.float32, spec, mode)
     loss_fn = loss_fn.cuda()
     x = x.detach().cuda().requires_grad_(True)
-    if mode and loss_fn.fused_logits(x) is None:  # plain path: a clear error, as on CPU
-        with pytest.raises(ValueError, match="chunk_size and sample_rate are not supported"):
-            loss_fn(x, y.cuda())
-        return
     with torch.autocast("cuda", dtype=autocast):
         out = loss_fn(x, y.cuda())
     out.backward()

@@ -1,4 +1,8 @@
-"""Sub-center ArcFace against PML's SubCenterArcFaceLoss and against ArcFace (K = 1)."""
+"""Sub-center ArcFace against PML's SubCenterArcFaceLoss, the plain path and ArcFace (K = 1).
+
+Every mode of the fused core (materialized, blocked with one saved buffer, bounded
+``chunk_size``, Partial FC) gives PML's values and gradients, ties included.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,32 @@ import torch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners, regularizers
 
+import pml_margins.functional.fused_margin_softmax as fused_module
+from pml_margins.distributed import ShardedMarginSoftmaxLoss
+from pml_margins.functional import class_columns, sample_classes
 from pml_margins.losses import ArcFaceLoss, SubCenterArcFaceLoss
 from tests.losses.reference import arcface_cos, class_cosine, target_softmax_cross_entropy
 from tests.losses.test_pml_equality import assert_same_value_and_grads
 
 C, D, K = 12, 16, 3
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {"rtol": 1e-10, "atol": 1e-10}}
+#: every path of the fused core; chunk 5 does not divide C, chunk 64 exceeds it
+MODES = {
+    "default": {},
+    "materialized": {"materialize": True},
+    "blocked": {"materialize": False},
+    "chunk1": {"chunk_size": 1},
+    "chunk5": {"chunk_size": 5},
+    "chunk64": {"chunk_size": 64},
+    "auto": {"chunk_size": "auto"},
+}
+
+
+class PlainSubCenter(SubCenterArcFaceLoss):
+    """The same loss on the plain path: ``cosine`` restated, ``fused_logits`` not."""
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return super().cosine(embeddings)
 
 
 def _pair(degrees: float = 28.6, scale: float = 64.0, k: int = K, **kw):
@@ -24,6 +48,15 @@ def _pair(degrees: float = 28.6, scale: float = 64.0, k: int = K, **kw):
     ours = SubCenterArcFaceLoss(C, D, math.radians(degrees), scale, sub_centers=k, **kw)
     ours.load_state_dict(pml.state_dict())
     return pml, ours
+
+
+def _apply_mode(loss: SubCenterArcFaceLoss, mode: dict, monkeypatch) -> None:
+    """``chunk_size``/``sample_rate`` on the loss; ``materialize`` by the core's threshold."""
+    loss.chunk_size = mode.get("chunk_size")
+    loss.sample_rate = mode.get("sample_rate", 1.0)
+    if "materialize" in mode:
+        limit = 1 << 62 if mode["materialize"] else 0
+        monkeypatch.setattr(fused_module, "MATERIALIZE_MAX_ELEMENTS", limit)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -39,10 +72,35 @@ def test_equal_to_pml(dtype, use_miner: bool, degrees: float, k: int) -> None:
     assert_same_value_and_grads(ours(x, y, tuples), pml(x, y, tuples), ours, pml, x, TOL[dtype])
 
 
-def test_tied_sub_centres_send_the_gradient_to_the_first_as_pml_does() -> None:
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(("degrees", "k"), [(28.6, 3), (70.0, 2), (170.0, 4)])
+def test_every_fused_mode_equals_pml_and_the_plain_path(
+    dtype, mode: str, degrees, k, monkeypatch
+) -> None:
+    """170 degrees: theta + m > pi for most targets (ArcFace's fallback)."""
+    torch.manual_seed(5)
+    pml, ours = _pair(degrees, 30.0, k)
+    _apply_mode(ours, MODES[mode], monkeypatch)
+    plain = PlainSubCenter(C, D, math.radians(degrees), 30.0, k)
+    plain.load_state_dict(pml.state_dict())
+    pml, ours, plain = pml.to(dtype), ours.to(dtype), plain.to(dtype)
+    assert ours.fused_logits(torch.zeros(1, D)).sub_centers == k
+    assert plain.fused_logits(torch.zeros(1, D)) is None
+    x = torch.randn(40, D, dtype=dtype, requires_grad=True)
+    y = torch.arange(40) % C
+    assert_same_value_and_grads(ours(x, y), pml(x, y), ours, pml, x, TOL[dtype])
+    assert_same_value_and_grads(ours(x, y), plain(x, y), ours, plain, x, TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tied_sub_centres_send_the_gradient_to_the_first_as_pml_does(
+    mode: str, monkeypatch
+) -> None:
     """Duplicate sub-centres tie for the max: PML's max() picks the first, so do we."""
     torch.manual_seed(0)
     pml, ours = _pair()
+    _apply_mode(ours, MODES[mode], monkeypatch)
     pml, ours = pml.double(), ours.double()
     with torch.no_grad():
         w = pml.W.view(D, C, K)
@@ -53,7 +111,75 @@ def test_tied_sub_centres_send_the_gradient_to_the_first_as_pml_does() -> None:
     y = torch.arange(30) % C
     assert_same_value_and_grads(ours(x, y), pml(x, y), ours, pml, x, TOL[torch.float64])
     grad_w = torch.autograd.grad(ours(x, y), ours.W)[0].view(D, C, K)
-    assert (grad_w[:, :, 1:] == 0).all() and (grad_w[:, :, 0] != 0).any()
+    assert (grad_w[:, :, 1:] == 0).all() and (grad_w[:, :, 0] != 0).all()
+
+
+def test_partial_tie_goes_to_the_first_of_the_tied_pair() -> None:
+    """Sub-centres 1 and 2 equal and nearest for some rows: column 1 gets their gradient."""
+    torch.manual_seed(1)
+    pml, ours = _pair()
+    ours.chunk_size = 5
+    pml, ours = pml.double(), ours.double()
+    y = torch.arange(24) % C
+    with torch.no_grad():
+        w = pml.W.view(D, C, K)
+        w[:, :, 2] = w[:, :, 1]
+    ours.load_state_dict(pml.state_dict())
+    x = pml.W.detach().t()[y * K + 2] + 0.1 * torch.randn(24, D, dtype=torch.float64)
+    x.requires_grad_(True)
+    assert_same_value_and_grads(ours(x, y), pml(x, y), ours, pml, x, TOL[torch.float64])
+    grad_w = torch.autograd.grad(ours(x, y), ours.W)[0].view(D, C, K)
+    assert (grad_w[:, :, 2] == 0).all() and (grad_w[:, :, 1] != 0).all()
+
+
+@pytest.mark.parametrize("mode", ["default", "materialized", "blocked", "chunk5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_partial_fc_equals_the_plain_loss_on_the_sampled_classes(
+    dtype, mode: str, monkeypatch
+) -> None:
+    """Whole classes (all K columns) are kept; the others get no gradient."""
+    torch.manual_seed(2)
+    _, ours = _pair(30.0, 16.0)
+    _apply_mode(ours, {**MODES[mode], "sample_rate": 0.5}, monkeypatch)
+    ours = ours.to(dtype)
+    x = torch.randn(10, D, dtype=dtype, requires_grad=True)
+    y = torch.tensor([0, 0, 3, 3, 3, 7, 7, 11, 11, 11])
+    torch.manual_seed(7)
+    out = ours(x, y)
+    torch.manual_seed(7)
+    index, local = sample_classes(y, C, 0.5)
+    assert 4 <= len(index) < C
+    columns = class_columns(index, K)
+    sub = PlainSubCenter(len(index), D, math.radians(30.0), 16.0, K).to(dtype)
+    with torch.no_grad():
+        sub.W.copy_(ours.W[:, columns])
+    xs = x.detach().clone().requires_grad_(True)
+    want = sub(xs, local)
+    torch.testing.assert_close(out, want, **TOL[dtype])
+    gx, gw = torch.autograd.grad(out, (x, ours.W))
+    want_gx, want_gw = torch.autograd.grad(want, (xs, sub.W))
+    torch.testing.assert_close(gx, want_gx, **TOL[dtype])
+    torch.testing.assert_close(gw[:, columns], want_gw, **TOL[dtype])
+    others = torch.ones(C * K, dtype=torch.bool)
+    others[columns] = False
+    assert (gw[:, others] == 0).all()
+
+
+def test_sharded_sub_center_keeps_the_plain_base_logits() -> None:
+    """The sharded loss does not read the sub-centre declaration as plain cosines."""
+    from pml_margins.distributed.sharded_loss import _cosine_scale
+
+    torch.manual_seed(3)
+    pml, _ = _pair(30.0, 16.0)
+    sharded = ShardedMarginSoftmaxLoss(
+        SubCenterArcFaceLoss, C, D, rank=0, world_size=1, margin=math.radians(30.0), scale=16.0
+    )
+    sharded.loss.load_state_dict(pml.state_dict())
+    x = torch.randn(20, D, requires_grad=True)
+    y = torch.arange(20) % C
+    assert _cosine_scale(sharded.loss, x) is None
+    out = sharded(x, y)
+    torch.testing.assert_close(out, pml(x, y), **TOL[torch.float32])
 
 
 def test_state_dicts_load_both_ways() -> None:
@@ -79,26 +205,30 @@ def test_weight_regularizer_and_get_logits_equal_pml() -> None:
     assert ours.get_logits(x).shape == (20, C)
 
 
+@pytest.mark.parametrize("mode", ["default", "blocked", "chunk5", "partial_fc"])
 @pytest.mark.parametrize("margin", [0.3, 1.2, 2.9], ids=["small", "big", "beyond_pi"])
 @pytest.mark.parametrize("easy_margin", [False, True], ids=["hard", "easy"])
-def test_one_sub_centre_is_arcface_exactly(margin: float, easy_margin: bool) -> None:
-    """K = 1 is ArcFace, including the theta + m > pi fallback.
-
-    To rounding: ArcFace runs on the fused core, Sub-center on the plain path (PML's
-    CosineSimilarity), which round the cosines differently.
-    """
+def test_one_sub_centre_is_arcface_exactly(
+    margin: float, easy_margin: bool, mode: str, monkeypatch
+) -> None:
+    """K = 1 is ArcFace, including the theta + m > pi fallback: the same path, bit for bit."""
     torch.manual_seed(2)
     arc = ArcFaceLoss(C, D, margin, 16.0, easy_margin).double()
     sub = SubCenterArcFaceLoss(C, D, margin, 16.0, 1, easy_margin).double()
     sub.load_state_dict(arc.state_dict())
+    for loss in (arc, sub):
+        _apply_mode(loss, MODES.get(mode, {"sample_rate": 0.5}), monkeypatch)
     x = torch.randn(25, D, dtype=torch.float64, requires_grad=True)
     y = torch.arange(25) % C
-    a, b = sub(x, y), arc(x, y)
-    torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    torch.manual_seed(3)
+    a = sub(x, y)
+    torch.manual_seed(3)
+    b = arc(x, y)
+    assert torch.equal(a, b)
     ga = torch.autograd.grad(a, (x, sub.W))
     gb = torch.autograd.grad(b, (x, arc.W))
     for u, v in zip(ga, gb, strict=True):
-        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-14)
+        assert torch.equal(u, v)
 
 
 def test_against_paper_formula_with_far_sub_centres() -> None:
@@ -181,7 +311,24 @@ def test_bad_hyperparameters(kwargs, error, message: str) -> None:
         SubCenterArcFaceLoss(**args)
 
 
-def test_plain_path_rejects_fused_only_options() -> None:
-    loss = SubCenterArcFaceLoss(C, D, chunk_size=4)
+def test_avg_angle_is_the_nearest_sub_centres_angle() -> None:
+    """The fused path records the target angle from the class cosines (the maximum)."""
+    torch.manual_seed(6)
+    _, ours = _pair()
+    plain = PlainSubCenter(C, D, math.radians(28.6), 64.0, K)
+    plain.load_state_dict(ours.state_dict())
+    ours.collect_stats = plain.collect_stats = True
+    x = torch.randn(20, D, dtype=torch.float64)
+    y = torch.arange(20) % C
+    ours.double()(x, y)
+    plain.double()(x, y)
+    assert ours.avg_angle == pytest.approx(plain.avg_angle, rel=1e-12)
+    expected = class_cosine(x, ours.W.detach(), K)[torch.arange(20), y]
+    torch.testing.assert_close(ours.target_cosines(x, y), expected)
+
+
+def test_plain_subclass_rejects_fused_only_options() -> None:
+    """A subclass that redefines ``cosine`` without restating ``fused_logits`` is plain."""
+    loss = PlainSubCenter(C, D, chunk_size=4)
     with pytest.raises(ValueError, match="chunk_size and sample_rate are not supported"):
         loss(torch.randn(3, D), torch.tensor([0, 1, 2]))
