@@ -111,9 +111,11 @@ _CPU_BLOCK_ELEMENTS = 1 << 20
 _DEFAULT_BLOCK_FRACTION = 2
 #: elements of the largest ``(B or D, k)`` temporary on an accelerator: 256 MiB of fp32
 _DEVICE_BLOCK_ELEMENTS = 1 << 26
-#: default mode materializes the (B, C) logits and lets autograd differentiate them up
-#: to this many elements, where the blocked function's per-block overhead outweighs its
-#: saving (benchmarks/losses.py, C = 100 and 1,000 rows; BENCHMARKS.md)
+#: default mode materializes the (B, C) logits and lets autograd differentiate them
+#: while ``B C + D C / 4`` (the logits, and W's share: the materialized path's column
+#: norm of W is a strided reduction) is at most this; above it the blocked function's
+#: fewer passes outweigh its per-block overhead (9 sizes with B*C in 64k-256k, D 128 and
+#: 512, timed both ways: BENCHMARKS.md)
 MATERIALIZE_MAX_ELEMENTS = 1 << 18
 
 
@@ -264,8 +266,9 @@ def fused_margin_softmax_cross_entropy(
         generator: random generator for the class sampling.
         materialize: ``True`` forms the ``(B, C)`` logits and lets autograd differentiate
             them (faster for small problems); ``False`` always runs the blocked function;
-            ``None`` (default) materializes in default mode (``chunk_size=None``) up to
-            :data:`MATERIALIZE_MAX_ELEMENTS` logits. Same values either way.
+            ``None`` (default) materializes in default mode (``chunk_size=None``) while
+            ``B C + D C / 4 <=`` :data:`MATERIALIZE_MAX_ELEMENTS` (``C``: columns of
+            ``W``). Same values either way.
         non_target_logit_fn: :math:`\phi`, applied element-wise to the non-target cosines
             before scaling (``None``: identity); see the module docstring for what it may
             depend on (per-row constants) and :class:`NonTargetLogitFn` for its optional
@@ -335,7 +338,8 @@ def fused_margin_softmax_cross_entropy(
     if scale_tensor is not None and scale_tensor.shape != (batch,):
         raise ValueError(f"a tensor scale must have shape ({batch},), got {tuple(scale.shape)}")
     if materialize is None:
-        materialize = saved and batch * weight.shape[1] <= MATERIALIZE_MAX_ELEMENTS
+        columns = weight.shape[1]
+        materialize = saved and (batch + width // 4) * columns <= MATERIALIZE_MAX_ELEMENTS
     phi = non_target_logit_fn
     if materialize:
         return _materialized(

@@ -328,21 +328,24 @@ def test_blocked_default_mode_saves_one_batch_by_classes_buffer():
 
 
 def test_small_problems_are_materialized_and_large_ones_blocked():
+    """Materialized while B C + D C / 4 <= MATERIALIZE_MAX_ELEMENTS: wider W, fewer classes."""
     from pml_margins.functional.fused_margin_softmax import MATERIALIZE_MAX_ELEMENTS
 
-    def backward_name(batch: int, num_classes: int, **mode) -> str:
-        x = torch.randn(batch, 4, requires_grad=True)
-        w = torch.randn(4, num_classes)
+    def backward_name(batch: int, width: int, num_classes: int, **mode) -> str:
+        x = torch.randn(batch, width, requires_grad=True)
+        w = torch.randn(width, num_classes)
         labels = torch.randint(0, num_classes, (batch,))
         return type(_fused("arcface", x, w, labels, None, **mode).grad_fn).__name__
 
     blocked = "_FusedMarginSoftmaxBackward"
-    small, large = MATERIALIZE_MAX_ELEMENTS // 16, MATERIALIZE_MAX_ELEMENTS // 16 + 1
-    assert backward_name(16, small) != blocked
-    assert backward_name(16, large) == blocked
-    assert backward_name(16, small, materialize=False) == blocked
-    assert backward_name(16, small, chunk_size=64) == blocked
-    assert backward_name(16, large, materialize=True) != blocked
+    for width in (4, 512):
+        per_class = 16 + width // 4  # B + D / 4 elements per class at B = 16
+        small = MATERIALIZE_MAX_ELEMENTS // per_class
+        assert backward_name(16, width, small) != blocked
+        assert backward_name(16, width, small + 1) == blocked
+    assert backward_name(16, 4, 64, materialize=False) == blocked
+    assert backward_name(16, 4, 64, chunk_size=64) == blocked
+    assert backward_name(16, 4, 20000, materialize=True) != blocked
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, "auto"])
