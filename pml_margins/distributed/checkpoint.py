@@ -192,7 +192,8 @@ def to_single_process_loss(
     """The ordinary single-process loss (all ``C`` classes) from shards or a merged checkpoint.
 
     ``loss_kwargs`` override or complete the saved ones (e.g. a ``reducer``). The
-    loss's parameters take the checkpoint's dtype.
+    loss's parameters and buffers are the checkpoint's, dtypes included (AdaCos keeps
+    its float64 scale beside a float32 ``W``): its state dict equals the checkpoint's.
     """
     full = checkpoint if isinstance(checkpoint, Mapping) else merge_shards(checkpoint)
     if full["world_size"] != 1:
@@ -201,7 +202,8 @@ def to_single_process_loss(
     loss = loss_type(
         full["num_classes"], full["embedding_size"], **{**full["loss_kwargs"], **loss_kwargs}
     )
-    loss.to(full["state_dict"]["W"].dtype).load_state_dict(full["state_dict"])
+    state = {key: value.clone() for key, value in full["state_dict"].items()}
+    loss.load_state_dict(state, assign=True)  # the checkpoint's tensors, not copies into ours
     return loss
 
 

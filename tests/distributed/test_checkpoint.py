@@ -17,7 +17,7 @@ from pml_margins.distributed.checkpoint import (
     split_checkpoint,
     to_single_process_loss,
 )
-from pml_margins.losses import ArcFaceLoss, SoftmaxLoss
+from pml_margins.losses import AdaCosLoss, ArcFaceLoss, CurricularFaceLoss, SoftmaxLoss
 from tests.distributed import cases
 from tests.distributed.test_sharded_loss import F64, check_rank, load_results, single_process
 
@@ -122,3 +122,22 @@ def test_resumed_run_draws_the_same_classes(tmp_path) -> None:
     rank0 = ShardedMarginSoftmaxLoss(ArcFaceLoss, 60, 4, rank=0, world_size=2, sample_rate=0.2)
     shards = [shard_checkpoint(rank0), load_shard(tmp_path / "s1.pt")]
     assert all(s["sampler_state"] is None for s in reshard(shards, 3))
+
+
+@pytest.mark.parametrize("cast", [None, torch.float64])
+@pytest.mark.parametrize("loss_type", [AdaCosLoss, CurricularFaceLoss, ArcFaceLoss])
+def test_single_process_checkpoint_keeps_every_tensor_and_dtype(loss_type, cast) -> None:
+    """Buffers too, in their own dtype: AdaCos's float64 scale beside a float32 W (uncast)."""
+    loss = loss_type(10, 4)
+    loss = loss if cast is None else loss.to(cast)
+    x = torch.randn(8, 4, dtype=loss.W.dtype)
+    loss(x, torch.randint(0, 10, (8,)))  # a training step moves the buffers
+    for full in (
+        from_single_process_loss(loss),
+        merge_shards(split_checkpoint(from_single_process_loss(loss), 3)),
+    ):
+        back = to_single_process_loss(full).state_dict()
+        expected = loss.state_dict()
+        assert back.keys() == expected.keys()
+        for key, value in expected.items():
+            assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
