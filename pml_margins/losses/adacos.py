@@ -114,6 +114,7 @@ class AdaCosLoss(ClassWeightLoss):
     """
 
     hyperparameter_names = ("dynamic",)
+    statistic_buffers = ("scale",)
     scale: torch.Tensor
 
     def __init__(

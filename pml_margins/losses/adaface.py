@@ -157,6 +157,7 @@ class AdaFaceLoss(ClassWeightLoss):
     """
 
     hyperparameter_names = ("margin", "h", "scale", "t_alpha", "eps")
+    statistic_buffers = ("batch_mean", "batch_std")
     margin = Hyperparameter(check_angle_margin)
     h = Hyperparameter(check_non_negative)
     scale = Hyperparameter(check_positive)

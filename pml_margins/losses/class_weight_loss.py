@@ -146,6 +146,20 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
     hyperparameter_names: tuple[str, ...] = ()
     #: the distance classes this loss accepts (PML's rule for the same loss)
     distance_types: tuple[type[BaseDistance], ...] = (CosineSimilarity,)
+    #: buffers of running statistics (AdaFace's norm statistics, CurricularFace's ``t``,
+    #: AdaCos's scale): kept in float32 when the module is cast to float16/bfloat16, where
+    #: a moving average stalls (``0.01 (r - t)`` falls below ``t``'s rounding step)
+    statistic_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ClassWeightLoss:
+        """``nn.Module._apply`` (``.to``, ``.half``, ...), then :attr:`statistic_buffers`
+        widened back to float32 if the cast made them half precision."""
+        super()._apply(fn, recurse)
+        for name in self.statistic_buffers:
+            value = self._buffers.get(name)
+            if value is not None and value.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = value.float()
+        return self
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -125,6 +125,7 @@ class CurricularFaceLoss(ClassWeightLoss):
     """
 
     hyperparameter_names = ("margin", "scale", "momentum")
+    statistic_buffers = ("t",)
     margin = Hyperparameter(check_angle_margin)
     scale = Hyperparameter(check_positive)
     momentum = Hyperparameter(partial(check_in_interval, low=0.0, high=1.0))
