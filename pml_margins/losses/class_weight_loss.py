@@ -123,7 +123,8 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
       two methods are called by
       :class:`~pml_margins.distributed.ShardedMarginSoftmaxLoss` with the gathered
       batch (identical on every rank), so such a loss shards, with equal buffers on
-      every rank.
+      every rank. Name running-statistic buffers in :attr:`statistic_buffers` so
+      they stay float32 in a half-precision loss.
 
     **Input checks.** Shapes and dtypes always; values (NaN/Inf, label and miner
     index ranges) in one host synchronisation per call, which
