@@ -587,10 +587,23 @@ def _planes(w: torch.Tensor, per_class: int, dtype: torch.dtype) -> torch.Tensor
     ``W`` give equal cosines: one product over all ``k*K`` columns may round a column
     differently by where it falls in the kernel's tiles, which would break exact ties.
     """
-    planes = torch.empty(
-        per_class, w.shape[0], w.shape[1] // per_class, dtype=dtype, device=w.device
-    )
+    planes = _aligned_stack(per_class, w.shape[0], w.shape[1] // per_class, dtype, w.device)
     return planes.copy_(w.unflatten(1, (-1, per_class)).permute(2, 0, 1))
+
+
+def _aligned_stack(
+    count: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``(count, rows, cols)``, each matrix contiguous and starting on a 64-byte boundary.
+
+    A BLAS product writes equal columns bit-equal only when its output (and, to be safe,
+    its input) sits at the same alignment: an output plane that starts mid-line rounds
+    some columns differently (measured), which would break exact ties between sub-centres.
+    """
+    per_line = max(1, 64 // torch.empty((), dtype=dtype).element_size())
+    stride = -(-rows * cols // per_line) * per_line
+    storage = torch.empty(count * stride, dtype=dtype, device=device)  # 64-byte aligned
+    return storage.as_strided((count, rows, cols), (stride, cols, 1))
 
 
 def _class_cosines(
@@ -606,7 +619,7 @@ def _class_cosines(
     on ties, as ``torch.max`` and so PML's plain path); else only the values (faster).
     """
     per_class, _, width = planes.shape
-    z = torch.empty(per_class, xs.shape[0], width, dtype=dtype, device=xs.device)
+    z = _aligned_stack(per_class, xs.shape[0], width, dtype, xs.device)
     for k in range(per_class):
         _block_logits(xs, planes[k], None, None, 0, dtype, out=z[k])
     if inv_planes is not None:  # the normalization: a column scaling of each product
