@@ -114,7 +114,7 @@ _DEVICE_BLOCK_ELEMENTS = 1 << 26
 #: default mode materializes the (B, C) logits and lets autograd differentiate them
 #: while ``B C + D C / 4`` (the logits, and W's share: the materialized path's column
 #: norm of W is a strided reduction) is at most this; above it the blocked function's
-#: fewer passes outweigh its per-block overhead (9 sizes with B*C in 64k-256k, D 128 and
+#: fewer passes outweigh its per-block overhead (14 sizes with B*C in 6k-256k, D 128 and
 #: 512, timed both ways: BENCHMARKS.md)
 MATERIALIZE_MAX_ELEMENTS = 1 << 18
 
