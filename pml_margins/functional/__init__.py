@@ -29,12 +29,16 @@ from pml_margins.functional.margin_softmax import (
     margin_softmax_cross_entropy,
 )
 from pml_margins.functional.target_logits import (
+    TargetWithSlope,
     arcface_target,
+    arcface_value_and_slope,
     combined_margin_target,
     cos_multiple_angle,
     cosface_target,
+    cosface_value_and_slope,
     safe_sine,
     sphereface_psi,
+    sphereface_value_and_slope,
 )
 
 __all__ = [
@@ -42,7 +46,9 @@ __all__ = [
     "FusedLogits",
     "NonTargetLogitFn",
     "TargetLogitFn",
+    "TargetWithSlope",
     "arcface_target",
+    "arcface_value_and_slope",
     "auto_chunk_size",
     "center_distances",
     "center_ema_update",
@@ -59,10 +65,12 @@ __all__ = [
     "cosface_margin_upper_bound",
     "cosface_scale_lower_bound",
     "cosface_target",
+    "cosface_value_and_slope",
     "fused_margin_softmax_cross_entropy",
     "margin_softmax_cross_entropy",
     "safe_sine",
     "sample_classes",
     "segment_logsumexp",
     "sphereface_psi",
+    "sphereface_value_and_slope",
 ]

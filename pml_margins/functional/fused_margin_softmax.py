@@ -88,6 +88,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from pml_margins.functional.dense_margin_softmax import (
+    NORM_EPS,
+    dense_margin_softmax_cross_entropy,
+    target_and_slope,
+)
 from pml_margins.functional.margin_softmax import TargetLogitFn, autocast_off, compute_dtype
 from pml_margins.validation import check_chunk_size, check_count, check_sample_rate
 
@@ -104,14 +109,14 @@ __all__ = [
 ChunkSize = int | str | None
 
 #: ``F.normalize``'s default: norms below this are clamped (the gradient then ignores the norm)
-_NORM_EPS = 1e-12
+_NORM_EPS = NORM_EPS
 #: elements of one ``(B, k)`` block in default mode on CPU: about 4 MiB of fp32, cache-sized
 _CPU_BLOCK_ELEMENTS = 1 << 20
 #: default mode: block temporaries at most 1/this of the saved (B, C) buffer (small C)
 _DEFAULT_BLOCK_FRACTION = 2
 #: elements of the largest ``(B or D, k)`` temporary on an accelerator: 256 MiB of fp32
 _DEVICE_BLOCK_ELEMENTS = 1 << 26
-#: default mode materializes the (B, C) logits and lets autograd differentiate them
+#: default mode materializes the (B, C) logits (the dense function, or autograd)
 #: while ``B C + D C / 4`` (the logits, and W's share: the materialized path's column
 #: norm of W is a strided reduction) is at most this; above it the blocked function's
 #: fewer passes outweigh its per-block overhead (14 sizes with B*C in 6k-256k, D 128 and
@@ -264,8 +269,12 @@ def fused_margin_softmax_cross_entropy(
             ``(B, C)`` tensor.
         sample_rate: partial-FC fraction of classes, in ``(0, 1]`` (:func:`sample_classes`).
         generator: random generator for the class sampling.
-        materialize: ``True`` forms the ``(B, C)`` logits and lets autograd differentiate
-            them (faster for small problems); ``False`` always runs the blocked function;
+        materialize: ``True`` forms the ``(B, C)`` logits in one product (faster for
+            small problems): one column per class and no non-target function run the
+            one-node dense function
+            (:func:`~pml_margins.functional.dense_margin_softmax.dense_margin_softmax_cross_entropy`),
+            the others let autograd differentiate them; ``False`` always runs the blocked
+            function;
             ``None`` (default) materializes in default mode (``chunk_size=None``) while
             ``B C + D C / 4 <=`` :data:`MATERIALIZE_MAX_ELEMENTS` (``C``: columns of
             ``W``). Same values either way.
@@ -309,6 +318,9 @@ def fused_margin_softmax_cross_entropy(
     num_classes = weight.shape[1] // per_class
     if bias is not None and bias.shape != (num_classes,):
         raise ValueError(f"bias must have shape ({num_classes},), got {tuple(bias.shape)}")
+    rows = embeddings.shape[0]
+    if isinstance(scale, torch.Tensor) and scale.shape != (rows,):
+        raise ValueError(f"a tensor scale must have shape ({rows},), got {tuple(scale.shape)}")
     labels = labels.long()
     if sample_rate < 1:
         sampled = sample_classes(labels, num_classes, sample_rate, generator)
@@ -316,6 +328,22 @@ def fused_margin_softmax_cross_entropy(
             index, labels = sampled
             weight = weight.index_select(1, class_columns(index, per_class))
             bias = None if bias is None else bias.index_select(0, index)
+    if materialize is None:
+        materialize = chunk_size is None and (
+            (rows + embeddings.shape[1] // 4) * weight.shape[1] <= MATERIALIZE_MAX_ELEMENTS
+        )
+    phi = non_target_logit_fn
+    if materialize and per_class == 1 and phi is None:
+        return dense_margin_softmax_cross_entropy(
+            embeddings,
+            weight,
+            labels,
+            target_logit_fn,
+            scale,
+            normalize_embeddings,
+            normalize_weight,
+            bias,
+        )
     # half embeddings are widened before the normalization, so it does not round to their dtype
     x = embeddings.to(compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype)))
     x = F.normalize(x, dim=1, eps=_NORM_EPS) if normalize_embeddings else x
@@ -335,12 +363,6 @@ def fused_margin_softmax_cross_entropy(
     block = min(block, num_classes)
     scale_tensor = scale if isinstance(scale, torch.Tensor) else None
     scale_value = 1.0 if isinstance(scale, torch.Tensor) else float(scale)
-    if scale_tensor is not None and scale_tensor.shape != (batch,):
-        raise ValueError(f"a tensor scale must have shape ({batch},), got {tuple(scale.shape)}")
-    if materialize is None:
-        columns = weight.shape[1]
-        materialize = saved and (batch + width // 4) * columns <= MATERIALIZE_MAX_ELEMENTS
-    phi = non_target_logit_fn
     if materialize:
         return _materialized(
             x, weight, labels, target_logit_fn, scale, normalize_weight, bias, phi, per_class
@@ -394,32 +416,8 @@ def _target_terms(
                 z_y = z_sub[0]
             else:  # the nearest of the target's sub-centres
                 z_y, winner = torch.stack(z_sub).max(0)
-        slope = None
-        if target_logit_fn is None:
-            psi = z_y
-            slope = torch.ones_like(z_y) if slope_needed else None
-        else:
-            with torch.enable_grad():
-                leaf = z_y.clone().requires_grad_(slope_needed)
-                psi = target_logit_fn(leaf).to(dtype)
-                if slope_needed:
-                    slope = _slope(psi, leaf)
-            if not slope_needed and not psi.requires_grad:
-                psi = psi.detach()
-        target = psi * (scale.to(dtype) if isinstance(scale, torch.Tensor) else float(scale))
-        if bias is not None:
-            target = target + bias.index_select(0, labels).to(dtype)
+        target, slope = target_and_slope(z_y, target_logit_fn, scale, bias, labels, slope_needed)
         return target, slope, z_y, winner
-
-
-def _slope(psi: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
-    r""":math:`\partial\psi/\partial z`, element-wise, keeping the graph of :math:`\psi`."""
-    if not psi.requires_grad:
-        return torch.zeros_like(leaf)
-    (slope,) = torch.autograd.grad(
-        psi, leaf, torch.ones_like(psi), retain_graph=True, allow_unused=True
-    )
-    return torch.zeros_like(leaf) if slope is None else slope.detach()
 
 
 def _materialized(

@@ -13,17 +13,23 @@ finite at :math:`\cos\theta = \pm 1` (where ``d acos/dx`` is infinite).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 __all__ = [
+    "TargetWithSlope",
     "arcface_target",
+    "arcface_value_and_slope",
     "combined_margin_target",
+    "combined_margin_value_and_slope",
     "cos_multiple_angle",
     "cosface_target",
+    "cosface_value_and_slope",
     "safe_sine",
     "sphereface_psi",
+    "sphereface_value_and_slope",
 ]
 
 # sin(theta) at or below this gets no gradient (sqrt's slope is infinite at 0).
@@ -64,6 +70,13 @@ def cosface_target(cosine: torch.Tensor, margin: float) -> torch.Tensor:
     return cosine - margin
 
 
+def cosface_value_and_slope(
+    cosine: torch.Tensor, margin: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`cosface_target` and its derivative (1), no graph."""
+    return cosine - margin, torch.ones_like(cosine)
+
+
 def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = False) -> torch.Tensor:
     r"""ArcFace (Deng et al., 2019): :math:`\cos(\theta_y + m)`, margin in radians.
 
@@ -82,6 +95,30 @@ def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = Fals
         return torch.where(cosine > 0, with_margin, cosine)
     threshold = math.cos(math.pi - margin)
     return torch.where(cosine > threshold, with_margin, cosine - margin * sin_m)
+
+
+def arcface_value_and_slope(
+    cosine: torch.Tensor, margin: float, easy_margin: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`arcface_target` and its derivative in one pass, no graph.
+
+    .. math::
+        \frac{d}{d\cos\theta}\cos(\theta+m) = \cos m + \sin m\,\frac{\cos\theta}{\sin\theta}
+
+    with the second term 0 where :math:`\sin\theta \le 10^{-6}` (as
+    :func:`safe_sine`'s gradient), and 1 where the fallback (or, with
+    ``easy_margin``, the plain cosine) applies.
+    """
+    cos_m, sin_m = math.cos(margin), math.sin(margin)
+    sine = ((1 - cosine) * (1 + cosine)).clamp_min_(0).sqrt_()
+    value = cosine * cos_m - sine * sin_m
+    ratio = (cosine / sine.clamp_min(_SINE_MIN)).masked_fill_(sine <= _SINE_MIN, 0)
+    slope = ratio.mul_(sin_m).add_(cos_m)
+    if easy_margin:
+        above = cosine > 0
+        return torch.where(above, value, cosine), torch.where(above, slope, 1.0)
+    above = cosine > math.cos(math.pi - margin)
+    return torch.where(above, value, cosine - margin * sin_m), torch.where(above, slope, 1.0)
 
 
 def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
@@ -142,6 +179,26 @@ def sphereface_psi(cosine: torch.Tensor, margin: int) -> torch.Tensor:
     return sign * cos_multiple_angle(cosine, margin) - 2 * k
 
 
+def sphereface_value_and_slope(
+    cosine: torch.Tensor, margin: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`sphereface_psi` and its derivative :math:`(-1)^k\, m\, U_{m-1}(\cos\theta)`,
+    no graph (:math:`T_m' = m U_{m-1}`; both Chebyshev recurrences in one loop:
+    :math:`T_{k+1} = 2xT_k - T_{k-1}`, :math:`U_{k} = 2xU_{k-1} - U_{k-2}`,
+    :math:`U_{-1} = 0`, :math:`U_0 = 1`)."""
+    m = int(margin)
+    k = _angle_region(cosine, float(m), 0.0).clamp(max=m - 1)
+    t_prev, t_curr = torch.ones_like(cosine), cosine  # T_0, T_1
+    u_prev, u_curr = torch.zeros_like(cosine), torch.ones_like(cosine)  # U_{-1}, U_0
+    for _ in range(m - 1):
+        t_prev, t_curr = t_curr, 2 * cosine * t_curr - t_prev
+        u_prev, u_curr = u_curr, 2 * cosine * u_curr - u_prev
+    if m == 0:
+        t_curr = t_prev
+    sign = 1 - 2 * torch.remainder(k, 2)
+    return sign * t_curr - 2 * k, sign * m * u_curr
+
+
 def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
     r"""Combined margin (ArcFace paper, Sec. 3.3): :math:`\cos(m_1\theta_y + m_2) - m_3`.
 
@@ -166,3 +223,54 @@ def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float
     k = _angle_region(cosine, m1, m2)
     sign = 1 - 2 * torch.remainder(k, 2)
     return sign * cos_shifted - 2 * k - m3
+
+
+def combined_margin_value_and_slope(
+    cosine: torch.Tensor, m1: float, m2: float, m3: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`combined_margin_target` and its derivative, no graph, where it reduces to
+    ArcFace/CosFace (:math:`m_1 = 1`) or SphereFace (integer :math:`m_1`, :math:`m_2 = 0`):
+    the same operations as those special cases.
+
+    Raises:
+        ValueError: for the general form (use autograd: :func:`combined_margin_target`).
+    """
+    if m1 == 1:
+        if m2 == 0:
+            return cosine - m3, torch.ones_like(cosine)
+        value, slope = arcface_value_and_slope(cosine, m2)
+    elif m2 == 0 and float(m1).is_integer():
+        value, slope = sphereface_value_and_slope(cosine, int(m1))
+    else:
+        raise ValueError(f"no closed-form slope for m1={m1}, m2={m2}")
+    return value - m3, slope
+
+
+class TargetWithSlope:
+    r"""A target-logit function :math:`\psi` that also gives its derivative.
+
+    ``psi(z, **kwargs)`` is the differentiable function (for autograd paths and
+    users); ``value_and_slope(z, **kwargs)`` returns :math:`\psi(z)` and
+    :math:`\psi'(z)` without a graph, in one pass: the fused cores then skip an
+    autograd pass per step. ``kwargs`` must be constants (floats), not tensors with
+    a graph (a margin that depends on the batch needs autograd: pass a plain function).
+    """
+
+    def __init__(
+        self,
+        psi: Callable[..., torch.Tensor],
+        value_and_slope: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        **kwargs: Any,
+    ) -> None:
+        self.psi, self.value_and_slope_fn, self.kwargs = psi, value_and_slope, kwargs
+
+    def __call__(self, cosine: torch.Tensor) -> torch.Tensor:
+        return self.psi(cosine, **self.kwargs)
+
+    def value_and_slope(self, cosine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`(\psi, \psi')` at ``cosine``, element-wise, no graph."""
+        return self.value_and_slope_fn(cosine, **self.kwargs)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"TargetWithSlope({self.psi.__name__}, {args})"

@@ -2,11 +2,14 @@ r"""ArcFace / additive angular margin loss."""
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from pml_margins.functional.margin_softmax import TargetLogitFn
-from pml_margins.functional.target_logits import arcface_target
+from pml_margins.functional.target_logits import (
+    TargetWithSlope,
+    arcface_target,
+    arcface_value_and_slope,
+)
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import check_angle_margin, check_positive
@@ -61,4 +64,9 @@ class ArcFaceLoss(ClassWeightLoss):
         super().__init__(num_classes, embedding_size, **kwargs)
 
     def target_logit_fn(self) -> TargetLogitFn:
-        return partial(arcface_target, margin=self.margin, easy_margin=self.easy_margin)
+        return TargetWithSlope(
+            arcface_target,
+            arcface_value_and_slope,
+            margin=self.margin,
+            easy_margin=self.easy_margin,
+        )

@@ -6,7 +6,11 @@ from functools import partial
 from typing import Any
 
 from pml_margins.functional.margin_softmax import TargetLogitFn
-from pml_margins.functional.target_logits import combined_margin_target
+from pml_margins.functional.target_logits import (
+    TargetWithSlope,
+    combined_margin_target,
+    combined_margin_value_and_slope,
+)
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
@@ -66,4 +70,12 @@ class CombinedMarginLoss(ClassWeightLoss):
         super().__init__(num_classes, embedding_size, **kwargs)
 
     def target_logit_fn(self) -> TargetLogitFn:
+        if self.m1 == 1 or (self.m2 == 0 and float(self.m1).is_integer()):
+            return TargetWithSlope(
+                combined_margin_target,
+                combined_margin_value_and_slope,
+                m1=self.m1,
+                m2=self.m2,
+                m3=self.m3,
+            )
         return partial(combined_margin_target, m1=self.m1, m2=self.m2, m3=self.m3)

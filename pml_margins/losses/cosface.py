@@ -2,11 +2,14 @@ r"""CosFace / large margin cosine loss (LMCL)."""
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from pml_margins.functional.margin_softmax import TargetLogitFn
-from pml_margins.functional.target_logits import cosface_target
+from pml_margins.functional.target_logits import (
+    TargetWithSlope,
+    cosface_target,
+    cosface_value_and_slope,
+)
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import check_non_negative, check_positive
@@ -53,4 +56,4 @@ class CosFaceLoss(ClassWeightLoss):
         super().__init__(num_classes, embedding_size, **kwargs)
 
     def target_logit_fn(self) -> TargetLogitFn:
-        return partial(cosface_target, margin=self.margin)
+        return TargetWithSlope(cosface_target, cosface_value_and_slope, margin=self.margin)

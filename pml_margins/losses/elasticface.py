@@ -2,13 +2,19 @@ r"""ElasticFace: ArcFace or CosFace with a margin drawn per sample from a normal
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
 
 from pml_margins.functional.margin_softmax import TargetLogitFn
-from pml_margins.functional.target_logits import arcface_target, cosface_target, safe_sine
+from pml_margins.functional.target_logits import (
+    TargetWithSlope,
+    arcface_target,
+    arcface_value_and_slope,
+    cosface_target,
+    cosface_value_and_slope,
+    safe_sine,
+)
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
@@ -119,8 +125,8 @@ class ElasticFaceLoss(ClassWeightLoss):
         if self.sigma == 0:  # deterministic: exactly ArcFace's / CosFace's function
             self.last_margins = None
             if self.variant == "arc":
-                return partial(arcface_target, margin=self.margin)
-            return partial(cosface_target, margin=self.margin)
+                return TargetWithSlope(arcface_target, arcface_value_and_slope, margin=self.margin)
+            return TargetWithSlope(cosface_target, cosface_value_and_slope, margin=self.margin)
         return self._draw_and_apply
 
     def _draw_and_apply(self, cosine: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,11 @@ from typing import Any
 import torch
 
 from pml_margins.functional.margin_softmax import TargetLogitFn
-from pml_margins.functional.target_logits import sphereface_psi
+from pml_margins.functional.target_logits import (
+    TargetWithSlope,
+    sphereface_psi,
+    sphereface_value_and_slope,
+)
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
@@ -79,10 +83,24 @@ class SphereFaceLoss(ClassWeightLoss):
         return self.feature_norms(embeddings)
 
     def target_logit_fn(self) -> TargetLogitFn:
-        margin, lam = self.margin, self.lambda_
+        return TargetWithSlope(
+            annealed_psi, annealed_psi_value_and_slope, margin=self.margin, lambda_=self.lambda_
+        )
 
-        def target(cosine: torch.Tensor) -> torch.Tensor:
-            psi = sphereface_psi(cosine, margin)
-            return psi if lam == 0 else (lam * cosine + psi) / (1 + lam)
 
-        return target
+def annealed_psi(cosine: torch.Tensor, margin: int, lambda_: float) -> torch.Tensor:
+    r"""SphereFace's target with the paper's annealing:
+    :math:`(\lambda\cos\theta + \psi)/(1 + \lambda)`."""
+    psi = sphereface_psi(cosine, margin)
+    return psi if lambda_ == 0 else (lambda_ * cosine + psi) / (1 + lambda_)
+
+
+def annealed_psi_value_and_slope(
+    cosine: torch.Tensor, margin: int, lambda_: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`annealed_psi` and its derivative, no graph:
+    :math:`(\lambda + \psi')/(1 + \lambda)`."""
+    psi, slope = sphereface_value_and_slope(cosine, margin)
+    if lambda_ == 0:
+        return psi, slope
+    return (lambda_ * cosine + psi) / (1 + lambda_), (lambda_ + slope) / (1 + lambda_)

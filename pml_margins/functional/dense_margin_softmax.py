@@ -1,0 +1,246 @@
+r"""The margin softmax of a small problem: one ``(B, C)`` product, one autograd node.
+
+For ``B C`` up to a few hundred thousand the cost of a margin-softmax step is its
+op count, not its arithmetic. Here the cosines come from one product, made without
+a graph; the target logit :math:`t_i = s_i\psi(z_{iy_i}) + b_{y_i}` is formed from
+the gathered target cosines (with the graph of :math:`\psi`'s other inputs, the
+scale and the bias), and one autograd function takes the softmax and writes the
+gradients by hand (``P``: the softmax of the logits, :math:`\hat x = x/|x|`,
+:math:`\hat w_j = w_j/|w_j|`, :math:`g` the incoming gradient):
+
+.. math::
+    G_{ij} = g_i s_i P_{ij}\ (j \ne y_i), \qquad
+    G_{iy_i} = g_i s_i (P_{iy_i} - 1)\,\psi'(z_{iy_i})
+
+    \partial L/\partial\hat x = G\,\mathrm{diag}(1/|w|)\,W^\top, \qquad
+    \partial L/\partial x_i = (I - \hat x_i\hat x_i^\top)\,\partial L/\partial\hat x_i / |x_i|
+
+    \partial L/\partial w_j = (I - \hat w_j\hat w_j^\top)\,\hat X^\top G_{:j} / |w_j|, \qquad
+    \partial L/\partial t_i = g_i (P_{iy_i} - 1)
+
+(no projection where a norm is below ``F.normalize``'s ``eps``, as there), plus
+:math:`\partial L/\partial s_i = g_i\sum_{j\ne y_i} P_{ij} z_{ij}` and
+:math:`\partial L/\partial b_j = \sum_{i: y_i \ne j} g_i P_{ij}`. About half the ops of
+the same loss written with torch functions and differentiated by autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from pml_margins.functional.margin_softmax import autocast_off, compute_dtype
+
+__all__ = ["NORM_EPS", "dense_margin_softmax_cross_entropy", "target_and_slope"]
+
+#: ``F.normalize``'s default: norms below this are clamped (the gradient then ignores the norm)
+NORM_EPS = 1e-12
+
+
+def target_and_slope(
+    z_y: torch.Tensor,
+    target_logit_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    scale: float | torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    slope_needed: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""Target logits :math:`t = s\,\psi(z) + b_y` and the slope :math:`\psi'(z)`.
+
+    ``z_y`` (the ``B`` target cosines) carries no graph; ``t`` has the graph of
+    :math:`\psi`'s other inputs (per-row margins), of the scale and of the bias. Both
+    come from ``target_logit_fn.value_and_slope`` when it has one
+    (:class:`~pml_margins.functional.target_logits.TargetWithSlope`, no graph), else
+    from autograd; the slope is ``None`` unless ``slope_needed``.
+    """
+    dtype = z_y.dtype
+    slope = None
+    if target_logit_fn is None:
+        psi = z_y
+        slope = torch.ones_like(z_y) if slope_needed else None
+    elif hasattr(target_logit_fn, "value_and_slope"):
+        with torch.no_grad():
+            psi, slope = target_logit_fn.value_and_slope(z_y)
+        psi, slope = _cast(psi, dtype), (_cast(slope, dtype) if slope_needed else None)
+    else:
+        with torch.enable_grad():
+            leaf = z_y.detach().requires_grad_(slope_needed)
+            psi = target_logit_fn(leaf).to(dtype)
+            if slope_needed:
+                slope = _autograd_slope(psi, leaf)
+        if not slope_needed and not psi.requires_grad:
+            psi = psi.detach()
+    target = psi * (_cast(scale, dtype) if isinstance(scale, torch.Tensor) else float(scale))
+    if bias is not None:
+        target = target + _cast(bias.index_select(0, labels), dtype)
+    return target, slope
+
+
+def _autograd_slope(psi: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    r""":math:`\partial\psi/\partial z`, element-wise, keeping the graph of :math:`\psi`."""
+    if not psi.requires_grad:
+        return torch.zeros_like(leaf)
+    (slope,) = torch.autograd.grad(
+        psi, leaf, torch.ones_like(psi), retain_graph=True, allow_unused=True
+    )
+    return torch.zeros_like(leaf) if slope is None else slope.detach()
+
+
+def _inverse_norms(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``1 / max(|x|, eps)`` along ``dim`` (kept) and where the norm exceeds ``eps``
+    (``F.normalize``'s rule: its gradient's two cases)."""
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    return norm.clamp_min(NORM_EPS).reciprocal_(), norm > NORM_EPS
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, without the call when it is already (a step makes a dozen)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def dense_margin_softmax_cross_entropy(
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    target_logit_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    scale: float | torch.Tensor,
+    normalize_embeddings: bool,
+    normalize_weight: bool,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Per-sample margin-softmax cross-entropy of a small problem (see the module doc).
+
+    Same arguments and values as
+    :func:`~pml_margins.functional.fused_margin_softmax_cross_entropy` with one
+    column of ``W`` per class and no non-target function; ``labels`` are ``int64``
+    in ``[0, C)``. Computed in ``compute_dtype`` of the inputs (the products in the
+    autocast dtype under autocast); gradients in each input's own dtype.
+    """
+    dtype = compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype))
+    device_type = embeddings.device.type
+    mm_dtype = dtype
+    if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        mm_dtype = torch.get_autocast_dtype(device_type)
+    scale_tensor = scale if isinstance(scale, torch.Tensor) else None
+    inputs = (embeddings, weight, scale_tensor, bias)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    with torch.no_grad(), autocast_off(device_type):
+        x = _cast(embeddings.detach(), dtype)
+        x_inv = x_active = w_inv = w_active = None
+        if normalize_embeddings:
+            x_inv, x_active = _inverse_norms(x, 1)
+            x = x * x_inv
+        w = _cast(weight.detach(), dtype)
+        cosine = _cast(torch.mm(_cast(x, mm_dtype), _cast(w, mm_dtype)), dtype)
+        if normalize_weight:
+            w_inv, w_active = _inverse_norms(w, 0)
+            cosine.mul_(w_inv)
+        index = labels.unsqueeze(1)
+        z_y = cosine.gather(1, index).squeeze(1)
+    target, slope = target_and_slope(z_y, target_logit_fn, scale, bias, labels, grad)
+    if not grad and not target.requires_grad:
+        return _losses(cosine, scale, bias, target.detach(), index)[0]
+    saved = _Saved(x, x_inv, x_active, w, w_inv, w_active, index, slope, mm_dtype, scale)
+    return _DenseMarginSoftmax.apply(embeddings, weight, scale_tensor, bias, target, cosine, saved)
+
+
+class _Saved(NamedTuple):
+    """What the backward reads besides the logits: the unit rows and columns, no graph."""
+
+    x: torch.Tensor  # rows of the product (normalized when asked), compute dtype
+    x_inv: torch.Tensor | None  # (B, 1) 1 / max(|x|, eps)
+    x_active: torch.Tensor | None  # (B, 1) |x| > eps
+    w: torch.Tensor  # W in the compute dtype (raw)
+    w_inv: torch.Tensor | None  # (1, C)
+    w_active: torch.Tensor | None  # (1, C)
+    index: torch.Tensor  # (B, 1) labels
+    slope: torch.Tensor | None  # (B,) psi'(z_y)
+    mm_dtype: torch.dtype  # the products' operand dtype
+    scale: float | torch.Tensor
+
+
+def _losses(
+    cosine: torch.Tensor,
+    scale: float | torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Losses and log-softmax of the logits ``s z + b`` with the targets written in
+    (``cosine`` becomes the logits)."""
+    if isinstance(scale, torch.Tensor):
+        cosine.mul_(_cast(scale.detach(), cosine.dtype).unsqueeze(1))
+    else:
+        cosine.mul_(float(scale))
+    if bias is not None:
+        cosine.add_(_cast(bias.detach(), cosine.dtype))
+    log_prob = torch.log_softmax(cosine.scatter_(1, index, target.unsqueeze(1)), 1)
+    return log_prob.gather(1, index).squeeze(1).neg_(), log_prob
+
+
+class _DenseMarginSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        embeddings: torch.Tensor,
+        weight: torch.Tensor,
+        scale_tensor: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        cosine: torch.Tensor,
+        saved: _Saved,
+    ) -> torch.Tensor:
+        # grad s needs the cosines, which become the logits
+        z = cosine.clone() if ctx.needs_input_grad[2] else None
+        target = _cast(target.detach(), cosine.dtype)
+        losses, log_prob = _losses(cosine, saved.scale, bias, target, saved.index)
+        ctx.saved = saved
+        ctx.dtypes = embeddings.dtype, weight.dtype, None if bias is None else bias.dtype
+        ctx.save_for_backward(log_prob, z)
+        return losses
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        log_prob, z = ctx.saved_tensors
+        saved: _Saved = ctx.saved
+        x, w, index, mm_dtype = saved.x, saved.w, saved.index, saved.mm_dtype
+        need_x, need_w, need_s, need_b, need_t = ctx.needs_input_grad[:5]
+        dtype = log_prob.dtype
+        grad_x = grad_w = grad_s = grad_b = grad_t = None
+        with autocast_off(log_prob.device.type):
+            g = _cast(grad_losses, dtype)
+            s = saved.scale
+            s = _cast(s.detach(), dtype) if isinstance(s, torch.Tensor) else s
+            gs = (g * s).unsqueeze(1)
+            prob = log_prob.exp()
+            p_target = prob.gather(1, index).squeeze(1)
+            prob.scatter_(1, index, 0.0)  # off the target (its entry reaches s and b through t)
+            if need_s:
+                grad_s = _cast(g * torch.linalg.vecdot(prob, z), saved.scale.dtype)
+            if need_b:
+                grad_b = _cast(torch.mv(prob.t(), g), ctx.dtypes[2])
+            if need_t:
+                grad_t = g * (p_target - 1)
+            # d loss / d z: g s P off the target, g s (P_y - 1) psi'(z_y) on it
+            target_entry = (p_target - 1) if saved.slope is None else (p_target - 1) * saved.slope
+            grad_z = prob.mul_(gs).scatter_(1, index, target_entry.unsqueeze(1) * gs)
+            if saved.w_inv is not None:
+                grad_z.mul_(saved.w_inv)  # the products then use the raw W
+            grad_z_mm = _cast(grad_z, mm_dtype)
+            if need_x:
+                grad_x = _cast(torch.mm(grad_z_mm, _cast(w, mm_dtype).t()), dtype)
+                if saved.x_inv is not None:
+                    radial = torch.linalg.vecdot(grad_x, x).unsqueeze(1) * saved.x_active
+                    grad_x.sub_(x * radial).mul_(saved.x_inv)
+                grad_x = _cast(grad_x, ctx.dtypes[0])
+            if need_w:
+                grad_w = _cast(torch.mm(_cast(x, mm_dtype).t(), grad_z_mm), dtype)
+                if saved.w_inv is not None:
+                    radial = torch.linalg.vecdot(grad_w, w, dim=0).unsqueeze(0)
+                    grad_w.sub_(w * (radial * saved.w_inv.square() * saved.w_active))
+                grad_w = _cast(grad_w, ctx.dtypes[1])
+        return grad_x, grad_w, grad_s, grad_b, grad_t, None, None

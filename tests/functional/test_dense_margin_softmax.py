@@ -1,0 +1,162 @@
+"""The one-node dense margin softmax (small problems) against autograd on torch ops."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pml_margins.functional import (
+    TargetWithSlope,
+    arcface_target,
+    arcface_value_and_slope,
+    cosface_target,
+    fused_margin_softmax_cross_entropy,
+)
+from pml_margins.functional.dense_margin_softmax import dense_margin_softmax_cross_entropy
+
+B, D, C = 9, 6, 13
+
+
+def reference(x, w, labels, psi, scale, normalize_x, normalize_w, bias=None):
+    """The loss with torch ops, differentiated by autograd (float64 in, float64 out)."""
+    x = F.normalize(x, dim=1) if normalize_x else x
+    w = F.normalize(w, dim=0) if normalize_w else w
+    z = x @ w
+    z_y = z.gather(1, labels[:, None]).squeeze(1)
+    s = scale[:, None] if isinstance(scale, torch.Tensor) else scale
+    logits = z * s + (0 if bias is None else bias)
+    target = (z_y if psi is None else psi(z_y)) * (s.squeeze(1) if torch.is_tensor(s) else s)
+    if bias is not None:
+        target = target + bias[labels]
+    logits = logits.scatter(1, labels[:, None], target[:, None])
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def inputs(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=dtype)
+    w = torch.randn(D, C, generator=g, dtype=dtype)
+    labels = torch.randint(0, C, (B,), generator=g)
+    return x, w, labels
+
+
+ARC = TargetWithSlope(arcface_target, arcface_value_and_slope, margin=0.5, easy_margin=False)
+
+
+@pytest.mark.parametrize("normalize_x", [True, False])
+@pytest.mark.parametrize("normalize_w", [True, False])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("psi", [None, ARC, partial(cosface_target, margin=0.35)])
+def test_values_and_gradients_equal_autograd(normalize_x, normalize_w, with_bias, psi):
+    x, w, labels = inputs()
+    bias = torch.randn(C, dtype=torch.float64) if with_bias else None
+    weights = torch.rand(B, dtype=torch.float64)
+    results = []
+    for fn in (dense_margin_softmax_cross_entropy, reference):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        bs = None if bias is None else bias.clone().requires_grad_()
+        loss = fn(xs, ws, labels, psi, 7.0, normalize_x, normalize_w, bs)
+        (loss * weights).sum().backward()
+        results.append((loss.detach(), xs.grad, ws.grad, None if bs is None else bs.grad))
+    for ours, ref in zip(*results, strict=True):
+        if ref is not None:
+            torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_with_a_tensor_scale_a_bias_and_per_row_margins():
+    """Every input with a graph: x, W, a (B,) scale, the bias and a per-row margin the
+    target function closes over (its gradient flows through the target logits)."""
+    x, w, labels = inputs(1)
+    x.requires_grad_()
+    w.requires_grad_()
+    scale = (torch.rand(B, dtype=torch.float64) + 1).requires_grad_()
+    bias = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    margins = (torch.rand(B, dtype=torch.float64) * 0.3).requires_grad_()
+
+    def loss(x, w, scale, bias, margins):
+        return dense_margin_softmax_cross_entropy(
+            x, w, labels, lambda z: z - margins, scale, True, True, bias
+        )
+
+    assert torch.autograd.gradcheck(loss, (x, w, scale, bias, margins))
+
+
+def test_zero_rows_and_columns_follow_f_normalize():
+    """Norms under eps are clamped, as F.normalize: no projection in their gradient."""
+    x, w, labels = inputs(2)
+    x[0] = 0
+    x[1] = 1e-14  # positive, below eps
+    w[:, 3] = 0
+    results = []
+    for fn in (dense_margin_softmax_cross_entropy, reference):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(xs, ws, labels, ARC, 5.0, True, True)
+        loss.sum().backward()
+        results.append((loss.detach(), xs.grad, ws.grad))
+    for ours, ref in zip(*results, strict=True):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_backward_twice_with_retain_graph_and_no_grad_forward():
+    x, w, labels = inputs(3, torch.float32)
+    x.requires_grad_()
+    loss = dense_margin_softmax_cross_entropy(x, w, labels, ARC, 30.0, True, True).sum()
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+    with torch.no_grad():
+        again = dense_margin_softmax_cross_entropy(x, w, labels, ARC, 30.0, True, True)
+    assert again.grad_fn is None
+    torch.testing.assert_close(again.sum(), loss.detach())
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "w_dtype"),
+    [
+        (torch.float64, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+    ],
+)
+def test_mixed_dtypes_compute_in_the_wider_and_return_each_dtype(x_dtype, w_dtype):
+    x, w, labels = inputs(4)
+    xs = x.to(x_dtype).requires_grad_()
+    ws = w.to(w_dtype).requires_grad_()
+    loss = dense_margin_softmax_cross_entropy(xs, ws, labels, ARC, 16.0, True, True)
+    loss.sum().backward()
+    wide = torch.float64 if torch.float64 in (x_dtype, w_dtype) else torch.float32
+    assert loss.dtype == wide
+    assert xs.grad.dtype == x_dtype and ws.grad.dtype == w_dtype
+    ref = reference(xs.detach().double(), ws.detach().double(), labels, ARC, 16.0, True, True)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_autocast_runs_the_product_in_bfloat16():
+    x, w, labels = inputs(5, torch.float32)
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = dense_margin_softmax_cross_entropy(x, w, labels, ARC, 16.0, True, True)
+    loss.sum().backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.float32
+    ref = reference(x.detach().double(), w.double(), labels, ARC, 16.0, True, True)
+    torch.testing.assert_close(loss.double(), ref, rtol=0.05, atol=0.05)
+
+
+def test_small_default_problems_take_the_dense_function():
+    x, w, labels = inputs(6, torch.float32)
+    x.requires_grad_()
+    loss = fused_margin_softmax_cross_entropy(x, w, labels, ARC, 16.0)
+    assert type(loss.grad_fn).__name__ == "_DenseMarginSoftmaxBackward"
+    # sub-centres and a non-target function stay on the autograd path
+    phi = fused_margin_softmax_cross_entropy(
+        x, w, labels, ARC, 16.0, non_target_logit_fn=lambda z: 1.1 * z
+    )
+    assert "Dense" not in type(phi.grad_fn).__name__
+    sub = fused_margin_softmax_cross_entropy(x, w[:, :12], labels // 2, ARC, 16.0, sub_centers=2)
+    assert "Dense" not in type(sub.grad_fn).__name__

@@ -1,0 +1,108 @@
+"""Closed-form (value, slope) of the target-logit functions against autograd."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+import torch
+
+from pml_margins.functional import (
+    arcface_target,
+    arcface_value_and_slope,
+    combined_margin_target,
+    cosface_target,
+    cosface_value_and_slope,
+    sphereface_psi,
+    sphereface_value_and_slope,
+)
+from pml_margins.functional.target_logits import combined_margin_value_and_slope
+from pml_margins.losses import (
+    ArcFaceLoss,
+    CombinedMarginLoss,
+    CosFaceLoss,
+    ElasticFaceLoss,
+    SphereFaceLoss,
+)
+from pml_margins.losses.sphereface import annealed_psi, annealed_psi_value_and_slope
+
+
+def cosines(dtype=torch.float64):
+    """A grid over [-1, 1] plus the edges: +-1, 0, the ArcFace fallback threshold, and
+    points within 1e-13 of +-1 (where the sine is below safe_sine's cut-off)."""
+    edges = [1.0, -1.0, 0.0, math.cos(math.pi - 0.5), 1 - 1e-13, -1 + 1e-13, 0.5, -0.5]
+    return torch.cat([torch.linspace(-1, 1, 4001, dtype=dtype), torch.tensor(edges, dtype=dtype)])
+
+
+CASES = {
+    "cosface": (lambda c: cosface_target(c, 0.35), lambda c: cosface_value_and_slope(c, 0.35)),
+    "arcface": (lambda c: arcface_target(c, 0.5), lambda c: arcface_value_and_slope(c, 0.5)),
+    "arcface_easy": (
+        lambda c: arcface_target(c, 0.5, True),
+        lambda c: arcface_value_and_slope(c, 0.5, True),
+    ),
+    "arcface_wide": (lambda c: arcface_target(c, 2.5), lambda c: arcface_value_and_slope(c, 2.5)),
+    "arcface_zero": (lambda c: arcface_target(c, 0.0), lambda c: arcface_value_and_slope(c, 0.0)),
+    **{
+        f"sphereface{m}": (
+            partial(sphereface_psi, margin=m),
+            partial(sphereface_value_and_slope, margin=m),
+        )
+        for m in (1, 2, 3, 4, 5)
+    },
+    "annealed": (
+        lambda c: annealed_psi(c, 4, 0.7),
+        lambda c: annealed_psi_value_and_slope(c, 4, 0.7),
+    ),
+    "combined_arc_cos": (
+        lambda c: combined_margin_target(c, 1.0, 0.3, 0.2),
+        lambda c: combined_margin_value_and_slope(c, 1.0, 0.3, 0.2),
+    ),
+    "combined_sphere": (
+        lambda c: combined_margin_target(c, 3.0, 0.0, 0.1),
+        lambda c: combined_margin_value_and_slope(c, 3.0, 0.0, 0.1),
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_value_and_slope_equal_the_function_and_its_autograd_derivative(name, dtype):
+    psi, value_and_slope = CASES[name]
+    c = cosines(dtype)
+    leaf = c.clone().requires_grad_()
+    (expected_slope,) = torch.autograd.grad(psi(leaf).sum(), leaf)
+    value, slope = value_and_slope(c)
+    assert value.dtype == slope.dtype == dtype and not value.requires_grad
+    torch.testing.assert_close(value, psi(c), rtol=0, atol=0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(slope, expected_slope, rtol=tol, atol=tol)
+    assert torch.isfinite(slope).all()
+
+
+def test_combined_margin_general_form_has_no_closed_form_slope():
+    with pytest.raises(ValueError, match="no closed-form slope"):
+        combined_margin_value_and_slope(torch.zeros(3), 1.5, 0.2, 0.0)
+    # the loss then keeps the autograd path
+    assert not hasattr(
+        CombinedMarginLoss(5, 4, m1=1.5, m2=0.2).target_logit_fn(), "value_and_slope"
+    )
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        ArcFaceLoss(5, 4),
+        CosFaceLoss(5, 4),
+        SphereFaceLoss(5, 4),
+        CombinedMarginLoss(5, 4, m1=1.0, m2=0.3, m3=0.2),
+        ElasticFaceLoss(5, 4, sigma=0.0),
+    ],
+    ids=type,
+)
+def test_fixed_margin_losses_give_closed_form_slopes(loss):
+    fn = loss.target_logit_fn()
+    c = cosines()
+    value, _ = fn.value_and_slope(c)
+    torch.testing.assert_close(value, fn(c), rtol=0, atol=0)
