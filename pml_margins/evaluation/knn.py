@@ -37,7 +37,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from pml_margins.evaluation.inputs import as_embeddings
+from pml_margins.evaluation.inputs import as_embeddings, check_int, check_k, check_knn
 
 __all__ = [
     "Backend",
@@ -49,8 +49,7 @@ __all__ = [
     "thread_limit",
 ]
 
-Metric = Literal["euclidean", "sqeuclidean", "dot"]
-METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean", "dot")
+Metric = Literal["euclidean", "sqeuclidean", "dot"]  # inputs.METRICS
 Backend = Literal["auto", "faiss", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
 #: unit roundoff of float32
@@ -99,13 +98,6 @@ def float32_error_bound(
     return scale * (query_norms + max_reference_norm) ** 2 + tiny
 
 
-def check_k(k: object, available: int) -> int:
-    """``k`` as an int in ``[0, available]``, else ``ValueError``."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= available:
-        raise ValueError(f"k must be an integer in [0, {available}], got {k!r}")
-    return k
-
-
 def merge_neighbours(
     values: torch.Tensor, indices: torch.Tensor, k: int, largest: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,23 +113,18 @@ def merge_neighbours(
 
 @contextlib.contextmanager
 def thread_limit(num_threads: int | None, libraries: bool = True) -> Iterator[None]:
-    """At most ``num_threads`` CPU threads in torch and, if ``libraries``, in BLAS and
-    OpenMP (faiss) for the duration (restored after); ``None`` changes nothing.
+    """At most ``num_threads`` (a positive int, else ``ValueError``; ``None``: no change)
+    CPU threads in torch and, if ``libraries``, in BLAS and OpenMP (faiss) until exit.
 
     The engine runs its float64 passes on one torch thread: they work in cache-sized
     chunks, where starting a parallel region costs more than it saves (on a busy
     2-core machine, 48 ms against 0.1 ms per chunk).
-
-    Raises:
-        ValueError: ``num_threads`` is not a positive integer.
     """
     if num_threads is None:
         yield
         return
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
     before = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
+    torch.set_num_threads(check_int(num_threads, "num_threads"))
     try:
         with threadpool_limits(num_threads) if libraries else contextlib.nullcontext():
             yield
@@ -500,15 +487,7 @@ def exact_knn(
     """
     query = as_embeddings(query, "query")
     reference = as_embeddings(reference, "reference", query.shape[1])
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if exclude_self and len(reference) < len(query):
-        raise ValueError("exclude_self needs the reference set to start with the query set")
-    check_k(k, len(reference) - int(exclude_self))
-    if block_rows is not None and (
-        isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1
-    ):
-        raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
+    check_knn(k, metric, exclude_self, len(query), len(reference), block_rows)
     with torch.no_grad(), thread_limit(num_threads):
         self_offset = 0 if exclude_self else None
         values, indices = knn_float64(
