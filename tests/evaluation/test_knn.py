@@ -160,7 +160,7 @@ def test_faiss_heaps_keep_the_smallest_costs(metric, same):
     width = 11
     for workers in (0, 1, 3):  # torch.topk; faiss heaps in 1 or 3 threads, merged
         costs, columns = knn_module._candidate_pass(
-            a, b, metric, width, self_columns, same, 32, workers, False
+            a, b, metric, width, self_columns, 32, workers, False
         )
         expected = torch.sort(full, dim=1).values[:, :width]
         torch.testing.assert_close(torch.sort(costs, dim=1).values, expected, rtol=0, atol=1e-6)
