@@ -416,9 +416,10 @@ def knn_float64(
         with thread_limit(1, libraries=False):
             ok, cand = _certified(costs, cand, k, bound[todo], nr)
             done = todo[ok]
+            own = done[:, None] - (self_offset if self_offset is not None else -nr)  # or none
+            cand = torch.where(cand < 0, own, cand)  # the own column, left out of faiss's heaps
             v = _rescore(query[done], reference, cand, metric, normalize, cpu_threads)
-            own = cand == (done[:, None] - self_offset if self_offset is not None else -2)
-            v[own | (cand < 0)] = -torch.inf if metric == "dot" else torch.inf
+            v[cand == own] = -torch.inf if metric == "dot" else torch.inf
             values[done], indices[done] = merge_neighbours(v, cand, k, metric == "dot")
         todo, width, first = todo[~ok], min(nr, 4 * width), False
     return values, indices
