@@ -28,12 +28,10 @@ from pml_margins.distributed.collectives import (
 )
 from pml_margins.evaluation import RetrievalAccuracyCalculator
 from pml_margins.evaluation.calculator import describe_distance
-from pml_margins.evaluation.inputs import as_embeddings, as_labels
+from pml_margins.evaluation.inputs import as_embeddings, as_labels, check_knn
 from pml_margins.evaluation.knn import (
-    METRICS,
     Backend,
     Metric,
-    check_k,
     finish_values,
     knn_float64,
     merge_neighbours,
@@ -78,21 +76,17 @@ def sharded_exact_knn(
         ``exact_knn`` on the concatenated reference set (global indices).
 
     Raises:
-        TypeError / ValueError: bad embeddings, ``k``, ``metric``, ``num_threads``
-            or ``backend``.
+        TypeError / ValueError: bad embeddings, ``k``, ``metric``, ``block_rows``,
+            ``num_threads`` or ``backend``.
     """
     query = as_embeddings(query, "query")
     reference_shard = as_embeddings(reference_shard, "reference_shard", query.shape[1])
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     device = query.device
     rank, world_size = rank_and_world_size(group)
     sizes = all_gather_rows(torch.tensor([len(reference_shard)], device=device), group)[0]
     sizes = sizes.tolist()
     total, offset = sum(sizes), sum(sizes[:rank])
-    if exclude_self and total < len(query):
-        raise ValueError("exclude_self needs the reference set to start with the query set")
-    check_k(k, total - int(exclude_self))
+    check_knn(k, metric, exclude_self, len(query), total, block_rows)
     largest = metric == "dot"
     with torch.no_grad(), thread_limit(num_threads):
         local_k = min(k, len(reference_shard))

@@ -8,10 +8,15 @@ before any kernel sees it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-__all__ = ["as_embeddings", "as_labels", "as_tensor"]
+__all__ = ["as_embeddings", "as_labels", "as_tensor", "check_int", "check_k", "check_knn"]
+
+#: the metrics of the exact k-nn (:data:`.knn.Metric`)
+METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean", "dot")
 
 
 def as_tensor(x: object, name: str) -> torch.Tensor:
@@ -77,3 +82,37 @@ def as_labels(x: object, length: int, name: str) -> torch.Tensor:
         if not bool(torch.isfinite(t).all() and (t == t.round()).all()):
             raise TypeError(f"{name} must be integers, got {t.dtype} values with a fraction")
     return t.long()
+
+
+def check_int(value: object, name: str, low: int = 1, high: float = math.inf) -> int:
+    """``value`` if it is an ``int`` (not a bool) in ``[low, high]``, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        span = "a positive integer" if high == math.inf else f"an integer in [{low}, {high}]"
+        raise ValueError(f"{name} must be {span}, got {value!r}")
+    return value
+
+
+def check_k(k: object, available: int) -> int:
+    """``k`` as an int in ``[0, available]``, else ``ValueError``."""
+    return check_int(k, "k", 0, available)
+
+
+def check_knn(
+    k: object,
+    metric: object,
+    exclude_self: bool,
+    num_queries: int,
+    num_references: int,
+    block_rows: object = None,
+) -> None:
+    """The arguments of an exact k-nn (:mod:`.knn`, single-process or sharded) besides
+    the embeddings: ``ValueError`` for a metric not in :data:`METRICS`, ``exclude_self``
+    with fewer references than queries, ``k`` outside ``[0, num_references -
+    exclude_self]`` or a ``block_rows`` neither ``None`` nor a positive int."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if exclude_self and num_references < num_queries:
+        raise ValueError("exclude_self needs the reference set to start with the query set")
+    check_k(k, num_references - int(exclude_self))
+    if block_rows is not None:
+        check_int(block_rows, "block_rows")

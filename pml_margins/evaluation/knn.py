@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from pml_margins.evaluation.inputs import as_embeddings
+from pml_margins.evaluation.inputs import as_embeddings, check_int, check_k, check_knn
 
 __all__ = [
     "Backend",
@@ -49,8 +49,7 @@ __all__ = [
     "thread_limit",
 ]
 
-Metric = Literal["euclidean", "sqeuclidean", "dot"]
-METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean", "dot")
+Metric = Literal["euclidean", "sqeuclidean", "dot"]  # inputs.METRICS
 Backend = Literal["auto", "faiss", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
 #: unit roundoff of float32
@@ -99,13 +98,6 @@ def float32_error_bound(
     return scale * (query_norms + max_reference_norm) ** 2 + tiny
 
 
-def check_k(k: object, available: int) -> int:
-    """``k`` as an int in ``[0, available]``, else ``ValueError``."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= available:
-        raise ValueError(f"k must be an integer in [0, {available}], got {k!r}")
-    return k
-
-
 def merge_neighbours(
     values: torch.Tensor, indices: torch.Tensor, k: int, largest: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,23 +113,18 @@ def merge_neighbours(
 
 @contextlib.contextmanager
 def thread_limit(num_threads: int | None, libraries: bool = True) -> Iterator[None]:
-    """At most ``num_threads`` CPU threads in torch and, if ``libraries``, in BLAS and
-    OpenMP (faiss) for the duration (restored after); ``None`` changes nothing.
+    """At most ``num_threads`` (a positive int, else ``ValueError``; ``None``: no change)
+    CPU threads in torch and, if ``libraries``, in BLAS and OpenMP (faiss) until exit.
 
     The engine runs its float64 passes on one torch thread: they work in cache-sized
     chunks, where starting a parallel region costs more than it saves (on a busy
     2-core machine, 48 ms against 0.1 ms per chunk).
-
-    Raises:
-        ValueError: ``num_threads`` is not a positive integer.
     """
     if num_threads is None:
         yield
         return
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
     before = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
+    torch.set_num_threads(check_int(num_threads, "num_threads"))
     try:
         with threadpool_limits(num_threads) if libraries else contextlib.nullcontext():
             yield
@@ -145,14 +132,27 @@ def thread_limit(num_threads: int | None, libraries: bool = True) -> Iterator[No
         torch.set_num_threads(before)
 
 
-def _use_faiss(backend: object, device: torch.device) -> bool:
-    """Whether the candidates go to faiss's heaps (``"auto"``: on CPU when faiss
-    imports), else to ``torch.topk``.
+def _in_threads(function: Callable[[Sequence], Any], items: Sequence, workers: int) -> list:
+    """``function`` of each share ``items[w::workers]``: on this thread if one, else in
+    ``workers`` threads, under this thread's inference mode and without gradients."""
+    workers = max(1, min(workers, len(items)))
+    if workers == 1:
+        return [function(items)]
+    inference = torch.is_inference_mode_enabled()  # thread-local: passed on
 
-    Raises:
-        ValueError: unknown ``backend``, or ``"faiss"`` off the CPU.
-        ImportError: ``"faiss"`` without faiss installed.
-    """
+    @torch.no_grad()
+    def run(share: Sequence) -> Any:
+        with torch.inference_mode(inference):
+            return function(share)
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(run, [items[w::workers] for w in range(workers)]))
+
+
+def _use_faiss(backend: object, device: torch.device) -> bool:
+    """Whether candidates go to faiss's heaps (``"auto"``: on CPU when faiss imports),
+    else to ``torch.topk``; ``ValueError`` for an unknown backend or faiss off the CPU,
+    ``ImportError`` for ``"faiss"`` without faiss."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "faiss" and device.type != "cpu":
@@ -189,7 +189,8 @@ def _float32_operands(
     """float32 ``y = (x - centre) * scale`` of both sets, as ``[y, |y|^2/2, 1]``
     (Euclidean; ``|y|^2/2`` summed in float64, rounded once) or ``y`` (dot), and the
     float64 norms of ``y``. Centre: the reference mean (Euclidean) or 0; ``scale``:
-    the power of two that puts the largest ``|y|`` coordinate in ``[0.5, 1)``."""
+    the power of two that puts the largest ``|y|`` coordinate in ``[0.5, 1)``. The
+    query's operand is the reference's (the same object) if ``symmetric``."""
     sets = (query,) if symmetric else (query, reference)
     centre = torch.zeros(query.shape[1], dtype=torch.float64, device=query.device)
     if metric != "dot":
@@ -229,39 +230,41 @@ def _tile_costs(
     return out
 
 
-class _TopkCandidates:
-    """Running ``k'`` smallest costs per query by ``torch.topk``, tile by tile."""
+def _smallest(
+    costs: list[torch.Tensor], ids: list[torch.Tensor], width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` smallest costs per row of the lists side by side, with their ids."""
+    costs, order = torch.topk(torch.cat(costs, dim=1), width, 1, largest=False, sorted=False)
+    return costs, torch.cat(ids, dim=1).gather(1, order)
 
-    def __init__(self, num_rows: int, width: int, device: torch.device) -> None:
+
+class _Candidates:
+    """The ``width`` smallest costs per row so far, and their columns: in faiss's binary
+    max-heaps (``heaps``, CPU; :meth:`add` takes C-contiguous costs) or by ``torch.topk``."""
+
+    def __init__(self, num_rows: int, width: int, device: torch.device, heaps: bool) -> None:
         self.costs = torch.full((num_rows, width), torch.inf, device=device)
         self.indices = torch.full((num_rows, width), -1, dtype=torch.long, device=device)
+        self.heaps = None
+        if heaps:
+            import faiss
+
+            self.heaps, self.pointer = faiss.float_maxheap_array_t(), faiss.swig_ptr
+            self.heaps.nh, self.heaps.k = num_rows, width
+            self.heaps.val = self.pointer(self.costs.numpy())
+            self.heaps.ids = self.pointer(self.indices.numpy())
+            self.heaps.heapify()  # every slot (FLT_MAX, -1)
 
     def add(self, rows: slice, costs: torch.Tensor, col_start: int) -> None:
-        c, i = torch.topk(costs, min(self.costs.shape[1], costs.shape[1]), 1, False, False)
-        c = torch.cat([self.costs[rows], c], dim=1)
-        i = torch.cat([self.indices[rows], i + col_start], dim=1)
-        c, pos = torch.topk(c, self.costs.shape[1], 1, False, False)
-        self.costs[rows], self.indices[rows] = c, i.gather(1, pos)
-
-
-class _HeapCandidates:
-    """Running ``k'`` smallest costs per query in faiss's binary max-heaps (CPU);
-    :meth:`add` takes C-contiguous costs."""
-
-    def __init__(self, num_rows: int, width: int) -> None:
-        import faiss
-
-        self.costs = torch.empty(num_rows, width)
-        self.indices = torch.empty(num_rows, width, dtype=torch.long)
-        self._heaps, self._pointer = faiss.float_maxheap_array_t(), faiss.swig_ptr
-        self._heaps.nh, self._heaps.k = num_rows, width
-        self._heaps.val = faiss.swig_ptr(self.costs.numpy())
-        self._heaps.ids = faiss.swig_ptr(self.indices.numpy())
-        self._heaps.heapify()  # every slot (inf, -1)
-
-    def add(self, rows: slice, costs: torch.Tensor, col_start: int) -> None:
-        pointer = self._pointer(costs.numpy())
-        self._heaps.addn(costs.shape[1], pointer, col_start, rows.start, rows.stop - rows.start)
+        if self.heaps is not None:
+            n, pointer = rows.stop - rows.start, self.pointer(costs.numpy())
+            self.heaps.addn(costs.shape[1], pointer, col_start, rows.start, n)
+            return
+        width = self.costs.shape[1]
+        c, i = torch.topk(costs, min(width, costs.shape[1]), 1, largest=False, sorted=False)
+        self.costs[rows], self.indices[rows] = _smallest(
+            [self.costs[rows], c], [self.indices[rows], i + col_start], width
+        )
 
 
 def _candidate_pass(
@@ -270,25 +273,24 @@ def _candidate_pass(
     metric: str,
     width: int,
     self_columns: torch.Tensor | None,
-    symmetric: bool,
     tile: int,
     workers: int,
     progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 costs and indices of ``width`` candidates per operand row of ``a``.
+    """float32 costs and columns of ``width`` candidates per operand row of ``a``.
 
     ``self_columns[i]``: the column of query ``i`` itself (excluded), or out of range.
+    ``a is b``: symmetric, tiles on and above the diagonal only, each mirrored.
     ``workers = 0``: ``torch.topk`` on this thread; else faiss heaps in ``workers``
     threads, each with its own heaps and buffers and every library at one thread
     (numpy's BLAS and faiss's OpenMP pools taking turns spin against each other),
     their lists merged after.
     """
-    nq, nr = len(a), len(b)
+    nq, nr, symmetric = len(a), len(b), a is b
     tasks = [(i, j) for i in range(0, nq, tile) for j in range(i if symmetric else 0, nr, tile)]
-    bar = tqdm(total=len(tasks), desc="k-nn", unit="tile", disable=not progress)
 
-    def run(share: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        found = _HeapCandidates(nq, width) if workers else _TopkCandidates(nq, width, a.device)
+    def run(share: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        found = _Candidates(nq, width, a.device, heaps=workers > 0)
         tq, tr = min(tile, nq), min(tile, nr)
         products = torch.empty(tq * tr, device=a.device)
         mirror = torch.empty(tq * tr if symmetric else 0, device=a.device)
@@ -306,24 +308,22 @@ def _candidate_pass(
             bar.update()
         return found.costs, found.indices
 
-    with bar:
-        if not workers:  # torch's products in full float32: TF32 would void the bound
-            precision = torch.get_float32_matmul_precision()
-            torch.set_float32_matmul_precision("highest")
-            try:
-                return run(tasks)
-            finally:
-                torch.set_float32_matmul_precision(precision)
-        workers = min(workers, len(tasks))
-        with thread_limit(1), ThreadPoolExecutor(workers) as pool:
-            lists = list(pool.map(run, [tasks[w::workers] for w in range(workers)]))
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # torch's products: TF32 would void the bound
+    try:
+        with (
+            tqdm(total=len(tasks), desc="k-nn", unit="tile", disable=not progress) as bar,
+            thread_limit(1) if workers else contextlib.nullcontext(),
+        ):
+            lists = _in_threads(run, tasks, workers)
             costs, indices = lists[0]
-            for s in range(0, nq, tile) if workers > 1 else ():  # the smallest of all lists
+            for s in range(0, nq, tile) if len(lists) > 1 else ():  # the smallest of all lists
                 rows = slice(s, s + tile)
-                c = torch.cat([part[0][rows] for part in lists], dim=1)
-                c, order = torch.topk(c, width, dim=1, largest=False, sorted=False)
-                i = torch.cat([part[1][rows] for part in lists], dim=1).gather(1, order)
-                costs[rows], indices[rows] = c, i
+                costs[rows], indices[rows] = _smallest(
+                    [c[rows] for c, _ in lists], [i[rows] for _, i in lists], width
+                )
+    finally:
+        torch.set_float32_matmul_precision(precision)
     return costs, indices
 
 
@@ -341,15 +341,9 @@ def _rescore(
     num, width, dim = len(query), indices.shape[1], query.shape[1]
     out = torch.empty(num, width, dtype=torch.float64, device=query.device)
     rows = max(1, min(num, CHUNK_ELEMENTS // max(1, width * dim)))
-    opts = {"dtype": torch.float64, "device": query.device}
-    inference = torch.is_inference_mode_enabled()  # thread-local: passed on to the workers
 
-    @torch.no_grad()
-    def run(starts: range) -> None:
-        with torch.inference_mode(inference):
-            _rescore_chunks(starts)
-
-    def _rescore_chunks(starts: range) -> None:
+    def run(starts: Sequence[int]) -> None:
+        opts = {"dtype": torch.float64, "device": query.device}
         gathered = torch.empty(rows * width, dim, dtype=reference.dtype, device=query.device)
         picked64, query64 = torch.empty(rows * width, dim, **opts), torch.empty(rows, dim, **opts)
         for s in starts:
@@ -361,13 +355,7 @@ def _rescore(
             picked.mul_(q) if metric == "dot" else picked.sub_(q).square_()
             torch.sum(picked, dim=2, out=out[s : s + n])
 
-    chunks = range(0, num, rows)
-    workers = max(1, min(workers, len(chunks)))
-    if workers == 1:
-        run(chunks)
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, [chunks[w::workers] for w in range(workers)]))
+    _in_threads(run, range(0, num, rows), workers)
     return out
 
 
@@ -379,9 +367,7 @@ def _certified(
     cheapest first: the columns the float64 re-scoring needs (``k >= 1``)."""
     costs, order = torch.sort(costs, dim=1)
     limit = costs[:, k - 1].double() + 2 * bound
-    ok = torch.ones(len(costs), dtype=torch.bool, device=costs.device)
-    if costs.shape[1] < num_columns:
-        ok = costs[:, -1].double() > limit
+    ok = (costs[:, -1].double() > limit) | (costs.shape[1] >= num_columns)  # or all are in
     plausible = (costs[ok].double() <= limit[ok, None]).sum(dim=1)
     width = max(k, int(plausible.max())) if len(plausible) else k
     return ok, cand.gather(1, order)[ok, :width]
@@ -405,13 +391,10 @@ def knn_float64(
     worst value (``inf``, ``-inf`` for ``"dot"``) instead of being excluded, so
     that a reference shard may hold it or not (:mod:`pml_margins.distributed`).
     """
-    device = query.device
-    heaps = _use_faiss(backend, device)
-    symmetric = self_offset in (None, 0) and (
-        query is reference
-        or (query.shape == reference.shape and torch.equal(query, reference.to(device)))
-    )
-    reference = query if symmetric else reference.to(device)
+    device, tile = query.device, block_rows or DEFAULT_TILE
+    heaps, reference = _use_faiss(backend, device), reference.to(device)
+    symmetric = self_offset in (None, 0) and (query is reference or torch.equal(query, reference))
+    reference = query if symmetric else reference
     nq, nr = len(query), len(reference)
     values = torch.empty(nq, k, dtype=torch.float64, device=device)
     indices = torch.empty(nq, k, dtype=torch.long, device=device)
@@ -419,30 +402,24 @@ def knn_float64(
         return values, indices
     threads = torch.get_num_threads()
     cpu_threads = threads if device.type == "cpu" else 1
+    most_workers = min(threads, MAX_WORKERS) if heaps else 0  # 0: torch.topk
     with thread_limit(1, libraries=False):
         a, b, a_norms, b_norms = _float32_operands(query, reference, metric, normalize, symmetric)
     bound = float32_error_bound(a_norms, float(b_norms.max()), query.shape[1], metric)
-    self_columns = None if self_offset is None else torch.arange(nq, device=device) - self_offset
     todo, width, first = torch.arange(nq, device=device), min(nr, k + max(8, k // 4)), True
     while len(todo):
-        workers = min(threads, MAX_WORKERS, max(1, HEAP_BYTES // (12 * len(todo) * width)))
-        costs, cand = _candidate_pass(
-            a if first else a[todo],
-            b,
-            metric,
-            width,
-            None if self_columns is None else self_columns[todo],
-            symmetric and first,
-            block_rows or DEFAULT_TILE,
-            workers if heaps else 0,
-            progress and first,
+        workers = min(most_workers, max(1, HEAP_BYTES // (12 * len(todo) * width)))
+        columns = None if self_offset is None else todo - self_offset
+        costs, cand = _candidate_pass(  # a[todo] is not b: the retries are not symmetric
+            a if first else a[todo], b, metric, width, columns, tile, workers, progress and first
         )
         with thread_limit(1, libraries=False):
             ok, cand = _certified(costs, cand, k, bound[todo], nr)
             done = todo[ok]
+            own = done[:, None] - (self_offset if self_offset is not None else -nr)  # or none
+            cand = torch.where(cand < 0, own, cand)  # the own column, left out of faiss's heaps
             v = _rescore(query[done], reference, cand, metric, normalize, cpu_threads)
-            own = cand == (done[:, None] - self_offset if self_offset is not None else -2)
-            v[own | (cand < 0)] = -torch.inf if metric == "dot" else torch.inf
+            v[cand == own] = -torch.inf if metric == "dot" else torch.inf
             values[done], indices[done] = merge_neighbours(v, cand, k, metric == "dot")
         todo, width, first = todo[~ok], min(nr, 4 * width), False
     return values, indices
@@ -500,15 +477,7 @@ def exact_knn(
     """
     query = as_embeddings(query, "query")
     reference = as_embeddings(reference, "reference", query.shape[1])
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if exclude_self and len(reference) < len(query):
-        raise ValueError("exclude_self needs the reference set to start with the query set")
-    check_k(k, len(reference) - int(exclude_self))
-    if block_rows is not None and (
-        isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1
-    ):
-        raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
+    check_knn(k, metric, exclude_self, len(query), len(reference), block_rows)
     with torch.no_grad(), thread_limit(num_threads):
         self_offset = 0 if exclude_self else None
         values, indices = knn_float64(

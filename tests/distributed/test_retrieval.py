@@ -93,6 +93,9 @@ def test_single_process_and_bad_input() -> None:
         sharded_exact_knn(q, torch.randn(8, 4), 2)
     with pytest.raises(ValueError, match="metric"):
         sharded_exact_knn(q, r, 2, metric="cosine")
+    for block_rows in (0, -1, 2.0):  # checked as exact_knn checks it (it went unchecked)
+        with pytest.raises(ValueError, match="block_rows"):
+            sharded_exact_knn(q, r, 2, block_rows=block_rows)
     calc = ShardedRetrievalAccuracyCalculator(include=("precision_at_1",))
     with pytest.raises(ValueError, match="ref_includes_query"):
         calc.get_accuracy(q, torch.zeros(5), r, torch.zeros(8), ref_includes_query=True)

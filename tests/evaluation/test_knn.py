@@ -160,7 +160,7 @@ def test_faiss_heaps_keep_the_smallest_costs(metric, same):
     width = 11
     for workers in (0, 1, 3):  # torch.topk; faiss heaps in 1 or 3 threads, merged
         costs, columns = knn_module._candidate_pass(
-            a, b, metric, width, self_columns, same, 32, workers, False
+            a, b, metric, width, self_columns, 32, workers, False
         )
         expected = torch.sort(full, dim=1).values[:, :width]
         torch.testing.assert_close(torch.sort(costs, dim=1).values, expected, rtol=0, atol=1e-6)
@@ -274,3 +274,21 @@ def test_inference_mode_reaches_the_rescoring_threads() -> None:
         values, indices = exact_knn(x, x, 20, exclude_self=True, num_threads=2)
     expected = exact_knn(x, x, 20, exclude_self=True, num_threads=1)
     assert torch.equal(values, expected[0]) and torch.equal(indices, expected[1])
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+def test_a_whole_shard_keeps_the_query_itself_at_the_worst_value(metric) -> None:
+    """``self_offset`` with ``k`` = the shard size (sharded evaluation): the query's own
+    reference is returned last with the worst value, by index (faiss's heaps left it -1)."""
+    x = torch.randn(12, 5, generator=torch.Generator().manual_seed(10))
+    shard, offset = x[4:9], 4
+    runs = [
+        knn_module.knn_float64(x, shard, len(shard), metric, self_offset=offset, backend=b)
+        for b in ("faiss", "torch")
+    ]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    values, indices = runs[0]
+    worst = -torch.inf if metric == "dot" else torch.inf
+    for i in range(offset, offset + len(shard)):
+        assert indices[i, -1] == i - offset and values[i, -1] == worst
+    assert (indices >= 0).all() and torch.isfinite(values[:offset]).all()
