@@ -11,6 +11,7 @@ from pml_margins.functional.circle import (
     segment_logsumexp,
 )
 from pml_margins.functional.fused_margin_softmax import (
+    DENSE_MAX_ELEMENTS,
     MATERIALIZE_MAX_ELEMENTS,
     FusedLogits,
     NonTargetLogitFn,
@@ -42,6 +43,7 @@ from pml_margins.functional.target_logits import (
 )
 
 __all__ = [
+    "DENSE_MAX_ELEMENTS",
     "MATERIALIZE_MAX_ELEMENTS",
     "FusedLogits",
     "NonTargetLogitFn",

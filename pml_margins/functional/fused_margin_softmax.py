@@ -97,6 +97,7 @@ from pml_margins.functional.margin_softmax import TargetLogitFn, autocast_off, c
 from pml_margins.validation import check_chunk_size, check_count, check_sample_rate
 
 __all__ = [
+    "DENSE_MAX_ELEMENTS",
     "MATERIALIZE_MAX_ELEMENTS",
     "FusedLogits",
     "NonTargetLogitFn",
@@ -122,6 +123,17 @@ _DEVICE_BLOCK_ELEMENTS = 1 << 26
 #: fewer passes outweigh its per-block overhead (14 sizes with B*C in 6k-256k, D 128 and
 #: 512, timed both ways: BENCHMARKS.md)
 MATERIALIZE_MAX_ELEMENTS = 1 << 18
+#: ... and the dense function also while ``D <= 2 B`` and both ``B C`` and ``D C`` are at
+#: most this: with a batch as wide as the embeddings its few whole-matrix passes beat the
+#: blocked function up to ~1M logits (26 sizes timed both ways: BENCHMARKS.md)
+DENSE_MAX_ELEMENTS = 1 << 20
+
+
+def _materializes(rows: int, width: int, columns: int, dense: bool) -> bool:
+    """Default mode's choice: the materialized ``(B, C)`` logits, or the blocked function."""
+    if (rows + width // 4) * columns <= MATERIALIZE_MAX_ELEMENTS:
+        return True
+    return dense and width <= 2 * rows and max(rows, width) * columns <= DENSE_MAX_ELEMENTS
 
 
 class NonTargetLogitFn(Protocol):
@@ -277,7 +289,8 @@ def fused_margin_softmax_cross_entropy(
             function;
             ``None`` (default) materializes in default mode (``chunk_size=None``) while
             ``B C + D C / 4 <=`` :data:`MATERIALIZE_MAX_ELEMENTS` (``C``: columns of
-            ``W``). Same values either way.
+            ``W``), and runs the dense function also while ``D <= 2 B`` and ``B C``,
+            ``D C <=`` :data:`DENSE_MAX_ELEMENTS`. Same values either way.
         non_target_logit_fn: :math:`\phi`, applied element-wise to the non-target cosines
             before scaling (``None``: identity); see the module docstring for what it may
             depend on (per-row constants) and :class:`NonTargetLogitFn` for its optional
@@ -328,11 +341,11 @@ def fused_margin_softmax_cross_entropy(
             index, labels = sampled
             weight = weight.index_select(1, class_columns(index, per_class))
             bias = None if bias is None else bias.index_select(0, index)
-    if materialize is None:
-        materialize = chunk_size is None and (
-            (rows + embeddings.shape[1] // 4) * weight.shape[1] <= MATERIALIZE_MAX_ELEMENTS
-        )
     phi = non_target_logit_fn
+    if materialize is None:
+        materialize = chunk_size is None and _materializes(
+            rows, embeddings.shape[1], weight.shape[1], per_class == 1 and phi is None
+        )
     if materialize and per_class == 1 and phi is None:
         return dense_margin_softmax_cross_entropy(
             embeddings,

@@ -328,8 +328,12 @@ def test_blocked_default_mode_saves_one_batch_by_classes_buffer():
 
 
 def test_small_problems_are_materialized_and_large_ones_blocked():
-    """Materialized while B C + D C / 4 <= MATERIALIZE_MAX_ELEMENTS: wider W, fewer classes."""
-    from pml_margins.functional.fused_margin_softmax import MATERIALIZE_MAX_ELEMENTS
+    """Materialized while B C + D C / 4 <= MATERIALIZE_MAX_ELEMENTS (wider W, fewer
+    classes); the dense function also while D <= 2 B and B C, D C <= DENSE_MAX_ELEMENTS."""
+    from pml_margins.functional.fused_margin_softmax import (
+        DENSE_MAX_ELEMENTS,
+        MATERIALIZE_MAX_ELEMENTS,
+    )
 
     def backward_name(batch: int, width: int, num_classes: int, **mode) -> str:
         x = torch.randn(batch, width, requires_grad=True)
@@ -337,15 +341,27 @@ def test_small_problems_are_materialized_and_large_ones_blocked():
         labels = torch.randint(0, num_classes, (batch,))
         return type(_fused("arcface", x, w, labels, None, **mode).grad_fn).__name__
 
-    blocked = "_FusedMarginSoftmaxBackward"
-    for width in (4, 512):
-        per_class = 16 + width // 4  # B + D / 4 elements per class at B = 16
-        small = MATERIALIZE_MAX_ELEMENTS // per_class
-        assert backward_name(16, width, small) != blocked
-        assert backward_name(16, width, small + 1) == blocked
+    blocked, dense = "_FusedMarginSoftmaxBackward", "_DenseMarginSoftmaxBackward"
+    # D > 2 B: the first rule alone
+    per_class = 16 + 512 // 4  # B + D / 4 elements per class at B = 16
+    small = MATERIALIZE_MAX_ELEMENTS // per_class
+    assert backward_name(16, 512, small) == dense
+    assert backward_name(16, 512, small + 1) == blocked
+    # D <= 2 B: dense up to B C = DENSE_MAX_ELEMENTS (past the first rule's 910 classes)
+    most = DENSE_MAX_ELEMENTS // 256
+    assert (256 + 128 // 4) * most > MATERIALIZE_MAX_ELEMENTS
+    assert backward_name(256, 128, most) == dense
+    assert backward_name(256, 128, most + 1) == blocked
+    # ... and D C <= DENSE_MAX_ELEMENTS when D is the larger
+    assert backward_name(256, 512, DENSE_MAX_ELEMENTS // 512) == dense
+    assert backward_name(256, 512, DENSE_MAX_ELEMENTS // 512 + 1) == blocked
+    # a non-target function or sub-centres: the first rule only (autograd when small)
+    x, labels = torch.randn(256, 128, requires_grad=True), torch.randint(0, 2000, (256,))
+    phi = _fused("arcface", x, torch.randn(128, 2000), labels, None, non_target_logit_fn=torch.sin)
+    assert type(phi.grad_fn).__name__ == blocked
     assert backward_name(16, 4, 64, materialize=False) == blocked
     assert backward_name(16, 4, 64, chunk_size=64) == blocked
-    assert backward_name(16, 4, 20000, materialize=True) != blocked
+    assert backward_name(16, 4, 20000, materialize=True) == dense
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, "auto"])
