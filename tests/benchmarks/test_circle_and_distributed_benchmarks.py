@@ -53,3 +53,15 @@ def test_distributed_benchmark_rejects_nccl_on_cpu() -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--backend", "nccl"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == 2 and "nccl" in done.stderr
+
+
+def test_glyph_step_benchmark_times_both_sides():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "glyph_step.py"), "--steps", "2"]
+    cmd += ["--warmup", "1", "--max-classes", "30", "--batch", "16", "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["arcface", "cosface"]
+    for _, ours_ms, pml_ms, ratio in rows:
+        assert float(ours_ms) > 0 and float(pml_ms) > 0
+        assert abs(float(ratio) - float(pml_ms) / float(ours_ms)) < 0.05
