@@ -83,7 +83,10 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
     * *A margin that changes only the target logit* (CosFace, ArcFace, SphereFace,
       the combined margin): set ``scale`` and override :meth:`target_logit_fn` to
       return :math:`\psi`, an element-wise differentiable function of the ``B``
-      target cosines. Nothing else: the default :meth:`base_logits` (cosines from
+      target cosines (a
+      :class:`~pml_margins.functional.TargetWithSlope` when its hyper-parameters are
+      constants: :math:`\psi` and :math:`\psi'` then come in one pass, no autograd
+      call per step). Nothing else: the default :meth:`base_logits` (cosines from
       ``self.distance``) and the default :meth:`fused_logits` agree, so the loss
       runs on the fused core, with ``chunk_size`` and ``sample_rate``.
     * *A margin that changes the base logits*: override :meth:`base_logits` or
