@@ -91,9 +91,10 @@ def _autograd_slope(psi: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
 
 def _inverse_norms(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``1 / max(|x|, eps)`` along ``dim`` (kept) and where the norm exceeds ``eps``
-    (``F.normalize``'s rule: its gradient's two cases)."""
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
-    return norm.clamp_min(NORM_EPS).reciprocal_(), norm > NORM_EPS
+    (``F.normalize``'s rule: its gradient's two cases). From the squared norms
+    (``vecdot``: a strided ``vector_norm`` over columns is several times slower)."""
+    squares = torch.linalg.vecdot(x, x, dim=dim).unsqueeze(dim)
+    return squares.clamp_min(NORM_EPS**2).rsqrt_(), squares > NORM_EPS**2
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
