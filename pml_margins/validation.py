@@ -90,33 +90,48 @@ class value_checks:
 class ValueChecks:
     """Value checks gathered over one call, then read back in one host synchronisation.
 
-    Each check adds a boolean 0-d tensor that is true when something is wrong and
-    a function that builds the error (it may look at the values again: it runs
-    only on the error path, and may return ``None`` when a closer look clears the
-    input). :meth:`run` stacks the flags, reads them once and raises the first
-    error. Nothing is gathered while :func:`value_checks` is off.
+    Each check adds a few values computed on the device (a sum, a minimum and a
+    maximum: no comparison ops), a predicate that tells from them, on the host,
+    whether something is wrong, and a function that builds the error (it may look
+    at the values again: it runs only on the error path, and may return ``None``
+    when a closer look clears the input). :meth:`run` joins the values of every
+    check into one float64 vector (float32 on MPS), reads it once and raises the
+    first error. Nothing is gathered while :func:`value_checks` is off.
     """
 
     def __init__(self) -> None:
         self.enabled = value_checks_enabled()
-        self._flags: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._wrong: list[Callable[[list[float]], bool]] = []
         self._errors: list[Callable[[], Exception | None]] = []
 
-    def add(self, flag: Callable[[], torch.Tensor], error: Callable[[], Exception | None]) -> None:
-        """Queue ``flag()`` (a bool tensor, true when wrong) and the error it stands for."""
+    def add(
+        self,
+        values: Callable[[], torch.Tensor],
+        error: Callable[[], Exception | None],
+        wrong: Callable[[list[float]], bool] = any,
+    ) -> None:
+        """Queue ``values()`` (a tensor), the ``wrong`` predicate on them as Python
+        floats (default: any is non-zero, for boolean flags) and the error."""
         if self.enabled:
-            self._flags.append(flag().reshape(()))
+            self._values.append(values().reshape(-1))
+            self._wrong.append(wrong)
             self._errors.append(error)
 
     def run(self) -> None:
-        """Read every queued flag in one synchronisation; raise the first error found."""
-        if not self._flags:
+        """Read every queued value in one synchronisation; raise the first error found."""
+        if not self._values:
             return
-        device = self._flags[0].device
-        hits = torch.stack([f.to(device, non_blocking=True) for f in self._flags]).tolist()
-        self._flags, errors, self._errors = [], self._errors, []
-        for hit, error in zip(hits, errors, strict=True):
-            found = error() if hit else None
+        device = self._values[0].device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        joined = torch.cat([v.to(device, dtype, non_blocking=True) for v in self._values])
+        read, sizes = joined.tolist(), [v.numel() for v in self._values]
+        checks = zip(sizes, self._wrong, self._errors, strict=True)
+        self._values, self._wrong, self._errors = [], [], []
+        start = 0
+        for size, wrong, error in checks:
+            found = error() if wrong(read[start : start + size]) else None
+            start += size
             if found is not None:
                 raise found
 
@@ -161,18 +176,24 @@ def check_embeddings(
             return None
         return ValueError(f"{name} contains NaN or Inf values")
 
-    _run_now_or_later(checks, lambda: ~torch.isfinite(detached.sum(dtype=sum_dtype)), not_finite)
+    _run_now_or_later(
+        checks,
+        lambda: detached.sum(dtype=sum_dtype),
+        not_finite,
+        lambda total: not math.isfinite(total[0]),
+    )
     return embeddings
 
 
 def _run_now_or_later(
     checks: ValueChecks | None,
-    flag: Callable[[], torch.Tensor],
+    values: Callable[[], torch.Tensor],
     error: Callable[[], Exception | None],
+    wrong: Callable[[list[float]], bool] = any,
 ) -> None:
     """Add a check to ``checks``, or run it at once when there are none to join."""
     own = ValueChecks() if checks is None else checks
-    own.add(flag, error)
+    own.add(values, error, wrong)
     if checks is None:
         own.run()
 
@@ -220,14 +241,18 @@ def check_class_labels(
                 f"got values in [{lo}, {hi}]"
             )
 
-        _run_now_or_later(checks, lambda: _outside(labels, num_classes), out_of_range)
+        _run_now_or_later(checks, lambda: _extremes(labels), out_of_range, _outside(num_classes))
     return labels
 
 
-def _outside(values: torch.Tensor, bound: int) -> torch.Tensor:
-    """True when some value lies outside ``[0, bound)`` (a 0-d bool tensor, no sync)."""
-    lo, hi = torch.aminmax(values)
-    return (lo < 0) | (hi >= bound)
+def _extremes(values: torch.Tensor) -> torch.Tensor:
+    """``[min, max]`` of ``values`` (no sync)."""
+    return torch.stack(torch.aminmax(values))
+
+
+def _outside(bound: int) -> Callable[[list[float]], bool]:
+    """The predicate on :func:`_extremes`: some value lies outside ``[0, bound)``."""
+    return lambda extremes: extremes[0] < 0 or extremes[1] >= bound
 
 
 def check_indices_tuple(
@@ -280,8 +305,9 @@ def check_indices_tuple(
         if idx.numel() > 0:
             bound = batch_size if role.startswith("a") else ref_size
             own.add(
-                lambda idx=idx, bound=bound: _outside(idx, bound),
+                lambda idx=idx: _extremes(idx),
                 lambda role=role, idx=idx, bound=bound: _index_error(role, idx, bound),
+                _outside(bound),
             )
     if checks is None:
         own.run()
