@@ -140,7 +140,9 @@ class NonTargetLogitFn(Protocol):
     r"""A non-target function :math:`\phi` that also gives its derivative (optional protocol).
 
     Any element-wise callable is accepted as ``non_target_logit_fn``; one that also has
-    ``slope`` spares the core an autograd pass per block in the backward.
+    ``slope`` spares the core an autograd pass per block in the backward, and one that
+    also has ``value_and_slope(z) -> (phi(z), phi'(z))`` lets it share their common
+    work (a mask, a sum) in one pass.
     """
 
     def __call__(self, cosine: torch.Tensor) -> torch.Tensor:
@@ -578,7 +580,11 @@ def _scaled_logits(
 def _phi_and_slope(
     phi: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r""":math:`\phi(z)` and :math:`\phi'(z)` of a block (by ``phi.slope``, else autograd)."""
+    r""":math:`\phi(z)` and :math:`\phi'(z)` of a block (by ``phi.value_and_slope`` or
+    ``phi.slope``, else autograd)."""
+    both = getattr(phi, "value_and_slope", None)
+    if both is not None:
+        return both(z)
     slope = getattr(phi, "slope", None)
     if slope is not None:
         return phi(z), slope(z)

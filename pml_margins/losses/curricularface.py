@@ -22,6 +22,7 @@ __all__ = [
     "CurricularNonTarget",
     "curricular_hard_bound",
     "curricular_non_target",
+    "curricular_non_target_and_slope",
     "curricular_t_update",
 ]
 
@@ -49,6 +50,17 @@ def curricular_non_target(
     return torch.where(hard, cosine * (t + cosine), cosine)
 
 
+def curricular_non_target_and_slope(
+    cosine: torch.Tensor, bound: torch.Tensor, t: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`curricular_non_target` and its slope (:math:`t + 2\cos\theta_j` on hard
+    negatives, 1 elsewhere; mask and ``t`` fixed) from one mask and one sum, no graph."""
+    hard = cosine > bound.to(cosine.dtype).unsqueeze(1)
+    shifted = cosine + t
+    value = torch.where(hard, shifted * cosine, cosine)
+    return value, torch.where(hard, shifted.add_(cosine), 1.0)
+
+
 def curricular_t_update(
     t: torch.Tensor, target_cosine: torch.Tensor, momentum: float
 ) -> torch.Tensor:
@@ -71,8 +83,10 @@ class CurricularNonTarget:
         return curricular_non_target(cosine, self.bound, self.t.to(cosine.dtype))
 
     def slope(self, cosine: torch.Tensor) -> torch.Tensor:
-        hard = cosine > self.bound.to(cosine.dtype).unsqueeze(1)
-        return torch.where(hard, self.t.to(cosine.dtype) + 2 * cosine, torch.ones_like(cosine))
+        return self.value_and_slope(cosine)[1]
+
+    def value_and_slope(self, cosine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return curricular_non_target_and_slope(cosine, self.bound, self.t.to(cosine.dtype))
 
 
 class CurricularFaceLoss(ClassWeightLoss):
