@@ -144,7 +144,7 @@ def dense_margin_softmax_cross_entropy(
     target, slope = target_and_slope(z_y, target_logit_fn, scale, bias, labels, grad)
     if not grad and not target.requires_grad:
         return _losses(cosine, scale, bias, target.detach(), index)[0]
-    saved = _Saved(x, x_inv, x_active, w, w_inv, w_active, index, slope, mm_dtype, scale)
+    saved = _Saved(x, x_inv, x_active, w_inv, w_active, index, slope, mm_dtype, scale)
     return _DenseMarginSoftmax.apply(embeddings, weight, scale_tensor, bias, target, cosine, saved)
 
 
@@ -154,7 +154,6 @@ class _Saved(NamedTuple):
     x: torch.Tensor  # rows of the product (normalized when asked), compute dtype
     x_inv: torch.Tensor | None  # (B, 1) 1 / max(|x|, eps)
     x_active: torch.Tensor | None  # (B, 1) |x| > eps
-    w: torch.Tensor  # W in the compute dtype (raw)
     w_inv: torch.Tensor | None  # (1, C)
     w_active: torch.Tensor | None  # (1, C)
     index: torch.Tensor  # (B, 1) labels
@@ -200,17 +199,20 @@ class _DenseMarginSoftmax(torch.autograd.Function):
         losses, log_prob = _losses(cosine, saved.scale, bias, target, saved.index)
         ctx.saved = saved
         ctx.dtypes = embeddings.dtype, weight.dtype, None if bias is None else bias.dtype
-        ctx.save_for_backward(log_prob, z)
+        # W through save_for_backward: changed in place before the backward, it raises
+        # autograd's usual error instead of giving gradients of another W
+        ctx.save_for_backward(log_prob, z, weight)
         return losses
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        log_prob, z = ctx.saved_tensors
+        log_prob, z, weight = ctx.saved_tensors
         saved: _Saved = ctx.saved
-        x, w, index, mm_dtype = saved.x, saved.w, saved.index, saved.mm_dtype
+        x, index, mm_dtype = saved.x, saved.index, saved.mm_dtype
         need_x, need_w, need_s, need_b, need_t = ctx.needs_input_grad[:5]
         dtype = log_prob.dtype
+        w = _cast(weight.detach(), dtype)
         grad_x = grad_w = grad_s = grad_b = grad_t = None
         with autocast_off(log_prob.device.type):
             g = _cast(grad_losses, dtype)

@@ -160,3 +160,17 @@ def test_small_default_problems_take_the_dense_function():
     assert "Dense" not in type(phi.grad_fn).__name__
     sub = fused_margin_softmax_cross_entropy(x, w[:, :12], labels // 2, ARC, 16.0, sub_centers=2)
     assert "Dense" not in type(sub.grad_fn).__name__
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.float64])
+def test_w_changed_in_place_before_backward_raises_as_autograd_does(w_dtype):
+    """An optimizer step between forward and backward: autograd's error, never gradients
+    of another W (the blocked function and plain torch ops behave the same)."""
+    x, w, labels = inputs(7, torch.float32)
+    x.requires_grad_()
+    w = w.to(w_dtype).requires_grad_()
+    loss = dense_margin_softmax_cross_entropy(x, w, labels, ARC, 16.0, True, True).sum()
+    with torch.no_grad():
+        w.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
