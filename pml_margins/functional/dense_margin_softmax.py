@@ -199,15 +199,15 @@ class _DenseMarginSoftmax(torch.autograd.Function):
         losses, log_prob = _losses(cosine, saved.scale, bias, target, saved.index)
         ctx.saved = saved
         ctx.dtypes = embeddings.dtype, weight.dtype, None if bias is None else bias.dtype
-        # W through save_for_backward: changed in place before the backward, it raises
-        # autograd's usual error instead of giving gradients of another W
-        ctx.save_for_backward(log_prob, z, weight)
+        # the inputs through save_for_backward: one changed in place before the backward
+        # (an optimizer step) raises autograd's usual error instead of wrong gradients
+        ctx.save_for_backward(log_prob, z, weight, embeddings, scale_tensor)
         return losses
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        log_prob, z, weight = ctx.saved_tensors
+        log_prob, z, weight, _, _ = ctx.saved_tensors  # (the version checks)
         saved: _Saved = ctx.saved
         x, index, mm_dtype = saved.x, saved.index, saved.mm_dtype
         need_x, need_w, need_s, need_b, need_t = ctx.needs_input_grad[:5]

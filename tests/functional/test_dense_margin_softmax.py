@@ -163,14 +163,17 @@ def test_small_default_problems_take_the_dense_function():
 
 
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.float64])
-def test_w_changed_in_place_before_backward_raises_as_autograd_does(w_dtype):
+@pytest.mark.parametrize("changed", ["W", "embeddings", "scale"])
+def test_an_input_changed_in_place_before_backward_raises_as_autograd_does(w_dtype, changed):
     """An optimizer step between forward and backward: autograd's error, never gradients
     of another W (the blocked function and plain torch ops behave the same)."""
     x, w, labels = inputs(7, torch.float32)
-    x.requires_grad_()
+    leaf = torch.randn(B, D, requires_grad=True)
+    x = leaf * 1.0  # a non-leaf, as a model's output
     w = w.to(w_dtype).requires_grad_()
-    loss = dense_margin_softmax_cross_entropy(x, w, labels, ARC, 16.0, True, True).sum()
+    scale = torch.full((B,), 16.0, requires_grad=True)
+    loss = dense_margin_softmax_cross_entropy(x, w, labels, ARC, scale, True, True).sum()
     with torch.no_grad():
-        w.add_(1.0)
+        {"W": w, "embeddings": x, "scale": scale}[changed].add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
