@@ -339,6 +339,8 @@ def _rescore(
     from the original values (identical rows give identical values). Row chunks
     run in ``workers`` threads (torch's kernels release the GIL)."""
     num, width, dim = len(query), indices.shape[1], query.shape[1]
+    if 2 * width >= len(reference) > 0:
+        return _rescore_wide(query, reference, indices, metric, normalize, workers)
     out = torch.empty(num, width, dtype=torch.float64, device=query.device)
     rows = max(1, min(num, CHUNK_ELEMENTS // max(1, width * dim)))
 
@@ -356,6 +358,52 @@ def _rescore(
             torch.sum(picked, dim=2, out=out[s : s + n])
 
     _in_threads(run, range(0, num, rows), workers)
+    return out
+
+
+def _rescore_wide(
+    query: torch.Tensor,
+    reference: torch.Tensor,
+    indices: torch.Tensor | None,
+    metric: str,
+    normalize: bool,
+    workers: int,
+) -> torch.Tensor:
+    """:func:`_rescore` when the candidates are at least half the reference set (long
+    lists, PML's ``k=None``): every reference's value, read in place instead of
+    gathered, in cache-sized reference blocks reused by a chunk of queries, then each
+    query's candidates picked (``indices=None``: every reference, in order). The same
+    per-row operations, so the same values bit for bit."""
+    dim, num_ref = query.shape[1], len(reference)
+    ref64 = torch.empty(num_ref, dim, dtype=torch.float64, device=query.device)
+    for rows, chunk in _chunks(reference, normalize):
+        ref64[rows] = chunk
+    width = num_ref if indices is None else indices.shape[1]
+    out = torch.empty(len(query), width, dtype=torch.float64, device=query.device)
+    block = max(1, CHUNK_ELEMENTS // 2 // max(1, dim))  # 1 MiB of float64 per block
+    chunk_rows = max(1, min(len(query), 256))
+
+    def run(starts: Sequence[int]) -> None:
+        scratch = torch.empty(block, dim, dtype=torch.float64, device=query.device)
+        query64 = torch.empty(chunk_rows, dim, dtype=torch.float64, device=query.device)
+        values = torch.empty(chunk_rows, num_ref, dtype=torch.float64, device=query.device)
+        for s in starts:
+            q = _rows64(query[s : s + chunk_rows], normalize, query64)
+            for r in range(0, num_ref, block):
+                refs, part = ref64[r : r + block], scratch[: min(block, num_ref - r)]
+                for i in range(len(q)):
+                    if metric == "dot":
+                        torch.mul(refs, q[i], out=part)
+                    else:
+                        torch.sub(refs, q[i], out=part).square_()
+                    torch.sum(part, dim=1, out=values[i, r : r + len(part)])
+            if indices is None:
+                out[s : s + len(q)] = values[: len(q)]
+            else:
+                picked = indices[s : s + len(q)].clamp(min=0)
+                out[s : s + len(q)] = values[: len(q)].gather(1, picked)
+
+    _in_threads(run, range(0, len(query), chunk_rows), workers)
     return out
 
 
@@ -402,6 +450,18 @@ def knn_float64(
         return values, indices
     threads = torch.get_num_threads()
     cpu_threads = threads if device.type == "cpu" else 1
+    if min(nr, k + max(8, k // 4)) == nr:  # every reference is a candidate: no float32
+        with thread_limit(1, libraries=False):  # pass, no certificate, one sort
+            _float32_operands(query, reference, metric, normalize, symmetric)  # (range check)
+            v = _rescore_wide(query, reference, None, metric, normalize, cpu_threads)
+            if self_offset is not None:
+                own = torch.arange(nq, device=device) - self_offset
+                mine = (own >= 0) & (own < nr)
+                v[mine.nonzero().squeeze(1), own[mine]] = (
+                    -torch.inf if metric == "dot" else torch.inf
+                )
+            v, order = torch.sort(v, dim=1, descending=metric == "dot", stable=True)
+        return v[:, :k].contiguous(), order[:, :k].contiguous()
     most_workers = min(threads, MAX_WORKERS) if heaps else 0  # 0: torch.topk
     with thread_limit(1, libraries=False):
         a, b, a_norms, b_norms = _float32_operands(query, reference, metric, normalize, symmetric)

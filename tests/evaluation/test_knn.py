@@ -292,3 +292,34 @@ def test_a_whole_shard_keeps_the_query_itself_at_the_worst_value(metric) -> None
     for i in range(offset, offset + len(shard)):
         assert indices[i, -1] == i - offset and values[i, -1] == worst
     assert (indices >= 0).all() and torch.isfinite(values[:offset]).all()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_whole_lists_skip_the_float32_pass_and_equal_the_brute_force(metric, normalize):
+    """k = N - 1 (PML's k=None): every reference is re-scored in place (no gather, no
+    float32 candidates), with duplicates and a large offset; values equal the gathered
+    re-scoring's bit for bit."""
+    from pml_margins.evaluation import knn as engine
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 24, generator=g)[torch.randint(0, 25, (90,), generator=g)] + 500.0
+    _, indices = exact_knn(x, x, len(x) - 1, metric=metric, normalize=normalize, exclude_self=True)
+    x64 = x.double()  # the brute force with the engine's float64 formulas
+    if normalize:
+        x64 = x64 / torch.linalg.vector_norm(x64, dim=-1, keepdim=True).clamp(min=1e-12)
+    if metric == "dot":
+        key = -(x64[:, None] * x64[None]).sum(-1)
+    else:
+        key = ((x64[:, None] - x64[None]) ** 2).sum(-1)
+    key.fill_diagonal_(torch.inf)
+    want = torch.sort(key, dim=1, stable=True).indices[:, : len(x) - 1]
+    assert torch.equal(indices, want)
+    columns = torch.stack([torch.randperm(len(x), generator=g) for _ in range(len(x))])
+    with engine.thread_limit(1, libraries=False):
+        wide = engine._rescore_wide(x, x, columns, metric, normalize, 2)
+        one_column = [columns[:, c : c + 1] for c in range(len(x))]
+        gathered = torch.cat(
+            [engine._rescore(x, x, c, metric, normalize, 1) for c in one_column], 1
+        )
+    assert torch.equal(wide, gathered)
