@@ -107,7 +107,7 @@ def dense_margin_softmax_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     target_logit_fn: Callable[[torch.Tensor], torch.Tensor] | None,
-    scale: float | torch.Tensor,
+    scale: float | torch.Tensor | Callable[[list[torch.Tensor]], float | torch.Tensor],
     normalize_embeddings: bool,
     normalize_weight: bool,
     bias: torch.Tensor | None = None,
@@ -116,7 +116,8 @@ def dense_margin_softmax_cross_entropy(
 
     Same arguments and values as
     :func:`~pml_margins.functional.fused_margin_softmax_cross_entropy` with one
-    column of ``W`` per class and no non-target function; ``labels`` are ``int64``
+    column of ``W`` per class and no non-target function (a callable ``scale`` is
+    given ``[cosines]``, the ``(B, C)`` matrix as one block); ``labels`` are ``int64``
     in ``[0, C)``. Computed in ``compute_dtype`` of the inputs (the products in the
     autocast dtype under autocast); gradients in each input's own dtype.
     """
@@ -125,9 +126,7 @@ def dense_margin_softmax_cross_entropy(
     mm_dtype = dtype
     if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
         mm_dtype = torch.get_autocast_dtype(device_type)
-    scale_tensor = scale if isinstance(scale, torch.Tensor) else None
-    inputs = (embeddings, weight, scale_tensor, bias)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    grad = torch.is_grad_enabled()
     with torch.no_grad(), autocast_off(device_type):
         x = _cast(embeddings.detach(), dtype)
         x_inv = x_active = w_inv = w_active = None
@@ -141,6 +140,11 @@ def dense_margin_softmax_cross_entropy(
             cosine.mul_(w_inv)
         index = labels.unsqueeze(1)
         z_y = cosine.gather(1, index).squeeze(1)
+    if callable(scale):  # decided from the cosines (before they become the logits)
+        scale = scale([cosine])
+    scale_tensor = scale if isinstance(scale, torch.Tensor) else None
+    inputs = (embeddings, weight, scale_tensor, bias)
+    grad = grad and any(t is not None and t.requires_grad for t in inputs)
     target, slope = target_and_slope(z_y, target_logit_fn, scale, bias, labels, grad)
     if not grad and not target.requires_grad:
         return _losses(cosine, scale, bias, target.detach(), index)[0]

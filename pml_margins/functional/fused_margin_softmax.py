@@ -73,6 +73,12 @@ Modes:
   batch plus a uniform random subset of the others, ``round(sample_rate·C)`` in
   all; only the sampled columns of ``W`` get a (non-zero) gradient.
 
+**A scale decided from the cosines** (``scale`` a :data:`ScaleFromCosines` callable;
+dynamic AdaCos): default mode only. The blocks' cosines are written into the
+``(B, C)`` buffer first, the callable gets them and returns the scale, then one more
+element-wise pass turns them into the scaled block exponentials: the three products
+of the default mode, no fourth one for the statistics.
+
 Under autocast (bf16/fp16) the matrix products run in the autocast dtype while the
 log-sum-exp, the margins and every accumulation stay in float32; the storage
 dtype of ``W`` never changes.
@@ -82,7 +88,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +107,7 @@ __all__ = [
     "MATERIALIZE_MAX_ELEMENTS",
     "FusedLogits",
     "NonTargetLogitFn",
+    "ScaleFromCosines",
     "auto_chunk_size",
     "class_columns",
     "fused_margin_softmax_cross_entropy",
@@ -108,6 +115,10 @@ __all__ = [
 ]
 
 ChunkSize = int | str | None
+#: a scale decided from the step's cosines: given the ``(B, C)`` cosines (no graph, the
+#: compute dtype) as column blocks in order (``torch.cat(blocks, 1)`` is the matrix;
+#: valid only during the call), returns a float or a ``(B,)`` tensor
+ScaleFromCosines = Callable[[list[torch.Tensor]], float | torch.Tensor]
 
 #: ``F.normalize``'s default: norms below this are clamped (the gradient then ignores the norm)
 _NORM_EPS = NORM_EPS
@@ -248,7 +259,7 @@ def fused_margin_softmax_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     target_logit_fn: TargetLogitFn | None,
-    scale: float | torch.Tensor = 1.0,
+    scale: float | torch.Tensor | ScaleFromCosines = 1.0,
     *,
     normalize_embeddings: bool = True,
     normalize_weight: bool = True,
@@ -273,7 +284,11 @@ def fused_margin_softmax_cross_entropy(
             ``i`` of its input only; it may close over per-row ``(B,)`` tensors (margins,
             norms), which then get their gradients too.
         scale: :math:`s`, a float or a ``(B,)`` tensor (may require grad, e.g.
-            :math:`\|x_i\|` for SphereFace).
+            :math:`\|x_i\|` for SphereFace); or a :data:`ScaleFromCosines` callable,
+            called once with the step's cosines before any logit is formed (the scale
+            decided from the batch without a product of its own: dynamic AdaCos).
+            Default mode only (``chunk_size=None``, ``sample_rate=1``, one column per
+            class, no ``non_target_logit_fn``).
         normalize_embeddings: L2-normalize the rows of ``embeddings`` (``F.normalize``).
         normalize_weight: L2-normalize the columns of ``W``.
         bias: optional ``(C,)`` per-class bias added to every logit.
@@ -334,8 +349,16 @@ def fused_margin_softmax_cross_entropy(
     if bias is not None and bias.shape != (num_classes,):
         raise ValueError(f"bias must have shape ({num_classes},), got {tuple(bias.shape)}")
     rows = embeddings.shape[0]
-    if isinstance(scale, torch.Tensor) and scale.shape != (rows,):
-        raise ValueError(f"a tensor scale must have shape ({rows},), got {tuple(scale.shape)}")
+    scale_fn = scale if callable(scale) else None
+    phi_given = non_target_logit_fn is not None
+    if scale_fn is not None and (
+        chunk_size is not None or sample_rate < 1 or per_class > 1 or phi_given
+    ):
+        raise ValueError(
+            "a scale from the cosines needs the default mode: chunk_size=None, "
+            "sample_rate=1, sub_centers=1 and no non_target_logit_fn"
+        )
+    _check_scale(scale, rows)
     labels = labels.long()
     if sample_rate < 1:
         sampled = sample_classes(labels, num_classes, sample_rate, generator)
@@ -376,15 +399,17 @@ def fused_margin_softmax_cross_entropy(
     else:
         block = chunk_size
     block = min(block, num_classes)
-    scale_tensor = scale if isinstance(scale, torch.Tensor) else None
-    scale_value = 1.0 if isinstance(scale, torch.Tensor) else float(scale)
     if materialize:
         return _materialized(
             x, weight, labels, target_logit_fn, scale, normalize_weight, bias, phi, per_class
         )
-    config = _Config(
-        scale_value, normalize_weight, block, saved, *_dtypes(x, weight), phi, per_class
-    )
+    config = _Config(1.0, normalize_weight, block, saved, *_dtypes(x, weight), phi, per_class)
+    if scale_fn is not None:  # the cosines first (kept for the forward), then the scale
+        config.fold_scale = False
+        config.cosines = _cosine_blocks(x, weight, config)
+        scale = _check_scale(scale_fn(config.cosines.blocks), rows)
+    scale_tensor = scale if isinstance(scale, torch.Tensor) else None
+    config.scale = 1.0 if isinstance(scale, torch.Tensor) else float(scale)
     inputs = (x, weight, scale_tensor, bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     target, slope, z_y, winner = _target_terms(
@@ -396,6 +421,48 @@ def fused_margin_softmax_cross_entropy(
         )
     with torch.no_grad():
         return _forward(x, weight, scale_tensor, bias, target, labels, config, save=False)[0]
+
+
+def _check_scale(scale: float | torch.Tensor | ScaleFromCosines, rows: int) -> Any:
+    """``scale``, after checking that a tensor scale has one entry per row."""
+    if isinstance(scale, torch.Tensor) and scale.shape != (rows,):
+        raise ValueError(f"a tensor scale must have shape ({rows},), got {tuple(scale.shape)}")
+    return scale
+
+
+class _Cosines(NamedTuple):
+    """Default mode's buffer holding the cosines of every block, before the scale is known."""
+
+    buffer: torch.Tensor  # (B * C,), block after block
+    blocks: list[torch.Tensor]  # (B, k) views of it
+    inv_norm: torch.Tensor | None  # (C,) 1 / |W_j|
+
+
+def _cosine_blocks(x: torch.Tensor, weight: torch.Tensor, config: _Config) -> _Cosines:
+    """The ``(B, C)`` cosines, block by block, into the buffer the forward then rescales."""
+    dtype = config.dtype
+    with torch.no_grad(), autocast_off(x.device.type):
+        xs = x.detach().to(dtype).to(config.mm_dtype)
+        batch = x.shape[0]
+        buffer = torch.empty(batch * weight.shape[1], dtype=dtype, device=x.device)
+        inv_norm = None
+        if config.normalize_weight:
+            inv_norm = torch.empty(weight.shape[1], dtype=dtype, device=x.device)
+        blocks = []
+        for start, stop in _blocks(weight.shape[1], config.block):
+            w = weight.detach()[:, start:stop]
+            inv = None
+            if inv_norm is not None:
+                inv = _inverse_column_norms(w, dtype, inv_norm[start:stop])
+            out = buffer[batch * start : batch * stop].view(batch, stop - start)
+            blocks.append(_block_logits(xs, w.to(config.mm_dtype), inv, None, start, dtype, out))
+    return _Cosines(buffer, blocks, inv_norm)
+
+
+def _inverse_column_norms(w: torch.Tensor, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+    """``1 / max(|w_j|, eps)`` of a block's columns, into ``out``."""
+    wc = w.to(dtype)
+    return torch.rsqrt(torch.linalg.vecdot(wc, wc, dim=0).clamp_min_(_NORM_EPS**2), out=out)
 
 
 def _target_terms(
@@ -506,6 +573,7 @@ class _Config:
         self.sub_centers = sub_centers  # columns of W per class
         # the products give s z (the scale folded into the x operand), else z
         self.fold_scale = phi is None and sub_centers == 1
+        self.cosines: _Cosines | None = None  # formed before the scale was known
 
 
 def _dtypes(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -732,6 +800,8 @@ def _forward(
         block_max = torch.empty(len(blocks), batch, **opts)
         block_sum = torch.empty(len(blocks), batch, **opts)
         buffer = torch.empty(batch * num_classes, **opts) if save else None
+        if config.cosines is not None:
+            buffer = config.cosines.buffer
         winners = None  # the winning sub-centre of each (row, class), for the backward
         if save and per_class > 1:
             winners = torch.empty(
@@ -740,7 +810,9 @@ def _forward(
         bias_d = None if bias is None else bias.detach()
         w_d = weight.detach()
         inv_norm = active = None
-        if config.normalize_weight:
+        if config.cosines is not None:
+            inv_norm = config.cosines.inv_norm
+        elif config.normalize_weight:
             inv_norm = torch.empty(columns, **opts)
         lowest = torch.finfo(dtype).min
         for k, (start, stop) in enumerate(blocks):
@@ -761,11 +833,11 @@ def _forward(
                     if out is not None:
                         out.copy_(cos)
                     logits = _scaled_logits(phi(cos), s_col, bias_d, start, dtype)
+            elif config.cosines is not None:  # the buffer holds z: rescaled in place
+                logits = _scaled_logits(out, s_col, bias_d, start, dtype, out)
             else:
                 if inv is not None:
-                    wc = w.to(dtype)
-                    dots = torch.linalg.vecdot(wc, wc, dim=0)
-                    torch.rsqrt(dots.clamp_min_(_NORM_EPS**2), out=inv)
+                    _inverse_column_norms(w, dtype, inv)
                 w_mm = w.to(config.mm_dtype)
                 if phi is None:
                     logits = _block_logits(xs, w_mm, inv, bias_d, start, dtype, out)
@@ -813,6 +885,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         losses, st = _forward(
             x, weight, scale_tensor, bias, target, labels, config, save=config.saved
         )
+        config.cosines = None  # the buffer is in the saved tensors (now the exponentials)
         ctx.config = config
         ctx.has_scale = scale_tensor is not None
         ctx.has_bias = bias is not None

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import check_count, check_optional_positive
@@ -94,8 +96,10 @@ class AdaCosLoss(ClassWeightLoss):
     for 10,575 classes (CASIA-WebFace) is 13.1; for 100 classes (CUB) 6.5.
 
     It runs on the fused core (``chunk_size``, ``sample_rate``; the statistics always
-    cover every class); the dynamic scale costs one more ``B x D x C`` product (without
-    gradient) per training step. Sharded
+    cover every class). In default mode the core forms the cosines once and hands them
+    to the scale update before it forms the logits (three products per step, as for a
+    fixed scale); with ``chunk_size`` or ``sample_rate < 1``, and sharded, the dynamic
+    scale costs one more ``B x D x C`` product (without gradient) per training step. Sharded
     (:class:`~pml_margins.distributed.ShardedMarginSoftmaxLoss`), :math:`B_{avg}` and
     the target angles are reduced over the ranks that hold the classes, so the scale
     is the same on every rank and equal to the single-process one on the gathered
@@ -134,6 +138,7 @@ class AdaCosLoss(ClassWeightLoss):
         super().__init__(num_classes, embedding_size, **kwargs)
         # float64 until the module is cast: sqrt(2) log(C - 1) is kept exactly
         self.register_buffer("scale", torch.tensor(initial, dtype=torch.float64))
+        self._deferred: StepStatistics | None = None  # a step whose update the core makes
 
     @classmethod
     def shard_kwargs(cls, num_classes: int, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -146,14 +151,54 @@ class AdaCosLoss(ClassWeightLoss):
         """The current scale, once per row (no host synchronisation)."""
         return self.scale.detach().expand(embeddings.shape[0])
 
+    def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
+        """The default form; within a step that defers the update, the scale is a callable
+        (:meth:`_scale_from_cosines`) that the fused core calls with its cosines."""
+        form = super().fused_logits(embeddings)
+        if form is None or self._deferred is None:
+            return form
+        return replace(form, scale=self._scale_from_cosines)
+
     @contextmanager
     def prepare_step(
         self, embeddings: torch.Tensor, labels: torch.Tensor, statistics: StepStatistics
     ) -> Iterator[None]:
-        """In training with ``dynamic``: set the scale from the batch before it is used."""
-        if self.dynamic and self.training:
+        """In training with ``dynamic``: set the scale from the batch before it is used.
+
+        On the fused core in default mode in one process (``statistics.from_core``), the
+        update is deferred to the core, which forms the cosines once for both (no
+        product of its own); else it is made here, from ``statistics``.
+        """
+        if not (self.dynamic and self.training):
+            yield
+            return
+        defer = (
+            statistics.from_core
+            and self.non_target_logit_fn() is None
+            and (form := self.fused_logits(embeddings)) is not None
+            and form.sub_centers == 1
+        )
+        if not defer:
             self.scale.copy_(adacos_scale_from_statistics(statistics, self.scale))
-        yield
+            yield
+            return
+        self._deferred = statistics
+        try:
+            yield
+            if self._deferred is statistics:  # the core never asked (a subclass's own path)
+                self.scale.copy_(adacos_scale_from_statistics(statistics, self.scale))
+        finally:
+            self._deferred = None
+
+    def _scale_from_cosines(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """The deferred update, from the fused core's cosines: the step's scale, once per row."""
+        statistics = self._deferred
+        if statistics is None:
+            raise RuntimeError("AdaCos's deferred scale was called outside its step")
+        statistics.set_class_cosines(blocks)
+        self.scale.copy_(adacos_scale_from_statistics(statistics, self.scale))
+        self._deferred = None  # once per step
+        return self.scale.detach().expand(blocks[0].shape[0])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={float(self.scale):.4g}"

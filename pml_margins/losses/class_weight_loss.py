@@ -352,6 +352,7 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
             lambda: self.cosine(embeddings),
             labels,
             lambda columns: self.target_cosines(embeddings, columns),
+            from_core=self.chunk_size is None and self.sample_rate == 1.0,
         )
         with self.prepare_step(embeddings, labels, statistics):
             losses = self._per_sample_losses(embeddings, labels)

@@ -33,6 +33,12 @@ class StepStatistics:
         target_cosine: optional; given ``(N,)`` columns held here, returns each row's
             cosine with its column, without gradient: :meth:`target_cosines` then costs
             ``O(N D)`` instead of the ``(N, C_here)`` product (unless that is needed anyway).
+        from_core: whether the step's fused core may hand over the cosines it forms
+            (:meth:`set_class_cosines`) before it needs a scale decided from them: one
+            process, default mode (``ClassWeightLoss.compute_loss`` says so).
+
+    Attributes:
+        from_core: as given.
     """
 
     def __init__(
@@ -40,11 +46,13 @@ class StepStatistics:
         cosine: Callable[[], torch.Tensor],
         target: torch.Tensor,
         target_cosine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        from_core: bool = False,
     ) -> None:
         self._cosine_fn = cosine
-        self._cosine: torch.Tensor | None = None
+        self._blocks: list[torch.Tensor] | None = None  # column blocks of the cosines, in order
         self._target_cosine_fn = target_cosine
         self.target = target.long()
+        self.from_core = from_core
 
     # --- reductions over the classes: the identity here, all-reduced when sharded -----
     def sum_over_classes(self, value: torch.Tensor) -> torch.Tensor:
@@ -56,23 +64,49 @@ class StepStatistics:
         return value
 
     # --- derived statistics -------------------------------------------------------
+    def set_class_cosines(self, blocks: list[torch.Tensor]) -> None:
+        """Take the ``(N, C_here)`` cosines formed elsewhere (the fused core's), no product here.
+
+        Args:
+            blocks: the cosines as column blocks, in order (``torch.cat(blocks, 1)`` is the
+                matrix), without graph, at least float32; read only until the step's
+                core goes on (it reuses their memory), so derive what is needed at once.
+        """
+        self._blocks = list(blocks)
+
     def class_cosines(self) -> torch.Tensor:
         """``(N, C_here)`` cosines against the classes held here, detached, at least float32."""
-        if self._cosine is None:
+        blocks = self._cosine_blocks()
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+
+    def _cosine_blocks(self) -> list[torch.Tensor]:
+        if self._blocks is None:
             with torch.no_grad():
                 cosine = self._cosine_fn().detach()
-                self._cosine = cosine.to(compute_dtype(cosine.dtype))
-        return self._cosine
+                self._blocks = [cosine.to(compute_dtype(cosine.dtype))]
+        return self._blocks
 
     def target_cosines(self) -> torch.Tensor:
         """``(N,)`` cosine of every row with its target class, wherever that class is held."""
         owned, columns = self.target >= 0, self.target.clamp(min=0)
-        if self._cosine is None and self._target_cosine_fn is not None:
+        if self._blocks is None and self._target_cosine_fn is not None:
             with torch.no_grad():
                 mine = self._target_cosine_fn(columns).detach()
         else:
-            mine = self.class_cosines().gather(1, columns.unsqueeze(1)).squeeze(1)
+            mine = self._gather(columns)
         return self.sum_over_classes(torch.where(owned, mine, torch.zeros_like(mine)))
+
+    def _gather(self, columns: torch.Tensor) -> torch.Tensor:
+        """Each row's cosine in its column (over the blocks)."""
+        mine, start = None, 0
+        for block in self._cosine_blocks():
+            local = (columns - start).clamp(0, block.shape[1] - 1).unsqueeze(1)
+            value = block.gather(1, local).squeeze(1)
+            inside = (columns >= start) & (columns < start + block.shape[1])
+            mine = value if mine is None else torch.where(inside, value, mine)
+            start += block.shape[1]
+        assert mine is not None
+        return mine
 
     def logsumexp_over_classes(self, value: torch.Tensor) -> torch.Tensor:
         r""":math:`\log\sum e^{v}` of a partial log-sum-exp ``value`` over the holders."""
@@ -82,8 +116,14 @@ class StepStatistics:
 
     def non_target_logsumexp(self, scale: float | torch.Tensor) -> torch.Tensor:
         r""":math:`\log\sum_i\sum_{k\ne y_i} e^{s\cos\theta_{ik}}`, all rows and classes (0-dim)."""
-        cosine = self.class_cosines()
-        logits = cosine * scale
-        owned = torch.nonzero(self.target >= 0).squeeze(1)
-        logits[owned, self.target[owned]] = -math.inf  # the targets held here
-        return self.logsumexp_over_classes(torch.logsumexp(logits.flatten(), 0))
+        parts, start = [], 0
+        for block in self._cosine_blocks():
+            logits = block * scale
+            width = block.shape[1]
+            rows = torch.nonzero((self.target >= start) & (self.target < start + width))
+            rows = rows.squeeze(1)
+            logits[rows, self.target[rows] - start] = -math.inf  # the targets held here
+            parts.append(torch.logsumexp(logits.flatten(), 0))
+            start += width
+        mine = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), 0)
+        return self.logsumexp_over_classes(mine)
