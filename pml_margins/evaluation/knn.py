@@ -183,6 +183,31 @@ def _chunks(x: torch.Tensor, normalize: bool) -> Iterator[tuple[slice, torch.Ten
         yield slice(s, min(s + step, len(x))), _rows64(x[s : s + step], normalize, buffer)
 
 
+def _centre_and_scale(
+    sets: Sequence[torch.Tensor], reference: torch.Tensor, metric: str, normalize: bool
+) -> tuple[torch.Tensor, float]:
+    """float64 centre (the reference mean for Euclidean, else 0) and the power of two
+    that puts the largest centred coordinate of ``sets`` in ``[0.5, 1)``; ``ValueError``
+    when the data span more than float64 can hold."""
+    centre = torch.zeros(reference.shape[1], dtype=torch.float64, device=reference.device)
+    if metric != "dot":
+        centre = sum(c.sum(dim=0) for _, c in _chunks(reference, normalize)) / len(reference)
+    largest = max(float((c - centre).abs().max()) for x in sets for _, c in _chunks(x, normalize))
+    if not math.isfinite(largest):
+        raise ValueError("the embeddings span more than float64 can hold")
+    return centre, 1.0 if largest == 0 else 2.0 ** -math.frexp(largest)[1]
+
+
+def _pair_terms(left: torch.Tensor, right: torch.Tensor, metric: str, out: torch.Tensor) -> None:
+    """``left * right`` (dot) or ``(left - right)^2`` into ``out``, float64: the per-pair
+    terms that every re-scoring sums over the last dimension (one formula for all paths,
+    so that their values are equal bit for bit)."""
+    if metric == "dot":
+        torch.mul(left, right, out=out)
+    else:
+        torch.sub(left, right, out=out).square_()
+
+
 def _float32_operands(
     query: torch.Tensor, reference: torch.Tensor, metric: str, normalize: bool, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,13 +217,7 @@ def _float32_operands(
     the power of two that puts the largest ``|y|`` coordinate in ``[0.5, 1)``. The
     query's operand is the reference's (the same object) if ``symmetric``."""
     sets = (query,) if symmetric else (query, reference)
-    centre = torch.zeros(query.shape[1], dtype=torch.float64, device=query.device)
-    if metric != "dot":
-        centre = sum(c.sum(dim=0) for _, c in _chunks(reference, normalize)) / len(reference)
-    largest = max(float((c - centre).abs().max()) for x in sets for _, c in _chunks(x, normalize))
-    if not math.isfinite(largest):
-        raise ValueError("the embeddings span more than float64 can hold")
-    scale = 1.0 if largest == 0 else 2.0 ** -math.frexp(largest)[1]
+    centre, scale = _centre_and_scale(sets, reference, metric, normalize)
     out = []
     for x in sets:
         y = torch.empty(len(x), x.shape[1] + 2 * (metric != "dot"), device=x.device)
@@ -354,7 +373,7 @@ def _rescore(
             torch.index_select(reference, 0, flat, out=gathered[: n * width])
             picked = _rows64(gathered[: n * width], normalize, picked64).view(n, width, dim)
             q = _rows64(query[s : s + n], normalize, query64)[:, None, :]
-            picked.mul_(q) if metric == "dot" else picked.sub_(q).square_()
+            _pair_terms(picked, q, metric, picked)
             torch.sum(picked, dim=2, out=out[s : s + n])
 
     _in_threads(run, range(0, num, rows), workers)
@@ -392,10 +411,7 @@ def _rescore_wide(
             for r in range(0, num_ref, block):
                 refs, part = ref64[r : r + block], scratch[: min(block, num_ref - r)]
                 for i in range(len(q)):
-                    if metric == "dot":
-                        torch.mul(refs, q[i], out=part)
-                    else:
-                        torch.sub(refs, q[i], out=part).square_()
+                    _pair_terms(refs, q[i], metric, part)
                     torch.sum(part, dim=1, out=values[i, r : r + len(part)])
             if indices is None:
                 out[s : s + len(q)] = values[: len(q)]
@@ -452,7 +468,8 @@ def knn_float64(
     cpu_threads = threads if device.type == "cpu" else 1
     if min(nr, k + max(8, k // 4)) == nr:  # every reference is a candidate: no float32
         with thread_limit(1, libraries=False):  # pass, no certificate, one sort
-            _float32_operands(query, reference, metric, normalize, symmetric)  # (range check)
+            sets = (query,) if symmetric else (query, reference)
+            _centre_and_scale(sets, reference, metric, normalize)  # its range check only
             v = _rescore_wide(query, reference, None, metric, normalize, cpu_threads)
             if self_offset is not None:
                 own = torch.arange(nq, device=device) - self_offset
