@@ -37,11 +37,12 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_dev
 print('faiss', faiss.__version__, 'pml', p.__version__)"
 } > "$out/gpu.txt" 2>&1
 
-# 1. the tests that skip without CUDA (dtype matrix under CUDA autocast, one sync per
-#    forward, CUDA k-nn equal to CPU, ...): about 2 minutes
-timeout 200 python3 -m pytest -q -rs -p no:cacheprovider -k "cuda or gpu" \
+# 1. the tests that skip without CUDA (the whole dtype-pair matrix on the card and
+#    under CUDA autocast against the float64 reference, one sync per forward, CUDA k-nn
+#    equal to CPU, the CLIs on cuda, ...): about 2 minutes
+timeout 200 python3 -m pytest -q -rfEs --durations=5 -p no:cacheprovider -k "cuda or gpu" \
     tests/losses tests/functional tests/evaluation tests/bench/test_cli_sphere.py \
-    > "$out/tests.txt" 2>&1
+    tests/bench/test_cli_bench.py > "$out/tests.txt" 2>&1
 echo "tests exit $?" >> "$out/tests.txt"
 
 # 2. the class-weight losses on the GPU: fp32 and bf16 autocast, 10k and 100k classes
@@ -58,5 +59,5 @@ timeout 70 python3 benchmarks/losses.py --device cuda --dtype bf16 --repeats 20 
 echo "exit $?" >> "$out/losses_bf16.txt"
 
 # 3. the retrieval calculator at CUB and SOP size against PML's CustomKNN on the card
-timeout 180 python3 benchmarks/accuracy.py --device cuda --repeats 3 > "$out/accuracy.txt" 2>&1
+timeout 150 python3 benchmarks/accuracy.py --device cuda --repeats 3 > "$out/accuracy.txt" 2>&1
 echo "exit $?" >> "$out/accuracy.txt"

@@ -61,7 +61,7 @@ class LossSpec:
             return self.ref_hp
         drawn = loss.last_margins
         margins = torch.full((1,), self.ref_hp["margin"]) if drawn is None else drawn
-        return {**self.ref_hp, "margins": margins.double()}
+        return {**self.ref_hp, "margins": margins.cpu().double()}
 
     def reference(self, loss: ClassWeightLoss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         bias = getattr(loss, "bias", None)

@@ -32,16 +32,16 @@ def _rounding(dtype: torch.dtype) -> float:
 
 def _reference(spec: LossSpec, loss_fn, x, y, seed: int, mode: dict) -> torch.Tensor:
     """Mean float64 loss of the same inputs, on the classes the run sampled."""
-    w = loss_fn.W.detach().double().clone().requires_grad_(True)
+    w = loss_fn.W.detach().cpu().double().clone().requires_grad_(True)
     bias = getattr(loss_fn, "bias", None)
-    bias = None if bias is None else bias.detach().double()
-    x = x.detach().double().clone().requires_grad_(True)
-    w_used, y_used, bias_used = w, y, bias
+    bias = None if bias is None else bias.detach().cpu().double()
+    x = x.detach().cpu().double().clone().requires_grad_(True)
+    w_used, y_used, bias_used = w, y.cpu(), bias
     if "sample_rate" in mode:
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # the run's draw: on the labels' device, as the loss drew it
         sampled = sample_classes(y, NUM_CLASSES, mode["sample_rate"])
         if sampled is not None:
-            index, y_used = sampled
+            index, y_used = (t.cpu() for t in sampled)
             w_used = w[:, class_columns(index, spec.columns_per_class)]  # whole classes
             bias_used = None if bias is None else bias[index]
     value = reference_per_sample(
@@ -52,25 +52,28 @@ def _reference(spec: LossSpec, loss_fn, x, y, seed: int, mode: dict) -> torch.Te
     return value, gx, gw
 
 
-def _inputs(x_dtype: torch.dtype, w_dtype: torch.dtype, spec: LossSpec, mode: dict):
+def _inputs(x_dtype, w_dtype, spec: LossSpec, mode: dict, device: str = "cpu"):
     torch.manual_seed(0)
-    loss_fn = spec.build(NUM_CLASSES, WIDTH, **mode)
+    loss_fn = spec.build(NUM_CLASSES, WIDTH, **mode).to(device)
     loss_fn.W.data = loss_fn.W.data.to(w_dtype)
     if getattr(loss_fn, "bias", None) is not None:
         loss_fn.bias.data = loss_fn.bias.data.to(w_dtype)
     # scaled so that SphereFace's feature-norm scale stays moderate
-    x = (0.5 * torch.randn(BATCH, WIDTH)).to(x_dtype).requires_grad_(True)
-    y = torch.randint(0, NUM_CLASSES, (BATCH,))
+    x = (0.5 * torch.randn(BATCH, WIDTH)).to(device, x_dtype).requires_grad_(True)
+    y = torch.randint(0, NUM_CLASSES, (BATCH,)).to(device)
     return loss_fn, x, y
 
 
-def _check_case(spec: LossSpec, x_dtype, w_dtype, mode: dict, autocast: torch.dtype | None):
-    loss_fn, x, y = _inputs(x_dtype, w_dtype, spec, mode)
+def _check_case(
+    spec: LossSpec, x_dtype, w_dtype, mode: dict, autocast: torch.dtype | None, device="cpu"
+):
+    loss_fn, x, y = _inputs(x_dtype, w_dtype, spec, mode, device)
     assert loss_fn.fused_logits(x) is not None  # every loss here runs on the fused core
     w_before = loss_fn.W.detach().clone()
     seed = 1234
     torch.manual_seed(seed)
-    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    default = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device, dtype=autocast or default, enabled=autocast is not None):
         out = loss_fn(x, y)
     out.backward()
     assert loss_fn.W.dtype == w_dtype and torch.equal(loss_fn.W.detach(), w_before)
@@ -83,12 +86,12 @@ def _check_case(spec: LossSpec, x_dtype, w_dtype, mode: dict, autocast: torch.dt
     work = _rounding(autocast or arithmetic)
     # logits carry the scale (up to 64): errors of the cosines are multiplied by it
     tol = 100 * work * 64
-    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol)
     for got, want, dtype in ((x.grad, ref_gx, x_dtype), (loss_fn.W.grad, ref_gw, w_dtype)):
         # the gradient is rounded once more to its own dtype
         g_tol = tol + 4 * _rounding(dtype)
         scale = float(want.abs().max())
-        torch.testing.assert_close(got.double(), want, rtol=g_tol, atol=g_tol * max(scale, 1))
+        torch.testing.assert_close(got.cpu().double(), want, rtol=g_tol, atol=g_tol * max(scale, 1))
 
 
 @pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
@@ -117,6 +120,25 @@ def test_proxy_circle_every_dtype_pair(x_dtype, w_dtype) -> None:
     loss_fn(x, y).backward()
     assert loss_fn.W.dtype == w_dtype and loss_fn.W.grad.dtype == w_dtype
     assert x.grad.dtype == x_dtype and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+@pytest.mark.parametrize("spec", FAMILIES, ids=[s.cls.__name__ for s in FAMILIES])
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_every_dtype_pair(x_dtype, w_dtype, spec: LossSpec, mode: dict) -> None:
+    """The whole pair matrix on the GPU, against the same float64 reference on CPU."""
+    _check_case(spec, x_dtype, w_dtype, mode, autocast=None, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+@pytest.mark.parametrize("spec", FAMILIES, ids=[s.cls.__name__ for s in FAMILIES])
+@pytest.mark.parametrize("autocast", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_autocast_against_reference(autocast, spec: LossSpec, mode: dict) -> None:
+    """CUDA autocast with every mode, within the half type's tolerance of float64."""
+    _check_case(spec, torch.float32, torch.float32, mode, autocast=autocast, device="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
