@@ -5,8 +5,8 @@ ElasticFace-Arc, dynamic AdaCos, MagFace, AdaFace and CurricularFace) at each (B
 one forward + backward of
 
 * ``ours``: pml_margins' loss, default mode (the dense function on materialized logits
-  for small problems: ``MATERIALIZE_MAX_ELEMENTS``, ``DENSE_MAX_ELEMENTS``; else the
-  blocked function with one saved (B, C) buffer),
+  for small problems: ``MATERIALIZE_MAX_ELEMENTS``, ``DENSE_MAX_ELEMENTS``; on an
+  accelerator up to 2^26 logits; else the blocked function with one saved (B, C) buffer),
 * ``ours-unchecked``: the same under ``pml_margins.value_checks(False)`` (the
   difference is the cost of the input checks),
 * ``ours-bounded``: the same with ``chunk_size="auto"`` (no (B, C) tensor),
