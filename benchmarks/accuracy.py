@@ -243,27 +243,28 @@ def main() -> None:
         "| matmul s | ours/matmul | max abs Δ metric |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    print("\n".join(rows), flush=True)  # each row as its scale finishes: a cut-off run keeps them
     for name, (n, dim, classes), folder, separate in scale_data(scales, args.only):
         ours, *pmls, matmul = interleaved(["ours", *pml_cases, "matmul"], folder, args, separate)
         ok = [p for p in pmls if "error" in p] != pmls
         pml = min((p for p in pmls if "error" not in p), key=lambda p: p["seconds"]) if ok else {}
         if "error" in ours or not pml or "error" in matmul:
-            rows.append(f"| {name} | error: {ours.get('error') or pmls or matmul} |")
+            print(f"| {name} | error: {ours.get('error') or pmls or matmul} |", flush=True)
             continue
         key = "gpu_peak_mb" if cuda else "peak_rss_mb"
         delta = max(abs(ours[m] - pml[m]) for m in METRICS)
         pairs = zip(ours["round_seconds"], pml["round_seconds"], strict=True)
         ratio = statistics.median(o / p for o, p in pairs)  # per round: same load on both
-        rows.append(
+        print(
             f"| {name} | {n:,} × {dim}, {classes:,} | {pml['seconds']:.2f} | "
             f"{ours['seconds']:.2f} | {ratio:.2f} | "
             f"{pml[key]:,.0f} | {ours[key]:,.0f} | {ours[key] / pml[key]:.2f} | "
             f"{pml['working_first_mb']:,.0f} / {pml['working_mb']:,.0f} | "
             f"{ours['working_first_mb']:,.0f} / {ours['working_mb']:,.0f} | "
             f"{ours['working_mb'] / max(pml['working_mb'], 1e-9):.2f} | "
-            f"{matmul['seconds']:.2f} | {ours['seconds'] / matmul['seconds']:.2f} | {delta:.1e} |"
+            f"{matmul['seconds']:.2f} | {ours['seconds'] / matmul['seconds']:.2f} | {delta:.1e} |",
+            flush=True,
         )
-    print("\n".join(rows))
     if args.recall_ks:
         print(recall_table(scales, args))
 
