@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from pytorch_metric_learning.reducers import MeanReducer
+from pytorch_metric_learning.utils import common_functions as c_f
 
 __all__ = ["CheckedForwardMixin"]
 
@@ -14,6 +16,12 @@ class CheckedForwardMixin:
     :meth:`check_inputs`, which raises ``TypeError``/``ValueError`` naming the bad
     argument (and reads the values back at most once, see
     :class:`pml_margins.validation.ValueChecks`).
+
+    With PML's default reduction and nothing that PML's plumbing would add (the
+    reducer exactly a ``MeanReducer`` collecting no statistics, no regularizers, one
+    loss of per-element values), the mean is taken here: what PML's ``forward``
+    returns then, ``torch.mean`` of the losses, without its reducer's bookkeeping
+    (about 50 us a step, a tenth of a small problem's step on CPU).
     """
 
     def check_inputs(
@@ -37,6 +45,29 @@ class CheckedForwardMixin:
     ) -> torch.Tensor:
         """The reduced loss (PML's ``forward``) after :meth:`check_inputs`."""
         self.check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        return super().forward(  # type: ignore[misc]
+        if not self._reduces_to_plain_mean():
+            return super().forward(  # type: ignore[misc]
+                embeddings, labels, indices_tuple, ref_emb, ref_labels
+            )
+        self.reset_stats()  # type: ignore[attr-defined]
+        if labels is not None:
+            labels = c_f.to_device(labels, embeddings)
+        ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
+        loss_dict = self.compute_loss(  # type: ignore[attr-defined]
             embeddings, labels, indices_tuple, ref_emb, ref_labels
+        )
+        (info,) = loss_dict.values()
+        losses = info["losses"]
+        if info["reduction_type"] != "element" or not torch.is_tensor(losses):
+            return self.reducer(loss_dict, embeddings, labels)  # type: ignore[attr-defined]
+        return torch.mean(losses)
+
+    def _reduces_to_plain_mean(self) -> bool:
+        """Whether PML's ``forward`` would return ``torch.mean`` of the element losses."""
+        reducer = self.reducer  # type: ignore[attr-defined]
+        return (
+            type(reducer) is MeanReducer
+            and not reducer.collect_stats
+            and getattr(self, "embedding_regularizer", None) is None
+            and getattr(self, "weight_regularizer", None) is None
         )

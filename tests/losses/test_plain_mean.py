@@ -1,0 +1,95 @@
+"""The default reduction taken without PML's reducer plumbing equals PML's ``forward``.
+
+``CheckedForwardMixin.forward`` returns ``torch.mean`` of the element losses when the
+reducer is exactly a ``MeanReducer`` collecting no statistics and no regularizer is set;
+everything else goes through PML's ``BaseMetricLossFunction.forward``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.miners import MultiSimilarityMiner
+from pytorch_metric_learning.reducers import MeanReducer, SumReducer
+from pytorch_metric_learning.regularizers import LpRegularizer
+
+from pml_margins.losses import (
+    ArcFaceLoss,
+    CenterLoss,
+    CircleLoss,
+    CosFaceLoss,
+    SubCenterArcFaceLoss,
+)
+
+LOSSES = {
+    "arcface": lambda **kw: ArcFaceLoss(7, 5, **kw),
+    "cosface": lambda **kw: CosFaceLoss(7, 5, **kw),
+    "subcenter": lambda **kw: SubCenterArcFaceLoss(7, 5, **kw),
+    "center": lambda **kw: CenterLoss(7, 5, **kw),
+    "circle": lambda **kw: CircleLoss(**kw),
+}
+
+
+class CountingMeanReducer(MeanReducer):
+    """A MeanReducer subclass: may do more than the mean, so PML's plumbing runs."""
+
+    calls = 0
+
+    def element_reduction(self, losses, *args):
+        CountingMeanReducer.calls += 1
+        return super().element_reduction(losses, *args)
+
+
+def _inputs(seed: int = 0):
+    torch.manual_seed(seed)
+    x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    return x, torch.randint(0, 7, (12,))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_default_reduction_equals_pml_forward_bit_for_bit(name: str) -> None:
+    loss_fn = LOSSES[name]().eval()  # no state update between the two calls (Center's EMA)
+    x, y = _inputs()
+    ours = loss_fn(x, y)
+    (gx,) = torch.autograd.grad(ours, x)
+    pml = BaseMetricLossFunction.forward(loss_fn, x, y)
+    (gp,) = torch.autograd.grad(pml, x)
+    assert torch.equal(ours, pml) and torch.equal(gx, gp)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"reducer": SumReducer()},
+        {"reducer": MeanReducer(collect_stats=True)},
+        {"embedding_regularizer": LpRegularizer()},
+        {"weight_regularizer": LpRegularizer()},
+    ],
+    ids=["sum", "mean-with-stats", "embedding-reg", "weight-reg"],
+)
+def test_other_reductions_go_through_pml(kwargs: dict) -> None:
+    loss_fn = ArcFaceLoss(7, 5, **kwargs)
+    x, y = _inputs()
+    assert torch.equal(loss_fn(x, y), BaseMetricLossFunction.forward(loss_fn, x, y))
+    if "reducer" in kwargs and kwargs["reducer"].collect_stats:
+        assert loss_fn.reducer.losses_size == 12  # PML's reducer bookkeeping ran
+
+
+def test_a_mean_reducer_subclass_is_called() -> None:
+    loss_fn = ArcFaceLoss(7, 5, reducer=CountingMeanReducer())
+    before = CountingMeanReducer.calls
+    loss_fn(*_inputs())
+    assert CountingMeanReducer.calls == before + 1
+
+
+def test_miner_weights_and_stats_on_the_plain_mean() -> None:
+    """A miner's indices_tuple and collect_stats keep PML's values on the short path."""
+    x, y = _inputs(1)
+    pairs = MultiSimilarityMiner()(x, y)
+    loss_fn = ArcFaceLoss(7, 5, collect_stats=True)
+    ours = loss_fn(x, y, pairs)
+    angle = loss_fn.avg_angle
+    loss_fn.avg_angle = 0
+    assert torch.equal(ours, BaseMetricLossFunction.forward(loss_fn, x, y, pairs))
+    assert angle == loss_fn.avg_angle != 0
