@@ -21,7 +21,8 @@ shared machine's changing load falls on both alike.
 
 On CPU PML runs with its default faiss-cpu k-nn; on CUDA with its torch
 ``CustomKNN`` (whole matrix and batched; the faster is reported). Both rank by
-Euclidean distance and compute P@1, R-Precision and MAP@R with k="max_bin_count".
+Euclidean distance and compute P@1, R-Precision and MAP@R with k="max_bin_count"
+(``--k none``: PML's default ``k=None``, every reference ranked).
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def _split(x, y, separate: bool) -> tuple:
     return tuple(t.contiguous() for t in (x[0::2], y[0::2], x[1::2], y[1::2]))
 
 
-def run_case(case: str, folder: Path, device: str, repeats: int, separate: bool) -> dict:
+def run_case(
+    case: str, folder: Path, device: str, repeats: int, separate: bool, k: str | None
+) -> dict:
     """Run one case in this process; returns the median seconds, memory and metrics."""
     import torch
 
@@ -111,7 +114,7 @@ def run_case(case: str, folder: Path, device: str, repeats: int, separate: bool)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()  # imports and loading are not timed
-        metrics = _call(case, _split(x, y, separate), device)
+        metrics = _call(case, _split(x, y, separate), device, k)
         _sync(device)
         times.append(time.perf_counter() - start)
         working_mb.append(_status_kb("VmHWM") / 1024 - base_mb)
@@ -128,7 +131,7 @@ def run_case(case: str, folder: Path, device: str, repeats: int, separate: bool)
     }
 
 
-def _call(case: str, inputs: tuple, device: str) -> dict:
+def _call(case: str, inputs: tuple, device: str, k: str | None = "max_bin_count") -> dict:
     import torch
     from pytorch_metric_learning.distances import LpDistance
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
@@ -137,7 +140,7 @@ def _call(case: str, inputs: tuple, device: str) -> dict:
     from pml_margins.evaluation import RetrievalAccuracyCalculator
 
     if case == "ours":
-        calc = RetrievalAccuracyCalculator(include=METRICS, k="max_bin_count")
+        calc = RetrievalAccuracyCalculator(include=METRICS, k=k)
         return calc.get_accuracy(*inputs)
     if case.startswith("ours-recall-"):  # ours-recall-1-10-100-1000: Recall@K only
         ks = tuple(int(v) for v in case.removeprefix("ours-recall-").split("-"))
@@ -151,9 +154,7 @@ def _call(case: str, inputs: tuple, device: str) -> dict:
             knn = CustomKNN(LpDistance(normalize_embeddings=False))
         elif case == "pml-custom-batched":
             knn = CustomKNN(LpDistance(normalize_embeddings=False), batch_size=PML_CUDA_BATCH)
-        calc = AccuracyCalculator(
-            include=METRICS, k="max_bin_count", device=torch.device(device), knn_func=knn
-        )
+        calc = AccuracyCalculator(include=METRICS, k=k, device=torch.device(device), knn_func=knn)
         return calc.get_accuracy(*inputs)
     if case == "matmul":  # one Q × N product, in row blocks (SOP's would need 14.6 GB)
         query, reference = inputs[0], inputs[2] if len(inputs) > 2 else inputs[0]
@@ -175,9 +176,11 @@ def scale_data(scales: dict, only: list[str] | None):
             yield name, size, Path(tmp), "query / reference" in name
 
 
-def spawn(case: str, folder: Path, device: str, repeats: int, separate: bool) -> dict:
+def spawn(
+    case: str, folder: Path, device: str, repeats: int, separate: bool, k: str = "max_bin_count"
+) -> dict:
     cmd = [sys.executable, __file__, "--case", case, "--data", str(folder), "--device", device]
-    cmd += ["--repeats", str(repeats)] + (["--separate"] if separate else [])
+    cmd += ["--repeats", str(repeats), "--k", k] + (["--separate"] if separate else [])
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
@@ -189,7 +192,7 @@ def interleaved(cases: list[str], folder: Path, args: argparse.Namespace, separa
     a shared machine's load falls on all of them alike): the median seconds, the
     largest memory figures, and per round the seconds (``round_seconds``)."""
     rounds = [
-        [spawn(c, folder, args.device, args.repeats, separate) for c in cases]
+        [spawn(c, folder, args.device, args.repeats, separate, args.k) for c in cases]
         for _ in range(args.rounds)
     ]
     results = []
@@ -224,12 +227,19 @@ def main() -> None:
         nargs="+",
         help="also time ours computing only Recall@these K (PML has no Recall@K)",
     )
+    parser.add_argument(
+        "--k",
+        default="max_bin_count",
+        choices=["max_bin_count", "none"],
+        help='k-NN depth of both calculators ("none": PML\'s default k=None, whole lists)',
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--separate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        result = run_case(args.case, Path(args.data), args.device, args.repeats, args.separate)
+        k = None if args.k == "none" else args.k
+        result = run_case(args.case, Path(args.data), args.device, args.repeats, args.separate, k)
         print(json.dumps(result))
         return
 

@@ -22,3 +22,13 @@ def test_quick_accuracy_benchmark_prints_equal_metrics_and_recall_table():
     assert "error" not in done.stdout
     recall_values = [float(v) for v in lines[1].split("|")[-2].split(",")]
     assert 0.0 < recall_values[0] <= recall_values[1] <= 1.0
+
+
+def test_quick_accuracy_benchmark_with_pml_default_k():
+    """``--k none``: both calculators with PML's default k=None (whole ranked lists)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--repeats", "1"]
+    cmd += ["--only", "CUB-like (quick)", "--k", "none"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True)
+    (line,) = [row for row in done.stdout.splitlines() if row.startswith("| CUB-like")]
+    assert line.rstrip(" |").endswith("0.0e+00"), line  # ours == PML on every metric
