@@ -252,3 +252,31 @@ def test_runs_on_the_fused_core_and_a_later_step_leaves_the_backward_alone() -> 
     got, want = _grads(first, x, loss.W), _grads(ref.mean(), x, loss.W)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_target_selection_is_exact(dtype: torch.dtype) -> None:
+    """The hard-negative selection (a 0/1 lerp weight) gives the paper's piecewise value
+    and slope bit for bit, including cosines equal to their row's bound (not hard)."""
+    from pml_margins.losses.curricularface import (
+        curricular_non_target,
+        curricular_non_target_and_slope,
+    )
+
+    torch.manual_seed(3)
+    cosine = (torch.rand(40, 57, dtype=dtype) * 2 - 1).requires_grad_(True)
+    bound = torch.rand(40, dtype=dtype) - 0.2
+    with torch.no_grad():
+        cosine[:, 0] = bound  # on the bound: not a hard negative
+    t = torch.tensor(0.37, dtype=dtype)
+    hard = cosine.detach() > bound.unsqueeze(1)
+    c = cosine.detach()
+    want_value = torch.where(hard, c * (t + c), c)
+    want_slope = torch.where(hard, t + 2 * c, torch.ones_like(c))
+    value, slope = curricular_non_target_and_slope(c, bound, t)
+    assert torch.equal(value, want_value) and torch.equal(slope, (c + t).add_(c).where(hard, 1.0))
+    torch.testing.assert_close(slope, want_slope, rtol=0, atol=4 * torch.finfo(dtype).eps)
+    differentiable = curricular_non_target(cosine, bound, t)
+    assert torch.equal(differentiable.detach(), want_value)
+    (grad,) = torch.autograd.grad(differentiable.sum(), cosine)
+    assert torch.equal(grad, slope)
