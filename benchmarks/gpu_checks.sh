@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one device call (about 4 minutes on an H200).
+# Every check that needs a GPU, in one device call (about 5 minutes on an H200).
 #
 # The device machine (see /work/.library/device) has torch, pytest, scikit-learn,
 # tqdm, matplotlib and threadpoolctl but neither pytorch-metric-learning nor faiss-cpu:
@@ -12,12 +12,13 @@
 #       pytorch-metric-learning==2.9.0 faiss-cpu==1.15.1
 #
 # then run it with the device tool: command "bash benchmarks/gpu_checks.sh",
-# carry [".whl"], timeout_s 400. Everything it prints lands in $OUT (or /tmp/gpu_checks):
+# carry [".whl"], timeout_s 560 (the steps' limits add up to 540 s; they took ~5 min). Everything it prints lands in $OUT (or /tmp/gpu_checks):
 # gpu.txt (the card and versions), tests.txt (the CUDA tests, which skip on CPU),
 # losses_fp32.txt / losses_bf16.txt (benchmarks/losses.py --device cuda at 10k and 100k
 # classes, against PML and the three-product floor) and accuracy.txt
 # (benchmarks/accuracy.py --device cuda: ours against PML's CustomKNN at CUB and SOP
-# size). Each step has its own time limit, so one slow step cannot starve the others.
+# size), profile.txt (benchmarks/profile_steps.py --device cuda: where the time goes).
+# Each step has its own time limit, so one slow step cannot starve the others.
 set -u -o pipefail
 out="${OUT:-/tmp/gpu_checks}"
 mkdir -p "$out"
@@ -58,7 +59,12 @@ timeout 70 python3 benchmarks/losses.py --device cuda --dtype bf16 --repeats 20 
     > "$out/losses_bf16.txt" 2>&1
 echo "exit $?" >> "$out/losses_bf16.txt"
 
-# 3. the retrieval calculator at CUB and SOP size against PML's CustomKNN on the card
+# 3. where the time goes on the card: profiler tables of the 10k ArcFace step and of the
+#    calculator at SOP size (k="max_bin_count") and CUB size (k=None)
+timeout 60 python3 benchmarks/profile_steps.py --device cuda > "$out/profile.txt" 2>&1
+echo "exit $?" >> "$out/profile.txt"
+
+# 4. the retrieval calculator at CUB and SOP size against PML's CustomKNN on the card
 timeout 110 python3 benchmarks/accuracy.py --device cuda --repeats 2 \
     --only CUB-test SOP-test > "$out/accuracy.txt" 2>&1
 echo "exit $?" >> "$out/accuracy.txt"
