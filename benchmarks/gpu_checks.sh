@@ -12,7 +12,8 @@
 #       pytorch-metric-learning==2.9.0 faiss-cpu==1.15.1
 #
 # then run it with the device tool: command "bash benchmarks/gpu_checks.sh",
-# carry [".whl"], timeout_s 560 (the steps' limits add up to 540 s; they took ~5 min). Everything it prints lands in $OUT (or /tmp/gpu_checks):
+# carry [".whl"], timeout_s 590 (the steps' limits add up to 570 s; expect ~5 min).
+# Everything it prints lands in $OUT (or /tmp/gpu_checks):
 # gpu.txt (the card and versions), tests.txt (the CUDA tests, which skip on CPU),
 # losses_fp32.txt / losses_bf16.txt (benchmarks/losses.py --device cuda at 10k and 100k
 # classes, against PML and the three-product floor) and accuracy.txt
@@ -65,11 +66,13 @@ timeout 60 python3 benchmarks/profile_steps.py --device cuda > "$out/profile.txt
 echo "exit $?" >> "$out/profile.txt"
 
 # 4. the retrieval calculator at CUB and SOP size against PML's CustomKNN on the card
-timeout 110 python3 benchmarks/accuracy.py --device cuda --repeats 2 \
+# three calls per case: the median leaves out the first call's CUDA set-up (cuBLAS
+# handles, kernel loading), which a median of two would average in
+timeout 150 python3 benchmarks/accuracy.py --device cuda --repeats 3 \
     --only CUB-test SOP-test > "$out/accuracy.txt" 2>&1
 echo "exit $?" >> "$out/accuracy.txt"
 #    ... and with PML's default k=None (whole ranked lists) at CUB size: never measured on
 #    a GPU yet (the whole-list path re-scores every pair in float64)
-timeout 60 python3 benchmarks/accuracy.py --device cuda --repeats 2 --k none \
+timeout 60 python3 benchmarks/accuracy.py --device cuda --repeats 3 --k none \
     --only CUB-test >> "$out/accuracy.txt" 2>&1
 echo "exit $?" >> "$out/accuracy.txt"
