@@ -56,9 +56,9 @@ class CheckedForwardMixin:
         loss_dict = self.compute_loss(  # type: ignore[attr-defined]
             embeddings, labels, indices_tuple, ref_emb, ref_labels
         )
-        (info,) = loss_dict.values()
-        losses = info["losses"]
-        if info["reduction_type"] != "element" or not torch.is_tensor(losses):
+        info = next(iter(loss_dict.values())) if len(loss_dict) == 1 else {}
+        losses = info.get("losses")
+        if info.get("reduction_type") != "element" or not torch.is_tensor(losses):
             return self.reducer(loss_dict, embeddings, labels)  # type: ignore[attr-defined]
         return torch.mean(losses)
 

@@ -93,3 +93,22 @@ def test_miner_weights_and_stats_on_the_plain_mean() -> None:
     loss_fn.avg_angle = 0
     assert torch.equal(ours, BaseMetricLossFunction.forward(loss_fn, x, y, pairs))
     assert angle == loss_fn.avg_angle != 0
+
+
+class AlreadyReducedArcFace(ArcFaceLoss):
+    """A subclass whose compute_loss reduces itself: PML's reducer must see it."""
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        total = loss_dict["loss"]["losses"].sum()
+        return {"loss": {"losses": total, "indices": None, "reduction_type": "already_reduced"}}
+
+
+def test_losses_reduced_by_compute_loss_go_through_the_reducer() -> None:
+    loss_fn = AlreadyReducedArcFace(7, 5)
+    x, y = _inputs()
+    ours = loss_fn(x, y)
+    assert torch.equal(ours, BaseMetricLossFunction.forward(loss_fn, x, y))
+    plain = ArcFaceLoss(7, 5)
+    plain.load_state_dict(loss_fn.state_dict())
+    torch.testing.assert_close(ours, plain(x, y) * len(y))  # the sum, not the mean
