@@ -368,7 +368,8 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
                 "reduction_type": "element",
             }
         }
-        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        if self.weight_regularizer is not None:  # PML's mixin adds nothing otherwise
+            self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
 
     def _per_sample_losses(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
