@@ -727,17 +727,15 @@ def _class_cosines(
         _block_logits(xs, planes[k], None, None, 0, dtype, out=z[k])
     if inv_planes is not None:  # the normalization: a column scaling of each product
         z.mul_(inv_planes.unsqueeze(1))
-    values = z[0] if per_class == 1 else torch.maximum(z[0], z[1])
+    values = torch.maximum(z[0], z[1])  # K >= 2: sub-centre blocks only
     for k in range(2, per_class):
         torch.maximum(values, z[k], out=values)
-    if winner is not None and per_class > 1:
+    if winner is not None:
         below = z[0] < values  # every plane so far strictly below the maximum
         winner.copy_(below)
         for k in range(1, per_class - 1):
             below.logical_and_(z[k] < values)
             winner.add_(below)
-    elif winner is not None:
-        winner.zero_()
     return values
 
 
