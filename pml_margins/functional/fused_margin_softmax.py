@@ -401,16 +401,13 @@ def fused_margin_softmax_cross_entropy(
     batch, width = x.shape
     num_classes = weight.shape[1] // per_class
     saved = chunk_size is None
-    if chunk_size is None:
+    if chunk_size is None and x.device.type == "cpu":
         # block temporaries of (B or D) x block elements: cache-sized, and small next to the buffer
         widest = max(batch, width, 1)
-        if x.device.type == "cpu":
-            share = batch * num_classes // (_DEFAULT_BLOCK_FRACTION * widest)
-            block = max(1, min(_CPU_BLOCK_ELEMENTS // widest, max(256, share)) // per_class)
-        else:  # an accelerator pays per op launched, not per byte: the fewest blocks that fit
-            block = max(1, _DEVICE_BLOCK_ELEMENTS // widest // per_class)
-    elif chunk_size == "auto":
-        block = max(1, auto_chunk_size(batch, width, x.device) // per_class)
+        share = batch * num_classes // (_DEFAULT_BLOCK_FRACTION * widest)
+        block = max(1, min(_CPU_BLOCK_ELEMENTS // widest, max(256, share)) // per_class)
+    elif chunk_size in (None, "auto"):  # an accelerator pays per op launched: bounded mode's
+        block = max(1, auto_chunk_size(batch, width, x.device) // per_class)  # large blocks
     else:
         block = chunk_size
     block = min(block, num_classes)
