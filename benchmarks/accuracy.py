@@ -54,17 +54,24 @@ QUICK_SCALES = {
 PML_CUDA_BATCH = 4096
 
 
-def make_data(n: int, dim: int, classes: int, folder: Path, seed: int = 0) -> None:
-    """Clustered float32 embeddings, every class with at least two members."""
+def clustered(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered float32 embeddings and int64 labels, every class with at least two
+    members (when ``n >= 2 classes``)."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % classes).astype(np.int64)
     centres = rng.standard_normal((classes, dim), dtype=np.float32)
     x = centres[labels] + 1.5 * rng.standard_normal((n, dim), dtype=np.float32)
+    return x, labels
+
+
+def make_data(n: int, dim: int, classes: int, folder: Path, seed: int = 0) -> None:
+    """:func:`clustered` data saved as ``x.npy`` and ``y.npy`` in ``folder``."""
+    x, labels = clustered(n, dim, classes, seed)
     np.save(folder / "x.npy", x)
     np.save(folder / "y.npy", labels)
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     import torch
 
     if device.startswith("cuda"):
@@ -106,7 +113,7 @@ def run_case(
     import pml_margins.evaluation  # noqa: F401
 
     (x[:256] @ x[:256].T).sum()  # start the BLAS threads before timing, in every case
-    _sync(device)
+    sync(device)
     metrics: dict = {}
     times, working_mb = [], []
     for _ in range(repeats):
@@ -115,7 +122,7 @@ def run_case(
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()  # imports and loading are not timed
         metrics = _call(case, _split(x, y, separate), device, k)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
         working_mb.append(_status_kb("VmHWM") / 1024 - base_mb)
     seconds = statistics.median(times)

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from accuracy import clustered, sync  # this folder's calculator benchmark: same data
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,11 +42,6 @@ def _size(text: str) -> tuple[int, int, int]:
     if len(parts) != 3 or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"expected AxBxC with positive integers, got {text!r}")
     return parts  # type: ignore[return-value]
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _table(prof: profile, device: str, rows: int) -> str:
@@ -69,41 +64,33 @@ def profile_loss(size: tuple[int, int, int], steps: int, device: str, rows: int)
     loss_fn = ArcFaceLoss(classes, dim).to(device)
     for _ in range(2):  # warm: allocator, kernels
         loss_fn(x, labels).backward()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         loss_fn(x, labels).backward()
-    _sync(device)
+    sync(device)
     ms = 1e3 * (time.perf_counter() - start) / steps
     with profile(activities=_activities(device)) as prof:
         for _ in range(steps):
             loss_fn(x, labels).backward()
-        _sync(device)
+        sync(device)
     head = f"## loss: ArcFace {batch}x{dim}x{classes} on {device}: {ms:.2f} ms/step"
     return head + "\n" + _table(prof, device, rows)
 
 
-def _clustered(n: int, dim: int, classes: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = np.random.default_rng(0)
-    labels = rng.permutation(np.arange(n) % classes)
-    centres = rng.standard_normal((classes, dim), dtype=np.float32)
-    x = centres[labels] + 1.5 * rng.standard_normal((n, dim), dtype=np.float32)
-    return torch.from_numpy(x).to(device), torch.from_numpy(labels).to(device)
-
-
 def profile_calculator(size: tuple[int, int, int], k: str | None, device: str, rows: int) -> str:
     n, dim, classes = size
-    x, y = _clustered(n, dim, classes, device)
+    x, y = (torch.from_numpy(a).to(device) for a in clustered(n, dim, classes))
     calc = RetrievalAccuracyCalculator(include=METRICS, k=k)
     calc.get_accuracy(x[: min(n, 512)], y[: min(n, 512)])  # warm
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     calc.get_accuracy(x, y)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     with profile(activities=_activities(device)) as prof:
         calc.get_accuracy(x, y)
-        _sync(device)
+        sync(device)
     head = f"## calculator: {n}x{dim}, {classes} classes, k={k!r} on {device}: {seconds:.2f} s"
     return head + "\n" + _table(prof, device, rows)
 
