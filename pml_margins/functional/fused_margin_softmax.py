@@ -39,13 +39,16 @@ or all ``C``) -- to the unscaled logits, element-wise: entry ``(i, j)`` may depe
 :class:`NonTargetLogitFn`), else from autograd on the block. The forward applies
 :math:`\phi` to each block's cosines before scaling; the backward multiplies the
 block's probabilities by :math:`\phi'(z)` (the target entries are replaced as before).
-In default mode the saved ``(B, C)`` buffer then holds the **cosines** ``z`` instead
-of the block exponentials, and the backward re-forms :math:`\phi(z)`, the exponential
-and :math:`\phi'(z)` element-wise from it: a few ``(B, C)`` element-wise passes, and
-no fourth matrix product (re-forming ``z`` would cost one, ``B·D·C`` multiply-adds,
-against a handful of operations per element). Bounded mode recomputes ``z`` as it
-already does. With a tensor scale, :math:`\partial L/\partial s_i` takes one more
-row-sum pass, :math:`\sum_{j\ne y_i} p_{ij}\phi(z_{ij})`.
+In default mode the forward forms :math:`\phi(z)` and :math:`\phi'(z)` together and
+the saved ``(B, C)`` buffer holds the block exponentials times the slope,
+:math:`e^{\ell_{ij} - m_i}\phi'(z_{ij})`: the backward is then one element-wise pass
+per block, as without :math:`\phi`. With a bias or a tensor scale (whose gradients
+need the probabilities without the slope) the buffer holds the **cosines** ``z``
+instead, and the backward re-forms :math:`\phi(z)`, the exponential and
+:math:`\phi'(z)` from it (a few element-wise passes; no fourth matrix product).
+Bounded mode recomputes ``z`` as it already does. With a tensor scale,
+:math:`\partial L/\partial s_i` takes one more row-sum pass,
+:math:`\sum_{j\ne y_i} p_{ij}\phi(z_{ij})`.
 
 **Sub-centres** (``sub_centers=K``; Sub-center ArcFace). ``W`` is ``(D, C*K)`` in PML's
 layout, column ``j*K + k`` for sub-centre ``k`` of class ``j``, and the class cosine is
@@ -585,6 +588,9 @@ class _Config:
         self.sub_centers = sub_centers  # columns of W per class
         # the products give s z (the scale folded into the x operand), else z
         self.fold_scale = phi is None and sub_centers == 1
+        # default mode with phi: the buffer keeps e^(l - m) phi'(z) (set by the forward when
+        # no bias and no tensor scale need the probabilities without the slope), else z
+        self.stores_slope = False
         self.cosines: _Cosines | None = None  # formed before the scale was known
 
 
@@ -833,6 +839,9 @@ def _forward(
         elif config.normalize_weight:
             inv_norm = torch.empty(columns, **opts)
         lowest = torch.finfo(dtype).min
+        stores_slope = config.stores_slope = (
+            buffer is not None and phi is not None and bias is None and scale_tensor is None
+        )
         for k, (start, stop) in enumerate(blocks):
             first, last = start * per_class, stop * per_class  # the block's columns
             w = w_d[:, first:last]
@@ -844,13 +853,11 @@ def _forward(
                 winner = None
                 if winners is not None:
                     winner = winners[batch * start : batch * stop].view(batch, stop - start)
-                cos = _sub_centre_block(xs, w, inv, per_class, config, winner)
+                z = _sub_centre_block(xs, w, inv, per_class, config, winner)
                 if phi is None:
-                    logits = _scaled_logits(cos, s_col, bias_d, start, dtype, out)
-                else:
-                    if out is not None:
-                        out.copy_(cos)
-                    logits = _scaled_logits(phi(cos), s_col, bias_d, start, dtype)
+                    logits = _scaled_logits(z, s_col, bias_d, start, dtype, out)
+                elif out is not None and not stores_slope:
+                    out.copy_(z)
             elif config.cosines is not None:  # the buffer holds z: rescaled in place
                 logits = _scaled_logits(out, s_col, bias_d, start, dtype, out)
             else:
@@ -859,13 +866,21 @@ def _forward(
                 w_mm = w.to(config.mm_dtype)
                 if phi is None:
                     logits = _block_logits(xs, w_mm, inv, bias_d, start, dtype, out)
-                else:  # the buffer keeps the cosines z; the logits s phi(z) + b are a new block
+                else:  # the logits s phi(z) + b are a new block (the buffer: z, then see below)
                     z = _block_logits(xs, w_mm, inv, None, start, dtype, out)
-                    logits = _scaled_logits(phi(z), s_col, bias_d, start, dtype)
+            if phi is not None:
+                phi_slope = None
+                if stores_slope:
+                    value, phi_slope = _phi_and_slope(phi, z)
+                else:
+                    value = phi(z)
+                logits = _scaled_logits(value, s_col, bias_d, start, dtype)
             targets.set(logits, k, float("-inf"))
             m = torch.amax(logits, 1, out=block_max[k]).clamp_min_(lowest)  # finite
             logits.sub_(m.unsqueeze(1)).exp_()
             torch.sum(logits, 1, out=block_sum[k])
+            if phi is not None and phi_slope is not None:  # e^(l - m) phi'(z), into the buffer
+                torch.mul(logits, phi_slope.to(dtype), out=out)
         if inv_norm is not None:
             # norms above eps (the others are clamped, so no gradient flows through them)
             active = inv_norm < (1 - 1e-3) / _NORM_EPS
@@ -969,7 +984,9 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             # the B target entries of d loss / d z, before the row factor g s: (p_y - 1) psi'
             target_value = (p_target - 1) * (0 if slope is None else slope)
             targets = _Targets(labels, config.block, num_classes)
-            row_factor = None if buffer is None or phi is not None else torch.exp(block_max - lse)
+            # the buffer holds e^(l - m) (times phi'(z) if stores_slope), or z (phi otherwise)
+            exps = buffer is not None and (phi is None or config.stores_slope)
+            row_factor = torch.exp(block_max - lse) if exps else None
             # with phi and a tensor scale: sum over j != y of p_ij phi(z_ij), for grad s
             phi_sum = torch.zeros_like(lse) if phi is not None and need_s else None
             radial_scale = None if inv_norm is None else inv_norm * inv_norm * active
@@ -992,7 +1009,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                     z = _class_cosines(xs, planes, inv_planes, dtype, winner)
                 elif not config.fold_scale:  # recompute the cosines
                     z = _block_logits(xs, w_mm, inv, None, start, dtype)
-                if phi is not None:
+                if phi is not None and row_factor is None:
                     z = stored if z is None else z
                     value, phi_slope = _phi_and_slope(phi, z)
                     prob = _scaled_logits(value, s_col, bias, start, dtype)
@@ -1012,7 +1029,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                         targets.set(prob, k, 0.0)
                 if grad_b is not None:  # the target's share reaches b through t
                     grad_b[start:stop] = torch.mv(prob.t(), g)
-                if phi is not None:
+                if phi is not None and row_factor is None:
                     prob.mul_(phi_slope)  # d l_ij / d z_ij = s_i phi'(z_ij)
                 targets.set(prob, k, target_value)
                 if winner is not None:  # each class's entry to its winning sub-centre

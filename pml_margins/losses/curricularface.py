@@ -55,7 +55,8 @@ def _hard_negatives(cosine: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     As ``torch.lerp``'s weight it selects exactly (``a + 0 (b - a) = a``, ``b - (b - a) 0
     = b``) and runs ~6x faster on CPU than ``torch.where`` on a boolean mask.
     """
-    return (cosine > bound.to(cosine.dtype).unsqueeze(1)).to(cosine.dtype)
+    bound = bound.to(cosine.dtype).unsqueeze(1)
+    return torch.gt(cosine, bound, out=torch.empty_like(cosine))  # no boolean pass
 
 
 def curricular_non_target_and_slope(
@@ -65,8 +66,10 @@ def curricular_non_target_and_slope(
     negatives, 1 elsewhere; mask and ``t`` fixed) from one mask and one sum, no graph."""
     hard = _hard_negatives(cosine, bound)
     shifted = cosine + t
-    value = torch.lerp(cosine, shifted * cosine, hard)
-    return value, torch.lerp(torch.ones_like(cosine), shifted.add_(cosine), hard)
+    value = torch.mul(shifted, cosine)
+    torch.lerp(cosine, value, hard, out=value)
+    one = torch.ones((), dtype=cosine.dtype, device=cosine.device)  # broadcast: no (B, k) fill
+    return value, torch.lerp(one, shifted.add_(cosine), hard, out=shifted)
 
 
 def curricular_t_update(

@@ -630,7 +630,9 @@ def test_non_target_function_with_bias_and_partial_fc_sampled_columns():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_non_target_function_saves_the_cosines_in_the_one_buffer():
+def test_non_target_function_keeps_one_buffer():
+    """Default mode saves one (B, C) buffer with phi (e^(l - m) phi'(z), or z with a bias or
+    a tensor scale); bounded mode none."""
     phi = _HardNegatives(torch.zeros(12))
     assert _saved_numels(phi, materialize=False).count(12 * 40) == 1
     assert 12 * 40 not in _saved_numels(phi, chunk_size=7)
