@@ -113,15 +113,32 @@ def r_precision(match: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
         mask = _relevance_mask(m, r)
         return (m & mask).sum(dim=1).to(torch.float64) / mask.sum(dim=1)
 
-    return _by_row_chunks(fn, match, relevant)
+    return _by_row_chunks(fn, *_first_r_columns(match, relevant))
+
+
+def _first_r_columns(match: torch.Tensor, relevant: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``match`` cut to the largest ``R`` (the columns an at-``R`` metric reads: with
+    PML's ``k=None`` the whole list, thousands of columns, against R's tens), and ``relevant``."""
+    if len(relevant) and match.shape[1]:
+        match = match[:, : max(1, int(relevant.max()))]
+    return match, relevant
 
 
 def _average_precision(match: torch.Tensor, relevant: torch.Tensor, at_r: bool) -> torch.Tensor:
+    r""":math:`\frac{1}{R}\sum_h h / p_h` over the matches, the ``h``-th at rank ``p_h``
+    (within the first ``R`` ranks if ``at_r``), from the matches' positions alone."""
+    if at_r:
+        match, relevant = _first_r_columns(match, relevant)
+
     def fn(m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         hits = m & _relevance_mask(m, r) if at_r else m
-        ranks = torch.arange(1, m.shape[1] + 1, device=m.device, dtype=torch.float64)
-        precision = hits.cumsum(dim=1).to(torch.float64) / ranks
-        return (precision * hits).sum(dim=1) / r
+        rows, columns = hits.nonzero(as_tuple=True)  # row-major: ranks ascending per row
+        counts = hits.sum(dim=1)
+        first = torch.cumsum(counts, 0) - counts  # each row's first entry in rows/columns
+        nth = torch.arange(1, len(rows) + 1, device=m.device) - first[rows]
+        precision = nth.to(torch.float64) / (columns + 1).to(torch.float64)
+        total = torch.zeros(len(m), dtype=torch.float64, device=m.device)
+        return total.index_add_(0, rows, precision) / r
 
     return _by_row_chunks(fn, match, relevant)
 

@@ -94,3 +94,37 @@ def test_aggregate_rejects_both_modes():
 
 def test_nan_for_no_relevant():
     assert math.isnan(M.r_precision(MATCH[:1], torch.tensor([0])).item())
+
+
+def _paper_average_precision(row: list[bool], r: int, at_r: bool) -> float:
+    """(1/R) * sum over ranks p (1-based) of precision@p at each relevant rank p."""
+    cut = row[:r] if at_r else row
+    hits, total = 0, 0.0
+    for p, hit in enumerate(cut, start=1):
+        if hit:
+            hits += 1
+            total += hits / p
+    return total / r
+
+
+@pytest.mark.parametrize("at_r", [True, False])
+@pytest.mark.parametrize("columns", [1, 7, 40])
+def test_average_precision_equals_the_formula_on_random_lists(at_r, columns):
+    """Rows with no match, all matches, R larger and smaller than the list: the positions
+    of the matches alone give the same value as the definition, rank by rank."""
+    g = torch.Generator().manual_seed(columns)
+    match = torch.rand(60, columns, generator=g) < torch.rand(60, 1, generator=g)
+    match[0], match[1] = False, True
+    relevant = torch.randint(1, 2 * columns + 2, (60,), generator=g)
+    relevant[2] = 1
+    got = (M.average_precision_at_r if at_r else M.average_precision)(match, relevant)
+    want = [
+        _paper_average_precision(row, int(r), at_r)
+        for row, r in zip(match.tolist(), relevant.tolist(), strict=True)
+    ]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-15, atol=0)
+    if at_r:  # the at-R metrics read the first max(R) columns only
+        wide = torch.cat([match, torch.ones(60, 500, dtype=torch.bool)], 1)
+        shorter = relevant.clamp(max=columns)
+        for metric in (M.average_precision_at_r, M.r_precision):
+            torch.testing.assert_close(metric(wide, shorter), metric(match, shorter))
