@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from numbers import Real
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -96,7 +97,10 @@ class ValueChecks:
     at the values again: it runs only on the error path, and may return ``None``
     when a closer look clears the input). :meth:`run` joins the values of every
     check into one float64 vector (float32 on MPS), reads it once and raises the
-    first error. Nothing is gathered while :func:`value_checks` is off.
+    first error. A check on a CPU tensor that numpy can read gives its values through
+    numpy instead and is judged at once: there is no device to wait for, and numpy's
+    reductions cost a few microseconds against torch's dispatch (about 25 us a step
+    in a small problem's loss). Nothing is gathered while :func:`value_checks` is off.
     """
 
     def __init__(self) -> None:
@@ -110,13 +114,26 @@ class ValueChecks:
         values: Callable[[], torch.Tensor],
         error: Callable[[], Exception | None],
         wrong: Callable[[list[float]], bool] = any,
+        on_host: Callable[[], list[float] | None] | None = None,
     ) -> None:
         """Queue ``values()`` (a tensor), the ``wrong`` predicate on them as Python
-        floats (default: any is non-zero, for boolean flags) and the error."""
-        if self.enabled:
-            self._values.append(values().reshape(-1))
-            self._wrong.append(wrong)
-            self._errors.append(error)
+        floats (default: any is non-zero, for boolean flags) and the error.
+
+        ``on_host``, when given, returns the same values computed on the host (numpy, a
+        CPU tensor) or ``None`` where it cannot: they are judged at once, and the
+        error raised, instead of being queued.
+        """
+        if not self.enabled:
+            return
+        read = None if on_host is None else on_host()
+        if read is not None:
+            found = error() if wrong(read) else None
+            if found is not None:
+                raise found
+            return
+        self._values.append(values().reshape(-1))
+        self._wrong.append(wrong)
+        self._errors.append(error)
 
     def run(self) -> None:
         """Read every queued value in one synchronisation; raise the first error found."""
@@ -176,13 +193,31 @@ def check_embeddings(
             return None
         return ValueError(f"{name} contains NaN or Inf values")
 
+    def on_host() -> list[float] | None:
+        array = _host_array(detached)
+        if array is None:
+            return None
+        with np.errstate(all="ignore"):  # NaN/Inf and overflow are what the check looks for
+            return [float(array.sum(dtype=np.float64 if array.itemsize == 8 else np.float32))]
+
     _run_now_or_later(
         checks,
         lambda: detached.sum(dtype=sum_dtype),
         not_finite,
         lambda total: not math.isfinite(total[0]),
+        on_host,
     )
     return embeddings
+
+
+def _host_array(values: torch.Tensor) -> np.ndarray | None:
+    """``values`` as a numpy array without a copy, if on the CPU and numpy can read it."""
+    if values.device.type != "cpu" or values.dtype == torch.bfloat16 or values.numel() == 0:
+        return None
+    try:
+        return values.detach().numpy()
+    except (RuntimeError, TypeError):  # a lazy negation/conjugation, an unsupported dtype
+        return None
 
 
 def _run_now_or_later(
@@ -190,10 +225,11 @@ def _run_now_or_later(
     values: Callable[[], torch.Tensor],
     error: Callable[[], Exception | None],
     wrong: Callable[[list[float]], bool] = any,
+    on_host: Callable[[], list[float] | None] | None = None,
 ) -> None:
     """Add a check to ``checks``, or run it at once when there are none to join."""
     own = ValueChecks() if checks is None else checks
-    own.add(values, error, wrong)
+    own.add(values, error, wrong, on_host)
     if checks is None:
         own.run()
 
@@ -241,13 +277,25 @@ def check_class_labels(
                 f"got values in [{lo}, {hi}]"
             )
 
-        _run_now_or_later(checks, lambda: _extremes(labels), out_of_range, _outside(num_classes))
+        _run_now_or_later(
+            checks,
+            lambda: _extremes(labels),
+            out_of_range,
+            _outside(num_classes),
+            lambda: _host_extremes(labels),
+        )
     return labels
 
 
 def _extremes(values: torch.Tensor) -> torch.Tensor:
     """``[min, max]`` of ``values`` (no sync)."""
     return torch.stack(torch.aminmax(values))
+
+
+def _host_extremes(values: torch.Tensor) -> list[float] | None:
+    """:func:`_extremes` through numpy, for a CPU tensor (else ``None``)."""
+    array = _host_array(values)
+    return None if array is None else [array.min(), array.max()]
 
 
 def _outside(bound: int) -> Callable[[list[float]], bool]:
@@ -308,6 +356,7 @@ def check_indices_tuple(
                 lambda idx=idx: _extremes(idx),
                 lambda role=role, idx=idx, bound=bound: _index_error(role, idx, bound),
                 _outside(bound),
+                lambda idx=idx: _host_extremes(idx),
             )
     if checks is None:
         own.run()

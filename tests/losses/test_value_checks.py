@@ -10,6 +10,7 @@ import torch
 from pytorch_metric_learning.miners import MultiSimilarityMiner
 
 import pml_margins
+from pml_margins import validation
 from pml_margins.losses import ArcFaceLoss, CenterLoss, CircleLoss, SoftmaxLoss
 from pml_margins.validation import (
     ValueChecks,
@@ -63,13 +64,34 @@ LOSSES = {
 
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("with_miner", [False, True], ids=["labels", "miner"])
-def test_checks_read_back_once(name, with_miner) -> None:
+def test_checks_read_back_once(name, with_miner, monkeypatch) -> None:
+    """Values numpy cannot read on the host (a device's; here, numpy switched off) are
+    gathered and read back in one conversion."""
+    monkeypatch.setattr(validation, "_host_array", lambda values: None)
     loss = LOSSES[name]()
     x, y, tuples = _inputs()
     tuples = tuples if with_miner else None
     with count_read_backs() as calls:
         loss.check_inputs(x, y, tuples, None, None)
     assert calls == ["tolist"]
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("with_miner", [False, True], ids=["labels", "miner"])
+def test_cpu_checks_read_through_numpy(name, with_miner) -> None:
+    """CPU tensors numpy can read are checked through numpy: no tensor read-back at all;
+    bfloat16 embeddings (which numpy lacks) take the one gathered read-back."""
+    loss = LOSSES[name]()
+    x, y, tuples = _inputs()
+    tuples = tuples if with_miner else None
+    with count_read_backs() as calls:
+        loss.check_inputs(x, y, tuples, None, None)
+    assert calls == []
+    with count_read_backs() as calls:
+        loss.check_inputs(x.bfloat16(), y, tuples, None, None)
+    assert calls == ["tolist"]
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        loss.check_inputs(torch.full_like(x, float("nan")).bfloat16(), y, tuples, None, None)
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -136,11 +158,18 @@ def test_miner_indices_out_of_range_are_found_in_the_same_read_back() -> None:
         ArcFaceLoss(4, 8)(x, y, bad)
 
 
-def test_finite_values_whose_sum_overflows_are_accepted() -> None:
+@pytest.mark.parametrize("on_host", [True, False], ids=["numpy", "gathered"])
+def test_finite_values_whose_sum_overflows_are_accepted(on_host, monkeypatch) -> None:
+    if not on_host:
+        monkeypatch.setattr(validation, "_host_array", lambda values: None)
     x = torch.full((4, 8), 6e4, dtype=torch.float16)  # the float16 sum would overflow
     checks = ValueChecks()
     check_embeddings(x, checks=checks)
     checks.run()
+    big = torch.full((4, 8), 3e38)  # finite float32 whose float32 sum overflows
+    check_embeddings(big)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        check_embeddings(torch.cat([big, torch.tensor([[float("-inf")] * 8])]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
