@@ -94,7 +94,8 @@ def _inverse_norms(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tenso
     (``F.normalize``'s rule: its gradient's two cases). From the squared norms
     (``vecdot``: a strided ``vector_norm`` over columns is several times slower)."""
     squares = torch.linalg.vecdot(x, x, dim=dim).unsqueeze(dim)
-    return squares.clamp_min(NORM_EPS**2).rsqrt_(), squares > NORM_EPS**2
+    active = torch.gt(squares, NORM_EPS**2, out=torch.empty_like(squares))  # 0/1 in x's dtype:
+    return squares.clamp_min(NORM_EPS**2).rsqrt_(), active  # the backward multiplies, no cast
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -157,9 +158,9 @@ class _Saved(NamedTuple):
 
     x: torch.Tensor  # rows of the product (normalized when asked), compute dtype
     x_inv: torch.Tensor | None  # (B, 1) 1 / max(|x|, eps)
-    x_active: torch.Tensor | None  # (B, 1) |x| > eps
+    x_active: torch.Tensor | None  # (B, 1) 1 where |x| > eps, else 0
     w_inv: torch.Tensor | None  # (1, C)
-    w_active: torch.Tensor | None  # (1, C)
+    w_active: torch.Tensor | None  # (1, C) the same for |w|
     index: torch.Tensor  # (B, 1) labels
     slope: torch.Tensor | None  # (B,) psi'(z_y)
     mm_dtype: torch.dtype  # the products' operand dtype
