@@ -38,6 +38,8 @@ LOGGER = logging.getLogger(__name__)
 
 #: above this many classes AMI gets a warning: scikit-learn's AMI is quadratic in it
 AMI_SLOW_NUM_CLASSES = 1000
+#: PML's k-nn metrics that read only a query's first R neighbours (R: its relevant count)
+FIRST_R_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
 
 def describe_distance(distance: object) -> str:
@@ -108,7 +110,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
 
     The k-nn depth is what the requested metrics need: PML's ``k`` rule
     (``None``: every reference, ``"max_bin_count"``: the largest class) when one
-    of PML's k-nn metrics is requested, else the largest requested Recall@K.
+    of PML's k-nn metrics is requested, else the largest requested Recall@K. When
+    those metrics are only P@1, R-Precision and MAP@R, which read a query's first
+    ``R`` neighbours, a ``k`` beyond the largest ``R`` is cut to it: the same values
+    (the exact lists are prefixes of each other), so PML's default ``k=None`` costs
+    what ``"max_bin_count"`` does (MAP and MRR over the whole list still rank it all).
 
     Args:
         include, exclude, avg_of_avgs, return_per_class, k, kmeans_func: as in PML.
@@ -324,8 +330,25 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         k_pml = 0
         if pml_rule and len(bin_counts):
             k_pml = min(self.determine_k(bin_counts, num_reference, ref_includes_query), available)
+            if self._reads_first_r_only(pml_rule):  # same values from the first max R
+                k_pml = min(k_pml, max(1, int(bin_counts.max()) - int(ref_includes_query)))
         wanted = [int(m.rsplit("_", 1)[1]) for m in metrics if m in recalls]
         return max(k_pml, 0), max(0, min(max([k_pml, *wanted]), available))
+
+    def _reads_first_r_only(self, metrics: list[str]) -> bool:
+        """Whether every metric given is one of ours that reads a query's first ``R``
+        neighbours only (:data:`FIRST_R_METRICS`, not overridden) and the k-nn is the
+        exact one: any ``k >= max R`` then gives the values of ``max R`` (PML's
+        ``k=None`` the same as ``"max_bin_count"``), since its lists of a shorter
+        depth are prefixes of the longer ones."""
+        if self.knn_func is not None:  # a user's k-nn: its shorter lists need not be prefixes
+            return False
+        base = RetrievalAccuracyCalculator
+        return all(
+            m in FIRST_R_METRICS
+            and getattr(type(self), f"calculate_{m}") is getattr(base, f"calculate_{m}")
+            for m in metrics
+        )
 
     def _knn_kwargs(
         self,

@@ -31,4 +31,5 @@ def test_quick_accuracy_benchmark_with_pml_default_k():
     cmd += ["--only", "CUB-like (quick)", "--k", "none"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True)
     (line,) = [row for row in done.stdout.splitlines() if row.startswith("| CUB-like")]
-    assert line.rstrip(" |").endswith("0.0e+00"), line  # ours == PML on every metric
+    # ours == PML on every metric, within PML's float32 sums of the whole-list MAP
+    assert float(line.rstrip(" |").rsplit("|", 1)[1]) <= 1e-7, line

@@ -196,3 +196,56 @@ def test_cuda_tensors_match_cpu():
     cpu = calc.get_accuracy(x, y)
     gpu = calc.get_accuracy(x.cuda(), y.cuda())
     assert gpu == pytest.approx(cpu, abs=1e-3)
+
+
+def test_k_none_with_first_r_metrics_ranks_only_the_first_max_r(monkeypatch):
+    """P@1, R-Precision and MAP@R read a query's first R neighbours: with PML's k=None the
+    k-nn stops at the largest R, with the values of the whole list (and of PML);
+    MAP over the whole list, or an overridden metric, still gets every reference."""
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    from pml_margins.evaluation import calculator as calc_module
+
+    depths = []
+    original = calc_module.exact_knn
+    monkeypatch.setattr(
+        calc_module, "exact_knn", lambda q, r, k, **kw: depths.append(k) or original(q, r, k, **kw)
+    )
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 6, generator=g).repeat(3, 1) + torch.randn(120, 6, generator=g) * 0.3
+    y = torch.arange(40).repeat(3)
+    y[:10] = 0  # one class of 12: max R = 11
+    first_r = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
+    ours = RetrievalAccuracyCalculator(include=first_r, k=None).get_accuracy(x, y)
+    assert depths == [11]
+    pml = AccuracyCalculator(include=first_r, k=None).get_accuracy(x, y)
+    for m in first_r:
+        assert ours[m] == pytest.approx(pml[m], abs=1e-12)
+    RetrievalAccuracyCalculator(include=(*first_r, "mean_average_precision"), k=None).get_accuracy(
+        x, y
+    )
+    assert depths[-1] == 119
+
+    class Own(RetrievalAccuracyCalculator):
+        def calculate_r_precision(self, **kwargs):
+            return float(kwargs["knn_labels"].shape[1])
+
+    assert Own(include=("r_precision",), k=None).get_accuracy(x, y)["r_precision"] == 119
+
+
+def test_a_users_knn_func_keeps_pmls_depth(monkeypatch):
+    """With a user's k-nn (approximate, or ties broken its own way) a shorter list need
+    not be a prefix of the longer one: PML's k stands."""
+    from pytorch_metric_learning.distances import SNRDistance
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    depths = []
+    knn = CustomKNN(SNRDistance())
+    original = knn.__call__
+    calc = RetrievalAccuracyCalculator(include=("precision_at_1", "r_precision"), knn_func=knn)
+    monkeypatch.setattr(
+        calc, "knn_func", lambda q, k, r, s: depths.append(k) or original(q, k, r, s)
+    )
+    x = torch.randn(30, 4, generator=torch.Generator().manual_seed(5))
+    calc.get_accuracy(x, torch.arange(30) % 3)
+    assert depths == [29]

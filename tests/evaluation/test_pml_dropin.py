@@ -55,7 +55,7 @@ def test_recall_only_needs_only_max_k_neighbours(monkeypatch):
     monkeypatch.setattr(calc, "_knn", lambda q, r, k, s: depths.append(k) or original(q, r, k, s))
     calc.get_accuracy(x, y)
     assert depths == [4]
-    full = RetrievalAccuracyCalculator(include=("recall_at_1", "precision_at_1"))
+    full = RetrievalAccuracyCalculator(include=("recall_at_1", "mean_reciprocal_rank"))
     monkeypatch.setattr(full, "_knn", lambda q, r, k, s: depths.append(k) or original(q, r, k, s))
     full.get_accuracy(x, y)
     assert depths[-1] == 299  # PML's rule for its own metrics: k=None is every reference
