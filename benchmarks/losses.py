@@ -20,7 +20,9 @@ one forward + backward of
   ``subcenter``),
 
 interleaved (A B C A B C ...) so that a noisy, shared machine slows all alike,
-and reports medians. Each timed step follows an untimed step of the same case
+and reports medians; ``paired`` is the median over rounds of each round's time over
+that round's floor (the machine's load drifts between rounds more than within one).
+Each timed step follows an untimed step of the same case
 (``--warm-steps``, default 1), as in a training loop, where one loss runs step after
 step: without it, a case timed right after another case's large buffers may pay the
 allocator's page faults for them (``ours``, timed first of each loss, was 1-7 ms slower
@@ -282,13 +284,18 @@ def run(args) -> list[dict]:
                 times[key].append(case.time())
         del cases
         for (impl, loss), values in times.items():
-            floor = statistics.median(times[("floor", loss if loss in COLUMNS_PER_CLASS else "-")])
+            floor_times = times[("floor", loss if loss in COLUMNS_PER_CLASS else "-")]
+            floor = statistics.median(floor_times)
             row = {
                 "size": "x".join(map(str, size)),
                 "loss": loss,
                 "impl": impl,
                 "ms": 1e3 * statistics.median(values),
                 "floor_ms": 1e3 * floor,
+                # each round's time over the same round's floor: the machine's load drifts
+                "floor_ratio_paired": statistics.median(
+                    v / f for v, f in zip(values, floor_times, strict=True)
+                ),
                 "mem_MB": float("nan"),
                 "value": loss_values.get((impl, loss), float("nan")),
                 "pml_gap": abs(loss_values[(impl, loss)] - loss_values[("pml", loss)])
@@ -308,7 +315,7 @@ def print_table(rows: list[dict], args) -> None:
         f"threads={torch.get_num_threads()} repeats={args.repeats} (medians, interleaved)"
     )
     header = (
-        f"{'B x D x C':>16} {'loss':>10} {'impl':>12} {'ms':>9} {'x floor':>8} "
+        f"{'B x D x C':>16} {'loss':>10} {'impl':>12} {'ms':>9} {'x floor':>8} {'paired':>7} "
         f"{'PML/ours':>8} {'act MB':>9} {'mem/PML':>8} {'|d| PML':>9}"
     )
     print(header)
@@ -321,7 +328,8 @@ def print_table(rows: list[dict], args) -> None:
         mem_ratio = r["mem_MB"] / pml_row["mem_MB"] if compared else float("nan")
         print(
             f"{r['size']:>16} {r['loss']:>10} {r['impl']:>12} {r['ms']:9.1f} "
-            f"{r['ms'] / r['floor_ms']:8.2f} {speedup:8.2f} {r['mem_MB']:9.1f} {mem_ratio:8.3f} "
+            f"{r['ms'] / r['floor_ms']:8.2f} {r['floor_ratio_paired']:7.2f} "
+            f"{speedup:8.2f} {r['mem_MB']:9.1f} {mem_ratio:8.3f} "
             f"{r['pml_gap']:9.1e}"
         )
 
