@@ -281,6 +281,7 @@ def fused_margin_softmax_cross_entropy(
     materialize: bool | None = None,
     non_target_logit_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     sub_centers: int = 1,
+    target_cosines: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Per-sample margin-softmax cross-entropy straight from embeddings and class weights.
 
@@ -327,6 +328,10 @@ def fused_margin_softmax_cross_entropy(
         sub_centers: ``K >= 1`` columns of ``W`` per class, column ``j*K + k`` for
             sub-centre ``k`` of class ``j``; the class cosine is their maximum (see the
             module docstring). Partial FC then keeps or drops whole classes.
+        target_cosines: optional ``(B,)`` target cosines :math:`z_{iy_i}` already formed
+            this step (no graph; e.g. for a margin's statistics), used by the blocked
+            function instead of gathering ``W``'s target columns again (a cold, random
+            read of ``W``: ~1 ms at 10k classes). One column per class only.
 
     Returns:
         ``(B,)`` losses in ``compute_dtype`` of the inputs (float32 under autocast).
@@ -371,6 +376,10 @@ def fused_margin_softmax_cross_entropy(
             "sample_rate=1, sub_centers=1 and no non_target_logit_fn"
         )
     _check_scale(scale, rows)
+    if target_cosines is not None and target_cosines.shape != (rows,):
+        raise ValueError(
+            f"target_cosines must have shape ({rows},), got {tuple(target_cosines.shape)}"
+        )
     labels = labels.long()
     if sample_rate < 1:
         sampled = sample_classes(labels, num_classes, sample_rate, generator)
@@ -428,7 +437,16 @@ def fused_margin_softmax_cross_entropy(
     inputs = (x, weight, scale_tensor, bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     target, slope, z_y, winner = _target_terms(
-        x, weight, labels, target_logit_fn, scale, normalize_weight, bias, grad, per_class
+        x,
+        weight,
+        labels,
+        target_logit_fn,
+        scale,
+        normalize_weight,
+        bias,
+        grad,
+        per_class,
+        target_cosines,
     )
     if grad or target.requires_grad:
         return _FusedMarginSoftmax.apply(
@@ -490,6 +508,7 @@ def _target_terms(
     bias: torch.Tensor | None,
     slope_needed: bool,
     per_class: int = 1,
+    formed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     r"""The target logits :math:`t`, the slope :math:`\psi'(z)`, the target cosines ``z``.
 
@@ -500,6 +519,13 @@ def _target_terms(
     """
     dtype = x.dtype
     winner = None
+    if formed is not None and per_class == 1:  # the step's own target cosines
+        with autocast_off(x.device.type):
+            z_y = formed.detach().to(dtype)
+            target, slope = target_and_slope(
+                z_y, target_logit_fn, scale, bias, labels, slope_needed
+            )
+            return target, slope, z_y, None
     with autocast_off(x.device.type):
         with torch.no_grad():
             w_y = weight.index_select(1, class_columns(labels, per_class)).to(dtype)

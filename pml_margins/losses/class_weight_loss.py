@@ -355,7 +355,7 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
             from_core=self.chunk_size is None and self.sample_rate == 1.0,
         )
         with self.prepare_step(embeddings, labels, statistics):
-            losses = self._per_sample_losses(embeddings, labels)
+            losses = self._per_sample_losses(embeddings, labels, statistics)
             extra = self.extra_losses(embeddings, labels)
         if extra is not None:
             losses = losses + extra.to(losses.dtype)
@@ -372,11 +372,17 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
             self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
 
-    def _per_sample_losses(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _per_sample_losses(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        statistics: StepStatistics | None = None,
+    ) -> torch.Tensor:
         non_target_fn = self.non_target_logit_fn()
         form = self.fused_logits(embeddings)
         if form is not None:
-            return self._fused_losses(embeddings, labels, form, non_target_fn)
+            formed = None if statistics is None else statistics.formed_target_cosines()
+            return self._fused_losses(embeddings, labels, form, non_target_fn, formed)
         self._check_plain_mode()
         logits, scale = self.base_logits(embeddings)
         if self.collect_stats and self.logits_are_cosines:
@@ -399,10 +405,13 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         labels: torch.Tensor,
         form: FusedLogits,
         non_target_fn: TargetLogitFn | None,
+        target_cosines: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.collect_stats and self.logits_are_cosines:
             cosine = self.target_cosines(embeddings, labels).unsqueeze(1)
             self._record_avg_angle(cosine, torch.zeros_like(labels))
+        if form.sub_centers != 1 or not (form.normalize_embeddings and form.normalize_weight):
+            target_cosines = None  # formed as cosines of single columns only
         return fused_margin_softmax_cross_entropy(
             embeddings,
             self.W,
@@ -416,6 +425,7 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
             sample_rate=self.sample_rate,
             non_target_logit_fn=non_target_fn,
             sub_centers=form.sub_centers,
+            target_cosines=target_cosines,
         )
 
     def _record_avg_angle(self, logits: torch.Tensor, labels: torch.Tensor) -> None:

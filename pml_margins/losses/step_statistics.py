@@ -53,6 +53,7 @@ class StepStatistics:
         self._target_cosine_fn = target_cosine
         self.target = target.long()
         self.from_core = from_core
+        self._target_cosines: torch.Tensor | None = None
 
     # --- reductions over the classes: the identity here, all-reduced when sharded -----
     def sum_over_classes(self, value: torch.Tensor) -> torch.Tensor:
@@ -94,7 +95,15 @@ class StepStatistics:
                 mine = self._target_cosine_fn(columns).detach()
         else:
             mine = self._gather(columns)
-        return self.sum_over_classes(torch.where(owned, mine, torch.zeros_like(mine)))
+        self._target_cosines = self.sum_over_classes(
+            torch.where(owned, mine, torch.zeros_like(mine))
+        )
+        return self._target_cosines
+
+    def formed_target_cosines(self) -> torch.Tensor | None:
+        """What :meth:`target_cosines` last returned in this step, else ``None`` (the loss
+        then need not gather ``W``'s target columns a second time)."""
+        return self._target_cosines
 
     def _gather(self, columns: torch.Tensor) -> torch.Tensor:
         """Each row's cosine in its column (over the blocks)."""

@@ -854,3 +854,29 @@ def test_one_sub_centre_is_the_plain_core_bit_for_bit():
         got = fused_margin_softmax_cross_entropy(x, w, labels, psi, 16.0, sub_centers=1, **mode)
         want = fused_margin_softmax_cross_entropy(x, w, labels, psi, 16.0, **mode)
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_formed_target_cosines_replace_the_gather(mode):
+    """Target cosines the step already formed give the same losses and gradients bit for
+    bit; they are the ones used (a shifted copy moves the loss); a wrong shape is refused."""
+    x, w, labels, _, upstream = _inputs("arcface", torch.float64)
+    z_y = (F.normalize(x, dim=1) * F.normalize(w, dim=0)[:, labels].t()).sum(1)
+    psi = partial(arcface_target, margin=0.5)
+
+    def run(formed):
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        losses = fused_margin_softmax_cross_entropy(
+            xg, wg, labels, psi, 16.0, target_cosines=formed, **MODES[mode]
+        )
+        return (losses, *torch.autograd.grad((losses * upstream).sum(), (xg, wg)))
+
+    plain, formed = run(None), run(z_y)
+    for a, b in zip(plain, formed, strict=True):
+        assert torch.equal(a, b)
+    # the blocked function uses them; the materialized paths (small C here) read the
+    # target cosines off their own product
+    blocked = mode in ("blocked", "auto", "sampled_chunk") or mode.startswith("chunk")
+    assert torch.equal(run(z_y + 0.01)[0], plain[0]) != blocked
+    with pytest.raises(ValueError, match="target_cosines"):
+        fused_margin_softmax_cross_entropy(x, w, labels, psi, 16.0, target_cosines=z_y[:3])
