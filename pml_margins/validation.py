@@ -199,7 +199,8 @@ def check_embeddings(
         if array is None:
             return None
         with np.errstate(all="ignore"):  # NaN/Inf and overflow are what the check looks for
-            return [float(array.sum(dtype=np.float64 if array.itemsize == 8 else np.float32))]
+            host_dtype = np.float64 if sum_dtype == torch.float64 else np.float32
+            return [float(array.sum(dtype=host_dtype))]
 
     _run_now_or_later(
         checks,

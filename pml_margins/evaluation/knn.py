@@ -186,6 +186,20 @@ def _rows64(x: torch.Tensor, normalize: bool, out: torch.Tensor) -> torch.Tensor
     return out
 
 
+def _candidate_width(k: int, num_reference: int) -> int:
+    """Candidates kept per query for a top ``k``: ``k`` and a margin, at most every
+    reference (then no float32 pass is needed: every reference is a candidate)."""
+    return min(num_reference, k + max(8, k // 4))
+
+
+def _float64_rows(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """All of ``x`` in float64, rows L2-normalized if asked: :func:`_rows64` chunk by chunk."""
+    out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
+    for rows, chunk in _chunks(x, normalize):
+        out[rows] = chunk
+    return out
+
+
 def _chunks(x: torch.Tensor, normalize: bool) -> Iterator[tuple[slice, torch.Tensor]]:
     """``(rows, x[rows] in float64)`` over row chunks of ``x``, one reused buffer."""
     step = max(1, _chunk_elements(x.device) // max(1, x.shape[1]))
@@ -405,9 +419,7 @@ def _rescore_wide(
     query's candidates picked (``indices=None``: every reference, in order). The same
     per-row operations, so the same values bit for bit."""
     dim, num_ref = query.shape[1], len(reference)
-    ref64 = torch.empty(num_ref, dim, dtype=torch.float64, device=query.device)
-    for rows, chunk in _chunks(reference, normalize):
-        ref64[rows] = chunk
+    ref64 = _float64_rows(reference, normalize)
     width = num_ref if indices is None else indices.shape[1]
     out = torch.empty(len(query), width, dtype=torch.float64, device=query.device)
     block = max(1, _chunk_elements(query.device) // 2 // max(1, dim))  # CPU: 1 MiB of float64
@@ -478,7 +490,7 @@ def knn_float64(
         return values, indices
     threads = torch.get_num_threads()
     cpu_threads = threads if device.type == "cpu" else 1
-    if min(nr, k + max(8, k // 4)) == nr:  # every reference is a candidate: no float32
+    if _candidate_width(k, nr) == nr:  # every reference is a candidate: no float32
         with thread_limit(1, libraries=False):  # pass, no certificate, one sort
             sets = (query,) if symmetric else (query, reference)
             _centre_and_scale(sets, reference, metric, normalize)  # its range check only
@@ -495,7 +507,7 @@ def knn_float64(
     with thread_limit(1, libraries=False):
         a, b, a_norms, b_norms = _float32_operands(query, reference, metric, normalize, symmetric)
     bound = float32_error_bound(a_norms, float(b_norms.max()), query.shape[1], metric)
-    todo, width, first = torch.arange(nq, device=device), min(nr, k + max(8, k // 4)), True
+    todo, width, first = torch.arange(nq, device=device), _candidate_width(k, nr), True
     while len(todo):
         workers = min(most_workers, max(1, HEAP_BYTES // (12 * len(todo) * width)))
         columns = None if self_offset is None else todo - self_offset
@@ -568,7 +580,7 @@ def exact_knn(
     reference = as_embeddings(reference, "reference", query.shape[1])
     check_knn(k, metric, exclude_self, len(query), len(reference), block_rows)
     _use_faiss(backend, query.device)  # its checks, whichever path runs
-    whole = k > 0 and min(len(reference), k + max(8, k // 4)) == len(reference)
+    whole = k > 0 and _candidate_width(k, len(reference)) == len(reference)
     with torch.no_grad(), thread_limit(num_threads):
         if whole and query.dtype != torch.float64:  # every reference: one float64 product
             from pml_margins.evaluation.whole_lists import whole_lists

@@ -68,14 +68,6 @@ def float64_error_bound(
     return scale * (query_norms + max_reference_norm) ** 2 + 2.0**-1000
 
 
-def _rows64(x: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """``x`` in float64, rows L2-normalized if asked, as the engine's re-scoring forms them."""
-    out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
-    for rows, chunk in engine._chunks(x, normalize):
-        out[rows] = chunk
-    return out
-
-
 def _exact(
     query: torch.Tensor,
     reference: torch.Tensor,
@@ -140,8 +132,8 @@ def whole_lists(
     device, (nq, dim), nr = query.device, query.shape, len(reference)
     reference = reference.to(device)
     same = query is reference or (exclude_self and torch.equal(query, reference))
-    b = _rows64(reference, normalize)
-    a = b if same else _rows64(query, normalize)
+    b = engine._float64_rows(reference, normalize)
+    a = b if same else engine._float64_rows(query, normalize)
     if metric != "dot":
         centre = b.mean(dim=0)
         b = b.sub_(centre)

@@ -519,26 +519,23 @@ def _target_terms(
     """
     dtype = x.dtype
     winner = None
-    if formed is not None and per_class == 1:  # the step's own target cosines
-        with autocast_off(x.device.type):
-            z_y = formed.detach().to(dtype)
-            target, slope = target_and_slope(
-                z_y, target_logit_fn, scale, bias, labels, slope_needed
-            )
-            return target, slope, z_y, None
     with autocast_off(x.device.type):
-        with torch.no_grad():
-            w_y = weight.index_select(1, class_columns(labels, per_class)).to(dtype)
-            # (K, D, B): one plane per sub-centre, the same operations on each (see _planes)
-            z_sub = []
-            for plane in w_y.unflatten(1, (-1, per_class)).permute(2, 0, 1):
-                plane = plane.contiguous()
-                plane = F.normalize(plane, dim=0, eps=_NORM_EPS) if normalize_weight else plane
-                z_sub.append((x * plane.t()).sum(1))
-            if per_class == 1:
-                z_y = z_sub[0]
-            else:  # the nearest of the target's sub-centres
-                z_y, winner = torch.stack(z_sub).max(0)
+        if formed is not None and per_class == 1:  # the step's own target cosines
+            z_y = formed.detach().to(dtype)
+        else:
+            with torch.no_grad():
+                w_y = weight.index_select(1, class_columns(labels, per_class)).to(dtype)
+                # (K, D, B): one plane per sub-centre, the same operations on each (_planes)
+                z_sub = []
+                for plane in w_y.unflatten(1, (-1, per_class)).permute(2, 0, 1):
+                    plane = plane.contiguous()
+                    if normalize_weight:
+                        plane = F.normalize(plane, dim=0, eps=_NORM_EPS)
+                    z_sub.append((x * plane.t()).sum(1))
+                if per_class == 1:
+                    z_y = z_sub[0]
+                else:  # the nearest of the target's sub-centres
+                    z_y, winner = torch.stack(z_sub).max(0)
         target, slope = target_and_slope(z_y, target_logit_fn, scale, bias, labels, slope_needed)
         return target, slope, z_y, winner
 
@@ -895,7 +892,6 @@ def _forward(
                 else:  # the logits s phi(z) + b are a new block (the buffer: z, then see below)
                     z = _block_logits(xs, w_mm, inv, None, start, dtype, out)
             if phi is not None:
-                phi_slope = None
                 if stores_slope:
                     value, phi_slope = _phi_and_slope(phi, z)
                 else:
@@ -905,7 +901,7 @@ def _forward(
             m = torch.amax(logits, 1, out=block_max[k]).clamp_min_(lowest)  # finite
             logits.sub_(m.unsqueeze(1)).exp_()
             torch.sum(logits, 1, out=block_sum[k])
-            if phi is not None and phi_slope is not None:  # e^(l - m) phi'(z), into the buffer
+            if stores_slope:  # e^(l - m) phi'(z), into the buffer
                 torch.mul(logits, phi_slope.to(dtype), out=out)
         if inv_norm is not None:
             # norms above eps (the others are clamped, so no gradient flows through them)

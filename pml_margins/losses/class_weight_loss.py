@@ -410,8 +410,8 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         if self.collect_stats and self.logits_are_cosines:
             cosine = self.target_cosines(embeddings, labels).unsqueeze(1)
             self._record_avg_angle(cosine, torch.zeros_like(labels))
-        if form.sub_centers != 1 or not (form.normalize_embeddings and form.normalize_weight):
-            target_cosines = None  # formed as cosines of single columns only
+        if not (form.normalize_embeddings and form.normalize_weight):
+            target_cosines = None  # formed as cosines (the core takes them for K = 1 only)
         return fused_margin_softmax_cross_entropy(
             embeddings,
             self.W,
