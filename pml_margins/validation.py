@@ -198,6 +198,8 @@ def check_embeddings(
         array = _host_array(detached)
         if array is None:
             return None
+        if array.dtype in _BLAS_DTYPES:  # the squares' sum: finite iff every element is,
+            return [float(np.vdot(array, array))]  # up to overflow; a BLAS dot, no ufunc
         with np.errstate(all="ignore"):  # NaN/Inf and overflow are what the check looks for
             host_dtype = np.float64 if sum_dtype == torch.float64 else np.float32
             return [float(array.sum(dtype=host_dtype))]
@@ -210,6 +212,12 @@ def check_embeddings(
         on_host,
     )
     return embeddings
+
+
+#: numpy dtypes whose dot product is a BLAS call (no ufunc machinery, no FP-error warnings)
+_BLAS_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: up to this many values, extremes through Python's min/max of a list
+_PYTHON_EXTREMES_MAX = 512
 
 
 def _host_array(values: torch.Tensor) -> np.ndarray | None:
@@ -295,9 +303,16 @@ def _extremes(values: torch.Tensor) -> torch.Tensor:
 
 
 def _host_extremes(values: torch.Tensor) -> list[float] | None:
-    """:func:`_extremes` through numpy, for a CPU tensor (else ``None``)."""
+    """:func:`_extremes` on the host, for a CPU tensor (else ``None``): a batch's labels
+    through Python's ``min``/``max`` (a numpy reduction's set-up costs more than a few
+    hundred integers), longer arrays through numpy."""
     array = _host_array(values)
-    return None if array is None else [array.min(), array.max()]
+    if array is None:
+        return None
+    if array.size <= _PYTHON_EXTREMES_MAX:
+        items = array.ravel().tolist()
+        return [min(items), max(items)]
+    return [array.min(), array.max()]
 
 
 def _outside(bound: int) -> Callable[[list[float]], bool]:

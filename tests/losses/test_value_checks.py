@@ -184,3 +184,39 @@ def test_cuda_forward_synchronizes_once() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(record) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_one_non_finite_element_is_found_on_the_host(dtype, bad, layout) -> None:
+    """One bad element anywhere (BLAS dot for float32/64, a numpy sum for float16)."""
+    x = torch.randn(37, 9, dtype=dtype)
+    if layout == "transposed":
+        x = torch.randn(9, 37, dtype=dtype).t()
+    for row, col in [(0, 0), (36, 8), (17, 3)]:
+        y = x.clone()
+        y[row, col] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            check_embeddings(y)
+    check_embeddings(x)
+
+
+@pytest.mark.parametrize("size", [3, 512, 513, 2000], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64], ids=str)
+def test_label_range_on_the_host_short_and_long(size, dtype) -> None:
+    """Short label arrays go through Python's min/max, long ones through numpy: same rule."""
+    torch.manual_seed(0)
+    x = torch.randn(size, 8)
+    loss = ArcFaceLoss(200, 8)
+    labels = torch.randint(0, 200, (size,)).to(dtype)
+    loss(x, labels)
+    too_big = labels.clone()
+    too_big[size // 2] = 200
+    with pytest.raises(ValueError, match=r"must lie in \[0, 200\).*\[\d+, 200\]"):
+        loss(x, too_big)
+    if dtype != torch.uint8:
+        negative = labels.clone()
+        negative[-1] = -3
+        with pytest.raises(ValueError, match=r"got values in \[-3, \d+\]"):
+            loss(x, negative)
