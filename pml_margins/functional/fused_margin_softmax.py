@@ -89,7 +89,7 @@ dtype of ``W`` never changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -739,30 +739,53 @@ def _class_cosines(
     dtype: torch.dtype,
     winner: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``(B, k)`` class cosines of a block: the maximum over its ``K`` planes' products.
-
-    Fills ``winner`` (if given: ``(B, k)`` of :func:`_winner_dtype`) with the winning
-    sub-centre of each entry (the first on ties, as ``torch.max`` and so PML's plain
-    path). The maximum in element-wise passes, then the winner as the number of
-    leading planes strictly below it (the index of the first maximal one): 0.15 ms
-    against ``torch.max``'s 1.2 ms for three 256 x 682 planes on CPU.
-    """
+    """``(B, k)`` class cosines of a block: the maximum over its ``K`` planes' products."""
     per_class, _, width = planes.shape
     z = _aligned_stack(per_class, xs.shape[0], width, dtype, xs.device)
     for k in range(per_class):
         _block_logits(xs, planes[k], None, None, 0, dtype, out=z[k])
     if inv_planes is not None:  # the normalization: a column scaling of each product
         z.mul_(inv_planes.unsqueeze(1))
-    values = torch.maximum(z[0], z[1])  # K >= 2: sub-centre blocks only
-    for k in range(2, per_class):
-        torch.maximum(values, z[k], out=values)
+    return _max_over_sub_centres(z.unbind(0), winner)
+
+
+def _max_over_sub_centres(
+    cosines: Sequence[torch.Tensor], winner: torch.Tensor | None
+) -> torch.Tensor:
+    """The element-wise maximum of ``K >= 2`` sub-centres' ``(B, k)`` cosines (any strides).
+
+    Fills ``winner`` (if given: ``(B, k)`` of :func:`_winner_dtype`) with the winning
+    sub-centre of each entry (the first on ties, as ``torch.max`` and so PML's plain
+    path). The maximum in element-wise passes, then the winner as the number of
+    leading sub-centres strictly below it (the index of the first maximal one): 0.15 ms
+    against ``torch.max``'s 1.2 ms for three 256 x 682 planes on CPU.
+    """
+    values = torch.maximum(cosines[0], cosines[1])
+    for z in cosines[2:]:
+        torch.maximum(values, z, out=values)
     if winner is not None:
-        below = z[0] < values  # every plane so far strictly below the maximum
+        below = cosines[0] < values  # every sub-centre so far strictly below the maximum
         winner.copy_(below)
-        for k in range(1, per_class - 1):
-            below.logical_and_(z[k] < values)
+        for z in cosines[1:-1]:
+            below.logical_and_(z < values)
             winner.add_(below)
     return values
+
+
+def _may_tie(w: torch.Tensor, per_class: int) -> bool:
+    """Whether two sub-centres of a class in this column block may be equal columns.
+
+    Equal columns have equal first entries, so sub-centres whose first entries all
+    differ cannot tie exactly: their cosines may come from one product over the
+    block as it lies in ``W``. Only where some coincide (a ``W`` made by repeating
+    one, a zero initialisation) must equal columns give bit-equal cosines, which
+    only the per-plane products guarantee (see :func:`_planes`). One ``k*K`` read and
+    one host read (CPU only: an accelerator always takes the planes).
+    """
+    if w.device.type != "cpu":
+        return True
+    first = w[0].view(-1, per_class).sort(1).values
+    return bool((first[:, 1:] == first[:, :-1]).any())
 
 
 def _sub_centre_block(
@@ -772,16 +795,29 @@ def _sub_centre_block(
     per_class: int,
     config: _Config,
     winner: torch.Tensor | None,
+    norms_given: bool = False,
 ) -> torch.Tensor:
-    """Forward of one block of whole classes: its ``(B, k)`` class cosines.
+    """One block of whole classes: its ``(B, k)`` class cosines.
 
-    Fills ``inv`` (the block's ``1/|W|`` per column, when normalizing) and ``winner``
-    (the winning sub-centres, when the backward needs them saved).
+    Fills ``inv`` (the block's ``1/|W|`` per column, when normalizing; unless
+    ``norms_given``: the forward's, for a recomputation) and ``winner`` (the winning
+    sub-centres, when asked). Where no two sub-centres may tie (:func:`_may_tie`), one
+    product over the block's columns in ``W``'s own layout (no copy: at 10k classes
+    x 3, ~10 ms of a ~200 ms CPU step); else one per plane (:func:`_planes`).
     """
     dtype = config.dtype
+    if not _may_tie(w, per_class):
+        z = _block_logits(xs, w.to(config.mm_dtype), None, None, 0, dtype)
+        if inv is not None:
+            if not norms_given:
+                _inverse_column_norms(w, dtype, inv)
+            z.mul_(inv)
+        return _max_over_sub_centres(z.view(z.shape[0], -1, per_class).unbind(2), winner)
     planes = _planes(w, per_class, config.mm_dtype)
     inv_planes = None
-    if inv is not None:  # per plane too: equal columns, equal norms
+    if inv is not None and norms_given:
+        inv_planes = inv.view(-1, per_class).t()
+    elif inv is not None:  # per plane too: equal columns, equal norms
         wc = planes if planes.dtype == dtype else _planes(w, per_class, dtype)
         inv_planes = torch.linalg.vecdot(wc, wc, dim=1).clamp_min_(_NORM_EPS**2).rsqrt_()
         inv.view(-1, per_class).copy_(inv_planes.t())
@@ -1023,12 +1059,10 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                     if winners is not None:
                         winner = winners[batch * start : batch * stop].view(batch, stop - start)
                 elif per_class > 1:  # recompute the class cosines and their winners
-                    planes = _planes(w, per_class, mm_dtype)
-                    inv_planes = None if inv is None else inv.view(-1, per_class).t()
                     winner = torch.empty(
                         batch, stop - start, dtype=_winner_dtype(per_class), device=x.device
                     )
-                    z = _class_cosines(xs, planes, inv_planes, dtype, winner)
+                    z = _sub_centre_block(xs, w, inv, per_class, config, winner, True)
                 elif not config.fold_scale:  # recompute the cosines
                     z = _block_logits(xs, w_mm, inv, None, start, dtype)
                 if phi is not None and row_factor is None:

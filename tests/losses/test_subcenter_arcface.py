@@ -153,6 +153,44 @@ def test_partial_tie_goes_to_the_first_of_the_tied_pair() -> None:
     assert (grad_w[:, :, 2] == 0).all() and (grad_w[:, :, 1] != 0).all()
 
 
+def test_only_coinciding_first_entries_take_the_per_plane_products() -> None:
+    """Sub-centres that cannot be equal (first entries differ) share one product."""
+    w = torch.randn(D, C * K)
+    assert not fused_module._may_tie(w, K)
+    for first, second in [(0.5, 0.5), (0.0, -0.0)]:
+        tied = w.clone()
+        tied[0, 4 * K], tied[0, 4 * K + 2] = first, second  # class 4: sub-centres 0 and 2
+        assert fused_module._may_tie(tied, K)
+    nan = w.clone()
+    nan[0, :K] = float("nan")  # NaN equals nothing: no exact tie to keep
+    assert not fused_module._may_tie(nan, K)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_some_classes_with_duplicate_sub_centres_among_distinct_ones(chunk_size, dtype) -> None:
+    """Blocks holding a duplicated class take the planes, the others one product: each
+    duplicate's gradient goes to its first copy, and every value and gradient is PML's."""
+    torch.manual_seed(3)
+    pml, ours = _pair()
+    ours.chunk_size = chunk_size
+    pml, ours = pml.to(dtype), ours.to(dtype)
+    duplicated = torch.tensor([2, 7, 11])
+    with torch.no_grad():
+        w = pml.W.view(D, C, K)
+        w[:, duplicated, 1] = w[:, duplicated, 0]
+        w[:, duplicated, 2] = w[:, duplicated, 0]
+    ours.load_state_dict(pml.state_dict())
+    y = torch.arange(60) % C
+    x = torch.randn(60, D, dtype=dtype, requires_grad=True)
+    assert_same_value_and_grads(ours(x, y), pml(x, y), ours, pml, x, TOL[dtype])
+    grad_w = torch.autograd.grad(ours(x, y), ours.W)[0].view(D, C, K)
+    assert (grad_w[:, duplicated, 1:] == 0).all() and (grad_w[:, duplicated, 0] != 0).all()
+    distinct = torch.ones(C, dtype=torch.bool)
+    distinct[duplicated] = False
+    assert (grad_w[:, distinct, 1:] != 0).any()
+
+
 @pytest.mark.parametrize("mode", ["default", "materialized", "blocked", "chunk5"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_partial_fc_equals_the_plain_loss_on_the_sampled_classes(
