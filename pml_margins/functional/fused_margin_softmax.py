@@ -167,7 +167,10 @@ class NonTargetLogitFn(Protocol):
     Any element-wise callable is accepted as ``non_target_logit_fn``; one that also has
     ``slope`` spares the core an autograd pass per block in the backward, and one that
     also has ``value_and_slope(z) -> (phi(z), phi'(z))`` lets it share their common
-    work (a mask, a sum) in one pass.
+    work (a mask, a sum) in one pass. In default mode with a float scale ``s`` and no
+    bias, ``scaled_value_and_slope(z, s) -> (s phi(z), s phi'(z))``, when present, is
+    used instead: the scale folded into the same passes (the core divides it out of
+    the slope in the backward's row factors, ``(B,)`` per block).
     """
 
     def __call__(self, cosine: torch.Tensor) -> torch.Tensor:
@@ -617,6 +620,8 @@ class _Config:
         # default mode with phi: the buffer keeps e^(l - m) phi'(z) (set by the forward when
         # no bias and no tensor scale need the probabilities without the slope), else z
         self.stores_slope = False
+        # ... times this float when phi gave s phi'(z) (scaled_value_and_slope)
+        self.slope_scale = 1.0
         self.cosines: _Cosines | None = None  # formed before the scale was known
 
 
@@ -931,11 +936,15 @@ def _forward(
                 else:  # the logits s phi(z) + b are a new block (the buffer: z, then see below)
                     z = _block_logits(xs, w_mm, inv, None, start, dtype, out)
             if phi is not None:
-                if stores_slope:
+                scaled = getattr(phi, "scaled_value_and_slope", None) if stores_slope else None
+                if scaled is not None:  # s phi(z) and s phi'(z) in fewer passes
+                    logits, phi_slope = scaled(z, s_col)
+                    config.slope_scale = s_col
+                elif stores_slope:
                     value, phi_slope = _phi_and_slope(phi, z)
+                    logits = _scaled_logits(value, s_col, bias_d, start, dtype)
                 else:
-                    value = phi(z)
-                logits = _scaled_logits(value, s_col, bias_d, start, dtype)
+                    logits = _scaled_logits(phi(z), s_col, bias_d, start, dtype)
             targets.set(logits, k, float("-inf"))
             m = torch.amax(logits, 1, out=block_max[k]).clamp_min_(lowest)  # finite
             logits.sub_(m.unsqueeze(1)).exp_()
@@ -1048,6 +1057,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             # the buffer holds e^(l - m) (times phi'(z) if stores_slope), or z (phi otherwise)
             exps = buffer is not None and (phi is None or config.stores_slope)
             row_factor = torch.exp(block_max - lse) if exps else None
+            if row_factor is not None and config.slope_scale != 1.0:
+                row_factor.div_(config.slope_scale)  # the buffer holds e^(l - m) s phi'(z)
             # with phi and a tensor scale: sum over j != y of p_ij phi(z_ij), for grad s
             phi_sum = torch.zeros_like(lse) if phi is not None and need_s else None
             radial_scale = None if inv_norm is None else inv_norm * inv_norm * active

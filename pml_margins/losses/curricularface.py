@@ -23,6 +23,7 @@ __all__ = [
     "curricular_hard_bound",
     "curricular_non_target",
     "curricular_non_target_and_slope",
+    "curricular_scaled_non_target_and_slope",
     "curricular_t_update",
 ]
 
@@ -72,6 +73,25 @@ def curricular_non_target_and_slope(
     return value, torch.lerp(one, shifted.add_(cosine), hard, out=shifted)
 
 
+def curricular_scaled_non_target_and_slope(
+    cosine: torch.Tensor, bound: torch.Tensor, t: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`s\,N(t, \cos\theta_j)` and :math:`s\,\partial N/\partial\cos\theta_j` in four
+    passes after the mask (against six for :func:`curricular_non_target_and_slope` and
+    the scaling), no graph.
+
+    With :math:`a = s` off the hard negatives and :math:`s(t + z)` on them (one add,
+    one ``lerp``): the value is :math:`z\,a` and the slope :math:`a + s\,z` on the hard
+    negatives (one ``addcmul`` in place). ``t`` is 0-dim.
+    """
+    hard = _hard_negatives(cosine, bound)
+    shifted = torch.add(t * scale, cosine, alpha=scale)  # s (t + z)
+    base = torch.full((), scale, dtype=cosine.dtype, device=cosine.device)  # broadcast
+    factor = torch.lerp(base, shifted, hard, out=shifted)
+    value = torch.mul(cosine, factor)
+    return value, factor.addcmul_(hard, cosine, value=scale)
+
+
 def curricular_t_update(
     t: torch.Tensor, target_cosine: torch.Tensor, momentum: float
 ) -> torch.Tensor:
@@ -98,6 +118,13 @@ class CurricularNonTarget:
 
     def value_and_slope(self, cosine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return curricular_non_target_and_slope(cosine, self.bound, self.t.to(cosine.dtype))
+
+    def scaled_value_and_slope(
+        self, cosine: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return curricular_scaled_non_target_and_slope(
+            cosine, self.bound, self.t.to(cosine.dtype), scale
+        )
 
 
 class CurricularFaceLoss(ClassWeightLoss):

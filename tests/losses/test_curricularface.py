@@ -280,3 +280,31 @@ def test_non_target_selection_is_exact(dtype: torch.dtype) -> None:
     assert torch.equal(differentiable.detach(), want_value)
     (grad,) = torch.autograd.grad(differentiable.sum(), cosine)
     assert torch.equal(grad, slope)
+
+
+@pytest.mark.parametrize("scale", [64.0, 30.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scaled_value_and_slope_are_the_scaled_piecewise_ones(dtype, scale: float) -> None:
+    """The fused core's default-mode form: s N(t, z) and s N'(z), the same selection
+    (cosines on the bound are not hard), within a few ulps of scaling the plain ones."""
+    from pml_margins.losses.curricularface import (
+        CurricularNonTarget,
+        curricular_non_target_and_slope,
+        curricular_scaled_non_target_and_slope,
+    )
+
+    torch.manual_seed(4)
+    cosine = torch.rand(33, 71, dtype=dtype) * 2 - 1
+    bound = torch.rand(33, dtype=dtype) - 0.4
+    cosine[:, 3] = bound
+    t = torch.tensor(-0.21, dtype=dtype)
+    value, slope = curricular_non_target_and_slope(cosine, bound, t)
+    scaled_value, scaled_slope = curricular_scaled_non_target_and_slope(cosine, bound, t, scale)
+    tol = {"rtol": 4 * torch.finfo(dtype).eps, "atol": 4 * scale * torch.finfo(dtype).eps}
+    torch.testing.assert_close(scaled_value, value * scale, **tol)
+    torch.testing.assert_close(scaled_slope, slope * scale, **tol)
+    easy = cosine <= bound.unsqueeze(1)
+    assert torch.equal(scaled_value[easy], (cosine * scale)[easy])
+    assert (scaled_slope[easy] == scale).all()
+    both = CurricularNonTarget(bound, t).scaled_value_and_slope(cosine, scale)
+    assert torch.equal(both[0], scaled_value) and torch.equal(both[1], scaled_slope)
