@@ -28,7 +28,7 @@ from pml_margins.distributed.collectives import (
 )
 from pml_margins.evaluation import RetrievalAccuracyCalculator
 from pml_margins.evaluation.calculator import describe_distance
-from pml_margins.evaluation.inputs import as_embeddings, as_labels, check_knn
+from pml_margins.evaluation.inputs import as_embeddings, check_knn
 from pml_margins.evaluation.knn import (
     Backend,
     Metric,
@@ -166,7 +166,7 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             if reference_labels is not None:
                 raise ValueError("reference_labels given without reference")
             shard, device = self._checked_query(query)
-            shard_labels = as_labels(query_labels, len(shard), "query_labels").to(device)
+            shard_labels = self.checked_labels(query_labels, len(shard), "query_labels").to(device)
             query = all_gather_rows(shard, self.group)[0]
             query_labels = all_gather_rows(shard_labels, self.group)[0]
             ref_includes_query = True
@@ -174,9 +174,11 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             if reference_labels is None:
                 raise ValueError("reference given without reference_labels")
             query, device = self._checked_query(query)
-            query_labels = as_labels(query_labels, len(query), "query_labels").to(device)
+            query_labels = self.checked_labels(query_labels, len(query), "query_labels").to(device)
             shard = as_embeddings(reference, "reference", query.shape[1]).to(device)
-            shard_labels = as_labels(reference_labels, len(shard), "reference_labels").to(device)
+            shard_labels = self.checked_labels(reference_labels, len(shard), "reference_labels").to(
+                device
+            )
         reference_labels, sizes = all_gather_rows(shard_labels, self.group)
         if ref_includes_query:
             self._check_reference_starts_with_query(query, query_labels, shard, shard_labels, sizes)

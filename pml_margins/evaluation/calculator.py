@@ -24,8 +24,9 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN, FaissKMeans, FaissKNN
 
 from pml_margins.evaluation import metrics as M
-from pml_margins.evaluation.inputs import as_embeddings, as_labels
+from pml_margins.evaluation.inputs import as_comparable_labels, as_embeddings, as_labels
 from pml_margins.evaluation.knn import Metric, exact_knn
+from pml_margins.evaluation.label_matching import compared, custom_relevance, label_positions
 
 __all__ = [
     "RetrievalAccuracyCalculator",
@@ -118,7 +119,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
 
     Args:
         include, exclude, avg_of_avgs, return_per_class, k, kmeans_func: as in PML.
-        label_comparison_fn: unsupported (labels are compared for equality).
+        label_comparison_fn: as in PML: ``f(a, b)`` compares a ``(Q, 1[, L])`` with a
+            ``(Q, k[, L])`` label tensor and returns ``(Q, k)`` booleans; labels may then
+            be ``(N, L)`` or real-valued. Relevant counts, lone queries and per-class
+            averages follow PML's rules (:mod:`.label_matching`); clustering metrics
+            are refused, as in PML. ``None``: labels compared for equality.
         device: where to compute; ``None`` means the device of the query.
         knn_func: as in PML. ``None``, a ``FaissKNN`` with a flat L2 or
             inner-product index, or a ``CustomKNN`` over ``LpDistance(p=2)``,
@@ -159,10 +164,10 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         num_threads: int | None = None,
         progress: bool = False,
     ) -> None:
-        if label_comparison_fn is not None:
-            raise NotImplementedError(
-                "RetrievalAccuracyCalculator compares labels for equality; for a custom "
-                "label_comparison_fn use pytorch_metric_learning's AccuracyCalculator"
+        if label_comparison_fn is not None and not callable(label_comparison_fn):
+            raise TypeError(
+                "label_comparison_fn must be callable (a, b) -> booleans, "
+                f"got {type(label_comparison_fn).__name__}"
             )
         if (
             isinstance(recall_ks, (str, bytes))
@@ -205,10 +210,12 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             avg_of_avgs=avg_of_avgs,
             return_per_class=return_per_class,
             k=k,
+            label_comparison_fn=label_comparison_fn,  # PML refuses it with clustering metrics
             device=self._device or torch.device("cpu"),
             knn_func=custom,
             kmeans_func=kmeans_func,
         )
+        self.custom_comparison = label_comparison_fn  # None: labels are compared for equality
         self.device = self._device
         self.knn_func = custom  # None: the exact k-nn with ``self.exact``
 
@@ -252,11 +259,13 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             reference = query
         else:
             reference = as_embeddings(reference, "reference", query.shape[1]).to(device)
-        query_labels = as_labels(query_labels, len(query), "query_labels").to(device)
+        query_labels = self.checked_labels(query_labels, len(query), "query_labels").to(device)
         reference_labels = (
             query_labels
             if same
-            else as_labels(reference_labels, len(reference), "reference_labels").to(device)
+            else self.checked_labels(reference_labels, len(reference), "reference_labels").to(
+                device
+            )
         )
         if ref_includes_query and not same:
             n = len(query)
@@ -272,6 +281,13 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         return self._compute(
             query, reference, query_labels, reference_labels, ref_includes_query, include, exclude
         )
+
+    def checked_labels(self, labels: Any, length: int, name: str) -> torch.Tensor:
+        """Labels as PML takes them: integer-valued ``(N,)`` for equality; with a custom
+        ``label_comparison_fn``, ``(N,)`` or ``(N, L)`` numbers."""
+        if self.custom_comparison is None:
+            return as_labels(labels, length, name)
+        return as_comparable_labels(labels, length, name)
 
     def _checked_query(self, query: Any) -> tuple[torch.Tensor, torch.device]:
         """The query as a checked tensor on the compute device, and that device."""
@@ -303,6 +319,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         if any(x in self.requires_knn() for x in metrics):
             kwargs.update(self._knn_kwargs(**kwargs))
         if any(x in self.requires_clustering() for x in metrics):
+            if self.custom_comparison is not None:  # as PML's constructor says
+                raise NotImplementedError("Unsupported: clustering + custom label comparison")
             num_classes = len(torch.unique(query_labels))
             if "AMI" in metrics and num_classes > AMI_SLOW_NUM_CLASSES:
                 warnings.warn(
@@ -359,13 +377,24 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         ref_includes_query: bool,
         **_: Any,
     ) -> dict[str, Any]:
-        label_count, relevant = M.relevant_counts(
-            query_labels, reference_labels, ref_includes_query
-        )
-        not_lone = relevant > 0
-        unique_query_labels, first = torch.unique(query_labels, return_inverse=True)
-        bin_counts = torch.zeros(len(unique_query_labels), dtype=torch.long, device=query.device)
-        bin_counts[first] = label_count
+        if self.custom_comparison is None:
+            label_count, relevant = M.relevant_counts(
+                query_labels, reference_labels, ref_includes_query
+            )
+            not_lone = relevant > 0
+            unique_query_labels, first = torch.unique(query_labels, return_inverse=True)
+            bin_counts = torch.zeros(
+                len(unique_query_labels), dtype=torch.long, device=query.device
+            )
+            bin_counts[first] = label_count
+            lone_labels = unique_query_labels[bin_counts - int(ref_includes_query) <= 0]
+        else:  # PML's rules under the user's comparison (label_matching)
+            unique_query_labels, first, bin_counts, lone = custom_relevance(
+                query_labels, reference_labels, ref_includes_query, self.custom_comparison
+            )
+            relevant = bin_counts[first] - int(ref_includes_query)
+            not_lone = ~lone[first]
+            lone_labels = unique_query_labels[lone]
         k_pml, k_total = self.knn_depth(bin_counts, len(reference), ref_includes_query)
         if not bool(not_lone.any()):
             LOGGER.warning("None of the query labels are in the reference set.")
@@ -382,11 +411,18 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             "label_counts": (unique_query_labels, bin_counts),
             "knn_labels": knn_labels[:, :shown],
             "knn_distances": distances[:, :shown],
-            "lone_query_labels": unique_query_labels[bin_counts - int(ref_includes_query) <= 0],
+            "lone_query_labels": lone_labels,
             "not_lone_query_mask": not_lone,
-            "_match": knn_labels == query_labels[:, None],
+            "_match": self._matches(query_labels, knn_labels),
             "_relevant": relevant,
         }
+
+    def _matches(self, query_labels: torch.Tensor, knn_labels: torch.Tensor) -> torch.Tensor:
+        """``(Q, k)``: whether each neighbour's label matches its query's (PML's argument order)."""
+        if self.custom_comparison is None:
+            return knn_labels == query_labels[:, None]
+        a = query_labels[:, None]
+        return compared(self.custom_comparison, a, knn_labels, tuple(knn_labels.shape[:2]))
 
     def _knn(
         self, query: torch.Tensor, reference: torch.Tensor, k: int, ref_includes_query: bool
@@ -421,10 +457,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             if not full_k:
                 match = match[:, : kwargs["knn_labels"].shape[1]]
         else:
-            match = kwargs["knn_labels"] == labels[:, None]
+            match = self._matches(labels, kwargs["knn_labels"])
             unique, counts = kwargs["label_counts"]
-            position = torch.searchsorted(unique, labels).clamp_(max=len(unique) - 1)
-            relevant = counts[position] - int(kwargs.get("ref_includes_query", False))
+            counts = torch.cat([counts, counts.new_zeros(1)])  # a label absent from them: 0
+            relevant = counts[label_positions(unique, labels)]
+            relevant = relevant - int(kwargs.get("ref_includes_query", False))
         if bool(mask.all()):
             return match, relevant, labels
         return match[mask], relevant[mask], labels[mask]

@@ -13,7 +13,15 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["as_embeddings", "as_labels", "as_tensor", "check_int", "check_k", "check_knn"]
+__all__ = [
+    "as_comparable_labels",
+    "as_embeddings",
+    "as_labels",
+    "as_tensor",
+    "check_int",
+    "check_k",
+    "check_knn",
+]
 
 #: the metrics of the exact k-nn (:data:`.knn.Metric`)
 METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean", "dot")
@@ -71,17 +79,43 @@ def as_labels(x: object, length: int, name: str) -> torch.Tensor:
         TypeError: not a tensor/array, or fractional/non-finite float labels or a bool dtype.
         ValueError: not 1-D, or a length other than ``length``.
     """
-    t = as_tensor(x, name)
-    if t.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-    if t.shape[0] != length:
-        raise ValueError(f"{name} has length {t.shape[0]} but there are {length} embeddings")
-    if t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
+    t = _label_tensor(x, length, name, (1,), "have an integer dtype")
     if t.is_floating_point():
         if not bool(torch.isfinite(t).all() and (t == t.round()).all()):
             raise TypeError(f"{name} must be integers, got {t.dtype} values with a fraction")
     return t.long()
+
+
+def as_comparable_labels(x: object, length: int, name: str) -> torch.Tensor:
+    """Checked labels for a custom ``label_comparison_fn``: ``(length,)`` or ``(length, L)``
+    finite numbers (PML hands them to the user's function; integers come as int64).
+
+    Raises:
+        TypeError: not a tensor/array, or a bool or complex dtype.
+        ValueError: not 1-D or 2-D, a length other than ``length``, or NaN/Inf values.
+    """
+    t = _label_tensor(x, length, name, (1, 2), "hold real numbers")
+    if t.is_floating_point():
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+        return t
+    return t.long()
+
+
+def _label_tensor(
+    x: object, length: int, name: str, dims: tuple[int, ...], kind: str
+) -> torch.Tensor:
+    """``x`` as a tensor of ``length`` rows with ``ndim`` in ``dims``, not bool or complex;
+    else a ``ValueError``/``TypeError`` that says which (``kind``: what its dtype must)."""
+    t = as_tensor(x, name)
+    if t.ndim not in dims:
+        shape = " or ".join(f"{d}-D" for d in dims) + (" (one row per sample)" if 2 in dims else "")
+        raise ValueError(f"{name} must be {shape}, got shape {tuple(t.shape)}")
+    if t.shape[0] != length:
+        raise ValueError(f"{name} has length {t.shape[0]} but there are {length} embeddings")
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must {kind}, got {t.dtype}")
+    return t
 
 
 def check_int(value: object, name: str, low: int = 1, high: float = math.inf) -> int:

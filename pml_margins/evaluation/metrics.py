@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from pml_margins.evaluation.label_matching import unique_labels
+
 __all__ = [
     "aggregate",
     "average_precision",
@@ -174,7 +176,7 @@ def aggregate(
 
     Args:
         per_query: ``(Q,)`` values.
-        labels: ``(Q,)`` integer labels of the queries.
+        labels: ``(Q,)`` labels of the queries (or ``(Q, L)``: classes are equal rows).
         avg_of_avgs: mean of the per-class means.
         return_per_class: per-class means, in ascending label order.
 
@@ -190,7 +192,7 @@ def aggregate(
     per_query = per_query.to(torch.float64)
     if not (avg_of_avgs or return_per_class):
         return per_query.mean().item()
-    unique, inverse = torch.unique(labels, return_inverse=True)
+    unique, inverse = unique_labels(labels)
     sums = torch.zeros(len(unique), dtype=torch.float64, device=per_query.device)
     sums.index_add_(0, inverse, per_query)
     per_class = sums / torch.bincount(inverse, minlength=len(unique))

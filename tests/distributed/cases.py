@@ -108,6 +108,13 @@ KNN_CASES = [
 ]
 
 NO_CLUSTERING = {"exclude": ("NMI", "AMI")}
+
+
+def labels_within_one(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A PML ``label_comparison_fn``: labels at most 1 apart match."""
+    return (a - b).abs() <= 1
+
+
 CALCULATOR_CASES: dict[str, tuple[dict[str, Any], str]] = {
     "euclidean_all_k": (NO_CLUSTERING, "separate"),
     "cosine_max_bin_count_avg_of_avgs": (
@@ -124,6 +131,10 @@ CALCULATOR_CASES: dict[str, tuple[dict[str, Any], str]] = {
         "includes",
     ),
     "set_against_itself_k5": ({**NO_CLUSTERING, "k": 5}, "self"),
+    "custom_label_comparison": (
+        {**NO_CLUSTERING, "label_comparison_fn": labels_within_one, "return_per_class": True},
+        "includes",
+    ),
 }
 
 

@@ -173,7 +173,8 @@ def test_bad_input(args, kwargs, error, match):
         ({"recall_ks": "12"}, ValueError, "recall_ks must be a sequence of positive"),
         ({"k": 0}, ValueError, "k must be an integer greater than 0"),
         ({"avg_of_avgs": True, "return_per_class": True}, ValueError, "mutually exclusive"),
-        ({"label_comparison_fn": torch.eq}, NotImplementedError, "compares labels for equality"),
+        ({"label_comparison_fn": torch.eq}, NotImplementedError, "clustering \\+ custom label"),
+        ({"label_comparison_fn": "eq"}, TypeError, "label_comparison_fn must be callable"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, match):
