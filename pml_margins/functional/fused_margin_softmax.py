@@ -783,17 +783,25 @@ def _max_over_sub_centres(
 def _may_tie(w: torch.Tensor, per_class: int) -> bool:
     """Whether two sub-centres of a class in this column block may be equal columns.
 
-    Equal columns have equal first entries, so sub-centres whose first entries all
+    Equal columns have equal leading entries, so sub-centres whose leading entries
     differ cannot tie exactly: their cosines may come from one product over the
-    block as it lies in ``W``. Only where some coincide (a ``W`` made by repeating
+    block as it lies in ``W``. Only where they coincide (a ``W`` made by repeating
     one, a zero initialisation) must equal columns give bit-equal cosines, which
-    only the per-plane products guarantee (see :func:`_planes`). One ``k*K`` read and
-    one host read (CPU only: an accelerator always takes the planes).
+    only the per-plane products guarantee (see :func:`_planes`). Compared: the bits of
+    each column's first 8 bytes (one float64 entry, two float32, four half entries:
+    half-precision first entries alone coincide too often), ``-0.0`` read as ``0.0``.
+    One small read and one host read (CPU only: an accelerator always takes the planes).
     """
     if w.device.type != "cpu":
         return True
-    first = w[0].view(-1, per_class).sort(1).values
-    return bool((first[:, 1:] == first[:, :-1]).any())
+    size = w.element_size()
+    rows = 8 // size
+    if size not in (2, 4, 8) or w.shape[0] < rows:
+        first = w[0].view(-1, per_class).sort(1).values
+        return bool((first[:, 1:] == first[:, :-1]).any())
+    leading = (w[:rows] + 0).t().contiguous()  # + 0: -0.0 becomes 0.0 (equal as numbers)
+    keys = leading.view(torch.int64).view(-1, per_class).sort(1).values
+    return bool((keys[:, 1:] == keys[:, :-1]).any())
 
 
 def _sub_centre_block(

@@ -153,17 +153,23 @@ def test_partial_tie_goes_to_the_first_of_the_tied_pair() -> None:
     assert (grad_w[:, :, 2] == 0).all() and (grad_w[:, :, 1] != 0).all()
 
 
-def test_only_coinciding_first_entries_take_the_per_plane_products() -> None:
-    """Sub-centres that cannot be equal (first entries differ) share one product."""
-    w = torch.randn(D, C * K)
-    assert not fused_module._may_tie(w, K)
-    for first, second in [(0.5, 0.5), (0.0, -0.0)]:
-        tied = w.clone()
-        tied[0, 4 * K], tied[0, 4 * K + 2] = first, second  # class 4: sub-centres 0 and 2
-        assert fused_module._may_tie(tied, K)
-    nan = w.clone()
-    nan[0, :K] = float("nan")  # NaN equals nothing: no exact tie to keep
-    assert not fused_module._may_tie(nan, K)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_only_coinciding_leading_entries_take_the_per_plane_products(dtype) -> None:
+    """Sub-centres that cannot be equal (their first 8 bytes differ) share one product."""
+    torch.manual_seed(0)
+    rows = 8 // torch.empty((), dtype=dtype).element_size()
+    w = torch.randn(D, C * K).to(dtype)
+    assert not fused_module._may_tie(w, K)  # random half entries coincide, 8 bytes do not
+    tied = w.clone()
+    tied[:rows, 4 * K + 2] = tied[:rows, 4 * K]  # class 4: sub-centres 0 and 2
+    assert fused_module._may_tie(tied, K)
+    if rows > 1:  # equal first entries, different second: not equal columns
+        apart = tied.clone()
+        apart[1, 4 * K + 2] = apart[1, 4 * K] + 1
+        assert not fused_module._may_tie(apart, K)
+    zeros = w.clone()
+    zeros[:rows, 7 * K], zeros[:rows, 7 * K + 1] = 0.0, -0.0  # equal as numbers
+    assert fused_module._may_tie(zeros, K)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 3, 5])
