@@ -59,7 +59,7 @@ the scale, :math:`\phi`, the bias and the softmax, and the backward sends each c
 entry to its winning column (the first maximal one, as ``torch.max`` -- PML's plain
 path -- does; the target's, to the winner among the ``B`` target cosines). A block's
 product runs over its columns where they lie in ``W``; only where two sub-centres of a
-class may be equal (their first entries coincide) is it one product per sub-centre
+class may be equal (their first 8 bytes coincide) is it one product per sub-centre
 plane, copied out, so that equal columns give bit-equal cosines. Default mode saves,
 besides the class-level ``(B, C)`` buffer, the winners as one byte per
 ``(i, j)``: re-forming them would take a fourth product of ``K*C`` columns, against one
