@@ -308,3 +308,28 @@ def test_scaled_value_and_slope_are_the_scaled_piecewise_ones(dtype, scale: floa
     assert (scaled_slope[easy] == scale).all()
     both = CurricularNonTarget(bound, t).scaled_value_and_slope(cosine, scale)
     assert torch.equal(both[0], scaled_value) and torch.equal(both[1], scaled_slope)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocks_where_every_negative_is_hard_take_the_short_form(dtype, monkeypatch) -> None:
+    """Early in training every cosine exceeds its bound: the mask-free form gives the
+    general form's values (within an ulp: one product-add may fuse), and one cosine on
+    its bound sends the block back to the general form."""
+    from pml_margins.losses import curricularface as module
+
+    torch.manual_seed(5)
+    cosine = torch.rand(31, 64, dtype=dtype) * 1.2 - 0.2
+    bound = torch.full((31,), -0.5, dtype=dtype)
+    t, scale = torch.tensor(0.13, dtype=dtype), 30.0
+    assert module._all_hard(cosine, bound)
+    short = module.curricular_scaled_non_target_and_slope(cosine, bound, t, scale)
+    monkeypatch.setattr(module, "_all_hard", lambda c, b: False)
+    general = module.curricular_scaled_non_target_and_slope(cosine, bound, t, scale)
+    tol = {"rtol": 2 * torch.finfo(dtype).eps, "atol": 2 * scale * torch.finfo(dtype).eps}
+    torch.testing.assert_close(short[0], general[0], **tol)
+    torch.testing.assert_close(short[1], general[1], **tol)
+    torch.testing.assert_close(short[1], scale * (t + 2 * cosine), **tol)
+    monkeypatch.undo()
+    on_bound = cosine.clone()
+    on_bound[7, 40] = bound[7]  # not hard (strictly above is)
+    assert not module._all_hard(on_bound, bound)
