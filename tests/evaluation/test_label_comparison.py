@@ -181,3 +181,19 @@ def test_label_positions_by_exact_row_equality() -> None:
     assert np.array_equal(
         label_positions(torch.tensor([], dtype=torch.long), torch.tensor([5])), [0]
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_custom_comparison_on_cuda_equals_cpu() -> None:
+    def fn(a, b):
+        return (a[..., 0] == b[..., 0]) & ((a[..., 1] - b[..., 1]).abs() <= 1)
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(400, 16, generator=g) * 10
+    y = torch.randint(0, 5, (400, 2), generator=g)
+    for options in ({}, {"return_per_class": True}, {"k": "max_bin_count"}):
+        calc = RetrievalAccuracyCalculator(exclude=NO_CLUSTERING, label_comparison_fn=fn, **options)
+        cpu, gpu = calc.get_accuracy(x, y), calc.get_accuracy(x.cuda(), y.cuda())
+        for metric, value in cpu.items():
+            assert _same(gpu[metric], value), (options, metric)
