@@ -168,9 +168,12 @@ class NonTargetLogitFn(Protocol):
     ``slope`` spares the core an autograd pass per block in the backward, and one that
     also has ``value_and_slope(z) -> (phi(z), phi'(z))`` lets it share their common
     work (a mask, a sum) in one pass. In default mode with a float scale ``s`` and no
-    bias, ``scaled_value_and_slope(z, s) -> (s phi(z), s phi'(z))``, when present, is
-    used instead: the scale folded into the same passes (the core divides it out of
-    the slope in the backward's row factors, ``(B,)`` per block).
+    bias, ``scaled_value_and_slope(z, s, target_columns) -> (s phi(z), s phi'(z))``, when
+    present, is used instead: the scale folded into the same passes (the core divides it
+    out of the slope in the backward's row factors, ``(B,)`` per block); the slope may be a
+    0-dim tensor where it is constant over the block. ``target_columns`` (``(B,)``, ``-1``
+    where a row's target is in another block) says which entries the core then replaces
+    by the target logits, so ``phi`` may ignore them.
     """
 
     def __call__(self, cosine: torch.Tensor) -> torch.Tensor:
@@ -652,6 +655,11 @@ class _Targets:
             value = value.unsqueeze(1)
         logits.scatter_(1, col, torch.where(inside, value, logits.gather(1, col)))
 
+    def columns(self, k: int) -> torch.Tensor:
+        """``(B,)``: each row's target column within block ``k``, ``-1`` where it is elsewhere."""
+        col = (self.col_last if k == self.num_blocks - 1 else self.col).squeeze(1)
+        return torch.where(self.block_id == k, col, -1)
+
 
 def _block_logits(
     xs: torch.Tensor,
@@ -946,7 +954,7 @@ def _forward(
             if phi is not None:
                 scaled = getattr(phi, "scaled_value_and_slope", None) if stores_slope else None
                 if scaled is not None:  # s phi(z) and s phi'(z) in fewer passes
-                    logits, phi_slope = scaled(z, s_col)
+                    logits, phi_slope = scaled(z, s_col, targets.columns(k))
                     config.slope_scale = s_col
                 elif stores_slope:
                     value, phi_slope = _phi_and_slope(phi, z)

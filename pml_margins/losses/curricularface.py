@@ -74,7 +74,11 @@ def curricular_non_target_and_slope(
 
 
 def curricular_scaled_non_target_and_slope(
-    cosine: torch.Tensor, bound: torch.Tensor, t: torch.Tensor, scale: float
+    cosine: torch.Tensor,
+    bound: torch.Tensor,
+    t: torch.Tensor,
+    scale: float,
+    target_columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r""":math:`s\,N(t, \cos\theta_j)` and :math:`s\,\partial N/\partial\cos\theta_j` in four
     passes after the mask (against six for :func:`curricular_non_target_and_slope` and
@@ -83,12 +87,19 @@ def curricular_scaled_non_target_and_slope(
     With :math:`a = s` off the hard negatives and :math:`s(t + z)` on them (one add,
     one ``lerp``): the value is :math:`z\,a` and the slope :math:`a + s\,z` on the hard
     negatives (one ``addcmul`` in place). ``t`` is 0-dim. Where every cosine is a hard
-    negative (:func:`_all_hard`), two passes: :math:`z\,s(t + z)` and :math:`s(t + 2z)`.
+    negative (:func:`_all_hard`), two passes: :math:`z\,s(t + z)` and :math:`s(t + 2z)`;
+    where none is, ``target_columns`` (``(B,)``, ``-1`` for rows whose target is not among
+    these columns) given (:func:`_no_hard_negative`), one: :math:`s z`, and the slope
+    :math:`s` as a 0-dim tensor. Entries at ``target_columns`` are ignored (the caller
+    replaces them).
     """
-    shifted = torch.add(t * scale, cosine, alpha=scale)  # s (t + z)
     if _all_hard(cosine, bound):  # early in training: no mask, no selection
+        shifted = torch.add(t * scale, cosine, alpha=scale)  # s (t + z)
         return torch.mul(cosine, shifted), shifted.add_(cosine, alpha=scale)
     hard = _hard_negatives(cosine, bound)
+    if target_columns is not None and _no_hard_negative(hard, target_columns):
+        return torch.mul(cosine, scale), cosine.new_full((), scale)
+    shifted = torch.add(t * scale, cosine, alpha=scale)  # s (t + z)
     base = torch.full((), scale, dtype=cosine.dtype, device=cosine.device)  # broadcast
     factor = torch.lerp(base, shifted, hard, out=shifted)
     value = torch.mul(cosine, factor)
@@ -107,6 +118,20 @@ def _all_hard(cosine: torch.Tensor, bound: torch.Tensor) -> bool:
     if cosine.device.type != "cpu" or cosine.numel() == 0:
         return False
     return bool((torch.amin(cosine, 1) > bound.to(cosine.dtype)).all())
+
+
+def _no_hard_negative(hard: torch.Tensor, target_columns: torch.Tensor) -> bool:
+    r"""Whether the only entries of the 0/1 mask ``hard`` are (some of) the targets at
+    ``target_columns`` (CPU only: a row sum and a host read).
+
+    The usual case late in training, when :math:`\cos(\theta_y + m)` is well above every
+    negative: the block is then ArcFace's, :math:`sN = s z` with slope :math:`s`.
+    """
+    if hard.device.type != "cpu" or hard.numel() == 0:
+        return False
+    inside = target_columns >= 0
+    target = hard.gather(1, target_columns.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return bool((hard.sum(1) == target * inside).all())
 
 
 def curricular_t_update(
@@ -137,10 +162,10 @@ class CurricularNonTarget:
         return curricular_non_target_and_slope(cosine, self.bound, self.t.to(cosine.dtype))
 
     def scaled_value_and_slope(
-        self, cosine: torch.Tensor, scale: float
+        self, cosine: torch.Tensor, scale: float, target_columns: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return curricular_scaled_non_target_and_slope(
-            cosine, self.bound, self.t.to(cosine.dtype), scale
+            cosine, self.bound, self.t.to(cosine.dtype), scale, target_columns
         )
 
 

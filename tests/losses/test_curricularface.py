@@ -333,3 +333,56 @@ def test_blocks_where_every_negative_is_hard_take_the_short_form(dtype, monkeypa
     on_bound = cosine.clone()
     on_bound[7, 40] = bound[7]  # not hard (strictly above is)
     assert not module._all_hard(on_bound, bound)
+
+
+def test_no_hard_negative_test_leaves_only_the_targets_out() -> None:
+    from pml_margins.losses.curricularface import _no_hard_negative
+
+    hard = torch.zeros(3, 5)
+    columns = torch.tensor([2, -1, 0])
+    assert _no_hard_negative(hard, columns)  # nothing hard at all
+    hard[0, 2] = hard[2, 0] = 1.0  # only targets
+    assert _no_hard_negative(hard, columns)
+    hard[1, 4] = 1.0  # row 1's target is elsewhere: this one is a negative
+    assert not _no_hard_negative(hard, columns)
+    hard[1, 4] = 0.0
+    hard[0, 3] = 1.0  # a negative beside row 0's target
+    assert not _no_hard_negative(hard, columns)
+
+
+@pytest.mark.parametrize("block_elements", [64, 1 << 20], ids=["many_blocks", "one_block"])
+def test_trained_rows_take_arcfaces_form_in_the_blocked_core(block_elements, monkeypatch) -> None:
+    """Late in training no negative is hard: blocks take the short form, and the loss is
+    still the paper's (here: ArcFace's) in value and gradients."""
+    from pml_margins.losses import curricularface as module
+
+    monkeypatch.setattr(fused, "MATERIALIZE_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(fused, "_CPU_BLOCK_ELEMENTS", block_elements)
+    taken = []
+    original = module._no_hard_negative
+    monkeypatch.setattr(
+        module, "_no_hard_negative", lambda *a: taken.append(original(*a)) or taken[-1]
+    )
+    torch.manual_seed(0)
+    curricular = CurricularFaceLoss(40, 64, margin=0.5, scale=32.0).double()
+    q, _ = torch.linalg.qr(torch.randn(64, 40, dtype=F64))
+    curricular.W.data.copy_(q)
+    curricular.t.fill_(0.7)
+    arc = ArcFaceLoss(40, 64, margin=0.5, scale=32.0).double()
+    arc.load_state_dict(curricular.state_dict(), strict=False)
+    y = torch.arange(48) % 40
+    x = (q.t()[y] + 0.02 * torch.randn(48, 64, dtype=F64)).requires_grad_(True)
+    a, b = curricular(x, y), arc(x, y)
+    assert taken and all(taken)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for u, v in zip(_grads(a, x, curricular.W), _grads(b, x, arc.W), strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    curricular.W.data[:, 1] = q[:, 0] * 0.999 + 0.001 * q[:, 1]  # one hard negative for class 0
+    taken.clear()
+    x.grad = None
+    out = curricular(x, y)
+    assert taken and not all(taken)
+    ref = reference_per_sample(
+        "curricular", x, curricular.W, y, margin=0.5, scale=32.0, t=float(curricular.t)
+    ).mean()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
