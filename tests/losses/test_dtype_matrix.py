@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import pml_margins.functional.fused_margin_softmax as fused_module
 from pml_margins.functional import class_columns, sample_classes
 from pml_margins.losses import ProxyCircleLoss
 from tests.losses.reference import reference_per_sample
@@ -107,6 +108,29 @@ def test_every_dtype_pair(x_dtype, w_dtype, spec: LossSpec, mode: dict) -> None:
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cpu_autocast_bf16(x_dtype, spec: LossSpec, mode: dict) -> None:
     _check_case(spec, x_dtype, torch.float32, mode, autocast=torch.bfloat16)
+
+
+def _blocked_default_mode(monkeypatch) -> None:
+    """Default mode on the blocked function with several blocks (at these sizes the core
+    would materialize the logits): its saved buffer, the non-target function's forms,
+    the sub-centres' layouts."""
+    monkeypatch.setattr(fused_module, "MATERIALIZE_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(fused_module, "_CPU_BLOCK_ELEMENTS", 4 * BATCH)
+
+
+@pytest.mark.parametrize("spec", FAMILIES, ids=[s.cls.__name__ for s in FAMILIES])
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=DTYPE_IDS)
+def test_blocked_default_mode_every_dtype_pair(x_dtype, w_dtype, spec, monkeypatch) -> None:
+    _blocked_default_mode(monkeypatch)
+    _check_case(spec, x_dtype, w_dtype, {}, autocast=None)
+
+
+@pytest.mark.parametrize("spec", FAMILIES, ids=[s.cls.__name__ for s in FAMILIES])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_blocked_default_mode_cpu_autocast_bf16(x_dtype, spec, monkeypatch) -> None:
+    _blocked_default_mode(monkeypatch)
+    _check_case(spec, x_dtype, torch.float32, {}, autocast=torch.bfloat16)
 
 
 @pytest.mark.parametrize("w_dtype", DTYPES, ids=DTYPE_IDS)
