@@ -15,6 +15,7 @@ from pytorch_metric_learning.distances import (
     SNRDistance,
 )
 
+import pml_margins.functional.fused_margin_softmax as fused_module
 from pml_margins.losses import ArcFaceLoss, CosFaceLoss, NormSoftmaxLoss, SphereFaceLoss
 
 PAIRS = [
@@ -36,7 +37,13 @@ PAIRS = [
 @pytest.mark.parametrize(("name", "make_pml", "make_ours"), PAIRS, ids=[p[0] for p in PAIRS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("use_miner", [False, True], ids=["labels", "miner"])
-def test_equal_to_pml(name, make_pml, make_ours, dtype, use_miner) -> None:
+@pytest.mark.parametrize("path", ["default", "blocked"])
+def test_equal_to_pml(name, make_pml, make_ours, dtype, use_miner, path, monkeypatch) -> None:
+    """``blocked``: the blocked function with several blocks, which default mode runs at
+    real sizes (at these it materializes the logits)."""
+    if path == "blocked":
+        monkeypatch.setattr(fused_module, "MATERIALIZE_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(fused_module, "_CPU_BLOCK_ELEMENTS", 5 * 40)
     pml, ours = make_pml().to(dtype), make_ours().to(dtype)
     ours.load_state_dict(pml.state_dict())
     x = torch.randn(40, 16, dtype=dtype, requires_grad=True)
