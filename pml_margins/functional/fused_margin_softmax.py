@@ -647,9 +647,13 @@ class _Targets:
         self.col_last = col.clamp(max=last_width - 1)
         self.num_blocks = (num_classes + block - 1) // block
 
+    def _col(self, k: int) -> torch.Tensor:
+        """``(B, 1)`` target columns within block ``k`` (clamped into the last, narrower one)."""
+        return self.col_last if k == self.num_blocks - 1 else self.col
+
     def set(self, logits: torch.Tensor, k: int, value: float | torch.Tensor) -> None:
         """``logits[i, col_i] = value`` (or ``value[i]``) for rows whose target is in block k."""
-        col = self.col_last if k == self.num_blocks - 1 else self.col
+        col = self._col(k)
         inside = (self.block_id == k).unsqueeze(1)
         if isinstance(value, torch.Tensor):
             value = value.unsqueeze(1)
@@ -657,8 +661,7 @@ class _Targets:
 
     def columns(self, k: int) -> torch.Tensor:
         """``(B,)``: each row's target column within block ``k``, ``-1`` where it is elsewhere."""
-        col = (self.col_last if k == self.num_blocks - 1 else self.col).squeeze(1)
-        return torch.where(self.block_id == k, col, -1)
+        return torch.where(self.block_id == k, self._col(k).squeeze(1), -1)
 
 
 def _block_logits(
@@ -925,6 +928,10 @@ def _forward(
         stores_slope = config.stores_slope = (
             buffer is not None and phi is not None and bias is None and scale_tensor is None
         )
+        # s phi(z) and s phi'(z) in fewer passes (the buffer then holds s phi' too)
+        scaled = getattr(phi, "scaled_value_and_slope", None) if stores_slope else None
+        if scaled is not None:
+            config.slope_scale = s_col
         for k, (start, stop) in enumerate(blocks):
             first, last = start * per_class, stop * per_class  # the block's columns
             w = w_d[:, first:last]
@@ -952,10 +959,8 @@ def _forward(
                 else:  # the logits s phi(z) + b are a new block (the buffer: z, then see below)
                     z = _block_logits(xs, w_mm, inv, None, start, dtype, out)
             if phi is not None:
-                scaled = getattr(phi, "scaled_value_and_slope", None) if stores_slope else None
-                if scaled is not None:  # s phi(z) and s phi'(z) in fewer passes
+                if scaled is not None:
                     logits, phi_slope = scaled(z, s_col, targets.columns(k))
-                    config.slope_scale = s_col
                 elif stores_slope:
                     value, phi_slope = _phi_and_slope(phi, z)
                     logits = _scaled_logits(value, s_col, bias_d, start, dtype)

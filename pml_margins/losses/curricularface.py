@@ -100,8 +100,7 @@ def curricular_scaled_non_target_and_slope(
     if target_columns is not None and _no_hard_negative(hard, target_columns):
         return torch.mul(cosine, scale), cosine.new_full((), scale)
     shifted = torch.add(t * scale, cosine, alpha=scale)  # s (t + z)
-    base = torch.full((), scale, dtype=cosine.dtype, device=cosine.device)  # broadcast
-    factor = torch.lerp(base, shifted, hard, out=shifted)
+    factor = torch.lerp(cosine.new_full((), scale), shifted, hard, out=shifted)  # broadcast s
     value = torch.mul(cosine, factor)
     return value, factor.addcmul_(hard, cosine, value=scale)
 
