@@ -319,8 +319,6 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         if any(x in self.requires_knn() for x in metrics):
             kwargs.update(self._knn_kwargs(**kwargs))
         if any(x in self.requires_clustering() for x in metrics):
-            if self.custom_comparison is not None:  # as PML's constructor says
-                raise NotImplementedError("Unsupported: clustering + custom label comparison")
             num_classes = len(torch.unique(query_labels))
             if "AMI" in metrics and num_classes > AMI_SLOW_NUM_CLASSES:
                 warnings.warn(
