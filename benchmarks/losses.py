@@ -19,11 +19,13 @@ one forward + backward of
   Sub-center ArcFace its own floor with ``K`` times the columns (row ``floor``, loss
   ``subcenter``),
 
-interleaved (A B C A B C ...) so that a noisy, shared machine slows all alike,
-and reports medians; ``paired`` is the median over rounds of each round's time over
-that round's floor (the machine's load drifts between rounds more than within one).
-Each timed step follows an untimed step of the same case
-(``--warm-steps``, default 1), as in a training loop, where one loss runs step after
+interleaved so that a noisy, shared machine slows all alike, in an order that rotates
+by one case each round (A B C, B C A, C A B, ...): on this box the case timed right
+after PML's step ran 170-340 us slower at 256 x 512 x 100 (whichever case it was), which
+a fixed order charged to ``ours`` every round. Reports medians; ``paired`` is the median
+over rounds of each round's time over that round's floor (the machine's load drifts
+between rounds more than within one). Each timed step follows an untimed step of the
+same case (``--warm-steps``, default 1), as in a training loop, where one loss runs step after
 step: without it, a case timed right after another case's large buffers may pay the
 allocator's page faults for them (``ours``, timed first of each loss, was 1-7 ms slower
 than ``ours-unchecked`` at 10k classes, while the checks themselves cost 0.05 ms).
@@ -277,8 +279,10 @@ def run(args) -> list[dict]:
         for case in cases.values():  # warm-up
             case.step()
         times: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
-        for _ in range(args.repeats):  # interleaved: A B C A B C ...
-            for key, case in cases.items():
+        keys = list(cases)
+        for r in range(args.repeats):  # interleaved, the order rotated: A B C, B C A, ...
+            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+                case = cases[key]
                 for _ in range(args.warm_steps):  # the step before, as in a training loop
                     case.step()
                 times[key].append(case.time())
