@@ -89,13 +89,22 @@ def _autograd_slope(psi: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(leaf) if slope is None else slope.detach()
 
 
-def _inverse_norms(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``1 / max(|x|, eps)`` along ``dim`` (kept) and where the norm exceeds ``eps``
-    (``F.normalize``'s rule: its gradient's two cases). From the squared norms
-    (``vecdot``: a strided ``vector_norm`` over columns is several times slower)."""
-    squares = torch.linalg.vecdot(x, x, dim=dim).unsqueeze(dim)
-    active = torch.gt(squares, NORM_EPS**2, out=torch.empty_like(squares))  # 0/1 in x's dtype:
-    return squares.clamp_min(NORM_EPS**2).rsqrt_(), active  # the backward multiplies, no cast
+def _row_inverse_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, 1)`` ``1 / max(|x_i|, eps)`` and where ``|x_i|`` exceeds ``eps`` (0/1 in x's
+    dtype): ``F.normalize``'s rule and its gradient's two cases, in four ops."""
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    active = torch.gt(norms, NORM_EPS, out=torch.empty_like(norms))  # the backward multiplies
+    return norms.clamp_min_(NORM_EPS).reciprocal_(), active
+
+
+def _column_inverse_norms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1, C)`` ``1 / max(|w_j|, eps)`` and ``|w_j|^2`` where it exceeds ``eps^2``, else
+    ``inf``: the divisor of the radial term of the gradient (which is 0 where the norm is
+    clamped, as in ``F.normalize``). From the squared norms (``vecdot``: a strided
+    ``vector_norm`` over columns is several times slower)."""
+    squares = torch.linalg.vecdot(w, w, dim=0).unsqueeze(0)
+    inverse = squares.clamp_min(NORM_EPS**2).rsqrt_()
+    return inverse, squares.masked_fill_(squares <= NORM_EPS**2, torch.inf)
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -130,14 +139,14 @@ def dense_margin_softmax_cross_entropy(
     grad = torch.is_grad_enabled()
     with torch.no_grad(), autocast_off(device_type):
         x = _cast(embeddings.detach(), dtype)
-        x_inv = x_active = w_inv = w_active = None
+        x_inv = x_active = w_inv = w_radial = None
         if normalize_embeddings:
-            x_inv, x_active = _inverse_norms(x, 1)
+            x_inv, x_active = _row_inverse_norms(x)
             x = x * x_inv
         w = _cast(weight.detach(), dtype)
         cosine = _cast(torch.mm(_cast(x, mm_dtype), _cast(w, mm_dtype)), dtype)
         if normalize_weight:
-            w_inv, w_active = _inverse_norms(w, 0)
+            w_inv, w_radial = _column_inverse_norms(w)
             cosine.mul_(w_inv)
         index = labels.unsqueeze(1)
         z_y = cosine.gather(1, index).squeeze(1)
@@ -149,7 +158,7 @@ def dense_margin_softmax_cross_entropy(
     target, slope = target_and_slope(z_y, target_logit_fn, scale, bias, labels, grad)
     if not grad and not target.requires_grad:
         return _losses(cosine, scale, bias, target.detach(), index)[0]
-    saved = _Saved(x, x_inv, x_active, w_inv, w_active, index, slope, mm_dtype, scale)
+    saved = _Saved(x, x_inv, x_active, w_inv, w_radial, index, slope, mm_dtype, scale)
     return _DenseMarginSoftmax.apply(embeddings, weight, scale_tensor, bias, target, cosine, saved)
 
 
@@ -160,7 +169,7 @@ class _Saved(NamedTuple):
     x_inv: torch.Tensor | None  # (B, 1) 1 / max(|x|, eps)
     x_active: torch.Tensor | None  # (B, 1) 1 where |x| > eps, else 0
     w_inv: torch.Tensor | None  # (1, C)
-    w_active: torch.Tensor | None  # (1, C) the same for |w|
+    w_radial: torch.Tensor | None  # (1, C) |w|^2 where |w| > eps, else inf
     index: torch.Tensor  # (B, 1) labels
     slope: torch.Tensor | None  # (B,) psi'(z_y)
     mm_dtype: torch.dtype  # the products' operand dtype
@@ -241,14 +250,14 @@ class _DenseMarginSoftmax(torch.autograd.Function):
             grad_z_mm = _cast(grad_z, mm_dtype)
             if need_x:
                 grad_x = _cast(torch.mm(grad_z_mm, _cast(w, mm_dtype).t()), dtype)
-                if saved.x_inv is not None:
-                    radial = torch.linalg.vecdot(grad_x, x).unsqueeze(1) * saved.x_active
-                    grad_x.sub_(x * radial).mul_(saved.x_inv)
+                if saved.x_inv is not None:  # x: the unit rows
+                    radial = (grad_x * x).sum(1, keepdim=True).mul_(saved.x_active)
+                    grad_x.addcmul_(x, radial, value=-1).mul_(saved.x_inv)
                 grad_x = _cast(grad_x, ctx.dtypes[0])
             if need_w:
                 grad_w = _cast(torch.mm(_cast(x, mm_dtype).t(), grad_z_mm), dtype)
-                if saved.w_inv is not None:
-                    radial = torch.linalg.vecdot(grad_w, w, dim=0).unsqueeze(0)
-                    grad_w.sub_(w * (radial * saved.w_inv.square() * saved.w_active))
+                if saved.w_inv is not None:  # w: the raw columns
+                    radial = (grad_w * w).sum(0, keepdim=True).div_(saved.w_radial)
+                    grad_w.addcmul_(w, radial, value=-1)
                 grad_w = _cast(grad_w, ctx.dtypes[1])
         return grad_x, grad_w, grad_s, grad_b, grad_t, None, None

@@ -112,7 +112,7 @@ def arcface_value_and_slope(
     cos_m, sin_m = math.cos(margin), math.sin(margin)
     sine = ((1 - cosine) * (1 + cosine)).clamp_min_(0).sqrt_()
     value = cosine * cos_m - sine * sin_m
-    ratio = (cosine / sine.clamp_min(_SINE_MIN)).masked_fill_(sine <= _SINE_MIN, 0)
+    ratio = torch.div(cosine, sine).masked_fill_(sine <= _SINE_MIN, 0)  # (+-inf where sine is 0)
     slope = ratio.mul_(sin_m).add_(cos_m)
     if easy_margin:
         above = cosine > 0
