@@ -235,7 +235,8 @@ class _DenseMarginSoftmax(torch.autograd.Function):
             gs = (g * s).unsqueeze(1)
             prob = log_prob.exp()
             p_target = prob.gather(1, index).squeeze(1)
-            prob.scatter_(1, index, 0.0)  # off the target (its entry reaches s and b through t)
+            if need_s or need_b:  # off the target (its entry reaches s and b through t)
+                prob.scatter_(1, index, 0.0)
             if need_s:
                 grad_s = _cast(g * torch.linalg.vecdot(prob, z), saved.scale.dtype)
             if need_b:
