@@ -5,17 +5,23 @@ A plugin for pytorch-metric-learning: every loss is a
 
 ``pml_margins.value_checks`` and ``pml_margins.value_checks_enabled`` are
 :func:`pml_margins.validation.value_checks` and
-:func:`pml_margins.validation.value_checks_enabled`, imported on first use (importing
-the package itself imports no torch).
+:func:`pml_margins.validation.value_checks_enabled`; ``pml_margins.autograd_only`` and
+``pml_margins.autograd_only_enabled`` are those of
+:mod:`pml_margins.functional.autograd_only` (gradients of gradients). Each is imported
+on first use (importing the package itself imports no torch).
 """
 
 from typing import Any
 
-__all__ = ["value_checks", "value_checks_enabled"]
+__all__ = ["autograd_only", "autograd_only_enabled", "value_checks", "value_checks_enabled"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("autograd_only", "autograd_only_enabled"):
+        from pml_margins import functional
+
+        return getattr(functional, name)
     if name in __all__:
         from pml_margins import validation
 

@@ -160,17 +160,23 @@ def check_embeddings(
     width: int | None = None,
     width_name: str = "embedding_size",
     checks: ValueChecks | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Check a ``(N, D)`` floating tensor with finite values and return it.
 
     ``width_name`` names what ``width`` comes from in the error message (for
     example the width of the query set when checking a reference set). The
     finiteness check joins ``checks`` when given (the caller runs them), else it
-    runs at once (unless :func:`value_checks` is off).
+    runs at once (unless :func:`value_checks` is off). It also refuses finite rows
+    whose squared norm overflows ``compute_dtype`` (default: float64 for float64
+    input, else float32), where every normalization and norm gives a wrong number:
+    the sum of the squares is the one value read back, and only where it overflows
+    are the rows' norms computed.
 
     Raises:
         TypeError: not a tensor, or not a floating dtype.
-        ValueError: not 2-D, empty, wrong width, or containing NaN/Inf.
+        ValueError: not 2-D, empty, wrong width, containing NaN/Inf, or a row whose
+            squared norm overflows ``compute_dtype``.
     """
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(embeddings).__name__}")
@@ -184,15 +190,17 @@ def check_embeddings(
         raise ValueError(f"{name} is empty: the batch has no rows")
     if width is not None and embeddings.shape[1] != width:
         raise ValueError(f"{name} has width {embeddings.shape[1]} but {width_name} is {width}")
-    # A finite sum implies finite elements (NaN/Inf propagate); only a non-finite sum,
-    # which may also be an overflow of finite values, needs the element-wise check.
+    # A finite sum of squares implies finite elements (NaN/Inf propagate) and rows whose
+    # squared norms fit; only a non-finite one, which may also be an overflow of the sum
+    # alone, needs the element-wise and row-wise checks.
     detached = embeddings.detach()
     sum_dtype = torch.promote_types(detached.dtype, torch.float32)
+    compute_dtype = compute_dtype or sum_dtype
 
     def not_finite() -> ValueError | None:
-        if bool(torch.isfinite(detached).all()):
-            return None
-        return ValueError(f"{name} contains NaN or Inf values")
+        if not bool(torch.isfinite(detached).all()):
+            return ValueError(f"{name} contains NaN or Inf values")
+        return _norm_overflow(detached, name, compute_dtype)
 
     def on_host() -> list[float] | None:
         array = _host_array(detached)
@@ -204,14 +212,36 @@ def check_embeddings(
             host_dtype = np.float64 if sum_dtype == torch.float64 else np.float32
             return [float(array.sum(dtype=host_dtype))]
 
+    def squares() -> torch.Tensor:
+        flat = detached.reshape(-1).to(sum_dtype)
+        return torch.linalg.vecdot(flat, flat)
+
     _run_now_or_later(
         checks,
-        lambda: detached.sum(dtype=sum_dtype),
+        squares,
         not_finite,
         lambda total: not math.isfinite(total[0]),
         on_host,
     )
     return embeddings
+
+
+def _norm_overflow(x: torch.Tensor, name: str, dtype: torch.dtype) -> ValueError | None:
+    """The error for the first row of finite ``x`` whose squared norm overflows ``dtype``
+    (norms from float64 rows scaled by their largest entry: exact at any magnitude)."""
+    rows = x.double()
+    peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    norms = peak.squeeze(1) * torch.linalg.vector_norm(rows / peak, dim=1)
+    limit = math.sqrt(torch.finfo(dtype).max)
+    over = torch.nonzero(norms >= limit).flatten()
+    if not len(over):
+        return None
+    row = int(over[0])
+    return ValueError(
+        f"{name} row {row} has norm {float(norms[row]):.4g}: its square overflows {dtype} "
+        f"(norms up to {limit:.4g}), so normalizing it gives a wrong number; scale the "
+        "embeddings down"
+    )
 
 
 #: numpy dtypes whose dot product is a BLAS call (no ufunc machinery, no FP-error warnings)
@@ -488,21 +518,28 @@ def check_class_loss_input(
     ref_emb: object,
     ref_labels: object,
     hint: str = "",
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
     """The forward checks of a loss that compares embeddings with per-class vectors.
 
-    Rejects ``ref_emb``/``ref_labels`` (naming what the loss compares with, then
-    ``hint``), checks the embeddings' width, requires labels in ``[0, num_classes)``
-    and checks a miner's ``indices_tuple`` against the batch. The value checks are
-    read back in one host synchronisation (none while :func:`value_checks` is off).
+    Rejects ``ref_emb``/``ref_labels`` unless they are the batch's own ``embeddings``
+    and ``labels`` objects (PML's ``ref_not_supported`` rule; naming what the loss
+    compares with, then ``hint``), checks the embeddings' width (and their norms
+    against ``compute_dtype``), requires labels in ``[0, num_classes)`` and checks a
+    miner's ``indices_tuple`` against the batch. The value checks are read back in one
+    host synchronisation (none while :func:`value_checks` is off).
     """
-    if ref_emb is not None or ref_labels is not None:
+    if (ref_emb is not None or ref_labels is not None) and not (
+        ref_emb is embeddings and ref_labels is labels  # the batch itself, as PML allows
+    ):
         raise ValueError(
             f"{loss_name} compares embeddings with {compared_with}; ref_emb/ref_labels "
             f"are not supported{hint}"
         )
     checks = ValueChecks()
-    embeddings = check_embeddings(embeddings, width=embedding_size, checks=checks)
+    embeddings = check_embeddings(
+        embeddings, width=embedding_size, checks=checks, compute_dtype=compute_dtype
+    )
     if labels is None:
         raise ValueError(f"{loss_name} requires labels")
     check_class_labels(labels, embeddings.shape[0], num_classes, checks=checks)

@@ -86,7 +86,7 @@ def sharded_exact_knn(
     sizes = all_gather_rows(torch.tensor([len(reference_shard)], device=device), group)[0]
     sizes = sizes.tolist()
     total, offset = sum(sizes), sum(sizes[:rank])
-    check_knn(k, metric, exclude_self, len(query), total, block_rows)
+    k, block_rows = check_knn(k, metric, exclude_self, len(query), total, block_rows)
     largest = metric == "dot"
     with torch.no_grad(), thread_limit(num_threads):
         local_k = min(k, len(reference_shard))
@@ -121,7 +121,9 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
     single-process calculator on the concatenated reference set. Call
     :meth:`get_accuracy` on every rank, with the full query set and this rank's
     reference slice; every rank gets the result. Only the reference labels
-    (one integer per reference) are all-gathered, never the embeddings.
+    (one integer per reference) are all-gathered, not the embeddings -- unless a
+    subclass adds a metric of its own (PML passes every metric ``reference``): the
+    reference set is then gathered for it.
 
     Example (on every rank)::
 
@@ -183,12 +185,16 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         if ref_includes_query:
             self._check_reference_starts_with_query(query, query_labels, shard, shard_labels, sizes)
         self._shard = shard
-        # only len() of the reference is read outside _knn: a zero-stride stand-in
-        virtual_reference = shard.new_zeros(()).expand(len(reference_labels), shard.shape[1])
+        # our metrics read only len() of the reference outside _knn: a zero-stride stand-in;
+        # a subclass's own metric may read it (PML passes ``reference``): the gathered set
+        if self._own_metrics(include, exclude):
+            whole_reference = all_gather_rows(shard, self.group)[0]
+        else:
+            whole_reference = shard.new_zeros(()).expand(len(reference_labels), shard.shape[1])
         try:
             return self._compute(
                 query,
-                virtual_reference,
+                whole_reference,
                 query_labels,
                 reference_labels,
                 ref_includes_query,
@@ -197,6 +203,21 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             )
         finally:
             self._shard = None
+
+    def _own_metrics(self, include: Sequence[str], exclude: Sequence[str]) -> list[str]:
+        """The requested metrics that a subclass defines (``calculate_<name>`` found on a
+        class below this one), which get the whole reference set."""
+        mro = type(self).__mro__
+        ours = set(mro[mro.index(ShardedRetrievalAccuracyCalculator) :])
+        own = []
+        for name in self.get_function_dict(tuple(include), tuple(exclude)):
+            method = f"calculate_{name}"
+            if method in self.__dict__:  # the recall_at_K partials
+                continue
+            owner = next((c for c in type(self).__mro__ if method in c.__dict__), None)
+            if owner is not None and owner not in ours:
+                own.append(name)
+        return own
 
     def _check_reference_starts_with_query(
         self,

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from pml_margins.functional.autograd_only import SHARDED_REMEDY, backward_once
+
 __all__ = ["cosine_logits"]
 
 _EPS = 1e-12  # torch.nn.functional.normalize's, which PML's distances use
@@ -35,6 +37,7 @@ class _CosineLogits(torch.autograd.Function):
         return (x_hat @ weight).mul_(inv_norm)
 
     @staticmethod
+    @backward_once("the sharded cosine logits", SHARDED_REMEDY)
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x_hat, weight, inv_norm = ctx.saved_tensors
         scaled_grad = grad * inv_norm

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from pml_margins.distributed.collectives import ProcessGroup, all_reduce_
+from pml_margins.functional.autograd_only import SHARDED_REMEDY, backward_once
 from pml_margins.functional.margin_softmax import TargetLogitFn, compute_dtype
 
 __all__ = ["sharded_margin_softmax_cross_entropy"]
@@ -62,6 +63,7 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         return torch.log(stats[:, 0]) - stats[:, 1]
 
     @staticmethod
+    @backward_once("the sharded softmax cross-entropy", SHARDED_REMEDY)
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         exp, sum_exp, target = ctx.saved_tensors
         # in place: the softmax buffer becomes the gradient (a second backward through

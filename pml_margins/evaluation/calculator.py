@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from pytorch_metric_learning.distances import (
     BaseDistance,
@@ -24,7 +25,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN, FaissKMeans, FaissKNN
 
 from pml_margins.evaluation import metrics as M
-from pml_margins.evaluation.inputs import as_comparable_labels, as_embeddings, as_labels
+from pml_margins.evaluation.inputs import as_comparable_labels, as_embeddings, as_labels, check_int
 from pml_margins.evaluation.knn import Metric, exact_knn
 from pml_margins.evaluation.label_matching import compared, custom_relevance, label_positions
 
@@ -169,15 +170,12 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 "label_comparison_fn must be callable (a, b) -> booleans, "
                 f"got {type(label_comparison_fn).__name__}"
             )
-        if (
-            isinstance(recall_ks, (str, bytes))
-            or not isinstance(recall_ks, Sequence)
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in recall_ks)
-        ):
+        ks = _positive_ints(recall_ks)
+        if ks is None:
             raise ValueError(
                 f"recall_ks must be a sequence of positive integers, got {recall_ks!r}"
             )
-        self.recall_ks = tuple(sorted(set(recall_ks)))
+        self.recall_ks = tuple(sorted(set(ks)))
         for kk in self.recall_ks:  # found by PML's calculate_<name> discovery in __init__
             setattr(self, f"calculate_recall_at_{kk}", functools.partial(self._recall, kk))
         if distance is not None and knn_func is not None:
@@ -270,7 +268,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         if ref_includes_query and not same:
             n = len(query)
             if len(reference) < n or not (
-                torch.allclose(query, reference[:n].to(query.dtype))
+                torch.allclose(*_common_float(query, reference[:n]))
                 and torch.equal(query_labels, reference_labels[:n])
             ):
                 raise ValueError(
@@ -328,7 +326,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                     UserWarning,
                     stacklevel=3,
                 )
-            cluster_input = query if query.is_floating_point() else query.float()
+            cluster_input = query.float()  # PML's k-means always gets float32 (bf16: numpy can't)
             kwargs["cluster_labels"] = self.get_cluster_labels(**{**kwargs, "query": cluster_input})
         return self._get_accuracy(self.curr_function_dict, **kwargs)
 
@@ -509,3 +507,22 @@ def _faiss_gpu_usable(device: torch.device | None) -> bool:
     import faiss
 
     return faiss.get_num_gpus() > 0
+
+
+def _common_float(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in one floating dtype that holds each exactly enough to compare (at least
+    float32; an integer query is not truncated to by a float reference, nor the reverse)."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return a.to(dtype), b.to(dtype)
+
+
+def _positive_ints(values: object) -> list[int] | None:
+    """A sequence or 1-D array of positive integers (Python or numpy) as ints, else None."""
+    if isinstance(values, (str, bytes)) or not (
+        isinstance(values, Sequence) or (isinstance(values, np.ndarray) and values.ndim == 1)
+    ):
+        return None
+    try:
+        return [check_int(v, "recall_ks") for v in values]
+    except ValueError:
+        return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,20 +31,27 @@ def load_array(path: str | Path, key: str | None = None) -> torch.Tensor:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False))
+        return _from_numpy(np.load(path, allow_pickle=False))
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
-            return torch.from_numpy(_pick({k: archive[k] for k in archive.files}, key, path))
+            return _from_numpy(_pick({k: archive[k] for k in archive.files}, key, path))
     if suffix == ".pt":
         obj = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(obj, dict):
             obj = _pick(obj, key, path)
         if isinstance(obj, np.ndarray):
-            obj = torch.from_numpy(obj)
+            obj = _from_numpy(obj)
         if not isinstance(obj, torch.Tensor):
             raise ValueError(f"{path} holds a {type(obj).__name__}, not a tensor")
         return obj
     raise ValueError(f"{path}: expected a .npy, .npz or .pt file")
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A tensor of ``array``, in native byte order (torch reads no other)."""
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return torch.from_numpy(array)
 
 
 def _pick(arrays: dict[str, Any], key: str | None, path: Path) -> Any:
@@ -90,9 +98,16 @@ def _load(path: str, key: str) -> torch.Tensor:
         raise CliError(f"{path}: is a directory, not a .npy, .npz or .pt file")
     try:
         return load_array(path, key)
-    except (OSError, ValueError, TypeError, RuntimeError, EOFError) as error:
+    except pickle.UnpicklingError:
+        raise CliError(
+            f"{path}: cannot read: torch.load(weights_only=True) refuses it (it holds Python "
+            "objects besides tensors and arrays); save the tensor alone"
+        ) from None
+    except Exception as error:  # a corrupt zip, a file of another kind, ...: one line
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-        reason = str(reason).splitlines()[0].removeprefix(f"{path}: ")
+        reason = (str(reason).splitlines() or [""])[0].removeprefix(f"{path}: ")
+        if not isinstance(error, (OSError, ValueError, TypeError, RuntimeError, EOFError)):
+            reason = f"not a valid {Path(path).suffix} file ({type(error).__name__}: {reason})"
         raise CliError(f"{path}: cannot read: {reason}") from None
 
 
@@ -183,11 +198,16 @@ def _run(args: argparse.Namespace) -> int:
 
     if (args.reference_embeddings is None) != (args.reference_labels is None):
         raise CliError("give both --reference-embeddings and --reference-labels, or none")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise CliError(f"--device: not a device: {args.device!r} (cpu, cuda, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda but CUDA is not available")
     if any(k < 1 for k in args.recall_ks):
         raise CliError(f"--recall-ks must be positive, got {args.recall_ks}")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise CliError(f"{args.output}: cannot write: its directory does not exist")
     query = _load(args.embeddings, "embeddings")
     query_labels = _load(args.labels, "labels")
     reference = reference_labels = None

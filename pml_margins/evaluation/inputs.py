@@ -9,6 +9,7 @@ before any kernel sees it.
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -47,15 +48,17 @@ def as_tensor(x: object, name: str) -> torch.Tensor:
 def as_embeddings(
     x: object, name: str, width: int | None = None, width_name: str = "the query's width"
 ) -> torch.Tensor:
-    """A checked ``(N, D)`` real tensor: floating or integer, finite, non-empty.
+    """A checked ``(N, D)`` real tensor: floating or integer (bool as 0/1), finite, non-empty.
 
     Raises:
-        TypeError: not a tensor/array, or a bool or complex dtype.
+        TypeError: not a tensor/array, or a complex dtype.
         ValueError: not 2-D, no rows, wrong width, or NaN/Inf values.
     """
     t = as_tensor(x, name)
-    if t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{name} must have a floating or integer dtype, got {t.dtype}")
+    if t.is_complex():
+        raise TypeError(f"{name} must have a floating, integer or bool dtype, got {t.dtype}")
+    if t.dtype == torch.bool:  # binary codes: 0/1, as PML's cast to float gives
+        t = t.to(torch.uint8)
     if t.ndim != 2:
         raise ValueError(f"{name} must be 2-D (num_embeddings, dim), got shape {tuple(t.shape)}")
     if t.shape[0] == 0:
@@ -83,6 +86,8 @@ def as_labels(x: object, length: int, name: str) -> torch.Tensor:
     if t.is_floating_point():
         if not bool(torch.isfinite(t).all() and (t == t.round()).all()):
             raise TypeError(f"{name} must be integers, got {t.dtype} values with a fraction")
+        if t.numel() and float(t.abs().max()) >= 2.0**63:  # beyond int64: codes that keep
+            t = torch.unique(t, return_inverse=True)[1]  # equality and order (PML: floats)
     return t.long()
 
 
@@ -113,17 +118,31 @@ def _label_tensor(
         raise ValueError(f"{name} must be {shape}, got shape {tuple(t.shape)}")
     if t.shape[0] != length:
         raise ValueError(f"{name} has length {t.shape[0]} but there are {length} embeddings")
-    if t.dtype == torch.bool or t.is_complex():
+    if t.is_complex():
         raise TypeError(f"{name} must {kind}, got {t.dtype}")
-    return t
+    return t.long() if t.dtype == torch.bool else t  # two classes, as PML's 0./1.
 
 
 def check_int(value: object, name: str, low: int = 1, high: float = math.inf) -> int:
-    """``value`` if it is an ``int`` (not a bool) in ``[low, high]``, else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    """``value`` as an ``int`` if it is an integer (Python, numpy or a 0-dim integer
+    tensor; not a bool) in ``[low, high]``, else ``ValueError``."""
+    number = _as_int(value)
+    if number is None or not low <= number <= high:
         span = "a positive integer" if high == math.inf else f"an integer in [{low}, {high}]"
         raise ValueError(f"{name} must be {span}, got {value!r}")
-    return value
+    return number
+
+
+def _as_int(value: object) -> int | None:
+    """``value`` as an ``int`` when it is an integer other than a bool, else ``None``."""
+    if isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.ndim)
+    ):
+        return None
+    try:
+        return operator.index(value)  # int, numpy integers, 0-dim integer tensors
+    except TypeError:
+        return None
 
 
 def check_k(k: object, available: int) -> int:
@@ -138,15 +157,15 @@ def check_knn(
     num_queries: int,
     num_references: int,
     block_rows: object = None,
-) -> None:
+) -> tuple[int, int | None]:
     """The arguments of an exact k-nn (:mod:`.knn`, single-process or sharded) besides
     the embeddings: ``ValueError`` for a metric not in :data:`METRICS`, ``exclude_self``
     with fewer references than queries, ``k`` outside ``[0, num_references -
-    exclude_self]`` or a ``block_rows`` neither ``None`` nor a positive int."""
+    exclude_self]`` or a ``block_rows`` neither ``None`` nor a positive int; else
+    ``(k, block_rows)`` as Python ints (numpy and 0-dim tensor integers accepted)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if exclude_self and num_references < num_queries:
         raise ValueError("exclude_self needs the reference set to start with the query set")
-    check_k(k, num_references - int(exclude_self))
-    if block_rows is not None:
-        check_int(block_rows, "block_rows")
+    k = check_k(k, num_references - int(exclude_self))
+    return k, None if block_rows is None else check_int(block_rows, "block_rows")

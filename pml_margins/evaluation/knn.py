@@ -130,7 +130,8 @@ def thread_limit(num_threads: int | None, libraries: bool = True) -> Iterator[No
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(check_int(num_threads, "num_threads"))
+    num_threads = check_int(num_threads, "num_threads")
+    torch.set_num_threads(num_threads)
     try:
         with threadpool_limits(num_threads) if libraries else contextlib.nullcontext():
             yield
@@ -218,8 +219,15 @@ def _centre_and_scale(
     if metric != "dot":
         centre = sum(c.sum(dim=0) for _, c in _chunks(reference, normalize)) / len(reference)
     largest = max(float((c - centre).abs().max()) for x in sets for _, c in _chunks(x, normalize))
+    low, high = 2.0**-511, math.sqrt(torch.finfo(torch.float64).max / (4 * reference.shape[1]))
     if not math.isfinite(largest):
         raise ValueError("the embeddings span more than float64 can hold")
+    if largest and not low <= largest <= high:  # float64 input only: squares must not round
+        raise ValueError(  # to 0 or inf, where every pair would tie
+            f"the embeddings' largest {'' if metric == 'dot' else 'centred '}coordinate "
+            f"{largest:.3g} is outside [{low:.3g}, {high:.3g}], where float64 squared distances "
+            "and products neither underflow nor overflow; rescale them"
+        )
     return centre, 1.0 if largest == 0 else 2.0 ** -math.frexp(largest)[1]
 
 
@@ -245,7 +253,9 @@ def _float32_operands(
     centre, scale = _centre_and_scale(sets, reference, metric, normalize)
     out = []
     for x in sets:
-        y = torch.empty(len(x), x.shape[1] + 2 * (metric != "dot"), device=x.device)
+        y = torch.empty(
+            len(x), x.shape[1] + 2 * (metric != "dot"), dtype=torch.float32, device=x.device
+        )
         norms = torch.empty(len(x), dtype=torch.float64, device=x.device)
         for rows, chunk in _chunks(x, normalize):
             y[rows, : x.shape[1]] = chunk.sub_(centre).mul_(scale)
@@ -287,7 +297,7 @@ class _Candidates:
     max-heaps (``heaps``, CPU; :meth:`add` takes C-contiguous costs) or by ``torch.topk``."""
 
     def __init__(self, num_rows: int, width: int, device: torch.device, heaps: bool) -> None:
-        self.costs = torch.full((num_rows, width), torch.inf, device=device)
+        self.costs = torch.full((num_rows, width), torch.inf, dtype=torch.float32, device=device)
         self.indices = torch.full((num_rows, width), -1, dtype=torch.long, device=device)
         self.heaps = None
         if heaps:
@@ -336,9 +346,10 @@ def _candidate_pass(
     def run(share: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         found = _Candidates(nq, width, a.device, heaps=workers > 0)
         tq, tr = min(tile, nq), min(tile, nr)
-        products = torch.empty(tq * tr, device=a.device)
-        mirror = torch.empty(tq * tr if symmetric else 0, device=a.device)
-        right = torch.empty(tr, b.shape[1], device=a.device)
+        opts = {"dtype": torch.float32, "device": a.device}  # whatever the default dtype
+        products = torch.empty(tq * tr, **opts)
+        mirror = torch.empty(tq * tr if symmetric else 0, **opts)
+        right = torch.empty(tr, b.shape[1], **opts)
         for i, j in share:
             ri, rj = slice(i, min(i + tile, nq)), slice(j, min(j + tile, nr))
             costs = _tile_costs(a[ri], b[rj], metric, right, products)
@@ -578,7 +589,7 @@ def exact_knn(
     """
     query = as_embeddings(query, "query")
     reference = as_embeddings(reference, "reference", query.shape[1])
-    check_knn(k, metric, exclude_self, len(query), len(reference), block_rows)
+    k, block_rows = check_knn(k, metric, exclude_self, len(query), len(reference), block_rows)
     _use_faiss(backend, query.device)  # its checks, whichever path runs
     whole = k > 0 and _candidate_width(k, len(reference)) == len(reference)
     with torch.no_grad(), thread_limit(num_threads):

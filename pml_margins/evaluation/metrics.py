@@ -60,7 +60,7 @@ def relevant_counts(
         (tensor([2, 1]), tensor([1, 0]))
     """
     unique, counts = torch.unique(reference_labels, return_counts=True)
-    position = torch.searchsorted(unique, query_labels).clamp_(max=len(unique) - 1)
+    position = torch.searchsorted(unique, query_labels.contiguous()).clamp_(max=len(unique) - 1)
     found = unique[position] == query_labels
     label_count = torch.where(found, counts[position], torch.zeros_like(counts[position]))
     return label_count, label_count - int(ref_includes_query)

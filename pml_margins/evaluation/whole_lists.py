@@ -140,7 +140,7 @@ def whole_lists(
         a = b if same else a.sub_(centre)
     a_squares, b_squares = torch.linalg.vecdot(a, a), torch.linalg.vecdot(b, b)
     bound = float64_error_bound(a_squares.sqrt(), float(b_squares.max().sqrt()), dim, metric)
-    values = torch.empty(nq, k, device=device)
+    values = torch.empty(nq, k, dtype=torch.float32, device=device)
     indices = torch.empty(nq, k, dtype=torch.long, device=device)
     sign = -1.0 if metric == "dot" else 1.0  # key = sign * value, ascending
 

@@ -1,5 +1,10 @@
 """Pure functions: the margin-softmax core, target-logit functions, hyper-parameter bounds."""
 
+from pml_margins.functional.autograd_only import (
+    autograd_only,
+    autograd_only_enabled,
+    backward_once,
+)
 from pml_margins.functional.center import center_distances, center_ema_update
 from pml_margins.functional.circle import (
     circle_loss_dense,
@@ -54,6 +59,9 @@ __all__ = [
     "arcface_target",
     "arcface_value_and_slope",
     "auto_chunk_size",
+    "autograd_only",
+    "autograd_only_enabled",
+    "backward_once",
     "center_distances",
     "center_ema_update",
     "circle_loss_dense",

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from pml_margins.functional.autograd_only import backward_once
 from pml_margins.functional.margin_softmax import compute_dtype
 
 __all__ = [
@@ -118,7 +118,7 @@ class _DenseCircle(torch.autograd.Function):
         return torch.where(valid, F.softplus(z), 0.0)
 
     @staticmethod
-    @once_differentiable
+    @backward_once("the dense Circle loss")
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         pos_mask, slope, exp_p, sum_p, exp_n, sum_n, z, valid = ctx.saved_tensors
         row = torch.where(valid, grad * torch.sigmoid(z), 0.0)
@@ -201,7 +201,7 @@ class _DenseNegativesCircle(torch.autograd.Function):
         return torch.where(valid, F.softplus(z), 0.0)
 
     @staticmethod
-    @once_differentiable
+    @backward_once("the dense Circle loss")
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         pos_keys, rows, slope_p, exp_p, sum_p, slope_n, exp_n, sum_n, z, valid = ctx.saved_tensors
         row = torch.where(valid, grad * torch.sigmoid(z), 0.0)

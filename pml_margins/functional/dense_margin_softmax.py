@@ -30,8 +30,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from pml_margins.functional.autograd_only import backward_once
 from pml_margins.functional.margin_softmax import autocast_off, compute_dtype
 
 __all__ = ["NORM_EPS", "dense_margin_softmax_cross_entropy", "target_and_slope"]
@@ -219,7 +219,7 @@ class _DenseMarginSoftmax(torch.autograd.Function):
         return losses
 
     @staticmethod
-    @once_differentiable
+    @backward_once("the dense margin softmax")
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         log_prob, z, weight, _, _ = ctx.saved_tensors  # (the version checks)
         saved: _Saved = ctx.saved

@@ -98,8 +98,8 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from pml_margins.functional.autograd_only import backward_once
 from pml_margins.functional.dense_margin_softmax import (
     NORM_EPS,
     dense_margin_softmax_cross_entropy,
@@ -1033,7 +1033,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         return losses
 
     @staticmethod
-    @once_differentiable
+    @backward_once("the fused margin softmax")
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (
             x,

@@ -9,6 +9,7 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.reducers import AvgNonZeroReducer
 
+from pml_margins.functional.autograd_only import autograd_only_enabled
 from pml_margins.functional.circle import (
     circle_loss_dense,
     circle_loss_dense_negatives,
@@ -187,7 +188,9 @@ class CircleLoss(CheckedForwardMixin, BaseMetricLossFunction):
         if num_pos is None:
             num_pos = int(pos_mask.sum())
             num_neg = batch * ref_size - num_pos
-        path = _choose_path(num_pos, num_neg, batch * ref_size)
+        path = (
+            "pairs" if autograd_only_enabled() else _choose_path(num_pos, num_neg, batch * ref_size)
+        )
         if path == "dense":
             losses = circle_loss_dense(sim, pos_mask, neg_mask, self.m, self.gamma)
         elif path == "dense_negatives":

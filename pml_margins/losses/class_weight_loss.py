@@ -20,6 +20,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from pml_margins.functional.autograd_only import autograd_only_enabled
 from pml_margins.functional.fused_margin_softmax import (
     FusedLogits,
     fused_margin_softmax_cross_entropy,
@@ -338,6 +339,9 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
             ref_emb,
             ref_labels,
             hint=" (use a pair-based loss such as CircleLoss for that)",
+            compute_dtype=self.compute_dtype(embeddings)
+            if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point()
+            else None,
         )
 
     def compute_loss(
@@ -352,7 +356,9 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
             lambda: self.cosine(embeddings),
             labels,
             lambda columns: self.target_cosines(embeddings, columns),
-            from_core=self.chunk_size is None and self.sample_rate == 1.0,
+            from_core=self.chunk_size is None
+            and self.sample_rate == 1.0
+            and not autograd_only_enabled(),
         )
         with self.prepare_step(embeddings, labels, statistics):
             losses = self._per_sample_losses(embeddings, labels, statistics)
@@ -379,7 +385,7 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         statistics: StepStatistics | None = None,
     ) -> torch.Tensor:
         non_target_fn = self.non_target_logit_fn()
-        form = self.fused_logits(embeddings)
+        form = None if autograd_only_enabled() else self.fused_logits(embeddings)
         if form is not None:
             formed = None if statistics is None else statistics.formed_target_cosines()
             return self._fused_losses(embeddings, labels, form, non_target_fn, formed)
@@ -393,10 +399,15 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
 
     def _check_plain_mode(self) -> None:
         if self.chunk_size is not None or self.sample_rate != 1.0:
+            why = (
+                "under pml_margins.autograd_only()"
+                if autograd_only_enabled()
+                else f"with {type(self.distance).__name__} (its logits are not declared by "
+                "fused_logits)"
+            )
             raise ValueError(
-                f"{type(self).__name__} with {type(self.distance).__name__} runs on the plain "
-                "path (its logits are not declared by fused_logits): chunk_size and "
-                "sample_rate are not supported"
+                f"{type(self).__name__} runs on the plain path {why}: chunk_size and "
+                "sample_rate are not supported there"
             )
 
     def _fused_losses(

@@ -94,6 +94,7 @@ class ElasticFaceLoss(ClassWeightLoss):
     hyperparameter_names = ("margin", "sigma", "scale", "variant")
     sigma = Hyperparameter(check_non_negative)
     scale = Hyperparameter(check_positive)
+    variant = Hyperparameter(lambda value, name: check_choice(value, name, tuple(PAPER_MARGINS)))
 
     def __init__(
         self,
@@ -105,7 +106,7 @@ class ElasticFaceLoss(ClassWeightLoss):
         variant: str = "arc",
         **kwargs: Any,
     ) -> None:
-        self.variant = check_choice(variant, "variant", tuple(PAPER_MARGINS))
+        self.variant = variant
         self.margin = PAPER_MARGINS[self.variant] if margin is None else margin
         self.sigma, self.scale = sigma, scale
         self.last_margins: torch.Tensor | None = None

@@ -45,6 +45,21 @@ def magface_regularizer(norms: torch.Tensor, l_a: float, u_a: float) -> torch.Te
     return 1 / a + a / u_a**2
 
 
+def _range_bound(index: int, name: str, what: str) -> property:
+    """A bound of MagFace's ranges: read from, and set through, ``set_ranges`` (checked
+    with the other three, so a scheduler cannot set ``l_a >= u_a`` or ``u_m < l_m``)."""
+
+    def get(self: MagFaceLoss) -> float:
+        return self._ranges[index]
+
+    def set(self: MagFaceLoss, value: float) -> None:
+        ranges = list(self._ranges)
+        ranges[index] = value
+        self.set_ranges(*ranges)
+
+    return property(get, set, doc=f"``{name}``: the {what}; checked when set.")
+
+
 class MagFaceLoss(ClassWeightLoss):
     r"""MagFace (Meng et al., CVPR 2021, arXiv:2103.06627): the norm says how sure the model is.
 
@@ -109,6 +124,11 @@ class MagFaceLoss(ClassWeightLoss):
         self._margins: torch.Tensor | None = None
         super().__init__(num_classes, embedding_size, **kwargs)
 
+    l_a = _range_bound(0, "l_a", "lower norm bound")
+    u_a = _range_bound(1, "u_a", "upper norm bound")
+    l_m = _range_bound(2, "l_m", "margin at l_a, radians")
+    u_m = _range_bound(3, "u_m", "margin at u_a, radians")
+
     def set_ranges(self, l_a: float, u_a: float, l_m: float, u_m: float) -> None:
         """Set the norm range ``[l_a, u_a]`` and margin range ``[l_m, u_m]`` (checked together)."""
         l_a, u_a = check_positive(l_a, "l_a"), check_positive(u_a, "u_a")
@@ -116,7 +136,7 @@ class MagFaceLoss(ClassWeightLoss):
         check_ordered(l_a, u_a, "l_a", "u_a")
         if u_m < l_m:
             raise ValueError(f"u_m must be >= l_m, got {u_m} and {l_m}")
-        self.l_a, self.u_a, self.l_m, self.u_m = l_a, u_a, l_m, u_m
+        self._ranges = (l_a, u_a, l_m, u_m)
 
     @contextmanager
     def prepare_step(

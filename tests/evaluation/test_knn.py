@@ -222,7 +222,7 @@ def test_auto_backend_falls_back_to_torch_without_faiss(monkeypatch):
     [
         (torch.tensor([[0.0, float("nan")], [1.0, 2.0]]), ValueError, "NaN or Inf"),
         (torch.tensor([[0.0, float("inf")], [1.0, 2.0]]), ValueError, "NaN or Inf"),
-        (torch.ones(2, 2, dtype=torch.bool), TypeError, "floating or integer"),
+        (torch.ones(2, 2, dtype=torch.complex64), TypeError, "floating, integer or bool"),
         ([[0.0, 1.0]], TypeError, "torch.Tensor or numpy.ndarray"),
         (torch.ones(3), ValueError, "2-D"),
         (torch.ones(0, 2), ValueError, "empty"),

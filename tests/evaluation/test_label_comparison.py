@@ -132,7 +132,7 @@ def test_a_comparison_of_the_wrong_shape_or_type_is_named(fn, error, match) -> N
     [
         (torch.zeros(10, 2, 2), ValueError, "1-D or 2-D"),
         (torch.tensor([0.0, float("nan")] * 5), ValueError, "NaN or Inf"),
-        (torch.zeros(10, dtype=torch.bool), TypeError, "real numbers"),
+        (torch.zeros(10, dtype=torch.complex64), TypeError, "real numbers"),
         (torch.zeros(9), ValueError, "has length 9"),
     ],
 )

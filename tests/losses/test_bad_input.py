@@ -73,6 +73,16 @@ class TestForwardInput:
         x, y = _ok()
         with pytest.raises(ValueError, match="ref_emb/ref_labels are not supported"):
             spec.build(5, 8)(x, y, ref_emb=x.clone(), ref_labels=y)
+        with pytest.raises(ValueError, match="ref_emb/ref_labels are not supported"):
+            spec.build(5, 8)(x, y, ref_emb=x)  # ref_labels missing: PML refuses it too
+
+    def test_ref_emb_that_is_the_batch_is_accepted_as_pml_does(self, spec: LossSpec) -> None:
+        x, y = _ok()
+        loss_fn = spec.build(5, 8).eval()  # no buffer moves between the two calls
+        torch.manual_seed(0)
+        alone = loss_fn(x, y)
+        torch.manual_seed(0)
+        torch.testing.assert_close(loss_fn(x, y, None, x, y), alone, rtol=0, atol=0)
 
     def test_bad_indices_tuple_arity(self, spec: LossSpec) -> None:
         x, y = _ok()

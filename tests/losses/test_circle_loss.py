@@ -576,12 +576,16 @@ def test_functional_paths_agree(dtype, gamma):
     assert all(torch.isfinite(gr).all() for gr in grads)
 
 
-def test_huge_finite_embeddings_are_accepted():
-    """The NaN/Inf check must not reject finite values whose sum overflows."""
-    x = torch.full((4, 3), 3e38)
+def test_huge_finite_embeddings_are_accepted_while_their_norms_fit():
+    """The NaN/Inf check must not reject finite values whose sum overflows; rows whose
+    squared norm overflows float32 (normalized to zeros: a wrong value) are refused."""
+    x = torch.full((4, 3), 1.5e19 / 3**0.5)  # norms 1.5e19: squares fit, their sum does not
     x[1] *= -1
     value = CircleLoss()(x, torch.tensor([0, 0, 1, 1]))
-    assert torch.isfinite(value)
+    expected = CircleLoss()(x.double(), torch.tensor([0, 0, 1, 1]))
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"row 0 has norm .*: its square overflows"):
+        CircleLoss()(torch.full((4, 3), 3e38), torch.tensor([0, 0, 1, 1]))
 
 
 def test_no_warning_on_plain_call():

@@ -128,3 +128,12 @@ def test_assignments_are_checked_after_construction() -> None:
 def test_runs_on_the_fused_core() -> None:
     loss = ElasticFaceLoss(C, D)
     assert loss.fused_logits(torch.randn(2, D)) is not None
+
+
+def test_variant_is_checked_when_set():
+    loss_fn = ElasticFaceLoss(5, 4)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        loss_fn.variant = "typo"
+    assert loss_fn.variant == "arc"
+    loss_fn.variant = "cos"
+    assert loss_fn.variant == "cos" and "variant='cos'" in repr(loss_fn)

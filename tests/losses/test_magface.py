@@ -10,6 +10,7 @@ import torch
 from pml_margins.distributed import ShardedMarginSoftmaxLoss
 from pml_margins.losses import ArcFaceLoss, MagFaceLoss
 from pml_margins.losses.magface import magface_margin, magface_regularizer
+from pml_margins.schedules import MarginScheduler
 
 C, D, B = 11, 6, 16
 SMALL = {"l_a": 1.0, "u_a": 6.0, "l_m": 0.3, "u_m": 1.2}
@@ -123,3 +124,25 @@ def test_set_ranges_checks_and_keeps_the_old_values_on_error() -> None:
         loss.set_ranges(30.0, 20.0, 0.2, 0.6)
     assert (loss.l_a, loss.u_a) == (1.0, 20.0)
     assert math.isclose(loss.lambda_g, 35.0)
+
+
+@pytest.mark.parametrize(
+    "attr, value, match",
+    [
+        ("u_m", 5.0, "radians"),
+        ("l_a", 200.0, "l_a must be < u_a"),
+        ("u_a", 5.0, "l_a must be < u_a"),
+        ("l_m", 1.0, "u_m must be >= l_m"),
+        ("u_a", -1.0, "u_a must be > 0"),
+    ],
+)
+def test_each_range_bound_is_checked_with_the_others_when_set(attr, value, match):
+    """A scheduler (or a user) setting one bound cannot leave the ranges invalid."""
+    loss_fn = MagFaceLoss(5, 4)
+    with pytest.raises(ValueError, match=match):
+        setattr(loss_fn, attr, value)
+    with pytest.raises(ValueError, match=match):
+        MarginScheduler(loss_fn, value, value, total_steps=1, attr=attr).step()
+    assert (loss_fn.l_a, loss_fn.u_a, loss_fn.l_m, loss_fn.u_m) == (10.0, 110.0, 0.45, 0.8)
+    loss_fn.u_m = 0.7
+    assert loss_fn.u_m == 0.7 and "u_m=0.7" in repr(loss_fn)

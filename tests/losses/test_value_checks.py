@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import pytest
@@ -166,8 +167,10 @@ def test_finite_values_whose_sum_overflows_are_accepted(on_host, monkeypatch) ->
     checks = ValueChecks()
     check_embeddings(x, checks=checks)
     checks.run()
-    big = torch.full((4, 8), 3e38)  # finite float32 whose float32 sum overflows
-    check_embeddings(big)
+    big = torch.full((4, 8), 1.5e19 / math.sqrt(8))  # rows of norm 1.5e19: their squares
+    check_embeddings(big)  # fit float32, the sum of all of them does not
+    with pytest.raises(ValueError, match=r"row 0 has norm 8\.485e\+38: its square overflows"):
+        check_embeddings(torch.full((4, 8), 3e38))  # finite, but no norm of it is
     with pytest.raises(ValueError, match="NaN or Inf"):
         check_embeddings(torch.cat([big, torch.tensor([[float("-inf")] * 8])]))
 
@@ -220,3 +223,26 @@ def test_label_range_on_the_host_short_and_long(size, dtype) -> None:
         negative[-1] = -3
         with pytest.raises(ValueError, match=r"got values in \[-3, \d+\]"):
             loss(x, negative)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("make", [lambda: ArcFaceLoss(5, 8), lambda: CircleLoss()])
+def test_finite_rows_whose_squared_norm_overflows_are_refused(dtype, make):
+    """A float32 row of norm 2e19 normalizes to zeros (a wrong value) or NaN."""
+    big = 2e19 if dtype != torch.float64 else 2e154
+    x = torch.randn(6, 8, dtype=torch.float64)
+    x[3] = big / math.sqrt(8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss_fn = make().to(dtype) if dtype == torch.float64 else make()
+    with pytest.raises(ValueError, match=r"embeddings row 3 has norm .*: its square overflows"):
+        loss_fn(x.to(dtype), labels)
+    x[3] = big / 4 / math.sqrt(8)  # its square fits: accepted, finite
+    assert torch.isfinite(loss_fn(x.to(dtype), labels))
+
+
+def test_the_norm_limit_follows_the_compute_dtype():
+    """float32 embeddings with a float64 W are computed in float64: a norm of 2e19 fits."""
+    x = torch.randn(4, 8, dtype=torch.float64)
+    x[1] = 2e19 / math.sqrt(8)
+    loss_fn = ArcFaceLoss(5, 8).double()
+    assert torch.isfinite(loss_fn(x.float(), torch.tensor([0, 1, 2, 3])))

@@ -1,0 +1,95 @@
+"""Hand-written backward passes, and the switch for gradients of gradients.
+
+The fast paths (the fused and dense margin softmax, the dense Circle loss, the
+sharded softmax) are autograd functions whose backward is written by hand from
+values the forward saved without a graph: their gradients are exact, but not
+differentiable again. A backward run with ``create_graph=True`` (a gradient
+penalty, meta-learning, Hessian-vector products) would differentiate only the part
+of the graph around them -- a silently wrong second derivative. So they refuse
+``create_graph=True`` with a ``RuntimeError`` that names the switch, and
+:class:`autograd_only` routes every loss to its plain path, differentiated by
+torch's autograd alone (slower, more memory; twice differentiable)::
+
+    import pml_margins
+
+    with pml_margins.autograd_only():
+        loss = loss_fn(embeddings, labels)
+        (grad,) = torch.autograd.grad(loss, embeddings, create_graph=True)
+        (loss + grad.square().sum()).backward()
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["SHARDED_REMEDY", "autograd_only", "autograd_only_enabled", "backward_once"]
+
+#: what a sharded loss's hand-written backward suggests under ``create_graph=True``
+SHARDED_REMEDY = "sharded losses have no autograd-only path: compute the loss in one process"
+
+_state = threading.local()
+
+
+def autograd_only_enabled() -> bool:
+    """Whether losses in this thread run on their plain autograd paths (default ``False``)."""
+    return getattr(_state, "enabled", False)
+
+
+class autograd_only:
+    """Run every loss on its plain, autograd-only path: from now on, or inside a block.
+
+    On: the class-weight losses form their ``(B, C)`` logits and differentiate them
+    with autograd (``chunk_size`` and ``sample_rate`` are then refused: they exist only
+    on the fused core), :class:`~pml_margins.losses.CircleLoss` gathers its pairs; the
+    values and gradients are those of the fast paths (to rounding), and the gradients
+    can be differentiated again. The setting is per thread, like autograd's.
+
+    Args:
+        enabled: ``True`` (default) for the autograd paths, ``False`` for the fast ones.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self.previous = autograd_only_enabled()
+        _state.enabled = enabled
+
+    def __enter__(self) -> autograd_only:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _state.enabled = self.previous
+
+
+def backward_once(
+    what: str, remedy: str = "run the forward under pml_margins.autograd_only()"
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a hand-written ``backward``: run it without a graph, and refuse
+    ``create_graph=True`` (grad mode on during the backward) with a ``RuntimeError`` that
+    names ``what`` and the ``remedy`` (default: :class:`autograd_only`).
+
+    ``torch.autograd.function.once_differentiable`` raises only when the incoming
+    gradient itself requires grad, which it does not under a loss's mean; its gradients
+    then carry no graph, and a second differentiation silently drops this function's
+    part (or, with explicit inputs, fails with autograd's "not used in the graph").
+    """
+    message = (
+        f"{what} has a hand-written backward that cannot be differentiated again "
+        f"(create_graph=True); {remedy} for gradients of gradients"
+    )
+
+    def decorate(backward: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(backward)
+        def wrapper(ctx: Any, *grads: Any) -> Any:
+            if torch.is_grad_enabled():
+                raise RuntimeError(message)
+            return backward(ctx, *grads)
+
+        return wrapper
+
+    return decorate

@@ -1,0 +1,162 @@
+"""Corners a PML user reaches, found by an independent review: each equals PML or is a
+clear error (bf16 and bool inputs, a float64 default dtype, huge float labels, numpy
+integers, custom metrics on the sharded calculator, float64 extremes, CLI files)."""
+
+from __future__ import annotations
+
+import fractions
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+from pml_margins.cli import main
+from pml_margins.distributed.evaluation import ShardedRetrievalAccuracyCalculator
+from pml_margins.evaluation import RetrievalAccuracyCalculator, exact_knn
+
+KNN_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
+
+
+def _data(n=60, d=4, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def test_bfloat16_embeddings_get_pmls_clustering_metrics():
+    x, y = _data()
+    x = x.bfloat16()
+    ours = RetrievalAccuracyCalculator(include=("NMI", "AMI")).get_accuracy(x, y)
+    torch.manual_seed(0)
+    pml = AccuracyCalculator(include=("NMI", "AMI")).get_accuracy(x.float(), y)
+    assert ours == pytest.approx(pml)
+
+
+def test_a_float64_default_dtype_changes_nothing():
+    x, y = _data()
+    expected = RetrievalAccuracyCalculator(include=KNN_METRICS).get_accuracy(x, y)
+    knn = exact_knn(x, x, 5, exclude_self=True)
+    whole = exact_knn(x, x, 59, exclude_self=True)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = RetrievalAccuracyCalculator(include=KNN_METRICS).get_accuracy(x, y)
+        for backend in ("faiss", "torch"):
+            values, indices = exact_knn(x, x, 5, exclude_self=True, backend=backend)
+            assert values.dtype == torch.float32 and torch.equal(indices, knn[1])
+            assert torch.equal(values, knn[0])
+        values, indices = exact_knn(x, x, 59, exclude_self=True)
+        assert values.dtype == torch.float32 and torch.equal(values, whole[0])
+    finally:
+        torch.set_default_dtype(before)
+    assert got == expected
+
+
+def test_float_labels_beyond_int64_stay_distinct_as_in_pml():
+    x, _ = _data(n=40)
+    labels = torch.tensor([1e19, 2e19] * 20, dtype=torch.float64)
+    ours = RetrievalAccuracyCalculator(include=KNN_METRICS).get_accuracy(x, labels)
+    pml = AccuracyCalculator(include=KNN_METRICS).get_accuracy(x, labels)
+    assert ours == pytest.approx(pml)
+
+
+def test_ref_includes_query_compares_an_integer_query_without_truncation():
+    query = torch.tensor([[1], [2]])
+    reference = torch.tensor([[1.9], [2.9], [5.0], [7.0]])
+    with pytest.raises(ValueError, match="ref_includes_query=True needs"):
+        RetrievalAccuracyCalculator(include=("precision_at_1",)).get_accuracy(
+            query, torch.tensor([0, 1]), reference, torch.tensor([0, 1, 0, 1]), True
+        )
+
+
+def test_bool_labels_and_bool_codes_as_pml():
+    x, y = _data()
+    codes = x > 0  # binary hash codes
+    for query, labels in ((x, y % 2 == 0), (codes, y)):
+        ours = RetrievalAccuracyCalculator(include=KNN_METRICS).get_accuracy(query, labels)
+        pml = AccuracyCalculator(include=KNN_METRICS).get_accuracy(query.float(), labels.float())
+        assert ours == pytest.approx(pml)
+
+
+@pytest.mark.parametrize("k", [np.int64(3), torch.tensor(3), np.int32(3)])
+def test_numpy_and_tensor_integers_are_integers(k):
+    x, _ = _data()
+    expected = exact_knn(x, x, 3, exclude_self=True)
+    got = exact_knn(x, x, k, exclude_self=True, block_rows=np.int64(16))
+    assert torch.equal(got[1], expected[1])
+    calc = RetrievalAccuracyCalculator(recall_ks=np.array([1, 2, 4]))
+    assert calc.recall_ks == (1, 2, 4) and all(type(v) is int for v in calc.recall_ks)
+    for bad in (np.bool_(True), torch.tensor([3]), 3.0):
+        with pytest.raises(ValueError, match="k must be"):
+            exact_knn(x, x, bad)
+
+
+def test_non_contiguous_labels_raise_no_warning():
+    x, y = _data()
+    two_level = torch.stack([y, y // 2], dim=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RetrievalAccuracyCalculator(include=KNN_METRICS).get_accuracy(x, two_level[:, 1])
+
+
+def _with_reference_metric(base):
+    class WithCentroidDistance(base):
+        def calculate_centroid_distance(self, query, reference, **kwargs):
+            return float((query - reference.mean(0)).norm(dim=1).mean())
+
+        def requires_knn(self):
+            return [*super().requires_knn(), "centroid_distance"]
+
+    return WithCentroidDistance
+
+
+def test_a_subclass_metric_reading_reference_gets_the_whole_set_when_sharded():
+    q, ql = _data(n=20)
+    r, rl = _data(n=50, seed=1)
+    r = r + 5
+    single = _with_reference_metric(RetrievalAccuracyCalculator)(include=("centroid_distance",))
+    sharded = _with_reference_metric(ShardedRetrievalAccuracyCalculator)(
+        include=("centroid_distance", "precision_at_1")
+    )
+    expected = single.get_accuracy(q, ql, r, rl)["centroid_distance"]
+    assert sharded.get_accuracy(q, ql, r, rl)["centroid_distance"] == pytest.approx(expected)
+    assert sharded._own_metrics(("precision_at_1", "recall_at_1"), ()) == []
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e160])
+def test_float64_extremes_whose_squares_leave_float64_are_refused(scale):
+    x = torch.randn(50, 4, dtype=torch.float64) * scale
+    with pytest.raises(ValueError, match="squared distances and products neither underflow"):
+        exact_knn(x, x, 5, exclude_self=True)
+    exact_knn(x / scale * 1e100, x / scale * 1e100, 5)  # inside the range: fine
+
+
+def test_cli_files_that_cannot_be_read_are_one_line_and_status_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.save("e.npy", np.random.default_rng(0).random((20, 4), dtype=np.float32))
+    np.save("l.npy", np.arange(20) % 3)
+    (tmp_path / "garbage.pt").write_text("hello")
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04garbage")
+    torch.save({"x": fractions.Fraction(1, 2)}, "obj.pt")
+    cases = [
+        (["--embeddings", "garbage.pt"], "garbage.pt: cannot read: not a valid .pt file"),
+        (["--embeddings", "bad.npz"], "bad.npz: cannot read: not a valid .npz file"),
+        (["--embeddings", "obj.pt"], "obj.pt: cannot read: torch.load(weights_only=True)"),
+        (["--embeddings", "e.npy", "--device", "foo"], "--device: not a device: 'foo'"),
+        (["--embeddings", "e.npy", "--output", "no/such/dir.json"], "its directory does not"),
+    ]
+    for argv, message in cases:
+        assert main(["eval", *argv, "--labels", "l.npy"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_cli_reads_big_endian_arrays(tmp_path, capsys):
+    x, y = _data()
+    np.save(tmp_path / "be.npy", x.numpy().astype(">f4"))
+    np.save(tmp_path / "y.npy", y.numpy().astype(">i8"))
+    argv = ["eval", "--embeddings", str(tmp_path / "be.npy"), "--labels", str(tmp_path / "y.npy")]
+    assert main([*argv, "--metrics", "precision_at_1"]) == 0
+    expected = RetrievalAccuracyCalculator(include=("precision_at_1",)).get_accuracy(x, y)
+    assert f"{expected['precision_at_1']:.4f}" in capsys.readouterr().out
