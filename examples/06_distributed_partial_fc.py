@@ -83,7 +83,10 @@ def main() -> None:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(1)  # small matrices; one thread per rank
-    out = Path(args.out or tempfile.mkdtemp(prefix="pml_margins_06_"))
+    # one folder for every rank: rank 0 makes it (a temp folder unless --out) and tells the rest
+    folder = [args.out or tempfile.mkdtemp(prefix="pml_margins_06_")] if rank == 0 else [None]
+    dist.broadcast_object_list(folder, src=0)
+    out = Path(folder[0])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()

@@ -27,17 +27,23 @@ SCRIPT = ROOT / "examples" / "06_distributed_partial_fc.py"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("example06")
+    # README's command: no --out, so rank 0's temp folder (under TMPDIR here) must
+    # reach rank 1, which saves its shard there too
+    temp = tmp_path_factory.mktemp("example06")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(temp),
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += [str(SCRIPT), "--tiny", "--out", str(out)]
+    cmd += [str(SCRIPT), "--tiny"]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False
     )
+    folders = [p for p in temp.iterdir() if p.name.startswith("pml_margins_06_")]
+    assert len(folders) == 1, (folders, proc.stderr[-3000:])  # one folder for both ranks
+    out = folders[0]
     result = out / "result.json"
     # result.json is written after the last collective of the work; what remains is
     # gloo's teardown, which on a loaded box can abort a rank whose peer left first
