@@ -146,6 +146,7 @@ def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> 
                     embeddings=emb.numpy(),
                     labels=labels.numpy(),
                     weights=sphere_plot.class_weight_directions(setup.loss),
+                    sub_centers=sphere_plot.sub_centers_of(setup.loss),
                     precision_at_1=p1,
                 )
             )

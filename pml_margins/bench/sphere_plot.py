@@ -12,7 +12,13 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-__all__ = ["SpherePanel", "class_weight_directions", "plot_sphere_grid", "sphere_figure"]
+__all__ = [
+    "SpherePanel",
+    "class_weight_directions",
+    "plot_sphere_grid",
+    "sphere_figure",
+    "sub_centers_of",
+]
 
 
 @dataclass
@@ -22,18 +28,31 @@ class SpherePanel:
     label: str
     embeddings: np.ndarray
     labels: np.ndarray
-    weights: np.ndarray | None  # class weight directions, ``C x D``, or None
+    weights: np.ndarray | None  # class weight directions, ``C K x D``, or None
     precision_at_1: float
+    sub_centers: int = 1  # ``K``: consecutive rows of ``weights`` per class
 
 
 def class_weight_directions(loss: torch.nn.Module) -> np.ndarray | None:
-    """Unit class-weight vectors ``W_j`` (``C x D``) of ``loss`` or its first sub-loss with W."""
+    """Unit class-weight vectors ``W_j`` (``C x D``) of ``loss`` or its first sub-loss with W.
+
+    With ``K`` sub-centres per class (Sub-center ArcFace) every sub-centre is a row: ``C K x
+    D``, class ``j``'s rows ``j K .. j K + K - 1`` (``SpherePanel.sub_centers``).
+    """
     for module in loss.modules():
         weight = getattr(module, "W", None)
         if isinstance(weight, torch.Tensor):
             w = torch.nn.functional.normalize(weight.detach().float().t(), dim=1)
             return w.cpu().numpy()
     return None
+
+
+def sub_centers_of(loss: torch.nn.Module) -> int:
+    """``K``, the rows per class of :func:`class_weight_directions` (1 without sub-centres)."""
+    for module in loss.modules():
+        if isinstance(getattr(module, "W", None), torch.Tensor):
+            return int(getattr(module, "sub_centers", 1))
+    return 1
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -47,7 +66,8 @@ def _circle(ax: Any, panel: SpherePanel, colors: Sequence[Any], rng: np.random.G
     theta = np.linspace(0, 2 * np.pi, 200)
     ax.plot(np.cos(theta), np.sin(theta), color="0.8", lw=0.8, zorder=0)
     if panel.weights is not None:
-        for j, w in enumerate(panel.weights):
+        for row, w in enumerate(panel.weights):
+            j = row // panel.sub_centers  # the class of this (sub-centre's) direction
             ax.plot(
                 [0, 1.3 * w[0]], [0, 1.3 * w[1]], color=colors[j], lw=1.2, ls="--", label=f"W_{j}"
             )

@@ -175,6 +175,17 @@ def test_losses_pick_the_panels(tmp_path: Path, figures: list, losses: str, titl
     assert [ax.get_title().split("\n")[0] for ax in figures[0].axes] == titles
 
 
+def test_sub_centres_are_drawn_in_their_class_colour(tmp_path: Path, figures: list) -> None:
+    """Sub-center ArcFace's W has K columns per class: each is a line of its class's colour."""
+    assert _sphere(tmp_path, "--losses", "subcenter", "--dims", "2", *QUICK) == 0
+    (ax,) = figures[0].axes
+    lines = [ln for ln in ax.get_lines() if ln.get_label().startswith("W_")]
+    assert len(lines) == 30  # 10 digits x 3 sub-centres
+    labels = [int(ln.get_label()[2:]) for ln in lines]
+    assert labels == [j for j in range(10) for _ in range(3)]
+    assert len({str(ln.get_color()) for ln in lines[:3]}) == 1
+
+
 DIMS = [("2", ["rectilinear"]), ("3", ["3d"]), ("3,2", ["rectilinear", "3d"])]
 
 
