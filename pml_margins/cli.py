@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
 
 # module path of each command, imported lazily so that ``--help`` stays fast
@@ -31,5 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; returns its exit status. A command's bad-input exit (``SystemExit``
+    with an ``"error: ..."`` message) is printed as one ``pml-margins <command>: error:
+    ...`` line and gives status 2, as argparse's own errors do."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except SystemExit as stop:
+        if isinstance(stop.code, str) and stop.code.startswith("error: "):
+            print(f"pml-margins {args.command}: {stop.code}", file=sys.stderr)
+            return 2
+        raise

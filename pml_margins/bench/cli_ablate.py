@@ -47,7 +47,7 @@ def run_ablate(args: argparse.Namespace) -> int:
     from pml_margins.bench.sweeps import SWEEPS
 
     names = list(SWEEPS) if not args.sweep or "all" in args.sweep else list(args.sweep)
-    for flag in ("epochs", "repeats"):
+    for flag in ("epochs", "repeats", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{flag} must be >= 1, got {value}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import glob
+import math
 import os
 import time
 from typing import Any
@@ -166,11 +167,30 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         if value is None:
             continue
         low = 0 if key == "shift" else 1
-        if (key == "lr" and value <= 0) or (key != "lr" and value < low):
+        if (key == "lr" and not 0 < value < math.inf) or (key != "lr" and value < low):
             flag = "--" + key.replace("_", "-")
-            bound = "> 0" if key == "lr" else f">= {low}"
+            bound = "a finite number > 0" if key == "lr" else f">= {low}"
             raise SystemExit(f"error: {flag} must be {bound}, got {value}")
+    if not 0 <= args.loss_lr < math.inf:  # 0 freezes the class weights
+        raise SystemExit(f"error: --loss-lr must be a finite number >= 0, got {args.loss_lr}")
+    if args.num_workers < 0:
+        raise SystemExit(f"error: --num-workers must be >= 0, got {args.num_workers}")
+    if args.image_size is not None and args.image_size < 1:
+        raise SystemExit(f"error: --image-size must be >= 1, got {args.image_size}")
+    _check_device(args.device)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"error: --out {args.out} exists and is not a folder")
     return settings
+
+
+def _check_device(device: str) -> None:
+    """``SystemExit`` for a device torch does not know or CUDA that is not there."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"error: --device: not a device: {device!r} (cpu, cuda, ...)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
 
 
 def _data_counts(bench_data: Any) -> dict[str, int]:
@@ -209,7 +229,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def _loss_plan(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]]]:
     from pml_margins.bench import registry
 
-    names = [n.strip() for n in args.losses.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in args.losses.split(",") if n.strip()))
     overrides = _parse_loss_args(args.loss_arg)
     unknown = sorted(set(names) - set(registry.LOSSES)) + sorted(set(overrides) - set(names))
     if unknown:
@@ -227,8 +247,11 @@ def _run_bench(args: argparse.Namespace, settings: dict[str, Any]) -> int:
 
     start = time.perf_counter()
     names, overrides = ([], {}) if args.embeddings_only else _loss_plan(args)
-    os.makedirs(args.out, exist_ok=True)
     bench_data = _load_data(args)
+    try:  # after the data loaded: a failed run leaves no empty output folder
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"error: --out {args.out}: cannot create it: {err.strerror}") from None
     counts = _data_counts(bench_data)
     results: dict[str, Any] = {
         "dataset": bench_data.name,
@@ -276,6 +299,7 @@ def _run_bench(args: argparse.Namespace, settings: dict[str, Any]) -> int:
                         "model_state": model.cpu().state_dict(),
                         "loss_state": setup.loss.cpu().state_dict(),
                         "dataset": bench_data.name,
+                        "data_settings": _data_settings(args),
                         "name": name,
                         "label": setup.label,
                         "hyperparameters": setup.hyperparameters,
@@ -324,7 +348,10 @@ def _train_one(
 
     train.seed_everything(cfg.seed)
     config = datasets.DATASETS[args.dataset].model(bench_data, settings["embedding_size"], args)
-    model, description = models.build_model(config)
+    try:
+        model, description = models.build_model(config)
+    except (ValueError, OSError) as err:  # an unknown backbone, unusable --weights
+        raise SystemExit(f"error: {str(err).splitlines()[0]}") from err
     try:
         setup = registry.build_loss(
             name,
@@ -336,7 +363,10 @@ def _train_one(
         raise SystemExit(f"error: {err}") from err
     if schedule is not None:
         setup.schedule = schedule
-    run = train.train_embedding(model, setup, bench_data.train, cfg)
+    try:
+        run = train.train_embedding(model, setup, bench_data.train, cfg)
+    except ValueError as err:  # e.g. a batch larger than the training set
+        raise SystemExit(f"error: {str(err).splitlines()[0]}") from err
     emb, labels = train.embed(
         model,
         bench_data.test,
@@ -397,6 +427,18 @@ def _pixel_baseline(bench_data: Any) -> dict[str, Any]:
 
 
 _CHECKPOINT_KEYS = ("model_config", "model_state", "dataset", "name", "label")
+#: the flags that decide each dataset's split and inputs (recorded in checkpoints)
+_SPLIT_FLAGS: dict[str, tuple[str, ...]] = {
+    "digits": ("train_classes",),
+    "glyphs": ("min_fonts", "max_classes", "image_size"),
+    "cub": ("image_size",),
+    "sop": ("image_size",),
+}
+
+
+def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of the flags that decide ``--dataset``'s split and inputs."""
+    return {k: getattr(args, k) for k in _SPLIT_FLAGS.get(args.dataset, ())}
 
 
 def _read_checkpoint(path: str) -> dict[str, Any]:
@@ -405,8 +447,15 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
 
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise SystemExit(f"error: cannot read checkpoint {path}: {err}") from err
+    except pickle.UnpicklingError:
+        raise SystemExit(
+            f"error: cannot read checkpoint {path}: torch.load(weights_only=True) refuses it"
+        ) from None
+    except Exception as err:  # a text file, a truncated zip, ...: one line
+        reason = (str(err).splitlines() or [""])[0]
+        raise SystemExit(
+            f"error: cannot read checkpoint {path}: {type(err).__name__}: {reason}"
+        ) from None
     missing = [k for k in _CHECKPOINT_KEYS if not isinstance(saved, dict) or k not in saved]
     if missing:
         raise SystemExit(
@@ -431,6 +480,16 @@ def _evaluate_checkpoints(
             raise SystemExit(
                 f"error: {path} was trained on {saved.get('dataset')!r}, "
                 f"not --dataset {bench_data.name}"
+            )
+        trained = saved.get("data_settings", _data_settings(args))  # older: not recorded
+        differ = [k for k, v in _data_settings(args).items() if trained.get(k) != v]
+        if differ:  # another split: the "held-out" classes may include trained ones
+            shown = ", ".join(
+                f"--{k.replace('_', '-')} {trained.get(k)} (not {getattr(args, k)})" for k in differ
+            )
+            raise SystemExit(
+                f"error: {path} was trained with {shown}: pass the same settings, or its "
+                "test classes are not the held-out ones"
             )
         # the checkpoint holds every weight: no pretrained weights to load first
         model, description = models.build_model({**saved["model_config"], "weights_path": None})

@@ -195,7 +195,8 @@ def check_dataset_folder(name: str, root: str | os.PathLike[str], max_listed: in
     expected = ", ".join(os.path.join(folder, f) for f in layout.index_files)
     hint = (
         f"expected {expected} and {layout.what} (the layout of the official archive, "
-        "unpacked into --data-root); pass --download to let PML fetch it"
+        "unpacked into --data-root); pass --download to let PML fetch it (into a missing or "
+        "empty --data-root)"
     )
     if not os.path.isdir(folder):
         raise DatasetFolderError(f"{name.upper()} folder {folder} not found: {hint}")
@@ -295,6 +296,12 @@ def load_image_dataset(
     transform = transform or ImageToTensor(image_size)
     train = classes[name](root=root, split="train", transform=transform)
     test = classes[name](root=root, split="test", transform=transform)
+    for split, data in (("train", train), ("test", test)):
+        if not len(data):
+            raise DatasetFolderError(
+                f"{name.upper()} folder {os.path.join(root, DATASET_LAYOUTS[name].subdir)} has "
+                f"no {split} images (its index files list none of the official {split} split)"
+            )
     remap = RemapLabels(train.labels)
     train.target_transform = remap
     sample = transform(_open_image(train.paths[0]))

@@ -162,7 +162,8 @@ def build_backbone(
     always created with ``pretrained=False``).
 
     Raises:
-        ValueError: timm/torchvision are installed but know no model ``name``.
+        ValueError: timm/torchvision are installed but know no model ``name``, or
+            ``weights_path`` is given while neither is installed.
     """
     if name == "small-cnn":
         return ConvEmbedder(embedding_size), "small-cnn (random init)"
@@ -170,6 +171,11 @@ def build_backbone(
     if built is None:
         if importlib.util.find_spec("timm") or importlib.util.find_spec("torchvision"):
             raise ValueError(f"unknown backbone {name!r}: neither timm nor torchvision has it")
+        if weights_path:
+            raise ValueError(
+                f"weights {weights_path} are for a timm/torchvision {name!r}, but neither is "
+                "installed (pip install 'pml-margins[vision]'); the small CNN has no such weights"
+            )
         warnings.warn(
             f"neither timm nor torchvision is installed (pip install 'pml-margins[vision]'); "
             f"using the small CNN instead of {name!r}",

@@ -64,3 +64,25 @@ def fake_cub(tmp_path: Path) -> Path:
 @pytest.fixture
 def fake_sop(tmp_path: Path) -> Path:
     return make_fake_sop(tmp_path / "sop")
+
+
+def run_cli(argv: list[str]) -> int:
+    """``pml-margins`` as a user runs it, for tests written against ``SystemExit``: a bad
+    input must give status 2 and exactly one ``pml-margins <command>: error: ...`` line on
+    stderr, which is then raised as ``SystemExit("error: ...")``; other stderr passes on."""
+    import contextlib
+    import io
+    import sys
+
+    from pml_margins.cli import main
+
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        code = main(argv)
+    lines = captured.getvalue().strip().splitlines()
+    if code == 2:
+        errors = [ln for ln in lines if ": error: " in ln]
+        assert len(errors) == 1 and errors[0].startswith(f"pml-margins {argv[0]}: error: "), lines
+        raise SystemExit(errors[0].split(": ", 1)[1])
+    sys.stderr.write(captured.getvalue())
+    return code

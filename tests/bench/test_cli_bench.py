@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pml_margins.cli import main
+from tests.bench.conftest import run_cli as main
 
 TINY = [
     "--dataset",
@@ -201,8 +201,9 @@ def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path: Path) -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(RuntimeError, match=r"cuda\.is_available"):
+    with pytest.raises(SystemExit, match="error: --device cuda but CUDA is not available"):
         main(["bench", "--losses", "nsl", "--device", "cuda", "--out", str(tmp_path), *TINY])
+    assert not tmp_path.joinpath("checkpoints").exists()
 
 
 def test_repeats_report_mean_and_std(tmp_path: Path) -> None:
@@ -359,7 +360,7 @@ def test_train_classes_and_min_fonts(tmp_path: Path) -> None:
     [
         (["--dataset", "nope"], None),
         (["--epochs", "0"], "error: --epochs must be >= 1"),
-        (["--lr", "0"], "error: --lr must be > 0"),
+        (["--lr", "0"], "error: --lr must be a finite number > 0"),
         (["--losses", ","], "error: --losses names no loss"),
         (["--loss-arg", "nsl.scale"], "error: --loss-arg expects LOSS.KEY=VALUE"),
         (["--loss-arg", "nsl.nope=1"], "nsl.*nope"),
@@ -421,3 +422,93 @@ def test_embeddings_only_refuses_another_dataset(tmp_path: Path) -> None:
                 str(tmp_path),
             ]
         )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "bogus"], "error: --device: not a device: 'bogus'"),
+        (["--num-workers", "-1"], "error: --num-workers must be >= 0"),
+        (["--lr", "nan"], "error: --lr must be a finite number > 0, got nan"),
+        (["--loss-lr", "-1"], "error: --loss-lr must be a finite number >= 0"),
+        (["--image-size", "0"], "error: --image-size must be >= 1"),
+        (["--batch-size", "100000"], "error: the training set has .* fewer than one batch"),
+    ],
+)
+def test_bad_settings_are_one_line_and_no_output_folder(tmp_path, argv, message) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", *TINY, "--losses", "nsl", "--out", str(out), *argv])
+    if "--batch-size" not in argv:  # refused before the data or anything else
+        assert not out.exists()
+
+
+def test_out_that_is_a_file_and_unreadable_checkpoints(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"error: --out .* exists and is not a folder"):
+        main(["bench", *TINY, "--losses", "nsl", "--out", str(tmp_path / "file")])
+    (tmp_path / "text.pt").write_text("hello\n")
+    with pytest.raises(SystemExit, match=r"error: cannot read checkpoint .*text\.pt"):
+        main(["bench", *TINY, "--embeddings-only", "--checkpoint", str(tmp_path / "text.pt")])
+
+
+def test_duplicate_loss_names_train_once(tmp_path: Path) -> None:
+    results = _one(tmp_path, "d", losses="nsl,nsl")
+    assert [e["name"] for e in results["losses"]] == ["nsl"]
+
+
+def test_embeddings_only_refuses_checkpoints_of_another_split(tmp_path: Path) -> None:
+    """Digits trained on 5-9, re-evaluated with the default 0-4: the "held-out" test
+    classes would be the trained ones."""
+    main(
+        ["bench", *TINY, "--losses", "nsl", "--train-classes", "5,6,7,8,9", "--out", str(tmp_path)]
+    )
+    with pytest.raises(
+        SystemExit, match="trained with --train-classes 5,6,7,8,9 \\(not 0,1,2,3,4\\)"
+    ):
+        main(["bench", *TINY, "--embeddings-only", "--out", str(tmp_path)])
+    main(
+        [
+            "bench",
+            *TINY,
+            "--embeddings-only",
+            "--train-classes",
+            "5,6,7,8,9",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+
+
+@pytest.mark.parametrize("dataset", ["cub", "sop"])
+def test_a_dataset_without_one_of_its_splits_is_a_clear_error(tmp_path, dataset) -> None:
+    from tests.bench.conftest import make_fake_cub, make_fake_sop
+
+    root = (make_fake_cub if dataset == "cub" else make_fake_sop)(tmp_path / dataset)
+    if dataset == "cub":  # keep classes 101+ only: no training images
+        folder = root / "CUB_200_2011"
+        labels = (folder / "image_class_labels.txt").read_text().splitlines()
+        images = (folder / "images.txt").read_text().splitlines()
+        keep = [i for i, line in enumerate(labels) if int(line.split()[1]) > 100]
+        (folder / "image_class_labels.txt").write_text("".join(labels[i] + "\n" for i in keep))
+        (folder / "images.txt").write_text("".join(images[i] + "\n" for i in keep))
+        split = "train"
+    else:  # a test index with its header only
+        test = root / "Stanford_Online_Products" / "Ebay_test.txt"
+        test.write_text("image_id class_id super_class_id path\n")
+        split = "test"
+    argv = ["bench", "--dataset", dataset, "--data-root", str(root), "--backbone", "small-cnn"]
+    argv += ["--image-size", "16", "--losses", "nsl", *COMMON, "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=f"has no {split} images"):
+        main(argv)
+
+
+def test_weights_without_a_backbone_library_are_refused(tmp_path: Path, fake_cub) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("timm") or importlib.util.find_spec("torchvision"):
+        pytest.skip("timm or torchvision is installed: --weights are loaded")
+    argv = ["bench", "--dataset", "cub", "--data-root", str(fake_cub), "--image-size", "16"]
+    argv += ["--weights", str(tmp_path / "none.pth"), "--losses", "nsl", *COMMON]
+    with pytest.raises(SystemExit, match="neither is installed"):
+        main([*argv, "--out", str(tmp_path / "out")])

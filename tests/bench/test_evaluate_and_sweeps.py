@@ -151,8 +151,10 @@ def test_ablate_cli_tiny(tmp_path, monkeypatch) -> None:
     assert result["points"][0]["metrics"] != result["points"][1]["metrics"]
     assert (out / "warmup.png").read_bytes().startswith(b"\x89PNG")
     assert "| ArcFace | fixed m |" in (out / "warmup.md").read_text()
+    from tests.bench.conftest import run_cli
+
     with pytest.raises(SystemExit, match="error: --repeats must be >= 1"):
-        main(["ablate", "--repeats", "0", "--out", str(out)])
+        run_cli(["ablate", "--repeats", "0", "--out", str(out)])
 
 
 @pytest.mark.parametrize(("flag", "expected"), [([], None), (["--threads", "2"], 2)])
