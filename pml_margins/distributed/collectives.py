@@ -11,12 +11,15 @@ padded to the largest batch for the collective and the padding is dropped again.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "all_gather_rows",
     "all_reduce_",
+    "checked_on_every_rank",
     "default_backend",
     "gather_rows_with_grad",
     "is_distributed",
@@ -60,6 +63,40 @@ def all_reduce_(tensor: torch.Tensor, op: str, group: ProcessGroup | None = None
             tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group
         )
     return tensor
+
+
+def checked_on_every_rank(
+    check: Callable[[], None],
+    group: ProcessGroup | None,
+    device: torch.device,
+    agreed: Mapping[str, tuple[float, str]] | None = None,
+) -> None:
+    """Run ``check`` (input checks that raise ``TypeError``/``ValueError``) so that every
+    rank raises when one does, instead of the others waiting in the next collective until
+    the group's timeout: one small all-reduce of the ranks' verdicts. ``agreed``: what
+    every rank must share, ``{name: (code, shown)}`` (an embeddings dtype, say): a
+    ``ValueError`` on every rank names it when the codes differ.
+    """
+    if rank_and_world_size(group)[1] == 1:
+        check()
+        return
+    error: Exception | None = None
+    try:
+        check()
+    except (TypeError, ValueError) as err:
+        error = err
+    agreed = dict(agreed or {})
+    values = [float(error is not None)]
+    for code, _ in agreed.values():
+        values += [code, -code]
+    verdict = all_reduce_(torch.tensor(values, dtype=torch.float64, device=device), "max", group)
+    if error is not None:
+        raise error
+    if verdict[0] > 0:
+        raise ValueError("another rank's input is invalid (its error says why); every rank stops")
+    for i, (name, (_, shown)) in enumerate(agreed.items()):
+        if verdict[1 + 2 * i] != -verdict[2 + 2 * i]:
+            raise ValueError(f"the ranks' {name} differ (this rank's: {shown}); they must agree")
 
 
 def _batch_sizes(rows: int, device: torch.device, group: ProcessGroup | None) -> list[int]:

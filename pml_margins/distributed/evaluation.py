@@ -24,6 +24,7 @@ from pml_margins.distributed.collectives import (
     ProcessGroup,
     all_gather_rows,
     all_reduce_,
+    checked_on_every_rank,
     rank_and_world_size,
 )
 from pml_margins.evaluation import RetrievalAccuracyCalculator
@@ -114,6 +115,11 @@ def sharded_exact_knn(
     return finish_values(values, metric, query.dtype), indices
 
 
+def _device_of(x: Any) -> torch.device:
+    """Where ``x`` lives (CPU for numpy arrays and anything else): the verdicts' device."""
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
 class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
     """:class:`~pml_margins.evaluation.RetrievalAccuracyCalculator` with a sharded reference set.
 
@@ -164,23 +170,40 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             ref_includes_query: the global reference set starts with the queries.
             include, exclude: as PML.
         """
+        checked: dict[str, Any] = {}
+
+        def check() -> None:  # every rank raises if one does (no rank left waiting)
+            if reference is None:
+                if reference_labels is not None:
+                    raise ValueError("reference_labels given without reference")
+                shard, device = self._checked_query(query)
+                checked["shard"], checked["device"] = shard, device
+                checked["shard_labels"] = self.checked_labels(
+                    query_labels, len(shard), "query_labels"
+                ).to(device)
+            else:
+                if reference_labels is None:
+                    raise ValueError("reference given without reference_labels")
+                q, device = self._checked_query(query)
+                checked["query"], checked["device"] = q, device
+                checked["query_labels"] = self.checked_labels(
+                    query_labels, len(q), "query_labels"
+                ).to(device)
+                shard = as_embeddings(reference, "reference", q.shape[1]).to(device)
+                checked["shard"] = shard
+                checked["shard_labels"] = self.checked_labels(
+                    reference_labels, len(shard), "reference_labels"
+                ).to(device)
+
+        device = self.device if self.device is not None else _device_of(query)
+        checked_on_every_rank(check, self.group, device)
+        shard, shard_labels, device = checked["shard"], checked["shard_labels"], checked["device"]
         if reference is None:
-            if reference_labels is not None:
-                raise ValueError("reference_labels given without reference")
-            shard, device = self._checked_query(query)
-            shard_labels = self.checked_labels(query_labels, len(shard), "query_labels").to(device)
             query = all_gather_rows(shard, self.group)[0]
             query_labels = all_gather_rows(shard_labels, self.group)[0]
             ref_includes_query = True
         else:
-            if reference_labels is None:
-                raise ValueError("reference given without reference_labels")
-            query, device = self._checked_query(query)
-            query_labels = self.checked_labels(query_labels, len(query), "query_labels").to(device)
-            shard = as_embeddings(reference, "reference", query.shape[1]).to(device)
-            shard_labels = self.checked_labels(reference_labels, len(shard), "reference_labels").to(
-                device
-            )
+            query, query_labels = checked["query"], checked["query_labels"]
         reference_labels, sizes = all_gather_rows(shard_labels, self.group)
         if ref_includes_query:
             self._check_reference_starts_with_query(query, query_labels, shard, shard_labels, sizes)

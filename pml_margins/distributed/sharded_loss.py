@@ -12,6 +12,7 @@ from pml_margins.distributed.collectives import (
     ProcessGroup,
     all_gather_rows,
     all_reduce_,
+    checked_on_every_rank,
     gather_rows_with_grad,
     rank_and_world_size,
 )
@@ -29,6 +30,14 @@ from pml_margins.validation import (
 )
 
 __all__ = ["ShardedMarginSoftmaxLoss"]
+
+#: a number per floating dtype, for the ranks to compare theirs
+_DTYPE_CODES = {
+    torch.float16: 0,
+    torch.bfloat16: 1,
+    torch.float32: 2,
+    torch.float64: 3,
+}
 
 
 class _BaseLogits(torch.nn.Module):
@@ -151,8 +160,10 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         sample_rate: Partial FC rate in ``(0, 1]``; 1 disables sampling.
         seed: seed of the shard's initialisation and of the negative-class sampling.
         group: process group (default: the world).
-        rank, world_size: override the group's (e.g. to build a shard offline);
-            without a process group the default is ``(0, 1)``, the unsharded loss.
+        rank, world_size: override the group's (e.g. to build a shard offline, for
+            checkpoints); without a process group the default is ``(0, 1)``, the
+            unsharded loss. ``forward`` refuses a shard whose group disagrees (it would
+            count its own classes as all of them, or each class once per rank).
         **loss_kwargs: the loss's own arguments (``margin``, ``scale``, ``reducer``...).
 
     Example:
@@ -246,8 +257,15 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             embeddings: this rank's ``(B, D)`` embeddings (``B`` may differ across ranks).
             labels: this rank's ``B`` global class labels in ``[0, C)``.
         """
-        check_embeddings(embeddings, width=self.embedding_size)
-        check_class_labels(labels, embeddings.shape[0], self.num_classes)
+        self._check_group()
+
+        def check() -> None:
+            check_embeddings(embeddings, width=self.embedding_size)
+            check_class_labels(labels, embeddings.shape[0], self.num_classes)
+
+        dtype = embeddings.dtype if isinstance(embeddings, torch.Tensor) else None
+        codes = {"embeddings dtypes": (float(_DTYPE_CODES.get(dtype, -1)), str(dtype))}
+        checked_on_every_rank(check, self.group, self.W_local.device, codes)
         all_emb, _ = gather_rows_with_grad(embeddings, self.group)
         all_labels, _ = all_gather_rows(labels.to(embeddings.device), self.group)
         local = all_labels.long() - self.class_start
@@ -268,6 +286,18 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             }
         }
         return self.loss.reducer(loss_dict, all_emb, all_labels)
+
+    def _check_group(self) -> None:
+        """``ValueError`` when the process group is not the one the shards were made for
+        (``rank``/``world_size`` given to the constructor, or a shard built offline)."""
+        actual = rank_and_world_size(self.group)
+        if actual != (self.rank, self.world_size):
+            raise ValueError(
+                f"this loss holds shard {self.rank} of {self.world_size}, but its process "
+                f"group makes this process rank {actual[0]} of {actual[1]}: a forward runs "
+                "in the group the shards were made for (a shard built offline is for "
+                "checkpoints: merge the shards with to_single_process_loss)"
+            )
 
     def _losses(
         self, all_emb: torch.Tensor, all_labels: torch.Tensor, owned: torch.Tensor

@@ -17,6 +17,7 @@ from pml_margins.distributed.checkpoint import (
     split_checkpoint,
     to_single_process_loss,
 )
+from pml_margins.distributed.partial_fc import sample_local_classes
 from pml_margins.losses import AdaCosLoss, ArcFaceLoss, CurricularFaceLoss, SoftmaxLoss
 from tests.distributed import cases
 from tests.distributed.test_sharded_loss import F64, check_rank, load_results, single_process
@@ -104,21 +105,26 @@ def test_bad_checkpoints(tmp_path) -> None:
 
 def test_resumed_run_draws_the_same_classes(tmp_path) -> None:
     """The sampler's RNG state travels with the shard: step 2 after a restart is the same."""
-    x, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 3])
+    y = torch.tensor([0, 1, 2, 3])
+
+    def draw(shard: ShardedMarginSoftmaxLoss) -> torch.Tensor:
+        """The classes this (offline) shard's forward would keep: its sampler's next draw."""
+        generator = shard._generator_for(y.device)
+        args = (y, shard.class_start, shard.num_local, shard.sample_rate, generator)
+        return sample_local_classes(*args)[0]
+
     run = ShardedMarginSoftmaxLoss(ArcFaceLoss, 60, 4, rank=1, world_size=2, sample_rate=0.2)
-    run(x, y)
+    draw(run)
     save_shard(run, tmp_path / "s1.pt")
-    run(x, y)
+    second = draw(run)
     resumed = ShardedMarginSoftmaxLoss(
         ArcFaceLoss, 60, 4, rank=1, world_size=2, sample_rate=0.2, seed=99
     )
     load_into(resumed, load_shard(tmp_path / "s1.pt"))
-    resumed(x, y)
-    assert torch.equal(resumed.sampled_classes, run.sampled_classes)
+    assert torch.equal(draw(resumed), second)
     assert torch.equal(resumed.W_local, run.W_local)
     fresh = ShardedMarginSoftmaxLoss(ArcFaceLoss, 60, 4, rank=1, world_size=2, sample_rate=0.2)
-    fresh(x, y)
-    assert not torch.equal(fresh.sampled_classes, run.sampled_classes)
+    assert not torch.equal(draw(fresh), second)  # its first draw, not the resumed second
     rank0 = ShardedMarginSoftmaxLoss(ArcFaceLoss, 60, 4, rank=0, world_size=2, sample_rate=0.2)
     shards = [shard_checkpoint(rank0), load_shard(tmp_path / "s1.pt")]
     assert all(s["sampler_state"] is None for s in reshard(shards, 3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 from typing import Any
 
 import pytest
@@ -169,3 +170,26 @@ def test_nccl_equals_single_process(tmp_path_factory, spec_id: str) -> None:
     loss, x_grad = single_process(loss_fn, *cases.batch(2, cases.NUM_CLASSES))
     for rank, results in enumerate(load_results(out, "losses", 2)):
         check_rank(results[spec_id], rank, 2, loss, x_grad, loss_fn, F64)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> None:
+    """Rank 1's bad batch (rank 0's empty reference slice): each rank raises at once, the
+    bad one naming the problem, the others saying another rank's input is invalid."""
+    seen = load_results(runs[world_size], "bad_input", world_size)
+    own = {
+        "nan": "embeddings contains NaN or Inf",
+        "label": "labels must lie in \\[0, 10\\)",
+        "width": "embeddings has width 5",
+    }
+    for rank, errors in enumerate(seen):
+        for case, message in own.items():
+            expected = message if rank == 1 else "another rank's input is invalid"
+            assert re.search(expected, errors[case]), (rank, case, errors[case])
+        assert "embeddings dtypes differ" in errors["dtype"]
+        empty = "reference is empty" if rank == 0 else "another rank's input is invalid"
+        assert empty in errors["empty_reference"]
+        assert (
+            f"shard 0 of 1, but its process group makes this process rank {rank} of"
+            in (errors["override"])
+        )

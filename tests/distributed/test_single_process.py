@@ -113,10 +113,13 @@ def test_bad_arguments() -> None:
     assert (loss_fn.class_start, loss_fn.class_end) == (5, 10)
     assert loss_fn.W_local.shape == (4, 5)
     assert "classes=[5, 10)" in repr(loss_fn)
+    with pytest.raises(ValueError, match="holds shard 1 of 2, but its process group makes"):
+        loss_fn(torch.randn(2, 4), torch.tensor([0, 1]))  # offline: for checkpoints only
+    whole = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4)
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
-        loss_fn(torch.randn(2, 4), torch.tensor([0, 10]))
+        whole(torch.randn(2, 4), torch.tensor([0, 10]))
     with pytest.raises(ValueError, match="width"):
-        loss_fn(torch.randn(2, 3), torch.tensor([0, 1]))
+        whole(torch.randn(2, 3), torch.tensor([0, 1]))
 
 
 def test_shards_are_initialised_per_rank_and_reproducibly() -> None:

@@ -190,10 +190,47 @@ def ddp_backbone(rank: int, world_size: int, out: pathlib.Path) -> None:
     torch.save({"weight_grad": backbone.weight.grad}, out / f"ddp_{rank}.pt")
 
 
+def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None:
+    """Bad input on one rank: every rank must raise (none left waiting in a collective).
+    Records each rank's error message per case."""
+    from pml_margins.distributed import ShardedMarginSoftmaxLoss, ShardedRetrievalAccuracyCalculator
+    from pml_margins.losses import ArcFaceLoss
+
+    loss_fn = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4)
+    x, y = torch.randn(3, 4), torch.tensor([0, 4, 9])
+    bad = {
+        "nan": (x.clone().fill_(float("nan")), y),
+        "label": (x, torch.tensor([0, 4, 10])),
+        "width": (torch.randn(3, 5), y),
+        "dtype": (x.double(), y),
+    }
+    seen: dict[str, str] = {}
+    for case, (bx, by) in bad.items():
+        try:
+            loss_fn(bx if rank == 1 else x, by if rank == 1 else y)
+            seen[case] = "no error"
+        except (TypeError, ValueError) as err:
+            seen[case] = str(err)
+    try:  # rank 0 holds no reference: an empty slice
+        calc = ShardedRetrievalAccuracyCalculator(include=("precision_at_1",))
+        refs = torch.randn(0 if rank == 0 else 4, 4)
+        calc.get_accuracy(x, y, refs, torch.zeros(len(refs), dtype=torch.long))
+        seen["empty_reference"] = "no error"
+    except ValueError as err:
+        seen["empty_reference"] = str(err)
+    try:  # every rank claims to be shard 0 of 1 inside a group of world_size
+        ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=1)(x, y)
+        seen["override"] = "no error"
+    except ValueError as err:
+        seen["override"] = str(err)
+    torch.save(seen, out / f"bad_input_{rank}.pt")
+
+
 def all_scenarios(
     rank: int, world_size: int, out: pathlib.Path, load_from: str | None = None
 ) -> None:
     """One process group, every scenario (spawning is the slow part on a small CPU box)."""
+    bad_input_on_one_rank(rank, world_size, out)
     losses(rank, world_size, out)
     sampled(rank, world_size, out)
     checkpoint(rank, world_size, out, load_from)
