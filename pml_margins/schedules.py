@@ -26,11 +26,24 @@ __all__ = ["MarginScheduler", "SphereFaceLambdaScheduler"]
 class _AttributeScheduler:
     """Sets ``loss.<attr>`` to ``value_at(step)``; the loss validates every value set."""
 
-    def __init__(self, loss: torch.nn.Module, attr: str) -> None:
+    def __init__(self, loss: torch.nn.Module, attr: str, ends: tuple[float, ...] = ()) -> None:
         if not hasattr(loss, attr):
-            raise ValueError(f"{type(loss).__name__} has no hyper-parameter {attr!r}")
+            inner = getattr(loss, "loss", None)  # ShardedMarginSoftmaxLoss holds the loss
+            hint = f" (its .loss, a {type(inner).__name__}, has it)" if hasattr(inner, attr) else ""
+            raise ValueError(f"{type(loss).__name__} has no hyper-parameter {attr!r}{hint}")
+        if isinstance(getattr(loss, attr), torch.Tensor):
+            raise ValueError(
+                f"{type(loss).__name__}.{attr} is a tensor (a buffer the loss sets itself, as "
+                "AdaCos's scale), not a hyper-parameter a scheduler can drive"
+            )
         self.loss, self.attr = loss, attr
         self.last_step = 0
+        before = getattr(loss, attr)
+        try:  # the loss's own checks, on every value the ramp will set, at once
+            for value in ends:
+                setattr(self.loss, self.attr, value)
+        finally:
+            setattr(self.loss, self.attr, before)
         setattr(self.loss, self.attr, self.value_at(0))
 
     def value_at(self, step: int) -> float:
@@ -51,6 +64,14 @@ class _AttributeScheduler:
         return {k: v for k, v in self.__dict__.items() if k != "loss"}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` of a scheduler of the same kind and attribute;
+        ``ValueError`` otherwise (another attribute, missing or unknown keys)."""
+        mine = self.state_dict()
+        if set(state_dict) != set(mine) or state_dict.get("attr") != self.attr:
+            raise ValueError(
+                f"this {type(self).__name__} drives {self.attr!r} with keys {sorted(mine)}; "
+                f"the state drives {state_dict.get('attr')!r} with keys {sorted(state_dict)}"
+            )
         self.__dict__.update(state_dict)
         setattr(self.loss, self.attr, self.value_at(self.last_step))
 
@@ -94,8 +115,10 @@ class MarginScheduler(_AttributeScheduler):
             raise ValueError(f"mode must be 'linear' or 'cosine', got {mode!r}")
         self.start, self.end, self.mode = float(start), float(end), mode
         self.total_steps = check_count(total_steps, "total_steps")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
+            raise TypeError(f"warmup_steps must be an int, got {warmup_steps!r}")
         self.warmup_steps = int(check_non_negative(warmup_steps, "warmup_steps"))
-        super().__init__(loss, attr)
+        super().__init__(loss, attr, ends=(self.start, self.end))
 
     def value_at(self, step: int) -> float:
         u = min(max(step - self.warmup_steps, 0) / self.total_steps, 1.0)

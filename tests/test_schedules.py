@@ -65,3 +65,34 @@ def test_sphereface_lambda_annealing() -> None:
     for _ in range(10000):
         sched.step()
     assert loss.lambda_ == 5.0
+
+
+def test_an_invalid_end_is_refused_at_construction_and_the_loss_left_as_it_was() -> None:
+    loss = ArcFaceLoss(10, 4, margin=0.3)
+    with pytest.raises(ValueError, match="radians"):
+        MarginScheduler(loss, 0.1, 4.0, total_steps=1000)  # 4 rad: would fail at step ~780
+    assert loss.margin == 0.3
+    with pytest.raises(TypeError, match="warmup_steps must be an int"):
+        MarginScheduler(loss, 0.1, 0.5, total_steps=10, warmup_steps=1.7)
+
+
+def test_state_of_another_attribute_or_keys_is_refused() -> None:
+    margin = MarginScheduler(ArcFaceLoss(10, 4), 0.1, 0.5, total_steps=10)
+    combined = CombinedMarginLoss(10, 4)
+    m3 = MarginScheduler(combined, 0.0, 0.3, total_steps=10, attr="m3")
+    with pytest.raises(ValueError, match=r"drives 'm3'.*the state drives 'margin'"):
+        m3.load_state_dict(margin.state_dict())
+    with pytest.raises(ValueError, match="keys"):
+        m3.load_state_dict({**m3.state_dict(), "bogus": 1})
+    m3.load_state_dict({**m3.state_dict(), "last_step": 10})
+    assert combined.m3 == pytest.approx(0.3)
+
+
+def test_tensor_buffers_and_wrapped_losses_get_clear_errors() -> None:
+    from pml_margins.distributed import ShardedMarginSoftmaxLoss
+    from pml_margins.losses import AdaCosLoss
+
+    with pytest.raises(ValueError, match=r"a tensor .* AdaCos's scale"):
+        MarginScheduler(AdaCosLoss(10, 4), 5.0, 10.0, total_steps=10, attr="scale")
+    with pytest.raises(ValueError, match=r"its \.loss, a ArcFaceLoss, has it"):
+        MarginScheduler(ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4), 0.1, 0.5, total_steps=10)

@@ -67,12 +67,24 @@ def _plain(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is None or isinstance(v, (bool, int, float, str))}
 
 
+def _current_hyperparameters(loss: ShardedMarginSoftmaxLoss) -> dict[str, Any]:
+    """The current values of the hyper-parameters the constructor was given (by name)."""
+    inner = loss.loss
+    return {
+        name: getattr(inner, name)
+        for name in loss.loss_kwargs
+        if name in getattr(inner, "hyperparameter_names", ())
+        and isinstance(getattr(inner, name, None), (bool, int, float, str))
+    }
+
+
 def shard_checkpoint(loss: ShardedMarginSoftmaxLoss) -> Checkpoint:
     """This rank's shard of ``loss`` as a checkpoint dict (tensors detached, on CPU)."""
     return {
         "format": FORMAT,
         "loss_type": _type_name(loss.loss_type),
-        "loss_kwargs": _plain(loss.loss_kwargs),
+        # the hyper-parameters as they are now (a scheduler may have moved a margin)
+        "loss_kwargs": _plain({**loss.loss_kwargs, **_current_hyperparameters(loss)}),
         "num_classes": loss.num_classes,
         "embedding_size": loss.embedding_size,
         "rank": loss.rank,
@@ -171,7 +183,12 @@ def reshard(shards: Sequence[Checkpoint], world_size: int) -> list[Checkpoint]:
 
 
 def load_into(loss: ShardedMarginSoftmaxLoss, shard: Checkpoint) -> None:
-    """Load a shard into a :class:`ShardedMarginSoftmaxLoss` with the same class range."""
+    """Load a shard into a :class:`ShardedMarginSoftmaxLoss` of the same loss type and
+    class range."""
+    if shard["loss_type"] != _type_name(loss.loss_type):
+        raise ValueError(
+            f"shard is of a {shard['loss_type']}, the loss a {_type_name(loss.loss_type)}"
+        )
     if shard["num_classes"] != loss.num_classes or tuple(shard["class_range"]) != (
         loss.class_start,
         loss.class_end,

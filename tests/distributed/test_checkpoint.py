@@ -147,3 +147,17 @@ def test_single_process_checkpoint_keeps_every_tensor_and_dtype(loss_type, cast)
         assert back.keys() == expected.keys()
         for key, value in expected.items():
             assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+
+
+def test_checkpoints_keep_current_hyperparameters_and_their_loss_type(tmp_path) -> None:
+    """A scheduler moved the margin: the checkpoint rebuilds the loss with the current one;
+    a shard of another loss type is refused."""
+    from pml_margins.losses import CosFaceLoss
+    from pml_margins.schedules import MarginScheduler
+
+    sharded = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, margin=0.1)
+    MarginScheduler(sharded.loss, 0.1, 0.5, total_steps=1).step()
+    save_shard(sharded, tmp_path / "s.pt")
+    assert to_single_process_loss(load_shard(tmp_path / "s.pt")).margin == 0.5
+    with pytest.raises(ValueError, match=r"shard is of a .*ArcFaceLoss, the loss a .*CosFaceLoss"):
+        load_into(ShardedMarginSoftmaxLoss(CosFaceLoss, 10, 4), load_shard(tmp_path / "s.pt"))
