@@ -79,15 +79,18 @@ def as_labels(x: object, length: int, name: str) -> torch.Tensor:
     """Checked ``(length,)`` int64 labels; whole-number float labels are accepted as PML does.
 
     Raises:
-        TypeError: not a tensor/array, or fractional/non-finite float labels or a bool dtype.
-        ValueError: not 1-D, or a length other than ``length``.
+        TypeError: not a tensor/array, or fractional/non-finite float labels.
+        ValueError: not 1-D, a length other than ``length``, or float labels beyond int64.
     """
     t = _label_tensor(x, length, name, (1,), "have an integer dtype")
     if t.is_floating_point():
         if not bool(torch.isfinite(t).all() and (t == t.round()).all()):
             raise TypeError(f"{name} must be integers, got {t.dtype} values with a fraction")
-        if t.numel() and float(t.abs().max()) >= 2.0**63:  # beyond int64: codes that keep
-            t = torch.unique(t, return_inverse=True)[1]  # equality and order (PML: floats)
+        if t.numel() and float(t.abs().max()) >= 2.0**63:
+            raise ValueError(
+                f"{name} has values beyond int64 (|label| >= 2^63): map them to integers "
+                "first (as floats they would not even stay distinct in PML's float32)"
+            )
     return t.long()
 
 

@@ -46,8 +46,10 @@ class autograd_only:
     On: the class-weight losses form their ``(B, C)`` logits and differentiate them
     with autograd (``chunk_size`` and ``sample_rate`` are then refused: they exist only
     on the fused core), :class:`~pml_margins.losses.CircleLoss` gathers its pairs; the
-    values and gradients are those of the fast paths (to rounding), and the gradients
-    can be differentiated again. The setting is per thread, like autograd's.
+    values and gradients are those of the fast paths (to rounding; one exception: a
+    ``NormSoftmaxLoss`` column of ``W`` with norm below ``1e-12``, which the plain path
+    normalizes twice, as PML does, and the fast path once), and the gradients can be
+    differentiated again. The setting is per thread, like autograd's.
 
     Args:
         enabled: ``True`` (default) for the autograd paths, ``False`` for the fast ones.

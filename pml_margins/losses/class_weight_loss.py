@@ -312,7 +312,13 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Classification logits without margin (``s * z``), shape ``(B, C)``."""
-        check_embeddings(embeddings, width=self.embedding_size)
+        check_embeddings(
+            embeddings,
+            width=self.embedding_size,
+            compute_dtype=self.compute_dtype(embeddings)
+            if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point()
+            else None,
+        )
         logits, scale = self.base_logits(embeddings)
         if isinstance(scale, torch.Tensor):
             scale = scale.to(logits.dtype).unsqueeze(1)

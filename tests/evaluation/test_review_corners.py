@@ -53,12 +53,16 @@ def test_a_float64_default_dtype_changes_nothing():
     assert got == expected
 
 
-def test_float_labels_beyond_int64_stay_distinct_as_in_pml():
+def test_float_labels_beyond_int64_are_refused():
+    """They collapsed into one class (int64 overflow); coding each set apart would break
+    query/reference equality: a clear error instead."""
     x, _ = _data(n=40)
     labels = torch.tensor([1e19, 2e19] * 20, dtype=torch.float64)
-    ours = RetrievalAccuracyCalculator(include=KNN_METRICS).get_accuracy(x, labels)
-    pml = AccuracyCalculator(include=KNN_METRICS).get_accuracy(x, labels)
-    assert ours == pytest.approx(pml)
+    calc = RetrievalAccuracyCalculator(include=KNN_METRICS)
+    with pytest.raises(ValueError, match="query_labels has values beyond int64"):
+        calc.get_accuracy(x, labels)
+    with pytest.raises(ValueError, match="reference_labels has values beyond int64"):
+        calc.get_accuracy(x, labels / 1e19, x, torch.tensor([7.0] * 39 + [3e19]))
 
 
 def test_ref_includes_query_compares_an_integer_query_without_truncation():

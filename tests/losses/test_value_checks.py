@@ -246,3 +246,6 @@ def test_the_norm_limit_follows_the_compute_dtype():
     x[1] = 2e19 / math.sqrt(8)
     loss_fn = ArcFaceLoss(5, 8).double()
     assert torch.isfinite(loss_fn(x.float(), torch.tensor([0, 1, 2, 3])))
+    assert torch.isfinite(loss_fn.get_logits(x.float())).all()  # get_logits: the same rule
+    with pytest.raises(ValueError, match=r"its square overflows torch\.float32"):
+        ArcFaceLoss(5, 8).get_logits(x.float())
