@@ -12,6 +12,7 @@ padded to the largest batch for the collective and the padding is dropped again.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,8 @@ __all__ = [
     "is_distributed",
     "rank_and_world_size",
 ]
+
+T = TypeVar("T")
 
 ProcessGroup = object  # ``dist.ProcessGroup`` when torch.distributed is available
 
@@ -66,23 +69,24 @@ def all_reduce_(tensor: torch.Tensor, op: str, group: ProcessGroup | None = None
 
 
 def checked_on_every_rank(
-    check: Callable[[], None],
+    check: Callable[[], T],
     group: ProcessGroup | None,
     device: torch.device,
     agreed: Mapping[str, tuple[float, str]] | None = None,
-) -> None:
-    """Run ``check`` (input checks that raise ``TypeError``/``ValueError``) so that every
-    rank raises when one does, instead of the others waiting in the next collective until
-    the group's timeout: one small all-reduce of the ranks' verdicts. ``agreed``: what
-    every rank must share, ``{name: (code, shown)}`` (an embeddings dtype, say): a
-    ``ValueError`` on every rank names it when the codes differ.
+) -> T:
+    """``check()`` (input checks that raise ``TypeError``/``ValueError``; what it returns
+    is returned), run so that every rank raises when one does, instead of the others
+    waiting in the next collective until the group's timeout: one small all-reduce of the
+    ranks' verdicts. ``agreed``: what every rank must share, ``{name: (code, shown)}``
+    (an embeddings dtype, say): a ``ValueError`` on every rank names it when the codes
+    differ.
     """
     if rank_and_world_size(group)[1] == 1:
-        check()
-        return
+        return check()
     error: Exception | None = None
+    result: T | None = None
     try:
-        check()
+        result = check()
     except (TypeError, ValueError) as err:
         error = err
     agreed = dict(agreed or {})
@@ -97,6 +101,7 @@ def checked_on_every_rank(
     for i, (name, (_, shown)) in enumerate(agreed.items()):
         if verdict[1 + 2 * i] != -verdict[2 + 2 * i]:
             raise ValueError(f"the ranks' {name} differ (this rank's: {shown}); they must agree")
+    return result  # type: ignore[return-value]  # check() returned: no error above
 
 
 def _batch_sizes(rows: int, device: torch.device, group: ProcessGroup | None) -> list[int]:

@@ -170,40 +170,36 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             ref_includes_query: the global reference set starts with the queries.
             include, exclude: as PML.
         """
-        checked: dict[str, Any] = {}
 
-        def check() -> None:  # every rank raises if one does (no rank left waiting)
+        def check() -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+            """(query, query_labels, shard, shard_labels), checked, on the compute device;
+            query and its labels are None when the set is evaluated against itself (the
+            whole set is then gathered from the shards)."""
             if reference is None:
                 if reference_labels is not None:
                     raise ValueError("reference_labels given without reference")
                 shard, device = self._checked_query(query)
-                checked["shard"], checked["device"] = shard, device
-                checked["shard_labels"] = self.checked_labels(
-                    query_labels, len(shard), "query_labels"
-                ).to(device)
-            else:
-                if reference_labels is None:
-                    raise ValueError("reference given without reference_labels")
-                q, device = self._checked_query(query)
-                checked["query"], checked["device"] = q, device
-                checked["query_labels"] = self.checked_labels(
-                    query_labels, len(q), "query_labels"
-                ).to(device)
-                shard = as_embeddings(reference, "reference", q.shape[1]).to(device)
-                checked["shard"] = shard
-                checked["shard_labels"] = self.checked_labels(
-                    reference_labels, len(shard), "reference_labels"
-                ).to(device)
+                labels = self.checked_labels(query_labels, len(shard), "query_labels")
+                return None, None, shard, labels.to(device)
+            if reference_labels is None:
+                raise ValueError("reference given without reference_labels")
+            q, device = self._checked_query(query)
+            q_labels = self.checked_labels(query_labels, len(q), "query_labels").to(device)
+            shard = as_embeddings(reference, "reference", q.shape[1]).to(device)
+            labels = self.checked_labels(reference_labels, len(shard), "reference_labels")
+            return q, q_labels, shard, labels.to(device)
 
+        # every rank raises if one does (no rank left waiting in a collective)
         device = self.device if self.device is not None else _device_of(query)
-        checked_on_every_rank(check, self.group, device)
-        shard, shard_labels, device = checked["shard"], checked["shard_labels"], checked["device"]
+        checked_query, checked_labels, shard, shard_labels = checked_on_every_rank(
+            check, self.group, device
+        )
         if reference is None:
             query = all_gather_rows(shard, self.group)[0]
             query_labels = all_gather_rows(shard_labels, self.group)[0]
             ref_includes_query = True
         else:
-            query, query_labels = checked["query"], checked["query_labels"]
+            query, query_labels = checked_query, checked_labels
         reference_labels, sizes = all_gather_rows(shard_labels, self.group)
         if ref_includes_query:
             self._check_reference_starts_with_query(query, query_labels, shard, shard_labels, sizes)

@@ -310,14 +310,18 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         weights = self.weights_for(embeddings)
         return self.distance(embeddings.to(weights.dtype), weights.t())
 
+    def _checked_compute_dtype(self, embeddings: object) -> torch.dtype | None:
+        """:meth:`compute_dtype` for the norm check, ``None`` for input the checks refuse."""
+        if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point():
+            return self.compute_dtype(embeddings)
+        return None
+
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Classification logits without margin (``s * z``), shape ``(B, C)``."""
         check_embeddings(
             embeddings,
             width=self.embedding_size,
-            compute_dtype=self.compute_dtype(embeddings)
-            if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point()
-            else None,
+            compute_dtype=self._checked_compute_dtype(embeddings),
         )
         logits, scale = self.base_logits(embeddings)
         if isinstance(scale, torch.Tensor):
@@ -345,9 +349,7 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
             ref_emb,
             ref_labels,
             hint=" (use a pair-based loss such as CircleLoss for that)",
-            compute_dtype=self.compute_dtype(embeddings)
-            if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point()
-            else None,
+            compute_dtype=self._checked_compute_dtype(embeddings),
         )
 
     def compute_loss(
