@@ -28,7 +28,7 @@ from pml_margins.distributed.collectives import (
     rank_and_world_size,
 )
 from pml_margins.evaluation import RetrievalAccuracyCalculator
-from pml_margins.evaluation.calculator import describe_distance
+from pml_margins.evaluation.calculator import common_float, describe_distance
 from pml_margins.evaluation.inputs import as_embeddings, check_knn
 from pml_margins.evaluation.knn import (
     Backend,
@@ -251,7 +251,7 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         stop = min(start + len(shard), len(query))
         ok = sum(sizes) >= len(query)
         if ok and stop > start:
-            ok = torch.allclose(query[start:stop], shard[: stop - start].to(query.dtype)) and (
+            ok = torch.allclose(*common_float(query[start:stop], shard[: stop - start])) and (
                 torch.equal(query_labels[start:stop], shard_labels[: stop - start])
             )
         bad = all_reduce_(torch.tensor([0 if ok else 1], device=query.device), "sum", self.group)

@@ -31,6 +31,7 @@ from pml_margins.evaluation.label_matching import compared, custom_relevance, la
 
 __all__ = [
     "RetrievalAccuracyCalculator",
+    "common_float",
     "describe_distance",
     "resolve_distance",
     "resolve_faiss_knn",
@@ -268,7 +269,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         if ref_includes_query and not same:
             n = len(query)
             if len(reference) < n or not (
-                torch.allclose(*_common_float(query, reference[:n]))
+                torch.allclose(*common_float(query, reference[:n]))
                 and torch.equal(query_labels, reference_labels[:n])
             ):
                 raise ValueError(
@@ -509,7 +510,7 @@ def _faiss_gpu_usable(device: torch.device | None) -> bool:
     return faiss.get_num_gpus() > 0
 
 
-def _common_float(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def common_float(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both in one floating dtype that holds each exactly enough to compare (at least
     float32; an integer query is not truncated to by a float reference, nor the reverse)."""
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)

@@ -65,11 +65,14 @@ def test_float_labels_beyond_int64_are_refused():
         calc.get_accuracy(x, labels / 1e19, x, torch.tensor([7.0] * 39 + [3e19]))
 
 
-def test_ref_includes_query_compares_an_integer_query_without_truncation():
+@pytest.mark.parametrize(
+    "calculator", [RetrievalAccuracyCalculator, ShardedRetrievalAccuracyCalculator]
+)
+def test_ref_includes_query_compares_an_integer_query_without_truncation(calculator):
     query = torch.tensor([[1], [2]])
     reference = torch.tensor([[1.9], [2.9], [5.0], [7.0]])
     with pytest.raises(ValueError, match="ref_includes_query=True needs"):
-        RetrievalAccuracyCalculator(include=("precision_at_1",)).get_accuracy(
+        calculator(include=("precision_at_1",)).get_accuracy(
             query, torch.tensor([0, 1]), reference, torch.tensor([0, 1, 0, 1]), True
         )
 
