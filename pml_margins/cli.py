@@ -10,6 +10,10 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # module path of each command, imported lazily so that ``--help`` stays fast
 COMMAND_MODULES: tuple[str, ...] = (
@@ -18,6 +22,20 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pml_margins.bench.cli_sphere",
     "pml_margins.bench.cli_ablate",
 )
+
+
+def device_arg(name: str) -> torch.device:
+    """``--device`` as a ``torch.device``; ``ValueError`` for a name torch does not know
+    or CUDA that is not there (each command prints it as its one error line)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: not a device: {name!r} (cpu, cuda, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available")
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:

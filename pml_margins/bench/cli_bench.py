@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from pml_margins.cli import device_arg
+
 __all__ = ["register", "run_bench"]
 
 #: settings a dataset gives defaults for (see :class:`pml_margins.bench.datasets.DatasetSpec`)
@@ -177,20 +179,13 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: --num-workers must be >= 0, got {args.num_workers}")
     if args.image_size is not None and args.image_size < 1:
         raise SystemExit(f"error: --image-size must be >= 1, got {args.image_size}")
-    _check_device(args.device)
+    try:
+        device_arg(args.device)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SystemExit(f"error: --out {args.out} exists and is not a folder")
     return settings
-
-
-def _check_device(device: str) -> None:
-    """``SystemExit`` for a device torch does not know or CUDA that is not there."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise SystemExit(f"error: --device: not a device: {device!r} (cpu, cuda, ...)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
 
 
 def _data_counts(bench_data: Any) -> dict[str, int]:

@@ -194,16 +194,15 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pytorch_metric_learning.distances import CosineSimilarity
 
+    from pml_margins.cli import device_arg
     from pml_margins.evaluation.calculator import RetrievalAccuracyCalculator
 
     if (args.reference_embeddings is None) != (args.reference_labels is None):
         raise CliError("give both --reference-embeddings and --reference-labels, or none")
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise CliError(f"--device: not a device: {args.device!r} (cpu, cuda, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda but CUDA is not available")
+        device = device_arg(args.device)
+    except ValueError as error:
+        raise CliError(str(error)) from None
     if any(k < 1 for k in args.recall_ks):
         raise CliError(f"--recall-ks must be positive, got {args.recall_ks}")
     if args.output and not Path(args.output).resolve().parent.is_dir():
