@@ -547,6 +547,18 @@ def check_class_loss_input(
     checks.run()
 
 
+def check_bool(value: object, name: str) -> bool:
+    """``value`` as a ``bool``: Python's or numpy's booleans only (a string such as
+    ``"False"`` or a number would otherwise switch the option by its truthiness).
+
+    Raises:
+        TypeError: anything else.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def check_positive(value: object, name: str) -> float:
     """Return ``value`` as a float after checking it is a finite real number > 0."""
     value = _check_real(value, name)

@@ -13,7 +13,7 @@ import torch
 from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.step_statistics import StepStatistics
-from pml_margins.validation import check_count, check_optional_positive
+from pml_margins.validation import check_bool, check_count, check_optional_positive
 
 __all__ = [
     "AdaCosLoss",
@@ -132,9 +132,7 @@ class AdaCosLoss(ClassWeightLoss):
         num_classes = check_count(num_classes, "num_classes")
         initial = check_optional_positive(scale, "scale")
         initial = adacos_fixed_scale(num_classes) if initial is None else initial
-        if not isinstance(dynamic, bool):
-            raise TypeError(f"dynamic must be a bool, got {type(dynamic).__name__}")
-        self.dynamic = dynamic
+        self.dynamic = check_bool(dynamic, "dynamic")
         super().__init__(num_classes, embedding_size, **kwargs)
         # float64 until the module is cast: sqrt(2) log(C - 1) is kept exactly
         self.register_buffer("scale", torch.tensor(initial, dtype=torch.float64))
@@ -149,7 +147,7 @@ class AdaCosLoss(ClassWeightLoss):
 
     def logit_scale(self, embeddings: torch.Tensor) -> torch.Tensor:
         """The current scale, once per row (no host synchronisation)."""
-        return self.scale.detach().expand(embeddings.shape[0])
+        return self.scale.detach().clone().expand(embeddings.shape[0])
 
     def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
         """The default form; within a step that defers the update, the scale is a callable
@@ -198,7 +196,7 @@ class AdaCosLoss(ClassWeightLoss):
         statistics.set_class_cosines(blocks)
         self.scale.copy_(adacos_scale_from_statistics(statistics, self.scale))
         self._deferred = None  # once per step
-        return self.scale.detach().expand(blocks[0].shape[0])
+        return self.scale.detach().clone().expand(blocks[0].shape[0])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={float(self.scale):.4g}"

@@ -12,7 +12,7 @@ from pml_margins.functional.target_logits import (
 )
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
-from pml_margins.validation import check_angle_margin, check_positive
+from pml_margins.validation import check_angle_margin, check_bool, check_positive
 
 __all__ = ["ArcFaceLoss"]
 
@@ -50,6 +50,7 @@ class ArcFaceLoss(ClassWeightLoss):
     hyperparameter_names = ("margin", "scale", "easy_margin")
     margin = Hyperparameter(check_angle_margin)
     scale = Hyperparameter(check_positive)
+    easy_margin = Hyperparameter(check_bool)
 
     def __init__(
         self,
@@ -60,7 +61,7 @@ class ArcFaceLoss(ClassWeightLoss):
         easy_margin: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.margin, self.scale, self.easy_margin = margin, scale, bool(easy_margin)
+        self.margin, self.scale, self.easy_margin = margin, scale, easy_margin
         super().__init__(num_classes, embedding_size, **kwargs)
 
     def target_logit_fn(self) -> TargetLogitFn:

@@ -20,6 +20,7 @@ from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
     ValueChecks,
+    check_bool,
     check_circle_margin,
     check_embeddings,
     check_indices_tuple,
@@ -114,9 +115,7 @@ class CircleLoss(CheckedForwardMixin, BaseMetricLossFunction):
         self, m: float = 0.25, gamma: float = 256.0, per_anchor: bool = True, **kwargs: Any
     ) -> None:
         self.m, self.gamma = m, gamma
-        if not isinstance(per_anchor, bool):
-            raise TypeError(f"per_anchor must be a bool, got {type(per_anchor).__name__}")
-        self.per_anchor = per_anchor
+        self.per_anchor = check_bool(per_anchor, "per_anchor")
         super().__init__(**kwargs)
         if not isinstance(self.distance, CosineSimilarity):
             raise TypeError(

@@ -10,6 +10,7 @@ from pytorch_metric_learning.distances import BaseDistance, DotProductSimilarity
 
 from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.losses.class_weight_loss import ClassWeightLoss, is_plain_inner_product
+from pml_margins.validation import check_bool
 
 __all__ = ["SoftmaxLoss"]
 
@@ -46,7 +47,7 @@ class SoftmaxLoss(ClassWeightLoss):
         self, num_classes: int, embedding_size: int, bias: bool = True, **kwargs: Any
     ) -> None:
         super().__init__(num_classes, embedding_size, **kwargs)
-        self.use_bias = bool(bias)
+        self.use_bias = check_bool(bias, "bias")
         if self.use_bias:
             bound = 1 / math.sqrt(embedding_size)
             self.bias = torch.nn.Parameter(torch.empty(num_classes).uniform_(-bound, bound))

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from pml_margins.losses import (
+    AdaCosLoss,
     ArcFaceLoss,
+    CircleLoss,
     CombinedMarginLoss,
     CosFaceLoss,
     NormSoftmaxLoss,
+    SoftmaxLoss,
     SphereFaceLoss,
+    SubCenterArcFaceLoss,
 )
 from tests.losses.specs import SPEC_IDS, SPECS, LossSpec
 
@@ -117,6 +122,12 @@ class TestForwardInput:
         (lambda: CombinedMarginLoss(5, 8, m3=-0.2), ValueError, "m3 must be >= 0"),
         (lambda: CosFaceLoss(0, 8), ValueError, "num_classes must be >= 1"),
         (lambda: CosFaceLoss(5, 8.0), TypeError, "embedding_size must be an int"),
+        # a string or a number would switch the option by its truthiness ("False" is true)
+        (lambda: ArcFaceLoss(5, 8, easy_margin="False"), TypeError, "easy_margin must be a bool"),
+        (lambda: SubCenterArcFaceLoss(5, 8, easy_margin=1), TypeError, "easy_margin must be"),
+        (lambda: SoftmaxLoss(5, 8, bias="False"), TypeError, "bias must be a bool"),
+        (lambda: AdaCosLoss(5, 8, dynamic="False"), TypeError, "dynamic must be a bool"),
+        (lambda: CircleLoss(per_anchor=0), TypeError, "per_anchor must be a bool"),
     ],
 )
 def test_invalid_hyperparameters(make, error, message: str) -> None:
@@ -129,3 +140,11 @@ def test_invalid_margin_assignment_is_rejected_after_construction() -> None:
     with pytest.raises(ValueError, match="margin must be >= 0"):
         loss.margin = -0.1
     assert loss.margin == 0.5
+
+
+def test_easy_margin_assignment_is_checked_and_numpy_bools_are_taken() -> None:
+    loss = ArcFaceLoss(5, 8, easy_margin=np.bool_(True))
+    assert loss.easy_margin is True
+    with pytest.raises(TypeError, match="easy_margin must be a bool"):
+        loss.easy_margin = "False"
+    assert loss.easy_margin is True
