@@ -267,7 +267,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         codes = {"embeddings dtypes": (float(_DTYPE_CODES.get(dtype, -1)), str(dtype))}
         checked_on_every_rank(check, self.group, self.W_local.device, codes)
         all_emb, _ = gather_rows_with_grad(embeddings, self.group)
-        all_labels, _ = all_gather_rows(labels.to(embeddings.device), self.group)
+        all_labels, _ = all_gather_rows(labels.to(embeddings.device, torch.int64), self.group)
         local = all_labels.long() - self.class_start
         owned = torch.where((local >= 0) & (local < self.num_local), local, -1)
         statistics = _ShardStatistics(

@@ -9,6 +9,11 @@ from pytorch_metric_learning.utils import common_functions as c_f
 __all__ = ["CheckedForwardMixin"]
 
 
+def _int64(values: torch.Tensor | None) -> torch.Tensor | None:
+    """Checked integer labels or indices as int64 (the same tensor when they are)."""
+    return values if values is None or values.dtype == torch.int64 else values.long()
+
+
 class CheckedForwardMixin:
     """Runs the loss's :meth:`check_inputs`, then PML's ``forward``.
 
@@ -45,6 +50,13 @@ class CheckedForwardMixin:
     ) -> torch.Tensor:
         """The reduced loss (PML's ``forward``) after :meth:`check_inputs`."""
         self.check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        # int64 from here on: PML's reducers and miner-weight helpers index with them, and
+        # read uint8 as a mask and refuse int8/int16 (the checks accept any integer dtype)
+        same = ref_labels is labels
+        labels = _int64(labels)
+        ref_labels = labels if same else _int64(ref_labels)
+        if indices_tuple is not None:
+            indices_tuple = tuple(_int64(idx) for idx in indices_tuple)
         if not self._reduces_to_plain_mean():
             return super().forward(  # type: ignore[misc]
                 embeddings, labels, indices_tuple, ref_emb, ref_labels

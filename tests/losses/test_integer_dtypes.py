@@ -1,0 +1,64 @@
+"""Labels and miner indices of any integer dtype give the int64 value, through every part
+of PML that indexes with them (``ClassWeightedReducer``: ``weights[labels[indices]]``, which
+reads uint8 as a mask and refuses int8/int16; ``convert_to_weights`` for miners)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pytorch_metric_learning.miners import MultiSimilarityMiner
+from pytorch_metric_learning.reducers import ClassWeightedReducer
+
+from pml_margins.distributed import ShardedMarginSoftmaxLoss
+from pml_margins.losses import ArcFaceLoss, CenterLoss, CircleLoss
+from tests.losses.specs import SPEC_IDS, SPECS
+
+DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32]
+C = 5
+
+BUILDERS = {spec.id: (lambda spec=spec, **kw: spec.build(C, 8, **kw)) for spec in SPECS}
+BUILDERS["center"] = lambda **kw: CenterLoss(C, 8, **kw)
+BUILDERS["circle"] = lambda **kw: CircleLoss(**kw)
+
+
+def _value(name: str, labels: torch.Tensor, indices=None, **kwargs) -> torch.Tensor:
+    torch.manual_seed(0)
+    loss = BUILDERS[name](**kwargs).double().eval()  # no state update between the calls
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(len(labels), 8, generator=gen, dtype=torch.float64)
+    return loss(x, labels, indices).detach()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", [*SPEC_IDS, "center", "circle"])
+def test_class_weighted_reducer(name: str, dtype: torch.dtype) -> None:
+    # batch size == num_classes: a uint8 mask of the weights would broadcast silently
+    labels = torch.tensor([0, 1, 1, 3, 4])
+    weights = torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25], dtype=torch.float64)
+    expected = _value(name, labels, reducer=ClassWeightedReducer(weights))
+    got = _value(name, labels.to(dtype), reducer=ClassWeightedReducer(weights))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", [*SPEC_IDS, "center", "circle"])
+def test_miner_indices(name: str, dtype: torch.dtype) -> None:
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4])
+    x = torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(1)).double()
+    pairs = MultiSimilarityMiner(epsilon=1.0)(x, labels)
+    assert all(len(p) for p in pairs)
+    expected = _value(name, labels, pairs)
+    got = _value(name, labels.to(dtype), tuple(p.to(dtype) for p in pairs))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sharded_loss_in_one_process(dtype: torch.dtype) -> None:
+    labels = torch.tensor([0, 1, 1, 3, 4])
+    weights = torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25], dtype=torch.float64)
+    torch.manual_seed(0)
+    sharded = ShardedMarginSoftmaxLoss(
+        ArcFaceLoss, C, 8, reducer=ClassWeightedReducer(weights)
+    ).double()
+    x = torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(1)).double()
+    torch.testing.assert_close(sharded(x, labels.to(dtype)), sharded(x, labels))
