@@ -209,7 +209,8 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         if self._own_metrics(include, exclude):
             whole_reference = all_gather_rows(shard, self.group)[0]
         else:
-            whole_reference = shard.new_zeros(()).expand(len(reference_labels), shard.shape[1])
+            stand_in = shard.new_zeros((), dtype=torch.float32)  # float32: the metrics' dtype
+            whole_reference = stand_in.expand(len(reference_labels), shard.shape[1])
         try:
             return self._compute(
                 query,

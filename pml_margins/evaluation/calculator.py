@@ -122,8 +122,10 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     Args:
         include, exclude, avg_of_avgs, return_per_class, k, kmeans_func: as in PML.
         label_comparison_fn: as in PML: ``f(a, b)`` compares a ``(Q, 1[, L])`` with a
-            ``(Q, k[, L])`` label tensor and returns ``(Q, k)`` booleans; labels may then
-            be ``(N, L)`` or real-valued. Relevant counts, lone queries and per-class
+            ``(Q, k[, L])`` label tensor and returns ``(Q, k)`` booleans (and, for the
+            relevant counts, one distinct query label ``(1[, L])`` with the reference
+            labels ``(N[, L])``, as PML calls it); labels may then be ``(N, L)`` or
+            real-valued. Relevant counts, lone queries and per-class
             averages follow PML's rules (:mod:`.label_matching`); clustering metrics
             are refused, as in PML. ``None``: labels compared for equality.
         device: where to compute; ``None`` means the device of the query.
@@ -131,7 +133,10 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             inner-product index, or a ``CustomKNN`` over ``LpDistance(p=2)``,
             ``CosineSimilarity`` or ``DotProductSimilarity`` run the exact k-nn
             with that k-nn's ``knn_distances`` (squared L2 for faiss's
-            ``IndexFlatL2``); any other callable is used as PML uses it.
+            ``IndexFlatL2``); any other callable, subclasses of those two classes
+            included, is used as PML uses it (on float32 copies of the embeddings).
+            Metrics, a subclass's own included, get float32 ``query``/``reference``
+            as in PML; a subclass's own ``calculate_recall_at_K`` replaces ours.
         recall_ks: the cut-offs ``K`` of the ``recall_at_K`` metrics.
         distance: a PML distance instead of ``knn_func`` (same mapping as a
             ``CustomKNN`` of it); default PML's default k-nn.
@@ -177,17 +182,24 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 f"recall_ks must be a sequence of positive integers, got {recall_ks!r}"
             )
         self.recall_ks = tuple(sorted(set(ks)))
-        for kk in self.recall_ks:  # found by PML's calculate_<name> discovery in __init__
+        # found by PML's calculate_<name> discovery in __init__; a subclass's own
+        # calculate_recall_at_K stays (a metric of its own, by PML's k rule)
+        self._own_recall_ks = tuple(
+            kk for kk in self.recall_ks if not hasattr(type(self), f"calculate_recall_at_{kk}")
+        )
+        for kk in self._own_recall_ks:
             setattr(self, f"calculate_recall_at_{kk}", functools.partial(self._recall, kk))
+        if isinstance(k, (bool, np.bool_)):
+            raise TypeError(f"k must be a positive int, None, 'max_bin_count' or 'all', got {k!r}")
         if distance is not None and knn_func is not None:
             raise ValueError("pass either distance or knn_func, not both")
         if knn_func is None and distance is not None:
             self.exact = resolve_distance(distance)
             custom = None if self.exact else CustomKNN(distance)
-        elif isinstance(knn_func, CustomKNN):
+        elif type(knn_func) is CustomKNN:  # a subclass may search otherwise: run as given
             self.exact = resolve_distance(knn_func.distance)
             custom = None if self.exact else knn_func
-        elif isinstance(knn_func, FaissKNN) and knn_func.gpus is None:
+        elif type(knn_func) is FaissKNN and knn_func.gpus is None:
             self.exact = resolve_faiss_knn(knn_func)
             custom = None if self.exact else knn_func
         elif knn_func is None:
@@ -317,6 +329,10 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         metrics = self.get_curr_metrics()
         if any(x in self.requires_knn() for x in metrics):
             kwargs.update(self._knn_kwargs(**kwargs))
+        # the metrics (PML's k-means, a subclass's own) get float32 embeddings, as in PML
+        # (the k-nn above ran on the given values)
+        kwargs["query"] = query.float()
+        kwargs["reference"] = kwargs["query"] if reference is query else reference.float()
         if any(x in self.requires_clustering() for x in metrics):
             num_classes = len(torch.unique(query_labels))
             if "AMI" in metrics and num_classes > AMI_SLOW_NUM_CLASSES:
@@ -327,28 +343,28 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                     UserWarning,
                     stacklevel=3,
                 )
-            cluster_input = query.float()  # PML's k-means always gets float32 (bf16: numpy can't)
-            kwargs["cluster_labels"] = self.get_cluster_labels(**{**kwargs, "query": cluster_input})
+            kwargs["cluster_labels"] = self.get_cluster_labels(**kwargs)
         return self._get_accuracy(self.curr_function_dict, **kwargs)
 
     def knn_depth(self, bin_counts: torch.Tensor, num_reference: int, ref_includes_query: bool):
-        """``(k_pml, k_total)``: PML's k for its metrics (0 if none is requested) and
-        the depth of the k-nn (also covering the requested Recall@K)."""
+        """``(k_pml, k_total)``: PML's k for its metrics (``None`` if none is requested;
+        it may be 0) and the depth of the k-nn (also covering the requested Recall@K)."""
         metrics = self.get_curr_metrics()
         available = num_reference - int(ref_includes_query)
-        recalls = {f"recall_at_{kk}" for kk in self.recall_ks}
+        recalls = {f"recall_at_{kk}" for kk in self._own_recall_ks}
         pml_rule = [
             m
             for m in metrics
             if m in self.requires_knn() and m not in recalls and m != "num_excluded_queries"
         ]  # PML's metrics and a subclass's own k-nn metrics
-        k_pml = 0
+        k_pml = 0 if pml_rule else None
         if pml_rule and len(bin_counts):
             k_pml = min(self.determine_k(bin_counts, num_reference, ref_includes_query), available)
             if self._reads_first_r_only(pml_rule):  # same values from the first max R
                 k_pml = min(k_pml, max(1, int(bin_counts.max()) - int(ref_includes_query)))
+            k_pml = max(k_pml, 0)
         wanted = [int(m.rsplit("_", 1)[1]) for m in metrics if m in recalls]
-        return max(k_pml, 0), max(0, min(max([k_pml, *wanted]), available))
+        return k_pml, max(0, min(max([k_pml or 0, *wanted]), available))
 
     def _reads_first_r_only(self, metrics: list[str]) -> bool:
         """Whether every metric given is one of ours that reads a query's first ``R``
@@ -403,15 +419,22 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             )
         distances, indices = self._knn(query, reference, k_total, ref_includes_query)
         knn_labels = reference_labels[indices.to(reference_labels.device)]
-        shown = k_pml if k_pml else k_total
+        shown = k_total if k_pml is None else k_pml  # PML's k, even 0, when its metrics are asked
+        shown_labels = knn_labels[:, :shown]
         return {
             "label_counts": (unique_query_labels, bin_counts),
-            "knn_labels": knn_labels[:, :shown],
+            "knn_labels": shown_labels,
             "knn_distances": distances[:, :shown],
             "lone_query_labels": lone_labels,
             "not_lone_query_mask": not_lone,
-            "_match": self._matches(query_labels, knn_labels),
-            "_relevant": relevant,
+            # reused by _kept for exactly these knn_labels and query_labels (a subclass
+            # may pass its own to the calculate_* methods)
+            "_match": (
+                self._matches(query_labels, knn_labels),
+                relevant,
+                query_labels,
+                shown_labels,
+            ),
         }
 
     def _matches(self, query_labels: torch.Tensor, knn_labels: torch.Tensor) -> torch.Tensor:
@@ -424,10 +447,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     def _knn(
         self, query: torch.Tensor, reference: torch.Tensor, k: int, ref_includes_query: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.knn_func is not None:
-            if not query.is_floating_point():  # PML casts every input to float32
-                query, reference = query.float(), reference.float()
-            return self.knn_func(query, k, reference, ref_includes_query)
+        if self.knn_func is not None:  # PML casts every input to float32
+            reference = query.float() if reference is query else reference.float()
+            return self.knn_func(query.float(), k, reference, ref_includes_query)
         metric, normalize = self.exact
         return exact_knn(
             query,
@@ -448,13 +470,17 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         ``calculate_*`` methods (``knn_labels``, ``query_labels``,
         ``not_lone_query_mask``, ``label_counts``, ``ref_includes_query``).
         """
-        labels, mask = kwargs["query_labels"], kwargs["not_lone_query_mask"]
-        if "_match" in kwargs:
-            match, relevant = kwargs["_match"], kwargs["_relevant"]
+        labels, mask, knn_labels = (
+            kwargs["query_labels"],
+            kwargs["not_lone_query_mask"],
+            kwargs["knn_labels"],
+        )
+        match, relevant, own_labels, own_knn_labels = kwargs.get("_match", (None,) * 4)
+        if own_labels is labels and own_knn_labels is knn_labels:
             if not full_k:
-                match = match[:, : kwargs["knn_labels"].shape[1]]
+                match = match[:, : knn_labels.shape[1]]
         else:
-            match = self._matches(labels, kwargs["knn_labels"])
+            match = self._matches(labels, knn_labels)
             unique, counts = kwargs["label_counts"]
             counts = torch.cat([counts, counts.new_zeros(1)])  # a label absent from them: 0
             relevant = counts[label_positions(unique, labels)]

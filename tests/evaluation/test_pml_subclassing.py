@@ -1,0 +1,197 @@
+"""What a PML user's subclass or k-nn does, the calculator does as PML does: metrics that
+call the parent's ``calculate_*`` on their own neighbour lists or labels, a subclass's own
+``calculate_recall_at_K``, subclasses of PML's k-nn classes, float32 inputs for a user's
+k-nn and metrics, PML's call shapes for a label comparison, PML's ``k`` whatever else is
+asked, and zero-width embeddings."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.inference import CustomKNN, FaissKNN
+
+from pml_margins.evaluation import RetrievalAccuracyCalculator
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    logging.disable(logging.WARNING)
+    yield
+    logging.disable(logging.NOTSET)
+
+
+def _data(n=60, d=4, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def _both(make, x, y, **kwargs):
+    ours = make(RetrievalAccuracyCalculator)(**kwargs).get_accuracy(x, y)
+    pml = make(AccuracyCalculator)(device=CPU, **kwargs).get_accuracy(x, y)
+    return ours, pml
+
+
+def _reranked(base):
+    class Reranked(base):
+        def calculate_p1_skip_first(self, knn_labels, **kwargs):
+            return self.calculate_precision_at_1(knn_labels=knn_labels[:, 1:], **kwargs)
+
+        def calculate_p1_superclass(self, knn_labels, query_labels, **kwargs):
+            return self.calculate_precision_at_1(
+                knn_labels=knn_labels // 2, query_labels=query_labels // 2, **kwargs
+            )
+
+        def calculate_map_r_skip_first(self, knn_labels, **kwargs):
+            return self.calculate_mean_average_precision_at_r(
+                knn_labels=knn_labels[:, 1:], **kwargs
+            )
+
+        def requires_knn(self):
+            return [*super().requires_knn(), "p1_skip_first", "p1_superclass", "map_r_skip_first"]
+
+    return Reranked
+
+
+def test_metrics_on_their_own_knn_labels_or_labels():
+    x, y = _data()
+    include = ("precision_at_1", "p1_skip_first", "p1_superclass", "map_r_skip_first")
+    ours, pml = _both(_reranked, x, y, include=include, k=5)
+    assert ours == pytest.approx(pml)
+    assert ours["p1_skip_first"] != ours["precision_at_1"]
+
+
+def _own_recall(base):
+    class OwnRecall(base):
+        def calculate_recall_at_4(self, knn_labels, query_labels, **_):
+            return float((knn_labels[:, :4] == query_labels[:, None]).float().mean())
+
+        def requires_knn(self):
+            return [*super().requires_knn(), "recall_at_4"]
+
+    return OwnRecall
+
+
+def test_a_subclass_keeps_its_own_recall_at_k():
+    x, y = _data()
+    ours, pml = _both(_own_recall, x, y, include=("recall_at_4",))
+    assert ours == pytest.approx(pml)
+    assert ours["recall_at_4"] < 0.5  # not the papers' Recall@4, which is ~0.8 here
+
+
+class WhitenedKNN(CustomKNN):
+    """A user's k-nn: standardize each dimension, then search."""
+
+    def __call__(self, query, k, reference, ref_includes_query=False):
+        mu, sd = reference.mean(0), reference.std(0)
+        return super().__call__((query - mu) / sd, k, (reference - mu) / sd, ref_includes_query)
+
+
+class CountingFaissKNN(FaissKNN):
+    calls = 0
+
+    def __call__(self, *args, **kwargs):
+        CountingFaissKNN.calls += 1
+        return super().__call__(*args, **kwargs)
+
+
+def test_subclasses_of_pmls_knn_classes_run_as_given():
+    x, y = _data(d=3)
+    x = x * torch.tensor([100.0, 1.0, 1.0])
+    include = ("precision_at_1", "mean_average_precision_at_r")
+    knn = WhitenedKNN(LpDistance(normalize_embeddings=False))
+    ours = RetrievalAccuracyCalculator(include=include, knn_func=knn).get_accuracy(x, y)
+    pml = AccuracyCalculator(include=include, knn_func=knn, device=CPU).get_accuracy(x, y)
+    assert ours == pytest.approx(pml)
+    plain = RetrievalAccuracyCalculator(include=include).get_accuracy(x, y)
+    assert ours != pytest.approx(plain)
+    before = CountingFaissKNN.calls
+    RetrievalAccuracyCalculator(include=include, knn_func=CountingFaissKNN()).get_accuracy(x, y)
+    assert CountingFaissKNN.calls == before + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_users_knn_gets_float32_as_in_pml(dtype):
+    x, y = _data(n=40, seed=9)
+    x = x.to(dtype)
+    seen = []
+
+    def user_knn(q, k, r, ref_includes_query=False):
+        seen.append((q.dtype, r.dtype))
+        return CustomKNN(LpDistance(p=1))(q, k, r, ref_includes_query)
+
+    include = ("mean_average_precision_at_r", "precision_at_1")
+    ours = RetrievalAccuracyCalculator(include=include, knn_func=user_knn).get_accuracy(x, y)
+    pml = AccuracyCalculator(include=include, knn_func=user_knn, device=CPU).get_accuracy(x, y)
+    assert ours == pytest.approx(pml)
+    assert set(seen) == {(torch.float32, torch.float32)}
+
+
+def _pair_metrics(base):
+    class PairMetrics(base):
+        def calculate_mean_pair_distance(self, query, reference, **_):
+            return float(torch.cdist(query, reference).mean())
+
+        def calculate_spread(self, query, **_):
+            return float(query.std())
+
+        def requires_knn(self):
+            return [*super().requires_knn(), "mean_pair_distance", "spread"]
+
+    return PairMetrics
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_metrics_get_float32_embeddings_as_in_pml(as_numpy):
+    x, y = torch.arange(60).reshape(20, 3), torch.arange(20) % 4
+    x = x.numpy() if as_numpy else x
+    ours, pml = _both(_pair_metrics, x, y, include=("mean_pair_distance", "spread"))
+    assert ours == pytest.approx(pml)
+
+
+def test_a_label_comparison_gets_pmls_call_shapes():
+    def same_family(a, b):  # written against PML's calls: a expands to b's shape
+        a = a.expand_as(b)
+        return a[..., 0] == b[..., 0]
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 4, generator=g), torch.randint(0, 3, (30, 2), generator=g)
+    include = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
+    ours = RetrievalAccuracyCalculator(include=include, label_comparison_fn=same_family)
+    pml = AccuracyCalculator(include=include, label_comparison_fn=same_family, device=CPU)
+    assert ours.get_accuracy(x, y) == pytest.approx(pml.get_accuracy(x, y))
+
+
+def test_pmls_k_of_zero_whatever_else_is_asked():
+    def partner(a, b):  # PML's docs' non-reflexive comparison: one partner per sample
+        return (a[..., 0] == b[..., 0]) & (a[..., 1] != b[..., 1])
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 3, generator=g)
+    y = torch.stack([torch.arange(20) // 2, torch.arange(20) % 2], 1)
+    include = ("precision_at_1", "r_precision")
+    kwargs = {"k": "max_bin_count", "label_comparison_fn": partner}
+    pml = AccuracyCalculator(include=include, device=CPU, **kwargs).get_accuracy(x, y)
+    for extra in ((), ("recall_at_8",)):
+        calc = RetrievalAccuracyCalculator(include=include + extra, **kwargs)
+        got = calc.get_accuracy(x, y)
+        assert {m: got[m] for m in include} == pytest.approx(pml, nan_ok=True)
+
+
+@pytest.mark.parametrize("k", [None, "max_bin_count", 3])
+def test_zero_width_embeddings_tie_everywhere_as_in_pml(k):
+    x, y = torch.zeros(100, 0), torch.arange(100) % 10
+    include = ("precision_at_1", "mean_average_precision_at_r", "r_precision")
+    ours = RetrievalAccuracyCalculator(include=include, k=k).get_accuracy(x, y)
+    pml = AccuracyCalculator(include=include, k=k, device=CPU).get_accuracy(x, y)
+    assert ours == pytest.approx(pml)
+
+
+def test_k_true_is_refused_at_construction():
+    with pytest.raises(TypeError, match="k must be a positive int"):
+        RetrievalAccuracyCalculator(k=True)
