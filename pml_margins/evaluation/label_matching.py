@@ -8,8 +8,9 @@ changes is which neighbours count as matches and how many references are relevan
 to a query. PML's rules, which these functions reproduce:
 
 * relevant count of a query label ``u``: :math:`c_u = \sum_n f(u, y_n)` over the
-  reference labels (in PML one ``f`` call per distinct query label; here the same
-  comparisons, ``2^24`` at a time);
+  reference labels, one ``f`` call per distinct query label with PML's shapes: ``u`` as
+  a ``(1[, L])`` tensor against the ``(N[, L])`` reference labels (a comparison may
+  expand its first argument to its second, as it may in PML);
 * R (the ranks that R-Precision and MAP@R read): :math:`c_u - 1` when the reference
   set contains the queries, else :math:`c_u`;
 * a query is left out (lone) when :math:`c_u - f(u, u) \le 0` (reference set contains
@@ -21,6 +22,7 @@ With ``f = torch.eq`` on 1-D labels this is the equality path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -30,8 +32,6 @@ __all__ = ["LabelRelevance", "compared", "custom_relevance", "label_positions", 
 
 #: a PML label comparison: ``f(a, b)`` -> booleans of the broadcast shape (without ``L``)
 LabelComparison = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: comparisons per call when counting relevant references
-_COMPARISONS_PER_CALL = 1 << 24
 
 
 class LabelRelevance(NamedTuple):
@@ -66,11 +66,10 @@ def custom_relevance(
     """
     unique, inverse = unique_labels(query_labels)
     counts = torch.empty(len(unique), dtype=torch.long, device=unique.device)
-    step = max(1, _COMPARISONS_PER_CALL // max(1, len(reference_labels)))
-    for start in range(0, len(unique), step):
-        part = unique[start : start + step].unsqueeze(1)  # (u, 1[, L]) against (1, N[, L])
-        shape = (len(part), len(reference_labels))
-        counts[start : start + step] = compared(compare, part, reference_labels[None], shape).sum(1)
+    for row in range(len(unique)):  # PML's calls: (1[, L]) against (N[, L])
+        part = unique[row : row + 1]
+        found = compared(compare, part, reference_labels, (len(reference_labels),), flat=True)
+        counts[row] = found.sum()
     if ref_includes_query:
         lone = counts - compared(compare, unique, unique, (len(unique),)).long() <= 0
     else:
@@ -94,15 +93,22 @@ def label_positions(unique: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def compared(
-    compare: LabelComparison, a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...]
+    compare: LabelComparison,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    shape: tuple[int, ...],
+    flat: bool = False,
 ) -> torch.Tensor:
-    """``compare(a, b)`` as booleans of ``shape``; else a ``TypeError``/``ValueError``
+    """``compare(a, b)`` as booleans of ``shape`` (``flat``: of any shape with as many
+    elements, flattened: PML sums such a result); else a ``TypeError``/``ValueError``
     naming what the comparison returned for which inputs."""
     result = compare(a, b)
     if not isinstance(result, torch.Tensor):
         raise TypeError(
             f"label_comparison_fn must return a tensor of booleans, got {type(result).__name__}"
         )
+    if flat and result.numel() == math.prod(shape):
+        result = result.reshape(shape)
     if tuple(result.shape) != tuple(shape):
         raise ValueError(
             f"label_comparison_fn returned shape {tuple(result.shape)} for labels of shapes "

@@ -115,7 +115,7 @@ def test_public_calculate_methods_take_pmls_kwargs() -> None:
 @pytest.mark.parametrize(
     ("fn", "error", "match"),
     [
-        (lambda a, b: (a == b).sum(-1), ValueError, r"returned shape \(\d+,\) for labels"),
+        (lambda a, b: (a == b).sum(-1), ValueError, r"returned shape \(\d*,?\) for labels"),
         (lambda a, b: [True], TypeError, "must return a tensor of booleans"),
     ],
 )
@@ -149,10 +149,9 @@ def test_clustering_metrics_are_refused_as_pml_does() -> None:
         RetrievalAccuracyCalculator(include=("AMI",), label_comparison_fn=torch.eq)
 
 
-def test_relevance_counts_in_bounded_calls(monkeypatch) -> None:
-    """The relevant counts come out the same however many comparisons each call makes."""
-    import pml_margins.evaluation.label_matching as module
-
+def test_relevance_counts_with_pml_call_shapes() -> None:
+    """Counts from one call per distinct query label, ``(1[, L])`` against ``(N[, L])``,
+    as PML calls it: a comparison that expands its first argument to the second works."""
     g = torch.Generator().manual_seed(3)
     query, reference = (
         torch.randint(0, 30, (300,), generator=g),
@@ -160,11 +159,21 @@ def test_relevance_counts_in_bounded_calls(monkeypatch) -> None:
     )
     fn = COMPARISONS["within_one"]
     whole = custom_relevance(query, reference, False, fn)
-    monkeypatch.setattr(module, "_COMPARISONS_PER_CALL", 1000)  # two labels per call
-    chunked = custom_relevance(query, reference, False, fn)
-    assert torch.equal(whole.counts, chunked.counts) and torch.equal(whole.lone, chunked.lone)
     want = torch.tensor([int(((reference - u).abs() <= 1).sum()) for u in whole.unique])
     assert torch.equal(whole.counts, want)
+    shapes = []
+
+    def expanding(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        shapes.append((tuple(a.shape), tuple(b.shape)))
+        a = a.expand_as(b)
+        return (a[..., 0] == b[..., 0]) & (a[..., 1] != b[..., 1])
+
+    pairs_q = torch.randint(0, 4, (40, 2), generator=g)
+    pairs_r = torch.randint(0, 4, (70, 2), generator=g)
+    got = custom_relevance(pairs_q, pairs_r, False, expanding)
+    assert {s for s in shapes} == {((1, 2), (70, 2))} and len(shapes) == len(got.unique)
+    want = [int(((pairs_r[:, 0] == u[0]) & (pairs_r[:, 1] != u[1])).sum()) for u in got.unique]
+    assert got.counts.tolist() == want
 
 
 def test_label_positions_by_exact_row_equality() -> None:
