@@ -111,6 +111,11 @@ def _load(path: str, key: str) -> torch.Tensor:
         raise CliError(f"{path}: cannot read: {reason}") from None
 
 
+def _rows(values: torch.Tensor) -> int:
+    """Rows of a loaded array (a 0-d one has none; the calculator names its shape)."""
+    return values.shape[0] if values.ndim else 0
+
+
 class CliError(Exception):
     """A bad input: printed as one ``pml-margins eval: error: ...`` line, exit status 2."""
 
@@ -213,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.reference_embeddings is not None:
         reference = _load(args.reference_embeddings, "embeddings")
         reference_labels = _load(args.reference_labels, "labels")
-    num_ref = len(query) if reference is None else len(reference)
+    pairs = _rows(query) * _rows(query if reference is None else reference)
     try:
         calc = RetrievalAccuracyCalculator(
             include=tuple(args.metrics),
@@ -223,7 +228,7 @@ def _run(args: argparse.Namespace) -> int:
             recall_ks=tuple(args.recall_ks),
             distance=CosineSimilarity() if args.distance == "cosine" else None,
             device=device,
-            progress=len(query) * num_ref >= PROGRESS_MIN_PAIRS,
+            progress=pairs >= PROGRESS_MIN_PAIRS,
         )
     except ValueError as error:
         raise CliError(str(error).splitlines()[0]) from None

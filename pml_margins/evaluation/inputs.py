@@ -32,7 +32,7 @@ def as_tensor(x: object, name: str) -> torch.Tensor:
     """``x`` as a tensor (numpy arrays are wrapped without a copy).
 
     Raises:
-        TypeError: neither a ``torch.Tensor`` nor a ``numpy.ndarray``.
+        TypeError: neither a ``torch.Tensor`` nor a ``numpy.ndarray``, or a sparse tensor.
     """
     if isinstance(x, np.ndarray):
         if x.dtype.kind in "ui" and x.dtype != np.uint8:
@@ -41,6 +41,10 @@ def as_tensor(x: object, name: str) -> torch.Tensor:
             raise TypeError(f"{name} must hold numbers, got a numpy array of dtype {x.dtype}")
         return torch.from_numpy(x)
     if isinstance(x, torch.Tensor):
+        if x.layout != torch.strided:
+            raise TypeError(
+                f"{name} must be a dense tensor, got layout {x.layout}; pass x.to_dense()"
+            )
         return x
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 

@@ -218,8 +218,15 @@ def _centre_and_scale(
     centre = torch.zeros(reference.shape[1], dtype=torch.float64, device=reference.device)
     if metric != "dot":
         centre = sum(c.sum(dim=0) for _, c in _chunks(reference, normalize)) / len(reference)
-    largest = max(float((c - centre).abs().max()) for x in sets for _, c in _chunks(x, normalize))
-    low, high = 2.0**-511, math.sqrt(torch.finfo(torch.float64).max / (4 * reference.shape[1]))
+    largest = max(  # 0 for zero-width rows (every pair then ties, by index)
+        float((c - centre).abs().max()) if c.numel() else 0.0
+        for x in sets
+        for _, c in _chunks(x, normalize)
+    )
+    low, high = (
+        2.0**-511,
+        math.sqrt(torch.finfo(torch.float64).max / (4 * max(1, reference.shape[1]))),
+    )
     if not math.isfinite(largest):
         raise ValueError("the embeddings span more than float64 can hold")
     if largest and not low <= largest <= high:  # float64 input only: squares must not round

@@ -146,7 +146,11 @@ def test_cli_files_that_cannot_be_read_are_one_line_and_status_2(tmp_path, capsy
     (tmp_path / "garbage.pt").write_text("hello")
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04garbage")
     torch.save({"x": fractions.Fraction(1, 2)}, "obj.pt")
+    np.save("scalar.npy", np.array(3.0))
+    torch.save(torch.eye(20).to_sparse(), "sparse.pt")
     cases = [
+        (["--embeddings", "scalar.npy"], "scalar.npy: query must be 2-D"),
+        (["--embeddings", "sparse.pt"], "sparse.pt: query must be a dense tensor"),
         (["--embeddings", "garbage.pt"], "garbage.pt: cannot read: not a valid .pt file"),
         (["--embeddings", "bad.npz"], "bad.npz: cannot read: not a valid .npz file"),
         (["--embeddings", "obj.pt"], "obj.pt: cannot read: torch.load(weights_only=True)"),
