@@ -67,14 +67,14 @@ def _plain(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is None or isinstance(v, (bool, int, float, str))}
 
 
-def _current_hyperparameters(loss: ShardedMarginSoftmaxLoss) -> dict[str, Any]:
-    """The current values of the hyper-parameters the constructor was given (by name)."""
-    inner = loss.loss
+def _current_hyperparameters(loss: ClassWeightLoss) -> dict[str, Any]:
+    """The current values of every hyper-parameter of ``loss`` (its
+    ``hyperparameter_names``, each a constructor argument): given to the constructor
+    or left at its default, a scheduler may have moved it since."""
     return {
-        name: getattr(inner, name)
-        for name in loss.loss_kwargs
-        if name in getattr(inner, "hyperparameter_names", ())
-        and isinstance(getattr(inner, name, None), (bool, int, float, str))
+        name: getattr(loss, name)
+        for name in getattr(loss, "hyperparameter_names", ())
+        if isinstance(getattr(loss, name, None), (bool, int, float, str))
     }
 
 
@@ -84,7 +84,7 @@ def shard_checkpoint(loss: ShardedMarginSoftmaxLoss) -> Checkpoint:
         "format": FORMAT,
         "loss_type": _type_name(loss.loss_type),
         # the hyper-parameters as they are now (a scheduler may have moved a margin)
-        "loss_kwargs": _plain({**loss.loss_kwargs, **_current_hyperparameters(loss)}),
+        "loss_kwargs": _plain({**loss.loss_kwargs, **_current_hyperparameters(loss.loss)}),
         "num_classes": loss.num_classes,
         "embedding_size": loss.embedding_size,
         "rank": loss.rank,
@@ -227,13 +227,14 @@ def to_single_process_loss(
 def from_single_process_loss(loss: ClassWeightLoss, **loss_kwargs: Any) -> Checkpoint:
     """A merged checkpoint of an ordinary loss; split it with :func:`split_checkpoint`.
 
-    ``loss_kwargs`` are the loss's constructor arguments to record (a loss does
-    not keep them all under their argument names).
+    The loss's hyper-parameters (``hyperparameter_names``) are recorded as they are
+    now; ``loss_kwargs`` add or override constructor arguments (a loss does not keep
+    every argument under its name, e.g. ``SoftmaxLoss``'s ``bias``).
     """
     return {
         "format": FORMAT,
         "loss_type": _type_name(type(loss)),
-        "loss_kwargs": _plain(loss_kwargs),
+        "loss_kwargs": _plain({**_current_hyperparameters(loss), **loss_kwargs}),
         "num_classes": loss.num_classes,
         "embedding_size": loss.embedding_size,
         "rank": 0,

@@ -161,3 +161,23 @@ def test_checkpoints_keep_current_hyperparameters_and_their_loss_type(tmp_path) 
     assert to_single_process_loss(load_shard(tmp_path / "s.pt")).margin == 0.5
     with pytest.raises(ValueError, match=r"shard is of a .*ArcFaceLoss, the loss a .*CosFaceLoss"):
         load_into(ShardedMarginSoftmaxLoss(CosFaceLoss, 10, 4), load_shard(tmp_path / "s.pt"))
+
+
+def test_checkpoints_keep_hyperparameters_left_at_their_defaults_and_moved_since() -> None:
+    """Hyper-parameters not given to the constructor are recorded too: a scheduler may
+    have moved them (ArcFace's margin, SphereFace's lambda), and a single-process loss
+    is recorded as it is."""
+    from pml_margins.losses import SphereFaceLoss
+    from pml_margins.schedules import MarginScheduler, SphereFaceLambdaScheduler
+
+    sharded = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4)
+    MarginScheduler(sharded.loss, 0.1, 0.5, total_steps=4).step()
+    assert to_single_process_loss(shard_checkpoint(sharded)).margin == pytest.approx(0.2)
+    sphere = ShardedMarginSoftmaxLoss(SphereFaceLoss, 10, 4)
+    SphereFaceLambdaScheduler(sphere.loss).step()
+    moved = sphere.loss.lambda_
+    assert moved > 0 and to_single_process_loss(shard_checkpoint(sphere)).lambda_ == moved
+    single = ArcFaceLoss(10, 4, margin=0.2, easy_margin=True)
+    back = to_single_process_loss(from_single_process_loss(single))
+    assert (back.margin, back.easy_margin) == (0.2, True)
+    assert to_single_process_loss(from_single_process_loss(single, margin=0.3)).margin == 0.3
