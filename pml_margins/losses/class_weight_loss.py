@@ -100,7 +100,8 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
       consecutive columns of ``W`` (Sub-center ArcFace's ``cosine``; the fused core
       then runs blocks of whole classes and sends each class's gradient to its
       winning column). A subclass that overrides :meth:`base_logits` or
-      :meth:`cosine` without restating :meth:`fused_logits` is moved to the plain
+      :meth:`cosine` (itself or through a mixin earlier in its bases) without
+      restating :meth:`fused_logits` at least as low in its MRO is moved to the plain
       path automatically, whatever else it overrides.
     * *A margin that changes the non-target logits* (CurricularFace, the class-level
       Circle loss): override :meth:`non_target_logit_fn` to return :math:`\phi`, applied
@@ -168,8 +169,13 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        redefines_logits = any(name in cls.__dict__ for name in ("base_logits", "cosine"))
-        if redefines_logits and "fused_logits" not in cls.__dict__:
+        # the class (in the MRO, mixins included) that defines each method the subclass
+        # gets: logits defined below the fused_logits that would describe them are not it
+        first = {
+            name: next(i for i, c in enumerate(cls.__mro__) if name in c.__dict__)
+            for name in ("base_logits", "cosine", "fused_logits")
+        }
+        if min(first["base_logits"], first["cosine"]) < first["fused_logits"]:
             cls.fused_logits = ClassWeightLoss._not_fused  # type: ignore[method-assign]
 
     def __init__(

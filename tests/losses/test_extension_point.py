@@ -42,6 +42,21 @@ class SubCenterViaCosine(ArcFaceLoss):
         return super().cosine(embeddings).view(embeddings.shape[0], -1, K).amax(2)
 
 
+class MaxOverSubCentres:
+    """A mixin (not a ClassWeightLoss) that redefines the cosine."""
+
+    def cosine(self, embeddings):
+        return super().cosine(embeddings).view(embeddings.shape[0], -1, K).amax(2)
+
+
+class SubCenterViaMixin(MaxOverSubCentres, ArcFaceLoss):
+    """The same through a mixin earlier in the bases: the class itself defines nothing."""
+
+    def __init__(self, num_classes: int, embedding_size: int, **kwargs) -> None:
+        super().__init__(num_classes * K, embedding_size, **kwargs)
+        self.num_classes = num_classes
+
+
 class SubCenterSubclass(SubCenterArcFace):
     """A further subclass that overrides only the target logit."""
 
@@ -62,8 +77,9 @@ def _subcenter_reference(loss, x, y, psi) -> torch.Tensor:
         (SubCenterArcFace, lambda c: arcface_cos(c, 0.5)),
         (SubCenterViaCosine, lambda c: arcface_cos(c, 0.5)),
         (SubCenterSubclass, lambda c: c - 0.2),
+        (SubCenterViaMixin, lambda c: arcface_cos(c, 0.5)),
     ],
-    ids=["base_logits", "cosine", "grandchild"],
+    ids=["base_logits", "cosine", "grandchild", "mixin"],
 )
 def test_subclass_that_redefines_logits_takes_the_plain_path(cls, psi) -> None:
     torch.manual_seed(0)
