@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -22,11 +23,16 @@ from pml_margins.validation import check_count, check_non_negative
 
 __all__ = ["MarginScheduler", "SphereFaceLambdaScheduler"]
 
+#: most steps of a ramp whose values are checked when a scheduler is built
+RAMP_PROBES = 100_000
+
 
 class _AttributeScheduler:
     """Sets ``loss.<attr>`` to ``value_at(step)``; the loss validates every value set."""
 
-    def __init__(self, loss: torch.nn.Module, attr: str, ends: tuple[float, ...] = ()) -> None:
+    def __init__(
+        self, loss: torch.nn.Module, attr: str, probes: Iterable[tuple[int, float]] = ()
+    ) -> None:
         if not hasattr(loss, attr):
             inner = getattr(loss, "loss", None)  # ShardedMarginSoftmaxLoss holds the loss
             hint = f" (its .loss, a {type(inner).__name__}, has it)" if hasattr(inner, attr) else ""
@@ -39,9 +45,15 @@ class _AttributeScheduler:
         self.loss, self.attr = loss, attr
         self.last_step = 0
         before = getattr(loss, attr)
-        try:  # the loss's own checks, on every value the ramp will set, at once
-            for value in ends:
-                setattr(self.loss, self.attr, value)
+        try:  # the loss's own checks, on the values the schedule will set, at once
+            for step, value in probes:
+                try:
+                    setattr(self.loss, self.attr, value)
+                except (TypeError, ValueError) as error:
+                    raise type(error)(
+                        f"{type(self).__name__} would set {attr} to {value!r} at step {step}: "
+                        f"{error}"
+                    ) from None
         finally:
             setattr(self.loss, self.attr, before)
         setattr(self.loss, self.attr, self.value_at(0))
@@ -118,7 +130,12 @@ class MarginScheduler(_AttributeScheduler):
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
             raise TypeError(f"warmup_steps must be an int, got {warmup_steps!r}")
         self.warmup_steps = int(check_non_negative(warmup_steps, "warmup_steps"))
-        super().__init__(loss, attr, ends=(self.start, self.end))
+        # every step of the ramp (at most RAMP_PROBES of them, evenly spaced, both ends
+        # included): a margin that must be an integer fails here, not in mid-training
+        count = min(self.total_steps, RAMP_PROBES)
+        steps = sorted({round(i * self.total_steps / count) for i in range(count + 1)})
+        probes = [(self.warmup_steps + t, self.value_at(self.warmup_steps + t)) for t in steps]
+        super().__init__(loss, attr, probes)
 
     def value_at(self, step: int) -> float:
         u = min(max(step - self.warmup_steps, 0) / self.total_steps, 1.0)

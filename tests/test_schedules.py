@@ -96,3 +96,16 @@ def test_tensor_buffers_and_wrapped_losses_get_clear_errors() -> None:
         MarginScheduler(AdaCosLoss(10, 4), 5.0, 10.0, total_steps=10, attr="scale")
     with pytest.raises(ValueError, match=r"its \.loss, a ArcFaceLoss, has it"):
         MarginScheduler(ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4), 0.1, 0.5, total_steps=10)
+
+
+def test_every_value_of_the_ramp_is_checked_at_construction() -> None:
+    """SphereFace's margin is an integer: a ramp through 2.5 fails when built, naming the
+    step, not in mid-training; a ramp through integers only is accepted."""
+    loss = SphereFaceLoss(10, 4, margin=1)
+    with pytest.raises(ValueError, match=r"would set margin to 2.5 at step 1: .*integer"):
+        MarginScheduler(loss, start=1, end=4, total_steps=2)
+    with pytest.raises(ValueError, match=r"at step 3: .*integer"):
+        MarginScheduler(loss, start=1, end=4, total_steps=3, mode="cosine", warmup_steps=2)
+    assert loss.margin == 1
+    scheduler = MarginScheduler(loss, start=1, end=4, total_steps=3)
+    assert [scheduler.step() for _ in range(3)] == [2, 3, 4]
