@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pml_margins.thread_switch import ThreadSwitch
+
 __all__ = [
     "ValueChecks",
     "check_angle_margin",
@@ -56,37 +58,28 @@ __all__ = [
     "value_checks_enabled",
 ]
 
-_state = threading.local()
-
 
 def value_checks_enabled() -> bool:
     """Whether the value checks run in this thread (default ``True``; see :func:`value_checks`)."""
-    return getattr(_state, "enabled", True)
+    return value_checks.current()
 
 
-class value_checks:
-    """Turn the value checks on or off, from now on or (as a context manager) inside a block.
+class value_checks(ThreadSwitch):
+    """Turn the value checks on or off: from now on, inside a block (``with``), or around
+    a function (as a decorator).
 
     Off, a loss still checks shapes, dtypes and sizes but no longer reads values:
     no host synchronisation, and NaN/Inf embeddings or out-of-range labels then
     reach the kernels unchecked (a wrong number or a device-side assert). The
-    setting is per thread, like autograd's.
+    setting is per thread, like autograd's
+    (:class:`~pml_margins.thread_switch.ThreadSwitch`).
 
     Args:
         enabled: ``False`` to skip the value checks.
     """
 
-    def __init__(self, enabled: bool) -> None:
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-        self.previous = value_checks_enabled()
-        _state.enabled = enabled
-
-    def __enter__(self) -> value_checks:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _state.enabled = self.previous
+    _state = threading.local()
+    default = True
 
 
 class ValueChecks:

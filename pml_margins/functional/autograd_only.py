@@ -27,21 +27,22 @@ from typing import Any
 
 import torch
 
+from pml_margins.thread_switch import ThreadSwitch
+
 __all__ = ["SHARDED_REMEDY", "autograd_only", "autograd_only_enabled", "backward_once"]
 
 #: what a sharded loss's hand-written backward suggests under ``create_graph=True``
 SHARDED_REMEDY = "sharded losses have no autograd-only path: compute the loss in one process"
 
-_state = threading.local()
-
 
 def autograd_only_enabled() -> bool:
     """Whether losses in this thread run on their plain autograd paths (default ``False``)."""
-    return getattr(_state, "enabled", False)
+    return autograd_only.current()
 
 
-class autograd_only:
-    """Run every loss on its plain, autograd-only path: from now on, or inside a block.
+class autograd_only(ThreadSwitch):
+    """Run every loss on its plain, autograd-only path: from now on, or inside a block
+    (``with``), or around a function (as a decorator).
 
     On: the class-weight losses form their ``(B, C)`` logits and differentiate them
     with autograd (``chunk_size`` and ``sample_rate`` are then refused: they exist only
@@ -49,23 +50,18 @@ class autograd_only:
     values and gradients are those of the fast paths (to rounding; one exception: a
     ``NormSoftmaxLoss`` column of ``W`` with norm below ``1e-12``, which the plain path
     normalizes twice, as PML does, and the fast path once), and the gradients can be
-    differentiated again. The setting is per thread, like autograd's.
+    differentiated again. The setting is per thread, like autograd's
+    (:class:`~pml_margins.thread_switch.ThreadSwitch`).
 
     Args:
         enabled: ``True`` (default) for the autograd paths, ``False`` for the fast ones.
     """
 
+    _state = threading.local()
+    default = False
+
     def __init__(self, enabled: bool = True) -> None:
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-        self.previous = autograd_only_enabled()
-        _state.enabled = enabled
-
-    def __enter__(self) -> autograd_only:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _state.enabled = self.previous
+        super().__init__(enabled)
 
 
 def backward_once(

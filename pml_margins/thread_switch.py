@@ -1,0 +1,64 @@
+"""A per-thread on/off setting used as a call, a context manager or a decorator."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+__all__ = ["ThreadSwitch"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ThreadSwitch:
+    """A setting of this thread, switched when the object is made (as
+    ``torch.set_grad_enabled``): ``switch(False)`` alone changes it from now on.
+
+    As a context manager it restores, on exit, the setting it found, and every further
+    ``with`` of the same object switches it again (as ``torch.no_grad()`` objects may be
+    reused); as a decorator it leaves the setting as it was and switches it around each
+    call. Subclasses give their own ``_state`` (a ``threading.local``) and ``default``.
+    """
+
+    _state: ClassVar[threading.local]
+    default: ClassVar[bool]
+
+    @classmethod
+    def current(cls) -> bool:
+        """This thread's setting."""
+        return getattr(cls._state, "enabled", cls.default)
+
+    def __init__(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self.enabled = enabled
+        self._previous = [self.current()]  # what each open ``with`` restores
+        self._fresh = True  # switched by the constructor, not yet entered
+        type(self)._state.enabled = enabled
+
+    def __enter__(self) -> ThreadSwitch:
+        if self._fresh:
+            self._fresh = False
+        else:
+            self._previous.append(self.current())
+            type(self)._state.enabled = self.enabled
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        type(self)._state.enabled = self._previous.pop()
+
+    def __call__(self, function: F) -> F:
+        """Decorate ``function``: this setting around each of its calls only."""
+        if self._fresh:  # undo the constructor's switch
+            self._fresh = False
+            type(self)._state.enabled = self._previous.pop()
+        cls, enabled = type(self), self.enabled
+
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with cls(enabled):
+                return function(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]

@@ -1,0 +1,85 @@
+"""``value_checks`` and ``autograd_only``: a call, a reusable context manager, a decorator."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pml_margins.functional.autograd_only import autograd_only, autograd_only_enabled
+from pml_margins.validation import value_checks, value_checks_enabled
+
+SWITCHES = [
+    (autograd_only, autograd_only_enabled, False),
+    (value_checks, value_checks_enabled, True),
+]
+
+
+@pytest.fixture(params=SWITCHES, ids=["autograd_only", "value_checks"])
+def switch(request):
+    cls, read, default = request.param
+    assert read() is default
+    yield cls, read, default
+    cls(default)  # whatever a failing test left
+    assert read() is default
+
+
+def test_a_call_switches_from_now_on(switch) -> None:
+    cls, read, default = switch
+    cls(not default)
+    assert read() is (not default)
+    cls(default)
+    assert read() is default
+
+
+def test_a_context_manager_can_be_entered_again_and_nested(switch) -> None:
+    cls, read, default = switch
+    ctx = cls(not default)
+    with ctx:
+        assert read() is (not default)
+    assert read() is default
+    with ctx:  # entered a second time: switches again
+        assert read() is (not default)
+        with cls(default):
+            assert read() is default
+            with ctx:  # the same object, nested
+                assert read() is (not default)
+            assert read() is default
+        assert read() is (not default)
+    assert read() is default
+
+
+def test_an_exception_restores_the_setting(switch) -> None:
+    cls, read, default = switch
+    with pytest.raises(RuntimeError), cls(not default):
+        raise RuntimeError
+    assert read() is default
+
+
+def test_a_decorator_switches_around_each_call_only(switch) -> None:
+    cls, read, default = switch
+
+    @cls(not default)
+    def inside() -> bool:
+        return read()
+
+    assert read() is default  # decorating changed nothing
+    assert inside() is (not default) and inside() is (not default)
+    assert read() is default
+
+
+def test_the_setting_is_per_thread(switch) -> None:
+    cls, read, default = switch
+    seen = []
+    with cls(not default):
+        worker = threading.Thread(target=lambda: seen.append(read()))
+        worker.start()
+        worker.join()
+    assert seen == [default]
+
+
+def test_enabled_must_be_a_bool(switch) -> None:
+    cls, read, default = switch
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        cls("False")
+    assert read() is default
