@@ -264,7 +264,15 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             check_class_labels(labels, embeddings.shape[0], self.num_classes)
 
         dtype = embeddings.dtype if isinstance(embeddings, torch.Tensor) else None
-        codes = {"embeddings dtypes": (float(_DTYPE_CODES.get(dtype, -1)), str(dtype))}
+        grad = isinstance(embeddings, torch.Tensor) and embeddings.requires_grad
+        grad = grad and torch.is_grad_enabled()
+        codes = {  # what the ranks must share: else a wrong loss, or a backward that hangs
+            "embeddings dtypes": (float(_DTYPE_CODES.get(dtype, -1)), str(dtype)),
+            "num_classes": (float(self.num_classes), str(self.num_classes)),
+            "embedding_size": (float(self.embedding_size), str(self.embedding_size)),
+            "sample_rate": (float(self.sample_rate), str(self.sample_rate)),
+            "embeddings requiring grad": (float(grad), str(grad)),
+        }
         checked_on_every_rank(check, self.group, self.W_local.device, codes)
         all_emb, _ = gather_rows_with_grad(embeddings, self.group)
         all_labels, _ = all_gather_rows(labels.to(embeddings.device, torch.int64), self.group)

@@ -223,6 +223,20 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
         seen["override"] = "no error"
     except ValueError as err:
         seen["override"] = str(err)
+    mismatched = {  # rank 1 built or called differently: a wrong loss or a hung backward
+        "num_classes": (ShardedMarginSoftmaxLoss(ArcFaceLoss, 11 if rank == 1 else 10, 4), x),
+        "sample_rate": (
+            ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, sample_rate=0.5 if rank == 1 else 1.0),
+            x,
+        ),
+        "grad": (loss_fn, x.clone().requires_grad_(rank == 1)),
+    }
+    for case, (fn, bx) in mismatched.items():
+        try:
+            fn(bx, y)
+            seen[case] = "no error"
+        except ValueError as err:
+            seen[case] = str(err)
     torch.save(seen, out / f"bad_input_{rank}.pt")
 
 
