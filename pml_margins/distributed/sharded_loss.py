@@ -240,10 +240,14 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         return self._generator
 
     def sampler_state(self) -> torch.Tensor | None:
-        """The Partial FC sampler's RNG state (``None`` before the first sampled step)."""
-        if self._generator is None:
+        """The Partial FC sampler's RNG state (``None`` without Partial FC); before the
+        first sampled step, that of its generator as seeded (``seed`` and the rank), so a
+        loss built with another seed still resumes the same draws."""
+        if self._generator is None and self._pending_sampler_state is not None:
             return self._pending_sampler_state
-        return self._generator.get_state()
+        if self._generator is None and self.sample_rate == 1:
+            return None
+        return self._generator_for(self.W_local.device).get_state()
 
     def load_sampler_state(self, state: torch.Tensor | None) -> None:
         """Resume sampling from :meth:`sampler_state` (same device type); ``None``: from seed."""

@@ -181,3 +181,21 @@ def test_checkpoints_keep_hyperparameters_left_at_their_defaults_and_moved_since
     back = to_single_process_loss(from_single_process_loss(single))
     assert (back.margin, back.easy_margin) == (0.2, True)
     assert to_single_process_loss(from_single_process_loss(single, margin=0.3)).margin == 0.3
+
+
+def test_a_checkpoint_before_the_first_sampled_step_resumes_the_same_draws() -> None:
+    """Partial FC saved before its first step: loaded into a loss built with another
+    seed, the classes drawn are those of the saved loss."""
+    x, y = torch.randn(6, 4), torch.tensor([0, 3, 3, 7, 11, 20])
+
+    def drawn(loss):
+        loss(x, y)
+        return loss.sampler_state()
+
+    saved = ShardedMarginSoftmaxLoss(ArcFaceLoss, 30, 4, sample_rate=0.2, seed=3)
+    checkpoint = shard_checkpoint(saved)
+    assert checkpoint["sampler_state"] is not None
+    resumed = ShardedMarginSoftmaxLoss(ArcFaceLoss, 30, 4, sample_rate=0.2, seed=99)
+    load_into(resumed, checkpoint)
+    assert torch.equal(drawn(resumed), drawn(saved))
+    assert shard_checkpoint(ShardedMarginSoftmaxLoss(ArcFaceLoss, 30, 4))["sampler_state"] is None
