@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,17 +27,55 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def device_arg(name: str) -> torch.device:
-    """``--device`` as a ``torch.device``; ``ValueError`` for a name torch does not know
-    or CUDA that is not there (each command prints it as its one error line)."""
+    """``--device`` as a ``torch.device``; ``ValueError`` for a name torch does not know,
+    or a device that is not here (CUDA, MPS, XPU, ... absent, a CUDA index beyond the
+    devices, ``meta``, which holds no data): each command prints it as its one error line."""
     import torch
 
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device: not a device: {name!r} (cpu, cuda, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but CUDA is not available")
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+        return device
+    if device.type == "mps":
+        available = torch.backends.mps.is_available()
+    else:
+        module = getattr(torch, device.type, None)
+        available = callable(getattr(module, "is_available", None)) and module.is_available()
+    if not available:
+        raise ValueError(f"--device {name}: {device.type} is not available here (cpu, cuda, ...)")
     return device
+
+
+#: seeds numpy and the data loaders accept: 0 <= seed < 2^32
+SEED_LIMIT = 2**32
+
+
+def check_seed(seed: int, runs: int = 1) -> None:
+    """``ValueError`` unless ``seed`` and the ``runs - 1`` seeds after it are in
+    ``[0, 2^32)`` (numpy's and the loaders' range; repeats use ``seed + r``)."""
+    if seed < 0 or seed + runs - 1 >= SEED_LIMIT:
+        last = "" if runs == 1 else f" (and --seed + {runs - 1} for the repeats)"
+        raise ValueError(f"--seed must lie in [0, 2^32 - 1]{last}, got {seed}")
+
+
+def check_out_folder(path: str, flag: str = "--out") -> None:
+    """``ValueError`` when ``path`` cannot become a folder: it, or the nearest part of it
+    that exists, is a file (caught before any work, not when the results are written)."""
+    target = os.path.abspath(path)
+    for part in (target, *Path(target).parents):
+        if os.path.exists(part):
+            if not os.path.isdir(part):
+                what = "exists and is not a folder" if part == target else f"{part} is a file"
+                raise ValueError(f"{flag} {path}: {what}")
+            return
 
 
 def build_parser() -> argparse.ArgumentParser:

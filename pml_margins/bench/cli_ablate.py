@@ -14,6 +14,8 @@ import os
 import time
 from typing import Any
 
+from pml_margins.cli import check_out_folder, check_seed
+
 __all__ = ["register", "run_ablate"]
 
 
@@ -51,6 +53,11 @@ def run_ablate(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{flag} must be >= 1, got {value}")
+    try:  # before the glyph set is rendered
+        check_seed(args.seed, args.repeats)
+        check_out_folder(args.out)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     from pml_margins.bench.datasets import DATASETS
 
     threads = DATASETS["glyphs"].defaults["threads"] if args.threads is None else args.threads

@@ -7,7 +7,9 @@ is scikit-learn's 8x8 digits; ``--dataset cub|sop --data-root DIR`` uses
 CUB-200-2011 / Stanford Online Products through PML's dataset classes.
 
 Writes into ``--out``: ``results.json``, ``results.md`` (the table printed),
-``recall.png`` and ``checkpoints/<loss>.pt`` (re-evaluated by ``--embeddings-only``).
+``recall.png`` and ``checkpoints/<loss>.pt``; ``--embeddings-only`` re-evaluates the
+checkpoints into ``reevaluated.json``, ``reevaluated.md`` and ``reevaluated.png``
+beside them (the training run's files, with their mean over seeds, stay).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pml_margins.cli import device_arg
+from pml_margins.cli import check_out_folder, check_seed, device_arg
 
 __all__ = ["register", "run_bench"]
 
@@ -119,7 +121,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--embeddings-only",
         action="store_true",
-        help="no training: evaluate saved checkpoints (--checkpoint, default <out>/checkpoints)",
+        help="no training: evaluate saved checkpoints (--checkpoint, default <out>/checkpoints) "
+        "into <out>/reevaluated.{json,md,png}",
     )
     p.add_argument("--checkpoint", action="append", default=[], help="a saved .pt (repeatable)")
     p.add_argument(
@@ -181,10 +184,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: --image-size must be >= 1, got {args.image_size}")
     try:
         device_arg(args.device)
+        check_seed(args.seed, 1 if args.embeddings_only else settings["repeats"])
+        check_out_folder(args.out)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise SystemExit(f"error: --out {args.out} exists and is not a folder")
+    if args.checkpoint and not args.embeddings_only:
+        raise SystemExit("error: --checkpoint re-evaluates a model: give --embeddings-only too")
     return settings
 
 
@@ -200,16 +205,21 @@ def _data_counts(bench_data: Any) -> dict[str, int]:
     }
 
 
-def _finish(results: dict[str, Any], out: str) -> None:
+def _finish(results: dict[str, Any], out: str, reevaluated: bool = False) -> None:
     from pml_margins.bench import report
 
     table = report.markdown_table(results)
-    with open(os.path.join(out, "results.md"), "w") as f:
+    names = (
+        ("reevaluated.json", "reevaluated.md", "reevaluated.png")
+        if reevaluated
+        else ("results.json", "results.md", "recall.png")
+    )
+    with open(os.path.join(out, names[1]), "w") as f:
         f.write(table)
-    report.write_json(results, os.path.join(out, "results.json"))
-    report.plot_recall(results, os.path.join(out, "recall.png"))
+    report.write_json(results, os.path.join(out, names[0]))
+    report.plot_recall(results, os.path.join(out, names[2]))
     print(table, end="")
-    print(f"\nwrote {out}/results.json, results.md, recall.png")
+    print(f"\nwrote {out}/{', '.join(names)}")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -243,10 +253,8 @@ def _run_bench(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     start = time.perf_counter()
     names, overrides = ([], {}) if args.embeddings_only else _loss_plan(args)
     bench_data = _load_data(args)
-    try:  # after the data loaded: a failed run leaves no empty output folder
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as err:
-        raise SystemExit(f"error: --out {args.out}: cannot create it: {err.strerror}") from None
+    if not args.embeddings_only:
+        _check_losses(names, overrides, bench_data, settings, args)
     counts = _data_counts(bench_data)
     results: dict[str, Any] = {
         "dataset": bench_data.name,
@@ -264,6 +272,7 @@ def _run_bench(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     }
     if args.embeddings_only:
         return _evaluate_checkpoints(args, bench_data, results, start)
+    _make_out(args.out)  # after every check: a failed run leaves no empty output folder
 
     cfg = train.TrainConfig(
         epochs=settings["epochs"],
@@ -320,6 +329,36 @@ def _run_bench(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     return 0
 
 
+def _make_out(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"error: --out {out}: cannot create it: {err.strerror}") from None
+
+
+def _check_losses(
+    names: list[str],
+    overrides: dict[str, dict[str, Any]],
+    bench_data: Any,
+    settings: dict[str, Any],
+    args: argparse.Namespace,
+) -> None:
+    """Build every loss once before any training: a bad ``--loss-arg`` of the last loss
+    is an error now, not after the others have trained."""
+    from pml_margins.bench import datasets, registry
+
+    for name in names:
+        try:
+            registry.build_loss(
+                name,
+                bench_data.num_train_classes,
+                settings["embedding_size"],
+                **datasets.loss_overrides(args.dataset, name, overrides.get(name, {})),
+            )
+        except (ValueError, TypeError, ImportError) as err:
+            raise SystemExit(f"error: {name}: {str(err).splitlines()[0]}") from None
+
+
 def _has_pixel_baseline(args: argparse.Namespace) -> bool:
     from pml_margins.bench.datasets import DATASETS
 
@@ -347,6 +386,10 @@ def _train_one(
         model, description = models.build_model(config)
     except (ValueError, OSError) as err:  # an unknown backbone, unusable --weights
         raise SystemExit(f"error: {str(err).splitlines()[0]}") from err
+    if isinstance(model, models.ConvEmbedder) and config["kind"] != "small-cnn":
+        # the small CNN stood in for a backbone neither timm nor torchvision could build:
+        # the checkpoint records what was built (re-evaluated later, with timm installed)
+        config = {"kind": "small-cnn", "embedding_size": config["embedding_size"]}
     try:
         setup = registry.build_loss(
             name,
@@ -360,16 +403,17 @@ def _train_one(
         setup.schedule = schedule
     try:
         run = train.train_embedding(model, setup, bench_data.train, cfg)
-    except ValueError as err:  # e.g. a batch larger than the training set
+        emb, labels = train.embed(
+            model,
+            bench_data.test,
+            device=args.device,
+            amp=args.amp,
+            num_workers=args.num_workers,
+            keep_on_device=True,
+        )
+    # a batch larger than the training set, a diverging loss, an unreadable image
+    except (ValueError, train.TrainingDiverged, OSError) as err:
         raise SystemExit(f"error: {str(err).splitlines()[0]}") from err
-    emb, labels = train.embed(
-        model,
-        bench_data.test,
-        device=args.device,
-        amp=args.amp,
-        num_workers=args.num_workers,
-        keep_on_device=True,
-    )
     record = {
         "seed": cfg.seed,
         "model": description,
@@ -436,6 +480,26 @@ def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in _SPLIT_FLAGS.get(args.dataset, ())}
 
 
+def _effective(dataset: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_data_settings` as the data loaders read them: a flag left out is its
+    default (``--image-size 32`` is the glyph set's default), digit classes a set."""
+    if dataset not in _SPLIT_FLAGS:
+        return dict(settings)
+    out = dict(settings)
+    if "image_size" in out:
+        out["image_size"] = out["image_size"] or (32 if dataset == "glyphs" else 224)
+    if "min_fonts" in out and out["min_fonts"] is None:
+        out["min_fonts"] = 12
+    if "train_classes" in out:
+        text = out["train_classes"] or "0,1,2,3,4"
+        try:
+            classes = sorted({int(c) for c in str(text).split(",") if c.strip()})
+            out["train_classes"] = ",".join(str(c) for c in classes)
+        except ValueError:
+            pass  # compared as given (the loader names the bad value)
+    return out
+
+
 def _read_checkpoint(path: str) -> dict[str, Any]:
     """A checkpoint written by ``bench``; a clear exit message for anything else."""
     import pickle
@@ -459,36 +523,53 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
     return saved
 
 
+def _checked_checkpoint(path: str, args: argparse.Namespace, bench_data: Any) -> dict[str, Any]:
+    """A bench checkpoint trained on this dataset and split; else one error line."""
+    saved = _read_checkpoint(path)
+    if saved.get("dataset") != bench_data.name:
+        raise SystemExit(
+            f"error: {path} was trained on {saved.get('dataset')!r}, "
+            f"not --dataset {bench_data.name}"
+        )
+    trained = saved.get("data_settings", _data_settings(args))  # older: not recorded
+    now = _effective(bench_data.name, _data_settings(args))
+    then = _effective(bench_data.name, trained)
+    differ = [k for k, v in now.items() if then.get(k) != v]
+    if differ:  # another split: the "held-out" classes may include trained ones
+        shown = ", ".join(f"--{k.replace('_', '-')} {then.get(k)} (not {now[k]})" for k in differ)
+        raise SystemExit(
+            f"error: {path} was trained with {shown}: pass the same settings, or its "
+            "test classes are not the held-out ones"
+        )
+    return saved
+
+
 def _evaluate_checkpoints(
     args: argparse.Namespace, bench_data: Any, results: dict[str, Any], start: float
 ) -> int:
     from pml_margins.bench import evaluate, models, train
+    from pml_margins.bench.registry import LOSSES
 
     paths = args.checkpoint or sorted(glob.glob(os.path.join(args.out, "checkpoints", "*.pt")))
     if not paths:
         raise SystemExit(
             f"error: --embeddings-only: no checkpoints given and none in {args.out}/checkpoints"
         )
-    for path in paths:
-        saved = _read_checkpoint(path)
-        if saved.get("dataset") != bench_data.name:
-            raise SystemExit(
-                f"error: {path} was trained on {saved.get('dataset')!r}, "
-                f"not --dataset {bench_data.name}"
-            )
-        trained = saved.get("data_settings", _data_settings(args))  # older: not recorded
-        differ = [k for k, v in _data_settings(args).items() if trained.get(k) != v]
-        if differ:  # another split: the "held-out" classes may include trained ones
-            shown = ", ".join(
-                f"--{k.replace('_', '-')} {trained.get(k)} (not {getattr(args, k)})" for k in differ
-            )
-            raise SystemExit(
-                f"error: {path} was trained with {shown}: pass the same settings, or its "
-                "test classes are not the held-out ones"
-            )
+    checked = [(path, _checked_checkpoint(path, args, bench_data)) for path in paths]
+    if not args.checkpoint:  # a folder's checkpoints in the registry's order, as trained
+        order = {name: i for i, name in enumerate(LOSSES)}
+        checked.sort(key=lambda item: order.get(item[1]["name"], len(order)))
+    _make_out(args.out)  # after every check: a failed run leaves no empty output folder
+    for path, saved in checked:
         # the checkpoint holds every weight: no pretrained weights to load first
         model, description = models.build_model({**saved["model_config"], "weights_path": None})
-        model.load_state_dict(saved["model_state"])
+        try:
+            model.load_state_dict(saved["model_state"])
+        except RuntimeError as err:  # a model_config that builds another network
+            raise SystemExit(
+                f"error: {path}: its weights do not fit the model it describes "
+                f"({description}): {str(err).splitlines()[0]}"
+            ) from None
         emb, labels = train.embed(
             model,
             bench_data.test,
@@ -509,6 +590,8 @@ def _evaluate_checkpoints(
                 "metrics": evaluate.evaluate_retrieval(emb, labels, bench_data.recall_ks),
             }
         )
+    if _has_pixel_baseline(args) and not args.no_baseline:
+        results["losses"].append(_pixel_baseline(bench_data))
     results["total_seconds"] = round(time.perf_counter() - start, 1)
-    _finish(results, args.out)
+    _finish(results, args.out, reevaluated=True)
     return 0

@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any
 
+from pml_margins.cli import check_out_folder, check_seed, device_arg
+
 __all__ = ["SPHERE_LOSSES", "SphereError", "register", "run_sphere"]
 
 #: what the figure shows by default (Center loss is added when available)
@@ -85,6 +87,11 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         train.resolve_device(args.device)
     except (RuntimeError, ValueError) as error:
         raise SphereError(f"--device: {str(error).splitlines()[0]}") from None
+    try:
+        device_arg(args.device)  # a device that is not here (mps, xpu, meta, ...)
+        check_seed(args.seed)
+    except ValueError as error:
+        raise SphereError(str(error)) from None
     _check_out(args.out)
     return list(dict.fromkeys(names)), sorted({int(d) for d in parts})
 
@@ -102,9 +109,11 @@ def _check_out(path: str) -> None:
         raise SphereError(
             f"--out {path}: matplotlib cannot write .{suffix} (use one of: {', '.join(formats)})"
         )
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise SphereError(f"--out {path}: {parent} is a file, not a folder")
+    try:
+        check_out_folder(os.path.dirname(os.path.abspath(path)), "--out")
+    except ValueError:
+        blocked = f"--out {path}: its folder cannot be made (a file is in the way)"
+        raise SphereError(blocked) from None
 
 
 def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> int:
@@ -133,7 +142,10 @@ def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> 
                 print(f"skipping {name}: {err}")
                 break
             label, setup.label = setup.label, f"{setup.label} ({dim}-D)"
-            run = train.train_embedding(model, setup, digits.train, cfg)
+            try:
+                run = train.train_embedding(model, setup, digits.train, cfg)
+            except train.TrainingDiverged as err:
+                raise SphereError(str(err)) from None
             emb, labels = train.embed(model, digits.test, device=args.device)
             p1 = evaluate.evaluate_retrieval(emb, labels, (1,))["precision_at_1"]
             print(
@@ -154,5 +166,6 @@ def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> 
         raise SphereError("no loss could be trained, nothing to plot")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     sphere_plot.plot_sphere_grid(panels.get(2, []), panels.get(3, []), args.out)
-    print(f"wrote {args.out}")
+    written = args.out if os.path.splitext(args.out)[1] else args.out + ".png"  # matplotlib's
+    print(f"wrote {written}")
     return 0

@@ -289,17 +289,31 @@ def load_image_dataset(
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASET_LAYOUTS)}")
     classes = {name: getattr(datasets, DATASET_LAYOUTS[name].pml_class)}
     root = os.fspath(root)
+    folder = os.path.join(root, DATASET_LAYOUTS[name].subdir)
     if download and (not os.path.isdir(root) or not os.listdir(root)):
-        # PML downloads inside the constructor, then reads the split files
-        classes[name](root=root, split="train", download=True)
+        existed = os.path.isdir(root)
+        try:  # PML downloads inside the constructor, then reads the split files
+            classes[name](root=root, split="train", download=True)
+        except OSError as err:  # offline, a refused connection, a full disk (URLError too)
+            if not existed and os.path.isdir(root) and not os.listdir(root):
+                os.rmdir(root)  # what PML made before failing
+            raise DatasetFolderError(
+                f"{name.upper()} download into {root} failed: {str(err).splitlines()[0]}"
+            ) from None
     check_dataset_folder(name, root)
     transform = transform or ImageToTensor(image_size)
-    train = classes[name](root=root, split="train", transform=transform)
-    test = classes[name](root=root, split="test", transform=transform)
+    try:
+        train = classes[name](root=root, split="train", transform=transform)
+        test = classes[name](root=root, split="test", transform=transform)
+    except (ValueError, IndexError, KeyError) as err:  # a malformed line in an index file
+        raise DatasetFolderError(
+            f"{name.upper()} folder {folder}: cannot read its index files "
+            f"({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
     for split, data in (("train", train), ("test", test)):
         if not len(data):
             raise DatasetFolderError(
-                f"{name.upper()} folder {os.path.join(root, DATASET_LAYOUTS[name].subdir)} has "
+                f"{name.upper()} folder {folder} has "
                 f"no {split} images (its index files list none of the official {split} split)"
             )
     remap = RemapLabels(train.labels)

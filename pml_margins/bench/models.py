@@ -167,7 +167,12 @@ def build_backbone(
     """
     if name == "small-cnn":
         return ConvEmbedder(embedding_size), "small-cnn (random init)"
-    built = _from_timm(name) or _from_torchvision(name, use_cache=weights_path is None)
+    use_cache = weights_path is None
+    built = (  # torchvision first when its pretrained file is on disk (timm has none here)
+        (_from_torchvision(name, use_cache) if use_cache and _torchvision_cached(name) else None)
+        or _from_timm(name)
+        or _from_torchvision(name, use_cache)
+    )
     if built is None:
         if importlib.util.find_spec("timm") or importlib.util.find_spec("torchvision"):
             raise ValueError(f"unknown backbone {name!r}: neither timm nor torchvision has it")
@@ -184,12 +189,49 @@ def build_backbone(
         return ConvEmbedder(embedding_size), "small-cnn (no torchvision/timm)"
     backbone, feature_size, source = built
     if weights_path:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        missing, _ = backbone.load_state_dict(state, strict=False)
+        missing = _load_weights(backbone, weights_path, name)
         source += f" (weights from {weights_path}; {len(missing)} missing keys)"
     elif "pretrained" not in source:
         source += " (random init: no weights on disk)"
     return BackboneEmbedder(backbone, feature_size, embedding_size), f"{name} via {source}"
+
+
+def _load_weights(backbone: nn.Module, path: str, name: str) -> list[str]:
+    """Load a state dict file into ``backbone`` (non-strict: a classifier may be left out);
+    its keys not loaded. ``ValueError`` naming the file when it cannot be read, holds no
+    state dict, has a tensor of another shape, or none of its keys is the backbone's."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a text file, a truncated zip, a pickle of objects: one line
+        reason = (str(err).splitlines() or [""])[0]
+        why = f"{type(err).__name__}: {reason}"
+        raise ValueError(f"--weights {path}: cannot read it ({why})") from None
+
+    def tensors_only(value: object) -> bool:
+        return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+    if isinstance(state, dict) and not tensors_only(state):  # a training checkpoint
+        state = next((state[k] for k in ("state_dict", "model") if k in state), state)
+    if not tensors_only(state):
+        raise ValueError(f"--weights {path}: not a state dict of tensors")
+    try:
+        missing, _ = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        raise ValueError(f"--weights {path}: {str(err).splitlines()[-1].strip()}") from None
+    own = backbone.state_dict()
+    if own and not set(state) & set(own):  # strict=False loaded nothing: random weights
+        raise ValueError(
+            f"--weights {path}: none of its {len(state)} keys is a key of the {name} backbone "
+            f"(e.g. {next(iter(state), '-')!r} against {next(iter(own))!r})"
+        )
+    return list(missing)
+
+
+def _torchvision_cached(name: str) -> bool:
+    try:
+        return _torchvision_weights_on_disk(name) is not None
+    except ImportError:
+        return False
 
 
 def _from_timm(name: str) -> tuple[nn.Module, int, str] | None:

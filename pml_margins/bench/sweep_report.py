@@ -65,7 +65,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(
         f"Glyph benchmark ({result['train_classes']} training classes), "
         f"{seeds} seed{'s' if seeds > 1 else ''} per point, "
-        f"{result['settings']['epochs']} epochs; metrics in %, mean ± std over seeds."
+        f"{_epochs(result['settings']['epochs'])}; metrics in %, mean ± std over seeds."
     )
     return "\n".join(lines) + "\n"
 
@@ -120,3 +120,7 @@ def save_plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     fig = figure(result)
     fig.savefig(path)
     plt.close(fig)
+
+
+def _epochs(count: int) -> str:
+    return f"{count} epoch" + ("" if count == 1 else "s")

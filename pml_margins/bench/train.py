@@ -108,6 +108,10 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite during training (a learning rate or scale too high)."""
+
+
 def resolve_device(name: str) -> torch.device:
     """``torch.device(name)``, with a clear error when CUDA is asked for but missing."""
     device = torch.device(name)
@@ -206,7 +210,8 @@ def train_embedding(
     """Train ``model`` with ``setup.loss`` (and ``setup.miner``) on ``dataset``, in place.
 
     The loss is computed in float32 even under autocast (margins on bf16 cosines lose
-    most of their digits). A non-finite loss stops the run with a ``RuntimeError``.
+    most of their digits). A non-finite loss stops the run with :class:`TrainingDiverged`
+    (a ``RuntimeError``).
     """
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -246,7 +251,7 @@ def train_embedding(
             indices = setup.miner(embeddings, labels) if setup.miner is not None else None
             loss = setup.loss(embeddings, labels, indices)
             if not torch.isfinite(loss):
-                raise RuntimeError(
+                raise TrainingDiverged(
                     f"{setup.label}: non-finite loss {loss.item()} at step {result.steps}; "
                     "lower the learning rate or the scale"
                 )

@@ -28,8 +28,8 @@ GLYPHS = ["--dataset", "glyphs", "--max-classes", "40", "--image-size", "16", "-
 KEYS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
 
-def _results(out: Path) -> dict:
-    return json.loads((out / "results.json").read_text())
+def _results(out: Path, name: str = "results.json") -> dict:
+    return json.loads((out / name).read_text())
 
 
 def test_tiny_digits_bench_writes_results_and_png(tmp_path: Path, capsys) -> None:
@@ -89,13 +89,33 @@ def test_embeddings_only_evaluates_saved_model(tmp_path: Path) -> None:
     out = tmp_path / "eval"
     ckpt = tmp_path / "train" / "checkpoints" / "cosface.pt"
     main(["bench", "--embeddings-only", "--checkpoint", str(ckpt), "--out", str(out), *TINY])
-    evaluated = _results(out)
-    assert [e["name"] for e in evaluated["losses"]] == ["cosface"]
+    evaluated = _results(out, "reevaluated.json")
+    assert [e["name"] for e in evaluated["losses"]] == ["cosface"]  # (--no-baseline)
     assert evaluated["losses"][0]["checkpoint"] == str(ckpt)
     assert evaluated["losses"][0]["metrics"] == trained["losses"][1]["runs"][0]["metrics"]
-    # default: every checkpoint under <out>/checkpoints
+    assert not (out / "results.json").exists()
+    # default: every checkpoint under <out>/checkpoints, in the registry's order, beside the
+    # training run's files, which stay as they were
     main(["bench", "--embeddings-only", "--out", str(tmp_path / "train"), *TINY])
-    assert [e["name"] for e in _results(tmp_path / "train")["losses"]] == ["cosface", "nsl"]
+    again = _results(tmp_path / "train", "reevaluated.json")
+    assert [e["name"] for e in again["losses"]] == ["nsl", "cosface"]
+    assert _results(tmp_path / "train") == trained
+    for suffix in ("md", "png"):
+        assert (tmp_path / "train" / f"reevaluated.{suffix}").is_file()
+
+
+def test_checkpoint_without_embeddings_only_and_failed_reevaluation_leave_nothing(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(SystemExit, match="--checkpoint re-evaluates a model: give"):
+        main(["bench", "--checkpoint", "x.pt", "--out", str(tmp_path / "a"), *TINY])
+    with pytest.raises(SystemExit, match="no checkpoints"):
+        main(["bench", "--embeddings-only", "--out", str(tmp_path / "b"), *TINY])
+    (tmp_path / "c.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"cannot read checkpoint|not a pml-margins"):
+        main(["bench", "--embeddings-only", "--checkpoint", str(tmp_path / "c.json"),
+              "--out", str(tmp_path / "d"), *TINY])  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]
 
 
 def test_embeddings_only_without_checkpoints_fails(tmp_path: Path) -> None:
@@ -473,7 +493,22 @@ def test_embeddings_only_refuses_checkpoints_of_another_split(tmp_path: Path) ->
             *TINY,
             "--embeddings-only",
             "--train-classes",
-            "5,6,7,8,9",
+            "9,8,7,6,5",  # the same classes, written otherwise
+            "--out",
+            str(tmp_path),
+        ]
+    )
+
+
+def test_embeddings_only_takes_an_explicit_default(tmp_path: Path) -> None:
+    main(["bench", *TINY, "--losses", "nsl", "--out", str(tmp_path)])  # default classes
+    main(
+        [
+            "bench",
+            *TINY,
+            "--embeddings-only",
+            "--train-classes",
+            "0,1,2,3,4",
             "--out",
             str(tmp_path),
         ]

@@ -119,7 +119,7 @@ def _fake_torchvision(monkeypatch: pytest.MonkeyPatch, tmp_path, cached: bool) -
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.body = nn.Flatten()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, 12))
             self.fc = nn.Linear(12, 1000)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,8 +159,8 @@ def test_torchvision_pretrained_only_from_the_local_cache(
 
 def test_local_weights_file_is_loaded(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     calls = _fake_torchvision(monkeypatch, tmp_path, cached=True)
-    state = {"fc.weight": torch.zeros(1000, 12), "fc.bias": torch.zeros(1000)}
-    torch.save(state, tmp_path / "w.pt")
+    state = {"body.1.weight": torch.zeros(12, 12), "fc.weight": torch.zeros(1000, 12)}
+    torch.save(state, tmp_path / "w.pt")  # the classifier's key is left out
     _, description = models.build_backbone("resnet_fake", 5, weights_path=str(tmp_path / "w.pt"))
     assert calls == [None]  # the cache is not consulted when a file is given
     assert "weights from" in description
@@ -173,3 +173,38 @@ def test_unknown_backbone_with_torchvision_installed(
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: name == "torchvision")
     with pytest.raises(ValueError, match="unknown backbone 'vit_nope'"):
         models.build_backbone("vit_nope", 5)
+
+
+def test_weights_that_load_nothing_or_cannot_be_read_are_errors(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    _fake_torchvision(monkeypatch, tmp_path, cached=False)
+    body = {"body.1.weight": torch.zeros(12, 12), "body.1.bias": torch.zeros(12)}
+    torch.save({"state_dict": body, "epoch": 3}, tmp_path / "nested.pt")  # unwrapped: loads
+    _, description = models.build_backbone("resnet_fake", 5, str(tmp_path / "nested.pt"))
+    assert "0 missing keys" in description
+    torch.save({"backbone.body.1.weight": torch.zeros(12, 12)}, tmp_path / "prefixed.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save({"body.1.weight": torch.zeros(3, 3)}, tmp_path / "shape.pt")
+    cases = {
+        "prefixed.pt": "none of its 1 keys is a key of the resnet_fake backbone",
+        "text.pt": "cannot read it",
+        "shape.pt": "size mismatch",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ValueError, match=f"--weights .*{name}: .*{message}"):
+            models.build_backbone("resnet_fake", 5, str(tmp_path / name))
+
+
+def test_torchvision_is_preferred_when_its_weights_are_on_disk(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """With timm installed too (the [vision] extra), cached torchvision weights are used."""
+    import sys
+    import types
+
+    calls = _fake_torchvision(monkeypatch, tmp_path, cached=True)
+    timm = types.SimpleNamespace(list_models=lambda: ["resnet_fake"], create_model=None)
+    monkeypatch.setitem(sys.modules, "timm", timm)
+    _, description = models.build_backbone("resnet_fake", 5)
+    assert "torchvision (pretrained" in description and calls[0] is not None

@@ -1,0 +1,111 @@
+"""bench/sphere/ablate corners found by review: every bad input is one error line (status
+2) found before the work it would spoil, and what a run writes says what it did."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.bench.conftest import run_cli
+
+TINY = ["--dataset", "digits", "--epochs", "1", "--repeats", "1", "--no-progress"]
+TINY += ["--threads", "1", "--no-baseline"]
+CUB = ["--backbone", "small-cnn", "--image-size", "16", "--batch-size", "4"]
+CUB += ["--embedding-size", "8", "--losses", "nsl", "--epochs", "1", "--repeats", "1"]
+CUB += ["--no-progress", "--threads", "1"]
+
+
+def test_a_bad_loss_argument_stops_before_any_loss_trains(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["bench", *TINY, "--losses", "softmax,arcface", "--loss-arg", "arcface.margin=-1"]
+    with pytest.raises(SystemExit, match="error: arcface: margin must be >= 0"):
+        run_cli([*argv, "--out", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seed", "-1"], r"--seed must lie in \[0, 2\^32 - 1\], got -1"),
+        (["--seed", str(2**32 - 1), "--repeats", "2"], r"and --seed \+ 1 for the repeats"),
+        (["--device", "mps"], "--device mps: mps is not available here"),
+        (["--device", "meta"], "--device meta: meta is not available here"),
+    ],
+)
+def test_bench_seed_and_device(tmp_path: Path, argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        run_cli(["bench", *TINY, *argv, "--out", str(tmp_path / "out")])
+
+
+def test_a_diverging_loss_is_one_error_line(tmp_path: Path) -> None:
+    argv = ["bench", *TINY, "--losses", "nsl", "--loss-arg", "nsl.scale=1e38"]
+    with pytest.raises(SystemExit, match="NSL: non-finite loss"):
+        run_cli([*argv, "--out", str(tmp_path / "out")])
+
+
+def test_sphere_and_ablate_check_their_output_before_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="its folder cannot be made"):
+        run_cli(["sphere", "--out", str(blocker / "sub" / "x.png")])
+    with pytest.raises(SystemExit, match=r"--seed must lie in \[0, 2\^32 - 1\]"):
+        run_cli(["sphere", "--seed", "-1", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="--device xpu: xpu is not available here"):
+        run_cli(["sphere", "--device", "xpu", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="exists and is not a folder"):
+        run_cli(["ablate", "--out", str(blocker)])
+    with pytest.raises(SystemExit, match="is a file"):
+        run_cli(["ablate", "--out", str(blocker / "sub")])
+
+
+def test_a_malformed_cub_index_file_is_named(fake_cub: Path, tmp_path: Path) -> None:
+    labels = fake_cub / "CUB_200_2011" / "image_class_labels.txt"
+    labels.write_text(labels.read_text().replace(" 101\n", " abc\n", 1))
+    argv = ["bench", "--dataset", "cub", "--data-root", str(fake_cub), *CUB]
+    with pytest.raises(SystemExit, match=r"CUB folder .*CUB_200_2011: cannot read its index"):
+        run_cli([*argv, "--out", str(tmp_path / "out")])
+
+
+def test_a_failed_download_is_one_line_and_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytorch_metric_learning import datasets
+
+    def offline(root: str, **_: object) -> None:
+        Path(root).mkdir(parents=True, exist_ok=True)  # as PML does before it fetches
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(datasets, "CUB", offline)
+    root = tmp_path / "dl"
+    argv = ["bench", "--dataset", "cub", "--data-root", str(root), "--download", *CUB]
+    with pytest.raises(SystemExit, match=r"CUB download into .*dl failed: .*no network"):
+        run_cli([*argv, "--out", str(tmp_path / "out")])
+    assert not root.exists()
+
+
+def test_an_unreadable_test_image_is_one_error_line(fake_cub: Path, tmp_path: Path) -> None:
+    image = fake_cub / "CUB_200_2011" / "images" / "101.Bird_101" / "Bird_101_0.jpg"
+    image.write_bytes(b"not a jpeg")
+    argv = ["bench", "--dataset", "cub", "--data-root", str(fake_cub), *CUB]
+    with pytest.raises(SystemExit, match=r"Bird_101_0\.jpg"):
+        run_cli([*argv, "--out", str(tmp_path / "out")])
+
+
+def test_the_small_cnn_standing_in_for_a_backbone_is_what_the_checkpoint_records(
+    fake_cub: Path, tmp_path: Path
+) -> None:
+    """Without timm/torchvision the small CNN stands in for resnet50; re-evaluating the
+    checkpoint once they are installed must rebuild the small CNN, not a resnet50."""
+    pytest.importorskip("PIL")
+    if any(__import__("importlib").util.find_spec(m) for m in ("timm", "torchvision")):
+        pytest.skip("timm or torchvision is installed: no stand-in")
+    argv = ["bench", "--dataset", "cub", "--data-root", str(fake_cub), *CUB]
+    argv[argv.index("small-cnn")] = "resnet50"
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="using the small CNN"):
+        assert run_cli([*argv, "--out", str(out)]) == 0
+    saved = torch.load(out / "checkpoints" / "nsl.pt", weights_only=True)
+    assert saved["model_config"]["kind"] == "small-cnn"
