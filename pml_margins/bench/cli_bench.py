@@ -403,17 +403,10 @@ def _train_one(
         setup.schedule = schedule
     try:
         run = train.train_embedding(model, setup, bench_data.train, cfg)
-        emb, labels = train.embed(
-            model,
-            bench_data.test,
-            device=args.device,
-            amp=args.amp,
-            num_workers=args.num_workers,
-            keep_on_device=True,
-        )
     # a batch larger than the training set, a diverging loss, an unreadable image
     except (ValueError, train.TrainingDiverged, OSError) as err:
         raise SystemExit(f"error: {str(err).splitlines()[0]}") from err
+    emb, labels = _embed_test_set(model, bench_data, args)
     record = {
         "seed": cfg.seed,
         "model": description,
@@ -425,6 +418,25 @@ def _train_one(
         "metrics": evaluate.evaluate_retrieval(emb, labels, bench_data.recall_ks),
     }
     return record, model, setup, config
+
+
+def _embed_test_set(
+    model: torch.nn.Module, bench_data: Any, args: argparse.Namespace
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split's embeddings and labels; an unreadable image is one error line."""
+    from pml_margins.bench import train
+
+    try:
+        return train.embed(
+            model,
+            bench_data.test,
+            device=args.device,
+            amp=args.amp,
+            num_workers=args.num_workers,
+            keep_on_device=True,
+        )
+    except OSError as err:  # PIL's UnidentifiedImageError, a truncated file
+        raise SystemExit(f"error: {str(err).splitlines()[0]}") from err
 
 
 def _summarize(name: str, setup: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -547,7 +559,7 @@ def _checked_checkpoint(path: str, args: argparse.Namespace, bench_data: Any) ->
 def _evaluate_checkpoints(
     args: argparse.Namespace, bench_data: Any, results: dict[str, Any], start: float
 ) -> int:
-    from pml_margins.bench import evaluate, models, train
+    from pml_margins.bench import evaluate, models
     from pml_margins.bench.registry import LOSSES
 
     paths = args.checkpoint or sorted(glob.glob(os.path.join(args.out, "checkpoints", "*.pt")))
@@ -570,14 +582,7 @@ def _evaluate_checkpoints(
                 f"error: {path}: its weights do not fit the model it describes "
                 f"({description}): {str(err).splitlines()[0]}"
             ) from None
-        emb, labels = train.embed(
-            model,
-            bench_data.test,
-            device=args.device,
-            amp=args.amp,
-            num_workers=args.num_workers,
-            keep_on_device=True,
-        )
+        emb, labels = _embed_test_set(model, bench_data, args)
         results["losses"].append(
             {
                 "name": saved["name"],
