@@ -10,7 +10,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -190,7 +190,12 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         for kk in self._own_recall_ks:
             setattr(self, f"calculate_recall_at_{kk}", functools.partial(self._recall, kk))
         if isinstance(k, (bool, np.bool_)):
-            raise TypeError(f"k must be a positive int, None, 'max_bin_count' or 'all', got {k!r}")
+            raise TypeError(f"k must be a positive int, None or 'max_bin_count', got {k!r}")
+        for name, names in (("include", include), ("exclude", exclude)):
+            if not isinstance(names, (tuple, list)):  # PML's rule: a str would split
+                raise TypeError(f"{name} must be a tuple or list, got {type(names).__name__}")
+        block_rows = None if block_rows is None else check_int(block_rows, "block_rows")
+        num_threads = None if num_threads is None else check_int(num_threads, "num_threads")
         if distance is not None and knn_func is not None:
             raise ValueError("pass either distance or knn_func, not both")
         if knn_func is None and distance is not None:
@@ -231,12 +236,20 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self.knn_func = custom  # None: the exact k-nn with ``self.exact``
 
     def requires_knn(self) -> list[str]:
+        return [*super().requires_knn(), *self._own_knn_metrics()]
+
+    def _own_knn_metrics(self) -> list[str]:
+        """The k-nn metrics this class adds to PML's."""
         return [
-            *super().requires_knn(),
             "mean_reciprocal_rank",
             "num_excluded_queries",
-            *(f"recall_at_{kk}" for kk in self.recall_ks),
+            *(f"recall_at_{kk}" for kk in self._own_recall_ks),
         ]
+
+    def _knn_metrics(self) -> set[str]:
+        """Every metric that needs the k-nn: ``requires_knn`` (a subclass may list it
+        without ``super()``, as PML's own list) and this class's own."""
+        return {*self.requires_knn(), *self._own_knn_metrics()}
 
     def get_accuracy(
         self,
@@ -327,7 +340,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             "label_comparison_fn": self.label_comparison_fn,
         }
         metrics = self.get_curr_metrics()
-        if any(x in self.requires_knn() for x in metrics):
+        if any(x in self._knn_metrics() for x in metrics):
             kwargs.update(self._knn_kwargs(**kwargs))
         # the metrics (PML's k-means, a subclass's own) get float32 embeddings, as in PML
         # (the k-nn above ran on the given values)
@@ -352,11 +365,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         metrics = self.get_curr_metrics()
         available = num_reference - int(ref_includes_query)
         recalls = {f"recall_at_{kk}" for kk in self._own_recall_ks}
-        pml_rule = [
-            m
-            for m in metrics
-            if m in self.requires_knn() and m not in recalls and m != "num_excluded_queries"
-        ]  # PML's metrics and a subclass's own k-nn metrics
+        other_knn = self._knn_metrics() - recalls - {"num_excluded_queries"}
+        pml_rule = [m for m in metrics if m in other_knn]  # PML's and a subclass's own
         k_pml = 0 if pml_rule else None
         if pml_rule and len(bin_counts):
             k_pml = min(self.determine_k(bin_counts, num_reference, ref_includes_query), available)
@@ -419,22 +429,24 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             )
         distances, indices = self._knn(query, reference, k_total, ref_includes_query)
         knn_labels = reference_labels[indices.to(reference_labels.device)]
+        match = self._matches(query_labels, knn_labels)
         shown = k_total if k_pml is None else k_pml  # PML's k, even 0, when its metrics are asked
-        shown_labels = knn_labels[:, :shown]
+        distances, shown_labels, shown_match = distances[:, :shown], knn_labels[:, :shown], None
+        if self.knn_func is not None and shown < k_total:
+            # a user's k-nn: its list at PML's k need not start its longer one (ties, an
+            # approximate index), so PML's metrics get a call at PML's k, as in PML
+            distances, indices = self._knn(query, reference, shown, ref_includes_query)
+            shown_labels = reference_labels[indices.to(reference_labels.device)]
+            shown_match = self._matches(query_labels, shown_labels)
         return {
             "label_counts": (unique_query_labels, bin_counts),
             "knn_labels": shown_labels,
-            "knn_distances": distances[:, :shown],
+            "knn_distances": distances,
             "lone_query_labels": lone_labels,
             "not_lone_query_mask": not_lone,
             # reused by _kept for exactly these knn_labels and query_labels (a subclass
-            # may pass its own to the calculate_* methods)
-            "_match": (
-                self._matches(query_labels, knn_labels),
-                relevant,
-                query_labels,
-                shown_labels,
-            ),
+            # may pass its own to the calculate_* methods); the full list for Recall@K
+            "_match": _Matches(match, shown_match, relevant, query_labels, shown_labels),
         }
 
     def _matches(self, query_labels: torch.Tensor, knn_labels: torch.Tensor) -> torch.Tensor:
@@ -475,10 +487,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             kwargs["not_lone_query_mask"],
             kwargs["knn_labels"],
         )
-        match, relevant, own_labels, own_knn_labels = kwargs.get("_match", (None,) * 4)
-        if own_labels is labels and own_knn_labels is knn_labels:
+        own = kwargs.get("_match")
+        if own is not None and own.query_labels is labels and own.knn_labels is knn_labels:
+            match, relevant = own.full, own.relevant
             if not full_k:
-                match = match[:, : knn_labels.shape[1]]
+                match = match[:, : knn_labels.shape[1]] if own.shown is None else own.shown
         else:
             match = self._matches(labels, knn_labels)
             unique, counts = kwargs["label_counts"]
@@ -526,6 +539,16 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class _Matches(NamedTuple):
+    """This class's label matches of one ``get_accuracy`` call, for :meth:`_kept`."""
+
+    full: torch.Tensor  # (Q, k_total): every neighbour's match, Recall@K included
+    shown: torch.Tensor | None  # (Q, k_pml) from a call at PML's k (a user's k-nn), or None
+    relevant: torch.Tensor  # (Q,) relevant counts R
+    query_labels: torch.Tensor  # the labels these are for
+    knn_labels: torch.Tensor  # the knn_labels handed to the metrics
 
 
 def _faiss_gpu_usable(device: torch.device | None) -> bool:

@@ -33,8 +33,13 @@ def as_tensor(x: object, name: str) -> torch.Tensor:
 
     Raises:
         TypeError: neither a ``torch.Tensor`` nor a ``numpy.ndarray``, or a sparse tensor.
+        ValueError: numpy ``uint64`` values that int64 cannot hold.
     """
     if isinstance(x, np.ndarray):
+        if x.dtype == np.uint64 and x.size and int(x.max()) >= 2**63:
+            raise ValueError(
+                f"{name} has uint64 values beyond int64 (>= 2^63): map them to integers first"
+            )
         if x.dtype.kind in "ui" and x.dtype != np.uint8:
             x = x.astype(np.int64)  # torch lacks uint16/32/64 arithmetic
         if x.dtype.kind not in "fiub":

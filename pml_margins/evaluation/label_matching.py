@@ -78,14 +78,17 @@ def custom_relevance(
 
 
 def label_positions(unique: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each label's row in ``unique`` (sorted, distinct), by exact equality.
+    """Each label's row in ``unique`` (distinct, in any order: PML pairs a
+    ``label_counts`` tuple's labels and counts by position), by exact equality.
 
     Labels absent from ``unique`` get ``len(unique)``.
     """
     if labels.ndim == 1:
-        position = torch.searchsorted(unique, labels).clamp_(max=max(len(unique) - 1, 0))
-        found = unique[position] == labels if len(unique) else torch.zeros_like(labels).bool()
-        return torch.where(found, position, len(unique))
+        ordered, order = torch.sort(unique)
+        labels = labels.contiguous()
+        position = torch.searchsorted(ordered, labels).clamp_(max=max(len(unique) - 1, 0))
+        found = ordered[position] == labels if len(unique) else torch.zeros_like(labels).bool()
+        return torch.where(found, order[position] if len(unique) else position, len(unique))
     both, inverse = torch.unique(torch.cat([unique, labels]), dim=0, return_inverse=True)
     row_of = torch.full((len(both),), len(unique), dtype=torch.long, device=labels.device)
     row_of[inverse[: len(unique)]] = torch.arange(len(unique), device=labels.device)

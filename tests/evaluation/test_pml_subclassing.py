@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from pytorch_metric_learning.distances import LpDistance
@@ -195,3 +196,93 @@ def test_zero_width_embeddings_tie_everywhere_as_in_pml(k):
 def test_k_true_is_refused_at_construction():
     with pytest.raises(TypeError, match="k must be a positive int"):
         RetrievalAccuracyCalculator(k=True)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_a_users_knn_gives_pmls_metrics_whatever_recall_is_asked(k):
+    """PML's metrics come from a call at PML's k: a user's k-nn (here SNR, which ties on
+    integer data) need not list at depth k the start of its depth-8 list."""
+    from pytorch_metric_learning.distances import SNRDistance
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 3, (400, 4), generator=g).float()
+    y = torch.randint(0, 20, (400,), generator=g)
+    include = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
+    knn = CustomKNN(SNRDistance())
+    pml = AccuracyCalculator(include=include, knn_func=knn, k=k, device=CPU).get_accuracy(x, y)
+    calc = RetrievalAccuracyCalculator(include=(*include, "recall_at_8"), knn_func=knn, k=k)
+    got = calc.get_accuracy(x, y)
+    assert {m: got[m] for m in include} == pytest.approx(pml)
+    recall = RetrievalAccuracyCalculator(include=("recall_at_8",), knn_func=knn).get_accuracy(x, y)
+    assert got["recall_at_8"] == recall["recall_at_8"]
+
+
+def test_public_metrics_take_label_counts_in_any_order():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    knn_labels = torch.tensor(
+        [[0, 1, 1], [1, 0, 2], [1, 1, 0], [1, 0, 1], [2, 1, 1], [2, 0, 0], [1, 2, 0]]
+    )
+    kwargs = {
+        "knn_labels": knn_labels,
+        "query_labels": labels,
+        "not_lone_query_mask": torch.ones(7, dtype=torch.bool),
+        "ref_includes_query": True,
+        "label_comparison_fn": torch.eq,
+    }
+    pml = AccuracyCalculator(k=3, device=CPU)
+    ours = RetrievalAccuracyCalculator(k=3)
+    for counts in ((torch.tensor([0, 1, 2]), torch.tensor([2, 3, 2])),
+                   (torch.tensor([2, 0, 1]), torch.tensor([2, 2, 3]))):  # fmt: skip
+        for metric in ("r_precision", "mean_average_precision_at_r", "mean_average_precision"):
+            want = getattr(pml, f"calculate_{metric}")(label_counts=counts, **kwargs)
+            got = getattr(ours, f"calculate_{metric}")(label_counts=counts, **kwargs)
+            assert got == pytest.approx(want), (metric, counts)
+
+
+class HardCodedKnnList(RetrievalAccuracyCalculator):
+    """A PML-style subclass listing requires_knn itself, without super()."""
+
+    def calculate_p2(self, knn_labels, query_labels, **_):
+        return float((knn_labels[:, :2] == query_labels[:, None]).double().mean())
+
+    def requires_knn(self):
+        return ["precision_at_1", "mean_average_precision", "mean_average_precision_at_r",
+                "r_precision", "p2"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "include", [("recall_at_1",), ("num_excluded_queries",), ("recall_at_1", "NMI")]
+)
+def test_our_metrics_run_the_knn_when_a_subclass_lists_requires_knn_itself(include):
+    x, y = _data(n=20, d=3)
+    got = HardCodedKnnList(include=include).get_accuracy(x, y)
+    want = RetrievalAccuracyCalculator(include=include).get_accuracy(x, y)
+    assert got == pytest.approx(want)
+
+
+def test_uint64_labels_beyond_int64_and_bad_arguments_are_refused():
+    labels = np.array([0, 0, 2**63 + 5, 2**63 + 5], dtype=np.uint64)
+    with pytest.raises(ValueError, match="uint64 values beyond int64"):
+        RetrievalAccuracyCalculator().get_accuracy(torch.randn(4, 2), labels)
+    for bad in ("precision_at_1", {"precision_at_1"}):
+        with pytest.raises(TypeError, match="include must be a tuple or list"):
+            RetrievalAccuracyCalculator(include=bad)
+    for name, value in (("block_rows", 0), ("num_threads", "x")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            RetrievalAccuracyCalculator(**{name: value})
+
+
+def test_public_metrics_with_non_contiguous_labels_raise_no_warning():
+    import warnings
+
+    labels2d = torch.tensor([[0, 9], [0, 9], [1, 9], [1, 9]])
+    kwargs = {
+        "knn_labels": torch.tensor([[0], [1], [1], [0]]),
+        "query_labels": labels2d[:, 0],
+        "not_lone_query_mask": torch.ones(4, dtype=torch.bool),
+        "label_counts": (torch.tensor([0, 1]), torch.tensor([2, 2])),
+        "ref_includes_query": True,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert RetrievalAccuracyCalculator().calculate_r_precision(**kwargs) == 0.5
