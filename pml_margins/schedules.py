@@ -151,7 +151,10 @@ class SphereFaceLambdaScheduler(_AttributeScheduler):
         \lambda_t = \max\left(\lambda_{\min},\; \lambda_0 (1 + \gamma t)^{-p}\right)
 
     Defaults are those of the official SphereFace training (``base=1000,
-    gamma=0.12, power=1, lambda_min=5``), stepped once per iteration. Drives
+    gamma=0.12, power=1, lambda_min=5``), stepped once per iteration, and ``t`` counts
+    the iterations as the official layer does, which adds one before it computes
+    :math:`\lambda`: the first iteration uses ``t = 1`` (892.86 with the defaults), the
+    scheduler's step ``n`` sets ``t = n + 1``. Drives
     :class:`~pml_margins.losses.SphereFaceLoss`'s ``lambda_``.
     """
 
@@ -170,4 +173,5 @@ class SphereFaceLambdaScheduler(_AttributeScheduler):
         super().__init__(loss, "lambda_")
 
     def value_at(self, step: int) -> float:
-        return max(self.lambda_min, self.base * (1 + self.gamma * step) ** (-self.power))
+        t = step + 1  # the official layer counts this iteration before computing lambda
+        return max(self.lambda_min, self.base * (1 + self.gamma * t) ** (-self.power))

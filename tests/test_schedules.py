@@ -59,9 +59,10 @@ def test_rejects_bad_settings() -> None:
 def test_sphereface_lambda_annealing() -> None:
     loss = SphereFaceLoss(5, 8)
     sched = SphereFaceLambdaScheduler(loss)
-    assert loss.lambda_ == 1000.0
-    sched.step()
-    assert loss.lambda_ == pytest.approx(1000 / 1.12)
+    # the official layer: iter_ += 1, then lambda = base (1 + gamma iter_)^-power
+    official = [max(5.0, 1000 * (1 + 0.12 * it) ** -1) for it in range(1, 4)]
+    seen = [loss.lambda_, sched.step(), sched.step()]
+    assert seen == pytest.approx(official) and seen[0] == pytest.approx(1000 / 1.12)
     for _ in range(10000):
         sched.step()
     assert loss.lambda_ == 5.0
