@@ -16,6 +16,7 @@ from pml_margins.functional.circle import (
     circle_loss_pairs,
     circle_loss_whole,
 )
+from pml_margins.functional.margin_softmax import autocast_off, compute_dtype
 from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
@@ -217,15 +218,22 @@ class CircleLoss(CheckedForwardMixin, BaseMetricLossFunction):
         rows are scaled by their reciprocal norm (same eps as ``F.normalize``) and the
         batch is normalized once when it is its own reference: the same values to
         rounding, with a cheaper backward. Any other configuration calls the distance.
+        Half-precision embeddings are compared in float32, outside autocast: with
+        ``gamma = 256`` a bf16 cosine's rounding (~2^-9) would be half a logit.
         """
         dist = self.distance
-        if type(dist) is not CosineSimilarity or dist.collect_stats or dist.power != 1:
-            return dist(embeddings, ref_emb)
-        if dist.p != 2:
-            return dist(embeddings, ref_emb)
-        query = _unit_rows(embeddings)
-        ref = query if ref_emb is embeddings else _unit_rows(ref_emb)
-        return query @ ref.t()
+        same = ref_emb is embeddings
+        dtype = compute_dtype(torch.promote_types(embeddings.dtype, ref_emb.dtype))
+        embeddings = embeddings.to(dtype)
+        ref_emb = embeddings if same else ref_emb.to(dtype)
+        with autocast_off(embeddings.device.type):
+            if type(dist) is not CosineSimilarity or dist.collect_stats or dist.power != 1:
+                return dist(embeddings, ref_emb)
+            if dist.p != 2:
+                return dist(embeddings, ref_emb)
+            query = _unit_rows(embeddings)
+            ref = query if same else _unit_rows(ref_emb)
+            return query @ ref.t()
 
     @staticmethod
     def _per_anchor_dict(losses: torch.Tensor) -> dict[str, dict[str, Any]]:

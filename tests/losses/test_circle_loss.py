@@ -394,6 +394,25 @@ def test_autocast(dtype, miner, gamma):
     torch.testing.assert_close(value, exact, rtol=0.1, atol=0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_embeddings_are_compared_in_float32(dtype):
+    """The loss of half-precision embeddings is that of their (rounded) values in float64
+    (the float64 path, itself checked against the paper's formula above, which overflows
+    at this gamma): with gamma = 256, cosines rounded to bf16 were half a logit off."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 16, generator=g).to(dtype).requires_grad_(True)
+    y = torch.randint(0, 8, (64,), generator=g)
+    value = CircleLoss(m=0.25, gamma=256.0)(x, y)
+    x64 = x.detach().double().requires_grad_(True)
+    expected = CircleLoss(m=0.25, gamma=256.0)(x64, y)
+    torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=0)
+    (grad,) = torch.autograd.grad(value, x)
+    (grad64,) = torch.autograd.grad(expected, x64)
+    assert grad.dtype == dtype
+    error = (grad.double() - grad64).norm() / grad64.norm()
+    assert error < 4 * torch.finfo(dtype).eps  # the rounding of the gradient itself
+
+
 # --- degenerate batches ---------------------------------------------------------------
 DEGENERATE = {
     "one_class": (torch.zeros(6, dtype=torch.long), None),
