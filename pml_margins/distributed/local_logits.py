@@ -32,8 +32,14 @@ _EPS = 1e-12  # torch.nn.functional.normalize's, which PML's distances use
 class _CosineLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_hat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        inv_norm = torch.linalg.vector_norm(weight, dim=0).clamp_min_(_EPS).reciprocal_()
+        device_type = x_hat.device.type
+        with torch.autocast(device_type, enabled=False):
+            inv_norm = torch.linalg.vector_norm(weight, dim=0).clamp_min_(_EPS).reciprocal_()
         ctx.save_for_backward(x_hat, weight, inv_norm)
+        if torch.is_autocast_enabled(device_type) and (
+            torch.get_autocast_dtype(device_type) == torch.float16
+        ):  # float16 products take the unit columns: raw ones may leave its range
+            return x_hat @ (weight * inv_norm)
         return (x_hat @ weight).mul_(inv_norm)
 
     @staticmethod

@@ -22,6 +22,12 @@ gradients by hand (``P``: the softmax of the logits, :math:`\hat x = x/|x|`,
 :math:`\partial L/\partial s_i = g_i\sum_{j\ne y_i} P_{ij} z_{ij}` and
 :math:`\partial L/\partial b_j = \sum_{i: y_i \ne j} g_i P_{ij}`. About half the ops of
 the same loss written with torch functions and differentiated by autograd.
+
+The products take ``W``'s raw columns and the result is scaled by :math:`1/|w_j|`
+(exact, and no ``W``-sized copy), except in float16 (autocast), whose range raw
+columns leave (an entry above 65504, or :math:`1/|w_j|` of a tiny column in the
+backward): there they take the unit columns :math:`\hat w_j`, formed in float32, as
+PML's normalized ``W`` is.
 """
 
 from __future__ import annotations
@@ -144,9 +150,12 @@ def dense_margin_softmax_cross_entropy(
             x_inv, x_active = _row_inverse_norms(x)
             x = x * x_inv
         w = _cast(weight.detach(), dtype)
-        cosine = _cast(torch.mm(_cast(x, mm_dtype), _cast(w, mm_dtype)), dtype)
         if normalize_weight:
             w_inv, w_radial = _column_inverse_norms(w)
+        unit_w = normalize_weight and mm_dtype == torch.float16
+        w_op = w * w_inv if unit_w else w  # float16: the unit columns (module doc)
+        cosine = _cast(torch.mm(_cast(x, mm_dtype), _cast(w_op, mm_dtype)), dtype)
+        if normalize_weight and not unit_w:
             cosine.mul_(w_inv)
         index = labels.unsqueeze(1)
         z_y = cosine.gather(1, index).squeeze(1)
@@ -158,7 +167,7 @@ def dense_margin_softmax_cross_entropy(
     target, slope = target_and_slope(z_y, target_logit_fn, scale, bias, labels, grad)
     if not grad and not target.requires_grad:
         return _losses(cosine, scale, bias, target.detach(), index)[0]
-    saved = _Saved(x, x_inv, x_active, w_inv, w_radial, index, slope, mm_dtype, scale)
+    saved = _Saved(x, x_inv, x_active, w_inv, w_radial, index, slope, mm_dtype, scale, unit_w)
     return _DenseMarginSoftmax.apply(embeddings, weight, scale_tensor, bias, target, cosine, saved)
 
 
@@ -174,6 +183,7 @@ class _Saved(NamedTuple):
     slope: torch.Tensor | None  # (B,) psi'(z_y)
     mm_dtype: torch.dtype  # the products' operand dtype
     scale: float | torch.Tensor
+    unit_w: bool  # the products take the unit columns of W (float16: see _unit_operand)
 
 
 def _losses(
@@ -246,17 +256,20 @@ class _DenseMarginSoftmax(torch.autograd.Function):
             # d loss / d z: g s P off the target, g s (P_y - 1) psi'(z_y) on it
             target_entry = (p_target - 1) if saved.slope is None else (p_target - 1) * saved.slope
             grad_z = prob.mul_(gs).scatter_(1, index, target_entry.unsqueeze(1) * gs)
-            if saved.w_inv is not None:
+            if saved.w_inv is not None and not saved.unit_w:
                 grad_z.mul_(saved.w_inv)  # the products then use the raw W
             grad_z_mm = _cast(grad_z, mm_dtype)
             if need_x:
-                grad_x = _cast(torch.mm(grad_z_mm, _cast(w, mm_dtype).t()), dtype)
+                w_op = w * saved.w_inv if saved.unit_w else w
+                grad_x = _cast(torch.mm(grad_z_mm, _cast(w_op, mm_dtype).t()), dtype)
                 if saved.x_inv is not None:  # x: the unit rows
                     radial = (grad_x * x).sum(1, keepdim=True).mul_(saved.x_active)
                     grad_x.addcmul_(x, radial, value=-1).mul_(saved.x_inv)
                 grad_x = _cast(grad_x, ctx.dtypes[0])
             if need_w:
                 grad_w = _cast(torch.mm(_cast(x, mm_dtype).t(), grad_z_mm), dtype)
+                if saved.unit_w:
+                    grad_w.mul_(saved.w_inv)
                 if saved.w_inv is not None:  # w: the raw columns
                     # (vecdot: over columns 1.5-4.5x faster than a product and a sum)
                     radial = torch.linalg.vecdot(grad_w, w, dim=0).unsqueeze(0)

@@ -497,8 +497,21 @@ def _cosine_blocks(x: torch.Tensor, weight: torch.Tensor, config: _Config) -> _C
             if inv_norm is not None:
                 inv = _inverse_column_norms(w, dtype, inv_norm[start:stop])
             out = buffer[batch * start : batch * stop].view(batch, stop - start)
-            blocks.append(_block_logits(xs, w.to(config.mm_dtype), inv, None, start, dtype, out))
+            w_mm, inv = _operand(w, inv, config)
+            blocks.append(_block_logits(xs, w_mm, inv, None, start, dtype, out))
     return _Cosines(buffer, blocks, inv_norm)
+
+
+def _operand(
+    w: torch.Tensor, inv: torch.Tensor | None, config: _Config
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A column block of ``W`` as the products' operand, and the column scaling left
+    for their result: the raw columns and ``1/|W_j|`` (exact, no copy in the compute
+    dtype); in float16, whose range raw columns (or ``s |W_j|``) leave, the unit
+    columns formed in the compute dtype, as PML's normalized ``W`` is, and nothing."""
+    if inv is not None and config.unit_operand:
+        return (w.to(config.dtype) * inv).to(config.mm_dtype), None
+    return w.to(config.mm_dtype), inv
 
 
 def _inverse_column_norms(w: torch.Tensor, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
@@ -568,17 +581,27 @@ def _materialized(
     ``(B, C*K)`` product is reduced by ``max`` (whose gradient goes to the first maximum).
     """
     dtype = x.dtype
+    device_type = x.device.type
     w = weight.to(dtype)
     if per_class > 1:  # (K, D, C) planes, one product each (see _planes)
         w = w.unflatten(1, (-1, per_class)).permute(2, 0, 1).contiguous()
+    norm = None
+    if normalize_weight:  # a column scaling of the (B, C) product: no normalized W copy,
+        half = torch.is_autocast_enabled(device_type) and (  # unless the products run in
+            torch.get_autocast_dtype(device_type) == torch.float16  # float16 (_operand)
+        )
+        with autocast_off(device_type):
+            norm = torch.linalg.vector_norm(w, dim=-2, keepdim=True).clamp_min(_NORM_EPS)
+            if half:
+                w, norm = w / norm, None
+    if per_class > 1:
         cosine = torch.stack([torch.mm(x, plane) for plane in w])  # (K, B, C)
     else:
         cosine = torch.mm(x, w)  # the autocast dtype under autocast
-    with autocast_off(x.device.type):
+    with autocast_off(device_type):
         cosine = cosine.to(dtype)
-        if normalize_weight:  # a column scaling of the (B, C) product: no normalized W copy
-            norm = torch.linalg.vector_norm(w, dim=-2).clamp_min(_NORM_EPS)
-            cosine = cosine / (norm.unsqueeze(1) if per_class > 1 else norm)
+        if norm is not None:
+            cosine = cosine / norm
         if per_class > 1:  # torch.max: the gradient goes to the first maximum
             cosine = cosine.max(dim=0).values
         index = labels.unsqueeze(1)
@@ -626,6 +649,8 @@ class _Config:
         # ... times this float when phi gave s phi'(z) (scaled_value_and_slope)
         self.slope_scale = 1.0
         self.cosines: _Cosines | None = None  # formed before the scale was known
+        # float16 products take the unit columns of W (see _operand)
+        self.unit_operand = normalize_weight and mm_dtype == torch.float16
 
 
 def _dtypes(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -834,11 +859,10 @@ def _sub_centre_block(
     """
     dtype = config.dtype
     if not _may_tie(w, per_class):
-        z = _block_logits(xs, w.to(config.mm_dtype), None, None, 0, dtype)
-        if inv is not None:
-            if not norms_given:
-                _inverse_column_norms(w, dtype, inv)
-            z.mul_(inv)
+        if inv is not None and not norms_given:
+            _inverse_column_norms(w, dtype, inv)
+        w_mm, inv_after = _operand(w, inv, config)
+        z = _block_logits(xs, w_mm, inv_after, None, 0, dtype)
         return _max_over_sub_centres(z.view(z.shape[0], -1, per_class).unbind(2), winner)
     planes = _planes(w, per_class, config.mm_dtype)
     inv_planes = None
@@ -848,6 +872,10 @@ def _sub_centre_block(
         wc = planes if planes.dtype == dtype else _planes(w, per_class, dtype)
         inv_planes = torch.linalg.vecdot(wc, wc, dim=1).clamp_min_(_NORM_EPS**2).rsqrt_()
         inv.view(-1, per_class).copy_(inv_planes.t())
+    if inv_planes is not None and config.unit_operand:  # the unit columns (_operand),
+        unit = _planes(w, per_class, dtype).mul_(inv_planes.unsqueeze(1))  # aligned as
+        planes.copy_(unit)  # the planes, so that equal columns stay bit-equal
+        inv_planes = None
     return _class_cosines(xs, planes, inv_planes, dtype, winner)
 
 
@@ -953,11 +981,11 @@ def _forward(
             else:
                 if inv is not None:
                     _inverse_column_norms(w, dtype, inv)
-                w_mm = w.to(config.mm_dtype)
+                w_mm, inv_after = _operand(w, inv, config)
                 if phi is None:
-                    logits = _block_logits(xs, w_mm, inv, bias_d, start, dtype, out)
+                    logits = _block_logits(xs, w_mm, inv_after, bias_d, start, dtype, out)
                 else:  # the logits s phi(z) + b are a new block (the buffer: z, then see below)
-                    z = _block_logits(xs, w_mm, inv, None, start, dtype, out)
+                    z = _block_logits(xs, w_mm, inv_after, None, start, dtype, out)
             if phi is not None:
                 if scaled is not None:
                     logits, phi_slope = scaled(z, s_col, targets.columns(k))
@@ -1086,8 +1114,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             for k, (start, stop) in enumerate(_blocks(num_classes, config.block)):
                 first, last = start * per_class, stop * per_class  # the block's columns
                 w = w_d[:, first:last]
-                w_mm = w.to(mm_dtype)
                 inv = None if inv_norm is None else inv_norm[first:last]
+                w_mm, inv_after = _operand(w, inv, config)
                 stored = winner = z = None
                 if buffer is not None:  # exponentials, or the (class) cosines with phi
                     stored = buffer[batch * start : batch * stop].view(batch, stop - start)
@@ -1099,7 +1127,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                     )
                     z = _sub_centre_block(xs, w, inv, per_class, config, winner, True)
                 elif not config.fold_scale:  # recompute the cosines
-                    z = _block_logits(xs, w_mm, inv, None, start, dtype)
+                    z = _block_logits(xs, w_mm, inv_after, None, start, dtype)
                 if phi is not None and row_factor is None:
                     z = stored if z is None else z
                     value, phi_slope = _phi_and_slope(phi, z)
@@ -1112,7 +1140,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                     prob = stored * row_factor[k].unsqueeze(1)  # target entries are 0
                 else:
                     if z is None:
-                        prob = _block_logits(xs, w_mm, inv, bias, start, dtype)
+                        prob = _block_logits(xs, w_mm, inv_after, bias, start, dtype)
                     else:
                         prob = _scaled_logits(z, s_col, bias, start, dtype)
                     prob.sub_(lse.unsqueeze(1)).exp_()
@@ -1125,8 +1153,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                 targets.set(prob, k, target_value)
                 if winner is not None:  # each class's entry to its winning sub-centre
                     prob = _to_columns(prob, winner, per_class, targets, k, target_winner)
-                if inv is not None:
-                    prob.mul_(inv)  # P diag(1/|W_j|): the products then use the raw W
+                if inv_after is not None:
+                    prob.mul_(inv_after)  # P diag(1/|W_j|): the products then use the raw W
                 prob_mm = prob.to(mm_dtype)
                 if need_x or need_s:
                     if mm_dtype == dtype:
@@ -1139,6 +1167,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                     direct = grad_w.dtype == mm_dtype == dtype
                     g1 = torch.mm(x_grad_op.t(), prob_mm, out=dest if direct else None)
                     g1 = g1.to(dtype)
+                    if inv is not None and inv_after is None:  # unit columns: G1 still
+                        g1.mul_(inv)  # lacks diag(1/n)
                     if inv is not None:
                         wc = w.to(dtype)
                         radial = torch.linalg.vecdot(g1, wc, dim=0).mul_(radial_scale[first:last])

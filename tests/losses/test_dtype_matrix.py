@@ -53,10 +53,10 @@ def _reference(spec: LossSpec, loss_fn, x, y, seed: int, mode: dict) -> torch.Te
     return value, gx, gw
 
 
-def _inputs(x_dtype, w_dtype, spec: LossSpec, mode: dict, device: str = "cpu"):
+def _inputs(x_dtype, w_dtype, spec: LossSpec, mode: dict, device: str = "cpu", w_scale=1.0):
     torch.manual_seed(0)
     loss_fn = spec.build(NUM_CLASSES, WIDTH, **mode).to(device)
-    loss_fn.W.data = loss_fn.W.data.to(w_dtype)
+    loss_fn.W.data = (loss_fn.W.data * w_scale).to(w_dtype)
     if getattr(loss_fn, "bias", None) is not None:
         loss_fn.bias.data = loss_fn.bias.data.to(w_dtype)
     # scaled so that SphereFace's feature-norm scale stays moderate
@@ -66,9 +66,15 @@ def _inputs(x_dtype, w_dtype, spec: LossSpec, mode: dict, device: str = "cpu"):
 
 
 def _check_case(
-    spec: LossSpec, x_dtype, w_dtype, mode: dict, autocast: torch.dtype | None, device="cpu"
+    spec: LossSpec,
+    x_dtype,
+    w_dtype,
+    mode: dict,
+    autocast: torch.dtype | None,
+    device="cpu",
+    w_scale: float = 1.0,
 ):
-    loss_fn, x, y = _inputs(x_dtype, w_dtype, spec, mode, device)
+    loss_fn, x, y = _inputs(x_dtype, w_dtype, spec, mode, device, w_scale)
     assert loss_fn.fused_logits(x) is not None  # every loss here runs on the fused core
     w_before = loss_fn.W.detach().clone()
     seed = 1234
@@ -108,6 +114,35 @@ def test_every_dtype_pair(x_dtype, w_dtype, spec: LossSpec, mode: dict) -> None:
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cpu_autocast_bf16(x_dtype, spec: LossSpec, mode: dict) -> None:
     _check_case(spec, x_dtype, torch.float32, mode, autocast=torch.bfloat16)
+
+
+def _cpu_fp16_autocast() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
+    except (RuntimeError, AssertionError):  # pragma: no cover - older torch
+        return False
+
+
+#: W scales whose raw columns leave float16's range in the products: entries above 65504,
+#: s |W_j| above it (the scale folded into the rows), 1/|W_j| above it in the backward
+W_SCALES = {"w1": 1.0, "w1e5": 1e5, "w2e3": 2e3, "w1e-6": 1e-6}
+#: the losses whose W is normalized (the others' raw W is their logits: any dtype's limit)
+UNIT_W_FAMILIES = [s for s in FAMILIES if s.cls.__name__ != "SoftmaxLoss"]
+
+
+@pytest.mark.skipif(not _cpu_fp16_autocast(), reason="no float16 autocast on this CPU build")
+@pytest.mark.parametrize("w_scale", W_SCALES.values(), ids=W_SCALES.keys())
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+@pytest.mark.parametrize("spec", UNIT_W_FAMILIES, ids=[s.cls.__name__ for s in UNIT_W_FAMILIES])
+def test_cpu_autocast_fp16_with_any_w_scale(spec: LossSpec, mode: dict, w_scale, monkeypatch):
+    """float16 products (CUDA's default autocast) on the unit columns of W: the raw
+    columns at these scales gave NaN losses or gradients; default, chunked, Partial FC,
+    and the blocked default mode."""
+    _check_case(spec, torch.float32, torch.float32, mode, torch.float16, w_scale=w_scale)
+    if not mode:
+        _blocked_default_mode(monkeypatch)
+        _check_case(spec, torch.float32, torch.float32, mode, torch.float16, w_scale=w_scale)
 
 
 def _blocked_default_mode(monkeypatch) -> None:
@@ -181,3 +216,26 @@ def test_cuda_autocast(autocast, spec: LossSpec, mode: dict) -> None:
     ref = _reference(spec, loss_fn.cpu(), x.cpu(), y, 0, {})[0] if not mode else None
     if ref is not None:
         torch.testing.assert_close(out.double().cpu(), ref, rtol=5e-2, atol=0.5)
+
+
+@pytest.mark.skipif(not _cpu_fp16_autocast(), reason="no float16 autocast on this CPU build")
+@pytest.mark.parametrize("w_scale", W_SCALES.values(), ids=W_SCALES.keys())
+def test_sharded_cpu_autocast_fp16_with_any_w_scale(w_scale) -> None:
+    """The sharded loss's cosine logits under float16 autocast (one process): the unit
+    columns in the products, so any W scale gives the float32 loss to float16's rounding."""
+    from pml_margins.distributed import ShardedMarginSoftmaxLoss
+    from pml_margins.losses import ArcFaceLoss
+
+    torch.manual_seed(0)
+    sharded = ShardedMarginSoftmaxLoss(ArcFaceLoss, NUM_CLASSES, WIDTH)
+    sharded.W_local.data *= w_scale
+    single = ArcFaceLoss(NUM_CLASSES, WIDTH)
+    single.W.data = sharded.W_local.data.clone()
+    x = torch.randn(BATCH, WIDTH, requires_grad=True)
+    y = torch.randint(0, NUM_CLASSES, (BATCH,))
+    with torch.autocast("cpu", dtype=torch.float16):
+        value = sharded(x, y)
+    value.backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(sharded.W_local.grad).all()
+    tol = 100 * _rounding(torch.float16) * 64
+    torch.testing.assert_close(value.detach(), single(x, y).detach(), rtol=tol, atol=tol)
