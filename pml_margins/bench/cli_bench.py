@@ -19,6 +19,7 @@ import ast
 import glob
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -159,7 +160,18 @@ def _load_data(args: argparse.Namespace) -> Any:
     try:
         return datasets.load_dataset(args.dataset, args)
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from err
+        message = str(err)  # the loaders' argument names as this command's flags
+        for name, flag in _LOADER_FLAGS.items():
+            message = re.sub(rf"(?<![\w-]){name}\b", flag, message)
+        raise SystemExit(f"error: {message}") from err
+
+
+#: the data loaders' argument names in their messages, and the flags that set them
+_LOADER_FLAGS = {
+    "max_classes": "--max-classes",
+    "min_fonts": "--min-fonts",
+    "glyph size": "--image-size",
+}
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -109,3 +109,16 @@ def test_the_small_cnn_standing_in_for_a_backbone_is_what_the_checkpoint_records
         assert run_cli([*argv, "--out", str(out)]) == 0
     saved = torch.load(out / "checkpoints" / "nsl.pt", weights_only=True)
     assert saved["model_config"]["kind"] == "small-cnn"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-classes", "1", "--max-classes must be >= 2"),
+        ("--min-fonts", "1", "--min-fonts must be >= 2"),
+        ("--image-size", "4", "--image-size must be >= 8 pixels"),
+    ],
+)
+def test_glyph_settings_are_named_by_their_flags(tmp_path: Path, flag, value, message) -> None:
+    with pytest.raises(SystemExit, match=message):
+        run_cli(["bench", "--dataset", "glyphs", flag, value, "--out", str(tmp_path / "o")])
