@@ -402,6 +402,8 @@ def _train_one(
         # the small CNN stood in for a backbone neither timm nor torchvision could build:
         # the checkpoint records what was built (re-evaluated later, with timm installed)
         config = {"kind": "small-cnn", "embedding_size": config["embedding_size"]}
+    elif isinstance(model, models.BackboneEmbedder):  # and the library that built it
+        config = {**config, "library": model.library}
     try:
         setup = registry.build_loss(
             name,

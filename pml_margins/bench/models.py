@@ -126,11 +126,14 @@ class GlyphCNN(nn.Module):
 class BackboneEmbedder(nn.Module):
     """A feature extractor returning ``(B, F)`` followed by a linear head to the embedding."""
 
-    def __init__(self, backbone: nn.Module, feature_size: int, embedding_size: int) -> None:
+    def __init__(
+        self, backbone: nn.Module, feature_size: int, embedding_size: int, library: str = ""
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(feature_size, embedding_size)
         self.embedding_size = embedding_size
+        self.library = library  # "timm" or "torchvision": what a checkpoint rebuilds with
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -150,11 +153,14 @@ def _torchvision_weights_on_disk(arch: str) -> Any | None:
 
 
 def build_backbone(
-    name: str, embedding_size: int, weights_path: str | None = None
+    name: str, embedding_size: int, weights_path: str | None = None, library: str | None = None
 ) -> tuple[nn.Module, str]:
     """An image embedder ``name`` (e.g. ``"resnet50"``) and a line saying what was built.
 
-    Tries timm, then torchvision; falls back to :class:`ConvEmbedder` with a warning
+    ``library`` (``"timm"`` or ``"torchvision"``, as a checkpoint records it: the same
+    name may be another network in the other library) builds with that one only;
+    ``None`` tries torchvision when its pretrained file is in the hub cache, then timm,
+    then torchvision; it falls back to :class:`ConvEmbedder` with a warning
     when neither is installed (``name == "small-cnn"`` asks for it directly).
     Pretrained weights come from ``weights_path`` (a state dict of the backbone) or,
     for torchvision, from the torch hub cache when the file is already there;
@@ -168,11 +174,21 @@ def build_backbone(
     if name == "small-cnn":
         return ConvEmbedder(embedding_size), "small-cnn (random init)"
     use_cache = weights_path is None
-    built = (  # torchvision first when its pretrained file is on disk (timm has none here)
-        (_from_torchvision(name, use_cache) if use_cache and _torchvision_cached(name) else None)
-        or _from_timm(name)
-        or _from_torchvision(name, use_cache)
-    )
+    if library is not None:
+        if library not in ("timm", "torchvision"):
+            raise ValueError(f"library must be 'timm' or 'torchvision', got {library!r}")
+        built = _from_timm(name) if library == "timm" else _from_torchvision(name, use_cache)
+        if built is None:
+            raise ValueError(
+                f"{name} was built with {library}, which is not installed or has no {name!r} "
+                "(pip install 'pml-margins[vision]')"
+            )
+    else:  # torchvision first when its pretrained file is on disk (timm has none here)
+        built = (
+            (_from_torchvision(name, True) if use_cache and _torchvision_cached(name) else None)
+            or _from_timm(name)
+            or _from_torchvision(name, use_cache)
+        )
     if built is None:
         if importlib.util.find_spec("timm") or importlib.util.find_spec("torchvision"):
             raise ValueError(f"unknown backbone {name!r}: neither timm nor torchvision has it")
@@ -193,7 +209,9 @@ def build_backbone(
         source += f" (weights from {weights_path}; {len(missing)} missing keys)"
     elif "pretrained" not in source:
         source += " (random init: no weights on disk)"
-    return BackboneEmbedder(backbone, feature_size, embedding_size), f"{name} via {source}"
+    library = source.split(" ")[0]  # "timm" or "torchvision"
+    embedder = BackboneEmbedder(backbone, feature_size, embedding_size, library)
+    return embedder, f"{name} via {source}"
 
 
 def _load_weights(backbone: nn.Module, path: str, name: str) -> list[str]:
@@ -296,4 +314,4 @@ def build_model(config: dict[str, Any]) -> tuple[nn.Module, str]:
         return GlyphCNN(size, image_size, widths, unshuffle), text
     if kind == "small-cnn":
         return ConvEmbedder(size, channels=int(config.get("channels", 3))), "small-cnn"
-    return build_backbone(kind, size, config.get("weights_path"))
+    return build_backbone(kind, size, config.get("weights_path"), config.get("library"))

@@ -384,8 +384,8 @@ def test_train_classes_and_min_fonts(tmp_path: Path) -> None:
         (["--losses", ","], "error: --losses names no loss"),
         (["--loss-arg", "nsl.scale"], "error: --loss-arg expects LOSS.KEY=VALUE"),
         (["--loss-arg", "nsl.nope=1"], "nsl.*nope"),
-        (["--dataset", "glyphs", "--max-classes", "1"], "error: max_classes"),
-        (["--dataset", "glyphs", "--image-size", "4"], "error: glyph size must be >= 8"),
+        (["--dataset", "glyphs", "--max-classes", "1"], "error: --max-classes"),
+        (["--dataset", "glyphs", "--image-size", "4"], "error: --image-size must be >= 8"),
     ],
 )
 def test_bad_input_exits_with_a_message(

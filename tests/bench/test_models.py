@@ -208,3 +208,44 @@ def test_torchvision_is_preferred_when_its_weights_are_on_disk(
     monkeypatch.setitem(sys.modules, "timm", timm)
     _, description = models.build_backbone("resnet_fake", 5)
     assert "torchvision (pretrained" in description and calls[0] is not None
+
+
+def _fake_timm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in ``timm`` whose ``resnet_fake`` has other key names than torchvision's."""
+    import sys
+    import types
+
+    class TimmNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Flatten(), nn.Linear(12, 7))
+            self.num_features = 7
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.stem(x)
+
+    timm = types.SimpleNamespace(
+        list_models=lambda: ["resnet_fake"], create_model=lambda *a, **k: TimmNet()
+    )
+    monkeypatch.setitem(sys.modules, "timm", timm)
+
+
+def test_a_checkpoint_rebuilds_with_the_library_that_trained_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """Trained with --weights (timm first), re-evaluated while torchvision's file is cached:
+    the recorded library, not the cache, decides (the same name, another network)."""
+    _fake_torchvision(monkeypatch, tmp_path, cached=True)
+    _fake_timm(monkeypatch)
+    torch.save({"stem.1.weight": torch.zeros(7, 12)}, tmp_path / "timm_w.pt")
+    trained, _ = models.build_backbone("resnet_fake", 5, str(tmp_path / "timm_w.pt"))
+    assert trained.library == "timm"
+    config = {"kind": "resnet_fake", "embedding_size": 5, "library": trained.library}
+    rebuilt, description = models.build_model({**config, "weights_path": None})
+    assert "via timm" in description
+    rebuilt.load_state_dict(trained.state_dict())  # the same network
+    other, description = models.build_model({**config, "library": "torchvision"})
+    assert "via torchvision" in description and other.library == "torchvision"
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)
+    with pytest.raises(ValueError, match="built with timm, which is not installed"):
+        models.build_model(config)

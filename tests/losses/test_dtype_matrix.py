@@ -150,6 +150,7 @@ def _blocked_default_mode(monkeypatch) -> None:
     would materialize the logits): its saved buffer, the non-target function's forms,
     the sub-centres' layouts."""
     monkeypatch.setattr(fused_module, "MATERIALIZE_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(fused_module, "DENSE_MAX_ELEMENTS", 0)  # not the one-node function
     monkeypatch.setattr(fused_module, "_CPU_BLOCK_ELEMENTS", 4 * BATCH)
 
 
