@@ -17,7 +17,10 @@ extra to install.
 
 These names can also be imported from this package directly,
 e.g. ``from pml_margins.adapters import MetricLearningModule``; the module that
-holds a name is imported only then.
+holds a name is imported only then. ``from pml_margins.adapters import *`` takes the
+names that need no extra (it imports no framework); where an extra is missing, its
+names raise the ``ImportError`` naming it (test for them with ``try``/``except
+ImportError``, not ``hasattr``).
 """
 
 from __future__ import annotations
@@ -25,15 +28,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = [
-    "MetricLearningModule",
-    "MetricLoss",
-    "RetrievalMetricsCallback",
-    "TrainerOptimizers",
-    "retrieval_calculator",
-    "retrieval_tester",
-    "trainer_optimizers",
-]
+#: the names that need no extra (``import *`` imports no framework)
+__all__ = ["TrainerOptimizers", "retrieval_calculator", "retrieval_tester", "trainer_optimizers"]
 
 # public name -> submodule that defines it (imported on first access)
 _LAZY: dict[str, str] = {
@@ -55,4 +51,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    return sorted([*globals(), *_LAZY])

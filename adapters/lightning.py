@@ -30,14 +30,23 @@ METRIC_NAMES: dict[str, str] = {"mean_average_precision_at_r": "map_at_r"}
 
 
 def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    """``(inputs, labels)`` of a batch; one-column labels ``(B, 1)`` as ``(B,)``."""
     if isinstance(batch, Mapping):
-        return batch["input"], batch["label"]
+        return batch["input"], _one_column(batch["label"])
     if isinstance(batch, Sequence) and len(batch) >= 2:
-        return batch[0], batch[1]
+        return batch[0], _one_column(batch[1])
     raise TypeError(
         "batches must be (inputs, labels, ...) sequences or {'input', 'label'} mappings, "
         f"got {type(batch).__name__}"
     )
+
+
+def _one_column(labels: Any) -> Any:
+    """``(B, 1)`` labels (a label column) as ``(B,)``; ``(B, L)`` ones, for a calculator's
+    ``label_comparison_fn``, as they are."""
+    if isinstance(labels, torch.Tensor) and labels.ndim == 2 and labels.shape[1] == 1:
+        return labels.reshape(-1)
+    return labels
 
 
 class MetricLearningModule(pl.LightningModule):
@@ -49,7 +58,8 @@ class MetricLearningModule(pl.LightningModule):
     training, so no loss is computed there). The optimizer gets two parameter
     groups: the backbone (``lr``, ``weight_decay``) and the loss's own parameters,
     e.g. the class weights ``W`` of ArcFace (``loss_lr``, no weight decay: the
-    cosine losses do not depend on the norm of ``W``).
+    cosine losses do not depend on the norm of ``W``). Several validation dataloaders
+    are fine: one :class:`RetrievalMetricsCallback` per ``dataloader_idx``.
 
     Args:
         backbone: maps a batch of inputs to ``(B, D)`` embeddings.
@@ -57,7 +67,8 @@ class MetricLearningModule(pl.LightningModule):
         miner: a PML miner whose ``indices_tuple`` the loss receives; ``None``: none.
         lr: learning rate of the backbone.
         loss_lr: learning rate of the loss's parameters; default ``lr``.
-        weight_decay: weight decay of the backbone.
+        weight_decay: weight decay of the backbone; ``None`` (default): the
+            optimizer's own (``optimizer=partial(SGD, weight_decay=5e-4)``, AdamW's 0.01).
         optimizer: called as ``optimizer(param_groups, lr=lr)``.
         scheduler: called with the optimizer to build a scheduler stepped every epoch.
     """
@@ -70,7 +81,7 @@ class MetricLearningModule(pl.LightningModule):
         *,
         lr: float = 1e-3,
         loss_lr: float | None = None,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     ) -> None:
@@ -78,7 +89,9 @@ class MetricLearningModule(pl.LightningModule):
         self.backbone, self.loss, self.miner = backbone, loss, miner
         self.lr = check_positive(lr, "lr")
         self.loss_lr = self.lr if loss_lr is None else check_positive(loss_lr, "loss_lr")
-        self.weight_decay = check_non_negative(weight_decay, "weight_decay")
+        self.weight_decay = (
+            None if weight_decay is None else check_non_negative(weight_decay, "weight_decay")
+        )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.save_hyperparameters("lr", "loss_lr", "weight_decay")
 
@@ -95,19 +108,16 @@ class MetricLearningModule(pl.LightningModule):
         )
         return loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+    def validation_step(
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
         inputs, labels = _split_batch(batch)
         return {"embeddings": self(inputs), "labels": labels}
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups: ``backbone`` and ``loss`` (empty ones left out)."""
         groups = [
-            {
-                "name": "backbone",
-                "params": self.backbone.parameters(),
-                "lr": self.lr,
-                "weight_decay": self.weight_decay,
-            },
+            {"name": "backbone", "params": self.backbone.parameters(), "lr": self.lr},
             {
                 "name": "loss",
                 "params": self.loss.parameters(),
@@ -115,6 +125,8 @@ class MetricLearningModule(pl.LightningModule):
                 "weight_decay": 0.0,
             },
         ]
+        if self.weight_decay is not None:  # else the optimizer's own
+            groups[0]["weight_decay"] = self.weight_decay
         for group in groups:
             group["params"] = [p for p in group["params"] if p.requires_grad]
         return [g for g in groups if g["params"]]
@@ -228,7 +240,7 @@ class RetrievalMetricsCallback(pl.Callback):
             inputs, labels = _split_batch(batch)
             embeddings = pl_module(inputs)
         self._embeddings.append(embeddings.detach())
-        self._labels.append(labels.detach().reshape(-1))
+        self._labels.append(_one_column(labels.detach()))
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking or not self._embeddings:

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -35,16 +36,22 @@ from pml_margins.validation import check_positive
 __all__ = [
     "LOSS_KEYS",
     "MODEL_KEYS",
+    "NUMBERED_KEY",
     "SCHEDULER_STEPS",
     "TrainerOptimizers",
     "retrieval_tester",
     "trainer_optimizers",
 ]
 
-#: keys PML's trainers accept in ``models`` (``classifier`` only in ``TrainWithClassifier``)
-MODEL_KEYS: tuple[str, ...] = ("trunk", "embedder", "classifier")
-#: keys PML's trainers accept in ``loss_funcs``
-LOSS_KEYS: tuple[str, ...] = ("metric_loss", "classifier_loss")
+#: keys PML's trainers accept in ``models`` (``classifier`` in ``TrainWithClassifier``;
+#: ``generator`` in ``DeepAdversarialMetricLearning``; ``classifier_<i>`` in
+#: ``CascadedEmbeddings``, matched by :data:`NUMBERED_KEY`)
+MODEL_KEYS: tuple[str, ...] = ("trunk", "embedder", "classifier", "generator")
+#: keys PML's trainers accept in ``loss_funcs`` (``synth_loss``, ``g_adv_loss``: the
+#: adversarial trainer; ``metric_loss_<i>``, ``classifier_loss_<i>``: the cascaded one)
+LOSS_KEYS: tuple[str, ...] = ("metric_loss", "classifier_loss", "synth_loss", "g_adv_loss")
+#: ``CascadedEmbeddings``' numbered keys: ``classifier_0``, ``metric_loss_1``, ...
+NUMBERED_KEY = re.compile(r"(classifier|metric_loss|classifier_loss)_[0-9]+")
 #: when PML steps a scheduler: key suffix ``_scheduler_by_<step>``
 SCHEDULER_STEPS: tuple[str, ...] = ("iteration", "epoch", "plateau")
 
@@ -64,11 +71,11 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def _check_keys(given: Iterable[str], allowed: Sequence[str], what: str) -> None:
-    unknown = sorted(set(given) - set(allowed))
+    unknown = sorted(k for k in set(given) - set(allowed) if not NUMBERED_KEY.fullmatch(k))
     if unknown:
         raise ValueError(
-            f"{what} keys must be among {list(allowed)} (PML's trainers look them up by "
-            f"name), got {unknown}"
+            f"{what} keys must be among {list(allowed)} or CascadedEmbeddings' numbered "
+            f"ones (e.g. metric_loss_0; PML's trainers look them up by name), got {unknown}"
         )
 
 

@@ -45,7 +45,14 @@ class MetricLoss(torch.nn.Module):
     The loss's own parameters (class weights ``W``) are trained with the model:
     the trainer optimizes the parameters of the loss module, which holds both;
     they are named ``metric_loss.*`` (e.g. ``metric_loss.W``) for
-    ``learning_rate_mapping``.
+    ``learning_rate_mapping``. The loss runs in the model's mode: evaluation batches
+    leave its state (buffers such as CurricularFace's ``t``) as it was.
+
+    sentence-transformers' checkpoints hold the model (and the optimizer), not the
+    loss: to resume a run, save ``loss.metric_loss.state_dict()`` beside each
+    checkpoint (e.g. from a ``TrainerCallback.on_save``) and load it into the loss
+    before ``trainer.train(resume_from_checkpoint=...)``; otherwise ``W`` restarts
+    from its initialisation under the restored optimizer state.
 
     Args:
         model: the ``SentenceTransformer`` being trained (stored as ``model``, where
@@ -85,6 +92,12 @@ class MetricLoss(torch.nn.Module):
         if labels is None:
             raise ValueError(f"{type(self).__name__} needs a 'label' column of integer classes")
         emb, labels = embeddings[0], labels.reshape(-1)
+        # the trainer switches the model only: the loss's state (CurricularFace's t, AdaFace's
+        # statistics, Center's centres) must not move on evaluation batches
+        training = bool(getattr(self.model, "training", True))
+        self.metric_loss.train(training)
+        if self.miner is not None:
+            self.miner.train(training)
         indices_tuple = None if self.miner is None else self.miner(emb, labels)
         return self.metric_loss(emb, labels, indices_tuple)
 

@@ -218,3 +218,50 @@ def test_batches_as_mappings_and_bad_batches(digits: Digits) -> None:
     assert out["embeddings"].shape == (8, EMB) and torch.equal(out["labels"], y)
     with pytest.raises(TypeError, match="batches must be"):
         module.validation_step(x, 0)
+
+
+def test_two_validation_dataloaders_one_callback_each(digits: Digits, tmp_path: Path) -> None:
+    train, val = loaders(digits)
+    half = torch.utils.data.Subset(digits.test_set(), range(0, len(digits.test_set()), 2))
+    first = RetrievalMetricsCallback(prefix="a/", dataloader_idx=0)
+    second = RetrievalMetricsCallback(prefix="b/", dataloader_idx=1)
+    trainer = make_trainer(tmp_path, first, max_epochs=1)
+    trainer.callbacks.append(second)
+    module = MetricLearningModule(mlp(), arcface(), lr=1e-2)
+    trainer.fit(module, train, [val, DataLoader(half, batch_size=128)])
+    assert set(first.metrics) == {f"a/{m}" for m in METRICS}
+    assert set(second.metrics) == {f"b/{m}" for m in METRICS}
+    assert first.metrics != second.metrics
+
+
+def test_column_and_multi_column_labels(digits: Digits, tmp_path: Path) -> None:
+    """(B, 1) labels train and validate as (B,); (B, L) labels reach a calculator with a
+    label_comparison_fn as they are."""
+    from pml_margins.evaluation import RetrievalAccuracyCalculator
+
+    def as_columns(x, y, width):
+        labels = y.unsqueeze(1) if width == 1 else torch.stack([y, y % 2], 1)
+        return torch.utils.data.TensorDataset(x, labels)
+
+    train = DataLoader(as_columns(digits.x_train, digits.y_train, 1), batch_size=64)
+    val = DataLoader(as_columns(digits.x_test, digits.y_test, 2), batch_size=128)
+    same_digit = lambda a, b: a[..., 0] == b[..., 0]  # noqa: E731
+    calc = RetrievalAccuracyCalculator(include=("precision_at_1",), label_comparison_fn=same_digit)
+    callback = RetrievalMetricsCallback(accuracy_calculator=calc)
+    trainer = make_trainer(tmp_path, callback, max_epochs=1)
+    trainer.fit(MetricLearningModule(mlp(), arcface(), lr=1e-2), train, val)
+    assert 0 < callback.metrics["precision_at_1"] <= 1
+
+
+def test_the_optimizers_own_weight_decay_applies_unless_given() -> None:
+    import functools
+
+    sgd = functools.partial(torch.optim.SGD, momentum=0.9, weight_decay=5e-4)
+    module = MetricLearningModule(mlp(), arcface(), optimizer=sgd)
+    groups = {g["name"]: g for g in module.configure_optimizers().param_groups}
+    assert groups["backbone"]["weight_decay"] == 5e-4 and groups["loss"]["weight_decay"] == 0
+    adamw = MetricLearningModule(mlp(), arcface(), optimizer=torch.optim.AdamW)
+    groups = {g["name"]: g for g in adamw.configure_optimizers().param_groups}
+    assert groups["backbone"]["weight_decay"] == 0.01
+    given = MetricLearningModule(mlp(), arcface(), optimizer=sgd, weight_decay=1e-3)
+    assert given.configure_optimizers().param_groups[0]["weight_decay"] == 1e-3

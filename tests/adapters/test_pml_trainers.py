@@ -251,3 +251,26 @@ def test_a_wrong_key_is_what_pml_rejects(digits: Digits) -> None:
             dataloader_num_workers=0,
             data_device=CPU,
         )
+
+
+def test_keys_of_pmls_other_trainers_are_accepted() -> None:
+    """CascadedEmbeddings' numbered keys and DeepAdversarialMetricLearning's generator."""
+    from pml_margins.losses import ArcFaceLoss
+
+    models = {"trunk": torch.nn.Linear(4, 4), "classifier_0": torch.nn.Linear(4, 3),
+              "generator": torch.nn.Linear(4, 4)}  # fmt: skip
+    losses = {"metric_loss_0": ArcFaceLoss(3, 4), "synth_loss": ArcFaceLoss(3, 4)}
+    opt = trainer_optimizers(models, losses)
+    assert {"metric_loss_0_optimizer", "classifier_0_optimizer"} <= set(opt.optimizers)
+    with pytest.raises(ValueError, match="numbered"):
+        trainer_optimizers({"trunk": torch.nn.Linear(4, 4)}, {"metric_loss_x": ArcFaceLoss(3, 4)})
+
+
+def test_import_star_imports_no_framework() -> None:
+    """``import *`` takes the names of the adapters that need no extra (it imported
+    Lightning and sentence-transformers, and failed where one was missing)."""
+    import pml_margins.adapters as adapters
+
+    modules = {adapters._LAZY[name] for name in adapters.__all__}
+    assert modules == {"pml_trainers", "retrieval"}
+    assert {"MetricLearningModule", "MetricLoss"} <= set(dir(adapters))

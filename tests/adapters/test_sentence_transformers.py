@@ -177,3 +177,19 @@ def test_circle_with_a_miner() -> None:
     torch.testing.assert_close(value, circle(emb, labels, MultiSimilarityMiner()(emb, labels)))
     value.backward()
     assert encoder.linear.weight.grad is not None
+
+
+def test_evaluation_batches_leave_the_loss_state_as_it_was() -> None:
+    """The trainer puts the model in eval mode for evaluation: the loss follows, so
+    CurricularFace's t (a training statistic) does not move on evaluation batches."""
+    from pml_margins.losses import CurricularFaceLoss
+
+    encoder, curricular = FakeEncoder(), CurricularFaceLoss(3, 4, scale=16.0)
+    loss = MetricLoss(encoder, curricular)
+    features, labels = [{"x": torch.randn(9, 6)}], torch.tensor([0, 1, 2] * 3)
+    encoder.eval()
+    loss(features, labels)
+    assert float(curricular.t) == 0.0 and not curricular.training
+    encoder.train()
+    loss(features, labels)
+    assert float(curricular.t) != 0.0 and curricular.training
