@@ -254,14 +254,31 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self._generator = None
         self._pending_sampler_state = None if state is None else state.clone()
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple[torch.Tensor, ...] | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The reduced loss over the batch gathered from all ranks (same on every rank).
 
         Args:
             embeddings: this rank's ``(B, D)`` embeddings (``B`` may differ across ranks).
             labels: this rank's ``B`` global class labels in ``[0, C)``.
+            indices_tuple, ref_emb, ref_labels: PML's call signature (``MultipleLosses``
+                passes them): ``None`` (or ``ref_emb``/``ref_labels`` the batch itself);
+                a miner's tuples or another reference set are a ``ValueError``.
         """
+        if indices_tuple is not None:
+            raise ValueError(f"miners (indices_tuple) are not supported by {type(self).__name__}")
+        if (ref_emb is not None or ref_labels is not None) and not (
+            ref_emb is embeddings and ref_labels is labels
+        ):
+            raise ValueError(f"ref_emb/ref_labels are not supported by {type(self).__name__}")
         self._check_group()
+        self.loss.reset_stats()
 
         def check() -> None:
             check_embeddings(embeddings, width=self.embedding_size)
@@ -290,6 +307,9 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         )
         with self.loss.prepare_step(all_emb, all_labels, statistics):
             losses = self._losses(all_emb, all_labels, owned)
+        if self.loss.collect_stats and self.loss.logits_are_cosines:  # PML's avg_angle,
+            target = statistics.target_cosines().unsqueeze(1)  # over all classes: one all-
+            self.loss._record_avg_angle(target, torch.zeros_like(all_labels))  # reduce more
         loss_dict = {
             "loss": {
                 "losses": losses,

@@ -158,13 +158,19 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
     statistic_buffers: tuple[str, ...] = ()
 
     def _apply(self, fn: Any, recurse: bool = True) -> ClassWeightLoss:
-        """``nn.Module._apply`` (``.to``, ``.half``, ...), then :attr:`statistic_buffers`
-        widened back to float32 if the cast made them half precision."""
+        """``nn.Module._apply`` (``.to``, ``.half``, ...); :attr:`statistic_buffers` that the
+        cast would make half precision become float32 from their values before it (not
+        rounded to half first: AdaCos's fixed scale, CurricularFace's ``t``)."""
+        kept = {
+            name: value
+            for name in self.statistic_buffers
+            if (value := self._buffers.get(name)) is not None and value.is_floating_point()
+        }
         super()._apply(fn, recurse)
-        for name in self.statistic_buffers:
+        for name, before in kept.items():
             value = self._buffers.get(name)
             if value is not None and value.dtype in (torch.float16, torch.bfloat16):
-                self._buffers[name] = value.float()
+                self._buffers[name] = before.to(device=value.device, dtype=torch.float32)
         return self
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -311,6 +317,25 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
             w = self.W.detach().index_select(1, labels.long()).to(dtype)
             return torch.linalg.vecdot(x, torch.nn.functional.normalize(w, dim=0).t())
 
+    def distance_inputs(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`base_logits` hands ``self.distance``: the embeddings and ``W^T``
+        (the fused core records the distance's statistics from them, as a call would)."""
+        weights = self.weights_for(embeddings)
+        return embeddings.to(weights.dtype), weights.t()
+
+    def _record_distance_stats(self, embeddings: torch.Tensor) -> None:
+        """PML's distance statistics (the query and reference norms before and after its
+        normalization) when the distance collects them: the fused core never calls it."""
+        distance = self.distance
+        if not distance.collect_stats:
+            return
+        with torch.no_grad():
+            query, ref = self.distance_inputs(embeddings.detach())
+            distance.reset_stats()
+            distance.set_default_stats(
+                query, ref, distance.maybe_normalize(query), distance.maybe_normalize(ref)
+            )
+
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``cos(theta_ij)`` between each embedding and each class weight, via ``self.distance``."""
         weights = self.weights_for(embeddings)
@@ -432,6 +457,7 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         non_target_fn: TargetLogitFn | None,
         target_cosines: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        self._record_distance_stats(embeddings)
         if self.collect_stats and self.logits_are_cosines:
             cosine = self.target_cosines(embeddings, labels).unsqueeze(1)
             self._record_avg_angle(cosine, torch.zeros_like(labels))

@@ -94,7 +94,6 @@ class ElasticFaceLoss(ClassWeightLoss):
     hyperparameter_names = ("margin", "sigma", "scale", "variant")
     sigma = Hyperparameter(check_non_negative)
     scale = Hyperparameter(check_positive)
-    variant = Hyperparameter(lambda value, name: check_choice(value, name, tuple(PAPER_MARGINS)))
 
     def __init__(
         self,
@@ -111,6 +110,25 @@ class ElasticFaceLoss(ClassWeightLoss):
         self.sigma, self.scale = sigma, scale
         self.last_margins: torch.Tensor | None = None
         super().__init__(num_classes, embedding_size, **kwargs)
+
+    @property
+    def variant(self) -> str:
+        """``"arc"`` or ``"cos"``; checked when set, with the current margin in its unit."""
+        return self._variant
+
+    @variant.setter
+    def variant(self, value: str) -> None:
+        value = check_choice(value, "variant", tuple(PAPER_MARGINS))
+        margin = self.__dict__.get("_margin")
+        if margin is not None:  # the margin in the new variant's unit (radians / a cosine)
+            check = check_angle_margin if value == "arc" else check_non_negative
+            try:
+                check(margin, "margin")
+            except ValueError as err:
+                raise ValueError(
+                    f"variant {value!r} does not take the margin {margin}: {err}"
+                ) from None
+        self._variant = value
 
     @property
     def margin(self) -> float:

@@ -66,6 +66,11 @@ class NormSoftmaxLoss(ClassWeightLoss):
         logits = self.distance(embeddings.to(weights.dtype), weights.t())
         return (logits if self.distance.is_inverted else -logits), self.scale
 
+    def distance_inputs(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embeddings and ``normalize(W)^T``, as :meth:`base_logits` hands the distance."""
+        weights = self.distance.normalize(self.weights_for(embeddings), dim=0)
+        return embeddings.to(weights.dtype), weights.t()
+
     def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
         """Fused with a plain cosine/dot similarity: ``W`` normalized, ``x`` as it says."""
         if not is_plain_inner_product(self.distance) or self.distance.p != 2:
