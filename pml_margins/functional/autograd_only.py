@@ -29,8 +29,19 @@ import torch
 
 from pml_margins.thread_switch import ThreadSwitch
 
-__all__ = ["SHARDED_REMEDY", "autograd_only", "autograd_only_enabled", "backward_once"]
+__all__ = [
+    "SHARDED_REMEDY",
+    "SOFTMAX_REMEDY",
+    "autograd_only",
+    "autograd_only_enabled",
+    "backward_once",
+]
 
+#: what the margin softmax's hand-written backwards suggest under ``create_graph=True``
+SOFTMAX_REMEDY = (
+    "run the loss under pml_margins.autograd_only(), or call margin_softmax_cross_entropy "
+    "on the logits directly"
+)
 #: what a sharded loss's hand-written backward suggests under ``create_graph=True``
 SHARDED_REMEDY = "sharded losses have no autograd-only path: compute the loss in one process"
 

@@ -70,12 +70,18 @@ def segment_logsumexp(
     """
     shift = torch.full((num_segments,), float("-inf"), dtype=values.dtype, device=values.device)
     shift = shift.scatter_reduce(0, segments, values.detach(), reduce="amax")
-    present = torch.isfinite(shift)
+    present = shift != float("-inf")  # NaN stays NaN
     shift = torch.where(present, shift, torch.zeros_like(shift))
     exps = torch.exp(values - shift[segments])
     sums = torch.zeros_like(shift).index_add(0, segments, exps)
     sums = torch.where(present, sums, torch.ones_like(sums))
     return torch.log(sums) + shift, present
+
+
+#: what the dense Circle functions' backward suggests under ``create_graph=True``
+_CIRCLE_REMEDY = (
+    "run CircleLoss under pml_margins.autograd_only(), or call circle_loss_pairs directly"
+)
 
 
 class _DenseCircle(torch.autograd.Function):
@@ -105,7 +111,7 @@ class _DenseCircle(torch.autograd.Function):
         for mask in (pos_mask, neg_mask):
             masked = torch.where(mask, logits, float("-inf"))
             shift = masked.amax(dim=1)
-            present = torch.isfinite(shift)
+            present = shift != float("-inf")  # NaN stays NaN
             shift = torch.where(present, shift, 0.0)
             exp = masked.sub_(shift.unsqueeze(1)).exp_()
             total = torch.where(present, exp.sum(dim=1), 1.0)
@@ -118,7 +124,7 @@ class _DenseCircle(torch.autograd.Function):
         return torch.where(valid, F.softplus(z), 0.0)
 
     @staticmethod
-    @backward_once("the dense Circle loss")
+    @backward_once("the dense Circle loss", _CIRCLE_REMEDY)
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         pos_mask, slope, exp_p, sum_p, exp_n, sum_n, z, valid = ctx.saved_tensors
         row = torch.where(valid, grad * torch.sigmoid(z), 0.0)
@@ -152,6 +158,8 @@ def circle_loss_dense(
     """
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(compute_dtype(sim.dtype))
+        if sim.shape[1] == 0:  # no reference: no pairs, 0 per row
+            return sim.sum(1) * 0
         return _DenseCircle.apply(sim, pos_mask, neg_mask, float(m), float(gamma))
 
 
@@ -180,7 +188,7 @@ class _DenseNegativesCircle(torch.autograd.Function):
         l_p = (1 - m) - s_p
         l_p.mul_(slope_p)
         shift_p = sim.new_full((batch,), float("-inf")).scatter_reduce_(0, rows, l_p, "amax")
-        has_p = torch.isfinite(shift_p)
+        has_p = shift_p != float("-inf")  # NaN stays NaN
         shift_p = torch.where(has_p, shift_p, 0.0)
         exp_p = l_p.sub_(shift_p.index_select(0, rows)).exp_()
         sum_p = torch.where(has_p, sim.new_zeros(batch).index_add_(0, rows, exp_p), 1.0)
@@ -188,7 +196,7 @@ class _DenseNegativesCircle(torch.autograd.Function):
         slope_n = torch.relu(sim + m).mul_(gamma)  # d l_n / d s_n
         masked = torch.where(neg_mask, (sim - m).mul_(slope_n), float("-inf"))
         shift_n = masked.amax(dim=1)
-        has_n = torch.isfinite(shift_n)
+        has_n = shift_n != float("-inf")
         shift_n = torch.where(has_n, shift_n, 0.0)
         exp_n = masked.sub_(shift_n.unsqueeze(1)).exp_()
         sum_n = torch.where(has_n, exp_n.sum(dim=1), 1.0)
@@ -201,7 +209,7 @@ class _DenseNegativesCircle(torch.autograd.Function):
         return torch.where(valid, F.softplus(z), 0.0)
 
     @staticmethod
-    @backward_once("the dense Circle loss")
+    @backward_once("the dense Circle loss", _CIRCLE_REMEDY)
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         pos_keys, rows, slope_p, exp_p, sum_p, slope_n, exp_n, sum_n, z, valid = ctx.saved_tensors
         row = torch.where(valid, grad * torch.sigmoid(z), 0.0)
@@ -234,6 +242,8 @@ def circle_loss_dense_negatives(
     """
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(compute_dtype(sim.dtype)).contiguous()
+        if sim.shape[1] == 0:  # no reference: no pairs, 0 per row
+            return sim.sum(1) * 0
         return _DenseNegativesCircle.apply(sim, neg_mask, pos_keys.long(), float(m), float(gamma))
 
 

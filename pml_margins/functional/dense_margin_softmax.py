@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from pml_margins.functional.autograd_only import backward_once
+from pml_margins.functional.autograd_only import SOFTMAX_REMEDY, backward_once
 from pml_margins.functional.margin_softmax import autocast_off, compute_dtype
 
 __all__ = ["NORM_EPS", "dense_margin_softmax_cross_entropy", "target_and_slope"]
@@ -229,7 +229,7 @@ class _DenseMarginSoftmax(torch.autograd.Function):
         return losses
 
     @staticmethod
-    @backward_once("the dense margin softmax")
+    @backward_once("the dense margin softmax", SOFTMAX_REMEDY)
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         log_prob, z, weight, _, _ = ctx.saved_tensors  # (the version checks)
         saved: _Saved = ctx.saved

@@ -92,6 +92,7 @@ dtype of ``W`` never changes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -99,7 +100,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from pml_margins.functional.autograd_only import backward_once
+from pml_margins.functional.autograd_only import SOFTMAX_REMEDY, backward_once
 from pml_margins.functional.dense_margin_softmax import (
     NORM_EPS,
     dense_margin_softmax_cross_entropy,
@@ -250,6 +251,11 @@ def sample_classes(
         return None
     device = labels.device
     positives = torch.unique(labels.long())
+    if positives.numel() and not 0 <= int(positives[0]) <= int(positives[-1]) < num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got values in "
+            f"[{int(positives[0])}, {int(positives[-1])}]"
+        )
     rand_device = generator.device if generator is not None else device
     scores = torch.rand(num_classes, generator=generator, device=rand_device).to(device)
     scores[positives] = 2.0  # above every uniform draw: always kept
@@ -268,6 +274,7 @@ def class_columns(classes: torch.Tensor, per_class: int) -> torch.Tensor:
         >>> class_columns(torch.tensor([0, 2]), 3)
         tensor([0, 1, 2, 6, 7, 8])
     """
+    classes = classes.long().reshape(-1)  # int64: a narrow dtype would overflow
     if per_class == 1:
         return classes
     offsets = torch.arange(per_class, device=classes.device, dtype=classes.dtype)
@@ -389,7 +396,7 @@ def fused_margin_softmax_cross_entropy(
         raise ValueError(
             f"target_cosines must have shape ({rows},), got {tuple(target_cosines.shape)}"
         )
-    labels = labels.long()
+    labels = _check_labels(labels, rows)
     if sample_rate < 1:
         sampled = sample_classes(labels, num_classes, sample_rate, generator)
         if sampled is not None:
@@ -466,10 +473,28 @@ def fused_margin_softmax_cross_entropy(
 
 
 def _check_scale(scale: float | torch.Tensor | ScaleFromCosines, rows: int) -> Any:
-    """``scale``, after checking that a tensor scale has one entry per row."""
-    if isinstance(scale, torch.Tensor) and scale.shape != (rows,):
-        raise ValueError(f"a tensor scale must have shape ({rows},), got {tuple(scale.shape)}")
+    """``scale``, after checking that a tensor scale has one entry per row and a number
+    is finite and positive."""
+    if isinstance(scale, torch.Tensor):
+        if scale.shape != (rows,):
+            raise ValueError(f"a tensor scale must have shape ({rows},), got {tuple(scale.shape)}")
+    elif not callable(scale) and not (math.isfinite(float(scale)) and float(scale) > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     return scale
+
+
+def _check_labels(labels: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(B,)`` integer labels as int64 (a ``ValueError``/``TypeError`` otherwise; their
+    range is the caller's to check, as the losses do)."""
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.is_floating_point()
+        or (labels.dtype in (torch.bool, torch.complex64, torch.complex128))
+    ):
+        raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', labels)}")
+    if labels.shape != (rows,):
+        raise ValueError(f"labels must have shape ({rows},), got {tuple(labels.shape)}")
+    return labels.long()
 
 
 class _Cosines(NamedTuple):
@@ -863,7 +888,8 @@ def _sub_centre_block(
             _inverse_column_norms(w, dtype, inv)
         w_mm, inv_after = _operand(w, inv, config)
         z = _block_logits(xs, w_mm, inv_after, None, 0, dtype)
-        return _max_over_sub_centres(z.view(z.shape[0], -1, per_class).unbind(2), winner)
+        classes = z.shape[1] // per_class  # explicit: an empty batch has no -1 to infer
+        return _max_over_sub_centres(z.view(z.shape[0], classes, per_class).unbind(2), winner)
     planes = _planes(w, per_class, config.mm_dtype)
     inv_planes = None
     if inv is not None and norms_given:
@@ -1061,7 +1087,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         return losses
 
     @staticmethod
-    @backward_once("the fused margin softmax")
+    @backward_once("the fused margin softmax", SOFTMAX_REMEDY)
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (
             x,

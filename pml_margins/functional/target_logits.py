@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from pml_margins.validation import check_integer_margin
+
 __all__ = [
     "TargetWithSlope",
     "arcface_target",
@@ -172,8 +174,10 @@ def sphereface_psi(cosine: torch.Tensor, margin: int) -> torch.Tensor:
         \quad \theta \in \left[\tfrac{k\pi}{m}, \tfrac{(k+1)\pi}{m}\right],
         \; k \in \{0, \dots, m-1\}
 
-    :math:`\cos(m\theta)` is the Chebyshev polynomial :math:`T_m(\cos\theta)`.
+    :math:`\cos(m\theta)` is the Chebyshev polynomial :math:`T_m(\cos\theta)`;
+    ``margin`` must be an integer ``>= 1`` (``ValueError`` otherwise).
     """
+    margin = check_integer_margin(margin, "margin")
     k = _angle_region(cosine, float(margin), 0.0).clamp(max=margin - 1)
     sign = 1 - 2 * torch.remainder(k, 2)
     return sign * cos_multiple_angle(cosine, margin) - 2 * k
@@ -186,7 +190,7 @@ def sphereface_value_and_slope(
     no graph (:math:`T_m' = m U_{m-1}`; both Chebyshev recurrences in one loop:
     :math:`T_{k+1} = 2xT_k - T_{k-1}`, :math:`U_{k} = 2xU_{k-1} - U_{k-2}`,
     :math:`U_{-1} = 0`, :math:`U_0 = 1`)."""
-    m = int(margin)
+    m = check_integer_margin(margin, "margin")
     k = _angle_region(cosine, float(m), 0.0).clamp(max=m - 1)
     t_prev, t_curr = torch.ones_like(cosine), cosine  # T_0, T_1
     u_prev, u_curr = torch.zeros_like(cosine), torch.ones_like(cosine)  # U_{-1}, U_0

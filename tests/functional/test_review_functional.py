@@ -1,0 +1,83 @@
+"""The functional API called directly, as a researcher would: clear errors for bad
+labels, scales and margins, NaN that stays NaN, and the degenerate shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pml_margins
+from pml_margins.functional import (
+    circle_loss_dense,
+    circle_loss_dense_negatives,
+    class_columns,
+    fused_margin_softmax_cross_entropy,
+    sample_classes,
+    segment_logsumexp,
+    sphereface_psi,
+)
+from pml_margins.functional.target_logits import sphereface_value_and_slope
+
+
+@pytest.mark.parametrize("materialize", [None, True, False])
+def test_labels_of_another_length_or_dtype_are_refused(materialize) -> None:
+    x, w = torch.randn(5, 3), torch.randn(3, 6)
+    kwargs = {"materialize": materialize}
+    with pytest.raises(ValueError, match=r"labels must have shape \(5,\), got \(3,\)"):
+        fused_margin_softmax_cross_entropy(x, w, torch.tensor([1, 2, 3]), None, 10.0, **kwargs)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        fused_margin_softmax_cross_entropy(x, w, torch.ones(5), None, 10.0, **kwargs)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), -5.0, 0.0, float("inf")])
+def test_a_scale_must_be_finite_and_positive(scale) -> None:
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        fused_margin_softmax_cross_entropy(
+            torch.randn(4, 3), torch.randn(3, 6), torch.tensor([0, 1, 2, 3]), None, scale
+        )
+
+
+def test_an_empty_batch_with_sub_centres_on_the_blocked_path() -> None:
+    out = fused_margin_softmax_cross_entropy(
+        torch.randn(0, 8), torch.randn(8, 40), torch.zeros(0, dtype=torch.long), None, 64.0,
+        sub_centers=2, materialize=False,
+    )  # fmt: skip
+    assert out.shape == (0,)
+
+
+def test_sample_classes_and_class_columns_check_and_widen() -> None:
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        sample_classes(torch.tensor([-1, 2]), 10, 0.5)
+    wide = class_columns(torch.tensor([100, 200], dtype=torch.uint8), 3)
+    assert wide.tolist() == [300, 301, 302, 600, 601, 602] and wide.dtype == torch.int64
+
+
+def test_circle_rows_with_nan_stay_nan_and_no_reference_is_zero() -> None:
+    sim = torch.tensor([[0.5, float("nan"), -0.2, 0.1], [0.3, 0.2, -0.1, 0.4]])
+    pos = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]]).bool()
+    dense = circle_loss_dense(sim, pos, ~pos, 0.25, 80.0)
+    keys = pos.view(-1).nonzero().squeeze(1)
+    negatives = circle_loss_dense_negatives(sim, ~pos, keys, 0.25, 80.0)
+    for losses in (dense, negatives):
+        assert torch.isnan(losses[0]) and torch.isfinite(losses[1]) and losses[1] > 0
+    lse, present = segment_logsumexp(torch.tensor([float("nan"), 1.0]), torch.tensor([0, 1]), 3)
+    assert torch.isnan(lse[0]) and present.tolist() == [True, True, False]
+    empty = torch.zeros(3, 0, dtype=torch.bool)
+    assert circle_loss_dense(torch.zeros(3, 0), empty, empty, 0.25, 80.0).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("margin", [1.5, -2, 0])
+def test_sphereface_functions_need_an_integer_margin(margin) -> None:
+    for fn in (sphereface_psi, sphereface_value_and_slope):
+        with pytest.raises(ValueError, match="margin must be"):
+            fn(torch.tensor([0.5]), margin)
+
+
+def test_the_backward_error_names_what_to_call() -> None:
+    x = torch.randn(4, 3, requires_grad=True)
+    loss = fused_margin_softmax_cross_entropy(
+        x, torch.randn(3, 6), torch.tensor([0, 1, 2, 3]), None, 5.0
+    ).sum()
+    with pytest.raises(RuntimeError, match="margin_softmax_cross_entropy"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    assert not pml_margins.autograd_only_enabled()
