@@ -143,7 +143,7 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
                 }
             ),
             pixel_baseline=True,
-            # 1,162 training classes: s = 30 (CosFace's lower bound is 11.7 at p = 0.99);
+            # 1,162 training classes: s = 30 (CosFace's lower bound is 11.6 at p = 0.99);
             # SphereFace too (normalized features): with scale=None it stayed at loss log(C)
             loss_defaults=MappingProxyType(
                 {

@@ -5,7 +5,7 @@ recognition (10k+ identities, 512-D embeddings), so the papers' face settings
 (``s = 64``, ArcFace ``m = 0.5`` rad) are scaled down: ``s = 16`` is above
 CosFace's lower bound for every default dataset
 (:func:`pml_margins.functional.cosface_scale_lower_bound`, target probability
-0.99: 4.8 for the 5 digit classes, 11.7 for the 1,162 training glyphs); the glyph
+0.99: 4.8 for the 5 digit classes, 11.6 for the 1,162 training glyphs); the glyph
 set raises it to ``s = 30`` (its ``loss_defaults`` in :mod:`pml_margins.bench.datasets`),
 as 16 sits too close to that bound for short runs. The
 margins sit mid-range of what the loss docstrings give for CUB/SOP: CosFace

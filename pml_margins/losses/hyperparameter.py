@@ -12,6 +12,7 @@ class Hyperparameter:
     """Data descriptor that runs ``check(value, name)`` on every assignment.
 
     Example:
+        >>> from pml_margins.validation import check_non_negative
         >>> class Loss:
         ...     margin = Hyperparameter(check_non_negative)
     """
