@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from pml_margins.functional.margin_softmax import compute_dtype
+from pml_margins.validation import check_unit_interval
 
 __all__ = ["center_distances", "center_ema_update"]
 
@@ -56,6 +57,7 @@ def center_ema_update(
         absent from the batch (:math:`n_j = 0`) are unchanged. Pure: ``centers`` is not
         modified, and nothing is differentiated (the inputs are detached).
     """
+    alpha = check_unit_interval(alpha, "alpha")
     c = centers.detach()
     dtype = compute_dtype(c.dtype)
     with torch.autocast(device_type=c.device.type, enabled=False):

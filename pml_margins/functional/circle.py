@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from pml_margins.functional.autograd_only import backward_once
 from pml_margins.functional.margin_softmax import compute_dtype
+from pml_margins.validation import check_positive
 
 __all__ = [
     "circle_loss_dense",
@@ -76,6 +77,11 @@ def segment_logsumexp(
     sums = torch.zeros_like(shift).index_add(0, segments, exps)
     sums = torch.where(present, sums, torch.ones_like(sums))
     return torch.log(sums) + shift, present
+
+
+def _gamma(gamma: float) -> float:
+    """Circle's scale, checked: a finite number > 0 (a NaN or negative one gave numbers)."""
+    return check_positive(gamma, "gamma")
 
 
 #: what the dense Circle functions' backward suggests under ``create_graph=True``
@@ -160,7 +166,7 @@ def circle_loss_dense(
         sim = sim.to(compute_dtype(sim.dtype))
         if sim.shape[1] == 0:  # no reference: no pairs, 0 per row
             return sim.sum(1) * 0
-        return _DenseCircle.apply(sim, pos_mask, neg_mask, float(m), float(gamma))
+        return _DenseCircle.apply(sim, pos_mask, neg_mask, float(m), _gamma(gamma))
 
 
 class _DenseNegativesCircle(torch.autograd.Function):
@@ -244,7 +250,7 @@ def circle_loss_dense_negatives(
         sim = sim.to(compute_dtype(sim.dtype)).contiguous()
         if sim.shape[1] == 0:  # no reference: no pairs, 0 per row
             return sim.sum(1) * 0
-        return _DenseNegativesCircle.apply(sim, neg_mask, pos_keys.long(), float(m), float(gamma))
+        return _DenseNegativesCircle.apply(sim, neg_mask, pos_keys.long(), float(m), _gamma(gamma))
 
 
 def circle_loss_pairs(

@@ -81,3 +81,14 @@ def test_the_backward_error_names_what_to_call() -> None:
     with pytest.raises(RuntimeError, match="margin_softmax_cross_entropy"):
         torch.autograd.grad(loss, x, create_graph=True)
     assert not pml_margins.autograd_only_enabled()
+
+
+def test_center_alpha_and_circle_gamma_are_checked() -> None:
+    from pml_margins.functional import center_ema_update
+
+    for alpha in (float("nan"), -1.0, 5.0):
+        with pytest.raises(ValueError, match="alpha must"):
+            center_ema_update(torch.zeros(3, 2), torch.ones(2, 2), torch.tensor([0, 1]), alpha)
+    eye = torch.eye(2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        circle_loss_dense(torch.zeros(2, 2), eye, ~eye, 0.25, -1.0)
