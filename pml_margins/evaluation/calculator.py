@@ -98,6 +98,40 @@ def resolve_faiss_knn(knn_func: FaissKNN) -> tuple[Metric, bool] | None:
     return None
 
 
+#: PML's positional parameters of its k-nn metrics (P@1 and MRR; R-Precision, MAP@R, MAP)
+_PML_ARGS_AT_1 = ("knn_labels", "query_labels", "not_lone_query_mask", "label_counts")
+_PML_ARGS_AT_R = (
+    "knn_labels",
+    "query_labels",
+    "not_lone_query_mask",
+    "ref_includes_query",
+    "label_counts",
+)
+
+
+def _pml_positional(*names: str):
+    """Let a ``calculate_*`` method take PML's positional arguments (a subclass may call
+    ``super().calculate_x(knn_labels, query_labels, ...)``), as keywords."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args: Any, **kwargs: Any):
+            if len(args) > len(names):
+                raise TypeError(
+                    f"{method.__name__}() takes at most {len(names)} positional arguments "
+                    f"({', '.join(names)}), got {len(args)}"
+                )
+            for name, value in zip(names, args, strict=False):
+                if name in kwargs:
+                    raise TypeError(f"{method.__name__}() got multiple values for {name!r}")
+                kwargs[name] = value
+            return method(self, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 class RetrievalAccuracyCalculator(AccuracyCalculator):
     """Exact retrieval accuracy: PML's metrics plus Recall@K, on any data and device.
 
@@ -514,18 +548,23 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             lambda m, _r, k: M.recall_at_k(m, k), kwargs, full_k=True, k=recall_k
         )
 
+    @_pml_positional(*_PML_ARGS_AT_1)
     def calculate_precision_at_1(self, **kwargs: Any) -> float | list[float]:
         return self._aggregate(lambda m, _r: M.precision_at_1(m), kwargs)
 
+    @_pml_positional(*_PML_ARGS_AT_R)
     def calculate_r_precision(self, **kwargs: Any) -> float | list[float]:
         return self._aggregate(M.r_precision, kwargs)
 
+    @_pml_positional(*_PML_ARGS_AT_R)
     def calculate_mean_average_precision_at_r(self, **kwargs: Any) -> float | list[float]:
         return self._aggregate(M.average_precision_at_r, kwargs)
 
+    @_pml_positional(*_PML_ARGS_AT_R)
     def calculate_mean_average_precision(self, **kwargs: Any) -> float | list[float]:
         return self._aggregate(M.average_precision, kwargs)
 
+    @_pml_positional(*_PML_ARGS_AT_1)
     def calculate_mean_reciprocal_rank(self, **kwargs: Any) -> float | list[float]:
         return self._aggregate(lambda m, _r: M.reciprocal_rank(m), kwargs)
 

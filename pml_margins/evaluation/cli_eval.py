@@ -212,6 +212,8 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(f"--recall-ks must be positive, got {args.recall_ks}")
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise CliError(f"{args.output}: cannot write: its directory does not exist")
+    if args.output and Path(args.output).is_dir():
+        raise CliError(f"{args.output}: cannot write: it is a directory (give a file name)")
     query = _load(args.embeddings, "embeddings")
     query_labels = _load(args.labels, "labels")
     reference = reference_labels = None

@@ -603,6 +603,10 @@ def exact_knn(
         if whole and query.dtype != torch.float64:  # every reference: one float64 product
             from pml_margins.evaluation.whole_lists import whole_lists
 
+            if reference.dtype == torch.float64:  # float64 values whose squares would leave
+                sets = (query, reference)  # float64: the range check of the other paths
+                _centre_and_scale(sets, reference, metric, normalize)
+
             return whole_lists(query, reference, k, metric, normalize, exclude_self, progress)
         self_offset = 0 if exclude_self else None
         values, indices = knn_float64(

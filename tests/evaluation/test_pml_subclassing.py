@@ -286,3 +286,35 @@ def test_public_metrics_with_non_contiguous_labels_raise_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert RetrievalAccuracyCalculator().calculate_r_precision(**kwargs) == 0.5
+
+
+def test_public_metrics_take_pmls_positional_arguments():
+    """PML's signatures, e.g. calculate_r_precision(knn_labels, query_labels,
+    not_lone_query_mask, ref_includes_query, label_counts): a subclass may call them so."""
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    knn_labels = torch.tensor(
+        [[0, 1, 1], [1, 0, 2], [1, 1, 0], [1, 0, 1], [2, 1, 1], [2, 0, 0], [1, 2, 0]]
+    )
+    mask = torch.ones(7, dtype=torch.bool)
+    counts = (torch.tensor([0, 1, 2]), torch.tensor([2, 3, 2]))
+    pml, ours = AccuracyCalculator(k=3, device=CPU), RetrievalAccuracyCalculator(k=3)
+    at_1 = (knn_labels, labels, mask, counts)
+    at_r = (knn_labels, labels, mask, True, counts)
+    for metric, args in (("precision_at_1", at_1), ("mean_reciprocal_rank", at_1),
+                         ("r_precision", at_r), ("mean_average_precision_at_r", at_r),
+                         ("mean_average_precision", at_r)):  # fmt: skip
+        want = getattr(pml, f"calculate_{metric}")(*args, label_comparison_fn=torch.eq)
+        got = getattr(ours, f"calculate_{metric}")(*args, label_comparison_fn=torch.eq)
+        assert got == pytest.approx(want), metric
+    with pytest.raises(TypeError, match="multiple values for 'knn_labels'"):
+        ours.calculate_precision_at_1(knn_labels, knn_labels=knn_labels)
+
+
+def test_a_float32_query_against_float64_extremes_is_refused_on_every_path():
+    x = torch.randn(3, 4)
+    r = torch.full((5, 4), 1e300, dtype=torch.float64)
+    r[0] = 0
+    with pytest.raises(ValueError, match="outside"):
+        RetrievalAccuracyCalculator(include=("precision_at_1",)).get_accuracy(
+            x, torch.tensor([0, 0, 0]), r, torch.tensor([0, 1, 1, 1, 1])
+        )

@@ -156,6 +156,7 @@ def test_cli_files_that_cannot_be_read_are_one_line_and_status_2(tmp_path, capsy
         (["--embeddings", "obj.pt"], "obj.pt: cannot read: torch.load(weights_only=True)"),
         (["--embeddings", "e.npy", "--device", "foo"], "--device: not a device: 'foo'"),
         (["--embeddings", "e.npy", "--output", "no/such/dir.json"], "its directory does not"),
+        (["--embeddings", "e.npy", "--output", "."], "it is a directory"),
     ]
     for argv, message in cases:
         assert main(["eval", *argv, "--labels", "l.npy"]) == 2
