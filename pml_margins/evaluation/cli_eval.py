@@ -111,6 +111,13 @@ def _load(path: str, key: str) -> torch.Tensor:
         raise CliError(f"{path}: cannot read: {reason}") from None
 
 
+def _recall_ks(args: argparse.Namespace) -> tuple[int, ...]:
+    """``--recall-ks`` and every ``recall_at_K`` that ``--metrics`` names (asking for
+    ``recall_at_3`` is asking for K = 3)."""
+    named = [m.removeprefix("recall_at_") for m in args.metrics if m.startswith("recall_at_")]
+    return tuple(args.recall_ks) + tuple(int(k) for k in named if k.isdigit() and int(k) > 0)
+
+
 def _rows(values: torch.Tensor) -> int:
     """Rows of a loaded array (a 0-d one has none; the calculator names its shape)."""
     return values.shape[0] if values.ndim else 0
@@ -145,8 +152,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "a reference set, every query is searched among the others. The metrics are printed "
         "to stdout as a Markdown table; --output also writes them as JSON (NaN as null). "
         "Metrics: precision_at_1, r_precision, mean_average_precision_at_r, "
-        "mean_average_precision, mean_reciprocal_rank, recall_at_K (one per --recall-ks), "
-        "num_excluded_queries, NMI, AMI. Bad input: one error line, exit status 2.",
+        "mean_average_precision, mean_reciprocal_rank, recall_at_K (one per --recall-ks, and "
+        "any K named in --metrics), num_excluded_queries, NMI, AMI. Bad input: one error line, "
+        "exit status 2.",
     )
     p.add_argument("--embeddings", required=True, help="query embeddings, (N, D)")
     p.add_argument("--labels", required=True, help="query labels, (N,) integers")
@@ -227,7 +235,7 @@ def _run(args: argparse.Namespace) -> int:
             exclude=tuple(args.exclude),
             avg_of_avgs=args.avg_of_avgs,
             k=args.k,
-            recall_ks=tuple(args.recall_ks),
+            recall_ks=_recall_ks(args),
             distance=CosineSimilarity() if args.distance == "cosine" else None,
             device=device,
             progress=pairs >= PROGRESS_MIN_PAIRS,
