@@ -172,3 +172,14 @@ def test_cli_reads_big_endian_arrays(tmp_path, capsys):
     assert main([*argv, "--metrics", "precision_at_1"]) == 0
     expected = RetrievalAccuracyCalculator(include=("precision_at_1",)).get_accuracy(x, y)
     assert f"{expected['precision_at_1']:.4f}" in capsys.readouterr().out
+
+
+def test_cli_metrics_naming_a_recall_k_add_it(tmp_path, capsys):
+    x, y = _data()
+    np.save(tmp_path / "e.npy", x.numpy())
+    np.save(tmp_path / "l.npy", y.numpy())
+    argv = ["eval", "--embeddings", str(tmp_path / "e.npy"), "--labels", str(tmp_path / "l.npy")]
+    assert main([*argv, "--metrics", "recall_at_3", "precision_at_1"]) == 0
+    expected = RetrievalAccuracyCalculator(include=("recall_at_3",), recall_ks=(3,))
+    value = expected.get_accuracy(x, y)["recall_at_3"]
+    assert f"| recall_at_3 | {value:.4f} |" in capsys.readouterr().out
