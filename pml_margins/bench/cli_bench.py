@@ -509,17 +509,13 @@ def _data_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _effective(dataset: str, settings: dict[str, Any]) -> dict[str, Any]:
     """:func:`_data_settings` as the data loaders read them: a flag left out is its
     default (``--image-size 32`` is the glyph set's default), digit classes a set."""
-    if dataset not in _SPLIT_FLAGS:
-        return dict(settings)
-    out = dict(settings)
-    if "image_size" in out:
-        out["image_size"] = out["image_size"] or (32 if dataset == "glyphs" else 224)
-    if "min_fonts" in out and out["min_fonts"] is None:
-        out["min_fonts"] = 12
+    from pml_margins.bench.datasets import LOADER_DEFAULTS
+
+    defaults = LOADER_DEFAULTS.get(dataset, {})
+    out = {k: defaults.get(k) if v is None else v for k, v in settings.items()}
     if "train_classes" in out:
-        text = out["train_classes"] or "0,1,2,3,4"
         try:
-            classes = sorted({int(c) for c in str(text).split(",") if c.strip()})
+            classes = sorted({int(c) for c in str(out["train_classes"]).split(",") if c.strip()})
             out["train_classes"] = ",".join(str(c) for c in classes)
         except ValueError:
             pass  # compared as given (the loader names the bad value)

@@ -47,13 +47,29 @@ class DatasetSpec:
     loss_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
+#: what each dataset's loader reads for a split/input flag that is not given
+LOADER_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "glyphs": {"image_size": 32, "min_fonts": 12},
+        "digits": {"train_classes": "0,1,2,3,4"},
+        "cub": {"image_size": 224},
+        "sop": {"image_size": 224},
+    }
+)
+
+
+def loader_setting(args: argparse.Namespace, dataset: str, name: str) -> Any:
+    """``args.<name>``, or :data:`LOADER_DEFAULTS`' value where it is not given."""
+    value = getattr(args, name, None)
+    return LOADER_DEFAULTS[dataset][name] if value is None else value
+
+
 def _load_glyphs(args: argparse.Namespace) -> RetrievalData:
     from pml_margins.bench.glyphs import load_glyph_split
 
-    size = getattr(args, "image_size", None) or 32
     return load_glyph_split(
-        size=size,
-        min_fonts=getattr(args, "min_fonts", 12),
+        size=loader_setting(args, "glyphs", "image_size"),
+        min_fonts=loader_setting(args, "glyphs", "min_fonts"),
         max_classes=getattr(args, "max_classes", None),
     )
 
@@ -61,7 +77,7 @@ def _load_glyphs(args: argparse.Namespace) -> RetrievalData:
 def _load_digits(args: argparse.Namespace) -> RetrievalData:
     from pml_margins.bench.data import load_digits_split
 
-    text = getattr(args, "train_classes", None) or "0,1,2,3,4"
+    text = loader_setting(args, "digits", "train_classes")
     try:
         classes = [int(c) for c in text.split(",") if c.strip()]
     except ValueError as err:
@@ -79,7 +95,7 @@ def _load_image_folder(name: str) -> Callable[[argparse.Namespace], RetrievalDat
             name,
             args.data_root,
             download=bool(getattr(args, "download", False)),
-            image_size=getattr(args, "image_size", None) or 224,
+            image_size=loader_setting(args, name, "image_size"),
         )
 
     return load
