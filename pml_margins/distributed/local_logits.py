@@ -23,6 +23,11 @@ from __future__ import annotations
 import torch
 
 from pml_margins.functional.autograd_only import SHARDED_REMEDY, backward_once
+from pml_margins.functional.margin_softmax import (
+    compute_dtype,
+    products_dtype,
+    takes_unit_columns,
+)
 
 __all__ = ["cosine_logits"]
 
@@ -36,10 +41,8 @@ class _CosineLogits(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             inv_norm = torch.linalg.vector_norm(weight, dim=0).clamp_min_(_EPS).reciprocal_()
         ctx.save_for_backward(x_hat, weight, inv_norm)
-        if torch.is_autocast_enabled(device_type) and (
-            torch.get_autocast_dtype(device_type) == torch.float16
-        ):  # float16 products take the unit columns: raw ones may leave its range
-            return x_hat @ (weight * inv_norm)
+        if takes_unit_columns(products_dtype(compute_dtype(x_hat.dtype), device_type)):
+            return x_hat @ (weight * inv_norm)  # float16 products: raw columns may leave its range
         return (x_hat @ weight).mul_(inv_norm)
 
     @staticmethod

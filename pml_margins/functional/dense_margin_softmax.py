@@ -38,7 +38,12 @@ from typing import Any, NamedTuple
 import torch
 
 from pml_margins.functional.autograd_only import SOFTMAX_REMEDY, backward_once
-from pml_margins.functional.margin_softmax import autocast_off, compute_dtype
+from pml_margins.functional.margin_softmax import (
+    autocast_off,
+    compute_dtype,
+    products_dtype,
+    takes_unit_columns,
+)
 
 __all__ = ["NORM_EPS", "dense_margin_softmax_cross_entropy", "target_and_slope"]
 
@@ -139,9 +144,7 @@ def dense_margin_softmax_cross_entropy(
     """
     dtype = compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype))
     device_type = embeddings.device.type
-    mm_dtype = dtype
-    if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
-        mm_dtype = torch.get_autocast_dtype(device_type)
+    mm_dtype = products_dtype(dtype, device_type)
     grad = torch.is_grad_enabled()
     with torch.no_grad(), autocast_off(device_type):
         x = _cast(embeddings.detach(), dtype)
@@ -152,7 +155,7 @@ def dense_margin_softmax_cross_entropy(
         w = _cast(weight.detach(), dtype)
         if normalize_weight:
             w_inv, w_radial = _column_inverse_norms(w)
-        unit_w = normalize_weight and mm_dtype == torch.float16
+        unit_w = normalize_weight and takes_unit_columns(mm_dtype)
         w_op = w * w_inv if unit_w else w  # float16: the unit columns (module doc)
         cosine = _cast(torch.mm(_cast(x, mm_dtype), _cast(w_op, mm_dtype)), dtype)
         if normalize_weight and not unit_w:
@@ -183,7 +186,7 @@ class _Saved(NamedTuple):
     slope: torch.Tensor | None  # (B,) psi'(z_y)
     mm_dtype: torch.dtype  # the products' operand dtype
     scale: float | torch.Tensor
-    unit_w: bool  # the products take the unit columns of W (float16: see _unit_operand)
+    unit_w: bool  # the products take the unit columns of W (takes_unit_columns)
 
 
 def _losses(

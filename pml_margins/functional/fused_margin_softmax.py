@@ -106,7 +106,13 @@ from pml_margins.functional.dense_margin_softmax import (
     dense_margin_softmax_cross_entropy,
     target_and_slope,
 )
-from pml_margins.functional.margin_softmax import TargetLogitFn, autocast_off, compute_dtype
+from pml_margins.functional.margin_softmax import (
+    TargetLogitFn,
+    autocast_off,
+    compute_dtype,
+    products_dtype,
+    takes_unit_columns,
+)
 from pml_margins.validation import check_chunk_size, check_count, check_sample_rate
 
 __all__ = [
@@ -612,12 +618,10 @@ def _materialized(
         w = w.unflatten(1, (-1, per_class)).permute(2, 0, 1).contiguous()
     norm = None
     if normalize_weight:  # a column scaling of the (B, C) product: no normalized W copy,
-        half = torch.is_autocast_enabled(device_type) and (  # unless the products run in
-            torch.get_autocast_dtype(device_type) == torch.float16  # float16 (_operand)
-        )
-        with autocast_off(device_type):
+        unit = takes_unit_columns(products_dtype(dtype, device_type))  # unless the products
+        with autocast_off(device_type):  # need the unit columns (_operand)
             norm = torch.linalg.vector_norm(w, dim=-2, keepdim=True).clamp_min(_NORM_EPS)
-            if half:
+            if unit:
                 w, norm = w / norm, None
     if per_class > 1:
         cosine = torch.stack([torch.mm(x, plane) for plane in w])  # (K, B, C)
@@ -675,15 +679,12 @@ class _Config:
         self.slope_scale = 1.0
         self.cosines: _Cosines | None = None  # formed before the scale was known
         # float16 products take the unit columns of W (see _operand)
-        self.unit_operand = normalize_weight and mm_dtype == torch.float16
+        self.unit_operand = normalize_weight and takes_unit_columns(mm_dtype)
 
 
 def _dtypes(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
     dtype = compute_dtype(torch.promote_types(x.dtype, weight.dtype))
-    device_type = x.device.type
-    if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
-        return dtype, torch.get_autocast_dtype(device_type)
-    return dtype, dtype
+    return dtype, products_dtype(dtype, x.device.type)
 
 
 class _Targets:

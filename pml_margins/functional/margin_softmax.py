@@ -19,7 +19,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TargetLogitFn", "autocast_off", "compute_dtype", "margin_softmax_cross_entropy"]
+__all__ = [
+    "TargetLogitFn",
+    "autocast_off",
+    "compute_dtype",
+    "margin_softmax_cross_entropy",
+    "products_dtype",
+    "takes_unit_columns",
+]
 
 #: a target-logit function: base logits (cosines) in, the logits the softmax uses out
 TargetLogitFn = Callable[[torch.Tensor], torch.Tensor]
@@ -35,6 +42,23 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the softmax and the margins are evaluated in: at least float32."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def products_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The operand dtype of the matrix products of a loss computed in ``dtype``:
+    autocast's where it is on and ``dtype`` is float32 (autocast leaves float64 alone),
+    else ``dtype``."""
+    if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+def takes_unit_columns(products: torch.dtype) -> bool:
+    """Whether products in this dtype take the unit columns of ``W`` (normalized in the
+    compute dtype first) instead of the raw columns with the result scaled by
+    ``1/|W_j|``: float16, whose range (65504) raw columns, ``s |W_j|`` or ``1/|W_j|``
+    of a tiny column may leave."""
+    return products == torch.float16
 
 
 def margin_softmax_cross_entropy(
