@@ -113,7 +113,12 @@ from pml_margins.functional.margin_softmax import (
     products_dtype,
     takes_unit_columns,
 )
-from pml_margins.validation import check_chunk_size, check_count, check_sample_rate
+from pml_margins.validation import (
+    check_chunk_size,
+    check_count,
+    check_labels,
+    check_sample_rate,
+)
 
 __all__ = [
     "DENSE_MAX_ELEMENTS",
@@ -402,7 +407,7 @@ def fused_margin_softmax_cross_entropy(
         raise ValueError(
             f"target_cosines must have shape ({rows},), got {tuple(target_cosines.shape)}"
         )
-    labels = _check_labels(labels, rows)
+    labels = check_labels(labels, rows).long()  # range: the caller's (the losses check it)
     if sample_rate < 1:
         sampled = sample_classes(labels, num_classes, sample_rate, generator)
         if sampled is not None:
@@ -487,20 +492,6 @@ def _check_scale(scale: float | torch.Tensor | ScaleFromCosines, rows: int) -> A
     elif not callable(scale) and not (math.isfinite(float(scale)) and float(scale) > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     return scale
-
-
-def _check_labels(labels: torch.Tensor, rows: int) -> torch.Tensor:
-    """``(B,)`` integer labels as int64 (a ``ValueError``/``TypeError`` otherwise; their
-    range is the caller's to check, as the losses do)."""
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.is_floating_point()
-        or (labels.dtype in (torch.bool, torch.complex64, torch.complex128))
-    ):
-        raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', labels)}")
-    if labels.shape != (rows,):
-        raise ValueError(f"labels must have shape ({rows},), got {tuple(labels.shape)}")
-    return labels.long()
 
 
 class _Cosines(NamedTuple):

@@ -23,9 +23,9 @@ from pml_margins.functional.target_logits import sphereface_value_and_slope
 def test_labels_of_another_length_or_dtype_are_refused(materialize) -> None:
     x, w = torch.randn(5, 3), torch.randn(3, 6)
     kwargs = {"materialize": materialize}
-    with pytest.raises(ValueError, match=r"labels must have shape \(5,\), got \(3,\)"):
+    with pytest.raises(ValueError, match="labels has length 3 but there are 5 embeddings"):
         fused_margin_softmax_cross_entropy(x, w, torch.tensor([1, 2, 3]), None, 10.0, **kwargs)
-    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+    with pytest.raises(TypeError, match=r"labels must have an integer dtype, got torch\.float32"):
         fused_margin_softmax_cross_entropy(x, w, torch.ones(5), None, 10.0, **kwargs)
 
 
