@@ -54,6 +54,7 @@ __all__ = [
     "check_reference",
     "check_sample_rate",
     "check_unit_interval",
+    "other_reference",
     "value_checks",
     "value_checks_enabled",
 ]
@@ -522,9 +523,7 @@ def check_class_loss_input(
     miner's ``indices_tuple`` against the batch. The value checks are read back in one
     host synchronisation (none while :func:`value_checks` is off).
     """
-    if (ref_emb is not None or ref_labels is not None) and not (
-        ref_emb is embeddings and ref_labels is labels  # the batch itself, as PML allows
-    ):
+    if other_reference(embeddings, labels, ref_emb, ref_labels):
         raise ValueError(
             f"{loss_name} compares embeddings with {compared_with}; ref_emb/ref_labels "
             f"are not supported{hint}"
@@ -538,6 +537,16 @@ def check_class_loss_input(
     check_class_labels(labels, embeddings.shape[0], num_classes, checks=checks)
     check_indices_tuple(indices_tuple, embeddings.shape[0], checks=checks)
     checks.run()
+
+
+def other_reference(
+    embeddings: object, labels: object, ref_emb: object, ref_labels: object
+) -> bool:
+    """Whether ``ref_emb``/``ref_labels`` name a reference set other than the batch: given,
+    and not the batch's own ``embeddings`` and ``labels`` objects (which PML accepts
+    where a loss supports no reference set)."""
+    given = ref_emb is not None or ref_labels is not None
+    return given and not (ref_emb is embeddings and ref_labels is labels)
 
 
 def check_bool(value: object, name: str) -> bool:

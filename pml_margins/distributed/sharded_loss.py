@@ -27,6 +27,7 @@ from pml_margins.validation import (
     check_count,
     check_embeddings,
     check_sample_rate,
+    other_reference,
 )
 
 __all__ = ["ShardedMarginSoftmaxLoss"]
@@ -273,9 +274,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         """
         if indices_tuple is not None:
             raise ValueError(f"miners (indices_tuple) are not supported by {type(self).__name__}")
-        if (ref_emb is not None or ref_labels is not None) and not (
-            ref_emb is embeddings and ref_labels is labels
-        ):
+        if other_reference(embeddings, labels, ref_emb, ref_labels):
             raise ValueError(f"ref_emb/ref_labels are not supported by {type(self).__name__}")
         self._check_group()
         self.loss.reset_stats()

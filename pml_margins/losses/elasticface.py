@@ -2,6 +2,7 @@ r"""ElasticFace: ArcFace or CosFace with a margin drawn per sample from a normal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,6 +49,12 @@ def elastic_arc_target(cosine: torch.Tensor, margins: torch.Tensor) -> torch.Ten
 def elastic_cos_target(cosine: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
     r"""ElasticFace-Cos: :math:`\cos\theta_i - m_i` with a margin per row (a cosine)."""
     return cosine - margins.to(cosine.dtype)
+
+
+def _margin_check(variant: str) -> Callable[[object, str], float]:
+    """The check of a margin in ``variant``'s unit: radians in ``[0, pi)`` for arc, a
+    cosine ``>= 0`` for cos."""
+    return check_angle_margin if variant == "arc" else check_non_negative
 
 
 class ElasticFaceLoss(ClassWeightLoss):
@@ -121,9 +128,8 @@ class ElasticFaceLoss(ClassWeightLoss):
         value = check_choice(value, "variant", tuple(PAPER_MARGINS))
         margin = self.__dict__.get("_margin")
         if margin is not None:  # the margin in the new variant's unit (radians / a cosine)
-            check = check_angle_margin if value == "arc" else check_non_negative
             try:
-                check(margin, "margin")
+                _margin_check(value)(margin, "margin")
             except ValueError as err:
                 raise ValueError(
                     f"variant {value!r} does not take the margin {margin}: {err}"
@@ -137,8 +143,7 @@ class ElasticFaceLoss(ClassWeightLoss):
 
     @margin.setter
     def margin(self, value: float) -> None:
-        check = check_angle_margin if self.variant == "arc" else check_non_negative
-        self._margin = check(value, "margin")
+        self._margin = _margin_check(self.variant)(value, "margin")
 
     def target_logit_fn(self) -> TargetLogitFn:
         if self.sigma == 0:  # deterministic: exactly ArcFace's / CosFace's function
