@@ -36,8 +36,11 @@ class SoftmaxLoss(ClassWeightLoss):
         embedding_size: embedding width ``D``.
         bias: learn a per-class bias ``b`` (parameter ``bias``, shape ``(C,)``).
         **kwargs: PML options (``reducer``, ``weight_regularizer``,
-            ``embedding_regularizer``, ``weight_init_func``, ...). ``W`` defaults to
-            ``nn.Linear``'s uniform initialisation in :math:`\pm 1/\sqrt{D}`.
+            ``embedding_regularizer``, ``weight_init_func``, ``distance``, ...). ``W``
+            defaults to ``nn.Linear``'s uniform initialisation in :math:`\pm 1/\sqrt{D}`.
+            The logits are ``distance(x, W^T)`` (default: the raw dot product), negated
+            for a distance that is not a similarity (``LpDistance``, ``SNRDistance``:
+            nearer classes get larger logits), PML's rule in ``NormalizedSoftmaxLoss``.
     """
 
     logits_are_cosines = False
@@ -63,6 +66,8 @@ class SoftmaxLoss(ClassWeightLoss):
     def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
         weights = self.weights_for(embeddings)
         logits = self.distance(embeddings.to(weights.dtype), weights.t())
+        if not self.distance.is_inverted:  # a distance: the nearer class, the larger logit
+            logits = -logits
         if self.bias is not None:
             logits = logits + self.bias.to(logits.dtype)
         return logits, 1.0

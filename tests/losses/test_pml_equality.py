@@ -16,7 +16,13 @@ from pytorch_metric_learning.distances import (
 )
 
 import pml_margins.functional.fused_margin_softmax as fused_module
-from pml_margins.losses import ArcFaceLoss, CosFaceLoss, NormSoftmaxLoss, SphereFaceLoss
+from pml_margins.losses import (
+    ArcFaceLoss,
+    CosFaceLoss,
+    NormSoftmaxLoss,
+    SoftmaxLoss,
+    SphereFaceLoss,
+)
 
 PAIRS = [
     ("arcface", lambda: pml_losses.ArcFaceLoss(12, 16, margin=28.6, scale=64),
@@ -179,3 +185,50 @@ def test_margin_losses_reject_what_pml_rejects(name, distance) -> None:
     _, make_ours = MARGIN_PAIRS[name]
     with pytest.raises(TypeError, match="needs a CosineSimilarity distance"):
         make_ours(distance=distance())
+
+
+def _softmax_logits_by_rule(distance: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` logits of a softmax over a PML distance, written out per distance: a
+    similarity as it is, a distance negated (PML's rule in NormalizedSoftmaxLoss)."""
+    unit_x, unit_w = x / x.norm(dim=1, keepdim=True), w / w.norm(dim=0, keepdim=True)
+    if distance in ("default", "dot_unnormalized"):
+        return x @ w
+    if distance in ("dot", "cosine"):
+        return unit_x @ w / w.norm(dim=0, keepdim=True)  # both sides normalized
+    if distance == "cosine_power2":
+        return (unit_x @ unit_w) ** 2
+    if distance == "lp":
+        return -torch.cdist(unit_x, unit_w.t())
+    if distance == "lp_squared":
+        return -(torch.cdist(unit_x, unit_w.t()) ** 2)
+    if distance == "lp_unnormalized":
+        return -torch.cdist(x, w.t())
+    assert distance == "snr"  # Var(b - a) / Var(a) of the unit rows, unbiased variances
+    diff = unit_w.t().unsqueeze(0) - unit_x.unsqueeze(1)
+    return -diff.var(dim=2) / unit_x.var(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("distance", NSL_DISTANCES, ids=list(NSL_DISTANCES))
+def test_softmax_loss_takes_any_distance_as_a_logit_or_its_negation(distance) -> None:
+    """A distance that is not a similarity (Lp, SNR) gives the nearer class the larger
+    logit: with W at the class centres, the own class wins."""
+    torch.manual_seed(0)
+    make_distance = NSL_DISTANCES[distance]
+    loss = _with_distance(lambda **kw: SoftmaxLoss(4, 8, **kw), make_distance()).double()
+    centres = 4 * torch.randn(4, 8, dtype=torch.float64)
+    y = torch.arange(32) % 4
+    x = (centres[y] + 0.3 * torch.randn(32, 8, dtype=torch.float64)).requires_grad_(True)
+    with torch.no_grad():
+        loss.W.copy_(centres.t())
+    logits = _softmax_logits_by_rule(distance, x, loss.W) + loss.bias
+    expected = torch.nn.functional.cross_entropy(logits, y)
+    value = loss(x, y)
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
+    for a, b in zip(
+        torch.autograd.grad(value, (x, loss.W, loss.bias)),
+        torch.autograd.grad(expected, (x, loss.W, loss.bias)),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if distance.startswith(("lp", "snr")):
+        assert (loss.get_logits(x.detach()).argmax(1) == y).all()
