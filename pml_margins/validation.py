@@ -187,14 +187,14 @@ def check_embeddings(
     # A finite sum of squares implies finite elements (NaN/Inf propagate) and rows whose
     # squared norms fit; only a non-finite one, which may also be an overflow of the sum
     # alone, needs the element-wise and row-wise checks.
-    detached = embeddings.detach()
+    detached = _values_of(embeddings.detach())
     sum_dtype = torch.promote_types(detached.dtype, torch.float32)
     compute_dtype = compute_dtype or sum_dtype
 
     def not_finite() -> ValueError | None:
         if not bool(torch.isfinite(detached).all()):
             return ValueError(f"{name} contains NaN or Inf values")
-        return _norm_overflow(detached, name, compute_dtype)
+        return _norm_overflow(detached.reshape(-1, detached.shape[-1]), name, compute_dtype)
 
     def on_host() -> list[float] | None:
         array = _host_array(detached)
@@ -254,6 +254,26 @@ def _host_array(values: torch.Tensor) -> np.ndarray | None:
         return None
 
 
+_FUNCTORCH = getattr(torch._C, "_functorch", None)
+
+
+def _values_of(values: torch.Tensor) -> torch.Tensor:
+    """The plain tensor holding ``values`` inside ``torch.func`` transforms (else
+    ``values``): every wrapper peeled, each ``vmap`` batch dimension moved to the front,
+    so that a check reads every lane's values at once (a wrapped tensor cannot be read
+    back). Its last dimension is the one of ``values``."""
+    if _FUNCTORCH is None:
+        return values
+    while _FUNCTORCH.is_functorch_wrapped_tensor(values):
+        if _FUNCTORCH.is_batchedtensor(values):
+            level = _FUNCTORCH.maybe_get_level(values)
+            inner, batch_dim = _FUNCTORCH._unwrap_batched(values, level)
+            values = inner.movedim(batch_dim, 0)
+        else:
+            values = _FUNCTORCH.get_unwrapped(values)
+    return values
+
+
 def _run_now_or_later(
     checks: ValueChecks | None,
     values: Callable[[], torch.Tensor],
@@ -303,9 +323,10 @@ def check_class_labels(
     """
     labels = check_labels(labels, length, name)
     if labels.numel() > 0:
+        values = _values_of(labels)
 
         def out_of_range() -> ValueError:
-            lo, hi = (int(v) for v in torch.aminmax(labels))
+            lo, hi = (int(v) for v in torch.aminmax(values))
             return ValueError(
                 f"{name} must lie in [0, {num_classes}) for num_classes={num_classes}, "
                 f"got values in [{lo}, {hi}]"
@@ -313,10 +334,10 @@ def check_class_labels(
 
         _run_now_or_later(
             checks,
-            lambda: _extremes(labels),
+            lambda: _extremes(values),
             out_of_range,
             _outside(num_classes),
-            lambda: _host_extremes(labels),
+            lambda: _host_extremes(values),
         )
     return labels
 
@@ -393,6 +414,7 @@ def check_indices_tuple(
     for role, idx in zip(roles, indices_tuple, strict=True):
         if idx.numel() > 0:
             bound = batch_size if role.startswith("a") else ref_size
+            idx = _values_of(idx)
             own.add(
                 lambda idx=idx: _extremes(idx),
                 lambda role=role, idx=idx, bound=bound: _index_error(role, idx, bound),

@@ -16,6 +16,9 @@ torch's autograd alone (slower, more memory; twice differentiable)::
         loss = loss_fn(embeddings, labels)
         (grad,) = torch.autograd.grad(loss, embeddings, create_graph=True)
         (loss + grad.square().sum()).backward()
+
+Inside a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``hessian``, per-sample
+gradients by ``vmap(grad(...))``) the losses take the plain paths by themselves.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ __all__ = [
     "autograd_only",
     "autograd_only_enabled",
     "backward_once",
+    "in_function_transform",
+    "refuse_update_in_function_transform",
 ]
 
 #: what the margin softmax's hand-written backwards suggest under ``create_graph=True``
@@ -47,8 +52,30 @@ SHARDED_REMEDY = "sharded losses have no autograd-only path: compute the loss in
 
 
 def autograd_only_enabled() -> bool:
-    """Whether losses in this thread run on their plain autograd paths (default ``False``)."""
-    return autograd_only.current()
+    """Whether losses in this thread run on their plain autograd paths: under
+    :class:`autograd_only`, and inside a ``torch.func`` transform (``grad``, ``vmap``,
+    ``jvp``, ``hessian``, ...), whose tensors the hand-written backwards cannot take."""
+    return autograd_only.current() or in_function_transform()
+
+
+def in_function_transform() -> bool:
+    """Whether this runs inside a ``torch.func`` transform (functorch's interpreter stack)."""
+    return _peek_transforms is not None and _peek_transforms() is not None
+
+
+def refuse_update_in_function_transform(owner: object, statistics: str) -> None:
+    """``RuntimeError`` inside a ``torch.func`` transform, where ``owner`` would update its
+    running ``statistics`` in place (a tensor the transform captured: not allowed)."""
+    if in_function_transform():
+        raise RuntimeError(
+            f"{type(owner).__name__} updates {statistics} in training mode, which a "
+            "torch.func transform cannot do (it changes a tensor the transform captured): "
+            "put the loss in eval mode for the transform (loss.eval(): the statistics stay "
+            "as they are), as for BatchNorm"
+        )
+
+
+_peek_transforms = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
 
 
 class autograd_only(ThreadSwitch):

@@ -45,26 +45,14 @@ def safe_sine(cosine: torch.Tensor) -> torch.Tensor:
     :math:`1-\cos^2\theta`. The value is exact everywhere (0 at
     :math:`\cos\theta=\pm1`); the gradient :math:`-\cos\theta/\sin\theta` is
     exactly 0 (not Inf/NaN) where :math:`\sin\theta \le 10^{-6}`, i.e. within about
-    1e-6 rad of alignment.
+    1e-6 rad of alignment. Plain torch operations (the masked entries take the square
+    root of 1, so no infinite slope reaches them): differentiable to any order, and
+    under every ``torch.func`` transform.
     """
-    return _SafeSine.apply(cosine)
-
-
-class _SafeSine(torch.autograd.Function):
-    """``safe_sine`` in one pass each way (it runs on every step of every angular loss)."""
-
-    @staticmethod
-    def forward(ctx: Any, cosine: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        sine = ((1 - cosine) * (1 + cosine)).clamp_min_(0).sqrt_()
-        ctx.save_for_backward(cosine, sine)
-        return sine
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        cosine, sine = ctx.saved_tensors
-        # d sin / d cos = -cos / sin; the masked entries divide by a tiny sine, never used
-        slope = -cosine / sine.clamp_min(_SINE_MIN)
-        return grad * slope.masked_fill_(sine <= _SINE_MIN, 0)
+    square = (1 - cosine) * (1 + cosine)
+    sine = square.clamp_min(0).sqrt().detach()
+    flat = sine <= _SINE_MIN
+    return torch.where(flat, sine, torch.where(flat, 1.0, square).sqrt())
 
 
 def cosface_target(cosine: torch.Tensor, margin: float) -> torch.Tensor:

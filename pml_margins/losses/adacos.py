@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pml_margins.functional.autograd_only import refuse_update_in_function_transform
 from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.step_statistics import StepStatistics
@@ -170,6 +171,7 @@ class AdaCosLoss(ClassWeightLoss):
         if not (self.dynamic and self.training):
             yield
             return
+        refuse_update_in_function_transform(self, "its scale")
         defer = (
             statistics.from_core
             and self.non_target_logit_fn() is None

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pml_margins.functional.autograd_only import refuse_update_in_function_transform
 from pml_margins.functional.margin_softmax import TargetLogitFn
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
@@ -190,6 +191,7 @@ class AdaFaceLoss(ClassWeightLoss):
         """Update the running statistics (training only), then the step's normalized norms."""
         norms = self.feature_norms(embeddings).detach().clamp(*NORM_RANGE)
         if self.training:
+            refuse_update_in_function_transform(self, "its norm statistics")
             mean, std = adaface_update_statistics(
                 norms, self.batch_mean, self.batch_std, self.t_alpha
             )

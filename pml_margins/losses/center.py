@@ -8,6 +8,7 @@ import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from pml_margins.functional.autograd_only import refuse_update_in_function_transform
 from pml_margins.functional.center import center_distances, center_ema_update
 from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.hyperparameter import Hyperparameter
@@ -131,6 +132,8 @@ class CenterLoss(CheckedForwardMixin, BaseMetricLossFunction):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The checked loss; then, in training mode with ``update="ema"``, the centre update."""
+        if self.training and self.update == "ema":
+            refuse_update_in_function_transform(self, "its centres (update='ema')")
         loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if self.training and self.update == "ema":
             self.update_centers(embeddings, labels)

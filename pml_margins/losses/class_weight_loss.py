@@ -439,7 +439,7 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
     def _check_plain_mode(self) -> None:
         if self.chunk_size is not None or self.sample_rate != 1.0:
             why = (
-                "under pml_margins.autograd_only()"
+                "under pml_margins.autograd_only() or a torch.func transform"
                 if autograd_only_enabled()
                 else f"with {type(self.distance).__name__} (its logits are not declared by "
                 "fused_logits)"

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pml_margins.functional.autograd_only import refuse_update_in_function_transform
 from pml_margins.functional.margin_softmax import TargetLogitFn
 from pml_margins.functional.target_logits import arcface_target, safe_sine
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
@@ -45,9 +46,11 @@ def curricular_non_target(
     its row's bound, else :math:`\cos\theta_j\,(t + \cos\theta_j)`.
 
     ``cosine`` is ``(B, k)`` (any columns of the batch's rows), ``bound`` ``(B,)``; the
-    hard-negative mask and ``t`` carry no gradient.
+    hard-negative mask and ``t`` carry no gradient. Plain torch operations (no ``out=``),
+    so that it runs under every ``torch.func`` transform.
     """
-    return torch.lerp(cosine, cosine * (t + cosine), _hard_negatives(cosine, bound))
+    hard = (cosine > bound.to(cosine.dtype).unsqueeze(1)).to(cosine.dtype)
+    return torch.lerp(cosine, cosine * (t + cosine), hard)
 
 
 def _hard_negatives(cosine: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
@@ -245,6 +248,7 @@ class CurricularFaceLoss(ClassWeightLoss):
         """Update ``t`` (training) from the step's target cosines, then fix the bounds."""
         target = statistics.target_cosines()  # all-reduced over the ranks when sharded
         if self.training:
+            refuse_update_in_function_transform(self, "its t")
             self.t.copy_(curricular_t_update(self.t, target, self.momentum))
         # a copy: a later step's update must not change this step's backward
         t = self.t.detach().to(target.dtype, copy=True)

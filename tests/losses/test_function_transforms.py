@@ -1,0 +1,117 @@
+"""torch.func transforms (grad, jvp, hessian, per-sample gradients by vmap(grad)) on every
+loss: inside a transform the losses take their plain autograd paths by themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pml_margins
+from pml_margins.functional import safe_sine
+from pml_margins.losses import CenterLoss, CircleLoss, ProxyCircleLoss
+from tests.losses.specs import SPECS
+
+B, D, C = 6, 5, 4
+LABELS = torch.tensor([0, 1, 2, 0, 1, 3])
+BUILDS = {s.id: (lambda s=s: s.build(C, D)) for s in SPECS} | {
+    "center": lambda: CenterLoss(C, D),
+    "circle": lambda: CircleLoss(),
+    "proxy_circle": lambda: ProxyCircleLoss(C, D),
+}
+#: running statistics updated in training mode: the transforms run them in eval mode
+UPDATES_IN_TRAINING = {"adacos", "adaface", "adaface_spread", "curricularface"}
+UPDATES_IN_TRAINING |= {"curricularface_fast_t", "center"}
+RANDOM = {i for i in BUILDS if i.startswith("elasticface")}  # a margin drawn each step
+
+
+def _loss(name: str) -> torch.nn.Module:
+    torch.manual_seed(1)
+    loss = BUILDS[name]().double()
+    if name in UPDATES_IN_TRAINING:
+        loss(torch.randn(B, D, dtype=torch.float64), LABELS)  # statistics off their start
+        loss.eval()
+    return loss
+
+
+def _embeddings() -> torch.Tensor:
+    return torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_grad_equals_autograd(name: str) -> None:
+    loss, x = _loss(name), _embeddings()
+    torch.manual_seed(2)
+    grad, value = torch.func.grad_and_value(lambda e: loss(e, LABELS))(x)
+    leaf = x.clone().requires_grad_(True)
+    torch.manual_seed(2)
+    expected = loss(leaf, LABELS)
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, leaf)[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", BUILDS)
+def test_jvp_and_hessian_equal_autograd_twice(name: str) -> None:
+    """Forward mode and second derivatives: those of the autograd-only path (twice
+    differentiable), from ``torch.autograd.functional``."""
+    loss, x = _loss(name), _embeddings()
+    v = torch.randn(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(2)
+    _, tangent = torch.func.jvp(lambda e: loss(e, LABELS), (x,), (v,))
+    with pml_margins.autograd_only():
+        torch.manual_seed(2)
+        _, expected = torch.autograd.functional.jvp(lambda e: loss(e, LABELS), x, v)
+        if name not in RANDOM:  # hessian vmaps over a random draw: torch refuses it
+            hessian = torch.func.hessian(lambda e: loss(e, LABELS))(x)
+            expected_h = torch.autograd.functional.hessian(lambda e: loss(e, LABELS), x)
+            torch.testing.assert_close(hessian, expected_h, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(tangent, expected, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", [n for n in BUILDS if n not in RANDOM and n != "circle"])
+def test_per_sample_gradients_by_vmap(name: str) -> None:
+    """Opacus-style per-sample gradients, each the gradient of its one-row loss (Circle
+    needs pairs within a batch, ElasticFace draws at random: not per-sample losses)."""
+    loss, x = _loss(name), _embeddings()
+    per_sample = torch.func.vmap(torch.func.grad(lambda e, t: loss(e[None], t[None])))(x, LABELS)
+    for i in range(B):
+        row = x[i : i + 1].clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(loss(row, LABELS[i : i + 1]), row)
+        torch.testing.assert_close(per_sample[i], expected[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(UPDATES_IN_TRAINING))
+def test_running_statistics_in_training_mode_are_refused_with_the_remedy(name: str) -> None:
+    torch.manual_seed(1)
+    loss = BUILDS[name]().double()
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"torch\.func transform.*loss\.eval\(\)"):
+        torch.func.grad(lambda e: loss(e, LABELS))(_embeddings())
+    for key, value in loss.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_value_checks_read_the_values_inside_transforms() -> None:
+    loss = _loss("arcface")
+    bad = _embeddings()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        torch.func.grad(lambda e: loss(e, LABELS))(bad)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        torch.func.vmap(torch.func.grad(lambda e, t: loss(e[None], t[None])))(bad, LABELS)
+    out_of_range = LABELS.clone()
+    out_of_range[4] = C
+    with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
+        torch.func.vmap(lambda e, t: loss(e[None], t[None]))(_embeddings(), out_of_range)
+
+
+def test_safe_sine_is_differentiable_to_any_order() -> None:
+    """d sin / d cos = -cos / sin, d^2 sin / d cos^2 = -1 / sin^3; 0 within 1e-6 of +-1."""
+    c = torch.tensor([-1.0, -0.6, 0.0, 0.3, 0.9, 1.0 - 1e-13, 1.0], dtype=torch.float64)
+    s = torch.sqrt(1 - c * c)
+    first = torch.vmap(torch.func.grad(safe_sine))(c)
+    second = torch.vmap(torch.func.grad(torch.func.grad(safe_sine)))(c)
+    inside = s > 1e-6
+    torch.testing.assert_close(first[inside], -c[inside] / s[inside])
+    torch.testing.assert_close(second[inside], -1 / s[inside] ** 3)
+    assert (first[~inside] == 0).all() and (second[~inside] == 0).all()
+    torch.testing.assert_close(safe_sine(c), s, rtol=0, atol=1e-15)
