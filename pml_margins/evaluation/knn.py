@@ -478,6 +478,13 @@ def _certified(
     return ok, cand.gather(1, order)[ok, :width]
 
 
+def same_values(query: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether the two sets hold the same values: one object, or the same dtype and equal
+    elements (``torch.equal`` compares after type promotion: int64 2^24 + 1 equals its
+    float32 rounding, so sets of different dtypes are not taken for one another)."""
+    return query is reference or (query.dtype == reference.dtype and torch.equal(query, reference))
+
+
 def knn_float64(
     query: torch.Tensor,
     reference: torch.Tensor,
@@ -499,7 +506,7 @@ def knn_float64(
     device = query.device
     tile = block_rows or (DEFAULT_TILE if device.type == "cpu" else DEVICE_TILE)
     heaps, reference = _use_faiss(backend, device), reference.to(device)
-    symmetric = self_offset in (None, 0) and (query is reference or torch.equal(query, reference))
+    symmetric = self_offset in (None, 0) and same_values(query, reference)
     reference = query if symmetric else reference
     nq, nr = len(query), len(reference)
     values = torch.empty(nq, k, dtype=torch.float64, device=device)

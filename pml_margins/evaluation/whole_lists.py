@@ -131,7 +131,7 @@ def whole_lists(
     :func:`~pml_margins.evaluation.knn.exact_knn` returns them) and indices."""
     device, (nq, dim), nr = query.device, query.shape, len(reference)
     reference = reference.to(device)
-    same = query is reference or (exclude_self and torch.equal(query, reference))
+    same = query is reference or (exclude_self and engine.same_values(query, reference))
     b = engine._float64_rows(reference, normalize)
     a = b if same else engine._float64_rows(query, normalize)
     if metric != "dot":

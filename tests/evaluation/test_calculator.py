@@ -250,3 +250,16 @@ def test_a_users_knn_func_keeps_pmls_depth(monkeypatch):
     x = torch.randn(30, 4, generator=torch.Generator().manual_seed(5))
     calc.get_accuracy(x, torch.arange(30) % 3)
     assert depths == [29]
+
+
+def test_reference_of_another_dtype_is_ranked_by_its_own_values():
+    """int64 queries and their float32 copy as the reference (ref_includes_query=True):
+    2^24 + 1 became 2^24 in the reference, the nearest neighbour of query 1 (2^24) is
+    then reference 2 (label 0), at distance 0: P@1 0.5 over the two non-lone queries."""
+    base = 2**24
+    values = [base - 1, base, base + 1] + [base + 1000 * (j + 1) for j in range(9)]
+    query = torch.tensor(values, dtype=torch.int64)[:, None]
+    labels = torch.tensor([1, 1, 0, *range(2, 11)])
+    calc = RetrievalAccuracyCalculator(include=("precision_at_1",))
+    result = calc.get_accuracy(query, labels, query.float(), labels, ref_includes_query=True)
+    assert result["precision_at_1"] == 0.5

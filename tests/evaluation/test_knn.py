@@ -14,6 +14,8 @@ from pml_margins.evaluation import knn as knn_module
 
 def _check(q, r, k, exclude_self=False, metric="euclidean", **kw):
     values, indices = exact_knn(q, r, k, metric=metric, exclude_self=exclude_self, **kw)
+    if isinstance(q, torch.Tensor):  # the brute force reads the given values in float64
+        q, r = q.double(), r.double()
     ref_metric = "dot" if metric == "dot" else "euclidean"
     expected = brute_force_neighbours(q, r, exclude_self, ref_metric)[:, :k]
     np.testing.assert_array_equal(indices.numpy(), expected)
@@ -323,3 +325,24 @@ def test_whole_lists_skip_the_float32_pass_and_equal_the_brute_force(metric, nor
             [engine._rescore(x, x, c, metric, normalize, 1) for c in one_column], 1
         )
     assert torch.equal(wide, gathered)
+
+
+@pytest.mark.parametrize(
+    ("query", "dtype"),
+    [
+        (torch.arange(0, 12 * 257, 257)[:, None], torch.bfloat16),  # 257 -> 256 in bfloat16
+        (torch.tensor([[2049], [2048], [2051], [0]], dtype=torch.int32), torch.float16),
+        (torch.tensor([[2**24 - 1], [2**24], [2**24 + 1], [2**24 + 9]]), torch.float32),
+    ],
+    ids=["int64_bf16", "int32_fp16", "int64_fp32"],
+)
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("metric", ["sqeuclidean", "dot"])
+def test_sets_of_other_dtypes_are_not_taken_for_one_another(query, dtype, exclude_self, metric):
+    """``torch.equal`` compares after promotion (int64 2^24 + 1 equals its float32
+    rounding): the reference's own values are ranked, not the query's."""
+    reference = query.to(dtype)
+    assert torch.equal(query, reference) and not torch.equal(query.double(), reference.double())
+    k = len(query) - 1
+    _check(query, reference, k, exclude_self=exclude_self, metric=metric)
+    _check(query, reference, 1, exclude_self=exclude_self, metric=metric)
