@@ -620,19 +620,28 @@ def check_angle_margin(value: object, name: str) -> float:
     return value
 
 
+#: largest multiplicative angular margin: cos(m theta) of an integer m is a degree-m
+#: Chebyshev recurrence (m steps a forward); the papers use 1-4
+MAX_ANGLE_MULTIPLIER = 100
+
+
 def check_integer_margin(value: object, name: str) -> int:
-    """A multiplicative margin: an integer >= 1 (integer-valued floats are accepted)."""
-    value = check_positive(value, name)
+    """A multiplicative margin: an integer in ``[1, MAX_ANGLE_MULTIPLIER]`` (integer-valued
+    floats are accepted)."""
+    value = check_multiplier(value, name)
     if not value.is_integer():
         raise ValueError(f"{name} must be an integer (the angle multiplier m), got {value}")
     return int(value)
 
 
 def check_multiplier(value: object, name: str) -> float:
-    """A multiplicative angular margin: a real number >= 1."""
+    """A multiplicative angular margin: a real number in ``[1, MAX_ANGLE_MULTIPLIER]``."""
     value = check_positive(value, name)
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1 (a multiplicative angular margin), got {value}")
+    if not 1 <= value <= MAX_ANGLE_MULTIPLIER:
+        raise ValueError(
+            f"{name} must lie in [1, {MAX_ANGLE_MULTIPLIER}] (a multiplicative angular "
+            f"margin; cos(m theta) of an integer m takes m steps), got {value}"
+        )
     return value
 
 

@@ -42,7 +42,7 @@ class CombinedMarginLoss(ClassWeightLoss):
     Args:
         num_classes: number of classes ``C``.
         embedding_size: embedding width ``D``.
-        m1: angle multiplier ``>= 1``.
+        m1: angle multiplier in ``[1, 100]``.
         m2: additive angular margin in radians, ``[0, pi)``.
         m3: additive cosine margin ``>= 0``.
         scale: ``s > 0``.

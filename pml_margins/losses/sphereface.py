@@ -52,7 +52,7 @@ class SphereFaceLoss(ClassWeightLoss):
     Args:
         num_classes: number of classes ``C``.
         embedding_size: embedding width ``D``.
-        margin: integer ``m >= 1``.
+        margin: integer ``m`` in ``[1, 100]`` (the paper: 4).
         scale: ``None`` for the feature norm, or a fixed ``s > 0``.
         lambda_: annealing weight ``lambda >= 0``.
         **kwargs: PML options (``reducer``, ``weight_regularizer``, ``embedding_regularizer``,

@@ -118,7 +118,11 @@ class TestForwardInput:
         (lambda: SphereFaceLoss(5, 8, margin=2.5), ValueError, "margin must be an integer"),
         (lambda: SphereFaceLoss(5, 8, margin=0), ValueError, "margin must be > 0"),
         (lambda: SphereFaceLoss(5, 8, lambda_=-1), ValueError, "lambda_ must be >= 0"),
-        (lambda: CombinedMarginLoss(5, 8, m1=0.5), ValueError, "m1 must be >= 1"),
+        (lambda: CombinedMarginLoss(5, 8, m1=0.5), ValueError, r"m1 must lie in \[1, 100\]"),
+        # cos(m theta) of an integer m is m recurrence steps: 1e308 overflowed, 1e6 hung
+        (lambda: SphereFaceLoss(5, 8, margin=1e308), ValueError, r"margin must lie in \[1, 100\]"),
+        (lambda: SphereFaceLoss(5, 8, margin=101), ValueError, r"margin must lie in \[1, 100\]"),
+        (lambda: CombinedMarginLoss(5, 8, m1=1e308), ValueError, r"m1 must lie in \[1, 100\]"),
         (lambda: CombinedMarginLoss(5, 8, m3=-0.2), ValueError, "m3 must be >= 0"),
         (lambda: CosFaceLoss(0, 8), ValueError, "num_classes must be >= 1"),
         (lambda: CosFaceLoss(5, 8.0), TypeError, "embedding_size must be an int"),
