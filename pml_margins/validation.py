@@ -46,8 +46,11 @@ __all__ = [
     "check_indices_tuple",
     "check_integer_margin",
     "check_labels",
+    "check_logit_offset",
+    "check_logit_scale",
     "check_multiplier",
     "check_non_negative",
+    "check_optional_logit_scale",
     "check_optional_positive",
     "check_ordered",
     "check_positive",
@@ -596,6 +599,37 @@ def check_non_negative(value: object, name: str) -> float:
     value = _check_real(value, name)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+#: largest scale, and largest additive margin or weight, of a loss: logits such as
+#: ``s (cos - m)`` then stay far inside float32 (1e15 * 1e15 = 1e30 < 3.4e38), where a
+#: larger value made them ``inf`` and the loss NaN
+MAX_LOGIT_TERM = 1e15
+
+
+def check_logit_scale(value: object, name: str) -> float:
+    """A scale of the logits: a real number in ``(0, MAX_LOGIT_TERM]``."""
+    return _at_most_logit_term(check_positive(value, name), name)
+
+
+def check_optional_logit_scale(value: object, name: str) -> float | None:
+    """``None``, or :func:`check_logit_scale`."""
+    return None if value is None else check_logit_scale(value, name)
+
+
+def check_logit_offset(value: object, name: str) -> float:
+    """An additive margin or a weight of a loss term: a real number in
+    ``[0, MAX_LOGIT_TERM]``."""
+    return _at_most_logit_term(check_non_negative(value, name), name)
+
+
+def _at_most_logit_term(value: float, name: str) -> float:
+    if value > MAX_LOGIT_TERM:
+        raise ValueError(
+            f"{name} must be at most {MAX_LOGIT_TERM:g} (beyond, float32 logits overflow), "
+            f"got {value}"
+        )
     return value
 
 

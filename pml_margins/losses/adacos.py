@@ -14,7 +14,11 @@ from pml_margins.functional.autograd_only import refuse_update_in_function_trans
 from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.step_statistics import StepStatistics
-from pml_margins.validation import check_bool, check_count, check_optional_positive
+from pml_margins.validation import (
+    check_bool,
+    check_count,
+    check_optional_logit_scale,
+)
 
 __all__ = [
     "AdaCosLoss",
@@ -131,7 +135,7 @@ class AdaCosLoss(ClassWeightLoss):
         **kwargs: Any,
     ) -> None:
         num_classes = check_count(num_classes, "num_classes")
-        initial = check_optional_positive(scale, "scale")
+        initial = check_optional_logit_scale(scale, "scale")
         initial = adacos_fixed_scale(num_classes) if initial is None else initial
         self.dynamic = check_bool(dynamic, "dynamic")
         super().__init__(num_classes, embedding_size, **kwargs)

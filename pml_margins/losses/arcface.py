@@ -12,7 +12,7 @@ from pml_margins.functional.target_logits import (
 )
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
-from pml_margins.validation import check_angle_margin, check_bool, check_positive
+from pml_margins.validation import check_angle_margin, check_bool, check_logit_scale
 
 __all__ = ["ArcFaceLoss"]
 
@@ -49,7 +49,7 @@ class ArcFaceLoss(ClassWeightLoss):
 
     hyperparameter_names = ("margin", "scale", "easy_margin")
     margin = Hyperparameter(check_angle_margin)
-    scale = Hyperparameter(check_positive)
+    scale = Hyperparameter(check_logit_scale)
     easy_margin = Hyperparameter(check_bool)
 
     def __init__(

@@ -26,7 +26,7 @@ from pml_margins.validation import (
     check_embeddings,
     check_indices_tuple,
     check_labels,
-    check_positive,
+    check_logit_scale,
     check_reference,
 )
 
@@ -110,7 +110,7 @@ class CircleLoss(CheckedForwardMixin, BaseMetricLossFunction):
     """
 
     m = Hyperparameter(check_circle_margin)
-    gamma = Hyperparameter(check_positive)
+    gamma = Hyperparameter(check_logit_scale)
 
     def __init__(
         self, m: float = 0.25, gamma: float = 256.0, per_anchor: bool = True, **kwargs: Any

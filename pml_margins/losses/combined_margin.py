@@ -15,9 +15,9 @@ from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
     check_angle_margin,
+    check_logit_offset,
+    check_logit_scale,
     check_multiplier,
-    check_non_negative,
-    check_positive,
 )
 
 __all__ = ["CombinedMarginLoss"]
@@ -53,8 +53,8 @@ class CombinedMarginLoss(ClassWeightLoss):
     hyperparameter_names = ("m1", "m2", "m3", "scale")
     m1 = Hyperparameter(check_multiplier)
     m2 = Hyperparameter(check_angle_margin)
-    m3 = Hyperparameter(check_non_negative)
-    scale = Hyperparameter(check_positive)
+    m3 = Hyperparameter(check_logit_offset)
+    scale = Hyperparameter(check_logit_scale)
 
     def __init__(
         self,

@@ -12,7 +12,10 @@ from pml_margins.functional.target_logits import (
 )
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
-from pml_margins.validation import check_non_negative, check_positive
+from pml_margins.validation import (
+    check_logit_offset,
+    check_logit_scale,
+)
 
 __all__ = ["CosFaceLoss"]
 
@@ -41,8 +44,8 @@ class CosFaceLoss(ClassWeightLoss):
     """
 
     hyperparameter_names = ("margin", "scale")
-    margin = Hyperparameter(check_non_negative)
-    scale = Hyperparameter(check_positive)
+    margin = Hyperparameter(check_logit_offset)
+    scale = Hyperparameter(check_logit_scale)
 
     def __init__(
         self,

@@ -16,7 +16,11 @@ from pml_margins.functional.target_logits import arcface_target, safe_sine
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.losses.step_statistics import StepStatistics
-from pml_margins.validation import check_angle_margin, check_in_interval, check_positive
+from pml_margins.validation import (
+    check_angle_margin,
+    check_in_interval,
+    check_logit_scale,
+)
 
 __all__ = [
     "CurricularFaceLoss",
@@ -223,7 +227,7 @@ class CurricularFaceLoss(ClassWeightLoss):
     hyperparameter_names = ("margin", "scale", "momentum")
     statistic_buffers = ("t",)
     margin = Hyperparameter(check_angle_margin)
-    scale = Hyperparameter(check_positive)
+    scale = Hyperparameter(check_logit_scale)
     momentum = Hyperparameter(partial(check_in_interval, low=0.0, high=1.0))
     t: torch.Tensor
 

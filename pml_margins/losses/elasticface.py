@@ -22,8 +22,8 @@ from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
     check_angle_margin,
     check_choice,
-    check_non_negative,
-    check_positive,
+    check_logit_offset,
+    check_logit_scale,
 )
 
 __all__ = ["ElasticFaceLoss", "elastic_arc_target", "elastic_cos_target"]
@@ -59,7 +59,7 @@ def elastic_cos_target(cosine: torch.Tensor, margins: torch.Tensor) -> torch.Ten
 def _margin_check(variant: str) -> Callable[[object, str], float]:
     """The check of a margin in ``variant``'s unit: radians in ``[0, pi)`` for arc, a
     cosine ``>= 0`` for cos."""
-    return check_angle_margin if variant == "arc" else check_non_negative
+    return check_angle_margin if variant == "arc" else check_logit_offset
 
 
 class ElasticFaceLoss(ClassWeightLoss):
@@ -104,8 +104,8 @@ class ElasticFaceLoss(ClassWeightLoss):
     """
 
     hyperparameter_names = ("margin", "sigma", "scale", "variant")
-    sigma = Hyperparameter(check_non_negative)
-    scale = Hyperparameter(check_positive)
+    sigma = Hyperparameter(check_logit_offset)
+    scale = Hyperparameter(check_logit_scale)
 
     def __init__(
         self,

@@ -16,7 +16,8 @@ from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     check_angle_margin,
-    check_non_negative,
+    check_logit_offset,
+    check_logit_scale,
     check_ordered,
     check_positive,
 )
@@ -103,8 +104,8 @@ class MagFaceLoss(ClassWeightLoss):
     """
 
     hyperparameter_names = ("scale", "l_a", "u_a", "l_m", "u_m", "lambda_g")
-    scale = Hyperparameter(check_positive)
-    lambda_g = Hyperparameter(check_non_negative)
+    scale = Hyperparameter(check_logit_scale)
+    lambda_g = Hyperparameter(check_logit_offset)
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
 from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.losses.class_weight_loss import ClassWeightLoss, is_plain_inner_product
 from pml_margins.losses.hyperparameter import Hyperparameter
-from pml_margins.validation import check_positive
+from pml_margins.validation import check_logit_scale
 
 __all__ = ["NormSoftmaxLoss"]
 
@@ -47,7 +47,7 @@ class NormSoftmaxLoss(ClassWeightLoss):
 
     hyperparameter_names = ("scale",)
     distance_types = (BaseDistance,)
-    scale = Hyperparameter(check_positive)
+    scale = Hyperparameter(check_logit_scale)
 
     def __init__(
         self, num_classes: int, embedding_size: int, scale: float = 30.0, **kwargs: Any

@@ -11,7 +11,7 @@ from pml_margins.functional.circle import circle_negative_logits, circle_positiv
 from pml_margins.functional.margin_softmax import TargetLogitFn
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
-from pml_margins.validation import check_circle_margin, check_positive
+from pml_margins.validation import check_circle_margin, check_logit_scale
 
 __all__ = ["ProxyCircleLoss"]
 
@@ -54,7 +54,7 @@ class ProxyCircleLoss(ClassWeightLoss):
 
     hyperparameter_names = ("m", "gamma")
     m = Hyperparameter(check_circle_margin)
-    gamma = Hyperparameter(check_positive)
+    gamma = Hyperparameter(check_logit_scale)
 
     def __init__(
         self,

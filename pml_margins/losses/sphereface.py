@@ -16,8 +16,8 @@ from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
     check_integer_margin,
-    check_non_negative,
-    check_optional_positive,
+    check_logit_offset,
+    check_optional_logit_scale,
 )
 
 __all__ = ["SphereFaceLoss"]
@@ -61,8 +61,8 @@ class SphereFaceLoss(ClassWeightLoss):
 
     hyperparameter_names = ("margin", "scale", "lambda_")
     margin = Hyperparameter(check_integer_margin)
-    scale = Hyperparameter(check_optional_positive)
-    lambda_ = Hyperparameter(check_non_negative)
+    scale = Hyperparameter(check_optional_logit_scale)
+    lambda_ = Hyperparameter(check_logit_offset)
 
     def __init__(
         self,

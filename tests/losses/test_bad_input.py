@@ -119,6 +119,14 @@ class TestForwardInput:
         (lambda: SphereFaceLoss(5, 8, margin=0), ValueError, "margin must be > 0"),
         (lambda: SphereFaceLoss(5, 8, lambda_=-1), ValueError, "lambda_ must be >= 0"),
         (lambda: CombinedMarginLoss(5, 8, m1=0.5), ValueError, r"m1 must lie in \[1, 100\]"),
+        # float32 logits s (cos - m) would overflow: a NaN loss or an inf, never an error
+        (lambda: ArcFaceLoss(5, 8, scale=1e39), ValueError, r"scale must be at most 1e\+15"),
+        (lambda: CosFaceLoss(5, 8, margin=1e308), ValueError, r"margin must be at most 1e\+15"),
+        (lambda: SphereFaceLoss(5, 8, scale=1e16), ValueError, r"scale must be at most"),
+        (lambda: CombinedMarginLoss(5, 8, m3=1e20), ValueError, r"m3 must be at most"),
+        (lambda: NormSoftmaxLoss(5, 8, scale=1e308), ValueError, r"scale must be at most"),
+        (lambda: CircleLoss(gamma=1e20), ValueError, r"gamma must be at most"),
+        (lambda: AdaCosLoss(5, 8, scale=1e300), ValueError, r"scale must be at most"),
         # cos(m theta) of an integer m is m recurrence steps: 1e308 overflowed, 1e6 hung
         (lambda: SphereFaceLoss(5, 8, margin=1e308), ValueError, r"margin must lie in \[1, 100\]"),
         (lambda: SphereFaceLoss(5, 8, margin=101), ValueError, r"margin must lie in \[1, 100\]"),
