@@ -33,6 +33,8 @@ import torch
 from pml_margins.thread_switch import ThreadSwitch
 
 __all__ = [
+    "FLOAT_DTYPES",
+    "FLOAT_DTYPE_NAMES",
     "ValueChecks",
     "check_angle_margin",
     "check_choice",
@@ -151,6 +153,11 @@ class ValueChecks:
                 raise found
 
 
+#: the floating dtypes the losses and the evaluation take (float8 has no arithmetic)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPE_NAMES = "torch.float16, torch.bfloat16, torch.float32 or torch.float64"
+
+
 def check_embeddings(
     embeddings: object,
     name: str = "embeddings",
@@ -177,8 +184,11 @@ def check_embeddings(
     """
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(embeddings).__name__}")
-    if not embeddings.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {embeddings.dtype}")
+    if embeddings.dtype not in FLOAT_DTYPES:
+        kind = (
+            "dtype " + FLOAT_DTYPE_NAMES if embeddings.is_floating_point() else "a floating dtype"
+        )
+        raise TypeError(f"{name} must have {kind}, got {embeddings.dtype}")
     if embeddings.ndim != 2:
         raise ValueError(
             f"{name} must be 2-D (batch_size, embedding_size), got shape {tuple(embeddings.shape)}"
@@ -329,7 +339,7 @@ def check_class_labels(
         values = _values_of(labels)
 
         def out_of_range() -> ValueError:
-            lo, hi = (int(v) for v in torch.aminmax(values))
+            lo, hi = (int(v) for v in _aminmax(values))
             return ValueError(
                 f"{name} must lie in [0, {num_classes}) for num_classes={num_classes}, "
                 f"got values in [{lo}, {hi}]"
@@ -347,7 +357,19 @@ def check_class_labels(
 
 def _extremes(values: torch.Tensor) -> torch.Tensor:
     """``[min, max]`` of ``values`` (no sync)."""
-    return torch.stack(torch.aminmax(values))
+    return torch.stack(_aminmax(values))
+
+
+#: unsigned dtypes that torch's ``aminmax`` lacks (CPU): compared as float64 (exact below
+#: 2^53, and on the right side of any class count above it)
+_WIDE_UNSIGNED = tuple(
+    dtype for name in ("uint16", "uint32", "uint64") if (dtype := getattr(torch, name, None))
+)
+
+
+def _aminmax(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.aminmax`` of integer ``values`` of any dtype."""
+    return torch.aminmax(values.double() if values.dtype in _WIDE_UNSIGNED else values)
 
 
 def _host_extremes(values: torch.Tensor) -> list[float] | None:
@@ -430,7 +452,7 @@ def check_indices_tuple(
 
 
 def _index_error(role: str, idx: torch.Tensor, bound: int) -> ValueError:
-    lo, hi = (int(v) for v in torch.aminmax(idx))
+    lo, hi = (int(v) for v in _aminmax(idx))
     return ValueError(
         f"indices_tuple[{role}] has indices in [{lo}, {hi}] but must lie in [0, {bound})"
     )

@@ -14,6 +14,8 @@ import operator
 import numpy as np
 import torch
 
+from pml_margins.validation import FLOAT_DTYPE_NAMES, FLOAT_DTYPES
+
 __all__ = [
     "as_comparable_labels",
     "as_embeddings",
@@ -49,6 +51,10 @@ def as_tensor(x: object, name: str) -> torch.Tensor:
         if x.layout != torch.strided:
             raise TypeError(
                 f"{name} must be a dense tensor, got layout {x.layout}; pass x.to_dense()"
+            )
+        if x.is_floating_point() and x.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must have an integer dtype or {FLOAT_DTYPE_NAMES}, got {x.dtype}"
             )
         return x
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")

@@ -34,6 +34,7 @@ from pml_margins.functional.margin_softmax import (
 from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
+    FLOAT_DTYPES,
     check_chunk_size,
     check_class_loss_input,
     check_count,
@@ -343,7 +344,7 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
 
     def _checked_compute_dtype(self, embeddings: object) -> torch.dtype | None:
         """:meth:`compute_dtype` for the norm check, ``None`` for input the checks refuse."""
-        if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point():
+        if isinstance(embeddings, torch.Tensor) and embeddings.dtype in FLOAT_DTYPES:
             return self.compute_dtype(embeddings)
         return None
 

@@ -263,3 +263,12 @@ def test_reference_of_another_dtype_is_ranked_by_its_own_values():
     calc = RetrievalAccuracyCalculator(include=("precision_at_1",))
     result = calc.get_accuracy(query, labels, query.float(), labels, ref_includes_query=True)
     assert result["precision_at_1"] == 0.5
+
+
+@pytest.mark.parametrize("which", ["query", "query_labels"])
+def test_float8_inputs_are_a_type_error(which):
+    x, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    args = {"query": x, "query_labels": labels}
+    args[which] = args[which].to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=f"{which} must have an integer dtype or torch.float16"):
+        RetrievalAccuracyCalculator().get_accuracy(args["query"], args["query_labels"])

@@ -62,3 +62,34 @@ def test_sharded_loss_in_one_process(dtype: torch.dtype) -> None:
     ).double()
     x = torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(1)).double()
     torch.testing.assert_close(sharded(x, labels.to(dtype)), sharded(x, labels))
+
+
+WIDE_UNSIGNED = [torch.uint16, torch.uint32, torch.uint64]
+
+
+@pytest.mark.parametrize("dtype", WIDE_UNSIGNED, ids=str)
+@pytest.mark.parametrize("name", [*SPEC_IDS, "center"])
+def test_wide_unsigned_labels_in_and_out_of_range(name: str, dtype: torch.dtype) -> None:
+    """uint16/32/64 labels give the int64 value; out of range, the labels' ValueError (torch's
+    aminmax lacks these dtypes on CPU: it was a NotImplementedError)."""
+    labels = torch.tensor([0, 1, 2, 4, 1, 0])
+    torch.testing.assert_close(_value(name, labels.to(dtype)), _value(name, labels))
+    labels[3] = C + 7
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, {C}\).*\[0, {C + 7}\]"):
+        _value(name, labels.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", WIDE_UNSIGNED, ids=str)
+def test_wide_unsigned_miner_indices_out_of_range(dtype: torch.dtype) -> None:
+    labels = torch.tensor([0, 0, 1, 1])
+    indices = tuple(torch.tensor([v]).to(dtype) for v in (0, 9, 2))
+    with pytest.raises(ValueError, match=r"indices_tuple\[p\] has indices in \[9, 9\]"):
+        _value("circle", labels, indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+@pytest.mark.parametrize("name", ["arcface", "subcenter", "center", "circle"])
+def test_float8_embeddings_are_a_type_error(name: str, dtype: torch.dtype) -> None:
+    loss = BUILDERS[name]()
+    with pytest.raises(TypeError, match=r"embeddings must have dtype torch\.float16, torch\.bfl"):
+        loss(torch.randn(4, 8).to(dtype), torch.tensor([0, 0, 1, 1]))
