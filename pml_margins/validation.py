@@ -155,6 +155,7 @@ class ValueChecks:
 
 #: the floating dtypes the losses and the evaluation take (float8 has no arithmetic)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: :data:`FLOAT_DTYPES` as error messages name them
 FLOAT_DTYPE_NAMES = "torch.float16, torch.bfloat16, torch.float32 or torch.float64"
 
 

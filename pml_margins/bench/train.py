@@ -248,6 +248,11 @@ def train_embedding(
                 embeddings = model(inputs)
             result.forward_dtype = str(embeddings.dtype)
             embeddings = embeddings.float()
+            if not bool(torch.isfinite(embeddings).all()):
+                raise TrainingDiverged(
+                    f"{setup.label}: the model's embeddings became NaN or Inf at step "
+                    f"{result.steps}; lower the learning rate"
+                )
             indices = setup.miner(embeddings, labels) if setup.miner is not None else None
             loss = setup.loss(embeddings, labels, indices)
             if not torch.isfinite(loss):

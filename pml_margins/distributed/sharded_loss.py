@@ -151,7 +151,11 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
 
     Miners (``indices_tuple``), ``weight_regularizer`` and ``embedding_regularizer``
     are not supported (they need all of ``W`` or per-rank batches); nor is a loss whose
-    ``sharding_unsupported()`` returns a reason, which is raised as a ``ValueError``.
+    ``sharding_unsupported()`` returns a reason, which is raised as a ``ValueError``, nor
+    learnable parameters of the loss besides ``W`` and ``bias`` (a learned scale: its
+    gradient sums over every class; ``ValueError`` at ``forward``). Each rank's loss has
+    its shard's ``num_classes``; labels stay global (see the extension point of
+    :class:`~pml_margins.losses.ClassWeightLoss` for per-class state).
 
     Args:
         loss_type: a :class:`~pml_margins.losses.ClassWeightLoss` subclass, e.g.
@@ -219,6 +223,22 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self._pending_sampler_state: torch.Tensor | None = None
         self.sampled_classes: torch.Tensor | None = None
 
+    def _check_parameters(self) -> None:
+        """Refuse learnable parameters of the loss other than ``W`` and ``bias``: their
+        gradient sums over all classes, and each rank would train them on its own share."""
+        trained = [
+            name
+            for name, p in self.loss.named_parameters()
+            if p.requires_grad and name not in ("W", "bias")
+        ]
+        if trained:
+            raise ValueError(
+                f"{type(self).__name__} cannot train {self.loss_type.__name__}'s parameters "
+                f"that are not split by class ({', '.join(trained)}): each rank would get "
+                "its own classes' share of their gradient. Freeze them "
+                "(requires_grad_(False)) or train in one process"
+            )
+
     @property
     def W_local(self) -> torch.nn.Parameter:
         """This rank's class weights ``(D, C_local)``: classes ``[class_start, class_end)``."""
@@ -277,6 +297,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         if other_reference(embeddings, labels, ref_emb, ref_labels):
             raise ValueError(f"ref_emb/ref_labels are not supported by {type(self).__name__}")
         self._check_group()
+        self._check_parameters()
         self.loss.reset_stats()
 
         def check() -> None:
@@ -292,6 +313,9 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             "embedding_size": (float(self.embedding_size), str(self.embedding_size)),
             "sample_rate": (float(self.sample_rate), str(self.sample_rate)),
             "embeddings requiring grad": (float(grad), str(grad)),
+            # eval mode skips the collectives of running-statistic updates (AdaCos)
+            "training modes": (float(self.loss.training), str(self.loss.training)),
+            "W dtypes": (float(_DTYPE_CODES.get(self.W_local.dtype, -1)), str(self.W_local.dtype)),
         }
         checked_on_every_rank(check, self.group, self.W_local.device, codes)
         all_emb, _ = gather_rows_with_grad(embeddings, self.group)

@@ -95,7 +95,8 @@ def sharded_margin_softmax_cross_entropy(
             results are dropped), so that element ``i`` belongs to row ``i`` as on every
             single-process path: :math:`\psi` may close over per-row ``(N,)`` tensors
             (margins, feature norms of the gathered batch), which get their gradients.
-        scale: :math:`s`, a float or ``N`` per-row scales (the same on every rank).
+        scale: :math:`s`, a float, a 0-dim tensor or ``N`` per-row scales (the same on
+            every rank).
         group: the process group (default: the world; none initialized: one process).
         non_target_logit_fn: applied element-wise to every local base logit before
             scaling (``None``: identity); the owned target entries are then
@@ -120,8 +121,8 @@ def sharded_margin_softmax_cross_entropy(
     dtype = compute_dtype(local_logits.dtype)
     with torch.autocast(device_type=local_logits.device.type, enabled=False):
         logits = local_logits.to(dtype)
-        if isinstance(scale, torch.Tensor):
-            scale = scale.to(dtype).reshape(-1, 1)
+        if isinstance(scale, torch.Tensor):  # a 0-dim scale: the same for every row
+            scale = scale.to(dtype).expand(logits.shape[0]).reshape(-1, 1)
         base = logits if non_target_logit_fn is None else non_target_logit_fn(logits)
         scaled = base * scale
         target = local_target.long()

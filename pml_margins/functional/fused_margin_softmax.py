@@ -215,7 +215,7 @@ class FusedLogits:
     Attributes:
         normalize_embeddings: L2-normalize the embeddings (rows).
         normalize_weight: L2-normalize the columns of ``W``.
-        scale: :math:`s`, a float or a ``(B,)`` tensor (may require grad).
+        scale: :math:`s`, a float or a 0-dim or ``(B,)`` tensor (may require grad).
         bias: optional ``(C,)`` per-class bias :math:`b`.
         sub_centers: ``K``, columns of ``W`` per class (PML's sub-centre layout: column
             ``j*K + k`` is sub-centre ``k`` of class ``j``); the class cosine is their
@@ -322,7 +322,7 @@ def fused_margin_softmax_cross_entropy(
             ``None`` for the identity. Element ``i`` of its output must depend on element
             ``i`` of its input only; it may close over per-row ``(B,)`` tensors (margins,
             norms), which then get their gradients too.
-        scale: :math:`s`, a float or a ``(B,)`` tensor (may require grad, e.g.
+        scale: :math:`s`, a float or a 0-dim or ``(B,)`` tensor (may require grad, e.g.
             :math:`\|x_i\|` for SphereFace); or a :data:`ScaleFromCosines` callable,
             called once with the step's cosines before any logit is formed (the scale
             decided from the batch without a product of its own: dynamic AdaCos).
@@ -402,7 +402,7 @@ def fused_margin_softmax_cross_entropy(
             "a scale from the cosines needs the default mode: chunk_size=None, "
             "sample_rate=1, sub_centers=1 and no non_target_logit_fn"
         )
-    _check_scale(scale, rows)
+    scale = _check_scale(scale, rows)
     if target_cosines is not None and target_cosines.shape != (rows,):
         raise ValueError(
             f"target_cosines must have shape ({rows},), got {tuple(target_cosines.shape)}"
@@ -484,11 +484,16 @@ def fused_margin_softmax_cross_entropy(
 
 
 def _check_scale(scale: float | torch.Tensor | ScaleFromCosines, rows: int) -> Any:
-    """``scale``, after checking that a tensor scale has one entry per row and a number
-    is finite and positive."""
+    """``scale``, after checking that a tensor scale has one entry per row (a 0-dim one is
+    expanded to ``(rows,)``, as the plain path broadcasts it) and a number is finite and
+    positive."""
     if isinstance(scale, torch.Tensor):
+        if scale.ndim == 0:
+            return scale.expand(rows)
         if scale.shape != (rows,):
-            raise ValueError(f"a tensor scale must have shape ({rows},), got {tuple(scale.shape)}")
+            raise ValueError(
+                f"a tensor scale must be 0-dim or have shape ({rows},), got {tuple(scale.shape)}"
+            )
     elif not callable(scale) and not (math.isfinite(float(scale)) and float(scale) > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     return scale

@@ -131,6 +131,16 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
       batch (identical on every rank), so such a loss shards, with equal buffers on
       every rank. Name running-statistic buffers in :attr:`statistic_buffers` so
       they stay float32 in a half-precision loss.
+    * *Per-class state and learnable parameters, when sharded.* Each rank's loss is
+      built with its shard's ``num_classes`` (``C_local``), while the labels handed to
+      :meth:`prepare_step` are **global** class ids: index per-class state by
+      ``statistics.target`` (the column of each row's class in this shard, ``-1``
+      where another rank holds it), or hold the whole ``(C,)`` state on every rank
+      (a constructor argument). Checkpoints split only ``W`` and ``bias`` by class:
+      other per-class buffers must be whole on every rank. A learnable parameter other
+      than ``W``/``bias`` (a learned scale) is refused by the sharded loss (each rank
+      would train it on its own classes' share of the gradient); freeze it, or train
+      in one process.
 
     **Input checks.** Shapes and dtypes always; values (NaN/Inf, label and miner
     index ranges) in one host synchronisation per call, which
@@ -215,14 +225,15 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
 
     # --- what subclasses define -------------------------------------------------
     def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
-        """Return the ``(B, C)`` base logits and the scale (float or ``(B,)`` tensor).
+        """Return the ``(B, C)`` base logits and the scale (float, 0-dim or ``(B,)`` tensor).
 
         Default: :meth:`cosine` and :meth:`logit_scale`.
         """
         return self.cosine(embeddings), self.logit_scale(embeddings)
 
     def logit_scale(self, embeddings: torch.Tensor) -> float | torch.Tensor:
-        """The scale ``s`` (float or ``(B,)`` tensor) of :meth:`base_logits`; default ``scale``."""
+        """The scale ``s`` (float, 0-dim or ``(B,)`` tensor) of :meth:`base_logits`; default
+        ``scale``."""
         return self.scale
 
     def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
@@ -263,7 +274,10 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
 
         Args:
             embeddings: the step's ``(N, D)`` embeddings, with their graph.
-            labels: their ``(N,)`` classes.
+            labels: their ``(N,)`` classes: global ids (in a shard of
+                :class:`~pml_margins.distributed.ShardedMarginSoftmaxLoss` too, whose
+                ``num_classes`` is the shard's; ``statistics.target`` gives the local
+                column, see the class docstring).
             statistics: reductions over all classes (see
                 :class:`~pml_margins.losses.StepStatistics`).
         """
@@ -439,12 +453,15 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
 
     def _check_plain_mode(self) -> None:
         if self.chunk_size is not None or self.sample_rate != 1.0:
-            why = (
-                "under pml_margins.autograd_only() or a torch.func transform"
-                if autograd_only_enabled()
-                else f"with {type(self.distance).__name__} (its logits are not declared by "
-                "fused_logits)"
-            )
+            if autograd_only_enabled():
+                why = "under pml_margins.autograd_only() or a torch.func transform"
+            elif type(self).fused_logits is ClassWeightLoss._not_fused:
+                why = "(it redefines base_logits or cosine without declaring them in fused_logits)"
+            else:
+                why = (
+                    f"with {type(self.distance).__name__} (its logits are not declared by "
+                    "fused_logits)"
+                )
             raise ValueError(
                 f"{type(self).__name__} runs on the plain path {why}: chunk_size and "
                 "sample_rate are not supported there"

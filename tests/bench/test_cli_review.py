@@ -40,9 +40,15 @@ def test_bench_seed_and_device(tmp_path: Path, argv: list[str], message: str) ->
         run_cli(["bench", *TINY, *argv, "--out", str(tmp_path / "out")])
 
 
-def test_a_diverging_loss_is_one_error_line(tmp_path: Path) -> None:
+def test_a_diverging_run_is_one_error_line(tmp_path: Path) -> None:
+    argv = ["bench", *TINY, "--losses", "nsl", "--lr", "1e30"]
+    with pytest.raises(SystemExit, match="NSL: the model's embeddings became NaN or Inf"):
+        run_cli([*argv, "--out", str(tmp_path / "out")])
+
+
+def test_a_scale_whose_logits_overflow_is_refused_before_training(tmp_path: Path) -> None:
     argv = ["bench", *TINY, "--losses", "nsl", "--loss-arg", "nsl.scale=1e38"]
-    with pytest.raises(SystemExit, match="NSL: non-finite loss"):
+    with pytest.raises(SystemExit, match=r"nsl: scale must be at most 1e\+15"):
         run_cli([*argv, "--out", str(tmp_path / "out")])
 
 

@@ -177,3 +177,57 @@ def test_batch_statistic_hook_single_process_and_sharded() -> None:
     grads = [torch.autograd.grad(v, x)[0] for v in (out, out_sharded)]
     torch.testing.assert_close(grads[0], grads[1])
     assert loss.step_margin is None and sharded.loss.step_margin is None  # cleared on exit
+
+
+class LearnedScaleCosFace(CosFaceLoss):
+    """A learned scale, returned as the 0-dim parameter itself (a ``(B,)`` one works too)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.learned = torch.nn.Parameter(torch.tensor(10.0))
+
+    def logit_scale(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.learned
+
+
+@pytest.mark.parametrize(
+    "mode", [{}, {"chunk_size": 3}, {"sample_rate": 1.0}, "autograd_only"], ids=str
+)
+def test_learned_zero_dim_scale_in_every_mode(mode) -> None:
+    """s (cos - m) with a learned 0-dim s: the value and the gradients in x, W and s
+    equal the formula's, on the dense, blocked and plain paths alike."""
+    import pml_margins
+
+    torch.manual_seed(0)
+    kwargs = mode if isinstance(mode, dict) else {}
+    loss = LearnedScaleCosFace(7, 5, margin=0.3, **kwargs).double()
+    x = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (9,))
+    with pml_margins.autograd_only(mode == "autograd_only"):
+        value = loss(x, y)
+    cos = F.normalize(x, dim=1) @ F.normalize(loss.W, dim=0)
+    target = cos.gather(1, y[:, None]).squeeze(1) - 0.3
+    expected = target_softmax_cross_entropy(loss.learned * cos, y, loss.learned * target).mean()
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    params = (x, loss.W, loss.learned)
+    for a, b in zip(
+        torch.autograd.grad(value, params), torch.autograd.grad(expected, params), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_sharded_loss_refuses_parameters_not_split_by_class() -> None:
+    sharded = ShardedMarginSoftmaxLoss(LearnedScaleCosFace, 7, 5)
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 6])
+    with pytest.raises(
+        ValueError, match=r"cannot train LearnedScaleCosFace's parameters .*\(learned\)"
+    ):
+        sharded(x, y)
+    sharded.loss.learned.requires_grad_(False)
+    assert torch.isfinite(sharded(x, y))
+
+
+def test_plain_path_refusal_names_the_redefined_logits() -> None:
+    loss = SubCenterArcFace(7, 5, chunk_size=3)
+    with pytest.raises(ValueError, match="redefines base_logits or cosine without declaring"):
+        loss(torch.randn(4, 5), torch.tensor([0, 1, 2, 6]))
