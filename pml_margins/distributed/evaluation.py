@@ -80,8 +80,13 @@ def sharded_exact_knn(
         TypeError / ValueError: bad embeddings, ``k``, ``metric``, ``block_rows``,
             ``num_threads`` or ``backend``.
     """
-    query = as_embeddings(query, "query")
-    reference_shard = as_embeddings(reference_shard, "reference_shard", query.shape[1])
+
+    def check() -> tuple[torch.Tensor, torch.Tensor]:
+        checked = as_embeddings(query, "query")
+        return checked, as_embeddings(reference_shard, "reference_shard", checked.shape[1])
+
+    # every rank raises when one does: else the others wait in the sizes' all-gather
+    query, reference_shard = checked_on_every_rank(check, group, _device_of(query))
     device = query.device
     rank, world_size = rank_and_world_size(group)
     sizes = all_gather_rows(torch.tensor([len(reference_shard)], device=device), group)[0]

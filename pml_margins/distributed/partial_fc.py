@@ -58,10 +58,11 @@ def sample_local_classes(
     owned = (local >= 0) & (local < num_local)
     positive = torch.zeros(num_local, dtype=torch.bool, device=labels.device)
     positive[local[owned]] = True
-    keep = max(int(positive.sum()), num_sampled(sample_rate, num_local))
-    if keep >= num_local:
+    sampled = num_sampled(sample_rate, num_local)
+    keep = max(int(positive.sum()), sampled)
+    if sampled >= num_local:  # no draw (sample_classes draws nothing either)
         index = torch.arange(num_local, device=labels.device)
-    else:
+    else:  # a draw even when the positives fill the shard: the same stream as sample_classes
         score = torch.rand(num_local, generator=generator, device=labels.device)
         score[positive] = 2.0  # above every uniform draw: positives always kept
         index = torch.topk(score, keep, sorted=False).indices.sort().values

@@ -181,13 +181,15 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> No
         "nan": "embeddings contains NaN or Inf",
         "label": "labels must lie in \\[0, 10\\)",
         "width": "embeddings has width 5",
+        "knn_nan": "reference_shard contains NaN or Inf",
+        "knn_width": "reference_shard has width 3",
     }
     for rank, errors in enumerate(seen):
         for case, message in own.items():
             expected = message if rank == 1 else "another rank's input is invalid"
             assert re.search(expected, errors[case]), (rank, case, errors[case])
         assert "embeddings dtypes differ" in errors["dtype"]
-        for case in ("num_classes", "sample_rate"):
+        for case in ("num_classes", "sample_rate", "training modes", "W dtypes"):
             assert f"ranks' {case} differ" in errors[case], (rank, errors[case])
         assert "ranks' embeddings requiring grad differ" in errors["grad"]
         empty = "reference is empty" if rank == 0 else "another rank's input is invalid"

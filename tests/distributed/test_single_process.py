@@ -79,6 +79,21 @@ def test_sample_local_classes() -> None:
     assert num_sampled(0.25, 10) == 2 and num_sampled(0.35, 10) == 4  # Python round: half to even
 
 
+@pytest.mark.parametrize("rate", [0.5, 0.3, 0.01])
+def test_one_shard_draws_the_single_process_stream(rate: float) -> None:
+    """The module's promise: on one rank, with the same stream, the same classes as
+    sample_classes at every step, also after a step whose positives fill the shard."""
+    from pml_margins.functional import sample_classes
+
+    ours, theirs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    batches = [torch.arange(8), torch.tensor([0]), torch.tensor([1, 6]), torch.tensor([5])]
+    for labels in batches:
+        index, _ = sample_local_classes(labels, 0, 8, rate, ours)
+        single = sample_classes(labels, 8, rate, theirs)
+        expected = torch.arange(8) if single is None else single[0]
+        assert torch.equal(index, expected), (labels, index, expected)
+
+
 def test_core_without_process_group_is_the_single_process_core() -> None:
     z, y = torch.randn(6, 8).tanh().double(), torch.randint(0, 8, (6,))
     scale = torch.rand(6, dtype=torch.float64) + 1

@@ -193,8 +193,12 @@ def ddp_backbone(rank: int, world_size: int, out: pathlib.Path) -> None:
 def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None:
     """Bad input on one rank: every rank must raise (none left waiting in a collective).
     Records each rank's error message per case."""
-    from pml_margins.distributed import ShardedMarginSoftmaxLoss, ShardedRetrievalAccuracyCalculator
-    from pml_margins.losses import ArcFaceLoss
+    from pml_margins.distributed import (
+        ShardedMarginSoftmaxLoss,
+        ShardedRetrievalAccuracyCalculator,
+        sharded_exact_knn,
+    )
+    from pml_margins.losses import AdaCosLoss, ArcFaceLoss
 
     loss_fn = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4)
     x, y = torch.randn(3, 4), torch.tensor([0, 4, 9])
@@ -210,6 +214,15 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             loss_fn(bx if rank == 1 else x, by if rank == 1 else y)
             seen[case] = "no error"
         except (TypeError, ValueError) as err:
+            seen[case] = str(err)
+    for case, shard in {  # the sizes' all-gather waited for the rank that raised
+        "knn_nan": torch.full((5, 4), float("nan")),
+        "knn_width": torch.randn(5, 3),
+    }.items():
+        try:
+            sharded_exact_knn(torch.randn(3, 4), shard if rank == 1 else torch.randn(5, 4), 2)
+            seen[case] = "no error"
+        except ValueError as err:
             seen[case] = str(err)
     try:  # rank 0 holds no reference: an empty slice
         calc = ShardedRetrievalAccuracyCalculator(include=("precision_at_1",))
@@ -230,6 +243,15 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             x,
         ),
         "grad": (loss_fn, x.clone().requires_grad_(rank == 1)),
+        # eval mode skips AdaCos's all-reduced scale update (hung); a float64 shard among
+        # float32 ones (gloo's size mismatch killed a rank)
+        "training modes": (ShardedMarginSoftmaxLoss(AdaCosLoss, 10, 4).train(rank != 1), x),
+        "W dtypes": (
+            ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4).to(
+                torch.float64 if rank == 1 else torch.float32
+            ),
+            x,
+        ),
     }
     for case, (fn, bx) in mismatched.items():
         try:
