@@ -65,7 +65,8 @@ def sharded_exact_knn(
 
     Args:
         query: ``(Q, D)``, the same on every rank.
-        reference_shard: this rank's ``(R_local, D)`` slice of the reference set.
+        reference_shard: this rank's ``(R_local, D)`` slice of the reference set, with at
+            least one row (an empty slice is a ``ValueError`` on every rank).
         k: neighbours per query, ``0 <= k <= R`` (``R - 1`` with ``exclude_self``),
             ``R`` the global reference size.
         metric, normalize, block_rows, num_threads, backend: as ``exact_knn``.
@@ -131,7 +132,8 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
     Same arguments (plus ``group``) and the same metrics, equal to the
     single-process calculator on the concatenated reference set. Call
     :meth:`get_accuracy` on every rank, with the full query set and this rank's
-    reference slice; every rank gets the result. Only the reference labels
+    reference slice (at least one row: an empty slice is a ``ValueError`` on every
+    rank); every rank gets the result. Only the reference labels
     (one integer per reference) are all-gathered, not the embeddings -- unless a
     subclass adds a metric of its own (PML passes every metric ``reference``): the
     reference set is then gathered for it.
