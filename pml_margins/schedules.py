@@ -13,6 +13,7 @@ Examples:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -77,15 +78,28 @@ class _AttributeScheduler:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` of a scheduler of the same kind and attribute;
-        ``ValueError`` otherwise (another attribute, missing or unknown keys)."""
+        ``ValueError`` otherwise (another attribute, missing or unknown keys), and for a
+        state that building this scheduler would refuse (every value of its ramp is
+        checked against the loss, as on construction). A refused state changes nothing."""
         mine = self.state_dict()
         if set(state_dict) != set(mine) or state_dict.get("attr") != self.attr:
             raise ValueError(
                 f"this {type(self).__name__} drives {self.attr!r} with keys {sorted(mine)}; "
                 f"the state drives {state_dict.get('attr')!r} with keys {sorted(state_dict)}"
             )
-        self.__dict__.update(state_dict)
-        setattr(self.loss, self.attr, self.value_at(self.last_step))
+        last_step = state_dict["last_step"]
+        if isinstance(last_step, bool) or not isinstance(last_step, int) or last_step < 0:
+            raise ValueError(f"the state's last_step must be an int >= 0, got {last_step!r}")
+        arguments = inspect.signature(type(self).__init__).parameters
+        before = getattr(self.loss, self.attr)
+        try:  # a scheduler built from the state runs every check of a new one
+            fresh = type(self)(self.loss, **{k: v for k, v in state_dict.items() if k in arguments})
+            setattr(self.loss, self.attr, fresh.value_at(last_step))
+        except Exception:
+            setattr(self.loss, self.attr, before)
+            raise
+        self.__dict__.update({k: v for k, v in fresh.__dict__.items() if k != "loss"})
+        self.last_step = last_step
 
 
 class MarginScheduler(_AttributeScheduler):

@@ -110,3 +110,26 @@ def test_every_value_of_the_ramp_is_checked_at_construction() -> None:
     assert loss.margin == 1
     scheduler = MarginScheduler(loss, start=1, end=4, total_steps=3)
     assert [scheduler.step() for _ in range(3)] == [2, 3, 4]
+
+
+def test_a_loaded_state_is_checked_as_a_new_scheduler_and_a_refused_one_changes_nothing():
+    """A ramp valid for CosFace passes SphereFace's integer margins through 1.5: loading it
+    is refused (it failed at the first step), and the scheduler keeps its own state."""
+    cosface_ramp = MarginScheduler(CosFaceLoss(10, 8), start=1, end=4, total_steps=6)
+    loss = SphereFaceLoss(10, 8)
+    sched = MarginScheduler(loss, start=1, end=4, total_steps=3)
+    for _ in range(2):
+        sched.step()
+    kept = sched.state_dict()
+    with pytest.raises(ValueError, match=r"would set margin to 1\.5 at step 1"):
+        sched.load_state_dict(cosface_ramp.state_dict())
+    assert sched.state_dict() == kept and loss.margin == 3
+    bad_step = {**kept, "last_step": -1}
+    with pytest.raises(ValueError, match="last_step must be an int >= 0"):
+        sched.load_state_dict(bad_step)
+    lam = SphereFaceLambdaScheduler(loss)
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        lam.load_state_dict({**lam.state_dict(), "gamma": -1.0})
+    assert lam.state_dict()["gamma"] == 0.12
+    sched.load_state_dict(kept)  # its own state still loads
+    assert sched.step() == 4 and loss.margin == 4

@@ -275,6 +275,20 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self._generator = None
         self._pending_sampler_state = None if state is None else state.clone()
 
+    def get_extra_state(self) -> dict[str, torch.Tensor | None]:
+        """The Partial FC sampler's state, in ``state_dict()`` (key ``_extra_state``), so
+        that ``load_state_dict`` resumes the same draws, as :func:`.checkpoint.load_into`."""
+        return {"sampler_state": self.sampler_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore :meth:`get_extra_state` (``load_state_dict`` calls it)."""
+        if not isinstance(state, dict) or set(state) != {"sampler_state"}:
+            raise ValueError(
+                f"{type(self).__name__}'s extra state must be a dict with the key "
+                f"'sampler_state', got {state!r}"
+            )
+        self.load_sampler_state(state["sampler_state"])
+
     def forward(
         self,
         embeddings: torch.Tensor,

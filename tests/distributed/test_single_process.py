@@ -200,3 +200,30 @@ def test_which_losses_take_the_cosine_path() -> None:
     cosine = {i for i, s in SPEC_BY_ID.items() if _cosine_scale(s.build(4, 3), x) is not None}
     plain = {"softmax", "softmax_nobias", "subcenter", "subcenter_k2_big_margin"}
     assert cosine == set(SPEC_BY_ID) - plain
+
+
+def test_state_dict_round_trip_resumes_the_partial_fc_draws() -> None:
+    """``state_dict()`` holds the sampler (``_extra_state``): a loss loaded from it draws
+    the same classes as the one that went on (PyTorch's convention for module state)."""
+    torch.manual_seed(0)
+    a = ShardedMarginSoftmaxLoss(ArcFaceLoss, 1000, 8, sample_rate=0.1, seed=3)
+    batches = [(torch.randn(6, 8), torch.randint(0, 1000, (6,))) for _ in range(5)]
+    for x, y in batches[:3]:
+        a(x, y)
+    b = ShardedMarginSoftmaxLoss(ArcFaceLoss, 1000, 8, sample_rate=0.1, seed=99)
+    b.load_state_dict(torch.load(_saved(a.state_dict()), weights_only=True))
+    for x, y in batches[3:]:
+        a(x, y)
+        b(x, y)
+        assert torch.equal(a.sampled_classes, b.sampled_classes)
+    with pytest.raises(ValueError, match="extra state must be a dict with the key"):
+        b.set_extra_state({"generator": None})
+
+
+def _saved(state: dict) -> object:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
