@@ -346,3 +346,14 @@ def test_sets_of_other_dtypes_are_not_taken_for_one_another(query, dtype, exclud
     k = len(query) - 1
     _check(query, reference, k, exclude_self=exclude_self, metric=metric)
     _check(query, reference, 1, exclude_self=exclude_self, metric=metric)
+
+
+@pytest.mark.parametrize("k", [5, 19])
+def test_float64_distances_are_correctly_rounded_square_roots(k):
+    """The returned float64 distance is the correctly rounded square root of the exact
+    squared distance (torch's vectorized float64 sqrt is 1 ulp off for ~1% of inputs)."""
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((200, 4)))
+    values, indices = exact_knn(x, x, k, metric="euclidean", exclude_self=True)
+    squares, same = exact_knn(x, x, k, metric="sqeuclidean", exclude_self=True)
+    assert torch.equal(indices, same)
+    np.testing.assert_array_equal(values.numpy(), np.sqrt(squares.numpy()))
