@@ -276,7 +276,7 @@ def _values_of(values: torch.Tensor) -> torch.Tensor:
     ``values``): every wrapper peeled, each ``vmap`` batch dimension moved to the front,
     so that a check reads every lane's values at once (a wrapped tensor cannot be read
     back). Its last dimension is the one of ``values``."""
-    if _FUNCTORCH is None:
+    if _FUNCTORCH is None or torch.compiler.is_compiling():  # dynamo: no eager wrappers
         return values
     while _FUNCTORCH.is_functorch_wrapped_tensor(values):
         if _FUNCTORCH.is_batchedtensor(values):
@@ -340,7 +340,7 @@ def check_class_labels(
         values = _values_of(labels)
 
         def out_of_range() -> ValueError:
-            lo, hi = (int(v) for v in _aminmax(values))
+            lo, hi = _exact_extremes(values)
             return ValueError(
                 f"{name} must lie in [0, {num_classes}) for num_classes={num_classes}, "
                 f"got values in [{lo}, {hi}]"
@@ -371,6 +371,16 @@ _WIDE_UNSIGNED = tuple(
 def _aminmax(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.aminmax`` of integer ``values`` of any dtype."""
     return torch.aminmax(values.double() if values.dtype in _WIDE_UNSIGNED else values)
+
+
+def _exact_extremes(values: torch.Tensor) -> tuple[int, int]:
+    """Smallest and largest of integer ``values`` as Python ints, exactly (for messages:
+    uint64 above 2^53 through numpy, not float64)."""
+    if values.dtype in _WIDE_UNSIGNED:
+        array = values.detach().cpu().numpy()
+        return int(array.min()), int(array.max())
+    low, high = torch.aminmax(values)
+    return int(low), int(high)
 
 
 def _host_extremes(values: torch.Tensor) -> list[float] | None:
@@ -453,7 +463,7 @@ def check_indices_tuple(
 
 
 def _index_error(role: str, idx: torch.Tensor, bound: int) -> ValueError:
-    lo, hi = (int(v) for v in _aminmax(idx))
+    lo, hi = _exact_extremes(idx)
     return ValueError(
         f"indices_tuple[{role}] has indices in [{lo}, {hi}] but must lie in [0, {bound})"
     )

@@ -92,6 +92,14 @@ def _cosine_scale(loss: ClassWeightLoss, embeddings: torch.Tensor) -> float | to
     return form.scale if cosine else None
 
 
+def _sampler_from_seed_if_absent(
+    module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """A state dict saved without the sampler (``_extra_state``, before it was kept there)
+    loads as one whose sampler starts from the seed."""
+    state_dict.setdefault(f"{prefix}_extra_state", {"sampler_state": None})
+
+
 class ShardedMarginSoftmaxLoss(torch.nn.Module):
     r"""Any class-weight loss with ``W`` sharded across ranks, optionally with Partial FC.
 
@@ -222,6 +230,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self._generator: torch.Generator | None = None
         self._pending_sampler_state: torch.Tensor | None = None
         self.sampled_classes: torch.Tensor | None = None
+        self.register_load_state_dict_pre_hook(_sampler_from_seed_if_absent)
 
     def _check_parameters(self) -> None:
         """Refuse learnable parameters of the loss other than ``W`` and ``bias``: their

@@ -59,8 +59,11 @@ def autograd_only_enabled() -> bool:
 
 
 def in_function_transform() -> bool:
-    """Whether this runs inside a ``torch.func`` transform (functorch's interpreter stack)."""
-    return _peek_transforms is not None and _peek_transforms() is not None
+    """Whether this runs inside a ``torch.func`` transform (functorch's interpreter stack;
+    never while ``torch.compile`` traces, which handles transforms itself)."""
+    if _peek_transforms is None or torch.compiler.is_compiling():
+        return False
+    return _peek_transforms() is not None
 
 
 def refuse_update_in_function_transform(owner: object, statistics: str) -> None:

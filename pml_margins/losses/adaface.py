@@ -18,8 +18,8 @@ from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     check_angle_margin,
     check_in_interval,
-    check_logit_offset,
     check_logit_scale,
+    check_non_negative,
 )
 
 __all__ = [
@@ -160,7 +160,7 @@ class AdaFaceLoss(ClassWeightLoss):
     hyperparameter_names = ("margin", "h", "scale", "t_alpha", "eps")
     statistic_buffers = ("batch_mean", "batch_std")
     margin = Hyperparameter(check_angle_margin)
-    h = Hyperparameter(check_logit_offset)
+    h = Hyperparameter(check_non_negative)
     scale = Hyperparameter(check_logit_scale)
     t_alpha = Hyperparameter(partial(check_in_interval, low=0.0, high=1.0))
     eps = Hyperparameter(_check_eps)

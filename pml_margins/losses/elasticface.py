@@ -38,17 +38,20 @@ def elastic_arc_target(cosine: torch.Tensor, margins: torch.Tensor) -> torch.Ten
     .. math::
         \cos(\theta_i + m_i) = \cos\theta_i\cos m_i - \sin\theta_i\sin m_i
 
-    Where :math:`\theta_i + m_i > \pi` the logit is :math:`\cos\theta_i - m_i\sin m_i`,
-    ArcFace's rule (:func:`~pml_margins.functional.arcface_target`) per row: for
-    :math:`0 \le m_i \le \pi` where :math:`\cos\theta_i \le -\cos m_i`, never for a
-    negative margin, always for one above :math:`\pi` (the draws are not clipped).
+    Where :math:`\theta_i + m_i > \pi` for a margin in :math:`[0, \pi]`, the logit is
+    :math:`\cos\theta_i - m_i\sin m_i`, ArcFace's rule
+    (:func:`~pml_margins.functional.arcface_target`) per row. A draw outside
+    :math:`[0, \pi]` (the normal is not clipped) takes the paper's
+    :math:`\cos(\theta_i + m_i)` everywhere: the fallback, made for margins in
+    :math:`[0, \pi]`, would turn a margin above :math:`\pi` into a bonus
+    (:math:`\sin m_i < 0`).
     """
     margins = margins.to(cosine.dtype)
     cos_m, sin_m = torch.cos(margins), torch.sin(margins)
     with_margin = cosine * cos_m - safe_sine(cosine) * sin_m
-    # theta + m < pi (the test on cosines holds for m in [0, pi] only)
-    below_pi = ((cosine > -cos_m) & (margins <= math.pi)) | (margins < 0)
-    return torch.where(below_pi, with_margin, cosine - margins * sin_m)
+    # theta + m <= pi (the test on cosines holds for m in [0, pi]), or a margin outside it
+    outside = (margins < 0) | (margins > math.pi)
+    return torch.where((cosine > -cos_m) | outside, with_margin, cosine - margins * sin_m)
 
 
 def elastic_cos_target(cosine: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:

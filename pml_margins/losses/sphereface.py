@@ -16,7 +16,7 @@ from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
     check_integer_margin,
-    check_logit_offset,
+    check_non_negative,
     check_optional_logit_scale,
 )
 
@@ -62,7 +62,7 @@ class SphereFaceLoss(ClassWeightLoss):
     hyperparameter_names = ("margin", "scale", "lambda_")
     margin = Hyperparameter(check_integer_margin)
     scale = Hyperparameter(check_optional_logit_scale)
-    lambda_ = Hyperparameter(check_logit_offset)
+    lambda_ = Hyperparameter(check_non_negative)
 
     def __init__(
         self,

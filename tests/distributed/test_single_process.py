@@ -218,6 +218,14 @@ def test_state_dict_round_trip_resumes_the_partial_fc_draws() -> None:
         assert torch.equal(a.sampled_classes, b.sampled_classes)
     with pytest.raises(ValueError, match="extra state must be a dict with the key"):
         b.set_extra_state({"generator": None})
+    # a state dict saved without the sampler (the earlier format): it starts from the seed
+    old_format = {k: v for k, v in a.state_dict().items() if k != "_extra_state"}
+    c = ShardedMarginSoftmaxLoss(ArcFaceLoss, 1000, 8, sample_rate=0.1, seed=3)
+    c.load_state_dict(old_format)
+    fresh = ShardedMarginSoftmaxLoss(ArcFaceLoss, 1000, 8, sample_rate=0.1, seed=3)
+    assert torch.equal(c.sampler_state(), fresh.sampler_state())
+    wrapped = torch.nn.ModuleDict({"loss": c})
+    wrapped.load_state_dict({f"loss.{k}": v for k, v in old_format.items()})
 
 
 def _saved(state: dict) -> object:

@@ -62,10 +62,12 @@ def arcface_cos(c: torch.Tensor, m: float, easy_margin: bool = False) -> torch.T
 
 
 def elastic_arc_cos(c: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
-    """ElasticFace-Arc: cos(theta_i + m_i), m_i per row; beyond pi: cos(theta_i) - m_i sin(m_i)."""
+    """ElasticFace-Arc: cos(theta_i + m_i), m_i per row; beyond pi, for m_i in [0, pi]:
+    cos(theta_i) - m_i sin(m_i) (ArcFace's rule; other draws keep the paper's cosine)."""
     theta = _theta(c)
     m = margins.to(c.dtype)
-    return torch.where(theta + m <= math.pi, torch.cos(theta + m), c - m * torch.sin(m))
+    keep = (theta + m <= math.pi) | (m > math.pi)
+    return torch.where(keep, torch.cos(theta + m), c - m * torch.sin(m))
 
 
 def curricular_non_target(c: torch.Tensor, cy: torch.Tensor, m: float, t: float) -> torch.Tensor:

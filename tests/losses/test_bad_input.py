@@ -10,6 +10,7 @@ import torch
 
 from pml_margins.losses import (
     AdaCosLoss,
+    AdaFaceLoss,
     ArcFaceLoss,
     CircleLoss,
     CombinedMarginLoss,
@@ -160,3 +161,11 @@ def test_easy_margin_assignment_is_checked_and_numpy_bools_are_taken() -> None:
     with pytest.raises(TypeError, match="easy_margin must be a bool"):
         loss.easy_margin = "False"
     assert loss.easy_margin is True
+
+
+def test_blend_weights_that_cannot_overflow_are_not_bounded() -> None:
+    """SphereFace's lambda_ blends (lambda cos + psi) / (1 + lambda) and AdaFace's h only
+    scales a clipped ratio: large values are valid (unlike a scale or an additive margin)."""
+    x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 4, 0])
+    assert torch.isfinite(SphereFaceLoss(5, 8, lambda_=1e20)(x, y))
+    assert torch.isfinite(AdaFaceLoss(5, 8, h=1e20)(x, y))

@@ -140,16 +140,20 @@ def test_variant_is_checked_when_set():
 
 
 def test_arc_fallback_only_where_theta_plus_margin_exceeds_pi() -> None:
-    """Unclipped draws may be negative or above pi: the fallback follows theta + m > pi,
-    not the cosine test that holds for m in [0, pi] only."""
+    """Unclipped draws may be negative or above pi: the fallback follows theta + m > pi
+    for m in [0, pi] (not the cosine test alone); a draw above pi keeps cos(theta + m),
+    never a bonus above 1."""
     from pml_margins.losses.elasticface import elastic_arc_target
 
     theta = torch.linspace(0, math.pi, 41, dtype=torch.float64)
     margins = torch.tensor([-1.0, -0.5, -0.01, 0.0, 0.5, 3.0, 3.5, 4.0], dtype=torch.float64)
     t, m = torch.meshgrid(theta, margins, indexing="ij")
     c = torch.cos(t)
-    expected = torch.where(t + m <= math.pi, torch.cos(t + m), c - m * torch.sin(m))
+    expected = torch.where(
+        (t + m <= math.pi) | (m > math.pi), torch.cos(t + m), c - m * torch.sin(m)
+    )
     torch.testing.assert_close(elastic_arc_target(c, m), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(elastic_arc_target(c, m), elastic_arc_cos(c, m))
+    assert (elastic_arc_target(c, m) <= 1).all()
     one = torch.tensor([math.cos(3.0)], dtype=torch.float64)
     assert float(elastic_arc_target(one, torch.tensor([-0.5]))) == pytest.approx(math.cos(2.5))

@@ -93,3 +93,9 @@ def test_float8_embeddings_are_a_type_error(name: str, dtype: torch.dtype) -> No
     loss = BUILDERS[name]()
     with pytest.raises(TypeError, match=r"embeddings must have dtype torch\.float16, torch\.bfl"):
         loss(torch.randn(4, 8).to(dtype), torch.tensor([0, 0, 1, 1]))
+
+
+def test_uint64_label_beyond_2_53_is_shown_exactly() -> None:
+    labels = torch.tensor([0, 1, 2, 2**53 + 1], dtype=torch.uint64)
+    with pytest.raises(ValueError, match=r"got values in \[0, 9007199254740993\]"):
+        ArcFaceLoss(C, 8)(torch.randn(4, 8), labels)
