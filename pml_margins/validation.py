@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pml_margins.function_transforms import values_under_transforms
 from pml_margins.thread_switch import ThreadSwitch
 
 __all__ = [
@@ -201,7 +202,7 @@ def check_embeddings(
     # A finite sum of squares implies finite elements (NaN/Inf propagate) and rows whose
     # squared norms fit; only a non-finite one, which may also be an overflow of the sum
     # alone, needs the element-wise and row-wise checks.
-    detached = _values_of(embeddings.detach())
+    detached = values_under_transforms(embeddings.detach())
     sum_dtype = torch.promote_types(detached.dtype, torch.float32)
     compute_dtype = compute_dtype or sum_dtype
 
@@ -268,26 +269,6 @@ def _host_array(values: torch.Tensor) -> np.ndarray | None:
         return None
 
 
-_FUNCTORCH = getattr(torch._C, "_functorch", None)
-
-
-def _values_of(values: torch.Tensor) -> torch.Tensor:
-    """The plain tensor holding ``values`` inside ``torch.func`` transforms (else
-    ``values``): every wrapper peeled, each ``vmap`` batch dimension moved to the front,
-    so that a check reads every lane's values at once (a wrapped tensor cannot be read
-    back). Its last dimension is the one of ``values``."""
-    if _FUNCTORCH is None or torch.compiler.is_compiling():  # dynamo: no eager wrappers
-        return values
-    while _FUNCTORCH.is_functorch_wrapped_tensor(values):
-        if _FUNCTORCH.is_batchedtensor(values):
-            level = _FUNCTORCH.maybe_get_level(values)
-            inner, batch_dim = _FUNCTORCH._unwrap_batched(values, level)
-            values = inner.movedim(batch_dim, 0)
-        else:
-            values = _FUNCTORCH.get_unwrapped(values)
-    return values
-
-
 def _run_now_or_later(
     checks: ValueChecks | None,
     values: Callable[[], torch.Tensor],
@@ -337,7 +318,7 @@ def check_class_labels(
     """
     labels = check_labels(labels, length, name)
     if labels.numel() > 0:
-        values = _values_of(labels)
+        values = values_under_transforms(labels)
 
         def out_of_range() -> ValueError:
             lo, hi = _exact_extremes(values)
@@ -450,7 +431,7 @@ def check_indices_tuple(
     for role, idx in zip(roles, indices_tuple, strict=True):
         if idx.numel() > 0:
             bound = batch_size if role.startswith("a") else ref_size
-            idx = _values_of(idx)
+            idx = values_under_transforms(idx)
             own.add(
                 lambda idx=idx: _extremes(idx),
                 lambda role=role, idx=idx, bound=bound: _index_error(role, idx, bound),

@@ -230,7 +230,11 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self._generator: torch.Generator | None = None
         self._pending_sampler_state: torch.Tensor | None = None
         self.sampled_classes: torch.Tensor | None = None
-        self.register_load_state_dict_pre_hook(_sampler_from_seed_if_absent)
+        register = getattr(self, "register_load_state_dict_pre_hook", None)
+        if register is not None:
+            register(_sampler_from_seed_if_absent)
+        else:  # torch < 2.5: the private form, given the module with with_module
+            self._register_load_state_dict_pre_hook(_sampler_from_seed_if_absent, True)
 
     def _check_parameters(self) -> None:
         """Refuse learnable parameters of the loss other than ``W`` and ``bias``: their

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from pml_margins.function_transforms import in_function_transform
 from pml_margins.thread_switch import ThreadSwitch
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "autograd_only",
     "autograd_only_enabled",
     "backward_once",
-    "in_function_transform",
     "refuse_update_in_function_transform",
 ]
 
@@ -58,14 +58,6 @@ def autograd_only_enabled() -> bool:
     return autograd_only.current() or in_function_transform()
 
 
-def in_function_transform() -> bool:
-    """Whether this runs inside a ``torch.func`` transform (functorch's interpreter stack;
-    never while ``torch.compile`` traces, which handles transforms itself)."""
-    if _peek_transforms is None or torch.compiler.is_compiling():
-        return False
-    return _peek_transforms() is not None
-
-
 def refuse_update_in_function_transform(owner: object, statistics: str) -> None:
     """``RuntimeError`` inside a ``torch.func`` transform, where ``owner`` would update its
     running ``statistics`` in place (a tensor the transform captured: not allowed)."""
@@ -76,9 +68,6 @@ def refuse_update_in_function_transform(owner: object, statistics: str) -> None:
             "put the loss in eval mode for the transform (loss.eval(): the statistics stay "
             "as they are), as for BatchNorm"
         )
-
-
-_peek_transforms = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
 
 
 class autograd_only(ThreadSwitch):
