@@ -406,6 +406,8 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         ref_emb: torch.Tensor,
         ref_labels: torch.Tensor,
     ) -> dict[str, dict[str, Any]]:
+        if autograd_only_enabled() or type(self).fused_logits is ClassWeightLoss._not_fused:
+            self._check_plain_mode()  # before prepare_step updates any running statistic
         statistics = StepStatistics(
             lambda: self.cosine(embeddings),
             labels,

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from pml_margins.function_transforms import values_under_transforms
 from pml_margins.functional.margin_softmax import TargetLogitFn
 from pml_margins.functional.target_logits import (
     TargetWithSlope,
@@ -165,6 +166,6 @@ class ElasticFaceLoss(ClassWeightLoss):
         """Draw the ``(B,)`` margins for this step and apply them to the target cosines."""
         noise = torch.randn(cosine.shape, dtype=cosine.dtype, device=cosine.device)
         margins = self.margin + self.sigma * noise
-        self.last_margins = margins
+        self.last_margins = values_under_transforms(margins.detach())  # no functorch wrapper
         apply = elastic_arc_target if self.variant == "arc" else elastic_cos_target
         return apply(cosine, margins)

@@ -115,3 +115,28 @@ def test_safe_sine_is_differentiable_to_any_order() -> None:
     torch.testing.assert_close(second[inside], -1 / s[inside] ** 3)
     assert (first[~inside] == 0).all() and (second[~inside] == 0).all()
     torch.testing.assert_close(safe_sine(c), s, rtol=0, atol=1e-15)
+
+
+def test_elasticface_keeps_plain_margins_after_a_transform() -> None:
+    import copy
+
+    loss = _loss("elasticface_arc")
+    torch.func.grad(lambda e: loss(e, LABELS))(_embeddings())
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(loss.last_margins)
+    assert loss.last_margins.shape == (B,)
+    copy.deepcopy(loss)  # a functorch wrapper left on the module cannot be copied
+
+
+@pytest.mark.parametrize("name", ["adacos", "adaface", "curricularface"])
+@pytest.mark.parametrize("mode", [{"chunk_size": 2}, {"sample_rate": 0.5}], ids=str)
+def test_a_refused_plain_path_call_moves_no_running_statistic(name: str, mode: dict) -> None:
+    """chunk_size/sample_rate are refused on the plain path: before the step updates its
+    buffers (a caller retrying outside autograd_only() got another loss)."""
+    torch.manual_seed(1)
+    loss = BUILDS[name]().double()
+    loss.chunk_size, loss.sample_rate = mode.get("chunk_size"), mode.get("sample_rate", 1.0)
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    with pml_margins.autograd_only(), pytest.raises(ValueError, match="plain path"):
+        loss(_embeddings(), LABELS)
+    for key, value in loss.state_dict().items():
+        assert torch.equal(value, before[key]), key
