@@ -612,3 +612,25 @@ def test_no_warning_on_plain_call():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CircleLoss()(x, y)
+
+
+def test_softplus_is_exact_above_20_on_both_paths() -> None:
+    """Anchors whose log-sum-exp sum z exceeds 20, where F.softplus returns z itself (2e-9
+    short, gradient 1): the loss is log(1 + e^z) and both paths' gradients are sigma(z)."""
+    from pytorch_metric_learning.reducers import DoNothingReducer
+
+    import pml_margins
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,), generator=gen)
+    results = []
+    for plain in (False, True):
+        leaf = x.clone().requires_grad_(True)
+        with pml_margins.autograd_only(plain):
+            losses = CircleLoss(gamma=32.0, reducer=DoNothingReducer())(leaf, y)["loss"]["losses"]
+        results.append((losses.detach(), *torch.autograd.grad(losses.sum(), leaf)))
+    (fast, fast_grad), (slow, slow_grad) = results
+    assert fast.max() > 20  # the case: softplus past its threshold
+    torch.testing.assert_close(fast, slow, rtol=1e-15, atol=0)
+    torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-13, atol=1e-13)
