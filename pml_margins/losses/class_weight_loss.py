@@ -406,7 +406,8 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
         ref_emb: torch.Tensor,
         ref_labels: torch.Tensor,
     ) -> dict[str, dict[str, Any]]:
-        if autograd_only_enabled() or type(self).fused_logits is ClassWeightLoss._not_fused:
+        fused_only = self.chunk_size is not None or self.sample_rate != 1.0
+        if fused_only and (autograd_only_enabled() or self.fused_logits(embeddings) is None):
             self._check_plain_mode()  # before prepare_step updates any running statistic
         statistics = StepStatistics(
             lambda: self.cosine(embeddings),

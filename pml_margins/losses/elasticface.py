@@ -82,7 +82,8 @@ class ElasticFaceLoss(ClassWeightLoss):
     The margins are not clipped (as in the paper). ``sigma = 0`` is exactly
     :class:`ArcFaceLoss` (including its :math:`\theta + m > \pi` fallback, applied per
     sample here) or :class:`CosFaceLoss`. The margins of the last forward are kept in
-    ``last_margins`` (``(B,)``, for logging; not in the state dict).
+    ``last_margins`` (``(B,)``, for logging; not in the state dict; under ``torch.func.vmap``
+    with the mapped dimensions in front).
 
     **Units:** ``variant="arc"``: ``margin`` and ``sigma`` in radians;
     ``variant="cos"``: a cosine. Recommended (paper, faces, ``s = 64``):

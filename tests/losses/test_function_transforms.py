@@ -8,7 +8,7 @@ import torch
 
 import pml_margins
 from pml_margins.functional import safe_sine
-from pml_margins.losses import CenterLoss, CircleLoss, ProxyCircleLoss
+from pml_margins.losses import AdaCosLoss, CenterLoss, CircleLoss, ProxyCircleLoss
 from tests.losses.specs import SPECS
 
 B, D, C = 6, 5, 4
@@ -140,3 +140,18 @@ def test_a_refused_plain_path_call_moves_no_running_statistic(name: str, mode: d
         loss(_embeddings(), LABELS)
     for key, value in loss.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_a_refused_distance_moves_no_running_statistic() -> None:
+    """A distance the fused core does not declare, with chunk_size: refused before the
+    step's update (a CosineSimilarity subclass is not PML's plain one)."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    class MyCosine(CosineSimilarity):
+        pass
+
+    loss = AdaCosLoss(C, D, chunk_size=2, distance=MyCosine())
+    before = loss.scale.clone()
+    with pytest.raises(ValueError, match="runs on the plain path with MyCosine"):
+        loss(_embeddings().float(), LABELS)
+    assert torch.equal(loss.scale, before)
