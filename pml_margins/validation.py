@@ -54,7 +54,6 @@ __all__ = [
     "check_multiplier",
     "check_non_negative",
     "check_optional_logit_scale",
-    "check_optional_positive",
     "check_ordered",
     "check_positive",
     "check_reference",
@@ -355,12 +354,9 @@ def _aminmax(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _exact_extremes(values: torch.Tensor) -> tuple[int, int]:
-    """Smallest and largest of integer ``values`` as Python ints, exactly (for messages:
-    uint64 above 2^53 through numpy, not float64)."""
-    if values.dtype in _WIDE_UNSIGNED:
-        array = values.detach().cpu().numpy()
-        return int(array.min()), int(array.max())
-    low, high = torch.aminmax(values)
+    """Smallest and largest of non-empty integer ``values`` as Python ints, exactly (for
+    messages: :func:`_host_extremes` of a CPU copy, uint64 above 2^53 included)."""
+    low, high = _host_extremes(values.detach().cpu())
     return int(low), int(high)
 
 
@@ -650,11 +646,6 @@ def _at_most_logit_term(value: float, name: str) -> float:
 def check_unit_interval(value: object, name: str) -> float:
     """A real number in ``(0, 1]`` (a rate or a fraction)."""
     return check_in_interval(value, name, 0.0, 1.0, low_inclusive=False)
-
-
-def check_optional_positive(value: object, name: str) -> float | None:
-    """``None``, or a finite real number > 0."""
-    return None if value is None else check_positive(value, name)
 
 
 def check_angle_margin(value: object, name: str) -> float:

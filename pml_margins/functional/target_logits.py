@@ -163,7 +163,7 @@ def sphereface_psi(cosine: torch.Tensor, margin: int) -> torch.Tensor:
         \; k \in \{0, \dots, m-1\}
 
     :math:`\cos(m\theta)` is the Chebyshev polynomial :math:`T_m(\cos\theta)`;
-    ``margin`` must be an integer ``>= 1`` (``ValueError`` otherwise).
+    ``margin`` must be an integer in ``[1, 100]`` (``ValueError`` otherwise).
     """
     margin = check_integer_margin(margin, "margin")
     k = _angle_region(cosine, float(margin), 0.0).clamp(max=margin - 1)
