@@ -25,7 +25,13 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN, FaissKMeans, FaissKNN
 
 from pml_margins.evaluation import metrics as M
-from pml_margins.evaluation.inputs import as_comparable_labels, as_embeddings, as_labels, check_int
+from pml_margins.evaluation.inputs import (
+    as_comparable_labels,
+    as_embeddings,
+    as_labels,
+    as_pml_labels,
+    check_int,
+)
 from pml_margins.evaluation.knn import Metric, exact_knn
 from pml_margins.evaluation.label_matching import compared, custom_relevance, label_positions
 
@@ -154,7 +160,10 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     what ``"max_bin_count"`` does (MAP and MRR over the whole list still rank it all).
 
     Args:
-        include, exclude, avg_of_avgs, return_per_class, k, kmeans_func: as in PML.
+        include, exclude, avg_of_avgs, return_per_class, kmeans_func: as in PML.
+        k: as in PML; beyond the references available (``N``, or ``N - 1`` when the
+            reference set holds the queries) it is cut to them, where PML's faiss pads
+            the lists with index ``-1`` (which reads the last reference's label).
         label_comparison_fn: as in PML: ``f(a, b)`` compares a ``(Q, 1[, L])`` with a
             ``(Q, k[, L])`` label tensor and returns ``(Q, k)`` booleans (and, for the
             relevant counts, one distinct query label ``(1[, L])`` with the reference
@@ -170,7 +179,10 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             ``IndexFlatL2``); any other callable, subclasses of those two classes
             included, is used as PML uses it (on float32 copies of the embeddings).
             Metrics, a subclass's own included, get float32 ``query``/``reference``
-            as in PML; a subclass's own ``calculate_recall_at_K`` replaces ours.
+            and ``knn_distances`` as in PML, and the labels as float32 (as PML casts
+            them; float64 where float32 would merge labels beyond 2^24), also in
+            ``label_comparison_fn``; a subclass's own ``calculate_recall_at_K``
+            replaces ours.
         recall_ks: the cut-offs ``K`` of the ``recall_at_K`` metrics.
         distance: a PML distance instead of ``knn_func`` (same mapping as a
             ``CustomKNN`` of it); default PML's default k-nn.
@@ -304,8 +316,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 ``ref_includes_query`` with a reference that does not start with
                 the query.
         """
-        if reference is None:
-            if reference_labels is not None:
+        if reference is None:  # PML then ignores reference_labels: the query's own, or an error
+            if reference_labels is not None and reference_labels is not query_labels:
                 raise ValueError("reference_labels given without reference")
             reference, reference_labels, ref_includes_query = query, query_labels, True
         elif reference_labels is None:
@@ -365,6 +377,10 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     ) -> dict[str, Any]:
         """The metrics from checked tensors (k-nn, clustering, PML's aggregation)."""
         self.curr_function_dict = self.get_function_dict(tuple(include), tuple(exclude))
+        # from here on the labels are PML's float32 (the user's comparison and metrics get them)
+        same_labels = reference_labels is query_labels
+        query_labels = as_pml_labels(query_labels)
+        reference_labels = query_labels if same_labels else as_pml_labels(reference_labels)
         kwargs: dict[str, Any] = {
             "query": query,
             "reference": reference,
@@ -401,10 +417,14 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         recalls = {f"recall_at_{kk}" for kk in self._own_recall_ks}
         other_knn = self._knn_metrics() - recalls - {"num_excluded_queries"}
         pml_rule = [m for m in metrics if m in other_knn]  # PML's and a subclass's own
+        # what reads the lists PML's rule gives: every metric but ours and the clustering
+        # ones (a subclass's metric that reads knn_labels without being in requires_knn too)
+        not_readers = {*recalls, "num_excluded_queries", *self.requires_clustering()}
+        readers = [m for m in metrics if m not in not_readers]
         k_pml = 0 if pml_rule else None
         if pml_rule and len(bin_counts):
             k_pml = min(self.determine_k(bin_counts, num_reference, ref_includes_query), available)
-            if self._reads_first_r_only(pml_rule):  # same values from the first max R
+            if self._reads_first_r_only(readers):  # same values from the first max R
                 k_pml = min(k_pml, max(1, int(bin_counts.max()) - int(ref_includes_query)))
             k_pml = max(k_pml, 0)
         wanted = [int(m.rsplit("_", 1)[1]) for m in metrics if m in recalls]
@@ -472,6 +492,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             distances, indices = self._knn(query, reference, shown, ref_includes_query)
             shown_labels = reference_labels[indices.to(reference_labels.device)]
             shown_match = self._matches(query_labels, shown_labels)
+        if self.knn_func is None:  # PML's k-nn runs in float32, and so gives its distances
+            distances = distances.float()
         return {
             "label_counts": (unique_query_labels, bin_counts),
             "knn_labels": shown_labels,
@@ -480,7 +502,16 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             "not_lone_query_mask": not_lone,
             # reused by _kept for exactly these knn_labels and query_labels (a subclass
             # may pass its own to the calculate_* methods); the full list for Recall@K
-            "_match": _Matches(match, shown_match, relevant, query_labels, shown_labels),
+            "_match": _Matches(
+                match,
+                shown_match,
+                relevant,
+                query_labels,
+                shown_labels,
+                _versions(query_labels, shown_labels, unique_query_labels, bin_counts),
+                (unique_query_labels, bin_counts),
+                ref_includes_query,
+            ),
         }
 
     def _matches(self, query_labels: torch.Tensor, knn_labels: torch.Tensor) -> torch.Tensor:
@@ -522,7 +553,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             kwargs["knn_labels"],
         )
         own = kwargs.get("_match")
-        if own is not None and own.query_labels is labels and own.knn_labels is knn_labels:
+        if own is not None and own.describes(kwargs):
             match, relevant = own.full, own.relevant
             if not full_k:
                 match = match[:, : knn_labels.shape[1]] if own.shown is None else own.shown
@@ -588,6 +619,33 @@ class _Matches(NamedTuple):
     relevant: torch.Tensor  # (Q,) relevant counts R
     query_labels: torch.Tensor  # the labels these are for
     knn_labels: torch.Tensor  # the knn_labels handed to the metrics
+    versions: tuple[int, ...]  # of the four tensors when handed (in-place changes void reuse)
+    label_counts: tuple[torch.Tensor, torch.Tensor]  # the label_counts handed to the metrics
+    ref_includes_query: bool
+
+    def describes(self, kwargs: dict[str, Any]) -> bool:
+        """Whether these are the matches of the PML kwargs a ``calculate_*`` method got:
+        the same objects, unchanged, that this class handed out (a subclass may pass its
+        own ``knn_labels``, ``label_counts`` or ``ref_includes_query``)."""
+        labels, knn_labels, counts = (
+            kwargs["query_labels"],
+            kwargs["knn_labels"],
+            kwargs["label_counts"],
+        )
+        return (
+            labels is self.query_labels
+            and knn_labels is self.knn_labels
+            and isinstance(counts, tuple)
+            and len(counts) == 2
+            and all(a is b for a, b in zip(counts, self.label_counts, strict=True))
+            and _versions(labels, knn_labels, *counts) == self.versions
+            and bool(kwargs.get("ref_includes_query", False)) == self.ref_includes_query
+        )
+
+
+def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """The tensors' version counters (autograd's count of in-place changes)."""
+    return tuple(t._version for t in tensors)
 
 
 def _faiss_gpu_usable(device: torch.device | None) -> bool:

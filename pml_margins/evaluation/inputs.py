@@ -20,6 +20,7 @@ __all__ = [
     "as_comparable_labels",
     "as_embeddings",
     "as_labels",
+    "as_pml_labels",
     "as_tensor",
     "check_int",
     "check_k",
@@ -123,6 +124,25 @@ def as_comparable_labels(x: object, length: int, name: str) -> torch.Tensor:
             raise ValueError(f"{name} contains NaN or Inf values")
         return t
     return t.long()
+
+
+def as_pml_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Checked labels as PML hands them to the metrics and to ``label_comparison_fn``:
+    float32 (PML casts them so), where every value stays exact; else float64 where every
+    value does (labels beyond 2^24, which float32 would merge); else unchanged (int64
+    labels beyond 2^53). Comparisons and counts are the same in every case."""
+    for dtype, whole in ((torch.float32, 2**24), (torch.float64, 2**53)):
+        if labels.dtype == dtype:
+            return labels
+        if labels.is_floating_point():
+            if torch.finfo(labels.dtype).bits <= torch.finfo(dtype).bits:
+                return labels.to(dtype)
+            converted = labels.to(dtype)
+            if bool((converted.to(labels.dtype) == labels).all()):
+                return converted
+        elif labels.numel() == 0 or (-whole <= int(labels.min()) and int(labels.max()) <= whole):
+            return labels.to(dtype)
+    return labels
 
 
 def _label_tensor(

@@ -117,4 +117,12 @@ def compared(
             f"label_comparison_fn returned shape {tuple(result.shape)} for labels of shapes "
             f"{tuple(a.shape)} and {tuple(b.shape)}; expected {tuple(shape)}"
         )
+    if result.dtype != torch.bool:  # 0/1 numbers are booleans; a graded score is not
+        graded = (result != 0) & (result != 1)
+        if bool(graded.any()):
+            raise ValueError(
+                "label_comparison_fn must return booleans (match or not), got "
+                f"{result.dtype} values such as {result[graded].flatten()[0].item()!r}; "
+                "compare with a threshold"
+            )
     return result.bool()

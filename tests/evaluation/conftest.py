@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
+
+
+@pytest.fixture
+def quiet_pml_logging():
+    """PML's and the calculator's warnings (lone queries, ...) off for one test."""
+    logging.disable(logging.WARNING)
+    yield
+    logging.disable(logging.NOTSET)
 
 
 def make_data(kind: str, n: int, dim: int, classes: int, seed: int):

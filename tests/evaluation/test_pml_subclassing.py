@@ -6,8 +6,6 @@ asked, and zero-width embeddings."""
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -20,11 +18,7 @@ from pml_margins.evaluation import RetrievalAccuracyCalculator
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    logging.disable(logging.WARNING)
-    yield
-    logging.disable(logging.NOTSET)
+pytestmark = pytest.mark.usefixtures("quiet_pml_logging")
 
 
 def _data(n=60, d=4, classes=4, seed=0):
