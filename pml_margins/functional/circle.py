@@ -26,7 +26,7 @@ import torch
 
 from pml_margins.functional.autograd_only import backward_once
 from pml_margins.functional.margin_softmax import compute_dtype
-from pml_margins.validation import check_positive
+from pml_margins.validation import check_circle_margin, check_logit_scale
 
 __all__ = [
     "circle_loss_dense",
@@ -79,8 +79,15 @@ def segment_logsumexp(
 
 
 def _gamma(gamma: float) -> float:
-    """Circle's scale, checked: a finite number > 0 (a NaN or negative one gave numbers)."""
-    return check_positive(gamma, "gamma")
+    """Circle's scale, checked as the losses check it: a finite number > 0 (a NaN or
+    negative one gave numbers), at most a logit scale's bound."""
+    return check_logit_scale(gamma, "gamma")
+
+
+def _margin(m: float) -> float:
+    """Circle's relaxation margin, checked as the losses check it: in [0, 0.5] (a NaN gave
+    a NaN loss, ``m = 3`` a silent 0)."""
+    return check_circle_margin(m, "m")
 
 
 #: what the dense Circle functions' backward suggests under ``create_graph=True``
@@ -160,8 +167,8 @@ def circle_loss_dense(
         sim: ``(B, R)`` cosine similarities, row ``a`` holding anchor ``a``'s pairs.
         pos_mask: ``(B, R)`` bool, the positive pairs.
         neg_mask: ``(B, R)`` bool, the negative pairs (disjoint from ``pos_mask``).
-        m: relaxation margin.
-        gamma: scale.
+        m: relaxation margin, in [0, 0.5].
+        gamma: scale, > 0.
 
     Returns:
         ``(B,)`` losses in ``compute_dtype(sim.dtype)``: :math:`\operatorname{softplus}
@@ -172,7 +179,7 @@ def circle_loss_dense(
         sim = sim.to(compute_dtype(sim.dtype))
         if sim.shape[1] == 0:  # no reference: no pairs, 0 per row
             return sim.sum(1) * 0
-        return _DenseCircle.apply(sim, pos_mask, neg_mask, float(m), _gamma(gamma))
+        return _DenseCircle.apply(sim, pos_mask, neg_mask, _margin(m), _gamma(gamma))
 
 
 class _DenseNegativesCircle(torch.autograd.Function):
@@ -246,8 +253,8 @@ def circle_loss_dense_negatives(
         neg_mask: ``(B, R)`` bool, the negative pairs.
         pos_keys: 1-D flat indices ``a * R + r`` of the positive pairs (deduplicated,
             disjoint from ``neg_mask``).
-        m: relaxation margin.
-        gamma: scale.
+        m: relaxation margin, in [0, 0.5].
+        gamma: scale, > 0.
 
     Returns:
         ``(B,)`` losses as :func:`circle_loss_dense`, which it equals.
@@ -256,7 +263,8 @@ def circle_loss_dense_negatives(
         sim = sim.to(compute_dtype(sim.dtype)).contiguous()
         if sim.shape[1] == 0:  # no reference: no pairs, 0 per row
             return sim.sum(1) * 0
-        return _DenseNegativesCircle.apply(sim, neg_mask, pos_keys.long(), float(m), _gamma(gamma))
+        keys, m, gamma = pos_keys.long(), _margin(m), _gamma(gamma)
+        return _DenseNegativesCircle.apply(sim, neg_mask, keys, m, gamma)
 
 
 def circle_loss_pairs(
@@ -276,14 +284,15 @@ def circle_loss_pairs(
         s_n: 1-D similarities of the negative pairs.
         neg_anchors: anchor index of each negative pair.
         num_anchors: number of anchors ``B`` (length of the output).
-        m: relaxation margin.
-        gamma: scale.
+        m: relaxation margin, in [0, 0.5].
+        gamma: scale, > 0.
 
     Returns:
         ``(B,)`` losses, 0 (zero gradient) for anchors without a positive or without
         a negative pair. Every listed pair counts, duplicates included: deduplicate
         first to follow PML's set semantics.
     """
+    m, gamma = _margin(m), _gamma(gamma)
     dtype = compute_dtype(torch.promote_types(s_p.dtype, s_n.dtype))
     with torch.autocast(device_type=s_p.device.type, enabled=False):
         lse_p, has_p = segment_logsumexp(
@@ -309,12 +318,13 @@ def circle_loss_whole(s_p: torch.Tensor, s_n: torch.Tensor, m: float, gamma: flo
     Args:
         s_p: similarities of all positive pairs (any shape).
         s_n: similarities of all negative pairs (any shape).
-        m: relaxation margin.
-        gamma: scale.
+        m: relaxation margin, in [0, 0.5].
+        gamma: scale, > 0.
 
     Returns:
         A 0-dim tensor; 0 with zero gradients when either set is empty.
     """
+    m, gamma = _margin(m), _gamma(gamma)
     dtype = compute_dtype(torch.promote_types(s_p.dtype, s_n.dtype))
     with torch.autocast(device_type=s_p.device.type, enabled=False):
         s_p, s_n = s_p.to(dtype).reshape(-1), s_n.to(dtype).reshape(-1)

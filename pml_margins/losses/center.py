@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_margins.functional.autograd_only import refuse_update_in_function_transform
 from pml_margins.functional.center import center_distances, center_ema_update
 from pml_margins.losses.checked_forward import CheckedForwardMixin
+from pml_margins.losses.float_statistics import FloatStatisticsMixin
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
     check_choice,
@@ -22,7 +24,7 @@ from pml_margins.validation import (
 __all__ = ["CenterLoss"]
 
 
-class CenterLoss(CheckedForwardMixin, BaseMetricLossFunction):
+class CenterLoss(FloatStatisticsMixin, CheckedForwardMixin, BaseMetricLossFunction):
     r"""Center loss (Wen, Zhang, Li, Qiao, ECCV 2016, "A Discriminative Feature Learning
     Approach for Deep Face Recognition").
 
@@ -45,7 +47,9 @@ class CenterLoss(CheckedForwardMixin, BaseMetricLossFunction):
       centers as they were before the update. All the batch's samples enter the
       update, whatever a miner selected for the loss. ``alpha`` is the paper's
       :math:`\alpha` (centers' learning rate, in (0, 1]; the paper finds 0.1-1.0
-      work and uses 0.5).
+      work and uses 0.5). The buffer stays float32 when the loss is cast to
+      float16/bfloat16 (``.half()``, ``.to(torch.bfloat16)``), where the update would
+      round away.
     * ``update="sgd"``: ``centers`` is an ``nn.Parameter`` learned by the
       optimizer that holds ``loss.parameters()`` (``alpha`` is then unused). Its
       gradient is :math:`\lambda/B\sum_{i:y_i=j}(c_j - x_i)` with the default
@@ -68,7 +72,10 @@ class CenterLoss(CheckedForwardMixin, BaseMetricLossFunction):
 
     Miner ``indices_tuple`` become per-sample weights (PML's
     ``convert_to_weights``), and ``reducer`` / ``embedding_regularizer`` apply as
-    for any PML loss. ``ref_emb`` is not supported: the reference is the centers.
+    for any PML loss. ``ref_emb`` is not supported: the reference is the centers. The
+    distance is the definition's, the squared Euclidean distance between the raw
+    embeddings and centers (``distance`` may be given only as
+    ``LpDistance(p=2, power=2, normalize_embeddings=False)``, the default).
 
     Args:
         num_classes: number of classes ``C``.
@@ -76,9 +83,13 @@ class CenterLoss(CheckedForwardMixin, BaseMetricLossFunction):
         alpha: centers' learning rate for ``update="ema"``, in (0, 1].
         update: ``"ema"`` (paper) or ``"sgd"``.
         **kwargs: PML options (``reducer``, ``embedding_regularizer``).
+
+    Raises:
+        TypeError: a ``distance`` other than the definition's (see above).
     """
 
     alpha = Hyperparameter(check_unit_interval)
+    statistic_buffers = ("centers",)  # update="ema": a moving average (float32)
 
     def __init__(
         self,
@@ -91,6 +102,7 @@ class CenterLoss(CheckedForwardMixin, BaseMetricLossFunction):
         self.alpha = alpha
         self.update = check_choice(update, "update", ("ema", "sgd"))
         super().__init__(**kwargs)
+        _check_center_distance(self.distance)
         self.num_classes = check_count(num_classes, "num_classes")
         self.embedding_size = check_count(embedding_size, "embedding_size")
         centers = torch.zeros(num_classes, embedding_size)
@@ -101,6 +113,10 @@ class CenterLoss(CheckedForwardMixin, BaseMetricLossFunction):
         self.add_to_recordable_attributes(
             list_of_names=["num_classes", "embedding_size", "alpha"], is_stat=False
         )
+
+    def get_default_distance(self) -> LpDistance:
+        """The definition's distance: squared Euclidean, raw embeddings and centers."""
+        return LpDistance(p=2, power=2, normalize_embeddings=False)
 
     def check_inputs(
         self,
@@ -173,3 +189,25 @@ class CenterLoss(CheckedForwardMixin, BaseMetricLossFunction):
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
             f"update={self.update!r}{alpha}"
         )
+
+
+def _check_center_distance(distance: object) -> None:
+    """``TypeError`` unless ``distance`` is the squared Euclidean distance on raw vectors."""
+    if (
+        type(distance) is LpDistance
+        and distance.p == 2
+        and distance.power == 2
+        and not distance.normalize_embeddings
+    ):
+        return
+    shown = type(distance).__name__
+    if isinstance(distance, LpDistance):
+        shown += (
+            f"(p={distance.p}, power={distance.power}, "
+            f"normalize_embeddings={distance.normalize_embeddings})"
+        )
+    raise TypeError(
+        "CenterLoss is the squared Euclidean distance between the raw embeddings and the "
+        "centers: distance may only be LpDistance(p=2, power=2, normalize_embeddings=False) "
+        f"(the default), got {shown}"
+    )

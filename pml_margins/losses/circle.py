@@ -83,8 +83,8 @@ class CircleLoss(CheckedForwardMixin, BaseMetricLossFunction):
       (which ``AvgNonZeroReducer`` leaves out of the mean);
     * a pair that is both positive and negative is an error (``ValueError`` here,
       an ``AssertionError`` in PML);
-    * labels only: an anchor is not paired with itself when the reference set is
-      the batch;
+    * labels only: an anchor is not paired with reference ``i`` of its own index when
+      ``ref_labels`` is ``labels`` (PML's rule, also for another ``ref_emb``);
     * one difference: PML returns 0 whenever every index tensor has at most one
       element (e.g. one positive and one negative pair); here such a set gives
       its real loss.
@@ -95,7 +95,9 @@ class CircleLoss(CheckedForwardMixin, BaseMetricLossFunction):
     ``per_anchor=False`` gives the whole-batch form (one log-sum over all
     positive and all negative pairs, a single scalar loss, returned as already
     reduced so the reducer does not apply): with labels only, each unordered pair
-    of the batch is taken once, as in the seed code; with a miner, its pair set.
+    of the batch is taken once when the batch is its own reference set, as in the
+    seed code (another ``ref_emb``, a second view, gives every pair of the two sets);
+    with a miner, its pair set.
 
     No loop over anchors: the per-anchor form runs on the ``B x R`` matrix or on
     the pair lists, whichever is smaller (see ``_choose_path``); every path has the
@@ -172,9 +174,11 @@ class CircleLoss(CheckedForwardMixin, BaseMetricLossFunction):
                 raise ValueError("CircleLoss needs labels (and ref_labels with ref_emb)")
             pos_mask = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
             neg_mask = ~pos_mask
-            if ref_labels is labels:  # the reference set is the batch: no self-pairs
+            if ref_labels is labels:  # PML's rule (get_matches_and_diffs): no self-pairs
                 pos_mask.fill_diagonal_(False)
-                if not self.per_anchor:  # each unordered pair once, as the seed code
+                if not self.per_anchor and ref_emb is embeddings:
+                    # the reference set is the batch: each unordered pair once, as the seed
+                    # code (another ref_emb, a second view, keeps every ordered pair)
                     upper = torch.ones_like(pos_mask).triu_(1)
                     pos_mask, neg_mask = pos_mask & upper, neg_mask & upper
             num_pos = num_neg = None

@@ -32,6 +32,7 @@ from pml_margins.functional.margin_softmax import (
     margin_softmax_cross_entropy,
 )
 from pml_margins.losses.checked_forward import CheckedForwardMixin
+from pml_margins.losses.float_statistics import FloatStatisticsMixin
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     FLOAT_DTYPES,
@@ -58,7 +59,9 @@ def is_plain_inner_product(distance: BaseDistance) -> bool:
     )
 
 
-class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLossFunction):
+class ClassWeightLoss(
+    FloatStatisticsMixin, CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLossFunction
+):
     r"""Base of the class-weight (proxy) losses: softmax, NSL, SphereFace, CosFace, ArcFace.
 
     Holds ``W`` (``embedding_size x num_classes``, PML's name and layout, so PML
@@ -164,25 +167,9 @@ class ClassWeightLoss(CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLos
     #: the distance classes this loss accepts (PML's rule for the same loss)
     distance_types: tuple[type[BaseDistance], ...] = (CosineSimilarity,)
     #: buffers of running statistics (AdaFace's norm statistics, CurricularFace's ``t``,
-    #: AdaCos's scale): kept in float32 when the module is cast to float16/bfloat16, where
-    #: a moving average stalls (``0.01 (r - t)`` falls below ``t``'s rounding step)
+    #: AdaCos's scale): kept in float32 when the module is cast to float16/bfloat16
+    #: (:class:`~pml_margins.losses.float_statistics.FloatStatisticsMixin`)
     statistic_buffers: tuple[str, ...] = ()
-
-    def _apply(self, fn: Any, recurse: bool = True) -> ClassWeightLoss:
-        """``nn.Module._apply`` (``.to``, ``.half``, ...); :attr:`statistic_buffers` that the
-        cast would make half precision become float32 from their values before it (not
-        rounded to half first: AdaCos's fixed scale, CurricularFace's ``t``)."""
-        kept = {
-            name: value
-            for name in self.statistic_buffers
-            if (value := self._buffers.get(name)) is not None and value.is_floating_point()
-        }
-        super()._apply(fn, recurse)
-        for name, before in kept.items():
-            value = self._buffers.get(name)
-            if value is not None and value.dtype in (torch.float16, torch.bfloat16):
-                self._buffers[name] = before.to(device=value.device, dtype=torch.float32)
-        return self
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -92,3 +92,33 @@ def test_center_alpha_and_circle_gamma_are_checked() -> None:
     eye = torch.eye(2, dtype=torch.bool)
     with pytest.raises(ValueError, match="gamma must be > 0"):
         circle_loss_dense(torch.zeros(2, 2), eye, ~eye, 0.25, -1.0)
+
+
+@pytest.mark.parametrize(
+    ("m", "gamma", "match"),
+    [
+        (0.25, -80.0, "gamma must be > 0"),
+        (0.25, float("nan"), "gamma must be finite"),
+        (0.25, 1e20, "gamma must"),
+        (3.0, 80.0, r"m must lie in \[0.0, 0.5\]"),
+        (-0.1, 80.0, r"m must lie in \[0.0, 0.5\]"),
+        (float("nan"), 80.0, "m must be finite"),
+    ],
+)
+def test_every_functional_circle_loss_checks_m_and_gamma(m, gamma, match) -> None:
+    """As the Circle losses do: the pair-list and whole-set forms returned 24.0 / 19.2 for
+    gamma = -80 and NaN for a NaN m; m = 3 gave a silent 0."""
+    from pml_margins.functional import circle_loss_dense_negatives, circle_loss_pairs
+    from pml_margins.functional.circle import circle_loss_whole
+
+    sim, eye = torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.eye(2, dtype=torch.bool)
+    anchors, keys = torch.tensor([0, 1]), torch.tensor([0, 3])
+    calls = [
+        lambda: circle_loss_dense(sim, eye, ~eye, m, gamma),
+        lambda: circle_loss_dense_negatives(sim, ~eye, keys, m, gamma),
+        lambda: circle_loss_pairs(sim[eye], anchors, sim[~eye], anchors, 2, m, gamma),
+        lambda: circle_loss_whole(sim[eye], sim[~eye], m, gamma),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()

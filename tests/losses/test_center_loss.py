@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from pytorch_metric_learning.losses import MultipleLosses
 from pytorch_metric_learning.miners import BatchHardMiner, MultiSimilarityMiner
 from pytorch_metric_learning.reducers import SumReducer
@@ -255,3 +256,27 @@ def test_extra_repr():
     assert "num_classes=3, embedding_size=4, update='ema', alpha=0.5" in repr(CenterLoss(3, 4))
     assert "update='sgd'" in repr(CenterLoss(3, 4, update="sgd"))
     assert "alpha" not in repr(CenterLoss(3, 4, update="sgd"))
+
+
+@pytest.mark.parametrize(
+    "distance",
+    [
+        LpDistance(),  # PML's default normalizes: not the definition's distance
+        LpDistance(p=1, power=2, normalize_embeddings=False),
+        LpDistance(p=2, power=1, normalize_embeddings=False),
+        CosineSimilarity(),
+        DotProductSimilarity(),
+    ],
+)
+def test_a_distance_other_than_the_definitions_is_refused(distance):
+    with pytest.raises(TypeError, match=r"may only be LpDistance\(p=2, power=2, normalize"):
+        CenterLoss(3, 4, distance=distance)
+
+
+def test_the_definitions_distance_is_the_default_and_accepted():
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    default = CenterLoss(3, 4)
+    given = CenterLoss(3, 4, distance=LpDistance(p=2, power=2, normalize_embeddings=False))
+    d = default.distance
+    assert (type(d), d.p, d.power, d.normalize_embeddings) == (LpDistance, 2, 2, False)
+    assert torch.equal(default(x, y), given(x, y))

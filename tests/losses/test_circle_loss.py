@@ -123,23 +123,34 @@ def test_whole_batch_matches_seed_formula(seed):
     _close(ours[1][0], ref[1][0])
 
 
+def test_whole_batch_with_a_second_view_keeps_every_pair():
+    """``loss(x, y, None, r, y)``: the labels object is the batch's (PML's rule drops the
+    ``(i, i)`` positives), but ``r`` is another set: no pair is taken as a duplicate."""
+    x, y = _data(seed=5)
+    r, _ = _data(seed=6)
+    pos, neg = _pairs_from(y.tolist(), y.tolist(), same_set=True)
+    loss = CircleLoss(m=0.25, gamma=16, per_anchor=False)
+    _check_whole(lambda: loss(x, y, None, r, y), x, r, pos, neg)
+
+
+def _check_whole(call, x, r, pos, neg):
+    """``call()``'s value and gradients against the whole-set reference on ``pos``/``neg``."""
+    ours = _value_and_grad(call, x, r)
+    ref = _value_and_grad(lambda: ref_whole(x, r, pos, neg, 0.25, 16), x, r)
+    _close(ours[0], ref[0])
+    for a, b in zip(ours[1], ref[1], strict=True):
+        _close(a, b)
+
+
 def test_whole_batch_with_mined_pairs_and_ref():
     x, y = _data(seed=3)
     r, ry = _data(b=7, seed=4)
     it = pml_miners.MultiSimilarityMiner(epsilon=0.5)(x, y, r, ry)
     pos, neg = _pairs_from_tuple(it)
     loss = CircleLoss(m=0.25, gamma=16, per_anchor=False)
-    ours = _value_and_grad(lambda: loss(x, y, it, r, ry), x, r)
-    ref = _value_and_grad(lambda: ref_whole(x, r, pos, neg, 0.25, 16), x, r)
-    _close(ours[0], ref[0])
-    for a, b in zip(ours[1], ref[1], strict=True):
-        _close(a, b)
+    _check_whole(lambda: loss(x, y, it, r, ry), x, r, pos, neg)
     pos, neg = _pairs_from(y.tolist(), ry.tolist(), same_set=False)
-    ours = _value_and_grad(lambda: loss(x, y, None, r, ry), x, r)
-    ref = _value_and_grad(lambda: ref_whole(x, r, pos, neg, 0.25, 16), x, r)
-    _close(ours[0], ref[0])
-    for a, b in zip(ours[1], ref[1], strict=True):
-        _close(a, b)
+    _check_whole(lambda: loss(x, y, None, r, ry), x, r, pos, neg)
 
 
 def test_mined_pairs_with_duplicates_match_formula():

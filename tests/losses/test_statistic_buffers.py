@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pml_margins.losses import AdaCosLoss, AdaFaceLoss, CurricularFaceLoss
+from pml_margins.losses import AdaCosLoss, AdaFaceLoss, CenterLoss, CurricularFaceLoss
 
 C, D, B = 20, 16, 64
 LOSSES = [
@@ -53,3 +53,19 @@ def test_other_casts_and_the_state_dict_are_unchanged(loss_type, names) -> None:
     for key, value in half.state_dict().items():
         assert other.state_dict()[key].dtype == value.dtype
         assert torch.equal(other.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("alpha", [0.5, 0.05])
+def test_half_precision_center_loss_keeps_float32_centres_that_converge(half, alpha) -> None:
+    """The paper's update in a bf16/fp16 loss reaches the batch's mean (10.0, exact in
+    both) as in float64; with a half-precision buffer it stalled at 9.25 (bf16, 0.05)."""
+    loss = CenterLoss(2, 8, alpha=alpha).to(half)
+    assert loss.centers.dtype == torch.float32
+    x, y = torch.full((4, 8), 10.0, dtype=half), torch.zeros(4, dtype=torch.long)
+    centre = 0.0
+    for _ in range(2000):
+        loss(x, y)
+        centre -= alpha * 4 * (centre - 10.0) / 5  # the paper's rule in float64
+    assert loss.centers[0].tolist() == pytest.approx([centre] * 8, abs=1e-4)  # float32: ~1e-5
+    assert CenterLoss(2, 8, update="sgd").to(half).centers.dtype == half  # a parameter: cast
