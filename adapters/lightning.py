@@ -169,10 +169,16 @@ def _merge_ranks(
 
 
 def _distributed_num_samples(trainer: Any, dataloader_idx: int) -> int | None:
+    """The length of the validation dataset whose ``DistributedSampler`` padded the
+    ranks' shares (``None`` where nothing was padded): its loader is the
+    ``dataloader_idx``-th of the validation loaders in Lightning's own order (a loader,
+    a list, a dict or any nesting of them, flattened as its ``CombinedLoader`` does)."""
     loaders = trainer.val_dataloaders
-    if isinstance(loaders, Sequence):
-        loaders = loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
-    sampler = getattr(loaders, "sampler", None)
+    if loaders is None:
+        return None
+    flattened = pl.utilities.CombinedLoader(loaders, "sequential").flattened
+    loader = flattened[dataloader_idx] if dataloader_idx < len(flattened) else None
+    sampler = getattr(loader, "sampler", None)
     if (
         isinstance(sampler, torch.utils.data.DistributedSampler)
         and not sampler.shuffle

@@ -313,7 +313,7 @@ def check_class_labels(
 
     Raises:
         TypeError / ValueError: as :func:`check_labels`, and ``ValueError`` when a
-        label lies outside ``[0, num_classes)``.
+            label lies outside ``[0, num_classes)``.
     """
     labels = check_labels(labels, length, name)
     if labels.numel() > 0:
@@ -462,7 +462,7 @@ def check_reference(
 
     Raises:
         TypeError / ValueError: as :func:`check_embeddings` and :func:`check_labels`,
-        and ``ValueError`` for the missing halves described above.
+            and ``ValueError`` for the missing halves described above.
     """
     if ref_emb is None:
         if ref_labels is not None:

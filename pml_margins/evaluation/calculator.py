@@ -644,8 +644,10 @@ class _Matches(NamedTuple):
 
 
 def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
-    """The tensors' version counters (autograd's count of in-place changes)."""
-    return tuple(t._version for t in tensors)
+    """The tensors' version counters (autograd's count of in-place changes); 0 for
+    inference tensors (``torch.inference_mode``, Lightning's validation), which have
+    none: for those only the objects' identity is compared."""
+    return tuple(0 if t.is_inference() else t._version for t in tensors)
 
 
 def _faiss_gpu_usable(device: torch.device | None) -> bool:

@@ -201,3 +201,18 @@ def test_k_beyond_the_references_is_cut_to_them():
     at_all = RetrievalAccuracyCalculator(include=include, k=29).get_accuracy(q, ql)
     beyond = RetrievalAccuracyCalculator(include=include, k=200).get_accuracy(q, ql)
     assert beyond == at_all
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_metrics_under_inference_mode_equal_those_outside(separate):
+    """Lightning validates under ``torch.inference_mode``: its tensors have no version
+    counter (reading one raised a RuntimeError)."""
+    q, ql = _data()
+    args = (q, ql, *(_data(50, seed=1) if separate else ()))
+    include = ("r_precision", "rp_not_self", "map_r_counts_plus_1", "recall_at_4")
+    calc = _counts_and_self(RetrievalAccuracyCalculator)(include=include)
+    expected = calc.get_accuracy(*args)
+    with torch.inference_mode():
+        inside = [t.clone() for t in args]  # inference tensors, as a validation step's
+        assert inside[0].is_inference()
+        assert calc.get_accuracy(*inside) == expected
