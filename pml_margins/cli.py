@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,15 +67,28 @@ def check_seed(seed: int, runs: int = 1) -> None:
         raise ValueError(f"--seed must lie in [0, 2^32 - 1]{last}, got {seed}")
 
 
-def check_out_folder(path: str, flag: str = "--out") -> None:
-    """``ValueError`` when ``path`` cannot become a folder: it, or the nearest part of it
-    that exists, is a file (caught before any work, not when the results are written)."""
+def check_out_folder(path: str, flag: str = "--out", files: Sequence[str] = ()) -> None:
+    """``ValueError`` when ``path`` cannot become a folder that this process can write:
+    it, or the nearest part of it that exists, is a file, or that part is not writable
+    (caught before any work, not when the results are written), or one of the ``files``
+    to be written there is a folder."""
     target = os.path.abspath(path)
     for part in (target, *Path(target).parents):
         if os.path.exists(part):
             if not os.path.isdir(part):
                 what = "exists and is not a folder" if part == target else f"{part} is a file"
                 raise ValueError(f"{flag} {path}: {what}")
+            try:  # a read-only mount, permissions (root passes os.access on sysfs)
+                with tempfile.TemporaryFile(dir=part):
+                    pass
+            except OSError as err:
+                raise ValueError(
+                    f"{flag} {path}: cannot write in {part} ({err.strerror})"
+                ) from None
+            if part == target:
+                taken = [f for f in files if os.path.isdir(os.path.join(target, f))]
+                if taken:
+                    raise ValueError(f"{flag} {path}: {', '.join(taken)} is a folder")
             return
 
 

@@ -154,6 +154,16 @@ def _parse_loss_args(items: list[str]) -> dict[str, dict[str, Any]]:
     return overrides
 
 
+def one_line(err: BaseException) -> str:
+    """The line of an error's message that says what went wrong: the first, or for an
+    error that a DataLoader worker wrapped ("Caught ... in DataLoader worker process 0"
+    and the worker's traceback) the original exception's last line, which names it."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1].strip()
+    return lines[0] if lines else type(err).__name__
+
+
 def _load_data(args: argparse.Namespace) -> Any:
     from pml_margins.bench import datasets
 
@@ -197,7 +207,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     try:
         device_arg(args.device)
         check_seed(args.seed, 1 if args.embeddings_only else settings["repeats"])
-        check_out_folder(args.out)
+        check_out_folder(args.out, files=(*RESULT_FILES, *REEVALUATED_FILES))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if args.checkpoint and not args.embeddings_only:
@@ -217,15 +227,16 @@ def _data_counts(bench_data: Any) -> dict[str, int]:
     }
 
 
+#: what a run writes into --out (a re-evaluation: REEVALUATED_FILES), json, table, plot
+RESULT_FILES = ("results.json", "results.md", "recall.png")
+REEVALUATED_FILES = ("reevaluated.json", "reevaluated.md", "reevaluated.png")
+
+
 def _finish(results: dict[str, Any], out: str, reevaluated: bool = False) -> None:
     from pml_margins.bench import report
 
     table = report.markdown_table(results)
-    names = (
-        ("reevaluated.json", "reevaluated.md", "reevaluated.png")
-        if reevaluated
-        else ("results.json", "results.md", "recall.png")
-    )
+    names = REEVALUATED_FILES if reevaluated else RESULT_FILES
     with open(os.path.join(out, names[1]), "w") as f:
         f.write(table)
     report.write_json(results, os.path.join(out, names[0]))
@@ -368,7 +379,7 @@ def _check_losses(
                 **datasets.loss_overrides(args.dataset, name, overrides.get(name, {})),
             )
         except (ValueError, TypeError, ImportError) as err:
-            raise SystemExit(f"error: {name}: {str(err).splitlines()[0]}") from None
+            raise SystemExit(f"error: {name}: {one_line(err)}") from None
 
 
 def _has_pixel_baseline(args: argparse.Namespace) -> bool:
@@ -397,7 +408,7 @@ def _train_one(
     try:
         model, description = models.build_model(config)
     except (ValueError, OSError) as err:  # an unknown backbone, unusable --weights
-        raise SystemExit(f"error: {str(err).splitlines()[0]}") from err
+        raise SystemExit(f"error: {one_line(err)}") from err
     if isinstance(model, models.ConvEmbedder) and config["kind"] != "small-cnn":
         # the small CNN stood in for a backbone neither timm nor torchvision could build:
         # the checkpoint records what was built (re-evaluated later, with timm installed)
@@ -419,7 +430,7 @@ def _train_one(
         run = train.train_embedding(model, setup, bench_data.train, cfg)
     # a batch larger than the training set, a diverging loss, an unreadable image
     except (ValueError, train.TrainingDiverged, OSError) as err:
-        raise SystemExit(f"error: {str(err).splitlines()[0]}") from err
+        raise SystemExit(f"error: {one_line(err)}") from err
     emb, labels = _embed_test_set(model, bench_data, args)
     record = {
         "seed": cfg.seed,
@@ -449,8 +460,8 @@ def _embed_test_set(
             num_workers=args.num_workers,
             keep_on_device=True,
         )
-    except OSError as err:  # PIL's UnidentifiedImageError, a truncated file
-        raise SystemExit(f"error: {str(err).splitlines()[0]}") from err
+    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError, a truncated file
+        raise SystemExit(f"error: {one_line(err)}") from err
 
 
 def _summarize(name: str, setup: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -590,7 +601,7 @@ def _evaluate_checkpoints(
         except RuntimeError as err:  # a model_config that builds another network
             raise SystemExit(
                 f"error: {path}: its weights do not fit the model it describes "
-                f"({description}): {str(err).splitlines()[0]}"
+                f"({description}): {one_line(err)}"
             ) from None
         emb, labels = _embed_test_set(model, bench_data, args)
         results["losses"].append(

@@ -136,19 +136,97 @@ class DatasetFolderError(FileNotFoundError):
     """A CUB/SOP folder is missing or incomplete; the message names the expected files."""
 
 
+#: CUB's official class ids (PML's CUB split: 1-100 train, 101-200 test)
+CUB_CLASSES = range(1, 201)
+#: the first line of SOP's index files, which PML skips
+SOP_HEADER = ("image_id", "class_id", "super_class_id", "path")
+
+
+def _index_lines(folder: str, name: str) -> list[tuple[int, list[str]]]:
+    """``(line number, fields)`` of every line of an index file (a BOM dropped); a blank
+    line is an error (PML's readers take every line: they fail on it, or misread it)."""
+    path = os.path.join(folder, name)
+    with open(path, encoding="utf-8-sig") as f:
+        lines = [(number, line.split()) for number, line in enumerate(f, 1)]
+    for number, fields in lines:
+        if not fields:
+            raise ValueError(f"{path} line {number} is blank: remove it")
+    return lines
+
+
+def _ints(path: str, number: int, fields: list[str], columns: str, ints: int) -> list[int]:
+    """The first ``ints`` of a line's fields as ints, after checking that it has as many
+    fields as ``columns`` names (``"<a> <b> ..."``)."""
+    count = len(columns.split())
+    if len(fields) != count:
+        raise ValueError(
+            f"{path} line {number} has {len(fields)} fields, expected {count} ({columns})"
+        )
+    try:
+        return [int(v) for v in fields[:ints]]
+    except ValueError:
+        raise ValueError(
+            f"{path} line {number}: {' '.join(fields)!r} does not read as {columns}"
+        ) from None
+
+
 def _cub_images(folder: str) -> list[str]:
-    """Image paths (relative to ``folder``) that CUB's ``images.txt`` lists."""
-    with open(os.path.join(folder, "images.txt")) as f:
-        return [os.path.join("images", line.split()[1]) for line in f if line.strip()]
+    """Image paths (relative to ``folder``) that CUB's ``images.txt`` lists, after checking
+    the official protocol: ``images.txt`` (``id path``) and ``image_class_labels.txt``
+    (``id class``) list the same images line by line (PML pairs them so, and drops a pair
+    whose ids differ), with class ids in 1-200 (PML's split: 1-100 train, 101-200 test)."""
+    images, labels = (os.path.join(folder, f) for f in ("images.txt", "image_class_labels.txt"))
+    listed = _index_lines(folder, "images.txt")
+    classes = _index_lines(folder, "image_class_labels.txt")
+    if len(listed) != len(classes):
+        raise ValueError(
+            f"{images} lists {len(listed)} images but {labels} labels {len(classes)} "
+            "(PML pairs them line by line)"
+        )
+    paths = []
+    for (number, fields), (_, label_fields) in zip(listed, classes, strict=True):
+        (image_id,) = _ints(images, number, fields, "<image_id> <path>", 1)
+        label_id, class_id = _ints(labels, number, label_fields, "<image_id> <class_id>", 2)
+        if label_id != image_id:
+            raise ValueError(
+                f"line {number} of {images} is image {image_id} but that of {labels} is image "
+                f"{label_id}: list the images in the same order (PML pairs them line by line)"
+            )
+        if class_id not in CUB_CLASSES:
+            raise ValueError(
+                f"{labels} line {number}: class {class_id} is outside CUB's 1-200 (the "
+                "official split: classes 1-100 train, 101-200 test)"
+            )
+        paths.append(os.path.join("images", fields[1]))
+    return paths
 
 
 def _sop_images(folder: str) -> list[str]:
-    """Image paths (relative to ``folder``) that SOP's ``Ebay_{train,test}.txt`` list."""
+    """Image paths (relative to ``folder``) that SOP's ``Ebay_{train,test}.txt`` list,
+    after checking the official protocol: each file starts with the header (PML skips
+    the first line), then ``image_id class_id super_class_id path``; no class in both."""
     paths: list[str] = []
+    split_classes = []
     for split in ("train", "test"):
-        with open(os.path.join(folder, f"Ebay_{split}.txt")) as f:
-            next(f, None)  # header: image_id class_id super_class_id path
-            paths += [line.split()[3] for line in f if line.strip()]
+        name = f"Ebay_{split}.txt"
+        path = os.path.join(folder, name)
+        lines = _index_lines(folder, name)
+        if not lines or tuple(lines[0][1]) != SOP_HEADER:
+            raise ValueError(
+                f"{path} does not start with the header line {' '.join(SOP_HEADER)!r} "
+                "(PML skips the first line: without it, an image would be lost)"
+            )
+        columns = "<image_id> <class_id> <super_class_id> <path>"
+        classes = {_ints(path, n, fields, columns, 2)[1] for n, fields in lines[1:]}
+        split_classes.append(classes)
+        paths += [fields[3] for _, fields in lines[1:]]
+    shared = sorted(split_classes[0] & split_classes[1])
+    if shared:
+        shown = ", ".join(map(str, shared[:5])) + (" ..." if len(shared) > 5 else "")
+        raise ValueError(
+            f"{len(shared)} classes are in both Ebay_train.txt and Ebay_test.txt of {folder} "
+            f"({shown}): the test classes must be unseen in training"
+        )
     return paths
 
 
@@ -208,10 +286,10 @@ def check_dataset_folder(name: str, root: str | os.PathLike[str], max_listed: in
         )
     try:
         listed = layout.list_images(folder)
-    except (IndexError, ValueError, StopIteration) as err:
+    except (ValueError, UnicodeDecodeError) as err:
         raise DatasetFolderError(
-            f"{name.upper()} index files in {folder} are malformed ({err}); {hint}"
-        ) from err
+            f"{name.upper()} index files in {folder} are malformed: {err}"
+        ) from None
     if not listed:
         raise DatasetFolderError(f"{name.upper()} index files in {folder} list no images; {hint}")
     missing = [p for p in listed if not os.path.isfile(os.path.join(folder, p))]
@@ -241,7 +319,11 @@ class ImageToTensor:
     def __call__(self, image: Any) -> torch.Tensor:
         from PIL import Image
 
-        image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        try:  # Pillow reads lazily: a truncated file fails here, not where it was opened
+            image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        except (OSError, SyntaxError) as err:
+            name = getattr(image, "filename", "") or "an image"
+            raise ValueError(f"cannot read image {name}: {err}") from None
         array = np.asarray(image, dtype=np.float32) / 255.0
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
         return (tensor - self.mean) / self.std
@@ -318,7 +400,7 @@ def load_image_dataset(
             )
     remap = RemapLabels(train.labels)
     train.target_transform = remap
-    sample = transform(_open_image(train.paths[0]))
+    sample = transform(open_image(train.paths[0]))
     return RetrievalData(
         name=name,
         train=train,
@@ -328,9 +410,14 @@ def load_image_dataset(
     )
 
 
-def _open_image(path: str) -> Any:
+def open_image(path: str) -> Any:
+    """The image at ``path``, loaded; ``ValueError`` naming the file when Pillow cannot
+    read it (not an image, truncated, unsupported)."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        image.load()
-        return image
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None

@@ -182,8 +182,8 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             """(query, query_labels, shard, shard_labels), checked, on the compute device;
             query and its labels are None when the set is evaluated against itself (the
             whole set is then gathered from the shards)."""
-            if reference is None:
-                if reference_labels is not None:
+            if reference is None:  # PML then ignores reference_labels: the query's own
+                if reference_labels is not None and reference_labels is not query_labels:
                     raise ValueError("reference_labels given without reference")
                 shard, device = self._checked_query(query)
                 labels = self.checked_labels(query_labels, len(shard), "query_labels")

@@ -553,7 +553,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             kwargs["knn_labels"],
         )
         own = kwargs.get("_match")
-        if own is not None and own.describes(kwargs):
+        if own is not None and own.describes(kwargs, trust_inference=full_k):
             match, relevant = own.full, own.relevant
             if not full_k:
                 match = match[:, : knn_labels.shape[1]] if own.shown is None else own.shown
@@ -623,15 +623,21 @@ class _Matches(NamedTuple):
     label_counts: tuple[torch.Tensor, torch.Tensor]  # the label_counts handed to the metrics
     ref_includes_query: bool
 
-    def describes(self, kwargs: dict[str, Any]) -> bool:
+    def describes(self, kwargs: dict[str, Any], trust_inference: bool = False) -> bool:
         """Whether these are the matches of the PML kwargs a ``calculate_*`` method got:
         the same objects, unchanged, that this class handed out (a subclass may pass its
-        own ``knn_labels``, ``label_counts`` or ``ref_includes_query``)."""
+        own ``knn_labels``, ``label_counts`` or ``ref_includes_query``). Inference tensors
+        (``torch.inference_mode``) count no in-place changes: they are taken as unchanged
+        only if ``trust_inference`` (Recall@K, which needs the lists beyond PML's ``k``
+        that only these matches hold, and which only this class calls with them)."""
         labels, knn_labels, counts = (
             kwargs["query_labels"],
             kwargs["knn_labels"],
             kwargs["label_counts"],
         )
+        tensors = (labels, knn_labels, *counts) if isinstance(counts, tuple) else ()
+        if not trust_inference and any(t.is_inference() for t in tensors):
+            return False
         return (
             labels is self.query_labels
             and knn_labels is self.knn_labels
@@ -645,8 +651,8 @@ class _Matches(NamedTuple):
 
 def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
     """The tensors' version counters (autograd's count of in-place changes); 0 for
-    inference tensors (``torch.inference_mode``, Lightning's validation), which have
-    none: for those only the objects' identity is compared."""
+    inference tensors (``torch.inference_mode``, Lightning's validation), which have none
+    (see :meth:`_Matches.describes`)."""
     return tuple(0 if t.is_inference() else t._version for t in tensors)
 
 

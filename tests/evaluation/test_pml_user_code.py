@@ -216,3 +216,10 @@ def test_metrics_under_inference_mode_equal_those_outside(separate):
         inside = [t.clone() for t in args]  # inference tensors, as a validation step's
         assert inside[0].is_inference()
         assert calc.get_accuracy(*inside) == expected
+        # in-place changes, which inference tensors do not count, still reach the value
+        include = ("r_precision", "p1_counts_changed_in_place")
+        changed = _counts_and_self(RetrievalAccuracyCalculator)(include=include)
+        pml = _counts_and_self(AccuracyCalculator)(include=include, device=CPU)
+        assert _ours(changed.get_accuracy(*inside), pml.get_accuracy(*args)) == pytest.approx(
+            pml.get_accuracy(*args), abs=1e-12
+        )

@@ -1,0 +1,134 @@
+"""CUB/SOP folders that break the official protocol, unreadable images and unwritable
+outputs: each is one error line naming the file and the problem (status 2), found before
+the work it would spoil, never a wrong split nor a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pml_margins.bench.cli_bench import one_line
+from pml_margins.bench.data import check_dataset_folder, open_image
+from tests.bench.conftest import run_cli
+from tests.bench.test_cli_review import CUB
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def _cub(root: Path) -> Path:
+    return root / "CUB_200_2011"
+
+
+def _sop(root: Path) -> Path:
+    return root / "Stanford_Online_Products"
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (  # PML pairs the two files line by line: 10 missing labels lost 10 test images
+            lambda f: _edit(f / "image_class_labels.txt", "14 102\n", ""),
+            r"images.txt lists 14 images but .*image_class_labels.txt labels 13",
+        ),
+        (  # zero-based class ids: class 0 was dropped, "train" became 1-100
+            lambda f: _edit(f / "image_class_labels.txt", "1 1\n", "1 0\n"),
+            r"image_class_labels.txt line 1: class 0 is outside CUB's 1-200",
+        ),
+        (  # the same images in another order: PML drops every pair whose ids differ
+            lambda f: _edit(f / "image_class_labels.txt", "1 1\n2 1\n", "2 1\n1 1\n"),
+            r"line 1 of .*images.txt is image 1 but that of .*image_class_labels.txt is image 2",
+        ),
+        (  # an editor's trailing blank line: PML's reader fails on it
+            lambda f: (f / "images.txt").write_text((f / "images.txt").read_text() + "\n"),
+            r"images.txt line 15 is blank: remove it",
+        ),
+        (
+            lambda f: _edit(f / "images.txt", "3 ", "3 x "),
+            r"images.txt line 3 has 3 fields, expected 2 \(<image_id> <path>\)",
+        ),
+    ],
+)
+def test_a_cub_folder_off_the_protocol_is_named(fake_cub: Path, edit, match) -> None:
+    edit(_cub(fake_cub))
+    with pytest.raises(FileNotFoundError, match=match):
+        check_dataset_folder("cub", fake_cub)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (  # PML skips the first line: without the header an image was lost per split
+            lambda f: _edit(f / "Ebay_test.txt", "image_id class_id super_class_id path\n", ""),
+            r"Ebay_test.txt does not start with the header line",
+        ),
+        (  # a test class trained on: not open-set retrieval
+            lambda f: _edit(f / "Ebay_test.txt", " 11319 1 ", " 5 1 "),
+            r"1 classes are in both Ebay_train.txt and Ebay_test.txt .*\(5\)",
+        ),
+        (
+            lambda f: (f / "Ebay_train.txt").write_text((f / "Ebay_train.txt").read_text() + "\n"),
+            r"Ebay_train.txt line 10 is blank",
+        ),
+        (
+            lambda f: _edit(f / "Ebay_train.txt", " 5 1 ", " five 1 "),
+            r"Ebay_train.txt line \d+: .* does not read as <image_id> <class_id>",
+        ),
+    ],
+)
+def test_a_sop_folder_off_the_protocol_is_named(fake_sop: Path, edit, match) -> None:
+    edit(_sop(fake_sop))
+    with pytest.raises(FileNotFoundError, match=match):
+        check_dataset_folder("sop", fake_sop)
+
+
+def test_the_sop_header_may_follow_a_byte_order_mark(fake_sop: Path) -> None:
+    index = _sop(fake_sop) / "Ebay_train.txt"
+    index.write_bytes(b"\xef\xbb\xbf" + index.read_bytes())
+    check_dataset_folder("sop", fake_sop)
+
+
+@pytest.mark.parametrize("which", ["first", "test"])
+def test_an_unreadable_image_is_one_line_naming_it(fake_cub: Path, tmp_path: Path, which) -> None:
+    """The first training image (opened for the input shape) gave a traceback."""
+    name = "001.Bird_1/Bird_1_0.jpg" if which == "first" else "101.Bird_101/Bird_101_1.jpg"
+    (_cub(fake_cub) / "images" / name).write_bytes(b"not a jpeg")
+    argv = ["bench", "--dataset", "cub", "--data-root", str(fake_cub), *CUB]
+    with pytest.raises(SystemExit, match=rf"error: .*{name}"):
+        run_cli([*argv, "--out", str(tmp_path / "out")])
+
+
+def test_a_truncated_image_names_its_file(fake_cub: Path) -> None:
+    path = _cub(fake_cub) / "images" / "102.Bird_102/Bird_102_0.jpg"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])  # the header reads; the pixels do not
+    from pml_margins.bench.data import ImageToTensor
+
+    with pytest.raises(
+        ValueError, match=r"cannot read image .*Bird_102_0.jpg: image file is trunc"
+    ):
+        ImageToTensor(8)(Image.open(path))
+    with pytest.raises(ValueError, match=r"cannot read image .*Bird_102_0.jpg"):
+        open_image(str(path))
+
+
+def test_a_dataloader_workers_error_keeps_its_own_line() -> None:
+    wrapped = ValueError(
+        "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1, in f\nValueError: cannot read image a.jpg: bad\n'
+    )
+    assert one_line(wrapped) == "ValueError: cannot read image a.jpg: bad"
+    assert one_line(ValueError("first\nsecond")) == "first"
+
+
+def test_an_output_that_cannot_be_written_stops_before_training(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "results.json").mkdir(parents=True)  # found after training before
+    argv = ["bench", "--dataset", "digits", "--epochs", "1", "--repeats", "1", "--no-progress"]
+    with pytest.raises(SystemExit, match=r"error: --out .*: results.json is a folder"):
+        run_cli([*argv, "--out", str(out)])
