@@ -108,7 +108,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--backbone", default="resnet50", help="cub/sop: timm/torchvision model")
     p.add_argument("--weights", help="cub/sop: local state dict of pretrained backbone weights")
-    p.add_argument("--image-size", type=int, help="glyphs: 32 (default), cub/sop: 224")
+    p.add_argument(
+        "--image-size", type=int, help="glyphs: 32 (default; a multiple of 16), cub/sop: 224"
+    )
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument(
@@ -178,6 +180,7 @@ def _load_data(args: argparse.Namespace) -> Any:
 
 #: the data loaders' argument names in their messages, and the flags that set them
 _LOADER_FLAGS = {
+    "train_classes": "--train-classes",
     "max_classes": "--max-classes",
     "min_fonts": "--min-fonts",
     "glyph size": "--image-size",
@@ -204,6 +207,15 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: --num-workers must be >= 0, got {args.num_workers}")
     if args.image_size is not None and args.image_size < 1:
         raise SystemExit(f"error: --image-size must be >= 1, got {args.image_size}")
+    if args.dataset == "glyphs" and args.image_size is not None:
+        from pml_margins.bench.datasets import GLYPH_MODEL
+
+        step = GLYPH_MODEL["unshuffle"] * 2 ** len(GLYPH_MODEL["widths"])
+        if args.image_size % step:  # before rendering the glyphs (~30 s), not after
+            raise SystemExit(
+                f"error: --image-size must be a multiple of {step} for the glyph CNN, "
+                f"got {args.image_size}"
+            )
     try:
         device_arg(args.device)
         check_seed(args.seed, 1 if args.embeddings_only else settings["repeats"])

@@ -125,8 +125,13 @@ def _loss_class(name: str) -> Any:
 
 
 def _softmax_center(ctx: LossContext, *, lambda_: float, **center: Any) -> tuple[Any, None]:
-    """Softmax + lambda * Center loss, through PML's ``MultipleLosses``."""
+    """Softmax + lambda * Center loss, through PML's ``MultipleLosses``; ``lambda_`` >= 0
+    (the paper's weight: a negative one pushes features away from their centres)."""
     from pytorch_metric_learning.losses import MultipleLosses
+
+    from pml_margins.validation import check_non_negative
+
+    lambda_ = check_non_negative(lambda_, "lambda_")
 
     softmax = _loss_class("SoftmaxLoss")(ctx.num_classes, ctx.embedding_size)
     center_loss = _loss_class("CenterLoss")(ctx.num_classes, ctx.embedding_size, **center)

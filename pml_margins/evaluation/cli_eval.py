@@ -106,6 +106,7 @@ def _load(path: str, key: str) -> torch.Tensor:
     except Exception as error:  # a corrupt zip, a file of another kind, ...: one line
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         reason = (str(reason).splitlines() or [""])[0].removeprefix(f"{path}: ")
+        reason = reason or f"{type(error).__name__} (an empty or truncated file?)"
         if not isinstance(error, (OSError, ValueError, TypeError, RuntimeError, EOFError)):
             reason = f"not a valid {Path(path).suffix} file ({type(error).__name__}: {reason})"
         raise CliError(f"{path}: cannot read: {reason}") from None
@@ -116,6 +117,21 @@ def _recall_ks(args: argparse.Namespace) -> tuple[int, ...]:
     ``recall_at_3`` is asking for K = 3)."""
     named = [m.removeprefix("recall_at_") for m in args.metrics if m.startswith("recall_at_")]
     return tuple(args.recall_ks) + tuple(int(k) for k in named if k.isdigit() and int(k) > 0)
+
+
+def _check_metric_names(args: argparse.Namespace, calculator: type) -> None:
+    """``--metrics``/``--exclude`` name known metrics and leave at least one to compute."""
+    known = calculator(recall_ks=_recall_ks(args)).original_function_dict
+    for flag, names in (("--metrics", args.metrics), ("--exclude", args.exclude)):
+        unknown = [m for m in names if m not in known]
+        if unknown:
+            raise CliError(
+                f"{flag}: unknown metric {', '.join(unknown)}; choose from "
+                f"{', '.join(sorted(known))} (or recall_at_K for any K)"
+            )
+    left = [m for m in (args.metrics or known) if m not in args.exclude]
+    if not left:
+        raise CliError("--metrics and --exclude leave no metric to compute")
 
 
 def _rows(values: torch.Tensor) -> int:
@@ -222,6 +238,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(f"{args.output}: cannot write: its directory does not exist")
     if args.output and Path(args.output).is_dir():
         raise CliError(f"{args.output}: cannot write: it is a directory (give a file name)")
+    _check_metric_names(args, RetrievalAccuracyCalculator)
     query = _load(args.embeddings, "embeddings")
     query_labels = _load(args.labels, "labels")
     reference = reference_labels = None

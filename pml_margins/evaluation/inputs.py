@@ -95,12 +95,15 @@ def as_labels(x: object, length: int, name: str) -> torch.Tensor:
     """Checked ``(length,)`` int64 labels; whole-number float labels are accepted as PML does.
 
     Raises:
-        TypeError: not a tensor/array, or fractional/non-finite float labels.
-        ValueError: not 1-D, a length other than ``length``, or float labels beyond int64.
+        TypeError: not a tensor/array, or fractional float labels.
+        ValueError: not 1-D, a length other than ``length``, NaN/Inf, or float labels
+            beyond int64.
     """
     t = _label_tensor(x, length, name, (1,), "have an integer dtype")
     if t.is_floating_point():
-        if not bool(torch.isfinite(t).all() and (t == t.round()).all()):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+        if not bool((t == t.round()).all()):
             raise TypeError(f"{name} must be integers, got {t.dtype} values with a fraction")
         if t.numel() and float(t.abs().max()) >= 2.0**63:
             raise ValueError(

@@ -385,7 +385,7 @@ def test_train_classes_and_min_fonts(tmp_path: Path) -> None:
         (["--loss-arg", "nsl.scale"], "error: --loss-arg expects LOSS.KEY=VALUE"),
         (["--loss-arg", "nsl.nope=1"], "nsl.*nope"),
         (["--dataset", "glyphs", "--max-classes", "1"], "error: --max-classes"),
-        (["--dataset", "glyphs", "--image-size", "4"], "error: --image-size must be >= 8"),
+        (["--dataset", "glyphs", "--image-size", "4"], "error: --image-size must be a multiple"),
     ],
 )
 def test_bad_input_exits_with_a_message(

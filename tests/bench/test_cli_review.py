@@ -124,7 +124,7 @@ def test_the_small_cnn_standing_in_for_a_backbone_is_what_the_checkpoint_records
     [
         ("--max-classes", "1", "--max-classes must be >= 2"),
         ("--min-fonts", "1", "--min-fonts must be >= 2"),
-        ("--image-size", "4", "--image-size must be >= 8 pixels"),
+        ("--image-size", "4", "--image-size must be a multiple of 16"),
     ],
 )
 def test_glyph_settings_are_named_by_their_flags(tmp_path: Path, flag, value, message) -> None:

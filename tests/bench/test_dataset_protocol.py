@@ -132,3 +132,19 @@ def test_an_output_that_cannot_be_written_stops_before_training(tmp_path: Path) 
     argv = ["bench", "--dataset", "digits", "--epochs", "1", "--repeats", "1", "--no-progress"]
     with pytest.raises(SystemExit, match=r"error: --out .*: results.json is a folder"):
         run_cli([*argv, "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--image-size", "33"], "--image-size must be a multiple of 16 for the glyph CNN"),
+        (
+            ["--dataset", "digits", "--losses", "center", "--loss-arg", "center.lambda_=-1"],
+            "center: lambda_ must be >= 0, got -1.0",
+        ),
+        (["--dataset", "digits", "--train-classes", "0,0"], "--train-classes must be distinct"),
+    ],
+)
+def test_bad_options_are_named_before_any_work(tmp_path: Path, flags, message) -> None:
+    with pytest.raises(SystemExit, match=message):
+        run_cli(["bench", *flags, "--epochs", "1", "--no-progress", "--out", str(tmp_path)])

@@ -131,6 +131,8 @@ def test_help_lists_metrics_and_flags(capsys):
         ("x.npy", "short.npy", "short.npy: query_labels has length 5"),
         ("nan.npy", "y.npy", "nan.npy: query contains NaN"),
         ("x.txt", "y.npy", "x.txt: cannot read: expected a .npy"),
+        ("empty.pt", "y.npy", "empty.pt: cannot read: EOFError (an empty or truncated file?)"),
+        ("x.npy", "nan_labels.npy", "nan_labels.npy: query_labels contains NaN or Inf"),
     ],
 )
 def test_bad_files_give_one_line_and_status_2(
@@ -142,7 +144,32 @@ def test_bad_files_give_one_line_and_status_2(
     np.save(tmp / "short.npy", np.arange(5))
     np.save(tmp / "nan.npy", np.full((120, 2), np.nan, dtype=np.float32))
     (tmp / "x.txt").write_text("1 2\n")
+    (tmp / "empty.pt").write_bytes(b"")
+    np.save(tmp / "nan_labels.npy", np.where(np.arange(120) == 3, np.nan, np.arange(120) % 4))
     monkeypatch.chdir(tmp)
     assert main(["eval", "--embeddings", embeddings, "--labels", labels]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--metrics", "foo"], "--metrics: unknown metric foo; choose from AMI, NMI,"),
+        (["--exclude", "bar"], "--exclude: unknown metric bar; choose from"),
+        (["--metrics", "NMI", "--exclude", "NMI"], "--metrics and --exclude leave no metric"),
+    ],
+)
+def test_metric_names_are_checked_against_the_flags(files, capsys, flags, message):
+    """PML's "Primary metrics must be one or more of" named neither the value nor the
+    flag; excluding every metric printed an empty table with status 0."""
+    _, _, paths, _ = files
+    assert main(["eval", "--embeddings", paths["x"], "--labels", paths["y"], *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert (
+        main(
+            ["eval", "--embeddings", paths["x"], "--labels", paths["y"], "--metrics", "recall_at_3"]
+        )
+        == 0
+    )
