@@ -179,16 +179,16 @@ def sphereface_value_and_slope(
     :math:`T_{k+1} = 2xT_k - T_{k-1}`, :math:`U_{k} = 2xU_{k-1} - U_{k-2}`,
     :math:`U_{-1} = 0`, :math:`U_0 = 1`)."""
     m = check_integer_margin(margin, "margin")
-    k = _angle_region(cosine, float(m), 0.0).clamp(max=m - 1)
-    t_prev, t_curr = torch.ones_like(cosine), cosine  # T_0, T_1
-    u_prev, u_curr = torch.zeros_like(cosine), torch.ones_like(cosine)  # U_{-1}, U_0
-    for _ in range(m - 1):
-        t_prev, t_curr = t_curr, 2 * cosine * t_curr - t_prev
-        u_prev, u_curr = u_curr, 2 * cosine * u_curr - u_prev
-    if m == 0:
-        t_curr = t_prev
+    k = _angle_region(cosine, float(m), 0.0).clamp_(max=m - 1)
+    # T and U side by side, one recurrence (a step costs its op launches, not its B values)
+    ones = torch.ones_like(cosine)
+    prev = torch.stack((ones, torch.zeros_like(cosine)))  # T_0, U_{-1}
+    curr = torch.stack((cosine, ones))  # T_1, U_0
+    two_x = 2 * cosine
+    for _ in range(m - 1):  # next = 2 x curr - prev, rounded as cos_multiple_angle's
+        prev, curr = curr, torch.mul(two_x, curr).sub_(prev)
     sign = 1 - 2 * torch.remainder(k, 2)
-    return sign * t_curr - 2 * k, sign * m * u_curr
+    return sign * curr[0] - 2 * k, curr[1].mul_(sign * m)
 
 
 def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
