@@ -14,14 +14,23 @@ The sampler state is restored by :func:`load_into` for the same world size, so a
 resumed run draws the same classes; merging or re-sharding drops it (the
 sampling of another world size is different anyway).
 
-Only plain ``loss_kwargs`` (numbers, strings, booleans, ``None``) are saved;
-pass objects such as a ``reducer`` again when rebuilding a loss.
+Only plain ``loss_kwargs`` (numbers, strings, booleans, ``None``; numpy scalars as the
+Python numbers they hold) are saved; pass objects such as a ``reducer`` again when
+rebuilding a loss. :func:`load_into` warns where the loss's hyper-parameters differ from
+the shard's (restore the scheduler that moved them, or set them).
+
+The optimizer's state (SGD momentum, Adam's moments of ``W``) is not in a shard: save
+``optimizer.state_dict()`` on every rank beside it to resume at the same world size;
+after :func:`reshard` the moments of ``W`` start again from zero.
 """
 
 from __future__ import annotations
 
 import importlib
+import numbers
 import os
+import pickle
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,18 +73,35 @@ def _load_type(name: str) -> type[ClassWeightLoss]:
 
 
 def _plain(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if v is None or isinstance(v, (bool, int, float, str))}
+    """The arguments a ``weights_only`` load can read back: ``None``, strings and numbers,
+    numpy's as the Python bool/int/float they hold (an ``np.float64`` pickled as numpy
+    made the file unreadable; an ``np.bool_`` was dropped)."""
+    plain = {}
+    for key, value in kwargs.items():
+        if value is None or isinstance(value, str):
+            plain[key] = value
+        elif (
+            hasattr(value, "dtype")
+            and getattr(value, "shape", None) == ()
+            and not isinstance(value, torch.Tensor)
+        ):  # a numpy scalar
+            plain[key] = value.item()
+        elif isinstance(value, bool):
+            plain[key] = value
+        elif isinstance(value, numbers.Integral):
+            plain[key] = int(value)
+        elif isinstance(value, numbers.Real):
+            plain[key] = float(value)
+    return plain
 
 
 def _current_hyperparameters(loss: ClassWeightLoss) -> dict[str, Any]:
     """The current values of every hyper-parameter of ``loss`` (its
     ``hyperparameter_names``, each a constructor argument): given to the constructor
     or left at its default, a scheduler may have moved it since."""
-    return {
-        name: getattr(loss, name)
-        for name in getattr(loss, "hyperparameter_names", ())
-        if isinstance(getattr(loss, name, None), (bool, int, float, str))
-    }
+    names = [n for n in getattr(loss, "hyperparameter_names", ()) if hasattr(loss, n)]
+    values = {n: getattr(loss, n) for n in names}  # None too: a scale set back to None
+    return {n: v for n, v in values.items() if v is None or isinstance(v, (bool, int, float, str))}
 
 
 def shard_checkpoint(loss: ShardedMarginSoftmaxLoss) -> Checkpoint:
@@ -101,8 +127,18 @@ def save_shard(loss: ShardedMarginSoftmaxLoss, path: str | os.PathLike[str]) -> 
 
 
 def load_shard(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read one shard written by :func:`save_shard` (``weights_only=True``)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """Read one shard written by :func:`save_shard` (``weights_only=True``); ``ValueError``
+    naming the file for one that cannot be read (empty, truncated, not a checkpoint)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        reason = str(err).splitlines()[0] if str(err).strip() else "empty or truncated"
+        raise ValueError(
+            f"{os.fspath(path)!r} cannot be read as a {FORMAT} checkpoint "
+            f"({type(err).__name__}: {reason})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not a {FORMAT} checkpoint")
     ckpt["class_range"] = tuple(ckpt["class_range"])
@@ -125,13 +161,15 @@ def merge_shards(shards: Sequence[Checkpoint]) -> Checkpoint:
             f"need exactly one shard per rank 0..{world_size - 1}, got ranks "
             f"{sorted(s['rank'] for s in shards)}"
         )
-    for key in ("loss_type", "num_classes", "embedding_size", "world_size"):
+    for key in ("loss_type", "num_classes", "embedding_size", "world_size", "loss_kwargs"):
         if any(s[key] != first[key] for s in shards):
-            raise ValueError(f"shards disagree on {key}")
+            shown = {s["rank"]: s[key] for s in shards}
+            raise ValueError(f"shards disagree on {key} (by rank: {shown}): not one run")
     ordered = [by_rank[r] for r in range(world_size)]
     expected = shard_ranges(first["num_classes"], world_size)
     if [tuple(s["class_range"]) for s in ordered] != expected:
         raise ValueError("shard class ranges do not match the contiguous split")
+    _check_one_run(ordered)
     state = {}
     for key, value in first["state_dict"].items():
         dim = _CLASS_DIM.get(key)
@@ -147,6 +185,38 @@ def merge_shards(shards: Sequence[Checkpoint]) -> Checkpoint:
     }
 
 
+def _check_one_run(ordered: Sequence[Checkpoint]) -> None:
+    """``ValueError`` unless the shards' states fit together: the same keys, dtypes and
+    entries per class (``W``'s columns: ``K`` per class for sub-centres), and equal
+    entries that are not split by class (buffers such as CurricularFace's ``t``)."""
+    first = ordered[0]["state_dict"]
+    for shard in ordered:
+        state, rank = shard["state_dict"], shard["rank"]
+        if set(state) != set(first):
+            raise ValueError(f"shard {rank} holds {sorted(state)}, shard 0 {sorted(first)}")
+        start, end = shard["class_range"]
+        for key, value in state.items():
+            if value.dtype != first[key].dtype:
+                raise ValueError(
+                    f"shards disagree on the dtype of {key}: {first[key].dtype} (shard 0), "
+                    f"{value.dtype} (shard {rank}): not one run"
+                )
+            dim = _CLASS_DIM.get(key)
+            if dim is None:
+                if not torch.equal(value, first[key]):
+                    raise ValueError(
+                        f"shards disagree on {key}, which every rank holds whole: "
+                        "shards of different runs or steps"
+                    )
+                continue
+            per_class = first[key].shape[dim] // max(1, ordered[0]["class_range"][1])
+            if value.shape[dim] != (end - start) * per_class:
+                raise ValueError(
+                    f"shard {rank}'s {key} has {value.shape[dim]} entries for classes "
+                    f"[{start}, {end}); shard 0 has {per_class} per class: not one run"
+                )
+
+
 def split_checkpoint(full: Checkpoint, world_size: int) -> list[Checkpoint]:
     """Split a ``world_size == 1`` checkpoint into ``world_size`` shards (list index = rank)."""
     if full["world_size"] != 1:
@@ -160,7 +230,12 @@ def split_checkpoint(full: Checkpoint, world_size: int) -> list[Checkpoint]:
                 state[key] = value.clone()
                 continue
             # each class may own several consecutive entries (sub-centres: K columns of W)
-            per_class = value.shape[_CLASS_DIM[key]] // num_classes
+            per_class, extra = divmod(value.shape[_CLASS_DIM[key]], num_classes)
+            if extra or not per_class:
+                raise ValueError(
+                    f"{key} has {value.shape[_CLASS_DIM[key]]} entries along its class "
+                    f"dimension, not a multiple of num_classes={num_classes}"
+                )
             state[key] = value.narrow(
                 _CLASS_DIM[key], start * per_class, (end - start) * per_class
             ).clone()
@@ -198,9 +273,25 @@ def load_into(loss: ShardedMarginSoftmaxLoss, shard: Checkpoint) -> None:
             f"the loss [{loss.class_start}, {loss.class_end}) of {loss.num_classes}; "
             "use reshard() first"
         )
-    loss.loss.load_state_dict(shard["state_dict"])
-    if shard.get("world_size") == loss.world_size:
+    if shard.get("world_size") == loss.world_size:  # checked first: a refusal loads nothing
         loss.load_sampler_state(shard.get("sampler_state"))
+    loss.loss.load_state_dict(shard["state_dict"])
+    current = _current_hyperparameters(loss.loss)
+    differ = {
+        k: (v, current[k])
+        for k, v in shard["loss_kwargs"].items()
+        if k in current and current[k] != v
+    }
+    if differ:
+        shown = ", ".join(
+            f"{k}={saved!r} (the loss has {now!r})" for k, (saved, now) in differ.items()
+        )
+        warnings.warn(
+            f"the shard was saved with {shown}: restore the scheduler that moved them "
+            "(its load_state_dict sets them), or set them on loss.loss",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def to_single_process_loss(
@@ -230,7 +321,17 @@ def from_single_process_loss(loss: ClassWeightLoss, **loss_kwargs: Any) -> Check
     The loss's hyper-parameters (``hyperparameter_names``) are recorded as they are
     now; ``loss_kwargs`` add or override constructor arguments (a loss does not keep
     every argument under its name, e.g. ``SoftmaxLoss``'s ``bias``).
+
+    Raises:
+        TypeError: ``loss`` is not a pml_margins class-weight loss (a PML loss: load
+            its state dict into ours first, e.g. ``ArcFaceLoss``).
     """
+    if not isinstance(loss, ClassWeightLoss):
+        raise TypeError(
+            f"from_single_process_loss needs a pml_margins ClassWeightLoss, got "
+            f"{type(loss).__module__}.{type(loss).__name__}; build ours and load the state "
+            "dict into it first (PML's state dicts load into ours)"
+        )
     return {
         "format": FORMAT,
         "loss_type": _type_name(type(loss)),

@@ -96,8 +96,17 @@ def _sampler_from_seed_if_absent(
     module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
 ) -> None:
     """A state dict saved without the sampler (``_extra_state``, before it was kept there)
-    loads as one whose sampler starts from the seed."""
-    state_dict.setdefault(f"{prefix}_extra_state", {"sampler_state": None})
+    loads as one whose sampler starts from the seed; one saved by a shard of other classes
+    (rank 0's, loaded on every rank) is refused before anything is loaded."""
+    extra = state_dict.setdefault(f"{prefix}_extra_state", {"sampler_state": None})
+    shard = extra.get("shard") if isinstance(extra, dict) else None
+    mine = module.shard_description()
+    if shard is not None and shard != mine:
+        raise ValueError(
+            f"this state dict is the shard {shard} (classes [start, end) of num_classes at "
+            f"world_size), this rank's loss {mine}: load each rank's own state dict, or "
+            "use pml_margins.distributed.checkpoint (save_shard, reshard, load_into)"
+        )
 
 
 class ShardedMarginSoftmaxLoss(torch.nn.Module):
@@ -284,21 +293,43 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         return self._generator_for(self.W_local.device).get_state()
 
     def load_sampler_state(self, state: torch.Tensor | None) -> None:
-        """Resume sampling from :meth:`sampler_state` (same device type); ``None``: from seed."""
+        """Resume sampling from :meth:`sampler_state` (same device type; another device's
+        state is refused here, not at the first sampled step); ``None``: from the seed."""
+        if state is not None:
+            expected = torch.Generator(device=self.W_local.device).get_state()
+            if not isinstance(state, torch.Tensor) or state.shape != expected.shape:
+                raise ValueError(
+                    f"the sampler state does not fit a {self.W_local.device.type} generator "
+                    f"({getattr(state, 'shape', state)} vs {tuple(expected.shape)} bytes): "
+                    "it was saved on another device type; load it on that device or "
+                    "drop it (None: the sampler starts from its seed)"
+                )
         self._generator = None
         self._pending_sampler_state = None if state is None else state.clone()
 
-    def get_extra_state(self) -> dict[str, torch.Tensor | None]:
+    def shard_description(self) -> dict[str, Any]:
+        """Which classes this rank holds: ``class_range``, ``num_classes``, ``world_size``."""
+        return {
+            "class_range": [self.class_start, self.class_end],
+            "num_classes": self.num_classes,
+            "world_size": self.world_size,
+        }
+
+    def get_extra_state(self) -> dict[str, Any]:
         """The Partial FC sampler's state, in ``state_dict()`` (key ``_extra_state``), so
-        that ``load_state_dict`` resumes the same draws, as :func:`.checkpoint.load_into`."""
-        return {"sampler_state": self.sampler_state()}
+        that ``load_state_dict`` resumes the same draws, as :func:`.checkpoint.load_into`;
+        and which classes this shard holds (another rank's state dict is refused)."""
+        return {"sampler_state": self.sampler_state(), "shard": self.shard_description()}
 
     def set_extra_state(self, state: Any) -> None:
         """Restore :meth:`get_extra_state` (``load_state_dict`` calls it)."""
-        if not isinstance(state, dict) or set(state) != {"sampler_state"}:
+        if not isinstance(state, dict) or not {"sampler_state"} <= set(state) <= {
+            "sampler_state",
+            "shard",
+        }:
             raise ValueError(
                 f"{type(self).__name__}'s extra state must be a dict with the key "
-                f"'sampler_state', got {state!r}"
+                f"'sampler_state' (and 'shard'), got {state!r}"
             )
         self.load_sampler_state(state["sampler_state"])
 

@@ -13,6 +13,7 @@ import torch
 from pml_margins.functional.autograd_only import refuse_update_in_function_transform
 from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
+from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     check_bool,
@@ -123,6 +124,7 @@ class AdaCosLoss(ClassWeightLoss):
     """
 
     hyperparameter_names = ("dynamic",)
+    dynamic = Hyperparameter(check_bool)
     statistic_buffers = ("scale",)
     scale: torch.Tensor
 
@@ -137,11 +139,29 @@ class AdaCosLoss(ClassWeightLoss):
         num_classes = check_count(num_classes, "num_classes")
         initial = check_optional_logit_scale(scale, "scale")
         initial = adacos_fixed_scale(num_classes) if initial is None else initial
-        self.dynamic = check_bool(dynamic, "dynamic")
+        self.dynamic = dynamic
         super().__init__(num_classes, embedding_size, **kwargs)
         # float64 until the module is cast: sqrt(2) log(C - 1) is kept exactly
         self.register_buffer("scale", torch.tensor(initial, dtype=torch.float64))
         self._deferred: StepStatistics | None = None  # a step whose update the core makes
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``loss.scale = value`` (a fixed scale set by hand) is checked as the constructor
+        checks it, and kept in the buffer's dtype and device (a NaN, 0 or negative
+        tensor was taken, ``None`` failed at the next forward)."""
+        if name == "scale" and "scale" in self.__dict__.get("_buffers", {}):
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                    raise ValueError(f"scale must be one real number, got {value!r}")
+                number = value.detach().double().item()
+            else:
+                number = value
+            checked = check_optional_logit_scale(number, "scale")
+            if checked is None:
+                raise TypeError("scale must be a number > 0 (None is for the constructor only)")
+            current = self._buffers["scale"]
+            value = torch.tensor(checked, dtype=torch.float64).to(current)
+        super().__setattr__(name, value)
 
     @classmethod
     def shard_kwargs(cls, num_classes: int, kwargs: dict[str, Any]) -> dict[str, Any]:

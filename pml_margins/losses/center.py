@@ -2,6 +2,7 @@ r"""Center loss: pull each embedding towards a learned center of its class."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from pml_margins.functional.autograd_only import refuse_update_in_function_trans
 from pml_margins.functional.center import center_distances, center_ema_update
 from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.float_statistics import FloatStatisticsMixin
-from pml_margins.losses.hyperparameter import Hyperparameter
+from pml_margins.losses.hyperparameter import FixedAtConstruction, Hyperparameter
 from pml_margins.validation import (
     check_choice,
     check_class_loss_input,
@@ -89,6 +90,8 @@ class CenterLoss(FloatStatisticsMixin, CheckedForwardMixin, BaseMetricLossFuncti
     """
 
     alpha = Hyperparameter(check_unit_interval)
+    # the centres are a buffer (ema) or a parameter (sgd): fixed once they exist
+    update = FixedAtConstruction(partial(check_choice, choices=("ema", "sgd")))
     statistic_buffers = ("centers",)  # update="ema": a moving average (float32)
 
     def __init__(
@@ -100,7 +103,7 @@ class CenterLoss(FloatStatisticsMixin, CheckedForwardMixin, BaseMetricLossFuncti
         **kwargs: Any,
     ) -> None:
         self.alpha = alpha
-        self.update = check_choice(update, "update", ("ema", "sgd"))
+        self.update = update
         super().__init__(**kwargs)
         _check_center_distance(self.distance)
         self.num_classes = check_count(num_classes, "num_classes")

@@ -112,13 +112,14 @@ class CircleLoss(CheckedForwardMixin, BaseMetricLossFunction):
     """
 
     m = Hyperparameter(check_circle_margin)
+    per_anchor = Hyperparameter(check_bool)
     gamma = Hyperparameter(check_logit_scale)
 
     def __init__(
         self, m: float = 0.25, gamma: float = 256.0, per_anchor: bool = True, **kwargs: Any
     ) -> None:
         self.m, self.gamma = m, gamma
-        self.per_anchor = check_bool(per_anchor, "per_anchor")
+        self.per_anchor = per_anchor
         super().__init__(**kwargs)
         if not isinstance(self.distance, CosineSimilarity):
             raise TypeError(

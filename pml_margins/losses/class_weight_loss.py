@@ -33,6 +33,7 @@ from pml_margins.functional.margin_softmax import (
 )
 from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.float_statistics import FloatStatisticsMixin
+from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     FLOAT_DTYPES,
@@ -170,6 +171,9 @@ class ClassWeightLoss(
     #: AdaCos's scale): kept in float32 when the module is cast to float16/bfloat16
     #: (:class:`~pml_margins.losses.float_statistics.FloatStatisticsMixin`)
     statistic_buffers: tuple[str, ...] = ()
+    #: the core's modes (class docstring), checked whenever set
+    chunk_size = Hyperparameter(check_chunk_size)
+    sample_rate = Hyperparameter(check_sample_rate)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -191,8 +195,8 @@ class ClassWeightLoss(
         sample_rate: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.sample_rate = check_sample_rate(sample_rate)
+        self.chunk_size = chunk_size
+        self.sample_rate = sample_rate
         super().__init__(**kwargs)
         if not isinstance(self.distance, self.distance_types):
             names = " or ".join(t.__name__ for t in self.distance_types)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Hyperparameter"]
+__all__ = ["FixedAtConstruction", "Hyperparameter"]
 
 
 class Hyperparameter:
@@ -27,7 +27,28 @@ class Hyperparameter:
     def __get__(self, obj: object, objtype: type | None = None) -> Any:
         if obj is None:
             return self
-        return obj.__dict__[self.storage]
+        try:
+            return obj.__dict__[self.storage]
+        except KeyError:  # not set yet: what hasattr/getattr(..., default) expect
+            raise AttributeError(
+                f"{type(obj).__name__} has no value for {self.name!r} yet"
+            ) from None
 
     def __set__(self, obj: object, value: Any) -> None:
         obj.__dict__[self.storage] = self.check(value, self.name)
+
+
+class FixedAtConstruction(Hyperparameter):
+    """A :class:`Hyperparameter` that the constructor sets once: another value later is an
+    ``AttributeError`` (the loss's tensors were shaped by it: Sub-center ArcFace's ``W``
+    has ``C K`` columns, Center loss's centres are a buffer or a parameter)."""
+
+    def __set__(self, obj: object, value: Any) -> None:
+        checked = self.check(value, self.name)
+        current = obj.__dict__.get(self.storage, checked)
+        if checked != current:
+            raise AttributeError(
+                f"{type(obj).__name__}.{self.name} is fixed at construction ({current!r}): "
+                "build a new loss for another value"
+            )
+        obj.__dict__[self.storage] = checked

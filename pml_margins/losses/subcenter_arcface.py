@@ -10,6 +10,7 @@ import torch
 
 from pml_margins.functional.fused_margin_softmax import FusedLogits, class_columns
 from pml_margins.losses.arcface import ArcFaceLoss
+from pml_margins.losses.hyperparameter import FixedAtConstruction
 from pml_margins.validation import check_angle_margin, check_count
 
 __all__ = ["SubCenterArcFaceLoss"]
@@ -57,6 +58,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
     """
 
     hyperparameter_names = ("margin", "scale", "sub_centers", "easy_margin")
+    sub_centers = FixedAtConstruction(check_count)  # W has C K columns
 
     def __init__(
         self,
@@ -69,7 +71,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         **kwargs: Any,
     ) -> None:
         num_classes = check_count(num_classes, "num_classes")
-        self.sub_centers = check_count(sub_centers, "sub_centers")
+        self.sub_centers = sub_centers
         columns = num_classes * self.sub_centers
         super().__init__(columns, embedding_size, margin, scale, easy_margin, **kwargs)
         self.num_classes = num_classes

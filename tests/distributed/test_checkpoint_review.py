@@ -1,0 +1,143 @@
+"""Sharded checkpoints that do not fit together are refused, naming why; nothing else a
+resume needs is lost silently (found by review: merged shards of two runs, rank 0's
+state dict on every rank, a numpy hyper-parameter, unreadable files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pml_margins.distributed import ShardedMarginSoftmaxLoss
+from pml_margins.distributed.checkpoint import (
+    from_single_process_loss,
+    load_into,
+    load_shard,
+    merge_shards,
+    save_shard,
+    shard_checkpoint,
+    split_checkpoint,
+    to_single_process_loss,
+)
+from pml_margins.losses import (
+    AdaCosLoss,
+    ArcFaceLoss,
+    CurricularFaceLoss,
+    SoftmaxLoss,
+    SubCenterArcFaceLoss,
+)
+
+
+def _shards(loss, world_size=2, **kwargs):
+    return split_checkpoint(from_single_process_loss(loss, **kwargs), world_size)
+
+
+def test_shards_of_different_runs_are_refused():
+    torch.manual_seed(0)
+    a = _shards(ArcFaceLoss(10, 4, margin=0.5))
+    b = _shards(ArcFaceLoss(10, 4, margin=0.2))
+    with pytest.raises(ValueError, match=r"shards disagree on loss_kwargs .*not one run"):
+        merge_shards([a[0], b[1]])
+    t0, t1 = CurricularFaceLoss(10, 4), CurricularFaceLoss(10, 4)
+    t1.t.fill_(0.7)  # a stale shard: another step's running statistic
+    with pytest.raises(ValueError, match=r"disagree on t, which every rank holds whole"):
+        merge_shards([_shards(t0)[0], _shards(t1)[1]])
+    k3, k2 = (
+        _shards(SubCenterArcFaceLoss(10, 4, sub_centers=3)),
+        _shards(SubCenterArcFaceLoss(10, 4, sub_centers=2)),
+    )
+    k2[1]["loss_kwargs"] = k3[1]["loss_kwargs"]  # only the W widths tell them apart
+    with pytest.raises(ValueError, match=r"shard 1's W has 10 entries .* 3 per class"):
+        merge_shards([k3[0], k2[1]])
+    half = _shards(ArcFaceLoss(10, 4).half())
+    with pytest.raises(ValueError, match=r"dtype of W: torch.float32 \(shard 0\), torch.float16"):
+        merge_shards([a[0], half[1]])
+
+
+def test_a_w_that_does_not_fit_num_classes_is_refused():
+    full = from_single_process_loss(ArcFaceLoss(10, 4))
+    full["state_dict"]["W"] = torch.zeros(4, 25)
+    with pytest.raises(ValueError, match=r"25 entries .* not a multiple of num_classes=10"):
+        split_checkpoint(full, 2)
+
+
+def test_another_ranks_state_dict_is_refused_before_anything_loads():
+    """``torch.save(loss.state_dict())`` on rank 0, loaded on every rank: rank 1 got rank
+    0's classes with all keys matching."""
+    rank0 = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=2)
+    rank1 = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=1, world_size=2)
+    before = rank1.W_local.detach().clone()
+    with pytest.raises(ValueError, match=r"shard .*\[0, 5\].* this rank's loss .*\[5, 10\]"):
+        rank1.load_state_dict(rank0.state_dict())
+    assert torch.equal(rank1.W_local, before)
+    rank1.load_state_dict(rank1.state_dict())  # its own loads
+    old_format = {k: v for k, v in rank1.state_dict().items() if k != "_extra_state"}
+    rank1.load_state_dict(old_format)  # saved before the extra state existed
+
+
+def test_numpy_hyperparameters_are_saved_as_python_numbers(tmp_path):
+    loss = ShardedMarginSoftmaxLoss(
+        AdaCosLoss, 10, 4, rank=0, world_size=1, scale=np.float64(10.0), dynamic=np.bool_(False)
+    )
+    save_shard(loss, tmp_path / "s.pt")
+    saved = load_shard(tmp_path / "s.pt")["loss_kwargs"]  # weights_only: it failed before
+    assert saved["scale"] == 10.0 and type(saved["scale"]) is float
+    assert saved["dynamic"] is False
+    full = from_single_process_loss(SoftmaxLoss(10, 4, bias=False), bias=np.bool_(False))
+    assert full["loss_kwargs"]["bias"] is False  # it was dropped, then the rebuild failed
+    to_single_process_loss(full)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "cannot be read .*EOFError: empty or truncated"),
+        (b"hello", "cannot be read"),
+        (None, "cannot be read"),
+    ],
+)
+def test_an_unreadable_shard_file_is_named(tmp_path, content, match):
+    path = tmp_path / "s.pt"
+    if content is None:  # an interrupted save
+        torch.save(
+            shard_checkpoint(ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=1)),
+            path,
+        )
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"'{path}' {match}"):
+        load_shard(path)
+
+
+def test_a_pml_loss_is_refused_with_the_way_round():
+    from pytorch_metric_learning.losses import ArcFaceLoss as PMLArcFace
+
+    with pytest.raises(TypeError, match=r"needs a pml_margins ClassWeightLoss.*load the state"):
+        from_single_process_loss(PMLArcFace(10, 4))
+
+
+def test_load_into_warns_where_the_hyperparameters_differ():
+    moved = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=1, margin=0.1)
+    moved.loss.margin = 0.3  # as a warm-up scheduler would
+    resumed = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=1, margin=0.1)
+    with pytest.warns(UserWarning, match=r"saved with margin=0.3 \(the loss has 0.1\)"):
+        load_into(resumed, shard_checkpoint(moved))
+
+
+def test_a_sampler_state_of_another_device_is_refused_at_load():
+    loss = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=1, sample_rate=0.5)
+    shard = shard_checkpoint(loss)
+    shard["sampler_state"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's
+    before = loss.W_local.detach().clone()
+    with pytest.raises(ValueError, match="does not fit a cpu generator"):
+        load_into(loss, {**shard, "state_dict": {"W": torch.zeros(4, 10)}})
+    assert torch.equal(loss.W_local, before)
+
+
+def test_a_scale_set_back_to_none_is_recorded():
+    from pml_margins.losses import SphereFaceLoss
+
+    sharded = ShardedMarginSoftmaxLoss(SphereFaceLoss, 10, 4, rank=0, world_size=1, scale=30.0)
+    sharded.loss.scale = None  # the constructor's 30.0 came back
+    assert to_single_process_loss(shard_checkpoint(sharded)).scale is None

@@ -1,0 +1,107 @@
+"""Hyper-parameters set after construction are checked as the constructor checks them
+(or refused where the loss's tensors were shaped by them), and schedulers set exactly
+what they promise (found by review)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pml_margins.losses import (
+    AdaCosLoss,
+    AdaFaceLoss,
+    ArcFaceLoss,
+    CenterLoss,
+    CircleLoss,
+    MagFaceLoss,
+    SphereFaceLoss,
+    SubCenterArcFaceLoss,
+)
+from pml_margins.losses.hyperparameter import Hyperparameter
+from pml_margins.schedules import MarginScheduler
+from pml_margins.validation import check_non_negative
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "value", "error", "match"),
+    [
+        (lambda: SubCenterArcFaceLoss(10, 4), "sub_centers", 2, AttributeError, "fixed at"),
+        (lambda: SubCenterArcFaceLoss(10, 4), "sub_centers", 0, ValueError, ">= 1"),
+        (lambda: CenterLoss(3, 4), "update", "sgd", AttributeError, "fixed at construction"),
+        (lambda: CenterLoss(3, 4), "update", "EMA", ValueError, "update must be one of"),
+        (lambda: AdaCosLoss(5, 4), "dynamic", "False", TypeError, "dynamic must be a bool"),
+        (lambda: CircleLoss(), "per_anchor", "False", TypeError, "per_anchor must be a bool"),
+        (lambda: ArcFaceLoss(5, 4), "sample_rate", 0, ValueError, "sample_rate must lie"),
+        (lambda: ArcFaceLoss(5, 4), "sample_rate", float("nan"), ValueError, "sample_rate"),
+        (lambda: ArcFaceLoss(5, 4), "chunk_size", -1, ValueError, "chunk_size must be >= 1"),
+        (lambda: AdaCosLoss(5, 4), "scale", torch.tensor(-5.0), ValueError, "scale must be > 0"),
+        (lambda: AdaCosLoss(5, 4), "scale", torch.tensor(float("nan")), ValueError, "finite"),
+        (lambda: AdaCosLoss(5, 4), "scale", None, TypeError, "None is for the constructor"),
+    ],
+)
+def test_a_bad_value_set_later_is_refused_as_at_construction(make, name, value, error, match):
+    loss = make()
+    before = getattr(loss, name)
+    with pytest.raises(error, match=match):
+        setattr(loss, name, value)
+    after = getattr(loss, name)
+    assert torch.equal(after, before) if isinstance(before, torch.Tensor) else after == before
+
+
+def test_a_refused_sample_rate_no_longer_moves_running_statistics():
+    """The forward refused it only after prepare_step had moved AdaFace's statistics."""
+    loss = AdaFaceLoss(5, 4)
+    before = loss.batch_mean.clone()
+    with pytest.raises(ValueError, match="sample_rate"):
+        loss.sample_rate = 1.5
+    loss(torch.randn(8, 4), torch.randint(0, 5, (8,)))
+    assert loss.sample_rate == 1.0 and not torch.equal(loss.batch_mean, before)
+
+
+def test_a_fixed_adacos_scale_set_by_hand_keeps_its_buffer():
+    loss = AdaCosLoss(5, 4, dynamic=False)
+    loss.scale = 7
+    assert loss.scale.dtype == torch.float64 and float(loss.scale) == 7.0
+    assert "scale" in dict(loss.named_buffers())
+
+
+def test_an_unset_hyperparameter_reads_as_an_attribute_error():
+    class Loss:
+        margin = Hyperparameter(check_non_negative)
+
+    loss = Loss()
+    assert not hasattr(loss, "margin") and getattr(loss, "margin", None) is None
+
+
+@pytest.mark.parametrize(("start", "end"), [(0.1, 0.45), (0.7, 2.9), (0.13, 0.57)])
+@pytest.mark.parametrize("mode", ["linear", "cosine"])
+def test_a_ramp_ends_exactly_at_end(start, end, mode):
+    loss = ArcFaceLoss(5, 4)
+    sched = MarginScheduler(loss, start, end, total_steps=7, mode=mode, warmup_steps=2)
+    assert loss.margin == start
+    for _ in range(12):
+        sched.step()
+    assert loss.margin == end  # 0.44999999999999996 and 2.9000000000000004 before
+
+
+def test_an_integer_ramp_with_whole_steps_is_accepted():
+    loss = SphereFaceLoss(5, 4, margin=1)
+    sched = MarginScheduler(loss, 1, 23, total_steps=22)  # +1 a step: 15.999... before
+    assert [sched.step() for _ in range(22)] == list(range(2, 24))
+
+
+@pytest.mark.parametrize("bad", [True, "0.1", float("inf"), None])
+def test_scheduler_ends_are_real_numbers(bad):
+    with pytest.raises((TypeError, ValueError), match="start must be"):
+        MarginScheduler(ArcFaceLoss(5, 4), bad, 0.5, total_steps=3)
+
+
+def test_a_refused_step_changes_neither_the_value_nor_the_count():
+    loss = MagFaceLoss(5, 4)
+    upper = MarginScheduler(loss, 1.2, 0.6, total_steps=8, attr="u_m")
+    lower = MarginScheduler(loss, 0.45, 0.7, total_steps=8, attr="l_m")
+    with pytest.raises(ValueError, match="u_m must be >= l_m"):
+        for _ in range(8):
+            upper.step()
+            lower.step()
+    assert loss.u_m == upper.value_at(upper.last_step)
