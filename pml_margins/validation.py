@@ -45,6 +45,7 @@ __all__ = [
     "check_class_loss_input",
     "check_count",
     "check_embeddings",
+    "check_function_inputs",
     "check_in_interval",
     "check_indices_tuple",
     "check_integer_margin",
@@ -59,10 +60,59 @@ __all__ = [
     "check_reference",
     "check_sample_rate",
     "check_unit_interval",
+    "inputs_checked_by_caller",
     "other_reference",
     "value_checks",
     "value_checks_enabled",
 ]
+
+
+#: per thread: a loss's forward has checked its inputs (the functions it calls skip theirs)
+_CALLER_CHECKED = threading.local()
+
+
+class inputs_checked_by_caller:
+    """Within: the public functions of :mod:`pml_margins.functional` skip their value
+    checks (a loss's forward, which has checked its inputs in one synchronisation,
+    calls them so). Cheap: one thread-local counter."""
+
+    def __enter__(self) -> None:
+        _CALLER_CHECKED.depth = getattr(_CALLER_CHECKED, "depth", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        _CALLER_CHECKED.depth -= 1
+
+
+def function_value_checks() -> ValueChecks:
+    """A :class:`ValueChecks` for a functional entry point: off where a loss that has
+    checked the same inputs is the caller (:class:`inputs_checked_by_caller`)."""
+    checks = ValueChecks()
+    if getattr(_CALLER_CHECKED, "depth", 0):
+        checks.enabled = False
+    return checks
+
+
+def check_function_inputs(
+    embeddings: object,
+    labels: object,
+    num_classes: int,
+    width: int | None = None,
+    name: str = "embeddings",
+    width_name: str = "embedding_size",
+) -> None:
+    """The checks of a functional entry point taking ``(B, D)`` embeddings (or logits)
+    and ``(B,)`` class labels in ``[0, num_classes)``: shapes and dtypes always; values
+    (NaN/Inf, label range) in one synchronisation unless :func:`value_checks` is off or a
+    loss that has checked them is the caller (:class:`inputs_checked_by_caller`)."""
+    if getattr(_CALLER_CHECKED, "depth", 0):
+        return  # a loss's forward checked the same tensors (shapes and values)
+    if isinstance(embeddings, torch.Tensor) and embeddings.ndim == 2 and not len(embeddings):
+        check_labels(labels, 0)  # an empty batch: nothing to compute, no values to read
+        return
+    checks = function_value_checks()
+    embeddings = check_embeddings(embeddings, name, width, width_name, checks)
+    check_class_labels(labels, embeddings.shape[0], num_classes, checks=checks)
+    checks.run()
 
 
 def value_checks_enabled() -> bool:

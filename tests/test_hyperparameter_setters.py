@@ -105,3 +105,20 @@ def test_a_refused_step_changes_neither_the_value_nor_the_count():
             upper.step()
             lower.step()
     assert loss.u_m == upper.value_at(upper.last_step)
+
+
+def test_adacos_scale_loaded_with_assign_keeps_the_state_dicts_tensor():
+    source = AdaCosLoss(5, 4, dynamic=False).float()
+    state = source.state_dict()
+    with torch.device("meta"):
+        target = AdaCosLoss(5, 4, dynamic=False)
+    target.load_state_dict(state, assign=True)
+    assert target.scale is state["scale"] and target.scale.dtype == torch.float32
+
+
+def test_a_loss_pickled_before_its_attributes_were_checked_still_works():
+    loss = ArcFaceLoss(5, 4)
+    for name in ("chunk_size", "sample_rate"):  # the plain keys of an older pickle
+        loss.__dict__[name] = loss.__dict__.pop(f"_hp_{name}")
+    assert loss.chunk_size is None and loss.sample_rate == 1.0
+    loss(torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 4, 0]))

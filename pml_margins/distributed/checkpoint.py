@@ -16,8 +16,8 @@ sampling of another world size is different anyway).
 
 Only plain ``loss_kwargs`` (numbers, strings, booleans, ``None``; numpy scalars as the
 Python numbers they hold) are saved; pass objects such as a ``reducer`` again when
-rebuilding a loss. :func:`load_into` warns where the loss's hyper-parameters differ from
-the shard's (restore the scheduler that moved them, or set them).
+rebuilding a loss. :func:`load_into` sets the loss's hyper-parameters to the shard's (a
+scheduler's ``load_state_dict``, before or after it, sets the same values).
 
 The optimizer's state (SGD momentum, Adam's moments of ``W``) is not in a shard: save
 ``optimizer.state_dict()`` on every rank beside it to resume at the same world size;
@@ -30,7 +30,6 @@ import importlib
 import numbers
 import os
 import pickle
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -259,7 +258,9 @@ def reshard(shards: Sequence[Checkpoint], world_size: int) -> list[Checkpoint]:
 
 def load_into(loss: ShardedMarginSoftmaxLoss, shard: Checkpoint) -> None:
     """Load a shard into a :class:`ShardedMarginSoftmaxLoss` of the same loss type and
-    class range."""
+    class range: its tensors, its Partial FC sampler state (same world size) and its
+    hyper-parameters as they were saved (a margin a scheduler had moved). A refused
+    shard loads nothing."""
     if shard["loss_type"] != _type_name(loss.loss_type):
         raise ValueError(
             f"shard is of a {shard['loss_type']}, the loss a {_type_name(loss.loss_type)}"
@@ -273,25 +274,31 @@ def load_into(loss: ShardedMarginSoftmaxLoss, shard: Checkpoint) -> None:
             f"the loss [{loss.class_start}, {loss.class_end}) of {loss.num_classes}; "
             "use reshard() first"
         )
-    if shard.get("world_size") == loss.world_size:  # checked first: a refusal loads nothing
-        loss.load_sampler_state(shard.get("sampler_state"))
+    same_world = shard.get("world_size") == loss.world_size
+    if same_world:
+        loss.check_sampler_state(shard.get("sampler_state"))
     loss.loss.load_state_dict(shard["state_dict"])
-    current = _current_hyperparameters(loss.loss)
-    differ = {
-        k: (v, current[k])
-        for k, v in shard["loss_kwargs"].items()
-        if k in current and current[k] != v
-    }
-    if differ:
-        shown = ", ".join(
-            f"{k}={saved!r} (the loss has {now!r})" for k, (saved, now) in differ.items()
-        )
-        warnings.warn(
-            f"the shard was saved with {shown}: restore the scheduler that moved them "
-            "(its load_state_dict sets them), or set them on loss.loss",
-            UserWarning,
-            stacklevel=2,
-        )
+    if same_world:
+        loss.load_sampler_state(shard.get("sampler_state"))
+    _restore_hyperparameters(loss.loss, shard["loss_kwargs"])
+
+
+def _restore_hyperparameters(loss: ClassWeightLoss, saved: Mapping[str, Any]) -> None:
+    """Set the hyper-parameters the shard recorded (as a scheduler had moved them), as
+    :func:`to_single_process_loss` builds them; bounds that must stay ordered (MagFace's
+    ``l_m <= u_m``) are set in whichever order their checks allow."""
+    current = _current_hyperparameters(loss)
+    todo = {k: v for k, v in saved.items() if k in current and current[k] != v}
+    while todo:
+        refused: dict[str, Exception] = {}
+        for name, value in todo.items():
+            try:
+                setattr(loss, name, value)
+            except (TypeError, ValueError) as err:
+                refused[name] = err
+        if len(refused) == len(todo):  # no progress: the saved values themselves are bad
+            raise next(iter(refused.values()))
+        todo = {k: todo[k] for k in refused}
 
 
 def to_single_process_loss(

@@ -278,7 +278,16 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self._stream_seed())
             if self._pending_sampler_state is not None:
-                self._generator.set_state(self._pending_sampler_state)
+                try:
+                    self._generator.set_state(self._pending_sampler_state)
+                except RuntimeError as err:  # torch: "Expected a ...GeneratorImplState"
+                    size = self._pending_sampler_state.numel()
+                    raise ValueError(
+                        f"the loaded Partial FC sampler state ({size} "
+                        f"bytes) does not fit a {device.type} generator: it was saved on "
+                        "another device type; move the loss to that device, or load the "
+                        "checkpoint without it (the sampler then starts from its seed)"
+                    ) from err
                 self._pending_sampler_state = None
         return self._generator
 
@@ -292,18 +301,20 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             return None
         return self._generator_for(self.W_local.device).get_state()
 
+    @staticmethod
+    def check_sampler_state(state: object) -> None:
+        """``ValueError`` unless ``state`` is ``None`` or a generator state (1-D uint8);
+        whether it fits the device is known at the first sampled step, where the loss
+        then runs (a loss loaded on CPU and moved to CUDA takes a CUDA state)."""
+        if state is not None and not (
+            isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.ndim == 1
+        ):
+            raise ValueError(f"a sampler state must be a 1-D uint8 tensor or None, got {state!r}")
+
     def load_sampler_state(self, state: torch.Tensor | None) -> None:
-        """Resume sampling from :meth:`sampler_state` (same device type; another device's
-        state is refused here, not at the first sampled step); ``None``: from the seed."""
-        if state is not None:
-            expected = torch.Generator(device=self.W_local.device).get_state()
-            if not isinstance(state, torch.Tensor) or state.shape != expected.shape:
-                raise ValueError(
-                    f"the sampler state does not fit a {self.W_local.device.type} generator "
-                    f"({getattr(state, 'shape', state)} vs {tuple(expected.shape)} bytes): "
-                    "it was saved on another device type; load it on that device or "
-                    "drop it (None: the sampler starts from its seed)"
-                )
+        """Resume sampling from :meth:`sampler_state` (a state of the device type the loss
+        runs on at its next sampled step); ``None``: from the seed."""
+        self.check_sampler_state(state)
         self._generator = None
         self._pending_sampler_state = None if state is None else state.clone()
 

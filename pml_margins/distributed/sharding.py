@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pml_margins.functional.fused_margin_softmax import class_columns
+from pml_margins.validation import check_count
 
 __all__ = ["class_columns", "shard_range", "shard_ranges"]
 
@@ -17,8 +18,8 @@ def shard_ranges(num_classes: int, world_size: int) -> list[tuple[int, int]]:
         >>> shard_ranges(10, 3)
         [(0, 4), (4, 7), (7, 10)]
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    num_classes = check_count(num_classes, "num_classes")
+    world_size = check_count(world_size, "world_size")
     if num_classes < world_size:
         raise ValueError(
             f"num_classes ({num_classes}) must be >= world_size ({world_size}): "
@@ -35,6 +36,7 @@ def shard_ranges(num_classes: int, world_size: int) -> list[tuple[int, int]]:
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
     """The ``[start, end)`` class range owned by ``rank``."""
-    if not 0 <= rank < world_size:
+    world_size = check_count(world_size, "world_size")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
     return shard_ranges(num_classes, world_size)[rank]

@@ -40,6 +40,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from pml_margins.evaluation.inputs import as_embeddings, check_int, check_k, check_knn
+from pml_margins.validation import check_bool
 
 __all__ = [
     "Backend",
@@ -601,6 +602,10 @@ def exact_knn(
         >>> exact_knn(x, x, 2, exclude_self=True)[1].tolist()
         [[1, 2], [2, 0], [1, 0], [1, 2]]
     """
+    normalize, exclude_self = (
+        check_bool(normalize, "normalize"),
+        check_bool(exclude_self, "exclude_self"),
+    )
     query = as_embeddings(query, "query")
     reference = as_embeddings(reference, "reference", query.shape[1])
     k, block_rows = check_knn(k, metric, exclude_self, len(query), len(reference), block_rows)

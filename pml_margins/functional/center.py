@@ -15,7 +15,12 @@ from __future__ import annotations
 import torch
 
 from pml_margins.functional.margin_softmax import compute_dtype
-from pml_margins.validation import check_unit_interval
+from pml_margins.validation import (
+    check_class_labels,
+    check_embeddings,
+    check_unit_interval,
+    function_value_checks,
+)
 
 __all__ = ["center_distances", "center_ema_update"]
 
@@ -35,10 +40,22 @@ def center_distances(
         the paper's :math:`L_C`. Gradients flow to ``embeddings`` and to ``centers``
         (only the gathered rows).
     """
+    _check_centers(embeddings, centers, labels)
     dtype = compute_dtype(torch.promote_types(embeddings.dtype, centers.dtype))
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         diff = embeddings.to(dtype) - centers.to(dtype).index_select(0, labels.long())
         return 0.5 * diff.pow(2).sum(dim=1)
+
+
+def _check_centers(embeddings: object, centers: object, labels: object) -> None:
+    """``(C, D)`` finite centers; ``(B, D)`` finite embeddings with ``(B,)`` labels in
+    ``[0, C)`` (values: see :func:`~pml_margins.validation.check_function_inputs`)."""
+    checks = function_value_checks()
+    centers = check_embeddings(centers, "centers", checks=checks)
+    width, name = centers.shape[1], "the centers' width"
+    embeddings = check_embeddings(embeddings, "embeddings", width, name, checks)
+    check_class_labels(labels, embeddings.shape[0], centers.shape[0], checks=checks)
+    checks.run()
 
 
 def center_ema_update(
@@ -58,6 +75,7 @@ def center_ema_update(
         modified, and nothing is differentiated (the inputs are detached).
     """
     alpha = check_unit_interval(alpha, "alpha")
+    _check_centers(embeddings, centers, labels)
     c = centers.detach()
     dtype = compute_dtype(c.dtype)
     with torch.autocast(device_type=c.device.type, enabled=False):

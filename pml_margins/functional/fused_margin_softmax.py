@@ -92,7 +92,6 @@ dtype of ``W`` never changes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -116,7 +115,9 @@ from pml_margins.functional.margin_softmax import (
 from pml_margins.validation import (
     check_chunk_size,
     check_count,
+    check_function_inputs,
     check_labels,
+    check_logit_scale,
     check_sample_rate,
 )
 
@@ -257,6 +258,9 @@ def sample_classes(
         and the labels remapped into ``[0, len(index))``.
     """
     sample_rate = check_sample_rate(sample_rate)
+    num_classes = check_count(num_classes, "num_classes")
+    rows = labels.shape[0] if isinstance(labels, torch.Tensor) and labels.ndim else 0
+    labels = check_labels(labels, rows)
     num_sample = round(sample_rate * num_classes)
     if num_sample >= num_classes:
         return None
@@ -279,12 +283,16 @@ def class_columns(classes: torch.Tensor, per_class: int) -> torch.Tensor:
     """Columns of ``W`` holding ``classes`` when each class has ``per_class`` consecutive ones.
 
     Class ``j`` owns columns ``[j * per_class, (j + 1) * per_class)`` (PML's sub-centre
-    layout; ``per_class = 1`` for every other loss).
+    layout; ``per_class = 1`` for every other loss). ``classes``: integer indices ``>= 0``
+    (not read back: a negative one would index from the end), ``per_class >= 1``.
 
     Example:
         >>> class_columns(torch.tensor([0, 2]), 3)
         tensor([0, 1, 2, 6, 7, 8])
     """
+    per_class = check_count(per_class, "per_class")
+    if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+        raise TypeError(f"classes must have an integer dtype, got {classes.dtype}")
     classes = classes.long().reshape(-1)  # int64: a narrow dtype would overflow
     if per_class == 1:
         return classes
@@ -317,7 +325,7 @@ def fused_margin_softmax_cross_entropy(
         weight: class weights ``W``, shape ``(D, C*K)`` (PML's layout; ``K = sub_centers``),
             any floating dtype; its storage is never cast as a whole (blocks are cast on
             the fly).
-        labels: ``(B,)`` integer classes in ``[0, C)`` (not re-validated here).
+        labels: ``(B,)`` integer classes in ``[0, C)``.
         target_logit_fn: :math:`\psi`, applied to the ``(B,)`` vector of target cosines;
             ``None`` for the identity. Element ``i`` of its output must depend on element
             ``i`` of its input only; it may close over per-row ``(B,)`` tensors (margins,
@@ -407,7 +415,10 @@ def fused_margin_softmax_cross_entropy(
         raise ValueError(
             f"target_cosines must have shape ({rows},), got {tuple(target_cosines.shape)}"
         )
-    labels = check_labels(labels, rows).long()  # range: the caller's (the losses check it)
+    check_function_inputs(  # values: none when a loss that has checked them calls
+        embeddings, labels, num_classes, weight.shape[0], width_name="W's rows"
+    )
+    labels = labels.long()
     if sample_rate < 1:
         sampled = sample_classes(labels, num_classes, sample_rate, generator)
         if sampled is not None:
@@ -494,8 +505,8 @@ def _check_scale(scale: float | torch.Tensor | ScaleFromCosines, rows: int) -> A
             raise ValueError(
                 f"a tensor scale must be 0-dim or have shape ({rows},), got {tuple(scale.shape)}"
             )
-    elif not callable(scale) and not (math.isfinite(float(scale)) and float(scale) > 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    elif not callable(scale):  # as the losses check theirs (1e300 gave NaN losses)
+        return check_logit_scale(scale, "scale")
     return scale
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from pml_margins.validation import check_function_inputs
+
 __all__ = [
     "TargetLogitFn",
     "autocast_off",
@@ -73,8 +75,9 @@ def margin_softmax_cross_entropy(
     Args:
         logits: base logits ``z``, shape ``(B, C)``, any floating dtype (bf16/fp16
             inputs are promoted to float32; autocast is disabled inside).
-        labels: integer class indices, shape ``(B,)``, already validated to lie in
-            ``[0, C)``.
+        labels: integer class indices, shape ``(B,)``, in ``[0, C)`` (checked, with the
+            logits' values, unless a loss that has checked them calls: see
+            :func:`~pml_margins.validation.check_function_inputs`).
         target_logit_fn: :math:`\psi`, applied to the ``(B,)`` vector of target logits; ``None``
             for the identity.
         scale: :math:`s`, a float or a tensor of ``B`` per-sample scales.
@@ -92,6 +95,8 @@ def margin_softmax_cross_entropy(
     Only the ``B`` target entries are changed (gathered, mapped, scattered back);
     no ``(B, C)`` one-hot mask is built.
     """
+    num_classes = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.ndim else 0
+    check_function_inputs(logits, labels, num_classes, name="logits")
     dtype = compute_dtype(logits.dtype)
     with autocast_off(logits.device.type):
         logits = logits.to(dtype)

@@ -18,7 +18,12 @@ from typing import Any
 
 import torch
 
-from pml_margins.validation import check_integer_margin
+from pml_margins.validation import (
+    check_angle_margin,
+    check_integer_margin,
+    check_logit_offset,
+    check_multiplier,
+)
 
 __all__ = [
     "TargetWithSlope",
@@ -57,14 +62,14 @@ def safe_sine(cosine: torch.Tensor) -> torch.Tensor:
 
 def cosface_target(cosine: torch.Tensor, margin: float) -> torch.Tensor:
     r"""CosFace / LMCL (Wang et al., 2018): :math:`\cos\theta_y - m`."""
-    return cosine - margin
+    return cosine - check_logit_offset(margin, "margin")
 
 
 def cosface_value_and_slope(
     cosine: torch.Tensor, margin: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r""":func:`cosface_target` and its derivative (1), no graph."""
-    return cosine - margin, torch.ones_like(cosine)
+    return cosine - check_logit_offset(margin, "margin"), torch.ones_like(cosine)
 
 
 def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = False) -> torch.Tensor:
@@ -79,6 +84,7 @@ def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = Fals
     the margin is applied only where :math:`\cos\theta > 0`, otherwise
     :math:`\cos\theta` is kept.
     """
+    margin = check_angle_margin(margin, "margin")
     cos_m, sin_m = math.cos(margin), math.sin(margin)
     with_margin = cosine * cos_m - safe_sine(cosine) * sin_m
     if easy_margin:
@@ -99,6 +105,7 @@ def arcface_value_and_slope(
     :func:`safe_sine`'s gradient), and 1 where the fallback (or, with
     ``easy_margin``, the plain cosine) applies.
     """
+    margin = check_angle_margin(margin, "margin")
     cos_m, sin_m = math.cos(margin), math.sin(margin)
     sine = ((1 - cosine) * (1 + cosine)).clamp_min_(0).sqrt_()
     value = cosine * cos_m - sine * sin_m
@@ -119,6 +126,7 @@ def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
     For a non-integer :math:`m` it uses :math:`\theta = \arccos` of the cosine
     clamped to :math:`[-1+\epsilon, 1-\epsilon]`, so gradients stay finite.
     """
+    multiplier = abs(multiplier)  # cos is even: cos(-m theta) = cos(m theta)
     if float(multiplier).is_integer():
         m = int(multiplier)
         t_prev, t_curr = torch.ones_like(cosine), cosine
@@ -204,7 +212,11 @@ def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float
       :math:`(-1)^k\cos(m_1\theta + m_2) - 2k - m_3` with
       :math:`k = \lfloor (m_1\theta + m_2)/\pi \rfloor`; with integer :math:`m_1`
       and :math:`m_2 = 0` this is SphereFace's :math:`\psi` (:func:`sphereface_psi`).
+
+    ``m1`` in ``[1, 100]``, ``m2`` an angle in radians as ArcFace's margin, ``m3`` finite
+    (``ValueError`` otherwise, naming the argument).
     """
+    m1, m2, m3 = _combined_margins(m1, m2, m3)
     if m1 == 1:
         return arcface_target(cosine, m2) - m3 if m2 != 0 else cosine - m3
     if m2 == 0 and float(m1).is_integer():
@@ -227,6 +239,7 @@ def combined_margin_value_and_slope(
     Raises:
         ValueError: for the general form (use autograd: :func:`combined_margin_target`).
     """
+    m1, m2, m3 = _combined_margins(m1, m2, m3)
     if m1 == 1:
         if m2 == 0:
             return cosine - m3, torch.ones_like(cosine)
@@ -236,6 +249,15 @@ def combined_margin_value_and_slope(
     else:
         raise ValueError(f"no closed-form slope for m1={m1}, m2={m2}")
     return value - m3, slope
+
+
+def _combined_margins(m1: float, m2: float, m3: float) -> tuple[float, float, float]:
+    """The combined margin's ``(m1, m2, m3)``, checked as :class:`CombinedMarginLoss` does."""
+    return (
+        check_multiplier(m1, "m1"),
+        check_angle_margin(m2, "m2"),
+        check_logit_offset(m3, "m3"),
+    )
 
 
 class TargetWithSlope:

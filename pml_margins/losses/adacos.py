@@ -150,17 +150,16 @@ class AdaCosLoss(ClassWeightLoss):
         checks it, and kept in the buffer's dtype and device (a NaN, 0 or negative
         tensor was taken, ``None`` failed at the next forward)."""
         if name == "scale" and "scale" in self.__dict__.get("_buffers", {}):
-            if isinstance(value, torch.Tensor):
+            if value is None:
+                raise TypeError("scale must be a number > 0 (None is for the constructor only)")
+            if isinstance(value, torch.Tensor):  # as given (load_state_dict(assign=True))
                 if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
                     raise ValueError(f"scale must be one real number, got {value!r}")
-                number = value.detach().double().item()
-            else:
-                number = value
-            checked = check_optional_logit_scale(number, "scale")
-            if checked is None:
-                raise TypeError("scale must be a number > 0 (None is for the constructor only)")
-            current = self._buffers["scale"]
-            value = torch.tensor(checked, dtype=torch.float64).to(current)
+                if value.device.type != "meta":  # a meta tensor holds no value to check
+                    check_optional_logit_scale(value.detach().double().item(), "scale")
+            else:  # a number: into the buffer's dtype and device
+                checked = check_optional_logit_scale(value, "scale")
+                value = torch.tensor(checked, dtype=torch.float64).to(self._buffers["scale"])
         super().__setattr__(name, value)
 
     @classmethod

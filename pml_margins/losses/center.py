@@ -20,6 +20,7 @@ from pml_margins.validation import (
     check_class_loss_input,
     check_count,
     check_unit_interval,
+    inputs_checked_by_caller,
 )
 
 __all__ = ["CenterLoss"]
@@ -155,7 +156,8 @@ class CenterLoss(FloatStatisticsMixin, CheckedForwardMixin, BaseMetricLossFuncti
             refuse_update_in_function_transform(self, "its centres (update='ema')")
         loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if self.training and self.update == "ema":
-            self.update_centers(embeddings, labels)
+            with inputs_checked_by_caller():  # checked by the forward above
+                self.update_centers(embeddings, labels)
         return loss
 
     @torch.no_grad()

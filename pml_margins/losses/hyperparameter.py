@@ -29,8 +29,10 @@ class Hyperparameter:
             return self
         try:
             return obj.__dict__[self.storage]
-        except KeyError:  # not set yet: what hasattr/getattr(..., default) expect
-            raise AttributeError(
+        except KeyError:
+            if self.name in obj.__dict__:  # pickled before this attribute was checked
+                return obj.__dict__[self.name]
+            raise AttributeError(  # not set yet: what hasattr/getattr(..., default) expect
                 f"{type(obj).__name__} has no value for {self.name!r} yet"
             ) from None
 

@@ -117,22 +117,37 @@ def test_a_pml_loss_is_refused_with_the_way_round():
         from_single_process_loss(PMLArcFace(10, 4))
 
 
-def test_load_into_warns_where_the_hyperparameters_differ():
+def test_load_into_restores_the_saved_hyperparameters():
+    """A margin a warm-up had moved to 0.3 came back as the constructor's 0.1 (loss 7.74
+    where the uninterrupted run gives 8.84); a scheduler restored after agrees."""
+    from pml_margins.losses import MagFaceLoss
+
     moved = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=1, margin=0.1)
-    moved.loss.margin = 0.3  # as a warm-up scheduler would
+    moved.loss.margin = 0.3
     resumed = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=1, margin=0.1)
-    with pytest.warns(UserWarning, match=r"saved with margin=0.3 \(the loss has 0.1\)"):
-        load_into(resumed, shard_checkpoint(moved))
+    load_into(resumed, shard_checkpoint(moved))
+    assert resumed.loss.margin == 0.3
+    bounds = ShardedMarginSoftmaxLoss(MagFaceLoss, 10, 4, rank=0, world_size=1)
+    bounds.loss.u_m, bounds.loss.l_m = 1.2, 0.9  # above the fresh loss's u_m = 0.8
+    fresh = ShardedMarginSoftmaxLoss(MagFaceLoss, 10, 4, rank=0, world_size=1)
+    load_into(fresh, shard_checkpoint(bounds))  # l_m = 0.9 > 0.8 first would be refused
+    assert (fresh.loss.l_m, fresh.loss.u_m) == (0.9, 1.2)
 
 
-def test_a_sampler_state_of_another_device_is_refused_at_load():
+def test_a_sampler_state_of_another_device_is_named_at_the_first_draw():
+    """Loaded as is (a loss loaded on CPU may move to the state's device before it
+    samples); at the first draw on another device, a ValueError instead of torch's."""
     loss = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=1, sample_rate=0.5)
     shard = shard_checkpoint(loss)
     shard["sampler_state"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's
+    load_into(loss, shard)
+    with pytest.raises(ValueError, match="does not fit a cpu generator: it was saved on"):
+        loss._generator_for(torch.device("cpu"))
     before = loss.W_local.detach().clone()
-    with pytest.raises(ValueError, match="does not fit a cpu generator"):
-        load_into(loss, {**shard, "state_dict": {"W": torch.zeros(4, 10)}})
-    assert torch.equal(loss.W_local, before)
+    bad = {**shard, "sampler_state": "state", "state_dict": {"W": torch.zeros(4, 10)}}
+    with pytest.raises(ValueError, match="must be a 1-D uint8 tensor"):
+        load_into(loss, bad)
+    assert torch.equal(loss.W_local, before)  # a refused shard loads nothing
 
 
 def test_a_scale_set_back_to_none_is_recorded():

@@ -31,7 +31,7 @@ def test_labels_of_another_length_or_dtype_are_refused(materialize) -> None:
 
 @pytest.mark.parametrize("scale", [float("nan"), -5.0, 0.0, float("inf")])
 def test_a_scale_must_be_finite_and_positive(scale) -> None:
-    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"scale must be (finite|> 0)"):
         fused_margin_softmax_cross_entropy(
             torch.randn(4, 3), torch.randn(3, 6), torch.tensor([0, 1, 2, 3]), None, scale
         )

@@ -1,0 +1,145 @@
+"""The public functions check what a researcher passes them as the losses do: a clear
+``ValueError``/``TypeError`` instead of a wrong number, a silent NaN or an error from
+inside torch; inside a loss's forward, which has checked the same tensors, they read no
+value again (found by review)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pml_margins.validation as validation
+from pml_margins.distributed import shard_range, shard_ranges
+from pml_margins.evaluation import exact_knn
+from pml_margins.functional import (
+    arcface_target,
+    center_distances,
+    center_ema_update,
+    class_columns,
+    combined_margin_target,
+    cos_multiple_angle,
+    cosface_target,
+    fused_margin_softmax_cross_entropy,
+    margin_softmax_cross_entropy,
+    sample_classes,
+)
+from pml_margins.losses import ArcFaceLoss, CenterLoss
+
+X, W = torch.randn(4, 3), torch.randn(3, 5)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: center_distances(X, torch.zeros(5, 3), torch.tensor([1])), ValueError, "length 1"),
+        (
+            lambda: center_distances(X, torch.zeros(5, 3), torch.tensor([0.5] * 4)),
+            TypeError,
+            "integer",
+        ),
+        (
+            lambda: center_distances(X, torch.zeros(5, 3), torch.tensor([0, 1, 2, 5])),
+            ValueError,
+            r"\[0, 5\)",
+        ),
+        (
+            lambda: center_distances(X, torch.zeros(5, 2), torch.tensor([0, 1, 2, 3])),
+            ValueError,
+            "width",
+        ),
+        (
+            lambda: center_ema_update(
+                torch.zeros(5, 3), X.clone().fill_(math.nan), torch.arange(4), 0.5
+            ),
+            ValueError,
+            "NaN",
+        ),
+        (
+            lambda: margin_softmax_cross_entropy(
+                torch.randn(4, 5), torch.tensor([0, 1, 2, -100]), None
+            ),
+            ValueError,
+            r"\[0, 5\)",
+        ),
+        (
+            lambda: margin_softmax_cross_entropy(
+                torch.full((4, 5), math.nan), torch.arange(4), None
+            ),
+            ValueError,
+            "NaN",
+        ),
+        (
+            lambda: fused_margin_softmax_cross_entropy(
+                X, W, torch.tensor([0, 1, 2, 5]), None, 30.0
+            ),
+            ValueError,
+            r"\[0, 5\)",
+        ),
+        (
+            lambda: fused_margin_softmax_cross_entropy(X, W, torch.arange(4), None, 1e300),
+            ValueError,
+            "scale",
+        ),
+        (
+            lambda: fused_margin_softmax_cross_entropy(X, W, torch.arange(4), None, True),
+            TypeError,
+            "scale",
+        ),
+        (
+            lambda: fused_margin_softmax_cross_entropy(
+                X.clone().fill_(math.inf), W, torch.arange(4), None, 30.0
+            ),
+            ValueError,
+            "NaN or Inf",
+        ),
+        (lambda: arcface_target(torch.zeros(3), 28.6), ValueError, "margin"),
+        (lambda: cosface_target(torch.zeros(3), math.nan), ValueError, "margin must be finite"),
+        (lambda: combined_margin_target(torch.zeros(3), 0, 0.3, 0.0), ValueError, "m1"),
+        (lambda: class_columns(torch.tensor([0, 1]), 2.5), TypeError, "per_class"),
+        (lambda: class_columns(torch.tensor([0.0, 1.0]), 2), TypeError, "integer dtype"),
+        (lambda: sample_classes(torch.tensor([0, 1]), 0, 0.5), ValueError, "num_classes"),
+        (lambda: shard_ranges(10.5, 2), TypeError, "num_classes"),
+        (lambda: shard_range(10, 2, 1.0), ValueError, "rank"),
+        (lambda: exact_knn(X, X, 2, normalize="no"), TypeError, "normalize must be a bool"),
+    ],
+)
+def test_bad_input_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_a_negative_multiplier_is_the_positive_one():
+    """cos(-m theta) = cos(m theta): m = -2 returned cos(theta) itself."""
+    c = torch.tensor([-0.5, 0.0, 0.5], dtype=torch.float64)
+    assert torch.equal(cos_multiple_angle(c, -2), cos_multiple_angle(c, 2))
+    torch.testing.assert_close(cos_multiple_angle(c, -2), torch.cos(2 * torch.acos(c)))
+
+
+def test_an_empty_batch_is_still_an_empty_result():
+    out = fused_margin_softmax_cross_entropy(
+        torch.randn(0, 3), W, torch.zeros(0, dtype=torch.long), None, 30.0
+    )
+    assert out.shape == (0,)
+
+
+def test_a_losss_forward_reads_its_inputs_once(monkeypatch):
+    """The loss checks its inputs in one read; the functions it calls skip theirs."""
+    reads = []
+    run = validation.ValueChecks.run
+
+    def counted(self):
+        reads.append(self.enabled)
+        return run(self)
+
+    monkeypatch.setattr(validation.ValueChecks, "run", counted)
+    monkeypatch.setattr(validation, "_host_array", lambda values: None)  # the device path
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    for loss in (ArcFaceLoss(3, 4), ArcFaceLoss(3, 4, chunk_size=2), CenterLoss(3, 4)):
+        reads.clear()
+        loss(x, y)
+        assert reads.count(True) == 1, type(loss).__name__
+    reads.clear()
+    fused_margin_softmax_cross_entropy(x, torch.randn(4, 3), y, None, 30.0)
+    assert reads.count(True) == 1  # called directly: it checks
