@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pml_margins.function_transforms import values_under_transforms
+from pml_margins.function_transforms import is_compiling, values_under_transforms
 from pml_margins.thread_switch import ThreadSwitch
 
 __all__ = [
@@ -83,11 +83,17 @@ class inputs_checked_by_caller:
         _CALLER_CHECKED.depth -= 1
 
 
+def caller_checked() -> bool:
+    """Whether a loss that has checked its inputs (and whose hyper-parameters were checked
+    when set) is calling, or ``torch.compile`` traces, where values cannot be read."""
+    return bool(getattr(_CALLER_CHECKED, "depth", 0)) or is_compiling()
+
+
 def function_value_checks() -> ValueChecks:
-    """A :class:`ValueChecks` for a functional entry point: off where a loss that has
-    checked the same inputs is the caller (:class:`inputs_checked_by_caller`)."""
+    """A :class:`ValueChecks` for a functional entry point: off under
+    :func:`caller_checked`."""
     checks = ValueChecks()
-    if getattr(_CALLER_CHECKED, "depth", 0):
+    if caller_checked():
         checks.enabled = False
     return checks
 
@@ -104,7 +110,7 @@ def check_function_inputs(
     and ``(B,)`` class labels in ``[0, num_classes)``: shapes and dtypes always; values
     (NaN/Inf, label range) in one synchronisation unless :func:`value_checks` is off or a
     loss that has checked them is the caller (:class:`inputs_checked_by_caller`)."""
-    if getattr(_CALLER_CHECKED, "depth", 0):
+    if caller_checked():
         return  # a loss's forward checked the same tensors (shapes and values)
     if isinstance(embeddings, torch.Tensor) and embeddings.ndim == 2 and not len(embeddings):
         check_labels(labels, 0)  # an empty batch: nothing to compute, no values to read

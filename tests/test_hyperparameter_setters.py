@@ -122,3 +122,15 @@ def test_a_loss_pickled_before_its_attributes_were_checked_still_works():
         loss.__dict__[name] = loss.__dict__.pop(f"_hp_{name}")
     assert loss.chunk_size is None and loss.sample_rate == 1.0
     loss(torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 4, 0]))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [torch.tensor(5), torch.tensor([5.0]), torch.tensor(5.0, requires_grad=True)],
+)
+def test_an_adacos_scale_tensor_must_be_a_0_dim_float_statistic(value):
+    loss = AdaCosLoss(5, 4)
+    with pytest.raises(ValueError, match="0-dim floating tensor without grad"):
+        loss.scale = value
+    loss.scale = torch.tensor(5.0, dtype=torch.float16)
+    assert loss.scale.dtype == torch.float32 and float(loss.scale) == 5.0

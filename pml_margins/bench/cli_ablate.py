@@ -55,7 +55,8 @@ def run_ablate(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --{flag} must be >= 1, got {value}")
     try:  # before the glyph set is rendered
         check_seed(args.seed, args.repeats)
-        check_out_folder(args.out)
+        outputs = [f"{name}{suffix}" for name in names for suffix in (".json", ".md", ".png")]
+        check_out_folder(args.out, files=outputs)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     from pml_margins.bench.datasets import DATASETS

@@ -111,9 +111,8 @@ def _check_out(path: str) -> None:
         )
     try:
         check_out_folder(os.path.dirname(os.path.abspath(path)), "--out")
-    except ValueError:
-        blocked = f"--out {path}: its folder cannot be made (a file is in the way)"
-        raise SphereError(blocked) from None
+    except ValueError as error:  # a file in the way, or a folder it cannot write in
+        raise SphereError(f"--out {path}: {str(error).split(': ', 1)[-1]}") from None
 
 
 def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> int:

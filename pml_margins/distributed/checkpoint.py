@@ -274,13 +274,37 @@ def load_into(loss: ShardedMarginSoftmaxLoss, shard: Checkpoint) -> None:
             f"the loss [{loss.class_start}, {loss.class_end}) of {loss.num_classes}; "
             "use reshard() first"
         )
+    if shard["embedding_size"] != loss.embedding_size:
+        raise ValueError(
+            f"shard has embedding_size {shard['embedding_size']}, the loss {loss.embedding_size}"
+        )
+    _check_state_fits(loss.loss, shard["state_dict"])
     same_world = shard.get("world_size") == loss.world_size
     if same_world:
         loss.check_sampler_state(shard.get("sampler_state"))
+    before = _current_hyperparameters(loss.loss)
+    try:
+        _restore_hyperparameters(loss.loss, shard["loss_kwargs"])
+    except (TypeError, ValueError):
+        _restore_hyperparameters(loss.loss, before)  # a refused shard loads nothing
+        raise
     loss.loss.load_state_dict(shard["state_dict"])
     if same_world:
         loss.load_sampler_state(shard.get("sampler_state"))
-    _restore_hyperparameters(loss.loss, shard["loss_kwargs"])
+
+
+def _check_state_fits(loss: ClassWeightLoss, state: Mapping[str, torch.Tensor]) -> None:
+    """``ValueError`` unless ``state`` has the keys and shapes of ``loss.state_dict()``
+    (checked before anything is loaded: ``load_state_dict`` copies entry by entry)."""
+    mine = loss.state_dict()
+    if set(state) != set(mine):
+        raise ValueError(
+            f"shard holds {sorted(state)}, the loss {sorted(mine)}: not the same loss setup"
+        )
+    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(mine[k].shape)]
+    if wrong:
+        shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(mine[k].shape)}" for k in wrong)
+        raise ValueError(f"shard's tensors do not fit the loss: {shown}")
 
 
 def _restore_hyperparameters(loss: ClassWeightLoss, saved: Mapping[str, Any]) -> None:

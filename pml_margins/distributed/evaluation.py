@@ -183,10 +183,16 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             query and its labels are None when the set is evaluated against itself (the
             whole set is then gathered from the shards)."""
             if reference is None:  # PML then ignores reference_labels: the query's own
-                if reference_labels is not None and reference_labels is not query_labels:
-                    raise ValueError("reference_labels given without reference")
                 shard, device = self._checked_query(query)
                 labels = self.checked_labels(query_labels, len(shard), "query_labels")
+                if reference_labels is not None and reference_labels is not query_labels:
+                    given = self.checked_labels(reference_labels, len(shard), "reference_labels")
+                    if not torch.equal(given, labels):
+                        raise ValueError(
+                            "reference_labels given without reference, unlike query_labels "
+                            "(the query is its own reference set: pass reference too, or no "
+                            "labels)"
+                        )
                 return None, None, shard, labels.to(device)
             if reference_labels is None:
                 raise ValueError("reference given without reference_labels")

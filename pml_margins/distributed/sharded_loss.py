@@ -275,11 +275,11 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self._stream_seed())
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self._stream_seed())
             if self._pending_sampler_state is not None:
-                try:
-                    self._generator.set_state(self._pending_sampler_state)
+                try:  # kept only once set: a state that does not fit fails every step
+                    generator.set_state(self._pending_sampler_state)
                 except RuntimeError as err:  # torch: "Expected a ...GeneratorImplState"
                     size = self._pending_sampler_state.numel()
                     raise ValueError(
@@ -289,6 +289,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                         "checkpoint without it (the sampler then starts from its seed)"
                     ) from err
                 self._pending_sampler_state = None
+            self._generator = generator
         return self._generator
 
     def sampler_state(self) -> torch.Tensor | None:

@@ -316,9 +316,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 ``ref_includes_query`` with a reference that does not start with
                 the query.
         """
+        ref_includes_query = bool(ref_includes_query)  # PML reads its truth value
+        ignored = None
         if reference is None:  # PML then ignores reference_labels: the query's own, or an error
             if reference_labels is not None and reference_labels is not query_labels:
-                raise ValueError("reference_labels given without reference")
+                ignored = reference_labels
             reference, reference_labels, ref_includes_query = query, query_labels, True
         elif reference_labels is None:
             raise ValueError("reference given without reference_labels")
@@ -337,6 +339,13 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 device
             )
         )
+        if ignored is not None:
+            given = self.checked_labels(ignored, len(query), "reference_labels").to(device)
+            if given.shape != query_labels.shape or not torch.equal(given, query_labels):
+                raise ValueError(
+                    "reference_labels given without reference, unlike query_labels (the "
+                    "query is its own reference set: pass reference too, or no labels)"
+                )
         if ref_includes_query and not same:
             n = len(query)
             if len(reference) < n or not (

@@ -125,9 +125,10 @@ def _check_metric_names(args: argparse.Namespace, calculator: type) -> None:
     for flag, names in (("--metrics", args.metrics), ("--exclude", args.exclude)):
         unknown = [m for m in names if m not in known]
         if unknown:
+            any_k = " (or recall_at_K for any K)" if flag == "--metrics" else ""
             raise CliError(
                 f"{flag}: unknown metric {', '.join(unknown)}; choose from "
-                f"{', '.join(sorted(known))} (or recall_at_K for any K)"
+                f"{', '.join(sorted(known))}{any_k}"
             )
     left = [m for m in (args.metrics or known) if m not in args.exclude]
     if not left:

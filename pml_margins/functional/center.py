@@ -16,8 +16,10 @@ import torch
 
 from pml_margins.functional.margin_softmax import compute_dtype
 from pml_margins.validation import (
+    caller_checked,
     check_class_labels,
     check_embeddings,
+    check_labels,
     check_unit_interval,
     function_value_checks,
 )
@@ -50,6 +52,11 @@ def center_distances(
 def _check_centers(embeddings: object, centers: object, labels: object) -> None:
     """``(C, D)`` finite centers; ``(B, D)`` finite embeddings with ``(B,)`` labels in
     ``[0, C)`` (values: see :func:`~pml_margins.validation.check_function_inputs`)."""
+    if caller_checked():  # a CenterLoss forward checked them (and its centres are its own)
+        return
+    if isinstance(embeddings, torch.Tensor) and embeddings.ndim == 2 and not len(embeddings):
+        check_labels(labels, 0)  # an empty batch: nothing to compute
+        return
     checks = function_value_checks()
     centers = check_embeddings(centers, "centers", checks=checks)
     width, name = centers.shape[1], "the centers' width"

@@ -113,6 +113,7 @@ from pml_margins.functional.margin_softmax import (
     takes_unit_columns,
 )
 from pml_margins.validation import (
+    caller_checked,
     check_chunk_size,
     check_count,
     check_function_inputs,
@@ -505,8 +506,8 @@ def _check_scale(scale: float | torch.Tensor | ScaleFromCosines, rows: int) -> A
             raise ValueError(
                 f"a tensor scale must be 0-dim or have shape ({rows},), got {tuple(scale.shape)}"
             )
-    elif not callable(scale):  # as the losses check theirs (1e300 gave NaN losses)
-        return check_logit_scale(scale, "scale")
+    elif not callable(scale) and not caller_checked():  # as the losses check theirs when
+        return check_logit_scale(scale, "scale")  # set (1e300 gave NaN losses)
     return scale
 
 

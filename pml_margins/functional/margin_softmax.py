@@ -19,7 +19,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from pml_margins.validation import check_function_inputs
+from pml_margins.validation import (
+    caller_checked,
+    check_class_labels,
+    check_logit_scale,
+    function_value_checks,
+)
 
 __all__ = [
     "TargetLogitFn",
@@ -63,6 +68,20 @@ def takes_unit_columns(products: torch.dtype) -> bool:
     return products == torch.float16
 
 
+def _check_logits_and_labels(logits: object, labels: object) -> None:
+    """``(B, C)`` floating logits (any values: a masked class is ``-inf``) and ``(B,)``
+    labels in ``[0, C)``, read once unless a checked loss calls."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating tensor, got {type(logits).__name__}")
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be 2-D (B, C), got shape {tuple(logits.shape)}")
+    if caller_checked():
+        return
+    checks = function_value_checks()
+    check_class_labels(labels, logits.shape[0], logits.shape[1], checks=checks)
+    checks.run()
+
+
 def margin_softmax_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -75,9 +94,10 @@ def margin_softmax_cross_entropy(
     Args:
         logits: base logits ``z``, shape ``(B, C)``, any floating dtype (bf16/fp16
             inputs are promoted to float32; autocast is disabled inside).
-        labels: integer class indices, shape ``(B,)``, in ``[0, C)`` (checked, with the
-            logits' values, unless a loss that has checked them calls: see
-            :func:`~pml_margins.validation.check_function_inputs`).
+        labels: integer class indices, shape ``(B,)``, in ``[0, C)`` (checked unless a
+            loss that has checked them calls: see
+            :func:`~pml_margins.validation.check_function_inputs`); the logits' values are
+            not (``-inf`` masks a class; NaN gives NaN losses).
         target_logit_fn: :math:`\psi`, applied to the ``(B,)`` vector of target logits; ``None``
             for the identity.
         scale: :math:`s`, a float or a tensor of ``B`` per-sample scales.
@@ -95,8 +115,9 @@ def margin_softmax_cross_entropy(
     Only the ``B`` target entries are changed (gathered, mapped, scattered back);
     no ``(B, C)`` one-hot mask is built.
     """
-    num_classes = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.ndim else 0
-    check_function_inputs(logits, labels, num_classes, name="logits")
+    _check_logits_and_labels(logits, labels)
+    if not isinstance(scale, torch.Tensor) and not caller_checked():
+        scale = check_logit_scale(scale, "scale")
     dtype = compute_dtype(logits.dtype)
     with autocast_off(logits.device.type):
         logits = logits.to(dtype)

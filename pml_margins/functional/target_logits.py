@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pml_margins.validation import (
+    caller_checked,
     check_angle_margin,
     check_integer_margin,
     check_logit_offset,
@@ -62,14 +63,14 @@ def safe_sine(cosine: torch.Tensor) -> torch.Tensor:
 
 def cosface_target(cosine: torch.Tensor, margin: float) -> torch.Tensor:
     r"""CosFace / LMCL (Wang et al., 2018): :math:`\cos\theta_y - m`."""
-    return cosine - check_logit_offset(margin, "margin")
+    return cosine - _number(margin, check_logit_offset, "margin")
 
 
 def cosface_value_and_slope(
     cosine: torch.Tensor, margin: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r""":func:`cosface_target` and its derivative (1), no graph."""
-    return cosine - check_logit_offset(margin, "margin"), torch.ones_like(cosine)
+    return cosine - _number(margin, check_logit_offset, "margin"), torch.ones_like(cosine)
 
 
 def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = False) -> torch.Tensor:
@@ -84,7 +85,7 @@ def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = Fals
     the margin is applied only where :math:`\cos\theta > 0`, otherwise
     :math:`\cos\theta` is kept.
     """
-    margin = check_angle_margin(margin, "margin")
+    margin = _number(margin, check_angle_margin, "margin")
     cos_m, sin_m = math.cos(margin), math.sin(margin)
     with_margin = cosine * cos_m - safe_sine(cosine) * sin_m
     if easy_margin:
@@ -105,7 +106,7 @@ def arcface_value_and_slope(
     :func:`safe_sine`'s gradient), and 1 where the fallback (or, with
     ``easy_margin``, the plain cosine) applies.
     """
-    margin = check_angle_margin(margin, "margin")
+    margin = _number(margin, check_angle_margin, "margin")
     cos_m, sin_m = math.cos(margin), math.sin(margin)
     sine = ((1 - cosine) * (1 + cosine)).clamp_min_(0).sqrt_()
     value = cosine * cos_m - sine * sin_m
@@ -254,10 +255,18 @@ def combined_margin_value_and_slope(
 def _combined_margins(m1: float, m2: float, m3: float) -> tuple[float, float, float]:
     """The combined margin's ``(m1, m2, m3)``, checked as :class:`CombinedMarginLoss` does."""
     return (
-        check_multiplier(m1, "m1"),
-        check_angle_margin(m2, "m2"),
-        check_logit_offset(m3, "m3"),
+        _number(m1, check_multiplier, "m1"),
+        _number(m2, check_angle_margin, "m2"),
+        _number(m3, check_logit_offset, "m3"),
     )
+
+
+def _number(value: Any, check: Callable[[Any, str], float], name: str) -> Any:
+    """``check(value, name)`` for a number; a tensor as given (a learnable or per-row
+    margin: reading it would cut its gradient and cost a host read)."""
+    if isinstance(value, torch.Tensor) or caller_checked():  # a loss's are checked when set
+        return value
+    return check(value, name)
 
 
 class TargetWithSlope:

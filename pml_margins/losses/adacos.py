@@ -147,16 +147,23 @@ class AdaCosLoss(ClassWeightLoss):
 
     def __setattr__(self, name: str, value: Any) -> None:
         """``loss.scale = value`` (a fixed scale set by hand) is checked as the constructor
-        checks it, and kept in the buffer's dtype and device (a NaN, 0 or negative
-        tensor was taken, ``None`` failed at the next forward)."""
+        checks it (a NaN, 0 or negative tensor was taken, ``None`` failed at the next
+        forward): a number goes into the buffer's dtype and device, a 0-dim floating
+        tensor is kept as given (``load_state_dict(assign=True)``; half precision becomes
+        float32, as :attr:`statistic_buffers` are kept)."""
         if name == "scale" and "scale" in self.__dict__.get("_buffers", {}):
             if value is None:
                 raise TypeError("scale must be a number > 0 (None is for the constructor only)")
             if isinstance(value, torch.Tensor):  # as given (load_state_dict(assign=True))
-                if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-                    raise ValueError(f"scale must be one real number, got {value!r}")
+                if value.ndim or not value.is_floating_point() or value.requires_grad:
+                    raise ValueError(
+                        "scale must be a 0-dim floating tensor without grad (the running "
+                        f"scale is a statistic, not a parameter), got {value!r}"
+                    )
                 if value.device.type != "meta":  # a meta tensor holds no value to check
-                    check_optional_logit_scale(value.detach().double().item(), "scale")
+                    check_optional_logit_scale(value.double().item(), "scale")
+                if value.dtype in (torch.float16, torch.bfloat16):  # a statistic: float32
+                    value = value.float()
             else:  # a number: into the buffer's dtype and device
                 checked = check_optional_logit_scale(value, "scale")
                 value = torch.tensor(checked, dtype=torch.float64).to(self._buffers["scale"])

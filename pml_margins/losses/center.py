@@ -25,6 +25,8 @@ from pml_margins.validation import (
 
 __all__ = ["CenterLoss"]
 
+_CHECKED = inputs_checked_by_caller()  # reentrant: a thread-local depth
+
 
 class CenterLoss(FloatStatisticsMixin, CheckedForwardMixin, BaseMetricLossFunction):
     r"""Center loss (Wen, Zhang, Li, Qiao, ECCV 2016, "A Discriminative Feature Learning
@@ -152,11 +154,12 @@ class CenterLoss(FloatStatisticsMixin, CheckedForwardMixin, BaseMetricLossFuncti
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The checked loss; then, in training mode with ``update="ema"``, the centre update."""
-        if self.training and self.update == "ema":
+        updates = self.training and self.update == "ema"
+        if updates:
             refuse_update_in_function_transform(self, "its centres (update='ema')")
         loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if self.training and self.update == "ema":
-            with inputs_checked_by_caller():  # checked by the forward above
+        if updates:
+            with _CHECKED:  # checked by the forward above
                 self.update_centers(embeddings, labels)
         return loss
 

@@ -8,6 +8,8 @@ from pytorch_metric_learning.utils import common_functions as c_f
 
 from pml_margins.validation import inputs_checked_by_caller
 
+_CHECKED = inputs_checked_by_caller()  # reentrant: a thread-local depth
+
 __all__ = ["CheckedForwardMixin"]
 
 
@@ -52,7 +54,7 @@ class CheckedForwardMixin:
     ) -> torch.Tensor:
         """The reduced loss (PML's ``forward``) after :meth:`check_inputs`."""
         self.check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        with inputs_checked_by_caller():  # the functions it calls skip their value checks
+        with _CHECKED:  # the functions it calls skip their value checks
             return self._checked_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _checked_forward(

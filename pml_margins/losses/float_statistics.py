@@ -14,9 +14,10 @@ class FloatStatisticsMixin:
     ``nn.Module._apply`` (``.to``, ``.half``, ``.bfloat16``, ...).
 
     A moving average in float16/bfloat16 stalls: an update ``alpha (r - t)`` below half
-    a unit in the last place of ``t`` rounds away (a bfloat16 Center-loss centre at 10
-    stops at 9.25 with ``alpha = 0.05``). A buffer the cast would make half precision
-    becomes float32 from its value before the cast (not rounded to half first).
+    a unit in the last place of ``t`` rounds away (a bfloat16 Center-loss centre moving
+    from 0 to the batch mean 10 stops at 9.25 with ``alpha = 0.05``). A buffer the cast
+    would make half precision becomes float32 from its value before the cast (not
+    rounded to half first).
     """
 
     #: names of the running-statistic buffers (absent or non-buffer names are skipped)

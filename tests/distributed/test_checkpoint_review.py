@@ -141,8 +141,9 @@ def test_a_sampler_state_of_another_device_is_named_at_the_first_draw():
     shard = shard_checkpoint(loss)
     shard["sampler_state"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's
     load_into(loss, shard)
-    with pytest.raises(ValueError, match="does not fit a cpu generator: it was saved on"):
-        loss._generator_for(torch.device("cpu"))
+    for _ in range(2):  # every step: it went on from the seed after the first error
+        with pytest.raises(ValueError, match="does not fit a cpu generator: it was saved on"):
+            loss._generator_for(torch.device("cpu"))
     before = loss.W_local.detach().clone()
     bad = {**shard, "sampler_state": "state", "state_dict": {"W": torch.zeros(4, 10)}}
     with pytest.raises(ValueError, match="must be a 1-D uint8 tensor"):
@@ -156,3 +157,18 @@ def test_a_scale_set_back_to_none_is_recorded():
     sharded = ShardedMarginSoftmaxLoss(SphereFaceLoss, 10, 4, rank=0, world_size=1, scale=30.0)
     sharded.loss.scale = None  # the constructor's 30.0 came back
     assert to_single_process_loss(shard_checkpoint(sharded)).scale is None
+
+
+def test_a_shard_of_another_embedding_size_or_hyperparameter_loads_nothing():
+    saved = ShardedMarginSoftmaxLoss(CurricularFaceLoss, 10, 4, rank=0, world_size=1)
+    saved.loss.t.fill_(0.7)
+    shard = shard_checkpoint(saved)
+    other = ShardedMarginSoftmaxLoss(CurricularFaceLoss, 10, 8, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="embedding_size 4, the loss 8"):
+        load_into(other, shard)
+    assert float(other.loss.t) == 0.0  # the buffer was loaded before the W error
+    same = ShardedMarginSoftmaxLoss(CurricularFaceLoss, 10, 4, rank=0, world_size=1)
+    bad = {**shard, "loss_kwargs": {**shard["loss_kwargs"], "margin": -1.0}}
+    with pytest.raises(ValueError, match="margin"):
+        load_into(same, bad)
+    assert float(same.loss.t) == 0.0 and same.loss.margin == 0.5

@@ -101,8 +101,9 @@ def test_single_process_and_bad_input() -> None:
         calc.get_accuracy(q, torch.zeros(5), r, torch.zeros(8), ref_includes_query=True)
     labels = torch.tensor([0, 0, 1, 1, 0])  # the query's own labels without reference: as PML
     assert calc.get_accuracy(q, labels, None, labels) == calc.get_accuracy(q, labels)
-    with pytest.raises(ValueError, match="reference_labels given without reference"):
-        calc.get_accuracy(q, labels, None, labels.clone())
+    assert calc.get_accuracy(q, labels, None, labels.clone()) == calc.get_accuracy(q, labels)
+    with pytest.raises(ValueError, match="reference_labels given without reference, unlike"):
+        calc.get_accuracy(q, labels, None, labels.flip(0))
     from pytorch_metric_learning.distances import LpDistance
     from pytorch_metric_learning.utils.inference import CustomKNN
 

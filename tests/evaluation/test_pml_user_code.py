@@ -6,6 +6,7 @@ neighbour lists; a graded comparison is refused rather than read as booleans."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -191,8 +192,9 @@ def test_reference_labels_without_reference_are_the_querys_own_as_pml_ignores_th
     q, ql = _data()
     calc = RetrievalAccuracyCalculator(include=("precision_at_1",))
     assert calc.get_accuracy(q, ql, None, ql) == calc.get_accuracy(q, ql)
-    with pytest.raises(ValueError, match="reference_labels given without reference"):
-        calc.get_accuracy(q, ql, None, ql.clone())
+    assert calc.get_accuracy(q, ql, None, ql.clone()) == calc.get_accuracy(q, ql)  # equal
+    with pytest.raises(ValueError, match="reference_labels given without reference, unlike"):
+        calc.get_accuracy(q, ql, None, ql.flip(0))
 
 
 def test_k_beyond_the_references_is_cut_to_them():
@@ -223,3 +225,10 @@ def test_metrics_under_inference_mode_equal_those_outside(separate):
         assert _ours(changed.get_accuracy(*inside), pml.get_accuracy(*args)) == pytest.approx(
             pml.get_accuracy(*args), abs=1e-12
         )
+
+
+@pytest.mark.parametrize("flag", [1, torch.tensor(True), np.bool_(True)])
+def test_ref_includes_query_is_read_for_its_truth_as_pml_does(flag):
+    q, ql = _data()
+    calc = RetrievalAccuracyCalculator(include=("precision_at_1",))
+    assert calc.get_accuracy(q, ql, q, ql, flag) == calc.get_accuracy(q, ql, q, ql, True)

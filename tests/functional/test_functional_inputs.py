@@ -64,11 +64,9 @@ X, W = torch.randn(4, 3), torch.randn(3, 5)
             r"\[0, 5\)",
         ),
         (
-            lambda: margin_softmax_cross_entropy(
-                torch.full((4, 5), math.nan), torch.arange(4), None
-            ),
+            lambda: margin_softmax_cross_entropy(torch.randn(4, 5), torch.arange(4), None, 1e300),
             ValueError,
-            "NaN",
+            "scale",
         ),
         (
             lambda: fused_margin_softmax_cross_entropy(
@@ -143,3 +141,26 @@ def test_a_losss_forward_reads_its_inputs_once(monkeypatch):
     reads.clear()
     fused_margin_softmax_cross_entropy(x, torch.randn(4, 3), y, None, 30.0)
     assert reads.count(True) == 1  # called directly: it checks
+
+
+def test_logits_may_mask_a_class_with_minus_inf():
+    logits, labels = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    logits[:, 4] = -math.inf
+    expected = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(margin_softmax_cross_entropy(logits, labels, None), expected)
+
+
+def test_a_learnable_margin_keeps_its_gradient():
+    margin = torch.nn.Parameter(torch.tensor(0.2))
+    cosface_target(torch.tensor([0.5, 0.1]), margin).sum().backward()
+    assert float(margin.grad) == -2.0
+    per_row = torch.tensor([0.1, 0.3])
+    got = cosface_target(torch.tensor([0.5, 0.1]), per_row)
+    torch.testing.assert_close(got, torch.tensor([0.4, -0.2]))
+
+
+def test_the_center_functions_take_an_empty_batch():
+    centers = torch.randn(5, 3)
+    empty, none = torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)
+    assert center_distances(empty, centers, none).shape == (0,)
+    assert torch.equal(center_ema_update(centers, empty, none, 0.5), centers)
