@@ -85,17 +85,22 @@ class inputs_checked_by_caller:
 
 def caller_checked() -> bool:
     """Whether a loss that has checked its inputs (and whose hyper-parameters were checked
-    when set) is calling, or ``torch.compile`` traces, where values cannot be read."""
-    return bool(getattr(_CALLER_CHECKED, "depth", 0)) or is_compiling()
+    when set) is calling (:data:`CHECKED_BY_CALLER`, around its own calls only)."""
+    return bool(getattr(_CALLER_CHECKED, "depth", 0))
 
 
 def function_value_checks() -> ValueChecks:
     """A :class:`ValueChecks` for a functional entry point: off under
-    :func:`caller_checked`."""
+    :func:`caller_checked` and while ``torch.compile`` traces (values cannot be read
+    there; shapes, dtypes and numbers are still checked)."""
     checks = ValueChecks()
-    if caller_checked():
+    if caller_checked() or is_compiling():
         checks.enabled = False
     return checks
+
+
+#: entered by a loss around its own calls into the public functions (reentrant)
+CHECKED_BY_CALLER = inputs_checked_by_caller()
 
 
 def check_function_inputs(

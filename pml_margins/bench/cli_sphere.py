@@ -109,10 +109,10 @@ def _check_out(path: str) -> None:
         raise SphereError(
             f"--out {path}: matplotlib cannot write .{suffix} (use one of: {', '.join(formats)})"
         )
-    try:
-        check_out_folder(os.path.dirname(os.path.abspath(path)), "--out")
-    except ValueError as error:  # a file in the way, or a folder it cannot write in
-        raise SphereError(f"--out {path}: {str(error).split(': ', 1)[-1]}") from None
+    try:  # a file in the way, or a folder it cannot write in
+        check_out_folder(os.path.dirname(os.path.abspath(path)), f"--out {path}: its folder")
+    except ValueError as error:
+        raise SphereError(str(error)) from None
 
 
 def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> int:

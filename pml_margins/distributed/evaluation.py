@@ -178,6 +178,8 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             include, exclude: as PML.
         """
 
+        ref_includes_query = bool(ref_includes_query)  # PML reads its truth value
+
         def check() -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
             """(query, query_labels, shard, shard_labels), checked, on the compute device;
             query and its labels are None when the set is evaluated against itself (the

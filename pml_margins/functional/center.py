@@ -54,11 +54,17 @@ def _check_centers(embeddings: object, centers: object, labels: object) -> None:
     ``[0, C)`` (values: see :func:`~pml_margins.validation.check_function_inputs`)."""
     if caller_checked():  # a CenterLoss forward checked them (and its centres are its own)
         return
-    if isinstance(embeddings, torch.Tensor) and embeddings.ndim == 2 and not len(embeddings):
-        check_labels(labels, 0)  # an empty batch: nothing to compute
-        return
     checks = function_value_checks()
     centers = check_embeddings(centers, "centers", checks=checks)
+    if isinstance(embeddings, torch.Tensor) and embeddings.ndim == 2 and not len(embeddings):
+        if not embeddings.is_floating_point() or embeddings.shape[1] != centers.shape[1]:
+            raise ValueError(
+                f"embeddings must be floating (0, {centers.shape[1]}) like the centers, got "
+                f"{embeddings.dtype} {tuple(embeddings.shape)}"
+            )
+        check_labels(labels, 0)  # an empty batch: nothing else to check
+        checks.run()
+        return
     width, name = centers.shape[1], "the centers' width"
     embeddings = check_embeddings(embeddings, "embeddings", width, name, checks)
     check_class_labels(labels, embeddings.shape[0], centers.shape[0], checks=checks)

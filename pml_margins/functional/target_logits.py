@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from pml_margins.function_transforms import is_compiling
 from pml_margins.validation import (
     caller_checked,
     check_angle_margin,
@@ -86,11 +87,10 @@ def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = Fals
     :math:`\cos\theta` is kept.
     """
     margin = _number(margin, check_angle_margin, "margin")
-    cos_m, sin_m = math.cos(margin), math.sin(margin)
+    cos_m, sin_m, threshold = _cos_sin(margin)
     with_margin = cosine * cos_m - safe_sine(cosine) * sin_m
     if easy_margin:
         return torch.where(cosine > 0, with_margin, cosine)
-    threshold = math.cos(math.pi - margin)
     return torch.where(cosine > threshold, with_margin, cosine - margin * sin_m)
 
 
@@ -107,7 +107,7 @@ def arcface_value_and_slope(
     ``easy_margin``, the plain cosine) applies.
     """
     margin = _number(margin, check_angle_margin, "margin")
-    cos_m, sin_m = math.cos(margin), math.sin(margin)
+    cos_m, sin_m, threshold = _cos_sin(margin)
     sine = ((1 - cosine) * (1 + cosine)).clamp_min_(0).sqrt_()
     value = cosine * cos_m - sine * sin_m
     ratio = torch.div(cosine, sine).masked_fill_(sine <= _SINE_MIN, 0)  # (+-inf where sine is 0)
@@ -115,8 +115,17 @@ def arcface_value_and_slope(
     if easy_margin:
         above = cosine > 0
         return torch.where(above, value, cosine), torch.where(above, slope, 1.0)
-    above = cosine > math.cos(math.pi - margin)
+    above = cosine > threshold
     return torch.where(above, value, cosine - margin * sin_m), torch.where(above, slope, 1.0)
+
+
+def _cos_sin(margin: float | torch.Tensor) -> tuple[Any, Any, Any]:
+    """``cos m``, ``sin m`` and ArcFace's threshold ``cos(pi - m)``: floats for a number,
+    tensors (with their graph: a learnable or per-row margin) for a tensor."""
+    if isinstance(margin, torch.Tensor):
+        cos_m = torch.cos(margin)
+        return cos_m, torch.sin(margin), -cos_m
+    return math.cos(margin), math.sin(margin), math.cos(math.pi - margin)
 
 
 def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
@@ -218,11 +227,12 @@ def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float
     (``ValueError`` otherwise, naming the argument).
     """
     m1, m2, m3 = _combined_margins(m1, m2, m3)
+    no_m2 = not isinstance(m2, torch.Tensor) and m2 == 0
     if m1 == 1:
-        return arcface_target(cosine, m2) - m3 if m2 != 0 else cosine - m3
-    if m2 == 0 and float(m1).is_integer():
+        return cosine - m3 if no_m2 else arcface_target(cosine, m2) - m3
+    if no_m2 and float(m1).is_integer():
         return sphereface_psi(cosine, int(m1)) - m3
-    cos_m2, sin_m2 = math.cos(m2), math.sin(m2)
+    cos_m2, sin_m2, _ = _cos_sin(m2)
     cos_m1 = cos_multiple_angle(cosine, m1)
     cos_shifted = cos_m1 * cos_m2 - _sin_multiple_angle(cosine, m1) * sin_m2
     k = _angle_region(cosine, m1, m2)
@@ -241,11 +251,12 @@ def combined_margin_value_and_slope(
         ValueError: for the general form (use autograd: :func:`combined_margin_target`).
     """
     m1, m2, m3 = _combined_margins(m1, m2, m3)
+    no_m2 = not isinstance(m2, torch.Tensor) and m2 == 0
     if m1 == 1:
-        if m2 == 0:
+        if no_m2:
             return cosine - m3, torch.ones_like(cosine)
         value, slope = arcface_value_and_slope(cosine, m2)
-    elif m2 == 0 and float(m1).is_integer():
+    elif no_m2 and float(m1).is_integer():
         value, slope = sphereface_value_and_slope(cosine, int(m1))
     else:
         raise ValueError(f"no closed-form slope for m1={m1}, m2={m2}")
@@ -264,7 +275,13 @@ def _combined_margins(m1: float, m2: float, m3: float) -> tuple[float, float, fl
 def _number(value: Any, check: Callable[[Any, str], float], name: str) -> Any:
     """``check(value, name)`` for a number; a tensor as given (a learnable or per-row
     margin: reading it would cut its gradient and cost a host read)."""
-    if isinstance(value, torch.Tensor) or caller_checked():  # a loss's are checked when set
+    if caller_checked():  # a loss's hyper-parameters are checked when set
+        return value
+    if isinstance(value, torch.Tensor):  # as given (its graph kept), values checked on CPU
+        if value.device.type == "cpu" and value.numel() and not is_compiling():
+            extremes = value.detach()
+            check(float(extremes.min()), name)
+            check(float(extremes.max()), name)
         return value
     return check(value, name)
 

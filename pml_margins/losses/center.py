@@ -16,16 +16,14 @@ from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.float_statistics import FloatStatisticsMixin
 from pml_margins.losses.hyperparameter import FixedAtConstruction, Hyperparameter
 from pml_margins.validation import (
+    CHECKED_BY_CALLER,
     check_choice,
     check_class_loss_input,
     check_count,
     check_unit_interval,
-    inputs_checked_by_caller,
 )
 
 __all__ = ["CenterLoss"]
-
-_CHECKED = inputs_checked_by_caller()  # reentrant: a thread-local depth
 
 
 class CenterLoss(FloatStatisticsMixin, CheckedForwardMixin, BaseMetricLossFunction):
@@ -159,7 +157,7 @@ class CenterLoss(FloatStatisticsMixin, CheckedForwardMixin, BaseMetricLossFuncti
             refuse_update_in_function_transform(self, "its centres (update='ema')")
         loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if updates:
-            with _CHECKED:  # checked by the forward above
+            with CHECKED_BY_CALLER:  # checked by the forward above
                 self.update_centers(embeddings, labels)
         return loss
 
@@ -181,7 +179,8 @@ class CenterLoss(FloatStatisticsMixin, CheckedForwardMixin, BaseMetricLossFuncti
         ref_labels: torch.Tensor,
     ) -> dict[str, dict[str, Any]]:
         centers = self.centers.to(embeddings.device)
-        losses = center_distances(embeddings, centers, labels.to(embeddings.device))
+        with CHECKED_BY_CALLER:  # checked by forward
+            losses = center_distances(embeddings, centers, labels.to(embeddings.device))
         weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
         return {
             "loss": {

@@ -6,10 +6,6 @@ import torch
 from pytorch_metric_learning.reducers import MeanReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from pml_margins.validation import inputs_checked_by_caller
-
-_CHECKED = inputs_checked_by_caller()  # reentrant: a thread-local depth
-
 __all__ = ["CheckedForwardMixin"]
 
 
@@ -54,17 +50,6 @@ class CheckedForwardMixin:
     ) -> torch.Tensor:
         """The reduced loss (PML's ``forward``) after :meth:`check_inputs`."""
         self.check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        with _CHECKED:  # the functions it calls skip their value checks
-            return self._checked_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-
-    def _checked_forward(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor | None,
-        indices_tuple: tuple[torch.Tensor, ...] | None,
-        ref_emb: torch.Tensor | None,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
         # int64 from here on: PML's reducers and miner-weight helpers index with them, and
         # read uint8 as a mask and refuse int8/int16 (the checks accept any integer dtype)
         same = ref_labels is labels

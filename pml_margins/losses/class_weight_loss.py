@@ -36,6 +36,7 @@ from pml_margins.losses.float_statistics import FloatStatisticsMixin
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
+    CHECKED_BY_CALLER,
     FLOAT_DTYPES,
     check_chunk_size,
     check_class_loss_input,
@@ -441,9 +442,10 @@ class ClassWeightLoss(
         logits, scale = self.base_logits(embeddings)
         if self.collect_stats and self.logits_are_cosines:
             self._record_avg_angle(logits, labels)
-        return margin_softmax_cross_entropy(
-            logits, labels, self.target_logit_fn(), scale, non_target_logit_fn=non_target_fn
-        )
+        with CHECKED_BY_CALLER:  # checked by forward (hyper-parameters when set)
+            return margin_softmax_cross_entropy(
+                logits, labels, self.target_logit_fn(), scale, non_target_logit_fn=non_target_fn
+            )
 
     def _check_plain_mode(self) -> None:
         if self.chunk_size is not None or self.sample_rate != 1.0:
@@ -475,21 +477,22 @@ class ClassWeightLoss(
             self._record_avg_angle(cosine, torch.zeros_like(labels))
         if not (form.normalize_embeddings and form.normalize_weight):
             target_cosines = None  # formed as cosines (the core takes them for K = 1 only)
-        return fused_margin_softmax_cross_entropy(
-            embeddings,
-            self.W,
-            labels,
-            self.target_logit_fn(),
-            form.scale,
-            normalize_embeddings=form.normalize_embeddings,
-            normalize_weight=form.normalize_weight,
-            bias=form.bias,
-            chunk_size=self.chunk_size,
-            sample_rate=self.sample_rate,
-            non_target_logit_fn=non_target_fn,
-            sub_centers=form.sub_centers,
-            target_cosines=target_cosines,
-        )
+        with CHECKED_BY_CALLER:  # checked by forward (hyper-parameters when set)
+            return fused_margin_softmax_cross_entropy(
+                embeddings,
+                self.W,
+                labels,
+                self.target_logit_fn(),
+                form.scale,
+                normalize_embeddings=form.normalize_embeddings,
+                normalize_weight=form.normalize_weight,
+                bias=form.bias,
+                chunk_size=self.chunk_size,
+                sample_rate=self.sample_rate,
+                non_target_logit_fn=non_target_fn,
+                sub_centers=form.sub_centers,
+                target_cosines=target_cosines,
+            )
 
     def _record_avg_angle(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         with torch.no_grad():

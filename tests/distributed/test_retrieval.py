@@ -102,6 +102,10 @@ def test_single_process_and_bad_input() -> None:
     labels = torch.tensor([0, 0, 1, 1, 0])  # the query's own labels without reference: as PML
     assert calc.get_accuracy(q, labels, None, labels) == calc.get_accuracy(q, labels)
     assert calc.get_accuracy(q, labels, None, labels.clone()) == calc.get_accuracy(q, labels)
+    r_labels = torch.tensor([0, 0, 1, 1, 0, 1, 0, 1])
+    q_in_r = torch.cat([q, r[5:]])  # the reference starts with the query
+    truthy = calc.get_accuracy(q, labels, q_in_r, r_labels[:8], ref_includes_query=2)
+    assert truthy == calc.get_accuracy(q, labels, q_in_r, r_labels[:8], ref_includes_query=True)
     with pytest.raises(ValueError, match="reference_labels given without reference, unlike"):
         calc.get_accuracy(q, labels, None, labels.flip(0))
     from pytorch_metric_learning.distances import LpDistance

@@ -164,3 +164,49 @@ def test_the_center_functions_take_an_empty_batch():
     empty, none = torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)
     assert center_distances(empty, centers, none).shape == (0,)
     assert torch.equal(center_ema_update(centers, empty, none, 0.5), centers)
+
+
+def test_a_learnable_arcface_margin_gets_the_gradient_of_its_formula():
+    """math.cos of a tensor margin cut its graph: the gradient came out 0."""
+    c = torch.tensor([-0.9, 0.2, 0.7], dtype=torch.float64)
+    margin = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+    arcface_target(c, margin).sum().backward()
+    ref = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    theta = torch.acos(c)
+    fallback = c - ref * torch.sin(ref)
+    torch.where(theta + ref < math.pi, torch.cos(theta + ref), fallback).sum().backward()
+    torch.testing.assert_close(margin.grad, ref.grad)
+    per_row = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64, requires_grad=True)
+    combined_margin_target(c, 1.0, per_row, 0.0).sum().backward()
+    assert per_row.grad is not None and bool((per_row.grad != 0).all())
+    with pytest.raises(ValueError, match="radians"):
+        arcface_target(c, torch.tensor(30.0))  # a CPU tensor's values are still checked
+
+
+def test_checks_stay_when_compiled_and_in_user_code_inside_a_loss():
+    """Only the value reads are skipped while torch.compile traces; a reducer's own call
+    into a public function (inside a loss's forward) is checked."""
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    compiled = torch.compile(margin_softmax_cross_entropy, backend="eager")
+    with pytest.raises(TypeError, match="integer"):
+        compiled(torch.randn(4, 5), torch.arange(4) + 0.5, None)
+    seen = []
+
+    class Probe(MeanReducer):
+        def forward(self, loss_dict, embeddings, labels):
+            try:
+                arcface_target(torch.zeros(2), 30.0)
+            except ValueError as err:
+                seen.append(str(err))
+            return super().forward(loss_dict, embeddings, labels)
+
+    ArcFaceLoss(3, 4, reducer=Probe())(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert seen and "radians" in seen[0]
+
+
+def test_an_empty_batch_still_checks_the_centers():
+    with pytest.raises(TypeError, match="centers"):
+        center_distances(torch.zeros(0, 3), torch.zeros(5, 3, dtype=torch.long), torch.zeros(0))
+    with pytest.raises(ValueError, match=r"floating \(0, 3\)"):
+        center_distances(torch.zeros(0, 4), torch.zeros(5, 3), torch.zeros(0, dtype=torch.long))
