@@ -34,9 +34,11 @@ from pml_margins.function_transforms import is_compiling, values_under_transform
 from pml_margins.thread_switch import ThreadSwitch
 
 __all__ = [
+    "CHECKED_BY_CALLER",
     "FLOAT_DTYPES",
     "FLOAT_DTYPE_NAMES",
     "ValueChecks",
+    "caller_checked",
     "check_angle_margin",
     "check_choice",
     "check_chunk_size",
@@ -60,6 +62,7 @@ __all__ = [
     "check_reference",
     "check_sample_rate",
     "check_unit_interval",
+    "function_value_checks",
     "inputs_checked_by_caller",
     "other_reference",
     "value_checks",
@@ -72,9 +75,10 @@ _CALLER_CHECKED = threading.local()
 
 
 class inputs_checked_by_caller:
-    """Within: the public functions of :mod:`pml_margins.functional` skip their value
-    checks (a loss's forward, which has checked its inputs in one synchronisation,
-    calls them so). Cheap: one thread-local counter."""
+    """Within: the public functions of :mod:`pml_margins.functional` skip their checks
+    (a loss enters it around its own calls into them, having checked its inputs in one
+    synchronisation and its hyper-parameters when they were set; a user's code that the
+    loss runs, a reducer or a regularizer, is outside it). Cheap: a thread-local counter."""
 
     def __enter__(self) -> None:
         _CALLER_CHECKED.depth = getattr(_CALLER_CHECKED, "depth", 0) + 1
@@ -118,6 +122,11 @@ def check_function_inputs(
     if caller_checked():
         return  # a loss's forward checked the same tensors (shapes and values)
     if isinstance(embeddings, torch.Tensor) and embeddings.ndim == 2 and not len(embeddings):
+        if embeddings.dtype not in FLOAT_DTYPES or (width and embeddings.shape[1] != width):
+            raise ValueError(
+                f"{name} must be floating with {width_name} columns, got {embeddings.dtype} "
+                f"{tuple(embeddings.shape)}"
+            )
         check_labels(labels, 0)  # an empty batch: nothing to compute, no values to read
         return
     checks = function_value_checks()
