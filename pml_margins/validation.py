@@ -122,11 +122,10 @@ def check_function_inputs(
     if caller_checked():
         return  # a loss's forward checked the same tensors (shapes and values)
     if isinstance(embeddings, torch.Tensor) and embeddings.ndim == 2 and not len(embeddings):
-        if embeddings.dtype not in FLOAT_DTYPES or (width and embeddings.shape[1] != width):
-            raise ValueError(
-                f"{name} must be floating with {width_name} columns, got {embeddings.dtype} "
-                f"{tuple(embeddings.shape)}"
-            )
+        if embeddings.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must have dtype {FLOAT_DTYPE_NAMES}, got {embeddings.dtype}")
+        if width is not None and embeddings.shape[1] != width:
+            raise ValueError(f"{name} has width {embeddings.shape[1]} but {width_name} is {width}")
         check_labels(labels, 0)  # an empty batch: nothing to compute, no values to read
         return
     checks = function_value_checks()

@@ -16,6 +16,8 @@ import torch
 
 from pml_margins.functional.margin_softmax import compute_dtype
 from pml_margins.validation import (
+    FLOAT_DTYPE_NAMES,
+    FLOAT_DTYPES,
     caller_checked,
     check_class_labels,
     check_embeddings,
@@ -57,10 +59,14 @@ def _check_centers(embeddings: object, centers: object, labels: object) -> None:
     checks = function_value_checks()
     centers = check_embeddings(centers, "centers", checks=checks)
     if isinstance(embeddings, torch.Tensor) and embeddings.ndim == 2 and not len(embeddings):
-        if not embeddings.is_floating_point() or embeddings.shape[1] != centers.shape[1]:
+        if embeddings.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"embeddings must have dtype {FLOAT_DTYPE_NAMES}, got {embeddings.dtype}"
+            )
+        if embeddings.shape[1] != centers.shape[1]:
             raise ValueError(
-                f"embeddings must be floating (0, {centers.shape[1]}) like the centers, got "
-                f"{embeddings.dtype} {tuple(embeddings.shape)}"
+                f"embeddings has width {embeddings.shape[1]} but the centers' width is "
+                f"{centers.shape[1]}"
             )
         check_labels(labels, 0)  # an empty batch: nothing else to check
         checks.run()

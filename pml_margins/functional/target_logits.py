@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pml_margins.function_transforms import is_compiling
+from pml_margins.function_transforms import is_compiling, values_under_transforms
 from pml_margins.validation import (
     caller_checked,
     check_angle_margin,
@@ -251,7 +251,8 @@ def combined_margin_value_and_slope(
         ValueError: for the general form (use autograd: :func:`combined_margin_target`).
     """
     m1, m2, m3 = _combined_margins(m1, m2, m3)
-    no_m2 = not isinstance(m2, torch.Tensor) and m2 == 0
+    # no graph here: a tensor m2 may be read (all zero: SphereFace's closed form)
+    no_m2 = bool((m2 == 0).all()) if isinstance(m2, torch.Tensor) else m2 == 0
     if m1 == 1:
         if no_m2:
             return cosine - m3, torch.ones_like(cosine)
@@ -279,7 +280,7 @@ def _number(value: Any, check: Callable[[Any, str], float], name: str) -> Any:
         return value
     if isinstance(value, torch.Tensor):  # as given (its graph kept), values checked on CPU
         if value.device.type == "cpu" and value.numel() and not is_compiling():
-            extremes = value.detach()
+            extremes = values_under_transforms(value.detach())  # every vmap lane
             check(float(extremes.min()), name)
             check(float(extremes.max()), name)
         return value

@@ -208,5 +208,20 @@ def test_checks_stay_when_compiled_and_in_user_code_inside_a_loss():
 def test_an_empty_batch_still_checks_the_centers():
     with pytest.raises(TypeError, match="centers"):
         center_distances(torch.zeros(0, 3), torch.zeros(5, 3, dtype=torch.long), torch.zeros(0))
-    with pytest.raises(ValueError, match=r"floating \(0, 3\)"):
+    with pytest.raises(ValueError, match="width 4 but the centers' width is 3"):
         center_distances(torch.zeros(0, 4), torch.zeros(5, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(TypeError, match="embeddings must have dtype"):
+        center_distances(torch.zeros(0, 3, dtype=torch.long), torch.zeros(5, 3), torch.zeros(0))
+
+
+def test_tensor_margins_under_vmap_and_a_zero_tensor_m2():
+    from pml_margins.functional.target_logits import combined_margin_value_and_slope
+
+    cos = torch.tensor([0.1, 0.5, 0.9])
+    out = torch.func.vmap(lambda m: cosface_target(cos, m))(torch.tensor([0.3, 0.5]))
+    assert out.shape == (2, 3)
+    with pytest.raises(ValueError, match="margin"):
+        torch.func.vmap(lambda m: cosface_target(cos, m))(torch.tensor([0.3, -0.5]))
+    value, slope = combined_margin_value_and_slope(cos, 2.0, torch.tensor(0.0), 0.1)
+    expected = combined_margin_value_and_slope(cos, 2.0, 0.0, 0.1)
+    assert torch.equal(value, expected[0]) and torch.equal(slope, expected[1])
