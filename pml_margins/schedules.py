@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from pml_margins.validation import check_count, check_non_negative
+from pml_margins.validation import check_count, check_non_negative, check_real
 
 __all__ = ["MarginScheduler", "SphereFaceLambdaScheduler"]
 
@@ -108,22 +107,6 @@ class _AttributeScheduler:
         self.last_step = last_step
 
 
-def _real(value: object, name: str) -> float:
-    """A finite real number (int, float, numpy number or 0-dim real tensor; not a bool or
-    a string, which ``float`` would turn into 1.0 or parse) as a float."""
-    scalar = isinstance(value, torch.Tensor) and value.ndim == 0
-    if scalar:
-        real = not (value.dtype == torch.bool or value.is_complex())
-    else:
-        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not real:
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return number
-
-
 class MarginScheduler(_AttributeScheduler):
     r"""Moves a margin from ``start`` to ``end`` over ``total_steps``, then holds it.
 
@@ -161,7 +144,7 @@ class MarginScheduler(_AttributeScheduler):
     ) -> None:
         if mode not in ("linear", "cosine"):
             raise ValueError(f"mode must be 'linear' or 'cosine', got {mode!r}")
-        self.start, self.end, self.mode = _real(start, "start"), _real(end, "end"), mode
+        self.start, self.end, self.mode = check_real(start, "start"), check_real(end, "end"), mode
         self.total_steps = check_count(total_steps, "total_steps")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
             raise TypeError(f"warmup_steps must be an int, got {warmup_steps!r}")

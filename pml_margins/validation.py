@@ -59,6 +59,7 @@ __all__ = [
     "check_optional_logit_scale",
     "check_ordered",
     "check_positive",
+    "check_real",
     "check_reference",
     "check_sample_rate",
     "check_unit_interval",
@@ -573,7 +574,7 @@ def check_in_interval(
         TypeError: not a real number.
         ValueError: NaN/Inf, or outside the interval (the message shows it).
     """
-    value = _check_real(value, name)
+    value = check_real(value, name)
     above = value >= low if low_inclusive else value > low
     below = value <= high if high_inclusive else value < high
     if not (above and below):
@@ -667,7 +668,7 @@ def check_bool(value: object, name: str) -> bool:
 
 def check_positive(value: object, name: str) -> float:
     """Return ``value`` as a float after checking it is a finite real number > 0."""
-    value = _check_real(value, name)
+    value = check_real(value, name)
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return value
@@ -675,7 +676,7 @@ def check_positive(value: object, name: str) -> float:
 
 def check_non_negative(value: object, name: str) -> float:
     """Return ``value`` as a float after checking it is a finite real number >= 0."""
-    value = _check_real(value, name)
+    value = check_real(value, name)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
@@ -780,12 +781,17 @@ def check_sample_rate(sample_rate: object, name: str = "sample_rate") -> float:
     return check_unit_interval(sample_rate, name)
 
 
-def _check_real(value: object, name: str) -> float:
+def check_real(value: object, name: str) -> float:
+    """``value`` as a float after checking it is a finite real number: a Python or numpy
+    number or a one-element real tensor, not a bool (which ``float`` would take as 1.0)
+    nor a string (which it would parse)."""
     if type(value) is float and math.isfinite(value):  # the common case, without ABC checks
         return value
     if isinstance(value, bool) or not isinstance(value, (Real, torch.Tensor)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
         if value.numel() != 1:
             raise TypeError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
