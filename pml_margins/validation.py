@@ -115,11 +115,13 @@ def check_function_inputs(
     width: int | None = None,
     name: str = "embeddings",
     width_name: str = "embedding_size",
+    checks: ValueChecks | None = None,
 ) -> None:
     """The checks of a functional entry point taking ``(B, D)`` embeddings (or logits)
     and ``(B,)`` class labels in ``[0, num_classes)``: shapes and dtypes always; values
     (NaN/Inf, label range) in one synchronisation unless :func:`value_checks` is off or a
-    loss that has checked them is the caller (:class:`inputs_checked_by_caller`)."""
+    loss that has checked them is the caller (:class:`inputs_checked_by_caller`). The
+    values join ``checks`` when given (the caller runs them, with its own)."""
     if caller_checked():
         return  # a loss's forward checked the same tensors (shapes and values)
     if isinstance(embeddings, torch.Tensor) and embeddings.ndim == 2 and not len(embeddings):
@@ -129,10 +131,11 @@ def check_function_inputs(
             raise ValueError(f"{name} has width {embeddings.shape[1]} but {width_name} is {width}")
         check_labels(labels, 0)  # an empty batch: nothing to compute, no values to read
         return
-    checks = function_value_checks()
-    embeddings = check_embeddings(embeddings, name, width, width_name, checks)
-    check_class_labels(labels, embeddings.shape[0], num_classes, checks=checks)
-    checks.run()
+    own = function_value_checks() if checks is None else checks
+    embeddings = check_embeddings(embeddings, name, width, width_name, own)
+    check_class_labels(labels, embeddings.shape[0], num_classes, checks=own)
+    if checks is None:
+        own.run()
 
 
 def value_checks_enabled() -> bool:

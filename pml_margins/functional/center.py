@@ -16,12 +16,9 @@ import torch
 
 from pml_margins.functional.margin_softmax import compute_dtype
 from pml_margins.validation import (
-    FLOAT_DTYPE_NAMES,
-    FLOAT_DTYPES,
     caller_checked,
-    check_class_labels,
     check_embeddings,
-    check_labels,
+    check_function_inputs,
     check_unit_interval,
     function_value_checks,
 )
@@ -56,24 +53,12 @@ def _check_centers(embeddings: object, centers: object, labels: object) -> None:
     ``[0, C)`` (values: see :func:`~pml_margins.validation.check_function_inputs`)."""
     if caller_checked():  # a CenterLoss forward checked them (and its centres are its own)
         return
-    checks = function_value_checks()
+    checks = function_value_checks()  # the centers' values and the batch's, in one read
     centers = check_embeddings(centers, "centers", checks=checks)
-    if isinstance(embeddings, torch.Tensor) and embeddings.ndim == 2 and not len(embeddings):
-        if embeddings.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"embeddings must have dtype {FLOAT_DTYPE_NAMES}, got {embeddings.dtype}"
-            )
-        if embeddings.shape[1] != centers.shape[1]:
-            raise ValueError(
-                f"embeddings has width {embeddings.shape[1]} but the centers' width is "
-                f"{centers.shape[1]}"
-            )
-        check_labels(labels, 0)  # an empty batch: nothing else to check
-        checks.run()
-        return
-    width, name = centers.shape[1], "the centers' width"
-    embeddings = check_embeddings(embeddings, "embeddings", width, name, checks)
-    check_class_labels(labels, embeddings.shape[0], centers.shape[0], checks=checks)
+    num_classes, width = centers.shape
+    check_function_inputs(
+        embeddings, labels, num_classes, width, width_name="the centers' width", checks=checks
+    )
     checks.run()
 
 
