@@ -188,13 +188,7 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
                 shard, device = self._checked_query(query)
                 labels = self.checked_labels(query_labels, len(shard), "query_labels")
                 if reference_labels is not None and reference_labels is not query_labels:
-                    given = self.checked_labels(reference_labels, len(shard), "reference_labels")
-                    if not torch.equal(given, labels):
-                        raise ValueError(
-                            "reference_labels given without reference, unlike query_labels "
-                            "(the query is its own reference set: pass reference too, or no "
-                            "labels)"
-                        )
+                    self._check_ignored_reference_labels(reference_labels, labels)
                 return None, None, shard, labels.to(device)
             if reference_labels is None:
                 raise ValueError("reference given without reference_labels")

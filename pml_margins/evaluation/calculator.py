@@ -340,12 +340,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             )
         )
         if ignored is not None:
-            given = self.checked_labels(ignored, len(query), "reference_labels").to(device)
-            if given.shape != query_labels.shape or not torch.equal(given, query_labels):
-                raise ValueError(
-                    "reference_labels given without reference, unlike query_labels (the "
-                    "query is its own reference set: pass reference too, or no labels)"
-                )
+            self._check_ignored_reference_labels(ignored, query_labels)
         if ref_includes_query and not same:
             n = len(query)
             if len(reference) < n or not (
@@ -360,6 +355,16 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         return self._compute(
             query, reference, query_labels, reference_labels, ref_includes_query, include, exclude
         )
+
+    def _check_ignored_reference_labels(self, given: Any, query_labels: torch.Tensor) -> None:
+        """``reference_labels`` given without ``reference``: PML ignores them; here they
+        must equal the (checked) ``query_labels``, else a ``ValueError``."""
+        given = self.checked_labels(given, len(query_labels), "reference_labels")
+        if not torch.equal(given.to(query_labels.device), query_labels):
+            raise ValueError(
+                "reference_labels given without reference, unlike query_labels (the "
+                "query is its own reference set: pass reference too, or no labels)"
+            )
 
     def checked_labels(self, labels: Any, length: int, name: str) -> torch.Tensor:
         """Labels as PML takes them: integer-valued ``(N,)`` for equality; with a custom
