@@ -33,6 +33,7 @@ import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from pml_margins.distributed.sharded_loss import ShardedMarginSoftmaxLoss
@@ -77,15 +78,9 @@ def _plain(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     made the file unreadable; an ``np.bool_`` was dropped)."""
     plain = {}
     for key, value in kwargs.items():
-        if value is None or isinstance(value, str):
-            plain[key] = value
-        elif (
-            hasattr(value, "dtype")
-            and getattr(value, "shape", None) == ()
-            and not isinstance(value, torch.Tensor)
-        ):  # a numpy scalar
-            plain[key] = value.item()
-        elif isinstance(value, bool):
+        if isinstance(value, np.generic):  # a numpy scalar: the Python value it holds
+            value = value.item()
+        if value is None or isinstance(value, (bool, str)):
             plain[key] = value
         elif isinstance(value, numbers.Integral):
             plain[key] = int(value)
