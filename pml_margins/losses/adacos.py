@@ -54,7 +54,11 @@ def adacos_dynamic_scale(
 
     with :math:`s` the current scale and :math:`\theta_{med}` the median target angle
     of the batch (the lower median for an even batch, ``torch.median``'s).
-    :math:`\log B_{avg}` is formed as a log-sum-exp, so it cannot overflow.
+    :math:`\log B_{avg}` is formed as a log-sum-exp, so it cannot overflow. Where
+    :math:`B_{avg} \le 1` (every non-target logit well below 0: few classes, or a
+    batch far from every other class) the formula gives :math:`s' \le 0`, which would
+    invert the softmax and penalize correct classification; the current scale is then
+    kept for the next step (no host synchronisation: a ``torch.where``).
 
     Args:
         cosine: ``(N, C)`` cosines, ``C >= 2``.
@@ -79,7 +83,9 @@ def adacos_scale_from_statistics(
         rows = statistics.target.shape[0]
         log_b_avg = statistics.non_target_logsumexp(scale) - math.log(rows)
         theta_med = torch.acos(statistics.target_cosines().clamp(-1, 1)).median()
-        return log_b_avg / torch.cos(theta_med.clamp(max=math.pi / 4))
+        new = log_b_avg / torch.cos(theta_med.clamp(max=math.pi / 4))
+        current = torch.as_tensor(scale, dtype=new.dtype, device=new.device)
+        return torch.where(new > 0, new, current)  # s' <= 0 (B_avg <= 1): keep s
 
 
 class AdaCosLoss(ClassWeightLoss):

@@ -77,6 +77,38 @@ def test_dynamic_scale_with_small_target_angles() -> None:
     assert float(loss.scale) == pytest.approx(s, rel=1e-10)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_dynamic_scale_that_would_not_be_positive_keeps_the_current_one(chunk_size) -> None:
+    """B_avg <= 1 (every non-target logit below 0): the paper's s' = log B_avg / cos(.) is
+    <= 0, which inverts the softmax; the scale stays, and updates resume afterwards."""
+    loss = AdaCosLoss(3, 2, chunk_size=chunk_size).double()
+    with torch.no_grad():
+        loss.W.copy_(torch.tensor([[1.0, -1.0, -1.0], [0.0, 0.01, -0.01]]))
+    x, y = torch.tensor([[1.0, 0.0]]).repeat(4, 1).double(), torch.zeros(4, dtype=torch.long)
+    s = float(loss.scale)
+    assert _paper_dynamic_scale(x, loss.W.detach(), y, s) < 0  # what the formula says
+    for _ in range(3):
+        out = loss(x, y)
+        assert float(loss.scale) == s
+        assert float(out) < math.log(3)  # the right class is rewarded, not penalized
+    x2 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.5], [0.5, 0.5]], dtype=torch.float64)
+    s2 = _paper_dynamic_scale(x2, loss.W.detach(), y, s)
+    assert s2 > 0
+    loss(x2, y)
+    assert float(loss.scale) == pytest.approx(s2, rel=1e-10)
+
+
+def test_public_dynamic_scale_keeps_a_given_scale_when_the_formula_is_not_positive() -> None:
+    from pml_margins.losses.adacos import adacos_dynamic_scale
+
+    cosine = torch.tensor([[1.0, -0.9, -0.8], [0.9, -1.0, -0.7]])
+    labels = torch.tensor([0, 0])
+    out = adacos_dynamic_scale(cosine, labels, 2.0)
+    assert out.dtype == torch.float32 and out.ndim == 0 and float(out) == 2.0
+    out = adacos_dynamic_scale(cosine.double(), labels, torch.tensor(3.0, dtype=torch.float64))
+    assert out.dtype == torch.float64 and float(out) == 3.0
+
+
 def test_scale_changes_only_in_training_mode() -> None:
     loss = AdaCosLoss(C, D)
     x, y = torch.randn(B, D), torch.randint(0, C, (B,))
