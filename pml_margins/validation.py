@@ -787,7 +787,9 @@ def check_sample_rate(sample_rate: object, name: str = "sample_rate") -> float:
 def check_real(value: object, name: str) -> float:
     """``value`` as a float after checking it is a finite real number: a Python or numpy
     number or a one-element real tensor, not a bool (which ``float`` would take as 1.0)
-    nor a string (which it would parse)."""
+    nor a string (which it would parse), nor a tensor that requires grad (the float
+    would silently cut its gradient: PML users pass a learnable ``scale`` tensor).
+    """
     if type(value) is float and math.isfinite(value):  # the common case, without ABC checks
         return value
     if isinstance(value, bool) or not isinstance(value, (Real, torch.Tensor)):
@@ -797,6 +799,13 @@ def check_real(value: object, name: str) -> float:
             raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
         if value.numel() != 1:
             raise TypeError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if value.requires_grad:
+            raise TypeError(
+                f"{name} is kept as a number, so a tensor that requires grad would lose its "
+                f"gradient (got {type(value).__name__} {value.item():g}); pass a number, or "
+                "learn it by overriding the loss method that uses it (a learned scale: "
+                "logit_scale(), see README)"
+            )
         value = value.item()
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):

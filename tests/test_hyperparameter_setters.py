@@ -134,3 +134,51 @@ def test_an_adacos_scale_tensor_must_be_a_0_dim_float_statistic(value):
         loss.scale = value
     loss.scale = torch.tensor(5.0, dtype=torch.float16)
     assert loss.scale.dtype == torch.float32 and float(loss.scale) == 5.0
+
+
+def _real_hyperparameters():
+    """(loss class, name) of every loss's real-valued hyper-parameter (a float after checks)."""
+    import pml_margins.losses as losses
+
+    found = []
+    for cls_name in losses.__all__:
+        cls = getattr(losses, cls_name)
+        if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+            continue
+        loss = _make(cls)
+        for name in dir(cls):
+            if isinstance(getattr(cls, name, None), Hyperparameter):
+                if type(getattr(loss, name, None)) is float:
+                    found.append(pytest.param(cls, name, id=f"{cls_name}.{name}"))
+    return found
+
+
+def _make(cls):
+    return cls() if cls is CircleLoss else cls(5, 4)
+
+
+@pytest.mark.parametrize(("cls", "name"), _real_hyperparameters())
+def test_a_hyperparameter_tensor_that_requires_grad_is_refused_not_cut(cls, name):
+    """PML keeps a ``scale`` tensor's graph; ours keeps numbers, so a tensor that requires
+    grad (a Parameter too, which nn.Module used to intercept with a KeyError) is refused
+    with a TypeError instead of training nothing (found by review)."""
+    loss = _make(cls)
+    value = getattr(loss, name)
+    for learnable in (
+        torch.tensor(value, requires_grad=True, dtype=torch.float64),
+        torch.nn.Parameter(torch.tensor(value)),
+    ):
+        with pytest.raises(TypeError, match=f"{name} is kept as a number.*requires grad"):
+            setattr(loss, name, learnable)
+        assert getattr(loss, name) == value and name not in loss._parameters
+    setattr(loss, name, torch.tensor(value, dtype=torch.float64))  # no grad: its number
+    assert type(getattr(loss, name)) is float and getattr(loss, name) == value
+
+
+def test_a_scale_tensor_that_requires_grad_is_refused_by_the_constructor():
+    from pml_margins.losses import CosFaceLoss
+
+    with pytest.raises(TypeError, match="scale is kept as a number"):
+        CosFaceLoss(5, 4, scale=torch.tensor(20.0, requires_grad=True))
+    with pytest.raises(TypeError, match="margin is kept as a number"):
+        ArcFaceLoss(5, 4, margin=torch.nn.Parameter(torch.tensor(0.3)))

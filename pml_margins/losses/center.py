@@ -14,7 +14,11 @@ from pml_margins.functional.autograd_only import refuse_update_in_function_trans
 from pml_margins.functional.center import center_distances, center_ema_update
 from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.float_statistics import FloatStatisticsMixin
-from pml_margins.losses.hyperparameter import FixedAtConstruction, Hyperparameter
+from pml_margins.losses.hyperparameter import (
+    FixedAtConstruction,
+    Hyperparameter,
+    HyperparameterAttributes,
+)
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
     check_choice,
@@ -26,7 +30,9 @@ from pml_margins.validation import (
 __all__ = ["CenterLoss"]
 
 
-class CenterLoss(FloatStatisticsMixin, CheckedForwardMixin, BaseMetricLossFunction):
+class CenterLoss(
+    HyperparameterAttributes, FloatStatisticsMixin, CheckedForwardMixin, BaseMetricLossFunction
+):
     r"""Center loss (Wen, Zhang, Li, Qiao, ECCV 2016, "A Discriminative Feature Learning
     Approach for Deep Face Recognition").
 

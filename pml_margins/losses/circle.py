@@ -18,7 +18,7 @@ from pml_margins.functional.circle import (
 )
 from pml_margins.functional.margin_softmax import autocast_off, compute_dtype
 from pml_margins.losses.checked_forward import CheckedForwardMixin
-from pml_margins.losses.hyperparameter import Hyperparameter
+from pml_margins.losses.hyperparameter import Hyperparameter, HyperparameterAttributes
 from pml_margins.validation import (
     ValueChecks,
     check_bool,
@@ -47,7 +47,7 @@ def _choose_path(num_pos: int, num_neg: int, cells: int) -> str:
     return "dense"
 
 
-class CircleLoss(CheckedForwardMixin, BaseMetricLossFunction):
+class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFunction):
     r"""Circle loss (Sun et al., CVPR 2020, arXiv:2002.10857), pair-based, on cosine similarity.
 
     For each anchor with positive pairs :math:`s_p^i` and negative pairs

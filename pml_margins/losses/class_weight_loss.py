@@ -33,7 +33,7 @@ from pml_margins.functional.margin_softmax import (
 )
 from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.float_statistics import FloatStatisticsMixin
-from pml_margins.losses.hyperparameter import Hyperparameter
+from pml_margins.losses.hyperparameter import Hyperparameter, HyperparameterAttributes
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
@@ -62,7 +62,11 @@ def is_plain_inner_product(distance: BaseDistance) -> bool:
 
 
 class ClassWeightLoss(
-    FloatStatisticsMixin, CheckedForwardMixin, WeightRegularizerMixin, BaseMetricLossFunction
+    HyperparameterAttributes,
+    FloatStatisticsMixin,
+    CheckedForwardMixin,
+    WeightRegularizerMixin,
+    BaseMetricLossFunction,
 ):
     r"""Base of the class-weight (proxy) losses: softmax, NSL, SphereFace, CosFace, ArcFace.
 

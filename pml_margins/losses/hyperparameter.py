@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FixedAtConstruction", "Hyperparameter"]
+__all__ = ["FixedAtConstruction", "Hyperparameter", "HyperparameterAttributes"]
 
 
 class Hyperparameter:
@@ -54,3 +54,19 @@ class FixedAtConstruction(Hyperparameter):
                 "build a new loss for another value"
             )
         obj.__dict__[self.storage] = checked
+
+
+class HyperparameterAttributes:
+    """Routes every assignment of a :class:`Hyperparameter` attribute to its check.
+
+    ``nn.Module.__setattr__`` handles a ``Parameter`` (or a module) before any
+    descriptor: ``loss.scale = nn.Parameter(...)`` failed with ``KeyError: attribute
+    'scale' already exists`` (``AttributeError`` in a constructor) instead of the check's
+    message. Put it first among a loss's bases.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(getattr(type(self), name, None), Hyperparameter):
+            object.__setattr__(self, name, value)  # the descriptor's __set__
+        else:
+            super().__setattr__(name, value)
