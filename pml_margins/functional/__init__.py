@@ -9,6 +9,7 @@ from pml_margins.functional.center import center_distances, center_ema_update
 from pml_margins.functional.circle import (
     circle_loss_dense,
     circle_loss_dense_negatives,
+    circle_loss_masked,
     circle_loss_pairs,
     circle_loss_whole,
     circle_negative_logits,
@@ -66,6 +67,7 @@ __all__ = [
     "center_ema_update",
     "circle_loss_dense",
     "circle_loss_dense_negatives",
+    "circle_loss_masked",
     "circle_loss_pairs",
     "circle_loss_whole",
     "circle_negative_logits",

@@ -31,6 +31,7 @@ from pml_margins.validation import check_circle_margin, check_logit_scale
 __all__ = [
     "circle_loss_dense",
     "circle_loss_dense_negatives",
+    "circle_loss_masked",
     "circle_loss_pairs",
     "circle_loss_whole",
     "circle_negative_logits",
@@ -333,3 +334,48 @@ def circle_loss_whole(s_p: torch.Tensor, s_n: torch.Tensor, m: float, gamma: flo
         lse_p = torch.logsumexp(circle_positive_logits(s_p, m, gamma), dim=0)
         lse_n = torch.logsumexp(circle_negative_logits(s_n, m, gamma), dim=0)
         return _softplus(lse_p + lse_n)
+
+
+def circle_loss_masked(
+    sim: torch.Tensor,
+    pos_mask: torch.Tensor,
+    neg_mask: torch.Tensor,
+    m: float,
+    gamma: float,
+    per_anchor: bool = True,
+) -> torch.Tensor:
+    r"""Circle loss from the pair masks in plain torch operations of fixed shapes.
+
+    No pair lists and no host reads: what ``torch.func.vmap`` can batch (per-sample
+    gradients by ``vmap(grad(...))``), and differentiable any number of times. Each
+    masked-out entry is :math:`-\infty` in its log-sum-exp; a row (or batch) with no
+    pair of a kind has zeros there instead, so that its log-sum-exp and gradients stay
+    finite, and its loss is set to 0.
+
+    Args:
+        sim: ``(B, R)`` cosine similarities.
+        pos_mask, neg_mask: ``(B, R)`` bool, disjoint.
+        m: relaxation margin, in [0, 0.5].
+        gamma: scale, > 0.
+        per_anchor: ``(B,)`` losses as :func:`circle_loss_dense`; else the 0-dim
+            whole-set loss of :func:`circle_loss_whole` over the masked pairs.
+
+    Returns:
+        The losses in ``compute_dtype(sim.dtype)``.
+    """
+    m, gamma = _margin(m), _gamma(gamma)
+    with torch.autocast(device_type=sim.device.type, enabled=False):
+        sim = sim.to(compute_dtype(sim.dtype))
+        dims = (1,) if per_anchor else (0, 1)
+        lses, present = [], []
+        for mask, logits in (
+            (pos_mask, circle_positive_logits(sim, m, gamma)),
+            (neg_mask, circle_negative_logits(sim, m, gamma)),
+        ):
+            some = mask.any(dim=1) if per_anchor else mask.any()
+            masked = torch.where(mask, logits, float("-inf"))
+            masked = torch.where(some.unsqueeze(1) if per_anchor else some, masked, 0.0)
+            lses.append(torch.logsumexp(masked, dim=dims))
+            present.append(some)
+        valid = present[0] & present[1]
+        return torch.where(valid, _softplus(lses[0] + lses[1]), 0.0)

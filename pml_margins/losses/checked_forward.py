@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from pytorch_metric_learning.reducers import MeanReducer
+from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from pml_margins.function_transforms import in_function_transform
+
 __all__ = ["CheckedForwardMixin"]
+
+
+def mean_of_positive(losses: torch.Tensor) -> torch.Tensor:
+    """PML's ``AvgNonZeroReducer`` of element losses in fixed shapes: the mean of those
+    above 0, or 0 (with zero gradients) when there is none. PML's selects them with a
+    boolean mask, which ``torch.func.vmap`` cannot batch."""
+    kept = losses > 0
+    return torch.where(kept, losses, 0.0).sum() / kept.sum().clamp_min(1)
 
 
 def _int64(values: torch.Tensor | None) -> torch.Tensor | None:
@@ -26,7 +38,9 @@ class CheckedForwardMixin:
     reducer exactly a ``MeanReducer`` collecting no statistics, no regularizers, one
     loss of per-element values), the mean is taken here: what PML's ``forward``
     returns then, ``torch.mean`` of the losses, without its reducer's bookkeeping
-    (about 50 us a step, a tenth of a small problem's step on CPU).
+    (about 50 us a step, a tenth of a small problem's step on CPU). Inside a
+    ``torch.func`` transform an ``AvgNonZeroReducer`` (Circle's default) is applied
+    here too, in fixed shapes (:func:`mean_of_positive`), so that ``vmap`` can batch it.
     """
 
     def check_inputs(
@@ -57,7 +71,8 @@ class CheckedForwardMixin:
         ref_labels = labels if same else _int64(ref_labels)
         if indices_tuple is not None:
             indices_tuple = tuple(_int64(idx) for idx in indices_tuple)
-        if not self._reduces_to_plain_mean():
+        reduce = self._plain_reduction()
+        if reduce is None:
             return super().forward(  # type: ignore[misc]
                 embeddings, labels, indices_tuple, ref_emb, ref_labels
             )
@@ -72,14 +87,20 @@ class CheckedForwardMixin:
         losses = info.get("losses")
         if info.get("reduction_type") != "element" or not torch.is_tensor(losses):
             return self.reducer(loss_dict, embeddings, labels)  # type: ignore[attr-defined]
-        return torch.mean(losses)
+        return reduce(losses)
 
-    def _reduces_to_plain_mean(self) -> bool:
-        """Whether PML's ``forward`` would return ``torch.mean`` of the element losses."""
+    def _plain_reduction(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What PML's ``forward`` would return from the element losses, when it is one
+        function of them (see the class docstring); else ``None``."""
         reducer = self.reducer  # type: ignore[attr-defined]
-        return (
-            type(reducer) is MeanReducer
-            and not reducer.collect_stats
-            and getattr(self, "embedding_regularizer", None) is None
-            and getattr(self, "weight_regularizer", None) is None
-        )
+        if (
+            reducer.collect_stats
+            or getattr(self, "embedding_regularizer", None) is not None
+            or getattr(self, "weight_regularizer", None) is not None
+        ):
+            return None
+        if type(reducer) is MeanReducer:
+            return torch.mean
+        if type(reducer) is AvgNonZeroReducer and in_function_transform():
+            return mean_of_positive
+        return None

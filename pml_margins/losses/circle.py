@@ -9,10 +9,12 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.reducers import AvgNonZeroReducer
 
+from pml_margins.function_transforms import in_function_transform
 from pml_margins.functional.autograd_only import autograd_only_enabled
 from pml_margins.functional.circle import (
     circle_loss_dense,
     circle_loss_dense_negatives,
+    circle_loss_masked,
     circle_loss_pairs,
     circle_loss_whole,
 )
@@ -187,6 +189,10 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
             pos_mask, neg_mask, num_pos, num_neg = _pair_masks(
                 indices_tuple, batch, ref_size, sim.device
             )
+        if in_function_transform():  # fixed shapes, no host read: what vmap can batch
+            m, gamma = self.m, self.gamma
+            losses = circle_loss_masked(sim, pos_mask, neg_mask, m, gamma, self.per_anchor)
+            return self._per_anchor_dict(losses) if self.per_anchor else self._whole_dict(losses)
         if not self.per_anchor:
             loss = circle_loss_whole(sim[pos_mask], sim[neg_mask], self.m, self.gamma)
             return self._whole_dict(loss)

@@ -17,6 +17,7 @@ import pml_margins.losses.circle as circle_module
 from pml_margins.functional import (
     circle_loss_dense,
     circle_loss_dense_negatives,
+    circle_loss_masked,
     circle_loss_pairs,
     segment_logsumexp,
 )
@@ -248,6 +249,37 @@ def test_every_evaluation_path_matches_pml(monkeypatch, path, miner, with_ref):
     _close(ours[0], theirs[0], 1e-9)
     for a, b in zip(ours[1], theirs[1], strict=True):
         _close(a, b, 1e-8)  # gradients reach ~10 at gamma = 80
+
+
+@pytest.mark.parametrize("per_anchor", [True, False])
+def test_masked_function_matches_the_formula(per_anchor):
+    """The fixed-shape function (Circle inside torch.func transforms): values and gradients
+    (alphas detached) of the paper's per-anchor / whole-set loss, rows without a positive or
+    a negative 0 with zero gradients."""
+    g = torch.Generator().manual_seed(9)
+    sim = (torch.rand(7, 9, generator=g, dtype=F64) * 2 - 1).requires_grad_(True)
+    pos = torch.rand(7, 9, generator=g) < 0.3
+    pos[2] = False  # no positive
+    neg = ~pos
+    neg[4] = False  # no negative
+    m, gamma = 0.25, 32.0
+    got = circle_loss_masked(sim, pos, neg, m, gamma, per_anchor)
+    if per_anchor:
+        rows = [
+            _anchor_loss(sim[a][pos[a]], sim[a][neg[a]], m, gamma)
+            if pos[a].any() and neg[a].any()
+            else (sim[a] * 0).sum()
+            for a in range(7)
+        ]
+        expected = torch.stack(rows)
+    else:
+        expected = _anchor_loss(sim[pos], sim[neg], m, gamma)
+    _close(got, expected)
+    (grad,) = torch.autograd.grad(got.sum(), sim)
+    (grad_expected,) = torch.autograd.grad(expected.sum(), sim)
+    _close(grad, grad_expected)
+    if per_anchor:
+        assert torch.equal(grad[[2, 4]], torch.zeros(2, 9, dtype=F64))
 
 
 def test_path_choice():

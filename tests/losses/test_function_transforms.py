@@ -79,6 +79,52 @@ def test_per_sample_gradients_by_vmap(name: str) -> None:
         torch.testing.assert_close(per_sample[i], expected[0], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("per_anchor", [True, False])
+@pytest.mark.parametrize("reducer", ["default", "mean"])
+def test_circle_under_vmap_equals_a_loop(per_anchor: bool, reducer: str) -> None:
+    """Circle's pairs are data-dependent: inside a transform it runs on fixed-shape masks
+    (and PML's AvgNonZeroReducer, its default, as a fixed-shape mean), so vmap batches it:
+    over several batches, and per-sample gradients against a reference set (found by
+    review: a raw functorch error from the boolean indexing and the pair count's read)."""
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    kwargs = {} if reducer == "default" else {"reducer": MeanReducer()}
+    loss = CircleLoss(per_anchor=per_anchor, **kwargs)
+    gen = torch.Generator().manual_seed(5)
+    batches = torch.randn(3, 8, D, dtype=torch.float64, generator=gen)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 0])
+    values = torch.func.vmap(lambda e: loss(e, labels))(batches)
+    grads = torch.func.vmap(torch.func.grad(lambda e: loss(e, labels)))(batches)
+    for batch, value, grad in zip(batches, values, grads, strict=True):
+        leaf = batch.clone().requires_grad_(True)
+        expected = loss(leaf, labels)
+        torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            grad, torch.autograd.grad(expected, leaf)[0], rtol=1e-9, atol=1e-12
+        )
+    ref = torch.randn(10, D, dtype=torch.float64, generator=gen)
+    ref_labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    x = batches[0]
+
+    def one_row(e, t):
+        return loss(e[None], t[None], ref_emb=ref, ref_labels=ref_labels)
+
+    per_sample = torch.func.vmap(torch.func.grad(one_row))(x, labels)
+    for i in range(len(x)):
+        row = x[i].clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(one_row(row, labels[i]), row)
+        torch.testing.assert_close(per_sample[i], expected, rtol=1e-9, atol=1e-11)
+
+
+def test_circle_in_a_transform_gives_a_set_without_pairs_zero_and_zero_gradients() -> None:
+    loss = CircleLoss()
+    x = torch.randn(2, 4, D, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    labels = torch.arange(4)  # no positive pair
+    values, grads = torch.func.vmap(torch.func.grad_and_value(lambda e: loss(e, labels)))(x)[::-1]
+    assert torch.equal(values, torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(grads, torch.zeros_like(x))
+
+
 @pytest.mark.parametrize("name", sorted(UPDATES_IN_TRAINING))
 def test_running_statistics_in_training_mode_are_refused_with_the_remedy(name: str) -> None:
     torch.manual_seed(1)
