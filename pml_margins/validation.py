@@ -108,6 +108,22 @@ def function_value_checks() -> ValueChecks:
 CHECKED_BY_CALLER = inputs_checked_by_caller()
 
 
+def check_number_or_tensor(value: Any, check: Callable[[Any, str], float], name: str) -> Any:
+    """A hyper-parameter of a public function: ``check(value, name)`` for a number; a
+    tensor as given (a learnable or per-row margin: reading it would cut its gradient and
+    cost a host read), its values checked on CPU (every ``vmap`` lane); nothing under
+    :func:`caller_checked` (a loss checks its hyper-parameters when they are set)."""
+    if caller_checked():  # a loss's hyper-parameters are checked when set
+        return value
+    if isinstance(value, torch.Tensor):  # as given (its graph kept), values checked on CPU
+        if value.device.type == "cpu" and value.numel() and not is_compiling():
+            extremes = values_under_transforms(value.detach())  # every vmap lane
+            check(float(extremes.min()), name)
+            check(float(extremes.max()), name)
+        return value
+    return check(value, name)
+
+
 def check_function_inputs(
     embeddings: object,
     labels: object,
@@ -355,6 +371,67 @@ def _run_now_or_later(
         own.run()
 
 
+def check_similarities(
+    values: object, name: str, ndim: int | None = None, checks: ValueChecks | None = None
+) -> torch.Tensor:
+    """Check a floating tensor of similarities (``ndim`` dimensions, if given) with finite
+    values and return it; the value check joins ``checks`` as in :func:`check_embeddings`
+    (the float64 sum is the value read; only where it is not finite are the elements
+    looked at).
+
+    Raises:
+        TypeError: not a tensor, or not a floating dtype.
+        ValueError: another number of dimensions, or NaN/Inf values.
+    """
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
+    if values.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype {FLOAT_DTYPE_NAMES}, got {values.dtype}")
+    if ndim is not None and values.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(values.shape)}")
+    if values.numel():
+        detached = values_under_transforms(values.detach())
+
+        def not_finite() -> ValueError | None:
+            if bool(torch.isfinite(detached).all()):
+                return None  # finite values whose sum overflowed
+            return ValueError(f"{name} contains NaN or Inf values")
+
+        _run_now_or_later(
+            checks,
+            lambda: torch.sum(detached, dtype=torch.float64),
+            not_finite,
+            lambda total: not math.isfinite(total[0]),
+        )
+    return values
+
+
+def check_pair_masks(
+    masks: dict[str, object], shape: tuple[int, ...], checks: ValueChecks | None = None
+) -> None:
+    """Check boolean pair masks of ``shape`` (named by the keys of ``masks``); two masks
+    must be disjoint (a pair is positive or negative, not both: checked with the values).
+
+    Raises:
+        TypeError: not a bool tensor.
+        ValueError: another shape, or a pair in both masks.
+    """
+    for name, mask in masks.items():
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"{name} must be a torch.bool tensor, got {got}")
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    if len(masks) == 2 and math.prod(shape):
+        (first, a), (second, b) = masks.items()
+        both = values_under_transforms(a) & values_under_transforms(b)  # type: ignore[operator]
+        _run_now_or_later(
+            checks,
+            lambda: both.sum(),
+            lambda: ValueError(f"{first} and {second} share pairs: a pair is one or the other"),
+        )
+
+
 def check_labels(labels: object, length: int, name: str = "labels") -> torch.Tensor:
     """Check a 1-D integer label tensor of the given length and return it.
 
@@ -379,8 +456,10 @@ def check_class_labels(
     num_classes: int,
     name: str = "labels",
     checks: ValueChecks | None = None,
+    bound_name: str = "num_classes",
 ) -> torch.Tensor:
-    """Check integer class labels in ``[0, num_classes)``.
+    """Check integer class labels (or other indices: ``bound_name`` names the bound in
+    the message) in ``[0, num_classes)``.
 
     The range check joins ``checks`` when given, as in :func:`check_embeddings`.
 
@@ -395,7 +474,7 @@ def check_class_labels(
         def out_of_range() -> ValueError:
             lo, hi = _exact_extremes(values)
             return ValueError(
-                f"{name} must lie in [0, {num_classes}) for num_classes={num_classes}, "
+                f"{name} must lie in [0, {num_classes}) for {bound_name}={num_classes}, "
                 f"got values in [{lo}, {hi}]"
             )
 

@@ -26,7 +26,18 @@ import torch
 
 from pml_margins.functional.autograd_only import backward_once
 from pml_margins.functional.margin_softmax import compute_dtype
-from pml_margins.validation import check_circle_margin, check_logit_scale
+from pml_margins.validation import (
+    CHECKED_BY_CALLER,
+    caller_checked,
+    check_circle_margin,
+    check_class_labels,
+    check_count,
+    check_logit_scale,
+    check_number_or_tensor,
+    check_pair_masks,
+    check_similarities,
+    function_value_checks,
+)
 
 __all__ = [
     "circle_loss_dense",
@@ -42,12 +53,14 @@ __all__ = [
 
 def circle_positive_logits(s_p: torch.Tensor, m: float, gamma: float) -> torch.Tensor:
     r""":math:`\ell_p = -\gamma\,[O_p - s_p]_+\,(s_p - \Delta_p)`, :math:`\alpha_p` detached."""
+    m, gamma = _hyperparameters(m, gamma)
     alpha = torch.relu((1 + m) - s_p.detach())
     return -gamma * alpha * (s_p - (1 - m))
 
 
 def circle_negative_logits(s_n: torch.Tensor, m: float, gamma: float) -> torch.Tensor:
     r""":math:`\ell_n = \gamma\,[s_n - O_n]_+\,(s_n - \Delta_n)`, :math:`\alpha_n` detached."""
+    m, gamma = _hyperparameters(m, gamma)
     alpha = torch.relu(s_n.detach() + m)
     return gamma * alpha * (s_n - m)
 
@@ -69,6 +82,13 @@ def segment_logsumexp(
     The per-segment maximum (a scatter ``amax``, detached) is subtracted before
     the exponential, so the result is exact for any magnitude of ``values``.
     """
+    if not caller_checked():
+        checks = function_value_checks()
+        num_segments = check_count(num_segments, "num_segments")
+        check_similarities(values, "values", 1, checks)
+        _check_anchors(segments, "segments", values, "values", num_segments, "num_segments", checks)
+        checks.run()
+    segments = segments.long()
     shift = torch.full((num_segments,), float("-inf"), dtype=values.dtype, device=values.device)
     shift = shift.scatter_reduce(0, segments, values.detach(), reduce="amax")
     present = shift != float("-inf")  # NaN stays NaN
@@ -89,6 +109,46 @@ def _margin(m: float) -> float:
     """Circle's relaxation margin, checked as the losses check it: in [0, 0.5] (a NaN gave
     a NaN loss, ``m = 3`` a silent 0)."""
     return check_circle_margin(m, "m")
+
+
+def _hyperparameters(m: Any, gamma: Any) -> tuple[Any, Any]:
+    """``m`` and ``gamma`` of the pair-logit functions: numbers checked as :func:`_margin`
+    and :func:`_gamma` do, tensors kept (:func:`check_number_or_tensor`)."""
+    return (
+        check_number_or_tensor(m, check_circle_margin, "m"),
+        check_number_or_tensor(gamma, check_logit_scale, "gamma"),
+    )
+
+
+def _check_anchors(
+    anchors: object,
+    name: str,
+    values: torch.Tensor,
+    values_name: str,
+    bound: int,
+    bound_name: str,
+    checks: Any,
+) -> None:
+    """One integer index per value in ``[0, bound)`` (``checks``: the values read later)."""
+    if isinstance(anchors, torch.Tensor) and anchors.ndim == 1 and len(anchors) != len(values):
+        raise ValueError(f"{name} has length {len(anchors)} but {values_name} has {len(values)}")
+    check_class_labels(anchors, len(values), bound, name, checks, bound_name)
+
+
+def _length(values: object) -> int:
+    """``len`` of a 1-D tensor, else 0 (its checks then say what is wrong)."""
+    return len(values) if isinstance(values, torch.Tensor) and values.ndim == 1 else 0
+
+
+def _check_matrix(sim: object, masks: dict[str, object]) -> None:
+    """The checks of the matrix functions (a loss calling them has checked its input):
+    ``(B, R)`` finite similarities, boolean masks of that shape, disjoint."""
+    if caller_checked():
+        return
+    checks = function_value_checks()
+    sim = check_similarities(sim, "sim", 2, checks)
+    check_pair_masks(masks, tuple(sim.shape), checks)
+    checks.run()
 
 
 #: what the dense Circle functions' backward suggests under ``create_graph=True``
@@ -176,6 +236,7 @@ def circle_loss_dense(
         (\operatorname{LSE}\ell_n + \operatorname{LSE}\ell_p)` per row, 0 where the row
         has no positive or no negative.
     """
+    _check_matrix(sim, {"pos_mask": pos_mask, "neg_mask": neg_mask})
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(compute_dtype(sim.dtype))
         if sim.shape[1] == 0:  # no reference: no pairs, 0 per row
@@ -260,6 +321,14 @@ def circle_loss_dense_negatives(
     Returns:
         ``(B,)`` losses as :func:`circle_loss_dense`, which it equals.
     """
+    _check_matrix(sim, {"neg_mask": neg_mask})
+    if not caller_checked():
+        checks = function_value_checks()
+        flat_mask = neg_mask.reshape(-1)
+        check_class_labels(pos_keys, _length(pos_keys), len(flat_mask), "pos_keys", checks, "B * R")
+        checks.run()
+        if checks.enabled and len(pos_keys) and bool(flat_mask[pos_keys.long()].any()):
+            raise ValueError("pos_keys and neg_mask share pairs: a pair is one or the other")
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(compute_dtype(sim.dtype)).contiguous()
         if sim.shape[1] == 0:  # no reference: no pairs, 0 per row
@@ -294,8 +363,16 @@ def circle_loss_pairs(
         first to follow PML's set semantics.
     """
     m, gamma = _margin(m), _gamma(gamma)
+    if not caller_checked():
+        checks = function_value_checks()
+        num_anchors = check_count(num_anchors, "num_anchors")
+        check_similarities(s_p, "s_p", 1, checks)
+        check_similarities(s_n, "s_n", 1, checks)
+        _check_anchors(pos_anchors, "pos_anchors", s_p, "s_p", num_anchors, "num_anchors", checks)
+        _check_anchors(neg_anchors, "neg_anchors", s_n, "s_n", num_anchors, "num_anchors", checks)
+        checks.run()
     dtype = compute_dtype(torch.promote_types(s_p.dtype, s_n.dtype))
-    with torch.autocast(device_type=s_p.device.type, enabled=False):
+    with torch.autocast(device_type=s_p.device.type, enabled=False), CHECKED_BY_CALLER:
         lse_p, has_p = segment_logsumexp(
             circle_positive_logits(s_p.to(dtype), m, gamma), pos_anchors, num_anchors
         )
@@ -326,6 +403,11 @@ def circle_loss_whole(s_p: torch.Tensor, s_n: torch.Tensor, m: float, gamma: flo
         A 0-dim tensor; 0 with zero gradients when either set is empty.
     """
     m, gamma = _margin(m), _gamma(gamma)
+    if not caller_checked():
+        checks = function_value_checks()
+        check_similarities(s_p, "s_p", checks=checks)
+        check_similarities(s_n, "s_n", checks=checks)
+        checks.run()
     dtype = compute_dtype(torch.promote_types(s_p.dtype, s_n.dtype))
     with torch.autocast(device_type=s_p.device.type, enabled=False):
         s_p, s_n = s_p.to(dtype).reshape(-1), s_n.to(dtype).reshape(-1)
@@ -364,6 +446,7 @@ def circle_loss_masked(
         The losses in ``compute_dtype(sim.dtype)``.
     """
     m, gamma = _margin(m), _gamma(gamma)
+    _check_matrix(sim, {"pos_mask": pos_mask, "neg_mask": neg_mask})
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(compute_dtype(sim.dtype))
         dims = (1,) if per_anchor else (0, 1)

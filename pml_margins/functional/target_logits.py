@@ -18,13 +18,12 @@ from typing import Any
 
 import torch
 
-from pml_margins.function_transforms import is_compiling, values_under_transforms
 from pml_margins.validation import (
-    caller_checked,
     check_angle_margin,
     check_integer_margin,
     check_logit_offset,
     check_multiplier,
+    check_number_or_tensor,
 )
 
 __all__ = [
@@ -64,14 +63,15 @@ def safe_sine(cosine: torch.Tensor) -> torch.Tensor:
 
 def cosface_target(cosine: torch.Tensor, margin: float) -> torch.Tensor:
     r"""CosFace / LMCL (Wang et al., 2018): :math:`\cos\theta_y - m`."""
-    return cosine - _number(margin, check_logit_offset, "margin")
+    return cosine - check_number_or_tensor(margin, check_logit_offset, "margin")
 
 
 def cosface_value_and_slope(
     cosine: torch.Tensor, margin: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r""":func:`cosface_target` and its derivative (1), no graph."""
-    return cosine - _number(margin, check_logit_offset, "margin"), torch.ones_like(cosine)
+    margin = check_number_or_tensor(margin, check_logit_offset, "margin")
+    return cosine - margin, torch.ones_like(cosine)
 
 
 def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = False) -> torch.Tensor:
@@ -86,7 +86,7 @@ def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = Fals
     the margin is applied only where :math:`\cos\theta > 0`, otherwise
     :math:`\cos\theta` is kept.
     """
-    margin = _number(margin, check_angle_margin, "margin")
+    margin = check_number_or_tensor(margin, check_angle_margin, "margin")
     cos_m, sin_m, threshold = _cos_sin(margin)
     with_margin = cosine * cos_m - safe_sine(cosine) * sin_m
     if easy_margin:
@@ -106,7 +106,7 @@ def arcface_value_and_slope(
     :func:`safe_sine`'s gradient), and 1 where the fallback (or, with
     ``easy_margin``, the plain cosine) applies.
     """
-    margin = _number(margin, check_angle_margin, "margin")
+    margin = check_number_or_tensor(margin, check_angle_margin, "margin")
     cos_m, sin_m, threshold = _cos_sin(margin)
     sine = ((1 - cosine) * (1 + cosine)).clamp_min_(0).sqrt_()
     value = cosine * cos_m - sine * sin_m
@@ -267,24 +267,10 @@ def combined_margin_value_and_slope(
 def _combined_margins(m1: float, m2: float, m3: float) -> tuple[float, float, float]:
     """The combined margin's ``(m1, m2, m3)``, checked as :class:`CombinedMarginLoss` does."""
     return (
-        _number(m1, check_multiplier, "m1"),
-        _number(m2, check_angle_margin, "m2"),
-        _number(m3, check_logit_offset, "m3"),
+        check_number_or_tensor(m1, check_multiplier, "m1"),
+        check_number_or_tensor(m2, check_angle_margin, "m2"),
+        check_number_or_tensor(m3, check_logit_offset, "m3"),
     )
-
-
-def _number(value: Any, check: Callable[[Any, str], float], name: str) -> Any:
-    """``check(value, name)`` for a number; a tensor as given (a learnable or per-row
-    margin: reading it would cut its gradient and cost a host read)."""
-    if caller_checked():  # a loss's hyper-parameters are checked when set
-        return value
-    if isinstance(value, torch.Tensor):  # as given (its graph kept), values checked on CPU
-        if value.device.type == "cpu" and value.numel() and not is_compiling():
-            extremes = values_under_transforms(value.detach())  # every vmap lane
-            check(float(extremes.min()), name)
-            check(float(extremes.max()), name)
-        return value
-    return check(value, name)
 
 
 class TargetWithSlope:

@@ -22,6 +22,7 @@ from pml_margins.functional.margin_softmax import autocast_off, compute_dtype
 from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.hyperparameter import Hyperparameter, HyperparameterAttributes
 from pml_margins.validation import (
+    CHECKED_BY_CALLER,
     ValueChecks,
     check_bool,
     check_circle_margin,
@@ -189,6 +190,19 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
             pos_mask, neg_mask, num_pos, num_neg = _pair_masks(
                 indices_tuple, batch, ref_size, sim.device
             )
+        with CHECKED_BY_CALLER:  # the forward checked the inputs (hyper-parameters when set)
+            return self._loss_dict(sim, pos_mask, neg_mask, num_pos, num_neg)
+
+    def _loss_dict(
+        self,
+        sim: torch.Tensor,
+        pos_mask: torch.Tensor,
+        neg_mask: torch.Tensor,
+        num_pos: int | None,
+        num_neg: int | None,
+    ) -> dict[str, dict[str, Any]]:
+        """The loss of the pairs in the masks (counted when ``num_pos`` is ``None``)."""
+        batch, ref_size = sim.shape
         if in_function_transform():  # fixed shapes, no host read: what vmap can batch
             m, gamma = self.m, self.gamma
             losses = circle_loss_masked(sim, pos_mask, neg_mask, m, gamma, self.per_anchor)

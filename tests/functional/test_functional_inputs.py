@@ -17,6 +17,13 @@ from pml_margins.functional import (
     arcface_target,
     center_distances,
     center_ema_update,
+    circle_loss_dense,
+    circle_loss_dense_negatives,
+    circle_loss_masked,
+    circle_loss_pairs,
+    circle_loss_whole,
+    circle_negative_logits,
+    circle_positive_logits,
     class_columns,
     combined_margin_target,
     cos_multiple_angle,
@@ -24,10 +31,20 @@ from pml_margins.functional import (
     fused_margin_softmax_cross_entropy,
     margin_softmax_cross_entropy,
     sample_classes,
+    segment_logsumexp,
 )
-from pml_margins.losses import ArcFaceLoss, CenterLoss
+from pml_margins.losses import ArcFaceLoss, CenterLoss, CircleLoss
 
 X, W = torch.randn(4, 3), torch.randn(3, 5)
+S4, A4, SIM = torch.rand(4), torch.tensor([0, 1, 2, 0]), torch.rand(3, 4)
+
+
+def _i(*values: int) -> torch.Tensor:
+    return torch.tensor(values)
+
+
+def _mask(rows: int, cols: int) -> torch.Tensor:
+    return torch.eye(rows, cols, dtype=torch.bool)
 
 
 @pytest.mark.parametrize(
@@ -101,6 +118,75 @@ X, W = torch.randn(4, 3), torch.randn(3, 5)
         (lambda: shard_ranges(10.5, 2), TypeError, "num_classes"),
         (lambda: shard_range(10, 2, 1.0), ValueError, "rank"),
         (lambda: exact_knn(X, X, 2, normalize="no"), TypeError, "normalize must be a bool"),
+        # the Circle functions (found by review: torch's index/size errors, silent numbers)
+        (
+            lambda: circle_loss_pairs(S4, A4, S4, _i(0, 1, 2, 5), 3, 0.25, 64.0),
+            ValueError,
+            "neg_anchors must lie in \\[0, 3\\) for num_anchors=3",
+        ),
+        (
+            lambda: circle_loss_pairs(S4, _i(0, 1, 2), S4, A4, 3, 0.25, 64.0),
+            ValueError,
+            "pos_anchors has length 3 but s_p has 4",
+        ),
+        (
+            lambda: circle_loss_pairs(S4, A4.float(), S4, A4, 3, 0.25, 64.0),
+            TypeError,
+            "pos_anchors must have an integer dtype",
+        ),
+        (
+            lambda: circle_loss_pairs(S4[None], A4, S4, A4, 3, 0.25, 64.0),
+            ValueError,
+            "s_p must be 1-D",
+        ),
+        (
+            lambda: circle_loss_pairs(S4, A4, S4, A4, 0, 0.25, 64.0),
+            ValueError,
+            "num_anchors must be >= 1",
+        ),
+        (
+            lambda: circle_loss_dense(SIM, _mask(3, 3), ~_mask(3, 4), 0.25, 64.0),
+            ValueError,
+            "pos_mask has shape \\(3, 3\\), expected \\(3, 4\\)",
+        ),
+        (
+            lambda: circle_loss_dense(SIM, _mask(3, 4).float(), ~_mask(3, 4), 0.25, 64.0),
+            TypeError,
+            "pos_mask must be a torch.bool tensor",
+        ),
+        (
+            lambda: circle_loss_dense(SIM, ~_mask(3, 4), ~_mask(3, 4), 0.25, 64.0),
+            ValueError,
+            "pos_mask and neg_mask share pairs",
+        ),
+        (
+            lambda: circle_loss_dense(SIM * math.nan, _mask(3, 4), ~_mask(3, 4), 0.25, 64.0),
+            ValueError,
+            "sim contains NaN or Inf",
+        ),
+        (
+            lambda: circle_loss_masked(SIM[0], _mask(3, 4), ~_mask(3, 4), 0.25, 64.0),
+            ValueError,
+            "sim must be 2-D",
+        ),
+        (
+            lambda: circle_loss_dense_negatives(SIM, _mask(3, 4), _i(0, 99), 0.25, 64.0),
+            ValueError,
+            "pos_keys must lie in \\[0, 12\\)",
+        ),
+        (
+            lambda: circle_loss_dense_negatives(SIM, ~_mask(3, 4), _i(0, 1), 0.25, 64.0),
+            ValueError,
+            "pos_keys and neg_mask share pairs",
+        ),
+        (lambda: circle_loss_whole(S4, S4 / 0, 0.25, 64.0), ValueError, "s_n contains NaN or Inf"),
+        (lambda: circle_positive_logits(S4, 0.25, -64.0), ValueError, "gamma must be > 0"),
+        (lambda: circle_negative_logits(S4, 5.0, 64.0), ValueError, "m must lie in"),
+        (
+            lambda: segment_logsumexp(S4, A4, 2),
+            ValueError,
+            "segments must lie in \\[0, 2\\) for num_segments=2",
+        ),
     ],
 )
 def test_bad_input_is_named(call, error, match):
@@ -134,7 +220,8 @@ def test_a_losss_forward_reads_its_inputs_once(monkeypatch):
     monkeypatch.setattr(validation.ValueChecks, "run", counted)
     monkeypatch.setattr(validation, "_host_array", lambda values: None)  # the device path
     x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
-    for loss in (ArcFaceLoss(3, 4), ArcFaceLoss(3, 4, chunk_size=2), CenterLoss(3, 4)):
+    losses = (ArcFaceLoss(3, 4), ArcFaceLoss(3, 4, chunk_size=2), CenterLoss(3, 4), CircleLoss())
+    for loss in losses:
         reads.clear()
         loss(x, y)
         assert reads.count(True) == 1, type(loss).__name__

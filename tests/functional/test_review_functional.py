@@ -52,15 +52,28 @@ def test_sample_classes_and_class_columns_check_and_widen() -> None:
     assert wide.tolist() == [300, 301, 302, 600, 601, 602] and wide.dtype == torch.int64
 
 
-def test_circle_rows_with_nan_stay_nan_and_no_reference_is_zero() -> None:
+def test_circle_rows_with_nan_are_refused_or_stay_nan_and_no_reference_is_zero() -> None:
+    """NaN similarities are a ValueError; with the value checks off, only their rows are
+    NaN (never hidden as 0)."""
+    import pml_margins
+
     sim = torch.tensor([[0.5, float("nan"), -0.2, 0.1], [0.3, 0.2, -0.1, 0.4]])
     pos = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]]).bool()
-    dense = circle_loss_dense(sim, pos, ~pos, 0.25, 80.0)
     keys = pos.view(-1).nonzero().squeeze(1)
-    negatives = circle_loss_dense_negatives(sim, ~pos, keys, 0.25, 80.0)
+    nan_values = torch.tensor([float("nan"), 1.0])
+    calls = (
+        lambda: circle_loss_dense(sim, pos, ~pos, 0.25, 80.0),
+        lambda: circle_loss_dense_negatives(sim, ~pos, keys, 0.25, 80.0),
+        lambda: segment_logsumexp(nan_values, torch.tensor([0, 1]), 3)[0],
+    )
+    for call in calls:
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            call()
+    with pml_margins.value_checks(False):
+        dense, negatives, lse = (call() for call in calls)
+        _, present = segment_logsumexp(nan_values, torch.tensor([0, 1]), 3)
     for losses in (dense, negatives):
         assert torch.isnan(losses[0]) and torch.isfinite(losses[1]) and losses[1] > 0
-    lse, present = segment_logsumexp(torch.tensor([float("nan"), 1.0]), torch.tensor([0, 1]), 3)
     assert torch.isnan(lse[0]) and present.tolist() == [True, True, False]
     empty = torch.zeros(3, 0, dtype=torch.bool)
     assert circle_loss_dense(torch.zeros(3, 0), empty, empty, 0.25, 80.0).tolist() == [0, 0, 0]
