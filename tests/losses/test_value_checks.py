@@ -249,3 +249,68 @@ def test_the_norm_limit_follows_the_compute_dtype():
     assert torch.isfinite(loss_fn.get_logits(x.float())).all()  # get_logits: the same rule
     with pytest.raises(ValueError, match=r"its square overflows torch\.float32"):
         ArcFaceLoss(5, 8).get_logits(x.float())
+
+
+def _full_checks_pass(embeddings, labels, num_classes, width) -> bool:
+    checks = ValueChecks()
+    try:
+        check_embeddings(embeddings, width=width, checks=checks)
+        validation.check_class_labels(labels, embeddings.shape[0], num_classes, checks=checks)
+        checks.run()
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _usual_batches():
+    """(name, embeddings, labels) around every edge of the full checks."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=gen)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    yield "fine", x, y
+    yield "fine float64", x.double(), y
+    yield "last class", x, torch.tensor([0, 1, 2, 2, 1, 4])
+    yield "non-contiguous", torch.randn(4, 6, generator=gen).t(), y
+    yield "label -1", x, torch.tensor([0, 1, 2, 2, 1, -1])
+    yield "label C", x, torch.tensor([0, 1, 2, 2, 1, 5])
+    for bad in (math.nan, math.inf, -math.inf):
+        z = x.clone()
+        z[3, 2] = bad
+        yield f"element {bad}", z, y
+    yield "squares overflow float32", x * 1e19, y
+    yield "squares overflow float64", x.double() * 1e154, y
+    yield "wide finite float64", x.double() * 1e150, y
+    yield "float16", x.half(), y
+    yield "bfloat16", x.bfloat16(), y
+    yield "int32 labels", x, y.int()
+    yield "wrong width", torch.randn(6, 3, generator=gen), y
+    yield "short labels", x, y[:5]
+    yield "2-D labels", x, y[:, None]
+    yield "empty", x[:0], y[:0]
+    yield "a Parameter", torch.nn.Parameter(x), y
+
+
+@pytest.mark.parametrize(("name", "embeddings", "labels"), list(_usual_batches()))
+def test_the_usual_batch_shortcut_only_accepts_what_the_full_checks_accept(
+    name, embeddings, labels
+) -> None:
+    """``usual_cpu_batch_passes`` (a loss's forward on the common CPU batch) may say yes
+    only where every full check passes; it says yes for the ordinary batch."""
+    fast = validation.usual_cpu_batch_passes(embeddings, labels, 5, 4)
+    full = _full_checks_pass(embeddings, labels, 5, 4)
+    assert not fast or full, name
+    if name in ("fine", "fine float64", "last class", "non-contiguous", "wide finite float64"):
+        assert fast and full, name
+    with value_checks(False):
+        assert not validation.usual_cpu_batch_passes(embeddings, labels, 5, 4)
+
+
+def test_the_usual_batch_shortcut_leaves_transforms_to_the_full_checks() -> None:
+    x, y = torch.randn(3, 6, 4), torch.tensor([0, 1, 2, 2, 1, 0])
+    seen = torch.func.vmap(lambda e: torch.tensor(validation.usual_cpu_batch_passes(e, y, 5, 4)))
+    assert not seen(x).any()
+    bad = x.clone()
+    bad[1, 2, 3] = math.nan
+    loss = ArcFaceLoss(5, 4)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        torch.func.vmap(lambda e: loss(e, y))(bad)
