@@ -236,12 +236,13 @@ def circle_loss_dense(
         (\operatorname{LSE}\ell_n + \operatorname{LSE}\ell_p)` per row, 0 where the row
         has no positive or no negative.
     """
+    m, gamma = _margin(m), _gamma(gamma)
     _check_matrix(sim, {"pos_mask": pos_mask, "neg_mask": neg_mask})
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(compute_dtype(sim.dtype))
         if sim.shape[1] == 0:  # no reference: no pairs, 0 per row
             return sim.sum(1) * 0
-        return _DenseCircle.apply(sim, pos_mask, neg_mask, _margin(m), _gamma(gamma))
+        return _DenseCircle.apply(sim, pos_mask, neg_mask, m, gamma)
 
 
 class _DenseNegativesCircle(torch.autograd.Function):
@@ -321,6 +322,7 @@ def circle_loss_dense_negatives(
     Returns:
         ``(B,)`` losses as :func:`circle_loss_dense`, which it equals.
     """
+    m, gamma = _margin(m), _gamma(gamma)
     _check_matrix(sim, {"neg_mask": neg_mask})
     if not caller_checked():
         checks = function_value_checks()
@@ -333,8 +335,7 @@ def circle_loss_dense_negatives(
         sim = sim.to(compute_dtype(sim.dtype)).contiguous()
         if sim.shape[1] == 0:  # no reference: no pairs, 0 per row
             return sim.sum(1) * 0
-        keys, m, gamma = pos_keys.long(), _margin(m), _gamma(gamma)
-        return _DenseNegativesCircle.apply(sim, neg_mask, keys, m, gamma)
+        return _DenseNegativesCircle.apply(sim, neg_mask, pos_keys.long(), m, gamma)
 
 
 def circle_loss_pairs(

@@ -181,6 +181,16 @@ def _mask(rows: int, cols: int) -> torch.Tensor:
         ),
         (lambda: circle_loss_whole(S4, S4 / 0, 0.25, 64.0), ValueError, "s_n contains NaN or Inf"),
         (lambda: circle_positive_logits(S4, 0.25, -64.0), ValueError, "gamma must be > 0"),
+        (
+            lambda: circle_loss_dense(SIM[:, :0], _mask(3, 0), _mask(3, 0), 3.0, 64.0),
+            ValueError,
+            "m must lie in",
+        ),
+        (
+            lambda: circle_loss_dense_negatives(SIM[:, :0], _mask(3, 0), _i(), 0.25, 0.0),
+            ValueError,
+            "gamma must be > 0",
+        ),
         (lambda: circle_negative_logits(S4, 5.0, 64.0), ValueError, "m must lie in"),
         (
             lambda: segment_logsumexp(S4, A4, 2),
