@@ -460,9 +460,10 @@ def check_class_labels(
     name: str = "labels",
     checks: ValueChecks | None = None,
     bound_name: str = "num_classes",
+    low: int = 0,
 ) -> torch.Tensor:
     """Check integer class labels (or other indices: ``bound_name`` names the bound in
-    the message) in ``[0, num_classes)``.
+    the message) in ``[low, num_classes)``.
 
     The range check joins ``checks`` when given, as in :func:`check_embeddings`.
 
@@ -477,7 +478,7 @@ def check_class_labels(
         def out_of_range() -> ValueError:
             lo, hi = _exact_extremes(values)
             return ValueError(
-                f"{name} must lie in [0, {num_classes}) for {bound_name}={num_classes}, "
+                f"{name} must lie in [{low}, {num_classes}) for {bound_name}={num_classes}, "
                 f"got values in [{lo}, {hi}]"
             )
 
@@ -485,7 +486,7 @@ def check_class_labels(
             checks,
             lambda: _extremes(values),
             out_of_range,
-            _outside(num_classes),
+            _outside(num_classes, low),
             lambda: _host_extremes(values),
         )
     return labels
@@ -528,9 +529,9 @@ def _host_extremes(values: torch.Tensor) -> list[float] | None:
     return [array.min(), array.max()]
 
 
-def _outside(bound: int) -> Callable[[list[float]], bool]:
-    """The predicate on :func:`_extremes`: some value lies outside ``[0, bound)``."""
-    return lambda extremes: extremes[0] < 0 or extremes[1] >= bound
+def _outside(bound: int, low: int = 0) -> Callable[[list[float]], bool]:
+    """The predicate on :func:`_extremes`: some value lies outside ``[low, bound)``."""
+    return lambda extremes: extremes[0] < low or extremes[1] >= bound
 
 
 def check_indices_tuple(

@@ -23,6 +23,7 @@ from pml_margins.distributed.sharding import class_columns, shard_range
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
+    CHECKED_BY_CALLER,
     check_class_labels,
     check_count,
     check_embeddings,
@@ -442,14 +443,15 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             )
             self.sampled_classes = index + self.class_start
         logits, scale = self._local_logits(all_emb, index)
-        losses = sharded_margin_softmax_cross_entropy(
-            logits,
-            target,
-            self.loss.target_logit_fn(),
-            scale,
-            self.group,
-            non_target_logit_fn=self.loss.non_target_logit_fn(),
-        )
+        with CHECKED_BY_CALLER:  # the forward checked the batch; each row has one owner
+            losses = sharded_margin_softmax_cross_entropy(
+                logits,
+                target,
+                self.loss.target_logit_fn(),
+                scale,
+                self.group,
+                non_target_logit_fn=self.loss.non_target_logit_fn(),
+            )
         extra = self.loss.extra_losses(all_emb, all_labels)
         if extra is None:
             return losses

@@ -34,9 +34,15 @@ from __future__ import annotations
 
 import torch
 
-from pml_margins.distributed.collectives import ProcessGroup, all_reduce_
+from pml_margins.distributed.collectives import ProcessGroup, all_reduce_, checked_on_every_rank
 from pml_margins.functional.autograd_only import SHARDED_REMEDY, backward_once
 from pml_margins.functional.margin_softmax import TargetLogitFn, compute_dtype
+from pml_margins.validation import (
+    caller_checked,
+    check_class_labels,
+    check_similarities,
+    function_value_checks,
+)
 
 __all__ = ["sharded_margin_softmax_cross_entropy"]
 
@@ -45,7 +51,13 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
     """Cross-entropy over logits split by columns across ranks; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        group: ProcessGroup | None,
+        count_owners: bool,
+    ):
         rows = torch.arange(logits.shape[0], device=logits.device)
         owned = target >= 0
         row_max = (
@@ -55,10 +67,15 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         )
         row_max = all_reduce_(row_max, "max", group)
         exp = (logits - row_max.unsqueeze(1)).exp_()
-        stats = torch.zeros(logits.shape[0], 2, dtype=logits.dtype, device=logits.device)
+        columns = 3 if count_owners else 2  # the third: how many ranks own each row
+        stats = torch.zeros(logits.shape[0], columns, dtype=logits.dtype, device=logits.device)
         stats[:, 0] = exp.sum(dim=1)
         stats[owned, 1] = logits[rows[owned], target[owned]] - row_max[owned]
+        if count_owners:
+            stats[:, 2] = owned.to(logits.dtype)
         stats = all_reduce_(stats, "sum", group)
+        if count_owners:
+            _check_one_owner(stats[:, 2])
         ctx.save_for_backward(exp, stats[:, 0], target)
         return torch.log(stats[:, 0]) - stats[:, 1]
 
@@ -71,7 +88,30 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         grad_logits = exp.mul_((grad / sum_exp).unsqueeze(1))
         owned = torch.nonzero(target >= 0).squeeze(1)
         grad_logits[owned, target[owned]] -= grad[owned]
-        return grad_logits, None, None
+        return grad_logits, None, None, None
+
+
+def _check_inputs(local_logits: object, local_target: object) -> None:
+    """Finite ``(N, C_local)`` logits and ``(N,)`` integer columns in ``[-1, C_local)``."""
+    checks = function_value_checks()
+    logits = check_similarities(local_logits, "local_logits", 2, checks)
+    check_class_labels(
+        local_target, logits.shape[0], logits.shape[1], "local_target", checks, "C_local", low=-1
+    )
+    checks.run()
+
+
+def _check_one_owner(owners: torch.Tensor) -> None:
+    """``ValueError`` unless every row is owned by exactly one rank (the same reduced
+    counts on every rank: all raise, none waits in a collective)."""
+    wrong = torch.nonzero(owners != 1).squeeze(1)
+    if len(wrong):
+        rows = wrong[:5].tolist()
+        counts = owners[wrong[:5]].to(torch.int64).tolist()
+        raise ValueError(
+            "local_target: every row must be owned by exactly one rank (its column on that "
+            f"rank, -1 on the others); rows {rows} are owned by {counts} ranks"
+        )
 
 
 def sharded_margin_softmax_cross_entropy(
@@ -118,6 +158,16 @@ def sharded_margin_softmax_cross_entropy(
         >>> torch.allclose(a, b)
         True
     """
+    checked = caller_checked()
+    if not checked:  # every rank raises when one does (none waits in a collective)
+        is_tensor = isinstance(local_logits, torch.Tensor)
+        rows = local_logits.shape[0] if is_tensor and local_logits.ndim == 2 else -1
+        checked_on_every_rank(
+            lambda: _check_inputs(local_logits, local_target),
+            group,
+            local_logits.device if is_tensor else torch.device("cpu"),
+            {"numbers of rows": (rows, str(rows))},
+        )
     dtype = compute_dtype(local_logits.dtype)
     with torch.autocast(device_type=local_logits.device.type, enabled=False):
         logits = local_logits.to(dtype)
@@ -134,4 +184,4 @@ def sharded_margin_softmax_cross_entropy(
             every_row = logits.new_zeros(logits.shape[0]).index_put((rows,), logits[rows, cols])
             psi = target_logit_fn(every_row)[rows] * owned_scale
             scaled.index_put_((rows, cols), psi)  # mul's backward needs no output
-        return _ShardedSoftmaxCrossEntropy.apply(scaled, target, group)
+        return _ShardedSoftmaxCrossEntropy.apply(scaled, target, group, not checked)

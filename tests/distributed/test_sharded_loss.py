@@ -194,6 +194,12 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> No
         assert "ranks' embeddings requiring grad differ" in errors["grad"]
         empty = "reference is empty" if rank == 0 else "another rank's input is invalid"
         assert empty in errors["empty_reference"]
+        # the public sharded function: local checks agreed, then one owner per row
+        ranged = "local_target must lie in \\[-1, 3\\)" if rank == 1 else "another rank's"
+        assert re.search(ranged, errors["functional_range"]), errors["functional_range"]
+        owners = f"rows \\[0, 1\\] are owned by \\[{world_size}, 0\\] ranks"
+        assert re.search(owners, errors["functional_owners"]), errors["functional_owners"]
+        assert "ranks' numbers of rows differ" in errors["functional_rows"]
         assert (
             f"shard 0 of 1, but its process group makes this process rank {rank} of"
             in (errors["override"])

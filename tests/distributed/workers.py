@@ -259,6 +259,23 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             seen[case] = "no error"
         except ValueError as err:
             seen[case] = str(err)
+    from pml_margins.distributed import sharded_margin_softmax_cross_entropy
+
+    logits = torch.randn(2, 3)
+    functional = {  # the public function, called with bad targets
+        "functional_range": (logits, torch.tensor([0, -5 if rank == 1 else -1])),
+        "functional_owners": (logits, torch.tensor([0, -1])),  # row 0: every rank; 1: none
+        "functional_rows": (
+            torch.randn(3 if rank == 1 else 2, 3),
+            torch.tensor([0, -1, -1] if rank == 1 else [0, -1]),
+        ),
+    }
+    for case, (z, target) in functional.items():
+        try:
+            sharded_margin_softmax_cross_entropy(z, target, None, 10.0)
+            seen[case] = "no error"
+        except ValueError as err:
+            seen[case] = str(err)
     torch.save(seen, out / f"bad_input_{rank}.pt")
 
 
