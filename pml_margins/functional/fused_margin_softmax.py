@@ -108,17 +108,16 @@ from pml_margins.functional.dense_margin_softmax import (
 from pml_margins.functional.margin_softmax import (
     TargetLogitFn,
     autocast_off,
+    check_scale,
     compute_dtype,
     products_dtype,
     takes_unit_columns,
 )
 from pml_margins.validation import (
-    caller_checked,
     check_chunk_size,
     check_count,
     check_function_inputs,
     check_labels,
-    check_logit_scale,
     check_sample_rate,
 )
 
@@ -411,7 +410,7 @@ def fused_margin_softmax_cross_entropy(
             "a scale from the cosines needs the default mode: chunk_size=None, "
             "sample_rate=1, sub_centers=1 and no non_target_logit_fn"
         )
-    scale = _check_scale(scale, rows)
+    scale = check_scale(scale, rows)
     if target_cosines is not None and target_cosines.shape != (rows,):
         raise ValueError(
             f"target_cosines must have shape ({rows},), got {tuple(target_cosines.shape)}"
@@ -470,7 +469,7 @@ def fused_margin_softmax_cross_entropy(
     if scale_fn is not None:  # the cosines first (kept for the forward), then the scale
         config.fold_scale = False
         config.cosines = _cosine_blocks(x, weight, config)
-        scale = _check_scale(scale_fn(config.cosines.blocks), rows)
+        scale = check_scale(scale_fn(config.cosines.blocks), rows)
     scale_tensor = scale if isinstance(scale, torch.Tensor) else None
     config.scale = 1.0 if isinstance(scale, torch.Tensor) else float(scale)
     inputs = (x, weight, scale_tensor, bias)
@@ -493,22 +492,6 @@ def fused_margin_softmax_cross_entropy(
         )
     with torch.no_grad():
         return _forward(x, weight, scale_tensor, bias, target, labels, config, save=False)[0]
-
-
-def _check_scale(scale: float | torch.Tensor | ScaleFromCosines, rows: int) -> Any:
-    """``scale``, after checking that a tensor scale has one entry per row (a 0-dim one is
-    expanded to ``(rows,)``, as the plain path broadcasts it) and a number is finite and
-    positive."""
-    if isinstance(scale, torch.Tensor):
-        if scale.ndim == 0:
-            return scale.expand(rows)
-        if scale.shape != (rows,):
-            raise ValueError(
-                f"a tensor scale must be 0-dim or have shape ({rows},), got {tuple(scale.shape)}"
-            )
-    elif not callable(scale) and not caller_checked():  # as the losses check theirs when
-        return check_logit_scale(scale, "scale")  # set (1e300 gave NaN losses)
-    return scale
 
 
 class _Cosines(NamedTuple):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from pml_margins.validation import (
     caller_checked,
     check_class_labels,
     check_logit_scale,
+    check_similarities,
     function_value_checks,
 )
 
@@ -82,6 +84,33 @@ def _check_logits_and_labels(logits: object, labels: object) -> None:
     checks.run()
 
 
+def check_scale(scale: Any, rows: int) -> Any:
+    """A margin softmax's ``scale`` for ``rows`` rows: a number finite and positive; a
+    tensor 0-dim (expanded to ``(rows,)``, as broadcasting would) or ``(rows,)``, its
+    floating values finite (a NaN scale gave NaN losses); a callable as given. The values
+    are not read again when a loss that checked its own calls
+    (:func:`~pml_margins.validation.caller_checked`).
+
+    Raises:
+        ValueError / TypeError: a tensor of another shape, a bad number or value.
+    """
+    if isinstance(scale, torch.Tensor):
+        if scale.ndim == 0:
+            scale = scale.expand(rows)
+        elif scale.shape != (rows,):
+            raise ValueError(
+                f"a tensor scale must be 0-dim or have shape ({rows},), got {tuple(scale.shape)}"
+            )
+        if scale.is_floating_point() and not caller_checked():
+            checks = function_value_checks()
+            check_similarities(scale, "scale", checks=checks)
+            checks.run()
+        return scale
+    if callable(scale) or caller_checked():  # a loss checks its scale when it is set
+        return scale
+    return check_logit_scale(scale, "scale")  # 1e300 gave NaN losses
+
+
 def margin_softmax_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -116,8 +145,7 @@ def margin_softmax_cross_entropy(
     no ``(B, C)`` one-hot mask is built.
     """
     _check_logits_and_labels(logits, labels)
-    if not isinstance(scale, torch.Tensor) and not caller_checked():
-        scale = check_logit_scale(scale, "scale")
+    scale = check_scale(scale, logits.shape[0])
     dtype = compute_dtype(logits.dtype)
     with autocast_off(logits.device.type):
         logits = logits.to(dtype)

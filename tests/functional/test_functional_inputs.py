@@ -37,6 +37,7 @@ from pml_margins.losses import ArcFaceLoss, CenterLoss, CircleLoss
 
 X, W = torch.randn(4, 3), torch.randn(3, 5)
 S4, A4, SIM = torch.rand(4), torch.tensor([0, 1, 2, 0]), torch.rand(3, 4)
+Y4 = torch.tensor([0, 1, 2, 4])
 
 
 def _i(*values: int) -> torch.Tensor:
@@ -118,6 +119,24 @@ def _mask(rows: int, cols: int) -> torch.Tensor:
         (lambda: shard_ranges(10.5, 2), TypeError, "num_classes"),
         (lambda: shard_range(10, 2, 1.0), ValueError, "rank"),
         (lambda: exact_knn(X, X, 2, normalize="no"), TypeError, "normalize must be a bool"),
+        # a tensor scale: NaN/Inf values and other shapes (NaN losses, broadcasting)
+        (
+            lambda: fused_margin_softmax_cross_entropy(X, W, Y4, None, torch.tensor(math.nan)),
+            ValueError,
+            "scale contains NaN or Inf",
+        ),
+        (
+            lambda: margin_softmax_cross_entropy(
+                X @ W, Y4, None, torch.tensor([1.0, 2, math.inf, 3])
+            ),
+            ValueError,
+            "scale contains NaN or Inf",
+        ),
+        (
+            lambda: margin_softmax_cross_entropy(X @ W, Y4, None, torch.ones(5)),
+            ValueError,
+            "0-dim or have shape \\(4,\\)",
+        ),
         # the Circle functions (found by review: torch's index/size errors, silent numbers)
         (
             lambda: circle_loss_pairs(S4, A4, S4, _i(0, 1, 2, 5), 3, 0.25, 64.0),
@@ -202,6 +221,14 @@ def _mask(rows: int, cols: int) -> torch.Tensor:
 def test_bad_input_is_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_an_integer_or_0_dim_tensor_scale_is_still_taken():
+    fused = fused_margin_softmax_cross_entropy(X, W, Y4, None, 30.0)
+    plain = margin_softmax_cross_entropy(X @ W, Y4, None, 30.0)
+    for scale in (torch.tensor(30), torch.tensor(30.0), torch.full((4,), 30.0)):
+        torch.testing.assert_close(fused_margin_softmax_cross_entropy(X, W, Y4, None, scale), fused)
+        torch.testing.assert_close(margin_softmax_cross_entropy(X @ W, Y4, None, scale), plain)
 
 
 def test_a_negative_multiplier_is_the_positive_one():
