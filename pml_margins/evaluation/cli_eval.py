@@ -119,6 +119,30 @@ def _recall_ks(args: argparse.Namespace) -> tuple[int, ...]:
     return tuple(args.recall_ks) + tuple(int(k) for k in named if k.isdigit() and int(k) > 0)
 
 
+def _check_output(output: str) -> None:
+    """``CliError`` before any work when ``output`` cannot be written: a folder, a path
+    through a file, a folder that does not exist, or one this process cannot write in
+    (opened for appending, then left as it was)."""
+    path = Path(output)
+    if path.is_dir():
+        raise CliError(f"{output}: cannot write: it is a directory (give a file name)")
+    for part in path.resolve().parents:
+        if part.exists():
+            if not part.is_dir():
+                raise CliError(f"{output}: cannot write: {part} is a file")
+            break
+    if not path.resolve().parent.is_dir():
+        raise CliError(f"{output}: cannot write: its directory does not exist")
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as error:
+        raise CliError(f"{output}: cannot write: {error.strerror}") from None
+    if not existed:
+        path.unlink()
+
+
 def _check_metric_names(args: argparse.Namespace, calculator: type) -> None:
     """``--metrics``/``--exclude`` name known metrics and leave at least one to compute."""
     known = calculator(recall_ks=_recall_ks(args)).original_function_dict
@@ -235,10 +259,8 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     if any(k < 1 for k in args.recall_ks):
         raise CliError(f"--recall-ks must be positive, got {args.recall_ks}")
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise CliError(f"{args.output}: cannot write: its directory does not exist")
-    if args.output and Path(args.output).is_dir():
-        raise CliError(f"{args.output}: cannot write: it is a directory (give a file name)")
+    if args.output:
+        _check_output(args.output)
     _check_metric_names(args, RetrievalAccuracyCalculator)
     query = _load(args.embeddings, "embeddings")
     query_labels = _load(args.labels, "labels")

@@ -157,11 +157,17 @@ def test_cli_files_that_cannot_be_read_are_one_line_and_status_2(tmp_path, capsy
         (["--embeddings", "e.npy", "--device", "foo"], "--device: not a device: 'foo'"),
         (["--embeddings", "e.npy", "--output", "no/such/dir.json"], "its directory does not"),
         (["--embeddings", "e.npy", "--output", "."], "it is a directory"),
+        # found by review: caught after the whole computation, or named wrongly
+        (["--embeddings", "e.npy", "--output", "l.npy/x.json"], "l.npy is a file"),
+        (["--embeddings", "e.npy", "--output", "/proc/x.json"], "/proc/x.json: cannot write"),
     ]
     for argv, message in cases:
         assert main(["eval", *argv, "--labels", "l.npy"]) == 2
-        err = capsys.readouterr().err.strip()
+        captured = capsys.readouterr()
+        err = captured.err.strip()
         assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+        assert captured.out == ""  # refused before any metric was computed
+    assert not any(tmp_path.glob("*.json"))  # nothing left behind by the checks
 
 
 def test_cli_reads_big_endian_arrays(tmp_path, capsys):
