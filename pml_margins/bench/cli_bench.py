@@ -94,19 +94,20 @@ def register(subparsers: Any) -> None:
         type=int,
         help="random translation of training images, pixels; " + per_dataset("shift"),
     )
-    p.add_argument("--train-classes", default="0,1,2,3,4", help="digits used for training")
+    p.add_argument(
+        "--train-classes", help="digits: the digits used for training (default: 0,1,2,3,4)"
+    )
     p.add_argument(
         "--min-fonts",
         type=int,
-        default=12,
-        help="glyphs: a character is a class when this many fonts draw it (default: %(default)s)",
+        help="glyphs: a character is a class when this many fonts draw it (default: 12)",
     )
     p.add_argument(
         "--max-classes",
         type=int,
         help="glyphs: keep only the first N characters (quick runs; default: all)",
     )
-    p.add_argument("--backbone", default="resnet50", help="cub/sop: timm/torchvision model")
+    p.add_argument("--backbone", help="cub/sop: timm/torchvision model (default: resnet50)")
     p.add_argument("--weights", help="cub/sop: local state dict of pretrained backbone weights")
     p.add_argument(
         "--image-size", type=int, help="glyphs: 32 (default; a multiple of 16), cub/sop: 224"
@@ -187,9 +188,49 @@ _LOADER_FLAGS = {
 }
 
 
+#: flags that only some datasets read, with those datasets (``--no-baseline``, which only
+#: turns a row off, is accepted everywhere)
+_DATASET_FLAGS = {
+    "data_root": ("cub", "sop"),
+    "download": ("cub", "sop"),
+    "backbone": ("cub", "sop"),
+    "weights": ("cub", "sop"),
+    "train_classes": ("digits",),
+    "min_fonts": ("glyphs",),
+    "max_classes": ("glyphs",),
+    "image_size": ("glyphs", "cub", "sop"),
+}
+
+
+def _check_dataset_flags(args: argparse.Namespace) -> None:
+    """A flag given for a dataset that does not read it is an error, not a silent no-op
+    (recorded in results.json as if it had been used)."""
+    for name, datasets in _DATASET_FLAGS.items():
+        if getattr(args, name) not in (None, False) and args.dataset not in datasets:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(
+                f"error: {flag} applies to --dataset {' or '.join(datasets)}, not {args.dataset}"
+            )
+
+
+def _run_config(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    """What results.json records: the flags this dataset reads, with the values used
+    (the loaders' defaults where none was given), and the settings."""
+    from pml_margins.bench.datasets import LOADER_DEFAULTS
+
+    used = LOADER_DEFAULTS[args.dataset]
+    return {
+        k: used.get(k) if v is None else v
+        for k, v in vars(args).items()
+        if k != "func" and args.dataset in _DATASET_FLAGS.get(k, (args.dataset,))
+    } | settings
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line settings, the dataset's defaults where none is given; checked."""
     from pml_margins.bench.datasets import DATASETS
+
+    _check_dataset_flags(args)
 
     defaults = DATASETS[args.dataset].defaults
     settings = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in SETTINGS}
@@ -301,7 +342,7 @@ def _run_bench(args: argparse.Namespace, settings: dict[str, Any]) -> int:
             "other classes (each image queries all the others)"
         ),
         "dataset_info": bench_data.info,
-        "config": {k: v for k, v in vars(args).items() if k != "func"} | settings,
+        "config": _run_config(args, settings),
         "environment": report.environment(),
         "losses": [],
     }

@@ -47,13 +47,13 @@ class DatasetSpec:
     loss_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
-#: what each dataset's loader reads for a split/input flag that is not given
+#: what each dataset's loader (and model) reads for a flag that is not given
 LOADER_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
         "glyphs": {"image_size": 32, "min_fonts": 12},
         "digits": {"train_classes": "0,1,2,3,4"},
-        "cub": {"image_size": 224},
-        "sop": {"image_size": 224},
+        "cub": {"image_size": 224, "backbone": "resnet50"},
+        "sop": {"image_size": 224, "backbone": "resnet50"},
     }
 )
 
@@ -123,7 +123,7 @@ def _mlp_model(data: RetrievalData, size: int, args: argparse.Namespace) -> dict
 def _backbone_model(data: RetrievalData, size: int, args: argparse.Namespace) -> dict[str, Any]:
     from pml_margins.bench.models import model_config
 
-    backbone = getattr(args, "backbone", None) or "resnet50"
+    backbone = loader_setting(args, data.name, "backbone")
     return model_config(backbone, size, weights_path=getattr(args, "weights", None))
 
 

@@ -48,6 +48,9 @@ def test_tiny_digits_bench_writes_results_and_png(tmp_path: Path, capsys) -> Non
             assert 0.0 <= metrics[key] <= 1.0
         assert math.isclose(metrics["recall_at_1"], metrics["precision_at_1"])
     assert results["losses"][1]["hyperparameters"]["margin"] == 0.3
+    config = results["config"]  # the flags digits reads, with the values used
+    assert config["train_classes"] == "0,1,2,3,4" and config["dataset"] == "digits"
+    assert not {"max_classes", "min_fonts", "image_size", "backbone"} & set(config)
     png = (out / "recall.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     assert (out / "checkpoints" / "arcface.pt").exists()
@@ -453,6 +456,11 @@ def test_embeddings_only_refuses_another_dataset(tmp_path: Path) -> None:
         (["--loss-lr", "-1"], "error: --loss-lr must be a finite number >= 0"),
         (["--image-size", "0"], "error: --image-size must be >= 1"),
         (["--batch-size", "100000"], "error: the training set has .* fewer than one batch"),
+        # flags of another dataset: refused, not recorded as used (found by review)
+        (["--max-classes", "3"], "error: --max-classes applies to --dataset glyphs, not digits"),
+        (["--image-size", "64"], "error: --image-size applies to --dataset glyphs or cub or sop"),
+        (["--min-fonts", "3"], "error: --min-fonts applies to --dataset glyphs, not digits"),
+        (["--backbone", "resnet18"], "error: --backbone applies to --dataset cub or sop"),
     ],
 )
 def test_bad_settings_are_one_line_and_no_output_folder(tmp_path, argv, message) -> None:
