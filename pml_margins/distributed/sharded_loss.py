@@ -363,15 +363,16 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                 passes them): ``None`` (or ``ref_emb``/``ref_labels`` the batch itself);
                 a miner's tuples or another reference set are a ``ValueError``.
         """
-        if indices_tuple is not None:
-            raise ValueError(f"miners (indices_tuple) are not supported by {type(self).__name__}")
-        if other_reference(embeddings, labels, ref_emb, ref_labels):
-            raise ValueError(f"ref_emb/ref_labels are not supported by {type(self).__name__}")
-        self._check_group()
-        self._check_parameters()
         self.loss.reset_stats()
 
-        def check() -> None:
+        def check() -> None:  # on every rank together: one rank's refusal stops them all
+            if indices_tuple is not None:
+                name = type(self).__name__
+                raise ValueError(f"miners (indices_tuple) are not supported by {name}")
+            if other_reference(embeddings, labels, ref_emb, ref_labels):
+                raise ValueError(f"ref_emb/ref_labels are not supported by {type(self).__name__}")
+            self._check_group()
+            self._check_parameters()
             check_embeddings(embeddings, width=self.embedding_size)
             check_class_labels(labels, embeddings.shape[0], self.num_classes)
 
@@ -386,6 +387,8 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             "embeddings requiring grad": (float(grad), str(grad)),
             # eval mode skips the collectives of running-statistic updates (AdaCos)
             "training modes": (float(self.loss.training), str(self.loss.training)),
+            # collect_stats adds an all-reduce (avg_angle over all classes)
+            "collect_stats": (float(bool(self.loss.collect_stats)), str(self.loss.collect_stats)),
             "W dtypes": (float(_DTYPE_CODES.get(self.W_local.dtype, -1)), str(self.W_local.dtype)),
         }
         checked_on_every_rank(check, self.group, self.W_local.device, codes)

@@ -189,7 +189,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> No
             expected = message if rank == 1 else "another rank's input is invalid"
             assert re.search(expected, errors[case]), (rank, case, errors[case])
         assert "embeddings dtypes differ" in errors["dtype"]
-        for case in ("num_classes", "sample_rate", "training modes", "W dtypes"):
+        for case in ("num_classes", "sample_rate", "training modes", "W dtypes", "collect_stats"):
             assert f"ranks' {case} differ" in errors[case], (rank, errors[case])
         assert "ranks' embeddings requiring grad differ" in errors["grad"]
         empty = "reference is empty" if rank == 0 else "another rank's input is invalid"
@@ -200,6 +200,9 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> No
         owners = f"rows \\[0, 1\\] are owned by \\[{world_size}, 0\\] ranks"
         assert re.search(owners, errors["functional_owners"]), errors["functional_owners"]
         assert "ranks' numbers of rows differ" in errors["functional_rows"]
+        for case, own_error in (("miner", "miners"), ("ref_emb", "ref_emb/ref_labels")):
+            expected = own_error if rank == 1 else "another rank's input is invalid"
+            assert expected in errors[case], (rank, case, errors[case])
         assert (
             f"shard 0 of 1, but its process group makes this process rank {rank} of"
             in (errors["override"])

@@ -252,10 +252,21 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             ),
             x,
         ),
+        "collect_stats": (_collecting(ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4), rank), x),
     }
     for case, (fn, bx) in mismatched.items():
         try:
             fn(bx, y)
+            seen[case] = "no error"
+        except ValueError as err:
+            seen[case] = str(err)
+    miner = (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), torch.tensor([2]))
+    for case, extra in {  # refused on rank 1 only: the others stop too, not wait
+        "miner": {"indices_tuple": miner},
+        "ref_emb": {"ref_emb": x.clone(), "ref_labels": y},
+    }.items():
+        try:
+            loss_fn(x, y, **(extra if rank == 1 else {}))
             seen[case] = "no error"
         except ValueError as err:
             seen[case] = str(err)
@@ -277,6 +288,12 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
         except ValueError as err:
             seen[case] = str(err)
     torch.save(seen, out / f"bad_input_{rank}.pt")
+
+
+def _collecting(loss, rank: int):
+    """``loss`` with PML's statistics collected on rank 1 only."""
+    loss.loss.collect_stats = rank == 1
+    return loss
 
 
 def all_scenarios(
