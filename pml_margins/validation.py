@@ -22,6 +22,7 @@ training (shape and dtype checks always stay)::
 from __future__ import annotations
 
 import math
+import operator
 import threading
 from collections.abc import Callable, Sequence
 from numbers import Real
@@ -375,12 +376,16 @@ def _run_now_or_later(
 
 
 def check_similarities(
-    values: object, name: str, ndim: int | None = None, checks: ValueChecks | None = None
+    values: object,
+    name: str,
+    ndim: int | None = None,
+    checks: ValueChecks | None = None,
+    minus_inf: bool = False,
 ) -> torch.Tensor:
     """Check a floating tensor of similarities (``ndim`` dimensions, if given) with finite
-    values and return it; the value check joins ``checks`` as in :func:`check_embeddings`
-    (the float64 sum is the value read; only where it is not finite are the elements
-    looked at).
+    values (with ``minus_inf``, logits: ``-inf`` is log 0, NaN and ``+inf`` are refused)
+    and return it; the value check joins ``checks`` as in :func:`check_embeddings` (one
+    float64 value is read; only where it is wrong are the elements looked at).
 
     Raises:
         TypeError: not a tensor, or not a floating dtype.
@@ -394,6 +399,14 @@ def check_similarities(
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(values.shape)}")
     if values.numel():
         detached = values_under_transforms(values.detach())
+        if minus_inf:  # the largest value, NaN counted as +inf: +inf iff one is wrong
+            _run_now_or_later(
+                checks,
+                lambda: torch.nan_to_num(detached, nan=math.inf, posinf=math.inf).amax(),
+                lambda: ValueError(f"{name} contains NaN or +Inf values"),
+                lambda largest: largest[0] == math.inf,
+            )
+            return values
 
         def not_finite() -> ValueError | None:
             if bool(torch.isfinite(detached).all()):
@@ -427,7 +440,7 @@ def check_pair_masks(
             raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
     if len(masks) == 2 and math.prod(shape):
         (first, a), (second, b) = masks.items()
-        both = values_under_transforms(a) & values_under_transforms(b)  # type: ignore[operator]
+        both = values_under_transforms(a & b)  # type: ignore[operator]  # (vmap lanes aligned)
         _run_now_or_later(
             checks,
             lambda: both.sum(),
@@ -681,6 +694,27 @@ def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def check_size(value: object, name: str) -> int:
+    """A size, ``>= 0``: a Python or numpy integer or a one-element integer tensor (what
+    ``operator.index`` takes), not a bool.
+
+    Raises:
+        TypeError: anything else.
+        ValueError: a negative number.
+    """
+    if isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, torch.Tensor) and value.dtype == torch.bool
+    ):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    try:
+        size = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if size < 0:
+        raise ValueError(f"{name} must be >= 0, got {size}")
+    return size
 
 
 def check_count(value: object, name: str) -> int:

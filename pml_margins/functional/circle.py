@@ -31,11 +31,11 @@ from pml_margins.validation import (
     caller_checked,
     check_circle_margin,
     check_class_labels,
-    check_count,
     check_logit_scale,
     check_number_or_tensor,
     check_pair_masks,
     check_similarities,
+    check_size,
     function_value_checks,
 )
 
@@ -84,8 +84,8 @@ def segment_logsumexp(
     """
     if not caller_checked():
         checks = function_value_checks()
-        num_segments = check_count(num_segments, "num_segments")
-        check_similarities(values, "values", 1, checks)
+        num_segments = check_size(num_segments, "num_segments")
+        check_similarities(values, "values", 1, checks, minus_inf=True)  # logits: -inf is log 0
         _check_anchors(segments, "segments", values, "values", num_segments, "num_segments", checks)
         checks.run()
     segments = segments.long()
@@ -366,7 +366,7 @@ def circle_loss_pairs(
     m, gamma = _margin(m), _gamma(gamma)
     if not caller_checked():
         checks = function_value_checks()
-        num_anchors = check_count(num_anchors, "num_anchors")
+        num_anchors = check_size(num_anchors, "num_anchors")
         check_similarities(s_p, "s_p", 1, checks)
         check_similarities(s_n, "s_n", 1, checks)
         _check_anchors(pos_anchors, "pos_anchors", s_p, "s_p", num_anchors, "num_anchors", checks)

@@ -66,7 +66,8 @@ def adacos_dynamic_scale(
         scale: the current scale :math:`s`.
 
     Returns:
-        The new scale, a 0-dim tensor in the cosines' dtype (at least float32); no gradient.
+        The new scale, a 0-dim tensor without gradient, in the cosines' dtype (at least
+        float32) promoted with a tensor ``scale``'s (a float64 buffer: float64).
     """
     return adacos_scale_from_statistics(StepStatistics(lambda: cosine, labels), scale)
 
@@ -84,6 +85,8 @@ def adacos_scale_from_statistics(
         log_b_avg = statistics.non_target_logsumexp(scale) - math.log(rows)
         theta_med = torch.acos(statistics.target_cosines().clamp(-1, 1)).median()
         new = log_b_avg / torch.cos(theta_med.clamp(max=math.pi / 4))
+        if isinstance(scale, torch.Tensor):  # the buffer's precision, kept exactly
+            new = new.to(torch.promote_types(new.dtype, scale.dtype))
         current = torch.as_tensor(scale, dtype=new.dtype, device=new.device)
         return torch.where(new > 0, new, current)  # s' <= 0 (B_avg <= 1): keep s
 

@@ -39,8 +39,9 @@ class CheckedForwardMixin:
     loss of per-element values), the mean is taken here: what PML's ``forward``
     returns then, ``torch.mean`` of the losses, without its reducer's bookkeeping
     (about 50 us a step, a tenth of a small problem's step on CPU). Inside a
-    ``torch.func`` transform an ``AvgNonZeroReducer`` (Circle's default) is applied
-    here too, in fixed shapes (:func:`mean_of_positive`), so that ``vmap`` can batch it.
+    ``torch.func`` transform an ``AvgNonZeroReducer`` (Circle's default; its own bounds,
+    ``low=0`` and no ``high``) is applied here too, in fixed shapes
+    (:func:`mean_of_positive`), so that ``vmap`` can batch it.
     """
 
     def check_inputs(
@@ -101,6 +102,11 @@ class CheckedForwardMixin:
             return None
         if type(reducer) is MeanReducer:
             return torch.mean
-        if type(reducer) is AvgNonZeroReducer and in_function_transform():
+        if (
+            type(reducer) is AvgNonZeroReducer
+            and reducer.low == 0
+            and reducer.high is None
+            and in_function_transform()
+        ):
             return mean_of_positive
         return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,10 +160,16 @@ def _mask(rows: int, cols: int) -> torch.Tensor:
             "s_p must be 1-D",
         ),
         (
-            lambda: circle_loss_pairs(S4, A4, S4, A4, 0, 0.25, 64.0),
+            lambda: circle_loss_pairs(S4, A4, S4, A4, -1, 0.25, 64.0),
             ValueError,
-            "num_anchors must be >= 1",
+            "num_anchors must be >= 0",
         ),
+        (
+            lambda: circle_loss_pairs(S4, A4, S4, A4, 3.0, 0.25, 64.0),
+            TypeError,
+            "num_anchors must be an int",
+        ),
+        (lambda: segment_logsumexp(S4, A4, True), TypeError, "num_segments must be an int"),
         (
             lambda: circle_loss_dense(SIM, _mask(3, 3), ~_mask(3, 4), 0.25, 64.0),
             ValueError,
@@ -221,6 +228,38 @@ def _mask(rows: int, cols: int) -> torch.Tensor:
 def test_bad_input_is_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_circle_functions_take_logits_of_minus_inf_integer_sizes_and_an_empty_batch():
+    """(found by review of their new checks) -inf is log 0 in segment_logsumexp; sizes
+    may be numpy or 0-dim tensor integers; zero anchors give an empty result."""
+    lse, present = segment_logsumexp(torch.tensor([0.5, -math.inf, 1.0]), _i(0, 0, 1), 2)
+    torch.testing.assert_close(lse, torch.tensor([0.5, 1.0]))
+    assert present.tolist() == [True, True]
+    s_p, anchors = torch.tensor([0.5, 0.7]), _i(0, 1)
+    expected = circle_loss_pairs(s_p, anchors, s_p - 0.4, anchors, 2, 0.25, 64.0)
+    for size in (np.int64(2), torch.tensor(2)):
+        got = circle_loss_pairs(s_p, anchors, s_p - 0.4, anchors, size, 0.25, 64.0)
+        torch.testing.assert_close(got, expected)
+    empty, none = torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    assert circle_loss_pairs(empty, none, empty, none, 0, 0.25, 64.0).shape == (0,)
+
+
+def test_circle_masks_batched_at_different_vmap_levels_are_compared_lane_by_lane():
+    sim = torch.rand(3, 4)
+    pos = torch.zeros(2, 3, 4, dtype=torch.bool)
+    pos[:, 0, 0] = True
+    neg = torch.zeros(3, 3, 4, dtype=torch.bool)
+    neg[:, 1, 1] = True
+
+    def nested(negatives):
+        inner = torch.func.vmap(lambda n, p: circle_loss_masked(sim, p, n, 0.25, 16.0), (0, None))
+        return torch.func.vmap(lambda p: inner(negatives, p))(pos)
+
+    assert nested(neg).shape == (2, 3, 3)  # (positive lanes, negative lanes, rows)
+    neg[1, 0, 0] = True  # overlaps every positive mask in one lane
+    with pytest.raises(ValueError, match="share pairs"):
+        nested(neg)
 
 
 def test_an_integer_or_0_dim_tensor_scale_is_still_taken():

@@ -98,6 +98,17 @@ def test_dynamic_scale_that_would_not_be_positive_keeps_the_current_one(chunk_si
     assert float(loss.scale) == pytest.approx(s2, rel=1e-10)
 
 
+def test_a_kept_scale_stays_exactly_the_float64_buffer_of_a_float32_loss() -> None:
+    """(found by review) the kept scale went through float32: 0.98025814 -> 0.98025817."""
+    loss = AdaCosLoss(3, 2)
+    assert loss.scale.dtype == torch.float64 and loss.W.dtype == torch.float32
+    with torch.no_grad():
+        loss.W.copy_(torch.tensor([[1.0, -1.0, -1.0], [0.0, 0.0, 0.0]]))
+    before = loss.scale.clone()
+    loss(torch.tensor([[1.0, 0.0]]).repeat(4, 1), torch.zeros(4, dtype=torch.long))
+    assert torch.equal(loss.scale, before)
+
+
 def test_public_dynamic_scale_keeps_a_given_scale_when_the_formula_is_not_positive() -> None:
     from pml_margins.losses.adacos import adacos_dynamic_scale
 
