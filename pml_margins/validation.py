@@ -440,10 +440,9 @@ def check_pair_masks(
             raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
     if len(masks) == 2 and math.prod(shape):
         (first, a), (second, b) = masks.items()
-        both = values_under_transforms(a & b)  # type: ignore[operator]  # (vmap lanes aligned)
-        _run_now_or_later(
+        _run_now_or_later(  # a & b before peeling: the vmap lanes of both masks aligned
             checks,
-            lambda: both.sum(),
+            lambda: values_under_transforms(a & b).sum(),  # type: ignore[operator]
             lambda: ValueError(f"{first} and {second} share pairs: a pair is one or the other"),
         )
 
@@ -768,8 +767,7 @@ def check_class_loss_input(
     checks.run()
 
 
-#: what :func:`usual_cpu_batch_passes` takes: float32/float64 embeddings (numpy's BLAS
-#: dot) and int64 labels, at most this many rows (Python's min/max of a list)
+#: the embedding dtypes :func:`usual_cpu_batch_passes` takes (numpy's BLAS dot reads them)
 _USUAL_FLOATS = (torch.float32, torch.float64)
 
 
