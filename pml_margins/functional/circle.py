@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from pml_margins.function_transforms import values_under_transforms
 from pml_margins.functional.autograd_only import backward_once
 from pml_margins.functional.margin_softmax import compute_dtype
 from pml_margins.validation import (
@@ -329,7 +330,8 @@ def circle_loss_dense_negatives(
         flat_mask = neg_mask.reshape(-1)
         check_class_labels(pos_keys, _length(pos_keys), len(flat_mask), "pos_keys", checks, "B * R")
         checks.run()
-        if checks.enabled and len(pos_keys) and bool(flat_mask[pos_keys.long()].any()):
+        shared = checks.enabled and len(pos_keys) and flat_mask[pos_keys.long()]
+        if shared is not False and bool(values_under_transforms(shared).any()):  # (any lane)
             raise ValueError("pos_keys and neg_mask share pairs: a pair is one or the other")
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(compute_dtype(sim.dtype)).contiguous()
