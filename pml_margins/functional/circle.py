@@ -330,9 +330,10 @@ def circle_loss_dense_negatives(
         flat_mask = neg_mask.reshape(-1)
         check_class_labels(pos_keys, _length(pos_keys), len(flat_mask), "pos_keys", checks, "B * R")
         checks.run()
-        shared = checks.enabled and len(pos_keys) and flat_mask[pos_keys.long()]
-        if shared is not False and bool(values_under_transforms(shared).any()):  # (any lane)
-            raise ValueError("pos_keys and neg_mask share pairs: a pair is one or the other")
+        if checks.enabled and len(pos_keys):
+            shared = values_under_transforms(flat_mask[pos_keys.long()])  # every vmap lane
+            if bool(shared.any()):
+                raise ValueError("pos_keys and neg_mask share pairs: a pair is one or the other")
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(compute_dtype(sim.dtype)).contiguous()
         if sim.shape[1] == 0:  # no reference: no pairs, 0 per row

@@ -243,6 +243,8 @@ def test_circle_functions_take_logits_of_minus_inf_integer_sizes_and_an_empty_ba
         torch.testing.assert_close(got, expected)
     empty, none = torch.zeros(0), torch.zeros(0, dtype=torch.long)
     assert circle_loss_pairs(empty, none, empty, none, 0, 0.25, 64.0).shape == (0,)
+    no_positive = circle_loss_dense_negatives(SIM, ~_mask(3, 4), none, 0.25, 64.0)
+    assert torch.equal(no_positive, torch.zeros(3))
 
 
 def test_circle_masks_batched_at_different_vmap_levels_are_compared_lane_by_lane():
