@@ -206,7 +206,8 @@ def _check_dataset_flags(args: argparse.Namespace) -> None:
     """A flag given for a dataset that does not read it is an error, not a silent no-op
     (recorded in results.json as if it had been used)."""
     for name, datasets in _DATASET_FLAGS.items():
-        if getattr(args, name) not in (None, False) and args.dataset not in datasets:
+        value = getattr(args, name)
+        if value is not None and value is not False and args.dataset not in datasets:
             flag = "--" + name.replace("_", "-")
             raise SystemExit(
                 f"error: {flag} applies to --dataset {' or '.join(datasets)}, not {args.dataset}"
@@ -230,8 +231,6 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line settings, the dataset's defaults where none is given; checked."""
     from pml_margins.bench.datasets import DATASETS
 
-    _check_dataset_flags(args)
-
     defaults = DATASETS[args.dataset].defaults
     settings = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in SETTINGS}
     for key, value in settings.items():
@@ -248,6 +247,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: --num-workers must be >= 0, got {args.num_workers}")
     if args.image_size is not None and args.image_size < 1:
         raise SystemExit(f"error: --image-size must be >= 1, got {args.image_size}")
+    _check_dataset_flags(args)
     if args.dataset == "glyphs" and args.image_size is not None:
         from pml_margins.bench.datasets import GLYPH_MODEL
 

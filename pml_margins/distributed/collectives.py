@@ -68,6 +68,16 @@ def all_reduce_(tensor: torch.Tensor, op: str, group: ProcessGroup | None = None
     return tensor
 
 
+#: a number per floating dtype, for the ranks to compare theirs
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def dtype_code(dtype: object) -> float:
+    """A number for a floating dtype (-1 for anything else): what the ranks compare in
+    :func:`checked_on_every_rank`'s ``agreed``."""
+    return float(_DTYPE_CODES.get(dtype, -1))  # type: ignore[call-overload]
+
+
 def checked_on_every_rank(
     check: Callable[[], T],
     group: ProcessGroup | None,

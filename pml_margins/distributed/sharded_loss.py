@@ -13,6 +13,7 @@ from pml_margins.distributed.collectives import (
     all_gather_rows,
     all_reduce_,
     checked_on_every_rank,
+    dtype_code,
     gather_rows_with_grad,
     rank_and_world_size,
 )
@@ -32,14 +33,6 @@ from pml_margins.validation import (
 )
 
 __all__ = ["ShardedMarginSoftmaxLoss"]
-
-#: a number per floating dtype, for the ranks to compare theirs
-_DTYPE_CODES = {
-    torch.float16: 0,
-    torch.bfloat16: 1,
-    torch.float32: 2,
-    torch.float64: 3,
-}
 
 
 class _BaseLogits(torch.nn.Module):
@@ -380,7 +373,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         grad = isinstance(embeddings, torch.Tensor) and embeddings.requires_grad
         grad = grad and torch.is_grad_enabled()
         codes = {  # what the ranks must share: else a wrong loss, or a backward that hangs
-            "embeddings dtypes": (float(_DTYPE_CODES.get(dtype, -1)), str(dtype)),
+            "embeddings dtypes": (dtype_code(dtype), str(dtype)),
             "num_classes": (float(self.num_classes), str(self.num_classes)),
             "embedding_size": (float(self.embedding_size), str(self.embedding_size)),
             "sample_rate": (float(self.sample_rate), str(self.sample_rate)),
@@ -389,7 +382,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             "training modes": (float(self.loss.training), str(self.loss.training)),
             # collect_stats adds an all-reduce (avg_angle over all classes)
             "collect_stats": (float(bool(self.loss.collect_stats)), str(self.loss.collect_stats)),
-            "W dtypes": (float(_DTYPE_CODES.get(self.W_local.dtype, -1)), str(self.W_local.dtype)),
+            "W dtypes": (dtype_code(self.W_local.dtype), str(self.W_local.dtype)),
         }
         checked_on_every_rank(check, self.group, self.W_local.device, codes)
         all_emb, _ = gather_rows_with_grad(embeddings, self.group)

@@ -32,16 +32,24 @@ over ranks, done by the gather's reduce-scatter backward, is the full gradient).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from pml_margins.distributed.collectives import ProcessGroup, all_reduce_, checked_on_every_rank
+from pml_margins.distributed.collectives import (
+    ProcessGroup,
+    all_reduce_,
+    checked_on_every_rank,
+    dtype_code,
+)
 from pml_margins.functional.autograd_only import SHARDED_REMEDY, backward_once
-from pml_margins.functional.margin_softmax import TargetLogitFn, compute_dtype
+from pml_margins.functional.margin_softmax import TargetLogitFn, check_scale, compute_dtype
 from pml_margins.validation import (
     caller_checked,
     check_class_labels,
     check_similarities,
     function_value_checks,
+    value_checks_enabled,
 )
 
 __all__ = ["sharded_margin_softmax_cross_entropy"]
@@ -91,14 +99,17 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         return grad_logits, None, None, None
 
 
-def _check_inputs(local_logits: object, local_target: object) -> None:
-    """Finite ``(N, C_local)`` logits and ``(N,)`` integer columns in ``[-1, C_local)``."""
+def _check_inputs(local_logits: object, local_target: object, scale: object) -> Any:
+    """``(N, C_local)`` logits without NaN or ``+inf`` (``-inf`` masks a class), ``(N,)``
+    integer columns in ``[-1, C_local)`` and a scale for ``N`` rows; returns the scale
+    (:func:`~pml_margins.functional.margin_softmax.check_scale`)."""
     checks = function_value_checks()
-    logits = check_similarities(local_logits, "local_logits", 2, checks)
+    logits = check_similarities(local_logits, "local_logits", 2, checks, minus_inf=True)
     check_class_labels(
         local_target, logits.shape[0], logits.shape[1], "local_target", checks, "C_local", low=-1
     )
     checks.run()
+    return check_scale(scale, logits.shape[0])
 
 
 def _check_one_owner(owners: torch.Tensor) -> None:
@@ -162,16 +173,22 @@ def sharded_margin_softmax_cross_entropy(
     if not checked:  # every rank raises when one does (none waits in a collective)
         is_tensor = isinstance(local_logits, torch.Tensor)
         rows = local_logits.shape[0] if is_tensor and local_logits.ndim == 2 else -1
-        checked_on_every_rank(
-            lambda: _check_inputs(local_logits, local_target),
+        dtype = local_logits.dtype if is_tensor else None
+        scale = checked_on_every_rank(
+            lambda: _check_inputs(local_logits, local_target, scale),
             group,
             local_logits.device if is_tensor else torch.device("cpu"),
-            {"numbers of rows": (rows, str(rows))},
+            {
+                "numbers of rows": (rows, str(rows)),
+                "logits dtypes": (dtype_code(dtype), str(dtype)),
+            },
         )
+    # the owners of each row, counted in the forward's all-reduce (with the value checks)
+    count_owners = not checked and value_checks_enabled()
     dtype = compute_dtype(local_logits.dtype)
     with torch.autocast(device_type=local_logits.device.type, enabled=False):
         logits = local_logits.to(dtype)
-        if isinstance(scale, torch.Tensor):  # a 0-dim scale: the same for every row
+        if isinstance(scale, torch.Tensor):  # one per row (check_scale expands a 0-dim one)
             scale = scale.to(dtype).expand(logits.shape[0]).reshape(-1, 1)
         base = logits if non_target_logit_fn is None else non_target_logit_fn(logits)
         scaled = base * scale
@@ -184,4 +201,4 @@ def sharded_margin_softmax_cross_entropy(
             every_row = logits.new_zeros(logits.shape[0]).index_put((rows,), logits[rows, cols])
             psi = target_logit_fn(every_row)[rows] * owned_scale
             scaled.index_put_((rows, cols), psi)  # mul's backward needs no output
-        return _ShardedSoftmaxCrossEntropy.apply(scaled, target, group, not checked)
+        return _ShardedSoftmaxCrossEntropy.apply(scaled, target, group, count_owners)

@@ -7,6 +7,7 @@ import json
 import math
 import pickle
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -121,26 +122,31 @@ def _recall_ks(args: argparse.Namespace) -> tuple[int, ...]:
 
 def _check_output(output: str) -> None:
     """``CliError`` before any work when ``output`` cannot be written: a folder, a path
-    through a file, a folder that does not exist, or one this process cannot write in
-    (opened for appending, then left as it was)."""
+    through a file, a folder that does not exist, or one this process cannot write in.
+    Nothing is created or changed: an existing regular file is opened for appending and
+    closed; for a new file (a dangling link's target too) a temporary file is made in its
+    folder; a pipe or a device is left to the final write (opening it would signal its
+    reader the end)."""
     path = Path(output)
     if path.is_dir():
         raise CliError(f"{output}: cannot write: it is a directory (give a file name)")
-    for part in path.resolve().parents:
+    target = path.resolve()  # through symbolic links, dangling ones included
+    for part in target.parents:
         if part.exists():
             if not part.is_dir():
                 raise CliError(f"{output}: cannot write: {part} is a file")
             break
-    if not path.resolve().parent.is_dir():
+    if not target.parent.is_dir():
         raise CliError(f"{output}: cannot write: its directory does not exist")
-    existed = path.exists()
     try:
-        with path.open("a"):
-            pass
+        if target.is_file():
+            with target.open("a"):
+                pass
+        elif not target.exists():
+            with tempfile.TemporaryFile(dir=target.parent):
+                pass
     except OSError as error:
         raise CliError(f"{output}: cannot write: {error.strerror}") from None
-    if not existed:
-        path.unlink()
 
 
 def _check_metric_names(args: argparse.Namespace, calculator: type) -> None:

@@ -78,7 +78,8 @@ def segment_logsumexp(
 
     Returns:
         ``(lse, present)``: ``lse[k] = log sum_{i: segments_i = k} exp(values_i)`` (0 for
-        an empty segment, with zero gradient) and the boolean mask of non-empty segments.
+        an empty segment, ``-inf`` for one of ``-inf`` values only, both with zero
+        gradients) and the boolean mask of non-empty segments.
 
     The per-segment maximum (a scatter ``amax``, detached) is subtracted before
     the exponential, so the result is exact for any magnitude of ``values``.
@@ -92,12 +93,13 @@ def segment_logsumexp(
     segments = segments.long()
     shift = torch.full((num_segments,), float("-inf"), dtype=values.dtype, device=values.device)
     shift = shift.scatter_reduce(0, segments, values.detach(), reduce="amax")
-    present = shift != float("-inf")  # NaN stays NaN
-    shift = torch.where(present, shift, torch.zeros_like(shift))
+    present = torch.zeros_like(shift).index_add(0, segments, torch.ones_like(values)) > 0
+    shift = torch.where(shift == float("-inf"), 0.0, shift)  # empty, or only -inf (NaN stays)
     exps = torch.exp(values - shift[segments])
     sums = torch.zeros_like(shift).index_add(0, segments, exps)
-    sums = torch.where(present, sums, torch.ones_like(sums))
-    return torch.log(sums) + shift, present
+    some = sums != 0  # a segment of -inf only sums to 0: log 0, with zero gradients
+    lse = torch.log(torch.where(some, sums, 1.0)) + shift
+    return torch.where(some | ~present, lse, float("-inf")), present
 
 
 def _gamma(gamma: float) -> float:

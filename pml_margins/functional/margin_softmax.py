@@ -86,20 +86,23 @@ def _check_logits_and_labels(logits: object, labels: object) -> None:
 
 def check_scale(scale: Any, rows: int) -> Any:
     """A margin softmax's ``scale`` for ``rows`` rows: a number finite and positive; a
-    tensor 0-dim (expanded to ``(rows,)``, as broadcasting would) or ``(rows,)``, its
-    floating values finite (a NaN scale gave NaN losses); a callable as given. The values
-    are not read again when a loss that checked its own calls
-    (:func:`~pml_margins.validation.caller_checked`).
+    tensor with one entry (expanded to ``(rows,)``, as broadcasting would) or one per row
+    (``(rows,)`` or ``(rows, 1)``, returned as ``(rows,)``), its floating values finite (a
+    NaN scale gave NaN losses); a callable as given. The values are not read again when a
+    loss that checked its own calls (:func:`~pml_margins.validation.caller_checked`).
 
     Raises:
         ValueError / TypeError: a tensor of another shape, a bad number or value.
     """
     if isinstance(scale, torch.Tensor):
-        if scale.ndim == 0:
-            scale = scale.expand(rows)
-        elif scale.shape != (rows,):
+        if scale.numel() == 1:
+            scale = scale.reshape(()).expand(rows)
+        elif tuple(scale.shape) in ((rows,), (rows, 1)):
+            scale = scale.reshape(rows)
+        else:
             raise ValueError(
-                f"a tensor scale must be 0-dim or have shape ({rows},), got {tuple(scale.shape)}"
+                f"a tensor scale must have one entry or one per row ({rows},) or ({rows}, 1), "
+                f"got shape {tuple(scale.shape)}"
             )
         if scale.is_floating_point() and not caller_checked():
             checks = function_value_checks()

@@ -458,6 +458,7 @@ def test_embeddings_only_refuses_another_dataset(tmp_path: Path) -> None:
         (["--batch-size", "100000"], "error: the training set has .* fewer than one batch"),
         # flags of another dataset: refused, not recorded as used (found by review)
         (["--max-classes", "3"], "error: --max-classes applies to --dataset glyphs, not digits"),
+        (["--max-classes", "0"], "error: --max-classes applies to --dataset glyphs, not digits"),
         (["--image-size", "64"], "error: --image-size applies to --dataset glyphs or cub or sop"),
         (["--min-fonts", "3"], "error: --min-fonts applies to --dataset glyphs, not digits"),
         (["--backbone", "resnet18"], "error: --backbone applies to --dataset cub or sop"),

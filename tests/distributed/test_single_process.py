@@ -235,3 +235,20 @@ def _saved(state: dict) -> object:
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_the_public_function_takes_minus_inf_logits_as_the_single_process_one():
+    """-inf masks a class (found by review: refused as NaN/Inf by its new checks); NaN
+    and +inf are refused."""
+    import math
+
+    from pml_margins.functional import margin_softmax_cross_entropy
+
+    z = torch.randn(4, 6).tanh()
+    z[:, 5] = -math.inf
+    y = torch.tensor([0, 1, 2, 3])
+    got = sharded_margin_softmax_cross_entropy(z, y, lambda c: c - 0.35, 30.0)
+    torch.testing.assert_close(got, margin_softmax_cross_entropy(z, y, lambda c: c - 0.35, 30.0))
+    z[0, 1] = math.nan
+    with pytest.raises(ValueError, match=r"local_logits contains NaN or \+Inf"):
+        sharded_margin_softmax_cross_entropy(z, y, None, 30.0)

@@ -280,10 +280,13 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             torch.randn(3 if rank == 1 else 2, 3),
             torch.tensor([0, -1, -1] if rank == 1 else [0, -1]),
         ),
+        "functional_dtype": (logits.double() if rank == 1 else logits, torch.tensor([0, -1])),
+        "functional_scale": (logits, torch.tensor([0, -1])),
     }
     for case, (z, target) in functional.items():
+        scale = torch.ones(3) if case == "functional_scale" and rank == 1 else 10.0
         try:
-            sharded_margin_softmax_cross_entropy(z, target, None, 10.0)
+            sharded_margin_softmax_cross_entropy(z, target, None, scale)
             seen[case] = "no error"
         except ValueError as err:
             seen[case] = str(err)

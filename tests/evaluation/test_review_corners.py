@@ -170,6 +170,31 @@ def test_cli_files_that_cannot_be_read_are_one_line_and_status_2(tmp_path, capsy
     assert not any(tmp_path.glob("*.json"))  # nothing left behind by the checks
 
 
+def test_cli_output_to_a_pipe_or_through_a_dangling_link(tmp_path, capsys, monkeypatch):
+    """(found by review of its writability check) a pipe was opened and closed before the
+    results, ending its reader; a dangling link was replaced by a file."""
+    import os
+    import threading
+
+    monkeypatch.chdir(tmp_path)
+    np.save("e.npy", np.random.default_rng(0).random((20, 4), dtype=np.float32))
+    np.save("l.npy", np.arange(20) % 3)
+    argv = ["eval", "--embeddings", "e.npy", "--labels", "l.npy", "--metrics", "precision_at_1"]
+    os.symlink("target.json", "link.json")
+    assert main([*argv, "--output", "link.json"]) == 0
+    assert (
+        os.path.islink("link.json") and "precision_at_1" in (tmp_path / "target.json").read_text()
+    )
+    os.mkfifo("fifo")
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open("fifo").read()))
+    reader.start()
+    assert main([*argv, "--output", "fifo"]) == 0
+    reader.join(timeout=30)
+    assert received and "precision_at_1" in received[0]
+    capsys.readouterr()
+
+
 def test_cli_reads_big_endian_arrays(tmp_path, capsys):
     x, y = _data()
     np.save(tmp_path / "be.npy", x.numpy().astype(">f4"))

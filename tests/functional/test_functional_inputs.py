@@ -136,7 +136,7 @@ def _mask(rows: int, cols: int) -> torch.Tensor:
         (
             lambda: margin_softmax_cross_entropy(X @ W, Y4, None, torch.ones(5)),
             ValueError,
-            "0-dim or have shape \\(4,\\)",
+            "one entry or one per row \\(4,\\)",
         ),
         # the Circle functions (found by review: torch's index/size errors, silent numbers)
         (
@@ -247,6 +247,17 @@ def test_circle_functions_take_logits_of_minus_inf_integer_sizes_and_an_empty_ba
     assert torch.equal(no_positive, torch.zeros(3))
 
 
+def test_a_segment_of_minus_inf_only_is_log_0_with_zero_gradients():
+    """(found by review) it read as an empty segment: log 1 = 0 and not present."""
+    values = torch.tensor([-math.inf, 0.5, -math.inf, -math.inf, 2.0], requires_grad=True)
+    lse, present = segment_logsumexp(values, _i(0, 0, 1, 1, 3), 4)
+    assert present.tolist() == [True, True, False, True]
+    assert lse[1] == -math.inf and lse[2] == 0
+    torch.testing.assert_close(lse[[0, 3]], torch.tensor([0.5, 2.0]))
+    (grad,) = torch.autograd.grad(lse[[0, 3]].sum(), values)
+    assert torch.equal(grad, torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0]))
+
+
 def test_circle_masks_batched_at_different_vmap_levels_are_compared_lane_by_lane():
     sim = torch.rand(3, 4)
     pos = torch.zeros(2, 3, 4, dtype=torch.bool)
@@ -267,7 +278,13 @@ def test_circle_masks_batched_at_different_vmap_levels_are_compared_lane_by_lane
 def test_an_integer_or_0_dim_tensor_scale_is_still_taken():
     fused = fused_margin_softmax_cross_entropy(X, W, Y4, None, 30.0)
     plain = margin_softmax_cross_entropy(X @ W, Y4, None, 30.0)
-    for scale in (torch.tensor(30), torch.tensor(30.0), torch.full((4,), 30.0)):
+    for scale in (
+        torch.tensor(30),
+        torch.tensor(30.0),
+        torch.full((4,), 30.0),
+        torch.tensor([30.0]),  # one entry, as broadcasting reads it (found by review)
+        torch.full((4, 1), 30.0),
+    ):
         torch.testing.assert_close(fused_margin_softmax_cross_entropy(X, W, Y4, None, scale), fused)
         torch.testing.assert_close(margin_softmax_cross_entropy(X @ W, Y4, None, scale), plain)
 
