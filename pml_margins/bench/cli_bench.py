@@ -216,15 +216,26 @@ def _check_dataset_flags(args: argparse.Namespace) -> None:
 
 def _run_config(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     """What results.json records: the flags this dataset reads, with the values used
-    (the loaders' defaults where none was given), and the settings."""
+    (the loaders' defaults where none was given), and the settings (for a
+    re-evaluation, only those it reads)."""
     from pml_margins.bench.datasets import LOADER_DEFAULTS
 
     used = LOADER_DEFAULTS[args.dataset]
-    return {
+    config = {
         k: used.get(k) if v is None else v
         for k, v in vars(args).items()
         if k != "func" and args.dataset in _DATASET_FLAGS.get(k, (args.dataset,))
     } | settings
+    if args.embeddings_only:  # nothing trained: each checkpoint's entry says how it was
+        config = {k: v for k, v in config.items() if k not in _TRAINING_ONLY}
+    return config
+
+
+#: what only training reads (a re-evaluation records each checkpoint's own instead)
+_TRAINING_ONLY = frozenset(
+    {"losses", "loss_arg", "epochs", "embedding_size", "batch_size", "lr", "loss_lr"}
+    | {"repeats", "shift", "seed"}
+)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:

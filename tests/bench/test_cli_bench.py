@@ -97,6 +97,9 @@ def test_embeddings_only_evaluates_saved_model(tmp_path: Path) -> None:
     assert evaluated["losses"][0]["checkpoint"] == str(ckpt)
     assert evaluated["losses"][0]["metrics"] == trained["losses"][1]["runs"][0]["metrics"]
     assert not (out / "results.json").exists()
+    # what only training reads is not recorded as if used (found by review)
+    assert not {"losses", "epochs", "lr", "seed", "embedding_size"} & set(evaluated["config"])
+    assert evaluated["config"]["dataset"] == "digits" and evaluated["config"]["embeddings_only"]
     # default: every checkpoint under <out>/checkpoints, in the registry's order, beside the
     # training run's files, which stay as they were
     main(["bench", "--embeddings-only", "--out", str(tmp_path / "train"), *TINY])
