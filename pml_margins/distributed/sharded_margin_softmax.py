@@ -43,7 +43,12 @@ from pml_margins.distributed.collectives import (
     dtype_code,
 )
 from pml_margins.functional.autograd_only import SHARDED_REMEDY, backward_once
-from pml_margins.functional.margin_softmax import TargetLogitFn, check_scale, compute_dtype
+from pml_margins.functional.margin_softmax import (
+    TargetLogitFn,
+    check_scale,
+    compute_dtype,
+    scale_logits,
+)
 from pml_margins.validation import (
     caller_checked,
     check_class_labels,
@@ -181,6 +186,8 @@ def sharded_margin_softmax_cross_entropy(
             {
                 "numbers of rows": (rows, str(rows)),
                 "logits dtypes": (dtype_code(dtype), str(dtype)),
+                # the owner count widens the forward's all-reduce: the same on every rank
+                "value checks": (float(value_checks_enabled()), str(value_checks_enabled())),
             },
         )
     # the owners of each row, counted in the forward's all-reduce (with the value checks)
@@ -191,7 +198,7 @@ def sharded_margin_softmax_cross_entropy(
         if isinstance(scale, torch.Tensor):  # one per row (check_scale expands a 0-dim one)
             scale = scale.to(dtype).expand(logits.shape[0]).reshape(-1, 1)
         base = logits if non_target_logit_fn is None else non_target_logit_fn(logits)
-        scaled = base * scale
+        scaled = scale_logits(base, scale)
         target = local_target.long()
         if target_logit_fn is not None:
             rows = torch.nonzero(target >= 0).squeeze(1)

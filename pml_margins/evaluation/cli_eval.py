@@ -127,7 +127,14 @@ def _check_output(output: str) -> None:
     closed; for a new file (a dangling link's target too) a temporary file is made in its
     folder; a pipe or a device is left to the final write (opening it would signal its
     reader the end)."""
-    path = Path(output)
+    try:
+        _check_writable(Path(output), output)
+    except (OSError, RuntimeError) as error:  # a name too long, a loop of links
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise CliError(f"{output}: cannot write: {reason}") from None
+
+
+def _check_writable(path: Path, output: str) -> None:
     if path.is_dir():
         raise CliError(f"{output}: cannot write: it is a directory (give a file name)")
     target = path.resolve()  # through symbolic links, dangling ones included
@@ -138,15 +145,12 @@ def _check_output(output: str) -> None:
             break
     if not target.parent.is_dir():
         raise CliError(f"{output}: cannot write: its directory does not exist")
-    try:
-        if target.is_file():
-            with target.open("a"):
-                pass
-        elif not target.exists():
-            with tempfile.TemporaryFile(dir=target.parent):
-                pass
-    except OSError as error:
-        raise CliError(f"{output}: cannot write: {error.strerror}") from None
+    if target.is_file():
+        with target.open("a"):
+            pass
+    elif not target.exists():
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
 
 
 def _check_metric_names(args: argparse.Namespace, calculator: type) -> None:

@@ -114,6 +114,17 @@ def check_scale(scale: Any, rows: int) -> Any:
     return check_logit_scale(scale, "scale")  # 1e300 gave NaN losses
 
 
+def scale_logits(base: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """``base * scale`` (``scale`` a number or a ``(B, 1)`` tensor). With a scale that
+    requires grad, ``-inf`` logits (masked classes) stay ``-inf`` without a NaN in its
+    gradient: their share, ``-inf`` times a zero softmax gradient, is left out."""
+    if not (isinstance(scale, torch.Tensor) and scale.requires_grad):
+        return base * scale
+    masked = base == float("-inf")
+    finite = torch.where(masked, 0.0, base)
+    return torch.where(masked, float("-inf"), finite * scale)
+
+
 def margin_softmax_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -155,7 +166,8 @@ def margin_softmax_cross_entropy(
         if isinstance(scale, torch.Tensor):
             scale = scale.to(dtype).reshape(-1, 1)
         index = labels.long().unsqueeze(1)
-        scaled = (logits if non_target_logit_fn is None else non_target_logit_fn(logits)) * scale
+        base = logits if non_target_logit_fn is None else non_target_logit_fn(logits)
+        scaled = scale_logits(base, scale)
         if target_logit_fn is not None:
             target = target_logit_fn(logits.gather(1, index).squeeze(1)).unsqueeze(1)
             scaled = scaled.scatter(1, index, target * scale)

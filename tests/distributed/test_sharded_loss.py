@@ -201,6 +201,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> No
         assert re.search(owners, errors["functional_owners"]), errors["functional_owners"]
         assert "ranks' numbers of rows differ" in errors["functional_rows"]
         assert "ranks' logits dtypes differ" in errors["functional_dtype"]
+        assert "ranks' value checks differ" in errors["functional_value_checks"]
         scaled = "a tensor scale must have one entry" if rank == 1 else "another rank's"
         assert scaled in errors["functional_scale"], errors["functional_scale"]
         for case, own_error in (("miner", "miners"), ("ref_emb", "ref_emb/ref_labels")):

@@ -252,3 +252,23 @@ def test_the_public_function_takes_minus_inf_logits_as_the_single_process_one():
     z[0, 1] = math.nan
     with pytest.raises(ValueError, match=r"local_logits contains NaN or \+Inf"):
         sharded_margin_softmax_cross_entropy(z, y, None, 30.0)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (4, 1)], ids=str)
+def test_a_learnable_scale_with_minus_inf_logits_gets_a_finite_gradient(shape):
+    """(found by review) -inf (a masked class) times the scale's zero softmax gradient
+    made the scale's gradient NaN, in both functions; it is the finite difference with the
+    masked column dropped."""
+    import math
+
+    from pml_margins.functional import margin_softmax_cross_entropy
+
+    z = torch.randn(4, 6, dtype=torch.float64).tanh()
+    z[:, 5] = -math.inf
+    y = torch.tensor([0, 1, 2, 3])
+    for fn in (margin_softmax_cross_entropy, sharded_margin_softmax_cross_entropy):
+        s = torch.full(shape, 2.0, dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(fn(z, y, lambda c: c - 0.2, s).sum(), s)
+        kept = torch.full(shape, 2.0, dtype=torch.float64, requires_grad=True)
+        (expected,) = torch.autograd.grad(fn(z[:, :5], y, lambda c: c - 0.2, kept).sum(), kept)
+        torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)

@@ -9,6 +9,7 @@ import torch
 from pytorch_metric_learning.reducers import SumReducer
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
+import pml_margins
 from pml_margins.distributed import ShardedMarginSoftmaxLoss, shard_range
 from pml_margins.distributed.checkpoint import (
     from_single_process_loss,
@@ -282,11 +283,14 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
         ),
         "functional_dtype": (logits.double() if rank == 1 else logits, torch.tensor([0, -1])),
         "functional_scale": (logits, torch.tensor([0, -1])),
+        "functional_value_checks": (logits, torch.tensor([0, -1] if rank == 0 else [-1, 0])),
     }
     for case, (z, target) in functional.items():
         scale = torch.ones(3) if case == "functional_scale" and rank == 1 else 10.0
+        switched = case == "functional_value_checks" and rank == 1
         try:
-            sharded_margin_softmax_cross_entropy(z, target, None, scale)
+            with pml_margins.value_checks(not switched):
+                sharded_margin_softmax_cross_entropy(z, target, None, scale)
             seen[case] = "no error"
         except ValueError as err:
             seen[case] = str(err)
