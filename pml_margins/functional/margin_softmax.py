@@ -115,10 +115,12 @@ def check_scale(scale: Any, rows: int) -> Any:
 
 
 def scale_logits(base: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """``base * scale`` (``scale`` a number or a ``(B, 1)`` tensor). With a scale that
-    requires grad, ``-inf`` logits (masked classes) stay ``-inf`` without a NaN in its
-    gradient: their share, ``-inf`` times a zero softmax gradient, is left out."""
-    if not (isinstance(scale, torch.Tensor) and scale.requires_grad):
+    """``base * scale`` (``scale`` a number or a ``(B, 1)`` tensor). With a tensor scale,
+    ``-inf`` logits (masked classes) stay ``-inf`` outside the product: no NaN in the
+    scale's gradient, reverse or forward mode (``-inf`` times a zero softmax gradient),
+    and the same value whether the scale requires grad or not (a row's scale of 0 would
+    make them NaN)."""
+    if not isinstance(scale, torch.Tensor):
         return base * scale
     masked = base == float("-inf")
     finite = torch.where(masked, 0.0, base)

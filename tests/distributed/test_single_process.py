@@ -272,3 +272,16 @@ def test_a_learnable_scale_with_minus_inf_logits_gets_a_finite_gradient(shape):
         kept = torch.full(shape, 2.0, dtype=torch.float64, requires_grad=True)
         (expected,) = torch.autograd.grad(fn(z[:, :5], y, lambda c: c - 0.2, kept).sum(), kept)
         torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+    # forward mode (found by review; the sharded function has no jvp): the reverse value
+    s0 = torch.full(shape, 2.0, dtype=torch.float64)
+
+    def loss(s):
+        return margin_softmax_cross_entropy(z, y, lambda c: c - 0.2, s).sum()
+
+    forward = torch.func.jacfwd(loss)(s0)
+    torch.testing.assert_close(forward, torch.func.jacrev(loss)(s0), rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(forward).all()
+    zero = torch.zeros(4, dtype=torch.float64)  # the same value, with or without grad
+    plain = margin_softmax_cross_entropy(z, y, None, zero)
+    learnable = margin_softmax_cross_entropy(z, y, None, zero.clone().requires_grad_(True))
+    assert torch.isfinite(plain).all() and torch.equal(plain, learnable.detach())
