@@ -422,6 +422,38 @@ def check_similarities(
     return values
 
 
+def check_positive_values(
+    values: torch.Tensor, name: str, checks: ValueChecks | None = None
+) -> torch.Tensor:
+    """Check a floating tensor whose values are all finite and ``> 0`` (a tensor of
+    scales, as a number scale is checked); one read: the float64 sum and the minimum.
+
+    Raises:
+        TypeError: not a floating tensor.
+        ValueError: NaN/Inf, or a value ``<= 0``.
+    """
+    if values.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype {FLOAT_DTYPE_NAMES}, got {values.dtype}")
+    if values.numel():
+        detached = values_under_transforms(values.detach())
+
+        def wrong() -> ValueError | None:
+            if not bool(torch.isfinite(detached).all()):
+                return ValueError(f"{name} contains NaN or Inf values")
+            low = float(detached.min())
+            return ValueError(f"{name} must be > 0, got {low}") if low <= 0 else None
+
+        _run_now_or_later(
+            checks,
+            lambda: torch.stack(
+                [torch.sum(detached, dtype=torch.float64), detached.min().double()]
+            ),
+            wrong,
+            lambda read: not math.isfinite(read[0]) or read[1] <= 0,
+        )
+    return values
+
+
 def check_pair_masks(
     masks: dict[str, object], shape: tuple[int, ...], checks: ValueChecks | None = None
 ) -> None:

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pml_margins.function_transforms import in_function_transform
 from pml_margins.validation import (
     caller_checked,
     check_class_labels,
     check_logit_scale,
-    check_similarities,
+    check_positive_values,
     function_value_checks,
 )
 
@@ -106,7 +107,7 @@ def check_scale(scale: Any, rows: int) -> Any:
             )
         if scale.is_floating_point() and not caller_checked():
             checks = function_value_checks()
-            check_similarities(scale, "scale", checks=checks)
+            check_positive_values(scale, "scale", checks)
             checks.run()
         return scale
     if callable(scale) or caller_checked():  # a loss checks its scale when it is set
@@ -115,12 +116,19 @@ def check_scale(scale: Any, rows: int) -> Any:
 
 
 def scale_logits(base: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """``base * scale`` (``scale`` a number or a ``(B, 1)`` tensor). With a tensor scale,
-    ``-inf`` logits (masked classes) stay ``-inf`` outside the product: no NaN in the
-    scale's gradient, reverse or forward mode (``-inf`` times a zero softmax gradient),
-    and the same value whether the scale requires grad or not (a row's scale of 0 would
-    make them NaN)."""
-    if not isinstance(scale, torch.Tensor):
+    """``base * scale`` (``scale`` a number or a ``(B, 1)`` tensor of positive scales).
+
+    Called by a user with a scale that has a derivative (it requires grad, or a
+    ``torch.func`` transform differentiates it), ``-inf`` logits (masked classes) stay
+    ``-inf`` outside the product, so that the scale's derivative has no NaN (``-inf``
+    times a zero softmax gradient). Inside a loss (whose logits are finite) and without
+    a derivative, one product: the masking costs three passes over ``B x C``."""
+    masked_path = (
+        isinstance(scale, torch.Tensor)
+        and (scale.requires_grad or in_function_transform())
+        and not caller_checked()
+    )
+    if not masked_path:
         return base * scale
     masked = base == float("-inf")
     finite = torch.where(masked, 0.0, base)

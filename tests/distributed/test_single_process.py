@@ -281,7 +281,10 @@ def test_a_learnable_scale_with_minus_inf_logits_gets_a_finite_gradient(shape):
     forward = torch.func.jacfwd(loss)(s0)
     torch.testing.assert_close(forward, torch.func.jacrev(loss)(s0), rtol=1e-12, atol=1e-12)
     assert torch.isfinite(forward).all()
-    zero = torch.zeros(4, dtype=torch.float64)  # the same value, with or without grad
-    plain = margin_softmax_cross_entropy(z, y, None, zero)
-    learnable = margin_softmax_cross_entropy(z, y, None, zero.clone().requires_grad_(True))
-    assert torch.isfinite(plain).all() and torch.equal(plain, learnable.detach())
+    two = torch.full((4,), 2.0, dtype=torch.float64)  # the same value, with or without grad
+    plain = margin_softmax_cross_entropy(z, y, None, two)
+    learnable = margin_softmax_cross_entropy(z, y, None, two.clone().requires_grad_(True))
+    assert torch.equal(plain, learnable.detach())
+    for fn in (margin_softmax_cross_entropy, sharded_margin_softmax_cross_entropy):
+        with pytest.raises(ValueError, match=r"scale must be > 0, got 0\.0"):  # as numbers
+            fn(z, y, None, torch.zeros(4, dtype=torch.float64))
