@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 
-from pml_margins.function_transforms import in_function_transform
+from pml_margins.function_transforms import in_function_transform, is_compiling
 from pml_margins.validation import (
     MAX_LOGIT_TERM,
     caller_checked,
@@ -133,9 +133,10 @@ def scale_logits(base: torch.Tensor, scale: float | torch.Tensor) -> torch.Tenso
 
 
 def _has_derivative(value: torch.Tensor) -> bool:
-    """Whether ``value`` requires grad, carries a forward-mode tangent, or runs inside a
-    ``torch.func`` transform."""
-    if value.requires_grad or in_function_transform():
+    """Whether ``value`` may have a derivative: it requires grad, carries a forward-mode
+    tangent, runs inside a ``torch.func`` transform, or ``torch.compile`` traces (which
+    hides a forward-mode tangent; the compiled masking is cheap)."""
+    if value.requires_grad or in_function_transform() or is_compiling():
         return True
     return forward_ad.unpack_dual(value).tangent is not None
 

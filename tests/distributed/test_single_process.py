@@ -325,6 +325,11 @@ def test_masked_logits_and_a_scale_with_a_derivative_in_a_loss_and_in_forward_ad
         torch.tensor(30.0, dtype=torch.float64)
     )
     torch.testing.assert_close(tangent, expected)
+    compiled = torch.compile(margin_softmax_cross_entropy, backend="eager")  # hides the dual
+    with fw.dual_level():
+        dual = fw.make_dual(torch.tensor(30.0, dtype=torch.float64), torch.tensor(1.0).double())
+        tangent = fw.unpack_dual(compiled(z, labels, None, dual).sum()).tangent
+    torch.testing.assert_close(tangent, expected)
     for bad in (torch.tensor(1e300, dtype=torch.float64), torch.tensor(0), torch.tensor(-1)):
         with pytest.raises(ValueError, match=r"scale must lie in \(0, 1e\+15\]"):
             margin_softmax_cross_entropy(z, labels, None, bad)
