@@ -832,11 +832,10 @@ def usual_cpu_batch_passes(
         and not is_compiling()
     ):
         return False
-    array, label_array = _host_array(embeddings), _host_array(labels)
-    if array is None or label_array is None:  # a torch.func wrapper: the full checks
+    array, extremes = _host_array(embeddings), _host_extremes(labels)
+    if array is None or extremes is None:  # a torch.func wrapper: the full checks
         return False  # look under it
-    items = label_array.tolist()
-    return math.isfinite(np.vdot(array, array)) and 0 <= min(items) and max(items) < num_classes
+    return math.isfinite(np.vdot(array, array)) and not _outside(num_classes)(extremes)
 
 
 def other_reference(

@@ -88,11 +88,12 @@ def _check_logits_and_labels(logits: object, labels: object) -> None:
 
 
 def check_scale(scale: Any, rows: int) -> Any:
-    """A margin softmax's ``scale`` for ``rows`` rows: a number finite and positive; a
-    tensor with one entry (expanded to ``(rows,)``, as broadcasting would) or one per row
-    (``(rows,)`` or ``(rows, 1)``, returned as ``(rows,)``), its floating values finite (a
-    NaN scale gave NaN losses); a callable as given. The values are not read again when a
-    loss that checked its own calls (:func:`~pml_margins.validation.caller_checked`).
+    """A margin softmax's ``scale`` for ``rows`` rows: a number, or the values of a tensor
+    (floating or integer), in ``(0, MAX_LOGIT_TERM]`` (a NaN scale gave NaN losses); a
+    tensor with one entry is expanded to ``(rows,)`` (as broadcasting would), one per row
+    (``(rows,)`` or ``(rows, 1)``) is returned as ``(rows,)``; a callable as given. The
+    values are not read again when a loss that checked its own calls
+    (:func:`~pml_margins.validation.caller_checked`).
 
     Raises:
         ValueError / TypeError: a tensor of another shape, a bad number or value.
