@@ -38,8 +38,9 @@ class CheckedForwardMixin:
     reducer exactly a ``MeanReducer`` collecting no statistics, no regularizers, one
     loss of per-element values), the mean is taken here: what PML's ``forward``
     returns then, ``torch.mean`` of the losses, without its reducer's bookkeeping
-    (about 50 us a step, a tenth of a small problem's step on CPU). Inside a
-    ``torch.func`` transform an ``AvgNonZeroReducer`` (Circle's default; its own bounds,
+    (about 50 us a step, a tenth of a small problem's step on CPU), from
+    :meth:`_element_losses` where the loss defines it (no loss dict, no index tensor).
+    Inside a ``torch.func`` transform an ``AvgNonZeroReducer`` (Circle's default; its own bounds,
     ``low=0`` and no ``high``) is applied here too, in fixed shapes
     (:func:`mean_of_positive`), so that ``vmap`` can batch it.
     """
@@ -81,14 +82,28 @@ class CheckedForwardMixin:
         if labels is not None:
             labels = c_f.to_device(labels, embeddings)
         ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
-        loss_dict = self.compute_loss(  # type: ignore[attr-defined]
-            embeddings, labels, indices_tuple, ref_emb, ref_labels
-        )
-        info = next(iter(loss_dict.values())) if len(loss_dict) == 1 else {}
-        losses = info.get("losses")
-        if info.get("reduction_type") != "element" or not torch.is_tensor(losses):
-            return self.reducer(loss_dict, embeddings, labels)  # type: ignore[attr-defined]
+        losses = self._element_losses(embeddings, labels, indices_tuple)
+        if losses is None:
+            loss_dict = self.compute_loss(  # type: ignore[attr-defined]
+                embeddings, labels, indices_tuple, ref_emb, ref_labels
+            )
+            info = next(iter(loss_dict.values())) if len(loss_dict) == 1 else {}
+            losses = info.get("losses")
+            if info.get("reduction_type") != "element" or not torch.is_tensor(losses):
+                return self.reducer(loss_dict, embeddings, labels)  # type: ignore[attr-defined]
         return reduce(losses)
+
+    def _element_losses(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+    ) -> torch.Tensor | None:
+        """The element losses of :meth:`compute_loss`'s one entry, computed without its loss
+        dict (which only PML's reducer reads), where the loss has such a method and its
+        ``compute_loss`` only wraps it (no regularizer term: see :meth:`_plain_reduction`);
+        else ``None`` (default), and ``forward`` calls ``compute_loss``."""
+        return None
 
     def _plain_reduction(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """What PML's ``forward`` would return from the element losses, when it is one

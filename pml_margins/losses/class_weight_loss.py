@@ -61,6 +61,12 @@ def is_plain_inner_product(distance: BaseDistance) -> bool:
     )
 
 
+def _redefined(loss: ClassWeightLoss, name: str) -> bool:
+    """Whether ``loss``'s method ``name`` is not :class:`ClassWeightLoss`'s own (a subclass's,
+    a mixin's or one set on the instance)."""
+    return getattr(getattr(loss, name), "__func__", None) is not getattr(ClassWeightLoss, name)
+
+
 class ClassWeightLoss(
     HyperparameterAttributes,
     FloatStatisticsMixin,
@@ -402,24 +408,7 @@ class ClassWeightLoss(
         ref_emb: torch.Tensor,
         ref_labels: torch.Tensor,
     ) -> dict[str, dict[str, Any]]:
-        fused_only = self.chunk_size is not None or self.sample_rate != 1.0
-        if fused_only and (autograd_only_enabled() or self.fused_logits(embeddings) is None):
-            self._check_plain_mode()  # before prepare_step updates any running statistic
-        statistics = StepStatistics(
-            lambda: self.cosine(embeddings),
-            labels,
-            lambda columns: self.target_cosines(embeddings, columns),
-            from_core=self.chunk_size is None
-            and self.sample_rate == 1.0
-            and not autograd_only_enabled(),
-        )
-        with self.prepare_step(embeddings, labels, statistics):
-            losses = self._per_sample_losses(embeddings, labels, statistics)
-            extra = self.extra_losses(embeddings, labels)
-        if extra is not None:
-            losses = losses + extra.to(losses.dtype)
-        if indices_tuple is not None:
-            losses = losses * lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
+        losses = self._step_losses(embeddings, labels, indices_tuple)
         loss_dict = {
             "loss": {
                 "losses": losses,
@@ -430,6 +419,46 @@ class ClassWeightLoss(
         if self.weight_regularizer is not None:  # PML's mixin adds nothing otherwise
             self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
+
+    def _step_losses(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+    ) -> torch.Tensor:
+        """The ``(B,)`` element losses of :meth:`compute_loss`: the margin softmax inside
+        :meth:`prepare_step`, plus :meth:`extra_losses`, times a miner's weights."""
+        fused_only = self.chunk_size is not None or self.sample_rate != 1.0
+        if fused_only and (autograd_only_enabled() or self.fused_logits(embeddings) is None):
+            self._check_plain_mode()  # before prepare_step updates any running statistic
+        statistics = None  # only a prepare_step of a subclass reads them
+        if _redefined(self, "prepare_step"):
+            statistics = StepStatistics(
+                lambda: self.cosine(embeddings),
+                labels,
+                lambda columns: self.target_cosines(embeddings, columns),
+                from_core=not fused_only and not autograd_only_enabled(),
+            )
+        with self.prepare_step(embeddings, labels, statistics):  # type: ignore[arg-type]
+            losses = self._per_sample_losses(embeddings, labels, statistics)
+            extra = self.extra_losses(embeddings, labels)
+        if extra is not None:
+            losses = losses + extra.to(losses.dtype)
+        if indices_tuple is not None:
+            losses = losses * lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
+        return losses
+
+    def _element_losses(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+    ) -> torch.Tensor | None:
+        """:meth:`_step_losses`, unless a subclass redefines :meth:`compute_loss` (see
+        :class:`~pml_margins.losses.checked_forward.CheckedForwardMixin`)."""
+        if _redefined(self, "compute_loss"):
+            return None
+        return self._step_losses(embeddings, labels, indices_tuple)  # type: ignore[arg-type]
 
     def _per_sample_losses(
         self,

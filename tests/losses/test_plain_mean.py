@@ -112,3 +112,59 @@ def test_losses_reduced_by_compute_loss_go_through_the_reducer() -> None:
     plain = ArcFaceLoss(7, 5)
     plain.load_state_dict(loss_fn.state_dict())
     torch.testing.assert_close(ours, plain(x, y) * len(y))  # the sum, not the mean
+
+
+class DoubledArcFace(ArcFaceLoss):
+    """A subclass whose compute_loss changes the element losses (still one element entry)."""
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        loss_dict["loss"]["losses"] = 2 * loss_dict["loss"]["losses"]
+        return loss_dict
+
+
+def test_a_compute_loss_of_a_subclass_or_the_instance_is_called() -> None:
+    """The short path computes the element losses without the loss dict only where
+    compute_loss is the class-weight loss's own: a subclass's or an instance's runs."""
+    x, y = _inputs()
+    plain = ArcFaceLoss(7, 5)
+    doubled = DoubledArcFace(7, 5)
+    doubled.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(doubled(x, y), 2 * plain(x, y), rtol=0, atol=0)
+    patched = ArcFaceLoss(7, 5)
+    patched.load_state_dict(plain.state_dict())
+    calls = []
+
+    def compute_loss(*args):
+        calls.append(1)
+        return ArcFaceLoss.compute_loss(patched, *args)
+
+    patched.compute_loss = compute_loss
+    assert torch.equal(patched(x, y), plain(x, y)) and calls == [1]
+
+
+def test_a_prepare_step_of_a_subclass_or_the_instance_gets_the_statistics() -> None:
+    """Without a prepare_step of its own the loss forms no StepStatistics; with one (a
+    subclass's or set on the instance) it gets them, with the step's labels."""
+    from pml_margins.losses import StepStatistics
+
+    seen = []
+
+    class Seeing(ArcFaceLoss):
+        def prepare_step(self, embeddings, labels, statistics):
+            seen.append(statistics)
+            return super().prepare_step(embeddings, labels, statistics)
+
+    x, y = _inputs()
+    plain = ArcFaceLoss(7, 5)
+    seeing = Seeing(7, 5)
+    seeing.load_state_dict(plain.state_dict())
+    assert torch.equal(seeing(x, y), plain(x, y))
+    instance = ArcFaceLoss(7, 5)
+    instance.load_state_dict(plain.state_dict())
+    instance.prepare_step = lambda e, lab, statistics: (
+        seen.append(statistics) or ArcFaceLoss.prepare_step(instance, e, lab, statistics)
+    )
+    assert torch.equal(instance(x, y), plain(x, y))
+    assert len(seen) == 2 and all(isinstance(s, StepStatistics) for s in seen)
+    assert all(torch.equal(s.target, y) for s in seen)
