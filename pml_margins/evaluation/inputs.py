@@ -14,7 +14,7 @@ import operator
 import numpy as np
 import torch
 
-from pml_margins.validation import FLOAT_DTYPE_NAMES, FLOAT_DTYPES
+from pml_margins.validation import FLOAT_DTYPE_NAMES, FLOAT_DTYPES, check_tensor
 
 __all__ = [
     "as_comparable_labels",
@@ -49,10 +49,7 @@ def as_tensor(x: object, name: str) -> torch.Tensor:
             raise TypeError(f"{name} must hold numbers, got a numpy array of dtype {x.dtype}")
         return torch.from_numpy(x)
     if isinstance(x, torch.Tensor):
-        if x.layout != torch.strided:
-            raise TypeError(
-                f"{name} must be a dense tensor, got layout {x.layout}; pass x.to_dense()"
-            )
+        check_tensor(x, name)
         if x.is_floating_point() and x.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"{name} must have an integer dtype or {FLOAT_DTYPE_NAMES}, got {x.dtype}"

@@ -101,6 +101,22 @@ class TestForwardInput:
         with pytest.raises(ValueError, match=r"indices_tuple\[p\] .* must lie in \[0, 4\)"):
             spec.build(5, 8)(x, y, bad)
 
+    def test_sparse_or_nested_input(self, spec: LossSpec) -> None:
+        """Sparse and nested tensors are named, not left to an op that lacks their kernel."""
+        x, y = _ok()
+        loss_fn = spec.build(5, 8)
+        with pytest.raises(TypeError, match="embeddings must be a dense tensor, got layout"):
+            loss_fn(x.to_sparse(), y)
+        with pytest.raises(TypeError, match="embeddings must be a dense tensor, got layout"):
+            loss_fn(x.to_sparse_csr(), y)
+        with pytest.raises(TypeError, match="labels must be a dense tensor, got layout"):
+            loss_fn(x, y.to_sparse())
+        with pytest.raises(TypeError, match="embeddings must be a dense tensor, got a nested"):
+            loss_fn(torch.nested.nested_tensor([x]), y)
+        sparse_miner = (torch.tensor([0]), torch.tensor([1]).to_sparse(), torch.tensor([2]))
+        with pytest.raises(TypeError, match=r"indices_tuple\[p\] must be a dense tensor"):
+            loss_fn(x, y, sparse_miner)
+
     def test_get_logits_checks_width(self, spec: LossSpec) -> None:
         with pytest.raises(ValueError, match="width 3"):
             spec.build(5, 8).get_logits(torch.randn(2, 3))

@@ -69,6 +69,7 @@ def test_checks_read_back_once(name, with_miner, monkeypatch) -> None:
     """Values numpy cannot read on the host (a device's; here, numpy switched off) are
     gathered and read back in one conversion."""
     monkeypatch.setattr(validation, "_host_array", lambda values: None)
+    monkeypatch.setattr(validation, "usual_cpu_batch_passes", lambda *args: False)
     loss = LOSSES[name]()
     x, y, tuples = _inputs()
     tuples = tuples if with_miner else None
@@ -288,6 +289,9 @@ def _usual_batches():
     yield "2-D labels", x, y[:, None]
     yield "empty", x[:0], y[:0]
     yield "a Parameter", torch.nn.Parameter(x), y
+    yield "strided labels", x, torch.tensor([0, 9, 1, 9, 2, 9, 2, 9, 1, 9, 0, 9])[::2]
+    yield "sparse embeddings", x.to_sparse(), y
+    yield "sparse labels", x, y.to_sparse()
 
 
 @pytest.mark.parametrize(("name", "embeddings", "labels"), list(_usual_batches()))
@@ -299,7 +303,8 @@ def test_the_usual_batch_shortcut_only_accepts_what_the_full_checks_accept(
     fast = validation.usual_cpu_batch_passes(embeddings, labels, 5, 4)
     full = _full_checks_pass(embeddings, labels, 5, 4)
     assert not fast or full, name
-    if name in ("fine", "fine float64", "last class", "non-contiguous", "wide finite float64"):
+    usual = ("fine", "fine float64", "last class", "non-contiguous", "wide finite float64")
+    if name in (*usual, "strided labels"):
         assert fast and full, name
     with value_checks(False):
         assert not validation.usual_cpu_batch_passes(embeddings, labels, 5, 4)
