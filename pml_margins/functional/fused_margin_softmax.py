@@ -119,6 +119,7 @@ from pml_margins.validation import (
     check_function_inputs,
     check_labels,
     check_sample_rate,
+    check_tensor,
 )
 
 __all__ = [
@@ -388,6 +389,8 @@ def fused_margin_softmax_cross_entropy(
     chunk_size = check_chunk_size(chunk_size)
     sample_rate = check_sample_rate(sample_rate)
     per_class = check_count(sub_centers, "sub_centers")
+    check_tensor(embeddings, "embeddings")
+    check_tensor(weight, "weight")
     if embeddings.ndim != 2 or weight.ndim != 2 or embeddings.shape[1] != weight.shape[0]:
         raise ValueError(
             f"embeddings (B, D) and weight (D, C) do not match: "

@@ -28,6 +28,7 @@ from pml_margins.validation import (
     check_class_labels,
     check_logit_scale,
     check_positive_values,
+    check_tensor,
     function_value_checks,
 )
 
@@ -78,6 +79,7 @@ def _check_logits_and_labels(logits: object, labels: object) -> None:
     labels in ``[0, C)``, read once unless a checked loss calls."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a floating tensor, got {type(logits).__name__}")
+    check_tensor(logits, "logits")
     if logits.ndim != 2:
         raise ValueError(f"logits must be 2-D (B, C), got shape {tuple(logits.shape)}")
     if caller_checked():

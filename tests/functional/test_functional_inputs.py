@@ -408,3 +408,17 @@ def test_tensor_margins_under_vmap_and_a_zero_tensor_m2():
     value, slope = combined_margin_value_and_slope(cos, 2.0, torch.tensor(0.0), 0.1)
     expected = combined_margin_value_and_slope(cos, 2.0, 0.0, 0.1)
     assert torch.equal(value, expected[0]) and torch.equal(slope, expected[1])
+
+
+def test_sparse_or_nested_tensors_are_named():
+    """The public functions name a sparse or nested input instead of failing inside an op."""
+    x, w, y = torch.randn(2, 4), torch.randn(4, 3), torch.tensor([0, 1])
+    rows = torch.nested.nested_tensor(list(x))
+    with pytest.raises(TypeError, match="embeddings must be a dense tensor, got a nested"):
+        fused_margin_softmax_cross_entropy(rows, w, y, None, 30.0)
+    with pytest.raises(TypeError, match="weight must be a dense tensor, got layout"):
+        fused_margin_softmax_cross_entropy(x, w.to_sparse(), y, None, 30.0)
+    with pytest.raises(TypeError, match="logits must be a dense tensor, got layout"):
+        margin_softmax_cross_entropy(x.to_sparse(), y, None)
+    with pytest.raises(TypeError, match="labels must be a dense tensor, got layout"):
+        margin_softmax_cross_entropy(x, y.to_sparse(), None)

@@ -113,6 +113,9 @@ class TestForwardInput:
             loss_fn(x, y.to_sparse())
         with pytest.raises(TypeError, match="embeddings must be a dense tensor, got a nested"):
             loss_fn(torch.nested.nested_tensor([x]), y)
+        rows = torch.nested.nested_tensor(list(x))  # 2-D: B rows of width D, no sizes
+        with pytest.raises(TypeError, match="embeddings must be a dense tensor, got a nested"):
+            loss_fn(rows, y)
         sparse_miner = (torch.tensor([0]), torch.tensor([1]).to_sparse(), torch.tensor([2]))
         with pytest.raises(TypeError, match=r"indices_tuple\[p\] must be a dense tensor"):
             loss_fn(x, y, sparse_miner)

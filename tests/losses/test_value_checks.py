@@ -292,6 +292,7 @@ def _usual_batches():
     yield "strided labels", x, torch.tensor([0, 9, 1, 9, 2, 9, 2, 9, 1, 9, 0, 9])[::2]
     yield "sparse embeddings", x.to_sparse(), y
     yield "sparse labels", x, y.to_sparse()
+    yield "nested rows", torch.nested.nested_tensor(list(x)), y
 
 
 @pytest.mark.parametrize(("name", "embeddings", "labels"), list(_usual_batches()))
