@@ -147,6 +147,7 @@ def check_function_inputs(
         and not embeddings.is_nested
         and (embeddings.ndim == 2 and not len(embeddings))
     ):
+        check_tensor(embeddings, name)
         if embeddings.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must have dtype {FLOAT_DTYPE_NAMES}, got {embeddings.dtype}")
         if width is not None and embeddings.shape[1] != width:
@@ -768,12 +769,17 @@ def check_size(value: object, name: str) -> int:
 
 
 def check_count(value: object, name: str) -> int:
-    """Return ``value`` after checking it is an ``int`` >= 1 (``TypeError``/``ValueError``)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    """A count, ``>= 1``, as a Python ``int``: what :func:`check_size` takes (numpy integers
+    and one-element integer tensors too, as PML does), not a bool.
+
+    Raises:
+        TypeError: anything else.
+        ValueError: a number below 1.
+    """
+    count = check_size(value, name)
+    if count < 1:
+        raise ValueError(f"{name} must be >= 1, got {count}")
+    return count
 
 
 def check_class_loss_input(
@@ -988,14 +994,14 @@ def check_ordered(low: float, high: float, low_name: str, high_name: str) -> Non
 
 
 def check_chunk_size(chunk_size: object, name: str = "chunk_size") -> Any:
-    """``None``, ``"auto"`` or an ``int >= 1`` (classes per block of the fused core)."""
-    if chunk_size is None or chunk_size == "auto":
+    """``None``, ``"auto"`` or an integer ``>= 1`` (classes per block of the fused core;
+    what :func:`check_count` takes, returned as a Python ``int``)."""
+    if chunk_size is None or (isinstance(chunk_size, str) and chunk_size == "auto"):
         return chunk_size
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"{name} must be None, 'auto' or an int >= 1, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"{name} must be >= 1, got {chunk_size}")
-    return chunk_size
+    try:
+        return check_count(chunk_size, name)
+    except TypeError:
+        raise TypeError(f"{name} must be None, 'auto' or an int >= 1, got {chunk_size!r}") from None
 
 
 def check_sample_rate(sample_rate: object, name: str = "sample_rate") -> float:

@@ -170,8 +170,11 @@ def _check_metric_names(args: argparse.Namespace, calculator: type) -> None:
 
 
 def _rows(values: torch.Tensor) -> int:
-    """Rows of a loaded array (a 0-d one has none; the calculator names its shape)."""
-    return values.shape[0] if values.ndim else 0
+    """Rows of a loaded array, for the progress bar's choice (none for a 0-d, nested or
+    sparse one, which the calculator names)."""
+    if values.is_nested or values.layout != torch.strided or not values.ndim:
+        return 0
+    return values.shape[0]
 
 
 class CliError(Exception):

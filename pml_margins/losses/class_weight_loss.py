@@ -62,9 +62,9 @@ def is_plain_inner_product(distance: BaseDistance) -> bool:
 
 
 def _redefined(loss: ClassWeightLoss, name: str) -> bool:
-    """Whether ``loss``'s method ``name`` is not :class:`ClassWeightLoss`'s own (a subclass's,
-    a mixin's or one set on the instance)."""
-    return getattr(getattr(loss, name), "__func__", None) is not getattr(ClassWeightLoss, name)
+    """Whether ``loss``'s method ``name`` is not :class:`ClassWeightLoss`'s own as defined
+    below (a subclass's, a mixin's, one set on the instance or patched on the class)."""
+    return getattr(getattr(loss, name), "__func__", None) is not _BASE_METHODS[name]
 
 
 class ClassWeightLoss(
@@ -540,3 +540,7 @@ class ClassWeightLoss(
             if getattr(self, n) != default
         ]
         return ", ".join(f"{n}={getattr(self, n)!r}" for n in names)
+
+
+#: the methods whose redefinition :func:`_redefined` detects, as this module defines them
+_BASE_METHODS = {name: getattr(ClassWeightLoss, name) for name in ("compute_loss", "prepare_step")}

@@ -422,3 +422,6 @@ def test_sparse_or_nested_tensors_are_named():
         margin_softmax_cross_entropy(x.to_sparse(), y, None)
     with pytest.raises(TypeError, match="labels must be a dense tensor, got layout"):
         margin_softmax_cross_entropy(x, y.to_sparse(), None)
+    empty = torch.empty(0, 4).to_sparse()  # the empty batch's early return checks it too
+    with pytest.raises(TypeError, match="embeddings must be a dense tensor, got layout"):
+        fused_margin_softmax_cross_entropy(empty, w, y[:0], None, 30.0)

@@ -168,3 +168,31 @@ def test_a_prepare_step_of_a_subclass_or_the_instance_gets_the_statistics() -> N
     assert torch.equal(instance(x, y), plain(x, y))
     assert len(seen) == 2 and all(isinstance(s, StepStatistics) for s in seen)
     assert all(torch.equal(s.target, y) for s in seen)
+
+
+def test_the_base_methods_patched_on_the_class_are_called() -> None:
+    """Patching ClassWeightLoss.compute_loss or prepare_step itself (a mock, a profiler's
+    wrapper) counts as a redefinition: the forward calls them, as PML's forward would."""
+    from unittest import mock
+
+    from pml_margins.losses import ClassWeightLoss, StepStatistics
+
+    x, y = _inputs()
+    loss_fn = CosFaceLoss(7, 5)
+    expected = BaseMetricLossFunction.forward(loss_fn, x, y)
+    compute_loss, prepare_step = ClassWeightLoss.compute_loss, ClassWeightLoss.prepare_step
+    seen = []
+
+    def prepare(self, embeddings, labels, statistics):
+        seen.append(statistics)
+        return prepare_step(self, embeddings, labels, statistics)
+
+    with (
+        mock.patch.object(
+            ClassWeightLoss, "compute_loss", autospec=True, side_effect=compute_loss
+        ) as patched,
+        mock.patch.object(ClassWeightLoss, "prepare_step", prepare),
+    ):
+        assert torch.equal(loss_fn(x, y), expected)
+    assert patched.call_count == 1
+    assert len(seen) == 1 and isinstance(seen[0], StepStatistics)
