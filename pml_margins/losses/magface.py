@@ -10,19 +10,21 @@ from typing import Any
 import torch
 
 from pml_margins.functional.margin_softmax import TargetLogitFn
+from pml_margins.functional.target_logits import safe_sine
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.elasticface import elastic_arc_target
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     check_angle_margin,
+    check_bool,
     check_logit_offset,
     check_logit_scale,
     check_ordered,
     check_positive,
 )
 
-__all__ = ["MagFaceLoss", "magface_margin", "magface_regularizer"]
+__all__ = ["MagFaceLoss", "magface_margin", "magface_regularizer", "magface_target"]
 
 
 def magface_margin(
@@ -44,6 +46,23 @@ def magface_regularizer(norms: torch.Tensor, l_a: float, u_a: float) -> torch.Te
     r"""MagFace's :math:`g(a) = 1/a + a/u_a^2` (Eq. 5) of the clipped norm; least at :math:`u_a`."""
     a = norms.clamp(l_a, u_a)
     return 1 / a + a / u_a**2
+
+
+def magface_target(
+    cosine: torch.Tensor, margins: torch.Tensor, easy_margin: bool = False
+) -> torch.Tensor:
+    r"""MagFace's target logit :math:`\cos(\theta_i + m(a_i))`, a margin per row (radians).
+
+    Where :math:`\theta_i + m_i > \pi`, ArcFace's fallback :math:`\cos\theta_i - m_i\sin m_i`
+    (:func:`~pml_margins.losses.elasticface.elastic_arc_target`). With ``easy_margin`` (the
+    official code's default) the margin applies only where :math:`\cos\theta_i > 0`, and
+    :math:`\cos\theta_i` is kept elsewhere, as ArcFace's easy margin.
+    """
+    if not easy_margin:
+        return elastic_arc_target(cosine, margins)
+    margins = margins.to(cosine.dtype)
+    with_margin = cosine * torch.cos(margins) - safe_sine(cosine) * torch.sin(margins)
+    return torch.where(cosine > 0, with_margin, cosine)
 
 
 def _range_bound(index: int, name: str, what: str) -> property:
@@ -75,8 +94,14 @@ class MagFaceLoss(ClassWeightLoss):
     :func:`magface_regularizer`, which rewards large norms. Gradients flow through
     :math:`a_i` (into the margin and :math:`g`) inside :math:`[l_a, u_a]`. Where
     :math:`\theta + m(a_i) > \pi` the target logit is ArcFace's fallback
-    :math:`\cos\theta - m\sin m` (per sample). A miner's weight multiplies the whole
-    :math:`L_i`. After training, the norm is the quality score.
+    :math:`\cos\theta - m\sin m` (per sample); with ``easy_margin=True`` the margin
+    applies only where :math:`\cos\theta > 0` (:func:`magface_target`). A miner's weight
+    multiplies the whole :math:`L_i`. After training, the norm is the quality score.
+
+    The paper's equation (default) puts the margin on every target; the official code
+    (``MagLinear``) defaults to ``easy_margin=True``, which early in training, where about
+    half of the target cosines are negative, gives a smaller loss: pass it to reproduce
+    that code's numbers.
 
     **Units:** ``l_m``, ``u_m`` in radians; ``l_a``, ``u_a`` are norms. Recommended
     (paper, faces, MS1MV2): ``s = 64``, ``l_a = 10``, ``u_a = 110``, ``l_m = 0.45``,
@@ -98,14 +123,17 @@ class MagFaceLoss(ClassWeightLoss):
         l_m: margin at ``l_a`` in radians, ``[0, pi)``.
         u_m: margin at ``u_a`` in radians, ``[l_m, pi)``.
         lambda_g: weight ``>= 0`` of the regulariser.
+        easy_margin: apply the margin only for :math:`\theta_y < \pi/2` (the official
+            code's default).
         **kwargs: PML options (``reducer``, ``weight_regularizer``, ``embedding_regularizer``,
             ``weight_init_func``, ``distance`` -- a ``CosineSimilarity``) and the core's
             ``chunk_size`` / ``sample_rate``.
     """
 
-    hyperparameter_names = ("scale", "l_a", "u_a", "l_m", "u_m", "lambda_g")
+    hyperparameter_names = ("scale", "l_a", "u_a", "l_m", "u_m", "lambda_g", "easy_margin")
     scale = Hyperparameter(check_logit_scale)
     lambda_g = Hyperparameter(check_logit_offset)
+    easy_margin = Hyperparameter(check_bool)
 
     def __init__(
         self,
@@ -117,9 +145,10 @@ class MagFaceLoss(ClassWeightLoss):
         l_m: float = 0.45,
         u_m: float = 0.8,
         lambda_g: float = 35.0,
+        easy_margin: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.scale, self.lambda_g = scale, lambda_g
+        self.scale, self.lambda_g, self.easy_margin = scale, lambda_g, easy_margin
         self.set_ranges(l_a, u_a, l_m, u_m)
         self._norms: torch.Tensor | None = None
         self._margins: torch.Tensor | None = None
@@ -163,4 +192,4 @@ class MagFaceLoss(ClassWeightLoss):
                 "MagFaceLoss's target logits depend on the embeddings' norms: call the loss "
                 "(its forward), not target_logit_fn on its own"
             )
-        return partial(elastic_arc_target, margins=self._margins)
+        return partial(magface_target, margins=self._margins, easy_margin=self.easy_margin)

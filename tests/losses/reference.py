@@ -129,7 +129,10 @@ def reference_per_sample(
     if kind == "magface":  # Eqs. 4-5 of the paper, the norm clipped to [l_a, u_a]
         a = x.norm(dim=1).clamp(hp["l_a"], hp["u_a"])
         m = (hp["u_m"] - hp["l_m"]) / (hp["u_a"] - hp["l_a"]) * (a - hp["l_a"]) + hp["l_m"]
-        ce = target_softmax_cross_entropy(s * c, labels, s * elastic_arc_cos(cy, m))
+        target = elastic_arc_cos(cy, m)
+        if hp.get("easy_margin"):  # the official MagLinear's default
+            target = torch.where(cy > 0, torch.cos(_theta(cy) + m), cy)
+        ce = target_softmax_cross_entropy(s * c, labels, s * target)
         return ce + hp["lambda_g"] * (1 / a + a / hp["u_a"] ** 2)
     if kind == "curricular":  # ArcFace's target, N(t, cos_j) at the step's t
         others = curricular_non_target(c, cy, hp["margin"], hp["t"])

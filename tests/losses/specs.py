@@ -191,6 +191,13 @@ SPECS = [
         {**MAGFACE_PAPER, **MAGFACE_SMALL_NORMS},
     ),
     LossSpec("magface", MagFaceLoss, {}, "magface", MAGFACE_PAPER),
+    LossSpec(  # the official code's default: no margin where cos(theta_y) <= 0
+        "magface_easy_margin",
+        MagFaceLoss,
+        {**MAGFACE_SMALL_NORMS, "easy_margin": True},
+        "magface",
+        {**MAGFACE_PAPER, **MAGFACE_SMALL_NORMS, "easy_margin": True},
+    ),
     # first of its class, so the dtype matrix runs margins that differ per row
     LossSpec(
         "adaface_spread",

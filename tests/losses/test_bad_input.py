@@ -188,3 +188,24 @@ def test_blend_weights_that_cannot_overflow_are_not_bounded() -> None:
     x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 4, 0])
     assert torch.isfinite(SphereFaceLoss(5, 8, lambda_=1e20)(x, y))
     assert torch.isfinite(AdaFaceLoss(5, 8, h=1e20)(x, y))
+
+
+@pytest.mark.parametrize("wrap", [np.int64, np.int32, torch.tensor], ids=["np64", "np32", "tensor"])
+def test_numpy_and_tensor_integers_are_integers(wrap) -> None:
+    """Counts and chunk sizes take numpy integers and one-element integer tensors, as PML
+    and every real-valued hyper-parameter here do; stored as Python ints."""
+    torch.manual_seed(0)
+    sub = SubCenterArcFaceLoss(wrap(6), wrap(8), sub_centers=wrap(3), chunk_size=wrap(2))
+    assert (sub.num_classes, sub.embedding_size, sub.sub_centers, sub.chunk_size) == (6, 8, 3, 2)
+    assert all(type(v) is int for v in (sub.num_classes, sub.sub_centers, sub.chunk_size))
+    plain = SubCenterArcFaceLoss(6, 8, sub_centers=3, chunk_size=2)
+    plain.load_state_dict(sub.state_dict())
+    x, y = torch.randn(5, 8), torch.tensor([0, 1, 2, 3, 5])
+    assert torch.equal(sub(x, y), plain(x, y))
+    assert AdaCosLoss(wrap(10), wrap(8)).num_classes == 10
+    loss = CosFaceLoss(10, 8)
+    loss.chunk_size = wrap(4)
+    assert loss.chunk_size == 4 and type(loss.chunk_size) is int
+    for bad in (True, 2.0, torch.tensor([1, 2]), "4"):
+        with pytest.raises(TypeError, match="chunk_size must be None, 'auto' or an int"):
+            loss.chunk_size = bad
