@@ -111,7 +111,9 @@ class AdaFaceLoss(ClassWeightLoss):
               {e^{s\,\psi_i(\cos\theta_{y_i})} + \sum_{j\ne y_i} e^{s\cos\theta_j}}
 
     with :math:`\psi_i` from :func:`adaface_target`. :math:`\hat z = 0` (``h = 0``, or
-    a norm equal to :math:`\mu`) is CosFace with margin ``m``.
+    a norm equal to :math:`\mu`) is CosFace with margin ``m``, except for target cosines
+    beyond :math:`\pm(1 - \epsilon)` (``eps``), which the code's clip holds at
+    :math:`\pm(1 - \epsilon) - m` (with a zero slope).
 
     **Statistics.** The buffers ``batch_mean`` (start 20) and ``batch_std`` (start 100)
     are the running mean and unbiased standard deviation of the norms, moved with
