@@ -169,8 +169,12 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             relevant counts, one distinct query label ``(1[, L])`` with the reference
             labels ``(N[, L])``, as PML calls it); labels may then be ``(N, L)`` or
             real-valued. Relevant counts, lone queries and per-class
-            averages follow PML's rules (:mod:`.label_matching`); clustering metrics
-            are refused, as in PML. ``None``: labels compared for equality.
+            averages follow PML's rules (:mod:`.label_matching`), but for one case: a
+            comparison that is not reflexive may keep a query with no relevant
+            reference, whose at-``R`` metrics are then NaN or inf; that spoils only its
+            own class's average here, where PML's masked product spoils every class's.
+            Clustering metrics are refused, as in PML. ``None``: labels compared for
+            equality.
         device: where to compute; ``None`` means the device of the query.
         knn_func: as in PML. ``None``, a ``FaissKNN`` with a flat L2 or
             inner-product index, or a ``CustomKNN`` over ``LpDistance(p=2)``,
@@ -576,7 +580,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             unique, counts = kwargs["label_counts"]
             counts = torch.cat([counts, counts.new_zeros(1)])  # a label absent from them: 0
             relevant = counts[label_positions(unique, labels)]
-            relevant = relevant - int(kwargs.get("ref_includes_query", False))
+            # never below 0 (a label absent from the counts: its at-R metrics are NaN)
+            relevant = (relevant - int(kwargs.get("ref_includes_query", False))).clamp_(min=0)
         if bool(mask.all()):
             return match, relevant, labels
         return match[mask], relevant[mask], labels[mask]
@@ -611,6 +616,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
 
     @_pml_positional(*_PML_ARGS_AT_1)
     def calculate_mean_reciprocal_rank(self, **kwargs: Any) -> float | list[float]:
+        """PML's ``mean_reciprocal_rank``, in float64 (PML's sums float32: the two differ
+        in the 8th digit on large sets)."""
         return self._aggregate(lambda m, _r: M.reciprocal_rank(m), kwargs)
 
     def calculate_num_excluded_queries(self, not_lone_query_mask: torch.Tensor, **_: Any) -> int:

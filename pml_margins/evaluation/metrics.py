@@ -53,7 +53,9 @@ def relevant_counts(
 
     Returns:
         ``(label_count, relevant)``: the number of references with the query's
-        label, and that number minus one when ``ref_includes_query``; int64 ``(Q,)``.
+        label, and that number minus one when ``ref_includes_query`` (never below 0: a
+        label absent from the references, possible only in counts given by hand, has
+        none, and its at-``R`` metrics are NaN, as PML's); int64 ``(Q,)``.
 
     Example:
         >>> relevant_counts(torch.tensor([5, 7]), torch.tensor([5, 5, 7, 9]), True)
@@ -63,7 +65,7 @@ def relevant_counts(
     position = torch.searchsorted(unique, query_labels.contiguous()).clamp_(max=len(unique) - 1)
     found = unique[position] == query_labels
     label_count = torch.where(found, counts[position], torch.zeros_like(counts[position]))
-    return label_count, label_count - int(ref_includes_query)
+    return label_count, (label_count - int(ref_includes_query)).clamp_(min=0)
 
 
 def _by_row_chunks(fn, *tensors: torch.Tensor) -> torch.Tensor:

@@ -220,3 +220,29 @@ def test_cli_metrics_naming_a_recall_k_add_it(tmp_path, capsys):
     expected = RetrievalAccuracyCalculator(include=("recall_at_3",), recall_ks=(3,))
     value = expected.get_accuracy(x, y)["recall_at_3"]
     assert f"| recall_at_3 | {value:.4f} |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "metric",
+    ["mean_average_precision_at_r", "mean_average_precision", "r_precision", "precision_at_1"],
+)
+def test_a_query_label_missing_from_hand_made_counts_is_nan_as_in_pml(metric):
+    """Counts given by hand without a query's label, the query in the reference set: its
+    relevant count is 0 (not -1, which made an average precision of -0.0)."""
+    kwargs = {
+        "knn_labels": torch.tensor([[0.0, 1.0], [0.0, 0.0]]),
+        "query_labels": torch.tensor([0.0, 1.0]),
+        "not_lone_query_mask": torch.ones(2, dtype=torch.bool),
+        "label_counts": (torch.tensor([0.0]), torch.tensor([3])),
+        "ref_includes_query": True,
+    }
+    ours = getattr(RetrievalAccuracyCalculator(), f"calculate_{metric}")(**kwargs)
+    pml = getattr(AccuracyCalculator(), f"calculate_{metric}")(**kwargs)
+    assert ours == pytest.approx(pml, nan_ok=True)
+
+
+def test_relevant_counts_never_go_below_zero():
+    from pml_margins.evaluation import relevant_counts
+
+    count, relevant = relevant_counts(torch.tensor([5, 8]), torch.tensor([5, 5, 7]), True)
+    assert count.tolist() == [2, 0] and relevant.tolist() == [1, 0]
