@@ -67,12 +67,14 @@ def run_ablate(args: argparse.Namespace) -> int:
 
 
 def _bench_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The ``bench`` settings of the glyph dataset, with this command's overrides."""
+    """The ``bench`` settings of the glyph dataset, with this command's overrides (what
+    the sweeps' JSON records as their settings)."""
     from pml_margins.bench.datasets import DATASETS
 
-    defaults = dict(DATASETS["glyphs"].defaults)
-    if args.epochs is not None:
-        defaults["epochs"] = args.epochs
+    defaults = dict(DATASETS["glyphs"].defaults, repeats=args.repeats)
+    for flag in ("epochs", "threads"):
+        if getattr(args, flag) is not None:
+            defaults[flag] = getattr(args, flag)
     return argparse.Namespace(
         dataset="glyphs", device="cpu", amp=None, num_workers=0, image_size=None, min_fonts=12,
         **defaults,

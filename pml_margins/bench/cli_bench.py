@@ -20,7 +20,9 @@ import glob
 import math
 import os
 import re
+import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -125,8 +127,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--embeddings-only",
         action="store_true",
-        help="no training: evaluate saved checkpoints (--checkpoint, default <out>/checkpoints) "
-        "into <out>/reevaluated.{json,md,png}",
+        help="no training: evaluate saved checkpoints (--checkpoint, default <out>/checkpoints; "
+        "a --losses list picks among them) into <out>/reevaluated.{json,md,png}; training "
+        "and model flags are not read (a note names those given)",
     )
     p.add_argument("--checkpoint", action="append", default=[], help="a saved .pt (repeatable)")
     p.add_argument(
@@ -139,7 +142,11 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="no progress output (default: a bar on a terminal, one line per epoch otherwise)",
     )
-    p.set_defaults(func=run_bench)
+    # what --embeddings-only compares the flags it does not read with (_check_reevaluation)
+    p.set_defaults(
+        func=run_bench,
+        flag_defaults={k: p.get_default(k) for k in (*_NOT_REEVALUATED, "losses")},
+    )
 
 
 def _parse_loss_args(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -224,10 +231,12 @@ def _run_config(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str,
     config = {
         k: used.get(k) if v is None else v
         for k, v in vars(args).items()
-        if k != "func" and args.dataset in _DATASET_FLAGS.get(k, (args.dataset,))
+        if k not in ("func", "flag_defaults")
+        and args.dataset in _DATASET_FLAGS.get(k, (args.dataset,))
     } | settings
     if args.embeddings_only:  # nothing trained: each checkpoint's entry says how it was
-        config = {k: v for k, v in config.items() if k not in _TRAINING_ONLY}
+        unread = {*_NOT_REEVALUATED, *({"losses"} - set(_given(args, ("losses",))))}
+        config = {k: v for k, v in config.items() if k not in unread}
     return config
 
 
@@ -236,6 +245,28 @@ _TRAINING_ONLY = frozenset(
     {"losses", "loss_arg", "epochs", "embedding_size", "batch_size", "lr", "loss_lr"}
     | {"repeats", "shift", "seed"}
 )
+#: flags --embeddings-only does not read: training's (but --losses, which picks the
+#: checkpoints), and the model's (each checkpoint holds its network and weights)
+_NOT_REEVALUATED = (*sorted(_TRAINING_ONLY - {"losses"}), "backbone", "weights")
+
+
+def _given(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` given another value than the parser's default."""
+    defaults = getattr(args, "flag_defaults", {})
+    return [k for k in names if k in defaults and getattr(args, k) != defaults[k]]
+
+
+def _note_unread_flags(args: argparse.Namespace) -> None:
+    """With ``--embeddings-only`` (the training command re-run with it, say), one line on
+    stderr naming the flags given that it does not read, rather than a silent no-op."""
+    given = _given(args, _NOT_REEVALUATED)
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        print(
+            f"note: --embeddings-only evaluates each checkpoint as it was trained: it does "
+            f"not read {flags}",
+            file=sys.stderr,
+        )
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,6 +290,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.image_size is not None and args.image_size < 1:
         raise SystemExit(f"error: --image-size must be >= 1, got {args.image_size}")
     _check_dataset_flags(args)
+    if args.embeddings_only:
+        _note_unread_flags(args)
     if args.dataset == "glyphs" and args.image_size is not None:
         from pml_margins.bench.datasets import GLYPH_MODEL
 
@@ -649,6 +682,15 @@ def _evaluate_checkpoints(
             f"error: --embeddings-only: no checkpoints given and none in {args.out}/checkpoints"
         )
     checked = [(path, _checked_checkpoint(path, args, bench_data)) for path in paths]
+    if _given(args, ("losses",)):  # only these losses' checkpoints
+        wanted = list(dict.fromkeys(n.strip() for n in args.losses.split(",") if n.strip()))
+        missing = sorted(set(wanted) - {saved["name"] for _, saved in checked})
+        if missing:
+            raise SystemExit(
+                f"error: --losses: no checkpoint of {', '.join(missing)} among "
+                f"{args.checkpoint or args.out + '/checkpoints'}"
+            )
+        checked = [item for item in checked if item[1]["name"] in wanted]
     if not args.checkpoint:  # a folder's checkpoints in the registry's order, as trained
         order = {name: i for i, name in enumerate(LOSSES)}
         checked.sort(key=lambda item: order.get(item[1]["name"], len(order)))

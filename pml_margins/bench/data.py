@@ -332,6 +332,33 @@ class ImageToTensor:
         return f"{type(self).__name__}(size={self.size})"
 
 
+class NamedImageErrors(torch.utils.data.Dataset):
+    """A PML image dataset whose unreadable images raise a ValueError naming the file.
+
+    PML's ``__getitem__`` opens each image before any transform (where
+    :class:`ImageToTensor` names the file): a file truncated in its header fails there,
+    with Pillow's message alone ("Truncated File Read"). Everything else (``labels``,
+    ``paths``, ``target_transform``, ...) is the wrapped dataset's.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except (OSError, SyntaxError) as err:
+            raise ValueError(f"cannot read image {self.dataset.paths[index]}: {err}") from None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 class RemapLabels:
     """Maps the dataset's class ids to ``0..C-1`` in sorted order (picklable for workers)."""
 
@@ -403,8 +430,8 @@ def load_image_dataset(
     sample = transform(open_image(train.paths[0]))
     return RetrievalData(
         name=name,
-        train=train,
-        test=test,
+        train=NamedImageErrors(train),
+        test=NamedImageErrors(test),
         num_train_classes=len(remap),
         input_shape=tuple(sample.shape),
     )

@@ -475,6 +475,32 @@ def test_bad_settings_are_one_line_and_no_output_folder(tmp_path, argv, message)
         assert not out.exists()
 
 
+def test_embeddings_only_names_the_flags_it_does_not_read_and_filters_losses(
+    tmp_path, capsys
+) -> None:
+    """A re-evaluation takes each checkpoint as it was trained: training flags given with
+    other values are named on stderr (they were silently ignored), not recorded; --losses
+    picks the checkpoints (every one was evaluated; found by review)."""
+    out = tmp_path / "out"
+    assert main(["bench", *TINY, "--losses", "nsl,cosface", "--out", str(out)]) == 0
+    capsys.readouterr()
+    again = ["bench", *TINY, "--embeddings-only", "--out", str(out)]
+    assert main([*again, "--lr", "5", "--seed", "3", "--losses", "cosface"]) == 0
+    # TINY's --epochs and --repeats too: the training command re-run with the flag
+    assert "it does not read --epochs, --lr, --repeats, --seed\n" in capsys.readouterr().err
+    result = json.loads((out / "reevaluated.json").read_text())
+    assert [r["name"] for r in result["losses"]] == ["cosface"]
+    assert "lr" not in result["config"] and "seed" not in result["config"]
+    assert result["config"]["losses"] == "cosface"
+    with pytest.raises(SystemExit, match="error: --losses: no checkpoint of arcface among"):
+        main([*again, "--losses", "arcface,nsl"])
+    assert main(again) == 0  # --losses at its default: every checkpoint
+    assert "it does not read --epochs, --repeats\n" in capsys.readouterr().err
+    result = json.loads((out / "reevaluated.json").read_text())
+    assert sorted(r["name"] for r in result["losses"]) == ["cosface", "nsl"]
+    assert "losses" not in result["config"]
+
+
 def test_out_that_is_a_file_and_unreadable_checkpoints(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match=r"error: --out .* exists and is not a folder"):

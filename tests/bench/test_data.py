@@ -46,7 +46,7 @@ def test_cub_loads_through_pml_with_rgb_and_remapped_labels(fake_cub: Path) -> N
     from pytorch_metric_learning.datasets import CUB
 
     split = data.load_image_dataset("cub", fake_cub, image_size=16)
-    assert isinstance(split.train, CUB) and isinstance(split.test, CUB)
+    assert isinstance(split.train.dataset, CUB) and isinstance(split.test.dataset, CUB)
     assert split.num_train_classes == 3
     assert split.input_shape == (3, 16, 16)
     # official split: classes 1-100 train, 101-200 test
@@ -63,11 +63,22 @@ def test_cub_loads_through_pml_with_rgb_and_remapped_labels(fake_cub: Path) -> N
     assert torch.isfinite(batch).all()
 
 
+def test_an_image_truncated_in_its_header_is_named(fake_cub: Path) -> None:
+    """PML opens each image before the transform: Pillow's "Truncated File Read" there
+    is a ValueError naming the file too (found by review)."""
+    split = data.load_image_dataset("cub", fake_cub, image_size=16)
+    path = Path(split.test.paths[1])
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"cannot read image {path}: Truncated File Read"):
+        split.test[1]
+    assert split.test[0][0].shape == (3, 16, 16)  # the others still load
+
+
 def test_sop_loads_through_pml_with_official_split(fake_sop: Path) -> None:
     from pytorch_metric_learning.datasets import StanfordOnlineProducts
 
     split = data.load_image_dataset("sop", fake_sop, image_size=8)
-    assert isinstance(split.train, StanfordOnlineProducts)
+    assert isinstance(split.train.dataset, StanfordOnlineProducts)
     assert sorted(set(split.train.labels)) == sorted(SOP_TRAIN)
     assert sorted(set(split.test.labels)) == sorted(SOP_TEST)
     assert sorted(set(dataset_labels(split.train))) == [0, 1, 2]

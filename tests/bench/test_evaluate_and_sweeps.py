@@ -186,5 +186,9 @@ def test_ablate_threads_and_glyph_loss_defaults(tmp_path, monkeypatch, flag, exp
     glyphs = DATASETS["glyphs"]
     assert threads == [expected or glyphs.defaults["threads"]] * 2
     assert torch.get_num_threads() == before
-    points = json.loads((out / "normalization.json").read_text())["points"]
+    result = json.loads((out / "normalization.json").read_text())
+    points = result["points"]
     assert points[1]["hyperparameters"]["scale"] == glyphs.loss_defaults["nsl"]["scale"]
+    # the settings recorded are those used: the threads set, the command's repeats
+    assert result["settings"]["threads"] == (expected or glyphs.defaults["threads"])
+    assert result["settings"]["repeats"] == 1 and result["settings"]["epochs"] == 1
