@@ -347,8 +347,14 @@ def run_bench(args: argparse.Namespace) -> int:
     from pml_margins.bench import train
 
     settings = _settings(args)
-    with train.torch_threads(settings["threads"]):
-        return _run_bench(args, settings)
+    existed = os.path.isdir(args.out)
+    try:
+        with train.torch_threads(settings["threads"]):
+            return _run_bench(args, settings)
+    except BaseException:  # a run that fails leaves no empty output folder of its own
+        if not existed and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)
+        raise
 
 
 def _loss_plan(args: argparse.Namespace) -> tuple[list[str], dict[str, dict[str, Any]]]:
@@ -406,8 +412,7 @@ def _run_bench(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         progress=not args.no_progress,
         shift=settings["shift"],
     )
-    checkpoints = os.path.join(args.out, "checkpoints")
-    os.makedirs(checkpoints, exist_ok=True)
+    checkpoints = os.path.join(args.out, "checkpoints")  # made with the first one
     for name in names:
         runs = []
         for repeat in range(settings["repeats"]):
@@ -417,6 +422,7 @@ def _run_bench(args: argparse.Namespace, settings: dict[str, Any]) -> int:
             )
             runs.append(run)
             if repeat == 0:  # the checkpoint is the first seed's model
+                os.makedirs(checkpoints, exist_ok=True)
                 torch.save(
                     {
                         "model_config": config,

@@ -143,11 +143,14 @@ SOP_HEADER = ("image_id", "class_id", "super_class_id", "path")
 
 
 def _index_lines(folder: str, name: str) -> list[tuple[int, list[str]]]:
-    """``(line number, fields)`` of every line of an index file (a BOM dropped); a blank
-    line is an error (PML's readers take every line: they fail on it, or misread it)."""
+    """``(line number, fields)`` of every line of an index file; a blank line or a
+    byte-order mark is an error (PML's readers take every line as it is: they fail on
+    it, or misread it)."""
     path = os.path.join(folder, name)
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, encoding="utf-8") as f:
         lines = [(number, line.split()) for number, line in enumerate(f, 1)]
+    if lines and lines[0][1] and lines[0][1][0].startswith("\ufeff"):
+        raise ValueError(f"{path} starts with a byte-order mark (BOM): save it without one")
     for number, fields in lines:
         if not fields:
             raise ValueError(f"{path} line {number} is blank: remove it")

@@ -102,6 +102,21 @@ def test_an_unreadable_test_image_is_one_error_line(fake_cub: Path, tmp_path: Pa
         run_cli([*argv, "--out", str(tmp_path / "out")])
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_test_image_truncated_in_its_header_is_named_and_leaves_no_folder(
+    fake_cub: Path, tmp_path: Path, workers: str
+) -> None:
+    """Pillow fails in PML's Image.open, before the transform: the file is still named
+    (found by review); the run fails after training, and its empty folders go with it."""
+    image = fake_cub / "CUB_200_2011" / "images" / "101.Bird_101" / "Bird_101_1.jpg"
+    image.write_bytes(image.read_bytes()[:100])
+    argv = ["bench", "--dataset", "cub", "--data-root", str(fake_cub), *CUB, "--epochs", "1"]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"Bird_101_1\.jpg: Truncated File Read"):
+        run_cli([*argv, "--losses", "arcface", "--num-workers", workers, "--out", str(out)])
+    assert not out.exists()
+
+
 def test_the_small_cnn_standing_in_for_a_backbone_is_what_the_checkpoint_records(
     fake_cub: Path, tmp_path: Path
 ) -> None:

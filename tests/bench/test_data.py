@@ -160,3 +160,12 @@ def test_download_passes_through_to_pml(
     # an existing, non-empty folder is not downloaded again (PML's rule)
     data.load_image_dataset(name, root, download=True, image_size=8)
     assert calls == [str(root)]
+
+
+def test_an_index_file_with_a_byte_order_mark_is_named(fake_cub: Path) -> None:
+    """PML reads the first id with the BOM attached and fails: the check says why first
+    (it dropped the BOM and passed; found by review)."""
+    path = fake_cub / "CUB_200_2011" / "images.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    with pytest.raises(data.DatasetFolderError, match=r"images\.txt starts with a byte-order"):
+        data.load_image_dataset("cub", fake_cub, image_size=16)
