@@ -142,15 +142,18 @@ CUB_CLASSES = range(1, 201)
 SOP_HEADER = ("image_id", "class_id", "super_class_id", "path")
 
 
-def _index_lines(folder: str, name: str) -> list[tuple[int, list[str]]]:
-    """``(line number, fields)`` of every line of an index file; a blank line or a
-    byte-order mark is an error (PML's readers take every line as it is: they fail on
+def _index_lines(folder: str, name: str, header: bool = False) -> list[tuple[int, list[str]]]:
+    """``(line number, fields)`` of every line of an index file; a blank line is an
+    error, and so is a byte-order mark unless the first line is a ``header`` (PML's
+    readers take every line as it is, but SOP's header, which they skip: they fail on
     it, or misread it)."""
     path = os.path.join(folder, name)
     with open(path, encoding="utf-8") as f:
         lines = [(number, line.split()) for number, line in enumerate(f, 1)]
     if lines and lines[0][1] and lines[0][1][0].startswith("\ufeff"):
-        raise ValueError(f"{path} starts with a byte-order mark (BOM): save it without one")
+        if not header:
+            raise ValueError(f"{path} starts with a byte-order mark (BOM): save it without one")
+        lines[0][1][0] = lines[0][1][0].removeprefix("\ufeff")
     for number, fields in lines:
         if not fields:
             raise ValueError(f"{path} line {number} is blank: remove it")
@@ -213,7 +216,7 @@ def _sop_images(folder: str) -> list[str]:
     for split in ("train", "test"):
         name = f"Ebay_{split}.txt"
         path = os.path.join(folder, name)
-        lines = _index_lines(folder, name)
+        lines = _index_lines(folder, name, header=True)
         if not lines or tuple(lines[0][1]) != SOP_HEADER:
             raise ValueError(
                 f"{path} does not start with the header line {' '.join(SOP_HEADER)!r} "
