@@ -11,6 +11,7 @@ padded to the largest batch for the collective and the padding is dropped again.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -76,6 +77,22 @@ def dtype_code(dtype: object) -> float:
     """A number for a floating dtype (-1 for anything else): what the ranks compare in
     :func:`checked_on_every_rank`'s ``agreed``."""
     return float(_DTYPE_CODES.get(dtype, -1))  # type: ignore[call-overload]
+
+
+def settings_code(*settings: object) -> float:
+    """A number for ``settings`` that ranks compare in :func:`checked_on_every_rank`'s
+    ``agreed``: the CRC-32 of their ``repr`` (the same in every process, unlike
+    ``hash``). Plain values only (numbers, strings, ``None``, tuples of them); a tensor
+    counts by its shape and dtype, not its values (which would need a read)."""
+
+    def plain(value: object) -> object:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), str(value.dtype))
+        if isinstance(value, (tuple, list)):
+            return tuple(plain(v) for v in value)
+        return value
+
+    return float(zlib.crc32(repr(plain(settings)).encode()))
 
 
 def checked_on_every_rank(

@@ -15,6 +15,7 @@ Memory per rank: the engine's tiles, plus ``Q x k x world_size`` for the merge.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,10 +27,11 @@ from pml_margins.distributed.collectives import (
     all_reduce_,
     checked_on_every_rank,
     rank_and_world_size,
+    settings_code,
 )
 from pml_margins.evaluation import RetrievalAccuracyCalculator
 from pml_margins.evaluation.calculator import common_float, describe_distance
-from pml_margins.evaluation.inputs import as_embeddings, check_knn
+from pml_margins.evaluation.inputs import as_embeddings, check_int, check_knn
 from pml_margins.evaluation.knn import (
     Backend,
     Metric,
@@ -37,6 +39,7 @@ from pml_margins.evaluation.knn import (
     knn_float64,
     merge_neighbours,
     thread_limit,
+    uses_faiss,
 )
 
 __all__ = ["ShardedRetrievalAccuracyCalculator", "sharded_exact_knn"]
@@ -84,10 +87,25 @@ def sharded_exact_knn(
 
     def check() -> tuple[torch.Tensor, torch.Tensor]:
         checked = as_embeddings(query, "query")
-        return checked, as_embeddings(reference_shard, "reference_shard", checked.shape[1])
+        shard = as_embeddings(reference_shard, "reference_shard", checked.shape[1])
+        # what needs no global size (k's range does: checked below, alike on every rank)
+        check_knn(k, metric, False, 0, sys.maxsize, block_rows)
+        uses_faiss(backend, checked.device)
+        if num_threads is not None:
+            check_int(num_threads, "num_threads")
+        return checked, shard
 
-    # every rank raises when one does: else the others wait in the sizes' all-gather
-    query, reference_shard = checked_on_every_rank(check, group, _device_of(query))
+    # every rank raises when one does: else the others wait in the sizes' all-gather,
+    # or one's own arguments would make another collective differ (an abort)
+    rows = len(query) if hasattr(query, "__len__") else -1
+    agreed = {
+        "k, metric, normalize and exclude_self": (
+            settings_code(str(k), str(metric), bool(normalize), bool(exclude_self)),
+            f"k={k!r}, metric={metric!r}, normalize={normalize!r}, exclude_self={exclude_self!r}",
+        ),
+        "query rows": (float(rows), str(rows)),
+    }
+    query, reference_shard = checked_on_every_rank(check, group, _device_of(query), agreed)
     device = query.device
     rank, world_size = rank_and_world_size(group)
     sizes = all_gather_rows(torch.tensor([len(reference_shard)], device=device), group)[0]
@@ -198,10 +216,22 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             labels = self.checked_labels(reference_labels, len(shard), "reference_labels")
             return q, q_labels, shard, labels.to(device)
 
-        # every rank raises if one does (no rank left waiting in a collective)
+        # every rank raises if one does (no rank left waiting in a collective), and when
+        # the ranks' settings differ (other collectives: a hang, or an abort)
         device = self.device if self.device is not None else _device_of(query)
+        metrics = (*self.original_function_dict, "include", *include, "exclude", *exclude)
+        settings = (str(self.k), metrics, ref_includes_query, reference is None)
+        settings += (self.avg_of_avgs, self.return_per_class, self.recall_ks, str(self.exact))
+        rows = len(query) if reference is not None and hasattr(query, "__len__") else -1
+        agreed = {
+            "settings (k, metrics, ref_includes_query, ...)": (
+                settings_code(*settings),
+                f"k={self.k!r}, metrics={metrics}, ref_includes_query={ref_includes_query}",
+            ),
+            "query rows": (float(rows), str(rows)),
+        }
         checked_query, checked_labels, shard, shard_labels = checked_on_every_rank(
-            check, self.group, device
+            check, self.group, device, agreed
         )
         if reference is None:
             query = all_gather_rows(shard, self.group)[0]

@@ -16,6 +16,7 @@ from pml_margins.distributed.collectives import (
     dtype_code,
     gather_rows_with_grad,
     rank_and_world_size,
+    settings_code,
 )
 from pml_margins.distributed.local_logits import cosine_logits
 from pml_margins.distributed.partial_fc import sample_local_classes
@@ -239,6 +240,14 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         else:  # torch < 2.5: the private form, given the module with with_module
             self._register_load_state_dict_pre_hook(_sampler_from_seed_if_absent, True)
 
+    def _loss_code(self) -> tuple[float, str]:
+        """:func:`settings_code` of the loss's class and hyper-parameters, and them shown."""
+        loss = self.loss
+        names = getattr(loss, "hyperparameter_names", ())
+        values = tuple((n, getattr(loss, n, None)) for n in names)
+        shown = f"{type(loss).__name__}({', '.join(f'{n}={v!r}' for n, v in values)})"
+        return settings_code(type(loss).__module__, type(loss).__qualname__, values), shown
+
     def _check_parameters(self) -> None:
         """Refuse learnable parameters of the loss other than ``W`` and ``bias``: their
         gradient sums over all classes, and each rank would train them on its own share."""
@@ -383,6 +392,9 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             # collect_stats adds an all-reduce (avg_angle over all classes)
             "collect_stats": (float(bool(self.loss.collect_stats)), str(self.loss.collect_stats)),
             "W dtypes": (dtype_code(self.W_local.dtype), str(self.W_local.dtype)),
+            # another loss or hyper-parameter: other collectives (a hang, an abort), or
+            # each row's loss by its class's rank
+            "losses (their class and hyper-parameters)": self._loss_code(),
         }
         checked_on_every_rank(check, self.group, self.W_local.device, codes)
         all_emb, _ = gather_rows_with_grad(embeddings, self.group)

@@ -50,6 +50,7 @@ __all__ = [
     "float32_error_bound",
     "merge_neighbours",
     "thread_limit",
+    "uses_faiss",
 ]
 
 Metric = Literal["euclidean", "sqeuclidean", "dot"]  # inputs.METRICS
@@ -157,7 +158,7 @@ def _in_threads(function: Callable[[Sequence], Any], items: Sequence, workers: i
         return list(pool.map(run, [items[w::workers] for w in range(workers)]))
 
 
-def _use_faiss(backend: object, device: torch.device) -> bool:
+def uses_faiss(backend: object, device: torch.device) -> bool:
     """Whether candidates go to faiss's heaps (``"auto"``: on CPU when faiss imports),
     else to ``torch.topk``; ``ValueError`` for an unknown backend or faiss off the CPU,
     ``ImportError`` for ``"faiss"`` without faiss."""
@@ -506,7 +507,7 @@ def knn_float64(
     """
     device = query.device
     tile = block_rows or (DEFAULT_TILE if device.type == "cpu" else DEVICE_TILE)
-    heaps, reference = _use_faiss(backend, device), reference.to(device)
+    heaps, reference = uses_faiss(backend, device), reference.to(device)
     symmetric = self_offset in (None, 0) and same_values(query, reference)
     reference = query if symmetric else reference
     nq, nr = len(query), len(reference)
@@ -609,7 +610,7 @@ def exact_knn(
     query = as_embeddings(query, "query")
     reference = as_embeddings(reference, "reference", query.shape[1])
     k, block_rows = check_knn(k, metric, exclude_self, len(query), len(reference), block_rows)
-    _use_faiss(backend, query.device)  # its checks, whichever path runs
+    uses_faiss(backend, query.device)  # its checks, whichever path runs
     whole = k > 0 and _candidate_width(k, len(reference)) == len(reference)
     with torch.no_grad(), thread_limit(num_threads):
         if whole and query.dtype != torch.float64:  # every reference: one float64 product

@@ -192,6 +192,18 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> No
         for case in ("num_classes", "sample_rate", "training modes", "W dtypes", "collect_stats"):
             assert f"ranks' {case} differ" in errors[case], (rank, errors[case])
         assert "ranks' embeddings requiring grad differ" in errors["grad"]
+        for case in ("loss_class", "loss_dynamic", "loss_margin"):
+            assert "ranks' losses (their class and hyper-parameters) differ" in errors[case]
+        invalid = "k must be" if rank == 1 else "another rank's input is invalid"
+        assert invalid in errors["knn_k_invalid"], errors["knn_k_invalid"]
+        assert "ranks' k, metric, normalize and exclude_self differ" in errors["knn_k_differs"]
+        invalid = "metric must be one of" if rank == 1 else "another rank's input is invalid"
+        assert invalid in errors["knn_metric"], errors["knn_metric"]
+        invalid = "num_threads must be" if rank == 1 else "another rank's input is invalid"
+        assert invalid in errors["knn_threads"], errors["knn_threads"]
+        for case in ("calc_ref_includes_query", "calc_k"):
+            assert "ranks' settings (k, metrics, ref_includes_query, ...) differ" in errors[case]
+        assert "ranks' query rows differ" in errors["calc_rows"], errors["calc_rows"]
         empty = "reference is empty" if rank == 0 else "another rank's input is invalid"
         assert empty in errors["empty_reference"]
         # the public sharded function: local checks agreed, then one owner per row

@@ -199,7 +199,7 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
         ShardedRetrievalAccuracyCalculator,
         sharded_exact_knn,
     )
-    from pml_margins.losses import AdaCosLoss, ArcFaceLoss
+    from pml_margins.losses import AdaCosLoss, ArcFaceLoss, CurricularFaceLoss
 
     loss_fn = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4)
     x, y = torch.randn(3, 4), torch.tensor([0, 4, 9])
@@ -222,6 +222,34 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
     }.items():
         try:
             sharded_exact_knn(torch.randn(3, 4), shard if rank == 1 else torch.randn(5, 4), 2)
+            seen[case] = "no error"
+        except ValueError as err:
+            seen[case] = str(err)
+    query, shard = torch.randn(3, 4), torch.randn(5, 4)
+    for case, kwargs in {  # one rank's own arguments: a hang or an abort (review)
+        "knn_k_invalid": {"k": -1 if rank == 1 else 2},
+        "knn_k_differs": {"k": 3 if rank == 1 else 2},
+        "knn_metric": {"k": 2, "metric": "bogus" if rank == 1 else "euclidean"},
+        "knn_threads": {"k": 2, "num_threads": -3 if rank == 1 else None},
+    }.items():
+        try:
+            sharded_exact_knn(query, shard, **kwargs)
+            seen[case] = "no error"
+        except ValueError as err:
+            seen[case] = str(err)
+    labels = torch.tensor([0, 1, 0])
+    for case, (calc_kw, call_kw, rows) in {
+        "calc_ref_includes_query": ({}, {"ref_includes_query": rank == 1}, 3),
+        "calc_k": ({"k": 3 if rank == 1 else 2}, {}, 3),
+        "calc_rows": ({}, {}, 2 if rank == 1 else 3),
+    }.items():
+        calc = ShardedRetrievalAccuracyCalculator(include=("precision_at_1",), **calc_kw)
+        try:
+            refs = torch.cat([query[:rows], torch.randn(2, 4)]) if rank == 0 else query[:0]
+            refs = refs if rank == 0 else torch.randn(2, 4)
+            ref_labels = torch.zeros(len(refs), dtype=torch.long)
+            ref_labels[: min(rows, len(refs))] = labels[: min(rows, len(refs))]
+            calc.get_accuracy(query[:rows], labels[:rows], refs, ref_labels, **call_kw)
             seen[case] = "no error"
         except ValueError as err:
             seen[case] = str(err)
@@ -254,6 +282,16 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             x,
         ),
         "collect_stats": (_collecting(ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4), rank), x),
+        # another loss or hyper-parameter (a review found aborts and different values)
+        "loss_class": (
+            ShardedMarginSoftmaxLoss(CurricularFaceLoss if rank == 1 else ArcFaceLoss, 10, 4),
+            x,
+        ),
+        "loss_dynamic": (ShardedMarginSoftmaxLoss(AdaCosLoss, 10, 4, dynamic=rank != 1), x),
+        "loss_margin": (
+            ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, margin=0.3 if rank == 1 else 0.5),
+            x,
+        ),
     }
     for case, (fn, bx) in mismatched.items():
         try:
