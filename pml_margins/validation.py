@@ -755,17 +755,22 @@ def check_size(value: object, name: str) -> int:
         TypeError: anything else.
         ValueError: a negative number.
     """
+    size = _integer(value, name)
+    if size < 0:
+        raise ValueError(f"{name} must be >= 0, got {size}")
+    return size
+
+
+def _integer(value: object, name: str) -> int:
+    """``value`` as a Python ``int``: what ``operator.index`` takes, not a bool."""
     if isinstance(value, (bool, np.bool_)) or (
         isinstance(value, torch.Tensor) and value.dtype == torch.bool
     ):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     try:
-        size = operator.index(value)  # type: ignore[arg-type]
+        return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if size < 0:
-        raise ValueError(f"{name} must be >= 0, got {size}")
-    return size
 
 
 def check_count(value: object, name: str) -> int:
@@ -776,7 +781,7 @@ def check_count(value: object, name: str) -> int:
         TypeError: anything else.
         ValueError: a number below 1.
     """
-    count = check_size(value, name)
+    count = _integer(value, name)
     if count < 1:
         raise ValueError(f"{name} must be >= 1, got {count}")
     return count

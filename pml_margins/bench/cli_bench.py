@@ -142,7 +142,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="no progress output (default: a bar on a terminal, one line per epoch otherwise)",
     )
-    # what --embeddings-only compares the flags it does not read with (_check_reevaluation)
+    # what --embeddings-only compares the flags it does not read with (_given)
     p.set_defaults(
         func=run_bench,
         flag_defaults={k: p.get_default(k) for k in (*_NOT_REEVALUATED, "losses")},

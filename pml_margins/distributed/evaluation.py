@@ -15,6 +15,7 @@ Memory per rank: the engine's tiles, plus ``Q x k x world_size`` for the merge.
 
 from __future__ import annotations
 
+import operator
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -97,10 +98,10 @@ def sharded_exact_knn(
 
     # every rank raises when one does: else the others wait in the sizes' all-gather,
     # or one's own arguments would make another collective differ (an abort)
-    rows = len(query) if hasattr(query, "__len__") else -1
+    rows = _rows(query)
     agreed = {
         "k, metric, normalize and exclude_self": (
-            settings_code(str(k), str(metric), bool(normalize), bool(exclude_self)),
+            settings_code(_integer_or_repr(k), str(metric), bool(normalize), bool(exclude_self)),
             f"k={k!r}, metric={metric!r}, normalize={normalize!r}, exclude_self={exclude_self!r}",
         ),
         "query rows": (float(rows), str(rows)),
@@ -137,6 +138,23 @@ def sharded_exact_knn(
                 largest,
             )
     return finish_values(values, metric, query.dtype), indices
+
+
+def _rows(x: Any) -> int:
+    """``len(x)``, or -1 where it has none (the checks then name the problem)."""
+    try:
+        return len(x)
+    except TypeError:
+        return -1
+
+
+def _integer_or_repr(value: Any) -> int | str:
+    """An integer argument as an ``int`` (a numpy or tensor one too: the ranks' devices
+    may differ), anything else as its ``repr`` (the checks then name the problem)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return repr(value)
 
 
 def _device_of(x: Any) -> torch.device:
@@ -222,7 +240,7 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         metrics = (*self.original_function_dict, "include", *include, "exclude", *exclude)
         settings = (str(self.k), metrics, ref_includes_query, reference is None)
         settings += (self.avg_of_avgs, self.return_per_class, self.recall_ks, str(self.exact))
-        rows = len(query) if reference is not None and hasattr(query, "__len__") else -1
+        rows = _rows(query) if reference is not None else -1
         agreed = {
             "settings (k, metrics, ref_includes_query, ...)": (
                 settings_code(*settings),
