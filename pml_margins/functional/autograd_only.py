@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 
 from pml_margins.function_transforms import in_function_transform
 from pml_margins.thread_switch import ThreadSwitch
@@ -39,13 +40,14 @@ __all__ = [
     "autograd_only",
     "autograd_only_enabled",
     "backward_once",
+    "plain_autograd_needed",
     "refuse_update_in_function_transform",
 ]
 
 #: what the margin softmax's hand-written backwards suggest under ``create_graph=True``
 SOFTMAX_REMEDY = (
-    "run the loss under pml_margins.autograd_only(), or call margin_softmax_cross_entropy "
-    "on the logits directly"
+    "run the loss (or fused_margin_softmax_cross_entropy) under pml_margins.autograd_only(), "
+    "or call margin_softmax_cross_entropy on the logits directly"
 )
 #: what a sharded loss's hand-written backward suggests under ``create_graph=True``
 SHARDED_REMEDY = "sharded losses have no autograd-only path: compute the loss in one process"
@@ -56,6 +58,20 @@ def autograd_only_enabled() -> bool:
     :class:`autograd_only`, and inside a ``torch.func`` transform (``grad``, ``vmap``,
     ``jvp``, ``hessian``, ...), whose tensors the hand-written backwards cannot take."""
     return autograd_only.current() or in_function_transform()
+
+
+def plain_autograd_needed(*tensors: object) -> bool:
+    """Whether a hand-written backward cannot give the derivatives asked for:
+    :func:`autograd_only_enabled`, or a forward-mode tangent on one of ``tensors``
+    (``torch.autograd.forward_ad``, which custom backwards without a ``jvp`` drop)."""
+    if autograd_only_enabled():
+        return True
+    if forward_ad._current_level < 0:  # no dual level entered: no tangent anywhere
+        return False
+    return any(
+        isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
+        for t in tensors
+    )
 
 
 def refuse_update_in_function_transform(owner: object, statistics: str) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from pml_margins.function_transforms import values_under_transforms
-from pml_margins.functional.autograd_only import backward_once
+from pml_margins.functional.autograd_only import backward_once, plain_autograd_needed
 from pml_margins.functional.margin_softmax import compute_dtype
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
@@ -239,6 +239,8 @@ def circle_loss_dense(
         (\operatorname{LSE}\ell_n + \operatorname{LSE}\ell_p)` per row, 0 where the row
         has no positive or no negative.
     """
+    if plain_autograd_needed(sim):  # derivatives the hand-written backward cannot give
+        return circle_loss_masked(sim, pos_mask, neg_mask, m, gamma)
     m, gamma = _margin(m), _gamma(gamma)
     _check_matrix(sim, {"pos_mask": pos_mask, "neg_mask": neg_mask})
     with torch.autocast(device_type=sim.device.type, enabled=False):
@@ -326,6 +328,12 @@ def circle_loss_dense_negatives(
         ``(B,)`` losses as :func:`circle_loss_dense`, which it equals.
     """
     m, gamma = _margin(m), _gamma(gamma)
+    if plain_autograd_needed(sim):
+        raise ValueError(
+            "circle_loss_dense_negatives has a hand-written backward only: under torch.func "
+            "transforms, forward-mode AD or pml_margins.autograd_only() use "
+            "circle_loss_masked (the same loss from the pair masks)"
+        )
     _check_matrix(sim, {"neg_mask": neg_mask})
     if not caller_checked():
         checks = function_value_checks()

@@ -40,6 +40,7 @@ import torch
 from pml_margins.functional.autograd_only import SOFTMAX_REMEDY, backward_once
 from pml_margins.functional.margin_softmax import (
     autocast_off,
+    check_scale,
     compute_dtype,
     products_dtype,
     takes_unit_columns,
@@ -72,7 +73,9 @@ def target_and_slope(
     if target_logit_fn is None:
         psi = z_y
         slope = torch.ones_like(z_y) if slope_needed else None
-    elif hasattr(target_logit_fn, "value_and_slope"):
+    elif hasattr(target_logit_fn, "value_and_slope") and not getattr(
+        target_logit_fn, "has_graph", False
+    ):
         with torch.no_grad():
             psi, slope = target_logit_fn.value_and_slope(z_y)
         psi, slope = _cast(psi, dtype), (_cast(slope, dtype) if slope_needed else None)
@@ -163,7 +166,7 @@ def dense_margin_softmax_cross_entropy(
         index = labels.unsqueeze(1)
         z_y = cosine.gather(1, index).squeeze(1)
     if callable(scale):  # decided from the cosines (before they become the logits)
-        scale = scale([cosine])
+        scale = check_scale(scale([cosine]), len(labels))
     scale_tensor = scale if isinstance(scale, torch.Tensor) else None
     inputs = (embeddings, weight, scale_tensor, bias)
     grad = grad and any(t is not None and t.requires_grad for t in inputs)

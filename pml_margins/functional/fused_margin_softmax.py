@@ -99,7 +99,11 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from pml_margins.functional.autograd_only import SOFTMAX_REMEDY, backward_once
+from pml_margins.functional.autograd_only import (
+    SOFTMAX_REMEDY,
+    backward_once,
+    plain_autograd_needed,
+)
 from pml_margins.functional.dense_margin_softmax import (
     NORM_EPS,
     dense_margin_softmax_cross_entropy,
@@ -429,7 +433,17 @@ def fused_margin_softmax_cross_entropy(
             weight = weight.index_select(1, class_columns(index, per_class))
             bias = None if bias is None else bias.index_select(0, index)
     phi = non_target_logit_fn
-    if materialize is None:
+    # derivatives a hand-written backward cannot give (a torch.func transform, a
+    # forward-mode tangent, autograd_only): autograd on the materialized logits
+    plain = plain_autograd_needed(embeddings, weight, scale, bias)
+    if plain and chunk_size is not None:
+        raise ValueError(
+            "chunk_size needs the fused backward: under torch.func transforms, forward-mode "
+            "AD or pml_margins.autograd_only() the logits are materialized (chunk_size=None)"
+        )
+    if plain:
+        materialize = True
+    elif materialize is None:
         materialize = chunk_size is None and _materializes(
             rows,
             embeddings.shape[1],
@@ -437,7 +451,7 @@ def fused_margin_softmax_cross_entropy(
             per_class == 1 and phi is None,
             embeddings.device,
         )
-    if materialize and per_class == 1 and phi is None:
+    if materialize and per_class == 1 and phi is None and not plain:
         return dense_margin_softmax_cross_entropy(
             embeddings,
             weight,
@@ -627,6 +641,8 @@ def _materialized(
             cosine = cosine / norm
         if per_class > 1:  # torch.max: the gradient goes to the first maximum
             cosine = cosine.max(dim=0).values
+        if callable(scale):  # decided from the cosines (no graph), as the fused cores do
+            scale = check_scale(scale([cosine.detach()]), len(labels))
         index = labels.unsqueeze(1)
         z_y = cosine.gather(1, index).squeeze(1)
         psi = z_y if target_logit_fn is None else target_logit_fn(z_y).to(dtype)

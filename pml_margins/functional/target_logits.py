@@ -82,7 +82,9 @@ def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = Fals
 
     Where :math:`\theta + m > \pi` the cosine would grow again, so the logit falls
     back to :math:`\cos\theta - m\sin m` (the reference implementation's rule,
-    keeping the target logit decreasing in :math:`\theta`). With ``easy_margin``
+    keeping the target logit decreasing in :math:`\theta` for margins up to about
+    2.33 rad, where :math:`\cos m + m\sin m = 1`; above, it jumps up at the switch, as
+    insightface's and PML's do). With ``easy_margin``
     the margin is applied only where :math:`\cos\theta > 0`, otherwise
     :math:`\cos\theta` is kept.
     """
@@ -293,6 +295,13 @@ class TargetWithSlope:
 
     def __call__(self, cosine: torch.Tensor) -> torch.Tensor:
         return self.psi(cosine, **self.kwargs)
+
+    @property
+    def has_graph(self) -> bool:
+        """Whether a keyword argument requires grad (a learnable margin): the cores then
+        differentiate :meth:`__call__` by autograd instead of using the slope, so that it
+        gets its gradient."""
+        return any(isinstance(v, torch.Tensor) and v.requires_grad for v in self.kwargs.values())
 
     def value_and_slope(self, cosine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r""":math:`(\psi, \psi')` at ``cosine``, element-wise, no graph."""

@@ -25,7 +25,9 @@ class ArcFaceLoss(ClassWeightLoss):
                      {e^{s\cos(\theta_{y} + m)} + \sum_{j\ne y} e^{s\cos\theta_j}}
 
     Where :math:`\theta_y + m > \pi` the target logit is
-    :math:`\cos\theta_y - m\sin m` instead, keeping it decreasing in the angle.
+    :math:`\cos\theta_y - m\sin m` instead (insightface's and PML's rule), which keeps
+    it decreasing in the angle for margins up to about 2.33 rad (where
+    :math:`\cos m + m\sin m = 1`); above, it jumps up at the switch, as theirs does.
     With ``easy_margin=True`` the margin applies only where
     :math:`\cos\theta_y > 0`. No ``acos`` is taken, so gradients stay finite
     when an embedding coincides with (or opposes) its class weight.

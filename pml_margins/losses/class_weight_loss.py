@@ -169,7 +169,8 @@ class ClassWeightLoss(
     * ``sample_rate``: partial-FC negative-class sampling in ``(0, 1]``: each step
       keeps the batch's classes and a random subset of the others,
       ``round(sample_rate * C)`` in all; only those columns of ``W`` get gradients.
-      Fused losses only.
+      It samples in eval mode too (a validation loss then varies from call to call;
+      set ``sample_rate = 1`` for the full softmax). Fused losses only.
     """
 
     #: whether :meth:`base_logits` returns cosines (the ``avg_angle`` statistic needs them)

@@ -34,7 +34,8 @@ class CombinedMarginLoss(ClassWeightLoss):
     ``(m1, m2, m3) = (1, 0, m)`` is :class:`CosFaceLoss`, ``(1, m, 0)`` is
     :class:`ArcFaceLoss`, ``(m, 0, 0)`` with integer ``m`` is :class:`SphereFaceLoss`
     with a fixed ``scale``. See :func:`pml_margins.functional.combined_margin_target`
-    for how the target logit is kept monotone beyond :math:`\pi`.
+    for how the target logit is continued beyond :math:`\pi` (monotone for ``m1 = 1``
+    while ``m2`` is below about 2.33 rad, as ArcFace's).
 
     Recommended (insightface, faces): ``(1.0, 0.3, 0.2)`` or ``(1.0, 0.5, 0.0)``
     with ``s = 64``. Units: ``m1`` a multiplier, ``m2`` radians, ``m3`` a cosine.
