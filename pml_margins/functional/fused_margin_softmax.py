@@ -118,6 +118,8 @@ from pml_margins.functional.margin_softmax import (
     takes_unit_columns,
 )
 from pml_margins.validation import (
+    FLOAT_DTYPE_NAMES,
+    FLOAT_DTYPES,
     check_chunk_size,
     check_count,
     check_function_inputs,
@@ -394,7 +396,8 @@ def fused_margin_softmax_cross_entropy(
     sample_rate = check_sample_rate(sample_rate)
     per_class = check_count(sub_centers, "sub_centers")
     check_tensor(embeddings, "embeddings")
-    check_tensor(weight, "weight")
+    if check_tensor(weight, "weight").dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight must have dtype {FLOAT_DTYPE_NAMES}, got {weight.dtype}")
     if embeddings.ndim != 2 or weight.ndim != 2 or embeddings.shape[1] != weight.shape[0]:
         raise ValueError(
             f"embeddings (B, D) and weight (D, C) do not match: "

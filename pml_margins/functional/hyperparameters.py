@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from pml_margins.validation import check_count, check_real
+
 __all__ = ["cosface_margin_upper_bound", "cosface_scale_lower_bound"]
 
 
@@ -29,11 +31,10 @@ def cosface_scale_lower_bound(num_classes: int, target_probability: float) -> fl
     Raises:
         ValueError: ``num_classes < 2`` or ``target_probability`` outside (0, 1).
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    c = _at_least_two(num_classes, "num_classes")
+    target_probability = check_real(target_probability, "target_probability")
     if not 0 < target_probability < 1:
         raise ValueError(f"target_probability must lie in (0, 1), got {target_probability!r}")
-    c = num_classes
     return (c - 1) / c * math.log((c - 1) * target_probability / (1 - target_probability))
 
 
@@ -57,9 +58,19 @@ def cosface_margin_upper_bound(num_classes: int, embedding_size: int) -> float:
     Raises:
         ValueError: ``num_classes < 2`` or ``embedding_size < 2``.
     """
-    for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
-    if embedding_size == 2:
+    num_classes = _at_least_two(num_classes, "num_classes")
+    if _at_least_two(embedding_size, "embedding_size") == 2:
         return 1 - math.cos(2 * math.pi / num_classes)
     return num_classes / (num_classes - 1)
+
+
+def _at_least_two(value: object, name: str) -> int:
+    """``value`` as an ``int >= 2``: a Python or numpy integer or a one-element integer
+    tensor, else ``ValueError``."""
+    try:
+        number = check_count(value, name)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < 2:
+        raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+    return number

@@ -39,3 +39,16 @@ def test_margin_upper_bound_cases() -> None:
 def test_bad_arguments(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_bounds_take_numpy_and_tensor_integers_and_name_bad_probabilities() -> None:
+    import numpy as np
+    import torch
+
+    expected = cosface_scale_lower_bound(10, 0.9)
+    assert cosface_scale_lower_bound(np.int64(10), 0.9) == expected
+    assert cosface_margin_upper_bound(torch.tensor(10), np.int32(2)) == (
+        cosface_margin_upper_bound(10, 2)
+    )
+    with pytest.raises(TypeError, match="target_probability must be a real number"):
+        cosface_scale_lower_bound(10, "0.9")

@@ -137,3 +137,11 @@ def test_circle_loss_dense_under_transforms_is_the_masked_loss() -> None:
         grad(lambda s: circle_loss_dense_negatives(s, neg, torch.tensor([1]), 0.25, 80.0).sum())(
             sim
         )
+
+
+def test_weight_of_another_dtype_is_named() -> None:
+    """Integer weights were silently taken, complex ones failed inside clamp (review)."""
+    x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 3])
+    for w in (torch.ones(8, 5, dtype=torch.long), torch.randn(8, 5, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match=r"weight must have dtype torch\.float16"):
+            fused_margin_softmax_cross_entropy(x, w, y, None, 10.0)
