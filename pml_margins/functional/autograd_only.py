@@ -66,7 +66,8 @@ def plain_autograd_needed(*tensors: object) -> bool:
     (``torch.autograd.forward_ad``, which custom backwards without a ``jvp`` drop)."""
     if autograd_only_enabled():
         return True
-    if forward_ad._current_level < 0:  # no dual level entered: no tangent anywhere
+    # no dual level entered: no tangent anywhere (a torch without the attribute: look)
+    if getattr(forward_ad, "_current_level", 0) < 0:
         return False
     return any(
         isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
