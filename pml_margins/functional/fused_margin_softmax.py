@@ -120,12 +120,14 @@ from pml_margins.functional.margin_softmax import (
 from pml_margins.validation import (
     FLOAT_DTYPE_NAMES,
     FLOAT_DTYPES,
+    caller_checked,
     check_chunk_size,
     check_count,
     check_function_inputs,
     check_labels,
     check_sample_rate,
     check_tensor,
+    value_checks_enabled,
 )
 
 __all__ = [
@@ -272,12 +274,13 @@ def sample_classes(
     if num_sample >= num_classes:
         return None
     device = labels.device
-    positives = torch.unique(labels.long())
-    if positives.numel() and not 0 <= int(positives[0]) <= int(positives[-1]) < num_classes:
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}), got values in "
-            f"[{int(positives[0])}, {int(positives[-1])}]"
-        )
+    positives = torch.unique(labels.long())  # (on an accelerator, its size is a sync)
+    if positives.numel() and value_checks_enabled() and not caller_checked():
+        low, high = positives[[0, -1]].tolist()  # one read; a checked loss has done it
+        if not 0 <= low <= high < num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}), got values in [{low}, {high}]"
+            )
     rand_device = generator.device if generator is not None else device
     scores = torch.rand(num_classes, generator=generator, device=rand_device).to(device)
     scores[positives] = 2.0  # above every uniform draw: always kept

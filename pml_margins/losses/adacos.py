@@ -214,7 +214,7 @@ class AdaCosLoss(ClassWeightLoss):
         defer = (
             statistics.from_core
             and self.non_target_logit_fn() is None
-            and (form := self.fused_logits(embeddings)) is not None
+            and (form := self._fused_form(embeddings)) is not None
             and form.sub_centers == 1
         )
         if not defer:

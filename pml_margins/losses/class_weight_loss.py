@@ -61,6 +61,11 @@ def is_plain_inner_product(distance: BaseDistance) -> bool:
     )
 
 
+#: what forms a class-weight loss's logits: redefined without a ``fused_logits`` that
+#: describes them, they move the loss to the plain path
+_LOGIT_METHODS = ("base_logits", "cosine", "weights_for")
+
+
 def _redefined(loss: ClassWeightLoss, name: str) -> bool:
     """Whether ``loss``'s method ``name`` is not :class:`ClassWeightLoss`'s own as defined
     below (a subclass's, a mixin's, one set on the instance or patched on the class)."""
@@ -106,19 +111,21 @@ class ClassWeightLoss(
       call per step). Nothing else: the default :meth:`base_logits` (cosines from
       ``self.distance``) and the default :meth:`fused_logits` agree, so the loss
       runs on the fused core, with ``chunk_size`` and ``sample_rate``.
-    * *A margin that changes the base logits*: override :meth:`base_logits` or
-      :meth:`cosine` (and :meth:`get_logits` follows). Such a class runs on the plain
-      path (the ``(B, C)`` logits through autograd) unless the **same class** also
-      overrides :meth:`fused_logits` to declare that its logits are exactly
+    * *A margin that changes the base logits*: override :meth:`base_logits`,
+      :meth:`cosine` or :meth:`weights_for` (and :meth:`get_logits` follows). Such a
+      class runs on the plain path (the ``(B, C)`` logits through autograd) unless the
+      **same class** also overrides :meth:`fused_logits` to declare that its logits are
+      exactly
       :class:`~pml_margins.functional.FusedLogits`: a scale times the inner product
       of optionally normalized embeddings and class weights, plus a bias -- or, with
       ``sub_centers=K``, the maximum of that product over each class's ``K``
       consecutive columns of ``W`` (Sub-center ArcFace's ``cosine``; the fused core
       then runs blocks of whole classes and sends each class's gradient to its
-      winning column). A subclass that overrides :meth:`base_logits` or
-      :meth:`cosine` (itself or through a mixin earlier in its bases) without
-      restating :meth:`fused_logits` at least as low in its MRO is moved to the plain
-      path automatically, whatever else it overrides.
+      winning column). A subclass that overrides one of them (itself or through a
+      mixin earlier in its bases) without restating :meth:`fused_logits` at least as
+      low in its MRO is moved to the plain path automatically, whatever else it
+      overrides; so is a loss whose method is set on the instance or patched on its
+      class after the class was defined.
     * *A margin that changes the non-target logits* (CurricularFace, the class-level
       Circle loss): override :meth:`non_target_logit_fn` to return :math:`\phi`, applied
       element-wise to blocks of base logits (cosines) of every row before scaling. It
@@ -183,6 +190,8 @@ class ClassWeightLoss(
     #: AdaCos's scale): kept in float32 when the module is cast to float16/bfloat16
     #: (:class:`~pml_margins.losses.float_statistics.FloatStatisticsMixin`)
     statistic_buffers: tuple[str, ...] = ()
+    #: the logits' methods as the class declared them (set for each subclass)
+    _declared_logits: tuple[Any, ...] = ()
     #: the core's modes (class docstring), checked whenever set
     chunk_size = Hyperparameter(check_chunk_size)
     sample_rate = Hyperparameter(check_sample_rate)
@@ -193,10 +202,11 @@ class ClassWeightLoss(
         # gets: logits defined below the fused_logits that would describe them are not it
         first = {
             name: next(i for i, c in enumerate(cls.__mro__) if name in c.__dict__)
-            for name in ("base_logits", "cosine", "fused_logits")
+            for name in (*_LOGIT_METHODS, "fused_logits")
         }
-        if min(first["base_logits"], first["cosine"]) < first["fused_logits"]:
+        if min(first[name] for name in _LOGIT_METHODS) < first["fused_logits"]:
             cls.fused_logits = ClassWeightLoss._not_fused  # type: ignore[method-assign]
+        cls._declared_logits = tuple(getattr(cls, name) for name in _LOGIT_METHODS)
 
     def __init__(
         self,
@@ -250,6 +260,23 @@ class ClassWeightLoss(
             return None
         normalize = bool(self.distance.normalize_embeddings)
         return FusedLogits(normalize, normalize, self.logit_scale(embeddings))
+
+    def _fused_form(self, embeddings: torch.Tensor) -> FusedLogits | None:
+        """:meth:`fused_logits`, unless :meth:`_logits_redefined`: then ``None``, the plain
+        path, which calls the methods as they are."""
+        return None if self._logits_redefined() else self.fused_logits(embeddings)
+
+    def _logits_redefined(self) -> bool:
+        """Whether the logits' methods are redefined without a :meth:`fused_logits` that
+        describes them: by a subclass (see the class docstring), or after the class
+        declared them (a method set on the instance, or patched on the class)."""
+        if type(self).fused_logits is ClassWeightLoss._not_fused:
+            return True
+        declared = type(self)._declared_logits
+        return any(
+            getattr(getattr(self, name), "__func__", None) is not method
+            for name, method in zip(_LOGIT_METHODS, declared, strict=True)
+        )
 
     def _not_fused(self, embeddings: torch.Tensor) -> FusedLogits | None:
         """The :meth:`fused_logits` of a class that redefines its logits without declaring them."""
@@ -430,7 +457,7 @@ class ClassWeightLoss(
         """The ``(B,)`` element losses of :meth:`compute_loss`: the margin softmax inside
         :meth:`prepare_step`, plus :meth:`extra_losses`, times a miner's weights."""
         fused_only = self.chunk_size is not None or self.sample_rate != 1.0
-        if fused_only and (autograd_only_enabled() or self.fused_logits(embeddings) is None):
+        if fused_only and (autograd_only_enabled() or self._fused_form(embeddings) is None):
             self._check_plain_mode()  # before prepare_step updates any running statistic
         statistics = None  # only a prepare_step of a subclass reads them
         if _redefined(self, "prepare_step"):
@@ -468,7 +495,7 @@ class ClassWeightLoss(
         statistics: StepStatistics | None = None,
     ) -> torch.Tensor:
         non_target_fn = self.non_target_logit_fn()
-        form = None if autograd_only_enabled() else self.fused_logits(embeddings)
+        form = None if autograd_only_enabled() else self._fused_form(embeddings)
         if form is not None:
             formed = None if statistics is None else statistics.formed_target_cosines()
             return self._fused_losses(embeddings, labels, form, non_target_fn, formed)
@@ -485,8 +512,11 @@ class ClassWeightLoss(
         if self.chunk_size is not None or self.sample_rate != 1.0:
             if autograd_only_enabled():
                 why = "under pml_margins.autograd_only() or a torch.func transform"
-            elif type(self).fused_logits is ClassWeightLoss._not_fused:
-                why = "(it redefines base_logits or cosine without declaring them in fused_logits)"
+            elif self._logits_redefined():
+                why = (
+                    "(it redefines base_logits, cosine or weights_for without declaring them "
+                    "in fused_logits)"
+                )
             else:
                 why = (
                     f"with {type(self.distance).__name__} (its logits are not declared by "
@@ -545,3 +575,4 @@ class ClassWeightLoss(
 
 #: the methods whose redefinition :func:`_redefined` detects, as this module defines them
 _BASE_METHODS = {name: getattr(ClassWeightLoss, name) for name in ("compute_loss", "prepare_step")}
+ClassWeightLoss._declared_logits = tuple(getattr(ClassWeightLoss, n) for n in _LOGIT_METHODS)

@@ -35,12 +35,19 @@ def _blocked(monkeypatch, many: bool) -> None:
 
 
 def _no_product_of_its_own(monkeypatch) -> None:
-    """The loss's own cosine product (the old path's statistics) must not be called."""
+    """The statistics' own cosine product (the old path's) must not be formed: the core
+    hands its cosines over first. (A spy on the statistics, not on the loss's ``cosine``:
+    a logits method patched on the class moves the loss to the plain path.)"""
+    from pml_margins.losses.step_statistics import StepStatistics
 
-    def refuse(self, embeddings):
-        raise AssertionError("the statistics formed the cosines again")
+    original = StepStatistics._cosine_blocks
 
-    monkeypatch.setattr(AdaCosLoss, "cosine", refuse)
+    def refuse(self):
+        if self._blocks is None:
+            raise AssertionError("the statistics formed the cosines again")
+        return original(self)
+
+    monkeypatch.setattr(StepStatistics, "_cosine_blocks", refuse)
 
 
 def _pair(num_classes: int, width: int, dtype: torch.dtype, **kwargs):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import pml_margins
 from pml_margins.distributed import ShardedMarginSoftmaxLoss
 from pml_margins.functional import FusedLogits
 from pml_margins.losses import ArcFaceLoss, ClassWeightLoss, CosFaceLoss, SphereFaceLoss
@@ -229,5 +231,39 @@ def test_sharded_loss_refuses_parameters_not_split_by_class() -> None:
 
 def test_plain_path_refusal_names_the_redefined_logits() -> None:
     loss = SubCenterArcFace(7, 5, chunk_size=3)
-    with pytest.raises(ValueError, match="redefines base_logits or cosine without declaring"):
+    with pytest.raises(ValueError, match="redefines base_logits, cosine or weights_for with"):
         loss(torch.randn(4, 5), torch.tensor([0, 1, 2, 6]))
+
+
+def test_logits_redefined_by_weights_for_on_the_instance_or_after_the_class_go_plain() -> None:
+    """The fused core read none of these (found by review): weights_for overridden by a
+    subclass, base_logits set on an instance or patched on a class after its definition."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 6, 3, 4])
+
+    def flipped_base_logits(self, embeddings):
+        cos, scale = ArcFaceLoss.base_logits(self, embeddings)
+        return -cos, scale
+
+    class FlippedWeights(ArcFaceLoss):
+        def weights_for(self, embeddings):
+            return -super().weights_for(embeddings)
+
+    class Patched(ArcFaceLoss):
+        pass
+
+    reference = ArcFaceLoss(7, 5).double()
+    flipped = FlippedWeights(7, 5).double()
+    instance = ArcFaceLoss(7, 5).double()
+    instance.base_logits = types.MethodType(flipped_base_logits, instance)
+    Patched.base_logits = flipped_base_logits
+    patched = Patched(7, 5).double()
+    for loss in (flipped, instance, patched):
+        loss.load_state_dict(reference.state_dict())
+        with pml_margins.autograd_only():
+            expected = loss(x, y)  # the plain path: the methods as they are
+        assert not torch.allclose(expected, reference(x, y))
+        torch.testing.assert_close(loss(x, y), expected, rtol=0, atol=0)
+        loss.chunk_size = 3
+        with pytest.raises(ValueError, match="runs on the plain path"):
+            loss(x, y)

@@ -320,3 +320,24 @@ def test_the_usual_batch_shortcut_leaves_transforms_to_the_full_checks() -> None
     loss = ArcFaceLoss(5, 4)
     with pytest.raises(ValueError, match="NaN or Inf"):
         torch.func.vmap(lambda e: loss(e, y))(bad)
+
+
+def test_partial_fc_reads_no_labels_beyond_the_checks(monkeypatch) -> None:
+    """sample_classes read the label range itself on every forward, checks on or off
+    (found by review): now a loss's checked labels are not read again, and the switch
+    turns the public function's read off."""
+    from pml_margins.functional import sample_classes
+
+    monkeypatch.setattr(validation, "_host_array", lambda values: None)  # the device path
+    monkeypatch.setattr(validation, "usual_cpu_batch_passes", lambda *args: False)
+    loss = ArcFaceLoss(6, 8, sample_rate=0.5)
+    x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 5])
+    with count_read_backs() as calls:
+        loss(x, y)
+    assert calls == ["tolist"]  # the loss's one combined read
+    with value_checks(False), count_read_backs() as calls:
+        loss(x, y)
+        sample_classes(y, 6, 0.5)
+    assert calls == []
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\), got values in \[0, 6\]"):
+        sample_classes(torch.tensor([0, 6]), 6, 0.5)
