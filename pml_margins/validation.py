@@ -262,13 +262,15 @@ def check_tensor(value: object, name: str) -> torch.Tensor:
     """``value`` if it is a dense tensor: what every check here reads.
 
     Raises:
-        TypeError: not a ``torch.Tensor``, or a sparse or nested one (their values and
-            shapes are not read as a dense tensor's).
+        TypeError: not a ``torch.Tensor``, or a sparse, nested or quantized one (their
+            values and shapes are not read as a dense tensor's).
     """
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.is_nested:
         raise TypeError(f"{name} must be a dense tensor, got a nested tensor")
+    if value.is_quantized:
+        raise TypeError(f"{name} must be a dense tensor, got a quantized one; pass x.dequantize()")
     if value.layout != torch.strided:
         raise TypeError(
             f"{name} must be a dense tensor, got layout {value.layout}; pass x.to_dense()"

@@ -98,7 +98,7 @@ def _load(path: str, key: str) -> torch.Tensor:
     if Path(path).is_dir():
         raise CliError(f"{path}: is a directory, not a .npy, .npz or .pt file")
     try:
-        return load_array(path, key)
+        loaded = load_array(path, key)
     except pickle.UnpicklingError:
         raise CliError(
             f"{path}: cannot read: torch.load(weights_only=True) refuses it (it holds Python "
@@ -111,6 +111,9 @@ def _load(path: str, key: str) -> torch.Tensor:
         if not isinstance(error, (OSError, ValueError, TypeError, RuntimeError, EOFError)):
             reason = f"not a valid {Path(path).suffix} file ({type(error).__name__}: {reason})"
         raise CliError(f"{path}: cannot read: {reason}") from None
+    if isinstance(loaded, torch.Tensor) and loaded.is_meta:
+        raise CliError(f"{path}: its tensor has no data (a meta tensor): save a real one")
+    return loaded
 
 
 def _recall_ks(args: argparse.Namespace) -> tuple[int, ...]:

@@ -151,9 +151,15 @@ def test_cli_files_that_cannot_be_read_are_one_line_and_status_2(tmp_path, capsy
     os.symlink("loop2.json", "loop.json")  # a loop of links
     os.symlink("loop.json", "loop2.json")
     torch.save(torch.eye(20).to_sparse(), "sparse.pt")
+    torch.save(torch.empty(20, 4, device="meta"), "meta.pt")
+    with warnings.catch_warnings():  # quantized tensors' creation is deprecated
+        warnings.simplefilter("ignore")
+        torch.save(torch.quantize_per_tensor(torch.rand(20, 4), 0.1, 0, torch.qint8), "q.pt")
     cases = [
         (["--embeddings", "scalar.npy"], "scalar.npy: query must be 2-D"),
         (["--embeddings", "sparse.pt"], "sparse.pt: query must be a dense tensor"),
+        (["--embeddings", "meta.pt"], "meta.pt: its tensor has no data"),
+        (["--embeddings", "q.pt"], "q.pt: query must be a dense tensor, got a quantized one"),
         (["--embeddings", "garbage.pt"], "garbage.pt: cannot read: not a valid .pt file"),
         (["--embeddings", "bad.npz"], "bad.npz: cannot read: not a valid .npz file"),
         (["--embeddings", "obj.pt"], "obj.pt: cannot read: torch.load(weights_only=True)"),
