@@ -40,6 +40,7 @@ __all__ = [
     "autograd_only",
     "autograd_only_enabled",
     "backward_once",
+    "has_forward_tangent",
     "plain_autograd_needed",
     "refuse_update_in_function_transform",
 ]
@@ -64,15 +65,16 @@ def plain_autograd_needed(*tensors: object) -> bool:
     """Whether a hand-written backward cannot give the derivatives asked for:
     :func:`autograd_only_enabled`, or a forward-mode tangent on one of ``tensors``
     (``torch.autograd.forward_ad``, which custom backwards without a ``jvp`` drop)."""
-    if autograd_only_enabled():
-        return True
+    return autograd_only_enabled() or any(has_forward_tangent(t) for t in tensors)
+
+
+def has_forward_tangent(value: object) -> bool:
+    """Whether ``value`` is a tensor carrying a forward-mode tangent
+    (``torch.autograd.forward_ad``)."""
     # no dual level entered: no tangent anywhere (a torch without the attribute: look)
     if getattr(forward_ad, "_current_level", 0) < 0:
         return False
-    return any(
-        isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
-        for t in tensors
-    )
+    return isinstance(value, torch.Tensor) and forward_ad.unpack_dual(value).tangent is not None
 
 
 def refuse_update_in_function_transform(owner: object, statistics: str) -> None:

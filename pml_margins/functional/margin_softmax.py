@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.autograd import forward_ad
 
 from pml_margins.function_transforms import in_function_transform, is_compiling
+from pml_margins.functional.autograd_only import has_forward_tangent
 from pml_margins.validation import (
     MAX_LOGIT_TERM,
     caller_checked,
@@ -141,7 +141,7 @@ def _has_derivative(value: torch.Tensor) -> bool:
     hides a forward-mode tangent; the compiled masking is cheap)."""
     if value.requires_grad or in_function_transform() or is_compiling():
         return True
-    return forward_ad.unpack_dual(value).tangent is not None
+    return has_forward_tangent(value)
 
 
 def margin_softmax_cross_entropy(
