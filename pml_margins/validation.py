@@ -847,10 +847,10 @@ def usual_cpu_batch_passes(
     and int64 strided CPU labels of length ``B`` (at most :data:`_PYTHON_EXTREMES_MAX`)
     in ``[0, num_classes)`` (Python's ``min``/``max`` of their list), with the value
     checks on; ``False`` for anything else (a device's tensors, a ``torch.func``
-    wrapper, which numpy cannot read), which the full checks then judge and name. Both
-    read through numpy, no tensor read-back, and with the fewest calls: a small
-    problem's step is a few hundred microseconds, and the full checks' host path (the
-    same reads) cost it ~5 us more (CosFace 64 x 128 x 100, CPU).
+    wrapper, which :func:`_host_array` cannot read), which the full checks then judge and
+    name. Both read through numpy, no tensor read-back, without the full checks' layers:
+    a small problem's step is a few hundred microseconds, and those layers (the same
+    reads) cost it ~5 us more (CosFace 64 x 128 x 100, CPU).
     """
     if not (
         type(embeddings) is torch.Tensor
@@ -871,11 +871,10 @@ def usual_cpu_batch_passes(
         and not is_compiling()
     ):
         return False
-    try:
-        array = embeddings.detach().numpy()
-        items = labels.numpy().tolist()
-    except (RuntimeError, TypeError):  # a torch.func wrapper: the full checks look under it
-        return False
+    array, label_array = _host_array(embeddings), _host_array(labels)
+    if array is None or label_array is None:  # a torch.func wrapper: the full checks
+        return False  # look under it
+    items = label_array.tolist()
     return math.isfinite(np.vdot(array, array)) and 0 <= min(items) <= max(items) < (num_classes)
 
 
