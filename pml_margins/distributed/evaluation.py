@@ -335,5 +335,6 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             exclude_self=ref_includes_query,
             block_rows=self.block_rows,
             num_threads=self.num_threads,
+            backend=self.backend,
             group=self.group,
         )

@@ -32,7 +32,7 @@ from pml_margins.evaluation.inputs import (
     as_pml_labels,
     check_int,
 )
-from pml_margins.evaluation.knn import Metric, exact_knn
+from pml_margins.evaluation.knn import Backend, Metric, exact_knn, uses_faiss
 from pml_margins.evaluation.label_matching import compared, custom_relevance, label_positions
 
 __all__ = [
@@ -193,6 +193,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         block_rows: tile side of the exact k-nn (memory, not results).
         num_threads: torch CPU threads during the k-nn (default: unchanged).
         progress: show a tqdm bar over the k-nn tiles.
+        backend: the exact k-nn's candidate selection, as in
+            :func:`~pml_margins.evaluation.exact_knn`: ``"faiss"`` (binary heaps, CPU),
+            ``"torch"`` (``torch.topk``, any device) or ``"auto"`` (faiss on CPU when
+            installed). The results do not depend on it; a ``knn_func`` that runs as
+            PML's (not the exact k-nn) takes only ``"auto"``.
 
     Besides the metrics the result holds ``num_excluded_queries``: queries whose
     label has no other instance in the reference set, left out as PML does.
@@ -220,6 +225,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         block_rows: int | None = None,
         num_threads: int | None = None,
         progress: bool = False,
+        backend: Backend = "auto",
     ) -> None:
         if label_comparison_fn is not None and not callable(label_comparison_fn):
             raise TypeError(
@@ -263,11 +269,19 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             self.exact, custom = None, knn_func
         else:
             raise TypeError(f"knn_func must be callable, got {type(knn_func).__name__}")
+        self._device = None if device is None else torch.device(device)
+        uses_faiss(backend, self._device or torch.device("cpu"))  # its checks
+        if backend != "auto" and custom is not None:
+            raise ValueError(
+                f"backend={backend!r} selects the exact k-nn's candidate pass, but "
+                f"{describe_distance(getattr(custom, 'distance', custom))} runs as PML's "
+                "knn_func; leave backend='auto'"
+            )
+        self.backend = backend
         self.distance = distance
         self.block_rows = block_rows
         self.num_threads = num_threads
         self.progress = progress
-        self._device = None if device is None else torch.device(device)
         if kmeans_func is None:
             kmeans_func = FaissKMeans(niter=20, gpu=_faiss_gpu_usable(self._device))
         super().__init__(
@@ -555,6 +569,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             exclude_self=ref_includes_query,
             block_rows=self.block_rows,
             num_threads=self.num_threads,
+            backend=self.backend,
             progress=self.progress,
         )
 

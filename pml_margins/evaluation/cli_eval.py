@@ -18,6 +18,8 @@ __all__ = ["format_table", "load_array", "register", "run"]
 
 #: above this many query × reference pairs the k-nn shows a progress bar
 PROGRESS_MIN_PAIRS = 10**8
+#: ``knn.BACKENDS``, spelled out: importing the engine here would slow ``--help``
+BACKEND_CHOICES = ("auto", "faiss", "torch")
 
 
 def load_array(path: str | Path, key: str | None = None) -> torch.Tensor:
@@ -248,6 +250,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--avg-of-avgs", action="store_true", help="average the per-class averages")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="candidate selection of the exact k-nn: faiss's heaps (CPU), torch.topk (any "
+        "device) or auto (faiss on CPU); the results do not depend on it",
+    )
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        help="CPU threads of torch, BLAS and faiss during the k-nn (default: torch's)",
+    )
     p.add_argument("--output", help="write the results as JSON to this file")
     p.set_defaults(func=run)
 
@@ -295,6 +309,8 @@ def _run(args: argparse.Namespace) -> int:
             distance=CosineSimilarity() if args.distance == "cosine" else None,
             device=device,
             progress=pairs >= PROGRESS_MIN_PAIRS,
+            backend=args.backend,
+            num_threads=args.num_threads,
         )
     except ValueError as error:
         raise CliError(str(error).splitlines()[0]) from None
