@@ -32,10 +32,14 @@ __all__ = [
 def adacos_fixed_scale(num_classes: int) -> float:
     r"""AdaCos's fixed scale (Zhang et al., 2019, Eq. 13): :math:`\tilde s_f = \sqrt2\,\log(C-1)`.
 
+    ``num_classes``: an integer (numpy and one-element tensor integers too).
+
     Raises:
+        TypeError: ``num_classes`` is not an integer.
         ValueError: ``num_classes < 3`` (the scale would be 0 or undefined).
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 3:
+    num_classes = check_count(num_classes, "num_classes")
+    if num_classes < 3:
         raise ValueError(
             f"AdaCos needs num_classes >= 3 (its scale sqrt(2) log(C - 1) is 0 for two "
             f"classes), got {num_classes!r}"

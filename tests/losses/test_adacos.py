@@ -9,6 +9,7 @@ import torch
 
 from pml_margins.distributed import ShardedMarginSoftmaxLoss
 from pml_margins.losses import AdaCosLoss, NormSoftmaxLoss
+from pml_margins.losses.adacos import adacos_fixed_scale
 from tests.losses.reference import normalized_cosine
 
 C, D, B = 17, 8, 21
@@ -173,6 +174,22 @@ def test_bad_hyperparameters(kwargs, error, message: str) -> None:
     args = {"num_classes": C, "embedding_size": D, **kwargs}
     with pytest.raises(error, match=message):
         AdaCosLoss(**args)
+
+
+def test_fixed_scale_takes_any_integer_and_names_a_bad_type() -> None:
+    """The public function takes what the loss takes (numpy/tensor integers: it refused
+    them as "needs num_classes >= 3"), and a float is a TypeError, not a range error."""
+    import numpy as np
+
+    expected = math.sqrt(2) * math.log(9)
+    for count in (10, np.int64(10), np.int32(10), torch.tensor(10)):
+        assert adacos_fixed_scale(count) == pytest.approx(expected, rel=1e-15)
+    for bad in (10.0, "10", True):
+        with pytest.raises(TypeError, match="num_classes"):
+            adacos_fixed_scale(bad)
+    for small in (2, np.int64(2), 0):
+        with pytest.raises(ValueError, match="num_classes"):
+            adacos_fixed_scale(small)
 
 
 @pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "fixed"])
