@@ -32,10 +32,11 @@ from pml_margins.distributed.collectives import (
 )
 from pml_margins.evaluation import RetrievalAccuracyCalculator
 from pml_margins.evaluation.calculator import common_float, describe_distance
-from pml_margins.evaluation.inputs import as_embeddings, check_int, check_knn
+from pml_margins.evaluation.inputs import as_embeddings, check_knn
 from pml_margins.evaluation.knn import (
     Backend,
     Metric,
+    check_num_threads,
     finish_values,
     knn_float64,
     merge_neighbours,
@@ -93,7 +94,7 @@ def sharded_exact_knn(
         check_knn(k, metric, False, 0, sys.maxsize, block_rows)
         uses_faiss(backend, checked.device)
         if num_threads is not None:
-            check_int(num_threads, "num_threads")
+            check_num_threads(num_threads)
         return checked, shard
 
     # every rank raises when one does: else the others wait in the sizes' all-gather,

@@ -32,7 +32,7 @@ from pml_margins.evaluation.inputs import (
     as_pml_labels,
     check_int,
 )
-from pml_margins.evaluation.knn import Backend, Metric, exact_knn, uses_faiss
+from pml_margins.evaluation.knn import Backend, Metric, check_num_threads, exact_knn, uses_faiss
 from pml_margins.evaluation.label_matching import compared, custom_relevance, label_positions
 
 __all__ = [
@@ -93,9 +93,13 @@ def resolve_distance(distance: BaseDistance | None) -> tuple[Metric, bool] | Non
 
 def resolve_faiss_knn(knn_func: FaissKNN) -> tuple[Metric, bool] | None:
     """``(metric, normalize)`` of a PML ``FaissKNN`` whose index is a flat L2 or
-    inner-product index; ``None`` for any other index (run by faiss as in PML)."""
+    inner-product index made afresh for each search; ``None`` for any other index, and
+    with ``reset_before=False``, where PML searches the index the user put in
+    ``knn_func.index`` (run by faiss as in PML)."""
     import faiss
 
+    if not knn_func.reset_before:
+        return None
     init = knn_func.index_init_fn
     if init in (None, faiss.IndexFlatL2):
         return "sqeuclidean", False
@@ -181,10 +185,15 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             ``CosineSimilarity`` or ``DotProductSimilarity`` run the exact k-nn
             with that k-nn's ``knn_distances`` (squared L2 for faiss's
             ``IndexFlatL2``); any other callable, subclasses of those two classes
-            included, is used as PML uses it (on float32 copies of the embeddings).
+            and a ``FaissKNN(reset_before=False)`` (which searches its own
+            ``index``) included, is used as PML uses it (on float32 copies of the
+            embeddings).
             Metrics, a subclass's own included, get float32 ``query``/``reference``
             and ``knn_distances`` as in PML, and the labels as float32 (as PML casts
-            them; float64 where float32 would merge labels beyond 2^24), also in
+            them) where float32 holds every value; else float64: labels beyond 2^24,
+            which float32 would merge, and real values such as 0.1, which PML
+            rounds (a tolerance comparison at its threshold may then differ from
+            PML's: 2.13 - 1.13 is 1.0000001 in float32), also in
             ``label_comparison_fn``; a subclass's own ``calculate_recall_at_K``
             replaces ours.
         recall_ks: the cut-offs ``K`` of the ``recall_at_K`` metrics.
@@ -251,7 +260,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             if not isinstance(names, (tuple, list)):  # PML's rule: a str would split
                 raise TypeError(f"{name} must be a tuple or list, got {type(names).__name__}")
         block_rows = None if block_rows is None else check_int(block_rows, "block_rows")
-        num_threads = None if num_threads is None else check_int(num_threads, "num_threads")
+        num_threads = None if num_threads is None else check_num_threads(num_threads)
         if distance is not None and knn_func is not None:
             raise ValueError("pass either distance or knn_func, not both")
         if knn_func is None and distance is not None:

@@ -129,8 +129,9 @@ def as_comparable_labels(x: object, length: int, name: str) -> torch.Tensor:
 def as_pml_labels(labels: torch.Tensor) -> torch.Tensor:
     """Checked labels as PML hands them to the metrics and to ``label_comparison_fn``:
     float32 (PML casts them so), where every value stays exact; else float64 where every
-    value does (labels beyond 2^24, which float32 would merge); else unchanged (int64
-    labels beyond 2^53). Comparisons and counts are the same in every case."""
+    value does (labels beyond 2^24, which float32 would merge, and real values such as
+    0.1, which it would round); else unchanged (int64 labels beyond 2^53). Comparisons
+    and counts are those of the labels as given."""
     for dtype, whole in ((torch.float32, 2**24), (torch.float64, 2**53)):
         if labels.dtype == dtype:
             return labels

@@ -46,6 +46,7 @@ __all__ = [
     "Backend",
     "Metric",
     "check_k",
+    "check_num_threads",
     "exact_knn",
     "float32_error_bound",
     "merge_neighbours",
@@ -69,6 +70,8 @@ CHUNK_ELEMENTS = 2**18
 DEVICE_TILE, DEVICE_CHUNK_ELEMENTS = 8192, 2**24
 #: most worker threads of the faiss pass, and most bytes of their heaps together
 MAX_WORKERS, HEAP_BYTES = 8, 2**31
+#: most CPU threads a caller may ask for (torch's pool fails with ``bad_alloc`` far above)
+MAX_THREADS = 1024
 
 
 def float32_error_bound(
@@ -119,9 +122,14 @@ def merge_neighbours(
     return values[:, :k], indices.gather(1, order)[:, :k]
 
 
+def check_num_threads(value: object) -> int:
+    """``value`` as an ``int`` in ``[1, MAX_THREADS]``, else ``ValueError``."""
+    return check_int(value, "num_threads", high=MAX_THREADS)
+
+
 @contextlib.contextmanager
 def thread_limit(num_threads: int | None, libraries: bool = True) -> Iterator[None]:
-    """At most ``num_threads`` (a positive int, else ``ValueError``; ``None``: no change)
+    """At most ``num_threads`` (:func:`check_num_threads`; ``None``: no change)
     CPU threads in torch and, if ``libraries``, in BLAS and OpenMP (faiss) until exit.
 
     The engine runs its float64 passes on one torch thread: they work in cache-sized
@@ -132,7 +140,7 @@ def thread_limit(num_threads: int | None, libraries: bool = True) -> Iterator[No
         yield
         return
     before = torch.get_num_threads()
-    num_threads = check_int(num_threads, "num_threads")
+    num_threads = check_num_threads(num_threads)
     torch.set_num_threads(num_threads)
     try:
         with threadpool_limits(num_threads) if libraries else contextlib.nullcontext():

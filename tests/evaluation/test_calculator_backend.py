@@ -100,3 +100,28 @@ def test_cli_backend_and_threads_flags(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "num_threads" in err
     assert cli_eval.BACKEND_CHOICES == knn.BACKENDS
+
+
+def test_thread_counts_are_bounded_everywhere(tmp_path, capsys):
+    """A million threads crashed torch's pool (bad_alloc, a traceback from the CLI)."""
+    from pml_margins.distributed import sharded_exact_knn
+
+    x = torch.randn(10, 3)
+    too_many = knn.MAX_THREADS + 1
+    for call in (
+        lambda: RetrievalAccuracyCalculator(num_threads=too_many),
+        lambda: ShardedRetrievalAccuracyCalculator(num_threads=too_many),
+        lambda: knn.exact_knn(x, x, 2, num_threads=too_many),
+        lambda: sharded_exact_knn(x, x, 2, num_threads=too_many),
+    ):
+        with pytest.raises(ValueError, match=r"num_threads must be an integer in \[1, 1024\]"):
+            call()
+    assert knn.check_num_threads(knn.MAX_THREADS) == knn.MAX_THREADS
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "y.npy", np.arange(10) % 2)
+    argv = ["eval", "--embeddings", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")]
+    assert main([*argv, "--num-threads", "1000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "num_threads must be an integer in [1, 1024]" in err

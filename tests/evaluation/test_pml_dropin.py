@@ -164,3 +164,30 @@ def test_lp_power_2_ranks_as_euclidean():
     )
     b = RetrievalAccuracyCalculator(include=PML_METRICS)
     assert a.get_accuracy(x, y) == b.get_accuracy(x, y)
+
+
+def _preset_ip_knn() -> FaissKNN:
+    knn = FaissKNN(reset_before=False, reset_after=False)
+    knn.index = faiss.IndexFlatIP(8)
+    return knn
+
+
+def test_faiss_knn_without_reset_searches_its_own_index_as_pml():
+    """reset_before=False: PML searches the index the user set (here inner product),
+    or raises when there is none; it was replaced by the exact squared-L2 k-nn."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g)
+    x[:100] *= 3  # norms differ: inner product and L2 rank differently
+    y = torch.randint(0, 5, (200,), generator=g)
+    include = ("precision_at_1", "mean_average_precision_at_r")
+    pml = AccuracyCalculator(include=include, knn_func=_preset_ip_knn(), device=torch.device("cpu"))
+    ours = RetrievalAccuracyCalculator(include=include, knn_func=_preset_ip_knn())
+    assert ours.knn_func is not None  # run as PML runs it
+    expected = pml.get_accuracy(x, y)
+    assert ours.get_accuracy(x, y) == pytest.approx(expected, abs=1e-12)
+    l2 = RetrievalAccuracyCalculator(include=include).get_accuracy(x, y)
+    assert l2 != pytest.approx(expected, abs=1e-3)  # the case tells them apart
+    with pytest.raises(ValueError, match=r"self\.index is None"):
+        RetrievalAccuracyCalculator(
+            include=include, knn_func=FaissKNN(reset_before=False)
+        ).get_accuracy(x, y)

@@ -232,3 +232,18 @@ def test_ref_includes_query_is_read_for_its_truth_as_pml_does(flag):
     q, ql = _data()
     calc = RetrievalAccuracyCalculator(include=("precision_at_1",))
     assert calc.get_accuracy(q, ql, q, ql, flag) == calc.get_accuracy(q, ql, q, ql, True)
+
+
+def test_real_valued_labels_keep_their_values_where_float32_would_round_them():
+    """Documented difference: PML rounds 1.13 and 2.13 to float32, where their difference
+    is 1.0000001, so a tolerance of 1 leaves both queries lone; the values as given
+    differ by 1.0 (float64 rounding of the subtraction), and both queries match."""
+    near = lambda a, b: (a - b).abs() <= 1  # noqa: E731
+    x = torch.tensor([[0.0], [3.0], [5.0], [6.0], [0.5]])
+    y = torch.tensor([1.13, 2.13, 5.0, 5.5, 9.0], dtype=torch.float64)
+    include = ("precision_at_1", "num_excluded_queries")
+    got = RetrievalAccuracyCalculator(include=include, label_comparison_fn=near).get_accuracy(x, y)
+    assert as_pml_labels(y).dtype == torch.float64
+    assert got["num_excluded_queries"] == 1  # only the 9.0 query is lone
+    # nearest neighbours: 0.0 -> 0.5 (label 9.0), 3.0 -> 5.0, 5.0 <-> 6.0 (5.0 ~ 5.5)
+    assert got["precision_at_1"] == 0.5
