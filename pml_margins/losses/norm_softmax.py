@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
+from pytorch_metric_learning.distances import BaseDistance
 
 from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.losses.class_weight_loss import ClassWeightLoss, is_plain_inner_product
@@ -57,8 +57,9 @@ class NormSoftmaxLoss(ClassWeightLoss):
 
     @property
     def logits_are_cosines(self) -> bool:  # type: ignore[override]
-        """Cosines only with a normalizing cosine similarity (for the ``avg_angle`` statistic)."""
-        return isinstance(self.distance, CosineSimilarity) and self.distance.normalize_embeddings
+        """Cosines only with a normalizing cosine or dot-product similarity (PML's default
+        ``DotProductSimilarity()`` included; for the ``avg_angle`` statistic)."""
+        return is_plain_inner_product(self.distance) and bool(self.distance.normalize_embeddings)
 
     def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
         """PML's logits: ``distance(x, normalize(W))``, negated for a non-similarity."""

@@ -61,6 +61,32 @@ def test_sharded_loss_records_avg_angle_and_fits_in_multiple_losses() -> None:
         sharded(x, y, (torch.tensor([0]), torch.tensor([5]), torch.tensor([1])))
 
 
+@pytest.mark.parametrize("mode", ["plain", "chunked"])
+def test_norm_softmax_avg_angle_with_every_normalizing_distance(mode) -> None:
+    """PML's default DotProductSimilarity() normalizes: its logits are cosines, and the
+    statistic is the angle (it stayed 0); a non-normalizing one records none."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 3, 3, 7, 8, 0])
+    kwargs = {"collect_stats": True} | ({"chunk_size": 4} if mode == "chunked" else {})
+    angles = {}
+    for name, distance in (
+        ("cosine", CosineSimilarity()),
+        ("dot", DotProductSimilarity()),
+        ("raw", DotProductSimilarity(normalize_embeddings=False)),
+    ):
+        torch.manual_seed(1)
+        loss = ours.NormSoftmaxLoss(9, 4, distance=distance, **kwargs).double()
+        loss(x, y)
+        angles[name] = loss.avg_angle
+    torch.manual_seed(1)
+    w = ours.NormSoftmaxLoss(9, 4).double().W.detach()
+    cos = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(w, dim=0)
+    expected = torch.rad2deg(torch.acos(cos[torch.arange(6), y])).mean().item()
+    assert angles["cosine"] == pytest.approx(expected, rel=1e-9)
+    assert angles["dot"] == pytest.approx(expected, rel=1e-9)
+    assert angles["raw"] == 0
+
+
 def test_half_casts_keep_running_statistics() -> None:
     adacos = ours.AdaCosLoss(10575, 4, dynamic=False)
     exact = float(adacos.scale)
