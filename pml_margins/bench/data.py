@@ -356,7 +356,7 @@ class NamedImageErrors(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Any:
         try:
             return self.dataset[index]
-        except (OSError, SyntaxError) as err:
+        except unreadable_image_errors() as err:
             raise ValueError(f"cannot read image {self.dataset.paths[index]}: {err}") from None
 
     def __getattr__(self, name: str) -> Any:
@@ -443,6 +443,15 @@ def load_image_dataset(
     )
 
 
+def unreadable_image_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a file it cannot read: not an image, truncated or
+    unsupported (``OSError``, ``SyntaxError``), or too many pixels to decode
+    (``DecompressionBombError``)."""
+    from PIL import Image
+
+    return (OSError, SyntaxError, Image.DecompressionBombError)
+
+
 def open_image(path: str) -> Any:
     """The image at ``path``, loaded; ``ValueError`` naming the file when Pillow cannot
     read it (not an image, truncated, unsupported)."""
@@ -452,5 +461,5 @@ def open_image(path: str) -> Any:
         with Image.open(path) as image:
             image.load()
             return image
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+    except unreadable_image_errors() as err:
         raise ValueError(f"cannot read image {path}: {err}") from None

@@ -148,7 +148,9 @@ def _loader(dataset: Dataset, setup: LossSetup, cfg: TrainConfig) -> DataLoader:
 
         labels = dataset_labels(dataset)
         m = 4
-        if cfg.batch_size % m == 0 and len(set(labels)) * m >= cfg.batch_size:
+        # (a set smaller than one batch: the plain loader below, empty, and its error)
+        fits = len(labels) >= cfg.batch_size and len(set(labels)) * m >= cfg.batch_size
+        if cfg.batch_size % m == 0 and fits:
             sampler = MPerClassSampler(
                 labels, m, batch_size=cfg.batch_size, length_before_new_iter=len(labels)
             )

@@ -74,6 +74,20 @@ def test_an_image_truncated_in_its_header_is_named(fake_cub: Path) -> None:
     assert split.test[0][0].shape == (3, 16, 16)  # the others still load
 
 
+def test_an_image_with_too_many_pixels_is_named(fake_cub: Path, monkeypatch) -> None:
+    """Pillow's DecompressionBombError (not an OSError) went past the wrapper as a
+    traceback; only the first image, opened by open_image, was covered."""
+    from PIL import Image
+
+    split = data.load_image_dataset("cub", fake_cub, image_size=16)
+    path = Path(split.test.paths[1])
+    with Image.open(path) as image:
+        pixels = image.width * image.height
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels // 4)  # twice over: the error
+    with pytest.raises(ValueError, match=f"cannot read image {path}: Image size"):
+        split.test[1]
+
+
 def test_sop_loads_through_pml_with_official_split(fake_sop: Path) -> None:
     from pytorch_metric_learning.datasets import StanfordOnlineProducts
 

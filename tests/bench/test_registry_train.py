@@ -75,6 +75,18 @@ def test_too_few_samples_for_one_batch() -> None:
         )
 
 
+def test_too_few_samples_for_one_batch_with_a_miner() -> None:
+    """A pair loss took m-per-class batches first, whose sampler asserts on a set smaller
+    than one batch (16 samples of 8 classes, batches of 20): a bare AssertionError."""
+    setup = registry.build_loss("circle", 8, 3)
+    assert setup.miner is not None
+    data = TensorDataset(torch.randn(16, 4), torch.arange(16) % 8)
+    with pytest.raises(ValueError, match="16 samples, fewer than one batch of 20"):
+        train.train_embedding(
+            torch.nn.Linear(4, 3), setup, data, train.TrainConfig(batch_size=20, progress=False)
+        )
+
+
 def test_bad_amp_and_missing_cuda() -> None:
     with pytest.raises(ValueError, match="amp must be"):
         train.autocast(torch.device("cpu"), "fp8")
