@@ -9,7 +9,10 @@ CUB-200-2011 / Stanford Online Products through PML's dataset classes.
 Writes into ``--out``: ``results.json``, ``results.md`` (the table printed),
 ``recall.png`` and ``checkpoints/<loss>.pt``; ``--embeddings-only`` re-evaluates the
 checkpoints into ``reevaluated.json``, ``reevaluated.md`` and ``reevaluated.png``
-beside them (the training run's files, with their mean over seeds, stay).
+beside them (the training run's files, with their mean over seeds, stay). A training
+run keeps its checkpoints aside until it ends and then replaces ``checkpoints/`` with
+them, so the folder's results and checkpoints always come from one run (a failed or
+interrupted run leaves the previous run's set as it was).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import glob
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -305,6 +310,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         device_arg(args.device)
         check_seed(args.seed, 1 if args.embeddings_only else settings["repeats"])
         check_out_folder(args.out, files=(*RESULT_FILES, *REEVALUATED_FILES))
+        checkpoints = os.path.join(args.out, CHECKPOINTS)
+        if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
+            raise ValueError(f"--out {args.out}: {CHECKPOINTS} exists and is not a folder")
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if args.checkpoint and not args.embeddings_only:
@@ -327,6 +335,8 @@ def _data_counts(bench_data: Any) -> dict[str, int]:
 #: what a run writes into --out (a re-evaluation: REEVALUATED_FILES), json, table, plot
 RESULT_FILES = ("results.json", "results.md", "recall.png")
 REEVALUATED_FILES = ("reevaluated.json", "reevaluated.md", "reevaluated.png")
+#: the folder of a training run's checkpoints in --out
+CHECKPOINTS = "checkpoints"
 
 
 def _finish(results: dict[str, Any], out: str, reevaluated: bool = False) -> None:
@@ -412,7 +422,43 @@ def _run_bench(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         progress=not args.no_progress,
         shift=settings["shift"],
     )
-    checkpoints = os.path.join(args.out, "checkpoints")  # made with the first one
+    staged = tempfile.mkdtemp(prefix=f".{CHECKPOINTS}-", dir=args.out)  # see the module doc
+    try:
+        _train_all(args, names, overrides, bench_data, settings, cfg, results, staged)
+        _replace_folder(staged, os.path.join(args.out, CHECKPOINTS))
+    finally:
+        if os.path.isdir(staged):  # a failed or interrupted run
+            shutil.rmtree(staged, ignore_errors=True)
+    if _has_pixel_baseline(args) and not args.no_baseline:
+        results["losses"].append(_pixel_baseline(bench_data))
+    results["total_seconds"] = round(time.perf_counter() - start, 1)
+    _finish(results, args.out)
+    return 0
+
+
+def _replace_folder(new: str, path: str) -> None:
+    """Move folder ``new`` to ``path``, whose previous folder (if any) is removed."""
+    old = None
+    if os.path.lexists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}-old-", dir=os.path.dirname(path))
+        os.replace(path, os.path.join(old, "previous"))
+    os.replace(new, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _train_all(
+    args: argparse.Namespace,
+    names: list[str],
+    overrides: dict[str, dict[str, Any]],
+    bench_data: Any,
+    settings: dict[str, Any],
+    cfg: Any,
+    results: dict[str, Any],
+    checkpoints: str,
+) -> None:
+    """Train each loss (``settings["repeats"]`` seeds), save the first seed's model in
+    ``checkpoints`` and append each loss's summary to ``results["losses"]``."""
     for name in names:
         runs = []
         for repeat in range(settings["repeats"]):
@@ -422,7 +468,6 @@ def _run_bench(args: argparse.Namespace, settings: dict[str, Any]) -> int:
             )
             runs.append(run)
             if repeat == 0:  # the checkpoint is the first seed's model
-                os.makedirs(checkpoints, exist_ok=True)
                 torch.save(
                     {
                         "model_config": config,
@@ -448,11 +493,6 @@ def _run_bench(args: argparse.Namespace, settings: dict[str, Any]) -> int:
                 f"{entry['train_seconds']:.1f} s/run",
                 flush=True,
             )
-    if _has_pixel_baseline(args) and not args.no_baseline:
-        results["losses"].append(_pixel_baseline(bench_data))
-    results["total_seconds"] = round(time.perf_counter() - start, 1)
-    _finish(results, args.out)
-    return 0
 
 
 def _make_out(out: str) -> None:
@@ -682,7 +722,7 @@ def _evaluate_checkpoints(
     from pml_margins.bench import evaluate, models
     from pml_margins.bench.registry import LOSSES
 
-    paths = args.checkpoint or sorted(glob.glob(os.path.join(args.out, "checkpoints", "*.pt")))
+    paths = args.checkpoint or sorted(glob.glob(os.path.join(args.out, CHECKPOINTS, "*.pt")))
     if not paths:
         raise SystemExit(
             f"error: --embeddings-only: no checkpoints given and none in {args.out}/checkpoints"
@@ -697,7 +737,7 @@ def _evaluate_checkpoints(
                 f"{args.checkpoint or args.out + '/checkpoints'}"
             )
         checked = [item for item in checked if item[1]["name"] in wanted]
-    if not args.checkpoint:  # a folder's checkpoints in the registry's order, as trained
+    if not args.checkpoint:  # a folder's checkpoints in the registry's order
         order = {name: i for i, name in enumerate(LOSSES)}
         checked.sort(key=lambda item: order.get(item[1]["name"], len(order)))
     _make_out(args.out)  # after every check: a failed run leaves no empty output folder

@@ -585,3 +585,44 @@ def test_weights_without_a_backbone_library_are_refused(tmp_path: Path, fake_cub
     argv += ["--weights", str(tmp_path / "none.pth"), "--losses", "nsl", *COMMON]
     with pytest.raises(SystemExit, match="neither is installed"):
         main([*argv, "--out", str(tmp_path / "out")])
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_failed_run_leaves_the_previous_results_and_checkpoints(tmp_path: Path) -> None:
+    """Checkpoints were written as each loss finished and the results only at the end: a
+    later loss's failure left new checkpoints beside the old results (found by review)."""
+    out = tmp_path / "out"
+    assert main(["bench", *TINY, "--losses", "nsl", "--out", str(out)]) == 0
+    before = _files(out)
+    failing = ["--losses", "nsl,center", "--seed", "3", "--loss-arg", "center.lambda_=1e38"]
+    with pytest.raises(SystemExit, match=r"non-finite|NaN"):
+        main(["bench", *TINY, *failing, "--out", str(out)])
+    assert _files(out) == before  # nothing staged is left, nothing replaced
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["checkpoints", "results.json", "results.md", "recall.png"]
+    )
+
+
+def test_a_run_replaces_every_checkpoint_of_the_previous_one(tmp_path: Path) -> None:
+    """A re-evaluation read models of earlier, differently configured runs beside this
+    run's; now checkpoints/ is exactly this run's losses (a folder in the way included)."""
+    out = tmp_path / "out"
+    assert main(["bench", *TINY, "--losses", "nsl,cosface", "--out", str(out)]) == 0
+    (out / "checkpoints" / "nsl.pt").unlink()
+    (out / "checkpoints" / "nsl.pt").mkdir()  # blocked the save after training
+    assert main(["bench", *TINY, "--losses", "nsl", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["nsl.pt"]
+    assert (out / "checkpoints" / "nsl.pt").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_checkpoints_file_in_the_way_is_one_line_before_training(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoints").write_text("x")
+    with pytest.raises(SystemExit, match=r"^error: --out .*: checkpoints exists and is not a"):
+        main(["bench", *TINY, "--losses", "nsl", "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
