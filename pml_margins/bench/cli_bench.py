@@ -224,6 +224,11 @@ def _check_dataset_flags(args: argparse.Namespace) -> None:
             raise SystemExit(
                 f"error: {flag} applies to --dataset {' or '.join(datasets)}, not {args.dataset}"
             )
+    if args.weights is not None and args.backbone == "small-cnn":  # it would go unread
+        raise SystemExit(
+            "error: --weights: --backbone small-cnn has no pretrained weights to load "
+            "(drop --weights, or name a timm/torchvision --backbone)"
+        )
 
 
 def _run_config(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:

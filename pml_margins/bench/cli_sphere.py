@@ -101,8 +101,9 @@ def _check_out(path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if os.path.isdir(path):
-        raise SphereError(f"--out {path}: is a directory, give a file name such as sphere.png")
+    if os.path.isdir(path) or not os.path.basename(path):  # a folder, or ends with one
+        what = "is a directory" if os.path.isdir(path) else "names a folder (or nothing)"
+        raise SphereError(f"--out {path}: {what}, give a file name such as sphere.png")
     suffix = os.path.splitext(path)[1].lstrip(".").lower()
     formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
     if suffix and suffix not in formats:

@@ -17,6 +17,7 @@ copy fails with a message naming the files expected.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,8 +149,13 @@ def _index_lines(folder: str, name: str, header: bool = False) -> list[tuple[int
     readers take every line as it is, but SOP's header, which they skip: they fail on
     it, or misread it)."""
     path = os.path.join(folder, name)
-    with open(path, encoding="utf-8") as f:
-        lines = [(number, line.split()) for number, line in enumerate(f, 1)]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(number, line.split()) for number, line in enumerate(f, 1)]
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}): save it as UTF-8"
+        ) from None
     if lines and lines[0][1] and lines[0][1][0].startswith("\ufeff"):
         if not header:
             raise ValueError(f"{path} starts with a byte-order mark (BOM): save it without one")
@@ -210,7 +216,8 @@ def _cub_images(folder: str) -> list[str]:
 def _sop_images(folder: str) -> list[str]:
     """Image paths (relative to ``folder``) that SOP's ``Ebay_{train,test}.txt`` list,
     after checking the official protocol: each file starts with the header (PML skips
-    the first line), then ``image_id class_id super_class_id path``; no class in both."""
+    the first line), then ``image_id class_id super_class_id path``; no class in both, and
+    no image listed twice (a test image listed twice would find its own copy)."""
     paths: list[str] = []
     split_classes = []
     for split in ("train", "test"):
@@ -226,6 +233,13 @@ def _sop_images(folder: str) -> list[str]:
         classes = {_ints(path, n, fields, columns, 2)[1] for n, fields in lines[1:]}
         split_classes.append(classes)
         paths += [fields[3] for _, fields in lines[1:]]
+    repeated = sorted(p for p, n in Counter(paths).items() if n > 1)
+    if repeated:
+        shown = ", ".join(repeated[:5]) + (" ..." if len(repeated) > 5 else "")
+        raise ValueError(
+            f"{len(repeated)} images are listed more than once in Ebay_train.txt and "
+            f"Ebay_test.txt of {folder} ({shown}): list each image once"
+        )
     shared = sorted(split_classes[0] & split_classes[1])
     if shared:
         shown = ", ".join(map(str, shared[:5])) + (" ..." if len(shared) > 5 else "")
@@ -292,7 +306,7 @@ def check_dataset_folder(name: str, root: str | os.PathLike[str], max_listed: in
         )
     try:
         listed = layout.list_images(folder)
-    except (ValueError, UnicodeDecodeError) as err:
+    except ValueError as err:
         raise DatasetFolderError(
             f"{name.upper()} index files in {folder} are malformed: {err}"
         ) from None

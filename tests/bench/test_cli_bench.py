@@ -626,3 +626,12 @@ def test_a_checkpoints_file_in_the_way_is_one_line_before_training(tmp_path: Pat
     with pytest.raises(SystemExit, match=r"^error: --out .*: checkpoints exists and is not a"):
         main(["bench", *TINY, "--losses", "nsl", "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+
+
+def test_weights_with_the_small_cnn_are_refused(tmp_path: Path, fake_cub: Path) -> None:
+    """small-cnn dropped --weights (a missing file too) and recorded them as used."""
+    out = tmp_path / "out"
+    argv = ["bench", "--dataset", "cub", "--data-root", str(fake_cub), "--backbone", "small-cnn"]
+    with pytest.raises(SystemExit, match=r"^error: --weights: --backbone small-cnn has no"):
+        main([*argv, "--weights", str(tmp_path / "missing.pth"), "--out", str(out)])
+    assert not out.exists()

@@ -297,12 +297,19 @@ def test_cuda_without_gpu_exits_2(tmp_path: Path, runs: list, capsys) -> None:
     assert not runs
 
 
-@pytest.mark.parametrize("kind", ["directory", "suffix", "parent-is-a-file"])
+@pytest.mark.parametrize(
+    "kind", ["directory", "suffix", "parent-is-a-file", "new-folder/", "empty"]
+)
 def test_bad_out_exits_2_before_training(tmp_path: Path, runs: list, capsys, kind: str) -> None:
+    """A folder that does not exist yet, named with a trailing separator, and an empty
+    name were accepted and written as "<folder>/.png" and "./.png" (or crashed after
+    training; found by review)."""
     target = {
         "directory": tmp_path,
         "suffix": tmp_path / "figure.docx",
         "parent-is-a-file": tmp_path / "file.txt" / "s.png",
+        "new-folder/": str(tmp_path / "new") + "/",
+        "empty": "",
     }[kind]
     (tmp_path / "file.txt").write_text("x")
     assert main(["sphere", "--losses", "nsl", *QUICK, "--out", str(target)]) == 2

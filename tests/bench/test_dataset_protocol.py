@@ -48,6 +48,12 @@ def _sop(root: Path) -> Path:
             lambda f: (f / "images.txt").write_text((f / "images.txt").read_text() + "\n"),
             r"images.txt line 15 is blank: remove it",
         ),
+        (  # another encoding: the message did not say which of the two files
+            lambda f: (f / "images.txt").write_bytes(
+                (f / "images.txt").read_bytes().replace(b"Bird_1_0", b"Bird_\xe9_0", 1)
+            ),
+            r"images.txt is not UTF-8 text \(byte \d+: invalid continuation byte\)",
+        ),
         (
             lambda f: _edit(f / "images.txt", "3 ", "3 x "),
             r"images.txt line 3 has 3 fields, expected 2 \(<image_id> <path>\)",
@@ -78,6 +84,20 @@ def test_a_cub_folder_off_the_protocol_is_named(fake_cub: Path, edit, match) -> 
         (
             lambda f: _edit(f / "Ebay_train.txt", " 5 1 ", " five 1 "),
             r"Ebay_train.txt line \d+: .* does not read as <image_id> <class_id>",
+        ),
+        (  # an image in both splits: a test query would find its own training copy
+            lambda f: _edit(
+                f / "Ebay_test.txt", "bicycle_final/11319_0.JPG", "bicycle_final/5_0.JPG"
+            ),
+            r"1 images are listed more than once .*\(bicycle_final/5_0.JPG\)",
+        ),
+        (  # a line repeated in the test split
+            lambda f: (f / "Ebay_test.txt").write_text(
+                (f / "Ebay_test.txt").read_text()
+                + (f / "Ebay_test.txt").read_text().splitlines()[1]
+                + "\n"
+            ),
+            r"1 images are listed more than once .*11319_0.JPG",
         ),
     ],
 )
