@@ -32,7 +32,8 @@ METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean", "dot")
 
 
 def as_tensor(x: object, name: str) -> torch.Tensor:
-    """``x`` as a tensor (numpy arrays are wrapped without a copy).
+    """``x`` as a tensor (numpy arrays are wrapped without a copy, unless in another
+    byte order or an integer dtype torch cannot compute with).
 
     Raises:
         TypeError: neither a ``torch.Tensor`` nor a ``numpy.ndarray``, or a sparse tensor.
@@ -47,6 +48,8 @@ def as_tensor(x: object, name: str) -> torch.Tensor:
             x = x.astype(np.int64)  # torch lacks uint16/32/64 arithmetic
         if x.dtype.kind not in "fiub":
             raise TypeError(f"{name} must hold numbers, got a numpy array of dtype {x.dtype}")
+        if not x.dtype.isnative:  # big-endian data (torch reads native byte order only)
+            x = x.astype(x.dtype.newbyteorder("="))
         return torch.from_numpy(x)
     if isinstance(x, torch.Tensor):
         check_tensor(x, name)

@@ -125,3 +125,18 @@ def test_thread_counts_are_bounded_everywhere(tmp_path, capsys):
     assert main([*argv, "--num-threads", "1000000"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "num_threads must be an integer in [1, 1024]" in err
+
+
+def test_big_endian_numpy_input_is_read():
+    """torch.from_numpy refuses non-native byte order with its own message (PML too); the
+    calculator and exact_knn read such arrays (saved on another machine) as they are."""
+    import numpy as np
+
+    x, y = _data()
+    big_x, big_y = x.numpy().astype(">f4"), y.numpy().astype(">i8")
+    calc = RetrievalAccuracyCalculator(k=10)
+    assert calc.get_accuracy(big_x, big_y) == calc.get_accuracy(x, y)
+    got = knn.exact_knn(big_x, x.numpy().astype(">f8"), 3)
+    expected = knn.exact_knn(x, x.double(), 3)
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+    assert np.asarray(big_x).dtype.byteorder == ">"  # the caller's array is left as it was
