@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from pml_margins.cli import check_out_folder, check_seed
+from pml_margins.threads import thread_count_problem
 
 __all__ = ["register", "run_ablate"]
 
@@ -49,10 +50,12 @@ def run_ablate(args: argparse.Namespace) -> int:
     from pml_margins.bench.sweeps import SWEEPS
 
     names = list(SWEEPS) if not args.sweep or "all" in args.sweep else list(args.sweep)
-    for flag in ("epochs", "repeats", "threads"):
+    for flag in ("epochs", "repeats"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{flag} must be >= 1, got {value}")
+    if args.threads is not None and thread_count_problem(args.threads):
+        raise SystemExit(f"error: --threads {thread_count_problem(args.threads)}")
     try:  # before the glyph set is rendered
         check_seed(args.seed, args.repeats)
         outputs = [f"{name}{suffix}" for name in names for suffix in (".json", ".md", ".png")]

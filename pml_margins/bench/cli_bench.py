@@ -10,8 +10,9 @@ Writes into ``--out``: ``results.json``, ``results.md`` (the table printed),
 ``recall.png`` and ``checkpoints/<loss>.pt``; ``--embeddings-only`` re-evaluates the
 checkpoints into ``reevaluated.json``, ``reevaluated.md`` and ``reevaluated.png``
 beside them (the training run's files, with their mean over seeds, stay). A training
-run keeps its checkpoints aside until it ends and then replaces ``checkpoints/`` with
-them, so the folder's results and checkpoints always come from one run (a failed or
+run keeps its checkpoints aside until its results are written and then replaces
+``checkpoints/`` with them (through a symlink, its target) and removes the previous
+run's ``reevaluated.*``: the folder's files always come from one run (a failed or
 interrupted run leaves the previous run's set as it was).
 """
 
@@ -19,20 +20,22 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import glob
 import math
 import os
 import re
 import shutil
 import sys
-import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from pml_margins.cli import check_out_folder, check_seed, device_arg
+from pml_margins.threads import thread_count_problem
 
 __all__ = ["register", "run_bench"]
 
@@ -286,13 +289,16 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     defaults = DATASETS[args.dataset].defaults
     settings = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in SETTINGS}
     for key, value in settings.items():
-        if value is None:
+        if value is None or key == "threads":  # checked below
             continue
         low = 0 if key == "shift" else 1
         if (key == "lr" and not 0 < value < math.inf) or (key != "lr" and value < low):
             flag = "--" + key.replace("_", "-")
             bound = "a finite number > 0" if key == "lr" else f">= {low}"
             raise SystemExit(f"error: {flag} must be {bound}, got {value}")
+    problem = None if settings["threads"] is None else thread_count_problem(settings["threads"])
+    if problem:
+        raise SystemExit(f"error: --threads {problem}")
     if not 0 <= args.loss_lr < math.inf:  # 0 freezes the class weights
         raise SystemExit(f"error: --loss-lr must be a finite number >= 0, got {args.loss_lr}")
     if args.num_workers < 0:
@@ -316,7 +322,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         check_seed(args.seed, 1 if args.embeddings_only else settings["repeats"])
         check_out_folder(args.out, files=(*RESULT_FILES, *REEVALUATED_FILES))
         checkpoints = os.path.join(args.out, CHECKPOINTS)
-        if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
+        if os.path.lexists(checkpoints) and not os.path.isdir(checkpoints):  # a dangling link
             raise ValueError(f"--out {args.out}: {CHECKPOINTS} exists and is not a folder")
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
@@ -427,27 +433,50 @@ def _run_bench(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         progress=not args.no_progress,
         shift=settings["shift"],
     )
-    staged = tempfile.mkdtemp(prefix=f".{CHECKPOINTS}-", dir=args.out)  # see the module doc
+    # the run's checkpoints wait in a folder beside checkpoints/ (through a symlink: beside
+    # its target, on the same file system) until the results are written (module doc)
+    checkpoints = os.path.realpath(os.path.join(args.out, CHECKPOINTS))
+    staged = _new_folder(os.path.dirname(checkpoints), f".{CHECKPOINTS}-")
     try:
         _train_all(args, names, overrides, bench_data, settings, cfg, results, staged)
-        _replace_folder(staged, os.path.join(args.out, CHECKPOINTS))
+        if _has_pixel_baseline(args) and not args.no_baseline:
+            results["losses"].append(_pixel_baseline(bench_data))
+        results["total_seconds"] = round(time.perf_counter() - start, 1)
+        _finish(results, args.out)
+        _replace_folder(staged, checkpoints)
     finally:
         if os.path.isdir(staged):  # a failed or interrupted run
             shutil.rmtree(staged, ignore_errors=True)
-    if _has_pixel_baseline(args) and not args.no_baseline:
-        results["losses"].append(_pixel_baseline(bench_data))
-    results["total_seconds"] = round(time.perf_counter() - start, 1)
-    _finish(results, args.out)
+    for name in REEVALUATED_FILES:  # they described the previous run's checkpoints
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(args.out, name))
     return 0
 
 
+def _new_folder(parent: str, prefix: str) -> str:
+    """A new, empty folder ``parent/<prefix><random>`` (with the umask's permissions)."""
+    path = os.path.join(parent, prefix + uuid.uuid4().hex[:16])
+    try:
+        os.mkdir(path)
+    except OSError as err:
+        raise SystemExit(f"error: cannot make a folder in {parent}: {err.strerror}") from None
+    return path
+
+
 def _replace_folder(new: str, path: str) -> None:
-    """Move folder ``new`` to ``path``, whose previous folder (if any) is removed."""
+    """Move folder ``new`` to ``path``, whose previous folder (if any) is removed; if the
+    move fails, the previous folder is put back."""
     old = None
     if os.path.lexists(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}-old-", dir=os.path.dirname(path))
+        old = _new_folder(os.path.dirname(path), f".{os.path.basename(path)}-old-")
         os.replace(path, os.path.join(old, "previous"))
-    os.replace(new, path)
+    try:
+        os.replace(new, path)
+    except OSError:
+        if old is not None:
+            os.replace(os.path.join(old, "previous"), path)
+            os.rmdir(old)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

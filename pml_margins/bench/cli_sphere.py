@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from pml_margins.cli import check_out_folder, check_seed, device_arg
+from pml_margins.threads import thread_count_problem
 
 __all__ = ["SPHERE_LOSSES", "SphereError", "register", "run_sphere"]
 
@@ -79,10 +80,12 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     parts = [d.strip() for d in args.dims.split(",") if d.strip()]
     if not parts or any(d not in ("2", "3") for d in parts):
         raise SphereError(f"--dims must be 2, 3 or 2,3, got {args.dims!r}")
-    for flag in ("epochs", "batch_size", "threads"):
+    for flag in ("epochs", "batch_size"):
         value = getattr(args, flag)
         if value < 1:
             raise SphereError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if thread_count_problem(args.threads):
+        raise SphereError(f"--threads {thread_count_problem(args.threads)}")
     try:
         train.resolve_device(args.device)
     except (RuntimeError, ValueError) as error:
@@ -101,7 +104,7 @@ def _check_out(path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if os.path.isdir(path) or not os.path.basename(path):  # a folder, or ends with one
+    if os.path.isdir(path) or os.path.basename(path) in ("", ".", ".."):  # names a folder
         what = "is a directory" if os.path.isdir(path) else "names a folder (or nothing)"
         raise SphereError(f"--out {path}: {what}, give a file name such as sphere.png")
     suffix = os.path.splitext(path)[1].lstrip(".").lower()

@@ -152,10 +152,8 @@ def _index_lines(folder: str, name: str, header: bool = False) -> list[tuple[int
     try:
         with open(path, encoding="utf-8") as f:
             lines = [(number, line.split()) for number, line in enumerate(f, 1)]
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}): save it as UTF-8"
-        ) from None
+    except UnicodeDecodeError as err:  # its offset counts from the reader's chunk: the line
+        raise ValueError(f"{path} is not UTF-8 text ({_first_undecodable(path, err)})") from None
     if lines and lines[0][1] and lines[0][1][0].startswith("\ufeff"):
         if not header:
             raise ValueError(f"{path} starts with a byte-order mark (BOM): save it without one")
@@ -164,6 +162,17 @@ def _index_lines(folder: str, name: str, header: bool = False) -> list[tuple[int
         if not fields:
             raise ValueError(f"{path} line {number} is blank: remove it")
     return lines
+
+
+def _first_undecodable(path: str, err: UnicodeDecodeError) -> str:
+    """Where the first byte that is not UTF-8 lies: ``line N: <reason>``."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as line_err:
+                return f"line {number}: {line_err.reason}"
+    return err.reason
 
 
 def _ints(path: str, number: int, fields: list[str], columns: str, ints: int) -> list[int]:
@@ -233,7 +242,7 @@ def _sop_images(folder: str) -> list[str]:
         classes = {_ints(path, n, fields, columns, 2)[1] for n, fields in lines[1:]}
         split_classes.append(classes)
         paths += [fields[3] for _, fields in lines[1:]]
-    repeated = sorted(p for p, n in Counter(paths).items() if n > 1)
+    repeated = sorted(p for p, n in Counter(map(os.path.normpath, paths)).items() if n > 1)
     if repeated:
         shown = ", ".join(repeated[:5]) + (" ..." if len(repeated) > 5 else "")
         raise ValueError(

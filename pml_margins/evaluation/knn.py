@@ -40,6 +40,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from pml_margins.evaluation.inputs import as_embeddings, check_int, check_k, check_knn
+from pml_margins.threads import MAX_THREADS
 from pml_margins.validation import check_bool
 
 __all__ = [
@@ -70,8 +71,6 @@ CHUNK_ELEMENTS = 2**18
 DEVICE_TILE, DEVICE_CHUNK_ELEMENTS = 8192, 2**24
 #: most worker threads of the faiss pass, and most bytes of their heaps together
 MAX_WORKERS, HEAP_BYTES = 8, 2**31
-#: most CPU threads a caller may ask for (torch's pool fails with ``bad_alloc`` far above)
-MAX_THREADS = 1024
 
 
 def float32_error_bound(

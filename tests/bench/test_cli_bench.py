@@ -635,3 +635,47 @@ def test_weights_with_the_small_cnn_are_refused(tmp_path: Path, fake_cub: Path) 
     with pytest.raises(SystemExit, match=r"^error: --weights: --backbone small-cnn has no"):
         main([*argv, "--weights", str(tmp_path / "missing.pth"), "--out", str(out)])
     assert not out.exists()
+
+
+def test_an_interrupt_after_training_leaves_the_previous_set(tmp_path, monkeypatch) -> None:
+    """The checkpoints were swapped in before the pixel baseline and the results were
+    written: a Ctrl-C there left new models beside old results (found by review)."""
+    from pml_margins.bench import cli_bench
+
+    out = tmp_path / "out"
+    assert main(["bench", *TINY, "--losses", "nsl", "--out", str(out)]) == 0
+    before = _files(out)
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_bench, "_finish", interrupted)  # before it writes anything
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", *TINY, "--losses", "cosface", "--out", str(out)])
+    assert _files(out) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_checkpoints_keep_the_umask_and_a_symlink(tmp_path: Path) -> None:
+    """The staged folder came from mkdtemp (mode 0700) and a symlinked checkpoints/ (to a
+    bigger disk, say) was replaced by a folder under --out (found by review)."""
+    out, target = tmp_path / "out", tmp_path / "elsewhere" / "ckpt"
+    target.mkdir(parents=True)
+    out.mkdir()
+    (out / "checkpoints").symlink_to(target)
+    (tmp_path / "reference").mkdir()
+    assert main(["bench", *TINY, "--losses", "nsl", "--out", str(out)]) == 0
+    assert (out / "checkpoints").is_symlink()
+    assert sorted(p.name for p in target.iterdir()) == ["nsl.pt"]
+    mode = (tmp_path / "reference").stat().st_mode & 0o777
+    assert target.stat().st_mode & 0o777 == mode
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_training_run_removes_the_previous_reevaluation(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["bench", *TINY, "--losses", "nsl", "--out", str(out)]) == 0
+    assert main(["bench", *TINY, "--embeddings-only", "--out", str(out)]) == 0
+    assert (out / "reevaluated.json").exists()
+    assert main(["bench", *TINY, "--losses", "cosface", "--out", str(out)]) == 0
+    assert not [p for p in out.iterdir() if p.name.startswith("reevaluated")]

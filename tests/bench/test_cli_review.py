@@ -145,3 +145,15 @@ def test_the_small_cnn_standing_in_for_a_backbone_is_what_the_checkpoint_records
 def test_glyph_settings_are_named_by_their_flags(tmp_path: Path, flag, value, message) -> None:
     with pytest.raises(SystemExit, match=message):
         run_cli(["bench", "--dataset", "glyphs", flag, value, "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("command", ["bench", "ablate"])
+def test_thread_counts_are_bounded_before_any_work(tmp_path: Path, command: str) -> None:
+    """A million threads ran out of memory with a traceback (found by review)."""
+    out = tmp_path / "out"
+    for value in ("0", "1025", "1000000"):
+        with pytest.raises(
+            SystemExit, match=rf"--threads must be an integer in \[1, 1024\], got {value}$"
+        ):
+            run_cli([command, "--threads", value, "--out", str(out)])
+    assert not out.exists()

@@ -274,7 +274,8 @@ BAD = [
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
     (["--batch-size", "5000"], "--batch-size 5000 is larger than the"),
-    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--threads", "0"], "--threads must be an integer in [1, 1024], got 0"),
+    (["--threads", "1000000"], "--threads must be an integer in [1, 1024], got 1000000"),
     (["--device", "warp9"], "--device: "),
 ]
 
@@ -298,7 +299,7 @@ def test_cuda_without_gpu_exits_2(tmp_path: Path, runs: list, capsys) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind", ["directory", "suffix", "parent-is-a-file", "new-folder/", "empty"]
+    "kind", ["directory", "suffix", "parent-is-a-file", "new-folder/", "empty", "dot", "dotdot"]
 )
 def test_bad_out_exits_2_before_training(tmp_path: Path, runs: list, capsys, kind: str) -> None:
     """A folder that does not exist yet, named with a trailing separator, and an empty
@@ -310,6 +311,8 @@ def test_bad_out_exits_2_before_training(tmp_path: Path, runs: list, capsys, kin
         "parent-is-a-file": tmp_path / "file.txt" / "s.png",
         "new-folder/": str(tmp_path / "new") + "/",
         "empty": "",
+        "dot": str(tmp_path / "new") + "/.",
+        "dotdot": str(tmp_path / "new") + "/..",
     }[kind]
     (tmp_path / "file.txt").write_text("x")
     assert main(["sphere", "--losses", "nsl", *QUICK, "--out", str(target)]) == 2

@@ -52,7 +52,7 @@ def _sop(root: Path) -> Path:
             lambda f: (f / "images.txt").write_bytes(
                 (f / "images.txt").read_bytes().replace(b"Bird_1_0", b"Bird_\xe9_0", 1)
             ),
-            r"images.txt is not UTF-8 text \(byte \d+: invalid continuation byte\)",
+            r"images.txt is not UTF-8 text \(line 1: invalid continuation byte\)",
         ),
         (
             lambda f: _edit(f / "images.txt", "3 ", "3 x "),
@@ -91,6 +91,12 @@ def test_a_cub_folder_off_the_protocol_is_named(fake_cub: Path, edit, match) -> 
             ),
             r"1 images are listed more than once .*\(bicycle_final/5_0.JPG\)",
         ),
+        (  # the same file written another way
+            lambda f: _edit(
+                f / "Ebay_test.txt", "bicycle_final/11319_0.JPG", "./bicycle_final//5_0.JPG"
+            ),
+            r"1 images are listed more than once .*\(bicycle_final/5_0.JPG\)",
+        ),
         (  # a line repeated in the test split
             lambda f: (f / "Ebay_test.txt").write_text(
                 (f / "Ebay_test.txt").read_text()
@@ -105,6 +111,17 @@ def test_a_sop_folder_off_the_protocol_is_named(fake_sop: Path, edit, match) -> 
     edit(_sop(fake_sop))
     with pytest.raises(FileNotFoundError, match=match):
         check_dataset_folder("sop", fake_sop)
+
+
+def test_a_non_utf8_byte_deep_in_an_index_file_is_named_by_line(fake_cub: Path) -> None:
+    """The decoder's byte offset counted from its ~8 KB chunk, not from the file."""
+    index = _cub(fake_cub) / "images.txt"
+    text = index.read_text()
+    filler = "".join(f"{900 + i} 001.Bird_1/pad_{i}.jpg\n" for i in range(2000))
+    index.write_bytes((text + filler).encode() + b"2901 001.Bird_1/\xe9.jpg\n")
+    lines = len(text.splitlines()) + 2001
+    with pytest.raises(FileNotFoundError, match=rf"images.txt is not UTF-8 text \(line {lines}:"):
+        check_dataset_folder("cub", fake_cub)
 
 
 def test_the_sop_header_may_follow_a_byte_order_mark(fake_sop: Path) -> None:
