@@ -91,6 +91,14 @@ def resolve_distance(distance: BaseDistance | None) -> tuple[Metric, bool] | Non
     return None
 
 
+def _describe_knn(knn_func: object) -> str:
+    """A k-nn function as a message shows it: its distance, else its class's name."""
+    distance = getattr(knn_func, "distance", None)
+    if isinstance(distance, BaseDistance):
+        return describe_distance(distance)
+    return type(knn_func).__name__
+
+
 def resolve_faiss_knn(knn_func: FaissKNN) -> tuple[Metric, bool] | None:
     """``(metric, normalize)`` of a PML ``FaissKNN`` whose index is a flat L2 or
     inner-product index made afresh for each search; ``None`` for any other index, and
@@ -283,8 +291,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         if backend != "auto" and custom is not None:
             raise ValueError(
                 f"backend={backend!r} selects the exact k-nn's candidate pass, but "
-                f"{describe_distance(getattr(custom, 'distance', custom))} runs as PML's "
-                "knn_func; leave backend='auto'"
+                f"{_describe_knn(custom)} runs as PML's knn_func; leave backend='auto'"
             )
         self.backend = backend
         self.distance = distance

@@ -71,6 +71,10 @@ def test_a_knn_func_run_as_pml_takes_only_auto():
     assert calc.backend == "auto"
     with pytest.raises(ValueError, match=r"backend='torch' .* LpDistance\(p=1, power=1"):
         RetrievalAccuracyCalculator(knn_func=custom, backend="torch")
+    from pytorch_metric_learning.utils.inference import FaissKNN
+
+    with pytest.raises(ValueError, match=r"but FaissKNN runs as PML's knn_func"):
+        RetrievalAccuracyCalculator(knn_func=FaissKNN(reset_before=False), backend="faiss")
 
 
 def test_the_calculator_passes_backend_and_threads_to_exact_knn():
