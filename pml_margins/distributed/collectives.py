@@ -11,6 +11,7 @@ padded to the largest batch for the collective and the padding is dropped again.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -95,18 +96,34 @@ def settings_code(*settings: object) -> float:
     return float(zlib.crc32(repr(plain(settings)).encode()))
 
 
+#: relative difference up to which :func:`checked_on_every_rank` takes values as equal
+EQUAL_VALUES_RTOL = 1e-6
+
+
+def _differ(high: float, low: float) -> bool:
+    """Whether the largest and smallest of the ranks' values differ beyond
+    :data:`EQUAL_VALUES_RTOL` (non-finite ones are not compared: NaN's maximum is the
+    backend's choice)."""
+    finite = math.isfinite(high) and math.isfinite(low)
+    return finite and high - low > EQUAL_VALUES_RTOL * max(abs(high), abs(low))
+
+
 def checked_on_every_rank(
     check: Callable[[], T],
     group: ProcessGroup | None,
     device: torch.device,
     agreed: Mapping[str, tuple[float, str]] | None = None,
+    equal: Mapping[str, torch.Tensor | None] | None = None,
 ) -> T:
     """``check()`` (input checks that raise ``TypeError``/``ValueError``; what it returns
     is returned), run so that every rank raises when one does, instead of the others
     waiting in the next collective until the group's timeout: one small all-reduce of the
     ranks' verdicts. ``agreed``: what every rank must share, ``{name: (code, shown)}``
     (an embeddings dtype, say): a ``ValueError`` on every rank names it when the codes
-    differ.
+    differ. ``equal``: ``{name: values}`` (``None``: nothing) that must be equal on every
+    rank up to :data:`EQUAL_VALUES_RTOL` (running statistics), read in the same
+    all-reduce: their sizes must already agree (a prior call's ``agreed``), else the
+    all-reduce itself fails.
     """
     if rank_and_world_size(group)[1] == 1:
         return check()
@@ -120,7 +137,14 @@ def checked_on_every_rank(
     values = [float(error is not None)]
     for code, _ in agreed.values():
         values += [code, -code]
-    verdict = all_reduce_(torch.tensor(values, dtype=torch.float64, device=device), "max", group)
+    local = [torch.tensor(values, dtype=torch.float64, device=device)]
+    spans = {}
+    for name, tensor in (equal or {}).items():
+        if tensor is not None and tensor.numel():
+            start = sum(t.numel() for t in local)
+            local += [tensor.to(device, torch.float64), -tensor.to(device, torch.float64)]
+            spans[name] = (start, tensor.numel())
+    verdict = all_reduce_(torch.cat(local), "max", group).tolist()
     if error is not None:
         raise error
     if verdict[0] > 0:
@@ -128,6 +152,13 @@ def checked_on_every_rank(
     for i, (name, (_, shown)) in enumerate(agreed.items()):
         if verdict[1 + 2 * i] != -verdict[2 + 2 * i]:
             raise ValueError(f"the ranks' {name} differ (this rank's: {shown}); they must agree")
+    for name, (start, n) in spans.items():
+        high, low = verdict[start : start + n], [-v for v in verdict[start + n : start + 2 * n]]
+        if any(_differ(h, lo) for h, lo in zip(high, low, strict=True)):
+            raise ValueError(
+                f"the ranks' {name} differ (between {low} and {high}); they must be equal "
+                "(load the same state dict on every rank)"
+            )
     return result  # type: ignore[return-value]  # check() returned: no error above
 
 

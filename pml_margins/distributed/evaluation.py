@@ -109,6 +109,7 @@ def sharded_exact_knn(
     }
     query, reference_shard = checked_on_every_rank(check, group, _device_of(query), agreed)
     device = query.device
+    _agree_on_layouts(group, device, query=query, reference_shard=reference_shard)
     rank, world_size = rank_and_world_size(group)
     sizes = all_gather_rows(torch.tensor([len(reference_shard)], device=device), group)[0]
     sizes = sizes.tolist()
@@ -139,6 +140,22 @@ def sharded_exact_knn(
                 largest,
             )
     return finish_values(values, metric, query.dtype), indices
+
+
+def _agree_on_layouts(
+    group: ProcessGroup | None, device: torch.device, **tensors: torch.Tensor
+) -> None:
+    """``ValueError`` on every rank when the ranks' checked tensors differ in dtype or in
+    shape past their rows: what is gathered would be misread (an abort, or each rank
+    its own result)."""
+    codes = {
+        f"{name} dtypes and shapes past the rows": (
+            settings_code(str(t.dtype), tuple(t.shape[1:])),
+            f"{t.dtype}, {tuple(t.shape[1:])}",
+        )
+        for name, t in tensors.items()
+    }
+    checked_on_every_rank(lambda: None, group, device, codes)
 
 
 def _rows(x: Any) -> int:
@@ -252,6 +269,10 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         checked_query, checked_labels, shard, shard_labels = checked_on_every_rank(
             check, self.group, device, agreed
         )
+        layouts = {"reference": shard, "reference_labels": shard_labels}
+        if reference is not None:
+            layouts |= {"query": checked_query, "query_labels": checked_labels}
+        _agree_on_layouts(self.group, shard.device, **layouts)
         if reference is None:
             query = all_gather_rows(shard, self.group)[0]
             query_labels = all_gather_rows(shard_labels, self.group)[0]

@@ -147,10 +147,14 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
     ``sampled_classes`` holds the global ids kept by this rank in the last step.
 
     Every rank must call ``forward`` at each step, with at least one embedding
-    (it runs collectives). It gathers by itself: do not also wrap it in PML's
-    ``DistributedLossWrapper``. Memory per rank: ``W_local`` and its gradient
-    (``D x C / world_size``) plus a few ``N x C / world_size`` logit-sized
-    buffers (``N x K`` with Partial FC keeping ``K`` columns).
+    (it runs collectives), and build the same loss: its class, hyper-parameters, bias
+    (or none), reducer and dtypes, and the same buffers (running statistics, AdaCos's
+    fixed scale; compared in one more all-reduce where the loss has buffers) are
+    checked to agree, a ``ValueError`` on every rank naming what differs. It gathers
+    by itself: do not also wrap it in PML's ``DistributedLossWrapper``. Memory per
+    rank: ``W_local`` and its gradient (``D x C / world_size``) plus a few
+    ``N x C / world_size`` logit-sized buffers (``N x K`` with Partial FC keeping ``K``
+    columns).
 
     A loss whose margin or scale needs batch statistics (MagFace, AdaFace, dynamic
     AdaCos) gets them through its
@@ -241,11 +245,17 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             self._register_load_state_dict_pre_hook(_sampler_from_seed_if_absent, True)
 
     def _loss_code(self) -> tuple[float, str]:
-        """:func:`settings_code` of the loss's class and hyper-parameters, and them shown."""
+        """:func:`settings_code` of the loss's class, hyper-parameters, bias (or none) and
+        reducer (its class and bounds), and them shown."""
         loss = self.loss
         names = getattr(loss, "hyperparameter_names", ())
         values = tuple((n, getattr(loss, n, None)) for n in names)
-        shown = f"{type(loss).__name__}({', '.join(f'{n}={v!r}' for n, v in values)})"
+        values += (("bias", getattr(loss, "bias", None) is not None),)
+        reducer = loss.reducer
+        bounds = tuple(getattr(reducer, n, None) for n in ("low", "high"))
+        values += (("reducer", type(reducer).__module__, type(reducer).__qualname__, bounds),)
+        shown = ", ".join(f"{n}={v!r}" for n, v, *_ in values[:-1])
+        shown = f"{type(loss).__name__}({shown}), reducer {type(reducer).__name__}{bounds}"
         return settings_code(type(loss).__module__, type(loss).__qualname__, values), shown
 
     def _check_parameters(self) -> None:
@@ -397,6 +407,14 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             "losses (their class and hyper-parameters)": self._loss_code(),
         }
         checked_on_every_rank(check, self.group, self.W_local.device, codes)
+        # the buffers (running statistics, AdaCos's fixed scale) are equal on every rank
+        # after every step; a rank that loaded others would train another loss. Compared
+        # once the losses agree (their class, so the buffers' sizes): one more all-reduce
+        buffers = [b.detach().double().flatten() for b in self.loss.buffers()]
+        if buffers:
+            names = ", ".join(n for n, _ in self.loss.named_buffers())
+            equal = {f"loss buffers ({names})": torch.cat(buffers)}
+            checked_on_every_rank(lambda: None, self.group, self.W_local.device, equal=equal)
         all_emb, _ = gather_rows_with_grad(embeddings, self.group)
         all_labels, _ = all_gather_rows(labels.to(embeddings.device, torch.int64), self.group)
         local = all_labels.long() - self.class_start

@@ -41,6 +41,7 @@ from pml_margins.distributed.collectives import (
     all_reduce_,
     checked_on_every_rank,
     dtype_code,
+    settings_code,
 )
 from pml_margins.functional.autograd_only import SHARDED_REMEDY, backward_once
 from pml_margins.functional.margin_softmax import (
@@ -188,6 +189,13 @@ def sharded_margin_softmax_cross_entropy(
                 "logits dtypes": (dtype_code(dtype), str(dtype)),
                 # the owner count widens the forward's all-reduce: the same on every rank
                 "value checks": (float(value_checks_enabled()), str(value_checks_enabled())),
+                # a number (a tensor by its shape and dtype: its values would need a read)
+                "scales": (
+                    settings_code(scale),
+                    f"a tensor of shape {tuple(scale.shape)}"
+                    if isinstance(scale, torch.Tensor)
+                    else repr(scale),
+                ),
             },
         )
     # the owners of each row, counted in the forward's all-reduce (with the value checks)

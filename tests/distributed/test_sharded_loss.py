@@ -192,8 +192,17 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> No
         for case in ("num_classes", "sample_rate", "training modes", "W dtypes", "collect_stats"):
             assert f"ranks' {case} differ" in errors[case], (rank, errors[case])
         assert "ranks' embeddings requiring grad differ" in errors["grad"]
-        for case in ("loss_class", "loss_dynamic", "loss_margin"):
+        for case in ("loss_class", "loss_dynamic", "loss_margin", "loss_reducer", "loss_bias"):
             assert "ranks' losses (their class and hyper-parameters) differ" in errors[case]
+        assert "ranks' loss buffers (scale) differ" in errors["buffers_scale"]
+        assert "ranks' loss buffers (t) differ" in errors["buffers_t"]
+        assert "ranks' scales differ" in errors["functional_scale_value"]
+        for case, name in (
+            ("calc_label_dtypes", "reference_labels"),
+            ("calc_self_dtypes", "reference"),
+            ("knn_dtype", "reference_shard"),
+        ):
+            assert f"ranks' {name} dtypes and shapes past the rows differ" in errors[case]
         invalid = "k must be" if rank == 1 else "another rank's input is invalid"
         assert invalid in errors["knn_k_invalid"], errors["knn_k_invalid"]
         assert "ranks' k, metric, normalize and exclude_self differ" in errors["knn_k_differs"]

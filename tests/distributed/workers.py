@@ -194,12 +194,14 @@ def ddp_backbone(rank: int, world_size: int, out: pathlib.Path) -> None:
 def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None:
     """Bad input on one rank: every rank must raise (none left waiting in a collective).
     Records each rank's error message per case."""
+    from pytorch_metric_learning.reducers import MeanReducer, SumReducer
+
     from pml_margins.distributed import (
         ShardedMarginSoftmaxLoss,
         ShardedRetrievalAccuracyCalculator,
         sharded_exact_knn,
     )
-    from pml_margins.losses import AdaCosLoss, ArcFaceLoss, CurricularFaceLoss
+    from pml_margins.losses import AdaCosLoss, ArcFaceLoss, CurricularFaceLoss, SoftmaxLoss
 
     loss_fn = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4)
     x, y = torch.randn(3, 4), torch.tensor([0, 4, 9])
@@ -253,6 +255,31 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             seen[case] = "no error"
         except ValueError as err:
             seen[case] = str(err)
+    same = lambda a, b: a == b  # noqa: E731  # labels then keep their dtype
+    layouts = {  # gathered as bytes: an abort, or each rank its own metrics (review)
+        "calc_label_dtypes": (
+            {"k": 2, "label_comparison_fn": same},
+            (
+                query,
+                labels,
+                shard,
+                (labels[:1].repeat(5)).to(torch.float64 if rank else torch.int64),
+            ),
+        ),
+        "calc_self_dtypes": ({}, (shard.double() if rank == 1 else shard, labels[:1].repeat(5))),
+    }
+    for case, (calc_kw, args) in layouts.items():
+        calc = ShardedRetrievalAccuracyCalculator(include=("precision_at_1",), **calc_kw)
+        try:
+            calc.get_accuracy(*args)
+            seen[case] = "no error"
+        except ValueError as err:
+            seen[case] = str(err)
+    try:
+        sharded_exact_knn(query, shard.double() if rank == 1 else shard, 2)
+        seen["knn_dtype"] = "no error"
+    except ValueError as err:
+        seen["knn_dtype"] = str(err)
     try:  # rank 0 holds no reference: an empty slice
         calc = ShardedRetrievalAccuracyCalculator(include=("precision_at_1",))
         refs = torch.randn(0 if rank == 0 else 4, 4)
@@ -292,6 +319,20 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, margin=0.3 if rank == 1 else 0.5),
             x,
         ),
+        # each rank's reducer: another value per rank, inconsistent gradients (review)
+        "loss_reducer": (
+            ShardedMarginSoftmaxLoss(
+                ArcFaceLoss, 10, 4, reducer=SumReducer() if rank == 1 else MeanReducer()
+            ),
+            x,
+        ),
+        "loss_bias": (ShardedMarginSoftmaxLoss(SoftmaxLoss, 10, 4, bias=rank == 1), x),
+        # AdaCos's fixed scale and a running statistic are buffers, not hyper-parameters
+        "buffers_scale": (
+            ShardedMarginSoftmaxLoss(AdaCosLoss, 10, 4, dynamic=False, scale=20.0 + rank),
+            x,
+        ),
+        "buffers_t": (_with_t(ShardedMarginSoftmaxLoss(CurricularFaceLoss, 10, 4), rank), x),
     }
     for case, (fn, bx) in mismatched.items():
         try:
@@ -321,10 +362,12 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
         ),
         "functional_dtype": (logits.double() if rank == 1 else logits, torch.tensor([0, -1])),
         "functional_scale": (logits, torch.tensor([0, -1])),
+        "functional_scale_value": (logits, torch.tensor([0, -1])),
         "functional_value_checks": (logits, torch.tensor([0, -1] if rank == 0 else [-1, 0])),
     }
     for case, (z, target) in functional.items():
         scale = torch.ones(3) if case == "functional_scale" and rank == 1 else 10.0
+        scale = 11.0 if case == "functional_scale_value" and rank == 1 else scale
         switched = case == "functional_value_checks" and rank == 1
         try:
             with pml_margins.value_checks(not switched):
@@ -333,6 +376,13 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
         except ValueError as err:
             seen[case] = str(err)
     torch.save(seen, out / f"bad_input_{rank}.pt")
+
+
+def _with_t(loss, rank: int):
+    """CurricularFace with rank 1's running ``t`` loaded from elsewhere."""
+    if rank == 1:
+        loss.loss.t.fill_(0.5)
+    return loss
 
 
 def _collecting(loss, rank: int):
