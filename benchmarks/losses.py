@@ -19,16 +19,20 @@ one forward + backward of
   Sub-center ArcFace its own floor with ``K`` times the columns (row ``floor``, loss
   ``subcenter``),
 
-interleaved so that a noisy, shared machine slows all alike, in an order that rotates
-by one case each round (A B C, B C A, C A B, ...): on this box the case timed right
-after PML's step ran 170-340 us slower at 256 x 512 x 100 (whichever case it was), which
-a fixed order charged to ``ours`` every round. Reports medians; ``paired`` is the median
-over rounds of each round's time over that round's floor (the machine's load drifts
-between rounds more than within one). Each timed step follows an untimed step of the
-same case (``--warm-steps``, default 1), as in a training loop, where one loss runs step after
-step: without it, a case timed right after another case's large buffers may pay the
-allocator's page faults for them (``ours``, timed first of each loss, was 1-7 ms slower
-than ``ours-unchecked`` at 10k classes, while the checks themselves cost 0.05 ms).
+interleaved so that a noisy, shared machine slows all alike, each round in its own
+random order (``--order shuffle``, seeded; ``--order rotate``: A B C, B C A, C A B,
+...): on this box the case timed right after PML's step ran 170-340 us slower at 256 x
+512 x 100 (whichever case it was), which a fixed order charged to ``ours`` every round,
+and a rotated one still gives each case the same predecessor (``ours`` timed after the
+floor or PML, ``ours-unchecked`` after ``ours``: 30-230 us apart at 64-256 x 128-512 x
+100, where the same two steps alternated in one loop differ by under 3 us). Reports
+medians; ``paired`` is the median over rounds of each round's time over that round's
+floor (the machine's load drifts between rounds more than within one). Each timed step
+follows an untimed step of the same case (``--warm-steps``, default 1), as in a training
+loop, where one loss runs step after step: without it, a case timed right after another
+case's large buffers may pay the allocator's page faults for them (``ours``, timed first
+of each loss, was 1-7 ms slower than ``ours-unchecked`` at 10k classes, while the checks
+themselves cost 0.05 ms).
 Before timing, the loss values of ``ours``, ``plain`` and ``pml``
 on the same inputs and ``W`` are compared: the ``|d| PML`` column is the largest
 absolute difference from PML's value (float32). Peak activation memory of one step is measured with
@@ -52,6 +56,7 @@ import argparse
 import contextlib
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -279,9 +284,13 @@ def run(args) -> list[dict]:
         for case in cases.values():  # warm-up
             case.step()
         times: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
-        keys = list(cases)
-        for r in range(args.repeats):  # interleaved, the order rotated: A B C, B C A, ...
-            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+        keys, order = list(cases), random.Random(0)
+        for r in range(args.repeats):  # interleaved, each round in its own order (doc)
+            if args.order == "shuffle":
+                round_keys = order.sample(keys, len(keys))
+            else:  # rotated: A B C, B C A, ...
+                round_keys = keys[r % len(keys) :] + keys[: r % len(keys)]
+            for key in round_keys:
                 case = cases[key]
                 for _ in range(args.warm_steps):  # the step before, as in a training loop
                     case.step()
@@ -351,6 +360,12 @@ def main(argv: list[str] | None = None) -> None:
         help=f"comma-separated, from {', '.join(LOSSES + EXTRA_LOSSES)}",
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--order",
+        choices=("shuffle", "rotate"),
+        default="shuffle",
+        help="each round's order of the cases: random (seeded) or rotated by one",
+    )
     parser.add_argument(
         "--warm-steps",
         type=int,
