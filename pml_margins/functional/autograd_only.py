@@ -61,18 +61,23 @@ def autograd_only_enabled() -> bool:
     return autograd_only.current() or in_function_transform()
 
 
-def plain_autograd_needed(*tensors: object) -> bool:
+def plain_autograd_needed() -> bool:
     """Whether a hand-written backward cannot give the derivatives asked for:
-    :func:`autograd_only_enabled`, or a forward-mode tangent on one of ``tensors``
-    (``torch.autograd.forward_ad``, which custom backwards without a ``jvp`` drop)."""
-    return autograd_only_enabled() or any(has_forward_tangent(t) for t in tensors)
+    :func:`autograd_only_enabled`, or a forward-mode dual level entered
+    (``torch.autograd.forward_ad``: custom backwards without a ``jvp`` drop tangents, and
+    one may ride on the inputs or on anything a margin or scale function closes over)."""
+    return autograd_only_enabled() or _dual_level_entered()
+
+
+def _dual_level_entered() -> bool:
+    """Whether a ``forward_ad.dual_level`` is entered (a torch without the attribute: yes)."""
+    return getattr(forward_ad, "_current_level", 0) >= 0
 
 
 def has_forward_tangent(value: object) -> bool:
     """Whether ``value`` is a tensor carrying a forward-mode tangent
     (``torch.autograd.forward_ad``)."""
-    # no dual level entered: no tangent anywhere (a torch without the attribute: look)
-    if getattr(forward_ad, "_current_level", 0) < 0:
+    if not _dual_level_entered():  # no tangent anywhere
         return False
     return isinstance(value, torch.Tensor) and forward_ad.unpack_dual(value).tangent is not None
 
@@ -94,8 +99,11 @@ class autograd_only(ThreadSwitch):
     (``with``), or around a function (as a decorator).
 
     On: the class-weight losses form their ``(B, C)`` logits and differentiate them
-    with autograd (``chunk_size`` and ``sample_rate`` are then refused: they exist only
-    on the fused core), :class:`~pml_margins.losses.CircleLoss` gathers its pairs; the
+    with autograd (a loss's ``chunk_size`` and ``sample_rate`` are then refused: they
+    exist only on the fused core; the function
+    :func:`~pml_margins.functional.fused_margin_softmax_cross_entropy` samples its
+    classes first and refuses ``chunk_size``), :class:`~pml_margins.losses.CircleLoss`
+    gathers its pairs; the
     values and gradients are those of the fast paths (to rounding; one exception: a
     ``NormSoftmaxLoss`` column of ``W`` with norm below ``1e-12``, which the plain path
     normalizes twice, as PML does, and the fast path once), and the gradients can be

@@ -239,7 +239,7 @@ def circle_loss_dense(
         (\operatorname{LSE}\ell_n + \operatorname{LSE}\ell_p)` per row, 0 where the row
         has no positive or no negative.
     """
-    if plain_autograd_needed(sim):  # derivatives the hand-written backward cannot give
+    if plain_autograd_needed():  # derivatives the hand-written backward cannot give
         return circle_loss_masked(sim, pos_mask, neg_mask, m, gamma)
     m, gamma = _margin(m), _gamma(gamma)
     _check_matrix(sim, {"pos_mask": pos_mask, "neg_mask": neg_mask})
@@ -328,7 +328,7 @@ def circle_loss_dense_negatives(
         ``(B,)`` losses as :func:`circle_loss_dense`, which it equals.
     """
     m, gamma = _margin(m), _gamma(gamma)
-    if plain_autograd_needed(sim):
+    if plain_autograd_needed():
         raise ValueError(
             "circle_loss_dense_negatives has a hand-written backward only: under torch.func "
             "transforms, forward-mode AD or pml_margins.autograd_only() use "

@@ -99,6 +99,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
+from pml_margins.function_transforms import in_function_transform
 from pml_margins.functional.autograd_only import (
     SOFTMAX_REMEDY,
     backward_once,
@@ -121,6 +122,7 @@ from pml_margins.validation import (
     FLOAT_DTYPE_NAMES,
     FLOAT_DTYPES,
     caller_checked,
+    check_bool,
     check_chunk_size,
     check_count,
     check_function_inputs,
@@ -376,7 +378,8 @@ def fused_margin_softmax_cross_entropy(
         target_cosines: optional ``(B,)`` target cosines :math:`z_{iy_i}` already formed
             this step (no graph; e.g. for a margin's statistics), used by the blocked
             function instead of gathering ``W``'s target columns again (a cold, random
-            read of ``W``: ~1 ms at 10k classes). One column per class only.
+            read of ``W``: ~1 ms at 10k classes). One column per class only (ignored
+            with ``sub_centers > 1``, whose class cosines the core forms as maxima).
 
     Returns:
         ``(B,)`` losses in ``compute_dtype`` of the inputs (float32 under autocast).
@@ -398,6 +401,12 @@ def fused_margin_softmax_cross_entropy(
     chunk_size = check_chunk_size(chunk_size)
     sample_rate = check_sample_rate(sample_rate)
     per_class = check_count(sub_centers, "sub_centers")
+    if not caller_checked():  # a loss passes its own, checked when set
+        normalize_embeddings = check_bool(normalize_embeddings, "normalize_embeddings")
+        normalize_weight = check_bool(normalize_weight, "normalize_weight")
+        materialize = None if materialize is None else check_bool(materialize, "materialize")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     check_tensor(embeddings, "embeddings")
     if check_tensor(weight, "weight").dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight must have dtype {FLOAT_DTYPE_NAMES}, got {weight.dtype}")
@@ -441,7 +450,7 @@ def fused_margin_softmax_cross_entropy(
     phi = non_target_logit_fn
     # derivatives a hand-written backward cannot give (a torch.func transform, a
     # forward-mode tangent, autograd_only): autograd on the materialized logits
-    plain = plain_autograd_needed(embeddings, weight, scale, bias)
+    plain = plain_autograd_needed()
     if plain and chunk_size is not None:
         raise ValueError(
             "chunk_size needs the fused backward: under torch.func transforms, forward-mode "
@@ -660,7 +669,10 @@ def _materialized(
             b = bias.to(dtype)
             logits = logits + b
             target = target + b.index_select(0, labels)
-        logits = logits.scatter_(1, index, target.unsqueeze(1))
+        # in place but under torch.func: vmap over what only the target depends on (a
+        # margin) batches the target and not the logits, which scatter_ cannot write into
+        write = logits.scatter if in_function_transform() else logits.scatter_
+        logits = write(1, index, target.unsqueeze(1))
         return F.cross_entropy(logits, labels, reduction="none")
 
 

@@ -13,13 +13,18 @@ finite at :math:`\cos\theta = \pm 1` (where ``d acos/dx`` is infinite).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
+from pml_margins.function_transforms import in_function_transform
 from pml_margins.validation import (
+    caller_checked,
     check_angle_margin,
+    check_bool,
     check_integer_margin,
     check_logit_offset,
     check_multiplier,
@@ -89,6 +94,7 @@ def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = Fals
     :math:`\cos\theta` is kept.
     """
     margin = check_number_or_tensor(margin, check_angle_margin, "margin")
+    easy_margin = easy_margin if caller_checked() else check_bool(easy_margin, "easy_margin")
     cos_m, sin_m, threshold = _cos_sin(margin)
     with_margin = cosine * cos_m - safe_sine(cosine) * sin_m
     if easy_margin:
@@ -109,11 +115,15 @@ def arcface_value_and_slope(
     ``easy_margin``, the plain cosine) applies.
     """
     margin = check_number_or_tensor(margin, check_angle_margin, "margin")
+    easy_margin = easy_margin if caller_checked() else check_bool(easy_margin, "easy_margin")
     cos_m, sin_m, threshold = _cos_sin(margin)
     sine = ((1 - cosine) * (1 + cosine)).clamp_min_(0).sqrt_()
     value = cosine * cos_m - sine * sin_m
     ratio = torch.div(cosine, sine).masked_fill_(sine <= _SINE_MIN, 0)  # (+-inf where sine is 0)
-    slope = ratio.mul_(sin_m).add_(cos_m)
+    if isinstance(sin_m, torch.Tensor):  # per row, or batched by vmap: not in place
+        slope = ratio * sin_m + cos_m
+    else:
+        slope = ratio.mul_(sin_m).add_(cos_m)
     if easy_margin:
         above = cosine > 0
         return torch.where(above, value, cosine), torch.where(above, slope, 1.0)
@@ -137,7 +147,11 @@ def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
     (recurrence :math:`T_{k+1} = 2xT_k - T_{k-1}`), exact and smooth everywhere.
     For a non-integer :math:`m` it uses :math:`\theta = \arccos` of the cosine
     clamped to :math:`[-1+\epsilon, 1-\epsilon]`, so gradients stay finite.
+    ``multiplier``: a finite number with :math:`|m| \le 100` (the recurrence takes
+    :math:`m` steps; ``ValueError`` otherwise).
     """
+    if not caller_checked():
+        _check_multiple(multiplier)
     multiplier = abs(multiplier)  # cos is even: cos(-m theta) = cos(m theta)
     if float(multiplier).is_integer():
         m = int(multiplier)
@@ -149,6 +163,19 @@ def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
         return t_curr
     eps = torch.finfo(cosine.dtype).eps
     return torch.cos(multiplier * torch.acos(torch.clamp(cosine, -1 + eps, 1 - eps)))
+
+
+def _check_multiple(multiplier: object) -> None:
+    """``ValueError`` unless ``multiplier`` is a finite real number with ``|m| <= 100``
+    (a tensor passes as it is)."""
+    if isinstance(multiplier, torch.Tensor):  # as before (read where it must be)
+        return
+    real = isinstance(multiplier, numbers.Real) and not isinstance(multiplier, (bool, np.bool_))
+    if not (real and math.isfinite(multiplier) and abs(multiplier) <= 100):
+        raise ValueError(
+            f"multiplier must be a finite number with |m| <= 100 (cos(m theta) of an "
+            f"integer m takes m steps), got {multiplier!r}"
+        )
 
 
 def _sin_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
@@ -226,18 +253,35 @@ def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float
       and :math:`m_2 = 0` this is SphereFace's :math:`\psi` (:func:`sphereface_psi`).
 
     ``m1`` in ``[1, 100]``, ``m2`` an angle in radians as ArcFace's margin, ``m3`` finite
-    (``ValueError`` otherwise, naming the argument).
+    (``ValueError`` otherwise, naming the argument). A tensor ``m1`` (learnable, per row,
+    or under ``vmap``) always takes the general form, through :math:`\arccos`: its
+    gradient is then that of :math:`m_1` at every value (the special cases above read
+    ``m1`` as a number, which would cut it), and at :math:`m_1 = 1` beyond
+    :math:`\theta + m_2 = \pi` it follows A-Softmax's extension rather than ArcFace's.
     """
     m1, m2, m3 = _combined_margins(m1, m2, m3)
+    if isinstance(m1, torch.Tensor):
+        return _combined_general(cosine, m1, m2, m3)
     no_m2 = not isinstance(m2, torch.Tensor) and m2 == 0
     if m1 == 1:
         return cosine - m3 if no_m2 else arcface_target(cosine, m2) - m3
     if no_m2 and float(m1).is_integer():
         return sphereface_psi(cosine, int(m1)) - m3
+    return _combined_general(cosine, m1, m2, m3)
+
+
+def _combined_general(cosine: torch.Tensor, m1: Any, m2: Any, m3: Any) -> torch.Tensor:
+    r"""The A-Softmax extension :math:`(-1)^k\cos(m_1\theta + m_2) - 2k - m_3` (see
+    :func:`combined_margin_target`); through :math:`\arccos` for a tensor ``m1``."""
     cos_m2, sin_m2, _ = _cos_sin(m2)
-    cos_m1 = cos_multiple_angle(cosine, m1)
-    cos_shifted = cos_m1 * cos_m2 - _sin_multiple_angle(cosine, m1) * sin_m2
-    k = _angle_region(cosine, m1, m2)
+    if isinstance(m1, torch.Tensor):
+        eps = torch.finfo(cosine.dtype).eps
+        angle = m1 * torch.acos(torch.clamp(cosine, -1 + eps, 1 - eps))
+        cos_m1, sin_m1 = torch.cos(angle), torch.sin(angle)
+    else:
+        cos_m1, sin_m1 = cos_multiple_angle(cosine, m1), _sin_multiple_angle(cosine, m1)
+    cos_shifted = cos_m1 * cos_m2 - sin_m1 * sin_m2
+    k = _angle_region(cosine, m1, m2)  # (no graph)
     sign = 1 - 2 * torch.remainder(k, 2)
     return sign * cos_shifted - 2 * k - m3
 
@@ -253,8 +297,13 @@ def combined_margin_value_and_slope(
         ValueError: for the general form (use autograd: :func:`combined_margin_target`).
     """
     m1, m2, m3 = _combined_margins(m1, m2, m3)
-    # no graph here: a tensor m2 may be read (all zero: SphereFace's closed form)
-    no_m2 = bool((m2 == 0).all()) if isinstance(m2, torch.Tensor) else m2 == 0
+    if isinstance(m1, torch.Tensor):
+        raise ValueError("no closed-form slope for a tensor m1 (use combined_margin_target)")
+    # no graph here: a tensor m2 may be read (all zero: SphereFace's closed form), unless
+    # vmap batches it (then ArcFace's form, which gives the same values at m2 = 0)
+    no_m2 = m2 == 0
+    if isinstance(m2, torch.Tensor):
+        no_m2 = not in_function_transform() and bool((m2 == 0).all())
     if m1 == 1:
         if no_m2:
             return cosine - m3, torch.ones_like(cosine)

@@ -223,6 +223,33 @@ def _mask(rows: int, cols: int) -> torch.Tensor:
             ValueError,
             "segments must lie in \\[0, 2\\) for num_segments=2",
         ),
+        # flags and a generator of the functional API (found by review: "no" was truthy,
+        # and an int generator failed inside sampling with an AttributeError)
+        (
+            lambda: fused_margin_softmax_cross_entropy(X, W, A4, None, normalize_weight="no"),
+            TypeError,
+            "normalize_weight must be a bool",
+        ),
+        (
+            lambda: fused_margin_softmax_cross_entropy(X, W, A4, None, normalize_embeddings=0),
+            TypeError,
+            "normalize_embeddings must be a bool",
+        ),
+        (
+            lambda: fused_margin_softmax_cross_entropy(X, W, A4, None, materialize="yes"),
+            TypeError,
+            "materialize must be a bool",
+        ),
+        (
+            lambda: fused_margin_softmax_cross_entropy(
+                X, W, A4, None, sample_rate=0.5, generator=3
+            ),
+            TypeError,
+            "generator must be a torch.Generator, got int",
+        ),
+        (lambda: arcface_target(S4, 0.5, easy_margin="no"), TypeError, "easy_margin must be"),
+        (lambda: cos_multiple_angle(S4, math.nan), ValueError, "multiplier must be a finite"),
+        (lambda: cos_multiple_angle(S4, 10**6), ValueError, "\\|m\\| <= 100"),
     ],
 )
 def test_bad_input_is_named(call, error, match):

@@ -106,3 +106,32 @@ def test_fixed_margin_losses_give_closed_form_slopes(loss):
     c = cosines()
     value, _ = fn.value_and_slope(c)
     torch.testing.assert_close(value, fn(c), rtol=0, atol=0)
+
+
+def test_a_tensor_m1_keeps_its_gradient_at_whole_values_and_may_be_per_row() -> None:
+    """The special cases read m1 as a number: a learnable m1 lost its gradient at exactly
+    1.0 and 2.0, and a per-row m1 hit an ambiguous-truth-value error (review)."""
+    import math
+
+    from pml_margins.functional import combined_margin_target
+
+    c = torch.linspace(-0.9, 0.9, 7, dtype=torch.float64)
+    for value in (1.5, 2.0, 3.0):
+        m1 = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        out = combined_margin_target(c, m1, 0.2, 0.1)
+        torch.testing.assert_close(out, combined_margin_target(c, value, 0.2, 0.1))
+        (grad,) = torch.autograd.grad(out.sum(), m1)
+        h = 1e-6
+        fd = (
+            combined_margin_target(c, value + h, 0.2, 0.1).sum()
+            - combined_margin_target(c, value - h, 0.2, 0.1).sum()
+        ) / (2 * h)
+        torch.testing.assert_close(grad, fd, rtol=1e-5, atol=1e-7)
+    # reference from the formula: (-1)^k cos(m1 theta + m2) - 2k - m3, per row
+    m1 = torch.linspace(1.0, 3.0, 7, dtype=torch.float64)
+    theta = torch.acos(c)
+    k = torch.floor((m1 * theta + 0.2) / math.pi)
+    expected = (-1) ** k * torch.cos(m1 * theta + 0.2) - 2 * k - 0.1
+    torch.testing.assert_close(combined_margin_target(c, m1, 0.2, 0.1), expected)
+    with pytest.raises(ValueError, match="no closed-form slope for a tensor m1"):
+        combined_margin_value_and_slope(c, torch.tensor(2.0), 0.0, 0.0)
