@@ -42,6 +42,7 @@ from pml_margins.functional.margin_softmax import (
     autocast_off,
     check_scale,
     compute_dtype,
+    elementwise_result,
     products_dtype,
     takes_unit_columns,
 )
@@ -78,11 +79,12 @@ def target_and_slope(
     ):
         with torch.no_grad():
             psi, slope = target_logit_fn.value_and_slope(z_y)
-        psi, slope = _cast(psi, dtype), (_cast(slope, dtype) if slope_needed else None)
+        psi = _cast(elementwise_result(psi, z_y, "target_logit_fn"), dtype)
+        slope = _cast(slope, dtype) if slope_needed else None
     else:
         with torch.enable_grad():
             leaf = z_y.detach().requires_grad_(slope_needed)
-            psi = target_logit_fn(leaf).to(dtype)
+            psi = elementwise_result(target_logit_fn(leaf), leaf, "target_logit_fn").to(dtype)
             if slope_needed:
                 slope = _autograd_slope(psi, leaf)
         if not slope_needed and not psi.requires_grad:

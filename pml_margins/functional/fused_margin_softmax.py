@@ -115,6 +115,7 @@ from pml_margins.functional.margin_softmax import (
     autocast_off,
     check_scale,
     compute_dtype,
+    elementwise_result,
     products_dtype,
     takes_unit_columns,
 )
@@ -660,9 +661,13 @@ def _materialized(
             scale = check_scale(scale([cosine.detach()]), len(labels))
         index = labels.unsqueeze(1)
         z_y = cosine.gather(1, index).squeeze(1)
-        psi = z_y if target_logit_fn is None else target_logit_fn(z_y).to(dtype)
+        psi = z_y
+        if target_logit_fn is not None:
+            psi = elementwise_result(target_logit_fn(z_y), z_y, "target_logit_fn").to(dtype)
         s = scale.to(dtype) if isinstance(scale, torch.Tensor) else float(scale)
-        base = cosine if phi is None else phi(cosine).to(dtype)
+        base = cosine
+        if phi is not None:
+            base = elementwise_result(phi(cosine), cosine, "non_target_logit_fn").to(dtype)
         logits = base * (s.unsqueeze(1) if isinstance(s, torch.Tensor) else s)
         target = psi * s
         if bias is not None:
@@ -791,13 +796,14 @@ def _phi_and_slope(
     ``phi.slope``, else autograd)."""
     both = getattr(phi, "value_and_slope", None)
     if both is not None:
-        return both(z)
+        value, slope = both(z)
+        return elementwise_result(value, z, "non_target_logit_fn"), slope
     slope = getattr(phi, "slope", None)
     if slope is not None:
-        return phi(z), slope(z)
+        return elementwise_result(phi(z), z, "non_target_logit_fn"), slope(z)
     with torch.enable_grad():
         leaf = z.detach().requires_grad_(True)
-        value = phi(leaf)
+        value = elementwise_result(phi(leaf), leaf, "non_target_logit_fn")
         if not value.requires_grad:  # constant in z
             return value.detach(), torch.zeros_like(z)
         (grad,) = torch.autograd.grad(value, leaf, torch.ones_like(value))
@@ -1048,7 +1054,8 @@ def _forward(
                     value, phi_slope = _phi_and_slope(phi, z)
                     logits = _scaled_logits(value, s_col, bias_d, start, dtype)
                 else:
-                    logits = _scaled_logits(phi(z), s_col, bias_d, start, dtype)
+                    value = elementwise_result(phi(z), z, "non_target_logit_fn")
+                    logits = _scaled_logits(value, s_col, bias_d, start, dtype)
             targets.set(logits, k, float("-inf"))
             m = torch.amax(logits, 1, out=block_max[k]).clamp_min_(lowest)  # finite
             logits.sub_(m.unsqueeze(1)).exp_()

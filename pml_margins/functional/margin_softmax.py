@@ -144,6 +144,19 @@ def _has_derivative(value: torch.Tensor) -> bool:
     return has_forward_tangent(value)
 
 
+def elementwise_result(value: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+    """``value``, the output of the element-wise function ``name`` on ``like``; a
+    ``ValueError`` when its shape is not ``like``'s (which scatter and gather would
+    report as an internal error)."""
+    if not isinstance(value, torch.Tensor) or value.shape != like.shape:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"{name} must return one value per input element, shape {tuple(like.shape)}, "
+            f"got {shape}"
+        )
+    return value
+
+
 def margin_softmax_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -185,9 +198,13 @@ def margin_softmax_cross_entropy(
         if isinstance(scale, torch.Tensor):
             scale = scale.to(dtype).reshape(-1, 1)
         index = labels.long().unsqueeze(1)
-        base = logits if non_target_logit_fn is None else non_target_logit_fn(logits)
+        base = logits
+        if non_target_logit_fn is not None:
+            base = elementwise_result(non_target_logit_fn(logits), logits, "non_target_logit_fn")
         scaled = scale_logits(base, scale)
         if target_logit_fn is not None:
-            target = target_logit_fn(logits.gather(1, index).squeeze(1)).unsqueeze(1)
+            cosines = logits.gather(1, index).squeeze(1)
+            target = elementwise_result(target_logit_fn(cosines), cosines, "target_logit_fn")
+            target = target.unsqueeze(1)
             scaled = scaled.scatter(1, index, target * scale)
         return F.cross_entropy(scaled, labels.long(), reduction="none")

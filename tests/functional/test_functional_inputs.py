@@ -248,6 +248,30 @@ def _mask(rows: int, cols: int) -> torch.Tensor:
             "generator must be a torch.Generator, got int",
         ),
         (lambda: arcface_target(S4, 0.5, easy_margin="no"), TypeError, "easy_margin must be"),
+        # a function returning another shape: scatter's or gather's internal error before
+        *(
+            (
+                lambda materialize=materialize: fused_margin_softmax_cross_entropy(
+                    X, W, A4, lambda c: c[:2], materialize=materialize
+                ),
+                ValueError,
+                "target_logit_fn must return one value per input element, "
+                "shape \\(4,\\), got \\(2,\\)",
+            )
+            for materialize in (True, False)
+        ),
+        (
+            lambda: fused_margin_softmax_cross_entropy(
+                X, W, A4, None, non_target_logit_fn=lambda c: c.sum(1), materialize=False
+            ),
+            ValueError,
+            "non_target_logit_fn must return one value per input element",
+        ),
+        (
+            lambda: margin_softmax_cross_entropy(SIM.t(), A4[:4] % 3, lambda c: c.mean()),
+            ValueError,
+            "target_logit_fn must return one value per input element, shape \\(4,\\), got \\(\\)",
+        ),
         (lambda: cos_multiple_angle(S4, math.nan), ValueError, "multiplier must be a finite"),
         (lambda: cos_multiple_angle(S4, 10**6), ValueError, "\\|m\\| <= 100"),
     ],
