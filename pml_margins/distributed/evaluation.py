@@ -109,7 +109,8 @@ def sharded_exact_knn(
     }
     query, reference_shard = checked_on_every_rank(check, group, _device_of(query), agreed)
     device = query.device
-    _agree_on_layouts(group, device, query=query, reference_shard=reference_shard)
+    _agree_on_layouts(group, device, query=query)  # its dtype: the values' (the shards'
+    # dtypes may differ: each rank ranks its own in float64; their width is the query's)
     rank, world_size = rank_and_world_size(group)
     sizes = all_gather_rows(torch.tensor([len(reference_shard)], device=device), group)[0]
     sizes = sizes.tolist()
@@ -269,8 +270,10 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         checked_query, checked_labels, shard, shard_labels = checked_on_every_rank(
             check, self.group, device, agreed
         )
-        layouts = {"reference": shard, "reference_labels": shard_labels}
-        if reference is not None:
+        layouts = {"reference_labels": shard_labels}  # gathered, as the shards' rows when
+        if reference is None:  # the set is evaluated against itself
+            layouts |= {"reference": shard}
+        else:
             layouts |= {"query": checked_query, "query_labels": checked_labels}
         _agree_on_layouts(self.group, shard.device, **layouts)
         if reference is None:

@@ -2,6 +2,7 @@ r"""Model-parallel class-weight loss: each rank owns a contiguous shard of ``W``
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -87,6 +88,12 @@ def _cosine_scale(loss: ClassWeightLoss, embeddings: torch.Tensor) -> float | to
     return form.scale if cosine else None
 
 
+def _number(value: object) -> object:
+    """A real number as a ``float`` (``0`` and ``0.0`` agree), anything else as it is."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return float(value) if real else value  # type: ignore[arg-type]
+
+
 def _sampler_from_seed_if_absent(
     module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
 ) -> None:
@@ -148,8 +155,8 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
 
     Every rank must call ``forward`` at each step, with at least one embedding
     (it runs collectives), and build the same loss: its class, hyper-parameters, bias
-    (or none), reducer and dtypes, and the same buffers (running statistics, AdaCos's
-    fixed scale; compared in one more all-reduce where the loss has buffers) are
+    (or none), reducer and dtypes, and the same scalar buffers (running statistics,
+    AdaCos's fixed scale; compared in one more all-reduce where the loss has any) are
     checked to agree, a ``ValueError`` on every rank naming what differs. It gathers
     by itself: do not also wrap it in PML's ``DistributedLossWrapper``. Memory per
     rank: ``W_local`` and its gradient (``D x C / world_size``) plus a few
@@ -252,7 +259,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         values = tuple((n, getattr(loss, n, None)) for n in names)
         values += (("bias", getattr(loss, "bias", None) is not None),)
         reducer = loss.reducer
-        bounds = tuple(getattr(reducer, n, None) for n in ("low", "high"))
+        bounds = tuple(_number(getattr(reducer, n, None)) for n in ("low", "high"))
         values += (("reducer", type(reducer).__module__, type(reducer).__qualname__, bounds),)
         shown = ", ".join(f"{n}={v!r}" for n, v, *_ in values[:-1])
         shown = f"{type(loss).__name__}({shown}), reducer {type(reducer).__name__}{bounds}"
@@ -407,13 +414,15 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             "losses (their class and hyper-parameters)": self._loss_code(),
         }
         checked_on_every_rank(check, self.group, self.W_local.device, codes)
-        # the buffers (running statistics, AdaCos's fixed scale) are equal on every rank
-        # after every step; a rank that loaded others would train another loss. Compared
-        # once the losses agree (their class, so the buffers' sizes): one more all-reduce
-        buffers = [b.detach().double().flatten() for b in self.loss.buffers()]
-        if buffers:
-            names = ", ".join(n for n, _ in self.loss.named_buffers())
-            equal = {f"loss buffers ({names})": torch.cat(buffers)}
+        # the scalar buffers (running statistics, AdaCos's fixed scale) are the loss's
+        # global state, equal on every rank after every step; a rank that loaded others
+        # would train another loss (per-class buffers are each shard's own). Compared once
+        # the losses agree (their class, so which scalars): one more all-reduce, if any
+        scalars = [(n, b) for n, b in self.loss.named_buffers() if b.ndim == 0]
+        if scalars:
+            names = ", ".join(n for n, _ in scalars)
+            values = torch.stack([b.detach().double() for _, b in scalars])
+            equal = {f"loss buffers ({names})": values}
             checked_on_every_rank(lambda: None, self.group, self.W_local.device, equal=equal)
         all_emb, _ = gather_rows_with_grad(embeddings, self.group)
         all_labels, _ = all_gather_rows(labels.to(embeddings.device, torch.int64), self.group)

@@ -32,6 +32,7 @@ over ranks, done by the gather's reduce-scatter backward, is the full gradient).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -41,13 +42,13 @@ from pml_margins.distributed.collectives import (
     all_reduce_,
     checked_on_every_rank,
     dtype_code,
-    settings_code,
 )
 from pml_margins.functional.autograd_only import SHARDED_REMEDY, backward_once
 from pml_margins.functional.margin_softmax import (
     TargetLogitFn,
     check_scale,
     compute_dtype,
+    elementwise_result,
     scale_logits,
 )
 from pml_margins.validation import (
@@ -131,6 +132,15 @@ def _check_one_owner(owners: torch.Tensor) -> None:
         )
 
 
+def _scale_code(scale: object) -> tuple[float, str]:
+    """What the ranks compare of a scale: a real number's value (-1 for a tensor or
+    anything else, whose checks name it), and it shown."""
+    if isinstance(scale, torch.Tensor):
+        return -1.0, f"a tensor of shape {tuple(scale.shape)}"
+    real = isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+    return (float(scale), repr(float(scale))) if real else (-1.0, repr(scale))
+
+
 def sharded_margin_softmax_cross_entropy(
     local_logits: torch.Tensor,
     local_target: torch.Tensor,
@@ -189,13 +199,9 @@ def sharded_margin_softmax_cross_entropy(
                 "logits dtypes": (dtype_code(dtype), str(dtype)),
                 # the owner count widens the forward's all-reduce: the same on every rank
                 "value checks": (float(value_checks_enabled()), str(value_checks_enabled())),
-                # a number (a tensor by its shape and dtype: its values would need a read)
-                "scales": (
-                    settings_code(scale),
-                    f"a tensor of shape {tuple(scale.shape)}"
-                    if isinstance(scale, torch.Tensor)
-                    else repr(scale),
-                ),
+                # a number by its value (10 and 10.0 agree); a tensor's values are not
+                # read (a host read): any tensor passes
+                "scales": _scale_code(scale),
             },
         )
     # the owners of each row, counted in the forward's all-reduce (with the value checks)
@@ -205,7 +211,9 @@ def sharded_margin_softmax_cross_entropy(
         logits = local_logits.to(dtype)
         if isinstance(scale, torch.Tensor):  # one per row (check_scale expands a 0-dim one)
             scale = scale.to(dtype).expand(logits.shape[0]).reshape(-1, 1)
-        base = logits if non_target_logit_fn is None else non_target_logit_fn(logits)
+        base = logits
+        if non_target_logit_fn is not None:
+            base = elementwise_result(non_target_logit_fn(logits), logits, "non_target_logit_fn")
         scaled = scale_logits(base, scale)
         target = local_target.long()
         if target_logit_fn is not None:
@@ -214,6 +222,7 @@ def sharded_margin_softmax_cross_entropy(
             owned_scale = scale[rows].squeeze(1) if isinstance(scale, torch.Tensor) else scale
             # every row's slot, so that per-row closures line up; only the owned rows are kept
             every_row = logits.new_zeros(logits.shape[0]).index_put((rows,), logits[rows, cols])
-            psi = target_logit_fn(every_row)[rows] * owned_scale
+            psi = elementwise_result(target_logit_fn(every_row), every_row, "target_logit_fn")
+            psi = psi[rows] * owned_scale
             scaled.index_put_((rows, cols), psi)  # mul's backward needs no output
         return _ShardedSoftmaxCrossEntropy.apply(scaled, target, group, count_owners)

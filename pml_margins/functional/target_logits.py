@@ -311,7 +311,8 @@ def combined_margin_value_and_slope(
     elif no_m2 and float(m1).is_integer():
         value, slope = sphereface_value_and_slope(cosine, int(m1))
     else:
-        raise ValueError(f"no closed-form slope for m1={m1}, m2={m2}")
+        shown = "a tensor" if isinstance(m2, torch.Tensor) else repr(m2)  # (no .item())
+        raise ValueError(f"no closed-form slope for m1={m1}, m2={shown}")
     return value - m3, slope
 
 

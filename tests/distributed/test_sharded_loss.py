@@ -200,9 +200,17 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> No
         for case, name in (
             ("calc_label_dtypes", "reference_labels"),
             ("calc_self_dtypes", "reference"),
-            ("knn_dtype", "reference_shard"),
+            ("knn_query_dtype", "query"),
         ):
             assert f"ranks' {name} dtypes and shapes past the rows differ" in errors[case]
+        # agreeing settings written differently, shards' own dtypes and per-class buffers
+        for case in (
+            "knn_dtype",
+            "same_reducer_bounds",
+            "per_class_buffers",
+            "functional_scale_written",
+        ):
+            assert errors[case] == "no error", (rank, case, errors[case])
         invalid = "k must be" if rank == 1 else "another rank's input is invalid"
         assert invalid in errors["knn_k_invalid"], errors["knn_k_invalid"]
         assert "ranks' k, metric, normalize and exclude_self differ" in errors["knn_k_differs"]

@@ -333,3 +333,14 @@ def test_masked_logits_and_a_scale_with_a_derivative_in_a_loss_and_in_forward_ad
     for bad in (torch.tensor(1e300, dtype=torch.float64), torch.tensor(0), torch.tensor(-1)):
         with pytest.raises(ValueError, match=r"scale must lie in \(0, 1e\+15\]"):
             margin_softmax_cross_entropy(z, labels, None, bad)
+
+
+def test_the_sharded_functional_names_a_logit_function_of_another_shape() -> None:
+    """It applied them unchecked: a (N, 1) non-target function returned zero losses."""
+    z, y = torch.randn(4, 6).tanh(), torch.tensor([0, 0, 0, 0])
+    with pytest.raises(ValueError, match="non_target_logit_fn must return one value per"):
+        sharded_margin_softmax_cross_entropy(
+            z, y, lambda c: c - 0.35, 10.0, non_target_logit_fn=lambda c: c.amax(1, keepdim=True)
+        )
+    with pytest.raises(ValueError, match="target_logit_fn must return one value per"):
+        sharded_margin_softmax_cross_entropy(z, y, lambda c: c[:1], 10.0)

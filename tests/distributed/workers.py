@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from typing import Any
 
@@ -22,6 +23,7 @@ from pml_margins.distributed.evaluation import (
     ShardedRetrievalAccuracyCalculator,
     sharded_exact_knn,
 )
+from pml_margins.losses import ArcFaceLoss
 from tests.distributed import cases
 
 
@@ -194,14 +196,14 @@ def ddp_backbone(rank: int, world_size: int, out: pathlib.Path) -> None:
 def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None:
     """Bad input on one rank: every rank must raise (none left waiting in a collective).
     Records each rank's error message per case."""
-    from pytorch_metric_learning.reducers import MeanReducer, SumReducer
+    from pytorch_metric_learning.reducers import MeanReducer, SumReducer, ThresholdReducer
 
     from pml_margins.distributed import (
         ShardedMarginSoftmaxLoss,
         ShardedRetrievalAccuracyCalculator,
         sharded_exact_knn,
     )
-    from pml_margins.losses import AdaCosLoss, ArcFaceLoss, CurricularFaceLoss, SoftmaxLoss
+    from pml_margins.losses import AdaCosLoss, CurricularFaceLoss, SoftmaxLoss
 
     loss_fn = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4)
     x, y = torch.randn(3, 4), torch.tensor([0, 4, 9])
@@ -275,11 +277,16 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             seen[case] = "no error"
         except ValueError as err:
             seen[case] = str(err)
-    try:
-        sharded_exact_knn(query, shard.double() if rank == 1 else shard, 2)
-        seen["knn_dtype"] = "no error"
+    try:  # the shards' dtypes may differ (each ranks its own in float64): not refused
+        got = sharded_exact_knn(query, shard.double() if rank == 1 else shard, 2)
+        seen["knn_dtype"] = "no error" if got[0].dtype == torch.float32 else str(got[0].dtype)
     except ValueError as err:
         seen["knn_dtype"] = str(err)
+    try:  # the query's dtype decides the values' dtype: refused
+        sharded_exact_knn(query.double() if rank == 1 else query, shard, 2)
+        seen["knn_query_dtype"] = "no error"
+    except ValueError as err:
+        seen["knn_query_dtype"] = str(err)
     try:  # rank 0 holds no reference: an empty slice
         calc = ShardedRetrievalAccuracyCalculator(include=("precision_at_1",))
         refs = torch.randn(0 if rank == 0 else 4, 4)
@@ -334,6 +341,19 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
         ),
         "buffers_t": (_with_t(ShardedMarginSoftmaxLoss(CurricularFaceLoss, 10, 4), rank), x),
     }
+    agreeing = {  # the same settings written differently, and per-class (shard) buffers
+        "same_reducer_bounds": ShardedMarginSoftmaxLoss(
+            ArcFaceLoss, 10, 4, reducer=ThresholdReducer(low=0 if rank else 0.0)
+        ),
+        "per_class_buffers": ShardedMarginSoftmaxLoss(PerClassCounts, 11, 4),
+    }
+    for case, fn in agreeing.items():
+        try:
+            for _ in range(2):
+                fn(x, y)
+            seen[case] = "no error"
+        except ValueError as err:
+            seen[case] = str(err)
     for case, (fn, bx) in mismatched.items():
         try:
             fn(bx, y)
@@ -363,11 +383,16 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
         "functional_dtype": (logits.double() if rank == 1 else logits, torch.tensor([0, -1])),
         "functional_scale": (logits, torch.tensor([0, -1])),
         "functional_scale_value": (logits, torch.tensor([0, -1])),
+        "functional_scale_written": (
+            logits,
+            torch.tensor([[0, -1], [-1, 0]][rank] if rank < 2 else [-1, -1]),
+        ),
         "functional_value_checks": (logits, torch.tensor([0, -1] if rank == 0 else [-1, 0])),
     }
     for case, (z, target) in functional.items():
         scale = torch.ones(3) if case == "functional_scale" and rank == 1 else 10.0
         scale = 11.0 if case == "functional_scale_value" and rank == 1 else scale
+        scale = (10 if rank else 10.0) if case == "functional_scale_written" else scale
         switched = case == "functional_value_checks" and rank == 1
         try:
             with pml_margins.value_checks(not switched):
@@ -376,6 +401,22 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
         except ValueError as err:
             seen[case] = str(err)
     torch.save(seen, out / f"bad_input_{rank}.pt")
+
+
+class PerClassCounts(ArcFaceLoss):
+    """ArcFace with a per-class buffer of this shard's classes (the extension point's
+    per-class state): its size and values differ between ranks."""
+
+    def __init__(self, num_classes: int, embedding_size: int, **kwargs) -> None:
+        super().__init__(num_classes, embedding_size, **kwargs)
+        self.register_buffer("hits", torch.zeros(num_classes))
+
+    @contextlib.contextmanager
+    def prepare_step(self, embeddings, labels, statistics):
+        target = statistics.target
+        owned = target[target >= 0]
+        self.hits += torch.bincount(owned, minlength=self.hits.numel()).float()
+        yield
 
 
 def _with_t(loss, rank: int):
