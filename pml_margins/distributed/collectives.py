@@ -11,7 +11,6 @@ padded to the largest batch for the collective and the padding is dropped again.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -100,12 +99,30 @@ def settings_code(*settings: object) -> float:
 EQUAL_VALUES_RTOL = 1e-6
 
 
+#: stand-ins of NaN, inf and -inf in the compared values (all-reduce's max of NaN is the
+#: backend's choice): finite, far apart, beyond any value a statistic takes
+_NON_FINITE = {"nan": 3e300, "inf": 2e300, "-inf": -2e300}
+
+
+def _comparable(values: torch.Tensor) -> torch.Tensor:
+    """``values`` in float64 with NaN and infinities as their :data:`_NON_FINITE` stand-ins."""
+    return torch.nan_to_num(
+        values.double(),
+        nan=_NON_FINITE["nan"],
+        posinf=_NON_FINITE["inf"],
+        neginf=_NON_FINITE["-inf"],
+    )
+
+
+def _shown(value: float) -> float:
+    """A compared value as it was (NaN or an infinity for a stand-in)."""
+    return next((float(k) for k, v in _NON_FINITE.items() if v == value), value)
+
+
 def _differ(high: float, low: float) -> bool:
     """Whether the largest and smallest of the ranks' values differ beyond
-    :data:`EQUAL_VALUES_RTOL` (non-finite ones are not compared: NaN's maximum is the
-    backend's choice)."""
-    finite = math.isfinite(high) and math.isfinite(low)
-    return finite and high - low > EQUAL_VALUES_RTOL * max(abs(high), abs(low))
+    :data:`EQUAL_VALUES_RTOL`."""
+    return high - low > EQUAL_VALUES_RTOL * max(abs(high), abs(low))
 
 
 def checked_on_every_rank(
@@ -121,7 +138,8 @@ def checked_on_every_rank(
     ranks' verdicts. ``agreed``: what every rank must share, ``{name: (code, shown)}``
     (an embeddings dtype, say): a ``ValueError`` on every rank names it when the codes
     differ. ``equal``: ``{name: values}`` (``None``: nothing) that must be equal on every
-    rank up to :data:`EQUAL_VALUES_RTOL` (running statistics), read in the same
+    rank up to :data:`EQUAL_VALUES_RTOL` (running statistics; NaN and infinities equal
+    only themselves), read in the same
     all-reduce: their sizes must already agree (a prior call's ``agreed``), else the
     all-reduce itself fails.
     """
@@ -142,7 +160,8 @@ def checked_on_every_rank(
     for name, tensor in (equal or {}).items():
         if tensor is not None and tensor.numel():
             start = sum(t.numel() for t in local)
-            local += [tensor.to(device, torch.float64), -tensor.to(device, torch.float64)]
+            codes = _comparable(tensor.to(device))
+            local += [codes, -codes]
             spans[name] = (start, tensor.numel())
     verdict = all_reduce_(torch.cat(local), "max", group).tolist()
     if error is not None:
@@ -156,8 +175,9 @@ def checked_on_every_rank(
         high, low = verdict[start : start + n], [-v for v in verdict[start + n : start + 2 * n]]
         if any(_differ(h, lo) for h, lo in zip(high, low, strict=True)):
             raise ValueError(
-                f"the ranks' {name} differ (between {low} and {high}); they must be equal "
-                "(load the same state dict on every rank)"
+                f"the ranks' {name} differ (between {[_shown(v) for v in low]} and "
+                f"{[_shown(v) for v in high]}); they must be equal (load the same state "
+                "dict on every rank)"
             )
     return result  # type: ignore[return-value]  # check() returned: no error above
 

@@ -271,9 +271,10 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             check, self.group, device, agreed
         )
         layouts = {"reference_labels": shard_labels}  # gathered, as the shards' rows when
-        if reference is None:  # the set is evaluated against itself
+        # the set is evaluated against itself or a subclass's own metric reads them
+        if reference is None or self._own_metrics(include, exclude):
             layouts |= {"reference": shard}
-        else:
+        if reference is not None:
             layouts |= {"query": checked_query, "query_labels": checked_labels}
         _agree_on_layouts(self.group, shard.device, **layouts)
         if reference is None:

@@ -88,6 +88,32 @@ def _cosine_scale(loss: ClassWeightLoss, embeddings: torch.Tensor) -> float | to
     return form.scale if cosine else None
 
 
+def _reducer_code(reducer: object) -> tuple:
+    """A PML reducer as the ranks compare it: its class, its bounds (``low``/``high``, as
+    numbers), the reducers it wraps (``PerAnchorReducer``'s, ``MultipleReducers``'),
+    and its class weights' shape (``ClassWeightedReducer``: their values would need a
+    read)."""
+    inner = getattr(reducer, "reducer", None)
+    inner_code = None if inner is None or inner is reducer else _reducer_code(inner)
+    several = getattr(reducer, "reducers", None)
+    several_code = (
+        tuple(sorted((str(k), _reducer_code(v)) for k, v in several.items()))
+        if isinstance(several, dict)
+        else None
+    )
+    default = getattr(reducer, "default_reducer", None)
+    weights = getattr(reducer, "weights", None)
+    return (
+        type(reducer).__module__,
+        type(reducer).__qualname__,
+        tuple(_number(getattr(reducer, n, None)) for n in ("low", "high")),
+        inner_code,
+        several_code,
+        None if default is None else _reducer_code(default),
+        tuple(weights.shape) if isinstance(weights, torch.Tensor) else None,
+    )
+
+
 def _number(value: object) -> object:
     """A real number as a ``float`` (``0`` and ``0.0`` agree), anything else as it is."""
     real = isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -155,9 +181,11 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
 
     Every rank must call ``forward`` at each step, with at least one embedding
     (it runs collectives), and build the same loss: its class, hyper-parameters, bias
-    (or none), reducer and dtypes, and the same scalar buffers (running statistics,
-    AdaCos's fixed scale; compared in one more all-reduce where the loss has any) are
-    checked to agree, a ``ValueError`` on every rank naming what differs. It gathers
+    (or none), dtypes and reducer (its class, bounds and wrapped reducers; not class
+    weights' values), and the same scalar buffers (running statistics, AdaCos's fixed
+    scale; their values, NaN and infinities included, compared in one more all-reduce
+    where the loss has any) are checked to agree, a ``ValueError`` on every rank naming
+    what differs. It gathers
     by itself: do not also wrap it in PML's ``DistributedLossWrapper``. Memory per
     rank: ``W_local`` and its gradient (``D x C / world_size``) plus a few
     ``N x C / world_size`` logit-sized buffers (``N x K`` with Partial FC keeping ``K``
@@ -252,17 +280,18 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             self._register_load_state_dict_pre_hook(_sampler_from_seed_if_absent, True)
 
     def _loss_code(self) -> tuple[float, str]:
-        """:func:`settings_code` of the loss's class, hyper-parameters, bias (or none) and
-        reducer (its class and bounds), and them shown."""
+        """:func:`settings_code` of the loss's class, hyper-parameters, bias (or none),
+        reducer (:func:`_reducer_code`) and the names of its scalar buffers, and the
+        first shown."""
         loss = self.loss
         names = getattr(loss, "hyperparameter_names", ())
         values = tuple((n, getattr(loss, n, None)) for n in names)
         values += (("bias", getattr(loss, "bias", None) is not None),)
-        reducer = loss.reducer
-        bounds = tuple(_number(getattr(reducer, n, None)) for n in ("low", "high"))
-        values += (("reducer", type(reducer).__module__, type(reducer).__qualname__, bounds),)
-        shown = ", ".join(f"{n}={v!r}" for n, v, *_ in values[:-1])
-        shown = f"{type(loss).__name__}({shown}), reducer {type(reducer).__name__}{bounds}"
+        values += (("reducer", _reducer_code(loss.reducer)),)
+        # which buffers are the loss's scalar state, compared after this agreement
+        values += (("scalar buffers", tuple(n for n, b in loss.named_buffers() if b.ndim == 0)),)
+        shown = ", ".join(f"{n}={v!r}" for n, v in values[:-2])
+        shown = f"{type(loss).__name__}({shown}), reducer {type(loss.reducer).__name__}"
         return settings_code(type(loss).__module__, type(loss).__qualname__, values), shown
 
     def _check_parameters(self) -> None:

@@ -196,10 +196,15 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> No
             assert "ranks' losses (their class and hyper-parameters) differ" in errors[case]
         assert "ranks' loss buffers (scale) differ" in errors["buffers_scale"]
         assert "ranks' loss buffers (t) differ" in errors["buffers_t"]
+        assert "ranks' loss buffers (t) differ" in errors["buffers_nan"]
+        assert "nan" in errors["buffers_nan"]
+        for case in ("buffers_shape", "loss_inner_reducer"):
+            assert "ranks' losses (their class and hyper-parameters) differ" in errors[case]
         assert "ranks' scales differ" in errors["functional_scale_value"]
         for case, name in (
             ("calc_label_dtypes", "reference_labels"),
             ("calc_self_dtypes", "reference"),
+            ("calc_own_metric_dtypes", "reference"),
             ("knn_query_dtype", "query"),
         ):
             assert f"ranks' {name} dtypes and shapes past the rows differ" in errors[case]

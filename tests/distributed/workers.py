@@ -196,7 +196,12 @@ def ddp_backbone(rank: int, world_size: int, out: pathlib.Path) -> None:
 def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None:
     """Bad input on one rank: every rank must raise (none left waiting in a collective).
     Records each rank's error message per case."""
-    from pytorch_metric_learning.reducers import MeanReducer, SumReducer, ThresholdReducer
+    from pytorch_metric_learning.reducers import (
+        MeanReducer,
+        PerAnchorReducer,
+        SumReducer,
+        ThresholdReducer,
+    )
 
     from pml_margins.distributed import (
         ShardedMarginSoftmaxLoss,
@@ -270,8 +275,18 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
         ),
         "calc_self_dtypes": ({}, (shard.double() if rank == 1 else shard, labels[:1].repeat(5))),
     }
+    layouts["calc_own_metric_dtypes"] = (
+        {"_cls": _WithOwnMetric},
+        (query, labels, shard.double() if rank == 1 else shard, labels[:1].repeat(5)),
+    )
     for case, (calc_kw, args) in layouts.items():
-        calc = ShardedRetrievalAccuracyCalculator(include=("precision_at_1",), **calc_kw)
+        cls = calc_kw.pop("_cls", ShardedRetrievalAccuracyCalculator)
+        include = (
+            ("precision_at_1", "reference_sum")
+            if cls is not ShardedRetrievalAccuracyCalculator
+            else ("precision_at_1",)
+        )
+        calc = cls(include=include, **calc_kw)
         try:
             calc.get_accuracy(*args)
             seen[case] = "no error"
@@ -340,6 +355,25 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             x,
         ),
         "buffers_t": (_with_t(ShardedMarginSoftmaxLoss(CurricularFaceLoss, 10, 4), rank), x),
+        "buffers_nan": (
+            _with_t(ShardedMarginSoftmaxLoss(CurricularFaceLoss, 10, 4), rank, float("nan")),
+            x,
+        ),
+        # a scalar buffer made 1-D on one rank: the all-reduce's sizes differed (abort)
+        "buffers_shape": (
+            _reshaped_t(ShardedMarginSoftmaxLoss(CurricularFaceLoss, 10, 4), rank),
+            x,
+        ),
+        # a wrapped reducer that differs (PerAnchorReducer's own)
+        "loss_inner_reducer": (
+            ShardedMarginSoftmaxLoss(
+                ArcFaceLoss,
+                10,
+                4,
+                reducer=PerAnchorReducer(SumReducer() if rank else MeanReducer()),
+            ),
+            x,
+        ),
     }
     agreeing = {  # the same settings written differently, and per-class (shard) buffers
         "same_reducer_bounds": ShardedMarginSoftmaxLoss(
@@ -403,6 +437,16 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
     torch.save(seen, out / f"bad_input_{rank}.pt")
 
 
+class _WithOwnMetric(ShardedRetrievalAccuracyCalculator):
+    """A subclass's own metric, which reads the (gathered) reference set."""
+
+    def calculate_reference_sum(self, reference, **kwargs):
+        return float(reference.sum())
+
+    def requires_knn(self):
+        return [*super().requires_knn(), "reference_sum"]
+
+
 class PerClassCounts(ArcFaceLoss):
     """ArcFace with a per-class buffer of this shard's classes (the extension point's
     per-class state): its size and values differ between ranks."""
@@ -419,10 +463,17 @@ class PerClassCounts(ArcFaceLoss):
         yield
 
 
-def _with_t(loss, rank: int):
+def _with_t(loss, rank: int, value: float = 0.5):
     """CurricularFace with rank 1's running ``t`` loaded from elsewhere."""
     if rank == 1:
-        loss.loss.t.fill_(0.5)
+        loss.loss.t.fill_(value)
+    return loss
+
+
+def _reshaped_t(loss, rank: int):
+    """CurricularFace whose ``t`` rank 1 replaced by a 1-element vector."""
+    if rank == 1:
+        loss.loss.t = torch.zeros(1)
     return loss
 
 
