@@ -11,6 +11,7 @@ padded to the largest batch for the collective and the padding is dropped again.
 
 from __future__ import annotations
 
+import numbers
 import zlib
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -82,14 +83,18 @@ def dtype_code(dtype: object) -> float:
 def settings_code(*settings: object) -> float:
     """A number for ``settings`` that ranks compare in :func:`checked_on_every_rank`'s
     ``agreed``: the CRC-32 of their ``repr`` (the same in every process, unlike
-    ``hash``). Plain values only (numbers, strings, ``None``, tuples of them); a tensor
-    counts by its shape and dtype, not its values (which would need a read)."""
+    ``hash``). Plain values only (numbers, strings, ``None``, tuples of them); a real
+    number counts by its value as a float (``10``, ``10.0`` and ``np.float32(10)`` agree;
+    a bool stays a bool); a tensor by its shape and dtype, not its values (which would
+    need a read)."""
 
     def plain(value: object) -> object:
         if isinstance(value, torch.Tensor):
             return ("tensor", tuple(value.shape), str(value.dtype))
         if isinstance(value, (tuple, list)):
             return tuple(plain(v) for v in value)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
         return value
 
     return float(zlib.crc32(repr(plain(settings)).encode()))

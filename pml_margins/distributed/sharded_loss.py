@@ -2,7 +2,6 @@ r"""Model-parallel class-weight loss: each rank owns a contiguous shard of ``W``
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -89,10 +88,10 @@ def _cosine_scale(loss: ClassWeightLoss, embeddings: torch.Tensor) -> float | to
 
 
 def _reducer_code(reducer: object) -> tuple:
-    """A PML reducer as the ranks compare it: its class, its bounds (``low``/``high``, as
-    numbers), the reducers it wraps (``PerAnchorReducer``'s, ``MultipleReducers``'),
-    and its class weights' shape (``ClassWeightedReducer``: their values would need a
-    read)."""
+    """A PML reducer as the ranks compare it: its class, its bounds (``low``/``high``;
+    :func:`settings_code` compares numbers by value), the reducers it wraps
+    (``PerAnchorReducer``'s, ``MultipleReducers``'), and its class weights' shape
+    (``ClassWeightedReducer``: their values would need a read)."""
     inner = getattr(reducer, "reducer", None)
     inner_code = None if inner is None or inner is reducer else _reducer_code(inner)
     several = getattr(reducer, "reducers", None)
@@ -106,18 +105,12 @@ def _reducer_code(reducer: object) -> tuple:
     return (
         type(reducer).__module__,
         type(reducer).__qualname__,
-        tuple(_number(getattr(reducer, n, None)) for n in ("low", "high")),
+        tuple(getattr(reducer, n, None) for n in ("low", "high")),
         inner_code,
         several_code,
         None if default is None else _reducer_code(default),
         tuple(weights.shape) if isinstance(weights, torch.Tensor) else None,
     )
-
-
-def _number(value: object) -> object:
-    """A real number as a ``float`` (``0`` and ``0.0`` agree), anything else as it is."""
-    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    return float(value) if real else value  # type: ignore[arg-type]
 
 
 def _sampler_from_seed_if_absent(

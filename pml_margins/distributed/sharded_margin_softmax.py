@@ -32,7 +32,6 @@ over ranks, done by the gather's reduce-scatter backward, is the full gradient).
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ from pml_margins.distributed.collectives import (
     all_reduce_,
     checked_on_every_rank,
     dtype_code,
+    settings_code,
 )
 from pml_margins.functional.autograd_only import SHARDED_REMEDY, backward_once
 from pml_margins.functional.margin_softmax import (
@@ -133,12 +133,11 @@ def _check_one_owner(owners: torch.Tensor) -> None:
 
 
 def _scale_code(scale: object) -> tuple[float, str]:
-    """What the ranks compare of a scale: a real number's value (-1 for a tensor or
-    anything else, whose checks name it), and it shown."""
+    """What the ranks compare of a scale: a number by its value (:func:`settings_code`);
+    any tensor alike (its values would need a read), and it shown."""
     if isinstance(scale, torch.Tensor):
         return -1.0, f"a tensor of shape {tuple(scale.shape)}"
-    real = isinstance(scale, numbers.Real) and not isinstance(scale, bool)
-    return (float(scale), repr(float(scale))) if real else (-1.0, repr(scale))
+    return settings_code(scale), repr(scale)
 
 
 def sharded_margin_softmax_cross_entropy(

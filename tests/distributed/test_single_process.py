@@ -344,3 +344,17 @@ def test_the_sharded_functional_names_a_logit_function_of_another_shape() -> Non
         )
     with pytest.raises(ValueError, match="target_logit_fn must return one value per"):
         sharded_margin_softmax_cross_entropy(z, y, lambda c: c[:1], 10.0)
+
+
+def test_settings_code_compares_numbers_by_value() -> None:
+    """One normalization for every agreement (a reducer's bounds, a functional's scale):
+    10, 10.0 and numpy's 10 agree; a bool, another value or a string do not."""
+    import numpy as np
+
+    from pml_margins.distributed.collectives import settings_code
+
+    ten = settings_code(("low", 10))
+    assert ten == settings_code(("low", 10.0)) == settings_code(("low", np.float32(10)))
+    assert ten == settings_code(("low", np.int64(10)))
+    assert len({ten, settings_code(("low", 11.0)), settings_code(("low", "10"))}) == 3
+    assert settings_code(True) != settings_code(1.0)
