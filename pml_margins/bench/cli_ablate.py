@@ -54,8 +54,8 @@ def run_ablate(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{flag} must be >= 1, got {value}")
-    if args.threads is not None and thread_count_problem(args.threads):
-        raise SystemExit(f"error: --threads {thread_count_problem(args.threads)}")
+    if args.threads is not None and (problem := thread_count_problem(args.threads)):
+        raise SystemExit(f"error: --threads {problem}")
     try:  # before the glyph set is rendered
         check_seed(args.seed, args.repeats)
         outputs = [f"{name}{suffix}" for name in names for suffix in (".json", ".md", ".png")]

@@ -84,8 +84,8 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         value = getattr(args, flag)
         if value < 1:
             raise SphereError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if thread_count_problem(args.threads):
-        raise SphereError(f"--threads {thread_count_problem(args.threads)}")
+    if problem := thread_count_problem(args.threads):
+        raise SphereError(f"--threads {problem}")
     try:
         train.resolve_device(args.device)
     except (RuntimeError, ValueError) as error:
