@@ -839,18 +839,20 @@ def usual_cpu_batch_passes(
     embeddings: object, labels: object, num_classes: int, width: int
 ) -> bool:
     """Whether the usual CPU batch passes every check of :func:`check_embeddings` and
-    :func:`check_class_labels`, decided in a few host steps.
+    :func:`check_class_labels` that is on, decided in a few host steps.
 
     Only accepts: ``True`` for a float32/float64 ``(B, width)`` strided CPU tensor,
-    ``B >= 1``, whose sum of squares (numpy's ``vdot``, in its dtype) is finite (so are
-    its elements and, as its dtype is at most the compute dtype, its rows' squared norms)
-    and int64 strided CPU labels of length ``B`` (at most :data:`_PYTHON_EXTREMES_MAX`)
-    in ``[0, num_classes)`` (Python's ``min``/``max`` of their list), with the value
-    checks on; ``False`` for anything else (a device's tensors, a ``torch.func``
-    wrapper, which :func:`_host_array` cannot read), which the full checks then judge and
-    name. Both read through numpy, no tensor read-back, without the full checks' layers:
-    a small problem's step is a few hundred microseconds, and those layers (the same
-    reads) cost it ~5 us more (CosFace 64 x 128 x 100, CPU).
+    ``B >= 1``, and int64 strided CPU labels of length ``B`` (at most
+    :data:`_PYTHON_EXTREMES_MAX`) -- the shapes and dtypes, always checked -- whose values
+    pass too while the value checks are on: a finite sum of squares of the embeddings
+    (numpy's ``vdot``, in their dtype: so are their elements and, as their dtype is at
+    most the compute dtype, their rows' squared norms) and labels in
+    ``[0, num_classes)`` (Python's ``min``/``max`` of their list); ``False`` for anything
+    else (a device's tensors, a ``torch.func`` wrapper, which :func:`_host_array` cannot
+    read), which the full checks then judge and name. Both read through numpy, no tensor
+    read-back, without the full checks' layers: a small problem's step is a few hundred
+    microseconds, and those layers (the same reads) cost it ~5 us more (CosFace
+    64 x 128 x 100, CPU).
     """
     if not (
         type(embeddings) is torch.Tensor
@@ -867,10 +869,11 @@ def usual_cpu_batch_passes(
         and labels.ndim == 1
         and 0 < embeddings.shape[0] == labels.shape[0] <= _PYTHON_EXTREMES_MAX
         and embeddings.shape[1] == width
-        and value_checks_enabled()
         and not is_compiling()
     ):
         return False
+    if not value_checks_enabled():
+        return True
     array, label_array = _host_array(embeddings), _host_array(labels)
     if array is None or label_array is None:  # a torch.func wrapper: the full checks
         return False  # look under it

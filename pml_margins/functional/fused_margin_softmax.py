@@ -186,6 +186,13 @@ def _materializes(rows: int, width: int, columns: int, dense: bool, device: torc
     return dense and width <= 2 * rows and max(rows, width) * columns <= DENSE_MAX_ELEMENTS
 
 
+def dense_materializes(embeddings: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether default mode runs the dense function on these embeddings and class weights
+    (one column per class, no non-target function): :func:`_materializes`."""
+    rows, width = embeddings.shape
+    return _materializes(rows, width, weight.shape[1], True, embeddings.device)
+
+
 class NonTargetLogitFn(Protocol):
     r"""A non-target function :math:`\phi` that also gives its derivative (optional protocol).
 

@@ -65,6 +65,9 @@ class CheckedForwardMixin:
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The reduced loss (PML's ``forward``) after :meth:`check_inputs`."""
+        direct = self._direct_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if direct is not None:
+            return direct
         self.check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         # int64 from here on: PML's reducers and miner-weight helpers index with them, and
         # read uint8 as a mask and refuse int8/int16 (the checks accept any integer dtype)
@@ -92,6 +95,20 @@ class CheckedForwardMixin:
             if info.get("reduction_type") != "element" or not torch.is_tensor(losses):
                 return self.reducer(loss_dict, embeddings, labels)  # type: ignore[attr-defined]
         return reduce(losses)
+
+    def _direct_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The reduced loss straight from the loss's core function, where the call is the
+        common one whose checks and plumbing the loss can settle in a few host steps (it
+        then gives what the rest of ``forward`` would, checks included); else ``None``
+        (default), and ``forward`` goes on."""
+        return None
 
     def _element_losses(
         self,

@@ -20,14 +20,17 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from pml_margins.functional.autograd_only import autograd_only_enabled
+from pml_margins.functional.autograd_only import autograd_only_enabled, plain_autograd_needed
+from pml_margins.functional.dense_margin_softmax import dense_margin_softmax_cross_entropy
 from pml_margins.functional.fused_margin_softmax import (
     FusedLogits,
+    dense_materializes,
     fused_margin_softmax_cross_entropy,
 )
 from pml_margins.functional.margin_softmax import (
     TargetLogitFn,
     autocast_off,
+    check_scale,
     compute_dtype,
     margin_softmax_cross_entropy,
 )
@@ -43,6 +46,7 @@ from pml_margins.validation import (
     check_count,
     check_embeddings,
     check_sample_rate,
+    usual_cpu_batch_passes,
 )
 
 __all__ = ["ClassWeightLoss"]
@@ -476,6 +480,65 @@ class ClassWeightLoss(
             losses = losses * lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
         return losses
 
+    def _direct_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The mean loss of a small CPU problem in the common call, from the dense function.
+
+        Where ``forward`` would end in
+        :func:`~pml_margins.functional.dense_margin_softmax.dense_margin_softmax_cross_entropy`
+        and PML's plain mean -- one column per class, no non-target function, no per-step
+        hooks (:meth:`prepare_step`, :meth:`extra_losses`, ``compute_loss`` or
+        ``check_inputs`` redefined), default mode, PML's default ``MeanReducer`` and
+        nothing that collects statistics or regularizes, no miner or reference set, a
+        float32/float64 CPU batch of usual layout that passes the checks
+        (:func:`~pml_margins.validation.usual_cpu_batch_passes`) and a problem the core
+        materializes -- this is the same call without the layers between (~40 us of a
+        ~300 us step at 64 x 128 x 100, which left a plain torch loss faster there).
+        Anything else: ``None``, the full path.
+        """
+        if (
+            indices_tuple is not None
+            or ref_emb is not None
+            or not (ref_labels is None or ref_labels is labels)
+            or self.chunk_size is not None
+            or self.sample_rate != 1.0
+            or self.collect_stats
+            or self.distance.collect_stats
+            or self._plain_reduction() is not torch.mean
+            or _redefined(self, "prepare_step")
+            or _redefined(self, "extra_losses")
+            or _redefined(self, "compute_loss")
+            or _redefined(self, "check_inputs")
+            or self.W.dtype not in FLOAT_DTYPES
+            or not usual_cpu_batch_passes(embeddings, labels, self.num_classes, self.embedding_size)
+            or not dense_materializes(embeddings, self.W)
+            or plain_autograd_needed()
+            or self.non_target_logit_fn() is not None
+        ):
+            return None
+        form = self._fused_form(embeddings)
+        if form is None or form.sub_centers != 1:
+            return None
+        self.reset_stats()
+        with CHECKED_BY_CALLER:  # checked above (hyper-parameters when set)
+            losses = dense_margin_softmax_cross_entropy(
+                embeddings,
+                self.W,
+                labels,  # type: ignore[arg-type]
+                self.target_logit_fn(),
+                check_scale(form.scale, embeddings.shape[0]),
+                form.normalize_embeddings,
+                form.normalize_weight,
+                form.bias,
+            )
+        return torch.mean(losses)
+
     def _element_losses(
         self,
         embeddings: torch.Tensor,
@@ -574,5 +637,8 @@ class ClassWeightLoss(
 
 
 #: the methods whose redefinition :func:`_redefined` detects, as this module defines them
-_BASE_METHODS = {name: getattr(ClassWeightLoss, name) for name in ("compute_loss", "prepare_step")}
+_BASE_METHODS = {
+    name: getattr(ClassWeightLoss, name)
+    for name in ("compute_loss", "prepare_step", "extra_losses", "check_inputs")
+}
 ClassWeightLoss._declared_logits = tuple(getattr(ClassWeightLoss, n) for n in _LOGIT_METHODS)

@@ -300,7 +300,9 @@ def test_the_usual_batch_shortcut_only_accepts_what_the_full_checks_accept(
     name, embeddings, labels
 ) -> None:
     """``usual_cpu_batch_passes`` (a loss's forward on the common CPU batch) may say yes
-    only where every full check passes; it says yes for the ordinary batch."""
+    only where every full check passes; it says yes for the ordinary batch. With the value
+    checks off: only where the shape and dtype checks pass (what the full checks then
+    run), and yes for the ordinary layout whatever its values."""
     fast = validation.usual_cpu_batch_passes(embeddings, labels, 5, 4)
     full = _full_checks_pass(embeddings, labels, 5, 4)
     assert not fast or full, name
@@ -308,7 +310,12 @@ def test_the_usual_batch_shortcut_only_accepts_what_the_full_checks_accept(
     if name in (*usual, "strided labels"):
         assert fast and full, name
     with value_checks(False):
-        assert not validation.usual_cpu_batch_passes(embeddings, labels, 5, 4)
+        fast = validation.usual_cpu_batch_passes(embeddings, labels, 5, 4)
+        full = _full_checks_pass(embeddings, labels, 5, 4)
+    assert not fast or full, name
+    bad_values = ("label -1", "label C", "squares overflow float32", "squares overflow float64")
+    if name in (*usual, "strided labels", *bad_values) or name.startswith("element"):
+        assert fast and full, name
 
 
 def test_the_usual_batch_shortcut_leaves_transforms_to_the_full_checks() -> None:
