@@ -194,11 +194,21 @@ def _sin_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor
     return torch.sin(multiplier * torch.acos(torch.clamp(cosine, -1 + eps, 1 - eps)))
 
 
-def _angle_region(cosine: torch.Tensor, multiplier: float, offset: float) -> torch.Tensor:
-    r""":math:`k=\lfloor (m\theta + b)/\pi \rfloor`; piecewise constant, computed without grad."""
+def _angle_region(cosine: torch.Tensor, multiplier: Any, offset: Any) -> torch.Tensor:
+    r""":math:`k=\lfloor (m\theta + b)/\pi \rfloor`; piecewise constant, computed without grad
+    (as :math:`\theta\,(m/\pi) + b/\pi`: a number ``m`` and ``b = 0`` take three ops)."""
     with torch.no_grad():
-        theta = torch.acos(torch.clamp(cosine, -1.0, 1.0))
-        return torch.floor((multiplier * theta + offset) / math.pi)
+        turns = torch.acos(torch.clamp(cosine, -1.0, 1.0)) * (multiplier / math.pi)
+        if isinstance(offset, torch.Tensor) or offset != 0:
+            turns = turns + offset / math.pi
+        return torch.floor(turns)
+
+
+def _monotone_extension(cos_multiple: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    r""":math:`(-1)^k c - 2k` for the region :math:`k` (no graph) of ``cos_multiple`` =
+    :math:`c`, as :math:`c - 2(\mathrm{odd}(k)\,c + k)`: three ops after the parity."""
+    odd = torch.remainder(k, 2)
+    return cos_multiple - 2 * torch.addcmul(k, odd, cos_multiple)
 
 
 def sphereface_psi(cosine: torch.Tensor, margin: int) -> torch.Tensor:
@@ -214,8 +224,7 @@ def sphereface_psi(cosine: torch.Tensor, margin: int) -> torch.Tensor:
     """
     margin = check_integer_margin(margin, "margin")
     k = _angle_region(cosine, float(margin), 0.0).clamp(max=margin - 1)
-    sign = 1 - 2 * torch.remainder(k, 2)
-    return sign * cos_multiple_angle(cosine, margin) - 2 * k
+    return _monotone_extension(cos_multiple_angle(cosine, margin), k)
 
 
 def sphereface_value_and_slope(
@@ -228,14 +237,14 @@ def sphereface_value_and_slope(
     m = check_integer_margin(margin, "margin")
     k = _angle_region(cosine, float(m), 0.0).clamp_(max=m - 1)
     # T and U side by side, one recurrence (a step costs its op launches, not its B values)
-    ones = torch.ones_like(cosine)
-    prev = torch.stack((ones, torch.zeros_like(cosine)))  # T_0, U_{-1}
-    curr = torch.stack((cosine, ones))  # T_1, U_0
+    prev = torch.tensor([[1.0], [0.0]], dtype=cosine.dtype, device=cosine.device)  # T_0, U_-1
+    curr = torch.stack((cosine, torch.ones_like(cosine)))  # T_1, U_0
     two_x = 2 * cosine
     for _ in range(m - 1):  # next = 2 x curr - prev, rounded as cos_multiple_angle's
         prev, curr = curr, torch.mul(two_x, curr).sub_(prev)
-    sign = 1 - 2 * torch.remainder(k, 2)
-    return sign * curr[0] - 2 * k, curr[1].mul_(sign * m)
+    t_m, u_m1 = curr
+    odd = torch.remainder(k, 2)  # (-1)^k m U = m (U - 2 odd U)
+    return _monotone_extension(t_m, k), torch.addcmul(u_m1, odd, u_m1, value=-2).mul_(m)
 
 
 def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
