@@ -137,6 +137,8 @@ def dense_margin_softmax_cross_entropy(
     normalize_embeddings: bool,
     normalize_weight: bool,
     bias: torch.Tensor | None = None,
+    *,
+    mean: bool = False,
 ) -> torch.Tensor:
     r"""Per-sample margin-softmax cross-entropy of a small problem (see the module doc).
 
@@ -145,7 +147,9 @@ def dense_margin_softmax_cross_entropy(
     column of ``W`` per class and no non-target function (a callable ``scale`` is
     given ``[cosines]``, the ``(B, C)`` matrix as one block); ``labels`` are ``int64``
     in ``[0, C)``. Computed in ``compute_dtype`` of the inputs (the products in the
-    autocast dtype under autocast); gradients in each input's own dtype.
+    autocast dtype under autocast); gradients in each input's own dtype. ``mean=True``
+    returns their mean instead, ``torch.mean`` of the ``(B,)`` losses, the same value and
+    gradients without a node of its own (the backward spreads :math:`g/B` over the rows).
     """
     dtype = compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype))
     device_type = embeddings.device.type
@@ -174,8 +178,9 @@ def dense_margin_softmax_cross_entropy(
     grad = grad and any(t is not None and t.requires_grad for t in inputs)
     target, slope = target_and_slope(z_y, target_logit_fn, scale, bias, labels, grad)
     if not grad and not target.requires_grad:
-        return _losses(cosine, scale, bias, target.detach(), index)[0]
-    saved = _Saved(x, x_inv, x_active, w_inv, w_radial, index, slope, mm_dtype, scale, unit_w)
+        losses = _losses(cosine, scale, bias, target.detach(), index)[0]
+        return torch.mean(losses) if mean else losses
+    saved = _Saved(x, x_inv, x_active, w_inv, w_radial, index, slope, mm_dtype, scale, unit_w, mean)
     return _DenseMarginSoftmax.apply(embeddings, weight, scale_tensor, bias, target, cosine, saved)
 
 
@@ -192,6 +197,7 @@ class _Saved(NamedTuple):
     mm_dtype: torch.dtype  # the products' operand dtype
     scale: float | torch.Tensor
     unit_w: bool  # the products take the unit columns of W (takes_unit_columns)
+    mean: bool  # the function returns the mean of the losses
 
 
 def _losses(
@@ -234,7 +240,7 @@ class _DenseMarginSoftmax(torch.autograd.Function):
         # the inputs through save_for_backward: one changed in place before the backward
         # (an optimizer step) raises autograd's usual error instead of wrong gradients
         ctx.save_for_backward(log_prob, z, weight, embeddings, scale_tensor)
-        return losses
+        return torch.mean(losses) if saved.mean else losses
 
     @staticmethod
     @backward_once("the dense margin softmax", SOFTMAX_REMEDY)
@@ -248,6 +254,8 @@ class _DenseMarginSoftmax(torch.autograd.Function):
         grad_x = grad_w = grad_s = grad_b = grad_t = None
         with autocast_off(log_prob.device.type):
             g = _cast(grad_losses, dtype)
+            if saved.mean:  # each row's share: what torch.mean's backward hands each loss
+                g = g.expand(len(index)) / len(index)
             s = saved.scale
             s = _cast(s.detach(), dtype) if isinstance(s, torch.Tensor) else s
             gs = (g * s).unsqueeze(1)

@@ -488,24 +488,27 @@ class ClassWeightLoss(
         ref_emb: torch.Tensor | None,
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor | None:
-        """The mean loss of a small CPU problem in the common call, from the dense function.
+        """The mean loss of a CPU batch in the common call, without PML's plumbing.
 
-        Where ``forward`` would end in
+        The common call: PML's default ``MeanReducer`` and nothing that collects statistics
+        or regularizes, no miner or reference set, no per-step hooks (:meth:`prepare_step`,
+        :meth:`extra_losses`, ``compute_loss`` or ``check_inputs`` redefined), default mode,
+        ``W`` of shape ``(D, C)``, and a float32/float64 CPU batch of usual layout that
+        passes the checks (:func:`~pml_margins.validation.usual_cpu_batch_passes`: what
+        ``check_inputs`` decides there). Then ``forward`` comes down to
+        :meth:`_per_sample_losses` and ``torch.mean``, taken here directly, the loss's
+        methods called once each in the same order; and where the core would run
         :func:`~pml_margins.functional.dense_margin_softmax.dense_margin_softmax_cross_entropy`
-        and PML's plain mean -- one column per class, no non-target function, no per-step
-        hooks (:meth:`prepare_step`, :meth:`extra_losses`, ``compute_loss`` or
-        ``check_inputs`` redefined), default mode, PML's default ``MeanReducer`` and
-        nothing that collects statistics or regularizes, no miner or reference set, a
-        float32/float64 CPU batch of usual layout that passes the checks
-        (:func:`~pml_margins.validation.usual_cpu_batch_passes`) and a problem the core
-        materializes -- this is the same call without the layers between (~40 us of a
-        ~300 us step at 64 x 128 x 100, which left a plain torch loss faster there).
-        Anything else: ``None``, the full path.
+        (a problem it materializes, one column per class, no non-target function) that
+        function is called straight away, its mean taken inside (~40 us of a ~300 us step
+        at 64 x 128 x 100, which left a plain torch loss faster there). Same values,
+        gradients, statistics and errors as the full path. Anything else: ``None``.
         """
+        weight = self.W  # read as check_inputs reads it (a parametrization runs per read)
         if (
             indices_tuple is not None
             or ref_emb is not None
-            or not (ref_labels is None or ref_labels is labels)
+            or ref_labels is not None
             or self.chunk_size is not None
             or self.sample_rate != 1.0
             or self.collect_stats
@@ -515,19 +518,25 @@ class ClassWeightLoss(
             or _redefined(self, "extra_losses")
             or _redefined(self, "compute_loss")
             or _redefined(self, "check_inputs")
-            or self.W.dtype not in FLOAT_DTYPES
-            or not usual_cpu_batch_passes(embeddings, labels, self.num_classes, self.embedding_size)
-            or not dense_materializes(embeddings, self.W)
+            or weight.dtype not in FLOAT_DTYPES
+            or weight.shape != (self.embedding_size, self.num_classes)
             or plain_autograd_needed()
-            or self.non_target_logit_fn() is not None
+            or not usual_cpu_batch_passes(embeddings, labels, self.num_classes, self.embedding_size)
         ):
             return None
-        form = self._fused_form(embeddings)
-        if form is None or form.sub_centers != 1:
-            return None
         self.reset_stats()
+        non_target_fn = self.non_target_logit_fn()
+        form = self._fused_form(embeddings)
+        if (
+            form is None
+            or form.sub_centers != 1
+            or non_target_fn is not None
+            or not (form.bias is None or form.bias.shape == (self.num_classes,))
+            or not dense_materializes(embeddings, weight)
+        ):
+            return torch.mean(self._losses_of(embeddings, labels, non_target_fn, form))  # type: ignore[arg-type]
         with CHECKED_BY_CALLER:  # checked above (hyper-parameters when set)
-            losses = dense_margin_softmax_cross_entropy(
+            return dense_margin_softmax_cross_entropy(
                 embeddings,
                 self.W,
                 labels,  # type: ignore[arg-type]
@@ -536,8 +545,8 @@ class ClassWeightLoss(
                 form.normalize_embeddings,
                 form.normalize_weight,
                 form.bias,
+                mean=True,
             )
-        return torch.mean(losses)
 
     def _element_losses(
         self,
@@ -559,6 +568,18 @@ class ClassWeightLoss(
     ) -> torch.Tensor:
         non_target_fn = self.non_target_logit_fn()
         form = None if autograd_only_enabled() else self._fused_form(embeddings)
+        return self._losses_of(embeddings, labels, non_target_fn, form, statistics)
+
+    def _losses_of(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        non_target_fn: TargetLogitFn | None,
+        form: FusedLogits | None,
+        statistics: StepStatistics | None = None,
+    ) -> torch.Tensor:
+        """:meth:`_per_sample_losses` given the step's non-target function and fused form
+        (``None``: the plain path)."""
         if form is not None:
             formed = None if statistics is None else statistics.formed_target_cosines()
             return self._fused_losses(embeddings, labels, form, non_target_fn, formed)

@@ -177,3 +177,31 @@ def test_an_input_changed_in_place_before_backward_raises_as_autograd_does(w_dty
         {"W": w, "embeddings": x, "scale": scale}[changed].add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("tensor_scale", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_mean_equals_torch_mean_of_the_losses_bit_for_bit(dtype, tensor_scale, with_bias):
+    """``mean=True``: the value and every gradient of ``torch.mean`` of the losses."""
+    x, w, labels = inputs(2, dtype)
+    scale = torch.rand(B, dtype=dtype) + 1 if tensor_scale else 7.0
+    bias = torch.randn(C, dtype=dtype) if with_bias else None
+    results = []
+    for mean in (False, True):
+        leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        leaves += [t.clone().requires_grad_() for t in (scale, bias) if torch.is_tensor(t)]
+        xs, ws, *rest = leaves
+        ss = rest.pop(0) if tensor_scale else scale
+        bs = rest.pop(0) if with_bias else None
+        loss = dense_margin_softmax_cross_entropy(
+            xs, ws, labels, ARC, ss, True, True, bs, mean=mean
+        )
+        loss = loss if mean else torch.mean(loss)
+        results.append((loss, *torch.autograd.grad(loss * 3, leaves)))
+    for a, b in zip(*results, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    with torch.no_grad():
+        value = dense_margin_softmax_cross_entropy(x, w, labels, ARC, 7.0, True, True, mean=True)
+        whole = dense_margin_softmax_cross_entropy(x, w, labels, ARC, 7.0, True, True)
+    assert value.shape == () and torch.equal(value, torch.mean(whole))

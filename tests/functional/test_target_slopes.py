@@ -135,3 +135,17 @@ def test_a_tensor_m1_keeps_its_gradient_at_whole_values_and_may_be_per_row() -> 
     torch.testing.assert_close(combined_margin_target(c, m1, 0.2, 0.1), expected)
     with pytest.raises(ValueError, match="no closed-form slope for a tensor m1"):
         combined_margin_value_and_slope(c, torch.tensor(2.0), 0.0, 0.0)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3), (3, 2), (2, 2, 4)], ids=str)
+@pytest.mark.parametrize("margin", [1, 2, 4])
+def test_sphereface_value_and_slope_take_any_shape(shape, margin):
+    """Element-wise at every shape (the recurrence stacks T and U on a new leading axis)."""
+    c = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    value, slope = sphereface_value_and_slope(c, margin)
+    flat_value, flat_slope = sphereface_value_and_slope(c.reshape(-1), margin)
+    assert value.shape == slope.shape == c.shape
+    assert torch.equal(value.reshape(-1), flat_value) and torch.equal(slope.reshape(-1), flat_slope)
+    assert torch.equal(value, sphereface_psi(c, margin))
+    batched = torch.func.vmap(lambda row: sphereface_value_and_slope(row, margin))(c.reshape(1, -1))
+    assert torch.equal(batched[0][0], flat_value) and torch.equal(batched[1][0], flat_slope)

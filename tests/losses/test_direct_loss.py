@@ -15,27 +15,41 @@ from unittest import mock
 
 import pytest
 import torch
-from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
 from pytorch_metric_learning.miners import MultiSimilarityMiner
 from pytorch_metric_learning.reducers import MeanReducer, SumReducer
 from pytorch_metric_learning.regularizers import LpRegularizer
 
 import pml_margins
-from pml_margins.losses import ArcFaceLoss, ClassWeightLoss, CosFaceLoss, SphereFaceLoss
+from pml_margins.losses import (
+    ArcFaceLoss,
+    ClassWeightLoss,
+    CosFaceLoss,
+    NormSoftmaxLoss,
+    ProxyCircleLoss,
+    SoftmaxLoss,
+    SphereFaceLoss,
+    SubCenterArcFaceLoss,
+)
+from pml_margins.losses import class_weight_loss as cwl
 from pml_margins.losses.class_weight_loss import ClassWeightLoss as _Base
 from tests.losses.specs import SPECS
 
 DTYPES = (torch.float32, torch.float64)
 
 
-def _full_path(loss_fn: ClassWeightLoss, *args):
+def _full_path(loss_fn: ClassWeightLoss, *args, **kwargs):
     """The loss through the layers the lane skips."""
     with mock.patch.object(_Base, "_direct_loss", return_value=None):
-        return loss_fn(*args)
+        return loss_fn(*args, **kwargs)
 
 
 def _takes_lane(loss_fn: ClassWeightLoss, x, y, **kwargs) -> bool:
-    return loss_fn._direct_loss(x, y, kwargs.get("indices_tuple"), None, None) is not None
+    """Whether ``forward`` calls the dense function straight from the lane."""
+    dense = cwl.dense_margin_softmax_cross_entropy
+    with mock.patch.object(cwl, "dense_margin_softmax_cross_entropy", wraps=dense) as spy:
+        direct = loss_fn._direct_loss(x, y, kwargs.get("indices_tuple"), None, None)
+    return direct is not None and spy.call_count == 1 and spy.call_args.kwargs == {"mean": True}
 
 
 def _case(spec, x_dtype, w_dtype, seed=0):
@@ -122,45 +136,161 @@ def test_the_lane_steps_aside(case, kwargs, call) -> None:
     assert call(CosFaceLoss(11, 6, **kwargs)) is None, case
 
 
-def test_the_lane_steps_aside_for_autograd_only_transforms_and_large_problems() -> None:
+def test_the_lane_steps_aside_for_autograd_only_and_forward_ad() -> None:
     x, y = torch.randn(9, 6), torch.randint(0, 11, (9,))
     loss_fn = CosFaceLoss(11, 6)
     with pml_margins.autograd_only():
-        assert not _takes_lane(loss_fn, x, y)
+        assert loss_fn._direct_loss(x, y, None, None, None) is None
     with torch.autograd.forward_ad.dual_level():
-        assert not _takes_lane(loss_fn, x, y)
-    big = CosFaceLoss(100_000, 512)
-    assert not _takes_lane(big, torch.randn(256, 512), torch.randint(0, 100_000, (256,)))
+        assert loss_fn._direct_loss(x, y, None, None, None) is None
 
 
-def test_hooks_and_redefined_logits_step_aside() -> None:
+_RAW = DotProductSimilarity(normalize_embeddings=False)
+
+
+class _WithExtra(CosFaceLoss):
+    def extra_losses(self, embeddings, labels):
+        return embeddings.norm(dim=1) * 0.1
+
+
+class _OwnLogits(CosFaceLoss):
+    def base_logits(self, embeddings):
+        logits, scale = super().base_logits(embeddings)
+        return logits * 0.5, scale
+
+
+class _StricterChecks(CosFaceLoss):
+    def check_inputs(self, embeddings, labels, *rest):
+        super().check_inputs(embeddings, labels, *rest)
+        if len(embeddings) < 10:
+            raise ValueError("at least 10 rows")
+
+
+def _equal_to_full_path(loss_fn, x, y) -> bool:
+    results = []
+    for full in (False, True):
+        xs = x.clone().requires_grad_(True)
+        loss = _full_path(loss_fn, xs, y) if full else loss_fn(xs, y)
+        results.append((loss, *torch.autograd.grad(loss, [xs, *loss_fn.parameters()])))
+    return all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("make", "dense"),
+    [
+        (lambda: _OwnLogits(11, 6), False),  # its own logits: the plain path
+        (lambda: ProxyCircleLoss(11, 6), False),  # a non-target function
+        (lambda: SubCenterArcFaceLoss(11, 6), False),  # K columns per class
+        (
+            lambda: NormSoftmaxLoss(
+                11, 6, distance=DotProductSimilarity(normalize_embeddings=False)
+            ),
+            True,
+        ),
+    ],
+    ids=["own logits", "proxy circle", "sub-centres", "nsl raw embeddings"],
+)
+def test_other_forms_get_the_full_paths_losses(make, dense) -> None:
     x, y = torch.randn(9, 6), torch.randint(0, 11, (9,))
+    loss_fn = make()
+    assert _takes_lane(loss_fn, x, y) == dense
+    assert _equal_to_full_path(loss_fn, x, y)
 
-    class WithExtra(CosFaceLoss):
-        def extra_losses(self, embeddings, labels):
-            return embeddings.norm(dim=1) * 0.1
 
-    class OwnLogits(CosFaceLoss):
-        def base_logits(self, embeddings):
-            logits, scale = super().base_logits(embeddings)
-            return logits * 0.5, scale
+def test_a_problem_the_core_does_not_materialize_gets_the_blocked_function() -> None:
+    x, y = torch.randn(4, 16), torch.randint(0, 70_000, (4,))
+    loss_fn = CosFaceLoss(70_000, 16)
+    assert not _takes_lane(loss_fn, x, y)
+    assert _equal_to_full_path(loss_fn, x, y)
 
-    class StricterChecks(CosFaceLoss):
-        def check_inputs(self, embeddings, labels, *rest):
-            super().check_inputs(embeddings, labels, *rest)
-            if len(embeddings) < 10:
-                raise ValueError("at least 10 rows")
 
+def test_hooks_step_aside() -> None:
+    x, y = torch.randn(9, 6), torch.randint(0, 11, (9,))
     with pytest.raises(ValueError, match="at least 10 rows"):
-        StricterChecks(11, 6)(x, y)
-    for cls in (WithExtra, OwnLogits):
-        loss_fn = cls(11, 6)
-        assert not _takes_lane(loss_fn, x, y), cls.__name__
-        torch.testing.assert_close(loss_fn(x, y), _full_path(loss_fn, x, y))
-    extra = WithExtra(11, 6)
+        _StricterChecks(11, 6)(x, y)
+    extra = _WithExtra(11, 6)
+    assert extra._direct_loss(x, y, None, None, None) is None
     plain = CosFaceLoss(11, 6)
     plain.load_state_dict(extra.state_dict())
     assert not torch.equal(extra(x, y), plain(x, y))  # the extra term is not dropped
+
+
+def _error(call) -> str:
+    try:
+        call()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def _bad_calls():
+    """(id, loss, embeddings, labels, kwargs) that the full path refuses."""
+    x, y = torch.randn(6, 8), torch.randint(0, 10, (6,))
+    yield "ref_labels alone", CosFaceLoss(10, 8), x, y, {"ref_labels": y}
+    yield "ref_emb alone", CosFaceLoss(10, 8), x, y, {"ref_emb": x}
+    narrow = CosFaceLoss(10, 8)
+    narrow.W = torch.nn.Parameter(torch.randn(9, 10))
+    yield "W of another width", narrow, x, y, {}
+    wide = CosFaceLoss(10, 8)
+    wide.W = torch.nn.Parameter(torch.randn(8, 12))
+    yield "W of more columns", wide, x, y, {}
+    for shape in [(1,), (11,), (6, 10)]:
+        softmax = SoftmaxLoss(10, 8)
+        softmax.bias = torch.nn.Parameter(torch.randn(shape))
+        yield f"bias {shape}", softmax, x, y, {}
+
+
+@pytest.mark.parametrize(("case", "loss_fn", "x", "y", "kwargs"), list(_bad_calls()))
+def test_the_lane_raises_what_the_full_path_raises(case, loss_fn, x, y, kwargs) -> None:
+    lane = _error(lambda: loss_fn(x, y, **kwargs))
+    full = _error(lambda: _full_path(loss_fn, x, y, **kwargs))
+    assert lane == full, case
+
+
+def test_hooks_are_called_once_each_as_on_the_full_path() -> None:
+    """A hook with a side effect (a random draw, a counter) sees the same calls."""
+    calls = []
+
+    class CountedSubCenter(SubCenterArcFaceLoss):
+        def logit_scale(self, embeddings):
+            calls.append("scale")
+            return 64.0 + float(torch.rand(()))
+
+    class CountedProxyCircle(ProxyCircleLoss):
+        def non_target_logit_fn(self):
+            calls.append("non-target")
+            return super().non_target_logit_fn()
+
+    x, y = torch.randn(9, 6), torch.randint(0, 11, (9,))
+    for loss_fn in (CountedSubCenter(11, 6), CountedProxyCircle(11, 6), CosFaceLoss(11, 6)):
+        seen = []
+        for full in (False, True):
+            calls.clear()
+            torch.manual_seed(5)
+            value = _full_path(loss_fn, x, y) if full else loss_fn(x, y)
+            seen.append((value, list(calls), torch.rand(())))
+        (v1, c1, r1), (v2, c2, r2) = seen
+        assert torch.equal(v1, v2) and c1 == c2 and torch.equal(r1, r2), type(loss_fn).__name__
+
+
+def test_a_parametrized_w_is_evaluated_as_on_the_full_path() -> None:
+    class DropConnect(torch.nn.Module):
+        calls = 0
+
+        def forward(self, weight):
+            DropConnect.calls += 1
+            return weight * (torch.rand_like(weight) > 0.1) / 0.9
+
+    loss_fn = CosFaceLoss(11, 6)
+    torch.nn.utils.parametrize.register_parametrization(loss_fn, "W", DropConnect())
+    x, y = torch.randn(9, 6), torch.randint(0, 11, (9,))
+    seen = []
+    for full in (False, True):
+        DropConnect.calls = 0
+        torch.manual_seed(5)
+        value = _full_path(loss_fn, x, y) if full else loss_fn(x, y)
+        seen.append((value, DropConnect.calls))
+    assert torch.equal(seen[0][0], seen[1][0]) and seen[0][1] == seen[1][1]
 
 
 def test_bad_input_gets_the_full_checks_errors() -> None:
