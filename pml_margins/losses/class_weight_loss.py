@@ -493,18 +493,21 @@ class ClassWeightLoss(
         The common call: PML's default ``MeanReducer`` and nothing that collects statistics
         or regularizes, no miner or reference set, no per-step hooks (:meth:`prepare_step`,
         :meth:`extra_losses`, ``compute_loss`` or ``check_inputs`` redefined), default mode,
-        ``W`` of shape ``(D, C)``, and a float32/float64 CPU batch of usual layout that
-        passes the checks (:func:`~pml_margins.validation.usual_cpu_batch_passes`: what
-        ``check_inputs`` decides there). Then ``forward`` comes down to
-        :meth:`_per_sample_losses` and ``torch.mean``, taken here directly, the loss's
-        methods called once each in the same order; and where the core would run
+        outside ``torch.func`` transforms, forward AD and :func:`~pml_margins.autograd_only`,
+        and a float32/float64 CPU batch of usual layout that passes the checks
+        (:func:`~pml_margins.validation.usual_cpu_batch_passes`: what ``check_inputs``
+        decides there). Then ``forward`` comes down to :meth:`_per_sample_losses` and
+        ``torch.mean``, taken here directly: the loss's methods are called once each, in
+        the full path's order, and ``W`` is read where it reads it (a parametrization runs
+        per read). Where the core would run
         :func:`~pml_margins.functional.dense_margin_softmax.dense_margin_softmax_cross_entropy`
-        (a problem it materializes, one column per class, no non-target function) that
-        function is called straight away, its mean taken inside (~40 us of a ~300 us step
-        at 64 x 128 x 100, which left a plain torch loss faster there). Same values,
-        gradients, statistics and errors as the full path. Anything else: ``None``.
+        (a problem it materializes, one column per class, no non-target function, ``W``
+        and bias of the loss's shapes) that function is called straight away, its mean
+        taken inside (~40 us of a ~300 us step at 64 x 128 x 100, which left a plain torch
+        loss faster there; the loss's ``grad_fn`` is then the dense function's node, not
+        ``MeanBackward0``). Same values, gradients, statistics and errors as the full
+        path. Anything else: ``None``, decided before ``W`` or any method is read.
         """
-        weight = self.W  # read as check_inputs reads it (a parametrization runs per read)
         if (
             indices_tuple is not None
             or ref_emb is not None
@@ -518,27 +521,31 @@ class ClassWeightLoss(
             or _redefined(self, "extra_losses")
             or _redefined(self, "compute_loss")
             or _redefined(self, "check_inputs")
-            or weight.dtype not in FLOAT_DTYPES
-            or weight.shape != (self.embedding_size, self.num_classes)
             or plain_autograd_needed()
             or not usual_cpu_batch_passes(embeddings, labels, self.num_classes, self.embedding_size)
         ):
             return None
+        # from here on, the full path's steps in its order (W read where it reads it:
+        # a parametrization runs once per read); no way back
+        self._checked_compute_dtype(embeddings)  # check_inputs' call (a subclass may count)
         self.reset_stats()
         non_target_fn = self.non_target_logit_fn()
         form = self._fused_form(embeddings)
+        if form is None or form.sub_centers != 1 or non_target_fn is not None:
+            return torch.mean(self._losses_of(embeddings, labels, non_target_fn, form))  # type: ignore[arg-type]
+        weight = self.W
         if (
-            form is None
-            or form.sub_centers != 1
-            or non_target_fn is not None
+            weight.dtype not in FLOAT_DTYPES
+            or weight.shape != (self.embedding_size, self.num_classes)
             or not (form.bias is None or form.bias.shape == (self.num_classes,))
             or not dense_materializes(embeddings, weight)
-        ):
-            return torch.mean(self._losses_of(embeddings, labels, non_target_fn, form))  # type: ignore[arg-type]
+        ):  # the core's own checks and choice
+            losses = self._fused_losses(embeddings, labels, form, None, weight=weight)  # type: ignore[arg-type]
+            return torch.mean(losses)
         with CHECKED_BY_CALLER:  # checked above (hyper-parameters when set)
             return dense_margin_softmax_cross_entropy(
                 embeddings,
-                self.W,
+                weight,
                 labels,  # type: ignore[arg-type]
                 self.target_logit_fn(),
                 check_scale(form.scale, embeddings.shape[0]),
@@ -618,7 +625,10 @@ class ClassWeightLoss(
         form: FusedLogits,
         non_target_fn: TargetLogitFn | None,
         target_cosines: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The fused core's losses of ``form``; ``weight``: ``W`` as already read this step
+        (``None``: read here)."""
         self._record_distance_stats(embeddings)
         if self.collect_stats and self.logits_are_cosines:
             cosine = self.target_cosines(embeddings, labels).unsqueeze(1)
@@ -628,7 +638,7 @@ class ClassWeightLoss(
         with CHECKED_BY_CALLER:  # checked by forward (hyper-parameters when set)
             return fused_margin_softmax_cross_entropy(
                 embeddings,
-                self.W,
+                self.W if weight is None else weight,
                 labels,
                 self.target_logit_fn(),
                 form.scale,

@@ -9,6 +9,7 @@ bad input still gets the full checks' errors.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from unittest import mock
@@ -25,6 +26,7 @@ from pml_margins.losses import (
     ArcFaceLoss,
     ClassWeightLoss,
     CosFaceLoss,
+    MagFaceLoss,
     NormSoftmaxLoss,
     ProxyCircleLoss,
     SoftmaxLoss,
@@ -273,24 +275,63 @@ def test_hooks_are_called_once_each_as_on_the_full_path() -> None:
         assert torch.equal(v1, v2) and c1 == c2 and torch.equal(r1, r2), type(loss_fn).__name__
 
 
-def test_a_parametrized_w_is_evaluated_as_on_the_full_path() -> None:
-    class DropConnect(torch.nn.Module):
-        calls = 0
+class _DropConnect(torch.nn.Module):
+    calls = 0
 
-        def forward(self, weight):
-            DropConnect.calls += 1
-            return weight * (torch.rand_like(weight) > 0.1) / 0.9
+    def forward(self, weight):
+        _DropConnect.calls += 1
+        return weight * (torch.rand_like(weight) > 0.1) / 0.9
 
-    loss_fn = CosFaceLoss(11, 6)
-    torch.nn.utils.parametrize.register_parametrization(loss_fn, "W", DropConnect())
+
+def _parametrized_calls():
+    """(id, loss, call): calls the lane takes, and calls it declines at every stage."""
     x, y = torch.randn(9, 6), torch.randint(0, 11, (9,))
+    pairs = MultiSimilarityMiner()(x, y)
+    yield "common", CosFaceLoss(11, 6), lambda f: f(x, y)
+    yield "miner", CosFaceLoss(11, 6), lambda f: f(x, y, pairs)
+    yield "float16 rows", CosFaceLoss(11, 6), lambda f: f(x.half(), y)
+    yield "MagFace", MagFaceLoss(11, 6), lambda f: f(x, y)
+    yield "sub-centres", SubCenterArcFaceLoss(11, 6), lambda f: f(x, y)
+    yield "proxy circle", ProxyCircleLoss(11, 6), lambda f: f(x, y)
+    yield "large", CosFaceLoss(70_000, 6), lambda f: f(torch.randn(2, 6), y[:2])
+
+
+@pytest.mark.parametrize(("case", "loss_fn", "call"), list(_parametrized_calls()))
+def test_a_parametrized_w_is_evaluated_as_on_the_full_path(case, loss_fn, call) -> None:
+    torch.nn.utils.parametrize.register_parametrization(loss_fn, "W", _DropConnect())
     seen = []
     for full in (False, True):
-        DropConnect.calls = 0
+        _DropConnect.calls = 0
         torch.manual_seed(5)
-        value = _full_path(loss_fn, x, y) if full else loss_fn(x, y)
-        seen.append((value, DropConnect.calls))
-    assert torch.equal(seen[0][0], seen[1][0]) and seen[0][1] == seen[1][1]
+        with (
+            mock.patch.object(_Base, "_direct_loss", return_value=None)
+            if full
+            else (contextlib.nullcontext())
+        ):
+            value = call(loss_fn)
+        seen.append((value, _DropConnect.calls, torch.rand(())))
+    (v1, n1, r1), (v2, n2, r2) = seen
+    assert torch.equal(v1, v2) and n1 == n2 and torch.equal(r1, r2), (case, n1, n2)
+
+
+def test_compute_dtype_is_called_as_on_the_full_path() -> None:
+    """``check_inputs`` calls the (overridable) ``compute_dtype``; so does the lane."""
+    calls = []
+
+    class Counted(CosFaceLoss):
+        def compute_dtype(self, embeddings):
+            calls.append(1)
+            return super().compute_dtype(embeddings)
+
+    loss_fn = Counted(11, 6)
+    x, y = torch.randn(9, 6), torch.randint(0, 11, (9,))
+    assert _takes_lane(loss_fn, x, y)
+    counts = []
+    for full in (False, True):
+        calls.clear()
+        _full_path(loss_fn, x, y) if full else loss_fn(x, y)
+        counts.append(len(calls))
+    assert counts[0] == counts[1] > 0
 
 
 def test_bad_input_gets_the_full_checks_errors() -> None:
