@@ -204,11 +204,14 @@ def _angle_region(cosine: torch.Tensor, multiplier: Any, offset: Any) -> torch.T
         return torch.floor(turns)
 
 
-def _monotone_extension(cos_multiple: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def _monotone_extension(
+    cos_multiple: torch.Tensor, k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     r""":math:`(-1)^k c - 2k` for the region :math:`k` (no graph) of ``cos_multiple`` =
-    :math:`c`, as :math:`c - 2(\mathrm{odd}(k)\,c + k)`: three ops after the parity."""
-    odd = torch.remainder(k, 2)
-    return cos_multiple - 2 * torch.addcmul(k, odd, cos_multiple)
+    :math:`c`, rounded once as the paper's formula (``addcmul``), and the sign
+    :math:`(-1)^k`."""
+    sign = 1 - 2 * torch.remainder(k, 2)
+    return torch.addcmul(-2 * k, sign, cos_multiple), sign
 
 
 def sphereface_psi(cosine: torch.Tensor, margin: int) -> torch.Tensor:
@@ -224,7 +227,7 @@ def sphereface_psi(cosine: torch.Tensor, margin: int) -> torch.Tensor:
     """
     margin = check_integer_margin(margin, "margin")
     k = _angle_region(cosine, float(margin), 0.0).clamp(max=margin - 1)
-    return _monotone_extension(cos_multiple_angle(cosine, margin), k)
+    return _monotone_extension(cos_multiple_angle(cosine, margin), k)[0]
 
 
 def sphereface_value_and_slope(
@@ -244,8 +247,8 @@ def sphereface_value_and_slope(
     for _ in range(m - 1):  # next = 2 x curr - prev, rounded as cos_multiple_angle's
         prev, curr = curr, torch.mul(two_x, curr).sub_(prev)
     t_m, u_m1 = curr
-    odd = torch.remainder(k, 2)  # (-1)^k m U = m (U - 2 odd U)
-    return _monotone_extension(t_m, k), torch.addcmul(u_m1, odd, u_m1, value=-2).mul_(m)
+    value, sign = _monotone_extension(t_m, k)
+    return value, torch.mul(u_m1, sign).mul_(m)
 
 
 def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, DotProductSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
+from pytorch_metric_learning.reducers import BaseReducer
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_margins.functional.autograd_only import autograd_only_enabled, plain_autograd_needed
@@ -515,7 +516,9 @@ class ClassWeightLoss(
             or self.chunk_size is not None
             or self.sample_rate != 1.0
             or self.collect_stats
+            or not isinstance(self.distance, BaseDistance)  # (swapped in after construction)
             or self.distance.collect_stats
+            or not isinstance(self.reducer, BaseReducer)
             or self._plain_reduction() is not torch.mean
             or _redefined(self, "prepare_step")
             or _redefined(self, "extra_losses")
@@ -531,11 +534,18 @@ class ClassWeightLoss(
         self.reset_stats()
         non_target_fn = self.non_target_logit_fn()
         form = self._fused_form(embeddings)
-        if form is None or form.sub_centers != 1 or non_target_fn is not None:
+        if (
+            form is None
+            or type(form.sub_centers) is not int  # (the core's check_count judges others)
+            or form.sub_centers != 1
+            or non_target_fn is not None
+        ):
             return torch.mean(self._losses_of(embeddings, labels, non_target_fn, form))  # type: ignore[arg-type]
         weight = self.W
         if (
-            weight.dtype not in FLOAT_DTYPES
+            type(weight) not in (torch.Tensor, torch.nn.Parameter)
+            or weight.layout != torch.strided
+            or weight.dtype not in FLOAT_DTYPES
             or weight.shape != (self.embedding_size, self.num_classes)
             or not (form.bias is None or form.bias.shape == (self.num_classes,))
             or not dense_materializes(embeddings, weight)

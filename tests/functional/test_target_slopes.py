@@ -17,7 +17,10 @@ from pml_margins.functional import (
     sphereface_psi,
     sphereface_value_and_slope,
 )
-from pml_margins.functional.target_logits import combined_margin_value_and_slope
+from pml_margins.functional.target_logits import (
+    combined_margin_value_and_slope,
+    cos_multiple_angle,
+)
 from pml_margins.losses import (
     ArcFaceLoss,
     CombinedMarginLoss,
@@ -149,3 +152,16 @@ def test_sphereface_value_and_slope_take_any_shape(shape, margin):
     assert torch.equal(value, sphereface_psi(c, margin))
     batched = torch.func.vmap(lambda row: sphereface_value_and_slope(row, margin))(c.reshape(1, -1))
     assert torch.equal(batched[0][0], flat_value) and torch.equal(batched[1][0], flat_slope)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("margin", [2, 3, 4, 7])
+def test_sphereface_psi_rounds_once_as_the_papers_formula(dtype, margin):
+    """``(-1)^k cos(m theta) - 2k`` with one rounding (as PML's ``sign * cos - 2k``): the
+    sign times the Chebyshev value is exact, so only the subtraction rounds."""
+    c = cosines(dtype)
+    with torch.no_grad():
+        k = torch.floor(torch.acos(c.clamp(-1, 1)) * (margin / math.pi)).clamp(max=margin - 1)
+    expected = (1 - 2 * torch.remainder(k, 2)) * cos_multiple_angle(c, margin) - 2 * k
+    assert torch.equal(sphereface_psi(c, margin), expected)
+    assert torch.equal(sphereface_value_and_slope(c, margin)[0], expected)

@@ -16,12 +16,14 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
 from pytorch_metric_learning.miners import MultiSimilarityMiner
 from pytorch_metric_learning.reducers import MeanReducer, SumReducer
 from pytorch_metric_learning.regularizers import LpRegularizer
 
 import pml_margins
+from pml_margins.functional import FusedLogits
 from pml_margins.losses import (
     ArcFaceLoss,
     ClassWeightLoss,
@@ -240,6 +242,33 @@ def _bad_calls():
         softmax = SoftmaxLoss(10, 8)
         softmax.bias = torch.nn.Parameter(torch.randn(shape))
         yield f"bias {shape}", softmax, x, y, {}
+    sparse = CosFaceLoss(10, 8)
+    weight = sparse.W.detach().to_sparse()
+    del sparse.W
+    sparse.W = weight
+    yield "sparse W", sparse, x, y, {}
+    for count in (1.0, True):
+
+        class FloatCount(CosFaceLoss):
+            def fused_logits(self, embeddings, count=count):
+                return FusedLogits(True, True, self.scale, None, count)
+
+        yield f"sub_centers {count!r}", FloatCount(10, 8), x, y, {}
+    for distance in (_BareCosine(), None):
+        for labels in (y, y + 10):
+            swapped = CosFaceLoss(10, 8)
+            swapped.distance = distance
+            yield f"distance {distance} labels {labels.max()}", swapped, x, labels, {}
+    no_reducer = CosFaceLoss(10, 8)
+    no_reducer.reducer = None
+    yield "reducer None, bad labels", no_reducer, x, y + 10, {}
+
+
+class _BareCosine(torch.nn.Module):
+    """A distance swapped in after construction, without PML's attributes."""
+
+    def forward(self, query, reference):
+        return F.normalize(query, dim=1) @ F.normalize(reference, dim=1).t()
 
 
 @pytest.mark.parametrize(("case", "loss_fn", "x", "y", "kwargs"), list(_bad_calls()))
