@@ -991,6 +991,20 @@ def check_multiplier(value: object, name: str) -> float:
     return value
 
 
+def check_angle_multiple(value: object, name: str = "multiplier") -> None:
+    """The ``m`` of ``cos(m theta)``: a finite real number with ``|m| <=``
+    :data:`MAX_ANGLE_MULTIPLIER` (``ValueError`` otherwise; a tensor passes as it is, read
+    where it is used)."""
+    if isinstance(value, torch.Tensor):
+        return
+    real = isinstance(value, Real) and not isinstance(value, (bool, np.bool_))
+    if not (real and math.isfinite(value) and abs(value) <= MAX_ANGLE_MULTIPLIER):
+        raise ValueError(
+            f"{name} must be a finite number with |m| <= {MAX_ANGLE_MULTIPLIER} (cos(m theta) "
+            f"of an integer m takes m steps), got {value!r}"
+        )
+
+
 def check_circle_margin(value: object, name: str) -> float:
     """Circle loss's ``m`` in [0, 0.5]: beyond 0.5 the thresholds cross (1 - m < m)."""
     return check_in_interval(value, name, 0.0, 0.5)

@@ -13,17 +13,16 @@ finite at :math:`\cos\theta = \pm 1` (where ``d acos/dx`` is infinite).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from pml_margins.function_transforms import in_function_transform
 from pml_margins.validation import (
     caller_checked,
     check_angle_margin,
+    check_angle_multiple,
     check_bool,
     check_integer_margin,
     check_logit_offset,
@@ -151,7 +150,7 @@ def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
     :math:`m` steps; ``ValueError`` otherwise).
     """
     if not caller_checked():
-        _check_multiple(multiplier)
+        check_angle_multiple(multiplier)
     multiplier = abs(multiplier)  # cos is even: cos(-m theta) = cos(m theta)
     if float(multiplier).is_integer():
         m = int(multiplier)
@@ -163,19 +162,6 @@ def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
         return t_curr
     eps = torch.finfo(cosine.dtype).eps
     return torch.cos(multiplier * torch.acos(torch.clamp(cosine, -1 + eps, 1 - eps)))
-
-
-def _check_multiple(multiplier: object) -> None:
-    """``ValueError`` unless ``multiplier`` is a finite real number with ``|m| <= 100``
-    (a tensor passes as it is)."""
-    if isinstance(multiplier, torch.Tensor):  # as before (read where it must be)
-        return
-    real = isinstance(multiplier, numbers.Real) and not isinstance(multiplier, (bool, np.bool_))
-    if not (real and math.isfinite(multiplier) and abs(multiplier) <= 100):
-        raise ValueError(
-            f"multiplier must be a finite number with |m| <= 100 (cos(m theta) of an "
-            f"integer m takes m steps), got {multiplier!r}"
-        )
 
 
 def _sin_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
