@@ -182,12 +182,15 @@ def _sin_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor
 
 def _angle_region(cosine: torch.Tensor, multiplier: Any, offset: Any) -> torch.Tensor:
     r""":math:`k=\lfloor (m\theta + b)/\pi \rfloor`; piecewise constant, computed without grad
-    (as :math:`\theta\,(m/\pi) + b/\pi`: a number ``m`` and ``b = 0`` take three ops)."""
+    (as :math:`\theta\,(m/\pi) + b/\pi`: a number ``m`` and ``b = 0`` take three ops), in
+    at least float32 (half precision put ``k`` in the next region near its edges, where
+    the slope of the target then came out negative), returned in ``cosine``'s dtype."""
     with torch.no_grad():
-        turns = torch.acos(torch.clamp(cosine, -1.0, 1.0)) * (multiplier / math.pi)
+        wide = cosine.float() if cosine.dtype in (torch.float16, torch.bfloat16) else cosine
+        turns = torch.acos(torch.clamp(wide, -1.0, 1.0)) * (multiplier / math.pi)
         if isinstance(offset, torch.Tensor) or offset != 0:
             turns = turns + offset / math.pi
-        return torch.floor(turns)
+        return torch.floor(turns).to(cosine.dtype)
 
 
 def _monotone_extension(

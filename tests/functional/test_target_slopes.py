@@ -165,3 +165,17 @@ def test_sphereface_psi_rounds_once_as_the_papers_formula(dtype, margin):
     expected = (1 - 2 * torch.remainder(k, 2)) * cos_multiple_angle(c, margin) - 2 * k
     assert torch.equal(sphereface_psi(c, margin), expected)
     assert torch.equal(sphereface_value_and_slope(c, margin)[0], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("margin", [3, 4, 7])
+def test_sphereface_slope_never_negative_in_half_precision(dtype, margin):
+    """psi increases with the cosine: at every half-precision cosine the slope is >= 0 (the
+    region is found in float32; in half it slipped into the next region near its edges)."""
+    c = torch.linspace(-1, 1, 40001, dtype=torch.float64).to(dtype).unique()
+    value, slope = sphereface_value_and_slope(c, margin)
+    assert value.dtype == slope.dtype == dtype
+    assert (slope >= 0).all()
+    assert torch.equal(value, sphereface_psi(c, margin))
+    _, combined_slope = combined_margin_value_and_slope(c, float(margin), 0.0, 0.0)
+    assert (combined_slope >= 0).all()
