@@ -1055,7 +1055,10 @@ def check_real(value: object, name: str) -> float:
                 "logit_scale(), see README)"
             )
         value = value.item()
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    try:
+        number = float(value)
+    except OverflowError:  # an int (or Fraction) beyond float's range
+        raise ValueError(f"{name} must be finite, got a number beyond float's range") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {number}")
+    return number

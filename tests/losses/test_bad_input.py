@@ -131,6 +131,8 @@ class TestForwardInput:
         (lambda: CosFaceLoss(5, 8, margin=-0.1), ValueError, "margin must be >= 0"),
         (lambda: CosFaceLoss(5, 8, scale=0), ValueError, "scale must be > 0"),
         (lambda: CosFaceLoss(5, 8, scale=math.nan), ValueError, "scale must be finite"),
+        (lambda: CosFaceLoss(5, 8, scale=10**400), ValueError, "scale must be finite"),
+        (lambda: ArcFaceLoss(5, 8, margin=-(10**400)), ValueError, "margin must be finite"),
         (lambda: NormSoftmaxLoss(5, 8, scale=-30), ValueError, "scale must be > 0"),
         (lambda: ArcFaceLoss(5, 8, margin=-0.5), ValueError, "margin must be >= 0"),
         (lambda: ArcFaceLoss(5, 8, margin=28.6), ValueError, "radians.*math.radians"),
