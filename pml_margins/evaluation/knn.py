@@ -169,7 +169,7 @@ def uses_faiss(backend: object, device: torch.device) -> bool:
     """Whether candidates go to faiss's heaps (``"auto"``: on CPU when faiss imports),
     else to ``torch.topk``; ``ValueError`` for an unknown backend or faiss off the CPU,
     ``ImportError`` for ``"faiss"`` without faiss."""
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:  # (a numpy array compared)
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "faiss" and device.type != "cpu":
         raise ValueError(f"backend='faiss' needs CPU tensors, got device {device}")

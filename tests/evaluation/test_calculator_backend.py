@@ -5,6 +5,7 @@ construction."""
 import sys
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from pytorch_metric_learning.distances import LpDistance
@@ -57,6 +58,8 @@ def test_every_backend_gives_the_same_metrics_and_reaches_the_knn(cls, distance)
 def test_bad_backends_are_refused_at_construction(cls, monkeypatch):
     with pytest.raises(ValueError, match=r"backend must be one of .* got 'sklearn'"):
         cls(backend="sklearn")
+    with pytest.raises(ValueError, match=r"backend must be one of .* got array"):
+        cls(backend=np.array(["faiss"]))  # (compared element-wise, it passed `in`)
     with pytest.raises(ValueError, match="backend='faiss' needs CPU tensors, got device cuda"):
         cls(backend="faiss", device="cuda")
     monkeypatch.setitem(sys.modules, "faiss", None)  # not installed
