@@ -84,7 +84,9 @@ def _cosine_scale(loss: ClassWeightLoss, embeddings: torch.Tensor) -> float | to
         and form.bias is None
         and form.sub_centers == 1
     )
-    return form.scale if cosine else None
+    if not cosine:
+        return None
+    return form.scale * loss.feature_norms(embeddings) if form.scale_by_norm else form.scale
 
 
 def _reducer_code(reducer: object) -> tuple:

@@ -105,12 +105,12 @@ def _autograd_slope(psi: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(leaf) if slope is None else slope.detach()
 
 
-def _row_inverse_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, 1)`` ``1 / max(|x_i|, eps)`` and where ``|x_i|`` exceeds ``eps`` (0/1 in x's
-    dtype): ``F.normalize``'s rule and its gradient's two cases, in four ops."""
+def _row_inverse_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B, 1)`` ``1 / max(|x_i|, eps)``, where ``|x_i|`` exceeds ``eps`` (0/1 in x's
+    dtype), and ``|x_i|``: ``F.normalize``'s rule and its gradient's two cases, in four ops."""
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     active = torch.gt(norms, NORM_EPS, out=torch.empty_like(norms))  # the backward multiplies
-    return norms.clamp_min_(NORM_EPS).reciprocal_(), active
+    return norms.clamp_min(NORM_EPS).reciprocal_(), active, norms
 
 
 def _column_inverse_norms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +139,7 @@ def dense_margin_softmax_cross_entropy(
     bias: torch.Tensor | None = None,
     *,
     mean: bool = False,
+    scale_by_norm: bool = False,
 ) -> torch.Tensor:
     r"""Per-sample margin-softmax cross-entropy of a small problem (see the module doc).
 
@@ -150,7 +151,21 @@ def dense_margin_softmax_cross_entropy(
     autocast dtype under autocast); gradients in each input's own dtype. ``mean=True``
     returns their mean instead, ``torch.mean`` of the ``(B,)`` losses, the same value and
     gradients without a node of its own (the backward spreads :math:`g/B` over the rows).
+    ``scale_by_norm=True`` (SphereFace's :math:`\|x_i\|\cos\theta_{ij}`; with
+    ``normalize_embeddings``, a number ``scale`` and no bias) multiplies the scale by each
+    row's norm :math:`n_i = |x_i|`, taken from the normalization, and folds its gradient in:
+    :math:`\partial L/\partial x_i` gains :math:`s\,(\partial L/\partial S_i)\,\hat x_i`
+    (0 where :math:`n_i \le` eps) with :math:`\partial L/\partial S_i =
+    g_i\,(\sum_{j\ne y_i} P_{ij} z_{ij} + (P_{iy_i} - 1)\,\psi(z_{iy_i}))`: no norm and no
+    scale graph through autograd.
     """
+    if scale_by_norm and not (
+        normalize_embeddings
+        and bias is None
+        and not isinstance(scale, torch.Tensor)
+        and not callable(scale)
+    ):
+        raise ValueError("scale_by_norm needs normalize_embeddings=True, a number scale, no bias")
     dtype = compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype))
     device_type = embeddings.device.type
     mm_dtype = products_dtype(dtype, device_type)
@@ -158,9 +173,12 @@ def dense_margin_softmax_cross_entropy(
     with torch.no_grad(), autocast_off(device_type):
         x = _cast(embeddings.detach(), dtype)
         x_inv = x_active = w_inv = w_radial = None
+        norm_scale = float(scale) if scale_by_norm else None  # (checked above)
         if normalize_embeddings:
-            x_inv, x_active = _row_inverse_norms(x)
+            x_inv, x_active, norms = _row_inverse_norms(x)
             x = x * x_inv
+            if norm_scale is not None:  # S_i = s |x_i|, no graph (its gradient: below)
+                scale = norms.squeeze(1) if norm_scale == 1.0 else norms.squeeze(1) * norm_scale
         w = _cast(weight.detach(), dtype)
         if normalize_weight:
             w_inv, w_radial = _column_inverse_norms(w)
@@ -176,11 +194,31 @@ def dense_margin_softmax_cross_entropy(
     scale_tensor = scale if isinstance(scale, torch.Tensor) else None
     inputs = (embeddings, weight, scale_tensor, bias)
     grad = grad and any(t is not None and t.requires_grad for t in inputs)
-    target, slope = target_and_slope(z_y, target_logit_fn, scale, bias, labels, grad)
+    psi = None
+    if norm_scale is not None:  # psi kept for dL/dS; the target logit S psi (psi's graph)
+        psi, slope = target_and_slope(z_y, target_logit_fn, 1.0, None, labels, grad)
+        target = psi * scale
+        psi = psi.detach()
+    else:
+        target, slope = target_and_slope(z_y, target_logit_fn, scale, bias, labels, grad)
     if not grad and not target.requires_grad:
         losses = _losses(cosine, scale, bias, target.detach(), index)[0]
         return torch.mean(losses) if mean else losses
-    saved = _Saved(x, x_inv, x_active, w_inv, w_radial, index, slope, mm_dtype, scale, unit_w, mean)
+    saved = _Saved(
+        x,
+        x_inv,
+        x_active,
+        w_inv,
+        w_radial,
+        index,
+        slope,
+        mm_dtype,
+        scale,
+        unit_w,
+        mean,
+        norm_scale,
+        psi,
+    )
     return _DenseMarginSoftmax.apply(embeddings, weight, scale_tensor, bias, target, cosine, saved)
 
 
@@ -198,6 +236,8 @@ class _Saved(NamedTuple):
     scale: float | torch.Tensor
     unit_w: bool  # the products take the unit columns of W (takes_unit_columns)
     mean: bool  # the function returns the mean of the losses
+    norm_scale: float | None  # s where the scale is s |x| (scale_by_norm), else None
+    psi: torch.Tensor | None  # (B,) psi(z_y) there
 
 
 def _losses(
@@ -231,8 +271,9 @@ class _DenseMarginSoftmax(torch.autograd.Function):
         cosine: torch.Tensor,
         saved: _Saved,
     ) -> torch.Tensor:
-        # grad s needs the cosines, which become the logits
-        z = cosine.clone() if ctx.needs_input_grad[2] else None
+        # grad s (and grad x where the scale is s |x|) needs the cosines, which become the logits
+        by_norm = saved.norm_scale is not None and ctx.needs_input_grad[0]
+        z = cosine.clone() if ctx.needs_input_grad[2] or by_norm else None
         target = _cast(target.detach(), cosine.dtype)
         losses, log_prob = _losses(cosine, saved.scale, bias, target, saved.index)
         ctx.saved = saved
@@ -261,10 +302,14 @@ class _DenseMarginSoftmax(torch.autograd.Function):
             gs = (g * s).unsqueeze(1)
             prob = log_prob.exp()
             p_target = prob.gather(1, index).squeeze(1)
-            if need_s or need_b:  # off the target (its entry reaches s and b through t)
+            by_norm = saved.norm_scale is not None and need_x
+            if need_s or need_b or by_norm:  # off the target (it reaches s, b through t)
                 prob.scatter_(1, index, 0.0)
             if need_s:
                 grad_s = _cast(g * torch.linalg.vecdot(prob, z), saved.scale.dtype)
+            if by_norm:  # dL/dS (S = s |x|; the target logit S psi: its share too)
+                off_target = torch.linalg.vecdot(prob, z)
+                grad_norm = torch.addcmul(off_target, p_target - 1, saved.psi).mul_(g)
             if need_b:
                 grad_b = _cast(torch.mv(prob.t(), g), ctx.dtypes[2])
             if need_t:
@@ -281,6 +326,9 @@ class _DenseMarginSoftmax(torch.autograd.Function):
                 if saved.x_inv is not None:  # x: the unit rows
                     radial = (grad_x * x).sum(1, keepdim=True).mul_(saved.x_active)
                     grad_x.addcmul_(x, radial, value=-1).mul_(saved.x_inv)
+                if by_norm:  # s dL/dS_i d|x_i|/dx_i = s dL/dS_i x_i/|x_i| (0 where <= eps)
+                    along = grad_norm.mul_(saved.norm_scale).unsqueeze(1).mul_(saved.x_active)
+                    grad_x.addcmul_(x, along)
                 grad_x = _cast(grad_x, ctx.dtypes[0])
             if need_w:
                 grad_w = _cast(torch.mm(_cast(x, mm_dtype).t(), grad_z_mm), dtype)

@@ -186,6 +186,14 @@ def _materializes(rows: int, width: int, columns: int, dense: bool, device: torc
     return dense and width <= 2 * rows and max(rows, width) * columns <= DENSE_MAX_ELEMENTS
 
 
+def _norm_scale(embeddings: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(B,)`` ``scale * |x_i|`` with its graph, in the compute dtype, outside autocast."""
+    with autocast_off(embeddings.device.type):
+        dtype = compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype))
+        norms = torch.linalg.vector_norm(embeddings.to(dtype), dim=1)
+    return norms if scale == 1.0 else norms * scale
+
+
 def dense_materializes(embeddings: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether default mode runs the dense function on these embeddings and class weights
     (one column per class, no non-target function): :func:`_materializes`."""
@@ -240,6 +248,10 @@ class FusedLogits:
         sub_centers: ``K``, columns of ``W`` per class (PML's sub-centre layout: column
             ``j*K + k`` is sub-centre ``k`` of class ``j``); the class cosine is their
             maximum, its gradient going to the first maximal one.
+        scale_by_norm: :math:`s_i = s\,\|x_i\|` (SphereFace's logits
+            :math:`\|x_i\|\cos\theta_{ij}`), for a number ``scale`` with
+            ``normalize_embeddings`` and no bias: the core takes the norms from its
+            normalization (see ``fused_margin_softmax_cross_entropy``).
     """
 
     normalize_embeddings: bool
@@ -247,6 +259,7 @@ class FusedLogits:
     scale: float | torch.Tensor = 1.0
     bias: torch.Tensor | None = None
     sub_centers: int = 1
+    scale_by_norm: bool = False
 
 
 def auto_chunk_size(
@@ -337,6 +350,7 @@ def fused_margin_softmax_cross_entropy(
     non_target_logit_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     sub_centers: int = 1,
     target_cosines: torch.Tensor | None = None,
+    scale_by_norm: bool = False,
 ) -> torch.Tensor:
     r"""Per-sample margin-softmax cross-entropy straight from embeddings and class weights.
 
@@ -388,6 +402,10 @@ def fused_margin_softmax_cross_entropy(
             function instead of gathering ``W``'s target columns again (a cold, random
             read of ``W``: ~1 ms at 10k classes). One column per class only (ignored
             with ``sub_centers > 1``, whose class cosines the core forms as maxima).
+        scale_by_norm: the scale of row ``i`` is ``scale`` times :math:`\|x_i\|`
+            (SphereFace), for a number ``scale`` with ``normalize_embeddings`` and no bias.
+            The dense function takes the norms from its normalization and folds their
+            gradient into its own; the other paths form them with autograd.
 
     Returns:
         ``(B,)`` losses in ``compute_dtype`` of the inputs (float32 under autocast).
@@ -431,6 +449,15 @@ def fused_margin_softmax_cross_entropy(
     if bias is not None and bias.shape != (num_classes,):
         raise ValueError(f"bias must have shape ({num_classes},), got {tuple(bias.shape)}")
     rows = embeddings.shape[0]
+    if not caller_checked():
+        scale_by_norm = check_bool(scale_by_norm, "scale_by_norm")
+    if scale_by_norm and not (
+        normalize_embeddings
+        and bias is None
+        and not isinstance(scale, torch.Tensor)
+        and not callable(scale)
+    ):
+        raise ValueError("scale_by_norm needs normalize_embeddings=True, a number scale, no bias")
     scale_fn = scale if callable(scale) else None
     phi_given = non_target_logit_fn is not None
     if scale_fn is not None and (
@@ -484,7 +511,10 @@ def fused_margin_softmax_cross_entropy(
             normalize_embeddings,
             normalize_weight,
             bias,
+            scale_by_norm=scale_by_norm,
         )
+    if scale_by_norm:  # the norms through autograd on the other paths
+        scale = _norm_scale(embeddings, weight, scale)
     # half embeddings are widened before the normalization, so it does not round to their dtype
     x = embeddings.to(compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype)))
     x = F.normalize(x, dim=1, eps=_NORM_EPS) if normalize_embeddings else x

@@ -563,6 +563,7 @@ class ClassWeightLoss(
                 form.normalize_weight,
                 form.bias,
                 mean=True,
+                scale_by_norm=form.scale_by_norm,
             )
 
     def _element_losses(
@@ -660,6 +661,7 @@ class ClassWeightLoss(
                 non_target_logit_fn=non_target_fn,
                 sub_centers=form.sub_centers,
                 target_cosines=target_cosines,
+                scale_by_norm=form.scale_by_norm,
             )
 
     def _record_avg_angle(self, logits: torch.Tensor, labels: torch.Tensor) -> None:

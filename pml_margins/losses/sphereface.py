@@ -6,13 +6,14 @@ from typing import Any
 
 import torch
 
+from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.functional.margin_softmax import TargetLogitFn
 from pml_margins.functional.target_logits import (
     TargetWithSlope,
     sphereface_psi,
     sphereface_value_and_slope,
 )
-from pml_margins.losses.class_weight_loss import ClassWeightLoss
+from pml_margins.losses.class_weight_loss import ClassWeightLoss, is_plain_inner_product
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
     check_integer_margin,
@@ -81,6 +82,16 @@ class SphereFaceLoss(ClassWeightLoss):
         if self.scale is not None:
             return self.scale
         return self.feature_norms(embeddings)
+
+    def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
+        """The default form; with the feature-norm scale (``scale=None``, this class's
+        :meth:`logit_scale`), declared as ``scale_by_norm``: the core takes the norms from
+        its own normalization (no norm through autograd)."""
+        own_scale = getattr(self.logit_scale, "__func__", None) is SphereFaceLoss.logit_scale
+        cosines = is_plain_inner_product(self.distance) and self.distance.normalize_embeddings
+        if self.scale is not None or not own_scale or not cosines:
+            return super().fused_logits(embeddings)
+        return FusedLogits(True, True, 1.0, scale_by_norm=True)
 
     def target_logit_fn(self) -> TargetLogitFn:
         return TargetWithSlope(

@@ -14,6 +14,8 @@ from pml_margins.functional import (
     arcface_value_and_slope,
     cosface_target,
     fused_margin_softmax_cross_entropy,
+    sphereface_psi,
+    sphereface_value_and_slope,
 )
 from pml_margins.functional.dense_margin_softmax import dense_margin_softmax_cross_entropy
 
@@ -205,3 +207,97 @@ def test_mean_equals_torch_mean_of_the_losses_bit_for_bit(dtype, tensor_scale, w
         value = dense_margin_softmax_cross_entropy(x, w, labels, ARC, 7.0, True, True, mean=True)
         whole = dense_margin_softmax_cross_entropy(x, w, labels, ARC, 7.0, True, True)
     assert value.shape == () and torch.equal(value, torch.mean(whole))
+
+
+SPHERE4 = TargetWithSlope(sphereface_psi, sphereface_value_and_slope, margin=4)
+
+
+@pytest.mark.parametrize("number", [1.0, 1.5])
+@pytest.mark.parametrize("mean", [False, True])
+def test_scale_by_norm_equals_the_norms_through_autograd(number, mean):
+    """``scale_by_norm``: the scale ``s |x_i|`` formed and differentiated inside equals the
+    norms handed in as a tensor scale with their graph (SphereFace), zero rows included."""
+    x, w, labels = inputs(4)
+    x[2] = 0.0
+    results = []
+    for inside in (True, False):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        if inside:
+            loss = dense_margin_softmax_cross_entropy(
+                xs, ws, labels, SPHERE4, number, True, True, scale_by_norm=True, mean=mean
+            )
+        else:
+            scale = torch.linalg.vector_norm(xs, dim=1) * number
+            loss = dense_margin_softmax_cross_entropy(
+                xs, ws, labels, SPHERE4, scale, True, True, mean=mean
+            )
+        weights = torch.linspace(0.5, 1.5, B, dtype=torch.float64)
+        total = loss * 2 if mean else (loss * weights).sum()
+        results.append((loss.detach(), *torch.autograd.grad(total, [xs, ws])))
+    for ours, ref in zip(*results, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    xs = x.clone().requires_grad_()
+    ws = w.clone().requires_grad_()
+
+    def loss_of(a, b):
+        return dense_margin_softmax_cross_entropy(
+            a, b, labels, SPHERE4, number, True, True, scale_by_norm=True, mean=mean
+        )
+
+    torch.testing.assert_close(loss_of(xs, ws), results[0][0])
+    xs.data[2] = 0.1  # gradcheck away from the norm's kink
+    assert torch.autograd.gradcheck(loss_of, (xs, ws))
+
+
+def test_scale_by_norm_needs_its_form():
+    x, w, labels = inputs(5)
+    for kwargs in (
+        {"normalize_x": False},
+        {"bias": torch.zeros(C, dtype=torch.float64)},
+        {"scale": torch.ones(B, dtype=torch.float64)},
+    ):
+        args = {"normalize_x": True, "bias": None, "scale": 1.0, **kwargs}
+        with pytest.raises(ValueError, match="scale_by_norm needs"):
+            dense_margin_softmax_cross_entropy(
+                x,
+                w,
+                labels,
+                None,
+                args["scale"],
+                args["normalize_x"],
+                True,
+                args["bias"],
+                scale_by_norm=True,
+            )
+        with pytest.raises(ValueError, match="scale_by_norm needs"):
+            fused_margin_softmax_cross_entropy(
+                x,
+                w,
+                labels,
+                None,
+                args["scale"],
+                normalize_embeddings=args["normalize_x"],
+                bias=args["bias"],
+                scale_by_norm=True,
+            )
+    with pytest.raises(TypeError, match="scale_by_norm"):
+        fused_margin_softmax_cross_entropy(x, w, labels, None, 1.0, scale_by_norm="yes")
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [{"chunk_size": 4}, {"materialize": False}, {"sample_rate": 1.0, "chunk_size": None}],
+    ids=["bounded", "blocked", "default"],
+)
+def test_scale_by_norm_in_every_mode_of_the_core(mode):
+    x, w, labels = inputs(6)
+    results = []
+    for by_norm in (True, False):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        scale = 1.0 if by_norm else torch.linalg.vector_norm(xs, dim=1)
+        loss = fused_margin_softmax_cross_entropy(
+            xs, ws, labels, SPHERE4, scale, scale_by_norm=by_norm, **mode
+        )
+        results.append((loss.detach(), *torch.autograd.grad(loss.sum(), [xs, ws])))
+    for ours, ref in zip(*results, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)

@@ -125,8 +125,16 @@ def test_default_losses_declare_their_forms() -> None:
     x = torch.randn(B, D)
     form = ArcFaceLoss(C, D, scale=10.0).fused_logits(x)
     assert form == FusedLogits(True, True, 10.0)
-    sphere = SphereFaceLoss(C, D).fused_logits(x)
-    torch.testing.assert_close(sphere.scale, torch.linalg.vector_norm(x, dim=1))
+    # SphereFace's feature-norm scale: declared, the core takes the norms itself
+    assert SphereFaceLoss(C, D).fused_logits(x) == FusedLogits(True, True, 1.0, scale_by_norm=True)
+    assert SphereFaceLoss(C, D, scale=30.0).fused_logits(x) == FusedLogits(True, True, 30.0)
+
+    class LearnedScale(SphereFaceLoss):
+        def logit_scale(self, embeddings):
+            return torch.full((len(embeddings),), 7.0)
+
+    learned = LearnedScale(C, D).fused_logits(x)  # an overridden scale is not replaced
+    assert not learned.scale_by_norm and torch.equal(learned.scale, torch.full((B,), 7.0))
     assert ClassWeightLoss.fused_logits is not SubCenterArcFace.fused_logits
 
 
