@@ -123,6 +123,14 @@ def _column_inverse_norms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return inverse, squares.masked_fill_(squares <= NORM_EPS**2, torch.inf)
 
 
+def check_norm_scale_form(normalize_embeddings: bool, bias: object, scale: object) -> None:
+    """``ValueError`` unless ``scale_by_norm`` can apply: normalized embeddings, a number
+    scale (times the norms), no bias."""
+    number = not isinstance(scale, torch.Tensor) and not callable(scale)
+    if not (normalize_embeddings and bias is None and number):
+        raise ValueError("scale_by_norm needs normalize_embeddings=True, a number scale, no bias")
+
+
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x.to(dtype)``, without the call when it is already (a step makes a dozen)."""
     return x if x.dtype == dtype else x.to(dtype)
@@ -159,13 +167,8 @@ def dense_margin_softmax_cross_entropy(
     g_i\,(\sum_{j\ne y_i} P_{ij} z_{ij} + (P_{iy_i} - 1)\,\psi(z_{iy_i}))`: no norm and no
     scale graph through autograd.
     """
-    if scale_by_norm and not (
-        normalize_embeddings
-        and bias is None
-        and not isinstance(scale, torch.Tensor)
-        and not callable(scale)
-    ):
-        raise ValueError("scale_by_norm needs normalize_embeddings=True, a number scale, no bias")
+    if scale_by_norm:
+        check_norm_scale_form(normalize_embeddings, bias, scale)
     dtype = compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype))
     device_type = embeddings.device.type
     mm_dtype = products_dtype(dtype, device_type)

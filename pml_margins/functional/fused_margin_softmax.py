@@ -107,6 +107,7 @@ from pml_margins.functional.autograd_only import (
 )
 from pml_margins.functional.dense_margin_softmax import (
     NORM_EPS,
+    check_norm_scale_form,
     dense_margin_softmax_cross_entropy,
     target_and_slope,
 )
@@ -451,13 +452,8 @@ def fused_margin_softmax_cross_entropy(
     rows = embeddings.shape[0]
     if not caller_checked():
         scale_by_norm = check_bool(scale_by_norm, "scale_by_norm")
-    if scale_by_norm and not (
-        normalize_embeddings
-        and bias is None
-        and not isinstance(scale, torch.Tensor)
-        and not callable(scale)
-    ):
-        raise ValueError("scale_by_norm needs normalize_embeddings=True, a number scale, no bias")
+    if scale_by_norm:
+        check_norm_scale_form(normalize_embeddings, bias, scale)
     scale_fn = scale if callable(scale) else None
     phi_given = non_target_logit_fn is not None
     if scale_fn is not None and (
