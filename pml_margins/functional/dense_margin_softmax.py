@@ -162,10 +162,10 @@ def dense_margin_softmax_cross_entropy(
     ``scale_by_norm=True`` (SphereFace's :math:`\|x_i\|\cos\theta_{ij}`; with
     ``normalize_embeddings``, a number ``scale`` and no bias) multiplies the scale by each
     row's norm :math:`n_i = |x_i|`, taken from the normalization, and folds its gradient in:
-    :math:`\partial L/\partial x_i` gains :math:`s\,(\partial L/\partial S_i)\,\hat x_i`
-    (0 where :math:`n_i \le` eps) with :math:`\partial L/\partial S_i =
-    g_i\,(\sum_{j\ne y_i} P_{ij} z_{ij} + (P_{iy_i} - 1)\,\psi(z_{iy_i}))`: no norm and no
-    scale graph through autograd.
+    :math:`\partial L/\partial x_i` gains :math:`s\,(\partial L/\partial S_i)\,x_i/n_i`
+    (0 where :math:`n_i = 0`, as the norm's own derivative) with
+    :math:`\partial L/\partial S_i = g_i\,(\sum_{j\ne y_i} P_{ij} z_{ij}
+    + (P_{iy_i} - 1)\,\psi(z_{iy_i}))`: no norm and no scale graph through autograd.
     """
     if scale_by_norm:
         check_norm_scale_form(normalize_embeddings, bias, scale)
@@ -197,8 +197,9 @@ def dense_margin_softmax_cross_entropy(
     scale_tensor = scale if isinstance(scale, torch.Tensor) else None
     inputs = (embeddings, weight, scale_tensor, bias)
     grad = grad and any(t is not None and t.requires_grad for t in inputs)
-    psi = None
-    if norm_scale is not None:  # psi kept for dL/dS; the target logit S psi (psi's graph)
+    psi = row_norms = None
+    if norm_scale is not None:
+        row_norms = norms  # psi kept for dL/dS; the target logit S psi (psi's graph)
         psi, slope = target_and_slope(z_y, target_logit_fn, 1.0, None, labels, grad)
         target = psi * scale
         psi = psi.detach()
@@ -221,6 +222,7 @@ def dense_margin_softmax_cross_entropy(
         mean,
         norm_scale,
         psi,
+        row_norms,
     )
     return _DenseMarginSoftmax.apply(embeddings, weight, scale_tensor, bias, target, cosine, saved)
 
@@ -241,6 +243,7 @@ class _Saved(NamedTuple):
     mean: bool  # the function returns the mean of the losses
     norm_scale: float | None  # s where the scale is s |x| (scale_by_norm), else None
     psi: torch.Tensor | None  # (B,) psi(z_y) there
+    norms: torch.Tensor | None  # (B, 1) |x| there
 
 
 def _losses(
@@ -289,7 +292,7 @@ class _DenseMarginSoftmax(torch.autograd.Function):
     @staticmethod
     @backward_once("the dense margin softmax", SOFTMAX_REMEDY)
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        log_prob, z, weight, _, _ = ctx.saved_tensors  # (the version checks)
+        log_prob, z, weight, embeddings, _ = ctx.saved_tensors  # (the version checks)
         saved: _Saved = ctx.saved
         x, index, mm_dtype = saved.x, saved.index, saved.mm_dtype
         need_x, need_w, need_s, need_b, need_t = ctx.needs_input_grad[:5]
@@ -329,9 +332,10 @@ class _DenseMarginSoftmax(torch.autograd.Function):
                 if saved.x_inv is not None:  # x: the unit rows
                     radial = (grad_x * x).sum(1, keepdim=True).mul_(saved.x_active)
                     grad_x.addcmul_(x, radial, value=-1).mul_(saved.x_inv)
-                if by_norm:  # s dL/dS_i d|x_i|/dx_i = s dL/dS_i x_i/|x_i| (0 where <= eps)
-                    along = grad_norm.mul_(saved.norm_scale).unsqueeze(1).mul_(saved.x_active)
-                    grad_x.addcmul_(x, along)
+                if by_norm:  # s dL/dS_i d|x_i|/dx_i = s dL/dS_i x_i/|x_i| (0 where |x_i| = 0)
+                    along = grad_norm.mul_(saved.norm_scale).unsqueeze(1).div_(saved.norms)
+                    along.masked_fill_(saved.norms == 0, 0.0)
+                    grad_x.addcmul_(_cast(embeddings.detach(), dtype), along)
                 grad_x = _cast(grad_x, ctx.dtypes[0])
             if need_w:
                 grad_w = _cast(torch.mm(_cast(x, mm_dtype).t(), grad_z_mm), dtype)

@@ -84,12 +84,21 @@ class SphereFaceLoss(ClassWeightLoss):
         return self.feature_norms(embeddings)
 
     def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
-        """The default form; with the feature-norm scale (``scale=None``, this class's
-        :meth:`logit_scale`), declared as ``scale_by_norm``: the core takes the norms from
-        its own normalization (no norm through autograd)."""
-        own_scale = getattr(self.logit_scale, "__func__", None) is SphereFaceLoss.logit_scale
+        """The default form; with the feature-norm scale (``scale=None``) declared as
+        ``scale_by_norm``: the core takes the norms from its own normalization (no norm
+        through autograd). Only where nothing in the norm's making is redefined
+        (:meth:`logit_scale`, ``feature_norms``, ``compute_dtype``) and the caller is this
+        method itself, not a subclass's ``fused_logits`` building on it (which then gets
+        the norms as a tensor ``scale``, as before)."""
         cosines = is_plain_inner_product(self.distance) and self.distance.normalize_embeddings
-        if self.scale is not None or not own_scale or not cosines:
+        if (
+            self.scale is not None
+            or not cosines
+            or any(
+                getattr(getattr(self, name), "__func__", None) is not method
+                for name, method in _NORM_SCALE_METHODS.items()
+            )
+        ):
             return super().fused_logits(embeddings)
         return FusedLogits(True, True, 1.0, scale_by_norm=True)
 
@@ -115,3 +124,13 @@ def annealed_psi_value_and_slope(
     if lambda_ == 0:
         return psi, slope
     return (lambda_ * cosine + psi) / (1 + lambda_), (lambda_ + slope) / (1 + lambda_)
+
+
+#: the methods that make SphereFace's norm scale, as defined here and in the base: redefined
+#: (by a subclass, or on the instance), the norms come through them instead
+_NORM_SCALE_METHODS = {
+    "fused_logits": SphereFaceLoss.fused_logits,
+    "logit_scale": SphereFaceLoss.logit_scale,
+    "feature_norms": ClassWeightLoss.feature_norms,
+    "compute_dtype": ClassWeightLoss.compute_dtype,
+}

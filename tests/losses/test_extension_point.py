@@ -135,6 +135,36 @@ def test_default_losses_declare_their_forms() -> None:
 
     learned = LearnedScale(C, D).fused_logits(x)  # an overridden scale is not replaced
     assert not learned.scale_by_norm and torch.equal(learned.scale, torch.full((B,), 7.0))
+
+
+class _ClampedNorms(SphereFaceLoss):
+    def feature_norms(self, embeddings):
+        return super().feature_norms(embeddings).clamp(max=1.0)
+
+
+class _OwnForm(SphereFaceLoss):
+    def fused_logits(self, embeddings):
+        form = super().fused_logits(embeddings)
+        return FusedLogits(form.normalize_embeddings, form.normalize_weight, form.scale)
+
+
+@pytest.mark.parametrize("cls", [_ClampedNorms, _OwnForm], ids=["feature_norms", "fused_logits"])
+def test_sphereface_subclasses_building_on_its_norm_keep_it(cls) -> None:
+    """A subclass that redefines how the norm is made (``feature_norms``) or builds its own
+    form on SphereFace's (``fused_logits``) gets the norms as a tensor scale, as before
+    ``scale_by_norm``: the fused value equals its plain path's and the sharded loss's."""
+    torch.manual_seed(3)
+    x, y = torch.randn(B, D, dtype=torch.float64) * 3, torch.randint(0, C, (B,))
+    loss_fn = cls(C, D).double()
+    form = loss_fn.fused_logits(x)
+    assert not form.scale_by_norm and isinstance(form.scale, torch.Tensor)
+    fused = loss_fn(x, y)
+    with pml_margins.autograd_only():
+        plain = loss_fn(x, y)
+    sharded = ShardedMarginSoftmaxLoss(cls, C, D, rank=0, world_size=1).double()
+    sharded.loss.load_state_dict(loss_fn.state_dict())
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(sharded(x, y), fused)
     assert ClassWeightLoss.fused_logits is not SubCenterArcFace.fused_logits
 
 
