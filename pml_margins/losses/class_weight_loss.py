@@ -126,7 +126,9 @@ class ClassWeightLoss(
       ``sub_centers=K``, the maximum of that product over each class's ``K``
       consecutive columns of ``W`` (Sub-center ArcFace's ``cosine``; the fused core
       then runs blocks of whole classes and sends each class's gradient to its
-      winning column). A subclass that overrides one of them (itself or through a
+      winning column) -- or, with ``scale_by_norm=True``, a number scale times each
+      row's norm (SphereFace's :math:`\|x\|\cos\theta`; the core takes the norms from
+      its normalization). A subclass that overrides one of them (itself or through a
       mixin earlier in its bases) without restating :meth:`fused_logits` at least as
       low in its MRO is moved to the plain path automatically, whatever else it
       overrides; so is a loss whose method is set on the instance or patched on its
