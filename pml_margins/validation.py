@@ -995,14 +995,28 @@ def check_angle_multiple(value: object, name: str = "multiplier") -> None:
     """The ``m`` of ``cos(m theta)``: a finite real number with ``|m| <=``
     :data:`MAX_ANGLE_MULTIPLIER` (``ValueError`` otherwise; a tensor passes as it is, read
     where it is used)."""
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):  # its values (every vmap lane), as cos(m theta) reads
+        if is_compiling() or value.is_complex() or value.dtype == torch.bool:
+            return  # (read, or refused, where it is used)
+        for number in values_under_transforms(value.detach()).reshape(-1).tolist():
+            check_angle_multiple(number, name)
         return
     real = isinstance(value, Real) and not isinstance(value, (bool, np.bool_))
-    if not (real and math.isfinite(value) and abs(value) <= MAX_ANGLE_MULTIPLIER):
+    try:
+        bounded = real and math.isfinite(value) and abs(value) <= MAX_ANGLE_MULTIPLIER
+    except OverflowError:  # an int or Fraction beyond float's range
+        bounded = False
+    if not bounded:
         raise ValueError(
             f"{name} must be a finite number with |m| <= {MAX_ANGLE_MULTIPLIER} (cos(m theta) "
-            f"of an integer m takes m steps), got {value!r}"
+            f"of an integer m takes m steps), got {_shown(value)}"
         )
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, or a short phrase for a number too long to print whole."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"a number of {len(text)} characters"
 
 
 def check_circle_margin(value: object, name: str) -> float:

@@ -22,6 +22,7 @@ from pml_margins.distributed.local_logits import cosine_logits
 from pml_margins.distributed.partial_fc import sample_local_classes
 from pml_margins.distributed.sharded_margin_softmax import sharded_margin_softmax_cross_entropy
 from pml_margins.distributed.sharding import class_columns, shard_range
+from pml_margins.functional.dense_margin_softmax import check_norm_scale_form
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
@@ -77,6 +78,8 @@ def _cosine_scale(loss: ClassWeightLoss, embeddings: torch.Tensor) -> float | to
     forms its shard's logits by its own ``base_logits``.
     """
     form = loss.fused_logits(embeddings)
+    if form is not None and form.scale_by_norm:  # as the single-process core judges it
+        check_norm_scale_form(form.normalize_embeddings, form.bias, form.scale)
     cosine = (
         form is not None
         and form.normalize_embeddings

@@ -6,6 +6,7 @@ value again (found by review)."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -274,6 +275,10 @@ def _mask(rows: int, cols: int) -> torch.Tensor:
         ),
         (lambda: cos_multiple_angle(S4, math.nan), ValueError, "multiplier must be a finite"),
         (lambda: cos_multiple_angle(S4, 10**6), ValueError, "\\|m\\| <= 100"),
+        (lambda: cos_multiple_angle(S4, 10**400), ValueError, "\\|m\\| <= 100"),
+        (lambda: cos_multiple_angle(S4, Fraction(10**400, 3)), ValueError, "\\|m\\| <= 100"),
+        (lambda: cos_multiple_angle(S4, torch.tensor(101.0)), ValueError, "\\|m\\| <= 100"),
+        (lambda: cos_multiple_angle(S4, torch.tensor(1e8)), ValueError, "\\|m\\| <= 100"),
     ],
 )
 def test_bad_input_is_named(call, error, match):

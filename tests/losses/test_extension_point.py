@@ -305,3 +305,24 @@ def test_logits_redefined_by_weights_for_on_the_instance_or_after_the_class_go_p
         loss.chunk_size = 3
         with pytest.raises(ValueError, match="runs on the plain path"):
             loss(x, y)
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        FusedLogits(True, True, torch.tensor(2.0), scale_by_norm=True),  # a tensor scale
+        FusedLogits(False, False, 2.0, scale_by_norm=True),  # raw embeddings
+    ],
+    ids=["tensor scale", "raw embeddings"],
+)
+def test_a_misdeclared_norm_scale_is_refused_sharded_as_in_one_process(form) -> None:
+    class Misdeclared(CosFaceLoss):
+        def fused_logits(self, embeddings):
+            return form
+
+    x, y = torch.randn(B, D), torch.randint(0, C, (B,))
+    with pytest.raises(ValueError, match="scale_by_norm needs"):
+        Misdeclared(C, D)(x, y)
+    sharded = ShardedMarginSoftmaxLoss(Misdeclared, C, D, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="scale_by_norm needs"):
+        sharded(x, y)
