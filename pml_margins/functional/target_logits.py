@@ -229,9 +229,10 @@ def sphereface_value_and_slope(
     m = check_integer_margin(margin, "margin")
     k = _angle_region(cosine, float(m), 0.0).clamp_(max=m - 1)
     # T and U side by side, one recurrence (a step costs its op launches, not its B values)
-    prev = torch.tensor([1.0, 0.0], dtype=cosine.dtype, device=cosine.device)  # T_0, U_-1
-    prev = prev.view(2, *(1,) * cosine.ndim)  # (along the stacked axis, for any shape)
-    curr = torch.stack((cosine, torch.ones_like(cosine)))  # T_1, U_0
+    # (no host-made constant: on an accelerator its copy would synchronize the stream)
+    ones = torch.ones_like(cosine)
+    prev = torch.stack((ones, torch.zeros_like(cosine)))  # T_0, U_-1
+    curr = torch.stack((cosine, ones))  # T_1, U_0
     two_x = 2 * cosine
     for _ in range(m - 1):  # next = 2 x curr - prev, rounded as cos_multiple_angle's
         prev, curr = curr, torch.mul(two_x, curr).sub_(prev)
