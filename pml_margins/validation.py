@@ -993,8 +993,9 @@ def check_multiplier(value: object, name: str) -> float:
 
 def check_angle_multiple(value: object, name: str = "multiplier") -> None:
     """The ``m`` of ``cos(m theta)``: a finite real number with ``|m| <=``
-    :data:`MAX_ANGLE_MULTIPLIER` (``ValueError`` otherwise; a tensor passes as it is, read
-    where it is used)."""
+    :data:`MAX_ANGLE_MULTIPLIER` (``ValueError`` otherwise); a real tensor's values are
+    read (every ``vmap`` lane) and judged the same, a complex or bool one is left to its
+    use, as is any tensor under ``torch.compile``."""
     if isinstance(value, torch.Tensor):  # its values (every vmap lane), as cos(m theta) reads
         if is_compiling() or value.is_complex() or value.dtype == torch.bool:
             return  # (read, or refused, where it is used)

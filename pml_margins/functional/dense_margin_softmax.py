@@ -175,12 +175,13 @@ def dense_margin_softmax_cross_entropy(
     grad = torch.is_grad_enabled()
     with torch.no_grad(), autocast_off(device_type):
         x = _cast(embeddings.detach(), dtype)
-        x_inv = x_active = w_inv = w_radial = None
+        x_inv = x_active = w_inv = w_radial = row_norms = None
         norm_scale = float(scale) if scale_by_norm else None  # (checked above)
         if normalize_embeddings:
             x_inv, x_active, norms = _row_inverse_norms(x)
             x = x * x_inv
             if norm_scale is not None:  # S_i = s |x_i|, no graph (its gradient: below)
+                row_norms = norms
                 scale = norms.squeeze(1) if norm_scale == 1.0 else norms.squeeze(1) * norm_scale
         w = _cast(weight.detach(), dtype)
         if normalize_weight:
@@ -197,9 +198,8 @@ def dense_margin_softmax_cross_entropy(
     scale_tensor = scale if isinstance(scale, torch.Tensor) else None
     inputs = (embeddings, weight, scale_tensor, bias)
     grad = grad and any(t is not None and t.requires_grad for t in inputs)
-    psi = row_norms = None
-    if norm_scale is not None:
-        row_norms = norms  # psi kept for dL/dS; the target logit S psi (psi's graph)
+    psi = None
+    if norm_scale is not None:  # psi kept for dL/dS; the target logit S psi (psi's graph)
         psi, slope = target_and_slope(z_y, target_logit_fn, 1.0, None, labels, grad)
         target = psi * scale
         psi = psi.detach()

@@ -118,6 +118,7 @@ from pml_margins.functional.margin_softmax import (
     compute_dtype,
     elementwise_result,
     products_dtype,
+    row_norms,
     takes_unit_columns,
 )
 from pml_margins.validation import (
@@ -189,9 +190,9 @@ def _materializes(rows: int, width: int, columns: int, dense: bool, device: torc
 
 def _norm_scale(embeddings: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
     """``(B,)`` ``scale * |x_i|`` with its graph, in the compute dtype, outside autocast."""
-    with autocast_off(embeddings.device.type):
-        dtype = compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype))
-        norms = torch.linalg.vector_norm(embeddings.to(dtype), dim=1)
+    norms = row_norms(
+        embeddings, compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype))
+    )
     return norms if scale == 1.0 else norms * scale
 
 

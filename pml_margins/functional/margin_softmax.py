@@ -52,6 +52,13 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def row_norms(embeddings: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    r"""``(B,)`` norms :math:`\|x_i\|` of the rows in ``dtype``, outside autocast, with
+    their graph (SphereFace's feature-norm scale)."""
+    with autocast_off(embeddings.device.type):
+        return torch.linalg.vector_norm(embeddings.to(dtype), dim=1)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the softmax and the margins are evaluated in: at least float32."""
     return torch.promote_types(dtype, torch.float32)

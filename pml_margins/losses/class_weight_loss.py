@@ -34,6 +34,7 @@ from pml_margins.functional.margin_softmax import (
     check_scale,
     compute_dtype,
     margin_softmax_cross_entropy,
+    row_norms,
 )
 from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.float_statistics import FloatStatisticsMixin
@@ -352,9 +353,7 @@ class ClassWeightLoss(
 
     def feature_norms(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``(B,)`` embedding norms in :meth:`compute_dtype`, outside autocast."""
-        with autocast_off(embeddings.device.type):
-            x = embeddings.to(self.compute_dtype(embeddings))
-            return torch.linalg.vector_norm(x, dim=1)
+        return row_norms(embeddings, self.compute_dtype(embeddings))
 
     def weights_for(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``W`` in :meth:`compute_dtype`; a differentiable cast, storage untouched."""
@@ -522,10 +521,7 @@ class ClassWeightLoss(
             or self.distance.collect_stats
             or not isinstance(self.reducer, BaseReducer)
             or self._plain_reduction() is not torch.mean
-            or _redefined(self, "prepare_step")
-            or _redefined(self, "extra_losses")
-            or _redefined(self, "compute_loss")
-            or _redefined(self, "check_inputs")
+            or any(_redefined(self, name) for name in _BASE_METHODS)  # per-step hooks
             or plain_autograd_needed()
             or not usual_cpu_batch_passes(embeddings, labels, self.num_classes, self.embedding_size)
         ):
@@ -682,6 +678,7 @@ class ClassWeightLoss(
 
 
 #: the methods whose redefinition :func:`_redefined` detects, as this module defines them
+#: (each one, redefined, also keeps a call off :meth:`ClassWeightLoss._direct_loss`)
 _BASE_METHODS = {
     name: getattr(ClassWeightLoss, name)
     for name in ("compute_loss", "prepare_step", "extra_losses", "check_inputs")
