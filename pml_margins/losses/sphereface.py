@@ -110,20 +110,25 @@ class SphereFaceLoss(ClassWeightLoss):
 
 def annealed_psi(cosine: torch.Tensor, margin: int, lambda_: float) -> torch.Tensor:
     r"""SphereFace's target with the paper's annealing:
-    :math:`(\lambda\cos\theta + \psi)/(1 + \lambda)`."""
+    :math:`(\lambda\cos\theta + \psi)/(1 + \lambda)`, formed as
+    :math:`\cos\theta + (\psi - \cos\theta)/(1 + \lambda)` (``torch.lerp``): the same
+    value, without :math:`\lambda\cos\theta`, which overflows float32 for
+    :math:`\lambda > 3.4 \cdot 10^{38}` (any finite :math:`\lambda` is valid: its
+    limit is the plain :math:`\cos\theta`)."""
     psi = sphereface_psi(cosine, margin)
-    return psi if lambda_ == 0 else (lambda_ * cosine + psi) / (1 + lambda_)
+    return psi if lambda_ == 0 else torch.lerp(cosine, psi, 1 / (1 + lambda_))
 
 
 def annealed_psi_value_and_slope(
     cosine: torch.Tensor, margin: int, lambda_: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r""":func:`annealed_psi` and its derivative, no graph:
-    :math:`(\lambda + \psi')/(1 + \lambda)`."""
+    :math:`(\lambda + \psi')/(1 + \lambda)`, formed as :math:`1 + (\psi' - 1)/(1 + \lambda)`."""
     psi, slope = sphereface_value_and_slope(cosine, margin)
     if lambda_ == 0:
         return psi, slope
-    return (lambda_ * cosine + psi) / (1 + lambda_), (lambda_ + slope) / (1 + lambda_)
+    weight = 1 / (1 + lambda_)
+    return torch.lerp(cosine, psi, weight), torch.lerp(torch.ones_like(slope), slope, weight)
 
 
 #: the methods that make SphereFace's norm scale, as defined here and in the base: redefined

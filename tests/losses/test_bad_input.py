@@ -192,6 +192,30 @@ def test_blend_weights_that_cannot_overflow_are_not_bounded() -> None:
     assert torch.isfinite(AdaFaceLoss(5, 8, h=1e20)(x, y))
 
 
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("lambda_", [1e39, 1e300])
+def test_sphereface_lambda_beyond_float32_is_its_limit(lambda_, chunk_size) -> None:
+    """lambda cos overflowed float32 above 3.4e38 and the loss was NaN; any finite lambda
+    is valid, and a huge one gives the annealing's limit, the plain |x| cos softmax
+    (margin 1), in float32 and float64, values and gradients."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        x, y = torch.randn(6, 8, dtype=dtype), torch.tensor([0, 1, 2, 3, 4, 0])
+        annealed = SphereFaceLoss(5, 8, margin=4, lambda_=lambda_, chunk_size=chunk_size)
+        limit = SphereFaceLoss(5, 8, margin=1, chunk_size=chunk_size)
+        limit.load_state_dict(annealed.state_dict())
+        values, grads = [], []
+        for loss in (annealed, limit):
+            leaf = x.clone().requires_grad_(True)
+            value = loss(leaf, y)
+            value.backward()
+            values.append(value)
+            grads.append(leaf.grad)
+        assert torch.isfinite(values[0])
+        torch.testing.assert_close(values[0], values[1])
+        torch.testing.assert_close(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("wrap", [np.int64, np.int32, torch.tensor], ids=["np64", "np32", "tensor"])
 def test_numpy_and_tensor_integers_are_integers(wrap) -> None:
     """Counts and chunk sizes take numpy integers and one-element integer tensors, as PML
