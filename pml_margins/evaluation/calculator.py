@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -129,7 +130,8 @@ _PML_ARGS_AT_R = (
 
 def _pml_positional(*names: str):
     """Let a ``calculate_*`` method take PML's positional arguments (a subclass may call
-    ``super().calculate_x(knn_labels, query_labels, ...)``), as keywords."""
+    ``super().calculate_x(knn_labels, query_labels, ...)``), as keywords; each of them is
+    required, as in PML's signature (``TypeError`` naming those left out)."""
 
     def decorate(method):
         @functools.wraps(method)
@@ -143,6 +145,12 @@ def _pml_positional(*names: str):
                 if name in kwargs:
                     raise TypeError(f"{method.__name__}() got multiple values for {name!r}")
                 kwargs[name] = value
+            missing = [name for name in names if name not in kwargs]
+            if missing:  # PML's signature requires each (no default)
+                raise TypeError(
+                    f"{method.__name__}() missing required argument(s): "
+                    + ", ".join(repr(name) for name in missing)
+                )
             return method(self, **kwargs)
 
         return wrapper
@@ -286,7 +294,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             self.exact, custom = None, knn_func
         else:
             raise TypeError(f"knn_func must be callable, got {type(knn_func).__name__}")
-        self._device = None if device is None else torch.device(device)
+        self._device = None if device is None else _as_device(device)
         uses_faiss(backend, self._device or torch.device("cpu"))  # its checks
         if backend != "auto" and custom is not None:
             raise ValueError(
@@ -454,7 +462,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                     UserWarning,
                     stacklevel=3,
                 )
-            kwargs["cluster_labels"] = self.get_cluster_labels(**kwargs)
+            kwargs["cluster_labels"] = self.get_cluster_labels(
+                **{**kwargs, "query": _kmeans_input(query, kwargs["query"])}
+            )
         return self._get_accuracy(self.curr_function_dict, **kwargs)
 
     def knn_depth(self, bin_counts: torch.Tensor, num_reference: int, ref_includes_query: bool):
@@ -573,8 +583,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self, query: torch.Tensor, reference: torch.Tensor, k: int, ref_includes_query: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.knn_func is not None:  # PML casts every input to float32
-            reference = query.float() if reference is query else reference.float()
-            return self.knn_func(query.float(), k, reference, ref_includes_query)
+            query32 = _float32_for_knn_func(query, "query")
+            reference = query32 if reference is query else _float32_for_knn_func(reference)
+            return self.knn_func(query32, k, reference, ref_includes_query)
         metric, normalize = self.exact
         return exact_knn(
             query,
@@ -608,7 +619,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 match = match[:, : knn_labels.shape[1]] if own.shown is None else own.shown
         else:
             match = self._matches(labels, knn_labels)
-            unique, counts = kwargs["label_counts"]
+            unique, counts = (  # PML only zips them: sequences work there too
+                torch.as_tensor(t, device=labels.device) for t in kwargs["label_counts"]
+            )
             counts = torch.cat([counts, counts.new_zeros(1)])  # a label absent from them: 0
             relevant = counts[label_positions(unique, labels)]
             # never below 0 (a label absent from the counts: its at-R metrics are NaN)
@@ -706,6 +719,54 @@ def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
     inference tensors (``torch.inference_mode``, Lightning's validation), which have none
     (see :meth:`_Matches.describes`)."""
     return tuple(0 if t.is_inference() else t._version for t in tensors)
+
+
+def _float32_for_knn_func(x: torch.Tensor, name: str = "reference") -> torch.Tensor:
+    """``x`` in float32, as PML's calculator hands it to a ``knn_func``; ``ValueError``
+    where finite float64 values leave float32's range (they would reach it as +-inf)."""
+    x32 = x.float()
+    if x.dtype == torch.float64 and x.numel() and not bool(torch.isfinite(x32).all()):
+        raise ValueError(
+            f"{name} has values beyond float32's range (|x| > 3.4e38), which a knn_func gets "
+            "in float32 (as PML's calculator gives them): rescale the embeddings, or leave "
+            "knn_func out for the exact k-nn (which takes float64)"
+        )
+    return x32
+
+
+#: largest coordinate of the embeddings that faiss's float32 k-means takes as they are
+#: (PML's input): inside, their squares and distances neither overflow nor underflow
+KMEANS_RANGE = (2.0**-40, 2.0**40)
+
+
+def _kmeans_input(query: torch.Tensor, query32: torch.Tensor) -> torch.Tensor:
+    """The float32 embeddings for the k-means of NMI/AMI: ``query32`` (``query`` in float32,
+    as PML gives it) when its largest coordinate is in :data:`KMEANS_RANGE` or 0; else
+    ``query`` scaled by a power of two to put it in ``[0.5, 1)`` (k-means is
+    scale-equivariant and the scaling exact: the clusters of the data as given), where
+    faiss's float32 sums overflowed (killing the process) or underflowed (one cluster);
+    zero-width embeddings as one zero column (identical points either way: faiss divides
+    by the width)."""
+    if query.shape[1] == 0:
+        return query32.new_zeros(len(query32), 1)
+    largest = float(query.abs().max())
+    if largest == 0 or KMEANS_RANGE[0] <= largest <= KMEANS_RANGE[1]:
+        return query32
+    exponent = math.frexp(largest)[1]
+    return torch.ldexp(query.double(), torch.tensor(-exponent, device=query.device)).float()
+
+
+def _as_device(device: object) -> torch.device:
+    """``device`` as a ``torch.device`` (what ``torch.device`` takes: a str, a device, an
+    accelerator index), else ``ValueError`` (``TypeError`` for another type)."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"device must name a torch device such as 'cpu' or 'cuda:0', got {device!r}"
+        ) from None
 
 
 def _faiss_gpu_usable(device: torch.device | None) -> bool:

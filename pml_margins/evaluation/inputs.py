@@ -33,10 +33,11 @@ METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean", "dot")
 
 def as_tensor(x: object, name: str) -> torch.Tensor:
     """``x`` as a tensor (numpy arrays are wrapped without a copy, unless in another
-    byte order or an integer dtype torch cannot compute with).
+    byte order, reversed (negative strides) or of an integer dtype torch cannot compute with).
 
     Raises:
-        TypeError: neither a ``torch.Tensor`` nor a ``numpy.ndarray``, or a sparse tensor.
+        TypeError: neither a ``torch.Tensor`` nor a ``numpy.ndarray``, a sparse tensor, or
+            a numpy long double.
         ValueError: numpy ``uint64`` values that int64 cannot hold.
     """
     if isinstance(x, np.ndarray):
@@ -48,8 +49,15 @@ def as_tensor(x: object, name: str) -> torch.Tensor:
             x = x.astype(np.int64)  # torch lacks uint16/32/64 arithmetic
         if x.dtype.kind not in "fiub":
             raise TypeError(f"{name} must hold numbers, got a numpy array of dtype {x.dtype}")
+        if x.dtype.kind == "f" and x.dtype.itemsize > 8:  # long double: no torch dtype
+            raise TypeError(
+                f"{name} must be float16, float32 or float64 (or integers), got a numpy array "
+                f"of dtype {x.dtype}: convert it with .astype(numpy.float64)"
+            )
         if not x.dtype.isnative:  # big-endian data (torch reads native byte order only)
             x = x.astype(x.dtype.newbyteorder("="))
+        if any(stride < 0 for stride in x.strides):  # a reversed view (x[::-1]): torch
+            x = np.ascontiguousarray(x)  # wraps non-negative strides only
         return torch.from_numpy(x)
     if isinstance(x, torch.Tensor):
         check_tensor(x, name)

@@ -192,8 +192,24 @@ def _rows64(x: torch.Tensor, normalize: bool, out: torch.Tensor) -> torch.Tensor
     values every result is exact for. Identical rows give identical values."""
     out = out[: len(x)].copy_(x)
     if normalize:
-        out.div_(torch.linalg.vector_norm(out, dim=-1, keepdim=True).clamp_(min=1e-12))
+        norms = torch.linalg.vector_norm(out, dim=-1, keepdim=True)
+        if x.dtype == torch.float64:  # (the squares of other dtypes' values fit float64)
+            _overflowed_norms(out, norms)
+        out.div_(norms.clamp_(min=1e-12))
     return out
+
+
+def _overflowed_norms(rows: torch.Tensor, norms: torch.Tensor) -> None:
+    """Recompute, in place, the ``norms`` of float64 ``rows`` whose squares overflowed
+    (``|x| > ~1.3e154``: ``inf``, and every normalized row 0) from the rows scaled by a
+    power of two (exact), so that they normalize to unit rows as ``F.normalize`` would."""
+    wide = torch.isinf(norms.squeeze(1))
+    if not bool(wide.any()):
+        return
+    picked = rows[wide]
+    exponent = torch.frexp(picked.abs().amax(dim=1, keepdim=True))[1]
+    scaled = torch.linalg.vector_norm(torch.ldexp(picked, -exponent), dim=1, keepdim=True)
+    norms[wide] = torch.ldexp(scaled, exponent)
 
 
 def _candidate_width(k: int, num_reference: int) -> int:
