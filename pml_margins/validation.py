@@ -775,6 +775,13 @@ def _integer(value: object, name: str) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
+def check_generator(value: object) -> torch.Generator | None:
+    """``None`` or a ``torch.Generator``, else ``TypeError``."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(value).__name__}")
+    return value
+
+
 def check_count(value: object, name: str) -> int:
     """A count, ``>= 1``, as a Python ``int``: what :func:`check_size` takes (numpy integers
     and one-element integer tensors too, as PML does), not a bool.

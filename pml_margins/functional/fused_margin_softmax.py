@@ -129,8 +129,10 @@ from pml_margins.validation import (
     check_chunk_size,
     check_count,
     check_function_inputs,
+    check_generator,
     check_labels,
     check_sample_rate,
+    check_size,
     check_tensor,
     value_checks_enabled,
 )
@@ -267,8 +269,18 @@ class FusedLogits:
 def auto_chunk_size(
     batch_size: int, embedding_size: int, device: torch.device | str = "cpu"
 ) -> int:
-    """Classes per block in bounded mode: cache-sized on CPU, ~256 MiB temporaries elsewhere."""
-    budget = _CPU_BLOCK_ELEMENTS if torch.device(device).type == "cpu" else _DEVICE_BLOCK_ELEMENTS
+    """Classes per block in bounded mode: cache-sized on CPU, ~256 MiB temporaries elsewhere.
+
+    ``batch_size``, ``embedding_size``: integers ``>= 0``; ``device``: a ``torch.device`` or
+    a device string (``ValueError`` otherwise).
+    """
+    batch_size = check_size(batch_size, "batch_size")
+    embedding_size = check_size(embedding_size, "embedding_size")
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must name a torch device, got {device!r}") from None
+    budget = _CPU_BLOCK_ELEMENTS if device_type == "cpu" else _DEVICE_BLOCK_ELEMENTS
     return max(256, budget // max(batch_size, embedding_size, 1))
 
 
@@ -293,6 +305,7 @@ def sample_classes(
     """
     sample_rate = check_sample_rate(sample_rate)
     num_classes = check_count(num_classes, "num_classes")
+    generator = check_generator(generator)
     rows = labels.shape[0] if isinstance(labels, torch.Tensor) and labels.ndim else 0
     labels = check_labels(labels, rows)
     num_sample = round(sample_rate * num_classes)
@@ -326,6 +339,8 @@ def class_columns(classes: torch.Tensor, per_class: int) -> torch.Tensor:
         tensor([0, 1, 2, 6, 7, 8])
     """
     per_class = check_count(per_class, "per_class")
+    if not isinstance(classes, torch.Tensor):
+        raise TypeError(f"classes must be a torch.Tensor, got {type(classes).__name__}")
     if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
         raise TypeError(f"classes must have an integer dtype, got {classes.dtype}")
     classes = classes.long().reshape(-1)  # int64: a narrow dtype would overflow
@@ -433,8 +448,7 @@ def fused_margin_softmax_cross_entropy(
         normalize_embeddings = check_bool(normalize_embeddings, "normalize_embeddings")
         normalize_weight = check_bool(normalize_weight, "normalize_weight")
         materialize = None if materialize is None else check_bool(materialize, "materialize")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        check_generator(generator)
     check_tensor(embeddings, "embeddings")
     if check_tensor(weight, "weight").dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight must have dtype {FLOAT_DTYPE_NAMES}, got {weight.dtype}")
@@ -831,10 +845,10 @@ def _phi_and_slope(
     both = getattr(phi, "value_and_slope", None)
     if both is not None:
         value, slope = both(z)
-        return elementwise_result(value, z, "non_target_logit_fn"), slope
+        return elementwise_result(value, z, "non_target_logit_fn"), _slope_of(slope, z)
     slope = getattr(phi, "slope", None)
     if slope is not None:
-        return elementwise_result(phi(z), z, "non_target_logit_fn"), slope(z)
+        return elementwise_result(phi(z), z, "non_target_logit_fn"), _slope_of(slope(z), z)
     with torch.enable_grad():
         leaf = z.detach().requires_grad_(True)
         value = elementwise_result(phi(leaf), leaf, "non_target_logit_fn")
@@ -842,6 +856,12 @@ def _phi_and_slope(
             return value.detach(), torch.zeros_like(z)
         (grad,) = torch.autograd.grad(value, leaf, torch.ones_like(value))
     return value.detach(), grad
+
+
+def _slope_of(slope: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A non-target function's slope ``phi'(z)``: one value per element of ``z`` (a
+    broadcast one would give wrong gradients), else ``ValueError``."""
+    return elementwise_result(slope, z, "non_target_logit_fn's slope")
 
 
 def _planes(w: torch.Tensor, per_class: int, dtype: torch.dtype) -> torch.Tensor:
@@ -1084,6 +1104,9 @@ def _forward(
             if phi is not None:
                 if scaled is not None:
                     logits, phi_slope = scaled(z, s_col, targets.columns(k))
+                    logits = elementwise_result(logits, z, "non_target_logit_fn")
+                    if not (isinstance(phi_slope, torch.Tensor) and phi_slope.ndim == 0):
+                        phi_slope = _slope_of(phi_slope, z)  # (0-dim: constant over the block)
                 elif stores_slope:
                     value, phi_slope = _phi_and_slope(phi, z)
                     logits = _scaled_logits(value, s_col, bias_d, start, dtype)

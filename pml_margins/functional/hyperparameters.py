@@ -35,7 +35,9 @@ def cosface_scale_lower_bound(num_classes: int, target_probability: float) -> fl
     target_probability = check_real(target_probability, "target_probability")
     if not 0 < target_probability < 1:
         raise ValueError(f"target_probability must lie in (0, 1), got {target_probability!r}")
-    return (c - 1) / c * math.log((c - 1) * target_probability / (1 - target_probability))
+    # log of each factor: math.log takes integers of any size, where a float of C overflows
+    odds = math.log(target_probability) - math.log1p(-target_probability)
+    return (c - 1) / c * (math.log(c - 1) + odds)
 
 
 def cosface_margin_upper_bound(num_classes: int, embedding_size: int) -> float:
