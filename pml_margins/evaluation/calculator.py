@@ -29,6 +29,7 @@ from pml_margins.evaluation import metrics as M
 from pml_margins.evaluation.inputs import (
     as_comparable_labels,
     as_embeddings,
+    as_int,
     as_labels,
     as_pml_labels,
     check_int,
@@ -306,8 +307,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self.block_rows = block_rows
         self.num_threads = num_threads
         self.progress = progress
+        #: the default k-means, the one whose input may be rescaled (see _kmeans_input)
+        self._own_kmeans = None
         if kmeans_func is None:
             kmeans_func = FaissKMeans(niter=20, gpu=_faiss_gpu_usable(self._device))
+            self._own_kmeans = kmeans_func
         super().__init__(
             include=tuple(include),
             exclude=tuple(exclude),
@@ -462,9 +466,14 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                     UserWarning,
                     stacklevel=3,
                 )
-            kwargs["cluster_labels"] = self.get_cluster_labels(
-                **{**kwargs, "query": _kmeans_input(query, kwargs["query"])}
-            )
+            clustering = kwargs
+            if (
+                self.kmeans_func is not None
+                and self.kmeans_func is self._own_kmeans
+                and type(self).get_cluster_labels is AccuracyCalculator.get_cluster_labels
+            ):  # our faiss k-means through PML's method: the input it can take
+                clustering = {**kwargs, "query": _kmeans_input(query, kwargs["query"])}
+            kwargs["cluster_labels"] = self.get_cluster_labels(**clustering)
         return self._get_accuracy(self.curr_function_dict, **kwargs)
 
     def knn_depth(self, bin_counts: torch.Tensor, num_reference: int, ref_includes_query: bool):
@@ -723,15 +732,19 @@ def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:
 
 def _float32_for_knn_func(x: torch.Tensor, name: str = "reference") -> torch.Tensor:
     """``x`` in float32, as PML's calculator hands it to a ``knn_func``; ``ValueError``
-    where finite float64 values leave float32's range (they would reach it as +-inf)."""
-    x32 = x.float()
-    if x.dtype == torch.float64 and x.numel() and not bool(torch.isfinite(x32).all()):
-        raise ValueError(
-            f"{name} has values beyond float32's range (|x| > 3.4e38), which a knn_func gets "
-            "in float32 (as PML's calculator gives them): rescale the embeddings, or leave "
-            "knn_func out for the exact k-nn (which takes float64)"
-        )
-    return x32
+    where float64 values do not survive the cast: beyond float32's range anywhere (they
+    would be +-inf), or every one below its normal range (0 or a few bits)."""
+    if x.dtype == torch.float64 and x.numel():
+        largest = float(x.abs().max())
+        info = torch.finfo(torch.float32)
+        if largest > info.max or 0 < largest < info.tiny:
+            raise ValueError(
+                f"{name}'s values (largest |x| {largest:.3g}) are outside float32's range "
+                f"[{info.tiny:.3g}, {info.max:.3g}], and a knn_func gets them in float32 (as "
+                "PML's calculator gives them): rescale the embeddings, or leave knn_func out "
+                "for the exact k-nn (which takes float64)"
+            )
+    return x.float()
 
 
 #: largest coordinate of the embeddings that faiss's float32 k-means takes as they are
@@ -740,8 +753,10 @@ KMEANS_RANGE = (2.0**-40, 2.0**40)
 
 
 def _kmeans_input(query: torch.Tensor, query32: torch.Tensor) -> torch.Tensor:
-    """The float32 embeddings for the k-means of NMI/AMI: ``query32`` (``query`` in float32,
-    as PML gives it) when its largest coordinate is in :data:`KMEANS_RANGE` or 0; else
+    """The float32 embeddings for the default faiss k-means of NMI/AMI (through PML's
+    ``get_cluster_labels``; a user's ``kmeans_func`` or method gets PML's input):
+    ``query32`` (``query`` in float32, as PML gives it) when its largest coordinate is in
+    :data:`KMEANS_RANGE` or 0; else
     ``query`` scaled by a power of two to put it in ``[0.5, 1)`` (k-means is
     scale-equivariant and the scaling exact: the clusters of the data as given), where
     faiss's float32 sums overflowed (killing the process) or underflowed (one cluster);
@@ -759,13 +774,17 @@ def _kmeans_input(query: torch.Tensor, query32: torch.Tensor) -> torch.Tensor:
 def _as_device(device: object) -> torch.device:
     """``device`` as a ``torch.device`` (what ``torch.device`` takes: a str, a device, an
     accelerator index), else ``ValueError`` (``TypeError`` for another type)."""
-    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
-        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    if not isinstance(device, (str, torch.device)):
+        index = as_int(device)  # an accelerator index (Python, numpy or 0-dim tensor)
+        if index is None:
+            raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+        device = index
     try:
         return torch.device(device)
-    except RuntimeError:
+    except RuntimeError as error:
         raise ValueError(
-            f"device must name a torch device such as 'cpu' or 'cuda:0', got {device!r}"
+            f"device must name an available torch device such as 'cpu' or 'cuda:0', got "
+            f"{device!r} ({error})"
         ) from None
 
 

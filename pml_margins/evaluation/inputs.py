@@ -19,6 +19,7 @@ from pml_margins.validation import FLOAT_DTYPE_NAMES, FLOAT_DTYPES, check_tensor
 __all__ = [
     "as_comparable_labels",
     "as_embeddings",
+    "as_int",
     "as_labels",
     "as_pml_labels",
     "as_tensor",
@@ -176,14 +177,14 @@ def _label_tensor(
 def check_int(value: object, name: str, low: int = 1, high: float = math.inf) -> int:
     """``value`` as an ``int`` if it is an integer (Python, numpy or a 0-dim integer
     tensor; not a bool) in ``[low, high]``, else ``ValueError``."""
-    number = _as_int(value)
+    number = as_int(value)
     if number is None or not low <= number <= high:
         span = "a positive integer" if high == math.inf else f"an integer in [{low}, {high}]"
         raise ValueError(f"{name} must be {span}, got {value!r}")
     return number
 
 
-def _as_int(value: object) -> int | None:
+def as_int(value: object) -> int | None:
     """``value`` as an ``int`` when it is an integer other than a bool, else ``None``."""
     if isinstance(value, (bool, np.bool_)) or (
         isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.ndim)

@@ -194,22 +194,23 @@ def _rows64(x: torch.Tensor, normalize: bool, out: torch.Tensor) -> torch.Tensor
     if normalize:
         norms = torch.linalg.vector_norm(out, dim=-1, keepdim=True)
         if x.dtype == torch.float64:  # (the squares of other dtypes' values fit float64)
-            _overflowed_norms(out, norms)
+            _normalize_overflowed(out, norms)
         out.div_(norms.clamp_(min=1e-12))
     return out
 
 
-def _overflowed_norms(rows: torch.Tensor, norms: torch.Tensor) -> None:
-    """Recompute, in place, the ``norms`` of float64 ``rows`` whose squares overflowed
-    (``|x| > ~1.3e154``: ``inf``, and every normalized row 0) from the rows scaled by a
-    power of two (exact), so that they normalize to unit rows as ``F.normalize`` would."""
+def _normalize_overflowed(rows: torch.Tensor, norms: torch.Tensor) -> None:
+    """Normalize, in place, the float64 ``rows`` whose squares overflowed (``|x| >
+    ~1.3e154``: an ``inf`` norm, every normalized row 0): each scaled by a power of two
+    (exact) and divided by its own norm, the bits of ``x / |x|``; their ``norms`` become 1."""
     wide = torch.isinf(norms.squeeze(1))
     if not bool(wide.any()):
         return
     picked = rows[wide]
     exponent = torch.frexp(picked.abs().amax(dim=1, keepdim=True))[1]
-    scaled = torch.linalg.vector_norm(torch.ldexp(picked, -exponent), dim=1, keepdim=True)
-    norms[wide] = torch.ldexp(scaled, exponent)
+    scaled = torch.ldexp(picked, -exponent)
+    rows[wide] = scaled / torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
+    norms[wide] = 1.0
 
 
 def _candidate_width(k: int, num_reference: int) -> int:

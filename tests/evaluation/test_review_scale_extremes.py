@@ -54,6 +54,41 @@ def test_clustering_metrics_keep_pmls_values_in_the_ordinary_range():
     assert _clustering(x, y) == pytest.approx(pml)
 
 
+class _RecordingKMeans:
+    """A user's ``kmeans_func``: records what it gets, clusters by sign of the first column."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, x, num_clusters):
+        self.seen.append(x)
+        return (x[:, 0] > 0).long()
+
+
+@pytest.mark.parametrize("exponent", [60, -60, 0])
+def test_a_users_kmeans_func_gets_pmls_input(exponent):
+    """Only our default faiss k-means gets rescaled input: a user's ``kmeans_func`` (a
+    threshold in the data's units, DBSCAN's eps say) and a subclass's
+    ``get_cluster_labels`` get the float32 embeddings as PML hands them."""
+    x, y = _data()
+    x = torch.ldexp(x, torch.tensor(exponent))
+    ours, pml = _RecordingKMeans(), _RecordingKMeans()
+    got = RetrievalAccuracyCalculator(include=("NMI",), kmeans_func=ours).get_accuracy(x, y)
+    expected = AccuracyCalculator(include=("NMI",), kmeans_func=pml).get_accuracy(x, y)
+    assert got == pytest.approx(expected)
+    assert torch.equal(ours.seen[0], pml.seen[0])
+
+    class Subclass(RetrievalAccuracyCalculator):
+        def get_cluster_labels(self, query, query_labels, **kwargs):
+            self.seen = (query, kwargs["reference"])
+            return super().get_cluster_labels(query, query_labels, **kwargs)
+
+    calc = Subclass(include=("NMI",))
+    calc.get_accuracy(x, y)
+    query, reference = calc.seen
+    assert torch.equal(query, x) and query is reference
+
+
 def test_zero_width_embeddings_are_one_cluster():
     """Zero-width embeddings (accepted: every point is the same) killed the process in
     faiss (a division by the width); the k-means now sees identical points: one cluster."""
@@ -77,6 +112,19 @@ def test_normalized_float64_rows_whose_squares_overflow(k, metric):
     assert torch.equal(got[0], expected[0])
 
 
+def test_normalized_float64_rows_whose_norm_exceeds_float64():
+    """Every coordinate finite, the norm beyond float64's largest (1.8e308): the row was
+    still 0 after normalizing; divided by its own scaled norm it is x / |x|, bit for bit."""
+    x, _ = _data(dtype=torch.float64)
+    x = x.clamp(-1.9, 1.9)
+    huge = torch.ldexp(x, torch.tensor(1023))  # finite; |row| > 1.8e308
+    assert torch.isfinite(huge).all()
+    for k in (3, 59):
+        expected = exact_knn(x, x, k, metric="dot", normalize=True, exclude_self=True)
+        got = exact_knn(huge, huge, k, metric="dot", normalize=True, exclude_self=True)
+        assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+
+
 @pytest.mark.parametrize("distance", [CosineSimilarity(), LpDistance()], ids=["cos", "lp"])
 def test_calculator_normalizing_distances_on_huge_float64_rows(distance):
     x, y = _data(dtype=torch.float64)
@@ -93,10 +141,14 @@ def test_a_knn_func_never_gets_infinite_float32_copies():
         include=("precision_at_1",), knn_func=CustomKNN(SNRDistance())
     )
     assert 0 <= calc.get_accuracy(x, y)["precision_at_1"] <= 1
-    with pytest.raises(ValueError, match="query has values beyond float32's range"):
+    with pytest.raises(ValueError, match=r"query's values .* are outside float32's range"):
         calc.get_accuracy(x * 1e50, y)
-    with pytest.raises(ValueError, match="reference has values beyond float32's range"):
+    with pytest.raises(ValueError, match=r"query's values .* are outside float32's range"):
+        calc.get_accuracy(x * 1e-50, y)  # all 0 in float32
+    with pytest.raises(ValueError, match=r"reference's values .* are outside float32's range"):
         calc.get_accuracy(x, y, x * 1e50, y, ref_includes_query=False)
+    tiny = calc.get_accuracy(x * 1e-30, y)  # float32 holds them: PML's input, unrefused
+    assert 0 <= tiny["precision_at_1"] <= 1
 
 
 def _pml_kwargs(seed=1, queries=12, k=20):
@@ -170,7 +222,16 @@ def test_numpy_inputs_pml_cannot_wrap():
 
 
 def test_an_unknown_device_is_a_value_error():
-    with pytest.raises(ValueError, match=r"device must name a torch device.*'bogus'"):
+    with pytest.raises(ValueError, match=r"device must name an available torch device.*'bogus'"):
         RetrievalAccuracyCalculator(device="bogus")
     with pytest.raises(TypeError, match=r"device must be a str or torch\.device"):
         RetrievalAccuracyCalculator(device=1.5)
+    for index in (0, np.int64(0)):  # an accelerator index, as torch.device takes it
+        try:
+            torch.device(index)
+        except RuntimeError as error:  # no accelerator: torch's reason, in a ValueError
+            with pytest.raises(ValueError, match="device must name an available"):
+                RetrievalAccuracyCalculator(device=index)
+            assert str(error)
+        else:
+            assert RetrievalAccuracyCalculator(device=index).device is not None
