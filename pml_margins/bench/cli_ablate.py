@@ -80,7 +80,7 @@ def _bench_args(args: argparse.Namespace) -> argparse.Namespace:
             defaults[flag] = getattr(args, flag)
     return argparse.Namespace(
         dataset="glyphs", device="cpu", amp=None, num_workers=0, image_size=None, min_fonts=12,
-        **defaults,
+        no_progress=args.no_progress, **defaults,
     )  # fmt: skip
 
 

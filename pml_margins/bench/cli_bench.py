@@ -608,7 +608,7 @@ def _train_one(
     # a batch larger than the training set, a diverging loss, an unreadable image
     except (ValueError, train.TrainingDiverged, OSError) as err:
         raise SystemExit(f"error: {one_line(err)}") from err
-    emb, labels = _embed_test_set(model, bench_data, args)
+    emb, labels = _embed_test_set(model, bench_data, args, setup.label)
     record = {
         "seed": cfg.seed,
         "model": description,
@@ -623,22 +623,31 @@ def _train_one(
 
 
 def _embed_test_set(
-    model: torch.nn.Module, bench_data: Any, args: argparse.Namespace
+    model: torch.nn.Module, bench_data: Any, args: argparse.Namespace, label: str = "model"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test split's embeddings and labels; an unreadable image is one error line."""
+    """The test split's embeddings and labels; an unreadable image, or a model whose test
+    embeddings are NaN/Inf (it diverged in its last steps), is one error line."""
     from pml_margins.bench import train
 
     try:
-        return train.embed(
+        emb, labels = train.embed(
             model,
             bench_data.test,
             device=args.device,
             amp=args.amp,
             num_workers=args.num_workers,
             keep_on_device=True,
+            progress=not args.no_progress,
+            label=f"{label}: test embeddings",
         )
     except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError, a truncated file
         raise SystemExit(f"error: {one_line(err)}") from err
+    if not bool(torch.isfinite(emb).all()):
+        raise SystemExit(
+            f"error: {label}: the trained model's test embeddings are NaN or Inf (training "
+            "diverged in its last steps); lower the learning rate"
+        )
+    return emb, labels
 
 
 def _summarize(name: str, setup: Any, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -785,7 +794,7 @@ def _evaluate_checkpoints(
                 f"error: {path}: its weights do not fit the model it describes "
                 f"({description}): {one_line(err)}"
             ) from None
-        emb, labels = _embed_test_set(model, bench_data, args)
+        emb, labels = _embed_test_set(model, bench_data, args, saved["name"])
         results["losses"].append(
             {
                 "name": saved["name"],

@@ -120,6 +120,8 @@ def _check_out(path: str) -> None:
 
 
 def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> int:
+    import torch
+
     from pml_margins.bench import data, evaluate, models, registry, sphere_plot, train
 
     digits = data.load_digits_all_classes(seed=args.seed)
@@ -147,9 +149,14 @@ def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> 
             label, setup.label = setup.label, f"{setup.label} ({dim}-D)"
             try:
                 run = train.train_embedding(model, setup, digits.train, cfg)
-            except train.TrainingDiverged as err:
+            except (train.TrainingDiverged, ValueError) as err:  # diverged; --batch-size 1
                 raise SphereError(str(err)) from None
             emb, labels = train.embed(model, digits.test, device=args.device)
+            if not bool(torch.isfinite(emb).all()):
+                raise SphereError(
+                    f"{setup.label}: the trained model's test embeddings are NaN or Inf "
+                    "(training diverged in its last steps); lower the learning rate"
+                )
             p1 = evaluate.evaluate_retrieval(emb, labels, (1,))["precision_at_1"]
             print(
                 f"{setup.label}: P@1 {100 * p1:.1f}%, {run.steps} steps, {run.seconds:.1f} s",

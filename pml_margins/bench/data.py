@@ -195,7 +195,8 @@ def _cub_images(folder: str) -> list[str]:
     """Image paths (relative to ``folder``) that CUB's ``images.txt`` lists, after checking
     the official protocol: ``images.txt`` (``id path``) and ``image_class_labels.txt``
     (``id class``) list the same images line by line (PML pairs them so, and drops a pair
-    whose ids differ), with class ids in 1-200 (PML's split: 1-100 train, 101-200 test)."""
+    whose ids differ), with class ids in 1-200 (PML's split: 1-100 train, 101-200 test),
+    each image listed once."""
     images, labels = (os.path.join(folder, f) for f in ("images.txt", "image_class_labels.txt"))
     listed = _index_lines(folder, "images.txt")
     classes = _index_lines(folder, "image_class_labels.txt")
@@ -219,7 +220,19 @@ def _cub_images(folder: str) -> list[str]:
                 "official split: classes 1-100 train, 101-200 test)"
             )
         paths.append(os.path.join("images", fields[1]))
+    _check_listed_once(paths, f"images.txt of {folder}")
     return paths
+
+
+def _check_listed_once(paths: list[str], where: str) -> None:
+    """``ValueError`` when an image is listed twice (a test image would find its own copy)."""
+    repeated = sorted(p for p, n in Counter(map(os.path.normpath, paths)).items() if n > 1)
+    if repeated:
+        shown = ", ".join(repeated[:5]) + (" ..." if len(repeated) > 5 else "")
+        raise ValueError(
+            f"{len(repeated)} images are listed more than once in {where} ({shown}): "
+            "list each image once"
+        )
 
 
 def _sop_images(folder: str) -> list[str]:
@@ -242,13 +255,7 @@ def _sop_images(folder: str) -> list[str]:
         classes = {_ints(path, n, fields, columns, 2)[1] for n, fields in lines[1:]}
         split_classes.append(classes)
         paths += [fields[3] for _, fields in lines[1:]]
-    repeated = sorted(p for p, n in Counter(map(os.path.normpath, paths)).items() if n > 1)
-    if repeated:
-        shown = ", ".join(repeated[:5]) + (" ..." if len(repeated) > 5 else "")
-        raise ValueError(
-            f"{len(repeated)} images are listed more than once in Ebay_train.txt and "
-            f"Ebay_test.txt of {folder} ({shown}): list each image once"
-        )
+    _check_listed_once(paths, f"Ebay_train.txt and Ebay_test.txt of {folder}")
     shared = sorted(split_classes[0] & split_classes[1])
     if shared:
         shown = ", ".join(map(str, shared[:5])) + (" ..." if len(shared) > 5 else "")

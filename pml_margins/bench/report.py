@@ -60,7 +60,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 
     Metrics are ``mean ± std`` (sample std over seeds) where an entry has ``metrics_std``;
     the train time (seconds per run) and the training throughput (images per second)
-    are means over the runs.
+    are means over the runs. A caption under the table says the dataset, the protocol
+    and the units.
     """
     ks = results["recall_ks"]
     header = [
@@ -84,6 +85,13 @@ def markdown_table(results: dict[str, Any]) -> str:
             _count(entry.get("images_per_second")),
         ]
         lines.append("| " + " | ".join(row) + " |")
+    seeds = max((len(e.get("seeds", [])) for e in results["losses"]), default=0)
+    spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    lines += [
+        "",
+        f"{results.get('dataset', 'retrieval')}: {results.get('protocol', 'held-out classes')}. "
+        f"Metrics in % ({spread}); train time in seconds per run, img/s in training.",
+    ]
     return "\n".join(lines) + "\n"
 
 

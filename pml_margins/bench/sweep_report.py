@@ -39,12 +39,15 @@ def summarize_point(point: Any, hyperparameters: dict[str, Any], runs: list[dict
     }
 
 
+def _percent(row: dict[str, Any], key: str) -> str:
+    """A metric in percent, ``± std`` when the point has more than one seed."""
+    text = f"{100 * row['metrics'][key]:.1f}"
+    return text + (f" ± {100 * row['metrics_std'][key]:.1f}" if len(row["runs"]) > 1 else "")
+
+
 def row_text(row: dict[str, Any]) -> str:
-    """``R@1 71.2 ± 0.4, MAP@R 40.1 ± 0.3`` for progress lines."""
-    return ", ".join(
-        f"{label} {100 * row['metrics'][key]:.1f} ± {100 * row['metrics_std'][key]:.1f}"
-        for key, label in PLOTTED
-    )
+    """``R@1 71.2 ± 0.4, MAP@R 40.1 ± 0.3`` for progress lines (no ``±`` for one seed)."""
+    return ", ".join(f"{label} {_percent(row, key)}" for key, label in PLOTTED)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -52,10 +55,7 @@ def markdown(result: dict[str, Any]) -> str:
     header = ["Series", result["parameter"], *(label for _, label in PLOTTED), "Train (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in result["points"]:
-        cells = [
-            f"{100 * row['metrics'][key]:.1f} ± {100 * row['metrics_std'][key]:.1f}"
-            for key, _ in PLOTTED
-        ]
+        cells = [_percent(row, key) for key, _ in PLOTTED]
         lines.append(
             f"| {row['series']} | {row['x']} | " + " | ".join(cells)
             + f" | {row['train_seconds']:.1f} |"
@@ -65,7 +65,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(
         f"Glyph benchmark ({result['train_classes']} training classes), "
         f"{seeds} seed{'s' if seeds > 1 else ''} per point, "
-        f"{_epochs(result['settings']['epochs'])}; metrics in %, mean ± std over seeds."
+        f"{_epochs(result['settings']['epochs'])}; metrics in %"
+        + (", mean ± std over seeds." if seeds > 1 else ".")
     )
     return "\n".join(lines) + "\n"
 

@@ -226,6 +226,11 @@ def train_embedding(
             f"the training set has {len(dataset)} samples, fewer than one batch of "
             f"{cfg.batch_size}; lower --batch-size"
         )
+    if cfg.batch_size < 2 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} cannot train this model: its BatchNorm1d layers "
+            "need at least 2 rows per batch; use --batch-size >= 2"
+        )
     groups = [{"params": _trainable(model), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     loss_params = _trainable(setup.loss)
     if loss_params:
@@ -298,16 +303,27 @@ def embed(
     amp: str | None = None,
     num_workers: int = 0,
     keep_on_device: bool = False,
+    progress: bool = False,
+    label: str = "embedding",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings (float32) and labels of ``dataset``, in dataset order, in eval mode.
 
     Both come back on the CPU, or on ``device`` with ``keep_on_device=True`` (so that
-    the retrieval evaluation runs on the GPU too).
+    the retrieval evaluation runs on the GPU too). ``progress``: a tqdm bar (``label``)
+    over the batches on a terminal (the test split of SOP is 60k images).
     """
     dev = resolve_device(device)
     model.to(dev).eval()
     chunks, labels = [], []
-    for inputs, targets in _batches(dataset, batch_size, num_workers):
+    batches = tqdm(
+        _batches(dataset, batch_size, num_workers),
+        total=-(-len(dataset) // batch_size),
+        desc=label,
+        unit="batch",
+        disable=not progress or not sys.stdout.isatty(),
+        leave=False,
+    )
+    for inputs, targets in batches:
         with autocast(dev, amp):
             out = model(inputs.to(dev, non_blocking=True))
         chunks.append(out.float() if keep_on_device else out.float().cpu())

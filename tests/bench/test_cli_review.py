@@ -157,3 +157,32 @@ def test_thread_counts_are_bounded_before_any_work(tmp_path: Path, command: str)
         ):
             run_cli([command, "--threads", value, "--out", str(out)])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["bench", "sphere"])
+def test_batch_size_one_with_batchnorm_is_one_line(tmp_path: Path, command: str) -> None:
+    """The digits MLP's BatchNorm1d cannot train on one row: torch's message (bench, not
+    naming the flag) or a traceback (sphere) before; now one line naming --batch-size."""
+    argv = [command, "--batch-size", "1", "--epochs", "1", "--losses", "arcface"]
+    argv += ["--dataset", "digits"] if command == "bench" else ["--dims", "2"]
+    out = tmp_path / ("out" if command == "bench" else "s.png")
+    with pytest.raises(SystemExit, match=r"--batch-size 1 cannot train this model"):
+        run_cli([*argv, "--no-progress", "--out", str(out)])
+
+
+def test_a_model_that_diverged_at_its_last_step_is_one_line() -> None:
+    """Training checks each step's embeddings before the optimizer step; a model that the
+    last step made NaN reached the evaluation, whose ValueError was a traceback."""
+    import argparse
+    import types
+
+    from pml_margins.bench.cli_bench import _embed_test_set
+
+    class Diverged(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((len(x), 4), float("nan"))
+
+    test = torch.utils.data.TensorDataset(torch.zeros(6, 3), torch.arange(6) % 2)
+    args = argparse.Namespace(device="cpu", amp=None, num_workers=0, no_progress=True)
+    with pytest.raises(SystemExit, match=r"ArcFace: the trained model's test embeddings are NaN"):
+        _embed_test_set(Diverged(), types.SimpleNamespace(test=test), args, "ArcFace")

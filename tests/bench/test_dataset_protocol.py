@@ -54,6 +54,20 @@ def _sop(root: Path) -> Path:
             ),
             r"images.txt is not UTF-8 text \(line 1: invalid continuation byte\)",
         ),
+        (  # an image listed twice (as SOP refuses): a test query found its own copy
+            lambda f: (
+                (f / "images.txt").write_text(
+                    (f / "images.txt").read_text()
+                    + "15 "
+                    + (f / "images.txt").read_text().splitlines()[-1].split()[1]
+                    + "\n"
+                ),
+                (f / "image_class_labels.txt").write_text(
+                    (f / "image_class_labels.txt").read_text() + "15 102\n"
+                ),
+            ),
+            r"1 images are listed more than once in images.txt .*\(images/",
+        ),
         (
             lambda f: _edit(f / "images.txt", "3 ", "3 x "),
             r"images.txt line 3 has 3 fields, expected 2 \(<image_id> <path>\)",

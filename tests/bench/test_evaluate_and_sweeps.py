@@ -73,6 +73,15 @@ def test_sweep_summary_std_and_table() -> None:
     assert len([line for line in table if line.startswith("| CosFace |")]) == 10
 
 
+def test_one_seed_shows_no_spread() -> None:
+    """A single seed printed "± 0.0" (a spread it cannot have), unlike bench's table."""
+    result = _fake_result("cosface-margin", 1)
+    table = sweep_report.markdown(result).splitlines()
+    assert table[2] == "| CosFace | 0.0 | 50.0 | 20.0 | 1.0 |"
+    assert table[-1].endswith("metrics in %.")
+    assert "±" not in sweep_report.row_text(result["points"][0])
+
+
 def test_scale_sweep_figure_has_both_series_bound_and_labels() -> None:
     import matplotlib.pyplot as plt
 

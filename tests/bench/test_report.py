@@ -100,3 +100,13 @@ def test_plot_recall_draws_one_series_per_loss_with_bands_and_labels(tmp_path: P
     assert legend is not None
     assert [t.get_text() for t in legend.get_texts()] == ["ArcFace", "Raw pixels"]
     plt.close(fig)
+
+
+def test_markdown_table_says_what_it_shows() -> None:
+    """results.md was the bare table: no dataset, protocol, units or seeds (review)."""
+    one = {**RESULTS, "protocol": "train on 5 classes, retrieve among 9 images"}
+    caption = report.markdown_table(one).splitlines()[-1]
+    assert caption.startswith("toy: train on 5 classes, retrieve among 9 images.")
+    assert "Metrics in % (one seed)" in caption and "seconds per run" in caption
+    seeded = {**one, "losses": [{**RESULTS["losses"][0], "seeds": [0, 1, 2]}]}
+    assert "mean ± std over 3 seeds" in report.markdown_table(seeded).splitlines()[-1]
