@@ -644,8 +644,8 @@ def _embed_test_set(
         raise SystemExit(f"error: {one_line(err)}") from err
     if not bool(torch.isfinite(emb).all()):
         raise SystemExit(
-            f"error: {label}: the trained model's test embeddings are NaN or Inf (training "
-            "diverged in its last steps); lower the learning rate"
+            f"error: {label}: the model's test embeddings are NaN or Inf (its training "
+            "diverged); train it again with a lower learning rate"
         )
     return emb, labels
 

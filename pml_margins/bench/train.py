@@ -317,7 +317,7 @@ def embed(
     chunks, labels = [], []
     batches = tqdm(
         _batches(dataset, batch_size, num_workers),
-        total=-(-len(dataset) // batch_size),
+        total=-(-len(dataset) // batch_size) if hasattr(dataset, "__len__") else None,
         desc=label,
         unit="batch",
         disable=not progress or not sys.stdout.isatty(),

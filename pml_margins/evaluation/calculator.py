@@ -297,6 +297,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             raise TypeError(f"knn_func must be callable, got {type(knn_func).__name__}")
         self._device = None if device is None else _as_device(device)
         uses_faiss(backend, self._device or torch.device("cpu"))  # its checks
+        if self._device is not None:
+            _check_available(self._device)
         if backend != "auto" and custom is not None:
             raise ValueError(
                 f"backend={backend!r} selects the exact k-nn's candidate pass, but "
@@ -785,6 +787,18 @@ def _as_device(device: object) -> torch.device:
         raise ValueError(
             f"device must name an available torch device such as 'cpu' or 'cuda:0', got "
             f"{device!r} ({error})"
+        ) from None
+
+
+def _check_available(device: torch.device) -> None:
+    """``ValueError`` with torch's reason where this build or machine lacks ``device``
+    (``'cuda'`` on a CPU build: the first ``get_accuracy`` failed inside torch)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(
+            f"device must name an available torch device such as 'cpu' or 'cuda:0', got "
+            f"{str(device)!r} ({error})"
         ) from None
 
 

@@ -858,9 +858,14 @@ def _phi_and_slope(
     return value.detach(), grad
 
 
-def _slope_of(slope: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """A non-target function's slope ``phi'(z)``: one value per element of ``z`` (a
-    broadcast one would give wrong gradients), else ``ValueError``."""
+def _slope_of(slope: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
+    """A non-target function's slope ``phi'(z)``: one value per element of ``z``, or one
+    for the whole block (a number or a 0-dim tensor: a constant slope); any other shape,
+    which would broadcast into wrong gradients, is a ``ValueError``."""
+    if isinstance(slope, (int, float)) and not isinstance(slope, bool):
+        return torch.tensor(float(slope), dtype=z.dtype, device=z.device)
+    if isinstance(slope, torch.Tensor) and slope.ndim == 0:
+        return slope
     return elementwise_result(slope, z, "non_target_logit_fn's slope")
 
 
@@ -1105,8 +1110,7 @@ def _forward(
                 if scaled is not None:
                     logits, phi_slope = scaled(z, s_col, targets.columns(k))
                     logits = elementwise_result(logits, z, "non_target_logit_fn")
-                    if not (isinstance(phi_slope, torch.Tensor) and phi_slope.ndim == 0):
-                        phi_slope = _slope_of(phi_slope, z)  # (0-dim: constant over the block)
+                    phi_slope = _slope_of(phi_slope, z)
                 elif stores_slope:
                     value, phi_slope = _phi_and_slope(phi, z)
                     logits = _scaled_logits(value, s_col, bias_d, start, dtype)

@@ -184,5 +184,17 @@ def test_a_model_that_diverged_at_its_last_step_is_one_line() -> None:
 
     test = torch.utils.data.TensorDataset(torch.zeros(6, 3), torch.arange(6) % 2)
     args = argparse.Namespace(device="cpu", amp=None, num_workers=0, no_progress=True)
-    with pytest.raises(SystemExit, match=r"ArcFace: the trained model's test embeddings are NaN"):
+    with pytest.raises(SystemExit, match=r"ArcFace: the model's test embeddings are NaN"):
         _embed_test_set(Diverged(), types.SimpleNamespace(test=test), args, "ArcFace")
+
+
+def test_embedding_a_dataset_without_a_length() -> None:
+    """The progress bar's total must not need ``len(dataset)`` (an IterableDataset)."""
+    from pml_margins.bench import train
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([(torch.ones(3), 0), (torch.zeros(3), 1)] * 5)
+
+    emb, labels = train.embed(torch.nn.Linear(3, 2), Stream(), batch_size=4, progress=True)
+    assert emb.shape == (10, 2) and labels.tolist() == [0, 1] * 5

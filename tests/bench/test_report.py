@@ -110,3 +110,16 @@ def test_markdown_table_says_what_it_shows() -> None:
     assert "Metrics in % (one seed)" in caption and "seconds per run" in caption
     seeded = {**one, "losses": [{**RESULTS["losses"][0], "seeds": [0, 1, 2]}]}
     assert "mean ± std over 3 seeds" in report.markdown_table(seeded).splitlines()[-1]
+
+
+def test_the_ablation_docs_are_what_their_json_gives() -> None:
+    """docs/ablations/*.md are sweep_report.markdown of the JSON beside them (they showed
+    "± 0.0" for one seed after the generator stopped printing it)."""
+    from pml_margins.bench import sweep_report
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "ablations"
+    tables = sorted(docs.glob("*.json"))
+    assert tables
+    for path in tables:
+        result = json.loads(path.read_text())
+        assert sweep_report.markdown(result) == path.with_suffix(".md").read_text(), path.name

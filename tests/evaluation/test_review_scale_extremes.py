@@ -235,3 +235,11 @@ def test_an_unknown_device_is_a_value_error():
             assert str(error)
         else:
             assert RetrievalAccuracyCalculator(device=index).device is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_string_is_refused_at_construction():
+    """'cuda' on a CPU build constructed, then the first get_accuracy failed in torch."""
+    for device in ("cuda", "cuda:1", torch.device("cuda")):
+        with pytest.raises(ValueError, match=r"device must name an available .*'cuda"):
+            RetrievalAccuracyCalculator(device=device)

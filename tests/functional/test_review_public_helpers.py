@@ -128,3 +128,40 @@ def test_a_constant_scaled_slope_may_be_zero_dim():
     (expected_grad,) = torch.autograd.grad(expected.sum(), x)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+class _ConstantSlope:
+    """phi(z) = 2 z with its slope as one number for the block (valid: constant)."""
+
+    def __init__(self, slope):
+        self.slope_value = slope
+
+    def __call__(self, z):
+        return 2.0 * z
+
+    def slope(self, z):
+        return self.slope_value
+
+
+@pytest.mark.parametrize("slope", [2.0, torch.tensor(2.0)], ids=["float", "0-dim"])
+@pytest.mark.parametrize(
+    "mode",
+    [{"chunk_size": 7}, {"materialize": False}, {"sub_centers": 2, "chunk_size": 3}],
+    ids=["chunk", "blocked", "sub-centres"],
+)
+def test_a_constant_slope_for_the_block_is_accepted(slope, mode):
+    """A number or 0-dim slope broadcasts correctly (it is constant): the wrong-shape check
+    must not refuse it, and the gradients are autograd's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    columns = 14 if "sub_centers" in mode else 7
+    w = torch.randn(5, columns, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (8,), generator=g)
+    losses = []
+    for phi in (_ConstantSlope(slope), lambda z: 2.0 * z):
+        value = fused_margin_softmax_cross_entropy(
+            x, w, y, None, 10.0, non_target_logit_fn=phi, **mode
+        )
+        losses.append((value, torch.autograd.grad(value.sum(), x)[0]))
+    torch.testing.assert_close(losses[0][0], losses[1][0])
+    torch.testing.assert_close(losses[0][1], losses[1][1])
