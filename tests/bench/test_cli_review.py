@@ -107,7 +107,8 @@ def test_a_test_image_truncated_in_its_header_is_named_and_leaves_no_folder(
     fake_cub: Path, tmp_path: Path, workers: str
 ) -> None:
     """Pillow fails in PML's Image.open, before the transform: the file is still named
-    (found by review); the run fails after training, and its empty folders go with it."""
+    (found by review); the run fails before training (the headers are read first), and
+    its empty folders go with it."""
     image = fake_cub / "CUB_200_2011" / "images" / "101.Bird_101" / "Bird_101_1.jpg"
     image.write_bytes(image.read_bytes()[:100])
     argv = ["bench", "--dataset", "cub", "--data-root", str(fake_cub), *CUB, "--epochs", "1"]
@@ -198,3 +199,22 @@ def test_embedding_a_dataset_without_a_length() -> None:
 
     emb, labels = train.embed(torch.nn.Linear(3, 2), Stream(), batch_size=4, progress=True)
     assert emb.shape == (10, 2) and labels.tolist() == [0, 1] * 5
+
+
+def test_an_unreadable_test_image_stops_the_run_before_any_training(
+    fake_cub: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Found while embedding the test split, a corrupt image cost the whole training run
+    (review): every listed image's header is read when the dataset loads."""
+    from pml_margins.bench import train
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("trained before the corrupt image was found")
+
+    monkeypatch.setattr(train, "train_embedding", no_training)
+    images = fake_cub / "CUB_200_2011" / "images"
+    (images / "101.Bird_101" / "Bird_101_0.jpg").write_bytes(b"not a jpeg")
+    (images / "102.Bird_102" / "Bird_102_0.jpg").write_bytes(b"nor this")
+    argv = ["bench", "--dataset", "cub", "--data-root", str(fake_cub), *CUB, "--epochs", "1"]
+    with pytest.raises(SystemExit, match=r"Bird_101_0\.jpg: .*Bird_102_0\.jpg: .*\(2 of 14"):
+        run_cli([*argv, "--losses", "arcface", "--out", str(tmp_path / "out")])
