@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -19,7 +20,8 @@ class ThreadSwitch:
     As a context manager it restores, on exit, the setting it found, and every further
     ``with`` of the same object switches it again (as ``torch.no_grad()`` objects may be
     reused); as a decorator it leaves the setting as it was and switches it around each
-    call. Subclasses give their own ``_state`` (a ``threading.local``) and ``default``.
+    call (of a generator function: around each resume of its body). Subclasses give
+    their own ``_state`` (a ``threading.local``) and ``default``.
     """
 
     _state: ClassVar[threading.local]
@@ -55,6 +57,8 @@ class ThreadSwitch:
             self._fresh = False
             type(self)._state.enabled = self._previous.pop()
         cls, enabled = type(self), self.enabled
+        if inspect.isgeneratorfunction(function):
+            return _switch_each_resume(function, cls, enabled)  # type: ignore[return-value]
 
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -62,3 +66,33 @@ class ThreadSwitch:
                 return function(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
+
+
+def _switch_each_resume(function: Callable[..., Any], cls: type[ThreadSwitch], enabled: bool):
+    """A generator function's decorator: its body runs at each ``next``/``send``/``throw``,
+    after the call has returned, so the setting is switched around each resume (as
+    ``torch.no_grad`` does), and is the caller's between them."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        inner = function(*args, **kwargs)
+        try:
+            with cls(enabled):
+                value = next(inner)
+            while True:
+                try:
+                    sent = yield value
+                except GeneratorExit:
+                    with cls(enabled):
+                        inner.close()
+                    raise
+                except BaseException as error:
+                    with cls(enabled):
+                        value = inner.throw(error)
+                else:
+                    with cls(enabled):
+                        value = inner.send(sent)
+        except StopIteration as stop:
+            return stop.value
+
+    return wrapper

@@ -83,3 +83,34 @@ def test_enabled_must_be_a_bool(switch) -> None:
     with pytest.raises(TypeError, match="enabled must be a bool"):
         cls("False")
     assert read() is default
+
+
+def test_a_decorated_generator_function_runs_its_body_switched() -> None:
+    """A generator's body runs after the decorated call returned: the setting is switched
+    around each resume, and is the caller's between them (review: it saw False)."""
+    from pml_margins import autograd_only, autograd_only_enabled
+
+    @autograd_only()
+    def seen():
+        received = yield autograd_only_enabled()
+        yield (received, autograd_only_enabled())
+        try:
+            yield "waiting"
+        except KeyError:
+            yield ("thrown", autograd_only_enabled())
+        return "done"
+
+    gen = seen()
+    assert next(gen) is True
+    assert autograd_only_enabled() is False
+    assert gen.send("x") == ("x", True)
+    assert next(gen) == "waiting"
+    assert gen.throw(KeyError("k")) == ("thrown", True)
+    try:
+        next(gen)
+    except StopIteration as stop:
+        assert stop.value == "done"
+    else:
+        raise AssertionError("the generator did not finish")
+    assert autograd_only_enabled() is False
+    assert list(autograd_only()(lambda: (yield from range(2)))()) == [0, 1]
