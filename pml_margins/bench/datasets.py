@@ -96,6 +96,9 @@ def _load_image_folder(name: str) -> Callable[[argparse.Namespace], RetrievalDat
             args.data_root,
             download=bool(getattr(args, "download", False)),
             image_size=loader_setting(args, name, "image_size"),
+            # a re-evaluation reads the test split (and one training image) only
+            checked_splits=("test",) if getattr(args, "embeddings_only", False) else None,
+            progress=not getattr(args, "no_progress", False),
         )
 
     return load

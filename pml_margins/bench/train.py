@@ -294,6 +294,15 @@ def _batches(
     yield from DataLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)
 
 
+def _batch_count(dataset: Dataset, batch_size: int) -> int | None:
+    """Batches of ``dataset``, or ``None`` where it has no length (an iterable dataset,
+    torch's ``ChainDataset``, whose ``len`` raises)."""
+    try:
+        return -(-len(dataset) // batch_size)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 @torch.no_grad()
 def embed(
     model: nn.Module,
@@ -315,12 +324,13 @@ def embed(
     dev = resolve_device(device)
     model.to(dev).eval()
     chunks, labels = [], []
+    shown = progress and sys.stdout.isatty()
     batches = tqdm(
         _batches(dataset, batch_size, num_workers),
-        total=-(-len(dataset) // batch_size) if hasattr(dataset, "__len__") else None,
+        total=_batch_count(dataset, batch_size) if shown else None,
         desc=label,
         unit="batch",
-        disable=not progress or not sys.stdout.isatty(),
+        disable=not shown,
         leave=False,
     )
     for inputs, targets in batches:

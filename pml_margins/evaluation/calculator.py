@@ -793,9 +793,11 @@ def _as_device(device: object) -> torch.device:
 def _check_available(device: torch.device) -> None:
     """``ValueError`` with torch's reason where this build or machine lacks ``device``
     (``'cuda'`` on a CPU build: the first ``get_accuracy`` failed inside torch)."""
+    if device.type == "meta":
+        raise ValueError("device 'meta' holds no values: the metrics need a real device")
     try:
         torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:
+    except (RuntimeError, AssertionError, ImportError) as error:  # hpu: a missing module
         raise ValueError(
             f"device must name an available torch device such as 'cpu' or 'cuda:0', got "
             f"{str(device)!r} ({error})"

@@ -92,10 +92,13 @@ dtype of ``W`` never changes.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -860,13 +863,26 @@ def _phi_and_slope(
 
 def _slope_of(slope: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
     """A non-target function's slope ``phi'(z)``: one value per element of ``z``, or one
-    for the whole block (a number or a 0-dim tensor: a constant slope); any other shape,
-    which would broadcast into wrong gradients, is a ``ValueError``."""
-    if isinstance(slope, (int, float)) and not isinstance(slope, bool):
-        return torch.tensor(float(slope), dtype=z.dtype, device=z.device)
+    for the whole block (a real number, or a real 0-dim tensor on ``z``'s device or the
+    CPU: a constant slope); anything else -- a shape that would broadcast into wrong
+    gradients, a complex or bool value, another device -- is a ``ValueError``."""
+    name = "non_target_logit_fn's slope"
+    if isinstance(slope, numbers.Real) and not isinstance(slope, (bool, np.bool_)):
+        try:
+            value = float(slope)
+        except OverflowError:  # an int beyond float's range
+            value = math.inf
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {slope!r}")
+        return torch.tensor(value, dtype=z.dtype, device=z.device)
     if isinstance(slope, torch.Tensor) and slope.ndim == 0:
-        return slope
-    return elementwise_result(slope, z, "non_target_logit_fn's slope")
+        if not slope.is_floating_point() or slope.device not in (z.device, torch.device("cpu")):
+            raise ValueError(
+                f"{name} must be real and on {z.device} (or a CPU number), got a "
+                f"{slope.dtype} tensor on {slope.device}"
+            )
+        return slope.to(device=z.device, dtype=z.dtype)
+    return elementwise_result(slope, z, name)
 
 
 def _planes(w: torch.Tensor, per_class: int, dtype: torch.dtype) -> torch.Tensor:

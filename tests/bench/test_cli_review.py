@@ -218,3 +218,98 @@ def test_an_unreadable_test_image_stops_the_run_before_any_training(
     argv = ["bench", "--dataset", "cub", "--data-root", str(fake_cub), *CUB, "--epochs", "1"]
     with pytest.raises(SystemExit, match=r"Bird_101_0\.jpg: .*Bird_102_0\.jpg: .*\(2 of 14"):
         run_cli([*argv, "--losses", "arcface", "--out", str(tmp_path / "out")])
+
+
+def test_a_jpeg_cut_short_with_its_header_whole_stops_the_run_before_training(
+    fake_cub: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """An interrupted download keeps the header: the header check passed and training ran
+    (review); a JPEG without its end marker is now decoded in full first."""
+    from pml_margins.bench import train
+
+    monkeypatch.setattr(train, "train_embedding", _no_training)
+    import numpy as np
+    from PIL import Image
+
+    image = fake_cub / "CUB_200_2011" / "images" / "101.Bird_101" / "Bird_101_1.jpg"
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(image)  # ~3 KB: the header is the first ~600 bytes
+    data = image.read_bytes()
+    image.write_bytes(data[: 2 * len(data) // 3])
+    with Image.open(image):  # the header alone reads fine
+        pass
+    argv = ["bench", "--dataset", "cub", "--data-root", str(fake_cub), *CUB, "--epochs", "1"]
+    with pytest.raises(SystemExit, match=r"Bird_101_1\.jpg: image file is truncated"):
+        run_cli([*argv, "--losses", "arcface", "--out", str(tmp_path / "out")])
+
+
+def _no_training(*_args, **_kwargs):
+    raise AssertionError("trained before the corrupt image was found")
+
+
+def test_image_headers_accept_whole_files_of_other_formats(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pml_margins.bench.data import check_image_headers
+
+    paths = []
+    for mode, name in (("RGB", "a.jpg"), ("L", "b.png"), ("CMYK", "c.jpg"), ("P", "d.gif")):
+        path = tmp_path / name
+        Image.new(mode, (5, 3)).save(path)
+        paths.append(str(path))
+    tail = tmp_path / "e.jpg"  # 2 KB after the end marker: decoded in full, and fine
+    Image.new("RGB", (5, 3)).save(tail)
+    tail.write_bytes(tail.read_bytes() + b"\0" * 2048)
+    check_image_headers([*paths, str(tail)])
+
+
+def test_a_reevaluation_reads_no_training_image_but_the_first(fake_cub: Path) -> None:
+    """--embeddings-only reads the test split (and one training image for the shapes):
+    a bad training image elsewhere must not stop it (review: it did)."""
+    import argparse
+
+    from pml_margins.bench import datasets
+
+    bad = fake_cub / "CUB_200_2011" / "images" / "002.Bird_2" / "Bird_2_1.jpg"
+    bad.write_bytes(b"junk")
+    args = argparse.Namespace(data_root=str(fake_cub), download=False, image_size=16)
+    data = datasets.load_dataset("cub", argparse.Namespace(**vars(args), embeddings_only=True))
+    assert len(data.test) > 0
+    with pytest.raises(ValueError, match=r"Bird_2_1\.jpg: cannot identify image file"):
+        datasets.load_dataset("cub", argparse.Namespace(**vars(args), embeddings_only=False))
+
+
+def test_loader_names_in_messages_become_flags_but_paths_stay() -> None:
+    import argparse
+
+    from pml_margins.bench import cli_bench
+
+    def fail(*_args):
+        raise ValueError("/data/train_classes/x.jpg is missing; train_classes must be >= 2")
+
+    from pml_margins.bench import datasets
+
+    saved = datasets.load_dataset
+    datasets.load_dataset = fail
+    try:
+        with pytest.raises(SystemExit) as err:
+            cli_bench._load_data(argparse.Namespace(dataset="cub"))
+    finally:
+        datasets.load_dataset = saved
+    assert str(err.value) == (
+        "error: /data/train_classes/x.jpg is missing; --train-classes must be >= 2"
+    )
+
+
+def test_embedding_a_chain_dataset() -> None:
+    """torch's ChainDataset has a __len__ that raises: no total, no error."""
+    from pml_margins.bench import train
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([(torch.ones(3), 0), (torch.zeros(3), 1)] * 2)
+
+    chained = torch.utils.data.ChainDataset([Stream(), Stream()])
+    for progress in (False, True):
+        emb, _ = train.embed(torch.nn.Linear(3, 2), chained, batch_size=3, progress=progress)
+        assert emb.shape == (8, 2)

@@ -243,3 +243,11 @@ def test_an_unavailable_device_string_is_refused_at_construction():
     for device in ("cuda", "cuda:1", torch.device("cuda")):
         with pytest.raises(ValueError, match=r"device must name an available .*'cuda"):
             RetrievalAccuracyCalculator(device=device)
+
+
+@pytest.mark.parametrize("device", ["meta", "hpu", "privateuseone"])
+def test_devices_without_values_or_modules_are_value_errors(device):
+    """'hpu' and 'privateuseone' raised ModuleNotFoundError; 'meta' constructed and the
+    first get_accuracy failed inside torch (review)."""
+    with pytest.raises(ValueError, match="device"):
+        RetrievalAccuracyCalculator(device=device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,43 @@ def test_a_constant_slope_for_the_block_is_accepted(slope, mode):
         losses.append((value, torch.autograd.grad(value.sum(), x)[0]))
     torch.testing.assert_close(losses[0][0], losses[1][0])
     torch.testing.assert_close(losses[0][1], losses[1][1])
+
+
+@pytest.mark.parametrize(
+    ("slope", "message"),
+    [
+        (torch.tensor(2.0, device="meta"), "must be real and on cpu"),
+        (torch.tensor(2.0 + 0j), "must be real"),
+        (torch.tensor(True), "must be real"),
+        (True, "must return one value per input element"),
+        (10**400, "must be finite"),
+    ],
+    ids=["meta", "complex", "bool-tensor", "bool", "huge-int"],
+)
+def test_a_constant_slope_must_be_a_real_number_here(slope, message):
+    """A 0-dim slope on the meta device gave wrong gradients silently; complex and bool
+    ones failed inside torch or were taken as numbers (review)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, generator=g, requires_grad=True)
+    w = torch.randn(5, 7, generator=g)
+    y = torch.randint(0, 7, (8,), generator=g)
+    with pytest.raises(ValueError, match=message):
+        fused_margin_softmax_cross_entropy(
+            x, w, y, None, 10.0, non_target_logit_fn=_ConstantSlope(slope), chunk_size=3
+        ).sum().backward()
+
+
+def test_a_numpy_float32_constant_slope_is_a_number():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (8,), generator=g)
+    got = fused_margin_softmax_cross_entropy(
+        x, w, y, None, 10.0, non_target_logit_fn=_ConstantSlope(np.float32(2.0)), chunk_size=3
+    )
+    expected = fused_margin_softmax_cross_entropy(
+        x, w, y, None, 10.0, non_target_logit_fn=lambda z: 2.0 * z, chunk_size=3
+    )
+    torch.testing.assert_close(
+        torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0]
+    )
