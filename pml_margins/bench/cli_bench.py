@@ -642,11 +642,8 @@ def _embed_test_set(
         )
     except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError, a truncated file
         raise SystemExit(f"error: {one_line(err)}") from err
-    if not bool(torch.isfinite(emb).all()):
-        raise SystemExit(
-            f"error: {label}: the model's test embeddings are NaN or Inf (its training "
-            "diverged); train it again with a lower learning rate"
-        )
+    if problem := train.diverged_embeddings(emb, label):
+        raise SystemExit(f"error: {problem}")
     return emb, labels
 
 

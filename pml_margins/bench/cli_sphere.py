@@ -120,8 +120,6 @@ def _check_out(path: str) -> None:
 
 
 def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> int:
-    import torch
-
     from pml_margins.bench import data, evaluate, models, registry, sphere_plot, train
 
     digits = data.load_digits_all_classes(seed=args.seed)
@@ -152,11 +150,8 @@ def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> 
             except (train.TrainingDiverged, ValueError) as err:  # diverged; --batch-size 1
                 raise SphereError(str(err)) from None
             emb, labels = train.embed(model, digits.test, device=args.device)
-            if not bool(torch.isfinite(emb).all()):
-                raise SphereError(
-                    f"{setup.label}: the trained model's test embeddings are NaN or Inf "
-                    "(training diverged in its last steps); lower the learning rate"
-                )
+            if problem := train.diverged_embeddings(emb, setup.label):
+                raise SphereError(problem)
             p1 = evaluate.evaluate_retrieval(emb, labels, (1,))["precision_at_1"]
             print(
                 f"{setup.label}: P@1 {100 * p1:.1f}%, {run.steps} steps, {run.seconds:.1f} s",

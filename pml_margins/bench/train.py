@@ -294,6 +294,17 @@ def _batches(
     yield from DataLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)
 
 
+def diverged_embeddings(embeddings: torch.Tensor, label: str) -> str | None:
+    """Why a trained model's test ``embeddings`` cannot be evaluated (NaN or Inf: its
+    training diverged, in steps after the last check of the embeddings), or ``None``."""
+    if bool(torch.isfinite(embeddings).all()):
+        return None
+    return (
+        f"{label}: the model's test embeddings are NaN or Inf (its training diverged); "
+        "train it again with a lower learning rate"
+    )
+
+
 def _batch_count(dataset: Dataset, batch_size: int) -> int | None:
     """Batches of ``dataset``, or ``None`` where it has no length (an iterable dataset,
     torch's ``ChainDataset``, whose ``len`` raises)."""

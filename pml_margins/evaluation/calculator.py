@@ -784,10 +784,7 @@ def _as_device(device: object) -> torch.device:
     try:
         return torch.device(device)
     except RuntimeError as error:
-        raise ValueError(
-            f"device must name an available torch device such as 'cpu' or 'cuda:0', got "
-            f"{device!r} ({error})"
-        ) from None
+        raise _unavailable(device, error) from None
 
 
 def _check_available(device: torch.device) -> None:
@@ -798,10 +795,14 @@ def _check_available(device: torch.device) -> None:
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, ImportError) as error:  # hpu: a missing module
-        raise ValueError(
-            f"device must name an available torch device such as 'cpu' or 'cuda:0', got "
-            f"{str(device)!r} ({error})"
-        ) from None
+        raise _unavailable(str(device), error) from None
+
+
+def _unavailable(device: object, error: BaseException) -> ValueError:
+    return ValueError(
+        f"device must name an available torch device such as 'cpu' or 'cuda:0', got "
+        f"{device!r} ({error})"
+    )
 
 
 def _faiss_gpu_usable(device: torch.device | None) -> bool:
