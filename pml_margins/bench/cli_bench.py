@@ -190,7 +190,7 @@ def _load_data(args: argparse.Namespace) -> Any:
     except (ValueError, FileNotFoundError) as err:
         message = str(err)  # the loaders' argument names as this command's flags
         for name, flag in _LOADER_FLAGS.items():
-            message = re.sub(rf"(?<![\w/.-]){name}(?![\w/-]|\.\w)", flag, message)  # not paths
+            message = re.sub(rf"(?<![\w/\\.-]){name}(?![\w/\\-]|\.\w)", flag, message)  # not paths
         raise SystemExit(f"error: {message}") from err
 
 

@@ -470,7 +470,10 @@ def load_image_dataset(
                 f"no {split} images (its index files list none of the official {split} split)"
             )
     splits = {"train": train, "test": test}
-    checked = ("train", "test") if checked_splits is None else tuple(checked_splits)
+    checked = ("train", "test") if checked_splits is None else checked_splits
+    checked = (checked,) if isinstance(checked, str) else tuple(checked)
+    if not set(checked) <= set(splits):
+        raise ValueError(f"checked_splits must name 'train' and/or 'test', got {checked_splits!r}")
     check_image_headers([p for split in checked for p in splits[split].paths], progress=progress)
     remap = RemapLabels(train.labels)
     train.target_transform = remap
@@ -489,9 +492,10 @@ def check_image_headers(paths: Sequence[str], max_listed: int = 3, progress: boo
     while embedding the test split, such a file cost the whole training run).
 
     Each image's header is read (``Image.open``: not an image, a header cut short, an
-    unsupported format), and a JPEG or PNG whose end marker (``FFD9``, ``IEND``) is not
-    in its last kilobyte -- a file cut short by an interrupted download or copy -- is
-    decoded in full, to tell one Pillow reads anyway from one it cannot. Corrupt data
+    unsupported format), and a JPEG, MPO or PNG that does not end with its end marker
+    (``FFD9``, the ``IEND`` chunk) -- a file cut short by an interrupted download or copy,
+    or one with bytes after the marker -- is decoded in full, to tell one Pillow reads
+    anyway from one it cannot. Corrupt data
     inside a complete file is found only when the image is read. About 40-60 us an image
     (SOP's 120k: a few seconds, more on a cold network disk); a tqdm bar on a terminal.
     """
@@ -505,27 +509,32 @@ def check_image_headers(paths: Sequence[str], max_listed: int = 3, progress: boo
                 if not _has_end_marker(path, image.format):
                     image.load()  # cut short: decodable or not
         except unreadable_image_errors() as err:  # (Pillow's message may quote the path)
-            reason = str(err).replace(f" '{path}'", "").replace(str(path), "").strip(" :")
+            reason = str(err)
+            for quoted in (f" '{path}'", f' "{path}"', str(path)):
+                reason = reason.replace(quoted, "")
+            reason = reason.strip(" :")
             bad.append(f"{path}: {reason}")
     if bad:
         listed = "; ".join(bad[:max_listed]) + ("; ..." if len(bad) > max_listed else "")
         raise ValueError(f"cannot read image {listed} ({len(bad)} of {len(paths)} images)")
 
 
-#: the end marker of a whole file, per format Pillow names
-_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+#: the last bytes of a whole file, per format Pillow names (MPO: a JPEG with more
+#: pictures after the first, which is all that is read): EOI; PNG's IEND chunk and its CRC
+_END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 
 
 def _has_end_marker(path: str, image_format: str | None) -> bool:
-    """Whether a JPEG/PNG file holds its end marker in its last kilobyte (other formats:
-    ``True``, not checked)."""
+    """Whether a JPEG/MPO/PNG file ends with its end marker, zero padding aside (other
+    formats: ``True``, not checked). The last bytes, not any bytes near the end: an EXIF
+    thumbnail holds an EOI of its own."""
     marker = _END_MARKERS.get(image_format or "")
     if marker is None:
         return True
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 1024))
-        return marker in f.read()
+        return f.read().rstrip(b"\0").endswith(marker)
 
 
 def unreadable_image_errors() -> tuple[type[BaseException], ...]:

@@ -862,10 +862,11 @@ def _phi_and_slope(
 
 
 def _slope_of(slope: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
-    """A non-target function's slope ``phi'(z)``: one value per element of ``z``, or one
-    for the whole block (a real number, or a real 0-dim tensor on ``z``'s device or the
-    CPU: a constant slope); anything else -- a shape that would broadcast into wrong
-    gradients, a complex or bool value, another device -- is a ``ValueError``."""
+    """A non-target function's slope ``phi'(z)``: real values on ``z``'s device, one per
+    element of ``z``, or one for the whole block (a finite real number, or a 0-dim tensor,
+    which may be on the CPU: a constant slope); anything else -- a shape that would
+    broadcast into wrong gradients, a complex or bool tensor, another device -- is a
+    ``ValueError``. Tensors' values are not read (no host synchronization)."""
     name = "non_target_logit_fn's slope"
     if isinstance(slope, numbers.Real) and not isinstance(slope, (bool, np.bool_)):
         try:
@@ -875,13 +876,15 @@ def _slope_of(slope: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {slope!r}")
         return torch.tensor(value, dtype=z.dtype, device=z.device)
-    if isinstance(slope, torch.Tensor) and slope.ndim == 0:
-        if not slope.is_floating_point() or slope.device not in (z.device, torch.device("cpu")):
+    if isinstance(slope, torch.Tensor):
+        devices = (z.device, torch.device("cpu")) if slope.ndim == 0 else (z.device,)
+        if slope.is_complex() or slope.dtype == torch.bool or slope.device not in devices:
             raise ValueError(
-                f"{name} must be real and on {z.device} (or a CPU number), got a "
-                f"{slope.dtype} tensor on {slope.device}"
+                f"{name} must be real and on {z.device}, got a {slope.dtype} tensor on "
+                f"{slope.device}"
             )
-        return slope.to(device=z.device, dtype=z.dtype)
+        if slope.ndim == 0:
+            return slope.to(device=z.device, dtype=z.dtype)
     return elementwise_result(slope, z, name)
 
 

@@ -279,26 +279,34 @@ def test_a_reevaluation_reads_no_training_image_but_the_first(fake_cub: Path) ->
         datasets.load_dataset("cub", argparse.Namespace(**vars(args), embeddings_only=False))
 
 
-def test_loader_names_in_messages_become_flags_but_paths_stay() -> None:
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        (
+            "/data/train_classes/x.jpg is missing; train_classes must be >= 2",
+            "/data/train_classes/x.jpg is missing; --train-classes must be >= 2",
+        ),
+        (
+            r"C:\data\train_classes\x.jpg is missing (train_classes)",
+            r"C:\data\train_classes\x.jpg is missing (--train-classes)",
+        ),
+    ],
+    ids=["posix", "windows"],
+)
+def test_loader_names_in_messages_become_flags_but_paths_stay(
+    monkeypatch, message: str, shown: str
+) -> None:
     import argparse
 
-    from pml_margins.bench import cli_bench
+    from pml_margins.bench import cli_bench, datasets
 
     def fail(*_args):
-        raise ValueError("/data/train_classes/x.jpg is missing; train_classes must be >= 2")
+        raise ValueError(message)
 
-    from pml_margins.bench import datasets
-
-    saved = datasets.load_dataset
-    datasets.load_dataset = fail
-    try:
-        with pytest.raises(SystemExit) as err:
-            cli_bench._load_data(argparse.Namespace(dataset="cub"))
-    finally:
-        datasets.load_dataset = saved
-    assert str(err.value) == (
-        "error: /data/train_classes/x.jpg is missing; --train-classes must be >= 2"
-    )
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(SystemExit) as err:
+        cli_bench._load_data(argparse.Namespace(dataset="cub"))
+    assert str(err.value) == f"error: {shown}"
 
 
 def test_embedding_a_chain_dataset() -> None:
@@ -313,3 +321,53 @@ def test_embedding_a_chain_dataset() -> None:
     for progress in (False, True):
         emb, _ = train.embed(torch.nn.Linear(3, 2), chained, batch_size=3, progress=progress)
         assert emb.shape == (8, 2)
+
+
+def test_end_markers_are_the_last_bytes(tmp_path: Path) -> None:
+    """An EOI anywhere in the last kilobyte passed for a whole file (an EXIF thumbnail
+    holds one of its own); MPO (a JPEG with more pictures) was not checked (review)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pml_margins.bench.data import _has_end_marker, check_image_headers
+
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="JPEG")
+    whole = buffer.getvalue()
+    cases = {
+        "whole.jpg": (whole, True),
+        "padded.jpg": (whole + b"\0" * 100, True),
+        "inner-eoi.jpg": (whole[:-600] + b"\xff\xd9" + whole[-600:-300], False),
+    }
+    for name, (data, expected) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert _has_end_marker(str(tmp_path / name), "JPEG") is expected, name
+    png = tmp_path / "a.png"
+    Image.fromarray(noise).save(png)
+    assert _has_end_marker(str(png), "PNG")
+    png.write_bytes(png.read_bytes()[:-3])
+    assert not _has_end_marker(str(png), "PNG")
+    mpo = tmp_path / "two.jpg"
+    frames = [Image.fromarray(noise), Image.fromarray(255 - noise)]
+    frames[0].save(mpo, format="MPO", save_all=True, append_images=frames[1:])
+    with Image.open(mpo) as image:
+        assert image.format == "MPO"
+    check_image_headers([str(mpo)])
+    cut = mpo.read_bytes()
+    mpo.write_bytes(cut[: len(cut) // 4])
+    with pytest.raises(ValueError, match=r"two\.jpg: image file is truncated"):
+        check_image_headers([str(mpo)])
+
+
+def test_checked_splits_take_a_name_or_names(fake_cub: Path) -> None:
+    from pml_margins.bench.data import load_image_dataset
+
+    bad = fake_cub / "CUB_200_2011" / "images" / "002.Bird_2" / "Bird_2_1.jpg"
+    bad.write_bytes(b"junk")
+    for checked in ("test", ["test"], ("test",)):
+        assert len(load_image_dataset("cub", fake_cub, image_size=8, checked_splits=checked).test)
+    with pytest.raises(ValueError, match="checked_splits must name 'train' and/or 'test'"):
+        load_image_dataset("cub", fake_cub, image_size=8, checked_splits=("validation",))

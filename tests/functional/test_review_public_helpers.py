@@ -172,12 +172,14 @@ def test_a_constant_slope_for_the_block_is_accepted(slope, mode):
     ("slope", "message"),
     [
         (torch.tensor(2.0, device="meta"), "must be real and on cpu"),
+        (torch.full((8, 7), 2.0, device="meta"), "must be real and on cpu"),
+        (torch.full((8, 7), 2.0 + 0j), "must be real"),
         (torch.tensor(2.0 + 0j), "must be real"),
         (torch.tensor(True), "must be real"),
         (True, "must return one value per input element"),
         (10**400, "must be finite"),
     ],
-    ids=["meta", "complex", "bool-tensor", "bool", "huge-int"],
+    ids=["meta", "meta-full", "complex-full", "complex", "bool-tensor", "bool", "huge-int"],
 )
 def test_a_constant_slope_must_be_a_real_number_here(slope, message):
     """A 0-dim slope on the meta device gave wrong gradients silently; complex and bool
@@ -190,6 +192,26 @@ def test_a_constant_slope_must_be_a_real_number_here(slope, message):
         fused_margin_softmax_cross_entropy(
             x, w, y, None, 10.0, non_target_logit_fn=_ConstantSlope(slope), chunk_size=3
         ).sum().backward()
+
+
+@pytest.mark.parametrize(
+    "slope", [np.float32(2.0), torch.tensor(2), torch.tensor(2.0, dtype=torch.float64)]
+)
+def test_real_constant_slopes_of_any_real_dtype(slope):
+    """An integer 0-dim slope worked before the device/dtype check and must still."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, generator=g, requires_grad=True)
+    w = torch.randn(5, 7, generator=g)
+    y = torch.randint(0, 7, (8,), generator=g)
+    got = fused_margin_softmax_cross_entropy(
+        x, w, y, None, 10.0, non_target_logit_fn=_ConstantSlope(slope), chunk_size=3
+    )
+    expected = fused_margin_softmax_cross_entropy(
+        x, w, y, None, 10.0, non_target_logit_fn=lambda z: 2.0 * z, chunk_size=3
+    )
+    torch.testing.assert_close(
+        torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0]
+    )
 
 
 def test_a_numpy_float32_constant_slope_is_a_number():
