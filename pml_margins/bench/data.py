@@ -510,7 +510,7 @@ def check_image_headers(paths: Sequence[str], max_listed: int = 3, progress: boo
                     image.load()  # cut short: decodable or not
         except unreadable_image_errors() as err:  # (Pillow's message may quote the path)
             reason = str(err)
-            for quoted in (f" '{path}'", f' "{path}"', str(path)):
+            for quoted in (f" {path!r}", f" '{path}'", f' "{path}"', str(path)):
                 reason = reason.replace(quoted, "")
             reason = reason.strip(" :")
             bad.append(f"{path}: {reason}")
@@ -524,17 +524,23 @@ def check_image_headers(paths: Sequence[str], max_listed: int = 3, progress: boo
 _END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 
 
+#: padding that encoders and copies leave after the end marker (zeros, JPEG's 0xFF fill,
+#: a newline), stripped before the marker is looked for
+_PADDING = b"\0\xff\r\n\t "
+
+
 def _has_end_marker(path: str, image_format: str | None) -> bool:
-    """Whether a JPEG/MPO/PNG file ends with its end marker, zero padding aside (other
-    formats: ``True``, not checked). The last bytes, not any bytes near the end: an EXIF
-    thumbnail holds an EOI of its own."""
+    """Whether a JPEG/MPO/PNG file ends with its end marker, padding aside (other formats:
+    ``True``, not checked). The last bytes, not any bytes near the end: an EXIF thumbnail
+    holds an EOI of its own. (A vendor trailer after the marker: ``False``, and the file
+    is decoded, ~1 ms.)"""
     marker = _END_MARKERS.get(image_format or "")
     if marker is None:
         return True
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 1024))
-        return f.read().rstrip(b"\0").endswith(marker)
+        return f.read().rstrip(_PADDING).endswith(marker)
 
 
 def unreadable_image_errors() -> tuple[type[BaseException], ...]:

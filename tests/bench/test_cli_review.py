@@ -340,6 +340,7 @@ def test_end_markers_are_the_last_bytes(tmp_path: Path) -> None:
     cases = {
         "whole.jpg": (whole, True),
         "padded.jpg": (whole + b"\0" * 100, True),
+        "filled.jpg": (whole + b"\xff" * 16 + b"\r\n", True),
         "inner-eoi.jpg": (whole[:-600] + b"\xff\xd9" + whole[-600:-300], False),
     }
     for name, (data, expected) in cases.items():
@@ -371,3 +372,14 @@ def test_checked_splits_take_a_name_or_names(fake_cub: Path) -> None:
         assert len(load_image_dataset("cub", fake_cub, image_size=8, checked_splits=checked).test)
     with pytest.raises(ValueError, match="checked_splits must name 'train' and/or 'test'"):
         load_image_dataset("cub", fake_cub, image_size=8, checked_splits=("validation",))
+
+
+def test_a_path_pillow_quotes_as_its_repr_is_shown_once(tmp_path: Path) -> None:
+    """Pillow names the file by its repr (backslashes doubled): it was shown twice."""
+    from pml_margins.bench.data import check_image_headers
+
+    bad = tmp_path / "C:\\data\\x.jpg"  # (a backslash in a POSIX file name)
+    bad.write_bytes(b"junk")
+    with pytest.raises(ValueError) as err:
+        check_image_headers([str(bad)])
+    assert str(err.value) == f"cannot read image {bad}: cannot identify image file (1 of 1 images)"
