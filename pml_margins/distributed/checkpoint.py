@@ -60,6 +60,33 @@ _CLASS_DIM = {"W": 1, "bias": 0}
 Checkpoint = dict[str, Any]
 
 
+#: what every checkpoint holds (``sampler_state`` may be absent: older files)
+_FIELDS = (
+    "format",
+    "loss_type",
+    "loss_kwargs",
+    "num_classes",
+    "embedding_size",
+    "rank",
+    "world_size",
+    "class_range",
+    "state_dict",
+)
+
+
+def _check_checkpoint(ckpt: object, what: str = "checkpoint") -> None:
+    """``ValueError`` unless ``ckpt`` is a dict of this format with every field (an
+    in-memory checkpoint of another format, or one missing a field, was misread or failed
+    with a bare ``KeyError``)."""
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"the {what} must be a dict, got {type(ckpt).__name__}")
+    if ckpt.get("format") != FORMAT:
+        raise ValueError(f"the {what} has format {ckpt.get('format')!r}, not {FORMAT!r}")
+    missing = [field for field in _FIELDS if field not in ckpt]
+    if missing:
+        raise ValueError(f"the {what} lacks {', '.join(missing)}")
+
+
 def _type_name(loss_type: type) -> str:
     return f"{loss_type.__module__}.{loss_type.__qualname__}"
 
@@ -135,6 +162,7 @@ def load_shard(path: str | os.PathLike[str]) -> Checkpoint:
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not a {FORMAT} checkpoint")
+    _check_checkpoint(ckpt, f"checkpoint {os.fspath(path)!r}")
     ckpt["class_range"] = tuple(ckpt["class_range"])
     return ckpt
 
@@ -142,11 +170,19 @@ def load_shard(path: str | os.PathLike[str]) -> Checkpoint:
 def merge_shards(shards: Sequence[Checkpoint]) -> Checkpoint:
     """Concatenate the shards of one run (any order) into a ``world_size == 1`` checkpoint.
 
+    Shards that cannot be one run's are refused: other hyper-parameters, sizes, class
+    ranges, dtypes, or buffers every rank holds whole (CurricularFace's ``t``, AdaCos's
+    scale; NaN equals NaN there). A checkpoint records no run id: shards of two runs of
+    a loss without such buffers and with the same settings cannot be told apart.
+
     Raises:
-        ValueError: shards from different runs, missing or duplicated ranks.
+        ValueError: shards that cannot be one run's, missing or duplicated ranks, a
+            checkpoint of another format or missing a field.
     """
     if not shards:
         raise ValueError("no shards given")
+    for shard in shards:
+        _check_checkpoint(shard, "shard")
     first = shards[0]
     world_size = first["world_size"]
     by_rank = {s["rank"]: s for s in shards}
@@ -197,7 +233,7 @@ def _check_one_run(ordered: Sequence[Checkpoint]) -> None:
                 )
             dim = _CLASS_DIM.get(key)
             if dim is None:
-                if not torch.equal(value, first[key]):
+                if not _same_values(value, first[key]):
                     raise ValueError(
                         f"shards disagree on {key}, which every rank holds whole: "
                         "shards of different runs or steps"
@@ -211,8 +247,18 @@ def _check_one_run(ordered: Sequence[Checkpoint]) -> None:
                 )
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal``, with NaN equal to NaN (a diverged run's buffers are one run's too)."""
+    if torch.equal(a, b):
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype or not a.is_floating_point():
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 def split_checkpoint(full: Checkpoint, world_size: int) -> list[Checkpoint]:
     """Split a ``world_size == 1`` checkpoint into ``world_size`` shards (list index = rank)."""
+    _check_checkpoint(full)
     if full["world_size"] != 1:
         raise ValueError("split_checkpoint needs a merged checkpoint; use reshard for shards")
     num_classes = full["num_classes"]
@@ -255,7 +301,14 @@ def load_into(loss: ShardedMarginSoftmaxLoss, shard: Checkpoint) -> None:
     """Load a shard into a :class:`ShardedMarginSoftmaxLoss` of the same loss type and
     class range: its tensors, its Partial FC sampler state (same world size) and its
     hyper-parameters as they were saved (a margin a scheduler had moved). A refused
-    shard loads nothing."""
+    shard loads nothing.
+
+    Raises:
+        ValueError: another loss type, class range, embedding size, state (keys, shapes,
+            dtypes), a loss whose tensors are on the meta device, or a checkpoint of
+            another format or missing a field.
+    """
+    _check_checkpoint(shard, "shard")
     if shard["loss_type"] != _type_name(loss.loss_type):
         raise ValueError(
             f"shard is of a {shard['loss_type']}, the loss a {_type_name(loss.loss_type)}"
@@ -289,8 +342,10 @@ def load_into(loss: ShardedMarginSoftmaxLoss, shard: Checkpoint) -> None:
 
 
 def _check_state_fits(loss: ClassWeightLoss, state: Mapping[str, torch.Tensor]) -> None:
-    """``ValueError`` unless ``state`` has the keys and shapes of ``loss.state_dict()``
-    (checked before anything is loaded: ``load_state_dict`` copies entry by entry)."""
+    """``ValueError`` unless ``state`` has the keys, shapes and dtypes of
+    ``loss.state_dict()`` and the loss's tensors hold values (checked before anything is
+    loaded: ``load_state_dict`` copies entry by entry, casting dtypes, and into meta
+    tensors not at all)."""
     mine = loss.state_dict()
     if set(state) != set(mine):
         raise ValueError(
@@ -300,6 +355,18 @@ def _check_state_fits(loss: ClassWeightLoss, state: Mapping[str, torch.Tensor]) 
     if wrong:
         shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(mine[k].shape)}" for k in wrong)
         raise ValueError(f"shard's tensors do not fit the loss: {shown}")
+    cast = [k for k, v in state.items() if v.dtype != mine[k].dtype]
+    if cast:
+        shown = ", ".join(f"{k} {state[k].dtype} vs {mine[k].dtype}" for k in cast)
+        raise ValueError(
+            f"shard's dtypes are not the loss's: {shown} (a load would cast them); build the "
+            "loss in the shard's dtype, e.g. .to(dtype), first"
+        )
+    if any(v.is_meta for v in mine.values()):
+        raise ValueError(
+            "the loss's tensors are on the meta device, where nothing loads: materialize it "
+            "(to_empty(device=...)) first, or rebuild it with to_single_process_loss()"
+        )
 
 
 def _restore_hyperparameters(loss: ClassWeightLoss, saved: Mapping[str, Any]) -> None:
@@ -330,6 +397,7 @@ def to_single_process_loss(
     its float64 scale beside a float32 ``W``): its state dict equals the checkpoint's.
     """
     full = checkpoint if isinstance(checkpoint, Mapping) else merge_shards(checkpoint)
+    _check_checkpoint(full)
     if full["world_size"] != 1:
         full = merge_shards([full])
     loss_type = _load_type(full["loss_type"])
@@ -337,7 +405,14 @@ def to_single_process_loss(
         full["num_classes"], full["embedding_size"], **{**full["loss_kwargs"], **loss_kwargs}
     )
     state = {key: value.clone() for key, value in full["state_dict"].items()}
-    loss.load_state_dict(state, assign=True)  # the checkpoint's tensors, not copies into ours
+    try:
+        loss.load_state_dict(state, assign=True)  # the checkpoint's tensors, not copies
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())
+        raise ValueError(
+            f"the checkpoint's state does not fit the {full['loss_type']} its loss_kwargs "
+            f"build ({reason}); pass the constructor arguments it needs as loss_kwargs"
+        ) from None
     return loss
 
 
@@ -345,8 +420,8 @@ def from_single_process_loss(loss: ClassWeightLoss, **loss_kwargs: Any) -> Check
     """A merged checkpoint of an ordinary loss; split it with :func:`split_checkpoint`.
 
     The loss's hyper-parameters (``hyperparameter_names``) are recorded as they are
-    now; ``loss_kwargs`` add or override constructor arguments (a loss does not keep
-    every argument under its name, e.g. ``SoftmaxLoss``'s ``bias``).
+    now, and ``SoftmaxLoss``'s ``bias``; ``loss_kwargs`` add or override constructor
+    arguments (a loss does not keep every argument under its name).
 
     Raises:
         TypeError: ``loss`` is not a pml_margins class-weight loss (a PML loss: load
@@ -358,10 +433,13 @@ def from_single_process_loss(loss: ClassWeightLoss, **loss_kwargs: Any) -> Check
             f"{type(loss).__module__}.{type(loss).__name__}; build ours and load the state "
             "dict into it first (PML's state dicts load into ours)"
         )
+    recorded = _current_hyperparameters(loss)
+    if isinstance(getattr(loss, "use_bias", None), bool):  # SoftmaxLoss(bias=...): no
+        recorded["bias"] = loss.use_bias  # attribute of that name to record it by
     return {
         "format": FORMAT,
         "loss_type": _type_name(type(loss)),
-        "loss_kwargs": _plain({**_current_hyperparameters(loss), **loss_kwargs}),
+        "loss_kwargs": _plain({**recorded, **loss_kwargs}),
         "num_classes": loss.num_classes,
         "embedding_size": loss.embedding_size,
         "rank": 0,

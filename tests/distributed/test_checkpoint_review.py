@@ -172,3 +172,70 @@ def test_a_shard_of_another_embedding_size_or_hyperparameter_loads_nothing():
     with pytest.raises(ValueError, match="margin"):
         load_into(same, bad)
     assert float(same.loss.t) == 0.0 and same.loss.margin == 0.5
+
+
+def test_a_shard_of_another_dtype_loads_nothing():
+    """load_into cast a bool, complex or float64 W into a float32 loss (review)."""
+    for dtype in (torch.bool, torch.complex64, torch.float64):
+        loss = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=2)
+        shard = _shards(ArcFaceLoss(10, 4, margin=0.1))[0]
+        shard["state_dict"]["W"] = shard["state_dict"]["W"].to(dtype)
+        before = loss.W_local.detach().clone()
+        with pytest.raises(ValueError, match=rf"W {dtype} vs torch.float32"):
+            load_into(loss, shard)
+        assert torch.equal(loss.W_local, before) and loss.loss.margin != 0.1
+
+
+def test_a_meta_loss_is_refused_before_anything_loads():
+    """On the meta device load_state_dict loads nothing (a warning); the hyper-parameters
+    were restored all the same: a half-loaded loss."""
+    with torch.device("meta"):
+        loss = ShardedMarginSoftmaxLoss(CurricularFaceLoss, 10, 4, rank=0, world_size=2)
+    margin = loss.loss.margin
+    with pytest.raises(ValueError, match="meta device, where nothing loads"):
+        load_into(loss, _shards(CurricularFaceLoss(10, 4, margin=0.1))[0])
+    assert loss.loss.margin == margin
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: c.update(format="pml_margins.sharded/2"), r"has format .*sharded/2"),
+        (lambda c: c.pop("format"), r"has format None"),
+        (lambda c: c.pop("loss_kwargs"), r"lacks loss_kwargs"),
+        (lambda c: c.pop("class_range"), r"lacks class_range"),
+    ],
+)
+def test_checkpoints_of_another_format_or_missing_a_field_are_named(edit, match):
+    """Only load_shard checked the format; a missing field was a bare KeyError."""
+    shards = _shards(ArcFaceLoss(10, 4))
+    edit(shards[1])
+    with pytest.raises(ValueError, match=match):
+        merge_shards(shards)
+    loss = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=1, world_size=2)
+    with pytest.raises(ValueError, match=match):
+        load_into(loss, shards[1])
+    full = from_single_process_loss(ArcFaceLoss(10, 4))
+    edit(full)
+    for use in (to_single_process_loss, lambda c: split_checkpoint(c, 2)):
+        with pytest.raises(ValueError, match=match):
+            use(full)
+
+
+def test_a_nan_buffer_is_one_runs():
+    """A diverged run's NaN t made its own shards "of different runs" (NaN != NaN)."""
+    loss = CurricularFaceLoss(7, 4)
+    loss.t.fill_(float("nan"))
+    merged = merge_shards(split_checkpoint(from_single_process_loss(loss), 2))
+    assert merged["state_dict"]["t"].isnan().all()
+
+
+def test_a_bias_free_softmax_round_trips():
+    """SoftmaxLoss(bias=False) was rebuilt with a bias: a raw RuntimeError."""
+    loss = SoftmaxLoss(7, 4, bias=False)
+    again = to_single_process_loss(from_single_process_loss(loss))
+    assert not again.use_bias and torch.equal(again.W, loss.W)
+    full = from_single_process_loss(SoftmaxLoss(7, 4))
+    full["loss_kwargs"]["bias"] = False  # a state the arguments do not build
+    with pytest.raises(ValueError, match=r"does not fit the .*SoftmaxLoss its loss_kwargs"):
+        to_single_process_loss(full)
