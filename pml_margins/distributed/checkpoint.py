@@ -39,6 +39,7 @@ import torch
 from pml_margins.distributed.sharded_loss import ShardedMarginSoftmaxLoss
 from pml_margins.distributed.sharding import shard_ranges
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
+from pml_margins.losses.softmax import SoftmaxLoss
 
 __all__ = [
     "FORMAT",
@@ -181,8 +182,8 @@ def merge_shards(shards: Sequence[Checkpoint]) -> Checkpoint:
     """
     if not shards:
         raise ValueError("no shards given")
-    for shard in shards:
-        _check_checkpoint(shard, "shard")
+    for index, shard in enumerate(shards):
+        _check_checkpoint(shard, f"shard at index {index}")
     first = shards[0]
     world_size = first["world_size"]
     by_rank = {s["rank"]: s for s in shards}
@@ -343,9 +344,10 @@ def load_into(loss: ShardedMarginSoftmaxLoss, shard: Checkpoint) -> None:
 
 def _check_state_fits(loss: ClassWeightLoss, state: Mapping[str, torch.Tensor]) -> None:
     """``ValueError`` unless ``state`` has the keys, shapes and dtypes of
-    ``loss.state_dict()`` and the loss's tensors hold values (checked before anything is
-    loaded: ``load_state_dict`` copies entry by entry, casting dtypes, and into meta
-    tensors not at all)."""
+    ``loss.state_dict()`` (floating for floating: another precision is a resume's choice,
+    a bool or complex ``W`` into a float one is not) and the loss's tensors hold values
+    (checked before anything is loaded: ``load_state_dict`` copies entry by entry,
+    casting dtypes, and into meta tensors not at all)."""
     mine = loss.state_dict()
     if set(state) != set(mine):
         raise ValueError(
@@ -355,18 +357,27 @@ def _check_state_fits(loss: ClassWeightLoss, state: Mapping[str, torch.Tensor]) 
     if wrong:
         shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(mine[k].shape)}" for k in wrong)
         raise ValueError(f"shard's tensors do not fit the loss: {shown}")
-    cast = [k for k, v in state.items() if v.dtype != mine[k].dtype]
-    if cast:
+    cast = [k for k, v in state.items() if _kind(v.dtype) != _kind(mine[k].dtype)]
+    if cast:  # (one float dtype into another is a resume in another precision: allowed)
         shown = ", ".join(f"{k} {state[k].dtype} vs {mine[k].dtype}" for k in cast)
         raise ValueError(
-            f"shard's dtypes are not the loss's: {shown} (a load would cast them); build the "
-            "loss in the shard's dtype, e.g. .to(dtype), first"
+            f"shard's tensors are not of the loss's kind: {shown} (a load would cast them "
+            "into meaningless values): not a checkpoint of this loss"
         )
     if any(v.is_meta for v in mine.values()):
         raise ValueError(
             "the loss's tensors are on the meta device, where nothing loads: materialize it "
             "(to_empty(device=...)) first, or rebuild it with to_single_process_loss()"
         )
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """``"complex"``, ``"float"``, ``"bool"`` or ``"integer"``: what a cast keeps."""
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "float"
+    return "bool" if dtype == torch.bool else "integer"
 
 
 def _restore_hyperparameters(loss: ClassWeightLoss, saved: Mapping[str, Any]) -> None:
@@ -409,9 +420,12 @@ def to_single_process_loss(
         loss.load_state_dict(state, assign=True)  # the checkpoint's tensors, not copies
     except RuntimeError as err:
         reason = " ".join(str(err).split())
+        hint = ""
+        if "Missing key" in reason or "Unexpected key" in reason:
+            hint = "; pass the constructor arguments it needs as loss_kwargs"
         raise ValueError(
-            f"the checkpoint's state does not fit the {full['loss_type']} its loss_kwargs "
-            f"build ({reason}); pass the constructor arguments it needs as loss_kwargs"
+            f"the checkpoint's state cannot be loaded into the {full['loss_type']} its "
+            f"loss_kwargs build ({reason}){hint}"
         ) from None
     return loss
 
@@ -434,8 +448,8 @@ def from_single_process_loss(loss: ClassWeightLoss, **loss_kwargs: Any) -> Check
             "dict into it first (PML's state dicts load into ours)"
         )
     recorded = _current_hyperparameters(loss)
-    if isinstance(getattr(loss, "use_bias", None), bool):  # SoftmaxLoss(bias=...): no
-        recorded["bias"] = loss.use_bias  # attribute of that name to record it by
+    if isinstance(loss, SoftmaxLoss):  # bias=...: no attribute of that name records it
+        recorded["bias"] = loss.use_bias
     return {
         "format": FORMAT,
         "loss_type": _type_name(type(loss)),

@@ -174,9 +174,10 @@ def test_a_shard_of_another_embedding_size_or_hyperparameter_loads_nothing():
     assert float(same.loss.t) == 0.0 and same.loss.margin == 0.5
 
 
-def test_a_shard_of_another_dtype_loads_nothing():
-    """load_into cast a bool, complex or float64 W into a float32 loss (review)."""
-    for dtype in (torch.bool, torch.complex64, torch.float64):
+def test_a_shard_of_another_kind_loads_nothing():
+    """load_into cast a bool or complex W into a float32 loss (review); another float
+    precision (a float32 run resumed in bf16, a float64 shard) is a resume's choice."""
+    for dtype in (torch.bool, torch.complex64, torch.int64):
         loss = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=2)
         shard = _shards(ArcFaceLoss(10, 4, margin=0.1))[0]
         shard["state_dict"]["W"] = shard["state_dict"]["W"].to(dtype)
@@ -184,6 +185,22 @@ def test_a_shard_of_another_dtype_loads_nothing():
         with pytest.raises(ValueError, match=rf"W {dtype} vs torch.float32"):
             load_into(loss, shard)
         assert torch.equal(loss.W_local, before) and loss.loss.margin != 0.1
+    for loss_type in (ArcFaceLoss, AdaCosLoss):
+        shard = _shards(loss_type(10, 4))[1]  # float32 W (and AdaCos's float64 scale)
+        low = ShardedMarginSoftmaxLoss(loss_type, 10, 4, rank=1, world_size=2).bfloat16()
+        load_into(low, shard)
+        assert low.W_local.dtype == torch.bfloat16
+        assert torch.equal(low.W_local, shard["state_dict"]["W"].bfloat16())
+
+
+def test_only_softmax_records_a_bias():
+    """A user's loss with a use_bias flag got bias=... recorded: its constructor refused it."""
+
+    class WithFlag(ArcFaceLoss):
+        use_bias = False
+
+    full = from_single_process_loss(WithFlag(6, 4))
+    assert "bias" not in full["loss_kwargs"]
 
 
 def test_a_meta_loss_is_refused_before_anything_loads():
@@ -237,5 +254,6 @@ def test_a_bias_free_softmax_round_trips():
     assert not again.use_bias and torch.equal(again.W, loss.W)
     full = from_single_process_loss(SoftmaxLoss(7, 4))
     full["loss_kwargs"]["bias"] = False  # a state the arguments do not build
-    with pytest.raises(ValueError, match=r"does not fit the .*SoftmaxLoss its loss_kwargs"):
+    message = r"cannot be loaded into the .*SoftmaxLoss .*Unexpected key.*bias.*loss_kwargs"
+    with pytest.raises(ValueError, match=message):
         to_single_process_loss(full)
