@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pml_margins.distributed.loadable_state import check_loadable
 from pml_margins.distributed.sharded_loss import ShardedMarginSoftmaxLoss
 from pml_margins.distributed.sharding import shard_ranges
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
@@ -357,27 +358,7 @@ def _check_state_fits(loss: ClassWeightLoss, state: Mapping[str, torch.Tensor]) 
     if wrong:
         shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(mine[k].shape)}" for k in wrong)
         raise ValueError(f"shard's tensors do not fit the loss: {shown}")
-    cast = [k for k, v in state.items() if _kind(v.dtype) != _kind(mine[k].dtype)]
-    if cast:  # (one float dtype into another is a resume in another precision: allowed)
-        shown = ", ".join(f"{k} {state[k].dtype} vs {mine[k].dtype}" for k in cast)
-        raise ValueError(
-            f"shard's tensors are not of the loss's kind: {shown} (a load would cast them "
-            "into meaningless values): not a checkpoint of this loss"
-        )
-    if any(v.is_meta for v in mine.values()):
-        raise ValueError(
-            "the loss's tensors are on the meta device, where nothing loads: materialize it "
-            "(to_empty(device=...)) first, or rebuild it with to_single_process_loss()"
-        )
-
-
-def _kind(dtype: torch.dtype) -> str:
-    """``"complex"``, ``"float"``, ``"bool"`` or ``"integer"``: what a cast keeps."""
-    if dtype.is_complex:
-        return "complex"
-    if dtype.is_floating_point:
-        return "float"
-    return "bool" if dtype == torch.bool else "integer"
+    check_loadable(mine, state)
 
 
 def _restore_hyperparameters(loss: ClassWeightLoss, saved: Mapping[str, Any]) -> None:

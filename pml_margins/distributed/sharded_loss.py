@@ -18,6 +18,7 @@ from pml_margins.distributed.collectives import (
     rank_and_world_size,
     settings_code,
 )
+from pml_margins.distributed.loadable_state import check_loadable
 from pml_margins.distributed.local_logits import cosine_logits
 from pml_margins.distributed.partial_fc import sample_local_classes
 from pml_margins.distributed.sharded_margin_softmax import sharded_margin_softmax_cross_entropy
@@ -123,7 +124,9 @@ def _sampler_from_seed_if_absent(
 ) -> None:
     """A state dict saved without the sampler (``_extra_state``, before it was kept there)
     loads as one whose sampler starts from the seed; one saved by a shard of other classes
-    (rank 0's, loaded on every rank) is refused before anything is loaded."""
+    (rank 0's, loaded on every rank), tensors of another kind (a bool ``W``) or a loss on
+    the meta device are refused before anything is loaded, as by
+    :func:`.checkpoint.load_into`."""
     extra = state_dict.setdefault(f"{prefix}_extra_state", {"sampler_state": None})
     shard = extra.get("shard") if isinstance(extra, dict) else None
     mine = module.shard_description()
@@ -133,6 +136,9 @@ def _sampler_from_seed_if_absent(
             f"world_size), this rank's loss {mine}: load each rank's own state dict, or "
             "use pml_margins.distributed.checkpoint (save_shard, reshard, load_into)"
         )
+    own = module.loss.state_dict()
+    inner = f"{prefix}loss."
+    check_loadable(own, {k[len(inner) :]: v for k, v in state_dict.items() if k.startswith(inner)})
 
 
 class ShardedMarginSoftmaxLoss(torch.nn.Module):

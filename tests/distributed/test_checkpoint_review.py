@@ -257,3 +257,22 @@ def test_a_bias_free_softmax_round_trips():
     message = r"cannot be loaded into the .*SoftmaxLoss .*Unexpected key.*bias.*loss_kwargs"
     with pytest.raises(ValueError, match=message):
         to_single_process_loss(full)
+
+
+def test_the_modules_own_load_state_dict_makes_the_same_checks():
+    """ShardedMarginSoftmaxLoss.load_state_dict cast a bool W and 'loaded' into meta
+    tensors, where load_into refused both (review); a bf16 resume loads."""
+    loss = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=2)
+    saved = loss.state_dict()
+    wrong = {**saved, "loss.W": saved["loss.W"].bool()}
+    before = loss.W_local.detach().clone()
+    with pytest.raises(ValueError, match=r"W torch.bool vs torch.float32"):
+        loss.load_state_dict(wrong)
+    assert torch.equal(loss.W_local, before)
+    with torch.device("meta"):
+        meta = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="meta device, where nothing loads"):
+        meta.load_state_dict(saved)
+    low = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=2).bfloat16()
+    low.load_state_dict(saved)
+    assert torch.equal(low.W_local, saved["loss.W"].bfloat16())
