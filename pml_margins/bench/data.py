@@ -390,7 +390,8 @@ class NamedImageErrors(torch.utils.data.Dataset):
         try:
             return self.dataset[index]
         except unreadable_image_errors() as err:
-            raise ValueError(f"cannot read image {self.dataset.paths[index]}: {err}") from None
+            problem = _image_problem(self.dataset.paths[index], err)
+            raise ValueError(f"cannot read image {problem}") from None
 
     def __getattr__(self, name: str) -> Any:
         if name == "dataset":  # not set yet (unpickling): no recursion
@@ -508,12 +509,8 @@ def check_image_headers(paths: Sequence[str], max_listed: int = 3, progress: boo
             with Image.open(path) as image:
                 if not _has_end_marker(path, image.format):
                     image.load()  # cut short: decodable or not
-        except unreadable_image_errors() as err:  # (Pillow's message may quote the path)
-            reason = str(err)
-            for quoted in (f" {path!r}", f" '{path}'", f' "{path}"', str(path)):
-                reason = reason.replace(quoted, "")
-            reason = reason.strip(" :")
-            bad.append(f"{path}: {reason}")
+        except unreadable_image_errors() as err:
+            bad.append(_image_problem(path, err))
     if bad:
         listed = "; ".join(bad[:max_listed]) + ("; ..." if len(bad) > max_listed else "")
         raise ValueError(f"cannot read image {listed} ({len(bad)} of {len(paths)} images)")
@@ -562,4 +559,13 @@ def open_image(path: str) -> Any:
             image.load()
             return image
     except unreadable_image_errors() as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
+        raise ValueError(f"cannot read image {_image_problem(path, err)}") from None
+
+
+def _image_problem(path: str, err: BaseException) -> str:
+    """``"<path>: <Pillow's reason>"``, the path shown once (Pillow's message may quote
+    it, as its repr or in quotes)."""
+    reason = str(err)
+    for quoted in (f" {path!r}", f" '{path}'", f' "{path}"', str(path)):
+        reason = reason.replace(quoted, "")
+    return f"{path}: {reason.strip(' :')}"

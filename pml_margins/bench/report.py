@@ -55,6 +55,11 @@ def _count(value: float | None) -> str:
     return f"{value:,.0f}"
 
 
+def _seed_count(results: dict[str, Any]) -> int:
+    """The most seeds any loss of ``results`` ran (0 when none says)."""
+    return max((len(e.get("seeds", [])) for e in results["losses"]), default=0)
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """One row per loss: Recall@K, P@1, R-Precision, MAP@R (percent), train time (s), img/s.
 
@@ -85,7 +90,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             _count(entry.get("images_per_second")),
         ]
         lines.append("| " + " | ".join(row) + " |")
-    seeds = max((len(e.get("seeds", [])) for e in results["losses"]), default=0)
+    seeds = _seed_count(results)
     spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
     lines += [
         "",
@@ -154,7 +159,7 @@ def plot_recall(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K (%)")
     title = f"Retrieval on held-out classes: {results['dataset']}"
-    seeds = max((len(e.get("seeds", [])) for e in results["losses"]), default=0)
+    seeds = _seed_count(results)
     if seeds > 1:
         title += f" (mean ± std, {seeds} seeds)"
     ax.set_title(title, fontsize=10)

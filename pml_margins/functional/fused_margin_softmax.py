@@ -92,7 +92,6 @@ dtype of ``W`` never changes.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -134,6 +133,7 @@ from pml_margins.validation import (
     check_function_inputs,
     check_generator,
     check_labels,
+    check_real,
     check_sample_rate,
     check_size,
     check_tensor,
@@ -869,13 +869,7 @@ def _slope_of(slope: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
     ``ValueError``. Tensors' values are not read (no host synchronization)."""
     name = "non_target_logit_fn's slope"
     if isinstance(slope, numbers.Real) and not isinstance(slope, (bool, np.bool_)):
-        try:
-            value = float(slope)
-        except OverflowError:  # an int beyond float's range
-            value = math.inf
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {slope!r}")
-        return torch.tensor(value, dtype=z.dtype, device=z.device)
+        return torch.tensor(check_real(slope, name), dtype=z.dtype, device=z.device)
     if isinstance(slope, torch.Tensor):
         devices = (z.device, torch.device("cpu")) if slope.ndim == 0 else (z.device,)
         if slope.is_complex() or slope.dtype == torch.bool or slope.device not in devices:
