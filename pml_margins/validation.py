@@ -259,11 +259,12 @@ FLOAT_DTYPE_NAMES = "torch.float16, torch.bfloat16, torch.float32 or torch.float
 
 
 def check_tensor(value: object, name: str) -> torch.Tensor:
-    """``value`` if it is a dense tensor: what every check here reads.
+    """``value`` if it is a dense tensor with values: what every check here reads.
 
     Raises:
         TypeError: not a ``torch.Tensor``, or a sparse, nested or quantized one (their
             values and shapes are not read as a dense tensor's).
+        ValueError: a tensor on the meta device (shapes only, no values).
     """
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -274,6 +275,17 @@ def check_tensor(value: object, name: str) -> torch.Tensor:
     if value.layout != torch.strided:
         raise TypeError(
             f"{name} must be a dense tensor, got layout {value.layout}; pass x.to_dense()"
+        )
+    return check_not_meta(value, name)
+
+
+def check_not_meta(value: torch.Tensor, name: str) -> torch.Tensor:
+    """``value`` unless it is on the meta device (shapes only: a product with a CPU tensor
+    gives uninitialized numbers), where ``ValueError`` names it."""
+    if value.is_meta:
+        raise ValueError(
+            f"{name}: a tensor on the meta device, which holds no values to compute with; "
+            "materialize it first (to_empty(device=...), then initialize or load a state dict)"
         )
     return value
 
@@ -299,8 +311,9 @@ def check_embeddings(
 
     Raises:
         TypeError: not a tensor, or not a floating dtype.
-        ValueError: not 2-D, empty, wrong width, containing NaN/Inf, or a row whose
-            squared norm overflows ``compute_dtype``.
+        ValueError: not 2-D, empty (no rows or no columns), wrong width, on the meta
+            device, containing NaN/Inf, or a row whose squared norm overflows
+            ``compute_dtype``.
     """
     check_tensor(embeddings, name)
     if embeddings.dtype not in FLOAT_DTYPES:
@@ -314,6 +327,8 @@ def check_embeddings(
         )
     if embeddings.shape[0] == 0:
         raise ValueError(f"{name} is empty: the batch has no rows")
+    if embeddings.shape[1] == 0:
+        raise ValueError(f"{name} has width 0: a row needs at least one coordinate")
     if width is not None and embeddings.shape[1] != width:
         raise ValueError(f"{name} has width {embeddings.shape[1]} but {width_name} is {width}")
     # A finite sum of squares implies finite elements (NaN/Inf propagate) and rows whose

@@ -38,6 +38,7 @@ from pml_margins.functional.margin_softmax import (
 )
 from pml_margins.functional.target_logits import (
     TargetWithSlope,
+    angle_cosine,
     arcface_target,
     arcface_value_and_slope,
     combined_margin_target,
@@ -58,6 +59,7 @@ __all__ = [
     "ScaleFromCosines",
     "TargetLogitFn",
     "TargetWithSlope",
+    "angle_cosine",
     "arcface_target",
     "arcface_value_and_slope",
     "auto_chunk_size",

@@ -320,7 +320,8 @@ def circle_loss_dense_negatives(
         sim: ``(B, R)`` cosine similarities.
         neg_mask: ``(B, R)`` bool, the negative pairs.
         pos_keys: 1-D flat indices ``a * R + r`` of the positive pairs (deduplicated,
-            disjoint from ``neg_mask``).
+            disjoint from ``neg_mask``: ``ValueError`` otherwise, while the value checks
+            are on).
         m: relaxation margin, in [0, 0.5].
         gamma: scale, > 0.
 
@@ -344,6 +345,8 @@ def circle_loss_dense_negatives(
             shared = values_under_transforms(flat_mask[pos_keys.long()])  # every vmap lane
             if bool(shared.any()):
                 raise ValueError("pos_keys and neg_mask share pairs: a pair is one or the other")
+            if len(torch.unique(pos_keys)) != len(pos_keys):  # each would count once more
+                raise ValueError("pos_keys has duplicates: list each positive pair once")
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(compute_dtype(sim.dtype)).contiguous()
         if sim.shape[1] == 0:  # no reference: no pairs, 0 per row

@@ -32,6 +32,7 @@ from pml_margins.validation import (
 
 __all__ = [
     "TargetWithSlope",
+    "angle_cosine",
     "arcface_target",
     "arcface_value_and_slope",
     "combined_margin_target",
@@ -65,6 +66,23 @@ def safe_sine(cosine: torch.Tensor) -> torch.Tensor:
     return torch.where(flat, sine, torch.where(flat, 1.0, square).sqrt())
 
 
+def angle_cosine(cosine: torch.Tensor) -> torch.Tensor:
+    r"""``cosine`` clamped to :math:`[-1, 1]`, the cosines of angles in :math:`[0, \pi]`.
+
+    What every angle-based target (ArcFace, SphereFace, the combined margin, ...) is
+    evaluated at: a distance that is not the L2 cosine (PML's ``CosineSimilarity(p=3)``,
+    say) can give values beyond, where :math:`\theta` does not exist; they take the
+    nearest angle, 0 or :math:`\pi`, as PML's ``get_angles`` does, and no gradient.
+    """
+    return cosine.clamp(-1.0, 1.0)
+
+
+def _outside_slope(slope: torch.Tensor, cosine: torch.Tensor) -> torch.Tensor:
+    """``slope`` with 0 where ``cosine`` is outside ``[-1, 1]`` (:func:`angle_cosine`'s
+    derivative there), in place."""
+    return slope.masked_fill_(cosine.abs() > 1, 0.0)
+
+
 def cosface_target(cosine: torch.Tensor, margin: float) -> torch.Tensor:
     r"""CosFace / LMCL (Wang et al., 2018): :math:`\cos\theta_y - m`."""
     return cosine - check_number_or_tensor(margin, check_logit_offset, "margin")
@@ -95,6 +113,7 @@ def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = Fals
     margin = check_number_or_tensor(margin, check_angle_margin, "margin")
     easy_margin = easy_margin if caller_checked() else check_bool(easy_margin, "easy_margin")
     cos_m, sin_m, threshold = _cos_sin(margin)
+    cosine = angle_cosine(cosine)
     with_margin = cosine * cos_m - safe_sine(cosine) * sin_m
     if easy_margin:
         return torch.where(cosine > 0, with_margin, cosine)
@@ -116,6 +135,7 @@ def arcface_value_and_slope(
     margin = check_number_or_tensor(margin, check_angle_margin, "margin")
     easy_margin = easy_margin if caller_checked() else check_bool(easy_margin, "easy_margin")
     cos_m, sin_m, threshold = _cos_sin(margin)
+    given, cosine = cosine, angle_cosine(cosine)
     sine = ((1 - cosine) * (1 + cosine)).clamp_min_(0).sqrt_()
     value = cosine * cos_m - sine * sin_m
     ratio = torch.div(cosine, sine).masked_fill_(sine <= _SINE_MIN, 0)  # (+-inf where sine is 0)
@@ -125,9 +145,12 @@ def arcface_value_and_slope(
         slope = ratio.mul_(sin_m).add_(cos_m)
     if easy_margin:
         above = cosine > 0
-        return torch.where(above, value, cosine), torch.where(above, slope, 1.0)
+        return torch.where(above, value, cosine), _outside_slope(
+            torch.where(above, slope, 1.0), given
+        )
     above = cosine > threshold
-    return torch.where(above, value, cosine - margin * sin_m), torch.where(above, slope, 1.0)
+    value = torch.where(above, value, cosine - margin * sin_m)
+    return value, _outside_slope(torch.where(above, slope, 1.0), given)
 
 
 def _cos_sin(margin: float | torch.Tensor) -> tuple[Any, Any, Any]:
@@ -215,6 +238,7 @@ def sphereface_psi(cosine: torch.Tensor, margin: int) -> torch.Tensor:
     ``margin`` must be an integer in ``[1, 100]`` (``ValueError`` otherwise).
     """
     margin = check_integer_margin(margin, "margin")
+    cosine = angle_cosine(cosine)
     k = _angle_region(cosine, float(margin), 0.0).clamp(max=margin - 1)
     return _monotone_extension(cos_multiple_angle(cosine, margin), k)[0]
 
@@ -227,6 +251,7 @@ def sphereface_value_and_slope(
     :math:`T_{k+1} = 2xT_k - T_{k-1}`, :math:`U_{k} = 2xU_{k-1} - U_{k-2}`,
     :math:`U_{-1} = 0`, :math:`U_0 = 1`)."""
     m = check_integer_margin(margin, "margin")
+    given, cosine = cosine, angle_cosine(cosine)
     k = _angle_region(cosine, float(m), 0.0).clamp_(max=m - 1)
     # T and U side by side, one recurrence (a step costs its op launches, not its B values)
     # (no host-made constant: on an accelerator its copy would synchronize the stream)
@@ -238,7 +263,7 @@ def sphereface_value_and_slope(
         prev, curr = curr, torch.mul(two_x, curr).sub_(prev)
     t_m, u_m1 = curr
     value, sign = _monotone_extension(t_m, k)
-    return value, torch.mul(u_m1, sign).mul_(m)
+    return value, _outside_slope(torch.mul(u_m1, sign).mul_(m), given)
 
 
 def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
@@ -277,6 +302,7 @@ def _combined_general(cosine: torch.Tensor, m1: Any, m2: Any, m3: Any) -> torch.
     r"""The A-Softmax extension :math:`(-1)^k\cos(m_1\theta + m_2) - 2k - m_3` (see
     :func:`combined_margin_target`); through :math:`\arccos` for a tensor ``m1``."""
     cos_m2, sin_m2, _ = _cos_sin(m2)
+    cosine = angle_cosine(cosine)
     if isinstance(m1, torch.Tensor):
         eps = torch.finfo(cosine.dtype).eps
         angle = m1 * torch.acos(torch.clamp(cosine, -1 + eps, 1 - eps))

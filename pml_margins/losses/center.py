@@ -24,6 +24,7 @@ from pml_margins.validation import (
     check_choice,
     check_class_loss_input,
     check_count,
+    check_not_meta,
     check_unit_interval,
 )
 
@@ -137,6 +138,7 @@ class CenterLoss(
         ref_labels: torch.Tensor | None,
     ) -> None:
         """Embeddings of width ``embedding_size``, labels in ``[0, C)``, no ``ref_emb``."""
+        check_not_meta(self.centers, "CenterLoss's centers")
         check_class_loss_input(
             "CenterLoss",
             "its centers",

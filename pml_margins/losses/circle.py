@@ -10,7 +10,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.reducers import AvgNonZeroReducer
 
 from pml_margins.function_transforms import in_function_transform
-from pml_margins.functional.autograd_only import autograd_only_enabled
+from pml_margins.functional.autograd_only import plain_autograd_needed
 from pml_margins.functional.circle import (
     circle_loss_dense,
     circle_loss_dense_negatives,
@@ -214,7 +214,7 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
             num_pos = int(pos_mask.sum())
             num_neg = batch * ref_size - num_pos
         path = (
-            "pairs" if autograd_only_enabled() else _choose_path(num_pos, num_neg, batch * ref_size)
+            "pairs" if plain_autograd_needed() else _choose_path(num_pos, num_neg, batch * ref_size)
         )
         if path == "dense":
             losses = circle_loss_dense(sim, pos_mask, neg_mask, self.m, self.gamma)

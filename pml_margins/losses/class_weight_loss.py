@@ -47,6 +47,7 @@ from pml_margins.validation import (
     check_class_loss_input,
     check_count,
     check_embeddings,
+    check_not_meta,
     check_sample_rate,
     usual_cpu_batch_passes,
 )
@@ -393,7 +394,9 @@ class ClassWeightLoss(
         return self.distance(embeddings.to(weights.dtype), weights.t())
 
     def _checked_compute_dtype(self, embeddings: object) -> torch.dtype | None:
-        """:meth:`compute_dtype` for the norm check, ``None`` for input the checks refuse."""
+        """:meth:`compute_dtype` for the norm check, ``None`` for input the checks refuse;
+        first (every entry point calls it) ``ValueError`` for a ``W`` without values."""
+        check_not_meta(self.W, f"{type(self).__name__}'s class weights W")
         if isinstance(embeddings, torch.Tensor) and embeddings.dtype in FLOAT_DTYPES:
             return self.compute_dtype(embeddings)
         return None

@@ -12,7 +12,7 @@ import torch
 
 from pml_margins.functional.autograd_only import refuse_update_in_function_transform
 from pml_margins.functional.margin_softmax import TargetLogitFn
-from pml_margins.functional.target_logits import arcface_target, safe_sine
+from pml_margins.functional.target_logits import angle_cosine, arcface_target, safe_sine
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.losses.step_statistics import StepStatistics
@@ -39,7 +39,7 @@ def curricular_hard_bound(target_cosine: torch.Tensor, margin: float) -> torch.T
     The paper's code compares with :math:`\cos\theta_y\cos m - \sin\theta_y\sin m` even
     where :math:`\theta_y + m > \pi` (where the target logit takes ArcFace's fallback).
     """
-    c = target_cosine.detach()
+    c = angle_cosine(target_cosine.detach())
     return c * math.cos(margin) - safe_sine(c) * math.sin(margin)
 
 

@@ -12,6 +12,7 @@ from pml_margins.function_transforms import values_under_transforms
 from pml_margins.functional.margin_softmax import TargetLogitFn
 from pml_margins.functional.target_logits import (
     TargetWithSlope,
+    angle_cosine,
     arcface_target,
     arcface_value_and_slope,
     cosface_target,
@@ -49,6 +50,7 @@ def elastic_arc_target(cosine: torch.Tensor, margins: torch.Tensor) -> torch.Ten
     """
     margins = margins.to(cosine.dtype)
     cos_m, sin_m = torch.cos(margins), torch.sin(margins)
+    cosine = angle_cosine(cosine)
     with_margin = cosine * cos_m - safe_sine(cosine) * sin_m
     # theta + m <= pi (the test on cosines holds for m in [0, pi]), or a margin outside it
     outside = (margins < 0) | (margins > math.pi)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from pml_margins.functional.margin_softmax import TargetLogitFn
-from pml_margins.functional.target_logits import safe_sine
+from pml_margins.functional.target_logits import angle_cosine, safe_sine
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.elasticface import elastic_arc_target
 from pml_margins.losses.hyperparameter import Hyperparameter
@@ -60,7 +60,7 @@ def magface_target(
     """
     if not easy_margin:
         return elastic_arc_target(cosine, margins)
-    margins = margins.to(cosine.dtype)
+    margins, cosine = margins.to(cosine.dtype), angle_cosine(cosine)
     with_margin = cosine * torch.cos(margins) - safe_sine(cosine) * torch.sin(margins)
     return torch.where(cosine > 0, with_margin, cosine)
 
