@@ -19,6 +19,7 @@ import torch
 
 from pml_margins.adapters._extras import require
 from pml_margins.adapters.retrieval import retrieval_calculator
+from pml_margins.evaluation.inputs import check_int
 from pml_margins.validation import check_non_negative, check_positive
 
 pl = require("lightning.pytorch", extra="lightning")
@@ -204,8 +205,11 @@ class RetrievalMetricsCallback(pl.Callback):
     Args:
         recall_ks, include, k: passed to :func:`~pml_margins.adapters.retrieval_calculator`.
         accuracy_calculator: use this PML ``AccuracyCalculator`` instead.
-        prefix: prepended to every logged name, e.g. ``"val/"``.
-        dataloader_idx: which validation dataloader to evaluate.
+        prefix: prepended to every logged name, e.g. ``"val/"``. Two callbacks of a
+            trainer (one per validation dataloader) need different prefixes: Lightning
+            would average values logged under one name (``ValueError`` at setup).
+        dataloader_idx: which validation dataloader to evaluate (``ValueError`` at the
+            first validation epoch when there is no such dataloader).
     """
 
     def __init__(
@@ -218,13 +222,27 @@ class RetrievalMetricsCallback(pl.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         super().__init__()
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        self.prefix, self.dataloader_idx = prefix, check_int(dataloader_idx, "dataloader_idx", 0)
         if accuracy_calculator is None:
             accuracy_calculator = retrieval_calculator(recall_ks=recall_ks, include=include, k=k)
         self.calculator = accuracy_calculator
-        self.prefix, self.dataloader_idx = prefix, dataloader_idx
         self.metrics: dict[str, float] = {}
         self._embeddings: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """``ValueError`` when another callback of this trainer logs under the same names."""
+        for other in trainer.callbacks:
+            if other is not self and isinstance(other, RetrievalMetricsCallback):
+                if other.prefix == self.prefix:
+                    raise ValueError(
+                        "two RetrievalMetricsCallbacks log the same names (prefix "
+                        f"{self.prefix!r}; dataloader_idx {other.dataloader_idx} and "
+                        f"{self.dataloader_idx}): Lightning would log their mean; give "
+                        "each its own prefix"
+                    )
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._embeddings, self._labels = [], []
@@ -249,7 +267,15 @@ class RetrievalMetricsCallback(pl.Callback):
         self._labels.append(_one_column(labels.detach()))
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking or not self._embeddings:
+        if trainer.sanity_checking:
+            return
+        loaders = len(trainer.num_val_batches)
+        if self.dataloader_idx >= loaders:
+            raise ValueError(
+                f"RetrievalMetricsCallback(dataloader_idx={self.dataloader_idx}) but the "
+                f"validation has {loaders} dataloader(s): nothing to evaluate"
+            )
+        if not self._embeddings:  # (no batches: limit_val_batches=0, say)
             return
         embeddings, labels = torch.cat(self._embeddings), torch.cat(self._labels)
         self._embeddings, self._labels = [], []

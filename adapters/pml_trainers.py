@@ -36,7 +36,8 @@ from pml_margins.validation import check_positive
 __all__ = [
     "LOSS_KEYS",
     "MODEL_KEYS",
-    "NUMBERED_KEY",
+    "NUMBERED_LOSS_KEY",
+    "NUMBERED_MODEL_KEY",
     "SCHEDULER_STEPS",
     "TrainerOptimizers",
     "retrieval_tester",
@@ -45,13 +46,17 @@ __all__ = [
 
 #: keys PML's trainers accept in ``models`` (``classifier`` in ``TrainWithClassifier``;
 #: ``generator`` in ``DeepAdversarialMetricLearning``; ``classifier_<i>`` in
-#: ``CascadedEmbeddings``, matched by :data:`NUMBERED_KEY`)
+#: ``CascadedEmbeddings``, matched by :data:`NUMBERED_MODEL_KEY`)
 MODEL_KEYS: tuple[str, ...] = ("trunk", "embedder", "classifier", "generator")
 #: keys PML's trainers accept in ``loss_funcs`` (``synth_loss``, ``g_adv_loss``: the
-#: adversarial trainer; ``metric_loss_<i>``, ``classifier_loss_<i>``: the cascaded one)
+#: adversarial trainer; ``metric_loss_<i>``, ``classifier_loss_<i>``: the cascaded one,
+#: matched by :data:`NUMBERED_LOSS_KEY`)
 LOSS_KEYS: tuple[str, ...] = ("metric_loss", "classifier_loss", "synth_loss", "g_adv_loss")
-#: ``CascadedEmbeddings``' numbered keys: ``classifier_0``, ``metric_loss_1``, ...
-NUMBERED_KEY = re.compile(r"(classifier|metric_loss|classifier_loss)_[0-9]+")
+#: ``CascadedEmbeddings``' numbered keys in ``models``: ``classifier_0``, ...
+NUMBERED_MODEL_KEY = re.compile(r"classifier_[0-9]+")
+#: ``CascadedEmbeddings``' numbered keys in ``loss_funcs``: ``metric_loss_1``,
+#: ``classifier_loss_1``, ...
+NUMBERED_LOSS_KEY = re.compile(r"(metric_loss|classifier_loss)_[0-9]+")
 #: when PML steps a scheduler: key suffix ``_scheduler_by_<step>``
 SCHEDULER_STEPS: tuple[str, ...] = ("iteration", "epoch", "plateau")
 
@@ -70,12 +75,15 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _check_keys(given: Iterable[str], allowed: Sequence[str], what: str) -> None:
-    unknown = sorted(k for k in set(given) - set(allowed) if not NUMBERED_KEY.fullmatch(k))
+def _check_keys(
+    given: Iterable[str], allowed: Sequence[str], numbered: re.Pattern[str], what: str
+) -> None:
+    unknown = sorted(k for k in set(given) - set(allowed) if not numbered.fullmatch(k))
     if unknown:
+        example = "classifier_0" if numbered is NUMBERED_MODEL_KEY else "metric_loss_0"
         raise ValueError(
             f"{what} keys must be among {list(allowed)} or CascadedEmbeddings' numbered "
-            f"ones (e.g. metric_loss_0; PML's trainers look them up by name), got {unknown}"
+            f"ones (e.g. {example}; PML's trainers look them up by name), got {unknown}"
         )
 
 
@@ -116,8 +124,8 @@ def trainer_optimizers(
         ValueError: a key PML does not know, no ``trunk``, a non-positive learning
             rate, or an unknown ``scheduler_step``.
     """
-    _check_keys(models, MODEL_KEYS, "models")
-    _check_keys(loss_funcs, LOSS_KEYS, "loss_funcs")
+    _check_keys(models, MODEL_KEYS, NUMBERED_MODEL_KEY, "models")
+    _check_keys(loss_funcs, LOSS_KEYS, NUMBERED_LOSS_KEY, "loss_funcs")
     if "trunk" not in models:
         raise ValueError("models must contain a 'trunk' (PML's trainers require it)")
     if scheduler_step not in SCHEDULER_STEPS:

@@ -8,6 +8,7 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 
 from pml_margins.evaluation import RetrievalAccuracyCalculator
+from pml_margins.evaluation.calculator import check_recall_ks
 
 __all__ = ["DEFAULT_METRICS", "retrieval_calculator"]
 
@@ -35,8 +36,9 @@ def retrieval_calculator(
         A :class:`pml_margins.evaluation.RetrievalAccuracyCalculator` (a PML
         ``AccuracyCalculator``, accepted by PML's testers and hooks).
     """
+    recall_ks = check_recall_ks(recall_ks)
     if include is None:
-        include = (*(f"recall_at_{kk}" for kk in sorted(set(recall_ks))), *DEFAULT_METRICS)
+        include = (*(f"recall_at_{kk}" for kk in recall_ks), *DEFAULT_METRICS)
     return RetrievalAccuracyCalculator(
         include=tuple(include),
         k=k,

@@ -91,7 +91,14 @@ class MetricLoss(torch.nn.Module):
         """The loss of already computed embeddings (sentence-transformers' loss protocol)."""
         if labels is None:
             raise ValueError(f"{type(self).__name__} needs a 'label' column of integer classes")
-        emb, labels = embeddings[0], labels.reshape(-1)
+        emb = embeddings[0]
+        if isinstance(labels, torch.Tensor) and labels.ndim == 2:
+            if labels.shape[1] != 1:  # (the miner, run first, would not name the shape)
+                raise ValueError(
+                    "labels must be (B,) or a (B, 1) column of integer classes, got shape "
+                    f"{tuple(labels.shape)}"
+                )
+            labels = labels.reshape(-1)
         # the trainer switches the model only: the loss's state (CurricularFace's t, AdaFace's
         # statistics, Center's centres) must not move on evaluation batches
         training = bool(getattr(self.model, "training", True))

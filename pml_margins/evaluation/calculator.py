@@ -39,6 +39,7 @@ from pml_margins.evaluation.label_matching import compared, custom_relevance, la
 
 __all__ = [
     "RetrievalAccuracyCalculator",
+    "check_recall_ks",
     "common_float",
     "describe_distance",
     "resolve_distance",
@@ -258,12 +259,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 "label_comparison_fn must be callable (a, b) -> booleans, "
                 f"got {type(label_comparison_fn).__name__}"
             )
-        ks = _positive_ints(recall_ks)
-        if ks is None:
-            raise ValueError(
-                f"recall_ks must be a sequence of positive integers, got {recall_ks!r}"
-            )
-        self.recall_ks = tuple(sorted(set(ks)))
+        self.recall_ks = check_recall_ks(recall_ks)
         # found by PML's calculate_<name> discovery in __init__; a subclass's own
         # calculate_recall_at_K stays (a metric of its own, by PML's k rule)
         self._own_recall_ks = tuple(
@@ -593,6 +589,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     def _knn(
         self, query: torch.Tensor, reference: torch.Tensor, k: int, ref_includes_query: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.knn_func is not None and k == 0:  # no neighbour wanted: no search (an
+            empty = torch.empty(len(query), 0, device=query.device)  # HNSW index refuses k=0)
+            return empty, empty.long()
         if self.knn_func is not None:  # PML casts every input to float32
             query32 = _float32_for_knn_func(query, "query")
             reference = query32 if reference is query else _float32_for_knn_func(reference)
@@ -766,7 +765,8 @@ def _kmeans_input(query: torch.Tensor, query32: torch.Tensor) -> torch.Tensor:
     by the width)."""
     if query.shape[1] == 0:
         return query32.new_zeros(len(query32), 1)
-    largest = float(query.abs().max())
+    # integers through their float32 copy: abs(-2^63) overflows int64, uint32 has no abs
+    largest = float((query if query.is_floating_point() else query32).abs().max())
     if largest == 0 or KMEANS_RANGE[0] <= largest <= KMEANS_RANGE[1]:
         return query32
     exponent = math.frexp(largest)[1]
@@ -820,13 +820,15 @@ def common_float(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return a.to(dtype), b.to(dtype)
 
 
-def _positive_ints(values: object) -> list[int] | None:
-    """A sequence or 1-D array of positive integers (Python or numpy) as ints, else None."""
+def check_recall_ks(values: object) -> tuple[int, ...]:
+    """The cut-offs ``K`` of Recall@K, sorted and without repeats, from a sequence or 1-D
+    array of positive integers (Python or numpy); else ``ValueError``."""
+    error = ValueError(f"recall_ks must be a sequence of positive integers, got {values!r}")
     if isinstance(values, (str, bytes)) or not (
         isinstance(values, Sequence) or (isinstance(values, np.ndarray) and values.ndim == 1)
     ):
-        return None
+        raise error
     try:
-        return [check_int(v, "recall_ks") for v in values]
+        return tuple(sorted({check_int(v, "recall_ks") for v in values}))
     except ValueError:
-        return None
+        raise error from None

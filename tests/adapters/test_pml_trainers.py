@@ -266,6 +266,19 @@ def test_keys_of_pmls_other_trainers_are_accepted() -> None:
         trainer_optimizers({"trunk": torch.nn.Linear(4, 4)}, {"metric_loss_x": ArcFaceLoss(3, 4)})
 
 
+def test_numbered_keys_belong_to_their_own_dict() -> None:
+    """A loss's numbered key in models (or a model's in loss_funcs) was accepted, and PML's
+    trainer then stopped on its AssertionError."""
+    from pml_margins.losses import ArcFaceLoss
+
+    trunk = torch.nn.Linear(4, 4)
+    for key in ("metric_loss_0", "classifier_loss_1"):
+        with pytest.raises(ValueError, match=r"models keys.*e\.g\. classifier_0"):
+            trainer_optimizers({"trunk": trunk, key: torch.nn.Linear(4, 4)}, {})
+    with pytest.raises(ValueError, match=r"loss_funcs keys.*e\.g\. metric_loss_0"):
+        trainer_optimizers({"trunk": trunk}, {"classifier_2": ArcFaceLoss(3, 4)})
+
+
 def test_import_star_imports_no_framework() -> None:
     """``import *`` takes the names of the adapters that need no extra (it imported
     Lightning and sentence-transformers, and failed where one was missing)."""

@@ -164,6 +164,9 @@ def test_loss_protocol_miner_and_errors() -> None:
         loss(features * 2, labels)
     with pytest.raises(ValueError, match="'label' column"):
         loss(features, None)
+    # (B, L) labels: refused as they are (they were flattened: "length 12 but 6 embeddings")
+    with pytest.raises(ValueError, match=r"\(B, 1\) column.*\(9, 2\)"):
+        loss(features, torch.tensor([[0, 1]] * 9))
 
 
 def test_circle_with_a_miner() -> None:

@@ -252,3 +252,54 @@ def test_relevant_counts_never_go_below_zero():
 
     count, relevant = relevant_counts(torch.tensor([5, 8]), torch.tensor([5, 5, 7]), True)
     assert count.tolist() == [2, 0] and relevant.tolist() == [1, 0]
+
+
+def test_int64_minimum_embeddings_get_their_clustering_metrics():
+    """abs(-2^63) overflows int64 back to -2^63: the range check read 3 and handed faiss
+    the unscaled values, whose k-means aborted the process (so: in a subprocess)."""
+    script = (
+        "import torch\n"
+        "from pml_margins.evaluation import RetrievalAccuracyCalculator as C\n"
+        "x = torch.zeros(40, 8, dtype=torch.int64); x[::2] = -2**63; x[1::4, 1] = 3\n"
+        "y = torch.arange(40) % 2\n"
+        "print(C(include=('NMI', 'AMI')).get_accuracy(x, y))\n"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip() == "{'AMI': 1.0, 'NMI': 1.0}"
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_wide_unsigned_embeddings_get_every_default_metric(dtype, tmp_path):
+    """torch has no abs for uint16/32/64: the default metrics (NMI/AMI) raised
+    NotImplementedError, and the CLI printed a traceback."""
+    x = torch.arange(40).reshape(10, 4).to(dtype)
+    y = torch.arange(10) // 2
+    ours = RetrievalAccuracyCalculator().get_accuracy(x, y)
+    torch.manual_seed(0)
+    pml = AccuracyCalculator().get_accuracy(x.float(), y)
+    assert {k: ours[k] for k in pml} == pytest.approx(pml)
+    if dtype == torch.uint16:
+        np.save(tmp_path / "e.npy", x.numpy())
+        np.save(tmp_path / "l.npy", y.numpy())
+        args = ["eval", "--embeddings", str(tmp_path / "e.npy"), "--labels"]
+        assert main([*args, str(tmp_path / "l.npy")]) == 0
+
+
+def test_a_users_knn_is_not_asked_for_zero_neighbours():
+    """num_excluded_queries alone needs no search, but a user's knn_func was called with
+    k=0, which faiss's HNSW index refuses."""
+    import faiss
+    from pytorch_metric_learning.utils.inference import FaissKNN
+
+    q, ql = _data(20, 3, 4, seed=1)
+    r, rl = _data(25, 3, 4, seed=2)
+    knn = FaissKNN(index_init_fn=lambda d: faiss.IndexHNSWFlat(d, 8))
+    for include in [("num_excluded_queries",), ("num_excluded_queries", "NMI")]:
+        result = RetrievalAccuracyCalculator(include=include, knn_func=knn).get_accuracy(
+            q, ql, r, rl
+        )
+        assert result["num_excluded_queries"] == 0
