@@ -31,7 +31,7 @@ from pml_margins.distributed.collectives import (
     settings_code,
 )
 from pml_margins.evaluation import RetrievalAccuracyCalculator
-from pml_margins.evaluation.calculator import common_float, describe_distance
+from pml_margins.evaluation.calculator import check_metric_names, common_float, describe_distance
 from pml_margins.evaluation.inputs import as_embeddings, check_knn
 from pml_margins.evaluation.knn import (
     Backend,
@@ -239,6 +239,7 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             """(query, query_labels, shard, shard_labels), checked, on the compute device;
             query and its labels are None when the set is evaluated against itself (the
             whole set is then gathered from the shards)."""
+            check_metric_names(include, exclude)
             if reference is None:  # PML then ignores reference_labels: the query's own
                 shard, device = self._checked_query(query)
                 labels = self.checked_labels(query_labels, len(shard), "query_labels")

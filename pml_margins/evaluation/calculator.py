@@ -39,6 +39,7 @@ from pml_margins.evaluation.label_matching import compared, custom_relevance, la
 
 __all__ = [
     "RetrievalAccuracyCalculator",
+    "check_metric_names",
     "check_recall_ks",
     "common_float",
     "describe_distance",
@@ -269,9 +270,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             setattr(self, f"calculate_recall_at_{kk}", functools.partial(self._recall, kk))
         if isinstance(k, (bool, np.bool_)):
             raise TypeError(f"k must be a positive int, None or 'max_bin_count', got {k!r}")
-        for name, names in (("include", include), ("exclude", exclude)):
-            if not isinstance(names, (tuple, list)):  # PML's rule: a str would split
-                raise TypeError(f"{name} must be a tuple or list, got {type(names).__name__}")
+        check_metric_names(include, exclude)
         block_rows = None if block_rows is None else check_int(block_rows, "block_rows")
         num_threads = None if num_threads is None else check_num_threads(num_threads)
         if distance is not None and knn_func is not None:
@@ -355,12 +354,13 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
 
         Raises:
             TypeError: embeddings neither floating nor integer, labels not
-                integer-valued.
+                integer-valued, ``include``/``exclude`` not a tuple or list.
             ValueError: empty sets, NaN/Inf, mismatched lengths or widths, or
                 ``ref_includes_query`` with a reference that does not start with
                 the query.
         """
         ref_includes_query = bool(ref_includes_query)  # PML reads its truth value
+        check_metric_names(include, exclude)
         ignored = None
         if reference is None:  # PML then ignores reference_labels: the query's own, or an error
             if reference_labels is not None and reference_labels is not query_labels:
@@ -751,6 +751,14 @@ def _float32_for_knn_func(x: torch.Tensor, name: str = "reference") -> torch.Ten
 #: largest coordinate of the embeddings that faiss's float32 k-means takes as they are
 #: (PML's input): inside, their squares and distances neither overflow nor underflow
 KMEANS_RANGE = (2.0**-40, 2.0**40)
+
+
+def check_metric_names(include: object, exclude: object) -> None:
+    """``TypeError`` unless ``include`` and ``exclude`` are tuples or lists (PML's type: a
+    str would be read letter by letter, and match no metric or every one containing it)."""
+    for name, names in (("include", include), ("exclude", exclude)):
+        if not isinstance(names, (tuple, list)):
+            raise TypeError(f"{name} must be a tuple or list, got {type(names).__name__}")
 
 
 def _kmeans_input(query: torch.Tensor, query32: torch.Tensor) -> torch.Tensor:

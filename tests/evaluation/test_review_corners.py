@@ -303,3 +303,17 @@ def test_a_users_knn_is_not_asked_for_zero_neighbours():
             q, ql, r, rl
         )
         assert result["num_excluded_queries"] == 0
+
+
+@pytest.mark.parametrize(
+    "calculator", [RetrievalAccuracyCalculator, ShardedRetrievalAccuracyCalculator]
+)
+def test_get_accuracy_refuses_a_str_include_or_exclude(calculator):
+    """The constructor refused a str; get_accuracy read it letter by letter: include=
+    'precision_at_1' returned {} and exclude='NMI' matched as a substring."""
+    x, y = _data()
+    calc = calculator()
+    for kwargs in ({"include": "precision_at_1"}, {"exclude": "NMI"}):
+        with pytest.raises(TypeError, match="must be a tuple or list, got str"):
+            calc.get_accuracy(x, y, **kwargs)
+    assert set(calc.get_accuracy(x, y, include=["precision_at_1"])) == {"precision_at_1"}
