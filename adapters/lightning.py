@@ -233,16 +233,24 @@ class RetrievalMetricsCallback(pl.Callback):
         self._labels: list[torch.Tensor] = []
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """``ValueError`` when another callback of this trainer logs under the same names."""
+        """``ValueError`` when another callback of this trainer logs a name this one does."""
         for other in trainer.callbacks:
             if other is not self and isinstance(other, RetrievalMetricsCallback):
-                if other.prefix == self.prefix:
+                shared = sorted(self.logged_names() & other.logged_names())
+                if shared:
                     raise ValueError(
-                        "two RetrievalMetricsCallbacks log the same names (prefix "
-                        f"{self.prefix!r}; dataloader_idx {other.dataloader_idx} and "
-                        f"{self.dataloader_idx}): Lightning would log their mean; give "
-                        "each its own prefix"
+                        f"two RetrievalMetricsCallbacks (dataloader_idx "
+                        f"{other.dataloader_idx} and {self.dataloader_idx}) log {shared}: "
+                        "Lightning would log their mean; give each its own prefix"
                     )
+
+    def logged_names(self) -> set[str]:
+        """The names this callback logs: ``prefix`` and each metric of its calculator (a
+        calculator without PML's metric table: every name under ``prefix``)."""
+        metrics = getattr(self.calculator, "original_function_dict", None)
+        if not isinstance(metrics, Mapping):
+            return {self.prefix + "*"}
+        return {self.prefix + METRIC_NAMES.get(name, name) for name in metrics}
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._embeddings, self._labels = [], []

@@ -118,6 +118,7 @@ def check_number_or_tensor(value: Any, check: Callable[[Any, str], float], name:
     if caller_checked():  # a loss's hyper-parameters are checked when set
         return value
     if isinstance(value, torch.Tensor):  # as given (its graph kept), values checked on CPU
+        check_not_meta(value, name)
         if value.device.type == "cpu" and value.numel() and not is_compiling():
             extremes = values_under_transforms(value.detach())  # every vmap lane
             check(float(extremes.min()), name)
@@ -505,6 +506,8 @@ def check_pair_masks(
         ValueError: another shape, or a pair in both masks.
     """
     for name, mask in masks.items():
+        if isinstance(mask, torch.Tensor):
+            check_not_meta(mask, name)
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise TypeError(f"{name} must be a torch.bool tensor, got {got}")

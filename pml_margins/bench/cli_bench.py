@@ -167,9 +167,17 @@ def _parse_loss_args(items: list[str]) -> dict[str, dict[str, Any]]:
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            value = raw
+            value = _float_word(raw)
         overrides.setdefault(name, {})[field] = value
     return overrides
+
+
+def _float_word(raw: str) -> Any:
+    """``raw`` as the float it spells when it is ``nan``/``inf``/``infinity`` (signed, any
+    case: no Python literal, so that the loss's check names the value), else as given."""
+    if raw.strip().lstrip("+-").lower() in ("nan", "inf", "infinity"):
+        return float(raw)
+    return raw
 
 
 def one_line(err: BaseException) -> str:
@@ -556,7 +564,9 @@ def _check_losses(
                 **datasets.loss_overrides(args.dataset, name, overrides.get(name, {})),
             )
         except (ValueError, TypeError, ImportError) as err:
-            raise SystemExit(f"error: {name}: {one_line(err)}") from None
+            message = one_line(err)  # (named already where the registry names the loss)
+            shown = message if message.startswith(f"loss {name!r}") else f"{name}: {message}"
+            raise SystemExit(f"error: {shown}") from None
 
 
 def _has_pixel_baseline(args: argparse.Namespace) -> bool:

@@ -179,7 +179,10 @@ def check_int(value: object, name: str, low: int = 1, high: float = math.inf) ->
     tensor; not a bool) in ``[low, high]``, else ``ValueError``."""
     number = as_int(value)
     if number is None or not low <= number <= high:
-        span = "a positive integer" if high == math.inf else f"an integer in [{low}, {high}]"
+        if high < math.inf:
+            span = f"an integer in [{low}, {high}]"
+        else:
+            span = "a positive integer" if low == 1 else f"an integer >= {low}"
         raise ValueError(f"{name} must be {span}, got {value!r}")
     return number
 

@@ -133,6 +133,7 @@ from pml_margins.validation import (
     check_function_inputs,
     check_generator,
     check_labels,
+    check_not_meta,
     check_real,
     check_sample_rate,
     check_size,
@@ -465,7 +466,7 @@ def fused_margin_softmax_cross_entropy(
             f"weight has {weight.shape[1]} columns, not a multiple of sub_centers={per_class}"
         )
     num_classes = weight.shape[1] // per_class
-    if bias is not None and bias.shape != (num_classes,):
+    if bias is not None and check_not_meta(bias, "bias").shape != (num_classes,):
         raise ValueError(f"bias must have shape ({num_classes},), got {tuple(bias.shape)}")
     rows = embeddings.shape[0]
     if not caller_checked():
@@ -482,7 +483,9 @@ def fused_margin_softmax_cross_entropy(
             "sample_rate=1, sub_centers=1 and no non_target_logit_fn"
         )
     scale = check_scale(scale, rows)
-    if target_cosines is not None and target_cosines.shape != (rows,):
+    if target_cosines is not None and check_not_meta(target_cosines, "target_cosines").shape != (
+        rows,
+    ):
         raise ValueError(
             f"target_cosines must have shape ({rows},), got {tuple(target_cosines.shape)}"
         )

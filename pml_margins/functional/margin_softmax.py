@@ -27,6 +27,7 @@ from pml_margins.validation import (
     caller_checked,
     check_class_labels,
     check_logit_scale,
+    check_not_meta,
     check_positive_values,
     check_tensor,
     function_value_checks,
@@ -108,6 +109,7 @@ def check_scale(scale: Any, rows: int) -> Any:
         ValueError / TypeError: a tensor of another shape, a bad number or value.
     """
     if isinstance(scale, torch.Tensor):
+        check_not_meta(scale, "scale")
         if scale.numel() == 1:
             scale = scale.reshape(()).expand(rows)
         elif tuple(scale.shape) in ((rows,), (rows, 1)):

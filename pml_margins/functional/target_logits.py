@@ -69,10 +69,14 @@ def safe_sine(cosine: torch.Tensor) -> torch.Tensor:
 def angle_cosine(cosine: torch.Tensor) -> torch.Tensor:
     r"""``cosine`` clamped to :math:`[-1, 1]`, the cosines of angles in :math:`[0, \pi]`.
 
-    What every angle-based target (ArcFace, SphereFace, the combined margin, ...) is
-    evaluated at: a distance that is not the L2 cosine (PML's ``CosineSimilarity(p=3)``,
-    say) can give values beyond, where :math:`\theta` does not exist; they take the
-    nearest angle, 0 or :math:`\pi`, as PML's ``get_angles`` does, and no gradient.
+    What the additive angular targets :math:`\cos(\theta + m)` (ArcFace, Sub-center,
+    ElasticFace-Arc, MagFace, CurricularFace's bound, the combined margin at
+    :math:`m_1 = 1`) are evaluated at: a distance that is not the L2 cosine (PML's
+    ``CosineSimilarity(p=3)``, say) can give values beyond, where :math:`\theta` does
+    not exist; they take the nearest angle, 0 or :math:`\pi`, as PML's ArcFace
+    (``get_angles``) does, and no gradient. SphereFace's :math:`\psi` keeps PML's
+    ``LargeMarginSoftmaxLoss`` form instead: the polynomial at the given cosine, the
+    region :math:`k` from the clamped angle.
     """
     return cosine.clamp(-1.0, 1.0)
 
@@ -238,7 +242,6 @@ def sphereface_psi(cosine: torch.Tensor, margin: int) -> torch.Tensor:
     ``margin`` must be an integer in ``[1, 100]`` (``ValueError`` otherwise).
     """
     margin = check_integer_margin(margin, "margin")
-    cosine = angle_cosine(cosine)
     k = _angle_region(cosine, float(margin), 0.0).clamp(max=margin - 1)
     return _monotone_extension(cos_multiple_angle(cosine, margin), k)[0]
 
@@ -251,7 +254,6 @@ def sphereface_value_and_slope(
     :math:`T_{k+1} = 2xT_k - T_{k-1}`, :math:`U_{k} = 2xU_{k-1} - U_{k-2}`,
     :math:`U_{-1} = 0`, :math:`U_0 = 1`)."""
     m = check_integer_margin(margin, "margin")
-    given, cosine = cosine, angle_cosine(cosine)
     k = _angle_region(cosine, float(m), 0.0).clamp_(max=m - 1)
     # T and U side by side, one recurrence (a step costs its op launches, not its B values)
     # (no host-made constant: on an accelerator its copy would synchronize the stream)
@@ -263,7 +265,7 @@ def sphereface_value_and_slope(
         prev, curr = curr, torch.mul(two_x, curr).sub_(prev)
     t_m, u_m1 = curr
     value, sign = _monotone_extension(t_m, k)
-    return value, _outside_slope(torch.mul(u_m1, sign).mul_(m), given)
+    return value, torch.mul(u_m1, sign).mul_(m)
 
 
 def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
@@ -302,7 +304,6 @@ def _combined_general(cosine: torch.Tensor, m1: Any, m2: Any, m3: Any) -> torch.
     r"""The A-Softmax extension :math:`(-1)^k\cos(m_1\theta + m_2) - 2k - m_3` (see
     :func:`combined_margin_target`); through :math:`\arccos` for a tensor ``m1``."""
     cos_m2, sin_m2, _ = _cos_sin(m2)
-    cosine = angle_cosine(cosine)
     if isinstance(m1, torch.Tensor):
         eps = torch.finfo(cosine.dtype).eps
         angle = m1 * torch.acos(torch.clamp(cosine, -1 + eps, 1 - eps))

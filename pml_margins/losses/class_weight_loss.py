@@ -349,8 +349,11 @@ class ClassWeightLoss(
         return CosineSimilarity()
 
     def compute_dtype(self, embeddings: torch.Tensor) -> torch.dtype:
-        """The dtype the logits are formed in: float64 if either side is, else float32."""
-        return compute_dtype(torch.promote_types(embeddings.dtype, self.W.dtype))
+        """The dtype the logits are formed in: float64 if either side is, else float32;
+        ``ValueError`` for a ``W`` on the meta device (every reader of ``W`` asks first:
+        a product with a CPU tensor would give uninitialized numbers)."""
+        weight = check_not_meta(self.W, f"{type(self).__name__}'s class weights W")
+        return compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype))
 
     def feature_norms(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``(B,)`` embedding norms in :meth:`compute_dtype`, outside autocast."""
@@ -394,9 +397,7 @@ class ClassWeightLoss(
         return self.distance(embeddings.to(weights.dtype), weights.t())
 
     def _checked_compute_dtype(self, embeddings: object) -> torch.dtype | None:
-        """:meth:`compute_dtype` for the norm check, ``None`` for input the checks refuse;
-        first (every entry point calls it) ``ValueError`` for a ``W`` without values."""
-        check_not_meta(self.W, f"{type(self).__name__}'s class weights W")
+        """:meth:`compute_dtype` for the norm check, ``None`` for input the checks refuse."""
         if isinstance(embeddings, torch.Tensor) and embeddings.dtype in FLOAT_DTYPES:
             return self.compute_dtype(embeddings)
         return None

@@ -10,7 +10,7 @@ from pytorch_metric_learning.distances import BaseDistance, DotProductSimilarity
 
 from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.losses.class_weight_loss import ClassWeightLoss, is_plain_inner_product
-from pml_margins.validation import check_bool
+from pml_margins.validation import check_bool, check_not_meta
 
 __all__ = ["SoftmaxLoss"]
 
@@ -62,6 +62,13 @@ class SoftmaxLoss(ClassWeightLoss):
 
     def get_default_distance(self) -> DotProductSimilarity:
         return DotProductSimilarity(normalize_embeddings=False)
+
+    def compute_dtype(self, embeddings: torch.Tensor) -> torch.dtype:
+        """As the class-weight losses' (``W`` checked), and the bias not on the meta device."""
+        dtype = super().compute_dtype(embeddings)
+        if self.bias is not None:
+            check_not_meta(self.bias, f"{type(self).__name__}'s bias")
+        return dtype
 
     def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
         weights = self.weights_for(embeddings)

@@ -278,8 +278,19 @@ def test_two_callbacks_under_one_name_are_refused(digits: Digits, tmp_path: Path
     train, val = loaders(digits)
     trainer = make_trainer(tmp_path, RetrievalMetricsCallback(dataloader_idx=0), max_epochs=1)
     trainer.callbacks.append(RetrievalMetricsCallback(dataloader_idx=1))
-    with pytest.raises(ValueError, match="log the same names"):
+    with pytest.raises(ValueError, match=r"log \['map_at_r', 'precision_at_1'"):
         trainer.fit(MetricLearningModule(mlp(), arcface()), train, [val, val])
+
+
+def test_two_callbacks_with_disjoint_names_are_accepted(digits: Digits, tmp_path: Path) -> None:
+    """Only a shared name clashes (a first version compared the prefixes)."""
+    train, val = loaders(digits)
+    first = RetrievalMetricsCallback(include=("precision_at_1",))
+    second = RetrievalMetricsCallback(include=("r_precision",), dataloader_idx=1)
+    trainer = make_trainer(tmp_path, first, max_epochs=1, limit_train_batches=1)
+    trainer.callbacks.append(second)
+    trainer.fit(MetricLearningModule(mlp(), arcface()), train, [val, val])
+    assert set(first.metrics) == {"precision_at_1"} and set(second.metrics) == {"r_precision"}
 
 
 def test_a_dataloader_that_is_not_there_is_refused(digits: Digits, tmp_path: Path) -> None:
@@ -297,7 +308,7 @@ def test_callback_arguments_are_checked_at_construction() -> None:
     with pytest.raises(TypeError, match="prefix must be a str"):
         RetrievalMetricsCallback(prefix=3)
     for index in (-1, "0", 1.0, True):
-        with pytest.raises(ValueError, match="dataloader_idx must be"):
+        with pytest.raises(ValueError, match="dataloader_idx must be an integer >= 0"):
             RetrievalMetricsCallback(dataloader_idx=index)
     for ks in (5, None, "12", (0, 1)):
         with pytest.raises(ValueError, match="recall_ks must be a sequence"):

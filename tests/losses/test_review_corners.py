@@ -11,6 +11,7 @@ import torch.autograd.forward_ad as fwAD
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.distances import CosineSimilarity
 
+from pml_margins.distributed import ShardedMarginSoftmaxLoss
 from pml_margins.functional import (
     angle_cosine,
     arcface_target,
@@ -45,28 +46,50 @@ def _arcface_by_angle(cosine: torch.Tensor, margin: float) -> torch.Tensor:
 
 
 def test_angle_targets_take_the_nearest_angle_beyond_the_cosine_range():
-    """A cosine beyond [-1, 1] has no angle: the angle-based targets are evaluated at 0
-    or pi (PML's clamp), with no gradient there; inside, unchanged."""
+    """A cosine beyond [-1, 1] has no angle: the additive angular targets are evaluated
+    at 0 or pi (PML's clamp), with no gradient there; inside, unchanged."""
     c = BEYOND.double()
     torch.testing.assert_close(arcface_target(c, MARGIN), _arcface_by_angle(c, MARGIN))
     torch.testing.assert_close(
         combined_margin_target(c, 1.0, MARGIN, 0.1), _arcface_by_angle(c, MARGIN) - 0.1
     )
-    m = 4  # psi(0) = 1, psi(pi) = 1 - 2m (the paper's psi at the ends of [0, pi])
-    psi = sphereface_psi(c, m)
-    assert psi[0].item() == pytest.approx(1 - 2 * m) and psi[-1].item() == pytest.approx(1)
-    torch.testing.assert_close(psi, sphereface_psi(angle_cosine(c), m))
-    for value_and_slope, target in [
-        (lambda z: arcface_value_and_slope(z, MARGIN), lambda z: arcface_target(z, MARGIN)),
-        (lambda z: sphereface_value_and_slope(z, m), lambda z: sphereface_psi(z, m)),
-    ]:
-        value, slope = value_and_slope(c)
-        torch.testing.assert_close(value, target(c))
-        outside = c.abs() > 1
-        assert (slope[outside] == 0).all()
-        leaf = c[~outside].clone().requires_grad_()
-        (grad,) = torch.autograd.grad(target(leaf).sum(), leaf)
-        torch.testing.assert_close(slope[~outside], grad)
+    value, slope = arcface_value_and_slope(c, MARGIN)
+    torch.testing.assert_close(value, arcface_target(c, MARGIN))
+    outside = c.abs() > 1
+    assert (slope[outside] == 0).all()
+    leaf = c[~outside].clone().requires_grad_()
+    (grad,) = torch.autograd.grad(arcface_target(leaf, MARGIN).sum(), leaf)
+    torch.testing.assert_close(slope[~outside], grad)
+    assert torch.equal(angle_cosine(c), c.clamp(-1, 1))
+
+
+def test_sphereface_keeps_pmls_form_beyond_the_cosine_range():
+    """SphereFace's psi stays PML's LargeMarginSoftmaxLoss form there (the polynomial at
+    the given cosine, k from the clamped angle): clamping it too (a first version of the
+    ArcFace fix) moved the loss away from PML's (9.2676 vs 9.2118)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (24,), generator=g)
+    distance = CosineSimilarity(p=3, power=2)
+    for margin in (3, 4):
+        ours = SphereFaceLoss(5, 8, margin=margin, distance=distance).double()
+        pml = pml_losses.SphereFaceLoss(5, 8, margin=margin, scale=1, distance=distance).double()
+        pml.load_state_dict(ours.state_dict())
+        cos = distance(x, ours.W.t())[torch.arange(24), y]
+        assert (cos > 1).any()  # the case under test is there
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours_value, pml_value = ours(x1, y), pml(x2, y)
+        ours_value.backward()
+        pml_value.backward()
+        torch.testing.assert_close(ours_value, pml_value)
+        torch.testing.assert_close(x1.grad, x2.grad)
+        torch.testing.assert_close(ours.W.grad, pml.W.grad)
+    c = BEYOND.double()
+    value, slope = sphereface_value_and_slope(c, 4)
+    torch.testing.assert_close(value, sphereface_psi(c, 4))
+    leaf = c.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(sphereface_psi(leaf, 4).sum(), leaf)
+    torch.testing.assert_close(slope, grad)
 
 
 def _p3_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,21 +133,6 @@ def test_arcface_family_with_a_non_l2_cosine_equals_pml(ours):
     torch.testing.assert_close(loss.W.grad, pml.W.grad)
 
 
-def test_sphereface_beyond_the_cosine_range_takes_psi_at_pi():
-    """SphereFace's psi of a "cosine" below -1 was the Chebyshev polynomial there
-    (loss 289.9 on one row); now psi(pi) = 1 - 2m, as the paper's domain gives."""
-    loss = SphereFaceLoss(2, 8, margin=4, distance=CosineSimilarity(p=3)).double()
-    with torch.no_grad():
-        loss.W.zero_()
-        loss.W[:, 0], loss.W[:, 1] = 1.0, -1.0
-    x = -torch.ones(1, 8, dtype=torch.float64)
-    norm = math.sqrt(8)
-    other = CosineSimilarity(p=3)(x, loss.W.t())[0, 1].item()
-    target, rest = norm * (1 - 2 * 4), norm * other
-    expected = math.log(math.exp(target) + math.exp(rest)) - target
-    assert loss(x, torch.tensor([0])).item() == pytest.approx(expected, rel=1e-12)
-
-
 @pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
 def test_a_meta_loss_is_refused_before_it_computes(spec):
     """A loss on the meta device with CPU embeddings returned uninitialized numbers
@@ -136,8 +144,16 @@ def test_a_meta_loss_is_refused_before_it_computes(spec):
         loss(x, y)
     with pytest.raises(ValueError, match="meta device"):
         loss.get_logits(x)
+    for reader in (loss.cosine, loss.weights_for):  # the public readers of W (a first
+        with pytest.raises(ValueError, match="meta device"):  # fix checked the forward's
+            reader(x)  # entry only: a sharded loss on meta still returned numbers)
+    with pytest.raises(ValueError, match="meta device"):
+        loss.target_cosines(x, y)
     with pytest.raises(ValueError, match="meta device"):
         spec.build(6, 8)(x.to("meta"), y.to("meta"))
+    sharded = ShardedMarginSoftmaxLoss(spec.cls, 6, 8, rank=0, world_size=1, **spec.kwargs)
+    with pytest.raises(ValueError, match="class weights W: a tensor on the meta device"):
+        sharded.to("meta")(x, y)
 
 
 def test_center_and_circle_refuse_meta_tensors():
@@ -180,3 +196,39 @@ def test_dense_negatives_refuses_duplicate_positive_keys():
     keys = pos.view(-1).nonzero().squeeze(1)
     with pytest.raises(ValueError, match="duplicates"):
         circle_loss_dense_negatives(sim, ~pos, torch.cat([keys, keys]), 0.25, 256)
+
+
+def test_meta_arguments_of_the_functional_entry_points_are_named():
+    """bias, scale, target_cosines, masks and margin tensors on the meta device raised
+    torch's device errors or NotImplementedError (a SoftmaxLoss bias too)."""
+    from pml_margins.functional import (
+        circle_loss_dense,
+        fused_margin_softmax_cross_entropy,
+        margin_softmax_cross_entropy,
+    )
+    from pml_margins.losses import SoftmaxLoss
+
+    x, w, y = torch.randn(4, 8), torch.randn(8, 6), torch.tensor([0, 1, 2, 3])
+    meta = {"device": "meta"}
+    eye = torch.eye(4, dtype=torch.bool)
+    calls = {
+        "bias": lambda: fused_margin_softmax_cross_entropy(
+            x, w, y, None, 30.0, bias=torch.zeros(6, **meta)
+        ),
+        "scale": lambda: fused_margin_softmax_cross_entropy(x, w, y, None, torch.ones(4, **meta)),
+        "target_cosines": lambda: fused_margin_softmax_cross_entropy(
+            x, w, y, None, 30.0, target_cosines=torch.zeros(4, **meta), chunk_size=2
+        ),
+        "scale ": lambda: margin_softmax_cross_entropy(
+            torch.randn(4, 6), y, None, torch.ones(4, **meta)
+        ),
+        "pos_mask": lambda: circle_loss_dense(torch.rand(4, 4), eye.to("meta"), ~eye, 0.25, 64),
+        "margin": lambda: arcface_target(torch.rand(4), torch.tensor(0.5, **meta)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"{name.strip()}: a tensor on the meta device"):
+            call()
+    loss = SoftmaxLoss(6, 8)
+    loss.bias = torch.nn.Parameter(torch.zeros(6, **meta))
+    with pytest.raises(ValueError, match="SoftmaxLoss's bias: a tensor on the meta device"):
+        loss(x, y)
