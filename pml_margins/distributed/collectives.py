@@ -70,6 +70,14 @@ def all_reduce_(tensor: torch.Tensor, op: str, group: ProcessGroup | None = None
     return tensor
 
 
+def broadcast_from_first_(tensor: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+    """In place, ``group``'s first rank's ``tensor`` on every rank (no autograd); returns it."""
+    if rank_and_world_size(group)[1] > 1:
+        first = 0 if group is None else dist.get_global_rank(group, 0)
+        dist.broadcast(tensor, src=first, group=group)
+    return tensor
+
+
 #: a number per floating dtype, for the ranks to compare theirs
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 

@@ -53,6 +53,15 @@ def _gather_columns(x: torch.Tensor, world_size: int, group: ProcessGroup | None
     return gathered.view(world_size, x.shape[0], -1).permute(1, 0, 2).reshape(x.shape[0], -1)
 
 
+def _callable_name(function: object) -> str:
+    """A user's function as the ranks compare it: ``None``, or its module and qualified
+    name (a lambda's: ``<lambda>``), else its class's."""
+    if function is None:
+        return "None"
+    named = function if hasattr(function, "__qualname__") else type(function)
+    return f"{getattr(named, '__module__', '')}.{named.__qualname__}"
+
+
 def sharded_exact_knn(
     query: torch.Tensor,
     reference_shard: torch.Tensor,
@@ -260,11 +269,15 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         metrics = (*self.original_function_dict, "include", *include, "exclude", *exclude)
         settings = (str(self.k), metrics, ref_includes_query, reference is None)
         settings += (self.avg_of_avgs, self.return_per_class, self.recall_ks, str(self.exact))
+        # a user's label comparison and k-means by name (their code cannot be compared)
+        kmeans = "default" if self._own_kmeans is not None else _callable_name(self.kmeans_func)
+        settings += (_callable_name(self.custom_comparison), kmeans)
         rows = _rows(query) if reference is not None else -1
         agreed = {
             "settings (k, metrics, ref_includes_query, ...)": (
                 settings_code(*settings),
-                f"k={self.k!r}, metrics={metrics}, ref_includes_query={ref_includes_query}",
+                f"k={self.k!r}, metrics={metrics}, ref_includes_query={ref_includes_query}, "
+                f"label_comparison_fn={settings[-2]}, kmeans_func={settings[-1]}",
             ),
             "query rows": (float(rows), str(rows)),
         }

@@ -3,6 +3,7 @@ r"""Model-parallel class-weight loss: each rank owns a contiguous shard of ``W``
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from pml_margins.distributed.collectives import (
     ProcessGroup,
     all_gather_rows,
     all_reduce_,
+    broadcast_from_first_,
     checked_on_every_rank,
     dtype_code,
     gather_rows_with_grad,
@@ -23,6 +25,7 @@ from pml_margins.distributed.local_logits import cosine_logits
 from pml_margins.distributed.partial_fc import sample_local_classes
 from pml_margins.distributed.sharded_margin_softmax import sharded_margin_softmax_cross_entropy
 from pml_margins.distributed.sharding import class_columns, shard_range
+from pml_margins.evaluation.calculator import describe_distance
 from pml_margins.functional.dense_margin_softmax import check_norm_scale_form
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.step_statistics import StepStatistics
@@ -91,6 +94,17 @@ def _cosine_scale(loss: ClassWeightLoss, embeddings: torch.Tensor) -> float | to
     if not cosine:
         return None
     return form.scale * loss.feature_norms(embeddings) if form.scale_by_norm else form.scale
+
+
+def _distance_code(distance: object) -> tuple:
+    """A PML distance as the ranks compare it: its class and the settings that decide its
+    values (each rank forms its own classes' logits with its own)."""
+    settings = ("p", "power", "normalize_embeddings", "is_inverted")
+    return (
+        type(distance).__module__,
+        type(distance).__qualname__,
+        tuple(getattr(distance, n, None) for n in settings),
+    )
 
 
 def _reducer_code(reducer: object) -> tuple:
@@ -266,6 +280,8 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         reason = self.loss.sharding_unsupported()
         if reason is not None:
             raise ValueError(reason)
+        if hasattr(self.loss, "share_draws"):  # a loss that draws per row (ElasticFace):
+            self.loss.share_draws = partial(broadcast_from_first_, group=group)  # rank 0's
         for name in ("weight_regularizer", "embedding_regularizer"):
             if getattr(self.loss, name, None) is not None:
                 raise ValueError(f"{name} is not supported by {type(self).__name__}")
@@ -291,11 +307,15 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         names = getattr(loss, "hyperparameter_names", ())
         values = tuple((n, getattr(loss, n, None)) for n in names)
         values += (("bias", getattr(loss, "bias", None) is not None),)
+        values += (("distance", _distance_code(loss.distance)),)
         values += (("reducer", _reducer_code(loss.reducer)),)
         # which buffers are the loss's scalar state, compared after this agreement
         values += (("scalar buffers", tuple(n for n, b in loss.named_buffers() if b.ndim == 0)),)
-        shown = ", ".join(f"{n}={v!r}" for n, v in values[:-2])
-        shown = f"{type(loss).__name__}({shown}), reducer {type(loss.reducer).__name__}"
+        shown = ", ".join(f"{n}={v!r}" for n, v in values[:-3])
+        shown = (
+            f"{type(loss).__name__}({shown}), {describe_distance(loss.distance)}, "
+            f"reducer {type(loss.reducer).__name__}"
+        )
         return settings_code(type(loss).__module__, type(loss).__qualname__, values), shown
 
     def _check_parameters(self) -> None:

@@ -94,8 +94,9 @@ class ElasticFaceLoss(ClassWeightLoss):
     the ArcFace/CosFace ranges (``s`` 16-32) with ``sigma`` about a tenth of ``m``.
 
     The margin changes only the target logit, so the loss runs on the fused core
-    (``chunk_size``, ``sample_rate``) and sharded (the ranks draw the same margins
-    under the same seed, equal to the single-process loss on the gathered batch).
+    (``chunk_size``, ``sample_rate``) and sharded (every rank uses the margins its
+    group's first rank draws, whatever the ranks' seeds: the single-process loss on the
+    gathered batch under that rank's seed).
 
     Args:
         num_classes: number of classes ``C``.
@@ -128,6 +129,9 @@ class ElasticFaceLoss(ClassWeightLoss):
         self.margin = PAPER_MARGINS[self.variant] if margin is None else margin
         self.sigma, self.scale = sigma, scale
         self.last_margins: torch.Tensor | None = None
+        #: what the drawn noise passes through before use (``None``: as drawn); a sharded
+        #: loss sets a broadcast from its first rank, so that every rank uses its margins
+        self.share_draws: Callable[[torch.Tensor], torch.Tensor] | None = None
         super().__init__(num_classes, embedding_size, **kwargs)
 
     @property
@@ -168,6 +172,9 @@ class ElasticFaceLoss(ClassWeightLoss):
     def _draw_and_apply(self, cosine: torch.Tensor) -> torch.Tensor:
         """Draw the ``(B,)`` margins for this step and apply them to the target cosines."""
         noise = torch.randn(cosine.shape, dtype=cosine.dtype, device=cosine.device)
+        share = getattr(self, "share_draws", None)  # (absent from older pickles)
+        if share is not None:  # a sharded loss: its first rank's draws
+            noise = share(noise)
         margins = self.margin + self.sigma * noise
         self.last_margins = values_under_transforms(margins.detach())  # no functorch wrapper
         apply = elastic_arc_target if self.variant == "arc" else elastic_cos_target

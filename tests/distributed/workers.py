@@ -7,6 +7,7 @@ import pathlib
 from typing import Any
 
 import torch
+from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.reducers import SumReducer
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
@@ -251,6 +252,12 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
         "calc_ref_includes_query": ({}, {"ref_includes_query": rank == 1}, 3),
         "calc_k": ({"k": 3 if rank == 1 else 2}, {}, 3),
         "calc_rows": ({}, {}, 2 if rank == 1 else 3),
+        # a user's label comparison on one rank: each rank returned its own metrics (review)
+        "calc_comparison": (
+            {"label_comparison_fn": (lambda a, b: a == b) if rank == 1 else None},
+            {},
+            3,
+        ),
     }.items():
         calc = ShardedRetrievalAccuracyCalculator(include=("precision_at_1",), **calc_kw)
         try:
@@ -349,6 +356,13 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             x,
         ),
         "loss_bias": (ShardedMarginSoftmaxLoss(SoftmaxLoss, 10, 4, bias=rank == 1), x),
+        # each rank's distance formed its own classes' logits: a mixed loss (review)
+        "loss_distance": (
+            ShardedMarginSoftmaxLoss(
+                ArcFaceLoss, 10, 4, distance=CosineSimilarity(p=3 if rank == 1 else 2)
+            ),
+            x,
+        ),
         # AdaCos's fixed scale and a running statistic are buffers, not hyper-parameters
         "buffers_scale": (
             ShardedMarginSoftmaxLoss(AdaCosLoss, 10, 4, dynamic=False, scale=20.0 + rank),
@@ -483,6 +497,33 @@ def _collecting(loss, rank: int):
     return loss
 
 
+def elastic_draws(rank: int, world_size: int, out: pathlib.Path) -> None:
+    """ElasticFace sharded with a seed per rank (as data pipelines often seed): every rank
+    uses its group's first rank's margins; they were each rank's own (a mixed loss)."""
+    from pml_margins.distributed import (
+        ShardedMarginSoftmaxLoss,
+        from_single_process_loss,
+        load_into,
+        split_checkpoint,
+    )
+    from pml_margins.losses import ElasticFaceLoss
+
+    torch.manual_seed(0)
+    single = ElasticFaceLoss(10, 4, sigma=0.3, scale=32.0).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2 * world_size, 4, generator=g, dtype=torch.float64)
+    y = torch.arange(2 * world_size) * 10 // (2 * world_size)  # rows on every shard
+    sharded = ShardedMarginSoftmaxLoss(ElasticFaceLoss, 10, 4, sigma=0.3, scale=32.0).double()
+    load_into(sharded, split_checkpoint(from_single_process_loss(single), world_size)[rank])
+    torch.manual_seed(100 + rank)
+    mine = slice(2 * rank, 2 * rank + 2)
+    value = sharded(x[mine], y[mine]).detach()
+    torch.manual_seed(100)  # the first rank's seed
+    expected = single(x, y).detach()
+    result = {"value": value, "expected": expected, "margins": sharded.loss.last_margins}
+    torch.save(result, out / f"elastic_{rank}.pt")
+
+
 def all_scenarios(
     rank: int, world_size: int, out: pathlib.Path, load_from: str | None = None
 ) -> None:
@@ -494,6 +535,7 @@ def all_scenarios(
     retrieval(rank, world_size, out)
     circle(rank, world_size, out)
     ddp_backbone(rank, world_size, out)
+    elastic_draws(rank, world_size, out)
 
 
 def fail_on_rank_1(rank: int, world_size: int, out: pathlib.Path) -> None:

@@ -45,6 +45,17 @@ def _arcface_by_angle(cosine: torch.Tensor, margin: float) -> torch.Tensor:
     return torch.where(theta <= math.pi - margin, torch.cos(theta + margin), fallback)
 
 
+def _assert_equal_to_pml(ours, pml, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Same value, x gradient and W gradient (both losses hold the same W)."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours_value, pml_value = ours(x1, y), pml(x2, y)
+    ours_value.backward()
+    pml_value.backward()
+    torch.testing.assert_close(ours_value, pml_value)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(ours.W.grad, pml.W.grad)
+
+
 def test_angle_targets_take_the_nearest_angle_beyond_the_cosine_range():
     """A cosine beyond [-1, 1] has no angle: the additive angular targets are evaluated
     at 0 or pi (PML's clamp), with no gradient there; inside, unchanged."""
@@ -77,13 +88,7 @@ def test_sphereface_keeps_pmls_form_beyond_the_cosine_range():
         pml.load_state_dict(ours.state_dict())
         cos = distance(x, ours.W.t())[torch.arange(24), y]
         assert (cos > 1).any()  # the case under test is there
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ours_value, pml_value = ours(x1, y), pml(x2, y)
-        ours_value.backward()
-        pml_value.backward()
-        torch.testing.assert_close(ours_value, pml_value)
-        torch.testing.assert_close(x1.grad, x2.grad)
-        torch.testing.assert_close(ours.W.grad, pml.W.grad)
+        _assert_equal_to_pml(ours, pml, x, y)
     c = BEYOND.double()
     value, slope = sphereface_value_and_slope(c, 4)
     torch.testing.assert_close(value, sphereface_psi(c, 4))
@@ -124,13 +129,7 @@ def test_arcface_family_with_a_non_l2_cosine_equals_pml(ours):
     with torch.no_grad():
         loss.W.copy_(w)
         pml.W.copy_(w)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ours_value, pml_value = loss(x1, y), pml(x2, y)
-    ours_value.backward()
-    pml_value.backward()
-    torch.testing.assert_close(ours_value, pml_value)
-    torch.testing.assert_close(x1.grad, x2.grad)
-    torch.testing.assert_close(loss.W.grad, pml.W.grad)
+    _assert_equal_to_pml(loss, pml, x, y)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
