@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["in_function_transform", "is_compiling", "values_under_transforms"]
+__all__ = ["in_function_transform", "is_batched", "is_compiling", "values_under_transforms"]
 
 _FUNCTORCH = getattr(torch._C, "_functorch", None)
 _PEEK: Callable[[], object] | None = getattr(_FUNCTORCH, "peek_interpreter_stack", None)
@@ -34,6 +34,17 @@ def in_function_transform() -> bool:
     if _PEEK is None or is_compiling():
         return False
     return _PEEK() is not None
+
+
+def is_batched(values: torch.Tensor) -> bool:
+    """Whether ``torch.func.vmap`` batches ``values`` (at any of its wrappers' levels)."""
+    if _FUNCTORCH is None or is_compiling():
+        return False
+    while _FUNCTORCH.is_functorch_wrapped_tensor(values):
+        if _FUNCTORCH.is_batchedtensor(values):
+            return True
+        values = _FUNCTORCH.get_unwrapped(values)
+    return False
 
 
 def values_under_transforms(values: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pml_margins.function_transforms import in_function_transform
+from pml_margins.function_transforms import in_function_transform, is_batched
 from pml_margins.functional.autograd_only import (
     SOFTMAX_REMEDY,
     backward_once,
@@ -133,7 +133,6 @@ from pml_margins.validation import (
     check_function_inputs,
     check_generator,
     check_labels,
-    check_not_meta,
     check_real,
     check_sample_rate,
     check_size,
@@ -354,6 +353,19 @@ def class_columns(classes: torch.Tensor, per_class: int) -> torch.Tensor:
     return (classes.unsqueeze(1) * per_class + offsets).flatten()
 
 
+#: the largest number scale the blocked paths take with float16 products, which take the
+#: scaled embeddings ``s x`` (``|s x_k| <= s``; products up to ``s``) as an operand
+FLOAT16_FOLDED_SCALE_MAX = 2**15
+
+
+def _float_tensor(value: object, name: str) -> torch.Tensor:
+    """``value`` if it is a dense floating tensor with values (:func:`check_tensor`), else
+    ``TypeError``/``ValueError`` naming it (a complex one would lose its imaginary part)."""
+    if check_tensor(value, name).dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype {FLOAT_DTYPE_NAMES}, got {value.dtype}")
+    return value
+
+
 def fused_margin_softmax_cross_entropy(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
@@ -466,7 +478,7 @@ def fused_margin_softmax_cross_entropy(
             f"weight has {weight.shape[1]} columns, not a multiple of sub_centers={per_class}"
         )
     num_classes = weight.shape[1] // per_class
-    if bias is not None and check_not_meta(bias, "bias").shape != (num_classes,):
+    if bias is not None and _float_tensor(bias, "bias").shape != (num_classes,):
         raise ValueError(f"bias must have shape ({num_classes},), got {tuple(bias.shape)}")
     rows = embeddings.shape[0]
     if not caller_checked():
@@ -483,7 +495,7 @@ def fused_margin_softmax_cross_entropy(
             "sample_rate=1, sub_centers=1 and no non_target_logit_fn"
         )
     scale = check_scale(scale, rows)
-    if target_cosines is not None and check_not_meta(target_cosines, "target_cosines").shape != (
+    if target_cosines is not None and _float_tensor(target_cosines, "target_cosines").shape != (
         rows,
     ):
         raise ValueError(
@@ -493,6 +505,11 @@ def fused_margin_softmax_cross_entropy(
         embeddings, labels, num_classes, weight.shape[0], width_name="W's rows"
     )
     labels = labels.long()
+    if sample_rate < 1 and (is_batched(labels) or is_batched(embeddings)):
+        raise ValueError(  # (torch.unique has no batching rule: vmap's internal error)
+            "sample_rate < 1 draws a set of classes per call, which torch.func.vmap cannot "
+            "batch: call per sample outside vmap, or use sample_rate=1 under it"
+        )
     if sample_rate < 1:
         sampled = sample_classes(labels, num_classes, sample_rate, generator)
         if sampled is not None:
@@ -559,6 +576,12 @@ def fused_margin_softmax_cross_entropy(
         scale = check_scale(scale_fn(config.cosines.blocks), rows)
     scale_tensor = scale if isinstance(scale, torch.Tensor) else None
     config.scale = 1.0 if isinstance(scale, torch.Tensor) else float(scale)
+    if config.mm_dtype == torch.float16 and config.scale > FLOAT16_FOLDED_SCALE_MAX:
+        raise ValueError(  # the blocks' products take s x: beyond float16's 65504, NaN
+            f"scale {config.scale:g} is above {FLOAT16_FOLDED_SCALE_MAX} with float16 "
+            "products (autocast): the scaled operand leaves float16's range; use a smaller "
+            "scale, bfloat16 autocast or none"
+        )
     inputs = (x, weight, scale_tensor, bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     target, slope, z_y, winner = _target_terms(

@@ -208,12 +208,17 @@ def margin_softmax_cross_entropy(
             scale = scale.to(dtype).reshape(-1, 1)
         index = labels.long().unsqueeze(1)
         base = logits
-        if non_target_logit_fn is not None:
+        if non_target_logit_fn is not None:  # (in the compute dtype, as the fused core's)
             base = elementwise_result(non_target_logit_fn(logits), logits, "non_target_logit_fn")
+            base = base.to(dtype)
         scaled = scale_logits(base, scale)
-        if target_logit_fn is not None:
+        if target_logit_fn is not None or non_target_logit_fn is not None:
+            # the target entries: psi of their base logit (the identity when None, also
+            # where a non-target function changed the others)
             cosines = logits.gather(1, index).squeeze(1)
-            target = elementwise_result(target_logit_fn(cosines), cosines, "target_logit_fn")
-            target = target.unsqueeze(1)
-            scaled = scaled.scatter(1, index, target * scale)
+            target = cosines
+            if target_logit_fn is not None:
+                target = target_logit_fn(cosines)
+                target = elementwise_result(target, cosines, "target_logit_fn").to(dtype)
+            scaled = scaled.scatter(1, index, target.unsqueeze(1) * scale)
         return F.cross_entropy(scaled, labels.long(), reduction="none")

@@ -139,3 +139,119 @@ def test_every_functional_circle_loss_checks_m_and_gamma(m, gamma, match) -> Non
     for call in calls:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def _normalized_batch(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, dtype=dtype, generator=g)
+    w = torch.randn(3, 5, dtype=dtype, generator=g)
+    y = torch.tensor([0, 1, 2, 3])
+    logits = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(w, dim=0)
+    return x, w, y, logits
+
+
+def test_plain_margin_softmax_with_only_a_non_target_function():
+    """target_logit_fn=None left phi(z_y) at the target (25.12 for 15.34): None is the
+    identity there, as in the fused core."""
+    from pml_margins.functional import (
+        fused_margin_softmax_cross_entropy,
+        margin_softmax_cross_entropy,
+    )
+
+    x, w, y, logits = _normalized_batch()
+
+    def phi(z):
+        return 2 * z
+
+    plain = margin_softmax_cross_entropy(logits, y, None, 10.0, non_target_logit_fn=phi)
+    fused = fused_margin_softmax_cross_entropy(x, w, y, None, 10.0, non_target_logit_fn=phi)
+    rows = torch.arange(4)
+    expected = 10.0 * phi(logits)
+    expected[rows, y] = 10.0 * logits[rows, y]
+    torch.testing.assert_close(
+        plain, torch.nn.functional.cross_entropy(expected, y, reduction="none")
+    )
+    torch.testing.assert_close(plain, fused)
+
+
+def test_plain_margin_softmax_takes_functions_of_another_dtype():
+    """A float64 margin tensor in psi, or a half psi/phi, raised scatter's dtype error on
+    float32 logits; a float64 phi returned float64 losses."""
+    from functools import partial
+
+    from pml_margins.functional import cosface_target, margin_softmax_cross_entropy
+
+    _, _, y, logits = _normalized_batch(torch.float32)
+    margin = torch.full((4,), 0.35, dtype=torch.float64)
+    expected = margin_softmax_cross_entropy(logits, y, partial(cosface_target, margin=0.35), 30.0)
+    for psi, phi in [
+        (partial(cosface_target, margin=margin), None),
+        (lambda z: (z - 0.35).half(), None),
+        (partial(cosface_target, margin=0.35), lambda z: z.double()),
+    ]:
+        got = margin_softmax_cross_entropy(logits, y, psi, 30.0, non_target_logit_fn=phi)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=0.05, rtol=1e-3)  # (half psi)
+    got = margin_softmax_cross_entropy(
+        logits, y, None, 30.0, non_target_logit_fn=lambda z: z.double()
+    )
+    assert got.dtype == torch.float32
+
+
+def test_fused_bias_and_target_cosines_must_be_floating_tensors():
+    """A list raised AttributeError; a complex bias dropped its imaginary part."""
+    from pml_margins.functional import fused_margin_softmax_cross_entropy
+
+    x, w, y, _ = _normalized_batch(torch.float32)
+    for kwargs, name in [
+        ({"bias": [0.0] * 5}, "bias must be a torch.Tensor"),
+        ({"target_cosines": [0.0] * 4}, "target_cosines must be a torch.Tensor"),
+        ({"bias": torch.zeros(5, dtype=torch.complex64)}, "bias must have dtype"),
+        ({"bias": torch.zeros(5, dtype=torch.bool)}, "bias must have dtype"),
+        ({"target_cosines": torch.zeros(4, dtype=torch.long)}, "target_cosines must have dtype"),
+    ]:
+        with pytest.raises(TypeError, match=name):
+            fused_margin_softmax_cross_entropy(x, w, y, None, 10.0, **kwargs)
+
+
+def test_fused_sample_rate_under_vmap_is_a_clear_error():
+    """torch.unique has no vmap rule: vmap's internal RuntimeError; grad still works."""
+    from torch.func import grad, vmap
+
+    from pml_margins.functional import fused_margin_softmax_cross_entropy
+
+    x, w, y, _ = _normalized_batch(torch.float32)
+
+    def one(xi, yi):
+        return fused_margin_softmax_cross_entropy(
+            xi[None], w, yi[None], None, 10.0, sample_rate=0.5
+        ).sum()
+
+    with pytest.raises(ValueError, match=r"torch\.func\.vmap cannot batch"):
+        vmap(grad(one))(x, y)
+    draw = torch.Generator().manual_seed(0)
+    assert (
+        grad(
+            lambda xs: fused_margin_softmax_cross_entropy(
+                xs, w, y, None, 10.0, sample_rate=0.5, generator=draw
+            ).sum()
+        )(x).shape
+        == x.shape
+    )
+
+
+def test_float16_products_refuse_a_scale_beyond_their_range():
+    """Scale 1e5 under float16 autocast gave NaN losses on the blocked paths (the products
+    take s x) and numbers on the materialized one; 3e4 stays exact enough."""
+    from pml_margins.functional import fused_margin_softmax_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 4, generator=g), torch.randn(4, 600, generator=g)
+    y = torch.randint(0, 600, (8,), generator=g)
+    reference = fused_margin_softmax_cross_entropy(x.double(), w.double(), y, None, 3e4)
+    for opts in ({"materialize": False}, {"chunk_size": 64}):
+        with torch.autocast("cpu", dtype=torch.float16):
+            got = fused_margin_softmax_cross_entropy(x, w, y, None, 3e4, **opts)
+            with pytest.raises(ValueError, match="above 32768 with float16 products"):
+                fused_margin_softmax_cross_entropy(x, w, y, None, 1e5, **opts)
+        torch.testing.assert_close(got.double(), reference, rtol=2e-3, atol=0)
