@@ -182,6 +182,15 @@ class AdaCosLoss(ClassWeightLoss):
                 value = torch.tensor(checked, dtype=torch.float64).to(self._buffers["scale"])
         super().__setattr__(name, value)
 
+    def check_statistic(self, name: str, value: torch.Tensor) -> None:
+        """A loaded ``scale``: one value, checked as the constructor checks it (a NaN, 0 or
+        negative scale loaded: NaN, constant or inverted losses)."""
+        if name == "scale":
+            if value.numel() != 1:
+                raise ValueError(f"scale must hold one value, got shape {tuple(value.shape)}")
+            check_optional_logit_scale(value.double().item(), "scale")
+        super().check_statistic(name, value)
+
     @classmethod
     def shard_kwargs(cls, num_classes: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A shard's loss starts from the scale of all ``num_classes`` (when not given)."""

@@ -19,7 +19,6 @@ from pml_margins.validation import (
     check_angle_margin,
     check_in_interval,
     check_logit_scale,
-    check_non_negative,
 )
 
 __all__ = [
@@ -30,6 +29,8 @@ __all__ = [
     "adaface_update_statistics",
 ]
 
+#: the largest float32
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 #: the feature norms are clipped to this range before any statistic (the authors' code)
 NORM_RANGE = (0.001, 100.0)
 
@@ -162,7 +163,8 @@ class AdaFaceLoss(ClassWeightLoss):
     hyperparameter_names = ("margin", "h", "scale", "t_alpha", "eps")
     statistic_buffers = ("batch_mean", "batch_std")
     margin = Hyperparameter(check_angle_margin)
-    h = Hyperparameter(check_non_negative)
+    # h only scales a clipped ratio: any value float32 holds (beyond, inf: 0 * inf = NaN)
+    h = Hyperparameter(partial(check_in_interval, low=0.0, high=FLOAT32_MAX))
     scale = Hyperparameter(check_logit_scale)
     t_alpha = Hyperparameter(partial(check_in_interval, low=0.0, high=1.0))
     eps = Hyperparameter(_check_eps)
@@ -185,6 +187,12 @@ class AdaFaceLoss(ClassWeightLoss):
         super().__init__(num_classes, embedding_size, **kwargs)
         self.register_buffer("batch_mean", torch.tensor(20.0))
         self.register_buffer("batch_std", torch.tensor(100.0))
+
+    def check_statistic(self, name: str, value: torch.Tensor) -> None:
+        """A loaded ``batch_std`` must be finite and ``>= 0`` (the norms' spread)."""
+        super().check_statistic(name, value)
+        if name == "batch_std" and bool((value < 0).any()):
+            raise ValueError(f"batch_std must be >= 0 (a standard deviation), got {value}")
 
     @contextmanager
     def prepare_step(

@@ -23,6 +23,24 @@ class FloatStatisticsMixin:
     #: names of the running-statistic buffers (absent or non-buffer names are skipped)
     statistic_buffers: tuple[str, ...] = ()
 
+    def check_statistic(self, name: str, value: torch.Tensor) -> None:
+        """``ValueError`` for a value of the statistic ``name`` that a state dict may not
+        load (default: NaN or Inf); a subclass adds its own bounds."""
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"{type(self).__name__}'s state dict holds a non-finite {name} "
+                f"({value.flatten()[:4].tolist()}...): it would give NaN losses"
+            )
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        """The statistics checked (:meth:`check_statistic`) before anything loads: a copy
+        into the buffer (``load_state_dict``'s default) took any value."""
+        for name in self.statistic_buffers:
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_meta:
+                self.check_statistic(name, value.detach())
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         buffers = self._buffers  # type: ignore[attr-defined]
         kept = {

@@ -16,12 +16,13 @@ from pml_margins.losses.elasticface import elastic_arc_target
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
+    MAX_LOGIT_TERM,
     check_angle_margin,
     check_bool,
+    check_in_interval,
     check_logit_offset,
     check_logit_scale,
     check_ordered,
-    check_positive,
 )
 
 __all__ = ["MagFaceLoss", "magface_margin", "magface_regularizer", "magface_target"]
@@ -161,7 +162,9 @@ class MagFaceLoss(ClassWeightLoss):
 
     def set_ranges(self, l_a: float, u_a: float, l_m: float, u_m: float) -> None:
         """Set the norm range ``[l_a, u_a]`` and margin range ``[l_m, u_m]`` (checked together)."""
-        l_a, u_a = check_positive(l_a, "l_a"), check_positive(u_a, "u_a")
+        # norms within what 1/a and u_a^2 (the regulariser) keep finite in float32
+        l_a = check_in_interval(l_a, "l_a", 1 / MAX_LOGIT_TERM, MAX_LOGIT_TERM)
+        u_a = check_in_interval(u_a, "u_a", 1 / MAX_LOGIT_TERM, MAX_LOGIT_TERM)
         l_m, u_m = check_angle_margin(l_m, "l_m"), check_angle_margin(u_m, "u_m")
         check_ordered(l_a, u_a, "l_a", "u_a")
         if u_m < l_m:

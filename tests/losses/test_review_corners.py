@@ -22,12 +22,16 @@ from pml_margins.functional import (
     sphereface_value_and_slope,
 )
 from pml_margins.losses import (
+    AdaCosLoss,
+    AdaFaceLoss,
     ArcFaceLoss,
     CenterLoss,
     CircleLoss,
     CombinedMarginLoss,
     CosFaceLoss,
+    CurricularFaceLoss,
     ElasticFaceLoss,
+    MagFaceLoss,
     SphereFaceLoss,
     SubCenterArcFaceLoss,
 )
@@ -231,3 +235,43 @@ def test_meta_arguments_of_the_functional_entry_points_are_named():
     loss.bias = torch.nn.Parameter(torch.zeros(6, **meta))
     with pytest.raises(ValueError, match="SoftmaxLoss's bias: a tensor on the meta device"):
         loss(x, y)
+
+
+@pytest.mark.parametrize(
+    ("make", "key", "value", "match"),
+    [
+        (lambda: AdaCosLoss(5, 4, dynamic=False), "scale", math.nan, "scale must be finite"),
+        (lambda: AdaCosLoss(5, 4), "scale", -3.0, "scale must be > 0"),
+        (lambda: AdaCosLoss(5, 4), "scale", 0.0, "scale must be > 0"),
+        (lambda: AdaFaceLoss(5, 4), "batch_std", math.nan, "non-finite batch_std"),
+        (lambda: AdaFaceLoss(5, 4), "batch_std", -1.0, "batch_std must be >= 0"),
+        (lambda: AdaFaceLoss(5, 4), "batch_mean", math.inf, "non-finite batch_mean"),
+        (lambda: CurricularFaceLoss(5, 4), "t", math.nan, "non-finite t"),
+        (lambda: CenterLoss(5, 4), "centers", math.nan, "non-finite centers"),
+    ],
+)
+def test_a_state_dict_cannot_load_a_statistic_that_breaks_the_loss(make, key, value, match):
+    """load_state_dict copied any value into the running statistics (a NaN scale: NaN
+    losses; -3: an inverted softmax, 2.19), where the setter and assign=True refused it."""
+    loss = make()
+    state = loss.state_dict()
+    before = state[key].clone()
+    state[key] = torch.full_like(state[key], value)
+    with pytest.raises(ValueError, match=match):
+        loss.load_state_dict(state)
+    assert torch.equal(loss.state_dict()[key], before)  # nothing loaded
+    state[key] = before + 1.0  # a valid value loads
+    loss.load_state_dict(state)
+    assert torch.equal(loss.state_dict()[key], before + 1.0)
+
+
+def test_norm_hyper_parameters_beyond_float32_are_refused():
+    """MagFace u_a = 1e39 failed in clamp (float32 overflow), l_a = 1e-50 gave an inf loss
+    for a zero row; AdaFace h = 1e39 gave NaN (0 * inf)."""
+    for make, name in [
+        (lambda: MagFaceLoss(5, 4, u_a=1e39), "u_a"),
+        (lambda: MagFaceLoss(5, 4, l_a=1e-50), "l_a"),
+        (lambda: AdaFaceLoss(5, 4, h=1e39), "h"),  # (1e20 is valid: test_bad_input.py)
+    ]:
+        with pytest.raises(ValueError, match=f"{name} must lie in"):
+            make()
