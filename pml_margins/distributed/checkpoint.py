@@ -329,6 +329,7 @@ def load_into(loss: ShardedMarginSoftmaxLoss, shard: Checkpoint) -> None:
             f"shard has embedding_size {shard['embedding_size']}, the loss {loss.embedding_size}"
         )
     _check_state_fits(loss.loss, shard["state_dict"])
+    loss.loss.check_statistics(shard["state_dict"])  # (before the hyper-parameters change)
     same_world = shard.get("world_size") == loss.world_size
     if same_world:
         loss.check_sampler_state(shard.get("sampler_state"))

@@ -138,8 +138,9 @@ def _sampler_from_seed_if_absent(
 ) -> None:
     """A state dict saved without the sampler (``_extra_state``, before it was kept there)
     loads as one whose sampler starts from the seed; one saved by a shard of other classes
-    (rank 0's, loaded on every rank), tensors of another kind (a bool ``W``) or a loss on
-    the meta device are refused before anything is loaded, as by
+    (rank 0's, loaded on every rank), tensors of another kind (a bool ``W``), running
+    statistics the loss refuses or a loss on the meta device are refused before anything
+    is loaded, as by
     :func:`.checkpoint.load_into`."""
     extra = state_dict.setdefault(f"{prefix}_extra_state", {"sampler_state": None})
     shard = extra.get("shard") if isinstance(extra, dict) else None
@@ -153,6 +154,8 @@ def _sampler_from_seed_if_absent(
     own = module.loss.state_dict()
     inner = f"{prefix}loss."
     check_loadable(own, {k[len(inner) :]: v for k, v in state_dict.items() if k.startswith(inner)})
+    module.loss.check_statistics(state_dict, inner)  # (the loss's own check runs after
+    # this module's extra state, the sampler, has loaded)
 
 
 class ShardedMarginSoftmaxLoss(torch.nn.Module):
@@ -280,8 +283,6 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         reason = self.loss.sharding_unsupported()
         if reason is not None:
             raise ValueError(reason)
-        if hasattr(self.loss, "share_draws"):  # a loss that draws per row (ElasticFace):
-            self.loss.share_draws = partial(broadcast_from_first_, group=group)  # rank 0's
         for name in ("weight_regularizer", "embedding_regularizer"):
             if getattr(self.loss, name, None) is not None:
                 raise ValueError(f"{name} is not supported by {type(self).__name__}")
@@ -531,15 +532,24 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             )
             self.sampled_classes = index + self.class_start
         logits, scale = self._local_logits(all_emb, index)
-        with CHECKED_BY_CALLER:  # the forward checked the batch; each row has one owner
-            losses = sharded_margin_softmax_cross_entropy(
-                logits,
-                target,
-                self.loss.target_logit_fn(),
-                scale,
-                self.group,
-                non_target_logit_fn=self.loss.non_target_logit_fn(),
-            )
+        # a loss that draws per row (ElasticFace) uses the group's first rank's draws, set
+        # for this call only (the loss itself keeps no process group: it pickles)
+        shares = hasattr(self.loss, "share_draws")
+        if shares:
+            self.loss.share_draws = partial(broadcast_from_first_, group=self.group)
+        try:
+            with CHECKED_BY_CALLER:  # the forward checked the batch; each row has one owner
+                losses = sharded_margin_softmax_cross_entropy(
+                    logits,
+                    target,
+                    self.loss.target_logit_fn(),
+                    scale,
+                    self.group,
+                    non_target_logit_fn=self.loss.non_target_logit_fn(),
+                )
+        finally:
+            if shares:
+                self.loss.share_draws = None
         extra = self.loss.extra_losses(all_emb, all_labels)
         if extra is None:
             return losses

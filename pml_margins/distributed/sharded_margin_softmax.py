@@ -211,17 +211,23 @@ def sharded_margin_softmax_cross_entropy(
         if isinstance(scale, torch.Tensor):  # one per row (check_scale expands a 0-dim one)
             scale = scale.to(dtype).expand(logits.shape[0]).reshape(-1, 1)
         base = logits
-        if non_target_logit_fn is not None:
+        if non_target_logit_fn is not None:  # (in the compute dtype, as the other cores)
             base = elementwise_result(non_target_logit_fn(logits), logits, "non_target_logit_fn")
+            base = base.to(dtype)
         scaled = scale_logits(base, scale)
         target = local_target.long()
-        if target_logit_fn is not None:
+        if target_logit_fn is not None or non_target_logit_fn is not None:
+            # the owned target entries: psi of their base logit (the identity when None,
+            # also where a non-target function changed the others)
             rows = torch.nonzero(target >= 0).squeeze(1)
             cols = target[rows]
             owned_scale = scale[rows].squeeze(1) if isinstance(scale, torch.Tensor) else scale
             # every row's slot, so that per-row closures line up; only the owned rows are kept
             every_row = logits.new_zeros(logits.shape[0]).index_put((rows,), logits[rows, cols])
-            psi = elementwise_result(target_logit_fn(every_row), every_row, "target_logit_fn")
+            psi = every_row
+            if target_logit_fn is not None:
+                psi = target_logit_fn(every_row)
+                psi = elementwise_result(psi, every_row, "target_logit_fn").to(dtype)
             psi = psi[rows] * owned_scale
             scaled.index_put_((rows, cols), psi)  # mul's backward needs no output
         return _ShardedSoftmaxCrossEntropy.apply(scaled, target, group, count_owners)

@@ -353,9 +353,10 @@ def class_columns(classes: torch.Tensor, per_class: int) -> torch.Tensor:
     return (classes.unsqueeze(1) * per_class + offsets).flatten()
 
 
-#: the largest number scale the blocked paths take with float16 products, which take the
-#: scaled embeddings ``s x`` (``|s x_k| <= s``; products up to ``s``) as an operand
-FLOAT16_FOLDED_SCALE_MAX = 2**15
+#: the largest number scale the blocked paths take with float16 products when these take
+#: the scaled embeddings ``s x`` as an operand (products up to ``s``): float16's largest
+#: (a per-row tensor scale is not read: a host read per step)
+FLOAT16_FOLDED_SCALE_MAX = 65504.0
 
 
 def _float_tensor(value: object, name: str) -> torch.Tensor:
@@ -505,7 +506,7 @@ def fused_margin_softmax_cross_entropy(
         embeddings, labels, num_classes, weight.shape[0], width_name="W's rows"
     )
     labels = labels.long()
-    if sample_rate < 1 and (is_batched(labels) or is_batched(embeddings)):
+    if sample_rate < 1 and is_batched(labels):  # (the draw reads the labels only)
         raise ValueError(  # (torch.unique has no batching rule: vmap's internal error)
             "sample_rate < 1 draws a set of classes per call, which torch.func.vmap cannot "
             "batch: call per sample outside vmap, or use sample_rate=1 under it"
@@ -576,9 +577,13 @@ def fused_margin_softmax_cross_entropy(
         scale = check_scale(scale_fn(config.cosines.blocks), rows)
     scale_tensor = scale if isinstance(scale, torch.Tensor) else None
     config.scale = 1.0 if isinstance(scale, torch.Tensor) else float(scale)
-    if config.mm_dtype == torch.float16 and config.scale > FLOAT16_FOLDED_SCALE_MAX:
+    if (
+        config.mm_dtype == torch.float16
+        and config.fold_scale
+        and config.scale > FLOAT16_FOLDED_SCALE_MAX
+    ):
         raise ValueError(  # the blocks' products take s x: beyond float16's 65504, NaN
-            f"scale {config.scale:g} is above {FLOAT16_FOLDED_SCALE_MAX} with float16 "
+            f"scale {config.scale:g} is above {FLOAT16_FOLDED_SCALE_MAX:g} with float16 "
             "products (autocast): the scaled operand leaves float16's range; use a smaller "
             "scale, bfloat16 autocast or none"
         )

@@ -35,11 +35,16 @@ class FloatStatisticsMixin:
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         """The statistics checked (:meth:`check_statistic`) before anything loads: a copy
         into the buffer (``load_state_dict``'s default) took any value."""
+        self.check_statistics(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
+
+    def check_statistics(self, state_dict: Any, prefix: str = "") -> None:
+        """:meth:`check_statistic` of each statistic in ``state_dict`` (keys ``prefix +
+        name``; any real dtype: an integer one is copied into the buffer too)."""
         for name in self.statistic_buffers:
             value = state_dict.get(prefix + name)
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_meta:
+            if isinstance(value, torch.Tensor) and not value.is_meta and not value.is_complex():
                 self.check_statistic(name, value.detach())
-        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         buffers = self._buffers  # type: ignore[attr-defined]

@@ -229,6 +229,14 @@ def test_fused_sample_rate_under_vmap_is_a_clear_error():
 
     with pytest.raises(ValueError, match=r"torch\.func\.vmap cannot batch"):
         vmap(grad(one))(x, y)
+
+    # vmap over the embeddings alone draws from the same labels: it works (a first version
+    # refused it)
+    def per_set(xs):
+        return fused_margin_softmax_cross_entropy(xs, w, y, None, 10.0, sample_rate=0.5).sum()
+
+    both = vmap(per_set, randomness="same")(torch.stack([x, 2 * x + 1]))
+    assert both.shape == (2,) and torch.isfinite(both).all()
     draw = torch.Generator().manual_seed(0)
     assert (
         grad(
@@ -252,6 +260,26 @@ def test_float16_products_refuse_a_scale_beyond_their_range():
     for opts in ({"materialize": False}, {"chunk_size": 64}):
         with torch.autocast("cpu", dtype=torch.float16):
             got = fused_margin_softmax_cross_entropy(x, w, y, None, 3e4, **opts)
-            with pytest.raises(ValueError, match="above 32768 with float16 products"):
+            with pytest.raises(ValueError, match="above 65504 with float16 products"):
                 fused_margin_softmax_cross_entropy(x, w, y, None, 1e5, **opts)
         torch.testing.assert_close(got.double(), reference, rtol=2e-3, atol=0)
+
+
+def test_sharded_core_with_only_a_non_target_function_equals_the_single_process_one():
+    """The sharded core kept phi(z_y) at the target too (8.715 for 12.617) and raised an
+    index_put dtype error for a psi returning float32 on float64 logits."""
+    from pml_margins.distributed import sharded_margin_softmax_cross_entropy
+    from pml_margins.functional import margin_softmax_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 6, dtype=torch.float64, generator=g).tanh()
+    y = torch.tensor([0, 5, 2, 2])
+
+    def phi(c):
+        return c * 0.5 - 0.1
+
+    for psi in (None, lambda c: (c - 0.2).float()):
+        expected = margin_softmax_cross_entropy(z, y, psi, 10.0, non_target_logit_fn=phi)
+        got = sharded_margin_softmax_cross_entropy(z, y, psi, 10.0, non_target_logit_fn=phi)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected)

@@ -275,3 +275,60 @@ def test_norm_hyper_parameters_beyond_float32_are_refused():
     ]:
         with pytest.raises(ValueError, match=f"{name} must lie in"):
             make()
+
+
+def test_an_integer_statistic_is_checked_too():
+    """An int64 scale of -5 skipped the (floating-only) check and loaded as -5.0."""
+    loss = AdaCosLoss(5, 4)
+    state = loss.state_dict()
+    state["scale"] = torch.tensor(-5)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        loss.load_state_dict(state)
+    adaface = AdaFaceLoss(5, 4)
+    state = adaface.state_dict()
+    state["batch_std"] = torch.tensor(-3)
+    with pytest.raises(ValueError, match="batch_std must be >= 0"):
+        adaface.load_state_dict(state)
+
+
+def test_a_refused_sharded_load_changes_nothing():
+    """The sharded loss loaded its sampler state before its inner loss refused a NaN
+    scale; load_into restored the shard's hyper-parameters before the refusal."""
+    import copy
+
+    from pml_margins.distributed import load_into, shard_checkpoint
+
+    sharded = ShardedMarginSoftmaxLoss(AdaCosLoss, 100, 4, sample_rate=0.5, rank=0, world_size=1)
+    before = copy.deepcopy(sharded.state_dict())
+    state = copy.deepcopy(before)
+    state["loss.scale"] = torch.tensor(math.nan, dtype=torch.float64)
+    sharded(torch.randn(8, 4), torch.randint(0, 100, (8,)))  # the sampler moves on
+    moved = copy.deepcopy(sharded.state_dict())
+    with pytest.raises(ValueError, match="scale must be finite"):
+        sharded.load_state_dict(state)
+    after = sharded.state_dict()
+    sampler_states = (s["_extra_state"]["sampler_state"] for s in (after, moved, before))
+    now, then, initial = sampler_states
+    assert torch.equal(now, then) and not torch.equal(now, initial)
+    assert torch.equal(after["loss.scale"], moved["loss.scale"])
+
+    adaface = ShardedMarginSoftmaxLoss(AdaFaceLoss, 10, 4, margin=0.4, rank=0, world_size=1)
+    shard = shard_checkpoint(adaface)
+    shard["loss_kwargs"]["margin"] = 0.3
+    shard["state_dict"]["batch_std"] = torch.tensor(-1.0)
+    with pytest.raises(ValueError, match="batch_std must be >= 0"):
+        load_into(adaface, shard)
+    assert adaface.loss.margin == 0.4
+
+
+def test_a_sharded_elasticface_keeps_no_process_group():
+    """The inner loss held a broadcast bound to the process group: deepcopy and pickle of
+    it failed on a subgroup (ProcessGroup does not pickle)."""
+    import copy
+    import pickle
+
+    sharded = ShardedMarginSoftmaxLoss(ElasticFaceLoss, 10, 4, rank=0, world_size=1)
+    sharded(torch.randn(6, 4), torch.arange(6))
+    assert sharded.loss.share_draws is None and sharded.loss.last_margins is not None
+    pickle.dumps(sharded.loss)
+    copy.deepcopy(sharded.loss)
