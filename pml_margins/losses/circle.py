@@ -90,7 +90,11 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
       ``ref_labels`` is ``labels`` (PML's rule, also for another ``ref_emb``);
     * one difference: PML returns 0 whenever every index tensor has at most one
       element (e.g. one positive and one negative pair); here such a set gives
-      its real loss.
+      its real loss;
+    * another: the per-anchor losses are ``(B,)`` (PML's are ``(B, 1)``), so
+      ``ClassWeightedReducer`` gives the class-weighted mean (PML broadcasts its
+      weights against them into a ``B x B`` mean: 293.10 where the weighted mean is
+      272.84) and ``DoNothingReducer`` returns ``(B,)``.
 
     Defaults are the paper's face-recognition setting (PML defaults to
     ``m = 0.4, gamma = 80``: pass them explicitly when comparing).

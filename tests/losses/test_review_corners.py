@@ -332,3 +332,17 @@ def test_a_sharded_elasticface_keeps_no_process_group():
     assert sharded.loss.share_draws is None and sharded.loss.last_margins is not None
     pickle.dumps(sharded.loss)
     copy.deepcopy(sharded.loss)
+
+
+def test_circle_with_class_weights_is_the_class_weighted_mean():
+    """Documented difference: PML's (B, 1) per-anchor losses broadcast against the
+    weights (a B x B mean); ours are (B,), so the reducer gives the weighted mean."""
+    from pytorch_metric_learning.reducers import ClassWeightedReducer, DoNothingReducer
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.arange(16) % 4
+    weights = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    losses = CircleLoss(m=0.4, gamma=80, reducer=DoNothingReducer())(x, y)["loss"]["losses"]
+    assert losses.shape == (16,)
+    weighted = CircleLoss(m=0.4, gamma=80, reducer=ClassWeightedReducer(weights))(x, y)
+    torch.testing.assert_close(weighted, (losses * weights[y]).mean())
