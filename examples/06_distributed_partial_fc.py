@@ -13,8 +13,8 @@ per step (Partial FC). After training the script
 
 Data: synthetic, many classes (each class a random centre in 32 dimensions, its
 samples the centre plus noise), so the script runs anywhere with no download.
-To train on real data, replace ``make_split`` (the glyph set of the benchmark, once
-it lands on main, is the natural switch: ``pml_margins.bench``'s dataset registry).
+To train on real data, replace ``make_split`` (the benchmark's glyph set is the natural
+switch: ``pml_margins.bench``'s dataset registry).
 
 Run (CPU, gloo; on GPUs the backend is NCCL and each rank takes ``cuda:LOCAL_RANK``)::
 
