@@ -37,14 +37,23 @@ class FloatStatisticsMixin:
         into the buffer (``load_state_dict``'s default) took any value."""
         self.check_statistics(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
+        buffers = self._buffers  # type: ignore[attr-defined]
+        for name in self.statistic_buffers:  # assign=True takes the state dict's tensor:
+            value = buffers.get(name)  # an integer or half one would stall (see above)
+            if value is not None and not value.is_meta:
+                if not value.is_floating_point() or value.dtype in (torch.float16, torch.bfloat16):
+                    buffers[name] = value.float()
 
     def check_statistics(self, state_dict: Any, prefix: str = "") -> None:
         """:meth:`check_statistic` of each statistic in ``state_dict`` (keys ``prefix +
-        name``; any real dtype: an integer one is copied into the buffer too)."""
+        name``; any real dtype, which the load makes float; complex: ``ValueError``)."""
         for name in self.statistic_buffers:
             value = state_dict.get(prefix + name)
-            if isinstance(value, torch.Tensor) and not value.is_meta and not value.is_complex():
-                self.check_statistic(name, value.detach())
+            if not isinstance(value, torch.Tensor) or value.is_meta:
+                continue
+            if value.is_complex():  # (a copy would drop the imaginary part, unchecked)
+                raise ValueError(f"{name} must be real, got a {value.dtype} tensor")
+            self.check_statistic(name, value.detach())
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         buffers = self._buffers  # type: ignore[attr-defined]

@@ -346,3 +346,23 @@ def test_circle_with_class_weights_is_the_class_weighted_mean():
     assert losses.shape == (16,)
     weighted = CircleLoss(m=0.4, gamma=80, reducer=ClassWeightedReducer(weights))(x, y)
     torch.testing.assert_close(weighted, (losses * weights[y]).mean())
+
+
+def test_complex_statistics_are_refused_and_assigned_ones_stay_float():
+    """A complex NaN t loaded (its real part copied, unchecked); with assign=True an int64
+    or bfloat16 statistic replaced the float buffer, where a moving average stalls (an
+    int64 t stayed 0 over 50 steps)."""
+    loss = CurricularFaceLoss(10, 4)
+    state = loss.state_dict()
+    with pytest.raises(ValueError, match="t must be real"):
+        loss.load_state_dict({**state, "t": torch.tensor(complex(math.nan, 0))})
+    for dtype in (torch.int64, torch.bfloat16):
+        for assign in (False, True):
+            fresh = CurricularFaceLoss(10, 4)
+            fresh.load_state_dict({**state, "t": torch.tensor(0).to(dtype)}, assign=assign)
+            assert fresh.t.dtype == torch.float32 or fresh.t.dtype == state["t"].dtype
+            assert fresh.t.is_floating_point() and fresh.t.dtype != torch.bfloat16
+    adaface = AdaFaceLoss(5, 4)
+    adaface.load_state_dict({**adaface.state_dict(), "batch_mean": torch.tensor(20)}, assign=True)
+    adaface(torch.randn(6, 4) * 30, torch.arange(6) % 5)
+    assert adaface.batch_mean.is_floating_point() and float(adaface.batch_mean) != 20.0
