@@ -126,14 +126,23 @@ def test_a_loss_pickled_before_its_attributes_were_checked_still_works():
 
 @pytest.mark.parametrize(
     "value",
-    [torch.tensor(5), torch.tensor([5.0]), torch.tensor(5.0, requires_grad=True)],
+    [
+        torch.tensor(5),
+        torch.tensor([5.0]),
+        torch.tensor(5.0, requires_grad=True),
+        torch.tensor(5.0, dtype=torch.float16),
+    ],
 )
-def test_an_adacos_scale_tensor_must_be_a_0_dim_float_statistic(value):
+def test_an_adacos_scale_tensor_is_held_as_a_statistic(value):
+    """One real value becomes a 0-dim statistic without graph, float32 at least (a first
+    version refused these mid-load under assign=True, after W had been replaced)."""
     loss = AdaCosLoss(5, 4)
-    with pytest.raises(ValueError, match="0-dim floating tensor without grad"):
-        loss.scale = value
-    loss.scale = torch.tensor(5.0, dtype=torch.float16)
+    loss.scale = value
+    assert loss.scale.shape == () and not loss.scale.requires_grad
     assert loss.scale.dtype == torch.float32 and float(loss.scale) == 5.0
+    for bad in (torch.tensor([5.0, 6.0]), torch.tensor(5 + 0j)):
+        with pytest.raises(ValueError, match="scale must be one real value"):
+            loss.scale = bad
 
 
 def _real_hyperparameters():

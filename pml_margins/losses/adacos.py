@@ -161,25 +161,34 @@ class AdaCosLoss(ClassWeightLoss):
     def __setattr__(self, name: str, value: Any) -> None:
         """``loss.scale = value`` (a fixed scale set by hand) is checked as the constructor
         checks it (a NaN, 0 or negative tensor was taken, ``None`` failed at the next
-        forward): a number goes into the buffer's dtype and device, a 0-dim floating
-        tensor is kept as given (``load_state_dict(assign=True)``; half precision becomes
-        float32, as :attr:`statistic_buffers` are kept)."""
+        forward): a number goes into the buffer's dtype and device (and is checked as held
+        there), a tensor of one real value is kept as a statistic is
+        (``load_state_dict(assign=True)``: 0-dim, no graph, float32 at least, as
+        :attr:`statistic_buffers` are kept)."""
         if name == "scale" and "scale" in self.__dict__.get("_buffers", {}):
             if value is None:
                 raise TypeError("scale must be a number > 0 (None is for the constructor only)")
-            if isinstance(value, torch.Tensor):  # as given (load_state_dict(assign=True))
-                if value.ndim or not value.is_floating_point() or value.requires_grad:
-                    raise ValueError(
-                        "scale must be a 0-dim floating tensor without grad (the running "
-                        f"scale is a statistic, not a parameter), got {value!r}"
+            if isinstance(value, torch.Tensor):  # as given (load_state_dict(assign=True)),
+                if value.numel() != 1 or value.is_complex():  # held as a statistic: no
+                    raise ValueError(  # graph, float32 at least, 0-dim
+                        f"scale must be one real value (the running scale), got {value!r}"
                     )
+                if value.requires_grad:
+                    value = value.detach()
+                if value.ndim:
+                    value = value.reshape(())
+                if not value.is_floating_point() or value.dtype in (
+                    torch.float16,
+                    torch.bfloat16,
+                ):
+                    value = value.float()
                 if value.device.type != "meta":  # a meta tensor holds no value to check
                     check_optional_logit_scale(value.double().item(), "scale")
-                if value.dtype in (torch.float16, torch.bfloat16):  # a statistic: float32
-                    value = value.float()
-            else:  # a number: into the buffer's dtype and device
+            else:  # a number: into the buffer's dtype and device, checked as held there
                 checked = check_optional_logit_scale(value, "scale")
                 value = torch.tensor(checked, dtype=torch.float64).to(self._buffers["scale"])
+                if value.device.type != "meta":  # (1e-300 in float32 is 0)
+                    check_optional_logit_scale(value.double().item(), "scale")
         super().__setattr__(name, value)
 
     def check_statistic(self, name: str, value: torch.Tensor) -> None:

@@ -39,10 +39,9 @@ class FloatStatisticsMixin:
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
         buffers = self._buffers  # type: ignore[attr-defined]
         for name in self.statistic_buffers:  # assign=True takes the state dict's tensor:
-            value = buffers.get(name)  # an integer or half one would stall (see above)
-            if value is not None and not value.is_meta:
-                if not value.is_floating_point() or value.dtype in (torch.float16, torch.bfloat16):
-                    buffers[name] = value.float()
+            value = buffers.get(name)  # an integer or half one would stall (see above),
+            if value is not None and not value.is_meta:  # one with a graph fail in place
+                buffers[name] = _as_statistic(value)
 
     def check_statistics(self, state_dict: Any, prefix: str = "") -> None:
         """:meth:`check_statistic` of each statistic in ``state_dict`` (keys ``prefix +
@@ -53,7 +52,16 @@ class FloatStatisticsMixin:
                 continue
             if value.is_complex():  # (a copy would drop the imaginary part, unchecked)
                 raise ValueError(f"{name} must be real, got a {value.dtype} tensor")
-            self.check_statistic(name, value.detach())
+            value = value.detach()
+            self.check_statistic(name, value)
+            # as it will be held: copied into the buffer's dtype (1e300 into float32 is
+            # inf, 1e-300 is 0), or, assigned, float32 at least
+            current = self._buffers.get(name)  # type: ignore[attr-defined]
+            held = {_as_statistic(value).dtype}
+            if current is not None and current.is_floating_point():
+                held.add(current.dtype)
+            for dtype in held - {value.dtype}:
+                self.check_statistic(name, value.to(dtype))
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         buffers = self._buffers  # type: ignore[attr-defined]
@@ -68,3 +76,11 @@ class FloatStatisticsMixin:
             if value is not None and value.dtype in (torch.float16, torch.bfloat16):
                 buffers[name] = before.to(device=value.device, dtype=torch.float32)
         return self
+
+
+def _as_statistic(value: torch.Tensor) -> torch.Tensor:
+    """``value`` as a running statistic is held: no graph, float32 at least."""
+    value = value.detach() if value.requires_grad else value
+    if not value.is_floating_point() or value.dtype in (torch.float16, torch.bfloat16):
+        return value.float()
+    return value

@@ -366,3 +366,32 @@ def test_complex_statistics_are_refused_and_assigned_ones_stay_float():
     adaface.load_state_dict({**adaface.state_dict(), "batch_mean": torch.tensor(20)}, assign=True)
     adaface(torch.randn(6, 4) * 30, torch.arange(6) % 5)
     assert adaface.batch_mean.is_floating_point() and float(adaface.batch_mean) != 20.0
+
+
+def test_statistics_are_checked_as_they_will_be_held():
+    """1e300 checked in float64 loaded as inf into a float32 buffer (NaN losses); 1e-300
+    as an AdaCos scale of 0 in a half loss (a constant loss), also set as a number; an
+    int scale under assign=True failed mid-load after W was replaced; a statistic with a
+    graph loaded and failed in the next forward's in-place update."""
+    curricular = CurricularFaceLoss(5, 4)
+    with pytest.raises(ValueError, match="non-finite t"):
+        curricular.load_state_dict(
+            {**curricular.state_dict(), "t": torch.tensor(1e300, dtype=torch.float64)}
+        )
+    with pytest.raises(ValueError, match="non-finite centers"):
+        CenterLoss(5, 4).load_state_dict(
+            {"centers": torch.full((5, 4), 1e300, dtype=torch.float64)}
+        )
+    half = AdaCosLoss(5, 4, dynamic=False).half()
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        half.load_state_dict({**half.state_dict(), "scale": torch.tensor(1e-300).double()})
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        half.scale = 1e-300
+    adacos = AdaCosLoss(5, 4)
+    adacos.load_state_dict({"W": torch.zeros(4, 5), "scale": torch.tensor(5)}, assign=True)
+    assert adacos.scale.dtype == torch.float32 and float(adacos.scale) == 5.0
+    curricular.load_state_dict(
+        {**curricular.state_dict(), "t": torch.tensor(0.1, requires_grad=True)}, assign=True
+    )
+    assert not curricular.t.requires_grad
+    curricular(torch.randn(6, 4), torch.arange(6) % 5)  # the in-place update runs
