@@ -17,7 +17,10 @@ copy fails with a message naming the files expected.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tarfile
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -340,6 +343,24 @@ def check_dataset_folder(name: str, root: str | os.PathLike[str], max_listed: in
         )
 
 
+def _eight_bit(image: Any) -> Any:
+    """A 16-bit grayscale image (Pillow's ``I;16*`` modes, or ``I`` within 16 bits) as
+    8-bit ``L``: Pillow's RGB conversion clips them at 255 (a 0-65535 ramp came out 98 %
+    white). Other 32-bit modes (``I`` beyond 16 bits, ``F``) have no fixed range: refused."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" or values.min() < 0 or values.max() > 65535:
+            name = getattr(image, "filename", "") or "an image"
+            raise ValueError(
+                f"cannot read image {name}: mode {image.mode} has no fixed range (not 8 or "
+                "16 bits per channel); save it as an 8- or 16-bit image"
+            )
+        return Image.fromarray(np.round(values / 257.0).astype(np.uint8))  # mode L
+    return image
+
+
 class ImageToTensor:
     """PIL image -> RGB float tensor ``(3, size, size)``, ImageNet-normalized.
 
@@ -359,7 +380,7 @@ class ImageToTensor:
         from PIL import Image
 
         try:  # Pillow reads lazily: a truncated file fails here, not where it was opened
-            image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+            image = _eight_bit(image).convert("RGB").resize((self.size, self.size), Image.BILINEAR)
         except (OSError, SyntaxError) as err:
             name = getattr(image, "filename", "") or "an image"
             raise ValueError(f"cannot read image {name}: {err}") from None
@@ -412,6 +433,21 @@ class RemapLabels:
         return len(self.mapping)
 
 
+def _remove_download_leftovers(root: str, existed: bool) -> None:
+    """Remove what a failed download put in ``root`` (missing or empty before it)."""
+    if not os.path.isdir(root):
+        return
+    if not existed:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+
+
 def load_image_dataset(
     name: str,
     root: str | os.PathLike[str],
@@ -448,11 +484,14 @@ def load_image_dataset(
         existed = os.path.isdir(root)
         try:  # PML downloads inside the constructor, then reads the split files
             classes[name](root=root, split="train", download=True)
-        except OSError as err:  # offline, a refused connection, a full disk (URLError too)
-            if not existed and os.path.isdir(root) and not os.listdir(root):
-                os.rmdir(root)  # what PML made before failing
+        except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as err:
+            # offline, a refused connection, a full disk (URLError too), an HTML page or a
+            # cut-off archive: what this attempt left (root was missing or empty) goes, or
+            # the next --download would find root not empty and skip the download
+            _remove_download_leftovers(root, existed)
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise DatasetFolderError(
-                f"{name.upper()} download into {root} failed: {str(err).splitlines()[0]}"
+                f"{name.upper()} download into {root} failed: {reason}"
             ) from None
     check_dataset_folder(name, root)
     transform = transform or ImageToTensor(image_size)
@@ -470,6 +509,11 @@ def load_image_dataset(
                 f"{name.upper()} folder {folder} has "
                 f"no {split} images (its index files list none of the official {split} split)"
             )
+    if np.unique(np.asarray(test.labels), return_counts=True)[1].max() < 2:
+        raise DatasetFolderError(
+            f"{name.upper()} folder {folder}: no test class has two images, so no query has "
+            "a relevant reference (every retrieval metric would be empty)"
+        )
     splits = {"train": train, "test": test}
     checked = ("train", "test") if checked_splits is None else checked_splits
     checked = (checked,) if isinstance(checked, str) else tuple(checked)

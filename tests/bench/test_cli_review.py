@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import tarfile
 import urllib.error
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -383,3 +385,68 @@ def test_a_path_pillow_quotes_as_its_repr_is_shown_once(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as err:
         check_image_headers([str(bad)])
     assert str(err.value) == f"cannot read image {bad}: cannot identify image file (1 of 1 images)"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        zipfile.BadZipFile("File is not a zip file"),
+        tarfile.ReadError("not a gzip file"),
+        EOFError("Compressed file ended before the end-of-stream marker was reached"),
+        ConnectionResetError("connection reset"),
+    ],
+    ids=["html-page", "not-gzip", "cut-off", "reset"],
+)
+def test_a_failed_download_of_any_kind_is_one_line_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    """An HTML page or a cut-off archive was a traceback (status 1); a partial archive
+    stayed in --data-root, so the next --download was skipped (root not empty) and the
+    error told the user to pass --download."""
+    from pytorch_metric_learning import datasets
+
+    def broken(root: str, **_: object) -> None:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / "CUB_200_2011.tgz").write_bytes(b"<html>partial")
+        raise failure
+
+    monkeypatch.setattr(datasets, "CUB", broken)
+    for root in (tmp_path / "new", tmp_path / "empty"):
+        if root.name == "empty":
+            root.mkdir()
+        argv = ["bench", "--dataset", "cub", "--data-root", str(root), "--download", *CUB]
+        with pytest.raises(SystemExit, match=r"CUB download into .* failed: "):
+            run_cli([*argv, "--out", str(tmp_path / "out")])
+        assert not root.exists() or not list(root.iterdir())
+
+
+def test_a_test_split_without_any_pair_is_refused(fake_sop: Path, tmp_path: Path) -> None:
+    """Every test class with one image: the run exited 0 with all-empty metrics."""
+    listing = fake_sop / "Stanford_Online_Products" / "Ebay_test.txt"
+    lines = listing.read_text().splitlines()
+    seen, kept = set(), [lines[0]]
+    for line in lines[1:]:
+        if line.split()[1] not in seen:
+            seen.add(line.split()[1])
+            kept.append(line)
+    listing.write_text("\n".join(kept) + "\n")
+    argv = ["bench", "--dataset", "sop", "--data-root", str(fake_sop), *CUB]
+    with pytest.raises(SystemExit, match="no test class has two images"):
+        run_cli([*argv, "--out", str(tmp_path / "out")])
+
+
+def test_sixteen_bit_grayscale_images_keep_their_values(tmp_path: Path) -> None:
+    """Pillow's RGB conversion clipped a 0-65535 ramp at 255 (98 % white)."""
+    import numpy as np
+    from PIL import Image
+
+    from pml_margins.bench.data import ImageToTensor
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "r16.png")
+    Image.fromarray(np.round(ramp / 257).astype(np.uint8)).save(tmp_path / "r8.png")
+    wide = ImageToTensor(8)(Image.open(tmp_path / "r16.png"))
+    narrow = ImageToTensor(8)(Image.open(tmp_path / "r8.png"))
+    torch.testing.assert_close(wide, narrow)
+    with pytest.raises(ValueError, match="mode F has no fixed range"):
+        ImageToTensor(8)(Image.fromarray(np.zeros((4, 4), dtype=np.float32)))
