@@ -206,8 +206,9 @@ class RetrievalMetricsCallback(pl.Callback):
         recall_ks, include, k: passed to :func:`~pml_margins.adapters.retrieval_calculator`.
         accuracy_calculator: use this PML ``AccuracyCalculator`` instead.
         prefix: prepended to every logged name, e.g. ``"val/"``. Two callbacks of a
-            trainer (one per validation dataloader) need different prefixes: Lightning
-            would average values logged under one name (``ValueError`` at setup).
+            trainer (one per validation dataloader) that log a metric in common need
+            different prefixes: Lightning would average values logged under one name
+            (``ValueError`` at setup).
         dataloader_idx: which validation dataloader to evaluate (``ValueError`` at the
             first validation epoch when there is no such dataloader).
     """

@@ -129,20 +129,34 @@ def test_a_loss_pickled_before_its_attributes_were_checked_still_works():
     [
         torch.tensor(5),
         torch.tensor([5.0]),
-        torch.tensor(5.0, requires_grad=True),
         torch.tensor(5.0, dtype=torch.float16),
     ],
 )
 def test_an_adacos_scale_tensor_is_held_as_a_statistic(value):
-    """One real value becomes a 0-dim statistic without graph, float32 at least (a first
-    version refused these mid-load under assign=True, after W had been replaced)."""
+    """One real value becomes a 0-dim statistic, float32 at least (a first version refused
+    these mid-load under assign=True, after W had been replaced); a graph (a Parameter: a
+    learned scale would silently not train), a bool or several values are refused, also
+    before a load changes anything."""
     loss = AdaCosLoss(5, 4)
     loss.scale = value
     assert loss.scale.shape == () and not loss.scale.requires_grad
     assert loss.scale.dtype == torch.float32 and float(loss.scale) == 5.0
-    for bad in (torch.tensor([5.0, 6.0]), torch.tensor(5 + 0j)):
-        with pytest.raises(ValueError, match="scale must be one real value"):
+    bad_values = (
+        torch.tensor([5.0, 6.0]),
+        torch.tensor(5 + 0j),
+        torch.tensor(True),
+        torch.tensor(5.0, requires_grad=True),
+        torch.nn.Parameter(torch.tensor(7.0)),
+    )
+    for bad in bad_values:
+        with pytest.raises(ValueError, match="scale must be one real value without grad"):
             loss.scale = bad
+        fresh = AdaCosLoss(5, 4)
+        weight = fresh.W.detach().clone()
+        refused = r"scale must be one real value without grad|must be real"
+        with pytest.raises(ValueError, match=refused):
+            fresh.load_state_dict({"W": torch.zeros(4, 5), "scale": bad}, assign=True)
+        assert torch.equal(fresh.W, weight)
 
 
 def _real_hyperparameters():

@@ -21,6 +21,7 @@ import shutil
 import sys
 import tarfile
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -484,15 +485,18 @@ def load_image_dataset(
         existed = os.path.isdir(root)
         try:  # PML downloads inside the constructor, then reads the split files
             classes[name](root=root, split="train", download=True)
-        except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as err:
+        except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error) as err:
             # offline, a refused connection, a full disk (URLError too), an HTML page or a
-            # cut-off archive: what this attempt left (root was missing or empty) goes, or
-            # the next --download would find root not empty and skip the download
+            # cut-off or corrupt archive: what this attempt left (root was missing or
+            # empty) goes, or the next --download would find root not empty and skip it
             _remove_download_leftovers(root, existed)
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise DatasetFolderError(
                 f"{name.upper()} download into {root} failed: {reason}"
             ) from None
+        except BaseException:  # Ctrl-C and anything else: the leftovers go too
+            _remove_download_leftovers(root, existed)
+            raise
     check_dataset_folder(name, root)
     transform = transform or ImageToTensor(image_size)
     try:

@@ -95,6 +95,17 @@ def adacos_scale_from_statistics(
         return torch.where(new > 0, new, current)  # s' <= 0 (B_avg <= 1): keep s
 
 
+def _check_scale_tensor(value: torch.Tensor) -> None:
+    """``ValueError`` unless ``value`` can be AdaCos's running scale: one real, non-bool
+    value without a graph (a statistic, not a parameter: a learned scale is
+    ``logit_scale()``, see the README)."""
+    if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool or value.requires_grad:
+        raise ValueError(
+            "scale must be one real value without grad (the running scale is a statistic, "
+            f"not a parameter), got {value!r}"
+        )
+
+
 class AdaCosLoss(ClassWeightLoss):
     r"""AdaCos (Zhang et al., CVPR 2019, arXiv:1905.00292): cosine softmax, scale set for you.
 
@@ -168,13 +179,8 @@ class AdaCosLoss(ClassWeightLoss):
         if name == "scale" and "scale" in self.__dict__.get("_buffers", {}):
             if value is None:
                 raise TypeError("scale must be a number > 0 (None is for the constructor only)")
-            if isinstance(value, torch.Tensor):  # as given (load_state_dict(assign=True)),
-                if value.numel() != 1 or value.is_complex():  # held as a statistic: no
-                    raise ValueError(  # graph, float32 at least, 0-dim
-                        f"scale must be one real value (the running scale), got {value!r}"
-                    )
-                if value.requires_grad:
-                    value = value.detach()
+            if isinstance(value, torch.Tensor):  # (load_state_dict(assign=True) too): held
+                _check_scale_tensor(value)  # as a statistic, 0-dim, float32 at least
                 if value.ndim:
                     value = value.reshape(())
                 if not value.is_floating_point() or value.dtype in (
@@ -195,8 +201,7 @@ class AdaCosLoss(ClassWeightLoss):
         """A loaded ``scale``: one value, checked as the constructor checks it (a NaN, 0 or
         negative scale loaded: NaN, constant or inverted losses)."""
         if name == "scale":
-            if value.numel() != 1:
-                raise ValueError(f"scale must hold one value, got shape {tuple(value.shape)}")
+            _check_scale_tensor(value)
             check_optional_logit_scale(value.double().item(), "scale")
         super().check_statistic(name, value)
 

@@ -52,8 +52,8 @@ class FloatStatisticsMixin:
                 continue
             if value.is_complex():  # (a copy would drop the imaginary part, unchecked)
                 raise ValueError(f"{name} must be real, got a {value.dtype} tensor")
+            self.check_statistic(name, value)  # (as given: a subclass may refuse a graph)
             value = value.detach()
-            self.check_statistic(name, value)
             # as it will be held: copied into the buffer's dtype (1e300 into float32 is
             # inf, 1e-300 is 0), or, assigned, float32 at least
             current = self._buffers.get(name)  # type: ignore[attr-defined]

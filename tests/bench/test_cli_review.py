@@ -6,6 +6,7 @@ from __future__ import annotations
 import tarfile
 import urllib.error
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -393,9 +394,10 @@ def test_a_path_pillow_quotes_as_its_repr_is_shown_once(tmp_path: Path) -> None:
         zipfile.BadZipFile("File is not a zip file"),
         tarfile.ReadError("not a gzip file"),
         EOFError("Compressed file ended before the end-of-stream marker was reached"),
+        zlib.error("Error -3 while decompressing data: invalid distance too far back"),
         ConnectionResetError("connection reset"),
     ],
-    ids=["html-page", "not-gzip", "cut-off", "reset"],
+    ids=["html-page", "not-gzip", "cut-off", "corrupt-deflate", "reset"],
 )
 def test_a_failed_download_of_any_kind_is_one_line_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
@@ -450,3 +452,23 @@ def test_sixteen_bit_grayscale_images_keep_their_values(tmp_path: Path) -> None:
     torch.testing.assert_close(wide, narrow)
     with pytest.raises(ValueError, match="mode F has no fixed range"):
         ImageToTensor(8)(Image.fromarray(np.zeros((4, 4), dtype=np.float32)))
+
+
+def test_an_interrupted_download_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C left the partial archive: the next --download was skipped."""
+    from pytorch_metric_learning import datasets
+
+    from pml_margins.bench.data import load_image_dataset
+
+    def interrupted(root: str, **_: object) -> None:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / "CUB_200_2011.tgz").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets, "CUB", interrupted)
+    root = tmp_path / "dl"
+    with pytest.raises(KeyboardInterrupt):
+        load_image_dataset("cub", root, download=True)
+    assert not root.exists()
