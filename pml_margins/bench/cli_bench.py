@@ -183,10 +183,12 @@ def _float_word(raw: str) -> Any:
 def one_line(err: BaseException) -> str:
     """The line of an error's message that says what went wrong: the first, or for an
     error that a DataLoader worker wrapped ("Caught ... in DataLoader worker process 0"
-    and the worker's traceback) the original exception's last line, which names it."""
+    and the worker's traceback) the original exception's last line, which names it, without
+    its ``Type:`` prefix (the same line as with no workers)."""
     lines = [line for line in str(err).splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
-        return lines[-1].strip()
+        last = lines[-1].strip()
+        return re.sub(r"^[A-Za-z_][\w.]*(Error|Exception|Warning): ", "", last) or last
     return lines[0] if lines else type(err).__name__
 
 

@@ -472,3 +472,20 @@ def test_an_interrupted_download_leaves_nothing(
     with pytest.raises(KeyboardInterrupt):
         load_image_dataset("cub", root, download=True)
     assert not root.exists()
+
+
+def test_a_worker_error_line_reads_as_without_workers() -> None:
+    """With --num-workers 2 a corrupt image's line kept the worker's "ValueError: "
+    prefix, which the same error without workers has not."""
+    from pml_margins.bench.cli_bench import one_line
+
+    wrapped = RuntimeError(
+        "Caught ValueError in DataLoader worker process 0.\n"
+        "Original Traceback (most recent call last):\n"
+        '  File "data.py", line 1, in __getitem__\n'
+        "ValueError: cannot read image a.jpg: broken data stream"
+    )
+    assert one_line(wrapped) == "cannot read image a.jpg: broken data stream"
+    assert one_line(ValueError("cannot read image a.jpg: x")) == "cannot read image a.jpg: x"
+    odd = RuntimeError("Caught KeyError in DataLoader worker process 1.\nTraceback\nKeyError: 3")
+    assert one_line(odd) == "3"
