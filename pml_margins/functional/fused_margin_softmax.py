@@ -467,8 +467,7 @@ def fused_margin_softmax_cross_entropy(
         materialize = None if materialize is None else check_bool(materialize, "materialize")
         check_generator(generator)
     check_tensor(embeddings, "embeddings")
-    if check_tensor(weight, "weight").dtype not in FLOAT_DTYPES:
-        raise TypeError(f"weight must have dtype {FLOAT_DTYPE_NAMES}, got {weight.dtype}")
+    _float_tensor(weight, "weight")
     if embeddings.ndim != 2 or weight.ndim != 2 or embeddings.shape[1] != weight.shape[0]:
         raise ValueError(
             f"embeddings (B, D) and weight (D, C) do not match: "

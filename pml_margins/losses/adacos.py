@@ -13,6 +13,7 @@ import torch
 from pml_margins.functional.autograd_only import refuse_update_in_function_transform
 from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
+from pml_margins.losses.float_statistics import as_statistic
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
@@ -181,13 +182,7 @@ class AdaCosLoss(ClassWeightLoss):
                 raise TypeError("scale must be a number > 0 (None is for the constructor only)")
             if isinstance(value, torch.Tensor):  # (load_state_dict(assign=True) too): held
                 _check_scale_tensor(value)  # as a statistic, 0-dim, float32 at least
-                if value.ndim:
-                    value = value.reshape(())
-                if not value.is_floating_point() or value.dtype in (
-                    torch.float16,
-                    torch.bfloat16,
-                ):
-                    value = value.float()
+                value = as_statistic(value.reshape(()) if value.ndim else value)
                 if value.device.type != "meta":  # a meta tensor holds no value to check
                     check_optional_logit_scale(value.double().item(), "scale")
             else:  # a number: into the buffer's dtype and device, checked as held there

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FloatStatisticsMixin"]
+__all__ = ["FloatStatisticsMixin", "as_statistic"]
 
 
 class FloatStatisticsMixin:
@@ -41,7 +41,7 @@ class FloatStatisticsMixin:
         for name in self.statistic_buffers:  # assign=True takes the state dict's tensor:
             value = buffers.get(name)  # an integer or half one would stall (see above),
             if value is not None and not value.is_meta:  # one with a graph fail in place
-                buffers[name] = _as_statistic(value)
+                buffers[name] = as_statistic(value)
 
     def check_statistics(self, state_dict: Any, prefix: str = "") -> None:
         """:meth:`check_statistic` of each statistic in ``state_dict`` (keys ``prefix +
@@ -57,7 +57,7 @@ class FloatStatisticsMixin:
             # as it will be held: copied into the buffer's dtype (1e300 into float32 is
             # inf, 1e-300 is 0), or, assigned, float32 at least
             current = self._buffers.get(name)  # type: ignore[attr-defined]
-            held = {_as_statistic(value).dtype}
+            held = {as_statistic(value).dtype}
             if current is not None and current.is_floating_point():
                 held.add(current.dtype)
             for dtype in held - {value.dtype}:
@@ -78,7 +78,7 @@ class FloatStatisticsMixin:
         return self
 
 
-def _as_statistic(value: torch.Tensor) -> torch.Tensor:
+def as_statistic(value: torch.Tensor) -> torch.Tensor:
     """``value`` as a running statistic is held: no graph, float32 at least."""
     value = value.detach() if value.requires_grad else value
     if not value.is_floating_point() or value.dtype in (torch.float16, torch.bfloat16):
