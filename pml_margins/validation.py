@@ -298,6 +298,7 @@ def check_embeddings(
     width_name: str = "embedding_size",
     checks: ValueChecks | None = None,
     compute_dtype: torch.dtype | None = None,
+    norms_taken: bool = True,
 ) -> torch.Tensor:
     """Check a ``(N, D)`` floating tensor with finite values and return it.
 
@@ -306,9 +307,10 @@ def check_embeddings(
     finiteness check joins ``checks`` when given (the caller runs them), else it
     runs at once (unless :func:`value_checks` is off). It also refuses finite rows
     whose squared norm overflows ``compute_dtype`` (default: float64 for float64
-    input, else float32), where every normalization and norm gives a wrong number:
-    the sum of the squares is the one value read back, and only where it overflows
-    are the rows' norms computed.
+    input, else float32), where every normalization and norm gives a wrong number
+    (unless ``norms_taken=False``: the caller takes no norm of the rows, a raw dot
+    product's logits, say): the sum of the squares is the one value read back, and only
+    where it overflows are the rows' norms computed.
 
     Raises:
         TypeError: not a tensor, or not a floating dtype.
@@ -342,6 +344,8 @@ def check_embeddings(
     def not_finite() -> ValueError | None:
         if not bool(torch.isfinite(detached).all()):
             return ValueError(f"{name} contains NaN or Inf values")
+        if not norms_taken:
+            return None
         return _norm_overflow(detached.reshape(-1, detached.shape[-1]), name, compute_dtype)
 
     def on_host() -> list[float] | None:
@@ -826,15 +830,17 @@ def check_class_loss_input(
     ref_labels: object,
     hint: str = "",
     compute_dtype: torch.dtype | None = None,
+    norms_taken: bool = True,
 ) -> None:
     """The forward checks of a loss that compares embeddings with per-class vectors.
 
     Rejects ``ref_emb``/``ref_labels`` unless they are the batch's own ``embeddings``
     and ``labels`` objects (PML's ``ref_not_supported`` rule; naming what the loss
-    compares with, then ``hint``), checks the embeddings' width (and their norms
-    against ``compute_dtype``), requires labels in ``[0, num_classes)`` and checks a
-    miner's ``indices_tuple`` against the batch. The value checks are read back in one
-    host synchronisation (none while :func:`value_checks` is off).
+    compares with, then ``hint``), checks the embeddings' width (and, if
+    ``norms_taken``, their norms against ``compute_dtype``), requires labels in
+    ``[0, num_classes)`` and checks a miner's ``indices_tuple`` against the batch. The
+    value checks are read back in one host synchronisation (none while
+    :func:`value_checks` is off).
     """
     if other_reference(embeddings, labels, ref_emb, ref_labels):
         raise ValueError(
@@ -847,7 +853,11 @@ def check_class_loss_input(
         return
     checks = ValueChecks()
     embeddings = check_embeddings(
-        embeddings, width=embedding_size, checks=checks, compute_dtype=compute_dtype
+        embeddings,
+        width=embedding_size,
+        checks=checks,
+        compute_dtype=compute_dtype,
+        norms_taken=norms_taken,
     )
     if labels is None:
         raise ValueError(f"{loss_name} requires labels")

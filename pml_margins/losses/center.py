@@ -19,6 +19,7 @@ from pml_margins.losses.hyperparameter import (
     Hyperparameter,
     HyperparameterAttributes,
 )
+from pml_margins.losses.pml_calls import record_distance_stats
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
     check_choice,
@@ -187,6 +188,7 @@ class CenterLoss(
         ref_labels: torch.Tensor,
     ) -> dict[str, dict[str, Any]]:
         centers = self.centers.to(embeddings.device)
+        record_distance_stats(self.distance, embeddings, centers)  # (no call of it: as PML's)
         with CHECKED_BY_CALLER:  # checked by forward
             losses = center_distances(embeddings, centers, labels.to(embeddings.device))
         weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)

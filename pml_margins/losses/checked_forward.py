@@ -7,8 +7,10 @@ from collections.abc import Callable
 import torch
 from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer
 from pytorch_metric_learning.utils import common_functions as c_f
+from torch.nn.utils import parametrize
 
 from pml_margins.function_transforms import in_function_transform
+from pml_margins.losses.pml_calls import runs_as_its_class
 
 __all__ = ["CheckedForwardMixin"]
 
@@ -35,14 +37,18 @@ class CheckedForwardMixin:
     :class:`pml_margins.validation.ValueChecks`).
 
     With PML's default reduction and nothing that PML's plumbing would add (the
-    reducer exactly a ``MeanReducer`` collecting no statistics, no regularizers, one
-    loss of per-element values), the mean is taken here: what PML's ``forward``
-    returns then, ``torch.mean`` of the losses, without its reducer's bookkeeping
-    (about 50 us a step, a tenth of a small problem's step on CPU), from
-    :meth:`_element_losses` where the loss defines it (no loss dict, no index tensor).
+    reducer exactly a ``MeanReducer`` collecting no statistics, with no hook or method
+    replaced on it, no regularizers, one loss of per-element values), the mean is taken
+    here: what PML's ``forward`` returns then, ``torch.mean`` of the losses, without its
+    reducer's bookkeeping (about 50 us a step, a tenth of a small problem's step on
+    CPU), from :meth:`_element_losses` where the loss defines it (no loss dict, no index tensor).
     Inside a ``torch.func`` transform an ``AvgNonZeroReducer`` (Circle's default; its own bounds,
     ``low=0`` and no ``high``) is applied here too, in fixed shapes
     (:func:`mean_of_positive`), so that ``vmap`` can batch it.
+
+    A parametrized loss (``torch.nn.utils.parametrize`` on ``W``, say) is evaluated inside
+    ``parametrize.cached()``: one value of each parametrized tensor per call, however many
+    times the loss reads it (a random one, DropConnect's, would otherwise differ per read).
     """
 
     def check_inputs(
@@ -65,6 +71,19 @@ class CheckedForwardMixin:
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The reduced loss (PML's ``forward``) after :meth:`check_inputs`."""
+        if "parametrizations" in self._modules:  # type: ignore[attr-defined]
+            with parametrize.cached():  # (see the class docstring)
+                return self._checked_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return self._checked_forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _checked_forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
         direct = self._direct_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if direct is not None:
             return direct
@@ -126,19 +145,22 @@ class CheckedForwardMixin:
         """What PML's ``forward`` would return from the element losses, when it is one
         function of them (see the class docstring); else ``None``."""
         reducer = self.reducer  # type: ignore[attr-defined]
-        if (
-            reducer.collect_stats
-            or getattr(self, "embedding_regularizer", None) is not None
-            or getattr(self, "weight_regularizer", None) is not None
-        ):
-            return None
         if type(reducer) is MeanReducer:
-            return torch.mean
-        if (
+            reduce = torch.mean
+        elif (
             type(reducer) is AvgNonZeroReducer
             and reducer.low == 0
             and reducer.high is None
             and in_function_transform()
         ):
-            return mean_of_positive
-        return None
+            reduce = mean_of_positive
+        else:  # (any other reducer, a duck-typed module too: PML's call of it)
+            return None
+        if (
+            reducer.collect_stats
+            or getattr(self, "embedding_regularizer", None) is not None
+            or getattr(self, "weight_regularizer", None) is not None
+            or not runs_as_its_class(reducer)  # a hook on it: PML's call fires it
+        ):
+            return None
+        return reduce

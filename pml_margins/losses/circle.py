@@ -21,6 +21,7 @@ from pml_margins.functional.circle import (
 from pml_margins.functional.margin_softmax import autocast_off, compute_dtype
 from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.hyperparameter import Hyperparameter, HyperparameterAttributes
+from pml_margins.losses.pml_calls import runs_as_its_class
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
     ValueChecks,
@@ -243,7 +244,7 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
     def similarity(self, embeddings: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
         """``(B, R)`` cosine similarities, as ``self.distance(embeddings, ref_emb)``.
 
-        For PML's plain ``CosineSimilarity`` (no stats, ``p = 2``, ``power = 1``) the
+        For PML's plain ``CosineSimilarity`` (no stats, ``p = 2``, ``power = 1``, no hooks) the
         rows are scaled by their reciprocal norm (same eps as ``F.normalize``) and the
         batch is normalized once when it is its own reference: the same values to
         rounding, with a cheaper backward. Any other configuration calls the distance.
@@ -256,9 +257,13 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
         embeddings = embeddings.to(dtype)
         ref_emb = embeddings if same else ref_emb.to(dtype)
         with autocast_off(embeddings.device.type):
-            if type(dist) is not CosineSimilarity or dist.collect_stats or dist.power != 1:
-                return dist(embeddings, ref_emb)
-            if dist.p != 2:
+            if (
+                type(dist) is not CosineSimilarity
+                or dist.collect_stats
+                or dist.power != 1
+                or dist.p != 2
+                or not runs_as_its_class(dist)  # a hook on it: PML's call fires it
+            ):
                 return dist(embeddings, ref_emb)
             query = _unit_rows(embeddings)
             ref = query if same else _unit_rows(ref_emb)

@@ -39,6 +39,7 @@ from pml_margins.functional.margin_softmax import (
 from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.float_statistics import FloatStatisticsMixin
 from pml_margins.losses.hyperparameter import Hyperparameter, HyperparameterAttributes
+from pml_margins.losses.pml_calls import record_distance_stats, runs_as_its_class
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
@@ -271,9 +272,16 @@ class ClassWeightLoss(
         return FusedLogits(normalize, normalize, self.logit_scale(embeddings))
 
     def _fused_form(self, embeddings: torch.Tensor) -> FusedLogits | None:
-        """:meth:`fused_logits`, unless :meth:`_logits_redefined`: then ``None``, the plain
-        path, which calls the methods as they are."""
-        return None if self._logits_redefined() else self.fused_logits(embeddings)
+        """:meth:`fused_logits`, unless :meth:`_logits_redefined`, or in default mode the
+        distance has a hook or a method replaced on it: then ``None``, the plain path, which
+        calls the methods and the distance as they are (as PML's loss calls them; with
+        ``chunk_size``/``sample_rate`` the distance is never called: no ``B x C`` matrix)."""
+        if self._logits_redefined():
+            return None
+        default_mode = self.chunk_size is None and self.sample_rate == 1.0
+        if default_mode and not runs_as_its_class(self.distance):
+            return None
+        return self.fused_logits(embeddings)
 
     def _logits_redefined(self) -> bool:
         """Whether the logits' methods are redefined without a :meth:`fused_logits` that
@@ -381,15 +389,9 @@ class ClassWeightLoss(
     def _record_distance_stats(self, embeddings: torch.Tensor) -> None:
         """PML's distance statistics (the query and reference norms before and after its
         normalization) when the distance collects them: the fused core never calls it."""
-        distance = self.distance
-        if not distance.collect_stats:
-            return
-        with torch.no_grad():
-            query, ref = self.distance_inputs(embeddings.detach())
-            distance.reset_stats()
-            distance.set_default_stats(
-                query, ref, distance.maybe_normalize(query), distance.maybe_normalize(ref)
-            )
+        if self.distance.collect_stats:  # (before W is read: a parametrization runs per read)
+            with torch.no_grad():
+                record_distance_stats(self.distance, *self.distance_inputs(embeddings.detach()))
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``cos(theta_ij)`` between each embedding and each class weight, via ``self.distance``."""
@@ -402,12 +404,20 @@ class ClassWeightLoss(
             return self.compute_dtype(embeddings)
         return None
 
+    def _norms_taken(self) -> bool:
+        """Whether the logits take the embeddings' norms (their check then refuses rows
+        whose squared norm overflows): all but a raw inner product's (``SoftmaxLoss``'s
+        default, ``DotProductSimilarity(normalize_embeddings=False)``)."""
+        distance = self.distance
+        return not (is_plain_inner_product(distance) and not distance.normalize_embeddings)
+
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Classification logits without margin (``s * z``), shape ``(B, C)``."""
         check_embeddings(
             embeddings,
             width=self.embedding_size,
             compute_dtype=self._checked_compute_dtype(embeddings),
+            norms_taken=self._norms_taken(),
         )
         logits, scale = self.base_logits(embeddings)
         if isinstance(scale, torch.Tensor):
@@ -436,6 +446,7 @@ class ClassWeightLoss(
             ref_labels,
             hint=" (use a pair-based loss such as CircleLoss for that)",
             compute_dtype=self._checked_compute_dtype(embeddings),
+            norms_taken=self._norms_taken(),
         )
 
     def compute_loss(

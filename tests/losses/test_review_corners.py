@@ -3,6 +3,7 @@ under forward-mode AD, duplicate positive keys."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -395,3 +396,59 @@ def test_statistics_are_checked_as_they_will_be_held():
     )
     assert not curricular.t.requires_grad
     curricular(torch.randn(6, 4), torch.arange(6) % 5)  # the in-place update runs
+
+
+@pytest.mark.parametrize("mode", [{}, {"chunk_size": 2}], ids=["default", "chunked"])
+def test_a_raw_dot_product_takes_rows_whose_squared_norm_overflows(mode) -> None:
+    """SoftmaxLoss's logits ``x . w + b`` take no norm: a float32 row of norm 2e19 (its
+    square overflows) has finite logits, and the loss is plain cross-entropy's (it was
+    refused: "normalizing it gives a wrong number"). Where the loss normalizes the rows
+    the refusal stays."""
+    from pytorch_metric_learning.distances import DotProductSimilarity
+
+    from pml_margins.losses import NormSoftmaxLoss, SoftmaxLoss
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 8) * 1e-3, torch.tensor([0, 1, 2, 3])
+    x[0, 0] = 2e19
+    loss = SoftmaxLoss(5, 8, **mode)
+    expected = torch.nn.functional.cross_entropy(x.double() @ loss.W.double() + loss.bias, y)
+    torch.testing.assert_close(loss(x, y).double(), expected, rtol=1e-5, atol=0)
+    raw = DotProductSimilarity(normalize_embeddings=False)
+    nsl = NormSoftmaxLoss(5, 8, scale=20.0, distance=raw, **mode)
+    reference = pml_losses.NormalizedSoftmaxLoss(5, 8, distance=raw)
+    reference.load_state_dict(nsl.state_dict())
+    torch.testing.assert_close(nsl(x, y), reference(x, y))
+    for normalized in (CosFaceLoss(5, 8, **mode), NormSoftmaxLoss(5, 8, **mode)):
+        with pytest.raises(ValueError, match=r"row 0 has norm .*: its square overflows"):
+            normalized(x, y)
+
+
+def test_a_random_parametrization_of_w_is_drawn_once_per_forward() -> None:
+    """A DropConnect-style parametrization of ``W`` ran at each of a forward's reads
+    (CurricularFace: 4 on the default path, 6 on the plain one), and the loss matched no
+    single draw (6.4476 / 5.3390 against 4.1382 for the first): one draw per call now."""
+    from pml_margins import autograd_only
+
+    draws: list[torch.Tensor] = []
+
+    class DropConnect(torch.nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            kept = weight * (torch.rand_like(weight) > 0.3)
+            draws.append(kept.detach().clone())
+            return kept
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 4, 0])
+    for plain in (False, True):
+        for make in (CurricularFaceLoss, CosFaceLoss, AdaCosLoss):
+            loss = make(5, 4)
+            torch.nn.utils.parametrize.register_parametrization(loss, "W", DropConnect())
+            fixed = make(5, 4)
+            draws.clear()
+            with autograd_only() if plain else contextlib.nullcontext():
+                value = loss(x, y)
+                assert len(draws) == 1, (make.__name__, plain)
+                with torch.no_grad():
+                    fixed.W.copy_(draws[0])
+                torch.testing.assert_close(value, fixed(x, y))
