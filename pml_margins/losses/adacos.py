@@ -208,16 +208,30 @@ class AdaCosLoss(ClassWeightLoss):
         return kwargs
 
     def logit_scale(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """The current scale, once per row (no host synchronisation)."""
+        """The current scale, once per row (no host synchronisation). Within a step whose
+        update was deferred to the core, a path that asks here instead makes the update
+        first (from the step's statistics): the step's loss has the step's scale
+        whichever path forms it."""
+        if self._deferred is not None:
+            self._update_scale(self._deferred)
         return self.scale.detach().clone().expand(embeddings.shape[0])
 
     def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
         """The default form; within a step that defers the update, the scale is a callable
         (:meth:`_scale_from_cosines`) that the fused core calls with its cosines."""
-        form = super().fused_logits(embeddings)
-        if form is None or self._deferred is None:
+        deferred, self._deferred = self._deferred, None  # (the default form's scale: not
+        try:  # the update, which the callable makes)
+            form = super().fused_logits(embeddings)
+        finally:
+            self._deferred = deferred
+        if form is None or deferred is None:
             return form
         return replace(form, scale=self._scale_from_cosines)
+
+    def _update_scale(self, statistics: StepStatistics) -> None:
+        """The step's update from ``statistics``, once (the deferral ends)."""
+        self.scale.copy_(adacos_scale_from_statistics(statistics, self.scale))
+        self._deferred = None
 
     @contextmanager
     def prepare_step(
@@ -246,8 +260,8 @@ class AdaCosLoss(ClassWeightLoss):
         self._deferred = statistics
         try:
             yield
-            if self._deferred is statistics:  # the core never asked (a subclass's own path)
-                self.scale.copy_(adacos_scale_from_statistics(statistics, self.scale))
+            if self._deferred is statistics:  # no path asked for the scale (a subclass's own)
+                self._update_scale(statistics)
         finally:
             self._deferred = None
 
@@ -257,8 +271,7 @@ class AdaCosLoss(ClassWeightLoss):
         if statistics is None:
             raise RuntimeError("AdaCos's deferred scale was called outside its step")
         statistics.set_class_cosines(blocks)
-        self.scale.copy_(adacos_scale_from_statistics(statistics, self.scale))
-        self._deferred = None  # once per step
+        self._update_scale(statistics)  # once per step
         return self.scale.detach().clone().expand(blocks[0].shape[0])
 
     def extra_repr(self) -> str:

@@ -11,6 +11,8 @@ add a margin.
 from __future__ import annotations
 
 import math
+import types
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -77,7 +79,16 @@ _LOGIT_METHODS = ("base_logits", "cosine", "weights_for")
 def _redefined(loss: ClassWeightLoss, name: str) -> bool:
     """Whether ``loss``'s method ``name`` is not :class:`ClassWeightLoss`'s own as defined
     below (a subclass's, a mixin's, one set on the instance or patched on the class)."""
-    return getattr(getattr(loss, name), "__func__", None) is not _BASE_METHODS[name]
+    return not runs_method(loss, name, _BASE_METHODS[name])
+
+
+def runs_method(obj: object, name: str, function: Callable[..., Any]) -> bool:
+    """Whether ``obj.name`` is ``function`` bound to ``obj`` (not a subclass's method, nor
+    a callable set on the instance). Spelled so that ``torch.compile`` traces it as Python
+    runs it (its ``getattr(bound, "__func__", None)`` gave ``None``: every method looked
+    redefined inside a compiled forward, outside it not)."""
+    bound = getattr(obj, name)
+    return isinstance(bound, types.MethodType) and bound.__func__ is function
 
 
 class ClassWeightLoss(
@@ -290,8 +301,8 @@ class ClassWeightLoss(
         if type(self).fused_logits is ClassWeightLoss._not_fused:
             return True
         declared = type(self)._declared_logits
-        return any(
-            getattr(getattr(self, name), "__func__", None) is not method
+        return not all(
+            runs_method(self, name, method)
             for name, method in zip(_LOGIT_METHODS, declared, strict=True)
         )
 

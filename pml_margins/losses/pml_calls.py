@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.nn.modules import module as torch_module
 
 __all__ = ["record_distance_stats", "runs_as_its_class"]
 
 
-@functools.cache
+#: per class, the names of its callable attributes (a dict: ``torch.compile`` traces it)
+_CLASS_CALLABLES: dict[type, frozenset[str]] = {}
+
+
 def _class_callables(cls: type) -> frozenset[str]:
     """The names of ``cls``'s callable attributes (its methods)."""
-    return frozenset(name for name in dir(cls) if callable(getattr(cls, name, None)))
+    names = _CLASS_CALLABLES.get(cls)
+    if names is None:
+        names = frozenset(name for name in dir(cls) if callable(getattr(cls, name, None)))
+        _CLASS_CALLABLES[cls] = names
+    return names
 
 
 def runs_as_its_class(module: torch.nn.Module) -> bool:

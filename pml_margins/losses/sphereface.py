@@ -13,7 +13,11 @@ from pml_margins.functional.target_logits import (
     sphereface_psi,
     sphereface_value_and_slope,
 )
-from pml_margins.losses.class_weight_loss import ClassWeightLoss, is_plain_inner_product
+from pml_margins.losses.class_weight_loss import (
+    ClassWeightLoss,
+    is_plain_inner_product,
+    runs_method,
+)
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
     check_integer_margin,
@@ -94,9 +98,8 @@ class SphereFaceLoss(ClassWeightLoss):
         if (
             self.scale is not None
             or not cosines
-            or any(
-                getattr(getattr(self, name), "__func__", None) is not method
-                for name, method in _NORM_SCALE_METHODS.items()
+            or not all(
+                runs_method(self, name, method) for name, method in _NORM_SCALE_METHODS.items()
             )
         ):
             return super().fused_logits(embeddings)

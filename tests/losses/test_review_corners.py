@@ -452,3 +452,23 @@ def test_a_random_parametrization_of_w_is_drawn_once_per_forward() -> None:
                 with torch.no_grad():
                     fixed.W.copy_(draws[0])
                 torch.testing.assert_close(value, fixed(x, y))
+
+
+def test_compiled_code_sees_the_methods_python_sees() -> None:
+    """``getattr(bound, "__func__", None)`` gave ``None`` under torch.compile: every loss's
+    logits looked redefined there (a compiled forward took the plain path), and SphereFace's
+    norm scale undeclared."""
+    from pml_margins.losses.class_weight_loss import _BASE_METHODS, _redefined
+
+    def flags(loss) -> list[bool]:
+        hooks = [_redefined(loss, name) for name in _BASE_METHODS]
+        return [loss._logits_redefined(), loss._fused_form(torch.zeros(2, 4)) is None, *hooks]
+
+    for loss in (ArcFaceLoss(3, 4), SphereFaceLoss(3, 4), AdaCosLoss(3, 4)):
+        for patched in (False, True):
+            if patched:
+                loss.base_logits = lambda embeddings: None
+            compiled = torch.compile(lambda loss=loss: flags(loss), backend="eager")
+            torch._dynamo.reset()
+            assert compiled() == flags(loss), (type(loss).__name__, patched)
+            assert flags(loss)[0] is patched
