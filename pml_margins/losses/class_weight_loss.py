@@ -374,6 +374,10 @@ class ClassWeightLoss(
         weight = check_not_meta(self.W, f"{type(self).__name__}'s class weights W")
         return compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype))
 
+    def weight_columns(self) -> int:
+        """The columns of ``W``: one per class (Sub-center ArcFace: ``K`` per class)."""
+        return self.num_classes
+
     def feature_norms(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``(B,)`` embedding norms in :meth:`compute_dtype`, outside autocast."""
         return row_norms(embeddings, self.compute_dtype(embeddings))
@@ -410,7 +414,20 @@ class ClassWeightLoss(
         return self.distance(embeddings.to(weights.dtype), weights.t())
 
     def _checked_compute_dtype(self, embeddings: object) -> torch.dtype | None:
-        """:meth:`compute_dtype` for the norm check, ``None`` for input the checks refuse."""
+        """:meth:`compute_dtype` for the norm check, ``None`` for input the checks refuse;
+        first, at the entry of a forward (or :meth:`get_logits`), ``ValueError`` for a
+        ``W`` of another shape than ``(embedding_size, weight_columns())`` where the logits
+        are the class's own (``W`` or ``num_classes`` replaced after construction: a
+        wider ``W`` trained more classes than ``num_classes`` says, a narrower one failed
+        in an index error)."""
+        weight = self.W
+        expected = (self.embedding_size, self.weight_columns())
+        if weight.shape != expected and not self._logits_redefined():
+            raise ValueError(
+                f"{type(self).__name__}'s class weights W have shape {tuple(weight.shape)}, "
+                f"but embedding_size={self.embedding_size} and num_classes={self.num_classes} "
+                f"need {expected}"
+            )
         if isinstance(embeddings, torch.Tensor) and embeddings.dtype in FLOAT_DTYPES:
             return self.compute_dtype(embeddings)
         return None

@@ -126,7 +126,7 @@ class ElasticFaceLoss(ClassWeightLoss):
         **kwargs: Any,
     ) -> None:
         self.variant = variant
-        self.margin = PAPER_MARGINS[self.variant] if margin is None else margin
+        self.margin = margin
         self.sigma, self.scale = sigma, scale
         self.last_margins: torch.Tensor | None = None
         #: what the drawn noise passes through before use (``None``: as drawn); a sharded
@@ -158,7 +158,9 @@ class ElasticFaceLoss(ClassWeightLoss):
         return self._margin
 
     @margin.setter
-    def margin(self, value: float) -> None:
+    def margin(self, value: float | None) -> None:
+        """``None``: the paper's margin for the current variant, as in the constructor."""
+        value = PAPER_MARGINS[self.variant] if value is None else value
         self._margin = _margin_check(self.variant)(value, "margin")
 
     def target_logit_fn(self) -> TargetLogitFn:

@@ -472,3 +472,37 @@ def test_compiled_code_sees_the_methods_python_sees() -> None:
             torch._dynamo.reset()
             assert compiled() == flags(loss), (type(loss).__name__, patched)
             assert flags(loss)[0] is patched
+
+
+@pytest.mark.parametrize("mode", [{}, {"chunk_size": 2}, {"sample_rate": 0.5}])
+def test_a_w_that_does_not_fit_the_loss_is_refused_before_anything_changes(mode) -> None:
+    """``loss.W`` of another width trained an 11-way softmax on a 10-class loss; a
+    narrower one (or ``num_classes`` raised) failed in an index error; AdaFace moved its
+    statistics before failing."""
+    x, y = 3 * torch.randn(16, 8), torch.randint(0, 10, (16,))
+    for make in (ArcFaceLoss, AdaFaceLoss, SubCenterArcFaceLoss):
+        for shape in ((8, 11), (8, 9), (9, 10)):
+            loss = make(10, 8, **mode)
+            before = {k: v.clone() for k, v in loss.state_dict().items() if k != "W"}
+            loss.W = torch.nn.Parameter(torch.randn(*shape))
+            with pytest.raises(ValueError, match=r"class weights W have shape .* need \(8, "):
+                loss(x, y)
+            after = {k: v for k, v in loss.state_dict().items() if k != "W"}
+            assert all(torch.equal(before[k], after[k]) for k in before)
+            with pytest.raises(ValueError, match="class weights W have shape"):
+                loss.get_logits(x)
+        loss = make(10, 8, **mode)
+        loss.num_classes = 20
+        with pytest.raises(ValueError, match=r"num_classes=20 need \(8, "):
+            loss(x, torch.full((16,), 15))
+
+
+def test_elasticface_margin_none_is_the_papers_for_the_variant() -> None:
+    """The constructor takes ``margin=None`` (the paper's for the variant); the setter
+    refused it with a TypeError."""
+    loss = ElasticFaceLoss(5, 4, margin=0.3, variant="cos")
+    loss.margin = None
+    assert loss.margin == ElasticFaceLoss(5, 4, variant="cos").margin == 0.35
+    loss = ElasticFaceLoss(5, 4, margin=0.2)
+    loss.margin = None
+    assert loss.margin == ElasticFaceLoss(5, 4).margin == 0.5
