@@ -12,6 +12,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_margins.functional.autograd_only import refuse_update_in_function_transform
 from pml_margins.functional.center import center_distances, center_ema_update
+from pml_margins.losses.atomic_load import AtomicLoadMixin
 from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.float_statistics import FloatStatisticsMixin
 from pml_margins.losses.hyperparameter import (
@@ -33,7 +34,11 @@ __all__ = ["CenterLoss"]
 
 
 class CenterLoss(
-    HyperparameterAttributes, FloatStatisticsMixin, CheckedForwardMixin, BaseMetricLossFunction
+    HyperparameterAttributes,
+    AtomicLoadMixin,
+    FloatStatisticsMixin,
+    CheckedForwardMixin,
+    BaseMetricLossFunction,
 ):
     r"""Center loss (Wen, Zhang, Li, Qiao, ECCV 2016, "A Discriminative Feature Learning
     Approach for Deep Face Recognition").

@@ -38,6 +38,7 @@ from pml_margins.functional.margin_softmax import (
     margin_softmax_cross_entropy,
     row_norms,
 )
+from pml_margins.losses.atomic_load import AtomicLoadMixin
 from pml_margins.losses.checked_forward import CheckedForwardMixin
 from pml_margins.losses.float_statistics import FloatStatisticsMixin
 from pml_margins.losses.hyperparameter import Hyperparameter, HyperparameterAttributes
@@ -93,6 +94,7 @@ def runs_method(obj: object, name: str, function: Callable[..., Any]) -> bool:
 
 class ClassWeightLoss(
     HyperparameterAttributes,
+    AtomicLoadMixin,
     FloatStatisticsMixin,
     CheckedForwardMixin,
     WeightRegularizerMixin,

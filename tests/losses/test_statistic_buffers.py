@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pml_margins.losses import AdaCosLoss, AdaFaceLoss, CenterLoss, CurricularFaceLoss
+from pml_margins.losses import AdaCosLoss, AdaFaceLoss, CenterLoss, CosFaceLoss, CurricularFaceLoss
 
 C, D, B = 20, 16, 64
 LOSSES = [
@@ -69,3 +69,45 @@ def test_half_precision_center_loss_keeps_float32_centres_that_converge(half, al
         centre -= alpha * 4 * (centre - 10.0) / 5  # the paper's rule in float64
     assert loss.centers[0].tolist() == pytest.approx([centre] * 8, abs=1e-4)  # float32: ~1e-5
     assert CenterLoss(2, 8, update="sgd").to(half).centers.dtype == half  # a parameter: cast
+
+
+def _unfit_state_dicts(loss):
+    """(what is wrong, a state dict torch refuses, the error) for ``loss``'s state dict."""
+    good = {k: v.clone() + 1 for k, v in loss.state_dict().items()}
+    name = "W" if "W" in good else "centers"
+    wide = {**good, name: torch.randn(good[name].shape[0], good[name].shape[1] + 1)}
+    yield "size", wide, f"size mismatch for {name}"
+    yield "missing", {k: v for k, v in good.items() if k != name}, "Missing key"
+    yield "unexpected", {**good, "extra": torch.zeros(1)}, "Unexpected key"
+    yield "not a tensor", {**good, name: [[0.0]]}, "expected torch.Tensor"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: CurricularFaceLoss(5, 4),
+        lambda: AdaFaceLoss(5, 4),
+        lambda: AdaCosLoss(5, 4),
+        lambda: CenterLoss(5, 4),
+        lambda: CosFaceLoss(5, 4),
+    ],
+    ids=["curricular", "adaface", "adacos", "center", "cosface"],
+)
+def test_a_state_dict_that_does_not_fit_changes_nothing(make) -> None:
+    """torch copies the entries that fit before raising for the others: a failed load kept
+    the checkpoint's statistics (t 0 -> 0.75, AdaCos's scale 3.1 -> 7) or W."""
+    loss = make()
+    for what, state, message in _unfit_state_dicts(loss):
+        before = {k: v.clone() for k, v in loss.state_dict().items()}
+        objects = dict(loss.named_parameters())
+        for assign in (False, True):
+            with pytest.raises(RuntimeError, match=message):
+                loss.load_state_dict(state, assign=assign)
+            after = loss.state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before), (what, assign)
+            assert all(objects[k] is p for k, p in loss.named_parameters()), (what, assign)
+    name = "W" if "W" in loss.state_dict() else "centers"
+    partial = {k: v + 1 for k, v in loss.state_dict().items() if k != name}
+    result = loss.load_state_dict(partial, strict=False)  # fits without W: loads the rest
+    assert result.missing_keys == [name]
+    assert all(torch.equal(loss.state_dict()[k], v) for k, v in partial.items())
