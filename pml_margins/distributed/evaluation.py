@@ -211,6 +211,11 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
 
     def __init__(self, *args: Any, group: ProcessGroup | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.group = group
+        self._shard: torch.Tensor | None = None
+
+    def check_settings(self) -> None:
+        """A search other than the exact k-nn (a ``knn_func`` run as PML's) is refused."""
         if self.knn_func is not None:
             shown = getattr(self.knn_func, "distance", self.knn_func)
             raise ValueError(
@@ -218,8 +223,6 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
                 "LpDistance(p=2, power=1 or 2), CosineSimilarity and DotProductSimilarity; "
                 f"got {describe_distance(shown)}, which cannot see the other ranks' references"
             )
-        self.group = group
-        self._shard: torch.Tensor | None = None
 
     def get_accuracy(
         self,

@@ -53,6 +53,23 @@ LOGGER = logging.getLogger(__name__)
 AMI_SLOW_NUM_CLASSES = 1000
 #: PML's k-nn metrics that read only a query's first R neighbours (R: its relevant count)
 FIRST_R_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
+#: the constructor's settings that are attributes too: one assigned later configures the
+#: calculator anew (checked, and what the constructor derives from it derived again)
+LATER_SETTINGS = (
+    "avg_of_avgs",
+    "return_per_class",
+    "k",
+    "label_comparison_fn",
+    "device",
+    "knn_func",
+    "kmeans_func",
+    "recall_ks",
+    "distance",
+    "block_rows",
+    "num_threads",
+    "progress",
+    "backend",
+)
 
 
 def describe_distance(distance: object) -> str:
@@ -255,6 +272,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         progress: bool = False,
         backend: Backend = "auto",
     ) -> None:
+        settings = {n: v for n, v in locals().items() if n not in ("self", "__class__")}
+        self.__dict__["_settings"] = None  # (assignments below: the constructor's own)
         if label_comparison_fn is not None and not callable(label_comparison_fn):
             raise TypeError(
                 "label_comparison_fn must be callable (a, b) -> booleans, "
@@ -323,6 +342,31 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self.custom_comparison = label_comparison_fn  # None: labels are compared for equality
         self.device = self._device
         self.knn_func = custom  # None: the exact k-nn with ``self.exact``
+        self.check_settings()
+        self.__dict__["_settings"] = settings
+
+    def check_settings(self) -> None:
+        """``ValueError`` for settings that a subclass cannot run (default: none); called
+        at the end of the constructor and of each later configuration."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A constructor setting assigned after construction (:data:`LATER_SETTINGS`)
+        configures the calculator anew, as the constructor would with that value (checked
+        first: a bad value changes nothing). ``distance`` and ``knn_func`` replace each
+        other. Settings derived once were kept while the new value was ignored
+        (``recall_ks``, ``distance``), or went unchecked (``k = -3``: P@1 0.0)."""
+        settings = self.__dict__.get("_settings")
+        if settings is None or name not in LATER_SETTINGS:
+            super().__setattr__(name, value)
+            return
+        settings = {**settings, name: value}
+        if name in ("distance", "knn_func"):
+            settings["knn_func" if name == "distance" else "distance"] = None
+        probe = object.__new__(type(self))  # the checks, on a spare calculator
+        RetrievalAccuracyCalculator.__init__(probe, **settings)
+        for kk in self._own_recall_ks:  # (PML finds metrics by their methods' names)
+            self.__dict__.pop(f"calculate_recall_at_{kk}", None)
+        RetrievalAccuracyCalculator.__init__(self, **settings)
 
     def requires_knn(self) -> list[str]:
         return [*super().requires_knn(), *self._own_knn_metrics()]

@@ -317,3 +317,67 @@ def test_get_accuracy_refuses_a_str_include_or_exclude(calculator):
         with pytest.raises(TypeError, match="must be a tuple or list, got str"):
             calc.get_accuracy(x, y, **kwargs)
     assert set(calc.get_accuracy(x, y, include=["precision_at_1"])) == {"precision_at_1"}
+
+
+def _same_as_built(change: dict, built_with: dict | None = None) -> None:
+    """A calculator given ``change`` after construction computes what one built with it
+    computes (all metrics, offset data: the search's distance matters)."""
+    x, y = _data(n=80, classes=5)
+    x = x + torch.tensor([3.0, 0.0, 0.0, 0.0])
+    later = RetrievalAccuracyCalculator(**(built_with or {}))
+    for name, value in change.items():
+        setattr(later, name, value)
+    settings = {**(built_with or {}), **change}
+    if "distance" in change or "knn_func" in change:  # (each replaces the other)
+        settings.pop("knn_func" if "distance" in change else "distance", None)
+    fresh = RetrievalAccuracyCalculator(**settings)
+    assert later.get_accuracy(x, y) == pytest.approx(fresh.get_accuracy(x, y), nan_ok=True)
+    assert repr(later) == repr(fresh)
+
+
+def test_settings_assigned_later_configure_the_calculator_anew():
+    """recall_ks and distance were derived once at construction: a later value was shown
+    by repr but ignored (recall_at_16 missing; the search stayed squared Euclidean: P@1
+    0.2 for cosine's 0.2167); k = -3 was taken unchecked (P@1 0.0)."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    _same_as_built({"recall_ks": (1, 16)}, {"recall_ks": (1, 4)})
+    _same_as_built({"distance": CosineSimilarity()})
+    _same_as_built({"knn_func": CustomKNN(CosineSimilarity())}, {"distance": CosineSimilarity()})
+    _same_as_built({"distance": CosineSimilarity()}, {"knn_func": CustomKNN(CosineSimilarity())})
+    _same_as_built({"k": 5})
+    _same_as_built({"k": "max_bin_count", "avg_of_avgs": True})
+    calc = RetrievalAccuracyCalculator(recall_ks=(1, 4))
+    calc.recall_ks = (1, 16)
+    assert "recall_at_16" in calc.get_accuracy(*_data())
+    assert "recall_at_4" not in calc.get_accuracy(*_data())
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("k", -3, ValueError),
+        ("k", True, TypeError),
+        ("recall_ks", (0,), ValueError),
+        ("num_threads", 0, ValueError),
+        ("backend", "gpu", ValueError),
+        ("label_comparison_fn", 3, TypeError),
+        ("avg_of_avgs", True, ValueError),  # with return_per_class
+    ],
+)
+def test_a_bad_setting_assigned_later_is_refused_and_changes_nothing(name, value, error):
+    calc = RetrievalAccuracyCalculator(return_per_class=(name == "avg_of_avgs"))
+    before = repr(calc), calc.get_accuracy(*_data())
+    with pytest.raises(error):
+        setattr(calc, name, value)
+    assert (repr(calc), calc.get_accuracy(*_data())) == pytest.approx(before, nan_ok=True)
+
+
+def test_the_sharded_calculator_refuses_a_search_assigned_later():
+    from pytorch_metric_learning.distances import SNRDistance
+
+    calc = ShardedRetrievalAccuracyCalculator()
+    with pytest.raises(ValueError, match="cannot see the other ranks"):
+        calc.distance = SNRDistance()
+    assert calc.knn_func is None and calc.group is None
