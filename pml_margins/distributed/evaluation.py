@@ -214,10 +214,10 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         self.group = group
         self._shard: torch.Tensor | None = None
 
-    def check_settings(self) -> None:
+    def check_knn_func(self, knn_func: Any) -> None:
         """A search other than the exact k-nn (a ``knn_func`` run as PML's) is refused."""
-        if self.knn_func is not None:
-            shown = getattr(self.knn_func, "distance", self.knn_func)
+        if knn_func is not None:
+            shown = getattr(knn_func, "distance", knn_func)
             raise ValueError(
                 f"{type(self).__name__} runs the sharded exact k-nn, which supports "
                 "LpDistance(p=2, power=1 or 2), CosineSimilarity and DotProductSimilarity; "

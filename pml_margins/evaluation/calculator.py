@@ -22,7 +22,11 @@ from pytorch_metric_learning.distances import (
     DotProductSimilarity,
     LpDistance,
 )
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator, nan_accuracy
+from pytorch_metric_learning.utils.accuracy_calculator import (
+    EQUALITY,
+    AccuracyCalculator,
+    nan_accuracy,
+)
 from pytorch_metric_learning.utils.inference import CustomKNN, FaissKMeans, FaissKNN
 
 from pml_margins.evaluation import metrics as M
@@ -53,8 +57,8 @@ LOGGER = logging.getLogger(__name__)
 AMI_SLOW_NUM_CLASSES = 1000
 #: PML's k-nn metrics that read only a query's first R neighbours (R: its relevant count)
 FIRST_R_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
-#: the constructor's settings that are attributes too: one assigned later configures the
-#: calculator anew (checked, and what the constructor derives from it derived again)
+#: the constructor's settings that are attributes too, checked when assigned later (the
+#: ones the constructor derives state from re-derive it; see ``__setattr__``)
 LATER_SETTINGS = (
     "avg_of_avgs",
     "return_per_class",
@@ -62,12 +66,10 @@ LATER_SETTINGS = (
     "label_comparison_fn",
     "device",
     "knn_func",
-    "kmeans_func",
     "recall_ks",
     "distance",
     "block_rows",
     "num_threads",
-    "progress",
     "backend",
 )
 
@@ -272,8 +274,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         progress: bool = False,
         backend: Backend = "auto",
     ) -> None:
-        settings = {n: v for n, v in locals().items() if n not in ("self", "__class__")}
-        self.__dict__["_settings"] = None  # (assignments below: the constructor's own)
+        self.__dict__["_built"] = False  # (assignments below: the constructor's own)
         if label_comparison_fn is not None and not callable(label_comparison_fn):
             raise TypeError(
                 "label_comparison_fn must be callable (a, b) -> booleans, "
@@ -287,37 +288,20 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         )
         for kk in self._own_recall_ks:
             setattr(self, f"calculate_recall_at_{kk}", functools.partial(self._recall, kk))
-        if isinstance(k, (bool, np.bool_)):
-            raise TypeError(f"k must be a positive int, None or 'max_bin_count', got {k!r}")
+        if isinstance(k, (bool, np.bool_)):  # (PML checks the rest)
+            check_pml_k(k)
         check_metric_names(include, exclude)
         block_rows = None if block_rows is None else check_int(block_rows, "block_rows")
         num_threads = None if num_threads is None else check_num_threads(num_threads)
         if distance is not None and knn_func is not None:
             raise ValueError("pass either distance or knn_func, not both")
-        if knn_func is None and distance is not None:
-            self.exact = resolve_distance(distance)
-            custom = None if self.exact else CustomKNN(distance)
-        elif type(knn_func) is CustomKNN:  # a subclass may search otherwise: run as given
-            self.exact = resolve_distance(knn_func.distance)
-            custom = None if self.exact else knn_func
-        elif type(knn_func) is FaissKNN and knn_func.gpus is None:
-            self.exact = resolve_faiss_knn(knn_func)
-            custom = None if self.exact else knn_func
-        elif knn_func is None:
-            self.exact, custom = resolve_distance(None), None
-        elif callable(knn_func):
-            self.exact, custom = None, knn_func
-        else:
-            raise TypeError(f"knn_func must be callable, got {type(knn_func).__name__}")
+        self.exact, custom = _resolve_search(distance, knn_func)
+        self.check_knn_func(custom)
         self._device = None if device is None else _as_device(device)
         uses_faiss(backend, self._device or torch.device("cpu"))  # its checks
         if self._device is not None:
             _check_available(self._device)
-        if backend != "auto" and custom is not None:
-            raise ValueError(
-                f"backend={backend!r} selects the exact k-nn's candidate pass, but "
-                f"{_describe_knn(custom)} runs as PML's knn_func; leave backend='auto'"
-            )
+        _check_backend_with(backend, custom)
         self.backend = backend
         self.distance = distance
         self.block_rows = block_rows
@@ -342,31 +326,78 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self.custom_comparison = label_comparison_fn  # None: labels are compared for equality
         self.device = self._device
         self.knn_func = custom  # None: the exact k-nn with ``self.exact``
-        self.check_settings()
-        self.__dict__["_settings"] = settings
+        self._built = True
 
-    def check_settings(self) -> None:
-        """``ValueError`` for settings that a subclass cannot run (default: none); called
-        at the end of the constructor and of each later configuration."""
+    def check_knn_func(self, knn_func: Any) -> None:
+        """``ValueError`` for a search that a subclass cannot run: ``knn_func`` is the one
+        run as PML's, ``None`` for the exact k-nn (default: any). Called by the
+        constructor and when ``knn_func`` or ``distance`` is assigned later."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """A constructor setting assigned after construction (:data:`LATER_SETTINGS`)
-        configures the calculator anew, as the constructor would with that value (checked
-        first: a bad value changes nothing). ``distance`` and ``knn_func`` replace each
-        other. Settings derived once were kept while the new value was ignored
-        (``recall_ks``, ``distance``), or went unchecked (``k = -3``: P@1 0.0)."""
-        settings = self.__dict__.get("_settings")
-        if settings is None or name not in LATER_SETTINGS:
-            super().__setattr__(name, value)
-            return
-        settings = {**settings, name: value}
-        if name in ("distance", "knn_func"):
-            settings["knn_func" if name == "distance" else "distance"] = None
-        probe = object.__new__(type(self))  # the checks, on a spare calculator
-        RetrievalAccuracyCalculator.__init__(probe, **settings)
-        for kk in self._own_recall_ks:  # (PML finds metrics by their methods' names)
-            self.__dict__.pop(f"calculate_recall_at_{kk}", None)
-        RetrievalAccuracyCalculator.__init__(self, **settings)
+        """A constructor setting assigned after construction (:data:`LATER_SETTINGS`) is
+        checked as the constructor checks it, and what the constructor derived from it
+        follows (a bad value changes nothing): ``distance`` and ``knn_func`` (each
+        replacing the other; either assigned as read back changes nothing), ``device``,
+        ``label_comparison_fn``, ``k``, ``backend``, ``block_rows``, ``num_threads``,
+        ``avg_of_avgs``/``return_per_class``. ``recall_ks`` names the
+        calculator's metrics (PML lists them at construction): only its own value is
+        taken (``AttributeError`` otherwise; build another calculator). PML's
+        ``EQUALITY`` (``torch.eq``, what the attribute reads without a comparison of the
+        user's) assigned is the default comparison. A later ``recall_ks`` or ``distance``
+        was ignored, ``k = -3`` taken (P@1 0.0)."""
+        if self.__dict__.get("_built") and name in LATER_SETTINGS:
+            value = self._later_setting(name, value)
+        super().__setattr__(name, value)
+
+    def _later_setting(self, name: str, value: Any) -> Any:
+        """The value an assigned setting ``name`` is held as, checked; derived state set."""
+        state = self.__dict__
+        if name == "recall_ks":
+            if check_recall_ks(value) != self.recall_ks:
+                raise AttributeError(
+                    f"recall_ks is fixed at construction ({self.recall_ks}): it names the "
+                    "calculator's metrics; build another calculator for other cut-offs"
+                )
+            return self.recall_ks
+        if name == "k":
+            return check_pml_k(value)
+        if name in ("avg_of_avgs", "return_per_class"):
+            other = "return_per_class" if name == "avg_of_avgs" else "avg_of_avgs"
+            if value and state.get(other):
+                raise ValueError("avg_of_avgs and return_per_class are mutually exclusive")
+            return value
+        if name == "label_comparison_fn":
+            custom = None if value is None or value is EQUALITY else value
+            if custom is not None and not callable(custom):
+                raise TypeError(f"label_comparison_fn must be callable, got {type(value).__name__}")
+            clustering = set(self.requires_clustering()) & set(self.get_curr_metrics())
+            if custom is not None and clustering:
+                raise NotImplementedError("Unsupported: clustering + custom label comparison")
+            state["custom_comparison"] = custom
+            return EQUALITY if custom is None else custom
+        if name == "device":
+            device = None if value is None else _as_device(value)
+            uses_faiss(self.backend, device or torch.device("cpu"))
+            if device is not None:
+                _check_available(device)
+            state["_device"] = device
+            return device
+        if name == "backend":
+            uses_faiss(value, self._device or torch.device("cpu"))
+            _check_backend_with(value, self.knn_func)
+            return value
+        if name == "block_rows":
+            return None if value is None else check_int(value, "block_rows")
+        if name == "num_threads":
+            return None if value is None else check_num_threads(value)
+        if value is getattr(self, name):  # distance / knn_func as read back: no change
+            return value
+        distance, knn_func = (value, None) if name == "distance" else (None, value)
+        exact, custom = _resolve_search(distance, knn_func)
+        self.check_knn_func(custom)
+        _check_backend_with(self.backend, custom)
+        state.update(exact=exact, distance=distance, knn_func=custom)
+        return distance if name == "distance" else custom
 
     def requires_knn(self) -> list[str]:
         return [*super().requires_knn(), *self._own_knn_metrics()]
@@ -823,6 +854,46 @@ def _kmeans_input(query: torch.Tensor, query32: torch.Tensor) -> torch.Tensor:
         return query32
     exponent = math.frexp(largest)[1]
     return torch.ldexp(query.double(), torch.tensor(-exponent, device=query.device)).float()
+
+
+def check_pml_k(k: object) -> int | str | None:
+    """``k`` as PML takes it: a positive int, ``None`` or ``"max_bin_count"`` (not a bool)."""
+    if isinstance(k, (bool, np.bool_)):
+        raise TypeError(f"k must be a positive int, None or 'max_bin_count', got {k!r}")
+    if not (isinstance(k, int) and k > 0) and k not in (None, "max_bin_count"):
+        raise ValueError(
+            f"k must be an integer greater than 0, or None, or 'max_bin_count', got {k!r}"
+        )
+    return k
+
+
+def _resolve_search(distance: Any, knn_func: Any) -> tuple[Any, Any]:
+    """``(exact, custom)``: the exact k-nn's ``(metric, normalize)`` for the search that
+    ``distance`` or ``knn_func`` (at most one given) asks for, else ``None`` and the
+    ``knn_func`` to run as PML's."""
+    if knn_func is None and distance is not None:
+        exact = resolve_distance(distance)
+        return exact, None if exact else CustomKNN(distance)
+    if type(knn_func) is CustomKNN:  # a subclass may search otherwise: run as given
+        exact = resolve_distance(knn_func.distance)
+        return exact, None if exact else knn_func
+    if type(knn_func) is FaissKNN and knn_func.gpus is None:
+        exact = resolve_faiss_knn(knn_func)
+        return exact, None if exact else knn_func
+    if knn_func is None:
+        return resolve_distance(None), None
+    if callable(knn_func):
+        return None, knn_func
+    raise TypeError(f"knn_func must be callable, got {type(knn_func).__name__}")
+
+
+def _check_backend_with(backend: str, custom: Any) -> None:
+    """``ValueError`` for a ``backend`` other than ``"auto"`` with a ``knn_func`` run as PML's."""
+    if backend != "auto" and custom is not None:
+        raise ValueError(
+            f"backend={backend!r} selects the exact k-nn's candidate pass, but "
+            f"{_describe_knn(custom)} runs as PML's knn_func; leave backend='auto'"
+        )
 
 
 def _as_device(device: object) -> torch.device:
