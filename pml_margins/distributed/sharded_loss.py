@@ -2,7 +2,7 @@ r"""Model-parallel class-weight loss: each rank owns a contiguous shard of ``W``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -27,6 +27,7 @@ from pml_margins.distributed.sharded_margin_softmax import sharded_margin_softma
 from pml_margins.distributed.sharding import class_columns, shard_range
 from pml_margins.evaluation.calculator import describe_distance
 from pml_margins.functional.dense_margin_softmax import check_norm_scale_form
+from pml_margins.losses.atomic_load import restored_on_error
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
@@ -81,7 +82,8 @@ def _cosine_scale(loss: ClassWeightLoss, embeddings: torch.Tensor) -> float | to
     sub-centre declaration (a maximum over columns) is not plain cosines: such a loss
     forms its shard's logits by its own ``base_logits``.
     """
-    form = loss.fused_logits(embeddings)
+    form = loss._fused_form(embeddings)  # (None, as for the single-process loss, where the
+    # logits are redefined undeclared or the distance has a hook: its call, on base_logits)
     if form is not None and form.scale_by_norm:  # as the single-process core judges it
         check_norm_scale_form(form.normalize_embeddings, form.bias, form.scale)
     cosine = (
@@ -406,6 +408,15 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         that ``load_state_dict`` resumes the same draws, as :func:`.checkpoint.load_into`;
         and which classes this shard holds (another rank's state dict is refused)."""
         return {"sampler_state": self.sampler_state(), "shard": self.shard_description()}
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """torch's, all or nothing: a load that fails (a size mismatch, a missing key)
+        puts back the shard's tensors and sampler (torch copied the entries that fit
+        first: a failed load kept the checkpoint's running statistics)."""
+        with restored_on_error(self):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def set_extra_state(self, state: Any) -> None:
         """Restore :meth:`get_extra_state` (``load_state_dict`` calls it)."""

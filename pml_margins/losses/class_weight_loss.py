@@ -376,10 +376,6 @@ class ClassWeightLoss(
         weight = check_not_meta(self.W, f"{type(self).__name__}'s class weights W")
         return compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype))
 
-    def weight_columns(self) -> int:
-        """The columns of ``W``: one per class (Sub-center ArcFace: ``K`` per class)."""
-        return self.num_classes
-
     def feature_norms(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``(B,)`` embedding norms in :meth:`compute_dtype`, outside autocast."""
         return row_norms(embeddings, self.compute_dtype(embeddings))
@@ -417,22 +413,32 @@ class ClassWeightLoss(
 
     def _checked_compute_dtype(self, embeddings: object) -> torch.dtype | None:
         """:meth:`compute_dtype` for the norm check, ``None`` for input the checks refuse;
-        first, at the entry of a forward (or :meth:`get_logits`), ``ValueError`` for a
-        ``W`` of another shape than ``(embedding_size, weight_columns())`` where the logits
-        are the class's own (``W`` or ``num_classes`` replaced after construction: a
-        wider ``W`` trained more classes than ``num_classes`` says, a narrower one failed
-        in an index error)."""
+        first, at the entry of a forward (or :meth:`get_logits`), the shape of ``W``."""
+        self._check_weight_shape(embeddings)
+        if isinstance(embeddings, torch.Tensor) and embeddings.dtype in FLOAT_DTYPES:
+            return self.compute_dtype(embeddings)
+        return None
+
+    def _check_weight_shape(self, embeddings: object) -> None:
+        """``ValueError`` for a ``W`` of another shape than ``(embedding_size, num_classes
+        * K)`` (``K``: the sub-centres :meth:`fused_logits` declares, else 1) where the
+        logits are declared (``W`` or ``num_classes`` replaced after construction: a wider
+        ``W`` trained more classes than ``num_classes`` says, a narrower one failed in an
+        index error). Logits redefined without a declaration may read any layout."""
         weight = self.W
-        expected = (self.embedding_size, self.weight_columns())
-        if weight.shape != expected and not self._logits_redefined():
+        if weight.shape == (self.embedding_size, self.num_classes):
+            return
+        if self._logits_redefined() or not isinstance(embeddings, torch.Tensor):
+            return  # (bad embeddings: their own checks name them)
+        form = self.fused_logits(embeddings)
+        per_class = form.sub_centers if form is not None else 1
+        expected = (self.embedding_size, self.num_classes * per_class)
+        if weight.shape != expected:
             raise ValueError(
                 f"{type(self).__name__}'s class weights W have shape {tuple(weight.shape)}, "
                 f"but embedding_size={self.embedding_size} and num_classes={self.num_classes} "
                 f"need {expected}"
             )
-        if isinstance(embeddings, torch.Tensor) and embeddings.dtype in FLOAT_DTYPES:
-            return self.compute_dtype(embeddings)
-        return None
 
     def _norms_taken(self) -> bool:
         """Whether the logits take the embeddings' norms (their check then refuses rows

@@ -76,10 +76,6 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         super().__init__(columns, embedding_size, margin, scale, easy_margin, **kwargs)
         self.num_classes = num_classes
 
-    def weight_columns(self) -> int:
-        """``C K``: the sub-centres of each class side by side."""
-        return self.num_classes * self.sub_centers
-
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``(B, C)`` class cosines: the maximum over each class's ``K`` sub-centres."""
         per_column = super().cosine(embeddings)

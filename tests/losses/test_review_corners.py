@@ -506,3 +506,31 @@ def test_elasticface_margin_none_is_the_papers_for_the_variant() -> None:
     loss = ElasticFaceLoss(5, 4, margin=0.2)
     loss.margin = None
     assert loss.margin == ElasticFaceLoss(5, 4).margin == 0.5
+
+
+def test_a_sub_centre_subclass_declared_by_fused_logits_keeps_its_wide_w() -> None:
+    """The extension point: a class whose ``cosine`` takes the maximum over ``K`` columns
+    per class and whose ``fused_logits`` declares ``sub_centers=K`` holds ``W`` of ``C K``
+    columns; the W-shape check refused it (``need (8, 10)``)."""
+    import dataclasses
+
+    class SubCenterCosFace(CosFaceLoss):
+        def __init__(self, num_classes, embedding_size, k=2, **kwargs):
+            self.k = k
+            super().__init__(num_classes * k, embedding_size, **kwargs)
+            self.num_classes = num_classes
+
+        def cosine(self, embeddings):
+            return super().cosine(embeddings).unflatten(1, (-1, self.k)).max(dim=2).values
+
+        def fused_logits(self, embeddings):
+            form = super().fused_logits(embeddings)
+            return None if form is None else dataclasses.replace(form, sub_centers=self.k)
+
+    torch.manual_seed(0)
+    loss = SubCenterCosFace(10, 8)
+    x, y = torch.randn(16, 8), torch.arange(16) % 10
+    assert torch.isfinite(loss(x, y)) and loss.get_logits(x).shape == (16, 10)
+    loss.W = torch.nn.Parameter(torch.randn(8, 21))
+    with pytest.raises(ValueError, match=r"need \(8, 20\)"):
+        loss(x, y)

@@ -111,3 +111,47 @@ def test_a_state_dict_that_does_not_fit_changes_nothing(make) -> None:
     result = loss.load_state_dict(partial, strict=False)  # fits without W: loads the rest
     assert result.missing_keys == [name]
     assert all(torch.equal(loss.state_dict()[k], v) for k, v in partial.items())
+
+
+def test_a_failed_load_is_undone_whatever_fails_and_copies_nothing_it_need_not() -> None:
+    """Failures the shape check does not foresee (a meta or sparse entry, an integer W
+    assigned) left t at 0.75; a loss whose hooks cannot be deep-copied (a lock) raised
+    TypeError instead of torch's error; a key-renaming pre-hook made a load that succeeds
+    run twice, on a copy of W first."""
+    import threading
+
+    loss = CurricularFaceLoss(5, 4)
+    good = {k: v.clone() for k, v in loss.state_dict().items()}
+    for name, value, assign in (
+        ("t", torch.empty((), device="meta"), False),
+        ("W", good["W"].to_sparse(), False),
+        ("W", good["W"].long(), True),
+    ):
+        state = {**good, "t": torch.tensor(0.75), name: value}
+        with pytest.raises(RuntimeError):
+            loss.load_state_dict(state, assign=assign)
+        assert float(loss.t) == 0.0 and torch.equal(loss.W, good["W"]), name
+
+    class Logger:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()  # (a deepcopy of the loss fails on it)
+            self.seen: list[torch.nn.Module] = []
+
+        def after_load(self, module, keys):
+            self.seen.append(module)
+
+    logger = Logger()
+    loss.register_load_state_dict_post_hook(logger.after_load)
+    with pytest.raises(RuntimeError, match="size mismatch for W"):
+        loss.load_state_dict({**good, "W": torch.randn(4, 6)})
+    assert logger.seen and all(m is loss for m in logger.seen)
+    renamed = []
+
+    def upgrade(module, state_dict, prefix, *args):
+        renamed.append(1)
+        state_dict[prefix + "W"] = state_dict.pop(prefix + "weight")
+
+    loss.register_load_state_dict_pre_hook(upgrade)
+    old = {("weight" if k == "W" else k): v + 1 for k, v in good.items()}
+    loss.load_state_dict(old)
+    assert renamed == [1] and torch.equal(loss.W, good["W"] + 1)
