@@ -27,7 +27,7 @@ from pml_margins.distributed.sharded_margin_softmax import sharded_margin_softma
 from pml_margins.distributed.sharding import class_columns, shard_range
 from pml_margins.evaluation.calculator import describe_distance
 from pml_margins.functional.dense_margin_softmax import check_norm_scale_form
-from pml_margins.losses.atomic_load import restored_on_error
+from pml_margins.losses.atomic_load import fits_state_dict, restored_on_error
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
@@ -414,7 +414,10 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
     ) -> Any:
         """torch's, all or nothing: a load that fails (a size mismatch, a missing key)
         puts back the shard's tensors and sampler (torch copied the entries that fit
-        first: a failed load kept the checkpoint's running statistics)."""
+        first: a failed load kept the checkpoint's running statistics). A state dict that
+        fits (:func:`~pml_margins.losses.atomic_load.fits_state_dict`) loads with no copy."""
+        if fits_state_dict(self, state_dict, strict, assign):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
         with restored_on_error(self):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
 

@@ -19,15 +19,16 @@ def fits_state_dict(
     buffers are strided tensors of their shapes (a ``(1,)`` one for a 0-dim entry too, as
     torch takes it), not on the meta device unless the module's is, floating where
     ``assign`` makes them parameters that need gradients, and, if ``strict``, exactly their
-    keys. (``False`` where in doubt: the load then runs with a snapshot to restore.)"""
+    keys (extra state is the module's ``set_extra_state``'s to judge). ``False`` where in
+    doubt: the load then runs with a snapshot to restore."""
     if not isinstance(state_dict, Mapping):
         return False
     own = module.state_dict(keep_vars=True)
     if strict and own.keys() != state_dict.keys():
         return False
     for key, current in own.items():
-        if key not in state_dict:
-            continue
+        if key not in state_dict or key.rpartition(".")[2] == "_extra_state":
+            continue  # (extra state: the module's set_extra_state judges it)
         value = state_dict[key]
         if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
             return False
