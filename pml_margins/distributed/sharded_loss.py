@@ -27,8 +27,9 @@ from pml_margins.distributed.sharded_margin_softmax import sharded_margin_softma
 from pml_margins.distributed.sharding import class_columns, shard_range
 from pml_margins.evaluation.calculator import describe_distance
 from pml_margins.functional.dense_margin_softmax import check_norm_scale_form
-from pml_margins.losses.atomic_load import fits_state_dict, restored_on_error
+from pml_margins.losses.atomic_load import load_all_or_nothing
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
+from pml_margins.losses.pml_calls import runs_as_its_class
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
@@ -73,17 +74,23 @@ class _ShardStatistics(StepStatistics):
         return all_reduce_(value.clone(), "max", self.group)
 
 
-def _cosine_scale(loss: ClassWeightLoss, embeddings: torch.Tensor) -> float | torch.Tensor | None:
+def _cosine_scale(
+    loss: ClassWeightLoss, embeddings: torch.Tensor, sampled: bool
+) -> float | torch.Tensor | None:
     """The scale when ``loss`` declares scaled cosine logits (no bias), else ``None``.
 
     Read from the loss's explicit declaration,
     :meth:`~pml_margins.losses.ClassWeightLoss.fused_logits`: then the shard's logits
     can be formed by :func:`~pml_margins.distributed.local_logits.cosine_logits`. A
     sub-centre declaration (a maximum over columns) is not plain cosines: such a loss
-    forms its shard's logits by its own ``base_logits``.
+    forms its shard's logits by its own ``base_logits``; so do logits redefined without
+    a declaration and, unless ``sampled`` (Partial FC, which never calls the distance in
+    one process either), a distance with a hook: its call, as the single-process loss's.
     """
-    form = loss._fused_form(embeddings)  # (None, as for the single-process loss, where the
-    # logits are redefined undeclared or the distance has a hook: its call, on base_logits)
+    redefined = loss._logits_redefined()
+    form = None if redefined else loss.fused_logits(embeddings)
+    if not sampled and not runs_as_its_class(loss.distance):
+        form = None
     if form is not None and form.scale_by_norm:  # as the single-process core judges it
         check_norm_scale_form(form.normalize_embeddings, form.bias, form.scale)
     cosine = (
@@ -158,6 +165,10 @@ def _sampler_from_seed_if_absent(
     check_loadable(own, {k[len(inner) :]: v for k, v in state_dict.items() if k.startswith(inner)})
     module.loss.check_statistics(state_dict, inner)  # (the loss's own check runs after
     # this module's extra state, the sampler, has loaded)
+
+
+# it checks, and adds the sampler's default entry: a load stays all or nothing (atomic_load)
+_sampler_from_seed_if_absent.keeps_load_atomic = True  # type: ignore[attr-defined]
 
 
 class ShardedMarginSoftmaxLoss(torch.nn.Module):
@@ -416,10 +427,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         puts back the shard's tensors and sampler (torch copied the entries that fit
         first: a failed load kept the checkpoint's running statistics). A state dict that
         fits (:func:`~pml_margins.losses.atomic_load.fits_state_dict`) loads with no copy."""
-        if fits_state_dict(self, state_dict, strict, assign):
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        with restored_on_error(self):
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return load_all_or_nothing(self, super().load_state_dict, state_dict, strict, assign)
 
     def set_extra_state(self, state: Any) -> None:
         """Restore :meth:`get_extra_state` (``load_state_dict`` calls it)."""
@@ -576,7 +584,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self, embeddings: torch.Tensor, index: torch.Tensor | None
     ) -> tuple[torch.Tensor, float | torch.Tensor]:
         """Base logits and scale of the gathered batch against the (sampled) shard."""
-        scale = _cosine_scale(self.loss, embeddings)
+        scale = _cosine_scale(self.loss, embeddings, sampled=self.sample_rate != 1.0)
         if scale is not None:
             weight = self.loss.weights_for(embeddings)
             if index is not None:

@@ -3,38 +3,79 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import copy
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["AtomicLoadMixin", "fits_state_dict", "restored_on_error"]
+__all__ = ["AtomicLoadMixin", "fits_state_dict", "load_all_or_nothing", "restored_on_error"]
+
+
+def _loaded_entries(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(key, tensor)`` of what torch's load reads: parameters, persistent buffers and
+    extra state (tensor ``None``) of ``module`` and its submodules (not ``state_dict()``,
+    which a user's hook may change)."""
+    for name, value in module._parameters.items():
+        if value is not None:
+            yield prefix + name, value
+    for name, value in module._buffers.items():
+        if value is not None and name not in module._non_persistent_buffers_set:
+            yield prefix + name, value
+    if type(module).get_extra_state is not torch.nn.Module.get_extra_state:
+        yield prefix + "_extra_state", None
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _loaded_entries(child, f"{prefix}{name}.")
+
+
+def _user_load_hooks(module: torch.nn.Module) -> bool:
+    """Whether a module in ``module`` has a load hook not marked ``keeps_load_atomic`` (a
+    library's own hook that only checks, or adds a default entry)."""
+    for m in module.modules():
+        for hook in (
+            *m._load_state_dict_pre_hooks.values(),
+            *m._load_state_dict_post_hooks.values(),
+        ):
+            if not getattr(getattr(hook, "hook", hook), "keeps_load_atomic", False):
+                return True
+    return False
 
 
 def fits_state_dict(
     module: torch.nn.Module, state_dict: object, strict: bool, assign: bool = False
 ) -> bool:
     """Whether ``module.load_state_dict(state_dict, strict, assign)`` is sure to pass
-    torch's own checks: a mapping whose entries for the module's parameters and persistent
-    buffers are strided tensors of their shapes (a ``(1,)`` one for a 0-dim entry too, as
-    torch takes it), not on the meta device unless the module's is, floating where
-    ``assign`` makes them parameters that need gradients, and, if ``strict``, exactly their
-    keys (extra state is the module's ``set_extra_state``'s to judge). ``False`` where in
-    doubt: the load then runs with a snapshot to restore."""
+    torch's own checks, with no load hook of the user's anywhere in the module (which may
+    rename keys or raise): a mapping whose entries for the module's parameters and
+    persistent buffers are plain strided tensors of their shapes (a ``(1,)`` one for a
+    0-dim entry too, as torch takes it), not on the meta device unless the module's is,
+    floating and not inference tensors where ``assign`` makes them parameters that need
+    gradients, and, if ``strict``, exactly their keys (extra state is the module's
+    ``set_extra_state``'s to judge). ``False`` where in doubt: the load then runs with a
+    snapshot to restore."""
     if not isinstance(state_dict, Mapping):
         return False
-    own = module.state_dict(keep_vars=True)
+    if _user_load_hooks(module):
+        return False
+    own = dict(_loaded_entries(module))
     if strict and own.keys() != state_dict.keys():
         return False
     for key, current in own.items():
-        if key not in state_dict or key.rpartition(".")[2] == "_extra_state":
+        if key not in state_dict or current is None:
             continue  # (extra state: the module's set_extra_state judges it)
         value = state_dict[key]
-        if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        if type(value) not in (torch.Tensor, torch.nn.Parameter):
             return False
-        if value.is_meta and not current.is_meta:
+        if value.is_nested or value.layout != torch.strided or value.is_quantized:
             return False
-        if assign and current.requires_grad and not value.is_floating_point():
+        if value.is_meta != current.is_meta:
+            return False
+        if (
+            assign
+            and current.requires_grad
+            and (not value.is_floating_point() or value.is_inference())
+        ):
             return False
         shape = value.shape
         if current.ndim == 0 and shape == (1,):  # (torch's compatibility with 0.3)
@@ -51,7 +92,7 @@ def restored_on_error(module: torch.nn.Module) -> Iterator[None]:
     the extra state of those that keep one (``get_extra_state``)."""
     held = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
     extra = [
-        (m, m.get_extra_state())
+        (m, copy.deepcopy(m.get_extra_state()))  # (a live object would change with the load)
         for m in module.modules()
         if type(m).get_extra_state is not torch.nn.Module.get_extra_state
     ]
@@ -70,7 +111,8 @@ def restored_on_error(module: torch.nn.Module) -> Iterator[None]:
                 m._buffers.clear()
                 m._buffers.update(buffers)
             for key, t in tensors.items():
-                t.copy_(values[key])
+                with torch.inference_mode() if t.is_inference() else contextlib.nullcontext():
+                    t.copy_(values[key])  # (an inference tensor takes it in inference mode)
         for m, state in extra:
             m.set_extra_state(state)
         raise
@@ -82,19 +124,25 @@ class AtomicLoadMixin:
     torch copies each entry that fits before it raises for those that do not (a size
     mismatch, a missing or unexpected key): a loss kept the failed checkpoint's running
     statistics (CurricularFace's ``t`` 0 -> 0.75, AdaCos's scale 3.1 -> 7) or ``W``.
-    Here a state dict that :func:`fits_state_dict` does not vouch for loads with a
-    snapshot of the loss's tensors (:func:`restored_on_error`), put back if torch raises
-    (its own error); one that fits loads as in torch, with no copy. With a
-    ``load_state_dict`` pre-hook of the user's (which may rename keys) it is torch's load.
-    Within a larger model's ``load_state_dict`` the loss is one module of torch's load.
+    Here a state dict that :func:`fits_state_dict` does not vouch for (or a loss with load
+    hooks of the user's, which may rename keys or raise) loads with a snapshot of the
+    loss's tensors (:func:`restored_on_error`), put back if the load raises (torch's own
+    error); one that fits loads as in torch, with no copy. Within a larger model's
+    ``load_state_dict`` the loss is one module of torch's load.
     """
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> Any:
-        module: Any = self
-        hooked = any(m._load_state_dict_pre_hooks for m in module.modules())
-        if hooked or fits_state_dict(module, state_dict, strict, assign):
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
-        with restored_on_error(module):
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
+        return load_all_or_nothing(self, super().load_state_dict, state_dict, strict, assign)  # type: ignore[misc]
+
+
+def load_all_or_nothing(
+    module: Any, load: Callable[..., Any], state_dict: Any, strict: bool, assign: bool
+) -> Any:
+    """``load(state_dict, strict=, assign=)`` of ``module``: directly where the state dict
+    fits (:func:`fits_state_dict`), else within :func:`restored_on_error`."""
+    if fits_state_dict(module, state_dict, strict, assign):
+        return load(state_dict, strict=strict, assign=assign)
+    with restored_on_error(module):
+        return load(state_dict, strict=strict, assign=assign)

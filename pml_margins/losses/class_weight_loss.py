@@ -420,24 +420,30 @@ class ClassWeightLoss(
         return None
 
     def _check_weight_shape(self, embeddings: object) -> None:
-        """``ValueError`` for a ``W`` of another shape than ``(embedding_size, num_classes
-        * K)`` (``K``: the sub-centres :meth:`fused_logits` declares, else 1) where the
-        logits are declared (``W`` or ``num_classes`` replaced after construction: a wider
-        ``W`` trained more classes than ``num_classes`` says, a narrower one failed in an
-        index error). Logits redefined without a declaration may read any layout."""
-        weight = self.W
-        if weight.shape == (self.embedding_size, self.num_classes):
-            return
+        """``ValueError`` for a ``W`` that is not this loss's layout (``W`` or
+        ``num_classes`` replaced after construction: a wider ``W`` trained more classes than
+        ``num_classes`` says, a narrower one failed in an index error): ``(embedding_size,
+        num_classes * K)`` with ``K`` the sub-centres :meth:`fused_logits` declares (where
+        it declares nothing, the plain path, the loss's ``sub_centers`` if it has them, else
+        ``embedding_size`` rows and a multiple of ``num_classes`` columns). Logits
+        redefined without a declaration may read any layout."""
+        weight, rows, classes = self.W, self.embedding_size, self.num_classes
+        if weight.shape == (rows, classes) and getattr(self, "sub_centers", 1) == 1:
+            return  # (the common case, without the declaration's cost)
         if self._logits_redefined() or not isinstance(embeddings, torch.Tensor):
             return  # (bad embeddings: their own checks name them)
         form = self.fused_logits(embeddings)
-        per_class = form.sub_centers if form is not None else 1
-        expected = (self.embedding_size, self.num_classes * per_class)
-        if weight.shape != expected:
+        per_class = getattr(self, "sub_centers", None) if form is None else form.sub_centers
+        if isinstance(per_class, int) and not isinstance(per_class, bool):
+            fits = weight.shape == (rows, classes * per_class)
+            shown = f"need {(rows, classes * per_class)}"
+        else:
+            fits = weight.ndim == 2 and weight.shape[0] == rows and weight.shape[1] % classes == 0
+            shown = f"need {rows} rows and a multiple of {classes} columns"
+        if not fits or weight.shape[1] == 0:
             raise ValueError(
                 f"{type(self).__name__}'s class weights W have shape {tuple(weight.shape)}, "
-                f"but embedding_size={self.embedding_size} and num_classes={self.num_classes} "
-                f"need {expected}"
+                f"but embedding_size={rows} and num_classes={classes} {shown}"
             )
 
     def _norms_taken(self) -> bool:

@@ -534,3 +534,27 @@ def test_a_sub_centre_subclass_declared_by_fused_logits_keeps_its_wide_w() -> No
     loss.W = torch.nn.Parameter(torch.randn(8, 21))
     with pytest.raises(ValueError, match=r"need \(8, 20\)"):
         loss(x, y)
+
+
+def test_the_w_shape_check_knows_sub_centres_on_every_path() -> None:
+    """With a distance that moves Sub-center ArcFace to the plain path its (D, C K) W was
+    refused (``need (16, 5)``); a narrow (D, C) W passed the check and failed in an index
+    error (or gave logits of C / K classes)."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    class MyCosine(CosineSimilarity):
+        pass
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 16), torch.arange(8) % 5
+    plain = SubCenterArcFaceLoss(5, 16, sub_centers=3, distance=MyCosine())
+    fused = SubCenterArcFaceLoss(5, 16, sub_centers=3)
+    fused.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(plain(x, y), fused(x, y))
+    assert plain.get_logits(x).shape == (8, 5)
+    for loss in (plain, fused):
+        loss.W = torch.nn.Parameter(torch.randn(16, 5))
+        with pytest.raises(ValueError, match="class weights W have shape"):
+            loss(x, y)
+        with pytest.raises(ValueError, match="class weights W have shape"):
+            loss.get_logits(x)

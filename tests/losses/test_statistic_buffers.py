@@ -155,3 +155,53 @@ def test_a_failed_load_is_undone_whatever_fails_and_copies_nothing_it_need_not()
     old = {("weight" if k == "W" else k): v + 1 for k, v in good.items()}
     loss.load_state_dict(old)
     assert renamed == [1] and torch.equal(loss.W, good["W"] + 1)
+
+
+def test_a_failed_load_is_undone_when_user_hooks_or_odd_entries_fail_it() -> None:
+    """A load that passes torch's checks but fails in a user's post-hook (or one that adds
+    a missing key), an inference-mode W assigned, a quantized W: t stayed at 0.75."""
+    loss = CurricularFaceLoss(5, 4)
+    good = {k: v.clone() for k, v in loss.state_dict().items()}
+    with torch.inference_mode():
+        inference_w = good["W"] + 0
+    cases = [
+        ({"W": inference_w}, True, None),
+        ({"W": torch.quantize_per_tensor(good["W"], 0.1, 0, torch.qint8)}, False, None),
+    ]
+
+    def raising(module, keys):
+        raise RuntimeError("check failed")
+
+    def missing(module, keys):
+        keys.missing_keys.append("W_ema")
+
+    cases += [({}, False, raising), ({}, False, missing)]
+    for entries, assign, hook in cases:
+        handle = None if hook is None else loss.register_load_state_dict_post_hook(hook)
+        with pytest.raises(RuntimeError):
+            loss.load_state_dict({**good, "t": torch.tensor(0.75), **entries}, assign=assign)
+        assert float(loss.t) == 0.0 and torch.equal(loss.W, good["W"]), (entries, hook)
+        if handle is not None:
+            handle.remove()
+
+
+def test_a_failed_load_puts_back_live_extra_state() -> None:
+    """Extra state kept by reference came back as the failed load left it."""
+
+    class Counted(CosFaceLoss):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.steps = torch.zeros((), dtype=torch.long)
+
+        def get_extra_state(self):
+            return {"steps": self.steps}
+
+        def set_extra_state(self, state):
+            self.steps.copy_(state["steps"])
+
+    loss = Counted(5, 4)
+    state = loss.state_dict()
+    state = {**state, "_extra_state": {"steps": torch.tensor(7)}, "W": torch.randn(4, 6)}
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        loss.load_state_dict(state)
+    assert int(loss.steps) == 0
