@@ -214,7 +214,7 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         self.group = group
         self._shard: torch.Tensor | None = None
 
-    def check_knn_func(self, knn_func: Any) -> None:
+    def check_search(self, exact: tuple[str, bool] | None, knn_func: Any) -> None:
         """A search other than the exact k-nn (a ``knn_func`` run as PML's) is refused."""
         if knn_func is not None:
             shown = getattr(knn_func, "distance", knn_func)

@@ -296,7 +296,6 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         if distance is not None and knn_func is not None:
             raise ValueError("pass either distance or knn_func, not both")
         self.exact, custom = _resolve_search(distance, knn_func)
-        self.check_knn_func(custom)
         self._device = None if device is None else _as_device(device)
         uses_faiss(backend, self._device or torch.device("cpu"))  # its checks
         if self._device is not None:
@@ -326,12 +325,15 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self.custom_comparison = label_comparison_fn  # None: labels are compared for equality
         self.device = self._device
         self.knn_func = custom  # None: the exact k-nn with ``self.exact``
+        self._recall_ks_built = self.recall_ks  # (the metrics' names: see __setattr__)
+        self.check_search(self.exact, custom)
         self._built = True
 
-    def check_knn_func(self, knn_func: Any) -> None:
-        """``ValueError`` for a search that a subclass cannot run: ``knn_func`` is the one
-        run as PML's, ``None`` for the exact k-nn (default: any). Called by the
-        constructor and when ``knn_func`` or ``distance`` is assigned later."""
+    def check_search(self, exact: tuple[str, bool] | None, knn_func: Any) -> None:
+        """``ValueError`` for a search that a subclass cannot run (default: any): the exact
+        k-nn's ``(metric, normalize)`` with ``knn_func=None``, or ``exact=None`` and the
+        ``knn_func`` run as PML's. Called at the end of the constructor, and when
+        ``knn_func`` or ``distance`` is assigned later, before anything changes."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         """A constructor setting assigned after construction (:data:`LATER_SETTINGS`) is
@@ -341,10 +343,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         ``label_comparison_fn``, ``k``, ``backend``, ``block_rows``, ``num_threads``,
         ``avg_of_avgs``/``return_per_class``. ``recall_ks`` names the
         calculator's metrics (PML lists them at construction): only its own value is
-        taken (``AttributeError`` otherwise; build another calculator). PML's
-        ``EQUALITY`` (``torch.eq``, what the attribute reads without a comparison of the
-        user's) assigned is the default comparison. A later ``recall_ks`` or ``distance``
-        was ignored, ``k = -3`` taken (P@1 0.0)."""
+        taken (``AttributeError`` otherwise; build another calculator). A comparison
+        assigned as read back (PML's ``EQUALITY`` where none was given) changes nothing;
+        any other is the user's, as in the constructor. A new ``device`` moves the
+        default k-means with it. A later ``recall_ks`` or ``distance`` was ignored,
+        ``k = -3`` taken (P@1 0.0)."""
         if self.__dict__.get("_built") and name in LATER_SETTINGS:
             value = self._later_setting(name, value)
         super().__setattr__(name, value)
@@ -353,12 +356,13 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         """The value an assigned setting ``name`` is held as, checked; derived state set."""
         state = self.__dict__
         if name == "recall_ks":
-            if check_recall_ks(value) != self.recall_ks:
+            built = state["_recall_ks_built"]
+            if check_recall_ks(value) != built:
                 raise AttributeError(
-                    f"recall_ks is fixed at construction ({self.recall_ks}): it names the "
+                    f"recall_ks is fixed at construction ({built}): it names the "
                     "calculator's metrics; build another calculator for other cut-offs"
                 )
-            return self.recall_ks
+            return built
         if name == "k":
             return check_pml_k(value)
         if name in ("avg_of_avgs", "return_per_class"):
@@ -367,35 +371,42 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 raise ValueError("avg_of_avgs and return_per_class are mutually exclusive")
             return value
         if name == "label_comparison_fn":
-            custom = None if value is None or value is EQUALITY else value
-            if custom is not None and not callable(custom):
+            if value is state.get(name):  # as read back (PML's EQUALITY when none was given)
+                return value
+            if value is not None and not callable(value):
                 raise TypeError(f"label_comparison_fn must be callable, got {type(value).__name__}")
-            clustering = set(self.requires_clustering()) & set(self.get_curr_metrics())
-            if custom is not None and clustering:
+            # PML's rule, on the calculator's metrics (not a get_accuracy's include)
+            if value is not None and set(self.requires_clustering()) & set(
+                self.original_function_dict
+            ):
                 raise NotImplementedError("Unsupported: clustering + custom label comparison")
-            state["custom_comparison"] = custom
-            return EQUALITY if custom is None else custom
+            state["custom_comparison"] = value
+            return EQUALITY if value is None else value
         if name == "device":
             device = None if value is None else _as_device(value)
-            uses_faiss(self.backend, device or torch.device("cpu"))
+            uses_faiss(state.get("backend", "auto"), device or torch.device("cpu"))
             if device is not None:
                 _check_available(device)
+            own = state.get("_own_kmeans")
+            if own is not None and state.get("kmeans_func") is own:  # the default k-means:
+                own = FaissKMeans(niter=20, gpu=_faiss_gpu_usable(device))  # for the device
+                state.update(kmeans_func=own, _own_kmeans=own)
             state["_device"] = device
             return device
         if name == "backend":
-            uses_faiss(value, self._device or torch.device("cpu"))
-            _check_backend_with(value, self.knn_func)
+            uses_faiss(value, state.get("_device") or torch.device("cpu"))
+            _check_backend_with(value, state.get("knn_func"))
             return value
         if name == "block_rows":
             return None if value is None else check_int(value, "block_rows")
         if name == "num_threads":
             return None if value is None else check_num_threads(value)
-        if value is getattr(self, name):  # distance / knn_func as read back: no change
-            return value
+        if value is None and state.get(name) is None:  # distance / knn_func as read back
+            return None  # (None where the other one was given, or the exact k-nn's knn_func)
         distance, knn_func = (value, None) if name == "distance" else (None, value)
-        exact, custom = _resolve_search(distance, knn_func)
-        self.check_knn_func(custom)
-        _check_backend_with(self.backend, custom)
+        exact, custom = _resolve_search(distance, knn_func)  # (again: a distance changed
+        self.check_search(exact, custom)  # in place since gives another search)
+        _check_backend_with(state.get("backend", "auto"), custom)
         state.update(exact=exact, distance=distance, knn_func=custom)
         return distance if name == "distance" else custom
 

@@ -441,3 +441,44 @@ def test_a_subclass_with_its_own_state_takes_later_settings():
     calc = WithPrecisionAt3(include=("precision_at_3", "precision_at_1"))
     calc.k = "max_bin_count"
     assert calc.get_accuracy(*_data())["precision_at_3"] == 0.5
+
+
+def test_later_settings_corners_found_by_the_fix_review():
+    """A custom comparison with NMI/AMI was refused at construction but taken after a
+    get_accuracy(include=...) had narrowed the current metrics; a calculator built with
+    PML's EQUALITY changed when it was assigned back; del then assign raised; a distance
+    changed in place and assigned again kept the old search; check_search saw a
+    half-built calculator."""
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.accuracy_calculator import EQUALITY
+
+    x, y = _data(n=80, classes=5)
+    calc = RetrievalAccuracyCalculator()
+    calc.get_accuracy(x, y, include=("precision_at_1",))
+    with pytest.raises(NotImplementedError, match="clustering"):
+        calc.label_comparison_fn = _equal
+    calc = RetrievalAccuracyCalculator(label_comparison_fn=EQUALITY, include=("precision_at_1",))
+    expected = calc.get_accuracy(x, y + 0.5)  # EQUALITY given: the user's comparison
+    calc.label_comparison_fn = calc.label_comparison_fn
+    assert calc.get_accuracy(x, y + 0.5) == expected
+    calc = RetrievalAccuracyCalculator()
+    raw = LpDistance(normalize_embeddings=False)  # (the default search's ranking)
+    for name, value in (("distance", raw), ("knn_func", None), ("backend", "auto")):
+        delattr(calc, name)
+        setattr(calc, name, value)
+    assert calc.get_accuracy(x, y) == pytest.approx(
+        RetrievalAccuracyCalculator().get_accuracy(x, y), nan_ok=True
+    )
+    distance = LpDistance()
+    calc = RetrievalAccuracyCalculator(distance=distance, include=("precision_at_1",))
+    distance.normalize_embeddings = False
+    calc.distance = distance
+    fresh = RetrievalAccuracyCalculator(distance=distance, include=("precision_at_1",))
+    assert calc.exact == fresh.exact == ("euclidean", False)
+
+    class OnCpuOnly(RetrievalAccuracyCalculator):
+        def check_search(self, exact, knn_func):
+            if self.device is not None and self.device.type != "cpu":
+                raise ValueError("cpu only")
+
+    assert OnCpuOnly(device="cpu").get_accuracy(x, y)
