@@ -325,6 +325,13 @@ def _equal(a, b):
     return a == b
 
 
+def _stable(result: dict) -> str:
+    """The metrics without NMI/AMI, whose k-means need not repeat run to run (faiss's
+    threads: the settings under test decide the k-nn), as text (exact, NaN equal to NaN,
+    per-class lists too)."""
+    return repr({k: v for k, v in result.items() if k not in ("NMI", "AMI")})
+
+
 def _same_as_built(change: dict, built_with: dict | None = None) -> None:
     """A calculator given ``change`` after construction computes what one built with it
     computes (all metrics, offset data: the search's distance matters)."""
@@ -337,7 +344,7 @@ def _same_as_built(change: dict, built_with: dict | None = None) -> None:
     if "distance" in change or "knn_func" in change:  # (each replaces the other)
         settings.pop("knn_func" if "distance" in change else "distance", None)
     fresh = RetrievalAccuracyCalculator(**settings)
-    assert later.get_accuracy(x, y) == pytest.approx(fresh.get_accuracy(x, y), nan_ok=True)
+    assert _stable(later.get_accuracy(x, y)) == _stable(fresh.get_accuracy(x, y))
     assert re.sub(" at 0x[0-9a-f]+", "", repr(later)) == re.sub(" at 0x[0-9a-f]+", "", repr(fresh))
 
 
@@ -383,10 +390,10 @@ def test_settings_assigned_as_read_back_change_nothing():
     ]
     for built_with in builds:
         calc = RetrievalAccuracyCalculator(**built_with)
-        expected = calc.get_accuracy(x, y)
+        expected = _stable(calc.get_accuracy(x, y))
         for name in (*LATER_SETTINGS, "kmeans_func"):
             setattr(calc, name, getattr(calc, name))
-        assert calc.get_accuracy(x, y) == pytest.approx(expected, nan_ok=True), built_with
+        assert _stable(calc.get_accuracy(x, y)) == expected, built_with
     calc = RetrievalAccuracyCalculator(include=("precision_at_1",))
     calc.label_comparison_fn = calc.label_comparison_fn
     with pytest.raises(TypeError, match="fraction"):  # still equality: real labels refused
@@ -411,10 +418,11 @@ def test_settings_assigned_as_read_back_change_nothing():
 )
 def test_a_bad_setting_assigned_later_is_refused_and_changes_nothing(name, value, error):
     calc = RetrievalAccuracyCalculator(return_per_class=(name == "avg_of_avgs"))
-    before = repr(calc), calc.get_accuracy(*_data())
+    before = repr(calc), _stable(calc.get_accuracy(*_data()))
     with pytest.raises(error):
         setattr(calc, name, value)
-    assert (repr(calc), calc.get_accuracy(*_data())) == pytest.approx(before, nan_ok=True)
+    assert repr(calc) == before[0]
+    assert _stable(calc.get_accuracy(*_data())) == before[1]
 
 
 def test_the_sharded_calculator_refuses_a_search_assigned_later():
@@ -466,8 +474,8 @@ def test_later_settings_corners_found_by_the_fix_review():
     for name, value in (("distance", raw), ("knn_func", None), ("backend", "auto")):
         delattr(calc, name)
         setattr(calc, name, value)
-    assert calc.get_accuracy(x, y) == pytest.approx(
-        RetrievalAccuracyCalculator().get_accuracy(x, y), nan_ok=True
+    assert _stable(calc.get_accuracy(x, y)) == _stable(
+        RetrievalAccuracyCalculator().get_accuracy(x, y)
     )
     distance = LpDistance()
     calc = RetrievalAccuracyCalculator(distance=distance, include=("precision_at_1",))
