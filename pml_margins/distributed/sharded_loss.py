@@ -84,8 +84,8 @@ def _cosine_scale(
     can be formed by :func:`~pml_margins.distributed.local_logits.cosine_logits`. A
     sub-centre declaration (a maximum over columns) is not plain cosines: such a loss
     forms its shard's logits by its own ``base_logits``; so do logits redefined without
-    a declaration and, unless ``sampled`` (Partial FC, which never calls the distance in
-    one process either), a distance with a hook: its call, as the single-process loss's.
+    a declaration and, unless ``sampled`` (the single-process Partial FC core does not
+    call the distance either), a distance with a hook: its call, as in one process.
     """
     redefined = loss._logits_redefined()
     form = None if redefined else loss.fused_logits(embeddings)
@@ -440,6 +440,9 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                 f"'sampler_state' (and 'shard'), got {state!r}"
             )
         self.load_sampler_state(state["sampler_state"])
+
+    # the sampler loads before the inner loss's tensors: a bad one raises before any copy
+    set_extra_state.keeps_load_atomic = True  # type: ignore[attr-defined]
 
     def forward(
         self,

@@ -57,6 +57,8 @@ LOGGER = logging.getLogger(__name__)
 AMI_SLOW_NUM_CLASSES = 1000
 #: PML's k-nn metrics that read only a query's first R neighbours (R: its relevant count)
 FIRST_R_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
+#: an attribute deleted (``del calc.k``): not a value read back
+_DELETED = object()
 #: the constructor's settings that are attributes too, checked when assigned later (the
 #: ones the constructor derives state from re-derive it; see ``__setattr__``)
 LATER_SETTINGS = (
@@ -348,9 +350,18 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         any other is the user's, as in the constructor. A new ``device`` moves the
         default k-means with it. A later ``recall_ks`` or ``distance`` was ignored,
         ``k = -3`` taken (P@1 0.0)."""
-        if self.__dict__.get("_built") and name in LATER_SETTINGS:
-            value = self._later_setting(name, value)
-        super().__setattr__(name, value)
+        if not (self.__dict__.get("_built") and name in LATER_SETTINGS):
+            super().__setattr__(name, value)
+            return
+        before = dict(self.__dict__)
+        try:
+            super().__setattr__(name, self._later_setting(name, value))
+            state = self.__dict__  # (a subclass's check, on the new settings)
+            self.check_search(state.get("exact"), state.get("knn_func"))
+        except BaseException:
+            self.__dict__.clear()  # a refused value changes nothing
+            self.__dict__.update(before)
+            raise
 
     def _later_setting(self, name: str, value: Any) -> Any:
         """The value an assigned setting ``name`` is held as, checked; derived state set."""
@@ -371,8 +382,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 raise ValueError("avg_of_avgs and return_per_class are mutually exclusive")
             return value
         if name == "label_comparison_fn":
-            if value is state.get(name):  # as read back (PML's EQUALITY when none was given)
-                return value
+            if value is state.get(name, _DELETED):  # as read back (PML's EQUALITY when none
+                return value  # was given)
             if value is not None and not callable(value):
                 raise TypeError(f"label_comparison_fn must be callable, got {type(value).__name__}")
             # PML's rule, on the calculator's metrics (not a get_accuracy's include)
@@ -401,12 +412,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             return None if value is None else check_int(value, "block_rows")
         if name == "num_threads":
             return None if value is None else check_num_threads(value)
-        if value is None and state.get(name) is None:  # distance / knn_func as read back
-            return None  # (None where the other one was given, or the exact k-nn's knn_func)
+        if value is None and state.get(name, _DELETED) is None:  # distance / knn_func as
+            return None  # read back (None where the other one was given, or the exact k-nn's)
         distance, knn_func = (value, None) if name == "distance" else (None, value)
         exact, custom = _resolve_search(distance, knn_func)  # (again: a distance changed
-        self.check_search(exact, custom)  # in place since gives another search)
-        _check_backend_with(state.get("backend", "auto"), custom)
+        _check_backend_with(state.get("backend", "auto"), custom)  # in place: another search)
         state.update(exact=exact, distance=distance, knn_func=custom)
         return distance if name == "distance" else custom
 

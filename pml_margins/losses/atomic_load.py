@@ -29,16 +29,27 @@ def _loaded_entries(module: torch.nn.Module, prefix: str = "") -> Iterator[tuple
             yield from _loaded_entries(child, f"{prefix}{name}.")
 
 
-def _user_load_hooks(module: torch.nn.Module) -> bool:
-    """Whether a module in ``module`` has a load hook not marked ``keeps_load_atomic`` (a
-    library's own hook that only checks, or adds a default entry)."""
+def _atomic(function: object) -> bool:
+    """Whether ``function`` is marked ``keeps_load_atomic``: it raises, if at all, before
+    the load changes anything (a check), or only adds a default entry."""
+    return bool(getattr(function, "keeps_load_atomic", False))
+
+
+def _load_code_of_its_own(module: torch.nn.Module) -> bool:
+    """Whether a module in ``module`` runs load code that may fail after tensors were
+    copied: a load hook, a ``_load_from_state_dict`` override or extra state (its
+    ``set_extra_state``), unless marked ``keeps_load_atomic``."""
+    own_load = torch.nn.Module._load_from_state_dict
     for m in module.modules():
-        for hook in (
-            *m._load_state_dict_pre_hooks.values(),
-            *m._load_state_dict_post_hooks.values(),
-        ):
-            if not getattr(getattr(hook, "hook", hook), "keeps_load_atomic", False):
-                return True
+        hooks = (*m._load_state_dict_pre_hooks.values(), *m._load_state_dict_post_hooks.values())
+        if not all(_atomic(getattr(hook, "hook", hook)) for hook in hooks):
+            return True
+        load = type(m)._load_from_state_dict
+        if load is not own_load and not _atomic(load):
+            return True
+        extra = type(m).get_extra_state is not torch.nn.Module.get_extra_state
+        if extra and not _atomic(type(m).set_extra_state):
+            return True
     return False
 
 
@@ -46,17 +57,17 @@ def fits_state_dict(
     module: torch.nn.Module, state_dict: object, strict: bool, assign: bool = False
 ) -> bool:
     """Whether ``module.load_state_dict(state_dict, strict, assign)`` is sure to pass
-    torch's own checks, with no load hook of the user's anywhere in the module (which may
-    rename keys or raise): a mapping whose entries for the module's parameters and
-    persistent buffers are plain strided tensors of their shapes (a ``(1,)`` one for a
-    0-dim entry too, as torch takes it), not on the meta device unless the module's is,
-    floating and not inference tensors where ``assign`` makes them parameters that need
-    gradients, and, if ``strict``, exactly their keys (extra state is the module's
-    ``set_extra_state``'s to judge). ``False`` where in doubt: the load then runs with a
-    snapshot to restore."""
+    torch's own checks, with no load code of a module's own that may fail after tensors
+    were copied (:func:`_load_code_of_its_own`): a mapping whose entries for the
+    module's parameters and persistent buffers are plain strided tensors of their shapes
+    (a ``(1,)`` one for a 0-dim entry too, as torch takes it), not on the meta device
+    unless the module's is (and the module's not inference tensors), floating and not
+    inference tensors where ``assign`` makes them parameters that need gradients, and,
+    if ``strict``, exactly their keys (extra state: see above). ``False`` where in
+    doubt: the load then runs with a snapshot to restore."""
     if not isinstance(state_dict, Mapping):
         return False
-    if _user_load_hooks(module):
+    if _load_code_of_its_own(module):
         return False
     own = dict(_loaded_entries(module))
     if strict and own.keys() != state_dict.keys():
@@ -69,7 +80,7 @@ def fits_state_dict(
             return False
         if value.is_nested or value.layout != torch.strided or value.is_quantized:
             return False
-        if value.is_meta != current.is_meta:
+        if value.is_meta != current.is_meta or current.is_inference():
             return False
         if (
             assign
@@ -85,6 +96,15 @@ def fits_state_dict(
     return True
 
 
+def _copied(state: Any) -> Any:
+    """A deep copy of extra state (a live object would change with the load), or the
+    object itself where it cannot be copied (a lock)."""
+    try:
+        return copy.deepcopy(state)
+    except Exception:
+        return state
+
+
 @contextlib.contextmanager
 def restored_on_error(module: torch.nn.Module) -> Iterator[None]:
     """Within: an exception puts back every parameter and buffer of ``module`` and its
@@ -92,7 +112,7 @@ def restored_on_error(module: torch.nn.Module) -> Iterator[None]:
     the extra state of those that keep one (``get_extra_state``)."""
     held = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
     extra = [
-        (m, copy.deepcopy(m.get_extra_state()))  # (a live object would change with the load)
+        (m, _copied(m.get_extra_state()))
         for m in module.modules()
         if type(m).get_extra_state is not torch.nn.Module.get_extra_state
     ]

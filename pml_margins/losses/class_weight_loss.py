@@ -142,13 +142,14 @@ class ClassWeightLoss(
       ``sub_centers=K``, the maximum of that product over each class's ``K``
       consecutive columns of ``W`` (Sub-center ArcFace's ``cosine``; the fused core
       then runs blocks of whole classes and sends each class's gradient to its
-      winning column) -- or, with ``scale_by_norm=True``, a number scale times each
-      row's norm (SphereFace's :math:`\|x\|\cos\theta`; the core takes the norms from
-      its normalization). A subclass that overrides one of them (itself or through a
-      mixin earlier in its bases) without restating :meth:`fused_logits` at least as
-      low in its MRO is moved to the plain path automatically, whatever else it
-      overrides; so is a loss whose method is set on the instance or patched on its
-      class after the class was defined.
+      winning column; name ``K`` ``self.sub_centers``, which the check of ``W``'s shape
+      reads where the loss runs on the plain path) -- or, with ``scale_by_norm=True``, a
+      number scale times each row's norm (SphereFace's :math:`\|x\|\cos\theta`; the
+      core takes the norms from its normalization). A subclass that overrides one of
+      them (itself or through a mixin earlier in its bases) without restating
+      :meth:`fused_logits` at least as low in its MRO is moved to the plain path
+      automatically, whatever else it overrides; so is a loss whose method is set on
+      the instance or patched on its class after the class was defined.
     * *A margin that changes the non-target logits* (CurricularFace, the class-level
       Circle loss): override :meth:`non_target_logit_fn` to return :math:`\phi`, applied
       element-wise to blocks of base logits (cosines) of every row before scaling. It
@@ -424,8 +425,7 @@ class ClassWeightLoss(
         ``num_classes`` replaced after construction: a wider ``W`` trained more classes than
         ``num_classes`` says, a narrower one failed in an index error): ``(embedding_size,
         num_classes * K)`` with ``K`` the sub-centres :meth:`fused_logits` declares (where
-        it declares nothing, the plain path, the loss's ``sub_centers`` if it has them, else
-        ``embedding_size`` rows and a multiple of ``num_classes`` columns). Logits
+        it declares nothing, the plain path: the loss's ``sub_centers``, else 1). Logits
         redefined without a declaration may read any layout."""
         weight, rows, classes = self.W, self.embedding_size, self.num_classes
         if weight.shape == (rows, classes) and getattr(self, "sub_centers", 1) == 1:
@@ -433,17 +433,14 @@ class ClassWeightLoss(
         if self._logits_redefined() or not isinstance(embeddings, torch.Tensor):
             return  # (bad embeddings: their own checks name them)
         form = self.fused_logits(embeddings)
-        per_class = getattr(self, "sub_centers", None) if form is None else form.sub_centers
-        if isinstance(per_class, int) and not isinstance(per_class, bool):
-            fits = weight.shape == (rows, classes * per_class)
-            shown = f"need {(rows, classes * per_class)}"
-        else:
-            fits = weight.ndim == 2 and weight.shape[0] == rows and weight.shape[1] % classes == 0
-            shown = f"need {rows} rows and a multiple of {classes} columns"
-        if not fits or weight.shape[1] == 0:
+        per_class = getattr(self, "sub_centers", 1) if form is None else form.sub_centers
+        if not isinstance(per_class, int) or isinstance(per_class, bool):
+            return  # (the core's own check names it)
+        expected = (rows, classes * per_class)
+        if weight.shape != expected:
             raise ValueError(
                 f"{type(self).__name__}'s class weights W have shape {tuple(weight.shape)}, "
-                f"but embedding_size={rows} and num_classes={classes} {shown}"
+                f"but embedding_size={rows} and num_classes={classes} need {expected}"
             )
 
     def _norms_taken(self) -> bool:

@@ -43,6 +43,9 @@ class FloatStatisticsMixin:
             if value is not None and not value.is_meta:  # one with a graph fail in place
                 buffers[name] = as_statistic(value)
 
+    # it checks before torch's load and only casts after: a load stays all or nothing
+    _load_from_state_dict.keeps_load_atomic = True  # type: ignore[attr-defined]
+
     def check_statistics(self, state_dict: Any, prefix: str = "") -> None:
         """:meth:`check_statistic` of each statistic in ``state_dict`` (keys ``prefix +
         name``; any real dtype, which the load makes float; complex: ``ValueError``)."""

@@ -490,3 +490,39 @@ def test_later_settings_corners_found_by_the_fix_review():
                 raise ValueError("cpu only")
 
     assert OnCpuOnly(device="cpu").get_accuracy(x, y)
+
+
+def test_later_settings_corners_found_by_the_second_fix_review():
+    """del then None kept the old search or comparison (or crashed on unpacking); a
+    subclass's check_search was skipped for a later backend."""
+    from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    x, y = _data(n=80, classes=5)
+    default = _stable(RetrievalAccuracyCalculator().get_accuracy(x, y))
+    for built_with, name in (
+        ({"distance": CosineSimilarity()}, "distance"),
+        ({"knn_func": CustomKNN(LpDistance(p=1))}, "knn_func"),
+    ):
+        calc = RetrievalAccuracyCalculator(**built_with)
+        delattr(calc, name)
+        setattr(calc, name, None)
+        assert _stable(calc.get_accuracy(x, y)) == default, name
+    calc = RetrievalAccuracyCalculator(label_comparison_fn=_equal, include=("precision_at_1",))
+    del calc.label_comparison_fn
+    calc.label_comparison_fn = None
+    with pytest.raises(TypeError, match="fraction"):  # the default comparison again
+        calc.get_accuracy(x, y + 0.5)
+    calc = RetrievalAccuracyCalculator()
+    del calc.knn_func
+    calc.k = 5  # (the check of the search reads what is there)
+
+    class NoTorchBackend(RetrievalAccuracyCalculator):
+        def check_search(self, exact, knn_func):
+            if self.backend == "torch":
+                raise ValueError("no torch backend")
+
+    calc = NoTorchBackend()
+    with pytest.raises(ValueError, match="no torch backend"):
+        calc.backend = "torch"
+    assert calc.backend == "auto"

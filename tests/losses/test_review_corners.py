@@ -558,3 +558,17 @@ def test_the_w_shape_check_knows_sub_centres_on_every_path() -> None:
             loss(x, y)
         with pytest.raises(ValueError, match="class weights W have shape"):
             loss.get_logits(x)
+
+
+def test_a_wide_w_is_refused_on_the_plain_path_too() -> None:
+    """With a distance that moves ArcFace to the plain path a (4, 20) W on 10 classes was
+    taken (a multiple of the classes): 20-way logits."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    class MyCosine(CosineSimilarity):
+        pass
+
+    loss = ArcFaceLoss(10, 4, distance=MyCosine())
+    loss.W = torch.nn.Parameter(torch.randn(4, 20))
+    with pytest.raises(ValueError, match=r"need \(4, 10\)"):
+        loss(torch.randn(8, 4), torch.arange(8))

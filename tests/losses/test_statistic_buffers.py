@@ -205,3 +205,48 @@ def test_a_failed_load_puts_back_live_extra_state() -> None:
     with pytest.raises(RuntimeError, match="size mismatch"):
         loss.load_state_dict(state)
     assert int(loss.steps) == 0
+
+
+def test_a_failed_load_is_undone_when_the_modules_own_load_code_fails_it() -> None:
+    """set_extra_state refusing, or a _load_from_state_dict override checking after torch's
+    copy, raised with W already overwritten; an inference-tensor t failed its copy with W
+    changed; extra state that cannot be deep-copied made a renaming load fail."""
+    import threading
+
+    class Checked(CurricularFaceLoss):
+        def _load_from_state_dict(self, state_dict, prefix, *args):
+            super()._load_from_state_dict(state_dict, prefix, *args)
+            if not bool(torch.isfinite(self.W).all()):
+                raise ValueError("W must be finite")
+
+    class WithExtra(CurricularFaceLoss):
+        lock = threading.Lock()
+
+        def get_extra_state(self):
+            return {"lock": self.lock}
+
+        def set_extra_state(self, state):
+            if not isinstance(state, dict):
+                raise ValueError("bad extra state")
+
+    loss = Checked(5, 4)
+    good = {k: v.clone() for k, v in loss.state_dict().items()}
+    with pytest.raises(ValueError, match="finite"):
+        loss.load_state_dict({**good, "W": torch.full_like(good["W"], float("nan"))})
+    assert torch.equal(loss.W, good["W"])
+    loss = WithExtra(5, 4)
+    good = {k: v for k, v in loss.state_dict().items()}
+    new_w = torch.randn_like(good["W"])
+    with pytest.raises(ValueError, match="bad extra state"):
+        loss.load_state_dict({**good, "W": new_w, "_extra_state": 3})
+    assert not torch.equal(loss.W, new_w)
+    loss.register_load_state_dict_pre_hook(lambda *args: None)
+    loss.load_state_dict({**good, "W": new_w})  # (snapshot path: the lock is kept as is)
+    assert torch.equal(loss.W, new_w)
+    loss = CurricularFaceLoss(5, 4)
+    with torch.inference_mode():
+        loss.load_state_dict({**loss.state_dict(), "t": torch.tensor(0.5)}, assign=True)
+    before = loss.W.detach().clone()
+    with pytest.raises(RuntimeError):
+        loss.load_state_dict({"W": torch.randn(4, 5), "t": torch.tensor(0.25)})
+    assert torch.equal(loss.W, before) and float(loss.t) == 0.5
