@@ -473,6 +473,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             self._check_parameters()
             check_embeddings(embeddings, width=self.embedding_size)
             check_class_labels(labels, embeddings.shape[0], self.num_classes)
+            self.loss._check_weight_shape(embeddings)  # (W_local replaced: as in one process)
 
         dtype = embeddings.dtype if isinstance(embeddings, torch.Tensor) else None
         grad = isinstance(embeddings, torch.Tensor) and embeddings.requires_grad

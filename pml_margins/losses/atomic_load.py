@@ -53,6 +53,27 @@ def _load_code_of_its_own(module: torch.nn.Module) -> bool:
     return False
 
 
+#: dtypes a copy into a floating tensor takes without a warning or an error
+_REAL_DTYPES = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+)
+
+
+def _copies_cleanly(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether ``copy_`` from ``source`` into ``target`` neither warns (complex into
+    real) nor fails (bit and quantized dtypes): real dtypes into a floating one."""
+    return source in _REAL_DTYPES and target.is_floating_point
+
+
 def fits_state_dict(
     module: torch.nn.Module, state_dict: object, strict: bool, assign: bool = False
 ) -> bool:
@@ -81,6 +102,8 @@ def fits_state_dict(
         if value.is_nested or value.layout != torch.strided or value.is_quantized:
             return False
         if value.is_meta != current.is_meta or current.is_inference():
+            return False
+        if value.dtype != current.dtype and not _copies_cleanly(value.dtype, current.dtype):
             return False
         if (
             assign
@@ -123,18 +146,23 @@ def restored_on_error(module: torch.nn.Module) -> Iterator[None]:
     values = {key: t.detach().clone() for key, t in tensors.items()}
     try:
         yield
-    except BaseException:
-        with torch.no_grad():
-            for m, params, buffers in held:
-                m._parameters.clear()
-                m._parameters.update(params)
-                m._buffers.clear()
-                m._buffers.update(buffers)
-            for key, t in tensors.items():
-                with torch.inference_mode() if t.is_inference() else contextlib.nullcontext():
-                    t.copy_(values[key])  # (an inference tensor takes it in inference mode)
-        for m, state in extra:
-            m.set_extra_state(state)
+    except BaseException as error:
+        try:
+            with torch.no_grad():
+                for m, params, buffers in held:
+                    m._parameters.clear()
+                    m._parameters.update(params)
+                    m._buffers.clear()
+                    m._buffers.update(buffers)
+                for key, t in tensors.items():
+                    inference = torch.inference_mode() if t.is_inference() else None
+                    with inference or contextlib.nullcontext():  # (an inference tensor takes
+                        t.copy_(values[key])  # it in inference mode)
+            for m, state in extra:
+                if type(m).set_extra_state is not torch.nn.Module.set_extra_state:
+                    m.set_extra_state(state)
+        except Exception as failed:  # the load's error stays the one raised
+            error.add_note(f"(restoring the module after it also failed: {failed!r})")
         raise
 
 

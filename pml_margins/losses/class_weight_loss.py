@@ -428,8 +428,12 @@ class ClassWeightLoss(
         it declares nothing, the plain path: the loss's ``sub_centers``, else 1). Logits
         redefined without a declaration may read any layout."""
         weight, rows, classes = self.W, self.embedding_size, self.num_classes
-        if weight.shape == (rows, classes) and getattr(self, "sub_centers", 1) == 1:
-            return  # (the common case, without the declaration's cost)
+        if (  # the common case, without the declaration's cost: one column per class, as
+            weight.shape == (rows, classes)  # this library's declarations say (a class
+            and getattr(self, "sub_centers", 1) == 1  # of the user's that declares its
+            and type(self).fused_logits.__module__.startswith("pml_margins.")  # own: asked)
+        ):
+            return
         if self._logits_redefined() or not isinstance(embeddings, torch.Tensor):
             return  # (bad embeddings: their own checks name them)
         form = self.fused_logits(embeddings)

@@ -572,3 +572,41 @@ def test_a_wide_w_is_refused_on_the_plain_path_too() -> None:
     loss.W = torch.nn.Parameter(torch.randn(4, 20))
     with pytest.raises(ValueError, match=r"need \(4, 10\)"):
         loss(torch.randn(8, 4), torch.arange(8))
+
+
+def test_a_declared_sub_centre_count_is_checked_for_a_narrow_w_and_sharded() -> None:
+    """A user's sub-centre class (K declared by fused_logits) took a narrow (D, C) W past
+    the check (index errors; get_logits gave C / K classes); the sharded loss had no check
+    of W's shape at all (a wider W trained)."""
+    import dataclasses
+
+    from pml_margins.distributed import ShardedMarginSoftmaxLoss
+
+    class SubCenterCosFace(CosFaceLoss):
+        def __init__(self, num_classes, embedding_size, k=2, **kwargs):
+            self.k = k
+            super().__init__(num_classes * k, embedding_size, **kwargs)
+            self.num_classes = num_classes
+
+        def cosine(self, embeddings):
+            return super().cosine(embeddings).unflatten(1, (-1, self.k)).max(dim=2).values
+
+        def fused_logits(self, embeddings):
+            form = super().fused_logits(embeddings)
+            return None if form is None else dataclasses.replace(form, sub_centers=self.k)
+
+    loss = SubCenterCosFace(10, 8)
+    loss.W = torch.nn.Parameter(torch.randn(8, 10))
+    x, y = torch.randn(16, 8), torch.arange(16) % 10
+    with pytest.raises(ValueError, match=r"need \(8, 20\)"):
+        loss(x, y)
+    with pytest.raises(ValueError, match=r"need \(8, 20\)"):
+        loss.get_logits(x)
+    for loss_type, kwargs, shape in (
+        (ArcFaceLoss, {}, (8, 11)),
+        (SubCenterArcFaceLoss, {"sub_centers": 3, "sample_rate": 0.5}, (8, 31)),
+    ):
+        sharded = ShardedMarginSoftmaxLoss(loss_type, 10, 8, **kwargs)
+        sharded.loss.W = torch.nn.Parameter(torch.randn(*shape))
+        with pytest.raises(ValueError, match="class weights W have shape"):
+            sharded(x, y)

@@ -250,3 +250,37 @@ def test_a_failed_load_is_undone_when_the_modules_own_load_code_fails_it() -> No
     with pytest.raises(RuntimeError):
         loss.load_state_dict({"W": torch.randn(4, 5), "t": torch.tensor(0.25)})
     assert torch.equal(loss.W, before) and float(loss.t) == 0.5
+
+
+def test_a_load_that_copy_cannot_take_is_undone_and_keeps_torchs_error() -> None:
+    """A complex W (copy_ warns, an error under -W error) or a bits8 bias fit the shape
+    checks: no snapshot, and t / W kept the failed load's values. A subclass with only a
+    get_extra_state (torch's set_extra_state raises) had the restore's error replace
+    torch's."""
+    import warnings
+
+    from pml_margins.losses import SoftmaxLoss
+
+    loss = CurricularFaceLoss(5, 4)
+    good = {k: v.clone() for k, v in loss.state_dict().items()}
+    state = {"W": good["W"].to(torch.complex64), "t": torch.tensor(0.75)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError):
+            loss.load_state_dict(state)
+    assert float(loss.t) == 0.0 and torch.equal(loss.W, good["W"])
+    softmax = SoftmaxLoss(3, 4)
+    before = softmax.W.detach().clone()
+    bits = torch.zeros(3, dtype=torch.uint8).view(torch.bits8)
+    with pytest.raises(RuntimeError):
+        softmax.load_state_dict({"W": torch.ones(4, 3), "bias": bits})
+    assert torch.equal(softmax.W, before)
+
+    class Tagged(CosFaceLoss):
+        def get_extra_state(self):
+            return "v1"
+
+    tagged = Tagged(5, 4)
+    with pytest.raises(RuntimeError, match="size mismatch for W") as raised:
+        tagged.load_state_dict({"W": torch.randn(4, 6)}, strict=False)
+    assert "set_extra_state" not in str(raised.value)
