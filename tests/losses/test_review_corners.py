@@ -4,6 +4,7 @@ under forward-mode AD, duplicate positive keys."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import pytest
@@ -508,27 +509,29 @@ def test_elasticface_margin_none_is_the_papers_for_the_variant() -> None:
     assert loss.margin == ElasticFaceLoss(5, 4).margin == 0.5
 
 
+class _SubCenterCosFace(CosFaceLoss):
+    """A user's sub-centre loss per ClassWeightLoss's extension point: ``cosine`` takes the
+    maximum over ``k`` columns per class, ``fused_logits`` declares ``sub_centers=k``."""
+
+    def __init__(self, num_classes, embedding_size, k=2, **kwargs):
+        self.k = k
+        super().__init__(num_classes * k, embedding_size, **kwargs)
+        self.num_classes = num_classes
+
+    def cosine(self, embeddings):
+        return super().cosine(embeddings).unflatten(1, (-1, self.k)).max(dim=2).values
+
+    def fused_logits(self, embeddings):
+        form = super().fused_logits(embeddings)
+        return None if form is None else dataclasses.replace(form, sub_centers=self.k)
+
+
 def test_a_sub_centre_subclass_declared_by_fused_logits_keeps_its_wide_w() -> None:
     """The extension point: a class whose ``cosine`` takes the maximum over ``K`` columns
     per class and whose ``fused_logits`` declares ``sub_centers=K`` holds ``W`` of ``C K``
     columns; the W-shape check refused it (``need (8, 10)``)."""
-    import dataclasses
-
-    class SubCenterCosFace(CosFaceLoss):
-        def __init__(self, num_classes, embedding_size, k=2, **kwargs):
-            self.k = k
-            super().__init__(num_classes * k, embedding_size, **kwargs)
-            self.num_classes = num_classes
-
-        def cosine(self, embeddings):
-            return super().cosine(embeddings).unflatten(1, (-1, self.k)).max(dim=2).values
-
-        def fused_logits(self, embeddings):
-            form = super().fused_logits(embeddings)
-            return None if form is None else dataclasses.replace(form, sub_centers=self.k)
-
     torch.manual_seed(0)
-    loss = SubCenterCosFace(10, 8)
+    loss = _SubCenterCosFace(10, 8)
     x, y = torch.randn(16, 8), torch.arange(16) % 10
     assert torch.isfinite(loss(x, y)) and loss.get_logits(x).shape == (16, 10)
     loss.W = torch.nn.Parameter(torch.randn(8, 21))
@@ -578,24 +581,9 @@ def test_a_declared_sub_centre_count_is_checked_for_a_narrow_w_and_sharded() -> 
     """A user's sub-centre class (K declared by fused_logits) took a narrow (D, C) W past
     the check (index errors; get_logits gave C / K classes); the sharded loss had no check
     of W's shape at all (a wider W trained)."""
-    import dataclasses
-
     from pml_margins.distributed import ShardedMarginSoftmaxLoss
 
-    class SubCenterCosFace(CosFaceLoss):
-        def __init__(self, num_classes, embedding_size, k=2, **kwargs):
-            self.k = k
-            super().__init__(num_classes * k, embedding_size, **kwargs)
-            self.num_classes = num_classes
-
-        def cosine(self, embeddings):
-            return super().cosine(embeddings).unflatten(1, (-1, self.k)).max(dim=2).values
-
-        def fused_logits(self, embeddings):
-            form = super().fused_logits(embeddings)
-            return None if form is None else dataclasses.replace(form, sub_centers=self.k)
-
-    loss = SubCenterCosFace(10, 8)
+    loss = _SubCenterCosFace(10, 8)
     loss.W = torch.nn.Parameter(torch.randn(8, 10))
     x, y = torch.randn(16, 8), torch.arange(16) % 10
     with pytest.raises(ValueError, match=r"need \(8, 20\)"):
