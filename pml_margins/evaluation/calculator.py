@@ -334,8 +334,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     def check_search(self, exact: tuple[str, bool] | None, knn_func: Any) -> None:
         """``ValueError`` for a search that a subclass cannot run (default: any): the exact
         k-nn's ``(metric, normalize)`` with ``knn_func=None``, or ``exact=None`` and the
-        ``knn_func`` run as PML's. Called at the end of the constructor, and when
-        ``knn_func`` or ``distance`` is assigned later, before anything changes."""
+        ``knn_func`` run as PML's. Called at the end of the constructor, and after each
+        setting assigned later (:data:`LATER_SETTINGS`; a refusal puts the calculator
+        back as it was)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         """A constructor setting assigned after construction (:data:`LATER_SETTINGS`) is
