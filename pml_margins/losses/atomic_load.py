@@ -162,7 +162,9 @@ def restored_on_error(module: torch.nn.Module) -> Iterator[None]:
                 if type(m).set_extra_state is not torch.nn.Module.set_extra_state:
                     m.set_extra_state(state)
         except Exception as failed:  # the load's error stays the one raised
-            error.add_note(f"(restoring the module after it also failed: {failed!r})")
+            note = getattr(error, "add_note", None)  # (Python >= 3.11)
+            if note is not None:
+                note(f"(restoring the module after it also failed: {failed!r})")
         raise
 
 

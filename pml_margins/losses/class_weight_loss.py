@@ -83,6 +83,25 @@ def _redefined(loss: ClassWeightLoss, name: str) -> bool:
     return not runs_method(loss, name, _BASE_METHODS[name])
 
 
+def _weight_shape_error(loss: ClassWeightLoss, expected: object) -> ValueError:
+    """The error for ``loss.W`` of another shape than ``expected`` (a shape, or words)."""
+    return ValueError(
+        f"{type(loss).__name__}'s class weights W have shape {tuple(loss.W.shape)}, but "
+        f"embedding_size={loss.embedding_size} and num_classes={loss.num_classes} need "
+        f"{expected}"
+    )
+
+
+def _check_logit_columns(loss: ClassWeightLoss, logits: torch.Tensor) -> None:
+    """``ValueError`` where :meth:`~ClassWeightLoss.base_logits` gave another number of
+    classes than ``num_classes`` (a ``W`` of another layout than the logits read)."""
+    if logits.shape[-1] != loss.num_classes:
+        raise ValueError(
+            f"{type(loss).__name__}'s class weights W have shape {tuple(loss.W.shape)}, which "
+            f"gives {logits.shape[-1]} class logits, but num_classes={loss.num_classes}"
+        )
+
+
 def runs_method(obj: object, name: str, function: Callable[..., Any]) -> bool:
     """Whether ``obj.name`` is ``function`` bound to ``obj`` (not a subclass's method, nor
     a callable set on the instance). Spelled so that ``torch.compile`` traces it as Python
@@ -421,31 +440,34 @@ class ClassWeightLoss(
         return None
 
     def _check_weight_shape(self, embeddings: object) -> None:
-        """``ValueError`` for a ``W`` that is not this loss's layout (``W`` or
-        ``num_classes`` replaced after construction: a wider ``W`` trained more classes than
-        ``num_classes`` says, a narrower one failed in an index error): ``(embedding_size,
-        num_classes * K)`` with ``K`` the sub-centres :meth:`fused_logits` declares (where
-        it declares nothing, the plain path: the loss's ``sub_centers``, else 1). Logits
-        redefined without a declaration may read any layout."""
+        """``ValueError`` for a ``W`` that is not this loss's layout, at a forward's entry,
+        before any statistic moves (``W`` or ``num_classes`` replaced after construction:
+        a wider ``W`` trained more classes than ``num_classes`` says, a narrower one failed
+        in an index error): ``(embedding_size, num_classes * K)`` with ``K`` the loss's
+        ``sub_centers`` (else 1) where its logits are declared by this library's
+        :meth:`fused_logits`. A class with a :meth:`fused_logits` of its own (asked only
+        within the step: it may read the step's state) needs ``embedding_size`` rows and a
+        multiple of ``num_classes`` columns here, and the columns it declares where the
+        fused core takes ``W`` (:meth:`_fused_losses`). Logits redefined without a
+        declaration may read any layout."""
         weight, rows, classes = self.W, self.embedding_size, self.num_classes
-        if (  # the common case, without the declaration's cost: one column per class, as
-            weight.shape == (rows, classes)  # this library's declarations say (a class
-            and getattr(self, "sub_centers", 1) == 1  # of the user's that declares its
-            and type(self).fused_logits.__module__.startswith("pml_margins.")  # own: asked)
-        ):
-            return
-        if self._logits_redefined() or not isinstance(embeddings, torch.Tensor):
-            return  # (bad embeddings: their own checks name them)
-        form = self.fused_logits(embeddings)
-        per_class = getattr(self, "sub_centers", 1) if form is None else form.sub_centers
+        per_class = getattr(self, "sub_centers", 1)
         if not isinstance(per_class, int) or isinstance(per_class, bool):
             return  # (the core's own check names it)
-        expected = (rows, classes * per_class)
-        if weight.shape != expected:
-            raise ValueError(
-                f"{type(self).__name__}'s class weights W have shape {tuple(weight.shape)}, "
-                f"but embedding_size={rows} and num_classes={classes} need {expected}"
-            )
+        if weight.shape == (rows, classes * per_class) or self._logits_redefined():
+            return
+        declared_here = (getattr(type(self).fused_logits, "__module__", None) or "").startswith(
+            "pml_margins."
+        )
+        if declared_here:
+            raise _weight_shape_error(self, (rows, classes * per_class))
+        if (
+            weight.ndim != 2
+            or weight.shape[0] != rows
+            or not weight.shape[1]
+            or (weight.shape[1] % classes)
+        ):
+            raise _weight_shape_error(self, f"{rows} rows and a multiple of {classes} columns")
 
     def _norms_taken(self) -> bool:
         """Whether the logits take the embeddings' norms (their check then refuses rows
@@ -463,6 +485,7 @@ class ClassWeightLoss(
             norms_taken=self._norms_taken(),
         )
         logits, scale = self.base_logits(embeddings)
+        _check_logit_columns(self, logits)
         if isinstance(scale, torch.Tensor):
             scale = scale.to(logits.dtype).unsqueeze(1)
         return logits * scale
@@ -659,6 +682,7 @@ class ClassWeightLoss(
             return self._fused_losses(embeddings, labels, form, non_target_fn, formed)
         self._check_plain_mode()
         logits, scale = self.base_logits(embeddings)
+        _check_logit_columns(self, logits)
         if self.collect_stats and self.logits_are_cosines:
             self._record_avg_angle(logits, labels)
         with CHECKED_BY_CALLER:  # checked by forward (hyper-parameters when set)
@@ -702,10 +726,15 @@ class ClassWeightLoss(
             self._record_avg_angle(cosine, torch.zeros_like(labels))
         if not (form.normalize_embeddings and form.normalize_weight):
             target_cosines = None  # formed as cosines (the core takes them for K = 1 only)
+        weight = self.W if weight is None else weight
+        per_class = form.sub_centers
+        if type(per_class) is int and weight.shape[1] != self.num_classes * per_class:
+            expected = (self.embedding_size, self.num_classes * per_class)
+            raise _weight_shape_error(self, expected)  # (K declared by a class's own form)
         with CHECKED_BY_CALLER:  # checked by forward (hyper-parameters when set)
             return fused_margin_softmax_cross_entropy(
                 embeddings,
-                self.W if weight is None else weight,
+                weight,
                 labels,
                 self.target_logit_fn(),
                 form.scale,
