@@ -235,6 +235,9 @@ class ClassWeightLoss(
     statistic_buffers: tuple[str, ...] = ()
     #: the logits' methods as the class declared them (set for each subclass)
     _declared_logits: tuple[Any, ...] = ()
+    #: columns of ``W`` per class (Sub-center ArcFace's ``K``; a class attribute here, so
+    #: that reading it costs no ``nn.Module.__getattr__`` miss per step)
+    sub_centers: int = 1
     #: the core's modes (class docstring), checked whenever set
     chunk_size = Hyperparameter(check_chunk_size)
     sample_rate = Hyperparameter(check_sample_rate)
@@ -311,8 +314,9 @@ class ClassWeightLoss(
         ``chunk_size``/``sample_rate`` the distance is never called: no ``B x C`` matrix)."""
         if self._logits_redefined():
             return None
-        default_mode = self.chunk_size is None and self.sample_rate == 1.0
-        if default_mode and not runs_as_its_class(self.distance):
+        if not runs_as_its_class(self.distance) and (
+            self.chunk_size is None and self.sample_rate == 1.0  # (default mode)
+        ):
             return None
         return self.fused_logits(embeddings)
 
