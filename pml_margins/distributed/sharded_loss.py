@@ -28,7 +28,7 @@ from pml_margins.distributed.sharding import class_columns, shard_range
 from pml_margins.evaluation.calculator import describe_distance
 from pml_margins.functional.dense_margin_softmax import check_norm_scale_form
 from pml_margins.losses.atomic_load import load_all_or_nothing
-from pml_margins.losses.class_weight_loss import ClassWeightLoss
+from pml_margins.losses.class_weight_loss import ClassWeightLoss, _check_logit_columns
 from pml_margins.losses.pml_calls import runs_as_its_class
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
@@ -595,7 +595,9 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                 weight = weight.index_select(1, index)
             return cosine_logits(embeddings.to(weight.dtype), weight), scale
         if index is None:
-            return self.loss.base_logits(embeddings)
+            logits, scale = self.loss.base_logits(embeddings)
+            _check_logit_columns(self.loss, logits)  # (as the single-process plain path)
+            return logits, scale
         # W may hold several columns per class (sub-centres): keep all of each kept class
         columns = class_columns(index, self.loss.W.shape[1] // self.num_local)
         params = {"loss.W": self.loss.W.index_select(1, columns)}

@@ -83,12 +83,12 @@ def _redefined(loss: ClassWeightLoss, name: str) -> bool:
     return not runs_method(loss, name, _BASE_METHODS[name])
 
 
-def _weight_shape_error(loss: ClassWeightLoss, expected: object) -> ValueError:
-    """The error for ``loss.W`` of another shape than ``expected`` (a shape, or words)."""
+def _weight_shape_error(loss: ClassWeightLoss, expected: object, hint: str = "") -> ValueError:
+    """The error for ``loss.W`` of another shape than ``expected``."""
     return ValueError(
         f"{type(loss).__name__}'s class weights W have shape {tuple(loss.W.shape)}, but "
         f"embedding_size={loss.embedding_size} and num_classes={loss.num_classes} need "
-        f"{expected}"
+        f"{expected}{hint}"
     )
 
 
@@ -235,9 +235,6 @@ class ClassWeightLoss(
     statistic_buffers: tuple[str, ...] = ()
     #: the logits' methods as the class declared them (set for each subclass)
     _declared_logits: tuple[Any, ...] = ()
-    #: columns of ``W`` per class (Sub-center ArcFace's ``K``; a class attribute here, so
-    #: that reading it costs no ``nn.Module.__getattr__`` miss per step)
-    sub_centers: int = 1
     #: the core's modes (class docstring), checked whenever set
     chunk_size = Hyperparameter(check_chunk_size)
     sample_rate = Hyperparameter(check_sample_rate)
@@ -448,30 +445,23 @@ class ClassWeightLoss(
         before any statistic moves (``W`` or ``num_classes`` replaced after construction:
         a wider ``W`` trained more classes than ``num_classes`` says, a narrower one failed
         in an index error): ``(embedding_size, num_classes * K)`` with ``K`` the loss's
-        ``sub_centers`` (else 1) where its logits are declared by this library's
-        :meth:`fused_logits`. A class with a :meth:`fused_logits` of its own (asked only
-        within the step: it may read the step's state) needs ``embedding_size`` rows and a
-        multiple of ``num_classes`` columns here, and the columns it declares where the
-        fused core takes ``W`` (:meth:`_fused_losses`). Logits redefined without a
-        declaration may read any layout."""
+        ``sub_centers`` (else 1: a class with ``K`` columns per class names it so; what its
+        :meth:`fused_logits` declares is checked again where the core takes ``W``). Logits
+        redefined without a declaration may read any layout of ``W`` (their class count is
+        checked on the logits)."""
         weight, rows, classes = self.W, self.embedding_size, self.num_classes
-        per_class = getattr(self, "sub_centers", 1)
+        per_class = self.__dict__.get("sub_centers")  # (no nn.Module.__getattr__ miss)
+        if per_class is None:
+            per_class = getattr(self, "sub_centers", 1) if hasattr(type(self), "sub_centers") else 1
         if not isinstance(per_class, int) or isinstance(per_class, bool):
             return  # (the core's own check names it)
-        if weight.shape == (rows, classes * per_class) or self._logits_redefined():
+        expected = (rows, classes * per_class)
+        if weight.shape == expected or self._logits_redefined():
             return
-        declared_here = (getattr(type(self).fused_logits, "__module__", None) or "").startswith(
-            "pml_margins."
-        )
-        if declared_here:
-            raise _weight_shape_error(self, (rows, classes * per_class))
-        if (
-            weight.ndim != 2
-            or weight.shape[0] != rows
-            or not weight.shape[1]
-            or (weight.shape[1] % classes)
-        ):
-            raise _weight_shape_error(self, f"{rows} rows and a multiple of {classes} columns")
+        hint = ""
+        if weight.ndim == 2 and weight.shape[1] and not weight.shape[1] % classes:
+            hint = " (a class with K columns of W per class names K sub_centers)"
+        raise _weight_shape_error(self, expected, hint)
 
     def _norms_taken(self) -> bool:
         """Whether the logits take the embeddings' norms (their check then refuses rows

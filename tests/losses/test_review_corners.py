@@ -511,19 +511,21 @@ def test_elasticface_margin_none_is_the_papers_for_the_variant() -> None:
 
 class _SubCenterCosFace(CosFaceLoss):
     """A user's sub-centre loss per ClassWeightLoss's extension point: ``cosine`` takes the
-    maximum over ``k`` columns per class, ``fused_logits`` declares ``sub_centers=k``."""
+    maximum over ``K`` columns per class, ``fused_logits`` declares them, and ``K`` is
+    named ``sub_centers`` (which the check of W's shape reads)."""
 
     def __init__(self, num_classes, embedding_size, k=2, **kwargs):
-        self.k = k
+        self.sub_centers = k
         super().__init__(num_classes * k, embedding_size, **kwargs)
         self.num_classes = num_classes
 
     def cosine(self, embeddings):
-        return super().cosine(embeddings).unflatten(1, (-1, self.k)).max(dim=2).values
+        per_column = super().cosine(embeddings)
+        return per_column.unflatten(1, (-1, self.sub_centers)).max(dim=2).values
 
     def fused_logits(self, embeddings):
         form = super().fused_logits(embeddings)
-        return None if form is None else dataclasses.replace(form, sub_centers=self.k)
+        return None if form is None else dataclasses.replace(form, sub_centers=self.sub_centers)
 
 
 def test_a_sub_centre_subclass_declared_by_fused_logits_keeps_its_wide_w() -> None:
@@ -535,7 +537,7 @@ def test_a_sub_centre_subclass_declared_by_fused_logits_keeps_its_wide_w() -> No
     x, y = torch.randn(16, 8), torch.arange(16) % 10
     assert torch.isfinite(loss(x, y)) and loss.get_logits(x).shape == (16, 10)
     loss.W = torch.nn.Parameter(torch.randn(8, 21))
-    with pytest.raises(ValueError, match=r"need 8 rows and a multiple of 10 columns"):
+    with pytest.raises(ValueError, match=r"need \(8, 20\)"):
         loss(x, y)
 
 
@@ -588,7 +590,7 @@ def test_a_declared_sub_centre_count_is_checked_for_a_narrow_w_and_sharded() -> 
     x, y = torch.randn(16, 8), torch.arange(16) % 10
     with pytest.raises(ValueError, match=r"need \(8, 20\)"):
         loss(x, y)
-    with pytest.raises(ValueError, match=r"gives 5 class logits, but num_classes=10"):
+    with pytest.raises(ValueError, match=r"need \(8, 20\)"):
         loss.get_logits(x)
     for loss_type, kwargs, shape in (
         (ArcFaceLoss, {}, (8, 11)),
@@ -636,3 +638,43 @@ def test_a_class_whose_declaration_reads_the_steps_state_is_not_asked_before_the
     assert generated.fused_logits.__module__ is None
     loss = generated(10, 8)
     assert torch.isfinite(loss(x, y))
+
+
+def test_a_wrong_w_of_a_class_with_its_own_declaration_is_refused_before_anything() -> None:
+    """The entry check took any multiple of the classes for a class with a fused_logits of
+    its own: the sharded loss trained a (8, 40) W for 10 classes x 2, and CurricularFace's
+    t moved before the refusal; a buffer named sub_centers could not be registered."""
+    from pml_margins.distributed import ShardedMarginSoftmaxLoss
+
+    x, y = torch.randn(16, 8), torch.arange(16) % 10
+    sharded = ShardedMarginSoftmaxLoss(_SubCenterCosFace, 10, 8)
+    sharded.loss.W = torch.nn.Parameter(torch.randn(8, 40))
+    with pytest.raises(ValueError, match=r"need \(8, 20\)"):
+        sharded(x, y)
+
+    class SubCenterCurricular(CurricularFaceLoss):
+        def __init__(self, num_classes, embedding_size, k=2, **kwargs):
+            self.sub_centers = k
+            super().__init__(num_classes * k, embedding_size, **kwargs)
+            self.num_classes = num_classes
+
+        def cosine(self, embeddings):
+            per_column = super().cosine(embeddings)
+            return per_column.unflatten(1, (-1, self.sub_centers)).max(dim=2).values
+
+        def fused_logits(self, embeddings):
+            form = super().fused_logits(embeddings)
+            return None if form is None else dataclasses.replace(form, sub_centers=2)
+
+    loss = SubCenterCurricular(10, 8)
+    loss.W = torch.nn.Parameter(torch.randn(8, 40))
+    with pytest.raises(ValueError, match=r"need \(8, 20\)"):
+        loss(x, y)
+    assert float(loss.t) == 0.0
+
+    class Tagged(CosFaceLoss):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("sub_centers", torch.tensor(1))
+
+    assert torch.isfinite(Tagged(10, 8)(x, y))
