@@ -509,23 +509,30 @@ def test_elasticface_margin_none_is_the_papers_for_the_variant() -> None:
     assert loss.margin == ElasticFaceLoss(5, 4).margin == 0.5
 
 
-class _SubCenterCosFace(CosFaceLoss):
-    """A user's sub-centre loss per ClassWeightLoss's extension point: ``cosine`` takes the
-    maximum over ``K`` columns per class, ``fused_logits`` declares them, and ``K`` is
-    named ``sub_centers`` (which the check of W's shape reads)."""
+def _sub_centre_class(base: type) -> type:
+    """A user's sub-centre loss on ``base`` per ClassWeightLoss's extension point:
+    ``cosine`` takes the maximum over ``K`` columns per class, ``fused_logits`` declares
+    them, and ``K`` is named ``sub_centers`` (which the check of W's shape reads)."""
 
-    def __init__(self, num_classes, embedding_size, k=2, **kwargs):
-        self.sub_centers = k
-        super().__init__(num_classes * k, embedding_size, **kwargs)
-        self.num_classes = num_classes
+    class SubCentres(base):
+        def __init__(self, num_classes, embedding_size, k=2, **kwargs):
+            self.sub_centers = k
+            super().__init__(num_classes * k, embedding_size, **kwargs)
+            self.num_classes = num_classes
 
-    def cosine(self, embeddings):
-        per_column = super().cosine(embeddings)
-        return per_column.unflatten(1, (-1, self.sub_centers)).max(dim=2).values
+        def cosine(self, embeddings):
+            per_column = super().cosine(embeddings)
+            return per_column.unflatten(1, (-1, self.sub_centers)).max(dim=2).values
 
-    def fused_logits(self, embeddings):
-        form = super().fused_logits(embeddings)
-        return None if form is None else dataclasses.replace(form, sub_centers=self.sub_centers)
+        def fused_logits(self, embeddings):
+            form = super().fused_logits(embeddings)
+            k = self.sub_centers
+            return None if form is None else dataclasses.replace(form, sub_centers=k)
+
+    return SubCentres
+
+
+_SubCenterCosFace = _sub_centre_class(CosFaceLoss)
 
 
 def test_a_sub_centre_subclass_declared_by_fused_logits_keeps_its_wide_w() -> None:
@@ -652,21 +659,7 @@ def test_a_wrong_w_of_a_class_with_its_own_declaration_is_refused_before_anythin
     with pytest.raises(ValueError, match=r"need \(8, 20\)"):
         sharded(x, y)
 
-    class SubCenterCurricular(CurricularFaceLoss):
-        def __init__(self, num_classes, embedding_size, k=2, **kwargs):
-            self.sub_centers = k
-            super().__init__(num_classes * k, embedding_size, **kwargs)
-            self.num_classes = num_classes
-
-        def cosine(self, embeddings):
-            per_column = super().cosine(embeddings)
-            return per_column.unflatten(1, (-1, self.sub_centers)).max(dim=2).values
-
-        def fused_logits(self, embeddings):
-            form = super().fused_logits(embeddings)
-            return None if form is None else dataclasses.replace(form, sub_centers=2)
-
-    loss = SubCenterCurricular(10, 8)
+    loss = _sub_centre_class(CurricularFaceLoss)(10, 8)
     loss.W = torch.nn.Parameter(torch.randn(8, 40))
     with pytest.raises(ValueError, match=r"need \(8, 20\)"):
         loss(x, y)
