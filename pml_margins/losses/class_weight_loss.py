@@ -445,22 +445,31 @@ class ClassWeightLoss(
         before any statistic moves (``W`` or ``num_classes`` replaced after construction:
         a wider ``W`` trained more classes than ``num_classes`` says, a narrower one failed
         in an index error): ``(embedding_size, num_classes * K)`` with ``K`` the loss's
-        ``sub_centers`` (else 1: a class with ``K`` columns per class names it so; what its
-        :meth:`fused_logits` declares is checked again where the core takes ``W``). Logits
-        redefined without a declaration may read any layout of ``W`` (their class count is
-        checked on the logits)."""
+        ``sub_centers``, else 1. A class with a :meth:`fused_logits` of its own and no
+        ``sub_centers`` may hold ``K`` columns per class under another name: there
+        ``embedding_size`` rows and a multiple of ``num_classes`` columns, and what it
+        declares is checked where the core takes ``W`` (the logits' class count on the
+        plain path). Logits redefined without a declaration may read any layout of ``W``
+        (their class count is checked on the logits)."""
         weight, rows, classes = self.W, self.embedding_size, self.num_classes
         per_class = self.__dict__.get("sub_centers")  # (no nn.Module.__getattr__ miss)
-        if per_class is None:
-            per_class = getattr(self, "sub_centers", 1) if hasattr(type(self), "sub_centers") else 1
-        if not isinstance(per_class, int) or isinstance(per_class, bool):
+        if per_class is None and hasattr(type(self), "sub_centers"):
+            per_class = getattr(self, "sub_centers", None)
+        if per_class is not None and (
+            not isinstance(per_class, int) or isinstance(per_class, bool)
+        ):
             return  # (the core's own check names it)
-        expected = (rows, classes * per_class)
+        expected = (rows, classes * (per_class or 1))
         if weight.shape == expected or self._logits_redefined():
             return
-        hint = ""
-        if weight.ndim == 2 and weight.shape[1] and not weight.shape[1] % classes:
-            hint = " (a class with K columns of W per class names K sub_centers)"
+        own = not (getattr(type(self).fused_logits, "__module__", None) or "").startswith(
+            "pml_margins."
+        )
+        multiple = weight.ndim == 2 and weight.shape[0] == rows and weight.shape[1] > 0
+        multiple = multiple and not weight.shape[1] % classes
+        if per_class is None and own and multiple:
+            return  # (K under another name: checked where it is declared)
+        hint = " (a class with K columns of W per class may name K sub_centers)" * multiple
         raise _weight_shape_error(self, expected, hint)
 
     def _norms_taken(self) -> bool:

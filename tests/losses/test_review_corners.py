@@ -671,3 +671,37 @@ def test_a_wrong_w_of_a_class_with_its_own_declaration_is_refused_before_anythin
             self.register_buffer("sub_centers", torch.tensor(1))
 
     assert torch.isfinite(Tagged(10, 8)(x, y))
+
+
+def test_a_sub_centre_class_may_keep_its_k_under_another_name() -> None:
+    """A user's sub-centre class with its own fused_logits and K kept as ``self.k`` (W of
+    C K columns) worked before the exact entry check (55.21) and was refused there; a
+    wrong multiple still fails where the declaration is read, sharded too."""
+    from pml_margins.distributed import ShardedMarginSoftmaxLoss
+
+    class KeptAsK(ArcFaceLoss):
+        def __init__(self, num_classes, embedding_size, k=3, **kwargs):
+            self.k = k
+            super().__init__(num_classes * k, embedding_size, **kwargs)
+            self.num_classes = num_classes
+
+        def cosine(self, embeddings):
+            return super().cosine(embeddings).unflatten(1, (-1, self.k)).max(dim=2).values
+
+        def fused_logits(self, embeddings):
+            form = super().fused_logits(embeddings)
+            return None if form is None else dataclasses.replace(form, sub_centers=self.k)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 8), torch.arange(12) % 10
+    loss = KeptAsK(10, 8)
+    sharded = ShardedMarginSoftmaxLoss(KeptAsK, 10, 8)
+    sharded.loss.load_state_dict(loss.state_dict())
+    torch.testing.assert_close(sharded(x, y), loss(x, y))
+    assert loss.get_logits(x).shape == (12, 10)
+    for module in (loss, sharded.loss):
+        module.W = torch.nn.Parameter(torch.randn(8, 20))
+    with pytest.raises(ValueError, match=r"need \(8, 30\)"):
+        loss(x, y)
+    with pytest.raises(ValueError, match="class weights W have shape"):
+        sharded(x, y)
