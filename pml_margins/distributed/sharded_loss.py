@@ -28,11 +28,7 @@ from pml_margins.distributed.sharding import class_columns, shard_range
 from pml_margins.evaluation.calculator import describe_distance
 from pml_margins.functional.dense_margin_softmax import check_norm_scale_form
 from pml_margins.losses.atomic_load import load_all_or_nothing
-from pml_margins.losses.class_weight_loss import (
-    ClassWeightLoss,
-    _check_logit_columns,
-    _weight_shape_error,
-)
+from pml_margins.losses.class_weight_loss import ClassWeightLoss, _check_logit_columns
 from pml_margins.losses.pml_calls import runs_as_its_class
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
@@ -93,6 +89,8 @@ def _cosine_scale(
     """
     redefined = loss._logits_redefined()
     form = None if redefined else loss.fused_logits(embeddings)
+    if form is not None:  # W's columns as declared, as where the single-process core takes W
+        loss._check_declared_columns(form, loss.W)
     if not sampled and not runs_as_its_class(loss.distance):
         form = None
     if form is not None and form.scale_by_norm:  # as the single-process core judges it
@@ -592,12 +590,6 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self, embeddings: torch.Tensor, index: torch.Tensor | None
     ) -> tuple[torch.Tensor, float | torch.Tensor]:
         """Base logits and scale of the gathered batch against the (sampled) shard."""
-        loss = self.loss
-        form = None if loss._logits_redefined() else loss.fused_logits(embeddings)
-        per_class = None if form is None else form.sub_centers  # (W's columns as declared,
-        if type(per_class) is int and loss.W.shape[1] != loss.num_classes * per_class:
-            expected = (loss.embedding_size, loss.num_classes * per_class)  # as where the
-            raise _weight_shape_error(loss, expected)  # single-process core takes W)
         scale = _cosine_scale(self.loss, embeddings, sampled=self.sample_rate != 1.0)
         if scale is not None:
             weight = self.loss.weights_for(embeddings)

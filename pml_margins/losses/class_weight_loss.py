@@ -472,6 +472,14 @@ class ClassWeightLoss(
         hint = " (a class with K columns of W per class may name K sub_centers)" * multiple
         raise _weight_shape_error(self, expected, hint)
 
+    def _check_declared_columns(self, form: FusedLogits, weight: torch.Tensor) -> None:
+        """``ValueError`` unless ``weight`` has the ``num_classes * K`` columns that
+        ``form`` declares (``K`` declared by a class's own :meth:`fused_logits`, which the
+        entry check of :meth:`_check_weight_shape` does not ask)."""
+        per_class = form.sub_centers
+        if type(per_class) is int and weight.shape[1] != self.num_classes * per_class:
+            raise _weight_shape_error(self, (self.embedding_size, self.num_classes * per_class))
+
     def _norms_taken(self) -> bool:
         """Whether the logits take the embeddings' norms (their check then refuses rows
         whose squared norm overflows): all but a raw inner product's (``SoftmaxLoss``'s
@@ -730,10 +738,7 @@ class ClassWeightLoss(
         if not (form.normalize_embeddings and form.normalize_weight):
             target_cosines = None  # formed as cosines (the core takes them for K = 1 only)
         weight = self.W if weight is None else weight
-        per_class = form.sub_centers
-        if type(per_class) is int and weight.shape[1] != self.num_classes * per_class:
-            expected = (self.embedding_size, self.num_classes * per_class)
-            raise _weight_shape_error(self, expected)  # (K declared by a class's own form)
+        self._check_declared_columns(form, weight)
         with CHECKED_BY_CALLER:  # checked by forward (hyper-parameters when set)
             return fused_margin_softmax_cross_entropy(
                 embeddings,
