@@ -326,7 +326,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         )
         self.custom_comparison = label_comparison_fn  # None: labels are compared for equality
         self.device = self._device
-        self.knn_func = custom  # None: the exact k-nn with ``self.exact``
+        self._custom_knn = custom  # None: the exact k-nn with ``self.exact``
+        self.knn_func = knn_func  # as given (read back as PML's: the user's object)
         self._recall_ks_built = self.recall_ks  # (the metrics' names: see __setattr__)
         self.check_search(self.exact, custom)
         self._built = True
@@ -351,14 +352,20 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         any other is the user's, as in the constructor. A new ``device`` moves the
         default k-means with it. A later ``recall_ks`` or ``distance`` was ignored,
         ``k = -3`` taken (P@1 0.0)."""
-        if not (self.__dict__.get("_built") and name in LATER_SETTINGS):
+        built = self.__dict__.get("_built")
+        if built and name in ("include", "exclude"):
+            raise AttributeError(
+                f"{name} is chosen at construction (PML's original_function_dict) or per "
+                f"call (get_accuracy({name}=...)); a later assignment would be ignored"
+            )
+        if not (built and name in LATER_SETTINGS):
             super().__setattr__(name, value)
             return
         before = dict(self.__dict__)
         try:
             super().__setattr__(name, self._later_setting(name, value))
             state = self.__dict__  # (a subclass's check, on the new settings)
-            self.check_search(state.get("exact"), state.get("knn_func"))
+            self.check_search(state.get("exact"), state.get("_custom_knn"))
         except BaseException:
             self.__dict__.clear()  # a refused value changes nothing
             self.__dict__.update(before)
@@ -407,19 +414,23 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             return device
         if name == "backend":
             uses_faiss(value, state.get("_device") or torch.device("cpu"))
-            _check_backend_with(value, state.get("knn_func"))
+            _check_backend_with(value, state.get("_custom_knn"))
             return value
         if name == "block_rows":
             return None if value is None else check_int(value, "block_rows")
         if name == "num_threads":
             return None if value is None else check_num_threads(value)
-        if value is None and state.get(name, _DELETED) is None:  # distance / knn_func as
-            return None  # read back (None where the other one was given, or the exact k-nn's)
-        distance, knn_func = (value, None) if name == "distance" else (None, value)
+        # distance / knn_func: each replaces the other; None, as in the constructor, leaves
+        # the other one's search -- so either assigned as read back changes nothing
+        if value is None:
+            distance = state.get("distance") if name == "knn_func" else None
+            knn_func = state.get("knn_func") if name == "distance" else None
+        else:
+            distance, knn_func = (value, None) if name == "distance" else (None, value)
         exact, custom = _resolve_search(distance, knn_func)  # (again: a distance changed
         _check_backend_with(state.get("backend", "auto"), custom)  # in place: another search)
-        state.update(exact=exact, distance=distance, knn_func=custom)
-        return distance if name == "distance" else custom
+        state.update(exact=exact, distance=distance, knn_func=knn_func, _custom_knn=custom)
+        return distance if name == "distance" else knn_func
 
     def requires_knn(self) -> list[str]:
         return [*super().requires_knn(), *self._own_knn_metrics()]
@@ -598,7 +609,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         exact one: any ``k >= max R`` then gives the values of ``max R`` (PML's
         ``k=None`` the same as ``"max_bin_count"``), since its lists of a shorter
         depth are prefixes of the longer ones."""
-        if self.knn_func is not None:  # a user's k-nn: its shorter lists need not be prefixes
+        if self._custom_knn is not None:  # a user's k-nn: its shorter lists need not be prefixes
             return False
         base = RetrievalAccuracyCalculator
         return all(
@@ -648,13 +659,13 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         match = self._matches(query_labels, knn_labels)
         shown = k_total if k_pml is None else k_pml  # PML's k, even 0, when its metrics are asked
         distances, shown_labels, shown_match = distances[:, :shown], knn_labels[:, :shown], None
-        if self.knn_func is not None and shown < k_total:
+        if self._custom_knn is not None and shown < k_total:
             # a user's k-nn: its list at PML's k need not start its longer one (ties, an
             # approximate index), so PML's metrics get a call at PML's k, as in PML
             distances, indices = self._knn(query, reference, shown, ref_includes_query)
             shown_labels = reference_labels[indices.to(reference_labels.device)]
             shown_match = self._matches(query_labels, shown_labels)
-        if self.knn_func is None:  # PML's k-nn runs in float32, and so gives its distances
+        if self._custom_knn is None:  # PML's k-nn runs in float32, and so gives its distances
             distances = distances.float()
         return {
             "label_counts": (unique_query_labels, bin_counts),
@@ -686,13 +697,13 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     def _knn(
         self, query: torch.Tensor, reference: torch.Tensor, k: int, ref_includes_query: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.knn_func is not None and k == 0:  # no neighbour wanted: no search (an
+        if self._custom_knn is not None and k == 0:  # no neighbour wanted: no search (an
             empty = torch.empty(len(query), 0, device=query.device)  # HNSW index refuses k=0)
             return empty, empty.long()
-        if self.knn_func is not None:  # PML casts every input to float32
+        if self._custom_knn is not None:  # PML casts every input to float32
             query32 = _float32_for_knn_func(query, "query")
             reference = query32 if reference is query else _float32_for_knn_func(reference)
-            return self.knn_func(query32, k, reference, ref_includes_query)
+            return self._custom_knn(query32, k, reference, ref_includes_query)
         metric, normalize = self.exact
         return exact_knn(
             query,
@@ -776,7 +787,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         return int((~not_lone_query_mask).sum())
 
     def extra_repr(self) -> str:
-        knn = self.exact if self.knn_func is None else self.knn_func
+        knn = self.exact if self._custom_knn is None else self._custom_knn
         return f"knn={knn}, k={self.k}, recall_ks={self.recall_ks}, device={self.device}"
 
     def __repr__(self) -> str:

@@ -526,3 +526,45 @@ def test_later_settings_corners_found_by_the_second_fix_review():
     with pytest.raises(ValueError, match="no torch backend"):
         calc.backend = "torch"
     assert calc.backend == "auto"
+
+
+def test_knn_func_reads_back_as_given_and_none_means_the_constructors_none():
+    """A ``knn_func`` mapped to the exact k-nn read back as ``None`` (PML's reads back the
+    object), so ``calc.knn_func = None`` was taken as "unchanged": the calculator kept
+    cosine while every setting read as the default. ``None`` now means what it means in
+    the constructor, and reading back gives what was given."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    x, y = _data(n=120, d=8, classes=12)
+    x = x + 0.5
+    include = ("precision_at_1", "mean_average_precision_at_r")
+    default = _stable(RetrievalAccuracyCalculator(include=include).get_accuracy(x, y))
+    cosine = _stable(
+        RetrievalAccuracyCalculator(include=include, distance=CosineSimilarity()).get_accuracy(x, y)
+    )
+    assert default != cosine
+    knn = CustomKNN(CosineSimilarity())
+    calc = RetrievalAccuracyCalculator(include=include, knn_func=knn)
+    assert calc.knn_func is knn and calc.distance is None
+    calc.distance = None  # the knn_func's search stays, as RAC(knn_func=knn, distance=None)
+    assert calc.knn_func is knn
+    assert _stable(calc.get_accuracy(x, y)) == cosine
+    calc.knn_func = None  # as RAC(knn_func=None): the default search
+    assert calc.knn_func is None
+    assert _stable(calc.get_accuracy(x, y)) == default
+    calc = RetrievalAccuracyCalculator(include=include, distance=CosineSimilarity())
+    calc.knn_func = None  # as RAC(distance=cosine, knn_func=None): cosine
+    assert _stable(calc.get_accuracy(x, y)) == cosine
+    calc.distance = None
+    assert _stable(calc.get_accuracy(x, y)) == default
+
+
+def test_include_and_exclude_assigned_later_are_refused():
+    """They were taken as new attributes and silently ignored (AMI still computed); PML
+    reads them only at construction, and per call in ``get_accuracy``."""
+    calc = RetrievalAccuracyCalculator(include=("precision_at_1", "AMI"))
+    for name in ("include", "exclude"):
+        with pytest.raises(AttributeError, match="chosen at construction"):
+            setattr(calc, name, ("precision_at_1",))
+    assert set(calc.get_accuracy(*_data())) == {"precision_at_1", "AMI"}
