@@ -36,7 +36,7 @@ from pml_margins.validation import check_non_negative
         (lambda: ArcFaceLoss(5, 4), "chunk_size", -1, ValueError, "chunk_size must be >= 1"),
         (lambda: AdaCosLoss(5, 4), "scale", torch.tensor(-5.0), ValueError, "scale must be > 0"),
         (lambda: AdaCosLoss(5, 4), "scale", torch.tensor(float("nan")), ValueError, "finite"),
-        (lambda: AdaCosLoss(5, 4), "scale", None, TypeError, "None is for the constructor"),
+        (lambda: AdaCosLoss(5, 4), "scale", None, TypeError, "running statistic: give a tensor"),
     ],
 )
 def test_a_bad_value_set_later_is_refused_as_at_construction(make, name, value, error, match):
@@ -149,7 +149,7 @@ def test_an_adacos_scale_tensor_is_held_as_a_statistic(value):
         torch.nn.Parameter(torch.tensor(7.0)),
     )
     for bad in bad_values:
-        with pytest.raises(ValueError, match="scale must be one real value without grad"):
+        with pytest.raises(ValueError, match=r"scale must be (one real value without grad|real)"):
             loss.scale = bad
         fresh = AdaCosLoss(5, 4)
         weight = fresh.W.detach().clone()

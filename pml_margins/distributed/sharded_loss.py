@@ -359,6 +359,15 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
     def num_local(self) -> int:
         return self.class_end - self.class_start
 
+    def reset_parameters(self) -> None:
+        """The shard as constructed: the loss's ``reset_parameters`` under this rank's
+        seeded stream (the same ``W_local``, the global RNG untouched) and the Partial FC
+        sampler from the seed (:meth:`load_sampler_state` of ``None``)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._stream_seed())
+            self.loss.reset_parameters()
+        self.load_sampler_state(None)
+
     def _stream_seed(self) -> int:
         return self.seed * 1_000_003 + self.rank
 

@@ -13,10 +13,10 @@ import torch
 from pml_margins.functional.autograd_only import refuse_update_in_function_transform
 from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
-from pml_margins.losses.float_statistics import as_statistic
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
+    MAX_LOGIT_TERM,
     check_bool,
     check_count,
     check_optional_logit_scale,
@@ -63,7 +63,11 @@ def adacos_dynamic_scale(
     :math:`B_{avg} \le 1` (every non-target logit well below 0: few classes, or a
     batch far from every other class) the formula gives :math:`s' \le 0`, which would
     invert the softmax and penalize correct classification; the current scale is then
-    kept for the next step (no host synchronisation: a ``torch.where``).
+    kept for the next step (no host synchronisation: a ``torch.where``). Beyond
+    ``MAX_LOGIT_TERM`` (1e15, the largest scale the loss takes) the new scale is that
+    bound: with collapsed features (median target angle at or past :math:`\pi/4`,
+    non-target cosines near 1) the formula grows the scale about 1.4-fold a step, and
+    float32 logits overflowed after a few hundred steps.
 
     Args:
         cosine: ``(N, C)`` cosines, ``C >= 2``.
@@ -93,7 +97,9 @@ def adacos_scale_from_statistics(
         if isinstance(scale, torch.Tensor):  # the buffer's precision, kept exactly
             new = new.to(torch.promote_types(new.dtype, scale.dtype))
         current = torch.as_tensor(scale, dtype=new.dtype, device=new.device)
-        return torch.where(new > 0, new, current)  # s' <= 0 (B_avg <= 1): keep s
+        # s' <= 0 (B_avg <= 1): keep s; at most the largest scale a loss takes (collapsed
+        # features compound s' ~ 1.4 s a step: float32 logits overflowed after ~250 steps)
+        return torch.where(new > 0, new, current).clamp_(max=MAX_LOGIT_TERM)
 
 
 def _check_scale_tensor(value: torch.Tensor) -> None:
@@ -168,29 +174,12 @@ class AdaCosLoss(ClassWeightLoss):
         super().__init__(num_classes, embedding_size, **kwargs)
         # float64 until the module is cast: sqrt(2) log(C - 1) is kept exactly
         self.register_buffer("scale", torch.tensor(initial, dtype=torch.float64))
+        self._initial_scale = initial
         self._deferred: StepStatistics | None = None  # a step whose update the core makes
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        """``loss.scale = value`` (a fixed scale set by hand) is checked as the constructor
-        checks it (a NaN, 0 or negative tensor was taken, ``None`` failed at the next
-        forward): a number goes into the buffer's dtype and device (and is checked as held
-        there), a tensor of one real value is kept as a statistic is
-        (``load_state_dict(assign=True)``: 0-dim, no graph, float32 at least, as
-        :attr:`statistic_buffers` are kept)."""
-        if name == "scale" and "scale" in self.__dict__.get("_buffers", {}):
-            if value is None:
-                raise TypeError("scale must be a number > 0 (None is for the constructor only)")
-            if isinstance(value, torch.Tensor):  # (load_state_dict(assign=True) too): held
-                _check_scale_tensor(value)  # as a statistic, 0-dim, float32 at least
-                value = as_statistic(value.reshape(()) if value.ndim else value)
-                if value.device.type != "meta":  # a meta tensor holds no value to check
-                    check_optional_logit_scale(value.double().item(), "scale")
-            else:  # a number: into the buffer's dtype and device, checked as held there
-                checked = check_optional_logit_scale(value, "scale")
-                value = torch.tensor(checked, dtype=torch.float64).to(self._buffers["scale"])
-                if value.device.type != "meta":  # (1e-300 in float32 is 0)
-                    check_optional_logit_scale(value.double().item(), "scale")
-        super().__setattr__(name, value)
+    def initial_statistics(self) -> dict[str, float]:
+        """The constructor's scale (given, or the paper's fixed one)."""
+        return {"scale": self._initial_scale}
 
     def check_statistic(self, name: str, value: torch.Tensor) -> None:
         """A loaded ``scale``: one value, checked as the constructor checks it (a NaN, 0 or

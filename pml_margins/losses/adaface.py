@@ -185,8 +185,12 @@ class AdaFaceLoss(ClassWeightLoss):
         self.margin, self.h, self.scale, self.t_alpha, self.eps = margin, h, scale, t_alpha, eps
         self._scaler: torch.Tensor | None = None
         super().__init__(num_classes, embedding_size, **kwargs)
-        self.register_buffer("batch_mean", torch.tensor(20.0))
-        self.register_buffer("batch_std", torch.tensor(100.0))
+        for name, value in self.initial_statistics().items():
+            self.register_buffer(name, torch.tensor(value))
+
+    def initial_statistics(self) -> dict[str, float]:
+        """The authors' starting norm statistics: mean 20, standard deviation 100."""
+        return {"batch_mean": 20.0, "batch_std": 100.0}
 
     def check_statistic(self, name: str, value: torch.Tensor) -> None:
         """A loaded ``batch_std`` must be finite and ``>= 0`` (the norms' spread)."""

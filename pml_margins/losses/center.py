@@ -131,6 +131,15 @@ class CenterLoss(
             list_of_names=["num_classes", "embedding_size", "alpha"], is_stat=False
         )
 
+    def initial_statistics(self) -> dict[str, float]:
+        """The centres start at 0 (``update="ema"``: a running statistic)."""
+        return {"centers": 0.0}
+
+    def reset_parameters(self) -> None:
+        """The centres back to 0, as constructed (a parameter or a running statistic)."""
+        with torch.no_grad():
+            self.centers.zero_()
+
     def get_default_distance(self) -> LpDistance:
         """The definition's distance: squared Euclidean, raw embeddings and centers."""
         return LpDistance(p=2, power=2, normalize_embeddings=False)

@@ -14,6 +14,8 @@ import math
 import types
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from numbers import Real
 from typing import Any
 
 import torch
@@ -47,13 +49,16 @@ from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
     FLOAT_DTYPES,
+    ValueChecks,
     check_chunk_size,
     check_class_loss_input,
     check_count,
     check_embeddings,
     check_not_meta,
+    check_raw_logits,
     check_sample_rate,
     usual_cpu_batch_passes,
+    value_checks_enabled,
 )
 
 __all__ = ["ClassWeightLoss"]
@@ -96,6 +101,7 @@ def _check_logit_columns(loss: ClassWeightLoss, logits: torch.Tensor) -> None:
     """``ValueError`` where :meth:`~ClassWeightLoss.base_logits` gave another number of
     classes than ``num_classes`` (a ``W`` of another layout than the logits read)."""
     if logits.shape[-1] != loss.num_classes:
+        loss._restore_entry_statistics()
         raise ValueError(
             f"{type(loss).__name__}'s class weights W have shape {tuple(loss.W.shape)}, which "
             f"gives {logits.shape[-1]} class logits, but num_classes={loss.num_classes}"
@@ -279,6 +285,14 @@ class ClassWeightLoss(
         )
         self.add_to_recordable_attributes(name="avg_angle", is_stat=True)
 
+    def reset_parameters(self) -> None:
+        """The loss as constructed: ``W`` drawn again by ``weight_init_func`` and the running
+        statistics reset (:meth:`reset_running_stats`). torch's name, which ``FSDP`` calls:
+        what a loss built on the meta device needs after ``to_empty``."""
+        with torch.no_grad():
+            self.weight_init_func(self.W)
+        self.reset_running_stats()
+
     # --- what subclasses define -------------------------------------------------
     def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
         """Return the ``(B, C)`` base logits and the scale (float, 0-dim or ``(B,)`` tensor).
@@ -451,7 +465,16 @@ class ClassWeightLoss(
         declares is checked where the core takes ``W`` (the logits' class count on the
         plain path). Logits redefined without a declaration may read any layout of ``W``
         (their class count is checked on the logits)."""
+        self.__dict__.pop("_statistics_at_entry", None)  # (a previous step's)
         weight, rows, classes = self.W, self.embedding_size, self.num_classes
+        if not (type(classes) is int and classes > 0 and type(rows) is int and rows > 0):
+            classes = check_count(classes, "num_classes")  # (set after construction:
+            rows = check_count(rows, "embedding_size")  # 0 divided below)
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(
+                f"{type(self).__name__}'s class weights W must be a tensor, got "
+                f"{type(weight).__name__}"
+            )
         per_class = self.__dict__.get("sub_centers")  # (no nn.Module.__getattr__ miss)
         if per_class is None and hasattr(type(self), "sub_centers"):
             per_class = getattr(self, "sub_centers", None)
@@ -467,8 +490,14 @@ class ClassWeightLoss(
         )
         multiple = weight.ndim == 2 and weight.shape[0] == rows and weight.shape[1] > 0
         multiple = multiple and not weight.shape[1] % classes
-        if per_class is None and own and multiple:
-            return  # (K under another name: checked where it is declared)
+        if per_class is None and own and multiple:  # K under another name: checked where
+            statistics = self._buffers  # it is declared, after the statistics may move
+            self.__dict__["_statistics_at_entry"] = {  # (then put back: the refusal's)
+                name: value.detach().clone()
+                for name in self.statistic_buffers
+                if (value := statistics.get(name)) is not None
+            }
+            return
         hint = " (a class with K columns of W per class may name K sub_centers)" * multiple
         raise _weight_shape_error(self, expected, hint)
 
@@ -478,7 +507,17 @@ class ClassWeightLoss(
         entry check of :meth:`_check_weight_shape` does not ask)."""
         per_class = form.sub_centers
         if type(per_class) is int and weight.shape[1] != self.num_classes * per_class:
+            self._restore_entry_statistics()
             raise _weight_shape_error(self, (self.embedding_size, self.num_classes * per_class))
+
+    def _restore_entry_statistics(self) -> None:
+        """The running statistics put back as they were at the forward's entry, where the
+        entry check left ``W``'s layout to a later check (:meth:`_check_weight_shape`) that
+        now refuses it: a refused ``W`` moves no statistic."""
+        saved = self.__dict__.pop("_statistics_at_entry", None) or {}
+        with torch.no_grad():
+            for name, value in saved.items():
+                self._buffers[name].copy_(value)
 
     def _norms_taken(self) -> bool:
         """Whether the logits take the embeddings' norms (their check then refuses rows
@@ -486,6 +525,29 @@ class ClassWeightLoss(
         default, ``DotProductSimilarity(normalize_embeddings=False)``)."""
         distance = self.distance
         return not (is_plain_inner_product(distance) and not distance.normalize_embeddings)
+
+    def _check_raw_logits(self, embeddings: torch.Tensor, checks: ValueChecks | None) -> None:
+        """Where the logits take no norms (:meth:`_norms_taken`), the check that they cannot
+        overflow (:func:`~pml_margins.validation.check_raw_logits`; checked embeddings),
+        joining ``checks`` (else at once); nothing while the value checks are off."""
+        if self._norms_taken() or not value_checks_enabled():
+            return
+        scale = getattr(self, "scale", 1.0)  # (a tensor one, AdaCos's: unit, no read-back)
+        number = isinstance(scale, Real) and not isinstance(scale, bool)
+        scale = abs(float(scale)) if number else 1.0
+        check_raw_logits(
+            type(self).__name__,
+            embeddings,
+            self._raw_logit_weight(),
+            scale,
+            getattr(self, "bias", None),
+            self.compute_dtype(embeddings),
+            checks,
+        )
+
+    def _raw_logit_weight(self) -> torch.Tensor | None:
+        """``W`` as raw inner-product logits take it (``None``: its unit columns)."""
+        return self.W
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Classification logits without margin (``s * z``), shape ``(B, C)``."""
@@ -495,6 +557,7 @@ class ClassWeightLoss(
             compute_dtype=self._checked_compute_dtype(embeddings),
             norms_taken=self._norms_taken(),
         )
+        self._check_raw_logits(embeddings, None)
         logits, scale = self.base_logits(embeddings)
         _check_logit_columns(self, logits)
         if isinstance(scale, torch.Tensor):
@@ -524,6 +587,7 @@ class ClassWeightLoss(
             hint=" (use a pair-based loss such as CircleLoss for that)",
             compute_dtype=self._checked_compute_dtype(embeddings),
             norms_taken=self._norms_taken(),
+            more_checks=partial(self._check_raw_logits, embeddings),
         )
 
     def compute_loss(
@@ -621,6 +685,7 @@ class ClassWeightLoss(
         # from here on, the full path's steps in its order (W read where it reads it:
         # a parametrization runs once per read); no way back
         self._checked_compute_dtype(embeddings)  # check_inputs' call (a subclass may count)
+        self._check_raw_logits(embeddings, None)  # (a raw inner product's: at once, as there)
         self.reset_stats()
         non_target_fn = self.non_target_logit_fn()
         form = self._fused_form(embeddings)

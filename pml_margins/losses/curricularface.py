@@ -245,6 +245,10 @@ class CurricularFaceLoss(ClassWeightLoss):
         super().__init__(num_classes, embedding_size, **kwargs)
         self.register_buffer("t", torch.zeros(()))
 
+    def initial_statistics(self) -> dict[str, float]:
+        """``t`` starts at 0 (the paper's initialization)."""
+        return {"t": 0.0}
+
     @contextmanager
     def prepare_step(
         self, embeddings: torch.Tensor, labels: torch.Tensor, statistics: StepStatistics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from numbers import Real
 from typing import Any
 
 import torch
@@ -22,6 +23,63 @@ class FloatStatisticsMixin:
 
     #: names of the running-statistic buffers (absent or non-buffer names are skipped)
     statistic_buffers: tuple[str, ...] = ()
+
+    def initial_statistics(self) -> dict[str, float]:
+        """Each running statistic's value at construction (every element of it), which
+        :meth:`reset_running_stats` restores."""
+        return {}
+
+    def reset_running_stats(self) -> None:
+        """Every running statistic back to its value at construction, in place (dtype,
+        device and shape kept), as ``BatchNorm``'s method of that name: after ``to_empty``
+        (a loss built on the meta device) the buffers hold whatever memory they got."""
+        buffers = self._buffers  # type: ignore[attr-defined]
+        with torch.no_grad():
+            for name, value in self.initial_statistics().items():
+                buffer = buffers.get(name)
+                if buffer is not None:
+                    buffer.fill_(value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``loss.<statistic> = value`` is checked as a loaded statistic is
+        (:meth:`check_statistic`: a NaN ``t`` gave NaN losses, a negative ``batch_std``
+        was taken) and held as one (no graph, float32 at least); a number goes into the
+        buffer's dtype and device where the statistic is one value, and a one-element
+        tensor takes its shape. ``None`` (which would remove the statistic from the
+        state dict and fail at the next step) and another shape are refused."""
+        buffers = self.__dict__.get("_buffers")
+        if buffers is not None and name in self.statistic_buffers and name in buffers:
+            value = self._checked_statistic(name, value, buffers[name])
+        super().__setattr__(name, value)
+
+    def _checked_statistic(self, name: str, value: Any, current: Any) -> Any:
+        """``value`` as :meth:`__setattr__` holds the statistic ``name`` (now ``current``)."""
+        if value is None:
+            raise TypeError(
+                f"{name} is {type(self).__name__}'s running statistic: give a tensor or "
+                "a number (reset_running_stats() restores its initial value)"
+            )
+        if not isinstance(current, torch.Tensor):
+            return value
+        if not isinstance(value, torch.Tensor):
+            if current.numel() != 1 or isinstance(value, bool) or not isinstance(value, Real):
+                return value  # (nn.Module's own TypeError names it)
+            value = torch.tensor(float(value), dtype=torch.float64).to(current)
+        if value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be real (a statistic), got a {value.dtype} tensor")
+        if not value.is_meta:
+            self.check_statistic(name, value)  # (as given: a subclass may refuse a graph)
+        if value.shape != current.shape:
+            if value.numel() != 1 or current.numel() != 1:
+                raise ValueError(
+                    f"{name} must have the shape {tuple(current.shape)} of "
+                    f"{type(self).__name__}'s running statistic, got {tuple(value.shape)}"
+                )
+            value = value.reshape(current.shape)
+        value = as_statistic(value)
+        if not value.is_meta:
+            self.check_statistic(name, value)  # as held (1e-300 in float32 is 0)
+        return value
 
     def check_statistic(self, name: str, value: torch.Tensor) -> None:
         """``ValueError`` for a value of the statistic ``name`` that a state dict may not

@@ -52,10 +52,22 @@ class SoftmaxLoss(ClassWeightLoss):
         super().__init__(num_classes, embedding_size, **kwargs)
         self.use_bias = check_bool(bias, "bias")
         if self.use_bias:
-            bound = 1 / math.sqrt(embedding_size)
-            self.bias = torch.nn.Parameter(torch.empty(num_classes).uniform_(-bound, bound))
+            self.bias = torch.nn.Parameter(torch.empty(num_classes))
+            self._init_bias()
         else:
             self.register_parameter("bias", None)
+
+    def _init_bias(self) -> None:
+        """``nn.Linear``'s: uniform in +-1/sqrt(D)."""
+        bound = 1 / math.sqrt(self.embedding_size)
+        with torch.no_grad():
+            self.bias.uniform_(-bound, bound)
+
+    def reset_parameters(self) -> None:
+        """``W``, then the bias, drawn again as the constructor draws them."""
+        super().reset_parameters()
+        if self.bias is not None:
+            self._init_bias()
 
     def get_default_weight_init_func(self) -> Any:
         return _linear_uniform_init

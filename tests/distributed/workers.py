@@ -485,9 +485,10 @@ def _with_t(loss, rank: int, value: float = 0.5):
 
 
 def _reshaped_t(loss, rank: int):
-    """CurricularFace whose ``t`` rank 1 replaced by a 1-element vector."""
+    """CurricularFace whose ``t`` rank 1 replaced by a 1-element vector (past the
+    statistic's setter, which keeps its shape)."""
     if rank == 1:
-        loss.loss.t = torch.zeros(1)
+        loss.loss._buffers["t"] = torch.zeros(1)
     return loss
 
 

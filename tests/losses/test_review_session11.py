@@ -1,0 +1,276 @@
+"""Corners found by review (2026-12-01, second session): running statistics set by hand or
+left uninitialized, a diverging AdaCos scale, raw inner-product logits that overflow, a
+loss's sizes replaced after construction, a refused ``W`` that moved statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pytorch_metric_learning.distances import DotProductSimilarity
+
+import pml_margins
+from pml_margins.distributed import ShardedMarginSoftmaxLoss
+from pml_margins.losses import (
+    AdaCosLoss,
+    AdaFaceLoss,
+    ArcFaceLoss,
+    CenterLoss,
+    CosFaceLoss,
+    CurricularFaceLoss,
+    ElasticFaceLoss,
+    MagFaceLoss,
+    NormSoftmaxLoss,
+    ProxyCircleLoss,
+    SoftmaxLoss,
+    SphereFaceLoss,
+    SubCenterArcFaceLoss,
+)
+
+CLASS_WEIGHT_LOSSES = [
+    SoftmaxLoss,
+    NormSoftmaxLoss,
+    SphereFaceLoss,
+    CosFaceLoss,
+    ArcFaceLoss,
+    SubCenterArcFaceLoss,
+    CurricularFaceLoss,
+    AdaFaceLoss,
+    MagFaceLoss,
+    ElasticFaceLoss,
+    AdaCosLoss,
+    ProxyCircleLoss,
+]
+_NAMED = {"ids": lambda c: getattr(c, "__name__", "")}
+STATISTICS = [
+    (CurricularFaceLoss, {"t": 0.0}),
+    (AdaFaceLoss, {"batch_mean": 20.0, "batch_std": 100.0}),
+]
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    items = module.state_dict().items()
+    return {k: v.detach().clone() for k, v in items if isinstance(v, torch.Tensor)}
+
+
+def _equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a
+    )
+
+
+@pytest.mark.parametrize("loss_type", CLASS_WEIGHT_LOSSES, ids=lambda c: c.__name__)
+def test_reset_parameters_after_to_empty_gives_the_constructed_loss(loss_type) -> None:
+    """A loss built on the meta device and materialized with ``to_empty`` held whatever
+    memory it got (CurricularFace's t -2.2e36, a loss of 55.47, no error), and there was
+    no way to initialize the buffers: ``reset_parameters()`` gives the loss as
+    constructed under the same seed, buffers included."""
+    torch.manual_seed(0)
+    built = _state(loss_type(11, 8))
+    with torch.device("meta"):
+        loss = loss_type(11, 8)
+    loss.to_empty(device="cpu")
+    for buffer in loss.buffers():
+        buffer.fill_(-2.2e36)
+    torch.manual_seed(0)
+    loss.reset_parameters()
+    assert _equal_states(_state(loss), built)
+
+
+def test_reset_parameters_of_center_loss_and_of_a_shard() -> None:
+    for update in ("ema", "sgd"):
+        centre = CenterLoss(5, 4, update=update)
+        with torch.no_grad():
+            centre.centers.fill_(3.0)
+        centre.reset_parameters()
+        assert not centre.centers.any()
+    sharded = ShardedMarginSoftmaxLoss(CurricularFaceLoss, 10, 4, rank=1, world_size=2, seed=3)
+    built = _state(sharded)
+    with torch.no_grad():
+        sharded.W_local.zero_()
+        sharded.loss.t.fill_(0.5)
+    before = torch.random.get_rng_state()
+    sharded.reset_parameters()
+    assert torch.equal(torch.random.get_rng_state(), before)  # its own seeded stream
+    assert _equal_states(_state(sharded), built)
+
+
+def test_the_meta_error_names_reset_parameters() -> None:
+    with torch.device("meta"):
+        loss = ArcFaceLoss(5, 4)
+    with pytest.raises(ValueError, match=r"reset_parameters\(\)"):
+        loss(torch.randn(4, 4), torch.arange(4))
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "initial"), STATISTICS, ids=lambda c: getattr(c, "__name__", "")
+)
+def test_a_statistic_set_by_hand_is_checked_as_a_loaded_one(loss_type, initial) -> None:
+    """``loss.t = nan`` gave NaN losses and ``batch_std = -1`` was taken, where a state dict
+    with these values is refused: the same checks, and nothing changes on a refusal."""
+    loss = loss_type(11, 8)
+    for name in initial:
+        for bad, error in (
+            (torch.tensor(float("nan")), "non-finite"),
+            (math.inf, "non-finite"),
+            (torch.zeros(2), "shape"),
+            (torch.tensor(True), "real"),
+            (torch.tensor(1 + 1j), "real"),
+        ):
+            with pytest.raises(ValueError, match=error):
+                setattr(loss, name, bad)
+            assert float(getattr(loss, name)) == initial[name]
+        with pytest.raises(TypeError, match="running statistic"):
+            setattr(loss, name, None)
+        setattr(loss, name, 0.25)  # a number: into the buffer
+        held = getattr(loss, name)
+        assert held.shape == () and held.dtype == torch.float32 and float(held) == 0.25
+        setattr(loss, name, torch.tensor([0.5], dtype=torch.float16, requires_grad=False))
+        held = getattr(loss, name)
+        assert held.shape == () and held.dtype == torch.float32 and float(held) == 0.5
+    if loss_type is AdaFaceLoss:
+        with pytest.raises(ValueError, match="batch_std must be >= 0"):
+            loss.batch_std = torch.tensor(-1.0)
+    loss.reset_running_stats()
+    assert {n: float(getattr(loss, n)) for n in initial} == initial
+
+
+def test_center_loss_centres_set_by_hand_are_checked() -> None:
+    loss = CenterLoss(5, 4)
+    with pytest.raises(ValueError, match="non-finite centers"):
+        loss.centers = torch.full((5, 4), float("nan"))
+    with pytest.raises(ValueError, match=r"shape \(5, 4\)"):
+        loss.centers = torch.zeros(3, 4)
+    loss.centers = torch.ones(5, 4, dtype=torch.float64)
+    assert loss.centers.dtype == torch.float64 and float(loss.centers.sum()) == 20.0
+    loss.reset_running_stats()
+    assert not loss.centers.any()
+
+
+def test_adacos_reset_running_stats_restores_the_constructors_scale() -> None:
+    loss = AdaCosLoss(101, 4)
+    loss.scale = 7
+    loss.reset_running_stats()
+    assert float(loss.scale) == math.sqrt(2) * math.log(100)
+    given = AdaCosLoss(5, 4, scale=12.5)
+    given.scale = 3.0
+    given.reset_running_stats()
+    assert float(given.scale) == 12.5
+
+
+def test_a_diverging_dynamic_adacos_scale_stays_within_the_bound_and_loads() -> None:
+    """Collapsed features (target angle past pi/4, non-target cosines near 1) grow the
+    paper's scale ~1.4-fold a step: after 110 steps 1.2e17, which its own state dict then
+    refused to load, after 250 steps inf and an inf loss, silently."""
+    for mode in ({}, {"chunk_size": 2}):
+        loss = AdaCosLoss(3, 2, **mode)
+        with torch.no_grad():
+            loss.W.copy_(torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]))
+        x, y = torch.tensor([[1.0, 0.0]] * 4), torch.zeros(4, dtype=torch.long)
+        for _ in range(300):
+            value = loss(x, y)
+        assert math.isfinite(float(value))
+        assert float(loss.scale) == 1e15
+        AdaCosLoss(3, 2).load_state_dict(loss.state_dict())
+
+
+@pytest.mark.parametrize("mode", [{}, {"chunk_size": 2}], ids=["default", "chunked"])
+def test_raw_inner_product_logits_that_overflow_are_refused(mode) -> None:
+    """Without norms (SoftmaxLoss, NSL over a raw dot product) nothing refused logits
+    beyond float32: NaN and inf losses and NaN gradients, silently."""
+    softmax = SoftmaxLoss(5, 6, **mode)
+    with torch.no_grad():
+        softmax.W.fill_(1e21)
+    labels = torch.arange(4)
+    for x in (torch.full((4, 6), 1e18), torch.full((4, 6), 1e290, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="logits can overflow"):
+            softmax(x.requires_grad_(), labels)
+    with pytest.raises(ValueError, match="logits can overflow"):
+        softmax.get_logits(torch.full((4, 6), 1e18))
+    nsl = NormSoftmaxLoss(5, 6, distance=DotProductSimilarity(normalize_embeddings=False), **mode)
+    with pytest.raises(ValueError, match="logits can overflow"):
+        nsl(torch.full((4, 6), 1e37), labels)
+    miner_tuple = (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2, 3]))
+    with pytest.raises(ValueError, match="logits can overflow"):
+        nsl(torch.full((4, 6), 1e37), labels, miner_tuple)
+    with pml_margins.value_checks(False):  # the documented switch turns it off too
+        nsl(torch.full((4, 6), 1e37), labels)
+
+
+def test_large_raw_logits_that_fit_and_non_finite_weights() -> None:
+    """Rows whose squared norm overflows but whose logits fit stay accepted (plain
+    cross-entropy's value); a NaN in W or the bias is named."""
+    softmax = SoftmaxLoss(5, 6)
+    x = torch.full((4, 6), 1e20, requires_grad=True)
+    value = softmax(x, torch.arange(4))
+    logits = x.detach().double() @ softmax.W.detach().double() + softmax.bias.detach().double()
+    want = torch.nn.functional.cross_entropy(logits, torch.arange(4))
+    assert math.isclose(float(value), float(want), rel_tol=1e-5)
+    with torch.no_grad():
+        softmax.W[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="class weights W contain NaN"):
+        softmax(torch.randn(4, 6), torch.arange(4))
+    biased = SoftmaxLoss(5, 6)
+    with torch.no_grad():
+        biased.bias[1] = float("inf")
+    with pytest.raises(ValueError, match="bias contain NaN"):
+        biased(torch.randn(4, 6), torch.arange(4))
+
+
+def test_raw_logit_check_under_vmap() -> None:
+    """The check reads through torch.func's wrappers (per-sample gradients still work)."""
+    loss = SoftmaxLoss(5, 6)
+    params = dict(loss.named_parameters())
+    x, y = torch.randn(4, 6), torch.arange(4)
+
+    def one(p, xi, yi):
+        return torch.func.functional_call(loss, p, (xi[None], yi[None]))
+
+    grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, x, y)
+    assert grads["W"].shape == (4, 6, 5)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error", "match"),
+    [
+        ("num_classes", 0, ValueError, "num_classes must be >= 1"),
+        ("num_classes", None, TypeError, "num_classes must be an int"),
+        ("num_classes", "5", TypeError, "num_classes must be an int"),
+        ("embedding_size", 0, ValueError, "embedding_size must be >= 1"),
+        ("W", None, TypeError, "W must be a tensor"),
+    ],
+)
+def test_sizes_replaced_after_construction_get_a_clear_error(name, value, error, match) -> None:
+    """``num_classes = 0`` set later failed in ``ZeroDivisionError``, ``None`` in a bare
+    comparison error, ``W = None`` in an ``AttributeError``."""
+    for loss_type in (ArcFaceLoss, CurricularFaceLoss):
+        loss = loss_type(5, 4)
+        setattr(loss, name, value)
+        with pytest.raises(error, match=match):
+            loss(torch.randn(8, 4), torch.arange(8) % 5)
+
+
+@pytest.mark.parametrize("mode", [{}, {"chunk_size": 3}], ids=["default", "chunked"])
+@pytest.mark.parametrize(
+    ("loss_type", "initial"), STATISTICS, ids=lambda c: getattr(c, "__name__", "")
+)
+def test_a_refused_w_of_a_restating_subclass_moves_no_statistic(loss_type, initial, mode) -> None:
+    """A subclass that restates ``fused_logits`` (the documented extension route) may keep
+    sub-centres under another name, so a ``W`` with a multiple of the classes' columns is
+    refused only where its declaration is read, after the step's statistics moved
+    (CurricularFace's t 0 -> 0.0017, AdaFace's batch_mean 20 -> 19.82): now put back."""
+
+    class Restating(loss_type):
+        def fused_logits(self, embeddings):
+            return super().fused_logits(embeddings)
+
+    torch.manual_seed(0)
+    loss = Restating(5, 4, **mode)
+    loss.W = torch.nn.Parameter(torch.randn(4, 10))
+    with pytest.raises(ValueError, match=r"need \(4, 5\)"):
+        loss(torch.randn(8, 4) * 3, torch.arange(8) % 5)
+    assert {n: float(getattr(loss, n)) for n in initial} == initial
+    loss.W = torch.nn.Parameter(torch.randn(4, 5))  # a good W afterwards: the step runs
+    loss(torch.randn(8, 4) * 3, torch.arange(8) % 5)
+    assert {n: float(getattr(loss, n)) for n in initial} != initial
