@@ -83,7 +83,9 @@ class ElasticFaceLoss(ClassWeightLoss):
 
     The margins are not clipped (as in the paper). ``sigma = 0`` is exactly
     :class:`ArcFaceLoss` (including its :math:`\theta + m > \pi` fallback, applied per
-    sample here) or :class:`CosFaceLoss`. The margins of the last forward are kept in
+    sample here) or :class:`CosFaceLoss`. The fallback is ArcFace's, not the authors'
+    ElasticFace code's, which takes :math:`\cos(\theta + m)` there too (a target logit
+    that rises again past :math:`\pi`); they differ only on such targets. The margins of the last forward are kept in
     ``last_margins`` (``(B,)``, for logging; not in the state dict; under ``torch.func.vmap``
     with the mapped dimensions in front).
 
