@@ -31,7 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pml_margins.function_transforms import is_compiling, values_under_transforms
+from pml_margins.function_transforms import (
+    in_function_transform,
+    is_compiling,
+    values_under_transforms,
+)
 from pml_margins.thread_switch import ThreadSwitch
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "check_class_loss_input",
     "check_count",
     "check_embeddings",
+    "check_finite_result",
     "check_function_inputs",
     "check_in_interval",
     "check_indices_tuple",
@@ -60,7 +65,6 @@ __all__ = [
     "check_optional_logit_scale",
     "check_ordered",
     "check_positive",
-    "check_raw_logits",
     "check_real",
     "check_reference",
     "check_sample_rate",
@@ -392,84 +396,25 @@ def _norm_overflow(x: torch.Tensor, name: str, dtype: torch.dtype) -> ValueError
     )
 
 
-def _largest_norm(x: torch.Tensor, dim: int) -> float:
-    """The largest L2 norm of ``x``'s slices along ``dim``, in float64 and scaled by each
-    slice's largest entry (exact at any magnitude); ``inf`` for non-finite ``x``."""
-    values = x.detach().double()
-    peak = values.abs().amax(dim=dim, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    return float((peak * torch.linalg.vector_norm(values / peak, dim=dim, keepdim=True)).max())
-
-
-def check_raw_logits(
-    loss_name: str,
-    embeddings: torch.Tensor,
-    weight: torch.Tensor | None,
-    scale: float,
-    bias: torch.Tensor | None,
-    compute_dtype: torch.dtype,
-    checks: ValueChecks | None = None,
-) -> None:
-    r"""``ValueError`` where logits of raw inner products, :math:`s\,x_i \cdot w_j + b_j`,
-    can overflow ``compute_dtype``: :math:`s \max_i |x_i| \max_j |w_j| + \max_j |b_j|`
-    beyond its largest value (``x . w`` reaches ``|x| |w|``), or ``W``/``b`` not finite.
-    ``weight=None``: unit columns (``W`` normalized). Checked ``embeddings``; joins
-    ``checks`` (one more value read back), else runs at once. Where norms are taken, the
-    squared-norm check of :func:`check_embeddings` stands in for it.
-    """
-    limit = torch.finfo(compute_dtype).max
-    opts = {"dtype": torch.promote_types(embeddings.dtype, torch.float32)}
-    # the values under torch.func's wrappers (see check_embeddings)
-    x, weight, bias = (
-        None if t is None else values_under_transforms(t.detach())
-        for t in (embeddings, weight, bias)
-    )
-
-    def extremes() -> torch.Tensor:
-        parts = [torch.linalg.vector_norm(x.to(**opts), dim=1).amax().reshape(1)]
-        if weight is not None:
-            w = weight.to(**opts)
-            parts.append(torch.linalg.vector_norm(w, dim=0).amax().reshape(1).to(x.device))
-        if bias is not None:
-            parts.append(bias.to(**opts).abs().amax().reshape(1).to(x.device))
-        return torch.cat(parts)
-
-    def bound(values: list[float]) -> float:
-        norm, rest = values[0], values[1:]
-        w_norm = rest.pop(0) if weight is not None else 1.0
-        return scale * norm * w_norm + (rest[0] if bias is not None else 0.0)
-
-    def error() -> ValueError | None:
-        for tensor, what in ((weight, "class weights W"), (bias, "bias")):
-            if tensor is not None and not bool(torch.isfinite(tensor).all()):
-                return ValueError(f"{loss_name}'s {what} contain NaN or Inf values")
-        norm = _largest_norm(x, 1)
-        w_norm = 1.0 if weight is None else _largest_norm(weight, 0)
-        b = 0.0 if bias is None else float(bias.double().abs().max())
-        if scale * norm * w_norm + b <= limit:  # (the first read overflowed, not the logits)
-            return None
-        columns = "unit columns of W" if weight is None else f"columns of W up to {w_norm:.4g}"
-        return ValueError(
-            f"{loss_name}'s logits can overflow {compute_dtype} (largest {limit:.4g}): "
-            f"embeddings with norms up to {norm:.4g}, {columns}"
-            + (f", scale {scale:g}" if scale != 1 else "")
-            + (f", bias up to {b:.4g}" if bias is not None else "")
-            + "; scale the embeddings or the weights down"
-        )
-
-    def on_host() -> list[float] | None:  # (CPU: numpy, no tensor read back)
-        arrays = [_host_array(t) for t in (x, weight, bias) if t is not None]
-        if any(a is None or a.dtype not in _BLAS_DTYPES for a in arrays):
-            return None
-        with np.errstate(all="ignore"):  # (an overflow reads as inf: the error path looks)
-            found = [math.sqrt(float(np.einsum("ij,ij->i", arrays[0], arrays[0]).max()))]
-            if weight is not None:
-                w = arrays[1]
-                found.append(math.sqrt(float(np.einsum("ij,ij->j", w, w).max())))
-            if bias is not None:
-                found.append(float(np.abs(arrays[-1]).max()))
-        return found
-
-    _run_now_or_later(checks, extremes, error, lambda values: not bound(values) <= limit, on_host)
+def check_finite_result(result: object, error: Callable[[str], Exception]) -> None:
+    """Raise ``error(shown value)`` where ``result`` (a loss or logits computed from
+    checked, finite input) holds NaN or Inf: one read-back of it. Nothing while the value
+    checks are off, inside a ``torch.func`` transform or while ``torch.compile`` traces
+    (no values to read there)."""
+    if (
+        not isinstance(result, torch.Tensor)
+        or not value_checks_enabled()
+        or is_compiling()
+        or in_function_transform()
+    ):
+        return
+    values = result.detach()
+    if values.numel() == 1:
+        value = values.item()
+        if not math.isfinite(value):
+            raise error(str(value))
+    elif values.numel() and not bool(torch.isfinite(values).all()):
+        raise error("NaN or Inf")
 
 
 #: numpy dtypes whose dot product is a BLAS call (no ufunc machinery, no FP-error warnings)
@@ -913,7 +858,6 @@ def check_class_loss_input(
     hint: str = "",
     compute_dtype: torch.dtype | None = None,
     norms_taken: bool = True,
-    more_checks: Callable[[ValueChecks | None], None] | None = None,
 ) -> None:
     """The forward checks of a loss that compares embeddings with per-class vectors.
 
@@ -923,8 +867,7 @@ def check_class_loss_input(
     ``norms_taken``, their norms against ``compute_dtype``), requires labels in
     ``[0, num_classes)`` and checks a miner's ``indices_tuple`` against the batch. The
     value checks are read back in one host synchronisation (none while
-    :func:`value_checks` is off), with those ``more_checks`` adds to them (called with
-    ``None`` where the batch is judged on the host: they then run at once).
+    :func:`value_checks` is off).
     """
     if other_reference(embeddings, labels, ref_emb, ref_labels):
         raise ValueError(
@@ -934,8 +877,6 @@ def check_class_loss_input(
     if indices_tuple is None and usual_cpu_batch_passes(
         embeddings, labels, num_classes, embedding_size
     ):
-        if more_checks is not None:
-            more_checks(None)
         return
     checks = ValueChecks()
     embeddings = check_embeddings(
@@ -949,8 +890,6 @@ def check_class_loss_input(
         raise ValueError(f"{loss_name} requires labels")
     check_class_labels(labels, embeddings.shape[0], num_classes, checks=checks)
     check_indices_tuple(indices_tuple, embeddings.shape[0], checks=checks)
-    if more_checks is not None:
-        more_checks(checks)
     checks.run()
 
 

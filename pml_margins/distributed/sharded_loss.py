@@ -295,6 +295,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             torch.manual_seed(self._stream_seed())
             shard_kwargs = loss_type.shard_kwargs(self.num_classes, dict(loss_kwargs))
             self.loss = loss_type(self.class_end - self.class_start, embedding_size, **shard_kwargs)
+        self.loss._init_seed = self._stream_seed()  # (its reset_parameters draws from it)
         reason = self.loss.sharding_unsupported()
         if reason is not None:
             raise ValueError(reason)
@@ -360,12 +361,11 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         return self.class_end - self.class_start
 
     def reset_parameters(self) -> None:
-        """The shard as constructed: the loss's ``reset_parameters`` under this rank's
-        seeded stream (the same ``W_local``, the global RNG untouched) and the Partial FC
-        sampler from the seed (:meth:`load_sampler_state` of ``None``)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._stream_seed())
-            self.loss.reset_parameters()
+        """The shard as constructed: the loss's ``reset_parameters`` (from this rank's
+        seeded stream, as the loss alone draws it too: ``FSDP`` calls it on the loss, the
+        module holding ``W_local``) and the Partial FC sampler from the seed
+        (:meth:`load_sampler_state` of ``None``)."""
+        self.loss.reset_parameters()
         self.load_sampler_state(None)
 
     def _stream_seed(self) -> int:
@@ -482,7 +482,8 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                 raise ValueError(f"ref_emb/ref_labels are not supported by {type(self).__name__}")
             self._check_group()
             self._check_parameters()
-            check_embeddings(embeddings, width=self.embedding_size)
+            norms_taken = self.loss._norms_taken()  # (as in one process)
+            check_embeddings(embeddings, width=self.embedding_size, norms_taken=norms_taken)
             check_class_labels(labels, embeddings.shape[0], self.num_classes)
             self.loss._check_weight_shape(embeddings)  # (W_local replaced: as in one process)
 
@@ -537,7 +538,9 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                 "reduction_type": "element",
             }
         }
-        return self.loss.reducer(loss_dict, all_emb, all_labels)
+        loss = self.loss.reducer(loss_dict, all_emb, all_labels)
+        self.loss.check_result(loss)  # (the same value on every rank: all refuse together)
+        return loss
 
     def _check_group(self) -> None:
         """``ValueError`` when the process group is not the one the shards were made for

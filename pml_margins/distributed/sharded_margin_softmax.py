@@ -97,9 +97,15 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     @backward_once("the sharded softmax cross-entropy", SHARDED_REMEDY)
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        if getattr(ctx, "backward_done", False):  # (retain_graph=True: the buffer is gone)
+            raise RuntimeError(
+                "the sharded softmax cross-entropy turns its saved softmax into the gradient "
+                "(one B x C_local buffer, not two): a second backward through the same graph "
+                "(retain_graph=True) is not supported; run the forward again"
+            )
         exp, sum_exp, target = ctx.saved_tensors
-        # in place: the softmax buffer becomes the gradient (a second backward through
-        # this graph then fails autograd's version check instead of going wrong)
+        ctx.backward_done = True
+        # in place: the softmax buffer becomes the gradient
         grad_logits = exp.mul_((grad / sum_exp).unsqueeze(1))
         owned = torch.nonzero(target >= 0).squeeze(1)
         grad_logits[owned, target[owned]] -= grad[owned]

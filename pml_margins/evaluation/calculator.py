@@ -332,6 +332,13 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self.check_search(self.exact, custom)
         self._built = True
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A calculator pickled before the search moved to ``_custom_knn`` (its ``knn_func``
+        held the search: ``None`` for the exact k-nn) unpickles as it ran."""
+        if "_custom_knn" not in state:
+            state = {**state, "_custom_knn": state.get("knn_func")}
+        self.__dict__.update(state)
+
     def check_search(self, exact: tuple[str, bool] | None, knn_func: Any) -> None:
         """``ValueError`` for a search that a subclass cannot run (default: any): the exact
         k-nn's ``(metric, normalize)`` with ``knn_func=None``, or ``exact=None`` and the

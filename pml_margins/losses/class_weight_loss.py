@@ -15,7 +15,6 @@ import types
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
-from numbers import Real
 from typing import Any
 
 import torch
@@ -49,16 +48,14 @@ from pml_margins.losses.step_statistics import StepStatistics
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
     FLOAT_DTYPES,
-    ValueChecks,
     check_chunk_size,
     check_class_loss_input,
     check_count,
     check_embeddings,
+    check_finite_result,
     check_not_meta,
-    check_raw_logits,
     check_sample_rate,
     usual_cpu_batch_passes,
-    value_checks_enabled,
 )
 
 __all__ = ["ClassWeightLoss"]
@@ -286,12 +283,22 @@ class ClassWeightLoss(
         self.add_to_recordable_attributes(name="avg_angle", is_stat=True)
 
     def reset_parameters(self) -> None:
-        """The loss as constructed: ``W`` drawn again by ``weight_init_func`` and the running
-        statistics reset (:meth:`reset_running_stats`). torch's name, which ``FSDP`` calls:
-        what a loss built on the meta device needs after ``to_empty``."""
-        with torch.no_grad():
-            self.weight_init_func(self.W)
+        """The loss as constructed: its parameters drawn again (:meth:`_init_parameters`)
+        and the running statistics reset (:meth:`reset_running_stats`). torch's name, which
+        ``FSDP`` calls on each module: what a loss built on the meta device needs after
+        ``to_empty``. A shard of :class:`~pml_margins.distributed.ShardedMarginSoftmaxLoss`
+        draws from its rank's seeded stream, as at construction (``_init_seed``)."""
+        seed = self.__dict__.get("_init_seed")
+        with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
+            if seed is not None:
+                torch.manual_seed(seed)
+            with torch.no_grad():
+                self._init_parameters()
         self.reset_running_stats()
+
+    def _init_parameters(self) -> None:
+        """Draw the parameters as the constructor does: ``W`` by ``weight_init_func``."""
+        self.weight_init_func(self.W)
 
     # --- what subclasses define -------------------------------------------------
     def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float | torch.Tensor]:
@@ -526,28 +533,22 @@ class ClassWeightLoss(
         distance = self.distance
         return not (is_plain_inner_product(distance) and not distance.normalize_embeddings)
 
-    def _check_raw_logits(self, embeddings: torch.Tensor, checks: ValueChecks | None) -> None:
-        """Where the logits take no norms (:meth:`_norms_taken`), the check that they cannot
-        overflow (:func:`~pml_margins.validation.check_raw_logits`; checked embeddings),
-        joining ``checks`` (else at once); nothing while the value checks are off."""
-        if self._norms_taken() or not value_checks_enabled():
-            return
-        scale = getattr(self, "scale", 1.0)  # (a tensor one, AdaCos's: unit, no read-back)
-        number = isinstance(scale, Real) and not isinstance(scale, bool)
-        scale = abs(float(scale)) if number else 1.0
-        check_raw_logits(
-            type(self).__name__,
-            embeddings,
-            self._raw_logit_weight(),
-            scale,
-            getattr(self, "bias", None),
-            self.compute_dtype(embeddings),
-            checks,
-        )
+    def check_result(self, loss: torch.Tensor) -> None:
+        """Where the logits take no norms (the distance does not normalize: ``SoftmaxLoss``,
+        NSL over a raw dot product, an unnormalized ``LpDistance``), finite input can still
+        overflow them: a loss that came out NaN/Inf is refused (one read-back, those
+        losses only). Normalized logits are bounded by the scale and the margin."""
+        if not self.distance.normalize_embeddings:
+            check_finite_result(loss, partial(self._overflow_error, "loss"))
 
-    def _raw_logit_weight(self) -> torch.Tensor | None:
-        """``W`` as raw inner-product logits take it (``None``: its unit columns)."""
-        return self.W
+    def _overflow_error(self, what: str, shown: str) -> ValueError:
+        """The error for a non-finite ``what`` (loss, logits) of unnormalized logits."""
+        return ValueError(
+            f"{type(self).__name__} gave a non-finite {what} ({shown}) from finite "
+            f"embeddings: with {type(self.distance).__name__}(normalize_embeddings=False) "
+            "its logits take no norms and overflowed (or W or a bias holds NaN/Inf); scale "
+            "the embeddings or W down, or use a normalizing distance"
+        )
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Classification logits without margin (``s * z``), shape ``(B, C)``."""
@@ -557,12 +558,14 @@ class ClassWeightLoss(
             compute_dtype=self._checked_compute_dtype(embeddings),
             norms_taken=self._norms_taken(),
         )
-        self._check_raw_logits(embeddings, None)
         logits, scale = self.base_logits(embeddings)
         _check_logit_columns(self, logits)
         if isinstance(scale, torch.Tensor):
             scale = scale.to(logits.dtype).unsqueeze(1)
-        return logits * scale
+        logits = logits * scale
+        if not self.distance.normalize_embeddings:  # (see check_result)
+            check_finite_result(logits, partial(self._overflow_error, "logits"))
+        return logits
 
     # --- PML contract -------------------------------------------------------------
     def check_inputs(
@@ -587,7 +590,6 @@ class ClassWeightLoss(
             hint=" (use a pair-based loss such as CircleLoss for that)",
             compute_dtype=self._checked_compute_dtype(embeddings),
             norms_taken=self._norms_taken(),
-            more_checks=partial(self._check_raw_logits, embeddings),
         )
 
     def compute_loss(
@@ -685,7 +687,6 @@ class ClassWeightLoss(
         # from here on, the full path's steps in its order (W read where it reads it:
         # a parametrization runs once per read); no way back
         self._checked_compute_dtype(embeddings)  # check_inputs' call (a subclass may count)
-        self._check_raw_logits(embeddings, None)  # (a raw inner product's: at once, as there)
         self.reset_stats()
         non_target_fn = self.non_target_logit_fn()
         form = self._fused_form(embeddings)

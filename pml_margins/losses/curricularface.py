@@ -249,6 +249,13 @@ class CurricularFaceLoss(ClassWeightLoss):
         """``t`` starts at 0 (the paper's initialization)."""
         return {"t": 0.0}
 
+    def check_statistic(self, name: str, value: torch.Tensor) -> None:
+        """``t``, a moving average of cosines, lies in ``[-1, 1]`` (``t = 1e38`` gave NaN
+        losses)."""
+        super().check_statistic(name, value)
+        if name == "t" and not bool((value.abs() <= 1).all()):
+            raise ValueError(f"t must lie in [-1, 1] (an average of cosines), got {value}")
+
     @contextmanager
     def prepare_step(
         self, embeddings: torch.Tensor, labels: torch.Tensor, statistics: StepStatistics

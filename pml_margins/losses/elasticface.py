@@ -85,9 +85,9 @@ class ElasticFaceLoss(ClassWeightLoss):
     :class:`ArcFaceLoss` (including its :math:`\theta + m > \pi` fallback, applied per
     sample here) or :class:`CosFaceLoss`. The fallback is ArcFace's, not the authors'
     ElasticFace code's, which takes :math:`\cos(\theta + m)` there too (a target logit
-    that rises again past :math:`\pi`); they differ only on such targets. The margins of the last forward are kept in
-    ``last_margins`` (``(B,)``, for logging; not in the state dict; under ``torch.func.vmap``
-    with the mapped dimensions in front).
+    that rises again past :math:`\pi`); they differ only on such targets. The margins of
+    the last forward are kept in ``last_margins`` (``(B,)``, for logging; not in the state
+    dict; under ``torch.func.vmap`` with the mapped dimensions in front).
 
     **Units:** ``variant="arc"``: ``margin`` and ``sigma`` in radians;
     ``variant="cos"``: a cosine. Recommended (paper, faces, ``s = 64``):

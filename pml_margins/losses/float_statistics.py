@@ -67,6 +67,11 @@ class FloatStatisticsMixin:
             value = torch.tensor(float(value), dtype=torch.float64).to(current)
         if value.is_complex() or value.dtype == torch.bool:
             raise ValueError(f"{name} must be real (a statistic), got a {value.dtype} tensor")
+        if value.is_meta and not current.is_meta:
+            raise ValueError(
+                f"{name}: a tensor on the meta device, which holds no value for "
+                f"{type(self).__name__}'s running statistic on {current.device}"
+            )
         if not value.is_meta:
             self.check_statistic(name, value)  # (as given: a subclass may refuse a graph)
         if value.shape != current.shape:
@@ -86,7 +91,7 @@ class FloatStatisticsMixin:
         load (default: NaN or Inf); a subclass adds its own bounds."""
         if not bool(torch.isfinite(value).all()):
             raise ValueError(
-                f"{type(self).__name__}'s state dict holds a non-finite {name} "
+                f"{type(self).__name__} got a non-finite {name} "
                 f"({value.flatten()[:4].tolist()}...): it would give NaN losses"
             )
 

@@ -72,10 +72,6 @@ class NormSoftmaxLoss(ClassWeightLoss):
         weights = self.distance.normalize(self.weights_for(embeddings), dim=0)
         return embeddings.to(weights.dtype), weights.t()
 
-    def _raw_logit_weight(self) -> torch.Tensor | None:
-        """PML's: ``W`` normalized whatever the distance (its unit columns)."""
-        return None
-
     def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
         """Fused with a plain cosine/dot similarity: ``W`` normalized, ``x`` as it says."""
         if not is_plain_inner_product(self.distance) or self.distance.p != 2:

@@ -63,9 +63,9 @@ class SoftmaxLoss(ClassWeightLoss):
         with torch.no_grad():
             self.bias.uniform_(-bound, bound)
 
-    def reset_parameters(self) -> None:
-        """``W``, then the bias, drawn again as the constructor draws them."""
-        super().reset_parameters()
+    def _init_parameters(self) -> None:
+        """``W``, then the bias, as the constructor draws them."""
+        super()._init_parameters()
         if self.bias is not None:
             self._init_bias()
 

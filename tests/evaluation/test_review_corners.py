@@ -568,3 +568,20 @@ def test_include_and_exclude_assigned_later_are_refused():
         with pytest.raises(AttributeError, match="chosen at construction"):
             setattr(calc, name, ("precision_at_1",))
     assert set(calc.get_accuracy(*_data())) == {"precision_at_1", "AMI"}
+
+
+def test_a_calculator_pickled_before_the_search_moved_runs_as_it_did():
+    """Calculators pickled before ``knn_func`` read back as given (it held the search,
+    ``None`` for the exact k-nn) failed with ``AttributeError: _custom_knn``."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    calc = RetrievalAccuracyCalculator(
+        include=("precision_at_1",), knn_func=CustomKNN(CosineSimilarity())
+    )
+    want = calc.get_accuracy(*_data())
+    old = {**calc.__dict__, "knn_func": None}
+    del old["_custom_knn"]
+    restored = RetrievalAccuracyCalculator.__new__(RetrievalAccuracyCalculator)
+    restored.__setstate__(old)
+    assert restored.get_accuracy(*_data()) == want

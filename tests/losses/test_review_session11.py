@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from pytorch_metric_learning.distances import DotProductSimilarity
+from pytorch_metric_learning.distances import DotProductSimilarity, LpDistance
 
 import pml_margins
 from pml_margins.distributed import ShardedMarginSoftmaxLoss
@@ -176,50 +176,73 @@ def test_a_diverging_dynamic_adacos_scale_stays_within_the_bound_and_loads() -> 
 
 
 @pytest.mark.parametrize("mode", [{}, {"chunk_size": 2}], ids=["default", "chunked"])
-def test_raw_inner_product_logits_that_overflow_are_refused(mode) -> None:
-    """Without norms (SoftmaxLoss, NSL over a raw dot product) nothing refused logits
-    beyond float32: NaN and inf losses and NaN gradients, silently."""
+def test_unnormalized_logits_that_overflow_are_refused(mode) -> None:
+    """Without norms (SoftmaxLoss, NSL over a raw dot product, an unnormalized
+    LpDistance) nothing refused logits beyond float32: NaN and inf losses and NaN
+    gradients, silently (a first fix bounded |x| |w| before the step: it refused logits
+    that fit, cost SoftmaxLoss 45% of a small step and broke vmap)."""
     softmax = SoftmaxLoss(5, 6, **mode)
     with torch.no_grad():
         softmax.W.fill_(1e21)
     labels = torch.arange(4)
     for x in (torch.full((4, 6), 1e18), torch.full((4, 6), 1e290, dtype=torch.float64)):
-        with pytest.raises(ValueError, match="logits can overflow"):
+        with pytest.raises(ValueError, match="non-finite loss"):
             softmax(x.requires_grad_(), labels)
-    with pytest.raises(ValueError, match="logits can overflow"):
+    with pytest.raises(ValueError, match="non-finite logits"):
         softmax.get_logits(torch.full((4, 6), 1e18))
     nsl = NormSoftmaxLoss(5, 6, distance=DotProductSimilarity(normalize_embeddings=False), **mode)
-    with pytest.raises(ValueError, match="logits can overflow"):
+    with pytest.raises(ValueError, match="non-finite loss"):
         nsl(torch.full((4, 6), 1e37), labels)
     miner_tuple = (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2, 3]))
-    with pytest.raises(ValueError, match="logits can overflow"):
+    with pytest.raises(ValueError, match="non-finite loss"):
         nsl(torch.full((4, 6), 1e37), labels, miner_tuple)
+    squared = SoftmaxLoss(6, 4, distance=LpDistance(normalize_embeddings=False, power=2))
+    with torch.no_grad():
+        squared.W.fill_(1e20)
+    with pytest.raises(ValueError, match="non-finite loss"):
+        squared(torch.randn(4, 4), labels)
     with pml_margins.value_checks(False):  # the documented switch turns it off too
-        nsl(torch.full((4, 6), 1e37), labels)
+        assert math.isnan(float(nsl(torch.full((4, 6), 1e37), labels)))
 
 
-def test_large_raw_logits_that_fit_and_non_finite_weights() -> None:
-    """Rows whose squared norm overflows but whose logits fit stay accepted (plain
-    cross-entropy's value); a NaN in W or the bias is named."""
+def test_large_unnormalized_logits_that_fit_and_non_finite_weights() -> None:
+    """Logits that fit stay accepted whatever the norms (rows of norm 1e20 against
+    columns of norm 1e20 at right angles: logits 0), with plain cross-entropy's value; a
+    NaN in W or the bias gives a non-finite loss, refused."""
     softmax = SoftmaxLoss(5, 6)
-    x = torch.full((4, 6), 1e20, requires_grad=True)
-    value = softmax(x, torch.arange(4))
+    x = torch.zeros(4, 6)
+    x[:, 0] = 1e20
+    with torch.no_grad():
+        softmax.W.zero_()
+        softmax.W[1, :] = 1e20
+    value = softmax(x.requires_grad_(), torch.arange(4))
     logits = x.detach().double() @ softmax.W.detach().double() + softmax.bias.detach().double()
     want = torch.nn.functional.cross_entropy(logits, torch.arange(4))
-    assert math.isclose(float(value), float(want), rel_tol=1e-5)
+    assert math.isclose(float(value), float(want), rel_tol=1e-6)
+    big = SoftmaxLoss(5, 6)(torch.full((4, 6), 1e20), torch.arange(4))
+    assert math.isfinite(float(big)) and float(big) > 1e19
+    nan_w = SoftmaxLoss(5, 6)
     with torch.no_grad():
-        softmax.W[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="class weights W contain NaN"):
-        softmax(torch.randn(4, 6), torch.arange(4))
-    biased = SoftmaxLoss(5, 6)
+        nan_w.W[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite loss"):
+        nan_w(torch.randn(4, 6), torch.arange(4))
+
+
+def test_the_sharded_loss_refuses_overflowing_logits_and_takes_what_one_process_takes() -> None:
+    """The sharded loss gave NaN where one process refuses, and refused rows of norm 1e20
+    (their squares overflow) that one process takes: SoftmaxLoss takes no norm."""
+    sharded = ShardedMarginSoftmaxLoss(SoftmaxLoss, 6, 8, rank=0, world_size=1)
+    labels = torch.arange(8) % 6
+    assert math.isfinite(float(sharded(torch.full((8, 8), 1e20), labels)))
     with torch.no_grad():
-        biased.bias[1] = float("inf")
-    with pytest.raises(ValueError, match="bias contain NaN"):
-        biased(torch.randn(4, 6), torch.arange(4))
+        sharded.W_local.fill_(1e30)
+    with pytest.raises(ValueError, match="non-finite loss"):
+        sharded(torch.full((8, 8), 1e10), labels)
 
 
 def test_raw_logit_check_under_vmap() -> None:
-    """The check reads through torch.func's wrappers (per-sample gradients still work)."""
+    """Per-sample gradients of SoftmaxLoss by vmap, and a batch of losses, still work (a
+    first version of the overflow check failed there)."""
     loss = SoftmaxLoss(5, 6)
     params = dict(loss.named_parameters())
     x, y = torch.randn(4, 6), torch.arange(4)
@@ -229,6 +252,8 @@ def test_raw_logit_check_under_vmap() -> None:
 
     grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, x, y)
     assert grads["W"].shape == (4, 6, 5)
+    batched = torch.func.vmap(lambda xx: loss(xx, y))(torch.randn(3, 4, 6))
+    assert batched.shape == (3,)
 
 
 @pytest.mark.parametrize(
@@ -274,3 +299,39 @@ def test_a_refused_w_of_a_restating_subclass_moves_no_statistic(loss_type, initi
     loss.W = torch.nn.Parameter(torch.randn(4, 5))  # a good W afterwards: the step runs
     loss(torch.randn(8, 4) * 3, torch.arange(8) % 5)
     assert {n: float(getattr(loss, n)) for n in initial} != initial
+
+
+def test_curricular_t_outside_the_cosines_range_and_meta_statistics_are_refused() -> None:
+    """``t = 1e38`` (set or loaded) gave NaN losses: ``t`` averages cosines. A meta tensor
+    assigned to a real loss's statistic was taken and failed at the next step."""
+    loss = CurricularFaceLoss(10, 4)
+    with pytest.raises(ValueError, match=r"t must lie in \[-1, 1\]"):
+        loss.t = 1e38
+    with pytest.raises(ValueError, match=r"t must lie in \[-1, 1\]"):
+        loss.load_state_dict({**loss.state_dict(), "t": torch.tensor(1.5)})
+    with pytest.raises(ValueError, match="meta device"):
+        loss.t = torch.tensor(0.5, device="meta")
+    assert float(loss.t) == 0.0 and not loss.t.is_meta
+    loss.t = -1.0
+    assert float(loss.t) == -1.0
+
+
+def test_reset_parameters_called_on_the_shards_loss_alone_draws_its_stream() -> None:
+    """FSDP materializes a meta-built module by calling ``reset_parameters`` on the modules
+    that hold parameters: for a sharded loss that is the inner loss, which drew ``W_local``
+    from the global RNG instead of its rank's seeded stream."""
+    for loss_type in (ArcFaceLoss, SoftmaxLoss):
+        built = ShardedMarginSoftmaxLoss(loss_type, 11, 8, rank=1, world_size=2, seed=3)
+        with torch.device("meta"):
+            meta = ShardedMarginSoftmaxLoss(loss_type, 11, 8, rank=1, world_size=2, seed=3)
+        meta.to_empty(device="cpu")
+        meta.loss.reset_parameters()
+        assert _equal_states(_state(meta), _state(built))
+
+
+def test_an_adacos_pickled_before_its_initial_scale_was_kept_resets() -> None:
+    loss = AdaCosLoss(101, 4)
+    del loss.__dict__["_initial_scale"]
+    loss.scale = 3.0
+    loss.reset_running_stats()
+    assert float(loss.scale) == math.sqrt(2) * math.log(100)
