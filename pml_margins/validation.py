@@ -31,11 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pml_margins.function_transforms import (
-    in_function_transform,
-    is_compiling,
-    values_under_transforms,
-)
+from pml_margins.function_transforms import is_compiling, values_under_transforms
 from pml_margins.thread_switch import ThreadSwitch
 
 __all__ = [
@@ -397,18 +393,13 @@ def _norm_overflow(x: torch.Tensor, name: str, dtype: torch.dtype) -> ValueError
 
 
 def check_finite_result(result: object, error: Callable[[str], Exception]) -> None:
-    """Raise ``error(shown value)`` where ``result`` (a loss or logits computed from
-    checked, finite input) holds NaN or Inf: one read-back of it. Nothing while the value
-    checks are off, inside a ``torch.func`` transform or while ``torch.compile`` traces
-    (no values to read there)."""
-    if (
-        not isinstance(result, torch.Tensor)
-        or not value_checks_enabled()
-        or is_compiling()
-        or in_function_transform()
-    ):
+    """Raise ``error(shown value)`` where ``result`` (losses computed from checked, finite
+    input) holds NaN or Inf: one read-back of it (through ``torch.func``'s wrappers, as
+    :func:`check_embeddings` reads). Nothing while the value checks are off or while
+    ``torch.compile`` traces."""
+    if not isinstance(result, torch.Tensor) or not value_checks_enabled() or is_compiling():
         return
-    values = result.detach()
+    values = values_under_transforms(result.detach())
     if values.numel() == 1:
         value = values.item()
         if not math.isfinite(value):

@@ -365,6 +365,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         seeded stream, as the loss alone draws it too: ``FSDP`` calls it on the loss, the
         module holding ``W_local``) and the Partial FC sampler from the seed
         (:meth:`load_sampler_state` of ``None``)."""
+        self.loss._init_seed = self._stream_seed()  # (a shard pickled before it was set)
         self.loss.reset_parameters()
         self.load_sampler_state(None)
 
@@ -528,6 +529,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         )
         with self.loss.prepare_step(all_emb, all_labels, statistics):
             losses = self._losses(all_emb, all_labels, owned)
+            self.loss._check_finite_losses(losses)  # (every row's, on every rank: all refuse)
         if self.loss.collect_stats and self.loss.logits_are_cosines:  # PML's avg_angle,
             target = statistics.target_cosines().unsqueeze(1)  # over all classes: one all-
             self.loss._record_avg_angle(target, torch.zeros_like(all_labels))  # reduce more
@@ -538,9 +540,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                 "reduction_type": "element",
             }
         }
-        loss = self.loss.reducer(loss_dict, all_emb, all_labels)
-        self.loss.check_result(loss)  # (the same value on every rank: all refuse together)
-        return loss
+        return self.loss.reducer(loss_dict, all_emb, all_labels)
 
     def _check_group(self) -> None:
         """``ValueError`` when the process group is not the one the shards were made for

@@ -178,10 +178,11 @@ class AdaCosLoss(ClassWeightLoss):
         self._deferred: StepStatistics | None = None  # a step whose update the core makes
 
     def initial_statistics(self) -> dict[str, float]:
-        """The constructor's scale (given, or the paper's fixed one; the latter for a loss
-        pickled before the given one was kept)."""
+        """The constructor's scale (given, or the paper's fixed one); none for a loss
+        pickled before it was kept (its scale is then left as it is: a shard's or a given
+        one cannot be told from the loss)."""
         initial = self.__dict__.get("_initial_scale")
-        return {"scale": adacos_fixed_scale(self.num_classes) if initial is None else initial}
+        return {} if initial is None else {"scale": initial}
 
     def check_statistic(self, name: str, value: torch.Tensor) -> None:
         """A loaded ``scale``: one value, checked as the constructor checks it (a NaN, 0 or

@@ -14,7 +14,6 @@ import math
 import types
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from functools import partial
 from typing import Any
 
 import torch
@@ -533,21 +532,23 @@ class ClassWeightLoss(
         distance = self.distance
         return not (is_plain_inner_product(distance) and not distance.normalize_embeddings)
 
-    def check_result(self, loss: torch.Tensor) -> None:
+    def _check_finite_losses(self, losses: torch.Tensor) -> None:
         """Where the logits take no norms (the distance does not normalize: ``SoftmaxLoss``,
         NSL over a raw dot product, an unnormalized ``LpDistance``), finite input can still
-        overflow them: a loss that came out NaN/Inf is refused (one read-back, those
-        losses only). Normalized logits are bounded by the scale and the margin."""
+        overflow them: margin-softmax losses (each row's, before any reducer or miner
+        weight; or their mean) that came out NaN/Inf are refused, with one read-back of
+        them (those losses only; a second one on a device). Normalized logits are bounded
+        by the scale and the margin: nothing is read there."""
         if not self.distance.normalize_embeddings:
-            check_finite_result(loss, partial(self._overflow_error, "loss"))
+            check_finite_result(losses, self._overflow_error)
 
-    def _overflow_error(self, what: str, shown: str) -> ValueError:
-        """The error for a non-finite ``what`` (loss, logits) of unnormalized logits."""
+    def _overflow_error(self, shown: str) -> ValueError:
+        """The error for non-finite losses of unnormalized logits."""
         return ValueError(
-            f"{type(self).__name__} gave a non-finite {what} ({shown}) from finite "
-            f"embeddings: with {type(self.distance).__name__}(normalize_embeddings=False) "
-            "its logits take no norms and overflowed (or W or a bias holds NaN/Inf); scale "
-            "the embeddings or W down, or use a normalizing distance"
+            f"{type(self).__name__} gave a non-finite loss ({shown}) from finite embeddings: "
+            f"with {type(self.distance).__name__}(normalize_embeddings=False) its logits "
+            "take no norms and overflowed (or W or a bias holds NaN/Inf); scale the "
+            "embeddings or W down, or use a normalizing distance"
         )
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -562,10 +563,7 @@ class ClassWeightLoss(
         _check_logit_columns(self, logits)
         if isinstance(scale, torch.Tensor):
             scale = scale.to(logits.dtype).unsqueeze(1)
-        logits = logits * scale
-        if not self.distance.normalize_embeddings:  # (see check_result)
-            check_finite_result(logits, partial(self._overflow_error, "logits"))
-        return logits
+        return logits * scale
 
     # --- PML contract -------------------------------------------------------------
     def check_inputs(
@@ -633,6 +631,7 @@ class ClassWeightLoss(
             )
         with self.prepare_step(embeddings, labels, statistics):  # type: ignore[arg-type]
             losses = self._per_sample_losses(embeddings, labels, statistics)
+            self._check_finite_losses(losses)
             extra = self.extra_losses(embeddings, labels)
         if extra is not None:
             losses = losses + extra.to(losses.dtype)
@@ -686,6 +685,12 @@ class ClassWeightLoss(
             return None
         # from here on, the full path's steps in its order (W read where it reads it:
         # a parametrization runs once per read); no way back
+        loss = self._direct_mean(embeddings, labels)  # type: ignore[arg-type]
+        self._check_finite_losses(loss)  # (a row's NaN/Inf shows in the mean)
+        return loss
+
+    def _direct_mean(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """:meth:`_direct_loss`'s mean, once it applies."""
         self._checked_compute_dtype(embeddings)  # check_inputs' call (a subclass may count)
         self.reset_stats()
         non_target_fn = self.non_target_logit_fn()
@@ -696,7 +701,7 @@ class ClassWeightLoss(
             or form.sub_centers != 1
             or non_target_fn is not None
         ):
-            return torch.mean(self._losses_of(embeddings, labels, non_target_fn, form))  # type: ignore[arg-type]
+            return torch.mean(self._losses_of(embeddings, labels, non_target_fn, form))
         weight = self.W
         if (
             type(weight) not in (torch.Tensor, torch.nn.Parameter)
@@ -706,13 +711,13 @@ class ClassWeightLoss(
             or not (form.bias is None or form.bias.shape == (self.num_classes,))
             or not dense_materializes(embeddings, weight)
         ):  # the core's own checks and choice
-            losses = self._fused_losses(embeddings, labels, form, None, weight=weight)  # type: ignore[arg-type]
+            losses = self._fused_losses(embeddings, labels, form, None, weight=weight)
             return torch.mean(losses)
         with CHECKED_BY_CALLER:  # checked above (hyper-parameters when set)
             return dense_margin_softmax_cross_entropy(
                 embeddings,
                 weight,
-                labels,  # type: ignore[arg-type]
+                labels,
                 self.target_logit_fn(),
                 check_scale(form.scale, embeddings.shape[0]),
                 form.normalize_embeddings,

@@ -144,8 +144,11 @@ def curricular_t_update(
     t: torch.Tensor, target_cosine: torch.Tensor, momentum: float
 ) -> torch.Tensor:
     r"""The moving average :math:`t \leftarrow \alpha r + (1 - \alpha) t`, :math:`r` the mean
-    target cosine of the batch (no gradient)."""
-    return momentum * target_cosine.detach().mean() + (1 - momentum) * t.to(target_cosine.dtype)
+    target cosine of the batch (no gradient), the cosines clamped to ``[-1, 1]`` as the
+    authors' code clamps them, and ``t`` kept there (rounding took it to 1.0000001, which
+    its own state dict then could not load)."""
+    mean = target_cosine.detach().clamp(-1, 1).mean()
+    return (momentum * mean + (1 - momentum) * t.to(target_cosine.dtype)).clamp(-1, 1)
 
 
 class CurricularNonTarget:

@@ -116,8 +116,10 @@ class FloatStatisticsMixin:
             value = state_dict.get(prefix + name)
             if not isinstance(value, torch.Tensor) or value.is_meta:
                 continue
-            if value.is_complex():  # (a copy would drop the imaginary part, unchecked)
-                raise ValueError(f"{name} must be real, got a {value.dtype} tensor")
+            if value.is_complex() or value.dtype == torch.bool:  # (a copy would drop the
+                raise ValueError(  # imaginary part, unchecked; a bool is no statistic)
+                    f"{name} must be real (a statistic), got a {value.dtype} tensor"
+                )
             self.check_statistic(name, value)  # (as given: a subclass may refuse a graph)
             value = value.detach()
             # as it will be held: copied into the buffer's dtype (1e300 into float32 is

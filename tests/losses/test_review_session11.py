@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from pytorch_metric_learning.distances import DotProductSimilarity, LpDistance
+from pytorch_metric_learning.reducers import DoNothingReducer, SumReducer, ThresholdReducer
 
 import pml_margins
 from pml_margins.distributed import ShardedMarginSoftmaxLoss
@@ -188,8 +189,7 @@ def test_unnormalized_logits_that_overflow_are_refused(mode) -> None:
     for x in (torch.full((4, 6), 1e18), torch.full((4, 6), 1e290, dtype=torch.float64)):
         with pytest.raises(ValueError, match="non-finite loss"):
             softmax(x.requires_grad_(), labels)
-    with pytest.raises(ValueError, match="non-finite logits"):
-        softmax.get_logits(torch.full((4, 6), 1e18))
+    assert torch.isinf(softmax.get_logits(torch.full((4, 6), 1e18))).all()  # as PML: as computed
     nsl = NormSoftmaxLoss(5, 6, distance=DotProductSimilarity(normalize_embeddings=False), **mode)
     with pytest.raises(ValueError, match="non-finite loss"):
         nsl(torch.full((4, 6), 1e37), labels)
@@ -203,6 +203,33 @@ def test_unnormalized_logits_that_overflow_are_refused(mode) -> None:
         squared(torch.randn(4, 4), labels)
     with pml_margins.value_checks(False):  # the documented switch turns it off too
         assert math.isnan(float(nsl(torch.full((4, 6), 1e37), labels)))
+
+
+@pytest.mark.parametrize(
+    "reducer",
+    [DoNothingReducer(), ThresholdReducer(high=1e30), ThresholdReducer(low=-1), SumReducer()],
+    ids=lambda r: type(r).__name__,
+)
+def test_overflowing_rows_are_refused_whatever_the_reducer(reducer) -> None:
+    """A check of the reduced loss missed a reducer that returns the rows (NaN returned)
+    or drops NaN rows (0.0 returned): each row's loss is checked before the reducer."""
+    loss = SoftmaxLoss(4, 8, reducer=reducer)
+    with torch.no_grad():
+        loss.W.copy_(torch.randn(8, 4).sign() * 10)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0)).abs() * 1e37
+    with pytest.raises(ValueError, match="non-finite loss"):
+        loss(x, torch.arange(6) % 4)
+
+
+def test_overflowing_rows_are_refused_under_torch_func() -> None:
+    loss = SoftmaxLoss(4, 8)
+    with torch.no_grad():
+        loss.W.copy_(torch.randn(8, 4).sign() * 10)
+    x, y = torch.full((3, 6, 8), 1e37), torch.arange(6) % 4
+    with pytest.raises(ValueError, match="non-finite loss"):
+        torch.func.grad(lambda xx: loss(xx, y))(x[0])
+    with pytest.raises(ValueError, match="non-finite loss"):
+        torch.func.vmap(lambda xx: loss(xx, y))(x)
 
 
 def test_large_unnormalized_logits_that_fit_and_non_finite_weights() -> None:
@@ -329,9 +356,31 @@ def test_reset_parameters_called_on_the_shards_loss_alone_draws_its_stream() -> 
         assert _equal_states(_state(meta), _state(built))
 
 
-def test_an_adacos_pickled_before_its_initial_scale_was_kept_resets() -> None:
-    loss = AdaCosLoss(101, 4)
+def test_losses_pickled_before_their_reset_state_was_kept() -> None:
+    """An AdaCos pickled before its initial scale was kept leaves its scale (a given or a
+    shard's one cannot be told: the paper's fixed scale of the shard's classes was wrong);
+    a shard pickled before its inner loss kept the seed still draws its stream."""
+    loss = AdaCosLoss(101, 4, scale=10.0, dynamic=False)
     del loss.__dict__["_initial_scale"]
-    loss.scale = 3.0
     loss.reset_running_stats()
-    assert float(loss.scale) == math.sqrt(2) * math.log(100)
+    assert float(loss.scale) == 10.0
+    built = ShardedMarginSoftmaxLoss(ArcFaceLoss, 11, 8, rank=1, world_size=2, seed=3)
+    shard = ShardedMarginSoftmaxLoss(ArcFaceLoss, 11, 8, rank=1, world_size=2, seed=3)
+    del shard.loss.__dict__["_init_seed"]
+    with torch.no_grad():
+        shard.W_local.zero_()
+    shard.reset_parameters()
+    assert _equal_states(_state(shard), _state(built))
+
+
+def test_curricular_t_trained_to_its_bound_reloads_and_a_bool_t_is_refused() -> None:
+    """With momentum 1 and targets on their class columns rounding took t to 1.0000001,
+    which its own state dict could not load; a bool t failed inside the check."""
+    loss = CurricularFaceLoss(5, 7, momentum=1.0)
+    x = 3 * loss.W.detach().t()[torch.arange(5)]
+    for _ in range(3):
+        loss(x, torch.arange(5))
+    assert -1 <= float(loss.t) <= 1
+    CurricularFaceLoss(5, 7).load_state_dict(loss.state_dict())
+    with pytest.raises(ValueError, match="must be real"):
+        loss.load_state_dict({**loss.state_dict(), "t": torch.tensor(True)})
