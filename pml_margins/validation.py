@@ -48,7 +48,7 @@ __all__ = [
     "check_class_loss_input",
     "check_count",
     "check_embeddings",
-    "check_finite_result",
+    "check_finite_results",
     "check_function_inputs",
     "check_in_interval",
     "check_indices_tuple",
@@ -392,20 +392,29 @@ def _norm_overflow(x: torch.Tensor, name: str, dtype: torch.dtype) -> ValueError
     )
 
 
-def check_finite_result(result: object, error: Callable[[str], Exception]) -> None:
-    """Raise ``error(shown value)`` where ``result`` (losses computed from checked, finite
-    input) holds NaN or Inf: one read-back of it (through ``torch.func``'s wrappers, as
+def check_finite_results(
+    results: Sequence[object], errors: Sequence[Callable[[], Exception]]
+) -> None:
+    """Raise ``errors[i]()`` for the first of ``results`` (losses computed from checked,
+    finite input; ``None`` or non-tensors are skipped) that holds NaN or Inf: one
+    read-back for all of them (through ``torch.func``'s wrappers, as
     :func:`check_embeddings` reads). Nothing while the value checks are off or while
     ``torch.compile`` traces."""
-    if not isinstance(result, torch.Tensor) or not value_checks_enabled() or is_compiling():
+    if not value_checks_enabled() or is_compiling():
         return
-    values = values_under_transforms(result.detach())
-    if values.numel() == 1:
-        value = values.item()
-        if not math.isfinite(value):
-            raise error(str(value))
-    elif values.numel() and not bool(torch.isfinite(values).all()):
-        raise error("NaN or Inf")
+    flags, which = [], []
+    for i, result in enumerate(results):
+        if isinstance(result, torch.Tensor) and result.numel():
+            values = values_under_transforms(result.detach())
+            flags.append(torch.isfinite(values).all().reshape(1))
+            which.append(i)
+    if not flags:
+        return
+    device = flags[0].device
+    finite = torch.cat([f.to(device) for f in flags]).tolist()
+    for i, ok in zip(which, finite, strict=True):
+        if not ok:
+            raise errors[i]()
 
 
 #: numpy dtypes whose dot product is a BLAS call (no ufunc machinery, no FP-error warnings)

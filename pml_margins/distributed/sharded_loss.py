@@ -529,7 +529,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         )
         with self.loss.prepare_step(all_emb, all_labels, statistics):
             losses = self._losses(all_emb, all_labels, owned)
-            self.loss._check_finite_losses(losses)  # (every row's, on every rank: all refuse)
+            self.loss._hold_rows_for_check(losses)
         if self.loss.collect_stats and self.loss.logits_are_cosines:  # PML's avg_angle,
             target = statistics.target_cosines().unsqueeze(1)  # over all classes: one all-
             self.loss._record_avg_angle(target, torch.zeros_like(all_labels))  # reduce more
@@ -540,7 +540,9 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                 "reduction_type": "element",
             }
         }
-        return self.loss.reducer(loss_dict, all_emb, all_labels)
+        loss = self.loss.reducer(loss_dict, all_emb, all_labels)
+        self.loss.check_result(loss)  # (every row's, on every rank: all refuse together)
+        return loss
 
     def _check_group(self) -> None:
         """``ValueError`` when the process group is not the one the shards were made for

@@ -335,8 +335,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A calculator pickled before the search moved to ``_custom_knn`` (its ``knn_func``
         held the search: ``None`` for the exact k-nn) unpickles as it ran."""
-        if "_custom_knn" not in state:
-            state = {**state, "_custom_knn": state.get("knn_func")}
+        if "_custom_knn" not in state:  # (knn_func: as given, None where a distance was)
+            given = None if state.get("distance") is not None else state.get("knn_func")
+            state = {**state, "_custom_knn": state.get("knn_func"), "knn_func": given}
         self.__dict__.update(state)
 
     def check_search(self, exact: tuple[str, bool] | None, knn_func: Any) -> None:

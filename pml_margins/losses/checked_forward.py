@@ -71,39 +71,58 @@ class CheckedForwardMixin:
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The reduced loss (PML's ``forward``) after :meth:`check_inputs`."""
+        """The reduced loss (PML's ``forward``) after :meth:`check_inputs`, then
+        :meth:`check_result` of it."""
         parametrized = "parametrizations" in self._modules  # type: ignore[attr-defined]
         with parametrize.cached() if parametrized else nullcontext():  # (class docstring)
-            direct = self._direct_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-            if direct is not None:
-                return direct
-            self.check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-            # int64 from here on: PML's reducers and miner-weight helpers index with them, and
-            # read uint8 as a mask and refuse int8/int16 (the checks accept any integer dtype)
-            same = ref_labels is labels
-            labels = _int64(labels)
-            ref_labels = labels if same else _int64(ref_labels)
-            if indices_tuple is not None:
-                indices_tuple = tuple(_int64(idx) for idx in indices_tuple)
-            reduce = self._plain_reduction()
-            if reduce is None:
-                return super().forward(  # type: ignore[misc]
-                    embeddings, labels, indices_tuple, ref_emb, ref_labels
-                )
-            self.reset_stats()  # type: ignore[attr-defined]
-            if labels is not None:
-                labels = c_f.to_device(labels, embeddings)
-            ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
-            losses = self._element_losses(embeddings, labels, indices_tuple)
-            if losses is None:
-                loss_dict = self.compute_loss(  # type: ignore[attr-defined]
-                    embeddings, labels, indices_tuple, ref_emb, ref_labels
-                )
-                info = next(iter(loss_dict.values())) if len(loss_dict) == 1 else {}
-                losses = info.get("losses")
-                if info.get("reduction_type") != "element" or not torch.is_tensor(losses):
-                    return self.reducer(loss_dict, embeddings, labels)  # type: ignore[attr-defined]
-            return reduce(losses)
+            loss = self._checked_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        self.check_result(loss)
+        return loss
+
+    def check_result(self, loss: torch.Tensor) -> None:
+        """Raise ``ValueError`` for a reduced loss that checked input cannot explain
+        (default: none)."""
+
+    def _checked_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """:meth:`forward`'s loss: :meth:`_direct_loss` where it applies, else
+        :meth:`check_inputs`, then PML's ``forward`` or its plain reduction."""
+        direct = self._direct_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if direct is not None:
+            return direct
+        self.check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        # int64 from here on: PML's reducers and miner-weight helpers index with them, and
+        # read uint8 as a mask and refuse int8/int16 (the checks accept any integer dtype)
+        same = ref_labels is labels
+        labels = _int64(labels)
+        ref_labels = labels if same else _int64(ref_labels)
+        if indices_tuple is not None:
+            indices_tuple = tuple(_int64(idx) for idx in indices_tuple)
+        reduce = self._plain_reduction()
+        if reduce is None:
+            return super().forward(  # type: ignore[misc]
+                embeddings, labels, indices_tuple, ref_emb, ref_labels
+            )
+        self.reset_stats()  # type: ignore[attr-defined]
+        if labels is not None:
+            labels = c_f.to_device(labels, embeddings)
+        ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
+        losses = self._element_losses(embeddings, labels, indices_tuple)
+        if losses is None:
+            loss_dict = self.compute_loss(  # type: ignore[attr-defined]
+                embeddings, labels, indices_tuple, ref_emb, ref_labels
+            )
+            info = next(iter(loss_dict.values())) if len(loss_dict) == 1 else {}
+            losses = info.get("losses")
+            if info.get("reduction_type") != "element" or not torch.is_tensor(losses):
+                return self.reducer(loss_dict, embeddings, labels)  # type: ignore[attr-defined]
+        return reduce(losses)
 
     def _direct_loss(
         self,

@@ -51,10 +51,11 @@ from pml_margins.validation import (
     check_class_loss_input,
     check_count,
     check_embeddings,
-    check_finite_result,
+    check_finite_results,
     check_not_meta,
     check_sample_rate,
     usual_cpu_batch_passes,
+    value_checks_enabled,
 )
 
 __all__ = ["ClassWeightLoss"]
@@ -471,7 +472,9 @@ class ClassWeightLoss(
         declares is checked where the core takes ``W`` (the logits' class count on the
         plain path). Logits redefined without a declaration may read any layout of ``W``
         (their class count is checked on the logits)."""
-        self.__dict__.pop("_statistics_at_entry", None)  # (a previous step's)
+        state = self.__dict__  # a previous step's, left by an error:
+        state.pop("_statistics_at_entry", None)
+        state.pop("_rows_to_check", None)
         weight, rows, classes = self.W, self.embedding_size, self.num_classes
         if not (type(classes) is int and classes > 0 and type(rows) is int and rows > 0):
             classes = check_count(classes, "num_classes")  # (set after construction:
@@ -532,24 +535,52 @@ class ClassWeightLoss(
         distance = self.distance
         return not (is_plain_inner_product(distance) and not distance.normalize_embeddings)
 
-    def _check_finite_losses(self, losses: torch.Tensor) -> None:
-        """Where the logits take no norms (the distance does not normalize: ``SoftmaxLoss``,
-        NSL over a raw dot product, an unnormalized ``LpDistance``), finite input can still
-        overflow them: margin-softmax losses (each row's, before any reducer or miner
-        weight; or their mean) that came out NaN/Inf are refused, with one read-back of
-        them (those losses only; a second one on a device). Normalized logits are bounded
-        by the scale and the margin: nothing is read there."""
-        if not self.distance.normalize_embeddings:
-            check_finite_result(losses, self._overflow_error)
+    def _logits_bounded(self) -> bool:
+        """Whether the logits are bounded by the scale and the margin: cosines (PML's plain
+        cosine or dot-product similarity, normalizing). Other distances (a raw inner
+        product: ``SoftmaxLoss``, NSL over ``DotProductSimilarity(normalize_embeddings=
+        False)``; ``SNRDistance``, ``LpDistance``, a ``power``) can make finite input give
+        NaN/Inf logits, so their losses are checked (:meth:`check_result`)."""
+        distance = self.distance
+        return is_plain_inner_product(distance) and distance.normalize_embeddings
 
-    def _overflow_error(self, shown: str) -> ValueError:
-        """The error for non-finite losses of unnormalized logits."""
-        return ValueError(
-            f"{type(self).__name__} gave a non-finite loss ({shown}) from finite embeddings: "
-            f"with {type(self.distance).__name__}(normalize_embeddings=False) its logits "
-            "take no norms and overflowed (or W or a bias holds NaN/Inf); scale the "
-            "embeddings or W down, or use a normalizing distance"
-        )
+    def _hold_rows_for_check(self, losses: torch.Tensor) -> None:
+        """Keep the step's rows' margin-softmax losses (before any reducer or miner weight)
+        for :meth:`check_result`, where the logits are not bounded."""
+        if not self._logits_bounded() and value_checks_enabled():
+            self.__dict__["_rows_to_check"] = losses
+
+    def check_result(self, loss: torch.Tensor) -> None:
+        """Where the logits are not bounded (:meth:`_logits_bounded`), refuse the step's
+        rows' losses, then the reduced ``loss``, that came out NaN/Inf from checked, finite
+        input: one read-back of both (those losses only; none for cosine logits). A
+        reducer that returns the rows or drops NaN ones is covered by the rows, a mean or
+        sum that overflows (or a regularizer's term) by the reduced loss."""
+        rows = self.__dict__.pop("_rows_to_check", None)
+        if self._logits_bounded():
+            return
+        name, distance = type(self).__name__, type(self.distance).__name__
+        overflowed = "overflowed" if rows is not None else "(or their mean) overflowed"
+
+        def rows_error() -> ValueError:
+            return ValueError(
+                f"{name} gave non-finite losses from finite embeddings: with {distance} its "
+                f"logits are not bounded (no normalized cosines) and {overflowed}, or W or a "
+                "bias holds NaN/Inf; scale the embeddings or W down, or use a normalizing "
+                "CosineSimilarity"
+            )
+
+        def reduced_error() -> ValueError:
+            return ValueError(
+                f"{name}'s reduced loss is not finite although its rows' losses are: the "
+                "reducer's sum (or a regularizer's term) overflowed; scale the embeddings or "
+                "W down"
+            )
+
+        if rows is None:  # (the direct path's mean: the rows' and the mean's in one)
+            check_finite_results((loss,), (rows_error,))
+        else:
+            check_finite_results((rows, loss), (rows_error, reduced_error))
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Classification logits without margin (``s * z``), shape ``(B, C)``."""
@@ -631,7 +662,7 @@ class ClassWeightLoss(
             )
         with self.prepare_step(embeddings, labels, statistics):  # type: ignore[arg-type]
             losses = self._per_sample_losses(embeddings, labels, statistics)
-            self._check_finite_losses(losses)
+            self._hold_rows_for_check(losses)
             extra = self.extra_losses(embeddings, labels)
         if extra is not None:
             losses = losses + extra.to(losses.dtype)
@@ -685,12 +716,6 @@ class ClassWeightLoss(
             return None
         # from here on, the full path's steps in its order (W read where it reads it:
         # a parametrization runs once per read); no way back
-        loss = self._direct_mean(embeddings, labels)  # type: ignore[arg-type]
-        self._check_finite_losses(loss)  # (a row's NaN/Inf shows in the mean)
-        return loss
-
-    def _direct_mean(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """:meth:`_direct_loss`'s mean, once it applies."""
         self._checked_compute_dtype(embeddings)  # check_inputs' call (a subclass may count)
         self.reset_stats()
         non_target_fn = self.non_target_logit_fn()
@@ -701,7 +726,7 @@ class ClassWeightLoss(
             or form.sub_centers != 1
             or non_target_fn is not None
         ):
-            return torch.mean(self._losses_of(embeddings, labels, non_target_fn, form))
+            return torch.mean(self._losses_of(embeddings, labels, non_target_fn, form))  # type: ignore[arg-type]
         weight = self.W
         if (
             type(weight) not in (torch.Tensor, torch.nn.Parameter)
@@ -711,13 +736,13 @@ class ClassWeightLoss(
             or not (form.bias is None or form.bias.shape == (self.num_classes,))
             or not dense_materializes(embeddings, weight)
         ):  # the core's own checks and choice
-            losses = self._fused_losses(embeddings, labels, form, None, weight=weight)
+            losses = self._fused_losses(embeddings, labels, form, None, weight=weight)  # type: ignore[arg-type]
             return torch.mean(losses)
         with CHECKED_BY_CALLER:  # checked above (hyper-parameters when set)
             return dense_margin_softmax_cross_entropy(
                 embeddings,
                 weight,
-                labels,
+                labels,  # type: ignore[arg-type]
                 self.target_logit_fn(),
                 check_scale(form.scale, embeddings.shape[0]),
                 form.normalize_embeddings,

@@ -585,3 +585,20 @@ def test_a_calculator_pickled_before_the_search_moved_runs_as_it_did():
     restored = RetrievalAccuracyCalculator.__new__(RetrievalAccuracyCalculator)
     restored.__setstate__(old)
     assert restored.get_accuracy(*_data()) == want
+
+
+def test_an_old_pickle_built_with_a_distance_reads_back_no_knn_func():
+    """Its pickled ``knn_func`` held the derived search; read back as given it showed a
+    ``CustomKNN`` never given, and ``distance = None`` then kept the old search."""
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    calc = RetrievalAccuracyCalculator(include=("precision_at_1",), distance=LpDistance(p=1))
+    old = {**calc.__dict__, "knn_func": CustomKNN(LpDistance(p=1))}
+    del old["_custom_knn"]
+    restored = RetrievalAccuracyCalculator.__new__(RetrievalAccuracyCalculator)
+    restored.__setstate__(old)
+    assert restored.knn_func is None
+    restored.distance = None
+    fresh = RetrievalAccuracyCalculator(include=("precision_at_1",))
+    assert restored.get_accuracy(*_data()) == fresh.get_accuracy(*_data())

@@ -187,19 +187,19 @@ def test_unnormalized_logits_that_overflow_are_refused(mode) -> None:
         softmax.W.fill_(1e21)
     labels = torch.arange(4)
     for x in (torch.full((4, 6), 1e18), torch.full((4, 6), 1e290, dtype=torch.float64)):
-        with pytest.raises(ValueError, match="non-finite loss"):
+        with pytest.raises(ValueError, match="non-finite losses"):
             softmax(x.requires_grad_(), labels)
     assert torch.isinf(softmax.get_logits(torch.full((4, 6), 1e18))).all()  # as PML: as computed
     nsl = NormSoftmaxLoss(5, 6, distance=DotProductSimilarity(normalize_embeddings=False), **mode)
-    with pytest.raises(ValueError, match="non-finite loss"):
+    with pytest.raises(ValueError, match="non-finite losses"):
         nsl(torch.full((4, 6), 1e37), labels)
     miner_tuple = (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2, 3]))
-    with pytest.raises(ValueError, match="non-finite loss"):
+    with pytest.raises(ValueError, match="non-finite losses"):
         nsl(torch.full((4, 6), 1e37), labels, miner_tuple)
     squared = SoftmaxLoss(6, 4, distance=LpDistance(normalize_embeddings=False, power=2))
     with torch.no_grad():
         squared.W.fill_(1e20)
-    with pytest.raises(ValueError, match="non-finite loss"):
+    with pytest.raises(ValueError, match="non-finite losses"):
         squared(torch.randn(4, 4), labels)
     with pml_margins.value_checks(False):  # the documented switch turns it off too
         assert math.isnan(float(nsl(torch.full((4, 6), 1e37), labels)))
@@ -217,7 +217,7 @@ def test_overflowing_rows_are_refused_whatever_the_reducer(reducer) -> None:
     with torch.no_grad():
         loss.W.copy_(torch.randn(8, 4).sign() * 10)
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0)).abs() * 1e37
-    with pytest.raises(ValueError, match="non-finite loss"):
+    with pytest.raises(ValueError, match="non-finite losses"):
         loss(x, torch.arange(6) % 4)
 
 
@@ -226,9 +226,9 @@ def test_overflowing_rows_are_refused_under_torch_func() -> None:
     with torch.no_grad():
         loss.W.copy_(torch.randn(8, 4).sign() * 10)
     x, y = torch.full((3, 6, 8), 1e37), torch.arange(6) % 4
-    with pytest.raises(ValueError, match="non-finite loss"):
+    with pytest.raises(ValueError, match="non-finite losses"):
         torch.func.grad(lambda xx: loss(xx, y))(x[0])
-    with pytest.raises(ValueError, match="non-finite loss"):
+    with pytest.raises(ValueError, match="non-finite losses"):
         torch.func.vmap(lambda xx: loss(xx, y))(x)
 
 
@@ -251,7 +251,7 @@ def test_large_unnormalized_logits_that_fit_and_non_finite_weights() -> None:
     nan_w = SoftmaxLoss(5, 6)
     with torch.no_grad():
         nan_w.W[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="non-finite loss"):
+    with pytest.raises(ValueError, match="non-finite losses"):
         nan_w(torch.randn(4, 6), torch.arange(4))
 
 
@@ -263,7 +263,7 @@ def test_the_sharded_loss_refuses_overflowing_logits_and_takes_what_one_process_
     assert math.isfinite(float(sharded(torch.full((8, 8), 1e20), labels)))
     with torch.no_grad():
         sharded.W_local.fill_(1e30)
-    with pytest.raises(ValueError, match="non-finite loss"):
+    with pytest.raises(ValueError, match="non-finite losses"):
         sharded(torch.full((8, 8), 1e10), labels)
 
 
@@ -384,3 +384,36 @@ def test_curricular_t_trained_to_its_bound_reloads_and_a_bool_t_is_refused() -> 
     CurricularFaceLoss(5, 7).load_state_dict(loss.state_dict())
     with pytest.raises(ValueError, match="must be real"):
         loss.load_state_dict({**loss.state_dict(), "t": torch.tensor(True)})
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [{}, {"chunk_size": 2}, {"reducer": SumReducer()}, {"sample_rate": 0.99}],
+    ids=["default", "chunked", "sum", "partial-fc"],
+)
+def test_a_reduction_that_overflows_finite_rows_is_refused(mode) -> None:
+    """Each row's loss 2e38 (finite), their mean or sum inf: a check of the rows alone
+    returned inf silently (the direct small-problem path refused it, another batch not)."""
+    loss = SoftmaxLoss(2, 2, bias=False, **mode)
+    with torch.no_grad():
+        loss.W.copy_(torch.tensor([[-1e19, 1e19], [0.0, 0.0]]))
+    x = torch.zeros(8, 2)
+    x[:, 0] = 1e19
+    with pytest.raises(ValueError, match="reduced loss is not finite"):
+        loss(x, torch.zeros(8, dtype=torch.long))
+
+
+def test_unbounded_distances_that_claim_normalization_are_checked() -> None:
+    """SNRDistance on a constant row (variance 0) and a cosine to the power 0.5 gave NaN,
+    silently (PML's NormalizedSoftmaxLoss gives NaN there too): only plain normalized
+    cosines are bounded."""
+    from pytorch_metric_learning.distances import CosineSimilarity, SNRDistance
+
+    labels = torch.arange(4) % 3
+    with pytest.raises(ValueError, match="non-finite losses"):
+        SoftmaxLoss(3, 4, distance=SNRDistance())(torch.ones(4, 4), labels)
+    for loss_type in (ArcFaceLoss, CosFaceLoss, NormSoftmaxLoss):
+        loss = loss_type(3, 4, distance=CosineSimilarity(power=0.5))
+        x = -loss.W.detach().t()[labels] + 0.01 * torch.randn(4, 4)
+        with pytest.raises(ValueError, match="non-finite losses"):
+            loss(x, labels)
