@@ -48,7 +48,7 @@ __all__ = [
     "check_class_loss_input",
     "check_count",
     "check_embeddings",
-    "check_finite_results",
+    "check_finite_flags",
     "check_function_inputs",
     "check_in_interval",
     "check_indices_tuple",
@@ -66,6 +66,7 @@ __all__ = [
     "check_sample_rate",
     "check_tensor",
     "check_unit_interval",
+    "finite_flag",
     "function_value_checks",
     "inputs_checked_by_caller",
     "other_reference",
@@ -392,37 +393,35 @@ def _norm_overflow(x: torch.Tensor, name: str, dtype: torch.dtype) -> ValueError
     )
 
 
-def check_finite_results(
-    results: Sequence[object], errors: Sequence[Callable[[], Exception]]
+def finite_flag(result: object) -> bool | torch.Tensor | None:
+    """Whether ``result`` (losses computed from checked, finite input) holds no NaN or Inf,
+    without its graph: a ``bool`` for a CPU tensor numpy reads (judged at once), else a
+    0-dim boolean tensor on its device (read by :func:`check_finite_flags`, with others in
+    one read-back); ``None`` for a non-tensor, an empty one, or value checks off. Read
+    through ``torch.func``'s wrappers, as :func:`check_embeddings` reads."""
+    if not isinstance(result, torch.Tensor) or not result.numel() or not value_checks_enabled():
+        return None
+    values = values_under_transforms(result.detach())
+    array = _host_array(values)
+    if array is not None:
+        with np.errstate(all="ignore"):
+            return bool(np.isfinite(array).all())
+    return torch.isfinite(values).all()
+
+
+def check_finite_flags(
+    flags: Sequence[bool | torch.Tensor | None], errors: Sequence[Callable[[], Exception]]
 ) -> None:
-    """Raise ``errors[i]()`` for the first of ``results`` (losses computed from checked,
-    finite input; ``None`` or non-tensors are skipped) that holds NaN or Inf: one
-    read-back for all of them (through ``torch.func``'s wrappers, as
-    :func:`check_embeddings` reads). Nothing while the value checks are off or while
-    ``torch.compile`` traces."""
-    if not value_checks_enabled() or is_compiling():
-        return
-    flags, which = [], []
-    for i, result in enumerate(results):
-        if isinstance(result, torch.Tensor) and result.numel():
-            values = values_under_transforms(result.detach())
-            array = _host_array(values)  # (CPU: judged at once, no torch op: ~1 us)
-            if array is not None:
-                finite = math.isfinite(array.item()) if array.size == 1 else None
-                if finite is None:
-                    with np.errstate(all="ignore"):
-                        finite = bool(np.isfinite(array).all())
-                if not finite:
-                    raise errors[i]()
-                continue
-            flags.append(torch.isfinite(values).all().reshape(1))
-            which.append(i)
-    if not flags:
-        return
-    device = flags[0].device
-    finite = torch.cat([f.to(device) for f in flags]).tolist()
-    for i, ok in zip(which, finite, strict=True):
-        if not ok:
+    """Raise ``errors[i]()`` for the first of :func:`finite_flag`'s ``flags`` that is false
+    (``None``: nothing to check): the tensors among them read back together, once."""
+    pending = [(i, f) for i, f in enumerate(flags) if isinstance(f, torch.Tensor)]
+    read = {}
+    if pending:
+        device = pending[0][1].device
+        values = torch.stack([f.to(device) for _, f in pending]).tolist()
+        read = {i: v for (i, _), v in zip(pending, values, strict=True)}
+    for i, flag in enumerate(flags):
+        if flag is not None and not read.get(i, flag):
             raise errors[i]()
 
 

@@ -38,6 +38,7 @@ from pml_margins.validation import (
     check_embeddings,
     check_sample_rate,
     other_reference,
+    value_checks_enabled,
 )
 
 __all__ = ["ShardedMarginSoftmaxLoss"]
@@ -474,6 +475,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                 a miner's tuples or another reference set are a ``ValueError``.
         """
         self.loss.reset_stats()
+        self.loss.__dict__.pop("_rows_finite", None)  # (a step that failed: see check_result)
 
         def check() -> None:  # on every rank together: one rank's refusal stops them all
             if indices_tuple is not None:
@@ -497,6 +499,8 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             "embedding_size": (float(self.embedding_size), str(self.embedding_size)),
             "sample_rate": (float(self.sample_rate), str(self.sample_rate)),
             "embeddings requiring grad": (float(grad), str(grad)),
+            # one rank refusing a non-finite loss (check_result) where another returns it
+            "value checks": (float(value_checks_enabled()), str(value_checks_enabled())),
             # eval mode skips the collectives of running-statistic updates (AdaCos)
             "training modes": (float(self.loss.training), str(self.loss.training)),
             # collect_stats adds an all-reduce (avg_angle over all classes)

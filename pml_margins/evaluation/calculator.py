@@ -333,11 +333,19 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self._built = True
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """A calculator pickled before the search moved to ``_custom_knn`` (its ``knn_func``
-        held the search: ``None`` for the exact k-nn) unpickles as it ran."""
-        if "_custom_knn" not in state:  # (knn_func: as given, None where a distance was)
-            given = None if state.get("distance") is not None else state.get("knn_func")
-            state = {**state, "_custom_knn": state.get("knn_func"), "knn_func": given}
+        """A calculator pickled by an earlier version unpickles as it ran, later settings
+        checked (:meth:`__setattr__`): before the search moved to ``_custom_knn``, its
+        ``knn_func`` held the search (``None`` for the exact k-nn, whose ``knn_func`` given
+        is lost: its ``distance`` is then the exact search's, so that either assigned as
+        read back changes nothing); before later settings were checked, no ``_built``."""
+        state = dict(state)
+        if "_custom_knn" not in state:
+            state["_custom_knn"] = custom = state.get("knn_func")
+            state["knn_func"] = None if state.get("distance") is not None else custom
+            if custom is None and state.get("distance") is None:
+                state["distance"] = _distance_of(state.get("exact"))
+        state.setdefault("_recall_ks_built", state.get("recall_ks"))
+        state.setdefault("_built", True)
         self.__dict__.update(state)
 
     def check_search(self, exact: tuple[str, bool] | None, knn_func: Any) -> None:
@@ -906,6 +914,18 @@ def check_pml_k(k: object) -> int | str | None:
             f"k must be an integer greater than 0, or None, or 'max_bin_count', got {k!r}"
         )
     return k
+
+
+def _distance_of(exact: Any) -> BaseDistance | None:
+    """A PML distance whose exact search is ``exact`` (``(metric, normalize)``), ``None``
+    for the default search (PML's ``FaissKNN``: squared L2) or an unknown one."""
+    if not isinstance(exact, tuple) or exact == _resolve_search(None, None)[0]:
+        return None
+    metric, normalize = exact
+    if metric == "dot":
+        return CosineSimilarity() if normalize else DotProductSimilarity(normalize_embeddings=False)
+    power = 2 if metric == "sqeuclidean" else 1
+    return LpDistance(p=2, power=power, normalize_embeddings=bool(normalize))
 
 
 def _resolve_search(distance: Any, knn_func: Any) -> tuple[Any, Any]:

@@ -73,6 +73,7 @@ class CheckedForwardMixin:
     ) -> torch.Tensor:
         """The reduced loss (PML's ``forward``) after :meth:`check_inputs`, then
         :meth:`check_result` of it."""
+        self.__dict__.pop("_rows_finite", None)  # (a step that failed: see check_result)
         parametrized = "parametrizations" in self._modules  # type: ignore[attr-defined]
         with parametrize.cached() if parametrized else nullcontext():  # (class docstring)
             loss = self._checked_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)

@@ -51,11 +51,11 @@ from pml_margins.validation import (
     check_class_loss_input,
     check_count,
     check_embeddings,
-    check_finite_results,
+    check_finite_flags,
     check_not_meta,
     check_sample_rate,
+    finite_flag,
     usual_cpu_batch_passes,
-    value_checks_enabled,
 )
 
 __all__ = ["ClassWeightLoss"]
@@ -472,9 +472,7 @@ class ClassWeightLoss(
         declares is checked where the core takes ``W`` (the logits' class count on the
         plain path). Logits redefined without a declaration may read any layout of ``W``
         (their class count is checked on the logits)."""
-        state = self.__dict__  # a previous step's, left by an error:
-        state.pop("_statistics_at_entry", None)
-        state.pop("_rows_to_check", None)
+        self.__dict__.pop("_statistics_at_entry", None)  # (a previous step's)
         weight, rows, classes = self.W, self.embedding_size, self.num_classes
         if not (type(classes) is int and classes > 0 and type(rows) is int and rows > 0):
             classes = check_count(classes, "num_classes")  # (set after construction:
@@ -545,10 +543,11 @@ class ClassWeightLoss(
         return is_plain_inner_product(distance) and distance.normalize_embeddings
 
     def _hold_rows_for_check(self, losses: torch.Tensor) -> None:
-        """Keep the step's rows' margin-softmax losses (before any reducer or miner weight)
-        for :meth:`check_result`, where the logits are not bounded."""
-        if not self._logits_bounded() and value_checks_enabled():
-            self.__dict__["_rows_to_check"] = losses
+        """Keep whether the step's rows' margin-softmax losses (before any reducer or miner
+        weight) are finite, for :meth:`check_result`, where the logits are not bounded (a
+        ``bool`` on CPU, else a 0-dim tensor: no graph, nothing read back yet)."""
+        if not self._logits_bounded():
+            self.__dict__["_rows_finite"] = finite_flag(losses)
 
     def check_result(self, loss: torch.Tensor) -> None:
         """Where the logits are not bounded (:meth:`_logits_bounded`), refuse the step's
@@ -556,7 +555,7 @@ class ClassWeightLoss(
         input: one read-back of both (those losses only; none for cosine logits). A
         reducer that returns the rows or drops NaN ones is covered by the rows, a mean or
         sum that overflows (or a regularizer's term) by the reduced loss."""
-        rows = self.__dict__.pop("_rows_to_check", None)
+        rows = self.__dict__.pop("_rows_finite", None)
         if self._logits_bounded():
             return
         name, distance = type(self).__name__, type(self.distance).__name__
@@ -578,9 +577,9 @@ class ClassWeightLoss(
             )
 
         if rows is None:  # (the direct path's mean: the rows' and the mean's in one)
-            check_finite_results((loss,), (rows_error,))
+            check_finite_flags((finite_flag(loss),), (rows_error,))
         else:
-            check_finite_results((rows, loss), (rows_error, reduced_error))
+            check_finite_flags((rows, finite_flag(loss)), (rows_error, reduced_error))
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Classification logits without margin (``s * z``), shape ``(B, C)``."""

@@ -189,7 +189,14 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> No
             expected = message if rank == 1 else "another rank's input is invalid"
             assert re.search(expected, errors[case]), (rank, case, errors[case])
         assert "embeddings dtypes differ" in errors["dtype"]
-        for case in ("num_classes", "sample_rate", "training modes", "W dtypes", "collect_stats"):
+        for case in (
+            "num_classes",
+            "sample_rate",
+            "training modes",
+            "W dtypes",
+            "collect_stats",
+            "value checks",
+        ):
             assert f"ranks' {case} differ" in errors[case], (rank, errors[case])
         assert "ranks' embeddings requiring grad differ" in errors["grad"]
         for case in (

@@ -338,6 +338,8 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             x,
         ),
         "collect_stats": (_collecting(ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4), rank), x),
+        # one rank refused a non-finite loss, the other went into the backward (an abort)
+        "value checks": (_checks_on(ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4), rank != 1), x),
         # another loss or hyper-parameter (a review found aborts and different values)
         "loss_class": (
             ShardedMarginSoftmaxLoss(CurricularFaceLoss if rank == 1 else ArcFaceLoss, 10, 4),
@@ -482,6 +484,16 @@ def _with_t(loss, rank: int, value: float = 0.5):
     if rank == 1:
         loss.loss.t.fill_(value)
     return loss
+
+
+def _checks_on(loss, on: bool):
+    """``loss`` called with the value checks on or off."""
+
+    def call(x, y):
+        with pml_margins.value_checks(on):
+            return loss(x, y)
+
+    return call
 
 
 def _reshaped_t(loss, rank: int):

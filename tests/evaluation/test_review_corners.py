@@ -602,3 +602,32 @@ def test_an_old_pickle_built_with_a_distance_reads_back_no_knn_func():
     restored.distance = None
     fresh = RetrievalAccuracyCalculator(include=("precision_at_1",))
     assert restored.get_accuracy(*_data()) == fresh.get_accuracy(*_data())
+
+
+def test_older_calculator_pickles_keep_their_search_and_check_later_settings():
+    """A pickle from before later settings were checked (no ``_built``) took any value
+    (``k = -3``) and ignored a distance; one whose ``knn_func`` mapped to a non-default
+    exact search changed search when a setting was assigned as read back."""
+    from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    x, y = _data(n=60, d=4, classes=5)
+    x = x + 2.0
+    for given in ({"knn_func": CustomKNN(LpDistance())}, {}):
+        calc = RetrievalAccuracyCalculator(include=("precision_at_1",), **given)
+        want = _stable(calc.get_accuracy(x, y))
+        old = {**calc.__dict__, "knn_func": None}
+        for name in ("_custom_knn", "_built", "_recall_ks_built"):
+            del old[name]
+        restored = RetrievalAccuracyCalculator.__new__(RetrievalAccuracyCalculator)
+        restored.__setstate__(old)
+        for name in ("knn_func", "distance"):
+            setattr(restored, name, getattr(restored, name))
+            assert _stable(restored.get_accuracy(x, y)) == want, (given, name)
+        with pytest.raises(ValueError):
+            restored.k = -3
+        restored.distance = CosineSimilarity()
+        cosine = RetrievalAccuracyCalculator(
+            include=("precision_at_1",), distance=CosineSimilarity()
+        )
+        assert _stable(restored.get_accuracy(x, y)) == _stable(cosine.get_accuracy(x, y))

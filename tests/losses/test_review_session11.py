@@ -4,6 +4,7 @@ loss's sizes replaced after construction, a refused ``W`` that moved statistics.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -417,3 +418,51 @@ def test_unbounded_distances_that_claim_normalization_are_checked() -> None:
         x = -loss.W.detach().t()[labels] + 0.01 * torch.randn(4, 4)
         with pytest.raises(ValueError, match="non-finite losses"):
             loss(x, labels)
+
+
+def test_a_failed_step_leaves_nothing_that_breaks_a_copy() -> None:
+    """A step that failed after its rows were kept (a reducer's error) left the rows and
+    their graph on the loss: ``deepcopy``/``AveragedModel`` then raised; now only a flag
+    without graph is kept, cleared by the next forward."""
+    from pytorch_metric_learning.reducers import ClassWeightedReducer, MeanReducer
+
+    loss = SoftmaxLoss(10, 16, reducer=ClassWeightedReducer(torch.ones(3)))
+    x, y = torch.randn(8, 16, requires_grad=True), torch.arange(8)
+    with pytest.raises(IndexError):
+        loss(x, y)
+    loss.reducer = MeanReducer()
+    copy.deepcopy(loss)
+    torch.optim.swa_utils.AveragedModel(loss)
+    loss.compute_loss(x, y, None, x, y)  # PML's public method, called alone
+    copy.deepcopy(loss)
+    assert math.isfinite(float(loss(x, y)))
+
+
+def test_a_compiled_step_checks_its_result() -> None:
+    """``torch.compile`` skipped the check of the loss: a silent NaN where eager raises."""
+    loss = SoftmaxLoss(10, 16)
+    with torch.no_grad():
+        loss.W.mul_(1e20)
+    compiled = torch.compile(loss, backend="eager")
+    with pytest.raises(ValueError, match="non-finite losses"):
+        compiled(torch.randn(8, 16) * 1e19, torch.arange(8))
+    fine = SoftmaxLoss(10, 16)
+    x = torch.randn(8, 16)
+    assert torch.equal(
+        torch.compile(fine, backend="eager")(x, torch.arange(8)), fine(x, torch.arange(8))
+    )
+
+
+def test_finite_flags_of_every_kind_of_result() -> None:
+    from pml_margins.validation import check_finite_flags, finite_flag
+
+    assert finite_flag(torch.tensor(1 + 1j)) is True
+    assert finite_flag(torch.tensor(complex("nan"))) is False
+    assert finite_flag(torch.tensor([1.0, math.inf], dtype=torch.bfloat16)).item() is False
+    assert finite_flag(torch.empty(0)) is None and finite_flag(None) is None
+    with pml_margins.value_checks(False):
+        assert finite_flag(torch.tensor(math.nan)) is None
+    flags = (True, torch.tensor(False), torch.tensor(True))
+    errors = [lambda i=i: ValueError(str(i)) for i in range(3)]
+    with pytest.raises(ValueError, match="1"):
+        check_finite_flags(flags, errors)
