@@ -344,7 +344,14 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             state["knn_func"] = None if state.get("distance") is not None else custom
             if custom is None and state.get("distance") is None:
                 state["distance"] = _distance_of(state.get("exact"))
-        state.setdefault("_recall_ks_built", state.get("recall_ks"))
+        recall_ks = state.get("recall_ks", ())
+        state.setdefault("_recall_ks_built", recall_ks)
+        state.setdefault(  # (as the constructor finds them: a subclass's own stay)
+            "_own_recall_ks",
+            tuple(k for k in recall_ks if not hasattr(type(self), f"calculate_recall_at_{k}")),
+        )
+        state.setdefault("backend", "auto")
+        state.setdefault("_own_kmeans", None)  # (a later device then keeps its k-means)
         state.setdefault("_built", True)
         self.__dict__.update(state)
 

@@ -617,7 +617,7 @@ def test_older_calculator_pickles_keep_their_search_and_check_later_settings():
         calc = RetrievalAccuracyCalculator(include=("precision_at_1",), **given)
         want = _stable(calc.get_accuracy(x, y))
         old = {**calc.__dict__, "knn_func": None}
-        for name in ("_custom_knn", "_built", "_recall_ks_built"):
+        for name in ("_custom_knn", "_built", "_recall_ks_built", "_own_recall_ks", "backend"):
             del old[name]
         restored = RetrievalAccuracyCalculator.__new__(RetrievalAccuracyCalculator)
         restored.__setstate__(old)
