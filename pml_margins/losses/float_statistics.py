@@ -65,8 +65,7 @@ class FloatStatisticsMixin:
             if current.numel() != 1 or isinstance(value, bool) or not isinstance(value, Real):
                 return value  # (nn.Module's own TypeError names it)
             value = torch.tensor(float(value), dtype=torch.float64).to(current)
-        if value.is_complex() or value.dtype == torch.bool:
-            raise ValueError(f"{name} must be real (a statistic), got a {value.dtype} tensor")
+        _check_real(name, value)
         if value.is_meta and not current.is_meta:
             raise ValueError(
                 f"{name}: a tensor on the meta device, which holds no value for "
@@ -116,10 +115,7 @@ class FloatStatisticsMixin:
             value = state_dict.get(prefix + name)
             if not isinstance(value, torch.Tensor) or value.is_meta:
                 continue
-            if value.is_complex() or value.dtype == torch.bool:  # (a copy would drop the
-                raise ValueError(  # imaginary part, unchecked; a bool is no statistic)
-                    f"{name} must be real (a statistic), got a {value.dtype} tensor"
-                )
+            _check_real(name, value)  # (a copy would drop the imaginary part, unchecked)
             self.check_statistic(name, value)  # (as given: a subclass may refuse a graph)
             value = value.detach()
             # as it will be held: copied into the buffer's dtype (1e300 into float32 is
@@ -144,6 +140,12 @@ class FloatStatisticsMixin:
             if value is not None and value.dtype in (torch.float16, torch.bfloat16):
                 buffers[name] = before.to(device=value.device, dtype=torch.float32)
         return self
+
+
+def _check_real(name: str, value: torch.Tensor) -> None:
+    """``ValueError`` for a complex or boolean tensor given as the statistic ``name``."""
+    if value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"{name} must be real (a statistic), got a {value.dtype} tensor")
 
 
 def as_statistic(value: torch.Tensor) -> torch.Tensor:
