@@ -285,9 +285,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self.recall_ks = check_recall_ks(recall_ks)
         # found by PML's calculate_<name> discovery in __init__; a subclass's own
         # calculate_recall_at_K stays (a metric of its own, by PML's k rule)
-        self._own_recall_ks = tuple(
-            kk for kk in self.recall_ks if not hasattr(type(self), f"calculate_recall_at_{kk}")
-        )
+        self._own_recall_ks = self._own_recall_ks_of(self.recall_ks)
         for kk in self._own_recall_ks:
             setattr(self, f"calculate_recall_at_{kk}", functools.partial(self._recall, kk))
         if isinstance(k, (bool, np.bool_)):  # (PML checks the rest)
@@ -346,14 +344,16 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 state["distance"] = _distance_of(state.get("exact"))
         recall_ks = state.get("recall_ks", ())
         state.setdefault("_recall_ks_built", recall_ks)
-        state.setdefault(  # (as the constructor finds them: a subclass's own stay)
-            "_own_recall_ks",
-            tuple(k for k in recall_ks if not hasattr(type(self), f"calculate_recall_at_{k}")),
-        )
+        state.setdefault("_own_recall_ks", self._own_recall_ks_of(recall_ks))
         state.setdefault("backend", "auto")
         state.setdefault("_own_kmeans", None)  # (a later device then keeps its k-means)
         state.setdefault("_built", True)
         self.__dict__.update(state)
+
+    def _own_recall_ks_of(self, recall_ks: Sequence[int]) -> tuple[int, ...]:
+        """The cut-offs whose ``recall_at_K`` this class computes: all but those a subclass
+        defines ``calculate_recall_at_K`` for (a metric of its own, by PML's k rule)."""
+        return tuple(k for k in recall_ks if not hasattr(type(self), f"calculate_recall_at_{k}"))
 
     def check_search(self, exact: tuple[str, bool] | None, knn_func: Any) -> None:
         """``ValueError`` for a search that a subclass cannot run (default: any): the exact
