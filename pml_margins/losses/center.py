@@ -13,7 +13,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from pml_margins.functional.autograd_only import refuse_update_in_function_transform
 from pml_margins.functional.center import center_distances, center_ema_update
 from pml_margins.losses.atomic_load import AtomicLoadMixin
-from pml_margins.losses.checked_forward import CheckedForwardMixin
+from pml_margins.losses.checked_forward import CheckedForwardMixin, check_rows_and_reduced
 from pml_margins.losses.float_statistics import FloatStatisticsMixin
 from pml_margins.losses.hyperparameter import (
     FixedAtConstruction,
@@ -50,7 +50,9 @@ class CenterLoss(
     reducer (``reduction_type="element"``); the default ``MeanReducer`` therefore
     gives :math:`L_C / B`. The paper's :math:`L_C` is a **sum**: pass
     ``reducer=pytorch_metric_learning.reducers.SumReducer()`` to get it exactly.
-    Units: squared embedding norm (the embeddings are not normalized).
+    Units: squared embedding norm (the embeddings are not normalized). A step whose
+    squared distances (or their reduction) overflow the compute dtype from finite input
+    is refused with a ``ValueError`` (:meth:`check_result`) before any centre moves.
 
     Center update (``centers`` has shape ``(num_classes, embedding_size)``):
 
@@ -164,7 +166,29 @@ class CenterLoss(
             indices_tuple,
             ref_emb,
             ref_labels,
+            norms_taken=False,  # (no norm is taken: the distances' own check, check_result)
         )
+
+    def check_result(self, loss: torch.Tensor) -> None:
+        """Refuse the step's rows' losses, then the reduced ``loss``, that came out NaN/Inf
+        from checked, finite embeddings and centres: a squared distance (or their mean or
+        sum) beyond the compute dtype. One read-back of both."""
+        rows = self.__dict__.pop("_rows_finite", None)
+        overflowed = "overflowed" if rows is not None else "(or their mean) overflowed"
+
+        def rows_error() -> ValueError:
+            return ValueError(
+                "CenterLoss gave non-finite losses from finite embeddings and centers: a "
+                f"squared distance 0.5 |x - c|^2 {overflowed}; scale the embeddings down"
+            )
+
+        def reduced_error() -> ValueError:
+            return ValueError(
+                "CenterLoss's reduced loss is not finite although its rows' losses are: the "
+                "reducer's sum (or a regularizer's term) overflowed; scale the embeddings down"
+            )
+
+        check_rows_and_reduced(rows, loss, rows_error, reduced_error)
 
     def forward(
         self,
@@ -205,6 +229,7 @@ class CenterLoss(
         record_distance_stats(self.distance, embeddings, centers)  # (no call of it: as PML's)
         with CHECKED_BY_CALLER:  # checked by forward
             losses = center_distances(embeddings, centers, labels.to(embeddings.device))
+        self._hold_rows_for_check(losses)
         weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
         return {
             "loss": {

@@ -12,8 +12,9 @@ from torch.nn.utils import parametrize
 
 from pml_margins.function_transforms import in_function_transform
 from pml_margins.losses.pml_calls import runs_as_its_class
+from pml_margins.validation import check_finite_flags, finite_flag
 
-__all__ = ["CheckedForwardMixin"]
+__all__ = ["CheckedForwardMixin", "check_rows_and_reduced"]
 
 
 def mean_of_positive(losses: torch.Tensor) -> torch.Tensor:
@@ -27,6 +28,24 @@ def mean_of_positive(losses: torch.Tensor) -> torch.Tensor:
 def _int64(values: torch.Tensor | None) -> torch.Tensor | None:
     """Checked integer labels or indices as int64 (the same tensor when they are)."""
     return values if values is None or values.dtype == torch.int64 else values.long()
+
+
+def check_rows_and_reduced(
+    rows: bool | torch.Tensor | None,
+    loss: torch.Tensor,
+    rows_error: Callable[[], Exception],
+    reduced_error: Callable[[], Exception],
+) -> None:
+    """Raise ``rows_error()`` where the ``rows`` flag held by
+    :meth:`CheckedForwardMixin._hold_rows_for_check` (``None``: none held, the reduced
+    ``loss`` stands for the rows) is false, else ``reduced_error()`` where the reduced
+    ``loss`` is not finite: both read back at once. A reducer that returns the rows or
+    drops NaN ones is covered by the rows, a mean or sum that overflows (or a
+    regularizer's term) by the reduced loss."""
+    if rows is None:
+        check_finite_flags((finite_flag(loss),), (rows_error,))
+    else:
+        check_finite_flags((rows, finite_flag(loss)), (rows_error, reduced_error))
 
 
 class CheckedForwardMixin:
@@ -83,6 +102,12 @@ class CheckedForwardMixin:
     def check_result(self, loss: torch.Tensor) -> None:
         """Raise ``ValueError`` for a reduced loss that checked input cannot explain
         (default: none)."""
+
+    def _hold_rows_for_check(self, losses: torch.Tensor) -> None:
+        """Keep whether the step's element ``losses`` (before any reducer or miner weight)
+        are finite, for :meth:`check_result` (:func:`check_rows_and_reduced`; a ``bool`` on
+        CPU, else a 0-dim tensor: no graph, nothing read back yet)."""
+        self.__dict__["_rows_finite"] = finite_flag(losses)
 
     def _checked_loss(
         self,

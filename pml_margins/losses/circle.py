@@ -134,7 +134,31 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
                 f"CircleLoss is defined on cosine similarity; distance must be a "
                 f"CosineSimilarity, got {type(self.distance).__name__}"
             )
-        self.add_to_recordable_attributes(list_of_names=["m", "gamma"], is_stat=False)
+        self.soft_plus = torch.nn.Softplus(beta=1)  # (PML's attribute; the loss uses its own)
+        self.add_to_recordable_attributes(
+            list_of_names=["m", "gamma", "op", "on", "delta_p", "delta_n"], is_stat=False
+        )
+
+    # PML's derived attributes, read from ``m`` (which may change, e.g. by a schedule)
+    @property
+    def op(self) -> float:
+        """The positive optimum :math:`O_p = 1 + m`."""
+        return 1 + self.m
+
+    @property
+    def on(self) -> float:
+        """The negative optimum :math:`O_n = -m`."""
+        return -self.m
+
+    @property
+    def delta_p(self) -> float:
+        r"""The positive margin :math:`\Delta_p = 1 - m`."""
+        return 1 - self.m
+
+    @property
+    def delta_n(self) -> float:
+        r"""The negative margin :math:`\Delta_n = m`."""
+        return self.m
 
     def get_default_reducer(self) -> AvgNonZeroReducer:
         return AvgNonZeroReducer()

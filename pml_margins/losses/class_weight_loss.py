@@ -39,7 +39,7 @@ from pml_margins.functional.margin_softmax import (
     row_norms,
 )
 from pml_margins.losses.atomic_load import AtomicLoadMixin
-from pml_margins.losses.checked_forward import CheckedForwardMixin
+from pml_margins.losses.checked_forward import CheckedForwardMixin, check_rows_and_reduced
 from pml_margins.losses.float_statistics import FloatStatisticsMixin
 from pml_margins.losses.hyperparameter import Hyperparameter, HyperparameterAttributes
 from pml_margins.losses.pml_calls import record_distance_stats, runs_as_its_class
@@ -51,10 +51,8 @@ from pml_margins.validation import (
     check_class_loss_input,
     check_count,
     check_embeddings,
-    check_finite_flags,
     check_not_meta,
     check_sample_rate,
-    finite_flag,
     usual_cpu_batch_passes,
 )
 
@@ -547,7 +545,7 @@ class ClassWeightLoss(
         weight) are finite, for :meth:`check_result`, where the logits are not bounded (a
         ``bool`` on CPU, else a 0-dim tensor: no graph, nothing read back yet)."""
         if not self._logits_bounded():
-            self.__dict__["_rows_finite"] = finite_flag(losses)
+            super()._hold_rows_for_check(losses)
 
     def check_result(self, loss: torch.Tensor) -> None:
         """Where the logits are not bounded (:meth:`_logits_bounded`), refuse the step's
@@ -576,10 +574,7 @@ class ClassWeightLoss(
                 "W down"
             )
 
-        if rows is None:  # (the direct path's mean: the rows' and the mean's in one)
-            check_finite_flags((finite_flag(loss),), (rows_error,))
-        else:
-            check_finite_flags((rows, finite_flag(loss)), (rows_error, reduced_error))
+        check_rows_and_reduced(rows, loss, rows_error, reduced_error)
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Classification logits without margin (``s * z``), shape ``(B, C)``."""

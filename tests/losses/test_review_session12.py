@@ -1,0 +1,77 @@
+"""Corners found by review (2026-12-01, third session): Center loss distances that overflow
+from finite input, and PML's derived Circle loss attributes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pytorch_metric_learning.losses import CircleLoss as PMLCircleLoss
+from pytorch_metric_learning.reducers import DoNothingReducer, SumReducer
+
+import pml_margins
+from pml_margins.losses import CenterLoss, CircleLoss
+
+
+def _far_centres(update: str = "ema") -> tuple[CenterLoss, torch.Tensor, torch.Tensor]:
+    loss_fn = CenterLoss(2, 4, update=update)
+    with torch.no_grad():
+        loss_fn.centers.fill_(-7e18)
+    return loss_fn, torch.full((2, 4), 7e18, requires_grad=True), torch.tensor([0, 1])
+
+
+@pytest.mark.parametrize("update", ["ema", "sgd"])
+def test_center_distances_overflowing_from_finite_input_are_refused(update):
+    # 1/2 |x - c|^2 = 2 * (1.4e19)^2 overflows float32 although x and c are finite
+    loss_fn, x, y = _far_centres(update)
+    before = loss_fn.centers.detach().clone()
+    with pytest.raises(ValueError, match=r"CenterLoss gave non-finite losses.*0\.5 \|x - c\|\^2"):
+        loss_fn(x, y)
+    assert torch.equal(loss_fn.centers.detach(), before)  # a refused step moves no centre
+
+
+def test_center_mean_that_overflows_is_refused_as_the_reduction():
+    # each row 1/2 (1.5e19)^2 = 1.1e38 fits float32, their sum does not
+    x, y = torch.full((4, 1), 1.5e19), torch.arange(4)
+    with pytest.raises(ValueError, match="CenterLoss's reduced loss is not finite"):
+        CenterLoss(4, 1, reducer=SumReducer())(x, y)
+
+
+def test_center_rows_checked_when_the_reducer_returns_them():
+    x, y = torch.tensor([[3e19], [1.0]]), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="CenterLoss gave non-finite losses"):
+        CenterLoss(2, 1, reducer=DoNothingReducer())(x, y)
+
+
+def test_center_huge_embeddings_near_their_centres_are_not_refused():
+    # |x|^2 overflows float32, |x - c|^2 does not: no norm is taken, the loss is exact
+    x = torch.full((2, 8), 1e19) + torch.tensor([[0.0] * 7 + [3e12], [0.0] * 8])
+    y = torch.tensor([0, 1])
+    loss_fn = CenterLoss(2, 8, update="sgd")
+    with torch.no_grad():
+        loss_fn.centers.fill_(1e19)
+    got = loss_fn(x.requires_grad_(), y)
+    want = 0.5 * ((x.detach().double() - loss_fn.centers.detach().double()) ** 2).sum(1).mean()
+    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_center_result_check_is_off_with_the_value_checks():
+    loss_fn, x, y = _far_centres()
+    with pml_margins.value_checks(False):
+        assert torch.isinf(loss_fn(x, y))
+
+
+@pytest.mark.parametrize("m", [0.0, 0.25, 0.4, 0.5])
+def test_circle_has_pmls_derived_attributes(m):
+    ours, pml = CircleLoss(m=m, gamma=80), PMLCircleLoss(m=m, gamma=80)
+    for name in ("op", "on", "delta_p", "delta_n"):
+        assert getattr(ours, name) == getattr(pml, name), name
+    assert ours._record_these == pml._record_these
+    assert isinstance(ours.soft_plus, torch.nn.Softplus) and ours.state_dict().keys() == set()
+
+
+def test_circle_derived_attributes_follow_the_margin():
+    loss_fn = CircleLoss(m=0.4)
+    loss_fn.m = 0.1  # e.g. set by a schedule
+    assert (loss_fn.op, loss_fn.on, loss_fn.delta_p, loss_fn.delta_n) == (1.1, -0.1, 0.9, 0.1)
+    with pytest.raises(AttributeError):
+        loss_fn.op = 2.0  # derived from m: set m instead
