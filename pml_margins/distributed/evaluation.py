@@ -246,12 +246,19 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         """
 
         ref_includes_query = bool(ref_includes_query)  # PML reads its truth value
+        try:  # (raised in check: every rank then raises together)
+            self.refresh_search()
+            refused = None
+        except (TypeError, ValueError) as error:
+            refused = error
 
         def check() -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
             """(query, query_labels, shard, shard_labels), checked, on the compute device;
             query and its labels are None when the set is evaluated against itself (the
             whole set is then gathered from the shards)."""
             check_metric_names(include, exclude)
+            if refused is not None:
+                raise refused
             if reference is None:  # PML then ignores reference_labels: the query's own
                 shard, device = self._checked_query(query)
                 labels = self.checked_labels(query_labels, len(shard), "query_labels")

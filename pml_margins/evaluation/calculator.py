@@ -227,7 +227,12 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             ``IndexFlatL2``); any other callable, subclasses of those two classes
             and a ``FaissKNN(reset_before=False)`` (which searches its own
             ``index``) included, is used as PML uses it (on float32 copies of the
-            embeddings).
+            embeddings). Which search runs is decided again at each ``get_accuracy``
+            (PML calls the object each time: a distance or ``knn_func`` changed in
+            place after it was given counts). When a Recall@K needs deeper lists than
+            PML's ``k``, such a ``knn_func`` is called at both depths, PML's metrics
+            getting the call at PML's ``k`` as in PML; a ``FaissKNN(reset_before=False)``,
+            whose index is state, is called once, and PML's metrics read its first ``k``.
             Metrics, a subclass's own included, get float32 ``query``/``reference``
             and ``knn_distances`` as in PML, and the labels as float32 (as PML casts
             them) where float32 holds every value; else float64: labels beyond 2^24,
@@ -455,6 +460,17 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         state.update(exact=exact, distance=distance, knn_func=knn_func, _custom_knn=custom)
         return distance if name == "distance" else knn_func
 
+    def refresh_search(self) -> None:
+        """The search as ``distance``/``knn_func`` ask for it now (PML calls them at each
+        search: one changed in place after it was given, ``LpDistance``'s
+        ``normalize_embeddings`` set, a ``CustomKNN``'s ``distance`` replaced, counts),
+        checked as the constructor checks it; a refused one changes nothing."""
+        state = self.__dict__
+        exact, custom = _resolve_search(state.get("distance"), state.get("knn_func"))
+        _check_backend_with(state.get("backend", "auto"), custom)
+        self.check_search(exact, custom)
+        state.update(exact=exact, _custom_knn=custom)
+
     def requires_knn(self) -> list[str]:
         return [*super().requires_knn(), *self._own_knn_metrics()]
 
@@ -492,6 +508,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         """
         ref_includes_query = bool(ref_includes_query)  # PML reads its truth value
         check_metric_names(include, exclude)
+        self.refresh_search()
         ignored = None
         if reference is None:  # PML then ignores reference_labels: the query's own, or an error
             if reference_labels is not None and reference_labels is not query_labels:
@@ -682,9 +699,10 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         match = self._matches(query_labels, knn_labels)
         shown = k_total if k_pml is None else k_pml  # PML's k, even 0, when its metrics are asked
         distances, shown_labels, shown_match = distances[:, :shown], knn_labels[:, :shown], None
-        if self._custom_knn is not None and shown < k_total:
+        if self._custom_knn is not None and shown < k_total and not _keeps_state(self._custom_knn):
             # a user's k-nn: its list at PML's k need not start its longer one (ties, an
-            # approximate index), so PML's metrics get a call at PML's k, as in PML
+            # approximate index), so PML's metrics get a call at PML's k, as in PML (not a
+            # k-nn that keeps state between calls: its one list serves both)
             distances, indices = self._knn(query, reference, shown, ref_includes_query)
             shown_labels = reference_labels[indices.to(reference_labels.device)]
             shown_match = self._matches(query_labels, shown_labels)
@@ -953,6 +971,14 @@ def _resolve_search(distance: Any, knn_func: Any) -> tuple[Any, Any]:
     if callable(knn_func):
         return None, knn_func
     raise TypeError(f"knn_func must be callable, got {type(knn_func).__name__}")
+
+
+def _keeps_state(knn_func: Any) -> bool:
+    """Whether a ``knn_func`` run as PML's keeps state between calls, so that
+    ``get_accuracy`` calls it once, as PML does: a PML ``FaissKNN`` with
+    ``reset_before=False`` adds the reference to the index the user put in it (a second
+    call would search it twice over) and, with ``reset_after``, drops it after a call."""
+    return isinstance(knn_func, FaissKNN) and not knn_func.reset_before
 
 
 def _check_backend_with(backend: str, custom: Any) -> None:
