@@ -8,10 +8,11 @@ remapped to ``0..C-1`` (class-weight losses index ``W`` with them) and a test se
 of *other* classes (open-set retrieval, the protocol of the CUB/SOP papers).
 
 CUB and SOP are read through PML's ``datasets.CUB`` and
-``datasets.StanfordOnlineProducts`` with their official class-disjoint splits
-(CUB: classes 1-100 train, 101-200 test; SOP: ``Ebay_train.txt`` /
-``Ebay_test.txt``). The folder is checked first, so that a missing or incomplete
-copy fails with a message naming the files expected.
+``datasets.StanfordOnlineProducts`` with the class-disjoint splits of the
+metric-learning papers (CUB: classes 1-100 train, 101-200 test, PML's split, not the
+image-level ``train_test_split.txt`` of CUB's archive; SOP: its official
+``Ebay_train.txt`` / ``Ebay_test.txt``). The folder is checked first, so that a missing
+or incomplete copy fails with a message naming the files expected.
 """
 
 from __future__ import annotations
@@ -139,12 +140,18 @@ def load_digits_all_classes(test_fraction: float = 0.3, seed: int = 0) -> Retrie
 
 # --- CUB / SOP ----------------------------------------------------------------------
 
+#: how each set's train/test split is drawn, for the messages
+_SPLIT_RULE = {
+    "cub": "the metric-learning split, PML's: classes 1-100 train, 101-200 test",
+    "sop": "Ebay_train.txt / Ebay_test.txt",
+}
+
 
 class DatasetFolderError(FileNotFoundError):
     """A CUB/SOP folder is missing or incomplete; the message names the expected files."""
 
 
-#: CUB's official class ids (PML's CUB split: 1-100 train, 101-200 test)
+#: CUB's class ids (the metric-learning split, PML's: 1-100 train, 101-200 test)
 CUB_CLASSES = range(1, 201)
 #: the first line of SOP's index files, which PML skips
 SOP_HEADER = ("image_id", "class_id", "super_class_id", "path")
@@ -224,7 +231,7 @@ def _cub_images(folder: str) -> list[str]:
         if class_id not in CUB_CLASSES:
             raise ValueError(
                 f"{labels} line {number}: class {class_id} is outside CUB's 1-200 (the "
-                "official split: classes 1-100 train, 101-200 test)"
+                "metric-learning split, PML's: classes 1-100 train, 101-200 test)"
             )
         paths.append(os.path.join("images", fields[1]))
     _check_listed_once(paths, f"images.txt of {folder}")
@@ -511,7 +518,8 @@ def load_image_dataset(
         if not len(data):
             raise DatasetFolderError(
                 f"{name.upper()} folder {folder} has "
-                f"no {split} images (its index files list none of the official {split} split)"
+                f"no {split} images (its index files list none of the {split} split: "
+                f"{_SPLIT_RULE[name]})"
             )
     if np.unique(np.asarray(test.labels), return_counts=True)[1].max() < 2:
         raise DatasetFolderError(

@@ -65,8 +65,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 
     Metrics are ``mean ± std`` (sample std over seeds) where an entry has ``metrics_std``;
     the train time (seconds per run) and the training throughput (images per second)
-    are means over the runs. A caption under the table says the dataset, the protocol
-    and the units.
+    are means over the runs. A caption under the table says the dataset, the protocol,
+    the units and the model each entry records it trained (``model``).
     """
     ks = results["recall_ks"]
     header = [
@@ -92,10 +92,13 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     seeds = _seed_count(results)
     spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    # what was built (a small CNN stands in for a backbone neither timm nor torchvision has)
+    built = dict.fromkeys(e["model"] for e in results["losses"] if e.get("model"))
+    model = f" Model: {'; '.join(built)}." if built else ""
     lines += [
         "",
         f"{results.get('dataset', 'retrieval')}: {results.get('protocol', 'held-out classes')}. "
-        f"Metrics in % ({spread}); train time in seconds per run, img/s in training.",
+        f"Metrics in % ({spread}); train time in seconds per run, img/s in training.{model}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -199,3 +199,17 @@ def test_an_output_that_cannot_be_written_stops_before_training(tmp_path: Path) 
 def test_bad_options_are_named_before_any_work(tmp_path: Path, flags, message) -> None:
     with pytest.raises(SystemExit, match=message):
         run_cli(["bench", *flags, "--epochs", "1", "--no-progress", "--out", str(tmp_path)])
+
+
+def test_a_cub_folder_without_test_classes_names_the_metric_learning_split(fake_cub) -> None:
+    """Classes 1-100 / 101-200 is the metric-learning papers' split (PML's), not CUB's
+    official image-level train_test_split.txt: the message called it "official" (review)."""
+    from pml_margins.bench.data import DatasetFolderError, load_image_dataset
+
+    labels = _cub(fake_cub) / "image_class_labels.txt"
+    labels.write_text(labels.read_text().replace(" 101\n", " 1\n").replace(" 102\n", " 2\n"))
+    with pytest.raises(DatasetFolderError) as raised:
+        load_image_dataset("cub", fake_cub, image_size=8, progress=False)
+    message = str(raised.value)
+    assert "no test images" in message and "official" not in message
+    assert "the metric-learning split, PML's: classes 1-100 train, 101-200 test" in message

@@ -123,3 +123,16 @@ def test_the_ablation_docs_are_what_their_json_gives() -> None:
     for path in tables:
         result = json.loads(path.read_text())
         assert sweep_report.markdown(result) == path.with_suffix(".md").read_text(), path.name
+
+
+def test_markdown_table_names_the_model_each_entry_trained() -> None:
+    """A CUB table from a machine without timm/torchvision read as a ResNet-50 result: the
+    small CNN that stood in was named only on stderr (review)."""
+    small = "small-cnn (no torchvision/timm)"
+    entries = [{**e, "model": small} for e in RESULTS["losses"]]
+    caption = report.markdown_table({**RESULTS, "losses": entries}).splitlines()[-1]
+    assert caption.endswith(f"Model: {small}.")
+    mixed = [entries[0], {**entries[1], "model": "resnet50 (torchvision)"}]
+    caption = report.markdown_table({**RESULTS, "losses": mixed}).splitlines()[-1]
+    assert caption.endswith(f"Model: {small}; resnet50 (torchvision).")
+    assert "Model:" not in report.markdown_table(RESULTS)  # (no entry records one)
