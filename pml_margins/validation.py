@@ -137,12 +137,14 @@ def check_function_inputs(
     name: str = "embeddings",
     width_name: str = "embedding_size",
     checks: ValueChecks | None = None,
+    norms_taken: bool = True,
 ) -> None:
     """The checks of a functional entry point taking ``(B, D)`` embeddings (or logits)
     and ``(B,)`` class labels in ``[0, num_classes)``: shapes and dtypes always; values
-    (NaN/Inf, label range) in one synchronisation unless :func:`value_checks` is off or a
-    loss that has checked them is the caller (:class:`inputs_checked_by_caller`). The
-    values join ``checks`` when given (the caller runs them, with its own)."""
+    (NaN/Inf, label range; with ``norms_taken``, squared row norms that overflow: see
+    :func:`check_embeddings`) in one synchronisation unless :func:`value_checks` is off
+    or a loss that has checked them is the caller (:class:`inputs_checked_by_caller`).
+    The values join ``checks`` when given (the caller runs them, with its own)."""
     if caller_checked():
         return  # a loss's forward checked the same tensors (shapes and values)
     if (
@@ -161,7 +163,7 @@ def check_function_inputs(
         if usual_cpu_batch_passes(embeddings, labels, num_classes, width):
             return
     own = function_value_checks() if checks is None else checks
-    embeddings = check_embeddings(embeddings, name, width, width_name, own)
+    embeddings = check_embeddings(embeddings, name, width, width_name, own, norms_taken=norms_taken)
     check_class_labels(labels, embeddings.shape[0], num_classes, checks=own)
     if checks is None:
         own.run()
@@ -391,6 +393,16 @@ def _norm_overflow(x: torch.Tensor, name: str, dtype: torch.dtype) -> ValueError
         f"(norms up to {limit:.4g}), so normalizing it gives a wrong number; scale the "
         "embeddings down"
     )
+
+
+def check_function_result(result: object, error: Callable[[], Exception]) -> None:
+    """Raise ``error()`` where a public function's ``result``, computed from checked,
+    finite input, is not finite (an overflow: its intermediate values are not bounded);
+    nothing is read under :func:`caller_checked` (the loss checks its own result), while
+    ``torch.compile`` traces, or with :func:`value_checks` off."""
+    if caller_checked() or is_compiling():
+        return
+    check_finite_flags((finite_flag(result),), (error,))
 
 
 def finite_flag(result: object) -> bool | torch.Tensor | None:

@@ -19,6 +19,7 @@ from pml_margins.validation import (
     caller_checked,
     check_embeddings,
     check_function_inputs,
+    check_function_result,
     check_unit_interval,
     function_value_checks,
 )
@@ -45,7 +46,18 @@ def center_distances(
     dtype = compute_dtype(torch.promote_types(embeddings.dtype, centers.dtype))
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         diff = embeddings.to(dtype) - centers.to(dtype).index_select(0, labels.long())
-        return 0.5 * diff.pow(2).sum(dim=1)
+        # d (d / 2): the bits of d^2 / 2 (halving is exact), without d^2 overflowing first
+        losses = (diff * (0.5 * diff)).sum(dim=1)
+    check_function_result(losses, _overflow_error("center_distances", "1/2 |x - c|^2"))
+    return losses
+
+
+def _overflow_error(function: str, what: str):
+    """The error of a result that overflowed from finite input."""
+    return lambda: ValueError(
+        f"{function} gave non-finite values from finite embeddings and centers: {what} "
+        "overflowed the compute dtype; scale them down"
+    )
 
 
 def _check_centers(embeddings: object, centers: object, labels: object) -> None:
@@ -54,10 +66,16 @@ def _check_centers(embeddings: object, centers: object, labels: object) -> None:
     if caller_checked():  # a CenterLoss forward checked them (and its centres are its own)
         return
     checks = function_value_checks()  # the centers' values and the batch's, in one read
-    centers = check_embeddings(centers, "centers", checks=checks)
+    centers = check_embeddings(centers, "centers", checks=checks, norms_taken=False)
     num_classes, width = centers.shape
-    check_function_inputs(
-        embeddings, labels, num_classes, width, width_name="the centers' width", checks=checks
+    check_function_inputs(  # (no norm is taken: the result's own check, for overflow)
+        embeddings,
+        labels,
+        num_classes,
+        width,
+        width_name="the centers' width",
+        checks=checks,
+        norms_taken=False,
     )
     checks.run()
 
@@ -85,7 +103,11 @@ def center_ema_update(
     with torch.autocast(device_type=c.device.type, enabled=False):
         c32 = c.to(dtype)
         idx = labels.long()
-        sums = torch.zeros_like(c32).index_add(0, idx, embeddings.detach().to(dtype))
+        # the paper's sum of (c_j - x_i): no n_j c_j - sum x_i, which overflows (or
+        # cancels) where embeddings and centres are large and close
+        gaps = c32.index_select(0, idx) - embeddings.detach().to(dtype)
+        sums = torch.zeros_like(c32).index_add_(0, idx, gaps)
         counts = torch.bincount(idx, minlength=c.shape[0]).to(dtype).unsqueeze(1)
-        delta = (counts * c32 - sums) / (1 + counts)
-        return (c32 - alpha * delta).to(c.dtype)
+        new = (c32 - alpha * (sums / (1 + counts))).to(c.dtype)
+    check_function_result(new, _overflow_error("center_ema_update", "a sum of c_j - x_i"))
+    return new

@@ -26,8 +26,10 @@ from pml_margins.validation import (
     check_choice,
     check_class_loss_input,
     check_count,
+    check_finite_flags,
     check_not_meta,
     check_unit_interval,
+    finite_flag,
 )
 
 __all__ = ["CenterLoss"]
@@ -210,11 +212,22 @@ class CenterLoss(
 
     @torch.no_grad()
     def update_centers(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Apply the paper's update in place (``update="ema"``; called by ``forward``)."""
+        """Apply the paper's update in place (``update="ema"``; called by ``forward``);
+        ``ValueError``, the centres unchanged, where it leaves the buffer's range (float64
+        embeddings beyond float32's with the float32 buffer, say)."""
         labels = labels.to(self.centers.device)
         new = center_ema_update(
             self.centers, embeddings.to(self.centers.device), labels, self.alpha
         )
+
+        def error() -> ValueError:
+            return ValueError(
+                f"CenterLoss's center update left {self.centers.dtype}'s range (the "
+                "embeddings' values are beyond what the centers can hold); the centers are "
+                "unchanged: scale the embeddings down"
+            )
+
+        check_finite_flags((finite_flag(new),), (error,))
         self.centers.copy_(new)
 
     def compute_loss(

@@ -66,12 +66,39 @@ def test_circle_has_pmls_derived_attributes(m):
     for name in ("op", "on", "delta_p", "delta_n"):
         assert getattr(ours, name) == getattr(pml, name), name
     assert ours._record_these == pml._record_these
-    assert isinstance(ours.soft_plus, torch.nn.Softplus) and ours.state_dict().keys() == set()
+    assert ours.state_dict().keys() == pml.state_dict().keys() == set()
 
 
 def test_circle_derived_attributes_follow_the_margin():
     loss_fn = CircleLoss(m=0.4)
     loss_fn.m = 0.1  # e.g. set by a schedule
     assert (loss_fn.op, loss_fn.on, loss_fn.delta_p, loss_fn.delta_n) == (1.1, -0.1, 0.9, 0.1)
-    with pytest.raises(AttributeError):
-        loss_fn.op = 2.0  # derived from m: set m instead
+    with pytest.raises(AttributeError, match=r"op is 1 \+ m, derived from m.*set m instead"):
+        loss_fn.op = 2.0
+    with pytest.raises(AttributeError, match="delta_n is m, derived from m"):
+
+        class DecoupledOptima(CircleLoss):  # PML's loss reads an assigned op; this one
+            def __init__(self) -> None:  # computes it from m: refused, not ignored
+                super().__init__()
+                self.delta_n = 0.1
+
+        DecoupledOptima()
+
+
+def test_center_update_of_large_close_values_keeps_the_centres_finite():
+    # n c - sum x overflowed: an accepted step left NaN centres (its state dict then refused)
+    loss_fn = CenterLoss(3, 4)
+    with torch.no_grad():
+        loss_fn.centers.fill_(3e38)
+    assert loss_fn(torch.full((2, 4), 3e38), torch.tensor([0, 0])).item() == 0
+    assert torch.equal(loss_fn.centers[0], torch.full((4,), 3e38))
+    CenterLoss(3, 4).load_state_dict(loss_fn.state_dict())
+
+
+def test_center_update_beyond_the_buffers_range_is_refused_before_it_moves():
+    # float64 embeddings beyond float32's range: a finite loss, but inf float32 centres
+    loss_fn = CenterLoss(3, 4)
+    x = torch.full((2, 4), 1e39, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"center update left torch\.float32's range"):
+        loss_fn(x, torch.tensor([0, 0]))
+    assert torch.equal(loss_fn.centers, torch.zeros(3, 4))
