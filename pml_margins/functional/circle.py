@@ -32,6 +32,7 @@ from pml_margins.validation import (
     caller_checked,
     check_circle_margin,
     check_class_labels,
+    check_function_result,
     check_logit_scale,
     check_number_or_tensor,
     check_pair_masks,
@@ -160,6 +161,21 @@ _CIRCLE_REMEDY = (
 )
 
 
+def _checked(losses: torch.Tensor) -> torch.Tensor:
+    """``losses``, refused (``ValueError``) where they are not finite: similarities far
+    outside the cosines' [-1, 1] overflow the pair logits (finite input, no NaN/Inf
+    loss). Nothing read when CircleLoss (cosine similarities, checked) calls."""
+    check_function_result(losses, _overflow_error)
+    return losses
+
+
+def _overflow_error() -> ValueError:
+    return ValueError(
+        "the Circle loss is not finite: similarities far outside the cosines' [-1, 1] "
+        "overflowed its pair logits gamma * alpha * (s - Delta); pass cosine similarities"
+    )
+
+
 def _softplus(z: torch.Tensor) -> torch.Tensor:
     r""":math:`\log(1 + e^z)`, exact for every ``z`` (``F.softplus`` returns ``z`` itself
     above its threshold of 20, 2e-9 short of the value, whose gradient is then 1 instead of
@@ -247,7 +263,7 @@ def circle_loss_dense(
         sim = sim.to(compute_dtype(sim.dtype))
         if sim.shape[1] == 0:  # no reference: no pairs, 0 per row
             return sim.sum(1) * 0
-        return _DenseCircle.apply(sim, pos_mask, neg_mask, m, gamma)
+        return _checked(_DenseCircle.apply(sim, pos_mask, neg_mask, m, gamma))
 
 
 class _DenseNegativesCircle(torch.autograd.Function):
@@ -351,7 +367,7 @@ def circle_loss_dense_negatives(
         sim = sim.to(compute_dtype(sim.dtype)).contiguous()
         if sim.shape[1] == 0:  # no reference: no pairs, 0 per row
             return sim.sum(1) * 0
-        return _DenseNegativesCircle.apply(sim, neg_mask, pos_keys.long(), m, gamma)
+        return _checked(_DenseNegativesCircle.apply(sim, neg_mask, pos_keys.long(), m, gamma))
 
 
 def circle_loss_pairs(
@@ -397,7 +413,8 @@ def circle_loss_pairs(
             circle_negative_logits(s_n.to(dtype), m, gamma), neg_anchors, num_anchors
         )
         valid = has_p & has_n
-        return torch.where(valid, _softplus(lse_p + lse_n), torch.zeros_like(lse_p))
+        losses = torch.where(valid, _softplus(lse_p + lse_n), torch.zeros_like(lse_p))
+    return _checked(losses)
 
 
 def circle_loss_whole(s_p: torch.Tensor, s_n: torch.Tensor, m: float, gamma: float) -> torch.Tensor:
@@ -432,7 +449,8 @@ def circle_loss_whole(s_p: torch.Tensor, s_n: torch.Tensor, m: float, gamma: flo
             return (s_p.sum() + s_n.sum()) * 0
         lse_p = torch.logsumexp(circle_positive_logits(s_p, m, gamma), dim=0)
         lse_n = torch.logsumexp(circle_negative_logits(s_n, m, gamma), dim=0)
-        return _softplus(lse_p + lse_n)
+        loss = _softplus(lse_p + lse_n)
+    return _checked(loss)
 
 
 def circle_loss_masked(
@@ -478,4 +496,5 @@ def circle_loss_masked(
             lses.append(torch.logsumexp(masked, dim=dims))
             present.append(some)
         valid = present[0] & present[1]
-        return torch.where(valid, _softplus(lses[0] + lses[1]), 0.0)
+        losses = torch.where(valid, _softplus(lses[0] + lses[1]), 0.0)
+    return _checked(losses)

@@ -131,6 +131,7 @@ from pml_margins.validation import (
     check_chunk_size,
     check_count,
     check_function_inputs,
+    check_function_result,
     check_generator,
     check_labels,
     check_real,
@@ -504,6 +505,8 @@ def fused_margin_softmax_cross_entropy(
     check_function_inputs(  # values: none when a loss that has checked them calls
         embeddings, labels, num_classes, weight.shape[0], width_name="W's rows"
     )
+    # raw inner products are not bounded: their losses are read back (check_function_result)
+    unbounded = not (normalize_embeddings and normalize_weight)
     labels = labels.long()
     if sample_rate < 1 and is_batched(labels):  # (the draw reads the labels only)
         raise ValueError(  # (torch.unique has no batching rule: vmap's internal error)
@@ -525,7 +528,7 @@ def fused_margin_softmax_cross_entropy(
             "chunk_size needs the fused backward: under torch.func transforms, forward-mode "
             "AD or pml_margins.autograd_only() the logits are materialized (chunk_size=None)"
         )
-    if plain:
+    if plain or not num_classes:  # (no class, so no row: no block to run)
         materialize = True
     elif materialize is None:
         materialize = chunk_size is None and _materializes(
@@ -536,16 +539,19 @@ def fused_margin_softmax_cross_entropy(
             embeddings.device,
         )
     if materialize and per_class == 1 and phi is None and not plain:
-        return dense_margin_softmax_cross_entropy(
-            embeddings,
-            weight,
-            labels,
-            target_logit_fn,
-            scale,
-            normalize_embeddings,
-            normalize_weight,
-            bias,
-            scale_by_norm=scale_by_norm,
+        return _checked(
+            unbounded,
+            dense_margin_softmax_cross_entropy(
+                embeddings,
+                weight,
+                labels,
+                target_logit_fn,
+                scale,
+                normalize_embeddings,
+                normalize_weight,
+                bias,
+                scale_by_norm=scale_by_norm,
+            ),
         )
     if scale_by_norm:  # the norms through autograd on the other paths
         scale = _norm_scale(embeddings, weight, scale)
@@ -566,8 +572,11 @@ def fused_margin_softmax_cross_entropy(
         block = chunk_size
     block = min(block, num_classes)
     if materialize:
-        return _materialized(
-            x, weight, labels, target_logit_fn, scale, normalize_weight, bias, phi, per_class
+        return _checked(
+            unbounded,
+            _materialized(
+                x, weight, labels, target_logit_fn, scale, normalize_weight, bias, phi, per_class
+            ),
         )
     config = _Config(1.0, normalize_weight, block, saved, *_dtypes(x, weight), phi, per_class)
     if scale_fn is not None:  # the cosines first (kept for the forward), then the scale
@@ -601,11 +610,32 @@ def fused_margin_softmax_cross_entropy(
         target_cosines,
     )
     if grad or target.requires_grad:
-        return _FusedMarginSoftmax.apply(
-            x, weight, scale_tensor, bias, target, labels, slope, z_y, winner, config
+        return _checked(
+            unbounded,
+            _FusedMarginSoftmax.apply(
+                x, weight, scale_tensor, bias, target, labels, slope, z_y, winner, config
+            ),
         )
     with torch.no_grad():
-        return _forward(x, weight, scale_tensor, bias, target, labels, config, save=False)[0]
+        losses = _forward(x, weight, scale_tensor, bias, target, labels, config, save=False)[0]
+    return _checked(unbounded, losses)
+
+
+def _checked(unbounded: bool, losses: torch.Tensor) -> torch.Tensor:
+    """``losses``, refused (``ValueError``) where they are not finite while the logits are
+    raw inner products (``unbounded``: finite input may overflow them); cosine logits are
+    bounded by the scale. Nothing read when a loss, which checks its own, calls."""
+    if unbounded:
+        check_function_result(losses, _unbounded_error)
+    return losses
+
+
+def _unbounded_error() -> ValueError:
+    return ValueError(
+        "fused_margin_softmax_cross_entropy gave non-finite losses from finite embeddings: "
+        "without normalize_embeddings and normalize_weight its logits s x.w are not bounded "
+        "and overflowed, or W or the bias holds NaN/Inf; scale the embeddings or W down"
+    )
 
 
 class _Cosines(NamedTuple):

@@ -62,7 +62,11 @@ def cosface_margin_upper_bound(num_classes: int, embedding_size: int) -> float:
     """
     num_classes = _at_least_two(num_classes, "num_classes")
     if _at_least_two(embedding_size, "embedding_size") == 2:
-        return 1 - math.cos(2 * math.pi / num_classes)
+        # 2 sin^2(pi / C): 1 - cos(2 pi / C) without its cancellation at large C
+        try:
+            return 2 * math.sin(math.pi / num_classes) ** 2
+        except OverflowError:  # C beyond a float: the bound underflows to 0, as it tends to
+            return 0.0
     return num_classes / (num_classes - 1)
 
 

@@ -181,7 +181,9 @@ def margin_softmax_cross_entropy(
         labels: integer class indices, shape ``(B,)``, in ``[0, C)`` (checked unless a
             loss that has checked them calls: see
             :func:`~pml_margins.validation.check_function_inputs`); the logits' values are
-            not (``-inf`` masks a class; NaN gives NaN losses).
+            not (``-inf`` masks a class; NaN gives NaN losses), nor whether ``s z`` fits
+            the compute dtype (cosines do at any scale the check takes, up to 1e15; raw
+            logits beyond, say ``1e25 * 1e15``, overflow to NaN losses).
         target_logit_fn: :math:`\psi`, applied to the ``(B,)`` vector of target logits; ``None``
             for the identity.
         scale: :math:`s`, a float or a tensor of ``B`` per-sample scales.

@@ -178,17 +178,26 @@ def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
     """
     if not caller_checked():
         check_angle_multiple(multiplier)
+    cosine = _floating(cosine)
     multiplier = abs(multiplier)  # cos is even: cos(-m theta) = cos(m theta)
     if float(multiplier).is_integer():
         m = int(multiplier)
         t_prev, t_curr = torch.ones_like(cosine), cosine
         if m == 0:
             return t_prev
+        if m == 1:  # a new tensor, as for every other m (not the caller's)
+            return cosine.clone()
         for _ in range(m - 1):
             t_prev, t_curr = t_curr, 2 * cosine * t_curr - t_prev
         return t_curr
     eps = torch.finfo(cosine.dtype).eps
     return torch.cos(multiplier * torch.acos(torch.clamp(cosine, -1 + eps, 1 - eps)))
+
+
+def _floating(cosine: torch.Tensor) -> torch.Tensor:
+    """Integer (or bool) cosines in the default float dtype, as their product with a float
+    would be (the polynomials would otherwise stay integer); floating ones as they are."""
+    return cosine if cosine.is_floating_point() else cosine.to(torch.get_default_dtype())
 
 
 def _sin_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
@@ -254,6 +263,7 @@ def sphereface_value_and_slope(
     :math:`T_{k+1} = 2xT_k - T_{k-1}`, :math:`U_{k} = 2xU_{k-1} - U_{k-2}`,
     :math:`U_{-1} = 0`, :math:`U_0 = 1`)."""
     m = check_integer_margin(margin, "margin")
+    cosine = _floating(cosine)
     k = _angle_region(cosine, float(m), 0.0).clamp_(max=m - 1)
     # T and U side by side, one recurrence (a step costs its op launches, not its B values)
     # (no host-made constant: on an accelerator its copy would synchronize the stream)
