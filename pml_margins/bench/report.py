@@ -66,7 +66,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     Metrics are ``mean ± std`` (sample std over seeds) where an entry has ``metrics_std``;
     the train time (seconds per run) and the training throughput (images per second)
     are means over the runs. A caption under the table says the dataset, the protocol,
-    the units and the model each entry records it trained (``model``).
+    the units and the model each row trained (its entry's ``model``).
     """
     ks = results["recall_ks"]
     header = [
@@ -92,15 +92,28 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     seeds = _seed_count(results)
     spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
-    # what was built (a small CNN stands in for a backbone neither timm nor torchvision has)
-    built = dict.fromkeys(e["model"] for e in results["losses"] if e.get("model"))
-    model = f" Model: {'; '.join(built)}." if built else ""
+    model = _models_caption(results["losses"])
     lines += [
         "",
         f"{results.get('dataset', 'retrieval')}: {results.get('protocol', 'held-out classes')}. "
         f"Metrics in % ({spread}); train time in seconds per run, img/s in training.{model}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _models_caption(entries: list[dict[str, Any]]) -> str:
+    """What each entry records it trained (a small CNN stands in for a backbone neither
+    timm nor torchvision has): `` Model: X.`` when one model serves every row, else
+    each model with its rows; ``""`` when no entry records one."""
+    rows: dict[Any, list[str]] = {}
+    for entry in entries:
+        rows.setdefault(entry.get("model"), []).append(str(entry["label"]))
+    if list(rows) in ([], [None]):
+        return ""
+    if len(rows) == 1:
+        return f" Model: {next(iter(rows))}."
+    shown = (f"{model or 'not recorded'} ({', '.join(labels)})" for model, labels in rows.items())
+    return f" Models: {'; '.join(shown)}."
 
 
 def _json_safe(value: Any) -> Any:

@@ -109,7 +109,10 @@ def resolve_distance(distance: BaseDistance | None) -> tuple[Metric, bool] | Non
     if not isinstance(distance, BaseDistance):
         raise TypeError(f"distance must be a PML BaseDistance, got {type(distance).__name__}")
     normalize = bool(distance.normalize_embeddings)
-    if type(distance) in (CosineSimilarity, DotProductSimilarity) and distance.power == 1:
+    similarity = type(distance) in (CosineSimilarity, DotProductSimilarity)
+    if bool(distance.is_inverted) != similarity:  # (PML's constructors set it; one changed
+        return None  # in place ranks the other way: PML's CustomKNN then runs it)
+    if similarity and distance.power == 1:
         return "dot", normalize
     if type(distance) is LpDistance and distance.p == 2 and distance.power in (1, 2):
         return ("euclidean" if distance.power == 1 else "sqeuclidean"), normalize
@@ -391,6 +394,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             return
         before = dict(self.__dict__)
         try:
+            state = self.__dict__  # the search as its objects ask now (refresh_search:
+            exact, custom = _resolve_search(state.get("distance"), state.get("knn_func"))
+            state.update(exact=exact, _custom_knn=custom)  # one changed in place counts)
             super().__setattr__(name, self._later_setting(name, value))
             state = self.__dict__  # (a subclass's check, on the new settings)
             self.check_search(state.get("exact"), state.get("_custom_knn"))

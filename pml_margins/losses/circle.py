@@ -2,6 +2,7 @@ r"""Circle loss, pair-based: any PML miner, ``ref_emb``, CrossBatchMemory, distr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,6 +50,27 @@ def _choose_path(num_pos: int, num_neg: int, cells: int) -> str:
     if 4 * num_pos <= cells:
         return "dense_negatives"
     return "dense"
+
+
+class _FromMargin:
+    """One of PML's ``CircleLoss`` attributes derived from the margin ``m`` (the optima
+    :math:`O_p, O_n` and margins :math:`\\Delta_p, \\Delta_n`): read from ``m``; an
+    assignment is refused (the loss computes them from ``m``, the paper's relaxation)."""
+
+    def __init__(self, formula: str, of_margin: Callable[[float], float]) -> None:
+        self.formula, self.of_margin = formula, of_margin
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, loss: Any, owner: type | None = None) -> Any:
+        return self if loss is None else self.of_margin(loss.m)
+
+    def __set__(self, loss: Any, value: Any) -> None:
+        raise AttributeError(
+            f"CircleLoss's {self.name} is {self.formula}, derived from m (the paper's "
+            "relaxation; PML's too): set m instead"
+        )
 
 
 class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFunction):
@@ -134,31 +156,15 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
                 f"CircleLoss is defined on cosine similarity; distance must be a "
                 f"CosineSimilarity, got {type(self.distance).__name__}"
             )
-        self.soft_plus = torch.nn.Softplus(beta=1)  # (PML's attribute; the loss uses its own)
         self.add_to_recordable_attributes(
             list_of_names=["m", "gamma", "op", "on", "delta_p", "delta_n"], is_stat=False
         )
 
     # PML's derived attributes, read from ``m`` (which may change, e.g. by a schedule)
-    @property
-    def op(self) -> float:
-        """The positive optimum :math:`O_p = 1 + m`."""
-        return 1 + self.m
-
-    @property
-    def on(self) -> float:
-        """The negative optimum :math:`O_n = -m`."""
-        return -self.m
-
-    @property
-    def delta_p(self) -> float:
-        r"""The positive margin :math:`\Delta_p = 1 - m`."""
-        return 1 - self.m
-
-    @property
-    def delta_n(self) -> float:
-        r"""The negative margin :math:`\Delta_n = m`."""
-        return self.m
+    op = _FromMargin("1 + m", lambda m: 1 + m)
+    on = _FromMargin("-m", lambda m: -m)
+    delta_p = _FromMargin("1 - m", lambda m: 1 - m)
+    delta_n = _FromMargin("m", lambda m: m)
 
     def get_default_reducer(self) -> AvgNonZeroReducer:
         return AvgNonZeroReducer()

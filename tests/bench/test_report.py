@@ -134,5 +134,8 @@ def test_markdown_table_names_the_model_each_entry_trained() -> None:
     assert caption.endswith(f"Model: {small}.")
     mixed = [entries[0], {**entries[1], "model": "resnet50 (torchvision)"}]
     caption = report.markdown_table({**RESULTS, "losses": mixed}).splitlines()[-1]
-    assert caption.endswith(f"Model: {small}; resnet50 (torchvision).")
-    assert "Model:" not in report.markdown_table(RESULTS)  # (no entry records one)
+    assert caption.endswith(f"Models: {small} (A); resnet50 (torchvision) (B).")
+    partly = [entries[0], RESULTS["losses"][1]]  # one entry without a record says so
+    caption = report.markdown_table({**RESULTS, "losses": partly}).splitlines()[-1]
+    assert caption.endswith(f"Models: {small} (A); not recorded (B).")
+    assert "Model" not in report.markdown_table(RESULTS)  # (no entry records one)

@@ -6,7 +6,12 @@ from __future__ import annotations
 import faiss
 import pytest
 import torch
-from pytorch_metric_learning.distances import DotProductSimilarity, LpDistance, SNRDistance
+from pytorch_metric_learning.distances import (
+    CosineSimilarity,
+    DotProductSimilarity,
+    LpDistance,
+    SNRDistance,
+)
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN, FaissKNN
 
@@ -125,3 +130,26 @@ def test_a_sharded_calculator_refuses_a_distance_changed_in_place_to_one_it_cann
     assert calc.exact == ("euclidean", True)  # a refused search changes nothing
     d.p = 2
     assert calc.get_accuracy(x, y) == before
+
+
+def test_a_later_setting_is_checked_against_the_search_as_it_is_now():
+    knn = FaissKNN(reset_before=False)
+    knn.index = faiss.IndexFlatL2(6)
+    calc = RetrievalAccuracyCalculator(include=("precision_at_1",), knn_func=knn)
+    with pytest.raises(ValueError, match="leave backend='auto'"):
+        calc.backend = "faiss"  # its own index: run as PML's, which takes no backend
+    knn.reset_before = True  # now the exact search, whose backend may be chosen
+    calc.backend = "faiss"
+    assert calc.backend == "faiss" and calc._custom_knn is None
+
+
+@pytest.mark.parametrize("make", [LpDistance, lambda: CosineSimilarity()])
+def test_a_distance_inverted_in_place_ranks_the_other_way_as_in_pml(make):
+    x, y = _data(3, rows=40, width=5, classes=4)
+    d = make()
+    ours = RetrievalAccuracyCalculator(include=("precision_at_1",), distance=d)
+    before = ours.get_accuracy(x, y)
+    d.is_inverted = not d.is_inverted
+    pml = AccuracyCalculator(include=("precision_at_1",), knn_func=CustomKNN(d), device=CPU)
+    want = pml.get_accuracy(x, y)
+    assert want != before and ours.get_accuracy(x, y) == pytest.approx(want)
