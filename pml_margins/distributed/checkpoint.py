@@ -14,8 +14,11 @@ The sampler state is restored by :func:`load_into` for the same world size, so a
 resumed run draws the same classes; merging or re-sharding drops it (the
 sampling of another world size is different anyway).
 
-Only plain ``loss_kwargs`` (numbers, strings, booleans, ``None``; numpy scalars as the
-Python numbers they hold) are saved; pass objects such as a ``reducer`` again when
+``loss_kwargs`` holds the loss's hyper-parameters as they are when saved, its Partial FC
+``sample_rate`` (what :func:`to_single_process_loss` builds with; :func:`load_into` keeps
+the loss's own) and, for AdaCos, the scale it started from. Only plain ``loss_kwargs``
+(numbers, strings, booleans, ``None``; numpy scalars as the Python numbers they hold) are
+saved; pass objects such as a ``reducer`` again when
 rebuilding a loss. :func:`load_into` sets the loss's hyper-parameters to the shard's (a
 scheduler's ``load_state_dict``, before or after it, sets the same values).
 
@@ -39,6 +42,7 @@ import torch
 from pml_margins.distributed.loadable_state import check_loadable
 from pml_margins.distributed.sharded_loss import ShardedMarginSoftmaxLoss
 from pml_margins.distributed.sharding import shard_ranges
+from pml_margins.losses.adacos import AdaCosLoss
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.softmax import SoftmaxLoss
 
@@ -87,6 +91,33 @@ def _check_checkpoint(ckpt: object, what: str = "checkpoint") -> None:
     missing = [field for field in _FIELDS if field not in ckpt]
     if missing:
         raise ValueError(f"the {what} lacks {', '.join(missing)}")
+    wrong = [name for name, fits in _FIELD_TYPES.items() if not fits(ckpt[name])]
+    if wrong:  # (a tampered or hand-made one failed inside torch or Python)
+        shown = ", ".join(f"{name}={ckpt[name]!r}"[:80] for name in wrong)
+        raise ValueError(f"the {what} has fields of the wrong type or range: {shown}")
+
+
+def _count(value: object, low: int = 1) -> bool:
+    """A Python or numpy integer (not a bool) of at least ``low``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
+#: what each field must hold
+_FIELD_TYPES = {
+    "loss_type": lambda v: isinstance(v, str),
+    "loss_kwargs": lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
+    "num_classes": _count,
+    "embedding_size": _count,
+    "rank": lambda v: _count(v, 0),
+    "world_size": _count,
+    "class_range": lambda v: (
+        isinstance(v, (tuple, list)) and len(v) == 2 and all(_count(c, 0) for c in v)
+    ),
+    "state_dict": lambda v: (
+        isinstance(v, Mapping)
+        and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+    ),
+}
 
 
 def _type_name(loss_type: type) -> str:
@@ -95,7 +126,10 @@ def _type_name(loss_type: type) -> str:
 
 def _load_type(name: str) -> type[ClassWeightLoss]:
     module, _, qualname = name.rpartition(".")
-    loss_type = getattr(importlib.import_module(module), qualname, None)
+    try:
+        loss_type = getattr(importlib.import_module(module), qualname, None)
+    except ImportError as err:  # (an empty module name: ValueError from importlib)
+        raise ValueError(f"checkpoint loss_type {name!r} cannot be imported ({err})") from None
     if not (isinstance(loss_type, type) and issubclass(loss_type, ClassWeightLoss)):
         raise ValueError(f"checkpoint loss_type {name!r} is not a ClassWeightLoss subclass")
     return loss_type
@@ -127,13 +161,22 @@ def _current_hyperparameters(loss: ClassWeightLoss) -> dict[str, Any]:
     return {n: v for n, v in values.items() if v is None or isinstance(v, (bool, int, float, str))}
 
 
+def _rate(loss: ClassWeightLoss | ShardedMarginSoftmaxLoss) -> dict[str, float]:
+    """``{"sample_rate": r}``: the Partial FC rate (1: every class) of a single-process
+    loss, or the sharded loss's own (a checkpoint before it was recorded has none)."""
+    return {"sample_rate": float(loss.sample_rate)}
+
+
 def shard_checkpoint(loss: ShardedMarginSoftmaxLoss) -> Checkpoint:
     """This rank's shard of ``loss`` as a checkpoint dict (tensors detached, on CPU)."""
     return {
         "format": FORMAT,
         "loss_type": _type_name(loss.loss_type),
-        # the hyper-parameters as they are now (a scheduler may have moved a margin)
-        "loss_kwargs": _plain({**loss.loss_kwargs, **_current_hyperparameters(loss.loss)}),
+        # the hyper-parameters as they are now (a scheduler may have moved a margin), and
+        # the Partial FC rate (a single-process loss built from it samples at that rate)
+        "loss_kwargs": _plain(
+            {**loss.loss_kwargs, **_current_hyperparameters(loss.loss), **_rate(loss)}
+        ),
         "num_classes": loss.num_classes,
         "embedding_size": loss.embedding_size,
         "rank": loss.rank,
@@ -227,6 +270,12 @@ def _check_one_run(ordered: Sequence[Checkpoint]) -> None:
         if set(state) != set(first):
             raise ValueError(f"shard {rank} holds {sorted(state)}, shard 0 {sorted(first)}")
         start, end = shard["class_range"]
+        width = state["W"].shape[0] if "W" in state and state["W"].ndim == 2 else None
+        if width != shard["embedding_size"]:
+            raise ValueError(
+                f"shard {rank}'s W has {width} rows, its embedding_size is "
+                f"{shard['embedding_size']}: not a shard of that loss"
+            )
         for key, value in state.items():
             if value.dtype != first[key].dtype:
                 raise ValueError(
@@ -302,7 +351,10 @@ def reshard(shards: Sequence[Checkpoint], world_size: int) -> list[Checkpoint]:
 def load_into(loss: ShardedMarginSoftmaxLoss, shard: Checkpoint) -> None:
     """Load a shard into a :class:`ShardedMarginSoftmaxLoss` of the same loss type and
     class range: its tensors, its Partial FC sampler state (same world size) and its
-    hyper-parameters as they were saved (a margin a scheduler had moved). A refused
+    hyper-parameters as they were saved (a margin a scheduler had moved). The loss keeps
+    its own ``sample_rate`` (whether a run samples its classes is its choice: a
+    full-softmax checkpoint may resume with Partial FC); the shard's is what
+    :func:`to_single_process_loss` builds with. A refused
     shard loads nothing.
 
     Raises:
@@ -336,10 +388,15 @@ def load_into(loss: ShardedMarginSoftmaxLoss, shard: Checkpoint) -> None:
     before = _current_hyperparameters(loss.loss)
     try:
         _restore_hyperparameters(loss.loss, shard["loss_kwargs"])
-    except (TypeError, ValueError):
+        loss.loss.load_state_dict(shard["state_dict"])  # (atomic: all or nothing)
+    except (TypeError, ValueError, RuntimeError) as err:
         _restore_hyperparameters(loss.loss, before)  # a refused shard loads nothing
+        if isinstance(err, RuntimeError):  # torch's load_state_dict: one line, ValueError
+            reason = " ".join(str(err).split())
+            raise ValueError(
+                f"the shard's state cannot be loaded into the loss ({reason})"
+            ) from None
         raise
-    loss.loss.load_state_dict(shard["state_dict"])
     if same_world:
         loss.load_sampler_state(shard.get("sampler_state"))
 
@@ -394,9 +451,14 @@ def to_single_process_loss(
     if full["world_size"] != 1:
         full = merge_shards([full])
     loss_type = _load_type(full["loss_type"])
-    loss = loss_type(
-        full["num_classes"], full["embedding_size"], **{**full["loss_kwargs"], **loss_kwargs}
-    )
+    try:
+        loss = loss_type(
+            full["num_classes"], full["embedding_size"], **{**full["loss_kwargs"], **loss_kwargs}
+        )
+    except TypeError as err:  # an argument the class does not take (a tampered loss_type)
+        raise ValueError(
+            f"the checkpoint's loss_kwargs do not build a {full['loss_type']} ({err})"
+        ) from None
     state = {key: value.clone() for key, value in full["state_dict"].items()}
     try:
         loss.load_state_dict(state, assign=True)  # the checkpoint's tensors, not copies
@@ -429,9 +491,12 @@ def from_single_process_loss(loss: ClassWeightLoss, **loss_kwargs: Any) -> Check
             f"{type(loss).__module__}.{type(loss).__name__}; build ours and load the state "
             "dict into it first (PML's state dicts load into ours)"
         )
-    recorded = _current_hyperparameters(loss)
+    recorded = {**_current_hyperparameters(loss), **_rate(loss)}
     if isinstance(loss, SoftmaxLoss):  # bias=...: no attribute of that name records it
         recorded["bias"] = loss.use_bias
+    initial = loss.initial_statistics().get("scale") if isinstance(loss, AdaCosLoss) else None
+    if initial is not None:  # AdaCos: the scale it started from (the buffer holds the current)
+        recorded["scale"] = initial
     return {
         "format": FORMAT,
         "loss_type": _type_name(type(loss)),

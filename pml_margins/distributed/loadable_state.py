@@ -35,6 +35,12 @@ def check_loadable(mine: Mapping[str, object], state: Mapping[str, object]) -> N
             f"the state's tensors are not of the loss's kind: {shown} (a load would cast "
             "them into meaningless values): not a checkpoint of this loss"
         )
+    odd = [k for k, v, _ in pairs if v.layout != torch.strided or v.is_meta]
+    if odd:  # (load_state_dict fails on them part-way, with torch's own error)
+        raise ValueError(
+            f"the state's {', '.join(odd)} must be dense tensors holding values (not sparse "
+            "or on the meta device): not a saved state"
+        )
     if any(m.is_meta for _, _, m in pairs):
         raise ValueError(
             "the loss's tensors are on the meta device, where nothing loads: materialize it "

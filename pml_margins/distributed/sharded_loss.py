@@ -489,6 +489,8 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             check_embeddings(embeddings, width=self.embedding_size, norms_taken=norms_taken)
             check_class_labels(labels, embeddings.shape[0], self.num_classes)
             self.loss._check_weight_shape(embeddings)  # (W_local replaced: as in one process)
+            if self.sample_rate != 1:  # a loaded sampler state that fits no generator here
+                self._generator_for(embeddings.device)  # is refused by every rank together
 
         dtype = embeddings.dtype if isinstance(embeddings, torch.Tensor) else None
         grad = isinstance(embeddings, torch.Tensor) and embeddings.requires_grad

@@ -276,3 +276,91 @@ def test_the_modules_own_load_state_dict_makes_the_same_checks():
     low = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=2).bfloat16()
     low.load_state_dict(saved)
     assert torch.equal(low.W_local, saved["loss.W"].bfloat16())
+
+
+# --- third review of 2026-12-01 ---------------------------------------------------------
+
+
+def test_a_refused_state_loads_no_hyperparameter_either():
+    loss = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=1, margin=0.5)
+    shard = shard_checkpoint(
+        ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=1, margin=0.3)
+    )
+    before = loss.W_local.detach().clone()
+    for bad in (shard["state_dict"]["W"].to_sparse(), torch.empty(4, 10, device="meta")):
+        with pytest.raises(ValueError, match="must be dense tensors holding values"):
+            load_into(loss, {**shard, "state_dict": {"W": bad}})
+        assert loss.loss.margin == 0.5 and torch.equal(loss.W_local, before)
+
+
+def test_a_load_that_torch_refuses_leaves_the_hyperparameters(monkeypatch):
+    loss = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=1, margin=0.5)
+    shard = shard_checkpoint(
+        ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=1, margin=0.3)
+    )
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Error(s) in loading state_dict for ArcFaceLoss:\n  something")
+
+    monkeypatch.setattr(loss.loss, "load_state_dict", refuse)
+    with pytest.raises(ValueError, match=r"state cannot be loaded .*something"):
+        load_into(loss, shard)
+    assert loss.loss.margin == 0.5
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: c.update(rank="0"), "wrong type or range: rank='0'"),
+        (lambda c: c.update(world_size=3.0), "world_size=3.0"),
+        (lambda c: c.update(loss_kwargs=None), "loss_kwargs=None"),
+        (lambda c: c["state_dict"].update(W=[[0.0]]), "state_dict="),
+        (lambda c: c.update(class_range=(0, "5")), "class_range="),
+        (lambda c: c.update(num_classes=True), "num_classes=True"),
+    ],
+)
+def test_fields_of_the_wrong_type_are_named(edit, match):
+    shard = split_checkpoint(from_single_process_loss(ArcFaceLoss(10, 6)), 2)[0]
+    edit(shard)
+    with pytest.raises(ValueError, match=match):
+        merge_shards([shard])
+
+
+def test_shards_whose_w_does_not_fit_the_embedding_size_are_named():
+    shards = split_checkpoint(from_single_process_loss(ArcFaceLoss(10, 6)), 2)
+    shards[1]["state_dict"]["W"] = torch.zeros(5, 5)
+    with pytest.raises(ValueError, match="shard 1's W has 5 rows, its embedding_size is 6"):
+        merge_shards(shards)
+    for shard in shards:  # every shard 5 rows where the checkpoints say 6
+        shard["state_dict"]["W"] = torch.zeros(5, 5)
+    with pytest.raises(ValueError, match="shard 0's W has 5 rows"):
+        merge_shards(shards)
+
+
+def test_a_checkpoint_that_builds_no_loss_is_named():
+    full = from_single_process_loss(ArcFaceLoss(10, 6, easy_margin=True))
+    with pytest.raises(ValueError, match="cannot be imported"):
+        to_single_process_loss({**full, "loss_type": "no_such_module.ArcFaceLoss"})
+    cosface = "pml_margins.losses.cosface.CosFaceLoss"
+    with pytest.raises(ValueError, match=r"loss_kwargs do not build a .*CosFaceLoss"):
+        to_single_process_loss({**full, "loss_type": cosface})
+
+
+def test_the_partial_fc_rate_is_kept_by_every_conversion():
+    single = ArcFaceLoss(10, 6, sample_rate=0.3)
+    assert to_single_process_loss(from_single_process_loss(single)).sample_rate == 0.3
+    sharded = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 6, rank=0, world_size=1, sample_rate=0.5)
+    assert to_single_process_loss(shard_checkpoint(sharded)).sample_rate == 0.5
+    full_softmax = split_checkpoint(from_single_process_loss(ArcFaceLoss(10, 6)), 1)[0]
+    load_into(sharded, full_softmax)  # the run's own choice: it goes on sampling
+    assert sharded.sample_rate == 0.5
+
+
+def test_adacos_keeps_the_scale_it_started_from():
+    loss = AdaCosLoss(10, 6, scale=10.0)
+    with torch.no_grad():
+        loss.scale.fill_(3.5)  # moved by training
+    back = to_single_process_loss(from_single_process_loss(loss))
+    assert back.scale.item() == 3.5
+    back.reset_running_stats()
+    assert back.scale.item() == 10.0

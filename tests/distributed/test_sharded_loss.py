@@ -183,6 +183,7 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> No
         "width": "embeddings has width 5",
         "knn_nan": "reference_shard contains NaN or Inf",
         "knn_width": "reference_shard has width 3",
+        "sampler_state": "sampler state \\(16 bytes\\) does not fit a cpu generator",
     }
     for rank, errors in enumerate(seen):
         for case, message in own.items():

@@ -226,6 +226,14 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             seen[case] = "no error"
         except (TypeError, ValueError) as err:
             seen[case] = str(err)
+    sampled = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, sample_rate=0.5)
+    if rank == 1:  # a sampler state that fits no CPU generator (a CUDA one's): the other
+        sampled.load_sampler_state(torch.zeros(16, dtype=torch.uint8))  # ranks waited (review)
+    try:
+        sampled(x, y)
+        seen["sampler_state"] = "no error"
+    except ValueError as err:
+        seen["sampler_state"] = str(err)
     for case, shard in {  # the sizes' all-gather waited for the rank that raised
         "knn_nan": torch.full((5, 4), float("nan")),
         "knn_width": torch.randn(5, 3),
