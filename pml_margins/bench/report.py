@@ -107,7 +107,7 @@ def _models_caption(entries: list[dict[str, Any]]) -> str:
     each model with its rows; ``""`` when no entry records one."""
     rows: dict[Any, list[str]] = {}
     for entry in entries:
-        rows.setdefault(entry.get("model"), []).append(str(entry["label"]))
+        rows.setdefault(entry.get("model") or None, []).append(str(entry["label"]))
     if list(rows) in ([], [None]):
         return ""
     if len(rows) == 1:

@@ -93,7 +93,7 @@ def _check_checkpoint(ckpt: object, what: str = "checkpoint") -> None:
         raise ValueError(f"the {what} lacks {', '.join(missing)}")
     wrong = [name for name, fits in _FIELD_TYPES.items() if not fits(ckpt[name])]
     if wrong:  # (a tampered or hand-made one failed inside torch or Python)
-        shown = ", ".join(f"{name}={ckpt[name]!r}"[:80] for name in wrong)
+        shown = "; ".join(f"{name} must be {_FIELD_NEEDS[name]}" for name in wrong)
         raise ValueError(f"the {what} has fields of the wrong type or range: {shown}")
 
 
@@ -115,9 +115,33 @@ _FIELD_TYPES = {
     ),
     "state_dict": lambda v: (
         isinstance(v, Mapping)
-        and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+        and all(isinstance(k, str) and _saved_tensor(t) for k, t in v.items())
     ),
 }
+
+
+#: what each field must hold, as the message says it
+_FIELD_NEEDS = {
+    "loss_type": "a class's dotted name",
+    "loss_kwargs": "a dict of arguments by name",
+    "num_classes": "an int >= 1",
+    "embedding_size": "an int >= 1",
+    "rank": "an int >= 0",
+    "world_size": "an int >= 1",
+    "class_range": "a pair of ints >= 0",
+    "state_dict": "a dict of dense, real tensors with values (not sparse, meta or complex)",
+}
+
+
+def _saved_tensor(value: object) -> bool:
+    """A tensor a saved state holds: dense, with values, real (a sparse, meta or complex
+    one failed part-way in a split, or built a loss whose forward then failed)."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.layout == torch.strided
+        and not value.is_meta
+        and not value.is_complex()
+    )
 
 
 def _type_name(loss_type: type) -> str:
@@ -128,7 +152,7 @@ def _load_type(name: str) -> type[ClassWeightLoss]:
     module, _, qualname = name.rpartition(".")
     try:
         loss_type = getattr(importlib.import_module(module), qualname, None)
-    except ImportError as err:  # (an empty module name: ValueError from importlib)
+    except (ImportError, ValueError, TypeError) as err:  # (no module part, a relative one)
         raise ValueError(f"checkpoint loss_type {name!r} cannot be imported ({err})") from None
     if not (isinstance(loss_type, type) and issubclass(loss_type, ClassWeightLoss)):
         raise ValueError(f"checkpoint loss_type {name!r} is not a ClassWeightLoss subclass")
@@ -162,9 +186,11 @@ def _current_hyperparameters(loss: ClassWeightLoss) -> dict[str, Any]:
 
 
 def _rate(loss: ClassWeightLoss | ShardedMarginSoftmaxLoss) -> dict[str, float]:
-    """``{"sample_rate": r}``: the Partial FC rate (1: every class) of a single-process
-    loss, or the sharded loss's own (a checkpoint before it was recorded has none)."""
-    return {"sample_rate": float(loss.sample_rate)}
+    """``{"sample_rate": r}`` where the loss samples its classes (Partial FC: a
+    single-process loss's rate, or the sharded loss's own), else ``{}`` (every class: the
+    default, which a subclass that takes no ``sample_rate`` is built with too)."""
+    rate = float(loss.sample_rate)
+    return {} if rate == 1.0 else {"sample_rate": rate}
 
 
 def shard_checkpoint(loss: ShardedMarginSoftmaxLoss) -> Checkpoint:

@@ -85,6 +85,9 @@ def describe_distance(distance: object) -> str:
         return repr(distance)
     settings = {"p": getattr(distance, "p", None), "power": distance.power}
     settings["normalize_embeddings"] = distance.normalize_embeddings
+    similarity = type(distance) in (CosineSimilarity, DotProductSimilarity)
+    if bool(distance.is_inverted) != similarity:  # (changed in place: it ranks the other way)
+        settings["is_inverted"] = distance.is_inverted
     shown = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
     return f"{type(distance).__name__}({shown})"
 
@@ -393,10 +396,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             super().__setattr__(name, value)
             return
         before = dict(self.__dict__)
+        if name not in ("distance", "knn_func"):  # (those resolve the search themselves)
+            self._follow_search()
         try:
-            state = self.__dict__  # the search as its objects ask now (refresh_search:
-            exact, custom = _resolve_search(state.get("distance"), state.get("knn_func"))
-            state.update(exact=exact, _custom_knn=custom)  # one changed in place counts)
             super().__setattr__(name, self._later_setting(name, value))
             state = self.__dict__  # (a subclass's check, on the new settings)
             self.check_search(state.get("exact"), state.get("_custom_knn"))
@@ -475,6 +477,18 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         exact, custom = _resolve_search(state.get("distance"), state.get("knn_func"))
         _check_backend_with(state.get("backend", "auto"), custom)
         self.check_search(exact, custom)
+        state.update(exact=exact, _custom_knn=custom)
+
+    def _follow_search(self) -> None:
+        """The search as ``distance``/``knn_func`` ask for it now (one changed in place),
+        for a later setting's checks; left as it was where they cannot be resolved (the
+        next ``get_accuracy`` names that; another setting, or a new ``distance`` or
+        ``knn_func`` that replaces them, is still taken)."""
+        state = self.__dict__
+        try:
+            exact, custom = _resolve_search(state.get("distance"), state.get("knn_func"))
+        except (TypeError, ValueError):
+            return
         state.update(exact=exact, _custom_knn=custom)
 
     def requires_knn(self) -> list[str]:

@@ -99,14 +99,15 @@ def center_ema_update(
     alpha = check_unit_interval(alpha, "alpha")
     _check_centers(embeddings, centers, labels)
     c = centers.detach()
-    dtype = compute_dtype(c.dtype)
+    # the embeddings' precision too (float64 gaps of a float32 centre), the centres' at the end
+    dtype = compute_dtype(torch.promote_types(c.dtype, embeddings.dtype))
     with torch.autocast(device_type=c.device.type, enabled=False):
         c32 = c.to(dtype)
         idx = labels.long()
         # the paper's sum of (c_j - x_i): no n_j c_j - sum x_i, which overflows (or
         # cancels) where embeddings and centres are large and close
         gaps = c32.index_select(0, idx) - embeddings.detach().to(dtype)
-        sums = torch.zeros_like(c32).index_add_(0, idx, gaps)
+        sums = torch.zeros_like(c32).index_add(0, idx, gaps)  # (out of place: vmap batches it)
         counts = torch.bincount(idx, minlength=c.shape[0]).to(dtype).unsqueeze(1)
         new = (c32 - alpha * (sums / (1 + counts))).to(c.dtype)
     check_function_result(new, _overflow_error("center_ema_update", "a sum of c_j - x_i"))

@@ -503,7 +503,12 @@ def fused_margin_softmax_cross_entropy(
             f"target_cosines must have shape ({rows},), got {tuple(target_cosines.shape)}"
         )
     check_function_inputs(  # values: none when a loss that has checked them calls
-        embeddings, labels, num_classes, weight.shape[0], width_name="W's rows"
+        embeddings,
+        labels,
+        num_classes,
+        weight.shape[0],
+        width_name="W's rows",
+        norms_taken=normalize_embeddings,  # (raw rows: their result is read back instead)
     )
     # raw inner products are not bounded: their losses are read back (check_function_result)
     unbounded = not (normalize_embeddings and normalize_weight)

@@ -139,3 +139,5 @@ def test_markdown_table_names_the_model_each_entry_trained() -> None:
     caption = report.markdown_table({**RESULTS, "losses": partly}).splitlines()[-1]
     assert caption.endswith(f"Models: {small} (A); not recorded (B).")
     assert "Model" not in report.markdown_table(RESULTS)  # (no entry records one)
+    blank = [{**e, "model": ""} for e in RESULTS["losses"]]
+    assert "Model" not in report.markdown_table({**RESULTS, "losses": blank})

@@ -182,7 +182,8 @@ def test_a_shard_of_another_kind_loads_nothing():
         shard = _shards(ArcFaceLoss(10, 4, margin=0.1))[0]
         shard["state_dict"]["W"] = shard["state_dict"]["W"].to(dtype)
         before = loss.W_local.detach().clone()
-        with pytest.raises(ValueError, match=rf"W {dtype} vs torch.float32"):
+        kind = "dense, real tensors" if dtype.is_complex else rf"W {dtype} vs torch.float32"
+        with pytest.raises(ValueError, match=kind):  # (complex: refused as a saved state)
             load_into(loss, shard)
         assert torch.equal(loss.W_local, before) and loss.loss.margin != 0.1
     for loss_type in (ArcFaceLoss, AdaCosLoss):
@@ -287,10 +288,15 @@ def test_a_refused_state_loads_no_hyperparameter_either():
         ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, rank=0, world_size=1, margin=0.3)
     )
     before = loss.W_local.detach().clone()
-    for bad in (shard["state_dict"]["W"].to_sparse(), torch.empty(4, 10, device="meta")):
-        with pytest.raises(ValueError, match="must be dense tensors holding values"):
+    w = shard["state_dict"]["W"]
+    for bad in (w.to_sparse(), torch.empty(4, 10, device="meta"), w.to(torch.complex64)):
+        with pytest.raises(ValueError, match="state_dict must be a dict of dense, real tensors"):
             load_into(loss, {**shard, "state_dict": {"W": bad}})
         assert loss.loss.margin == 0.5 and torch.equal(loss.W_local, before)
+        full = {**from_single_process_loss(ArcFaceLoss(10, 4)), "state_dict": {"W": bad}}
+        for convert in (to_single_process_loss, lambda c: split_checkpoint(c, 2)):
+            with pytest.raises(ValueError, match="dense, real tensors with values"):
+                convert(full)  # (a sparse loss whose forward failed; a raw torch error)
 
 
 def test_a_load_that_torch_refuses_leaves_the_hyperparameters(monkeypatch):
@@ -311,12 +317,12 @@ def test_a_load_that_torch_refuses_leaves_the_hyperparameters(monkeypatch):
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (lambda c: c.update(rank="0"), "wrong type or range: rank='0'"),
-        (lambda c: c.update(world_size=3.0), "world_size=3.0"),
-        (lambda c: c.update(loss_kwargs=None), "loss_kwargs=None"),
-        (lambda c: c["state_dict"].update(W=[[0.0]]), "state_dict="),
-        (lambda c: c.update(class_range=(0, "5")), "class_range="),
-        (lambda c: c.update(num_classes=True), "num_classes=True"),
+        (lambda c: c.update(rank="0"), "wrong type or range: rank must be an int >= 0"),
+        (lambda c: c.update(world_size=3.0), "world_size must be an int >= 1"),
+        (lambda c: c.update(loss_kwargs=None), "loss_kwargs must be a dict"),
+        (lambda c: c["state_dict"].update(W=[[0.0]]), "state_dict must be a dict of dense"),
+        (lambda c: c.update(class_range=(0, "5")), "class_range must be a pair of ints"),
+        (lambda c: c.update(num_classes=True), "num_classes must be an int >= 1"),
     ],
 )
 def test_fields_of_the_wrong_type_are_named(edit, match):
@@ -339,8 +345,9 @@ def test_shards_whose_w_does_not_fit_the_embedding_size_are_named():
 
 def test_a_checkpoint_that_builds_no_loss_is_named():
     full = from_single_process_loss(ArcFaceLoss(10, 6, easy_margin=True))
-    with pytest.raises(ValueError, match="cannot be imported"):
-        to_single_process_loss({**full, "loss_type": "no_such_module.ArcFaceLoss"})
+    for name in ("no_such_module.ArcFaceLoss", "ArcFaceLoss", ".ArcFaceLoss", "..x.ArcFaceLoss"):
+        with pytest.raises(ValueError, match="cannot be imported"):
+            to_single_process_loss({**full, "loss_type": name})
     cosface = "pml_margins.losses.cosface.CosFaceLoss"
     with pytest.raises(ValueError, match=r"loss_kwargs do not build a .*CosFaceLoss"):
         to_single_process_loss({**full, "loss_type": cosface})
@@ -364,3 +371,21 @@ def test_adacos_keeps_the_scale_it_started_from():
     assert back.scale.item() == 3.5
     back.reset_running_stats()
     assert back.scale.item() == 10.0
+
+
+class _NoSampleRate(ArcFaceLoss):
+    """A subclass whose constructor takes no sample_rate (a loss of a user's own)."""
+
+    def __init__(self, num_classes, embedding_size, margin=0.5, scale=64.0, easy_margin=False):
+        super().__init__(
+            num_classes, embedding_size, margin=margin, scale=scale, easy_margin=easy_margin
+        )
+
+
+def test_a_loss_that_samples_no_class_records_no_rate():
+    # every checkpoint carried sample_rate=1.0, which such a subclass cannot be built with
+    back = to_single_process_loss(from_single_process_loss(_NoSampleRate(10, 4)))
+    assert type(back) is _NoSampleRate
+    sharded = ShardedMarginSoftmaxLoss(_NoSampleRate, 10, 4, rank=0, world_size=1)
+    assert "sample_rate" not in shard_checkpoint(sharded)["loss_kwargs"]
+    assert type(to_single_process_loss(shard_checkpoint(sharded))) is _NoSampleRate

@@ -153,3 +153,22 @@ def test_a_distance_inverted_in_place_ranks_the_other_way_as_in_pml(make):
     pml = AccuracyCalculator(include=("precision_at_1",), knn_func=CustomKNN(d), device=CPU)
     want = pml.get_accuracy(x, y)
     assert want != before and ours.get_accuracy(x, y) == pytest.approx(want)
+
+
+def test_a_search_broken_in_place_can_still_be_replaced_and_other_settings_taken():
+    knn = CustomKNN(LpDistance())
+    calc = RetrievalAccuracyCalculator(include=("precision_at_1",), knn_func=knn)
+    knn.distance = "not a distance"
+    calc.k = 3  # (the search's error belongs to get_accuracy, not to every setting)
+    with pytest.raises(TypeError, match="distance must be a PML BaseDistance"):
+        calc.get_accuracy(*_data(5))
+    calc.distance = CosineSimilarity()  # the repair
+    assert calc.exact == ("dot", True) and calc.k == 3
+    calc.get_accuracy(*_data(5))
+
+
+def test_an_inverted_distance_is_shown_inverted():
+    d = LpDistance()
+    d.is_inverted = True
+    with pytest.raises(ValueError, match=r"normalize_embeddings=True, is_inverted=True\)"):
+        ShardedRetrievalAccuracyCalculator(distance=d)

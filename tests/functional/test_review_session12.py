@@ -121,3 +121,31 @@ def test_integer_cosines_give_floating_polynomials_and_results_are_new_tensors()
     once = F.cos_multiple_angle(cosine, 1)
     once.add_(1.0)  # the caller's tensor is not the result
     assert torch.equal(cosine, torch.tensor([0.3, -0.2]))
+
+
+def test_center_ema_update_is_batched_by_vmap():
+    g = torch.Generator().manual_seed(2)
+    c, x = torch.randn(3, 4, generator=g), torch.randn(5, 8, 4, generator=g)
+    y = torch.randint(0, 3, (5, 8), generator=g)
+    batched = torch.func.vmap(F.center_ema_update, in_dims=(None, 0, 0, None))(c, x, y, 0.5)
+    one_by_one = torch.stack([F.center_ema_update(c, x[i], y[i], 0.5) for i in range(5)])
+    torch.testing.assert_close(batched, one_by_one, rtol=0, atol=0)
+
+
+def test_center_ema_update_takes_its_gaps_in_the_embeddings_precision():
+    # float64 gaps of 6e38 between float32 centres and embeddings: the new centre fits
+    c, x = torch.full((1, 2), 3e38), torch.full((1, 2), -3e38, dtype=torch.float64)
+    new = F.center_ema_update(c, x, torch.tensor([0]), 0.5)
+    assert new.dtype == torch.float32 and torch.equal(new, torch.full((1, 2), 1.5e38))
+
+
+def test_raw_rows_whose_squared_norm_overflows_are_not_refused_where_none_is_taken():
+    x = torch.randn(3, 4)
+    x[0] = 1e19  # |x|^2 overflows float32; x.w = 4e9 does not
+    w, y = torch.full((4, 5), 1e-10), torch.tensor([0, 1, 2])
+    raw = {"normalize_embeddings": False, "normalize_weight": False}
+    got = F.fused_margin_softmax_cross_entropy(x, w, y, None, 1.0, **raw)
+    want = F.fused_margin_softmax_cross_entropy(x.double(), w.double(), y, None, 1.0, **raw)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="its square overflows"):  # (normalized: taken)
+        F.fused_margin_softmax_cross_entropy(x, w, y, None, 1.0)

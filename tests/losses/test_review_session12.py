@@ -98,7 +98,7 @@ def test_center_update_of_large_close_values_keeps_the_centres_finite():
 def test_center_update_beyond_the_buffers_range_is_refused_before_it_moves():
     # float64 embeddings beyond float32's range: a finite loss, but inf float32 centres
     loss_fn = CenterLoss(3, 4)
-    x = torch.full((2, 4), 1e39, dtype=torch.float64)
+    x = torch.full((2, 4), 1e40, dtype=torch.float64)  # the new centres: 3.3e39
     with pytest.raises(ValueError, match=r"center update left torch\.float32's range"):
         loss_fn(x, torch.tensor([0, 0]))
     assert torch.equal(loss_fn.centers, torch.zeros(3, 4))
