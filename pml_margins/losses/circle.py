@@ -20,7 +20,7 @@ from pml_margins.functional.circle import (
     circle_loss_whole,
 )
 from pml_margins.functional.margin_softmax import autocast_off, compute_dtype
-from pml_margins.losses.checked_forward import CheckedForwardMixin
+from pml_margins.losses.checked_forward import CheckedForwardMixin, check_rows_and_reduced
 from pml_margins.losses.hyperparameter import Hyperparameter, HyperparameterAttributes
 from pml_margins.losses.pml_calls import runs_as_its_class
 from pml_margins.validation import (
@@ -226,7 +226,28 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
                 indices_tuple, batch, ref_size, sim.device
             )
         with CHECKED_BY_CALLER:  # the forward checked the inputs (hyper-parameters when set)
-            return self._loss_dict(sim, pos_mask, neg_mask, num_pos, num_neg)
+            loss_dict = self._loss_dict(sim, pos_mask, neg_mask, num_pos, num_neg)
+        if not self.distance.normalize_embeddings:  # raw dot products: see check_result
+            self._hold_rows_for_check(loss_dict["loss"]["losses"])
+        return loss_dict
+
+    def check_result(self, loss: torch.Tensor) -> None:
+        """With a ``CosineSimilarity(normalize_embeddings=False)`` (raw dot products, as
+        PML's loss takes them), refuse the anchors' losses, then the reduced ``loss``, that
+        came out NaN/Inf from finite embeddings (one read-back); cosines are bounded."""
+        rows = self.__dict__.pop("_rows_finite", None)
+        if self.distance.normalize_embeddings:
+            return
+
+        def error() -> ValueError:
+            return ValueError(
+                "CircleLoss gave non-finite losses from finite embeddings: its distance does "
+                "not normalize (normalize_embeddings=False), so the similarities are raw dot "
+                "products, which overflowed the pair logits; scale the embeddings down or "
+                "use a normalizing CosineSimilarity"
+            )
+
+        check_rows_and_reduced(rows, loss, error, error)
 
     def _loss_dict(
         self,
@@ -289,6 +310,7 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
         with autocast_off(embeddings.device.type):
             if (
                 type(dist) is not CosineSimilarity
+                or not dist.normalize_embeddings  # (raw dot products: the distance's own)
                 or dist.collect_stats
                 or dist.power != 1
                 or dist.p != 2

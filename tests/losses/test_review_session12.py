@@ -102,3 +102,31 @@ def test_center_update_beyond_the_buffers_range_is_refused_before_it_moves():
     with pytest.raises(ValueError, match=r"center update left torch\.float32's range"):
         loss_fn(x, torch.tensor([0, 0]))
     assert torch.equal(loss_fn.centers, torch.zeros(3, 4))
+
+
+def _raw_cosine():
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    distance = CosineSimilarity()
+    distance.normalize_embeddings = False  # (set in place: PML's constructor fixes it True)
+    return distance
+
+
+def test_circle_with_a_cosine_that_does_not_normalize_takes_raw_dot_products_as_pml():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 3, (8,), generator=g)
+    ours, pml = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = CircleLoss(m=0.4, gamma=80, distance=_raw_cosine())(ours, y)
+    want = PMLCircleLoss(m=0.4, gamma=80, distance=_raw_cosine())(pml, y)
+    (got + want).backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ours.grad, pml.grad)
+    normalized = CircleLoss(m=0.4, gamma=80)(x, y)
+    assert not torch.isclose(got, normalized)  # (the fast path normalized them before)
+
+
+def test_circle_raw_dot_products_that_overflow_are_refused():
+    x, y = torch.randn(8, 4) * 1e10, torch.arange(8) % 3
+    with pytest.raises(ValueError, match="raw dot products, which overflowed"):
+        CircleLoss(distance=_raw_cosine())(x, y)
