@@ -149,14 +149,31 @@ def _type_name(loss_type: type) -> str:
 
 
 def _load_type(name: str) -> type[ClassWeightLoss]:
-    module, _, qualname = name.rpartition(".")
-    try:
-        loss_type = getattr(importlib.import_module(module), qualname, None)
-    except (ImportError, ValueError, TypeError) as err:  # (no module part, a relative one)
-        raise ValueError(f"checkpoint loss_type {name!r} cannot be imported ({err})") from None
-    if not (isinstance(loss_type, type) and issubclass(loss_type, ClassWeightLoss)):
-        raise ValueError(f"checkpoint loss_type {name!r} is not a ClassWeightLoss subclass")
-    return loss_type
+    """The class-weight loss class a checkpoint names: pml_margins' own (imported on
+    demand) or one of a module already imported. Nothing else is imported: a file read
+    with ``weights_only`` must not run a module's code (``pml_margins.__main__`` parsed
+    the command line and exited)."""
+    module = name.rpartition(".")[0]
+    if module.startswith("pml_margins.losses."):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"checkpoint loss_type {name!r} cannot be imported ({err})") from None
+    known = {_type_name(cls): cls for cls in _subclasses(ClassWeightLoss)}
+    if name not in known:
+        raise ValueError(
+            f"checkpoint loss_type {name!r} is not a ClassWeightLoss subclass of pml_margins "
+            "or of an imported module (import the module that defines it first)"
+        )
+    return known[name]
+
+
+def _subclasses(cls: type) -> list[type]:
+    """Every subclass of ``cls`` defined so far, at any depth."""
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
 
 
 def _plain(kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def describe_distance(distance: object) -> str:
         return repr(distance)
     settings = {"p": getattr(distance, "p", None), "power": distance.power}
     settings["normalize_embeddings"] = distance.normalize_embeddings
-    similarity = type(distance) in (CosineSimilarity, DotProductSimilarity)
+    similarity = isinstance(distance, DotProductSimilarity)  # (CosineSimilarity: one too)
     if bool(distance.is_inverted) != similarity:  # (changed in place: it ranks the other way)
         settings["is_inverted"] = distance.is_inverted
     shown = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
@@ -115,7 +115,7 @@ def resolve_distance(distance: BaseDistance | None) -> tuple[Metric, bool] | Non
     similarity = type(distance) in (CosineSimilarity, DotProductSimilarity)
     if bool(distance.is_inverted) != similarity:  # (PML's constructors set it; one changed
         return None  # in place ranks the other way: PML's CustomKNN then runs it)
-    if similarity and distance.power == 1:
+    if similarity and distance.power == 1 and (not normalize or distance.p == 2):
         return "dot", normalize
     if type(distance) is LpDistance and distance.p == 2 and distance.power in (1, 2):
         return ("euclidean" if distance.power == 1 else "sqeuclidean"), normalize

@@ -156,7 +156,10 @@ class CenterLoss(
         ref_emb: torch.Tensor | None,
         ref_labels: torch.Tensor | None,
     ) -> None:
-        """Embeddings of width ``embedding_size``, labels in ``[0, C)``, no ``ref_emb``."""
+        """Embeddings of width ``embedding_size``, labels in ``[0, C)``, no ``ref_emb``; the
+        definition's distance (checked again: one changed in place or replaced after
+        construction would be ignored, as the loss computes the distance itself)."""
+        _check_center_distance(self.distance)
         check_not_meta(self.centers, "CenterLoss's centers")
         check_class_loss_input(
             "CenterLoss",

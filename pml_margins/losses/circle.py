@@ -227,24 +227,44 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
             )
         with CHECKED_BY_CALLER:  # the forward checked the inputs (hyper-parameters when set)
             loss_dict = self._loss_dict(sim, pos_mask, neg_mask, num_pos, num_neg)
-        if not self.distance.normalize_embeddings:  # raw dot products: see check_result
+        if not self._cosines():  # not bounded: see check_result
             self._hold_rows_for_check(loss_dict["loss"]["losses"])
         return loss_dict
 
+    def _cosines(self) -> bool:
+        """Whether the distance gives L2 cosines (PML's ``CosineSimilarity`` as built: a
+        plain, normalizing similarity of power 1 and ``p = 2``), in ``[-1, 1]``: the pair
+        logits are then bounded by ``gamma``. Other settings (raw dot products, a
+        ``power`` or ``p``, changed in place or given) can give NaN/Inf from finite input."""
+        d = self.distance  # (is_inverted does not change the values the loss reads)
+        return (
+            type(d) is CosineSimilarity
+            and bool(d.normalize_embeddings)
+            and d.power == 1
+            and d.p == 2
+        )
+
     def check_result(self, loss: torch.Tensor) -> None:
-        """With a ``CosineSimilarity(normalize_embeddings=False)`` (raw dot products, as
-        PML's loss takes them), refuse the anchors' losses, then the reduced ``loss``, that
-        came out NaN/Inf from finite embeddings (one read-back); cosines are bounded."""
+        """Where the similarities are not L2 cosines (:meth:`_cosines`: raw dot products,
+        as PML's loss takes them from a ``CosineSimilarity`` set not to normalize, or a
+        ``power``/``p``), refuse the anchors' losses, then the reduced ``loss``, that came
+        out NaN/Inf from finite embeddings (one read-back); cosines are bounded."""
         rows = self.__dict__.pop("_rows_finite", None)
-        if self.distance.normalize_embeddings:
+        if self._cosines():
             return
+        d = self.distance
+        shown = (
+            f"normalize_embeddings={d.normalize_embeddings}, power={d.power}, p={d.p}, "
+            f"is_inverted={d.is_inverted}"
+        )
 
         def error() -> ValueError:
             return ValueError(
-                "CircleLoss gave non-finite losses from finite embeddings: its distance does "
-                "not normalize (normalize_embeddings=False), so the similarities are raw dot "
-                "products, which overflowed the pair logits; scale the embeddings down or "
-                "use a normalizing CosineSimilarity"
+                f"CircleLoss gave non-finite losses from finite embeddings: its distance "
+                f"({type(d).__name__}({shown})) does not give L2 cosines, and its "
+                "similarities overflowed the pair logits or are not real (a fractional "
+                "power of a negative one); use a plain CosineSimilarity, or scale the "
+                "embeddings down"
             )
 
         check_rows_and_reduced(rows, loss, error, error)

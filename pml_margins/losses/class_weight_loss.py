@@ -63,12 +63,15 @@ def is_plain_inner_product(distance: BaseDistance) -> bool:
     """Whether ``distance`` is PML's cosine or dot-product similarity, nothing added.
 
     Exactly ``CosineSimilarity`` or ``DotProductSimilarity`` (not a subclass), power 1,
-    and L2 normalization when it normalizes: the forms the fused core computes.
+    L2 normalization when it normalizes, and a similarity (``is_inverted``, as PML's
+    constructors set it: one changed in place negates its values in PML's losses): the
+    forms the fused core computes.
     """
     return (
         type(distance) in (CosineSimilarity, DotProductSimilarity)
         and distance.power == 1
         and (not distance.normalize_embeddings or distance.p == 2)
+        and bool(distance.is_inverted)
     )
 
 

@@ -346,7 +346,7 @@ def test_shards_whose_w_does_not_fit_the_embedding_size_are_named():
 def test_a_checkpoint_that_builds_no_loss_is_named():
     full = from_single_process_loss(ArcFaceLoss(10, 6, easy_margin=True))
     for name in ("no_such_module.ArcFaceLoss", "ArcFaceLoss", ".ArcFaceLoss", "..x.ArcFaceLoss"):
-        with pytest.raises(ValueError, match="cannot be imported"):
+        with pytest.raises(ValueError, match="is not a ClassWeightLoss subclass of pml_margins"):
             to_single_process_loss({**full, "loss_type": name})
     cosface = "pml_margins.losses.cosface.CosFaceLoss"
     with pytest.raises(ValueError, match=r"loss_kwargs do not build a .*CosFaceLoss"):
@@ -389,3 +389,12 @@ def test_a_loss_that_samples_no_class_records_no_rate():
     sharded = ShardedMarginSoftmaxLoss(_NoSampleRate, 10, 4, rank=0, world_size=1)
     assert "sample_rate" not in shard_checkpoint(sharded)["loss_kwargs"]
     assert type(to_single_process_loss(shard_checkpoint(sharded))) is _NoSampleRate
+
+
+@pytest.mark.parametrize("name", ["pml_margins.__main__.ArcFaceLoss", "this.ArcFaceLoss"])
+def test_a_checkpoints_loss_type_imports_no_module(name, capsys):
+    # the CLI's module parsed the command line and exited; "this" printed its poem
+    full = from_single_process_loss(ArcFaceLoss(5, 4))
+    with pytest.raises(ValueError, match="import the module that defines it first"):
+        to_single_process_loss({**full, "loss_type": name})
+    assert capsys.readouterr().out == ""

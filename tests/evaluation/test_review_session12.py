@@ -172,3 +172,18 @@ def test_an_inverted_distance_is_shown_inverted():
     d.is_inverted = True
     with pytest.raises(ValueError, match=r"normalize_embeddings=True, is_inverted=True\)"):
         ShardedRetrievalAccuracyCalculator(distance=d)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_cosine_of_another_p_is_searched_as_pml_does(in_place):
+    x, y = _data(7, rows=50, width=5, classes=4)
+    d = CosineSimilarity() if in_place else CosineSimilarity(p=1)
+    ours = RetrievalAccuracyCalculator(include=("precision_at_1", "r_precision"), distance=d)
+    if in_place:
+        ours.get_accuracy(x, y)
+        d.p = 1
+    pml = AccuracyCalculator(
+        include=("precision_at_1", "r_precision"), knn_func=CustomKNN(d), device=CPU
+    )
+    assert ours.get_accuracy(x, y) == pytest.approx(pml.get_accuracy(x, y))
+    assert ours.exact is None

@@ -128,5 +128,64 @@ def test_circle_with_a_cosine_that_does_not_normalize_takes_raw_dot_products_as_
 
 def test_circle_raw_dot_products_that_overflow_are_refused():
     x, y = torch.randn(8, 4) * 1e10, torch.arange(8) % 3
-    with pytest.raises(ValueError, match="raw dot products, which overflowed"):
+    with pytest.raises(ValueError, match="does not give L2 cosines"):
         CircleLoss(distance=_raw_cosine())(x, y)
+
+
+@pytest.mark.parametrize("power", [0.5, 3])
+def test_circle_with_a_power_that_leaves_the_cosines_reads_its_result_back(power):
+    loss_fn = CircleLoss(m=0.4, gamma=80)
+    loss_fn.distance.power = power  # (in place; 0.5 of a negative cosine: NaN)
+    x, y = torch.randn(10, 4, generator=torch.Generator().manual_seed(1)), torch.arange(10) % 3
+    if power == 0.5:
+        with pytest.raises(ValueError, match="does not give L2 cosines"):
+            loss_fn(x, y)  # (AvgNonZeroReducer dropped the NaN rows: a silent 0.0)
+    else:
+        pml = PMLCircleLoss(m=0.4, gamma=80)
+        pml.distance.power = power
+        torch.testing.assert_close(loss_fn(x, y), pml(x, y))
+
+
+@pytest.mark.parametrize("loss_name", ["NormSoftmaxLoss", "SoftmaxLoss"])
+def test_a_similarity_made_a_distance_in_place_is_negated_as_in_pml(loss_name):
+    import pytorch_metric_learning.losses as pml_losses
+
+    import pml_margins.losses as ours_losses
+
+    ours = getattr(ours_losses, loss_name)(5, 4).double()
+    if loss_name == "NormSoftmaxLoss":
+        pml = pml_losses.NormalizedSoftmaxLoss(5, 4, temperature=1 / ours.scale).double()
+        with torch.no_grad():
+            pml.W.copy_(ours.W)
+    for distance in (ours.distance, pml.distance if loss_name == "NormSoftmaxLoss" else None):
+        if distance is not None:
+            distance.is_inverted = False
+    g = torch.Generator().manual_seed(0)
+    x, y = (
+        torch.randn(8, 4, dtype=torch.float64, generator=g),
+        torch.randint(0, 5, (8,), generator=g),
+    )
+    got = ours(x, y)
+    # the loss's own logits (PML's rule: a distance's values negated) give the same loss
+    want = torch.nn.functional.cross_entropy(ours.get_logits(x), y)
+    torch.testing.assert_close(got, want)
+    if loss_name == "NormSoftmaxLoss":
+        torch.testing.assert_close(got, pml(x, y))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: setattr(d, "power", 1),
+        lambda d: setattr(d, "normalize_embeddings", True),
+        lambda d: setattr(d, "p", 1),
+    ],
+)
+def test_center_distance_changed_in_place_is_refused_at_the_forward(change):
+    loss_fn = CenterLoss(3, 4).eval()
+    change(loss_fn.distance)
+    with pytest.raises(TypeError, match="distance may only be LpDistance"):
+        loss_fn(torch.randn(6, 4), torch.arange(6) % 3)
+    loss_fn.distance = torch.nn.Identity()  # replaced outright
+    with pytest.raises(TypeError, match="got Identity"):
+        loss_fn(torch.randn(6, 4), torch.arange(6) % 3)
