@@ -29,10 +29,12 @@ after :func:`reshard` the moments of ``W`` start again from zero.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import numbers
 import os
 import pickle
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -149,27 +151,38 @@ def _type_name(loss_type: type) -> str:
 
 
 def _load_type(name: str) -> type[ClassWeightLoss]:
-    """The class-weight loss class a checkpoint names: pml_margins' own (imported on
-    demand) or one of a module already imported. Nothing else is imported: a file read
-    with ``weights_only`` must not run a module's code (``pml_margins.__main__`` parsed
-    the command line and exited)."""
-    module = name.rpartition(".")[0]
-    if module.startswith("pml_margins.losses."):
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            raise ValueError(f"checkpoint loss_type {name!r} cannot be imported ({err})") from None
-    known = {_type_name(cls): cls for cls in _subclasses(ClassWeightLoss)}
-    if name not in known:
+    """The class-weight loss class a checkpoint names, as the name is bound now: found in
+    pml_margins' own modules (imported on demand) or in a module already imported;
+    else, for a class no module binds (a local one), the one class of that name.
+    Nothing else is imported: a file read with ``weights_only`` must not run a module's
+    code (``pml_margins.__main__`` parsed the command line and exited)."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):  # (a qualified name may hold dots too)
+        module = ".".join(parts[:cut])
+        if module.startswith("pml_margins.losses.") and module not in sys.modules:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
+        found: Any = sys.modules.get(module)
+        for attribute in parts[cut:] if found is not None else ():
+            found = getattr(found, attribute, None)
+        if isinstance(found, type) and issubclass(found, ClassWeightLoss):
+            return found
+    named = set(cls for cls in _subclasses(ClassWeightLoss) if _type_name(cls) == name)
+    if len(named) > 1:
+        raise ValueError(
+            f"checkpoint loss_type {name!r} names {len(named)} classes (defined again, in a "
+            "notebook or a factory): build the loss and use load_into, or rename one"
+        )
+    if not named:
         raise ValueError(
             f"checkpoint loss_type {name!r} is not a ClassWeightLoss subclass of pml_margins "
             "or of an imported module (import the module that defines it first)"
         )
-    return known[name]
+    return named.pop()
 
 
 def _subclasses(cls: type) -> list[type]:
-    """Every subclass of ``cls`` defined so far, at any depth."""
+    """Every subclass of ``cls`` defined so far (and not yet collected), at any depth."""
     found = []
     for sub in cls.__subclasses__():
         found += [sub, *_subclasses(sub)]

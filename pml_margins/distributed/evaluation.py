@@ -220,8 +220,10 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             shown = getattr(knn_func, "distance", knn_func)
             raise ValueError(
                 f"{type(self).__name__} runs the sharded exact k-nn, which supports "
-                "LpDistance(p=2, power=1 or 2), CosineSimilarity and DotProductSimilarity; "
-                f"got {describe_distance(shown)}, which cannot see the other ranks' references"
+                "LpDistance(p=2, power=1 or 2) and CosineSimilarity / DotProductSimilarity "
+                "(power=1, p=2 when normalizing), as built (no hook, no method or is_inverted "
+                f"changed); got {describe_distance(shown)}, which cannot see the other ranks' "
+                "references"
             )
 
     def get_accuracy(

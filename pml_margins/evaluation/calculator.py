@@ -40,6 +40,7 @@ from pml_margins.evaluation.inputs import (
 )
 from pml_margins.evaluation.knn import Backend, Metric, check_num_threads, exact_knn, uses_faiss
 from pml_margins.evaluation.label_matching import compared, custom_relevance, label_positions
+from pml_margins.losses.pml_calls import runs_as_its_class
 
 __all__ = [
     "RetrievalAccuracyCalculator",
@@ -111,6 +112,8 @@ def resolve_distance(distance: BaseDistance | None) -> tuple[Metric, bool] | Non
         distance = distance.distance
     if not isinstance(distance, BaseDistance):
         raise TypeError(f"distance must be a PML BaseDistance, got {type(distance).__name__}")
+    if not runs_as_its_class(distance):  # a hook or a method replaced on it: PML's call
+        return None  # (CustomKNN) runs it, and so gives what it changes
     normalize = bool(distance.normalize_embeddings)
     similarity = type(distance) in (CosineSimilarity, DotProductSimilarity)
     if bool(distance.is_inverted) != similarity:  # (PML's constructors set it; one changed

@@ -233,12 +233,14 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
 
     def _cosines(self) -> bool:
         """Whether the distance gives L2 cosines (PML's ``CosineSimilarity`` as built: a
-        plain, normalizing similarity of power 1 and ``p = 2``), in ``[-1, 1]``: the pair
+        plain, normalizing similarity of power 1 and ``p = 2``, without hooks or methods
+        replaced on it), in ``[-1, 1]``: the pair
         logits are then bounded by ``gamma``. Other settings (raw dot products, a
         ``power`` or ``p``, changed in place or given) can give NaN/Inf from finite input."""
         d = self.distance  # (is_inverted does not change the values the loss reads)
         return (
             type(d) is CosineSimilarity
+            and runs_as_its_class(d)  # (a hook or a method replaced on it: any values)
             and bool(d.normalize_embeddings)
             and d.power == 1
             and d.p == 2

@@ -63,16 +63,22 @@ def is_plain_inner_product(distance: BaseDistance) -> bool:
     """Whether ``distance`` is PML's cosine or dot-product similarity, nothing added.
 
     Exactly ``CosineSimilarity`` or ``DotProductSimilarity`` (not a subclass), power 1,
-    L2 normalization when it normalizes, and a similarity (``is_inverted``, as PML's
-    constructors set it: one changed in place negates its values in PML's losses): the
-    forms the fused core computes.
+    and L2 normalization when it normalizes: the forms the fused core computes. (Its
+    ``is_inverted``, which PML's margin losses do not read, is the concern of the losses
+    that negate a distance's values: see :func:`is_plain_similarity`.)
     """
     return (
         type(distance) in (CosineSimilarity, DotProductSimilarity)
         and distance.power == 1
         and (not distance.normalize_embeddings or distance.p == 2)
-        and bool(distance.is_inverted)
     )
+
+
+def is_plain_similarity(distance: BaseDistance) -> bool:
+    """:func:`is_plain_inner_product` and a similarity (``is_inverted``, as PML's
+    constructors set it): for ``SoftmaxLoss`` and NSL, whose logits are a distance's
+    values negated where it is not inverted (PML's NSL rule; one set False in place)."""
+    return is_plain_inner_product(distance) and bool(distance.is_inverted)
 
 
 #: what forms a class-weight loss's logits: redefined without a ``fused_logits`` that

@@ -8,7 +8,11 @@ import torch
 from pytorch_metric_learning.distances import BaseDistance
 
 from pml_margins.functional.fused_margin_softmax import FusedLogits
-from pml_margins.losses.class_weight_loss import ClassWeightLoss, is_plain_inner_product
+from pml_margins.losses.class_weight_loss import (
+    ClassWeightLoss,
+    is_plain_inner_product,
+    is_plain_similarity,
+)
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import check_logit_scale
 
@@ -74,6 +78,6 @@ class NormSoftmaxLoss(ClassWeightLoss):
 
     def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
         """Fused with a plain cosine/dot similarity: ``W`` normalized, ``x`` as it says."""
-        if not is_plain_inner_product(self.distance) or self.distance.p != 2:
+        if not is_plain_similarity(self.distance) or self.distance.p != 2:  # (see base_logits)
             return None
         return FusedLogits(bool(self.distance.normalize_embeddings), True, self.scale)

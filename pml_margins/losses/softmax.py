@@ -9,7 +9,10 @@ import torch
 from pytorch_metric_learning.distances import BaseDistance, DotProductSimilarity
 
 from pml_margins.functional.fused_margin_softmax import FusedLogits
-from pml_margins.losses.class_weight_loss import ClassWeightLoss, is_plain_inner_product
+from pml_margins.losses.class_weight_loss import (
+    ClassWeightLoss,
+    is_plain_similarity,
+)
 from pml_margins.validation import check_bool, check_not_meta
 
 __all__ = ["SoftmaxLoss"]
@@ -96,7 +99,7 @@ class SoftmaxLoss(ClassWeightLoss):
 
     def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
         """``W^T x + b`` (fused) with the default distance, or cosines + ``b`` with a cosine one."""
-        if not is_plain_inner_product(self.distance):
+        if not is_plain_similarity(self.distance):  # (not inverted: the plain path negates)
             return None
         normalize = bool(self.distance.normalize_embeddings)
         return FusedLogits(normalize, normalize, 1.0, self.bias)

@@ -398,3 +398,37 @@ def test_a_checkpoints_loss_type_imports_no_module(name, capsys):
     with pytest.raises(ValueError, match="import the module that defines it first"):
         to_single_process_loss({**full, "loss_type": name})
     assert capsys.readouterr().out == ""
+
+
+def test_a_loss_class_defined_again_loads_as_the_name_is_bound_now():
+    import sys
+    import types
+
+    from pml_margins.losses import CosFaceLoss, ElasticFaceLoss
+
+    cell = types.ModuleType("notebook_cell_for_test")
+    sys.modules[cell.__name__] = cell
+    try:
+        cell.ElasticFaceLoss, cell.CosFaceLoss = ElasticFaceLoss, CosFaceLoss
+        exec("class MyLoss(ElasticFaceLoss): pass", cell.__dict__)  # the first version
+        kept = cell.MyLoss(5, 4)  # (still alive)
+        exec("class MyLoss(CosFaceLoss): pass", cell.__dict__)  # the cell edited, re-run
+        back = to_single_process_loss(from_single_process_loss(cell.MyLoss(5, 4)))
+        assert type(back) is cell.MyLoss and type(kept) is not cell.MyLoss
+    finally:
+        del sys.modules[cell.__name__]
+
+
+def test_two_local_classes_of_one_name_are_refused_as_ambiguous():
+    from pml_margins.losses import CosFaceLoss, ElasticFaceLoss
+
+    def make(base):
+        class Local(base):
+            pass
+
+        return Local
+
+    first, second = make(CosFaceLoss), make(ElasticFaceLoss)
+    with pytest.raises(ValueError, match="names 2 classes"):
+        to_single_process_loss(from_single_process_loss(first(5, 4)))
+    assert second is not first

@@ -187,3 +187,13 @@ def test_a_cosine_of_another_p_is_searched_as_pml_does(in_place):
     )
     assert ours.get_accuracy(x, y) == pytest.approx(pml.get_accuracy(x, y))
     assert ours.exact is None
+
+
+def test_a_hooked_distance_is_run_as_pml_runs_it():
+    x, y = _data(8, rows=40, width=5, classes=4)
+    d = CosineSimilarity()
+    d.register_forward_hook(lambda module, inputs, out: -out)  # (nearest last)
+    ours = RetrievalAccuracyCalculator(include=("precision_at_1",), distance=d)
+    pml = AccuracyCalculator(include=("precision_at_1",), knn_func=CustomKNN(d), device=CPU)
+    want = pml.get_accuracy(x, y)
+    assert ours.get_accuracy(x, y) == pytest.approx(want) and ours.exact is None

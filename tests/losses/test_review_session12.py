@@ -189,3 +189,45 @@ def test_center_distance_changed_in_place_is_refused_at_the_forward(change):
     loss_fn.distance = torch.nn.Identity()  # replaced outright
     with pytest.raises(TypeError, match="got Identity"):
         loss_fn(torch.randn(6, 4), torch.arange(6) % 3)
+
+
+def test_a_similarity_not_inverted_keeps_the_fused_modes_of_the_margin_losses():
+    # PML's ArcFace, CosFace, SphereFace read no is_inverted: only Softmax and NSL negate
+    from pml_margins.losses import ArcFaceLoss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 6, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 5, (8,), generator=g)
+    plain = ArcFaceLoss(5, 6).double()
+    chunked = ArcFaceLoss(5, 6, chunk_size=2).double()
+    chunked.load_state_dict(plain.state_dict())
+    for loss_fn in (plain, chunked):
+        loss_fn.distance.is_inverted = False
+    torch.testing.assert_close(chunked(x, y), plain(x, y))
+
+
+@pytest.mark.parametrize("loss_name", ["NormSoftmaxLoss", "SoftmaxLoss"])
+def test_a_raw_inner_product_not_inverted_takes_no_norm(loss_name):
+    from pytorch_metric_learning.distances import DotProductSimilarity
+
+    import pml_margins.losses as ours_losses
+
+    kwargs = {"bias": False} if loss_name == "SoftmaxLoss" else {}
+    loss_fn = getattr(ours_losses, loss_name)(
+        5, 3, distance=DotProductSimilarity(normalize_embeddings=False), **kwargs
+    )
+    loss_fn.distance.is_inverted = False
+    x, y = torch.randn(4, 3) * 1e19, torch.tensor([0, 1, 2, 3])  # |x|^2 overflows float32
+    got = loss_fn(x, y)  # (refused as a row whose norm a normalization would take)
+    want = torch.nn.functional.cross_entropy(loss_fn.get_logits(x.double()), y)
+    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_circle_with_a_hook_on_its_distance_reads_its_result_back():
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    distance = CosineSimilarity()
+    distance.register_forward_hook(lambda module, inputs, out: out * 1e200)
+    x = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="does not give L2 cosines"):
+        CircleLoss(m=0.4, gamma=80, distance=distance)(x, torch.arange(12) % 3)
