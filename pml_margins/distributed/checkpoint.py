@@ -29,12 +29,11 @@ after :func:`reshard` the moments of ``W`` start again from zero.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import numbers
 import os
 import pickle
 import sys
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -151,22 +150,29 @@ def _type_name(loss_type: type) -> str:
 
 
 def _load_type(name: str) -> type[ClassWeightLoss]:
-    """The class-weight loss class a checkpoint names, as the name is bound now: found in
-    pml_margins' own modules (imported on demand) or in a module already imported;
-    else, for a class no module binds (a local one), the one class of that name.
-    Nothing else is imported: a file read with ``weights_only`` must not run a module's
-    code (``pml_margins.__main__`` parsed the command line and exited)."""
+    """The class-weight loss class a checkpoint names, as the name is bound now in a module
+    already imported (pml_margins' losses are), read from the module's and classes' own
+    ``__dict__`` (no ``getattr``: a lazy module's would import or run code the file
+    names); where no module binds it (a local class), the one live class of that name.
+    Nothing is imported or run: a file read with ``weights_only`` must not run code
+    (``pml_margins.__main__`` parsed the command line and exited)."""
     parts = name.split(".")
+    if not all(parts) or any(part.startswith("__") for part in parts):
+        raise ValueError(f"checkpoint loss_type {name!r} is not a class's dotted name")
     for cut in range(len(parts) - 1, 0, -1):  # (a qualified name may hold dots too)
-        module = ".".join(parts[:cut])
-        if module.startswith("pml_margins.losses.") and module not in sys.modules:
-            with contextlib.suppress(ImportError):
-                importlib.import_module(module)
-        found: Any = sys.modules.get(module)
-        for attribute in parts[cut:] if found is not None else ():
-            found = getattr(found, attribute, None)
+        found: Any = sys.modules.get(".".join(parts[:cut]))
+        if not isinstance(found, types.ModuleType):
+            continue
+        for attribute in parts[cut:]:
+            found = vars(found).get(attribute) if hasattr(found, "__dict__") else None
+        if found is None:
+            continue  # (not bound there: a local class, or another cut)
         if isinstance(found, type) and issubclass(found, ClassWeightLoss):
             return found
+        raise ValueError(  # bound now to something else (a stale class is not taken)
+            f"checkpoint loss_type {name!r} is bound to {type(found).__name__!r}, not a "
+            "ClassWeightLoss subclass"
+        )
     named = set(cls for cls in _subclasses(ClassWeightLoss) if _type_name(cls) == name)
     if len(named) > 1:
         raise ValueError(

@@ -81,7 +81,8 @@ def describe_distance(distance: object) -> str:
     """A PML distance with the settings that decide its ranking, e.g.
     ``LpDistance(p=1, power=1, normalize_embeddings=True)``."""
     if isinstance(distance, BatchedDistance):
-        return f"BatchedDistance({describe_distance(distance.distance)})"
+        hooked = "" if runs_as_its_class(distance) else " with a hook or a method replaced on it"
+        return f"BatchedDistance({describe_distance(distance.distance)}){hooked}"
     if not isinstance(distance, BaseDistance):
         return repr(distance)
     settings = {"p": getattr(distance, "p", None), "power": distance.power}
@@ -90,7 +91,8 @@ def describe_distance(distance: object) -> str:
     if bool(distance.is_inverted) != similarity:  # (changed in place: it ranks the other way)
         settings["is_inverted"] = distance.is_inverted
     shown = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
-    return f"{type(distance).__name__}({shown})"
+    hooked = "" if runs_as_its_class(distance) else " with a hook or a method replaced on it"
+    return f"{type(distance).__name__}({shown}){hooked}"
 
 
 def resolve_distance(distance: BaseDistance | None) -> tuple[Metric, bool] | None:
@@ -109,6 +111,8 @@ def resolve_distance(distance: BaseDistance | None) -> tuple[Metric, bool] | Non
     if distance is None:
         return "sqeuclidean", False
     if isinstance(distance, BatchedDistance):
+        if not runs_as_its_class(distance):  # (a hook on the wrapper: PML's call fires it)
+            return None
         distance = distance.distance
     if not isinstance(distance, BaseDistance):
         raise TypeError(f"distance must be a PML BaseDistance, got {type(distance).__name__}")

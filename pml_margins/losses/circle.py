@@ -207,6 +207,8 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
         ref_labels: torch.Tensor | None,
     ) -> dict[str, dict[str, Any]]:
         batch, ref_size = embeddings.shape[0], ref_emb.shape[0]
+        # decided before the distance runs (a hook that removes itself: unchecked after)
+        self.__dict__["_cosine_step"] = cosines = self._cosines()
         sim = self.similarity(embeddings, ref_emb)
         if indices_tuple is None:
             if labels is None or ref_labels is None:
@@ -227,7 +229,7 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
             )
         with CHECKED_BY_CALLER:  # the forward checked the inputs (hyper-parameters when set)
             loss_dict = self._loss_dict(sim, pos_mask, neg_mask, num_pos, num_neg)
-        if not self._cosines():  # not bounded: see check_result
+        if not cosines:  # not bounded: see check_result
             self._hold_rows_for_check(loss_dict["loss"]["losses"])
         return loss_dict
 
@@ -252,7 +254,7 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
         ``power``/``p``), refuse the anchors' losses, then the reduced ``loss``, that came
         out NaN/Inf from finite embeddings (one read-back); cosines are bounded."""
         rows = self.__dict__.pop("_rows_finite", None)
-        if self._cosines():
+        if self.__dict__.pop("_cosine_step", True):  # (compute_loss's decision)
             return
         d = self.distance
         shown = (

@@ -10,7 +10,6 @@ from pytorch_metric_learning.distances import BaseDistance
 from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.losses.class_weight_loss import (
     ClassWeightLoss,
-    is_plain_inner_product,
     is_plain_similarity,
 )
 from pml_margins.losses.hyperparameter import Hyperparameter
@@ -63,7 +62,7 @@ class NormSoftmaxLoss(ClassWeightLoss):
     def logits_are_cosines(self) -> bool:  # type: ignore[override]
         """Cosines only with a normalizing cosine or dot-product similarity (PML's default
         ``DotProductSimilarity()`` included; for the ``avg_angle`` statistic)."""
-        return is_plain_inner_product(self.distance) and bool(self.distance.normalize_embeddings)
+        return is_plain_similarity(self.distance) and bool(self.distance.normalize_embeddings)
 
     def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
         """PML's logits: ``distance(x, normalize(W))``, negated for a non-similarity."""

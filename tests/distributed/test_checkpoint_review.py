@@ -346,7 +346,7 @@ def test_shards_whose_w_does_not_fit_the_embedding_size_are_named():
 def test_a_checkpoint_that_builds_no_loss_is_named():
     full = from_single_process_loss(ArcFaceLoss(10, 6, easy_margin=True))
     for name in ("no_such_module.ArcFaceLoss", "ArcFaceLoss", ".ArcFaceLoss", "..x.ArcFaceLoss"):
-        with pytest.raises(ValueError, match="is not a ClassWeightLoss subclass of pml_margins"):
+        with pytest.raises(ValueError, match=r"is not a (ClassWeightLoss subclass|class's dotted)"):
             to_single_process_loss({**full, "loss_type": name})
     cosface = "pml_margins.losses.cosface.CosFaceLoss"
     with pytest.raises(ValueError, match=r"loss_kwargs do not build a .*CosFaceLoss"):
@@ -395,7 +395,7 @@ def test_a_loss_that_samples_no_class_records_no_rate():
 def test_a_checkpoints_loss_type_imports_no_module(name, capsys):
     # the CLI's module parsed the command line and exited; "this" printed its poem
     full = from_single_process_loss(ArcFaceLoss(5, 4))
-    with pytest.raises(ValueError, match="import the module that defines it first"):
+    with pytest.raises(ValueError, match="checkpoint loss_type"):
         to_single_process_loss({**full, "loss_type": name})
     assert capsys.readouterr().out == ""
 
@@ -432,3 +432,43 @@ def test_two_local_classes_of_one_name_are_refused_as_ambiguous():
     with pytest.raises(ValueError, match="names 2 classes"):
         to_single_process_loss(from_single_process_loss(first(5, 4)))
     assert second is not first
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "torch._dynamo.Foo",  # a lazy module's __getattr__ imported ~800 modules
+        "torch.onnx.Foo",
+        "torch.classes.foo.Bar",  # torch's namespace raised its own RuntimeError
+        "pml_margins.losses.__init__.ArcFaceLoss",  # ran the package's __init__ again
+    ],
+)
+def test_a_checkpoints_loss_type_is_read_without_running_code(name):
+    import sys
+
+    full = from_single_process_loss(ArcFaceLoss(5, 4))
+    before = set(sys.modules)
+    with pytest.raises(ValueError, match="loss_type"):
+        to_single_process_loss({**full, "loss_type": name})
+    assert set(sys.modules) == before
+
+
+def test_a_name_bound_now_to_something_else_is_refused_not_resolved_to_a_stale_class():
+    import sys
+    import types
+
+    from pml_margins.losses import CosFaceLoss
+
+    cell = types.ModuleType("notebook_cell_rebound")
+    sys.modules[cell.__name__] = cell
+    try:
+        cell.CosFaceLoss = CosFaceLoss
+        exec("class MyLoss(CosFaceLoss): pass", cell.__dict__)
+        full = from_single_process_loss(cell.MyLoss(5, 4))
+        kept = cell.MyLoss  # (still alive)
+        cell.MyLoss = 3  # rebound to something that is not a loss
+        with pytest.raises(ValueError, match="is bound to 'int'"):
+            to_single_process_loss(full)
+        assert kept is not None
+    finally:
+        del sys.modules[cell.__name__]

@@ -197,3 +197,20 @@ def test_a_hooked_distance_is_run_as_pml_runs_it():
     pml = AccuracyCalculator(include=("precision_at_1",), knn_func=CustomKNN(d), device=CPU)
     want = pml.get_accuracy(x, y)
     assert ours.get_accuracy(x, y) == pytest.approx(want) and ours.exact is None
+
+
+def test_a_hook_on_a_batched_distance_wrapper_is_run_as_pml_runs_it():
+    from pytorch_metric_learning.distances import BatchedDistance
+
+    x, y = _data(8, rows=40, width=5, classes=4)
+
+    def wrapped():
+        batched = BatchedDistance(CosineSimilarity(), batch_size=8)
+        batched.register_forward_pre_hook(lambda module, inputs: (inputs[0], -inputs[1]))
+        return batched
+
+    ours = RetrievalAccuracyCalculator(include=("precision_at_1",), distance=wrapped())
+    pml = AccuracyCalculator(include=("precision_at_1",), knn_func=CustomKNN(wrapped()), device=CPU)
+    assert ours.get_accuracy(x, y) == pytest.approx(pml.get_accuracy(x, y))
+    with pytest.raises(ValueError, match="with a hook or a method replaced on it"):
+        ShardedRetrievalAccuracyCalculator(distance=wrapped())

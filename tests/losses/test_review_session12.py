@@ -231,3 +231,35 @@ def test_circle_with_a_hook_on_its_distance_reads_its_result_back():
     x = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with pytest.raises(ValueError, match="does not give L2 cosines"):
         CircleLoss(m=0.4, gamma=80, distance=distance)(x, torch.arange(12) % 3)
+
+
+def test_nsl_records_no_angle_from_negated_cosines():
+    import math
+
+    from pml_margins.losses import NormSoftmaxLoss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 7, (9,), generator=g)
+    loss_fn = NormSoftmaxLoss(7, 5, collect_stats=True).double()
+    loss_fn.distance.is_inverted = False  # (logits: the cosines negated)
+    loss_fn(x, y)
+    w = torch.nn.functional.normalize(loss_fn.W.detach(), dim=0)
+    cosines = (torch.nn.functional.normalize(x, dim=1) @ w)[torch.arange(9), y]
+    true_angle = math.degrees(torch.acos(cosines).mean().item())
+    assert getattr(loss_fn, "avg_angle", 0) != pytest.approx(180 - true_angle)
+
+
+def test_circle_with_a_hook_that_removes_itself_is_still_checked():
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    distance, handle = CosineSimilarity(), {}
+
+    def once(module, inputs, out):
+        handle["hook"].remove()
+        return out * 1e200
+
+    handle["hook"] = distance.register_forward_hook(once)
+    x = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="does not give L2 cosines"):
+        CircleLoss(m=0.4, gamma=80, distance=distance)(x, torch.arange(12) % 3)
