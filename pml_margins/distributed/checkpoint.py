@@ -29,6 +29,7 @@ after :func:`reshard` the moments of ``W`` start again from zero.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import os
 import pickle
@@ -151,23 +152,29 @@ def _type_name(loss_type: type) -> str:
 
 def _load_type(name: str) -> type[ClassWeightLoss]:
     """The class-weight loss class a checkpoint names, as the name is bound now in a module
-    already imported (pml_margins' losses are), read from the module's and classes' own
-    ``__dict__`` (no ``getattr``: a lazy module's would import or run code the file
-    names); where no module binds it (a local class), the one live class of that name.
+    already imported (pml_margins' losses are), read through modules and classes only,
+    statically (``inspect.getattr_static``: a lazy module's ``getattr`` would import or
+    run code the file names); where no module binds it (a local class), the one live
+    class of that name.
     Nothing is imported or run: a file read with ``weights_only`` must not run code
     (``pml_margins.__main__`` parsed the command line and exited)."""
     parts = name.split(".")
-    if not all(parts) or any(part.startswith("__") for part in parts):
+    if not all(parts):
         raise ValueError(f"checkpoint loss_type {name!r} is not a class's dotted name")
     for cut in range(len(parts) - 1, 0, -1):  # (a qualified name may hold dots too)
-        found: Any = sys.modules.get(".".join(parts[:cut]))
-        if not isinstance(found, types.ModuleType):
+        found: Any = sys.modules.get(".".join(parts[:cut]))  # (__main__, __mp_main__ too)
+        if not issubclass(type(found), types.ModuleType):
             continue
-        for attribute in parts[cut:]:
-            found = vars(found).get(attribute) if hasattr(found, "__dict__") else None
-        if found is None:
+        for attribute in parts[cut:]:  # modules and classes only, their own dicts
+            # (type(), not isinstance: that reads __class__, code of the named object)
+            readable = issubclass(type(found), (types.ModuleType, type))
+            if not readable or attribute.startswith("__"):  # (__init__: the package again)
+                found = _UNBOUND
+                break
+            found = inspect.getattr_static(found, attribute, _UNBOUND)
+        if found is _UNBOUND:
             continue  # (not bound there: a local class, or another cut)
-        if isinstance(found, type) and issubclass(found, ClassWeightLoss):
+        if issubclass(type(found), type) and issubclass(found, ClassWeightLoss):
             return found
         raise ValueError(  # bound now to something else (a stale class is not taken)
             f"checkpoint loss_type {name!r} is bound to {type(found).__name__!r}, not a "
@@ -185,6 +192,10 @@ def _load_type(name: str) -> type[ClassWeightLoss]:
             "or of an imported module (import the module that defines it first)"
         )
     return named.pop()
+
+
+#: a name a module or class does not bind (``None`` may be bound)
+_UNBOUND = object()
 
 
 def _subclasses(cls: type) -> list[type]:

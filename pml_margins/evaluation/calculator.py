@@ -82,7 +82,8 @@ def describe_distance(distance: object) -> str:
     ``LpDistance(p=1, power=1, normalize_embeddings=True)``."""
     if isinstance(distance, BatchedDistance):
         hooked = "" if runs_as_its_class(distance) else " with a hook or a method replaced on it"
-        return f"BatchedDistance({describe_distance(distance.distance)}){hooked}"
+        own = f", is_inverted={distance.is_inverted}" if _own_inversion(distance) else ""
+        return f"BatchedDistance({describe_distance(distance.distance)}{own}){hooked}"
     if not isinstance(distance, BaseDistance):
         return repr(distance)
     settings = {"p": getattr(distance, "p", None), "power": distance.power}
@@ -93,6 +94,12 @@ def describe_distance(distance: object) -> str:
     shown = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
     hooked = "" if runs_as_its_class(distance) else " with a hook or a method replaced on it"
     return f"{type(distance).__name__}({shown}){hooked}"
+
+
+def _own_inversion(wrapper: BatchedDistance) -> bool:
+    """Whether a ``BatchedDistance`` ranks otherwise than its distance: an ``is_inverted``
+    set on the wrapper (PML's ``CustomKNN`` reads the wrapper's)."""
+    return bool(wrapper.is_inverted) != bool(wrapper.distance.is_inverted)
 
 
 def resolve_distance(distance: BaseDistance | None) -> tuple[Metric, bool] | None:
@@ -111,8 +118,8 @@ def resolve_distance(distance: BaseDistance | None) -> tuple[Metric, bool] | Non
     if distance is None:
         return "sqeuclidean", False
     if isinstance(distance, BatchedDistance):
-        if not runs_as_its_class(distance):  # (a hook on the wrapper: PML's call fires it)
-            return None
+        if not runs_as_its_class(distance) or _own_inversion(distance):  # (the wrapper is
+            return None  # what PML's CustomKNN calls and reads is_inverted from)
         distance = distance.distance
     if not isinstance(distance, BaseDistance):
         raise TypeError(f"distance must be a PML BaseDistance, got {type(distance).__name__}")

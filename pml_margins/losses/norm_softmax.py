@@ -13,6 +13,7 @@ from pml_margins.losses.class_weight_loss import (
     is_plain_similarity,
 )
 from pml_margins.losses.hyperparameter import Hyperparameter
+from pml_margins.losses.pml_calls import runs_as_its_class
 from pml_margins.validation import check_logit_scale
 
 __all__ = ["NormSoftmaxLoss"]
@@ -62,7 +63,9 @@ class NormSoftmaxLoss(ClassWeightLoss):
     def logits_are_cosines(self) -> bool:  # type: ignore[override]
         """Cosines only with a normalizing cosine or dot-product similarity (PML's default
         ``DotProductSimilarity()`` included; for the ``avg_angle`` statistic)."""
-        return is_plain_similarity(self.distance) and bool(self.distance.normalize_embeddings)
+        distance = self.distance  # (a hook may change the values: no angle then)
+        plain = is_plain_similarity(distance) and runs_as_its_class(distance)
+        return plain and bool(distance.normalize_embeddings)
 
     def base_logits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
         """PML's logits: ``distance(x, normalize(W))``, negated for a non-similarity."""

@@ -472,3 +472,41 @@ def test_a_name_bound_now_to_something_else_is_refused_not_resolved_to_a_stale_c
         assert kept is not None
     finally:
         del sys.modules[cell.__name__]
+
+
+def test_a_loss_class_of_a_script_round_trips(monkeypatch):
+    import sys
+
+    # a class defined in the script run (__main__; __mp_main__ in spawned workers)
+    main_loss = type("MainLoss", (ArcFaceLoss,), {"__module__": "__main__"})
+    monkeypatch.setattr(sys.modules["__main__"], "MainLoss", main_loss, raising=False)
+    assert type(to_single_process_loss(from_single_process_loss(main_loss(5, 4)))) is main_loss
+
+
+def test_a_name_through_an_object_runs_none_of_its_code():
+    import warnings
+
+    full = from_single_process_loss(ArcFaceLoss(5, 4))
+    name = "torch.distributed.distributed_c10d.reduce_op.Foo"  # its __class__ warned
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="checkpoint loss_type"):
+            to_single_process_loss({**full, "loss_type": name})
+
+
+def test_a_name_bound_now_to_none_is_refused():
+    import sys
+    import types
+
+    cell = types.ModuleType("notebook_cell_none")
+    sys.modules[cell.__name__] = cell
+    try:
+        cell.ArcFaceLoss = ArcFaceLoss
+        exec("class MyLoss(ArcFaceLoss): pass", cell.__dict__)
+        full, kept = from_single_process_loss(cell.MyLoss(5, 4)), cell.MyLoss
+        cell.MyLoss = None
+        with pytest.raises(ValueError, match="is bound to 'NoneType'"):
+            to_single_process_loss(full)
+        assert kept is not None
+    finally:
+        del sys.modules[cell.__name__]

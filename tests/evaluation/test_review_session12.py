@@ -214,3 +214,16 @@ def test_a_hook_on_a_batched_distance_wrapper_is_run_as_pml_runs_it():
     assert ours.get_accuracy(x, y) == pytest.approx(pml.get_accuracy(x, y))
     with pytest.raises(ValueError, match="with a hook or a method replaced on it"):
         ShardedRetrievalAccuracyCalculator(distance=wrapped())
+
+
+def test_a_batched_distance_inverted_on_the_wrapper_ranks_as_pml():
+    from pytorch_metric_learning.distances import BatchedDistance
+
+    x, y = _data(0, rows=60, width=5, classes=5)
+    b = BatchedDistance(CosineSimilarity(), batch_size=7)
+    b.is_inverted = False  # (PML's CustomKNN reads the wrapper's)
+    include = ("precision_at_1", "mean_average_precision_at_r")
+    ours = RetrievalAccuracyCalculator(include=include, distance=b)
+    pml = AccuracyCalculator(include=include, knn_func=CustomKNN(b), device=CPU)
+    assert ours.get_accuracy(x, y) == pytest.approx(pml.get_accuracy(x, y))
+    assert ours.exact is None

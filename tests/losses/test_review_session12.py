@@ -263,3 +263,11 @@ def test_circle_with_a_hook_that_removes_itself_is_still_checked():
     x = torch.randn(12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with pytest.raises(ValueError, match="does not give L2 cosines"):
         CircleLoss(m=0.4, gamma=80, distance=distance)(x, torch.arange(12) % 3)
+
+
+def test_nsl_records_no_angle_through_a_hooked_distance():
+    from pml_margins.losses import NormSoftmaxLoss
+
+    loss_fn = NormSoftmaxLoss(7, 5, collect_stats=True).double()
+    loss_fn.distance.register_forward_hook(lambda module, inputs, out: -out)
+    assert not loss_fn.logits_are_cosines
