@@ -93,9 +93,9 @@ def _check_checkpoint(ckpt: object, what: str = "checkpoint") -> None:
     missing = [field for field in _FIELDS if field not in ckpt]
     if missing:
         raise ValueError(f"the {what} lacks {', '.join(missing)}")
-    wrong = [name for name, fits in _FIELD_TYPES.items() if not fits(ckpt[name])]
+    wrong = [(name, needs) for name, (fits, needs) in _FIELD_TYPES.items() if not fits(ckpt[name])]
     if wrong:  # (a tampered or hand-made one failed inside torch or Python)
-        shown = "; ".join(f"{name} must be {_FIELD_NEEDS[name]}" for name in wrong)
+        shown = "; ".join(f"{name} must be {needs}" for name, needs in wrong)
         raise ValueError(f"the {what} has fields of the wrong type or range: {shown}")
 
 
@@ -104,34 +104,28 @@ def _count(value: object, low: int = 1) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
 
 
-#: what each field must hold
-_FIELD_TYPES = {
-    "loss_type": lambda v: isinstance(v, str),
-    "loss_kwargs": lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
-    "num_classes": _count,
-    "embedding_size": _count,
-    "rank": lambda v: _count(v, 0),
-    "world_size": _count,
-    "class_range": lambda v: (
-        isinstance(v, (tuple, list)) and len(v) == 2 and all(_count(c, 0) for c in v)
+#: what each field must hold: a test, and the words the message says it in
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "loss_type": (lambda v: isinstance(v, str), "a class's dotted name"),
+    "loss_kwargs": (
+        lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
+        "a dict of arguments by name",
     ),
-    "state_dict": lambda v: (
-        isinstance(v, Mapping)
-        and all(isinstance(k, str) and _saved_tensor(t) for k, t in v.items())
+    "num_classes": (_count, "an int >= 1"),
+    "embedding_size": (_count, "an int >= 1"),
+    "rank": (lambda v: _count(v, 0), "an int >= 0"),
+    "world_size": (_count, "an int >= 1"),
+    "class_range": (
+        lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(_count(c, 0) for c in v),
+        "a pair of ints >= 0",
     ),
-}
-
-
-#: what each field must hold, as the message says it
-_FIELD_NEEDS = {
-    "loss_type": "a class's dotted name",
-    "loss_kwargs": "a dict of arguments by name",
-    "num_classes": "an int >= 1",
-    "embedding_size": "an int >= 1",
-    "rank": "an int >= 0",
-    "world_size": "an int >= 1",
-    "class_range": "a pair of ints >= 0",
-    "state_dict": "a dict of dense, real tensors with values (not sparse, meta or complex)",
+    "state_dict": (
+        lambda v: (
+            isinstance(v, Mapping)
+            and all(isinstance(k, str) and _saved_tensor(t) for k, t in v.items())
+        ),
+        "a dict of dense, real tensors with values (not sparse, meta or complex)",
+    ),
 }
 
 

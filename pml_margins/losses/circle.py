@@ -332,14 +332,9 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
         embeddings = embeddings.to(dtype)
         ref_emb = embeddings if same else ref_emb.to(dtype)
         with autocast_off(embeddings.device.type):
-            if (
-                type(dist) is not CosineSimilarity
-                or not dist.normalize_embeddings  # (raw dot products: the distance's own)
-                or dist.collect_stats
-                or dist.power != 1
-                or dist.p != 2
-                or not runs_as_its_class(dist)  # a hook on it: PML's call fires it
-            ):
+            # not plain L2 cosines (raw dot products, a power, a hook PML's call fires), or
+            # statistics to record: the distance's own call
+            if not self._cosines() or dist.collect_stats:
                 return dist(embeddings, ref_emb)
             query = _unit_rows(embeddings)
             ref = query if same else _unit_rows(ref_emb)
