@@ -146,12 +146,13 @@ def _describe_knn(knn_func: object) -> str:
 
 def resolve_faiss_knn(knn_func: FaissKNN) -> tuple[Metric, bool] | None:
     """``(metric, normalize)`` of a PML ``FaissKNN`` whose index is a flat L2 or
-    inner-product index made afresh for each search; ``None`` for any other index, and
-    with ``reset_before=False``, where PML searches the index the user put in
-    ``knn_func.index`` (run by faiss as in PML)."""
+    inner-product index made afresh for each search and dropped after it; ``None`` for
+    any other index, with ``reset_before=False``, where PML searches the index the user
+    put in ``knn_func.index``, and with ``reset_after=False``, where PML leaves the
+    reference's index in ``knn_func.index`` for the user (run by faiss as in PML)."""
     import faiss
 
-    if not knn_func.reset_before:
+    if not (knn_func.reset_before and knn_func.reset_after):
         return None
     init = knn_func.index_init_fn
     if init in (None, faiss.IndexFlatL2):
@@ -240,27 +241,24 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             Clustering metrics are refused, as in PML. ``None``: labels compared for
             equality.
         device: where to compute; ``None`` means the device of the query.
-        knn_func: as in PML. ``None``, a ``FaissKNN`` with a flat L2 or
-            inner-product index, or a ``CustomKNN`` over ``LpDistance(p=2)``,
-            ``CosineSimilarity`` or ``DotProductSimilarity`` run the exact k-nn
-            with that k-nn's ``knn_distances`` (squared L2 for faiss's
-            ``IndexFlatL2``); any other callable, subclasses of those two classes
-            and a ``FaissKNN(reset_before=False)`` (which searches its own
-            ``index``) included, is used as PML uses it (on float32 copies of the
-            embeddings). Which search runs is decided again at each ``get_accuracy``
-            (PML calls the object each time: a distance or ``knn_func`` changed in
-            place after it was given counts). When a Recall@K needs deeper lists than
-            PML's ``k``, such a ``knn_func`` is called at both depths, PML's metrics
-            getting the call at PML's ``k`` as in PML; a ``FaissKNN(reset_before=False)``,
-            whose index is state, is called once, and PML's metrics read its first ``k``.
-            Metrics, a subclass's own included, get float32 ``query``/``reference``
-            and ``knn_distances`` as in PML, and the labels as float32 (as PML casts
-            them) where float32 holds every value; else float64: labels beyond 2^24,
-            which float32 would merge, and real values such as 0.1, which PML
-            rounds (a tolerance comparison at its threshold may then differ from
-            PML's: 2.13 - 1.13 is 1.0000001 in float32), also in
-            ``label_comparison_fn``; a subclass's own ``calculate_recall_at_K``
-            replaces ours.
+        knn_func: as in PML. ``None``, a ``FaissKNN`` with a flat L2 or inner-product index, or
+            a ``CustomKNN`` over ``LpDistance(p=2)``, ``CosineSimilarity`` or
+            ``DotProductSimilarity`` run the exact k-nn with that k-nn's ``knn_distances`` (squared
+            L2 for faiss's ``IndexFlatL2``); any other callable, subclasses of those two classes and
+            a ``FaissKNN`` with ``reset_before=False`` (which searches its own ``index``) or
+            ``reset_after=False`` (which keeps the reference's index in ``knn_func.index`` after the
+            call) included, is used as PML uses it (on float32 copies of the embeddings). Which
+            search runs is decided again at each ``get_accuracy`` (PML calls the object each time: a
+            distance or ``knn_func`` changed in place after it was given counts). When a Recall@K
+            needs deeper lists than PML's ``k``, such a ``knn_func`` is called at both depths, PML's
+            metrics getting the call at PML's ``k`` as in PML; a ``FaissKNN(reset_before=False)``,
+            whose index is state, is called once, and PML's metrics read its first ``k``. Metrics, a
+            subclass's own included, get float32 ``query``/``reference`` and ``knn_distances`` as in
+            PML, and the labels as float32 (as PML casts them) where float32 holds every value; else
+            float64: labels beyond 2^24, which float32 would merge, and real values such as 0.1,
+            which PML rounds (a tolerance comparison at its threshold may then differ from PML's:
+            2.13 - 1.13 is 1.0000001 in float32), also in ``label_comparison_fn``; a subclass's own
+            ``calculate_recall_at_K`` replaces ours.
         recall_ks: the cut-offs ``K`` of the ``recall_at_K`` metrics.
         distance: a PML distance instead of ``knn_func`` (same mapping as a
             ``CustomKNN`` of it); default PML's default k-nn.

@@ -172,6 +172,28 @@ def _preset_ip_knn() -> FaissKNN:
     return knn
 
 
+@pytest.mark.parametrize("index_init_fn", [None, faiss.IndexFlatL2, faiss.IndexFlatIP])
+def test_faiss_knn_reset_after_false_keeps_the_reference_index_as_pml(index_init_fn):
+    """reset_after=False: PML leaves the reference's index in knn_func.index (a user
+    searches it again afterwards); it was mapped to the exact k-nn and never built."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(120, 8, generator=g)
+    y = torch.randint(0, 6, (120,), generator=g)
+    include = ("precision_at_1", "mean_average_precision_at_r")
+    kwargs = {} if index_init_fn is None else {"index_init_fn": index_init_fn}
+    pml_knn = FaissKNN(reset_after=False, **kwargs)
+    our_knn = FaissKNN(reset_after=False, **kwargs)
+    pml = AccuracyCalculator(include=include, knn_func=pml_knn, device=torch.device("cpu"))
+    ours = RetrievalAccuracyCalculator(include=include, knn_func=our_knn)
+    expected = pml.get_accuracy(x, y)
+    assert ours.get_accuracy(x, y) == pytest.approx(expected, abs=1e-12)
+    kind = faiss.IndexFlatL2 if index_init_fn is None else index_init_fn
+    assert isinstance(ours.knn_func.index, kind)
+    assert ours.knn_func.index.ntotal == pml_knn.index.ntotal == len(x)
+    # the kept index answers a later search as PML's does
+    assert torch.equal(our_knn(x[:5], 3)[1], pml_knn(x[:5], 3)[1])
+
+
 def test_faiss_knn_without_reset_searches_its_own_index_as_pml():
     """reset_before=False: PML searches the index the user set (here inner product),
     or raises when there is none; it was replaced by the exact squared-L2 k-nn."""
