@@ -116,8 +116,9 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         Returns:
             The outliers' indices, grouped by class (ascending), ascending within a
             class (PML's order); with ``return_dominant_centers`` also the ``(D, C)``
-            dominant sub-centres (columns of ``W``, its dtype), NaN for classes
-            without a sample in ``embeddings``. (PML always returns the pair.)
+            dominant sub-centres (columns of ``W``), NaN for classes without a sample
+            in ``embeddings``, in the embeddings' dtype as in PML (so that they multiply
+            them; ``W`` keeps its own). (PML always returns the pair.)
         """
         threshold = check_angle_margin(threshold, "threshold")
         self.check_inputs(embeddings, labels, None, None, None)
@@ -136,6 +137,6 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
             if not return_dominant_centers:
                 return outliers
             columns = torch.arange(self.num_classes, device=labels.device) * k + dominant
-            centres = self.W.detach()[:, columns].clone()
+            centres = self.W.detach()[:, columns].to(embeddings.dtype, copy=True)
             centres[:, votes.view(self.num_classes, k).sum(1) == 0] = math.nan
         return outliers, centres

@@ -337,11 +337,32 @@ def test_get_outliers_planted() -> None:
     assert loss.get_outliers(x, y, threshold=3.1)[0].numel() == 0
 
 
-def test_get_outliers_keeps_w_dtype_unlike_pml() -> None:
-    _, ours = _pair()
-    x = torch.randn(10, D, dtype=torch.float64)
-    _, centres = ours.get_outliers(x, torch.arange(10))
-    assert ours.W.dtype == torch.float32 and centres.dtype == torch.float32
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_get_outliers_centres_in_the_embeddings_dtype_as_pml(dtype) -> None:
+    """PML's centres come in the embeddings' dtype, so that a user multiplies them
+    (PML's own test: mm(normalize(x), centres)); W keeps its dtype."""
+    torch.manual_seed(5)
+    pml, ours = _pair()
+    x = torch.randn(40, D).to(dtype)
+    y = torch.arange(40) % C
+    _, centres = ours.get_outliers(x, y, threshold=math.radians(60))
+    assert ours.W.dtype == torch.float32 and centres.dtype == dtype
+    assert torch.equal(centres, ours.W.detach()[:, _dominant_columns(ours, x, y)].to(dtype))
+    cosines = torch.mm(torch.nn.functional.normalize(x), centres)  # PML's usage runs
+    assert cosines.dtype == dtype
+    if dtype == torch.float64:  # PML casts W to float64 exactly: the same centres
+        assert torch.equal(centres, pml.get_outliers(x, y, threshold=60.0)[1])
+
+
+def _dominant_columns(loss, x, y):
+    """The dominant sub-centre's column of each class, by the paper's vote."""
+    k = loss.sub_centers
+    w = torch.nn.functional.normalize(loss.W.detach().double(), dim=0)
+    cos = (torch.nn.functional.normalize(x.double()) @ w).view(len(x), -1, k)
+    own = cos[torch.arange(len(y)), y]
+    votes = torch.zeros(loss.num_classes, k, dtype=torch.long)
+    votes.index_put_((y, own.argmax(1)), torch.ones_like(y), accumulate=True)
+    return torch.arange(loss.num_classes) * k + votes.argmax(1)
 
 
 @pytest.mark.parametrize(
