@@ -163,7 +163,10 @@ def test_default_dims_two_rows_written_to_out(tmp_path: Path, figures: list, cap
     for title, model in zip(titles[:2], ("Softmax (2-D)", "ArcFace (2-D)"), strict=True):
         p1 = title.rsplit("P@1 ", 1)[1]  # "87%": the printed line carries the same figure
         line = next(ln for ln in stdout.splitlines() if ln.startswith(model + ": P@1 "))
-        assert f"{float(line.split('P@1 ')[1].split('%')[0]):.0f}%" == p1
+        printed = float(line.split("P@1 ")[1].split("%")[0])  # one decimal: "31.5" for 31.46
+        # both round the same P@1, the title to a whole percent (31.46 -> "31%", where
+        # re-rounding the printed 31.5 would give 32): within half a point and a rounding
+        assert p1.endswith("%") and abs(printed - int(p1[:-1])) <= 0.55
     assert f"wrote {out}" in stdout
 
 
