@@ -48,6 +48,7 @@ __all__ = [
     "check_recall_ks",
     "common_float",
     "describe_distance",
+    "describe_knn",
     "resolve_distance",
     "resolve_faiss_knn",
 ]
@@ -136,11 +137,22 @@ def resolve_distance(distance: BaseDistance | None) -> tuple[Metric, bool] | Non
     return None
 
 
-def _describe_knn(knn_func: object) -> str:
-    """A k-nn function as a message shows it: its distance, else its class's name."""
+def describe_knn(knn_func: object) -> str:
+    """A k-nn function as a message shows it: its distance; a ``FaissKNN`` with its index
+    and reset settings, e.g. ``FaissKNN(index_init_fn=IndexHNSWFlat, reset_after=False)``;
+    else its class's name."""
     distance = getattr(knn_func, "distance", None)
-    if isinstance(distance, BaseDistance):
+    if isinstance(distance, (BaseDistance, BatchedDistance)):
         return describe_distance(distance)
+    if isinstance(knn_func, FaissKNN):
+        init = knn_func.index_init_fn
+        shown = [f"index_init_fn={getattr(init, '__name__', repr(init))}"] if init else []
+        shown += [
+            f"{flag}=False"
+            for flag in ("reset_before", "reset_after")
+            if not getattr(knn_func, flag)
+        ]
+        return f"{type(knn_func).__name__}({', '.join(shown)})"
     return type(knn_func).__name__
 
 
@@ -770,13 +782,15 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     def _knn(
         self, query: torch.Tensor, reference: torch.Tensor, k: int, ref_includes_query: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._custom_knn is not None and k == 0:  # no neighbour wanted: no search (an
-            empty = torch.empty(len(query), 0, device=query.device)  # HNSW index refuses k=0)
-            return empty, empty.long()
+        if self._custom_knn is not None and k == 0 and not _changes_index(self._custom_knn):
+            empty = torch.empty(len(query), 0, device=query.device)  # no neighbour wanted:
+            return empty, empty.long()  # no search (an HNSW index refuses k=0)
         if self._custom_knn is not None:  # PML casts every input to float32
             query32 = _float32_for_knn_func(query, "query")
             reference = query32 if reference is query else _float32_for_knn_func(reference)
-            return self._custom_knn(query32, k, reference, ref_includes_query)
+            # PML calls it even for k=0: the index is built (or added to) and kept or dropped
+            distances, indices = self._custom_knn(query32, max(k, 1), reference, ref_includes_query)
+            return (distances[:, :0], indices[:, :0]) if k == 0 else (distances, indices)
         metric, normalize = self.exact
         return exact_knn(
             query,
@@ -1005,6 +1019,13 @@ def _resolve_search(distance: Any, knn_func: Any) -> tuple[Any, Any]:
     raise TypeError(f"knn_func must be callable, got {type(knn_func).__name__}")
 
 
+def _changes_index(knn_func: Any) -> bool:
+    """Whether a call of a ``knn_func`` run as PML's leaves its ``index`` other than it
+    found it: a PML ``FaissKNN`` that adds the reference to the user's index
+    (``reset_before=False``) or keeps the reference's index (``reset_after=False``)."""
+    return isinstance(knn_func, FaissKNN) and not (knn_func.reset_before and knn_func.reset_after)
+
+
 def _keeps_state(knn_func: Any) -> bool:
     """Whether a ``knn_func`` run as PML's keeps state between calls, so that
     ``get_accuracy`` calls it once, as PML does: a PML ``FaissKNN`` with
@@ -1018,7 +1039,7 @@ def _check_backend_with(backend: str, custom: Any) -> None:
     if backend != "auto" and custom is not None:
         raise ValueError(
             f"backend={backend!r} selects the exact k-nn's candidate pass, but "
-            f"{_describe_knn(custom)} runs as PML's knn_func; leave backend='auto'"
+            f"{describe_knn(custom)} runs as PML's knn_func; leave backend='auto'"
         )
 
 

@@ -76,7 +76,10 @@ def test_a_knn_func_run_as_pml_takes_only_auto():
         RetrievalAccuracyCalculator(knn_func=custom, backend="torch")
     from pytorch_metric_learning.utils.inference import FaissKNN
 
-    with pytest.raises(ValueError, match=r"but FaissKNN runs as PML's knn_func"):
+    with pytest.raises(
+        ValueError,
+        match=r"but FaissKNN\(index_init_fn=IndexFlatL2, reset_before=False\) runs as PML's ",
+    ):
         RetrievalAccuracyCalculator(knn_func=FaissKNN(reset_before=False), backend="faiss")
 
 

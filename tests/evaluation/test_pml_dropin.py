@@ -1,6 +1,8 @@
 """Issue 16: the calculator as a PML user meets it (off-centre, duplicate and integer
 data, PML's knn_func/knn_distances semantics, the public calculate_* methods)."""
 
+import math
+
 import faiss
 import numpy as np
 import pytest
@@ -192,6 +194,34 @@ def test_faiss_knn_reset_after_false_keeps_the_reference_index_as_pml(index_init
     assert ours.knn_func.index.ntotal == pml_knn.index.ntotal == len(x)
     # the kept index answers a later search as PML's does
     assert torch.equal(our_knn(x[:5], 3)[1], pml_knn(x[:5], 3)[1])
+
+
+@pytest.mark.parametrize(
+    ("reset_before", "reset_after"), [(True, False), (False, False), (False, True)]
+)
+@pytest.mark.parametrize(("n", "k"), [(10, "max_bin_count"), (1, None)])
+def test_faiss_knn_that_keeps_state_is_called_when_no_neighbour_is_wanted(
+    reset_before, reset_after, n, k
+):
+    """PML's k is 0 (every label alone, or a one-row set): PML still calls the FaissKNN,
+    which builds (or adds to) the index and leaves it, or drops it with reset_after; the
+    search was skipped, leaving knn_func.index as it was."""
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(n)
+    knns = [FaissKNN(reset_before=reset_before, reset_after=reset_after) for _ in range(2)]
+    if not reset_before:
+        for knn in knns:
+            knn.index = faiss.IndexFlatL2(4)
+    include = ("precision_at_1", "mean_average_precision_at_r")
+    pml = AccuracyCalculator(include=include, k=k, knn_func=knns[0], device=torch.device("cpu"))
+    ours = RetrievalAccuracyCalculator(include=include, k=k, knn_func=knns[1])
+    expected, got = pml.get_accuracy(x, y), ours.get_accuracy(x, y)
+    assert {m: math.isnan(v) for m, v in got.items() if m in include} == {m: True for m in include}
+    assert {m: math.isnan(v) for m, v in expected.items()} == {m: True for m in include}
+    if reset_after:
+        assert knns[0].index is None and knns[1].index is None
+    else:
+        assert knns[1].index.ntotal == knns[0].index.ntotal == n
 
 
 def test_faiss_knn_without_reset_searches_its_own_index_as_pml():

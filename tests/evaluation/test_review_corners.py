@@ -434,6 +434,21 @@ def test_the_sharded_calculator_refuses_a_search_assigned_later():
     assert calc.knn_func is None and calc.distance is None and calc.group is None
 
 
+def test_the_sharded_calculator_names_the_faiss_knn_it_refuses():
+    """A FaissKNN that keeps or reuses an index runs as PML's, which cannot see the other
+    ranks: refused with its settings (the message showed the object's address)."""
+    from pytorch_metric_learning.utils.inference import FaissKNN
+
+    with pytest.raises(
+        ValueError, match=r"got FaissKNN\(index_init_fn=IndexFlatL2, reset_after=False\)"
+    ):
+        ShardedRetrievalAccuracyCalculator(knn_func=FaissKNN(reset_after=False))
+    with pytest.raises(
+        ValueError, match=r"got FaissKNN\(index_init_fn=IndexFlatL2, reset_before=False\)"
+    ):
+        ShardedRetrievalAccuracyCalculator(knn_func=FaissKNN(reset_before=False))
+
+
 def test_a_subclass_with_its_own_state_takes_later_settings():
     """A subclass whose metrics or hooks hang on state of its own (set before
     ``super().__init__``) kept working when a setting is assigned later."""
