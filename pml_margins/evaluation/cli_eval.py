@@ -216,7 +216,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "exit status 2.",
     )
     p.add_argument("--embeddings", required=True, help="query embeddings, (N, D)")
-    p.add_argument("--labels", required=True, help="query labels, (N,) integers")
+    p.add_argument(
+        "--labels",
+        required=True,
+        help="query labels, (N,): integers, or floats compared for equality",
+    )
     p.add_argument("--reference-embeddings", help="reference embeddings (default: the query)")
     p.add_argument("--reference-labels", help="reference labels")
     p.add_argument(

@@ -101,24 +101,20 @@ def as_embeddings(
 
 
 def as_labels(x: object, length: int, name: str) -> torch.Tensor:
-    """Checked ``(length,)`` int64 labels; whole-number float labels are accepted as PML does.
+    """Checked ``(length,)`` labels for equality, as PML compares them: integers as int64;
+    floats (whole or not: ``3.0``, ``0.5``) as given, float16/bfloat16 as float32, which
+    holds them exactly. The dtype follows the input's alone (not its values), so that
+    every rank of a sharded evaluation gathers the same.
 
     Raises:
-        TypeError: not a tensor/array, or fractional float labels.
-        ValueError: not 1-D, a length other than ``length``, NaN/Inf, or float labels
-            beyond int64.
+        TypeError: not a tensor/array, or a complex dtype (bool labels are 0/1).
+        ValueError: not 1-D, a length other than ``length``, or NaN/Inf.
     """
-    t = _label_tensor(x, length, name, (1,), "have an integer dtype")
+    t = _label_tensor(x, length, name, (1,), "hold real numbers")
     if t.is_floating_point():
-        if not bool(torch.isfinite(t).all()):
+        if t.numel() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
-        if not bool((t == t.round()).all()):
-            raise TypeError(f"{name} must be integers, got {t.dtype} values with a fraction")
-        if t.numel() and float(t.abs().max()) >= 2.0**63:
-            raise ValueError(
-                f"{name} has values beyond int64 (|label| >= 2^63): map them to integers "
-                "first (as floats they would not even stay distinct in PML's float32)"
-            )
+        return t.float() if torch.finfo(t.dtype).bits < 32 else t
     return t.long()
 
 
@@ -127,7 +123,7 @@ def as_comparable_labels(x: object, length: int, name: str) -> torch.Tensor:
     finite numbers (PML hands them to the user's function; integers come as int64).
 
     Raises:
-        TypeError: not a tensor/array, or a bool or complex dtype.
+        TypeError: not a tensor/array, or a complex dtype (bool labels are 0/1).
         ValueError: not 1-D or 2-D, a length other than ``length``, or NaN/Inf values.
     """
     t = _label_tensor(x, length, name, (1, 2), "hold real numbers")

@@ -135,6 +135,9 @@ CALCULATOR_CASES: dict[str, tuple[dict[str, Any], str]] = {
         {**NO_CLUSTERING, "label_comparison_fn": labels_within_one, "return_per_class": True},
         "includes",
     ),
+    # float labels (PML compares any): halves, so some ranks' slices may hold only whole
+    # values and others fractions; each rank's labels keep the input's dtype
+    "fractional_float_labels": ({**NO_CLUSTERING, "return_per_class": True}, "fractional"),
 }
 
 
@@ -145,6 +148,8 @@ def calculator_inputs(mode: str) -> tuple[torch.Tensor, ...]:
         g = torch.Generator().manual_seed(11)
         q = d["r"][:NUM_QUERIES] + 0.5 * torch.randn(NUM_QUERIES, 4, generator=g)
         return q, d["ql"], d["r"], d["rl"], False
+    if mode == "fractional":
+        return d["q"], d["ql"] * 0.5, d["r"], d["rl"] * 0.5, True
     return d["q"], d["ql"], d["r"], d["rl"], True
 
 

@@ -155,7 +155,7 @@ Y = torch.tensor([0, 0, 1, 1, 2, 2])
         ((X, Y, X.flip(0), Y), {"ref_includes_query": True}, ValueError, "ref_includes_query"),
         ((X, Y, X[:3], Y[:3]), {"ref_includes_query": True}, ValueError, "ref_includes_query"),
         ((X, Y, X), {}, ValueError, "reference given without reference_labels"),
-        ((X, Y.float() + 0.5), {}, TypeError, "query_labels must be integers"),
+        ((X, torch.full((6,), float("nan"))), {}, ValueError, "query_labels contains NaN"),
         ((X, Y[:, None]), {}, ValueError, "query_labels must be 1-D"),
         (([[1.0]], Y), {}, TypeError, "query must be a torch.Tensor or numpy.ndarray"),
     ],

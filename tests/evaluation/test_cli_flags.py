@@ -126,7 +126,7 @@ def test_help_lists_metrics_and_flags(capsys):
     [
         ("missing.npy", "y.npy", "missing.npy: cannot read: No such file"),
         (".", "y.npy", ": is a directory"),
-        ("x.npy", "frac.npy", "frac.npy: query_labels must be integers"),
+        ("x.npy", "nanlab.npy", "nanlab.npy: query_labels contains NaN"),
         ("x.npy", "str.npy", "str.npy: cannot read"),
         ("x.npy", "short.npy", "short.npy: query_labels has length 5"),
         ("nan.npy", "y.npy", "nan.npy: query contains NaN"),
@@ -139,7 +139,7 @@ def test_bad_files_give_one_line_and_status_2(
     files, capsys, monkeypatch, embeddings, labels, message
 ):
     _, _, _, tmp = files
-    np.save(tmp / "frac.npy", np.linspace(0, 1, 120))
+    np.save(tmp / "nanlab.npy", np.full(120, np.nan))
     np.save(tmp / "str.npy", np.array(["a"] * 120))
     np.save(tmp / "short.npy", np.arange(5))
     np.save(tmp / "nan.npy", np.full((120, 2), np.nan, dtype=np.float32))

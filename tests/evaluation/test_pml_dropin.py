@@ -243,3 +243,39 @@ def test_faiss_knn_without_reset_searches_its_own_index_as_pml():
         RetrievalAccuracyCalculator(
             include=include, knn_func=FaissKNN(reset_before=False)
         ).get_accuracy(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["self", "separate", "int_query"])
+@pytest.mark.parametrize("per_class", [False, True])
+def test_float_labels_with_a_fraction_are_compared_as_pml_compares_them(dtype, layout, per_class):
+    """PML takes any float labels (0.25, 0.75, ...) and compares them for equality; they
+    were refused ("must be integers")."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(60, 8, generator=g)
+    whole = torch.randint(0, 5, (60,), generator=g)
+    y = (whole * 0.5 + 0.25).to(dtype)
+    include = PML_METRICS
+    pml = AccuracyCalculator(
+        include=include, return_per_class=per_class, device=torch.device("cpu")
+    )
+    ours = RetrievalAccuracyCalculator(include=include, return_per_class=per_class)
+    if layout == "self":
+        args = (x, y)
+    elif layout == "separate":
+        args = (x[:25], y[:25], x[25:], y[25:])
+    else:  # integer query labels against float references, one of them fractional
+        reference_labels = whole[25:].to(dtype)
+        reference_labels[0] = 0.5
+        args = (x[:25], whole[:25], x[25:], reference_labels)
+    expected, got = pml.get_accuracy(*args), ours.get_accuracy(*args)
+    assert set(got) >= set(expected)
+    for name, value in expected.items():
+        assert np.allclose(got[name], value, atol=1e-6, equal_nan=True), name
+    # the same as the labels' integer codes
+    codes = [torch.unique(a, return_inverse=True)[1] if i % 2 else a for i, a in enumerate(args)]
+    if layout != "self":  # one code for both sets
+        both = torch.unique(torch.cat([args[1].double(), args[3].double()]), return_inverse=True)[1]
+        codes[1], codes[3] = both[:25], both[25:]
+    coded = ours.get_accuracy(*codes)
+    assert all(np.allclose(coded[m], got[m], equal_nan=True) for m in expected)

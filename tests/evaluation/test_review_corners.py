@@ -56,16 +56,16 @@ def test_a_float64_default_dtype_changes_nothing():
     assert got == expected
 
 
-def test_float_labels_beyond_int64_are_refused():
-    """They collapsed into one class (int64 overflow); coding each set apart would break
-    query/reference equality: a clear error instead."""
+def test_float_labels_beyond_int64_are_compared_as_given():
+    """They collapsed into one class (int64 overflow), then were refused; float labels now
+    stay floats and are compared exactly (PML's float32 would merge labels closer than
+    its spacing, as it merges integers beyond 2^24)."""
     x, _ = _data(n=40)
     labels = torch.tensor([1e19, 2e19] * 20, dtype=torch.float64)
     calc = RetrievalAccuracyCalculator(include=KNN_METRICS)
-    with pytest.raises(ValueError, match="query_labels has values beyond int64"):
-        calc.get_accuracy(x, labels)
-    with pytest.raises(ValueError, match="reference_labels has values beyond int64"):
-        calc.get_accuracy(x, labels / 1e19, x, torch.tensor([7.0] * 39 + [3e19]))
+    assert calc.get_accuracy(x, labels) == calc.get_accuracy(x, torch.tensor([0, 1] * 20))
+    got = calc.get_accuracy(x, labels / 1e19, x, torch.tensor([1.0] * 39 + [3e19]))
+    assert got == calc.get_accuracy(x, torch.tensor([1, 2] * 20), x, torch.tensor([1] * 39 + [3]))
 
 
 @pytest.mark.parametrize(
@@ -396,8 +396,8 @@ def test_settings_assigned_as_read_back_change_nothing():
         assert _stable(calc.get_accuracy(x, y)) == expected, built_with
     calc = RetrievalAccuracyCalculator(include=("precision_at_1",))
     calc.label_comparison_fn = calc.label_comparison_fn
-    with pytest.raises(TypeError, match="fraction"):  # still equality: real labels refused
-        calc.get_accuracy(x, y + 0.5)
+    with pytest.raises(ValueError, match="must be 1-D"):  # still equality: 1-D labels only
+        calc.get_accuracy(x, torch.stack([y, y], 1))
 
 
 @pytest.mark.parametrize(
@@ -526,8 +526,8 @@ def test_later_settings_corners_found_by_the_second_fix_review():
     calc = RetrievalAccuracyCalculator(label_comparison_fn=_equal, include=("precision_at_1",))
     del calc.label_comparison_fn
     calc.label_comparison_fn = None
-    with pytest.raises(TypeError, match="fraction"):  # the default comparison again
-        calc.get_accuracy(x, y + 0.5)
+    with pytest.raises(ValueError, match="must be 1-D"):  # the default comparison again
+        calc.get_accuracy(x, torch.stack([y, y], 1))
     calc = RetrievalAccuracyCalculator()
     del calc.knn_func
     calc.k = 5  # (the check of the search reads what is there)
