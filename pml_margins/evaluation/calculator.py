@@ -55,6 +55,23 @@ __all__ = [
 
 LOGGER = logging.getLogger(__name__)
 
+
+class _SilencedWithPML(logging.Filter):
+    """Drops a record below the level set on PML's own logger (or all, when it is
+    disabled), so that what silences PML's ``AccuracyCalculator``
+    (``logging.getLogger("PML").setLevel(logging.ERROR)``, the logger of
+    ``set_logger_name``) silences this calculator too; this module's logger and its
+    parents' levels and handlers apply as usual."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pytorch_metric_learning.utils import common_functions
+
+        pml = common_functions.LOGGER
+        return not pml.disabled and (pml.level == logging.NOTSET or record.levelno >= pml.level)
+
+
+LOGGER.addFilter(_SilencedWithPML())
+
 #: above this many classes AMI gets a warning: scikit-learn's AMI is quadratic in it
 AMI_SLOW_NUM_CLASSES = 1000
 #: PML's k-nn metrics that read only a query's first R neighbours (R: its relevant count)

@@ -279,3 +279,36 @@ def test_float_labels_with_a_fraction_are_compared_as_pml_compares_them(dtype, l
         codes[1], codes[3] = both[:25], both[25:]
     coded = ours.get_accuracy(*codes)
     assert all(np.allclose(coded[m], got[m], equal_nan=True) for m in expected)
+
+
+def test_silencing_pml_logger_silences_the_calculator(caplog):
+    """A PML user quiets the calculator's warnings through PML's logger; ours kept
+    warning ("None of the query labels are in the reference set")."""
+    import logging
+
+    from pytorch_metric_learning.utils import common_functions
+
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    args = (x[:3], torch.tensor([0, 1, 2]), x[3:], torch.tensor([5, 6, 7]))
+    calc = RetrievalAccuracyCalculator(include=("precision_at_1",))
+    pml_logger = common_functions.LOGGER
+    level = pml_logger.level
+    with caplog.at_level(logging.WARNING):
+        calc.get_accuracy(*args)
+        assert "None of the query labels" in caplog.text
+        caplog.clear()
+        pml_logger.setLevel(logging.ERROR)
+        try:
+            calc.get_accuracy(*args)
+        finally:
+            pml_logger.setLevel(level)
+        assert caplog.text == ""
+        calc.get_accuracy(*args)
+        assert "None of the query labels" in caplog.text
+        caplog.clear()
+        pml_logger.disabled = True
+        try:
+            calc.get_accuracy(*args)
+        finally:
+            pml_logger.disabled = False
+        assert caplog.text == ""
