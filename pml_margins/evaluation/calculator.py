@@ -36,6 +36,7 @@ from pml_margins.evaluation.inputs import (
     as_int,
     as_labels,
     as_pml_labels,
+    at_common_precision,
     check_int,
 )
 from pml_margins.evaluation.knn import Backend, Metric, check_num_threads, exact_knn, uses_faiss
@@ -561,8 +562,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         """Compute the metrics; arguments and result as PML's ``get_accuracy``.
 
         Raises:
-            TypeError: embeddings neither floating nor integer, labels not
-                integer-valued, ``include``/``exclude`` not a tuple or list.
+            TypeError: embeddings neither floating nor integer, labels complex,
+                ``include``/``exclude`` not a tuple or list.
             ValueError: empty sets, NaN/Inf, mismatched lengths or widths, or
                 ``ref_includes_query`` with a reference that does not start with
                 the query.
@@ -592,6 +593,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 device
             )
         )
+        if self.custom_comparison is None and not same:  # (as PML's float32 cast compares)
+            query_labels, reference_labels = at_common_precision(query_labels, reference_labels)
         if ignored is not None:
             self._check_ignored_reference_labels(ignored, query_labels)
         if ref_includes_query and not same:
@@ -799,14 +802,17 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     def _knn(
         self, query: torch.Tensor, reference: torch.Tensor, k: int, ref_includes_query: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._custom_knn is not None and k == 0 and not _changes_index(self._custom_knn):
+        faiss_knn = isinstance(self._custom_knn, FaissKNN)
+        if faiss_knn and k == 0 and not _changes_index(self._custom_knn):
             empty = torch.empty(len(query), 0, device=query.device)  # no neighbour wanted:
-            return empty, empty.long()  # no search (an HNSW index refuses k=0)
+            return empty, empty.long()  # no search (faiss refuses k=0), no state to change
         if self._custom_knn is not None:  # PML casts every input to float32
             query32 = _float32_for_knn_func(query, "query")
             reference = query32 if reference is query else _float32_for_knn_func(reference)
-            # PML calls it even for k=0: the index is built (or added to) and kept or dropped
-            distances, indices = self._custom_knn(query32, max(k, 1), reference, ref_includes_query)
+            # PML calls it even for k=0 (a FaissKNN then builds or adds to its index, kept
+            # or dropped; a user's function may keep state too): faiss's at k=1
+            asked = 1 if faiss_knn and k == 0 else k
+            distances, indices = self._custom_knn(query32, asked, reference, ref_includes_query)
             return (distances[:, :0], indices[:, :0]) if k == 0 else (distances, indices)
         metric, normalize = self.exact
         return exact_knn(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,9 +24,11 @@ __all__ = [
     "as_labels",
     "as_pml_labels",
     "as_tensor",
+    "at_common_precision",
     "check_int",
     "check_k",
     "check_knn",
+    "label_dtype",
 ]
 
 #: the metrics of the exact k-nn (:data:`.knn.Metric`)
@@ -116,6 +119,21 @@ def as_labels(x: object, length: int, name: str) -> torch.Tensor:
             raise ValueError(f"{name} contains NaN or Inf values")
         return t.float() if torch.finfo(t.dtype).bits < 32 else t
     return t.long()
+
+
+def label_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The dtype in which labels of these dtypes are compared for equality: the
+    narrowest floating dtype among them (PML compares every label in float32: a float32
+    ``0.2`` and a float64 ``0.2`` match there, and a float32 label cannot tell apart the
+    values that round to it), or int64 when none is floating."""
+    floats = [d for d in dtypes if d.is_floating_point]
+    return min(floats, key=lambda d: torch.finfo(d).bits) if floats else torch.int64
+
+
+def at_common_precision(*labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Checked equality labels (query, reference) in :func:`label_dtype` of theirs."""
+    dtype = label_dtype([t.dtype for t in labels])
+    return tuple(t.to(dtype) for t in labels)
 
 
 def as_comparable_labels(x: object, length: int, name: str) -> torch.Tensor:

@@ -138,7 +138,17 @@ CALCULATOR_CASES: dict[str, tuple[dict[str, Any], str]] = {
     # float labels (PML compares any): halves, so some ranks' slices may hold only whole
     # values and others fractions; each rank's labels keep the input's dtype
     "fractional_float_labels": ({**NO_CLUSTERING, "return_per_class": True}, "fractional"),
+    # the ranks' labels differ in dtype (int64 / float32 of the same whole values; float64
+    # queries of tenths against float32 / float64 references): compared as one process
+    # compares them, in the narrowest floating dtype (where PML's float32 cast matches)
+    "labels_of_mixed_dtypes_self": (NO_CLUSTERING, "self_mixed_dtypes"),
+    "decimal_labels_of_mixed_dtypes": (NO_CLUSTERING, "decimals_mixed_dtypes"),
 }
+
+
+def rank_labels(labels: torch.Tensor, mode: str, rank: int) -> torch.Tensor:
+    """A rank's reference labels as the mode hands them: odd ranks' in float32."""
+    return labels.float() if mode.endswith("mixed_dtypes") and rank % 2 else labels
 
 
 def calculator_inputs(mode: str) -> tuple[torch.Tensor, ...]:
@@ -148,6 +158,9 @@ def calculator_inputs(mode: str) -> tuple[torch.Tensor, ...]:
         g = torch.Generator().manual_seed(11)
         q = d["r"][:NUM_QUERIES] + 0.5 * torch.randn(NUM_QUERIES, 4, generator=g)
         return q, d["ql"], d["r"], d["rl"], False
+    if mode == "decimals_mixed_dtypes":  # tenths: float64 queries, float32 references
+        tenths = d["rl"].double() / 10 + 0.1
+        return d["q"], tenths[:NUM_QUERIES], d["r"], tenths.float(), True
     if mode == "fractional":
         return d["q"], d["ql"] * 0.5, d["r"], d["rl"] * 0.5, True
     return d["q"], d["ql"], d["r"], d["rl"], True

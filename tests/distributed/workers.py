@@ -156,11 +156,14 @@ def retrieval(rank: int, world_size: int, out: pathlib.Path) -> None:
         q, ql, r, rl, ref_includes_query = cases.calculator_inputs(mode)
         start, end = shard_range(len(r), world_size, rank)
         calc = ShardedRetrievalAccuracyCalculator(**kwargs)
-        if mode == "self":  # each rank passes its slice of one set
-            result[case_id] = calc.get_accuracy(r[start:end], rl[start:end])
+        if mode == "decimals_mixed_dtypes":  # float32 on odd ranks, float64 on even ones
+            rl = rl if rank % 2 else rl.double()
+        labels = cases.rank_labels(rl[start:end], mode, rank)
+        if mode.startswith("self"):  # each rank passes its slice of one set
+            result[case_id] = calc.get_accuracy(r[start:end], labels)
         else:
             result[case_id] = calc.get_accuracy(
-                q, ql, r[start:end], rl[start:end], ref_includes_query=ref_includes_query
+                q, ql, r[start:end], labels, ref_includes_query=ref_includes_query
             )
     torch.save(result, out / f"retrieval_{rank}.pt")
 

@@ -312,3 +312,57 @@ def test_silencing_pml_logger_silences_the_calculator(caplog):
         finally:
             pml_logger.disabled = False
         assert caplog.text == ""
+
+
+def test_a_users_knn_func_is_called_when_no_neighbour_is_wanted():
+    """PML calls any knn_func at k=0 (every label alone): a function around a
+    FaissKNN(reset_after=False) builds its index there; it was skipped."""
+    x = torch.randn(12, 4, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(12)
+    inners = [FaissKNN(reset_after=False) for _ in range(2)]
+
+    def wrapped(inner):
+        return lambda q, k, r, ref_includes_query: inner(q, k, r, ref_includes_query)
+
+    include = ("precision_at_1",)
+    cpu = torch.device("cpu")
+    pml = AccuracyCalculator(
+        include=include, k="max_bin_count", knn_func=wrapped(inners[0]), device=cpu
+    )
+    ours = RetrievalAccuracyCalculator(
+        include=include, k="max_bin_count", knn_func=wrapped(inners[1])
+    )
+    assert math.isnan(pml.get_accuracy(x, y)["precision_at_1"])
+    assert math.isnan(ours.get_accuracy(x, y)["precision_at_1"])
+    assert inners[1].index.ntotal == inners[0].index.ntotal == 12
+
+
+@pytest.mark.parametrize("query_dtype", [torch.float64, torch.int64])
+@pytest.mark.parametrize("ref_includes_query", [False, True])
+def test_labels_of_two_dtypes_compare_at_the_narrower_as_pml(query_dtype, ref_includes_query):
+    """float64 query labels 0.1, 0.2, ... against the same values in float32 (numpy
+    beside torch): PML's float32 cast matches them; they never matched (P@1 0.0), and a
+    reference that starts with the query was refused. Integers beyond 2^24 against float32
+    references match as float32 holds them, as in PML."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(60, 8, generator=g)
+    whole = torch.randint(0, 6, (60,), generator=g)
+    if query_dtype == torch.float64:
+        labels = whole.double() / 10 + 0.1
+    else:
+        labels = whole + 2**24 + 1  # odd: float32 rounds each to its even neighbour
+    query, query_labels = x[:20], labels[:20]
+    if ref_includes_query:
+        reference, reference_labels = x, labels.float()
+    else:
+        reference, reference_labels = x[20:], labels[20:].float()
+    cpu = torch.device("cpu")
+    expected = AccuracyCalculator(include=PML_METRICS, device=cpu).get_accuracy(
+        query, query_labels, reference, reference_labels, ref_includes_query
+    )
+    got = RetrievalAccuracyCalculator(include=PML_METRICS).get_accuracy(
+        query, query_labels, reference, reference_labels, ref_includes_query
+    )
+    assert expected["precision_at_1"] > 0
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-6), name
