@@ -38,7 +38,7 @@ from pml_margins.evaluation.calculator import (
     describe_distance,
     describe_knn,
 )
-from pml_margins.evaluation.inputs import as_embeddings, check_knn
+from pml_margins.evaluation.inputs import as_embeddings, check_knn, label_dtype
 from pml_margins.evaluation.knn import (
     Backend,
     Metric,
@@ -179,10 +179,10 @@ def _ranks_label_dtype(
 ) -> torch.dtype:
     """:func:`~pml_margins.evaluation.inputs.label_dtype` of every rank's labels (one
     all-reduce): the narrowest floating dtype on any rank, else int64."""
-    bits = [torch.finfo(t.dtype).bits for t in labels if t is not None and t.is_floating_point()]
-    narrowest = all_reduce_(torch.tensor([-min(bits, default=1024)], device=device), "max", group)
-    found = -int(narrowest.item())
-    return torch.int64 if found == 1024 else {32: torch.float32, 64: torch.float64}[found]
+    dtype = label_dtype([t.dtype for t in labels if t is not None])
+    bits = torch.finfo(dtype).bits if dtype.is_floating_point else 1024
+    narrowest = all_reduce_(torch.tensor([-bits], device=device), "max", group)
+    return {32: torch.float32, 64: torch.float64, 1024: torch.int64}[-int(narrowest.item())]
 
 
 def _rows(x: Any) -> int:
@@ -317,11 +317,11 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         checked_query, checked_labels, shard, shard_labels = checked_on_every_rank(
             check, self.group, device, agreed
         )
-        if self.custom_comparison is None:  # one dtype on every rank (int64 on one rank and
-            # float32 on another compare equal, as in one process and in PML)
-            dtype = _ranks_label_dtype(self.group, shard.device, shard_labels, checked_labels)
-            shard_labels = shard_labels.to(dtype)
-            checked_labels = None if checked_labels is None else checked_labels.to(dtype)
+        # one dtype on every rank (int64 on one rank and float32 on another compare equal,
+        # as in one process and in PML)
+        dtype = _ranks_label_dtype(self.group, shard.device, shard_labels, checked_labels)
+        shard_labels = shard_labels.to(dtype)
+        checked_labels = None if checked_labels is None else checked_labels.to(dtype)
         layouts = {"reference_labels": shard_labels}  # gathered, as the shards' rows when
         # the set is evaluated against itself or a subclass's own metric reads them
         if reference is None or self._own_metrics(include, exclude):

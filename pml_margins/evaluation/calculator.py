@@ -58,8 +58,8 @@ LOGGER = logging.getLogger(__name__)
 
 
 class _SilencedWithPML(logging.Filter):
-    """Drops a record below the level set on PML's own logger (or all, when it is
-    disabled), so that what silences PML's ``AccuracyCalculator``
+    """Drops a record below the level set on PML's own logger or a parent of it but the
+    root (or all, when it is disabled), so that what silences PML's ``AccuracyCalculator``
     (``logging.getLogger("PML").setLevel(logging.ERROR)``, the logger of
     ``set_logger_name``) silences this calculator too; this module's logger and its
     parents' levels and handlers apply as usual."""
@@ -67,8 +67,14 @@ class _SilencedWithPML(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from pytorch_metric_learning.utils import common_functions
 
-        pml = common_functions.LOGGER
-        return not pml.disabled and (pml.level == logging.NOTSET or record.levelno >= pml.level)
+        logger = common_functions.LOGGER
+        if logger.disabled:
+            return False
+        while logger is not None and logger is not logging.root:  # a level set on it or a
+            if logger.level != logging.NOTSET:  # parent (the root's applies to ours as well)
+                return record.levelno >= logger.level
+            logger = logger.parent
+        return True
 
 
 LOGGER.addFilter(_SilencedWithPML())
@@ -593,7 +599,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 device
             )
         )
-        if self.custom_comparison is None and not same:  # (as PML's float32 cast compares)
+        if not same:  # one dtype for both, the narrower (as PML's float32 cast compares)
             query_labels, reference_labels = at_common_precision(query_labels, reference_labels)
         if ignored is not None:
             self._check_ignored_reference_labels(ignored, query_labels)
@@ -616,7 +622,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         """``reference_labels`` given without ``reference``: PML ignores them; here they
         must equal the (checked) ``query_labels``, else a ``ValueError``."""
         given = self.checked_labels(given, len(query_labels), "reference_labels")
-        if not torch.equal(given.to(query_labels.device), query_labels):
+        if not torch.equal(*at_common_precision(given.to(query_labels.device), query_labels)):
             raise ValueError(
                 "reference_labels given without reference, unlike query_labels (the "
                 "query is its own reference set: pass reference too, or no labels)"
@@ -651,6 +657,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         same_labels = reference_labels is query_labels
         query_labels = as_pml_labels(query_labels)
         reference_labels = query_labels if same_labels else as_pml_labels(reference_labels)
+        both = (query_labels, reference_labels)  # one float32 (exact there), one not: the
+        if both[0].dtype != both[1].dtype and all(t.is_floating_point() for t in both):
+            query_labels, reference_labels = (t.double() for t in both)  # same dtype for metrics
         kwargs: dict[str, Any] = {
             "query": query,
             "reference": reference,
@@ -802,18 +811,23 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     def _knn(
         self, query: torch.Tensor, reference: torch.Tensor, k: int, ref_includes_query: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        faiss_knn = isinstance(self._custom_knn, FaissKNN)
+        empty = torch.empty(len(query), 0, device=query.device)
+        faiss_knn = type(self._custom_knn) is FaissKNN  # (a subclass's call is its own)
         if faiss_knn and k == 0 and not _changes_index(self._custom_knn):
-            empty = torch.empty(len(query), 0, device=query.device)  # no neighbour wanted:
-            return empty, empty.long()  # no search (faiss refuses k=0), no state to change
+            return empty, empty.long()  # no neighbour wanted: no search (faiss refuses
+            # k=0), no state to change
         if self._custom_knn is not None:  # PML casts every input to float32
             query32 = _float32_for_knn_func(query, "query")
             reference = query32 if reference is query else _float32_for_knn_func(reference)
             # PML calls it even for k=0 (a FaissKNN then builds or adds to its index, kept
-            # or dropped; a user's function may keep state too): faiss's at k=1
+            # or dropped; a user's function may keep state too), and reads nothing of the
+            # result then (every query is alone): faiss's at k=1
             asked = 1 if faiss_knn and k == 0 else k
-            distances, indices = self._custom_knn(query32, asked, reference, ref_includes_query)
-            return (distances[:, :0], indices[:, :0]) if k == 0 else (distances, indices)
+            found = self._custom_knn(query32, asked, reference, ref_includes_query)
+            if k == 0:
+                return empty, empty.long()
+            distances, indices = found  # numpy arrays index labels in PML too
+            return torch.as_tensor(distances), torch.as_tensor(indices)
         metric, normalize = self.exact
         return exact_knn(
             query,

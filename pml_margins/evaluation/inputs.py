@@ -122,16 +122,22 @@ def as_labels(x: object, length: int, name: str) -> torch.Tensor:
 
 
 def label_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    """The dtype in which labels of these dtypes are compared for equality: the
-    narrowest floating dtype among them (PML compares every label in float32: a float32
-    ``0.2`` and a float64 ``0.2`` match there, and a float32 label cannot tell apart the
-    values that round to it), or int64 when none is floating."""
+    """The dtype in which labels of these dtypes are compared: the narrowest floating
+    dtype among them, float32 at the least (PML compares every label in float32: a
+    float32 ``0.2`` and a float64 ``0.2`` match there, and a float32 label cannot tell
+    apart the values that round to it), or int64 when none is floating."""
     floats = [d for d in dtypes if d.is_floating_point]
-    return min(floats, key=lambda d: torch.finfo(d).bits) if floats else torch.int64
+    if not floats:
+        return torch.int64
+    return max(min(floats, key=lambda d: torch.finfo(d).bits), torch.float32, key=_bits)
+
+
+def _bits(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits
 
 
 def at_common_precision(*labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Checked equality labels (query, reference) in :func:`label_dtype` of theirs."""
+    """Checked labels (query, reference) in :func:`label_dtype` of theirs."""
     dtype = label_dtype([t.dtype for t in labels])
     return tuple(t.to(dtype) for t in labels)
 

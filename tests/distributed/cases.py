@@ -143,6 +143,10 @@ CALCULATOR_CASES: dict[str, tuple[dict[str, Any], str]] = {
     # compares them, in the narrowest floating dtype (where PML's float32 cast matches)
     "labels_of_mixed_dtypes_self": (NO_CLUSTERING, "self_mixed_dtypes"),
     "decimal_labels_of_mixed_dtypes": (NO_CLUSTERING, "decimals_mixed_dtypes"),
+    "custom_label_comparison_mixed_dtypes": (
+        {**NO_CLUSTERING, "label_comparison_fn": labels_within_one},
+        "decimals_mixed_dtypes",
+    ),
 }
 
 

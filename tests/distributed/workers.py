@@ -281,15 +281,11 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
         except ValueError as err:
             seen[case] = str(err)
     same = lambda a, b: a == b  # noqa: E731  # labels then keep their dtype
+    one_label = labels[:1].repeat(5)  # (int64 / float64 on different ranks: one dtype now)
     layouts = {  # gathered as bytes: an abort, or each rank its own metrics (review)
         "calc_label_dtypes": (
             {"k": 2, "label_comparison_fn": same},
-            (
-                query,
-                labels,
-                shard,
-                (labels[:1].repeat(5)).to(torch.float64 if rank else torch.int64),
-            ),
+            (query, labels, shard, torch.stack([one_label] * 2, 1) if rank else one_label),
         ),
         "calc_self_dtypes": ({}, (shard.double() if rank == 1 else shard, labels[:1].repeat(5))),
     }

@@ -366,3 +366,122 @@ def test_labels_of_two_dtypes_compare_at_the_narrower_as_pml(query_dtype, ref_in
     assert expected["precision_at_1"] > 0
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, abs=1e-6), name
+
+
+@pytest.mark.parametrize(
+    "returned",
+    [
+        lambda q: (torch.zeros(len(q)), torch.zeros(len(q), dtype=torch.long)),  # 1-D
+        lambda q: (None, None),
+        lambda q: (np.zeros((len(q), 0)), np.zeros((len(q), 0), dtype=np.int64)),
+    ],
+    ids=["1-D", "None", "numpy"],
+)
+def test_what_a_knn_func_returns_at_k_0_is_not_read_as_pml(returned):
+    """At k=0 every query is alone and PML reads nothing of the result: odd shapes,
+    None or numpy arrays raised once the function was called there."""
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    calls = []
+
+    def knn(q, k, r, ref_includes_query):
+        calls.append(k)
+        return returned(q)
+
+    kwargs = {"include": ("precision_at_1",), "k": "max_bin_count", "knn_func": knn}
+    pml = AccuracyCalculator(**kwargs, device=torch.device("cpu")).get_accuracy(x, torch.arange(8))
+    ours = RetrievalAccuracyCalculator(**kwargs).get_accuracy(x, torch.arange(8))
+    assert math.isnan(pml["precision_at_1"]) and math.isnan(ours["precision_at_1"])
+    assert calls == [0, 0]
+
+
+def test_a_knn_func_returning_numpy_arrays_as_pml():
+    """PML indexes the labels with whatever the function returns; numpy arrays raised."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(40, 4, generator=g), torch.randint(0, 4, (40,), generator=g)
+    inner = CustomKNN(LpDistance())
+
+    def knn(q, k, r, ref_includes_query):
+        return tuple(t.numpy() for t in inner(q, k, r, ref_includes_query))
+
+    pml = AccuracyCalculator(include=PML_METRICS, knn_func=knn, device=torch.device("cpu"))
+    ours = RetrievalAccuracyCalculator(include=PML_METRICS, knn_func=knn)
+    assert ours.get_accuracy(x, y) == pytest.approx(pml.get_accuracy(x, y), abs=1e-6)
+
+
+def test_a_faiss_knn_subclass_with_its_own_call_is_called_at_k_0():
+    calls = []
+
+    class Recording(FaissKNN):
+        def __call__(self, q, k, r=None, ref_includes_query=False):
+            calls.append(k)
+            return super().__call__(q, max(k, 1), r, ref_includes_query)
+
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+    calc = RetrievalAccuracyCalculator(
+        include=("precision_at_1",), k="max_bin_count", knn_func=Recording()
+    )
+    assert math.isnan(calc.get_accuracy(x, torch.arange(6))["precision_at_1"])
+    assert calls == [0]
+
+
+@pytest.mark.parametrize("ref_includes_query", [False, True])
+def test_a_label_comparison_gets_both_label_sets_in_one_dtype_as_pml(ref_includes_query):
+    """float32 query labels 0.1, 0.2, ... and the same values in float64: PML hands the
+    comparison float32 twice and they match; ours gave (float32, float64), no match."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 4, generator=g)
+    labels = torch.randint(0, 4, (40,), generator=g).double() / 10 + 0.1
+    seen = []
+
+    def equal(a, b):
+        seen.append((a.dtype, b.dtype))
+        return a == b
+
+    query, query_labels = x[:16], labels[:16].float()
+    reference, reference_labels = (x, labels) if ref_includes_query else (x[16:], labels[16:])
+    args = (query, query_labels, reference, reference_labels, ref_includes_query)
+    cpu = torch.device("cpu")
+    expected = AccuracyCalculator(
+        include=PML_METRICS, label_comparison_fn=equal, device=cpu
+    ).get_accuracy(*args)
+    pml_seen, seen[:] = set(seen), []
+    got = RetrievalAccuracyCalculator(include=PML_METRICS, label_comparison_fn=equal).get_accuracy(
+        *args
+    )
+    assert expected["precision_at_1"] > 0
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert set(seen) == pml_seen == {(torch.float32, torch.float32)}
+
+
+def test_ignored_reference_labels_are_compared_at_the_narrower_dtype():
+    """reference_labels without reference: PML ignores them; ours checks they are the
+    query's, now in the narrower dtype (float32 copies of float64 tenths were refused)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(30, 4, generator=g)
+    labels = torch.randint(0, 3, (30,), generator=g).double() / 10 + 0.1
+    calc = RetrievalAccuracyCalculator(include=PML_METRICS)
+    assert calc.get_accuracy(x, labels, reference_labels=labels.float()) == calc.get_accuracy(
+        x, labels
+    )
+    with pytest.raises(ValueError, match="reference_labels given without reference"):
+        calc.get_accuracy(x, labels, reference_labels=labels.flip(0))
+
+
+def test_a_level_on_a_parent_of_pml_logger_quiets_the_calculator(caplog):
+    """set_logger_name("proj.pml") and a level on "proj" quiet PML; ours kept warning."""
+    import logging
+
+    from pytorch_metric_learning.utils import common_functions
+
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    args = (x[:3], torch.tensor([0, 1, 2]), x[3:], torch.tensor([5, 6, 7]))
+    name, parent = common_functions.LOGGER_NAME, logging.getLogger("proj_review")
+    common_functions.set_logger_name("proj_review.pml")
+    parent.setLevel(logging.ERROR)
+    try:
+        with caplog.at_level(logging.WARNING):
+            RetrievalAccuracyCalculator(include=("precision_at_1",)).get_accuracy(*args)
+    finally:
+        parent.setLevel(logging.NOTSET)
+        common_functions.set_logger_name(name)
+    assert caplog.text == ""
