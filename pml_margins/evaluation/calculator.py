@@ -35,6 +35,7 @@ from pml_margins.evaluation.inputs import (
     as_embeddings,
     as_int,
     as_labels,
+    as_pml_label_sets,
     as_pml_labels,
     at_common_precision,
     check_int,
@@ -288,9 +289,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             distance or ``knn_func`` changed in place after it was given counts). When a Recall@K
             needs deeper lists than PML's ``k``, such a ``knn_func`` is called at both depths, PML's
             metrics getting the call at PML's ``k`` as in PML; a ``FaissKNN(reset_before=False)``,
-            whose index is state, is called once, and PML's metrics read its first ``k``. Metrics, a
-            subclass's own included, get float32 ``query``/``reference`` and ``knn_distances`` as in
-            PML, and the labels as float32 (as PML casts them) where float32 holds every value; else
+            whose index is state, is called once, and PML's metrics read its first ``k``; every
+            column a user's k-nn returns is read, as in PML, and its distances are passed on as it
+            returns them. Metrics, a subclass's own included, get float32
+            ``query``/``reference`` and the exact k-nn's ``knn_distances`` as in PML, and the
+            labels as float32 (as PML casts them) where float32 holds every value; else
             float64: labels beyond 2^24, which float32 would merge, and real values such as 0.1,
             which PML rounds (a tolerance comparison at its threshold may then differ from PML's:
             2.13 - 1.13 is 1.0000001 in float32), also in ``label_comparison_fn``; a subclass's own
@@ -655,11 +658,10 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self.curr_function_dict = self.get_function_dict(tuple(include), tuple(exclude))
         # from here on the labels are PML's float32 (the user's comparison and metrics get them)
         same_labels = reference_labels is query_labels
-        query_labels = as_pml_labels(query_labels)
-        reference_labels = query_labels if same_labels else as_pml_labels(reference_labels)
-        both = (query_labels, reference_labels)  # one float32 (exact there), one not: the
-        if both[0].dtype != both[1].dtype and all(t.is_floating_point() for t in both):
-            query_labels, reference_labels = (t.double() for t in both)  # same dtype for metrics
+        if same_labels:
+            query_labels = reference_labels = as_pml_labels(query_labels)
+        else:  # one dtype for both, which holds every label of both
+            query_labels, reference_labels = as_pml_label_sets(query_labels, reference_labels)
         kwargs: dict[str, Any] = {
             "query": query,
             "reference": reference,
@@ -771,7 +773,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         knn_labels = reference_labels[indices.to(reference_labels.device)]
         match = self._matches(query_labels, knn_labels)
         shown = k_total if k_pml is None else k_pml  # PML's k, even 0, when its metrics are asked
-        distances, shown_labels, shown_match = distances[:, :shown], knn_labels[:, :shown], None
+        if self._custom_knn is not None and shown == k_total:  # PML's metrics read every
+            shown = knn_labels.shape[1]  # column a user's k-nn returns, more than asked too
+        if shown < knn_labels.shape[1] and distances is not None:
+            distances = distances[:, :shown]
+        shown_labels, shown_match = knn_labels[:, :shown], None
         if self._custom_knn is not None and shown < k_total and not _keeps_state(self._custom_knn):
             # a user's k-nn: its list at PML's k need not start its longer one (ties, an
             # approximate index), so PML's metrics get a call at PML's k, as in PML (not a
@@ -826,8 +832,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             found = self._custom_knn(query32, asked, reference, ref_includes_query)
             if k == 0:
                 return empty, empty.long()
-            distances, indices = found  # numpy arrays index labels in PML too
-            return torch.as_tensor(distances), torch.as_tensor(indices)
+            distances, indices = found  # the distances as returned (PML's metrics read
+            return distances, _as_indices(indices)  # none), numpy indices as PML's indexing
         metric, normalize = self.exact
         return exact_knn(
             query,
@@ -1054,6 +1060,15 @@ def _resolve_search(distance: Any, knn_func: Any) -> tuple[Any, Any]:
     if callable(knn_func):
         return None, knn_func
     raise TypeError(f"knn_func must be callable, got {type(knn_func).__name__}")
+
+
+def _as_indices(indices: Any) -> torch.Tensor:
+    """A user's k-nn indices as a tensor that indexes the labels as PML's indexing does:
+    numpy integer arrays of any width or sign as int64 (torch takes them so when they
+    index a tensor), anything else through ``torch.as_tensor``."""
+    if isinstance(indices, np.ndarray) and indices.dtype.kind in "iu":
+        return torch.from_numpy(indices.astype(np.int64))  # (a native, contiguous copy)
+    return torch.as_tensor(indices)
 
 
 def _changes_index(knn_func: Any) -> bool:

@@ -22,6 +22,7 @@ __all__ = [
     "as_embeddings",
     "as_int",
     "as_labels",
+    "as_pml_label_sets",
     "as_pml_labels",
     "as_tensor",
     "at_common_precision",
@@ -164,18 +165,28 @@ def as_pml_labels(labels: torch.Tensor) -> torch.Tensor:
     value does (labels beyond 2^24, which float32 would merge, and real values such as
     0.1, which it would round); else unchanged (int64 labels beyond 2^53). Comparisons
     and counts are those of the labels as given."""
+    return as_pml_label_sets(labels)[0]
+
+
+def as_pml_label_sets(*labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Label sets of one dtype (query and reference) in the one dtype of
+    :func:`as_pml_labels` that holds every value of every set exactly, so that they stay
+    comparable (an int64 set beyond 2^53 keeps the others int64)."""
     for dtype, whole in ((torch.float32, 2**24), (torch.float64, 2**53)):
-        if labels.dtype == dtype:
-            return labels
-        if labels.is_floating_point():
-            if torch.finfo(labels.dtype).bits <= torch.finfo(dtype).bits:
-                return labels.to(dtype)
-            converted = labels.to(dtype)
-            if bool((converted.to(labels.dtype) == labels).all()):
-                return converted
-        elif labels.numel() == 0 or (-whole <= int(labels.min()) and int(labels.max()) <= whole):
-            return labels.to(dtype)
+        if all(_exact_in(t, dtype, whole) for t in labels):
+            return tuple(t.to(dtype) for t in labels)
     return labels
+
+
+def _exact_in(labels: torch.Tensor, dtype: torch.dtype, whole: int) -> bool:
+    """Whether every label keeps its value in ``dtype`` (``whole``: its exact integers)."""
+    if labels.dtype == dtype or labels.numel() == 0:
+        return True
+    if labels.is_floating_point():
+        if torch.finfo(labels.dtype).bits <= torch.finfo(dtype).bits:
+            return True
+        return bool((labels.to(dtype).to(labels.dtype) == labels).all())
+    return -whole <= int(labels.min()) and int(labels.max()) <= whole
 
 
 def _label_tensor(

@@ -485,3 +485,61 @@ def test_a_level_on_a_parent_of_pml_logger_quiets_the_calculator(caplog):
         parent.setLevel(logging.NOTSET)
         common_functions.set_logger_name(name)
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        lambda d, i: (d, i.numpy().astype(np.uint32)),
+        lambda d, i: (d, i.numpy().astype(np.int16)),
+        lambda d, i: (d.numpy(), i.numpy()[:, ::-1][:, ::-1]),
+        lambda d, i: (None, i),
+    ],
+    ids=["uint32", "int16", "numpy", "no-distances"],
+)
+def test_a_knn_funcs_results_are_taken_as_pml_indexes_with_them(form):
+    """PML indexes the labels with the returned indices (numpy of any integer dtype) and
+    its metrics never read the distances; small or unsigned numpy indices and None
+    distances raised."""
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(40, 4, generator=g), torch.randint(0, 4, (40,), generator=g)
+    inner = CustomKNN(LpDistance())
+
+    def knn(q, k, r, ref_includes_query):
+        return form(*inner(q, k, r, ref_includes_query))
+
+    pml = AccuracyCalculator(include=PML_METRICS, knn_func=knn, device=torch.device("cpu"))
+    ours = RetrievalAccuracyCalculator(include=PML_METRICS, knn_func=knn)
+    assert ours.get_accuracy(x, y) == pytest.approx(pml.get_accuracy(x, y), abs=1e-6)
+
+
+def test_every_column_a_knn_func_returns_is_read_as_pml():
+    """A user's k-nn returning more neighbours than asked: PML's metrics read them all;
+    ours cut them to k (MAP 0.116 where PML gives 0.339)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 4, generator=g), torch.randint(0, 4, (20,), generator=g)
+
+    def every_neighbour(q, k, r, ref_includes_query):
+        d = torch.cdist(q, r).fill_diagonal_(float("inf"))
+        values, indices = d.sort(dim=1)
+        return values[:, :-1], indices[:, :-1]
+
+    include = ("mean_average_precision", "r_precision", "precision_at_1")
+    kwargs = {"include": include, "k": 3, "knn_func": every_neighbour}
+    pml = AccuracyCalculator(**kwargs, device=torch.device("cpu")).get_accuracy(x, y)
+    assert RetrievalAccuracyCalculator(**kwargs).get_accuracy(x, y) == pytest.approx(pml, abs=1e-6)
+
+
+@pytest.mark.parametrize("compare", [None, torch.eq])
+def test_an_unrelated_label_beyond_2_53_does_not_merge_others(compare):
+    """int64 query labels 2^24 and reference labels 2^24 + 1 stay apart; a reference label
+    beyond 2^53 elsewhere left the reference int64 and the query float32, and the mixed
+    comparison merged them (P@1 1.0)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, generator=g)
+    r = torch.cat([q, torch.randn(2, 3, generator=g)])
+    query_labels = torch.tensor([2**24, 2**24])
+    calc = RetrievalAccuracyCalculator(include=("precision_at_1",), label_comparison_fn=compare)
+    for extra in (5, 2**53 + 1):
+        reference_labels = torch.tensor([2**24 + 1, 2**24 + 1, extra, extra])
+        assert math.isnan(calc.get_accuracy(q, query_labels, r, reference_labels)["precision_at_1"])
