@@ -773,12 +773,14 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         knn_labels = reference_labels[indices.to(reference_labels.device)]
         match = self._matches(query_labels, knn_labels)
         shown = k_total if k_pml is None else k_pml  # PML's k, even 0, when its metrics are asked
-        if self._custom_knn is not None and shown == k_total:  # PML's metrics read every
-            shown = knn_labels.shape[1]  # column a user's k-nn returns, more than asked too
-        if shown < knn_labels.shape[1] and distances is not None:
+        user_knn = self._custom_knn is not None
+        second_call = user_knn and shown < k_total and not _keeps_state(self._custom_knn)
+        if user_knn and shown == k_total:  # PML's metrics read every column a user's k-nn
+            shown = knn_labels.shape[1]  # returns, more or fewer than asked
+        if not second_call and isinstance(distances, (torch.Tensor, np.ndarray)):
             distances = distances[:, :shown]
         shown_labels, shown_match = knn_labels[:, :shown], None
-        if self._custom_knn is not None and shown < k_total and not _keeps_state(self._custom_knn):
+        if second_call:
             # a user's k-nn: its list at PML's k need not start its longer one (ties, an
             # approximate index), so PML's metrics get a call at PML's k, as in PML (not a
             # k-nn that keeps state between calls: its one list serves both)

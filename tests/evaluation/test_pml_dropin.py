@@ -543,3 +543,43 @@ def test_an_unrelated_label_beyond_2_53_does_not_merge_others(compare):
     for extra in (5, 2**53 + 1):
         reference_labels = torch.tensor([2**24 + 1, 2**24 + 1, extra, extra])
         assert math.isnan(calc.get_accuracy(q, query_labels, r, reference_labels)["precision_at_1"])
+
+
+def test_a_knn_func_returning_fewer_columns_is_called_once_as_pml():
+    """Fewer neighbours than asked: PML calls once and its metrics read what came; ours
+    took it for a shallower PML k and called again at that depth (MRR 0.275 vs 0.404)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
+    inner, calls = CustomKNN(LpDistance()), []
+
+    def fewer(q, k, r, ref_includes_query):
+        calls.append(k)
+        d, i = inner(q, k, r, ref_includes_query)
+        return d[:, : k - 2], i[:, : k - 2]
+
+    include = ("mean_average_precision", "mean_reciprocal_rank", "r_precision")
+    kwargs = {"include": include, "k": 5, "knn_func": fewer}
+    pml = AccuracyCalculator(**kwargs, device=torch.device("cpu")).get_accuracy(x, y)
+    ours = RetrievalAccuracyCalculator(**kwargs, recall_ks=(1,)).get_accuracy(x, y)
+    assert calls == [5, 5]
+    assert {m: ours[m] for m in include} == pytest.approx(pml, abs=1e-6)
+
+
+def test_list_distances_with_a_deeper_recall_as_pml():
+    """Distances as lists and a Recall@K deeper than PML's k: the first call's distances
+    were sliced as an array (TypeError); PML never reads them."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 4, generator=g), torch.randint(0, 4, (40,), generator=g)
+    inner = CustomKNN(LpDistance())
+
+    def as_lists(q, k, r, ref_includes_query):
+        return tuple(t.tolist() for t in inner(q, k, r, ref_includes_query))
+
+    pml = AccuracyCalculator(
+        include=("precision_at_1",), k=1, knn_func=as_lists, device=torch.device("cpu")
+    ).get_accuracy(x, y)
+    ours = RetrievalAccuracyCalculator(
+        include=("precision_at_1", "recall_at_8"), k=1, knn_func=as_lists, recall_ks=(1, 8)
+    ).get_accuracy(x, y)
+    assert ours["precision_at_1"] == pytest.approx(pml["precision_at_1"])
+    assert 0 <= ours["recall_at_8"] <= 1
