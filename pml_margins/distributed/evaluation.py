@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from pytorch_metric_learning.distances import BaseDistance
 
 from pml_margins.distributed.collectives import (
     ProcessGroup,
@@ -35,7 +34,6 @@ from pml_margins.evaluation import RetrievalAccuracyCalculator
 from pml_margins.evaluation.calculator import (
     check_metric_names,
     common_float,
-    describe_distance,
     describe_knn,
 )
 from pml_margins.evaluation.inputs import as_embeddings, check_knn, label_dtype
@@ -234,17 +232,13 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
     def check_search(self, exact: tuple[str, bool] | None, knn_func: Any) -> None:
         """A search other than the exact k-nn (a ``knn_func`` run as PML's) is refused."""
         if knn_func is not None:
-            shown = (
-                describe_distance(knn_func)
-                if isinstance(knn_func, BaseDistance)
-                else describe_knn(knn_func)
-            )
             raise ValueError(
                 f"{type(self).__name__} runs the sharded exact k-nn, which supports "
                 "LpDistance(p=2, power=1 or 2) and CosineSimilarity / DotProductSimilarity "
                 "(power=1, p=2 when normalizing), as built (no hook, no method or is_inverted "
                 "changed), and FaissKNN with a flat L2 or inner-product index made and dropped "
-                f"at each call; got {shown}, which cannot see the other ranks' references"
+                f"at each call; got {describe_knn(knn_func)}, which cannot see the other ranks' "
+                "references"
             )
 
     def get_accuracy(

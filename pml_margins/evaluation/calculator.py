@@ -22,6 +22,7 @@ from pytorch_metric_learning.distances import (
     DotProductSimilarity,
     LpDistance,
 )
+from pytorch_metric_learning.utils import common_functions
 from pytorch_metric_learning.utils.accuracy_calculator import (
     EQUALITY,
     AccuracyCalculator,
@@ -66,9 +67,7 @@ class _SilencedWithPML(logging.Filter):
     parents' levels and handlers apply as usual."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from pytorch_metric_learning.utils import common_functions
-
-        logger = common_functions.LOGGER
+        logger = common_functions.LOGGER  # (read each time: set_logger_name rebinds it)
         if logger.disabled:
             return False
         while logger is not None and logger is not logging.root:  # a level set on it or a
@@ -163,9 +162,11 @@ def resolve_distance(distance: BaseDistance | None) -> tuple[Metric, bool] | Non
 
 
 def describe_knn(knn_func: object) -> str:
-    """A k-nn function as a message shows it: its distance; a ``FaissKNN`` with its index
-    and reset settings, e.g. ``FaissKNN(index_init_fn=IndexHNSWFlat, reset_after=False)``;
-    else its class's name."""
+    """A k-nn function (or a distance) as a message shows it: its distance; a ``FaissKNN``
+    with its index and reset settings, e.g. ``FaissKNN(index_init_fn=IndexHNSWFlat,
+    reset_after=False)``; else its class's name."""
+    if isinstance(knn_func, (BaseDistance, BatchedDistance)):
+        return describe_distance(knn_func)
     distance = getattr(knn_func, "distance", None)
     if isinstance(distance, (BaseDistance, BatchedDistance)):
         return describe_distance(distance)
@@ -189,7 +190,7 @@ def resolve_faiss_knn(knn_func: FaissKNN) -> tuple[Metric, bool] | None:
     reference's index in ``knn_func.index`` for the user (run by faiss as in PML)."""
     import faiss
 
-    if not (knn_func.reset_before and knn_func.reset_after):
+    if _changes_index(knn_func):
         return None
     init = knn_func.index_init_fn
     if init in (None, faiss.IndexFlatL2):
@@ -819,11 +820,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     def _knn(
         self, query: torch.Tensor, reference: torch.Tensor, k: int, ref_includes_query: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        empty = torch.empty(len(query), 0, device=query.device)
         faiss_knn = type(self._custom_knn) is FaissKNN  # (a subclass's call is its own)
         if faiss_knn and k == 0 and not _changes_index(self._custom_knn):
-            return empty, empty.long()  # no neighbour wanted: no search (faiss refuses
-            # k=0), no state to change
+            return _no_neighbours(query)  # no search (faiss refuses k=0), no state to change
         if self._custom_knn is not None:  # PML casts every input to float32
             query32 = _float32_for_knn_func(query, "query")
             reference = query32 if reference is query else _float32_for_knn_func(reference)
@@ -833,7 +832,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             asked = 1 if faiss_knn and k == 0 else k
             found = self._custom_knn(query32, asked, reference, ref_includes_query)
             if k == 0:
-                return empty, empty.long()
+                return _no_neighbours(query)
             distances, indices = found  # the distances as returned (PML's metrics read
             return distances, _as_indices(indices)  # none), numpy indices as PML's indexing
         metric, normalize = self.exact
@@ -1062,6 +1061,12 @@ def _resolve_search(distance: Any, knn_func: Any) -> tuple[Any, Any]:
     if callable(knn_func):
         return None, knn_func
     raise TypeError(f"knn_func must be callable, got {type(knn_func).__name__}")
+
+
+def _no_neighbours(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q, 0)`` distances and indices: the k-nn at ``k = 0``."""
+    empty = torch.empty(len(query), 0, device=query.device)
+    return empty, empty.long()
 
 
 def _as_indices(indices: Any) -> torch.Tensor:

@@ -130,7 +130,7 @@ def label_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     floats = [d for d in dtypes if d.is_floating_point]
     if not floats:
         return torch.int64
-    return max(min(floats, key=lambda d: torch.finfo(d).bits), torch.float32, key=_bits)
+    return max(min(floats, key=_bits), torch.float32, key=_bits)
 
 
 def _bits(dtype: torch.dtype) -> int:
