@@ -591,6 +591,37 @@ def check_labels(labels: object, length: int, name: str = "labels") -> torch.Ten
     return labels
 
 
+def check_compared_labels(
+    labels: object, length: int, name: str = "labels", checks: ValueChecks | None = None
+) -> torch.Tensor:
+    """Check 1-D labels that a pair-based loss only compares for equality (PML's
+    ``labels.unsqueeze(1) == ref_labels.unsqueeze(0)``): of an integer, bool or floating
+    dtype, as PML takes them (``0.5`` and ``0.25`` are two classes), floating ones finite
+    (a NaN label matches no label, itself included: no positives, silently). The finite
+    check joins ``checks`` when given.
+
+    Raises:
+        TypeError: not a tensor, or a complex dtype.
+        ValueError: not 1-D, a length other than ``length``, or NaN/Inf labels.
+    """
+    check_tensor(labels, name)
+    if labels.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got {labels.dtype}")
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+    if labels.shape[0] != length:
+        raise ValueError(f"{name} has length {labels.shape[0]} but there are {length} embeddings")
+    if labels.is_floating_point() and labels.numel() > 0:
+        values = values_under_transforms(labels)
+        _run_now_or_later(
+            checks,
+            lambda: torch.isfinite(values).all().reshape(1),
+            lambda: ValueError(f"{name} contains NaN or Inf values"),
+            lambda flags: not all(flags),
+        )
+    return labels
+
+
 def check_class_labels(
     labels: object,
     length: int,
@@ -749,13 +780,14 @@ def check_reference(
     """Check the reference set of a pair-based loss (``ref_emb``, ``ref_labels``).
 
     ``ref_emb`` must be ``(R, width)`` like :func:`check_embeddings`; ``ref_labels``,
-    when given, a 1-D integer tensor of length ``R``. ``ref_labels`` without
+    when given, 1-D labels of length ``R`` (:func:`check_compared_labels`). ``ref_labels`` without
     ``ref_emb`` is an error, and so is ``ref_emb`` without ``ref_labels`` when the
     pairs have to be formed from labels (``labels_required``).
 
     Raises:
-        TypeError / ValueError: as :func:`check_embeddings` and :func:`check_labels`,
-            and ``ValueError`` for the missing halves described above.
+        TypeError / ValueError: as :func:`check_embeddings` and
+            :func:`check_compared_labels`, and ``ValueError`` for the missing halves
+            described above.
     """
     if ref_emb is None:
         if ref_labels is not None:
@@ -778,7 +810,7 @@ def check_reference(
         raise ValueError(
             f"ref_labels has length {ref_labels.shape[0]} but ref_emb has {ref_emb.shape[0]} rows"
         )
-    return ref_emb, check_labels(ref_labels, ref_emb.shape[0], name="ref_labels")
+    return ref_emb, check_compared_labels(ref_labels, ref_emb.shape[0], "ref_labels", checks)
 
 
 def check_in_interval(

@@ -26,8 +26,12 @@ def mean_of_positive(losses: torch.Tensor) -> torch.Tensor:
 
 
 def _int64(values: torch.Tensor | None) -> torch.Tensor | None:
-    """Checked integer labels or indices as int64 (the same tensor when they are)."""
-    return values if values is None or values.dtype == torch.int64 else values.long()
+    """Checked integer (or bool) labels or indices as int64 (the same tensor when they
+    are); floating labels, which only a pair-based loss takes (compared for equality), as
+    given: truncated, 0.25 and 0.5 would become one class."""
+    if values is None or values.dtype == torch.int64 or values.is_floating_point():
+        return values
+    return values.long()
 
 
 def check_rows_and_reduced(

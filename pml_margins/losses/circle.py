@@ -28,9 +28,9 @@ from pml_margins.validation import (
     ValueChecks,
     check_bool,
     check_circle_margin,
+    check_compared_labels,
     check_embeddings,
     check_indices_tuple,
-    check_labels,
     check_logit_scale,
     check_reference,
 )
@@ -186,7 +186,7 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
         if labels is None and indices_tuple is None:
             raise ValueError("CircleLoss needs labels or an indices_tuple")
         if labels is not None:
-            check_labels(labels, embeddings.shape[0])
+            check_compared_labels(labels, embeddings.shape[0], checks=checks)
         check_reference(
             ref_emb,
             ref_labels,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -531,13 +532,47 @@ def _bad_inputs():
             ValueError,
             r"\[0, 5\)",
         ),
-        ("float_labels", (x, y.float()), TypeError, "integer dtype"),
+        ("nan_labels", (x, torch.tensor([0.0, float("nan"), 1.0, 1.0])), ValueError, "NaN"),
+        (
+            "inf_ref_labels",
+            (x, y, None, x, torch.tensor([0.0, 1.0, 1.0, -math.inf])),
+            ValueError,
+            "ref_labels contains NaN or Inf",
+        ),
+        ("complex_labels", (x, y.to(torch.complex64)), TypeError, "real numbers"),
         ("label_length", (x, y[:3]), ValueError, "length 3"),
         ("nan", (torch.full((4, 3), float("nan")), y), ValueError, "NaN"),
         ("empty", (torch.randn(0, 3), y[:0]), ValueError, "empty"),
         ("one_dim", (torch.randn(4), y), ValueError, "2-D"),
         ("nothing", (x,), ValueError, "labels or an indices_tuple"),
     ]
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        torch.tensor([True, False] * 4),
+        torch.tensor([0.5, 1.5] * 4),
+        torch.tensor([0.25, 0.5] * 4),  # two classes (not one after truncation)
+        torch.tensor([0.5, 1.5] * 4, dtype=torch.float16),
+        torch.tensor([0, 1] * 4, dtype=torch.uint8),
+    ],
+    ids=["bool", "float", "fractions", "half", "uint8"],
+)
+def test_labels_compared_for_equality_as_pml(labels: torch.Tensor) -> None:
+    """Circle loss only compares labels: bool and floating labels are taken as PML takes
+    them (bool ones were refused with a TypeError), alone, with a miner and with a
+    reference set, whose labels may have another dtype."""
+    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours, pml = CircleLoss(m=0.4, gamma=80), pml_losses.CircleLoss(m=0.4, gamma=80)
+    pairs = pml_miners.MultiSimilarityMiner()(x, labels)
+    for args in [
+        (x, labels),
+        (x, labels, pairs),
+        (x, labels, None, x[:5], labels[:5]),
+        (x, labels, None, x[:5], labels[:5].long()),
+    ]:
+        torch.testing.assert_close(ours(*args), pml(*args))
 
 
 @pytest.mark.parametrize(("name", "args", "exc", "match"), _bad_inputs(), ids=lambda v: str(v))
