@@ -163,14 +163,18 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
             ),
             pixel_baseline=True,
             # 1,162 training classes: s = 30 (CosFace's lower bound is 11.6 at p = 0.99);
-            # SphereFace too (normalized features): with scale=None it stayed at loss log(C)
+            # SphereFace too (normalized features): scaled by the feature norms it stayed
+            # at loss log(C)
             loss_defaults=MappingProxyType(
                 {
-                    name: {"scale": 30.0}
-                    for name in (
-                        *("nsl", "sphereface", "cosface", "arcface", "combined"),
-                        *("elasticface", "magface", "adaface", "subcenter", "curricularface"),
-                    )
+                    **{
+                        name: {"scale": 30.0}
+                        for name in (
+                            *("nsl", "cosface", "arcface", "combined", "elasticface"),
+                            *("magface", "adaface", "subcenter", "curricularface"),
+                        )
+                    },
+                    "sphereface": {"scale": 30.0, "feature_norm": False},
                 }
             ),
         ),

@@ -150,7 +150,7 @@ def _circle_ms(ctx: LossContext, *, miner_epsilon: float, **circle: Any) -> tupl
 LOSS_TABLE: tuple[LossSpec, ...] = (
     LossSpec("softmax", "Softmax", "SoftmaxLoss", {"bias": True}),
     LossSpec("nsl", "NSL", "NormSoftmaxLoss", {"scale": 16.0}),
-    LossSpec("sphereface", "SphereFace", "SphereFaceLoss", {"margin": 4, "scale": None, "lambda_": 5.0}),  # noqa: E501
+    LossSpec("sphereface", "SphereFace", "SphereFaceLoss", {"margin": 4, "scale": 1.0, "lambda_": 5.0}),  # noqa: E501
     LossSpec("cosface", "CosFace", "CosFaceLoss", {"margin": 0.2, "scale": 16.0}),
     LossSpec("arcface", "ArcFace", "ArcFaceLoss", {"margin": 0.3, "scale": 16.0}),
     LossSpec("center", "Softmax+Center", _softmax_center, {"lambda_": 0.01, "alpha": 0.5, "update": "ema"}),  # noqa: E501

@@ -251,8 +251,17 @@ def sphereface_psi(cosine: torch.Tensor, margin: int) -> torch.Tensor:
     ``margin`` must be an integer in ``[1, 100]`` (``ValueError`` otherwise).
     """
     margin = check_integer_margin(margin, "margin")
-    k = _angle_region(cosine, float(margin), 0.0).clamp(max=margin - 1)
+    k = _sphereface_region(cosine, margin)
     return _monotone_extension(cos_multiple_angle(cosine, margin), k)[0]
+
+
+def _sphereface_region(cosine: torch.Tensor, margin: int) -> torch.Tensor:
+    r"""SphereFace's region :math:`k = \lfloor m\theta/\pi \rfloor` (no graph), with
+    :math:`\theta` the angle of the clamped cosine, as PML's ``LargeMarginSoftmaxLoss``: ``m``
+    below -1 (a distance that is not the L2 cosine gives such values; PML's form there), and
+    ``m - 1`` at -1 itself, the paper's last region, where both give the same value and the
+    slope keeps the sign that makes :math:`\psi` increasing."""
+    return _angle_region(cosine, float(margin), 0.0).clamp(max=margin - 1) + (cosine < -1)
 
 
 def sphereface_value_and_slope(
@@ -264,7 +273,7 @@ def sphereface_value_and_slope(
     :math:`U_{-1} = 0`, :math:`U_0 = 1`)."""
     m = check_integer_margin(margin, "margin")
     cosine = _floating(cosine)
-    k = _angle_region(cosine, float(m), 0.0).clamp_(max=m - 1)
+    k = _sphereface_region(cosine, m)
     # T and U side by side, one recurrence (a step costs its op launches, not its B values)
     # (no host-made constant: on an accelerator its copy would synchronize the stream)
     ones = torch.ones_like(cosine)

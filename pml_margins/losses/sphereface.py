@@ -20,6 +20,7 @@ from pml_margins.losses.class_weight_loss import (
 )
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
+    check_bool,
     check_integer_margin,
     check_non_negative,
     check_optional_logit_scale,
@@ -50,60 +51,75 @@ class SphereFaceLoss(ClassWeightLoss):
     ``acos`` enters the gradient.
 
     Recommended: ``m = 4`` (an integer multiplier, no unit), the paper's choice.
-    ``scale=None`` (default) uses :math:`\|x\|` as in the paper; a number ``s``
-    instead normalizes the embeddings too and uses ``s`` as the scale (the
-    "normalized SphereFace" of the ArcFace paper's combined-margin comparison).
+    The logits are :math:`s\|x\|\cos\theta_j` (target :math:`s\|x\|f_y`), as PML's
+    ``SphereFaceLoss(scale=s)``: ``s = 1`` (default) is the paper's. With
+    ``feature_norm=False`` the embeddings are normalized too and ``s`` is a fixed scale,
+    :math:`s\cos\theta_j` (the "normalized SphereFace" of the ArcFace paper's
+    combined-margin comparison; large ``s``, e.g. 30-64, as for CosFace).
 
     Args:
         num_classes: number of classes ``C``.
         embedding_size: embedding width ``D``.
         margin: integer ``m`` in ``[1, 100]`` (the paper: 4).
-        scale: ``None`` for the feature norm, or a fixed ``s > 0``.
+        scale: ``s > 0``, times each feature norm (PML's ``scale``), or the fixed scale
+            with ``feature_norm=False``; ``None`` is 1.
         lambda_: annealing weight ``lambda >= 0``.
+        feature_norm: scale each row's logits by its norm :math:`\|x\|` (the paper, PML);
+            ``False``: normalized SphereFace.
         **kwargs: PML options (``reducer``, ``weight_regularizer``, ``embedding_regularizer``,
             ``weight_init_func``, ``distance`` -- a ``CosineSimilarity``).
     """
 
-    hyperparameter_names = ("margin", "scale", "lambda_")
+    hyperparameter_names = ("margin", "scale", "lambda_", "feature_norm")
     margin = Hyperparameter(check_integer_margin)
     scale = Hyperparameter(check_optional_logit_scale)
     lambda_ = Hyperparameter(check_non_negative)
+    feature_norm = Hyperparameter(check_bool)
 
     def __init__(
         self,
         num_classes: int,
         embedding_size: int,
         margin: int = 4,
-        scale: float | None = None,
+        scale: float | None = 1.0,
         lambda_: float = 0.0,
+        feature_norm: bool = True,
         **kwargs: Any,
     ) -> None:
         self.margin, self.scale, self.lambda_ = margin, scale, lambda_
+        self.feature_norm = feature_norm
         super().__init__(num_classes, embedding_size, **kwargs)
 
+    def _fixed_scale(self) -> float:
+        """``scale``, 1 for ``None``."""
+        return 1.0 if self.scale is None else self.scale
+
     def logit_scale(self, embeddings: torch.Tensor) -> float | torch.Tensor:
-        """The fixed ``scale``, or the feature norms ``||x_i||`` when it is ``None``."""
-        if self.scale is not None:
-            return self.scale
-        return self.feature_norms(embeddings)
+        """``scale`` times the feature norms ``||x_i||``, or ``scale`` alone with
+        ``feature_norm=False``."""
+        scale = self._fixed_scale()
+        if not self.feature_norm:
+            return scale
+        norms = self.feature_norms(embeddings)
+        return norms if scale == 1.0 else norms * scale
 
     def fused_logits(self, embeddings: torch.Tensor) -> FusedLogits | None:
-        """The default form; with the feature-norm scale (``scale=None``) declared as
-        ``scale_by_norm``: the core takes the norms from its own normalization (no norm
+        """The default form; with the feature-norm scale (``feature_norm=True``) declared
+        as ``scale_by_norm``: the core takes the norms from its own normalization (no norm
         through autograd). Only where nothing in the norm's making is redefined
         (:meth:`logit_scale`, ``feature_norms``, ``compute_dtype``) and the caller is this
         method itself, not a subclass's ``fused_logits`` building on it (which then gets
         the norms as a tensor ``scale``, as before)."""
         cosines = is_plain_inner_product(self.distance) and self.distance.normalize_embeddings
         if (
-            self.scale is not None
+            not self.feature_norm
             or not cosines
             or not all(
                 runs_method(self, name, method) for name, method in _NORM_SCALE_METHODS.items()
             )
         ):
             return super().fused_logits(embeddings)
-        return FusedLogits(True, True, 1.0, scale_by_norm=True)
+        return FusedLogits(True, True, self._fixed_scale(), scale_by_norm=True)
 
     def target_logit_fn(self) -> TargetLogitFn:
         return TargetWithSlope(

@@ -402,6 +402,7 @@ LOSSES = {
     "cosface": (CosFaceLoss, {"scale": 16.0}),
     "sphereface": (SphereFaceLoss, {}),
     "sphereface_scaled": (SphereFaceLoss, {"scale": 10.0, "lambda_": 3.0}),
+    "sphereface_normalized": (SphereFaceLoss, {"scale": 10.0, "feature_norm": False}),
     "nsl": (NormSoftmaxLoss, {"scale": 8.0}),
     "softmax": (SoftmaxLoss, {}),
     "combined": (CombinedMarginLoss, {"m1": 1.5, "m2": 0.2, "m3": 0.1, "scale": 16.0}),

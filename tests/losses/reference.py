@@ -120,7 +120,8 @@ def reference_per_sample(
     c = class_cosine(x, w, int(hp.get("sub_centers", 1)))
     cy = c[rows, labels]
     if kind == "sphereface":
-        scale = x.norm(dim=1) if hp.get("scale") is None else hp["scale"]
+        fixed = 1.0 if hp.get("scale") is None else hp["scale"]  # PML's scale: s |x|
+        scale = fixed * x.norm(dim=1) if hp.get("feature_norm", True) else fixed
         lam = hp.get("lambda_", 0.0)
         target = (lam * cy + sphereface_psi(cy, int(hp["margin"]))) / (1 + lam)
         scale_col = scale[:, None] if isinstance(scale, torch.Tensor) else scale

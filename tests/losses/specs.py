@@ -120,9 +120,16 @@ SPECS = [
     LossSpec(
         "sphereface_fixed_scale",
         SphereFaceLoss,
-        {"margin": 2, "scale": 16.0},
+        {"margin": 2, "scale": 16.0, "feature_norm": False},
         "sphereface",
-        {"margin": 2, "scale": 16.0},
+        {"margin": 2, "scale": 16.0, "feature_norm": False},
+    ),
+    LossSpec(  # PML's scale: s times the feature norm
+        "sphereface_norm_scale",
+        SphereFaceLoss,
+        {"margin": 3, "scale": 0.5},
+        "sphereface",
+        {"margin": 3, "scale": 0.5},
     ),
     LossSpec(
         "combined",

@@ -127,7 +127,11 @@ def test_default_losses_declare_their_forms() -> None:
     assert form == FusedLogits(True, True, 10.0)
     # SphereFace's feature-norm scale: declared, the core takes the norms itself
     assert SphereFaceLoss(C, D).fused_logits(x) == FusedLogits(True, True, 1.0, scale_by_norm=True)
-    assert SphereFaceLoss(C, D, scale=30.0).fused_logits(x) == FusedLogits(True, True, 30.0)
+    assert SphereFaceLoss(C, D, scale=3.0).fused_logits(x) == FusedLogits(
+        True, True, 3.0, scale_by_norm=True
+    )
+    normalized = SphereFaceLoss(C, D, scale=30.0, feature_norm=False)
+    assert normalized.fused_logits(x) == FusedLogits(True, True, 30.0)
 
     class LearnedScale(SphereFaceLoss):
         def logit_scale(self, embeddings):

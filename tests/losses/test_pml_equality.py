@@ -37,6 +37,8 @@ PAIRS = [
      lambda: SphereFaceLoss(12, 16, margin=4)),
     ("sphereface_m3", lambda: pml_losses.SphereFaceLoss(12, 16, margin=3),
      lambda: SphereFaceLoss(12, 16, margin=3)),
+    ("sphereface_scale", lambda: pml_losses.SphereFaceLoss(12, 16, margin=4, scale=0.5),
+     lambda: SphereFaceLoss(12, 16, margin=4, scale=0.5)),
 ]  # fmt: skip
 
 

@@ -46,7 +46,7 @@ def test_zero_margin_is_normalized_softmax(seed: int, scale: float) -> None:
         CosFaceLoss(4, 5, margin=0.0, scale=scale),
         ArcFaceLoss(4, 5, margin=0.0, scale=scale),
         CombinedMarginLoss(4, 5, 1.0, 0.0, 0.0, scale=scale),
-        SphereFaceLoss(4, 5, margin=1, scale=scale),
+        SphereFaceLoss(4, 5, margin=1, scale=scale, feature_norm=False),
     ):
         loss = loss.double()
         loss.load_state_dict(state)
@@ -88,7 +88,7 @@ def test_combined_margin_reduces_exactly_to_each_special_case(seed, m, m_int, sc
         (CombinedMarginLoss(4, 5, 1.0, m, 0.0, scale=scale), ArcFaceLoss(4, 5, m, scale=scale)),
         (
             CombinedMarginLoss(4, 5, float(m_int), 0.0, 0.0, scale=scale),
-            SphereFaceLoss(4, 5, m_int, scale=scale),
+            SphereFaceLoss(4, 5, m_int, scale=scale, feature_norm=False),
         ),
     ]
     for combined, special in cases:
@@ -116,7 +116,11 @@ def test_combined_margin_special_cases_equal_the_papers_formulas(seed, m, m_int,
     cases = [
         ((1.0, 0.0, m), "cosface", {"margin": m, "scale": scale}),
         ((1.0, m, 0.0), "arcface", {"margin": m, "scale": scale}),
-        ((float(m_int), 0.0, 0.0), "sphereface", {"margin": m_int, "scale": scale}),
+        (
+            (float(m_int), 0.0, 0.0),
+            "sphereface",
+            {"margin": m_int, "scale": scale, "feature_norm": False},
+        ),
     ]
     for (m1, m2, m3), kind, hp in cases:
         loss = CombinedMarginLoss(4, 5, m1, m2, m3, scale=scale).double()

@@ -103,6 +103,41 @@ def test_sphereface_keeps_pmls_form_beyond_the_cosine_range():
     torch.testing.assert_close(slope, grad)
 
 
+@pytest.mark.parametrize("margin", [1, 2, 3, 4, 5])
+def test_sphereface_below_minus_one_takes_pmls_region(margin: int):
+    """Below -1 (CosineSimilarity(p=3)) the region is PML's, k = m from the clamped angle:
+    capped at m - 1 the loss was 295.25 where PML's is 0.0 (a row opposite its class, m = 4);
+    at -1 itself the value is the same either way and the slope stays increasing."""
+    w = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w[:, 0] = 1.0
+    x = torch.cat([-torch.ones(2, 8), torch.randn(30, 8, generator=torch.Generator())]).double()
+    y = torch.cat([torch.zeros(2, dtype=torch.long), torch.randint(0, 3, (30,))])
+    distance = CosineSimilarity(p=3)
+    ours = SphereFaceLoss(3, 8, margin=margin, distance=distance).double()
+    pml = pml_losses.SphereFaceLoss(3, 8, margin=margin, distance=distance).double()
+    with torch.no_grad():
+        ours.W.copy_(w)
+        pml.W.copy_(w)
+    assert (distance(x, w.t())[torch.arange(32), y] < -1).sum() >= 2  # the case under test
+    _assert_equal_to_pml(ours, pml, x, y)
+    c = torch.tensor([-3.0, -1.0 - 1e-9, -1.0, -1.0 + 1e-9], dtype=torch.float64)
+    k = torch.tensor([margin, margin, margin - 1, margin - 1], dtype=torch.float64)
+    chebyshev = torch.cos(margin * torch.acos(c.clamp(-1, 1)))  # T_m on [-1, 1]
+    expected = (-1) ** k * torch.where(c < -1, _chebyshev(c, margin), chebyshev) - 2 * k
+    value, slope = sphereface_value_and_slope(c, margin)
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(sphereface_psi(c, margin), expected)
+    assert slope[2] > 0  # at -1: (-1)^(m-1) m U_(m-1)(-1) = m^2
+
+
+def _chebyshev(c: torch.Tensor, m: int) -> torch.Tensor:
+    """T_m(c) by its recurrence (any c)."""
+    prev, curr = torch.ones_like(c), c
+    for _ in range(m - 1):
+        prev, curr = curr, 2 * c * curr - prev
+    return curr
+
+
 def _p3_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(24, 8, generator=g, dtype=torch.float64)
