@@ -144,6 +144,7 @@ def checked_on_every_rank(
     device: torch.device,
     agreed: Mapping[str, tuple[float, str]] | None = None,
     equal: Mapping[str, torch.Tensor | None] | None = None,
+    equal_hint: str = "load the same state dict on every rank",
 ) -> T:
     """``check()`` (input checks that raise ``TypeError``/``ValueError``; what it returns
     is returned), run so that every rank raises when one does, instead of the others
@@ -154,7 +155,7 @@ def checked_on_every_rank(
     rank up to :data:`EQUAL_VALUES_RTOL` (running statistics; NaN and infinities equal
     only themselves), read in the same
     all-reduce: their sizes must already agree (a prior call's ``agreed``), else the
-    all-reduce itself fails.
+    all-reduce itself fails; ``equal_hint`` ends the error that names them.
     """
     if rank_and_world_size(group)[1] == 1:
         return check()
@@ -189,8 +190,7 @@ def checked_on_every_rank(
         if any(_differ(h, lo) for h, lo in zip(high, low, strict=True)):
             raise ValueError(
                 f"the ranks' {name} differ (between {[_shown(v) for v in low]} and "
-                f"{[_shown(v) for v in high]}); they must be equal (load the same state "
-                "dict on every rank)"
+                f"{[_shown(v) for v in high]}); they must be equal ({equal_hint})"
             )
     return result  # type: ignore[return-value]  # check() returned: no error above
 

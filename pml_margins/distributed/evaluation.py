@@ -82,7 +82,8 @@ def sharded_exact_knn(
     """:func:`~pml_margins.evaluation.exact_knn` over a reference set sharded across ranks.
 
     Args:
-        query: ``(Q, D)``, the same on every rank.
+        query: ``(Q, D)``, the same on every rank (else a ``ValueError`` on every rank;
+            differences of rounding, as a model recomputed on each rank gives, pass).
         reference_shard: this rank's ``(R_local, D)`` slice of the reference set, with at
             least one row (an empty slice is a ``ValueError`` on every rank).
         k: neighbours per query, ``0 <= k <= R`` (``R - 1`` with ``exclude_self``),
@@ -122,7 +123,7 @@ def sharded_exact_knn(
     }
     query, reference_shard = checked_on_every_rank(check, group, _device_of(query), agreed)
     device = query.device
-    _agree_on_layouts(group, device, query=query)  # its dtype: the values' (the shards'
+    _agree_on_layouts(group, device, ("query",), query=query)  # its dtype: the values' (the shards'
     # dtypes may differ: each rank ranks its own in float64; their width is the query's)
     rank, world_size = rank_and_world_size(group)
     sizes = all_gather_rows(torch.tensor([len(reference_shard)], device=device), group)[0]
@@ -157,11 +158,19 @@ def sharded_exact_knn(
 
 
 def _agree_on_layouts(
-    group: ProcessGroup | None, device: torch.device, **tensors: torch.Tensor
+    group: ProcessGroup | None,
+    device: torch.device,
+    same: Sequence[str] = (),
+    **tensors: torch.Tensor,
 ) -> None:
     """``ValueError`` on every rank when the ranks' checked tensors differ in dtype or in
     shape past their rows: what is gathered would be misread (an abort, or each rank
-    its own result)."""
+    its own result); and when those named in ``same`` (the query set and its labels,
+    which every rank passes whole) differ in content: each rank would rank its own
+    queries and count with its own labels, a number that is no rank's (and not the
+    same on all). Labels are compared exactly (:func:`_content_code`), embeddings
+    through :func:`_value_summary` up to a relative 1e-6 (queries that each rank's model
+    recomputed may differ in their last bits)."""
     codes = {
         f"{name} dtypes and shapes past the rows": (
             settings_code(str(t.dtype), tuple(t.shape[1:])),
@@ -169,7 +178,55 @@ def _agree_on_layouts(
         )
         for name, t in tensors.items()
     }
-    checked_on_every_rank(lambda: None, group, device, codes)
+    hint = "pass the same query set on every rank, or reference=None for a sharded set"
+    equal = {}
+    for name in same:
+        t = tensors[name]
+        if t.is_floating_point() and t.ndim == 2:
+            equal[f"{name} values (summarized)"] = _value_summary(t)
+        else:
+            code = _content_code(t)
+            codes[f"{name} values"] = (code, f"fingerprint {code:.0f} of {len(t)} rows; {hint}")
+    checked_on_every_rank(lambda: None, group, device, codes, equal, hint)
+
+
+#: odd position multiplier of :func:`_content_code` (PCG's 64-bit one)
+_POSITION_MULTIPLIER = 6364136223846793005
+
+
+def _content_code(values: torch.Tensor) -> float:
+    """An exact fingerprint of ``values``' elements in order: the int64 sum (wrapping) of
+    their bit patterns times odd positional weights, its low 53 bits (a float64 holds
+    them exactly). Integer arithmetic: the same on any device and thread count."""
+    flat = values.detach().reshape(-1)
+    if flat.is_floating_point():
+        flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    weights = torch.arange(len(flat), dtype=torch.int64, device=flat.device)
+    weights = weights.mul_(_POSITION_MULTIPLIER).bitwise_or_(1)
+    code = int(torch.sum(flat.long() * weights))
+    return float(code & ((1 << 53) - 1))
+
+
+def _value_summary(x: torch.Tensor) -> torch.Tensor:
+    r"""``(2,)`` float64 sums that change with ``x``'s ``(N, D)`` values and their order, and
+    by about their rounding error when the values do:
+    :math:`\sum_{ij} |x_{ij}|\,u_j r_i` and :math:`\sum_{ij} \max(x_{ij}, 0)\,v_j t_i`,
+    with fixed positional weights in ``[1, 2)`` (sums of positive terms: no cancellation
+    near 0). Row chunks, float64."""
+    opts = {"dtype": torch.float64, "device": x.device}
+
+    def weights(n: int, seed: float) -> torch.Tensor:
+        return torch.arange(n, **opts).mul_(seed).frac_().add_(1.0)
+
+    u, v = weights(x.shape[1], 0.6180339887), weights(x.shape[1], 0.4142135623)
+    r, t = weights(len(x), 0.7320508075), weights(len(x), 0.2360679774)
+    out = torch.zeros(2, **opts)
+    step = max(1, 2**20 // max(1, x.shape[1]))
+    for s in range(0, len(x), step):
+        rows = x[s : s + step].detach().to(torch.float64)
+        out[0] += rows.abs() @ u @ r[s : s + step]
+        out[1] += rows.clamp_(min=0) @ v @ t[s : s + step]
+    return out
 
 
 def _ranks_label_dtype(
@@ -254,7 +311,9 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         """Metrics over the global reference set.
 
         Args:
-            query, query_labels: all queries (the same on every rank); or, with
+            query, query_labels: all queries (the same on every rank: a ``ValueError``
+                on every rank where the labels differ, or the embeddings beyond
+                rounding); or, with
                 ``reference=None``, this rank's slice of a set that is evaluated
                 against itself (queries and references are then the whole set).
             reference, reference_labels: this rank's slice of the reference set.
@@ -322,7 +381,8 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             layouts |= {"reference": shard}
         if reference is not None:
             layouts |= {"query": checked_query, "query_labels": checked_labels}
-        _agree_on_layouts(self.group, shard.device, **layouts)
+        same = ("query", "query_labels") if reference is not None else ()
+        _agree_on_layouts(self.group, shard.device, same, **layouts)
         if reference is None:
             query = all_gather_rows(shard, self.group)[0]
             query_labels = all_gather_rows(shard_labels, self.group)[0]

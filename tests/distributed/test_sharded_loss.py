@@ -241,6 +241,13 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> No
         for case in ("calc_ref_includes_query", "calc_k", "calc_comparison"):
             assert "ranks' settings (k, metrics, ref_includes_query, ...) differ" in errors[case]
         assert "ranks' query rows differ" in errors["calc_rows"], errors["calc_rows"]
+        for case, name in (
+            ("calc_query_values", "query values \\(summarized\\)"),
+            ("calc_query_labels", "query_labels values"),
+            ("knn_query_values", "query values \\(summarized\\)"),
+        ):
+            assert re.search(f"ranks' {name} differ.*same query set", errors[case]), errors[case]
+        assert errors["calc_query_rounding"] == "no error", errors["calc_query_rounding"]
         empty = "reference is empty" if rank == 0 else "another rank's input is invalid"
         assert empty in errors["empty_reference"]
         # the public sharded function: local checks agreed, then one owner per row

@@ -246,7 +246,8 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             seen[case] = "no error"
         except ValueError as err:
             seen[case] = str(err)
-    query, shard = torch.randn(3, 4), torch.randn(5, 4)
+    query = torch.randn(3, 4, generator=torch.Generator().manual_seed(7))  # every rank's
+    shard = torch.randn(5, 4)
     for case, kwargs in {  # one rank's own arguments: a hang or an abort (review)
         "knn_k_invalid": {"k": -1 if rank == 1 else 2},
         "knn_k_differs": {"k": 3 if rank == 1 else 2},
@@ -306,6 +307,26 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
             seen[case] = "no error"
         except ValueError as err:
             seen[case] = str(err)
+    # each rank its own query set (its slice, say): each ranked its own queries and counted
+    # with its own labels, P@1 0.3 on every rank where each one's alone gives 0.2 (review)
+    mine = torch.randn(3, 4, generator=torch.Generator().manual_seed(rank))
+    for case, args in {
+        "calc_query_values": (mine, labels, shard, labels[:1].repeat(5)),
+        "calc_query_labels": (query, (labels + rank) % 2, shard, labels[:1].repeat(5)),
+        # ulp-level differences (a model recomputed on each rank): the same query set
+        "calc_query_rounding": (query * (1 + rank * 2**-23), labels, shard, labels[:1].repeat(5)),
+    }.items():
+        calc = ShardedRetrievalAccuracyCalculator(include=("precision_at_1",))
+        try:
+            calc.get_accuracy(*args)
+            seen[case] = "no error"
+        except ValueError as err:
+            seen[case] = str(err)
+    try:
+        sharded_exact_knn(mine, shard, 2)
+        seen["knn_query_values"] = "no error"
+    except ValueError as err:
+        seen["knn_query_values"] = str(err)
     try:  # the shards' dtypes may differ (each ranks its own in float64): not refused
         got = sharded_exact_knn(query, shard.double() if rank == 1 else shard, 2)
         seen["knn_dtype"] = "no error" if got[0].dtype == torch.float32 else str(got[0].dtype)
