@@ -64,6 +64,8 @@ __all__ = [
     "check_real",
     "check_reference",
     "check_sample_rate",
+    "check_signed_angle_margin",
+    "check_signed_logit_offset",
     "check_tensor",
     "check_unit_interval",
     "finite_flag",
@@ -1057,6 +1059,15 @@ def check_logit_offset(value: object, name: str) -> float:
     return _at_most_logit_term(check_non_negative(value, name), name)
 
 
+def check_signed_logit_offset(value: object, name: str) -> float:
+    """An additive margin that may be negative (CosFace's ``m``; a negative margin
+    loosens the target, as in Liu et al., ECCV 2020, and PML accepts it): a real number
+    with ``|value| <= MAX_LOGIT_TERM``."""
+    value = check_real(value, name)
+    _at_most_logit_term(abs(value), name)
+    return value
+
+
 def _at_most_logit_term(value: float, name: str) -> float:
     if value > MAX_LOGIT_TERM:
         raise ValueError(
@@ -1077,6 +1088,18 @@ def check_angle_margin(value: object, name: str) -> float:
     if value >= math.pi:
         raise ValueError(
             f"{name} is in radians and must lie in [0, pi), got {value}; "
+            f"if you meant {value} degrees (PML's unit), pass math.radians({value})"
+        )
+    return value
+
+
+def check_signed_angle_margin(value: object, name: str) -> float:
+    """An additive angular margin that may be negative (ArcFace's ``m``, as PML accepts
+    it), in radians, in ``(-pi, pi)``; a value beyond is taken for degrees."""
+    value = check_real(value, name)
+    if abs(value) >= math.pi:
+        raise ValueError(
+            f"{name} is in radians and must lie in (-pi, pi), got {value}; "
             f"if you meant {value} degrees (PML's unit), pass math.radians({value})"
         )
     return value
@@ -1136,9 +1159,16 @@ def _shown(value: object) -> str:
     return text if len(text) <= 40 else f"a number of {len(text)} characters"
 
 
+#: largest ``|m|`` of Circle loss: its pair logits ``gamma (v + m)(v - m)`` then stay
+#: inside float32 at the largest ``gamma`` (1e15 * 1e6); the loss is ~0 long before
+MAX_CIRCLE_MARGIN = 1000.0
+
+
 def check_circle_margin(value: object, name: str) -> float:
-    """Circle loss's ``m`` in [0, 0.5]: beyond 0.5 the thresholds cross (1 - m < m)."""
-    return check_in_interval(value, name, 0.0, 0.5)
+    """Circle loss's relaxation margin ``m``: a real number, negative or above 0.5 as PML
+    takes it (the paper recommends 0.25-0.4; beyond 0.5 the optima cross, ``1 - m < m``),
+    with ``|m| <= MAX_CIRCLE_MARGIN``."""
+    return check_in_interval(value, name, -MAX_CIRCLE_MARGIN, MAX_CIRCLE_MARGIN)
 
 
 def check_ordered(low: float, high: float, low_name: str, high_name: str) -> None:

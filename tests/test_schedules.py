@@ -4,7 +4,13 @@ import math
 
 import pytest
 
-from pml_margins.losses import ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, SphereFaceLoss
+from pml_margins.losses import (
+    ArcFaceLoss,
+    CombinedMarginLoss,
+    CosFaceLoss,
+    CurricularFaceLoss,
+    SphereFaceLoss,
+)
 from pml_margins.schedules import MarginScheduler, SphereFaceLambdaScheduler
 
 
@@ -52,8 +58,10 @@ def test_rejects_bad_settings() -> None:
         MarginScheduler(ArcFaceLoss(5, 8), 0.1, 0.5, 0)
     with pytest.raises(ValueError, match="has no hyper-parameter 'gamma'"):
         MarginScheduler(ArcFaceLoss(5, 8), 0.1, 0.5, 10, attr="gamma")
+    with pytest.raises(ValueError, match=r"margin is in radians and must lie in \(-pi, pi\)"):
+        MarginScheduler(ArcFaceLoss(5, 8), -3.5, 0.5, 10)
     with pytest.raises(ValueError, match="margin must be >= 0"):
-        MarginScheduler(ArcFaceLoss(5, 8), -0.1, 0.5, 10)
+        MarginScheduler(CurricularFaceLoss(5, 8), -0.1, 0.5, 10)
 
 
 def test_sphereface_lambda_annealing() -> None:

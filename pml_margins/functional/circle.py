@@ -110,8 +110,8 @@ def _gamma(gamma: float) -> float:
 
 
 def _margin(m: float) -> float:
-    """Circle's relaxation margin, checked as the losses check it: in [0, 0.5] (a NaN gave
-    a NaN loss, ``m = 3`` a silent 0)."""
+    """Circle's relaxation margin, checked as the losses check it: a finite number (a NaN
+    gave a NaN loss), ``|m| <= 1000``."""
     return check_circle_margin(m, "m")
 
 
@@ -247,7 +247,7 @@ def circle_loss_dense(
         sim: ``(B, R)`` cosine similarities, row ``a`` holding anchor ``a``'s pairs.
         pos_mask: ``(B, R)`` bool, the positive pairs.
         neg_mask: ``(B, R)`` bool, the negative pairs (disjoint from ``pos_mask``).
-        m: relaxation margin, in [0, 0.5].
+        m: relaxation margin, a real number (as PML; recommended 0.25-0.4).
         gamma: scale, > 0.
 
     Returns:
@@ -338,7 +338,7 @@ def circle_loss_dense_negatives(
         pos_keys: 1-D flat indices ``a * R + r`` of the positive pairs (deduplicated,
             disjoint from ``neg_mask``: ``ValueError`` otherwise, while the value checks
             are on).
-        m: relaxation margin, in [0, 0.5].
+        m: relaxation margin, a real number (as PML; recommended 0.25-0.4).
         gamma: scale, > 0.
 
     Returns:
@@ -387,7 +387,7 @@ def circle_loss_pairs(
         s_n: 1-D similarities of the negative pairs.
         neg_anchors: anchor index of each negative pair.
         num_anchors: number of anchors ``B`` (length of the output).
-        m: relaxation margin, in [0, 0.5].
+        m: relaxation margin, a real number (as PML; recommended 0.25-0.4).
         gamma: scale, > 0.
 
     Returns:
@@ -430,7 +430,7 @@ def circle_loss_whole(s_p: torch.Tensor, s_n: torch.Tensor, m: float, gamma: flo
     Args:
         s_p: similarities of all positive pairs (any shape).
         s_n: similarities of all negative pairs (any shape).
-        m: relaxation margin, in [0, 0.5].
+        m: relaxation margin, a real number (as PML; recommended 0.25-0.4).
         gamma: scale, > 0.
 
     Returns:
@@ -472,7 +472,7 @@ def circle_loss_masked(
     Args:
         sim: ``(B, R)`` cosine similarities.
         pos_mask, neg_mask: ``(B, R)`` bool, disjoint.
-        m: relaxation margin, in [0, 0.5].
+        m: relaxation margin, a real number (as PML; recommended 0.25-0.4).
         gamma: scale, > 0.
         per_anchor: ``(B,)`` losses as :func:`circle_loss_dense`; else the 0-dim
             whole-set loss of :func:`circle_loss_whole` over the masked pairs.

@@ -28,6 +28,8 @@ from pml_margins.validation import (
     check_logit_offset,
     check_multiplier,
     check_number_or_tensor,
+    check_signed_angle_margin,
+    check_signed_logit_offset,
 )
 
 __all__ = [
@@ -88,15 +90,16 @@ def _outside_slope(slope: torch.Tensor, cosine: torch.Tensor) -> torch.Tensor:
 
 
 def cosface_target(cosine: torch.Tensor, margin: float) -> torch.Tensor:
-    r"""CosFace / LMCL (Wang et al., 2018): :math:`\cos\theta_y - m`."""
-    return cosine - check_number_or_tensor(margin, check_logit_offset, "margin")
+    r"""CosFace / LMCL (Wang et al., 2018): :math:`\cos\theta_y - m` (``m`` may be
+    negative, as PML takes it)."""
+    return cosine - check_number_or_tensor(margin, check_signed_logit_offset, "margin")
 
 
 def cosface_value_and_slope(
     cosine: torch.Tensor, margin: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r""":func:`cosface_target` and its derivative (1), no graph."""
-    margin = check_number_or_tensor(margin, check_logit_offset, "margin")
+    margin = check_number_or_tensor(margin, check_signed_logit_offset, "margin")
     return cosine - margin, torch.ones_like(cosine)
 
 
@@ -113,8 +116,12 @@ def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = Fals
     insightface's and PML's do). With ``easy_margin``
     the margin is applied only where :math:`\cos\theta > 0`, otherwise
     :math:`\cos\theta` is kept.
+
+    ``margin`` in :math:`(-\pi, \pi)`: a negative one (Liu et al., ECCV 2020, "Negative
+    Margin Matters") loosens the target; :math:`\theta + m` never exceeds :math:`\pi`
+    then, so there is no fallback (PML's rule, :math:`\theta \le \pi - m`).
     """
-    margin = check_number_or_tensor(margin, check_angle_margin, "margin")
+    margin = check_number_or_tensor(margin, check_signed_angle_margin, "margin")
     easy_margin = easy_margin if caller_checked() else check_bool(easy_margin, "easy_margin")
     cos_m, sin_m, threshold = _cos_sin(margin)
     cosine = angle_cosine(cosine)
@@ -136,7 +143,7 @@ def arcface_value_and_slope(
     :func:`safe_sine`'s gradient), and 1 where the fallback (or, with
     ``easy_margin``, the plain cosine) applies.
     """
-    margin = check_number_or_tensor(margin, check_angle_margin, "margin")
+    margin = check_number_or_tensor(margin, check_signed_angle_margin, "margin")
     easy_margin = easy_margin if caller_checked() else check_bool(easy_margin, "easy_margin")
     cos_m, sin_m, threshold = _cos_sin(margin)
     given, cosine = cosine, angle_cosine(cosine)
@@ -158,12 +165,14 @@ def arcface_value_and_slope(
 
 
 def _cos_sin(margin: float | torch.Tensor) -> tuple[Any, Any, Any]:
-    """``cos m``, ``sin m`` and ArcFace's threshold ``cos(pi - m)``: floats for a number,
-    tensors (with their graph: a learnable or per-row margin) for a tensor."""
+    """``cos m``, ``sin m`` and ArcFace's threshold ``cos(pi - m)``, below every cosine
+    (-2) for ``m < 0`` (``theta + m <= pi`` always): floats for a number, tensors (with
+    their graph: a learnable or per-row margin) for a tensor."""
     if isinstance(margin, torch.Tensor):
         cos_m = torch.cos(margin)
-        return cos_m, torch.sin(margin), -cos_m
-    return math.cos(margin), math.sin(margin), math.cos(math.pi - margin)
+        return cos_m, torch.sin(margin), torch.where(margin < 0, -2.0, -cos_m.detach())
+    threshold = math.cos(math.pi - margin) if margin >= 0 else -2.0
+    return math.cos(margin), math.sin(margin), threshold
 
 
 def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:

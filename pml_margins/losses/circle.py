@@ -91,8 +91,8 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
 
     Recommended (paper, Sec. 4): face recognition ``m = 0.25, gamma = 256``;
     person re-identification ``m = 0.25, gamma = 128``; fine-grained retrieval
-    (CUB, Cars, SOP) ``m = 0.4, gamma = 80``. ``m`` is a cosine (unitless, in
-    [0, 0.5]); ``gamma`` is a unitless scale (> 0).
+    (CUB, Cars, SOP) ``m = 0.4, gamma = 80``. ``m`` is a cosine (unitless, usually
+    in [0, 0.5]; any real number is taken, as PML does); ``gamma`` is a unitless scale (> 0).
 
     Pairs come from ``labels`` (every pair of the batch, or of batch x ``ref_emb``)
     or from any PML miner's ``indices_tuple``: pairs ``(a1, p, a2, n)`` or
@@ -134,7 +134,8 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
     same values and gradients.
 
     Args:
-        m: relaxation margin, in [0, 0.5].
+        m: relaxation margin, any real number as in PML (recommended 0.25-0.4; beyond
+            0.5 the optima cross).
         gamma: scale, > 0.
         per_anchor: one loss per anchor (PML's form, default) or one for the whole set.
         **kwargs: PML options (``reducer``, ``embedding_regularizer``, ``distance`` --

@@ -37,7 +37,7 @@ class ProxyCircleLoss(ClassWeightLoss):
     ``sample_rate`` like the other class-weight losses.
 
     Recommended (paper): face recognition ``m = 0.25, gamma = 256``; person re-id
-    ``m = 0.25, gamma = 128`` (``m`` is a cosine, unitless in [0, 0.5]; ``gamma`` a
+    ``m = 0.25, gamma = 128`` (``m`` is a cosine, unitless, usually in [0, 0.5]; ``gamma`` a
     unitless scale > 0). ``W`` has PML's layout ``(embedding_size, num_classes)``;
     validation, miner weights, reducers and regularizers are those of every
     class-weight loss (:class:`~pml_margins.losses.ClassWeightLoss`).
@@ -45,7 +45,7 @@ class ProxyCircleLoss(ClassWeightLoss):
     Args:
         num_classes: number of classes ``C``.
         embedding_size: embedding width ``D``.
-        m: relaxation margin, in [0, 0.5].
+        m: relaxation margin, a real number (as PML; recommended 0.25-0.4).
         gamma: scale, > 0.
         **kwargs: PML options (``reducer``, ``weight_regularizer``, ``embedding_regularizer``,
             ``weight_init_func``, ``distance`` -- a ``CosineSimilarity``) and the core's

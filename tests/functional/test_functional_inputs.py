@@ -17,6 +17,7 @@ from pml_margins.distributed import shard_range, shard_ranges
 from pml_margins.evaluation import exact_knn
 from pml_margins.functional import (
     arcface_target,
+    arcface_value_and_slope,
     center_distances,
     center_ema_update,
     circle_loss_dense,
@@ -209,7 +210,7 @@ def _mask(rows: int, cols: int) -> torch.Tensor:
         (lambda: circle_loss_whole(S4, S4 / 0, 0.25, 64.0), ValueError, "s_n contains NaN or Inf"),
         (lambda: circle_positive_logits(S4, 0.25, -64.0), ValueError, "gamma must be > 0"),
         (
-            lambda: circle_loss_dense(SIM[:, :0], _mask(3, 0), _mask(3, 0), 3.0, 64.0),
+            lambda: circle_loss_dense(SIM[:, :0], _mask(3, 0), _mask(3, 0), 3e3, 64.0),
             ValueError,
             "m must lie in",
         ),
@@ -218,7 +219,7 @@ def _mask(rows: int, cols: int) -> torch.Tensor:
             ValueError,
             "gamma must be > 0",
         ),
-        (lambda: circle_negative_logits(S4, 5.0, 64.0), ValueError, "m must lie in"),
+        (lambda: circle_negative_logits(S4, -5e3, 64.0), ValueError, "m must lie in"),
         (
             lambda: segment_logsumexp(S4, A4, 2),
             ValueError,
@@ -460,7 +461,7 @@ def test_tensor_margins_under_vmap_and_a_zero_tensor_m2():
     out = torch.func.vmap(lambda m: cosface_target(cos, m))(torch.tensor([0.3, 0.5]))
     assert out.shape == (2, 3)
     with pytest.raises(ValueError, match="margin"):
-        torch.func.vmap(lambda m: cosface_target(cos, m))(torch.tensor([0.3, -0.5]))
+        torch.func.vmap(lambda m: cosface_target(cos, m))(torch.tensor([0.3, float("nan")]))
     value, slope = combined_margin_value_and_slope(cos, 2.0, torch.tensor(0.0), 0.1)
     expected = combined_margin_value_and_slope(cos, 2.0, 0.0, 0.1)
     assert torch.equal(value, expected[0]) and torch.equal(slope, expected[1])
@@ -481,3 +482,24 @@ def test_sparse_or_nested_tensors_are_named():
     empty = torch.empty(0, 4).to_sparse()  # the empty batch's early return checks it too
     with pytest.raises(TypeError, match="embeddings must be a dense tensor, got layout"):
         fused_margin_softmax_cross_entropy(empty, w, y[:0], None, 30.0)
+
+
+@pytest.mark.parametrize("margin", [-0.3, -1.2, 0.3])
+def test_a_negative_arcface_margin_is_cos_theta_plus_m_everywhere(margin):
+    """m < 0 (PML takes it): cos(theta + m) at every angle, pi included, as a number, a
+    tensor, under vmap and with its slope; m > 0 keeps the fallback beyond pi - m."""
+    c = torch.tensor([-1.0, -0.999, -0.9, -0.2, 0.0, 0.4, 0.95, 1.0], dtype=torch.float64)
+    theta = torch.acos(c)
+    expected = torch.cos(theta + margin)
+    if margin > 0:
+        expected = torch.where(theta + margin <= math.pi, expected, c - margin * math.sin(margin))
+    torch.testing.assert_close(arcface_target(c, margin), expected)
+    torch.testing.assert_close(arcface_target(c, torch.tensor(margin).double()), expected)
+    value, slope = arcface_value_and_slope(c, margin)
+    torch.testing.assert_close(value, expected)
+    inner = c.abs() < 1
+    by_autograd = torch.func.vmap(torch.func.grad(lambda z: torch.cos(torch.acos(z) + margin)))
+    if margin < 0:
+        torch.testing.assert_close(slope[inner], by_autograd(c[inner]))
+    lanes = torch.func.vmap(lambda m: arcface_target(c, m))(torch.tensor([margin, 0.0]).double())
+    torch.testing.assert_close(lanes[0], expected)

@@ -117,8 +117,8 @@ def test_center_alpha_and_circle_gamma_are_checked() -> None:
         (0.25, -80.0, "gamma must be > 0"),
         (0.25, float("nan"), "gamma must be finite"),
         (0.25, 1e20, "gamma must"),
-        (3.0, 80.0, r"m must lie in \[0.0, 0.5\]"),
-        (-0.1, 80.0, r"m must lie in \[0.0, 0.5\]"),
+        (3e3, 80.0, r"m must lie in \[-1000.0, 1000.0\]"),
+        (-1e4, 80.0, r"m must lie in \[-1000.0, 1000.0\]"),
         (float("nan"), 80.0, "m must be finite"),
     ],
 )

@@ -224,12 +224,14 @@ MINERS = {
 
 @pytest.mark.parametrize("miner", sorted(MINERS))
 @pytest.mark.parametrize(("dtype", "tol"), [(F64, 1e-10), (torch.float32, 2e-5)])
-def test_matches_pml(miner, dtype, tol):
+@pytest.mark.parametrize("m", [0.25, -0.2, 0.7, 3.0], ids=lambda m: f"m={m}")
+def test_matches_pml(miner, dtype, tol, m):
+    """Also for a negative ``m`` and one above 0.5 (the optima cross), which PML takes."""
     x, y = _data(b=24, d=8, classes=5, seed=11, dtype=dtype)
     mine = MINERS[miner]()
     it = mine(x, y) if mine is not None else None
-    ours = _value_and_grad(lambda: CircleLoss(m=0.25, gamma=64)(x, y, it), x)
-    theirs = _value_and_grad(lambda: pml_losses.CircleLoss(m=0.25, gamma=64)(x, y, it), x)
+    ours = _value_and_grad(lambda: CircleLoss(m=m, gamma=64)(x, y, it), x)
+    theirs = _value_and_grad(lambda: pml_losses.CircleLoss(m=m, gamma=64)(x, y, it), x)
     _close(ours[0], theirs[0], tol)
     _close(ours[1][0], theirs[1][0], tol)
 
@@ -587,8 +589,8 @@ def test_bad_inputs(name, args, exc, match):
         ({"gamma": 0}, ValueError, "gamma must be > 0"),
         ({"gamma": -1.0}, ValueError, "gamma must be > 0"),
         ({"gamma": float("inf")}, ValueError, "finite"),
-        ({"m": -0.1}, ValueError, r"m must lie in \[0.0, 0.5\]"),
-        ({"m": 0.6}, ValueError, r"m must lie in \[0.0, 0.5\]"),
+        ({"m": -1001.0}, ValueError, r"m must lie in \[-1000.0, 1000.0\]"),
+        ({"m": 1e4}, ValueError, r"m must lie in \[-1000.0, 1000.0\]"),
         ({"m": "0.2"}, TypeError, "real number"),
         ({"per_anchor": 1}, TypeError, "per_anchor"),
         ({"distance": LpDistance()}, TypeError, "CosineSimilarity"),

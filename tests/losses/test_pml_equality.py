@@ -29,8 +29,12 @@ PAIRS = [
      lambda: ArcFaceLoss(12, 16, margin=math.radians(28.6), scale=64)),
     ("arcface_large", lambda: pml_losses.ArcFaceLoss(12, 16, margin=70.0, scale=30),
      lambda: ArcFaceLoss(12, 16, margin=math.radians(70.0), scale=30)),
+    ("arcface_negative", lambda: pml_losses.ArcFaceLoss(12, 16, margin=-40.0, scale=30),
+     lambda: ArcFaceLoss(12, 16, margin=math.radians(-40.0), scale=30)),
     ("cosface", lambda: pml_losses.CosFaceLoss(12, 16, margin=0.35, scale=64),
      lambda: CosFaceLoss(12, 16, margin=0.35, scale=64)),
+    ("cosface_negative", lambda: pml_losses.CosFaceLoss(12, 16, margin=-0.2, scale=30),
+     lambda: CosFaceLoss(12, 16, margin=-0.2, scale=30)),
     ("nsl", lambda: pml_losses.NormalizedSoftmaxLoss(12, 16, temperature=0.05),
      lambda: NormSoftmaxLoss(12, 16, scale=20.0)),
     ("sphereface", lambda: pml_losses.SphereFaceLoss(12, 16, margin=4),
@@ -234,3 +238,24 @@ def test_softmax_loss_takes_any_distance_as_a_logit_or_its_negation(distance) ->
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     if distance.startswith(("lp", "snr")):
         assert (loss.get_logits(x.detach()).argmax(1) == y).all()
+
+
+@pytest.mark.parametrize("path", ["default", "blocked"])
+@pytest.mark.parametrize("degrees", [-40.0, -5.0])
+def test_a_negative_arcface_margin_has_no_fallback_as_pml(path, degrees, monkeypatch) -> None:
+    """Embeddings opposite their class weights (theta near pi): with m < 0, theta + m never
+    passes pi, so PML keeps cos(theta + m) where a positive margin's fallback would apply."""
+    if path == "blocked":
+        monkeypatch.setattr(fused_module, "MATERIALIZE_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(fused_module, "_CPU_BLOCK_ELEMENTS", 5 * 40)
+    pml = pml_losses.ArcFaceLoss(12, 16, margin=degrees, scale=8).double()
+    ours = ArcFaceLoss(12, 16, margin=math.radians(degrees), scale=8).double()
+    ours.load_state_dict(pml.state_dict())
+    y = torch.arange(40) % 12
+    g = torch.Generator().manual_seed(3)
+    opposite = -pml.W.detach().t()[y] + 0.01 * torch.randn(40, 16, generator=g, dtype=torch.float64)
+    x = opposite.requires_grad_()
+    cosine = torch.nn.functional.cosine_similarity(x.detach(), pml.W.detach().t()[y])
+    assert (cosine < -math.cos(math.radians(degrees))).all()  # where the fallback would apply
+    tol = {"rtol": 1e-10, "atol": 1e-10}
+    assert_same_value_and_grads(ours(x, y), pml(x, y), ours, pml, x, tol)

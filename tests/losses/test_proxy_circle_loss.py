@@ -161,8 +161,8 @@ def test_bad_inputs(args, exc, match):
     ("kwargs", "exc", "match"),
     [
         ({"gamma": 0.0}, ValueError, "gamma must be > 0"),
-        ({"m": 0.7}, ValueError, "m must lie in"),
-        ({"m": -0.01}, ValueError, "m must lie in"),
+        ({"m": 1e4}, ValueError, "m must lie in"),
+        ({"m": -2000}, ValueError, "m must lie in"),
         ({"num_classes": 0}, ValueError, "num_classes"),
     ],
 )
