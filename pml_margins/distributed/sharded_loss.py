@@ -28,6 +28,7 @@ from pml_margins.distributed.sharding import class_columns, shard_range
 from pml_margins.evaluation.calculator import describe_distance
 from pml_margins.functional.dense_margin_softmax import check_norm_scale_form
 from pml_margins.losses.atomic_load import load_all_or_nothing
+from pml_margins.losses.checked_forward import in_loss_dtype
 from pml_margins.losses.class_weight_loss import ClassWeightLoss, _check_logit_columns
 from pml_margins.losses.pml_calls import runs_as_its_class
 from pml_margins.losses.step_statistics import StepStatistics
@@ -546,7 +547,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                 "reduction_type": "element",
             }
         }
-        loss = self.loss.reducer(loss_dict, all_emb, all_labels)
+        loss = self.loss.reducer(loss_dict, in_loss_dtype(all_emb, loss_dict), all_labels)
         self.loss.check_result(loss)  # (every row's, on every rank: all refuse together)
         return loss
 

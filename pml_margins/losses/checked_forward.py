@@ -10,7 +10,7 @@ from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch.nn.utils import parametrize
 
-from pml_margins.function_transforms import in_function_transform
+from pml_margins.function_transforms import in_function_transform, is_compiling
 from pml_margins.losses.pml_calls import runs_as_its_class
 from pml_margins.validation import check_finite_flags, finite_flag
 
@@ -23,6 +23,46 @@ def mean_of_positive(losses: torch.Tensor) -> torch.Tensor:
     boolean mask, which ``torch.func.vmap`` cannot batch."""
     kept = losses > 0
     return torch.where(kept, losses, 0.0).sum() / kept.sum().clamp_min(1)
+
+
+def in_loss_dtype(embeddings: torch.Tensor, loss_dict: dict) -> torch.Tensor:
+    """``embeddings`` (their graph kept) in the dtype of the loss: theirs promoted with
+    that of every floating ``losses`` tensor of ``loss_dict`` (float32 for half embeddings,
+    float64 where ``W`` is). What PML's reducers and embedding regularizers take as
+    ``embeddings`` for the dtype of their sums and of a zero loss: PML's
+    ``MultipleReducers`` (any regularizer) gathered the sub-losses in the embeddings'
+    dtype, a float32 loss of bf16 embeddings became bf16 (61.0 for 61.03), an fp16 one
+    ``inf``."""
+    dtype = embeddings.dtype
+    for info in loss_dict.values():
+        losses = info.get("losses") if isinstance(info, dict) else None
+        if isinstance(losses, torch.Tensor) and losses.is_floating_point():
+            dtype = torch.promote_types(dtype, losses.dtype)
+    return embeddings.to(dtype)
+
+
+def follow_device(loss: torch.nn.Module, device: torch.device, parametrized: bool) -> None:
+    """Move ``loss``'s parameters and buffers (their storage dtypes kept) to ``device``,
+    the embeddings', where one of them is elsewhere: PML's losses move ``W`` to the
+    embeddings on every call (``cast_types``), and PML's trainers put the data on the GPU
+    without moving the losses. The tensors stay the same objects (an optimizer built
+    before keeps them; its state, created at the first step, then lives on ``device``).
+    Only the loss's own tensors (and a parametrization's) are looked at, a microsecond;
+    nothing moves on or to the meta device (its readers raise) nor under ``torch.func``
+    or ``torch.compile`` (the tensors are theirs)."""
+    tensors = [*loss._parameters.values(), *loss._buffers.values()]
+    if parametrized:
+        tensors += loss._modules["parametrizations"].parameters()  # type: ignore[union-attr]
+    if all(t is None or t.device == device for t in tensors):
+        return
+    if (
+        device.type == "meta"
+        or any(t is not None and t.is_meta for t in tensors)
+        or is_compiling()
+        or in_function_transform()
+    ):
+        return
+    loss.to(device)
 
 
 def _int64(values: torch.Tensor | None) -> torch.Tensor | None:
@@ -98,6 +138,8 @@ class CheckedForwardMixin:
         :meth:`check_result` of it."""
         self.__dict__.pop("_rows_finite", None)  # (a step that failed: see check_result)
         parametrized = "parametrizations" in self._modules  # type: ignore[attr-defined]
+        if isinstance(embeddings, torch.Tensor):
+            follow_device(self, embeddings.device, parametrized)  # type: ignore[arg-type]
         with parametrize.cached() if parametrized else nullcontext():  # (class docstring)
             loss = self._checked_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         self.check_result(loss)
@@ -135,23 +177,25 @@ class CheckedForwardMixin:
         if indices_tuple is not None:
             indices_tuple = tuple(_int64(idx) for idx in indices_tuple)
         reduce = self._plain_reduction()
-        if reduce is None:
-            return super().forward(  # type: ignore[misc]
-                embeddings, labels, indices_tuple, ref_emb, ref_labels
-            )
         self.reset_stats()  # type: ignore[attr-defined]
         if labels is not None:
             labels = c_f.to_device(labels, embeddings)
         ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
-        losses = self._element_losses(embeddings, labels, indices_tuple)
+        losses = None if reduce is None else self._element_losses(embeddings, labels, indices_tuple)
         if losses is None:
             loss_dict = self.compute_loss(  # type: ignore[attr-defined]
                 embeddings, labels, indices_tuple, ref_emb, ref_labels
             )
             info = next(iter(loss_dict.values())) if len(loss_dict) == 1 else {}
             losses = info.get("losses")
-            if info.get("reduction_type") != "element" or not torch.is_tensor(losses):
-                return self.reducer(loss_dict, embeddings, labels)  # type: ignore[attr-defined]
+            if (
+                reduce is None
+                or info.get("reduction_type") != "element"
+                or not torch.is_tensor(losses)
+            ):  # PML's forward from here, given the embeddings in the loss's dtype
+                wide = in_loss_dtype(embeddings, loss_dict)
+                self.add_embedding_regularization_to_loss_dict(loss_dict, wide)  # type: ignore[attr-defined]
+                return self.reducer(loss_dict, wide, labels)  # type: ignore[attr-defined]
         return reduce(losses)
 
     def _direct_loss(

@@ -39,7 +39,11 @@ from pml_margins.functional.margin_softmax import (
     row_norms,
 )
 from pml_margins.losses.atomic_load import AtomicLoadMixin
-from pml_margins.losses.checked_forward import CheckedForwardMixin, check_rows_and_reduced
+from pml_margins.losses.checked_forward import (
+    CheckedForwardMixin,
+    check_rows_and_reduced,
+    follow_device,
+)
 from pml_margins.losses.float_statistics import FloatStatisticsMixin
 from pml_margins.losses.hyperparameter import Hyperparameter, HyperparameterAttributes
 from pml_margins.losses.pml_calls import record_distance_stats, runs_as_its_class
@@ -586,13 +590,15 @@ class ClassWeightLoss(
         check_rows_and_reduced(rows, loss, rows_error, reduced_error)
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Classification logits without margin (``s * z``), shape ``(B, C)``."""
+        """Classification logits without margin (``s * z``), shape ``(B, C)``; ``W`` follows
+        the embeddings' device as in :meth:`forward`."""
         check_embeddings(
             embeddings,
             width=self.embedding_size,
             compute_dtype=self._checked_compute_dtype(embeddings),
             norms_taken=self._norms_taken(),
         )
+        follow_device(self, embeddings.device, "parametrizations" in self._modules)
         logits, scale = self.base_logits(embeddings)
         _check_logit_columns(self, logits)
         if isinstance(scale, torch.Tensor):

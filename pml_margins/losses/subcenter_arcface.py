@@ -10,6 +10,7 @@ import torch
 
 from pml_margins.functional.fused_margin_softmax import FusedLogits, class_columns
 from pml_margins.losses.arcface import ArcFaceLoss
+from pml_margins.losses.checked_forward import follow_device
 from pml_margins.losses.hyperparameter import FixedAtConstruction
 from pml_margins.validation import check_angle_margin, check_count
 
@@ -122,6 +123,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         """
         threshold = check_angle_margin(threshold, "threshold")
         self.check_inputs(embeddings, labels, None, None, None)
+        follow_device(self, embeddings.device, "parametrizations" in self._modules)  # as PML's
         labels = labels.long()
         k = self.sub_centers
         with torch.no_grad():
