@@ -81,6 +81,9 @@ class ElasticFaceLoss(ClassWeightLoss):
         \qquad
         \text{cos:}\; \cos(\theta_{y_i} + m_i) \to \cos\theta_{y_i} - m_i
 
+    In evaluation mode (``loss.eval()``) nothing is drawn: the mean margin ``m`` applies
+    to every sample (a repeatable validation loss that leaves torch's generator where it
+    was; the authors' code, which never evaluates the loss, draws on every call).
     The margins are not clipped (as in the paper). ``sigma = 0`` is exactly
     :class:`ArcFaceLoss` (including its :math:`\theta + m > \pi` fallback, applied per
     sample here) or :class:`CosFaceLoss`. The fallback is ArcFace's, not the authors'
@@ -166,7 +169,7 @@ class ElasticFaceLoss(ClassWeightLoss):
         self._margin = _margin_check(self.variant)(value, "margin")
 
     def target_logit_fn(self) -> TargetLogitFn:
-        if self.sigma == 0:  # deterministic: exactly ArcFace's / CosFace's function
+        if self.sigma == 0 or not self.training:  # ArcFace's / CosFace's function exactly
             self.last_margins = None
             if self.variant == "arc":
                 return TargetWithSlope(arcface_target, arcface_value_and_slope, margin=self.margin)

@@ -157,3 +157,21 @@ def test_arc_fallback_only_where_theta_plus_margin_exceeds_pi() -> None:
     assert (elastic_arc_target(c, m) <= 1).all()
     one = torch.tensor([math.cos(3.0)], dtype=torch.float64)
     assert float(elastic_arc_target(one, torch.tensor([-0.5]))) == pytest.approx(math.cos(2.5))
+
+
+@pytest.mark.parametrize(("variant", "plain"), [("arc", ArcFaceLoss), ("cos", CosFaceLoss)])
+def test_eval_mode_applies_the_mean_margin_and_draws_nothing(variant: str, plain) -> None:
+    """A validation loss is repeatable and leaves torch's generator where it was; training
+    mode draws again."""
+    loss = ElasticFaceLoss(C, D, margin=0.3, sigma=0.2, variant=variant).double().eval()
+    reference = plain(C, D, margin=0.3).double()
+    reference.load_state_dict(loss.state_dict())
+    x = torch.randn(B, D, dtype=torch.float64)
+    y = torch.randint(0, C, (B,))
+    state = torch.random.get_rng_state()
+    first, second = loss(x, y), loss(x, y)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(first, second) and torch.equal(first, reference(x, y))
+    assert loss.last_margins is None
+    loss.train()
+    assert not torch.equal(loss(x, y), first) and loss.last_margins.shape == (B,)
