@@ -71,7 +71,11 @@ class MetricLearningModule(pl.LightningModule):
         weight_decay: weight decay of the backbone; ``None`` (default): the
             optimizer's own (``optimizer=partial(SGD, weight_decay=5e-4)``, AdamW's 0.01).
         optimizer: called as ``optimizer(param_groups, lr=lr)``.
-        scheduler: called with the optimizer to build a scheduler stepped every epoch.
+        scheduler: called with the optimizer to build a scheduler stepped every epoch,
+            or Lightning's scheduler dict: one that watches a metric (``ReduceLROnPlateau``)
+            needs the dict, ``lambda o: {"scheduler": ReduceLROnPlateau(o, mode="max"),
+            "monitor": "map_at_r"}`` (the name :class:`RetrievalMetricsCallback` logs,
+            with its ``prefix``).
     """
 
     def __init__(
@@ -148,10 +152,11 @@ def _merge_ranks(
         gathered: ``(W, n, ...)``: each rank's rows, padded to a common ``n``.
         sizes: how many rows of each rank are real.
         num_samples: the dataset's length when the ranks were fed by a
-            ``DistributedSampler(shuffle=False)``, which deals sample ``i`` to rank
-            ``i % W`` and pads the last round with copies of the first samples;
-            then the original order is restored and the copies are dropped (a copy of
-            a query among the references would be a perfect false neighbour).
+            ``DistributedSampler``, which deals the ``i``-th index of its list (the
+            dataset's order, or a shuffled one) to rank ``i % W`` and pads the list's
+            end with copies of its first indices; then the list's order is restored
+            and the copies, its last entries, are dropped (a copy of a query among the
+            references would be a perfect false neighbour; shuffled or not).
             ``None``: the ranks' rows are concatenated as they are.
 
     Returns:
@@ -180,11 +185,7 @@ def _distributed_num_samples(trainer: Any, dataloader_idx: int) -> int | None:
     flattened = pl.utilities.CombinedLoader(loaders, "sequential").flattened
     loader = flattened[dataloader_idx] if dataloader_idx < len(flattened) else None
     sampler = getattr(loader, "sampler", None)
-    if (
-        isinstance(sampler, torch.utils.data.DistributedSampler)
-        and not sampler.shuffle
-        and not sampler.drop_last
-    ):
+    if isinstance(sampler, torch.utils.data.DistributedSampler) and not sampler.drop_last:
         return len(sampler.dataset)
     return None
 

@@ -123,6 +123,23 @@ def test_fit_with_a_miner_and_a_scheduler(digits: Digits, tmp_path: Path) -> Non
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-3])  # one step
 
 
+def test_a_plateau_scheduler_watches_the_logged_metric(digits: Digits, tmp_path: Path) -> None:
+    """The docstring's dict form: ReduceLROnPlateau on map_at_r (improvements never count
+    here, so the second epoch's end cuts every group's rate)."""
+
+    def plateau(optimizer: torch.optim.Optimizer) -> dict:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", patience=0, threshold=10.0, threshold_mode="abs"
+        )
+        return {"scheduler": scheduler, "monitor": "map_at_r"}
+
+    module = MetricLearningModule(mlp(), arcface(), lr=1e-3, loss_lr=1e-2, scheduler=plateau)
+    trainer = make_trainer(tmp_path, RetrievalMetricsCallback(), limit_train_batches=2)
+    trainer.fit(module, *loaders(digits))
+    (optimizer,) = trainer.optimizers
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-3])
+
+
 def test_fit_with_circle_and_a_miner(digits: Digits, tmp_path: Path) -> None:
     sampler = MPerClassSampler(digits.y_train, m=8, batch_size=64, length_before_new_iter=64 * 10)
     train = DataLoader(digits.train_set(), batch_size=64, sampler=sampler)
@@ -161,17 +178,24 @@ def test_callback_embeds_batches_of_any_module(digits: Digits, tmp_path: Path) -
     assert callback.metrics == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize(("num_samples", "world"), [(10, 3), (9, 3), (7, 2), (4, 4), (2, 3)])
-def test_merge_ranks_restores_distributed_sampler_order(num_samples: int, world: int) -> None:
+def test_merge_ranks_restores_distributed_sampler_order(
+    num_samples: int, world: int, shuffle: bool
+) -> None:
+    """Each sample once (the padding copies dropped): in the dataset's order, or in the
+    sampler's shuffled one."""
     data = torch.arange(num_samples * 2).reshape(num_samples, 2)
     dataset = torch.utils.data.TensorDataset(data)
-    per_rank = [
-        data[list(DistributedSampler(dataset, num_replicas=world, rank=r, shuffle=False))]
+    samplers = [
+        DistributedSampler(dataset, num_replicas=world, rank=r, shuffle=shuffle, seed=5)
         for r in range(world)
     ]
+    per_rank = [data[list(sampler)] for sampler in samplers]
     sizes = [len(x) for x in per_rank]
     gathered = torch.stack(per_rank)
-    assert torch.equal(_merge_ranks(gathered, sizes, num_samples), data)
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(_merge_ranks(gathered, sizes, num_samples), data[order] if shuffle else data)
     # without the dataset length: plain concatenation of the real rows
     assert _merge_ranks(gathered, sizes).shape[0] == sum(sizes)
 
@@ -183,7 +207,7 @@ def test_merge_ranks_unequal_sizes() -> None:
         _merge_ranks(gathered, [3])
 
 
-@pytest.mark.parametrize("given_as", ["loader", "dict"])
+@pytest.mark.parametrize("given_as", ["loader", "dict", "shuffled"])
 def test_ddp_metrics_equal_single_process_metrics(
     digits: Digits, tmp_path: Path, given_as: str
 ) -> None:
@@ -192,7 +216,8 @@ def test_ddp_metrics_equal_single_process_metrics(
     61 validation samples over 2 ranks: DistributedSampler pads one copy, which the
     callback must drop (also when the loaders come as a dict: the copy was kept, P@1
     0.1373 where one process gives 0.1188). Without the gather each rank would score
-    only its half.
+    only its half. A shuffled loader's sampler pads too (P@1 0.7727 of 22 rows where one
+    process gives 0.7619 of 21, on a 21-row set: its copy was kept).
     """
     torch.manual_seed(0)
     module = MetricLearningModule(mlp(), arcface())
@@ -204,7 +229,9 @@ def test_ddp_metrics_equal_single_process_metrics(
     make_trainer(tmp_path / "single", single).validate(module, val, verbose=False)
 
     ddp = make_trainer(tmp_path / "ddp", RetrievalMetricsCallback(), devices=2, strategy="ddp_fork")
-    ddp.validate(module, val if given_as == "loader" else {"digits": val}, verbose=False)
+    if given_as == "shuffled":
+        val = DataLoader(val.dataset, batch_size=16, shuffle=True)
+    ddp.validate(module, {"digits": val} if given_as == "dict" else val, verbose=False)
     for name, value in single.metrics.items():
         assert float(ddp.callback_metrics[name]) == pytest.approx(value, abs=1e-6), name
 
