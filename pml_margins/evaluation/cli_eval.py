@@ -182,6 +182,25 @@ def _rows(values: torch.Tensor) -> int:
     return values.shape[0]
 
 
+#: the calculator's argument names as this command's flags, for its error messages
+_FLAGS = (
+    ("ref_includes_query=True", "--ref-includes-query"),
+    ("the first len(query) rows of reference and reference_labels", "the first rows of "
+     "--reference-embeddings and --reference-labels"),
+    ("equal query and query_labels", "equal --embeddings and --labels"),
+    ("num_threads", "--num-threads"),
+    ("avg_of_avgs", "--avg-of-avgs"),
+    ("recall_ks", "--recall-ks"),
+)  # fmt: skip
+
+
+def _in_flags(message: str) -> str:
+    """``message`` with the calculator's argument names written as the flags that set them."""
+    for name, flag in _FLAGS:
+        message = message.replace(name, flag)
+    return message
+
+
 class CliError(Exception):
     """A bad input: printed as one ``pml-margins eval: error: ...`` line, exit status 2."""
 
@@ -317,7 +336,7 @@ def _run(args: argparse.Namespace) -> int:
             num_threads=args.num_threads,
         )
     except ValueError as error:
-        raise CliError(str(error).splitlines()[0]) from None
+        raise CliError(_in_flags(str(error).splitlines()[0])) from None
     names = {
         "query": args.embeddings,
         "query_labels": args.labels,
@@ -335,7 +354,7 @@ def _run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as error:
         message = str(error).splitlines()[0]
         culprit = next((f for n, f in names.items() if f and message.startswith(n + " ")), None)
-        raise CliError(f"{culprit}: {message}" if culprit else message) from None
+        raise CliError(f"{culprit}: {message}" if culprit else _in_flags(message)) from None
     print(format_table(results))
     if args.output:
         try:

@@ -108,7 +108,7 @@ def test_cli_backend_and_threads_flags(tmp_path, capsys):
     assert outputs[0] == outputs[1] == outputs[2]
     assert main([*argv, "--num-threads", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "num_threads" in err
+    assert len(err.splitlines()) == 1 and "--num-threads" in err
     assert cli_eval.BACKEND_CHOICES == knn.BACKENDS
 
 
@@ -134,7 +134,7 @@ def test_thread_counts_are_bounded_everywhere(tmp_path, capsys):
     argv = ["eval", "--embeddings", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")]
     assert main([*argv, "--num-threads", "1000000"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "num_threads must be an integer in [1, 1024]" in err
+    assert len(err.splitlines()) == 1 and "--num-threads must be an integer in [1, 1024]" in err
 
 
 def test_big_endian_numpy_input_is_read():
