@@ -84,7 +84,7 @@ def test_a_cpu_built_loss_trains_on_cuda_embeddings(name):
 
 
 @CUDA
-def test_get_outliers_and_get_logits_follow_the_device():
+def test_get_outliers_and_get_logits_follow_the_device_to_cuda():
     loss = losses.SubCenterArcFaceLoss(C, D)
     x, y = torch.randn(12, D, device="cuda"), torch.arange(12, device="cuda") % C
     _, centers = loss.get_outliers(x, y)
