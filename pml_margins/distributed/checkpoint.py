@@ -509,7 +509,9 @@ def to_single_process_loss(
 ) -> ClassWeightLoss:
     """The ordinary single-process loss (all ``C`` classes) from shards or a merged checkpoint.
 
-    ``loss_kwargs`` override or complete the saved ones (e.g. a ``reducer``). The
+    ``loss_kwargs`` override or complete the saved ones (e.g. a ``reducer``; shards
+    trained with Partial FC pass on their ``sample_rate``, whose loss samples classes:
+    ``sample_rate=1.0`` gives the full softmax). The
     loss's parameters and buffers are the checkpoint's, dtypes included (AdaCos keeps
     its float64 scale beside a float32 ``W``): its state dict equals the checkpoint's.
     """

@@ -2,8 +2,8 @@ r"""Partial FC (An et al., "Partial FC: Training 10 Million Identities on a Sing
 
 Each rank keeps the classes of its shard that occur among the gathered labels
 (the positives) and a uniform random subset, without replacement, of its other
-classes, so that it keeps ``max(#positives, round(sample_rate * C_local))``
-columns. The loss is then the margin softmax over the *union of the kept
+classes, so that it keeps ``max(#positives, round(sample_rate * C_local), 1)``
+columns (:func:`num_sampled`). The loss is then the margin softmax over the *union of the kept
 classes of all ranks* -- every target is in it:
 
 .. math::

@@ -246,9 +246,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
 
     A drop-in :class:`pytorch_metric_learning.utils.accuracy_calculator.AccuracyCalculator`
     (testers and hooks accept it) whose k-nn equals a float64 brute force, ties
-    to the lower index (:func:`~.knn.exact_knn`). Recall@K is the papers'
+    to the lower index (:func:`~.knn.exact_knn`; under a cosine, ties of the
+    normalized rows' values). Recall@K is the papers'
     definition: a query counts if one of its ``K`` nearest references shares its
-    label.
+    label. A negative index from a user's ``knn_func`` (faiss's ``-1``, the padding
+    of a list an approximate index could not fill) is no neighbour.
 
     .. math::
 
@@ -772,7 +774,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             )
         distances, indices = self._knn(query, reference, k_total, ref_includes_query)
         knn_labels = reference_labels[indices.to(reference_labels.device)]
-        match = self._matches(query_labels, knn_labels)
+        match = _found(self._matches(query_labels, knn_labels), indices)
         shown = k_total if k_pml is None else k_pml  # PML's k, even 0, when its metrics are asked
         user_knn = self._custom_knn is not None
         second_call = user_knn and shown < k_total and not _keeps_state(self._custom_knn)
@@ -787,7 +789,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             # k-nn that keeps state between calls: its one list serves both)
             distances, indices = self._knn(query, reference, shown, ref_includes_query)
             shown_labels = reference_labels[indices.to(reference_labels.device)]
-            shown_match = self._matches(query_labels, shown_labels)
+            shown_match = _found(self._matches(query_labels, shown_labels), indices)
         if self._custom_knn is None:  # PML's k-nn runs in float32, and so gives its distances
             distances = distances.float()
         return {
@@ -961,6 +963,18 @@ class _Matches(NamedTuple):
             and _versions(labels, knn_labels, *counts) == self.versions
             and bool(kwargs.get("ref_includes_query", False)) == self.ref_includes_query
         )
+
+
+def _found(match: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``match`` false where ``indices`` is negative: faiss's ``-1``, the padding of a list
+    an approximate index (a user's ``knn_func``) could not fill, is no neighbour (its
+    label lookup reads the last reference's label, which PML's metrics count)."""
+    found = indices.to(match.device) >= 0
+    return (
+        match
+        if bool(found.all())
+        else match & found.reshape(match.shape[:2] + (1,) * (match.ndim - 2))
+    )
 
 
 def _versions(*tensors: torch.Tensor) -> tuple[int, ...]:

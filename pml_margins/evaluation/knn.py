@@ -19,6 +19,10 @@
 3. **Exact ranking.** Candidates are re-scored from the original values in
    float64 (``sum((a - b)^2)`` or ``sum(a * b)``, so identical embeddings give
    identical values) and sorted by (value, index): ties go to the lower index.
+   With ``normalize`` the rows are normalized first (``a / |a|``), so two references
+   at the same true cosine from a query tie only if their normalized rows give the
+   same float64 sum (identical directions do; distinct vectors at an equal angle, such
+   as integer codes of equal norm, may differ in the last bit and rank either way).
 
 The result equals a float64 brute force whatever the offset, block size,
 backend, thread count or device. When every reference is wanted (PML's ``k=None``)
@@ -592,7 +596,8 @@ def exact_knn(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``k`` nearest references of every query, equal to a float64 brute force.
 
-    Ties go to the lower reference index. The result does not depend on
+    Ties (equal float64 values: identical embeddings, or identical normalized rows with
+    ``normalize``) go to the lower reference index. The result does not depend on
     ``block_rows``, ``num_threads``, ``backend`` or the device (see the module
     docstring).
 
