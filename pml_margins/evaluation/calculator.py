@@ -782,7 +782,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             shown = knn_labels.shape[1]  # returns, more or fewer than asked
         if not second_call and isinstance(distances, (torch.Tensor, np.ndarray)):
             distances = distances[:, :shown]
-        shown_labels, shown_match = knn_labels[:, :shown], None
+        shown_labels, shown_match, shown_indices = knn_labels[:, :shown], None, indices[:, :shown]
         if second_call:
             # a user's k-nn: its list at PML's k need not start its longer one (ties, an
             # approximate index), so PML's metrics get a call at PML's k, as in PML (not a
@@ -790,6 +790,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             distances, indices = self._knn(query, reference, shown, ref_includes_query)
             shown_labels = reference_labels[indices.to(reference_labels.device)]
             shown_match = _found(self._matches(query_labels, shown_labels), indices)
+            shown_indices = indices
+        absent = shown_indices.to(match.device) < 0
         if self._custom_knn is None:  # PML's k-nn runs in float32, and so gives its distances
             distances = distances.float()
         return {
@@ -809,6 +811,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 _versions(query_labels, shown_labels, unique_query_labels, bin_counts),
                 (unique_query_labels, bin_counts),
                 ref_includes_query,
+                absent if bool(absent.any()) else None,
             ),
         }
 
@@ -870,6 +873,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 match = match[:, : knn_labels.shape[1]] if own.shown is None else own.shown
         else:
             match = self._matches(labels, knn_labels)
+            if own is not None and own.absent is not None and knn_labels is own.knn_labels:
+                match = match & ~own.absent.to(match.device)  # (inference tensors, say)
             unique, counts = (  # PML only zips them: sequences work there too
                 torch.as_tensor(t, device=labels.device) for t in kwargs["label_counts"]
             )
@@ -938,6 +943,7 @@ class _Matches(NamedTuple):
     versions: tuple[int, ...]  # of the four tensors when handed (in-place changes void reuse)
     label_counts: tuple[torch.Tensor, torch.Tensor]  # the label_counts handed to the metrics
     ref_includes_query: bool
+    absent: torch.Tensor | None  # (Q, k_pml): knn_labels' padding (-1 indices), or None
 
     def describes(self, kwargs: dict[str, Any], trust_inference: bool = False) -> bool:
         """Whether these are the matches of the PML kwargs a ``calculate_*`` method got:

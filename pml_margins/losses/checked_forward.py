@@ -45,8 +45,11 @@ def follow_device(loss: torch.nn.Module, device: torch.device, parametrized: boo
     """Move ``loss``'s parameters and buffers (their storage dtypes kept) to ``device``,
     the embeddings', where one of them is elsewhere: PML's losses move ``W`` to the
     embeddings on every call (``cast_types``), and PML's trainers put the data on the GPU
-    without moving the losses. The tensors stay the same objects (an optimizer built
-    before keeps them; its state, created at the first step, then lives on ``device``).
+    without moving the losses. The parameters stay the same objects (an optimizer built
+    before keeps them; its state, created at the first step, then lives on ``device``);
+    buffers are new tensors there, as after ``Module.to``. Moved outside inference mode
+    (a first call under it would otherwise leave ``W`` an inference tensor that no later
+    training step can save for backward).
     Only the loss's own tensors (and a parametrization's) are looked at, a microsecond;
     nothing moves on or to the meta device (its readers raise) nor under ``torch.func``
     or ``torch.compile`` (the tensors are theirs)."""
@@ -62,7 +65,8 @@ def follow_device(loss: torch.nn.Module, device: torch.device, parametrized: boo
         or in_function_transform()
     ):
         return
-    loss.to(device)
+    with torch.inference_mode(False):
+        loss.to(device)
 
 
 def _int64(values: torch.Tensor | None) -> torch.Tensor | None:

@@ -92,7 +92,8 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
     Recommended (paper, Sec. 4): face recognition ``m = 0.25, gamma = 256``;
     person re-identification ``m = 0.25, gamma = 128``; fine-grained retrieval
     (CUB, Cars, SOP) ``m = 0.4, gamma = 80``. ``m`` is a cosine (unitless, usually
-    in [0, 0.5]; any real number is taken, as PML does); ``gamma`` is a unitless scale (> 0).
+    in [0, 0.5]; negative or larger values are taken, as PML takes them, up to 1000 in
+    absolute value); ``gamma`` is a unitless scale (> 0).
 
     Pairs come from ``labels`` (every pair of the batch, or of batch x ``ref_emb``)
     or from any PML miner's ``indices_tuple``: pairs ``(a1, p, a2, n)`` or

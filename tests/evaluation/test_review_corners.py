@@ -648,11 +648,14 @@ def test_older_calculator_pickles_keep_their_search_and_check_later_settings():
         assert _stable(restored.get_accuracy(x, y)) == _stable(cosine.get_accuracy(x, y))
 
 
+@pytest.mark.parametrize("inference", [False, True], ids=["grad", "inference_mode"])
 @pytest.mark.parametrize("k", [2, 3])
-def test_faiss_padding_of_a_short_list_is_no_neighbour(k):
+def test_faiss_padding_of_a_short_list_is_no_neighbour(k, inference):
     """An approximate index pads the lists it cannot fill with -1, whose label lookup reads
     the last reference's label: counted, recall_at_2 was 1.0 and MAP 0.5 (PML's) where no
-    true neighbour was found. With a full list the metrics equal PML's."""
+    true neighbour was found; also under inference mode (Lightning's validation), where
+    the PML metrics rebuild their matches from knn_labels. With a full list the metrics
+    equal PML's."""
     q, r = torch.randn(4, 3), torch.randn(6, 3)
     ql, rl = torch.tensor([0, 1, 2, 3]), torch.tensor([5, 5, 5, 5, 5, 3])
     filled = {"value": 0}
@@ -666,8 +669,10 @@ def test_faiss_padding_of_a_short_list_is_no_neighbour(k):
         return torch.zeros(len(query), k), indices
 
     include = ("precision_at_1", "mean_average_precision", "mean_average_precision_at_r")
+    include += ("mean_reciprocal_rank", "r_precision")
     ours = RetrievalAccuracyCalculator(knn_func=knn, include=(*include, "recall_at_2"), k=k)
-    result = ours.get_accuracy(q, ql, r, rl)
+    with torch.inference_mode(inference):
+        result = ours.get_accuracy(q, ql, r, rl)
     assert result == {name: 0.0 for name in (*include, "recall_at_2")}
     filled["value"] = 1  # a full list: as PML
     theirs = AccuracyCalculator(knn_func=knn, include=include, k=k).get_accuracy(q, ql, r, rl)

@@ -90,3 +90,14 @@ def test_get_outliers_and_get_logits_follow_the_device_to_cuda():
     _, centers = loss.get_outliers(x, y)
     assert centers.device.type == "cuda" and loss.W.device.type == "cuda"
     assert losses.ArcFaceLoss(C, D).get_logits(x).device.type == "cuda"
+
+
+def test_a_move_under_inference_mode_leaves_trainable_tensors(monkeypatch):
+    """A first call under inference mode (a validation before training) would otherwise
+    leave W an inference tensor, which no later training step can save for backward."""
+    loss = losses.ArcFaceLoss(C, D)
+    seen: list = []
+    monkeypatch.setattr(loss, "to", lambda *a: seen.append(torch.is_inference_mode_enabled()))
+    with torch.inference_mode():
+        follow_device(loss, torch.device("cuda", 0), False)
+    assert seen == [False]
