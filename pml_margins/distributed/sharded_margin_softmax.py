@@ -82,17 +82,19 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         )
         row_max = all_reduce_(row_max, "max", group)
         exp = (logits - row_max.unsqueeze(1)).exp_()
-        columns = 3 if count_owners else 2  # the third: how many ranks own each row
-        stats = torch.zeros(logits.shape[0], columns, dtype=logits.dtype, device=logits.device)
+        # the third column: how many ranks own each row
+        stats = torch.zeros(logits.shape[0], 3, dtype=logits.dtype, device=logits.device)
         stats[:, 0] = exp.sum(dim=1)
         stats[owned, 1] = logits[rows[owned], target[owned]] - row_max[owned]
-        if count_owners:
-            stats[:, 2] = owned.to(logits.dtype)
+        stats[:, 2] = owned.to(logits.dtype)
         stats = all_reduce_(stats, "sum", group)
         if count_owners:
             _check_one_owner(stats[:, 2])
-        ctx.save_for_backward(exp, stats[:, 0], target)
-        return torch.log(stats[:, 0]) - stats[:, 1]
+        # unchecked (value checks off), a row that no rank or several own has no one target:
+        # NaN, its loss and its gradients, rather than a softmax toward no class
+        single = stats[:, 2] == 1
+        ctx.save_for_backward(exp, stats[:, 0], target, single)
+        return torch.where(single, torch.log(stats[:, 0]) - stats[:, 1], torch.nan)
 
     @staticmethod
     @backward_once("the sharded softmax cross-entropy", SHARDED_REMEDY)
@@ -103,8 +105,9 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
                 "(one B x C_local buffer, not two): a second backward through the same graph "
                 "(retain_graph=True) is not supported; run the forward again"
             )
-        exp, sum_exp, target = ctx.saved_tensors
+        exp, sum_exp, target, single = ctx.saved_tensors
         ctx.backward_done = True
+        grad = torch.where(single, grad, torch.nan)
         # in place: the softmax buffer becomes the gradient
         grad_logits = exp.mul_((grad / sum_exp).unsqueeze(1))
         owned = torch.nonzero(target >= 0).squeeze(1)
@@ -202,14 +205,15 @@ def sharded_margin_softmax_cross_entropy(
             {
                 "numbers of rows": (rows, str(rows)),
                 "logits dtypes": (dtype_code(dtype), str(dtype)),
-                # the owner count widens the forward's all-reduce: the same on every rank
+                # the owner count raises where they are on: the same on every rank
                 "value checks": (float(value_checks_enabled()), str(value_checks_enabled())),
                 # a number by its value (10 and 10.0 agree); a tensor's values are not
                 # read (a host read): any tensor passes
                 "scales": _scale_code(scale),
             },
         )
-    # the owners of each row, counted in the forward's all-reduce (with the value checks)
+    # the owners of each row, counted in the forward's all-reduce: refused where the value
+    # checks are on, NaN rows where they are off
     count_owners = not checked and value_checks_enabled()
     dtype = compute_dtype(local_logits.dtype)
     with torch.autocast(device_type=local_logits.device.type, enabled=False):
