@@ -774,9 +774,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             )
         distances, indices = self._knn(query, reference, k_total, ref_includes_query)
         knn_labels = reference_labels[indices.to(reference_labels.device)]
-        match = _found(self._matches(query_labels, knn_labels), indices)
+        user_knn = self._custom_knn is not None  # (ours never pads with -1)
+        match = self._matches(query_labels, knn_labels)
+        if user_knn:
+            match = _found(match, indices)
         shown = k_total if k_pml is None else k_pml  # PML's k, even 0, when its metrics are asked
-        user_knn = self._custom_knn is not None
         second_call = user_knn and shown < k_total and not _keeps_state(self._custom_knn)
         if user_knn and shown == k_total:  # PML's metrics read every column a user's k-nn
             shown = knn_labels.shape[1]  # returns, more or fewer than asked
@@ -791,7 +793,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             shown_labels = reference_labels[indices.to(reference_labels.device)]
             shown_match = _found(self._matches(query_labels, shown_labels), indices)
             shown_indices = indices
-        absent = shown_indices.to(match.device) < 0
+        absent = shown_indices.to(match.device) < 0 if user_knn else None
         if self._custom_knn is None:  # PML's k-nn runs in float32, and so gives its distances
             distances = distances.float()
         return {
@@ -811,7 +813,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 _versions(query_labels, shown_labels, unique_query_labels, bin_counts),
                 (unique_query_labels, bin_counts),
                 ref_includes_query,
-                absent if bool(absent.any()) else None,
+                absent if absent is not None and bool(absent.any()) else None,
             ),
         }
 

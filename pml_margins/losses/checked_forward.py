@@ -41,7 +41,7 @@ def in_loss_dtype(embeddings: torch.Tensor, loss_dict: dict) -> torch.Tensor:
     return embeddings.to(dtype)
 
 
-def follow_device(loss: torch.nn.Module, device: torch.device, parametrized: bool) -> None:
+def follow_device(loss: torch.nn.Module, device: torch.device) -> None:
     """Move ``loss``'s parameters and buffers (their storage dtypes kept) to ``device``,
     the embeddings', where one of them is elsewhere: PML's losses move ``W`` to the
     embeddings on every call (``cast_types``), and PML's trainers put the data on the GPU
@@ -54,7 +54,7 @@ def follow_device(loss: torch.nn.Module, device: torch.device, parametrized: boo
     nothing moves on or to the meta device (its readers raise) nor under ``torch.func``
     or ``torch.compile`` (the tensors are theirs)."""
     tensors = [*loss._parameters.values(), *loss._buffers.values()]
-    if parametrized:
+    if "parametrizations" in loss._modules:
         tensors += loss._modules["parametrizations"].parameters()  # type: ignore[union-attr]
     if all(t is None or t.device == device for t in tensors):
         return
@@ -143,7 +143,7 @@ class CheckedForwardMixin:
         self.__dict__.pop("_rows_finite", None)  # (a step that failed: see check_result)
         parametrized = "parametrizations" in self._modules  # type: ignore[attr-defined]
         if isinstance(embeddings, torch.Tensor):
-            follow_device(self, embeddings.device, parametrized)  # type: ignore[arg-type]
+            follow_device(self, embeddings.device)  # type: ignore[arg-type]
         with parametrize.cached() if parametrized else nullcontext():  # (class docstring)
             loss = self._checked_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         self.check_result(loss)

@@ -598,7 +598,7 @@ class ClassWeightLoss(
             compute_dtype=self._checked_compute_dtype(embeddings),
             norms_taken=self._norms_taken(),
         )
-        follow_device(self, embeddings.device, "parametrizations" in self._modules)
+        follow_device(self, embeddings.device)
         logits, scale = self.base_logits(embeddings)
         _check_logit_columns(self, logits)
         if isinstance(scale, torch.Tensor):

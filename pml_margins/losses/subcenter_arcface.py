@@ -123,7 +123,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         """
         threshold = check_angle_margin(threshold, "threshold")
         self.check_inputs(embeddings, labels, None, None, None)
-        follow_device(self, embeddings.device, "parametrizations" in self._modules)  # as PML's
+        follow_device(self, embeddings.device)  # as PML's
         labels = labels.long()
         k = self.sub_centers
         with torch.no_grad():

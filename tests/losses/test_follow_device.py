@@ -28,7 +28,7 @@ def _moves(loss: torch.nn.Module, device: torch.device, monkeypatch) -> list:
     """What ``follow_device`` asks ``loss.to`` for (recorded, not done)."""
     calls: list = []
     monkeypatch.setattr(loss, "to", lambda *args: calls.append(args))
-    follow_device(loss, device, "parametrizations" in loss._modules)
+    follow_device(loss, device)
     return calls
 
 
@@ -99,5 +99,5 @@ def test_a_move_under_inference_mode_leaves_trainable_tensors(monkeypatch):
     seen: list = []
     monkeypatch.setattr(loss, "to", lambda *a: seen.append(torch.is_inference_mode_enabled()))
     with torch.inference_mode():
-        follow_device(loss, torch.device("cuda", 0), False)
+        follow_device(loss, torch.device("cuda", 0))
     assert seen == [False]
