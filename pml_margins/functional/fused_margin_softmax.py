@@ -305,7 +305,8 @@ def sample_classes(
     Returns:
         ``None`` when every class is kept; otherwise ``(index, local_labels)``: the
         sorted kept class indices (``max(round(sample_rate * C), #positives)`` of them)
-        and the labels remapped into ``[0, len(index))``.
+        and the labels remapped into ``[0, len(index))`` (a label outside ``[0, C)``,
+        which only unchecked input can hold, to ``len(index)``).
     """
     sample_rate = check_sample_rate(sample_rate)
     num_classes = check_count(num_classes, "num_classes")
@@ -328,7 +329,11 @@ def sample_classes(
     scores[positives] = 2.0  # above every uniform draw: always kept
     num_sample = max(num_sample, positives.numel())
     index = torch.topk(scores, num_sample, sorted=False).indices.sort().values
-    return index, torch.searchsorted(index, labels.long())
+    local = torch.searchsorted(index, labels.long())
+    # unchecked labels outside [0, C) (value checks off) map past the kept columns, as
+    # the full loss sees them: an index error, never a row trained toward index[0]
+    found = index.gather(0, local.clamp(max=num_sample - 1)) == labels
+    return index, local.masked_fill(~found, num_sample)
 
 
 def class_columns(classes: torch.Tensor, per_class: int) -> torch.Tensor:

@@ -348,3 +348,26 @@ def test_partial_fc_reads_no_labels_beyond_the_checks(monkeypatch) -> None:
     assert calls == []
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\), got values in \[0, 6\]"):
         sample_classes(torch.tensor([0, 6]), 6, 0.5)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("label", [-1, -3])
+def test_unchecked_partial_fc_never_trains_a_negative_label_toward_a_kept_class(
+    chunk_size, label
+) -> None:
+    """With checks off, single-process Partial FC remapped a negative label to the first
+    kept class (``searchsorted``: 0) and trained its row toward it with a finite loss;
+    it now fails as the full loss does (an index error on the CPU)."""
+    from pml_margins.functional import sample_classes
+
+    y = torch.tensor([3, 5, label, 7])
+    with value_checks(False):
+        index, local = sample_classes(y, 100, 0.1)
+        assert local[2] == len(index)  # past the kept columns
+        assert torch.equal(index[local[[0, 1, 3]]], y[[0, 1, 3]])
+        loss = ArcFaceLoss(100, 16, sample_rate=0.1, chunk_size=chunk_size)
+        with pytest.raises((IndexError, RuntimeError), match="out of"):
+            loss(torch.randn(4, 16), y)
+        full = ArcFaceLoss(100, 16, chunk_size=chunk_size)
+        with pytest.raises((IndexError, RuntimeError), match="out of"):
+            full(torch.randn(4, 16), y)
