@@ -373,6 +373,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self.progress = progress
         #: the default k-means, the one whose input may be rescaled (see _kmeans_input)
         self._own_kmeans = None
+        #: this get_accuracy call's label matches, for _kept (None between calls): kept
+        #: here, not in the metrics' kwargs, which a subclass's metric may pass on whole
+        self._call_matches: _Matches | None = None
         if kmeans_func is None:
             kmeans_func = FaissKMeans(niter=20, gpu=_faiss_gpu_usable(self._device))
             self._own_kmeans = kmeans_func
@@ -674,8 +677,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             "label_comparison_fn": self.label_comparison_fn,
         }
         metrics = self.get_curr_metrics()
+        matches = None
         if any(x in self._knn_metrics() for x in metrics):
-            kwargs.update(self._knn_kwargs(**kwargs))
+            knn_kwargs = self._knn_kwargs(**kwargs)
+            matches = knn_kwargs.pop("_match")
+            kwargs.update(knn_kwargs)
         # the metrics (PML's k-means, a subclass's own) get float32 embeddings, as in PML
         # (the k-nn above ran on the given values)
         kwargs["query"] = query.float()
@@ -698,7 +704,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             ):  # our faiss k-means through PML's method: the input it can take
                 clustering = {**kwargs, "query": _kmeans_input(query, kwargs["query"])}
             kwargs["cluster_labels"] = self.get_cluster_labels(**clustering)
-        return self._get_accuracy(self.curr_function_dict, **kwargs)
+        self._call_matches = matches
+        try:
+            return self._get_accuracy(self.curr_function_dict, **kwargs)
+        finally:
+            self._call_matches = None
 
     def knn_depth(self, bin_counts: torch.Tensor, num_reference: int, ref_includes_query: bool):
         """``(k_pml, k_total)``: PML's k for its metrics (``None`` if none is requested;
@@ -802,8 +812,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             "knn_distances": distances,
             "lone_query_labels": lone_labels,
             "not_lone_query_mask": not_lone,
-            # reused by _kept for exactly these knn_labels and query_labels (a subclass
-            # may pass its own to the calculate_* methods); the full list for Recall@K
+            # not for the metrics (_compute keeps it aside): reused by _kept for exactly
+            # these knn_labels and query_labels (a subclass may pass its own to the
+            # calculate_* methods); the full list for Recall@K
             "_match": _Matches(
                 match,
                 shown_match,
@@ -868,7 +879,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             kwargs["not_lone_query_mask"],
             kwargs["knn_labels"],
         )
-        own = kwargs.get("_match")
+        own = getattr(self, "_call_matches", None)  # (a subclass may skip our __init__)
         if own is not None and own.describes(kwargs, trust_inference=full_k):
             match, relevant = own.full, own.relevant
             if not full_k:

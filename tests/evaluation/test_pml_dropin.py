@@ -583,3 +583,49 @@ def test_list_distances_with_a_deeper_recall_as_pml():
     ).get_accuracy(x, y)
     assert ours["precision_at_1"] == pytest.approx(pml["precision_at_1"])
     assert 0 <= ours["recall_at_8"] <= 1
+
+
+def _first_hit(
+    knn_labels,
+    query_labels,
+    not_lone_query_mask,
+    label_counts,
+    knn_distances,
+    lone_query_labels,
+    query,
+    reference,
+    reference_labels=None,
+    ref_includes_query=False,
+    label_comparison_fn=None,
+):
+    """A metric with a fixed signature: exactly the keyword arguments PML passes."""
+    return float((knn_labels[:, 0] == query_labels).float().mean())
+
+
+def _with_first_hit(base):
+    class WithFirstHit(base):
+        def calculate_first_hit(self, **kwargs):
+            return _first_hit(**kwargs)
+
+        def requires_knn(self):
+            return [*super().requires_knn(), "first_hit"]
+
+    return WithFirstHit
+
+
+@pytest.mark.parametrize("knn_func", [None, CustomKNN(LpDistance(normalize_embeddings=False))])
+@pytest.mark.parametrize("with_recall", [False, True])
+def test_a_subclass_metric_gets_exactly_pml_kwargs(knn_func, with_recall) -> None:
+    """A metric that passed its kwargs on to a function with PML's parameters raised
+    ``TypeError: unexpected keyword argument '_match'`` (our private cache of matches);
+    the kwargs are now PML's, and our own metrics still reuse the matches."""
+    x, y = make_data("clustered", 60, 4, 5, seed=1)
+    include = ("first_hit", "precision_at_1", *(("recall_at_2",) if with_recall else ()))
+    ours = _with_first_hit(RetrievalAccuracyCalculator)(include=include, knn_func=knn_func)
+    pml = _with_first_hit(AccuracyCalculator)(
+        include=("first_hit", "precision_at_1"), knn_func=knn_func, device=torch.device("cpu")
+    )
+    got, expected = ours.get_accuracy(x, y), pml.get_accuracy(x, y)
+    assert got["first_hit"] == pytest.approx(expected["first_hit"])
+    assert got["precision_at_1"] == pytest.approx(expected["precision_at_1"])
+    assert ours._call_matches is None  # nothing kept between calls
