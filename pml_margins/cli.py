@@ -7,11 +7,14 @@ an ``argparse`` sub-parser whose ``func`` default runs the command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,12 +109,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns its exit status. A command's bad-input exit (``SystemExit``
     with an ``"error: ..."`` message) is printed as one ``pml-margins <command>: error:
-    ...`` line and gives status 2, as argparse's own errors do."""
+    ...`` line and gives status 2, as argparse's own errors do. A ``SIGTERM`` (``kill``,
+    ``timeout``, a batch scheduler) ends the command as Ctrl-C does, through its clean-up
+    (a run's staged checkpoints), with status 143."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _terminate_cleanly():
+            return int(args.func(args) or 0)
     except SystemExit as stop:
         if isinstance(stop.code, str) and stop.code.startswith("error: "):
             print(f"pml-margins {args.command}: {stop.code}", file=sys.stderr)
             return 2
         raise
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _terminate_cleanly() -> Iterator[None]:
+    """``SIGTERM`` raises ``SystemExit(143)`` in the main thread until exit, so that
+    ``finally`` blocks run (Python's default ends the process without them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -160,7 +160,7 @@ def build_glyph_set(
     if size < 8:
         raise ValueError(f"glyph size must be >= 8 pixels, got {size}")
     if max_classes is not None and max_classes < 2:
-        raise ValueError(f"max_classes must be >= 2 (or None), got {max_classes}")
+        raise ValueError(f"max_classes must be >= 2, got {max_classes}")
     if min_fonts < 2:
         raise ValueError(f"min_fonts must be >= 2 (a class needs two images), got {min_fonts}")
     paths = sorted(font_files or glyph_font_files(), key=os.path.basename)

@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import threading
+import time
 import urllib.error
 import zipfile
 import zlib
@@ -489,3 +495,49 @@ def test_a_worker_error_line_reads_as_without_workers() -> None:
     assert one_line(ValueError("cannot read image a.jpg: x")) == "cannot read image a.jpg: x"
     odd = RuntimeError("Caught KeyError in DataLoader worker process 1.\nTraceback\nKeyError: 3")
     assert one_line(odd) == "3"
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")
+def test_a_terminated_run_cleans_up_as_an_interrupted_one(tmp_path: Path) -> None:
+    """``SIGTERM`` (``timeout``, ``kill``, a batch scheduler) ended ``bench`` without its
+    clean-up: the staged ``.checkpoints-*`` folder stayed in ``--out`` (6 checkpoints
+    after a killed default run). It now ends as Ctrl-C does, leaving nothing."""
+    out = tmp_path / "out"
+    argv = [*TINY, "--epochs", "1000", "--losses", "nsl", "--out", str(out)]
+    command = [sys.executable, "-m", "pml_margins", "bench", *argv]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".checkpoints-*")):  # training has started
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "the run never staged its checkpoints"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
+    assert not out.exists()  # nor an empty --out of its own
+
+
+def test_terminate_cleanly_restores_the_handler_and_skips_other_threads() -> None:
+    from pml_margins.cli import _terminate_cleanly
+
+    before = signal.getsignal(signal.SIGTERM)
+    with _terminate_cleanly():
+        assert signal.getsignal(signal.SIGTERM) is not before
+        with pytest.raises(SystemExit) as stop:
+            signal.raise_signal(signal.SIGTERM)
+        assert stop.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(_enter_in_thread(_terminate_cleanly)))
+    thread.start()
+    thread.join()
+    assert seen == [True]
+
+
+def _enter_in_thread(manager) -> bool:
+    with manager():  # signal.signal would raise ValueError outside the main thread
+        return True
