@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -143,7 +144,8 @@ def run_case(
         "seconds": seconds,
         "peak_rss_mb": peak_mb,
         "working_first_mb": working_mb[0],  # includes the libraries' one-time set-up
-        "working_mb": max(working_mb[1:] or working_mb),
+        # later calls only: none with --repeats 1 (NaN, printed n/a), not the first again
+        "working_mb": max(working_mb[1:]) if len(working_mb) > 1 else math.nan,
         "gpu_peak_mb": gpu_peak_mb,
         **metrics,
     }
@@ -228,6 +230,15 @@ def interleaved(cases: list[str], folder: Path, args: argparse.Namespace, separa
     return results
 
 
+def _mb(value: float) -> str:
+    """MiB for the table; ``n/a`` for a figure not measured (NaN)."""
+    return "n/a" if math.isnan(value) else f"{value:,.0f}"
+
+
+def _ratio(ours: float, pml: float) -> str:
+    return "n/a" if math.isnan(ours) or math.isnan(pml) else f"{ours / max(pml, 1e-9):.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for smoke tests")
@@ -257,6 +268,10 @@ def main() -> None:
     parser.add_argument("--separate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    import torch
+
+    if args.device.startswith("cuda") and not args.case and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here")
     if args.case:
         k = None if args.k == "none" else args.k
         result = run_case(args.case, Path(args.data), args.device, args.repeats, args.separate, k)
@@ -289,9 +304,9 @@ def main() -> None:
             f"| {name} | {n:,} × {dim}, {classes:,} | {pml['seconds']:.2f} | "
             f"{ours['seconds']:.2f} | {ratio:.2f} | "
             f"{pml[key]:,.0f} | {ours[key]:,.0f} | {ours[key] / pml[key]:.2f} | "
-            f"{pml['working_first_mb']:,.0f} / {pml['working_mb']:,.0f} | "
-            f"{ours['working_first_mb']:,.0f} / {ours['working_mb']:,.0f} | "
-            f"{ours['working_mb'] / max(pml['working_mb'], 1e-9):.2f} | "
+            f"{pml['working_first_mb']:,.0f} / {_mb(pml['working_mb'])} | "
+            f"{ours['working_first_mb']:,.0f} / {_mb(ours['working_mb'])} | "
+            f"{_ratio(ours['working_mb'], pml['working_mb'])} | "
             f"{matmul['seconds']:.2f} | {ours['seconds'] / matmul['seconds']:.2f} | {delta:.1e} |",
             flush=True,
         )
@@ -314,7 +329,7 @@ def recall_table(scales: dict, args: argparse.Namespace) -> str:
         values = ", ".join(f"{got[f'recall_at_{v}']:.4f}" for v in sorted(set(args.recall_ks)))
         rows.append(
             f"| {name} | {', '.join(map(str, sorted(set(args.recall_ks))))} | "
-            f"{got['seconds']:.2f} | {got['working_first_mb']:,.0f} / {got['working_mb']:,.0f} | "
+            f"{got['seconds']:.2f} | {got['working_first_mb']:,.0f} / {_mb(got['working_mb'])} | "
             f"{values} |"
         )
     return "\n".join(rows)

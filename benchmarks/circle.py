@@ -59,9 +59,13 @@ def bench(
     run_ours, run_theirs = _fwd_bwd(ours, x, *args), _fwd_bwd(theirs, x, *args)
     run_ours(), run_theirs()  # warm-up
     t_ours, t_theirs = [], []
-    for _ in range(repeats):
-        t_ours.append(run_ours())
-        t_theirs.append(run_theirs())
+    for i in range(repeats):  # each side first every other round: neither always follows
+        if i % 2:  # the other's step (whose buffers and caches it would inherit)
+            t_theirs.append(run_theirs())
+            t_ours.append(run_ours())
+        else:
+            t_ours.append(run_ours())
+            t_theirs.append(run_theirs())
     med_ours, med_theirs = statistics.median(t_ours), statistics.median(t_theirs)
     return {
         "ours_ms": 1e3 * med_ours,

@@ -233,7 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     memory = "peak CUDA MiB" if args.backend == "nccl" else "peak RSS growth MiB"
     print(
         f"backend={args.backend} world_size={args.world_size} D={args.dim} "
-        f"batch/rank={args.batch} steps={args.steps} threads={os.cpu_count()}\n"
+        f"batch/rank={args.batch} steps={args.steps} torch threads: "
+        f"{max(1, (os.cpu_count() or 1) // args.world_size)} per sharded rank, "
+        f"{os.cpu_count()} unsharded\n"
     )
     print(
         f"| C | variant | {memory} (per rank) | W+grad MiB (per rank) | samples/s "

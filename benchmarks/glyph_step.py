@@ -54,7 +54,8 @@ def step_times(
     for step in tqdm(range(args.warmup + args.steps), desc=name, leave=False):
         idx = torch.randint(0, len(labels), (args.batch,), generator=g)
         xb, yb = images[idx], labels[idx]
-        for impl, (model, loss, opt) in runs.items():
+        order = list(runs.items())  # each side first every other step: neither always
+        for impl, (model, loss, opt) in order[::-1] if step % 2 else order:  # follows the other
             start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss(model(xb), yb).backward()

@@ -34,8 +34,10 @@ case's large buffers may pay the allocator's page faults for them (``ours``, tim
 of each loss, was 1-7 ms slower than ``ours-unchecked`` at 10k classes, while the checks
 themselves cost 0.05 ms).
 Before timing, the loss values of ``ours``, ``plain`` and ``pml``
-on the same inputs and ``W`` are compared: the ``|d| PML`` column is the largest
-absolute difference from PML's value (float32). Peak activation memory of one step is measured with
+on the same inputs and ``W`` are compared: the ``|d| PML`` column is the absolute
+difference of the row's value from PML's, in the run's dtype (``--dtype bf16``/``fp16``:
+both under the same autocast, so it shows the half dtype's rounding). Peak activation
+memory of one step is measured with
 ``torch.profiler(profile_memory=True)`` on CPU or ``torch.cuda.max_memory_allocated``
 on CUDA; W's gradient (D x C) is subtracted, so the column reads "memory beyond
 W and its gradient".
@@ -377,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pml-large", action="store_true", help="also run PML above that")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
     print_table(run(args), args)

@@ -62,17 +62,22 @@ def profile_loss(size: tuple[int, int, int], steps: int, device: str, rows: int)
     x = torch.randn(batch, dim, generator=gen).to(device).requires_grad_(True)
     labels = torch.randint(0, classes, (batch,), generator=gen).to(device)
     loss_fn = ArcFaceLoss(classes, dim).to(device)
-    for _ in range(2):  # warm: allocator, kernels
+
+    def step() -> None:  # fresh gradients each step, as benchmarks/losses.py times it
+        x.grad = loss_fn.W.grad = None
         loss_fn(x, labels).backward()
+
+    for _ in range(2):  # warm: allocator, kernels
+        step()
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        loss_fn(x, labels).backward()
+        step()
     sync(device)
     ms = 1e3 * (time.perf_counter() - start) / steps
     with profile(activities=_activities(device)) as prof:
         for _ in range(steps):
-            loss_fn(x, labels).backward()
+            step()
         sync(device)
     head = f"## loss: ArcFace {batch}x{dim}x{classes} on {device}: {ms:.2f} ms/step"
     return head + "\n" + _table(prof, device, rows)
