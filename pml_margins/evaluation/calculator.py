@@ -704,11 +704,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             ):  # our faiss k-means through PML's method: the input it can take
                 clustering = {**kwargs, "query": _kmeans_input(query, kwargs["query"])}
             kwargs["cluster_labels"] = self.get_cluster_labels(**clustering)
-        self._call_matches = matches
+        outer, self._call_matches = getattr(self, "_call_matches", None), matches
         try:
             return self._get_accuracy(self.curr_function_dict, **kwargs)
-        finally:
-            self._call_matches = None
+        finally:  # (a metric that calls get_accuracy itself gets its own back)
+            self._call_matches = outer
 
     def knn_depth(self, bin_counts: torch.Tensor, num_reference: int, ref_includes_query: bool):
         """``(k_pml, k_total)``: PML's k for its metrics (``None`` if none is requested;

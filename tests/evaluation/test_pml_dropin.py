@@ -629,3 +629,29 @@ def test_a_subclass_metric_gets_exactly_pml_kwargs(knn_func, with_recall) -> Non
     assert got["first_hit"] == pytest.approx(expected["first_hit"])
     assert got["precision_at_1"] == pytest.approx(expected["precision_at_1"])
     assert ours._call_matches is None  # nothing kept between calls
+
+
+def test_a_metric_that_calls_get_accuracy_leaves_the_outer_matches() -> None:
+    """The call's matches live on the calculator for the call; a metric that evaluates a
+    subset through the same calculator gets its own and leaves the outer call's, which
+    Recall@K beyond PML's k reads (the lists past k are only there). The metric's name
+    sorts first, so that it runs before the outer call's own metrics."""
+
+    class Nested(RetrievalAccuracyCalculator):
+        def calculate_early_subset_p1(self, query, query_labels, **_):
+            sub = RetrievalAccuracyCalculator.get_accuracy(
+                self, query[:20], query_labels[:20], include=("precision_at_1",)
+            )
+            return sub["precision_at_1"]
+
+        def requires_knn(self):
+            return [*super().requires_knn(), "early_subset_p1"]
+
+    x, y = make_data("clustered", 200, 4, 5, seed=2)
+    include = ("early_subset_p1", "recall_at_50", "precision_at_1")
+    got = Nested(include=include, k=3, recall_ks=(1, 50)).get_accuracy(x, y)
+    plain = RetrievalAccuracyCalculator(include=include[1:], k=3, recall_ks=(1, 50))
+    expected = plain.get_accuracy(x, y)
+    assert got["recall_at_50"] == expected["recall_at_50"]
+    assert got["precision_at_1"] == expected["precision_at_1"]
+    assert got["early_subset_p1"] == plain.get_accuracy(x[:20], y[:20])["precision_at_1"]
