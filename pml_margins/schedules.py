@@ -129,7 +129,7 @@ class MarginScheduler(_AttributeScheduler):
 
     Raises:
         ValueError: unknown ``mode``/``attr``, non-positive ``total_steps``; the
-            loss's own validation rejects invalid margins (e.g. one beyond pi rad).
+            loss's own validation rejects invalid margins (e.g. a negative one).
     """
 
     def __init__(

@@ -58,8 +58,10 @@ def test_rejects_bad_settings() -> None:
         MarginScheduler(ArcFaceLoss(5, 8), 0.1, 0.5, 0)
     with pytest.raises(ValueError, match="has no hyper-parameter 'gamma'"):
         MarginScheduler(ArcFaceLoss(5, 8), 0.1, 0.5, 10, attr="gamma")
-    with pytest.raises(ValueError, match=r"margin is in radians and must lie in \(-pi, pi\)"):
-        MarginScheduler(ArcFaceLoss(5, 8), -3.5, 0.5, 10)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        MarginScheduler(ArcFaceLoss(5, 8), -0.1, 0.5, 10)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        MarginScheduler(CosFaceLoss(5, 8), 0.1, -0.2, 10)
     with pytest.raises(ValueError, match="margin must be >= 0"):
         MarginScheduler(CurricularFaceLoss(5, 8), -0.1, 0.5, 10)
 

@@ -12,7 +12,7 @@ from pml_margins.functional.target_logits import (
 )
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
-from pml_margins.validation import check_bool, check_logit_scale, check_signed_angle_margin
+from pml_margins.validation import check_angle_margin, check_bool, check_logit_scale
 
 __all__ = ["ArcFaceLoss"]
 
@@ -42,8 +42,8 @@ class ArcFaceLoss(ClassWeightLoss):
     Args:
         num_classes: number of classes ``C``.
         embedding_size: embedding width ``D``.
-        margin: ``m`` in radians, ``-pi < m < pi`` (a negative margin loosens the
-            target, as PML allows).
+        margin: ``m`` in radians, ``0 <= m < pi`` (a negative margin is refused, as an
+            invalid margin; the functional ``arcface_target`` takes one).
         scale: ``s > 0``.
         easy_margin: apply the margin only for :math:`\theta_y < \pi/2`.
         **kwargs: PML options (``reducer``, ``weight_regularizer``, ``embedding_regularizer``,
@@ -51,7 +51,7 @@ class ArcFaceLoss(ClassWeightLoss):
     """
 
     hyperparameter_names = ("margin", "scale", "easy_margin")
-    margin = Hyperparameter(check_signed_angle_margin)
+    margin = Hyperparameter(check_angle_margin)
     scale = Hyperparameter(check_logit_scale)
     easy_margin = Hyperparameter(check_bool)
 

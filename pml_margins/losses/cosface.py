@@ -13,8 +13,8 @@ from pml_margins.functional.target_logits import (
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.validation import (
+    check_logit_offset,
     check_logit_scale,
-    check_signed_logit_offset,
 )
 
 __all__ = ["CosFaceLoss"]
@@ -37,15 +37,15 @@ class CosFaceLoss(ClassWeightLoss):
     Args:
         num_classes: number of classes ``C``.
         embedding_size: embedding width ``D``.
-        margin: ``m``, subtracted from the target cosine (negative loosens the target,
-            as PML allows).
+        margin: ``m >= 0``, subtracted from the target cosine (a negative margin is
+            refused, as an invalid margin).
         scale: ``s > 0``.
         **kwargs: PML options (``reducer``, ``weight_regularizer``, ``embedding_regularizer``,
             ``weight_init_func``, ``distance`` -- a ``CosineSimilarity``).
     """
 
     hyperparameter_names = ("margin", "scale")
-    margin = Hyperparameter(check_signed_logit_offset)
+    margin = Hyperparameter(check_logit_offset)
     scale = Hyperparameter(check_logit_scale)
 
     def __init__(

@@ -50,7 +50,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
     Args:
         num_classes: number of classes ``C``.
         embedding_size: embedding width ``D``.
-        margin: ``m`` in radians, ``-pi < m < pi``.
+        margin: ``m`` in radians, ``0 <= m < pi``.
         scale: ``s > 0``.
         sub_centers: ``K >= 1`` sub-centres per class.
         easy_margin: apply the margin only for :math:`\theta_y < \pi/2`.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -16,6 +17,11 @@ from pytorch_metric_learning.distances import (
 )
 
 import pml_margins.functional.fused_margin_softmax as fused_module
+from pml_margins.functional import (
+    arcface_target,
+    cosface_target,
+    fused_margin_softmax_cross_entropy,
+)
 from pml_margins.losses import (
     ArcFaceLoss,
     CosFaceLoss,
@@ -29,12 +35,8 @@ PAIRS = [
      lambda: ArcFaceLoss(12, 16, margin=math.radians(28.6), scale=64)),
     ("arcface_large", lambda: pml_losses.ArcFaceLoss(12, 16, margin=70.0, scale=30),
      lambda: ArcFaceLoss(12, 16, margin=math.radians(70.0), scale=30)),
-    ("arcface_negative", lambda: pml_losses.ArcFaceLoss(12, 16, margin=-40.0, scale=30),
-     lambda: ArcFaceLoss(12, 16, margin=math.radians(-40.0), scale=30)),
     ("cosface", lambda: pml_losses.CosFaceLoss(12, 16, margin=0.35, scale=64),
      lambda: CosFaceLoss(12, 16, margin=0.35, scale=64)),
-    ("cosface_negative", lambda: pml_losses.CosFaceLoss(12, 16, margin=-0.2, scale=30),
-     lambda: CosFaceLoss(12, 16, margin=-0.2, scale=30)),
     ("nsl", lambda: pml_losses.NormalizedSoftmaxLoss(12, 16, temperature=0.05),
      lambda: NormSoftmaxLoss(12, 16, scale=20.0)),
     ("sphereface", lambda: pml_losses.SphereFaceLoss(12, 16, margin=4),
@@ -240,22 +242,39 @@ def test_softmax_loss_takes_any_distance_as_a_logit_or_its_negation(distance) ->
         assert (loss.get_logits(x.detach()).argmax(1) == y).all()
 
 
-@pytest.mark.parametrize("path", ["default", "blocked"])
-@pytest.mark.parametrize("degrees", [-40.0, -5.0])
-def test_a_negative_arcface_margin_has_no_fallback_as_pml(path, degrees, monkeypatch) -> None:
-    """Embeddings opposite their class weights (theta near pi): with m < 0, theta + m never
-    passes pi, so PML keeps cos(theta + m) where a positive margin's fallback would apply."""
-    if path == "blocked":
-        monkeypatch.setattr(fused_module, "MATERIALIZE_MAX_ELEMENTS", 0)
+@pytest.mark.parametrize("materialize", [True, False], ids=["dense", "blocked"])
+@pytest.mark.parametrize(
+    ("name", "degrees"), [("arcface", -40.0), ("arcface", -5.0), ("cosface", -0.2)]
+)
+def test_a_negative_margin_through_the_functional_core_equals_pml(
+    materialize, name, degrees, monkeypatch
+) -> None:
+    """The loss classes refuse a negative margin (issue 2); the functional target-logit
+    functions take one ("Negative Margin Matters"), with PML's values and gradients. For
+    ArcFace with embeddings opposite their class weights (theta near pi): with m < 0,
+    theta + m never passes pi, so PML keeps cos(theta + m) where a positive margin's
+    fallback would apply."""
+    if not materialize:
         monkeypatch.setattr(fused_module, "_CPU_BLOCK_ELEMENTS", 5 * 40)
-    pml = pml_losses.ArcFaceLoss(12, 16, margin=degrees, scale=8).double()
-    ours = ArcFaceLoss(12, 16, margin=math.radians(degrees), scale=8).double()
-    ours.load_state_dict(pml.state_dict())
+    if name == "arcface":
+        pml = pml_losses.ArcFaceLoss(12, 16, margin=degrees, scale=8).double()
+        target = functools.partial(arcface_target, margin=math.radians(degrees))
+    else:
+        pml = pml_losses.CosFaceLoss(12, 16, margin=degrees, scale=8).double()
+        target = functools.partial(cosface_target, margin=degrees)
     y = torch.arange(40) % 12
     g = torch.Generator().manual_seed(3)
-    opposite = -pml.W.detach().t()[y] + 0.01 * torch.randn(40, 16, generator=g, dtype=torch.float64)
-    x = opposite.requires_grad_()
-    cosine = torch.nn.functional.cosine_similarity(x.detach(), pml.W.detach().t()[y])
-    assert (cosine < -math.cos(math.radians(degrees))).all()  # where the fallback would apply
+    noise = 0.01 * torch.randn(40, 16, generator=g, dtype=torch.float64)
+    x = (-pml.W.detach().t()[y] + noise).requires_grad_()
+    if name == "arcface":
+        cosine = torch.nn.functional.cosine_similarity(x.detach(), pml.W.detach().t()[y])
+        assert (cosine < -math.cos(math.radians(degrees))).all()  # where a fallback would apply
+    w = pml.W.detach().clone().requires_grad_()
+    ours = fused_margin_softmax_cross_entropy(x, w, y, target, 8.0, materialize=materialize).mean()
+    expected = pml(x, y)
     tol = {"rtol": 1e-10, "atol": 1e-10}
-    assert_same_value_and_grads(ours(x, y), pml(x, y), ours, pml, x, tol)
+    torch.testing.assert_close(ours, expected, **tol)
+    for a, b in zip(
+        torch.autograd.grad(ours, (x, w)), torch.autograd.grad(expected, (x, pml.W)), strict=True
+    ):
+        torch.testing.assert_close(a, b, **tol)

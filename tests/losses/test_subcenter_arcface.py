@@ -61,7 +61,7 @@ def _apply_mode(loss: SubCenterArcFaceLoss, mode: dict, monkeypatch) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("use_miner", [False, True], ids=["labels", "miner"])
-@pytest.mark.parametrize(("degrees", "k"), [(28.6, 3), (70.0, 2), (28.6, 1), (-30.0, 2)])
+@pytest.mark.parametrize(("degrees", "k"), [(28.6, 3), (70.0, 2), (28.6, 1)])
 def test_equal_to_pml(dtype, use_miner: bool, degrees: float, k: int) -> None:
     torch.manual_seed(0)
     pml, ours = _pair(degrees, 30.0, k)
