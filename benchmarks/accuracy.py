@@ -236,7 +236,8 @@ def _mb(value: float) -> str:
 
 
 def _ratio(ours: float, pml: float) -> str:
-    return "n/a" if math.isnan(ours) or math.isnan(pml) else f"{ours / max(pml, 1e-9):.2f}"
+    """ours / PML; ``n/a`` where either was not measured or PML's is 0 MiB (no ratio)."""
+    return "n/a" if math.isnan(ours) or math.isnan(pml) or pml <= 0 else f"{ours / pml:.2f}"
 
 
 def main() -> None:

@@ -500,7 +500,11 @@ def _restore_hyperparameters(loss: ClassWeightLoss, saved: Mapping[str, Any]) ->
             except (TypeError, ValueError) as err:
                 refused[name] = err
         if len(refused) == len(todo):  # no progress: the saved values themselves are bad
-            raise next(iter(refused.values()))
+            name, err = next(iter(refused.items()))
+            raise type(err)(
+                f"the shard's saved {name}={todo[name]!r} is refused by the "
+                f"{type(loss).__name__}: {err}"
+            ) from None
         todo = {k: todo[k] for k in refused}
 
 
@@ -527,6 +531,11 @@ def to_single_process_loss(
     except TypeError as err:  # an argument the class does not take (a tampered loss_type)
         raise ValueError(
             f"the checkpoint's loss_kwargs do not build a {full['loss_type']} ({err})"
+        ) from None
+    except ValueError as err:  # a value the class refuses (saved by an older version)
+        raise ValueError(
+            f"the checkpoint's loss_kwargs (with those given) do not build a "
+            f"{full['loss_type']}: {err}; pass a valid value as a keyword argument"
         ) from None
     state = {key: value.clone() for key, value in full["state_dict"].items()}
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -81,6 +82,21 @@ LOGGER.addFilter(_SilencedWithPML())
 
 #: above this many classes AMI gets a warning: scikit-learn's AMI is quadratic in it
 AMI_SLOW_NUM_CLASSES = 1000
+
+#: per thread, the label matches of each calculator's get_accuracy call in progress
+#: (``id(calculator) -> _Matches``), for _kept: not in the metrics' kwargs (a subclass's
+#: metric may pass those on whole), nor on the calculator (one shared by threads, or
+#: copied during a call, would carry another call's)
+_CALLS = threading.local()
+
+
+def _calls_in_progress() -> dict[int, Any]:
+    calls = getattr(_CALLS, "matches", None)
+    if calls is None:
+        calls = _CALLS.matches = {}
+    return calls
+
+
 #: PML's k-nn metrics that read only a query's first R neighbours (R: its relevant count)
 FIRST_R_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 #: an attribute deleted (``del calc.k``): not a value read back
@@ -373,9 +389,6 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self.progress = progress
         #: the default k-means, the one whose input may be rescaled (see _kmeans_input)
         self._own_kmeans = None
-        #: this get_accuracy call's label matches, for _kept (None between calls): kept
-        #: here, not in the metrics' kwargs, which a subclass's metric may pass on whole
-        self._call_matches: _Matches | None = None
         if kmeans_func is None:
             kmeans_func = FaissKMeans(niter=20, gpu=_faiss_gpu_usable(self._device))
             self._own_kmeans = kmeans_func
@@ -704,11 +717,16 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             ):  # our faiss k-means through PML's method: the input it can take
                 clustering = {**kwargs, "query": _kmeans_input(query, kwargs["query"])}
             kwargs["cluster_labels"] = self.get_cluster_labels(**clustering)
-        outer, self._call_matches = getattr(self, "_call_matches", None), matches
+        calls = _calls_in_progress()
+        outer = calls.get(id(self))  # a metric that calls get_accuracy: its call's own
+        calls[id(self)] = matches
         try:
             return self._get_accuracy(self.curr_function_dict, **kwargs)
-        finally:  # (a metric that calls get_accuracy itself gets its own back)
-            self._call_matches = outer
+        finally:
+            if outer is None:
+                calls.pop(id(self), None)
+            else:
+                calls[id(self)] = outer
 
     def knn_depth(self, bin_counts: torch.Tensor, num_reference: int, ref_includes_query: bool):
         """``(k_pml, k_total)``: PML's k for its metrics (``None`` if none is requested;
@@ -879,7 +897,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             kwargs["not_lone_query_mask"],
             kwargs["knn_labels"],
         )
-        own = getattr(self, "_call_matches", None)  # (a subclass may skip our __init__)
+        own = _calls_in_progress().get(id(self))
         if own is not None and own.describes(kwargs, trust_inference=full_k):
             match, relevant = own.full, own.relevant
             if not full_k:

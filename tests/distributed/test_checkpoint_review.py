@@ -495,3 +495,18 @@ def test_a_name_through_an_object_runs_none_of_its_code():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="checkpoint loss_type"):
             to_single_process_loss({**full, "loss_type": name})
+
+
+def test_a_saved_value_the_loss_refuses_is_named_as_the_checkpoints() -> None:
+    """A checkpoint holding a value the loss now refuses (a negative ArcFace margin, taken
+    for a while) raised a bare "margin must be >= 0": it now says the value is the
+    checkpoint's, and a keyword argument still builds the loss."""
+    full = from_single_process_loss(ArcFaceLoss(10, 8, margin=0.2))
+    full["loss_kwargs"]["margin"] = -0.1
+    with pytest.raises(ValueError, match=r"checkpoint's loss_kwargs .*margin must be >= 0"):
+        to_single_process_loss(full)
+    assert to_single_process_loss(full, margin=0.1).margin == 0.1
+    sharded = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 8, rank=0, world_size=1, margin=0.3)
+    with pytest.raises(ValueError, match=r"shard's saved margin=-0\.1 is refused .*>= 0"):
+        load_into(sharded, split_checkpoint(full, 1)[0])
+    assert sharded.loss.margin == 0.3

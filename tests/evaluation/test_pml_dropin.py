@@ -2,6 +2,7 @@
 data, PML's knn_func/knn_distances semantics, the public calculate_* methods)."""
 
 import math
+import threading
 
 import faiss
 import numpy as np
@@ -13,6 +14,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN, FaissKNN
 
 from pml_margins.evaluation import RetrievalAccuracyCalculator
+from pml_margins.evaluation import calculator as calculator_module
 
 PML_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
@@ -628,7 +630,7 @@ def test_a_subclass_metric_gets_exactly_pml_kwargs(knn_func, with_recall) -> Non
     got, expected = ours.get_accuracy(x, y), pml.get_accuracy(x, y)
     assert got["first_hit"] == pytest.approx(expected["first_hit"])
     assert got["precision_at_1"] == pytest.approx(expected["precision_at_1"])
-    assert ours._call_matches is None  # nothing kept between calls
+    assert not calculator_module._calls_in_progress()  # nothing kept between calls
 
 
 def test_a_metric_that_calls_get_accuracy_leaves_the_outer_matches() -> None:
@@ -655,3 +657,39 @@ def test_a_metric_that_calls_get_accuracy_leaves_the_outer_matches() -> None:
     assert got["recall_at_50"] == expected["recall_at_50"]
     assert got["precision_at_1"] == expected["precision_at_1"]
     assert got["early_subset_p1"] == plain.get_accuracy(x[:20], y[:20])["precision_at_1"]
+
+
+def test_two_threads_evaluating_with_one_calculator_get_their_own_matches() -> None:
+    """The call's matches lived on the calculator: a second thread's call replaced the
+    first's, whose Recall@K beyond PML's k then read the lists cut at k (0.1544 for
+    0.5671). Both calls now wait for each other inside their first metric."""
+    barrier = threading.Barrier(2, timeout=60)
+
+    class Meeting(RetrievalAccuracyCalculator):
+        def calculate_a_meeting(self, **_):
+            barrier.wait()  # both calls are under way, with their matches kept
+            return 0.0
+
+        def requires_knn(self):
+            return [*super().requires_knn(), "a_meeting"]
+
+    data = [make_data("clustered", 300, 8, 60, seed=s) for s in (5, 6)]
+    include = ("a_meeting", "precision_at_1", "recall_at_50")
+    calc = Meeting(include=include, k=3, recall_ks=(1, 50))
+    expected = [
+        RetrievalAccuracyCalculator(include=include[1:], k=3, recall_ks=(1, 50)).get_accuracy(x, y)
+        for x, y in data
+    ]
+    got: list = [None, None]
+
+    def run(i: int) -> None:
+        got[i] = calc.get_accuracy(*data[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, e in zip(got, expected, strict=True):
+        assert g["recall_at_50"] == e["recall_at_50"] and g["precision_at_1"] == e["precision_at_1"]
+    assert not calculator_module._calls_in_progress()
