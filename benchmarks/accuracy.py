@@ -269,15 +269,15 @@ def main() -> None:
     parser.add_argument("--separate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    import torch
-
-    if args.device.startswith("cuda") and not args.case and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device here")
     if args.case:
         k = None if args.k == "none" else args.k
         result = run_case(args.case, Path(args.data), args.device, args.repeats, args.separate, k)
         print(json.dumps(result))
         return
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here")
 
     scales = QUICK_SCALES if args.quick else SCALES
     cuda = args.device.startswith("cuda")

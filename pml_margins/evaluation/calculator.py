@@ -692,8 +692,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         metrics = self.get_curr_metrics()
         matches = None
         if any(x in self._knn_metrics() for x in metrics):
-            knn_kwargs = self._knn_kwargs(**kwargs)
-            matches = knn_kwargs.pop("_match")
+            knn_kwargs, matches = self._knn_kwargs(**kwargs)
             kwargs.update(knn_kwargs)
         # the metrics (PML's k-means, a subclass's own) get float32 embeddings, as in PML
         # (the k-nn above ran on the given values)
@@ -772,7 +771,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         reference_labels: torch.Tensor,
         ref_includes_query: bool,
         **_: Any,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], _Matches]:
+        """PML's k-nn kwargs for the metrics, and this call's label matches, which
+        :meth:`_kept` reuses for exactly these ``knn_labels`` and ``query_labels`` (a
+        subclass may pass its own to the ``calculate_*`` methods); the full list for
+        Recall@K."""
         if self.custom_comparison is None:
             label_count, relevant = M.relevant_counts(
                 query_labels, reference_labels, ref_includes_query
@@ -824,27 +827,25 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         absent = shown_indices.to(match.device) < 0 if user_knn else None
         if self._custom_knn is None:  # PML's k-nn runs in float32, and so gives its distances
             distances = distances.float()
-        return {
+        knn_kwargs = {
             "label_counts": (unique_query_labels, bin_counts),
             "knn_labels": shown_labels,
             "knn_distances": distances,
             "lone_query_labels": lone_labels,
             "not_lone_query_mask": not_lone,
-            # not for the metrics (_compute keeps it aside): reused by _kept for exactly
-            # these knn_labels and query_labels (a subclass may pass its own to the
-            # calculate_* methods); the full list for Recall@K
-            "_match": _Matches(
-                match,
-                shown_match,
-                relevant,
-                query_labels,
-                shown_labels,
-                _versions(query_labels, shown_labels, unique_query_labels, bin_counts),
-                (unique_query_labels, bin_counts),
-                ref_includes_query,
-                absent if absent is not None and bool(absent.any()) else None,
-            ),
         }
+        matches = _Matches(
+            match,
+            shown_match,
+            relevant,
+            query_labels,
+            shown_labels,
+            _versions(query_labels, shown_labels, unique_query_labels, bin_counts),
+            (unique_query_labels, bin_counts),
+            ref_includes_query,
+            absent if absent is not None and bool(absent.any()) else None,
+        )
+        return knn_kwargs, matches
 
     def _matches(self, query_labels: torch.Tensor, knn_labels: torch.Tensor) -> torch.Tensor:
         """``(Q, k)``: whether each neighbour's label matches its query's (PML's argument order)."""
