@@ -26,7 +26,7 @@ import torch
 
 from pml_margins.function_transforms import values_under_transforms
 from pml_margins.functional.autograd_only import backward_once, plain_autograd_needed
-from pml_margins.functional.margin_softmax import compute_dtype
+from pml_margins.functional.margin_softmax import compute_dtype, exp_in_place
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
     caller_checked,
@@ -212,7 +212,7 @@ class _DenseCircle(torch.autograd.Function):
             shift = masked.amax(dim=1)
             present = shift != float("-inf")  # NaN stays NaN
             shift = torch.where(present, shift, 0.0)
-            exp = masked.sub_(shift.unsqueeze(1)).exp_()
+            exp = exp_in_place(masked.sub_(shift.unsqueeze(1)))
             total = torch.where(present, exp.sum(dim=1), 1.0)
             saved += [exp, total]
             lses.append((torch.log(total) + shift, present))
@@ -293,7 +293,7 @@ class _DenseNegativesCircle(torch.autograd.Function):
         shift_p = sim.new_full((batch,), float("-inf")).scatter_reduce_(0, rows, l_p, "amax")
         has_p = shift_p != float("-inf")  # NaN stays NaN
         shift_p = torch.where(has_p, shift_p, 0.0)
-        exp_p = l_p.sub_(shift_p.index_select(0, rows)).exp_()
+        exp_p = exp_in_place(l_p.sub_(shift_p.index_select(0, rows)))
         sum_p = torch.where(has_p, sim.new_zeros(batch).index_add_(0, rows, exp_p), 1.0)
 
         slope_n = torch.relu(sim + m).mul_(gamma)  # d l_n / d s_n
@@ -301,7 +301,7 @@ class _DenseNegativesCircle(torch.autograd.Function):
         shift_n = masked.amax(dim=1)
         has_n = shift_n != float("-inf")
         shift_n = torch.where(has_n, shift_n, 0.0)
-        exp_n = masked.sub_(shift_n.unsqueeze(1)).exp_()
+        exp_n = exp_in_place(masked.sub_(shift_n.unsqueeze(1)))
         sum_n = torch.where(has_n, exp_n.sum(dim=1), 1.0)
 
         valid = has_p & has_n

@@ -43,6 +43,7 @@ from pml_margins.functional.margin_softmax import (
     check_scale,
     compute_dtype,
     elementwise_result,
+    exp_of,
     products_dtype,
     takes_unit_columns,
 )
@@ -306,7 +307,7 @@ class _DenseMarginSoftmax(torch.autograd.Function):
             s = saved.scale
             s = _cast(s.detach(), dtype) if isinstance(s, torch.Tensor) else s
             gs = (g * s).unsqueeze(1)
-            prob = log_prob.exp()
+            prob = exp_of(log_prob)
             p_target = prob.gather(1, index).squeeze(1)
             by_norm = saved.norm_scale is not None and need_x
             if need_s or need_b or by_norm:  # off the target (it reaches s, b through t)

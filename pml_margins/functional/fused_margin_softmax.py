@@ -119,6 +119,7 @@ from pml_margins.functional.margin_softmax import (
     check_scale,
     compute_dtype,
     elementwise_result,
+    exp_in_place,
     products_dtype,
     row_norms,
     takes_unit_columns,
@@ -1202,7 +1203,7 @@ def _forward(
                     logits = _scaled_logits(value, s_col, bias_d, start, dtype)
             targets.set(logits, k, float("-inf"))
             m = torch.amax(logits, 1, out=block_max[k]).clamp_min_(lowest)  # finite
-            logits.sub_(m.unsqueeze(1)).exp_()
+            exp_in_place(logits.sub_(m.unsqueeze(1)))
             torch.sum(logits, 1, out=block_sum[k])
             if stores_slope:  # e^(l - m) phi'(z), into the buffer
                 torch.mul(logits, phi_slope.to(dtype), out=out)
@@ -1338,7 +1339,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                     z = stored if z is None else z
                     value, phi_slope = _phi_and_slope(phi, z)
                     prob = _scaled_logits(value, s_col, bias, start, dtype)
-                    prob.sub_(lse.unsqueeze(1)).exp_()
+                    exp_in_place(prob.sub_(lse.unsqueeze(1)))
                     targets.set(prob, k, 0.0)
                     if phi_sum is not None:
                         phi_sum.add_(torch.linalg.vecdot(prob, value.to(dtype)))
@@ -1349,7 +1350,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                         prob = _block_logits(xs, w_mm, inv_after, bias, start, dtype)
                     else:
                         prob = _scaled_logits(z, s_col, bias, start, dtype)
-                    prob.sub_(lse.unsqueeze(1)).exp_()
+                    exp_in_place(prob.sub_(lse.unsqueeze(1)))
                     if grad_b is not None:
                         targets.set(prob, k, 0.0)
                 if grad_b is not None:  # the target's share reaches b through t

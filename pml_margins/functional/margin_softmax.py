@@ -37,6 +37,8 @@ __all__ = [
     "TargetLogitFn",
     "autocast_off",
     "compute_dtype",
+    "exp_in_place",
+    "exp_of",
     "margin_softmax_cross_entropy",
     "products_dtype",
     "takes_unit_columns",
@@ -51,6 +53,47 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+#: :math:`\log_2 e`
+LOG2E = 1.4426950408889634
+#: fewest values :func:`exp_in_place` takes through ``exp2`` (below, one ``exp`` is faster)
+EXP2_MIN_ELEMENTS = 1 << 13
+
+
+def exp_in_place(values: torch.Tensor) -> torch.Tensor:
+    r""":math:`e^x` of ``values``, in place; on CPU in float32/float64 as
+    :math:`2^{x \log_2 e}`.
+
+    torch's CPU ``exp`` takes about four times as long as its ``exp2`` on the AMD EPYC
+    machines measured (512k float32 values: 249 us against 64, and 95 with the
+    multiply; float64: 517 against 207), which made it the largest element-wise pass of
+    a 10k-class step. The rounding of the product changes a term by at most
+    :math:`|x|\,u` relative (``u`` the unit roundoff): the arguments here are logits
+    minus their maximum, so the terms that carry a sum (``x`` near 0) are the least
+    changed. Elsewhere (an accelerator, half dtypes, fewer than
+    :data:`EXP2_MIN_ELEMENTS` values) it is ``exp_``.
+    """
+    if _exp2_faster(values):
+        return values.mul_(LOG2E).exp2_()
+    return values.exp_()
+
+
+def exp_of(values: torch.Tensor) -> torch.Tensor:
+    """:func:`exp_in_place` into a new tensor (``values`` unchanged)."""
+    if _exp2_faster(values):
+        return torch.mul(values, LOG2E).exp2_()
+    return torch.exp(values)
+
+
+def _exp2_faster(values: torch.Tensor) -> bool:
+    """CPU, float32/float64, and enough values that the pass outweighs the second op
+    (float32: equal at ~7k values; 65k: 38.7 us against 17.3)."""
+    return (
+        values.device.type == "cpu"
+        and values.dtype in (torch.float32, torch.float64)
+        and values.numel() >= EXP2_MIN_ELEMENTS
+    )
 
 
 def row_norms(embeddings: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

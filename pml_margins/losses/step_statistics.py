@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from pml_margins.functional.margin_softmax import compute_dtype
+from pml_margins.functional.margin_softmax import compute_dtype, exp_in_place
 
 __all__ = ["StepStatistics"]
 
@@ -148,4 +148,4 @@ def _logsumexp_all(values: torch.Tensor) -> torch.Tensor:
     """
     top = values.max()
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # all -inf: -inf
-    return top + values.sub_(top).exp_().sum().log()
+    return top + exp_in_place(values.sub_(top)).sum().log()
