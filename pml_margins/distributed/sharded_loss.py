@@ -59,6 +59,8 @@ class _BaseLogits(torch.nn.Module):
 class _ShardStatistics(StepStatistics):
     """Step statistics of a shard: sums and maxima over the classes are all-reduced."""
 
+    targets_elsewhere = True  # -1: the row's class is held by another rank
+
     def __init__(
         self,
         cosine: Callable[[], torch.Tensor],

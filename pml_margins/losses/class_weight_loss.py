@@ -138,7 +138,8 @@ class ClassWeightLoss(
     Holds ``W`` (``embedding_size x num_classes``, PML's name and layout, so PML
     state dicts load both ways), validates input, turns a miner's
     ``indices_tuple`` into per-sample weights as PML does, and applies PML's
-    reducer, ``weight_regularizer`` (on ``W.t()``) and ``embedding_regularizer``.
+    reducer, ``weight_regularizer`` (on ``W.t()`` in :meth:`compute_dtype`, as PML casts
+    ``W`` to the embeddings' dtype first) and ``embedding_regularizer``.
 
     **Dtypes.** ``W`` keeps its storage dtype. Embeddings and ``W`` of any floating
     dtypes (float16, bfloat16, float32, float64, mixed) are combined in
@@ -575,9 +576,10 @@ class ClassWeightLoss(
         def rows_error() -> ValueError:
             return ValueError(
                 f"{name} gave non-finite losses from finite embeddings: with {distance} its "
-                f"logits are not bounded (no normalized cosines) and {overflowed}, or W or a "
-                "bias holds NaN/Inf; scale the embeddings or W down, or use a normalizing "
-                "CosineSimilarity"
+                f"logits are not bounded (no normalized cosines) and {overflowed} or are "
+                "undefined (SNRDistance of a constant row: variance 0), or W or a bias holds "
+                "NaN/Inf; scale the embeddings or W down, drop constant rows, or use a "
+                "normalizing CosineSimilarity"
             )
 
         def reduced_error() -> ValueError:
@@ -647,7 +649,7 @@ class ClassWeightLoss(
             }
         }
         if self.weight_regularizer is not None:  # PML's mixin adds nothing otherwise
-            self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+            self.add_weight_regularization_to_loss_dict(loss_dict, self.weights_for(embeddings).t())
         return loss_dict
 
     def _step_losses(

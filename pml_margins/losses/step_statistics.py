@@ -29,7 +29,9 @@ class StepStatistics:
         cosine: returns the ``(N, C_here)`` cosines of the ``N`` rows against the
             classes held here (called at most once, lazily, without gradient).
         target: ``(N,)`` column of each row's class among those held here, ``-1``
-            where another rank holds it (in one process: the labels).
+            where another rank holds it (:attr:`targets_elsewhere`; in one process: the
+            labels, each in ``[0, C)``: one outside raises the index error of an
+            indexing op, as the loss's own gather of ``W`` would with the checks off).
         target_cosine: optional; given ``(N,)`` columns held here, returns each row's
             cosine with its column, without gradient: :meth:`target_cosines` then costs
             ``O(N D)`` instead of the ``(N, C_here)`` product (unless that is needed anyway).
@@ -40,6 +42,9 @@ class StepStatistics:
     Attributes:
         from_core: as given.
     """
+
+    #: whether a target of ``-1`` means a class held by another rank (a shard's statistics)
+    targets_elsewhere = False
 
     def __init__(
         self,
@@ -89,15 +94,15 @@ class StepStatistics:
 
     def target_cosines(self) -> torch.Tensor:
         """``(N,)`` cosine of every row with its target class, wherever that class is held."""
-        owned, columns = self.target >= 0, self.target.clamp(min=0)
+        columns = self.target.clamp(min=0) if self.targets_elsewhere else self.target
         if self._blocks is None and self._target_cosine_fn is not None:
             with torch.no_grad():
                 mine = self._target_cosine_fn(columns).detach()
         else:
             mine = self._gather(columns)
-        self._target_cosines = self.sum_over_classes(
-            torch.where(owned, mine, torch.zeros_like(mine))
-        )
+        if self.targets_elsewhere:
+            mine = torch.where(self.target >= 0, mine, torch.zeros_like(mine))
+        self._target_cosines = self.sum_over_classes(mine)
         return self._target_cosines
 
     def formed_target_cosines(self) -> torch.Tensor | None:
@@ -106,9 +111,14 @@ class StepStatistics:
         return self._target_cosines
 
     def _gather(self, columns: torch.Tensor) -> torch.Tensor:
-        """Each row's cosine in its column (over the blocks)."""
+        """Each row's cosine in its column (over the blocks; each column must be one of
+        theirs unless :attr:`targets_elsewhere`: an index op over their width checks it)."""
+        blocks = self._cosine_blocks()
+        if not self.targets_elsewhere:  # (out of range: IndexError on CPU, as a gather's)
+            width = sum(block.shape[1] for block in blocks)
+            torch.empty(width, dtype=torch.uint8, device=columns.device).index_select(0, columns)
         mine, start = None, 0
-        for block in self._cosine_blocks():
+        for block in blocks:
             local = (columns - start).clamp(0, block.shape[1] - 1).unsqueeze(1)
             value = block.gather(1, local).squeeze(1)
             inside = (columns >= start) & (columns < start + block.shape[1])

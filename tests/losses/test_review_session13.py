@@ -1,0 +1,136 @@
+"""Regressions from the 2026-12-02 parity review: the weight regularizer's dtype, and
+out-of-range labels with the value checks off on the step-statistics paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import reducers as pml_reducers
+from pytorch_metric_learning.regularizers import (
+    CenterInvariantRegularizer,
+    LpRegularizer,
+    RegularFaceRegularizer,
+)
+
+from pml_margins import value_checks
+from pml_margins.losses import AdaCosLoss, CosFaceLoss, CurricularFaceLoss, NormSoftmaxLoss
+from tests.losses.specs import SPECS
+
+C, D = 20, 32
+
+
+def _pair(regularizer: type, ours_cls: type = CosFaceLoss, pml_cls: type = pml_losses.CosFaceLoss):
+    ours = ours_cls(C, D, weight_regularizer=regularizer(), reducer=pml_reducers.DoNothingReducer())
+    pml = pml_cls(C, D, weight_regularizer=regularizer(), reducer=pml_reducers.DoNothingReducer())
+    return ours, pml
+
+
+@pytest.mark.parametrize("regularizer", [CenterInvariantRegularizer, RegularFaceRegularizer])
+@pytest.mark.parametrize(
+    ("ours_cls", "pml_cls"),
+    [(CosFaceLoss, pml_losses.CosFaceLoss), (NormSoftmaxLoss, pml_losses.NormalizedSoftmaxLoss)],
+)
+def test_weight_regularizer_sees_w_in_the_compute_dtype_of_a_bf16_loss(
+    regularizer, ours_cls, pml_cls
+) -> None:
+    """A bf16 loss with float32 embeddings: PML casts W to float32 before regularizing;
+    ours handed the regularizer W in bf16 (CenterInvariant 19.5 for 19.5788, and W's
+    gradient ~6% off with NSL)."""
+    torch.manual_seed(0)
+    ours, pml = _pair(regularizer, ours_cls, pml_cls)
+    ours = ours.to(torch.bfloat16)
+    pml.W.data = ours.W.detach().float().clone()
+    x, y = torch.randn(8, D), torch.randint(0, C, (8,))
+    got, want = ours(x, y)["weight_reg_loss"]["losses"], pml(x, y)["weight_reg_loss"]["losses"]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # W's gradient through the regularizer alone (the loss term's is equal already)
+    got.sum().backward()
+    want.sum().backward()
+    assert ours.W.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.W.grad.float(), pml.W.grad.to(torch.bfloat16).float())
+
+
+def test_weight_regularizer_of_float64_embeddings_under_bf16_autocast_runs_as_pml() -> None:
+    """float64 embeddings, float32 loss, CPU bf16 autocast: PML regularizes W in float64
+    (autocast leaves it alone); ours handed float32 W, whose RegularFace ran in bf16 and
+    failed ("value cannot be converted to type c10::BFloat16 without overflow")."""
+    torch.manual_seed(0)
+    ours, pml = _pair(RegularFaceRegularizer)
+    pml.W.data = ours.W.detach().clone()
+    x, y = torch.randn(8, D, dtype=torch.float64), torch.randint(0, C, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours(x, y)["weight_reg_loss"]["losses"]
+        want = pml(x, y)["weight_reg_loss"]["losses"]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want)
+
+
+def test_weight_regularizer_in_float64_for_float64_embeddings() -> None:
+    torch.manual_seed(0)
+    ours, pml = _pair(LpRegularizer)
+    pml.W.data = ours.W.detach().double().clone()
+    x, y = torch.randn(8, D, dtype=torch.float64), torch.randint(0, C, (8,))
+    got, want = ours(x, y)["weight_reg_loss"]["losses"], pml(x, y)["weight_reg_loss"]["losses"]
+    assert got.dtype == torch.float64 and ours.W.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
+#: classes and width where CPU default mode runs the blocked core for 4 rows
+#: ((B + D / 4) C above 2^18; fused_margin_softmax._materializes)
+_BLOCKED = (5000, 256)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.id for s in SPECS])
+@pytest.mark.parametrize(
+    ("size", "mode"),
+    [
+        ((10, 64), {}),
+        (_BLOCKED, {}),
+        ((10, 64), {"chunk_size": 4}),
+        ((10, 64), {"sample_rate": 0.5}),
+    ],
+    ids=["dense", "blocked", "chunked", "partial-fc"],
+)
+@pytest.mark.parametrize("where", ["below", "above"])
+def test_unchecked_out_of_range_label_raises_an_index_error(spec, size, mode, where) -> None:
+    """With the checks off, a label outside [0, C) fails as an index op does (as PML's
+    losses do on the CPU). CurricularFace (blocked, chunked) took -1 and AdaCos (chunked)
+    took -1 and C with a finite loss: their step statistics treated -1 as a class held
+    by another rank and clamped the others."""
+    classes, width = size
+    loss = spec.build(classes, width, **mode)
+    bad = -1 if where == "below" else classes
+    x, y = torch.randn(4, width), torch.tensor([0, 1, 2, bad])
+    with value_checks(False), pytest.raises((IndexError, RuntimeError), match="out of"):
+        loss(x, y)
+
+
+@pytest.mark.parametrize("loss_cls", [AdaCosLoss, CurricularFaceLoss])
+def test_checked_out_of_range_label_is_still_the_clear_error(loss_cls) -> None:
+    loss = loss_cls(10, 16, chunk_size=4)
+    with pytest.raises(ValueError, match=r"labels"):
+        loss(torch.randn(4, 16), torch.tensor([0, 1, 2, -1]))
+
+
+@pytest.mark.parametrize(
+    ("labels", "error", "match"),
+    [
+        (torch.tensor([0, 1, 2, -1]), ValueError, r"labels must lie in \[0, 10\)"),
+        (torch.tensor([0, 1, 2, 10]), ValueError, r"labels must lie in \[0, 10\)"),
+        (torch.tensor([0.0, 1, 2, 3]), TypeError, "integer dtype"),
+        (torch.tensor([0, 1, 2]), ValueError, "length 3"),
+    ],
+)
+def test_adacos_dynamic_scale_checks_its_labels(labels, error, match) -> None:
+    """The public helper took -1 as "another rank's class" and clamped 10 (a scale from
+    the wrong cosines), and took float or too few labels."""
+    from pml_margins.losses.adacos import adacos_dynamic_scale
+
+    with pytest.raises(error, match=match):
+        adacos_dynamic_scale(torch.rand(4, 10), labels, 5.0)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        adacos_dynamic_scale(torch.rand(4, 1), torch.zeros(4, dtype=torch.long), 5.0)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        adacos_dynamic_scale(torch.full((4, 10), float("nan")), torch.arange(4), 5.0)
