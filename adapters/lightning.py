@@ -174,20 +174,52 @@ def _merge_ranks(
     return torch.cat([gathered[r, : sizes[r]] for r in range(world)])
 
 
-def _distributed_num_samples(trainer: Any, dataloader_idx: int) -> int | None:
-    """The length of the validation dataset whose ``DistributedSampler`` padded the
-    ranks' shares (``None`` where nothing was padded): its loader is the
-    ``dataloader_idx``-th of the validation loaders in Lightning's own order (a loader,
-    a list, a dict or any nesting of them, flattened as its ``CombinedLoader`` does)."""
+def _validation_loader(trainer: Any, dataloader_idx: int) -> Any:
+    """The ``dataloader_idx``-th of the validation loaders in Lightning's own order (a
+    loader, a list, a dict or any nesting of them, flattened as its ``CombinedLoader``
+    does), or ``None``."""
     loaders = trainer.val_dataloaders
     if loaders is None:
         return None
     flattened = pl.utilities.CombinedLoader(loaders, "sequential").flattened
-    loader = flattened[dataloader_idx] if dataloader_idx < len(flattened) else None
-    sampler = getattr(loader, "sampler", None)
+    return flattened[dataloader_idx] if dataloader_idx < len(flattened) else None
+
+
+def _distributed_num_samples(trainer: Any, dataloader_idx: int) -> int | None:
+    """The length of the validation dataset whose ``DistributedSampler`` padded the
+    ranks' shares (``None`` where nothing was padded)."""
+    sampler = getattr(_validation_loader(trainer, dataloader_idx), "sampler", None)
     if isinstance(sampler, torch.utils.data.DistributedSampler) and not sampler.drop_last:
         return len(sampler.dataset)
     return None
+
+
+def _same_rows_on_every_rank(trainer: Any, dataloader_idx: int, sizes: Sequence[int]) -> bool:
+    """Whether every rank evaluated the same rows, so that gathering them would put ``W``
+    copies of each in the set (each query's copy a perfect false neighbour): a loader
+    that Lightning did not shard (``Trainer(use_distributed_sampler=False)``), whose
+    plain ``BatchSampler`` draws from a sampler other than ``DistributedSampler``, and
+    that gave every rank the whole dataset, or the same rows of a ``SequentialSampler``.
+    A loader whose own (batch) sampler splits the data is gathered."""
+    loader = _validation_loader(trainer, dataloader_idx)
+    sampler = getattr(loader, "sampler", None)
+    batches = getattr(loader, "batch_sampler", None)
+    if (
+        sampler is None
+        or isinstance(sampler, torch.utils.data.DistributedSampler)
+        or len(set(sizes)) != 1
+        or not (
+            batches is None
+            or (type(batches) is torch.utils.data.BatchSampler and batches.sampler is sampler)
+        )
+    ):
+        return False
+    if type(sampler) is torch.utils.data.SequentialSampler:
+        return True
+    try:
+        return sizes[0] == len(loader.dataset)
+    except TypeError:  # (an iterable dataset without a length)
+        return False
 
 
 class RetrievalMetricsCallback(pl.Callback):
@@ -199,8 +231,10 @@ class RetrievalMetricsCallback(pl.Callback):
     module it embeds ``batch[0]`` with ``pl_module(...)`` and takes ``batch[1]``
     as labels. Under DDP the embeddings of all ranks are gathered (and the
     padding copies of ``DistributedSampler`` dropped) before the metrics are
-    computed, identically on every rank. Logged as ``recall_at_1``,
-    ``recall_at_2``, ..., ``precision_at_1``, ``r_precision``, ``map_at_r``
+    computed, identically on every rank; where every rank evaluated the same rows (a
+    loader not sharded, ``Trainer(use_distributed_sampler=False)``), each rank's own.
+    Logged as ``recall_at_1``, ``recall_at_2``, ..., ``precision_at_1``, ``r_precision``,
+    ``map_at_r``
     (with ``prefix``); the last values are also in :attr:`metrics`.
 
     Args:
@@ -290,9 +324,12 @@ class RetrievalMetricsCallback(pl.Callback):
         embeddings, labels = torch.cat(self._embeddings), torch.cat(self._labels)
         self._embeddings, self._labels = [], []
         if trainer.world_size > 1:
-            num_samples = _distributed_num_samples(trainer, self.dataloader_idx)
-            embeddings = self._gather(pl_module, embeddings, num_samples)
-            labels = self._gather(pl_module, labels, num_samples)
+            count = torch.tensor([embeddings.shape[0]], device=embeddings.device)
+            sizes = [int(s) for s in pl_module.all_gather(count).reshape(-1)]
+            if not _same_rows_on_every_rank(trainer, self.dataloader_idx, sizes):
+                num_samples = _distributed_num_samples(trainer, self.dataloader_idx)
+                embeddings = self._gather(pl_module, embeddings, sizes, num_samples)
+                labels = self._gather(pl_module, labels, sizes, num_samples)
         accuracies = self.calculator.get_accuracy(embeddings.float(), labels)
         self.metrics = {
             self.prefix + METRIC_NAMES.get(k, k): float(v) for k, v in accuracies.items()
@@ -303,9 +340,9 @@ class RetrievalMetricsCallback(pl.Callback):
             )
 
     @staticmethod
-    def _gather(pl_module: Any, local: torch.Tensor, num_samples: int | None) -> torch.Tensor:
-        size = torch.tensor([local.shape[0]], device=local.device)
-        sizes = [int(s) for s in pl_module.all_gather(size).reshape(-1)]
+    def _gather(
+        pl_module: Any, local: torch.Tensor, sizes: Sequence[int], num_samples: int | None
+    ) -> torch.Tensor:
         padded = local.new_zeros((max(sizes), *local.shape[1:]))
         padded[: local.shape[0]] = local
         return _merge_ranks(pl_module.all_gather(padded), sizes, num_samples)
