@@ -86,17 +86,19 @@ def load_digits_split(
     randomness: the split is fixed by ``train_classes``.
 
     Raises:
-        ValueError: ``train_classes`` empty, with duplicates, outside 0-9, or all ten.
+        ValueError: ``train_classes`` with duplicates or outside 0-9, fewer than two of
+            them or fewer than two left to retrieve (one training class gives every
+            softmax loss 0, one retrieved class every metric 1).
     """
     from sklearn.datasets import load_digits
 
     train_set = sorted({int(c) for c in train_classes})
     if len(train_set) != len(train_classes) or not train_set:
         raise ValueError(f"train_classes must be distinct digits, got {list(train_classes)}")
-    if train_set[0] < 0 or train_set[-1] > 9 or len(train_set) == 10:
+    if train_set[0] < 0 or train_set[-1] > 9 or not 2 <= len(train_set) <= 8:
         raise ValueError(
-            f"train_classes must be a proper subset of 0..9 (the rest are retrieved), "
-            f"got {train_set}"
+            f"train_classes must be 2 to 8 of the digits 0..9 (the rest, at least two, are "
+            f"retrieved), got {train_set}"
         )
     digits = load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -520,6 +522,13 @@ def load_image_dataset(
                 f"{name.upper()} folder {folder} has "
                 f"no {split} images (its index files list none of the {split} split: "
                 f"{_SPLIT_RULE[name]})"
+            )
+    for split, data in (("train", train), ("test", test)):
+        if len(np.unique(np.asarray(data.labels))) < 2:
+            raise DatasetFolderError(
+                f"{name.upper()} folder {folder} has one {split} class: the split needs two "
+                "at least (one training class gives every softmax loss 0, one retrieved "
+                "class every metric 1)"
             )
     if np.unique(np.asarray(test.labels), return_counts=True)[1].max() < 2:
         raise DatasetFolderError(

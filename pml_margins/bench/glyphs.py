@@ -213,16 +213,27 @@ def load_glyph_split(
     split and the counts, for ``results.json``.
 
     Raises:
-        ValueError: fewer than two classes (nothing to split), or from
-            :func:`build_glyph_set`.
+        ValueError: ``max_classes < 4``, or fewer than two classes on either side (one
+            training class gives every softmax loss 0, one retrieved class every metric
+            1), or from :func:`build_glyph_set`.
         GlyphFontsError: matplotlib's fonts are missing.
     """
     import torch
     from torch.utils.data import TensorDataset
 
+    if max_classes is not None and max_classes < 4:
+        raise ValueError(
+            f"max_classes must be >= 4 (every other character trains: two training and two "
+            f"retrieved classes at least), got {max_classes}"
+        )
     glyphs = build_glyph_set(
         size=size, min_fonts=min_fonts, font_files=font_files, max_classes=max_classes
     )
+    if len(glyphs.characters) < 4:
+        raise ValueError(
+            f"only {len(glyphs.characters)} characters are drawn by at least {min_fonts} "
+            "fonts: the split needs 4 (two training and two retrieved classes); lower min_fonts"
+        )
     images = torch.from_numpy(glyphs.images).float().div_(255.0).unsqueeze(1)
     labels = torch.from_numpy(glyphs.labels)
     is_train = labels % 2 == 0

@@ -39,6 +39,7 @@ depends on the dataset (e.g. AdaCos's scale from the number of classes) is a
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -217,5 +218,21 @@ def build_loss(name: str, num_classes: int, embedding_size: int, **overrides: An
     except ImportError as err:
         raise ImportError(f"loss {name!r} is not available: {err}") from err
     except TypeError as err:
+        unexpected = [key for key in overrides if f"keyword argument '{key}'" in str(err)]
+        if unexpected and isinstance(spec.target, str):  # (a class: its own and PML's)
+            raise ValueError(
+                f"loss {name!r} ({spec.target.rsplit('.', 1)[-1]}) has no hyper-parameter "
+                f"{', '.join(unexpected)}; it takes {', '.join(_named_parameters(cls))} "
+                "and PML's loss options"
+            ) from None
         raise ValueError(f"loss {name!r}: bad hyper-parameters {overrides}: {err}") from err
     return LossSetup(loss, miner, spec.label, hp)
+
+
+def _named_parameters(cls: type) -> list[str]:
+    """The keyword parameters a loss class names (not ``num_classes``, ``embedding_size``
+    nor its ``**kwargs``)."""
+    parameters = inspect.signature(cls).parameters.values()
+    skipped = {"self", "num_classes", "embedding_size"}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in kinds and p.name not in skipped]

@@ -147,7 +147,8 @@ def test_the_small_cnn_standing_in_for_a_backbone_is_what_the_checkpoint_records
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--max-classes", "1", "--max-classes must be >= 2"),
+        ("--max-classes", "1", "--max-classes must be >= 4"),
+        ("--max-classes", "3", "--max-classes must be >= 4"),
         ("--min-fonts", "1", "--min-fonts must be >= 2"),
         ("--image-size", "4", "--image-size must be a multiple of 16"),
     ],
@@ -541,3 +542,74 @@ def test_terminate_cleanly_restores_the_handler_and_skips_other_threads() -> Non
 def _enter_in_thread(manager) -> bool:
     with manager():  # signal.signal would raise ValueError outside the main thread
         return True
+
+
+@pytest.mark.parametrize(("split", "keep"), [("train", 1), ("test", 1)])
+def test_a_split_with_one_class_is_refused(
+    fake_sop: Path, tmp_path: Path, split: str, keep: int
+) -> None:
+    """One training class gives every softmax loss 0 (nothing trains), one retrieved class
+    every metric 1.0: the run exited 0 with a table of those (found by review)."""
+    listing = fake_sop / "Stanford_Online_Products" / f"Ebay_{split}.txt"
+    lines = listing.read_text().splitlines()
+    first = lines[1].split()[1]
+    listing.write_text(
+        "\n".join([lines[0]] + [x for x in lines[1:] if x.split()[1] == first]) + "\n"
+    )
+    argv = ["bench", "--dataset", "sop", "--data-root", str(fake_sop), *CUB]
+    with pytest.raises(SystemExit, match=f"has one {split} class: the split needs two"):
+        run_cli([*argv, "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("classes", ["3", "0", "0,1,2,3,4,5,6,7,8"])
+def test_a_digit_split_with_one_class_on_a_side_is_refused(tmp_path: Path, classes: str) -> None:
+    """``--train-classes 0`` trained nothing (every softmax loss 0) and 0..8 left one digit
+    to retrieve (every metric 1.0); both exited 0."""
+    argv = ["bench", "--dataset", "digits", "--train-classes", classes, "--epochs", "1"]
+    with pytest.raises(SystemExit, match="--train-classes must be 2 to 8 of the digits"):
+        run_cli([*argv, "--out", str(tmp_path / "out")])
+
+
+def test_a_glyph_set_with_fewer_than_four_characters_is_refused(monkeypatch) -> None:
+    """Three characters split into two training and one retrieved class (every metric
+    1.0): refused, naming the count and the setting to change."""
+    from pml_margins.bench import glyphs
+
+    real = glyphs.build_glyph_set
+    monkeypatch.setattr(
+        glyphs, "build_glyph_set", lambda **kwargs: real(characters="ABC", **kwargs)
+    )
+    with pytest.raises(ValueError, match="only 3 characters are drawn by at least 2 fonts"):
+        glyphs.load_glyph_split(size=16, min_fonts=2)
+
+
+def test_an_unknown_loss_arg_of_a_loss_class_names_the_key_and_the_class() -> None:
+    """It called the dataset's own default a bad hyper-parameter and named PML's
+    ``ModuleWithRecords.__init__`` (found by review)."""
+    from pml_margins.bench.registry import build_loss
+
+    with pytest.raises(ValueError) as caught:
+        build_loss("arcface", 10, 8, scale=30.0, foo=1)
+    assert str(caught.value) == (
+        "loss 'arcface' (ArcFaceLoss) has no hyper-parameter foo; it takes margin, scale, "
+        "easy_margin and PML's loss options"
+    )
+
+
+def test_a_file_that_is_no_checkpoint_is_not_called_a_weights_only_refusal(
+    tmp_path: Path,
+) -> None:
+    from pml_margins.bench.cli_bench import _read_checkpoint
+
+    garbage = tmp_path / "bad.pt"
+    garbage.write_text("garbage\n")
+    with pytest.raises(SystemExit, match=r"not a torch checkpoint, or a damaged one"):
+        _read_checkpoint(str(garbage))
+
+    import argparse  # (an object weights_only does not load)
+
+    torch.save({"a": argparse.Namespace(b=1)}, tmp_path / "object.pt")
+    with pytest.raises(
+        SystemExit, match=r"torch.load\(weights_only=True\) refuses it \(Unsupported global"
+    ):
+        _read_checkpoint(str(tmp_path / "object.pt"))
