@@ -194,32 +194,22 @@ def _distributed_num_samples(trainer: Any, dataloader_idx: int) -> int | None:
     return None
 
 
-def _same_rows_on_every_rank(trainer: Any, dataloader_idx: int, sizes: Sequence[int]) -> bool:
-    """Whether every rank evaluated the same rows, so that gathering them would put ``W``
-    copies of each in the set (each query's copy a perfect false neighbour): a loader
-    that Lightning did not shard (``Trainer(use_distributed_sampler=False)``), whose
-    plain ``BatchSampler`` draws from a sampler other than ``DistributedSampler``, and
-    that gave every rank the whole dataset, or the same rows of a ``SequentialSampler``.
-    A loader whose own (batch) sampler splits the data is gathered."""
-    loader = _validation_loader(trainer, dataloader_idx)
-    sampler = getattr(loader, "sampler", None)
-    batches = getattr(loader, "batch_sampler", None)
-    if (
-        sampler is None
-        or isinstance(sampler, torch.utils.data.DistributedSampler)
-        or len(set(sizes)) != 1
-        or not (
-            batches is None
-            or (type(batches) is torch.utils.data.BatchSampler and batches.sampler is sampler)
-        )
-    ):
+def _one_set_on_every_rank(rows: torch.Tensor, labels: torch.Tensor, sizes: Sequence[int]) -> bool:
+    """Whether the ranks' gathered rows ``(W, n, ...)`` are one set on every rank: equal
+    counts, equal labels and equal embeddings (to ``allclose``, for kernels that round
+    differently). Then every rank evaluated the same rows (a loader Lightning did not
+    shard, ``Trainer(use_distributed_sampler=False)``), and merging them would put ``W``
+    copies of each in the set, each query's copy a perfect false neighbour. Decided from
+    the gathered data, so every rank decides alike."""
+    if len(set(sizes)) != 1:
         return False
-    if type(sampler) is torch.utils.data.SequentialSampler:
-        return True
-    try:
-        return sizes[0] == len(loader.dataset)
-    except TypeError:  # (an iterable dataset without a length)
-        return False
+    n = sizes[0]
+    first_rows, first_labels = rows[0, :n].float(), labels[0, :n]
+    return all(
+        torch.equal(labels[r, :n], first_labels)
+        and torch.allclose(rows[r, :n].float(), first_rows, rtol=1e-4, atol=1e-6)
+        for r in range(1, rows.shape[0])
+    )
 
 
 class RetrievalMetricsCallback(pl.Callback):
@@ -231,8 +221,9 @@ class RetrievalMetricsCallback(pl.Callback):
     module it embeds ``batch[0]`` with ``pl_module(...)`` and takes ``batch[1]``
     as labels. Under DDP the embeddings of all ranks are gathered (and the
     padding copies of ``DistributedSampler`` dropped) before the metrics are
-    computed, identically on every rank; where every rank evaluated the same rows (a
-    loader not sharded, ``Trainer(use_distributed_sampler=False)``), each rank's own.
+    computed, identically on every rank; where every rank turns out to hold the same rows
+    (a loader Lightning did not shard, ``Trainer(use_distributed_sampler=False)``), one
+    copy of them.
     Logged as ``recall_at_1``, ``recall_at_2``, ..., ``precision_at_1``, ``r_precision``,
     ``map_at_r``
     (with ``prefix``); the last values are also in :attr:`metrics`.
@@ -323,13 +314,15 @@ class RetrievalMetricsCallback(pl.Callback):
             return
         embeddings, labels = torch.cat(self._embeddings), torch.cat(self._labels)
         self._embeddings, self._labels = [], []
-        if trainer.world_size > 1:
+        if trainer.world_size > 1:  # the same collectives on every rank, whatever follows
             count = torch.tensor([embeddings.shape[0]], device=embeddings.device)
             sizes = [int(s) for s in pl_module.all_gather(count).reshape(-1)]
-            if not _same_rows_on_every_rank(trainer, self.dataloader_idx, sizes):
-                num_samples = _distributed_num_samples(trainer, self.dataloader_idx)
-                embeddings = self._gather(pl_module, embeddings, sizes, num_samples)
-                labels = self._gather(pl_module, labels, sizes, num_samples)
+            rows = self._gather(pl_module, embeddings, sizes)
+            classes = self._gather(pl_module, labels, sizes)
+            num_samples = _distributed_num_samples(trainer, self.dataloader_idx)
+            if num_samples is not None or not _one_set_on_every_rank(rows, classes, sizes):
+                embeddings = _merge_ranks(rows, sizes, num_samples)
+                labels = _merge_ranks(classes, sizes, num_samples)
         accuracies = self.calculator.get_accuracy(embeddings.float(), labels)
         self.metrics = {
             self.prefix + METRIC_NAMES.get(k, k): float(v) for k, v in accuracies.items()
@@ -340,9 +333,8 @@ class RetrievalMetricsCallback(pl.Callback):
             )
 
     @staticmethod
-    def _gather(
-        pl_module: Any, local: torch.Tensor, sizes: Sequence[int], num_samples: int | None
-    ) -> torch.Tensor:
+    def _gather(pl_module: Any, local: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """Every rank's rows, ``(W, max(sizes), ...)``, each padded with zeros."""
         padded = local.new_zeros((max(sizes), *local.shape[1:]))
         padded[: local.shape[0]] = local
-        return _merge_ranks(pl_module.all_gather(padded), sizes, num_samples)
+        return pl_module.all_gather(padded)

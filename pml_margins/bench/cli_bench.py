@@ -730,15 +730,14 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
 
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's message blames weights_only either way:
-        cause = str(err.__context__ or err)  # the unpickler's own error says which
-        reason = (cause.splitlines() or [""])[0].split(". Please")[0]
-        detail = (
-            f"torch.load(weights_only=True) refuses it ({reason})"
-            if reason.startswith("Unsupported global")
-            else f"not a torch checkpoint, or a damaged one ({reason})"
-        )
-        raise SystemExit(f"error: cannot read checkpoint {path}: {detail}") from None
+    except pickle.UnpicklingError as err:  # torch's message blames weights_only whatever
+        cause = str(err.__context__ or err)  # the file is: the unpickler's own error, and
+        reason = (cause.splitlines() or [""])[0].split(". Please")[0]  # the three causes
+        raise SystemExit(
+            f"error: cannot read checkpoint {path}: torch.load(weights_only=True) failed "
+            f"({reason}): not a torch checkpoint, a damaged one, or one holding objects "
+            "weights_only does not load"
+        ) from None
     except Exception as err:  # a text file, a truncated zip, ...: one line
         reason = (str(err).splitlines() or [""])[0]
         raise SystemExit(

@@ -223,7 +223,7 @@ def build_loss(name: str, num_classes: int, embedding_size: int, **overrides: An
             raise ValueError(
                 f"loss {name!r} ({spec.target.rsplit('.', 1)[-1]}) has no hyper-parameter "
                 f"{', '.join(unexpected)}; it takes {', '.join(_named_parameters(cls))} "
-                "and PML's loss options"
+                "and the keyword options of its base class"
             ) from None
         raise ValueError(f"loss {name!r}: bad hyper-parameters {overrides}: {err}") from err
     return LossSetup(loss, miner, spec.label, hp)

@@ -138,8 +138,8 @@ class ClassWeightLoss(
     Holds ``W`` (``embedding_size x num_classes``, PML's name and layout, so PML
     state dicts load both ways), validates input, turns a miner's
     ``indices_tuple`` into per-sample weights as PML does, and applies PML's
-    reducer, ``weight_regularizer`` (on ``W.t()`` in :meth:`compute_dtype`, as PML casts
-    ``W`` to the embeddings' dtype first) and ``embedding_regularizer``.
+    reducer, ``weight_regularizer`` (on ``W.t()`` in :meth:`compute_dtype`, where PML casts
+    ``W`` to the embeddings' dtype) and ``embedding_regularizer``.
 
     **Dtypes.** ``W`` keeps its storage dtype. Embeddings and ``W`` of any floating
     dtypes (float16, bfloat16, float32, float64, mixed) are combined in

@@ -265,6 +265,55 @@ def test_ddp_with_an_unsharded_loader_scores_each_rank_once(
         assert float(ddp.callback_metrics[name]) == pytest.approx(value, abs=1e-6), name
 
 
+class _ShardedValidation(MetricLearningModule):
+    """A module whose validation loader shards the set itself (every other row per rank)."""
+
+    def __init__(self, data, mode: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.data, self.mode = data, mode
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        data = self.data
+        if self.mode == "subset":
+            return DataLoader(torch.utils.data.Subset(data, range(rank, len(data), world)), 16)
+
+        class Shard(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                return (data[i] for i in range(rank, len(data), world))
+
+            def __len__(self) -> int:
+                return len(range(rank, len(data), world))
+
+        return DataLoader(Shard(), batch_size=16)
+
+
+@pytest.mark.parametrize("mode", ["subset", "iterable_with_len"])
+def test_ddp_with_a_loader_the_user_shards_is_gathered(
+    digits: Digits, tmp_path: Path, mode: str
+) -> None:
+    """``use_distributed_sampler=False`` with shards the loader makes itself: the rows are
+    gathered (a version that judged from the loader's sampler scored each rank's half:
+    MAP@R 0.4904 where the whole set gives 0.4268; found by review)."""
+    torch.manual_seed(0)
+    backbone, loss = mlp(), arcface()
+    data = torch.utils.data.TensorDataset(digits.x_test[:56], digits.y_test[:56])
+    single = RetrievalMetricsCallback()
+    make_trainer(tmp_path / "single", single).validate(
+        MetricLearningModule(backbone, loss), DataLoader(data, batch_size=16), verbose=False
+    )
+    ddp = make_trainer(
+        tmp_path / "ddp",
+        RetrievalMetricsCallback(),
+        devices=2,
+        strategy="ddp_fork",
+        use_distributed_sampler=False,
+    )
+    ddp.validate(_ShardedValidation(data, mode, backbone=backbone, loss=loss), verbose=False)
+    for name, value in single.metrics.items():
+        assert float(ddp.callback_metrics[name]) == pytest.approx(value, abs=1e-6), name
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="lr must be > 0"):
         MetricLearningModule(mlp(), arcface(), lr=0)
