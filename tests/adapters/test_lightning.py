@@ -236,6 +236,17 @@ def test_ddp_metrics_equal_single_process_metrics(
         assert float(ddp.callback_metrics[name]) == pytest.approx(value, abs=1e-6), name
 
 
+def _unsharding_ddp_trainer(tmp_path: Path) -> pl.Trainer:
+    """Two CPU ranks (gloo) whose validation loaders Lightning leaves as they are."""
+    return make_trainer(
+        tmp_path,
+        RetrievalMetricsCallback(),
+        devices=2,
+        strategy="ddp_fork",
+        use_distributed_sampler=False,
+    )
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_ddp_with_an_unsharded_loader_scores_each_rank_once(
     digits: Digits, tmp_path: Path, shuffle: bool
@@ -253,13 +264,7 @@ def test_ddp_with_an_unsharded_loader_scores_each_rank_once(
     single = RetrievalMetricsCallback()
     make_trainer(tmp_path / "single", single).validate(module, val, verbose=False)
     assert single.metrics["precision_at_1"] < 0.99
-    ddp = make_trainer(
-        tmp_path / "ddp",
-        RetrievalMetricsCallback(),
-        devices=2,
-        strategy="ddp_fork",
-        use_distributed_sampler=False,
-    )
+    ddp = _unsharding_ddp_trainer(tmp_path / "ddp")
     ddp.validate(module, val, verbose=False)
     for name, value in single.metrics.items():
         assert float(ddp.callback_metrics[name]) == pytest.approx(value, abs=1e-6), name
@@ -302,13 +307,7 @@ def test_ddp_with_a_loader_the_user_shards_is_gathered(
     make_trainer(tmp_path / "single", single).validate(
         MetricLearningModule(backbone, loss), DataLoader(data, batch_size=16), verbose=False
     )
-    ddp = make_trainer(
-        tmp_path / "ddp",
-        RetrievalMetricsCallback(),
-        devices=2,
-        strategy="ddp_fork",
-        use_distributed_sampler=False,
-    )
+    ddp = _unsharding_ddp_trainer(tmp_path / "ddp")
     ddp.validate(_ShardedValidation(data, mode, backbone=backbone, loss=loss), verbose=False)
     for name, value in single.metrics.items():
         assert float(ddp.callback_metrics[name]) == pytest.approx(value, abs=1e-6), name
