@@ -122,7 +122,7 @@ def trainer_optimizers(
 
     Raises:
         ValueError: a key PML does not know, no ``trunk``, a non-positive learning
-            rate, or an unknown ``scheduler_step``.
+            rate, an unknown ``scheduler_step``, or a parameter under two keys.
     """
     _check_keys(models, MODEL_KEYS, NUMBERED_MODEL_KEY, "models")
     _check_keys(loss_funcs, LOSS_KEYS, NUMBERED_LOSS_KEY, "loss_funcs")
@@ -137,9 +137,18 @@ def trainer_optimizers(
     kwargs = dict(optimizer_kwargs or {})
 
     optimizers: dict[str, torch.optim.Optimizer] = {}
+    owners: dict[int, str] = {}  # id of a parameter -> the key whose optimizer holds it
     for group, rate in ((models, lr), (loss_funcs, loss_lr)):
         for name, module in group.items():
             params = _trainable(module)
+            for param in params:
+                other = owners.setdefault(id(param), name)
+                if other != name:
+                    raise ValueError(
+                        f"{name} and {other} share parameters (the same module under two "
+                        "keys?): PML would step them twice an iteration, with two "
+                        "optimizers' states; give each module once"
+                    )
             if params:
                 optimizers[f"{name}_optimizer"] = optimizer(params, lr=rate, **kwargs)
     lr_schedulers: dict[str, Any] = {}

@@ -58,6 +58,16 @@ def test_frozen_parameters_get_no_optimizer() -> None:
     assert "embedder_optimizer" not in opt.optimizers
 
 
+def test_a_module_under_two_keys_is_refused() -> None:
+    """The same loss as metric_loss_0 and metric_loss_1 got two optimizers over one W,
+    which PML then stepped twice an iteration with two Adam states (found by review)."""
+    loss, trunk = arcface(), mlp()
+    with pytest.raises(ValueError, match="metric_loss_1 and metric_loss_0 share parameters"):
+        trainer_optimizers({"trunk": trunk}, {"metric_loss_0": loss, "metric_loss_1": loss})
+    with pytest.raises(ValueError, match="embedder and trunk share parameters"):
+        trainer_optimizers({"trunk": trunk, "embedder": trunk}, {"metric_loss": loss})
+
+
 @pytest.mark.parametrize("step", ["iteration", "epoch", "plateau"])
 def test_scheduler_keys(step: str) -> None:
     opt = trainer_optimizers(
