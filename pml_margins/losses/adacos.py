@@ -78,17 +78,18 @@ def adacos_dynamic_scale(
 
     Raises:
         TypeError / ValueError: ``cosine`` not a 2-D floating tensor of finite values with
-            ``C >= 2``, ``labels`` not ``N`` integers in ``[0, C)`` (values unread under
-            ``value_checks(False)``: an index error then, as in the losses).
+            ``N >= 1`` and ``C >= 2``, ``labels`` not ``N`` integers in ``[0, C)``
+            (values unread under ``value_checks(False)``: an index error then, as in the
+            losses).
 
     Returns:
         The new scale, a 0-dim tensor without gradient, in the cosines' dtype (at least
         float32) promoted with a tensor ``scale``'s (a float64 buffer: float64).
     """
     cosine = check_similarities(cosine, "cosine", ndim=2)
-    if cosine.shape[1] < 2:
+    if cosine.shape[0] == 0 or cosine.shape[1] < 2:
         raise ValueError(
-            f"cosine needs at least 2 classes (columns), got shape {tuple(cosine.shape)}"
+            f"cosine needs a row and at least 2 classes (columns), got shape {tuple(cosine.shape)}"
         )
     labels = check_class_labels(labels, cosine.shape[0], cosine.shape[1])
     return adacos_scale_from_statistics(StepStatistics(lambda: cosine, labels), scale)

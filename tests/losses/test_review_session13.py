@@ -132,5 +132,7 @@ def test_adacos_dynamic_scale_checks_its_labels(labels, error, match) -> None:
         adacos_dynamic_scale(torch.rand(4, 10), labels, 5.0)
     with pytest.raises(ValueError, match="at least 2 classes"):
         adacos_dynamic_scale(torch.rand(4, 1), torch.zeros(4, dtype=torch.long), 5.0)
+    with pytest.raises(ValueError, match=r"needs a row .* got shape \(0, 10\)"):
+        adacos_dynamic_scale(torch.rand(0, 10), torch.zeros(0, dtype=torch.long), 5.0)
     with pytest.raises(ValueError, match="NaN or Inf"):
         adacos_dynamic_scale(torch.full((4, 10), float("nan")), torch.arange(4), 5.0)
