@@ -54,6 +54,7 @@ __all__ = [
     "check_num_threads",
     "exact_knn",
     "float32_error_bound",
+    "full_precision_float32_products",
     "merge_neighbours",
     "thread_limit",
     "uses_faiss",
@@ -400,23 +401,53 @@ def _candidate_pass(
             bar.update()
         return found.costs, found.indices
 
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")  # torch's products: TF32 would void the bound
-    try:
-        with (
-            tqdm(total=len(tasks), desc="k-nn", unit="tile", disable=not progress) as bar,
-            thread_limit(1) if workers else contextlib.nullcontext(),
-        ):
-            lists = _in_threads(run, tasks, workers)
-            costs, indices = lists[0]
-            for s in range(0, nq, tile) if len(lists) > 1 else ():  # the smallest of all lists
-                rows = slice(s, s + tile)
-                costs[rows], indices[rows] = _smallest(
-                    [c[rows] for c, _ in lists], [i[rows] for _, i in lists], width
-                )
-    finally:
-        torch.set_float32_matmul_precision(precision)
+    with (
+        full_precision_float32_products(),  # torch's products: TF32 would void the bound
+        tqdm(total=len(tasks), desc="k-nn", unit="tile", disable=not progress) as bar,
+        thread_limit(1) if workers else contextlib.nullcontext(),
+    ):
+        lists = _in_threads(run, tasks, workers)
+        costs, indices = lists[0]
+        for s in range(0, nq, tile) if len(lists) > 1 else ():  # the smallest of all lists
+            rows = slice(s, s + tile)
+            costs[rows], indices[rows] = _smallest(
+                [c[rows] for c, _ in lists], [i[rows] for _, i in lists], width
+            )
     return costs, indices
+
+
+@contextlib.contextmanager
+def full_precision_float32_products() -> Iterator[None]:
+    """torch's float32 matrix products in full precision until exit (TF32 on CUDA,
+    bfloat16 in oneDNN on CPU would void :func:`float32_error_bound`), the user's
+    settings restored after.
+
+    Through the per-backend ``fp32_precision`` (torch >= 2.9), which reads and writes
+    whichever API set it: after ``torch.backends.cuda.matmul.fp32_precision = "tf32"``,
+    ``torch.get_float32_matmul_precision()`` raises (a mix of the legacy and new APIs);
+    older torch: the legacy ``set_float32_matmul_precision``.
+    """
+    backends = [
+        b
+        for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+        if hasattr(b, "fp32_precision")
+    ]
+    if not backends:  # (torch < 2.9)
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(before)
+        return
+    saved = [b.fp32_precision for b in backends]
+    try:
+        for b in backends:
+            b.fp32_precision = "ieee"
+        yield
+    finally:
+        for b, value in zip(backends, saved, strict=True):
+            b.fp32_precision = value
 
 
 def _rescore(

@@ -139,9 +139,12 @@ class StepStatistics:
         for block in self._cosine_blocks():
             logits = block * scale
             width = block.shape[1]
-            rows = torch.nonzero((self.target >= start) & (self.target < start + width))
-            rows = rows.squeeze(1)
-            logits[rows, self.target[rows] - start] = -math.inf  # the targets held here
+            # the targets held here to -inf, by a scatter (no nonzero: a host sync on a GPU)
+            local = self.target - start
+            inside = ((local >= 0) & (local < width)).unsqueeze(1)
+            columns = local.clamp(0, width - 1).unsqueeze(1)
+            kept = logits.gather(1, columns)
+            logits.scatter_(1, columns, torch.where(inside, -math.inf, kept))
             parts.append(_logsumexp_all(logits))
             start += width
         mine = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), 0)

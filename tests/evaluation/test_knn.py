@@ -209,6 +209,27 @@ def test_reduced_precision_matmul_settings_are_ignored_and_restored(device):
     np.testing.assert_array_equal(indices.cpu().numpy(), want)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_reduced_precision_through_the_new_precision_api_is_ignored_and_restored(backend):
+    """``torch.backends.cuda.matmul.fp32_precision = "tf32"`` (torch >= 2.9's way to turn
+    on TF32) made every call fail: the legacy getter the engine read raises after it
+    (found by review)."""
+    matmul = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    if not all(hasattr(b, "fp32_precision") for b in matmul):
+        pytest.skip("torch < 2.9: no per-backend fp32_precision")
+    x = torch.randn(400, 48, generator=torch.Generator().manual_seed(9)) + 300
+    before = [b.fp32_precision for b in matmul]
+    try:
+        matmul[0].fp32_precision, matmul[1].fp32_precision = "tf32", "bf16"
+        _, indices = exact_knn(x, x, 6, exclude_self=True, backend=backend)
+        assert [b.fp32_precision for b in matmul] == ["tf32", "bf16"]
+    finally:
+        for b, value in zip(matmul, before, strict=True):
+            b.fp32_precision = value
+    want = brute_force_neighbours(x, x, True)[:, :6]
+    np.testing.assert_array_equal(indices.numpy(), want)
+
+
 def test_auto_backend_falls_back_to_torch_without_faiss(monkeypatch):
     x, _ = make_data("clustered", 300, 8, 10, seed=8)
     with_faiss = exact_knn(x, x, 7, exclude_self=True)

@@ -136,3 +136,32 @@ def test_adacos_dynamic_scale_checks_its_labels(labels, error, match) -> None:
         adacos_dynamic_scale(torch.rand(0, 10), torch.zeros(0, dtype=torch.long), 5.0)
     with pytest.raises(ValueError, match="NaN or Inf"):
         adacos_dynamic_scale(torch.full((4, 10), float("nan")), torch.arange(4), 5.0)
+
+
+@pytest.mark.parametrize("mode", [{}, {"chunk_size": 7}, {"sample_rate": 0.5}])
+def test_dynamic_adacos_masks_its_targets_without_nonzero(monkeypatch, mode) -> None:
+    """Its statistics found each block's target rows with ``torch.nonzero``: a host sync
+    per block on a GPU, with the value checks off too (found by review)."""
+    from pml_margins.functional import fused_margin_softmax
+
+    calls = []
+    real = torch.nonzero
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_margin_softmax, "_materializes", lambda *a: False)  # blocks
+    loss = AdaCosLoss(50, 16, **mode)
+    x, y = torch.randn(8, 16), torch.randint(0, 50, (8,))
+    want = AdaCosLoss(50, 16, **mode)
+    want.load_state_dict(loss.state_dict())
+    monkeypatch.setattr(torch, "nonzero", counted)
+    with value_checks(False):
+        torch.manual_seed(0)
+        got = loss(x, y)
+    assert calls == []
+    monkeypatch.setattr(torch, "nonzero", real)
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, want(x, y))
+    torch.testing.assert_close(loss.scale, want.scale)
