@@ -223,10 +223,9 @@ class RetrievalMetricsCallback(pl.Callback):
     padding copies of ``DistributedSampler`` dropped) before the metrics are
     computed, identically on every rank; where every rank turns out to hold the same rows
     (a loader Lightning did not shard, ``Trainer(use_distributed_sampler=False)``), one
-    copy of them.
-    Logged as ``recall_at_1``, ``recall_at_2``, ..., ``precision_at_1``, ``r_precision``,
-    ``map_at_r``
-    (with ``prefix``); the last values are also in :attr:`metrics`.
+    copy of them. Logged as ``recall_at_1``, ``recall_at_2``, ..., ``precision_at_1``,
+    ``r_precision``, ``map_at_r`` (with ``prefix``); the last values are also in
+    :attr:`metrics`.
 
     Args:
         recall_ks, include, k: passed to :func:`~pml_margins.adapters.retrieval_calculator`.

@@ -523,14 +523,18 @@ def load_image_dataset(
                 f"no {split} images (its index files list none of the {split} split: "
                 f"{_SPLIT_RULE[name]})"
             )
-    for split, data in (("train", train), ("test", test)):
-        if len(np.unique(np.asarray(data.labels))) < 2:
+    images_per_class = {
+        split: np.unique(np.asarray(data.labels), return_counts=True)[1]
+        for split, data in (("train", train), ("test", test))
+    }
+    for split, counts in images_per_class.items():
+        if len(counts) < 2:
             raise DatasetFolderError(
                 f"{name.upper()} folder {folder} has one {split} class: the split needs two "
                 "at least (one training class gives every softmax loss 0, one retrieved "
                 "class every metric 1)"
             )
-    if np.unique(np.asarray(test.labels), return_counts=True)[1].max() < 2:
+    if images_per_class["test"].max() < 2:
         raise DatasetFolderError(
             f"{name.upper()} folder {folder}: no test class has two images, so no query has "
             "a relevant reference (every retrieval metric would be empty)"

@@ -119,10 +119,9 @@ class StepStatistics:
             torch.empty(width, dtype=torch.uint8, device=columns.device).index_select(0, columns)
         mine, start = None, 0
         for block in blocks:
-            local = (columns - start).clamp(0, block.shape[1] - 1).unsqueeze(1)
+            local, inside = _in_block(columns, start, block.shape[1])
             value = block.gather(1, local).squeeze(1)
-            inside = (columns >= start) & (columns < start + block.shape[1])
-            mine = value if mine is None else torch.where(inside, value, mine)
+            mine = value if mine is None else torch.where(inside.squeeze(1), value, mine)
             start += block.shape[1]
         assert mine is not None
         return mine
@@ -140,15 +139,21 @@ class StepStatistics:
             logits = block * scale
             width = block.shape[1]
             # the targets held here to -inf, by a scatter (no nonzero: a host sync on a GPU)
-            local = self.target - start
-            inside = ((local >= 0) & (local < width)).unsqueeze(1)
-            columns = local.clamp(0, width - 1).unsqueeze(1)
+            columns, inside = _in_block(self.target, start, width)
             kept = logits.gather(1, columns)
             logits.scatter_(1, columns, torch.where(inside, -math.inf, kept))
             parts.append(_logsumexp_all(logits))
             start += width
         mine = parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), 0)
         return self.logsumexp_over_classes(mine)
+
+
+def _in_block(columns: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, 1)`` each column's index within the block ``[start, start + width)``, clamped
+    into it (a gather/scatter index for every row), and ``(N, 1)`` whether it lies there."""
+    local = columns - start
+    inside = (local >= 0) & (local < width)
+    return local.clamp(0, width - 1).unsqueeze(1), inside.unsqueeze(1)
 
 
 def _logsumexp_all(values: torch.Tensor) -> torch.Tensor:
