@@ -106,20 +106,19 @@ def _autograd_slope(psi: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(leaf) if slope is None else slope.detach()
 
 
-def _row_inverse_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(B, 1)`` ``1 / max(|x_i|, eps)``, where ``|x_i|`` exceeds ``eps`` (0/1 in x's
-    dtype), and ``|x_i|``: ``F.normalize``'s rule and its gradient's two cases, in four ops."""
+def _row_inverse_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, 1)`` ``1 / max(|x_i|, eps)`` and ``|x_i|``: ``F.normalize``'s rule (the
+    backward tells its gradient's two cases apart by the norms), in three ops."""
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    active = torch.gt(norms, NORM_EPS, out=torch.empty_like(norms))  # the backward multiplies
-    return norms.clamp_min(NORM_EPS).reciprocal_(), active, norms
+    return norms.clamp_min(NORM_EPS).reciprocal_(), norms
 
 
 def _column_inverse_norms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(1, C)`` ``1 / max(|w_j|, eps)`` and ``|w_j|^2`` where it exceeds ``eps^2``, else
+    """``(C,)`` ``1 / max(|w_j|, eps)`` and ``|w_j|^2`` where it exceeds ``eps^2``, else
     ``inf``: the divisor of the radial term of the gradient (which is 0 where the norm is
     clamped, as in ``F.normalize``). From the squared norms (``vecdot``: a strided
-    ``vector_norm`` over columns is several times slower)."""
-    squares = torch.linalg.vecdot(w, w, dim=0).unsqueeze(0)
+    ``vector_norm`` over columns is several times slower); both broadcast over rows."""
+    squares = torch.linalg.vecdot(w, w, dim=0)
     inverse = squares.clamp_min(NORM_EPS**2).rsqrt_()
     return inverse, squares.masked_fill_(squares <= NORM_EPS**2, torch.inf)
 
@@ -176,14 +175,14 @@ def dense_margin_softmax_cross_entropy(
     grad = torch.is_grad_enabled()
     with torch.no_grad(), autocast_off(device_type):
         x = _cast(embeddings.detach(), dtype)
-        x_inv = x_active = w_inv = w_radial = row_norms = None
+        x_inv = x_norms = w_inv = w_radial = None
         norm_scale = float(scale) if scale_by_norm else None  # (checked above)
         if normalize_embeddings:
-            x_inv, x_active, norms = _row_inverse_norms(x)
+            x_inv, x_norms = _row_inverse_norms(x)
             x = x * x_inv
             if norm_scale is not None:  # S_i = s |x_i|, no graph (its gradient: below)
-                row_norms = norms
-                scale = norms.squeeze(1) if norm_scale == 1.0 else norms.squeeze(1) * norm_scale
+                norms = x_norms.squeeze(1)
+                scale = norms if norm_scale == 1.0 else norms * norm_scale
         w = _cast(weight.detach(), dtype)
         if normalize_weight:
             w_inv, w_radial = _column_inverse_norms(w)
@@ -207,12 +206,11 @@ def dense_margin_softmax_cross_entropy(
     else:
         target, slope = target_and_slope(z_y, target_logit_fn, scale, bias, labels, grad)
     if not grad and not target.requires_grad:
-        losses = _losses(cosine, scale, bias, target.detach(), index)[0]
-        return torch.mean(losses) if mean else losses
+        return _losses(cosine, scale, bias, target.detach(), index, mean)[0]
     saved = _Saved(
         x,
         x_inv,
-        x_active,
+        x_norms,
         w_inv,
         w_radial,
         index,
@@ -223,7 +221,6 @@ def dense_margin_softmax_cross_entropy(
         mean,
         norm_scale,
         psi,
-        row_norms,
     )
     return _DenseMarginSoftmax.apply(embeddings, weight, scale_tensor, bias, target, cosine, saved)
 
@@ -233,9 +230,9 @@ class _Saved(NamedTuple):
 
     x: torch.Tensor  # rows of the product (normalized when asked), compute dtype
     x_inv: torch.Tensor | None  # (B, 1) 1 / max(|x|, eps)
-    x_active: torch.Tensor | None  # (B, 1) 1 where |x| > eps, else 0
-    w_inv: torch.Tensor | None  # (1, C)
-    w_radial: torch.Tensor | None  # (1, C) |w|^2 where |w| > eps, else inf
+    x_norms: torch.Tensor | None  # (B, 1) |x| (the radial term only where above eps)
+    w_inv: torch.Tensor | None  # (C,)
+    w_radial: torch.Tensor | None  # (C,) |w|^2 where |w| > eps, else inf
     index: torch.Tensor  # (B, 1) labels
     slope: torch.Tensor | None  # (B,) psi'(z_y)
     mm_dtype: torch.dtype  # the products' operand dtype
@@ -244,7 +241,6 @@ class _Saved(NamedTuple):
     mean: bool  # the function returns the mean of the losses
     norm_scale: float | None  # s where the scale is s |x| (scale_by_norm), else None
     psi: torch.Tensor | None  # (B,) psi(z_y) there
-    norms: torch.Tensor | None  # (B, 1) |x| there
 
 
 def _losses(
@@ -253,9 +249,10 @@ def _losses(
     bias: torch.Tensor | None,
     target: torch.Tensor,
     index: torch.Tensor,
+    mean: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Losses and log-softmax of the logits ``s z + b`` with the targets written in
-    (``cosine`` becomes the logits)."""
+    """The ``(B,)`` losses (their mean where ``mean``) and the log-softmax of the logits
+    ``s z + b`` with the targets written in (``cosine`` becomes the logits)."""
     if isinstance(scale, torch.Tensor):
         cosine.mul_(_cast(scale.detach(), cosine.dtype).unsqueeze(1))
     else:
@@ -263,7 +260,8 @@ def _losses(
     if bias is not None:
         cosine.add_(_cast(bias.detach(), cosine.dtype))
     log_prob = torch.log_softmax(cosine.scatter_(1, index, target.unsqueeze(1)), 1)
-    return log_prob.gather(1, index).squeeze(1).neg_(), log_prob
+    picked = log_prob.gather(1, index)  # (B, 1)
+    return (torch.mean(picked) if mean else picked.squeeze(1)).neg_(), log_prob
 
 
 class _DenseMarginSoftmax(torch.autograd.Function):
@@ -282,13 +280,13 @@ class _DenseMarginSoftmax(torch.autograd.Function):
         by_norm = saved.norm_scale is not None and ctx.needs_input_grad[0]
         z = cosine.clone() if ctx.needs_input_grad[2] or by_norm else None
         target = _cast(target.detach(), cosine.dtype)
-        losses, log_prob = _losses(cosine, saved.scale, bias, target, saved.index)
+        losses, log_prob = _losses(cosine, saved.scale, bias, target, saved.index, saved.mean)
         ctx.saved = saved
         ctx.dtypes = embeddings.dtype, weight.dtype, None if bias is None else bias.dtype
         # the inputs through save_for_backward: one changed in place before the backward
         # (an optimizer step) raises autograd's usual error instead of wrong gradients
         ctx.save_for_backward(log_prob, z, weight, embeddings, scale_tensor)
-        return torch.mean(losses) if saved.mean else losses
+        return losses
 
     @staticmethod
     @backward_once("the dense margin softmax", SOFTMAX_REMEDY)
@@ -302,11 +300,12 @@ class _DenseMarginSoftmax(torch.autograd.Function):
         grad_x = grad_w = grad_s = grad_b = grad_t = None
         with autocast_off(log_prob.device.type):
             g = _cast(grad_losses, dtype)
-            if saved.mean:  # each row's share: what torch.mean's backward hands each loss
-                g = g.expand(len(index)) / len(index)
+            if saved.mean:  # each row's share (what torch.mean's backward hands each loss),
+                g = g / len(index)  # 0-dim: it broadcasts over the rows
             s = saved.scale
             s = _cast(s.detach(), dtype) if isinstance(s, torch.Tensor) else s
-            gs = (g * s).unsqueeze(1)
+            gs = g * s
+            gs = gs.unsqueeze(1) if gs.ndim else gs
             prob = exp_of(log_prob)
             p_target = prob.gather(1, index).squeeze(1)
             by_norm = saved.norm_scale is not None and need_x
@@ -318,7 +317,7 @@ class _DenseMarginSoftmax(torch.autograd.Function):
                 off_target = torch.linalg.vecdot(prob, z)
                 grad_norm = torch.addcmul(off_target, p_target - 1, saved.psi).mul_(g)
             if need_b:
-                grad_b = _cast(torch.mv(prob.t(), g), ctx.dtypes[2])
+                grad_b = _cast(torch.mv(prob.t(), g.expand(len(index))), ctx.dtypes[2])
             if need_t:
                 grad_t = g * (p_target - 1)
             # d loss / d z: g s P off the target, g s (P_y - 1) psi'(z_y) on it
@@ -330,12 +329,13 @@ class _DenseMarginSoftmax(torch.autograd.Function):
             if need_x:
                 w_op = w * saved.w_inv if saved.unit_w else w
                 grad_x = _cast(torch.mm(grad_z_mm, _cast(w_op, mm_dtype).t()), dtype)
-                if saved.x_inv is not None:  # x: the unit rows
-                    radial = (grad_x * x).sum(1, keepdim=True).mul_(saved.x_active)
+                if saved.x_inv is not None:  # x: the unit rows (no radial term where clamped)
+                    radial = torch.linalg.vecdot(grad_x, x).unsqueeze_(1)
+                    radial.masked_fill_(saved.x_norms <= NORM_EPS, 0.0)
                     grad_x.addcmul_(x, radial, value=-1).mul_(saved.x_inv)
                 if by_norm:  # s dL/dS_i d|x_i|/dx_i = s dL/dS_i x_i/|x_i| (0 where |x_i| = 0)
-                    along = grad_norm.mul_(saved.norm_scale).unsqueeze(1).div_(saved.norms)
-                    along.masked_fill_(saved.norms == 0, 0.0)
+                    along = grad_norm.mul_(saved.norm_scale).unsqueeze(1).div_(saved.x_norms)
+                    along.masked_fill_(saved.x_norms == 0, 0.0)
                     grad_x.addcmul_(_cast(embeddings.detach(), dtype), along)
                 grad_x = _cast(grad_x, ctx.dtypes[0])
             if need_w:
@@ -344,8 +344,7 @@ class _DenseMarginSoftmax(torch.autograd.Function):
                     grad_w.mul_(saved.w_inv)
                 if saved.w_inv is not None:  # w: the raw columns
                     # (vecdot: over columns 1.5-4.5x faster than a product and a sum)
-                    radial = torch.linalg.vecdot(grad_w, w, dim=0).unsqueeze(0)
-                    radial.div_(saved.w_radial)
+                    radial = torch.linalg.vecdot(grad_w, w, dim=0).div_(saved.w_radial)
                     grad_w.addcmul_(w, radial, value=-1)
                 grad_w = _cast(grad_w, ctx.dtypes[1])
         return grad_x, grad_w, grad_s, grad_b, grad_t, None, None

@@ -147,7 +147,7 @@ def arcface_value_and_slope(
     easy_margin = easy_margin if caller_checked() else check_bool(easy_margin, "easy_margin")
     cos_m, sin_m, threshold = _cos_sin(margin)
     given, cosine = cosine, angle_cosine(cosine)
-    sine = ((1 - cosine) * (1 + cosine)).clamp_min_(0).sqrt_()
+    sine = ((1 - cosine) * (1 + cosine)).sqrt_()  # (both factors >= 0: cosine is clamped)
     value = cosine * cos_m - sine * sin_m
     ratio = torch.div(cosine, sine).masked_fill_(sine <= _SINE_MIN, 0)  # (+-inf where sine is 0)
     if isinstance(sin_m, torch.Tensor):  # per row, or batched by vmap: not in place
