@@ -281,4 +281,4 @@ class AdaCosLoss(ClassWeightLoss):
         return self.scale.detach().clone().expand(blocks[0].shape[0])
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scale={float(self.scale):.4g}"
+        return f"{super().extra_repr()}, {self.statistics_repr('scale')}"

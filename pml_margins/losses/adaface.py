@@ -227,7 +227,4 @@ class AdaFaceLoss(ClassWeightLoss):
         return partial(adaface_target, scaler=self._scaler, margin=self.margin, eps=self.eps)
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, batch_mean={float(self.batch_mean):.4g}, "
-            f"batch_std={float(self.batch_std):.4g}"
-        )
+        return f"{super().extra_repr()}, {self.statistics_repr('batch_mean', 'batch_std')}"

@@ -288,4 +288,4 @@ class CurricularFaceLoss(ClassWeightLoss):
         return self._non_target
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, t={float(self.t):.4g}"
+        return f"{super().extra_repr()}, {self.statistics_repr('t')}"

@@ -29,6 +29,17 @@ class FloatStatisticsMixin:
         :meth:`reset_running_stats` restores."""
         return {}
 
+    def statistics_repr(self, *names: str) -> str:
+        """``name=value`` of each one-value running statistic in ``names``, for
+        ``extra_repr``: ``4.5`` (4 significant digits), or ``meta`` where the buffer is on
+        the meta device (a loss built there has no values yet, and printing a model that
+        holds it must not fail)."""
+        shown = []
+        for name in names:
+            value = getattr(self, name)
+            shown.append(f"{name}={'meta' if value.is_meta else format(float(value), '.4g')}")
+        return ", ".join(shown)
+
     def reset_running_stats(self) -> None:
         """Every running statistic back to its value at construction, in place (dtype,
         device and shape kept), as ``BatchNorm``'s method of that name: after ``to_empty``

@@ -284,3 +284,19 @@ def test_a_load_that_copy_cannot_take_is_undone_and_keeps_torchs_error() -> None
     with pytest.raises(RuntimeError, match="size mismatch for W") as raised:
         tagged.load_state_dict({"W": torch.randn(4, 6)}, strict=False)
     assert "set_extra_state" not in str(raised.value)
+
+
+@pytest.mark.parametrize(("loss_type", "names"), LOSSES, ids=[c.__name__ for c, _ in LOSSES])
+def test_repr_shows_statistics_and_works_on_the_meta_device(loss_type, names) -> None:
+    """A loss built on the meta device prints (found by review: its ``extra_repr`` read the
+    statistics with ``float()``, and printing a model holding it raised ``Tensor.item()
+    cannot be called on meta tensors``); on a real device each statistic's value shows."""
+    loss = loss_type(C, D)
+    for name in names:
+        assert f"{name}={float(getattr(loss, name)):.4g}" in repr(loss)
+    with torch.device("meta"):
+        model = torch.nn.Sequential(loss_type(C, D))
+    text = repr(model)
+    for name in names:
+        assert f"{name}=meta" in text
+    assert all(f"{name}=meta" in repr(loss.to("meta")) for name in names)
