@@ -114,13 +114,14 @@ def _row_inverse_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _column_inverse_norms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(C,)`` ``1 / max(|w_j|, eps)`` and ``|w_j|^2`` where it exceeds ``eps^2``, else
+    """``(C,)`` ``1 / max(|w_j|, eps)`` and ``|w_j|^2`` where it is at least ``eps^2``, else
     ``inf``: the divisor of the radial term of the gradient (which is 0 where the norm is
-    clamped, as in ``F.normalize``). From the squared norms (``vecdot``: a strided
-    ``vector_norm`` over columns is several times slower); both broadcast over rows."""
+    below eps, as in ``F.normalize``, whose clamp passes the gradient at equality). From
+    the squared norms (``vecdot``: a strided ``vector_norm`` over columns is several times
+    slower); both broadcast over rows."""
     squares = torch.linalg.vecdot(w, w, dim=0)
     inverse = squares.clamp_min(NORM_EPS**2).rsqrt_()
-    return inverse, squares.masked_fill_(squares <= NORM_EPS**2, torch.inf)
+    return inverse, squares.masked_fill_(squares < NORM_EPS**2, torch.inf)
 
 
 def check_norm_scale_form(normalize_embeddings: bool, bias: object, scale: object) -> None:
@@ -331,7 +332,7 @@ class _DenseMarginSoftmax(torch.autograd.Function):
                 grad_x = _cast(torch.mm(grad_z_mm, _cast(w_op, mm_dtype).t()), dtype)
                 if saved.x_inv is not None:  # x: the unit rows (no radial term where clamped)
                     radial = torch.linalg.vecdot(grad_x, x).unsqueeze_(1)
-                    radial.masked_fill_(saved.x_norms <= NORM_EPS, 0.0)
+                    radial.masked_fill_(saved.x_norms < NORM_EPS, 0.0)
                     grad_x.addcmul_(x, radial, value=-1).mul_(saved.x_inv)
                 if by_norm:  # s dL/dS_i d|x_i|/dx_i = s dL/dS_i x_i/|x_i| (0 where |x_i| = 0)
                     along = grad_norm.mul_(saved.norm_scale).unsqueeze(1).div_(saved.x_norms)

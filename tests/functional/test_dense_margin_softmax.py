@@ -103,6 +103,26 @@ def test_zero_rows_and_columns_follow_f_normalize():
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
+def test_a_norm_of_exactly_eps_keeps_the_radial_term_as_f_normalize():
+    """``F.normalize``'s clamp passes the gradient where the norm equals eps, so the radial
+    component is projected out there (found by review: the dense backward skipped it for
+    norms <= eps; dL/dx of such a row was 1.97e12 instead of 0)."""
+    x, w, labels = inputs(3)
+    x[0] = 0
+    x[0, 0] = 1e-12  # norm exactly eps
+    w[:, 2] = 0
+    w[1, 2] = 1e-12
+    assert torch.linalg.vector_norm(x[0]).item() == 1e-12
+    assert torch.linalg.vector_norm(w[:, 2]).item() == 1e-12
+    results = []
+    for fn in (dense_margin_softmax_cross_entropy, reference):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        fn(xs, ws, labels, None, 10.0, True, True).sum().backward()
+        results.append((xs.grad, ws.grad))
+    for ours, ref in zip(*results, strict=True):  # (entries up to ~1e12 = 1/eps: relative)
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
+
+
 def test_backward_twice_with_retain_graph_and_no_grad_forward():
     x, w, labels = inputs(3, torch.float32)
     x.requires_grad_()
