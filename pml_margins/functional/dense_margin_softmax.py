@@ -3,10 +3,10 @@ r"""The margin softmax of a small problem: one ``(B, C)`` product, one autograd 
 For ``B C`` up to a few hundred thousand the cost of a margin-softmax step is its
 op count, not its arithmetic. Here the cosines come from one product, made without
 a graph; the target logit :math:`t_i = s_i\psi(z_{iy_i}) + b_{y_i}` is formed from
-the gathered target cosines (with the graph of :math:`\psi`'s other inputs, the
-scale and the bias), and one autograd function takes the softmax and writes the
-gradients by hand (``P``: the softmax of the logits, :math:`\hat x = x/|x|`,
-:math:`\hat w_j = w_j/|w_j|`, :math:`g` the incoming gradient):
+the gathered target cosines (with the graph of :math:`\psi`'s other inputs and of
+the scale; the bias's enters without one), and one autograd function takes the
+softmax and writes the gradients by hand (``P``: the softmax of the logits,
+:math:`\hat x = x/|x|`, :math:`\hat w_j = w_j/|w_j|`, :math:`g` the incoming gradient):
 
 .. math::
     G_{ij} = g_i s_i P_{ij}\ (j \ne y_i), \qquad
@@ -20,7 +20,8 @@ gradients by hand (``P``: the softmax of the logits, :math:`\hat x = x/|x|`,
 
 (no projection where a norm is below ``F.normalize``'s ``eps``, as there), plus
 :math:`\partial L/\partial s_i = g_i\sum_{j\ne y_i} P_{ij} z_{ij}` and
-:math:`\partial L/\partial b_j = \sum_{i: y_i \ne j} g_i P_{ij}`. About half the ops of
+:math:`\partial L/\partial b_j = \sum_i g_i (P_{ij} - [j = y_i])` (the whole of it, in the
+compute dtype: a half-precision bias's gradient is rounded once). About half the ops of
 the same loss written with torch functions and differentiated by autograd.
 
 The products take ``W``'s raw columns and the result is scaled by :math:`1/|w_j|`
@@ -205,7 +206,9 @@ def dense_margin_softmax_cross_entropy(
         target = psi * scale
         psi = psi.detach()
     else:
-        target, slope = target_and_slope(z_y, target_logit_fn, scale, bias, labels, grad)
+        # the bias without its graph: the backward gives its whole gradient (rounded once)
+        b_d = None if bias is None else bias.detach()
+        target, slope = target_and_slope(z_y, target_logit_fn, scale, b_d, labels, grad)
     if not grad and not target.requires_grad:
         return _losses(cosine, scale, bias, target.detach(), index, mean)[0]
     saved = _Saved(
@@ -310,15 +313,18 @@ class _DenseMarginSoftmax(torch.autograd.Function):
             prob = exp_of(log_prob)
             p_target = prob.gather(1, index).squeeze(1)
             by_norm = saved.norm_scale is not None and need_x
-            if need_s or need_b or by_norm:  # off the target (it reaches s, b through t)
+            if need_s or need_b or by_norm:  # off the target (it reaches s through t)
                 prob.scatter_(1, index, 0.0)
             if need_s:
                 grad_s = _cast(g * torch.linalg.vecdot(prob, z), saved.scale.dtype)
             if by_norm:  # dL/dS (S = s |x|; the target logit S psi: its share too)
                 off_target = torch.linalg.vecdot(prob, z)
                 grad_norm = torch.addcmul(off_target, p_target - 1, saved.psi).mul_(g)
-            if need_b:
-                grad_b = _cast(torch.mv(prob.t(), g.expand(len(index))), ctx.dtypes[2])
+            if need_b:  # sum_i g_i (P_ij - [j = y_i]), in dtype, then the bias's dtype once
+                g_rows = g.expand(len(index))
+                grad_b = torch.mv(prob.t(), g_rows)
+                grad_b.index_add_(0, index.squeeze(1), g_rows * (p_target - 1))
+                grad_b = _cast(grad_b, ctx.dtypes[2])
             if need_t:
                 grad_t = g * (p_target - 1)
             # d loss / d z: g s P off the target, g s (P_y - 1) psi'(z_y) on it

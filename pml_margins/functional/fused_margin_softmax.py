@@ -615,7 +615,7 @@ def fused_margin_softmax_cross_entropy(
         target_logit_fn,
         scale,
         normalize_weight,
-        bias,
+        None if bias is None else bias.detach(),  # (its whole gradient: the backward's)
         grad,
         per_class,
         target_cosines,
@@ -712,7 +712,8 @@ def _target_terms(
     r"""The target logits :math:`t`, the slope :math:`\psi'(z)`, the target cosines ``z``.
 
     ``z`` is computed without a graph (the blocked function differentiates it); ``t``
-    has the graph of :math:`\psi`'s other inputs, the scale and the bias. With sub-centres
+    has the graph of :math:`\psi`'s other inputs, the scale and the bias as given (the
+    blocked function takes the bias without one and gives its whole gradient). With sub-centres
     ``z`` is the maximum over the target class's ``K`` columns, and the fourth value is the
     winning sub-centre of each row (the first on ties; ``None`` when ``K = 1``).
     """
@@ -1353,7 +1354,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                     exp_in_place(prob.sub_(lse.unsqueeze(1)))
                     if grad_b is not None:
                         targets.set(prob, k, 0.0)
-                if grad_b is not None:  # the target's share reaches b through t
+                if grad_b is not None:  # off the target (its share: after the blocks)
                     grad_b[start:stop] = torch.mv(prob.t(), g)
                 if phi is not None and row_factor is None:
                     prob.mul_(phi_slope)  # d l_ij / d z_ij = s_i phi'(z_ij)
@@ -1390,8 +1391,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                 if nontarget is None:
                     nontarget = (xc * acc).sum(1) - target_value * z_y
                 grad_s = (g * nontarget).to(scale_tensor.dtype)
-            if grad_b is not None:
-                grad_b = grad_b.to(bias.dtype)
+            if grad_b is not None:  # the targets' share, in dtype: the bias's dtype once
+                grad_b = grad_b.index_add_(0, labels, g * (p_target - 1)).to(bias.dtype)
             if need_t:
                 grad_t = g * (p_target - 1)
         return grad_x, grad_w, grad_s, grad_b, grad_t, None, None, None, None, None
