@@ -102,9 +102,13 @@ def test_numpy_and_tensor_integers_are_integers(k):
             exact_knn(x, x, bad)
 
 
-def test_non_contiguous_labels_raise_no_warning():
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float32], ids=str)
+def test_non_contiguous_labels_raise_no_warning(dtype):
+    """A column of a label matrix (found by review: int64 labels were copied to float32
+    before the ``searchsorted`` they guard, so only other dtypes reach it as views)."""
     x, y = _data()
-    two_level = torch.stack([y, y // 2], dim=1)
+    two_level = torch.stack([y, y // 2], dim=1).to(dtype)
+    assert not two_level[:, 1].is_contiguous()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         RetrievalAccuracyCalculator(include=KNN_METRICS).get_accuracy(x, two_level[:, 1])

@@ -159,13 +159,26 @@ def test_mixed_dtypes_compute_in_the_wider_and_return_each_dtype(x_dtype, w_dtyp
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_autocast_runs_the_product_in_bfloat16():
+def test_cpu_autocast_runs_the_product_in_bfloat16(monkeypatch):
+    """The forward product and both backward products take bfloat16 operands (checked on
+    the calls themselves: found by review, the value alone also passed with float32
+    products), and the loss and gradients come back float32."""
     x, w, labels = inputs(5, torch.float32)
     x.requires_grad_()
+    w.requires_grad_()
+    operands = []
+    mm = torch.mm
+
+    def recording_mm(a, b, *args, **kwargs):
+        operands.append((a.dtype, b.dtype))
+        return mm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", recording_mm)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = dense_margin_softmax_cross_entropy(x, w, labels, ARC, 16.0, True, True)
     loss.sum().backward()
-    assert loss.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert operands == [(torch.bfloat16, torch.bfloat16)] * 3
+    assert loss.dtype == x.grad.dtype == w.grad.dtype == torch.float32
     ref = reference(x.detach().double(), w.double(), labels, ARC, 16.0, True, True)
     torch.testing.assert_close(loss.double(), ref, rtol=0.05, atol=0.05)
 

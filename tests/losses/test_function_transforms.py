@@ -173,9 +173,13 @@ def test_value_checks_read_the_values_inside_transforms() -> None:
 
 
 def test_safe_sine_is_differentiable_to_any_order() -> None:
-    """d sin / d cos = -cos / sin, d^2 sin / d cos^2 = -1 / sin^3; 0 within 1e-6 of +-1."""
-    c = torch.tensor([-1.0, -0.6, 0.0, 0.3, 0.9, 1.0 - 1e-13, 1.0], dtype=torch.float64)
-    s = torch.sqrt(1 - c * c)
+    """d sin / d cos = -cos / sin, d^2 sin / d cos^2 = -1 / sin^3; 0 within 1e-6 of +-1,
+    and only there: sines of 2e-6 and 4e-6 keep their slopes (found by review: no point
+    lay between 4.5e-7 and 0.43, so a cut-off of 0.3 also passed)."""
+    near = [1.0 - 2e-12, -(1.0 - 8e-12)]  # sines ~2e-6 and ~4e-6: just inside
+    c = torch.tensor([-1.0, -0.6, 0.0, 0.3, 0.9, *near, 1.0 - 1e-13, 1.0], dtype=torch.float64)
+    s = torch.sqrt((1 - c) * (1 + c))
+    assert (s[5:7] > 1e-6).all() and (s[5:7] < 5e-6).all() and s[7] < 1e-6
     first = torch.vmap(torch.func.grad(safe_sine))(c)
     second = torch.vmap(torch.func.grad(torch.func.grad(safe_sine)))(c)
     inside = s > 1e-6
