@@ -123,6 +123,32 @@ def test_a_norm_of_exactly_eps_keeps_the_radial_term_as_f_normalize():
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize(
+    "mode",
+    [{"materialize": False}, {"chunk_size": 2}, {"chunk_size": 3, "sub_centers": 2}],
+    ids=["blocked", "chunked", "sub-centres"],
+)
+def test_the_blocked_function_agrees_at_a_column_norm_of_exactly_eps(mode):
+    """The blocked function took columns of norm up to 1.001 eps as clamped (no radial
+    term; found by review): ``dL/dW`` of a column of norm exactly 1e-12 was 1.99e12
+    off ``F.normalize``'s. Now ``|w_j| >= eps`` is kept from the squared norms."""
+    x, w, labels = inputs(3)
+    per_class = mode.get("sub_centers", 1)
+    w = w[:, : C - C % per_class] if per_class > 1 else w
+    w[:, 2] = 0
+    w[1, 2] = 1e-12
+    labels = labels % (w.shape[1] // per_class)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    fused_margin_softmax_cross_entropy(xs, ws, labels, None, 10.0, **mode).sum().backward()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    z = F.normalize(xr, dim=1) @ F.normalize(wr, dim=0)
+    if per_class > 1:
+        z = z.unflatten(1, (-1, per_class)).amax(2)
+    F.cross_entropy(10.0 * z, labels, reduction="sum").backward()
+    for ours, ref in ((xs.grad, xr.grad), (ws.grad, wr.grad)):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
+
+
 def test_backward_twice_with_retain_graph_and_no_grad_forward():
     x, w, labels = inputs(3, torch.float32)
     x.requires_grad_()
