@@ -114,3 +114,25 @@ def test_a_decorated_generator_function_runs_its_body_switched() -> None:
         raise AssertionError("the generator did not finish")
     assert autograd_only_enabled() is False
     assert list(autograd_only()(lambda: (yield from range(2)))()) == [0, 1]
+
+
+def test_a_decorated_generator_closed_early_runs_its_cleanup_switched() -> None:
+    """``close()`` before the end resumes the body (its ``finally``) switched too (found
+    by review: only a generator run to its end was checked)."""
+    from pml_margins import autograd_only, autograd_only_enabled
+
+    cleanup = []
+
+    @autograd_only()
+    def body():
+        try:
+            yield 1
+            yield 2
+        finally:
+            cleanup.append(autograd_only_enabled())
+
+    gen = body()
+    assert next(gen) == 1
+    gen.close()
+    assert cleanup == [True]
+    assert autograd_only_enabled() is False

@@ -51,6 +51,41 @@ def test_optimizer_keys_and_learning_rates() -> None:
     assert opt.optimizers["trunk_optimizer"].param_groups[0]["lr"] == 1e-3
 
 
+def test_optimizer_kwargs_reach_every_optimizer() -> None:
+    """``optimizer_kwargs`` (weight decay, momentum) go to the models' and the losses'
+    optimizers alike (found by review: untested, dropping them passed)."""
+    models = {"trunk": mlp()}
+    losses = {"metric_loss": arcface()}
+    kwargs = {"weight_decay": 5e-4, "momentum": 0.9}
+    opt = trainer_optimizers(models, losses, optimizer=torch.optim.SGD, optimizer_kwargs=kwargs)
+    for optimizer in opt.optimizers.values():
+        group = optimizer.param_groups[0]
+        assert (group["weight_decay"], group["momentum"]) == (5e-4, 0.9)
+
+
+def test_retrieval_tester_uses_the_calculator_given() -> None:
+    """``accuracy_calculator=`` replaces the default one (found by review: untested)."""
+    from pml_margins.evaluation import RetrievalAccuracyCalculator
+
+    mine = RetrievalAccuracyCalculator(include=("precision_at_1",), k=3)
+    assert retrieval_tester(accuracy_calculator=mine).accuracy_calculator is mine
+    default = retrieval_tester(recall_ks=(1, 5)).accuracy_calculator
+    assert default is not mine and "recall_at_5" in default.get_curr_metrics()
+
+
+def test_retrieval_calculator_ranks_by_cosine_similarity() -> None:
+    """Neighbours by angle, not by Euclidean distance (found by review: nothing pinned
+    the distance). Query (1, 0): the reference (10, 1) is its nearest by angle, (0.6,
+    0.6) by Euclidean distance; their labels tell which one the calculator took."""
+    from pml_margins.adapters import retrieval_calculator
+
+    query = torch.tensor([[1.0, 0.0]])
+    reference = torch.tensor([[10.0, 1.0], [0.6, 0.6]])
+    calculator = retrieval_calculator(recall_ks=(1,), include=("precision_at_1",))
+    got = calculator.get_accuracy(query, torch.tensor([0]), reference, torch.tensor([0, 1]))
+    assert got["precision_at_1"] == 1.0
+
+
 def test_frozen_parameters_get_no_optimizer() -> None:
     trunk, embedder = mlp(), torch.nn.Linear(EMB, 8)
     embedder.requires_grad_(False)

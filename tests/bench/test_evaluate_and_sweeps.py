@@ -166,6 +166,61 @@ def test_ablate_cli_tiny(tmp_path, monkeypatch) -> None:
         run_cli(["ablate", "--repeats", "0", "--out", str(out)])
 
 
+def test_ablate_trains_each_points_overrides_with_one_seed_per_repeat(tmp_path, monkeypatch):
+    """Each point's swept value reaches the loss it trains, every repeat a seed of its own
+    (``--seed`` + repeat), and a warm-up point's schedule is stepped to its end (found by
+    review: none of the three was checked; the tiny run above has no overrides and one
+    seed, and tells the warm-up point apart by metrics only)."""
+    import json
+
+    from pml_margins.bench import cli_ablate, registry, sweeps, train
+    from pml_margins.cli import main
+
+    real_args, real_build, real_seed = (
+        cli_ablate._bench_args,
+        registry.build_loss,
+        train.seed_everything,
+    )
+
+    def small(args):
+        ns = real_args(args)
+        ns.max_classes, ns.image_size, ns.batch_size = 20, 16, 32
+        return ns
+
+    built, seeds = [], []
+
+    def recording_build(*args, **kwargs):
+        setup = real_build(*args, **kwargs)
+        built.append(setup.loss)
+        return setup
+
+    def recording_seed(seed):
+        seeds.append(seed)
+        real_seed(seed)
+
+    monkeypatch.setattr(cli_ablate, "_bench_args", small)
+    monkeypatch.setattr(registry, "build_loss", recording_build)
+    monkeypatch.setattr(train, "seed_everything", recording_seed)
+    points = (
+        sweeps.SweepPoint("ArcFace", 0.1, "arcface", {"margin": 0.1}),
+        sweeps.SweepPoint("ArcFace", 0.4, "arcface", {"margin": 0.4}, warmup=True),
+    )
+    monkeypatch.setitem(sweeps.SWEEPS, "warmup", sweeps.Sweep("warmup", "m", points))
+    out = tmp_path / "ab"
+    argv = ["ablate", "--sweep", "warmup", "--epochs", "1", "--repeats", "2", "--seed", "5"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    runs = [seed for i, seed in enumerate(seeds) if i == 0 or seeds[i - 1] != seed]
+    assert runs == [5, 6, 5, 6]  # (each run seeds more than once: its model, its loader)
+    # the fixed point keeps its margin; the warm-up point's has risen from 0 to its value
+    assert [float(loss.margin) for loss in built] == pytest.approx([0.1, 0.1, 0.4, 0.4])
+    result = json.loads((out / "warmup.json").read_text())
+    assert result["seeds"] == [5, 6]
+    assert [p["hyperparameters"]["margin"] for p in result["points"]] == [0.1, 0.4]
+    for point in result["points"]:
+        first, second = (run["metrics"] for run in point["runs"])
+        assert [run["seed"] for run in point["runs"]] == [5, 6] and first != second
+
+
 @pytest.mark.parametrize(("flag", "expected"), [([], None), (["--threads", "2"], 2)])
 def test_ablate_threads_and_glyph_loss_defaults(tmp_path, monkeypatch, flag, expected) -> None:
     import json

@@ -57,13 +57,17 @@ def test_miner_entry_uses_m_per_class_batches() -> None:
     assert sorted(counts[counts > 0].tolist()) == [4, 4]  # 2 classes x m=4
 
 
-def test_non_finite_loss_stops_with_the_loss_name() -> None:
+def test_non_finite_embeddings_stop_with_the_loss_label() -> None:
+    """A model whose embeddings are Inf stops before the loss, naming the run (this test
+    claimed the loss's check, which the embeddings' check comes before: found by review;
+    the loss's own is ``test_nan_loss_stops_with_the_loss_label``)."""
     setup = registry.build_loss("nsl", 4, 3)
     model = torch.nn.Linear(4, 3)
     with torch.no_grad():
         model.weight.fill_(float("inf"))
     cfg = train.TrainConfig(epochs=1, batch_size=8, progress=False)
-    with pytest.raises((RuntimeError, ValueError), match=r"NaN|non-finite"):
+    expected = f"{setup.label}: the model's embeddings became NaN or Inf at step 0"
+    with pytest.raises(RuntimeError, match=expected):
         train.train_embedding(model, setup, _toy(), cfg)
 
 
