@@ -109,3 +109,54 @@ def test_nan_loss_stops_with_the_loss_label() -> None:
     cfg = train.TrainConfig(epochs=1, batch_size=8, progress=False)
     with pytest.raises(RuntimeError, match="Broken: non-finite loss nan at step 0"):
         train.train_embedding(torch.nn.Linear(4, 3), setup, _toy(), cfg)
+
+
+def test_random_shift_moves_each_image_by_its_own_offset() -> None:
+    """Each image of the batch is translated by its own offset in -s..s, zeros moved in
+    (found by review: one offset for the whole batch also passed the tests)."""
+    images = torch.zeros(64, 1, 9, 9)
+    images[:, 0, 4, 4] = 1.0  # one lit pixel, in the middle
+    shifted = train.random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape and shifted.sum(dim=(1, 2, 3)).eq(1).all()
+    rows, cols = shifted[:, 0].nonzero()[:, 1:].t()  # where each image's pixel went
+    assert rows.sub(4).abs().le(2).all() and cols.sub(4).abs().le(2).all()
+    offsets = set(zip(rows.tolist(), cols.tolist(), strict=True))
+    assert len(offsets) > 10  # 25 possible: per image, not one per batch
+    assert train.random_shift(images, 0, torch.Generator()) is images
+
+
+def test_the_learning_rate_is_cosine_annealed_to_zero(monkeypatch) -> None:
+    """The documented schedule: the model's learning rate ends at 0 after the last step
+    (found by review: dropping the scheduler's step passed the tests)."""
+    made = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    setup = registry.build_loss("nsl", 4, 3)
+    cfg = train.TrainConfig(epochs=2, batch_size=8, lr=1e-3, progress=False)
+    train.train_embedding(torch.nn.Linear(4, 3), setup, _toy(), cfg)
+    (optimizer,) = made
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.0, 0.0])
+    assert [group["initial_lr"] for group in optimizer.param_groups] == [1e-3, cfg.loss_lr]
+
+
+def test_the_pixel_baseline_ranks_the_test_images_own_pixels() -> None:
+    """The raw-pixel row retrieves on the held-out images' pixels (found by review: a
+    baseline on random vectors passed): three copies of each class's image (with faint
+    noise) find each other, which nothing but their pixels can tell."""
+    from types import SimpleNamespace
+
+    from pml_margins.bench.cli_bench import _pixel_baseline
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(20, 1, 6, 6, generator=g).repeat_interleave(3, 0)
+    images += 1e-3 * torch.rand(images.shape, generator=g)
+    labels = torch.arange(20).repeat_interleave(3)
+    data = SimpleNamespace(test=TensorDataset(images, labels), recall_ks=(1,))
+    row = _pixel_baseline(data)
+    assert row["metrics"]["precision_at_1"] == 1.0
+    assert row["metrics"]["mean_average_precision_at_r"] == 1.0
