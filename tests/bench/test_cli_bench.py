@@ -110,6 +110,30 @@ def test_embeddings_only_evaluates_saved_model(tmp_path: Path) -> None:
         assert (tmp_path / "train" / f"reevaluated.{suffix}").is_file()
 
 
+def test_the_checkpoint_is_the_first_seeds_model(tmp_path: Path) -> None:
+    """With ``--repeats 2`` the saved model is the first seed's, the one the checkpoint
+    says it is (found by review: saving the last seed's instead passed the tests)."""
+    repeats = [*TINY]
+    repeats[repeats.index("--repeats") + 1] = "2"
+    main(["bench", "--losses", "cosface", "--seed", "3", "--out", str(tmp_path / "t"), *repeats])
+    first, second = _results(tmp_path / "t")["losses"][0]["runs"]
+    assert (first["seed"], second["seed"]) == (3, 4) and first["metrics"] != second["metrics"]
+    ckpt = tmp_path / "t" / "checkpoints" / "cosface.pt"
+    main(
+        [
+            "bench",
+            "--embeddings-only",
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "e"),
+            *TINY,
+        ]
+    )
+    evaluated = _results(tmp_path / "e", "reevaluated.json")["losses"][0]
+    assert evaluated["metrics"] == first["metrics"]
+
+
 def test_checkpoint_without_embeddings_only_and_failed_reevaluation_leave_nothing(
     tmp_path: Path,
 ) -> None:
