@@ -170,6 +170,40 @@ def test_default_dims_two_rows_written_to_out(tmp_path: Path, figures: list, cap
     assert f"wrote {out}" in stdout
 
 
+def test_panels_show_the_held_out_images_and_their_own_p_at_1(tmp_path: Path, monkeypatch):
+    """Each panel plots the test split's embeddings (not the training images) with the P@1
+    of exactly those points, recomputed here by a cosine 1-nn (found by review: a halved
+    P@1, or the training split embedded, passed the tests)."""
+    trained, embedded, panels = [], [], []
+    real_train, real_embed, real_panel = train.train_embedding, train.embed, SpherePanel
+
+    def recording_train(model, setup, dataset, cfg):
+        trained.append(dataset)
+        return real_train(model, setup, dataset, cfg)
+
+    def recording_embed(model, dataset, **kwargs):
+        embedded.append(dataset)
+        return real_embed(model, dataset, **kwargs)
+
+    def recording_panel(**kwargs):
+        panels.append(kwargs)
+        return real_panel(**kwargs)
+
+    monkeypatch.setattr(train, "train_embedding", recording_train)
+    monkeypatch.setattr(train, "embed", recording_embed)
+    monkeypatch.setattr(sphere_plot, "SpherePanel", recording_panel)
+    out = tmp_path / "s.png"
+    assert main(["sphere", "--losses", "nsl", "--dims", "3", *QUICK, "--out", str(out)]) == 0
+    (train_set,), (test_set,), (panel,) = trained, embedded, panels
+    assert test_set is not train_set and len(panel["embeddings"]) == len(test_set)
+    unit = panel["embeddings"] / np.linalg.norm(panel["embeddings"], axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    labels = panel["labels"]
+    expected = float(np.mean(labels[similarity.argmax(1)] == labels))
+    assert panel["precision_at_1"] == pytest.approx(expected, abs=1e-9)
+
+
 @pytest.mark.parametrize(
     ("losses", "titles"), [("nsl", ["NSL"]), ("cosface,nsl", ["CosFace", "NSL"])]
 )
