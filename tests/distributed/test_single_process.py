@@ -436,3 +436,22 @@ def test_with_value_checks_off_a_row_without_one_owner_is_nan():
     with pml_margins.value_checks(False):
         loss = ShardedMarginSoftmaxLoss(ArcFaceLoss, 11, 6)(x, torch.tensor([1, 2, 11, 3]))
     assert loss.isnan()
+
+
+def test_the_query_label_fingerprint_sees_their_order() -> None:
+    """The ranks' query labels are compared by a fingerprint of their elements *in
+    order* (found by review: only labels that differ as multisets were tried, and an
+    order-blind fingerprint passed): a permutation, one changed label or a float's bit
+    pattern change it; equal labels, on any dtype of the same values, do not."""
+    from pml_margins.distributed.evaluation import _content_code
+
+    labels = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    assert _content_code(labels) == _content_code(labels.clone())
+    assert _content_code(labels) != _content_code(labels.flip(0))
+    assert _content_code(labels) != _content_code(labels[[1, 0, *range(2, 8)]])
+    changed = labels.clone()
+    changed[5] = 8
+    assert _content_code(labels) != _content_code(changed)
+    floats = labels.float()
+    assert _content_code(floats) != _content_code(floats.flip(0))
+    assert _content_code(floats) != _content_code(torch.where(floats == 9, -0.0, floats))
