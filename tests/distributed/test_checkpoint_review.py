@@ -54,6 +54,19 @@ def test_shards_of_different_runs_are_refused():
         merge_shards([a[0], half[1]])
 
 
+def test_shards_whose_class_ranges_are_not_the_contiguous_split_are_refused():
+    """Two ranks that both claim to hold classes [0, 5) (or ranges swapped) are not one
+    run's shards, even where every other field agrees (found by review: no test gave
+    such shards, and removing the check passed)."""
+    torch.manual_seed(0)
+    shards = _shards(ArcFaceLoss(10, 4))
+    for ranges in ([(0, 5), (0, 5)], [(5, 10), (0, 5)], [(0, 4), (4, 10)]):
+        edited = [dict(shard, class_range=list(r)) for shard, r in zip(shards, ranges, strict=True)]
+        with pytest.raises(ValueError, match="shard class ranges do not match the contiguous"):
+            merge_shards(edited)
+    merge_shards(shards)  # (the split's own ranges load)
+
+
 def test_a_w_that_does_not_fit_num_classes_is_refused():
     full = from_single_process_loss(ArcFaceLoss(10, 4))
     full["state_dict"]["W"] = torch.zeros(4, 25)
