@@ -236,7 +236,7 @@ class _Saved(NamedTuple):
     x_inv: torch.Tensor | None  # (B, 1) 1 / max(|x|, eps)
     x_norms: torch.Tensor | None  # (B, 1) |x| (the radial term only where above eps)
     w_inv: torch.Tensor | None  # (C,)
-    w_radial: torch.Tensor | None  # (C,) |w|^2 where |w| > eps, else inf
+    w_radial: torch.Tensor | None  # (C,) |w|^2 where |w| >= eps, else inf
     index: torch.Tensor  # (B, 1) labels
     slope: torch.Tensor | None  # (B,) psi'(z_y)
     mm_dtype: torch.dtype  # the products' operand dtype
@@ -311,7 +311,7 @@ class _DenseMarginSoftmax(torch.autograd.Function):
             gs = g * s
             gs = gs.unsqueeze(1) if gs.ndim else gs
             prob = exp_of(log_prob)
-            p_target = prob.gather(1, index).squeeze(1)
+            p_minus_1 = prob.gather(1, index).squeeze(1).sub_(1)  # P_iy - 1, once
             by_norm = saved.norm_scale is not None and need_x
             if need_s or need_b or by_norm:  # off the target (it reaches s through t)
                 prob.scatter_(1, index, 0.0)
@@ -319,16 +319,16 @@ class _DenseMarginSoftmax(torch.autograd.Function):
                 grad_s = _cast(g * torch.linalg.vecdot(prob, z), saved.scale.dtype)
             if by_norm:  # dL/dS (S = s |x|; the target logit S psi: its share too)
                 off_target = torch.linalg.vecdot(prob, z)
-                grad_norm = torch.addcmul(off_target, p_target - 1, saved.psi).mul_(g)
+                grad_norm = torch.addcmul(off_target, p_minus_1, saved.psi).mul_(g)
             if need_b:  # sum_i g_i (P_ij - [j = y_i]), in dtype, then the bias's dtype once
                 g_rows = g.expand(len(index))
                 grad_b = torch.mv(prob.t(), g_rows)
-                grad_b.index_add_(0, index.squeeze(1), g_rows * (p_target - 1))
+                grad_b.index_add_(0, index.squeeze(1), g_rows * p_minus_1)
                 grad_b = _cast(grad_b, ctx.dtypes[2])
             if need_t:
-                grad_t = g * (p_target - 1)
+                grad_t = g * p_minus_1
             # d loss / d z: g s P off the target, g s (P_y - 1) psi'(z_y) on it
-            target_entry = (p_target - 1) if saved.slope is None else (p_target - 1) * saved.slope
+            target_entry = p_minus_1 if saved.slope is None else p_minus_1 * saved.slope
             grad_z = prob.mul_(gs).scatter_(1, index, target_entry.unsqueeze(1) * gs)
             if saved.w_inv is not None and not saved.unit_w:
                 grad_z.mul_(saved.w_inv)  # the products then use the raw W

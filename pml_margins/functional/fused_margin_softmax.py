@@ -1322,7 +1322,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             grad_b = torch.empty(num_classes, dtype=dtype, device=x.device) if need_b else None
             w_d = weight.detach()
             # the B target entries of d loss / d z, before the row factor g s: (p_y - 1) psi'
-            target_value = (p_target - 1) * (0 if slope is None else slope)
+            p_minus_1 = p_target - 1  # (once: the target entries, grad b and grad t)
+            target_value = p_minus_1 * (0 if slope is None else slope)
             targets = _Targets(labels, config.block, num_classes)
             # the buffer holds e^(l - m) (times phi'(z) if stores_slope), or z (phi otherwise)
             exps = buffer is not None and (phi is None or config.stores_slope)
@@ -1405,7 +1406,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                     nontarget = (xc * acc).sum(1) - target_value * z_y
                 grad_s = (g * nontarget).to(scale_tensor.dtype)
             if grad_b is not None:  # the targets' share, in dtype: the bias's dtype once
-                grad_b = grad_b.index_add_(0, labels, g * (p_target - 1)).to(bias.dtype)
+                grad_b = grad_b.index_add_(0, labels, g * p_minus_1).to(bias.dtype)
             if need_t:
-                grad_t = g * (p_target - 1)
+                grad_t = g * p_minus_1
         return grad_x, grad_w, grad_s, grad_b, grad_t, None, None, None, None, None
