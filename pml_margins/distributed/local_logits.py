@@ -15,7 +15,8 @@ gradient itself: with :math:`G = \partial L/\partial z` and
     \frac{\partial L}{\partial w_j} = r_j \sum_i G_{ij}\hat x_i
         - r_j^2 \Big(\sum_i G_{ij} z_{ij}\Big) w_j
 
-(``z`` is recomputed in the backward, one extra ``N x D x C`` product).
+(``z`` is recomputed in the backward, one extra ``N x D x C`` product). A column of norm
+below ``F.normalize``'s ``eps`` is divided by ``eps`` instead, with no radial term, as there.
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ class _CosineLogits(torch.autograd.Function):
     def forward(ctx, x_hat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         device_type = x_hat.device.type
         with torch.autocast(device_type, enabled=False):
-            inv_norm = torch.linalg.vector_norm(weight, dim=0).clamp_min_(_EPS).reciprocal_()
-        ctx.save_for_backward(x_hat, weight, inv_norm)
+            norms = torch.linalg.vector_norm(weight, dim=0)
+            inv_norm = norms.clamp_min(_EPS).reciprocal_()
+            # r_j^2 where |w_j| >= eps, else 0: F.normalize's clamp passes the gradient at
+            # equality and stops the norm's (the radial term) below it
+            radial_scale = (inv_norm * inv_norm).masked_fill_(norms < _EPS, 0.0)
+        ctx.save_for_backward(x_hat, weight, inv_norm, radial_scale)
         if takes_unit_columns(products_dtype(compute_dtype(x_hat.dtype), device_type)):
             return x_hat @ (weight * inv_norm)  # float16 products: raw columns may leave its range
         return (x_hat @ weight).mul_(inv_norm)
@@ -48,13 +53,13 @@ class _CosineLogits(torch.autograd.Function):
     @staticmethod
     @backward_once("the sharded cosine logits", SHARDED_REMEDY)
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x_hat, weight, inv_norm = ctx.saved_tensors
+        x_hat, weight, inv_norm, radial_scale = ctx.saved_tensors
         scaled_grad = grad * inv_norm
         grad_x = scaled_grad @ weight.t() if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
             z = (x_hat @ weight).mul_(inv_norm)
-            coef = (z.mul_(grad)).sum(dim=0).mul_(inv_norm).mul_(inv_norm)
+            coef = (z.mul_(grad)).sum(dim=0).mul_(radial_scale)
             grad_w = (x_hat.t() @ scaled_grad).addcmul_(weight, coef, value=-1)
         return grad_x, grad_w
 

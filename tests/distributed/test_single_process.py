@@ -195,6 +195,31 @@ def test_cosine_logits_matches_pml_cosine_with_gradients() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_cosine_logits_degenerate_columns_follow_normalize() -> None:
+    """A column of norm below ``F.normalize``'s eps is divided by eps with no radial term
+    (the clamp stops the norm's gradient), one of norm exactly eps keeps it, as PML's
+    ``CosineSimilarity``: the radial term was kept below eps (dL/dW 6.6x off)."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    from pml_margins.distributed.local_logits import cosine_logits
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    w = torch.randn(4, 6, dtype=torch.float64)
+    w[:, 2] = torch.tensor([3e-13, -2e-13, 1e-13, 0.5e-13], dtype=torch.float64)
+    w[:, 4] = torch.tensor([1e-12, 0.0, 0.0, 0.0], dtype=torch.float64)
+    g = torch.randn(5, 6, dtype=torch.float64)
+    grads = []
+    for logits in (cosine_logits, lambda a, b: CosineSimilarity()(a, b.t())):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        (logits(xx, ww) * g).sum().backward()
+        grads.append((xx.grad, ww.grad))
+    (x_ours, w_ours), (x_pml, w_pml) = grads
+    torch.testing.assert_close(x_ours, x_pml)
+    # the degenerate columns' gradients are ~1e12: compare relative to their size
+    torch.testing.assert_close(w_ours, w_pml, rtol=1e-9, atol=1e-3)
+
+
 def test_which_losses_take_the_cosine_path() -> None:
     from pml_margins.distributed.sharded_loss import _cosine_scale
 
