@@ -19,10 +19,11 @@ softmax and writes the gradients by hand (``P``: the softmax of the logits,
     \partial L/\partial t_i = g_i (P_{iy_i} - 1)
 
 (no projection where a norm is below ``F.normalize``'s ``eps``, as there), plus
-:math:`\partial L/\partial s_i = g_i\sum_{j\ne y_i} P_{ij} z_{ij}` and
-:math:`\partial L/\partial b_j = \sum_i g_i (P_{ij} - [j = y_i])` (the whole of it, in the
-compute dtype: a half-precision bias's gradient is rounded once). About half the ops of
-the same loss written with torch functions and differentiated by autograd.
+:math:`\partial L/\partial s_i = g_i(\sum_{j\ne y_i} P_{ij} z_{ij} + (P_{iy_i} - 1)
+\psi(z_{iy_i}))` and :math:`\partial L/\partial b_j = \sum_i g_i (P_{ij} - [j = y_i])` (the
+whole of each: the target logit takes the scale and the bias without their graphs, so a
+half-precision scale's or bias's gradient is rounded once, in the compute dtype). About
+half the ops of the same loss written with torch functions and differentiated by autograd.
 
 The products take ``W``'s raw columns and the result is scaled by :math:`1/|w_j|`
 (exact, and no ``W``-sized copy), except in float16 (autocast), whose range raw
@@ -205,6 +206,14 @@ def dense_margin_softmax_cross_entropy(
         psi, slope = target_and_slope(z_y, target_logit_fn, 1.0, None, labels, grad)
         target = psi * scale
         psi = psi.detach()
+    elif grad and scale_tensor is not None and scale_tensor.requires_grad:
+        # the scale and the bias without their graphs: the backward gives each its whole
+        # gradient, the target's share included (rounded once to a half scale's dtype)
+        psi, slope = target_and_slope(z_y, target_logit_fn, 1.0, None, labels, grad)
+        target = psi * _cast(scale_tensor.detach(), psi.dtype)
+        if bias is not None:
+            target = target + _cast(bias.detach().index_select(0, labels), psi.dtype)
+        psi = psi.detach()
     else:
         # the bias without its graph: the backward gives its whole gradient (rounded once)
         b_d = None if bias is None else bias.detach()
@@ -244,7 +253,7 @@ class _Saved(NamedTuple):
     unit_w: bool  # the products take the unit columns of W (takes_unit_columns)
     mean: bool  # the function returns the mean of the losses
     norm_scale: float | None  # s where the scale is s |x| (scale_by_norm), else None
-    psi: torch.Tensor | None  # (B,) psi(z_y) there
+    psi: torch.Tensor | None  # (B,) psi(z_y) there, and where the scale tensor needs a gradient
 
 
 def _losses(
@@ -315,8 +324,9 @@ class _DenseMarginSoftmax(torch.autograd.Function):
             by_norm = saved.norm_scale is not None and need_x
             if need_s or need_b or by_norm:  # off the target (it reaches s through t)
                 prob.scatter_(1, index, 0.0)
-            if need_s:
-                grad_s = _cast(g * torch.linalg.vecdot(prob, z), saved.scale.dtype)
+            if need_s:  # sum_{j != y} P_ij z_ij + (P_iy - 1) psi_i, in dtype
+                off_target = torch.linalg.vecdot(prob, z)
+                grad_s = _cast(off_target.addcmul_(p_minus_1, saved.psi).mul_(g), saved.scale.dtype)
             if by_norm:  # dL/dS (S = s |x|; the target logit S psi: its share too)
                 off_target = torch.linalg.vecdot(prob, z)
                 grad_norm = torch.addcmul(off_target, p_minus_1, saved.psi).mul_(g)

@@ -608,7 +608,7 @@ def fused_margin_softmax_cross_entropy(
         )
     inputs = (x, weight, scale_tensor, bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    target, slope, z_y, winner = _target_terms(
+    target, slope, z_y, winner, config.target_psi = _target_terms(
         x,
         weight,
         labels,
@@ -717,14 +717,18 @@ def _target_terms(
     slope_needed: bool,
     per_class: int = 1,
     formed: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+) -> tuple[
+    torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None
+]:
     r"""The target logits :math:`t`, the slope :math:`\psi'(z)`, the target cosines ``z``.
 
     ``z`` is computed without a graph (the blocked function differentiates it); ``t``
-    has the graph of :math:`\psi`'s other inputs, the scale and the bias as given (the
-    blocked function takes the bias without one and gives its whole gradient). With sub-centres
+    has the graph of :math:`\psi`'s other inputs and of the bias as given (the blocked
+    function takes the bias without one and gives its whole gradient). With sub-centres
     ``z`` is the maximum over the target class's ``K`` columns, and the fourth value is the
-    winning sub-centre of each row (the first on ties; ``None`` when ``K = 1``).
+    winning sub-centre of each row (the first on ties; ``None`` when ``K = 1``). A tensor
+    scale that needs a gradient (``slope_needed``) enters ``t`` without its graph, and the
+    fifth value is :math:`\psi(z)` (no graph) for the backward's share of it; else ``None``.
     """
     dtype = x.dtype
     winner = None
@@ -745,8 +749,14 @@ def _target_terms(
                     z_y = z_sub[0]
                 else:  # the nearest of the target's sub-centres
                     z_y, winner = torch.stack(z_sub).max(0)
+        if slope_needed and isinstance(scale, torch.Tensor) and scale.requires_grad:
+            psi, slope = target_and_slope(z_y, target_logit_fn, 1.0, None, labels, True)
+            target = psi * scale.detach().to(dtype)
+            if bias is not None:
+                target = target + bias.index_select(0, labels).to(dtype)
+            return target, slope, z_y, winner, psi.detach()
         target, slope = target_and_slope(z_y, target_logit_fn, scale, bias, labels, slope_needed)
-        return target, slope, z_y, winner
+        return target, slope, z_y, winner, None
 
 
 def _materialized(
@@ -843,6 +853,9 @@ class _Config:
         # ... times this float when phi gave s phi'(z) (scaled_value_and_slope)
         self.slope_scale = 1.0
         self.cosines: _Cosines | None = None  # formed before the scale was known
+        # psi(z_y) where a tensor scale needs a gradient: the target logit takes the scale
+        # without its graph, the backward gives its target share (rounded once, as a whole)
+        self.target_psi: torch.Tensor | None = None
         # float16 products take the unit columns of W (see _operand)
         self.unit_operand = normalize_weight and takes_unit_columns(mm_dtype)
 
@@ -1404,6 +1417,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                 nontarget = phi_sum
                 if nontarget is None:
                     nontarget = (xc * acc).sum(1) - target_value * z_y
+                if config.target_psi is not None:  # the target's share: (p_y - 1) psi
+                    nontarget = torch.addcmul(nontarget, p_minus_1, config.target_psi)
                 grad_s = (g * nontarget).to(scale_tensor.dtype)
             if grad_b is not None:  # the targets' share, in dtype: the bias's dtype once
                 grad_b = grad_b.index_add_(0, labels, g * p_minus_1).to(bias.dtype)
