@@ -34,7 +34,15 @@ class NormSoftmaxLoss(ClassWeightLoss):
     PML's default ``DotProductSimilarity()``) the embeddings are normalized too;
     ``DotProductSimilarity(normalize_embeddings=False)`` gives
     :math:`s\,x^\top \hat W_j`; a distance that is not a similarity (e.g.
-    ``LpDistance``) enters negated. Every distance gives PML's value.
+    ``LpDistance``) enters negated. Every distance gives PML's value, with one exception
+    in a degenerate corner: PML normalizes ``W`` twice with a normalizing distance (its
+    own ``normalize``, then the distance's), which turns a column of norm in
+    ``[1e-24, 1e-12)`` (below ``F.normalize``'s eps: a zero-initialized or decayed
+    column) into a unit vector, where one normalization divides it by ``1e-12``. The fused
+    core (default mode, ``chunk_size``, ``sample_rate``, sharded) normalizes once, as for
+    ArcFace and CosFace (and PML's), so such a column's logits and gradient differ from
+    PML's; the plain path (``autograd_only``, other distances) follows PML. Columns of
+    norm at least ``1e-12`` give the same values on every path.
 
     Recommended ``s`` (unitless): 30 (default) for retrieval; 64 for face
     recognition with ~10k+ identities (see

@@ -740,3 +740,31 @@ def test_a_sub_centre_class_may_keep_its_k_under_another_name() -> None:
         loss(x, y)
     with pytest.raises(ValueError, match="class weights W have shape"):
         sharded(x, y)
+
+
+def test_nsl_column_below_eps_documented_split() -> None:
+    """NSL with a ``W`` column of norm below ``F.normalize``'s eps (1e-14 here): PML
+    normalizes ``W`` twice (a unit column), the fused core once (divided by 1e-12), as the
+    class docstring says; ``autograd_only`` follows PML, and a column at 1e-12 or above
+    gives PML's value on every path (found by review: the split was undocumented)."""
+    from pytorch_metric_learning.losses import NormalizedSoftmaxLoss
+
+    import pml_margins
+    from pml_margins.losses import NormSoftmaxLoss
+
+    torch.manual_seed(0)
+    pml = NormalizedSoftmaxLoss(3, 3, temperature=0.05).double()
+    ours = NormSoftmaxLoss(3, 3, scale=20.0).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0])
+    for norm, fused_equal in ((1e-14, False), (1e-12, True), (1e-3, True)):
+        with torch.no_grad():
+            pml.W[:, 0] *= norm / pml.W[:, 0].norm()
+        ours.load_state_dict(pml.state_dict())
+        want = pml(x, labels)
+        with pml_margins.autograd_only():
+            torch.testing.assert_close(ours(x, labels), want)
+        for chunk_size in (None, 2):
+            ours.chunk_size = chunk_size
+            assert torch.allclose(ours(x, labels), want) is fused_equal, (norm, chunk_size)
+        ours.chunk_size = None
