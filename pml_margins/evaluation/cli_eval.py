@@ -33,6 +33,8 @@ def load_array(path: str | Path, key: str | None = None) -> torch.Tensor:
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix in _MAGIC:
+        _check_magic(path, suffix)
     if suffix == ".npy":
         return _from_numpy(np.load(path, allow_pickle=False))
     if suffix == ".npz":
@@ -48,6 +50,30 @@ def load_array(path: str | Path, key: str | None = None) -> torch.Tensor:
             raise ValueError(f"{path} holds a {type(obj).__name__}, not a tensor")
         return obj
     raise ValueError(f"{path}: expected a .npy, .npz or .pt file")
+
+
+#: how each numpy format starts: its NPY header, or a zip archive's first record
+#: (``np.load`` takes a file with neither for a pickle, and says so)
+_MAGIC = {".npy": (b"\x93NUMPY",), ".npz": (b"PK\x03\x04", b"PK\x05\x06")}
+
+
+def _check_magic(path: Path, suffix: str) -> None:
+    """``ValueError`` naming what ``path`` holds when it does not start as its ``suffix``
+    says (``np.load`` would read a zip named ``.npy`` as an archive, an array named
+    ``.npz`` as an array, and refuse anything else as "pickled data")."""
+    with open(path, "rb") as file:
+        head = file.read(6)
+    if head.startswith(_MAGIC[suffix]):
+        return
+    if not head:
+        kind = "empty"
+    elif head.startswith(_MAGIC[".npy"]):
+        kind = "a .npy array"
+    elif head.startswith(_MAGIC[".npz"]):
+        kind = "a zip archive (.npz or .pt)"
+    else:
+        kind = "neither a .npy array nor a zip archive (.npz, .pt)"
+    raise ValueError(f"{path}: not a {suffix} file: it is {kind}")
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:

@@ -130,6 +130,12 @@ def test_help_lists_metrics_and_flags(capsys):
         ("x.txt", "y.npy", "x.txt: cannot read: expected a .npy"),
         ("empty.pt", "y.npy", "empty.pt: cannot read: EOFError (an empty or truncated file?)"),
         ("x.npy", "nan_labels.npy", "nan_labels.npy: query_labels contains NaN or Inf"),
+        # a file that is not what its suffix says is named for what it is (numpy called
+        # any of them "pickled (object) data"; found by review)
+        ("text.npy", "y.npy", "text.npy: cannot read: not a .npy file: it is neither a .npy"),
+        ("zip.npy", "y.npy", "zip.npy: cannot read: not a .npy file: it is a zip archive"),
+        ("array.npz", "y.npy", "array.npz: cannot read: not a .npz file: it is a .npy array"),
+        ("empty.npy", "y.npy", "empty.npy: cannot read: not a .npy file: it is empty"),
     ],
 )
 def test_bad_files_give_one_line_and_status_2(
@@ -142,6 +148,12 @@ def test_bad_files_give_one_line_and_status_2(
     np.save(tmp / "nan.npy", np.full((120, 2), np.nan, dtype=np.float32))
     (tmp / "x.txt").write_text("1 2\n")
     (tmp / "empty.pt").write_bytes(b"")
+    (tmp / "text.npy").write_text("hello")
+    np.savez(tmp / "zip.npz", a=np.zeros((120, 2)))
+    (tmp / "zip.npy").write_bytes((tmp / "zip.npz").read_bytes())
+    np.save(tmp / "array.npy", np.zeros((120, 2)))
+    (tmp / "array.npz").write_bytes((tmp / "array.npy").read_bytes())
+    (tmp / "empty.npy").write_bytes(b"")
     np.save(tmp / "nan_labels.npy", np.where(np.arange(120) == 3, np.nan, np.arange(120) % 4))
     monkeypatch.chdir(tmp)
     assert main(["eval", "--embeddings", embeddings, "--labels", labels]) == 2
