@@ -13,7 +13,13 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["in_function_transform", "is_batched", "is_compiling", "values_under_transforms"]
+__all__ = [
+    "in_function_transform",
+    "is_batched",
+    "is_batched_gradient",
+    "is_compiling",
+    "values_under_transforms",
+]
 
 _FUNCTORCH = getattr(torch._C, "_functorch", None)
 _PEEK: Callable[[], object] | None = getattr(_FUNCTORCH, "peek_interpreter_stack", None)
@@ -45,6 +51,17 @@ def is_batched(values: torch.Tensor) -> bool:
             return True
         values = _FUNCTORCH.get_unwrapped(values)
     return False
+
+
+def is_batched_gradient(values: torch.Tensor) -> bool:
+    """Whether ``values`` (a gradient handed to a custom backward) is batched: by the
+    engine's vmap of ``torch.autograd.grad(..., is_grads_batched=True)`` (a legacy
+    batched tensor, also under ``jacobian``/``hessian`` with ``vectorize=True``) or by
+    ``torch.func.vmap``."""
+    if _FUNCTORCH is None or is_compiling():
+        return False
+    legacy = getattr(_FUNCTORCH, "is_legacy_batchedtensor", None)
+    return bool(legacy is not None and legacy(values)) or is_batched(values)
 
 
 def values_under_transforms(values: torch.Tensor) -> torch.Tensor:

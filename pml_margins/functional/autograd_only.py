@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.autograd import forward_ad
 
-from pml_margins.function_transforms import in_function_transform
+from pml_margins.function_transforms import in_function_transform, is_batched_gradient
 from pml_margins.thread_switch import ThreadSwitch
 
 __all__ = [
@@ -126,7 +126,11 @@ def backward_once(
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a hand-written ``backward``: run it without a graph, and refuse
     ``create_graph=True`` (grad mode on during the backward) with a ``RuntimeError`` that
-    names ``what`` and the ``remedy`` (default: :class:`autograd_only`).
+    names ``what`` and the ``remedy`` (default: :class:`autograd_only`). Batched incoming
+    gradients (``torch.autograd.grad(..., is_grads_batched=True)``, a
+    ``jacobian``/``hessian`` with ``vectorize=True``) run it under vmap: where one of its
+    ops cannot be batched (an in-place op on an unbatched buffer, an ``out=`` product),
+    vmap's error is re-raised as one that names ``what`` and the ``remedy``.
 
     ``torch.autograd.function.once_differentiable`` raises only when the incoming
     gradient itself requires grad, which it does not under a loss's mean; its gradients
@@ -137,13 +141,24 @@ def backward_once(
         f"{what} has a hand-written backward that cannot be differentiated again "
         f"(create_graph=True); {remedy} for gradients of gradients"
     )
+    batched = (
+        f"{what} has a hand-written backward that cannot take batched gradients "
+        "(is_grads_batched=True, jacobian or hessian with vectorize=True: vmap cannot batch "
+        "its in-place ops); "
+        f"{remedy} for them"
+    )
 
     def decorate(backward: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(backward)
         def wrapper(ctx: Any, *grads: Any) -> Any:
             if torch.is_grad_enabled():
                 raise RuntimeError(message)
-            return backward(ctx, *grads)
+            if not any(isinstance(g, torch.Tensor) and is_batched_gradient(g) for g in grads):
+                return backward(ctx, *grads)
+            try:  # (some backwards batch: the dense Circle loss's)
+                return backward(ctx, *grads)
+            except RuntimeError as error:  # vmap's, about an op of the backward
+                raise RuntimeError(batched) from error
 
         return wrapper
 

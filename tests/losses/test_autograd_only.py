@@ -199,3 +199,34 @@ def test_the_sharded_loss_refuses_a_second_derivative_and_says_why():
             pytest.raises(RuntimeError, match="sharded losses have no autograd-only path"),
         ):
             _penalty(loss_fn, x, y)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+@pytest.mark.parametrize("chunk_size", [None, 2], ids=["default", "blocked"])
+def test_batched_gradients_are_refused_by_name_or_exact(spec, chunk_size) -> None:
+    """A vectorized Jacobian (``is_grads_batched=True`` under the hood) runs the
+    hand-written backwards under vmap: it either equals the Jacobian row by row, or fails
+    with an error naming the function and ``autograd_only`` (vmap's own error named an
+    in-place op), under which it is exact (found by review)."""
+    x, y = _inputs()
+    try:
+        loss_fn = spec.build(5, 6, chunk_size=chunk_size)
+    except (TypeError, ValueError):
+        pytest.skip("no chunk_size for this loss")
+    loss_fn = loss_fn.double()
+
+    def loss_of(x):
+        torch.manual_seed(0)  # (ElasticFace's draw: the same each call)
+        return loss_fn(x, y)
+
+    loss_fn.eval()  # (running statistics stay put between the calls)
+    rows = torch.autograd.functional.jacobian(loss_of, x)
+    try:
+        vectorized = torch.autograd.functional.jacobian(loss_of, x, vectorize=True)
+    except RuntimeError as error:
+        assert "cannot take batched gradients" in str(error)
+        assert "autograd_only" in str(error) or "one process" in str(error)
+        loss_fn.chunk_size = None
+        with pml_margins.autograd_only():
+            vectorized = torch.autograd.functional.jacobian(loss_of, x, vectorize=True)
+    torch.testing.assert_close(vectorized, rows)
