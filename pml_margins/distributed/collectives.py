@@ -264,7 +264,9 @@ def gather_rows_with_grad(
 
     The backward is a sum over ranks (``reduce_scatter``): if every rank's
     objective uses the gathered rows, rank ``r``'s ``x.grad`` is the gradient of
-    the *sum* of those objectives with respect to ``x_r``.
+    the *sum* of those objectives with respect to ``x_r``. The sum is taken in ``x``'s
+    dtype: for half ``x``, gather ``x.float()`` to round the summed gradient once (what
+    :class:`ShardedMarginSoftmaxLoss` does).
     """
     if rank_and_world_size(group)[1] == 1:
         return x, [x.shape[0]]

@@ -148,6 +148,11 @@ def _reducer_code(reducer: object) -> tuple:
     )
 
 
+#: added to a rank's initialisation seed for its sampler's (an odd 64-bit constant, the
+#: golden ratio's fraction): the two streams share no draws
+_SAMPLER_STREAM = 0x9E3779B97F4A7C15
+
+
 def _sampler_from_seed_if_absent(
     module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
 ) -> None:
@@ -216,7 +221,8 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
     (:mod:`pml_margins.distributed.checkpoint`).
 
     Partial FC (``sample_rate < 1``): see :mod:`pml_margins.distributed.partial_fc`.
-    Each rank draws its negatives from its own generator with the same seed;
+    Each rank draws its negatives from its own generator, seeded by :meth:`sampler_seed`
+    (from ``seed`` and the rank, apart from the initialisation's stream);
     ``sampled_classes`` holds the global ids kept by this rank in the last step.
 
     Every rank must call ``forward`` at each step, with at least one embedding
@@ -374,12 +380,19 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self.load_sampler_state(None)
 
     def _stream_seed(self) -> int:
+        """The seed of this rank's weight initialisation."""
         return self.seed * 1_000_003 + self.rank
+
+    def sampler_seed(self) -> int:
+        """The seed of this rank's Partial FC sampler: another stream than the weight
+        initialisation's (the same one would keep the negatives whose columns drew the
+        largest initial values: ``|W[0, j]|`` of the kept columns 1.2-1.8x the mean)."""
+        return (self._stream_seed() + _SAMPLER_STREAM) % 2**64
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
             generator = torch.Generator(device=device)
-            generator.manual_seed(self._stream_seed())
+            generator.manual_seed(self.sampler_seed())
             if self._pending_sampler_state is not None:
                 try:  # kept only once set: a state that does not fit fails every step
                     generator.set_state(self._pending_sampler_state)
@@ -526,7 +539,10 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             values = torch.stack([b.detach().double() for _, b in scalars])
             equal = {f"loss buffers ({names})": values}
             checked_on_every_rank(lambda: None, self.group, self.W_local.device, equal=equal)
-        all_emb, _ = gather_rows_with_grad(embeddings, self.group)
+        # gathered in the loss's compute dtype (float32 for half embeddings): each rank's
+        # share of a row's gradient is summed over the ranks unrounded, then cast back once
+        work = embeddings.to(self.loss.compute_dtype(embeddings))
+        all_emb, _ = gather_rows_with_grad(work, self.group)
         all_labels, _ = all_gather_rows(labels.to(embeddings.device, torch.int64), self.group)
         local = all_labels.long() - self.class_start
         owned = torch.where((local >= 0) & (local < self.num_local), local, -1)

@@ -16,6 +16,7 @@ from pml_margins.distributed.sharding import class_columns
 from pml_margins.losses import ClassWeightLoss
 from tests.distributed import cases
 from tests.distributed.conftest import WORLD_SIZES
+from tests.distributed.workers import HALF_CASES
 
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 TOL = {torch.float64: F64, torch.float32: {"rtol": 1e-5, "atol": 1e-6}}
@@ -74,6 +75,42 @@ def test_equals_single_process(runs, world_size: int, case: str) -> None:
         check_rank(result, rank, world_size, loss, x_grad, loss_fn, TOL[dtype])
         for name, value in result["buffers"].items():  # the same on every rank, bit for bit
             assert torch.equal(value, ranks[0]["buffers"][name]), name
+
+
+def half_ulps(value: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest ``|value - exact|`` in units of the half type's spacing at ``|exact|``
+    (at least 2^-12 of the largest ``|exact|``: the float32 arithmetic's noise is below)."""
+    dtype = value.dtype
+    floor = exact.abs().max() * 2.0**-12
+    spacing = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(floor))))
+    return ((value.double() - exact).abs() / (spacing * torch.finfo(dtype).eps)).max().item()
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_half_embeddings_gradient_rounded_once(runs, world_size: int, case: str) -> None:
+    """Half embeddings (half or float32 W): the loss is formed in float32 as in one process
+    and each row's gradient, whose shares come from every rank's classes, is summed over
+    the ranks in float32 and rounded once: within an ulp of the float64 gradient (it was
+    up to ~800 bf16 ulps when each rank's share was rounded and the shares summed in bf16)."""
+    spec_id, x_dtype, w_dtype = HALF_CASES[case]
+    spec = cases.SPEC_BY_ID[spec_id]
+    x, y = cases.batch(world_size, cases.NUM_CLASSES, dtype=x_dtype)
+    loss_fn = cases.reference_loss(spec, cases.NUM_CLASSES, w_dtype)
+    loss, x_grad = single_process(loss_fn, x, y)
+    exact_fn = cases.reference_loss(spec, cases.NUM_CLASSES, torch.float64)
+    with torch.no_grad():
+        for ours, exact in zip(loss_fn.parameters(), exact_fn.parameters(), strict=True):
+            exact.copy_(ours)  # the same (rounded) weights, in float64
+    exact_loss, exact_grad = single_process(exact_fn, x.double(), y)
+    results = load_results(runs[world_size], "losses", world_size)
+    sharded = torch.cat([r[case]["x_grad"] for r in results])
+    assert sharded.dtype == x_dtype and x_grad.dtype == x_dtype
+    assert half_ulps(x_grad, exact_grad) <= 1.0  # (one process: the bar)
+    assert half_ulps(sharded, exact_grad) <= 1.0
+    for result in results:
+        assert result[case]["loss"].dtype == loss.dtype == torch.float32
+        torch.testing.assert_close(result[case]["loss"].double(), exact_loss, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

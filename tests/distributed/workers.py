@@ -83,7 +83,20 @@ def losses(rank: int, world_size: int, out: pathlib.Path) -> None:
     result["cosface_sum_reducer"] = _step(
         loss_fn, rank, world_size, cases.NUM_CLASSES, torch.float64
     )
+    for case, (spec_id, x_dtype, w_dtype) in HALF_CASES.items():
+        loss_fn = _sharded_from_reference(spec_id, rank, world_size, cases.NUM_CLASSES, w_dtype)
+        result[case] = _step(loss_fn, rank, world_size, cases.NUM_CLASSES, x_dtype)
     torch.save(result, out / f"losses_{rank}.pt")
+
+
+#: half embeddings: (spec, embeddings dtype, W dtype); each row's gradient has a share
+#: from every rank (every shard of W), summed over the ranks before the one rounding
+HALF_CASES = {
+    "arcface_bf16_w_float32": ("arcface", torch.bfloat16, torch.float32),
+    "cosface_bf16": ("cosface", torch.bfloat16, torch.bfloat16),
+    "softmax_fp16": ("softmax", torch.float16, torch.float16),
+    "adaface_bf16_w_float32": ("adaface_spread", torch.bfloat16, torch.float32),
+}
 
 
 def losses_cuda(rank: int, world_size: int, out: pathlib.Path) -> None:
