@@ -36,6 +36,7 @@ import torch
 
 from pml_margins.cli import check_out_folder, check_seed, device_arg
 from pml_margins.threads import thread_count_problem
+from pml_margins.torch_files import not_written_by_torch_save
 
 __all__ = ["register", "run_bench"]
 
@@ -739,10 +740,9 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
             "weights_only does not load"
         ) from None
     except Exception as err:  # a text file, a truncated zip, ...: one line
-        reason = (str(err).splitlines() or [""])[0]
-        raise SystemExit(
-            f"error: cannot read checkpoint {path}: {type(err).__name__}: {reason}"
-        ) from None
+        reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        reason = not_written_by_torch_save(path) or reason
+        raise SystemExit(f"error: cannot read checkpoint {path}: {reason}") from None
     missing = [k for k in _CHECKPOINT_KEYS if not isinstance(saved, dict) or k not in saved]
     if missing:
         raise SystemExit(

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pml_margins.torch_files import not_written_by_torch_save
+
 __all__ = [
     "BackboneEmbedder",
     "ConvEmbedder",
@@ -222,7 +224,7 @@ def _load_weights(backbone: nn.Module, path: str, name: str) -> list[str]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a text file, a truncated zip, a pickle of objects: one line
         reason = (str(err).splitlines() or [""])[0]
-        why = f"{type(err).__name__}: {reason}"
+        why = not_written_by_torch_save(path) or f"{type(err).__name__}: {reason}"
         raise ValueError(f"--weights {path}: cannot read it ({why})") from None
 
     def tensors_only(value: object) -> bool:

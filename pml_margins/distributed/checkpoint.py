@@ -32,7 +32,6 @@ from __future__ import annotations
 import inspect
 import numbers
 import os
-import pickle
 import sys
 import types
 from collections.abc import Mapping, Sequence
@@ -47,6 +46,7 @@ from pml_margins.distributed.sharding import shard_ranges
 from pml_margins.losses.adacos import AdaCosLoss
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.softmax import SoftmaxLoss
+from pml_margins.torch_files import error_name, not_written_by_torch_save
 
 __all__ = [
     "FORMAT",
@@ -264,13 +264,13 @@ def load_shard(path: str | os.PathLike[str]) -> Checkpoint:
     naming the file for one that cannot be read (empty, truncated, not a checkpoint)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as err:
-        if isinstance(err, FileNotFoundError):
+    except Exception as err:  # a damaged pickle raises about anything (struct.error, ...)
+        if isinstance(err, FileNotFoundError | IsADirectoryError | PermissionError):
             raise
         reason = str(err).splitlines()[0] if str(err).strip() else "empty or truncated"
+        reason = not_written_by_torch_save(path) or f"{error_name(err)}: {reason}"
         raise ValueError(
-            f"{os.fspath(path)!r} cannot be read as a {FORMAT} checkpoint "
-            f"({type(err).__name__}: {reason})"
+            f"{os.fspath(path)!r} cannot be read as a {FORMAT} checkpoint ({reason})"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not a {FORMAT} checkpoint")

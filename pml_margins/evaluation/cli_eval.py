@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pml_margins.torch_files import TORCH_SAVE_HEADERS, error_name
+
 __all__ = ["format_table", "load_array", "register", "run"]
 
 #: above this many query × reference pairs the k-nn shows a progress bar
@@ -54,7 +56,11 @@ def load_array(path: str | Path, key: str | None = None) -> torch.Tensor:
 
 #: how each numpy format starts: its NPY header, or a zip archive's first record
 #: (``np.load`` takes a file with neither for a pickle, and says so)
-_MAGIC = {".npy": (b"\x93NUMPY",), ".npz": (b"PK\x03\x04", b"PK\x05\x06")}
+_MAGIC = {
+    ".npy": (b"\x93NUMPY",),
+    ".npz": (b"PK\x03\x04", b"PK\x05\x06"),
+    ".pt": TORCH_SAVE_HEADERS,  # (else torch.load's legacy reader: "KeyError: 101")
+}
 
 
 def _check_magic(path: Path, suffix: str) -> None:
@@ -71,8 +77,10 @@ def _check_magic(path: Path, suffix: str) -> None:
         kind = "a .npy array"
     elif head.startswith(_MAGIC[".npz"]):
         kind = "a zip archive (.npz or .pt)"
+    elif head.startswith(b"\x80"):
+        kind = "a pickle (a .pt file of torch < 1.6)"
     else:
-        kind = "neither a .npy array nor a zip archive (.npz, .pt)"
+        kind = "neither a .npy array, a zip archive (.npz, .pt) nor a pickle"
     raise ValueError(f"{path}: not a {suffix} file: it is {kind}")
 
 
@@ -137,7 +145,7 @@ def _load(path: str, key: str) -> torch.Tensor:
         reason = (str(reason).splitlines() or [""])[0].removeprefix(f"{path}: ")
         reason = reason or f"{type(error).__name__} (an empty or truncated file?)"
         if not isinstance(error, (OSError, ValueError, TypeError, RuntimeError, EOFError)):
-            reason = f"not a valid {Path(path).suffix} file ({type(error).__name__}: {reason})"
+            reason = f"not a valid {Path(path).suffix} file ({error_name(error)}: {reason})"
         raise CliError(f"{path}: cannot read: {reason}") from None
     if isinstance(loaded, torch.Tensor) and loaded.is_meta:
         raise CliError(f"{path}: its tensor has no data (a meta tensor): save a real one")

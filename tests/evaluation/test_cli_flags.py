@@ -128,7 +128,11 @@ def test_help_lists_metrics_and_flags(capsys):
         ("x.npy", "short.npy", "short.npy: query_labels has length 5"),
         ("nan.npy", "y.npy", "nan.npy: query contains NaN"),
         ("x.txt", "y.npy", "x.txt: cannot read: expected a .npy"),
-        ("empty.pt", "y.npy", "empty.pt: cannot read: EOFError (an empty or truncated file?)"),
+        ("empty.pt", "y.npy", "empty.pt: cannot read: not a .pt file: it is empty"),
+        # torch.load's legacy reader took a text file's first byte for a pickle opcode
+        ("text.pt", "y.npy", "text.pt: cannot read: not a .pt file: it is neither a .npy"),
+        ("npy.pt", "y.npy", "npy.pt: cannot read: not a .pt file: it is a .npy array"),
+        ("pickle.pt", "y.npy", "pickle.pt: cannot read: not a valid .pt file (struct.error"),
         ("x.npy", "nan_labels.npy", "nan_labels.npy: query_labels contains NaN or Inf"),
         # a file that is not what its suffix says is named for what it is (numpy called
         # any of them "pickled (object) data"; found by review)
@@ -154,6 +158,9 @@ def test_bad_files_give_one_line_and_status_2(
     np.save(tmp / "array.npy", np.zeros((120, 2)))
     (tmp / "array.npz").write_bytes((tmp / "array.npy").read_bytes())
     (tmp / "empty.npy").write_bytes(b"")
+    (tmp / "text.pt").write_text("epoch 3")
+    (tmp / "npy.pt").write_bytes((tmp / "array.npy").read_bytes())
+    (tmp / "pickle.pt").write_bytes(b"\x80\x02junk")
     np.save(tmp / "nan_labels.npy", np.where(np.arange(120) == 3, np.nan, np.arange(120) % 4))
     monkeypatch.chdir(tmp)
     assert main(["eval", "--embeddings", embeddings, "--labels", labels]) == 2
