@@ -30,16 +30,20 @@ __all__ = ["METRIC_NAMES", "MetricLearningModule", "RetrievalMetricsCallback"]
 METRIC_NAMES: dict[str, str] = {"mean_average_precision_at_r": "map_at_r"}
 
 
+_BATCH_FORMS = "batches must be (inputs, labels, ...) sequences or {'input', 'label'} mappings"
+
+
 def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
     """``(inputs, labels)`` of a batch; one-column labels ``(B, 1)`` as ``(B,)``."""
     if isinstance(batch, Mapping):
+        missing = [k for k in ("input", "label") if k not in batch]
+        if missing:
+            keys = ", ".join(repr(k) for k in batch)
+            raise TypeError(f"{_BATCH_FORMS}; this mapping has no {missing!r} (its keys: {keys})")
         return batch["input"], _one_column(batch["label"])
     if isinstance(batch, Sequence) and len(batch) >= 2:
         return batch[0], _one_column(batch[1])
-    raise TypeError(
-        "batches must be (inputs, labels, ...) sequences or {'input', 'label'} mappings, "
-        f"got {type(batch).__name__}"
-    )
+    raise TypeError(f"{_BATCH_FORMS}, got {type(batch).__name__}")
 
 
 def _one_column(labels: Any) -> Any:
@@ -56,11 +60,12 @@ class MetricLearningModule(pl.LightningModule):
     ``training_step`` embeds the batch, mines it when a ``miner`` is given and logs
     ``train_loss``. ``validation_step`` only returns ``{"embeddings", "labels"}``
     for :class:`RetrievalMetricsCallback` (validation classes may be unseen in
-    training, so no loss is computed there). The optimizer gets two parameter
-    groups: the backbone (``lr``, ``weight_decay``) and the loss's own parameters,
-    e.g. the class weights ``W`` of ArcFace (``loss_lr``, no weight decay: the
-    cosine losses do not depend on the norm of ``W``). Several validation dataloaders
-    are fine: one :class:`RetrievalMetricsCallback` per ``dataloader_idx``.
+    training, so no loss is computed there): ``trainer.validate`` gives the retrieval
+    metrics of a loader, ``trainer.predict`` its embeddings (``predict_step``). The
+    optimizer gets two parameter groups: the backbone (``lr``, ``weight_decay``) and
+    the loss's own parameters, e.g. the class weights ``W`` of ArcFace (``loss_lr``, no
+    weight decay: the cosine losses do not depend on the norm of ``W``). Several
+    validation dataloaders are fine: one :class:`RetrievalMetricsCallback` per ``dataloader_idx``.
 
     Args:
         backbone: maps a batch of inputs to ``(B, D)`` embeddings.
@@ -118,6 +123,12 @@ class MetricLearningModule(pl.LightningModule):
     ) -> dict[str, torch.Tensor]:
         inputs, labels = _split_batch(batch)
         return {"embeddings": self(inputs), "labels": labels}
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """The batch's ``(B, D)`` embeddings (``trainer.predict``), from the loaders that
+        ``fit`` and ``validate`` take, or from a batch of inputs alone (a tensor)."""
+        inputs = batch if isinstance(batch, torch.Tensor) else _split_batch(batch)[0]
+        return self(inputs)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups: ``backbone`` and ``loss`` (empty ones left out)."""

@@ -327,6 +327,47 @@ def test_batches_as_mappings_and_bad_batches(digits: Digits) -> None:
     assert out["embeddings"].shape == (8, EMB) and torch.equal(out["labels"], y)
     with pytest.raises(TypeError, match="batches must be"):
         module.validation_step(x, 0)
+    # a mapping with other keys (Hugging Face's): the forms, and the keys it has (it was
+    # a bare KeyError: 'input')
+    for batch, missing in (
+        ({"pixel_values": x, "labels": y}, r"\['input', 'label'\]"),
+        ({"input": x, "labels": y}, r"\['label'\]"),
+    ):
+        keys = ", ".join(repr(k) for k in batch)
+        with pytest.raises(TypeError, match=rf"batches must .*no {missing} \(its keys: {keys}\)"):
+            module.training_step(batch, 0)
+
+
+def test_predict_gives_the_embeddings_of_the_fit_loaders(digits: Digits, tmp_path: Path) -> None:
+    """``trainer.predict`` on the loader ``fit``/``validate`` take (Lightning's default
+    ``predict_step`` handed the backbone the ``[inputs, labels]`` list)."""
+    module = MetricLearningModule(mlp(), arcface()).eval()
+    val = loaders(digits)[1]
+    trainer = make_trainer(tmp_path, RetrievalMetricsCallback(), logger=False)
+    predicted = torch.cat(trainer.predict(module, val))
+    with torch.no_grad():
+        expected = module.backbone(digits.x_test)
+    assert predicted.shape == (len(digits.x_test), EMB)
+    torch.testing.assert_close(predicted, expected)
+    x = digits.x_test[:5]  # a batch of inputs alone, and a mapping
+    torch.testing.assert_close(module.predict_step(x, 0), module(x))
+    torch.testing.assert_close(module.predict_step({"input": x, "label": x[:, 0]}, 0), module(x))
+
+
+def test_training_step_hands_the_miners_pairs_to_the_loss(digits: Digits) -> None:
+    """The loss gets the miner's ``indices_tuple`` for the step's own embeddings (no other
+    test fails when the miner is dropped)."""
+    torch.manual_seed(0)
+    miner = MultiSimilarityMiner(epsilon=0.1)
+    loss = CircleLoss(gamma=4.0)  # (a large gamma: the hardest pairs, which both keep)
+    module = MetricLearningModule(mlp(), loss, miner)
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    got = module.training_step((x, y), 0)
+    embeddings = module(x)
+    pairs = miner(embeddings, y)
+    assert 0 < len(pairs[0]) < 64 * 63  # the miner keeps some pairs, not all
+    torch.testing.assert_close(got, loss(embeddings, y, pairs))
+    assert not torch.allclose(got, loss(embeddings, y))
 
 
 def test_two_validation_dataloaders_one_callback_each(digits: Digits, tmp_path: Path) -> None:
