@@ -659,7 +659,13 @@ class ClassWeightLoss(
         indices_tuple: tuple[torch.Tensor, ...] | None,
     ) -> torch.Tensor:
         """The ``(B,)`` element losses of :meth:`compute_loss`: the margin softmax inside
-        :meth:`prepare_step`, plus :meth:`extra_losses`, times a miner's weights."""
+        :meth:`prepare_step`, plus :meth:`extra_losses`, times a miner's weights.
+
+        Half embeddings enter in :meth:`compute_dtype` (one cast): the gradients of every
+        path (the margin softmax, a scale or margin of the norm, :meth:`extra_losses`) add
+        up there and are rounded to bf16/fp16 once."""
+        if embeddings.dtype in (torch.float16, torch.bfloat16):
+            embeddings = embeddings.to(self.compute_dtype(embeddings))
         fused_only = self.chunk_size is not None or self.sample_rate != 1.0
         if fused_only and (autograd_only_enabled() or self._fused_form(embeddings) is None):
             self._check_plain_mode()  # before prepare_step updates any running statistic

@@ -17,6 +17,7 @@ from pml_margins.losses import ClassWeightLoss
 from tests.distributed import cases
 from tests.distributed.conftest import WORLD_SIZES
 from tests.distributed.workers import HALF_CASES
+from tests.losses.reference import half_ulps
 
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 TOL = {torch.float64: F64, torch.float32: {"rtol": 1e-5, "atol": 1e-6}}
@@ -75,15 +76,6 @@ def test_equals_single_process(runs, world_size: int, case: str) -> None:
         check_rank(result, rank, world_size, loss, x_grad, loss_fn, TOL[dtype])
         for name, value in result["buffers"].items():  # the same on every rank, bit for bit
             assert torch.equal(value, ranks[0]["buffers"][name]), name
-
-
-def half_ulps(value: torch.Tensor, exact: torch.Tensor) -> float:
-    """Largest ``|value - exact|`` in units of the half type's spacing at ``|exact|``
-    (at least 2^-12 of the largest ``|exact|``: the float32 arithmetic's noise is below)."""
-    dtype = value.dtype
-    floor = exact.abs().max() * 2.0**-12
-    spacing = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(floor))))
-    return ((value.double() - exact).abs() / (spacing * torch.finfo(dtype).eps)).max().item()
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

@@ -166,3 +166,16 @@ def miner_weights(indices_tuple: tuple[torch.Tensor, ...] | None, batch: int) ->
         for i in t.tolist():
             counts[i] += 1
     return counts / counts.max()
+
+
+def half_ulps(value: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest ``|value - exact|`` in units in the last place of ``value``'s (half)
+    dtype at ``|exact|``: its normal spacing there, the subnormal spacing below the
+    smallest normal, and at least that at 2^-8 of the largest ``|exact|`` (float32
+    arithmetic's noise, ~2^-24 of the terms, lies below). One rounding of an exact value
+    is 0.5."""
+    info = torch.finfo(value.dtype)
+    floor = exact.abs().max() * 2.0**-8
+    spacing = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(floor)))) * info.eps
+    spacing = spacing.clamp_min(info.smallest_normal * info.eps)
+    return float(((value.double() - exact).abs() / spacing).max())
