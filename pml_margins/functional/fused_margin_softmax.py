@@ -34,7 +34,9 @@ every row of the batch, any subset of the columns (a block, the Partial FC sampl
 or all ``C``) -- to the unscaled logits, element-wise: entry ``(i, j)`` may depend on
 ``z[i, j]`` and on row ``i`` only, so it may close over per-row ``(B,)`` tensors
 (used as ``v.unsqueeze(1)``). Those tensors and anything else it closes over are
-**constants** here (no gradient reaches them: detach them). Its derivative
+**constants** here: detach them. (A problem small enough to materialize runs autograd
+through :math:`\phi`, as :func:`margin_softmax_cross_entropy` does, and would give one
+that requires grad a gradient; the blocked path gives it none.) Its derivative
 :math:`\phi'(z)` comes from its ``slope(z)`` method when it has one (same shapes; see
 :class:`NonTargetLogitFn`), else from autograd on the block. The forward applies
 :math:`\phi` to each block's cosines before scaling; the backward multiplies the

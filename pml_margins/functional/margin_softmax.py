@@ -129,7 +129,8 @@ def _check_logits_and_labels(logits: object, labels: object) -> None:
     """``(B, C)`` floating logits (any values: a masked class is ``-inf``) and ``(B,)``
     labels in ``[0, C)``, read once unless a checked loss calls."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating tensor, got {type(logits).__name__}")
+        got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TypeError(f"logits must be a floating tensor, got {got}")
     check_tensor(logits, "logits")
     if logits.ndim != 2:
         raise ValueError(f"logits must be 2-D (B, C), got shape {tuple(logits.shape)}")

@@ -503,3 +503,12 @@ def test_a_negative_arcface_margin_is_cos_theta_plus_m_everywhere(margin):
         torch.testing.assert_close(slope[inner], by_autograd(c[inner]))
     lanes = torch.func.vmap(lambda m: arcface_target(c, m))(torch.tensor([margin, 0.0]).double())
     torch.testing.assert_close(lanes[0], expected)
+
+
+def test_logits_of_another_kind_are_named_by_their_dtype_or_type():
+    """(found by review: an integer tensor was "got Tensor")"""
+    labels = torch.tensor([0, 1])
+    with pytest.raises(TypeError, match=r"logits must be a floating tensor, got torch.int64"):
+        margin_softmax_cross_entropy(torch.ones(2, 3, dtype=torch.long), labels, None)
+    with pytest.raises(TypeError, match=r"logits must be a floating tensor, got list"):
+        margin_softmax_cross_entropy([[1.0, 2.0]] * 2, labels, None)
