@@ -24,7 +24,12 @@ from typing import Any
 
 import torch
 
-from pml_margins.validation import check_count, check_non_negative, check_real
+from pml_margins.validation import (
+    check_count,
+    check_non_negative,
+    check_non_negative_int,
+    check_real,
+)
 
 __all__ = ["MarginScheduler", "SphereFaceLambdaScheduler"]
 
@@ -92,9 +97,11 @@ class _AttributeScheduler:
                 f"this {type(self).__name__} drives {self.attr!r} with keys {sorted(mine)}; "
                 f"the state drives {state_dict.get('attr')!r} with keys {sorted(state_dict)}"
             )
-        last_step = state_dict["last_step"]
-        if isinstance(last_step, bool) or not isinstance(last_step, int) or last_step < 0:
-            raise ValueError(f"the state's last_step must be an int >= 0, got {last_step!r}")
+        try:
+            last_step = check_non_negative_int(state_dict["last_step"], "last_step")
+        except (TypeError, ValueError):
+            got = state_dict["last_step"]
+            raise ValueError(f"the state's last_step must be an int >= 0, got {got!r}") from None
         arguments = inspect.signature(type(self).__init__).parameters
         before = getattr(self.loss, self.attr)
         try:  # a scheduler built from the state runs every check of a new one
@@ -146,9 +153,7 @@ class MarginScheduler(_AttributeScheduler):
             raise ValueError(f"mode must be 'linear' or 'cosine', got {mode!r}")
         self.start, self.end, self.mode = check_real(start, "start"), check_real(end, "end"), mode
         self.total_steps = check_count(total_steps, "total_steps")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
-            raise TypeError(f"warmup_steps must be an int, got {warmup_steps!r}")
-        self.warmup_steps = int(check_non_negative(warmup_steps, "warmup_steps"))
+        self.warmup_steps = check_non_negative_int(warmup_steps, "warmup_steps")
         # every step of the ramp (at most RAMP_PROBES of them, evenly spaced, both ends
         # included): a margin that must be an integer fails here, not in mid-training
         count = min(self.total_steps, RAMP_PROBES)

@@ -886,6 +886,15 @@ def check_generator(value: object) -> torch.Generator | None:
     return value
 
 
+def check_non_negative_int(value: object, name: str) -> int:
+    """An integer ``>= 0`` (a number of steps) as a Python ``int``: numpy integers and
+    one-element integer tensors too, not a bool (``TypeError``); below 0: ``ValueError``."""
+    number = _integer(value, name)
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0, got {number}")
+    return number
+
+
 def check_count(value: object, name: str) -> int:
     """A count, ``>= 1``, as a Python ``int``: what :func:`check_size` takes (numpy integers
     and one-element integer tensors too, as PML does), not a bool.

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import torch
 
 from pml_margins.losses import (
     ArcFaceLoss,
@@ -85,6 +87,20 @@ def test_an_invalid_end_is_refused_at_construction_and_the_loss_left_as_it_was()
     assert loss.margin == 0.3
     with pytest.raises(TypeError, match="warmup_steps must be an int"):
         MarginScheduler(loss, 0.1, 0.5, total_steps=10, warmup_steps=1.7)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        MarginScheduler(loss, 0.1, 0.5, total_steps=10, warmup_steps=-1)
+
+
+def test_step_counts_may_be_numpy_or_tensor_integers() -> None:
+    """As ``total_steps`` (PML takes them; ``warmup_steps=np.int64(2)`` and a loaded
+    ``last_step`` of ``np.int64`` were refused; found by review)."""
+    loss = ArcFaceLoss(10, 4, margin=0.3)
+    sched = MarginScheduler(loss, 0.1, 0.5, total_steps=np.int64(4), warmup_steps=np.int64(2))
+    assert sched.warmup_steps == 2 and type(sched.warmup_steps) is int
+    assert MarginScheduler(loss, 0.1, 0.5, 4, warmup_steps=torch.tensor(2)).warmup_steps == 2
+    sched.load_state_dict({**sched.state_dict(), "last_step": np.int64(3)})
+    assert sched.last_step == 3 and type(sched.last_step) is int
+    assert loss.margin == pytest.approx(sched.value_at(3))
 
 
 def test_state_of_another_attribute_or_keys_is_refused() -> None:

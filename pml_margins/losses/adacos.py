@@ -236,8 +236,14 @@ class AdaCosLoss(ClassWeightLoss):
 
     def _update_scale(self, statistics: StepStatistics) -> None:
         """The step's update from ``statistics``, once (the deferral ends)."""
-        self.scale.copy_(adacos_scale_from_statistics(statistics, self.scale))
+        self._set_scale(adacos_scale_from_statistics(statistics, self.scale))
         self._deferred = None
+
+    def _set_scale(self, value: torch.Tensor) -> None:
+        """Write the step's scale into the buffer through a ``(1,)`` view: torch.compile's
+        graphs (aot_eager, inductor; torch 2.13) drop an in-place write into a 0-dim
+        float64 buffer, and the compiled loss kept its first scale for good."""
+        self.scale.view(1).copy_(value.reshape(1))
 
     @contextmanager
     def prepare_step(
@@ -260,7 +266,7 @@ class AdaCosLoss(ClassWeightLoss):
             and form.sub_centers == 1
         )
         if not defer:
-            self.scale.copy_(adacos_scale_from_statistics(statistics, self.scale))
+            self._set_scale(adacos_scale_from_statistics(statistics, self.scale))
             yield
             return
         self._deferred = statistics
