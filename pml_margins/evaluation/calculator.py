@@ -90,6 +90,22 @@ AMI_SLOW_NUM_CLASSES = 1000
 _CALLS = threading.local()
 
 
+def _check_recall_depth(
+    recall_k: int, knn_labels: torch.Tensor, counts: torch.Tensor, kwargs: dict[str, Any]
+) -> None:
+    """``ValueError`` where ``knn_labels`` (given to a ``calculate_recall_at_K``) hold fewer
+    neighbours than Recall@K reads: ``min(K, references)``, less the query itself when the
+    reference set includes it. ``counts``: the references' label counts."""
+    available = int(counts.sum()) - int(bool(kwargs.get("ref_includes_query", False)))
+    width = knn_labels.shape[1] if knn_labels.ndim > 1 else 1
+    if width < min(recall_k, available):
+        raise ValueError(
+            f"recall_at_{recall_k} reads each query's {recall_k} nearest references, but "
+            f"knn_labels holds {width} (PML's k): pass the knn_labels of a k >= {recall_k}, "
+            "or the ones get_accuracy hands its metrics (they reach every Recall@K)"
+        )
+
+
 def _calls_in_progress() -> dict[int, Any]:
     calls = getattr(_CALLS, "matches", None)
     if calls is None:
@@ -430,6 +446,15 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         state.setdefault("_own_kmeans", None)  # (a later device then keeps its k-means)
         state.setdefault("_built", True)
         self.__dict__.update(state)
+        # copy.copy hands over the state as it is: the metric methods (PML's function
+        # dicts, our Recall@K partials) were the original's, with its settings, and did not
+        # find the copy's call (Recall@K was cut at PML's k)
+        for kk in self.__dict__.get("_own_recall_ks", ()):
+            self.__dict__[f"calculate_recall_at_{kk}"] = functools.partial(self._recall, kk)
+        for name in ("original_function_dict", "curr_function_dict"):
+            methods = self.__dict__.get(name)
+            if isinstance(methods, dict):
+                self.__dict__[name] = {m: getattr(self, f"calculate_{m}") for m in methods}
 
     def _own_recall_ks_of(self, recall_ks: Sequence[int]) -> tuple[int, ...]:
         """The cut-offs whose ``recall_at_K`` this class computes: all but those a subclass
@@ -886,12 +911,13 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             progress=self.progress,
         )
 
-    def _kept(self, kwargs: dict[str, Any], full_k: bool = False):
+    def _kept(self, kwargs: dict[str, Any], full_k: int = 0):
         """Match matrix, relevant counts and labels of the queries that are not lone.
 
         Works from this class's k-nn or from the kwargs PML documents for its
         ``calculate_*`` methods (``knn_labels``, ``query_labels``,
-        ``not_lone_query_mask``, ``label_counts``, ``ref_includes_query``).
+        ``not_lone_query_mask``, ``label_counts``, ``ref_includes_query``). ``full_k``:
+        Recall@``full_k``'s depth, which lists of PML's ``k`` may not reach (``ValueError``).
         """
         labels, mask, knn_labels = (
             kwargs["query_labels"],
@@ -914,11 +940,13 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             relevant = counts[label_positions(unique, labels)]
             # never below 0 (a label absent from the counts: its at-R metrics are NaN)
             relevant = (relevant - int(kwargs.get("ref_includes_query", False))).clamp_(min=0)
+            if full_k:
+                _check_recall_depth(full_k, knn_labels, counts, kwargs)
         if bool(mask.all()):
             return match, relevant, labels
         return match[mask], relevant[mask], labels[mask]
 
-    def _aggregate(self, per_query_fn, kwargs: dict[str, Any], full_k: bool = False, **fn_kw):
+    def _aggregate(self, per_query_fn, kwargs: dict[str, Any], full_k: int = 0, **fn_kw):
         match, relevant, labels = self._kept(kwargs, full_k)
         if len(labels) == 0:
             return nan_accuracy(kwargs["label_counts"][0], self.return_per_class)
@@ -927,7 +955,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
 
     def _recall(self, recall_k: int, **kwargs: Any) -> float | list[float]:
         return self._aggregate(
-            lambda m, _r, k: M.recall_at_k(m, k), kwargs, full_k=True, k=recall_k
+            lambda m, _r, k: M.recall_at_k(m, k), kwargs, full_k=recall_k, k=recall_k
         )
 
     @_pml_positional(*_PML_ARGS_AT_1)

@@ -129,6 +129,51 @@ def test_calculate_methods_accept_pml_kwargs():
     assert ours.calculate_recall_at_4(**kwargs) == pytest.approx(
         float((knn_labels[:, :4] == y[:, None]).any(1).double().mean())
     )
+    # lists shorter than Recall@K reads: refused (it was Recall@3 under the name at 4)
+    with pytest.raises(ValueError, match=r"recall_at_4 reads each query's 4 nearest .* holds 3"):
+        ours.calculate_recall_at_4(**{**kwargs, "knn_labels": knn_labels[:, :3]})
+    # ... unless the reference set has no more (4 references, the query among them)
+    few = {**kwargs, "label_counts": (torch.tensor([0, 1]), torch.tensor([2, 2]))}
+    ours.calculate_recall_at_4(**{**few, "knn_labels": knn_labels[:, :3]})
+
+
+def test_a_copied_calculator_computes_recall_beyond_k_with_its_own_settings():
+    """copy.copy kept the original's metric methods: Recall@8 with k=1 came out as
+    Recall@1 (0.225 for 0.875), and the copy's settings were not used (found by review)."""
+    import copy
+
+    x, y = make_data("clustered", 60, 4, 5, seed=27)
+    both = ("recall_at_1", "recall_at_8")
+    calc = RetrievalAccuracyCalculator(k=1, recall_ks=(1, 8), include=both)
+    expected = calc.get_accuracy(x, y)
+    neighbours = torch.from_numpy(brute_force_neighbours(x, x, True)[:, :8])
+    truth = float((y[neighbours] == y[:, None]).any(1).double().mean())
+    assert expected["recall_at_8"] == pytest.approx(truth)
+    assert truth > expected["recall_at_1"]
+    copied = copy.copy(calc)
+    assert copied.get_accuracy(x, y) == expected
+    copied.return_per_class = True
+    assert len(copied.get_accuracy(x, y)["recall_at_8"]) == len(y.unique())
+    assert calc.get_accuracy(x, y) == expected
+
+
+def test_a_subclass_handing_recall_other_knn_labels_than_k_deep_is_refused():
+    """A subclass whose metrics get copies of the k-nn kwargs: Recall@K past PML's k cannot
+    be read from them (it was silently Recall@k; found by review)."""
+
+    class Cloning(RetrievalAccuracyCalculator):
+        def _get_accuracy(self, function_dict, **kwargs):
+            kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            return super()._get_accuracy(function_dict, **kwargs)
+
+    x, y = make_data("clustered", 60, 4, 5, seed=27)
+    metrics = ("precision_at_1", "recall_at_8")  # PML's k: 1 column for P@1
+    with pytest.raises(ValueError, match=r"recall_at_8 reads each query's 8 nearest"):
+        Cloning(k=1, recall_ks=(8,), include=metrics).get_accuracy(x, y)
+    plain = RetrievalAccuracyCalculator(k=8, recall_ks=(8,), include=metrics)
+    assert Cloning(k=8, recall_ks=(8,), include=metrics).get_accuracy(x, y) == (
+        plain.get_accuracy(x, y)
+    )
 
 
 @pytest.mark.parametrize(

@@ -166,7 +166,7 @@ def test_cli_files_that_cannot_be_read_are_one_line_and_status_2(tmp_path, capsy
         (["--embeddings", "sparse.pt"], "sparse.pt: query must be a dense tensor"),
         (["--embeddings", "meta.pt"], "meta.pt: its tensor has no data"),
         (["--embeddings", "q.pt"], "q.pt: query must be a dense tensor, got a quantized one"),
-        (["--embeddings", "garbage.pt"], "garbage.pt: cannot read: not a valid .pt file"),
+        (["--embeddings", "garbage.pt"], "garbage.pt: cannot read: not a .pt file: it is neither"),
         (["--embeddings", "bad.npz"], "bad.npz: cannot read: not a valid .npz file"),
         (["--embeddings", "obj.pt"], "obj.pt: cannot read: torch.load(weights_only=True)"),
         (["--embeddings", "e.npy", "--device", "foo"], "--device: not a device: 'foo'"),
