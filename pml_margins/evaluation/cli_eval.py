@@ -85,7 +85,11 @@ def _check_magic(path: Path, suffix: str) -> None:
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:
-    """A tensor of ``array``, in native byte order (torch reads no other)."""
+    """A tensor of ``array``, in native byte order (torch reads no other); ``ValueError``
+    for an array of strings, bytes or objects (torch's message lists its own types)."""
+    kind = {"U": "strings", "S": "bytes", "V": "records", "O": "objects"}.get(array.dtype.kind)
+    if kind is not None:
+        raise ValueError(f"it holds {kind} (dtype {array.dtype}), not numbers")
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     return torch.from_numpy(array)
@@ -156,7 +160,9 @@ def _recall_ks(args: argparse.Namespace) -> tuple[int, ...]:
     """``--recall-ks`` and every ``recall_at_K`` that ``--metrics`` names (asking for
     ``recall_at_3`` is asking for K = 3)."""
     named = [m.removeprefix("recall_at_") for m in args.metrics if m.startswith("recall_at_")]
-    return tuple(args.recall_ks) + tuple(int(k) for k in named if k.isdigit() and int(k) > 0)
+    # (only K as written: "03" is no metric's name, and is refused as unknown)
+    ks = (k for k in named if k.isdigit() and int(k) > 0 and str(int(k)) == k)
+    return tuple(args.recall_ks) + tuple(int(k) for k in ks)
 
 
 def _check_output(output: str) -> None:

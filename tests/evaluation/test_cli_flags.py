@@ -124,7 +124,7 @@ def test_help_lists_metrics_and_flags(capsys):
         ("missing.npy", "y.npy", "missing.npy: cannot read: No such file"),
         (".", "y.npy", ": is a directory"),
         ("x.npy", "nanlab.npy", "nanlab.npy: query_labels contains NaN"),
-        ("x.npy", "str.npy", "str.npy: cannot read"),
+        ("x.npy", "str.npy", "str.npy: cannot read: it holds strings (dtype <U1), not numbers"),
         ("x.npy", "short.npy", "short.npy: query_labels has length 5"),
         ("nan.npy", "y.npy", "nan.npy: query contains NaN"),
         ("x.txt", "y.npy", "x.txt: cannot read: expected a .npy"),
@@ -174,6 +174,8 @@ def test_bad_files_give_one_line_and_status_2(
         (["--metrics", "foo"], "--metrics: unknown metric foo; choose from AMI, NMI,"),
         (["--exclude", "bar"], "--exclude: unknown metric bar; choose from"),
         (["--metrics", "NMI", "--exclude", "NMI"], "--metrics and --exclude leave no metric"),
+        # "03" is no K: refused, and K = 3 not offered among the choices (it was)
+        (["--metrics", "recall_at_03"], "recall_at_2, recall_at_4, recall_at_8 (or"),
     ],
 )
 def test_metric_names_are_checked_against_the_flags(files, capsys, flags, message):
