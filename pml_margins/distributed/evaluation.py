@@ -225,7 +225,7 @@ def _value_summary(x: torch.Tensor) -> torch.Tensor:
     for s in range(0, len(x), step):
         rows = x[s : s + step].detach().to(torch.float64)
         out[0] += rows.abs() @ u @ r[s : s + step]
-        out[1] += rows.clamp_(min=0) @ v @ t[s : s + step]
+        out[1] += rows.clamp(min=0) @ v @ t[s : s + step]  # (rows may be x itself)
     return out
 
 

@@ -511,3 +511,37 @@ def test_ranks_values_are_equal_up_to_a_relative_1e_6() -> None:
         assert _differ(max(value, value * (1 + 3e-6)), min(value, value * (1 + 3e-6)))
         assert not _differ(max(value, value * (1 + 5e-7)), min(value, value * (1 + 5e-7)))
     assert _differ(1e-3, 0.0) and not _differ(0.0, 0.0)
+
+
+def test_float64_queries_are_searched_as_given_and_left_unchanged() -> None:
+    """The ranks' check of the query set summarised float64 queries clamped to >= 0 in
+    place: the caller's tensor (or numpy array) was changed and the search ran on the
+    clamped rows (P@1 and MAP@R off; found by review)."""
+    from pml_margins.distributed.evaluation import (
+        ShardedRetrievalAccuracyCalculator,
+        sharded_exact_knn,
+    )
+    from pml_margins.evaluation import RetrievalAccuracyCalculator, exact_knn
+
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    reference = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    before = query.clone()
+    for given in (query, query.numpy()):
+        got = sharded_exact_knn(given, reference, 3)
+        for a, b in zip(got, exact_knn(before, reference, 3), strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(query, before)  # (the array shares the tensor's memory)
+    labels = torch.arange(20) % 4
+    x = torch.randn(20, 3, generator=g, dtype=torch.float64) - 0.5
+    x_before, calc = x.clone(), {"exclude": ("NMI", "AMI")}
+    expected = RetrievalAccuracyCalculator(**calc).get_accuracy(x_before, labels)
+    for given in (x, x.numpy()):
+        assert ShardedRetrievalAccuracyCalculator(**calc).get_accuracy(given, labels) == expected
+    with_queries = ShardedRetrievalAccuracyCalculator(**calc).get_accuracy(
+        query, labels[:6], reference, labels
+    )
+    assert with_queries == RetrievalAccuracyCalculator(**calc).get_accuracy(
+        before, labels[:6], reference, labels
+    )
+    assert torch.equal(x, x_before) and torch.equal(query, before)
