@@ -269,6 +269,8 @@ _TRAINING_ONLY = frozenset(
     {"losses", "loss_arg", "epochs", "embedding_size", "batch_size", "lr", "loss_lr"}
     | {"repeats", "shift", "seed"}
 )
+_FROM_ARGS: Any = object()  # (an argument's default: the command line's value)
+
 #: flags --embeddings-only does not read: training's (but --losses, which picks the
 #: checkpoints), and the model's (each checkpoint holds its network and weights)
 _NOT_REEVALUATED = (*sorted(_TRAINING_ONLY - {"losses"}), "backbone", "weights")
@@ -526,6 +528,7 @@ def _train_all(
                         "train_seconds": run["train_seconds"],
                         "images_per_second": run["images_per_second"],
                         "seed": args.seed,
+                        "amp": args.amp,  # (a re-evaluation embeds as the run did)
                     },
                     os.path.join(checkpoints, f"{name}.pt"),
                 )
@@ -636,10 +639,15 @@ def _train_one(
 
 
 def _embed_test_set(
-    model: torch.nn.Module, bench_data: Any, args: argparse.Namespace, label: str = "model"
+    model: torch.nn.Module,
+    bench_data: Any,
+    args: argparse.Namespace,
+    label: str = "model",
+    amp: str | None = _FROM_ARGS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test split's embeddings and labels; an unreadable image, or a model whose test
-    embeddings are NaN/Inf (it diverged in its last steps), is one error line."""
+    """The test split's embeddings and labels (under ``amp``, default ``args.amp``); an
+    unreadable image, or a model whose test embeddings are NaN/Inf (it diverged in its
+    last steps), is one error line."""
     from pml_margins.bench import train
 
     try:
@@ -647,7 +655,7 @@ def _embed_test_set(
             model,
             bench_data.test,
             device=args.device,
-            amp=args.amp,
+            amp=args.amp if amp is _FROM_ARGS else amp,
             num_workers=args.num_workers,
             keep_on_device=True,
             progress=not args.no_progress,
@@ -807,7 +815,15 @@ def _evaluate_checkpoints(
                 f"error: {path}: its weights do not fit the model it describes "
                 f"({description}): {one_line(err)}"
             ) from None
-        emb, labels = _embed_test_set(model, bench_data, args, saved["name"])
+        amp = saved.get("amp", args.amp)  # (a checkpoint saved before it was kept: --amp)
+        if "amp" in saved and args.amp is not None and args.amp != amp:
+            trained = "--amp " + amp if amp else "no --amp"
+            print(
+                f"note: {saved['name']} was trained with {trained} and is evaluated so "
+                f"(--amp {args.amp} not read)",
+                file=sys.stderr,
+            )
+        emb, labels = _embed_test_set(model, bench_data, args, saved["name"], amp=amp)
         results["losses"].append(
             {
                 "name": saved["name"],

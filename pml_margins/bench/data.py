@@ -17,6 +17,7 @@ or incomplete copy fails with a message naming the files expected.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -372,7 +373,16 @@ def _eight_bit(image: Any) -> Any:
 
 
 class ImageToTensor:
-    """PIL image -> RGB float tensor ``(3, size, size)``, ImageNet-normalized.
+    """PIL image -> RGB float tensor ``(3, size, size)``, ImageNet-normalized: the
+    retrieval benchmarks' transforms (Musgrave et al., ECCV 2020, after Oh Song et al.,
+    CVPR 2016).
+
+    Evaluation (default): the shorter side resized to ``round(size * 256 / 224)`` and
+    the centre ``size x size`` crop (``Resize(256)`` + ``CenterCrop(224)`` at 224). Training
+    (``augment=True``): a random crop of 16-100 % of the image's area and aspect ratio
+    3/4-4/3, resized to ``size x size``, mirrored with probability 1/2
+    (``RandomResizedCrop(size, scale=(0.16, 1))`` + ``RandomHorizontalFlip``), drawn
+    from torch's generator (seeded runs repeat; a DataLoader seeds its workers').
 
     Converting to RGB matters: CUB contains grayscale images, and one such image in
     a batch of RGB ones breaks collation. Needs only Pillow (no torchvision).
@@ -380,17 +390,18 @@ class ImageToTensor:
 
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    crop_area = (0.16, 1.0)
+    crop_ratio = (3 / 4, 4 / 3)
 
-    def __init__(self, size: int = 224) -> None:
+    def __init__(self, size: int = 224, augment: bool = False) -> None:
         if size < 1:
             raise ValueError(f"image size must be >= 1, got {size}")
-        self.size = size
+        self.size, self.augment = size, bool(augment)
 
     def __call__(self, image: Any) -> torch.Tensor:
-        from PIL import Image
-
         try:  # Pillow reads lazily: a truncated file fails here, not where it was opened
-            image = _eight_bit(image).convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+            image = _eight_bit(image).convert("RGB")
+            image = self._random_crop(image) if self.augment else self._centre_crop(image)
         except (OSError, SyntaxError) as err:
             name = getattr(image, "filename", "") or "an image"
             raise ValueError(f"cannot read image {name}: {err}") from None
@@ -398,8 +409,52 @@ class ImageToTensor:
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
         return (tensor - self.mean) / self.std
 
+    def _centre_crop(self, image: Any) -> Any:
+        from PIL import Image
+
+        width, height = image.size
+        shorter = max(self.size, round(self.size * 256 / 224))
+        scale = shorter / min(width, height)
+        width, height = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+        image = image.resize((width, height), Image.BILINEAR)
+        left, top = (width - self.size) // 2, (height - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
+
+    def _random_crop(self, image: Any) -> Any:
+        from PIL import Image
+
+        width, height = image.size
+        box = None
+        for _ in range(10):  # torchvision's RandomResizedCrop: 10 tries, then the centre
+            area = width * height * _uniform(*self.crop_area)
+            ratio = math.exp(_uniform(math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])))
+            w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                left = int(torch.randint(0, width - w + 1, ()))
+                top = int(torch.randint(0, height - h + 1, ()))
+                box = (left, top, left + w, top + h)
+                break
+        if box is None:  # the whole image, cut to the nearest allowed aspect ratio
+            low, high = self.crop_ratio
+            w, h = width, height
+            if width / height < low:
+                h = min(height, round(width / low))
+            elif width / height > high:
+                w = min(width, round(height * high))
+            left, top = (width - w) // 2, (height - h) // 2
+            box = (left, top, left + w, top + h)
+        image = image.resize((self.size, self.size), Image.BILINEAR, box=box)
+        if float(torch.rand(())) < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return image
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size})"
+        return f"{type(self).__name__}(size={self.size}, augment={self.augment})"
+
+
+def _uniform(low: float, high: float) -> float:
+    """A draw from ``U(low, high)`` on torch's generator."""
+    return low + (high - low) * float(torch.rand(()))
 
 
 class NamedImageErrors(torch.utils.data.Dataset):
@@ -466,6 +521,7 @@ def load_image_dataset(
     transform: Callable[[Any], torch.Tensor] | None = None,
     checked_splits: Sequence[str] | None = None,
     progress: bool = True,
+    train_transform: Callable[[Any], torch.Tensor] | None = None,
 ) -> RetrievalData:
     """CUB-200-2011 or Stanford Online Products via PML's dataset classes.
 
@@ -474,8 +530,12 @@ def load_image_dataset(
         root: the folder holding ``CUB_200_2011/`` or ``Stanford_Online_Products/``.
         download: let PML download and unpack the archive (it does so only when
             ``root`` is missing or empty; no checksum is verified).
-        image_size: side of the square RGB tensors (ignored if ``transform`` is given).
-        transform: PIL image -> tensor; default :class:`ImageToTensor`.
+        image_size: side of the square RGB tensors (of the default transforms).
+        transform: PIL image -> tensor of the test split (and of the training split if
+            ``train_transform`` is not given); default :class:`ImageToTensor`'s evaluation
+            transform (shorter side resized, centre crop).
+        train_transform: that of the training split; default ``transform`` if given, else
+            :class:`ImageToTensor` with ``augment=True`` (random resized crop and mirror).
         checked_splits: the splits whose images :func:`check_image_headers` reads first
             (default both; a re-evaluation reads only ``("test",)``).
         progress: that check's tqdm bar, on a terminal.
@@ -507,10 +567,11 @@ def load_image_dataset(
             _remove_download_leftovers(root, existed)
             raise
     check_dataset_folder(name, root)
-    transform = transform or ImageToTensor(image_size)
+    test_transform = transform or ImageToTensor(image_size)
+    train_transform = train_transform or transform or ImageToTensor(image_size, augment=True)
     try:
-        train = classes[name](root=root, split="train", transform=transform)
-        test = classes[name](root=root, split="test", transform=transform)
+        train = classes[name](root=root, split="train", transform=train_transform)
+        test = classes[name](root=root, split="test", transform=test_transform)
     except (ValueError, IndexError, KeyError) as err:  # a malformed line in an index file
         raise DatasetFolderError(
             f"{name.upper()} folder {folder}: cannot read its index files "
@@ -547,7 +608,7 @@ def load_image_dataset(
     check_image_headers([p for split in checked for p in splits[split].paths], progress=progress)
     remap = RemapLabels(train.labels)
     train.target_transform = remap
-    sample = transform(open_image(train.paths[0]))
+    sample = test_transform(open_image(train.paths[0]))
     return RetrievalData(
         name=name,
         train=NamedImageErrors(train),

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.bench.conftest import run_cli as main
 
@@ -84,6 +85,25 @@ def test_loss_arg_overrides_hyperparameter(tmp_path: Path) -> None:
         ]
     )
     assert _results(tmp_path)["losses"][0]["hyperparameters"]["margin"] == 0.1
+
+
+def test_embeddings_only_embeds_as_the_run_did_under_amp(tmp_path: Path, capsys) -> None:
+    """A checkpoint trained with --amp bf16 is re-evaluated under bf16 autocast (without
+    the flag it was embedded in float32: other numbers, no note; found by review); an
+    --amp that differs from the run's is not read, and says so."""
+    main(["bench", "--losses", "cosface", "--amp", "bf16", "--out", str(tmp_path), *TINY])
+    trained = _results(tmp_path)["losses"][0]["runs"][0]["metrics"]
+    ckpt = tmp_path / "checkpoints" / "cosface.pt"
+    assert torch.load(ckpt, weights_only=True)["amp"] == "bf16"
+    capsys.readouterr()
+    for flags in ([], ["--amp", "fp16"]):
+        out = tmp_path / f"eval{len(flags)}"
+        reevaluate = ["--embeddings-only", "--checkpoint", str(ckpt), "--out", str(out)]
+        main(["bench", *reevaluate, *flags, *TINY])
+        assert _results(out, "reevaluated.json")["losses"][0]["metrics"] == trained
+    assert "cosface was trained with --amp bf16 and is evaluated so (--amp fp16 not read)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_embeddings_only_evaluates_saved_model(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,3 +184,50 @@ def test_an_index_file_with_a_byte_order_mark_is_named(fake_cub: Path) -> None:
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     with pytest.raises(data.DatasetFolderError, match=r"images\.txt starts with a byte-order"):
         data.load_image_dataset("cub", fake_cub, image_size=16)
+
+
+def test_training_images_are_augmented_and_test_images_centre_cropped(fake_cub: Path) -> None:
+    """The benchmarks' transforms (found by review: both splits were squashed to a square,
+    the training split without augmentation): training draws a random resized crop and a
+    mirror from torch's generator; the test split resizes the shorter side and crops the
+    centre, the same every time."""
+    split = data.load_image_dataset("cub", fake_cub, image_size=16)
+    assert split.train.dataset.transform.augment and not split.test.dataset.transform.augment
+    torch.manual_seed(0)
+    first, second = split.train[0][0], split.train[0][0]
+    assert first.shape == second.shape == (3, 16, 16) and not torch.equal(first, second)
+    torch.manual_seed(0)
+    assert torch.equal(split.train[0][0], first)  # a seeded run repeats
+    assert torch.equal(split.test[0][0], split.test[0][0])
+    given = data.ImageToTensor(16)
+    same = data.load_image_dataset("cub", fake_cub, image_size=16, transform=given)
+    assert same.train.dataset.transform is given is same.test.dataset.transform
+
+
+def test_the_evaluation_transform_keeps_the_aspect_ratio_and_crops_the_centre() -> None:
+    from PIL import Image
+
+    wide = np.zeros((16, 64, 3), np.uint8)  # blue | red, red | green
+    wide[:, :16], wide[:, 16:48], wide[:, 48:] = (0, 0, 255), (255, 0, 0), (0, 255, 0)
+    tensor = data.ImageToTensor(16)(Image.fromarray(wide))
+    assert tensor.shape == (3, 16, 16)
+    assert (tensor.argmax(0) == 0).all()  # only the red middle (squashing kept all three)
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (200, 10), (10, 200), (1, 1), (33, 33)])
+def test_random_crops_stay_inside_the_image_and_mirror_half_the_time(shape) -> None:
+    from PIL import Image
+
+    ramp = np.broadcast_to(
+        np.linspace(0, 255, shape[1]).astype(np.uint8)[None, :, None], (*shape, 3)
+    )
+    image, augment = (
+        Image.fromarray(np.ascontiguousarray(ramp)),
+        data.ImageToTensor(8, augment=True),
+    )
+    torch.manual_seed(1)
+    draws = [augment(image) for _ in range(200)]
+    assert all(d.shape == (3, 8, 8) and torch.isfinite(d).all() for d in draws)
+    if shape[1] > 1:  # the ramp rises left to right; mirrored, it falls
+        rising = sum(bool(d[0, :, -1].mean() >= d[0, :, 0].mean()) for d in draws)
+        assert 60 < rising < 140
