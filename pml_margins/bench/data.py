@@ -222,9 +222,10 @@ def _cub_images(folder: str) -> list[str]:
             f"{images} lists {len(listed)} images but {labels} labels {len(classes)} "
             "(PML pairs them line by line)"
         )
-    paths = []
+    paths, ids = [], []
     for (number, fields), (_, label_fields) in zip(listed, classes, strict=True):
         (image_id,) = _ints(images, number, fields, "<image_id> <path>", 1)
+        ids.append(image_id)
         label_id, class_id = _ints(labels, number, label_fields, "<image_id> <class_id>", 2)
         if label_id != image_id:
             raise ValueError(
@@ -238,7 +239,20 @@ def _cub_images(folder: str) -> list[str]:
             )
         paths.append(os.path.join("images", fields[1]))
     _check_listed_once(paths, f"images.txt of {folder}")
+    _check_ids_once(ids, f"images.txt of {folder}")
     return paths
+
+
+def _check_ids_once(ids: list[int], where: str) -> None:
+    """``ValueError`` when an image id is used twice (the official index files number the
+    images once each: a repeated id is a damaged index)."""
+    repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if repeated:
+        shown = ", ".join(map(str, repeated[:5])) + (" ..." if len(repeated) > 5 else "")
+        raise ValueError(
+            f"{len(repeated)} image ids are used more than once in {where} ({shown}): "
+            "the official index numbers each image once"
+        )
 
 
 def _check_listed_once(paths: list[str], where: str) -> None:
@@ -258,6 +272,7 @@ def _sop_images(folder: str) -> list[str]:
     the first line), then ``image_id class_id super_class_id path``; no class in both, and
     no image listed twice (a test image listed twice would find its own copy)."""
     paths: list[str] = []
+    ids: list[int] = []
     split_classes = []
     for split in ("train", "test"):
         name = f"Ebay_{split}.txt"
@@ -269,10 +284,12 @@ def _sop_images(folder: str) -> list[str]:
                 "(PML skips the first line: without it, an image would be lost)"
             )
         columns = "<image_id> <class_id> <super_class_id> <path>"
-        classes = {_ints(path, n, fields, columns, 2)[1] for n, fields in lines[1:]}
-        split_classes.append(classes)
+        numbers = [_ints(path, n, fields, columns, 2) for n, fields in lines[1:]]
+        ids += [image_id for image_id, _ in numbers]
+        split_classes.append({class_id for _, class_id in numbers})
         paths += [fields[3] for _, fields in lines[1:]]
     _check_listed_once(paths, f"Ebay_train.txt and Ebay_test.txt of {folder}")
+    _check_ids_once(ids, f"Ebay_train.txt and Ebay_test.txt of {folder}")
     shared = sorted(split_classes[0] & split_classes[1])
     if shared:
         shown = ", ".join(map(str, shared[:5])) + (" ..." if len(shared) > 5 else "")

@@ -255,10 +255,12 @@ def train_embedding(
                 embeddings = model(inputs)
             result.forward_dtype = str(embeddings.dtype)
             embeddings = embeddings.float()
-            if not bool(torch.isfinite(embeddings).all()):
+            # NaN/Inf, or rows whose squared norm overflows (the losses refuse them)
+            if not bool(torch.isfinite(embeddings.square().sum(dim=1)).all()):
                 raise TrainingDiverged(
-                    f"{setup.label}: the model's embeddings became NaN or Inf at step "
-                    f"{result.steps}; lower the learning rate"
+                    f"{setup.label}: the model's embeddings became NaN, Inf or too large "
+                    f"(a squared norm beyond float32) at step {result.steps}; lower the "
+                    "learning rate"
                 )
             indices = setup.miner(embeddings, labels) if setup.miner is not None else None
             loss = setup.loss(embeddings, labels, indices)

@@ -48,6 +48,13 @@ def _sop(root: Path) -> Path:
             lambda f: (f / "images.txt").write_text((f / "images.txt").read_text() + "\n"),
             r"images.txt line 15 is blank: remove it",
         ),
+        (  # an image id used twice: a damaged index (found by review: it was accepted)
+            lambda f: (
+                _edit(f / "images.txt", "\n2 001.Bird_1/", "\n1 001.Bird_1/"),
+                _edit(f / "image_class_labels.txt", "\n2 1\n", "\n1 1\n"),
+            ),
+            r"1 image ids are used more than once in images.txt .*\(1\): the official",
+        ),
         (  # another encoding: the message did not say which of the two files
             lambda f: (f / "images.txt").write_bytes(
                 (f / "images.txt").read_bytes().replace(b"Bird_1_0", b"Bird_\xe9_0", 1)
@@ -78,6 +85,19 @@ def test_a_cub_folder_off_the_protocol_is_named(fake_cub: Path, edit, match) -> 
     edit(_cub(fake_cub))
     with pytest.raises(FileNotFoundError, match=match):
         check_dataset_folder("cub", fake_cub)
+
+
+def _first_test_image_renumbered(folder: Path, image_id: int) -> None:
+    lines = (folder / "Ebay_test.txt").read_text().splitlines()
+    lines[1] = " ".join([str(image_id), *lines[1].split()[1:]])
+    (folder / "Ebay_test.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_a_sop_image_id_used_in_both_splits_is_named(fake_sop: Path) -> None:
+    """(found by review: image 1 in both Ebay files was accepted)"""
+    _first_test_image_renumbered(_sop(fake_sop), 1)
+    with pytest.raises(FileNotFoundError, match=r"1 image ids are used more than once .*\(1\)"):
+        check_dataset_folder("sop", fake_sop)
 
 
 @pytest.mark.parametrize(

@@ -62,13 +62,16 @@ def test_non_finite_embeddings_stop_with_the_loss_label() -> None:
     claimed the loss's check, which the embeddings' check comes before: found by review;
     the loss's own is ``test_nan_loss_stops_with_the_loss_label``)."""
     setup = registry.build_loss("nsl", 4, 3)
-    model = torch.nn.Linear(4, 3)
-    with torch.no_grad():
-        model.weight.fill_(float("inf"))
     cfg = train.TrainConfig(epochs=1, batch_size=8, progress=False)
-    expected = f"{setup.label}: the model's embeddings became NaN or Inf at step 0"
-    with pytest.raises(RuntimeError, match=expected):
-        train.train_embedding(model, setup, _toy(), cfg)
+    # Inf, or finite but with a squared norm beyond float32 (which reached the loss's own
+    # check and was reported as bad input: found by review)
+    for value in (float("inf"), 1e25):
+        model = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            model.weight.fill_(value)
+        expected = f"{setup.label}: the model's embeddings became NaN, Inf or too large .* step 0"
+        with pytest.raises(RuntimeError, match=expected):
+            train.train_embedding(model, setup, _toy(), cfg)
 
 
 def test_too_few_samples_for_one_batch() -> None:
