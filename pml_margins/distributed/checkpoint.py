@@ -29,6 +29,7 @@ after :func:`reshard` the moments of ``W`` start again from zero.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import numbers
 import os
@@ -319,6 +320,7 @@ def merge_shards(shards: Sequence[Checkpoint]) -> Checkpoint:
         state[key] = value.clone() if dim is None else torch.cat(parts, dim=dim)
     return {
         **first,
+        "loss_kwargs": copy.deepcopy(first["loss_kwargs"]),  # (its own: no shard's)
         "rank": 0,
         "world_size": 1,
         "class_range": (0, first["num_classes"]),
@@ -400,6 +402,7 @@ def split_checkpoint(full: Checkpoint, world_size: int) -> list[Checkpoint]:
         shards.append(
             {
                 **full,
+                "loss_kwargs": copy.deepcopy(full["loss_kwargs"]),  # (each shard its own)
                 "rank": rank,
                 "world_size": world_size,
                 "class_range": (start, end),

@@ -524,3 +524,16 @@ def test_a_saved_value_the_loss_refuses_is_named_as_the_checkpoints() -> None:
     with pytest.raises(ValueError, match=r"shard's saved margin=-0\.1 is refused .*>= 0"):
         load_into(sharded, split_checkpoint(full, 1)[0])
     assert sharded.loss.margin == 0.3
+
+
+def test_split_and_merged_checkpoints_hold_their_own_loss_kwargs():
+    """A shard's loss_kwargs was the source checkpoint's dict: editing one shard's edited
+    every shard, the merged checkpoint and the source (found by review)."""
+    full = from_single_process_loss(ArcFaceLoss(6, 4))
+    shards = split_checkpoint(full, 2)
+    merged = merge_shards(shards)
+    shards[1]["loss_kwargs"]["margin"] = 0.1
+    assert full["loss_kwargs"]["margin"] == shards[0]["loss_kwargs"]["margin"] == 0.5
+    assert merged["loss_kwargs"]["margin"] == 0.5
+    merged["loss_kwargs"]["scale"] = 8.0
+    assert shards[0]["loss_kwargs"]["scale"] == full["loss_kwargs"]["scale"] == 64.0
