@@ -226,10 +226,12 @@ def train_embedding(
             f"the training set has {len(dataset)} samples, fewer than one batch of "
             f"{cfg.batch_size}; lower --batch-size"
         )
-    if cfg.batch_size < 2 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    if cfg.batch_size < 2 and any(isinstance(m, norms) for m in model.modules()):
         raise ValueError(
-            f"--batch-size {cfg.batch_size} cannot train this model: its BatchNorm1d layers "
-            "need at least 2 rows per batch; use --batch-size >= 2"
+            f"--batch-size {cfg.batch_size} cannot train this model: its batch-norm layers "
+            "need at least 2 rows per batch (one image's 1 x 1 feature map has no batch "
+            "statistics); use --batch-size >= 2"
         )
     groups = [{"params": _trainable(model), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     loss_params = _trainable(setup.loss)

@@ -74,6 +74,22 @@ def test_non_finite_embeddings_stop_with_the_loss_label() -> None:
             train.train_embedding(model, setup, _toy(), cfg)
 
 
+@pytest.mark.parametrize("norm", [torch.nn.BatchNorm1d, torch.nn.BatchNorm2d])
+def test_batch_size_one_is_refused_for_any_batch_norm(norm) -> None:
+    """(found by review: a BatchNorm2d model, CUB/SOP's image CNN, failed inside torch on
+    its last 1 x 1 map)"""
+    setup = registry.build_loss("nsl", 4, 3)
+    if norm is torch.nn.BatchNorm1d:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), norm(3))
+    else:
+        model = torch.nn.Sequential(
+            torch.nn.Unflatten(1, (4, 1, 1)), norm(4), torch.nn.Flatten(), torch.nn.Linear(4, 3)
+        )
+    cfg = train.TrainConfig(epochs=1, batch_size=1, progress=False)
+    with pytest.raises(ValueError, match=r"--batch-size 1 cannot train this model: its batch"):
+        train.train_embedding(model, setup, _toy(), cfg)
+
+
 def test_too_few_samples_for_one_batch() -> None:
     setup = registry.build_loss("nsl", 4, 3)
     with pytest.raises(ValueError, match="lower --batch-size"):
