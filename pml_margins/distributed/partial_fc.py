@@ -47,7 +47,8 @@ def sample_local_classes(
         class_start: first global class of this rank's shard.
         num_local: number of classes in the shard.
         sample_rate: fraction in ``(0, 1]`` of the shard to keep.
-        generator: random source for the negatives (on the labels' device).
+        generator: random source for the negatives (on any device: the draw is made there
+            and moved to the labels').
 
     Returns:
         ``index``: the kept local columns, sorted ascending (shape ``(K,)``), and
@@ -63,7 +64,9 @@ def sample_local_classes(
     if sampled >= num_local:  # no draw (sample_classes draws nothing either)
         index = torch.arange(num_local, device=labels.device)
     else:  # a draw even when the positives fill the shard: the same stream as sample_classes
-        score = torch.rand(num_local, generator=generator, device=labels.device)
+        # drawn where the generator lives (a CPU one for CUDA labels too, as sample_classes)
+        device = labels.device if generator is None else generator.device
+        score = torch.rand(num_local, generator=generator, device=device).to(labels.device)
         score[positive] = 2.0  # above every uniform draw: positives always kept
         index = torch.topk(score, keep, sorted=False).indices.sort().values
     position = torch.full((num_local,), -1, dtype=torch.long, device=labels.device)

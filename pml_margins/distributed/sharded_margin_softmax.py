@@ -73,7 +73,6 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         group: ProcessGroup | None,
         count_owners: bool,
     ):
-        rows = torch.arange(logits.shape[0], device=logits.device)
         owned = target >= 0
         row_max = (
             logits.max(dim=1).values
@@ -85,7 +84,9 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         # the third column: how many ranks own each row
         stats = torch.zeros(logits.shape[0], 3, dtype=logits.dtype, device=logits.device)
         stats[:, 0] = exp.sum(dim=1)
-        stats[owned, 1] = logits[rows[owned], target[owned]] - row_max[owned]
+        if logits.shape[1]:  # (gather and where: no boolean indexing, no host sync)
+            picked = logits.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1) - row_max
+            stats[:, 1] = torch.where(owned, picked, 0.0)
         stats[:, 2] = owned.to(logits.dtype)
         stats = all_reduce_(stats, "sum", group)
         if count_owners:
@@ -110,8 +111,9 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         grad = torch.where(single, grad, torch.nan)
         # in place: the softmax buffer becomes the gradient
         grad_logits = exp.mul_((grad / sum_exp).unsqueeze(1))
-        owned = torch.nonzero(target >= 0).squeeze(1)
-        grad_logits[owned, target[owned]] -= grad[owned]
+        if grad_logits.shape[1]:  # minus the gradient at each owned target (no sync)
+            share = torch.where(target >= 0, -grad, 0.0).to(grad_logits.dtype)
+            grad_logits.scatter_add_(1, target.clamp(min=0).unsqueeze(1), share.unsqueeze(1))
         return grad_logits, None, None, None
 
 

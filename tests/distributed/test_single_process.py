@@ -545,3 +545,15 @@ def test_float64_queries_are_searched_as_given_and_left_unchanged() -> None:
         before, labels[:6], reference, labels
     )
     assert torch.equal(x, x_before) and torch.equal(query, before)
+
+
+def test_the_sharded_cross_entropy_runs_without_data_dependent_shapes() -> None:
+    """Forward and backward pick the owned targets with gather/scatter_add_: on the meta
+    device (no values, like a GPU tensor the host would have to wait for) they run; the
+    boolean indexing before (torch.nonzero: a host sync per step on a GPU) could not."""
+    from pml_margins.distributed.sharded_margin_softmax import _ShardedSoftmaxCrossEntropy
+
+    logits = torch.randn(6, 4, device="meta", requires_grad=True)
+    target = torch.tensor([0, 1, -1, 3, 2, 0], device="meta")
+    _ShardedSoftmaxCrossEntropy.apply(logits, target, None, False).sum().backward()
+    assert logits.grad.shape == (6, 4) and logits.grad.device.type == "meta"
