@@ -235,10 +235,11 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
     by itself: do not also wrap it in PML's ``DistributedLossWrapper``. Memory per
     rank: ``W_local`` and its gradient (``D x C / world_size``) plus a few
     ``N x C / world_size`` logit-sized buffers (``N x K`` with Partial FC keeping ``K``
-    columns). Host reads per step (a synchronisation each on a GPU): the agreement check
-    above (one, two with scalar buffers), the ranks' batch sizes for the embeddings' and
-    the labels' gathers (two), Partial FC's count of the kept positives (one): three to
-    five, against one in one process; the softmax itself reads nothing back.
+    columns). Host reads per step (a synchronisation each on a GPU): the value checks
+    (one, as in one process; none with them off), the agreement check above (one, two
+    with scalar buffers), the ranks' batch sizes for the embeddings' and the labels'
+    gathers (two), Partial FC's count of the kept positives (one); the softmax itself
+    reads nothing back.
 
     A loss whose margin or scale needs batch statistics (MagFace, AdaFace, dynamic
     AdaCos) gets them through its
