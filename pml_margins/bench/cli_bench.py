@@ -269,8 +269,6 @@ _TRAINING_ONLY = frozenset(
     {"losses", "loss_arg", "epochs", "embedding_size", "batch_size", "lr", "loss_lr"}
     | {"repeats", "shift", "seed"}
 )
-_FROM_ARGS: Any = object()  # (an argument's default: the command line's value)
-
 #: flags --embeddings-only does not read: training's (but --losses, which picks the
 #: checkpoints), and the model's (each checkpoint holds its network and weights)
 _NOT_REEVALUATED = (*sorted(_TRAINING_ONLY - {"losses"}), "backbone", "weights")
@@ -624,7 +622,7 @@ def _train_one(
     # a batch larger than the training set, a diverging loss, an unreadable image
     except (ValueError, train.TrainingDiverged, OSError) as err:
         raise SystemExit(f"error: {one_line(err)}") from err
-    emb, labels = _embed_test_set(model, bench_data, args, setup.label)
+    emb, labels = _embed_test_set(model, bench_data, args, setup.label, args.amp)
     record = {
         "seed": cfg.seed,
         "model": description,
@@ -642,12 +640,12 @@ def _embed_test_set(
     model: torch.nn.Module,
     bench_data: Any,
     args: argparse.Namespace,
-    label: str = "model",
-    amp: str | None = _FROM_ARGS,
+    label: str,
+    amp: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test split's embeddings and labels (under ``amp``, default ``args.amp``); an
-    unreadable image, or a model whose test embeddings are NaN/Inf (it diverged in its
-    last steps), is one error line."""
+    """The test split's embeddings and labels, under autocast ``amp``; an unreadable
+    image, or a model whose test embeddings are NaN/Inf (it diverged in its last steps),
+    is one error line."""
     from pml_margins.bench import train
 
     try:
@@ -655,7 +653,7 @@ def _embed_test_set(
             model,
             bench_data.test,
             device=args.device,
-            amp=args.amp if amp is _FROM_ARGS else amp,
+            amp=amp,
             num_workers=args.num_workers,
             keep_on_device=True,
             progress=not args.no_progress,
@@ -823,7 +821,7 @@ def _evaluate_checkpoints(
                 f"(--amp {args.amp} not read)",
                 file=sys.stderr,
             )
-        emb, labels = _embed_test_set(model, bench_data, args, saved["name"], amp=amp)
+        emb, labels = _embed_test_set(model, bench_data, args, saved["name"], amp)
         results["losses"].append(
             {
                 "name": saved["name"],

@@ -238,32 +238,31 @@ def _cub_images(folder: str) -> list[str]:
                 "metric-learning split, PML's: classes 1-100 train, 101-200 test)"
             )
         paths.append(os.path.join("images", fields[1]))
-    _check_listed_once(paths, f"images.txt of {folder}")
-    _check_ids_once(ids, f"images.txt of {folder}")
+    _check_listed_once(paths, ids, f"images.txt of {folder}")
     return paths
 
 
-def _check_ids_once(ids: list[int], where: str) -> None:
-    """``ValueError`` when an image id is used twice (the official index files number the
-    images once each: a repeated id is a damaged index)."""
-    repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+def _first_few(values: Sequence[object], limit: int = 5) -> str:
+    """The first ``limit`` of ``values``, comma-separated, and ``...`` if there are more."""
+    return ", ".join(map(str, values[:limit])) + (" ..." if len(values) > limit else "")
+
+
+def _check_once(values: list, what: str, where: str, fix: str) -> None:
+    """``ValueError`` naming the values that occur more than once: a test image listed
+    twice would find its own copy; an image id used twice is a damaged index (the
+    official files number each image once)."""
+    repeated = sorted(v for v, n in Counter(values).items() if n > 1)
     if repeated:
-        shown = ", ".join(map(str, repeated[:5])) + (" ..." if len(repeated) > 5 else "")
         raise ValueError(
-            f"{len(repeated)} image ids are used more than once in {where} ({shown}): "
-            "the official index numbers each image once"
+            f"{len(repeated)} {what} more than once in {where} ({_first_few(repeated)}): {fix}"
         )
 
 
-def _check_listed_once(paths: list[str], where: str) -> None:
-    """``ValueError`` when an image is listed twice (a test image would find its own copy)."""
-    repeated = sorted(p for p, n in Counter(map(os.path.normpath, paths)).items() if n > 1)
-    if repeated:
-        shown = ", ".join(repeated[:5]) + (" ..." if len(repeated) > 5 else "")
-        raise ValueError(
-            f"{len(repeated)} images are listed more than once in {where} ({shown}): "
-            "list each image once"
-        )
+def _check_listed_once(paths: list[str], ids: list[int], where: str) -> None:
+    """Each image listed once, under one id."""
+    normalized = [os.path.normpath(p) for p in paths]
+    _check_once(normalized, "images are listed", where, "list each image once")
+    _check_once(ids, "image ids are used", where, "the official index numbers each image once")
 
 
 def _sop_images(folder: str) -> list[str]:
@@ -288,14 +287,12 @@ def _sop_images(folder: str) -> list[str]:
         ids += [image_id for image_id, _ in numbers]
         split_classes.append({class_id for _, class_id in numbers})
         paths += [fields[3] for _, fields in lines[1:]]
-    _check_listed_once(paths, f"Ebay_train.txt and Ebay_test.txt of {folder}")
-    _check_ids_once(ids, f"Ebay_train.txt and Ebay_test.txt of {folder}")
+    _check_listed_once(paths, ids, f"Ebay_train.txt and Ebay_test.txt of {folder}")
     shared = sorted(split_classes[0] & split_classes[1])
     if shared:
-        shown = ", ".join(map(str, shared[:5])) + (" ..." if len(shared) > 5 else "")
         raise ValueError(
             f"{len(shared)} classes are in both Ebay_train.txt and Ebay_test.txt of {folder} "
-            f"({shown}): the test classes must be unseen in training"
+            f"({_first_few(shared)}): the test classes must be unseen in training"
         )
     return paths
 
@@ -364,10 +361,9 @@ def check_dataset_folder(name: str, root: str | os.PathLike[str], max_listed: in
         raise DatasetFolderError(f"{name.upper()} index files in {folder} list no images; {hint}")
     missing = [p for p in listed if not os.path.isfile(os.path.join(folder, p))]
     if missing:
-        shown = ", ".join(missing[:max_listed]) + (" ..." if len(missing) > max_listed else "")
         raise DatasetFolderError(
             f"{name.upper()} folder {folder} is incomplete: {len(missing)} of {len(listed)} "
-            f"listed images are missing ({shown}); {hint}"
+            f"listed images are missing ({_first_few(missing, max_listed)}); {hint}"
         )
 
 

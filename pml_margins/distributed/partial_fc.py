@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from pml_margins.functional.fused_margin_softmax import kept_columns
+
 __all__ = ["num_sampled", "sample_local_classes"]
 
 
@@ -64,11 +66,7 @@ def sample_local_classes(
     if sampled >= num_local:  # no draw (sample_classes draws nothing either)
         index = torch.arange(num_local, device=labels.device)
     else:  # a draw even when the positives fill the shard: the same stream as sample_classes
-        # drawn where the generator lives (a CPU one for CUDA labels too, as sample_classes)
-        device = labels.device if generator is None else generator.device
-        score = torch.rand(num_local, generator=generator, device=device).to(labels.device)
-        score[positive] = 2.0  # above every uniform draw: positives always kept
-        index = torch.topk(score, keep, sorted=False).indices.sort().values
+        index = kept_columns(num_local, positive, keep, generator, labels.device)
     position = torch.full((num_local,), -1, dtype=torch.long, device=labels.device)
     position[index] = torch.arange(index.numel(), device=labels.device)
     target = torch.full_like(local, -1)

@@ -383,8 +383,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         # found by PML's calculate_<name> discovery in __init__; a subclass's own
         # calculate_recall_at_K stays (a metric of its own, by PML's k rule)
         self._own_recall_ks = self._own_recall_ks_of(self.recall_ks)
-        for kk in self._own_recall_ks:
-            setattr(self, f"calculate_recall_at_{kk}", functools.partial(self._recall, kk))
+        self._bind_recall_methods()
         if isinstance(k, (bool, np.bool_)):  # (PML checks the rest)
             check_pml_k(k)
         check_metric_names(include, exclude)
@@ -449,12 +448,17 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         # copy.copy hands over the state as it is: the metric methods (PML's function
         # dicts, our Recall@K partials) were the original's, with its settings, and did not
         # find the copy's call (Recall@K was cut at PML's k)
-        for kk in self.__dict__.get("_own_recall_ks", ()):
-            self.__dict__[f"calculate_recall_at_{kk}"] = functools.partial(self._recall, kk)
+        self._bind_recall_methods()
         for name in ("original_function_dict", "curr_function_dict"):
             methods = self.__dict__.get(name)
             if isinstance(methods, dict):
                 self.__dict__[name] = {m: getattr(self, f"calculate_{m}") for m in methods}
+
+    def _bind_recall_methods(self) -> None:
+        """This calculator's ``calculate_recall_at_K`` for each of its own cut-offs (found
+        by PML's ``calculate_<name>`` discovery)."""
+        for kk in self.__dict__.get("_own_recall_ks", ()):
+            self.__dict__[f"calculate_recall_at_{kk}"] = functools.partial(self._recall, kk)
 
     def _own_recall_ks_of(self, recall_ks: Sequence[int]) -> tuple[int, ...]:
         """The cut-offs whose ``recall_at_K`` this class computes: all but those a subclass

@@ -291,6 +291,23 @@ def auto_chunk_size(
     return max(256, budget // max(batch_size, embedding_size, 1))
 
 
+def kept_columns(
+    num_columns: int,
+    positives: torch.Tensor,
+    keep: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Partial FC's draw: the ``keep`` columns of ``num_columns`` kept, ascending, on
+    ``device``: every positive (``positives``, indices or a mask) and, for the rest,
+    those with the largest uniform draws (made on ``generator``'s device, any device).
+    One stream for one process and for each shard: the same draws keep the same columns."""
+    draw_device = generator.device if generator is not None else device
+    scores = torch.rand(num_columns, generator=generator, device=draw_device).to(device)
+    scores[positives] = 2.0  # above every uniform draw: always kept
+    return torch.topk(scores, keep, sorted=False).indices.sort().values
+
+
 def sample_classes(
     labels: torch.Tensor,
     num_classes: int,
@@ -327,11 +344,8 @@ def sample_classes(
             raise ValueError(
                 f"labels must lie in [0, {num_classes}), got values in [{low}, {high}]"
             )
-    rand_device = generator.device if generator is not None else device
-    scores = torch.rand(num_classes, generator=generator, device=rand_device).to(device)
-    scores[positives] = 2.0  # above every uniform draw: always kept
     num_sample = max(num_sample, positives.numel())
-    index = torch.topk(scores, num_sample, sorted=False).indices.sort().values
+    index = kept_columns(num_classes, positives, num_sample, generator, device)
     local = torch.searchsorted(index, labels.long())
     # unchecked labels outside [0, C) (value checks off) map past the kept columns, as
     # the full loss sees them: an index error, never a row trained toward index[0]

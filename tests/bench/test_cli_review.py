@@ -196,7 +196,7 @@ def test_a_model_that_diverged_at_its_last_step_is_one_line() -> None:
     test = torch.utils.data.TensorDataset(torch.zeros(6, 3), torch.arange(6) % 2)
     args = argparse.Namespace(device="cpu", amp=None, num_workers=0, no_progress=True)
     with pytest.raises(SystemExit, match=r"ArcFace: the model's test embeddings are NaN"):
-        _embed_test_set(Diverged(), types.SimpleNamespace(test=test), args, "ArcFace")
+        _embed_test_set(Diverged(), types.SimpleNamespace(test=test), args, "ArcFace", None)
 
 
 def test_embedding_a_dataset_without_a_length() -> None:
