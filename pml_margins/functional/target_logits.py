@@ -47,9 +47,6 @@ __all__ = [
     "sphereface_value_and_slope",
 ]
 
-# sin(theta) at or below this gets no gradient (sqrt's slope is infinite at 0).
-_SINE_MIN = 1e-6
-
 
 def safe_sine(cosine: torch.Tensor) -> torch.Tensor:
     r""":math:`\sin\theta = \sqrt{(1-\cos\theta)(1+\cos\theta)}` for :math:`\theta\in[0,\pi]`.
@@ -57,14 +54,17 @@ def safe_sine(cosine: torch.Tensor) -> torch.Tensor:
     The product form loses less precision near :math:`\cos\theta=\pm1` than
     :math:`1-\cos^2\theta`. The value is exact everywhere (0 at
     :math:`\cos\theta=\pm1`); the gradient :math:`-\cos\theta/\sin\theta` is
-    exactly 0 (not Inf/NaN) where :math:`\sin\theta \le 10^{-6}`, i.e. within about
-    1e-6 rad of alignment. Plain torch operations (the masked entries take the square
-    root of 1, so no infinite slope reaches them): differentiable to any order, and
-    under every ``torch.func`` transform.
+    exactly 0 (not Inf/NaN) where the sine is 0, at :math:`\cos\theta=\pm1` only:
+    the smallest other sine, :math:`\sqrt{2u}` (``u`` the unit roundoff, 1.5e-8 in
+    float64), keeps its finite slope, whose share of an embedding's gradient
+    (:math:`\sin m\cos\theta/\sin\theta` times :math:`d\cos\theta/dx`, of norm
+    :math:`\sin\theta/|x|`) stays finite as the angle closes. Plain torch operations
+    (the masked entries take the square root of 1, so no infinite slope reaches
+    them): differentiable to any order, and under every ``torch.func`` transform.
     """
     square = (1 - cosine) * (1 + cosine)
     sine = square.clamp_min(0).sqrt().detach()
-    flat = sine <= _SINE_MIN
+    flat = sine == 0
     return torch.where(flat, sine, torch.where(flat, 1.0, square).sqrt())
 
 
@@ -139,8 +139,8 @@ def arcface_value_and_slope(
     .. math::
         \frac{d}{d\cos\theta}\cos(\theta+m) = \cos m + \sin m\,\frac{\cos\theta}{\sin\theta}
 
-    with the second term 0 where :math:`\sin\theta \le 10^{-6}` (as
-    :func:`safe_sine`'s gradient), and 1 where the fallback (or, with
+    with the second term 0 where :math:`\sin\theta = 0` (as :func:`safe_sine`'s
+    gradient), and 1 where the fallback (or, with
     ``easy_margin``, the plain cosine) applies.
     """
     margin = check_number_or_tensor(margin, check_signed_angle_margin, "margin")
@@ -149,7 +149,7 @@ def arcface_value_and_slope(
     given, cosine = cosine, angle_cosine(cosine)
     sine = ((1 - cosine) * (1 + cosine)).sqrt_()  # (both factors >= 0: cosine is clamped)
     value = cosine * cos_m - sine * sin_m
-    ratio = torch.div(cosine, sine).masked_fill_(sine <= _SINE_MIN, 0)  # (+-inf where sine is 0)
+    ratio = torch.div(cosine, sine).masked_fill_(sine == 0, 0)  # (+-inf where sine is 0)
     if isinstance(sin_m, torch.Tensor):  # per row, or batched by vmap: not in place
         slope = ratio * sin_m + cos_m
     else:

@@ -33,7 +33,7 @@ from pml_margins.losses.sphereface import annealed_psi, annealed_psi_value_and_s
 
 def cosines(dtype=torch.float64):
     """A grid over [-1, 1] plus the edges: +-1, 0, the ArcFace fallback threshold, and
-    points within 1e-13 of +-1 (where the sine is below safe_sine's cut-off)."""
+    points within 1e-13 of +-1 (sines of ~4.5e-7: finite slopes, large ones)."""
     edges = [1.0, -1.0, 0.0, math.cos(math.pi - 0.5), 1 - 1e-13, -1 + 1e-13, 0.5, -0.5]
     return torch.cat([torch.linspace(-1, 1, 4001, dtype=dtype), torch.tensor(edges, dtype=dtype)])
 

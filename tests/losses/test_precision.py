@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import pytest
 import torch
 
+import pml_margins
+from pml_margins.losses import (
+    ArcFaceLoss,
+    CombinedMarginLoss,
+    ElasticFaceLoss,
+    SubCenterArcFaceLoss,
+)
 from tests.losses.reference import reference_per_sample
 from tests.losses.specs import SPEC_IDS, SPECS, LossSpec
 
@@ -137,3 +147,53 @@ def test_values_and_gradients_at_cosine_plus_minus_one_match_the_reference(spec,
     ref_gx, ref_gw = _symmetric_gradients(reference, x.detach(), w)
     torch.testing.assert_close(gx, ref_gx, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-4)
+
+
+NEAR_ALIGNMENT_LOSSES = {
+    "arcface": lambda: ArcFaceLoss(5, 4, margin=0.5, scale=2.0),
+    "arcface_blocked": lambda: ArcFaceLoss(5, 4, margin=0.5, scale=2.0, chunk_size=2),
+    "combined_1_m_0": lambda: CombinedMarginLoss(5, 4, 1.0, 0.5, 0.0, scale=2.0),
+    "elasticface_sigma0": lambda: ElasticFaceLoss(5, 4, margin=0.5, sigma=0.0, scale=2.0),
+    "subcenter_k1": lambda: SubCenterArcFaceLoss(5, 4, 0.5, 2.0, 1),
+}
+
+
+@pytest.mark.parametrize("theta", [1e-7, 5e-7, 9e-7, 3e-6])
+@pytest.mark.parametrize(
+    ("name", "autograd"),
+    [(name, False) for name in sorted(NEAR_ALIGNMENT_LOSSES)]
+    + [(name, True) for name in sorted(NEAR_ALIGNMENT_LOSSES) if name != "arcface_blocked"],
+)
+def test_gradient_within_a_micro_radian_of_the_class_keeps_the_margin_term(
+    name, theta, autograd
+) -> None:
+    """cos(theta + m)'s slope in the cosine, cos m + sin m cos / sin, grows as the angle
+    closes, and d cos / dx shrinks as sin theta: their product stays finite (norm
+    ~ sin m / |x|). A fixed cut-off (sine <= 1e-6 got no slope) dropped it: the row's
+    gradient 143% off in float64 (found by review). Reference: the paper's formula with
+    theta from atan2 of the geometry (well conditioned where acos is not)."""
+    torch.manual_seed(0)
+    loss_fn = NEAR_ALIGNMENT_LOSSES[name]().double()
+    w = loss_fn.W.detach()
+    w0 = w[:, 0] / w[:, 0].norm()
+    u = torch.randn(4, dtype=torch.float64)
+    u = u - (u @ w0) * w0
+    u = u / u.norm()
+    x = (3.0 * (math.cos(theta) * w0 + math.sin(theta) * u))[None]
+    labels = torch.tensor([0])
+
+    def reference(x_: torch.Tensor) -> torch.Tensor:
+        unit_x = x_ / x_.norm(dim=1, keepdim=True)
+        unit_w = w / w.norm(dim=0, keepdim=True)
+        cosines = unit_x @ unit_w
+        along = unit_x[0] @ unit_w[:, 0]
+        angle = torch.atan2(torch.linalg.vector_norm(unit_x[0] - along * unit_w[:, 0]), along)
+        logits = torch.cat([torch.cos(angle + 0.5).reshape(1, 1), cosines[:, 1:]], dim=1)
+        return torch.nn.functional.cross_entropy(2.0 * logits, labels)
+
+    leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(reference(leaf), leaf)
+    leaf = x.clone().requires_grad_(True)
+    with pml_margins.autograd_only() if autograd else contextlib.nullcontext():
+        (got,) = torch.autograd.grad(loss_fn(leaf, labels), leaf)
+    assert float((got - expected).norm() / expected.norm()) < 2e-2
