@@ -649,7 +649,12 @@ class ClassWeightLoss(
             }
         }
         if self.weight_regularizer is not None:  # PML's mixin adds nothing otherwise
-            self.add_weight_regularization_to_loss_dict(loss_dict, self.weights_for(embeddings).t())
+            # W.t() in compute_dtype, outside autocast: under it a regularizer's products
+            # ran in bf16/fp16 while it read W's dtype for its fill values (RegularFace's
+            # -max of float32 into a bf16 matrix: an overflow error)
+            with autocast_off(embeddings.device.type):
+                weights = self.weights_for(embeddings).t()
+                self.add_weight_regularization_to_loss_dict(loss_dict, weights)
         return loss_dict
 
     def _step_losses(

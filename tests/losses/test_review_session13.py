@@ -67,6 +67,32 @@ def test_weight_regularizer_of_float64_embeddings_under_bf16_autocast_runs_as_pm
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=[s.id for s in SPECS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("half_input", [True, False], ids=["half-embeddings", "float32-embeddings"])
+def test_regularface_of_any_loss_under_cpu_autocast_is_its_float32_value(
+    spec, dtype, half_input
+) -> None:
+    """A model's bf16/fp16 output (or float32 embeddings) under CPU autocast with
+    RegularFace on W: the regularizer is W's, in float32 outside autocast. Before, every
+    class-weight loss raised "value cannot be converted to type c10::BFloat16 without
+    overflow" (RegularFace's products ran in the autocast dtype, its fill value was
+    float32's; found by review). PML fails the same way for float32 embeddings."""
+    torch.manual_seed(0)
+    loss = spec.build(C, D, weight_regularizer=RegularFaceRegularizer(), weight_reg_weight=0.37)
+    x, y = torch.randn(8, D), torch.randint(0, C, (8,))
+    x = x.to(dtype) if half_input else x
+    with torch.autocast("cpu", dtype=dtype):
+        loss_dict = loss.compute_loss(x, y, None, x, y)
+        total = loss(x, y)
+    got = loss_dict["weight_reg_loss"]["losses"]
+    want = RegularFaceRegularizer()(loss.W.detach().t().float()) * 0.37
+    assert got.dtype == total.dtype == torch.float32 and torch.isfinite(total)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    total.backward()
+    assert torch.isfinite(loss.W.grad).all()
+
+
 def test_weight_regularizer_in_float64_for_float64_embeddings() -> None:
     torch.manual_seed(0)
     ours, pml = _pair(LpRegularizer)
