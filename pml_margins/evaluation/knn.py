@@ -22,7 +22,8 @@
    With ``normalize`` the rows are normalized first (``a / |a|``), so two references
    at the same true cosine from a query tie only if their normalized rows give the
    same float64 sum (identical directions do; distinct vectors at an equal angle, such
-   as integer codes of equal norm, may differ in the last bit and rank either way).
+   as integer codes of equal norm, may differ in the last bit and rank either way; so
+   may the Euclidean distances of normalized rows, every one 1 from a zero query).
 
 The result equals a float64 brute force whatever the offset, block size,
 backend, thread count or device. When every reference is wanted (PML's ``k=None``)
