@@ -5,9 +5,10 @@ weight of its own class to the *unscaled* logit that replaces it in the softmax.
 They are pure, element-wise and differentiable, work on any floating dtype and
 are evaluated in at least float32 by :func:`~pml_margins.functional.margin_softmax`.
 
-None of them calls ``acos`` on a path that needs a gradient: angles enter only
-through trigonometric identities and Chebyshev polynomials, so gradients stay
-finite at :math:`\cos\theta = \pm 1` (where ``d acos/dx`` is infinite).
+None of them calls ``acos`` on a path that needs a gradient: angles enter through
+trigonometric identities and Chebyshev polynomials, or (a non-integer multiple of the
+angle) ``atan2`` of :func:`safe_sine` and the cosine, so gradients stay finite at
+:math:`\cos\theta = \pm 1` (where ``d acos/dx`` is infinite).
 """
 
 from __future__ import annotations
@@ -180,8 +181,8 @@ def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
 
     For an integer :math:`m` this is the Chebyshev polynomial :math:`T_m(\cos\theta)`
     (recurrence :math:`T_{k+1} = 2xT_k - T_{k-1}`), exact and smooth everywhere.
-    For a non-integer :math:`m` it uses :math:`\theta = \arccos` of the cosine
-    clamped to :math:`[-1+\epsilon, 1-\epsilon]`, so gradients stay finite.
+    For a non-integer :math:`m` it uses :math:`\theta` of :func:`angle_of`: finite
+    gradients, 0 only at :math:`\cos\theta = \pm1` exactly.
     ``multiplier``: a finite number with :math:`|m| \le 100` (the recurrence takes
     :math:`m` steps; ``ValueError`` otherwise).
     """
@@ -199,8 +200,18 @@ def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
         for _ in range(m - 1):
             t_prev, t_curr = t_curr, 2 * cosine * t_curr - t_prev
         return t_curr
-    eps = torch.finfo(cosine.dtype).eps
-    return torch.cos(multiplier * torch.acos(torch.clamp(cosine, -1 + eps, 1 - eps)))
+    return torch.cos(multiplier * angle_of(cosine))
+
+
+def angle_of(cosine: torch.Tensor) -> torch.Tensor:
+    r""":math:`\theta = \operatorname{atan2}(\sin\theta, \cos\theta)` of the cosine
+    clamped to :math:`[-1, 1]`, with :func:`safe_sine`: its derivative
+    :math:`-1/\sin\theta` is finite at every cosine but :math:`\pm1`, where it is 0.
+    (An ``acos`` of the cosine clamped to :math:`[-1+\epsilon, 1-\epsilon]` gave the one
+    cosine inside each end no slope and the angle of its neighbour: the combined margin's
+    gradient 0 there, found by review.)"""
+    cosine = angle_cosine(cosine)
+    return torch.atan2(safe_sine(cosine), cosine)
 
 
 def _floating(cosine: torch.Tensor) -> torch.Tensor:
@@ -221,8 +232,7 @@ def _sin_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor
         for _ in range(m - 2):
             u_prev, u_curr = u_curr, 2 * cosine * u_curr - u_prev
         return safe_sine(cosine) * u_curr
-    eps = torch.finfo(cosine.dtype).eps
-    return torch.sin(multiplier * torch.acos(torch.clamp(cosine, -1 + eps, 1 - eps)))
+    return torch.sin(multiplier * angle_of(cosine))
 
 
 def _angle_region(cosine: torch.Tensor, multiplier: Any, offset: Any) -> torch.Tensor:
@@ -312,7 +322,7 @@ def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float
 
     ``m1`` in ``[1, 100]``, ``m2`` an angle in radians as ArcFace's margin, ``m3`` finite
     (``ValueError`` otherwise, naming the argument). A tensor ``m1`` (learnable, per row,
-    or under ``vmap``) always takes the general form, through :math:`\arccos`: its
+    or under ``vmap``) always takes the general form, through the angle (``atan2``): its
     gradient is then that of :math:`m_1` at every value (the special cases above read
     ``m1`` as a number, which would cut it), and at :math:`m_1 = 1` beyond
     :math:`\theta + m_2 = \pi` it follows A-Softmax's extension rather than ArcFace's.
@@ -330,11 +340,10 @@ def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float
 
 def _combined_general(cosine: torch.Tensor, m1: Any, m2: Any, m3: Any) -> torch.Tensor:
     r"""The A-Softmax extension :math:`(-1)^k\cos(m_1\theta + m_2) - 2k - m_3` (see
-    :func:`combined_margin_target`); through :math:`\arccos` for a tensor ``m1``."""
+    :func:`combined_margin_target`); through the angle for a tensor ``m1``."""
     cos_m2, sin_m2, _ = _cos_sin(m2)
     if isinstance(m1, torch.Tensor):
-        eps = torch.finfo(cosine.dtype).eps
-        angle = m1 * torch.acos(torch.clamp(cosine, -1 + eps, 1 - eps))
+        angle = m1 * angle_of(cosine)
         cos_m1, sin_m1 = torch.cos(angle), torch.sin(angle)
     else:
         cos_m1, sin_m1 = cos_multiple_angle(cosine, m1), _sin_multiple_angle(cosine, m1)

@@ -179,3 +179,30 @@ def test_sphereface_slope_never_negative_in_half_precision(dtype, margin):
     assert torch.equal(value, sphereface_psi(c, margin))
     _, combined_slope = combined_margin_value_and_slope(c, float(margin), 0.0, 0.0)
     assert (combined_slope >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("tensor_m1", [False, True], ids=["number-m1", "tensor-m1"])
+@pytest.mark.parametrize("end", [1.0, -1.0], ids=["cos->1", "cos->-1"])
+def test_combined_margin_general_form_next_to_plus_minus_one(dtype, tensor_m1, end) -> None:
+    """cos(m1 theta + m2) with a non-integer (or tensor) m1 at the cosines one and two ulps
+    inside +-1: value and slope of the A-Softmax extension, theta from atan2 in float64.
+    An acos of the cosine clamped to [-1 + eps, 1 - eps] gave the innermost one (1 - eps/2
+    near 1, -1 + eps/2 near -1) the angle of its neighbour and no slope at all (found by
+    review: |dL/dx| 0 for 0.443)."""
+    eps = torch.finfo(dtype).eps
+    inside = [end * (1 - eps / 2), end * (1 - eps)] if end > 0 else [-1 + eps / 2, -1 + eps]
+    c = torch.tensor(inside, dtype=dtype, requires_grad=True)
+    m1 = torch.tensor(1.5, dtype=dtype) if tensor_m1 else 1.5
+    value = combined_margin_target(c, m1, 0.3, 0.0)
+    (slope,) = torch.autograd.grad(value.sum(), c)
+    wide = c.detach().double().requires_grad_(True)
+    angle = torch.atan2(((1 - wide) * (1 + wide)).sqrt(), wide)
+    k = torch.floor((1.5 * angle + 0.3) / math.pi).detach()
+    expected = (1 - 2 * (k % 2)) * torch.cos(1.5 * angle + 0.3) - 2 * k
+    (expected_slope,) = torch.autograd.grad(expected.sum(), wide)
+    rounding = 64 * eps
+    torch.testing.assert_close(value.double(), expected.detach(), rtol=rounding, atol=rounding)
+    # the slope times d cos/dx's norm, sin(theta): what reaches an embedding of norm 1
+    sine = ((1 - wide) * (1 + wide)).sqrt().detach()
+    torch.testing.assert_close(slope.double() * sine, expected_slope * sine, rtol=1e-4, atol=0)
