@@ -10,6 +10,7 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from pml_margins.function_transforms import is_compiling
 from pml_margins.functional.autograd_only import refuse_update_in_function_transform
 from pml_margins.functional.center import center_distances, center_ema_update
 from pml_margins.losses.atomic_load import AtomicLoadMixin
@@ -243,8 +244,11 @@ class CenterLoss(
     ) -> dict[str, dict[str, Any]]:
         centers = self.centers.to(embeddings.device)
         record_distance_stats(self.distance, embeddings, centers)  # (no call of it: as PML's)
+        labels = labels.to(embeddings.device)
+        if self.update == "ema" and is_compiling():  # (see _rows_outside_the_graph)
+            centers, labels = _rows_outside_the_graph(centers, labels)
         with CHECKED_BY_CALLER:  # checked by forward
-            losses = center_distances(embeddings, centers, labels.to(embeddings.device))
+            losses = center_distances(embeddings, centers, labels)
         self._hold_rows_for_check(losses)
         weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
         return {
@@ -261,6 +265,19 @@ class CenterLoss(
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
             f"update={self.update!r}{alpha}"
         )
+
+
+@torch.compiler.disable
+def _rows_outside_the_graph(
+    centers: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's centre rows, gathered eagerly (a new tensor that the centre update does
+    not write), and their indices ``0..B-1``. Under ``torch.compile`` (inductor) the
+    backward otherwise recomputed ``x - c_y`` from the centre buffer itself, which the
+    update then writes in place before ``backward()``: every compiled step failed with
+    autograd's "modified by an inplace operation" (found by review)."""
+    rows = centers.index_select(0, labels.long())
+    return rows, torch.arange(len(labels), device=labels.device)
 
 
 def _check_center_distance(distance: object) -> None:
