@@ -85,17 +85,29 @@ def target_and_slope(
         psi = _cast(elementwise_result(psi, z_y, "target_logit_fn"), dtype)
         slope = _cast(slope, dtype) if slope_needed else None
     else:
-        with torch.enable_grad():
-            leaf = z_y.detach().requires_grad_(slope_needed)
-            psi = elementwise_result(target_logit_fn(leaf), leaf, "target_logit_fn").to(dtype)
-            if slope_needed:
-                slope = _autograd_slope(psi, leaf)
-        if not slope_needed and not psi.requires_grad:
-            psi = psi.detach()
+        psi, slope = _target_with_autograd_slope(z_y, target_logit_fn, slope_needed)
     target = psi * (_cast(scale, dtype) if isinstance(scale, torch.Tensor) else float(scale))
     if bias is not None:
         target = target + _cast(bias.index_select(0, labels), dtype)
     return target, slope
+
+
+@torch.compiler.disable
+def _target_with_autograd_slope(
+    z_y: torch.Tensor, target_logit_fn: Callable[[torch.Tensor], torch.Tensor], slope_needed: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r""":math:`\psi(z)` (the graph of its other inputs kept) and, if ``slope_needed``, its
+    slope by autograd. Run eagerly under ``torch.compile``: the slope's backward keeps
+    :math:`\psi`'s graph for the loss's own (``retain_graph``), which a compiled graph's
+    backward with donated buffers refuses (``dynamic=True``: AdaFace, MagFace and
+    ElasticFace failed at their first call, found by review)."""
+    with torch.enable_grad():
+        leaf = z_y.detach().requires_grad_(slope_needed)
+        psi = elementwise_result(target_logit_fn(leaf), leaf, "target_logit_fn").to(z_y.dtype)
+        slope = _autograd_slope(psi, leaf) if slope_needed else None
+    if not slope_needed and not psi.requires_grad:
+        psi = psi.detach()
+    return psi, slope
 
 
 def _autograd_slope(psi: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:

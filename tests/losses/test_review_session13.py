@@ -14,7 +14,12 @@ from pytorch_metric_learning.regularizers import (
 )
 
 from pml_margins import value_checks
-from pml_margins.losses import AdaCosLoss, CosFaceLoss, CurricularFaceLoss, NormSoftmaxLoss
+from pml_margins.losses import (
+    AdaCosLoss,
+    CosFaceLoss,
+    CurricularFaceLoss,
+    NormSoftmaxLoss,
+)
 from tests.losses.specs import SPECS
 
 C, D = 20, 32
@@ -187,3 +192,30 @@ def test_dynamic_adacos_masks_its_targets_without_nonzero(monkeypatch, mode) -> 
     torch.manual_seed(0)
     torch.testing.assert_close(got, want(x, y))
     torch.testing.assert_close(loss.scale, want.scale)
+
+
+@pytest.mark.parametrize("name", ["AdaFaceLoss", "MagFaceLoss", "ElasticFaceLoss"])
+def test_compiled_with_dynamic_shapes_equals_eager(name) -> None:
+    """torch.compile(dynamic=True) of the losses whose target function has no closed-form
+    slope: the forward failed at the first call ("backward function was compiled with
+    non-empty donated buffers which requires ... retain_graph=False"): the slope by
+    autograd keeps the target's graph for the loss's backward (found by review). Now run
+    eagerly there: two batch sizes, values and gradients equal eager (aot_eager: the same
+    graphs inductor gets, without its compile time; ElasticFace's draws seeded alike)."""
+    import pml_margins.losses as ours
+
+    torch.manual_seed(0)
+    eager = getattr(ours, name)(C, D, scale=16.0)
+    module = getattr(ours, name)(C, D, scale=16.0)
+    module.load_state_dict(eager.state_dict())
+    compiled = torch.compile(module, backend="aot_eager", dynamic=True)
+    for batch in (8, 5):
+        x, y = 3 * torch.randn(batch, D), torch.randint(0, C, (batch,))
+        results = []
+        for loss in (compiled, eager):
+            leaf = x.clone().requires_grad_(True)
+            torch.manual_seed(batch)
+            value = loss(leaf, y)
+            results.append((value, *torch.autograd.grad(value, (leaf, loss.W))))
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want)
