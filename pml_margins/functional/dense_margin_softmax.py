@@ -135,7 +135,9 @@ def _column_inverse_norms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     slower); both broadcast over rows."""
     squares = torch.linalg.vecdot(w, w, dim=0)
     inverse = squares.clamp_min(NORM_EPS**2).rsqrt_()
-    return inverse, squares.masked_fill_(squares < NORM_EPS**2, torch.inf)
+    # (norms compared, as F.normalize does: float32's eps^2 rounds below the square of
+    # its eps, so a column of norm exactly eps lost its radial term; found by review)
+    return inverse, squares.masked_fill_(squares.sqrt() < NORM_EPS, torch.inf)
 
 
 def check_norm_scale_form(normalize_embeddings: bool, bias: object, scale: object) -> None:

@@ -718,7 +718,7 @@ def _inverse_column_norms(
     wc = w.to(dtype)
     squares = torch.linalg.vecdot(wc, wc, dim=0)
     if active is not None:
-        torch.ge(squares, _NORM_EPS**2, out=active)
+        torch.ge(squares.sqrt(), _NORM_EPS, out=active)  # (norms: as in _column_inverse_norms)
     return torch.rsqrt(squares.clamp_min_(_NORM_EPS**2), out=out)
 
 
@@ -1117,7 +1117,7 @@ def _sub_centre_block(
         wc = planes if planes.dtype == dtype else _planes(w, per_class, dtype)
         squares = torch.linalg.vecdot(wc, wc, dim=1)
         if active is not None:
-            active.view(-1, per_class).copy_((squares >= _NORM_EPS**2).t())
+            active.view(-1, per_class).copy_((squares.sqrt() >= _NORM_EPS).t())
         inv_planes = squares.clamp_min_(_NORM_EPS**2).rsqrt_()
         inv.view(-1, per_class).copy_(inv_planes.t())
     if inv_planes is not None and config.unit_operand:  # the unit columns (_operand),

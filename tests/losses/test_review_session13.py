@@ -3,6 +3,8 @@ out-of-range labels with the value checks off on the step-statistics paths."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
@@ -19,6 +21,7 @@ from pml_margins.losses import (
     CosFaceLoss,
     CurricularFaceLoss,
     NormSoftmaxLoss,
+    SubCenterArcFaceLoss,
 )
 from tests.losses.specs import SPECS
 
@@ -219,3 +222,50 @@ def test_compiled_with_dynamic_shapes_equals_eager(name) -> None:
             results.append((value, *torch.autograd.grad(value, (leaf, loss.W))))
         for got, want in zip(*results, strict=True):
             torch.testing.assert_close(got, want)
+
+
+def _column_where_norm_and_square_disagree() -> torch.Tensor:
+    """A float32 3-vector of norm >= float32(1e-12) whose squared norm is < float32(1e-24)."""
+    generator = torch.Generator().manual_seed(0)
+    eps, eps_squared = torch.tensor(1e-12), torch.tensor(1e-24)
+    for _ in range(1000):
+        column = torch.randn(3, generator=generator)
+        column = column * (eps / column.norm())
+        if torch.linalg.vector_norm(column) >= eps and torch.dot(column, column) < eps_squared:
+            return column
+    raise AssertionError("no such column drawn")
+
+
+@pytest.mark.parametrize("mode", [{}, {"chunk_size": 2}], ids=["default", "blocked"])
+@pytest.mark.parametrize(
+    ("ours_cls", "pml_cls", "kwargs", "pml_kwargs"),
+    [
+        (CosFaceLoss, pml_losses.CosFaceLoss, {"margin": 0.35}, {"margin": 0.35}),
+        (
+            SubCenterArcFaceLoss,
+            pml_losses.SubCenterArcFaceLoss,
+            {"sub_centers": 2, "margin": 0.5},
+            {"sub_centers": 2, "margin": math.degrees(0.5)},
+        ),
+    ],
+    ids=["cosface", "subcenter"],
+)
+def test_a_float32_column_of_norm_exactly_eps_keeps_its_radial_gradient(
+    mode, ours_cls, pml_cls, kwargs, pml_kwargs
+) -> None:
+    """F.normalize clamps a norm below eps = 1e-12 and passes the gradient at equality.
+    Ours compared squared norms with eps^2, and float32's 1e-24 rounds above the square of
+    its 1e-12: a column of norm exactly eps lost its radial term (W's gradient up to 34%
+    off PML's; found by review). Norms are compared now, on every path."""
+    torch.manual_seed(0)
+    ours = ours_cls(5, 3, scale=16.0, **kwargs, **mode)
+    pml = pml_cls(num_classes=5, embedding_size=3, scale=16.0, **pml_kwargs)
+    w = torch.randn(ours.W.shape)
+    w[:, 1] = _column_where_norm_and_square_disagree()
+    with torch.no_grad():
+        ours.W.copy_(w)
+        pml.W.copy_(w)
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 3, 4, 1])
+    (got,) = torch.autograd.grad(ours(x, y), ours.W)
+    (want,) = torch.autograd.grad(pml(x, y), pml.W)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
