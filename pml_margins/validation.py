@@ -373,19 +373,39 @@ def check_embeddings(
         checks,
         squares,
         not_finite,
-        lambda total: not math.isfinite(total[0]),
+        lambda total: not squares_fit(total[0], sum_dtype, detached.numel()),
         on_host,
     )
     return embeddings
 
 
+def squares_fit(total: float, dtype: torch.dtype, count: int) -> bool:
+    """Whether a computed sum of ``count`` squares, ``total``, shows that every partial
+    sum of them, taken in ``dtype`` in any order, is finite: at most ``max / (1 + (count +
+    2) u)`` (``u``: ``dtype``'s unit roundoff; each rounding may raise a sum by a factor
+    ``1 + u``), so that no row's squared norm overflows however a kernel sums it. A bare
+    finiteness test let a row just below ``sqrt(max)`` through when the check's sum stayed
+    finite and the loss's own rounded up to ``inf`` (found by review); above the bound the
+    rows' exact norms decide (:func:`_norm_overflow`). ``False`` for NaN and +-inf (a half
+    batch's check sums the values, not their squares: finite iff every value is)."""
+    info = torch.finfo(dtype)
+    return math.isfinite(total) and total <= info.max / (1 + (count + 2) * info.eps / 2)
+
+
 def _norm_overflow(x: torch.Tensor, name: str, dtype: torch.dtype) -> ValueError | None:
-    """The error for the first row of finite ``x`` whose squared norm overflows ``dtype``
-    (norms from float64 rows scaled by their largest entry: exact at any magnitude)."""
+    """The error for the first row of finite ``x`` whose squared norm may overflow ``dtype``
+    (norms from float64 rows scaled by their largest entry: exact at any magnitude).
+
+    May: a sum of ``D`` squares in ``dtype`` exceeds the exact one by up to a factor
+    ``1 + (D + 2) u`` (``u`` its unit roundoff; every square and partial sum rounded up, in
+    any order), so the limit is ``sqrt(max / (1 + (D + 2) u))``: a row just below
+    ``sqrt(max)`` whose float32 sum rounded up to ``inf`` passed, and every normalization
+    made it the zero row (found by review)."""
     rows = x.double()
     peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     norms = peak.squeeze(1) * torch.linalg.vector_norm(rows / peak, dim=1)
-    limit = math.sqrt(torch.finfo(dtype).max)
+    info = torch.finfo(dtype)
+    limit = math.sqrt(info.max / (1 + (x.shape[1] + 2) * info.eps / 2))
     over = torch.nonzero(norms >= limit).flatten()
     if not len(over):
         return None
@@ -1005,7 +1025,10 @@ def usual_cpu_batch_passes(
     if array is None or label_array is None:  # a torch.func wrapper: the full checks
         return False  # look under it
     items = label_array.tolist()
-    return math.isfinite(np.vdot(array, array)) and 0 <= min(items) <= max(items) < (num_classes)
+    total = float(np.vdot(array, array))
+    return squares_fit(total, embeddings.dtype, array.size) and (
+        0 <= min(items) <= max(items) < num_classes
+    )
 
 
 def other_reference(

@@ -241,6 +241,26 @@ def test_finite_rows_whose_squared_norm_overflows_are_refused(dtype, make):
     assert torch.isfinite(loss_fn(x.to(dtype), labels))
 
 
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32], ids=["fast", "full"])
+def test_a_row_within_rounding_of_the_norm_limit_is_refused(label_dtype):
+    """A float32 row of norm sqrt(max) (1 - 3e-7), D = 1000: the check's sum of squares
+    stayed finite while the loss's rounded up to inf, and normalization made it the zero
+    row (loss 31.55 for 31.83, no gradient; found by review). Refused now, on the fast path
+    (int64 labels) and the full one; a row 1e-3 below the limit keeps its loss."""
+    torch.manual_seed(0)
+    limit = math.sqrt(torch.finfo(torch.float32).max)
+    loss_fn = ArcFaceLoss(4, 1000)
+    labels = torch.tensor([0, 1, 2, 3], dtype=label_dtype)
+    rest = torch.randn(3, 1000)
+    x = torch.cat([torch.full((1, 1000), limit * (1 - 3e-7) / math.sqrt(1000)), rest])
+    with pytest.raises(ValueError, match=r"embeddings row 0 has norm .*: its square overflows"):
+        loss_fn(x, labels)
+    x = torch.cat([torch.full((1, 1000), limit * (1 - 1e-3) / math.sqrt(1000)), rest])
+    same_direction = x.clone()
+    same_direction[0] *= 2.0**-64
+    torch.testing.assert_close(loss_fn(x, labels), loss_fn(same_direction, labels))
+
+
 def test_the_norm_limit_follows_the_compute_dtype():
     """float32 embeddings with a float64 W are computed in float64: a norm of 2e19 fits."""
     x = torch.randn(4, 8, dtype=torch.float64)
