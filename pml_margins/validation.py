@@ -388,8 +388,14 @@ def squares_fit(total: float, dtype: torch.dtype, count: int) -> bool:
     finite and the loss's own rounded up to ``inf`` (found by review); above the bound the
     rows' exact norms decide (:func:`_norm_overflow`). ``False`` for NaN and +-inf (a half
     batch's check sums the values, not their squares: finite iff every value is)."""
+    return math.isfinite(total) and total <= _squares_bound(dtype, count)
+
+
+def _squares_bound(dtype: torch.dtype, count: int) -> float:
+    """``max / (1 + (count + 2) u)`` of ``dtype``: the largest exact sum of ``count``
+    squares that no rounding order takes past ``dtype``'s largest value."""
     info = torch.finfo(dtype)
-    return math.isfinite(total) and total <= info.max / (1 + (count + 2) * info.eps / 2)
+    return info.max / (1 + (count + 2) * info.eps / 2)
 
 
 def _norm_overflow(x: torch.Tensor, name: str, dtype: torch.dtype) -> ValueError | None:
@@ -404,8 +410,7 @@ def _norm_overflow(x: torch.Tensor, name: str, dtype: torch.dtype) -> ValueError
     rows = x.double()
     peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     norms = peak.squeeze(1) * torch.linalg.vector_norm(rows / peak, dim=1)
-    info = torch.finfo(dtype)
-    limit = math.sqrt(info.max / (1 + (x.shape[1] + 2) * info.eps / 2))
+    limit = math.sqrt(_squares_bound(dtype, x.shape[1]))
     over = torch.nonzero(norms >= limit).flatten()
     if not len(over):
         return None

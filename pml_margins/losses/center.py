@@ -245,10 +245,11 @@ class CenterLoss(
         centers = self.centers.to(embeddings.device)
         record_distance_stats(self.distance, embeddings, centers)  # (no call of it: as PML's)
         labels = labels.to(embeddings.device)
+        rows, row_labels = centers, labels
         if self.update == "ema" and is_compiling():  # (see _rows_outside_the_graph)
-            centers, labels = _rows_outside_the_graph(centers, labels)
+            rows, row_labels = _rows_outside_the_graph(centers, labels)
         with CHECKED_BY_CALLER:  # checked by forward
-            losses = center_distances(embeddings, centers, labels)
+            losses = center_distances(embeddings, rows, row_labels)
         self._hold_rows_for_check(losses)
         weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
         return {
