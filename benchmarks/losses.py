@@ -324,6 +324,12 @@ def run(args) -> list[dict]:
     return rows
 
 
+def _milliseconds(ms: float) -> str:
+    """``ms`` in 9 characters, with three significant digits below 100 (a small problem's
+    floor takes tens of microseconds on a fast CPU: never printed as 0.0)."""
+    return f"{ms:9.1f}" if ms >= 100 else f"{ms:9.3g}"
+
+
 def print_table(rows: list[dict], args) -> None:
     print(
         f"device={args.device} dtype={args.dtype} torch={torch.__version__} "
@@ -342,7 +348,7 @@ def print_table(rows: list[dict], args) -> None:
         speedup = pml_row["ms"] / r["ms"] if compared else float("nan")
         mem_ratio = r["mem_MB"] / pml_row["mem_MB"] if compared else float("nan")
         print(
-            f"{r['size']:>16} {r['loss']:>10} {r['impl']:>12} {r['ms']:9.1f} "
+            f"{r['size']:>16} {r['loss']:>10} {r['impl']:>12} {_milliseconds(r['ms'])} "
             f"{r['ms'] / r['floor_ms']:8.2f} {r['floor_ratio_paired']:7.2f} "
             f"{speedup:8.2f} {r['mem_MB']:9.1f} {mem_ratio:8.3f} "
             f"{r['pml_gap']:9.1e}"

@@ -803,13 +803,16 @@ def check_reference(
     width: int,
     labels_required: bool,
     checks: ValueChecks | None = None,
+    label_rows: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Check the reference set of a pair-based loss (``ref_emb``, ``ref_labels``).
 
     ``ref_emb`` must be ``(R, width)`` like :func:`check_embeddings`; ``ref_labels``,
     when given, 1-D labels of length ``R`` (:func:`check_compared_labels`). ``ref_labels`` without
     ``ref_emb`` is an error, and so is ``ref_emb`` without ``ref_labels`` when the
-    pairs have to be formed from labels (``labels_required``).
+    pairs have to be formed from labels (``labels_required``), unless ``ref_emb`` has
+    ``label_rows`` rows (the number of labels given): PML then pairs its rows with the
+    labels, row ``j`` taking label ``j`` (a second view of the batch).
 
     Raises:
         TypeError / ValueError: as :func:`check_embeddings` and
@@ -826,10 +829,12 @@ def check_reference(
             f"ref_emb has width {ref_emb.shape[1]} but the embeddings have width {width}"
         )
     if ref_labels is None:
-        if labels_required:
+        if labels_required and ref_emb.shape[0] != label_rows:
+            rows = f" and has {ref_emb.shape[0]} rows, not {label_rows}" if label_rows else ""
             raise ValueError(
-                "ref_emb was given without ref_labels: pass ref_labels, or an indices_tuple "
-                "whose positives/negatives index ref_emb"
+                f"ref_emb was given without ref_labels{rows}: pass ref_labels, a ref_emb "
+                "whose rows take the labels' (a second view of the batch), or an "
+                "indices_tuple whose positives/negatives index ref_emb"
             )
         return ref_emb, None
     check_tensor(ref_labels, "ref_labels")

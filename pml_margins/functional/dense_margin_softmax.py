@@ -345,7 +345,9 @@ class _DenseMarginSoftmax(torch.autograd.Function):
                 off_target = torch.linalg.vecdot(prob, z)
                 grad_norm = torch.addcmul(off_target, p_minus_1, saved.psi).mul_(g)
             if need_b:  # sum_i g_i (P_ij - [j = y_i]), in dtype, then the bias's dtype once
-                g_rows = g.expand(len(index))
+                # (one contiguous vector either way: MKL's gemv on Intel CPUs rounds a stride-0
+                # vector, torch.mean's gradient or ``mean``'s share, differently)
+                g_rows = g.expand(len(index)).contiguous()
                 grad_b = torch.mv(prob.t(), g_rows)
                 grad_b.index_add_(0, index.squeeze(1), g_rows * p_minus_1)
                 grad_b = _cast(grad_b, ctx.dtypes[2])

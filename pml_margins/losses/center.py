@@ -177,12 +177,19 @@ class CenterLoss(
 
     def check_result(self, loss: torch.Tensor) -> None:
         """Refuse the step's rows' losses, then the reduced ``loss``, that came out NaN/Inf
-        from checked, finite embeddings and centres: a squared distance (or their mean or
-        sum) beyond the compute dtype. One read-back of both."""
+        from checked, finite embeddings: a squared distance (or their mean or sum) beyond
+        the compute dtype, or centres that hold NaN/Inf (the message says which). One
+        read-back of both."""
         rows = self.__dict__.pop("_rows_finite", None)
         overflowed = "overflowed" if rows is not None else "(or their mean) overflowed"
 
         def rows_error() -> ValueError:
+            if not bool(torch.isfinite(self.centers.detach()).all()):  # (read on error only)
+                return ValueError(
+                    "CenterLoss's centers hold NaN/Inf (a diverged optimizer step on "
+                    "update='sgd' centers, or an edit in place), so its losses are not finite; "
+                    "reset or reload the centers and lower the learning rate"
+                )
             return ValueError(
                 "CenterLoss gave non-finite losses from finite embeddings and centers: a "
                 f"squared distance 0.5 |x - c|^2 {overflowed}; scale the embeddings down"

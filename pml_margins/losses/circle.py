@@ -153,11 +153,7 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
         self.m, self.gamma = m, gamma
         self.per_anchor = per_anchor
         super().__init__(**kwargs)
-        if not isinstance(self.distance, CosineSimilarity):
-            raise TypeError(
-                f"CircleLoss is defined on cosine similarity; distance must be a "
-                f"CosineSimilarity, got {type(self.distance).__name__}"
-            )
+        self._check_distance()
         self.add_to_recordable_attributes(
             list_of_names=["m", "gamma", "op", "on", "delta_p", "delta_n"], is_stat=False
         )
@@ -167,6 +163,15 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
     on = _FromMargin("-m", lambda m: -m)
     delta_p = _FromMargin("1 - m", lambda m: 1 - m)
     delta_n = _FromMargin("m", lambda m: m)
+
+    def _check_distance(self) -> None:
+        """``TypeError`` unless the distance is a ``CosineSimilarity`` (at construction,
+        and on every call: one assigned after construction is checked too)."""
+        if not isinstance(self.distance, CosineSimilarity):
+            raise TypeError(
+                f"CircleLoss is defined on cosine similarity; distance must be a "
+                f"CosineSimilarity, got {type(self.distance).__name__}"
+            )
 
     def get_default_reducer(self) -> AvgNonZeroReducer:
         return AvgNonZeroReducer()
@@ -183,6 +188,7 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
         ref_labels: torch.Tensor | None,
     ) -> None:
         """Embeddings, labels or a miner's tuple, and an optional reference set."""
+        self._check_distance()
         checks = ValueChecks()
         check_embeddings(embeddings, checks=checks)
         if labels is None and indices_tuple is None:
@@ -195,6 +201,7 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
             embeddings.shape[1],
             labels_required=indices_tuple is None,
             checks=checks,
+            label_rows=None if labels is None else embeddings.shape[0],
         )
         ref_size = None if ref_emb is None else ref_emb.shape[0]
         check_indices_tuple(indices_tuple, embeddings.shape[0], ref_size, checks=checks)
@@ -213,7 +220,9 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
         self.__dict__["_cosine_step"] = cosines = self._cosines()
         sim = self.similarity(embeddings, ref_emb)
         if indices_tuple is None:
-            if labels is None or ref_labels is None:
+            if ref_labels is None:  # ref_emb's rows take the labels (PML's get_all_pairs_indices)
+                ref_labels = labels
+            if labels is None:
                 raise ValueError("CircleLoss needs labels (and ref_labels with ref_emb)")
             pos_mask = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
             neg_mask = ~pos_mask

@@ -308,3 +308,23 @@ def test_compiled_ema_center_loss_trains_as_eager_under_inductor() -> None:
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(got_x.grad, want_x.grad)
         torch.testing.assert_close(compiled_loss.centers, eager.centers)
+
+
+@pytest.mark.parametrize("update", ["sgd", "ema"])
+def test_non_finite_centers_are_named_not_the_embeddings(update):
+    """Centres made NaN (a diverged step on ``update="sgd"``, an edit in place) give
+    non-finite losses from small embeddings: the error names the centres instead of
+    telling the user to scale the embeddings down."""
+    torch.manual_seed(0)
+    loss = CenterLoss(4, 3, update=update)
+    x, y = torch.randn(8, 3), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    with torch.no_grad():
+        loss.centers[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="centers hold NaN/Inf") as info:
+        loss(x, y)
+    assert "scale the embeddings down" not in str(info.value)
+    with torch.no_grad():
+        loss.centers[2, 1] = 0.0
+    big = torch.full((8, 3), 3e19)  # finite centres: the squares overflow, as before
+    with pytest.raises(ValueError, match="scale the embeddings down"):
+        loss(big, y)

@@ -311,6 +311,36 @@ def test_ref_emb_without_ref_labels_uses_indices():
     _close(CircleLoss()(x, None, it, r), pml_losses.CircleLoss(m=0.25, gamma=256)(x, y, it, r, ry))
 
 
+@pytest.mark.parametrize("per_anchor", [True, False])
+def test_a_second_view_without_ref_labels_takes_the_labels_as_pml(per_anchor):
+    """``ref_emb`` of the batch's size without ``ref_labels``: PML pairs row ``j`` of it
+    with label ``j`` (``get_all_pairs_indices(labels, None)``, no pair ``(i, i)``); another
+    size is refused (PML would index past it or pair rows with the wrong labels)."""
+    x, y = _data(b=12, d=6, classes=3, seed=17)
+    r, _ = _data(b=12, d=6, classes=3, seed=18)
+    loss = CircleLoss(m=0.4, gamma=80, per_anchor=per_anchor)
+    ours = _value_and_grad(lambda: loss(x, y, None, r), x, r)
+    if per_anchor:
+        pml = pml_losses.CircleLoss(m=0.4, gamma=80)
+        theirs = _value_and_grad(lambda: pml(x, y, None, r), x, r)
+        _close(ours[0], theirs[0])
+        for a, b in zip(ours[1], theirs[1], strict=True):
+            _close(a, b)
+    same = loss(x, y, None, r, y)
+    _close(ours[0], same)  # = ref_labels given as the labels themselves
+    with pytest.raises(ValueError, match="without ref_labels and has 5 rows, not 12"):
+        CircleLoss()(x, y, None, r[:5])
+
+
+def test_a_distance_assigned_after_construction_is_checked():
+    """Like one given to the constructor: Circle is defined on cosines, not distances."""
+    x, y = _data(seed=19)
+    loss = CircleLoss()
+    loss.distance = LpDistance()
+    with pytest.raises(TypeError, match="must be a CosineSimilarity, got LpDistance"):
+        loss(x, y)
+
+
 def test_cross_batch_memory_matches_pml():
     ours = pml_losses.CrossBatchMemory(
         CircleLoss(m=0.25, gamma=64), embedding_size=8, memory_size=40
