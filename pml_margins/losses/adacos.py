@@ -12,6 +12,7 @@ import torch
 
 from pml_margins.functional.autograd_only import refuse_update_in_function_transform
 from pml_margins.functional.fused_margin_softmax import FusedLogits
+from pml_margins.functional.margin_softmax import check_scale
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
 from pml_margins.losses.hyperparameter import Hyperparameter
 from pml_margins.losses.step_statistics import StepStatistics
@@ -20,6 +21,7 @@ from pml_margins.validation import (
     check_bool,
     check_class_labels,
     check_count,
+    check_logit_scale,
     check_optional_logit_scale,
     check_similarities,
 )
@@ -74,13 +76,15 @@ def adacos_dynamic_scale(
     Args:
         cosine: ``(N, C)`` cosines, ``C >= 2``.
         labels: ``(N,)`` target classes.
-        scale: the current scale :math:`s`.
+        scale: the current scale :math:`s`: a number or a one-element tensor without
+            gradient, in ``(0, MAX_LOGIT_TERM]``.
 
     Raises:
-        TypeError / ValueError: ``cosine`` not a 2-D floating tensor of finite values with
-            ``N >= 1`` and ``C >= 2``, ``labels`` not ``N`` integers in ``[0, C)``
-            (values unread under ``value_checks(False)``: an index error then, as in the
-            losses).
+        TypeError / ValueError: ``scale`` not as above (NaN gave a NaN scale, a negative
+            one a scale from inverted logits), ``cosine`` not a 2-D floating tensor of
+            finite values with ``N >= 1`` and ``C >= 2``, ``labels`` not ``N`` integers in
+            ``[0, C)`` (values unread under ``value_checks(False)``: an index error then,
+            as in the losses).
 
     Returns:
         The new scale, a 0-dim tensor without gradient, in the cosines' dtype (at least
@@ -92,6 +96,11 @@ def adacos_dynamic_scale(
             f"cosine needs a row and at least 2 classes (columns), got shape {tuple(cosine.shape)}"
         )
     labels = check_class_labels(labels, cosine.shape[0], cosine.shape[1])
+    if isinstance(scale, torch.Tensor):  # one value in (0, MAX_LOGIT_TERM], as the loss's
+        _check_scale_tensor(scale)
+        check_scale(scale, 1)
+    else:
+        check_logit_scale(scale, "scale")
     return adacos_scale_from_statistics(StepStatistics(lambda: cosine, labels), scale)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -27,6 +27,7 @@ from pml_margins.functional.autograd_only import autograd_only_enabled, plain_au
 from pml_margins.functional.dense_margin_softmax import dense_margin_softmax_cross_entropy
 from pml_margins.functional.fused_margin_softmax import (
     FusedLogits,
+    auto_chunk_size,
     dense_materializes,
     fused_margin_softmax_cross_entropy,
 )
@@ -465,6 +466,31 @@ class ClassWeightLoss(
         weights = self.weights_for(embeddings)
         return self.distance(embeddings.to(weights.dtype), weights.t())
 
+    def cosine_blocks(self, embeddings: torch.Tensor, width: int) -> Iterator[torch.Tensor]:
+        """:meth:`cosine` as column blocks of at most ``width`` classes, in order (their
+        concatenation is :meth:`cosine`), each formed when the one before is let go: what a
+        step statistic over every class reads in bounded mode, where no ``(B, C)`` tensor
+        may be held."""
+        weights = self.weights_for(embeddings)
+        x = embeddings.to(weights.dtype)
+        for start in range(0, weights.shape[1], width):
+            yield self.distance(x, weights[:, start : start + width].t())
+
+    def _statistics_blocks(
+        self, embeddings: torch.Tensor
+    ) -> Callable[[], Iterator[torch.Tensor]] | None:
+        """In bounded mode (``chunk_size`` or ``sample_rate``), where :meth:`cosine` is
+        this class's own: the step statistics' cosines as column blocks of the core's width
+        (:meth:`cosine_blocks`; the distance, hooks included, called once per block); else
+        ``None`` (one ``(B, C)`` product, or a redefined :meth:`cosine`'s)."""
+        bounded = self.chunk_size is not None or self.sample_rate != 1.0
+        if not bounded or not runs_method(self, "cosine", ClassWeightLoss.cosine):
+            return None
+        width = self.chunk_size
+        if not isinstance(width, int):  # "auto", or None with Partial FC
+            width = auto_chunk_size(*embeddings.shape, embeddings.device)
+        return lambda: self.cosine_blocks(embeddings, width)
+
     def _checked_compute_dtype(self, embeddings: object) -> torch.dtype | None:
         """:meth:`compute_dtype` for the norm check, ``None`` for input the checks refuse;
         first, at the entry of a forward (or :meth:`get_logits`), the shape of ``W``."""
@@ -681,6 +707,7 @@ class ClassWeightLoss(
                 labels,
                 lambda columns: self.target_cosines(embeddings, columns),
                 from_core=not fused_only and not autograd_only_enabled(),
+                cosine_blocks=self._statistics_blocks(embeddings),
             )
         with self.prepare_step(embeddings, labels, statistics):  # type: ignore[arg-type]
             losses = self._per_sample_losses(embeddings, labels, statistics)

@@ -13,7 +13,7 @@ whole batch on every rank.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -38,6 +38,10 @@ class StepStatistics:
         from_core: whether the step's fused core may hand over the cosines it forms
             (:meth:`set_class_cosines`) before it needs a scale decided from them: one
             process, default mode (``ClassWeightLoss.compute_loss`` says so).
+        cosine_blocks: optional; returns the cosines as an iterator of column blocks, in
+            order, each formed when needed (bounded mode): the sums over the classes
+            (:meth:`non_target_logsumexp`) then hold one block at a time, never the
+            ``(N, C_here)`` matrix (only :meth:`class_cosines` forms it).
 
     Attributes:
         from_core: as given.
@@ -52,8 +56,10 @@ class StepStatistics:
         target: torch.Tensor,
         target_cosine: Callable[[torch.Tensor], torch.Tensor] | None = None,
         from_core: bool = False,
+        cosine_blocks: Callable[[], Iterator[torch.Tensor]] | None = None,
     ) -> None:
         self._cosine_fn = cosine
+        self._cosine_blocks_fn = cosine_blocks
         self._blocks: list[torch.Tensor] | None = None  # column blocks of the cosines, in order
         self._target_cosine_fn = target_cosine
         self.target = target.long()
@@ -84,6 +90,22 @@ class StepStatistics:
         """``(N, C_here)`` cosines against the classes held here, detached, at least float32."""
         blocks = self._cosine_blocks()
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+
+    def _streamed_blocks(self) -> Iterator[torch.Tensor]:
+        """The cosines' column blocks, in order: those formed (or handed over) for the
+        step, else one at a time from ``cosine_blocks`` when given, else
+        :meth:`_cosine_blocks`."""
+        if self._blocks is not None or self._cosine_blocks_fn is None:
+            yield from self._cosine_blocks()
+            return
+        blocks = self._cosine_blocks_fn()
+        while True:
+            with torch.no_grad():  # (each block under it, not the caller between them)
+                block = next(blocks, None)
+            if block is None:
+                return
+            block = block.detach()
+            yield block.to(compute_dtype(block.dtype))
 
     def _cosine_blocks(self) -> list[torch.Tensor]:
         if self._blocks is None:
@@ -135,7 +157,7 @@ class StepStatistics:
     def non_target_logsumexp(self, scale: float | torch.Tensor) -> torch.Tensor:
         r""":math:`\log\sum_i\sum_{k\ne y_i} e^{s\cos\theta_{ik}}`, all rows and classes (0-dim)."""
         parts, start = [], 0
-        for block in self._cosine_blocks():
+        for block in self._streamed_blocks():
             logits = block * scale
             width = block.shape[1]
             # the targets held here to -inf, by a scatter (no nonzero: a host sync on a GPU)

@@ -121,6 +121,27 @@ def test_public_dynamic_scale_keeps_a_given_scale_when_the_formula_is_not_positi
     assert out.dtype == torch.float64 and float(out) == 3.0
 
 
+@pytest.mark.parametrize(
+    ("scale", "error", "message"),
+    [
+        (math.nan, ValueError, "finite"),
+        (torch.tensor(math.nan), ValueError, "NaN or Inf"),
+        (-3.0, ValueError, "> 0"),
+        (torch.tensor(-1.0), ValueError, r"\(0, 1e\+15\]"),
+        (math.inf, ValueError, "finite"),
+        (True, TypeError, "real number"),
+        (torch.tensor([2.0, 3.0]), ValueError, "one real value"),
+    ],
+)
+def test_public_dynamic_scale_refuses_a_bad_current_scale(scale, error, message) -> None:
+    """As the loss refuses it (NaN gave a NaN scale, -3 a scale of inverted logits)."""
+    from pml_margins.losses.adacos import adacos_dynamic_scale
+
+    cosine = torch.tensor([[1.0, -0.9, -0.8], [0.9, -1.0, -0.7]])
+    with pytest.raises(error, match=message):
+        adacos_dynamic_scale(cosine, torch.tensor([0, 0]), scale)
+
+
 def test_scale_changes_only_in_training_mode() -> None:
     loss = AdaCosLoss(C, D)
     x, y = torch.randn(B, D), torch.randint(0, C, (B,))
@@ -158,7 +179,38 @@ def test_initial_scale_and_fused_modes() -> None:
     chunked = AdaCosLoss(C, D, scale=5.0, chunk_size=4).double()
     chunked.load_state_dict(base.state_dict())
     torch.testing.assert_close(base(x, y), chunked(x, y), rtol=1e-12, atol=1e-12)
-    assert torch.equal(base.scale, chunked.scale)
+    # (bounded mode sums the statistics in its own column blocks: the last bits may differ)
+    torch.testing.assert_close(base.scale, chunked.scale, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"chunk_size": 7}, {"chunk_size": 7, "sample_rate": 0.5}])
+def test_bounded_dynamic_scale_never_forms_a_batch_by_classes_tensor(kwargs) -> None:
+    """Bounded mode holds no ``(B, C)`` tensor, the dynamic scale's statistics included
+    (they formed the whole cosine matrix and a scaled copy: 597 MiB of peak RSS growth at
+    256 x 16 x 300k with ``chunk_size=4096``, against 42 MiB without the dynamic scale),
+    with the step's scale of the paper."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    torch.manual_seed(9)
+    batch, dim, classes = 48, 4, 1000  # B C = 48k elements, W = 4k
+    loss = AdaCosLoss(classes, dim, **kwargs).double()
+    x = torch.randn(batch, dim, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, classes, (batch,))
+    want = _paper_dynamic_scale(x.detach(), loss.W.detach(), y, float(loss.scale))
+    with Largest() as seen:
+        loss(x, y).backward()
+    assert float(loss.scale) == pytest.approx(want, rel=1e-12)
+    assert 0 < seen.numel < batch * classes // 4
 
 
 @pytest.mark.parametrize(
