@@ -746,7 +746,8 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
             "weights_only does not load"
         ) from None
     except Exception as err:  # a text file, a truncated zip, ...: one line
-        reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        message = (str(err).splitlines() or [""])[0]
+        reason = f"{type(err).__name__}: {message or 'an empty or truncated file'}"
         reason = not_written_by_torch_save(path) or reason
         raise SystemExit(f"error: cannot read checkpoint {path}: {reason}") from None
     missing = [k for k in _CHECKPOINT_KEYS if not isinstance(saved, dict) or k not in saved]

@@ -47,8 +47,10 @@ class TrainConfig:
     Attributes:
         epochs: passes over the training set.
         batch_size: samples per step.
-        lr: Adam learning rate of the model (cosine-annealed to 0).
-        loss_lr: Adam learning rate of the loss's own parameters (class weights, centres).
+        lr: Adam learning rate of the model (cosine-annealed to 0, as ``loss_lr``: one
+            schedule over both parameter groups).
+        loss_lr: Adam learning rate of the loss's own parameters (class weights, centres),
+            cosine-annealed to 0.
         weight_decay: on the model parameters only.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         amp: ``None``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds a gradient scaler).

@@ -45,6 +45,7 @@ from pml_margins.evaluation.inputs import (
 from pml_margins.evaluation.knn import Backend, Metric, check_num_threads, exact_knn, uses_faiss
 from pml_margins.evaluation.label_matching import compared, custom_relevance, label_positions
 from pml_margins.losses.pml_calls import runs_as_its_class
+from pml_margins.validation import check_bool
 
 __all__ = [
     "RetrievalAccuracyCalculator",
@@ -386,6 +387,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self._bind_recall_methods()
         if isinstance(k, (bool, np.bool_)):  # (PML checks the rest)
             check_pml_k(k)
+        avg_of_avgs = check_bool(avg_of_avgs, "avg_of_avgs")  # ("no" was taken as true)
+        return_per_class = check_bool(return_per_class, "return_per_class")
         check_metric_names(include, exclude)
         block_rows = None if block_rows is None else check_int(block_rows, "block_rows")
         num_threads = None if num_threads is None else check_num_threads(num_threads)
@@ -520,6 +523,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         if name == "k":
             return check_pml_k(value)
         if name in ("avg_of_avgs", "return_per_class"):
+            value = check_bool(value, name)
             other = "return_per_class" if name == "avg_of_avgs" else "avg_of_avgs"
             if value and state.get(other):
                 raise ValueError("avg_of_avgs and return_per_class are mutually exclusive")

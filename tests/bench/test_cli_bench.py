@@ -461,6 +461,20 @@ def test_bad_checkpoint_file_is_a_clear_error(tmp_path: Path) -> None:
         main(
             ["bench", *TINY, "--embeddings-only", "--checkpoint", str(bad), "--out", str(tmp_path)]
         )
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")  # (the message ended at "EOFError: ")
+    with pytest.raises(SystemExit, match=r"empty\.pt: EOFError: an empty or truncated file$"):
+        main(
+            [
+                "bench",
+                *TINY,
+                "--embeddings-only",
+                "--checkpoint",
+                str(empty),
+                "--out",
+                str(tmp_path),
+            ]
+        )
     torch.save({"model_state": {}}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="not a pml-margins bench checkpoint"):
         main(

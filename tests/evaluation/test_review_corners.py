@@ -416,6 +416,8 @@ def test_settings_assigned_as_read_back_change_nothing():
         ("label_comparison_fn", 3, TypeError),
         ("label_comparison_fn", _equal, NotImplementedError),  # with NMI/AMI
         ("avg_of_avgs", True, ValueError),  # with return_per_class
+        ("avg_of_avgs", "no", TypeError),  # (a string was taken by its truthiness)
+        ("return_per_class", 1, TypeError),
         ("device", "meta", ValueError),
         ("knn_func", 3, TypeError),
     ],
@@ -427,6 +429,15 @@ def test_a_bad_setting_assigned_later_is_refused_and_changes_nothing(name, value
         setattr(calc, name, value)
     assert repr(calc) == before[0]
     assert _stable(calc.get_accuracy(*_data())) == before[1]
+
+
+@pytest.mark.parametrize("name", ["avg_of_avgs", "return_per_class"])
+@pytest.mark.parametrize("value", ["yes", "no", 1, None])
+def test_the_averaging_switches_must_be_bools(name, value):
+    """``avg_of_avgs="no"`` switched averaging on by its truthiness (PML's too)."""
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        RetrievalAccuracyCalculator(**{name: value})
+    assert getattr(RetrievalAccuracyCalculator(**{name: np.bool_(True)}), name) is True
 
 
 def test_the_sharded_calculator_refuses_a_search_assigned_later():
