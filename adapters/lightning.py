@@ -126,8 +126,15 @@ class MetricLearningModule(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """The batch's ``(B, D)`` embeddings (``trainer.predict``), from the loaders that
-        ``fit`` and ``validate`` take, or from a batch of inputs alone (a tensor)."""
-        inputs = batch if isinstance(batch, torch.Tensor) else _split_batch(batch)[0]
+        ``fit`` and ``validate`` take, or from a batch of inputs alone: a tensor, a
+        one-element sequence (a ``TensorDataset`` of inputs gives ``[x]``) or a mapping
+        with an ``"input"`` and no ``"label"`` (prediction needs no labels)."""
+        if isinstance(batch, Mapping) and "input" in batch and "label" not in batch:
+            inputs = batch["input"]
+        elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 1:
+            inputs = batch[0]
+        else:
+            inputs = batch if isinstance(batch, torch.Tensor) else _split_batch(batch)[0]
         return self(inputs)
 
     def param_groups(self) -> list[dict[str, Any]]:

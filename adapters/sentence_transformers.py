@@ -54,6 +54,12 @@ class MetricLoss(torch.nn.Module):
     before ``trainer.train(resume_from_checkpoint=...)``; otherwise ``W`` restarts
     from its initialisation under the restored optimizer state.
 
+    Losses that read the embeddings' norm (:class:`~pml_margins.losses.MagFaceLoss`,
+    :class:`~pml_margins.losses.AdaFaceLoss`, SphereFace's norm scale) need a model
+    without a final ``Normalize`` module (many pretrained ones end with it, e.g.
+    all-MiniLM-L6-v2: ``Transformer, Pooling, Normalize``): its unit norms leave their
+    norm-dependent margin, regularizer or statistics constant, with no error.
+
     Args:
         model: the ``SentenceTransformer`` being trained (stored as ``model``, where
             the trainer expects it and swaps in its DDP wrapper).

@@ -59,8 +59,10 @@ def sample_local_classes(
     """
     local = labels.long() - class_start
     owned = (local >= 0) & (local < num_local)
-    positive = torch.zeros(num_local, dtype=torch.bool, device=labels.device)
-    positive[local[owned]] = True
+    # (integer indices and where, no boolean indexing: no host read beyond the count below)
+    positive = torch.zeros(num_local + 1, dtype=torch.bool, device=labels.device)
+    positive[torch.where(owned, local, num_local)] = True  # the last slot: other ranks'
+    positive = positive[:num_local]
     sampled = num_sampled(sample_rate, num_local)
     keep = max(int(positive.sum()), sampled)
     if sampled >= num_local:  # no draw (sample_classes draws nothing either)
@@ -69,6 +71,7 @@ def sample_local_classes(
         index = kept_columns(num_local, positive, keep, generator, labels.device)
     position = torch.full((num_local,), -1, dtype=torch.long, device=labels.device)
     position[index] = torch.arange(index.numel(), device=labels.device)
-    target = torch.full_like(local, -1)
-    target[owned] = position[local[owned]]
+    if num_local == 0:
+        return index, torch.full_like(local, -1)
+    target = torch.where(owned, position[local.clamp(0, num_local - 1)], -1)
     return index, target

@@ -228,18 +228,22 @@ def sharded_margin_softmax_cross_entropy(
             base = base.to(dtype)
         scaled = scale_logits(base, scale)
         target = local_target.long()
-        if target_logit_fn is not None or non_target_logit_fn is not None:
+        targets_set = target_logit_fn is not None or non_target_logit_fn is not None
+        if targets_set and logits.shape[1]:  # (gather, where, scatter: no host read)
             # the owned target entries: psi of their base logit (the identity when None,
             # also where a non-target function changed the others)
-            rows = torch.nonzero(target >= 0).squeeze(1)
-            cols = target[rows]
-            owned_scale = scale[rows].squeeze(1) if isinstance(scale, torch.Tensor) else scale
-            # every row's slot, so that per-row closures line up; only the owned rows are kept
-            every_row = logits.new_zeros(logits.shape[0]).index_put((rows,), logits[rows, cols])
+            owned, cols = target >= 0, target.clamp(min=0).unsqueeze(1)
+            # every row's slot (0 where another rank owns the class), so that per-row
+            # closures line up; only the owned rows' values are kept
+            every_row = torch.where(owned, logits.gather(1, cols).squeeze(1), 0.0)
             psi = every_row
             if target_logit_fn is not None:
                 psi = target_logit_fn(every_row)
                 psi = elementwise_result(psi, every_row, "target_logit_fn").to(dtype)
-            psi = psi[rows] * owned_scale
-            scaled.index_put_((rows, cols), psi)  # mul's backward needs no output
+            psi = psi * (scale.squeeze(1) if isinstance(scale, torch.Tensor) else scale)
+            # elsewhere the entry as it is (formed again from base: a gather of scaled would
+            # save it for its backward, and scatter_ then changes it)
+            same = scale_logits(base.gather(1, cols), scale).squeeze(1)
+            kept = torch.where(owned, psi, same)
+            scaled.scatter_(1, cols, kept.unsqueeze(1))  # mul's backward needs no output
         return _ShardedSoftmaxCrossEntropy.apply(scaled, target, group, count_owners)

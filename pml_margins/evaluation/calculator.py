@@ -295,7 +295,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
     those metrics are only P@1, R-Precision and MAP@R, which read a query's first
     ``R`` neighbours, a ``k`` beyond the largest ``R`` is cut to it: the same values
     (the exact lists are prefixes of each other), so PML's default ``k=None`` costs
-    what ``"max_bin_count"`` does (MAP and MRR over the whole list still rank it all).
+    what ``"max_bin_count"`` does (MAP and MRR over the whole list still rank it all);
+    P@1 alone is cut to one neighbour.
 
     Args:
         include, exclude, avg_of_avgs, return_per_class, kmeans_func: as in PML.
@@ -773,12 +774,16 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         not_readers = {*recalls, "num_excluded_queries", *self.requires_clustering()}
         readers = [m for m in metrics if m not in not_readers]
         k_pml = 0 if pml_rule else None
+        wanted = [int(m.rsplit("_", 1)[1]) for m in metrics if m in recalls]
         if pml_rule and len(bin_counts):
             k_pml = min(self.determine_k(bin_counts, num_reference, ref_includes_query), available)
             if self._reads_first_r_only(readers):  # same values from the first max R
-                k_pml = min(k_pml, max(1, int(bin_counts.max()) - int(ref_includes_query)))
+                if set(readers) == {"precision_at_1"}:  # the first (and what Recall@K reads:
+                    first = max([1, *wanted])  # the lists handed over reach it)
+                else:
+                    first = max(1, int(bin_counts.max()) - int(ref_includes_query))
+                k_pml = min(k_pml, first)
             k_pml = max(k_pml, 0)
-        wanted = [int(m.rsplit("_", 1)[1]) for m in metrics if m in recalls]
         return k_pml, max(0, min(max([k_pml or 0, *wanted]), available))
 
     def _reads_first_r_only(self, metrics: list[str]) -> bool:
@@ -786,7 +791,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         neighbours only (:data:`FIRST_R_METRICS`, not overridden) and the k-nn is the
         exact one: any ``k >= max R`` then gives the values of ``max R`` (PML's
         ``k=None`` the same as ``"max_bin_count"``), since its lists of a shorter
-        depth are prefixes of the longer ones."""
+        depth are prefixes of the longer ones; P@1 alone reads the first neighbour only
+        (:meth:`knn_depth` then ranks one)."""
         if self._custom_knn is not None:  # a user's k-nn: its shorter lists need not be prefixes
             return False
         base = RetrievalAccuracyCalculator

@@ -304,7 +304,10 @@ def kept_columns(
     One stream for one process and for each shard: the same draws keep the same columns."""
     draw_device = generator.device if generator is not None else device
     scores = torch.rand(num_columns, generator=generator, device=draw_device).to(device)
-    scores[positives] = 2.0  # above every uniform draw: always kept
+    if positives.dtype == torch.bool:  # (masked_fill_: a mask's indexing reads back)
+        scores.masked_fill_(positives, 2.0)  # above every uniform draw: always kept
+    else:
+        scores[positives] = 2.0
     return torch.topk(scores, keep, sorted=False).indices.sort().values
 
 

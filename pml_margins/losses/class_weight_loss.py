@@ -226,6 +226,8 @@ class ClassWeightLoss(
     **Input checks.** Shapes and dtypes always; values (NaN/Inf, label and miner
     index ranges) in one host synchronisation per call, which
     :class:`pml_margins.validation.value_checks` turns off for production training.
+    Partial FC (``sample_rate < 1``) reads one number more, checks on or off: how many
+    classes the batch holds (``torch.unique``), which sizes the step's draw.
 
     Keyword arguments shared by every subclass (besides PML's):
 

@@ -352,6 +352,11 @@ def test_predict_gives_the_embeddings_of_the_fit_loaders(digits: Digits, tmp_pat
     x = digits.x_test[:5]  # a batch of inputs alone, and a mapping
     torch.testing.assert_close(module.predict_step(x, 0), module(x))
     torch.testing.assert_close(module.predict_step({"input": x, "label": x[:, 0]}, 0), module(x))
+    # inputs without labels: a TensorDataset of inputs ([x]) and a mapping of "input" alone
+    unlabelled = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=2)
+    torch.testing.assert_close(torch.cat(trainer.predict(module, unlabelled)), module(x))
+    torch.testing.assert_close(module.predict_step({"input": x}, 0), module(x))
+    torch.testing.assert_close(module.predict_step((x,), 0), module(x))
 
 
 def test_training_step_hands_the_miners_pairs_to_the_loss(digits: Digits) -> None:

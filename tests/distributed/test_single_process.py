@@ -557,3 +557,53 @@ def test_the_sharded_cross_entropy_runs_without_data_dependent_shapes() -> None:
     target = torch.tensor([0, 1, -1, 3, 2, 0], device="meta")
     _ShardedSoftmaxCrossEntropy.apply(logits, target, None, False).sum().backward()
     assert logits.grad.shape == (6, 4) and logits.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("functions", ["target", "both"])
+def test_the_sharded_softmax_with_margins_reads_nothing_back(functions) -> None:
+    """With a target (and a non-target) logit function the owned target entries were found
+    by ``torch.nonzero`` and boolean indexing: a host sync per step on a GPU, with the value
+    checks off too, though the docstring says the softmax reads nothing back (found by
+    review). Checked on the ops the call runs (a profile), checks left to the caller; the
+    values equal the single-process margin softmax."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pml_margins.functional.target_logits import arcface_target
+    from pml_margins.validation import CHECKED_BY_CALLER
+
+    torch.manual_seed(0)
+    cosine = (torch.rand(6, 5, dtype=torch.float64) * 2 - 1).requires_grad_()
+    labels = torch.tensor([0, 1, 4, 3, 2, 0])
+    scale = torch.full((6,), 8.0, dtype=torch.float64)
+    margin = lambda c: arcface_target(c, 0.5)  # noqa: E731
+    other = (lambda c: c * 1.1) if functions == "both" else None
+    with CHECKED_BY_CALLER, profile(activities=[ProfilerActivity.CPU]) as trace:
+        got = sharded_margin_softmax_cross_entropy(cosine, labels, margin, scale, None, other)
+        got.sum().backward()
+    reads = ("aten::nonzero", "aten::masked_select", "aten::_local_scalar_dense", "aten::item")
+    assert not {event.name for event in trace.events()} & set(reads)
+    leaf = cosine.detach().clone().requires_grad_()
+    want = margin_softmax_cross_entropy(leaf, labels, margin, scale, non_target_logit_fn=other)
+    want.sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(cosine.grad, leaf.grad)
+
+
+def test_partial_fc_sampling_reads_back_only_the_positive_count() -> None:
+    """``sample_local_classes`` reads one number, the count of the shard's positives (its
+    documented read); boolean-mask indexing made two more host syncs (found by review)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    labels = torch.tensor([3, 7, 12, 3, 25, 9])  # 7, 9, 12 owned by the shard [5, 15)
+    generator = torch.Generator().manual_seed(0)
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        index, target = sample_local_classes(labels, 5, 10, 0.5, generator)
+    names = [event.name for event in trace.events()]
+    assert names.count("aten::_local_scalar_dense") == 1
+    assert not {"aten::nonzero", "aten::masked_select"} & set(names)
+    kept = (index + 5).tolist()
+    assert len(kept) == 5 and {7, 9, 12} <= set(kept)
+    expected = [kept.index(c) if c in kept else -1 for c in labels.tolist()]
+    assert target.tolist() == expected
+    empty_index, none_owned = sample_local_classes(labels, 40, 0, 0.5)
+    assert empty_index.numel() == 0 and none_owned.tolist() == [-1] * 6

@@ -232,6 +232,14 @@ def test_k_none_with_first_r_metrics_ranks_only_the_first_max_r(monkeypatch):
             return float(kwargs["knn_labels"].shape[1])
 
     assert Own(include=("r_precision",), k=None).get_accuracy(x, y)["r_precision"] == 119
+    # P@1 alone reads one neighbour (it ranked max R: at N = 20k, 1,051 deep, 1.3 GiB
+    # and 12.5 s for 34 MiB and 0.7 s at depth 1, found by review), with Recall@K its K
+    for k in (None, "max_bin_count", 7):
+        alone = RetrievalAccuracyCalculator(include=("precision_at_1",), k=k).get_accuracy(x, y)
+        assert depths[-1] == 1 and alone["precision_at_1"] == ours["precision_at_1"]
+    both = RetrievalAccuracyCalculator(include=("precision_at_1", "recall_at_4"), k=None)
+    assert both.get_accuracy(x, y)["precision_at_1"] == ours["precision_at_1"]
+    assert depths[-1] == 4
 
 
 def test_a_users_knn_func_keeps_pmls_depth(monkeypatch):
