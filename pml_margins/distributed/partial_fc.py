@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from pml_margins.functional.fused_margin_softmax import kept_columns
+from pml_margins.validation import check_sample_rate
 
 __all__ = ["num_sampled", "sample_local_classes"]
 
@@ -57,6 +58,7 @@ def sample_local_classes(
         ``target``: for each of the ``N`` rows the position of its label in
         ``index``, or ``-1`` where another rank owns the label.
     """
+    sample_rate = check_sample_rate(sample_rate)  # (0, -1 and 7 were taken)
     local = labels.long() - class_start
     owned = (local >= 0) & (local < num_local)
     # (integer indices and where, no boolean indexing: no host read beyond the count below)

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch.func import functional_call
 
@@ -303,6 +304,8 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             rank, world_size = rank_and_world_size(group)
         self.rank, self.world_size, self.group = rank, world_size, group
         self.class_start, self.class_end = shard_range(num_classes, world_size, rank)
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")  # (1.9: 1)
         self.seed = int(seed)
         self.loss_kwargs = dict(loss_kwargs)
         with torch.random.fork_rng(devices=[]):  # own init per shard, global RNG untouched
@@ -374,6 +377,16 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
     def num_local(self) -> int:
         return self.class_end - self.class_start
 
+    @property
+    def sample_rate(self) -> float:
+        """Partial FC's rate in ``(0, 1]``, checked when assigned too (0 and -2 trained
+        with one column per rank, NaN failed in ``round``), as the single-process loss's."""
+        return self.__dict__["_sample_rate"]
+
+    @sample_rate.setter
+    def sample_rate(self, value: object) -> None:
+        self.__dict__["_sample_rate"] = check_sample_rate(value)
+
     def reset_parameters(self) -> None:
         """The shard as constructed: the loss's ``reset_parameters`` (from this rank's
         seeded stream, as the loss alone draws it too: ``FSDP`` calls it on the loss, the
@@ -384,8 +397,11 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self.load_sampler_state(None)
 
     def _stream_seed(self) -> int:
-        """The seed of this rank's weight initialisation."""
-        return self.seed * 1_000_003 + self.rank
+        """The seed of this rank's weight initialisation: ``seed * 1_000_003 + rank``,
+        taken modulo 2^64 where it leaves what ``torch.manual_seed`` takes (``[-2^63,
+        2^64)``: a seed beyond ~1.8e13, such as ``torch.initial_seed()``, overflowed)."""
+        value = self.seed * 1_000_003 + self.rank
+        return value if -(2**63) <= value < 2**64 else value % 2**64
 
     def sampler_seed(self) -> int:
         """The seed of this rank's Partial FC sampler: another stream than the weight
@@ -418,8 +434,8 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         loss built with another seed still resumes the same draws."""
         if self._generator is None and self._pending_sampler_state is not None:
             return self._pending_sampler_state
-        if self._generator is None and self.sample_rate == 1:
-            return None
+        if self._generator is None and (self.sample_rate == 1 or self.W_local.is_meta):
+            return None  # (on the meta device no generator exists: from the seed)
         return self._generator_for(self.W_local.device).get_state()
 
     @staticmethod

@@ -607,3 +607,50 @@ def test_partial_fc_sampling_reads_back_only_the_positive_count() -> None:
     assert target.tolist() == expected
     empty_index, none_owned = sample_local_classes(labels, 40, 0, 0.5)
     assert empty_index.numel() == 0 and none_owned.tolist() == [-1] * 6
+
+
+def test_any_integer_seed_builds_a_shard_and_a_float_one_is_refused() -> None:
+    """``seed * 1_000_003 + rank`` went to ``torch.manual_seed`` unreduced: a seed beyond
+    ~1.8e13 (``torch.initial_seed()`` of an unseeded process) overflowed; 1.9 became 1
+    (found by review). Seeds that fit keep their streams."""
+    big = 2**62 + 5
+    loss = ShardedMarginSoftmaxLoss(ArcFaceLoss, 9, 4, seed=big, rank=1, world_size=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((big * 1_000_003 + 1) % 2**64)
+        expected = ArcFaceLoss(4, 4).W
+    torch.testing.assert_close(loss.W_local, expected, rtol=0, atol=0)
+    small = ShardedMarginSoftmaxLoss(ArcFaceLoss, 9, 4, seed=7, rank=1, world_size=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7 * 1_000_003 + 1)
+        torch.testing.assert_close(small.W_local, ArcFaceLoss(4, 4).W, rtol=0, atol=0)
+    for bad in (1.9, True, "3"):
+        with pytest.raises(TypeError, match="seed must be an integer"):
+            ShardedMarginSoftmaxLoss(ArcFaceLoss, 9, 4, seed=bad)
+
+
+def test_sample_rate_is_checked_when_assigned_and_in_sample_local_classes() -> None:
+    """Only the constructor checked it: 0 and -2 trained with one column per rank, NaN
+    failed in ``round``; ``sample_local_classes`` took 0, -1 and 7 (found by review)."""
+    loss = ShardedMarginSoftmaxLoss(ArcFaceLoss, 9, 4, sample_rate=0.5)
+    for bad, error in ((0.0, ValueError), (-2.0, ValueError), (1.5, ValueError),
+                       (float("nan"), ValueError), ("0.5", TypeError)):  # fmt: skip
+        with pytest.raises(error, match="sample_rate"):
+            loss.sample_rate = bad
+        assert loss.sample_rate == 0.5
+        with pytest.raises(error, match="sample_rate"):
+            sample_local_classes(torch.tensor([1, 2]), 0, 9, bad)
+    loss.sample_rate = 1
+    assert loss.sample_rate == 1.0
+
+
+def test_a_meta_shard_with_partial_fc_gives_its_state_and_refuses_loads_clearly() -> None:
+    """With ``sample_rate < 1`` its sampler state built a meta generator: ``state_dict``
+    and ``load_state_dict`` raised torch's "META device type not an accelerator" instead
+    of the shard's own error (found by review). The state is the seed's (none saved)."""
+    with torch.device("meta"):
+        loss = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, sample_rate=0.5)
+    state = loss.state_dict()
+    assert loss.sampler_state() is None and state["loss.W"].is_meta
+    source = ShardedMarginSoftmaxLoss(ArcFaceLoss, 10, 4, sample_rate=0.5).state_dict()
+    with pytest.raises(ValueError, match="meta device, where nothing loads"):
+        loss.load_state_dict(source)
