@@ -61,9 +61,11 @@ def sample_local_classes(
     sample_rate = check_sample_rate(sample_rate)  # (0, -1 and 7 were taken)
     local = labels.long() - class_start
     owned = (local >= 0) & (local < num_local)
-    # (integer indices and where, no boolean indexing: no host read beyond the count below)
+    # each row's slot: its local class, or one past them where another rank owns it
+    # (integer indices, no boolean indexing: no host read beyond the count below)
+    slot = torch.where(owned, local, num_local)
     positive = torch.zeros(num_local + 1, dtype=torch.bool, device=labels.device)
-    positive[torch.where(owned, local, num_local)] = True  # the last slot: other ranks'
+    positive[slot] = True
     positive = positive[:num_local]
     sampled = num_sampled(sample_rate, num_local)
     keep = max(int(positive.sum()), sampled)
@@ -71,9 +73,6 @@ def sample_local_classes(
         index = torch.arange(num_local, device=labels.device)
     else:  # a draw even when the positives fill the shard: the same stream as sample_classes
         index = kept_columns(num_local, positive, keep, generator, labels.device)
-    position = torch.full((num_local,), -1, dtype=torch.long, device=labels.device)
+    position = torch.full((num_local + 1,), -1, dtype=torch.long, device=labels.device)
     position[index] = torch.arange(index.numel(), device=labels.device)
-    if num_local == 0:
-        return index, torch.full_like(local, -1)
-    target = torch.where(owned, position[local.clamp(0, num_local - 1)], -1)
-    return index, target
+    return index, position[slot]  # (the last slot stays -1)

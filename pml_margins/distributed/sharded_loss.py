@@ -6,7 +6,6 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 from torch.func import functional_call
 
@@ -27,6 +26,7 @@ from pml_margins.distributed.partial_fc import sample_local_classes
 from pml_margins.distributed.sharded_margin_softmax import sharded_margin_softmax_cross_entropy
 from pml_margins.distributed.sharding import class_columns, shard_range
 from pml_margins.evaluation.calculator import describe_distance
+from pml_margins.evaluation.inputs import as_int
 from pml_margins.functional.dense_margin_softmax import check_norm_scale_form
 from pml_margins.losses.atomic_load import load_all_or_nothing
 from pml_margins.losses.checked_forward import in_loss_dtype
@@ -304,9 +304,10 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             rank, world_size = rank_and_world_size(group)
         self.rank, self.world_size, self.group = rank, world_size, group
         self.class_start, self.class_end = shard_range(num_classes, world_size, rank)
-        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")  # (1.9: 1)
-        self.seed = int(seed)
+        integer_seed = as_int(seed)
+        if integer_seed is None:  # (1.9 was taken as 1)
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+        self.seed = integer_seed
         self.loss_kwargs = dict(loss_kwargs)
         with torch.random.fork_rng(devices=[]):  # own init per shard, global RNG untouched
             torch.manual_seed(self._stream_seed())

@@ -481,12 +481,11 @@ class ClassWeightLoss(
     def _statistics_blocks(
         self, embeddings: torch.Tensor
     ) -> Callable[[], Iterator[torch.Tensor]] | None:
-        """In bounded mode (``chunk_size`` or ``sample_rate``), where :meth:`cosine` is
-        this class's own: the step statistics' cosines as column blocks of the core's width
-        (:meth:`cosine_blocks`; the distance, hooks included, called once per block); else
-        ``None`` (one ``(B, C)`` product, or a redefined :meth:`cosine`'s)."""
-        bounded = self.chunk_size is not None or self.sample_rate != 1.0
-        if not bounded or not runs_method(self, "cosine", ClassWeightLoss.cosine):
+        """For bounded mode (``chunk_size`` or ``sample_rate``; the caller decides), where
+        :meth:`cosine` is this class's own: the step statistics' cosines as column blocks
+        of the core's width (:meth:`cosine_blocks`; the distance, hooks included, called
+        once per block); else ``None`` (a redefined :meth:`cosine`'s one product)."""
+        if not runs_method(self, "cosine", ClassWeightLoss.cosine):
             return None
         width = self.chunk_size
         if not isinstance(width, int):  # "auto", or None with Partial FC
@@ -709,7 +708,7 @@ class ClassWeightLoss(
                 labels,
                 lambda columns: self.target_cosines(embeddings, columns),
                 from_core=not fused_only and not autograd_only_enabled(),
-                cosine_blocks=self._statistics_blocks(embeddings),
+                cosine_blocks=self._statistics_blocks(embeddings) if fused_only else None,
             )
         with self.prepare_step(embeddings, labels, statistics):  # type: ignore[arg-type]
             losses = self._per_sample_losses(embeddings, labels, statistics)
