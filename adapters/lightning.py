@@ -58,10 +58,11 @@ class MetricLearningModule(pl.LightningModule):
     """Train a backbone with one of our losses (or any PML loss), optionally with a PML miner.
 
     ``training_step`` embeds the batch, mines it when a ``miner`` is given and logs
-    ``train_loss``. ``validation_step`` only returns ``{"embeddings", "labels"}``
-    for :class:`RetrievalMetricsCallback` (validation classes may be unseen in
-    training, so no loss is computed there): ``trainer.validate`` gives the retrieval
-    metrics of a loader, ``trainer.predict`` its embeddings (``predict_step``). The
+    ``train_loss``. ``validation_step`` and ``test_step`` only return
+    ``{"embeddings", "labels"}`` for :class:`RetrievalMetricsCallback` (evaluation
+    classes may be unseen in training, so no loss is computed there):
+    ``trainer.validate`` and ``trainer.test`` give the retrieval metrics of a loader,
+    ``trainer.predict`` its embeddings (``predict_step``). The
     optimizer gets two parameter groups: the backbone (``lr``, ``weight_decay``) and
     the loss's own parameters, e.g. the class weights ``W`` of ArcFace (``loss_lr``, no
     weight decay: the cosine losses do not depend on the norm of ``W``). Several
@@ -123,6 +124,13 @@ class MetricLearningModule(pl.LightningModule):
     ) -> dict[str, torch.Tensor]:
         inputs, labels = _split_batch(batch)
         return {"embeddings": self(inputs), "labels": labels}
+
+    def test_step(
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """As :meth:`validation_step`: ``trainer.test`` with the callback gives the test
+        set's retrieval metrics."""
+        return self.validation_step(batch, batch_idx, dataloader_idx)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """The batch's ``(B, D)`` embeddings (``trainer.predict``), from the loaders that
@@ -192,21 +200,21 @@ def _merge_ranks(
     return torch.cat([gathered[r, : sizes[r]] for r in range(world)])
 
 
-def _validation_loader(trainer: Any, dataloader_idx: int) -> Any:
-    """The ``dataloader_idx``-th of the validation loaders in Lightning's own order (a
-    loader, a list, a dict or any nesting of them, flattened as its ``CombinedLoader``
-    does), or ``None``."""
-    loaders = trainer.val_dataloaders
+def _evaluation_loader(trainer: Any, dataloader_idx: int, stage: str = "validate") -> Any:
+    """The ``dataloader_idx``-th of the validation (``stage="validate"``) or test
+    (``"test"``) loaders in Lightning's own order (a loader, a list, a dict or any nesting
+    of them, flattened as its ``CombinedLoader`` does), or ``None``."""
+    loaders = trainer.test_dataloaders if stage == "test" else trainer.val_dataloaders
     if loaders is None:
         return None
     flattened = pl.utilities.CombinedLoader(loaders, "sequential").flattened
     return flattened[dataloader_idx] if dataloader_idx < len(flattened) else None
 
 
-def _distributed_num_samples(trainer: Any, dataloader_idx: int) -> int | None:
-    """The length of the validation dataset whose ``DistributedSampler`` padded the
+def _distributed_num_samples(trainer: Any, dataloader_idx: int, stage: str) -> int | None:
+    """The length of the evaluated dataset whose ``DistributedSampler`` padded the
     ranks' shares (``None`` where nothing was padded)."""
-    sampler = getattr(_validation_loader(trainer, dataloader_idx), "sampler", None)
+    sampler = getattr(_evaluation_loader(trainer, dataloader_idx, stage), "sampler", None)
     if isinstance(sampler, torch.utils.data.DistributedSampler) and not sampler.drop_last:
         return len(sampler.dataset)
     return None
@@ -231,7 +239,8 @@ def _one_set_on_every_rank(rows: torch.Tensor, labels: torch.Tensor, sizes: Sequ
 
 
 class RetrievalMetricsCallback(pl.Callback):
-    """Compute our retrieval metrics on the validation set at each validation epoch end.
+    """Compute our retrieval metrics on the validation set at each validation epoch end,
+    and on the test set at the end of ``trainer.test``.
 
     Every embedding of the validation set is a query against all the others
     (leave-one-out). The callback collects ``{"embeddings", "labels"}`` returned by
@@ -252,8 +261,8 @@ class RetrievalMetricsCallback(pl.Callback):
             trainer (one per validation dataloader) that log a metric in common need
             different prefixes: Lightning would average values logged under one name
             (``ValueError`` at setup).
-        dataloader_idx: which validation dataloader to evaluate (``ValueError`` at the
-            first validation epoch when there is no such dataloader).
+        dataloader_idx: which validation (or test) dataloader to evaluate
+            (``ValueError`` at the epoch's end when there is no such dataloader).
     """
 
     def __init__(
@@ -299,6 +308,9 @@ class RetrievalMetricsCallback(pl.Callback):
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._embeddings, self._labels = [], []
 
+    def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._embeddings, self._labels = [], []
+
     def on_validation_batch_end(
         self,
         trainer: Any,
@@ -308,7 +320,30 @@ class RetrievalMetricsCallback(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if trainer.sanity_checking or dataloader_idx != self.dataloader_idx:
+        if not trainer.sanity_checking:
+            self._collect(pl_module, outputs, batch, dataloader_idx)
+
+    def on_test_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._collect(pl_module, outputs, batch, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self._evaluate(trainer, pl_module, "validate")
+
+    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._evaluate(trainer, pl_module, "test")
+
+    def _collect(self, pl_module: Any, outputs: Any, batch: Any, dataloader_idx: int) -> None:
+        """Keep a batch's embeddings and labels (those the step returned, else embedded here)."""
+        if dataloader_idx != self.dataloader_idx:
             return
         if isinstance(outputs, Mapping) and "embeddings" in outputs and "labels" in outputs:
             embeddings, labels = outputs["embeddings"], outputs["labels"]
@@ -318,14 +353,14 @@ class RetrievalMetricsCallback(pl.Callback):
         self._embeddings.append(embeddings.detach())
         self._labels.append(_one_column(labels.detach()))
 
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking:
-            return
-        loaders = len(trainer.num_val_batches)
+    def _evaluate(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """The metrics of the collected set (gathered over the ranks), logged."""
+        loaders = len(trainer.num_test_batches if stage == "test" else trainer.num_val_batches)
         if self.dataloader_idx >= loaders:
+            what = "test" if stage == "test" else "validation"
             raise ValueError(
                 f"RetrievalMetricsCallback(dataloader_idx={self.dataloader_idx}) but the "
-                f"validation has {loaders} dataloader(s): nothing to evaluate"
+                f"{what} has {loaders} dataloader(s): nothing to evaluate"
             )
         if not self._embeddings:  # (no batches: limit_val_batches=0, say)
             return
@@ -336,11 +371,13 @@ class RetrievalMetricsCallback(pl.Callback):
             sizes = [int(s) for s in pl_module.all_gather(count).reshape(-1)]
             rows = self._gather(pl_module, embeddings, sizes)
             classes = self._gather(pl_module, labels, sizes)
-            num_samples = _distributed_num_samples(trainer, self.dataloader_idx)
+            num_samples = _distributed_num_samples(trainer, self.dataloader_idx, stage)
             if num_samples is not None or not _one_set_on_every_rank(rows, classes, sizes):
                 embeddings = _merge_ranks(rows, sizes, num_samples)
                 labels = _merge_ranks(classes, sizes, num_samples)
-        accuracies = self.calculator.get_accuracy(embeddings.float(), labels)
+        if embeddings.dtype != torch.float64:  # (half embeddings: float32; float64 kept)
+            embeddings = embeddings.float()
+        accuracies = self.calculator.get_accuracy(embeddings, labels)
         self.metrics = {
             self.prefix + METRIC_NAMES.get(k, k): float(v) for k, v in accuracies.items()
         }

@@ -464,3 +464,57 @@ def test_callback_arguments_are_checked_at_construction() -> None:
         with pytest.raises(ValueError, match="recall_ks must be a sequence"):
             RetrievalMetricsCallback(recall_ks=ks)
     assert RetrievalMetricsCallback(recall_ks=(4, 1, 4)).calculator.recall_ks == (1, 4)
+
+
+def test_trainer_test_gives_the_test_sets_metrics(digits: Digits, tmp_path: Path) -> None:
+    """``trainer.test`` with the callback: the metrics of the test loader, as a brute
+    calculation on the backbone's embeddings gives them (the module had no ``test_step``:
+    Lightning refused ``trainer.test``)."""
+    torch.manual_seed(0)
+    module = MetricLearningModule(mlp(), arcface())
+    callback = RetrievalMetricsCallback(prefix="test/")
+    results = make_trainer(tmp_path, callback).test(module, loaders(digits)[1], verbose=False)
+
+    with torch.no_grad():
+        embeddings = module.backbone(digits.x_test)
+    expected = RetrievalMetricsCallback().calculator.get_accuracy(embeddings, digits.y_test)
+    for name, value in expected.items():
+        logged = "test/" + {"mean_average_precision_at_r": "map_at_r"}.get(name, name)
+        assert callback.metrics[logged] == pytest.approx(value, abs=1e-12)
+        assert results[0][logged] == pytest.approx(value, abs=1e-6)
+
+
+def test_trainer_test_under_ddp_equals_one_process(digits: Digits, tmp_path: Path) -> None:
+    """Two CPU ranks (gloo) on 61 test rows: the test loader's DistributedSampler padding
+    is dropped as the validation loader's is."""
+    torch.manual_seed(0)
+    module = MetricLearningModule(mlp(), arcface())
+    test = DataLoader(
+        torch.utils.data.TensorDataset(digits.x_test[:61], digits.y_test[:61]), batch_size=16
+    )
+    single = RetrievalMetricsCallback()
+    make_trainer(tmp_path / "single", single).test(module, test, verbose=False)
+    ddp = make_trainer(tmp_path / "ddp", RetrievalMetricsCallback(), devices=2, strategy="ddp_fork")
+    ddp.test(module, test, verbose=False)
+    for name, value in single.metrics.items():
+        assert float(ddp.callback_metrics[name]) == pytest.approx(value, abs=1e-6), name
+
+
+def test_float64_embeddings_are_evaluated_in_float64(digits: Digits, tmp_path: Path) -> None:
+    """A float64 model's embeddings reach the calculator as they are (they were cast to
+    float32, which can reorder near ties)."""
+    seen: list[torch.dtype] = []
+    callback = RetrievalMetricsCallback(include=("precision_at_1",))
+    get_accuracy = callback.calculator.get_accuracy
+
+    def spy(embeddings: torch.Tensor, *args: object, **kwargs: object) -> dict:
+        seen.append(embeddings.dtype)
+        return get_accuracy(embeddings, *args, **kwargs)
+
+    callback.calculator.get_accuracy = spy
+    backbone = mlp().double()
+    data = torch.utils.data.TensorDataset(digits.x_test.double(), digits.y_test)
+    make_trainer(tmp_path, callback).validate(
+        MetricLearningModule(backbone, arcface().double()), DataLoader(data, 128), verbose=False
+    )
+    assert seen == [torch.float64]
