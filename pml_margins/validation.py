@@ -247,7 +247,10 @@ class ValueChecks:
             return
         device = self._values[0].device
         dtype = torch.float32 if device.type == "mps" else torch.float64
-        joined = torch.cat([v.to(device, dtype, non_blocking=True) for v in self._values])
+        # (to the host synchronously: a non-blocking device-to-host copy, read at once,
+        # could be read before it lands; to an accelerator the stream orders it)
+        blocking = device.type == "cpu"
+        joined = torch.cat([v.to(device, dtype, non_blocking=not blocking) for v in self._values])
         read, sizes = joined.tolist(), [v.numel() for v in self._values]
         checks = zip(sizes, self._wrong, self._errors, strict=True)
         self._values, self._wrong, self._errors = [], [], []

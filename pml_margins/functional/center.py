@@ -108,7 +108,10 @@ def center_ema_update(
         # cancels) where embeddings and centres are large and close
         gaps = c32.index_select(0, idx) - embeddings.detach().to(dtype)
         sums = torch.zeros_like(c32).index_add(0, idx, gaps)  # (out of place: vmap batches it)
-        counts = torch.bincount(idx, minlength=c.shape[0]).to(dtype).unsqueeze(1)
+        # (index_add of ones: torch.bincount reads the labels' maximum back to size its
+        # result, a host sync per step on a GPU, and vmap has no batching rule for it)
+        ones = torch.ones_like(idx, dtype=dtype).unsqueeze(1)
+        counts = torch.zeros(c.shape[0], 1, dtype=dtype, device=c.device).index_add(0, idx, ones)
         new = (c32 - alpha * (sums / (1 + counts))).to(c.dtype)
     check_function_result(new, _overflow_error("center_ema_update", "a sum of c_j - x_i"))
     return new

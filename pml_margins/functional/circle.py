@@ -30,6 +30,7 @@ from pml_margins.functional.margin_softmax import compute_dtype, exp_in_place
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
     caller_checked,
+    check_bool,
     check_circle_margin,
     check_class_labels,
     check_function_result,
@@ -481,6 +482,7 @@ def circle_loss_masked(
         The losses in ``compute_dtype(sim.dtype)``.
     """
     m, gamma = _margin(m), _gamma(gamma)
+    per_anchor = check_bool(per_anchor, "per_anchor")  # ("no" was taken as True)
     _check_matrix(sim, {"pos_mask": pos_mask, "neg_mask": neg_mask})
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(compute_dtype(sim.dtype))

@@ -122,11 +122,13 @@ from pml_margins.functional.margin_softmax import (
     compute_dtype,
     elementwise_result,
     exp_in_place,
+    float16_row_factor,
     products_dtype,
     row_norms,
     takes_unit_columns,
 )
 from pml_margins.validation import (
+    CHECKED_BY_CALLER,
     FLOAT_DTYPE_NAMES,
     FLOAT_DTYPES,
     caller_checked,
@@ -349,7 +351,7 @@ def sample_classes(
             )
     num_sample = max(num_sample, positives.numel())
     index = kept_columns(num_classes, positives, num_sample, generator, device)
-    local = torch.searchsorted(index, labels.long())
+    local = torch.searchsorted(index, labels.long().contiguous())
     # unchecked labels outside [0, C) (value checks off) map past the kept columns, as
     # the full loss sees them: an index error, never a row trained toward index[0]
     found = index.gather(0, local.clamp(max=num_sample - 1)) == labels
@@ -379,9 +381,9 @@ def class_columns(classes: torch.Tensor, per_class: int) -> torch.Tensor:
     return (classes.unsqueeze(1) * per_class + offsets).flatten()
 
 
-#: the largest number scale the blocked paths take with float16 products when these take
-#: the scaled embeddings ``s x`` as an operand (products up to ``s``): float16's largest
-#: (a per-row tensor scale is not read: a host read per step)
+#: the largest number scale that float16 products take folded into their operand ``s x``
+#: (products up to ``s``): float16's largest. A larger one, and any per-row tensor scale
+#: (not read: a host read per step), multiplies the products' cosines instead
 FLOAT16_FOLDED_SCALE_MAX = 65504.0
 
 
@@ -544,7 +546,8 @@ def fused_margin_softmax_cross_entropy(
             "batch: call per sample outside vmap, or use sample_rate=1 under it"
         )
     if sample_rate < 1:
-        sampled = sample_classes(labels, num_classes, sample_rate, generator)
+        with CHECKED_BY_CALLER:  # the label range: read with the checks above (one read)
+            sampled = sample_classes(labels, num_classes, sample_rate, generator)
         if sampled is not None:
             index, labels = sampled
             weight = weight.index_select(1, class_columns(index, per_class))
@@ -615,16 +618,10 @@ def fused_margin_softmax_cross_entropy(
         scale = check_scale(scale_fn(config.cosines.blocks), rows)
     scale_tensor = scale if isinstance(scale, torch.Tensor) else None
     config.scale = 1.0 if isinstance(scale, torch.Tensor) else float(scale)
-    if (
-        config.mm_dtype == torch.float16
-        and config.fold_scale
-        and config.scale > FLOAT16_FOLDED_SCALE_MAX
+    if config.mm_dtype == torch.float16 and (
+        scale_tensor is not None or config.scale > FLOAT16_FOLDED_SCALE_MAX
     ):
-        raise ValueError(  # the blocks' products take s x: beyond float16's 65504, NaN
-            f"scale {config.scale:g} is above {FLOAT16_FOLDED_SCALE_MAX:g} with float16 "
-            "products (autocast): the scaled operand leaves float16's range; use a smaller "
-            "scale, bfloat16 autocast or none"
-        )
+        config.fold_scale = False  # s x would leave float16's range: s multiplies z after
     inputs = (x, weight, scale_tensor, bias)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     target, slope, z_y, winner, config.target_psi = _target_terms(
@@ -1235,8 +1232,11 @@ def _forward(
                 if inv is not None:
                     _inverse_column_norms(w, dtype, inv, on)
                 w_mm, inv_after = _operand(w, inv, config)
-                if phi is None:
+                if phi is None and config.fold_scale:
                     logits = _block_logits(xs, w_mm, inv_after, bias_d, start, dtype, out)
+                elif phi is None:  # the products give z: s z + b in place
+                    z = _block_logits(xs, w_mm, inv_after, None, start, dtype, out)
+                    logits = _scaled_logits(z, s_col, bias_d, start, dtype, z)
                 else:  # the logits s phi(z) + b are a new block (the buffer: z, then see below)
                     z = _block_logits(xs, w_mm, inv_after, None, start, dtype, out)
             if phi is not None:
@@ -1345,7 +1345,9 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             phi, per_class = config.phi, config.sub_centers
             # forward operand, for recomputation (s z, or z: see _forward)
             xs = (xc * s_col if config.fold_scale else xc).to(mm_dtype)
-            x_grad_op = (xc * gs.unsqueeze(1)).to(mm_dtype)  # operand of grad W
+            # operand of grad W: x g s (float16: over its largest |g s|, put back per block)
+            gs_op, top = float16_row_factor(gs, mm_dtype)
+            x_grad_op = (xc * gs_op.unsqueeze(1)).to(mm_dtype)
             batch, num_classes = x.shape[0], weight.shape[1] // per_class
             # A = sum over non-target classes j of p_ij W_hat_j  (B, D)
             acc = torch.zeros(batch, x.shape[1], dtype=dtype, device=x.device)
@@ -1420,7 +1422,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                     dest = grad_w[:, first:last]
                     direct = grad_w.dtype == mm_dtype == dtype
                     g1 = torch.mm(x_grad_op.t(), prob_mm, out=dest if direct else None)
-                    g1 = g1.to(dtype)
+                    g1 = g1.to(dtype) if top is None else g1.to(dtype).mul_(top)
                     if inv is not None and inv_after is None:  # unit columns: G1 still
                         g1.mul_(inv)  # lacks diag(1/n)
                     if inv is not None:

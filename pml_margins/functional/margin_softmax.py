@@ -117,6 +117,26 @@ def products_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     return dtype
 
 
+def float16_row_factor(
+    row_factor: torch.Tensor, products: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""``(f / c, c)`` for float16 products, else ``(f, None)``: a backward's row factor
+    :math:`f_i = g_i s_i` (``(B,)`` or 0-d, compute dtype) with its largest magnitude
+    :math:`c` taken out, for the operand it multiplies.
+
+    The gradient products are linear in that operand: the float16 product of
+    :math:`f/c` (entries within ``[-1, 1]``), times :math:`c` in the compute dtype, is
+    :math:`f`'s product without leaving float16's range where :math:`|g_i s_i|` passes
+    65504 (a scale, or SphereFace's :math:`s\|x_i\|`, above it; a loss summed rather
+    than averaged). :math:`c` stays on the device (no host read); all-zero :math:`f`
+    gives :math:`c` = float32's smallest normal number.
+    """
+    if products != torch.float16:
+        return row_factor, None
+    top = row_factor.detach().abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    return row_factor / top, top
+
+
 def takes_unit_columns(products: torch.dtype) -> bool:
     """Whether products in this dtype take the unit columns of ``W`` (normalized in the
     compute dtype first) instead of the raw columns with the result scaled by

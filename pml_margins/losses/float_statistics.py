@@ -56,8 +56,10 @@ class FloatStatisticsMixin:
         (:meth:`check_statistic`: a NaN ``t`` gave NaN losses, a negative ``batch_std``
         was taken) and held as one (no graph, float32 at least); a number goes into the
         buffer's dtype and device where the statistic is one value, and a one-element
-        tensor takes its shape. ``None`` (which would remove the statistic from the
-        state dict and fail at the next step) and another shape are refused."""
+        tensor takes its shape; a tensor is copied (the steps update the statistic in
+        place: an assigned tensor, a buffer of another loss, moved with it). ``None``
+        (which would remove the statistic from the state dict and fail at the next step)
+        and another shape are refused."""
         buffers = self.__dict__.get("_buffers")
         if buffers is not None and name in self.statistic_buffers and name in buffers:
             value = self._checked_statistic(name, value, buffers[name])
@@ -91,10 +93,12 @@ class FloatStatisticsMixin:
                     f"{type(self).__name__}'s running statistic, got {tuple(value.shape)}"
                 )
             value = value.reshape(current.shape)
-        value = as_statistic(value)
-        if not value.is_meta:
-            self.check_statistic(name, value)  # as held (1e-300 in float32 is 0)
-        return value
+        held = as_statistic(value)
+        if held is value or held.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():
+            held = held.clone()  # its own copy: the steps update it in place
+        if not held.is_meta:
+            self.check_statistic(name, held)  # as held (1e-300 in float32 is 0)
+        return held
 
     def check_statistic(self, name: str, value: torch.Tensor) -> None:
         """``ValueError`` for a value of the statistic ``name`` that a state dict may not
