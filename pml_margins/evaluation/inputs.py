@@ -43,7 +43,7 @@ def as_tensor(x: object, name: str) -> torch.Tensor:
     Raises:
         TypeError: neither a ``torch.Tensor`` nor a ``numpy.ndarray``, a sparse tensor, or
             a numpy long double.
-        ValueError: numpy ``uint64`` values that int64 cannot hold.
+        ValueError: ``uint64`` values that int64 cannot hold (numpy or torch).
     """
     if isinstance(x, np.ndarray):
         if x.dtype == np.uint64 and x.size and int(x.max()) >= 2**63:
@@ -66,6 +66,10 @@ def as_tensor(x: object, name: str) -> torch.Tensor:
         return torch.from_numpy(x)
     if isinstance(x, torch.Tensor):
         check_tensor(x, name)
+        if x.dtype == torch.uint64 and bool(x.view(torch.int64).lt(0).any()):
+            raise ValueError(  # (as numpy's: .long() wrapped them to negative numbers)
+                f"{name} has uint64 values beyond int64 (>= 2^63): map them to integers first"
+            )
         if x.is_floating_point() and x.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"{name} must have an integer dtype or {FLOAT_DTYPE_NAMES}, got {x.dtype}"

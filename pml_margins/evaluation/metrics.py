@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from pml_margins.evaluation.inputs import check_int
 from pml_margins.evaluation.label_matching import unique_labels
+from pml_margins.validation import check_bool
 
 __all__ = [
     "aggregate",
@@ -36,6 +38,38 @@ __all__ = [
 ]
 
 _ROWS_PER_CHUNK = 8192
+
+
+def _check_match(match: object) -> torch.Tensor:
+    """``match`` if it is a ``(Q, k)`` boolean tensor, else ``TypeError``/``ValueError``
+    (shapes and dtypes only: nothing read back)."""
+    if not isinstance(match, torch.Tensor) or match.dtype != torch.bool:
+        got = match.dtype if isinstance(match, torch.Tensor) else type(match).__name__
+        raise TypeError(f"match must be a boolean tensor (Q, k), got {got}")
+    if match.ndim != 2:
+        raise ValueError(f"match must be (Q, k), got shape {tuple(match.shape)}")
+    return match
+
+
+def _check_relevant(match: object, relevant: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(match, relevant)`` checked: ``relevant`` a ``(Q,)`` integer tensor on
+    ``match``'s device, one count per row of ``match``."""
+    match = _check_match(match)
+    if (
+        not isinstance(relevant, torch.Tensor)
+        or relevant.is_floating_point()
+        or (relevant.dtype in (torch.bool, torch.complex64, torch.complex128))
+    ):
+        got = relevant.dtype if isinstance(relevant, torch.Tensor) else type(relevant).__name__
+        raise TypeError(f"relevant must be an integer tensor (Q,), got {got}")
+    if relevant.shape != match.shape[:1]:
+        raise ValueError(
+            f"relevant must hold one count per query, shape ({match.shape[0]},); "
+            f"got {tuple(relevant.shape)}"
+        )
+    if relevant.device != match.device:
+        raise ValueError(f"relevant is on {relevant.device}, match on {match.device}")
+    return match, relevant
 
 
 def relevant_counts(
@@ -92,9 +126,8 @@ def recall_at_k(match: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         ``(Q,)`` float64.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    return match[:, :k].any(dim=1).to(torch.float64)
+    k = check_int(k, "k")
+    return _check_match(match)[:, :k].any(dim=1).to(torch.float64)
 
 
 def precision_at_1(match: torch.Tensor) -> torch.Tensor:
@@ -117,7 +150,7 @@ def r_precision(match: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
         mask = _relevance_mask(m, r)
         return (m & mask).sum(dim=1).to(torch.float64) / mask.sum(dim=1)
 
-    return _by_row_chunks(fn, *_first_r_columns(match, relevant))
+    return _by_row_chunks(fn, *_first_r_columns(*_check_relevant(match, relevant)))
 
 
 def _first_r_columns(match: torch.Tensor, relevant: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -131,6 +164,7 @@ def _first_r_columns(match: torch.Tensor, relevant: torch.Tensor) -> tuple[torch
 def _average_precision(match: torch.Tensor, relevant: torch.Tensor, at_r: bool) -> torch.Tensor:
     r""":math:`\frac{1}{R}\sum_h h / p_h` over the matches, the ``h``-th at rank ``p_h``
     (within the first ``R`` ranks if ``at_r``), from the matches' positions alone."""
+    match, relevant = _check_relevant(match, relevant)
     if at_r:
         match, relevant = _first_r_columns(match, relevant)
 
@@ -162,7 +196,7 @@ def average_precision(match: torch.Tensor, relevant: torch.Tensor) -> torch.Tens
 
 def reciprocal_rank(match: torch.Tensor) -> torch.Tensor:
     """``1 / rank`` of the first match among the ``k`` neighbours, 0 if none."""
-    if match.shape[1] == 0:
+    if _check_match(match).shape[1] == 0:
         return torch.zeros(len(match), dtype=torch.float64, device=match.device)
     first = match.to(torch.uint8).argmax(dim=1).to(torch.float64)
     return torch.where(match.any(dim=1), 1.0 / (first + 1.0), torch.zeros_like(first))
@@ -189,8 +223,18 @@ def aggregate(
         >>> aggregate(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([3, 3, 8]), avg_of_avgs=True)
         0.25
     """
+    avg_of_avgs = check_bool(avg_of_avgs, "avg_of_avgs")
+    return_per_class = check_bool(return_per_class, "return_per_class")
     if avg_of_avgs and return_per_class:
         raise ValueError("avg_of_avgs and return_per_class are mutually exclusive")
+    if not isinstance(per_query, torch.Tensor) or per_query.ndim != 1:
+        got = tuple(per_query.shape) if isinstance(per_query, torch.Tensor) else type(per_query)
+        raise TypeError(f"per_query must be a (Q,) tensor, got {got}")
+    if not isinstance(labels, torch.Tensor) or labels.ndim not in (1, 2):
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)
+        raise TypeError(f"labels must be a (Q,) or (Q, L) tensor, got {got}")
+    if len(labels) != len(per_query):
+        raise ValueError(f"{len(per_query)} per-query values but {len(labels)} labels")
     per_query = per_query.to(torch.float64)
     if not (avg_of_avgs or return_per_class):
         return per_query.mean().item()

@@ -20,7 +20,7 @@ def test_recall_and_precision_at_1():
     assert M.precision_at_1(MATCH).tolist() == [1.0, 0.0, 0.0]
     assert M.recall_at_k(MATCH, 2).tolist() == [1.0, 1.0, 0.0]
     assert M.recall_at_k(MATCH, 100).tolist() == [1.0, 1.0, 0.0]
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match="k must be a positive integer"):
         M.recall_at_k(MATCH, 0)
 
 
