@@ -522,6 +522,11 @@ def to_single_process_loss(
     loss's parameters and buffers are the checkpoint's, dtypes included (AdaCos keeps
     its float64 scale beside a float32 ``W``): its state dict equals the checkpoint's.
     """
+    if not isinstance(checkpoint, (Mapping, Sequence)) or isinstance(checkpoint, str):
+        raise TypeError(
+            "checkpoint must be a checkpoint dict (shard_checkpoint, load_shard) "
+            f"or a sequence of one run's shards, got {type(checkpoint).__name__}"
+        )
     full = checkpoint if isinstance(checkpoint, Mapping) else merge_shards(checkpoint)
     _check_checkpoint(full)
     if full["world_size"] != 1:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 __all__ = [
     "all_gather_rows",
     "all_reduce_",
+    "check_group",
     "checked_on_every_rank",
     "default_backend",
     "gather_rows_with_grad",
@@ -52,6 +53,18 @@ def default_backend() -> str:
 def is_distributed() -> bool:
     """Whether a default process group is initialized."""
     return dist.is_available() and dist.is_initialized()
+
+
+def check_group(group: object) -> ProcessGroup | None:
+    """``group`` if it is ``None`` or a ``torch.distributed`` process group, else
+    ``TypeError`` (a string or a rank list was taken, and the world used)."""
+    process_group = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
+    if group is not None and (process_group is None or not isinstance(group, process_group)):
+        raise TypeError(
+            f"group must be a torch.distributed ProcessGroup (dist.new_group) or None, "
+            f"got {type(group).__name__}"
+        )
+    return group
 
 
 def rank_and_world_size(group: ProcessGroup | None = None) -> tuple[int, int]:

@@ -25,7 +25,12 @@ from __future__ import annotations
 import torch
 
 from pml_margins.functional.fused_margin_softmax import kept_columns
-from pml_margins.validation import check_sample_rate
+from pml_margins.validation import (
+    check_generator,
+    check_labels,
+    check_non_negative_int,
+    check_sample_rate,
+)
 
 __all__ = ["num_sampled", "sample_local_classes"]
 
@@ -59,6 +64,11 @@ def sample_local_classes(
         ``index``, or ``-1`` where another rank owns the label.
     """
     sample_rate = check_sample_rate(sample_rate)  # (0, -1 and 7 were taken)
+    rows = labels.shape[0] if isinstance(labels, torch.Tensor) and labels.ndim else 0
+    labels = check_labels(labels, rows)  # (float labels were truncated, a list failed)
+    class_start = check_non_negative_int(class_start, "class_start")
+    num_local = check_non_negative_int(num_local, "num_local")  # (0: an empty shard)
+    generator = check_generator(generator)
     local = labels.long() - class_start
     owned = (local >= 0) & (local < num_local)
     # each row's slot: its local class, or one past them where another rank owns it

@@ -14,6 +14,7 @@ from pml_margins.distributed.collectives import (
     all_gather_rows,
     all_reduce_,
     broadcast_from_first_,
+    check_group,
     checked_on_every_rank,
     dtype_code,
     gather_rows_with_grad,
@@ -300,6 +301,7 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
         self.sample_rate = check_sample_rate(sample_rate)
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
+        group = check_group(group)
         if rank is None or world_size is None:
             rank, world_size = rank_and_world_size(group)
         self.rank, self.world_size, self.group = rank, world_size, group
@@ -522,6 +524,13 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
                 raise ValueError(f"ref_emb/ref_labels are not supported by {type(self).__name__}")
             self._check_group()
             self._check_parameters()
+            inner = self.loss
+            if inner.chunk_size is not None or inner.sample_rate != 1.0:
+                raise ValueError(  # (set on the inner loss after construction: ignored)
+                    f"the sharded loss's inner loss has chunk_size={inner.chunk_size}, "
+                    f"sample_rate={inner.sample_rate}: {type(self).__name__} uses neither "
+                    "(each rank forms its own classes' logits); set sample_rate on it"
+                )
             norms_taken = self.loss._norms_taken()  # (as in one process)
             check_embeddings(embeddings, width=self.embedding_size, norms_taken=norms_taken)
             check_class_labels(labels, embeddings.shape[0], self.num_classes)
