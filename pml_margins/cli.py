@@ -77,6 +77,9 @@ def check_out_folder(path: str, flag: str = "--out", files: Sequence[str] = ()) 
     to be written there is a folder."""
     target = os.path.abspath(path)
     for part in (target, *Path(target).parents):
+        if os.path.islink(part) and not os.path.exists(part):  # (makedirs: FileExistsError)
+            where = "" if part == target else f" ({part})"
+            raise ValueError(f"{flag} {path}: a symbolic link to nothing{where}")
         if os.path.exists(part):
             if not os.path.isdir(part):
                 what = "exists and is not a folder" if part == target else f"{part} is a file"
@@ -111,11 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with an ``"error: ..."`` message) is printed as one ``pml-margins <command>: error:
     ...`` line and gives status 2, as argparse's own errors do. A ``SIGTERM`` (``kill``,
     ``timeout``, a batch scheduler) ends the command as Ctrl-C does, through its clean-up
-    (a run's staged checkpoints), with status 143."""
+    (a run's staged checkpoints), with status 143; Ctrl-C prints one ``interrupted`` line
+    instead of a traceback, status 130 (the shell's for SIGINT)."""
     args = build_parser().parse_args(argv)
     try:
         with _terminate_cleanly():
             return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # (after the command's clean-up, its finally blocks)
+        print(f"pml-margins {args.command}: interrupted", file=sys.stderr)
+        return 130
     except SystemExit as stop:
         if isinstance(stop.code, str) and stop.code.startswith("error: "):
             print(f"pml-margins {args.command}: {stop.code}", file=sys.stderr)

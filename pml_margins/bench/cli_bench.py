@@ -78,6 +78,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--download", action="store_true", help="let PML download CUB/SOP into it")
     p.add_argument(
         "--losses",
+        action=_RecordedFlag,
         default=",".join(DEFAULT_LOSSES),
         help=f"comma-separated, from: {', '.join(loss_names())} (default: %(default)s)",
     )
@@ -155,6 +156,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(
         func=run_bench,
         flag_defaults={k: p.get_default(k) for k in (*_NOT_REEVALUATED, "losses")},
+        explicit_flags=(),
     )
 
 
@@ -255,7 +257,7 @@ def _run_config(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str,
     config = {
         k: used.get(k) if v is None else v
         for k, v in vars(args).items()
-        if k not in ("func", "flag_defaults")
+        if k not in ("func", "flag_defaults", "explicit_flags")
         and args.dataset in _DATASET_FLAGS.get(k, (args.dataset,))
     } | settings
     if args.embeddings_only:  # nothing trained: each checkpoint's entry says how it was
@@ -274,10 +276,24 @@ _TRAINING_ONLY = frozenset(
 _NOT_REEVALUATED = (*sorted(_TRAINING_ONLY - {"losses"}), "backbone", "weights")
 
 
+class _RecordedFlag(argparse.Action):
+    """Stores the value, and the flag's name in ``explicit_flags``: given on the command
+    line, whatever its value (``--losses`` spelled out as its default still picks the
+    checkpoints of ``--embeddings-only``, which then must all be there)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.explicit_flags = (*getattr(namespace, "explicit_flags", ()), self.dest)
+
+
 def _given(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
-    """Those of ``names`` given another value than the parser's default."""
+    """Those of ``names`` given: on the command line (a :class:`_RecordedFlag`), or with
+    another value than the parser's default."""
     defaults = getattr(args, "flag_defaults", {})
-    return [k for k in names if k in defaults and getattr(args, k) != defaults[k]]
+    explicit = getattr(args, "explicit_flags", ())
+    return [
+        k for k in names if k in explicit or (k in defaults and getattr(args, k) != defaults[k])
+    ]
 
 
 def _note_unread_flags(args: argparse.Namespace) -> None:
@@ -291,6 +307,11 @@ def _note_unread_flags(args: argparse.Namespace) -> None:
             f"not read {flags}",
             file=sys.stderr,
         )
+
+
+#: the largest --image-size (FreeType draws glyphs below 65,536 pixels; CUB/SOP train at
+#: 224) and --embedding-size (a (D, C) W beyond it fails in the allocator, a traceback)
+MAX_IMAGE_SIZE, MAX_EMBEDDING = 4096, 65536
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -314,8 +335,14 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: --loss-lr must be a finite number >= 0, got {args.loss_lr}")
     if args.num_workers < 0:
         raise SystemExit(f"error: --num-workers must be >= 0, got {args.num_workers}")
-    if args.image_size is not None and args.image_size < 1:
-        raise SystemExit(f"error: --image-size must be >= 1, got {args.image_size}")
+    if args.image_size is not None and not 1 <= args.image_size <= MAX_IMAGE_SIZE:
+        raise SystemExit(
+            f"error: --image-size must be in [1, {MAX_IMAGE_SIZE}], got {args.image_size}"
+        )
+    if settings["embedding_size"] is not None and settings["embedding_size"] > MAX_EMBEDDING:
+        raise SystemExit(  # (a raw allocator error, after the data loaded)
+            f"error: --embedding-size must be <= {MAX_EMBEDDING}, got {settings['embedding_size']}"
+        )
     _check_dataset_flags(args)
     if args.embeddings_only:
         _note_unread_flags(args)
@@ -559,6 +586,12 @@ def _check_losses(
     is an error now, not after the others have trained."""
     from pml_margins.bench import datasets, registry
 
+    side = min(bench_data.input_shape[-2:]) if len(bench_data.input_shape) >= 2 else None
+    if settings["shift"] and side is not None and settings["shift"] >= side:
+        raise SystemExit(  # (every training image moved out of its frame: blank inputs)
+            f"error: --shift must be below the images' side ({side} pixels), "
+            f"got {settings['shift']}"
+        )
     for name in names:
         try:
             registry.build_loss(
@@ -785,7 +818,10 @@ def _evaluate_checkpoints(
     from pml_margins.bench import evaluate, models
     from pml_margins.bench.registry import LOSSES
 
-    paths = args.checkpoint or sorted(glob.glob(os.path.join(args.out, CHECKPOINTS, "*.pt")))
+    given = {}  # each file once (a checkpoint named twice made two identical rows)
+    for path in args.checkpoint:
+        given.setdefault(os.path.realpath(path), path)
+    paths = list(given.values()) or sorted(glob.glob(os.path.join(args.out, CHECKPOINTS, "*.pt")))
     if not paths:
         raise SystemExit(
             f"error: --embeddings-only: no checkpoints given and none in {args.out}/checkpoints"
@@ -793,6 +829,8 @@ def _evaluate_checkpoints(
     checked = [(path, _checked_checkpoint(path, args, bench_data)) for path in paths]
     if _given(args, ("losses",)):  # only these losses' checkpoints
         wanted = list(dict.fromkeys(n.strip() for n in args.losses.split(",") if n.strip()))
+        if not wanted:
+            raise SystemExit("error: --losses names no loss")
         missing = sorted(set(wanted) - {saved["name"] for _, saved in checked})
         if missing:
             raise SystemExit(

@@ -101,6 +101,9 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
 
 def _check_out(path: str) -> None:
     """The figure can be written there: not a folder, a format matplotlib writes."""
+    import shutil
+
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -108,7 +111,12 @@ def _check_out(path: str) -> None:
         what = "is a directory" if os.path.isdir(path) else "names a folder (or nothing)"
         raise SphereError(f"--out {path}: {what}, give a file name such as sphere.png")
     suffix = os.path.splitext(path)[1].lstrip(".").lower()
-    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    formats = dict(FigureCanvasAgg(Figure()).get_supported_filetypes())
+    tex = matplotlib.rcParams["pgf.texsystem"]
+    if shutil.which(tex) is None:  # (PGF is written by a TeX system: a traceback and a
+        formats.pop("pgf", None)  # partial file after the whole training)
+    if suffix == "pgf" and "pgf" not in formats:
+        raise SphereError(f"--out {path}: .pgf needs {tex} (a TeX system), not found here")
     if suffix and suffix not in formats:
         raise SphereError(
             f"--out {path}: matplotlib cannot write .{suffix} (use one of: {', '.join(formats)})"

@@ -47,6 +47,8 @@ from typing import Any
 
 import torch
 
+from pml_margins.validation import check_non_negative
+
 __all__ = [
     "DEFAULT_LOSSES",
     "LOSSES",
@@ -140,10 +142,13 @@ def _softmax_center(ctx: LossContext, *, lambda_: float, **center: Any) -> tuple
 
 
 def _circle_ms(ctx: LossContext, *, miner_epsilon: float, **circle: Any) -> tuple[Any, Any]:
-    """Circle loss on the pairs PML's ``MultiSimilarityMiner`` picks."""
+    """Circle loss on the pairs PML's ``MultiSimilarityMiner`` picks (``miner_epsilon``: its
+    ``epsilon``, a finite number >= 0; PML takes any value: NaN or a negative one mines
+    no pair, and the loss, 0 at every step, trains nothing)."""
     from pytorch_metric_learning.miners import MultiSimilarityMiner
 
-    return _loss_class("CircleLoss")(**circle), MultiSimilarityMiner(epsilon=miner_epsilon)
+    epsilon = check_non_negative(miner_epsilon, "miner_epsilon")
+    return _loss_class("CircleLoss")(**circle), MultiSimilarityMiner(epsilon=epsilon)
 
 
 #: one line per loss, in table order
