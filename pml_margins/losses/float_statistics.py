@@ -57,7 +57,8 @@ class FloatStatisticsMixin:
         was taken) and held as one (no graph, float32 at least); a number goes into the
         buffer's dtype and device where the statistic is one value, and a one-element
         tensor takes its shape; a tensor is copied (the steps update the statistic in
-        place: an assigned tensor, a buffer of another loss, moved with it). ``None``
+        place: an assigned tensor, a buffer of another loss, moved with it), except the
+        state dict's own under ``load_state_dict(assign=True)``. ``None``
         (which would remove the statistic from the state dict and fail at the next step)
         and another shape are refused."""
         buffers = self.__dict__.get("_buffers")
@@ -94,7 +95,11 @@ class FloatStatisticsMixin:
                 )
             value = value.reshape(current.shape)
         held = as_statistic(value)
-        if held is value or held.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():
+        loading = self.__dict__.get("_assigning_loaded", False)  # (load_state_dict's assign)
+        shares = (
+            held is value or held.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
+        )
+        if shares and not loading:
             held = held.clone()  # its own copy: the steps update it in place
         if not held.is_meta:
             self.check_statistic(name, held)  # as held (1e-300 in float32 is 0)
@@ -113,7 +118,11 @@ class FloatStatisticsMixin:
         """The statistics checked (:meth:`check_statistic`) before anything loads: a copy
         into the buffer (``load_state_dict``'s default) took any value."""
         self.check_statistics(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
+        self.__dict__["_assigning_loaded"] = True  # assign=True: the state dict's tensors
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
+        finally:
+            self.__dict__.pop("_assigning_loaded", None)
         buffers = self._buffers  # type: ignore[attr-defined]
         for name in self.statistic_buffers:  # assign=True takes the state dict's tensor:
             value = buffers.get(name)  # an integer or half one would stall (see above),
