@@ -20,7 +20,7 @@ import torch
 from pml_margins.adapters._extras import require
 from pml_margins.adapters.retrieval import retrieval_calculator
 from pml_margins.evaluation.inputs import check_int
-from pml_margins.validation import check_non_negative, check_positive
+from pml_margins.validation import check_bool, check_non_negative, check_positive
 
 pl = require("lightning.pytorch", extra="lightning")
 
@@ -239,8 +239,8 @@ def _one_set_on_every_rank(rows: torch.Tensor, labels: torch.Tensor, sizes: Sequ
 
 
 class RetrievalMetricsCallback(pl.Callback):
-    """Compute our retrieval metrics on the validation set at each validation epoch end,
-    and on the test set at the end of ``trainer.test``.
+    """Compute our retrieval metrics on the validation set at each validation epoch end
+    (and, with ``test=True``, on the test set at the end of ``trainer.test``).
 
     Every embedding of the validation set is a query against all the others
     (leave-one-out). The callback collects ``{"embeddings", "labels"}`` returned by
@@ -263,6 +263,9 @@ class RetrievalMetricsCallback(pl.Callback):
             (``ValueError`` at setup).
         dataloader_idx: which validation (or test) dataloader to evaluate
             (``ValueError`` at the epoch's end when there is no such dataloader).
+        test: also evaluate ``trainer.test``'s loader (``MetricLearningModule.test_step``
+            returns what it needs); off by default, so that a callback made for
+            validation leaves a module's own test loop alone.
     """
 
     def __init__(
@@ -273,10 +276,12 @@ class RetrievalMetricsCallback(pl.Callback):
         accuracy_calculator: Any = None,
         prefix: str = "",
         dataloader_idx: int = 0,
+        test: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        self.test = check_bool(test, "test")
         self.prefix, self.dataloader_idx = prefix, check_int(dataloader_idx, "dataloader_idx", 0)
         if accuracy_calculator is None:
             accuracy_calculator = retrieval_calculator(recall_ks=recall_ks, include=include, k=k)
@@ -309,7 +314,7 @@ class RetrievalMetricsCallback(pl.Callback):
         self._embeddings, self._labels = [], []
 
     def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._embeddings, self._labels = [], []
+        self._embeddings, self._labels = [], []  # (kept empty unless test=True)
 
     def on_validation_batch_end(
         self,
@@ -332,14 +337,16 @@ class RetrievalMetricsCallback(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._collect(pl_module, outputs, batch, dataloader_idx)
+        if self.test:
+            self._collect(pl_module, outputs, batch, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking:
             self._evaluate(trainer, pl_module, "validate")
 
     def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._evaluate(trainer, pl_module, "test")
+        if self.test:
+            self._evaluate(trainer, pl_module, "test")
 
     def _collect(self, pl_module: Any, outputs: Any, batch: Any, dataloader_idx: int) -> None:
         """Keep a batch's embeddings and labels (those the step returned, else embedded here)."""

@@ -1,5 +1,3 @@
-import sys
+from pml_margins.cli import entry
 
-from pml_margins.cli import main
-
-sys.exit(main())
+entry()

@@ -114,20 +114,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     with an ``"error: ..."`` message) is printed as one ``pml-margins <command>: error:
     ...`` line and gives status 2, as argparse's own errors do. A ``SIGTERM`` (``kill``,
     ``timeout``, a batch scheduler) ends the command as Ctrl-C does, through its clean-up
-    (a run's staged checkpoints), with status 143; Ctrl-C prints one ``interrupted`` line
-    instead of a traceback, status 130 (the shell's for SIGINT)."""
+    (a run's staged checkpoints), with status 143. Ctrl-C propagates (a Python caller
+    looping over commands stops); the console script (:func:`entry`) turns it into one
+    line."""
     args = build_parser().parse_args(argv)
     try:
         with _terminate_cleanly():
             return int(args.func(args) or 0)
-    except KeyboardInterrupt:  # (after the command's clean-up, its finally blocks)
-        print(f"pml-margins {args.command}: interrupted", file=sys.stderr)
-        return 130
     except SystemExit as stop:
         if isinstance(stop.code, str) and stop.code.startswith("error: "):
             print(f"pml-margins {args.command}: {stop.code}", file=sys.stderr)
             return 2
         raise
+
+
+def entry() -> None:
+    """The ``pml-margins`` console script: :func:`main`, and Ctrl-C as one ``interrupted``
+    line (after the command's clean-up) with status 130, the shell's for SIGINT, instead
+    of a traceback."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("pml-margins: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

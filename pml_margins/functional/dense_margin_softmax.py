@@ -46,7 +46,7 @@ from pml_margins.functional.margin_softmax import (
     compute_dtype,
     elementwise_result,
     exp_of,
-    float16_row_factor,
+    float16_gradient_operand,
     products_dtype,
     takes_unit_columns,
 )
@@ -335,7 +335,7 @@ class _DenseMarginSoftmax(torch.autograd.Function):
             gs = g * s
             gs = gs.unsqueeze(1) if gs.ndim else gs
             # float16 products (|g s| may pass 65504) take G without the rows' factor g s:
-            # it multiplies grad x after the product, and x (over its largest) grad W's
+            # it multiplies grad x after the product, and x for grad W's (as it fits)
             half = mm_dtype == torch.float16
             prob = exp_of(log_prob)
             p_minus_1 = prob.gather(1, index).squeeze(1).sub_(1)  # P_iy - 1, once
@@ -382,9 +382,8 @@ class _DenseMarginSoftmax(torch.autograd.Function):
                 grad_x = _cast(grad_x, ctx.dtypes[0])
             if need_w:
                 x_op, top = x, None
-                if half:  # x g s / c, c = max |g s| (float16_row_factor), c put back after
-                    row, top = float16_row_factor(gs, mm_dtype)
-                    x_op = x * row
+                if half:  # x g s (over c where the product needs it: float16's range)
+                    x_op, top = float16_gradient_operand(x, gs, mm_dtype)
                 grad_w = _cast(torch.mm(_cast(x_op, mm_dtype).t(), grad_z_mm), dtype)
                 if top is not None:
                     grad_w.mul_(top)

@@ -94,6 +94,7 @@ dtype of ``W`` never changes.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pml_margins.function_transforms import in_function_transform, is_batched
+from pml_margins.function_transforms import in_function_transform, is_batched, is_compiling
 from pml_margins.functional.autograd_only import (
     SOFTMAX_REMEDY,
     backward_once,
@@ -122,7 +123,7 @@ from pml_margins.functional.margin_softmax import (
     compute_dtype,
     elementwise_result,
     exp_in_place,
-    float16_row_factor,
+    float16_gradient_operand,
     products_dtype,
     row_norms,
     takes_unit_columns,
@@ -546,7 +547,10 @@ def fused_margin_softmax_cross_entropy(
             "batch: call per sample outside vmap, or use sample_rate=1 under it"
         )
     if sample_rate < 1:
-        with CHECKED_BY_CALLER:  # the label range: read with the checks above (one read)
+        # the label range was read with the checks above (one read), except while
+        # torch.compile traces, where they read nothing: sample_classes' own read then
+        checked = contextlib.nullcontext() if is_compiling() else CHECKED_BY_CALLER
+        with checked:
             sampled = sample_classes(labels, num_classes, sample_rate, generator)
         if sampled is not None:
             index, labels = sampled
@@ -1345,9 +1349,9 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             phi, per_class = config.phi, config.sub_centers
             # forward operand, for recomputation (s z, or z: see _forward)
             xs = (xc * s_col if config.fold_scale else xc).to(mm_dtype)
-            # operand of grad W: x g s (float16: over its largest |g s|, put back per block)
-            gs_op, top = float16_row_factor(gs, mm_dtype)
-            x_grad_op = (xc * gs_op.unsqueeze(1)).to(mm_dtype)
+            # operand of grad W: x g s (float16: over c where needed, put back per block)
+            x_grad_op, top = float16_gradient_operand(xc, gs.unsqueeze(1), mm_dtype)
+            x_grad_op = x_grad_op.to(mm_dtype)
             batch, num_classes = x.shape[0], weight.shape[1] // per_class
             # A = sum over non-target classes j of p_ij W_hat_j  (B, D)
             acc = torch.zeros(batch, x.shape[1], dtype=dtype, device=x.device)

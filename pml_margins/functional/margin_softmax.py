@@ -117,24 +117,30 @@ def products_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     return dtype
 
 
-def float16_row_factor(
-    row_factor: torch.Tensor, products: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""``(f / c, c)`` for float16 products, else ``(f, None)``: a backward's row factor
-    :math:`f_i = g_i s_i` (``(B,)`` or 0-d, compute dtype) with its largest magnitude
-    :math:`c` taken out, for the operand it multiplies.
+#: the largest sum over rows of a float16 gradient operand's row maxima: every entry of the
+#: product ``(X F)^T G`` then stays below it times the largest ``|G|``, inside float16's 65504
+FLOAT16_OPERAND_SUM = 2.0**14
 
-    The gradient products are linear in that operand: the float16 product of
-    :math:`f/c` (entries within ``[-1, 1]``), times :math:`c` in the compute dtype, is
-    :math:`f`'s product without leaving float16's range where :math:`|g_i s_i|` passes
-    65504 (a scale, or SphereFace's :math:`s\|x_i\|`, above it; a loss summed rather
-    than averaged). :math:`c` stays on the device (no host read); all-zero :math:`f`
-    gives :math:`c` = float32's smallest normal number.
+
+def float16_gradient_operand(
+    rows: torch.Tensor, row_factor: torch.Tensor, products: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""The operand :math:`x_i f_i` of a gradient product :math:`\sum_i x_i f_i G_{ij}` (``W``'s
+    gradient; :math:`f_i = g_i s_i`, ``(B, 1)`` or 0-d) in the compute dtype, and ``None``;
+    for float16 products ``(x f / c, c)``, the caller multiplying the product by ``c``.
+
+    :math:`c = \max(1, \sum_i |f_i| \max_d |x_{id}| / 2^{14})`: 1 (the operand as it is,
+    no rounding moved) unless the product's entries could pass float16's 65504 (a scale
+    beyond it, SphereFace's :math:`s\|x_i\|`, a summed loss, raw rows of a large norm); then
+    the least division that keeps them within range, so that rows far below the largest
+    lose no more precision than the range forces. Stays on the device (no host read).
     """
+    operand = rows * row_factor
     if products != torch.float16:
-        return row_factor, None
-    top = row_factor.detach().abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
-    return row_factor / top, top
+        return operand, None
+    bound = operand.detach().abs().amax(dim=1).sum()
+    top = (bound / FLOAT16_OPERAND_SUM).clamp_min(1.0)
+    return operand / top, top
 
 
 def takes_unit_columns(products: torch.dtype) -> bool:

@@ -472,7 +472,7 @@ def test_trainer_test_gives_the_test_sets_metrics(digits: Digits, tmp_path: Path
     Lightning refused ``trainer.test``)."""
     torch.manual_seed(0)
     module = MetricLearningModule(mlp(), arcface())
-    callback = RetrievalMetricsCallback(prefix="test/")
+    callback = RetrievalMetricsCallback(prefix="test/", test=True)
     results = make_trainer(tmp_path, callback).test(module, loaders(digits)[1], verbose=False)
 
     with torch.no_grad():
@@ -492,9 +492,11 @@ def test_trainer_test_under_ddp_equals_one_process(digits: Digits, tmp_path: Pat
     test = DataLoader(
         torch.utils.data.TensorDataset(digits.x_test[:61], digits.y_test[:61]), batch_size=16
     )
-    single = RetrievalMetricsCallback()
+    single = RetrievalMetricsCallback(test=True)
     make_trainer(tmp_path / "single", single).test(module, test, verbose=False)
-    ddp = make_trainer(tmp_path / "ddp", RetrievalMetricsCallback(), devices=2, strategy="ddp_fork")
+    ddp = make_trainer(
+        tmp_path / "ddp", RetrievalMetricsCallback(test=True), devices=2, strategy="ddp_fork"
+    )
     ddp.test(module, test, verbose=False)
     for name, value in single.metrics.items():
         assert float(ddp.callback_metrics[name]) == pytest.approx(value, abs=1e-6), name
@@ -518,3 +520,27 @@ def test_float64_embeddings_are_evaluated_in_float64(digits: Digits, tmp_path: P
         MetricLearningModule(backbone, arcface().double()), DataLoader(data, 128), verbose=False
     )
     assert seen == [torch.float64]
+
+
+class _OwnTestLoop(MetricLearningModule):
+    """A module with its own test loop on unlabelled batches."""
+
+    def test_step(self, batch: object, batch_idx: int) -> None:
+        (inputs,) = batch
+        self.log("test_norm", self(inputs).norm(dim=1).mean())
+
+
+def test_a_callback_made_for_validation_leaves_a_modules_test_loop_alone(
+    digits: Digits, tmp_path: Path
+) -> None:
+    """Without test=True the callback neither reads test batches (unlabelled ones raised
+    'batches must be (inputs, labels, ...)'), nor checks its dataloader_idx against the
+    test loaders, nor logs validation-prefixed metrics into the test results."""
+    unlabelled = DataLoader(torch.utils.data.TensorDataset(digits.x_test), batch_size=64)
+    callback = RetrievalMetricsCallback(prefix="val/", dataloader_idx=1)
+    results = make_trainer(tmp_path, callback).test(
+        _OwnTestLoop(mlp(), arcface()), unlabelled, verbose=False
+    )
+    assert set(results[0]) == {"test_norm"} and callback.metrics == {}
+    with pytest.raises(TypeError, match="test must be a bool"):
+        RetrievalMetricsCallback(test="yes")

@@ -89,3 +89,19 @@ def test_reevaluation_reads_an_explicit_losses_list_and_each_checkpoint_once(
     assert run_cli([*again, *twice]) == 0
     rows = json.loads((out / "reevaluated.json").read_text())["losses"]
     assert [row["name"] for row in rows] == ["nsl"]
+
+
+def test_the_console_script_prints_one_line_for_ctrl_c(monkeypatch, capsys) -> None:
+    """Ctrl-C printed a KeyboardInterrupt traceback of 13 frames; the console script now
+    prints one line with the shell's status for SIGINT, while main() still propagates it
+    (a Python caller looping over commands stops)."""
+    from pml_margins import cli
+
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        cli.entry()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip() == "pml-margins: interrupted"

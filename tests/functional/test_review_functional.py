@@ -348,3 +348,50 @@ def test_float16_gradients_of_rows_far_below_the_largest_keep_their_precision(op
         loss_fn(x, y).backward()
     for row in range(6):
         assert _relative_error(x.grad[row], x64.grad[row]) < 2e-2, row
+
+
+@pytest.mark.parametrize("opts", [{}, {"chunk_size": 2}, {"sample_rate": 0.5}])
+def test_float16_w_gradient_of_large_raw_rows_stays_in_range(opts: dict):
+    """Softmax on raw rows of norm ~850 (256 rows of one class), float16 autocast: W's
+    gradient was inf once its operand took the rows' factor g s out over its largest
+    (x itself, 256 times x g s); the operand is divided only where its product needs it."""
+    from pml_margins.losses import SoftmaxLoss
+
+    x = 300.0 * torch.ones(256, 8)
+    x[:, ::2] *= -1
+    y = torch.zeros(256, dtype=torch.long)
+    torch.manual_seed(0)
+    loss_fn = SoftmaxLoss(4, 8, **opts)
+    reference_fn = SoftmaxLoss(4, 8).double()
+    reference_fn.load_state_dict(loss_fn.state_dict())
+    reference_fn(x.double(), y).backward()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = loss_fn(x.clone().requires_grad_(True), y)
+    loss.backward()
+    grad = loss_fn.W.grad
+    assert torch.isfinite(grad).all()
+    if "sample_rate" not in opts:  # (sampled: other columns)
+        assert _relative_error(grad, reference_fn.W.grad) < 1e-2
+
+
+@pytest.mark.parametrize("opts", [{}, {"chunk_size": 3}])
+def test_float16_w_gradient_of_columns_only_small_rows_touch(opts: dict):
+    """SphereFace's s |x| over rows of norm 1,000 and 0.001 (float16 autocast): the columns
+    only the small rows reach had 4-9% error once the operand was divided by the largest
+    |g s| (pushed into float16's subnormals); within float16's rounding now."""
+    from pml_margins.losses import SphereFaceLoss
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(8, 8, generator=g), dim=1)
+    norms = torch.tensor([1000.0, 1000.0] + [0.001] * 6)[:, None]
+    y = torch.arange(8)
+    torch.manual_seed(1)
+    loss_fn = SphereFaceLoss(8, 8, scale=1.0, **opts)
+    reference_fn = SphereFaceLoss(8, 8, scale=1.0).double()
+    reference_fn.load_state_dict(loss_fn.state_dict())
+    reference_fn((norms.double() * u.double()).requires_grad_(True), y).backward()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss_fn((norms * u).requires_grad_(True), y).backward()
+    for column in range(8):
+        got, want = loss_fn.W.grad[:, column], reference_fn.W.grad[:, column]
+        assert _relative_error(got, want) < 1e-2, column

@@ -130,3 +130,22 @@ def test_the_center_update_counts_classes_without_bincount() -> None:
         torch.func.vmap(center_ema_update, in_dims=(None, 0, 0, None))(
             c, x.expand(2, 9, 3), y.expand(2, 9), 0.5
         )
+
+
+def test_partial_fc_of_the_public_function_under_compile_names_bad_labels() -> None:
+    """Under torch.compile the function's own checks read nothing; sample_classes' read of
+    the label range, skipped by the fix above, was then the only check left: labels out of
+    range gave a raw IndexError (a device-side assert on a GPU)."""
+    from functools import partial
+
+    from pml_margins.functional import arcface_target, fused_margin_softmax_cross_entropy
+
+    target = partial(arcface_target, margin=0.5)
+
+    def step(x, w, y):
+        return fused_margin_softmax_cross_entropy(x, w, y, target, 64.0, sample_rate=0.5)
+
+    compiled = torch.compile(step, backend="eager")
+    x, w, y = torch.randn(12, 8), torch.randn(8, 10), torch.randint(0, 10, (12,))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        compiled(x, w, y + 5)
