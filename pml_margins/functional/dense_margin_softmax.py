@@ -46,7 +46,7 @@ from pml_margins.functional.margin_softmax import (
     compute_dtype,
     elementwise_result,
     exp_of,
-    float16_gradient_operand,
+    float16_gradient_scale,
     products_dtype,
     takes_unit_columns,
 )
@@ -334,9 +334,6 @@ class _DenseMarginSoftmax(torch.autograd.Function):
             s = _cast(s.detach(), dtype) if isinstance(s, torch.Tensor) else s
             gs = g * s
             gs = gs.unsqueeze(1) if gs.ndim else gs
-            # float16 products (|g s| may pass 65504) take G without the rows' factor g s:
-            # it multiplies grad x after the product, and x for grad W's (as it fits)
-            half = mm_dtype == torch.float16
             prob = exp_of(log_prob)
             p_minus_1 = prob.gather(1, index).squeeze(1).sub_(1)  # P_iy - 1, once
             by_norm = saved.norm_scale is not None and need_x
@@ -359,18 +356,17 @@ class _DenseMarginSoftmax(torch.autograd.Function):
                 grad_t = g * p_minus_1
             # d loss / d z: g s P off the target, g s (P_y - 1) psi'(z_y) on it
             target_entry = p_minus_1 if saved.slope is None else p_minus_1 * saved.slope
-            if half:
-                grad_z = prob.scatter_(1, index, target_entry.unsqueeze(1))
-            else:
-                grad_z = prob.mul_(gs).scatter_(1, index, target_entry.unsqueeze(1) * gs)
+            grad_z = prob.mul_(gs).scatter_(1, index, target_entry.unsqueeze(1) * gs)
             if saved.w_inv is not None and not saved.unit_w:
                 grad_z.mul_(saved.w_inv)  # the products then use the raw W
-            grad_z_mm = _cast(grad_z, mm_dtype)
+            # float16 products: G / c where g s would take them out of range, c put back
+            top = float16_gradient_scale(grad_z, x, mm_dtype)
+            grad_z_mm = _cast(grad_z if top is None else grad_z / top, mm_dtype)
             if need_x:
                 w_op = w * saved.w_inv if saved.unit_w else w
                 grad_x = _cast(torch.mm(grad_z_mm, _cast(w_op, mm_dtype).t()), dtype)
-                if half:
-                    grad_x.mul_(gs)
+                if top is not None:
+                    grad_x.mul_(top)
                 if saved.x_inv is not None:  # x: the unit rows (no radial term where clamped)
                     radial = torch.linalg.vecdot(grad_x, x).unsqueeze_(1)
                     radial.masked_fill_(saved.x_norms < NORM_EPS, 0.0)
@@ -381,10 +377,7 @@ class _DenseMarginSoftmax(torch.autograd.Function):
                     grad_x.addcmul_(_cast(embeddings.detach(), dtype), along)
                 grad_x = _cast(grad_x, ctx.dtypes[0])
             if need_w:
-                x_op, top = x, None
-                if half:  # x g s (over c where the product needs it: float16's range)
-                    x_op, top = float16_gradient_operand(x, gs, mm_dtype)
-                grad_w = _cast(torch.mm(_cast(x_op, mm_dtype).t(), grad_z_mm), dtype)
+                grad_w = _cast(torch.mm(_cast(x, mm_dtype).t(), grad_z_mm), dtype)
                 if top is not None:
                     grad_w.mul_(top)
                 if saved.unit_w:

@@ -1349,9 +1349,6 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             phi, per_class = config.phi, config.sub_centers
             # forward operand, for recomputation (s z, or z: see _forward)
             xs = (xc * s_col if config.fold_scale else xc).to(mm_dtype)
-            # operand of grad W: x g s (float16: over c where needed, put back per block)
-            x_grad_op, top = float16_gradient_operand(xc, gs.unsqueeze(1), mm_dtype)
-            x_grad_op = x_grad_op.to(mm_dtype)
             batch, num_classes = x.shape[0], weight.shape[1] // per_class
             # A = sum over non-target classes j of p_ij W_hat_j  (B, D)
             acc = torch.zeros(batch, x.shape[1], dtype=dtype, device=x.device)
@@ -1362,6 +1359,13 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             # the B target entries of d loss / d z, before the row factor g s: (p_y - 1) psi'
             p_minus_1 = p_target - 1  # (once: the target entries, grad b and grad t)
             target_value = p_minus_1 * (0 if slope is None else slope)
+            # operand of grad W: x g s (float16: over c where a block's product could leave
+            # its range, the probabilities and target entries bounding G; put back per block)
+            largest = 1.0
+            if mm_dtype == torch.float16 and isinstance(target_value, torch.Tensor):
+                largest = target_value.detach().abs().amax().clamp_min(1.0)
+            x_grad_op, top = float16_gradient_operand(xc, gs.unsqueeze(1), mm_dtype, largest)
+            x_grad_op = x_grad_op.to(mm_dtype)
             targets = _Targets(labels, config.block, num_classes)
             # the buffer holds e^(l - m) (times phi'(z) if stores_slope), or z (phi otherwise)
             exps = buffer is not None and (phi is None or config.stores_slope)

@@ -117,29 +117,49 @@ def products_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     return dtype
 
 
-#: the largest sum over rows of a float16 gradient operand's row maxima: every entry of the
-#: product ``(X F)^T G`` then stays below it times the largest ``|G|``, inside float16's 65504
-FLOAT16_OPERAND_SUM = 2.0**14
+#: the bound float16 gradient products are kept within (float16's largest is 65504: a
+#: margin of 4x for what the bounds below leave out, such as a non-target slope up to 3)
+FLOAT16_PRODUCT_BOUND = 2.0**14
+
+
+def float16_gradient_scale(
+    grad: torch.Tensor, rows: torch.Tensor, products: torch.dtype
+) -> torch.Tensor | None:
+    r"""For float16 products of a ``(B, C)`` logit gradient :math:`G` (compute dtype, the
+    rows' factor :math:`g_i s_i` in it) with unit columns (``grad x = G W^T``) and with
+    ``rows`` (``grad W = X^T G``): the factor :math:`c` to divide :math:`G` by before the
+    products and to multiply them by after, else ``None``.
+
+    :math:`c = \max(1, \max(\max_i \sum_j |G_{ij}|, \max_j \sum_i \|x_i\|_\infty
+    |G_{ij}|) / 2^{14})`, the least that keeps every entry of both products (and of
+    :math:`G`) within range: 1, the products as they are, unless :math:`g s` passes it (a
+    scale beyond 65504, SphereFace's :math:`s\|x_i\|`, a summed loss). On the device.
+    """
+    if products != torch.float16:
+        return None
+    size = grad.abs()
+    bound = torch.maximum(size.sum(dim=1).amax(), (rows.abs().amax(dim=1) @ size).amax())
+    return (bound / FLOAT16_PRODUCT_BOUND).clamp_min(1.0)
 
 
 def float16_gradient_operand(
-    rows: torch.Tensor, row_factor: torch.Tensor, products: torch.dtype
+    rows: torch.Tensor,
+    row_factor: torch.Tensor,
+    products: torch.dtype,
+    largest_entry: torch.Tensor | float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""The operand :math:`x_i f_i` of a gradient product :math:`\sum_i x_i f_i G_{ij}` (``W``'s
-    gradient; :math:`f_i = g_i s_i`, ``(B, 1)`` or 0-d) in the compute dtype, and ``None``;
-    for float16 products ``(x f / c, c)``, the caller multiplying the product by ``c``.
-
-    :math:`c = \max(1, \sum_i |f_i| \max_d |x_{id}| / 2^{14})`: 1 (the operand as it is,
-    no rounding moved) unless the product's entries could pass float16's 65504 (a scale
-    beyond it, SphereFace's :math:`s\|x_i\|`, a summed loss, raw rows of a large norm); then
-    the least division that keeps them within range, so that rows far below the largest
-    lose no more precision than the range forces. Stays on the device (no host read).
+    r"""The operand :math:`x_i f_i` (:math:`f_i = g_i s_i`, ``(B, 1)``) of the blocked
+    products :math:`\sum_i x_i f_i G_{ij}` that give ``W``'s gradient, whose :math:`G` is
+    at most ``largest_entry`` in magnitude, and ``None``; for float16 products ``(x f / c,
+    c)``, :math:`c = \max(1, \sum_i |f_i| \|x_i\|_\infty \max|G| / 2^{14})`, each
+    block's product then multiplied by ``c``: the operand as it is unless an entry could
+    leave float16's range. On the device.
     """
     operand = rows * row_factor
     if products != torch.float16:
         return operand, None
-    bound = operand.detach().abs().amax(dim=1).sum()
-    top = (bound / FLOAT16_OPERAND_SUM).clamp_min(1.0)
+    bound = operand.detach().abs().amax(dim=1).sum() * largest_entry
+    top = (bound / FLOAT16_PRODUCT_BOUND).clamp_min(1.0)
     return operand / top, top
 
 

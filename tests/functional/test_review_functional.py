@@ -395,3 +395,29 @@ def test_float16_w_gradient_of_columns_only_small_rows_touch(opts: dict):
     for column in range(8):
         got, want = loss_fn.W.grad[:, column], reference_fn.W.grad[:, column]
         assert _relative_error(got, want) < 1e-2, column
+
+
+@pytest.mark.parametrize("opts", [{}, {"chunk_size": 3}, {"sample_rate": 0.5}])
+def test_float16_sphereface_one_row_of_a_large_norm(opts: dict):
+    """One row of norm 573 at s = 64 (float16 autocast, a batch of 1): g s |x| = 36,672
+    fits float16, but W's gradient product also takes the target entry's slope (up to
+    m^2 = 16): inf. The range factor now bounds the logit gradient's entries too."""
+    from pml_margins.losses import SphereFaceLoss
+
+    g = torch.Generator().manual_seed(1)
+    u = torch.nn.functional.normalize(torch.randn(1, 16, generator=g), dim=1)
+    x = (torch.rand(1, 1, generator=g) * 1e3 + 1) * u
+    y = torch.randint(0, 10, (1,), generator=g)
+    torch.manual_seed(0)
+    loss_fn = SphereFaceLoss(10, 16, scale=64.0, **opts)
+    reference_fn = SphereFaceLoss(10, 16, scale=64.0).double()
+    reference_fn.load_state_dict(loss_fn.state_dict())
+    x64 = x.double().requires_grad_(True)
+    reference_fn(x64, y).backward()
+    xs = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss_fn(xs, y).backward()
+    assert torch.isfinite(loss_fn.W.grad).all() and torch.isfinite(xs.grad).all()
+    if "sample_rate" not in opts:  # (sampled: another softmax)
+        assert _relative_error(loss_fn.W.grad, reference_fn.W.grad) < 1e-2
+        assert _relative_error(xs.grad, x64.grad) < 1e-2
