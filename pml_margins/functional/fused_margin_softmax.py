@@ -117,6 +117,7 @@ from pml_margins.functional.dense_margin_softmax import (
     target_and_slope,
 )
 from pml_margins.functional.margin_softmax import (
+    FLOAT16_PRODUCT_BOUND,
     TargetLogitFn,
     autocast_off,
     check_scale,
@@ -779,6 +780,46 @@ def _target_terms(
         return target, slope, z_y, winner, None
 
 
+class _Float16Products(torch.autograd.Function):
+    """``x W`` (``W``: ``(D, C)``, or ``(K, D, C)`` planes: ``(K, B, C)``) with float16
+    operands, returned in ``x``'s dtype, as autocast's product is; its backward takes the
+    incoming gradient :math:`G` (``g s`` in it) over :math:`c` (as
+    :func:`~pml_margins.functional.margin_softmax.float16_gradient_scale`'s, with ``W``'s
+    largest entry) before its float16 products and multiplies them by :math:`c` after, where
+    autograd's own float16 backward of the product gets :math:`G` itself: inf once
+    ``g s`` passes 65504 (a scale of 1e5, a summed loss)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        with autocast_off(x.device.type):
+            x_half, w_half = x.detach().half(), w.detach().half()
+            ctx.save_for_backward(x_half, w_half)
+            ctx.dtypes = x.dtype, w.dtype
+            return torch.matmul(x_half, w_half).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_half, w_half = ctx.saved_tensors
+        with autocast_off(grad.device.type):
+            planes = grad if grad.ndim == 3 else grad.unsqueeze(0)  # (K, B, C)
+            size = planes.abs()
+            # the largest entry of grad x (a row of |G| times W's largest) and of grad W
+            # (x's rows' largest times a column of |G|), over 2^14, at least 1
+            by_row = size.sum(dim=(0, 2)).amax() * w_half.abs().amax().float()
+            by_column = (x_half.abs().amax(dim=1).float() @ size).amax()
+            top = (torch.maximum(by_row, by_column) / FLOAT16_PRODUCT_BOUND).clamp_min(1.0)
+            g_half = (planes / top).half()
+            w_planes = w_half if w_half.ndim == 3 else w_half.unsqueeze(0)
+            grad_x = grad_w = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.matmul(g_half, w_planes.transpose(1, 2)).float().sum(0)
+                grad_x = grad_x.mul_(top).to(ctx.dtypes[0])
+            if ctx.needs_input_grad[1]:
+                grad_w = torch.matmul(x_half.t(), g_half).float().mul_(top)
+                grad_w = (grad_w if w_half.ndim == 3 else grad_w[0]).to(ctx.dtypes[1])
+        return grad_x, grad_w
+
+
 def _materialized(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -809,7 +850,11 @@ def _materialized(
             norm = torch.linalg.vector_norm(w, dim=-2, keepdim=True).clamp_min(_NORM_EPS)
             if unit:
                 w, norm = w / norm, None
-    if per_class > 1:
+    if products_dtype(dtype, device_type) == torch.float16 and not (
+        plain_autograd_needed() or in_function_transform()
+    ):  # float16 products whose backward keeps its operands in range (g s may pass 65504)
+        cosine = _Float16Products.apply(x, w)
+    elif per_class > 1:
         cosine = torch.stack([torch.mm(x, plane) for plane in w])  # (K, B, C)
     else:
         cosine = torch.mm(x, w)  # the autocast dtype under autocast

@@ -421,3 +421,30 @@ def test_float16_sphereface_one_row_of_a_large_norm(opts: dict):
     if "sample_rate" not in opts:  # (sampled: another softmax)
         assert _relative_error(loss_fn.W.grad, reference_fn.W.grad) < 1e-2
         assert _relative_error(xs.grad, x64.grad) < 1e-2
+
+
+@pytest.mark.parametrize("name", ["SubCenterArcFaceLoss", "CurricularFaceLoss", "ProxyCircleLoss"])
+@pytest.mark.parametrize("opts", [{}, {"sample_rate": 0.5}])
+def test_float16_materialized_logits_take_a_scale_beyond_float16(name: str, opts: dict):
+    """The losses whose materialized logits autograd differentiates (sub-centres, a
+    non-target function) at scale 1e5 under float16 autocast: torch's float16 backward of
+    the product took g s itself, inf gradients without an error (also before this
+    session). The product now keeps its backward's operands in range."""
+    import pml_margins.losses as losses
+
+    scale = {"gamma": 1e5} if name == "ProxyCircleLoss" else {"scale": 1e5}
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, 16, generator=g), torch.randint(0, 10, (1,), generator=g)  # g = 1
+    torch.manual_seed(1)
+    loss_fn = getattr(losses, name)(10, 16, **scale, **opts)
+    reference_fn = getattr(losses, name)(10, 16, **scale).double()
+    reference_fn.load_state_dict(loss_fn.state_dict())
+    x64 = x.double().requires_grad_(True)
+    reference_fn(x64, y).backward()
+    xs = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss_fn(xs, y).backward()
+    assert torch.isfinite(xs.grad).all() and torch.isfinite(loss_fn.W.grad).all()
+    if not opts:
+        assert _relative_error(xs.grad, x64.grad) < 3e-2
+        assert _relative_error(loss_fn.W.grad, reference_fn.W.grad) < 3e-2
