@@ -117,7 +117,6 @@ from pml_margins.functional.dense_margin_softmax import (
     target_and_slope,
 )
 from pml_margins.functional.margin_softmax import (
-    FLOAT16_PRODUCT_BOUND,
     TargetLogitFn,
     autocast_off,
     check_scale,
@@ -125,6 +124,7 @@ from pml_margins.functional.margin_softmax import (
     elementwise_result,
     exp_in_place,
     float16_gradient_operand,
+    float16_gradient_scale,
     products_dtype,
     row_norms,
     takes_unit_columns,
@@ -783,9 +783,9 @@ def _target_terms(
 class _Float16Products(torch.autograd.Function):
     """``x W`` (``W``: ``(D, C)``, or ``(K, D, C)`` planes: ``(K, B, C)``) with float16
     operands, returned in ``x``'s dtype, as autocast's product is; its backward takes the
-    incoming gradient :math:`G` (``g s`` in it) over :math:`c` (as
-    :func:`~pml_margins.functional.margin_softmax.float16_gradient_scale`'s, with ``W``'s
-    largest entry) before its float16 products and multiplies them by :math:`c` after, where
+    incoming gradient :math:`G` (``g s`` in it) over
+    :func:`~pml_margins.functional.margin_softmax.float16_gradient_scale`'s :math:`c`
+    before its float16 products and multiplies them by :math:`c` after, where
     autograd's own float16 backward of the product gets :math:`G` itself: inf once
     ``g s`` passes 65504 (a scale of 1e5, a summed loss)."""
 
@@ -802,12 +802,8 @@ class _Float16Products(torch.autograd.Function):
         x_half, w_half = ctx.saved_tensors
         with autocast_off(grad.device.type):
             planes = grad if grad.ndim == 3 else grad.unsqueeze(0)  # (K, B, C)
-            size = planes.abs()
-            # the largest entry of grad x (a row of |G| times W's largest) and of grad W
-            # (x's rows' largest times a column of |G|), over 2^14, at least 1
-            by_row = size.sum(dim=(0, 2)).amax() * w_half.abs().amax().float()
-            by_column = (x_half.abs().amax(dim=1).float() @ size).amax()
-            top = (torch.maximum(by_row, by_column) / FLOAT16_PRODUCT_BOUND).clamp_min(1.0)
+            column_max = w_half.abs().amax().float()
+            top = float16_gradient_scale(planes, x_half, torch.float16, column_max)
             g_half = (planes / top).half()
             w_planes = w_half if w_half.ndim == 3 else w_half.unsqueeze(0)
             grad_x = grad_w = None
@@ -1406,8 +1402,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             target_value = p_minus_1 * (0 if slope is None else slope)
             # operand of grad W: x g s (float16: over c where a block's product could leave
             # its range, the probabilities and target entries bounding G; put back per block)
-            largest = 1.0
-            if mm_dtype == torch.float16 and isinstance(target_value, torch.Tensor):
+            largest = 1.0  # G's largest entry: the probabilities' 1, or a target entry
+            if mm_dtype == torch.float16:
                 largest = target_value.detach().abs().amax().clamp_min(1.0)
             x_grad_op, top = float16_gradient_operand(xc, gs.unsqueeze(1), mm_dtype, largest)
             x_grad_op = x_grad_op.to(mm_dtype)

@@ -123,23 +123,29 @@ FLOAT16_PRODUCT_BOUND = 2.0**14
 
 
 def float16_gradient_scale(
-    grad: torch.Tensor, rows: torch.Tensor, products: torch.dtype
+    grad: torch.Tensor,
+    rows: torch.Tensor,
+    products: torch.dtype,
+    column_max: torch.Tensor | float = 1.0,
 ) -> torch.Tensor | None:
-    r"""For float16 products of a ``(B, C)`` logit gradient :math:`G` (compute dtype, the
-    rows' factor :math:`g_i s_i` in it) with unit columns (``grad x = G W^T``) and with
-    ``rows`` (``grad W = X^T G``): the factor :math:`c` to divide :math:`G` by before the
-    products and to multiply them by after, else ``None``.
+    r"""For float16 products of a logit gradient :math:`G` (``(B, C)``, or ``(K, B, C)``
+    planes of sub-centres; compute dtype, the rows' factor :math:`g_i s_i` in it) with
+    ``W``'s columns (``grad x = G W^T``, entries at most ``column_max``: 1 for unit columns)
+    and with ``rows`` (``grad W = X^T G``): the factor :math:`c` to divide :math:`G` by
+    before the products and to multiply them by after, else ``None``.
 
-    :math:`c = \max(1, \max(\max_i \sum_j |G_{ij}|, \max_j \sum_i \|x_i\|_\infty
-    |G_{ij}|) / 2^{14})`, the least that keeps every entry of both products (and of
-    :math:`G`) within range: 1, the products as they are, unless :math:`g s` passes it (a
-    scale beyond 65504, SphereFace's :math:`s\|x_i\|`, a summed loss). On the device.
+    :math:`c = \max(1, \max(\max_i \sum_{k,j} |G_{kij}| \max|W|, \max_{k,j} \sum_i
+    \|x_i\|_\infty |G_{kij}|) / 2^{14})`, the least that keeps every entry of both
+    products (and of :math:`G`) within range: 1, the products as they are, unless
+    :math:`g s` passes it (a scale beyond 65504, SphereFace's :math:`s\|x_i\|`, a summed
+    loss). On the device.
     """
     if products != torch.float16:
         return None
     size = grad.abs()
-    bound = torch.maximum(size.sum(dim=1).amax(), (rows.abs().amax(dim=1) @ size).amax())
-    return (bound / FLOAT16_PRODUCT_BOUND).clamp_min(1.0)
+    by_row = (size.sum(dim=(0, 2)) if size.ndim == 3 else size.sum(dim=1)).amax() * column_max
+    by_column = (rows.abs().amax(dim=1).to(size.dtype) @ size).amax()
+    return (torch.maximum(by_row, by_column) / FLOAT16_PRODUCT_BOUND).clamp_min(1.0)
 
 
 def float16_gradient_operand(

@@ -96,9 +96,7 @@ class FloatStatisticsMixin:
             value = value.reshape(current.shape)
         held = as_statistic(value)
         loading = self.__dict__.get("_assigning_loaded", False)  # (load_state_dict's assign)
-        shares = (
-            held is value or held.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
-        )
+        shares = held.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
         if shares and not loading:
             held = held.clone()  # its own copy: the steps update it in place
         if not held.is_meta:

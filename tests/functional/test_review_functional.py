@@ -4,6 +4,8 @@ labels, scales and margins, NaN that stays NaN, and the degenerate shapes."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -252,6 +254,42 @@ def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got.double() - expected).norm() / expected.norm())
 
 
+class _Float16Run(NamedTuple):
+    """A loss under float16 autocast and its float64 copy on the same inputs."""
+
+    loss: torch.Tensor
+    x_grad: torch.Tensor
+    w_grad: torch.Tensor
+    reference_loss: torch.Tensor
+    reference_x_grad: torch.Tensor
+    reference_w_grad: torch.Tensor
+
+
+def _float16_against_float64(
+    make: Callable[..., torch.nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opts: dict,
+    seed: int = 1,
+) -> _Float16Run:
+    """``make(**opts)`` (built after ``torch.manual_seed(seed)``) run forward and backward
+    under CPU float16 autocast, and ``make()`` in float64 with its state, on ``x``, ``y``."""
+    torch.manual_seed(seed)
+    loss_fn = make(**opts)
+    reference_fn = make().double()
+    reference_fn.load_state_dict(loss_fn.state_dict())
+    x64 = x.double().requires_grad_(True)
+    reference = reference_fn(x64, y)
+    reference.backward()
+    xs = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = loss_fn(xs, y)
+    loss.backward()
+    return _Float16Run(
+        loss, xs.grad, loss_fn.W.grad, reference.detach(), x64.grad, reference_fn.W.grad
+    )
+
+
 @pytest.mark.parametrize("opts", [{}, {"materialize": False}, {"chunk_size": 64}])
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_float16_products_take_a_scale_beyond_their_range(opts: dict, as_tensor: bool):
@@ -289,20 +327,12 @@ def test_sphereface_feature_norm_scale_beyond_float16_under_autocast(opts: dict)
     g = torch.Generator().manual_seed(0)
     u = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
     y = torch.tensor([0, 1, 2, 3, 4, 0])
-    torch.manual_seed(1)
-    loss_fn = SphereFaceLoss(7, 8, scale=64.0, **opts)
-    reference_fn = SphereFaceLoss(7, 8, scale=64.0).double()
-    reference_fn.load_state_dict(loss_fn.state_dict())
-    x64 = (1500.0 * u.double()).requires_grad_(True)
-    reference = reference_fn(x64, y)
-    reference.backward()
-    x = (1500.0 * u).requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.float16):
-        got = loss_fn(x, y)
-    got.backward()
-    torch.testing.assert_close(got.double(), reference.detach(), rtol=1e-3, atol=0)
-    assert _relative_error(x.grad, x64.grad) < 2e-2
-    assert _relative_error(loss_fn.W.grad, reference_fn.W.grad) < 2e-2
+    run = _float16_against_float64(
+        lambda **kw: SphereFaceLoss(7, 8, scale=64.0, **kw), 1500.0 * u, y, opts
+    )
+    torch.testing.assert_close(run.loss.double(), run.reference_loss, rtol=1e-3, atol=0)
+    assert _relative_error(run.x_grad, run.reference_x_grad) < 2e-2
+    assert _relative_error(run.w_grad, run.reference_w_grad) < 2e-2
 
 
 def test_sharded_core_with_only_a_non_target_function_equals_the_single_process_one():
@@ -337,17 +367,11 @@ def test_float16_gradients_of_rows_far_below_the_largest_keep_their_precision(op
     u = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
     norms = torch.tensor([1500.0, 0.05, 0.05, 1.0, 0.05, 3.0])[:, None]
     y = torch.tensor([0, 1, 2, 3, 4, 0])
-    torch.manual_seed(1)
-    loss_fn = SphereFaceLoss(7, 8, scale=64.0, **opts)
-    reference_fn = SphereFaceLoss(7, 8, scale=64.0).double()
-    reference_fn.load_state_dict(loss_fn.state_dict())
-    x64 = (norms.double() * u.double()).requires_grad_(True)
-    reference_fn(x64, y).backward()
-    x = (norms * u).requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss_fn(x, y).backward()
+    run = _float16_against_float64(
+        lambda **kw: SphereFaceLoss(7, 8, scale=64.0, **kw), norms * u, y, opts
+    )
     for row in range(6):
-        assert _relative_error(x.grad[row], x64.grad[row]) < 2e-2, row
+        assert _relative_error(run.x_grad[row], run.reference_x_grad[row]) < 2e-2, row
 
 
 @pytest.mark.parametrize("opts", [{}, {"chunk_size": 2}, {"sample_rate": 0.5}])
@@ -360,18 +384,10 @@ def test_float16_w_gradient_of_large_raw_rows_stays_in_range(opts: dict):
     x = 300.0 * torch.ones(256, 8)
     x[:, ::2] *= -1
     y = torch.zeros(256, dtype=torch.long)
-    torch.manual_seed(0)
-    loss_fn = SoftmaxLoss(4, 8, **opts)
-    reference_fn = SoftmaxLoss(4, 8).double()
-    reference_fn.load_state_dict(loss_fn.state_dict())
-    reference_fn(x.double(), y).backward()
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss = loss_fn(x.clone().requires_grad_(True), y)
-    loss.backward()
-    grad = loss_fn.W.grad
-    assert torch.isfinite(grad).all()
+    run = _float16_against_float64(lambda **kw: SoftmaxLoss(4, 8, **kw), x, y, opts, seed=0)
+    assert torch.isfinite(run.w_grad).all()
     if "sample_rate" not in opts:  # (sampled: other columns)
-        assert _relative_error(grad, reference_fn.W.grad) < 1e-2
+        assert _relative_error(run.w_grad, run.reference_w_grad) < 1e-2
 
 
 @pytest.mark.parametrize("opts", [{}, {"chunk_size": 3}])
@@ -384,16 +400,11 @@ def test_float16_w_gradient_of_columns_only_small_rows_touch(opts: dict):
     g = torch.Generator().manual_seed(0)
     u = torch.nn.functional.normalize(torch.randn(8, 8, generator=g), dim=1)
     norms = torch.tensor([1000.0, 1000.0] + [0.001] * 6)[:, None]
-    y = torch.arange(8)
-    torch.manual_seed(1)
-    loss_fn = SphereFaceLoss(8, 8, scale=1.0, **opts)
-    reference_fn = SphereFaceLoss(8, 8, scale=1.0).double()
-    reference_fn.load_state_dict(loss_fn.state_dict())
-    reference_fn((norms.double() * u.double()).requires_grad_(True), y).backward()
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss_fn((norms * u).requires_grad_(True), y).backward()
+    run = _float16_against_float64(
+        lambda **kw: SphereFaceLoss(8, 8, scale=1.0, **kw), norms * u, torch.arange(8), opts
+    )
     for column in range(8):
-        got, want = loss_fn.W.grad[:, column], reference_fn.W.grad[:, column]
+        got, want = run.w_grad[:, column], run.reference_w_grad[:, column]
         assert _relative_error(got, want) < 1e-2, column
 
 
@@ -408,19 +419,13 @@ def test_float16_sphereface_one_row_of_a_large_norm(opts: dict):
     u = torch.nn.functional.normalize(torch.randn(1, 16, generator=g), dim=1)
     x = (torch.rand(1, 1, generator=g) * 1e3 + 1) * u
     y = torch.randint(0, 10, (1,), generator=g)
-    torch.manual_seed(0)
-    loss_fn = SphereFaceLoss(10, 16, scale=64.0, **opts)
-    reference_fn = SphereFaceLoss(10, 16, scale=64.0).double()
-    reference_fn.load_state_dict(loss_fn.state_dict())
-    x64 = x.double().requires_grad_(True)
-    reference_fn(x64, y).backward()
-    xs = x.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss_fn(xs, y).backward()
-    assert torch.isfinite(loss_fn.W.grad).all() and torch.isfinite(xs.grad).all()
+    run = _float16_against_float64(
+        lambda **kw: SphereFaceLoss(10, 16, scale=64.0, **kw), x, y, opts, seed=0
+    )
+    assert torch.isfinite(run.w_grad).all() and torch.isfinite(run.x_grad).all()
     if "sample_rate" not in opts:  # (sampled: another softmax)
-        assert _relative_error(loss_fn.W.grad, reference_fn.W.grad) < 1e-2
-        assert _relative_error(xs.grad, x64.grad) < 1e-2
+        assert _relative_error(run.w_grad, run.reference_w_grad) < 1e-2
+        assert _relative_error(run.x_grad, run.reference_x_grad) < 1e-2
 
 
 @pytest.mark.parametrize("name", ["SubCenterArcFaceLoss", "CurricularFaceLoss", "ProxyCircleLoss"])
@@ -435,16 +440,10 @@ def test_float16_materialized_logits_take_a_scale_beyond_float16(name: str, opts
     scale = {"gamma": 1e5} if name == "ProxyCircleLoss" else {"scale": 1e5}
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(1, 16, generator=g), torch.randint(0, 10, (1,), generator=g)  # g = 1
-    torch.manual_seed(1)
-    loss_fn = getattr(losses, name)(10, 16, **scale, **opts)
-    reference_fn = getattr(losses, name)(10, 16, **scale).double()
-    reference_fn.load_state_dict(loss_fn.state_dict())
-    x64 = x.double().requires_grad_(True)
-    reference_fn(x64, y).backward()
-    xs = x.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss_fn(xs, y).backward()
-    assert torch.isfinite(xs.grad).all() and torch.isfinite(loss_fn.W.grad).all()
+    run = _float16_against_float64(
+        lambda **kw: getattr(losses, name)(10, 16, **scale, **kw), x, y, opts
+    )
+    assert torch.isfinite(run.x_grad).all() and torch.isfinite(run.w_grad).all()
     if not opts:
-        assert _relative_error(xs.grad, x64.grad) < 3e-2
-        assert _relative_error(loss_fn.W.grad, reference_fn.W.grad) < 3e-2
+        assert _relative_error(run.x_grad, run.reference_x_grad) < 3e-2
+        assert _relative_error(run.w_grad, run.reference_w_grad) < 3e-2
