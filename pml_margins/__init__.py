@@ -7,7 +7,7 @@ A plugin for pytorch-metric-learning: every loss is a
 :func:`pml_margins.validation.value_checks` and
 :func:`pml_margins.validation.value_checks_enabled`; ``pml_margins.autograd_only`` and
 ``pml_margins.autograd_only_enabled`` are those of
-:mod:`pml_margins.functional.autograd_only` (gradients of gradients). Each is imported
+:mod:`pml_margins.functional.autograd_switch` (gradients of gradients). Each is imported
 on first use (importing the package itself imports no torch).
 """
 

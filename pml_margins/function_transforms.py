@@ -2,7 +2,7 @@
 
 Inside a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) tensors are
 functorch's wrappers: the hand-written backwards cannot take them (the losses then run
-their plain autograd paths, see :mod:`pml_margins.functional.autograd_only`) and their
+their plain autograd paths, see :mod:`pml_margins.functional.autograd_switch`) and their
 values cannot be read back (the value checks read the plain tensor under the wrappers,
 :func:`values_under_transforms`). While ``torch.compile`` traces, neither applies.
 """

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from pml_margins.functional.autograd_only import autograd_only, autograd_only_enabled
+from pml_margins.functional.autograd_switch import autograd_only, autograd_only_enabled
 from pml_margins.validation import value_checks, value_checks_enabled
 
 SWITCHES = [

@@ -52,7 +52,10 @@ def _has_docstring(obj: griffe.Object | griffe.Alias) -> bool:
 def missing_docstrings(modules: Iterable[str], search_paths: Sequence[str | Path]) -> list[str]:
     """``module.name`` for every name in a module's ``__all__`` without a docstring.
 
-    A name in ``__all__`` that the module does not define or import counts as missing.
+    A name in ``__all__`` that the module does not define or import counts as missing,
+    as does one that griffe reads as a submodule: a function or class imported under its
+    own module's name (``from .x import x``) is shadowed by the submodule in griffe's
+    tree, and mkdocstrings (``show_submodules: false``) then leaves it out of the page.
     A module without ``__all__`` counts as one missing entry (``module.__all__``).
     """
     extensions = griffe.load_extensions(f"{Path(__file__).with_name(_EXTENSION)}:HouseStyle")
@@ -67,7 +70,7 @@ def missing_docstrings(modules: Iterable[str], search_paths: Sequence[str | Path
         for export in module.exports:
             export_name = export if isinstance(export, str) else export.name
             member = module.members.get(export_name)
-            if member is None or not _has_docstring(member):
+            if member is None or member.is_module or not _has_docstring(member):
                 missing.append(f"{name}.{export_name}")
     return missing
 

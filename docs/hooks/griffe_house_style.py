@@ -1,4 +1,4 @@
-"""Griffe extension: two documentation habits of this code base that griffe lacks.
+"""Griffe extension: three documentation habits of this code base that griffe lacks.
 
 - ``a, b: text`` in a Google-style ``Args:`` section documents both parameters
   (``block_rows, memory_budget: as exact_knn``). Griffe's parser reads that line as
@@ -7,11 +7,17 @@
   name really missing from the signature still fails ``mkdocs build --strict``.
 - ``#: text`` on the line(s) above a module or class attribute is its docstring
   (the Sphinx convention), unless it has a docstring below it already.
+- The docstrings' reStructuredText (read by ``help()`` and Sphinx) in the Markdown that
+  mkdocstrings renders: a role (``:func:`~a.b```, ``:math:`x```) becomes inline code
+  (``b``, the LaTeX source), a ``.. math::`` block a fenced ``latex`` block, and a
+  ``text::`` literal block a fenced ``python`` block after ``text:``; the site showed
+  them as raw markup.
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +49,52 @@ def split_combined_args(text: str) -> str:
     return "\n".join(out)
 
 
+_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj|math):`(~?)([^`]+)`")
+_MATH = re.compile(r"^(\s*)\.\. math::\s*(.*)$")
+
+
+def _role(match: re.Match[str]) -> str:
+    target = match.group(2).lstrip(".")
+    return f"`{target.rsplit('.', 1)[-1] if match.group(1) else target}`"
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _fenced(lines: list[str], start: int, indent: str, language: str, out: list[str]) -> int:
+    """Append ``lines[start:]``'s block indented deeper than ``indent`` (blank lines
+    inside it kept) to ``out`` as a fenced ``language`` block; return where it ends."""
+    end = start
+    while end < len(lines) and (not lines[end].strip() or _indent(lines[end]) > len(indent)):
+        end += 1
+    body = textwrap.dedent("\n".join(lines[start:end])).strip("\n").splitlines()
+    out.extend([f"{indent}```{language}", *(f"{indent}{b}".rstrip() for b in body)])
+    out.extend([f"{indent}```", ""])
+    return end
+
+
+def rest_to_markdown(text: str) -> str:
+    """``text`` with its reST roles, math blocks and literal blocks in Markdown (above)."""
+    lines, out, i = _ROLE.sub(_role, text).splitlines(), [], 0
+    while i < len(lines):
+        line = lines[i]
+        math = _MATH.match(line)
+        if math:
+            out.extend([math.group(1) + math.group(2)] if math.group(2) else [])
+            i = _fenced(lines, i + 1, math.group(1), "latex", out)
+            continue
+        following = next((n for n in lines[i + 1 :] if n.strip()), "")
+        if line.rstrip().endswith("::") and _indent(following) > _indent(line):
+            stripped = line.rstrip()[:-1]
+            out.extend([stripped, ""] if stripped.strip() != ":" else [])
+            i = _fenced(lines, i + 1, " " * _indent(line), "python", out)
+            continue
+        out.append(line)
+        i += 1
+    return "\n".join(out).rstrip("\n") + ("\n" if text.endswith("\n") else "")
+
+
 def comment_docstring(lines: Sequence[str], lineno: int) -> str | None:
     """The ``#:`` comment lines right above line ``lineno`` (1-based), joined; else ``None``."""
     found: list[str] = []
@@ -57,8 +109,12 @@ class HouseStyle(griffe.Extension):
     """Split combined ``Args:`` entries; read ``#:`` comments as attribute docstrings."""
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
-        if obj.docstring is not None and "," in obj.docstring.value:
+        if obj.docstring is None:
+            return
+        if "," in obj.docstring.value:
             obj.docstring.value = split_combined_args(obj.docstring.value)
+        if "`" in obj.docstring.value or "::" in obj.docstring.value:
+            obj.docstring.value = rest_to_markdown(obj.docstring.value)
 
     def on_attribute_instance(self, *, attr: griffe.Attribute, **kwargs: Any) -> None:
         if attr.docstring is not None or attr.lineno is None:
@@ -69,4 +125,4 @@ class HouseStyle(griffe.Extension):
             return
         text = comment_docstring(lines, attr.lineno)
         if text:
-            attr.docstring = griffe.Docstring(text, parent=attr)
+            attr.docstring = griffe.Docstring(rest_to_markdown(text), parent=attr)

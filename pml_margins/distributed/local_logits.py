@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from pml_margins.functional.autograd_only import SHARDED_REMEDY, backward_once
+from pml_margins.functional.autograd_switch import SHARDED_REMEDY, backward_once
 from pml_margins.functional.margin_softmax import (
     compute_dtype,
     products_dtype,

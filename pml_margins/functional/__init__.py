@@ -1,6 +1,6 @@
 """Pure functions: the margin-softmax core, target-logit functions, hyper-parameter bounds."""
 
-from pml_margins.functional.autograd_only import (
+from pml_margins.functional.autograd_switch import (
     autograd_only,
     autograd_only_enabled,
     backward_once,

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from pml_margins.functional.autograd_only import SOFTMAX_REMEDY, backward_once
+from pml_margins.functional.autograd_switch import SOFTMAX_REMEDY, backward_once
 from pml_margins.functional.margin_softmax import (
     autocast_off,
     check_scale,

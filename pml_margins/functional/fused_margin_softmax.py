@@ -105,7 +105,7 @@ import torch
 import torch.nn.functional as F
 
 from pml_margins.function_transforms import in_function_transform, is_batched, is_compiling
-from pml_margins.functional.autograd_only import (
+from pml_margins.functional.autograd_switch import (
     SOFTMAX_REMEDY,
     backward_once,
     plain_autograd_needed,

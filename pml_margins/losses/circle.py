@@ -11,7 +11,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.reducers import AvgNonZeroReducer
 
 from pml_margins.function_transforms import in_function_transform
-from pml_margins.functional.autograd_only import plain_autograd_needed
+from pml_margins.functional.autograd_switch import plain_autograd_needed
 from pml_margins.functional.circle import (
     circle_loss_dense,
     circle_loss_dense_negatives,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pml_margins.functional.autograd_only import refuse_update_in_function_transform
+from pml_margins.functional.autograd_switch import refuse_update_in_function_transform
 from pml_margins.functional.margin_softmax import TargetLogitFn
 from pml_margins.functional.target_logits import angle_cosine, arcface_target, safe_sine
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
