@@ -47,10 +47,16 @@ class _AttributeScheduler:
             inner = getattr(loss, "loss", None)  # ShardedMarginSoftmaxLoss holds the loss
             hint = f" (its .loss, a {type(inner).__name__}, has it)" if hasattr(inner, attr) else ""
             raise ValueError(f"{type(loss).__name__} has no hyper-parameter {attr!r}{hint}")
-        if isinstance(getattr(loss, attr), torch.Tensor):
+        value = getattr(loss, attr)
+        if isinstance(value, torch.Tensor):
+            what = (
+                "a learned parameter"
+                if isinstance(value, torch.nn.Parameter)
+                else "a buffer the loss sets itself, as AdaCos's scale"
+            )
             raise ValueError(
-                f"{type(loss).__name__}.{attr} is a tensor (a buffer the loss sets itself, as "
-                "AdaCos's scale), not a hyper-parameter a scheduler can drive"
+                f"{type(loss).__name__}.{attr} is a tensor ({what}), not a hyper-parameter "
+                "a scheduler can drive"
             )
         self.loss, self.attr = loss, attr
         self.last_step = 0

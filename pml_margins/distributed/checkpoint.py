@@ -35,7 +35,7 @@ import numbers
 import os
 import sys
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -280,8 +280,9 @@ def load_shard(path: str | os.PathLike[str]) -> Checkpoint:
     return ckpt
 
 
-def merge_shards(shards: Sequence[Checkpoint]) -> Checkpoint:
-    """Concatenate the shards of one run (any order) into a ``world_size == 1`` checkpoint.
+def merge_shards(shards: Iterable[Checkpoint]) -> Checkpoint:
+    """Concatenate the shards of one run (any order, any iterable: a list, a generator of
+    :func:`load_shard` calls) into a ``world_size == 1`` checkpoint.
 
     Shards that cannot be one run's are refused: other hyper-parameters, sizes, class
     ranges, dtypes, or buffers every rank holds whole (CurricularFace's ``t``, AdaCos's
@@ -289,9 +290,16 @@ def merge_shards(shards: Sequence[Checkpoint]) -> Checkpoint:
     a loss without such buffers and with the same settings cannot be told apart.
 
     Raises:
+        TypeError: ``shards`` not an iterable of checkpoints (one checkpoint, a path).
         ValueError: shards that cannot be one run's, missing or duplicated ranks, a
             checkpoint of another format or missing a field.
     """
+    if isinstance(shards, (Mapping, str, bytes, os.PathLike)) or not isinstance(shards, Iterable):
+        raise TypeError(
+            "shards must be an iterable of one run's shard checkpoints (shard_checkpoint, "
+            f"load_shard), got {type(shards).__name__}"
+        )
+    shards = list(shards)
     if not shards:
         raise ValueError("no shards given")
     for index, shard in enumerate(shards):
@@ -413,7 +421,7 @@ def split_checkpoint(full: Checkpoint, world_size: int) -> list[Checkpoint]:
     return shards
 
 
-def reshard(shards: Sequence[Checkpoint], world_size: int) -> list[Checkpoint]:
+def reshard(shards: Iterable[Checkpoint], world_size: int) -> list[Checkpoint]:
     """Re-split the shards of one run for another ``world_size``."""
     return split_checkpoint(merge_shards(shards), world_size)
 

@@ -571,6 +571,15 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             checked_on_every_rank(lambda: None, self.group, self.W_local.device, equal=equal)
         # gathered in the loss's compute dtype (float32 for half embeddings): each rank's
         # share of a row's gradient is summed over the ranks unrounded, then cast back once
+        saved = self.loss.statistics_kept()  # (put back if the step fails: as in one process)
+        try:
+            return self._gathered_loss(embeddings, labels)
+        except BaseException:
+            self.loss.restore_statistics(saved)
+            raise
+
+    def _gathered_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward`'s loss after its checks: the batch gathered, reduced, checked."""
         work = embeddings.to(self.loss.compute_dtype(embeddings))
         all_emb, _ = gather_rows_with_grad(work, self.group)
         all_labels, _ = all_gather_rows(labels.to(embeddings.device, torch.int64), self.group)

@@ -43,7 +43,7 @@ from pml_margins.distributed.collectives import (
     dtype_code,
     settings_code,
 )
-from pml_margins.functional.autograd_only import SHARDED_REMEDY, backward_once
+from pml_margins.functional.autograd_switch import SHARDED_REMEDY, backward_once
 from pml_margins.functional.margin_softmax import (
     TargetLogitFn,
     check_scale,
@@ -127,7 +127,7 @@ def _check_inputs(local_logits: object, local_target: object, scale: object) -> 
         local_target, logits.shape[0], logits.shape[1], "local_target", checks, "C_local", low=-1
     )
     checks.run()
-    return check_scale(scale, logits.shape[0])
+    return check_scale(scale, logits.shape[0], callable_ok=False)
 
 
 def _check_one_owner(owners: torch.Tensor) -> None:

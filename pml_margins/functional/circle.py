@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from pml_margins.function_transforms import values_under_transforms
-from pml_margins.functional.autograd_only import backward_once, plain_autograd_needed
+from pml_margins.functional.autograd_switch import backward_once, plain_autograd_needed
 from pml_margins.functional.margin_softmax import compute_dtype, exp_in_place
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
@@ -447,7 +447,7 @@ def circle_loss_whole(s_p: torch.Tensor, s_n: torch.Tensor, m: float, gamma: flo
     with torch.autocast(device_type=s_p.device.type, enabled=False):
         s_p, s_n = s_p.to(dtype).reshape(-1), s_n.to(dtype).reshape(-1)
         if s_p.numel() == 0 or s_n.numel() == 0:
-            return (s_p.sum() + s_n.sum()) * 0
+            return (s_p.sum() + s_n.sum()) * 0 + 0.0  # (+0: a negative sum times 0 is -0)
         lse_p = torch.logsumexp(circle_positive_logits(s_p, m, gamma), dim=0)
         lse_n = torch.logsumexp(circle_negative_logits(s_n, m, gamma), dim=0)
         loss = _softplus(lse_p + lse_n)

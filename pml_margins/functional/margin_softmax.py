@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pml_margins.function_transforms import in_function_transform, is_compiling
-from pml_margins.functional.autograd_only import has_forward_tangent
+from pml_margins.functional.autograd_switch import has_forward_tangent
 from pml_margins.validation import (
     MAX_LOGIT_TERM,
     caller_checked,
@@ -193,17 +193,23 @@ def _check_logits_and_labels(logits: object, labels: object) -> None:
     checks.run()
 
 
-def check_scale(scale: Any, rows: int) -> Any:
+def check_scale(scale: Any, rows: int, callable_ok: bool = True) -> Any:
     """A margin softmax's ``scale`` for ``rows`` rows: a number, or the values of a tensor
     (floating or integer), in ``(0, MAX_LOGIT_TERM]`` (a NaN scale gave NaN losses); a
     tensor with one entry is expanded to ``(rows,)`` (as broadcasting would), one per row
-    (``(rows,)`` or ``(rows, 1)``) is returned as ``(rows,)``; a callable as given. The
+    (``(rows,)`` or ``(rows, 1)``) is returned as ``(rows,)``; a callable as given if
+    ``callable_ok`` (the fused core's scale from the cosines), else ``TypeError``. The
     values are not read again when a loss that checked its own calls
     (:func:`~pml_margins.validation.caller_checked`).
 
     Raises:
         ValueError / TypeError: a tensor of another shape, a bad number or value.
     """
+    if callable(scale) and not callable_ok and not isinstance(scale, torch.Tensor):
+        raise TypeError(
+            f"scale must be a number or a tensor here, got {type(scale).__name__} (a scale "
+            "computed from the cosines is the fused function's)"
+        )
     if isinstance(scale, torch.Tensor):
         check_not_meta(scale, "scale")
         if scale.numel() == 1:
@@ -298,7 +304,7 @@ def margin_softmax_cross_entropy(
     no ``(B, C)`` one-hot mask is built.
     """
     _check_logits_and_labels(logits, labels)
-    scale = check_scale(scale, logits.shape[0])
+    scale = check_scale(scale, logits.shape[0], callable_ok=False)
     dtype = compute_dtype(logits.dtype)
     with autocast_off(logits.device.type):
         logits = logits.to(dtype)

@@ -184,11 +184,16 @@ def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
     For a non-integer :math:`m` it uses :math:`\theta` of :func:`angle_of`: finite
     gradients, 0 only at :math:`\cos\theta = \pm1` exactly.
     ``multiplier``: a finite number with :math:`|m| \le 100` (the recurrence takes
-    :math:`m` steps; ``ValueError`` otherwise).
+    :math:`m` steps; ``ValueError`` otherwise). A tensor ``multiplier`` (learnable, per
+    row, under ``vmap``) always goes through the angle, whatever its values: its gradient
+    :math:`-\theta\sin(m\theta)` is kept (reading a whole-number value to take the
+    recurrence cut it), as :func:`combined_margin_target` does for a tensor ``m1``.
     """
     if not caller_checked():
         check_angle_multiple(multiplier)
     cosine = _floating(cosine)
+    if isinstance(multiplier, torch.Tensor):
+        return torch.cos(multiplier * angle_of(cosine))
     multiplier = abs(multiplier)  # cos is even: cos(-m theta) = cos(m theta)
     if float(multiplier).is_integer():
         m = int(multiplier)
@@ -320,8 +325,9 @@ def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float
       :math:`k = \lfloor (m_1\theta + m_2)/\pi \rfloor`; with integer :math:`m_1`
       and :math:`m_2 = 0` this is SphereFace's :math:`\psi` (:func:`sphereface_psi`).
 
-    ``m1`` in ``[1, 100]``, ``m2`` an angle in radians as ArcFace's margin, ``m3`` finite
-    (``ValueError`` otherwise, naming the argument). A tensor ``m1`` (learnable, per row,
+    ``m1`` in ``[1, 100]``, ``m2`` in radians with ``0 <= m2 < pi``, ``m3`` finite and
+    ``>= 0`` (:class:`CombinedMarginLoss`'s bounds; ``ValueError`` otherwise, naming the
+    argument). A tensor ``m1`` (learnable, per row,
     or under ``vmap``) always takes the general form, through the angle (``atan2``): its
     gradient is then that of :math:`m_1` at every value (the special cases above read
     ``m1`` as a number, which would cut it), and at :math:`m_1 = 1` beyond
@@ -426,4 +432,5 @@ class TargetWithSlope:
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
-        return f"TargetWithSlope({self.psi.__name__}, {args})"
+        psi = getattr(self.psi, "__name__", None) or repr(self.psi)  # (a partial has none)
+        return f"TargetWithSlope({psi}, {args})"

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pml_margins.functional.autograd_only import refuse_update_in_function_transform
+from pml_margins.functional.autograd_switch import refuse_update_in_function_transform
 from pml_margins.functional.fused_margin_softmax import FusedLogits
 from pml_margins.functional.margin_softmax import check_scale
 from pml_margins.losses.class_weight_loss import ClassWeightLoss
@@ -122,6 +122,7 @@ def adacos_scale_from_statistics(
         current = torch.as_tensor(scale, dtype=new.dtype, device=new.device)
         # s' <= 0 (B_avg <= 1): keep s; at most the largest scale a loss takes (collapsed
         # features compound s' ~ 1.4 s a step: float32 logits overflowed after ~250 steps)
+        current = current.reshape(())  # (a one-element scale of any shape: 0-dim out)
         return torch.where(new > 0, new, current).clamp_(max=MAX_LOGIT_TERM)
 
 

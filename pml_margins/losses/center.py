@@ -11,7 +11,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_margins.function_transforms import is_compiling
-from pml_margins.functional.autograd_only import refuse_update_in_function_transform
+from pml_margins.functional.autograd_switch import refuse_update_in_function_transform
 from pml_margins.functional.center import center_distances, center_ema_update
 from pml_margins.losses.atomic_load import AtomicLoadMixin
 from pml_margins.losses.checked_forward import CheckedForwardMixin, check_rows_and_reduced
@@ -140,6 +140,11 @@ class CenterLoss(
         """The centres start at 0 (``update="ema"``: a running statistic)."""
         return {"centers": 0.0}
 
+    def statistics_kept(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+        """None: the centres move after the checked loss (:meth:`forward`), so a step that
+        fails has not moved them, and no ``(C, D)`` copy is taken per step."""
+        return {}
+
     def reset_parameters(self) -> None:
         """The centres back to 0, as constructed (a parameter or a running statistic)."""
         with torch.no_grad():
@@ -161,7 +166,14 @@ class CenterLoss(
         definition's distance (checked again: one changed in place or replaced after
         construction would be ignored, as the loss computes the distance itself)."""
         _check_center_distance(self.distance)
-        check_not_meta(self.centers, "CenterLoss's centers")
+        centers, expected = self.centers, (self.num_classes, self.embedding_size)
+        if not isinstance(centers, torch.Tensor) or tuple(centers.shape) != expected:
+            shown = tuple(centers.shape) if isinstance(centers, torch.Tensor) else centers
+            raise ValueError(  # (update="sgd" centres replaced: an index or size error)
+                f"CenterLoss's centers have shape {shown}, but num_classes={expected[0]} "
+                f"and embedding_size={expected[1]} need {expected} (one row per class)"
+            )
+        check_not_meta(centers, "CenterLoss's centers")
         check_class_loss_input(
             "CenterLoss",
             "its centers",

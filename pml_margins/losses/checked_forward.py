@@ -10,7 +10,7 @@ from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch.nn.utils import parametrize
 
-from pml_margins.function_transforms import in_function_transform, is_compiling
+from pml_margins.function_transforms import in_function_transform, is_batched, is_compiling
 from pml_margins.losses.pml_calls import runs_as_its_class
 from pml_margins.validation import check_finite_flags, finite_flag
 
@@ -23,6 +23,25 @@ def mean_of_positive(losses: torch.Tensor) -> torch.Tensor:
     boolean mask, which ``torch.func.vmap`` cannot batch."""
     kept = losses > 0
     return torch.where(kept, losses, 0.0).sum() / kept.sum().clamp_min(1)
+
+
+def _explain_under_vmap(loss: object, embeddings: torch.Tensor, error: RuntimeError) -> None:
+    """Raise a ``RuntimeError`` naming the cause, from ``error``, where PML's reducer or
+    regularizer call failed under ``torch.func.vmap`` (vmap's own message names neither:
+    "vmap: We do not support batching operators that can support dynamic shape", or
+    "inplace arithmetic"): a ``ThresholdReducer`` selects rows by value, a regularizer's
+    reducer writes into an unbatched tensor. Other errors are left as they are."""
+    if not (is_batched(embeddings) and str(error).startswith("vmap:")):
+        return
+    reducer = type(getattr(loss, "reducer", None)).__name__
+    regularizer = getattr(loss, "embedding_regularizer", None)
+    raise RuntimeError(
+        f"{type(loss).__name__} under torch.func.vmap: PML's reducer ({reducer})"
+        + (f" and embedding_regularizer ({type(regularizer).__name__})" if regularizer else "")
+        + " cannot be batched by vmap (a reduction that selects rows by value, or a term "
+        "written in place); use MeanReducer / the default reducer inside the vmapped "
+        "function and add a regularizer's term outside it"
+    ) from error
 
 
 def in_loss_dtype(embeddings: torch.Tensor, loss_dict: dict) -> torch.Tensor:
@@ -144,9 +163,16 @@ class CheckedForwardMixin:
         parametrized = "parametrizations" in self._modules  # type: ignore[attr-defined]
         if isinstance(embeddings, torch.Tensor):
             follow_device(self, embeddings.device)  # type: ignore[arg-type]
-        with parametrize.cached() if parametrized else nullcontext():  # (class docstring)
-            loss = self._checked_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        self.check_result(loss)
+        keep = getattr(self, "statistics_kept", None)  # (FloatStatisticsMixin's)
+        saved = keep() if keep is not None else {}
+        try:
+            with parametrize.cached() if parametrized else nullcontext():  # (class docstring)
+                loss = self._checked_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            self.check_result(loss)
+        except BaseException:  # a step that fails moves no running statistic
+            if saved:
+                self.restore_statistics(saved)  # type: ignore[attr-defined]
+            raise
         return loss
 
     def check_result(self, loss: torch.Tensor) -> None:
@@ -198,8 +224,12 @@ class CheckedForwardMixin:
                 or not torch.is_tensor(losses)
             ):  # PML's forward from here, given the embeddings in the loss's dtype
                 wide = in_loss_dtype(embeddings, loss_dict)
-                self.add_embedding_regularization_to_loss_dict(loss_dict, wide)  # type: ignore[attr-defined]
-                return self.reducer(loss_dict, wide, labels)  # type: ignore[attr-defined]
+                try:
+                    self.add_embedding_regularization_to_loss_dict(loss_dict, wide)  # type: ignore[attr-defined]
+                    return self.reducer(loss_dict, wide, labels)  # type: ignore[attr-defined]
+                except RuntimeError as error:
+                    _explain_under_vmap(self, embeddings, error)
+                    raise
         return reduce(losses)
 
     def _direct_loss(

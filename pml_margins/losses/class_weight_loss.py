@@ -23,7 +23,7 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.reducers import BaseReducer
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from pml_margins.functional.autograd_only import autograd_only_enabled, plain_autograd_needed
+from pml_margins.functional.autograd_switch import autograd_only_enabled, plain_autograd_needed
 from pml_margins.functional.dense_margin_softmax import dense_margin_softmax_cross_entropy
 from pml_margins.functional.fused_margin_softmax import (
     FusedLogits,
@@ -110,7 +110,6 @@ def _check_logit_columns(loss: ClassWeightLoss, logits: torch.Tensor) -> None:
     """``ValueError`` where :meth:`~ClassWeightLoss.base_logits` gave another number of
     classes than ``num_classes`` (a ``W`` of another layout than the logits read)."""
     if logits.shape[-1] != loss.num_classes:
-        loss._restore_entry_statistics()
         raise ValueError(
             f"{type(loss).__name__}'s class weights W have shape {tuple(loss.W.shape)}, which "
             f"gives {logits.shape[-1]} class logits, but num_classes={loss.num_classes}"
@@ -511,7 +510,6 @@ class ClassWeightLoss(
         declares is checked where the core takes ``W`` (the logits' class count on the
         plain path). Logits redefined without a declaration may read any layout of ``W``
         (their class count is checked on the logits)."""
-        self.__dict__.pop("_statistics_at_entry", None)  # (a previous step's)
         weight, rows, classes = self.W, self.embedding_size, self.num_classes
         if not (type(classes) is int and classes > 0 and type(rows) is int and rows > 0):
             classes = check_count(classes, "num_classes")  # (set after construction:
@@ -537,13 +535,7 @@ class ClassWeightLoss(
         multiple = weight.ndim == 2 and weight.shape[0] == rows and weight.shape[1] > 0
         multiple = multiple and not weight.shape[1] % classes
         if per_class is None and own and multiple:  # K under another name: checked where
-            statistics = self._buffers  # it is declared, after the statistics may move
-            self.__dict__["_statistics_at_entry"] = {  # (then put back: the refusal's)
-                name: value.detach().clone()
-                for name in self.statistic_buffers
-                if (value := statistics.get(name)) is not None
-            }
-            return
+            return  # it is declared (the statistics it moved are put back: forward)
         hint = " (a class with K columns of W per class may name K sub_centers)" * multiple
         raise _weight_shape_error(self, expected, hint)
 
@@ -553,17 +545,7 @@ class ClassWeightLoss(
         entry check of :meth:`_check_weight_shape` does not ask)."""
         per_class = form.sub_centers
         if type(per_class) is int and weight.shape[1] != self.num_classes * per_class:
-            self._restore_entry_statistics()
             raise _weight_shape_error(self, (self.embedding_size, self.num_classes * per_class))
-
-    def _restore_entry_statistics(self) -> None:
-        """The running statistics put back as they were at the forward's entry, where the
-        entry check left ``W``'s layout to a later check (:meth:`_check_weight_shape`) that
-        now refuses it: a refused ``W`` moves no statistic."""
-        saved = self.__dict__.pop("_statistics_at_entry", None) or {}
-        with torch.no_grad():
-            for name, value in saved.items():
-                self._buffers[name].copy_(value)
 
     def _norms_taken(self) -> bool:
         """Whether the logits take the embeddings' norms (their check then refuses rows

@@ -51,6 +51,28 @@ class FloatStatisticsMixin:
                 if buffer is not None:
                     buffer.fill_(value)
 
+    def statistics_kept(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+        """The running statistics (:attr:`statistic_buffers`) that a training step may move,
+        each with a copy and its version counter, for :meth:`restore_statistics` if the step
+        fails; empty in eval mode, where none moves."""
+        if not self.training:  # type: ignore[attr-defined]
+            return {}
+        buffers = self._buffers  # type: ignore[attr-defined]
+        return {
+            name: (value, value.detach().clone(), value._version)
+            for name in self.statistic_buffers
+            if isinstance(value := buffers.get(name), torch.Tensor)
+        }
+
+    def restore_statistics(self, saved: dict[str, tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+        """Put back the running statistics :meth:`statistics_kept` kept, those the step
+        changed in place (a statistic left alone is not written: under a ``torch.func``
+        transform, which refuses the update, a copy into it would fail in turn)."""
+        with torch.no_grad():
+            for held, value, version in saved.values():
+                if held._version != version:
+                    held.copy_(value)
+
     def __setattr__(self, name: str, value: Any) -> None:
         """``loss.<statistic> = value`` is checked as a loaded statistic is
         (:meth:`check_statistic`: a NaN ``t`` gave NaN losses, a negative ``batch_std``
@@ -165,7 +187,12 @@ class FloatStatisticsMixin:
 
 
 def _check_real(name: str, value: torch.Tensor) -> None:
-    """``ValueError`` for a complex or boolean tensor given as the statistic ``name``."""
+    """``ValueError`` for a complex or boolean tensor given as the statistic ``name``,
+    ``TypeError`` for a sparse (or other non-strided) one, which the steps cannot update."""
+    if value.layout != torch.strided:
+        raise TypeError(
+            f"{name} must be a dense tensor (a running statistic), got layout {value.layout}"
+        )
     if value.is_complex() or value.dtype == torch.bool:
         raise ValueError(f"{name} must be real (a statistic), got a {value.dtype} tensor")
 
