@@ -54,6 +54,16 @@ def _one_column(labels: Any) -> Any:
     return labels
 
 
+def _check_callables(**values: Any) -> None:
+    """``TypeError`` naming each argument that is neither ``None`` (where allowed: the
+    miner and the scheduler) nor callable (``optimizer="adam"`` failed at fit time)."""
+    for name, value in values.items():
+        if value is None and name in ("miner", "scheduler"):
+            continue
+        if not callable(value):
+            raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+
+
 class MetricLearningModule(pl.LightningModule):
     """Train a backbone with one of our losses (or any PML loss), optionally with a PML miner.
 
@@ -97,6 +107,12 @@ class MetricLearningModule(pl.LightningModule):
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     ) -> None:
         super().__init__()
+        _check_callables(backbone=backbone, miner=miner, optimizer=optimizer, scheduler=scheduler)
+        if not isinstance(loss, torch.nn.Module):  # (its parameters go to the optimizer)
+            raise TypeError(
+                f"loss must be a torch.nn.Module (a PML or pml-margins loss), got "
+                f"{type(loss).__name__}"
+            )
         self.backbone, self.loss, self.miner = backbone, loss, miner
         self.lr = check_positive(lr, "lr")
         self.loss_lr = self.lr if loss_lr is None else check_positive(loss_lr, "loss_lr")
@@ -285,6 +301,16 @@ class RetrievalMetricsCallback(pl.Callback):
         self.prefix, self.dataloader_idx = prefix, check_int(dataloader_idx, "dataloader_idx", 0)
         if accuracy_calculator is None:
             accuracy_calculator = retrieval_calculator(recall_ks=recall_ks, include=include, k=k)
+        if not callable(getattr(accuracy_calculator, "get_accuracy", None)):
+            raise TypeError(
+                "accuracy_calculator must be a PML AccuracyCalculator (a get_accuracy "
+                f"method), got {type(accuracy_calculator).__name__}"
+            )
+        if getattr(accuracy_calculator, "return_per_class", False) is True:
+            raise ValueError(  # (float() of a list, after the first epoch)
+                "the callback logs one number per metric: give a calculator with "
+                "return_per_class=False"
+            )
         self.calculator = accuracy_calculator
         self.metrics: dict[str, float] = {}
         self._embeddings: list[torch.Tensor] = []
@@ -357,6 +383,13 @@ class RetrievalMetricsCallback(pl.Callback):
         else:
             inputs, labels = _split_batch(batch)
             embeddings = pl_module(inputs)
+        for name, value in (("embeddings", embeddings), ("labels", labels)):
+            if not isinstance(value, torch.Tensor):  # (string class names: a tuple)
+                raise TypeError(
+                    f"RetrievalMetricsCallback needs the {name} of each batch as a tensor"
+                    + (" of class numbers" if name == "labels" else "")
+                    + f", got {type(value).__name__}"
+                )
         self._embeddings.append(embeddings.detach())
         self._labels.append(_one_column(labels.detach()))
 

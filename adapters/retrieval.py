@@ -37,6 +37,8 @@ def retrieval_calculator(
         ``AccuracyCalculator``, accepted by PML's testers and hooks).
     """
     recall_ks = check_recall_ks(recall_ks)
+    if isinstance(include, (str, bytes)):  # (tuple() would split it into letters)
+        raise TypeError(f"include must be a tuple or list of metric names, got {include!r}")
     if include is None:
         include = (*(f"recall_at_{kk}" for kk in recall_ks), *DEFAULT_METRICS)
     return RetrievalAccuracyCalculator(

@@ -333,6 +333,7 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             query and its labels are None when the set is evaluated against itself (the
             whole set is then gathered from the shards)."""
             check_metric_names(include, exclude)
+            self._check_call_metrics(include, exclude)
             if refused is not None:
                 raise refused
             if reference is None:  # PML then ignores reference_labels: the query's own

@@ -632,6 +632,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         """
         ref_includes_query = bool(ref_includes_query)  # PML reads its truth value
         check_metric_names(include, exclude)
+        self._check_call_metrics(include, exclude)
         self.refresh_search()
         ignored = None
         if reference is None:  # PML then ignores reference_labels: the query's own, or an error
@@ -673,6 +674,23 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         return self._compute(
             query, reference, query_labels, reference_labels, ref_includes_query, include, exclude
         )
+
+    def _check_call_metrics(self, include: Sequence[str], exclude: Sequence[str]) -> None:
+        """``ValueError`` for a name in a call's ``include`` that this calculator does not
+        compute (its construction's ``include``/``exclude``/``recall_ks``) or in its
+        ``exclude`` that no metric has: PML drops them silently (``include=
+        ("recall_at_10",)`` with the default ``recall_ks`` returned ``{}``)."""
+        computed = list(self.original_function_dict)
+        prefix = "calculate_"
+        known = {name[len(prefix) :] for name in dir(self) if name.startswith(prefix)}
+        for what, names, allowed in (("include", include, computed), ("exclude", exclude, known)):
+            unknown = [name for name in names if name not in allowed]
+            if unknown:
+                raise ValueError(
+                    f"get_accuracy's {what} names {unknown}, which this calculator does not "
+                    f"compute; it computes {computed} (set at construction by include, "
+                    "exclude and recall_ks)"
+                )
 
     def _check_ignored_reference_labels(self, given: Any, query_labels: torch.Tensor) -> None:
         """``reference_labels`` given without ``reference``: PML ignores them; here they

@@ -69,6 +69,8 @@ def _check_relevant(match: object, relevant: object) -> tuple[torch.Tensor, torc
         )
     if relevant.device != match.device:
         raise ValueError(f"relevant is on {relevant.device}, match on {match.device}")
+    if len(relevant) and bool((relevant < 0).any()):  # (a negative AP, NaN, -0 from them)
+        raise ValueError(f"relevant counts must be >= 0, got {int(relevant.min())}")
     return match, relevant
 
 
@@ -80,8 +82,8 @@ def relevant_counts(
     Counting uses ``torch.unique`` and a sorted search, no classes × N matrix.
 
     Args:
-        query_labels: ``(Q,)`` integer labels.
-        reference_labels: ``(N,)`` integer labels on the same device.
+        query_labels: ``(Q,)`` labels (integer, or real numbers compared for equality).
+        reference_labels: ``(N,)`` labels of the same kind on the same device.
         ref_includes_query: query ``i`` is reference ``i``; its own entry is
             subtracted from the relevant count.
 
@@ -94,7 +96,25 @@ def relevant_counts(
     Example:
         >>> relevant_counts(torch.tensor([5, 7]), torch.tensor([5, 5, 7, 9]), True)
         (tensor([2, 1]), tensor([1, 0]))
+
+    Raises:
+        TypeError / ValueError: labels that are not 1-D real tensors on one device, an
+            empty reference set, ``ref_includes_query`` not a bool.
     """
+    ref_includes_query = check_bool(ref_includes_query, "ref_includes_query")
+    for name, labels in (("query_labels", query_labels), ("reference_labels", reference_labels)):
+        if not isinstance(labels, torch.Tensor) or labels.is_complex():
+            got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise TypeError(f"{name} must be a real torch.Tensor, got {got}")
+        if labels.ndim != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+    if query_labels.device != reference_labels.device:
+        raise ValueError(
+            f"query_labels are on {query_labels.device}, reference_labels on "
+            f"{reference_labels.device}"
+        )
+    if len(reference_labels) == 0:
+        raise ValueError("reference_labels is empty: no reference to count")
     unique, counts = torch.unique(reference_labels, return_counts=True)
     position = torch.searchsorted(unique, query_labels.contiguous()).clamp_(max=len(unique) - 1)
     found = unique[position] == query_labels
