@@ -55,10 +55,12 @@ def _one_column(labels: Any) -> Any:
 
 
 def _check_callables(**values: Any) -> None:
-    """``TypeError`` naming each argument that is neither ``None`` (where allowed: the
-    miner and the scheduler) nor callable (``optimizer="adam"`` failed at fit time)."""
+    """``TypeError`` naming each argument that is neither ``None`` nor callable
+    (``optimizer="adam"`` failed at fit time); ``None`` is refused for the optimizer
+    only (a backbone set after ``super().__init__``, no loss for evaluation alone, no
+    miner or scheduler are fine)."""
     for name, value in values.items():
-        if value is None and name in ("miner", "scheduler"):
+        if value is None and name != "optimizer":
             continue
         if not callable(value):
             raise TypeError(f"{name} must be callable, got {type(value).__name__}")
@@ -107,12 +109,9 @@ class MetricLearningModule(pl.LightningModule):
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     ) -> None:
         super().__init__()
-        _check_callables(backbone=backbone, miner=miner, optimizer=optimizer, scheduler=scheduler)
-        if not isinstance(loss, torch.nn.Module):  # (its parameters go to the optimizer)
-            raise TypeError(
-                f"loss must be a torch.nn.Module (a PML or pml-margins loss), got "
-                f"{type(loss).__name__}"
-            )
+        _check_callables(
+            backbone=backbone, loss=loss, miner=miner, optimizer=optimizer, scheduler=scheduler
+        )
         self.backbone, self.loss, self.miner = backbone, loss, miner
         self.lr = check_positive(lr, "lr")
         self.loss_lr = self.lr if loss_lr is None else check_positive(loss_lr, "loss_lr")

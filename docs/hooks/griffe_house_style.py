@@ -49,11 +49,17 @@ def split_combined_args(text: str) -> str:
     return "\n".join(out)
 
 
-_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj|math):`(~?)([^`]+)`")
+_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):`(~?)([^`]+)`")
+_MATH_ROLE = re.compile(r":math:`([^`]+)`")
 _MATH = re.compile(r"^(\s*)\.\. math::\s*(.*)$")
+_TITLED = re.compile(r"^(.*?)\s*<[^<>]+>$")  # :class:`title <target>`
+_HEADER = re.compile(r"^(\s*)[A-Z][A-Za-z ]*:\s*$")  # a Google section: Args:, Returns:
 
 
 def _role(match: re.Match[str]) -> str:
+    titled = _TITLED.match(match.group(2))
+    if titled:
+        return f"`{titled.group(1)}`"
     target = match.group(2).lstrip(".")
     return f"`{target.rsplit('.', 1)[-1] if match.group(1) else target}`"
 
@@ -62,30 +68,45 @@ def _indent(line: str) -> int:
     return len(line) - len(line.lstrip())
 
 
-def _fenced(lines: list[str], start: int, indent: str, language: str, out: list[str]) -> int:
-    """Append ``lines[start:]``'s block indented deeper than ``indent`` (blank lines
-    inside it kept) to ``out`` as a fenced ``language`` block; return where it ends."""
+def _fenced(
+    lines: list[str], start: int, indent: str, language: str, out: list[str], first: str = ""
+) -> int:
+    """Append ``first`` and ``lines[start:]``'s block indented deeper than ``indent``
+    (blank lines inside it kept) to ``out`` as a fenced ``language`` block; return where
+    the block ends."""
     end = start
     while end < len(lines) and (not lines[end].strip() or _indent(lines[end]) > len(indent)):
         end += 1
     body = textwrap.dedent("\n".join(lines[start:end])).strip("\n").splitlines()
+    body = [first, *body] if first else body
     out.extend([f"{indent}```{language}", *(f"{indent}{b}".rstrip() for b in body)])
     out.extend([f"{indent}```", ""])
     return end
 
 
 def rest_to_markdown(text: str) -> str:
-    """``text`` with its reST roles, math blocks and literal blocks in Markdown (above)."""
-    lines, out, i = _ROLE.sub(_role, text).splitlines(), [], 0
+    """``text`` with its reST roles, math blocks and literal blocks in Markdown (above).
+
+    A literal block is reST's: a line ending in ``::``, a blank line, an indented block;
+    inside a Google section (``Args:``, ``Returns:``, ...) it is left as it is, where a
+    fence would split the section's items."""
+    text = _ROLE.sub(_role, _MATH_ROLE.sub(lambda m: f"`{m.group(1)}`", text))
+    lines, out, i, section = text.splitlines(), [], 0, None
     while i < len(lines):
         line = lines[i]
+        header = _HEADER.match(line)
+        if header:
+            section = len(header.group(1))
+        elif section is not None and line.strip() and _indent(line) <= section:
+            section = None
         math = _MATH.match(line)
         if math:
-            out.extend([math.group(1) + math.group(2)] if math.group(2) else [])
-            i = _fenced(lines, i + 1, math.group(1), "latex", out)
+            i = _fenced(lines, i + 1, math.group(1), "latex", out, math.group(2))
             continue
+        blank = i + 1 < len(lines) and not lines[i + 1].strip()
         following = next((n for n in lines[i + 1 :] if n.strip()), "")
-        if line.rstrip().endswith("::") and _indent(following) > _indent(line):
+        literal = line.rstrip().endswith("::") and blank and _indent(following) > _indent(line)
+        if literal and section is None:
             stripped = line.rstrip()[:-1]
             out.extend([stripped, ""] if stripped.strip() != ":" else [])
             i = _fenced(lines, i + 1, " " * _indent(line), "python", out)

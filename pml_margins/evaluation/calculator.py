@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import threading
 import warnings
 from collections.abc import Sequence
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger(__name__)
+#: a Recall@K metric's name
+_RECALL_NAME = re.compile(r"recall_at_[1-9][0-9]*")
 
 
 class _SilencedWithPML(logging.Filter):
@@ -683,8 +686,14 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         computed = list(self.original_function_dict)
         prefix = "calculate_"
         known = {name[len(prefix) :] for name in dir(self) if name.startswith(prefix)}
+        known.update(computed)  # (a metric added to the dict after construction)
         for what, names, allowed in (("include", include, computed), ("exclude", exclude, known)):
-            unknown = [name for name in names if name not in allowed]
+            unknown = [  # excluding any recall_at_K is harmless (another calculator's K)
+                name
+                for name in names
+                if name not in allowed
+                and not (what == "exclude" and _RECALL_NAME.fullmatch(str(name)))
+            ]
             if unknown:
                 raise ValueError(
                     f"get_accuracy's {what} names {unknown}, which this calculator does not "

@@ -62,18 +62,23 @@ def test_a_per_class_calculator_is_refused_at_construction() -> None:
 
 
 def test_module_arguments_that_cannot_be_called_are_refused_by_name() -> None:
-    """optimizer="adam", a str loss or a None backbone were taken and failed at fit time."""
+    """optimizer="adam", a str loss or backbone were taken and failed at fit time; None
+    stays allowed where it was (no loss for evaluation alone, a backbone set after
+    super().__init__, no miner or scheduler)."""
     _, module_type, _ = _lightning()
     net, loss = torch.nn.Linear(8, 4), ArcFaceLoss(3, 4)
-    with pytest.raises(TypeError, match="optimizer must be callable, got str"):
-        module_type(net, loss, optimizer="adam")
-    with pytest.raises(TypeError, match="scheduler must be callable, got int"):
-        module_type(net, loss, scheduler=3)
-    with pytest.raises(TypeError, match="backbone must be callable, got NoneType"):
-        module_type(None, loss)
-    with pytest.raises(TypeError, match=r"loss must be a torch\.nn\.Module"):
+    for kwargs, name in (
+        ({"optimizer": "adam"}, "optimizer must be callable, got str"),
+        ({"scheduler": 3}, "scheduler must be callable, got int"),
+        ({"miner": "ms"}, "miner must be callable, got str"),
+        ({"optimizer": None}, "optimizer must be callable, got NoneType"),
+    ):
+        with pytest.raises(TypeError, match=name):
+            module_type(net, loss, **kwargs)
+    with pytest.raises(TypeError, match="loss must be callable, got str"):
         module_type(net, "arcface")
-    with pytest.raises(TypeError, match="miner must be callable"):
-        module_type(net, loss, miner="ms")
+    with pytest.raises(TypeError, match="backbone must be callable, got str"):
+        module_type("resnet", loss)
     module = module_type(net, loss, miner=None, scheduler=None)
     assert module.configure_optimizers() is not None
+    assert module_type(None, loss).backbone is None and module_type(net, None).loss is None

@@ -69,3 +69,18 @@ def test_no_rendered_docstring_keeps_rest_markup() -> None:
             if any(mark in value for mark in (":func:`", ":math:`", ".. math::", ":class:`")):
                 leftovers.append(obj.path)
     assert checked > 200 and leftovers == []
+
+
+def test_literal_blocks_inside_sections_and_inline_math_are_kept_whole() -> None:
+    """From the review of the converter: a ``::`` block inside an Args item was fenced at
+    the item's indentation (griffe then read the fence lines as items), an Args line
+    ending in ``::`` without a blank line became a code block, a one-line ``.. math::``
+    lost its formula, ``:math:`~x``` lost the tilde and a titled role kept its target."""
+    inside = (
+        "Args:\n    spec: a mapping like::\n\n        {'a': 1}\n"
+        "    op: such as aten::\n        add (any namespace).\n"
+    )
+    assert house_style.rest_to_markdown(inside) == inside
+    assert house_style.rest_to_markdown(
+        "A :math:`.5 s`, :math:`~\\theta`, :class:`t <torch.Tensor>`.\n\n.. math:: a = b\n"
+    ) == ("A `.5 s`, `~\\theta`, `t`.\n\n```latex\na = b\n```\n")

@@ -61,3 +61,22 @@ def test_relevant_counts_checks_its_arguments() -> None:
         relevant_counts(torch.tensor([[1], [2]]), torch.tensor([1, 1, 2]), False)
     counts = relevant_counts(torch.tensor([0.5, 2.0]), torch.tensor([0.5, 0.5, 2.0]), True)
     assert [c.tolist() for c in counts] == [[2, 1], [1, 0]]
+    # truth values PML's callers pass, and no query against no reference, as before
+    query, reference = torch.tensor([1, 2]), torch.tensor([1, 1, 2])
+    for flag in (1, np.bool_(True), torch.tensor(True), torch.tensor([1])):
+        assert relevant_counts(query, reference, flag)[1].tolist() == [1, 0]
+    empty = torch.zeros(0, dtype=torch.long)
+    assert [c.tolist() for c in relevant_counts(empty, empty, False)] == [[], []]
+
+
+def test_exclude_takes_any_metric_name_and_any_recall_cut_off() -> None:
+    """From the review of the change: a metric added to the calculator after construction
+    could be included but not excluded, and a harmless recall_at_K of another calculator's
+    cut-offs was refused in exclude."""
+    x, y = _data()
+    calculator = RetrievalAccuracyCalculator(include=("precision_at_1",))
+    calculator.original_function_dict["extra"] = lambda **kwargs: 42.0
+    assert calculator.get_accuracy(x, y, include=("extra",)) == {"extra": 42.0}
+    assert set(calculator.get_accuracy(x, y, exclude=("extra", "recall_at_16"))) == {
+        "precision_at_1"
+    }
