@@ -1,5 +1,7 @@
 """Pure functions: the margin-softmax core, target-logit functions, hyper-parameter bounds."""
 
+import sys as _sys
+
 from pml_margins.functional.autograd_switch import (
     autograd_only,
     autograd_only_enabled,
@@ -92,3 +94,7 @@ __all__ = [
     "sphereface_psi",
     "sphereface_value_and_slope",
 ]
+
+# the former path of the autograd_switch module (renamed: as a submodule, its name hid the
+# class autograd_only from the API reference); old imports and pickles still find it
+_sys.modules.setdefault(__name__ + ".autograd_only", _sys.modules[__name__ + ".autograd_switch"])

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pml_margins.function_transforms import in_function_transform
+from pml_margins.function_transforms import in_function_transform, is_batched, is_compiling
 from pml_margins.validation import (
     caller_checked,
     check_angle_margin,
@@ -184,16 +184,18 @@ def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
     For a non-integer :math:`m` it uses :math:`\theta` of :func:`angle_of`: finite
     gradients, 0 only at :math:`\cos\theta = \pm1` exactly.
     ``multiplier``: a finite number with :math:`|m| \le 100` (the recurrence takes
-    :math:`m` steps; ``ValueError`` otherwise). A tensor ``multiplier`` (learnable, per
-    row, under ``vmap``) always goes through the angle, whatever its values: its gradient
-    :math:`-\theta\sin(m\theta)` is kept (reading a whole-number value to take the
-    recurrence cut it), as :func:`combined_margin_target` does for a tensor ``m1``.
+    :math:`m` steps; ``ValueError`` otherwise). A one-element tensor ``multiplier`` with
+    a whole-number value takes the recurrence too, and keeps its gradient
+    :math:`\partial/\partial m = -\theta\sin(m\theta)` (reading it as a number cut
+    it); any other tensor (per row, not a whole number, under ``vmap`` or
+    ``torch.compile``, where its value is not read) goes through the angle, as a
+    non-integer number does.
     """
     if not caller_checked():
         check_angle_multiple(multiplier)
     cosine = _floating(cosine)
     if isinstance(multiplier, torch.Tensor):
-        return torch.cos(multiplier * angle_of(cosine))
+        return _cos_multiple_angle_of_tensor(cosine, multiplier)
     multiplier = abs(multiplier)  # cos is even: cos(-m theta) = cos(m theta)
     if float(multiplier).is_integer():
         m = int(multiplier)
@@ -206,6 +208,29 @@ def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
             t_prev, t_curr = t_curr, 2 * cosine * t_curr - t_prev
         return t_curr
     return torch.cos(multiplier * angle_of(cosine))
+
+
+def _cos_multiple_angle_of_tensor(cosine: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """:func:`cos_multiple_angle` of a tensor ``multiplier`` (see there): the recurrence's
+    value for one whole number, plus ``(m - m.detach())`` times the detached slope in
+    ``m`` (0 in value, that slope in gradient); else through the angle."""
+    whole = (
+        multiplier.numel() == 1
+        and not multiplier.is_complex()
+        and not is_compiling()
+        and not is_batched(multiplier)
+        and float(multiplier.detach()).is_integer()
+    )
+    if not whole:
+        return torch.cos(multiplier * angle_of(cosine))
+    m = multiplier.reshape(())
+    value = cos_multiple_angle(cosine, abs(int(float(m.detach()))))
+    if not m.requires_grad:
+        return value
+    with torch.no_grad():
+        theta = angle_of(cosine)
+        slope = -theta * torch.sin(m.to(theta.dtype) * theta)
+    return value + ((m - m.detach()).to(value.dtype) * slope).to(value.dtype)
 
 
 def angle_of(cosine: torch.Tensor) -> torch.Tensor:

@@ -55,14 +55,17 @@ class FloatStatisticsMixin:
         """The running statistics (:attr:`statistic_buffers`) that a training step may move,
         each with a copy and its version counter, for :meth:`restore_statistics` if the step
         fails; empty in eval mode, where none moves."""
+        kept: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
         if not self.training:  # type: ignore[attr-defined]
-            return {}
+            return kept
         buffers = self._buffers  # type: ignore[attr-defined]
-        return {
-            name: (value, value.detach().clone(), value._version)
-            for name in self.statistic_buffers
-            if isinstance(value := buffers.get(name), torch.Tensor)
-        }
+        for name in self.statistic_buffers:  # (a loop: dynamo broke the graph on a
+            value = buffers.get(name)  # comprehension with an assignment expression)
+            # an inference tensor has no version counter (and is updated in inference
+            # mode only, where no copy can be put back either): not kept
+            if isinstance(value, torch.Tensor) and not value.is_inference():
+                kept[name] = (value, value.detach().clone(), value._version)
+        return kept
 
     def restore_statistics(self, saved: dict[str, tuple[torch.Tensor, torch.Tensor, int]]) -> None:
         """Put back the running statistics :meth:`statistics_kept` kept, those the step

@@ -53,3 +53,27 @@ def test_a_callable_scale_where_none_is_taken_is_refused_by_name(function) -> No
     logits, labels = torch.randn(4, 6).tanh(), torch.tensor([0, 1, 2, 3])
     with pytest.raises(TypeError, match="scale must be a number or a tensor here"):
         function(logits, labels, None, lambda blocks: 3.0)
+
+
+def test_a_whole_number_tensor_multiplier_keeps_the_recurrence() -> None:
+    """From the review of the change: every tensor multiplier went through the clamped
+    angle, so a whole-number one lost the recurrence's values beyond |cos| = 1 (other
+    distances give them) and its slope m^2 at cos = +-1."""
+    cosine = torch.tensor([-1.2, -1.0, 0.3, 1.0, 1.3], dtype=torch.float64, requires_grad=True)
+    m = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    value = cos_multiple_angle(cosine, m)
+    torch.testing.assert_close(value, 2 * cosine.detach() ** 2 - 1)  # T_2
+    (grad_cosine,) = torch.autograd.grad(value.sum(), cosine)
+    torch.testing.assert_close(grad_cosine, 4 * cosine.detach())
+    assert torch.equal(cos_multiple_angle(cosine, torch.tensor(1.0)), cosine)
+
+
+def test_the_switch_module_s_former_path_still_imports() -> None:
+    """From the review of the change: the rename to autograd_switch broke
+    ``from pml_margins.functional.autograd_only import backward_once``."""
+    import pml_margins.functional as functional
+    from pml_margins.functional import autograd_switch
+    from pml_margins.functional.autograd_only import autograd_only, backward_once
+
+    assert backward_once is autograd_switch.backward_once
+    assert functional.autograd_only is autograd_only is autograd_switch.autograd_only

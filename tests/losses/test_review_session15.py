@@ -127,3 +127,35 @@ def test_a_scheduler_on_w_says_it_is_a_learned_parameter() -> None:
         MarginScheduler(ArcFaceLoss(5, 4), 1, 3, total_steps=4, attr="W")
     with pytest.raises(ValueError, match="a buffer the loss sets itself"):
         MarginScheduler(AdaCosLoss(5, 4), 1, 3, total_steps=4, attr="scale")
+
+
+def test_statistics_made_in_inference_mode_train_there() -> None:
+    """From the review of the change: keeping the statistics read each one's version
+    counter, which an inference tensor lacks: every training step of a loss built under
+    torch.inference_mode() failed there."""
+    x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 4, 0])
+    for loss_type in STATISTIC_LOSSES:
+        with torch.inference_mode():
+            loss_fn = loss_type(5, 8)
+            before = [b.clone() for b in loss_fn.buffers()]
+            assert torch.isfinite(loss_fn(x, y))
+            after = list(loss_fn.buffers())
+            assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_keeping_the_statistics_adds_no_graph_break() -> None:
+    """From the review of the change: the statistics' copy, a comprehension with an
+    assignment expression, broke every compiled class-weight loss's graph ("Read
+    uninitialized cell"), ArcFace's too (no statistics)."""
+    from torch._dynamo.utils import counters
+
+    from pml_margins.losses import ArcFaceLoss
+
+    torch._dynamo.reset()
+    counters.clear()
+    for loss_type in (ArcFaceLoss, CurricularFaceLoss):
+        compiled = torch.compile(loss_type(5, 8), backend="eager")
+        compiled(torch.randn(6, 8, requires_grad=True), torch.tensor([0, 1, 2, 3, 4, 0]))
+    reasons = [str(reason) for reason in counters["graph_break"]]
+    assert not [r for r in reasons if "uninitialized cell" in r], reasons
+    torch._dynamo.reset()
