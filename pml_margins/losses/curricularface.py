@@ -204,7 +204,13 @@ class CurricularFaceLoss(ClassWeightLoss):
     :math:`\cos\theta_y - m\sin m` (the paper's code does the same), while the hard
     negatives are still those above :math:`\cos(\theta_y + m)` itself
     (:func:`curricular_hard_bound`, as the code compares). With no hard negative the
-    loss is ArcFace's.
+    loss is ArcFace's. The bound is formed from each row's target cosine, which the fused
+    core (default mode, ``chunk_size``, ``sample_rate``) takes from a row's dot product
+    and the plain path (:func:`~pml_margins.autograd_only`) from the logits' matrix
+    product, as the non-target cosines: at an exact tie (``margin=0`` with a class weight
+    duplicated, say) the two products may round apart by an ulp, and the duplicate then
+    counts as a hard negative on the fused core but not on the plain path (the paper's
+    code, one product, does as the plain path). Elsewhere the paths agree to rounding.
 
     **Units:** ``margin`` in radians; ``scale`` and ``momentum`` unitless. Recommended
     (paper, faces): ``m = 0.5`` rad, ``s = 64``, ``momentum = 0.01``; for CUB/SOP-sized
