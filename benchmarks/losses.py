@@ -10,6 +10,8 @@ one forward + backward of
 * ``ours-unchecked``: the same under ``pml_margins.value_checks(False)`` (the
   difference is the cost of the input checks),
 * ``ours-bounded``: the same with ``chunk_size="auto"`` (no (B, C) tensor),
+* ``ours-sampled``: with ``--sample-rate R < 1``, the same with Partial FC's
+  ``sample_rate=R`` (another loss: its ``|d| PML`` is not shown),
 * ``plain``: a plain torch implementation, as a user would write it (normalize,
   matmul, gather the target cosine, margin, scatter, scale, cross-entropy),
 * ``pml``: pytorch-metric-learning's loss with the same hyper-parameters and ``W``
@@ -128,8 +130,11 @@ class PlainTorchLoss(torch.nn.Module):
         return F.cross_entropy(logits, labels)
 
 
-def make_loss(name: str, impl: str, num_classes: int, dim: int) -> torch.nn.Module:
-    """Same hyper-parameters on every side (PML's ArcFace margin is in degrees)."""
+def make_loss(
+    name: str, impl: str, num_classes: int, dim: int, sample_rate: float = 1.0
+) -> torch.nn.Module:
+    """Same hyper-parameters on every side (PML's ArcFace margin is in degrees);
+    ``sample_rate``: Partial FC's, for ``ours-sampled``."""
     if impl == "plain":
         return PlainTorchLoss(name, num_classes, dim)
     if impl == "pml":
@@ -148,7 +153,9 @@ def make_loss(name: str, impl: str, num_classes: int, dim: int) -> torch.nn.Modu
                 sub_centers=SUB_CENTERS,
             ),
         }[name]()
-    kwargs = {"chunk_size": "auto"} if impl == "ours-bounded" else {}
+    kwargs: dict = {"chunk_size": "auto"} if impl == "ours-bounded" else {}
+    if impl == "ours-sampled":
+        kwargs = {"sample_rate": sample_rate}
     return {
         "arcface": lambda: ours.ArcFaceLoss(
             num_classes, dim, margin=ARC_MARGIN, scale=SCALE, **kwargs
@@ -202,7 +209,8 @@ class Case:
             self.w = torch.randn(dim, columns, generator=gen).to(args.device)
             self.loss = None
         else:
-            self.loss = make_loss(loss, impl, num_classes, dim).to(args.device)
+            rate = getattr(args, "sample_rate", 1.0)
+            self.loss = make_loss(loss, impl, num_classes, dim, rate).to(args.device)
             with torch.no_grad():  # one W for every implementation
                 gen.manual_seed(1)
                 self.loss.W.copy_(torch.randn(dim, columns, generator=gen))
@@ -273,6 +281,8 @@ def run(args) -> list[dict]:
     for size in sizes:
         big = size[2] > args.default_max_classes
         impls = ["ours-bounded"] if big else ["ours", "ours-unchecked", "ours-bounded", "plain"]
+        if getattr(args, "sample_rate", 1.0) < 1:
+            impls.insert(1 if big else 3, "ours-sampled")
         if not big or args.pml_large:
             impls.append("pml")
         cases = {("floor", "-"): Case("floor", "-", size, args)}
@@ -314,7 +324,9 @@ def run(args) -> list[dict]:
                 "mem_MB": float("nan"),
                 "value": loss_values.get((impl, loss), float("nan")),
                 "pml_gap": abs(loss_values[(impl, loss)] - loss_values[("pml", loss)])
-                if ("pml", loss) in loss_values and (impl, loss) in loss_values
+                if ("pml", loss) in loss_values
+                and (impl, loss) in loss_values
+                and impl != "ours-sampled"  # (another loss: the sampled classes' softmax)
                 else float("nan"),
             }
             if not args.no_memory:
@@ -384,7 +396,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--default-max-classes", type=int, default=DEFAULT_MAX_CLASSES)
     parser.add_argument("--pml-large", action="store_true", help="also run PML above that")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
+    parser.add_argument(
+        "--sample-rate",
+        type=float,
+        default=1.0,
+        help="below 1: also time ours with Partial FC at this rate (row ours-sampled)",
+    )
     args = parser.parse_args(argv)
+    if not 0 < args.sample_rate <= 1:
+        parser.error(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     if args.threads:

@@ -55,3 +55,20 @@ def test_losses_without_pml_counterpart_run_ours_only():
         for loss in ("elasticface", "adacos", "magface", "adaface", "curricularface")
         for i in ("ours", "ours-unchecked", "ours-bounded")
     }
+
+
+def test_sample_rate_adds_a_partial_fc_row_of_ours():
+    """--sample-rate R times ours with Partial FC beside the full losses (the README's
+    Partial FC figures); its value is another loss's, so no |d| PML is shown."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "losses.py"), "--repeats", "1"]
+    cmd += ["--sizes", "64x32x300", "--no-memory", "--threads", "1"]
+    cmd += ["--losses", "arcface,adacos", "--sample-rate", "0.2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=True)
+    lines = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
+    rows = {(r[1], r[2]): r for r in lines}
+    assert ("arcface", "ours-sampled") in rows and ("adacos", "ours-sampled") in rows
+    assert rows[("arcface", "ours-sampled")][-1] == "nan"
+    assert float(rows[("arcface", "ours")][-1]) <= 1e-4
+    bad = subprocess.run([*cmd[:-1], "1.5"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "--sample-rate must be in (0, 1]" in bad.stderr
