@@ -25,6 +25,7 @@ from pml_margins.bench.data import RetrievalData
 
 __all__ = [
     "EXCLUDED_FONTS",
+    "TEX_ENCODED_FONTS",
     "GlyphFontsError",
     "GlyphSet",
     "build_glyph_set",
@@ -37,6 +38,11 @@ __all__ = [
 #: operators and Computer Modern's extension/symbol fonts (pieces of brackets and
 #: operators mapped onto ordinary code points).
 EXCLUDED_FONTS: tuple[str, ...] = ("LastResort", "STIXSiz", "cmex10", "cmsy10")
+
+#: fonts whose character map is TeX's encoding, not Unicode (matplotlib's BaKoMa Computer
+#: Modern): a code point draws what TeX puts there (cmr10's U+00A7 is Sigma, its "{" an en
+#: dash); only the characters whose glyph's name says they are that character are taken
+TEX_ENCODED_FONTS: tuple[str, ...] = ("cmb10", "cmmi10", "cmr10", "cmss10", "cmti10", "cmtt10")
 
 #: Unicode categories kept: letters, digits/numbers, punctuation and symbols
 #: (no marks, separators or control/format/private-use characters).
@@ -103,6 +109,19 @@ def _is_kept(code: int) -> bool:
     return char.isprintable() and unicodedata.category(char)[0] in _KEPT_CATEGORIES
 
 
+def _unicode_codes(font: object, tex_encoded: bool) -> list[int]:
+    """The code points ``font`` (an ``FT2Font``) draws as themselves: every one of its
+    character map, or for a :data:`TEX_ENCODED_FONTS` font those whose glyph's name
+    (the Adobe Glyph List's, through fontTools, a matplotlib dependency) is that code
+    point's character; a glyph of an unknown name is left out."""
+    charmap = font.get_charmap()
+    if not tex_encoded:
+        return list(charmap)
+    from fontTools.agl import toUnicode
+
+    return [c for c, g in charmap.items() if toUnicode(font.get_glyph_name(g)) == chr(c)]
+
+
 def render_glyph(font: object, char: str, size: int) -> np.ndarray | None:
     """``char`` in ``font`` (an ``FT2Font``) as a ``size x size`` uint8 image, or ``None``.
 
@@ -167,8 +186,8 @@ def build_glyph_set(
     fonts = [FT2Font(path) for path in paths]
     wanted = None if characters is None else {ord(c) for c in characters}
     coverage: dict[int, list[int]] = {}
-    for font_id, font in enumerate(fonts):
-        for code in font.get_charmap():
+    for font_id, (path, font) in enumerate(zip(paths, fonts, strict=True)):
+        for code in _unicode_codes(font, os.path.basename(path).startswith(TEX_ENCODED_FONTS)):
             if (wanted is None or code in wanted) and _is_kept(code):
                 coverage.setdefault(code, []).append(font_id)
     images, labels, font_ids, chars = [], [], [], []

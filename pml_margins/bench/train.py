@@ -149,10 +149,12 @@ def _loader(dataset: Dataset, setup: LossSetup, cfg: TrainConfig) -> DataLoader:
         from pytorch_metric_learning.samplers import MPerClassSampler
 
         labels = dataset_labels(dataset)
-        m = 4
+        # two classes at least (one class per batch: no negative pair, a pair loss of 0
+        # every step): 4 per class from a batch of 8, 2 in a batch of 4 or 6
+        m = 4 if cfg.batch_size >= 8 else 2
         # (a set smaller than one batch: the plain loader below, empty, and its error)
         fits = len(labels) >= cfg.batch_size and len(set(labels)) * m >= cfg.batch_size
-        if cfg.batch_size % m == 0 and fits:
+        if cfg.batch_size % m == 0 and cfg.batch_size >= 2 * m and fits:
             sampler = MPerClassSampler(
                 labels, m, batch_size=cfg.batch_size, length_before_new_iter=len(labels)
             )

@@ -1,0 +1,72 @@
+"""Defects found by this session's review of the benchmark, each test failing on the code
+before its fix."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from pml_margins.bench import glyphs
+
+
+@pytest.fixture(scope="module")
+def computer_modern() -> dict[str, str]:
+    by_name = {os.path.basename(p): p for p in glyphs.glyph_font_files()}
+    return {n: by_name[n + ".ttf"] for n in glyphs.TEX_ENCODED_FONTS if n + ".ttf" in by_name}
+
+
+def test_tex_encoded_fonts_give_only_the_characters_they_draw(computer_modern) -> None:
+    """matplotlib's Computer Modern fonts map code points in TeX's encoding: cmr10's
+    U+00A7 draws a Sigma, its '{' an en dash, cmmi10's '!' an omega; the set took them as
+    those characters (about 230 wrong labels of 32,234 images, some across the split)."""
+    assert set(computer_modern) == set(glyphs.TEX_ENCODED_FONTS)  # all six ship with it
+    cmr10 = computer_modern["cmr10"]
+    with pytest.raises(ValueError, match="no character is drawn"):  # (it draws none of them)
+        glyphs.build_glyph_set(characters="§{", font_files=[cmr10, cmr10], min_fonts=2)
+    cmr = glyphs.build_glyph_set(characters="AB§", font_files=[cmr10, cmr10], min_fonts=2)
+    assert cmr.characters == ("A", "B")  # letters keep their images
+    from matplotlib.ft2font import FT2Font
+
+    font = FT2Font(computer_modern["cmmi10"])
+    codes = set(glyphs._unicode_codes(font, tex_encoded=True))
+    assert ord("!") not in codes and ord("a") in codes
+    assert len(glyphs._unicode_codes(font, tex_encoded=False)) == len(font.get_charmap())
+
+
+def test_no_image_of_a_tex_encoded_font_is_another_character() -> None:
+    """In the default set, every Computer Modern image's character is its glyph's own."""
+    from fontTools.agl import toUnicode
+    from matplotlib.ft2font import FT2Font
+
+    glyph_set = glyphs.build_glyph_set(characters='§¡¢£{|}!"#:;=<>AaΣΓ')
+    by_name = {os.path.basename(p): p for p in glyphs.glyph_font_files()}
+    for label, font_id in zip(glyph_set.labels, glyph_set.font_ids, strict=True):
+        name = glyph_set.fonts[font_id]
+        if not name.startswith(glyphs.TEX_ENCODED_FONTS):
+            continue
+        font = FT2Font(by_name[name])
+        char = glyph_set.characters[label]
+        assert toUnicode(font.get_glyph_name(font.get_charmap()[ord(char)])) == char
+    assert np.unique(glyph_set.labels).size == len(glyph_set.characters)
+
+
+@pytest.mark.parametrize(("batch_size", "per_class"), [(4, 2), (6, 2), (8, 4), (12, 4)])
+def test_mined_batches_hold_two_classes_at_least(batch_size, per_class) -> None:
+    """--batch-size 4 with a miner took MPerClassSampler(m=4): one class per batch, no
+    negative pair, Circle loss 0 at every step and a table row for an untrained model."""
+    import torch
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+    from torch.utils.data import TensorDataset
+
+    from pml_margins.bench import registry, train
+
+    setup = registry.build_loss("circle", 4, 3)
+    setup.miner = MultiSimilarityMiner()
+    data = TensorDataset(torch.randn(48, 4), torch.arange(48) % 6)
+    loader = train._loader(data, setup, train.TrainConfig(batch_size=batch_size))
+    for _, labels in loader:
+        counts = torch.bincount(labels)
+        assert sorted(set(counts[counts > 0].tolist())) == [per_class]
+        assert (counts > 0).sum() >= 2
