@@ -26,6 +26,7 @@ from pml_margins.bench.data import RetrievalData
 __all__ = [
     "EXCLUDED_FONTS",
     "TEX_ENCODED_FONTS",
+    "TEX_MISNAMED",
     "GlyphFontsError",
     "GlyphSet",
     "build_glyph_set",
@@ -43,6 +44,9 @@ EXCLUDED_FONTS: tuple[str, ...] = ("LastResort", "STIXSiz", "cmex10", "cmsy10")
 #: Modern): a code point draws what TeX puts there (cmr10's U+00A7 is Sigma, its "{" an en
 #: dash); only the characters whose glyph's name says they are that character are taken
 TEX_ENCODED_FONTS: tuple[str, ...] = ("cmb10", "cmmi10", "cmr10", "cmss10", "cmti10", "cmtt10")
+#: characters of those fonts whose glyph is named as them but draws another: cmti10's
+#: "dollar" is a pound sign (TeX's ``\pounds`` is the italic dollar)
+TEX_MISNAMED: dict[str, str] = {"cmti10": "$"}
 
 #: Unicode categories kept: letters, digits/numbers, punctuation and symbols
 #: (no marks, separators or control/format/private-use characters).
@@ -109,17 +113,23 @@ def _is_kept(code: int) -> bool:
     return char.isprintable() and unicodedata.category(char)[0] in _KEPT_CATEGORIES
 
 
-def _unicode_codes(font: object, tex_encoded: bool) -> list[int]:
+def _unicode_codes(font: object, tex_encoded: bool, misnamed: str = "") -> list[int]:
     """The code points ``font`` (an ``FT2Font``) draws as themselves: every one of its
     character map, or for a :data:`TEX_ENCODED_FONTS` font those whose glyph's name
     (the Adobe Glyph List's, through fontTools, a matplotlib dependency) is that code
-    point's character; a glyph of an unknown name is left out."""
+    point's character, but the characters in ``misnamed`` (:data:`TEX_MISNAMED`); a glyph
+    of a name the list does not know is left out (cmmi10's old-style digits among them:
+    the list maps ``zerooldstyle`` to a private-use code point)."""
     charmap = font.get_charmap()
     if not tex_encoded:
         return list(charmap)
     from fontTools.agl import toUnicode
 
-    return [c for c, g in charmap.items() if toUnicode(font.get_glyph_name(g)) == chr(c)]
+    return [
+        c
+        for c, g in charmap.items()
+        if toUnicode(font.get_glyph_name(g)) == chr(c) and chr(c) not in misnamed
+    ]
 
 
 def render_glyph(font: object, char: str, size: int) -> np.ndarray | None:
@@ -187,7 +197,9 @@ def build_glyph_set(
     wanted = None if characters is None else {ord(c) for c in characters}
     coverage: dict[int, list[int]] = {}
     for font_id, (path, font) in enumerate(zip(paths, fonts, strict=True)):
-        for code in _unicode_codes(font, os.path.basename(path).startswith(TEX_ENCODED_FONTS)):
+        name = os.path.basename(path)
+        misnamed = next((v for k, v in TEX_MISNAMED.items() if name.startswith(k)), "")
+        for code in _unicode_codes(font, name.startswith(TEX_ENCODED_FONTS), misnamed):
             if (wanted is None or code in wanted) and _is_kept(code):
                 coverage.setdefault(code, []).append(font_id)
     images, labels, font_ids, chars = [], [], [], []

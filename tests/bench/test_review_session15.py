@@ -70,3 +70,17 @@ def test_mined_batches_hold_two_classes_at_least(batch_size, per_class) -> None:
         counts = torch.bincount(labels)
         assert sorted(set(counts[counts > 0].tolist())) == [per_class]
         assert (counts > 0).sum() >= 2
+
+
+def test_cmti10_s_dollar_is_left_out(computer_modern) -> None:
+    """From the review of the fix: cmti10's glyph at '$' is named "dollar" but draws a
+    pound sign (TeX's \\pounds is the italic dollar): it passed the name check."""
+    from matplotlib.ft2font import FT2Font
+
+    font = FT2Font(computer_modern["cmti10"])
+    assert ord("$") in glyphs._unicode_codes(font, True)  # the name alone would keep it
+    assert ord("$") not in glyphs._unicode_codes(font, True, glyphs.TEX_MISNAMED["cmti10"])
+    glyph_set = glyphs.build_glyph_set(characters="$£")
+    dollar = glyph_set.characters.index("$")
+    fonts = {glyph_set.fonts[f] for f in glyph_set.font_ids[glyph_set.labels == dollar]}
+    assert "cmti10.ttf" not in fonts and "cmr10.ttf" in fonts
