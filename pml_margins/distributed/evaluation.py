@@ -353,7 +353,11 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
         # every rank raises if one does (no rank left waiting in a collective), and when
         # the ranks' settings differ (other collectives: a hang, or an abort)
         device = self.device if self.device is not None else _device_of(query)
-        metrics = (*self.original_function_dict, "include", *include, "exclude", *exclude)
+        # (a bad include/exclude, refused by check() on every rank, is compared as its repr)
+        asked = [
+            tuple(v) if isinstance(v, (tuple, list)) else (repr(v),) for v in (include, exclude)
+        ]
+        metrics = (*self.original_function_dict, "include", *asked[0], "exclude", *asked[1])
         settings = (str(self.k), metrics, ref_includes_query, reference is None)
         settings += (self.avg_of_avgs, self.return_per_class, self.recall_ks, str(self.exact))
         # a user's label comparison and k-means by name (their code cannot be compared)

@@ -568,7 +568,16 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
             names = ", ".join(n for n, _ in scalars)
             values = torch.stack([b.detach().double() for _, b in scalars])
             equal = {f"loss buffers ({names})": values}
-            checked_on_every_rank(lambda: None, self.group, self.W_local.device, equal=equal)
+            checked_on_every_rank(
+                lambda: None,
+                self.group,
+                self.W_local.device,
+                equal=equal,
+                equal_hint=(
+                    "load the same state dict on every rank; a step that failed on some "
+                    "ranks only leaves them apart too (those ranks put their statistics back)"
+                ),
+            )
         # gathered in the loss's compute dtype (float32 for half embeddings): each rank's
         # share of a row's gradient is summed over the ranks unrounded, then cast back once
         saved = self.loss.statistics_kept()  # (put back if the step fails: as in one process)
