@@ -261,7 +261,8 @@ def _run_config(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str,
         and args.dataset in _DATASET_FLAGS.get(k, (args.dataset,))
     } | settings
     if args.embeddings_only:  # nothing trained: each checkpoint's entry says how it was
-        unread = {*_NOT_REEVALUATED, *({"losses"} - set(_given(args, ("losses",))))}
+        # (and with which --amp it is embedded: its own, where it recorded one)
+        unread = {*_NOT_REEVALUATED, "amp", *({"losses"} - set(_given(args, ("losses",))))}
         config = {k: v for k, v in config.items() if k not in unread}
     return config
 
@@ -867,6 +868,7 @@ def _evaluate_checkpoints(
                 "label": saved["label"],
                 "model": description,
                 "checkpoint": path,
+                "amp": amp,  # (the checkpoint's own where it kept one, else --amp)
                 "hyperparameters": saved.get("hyperparameters", {}),
                 "train_seconds": saved.get("train_seconds"),
                 "images_per_second": saved.get("images_per_second"),

@@ -67,7 +67,7 @@ def run_sphere(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     """Validate the command line before any training; returns the losses and dimensions."""
-    from pml_margins.bench import registry, train
+    from pml_margins.bench import registry
 
     names = [n.strip() for n in args.losses.split(",") if n.strip()]
     if not names:
@@ -87,11 +87,7 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     if problem := thread_count_problem(args.threads):
         raise SphereError(f"--threads {problem}")
     try:
-        train.resolve_device(args.device)
-    except (RuntimeError, ValueError) as error:
-        raise SphereError(f"--device: {str(error).splitlines()[0]}") from None
-    try:
-        device_arg(args.device)  # a device that is not here (mps, xpu, meta, ...)
+        device_arg(args.device)  # an unknown name, a device that is not here: as eval's
         check_seed(args.seed)
     except ValueError as error:
         raise SphereError(str(error)) from None
@@ -125,6 +121,15 @@ def _check_out(path: str) -> None:
         check_out_folder(os.path.dirname(os.path.abspath(path)), f"--out {path}: its folder")
     except ValueError as error:
         raise SphereError(str(error)) from None
+
+
+def saved_figure_path(out: str) -> str:
+    """The file matplotlib's ``savefig(out)`` writes (its own rule): ``out`` when
+    ``os.path.splitext`` gives it a format, else ``out`` without trailing dots plus
+    ``.png`` (``dot.`` is ``dot.png``, ``.png`` is ``.png.png``)."""
+    if os.path.splitext(out)[1][1:]:
+        return out
+    return out.rstrip(".") + ".png"
 
 
 def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> int:
@@ -179,6 +184,5 @@ def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> 
         raise SphereError("no loss could be trained, nothing to plot")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     sphere_plot.plot_sphere_grid(panels.get(2, []), panels.get(3, []), args.out)
-    written = args.out if os.path.splitext(args.out)[1] else args.out + ".png"  # matplotlib's
-    print(f"wrote {written}")
+    print(f"wrote {saved_figure_path(args.out)}")
     return 0

@@ -352,6 +352,8 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     if any(k < 1 for k in args.recall_ks):
         raise CliError(f"--recall-ks must be positive, got {args.recall_ks}")
+    if args.output == "":
+        raise CliError("--output: an empty path names no file")
     if args.output:
         _check_output(args.output)
     _check_metric_names(args, RetrievalAccuracyCalculator)

@@ -331,7 +331,7 @@ def test_bad_input_exits_2_with_one_line(
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
 def test_cuda_without_gpu_exits_2(tmp_path: Path, runs: list, capsys) -> None:
     assert _sphere(tmp_path, "--device", "cuda") == 2
-    assert "--device: --device cuda requested but" in capsys.readouterr().err
+    assert "--device cuda but CUDA is not available" in capsys.readouterr().err
     assert not runs
 
 

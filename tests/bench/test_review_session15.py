@@ -84,3 +84,35 @@ def test_cmti10_s_dollar_is_left_out(computer_modern) -> None:
     dollar = glyph_set.characters.index("$")
     fonts = {glyph_set.fonts[f] for f in glyph_set.font_ids[glyph_set.labels == dollar]}
     assert "cmti10.ttf" not in fonts and "cmr10.ttf" in fonts
+
+
+def test_cli_corners_from_the_cli_review(tmp_path) -> None:
+    """bench --embeddings-only recorded an --amp it said it did not read (no entry said
+    which it used); sphere --out 'dot.' printed 'wrote dot.' where matplotlib wrote
+    dot.png; sphere --device foo printed torch's list of device types, --device cuda
+    named the flag twice; eval --output '' was taken and wrote nothing."""
+    import json
+
+    import numpy as np
+
+    from pml_margins.bench.cli_sphere import saved_figure_path
+    from pml_margins.cli import main
+    from tests.bench.conftest import run_cli
+    from tests.bench.test_cli_bench import TINY
+
+    out = tmp_path / "run"
+    assert run_cli(["bench", *TINY, "--losses", "softmax", "--amp", "bf16", "--out", str(out)]) == 0
+    again = ["bench", *TINY, "--embeddings-only", "--amp", "fp16", "--out", str(out)]
+    assert run_cli(again) == 0
+    saved = json.loads((out / "reevaluated.json").read_text())
+    assert "amp" not in saved["config"] and saved["losses"][0]["amp"] == "bf16"
+
+    assert saved_figure_path("dot.") == "dot.png" and saved_figure_path(".png") == ".png.png"
+    assert saved_figure_path("f.svg") == "f.svg" and saved_figure_path("f") == "f.png"
+    with pytest.raises(SystemExit, match=r"--device: not a device: 'foo' \(cpu, cuda, \.\.\.\)"):
+        run_cli(["sphere", "--device", "foo", "--out", str(tmp_path / "s.png")])
+
+    np.save(tmp_path / "e.npy", np.random.default_rng(0).normal(size=(6, 3)))
+    np.save(tmp_path / "y.npy", np.arange(6) % 2)
+    args = ["eval", "--embeddings", str(tmp_path / "e.npy"), "--labels", str(tmp_path / "y.npy")]
+    assert main([*args, "--output", ""]) == 2
