@@ -44,7 +44,7 @@ def device_arg(name: str) -> torch.device:
         return device
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda but CUDA is not available")
+            raise ValueError(f"--device {name} but CUDA is not available")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
         return device

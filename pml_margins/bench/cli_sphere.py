@@ -125,11 +125,14 @@ def _check_out(path: str) -> None:
 
 def saved_figure_path(out: str) -> str:
     """The file matplotlib's ``savefig(out)`` writes (its own rule): ``out`` when
-    ``os.path.splitext`` gives it a format, else ``out`` without trailing dots plus
-    ``.png`` (``dot.`` is ``dot.png``, ``.png`` is ``.png.png``)."""
+    ``os.path.splitext`` gives it a format, else ``out`` without trailing dots plus the
+    ``savefig.format`` setting's suffix (``.png`` by default: ``dot.`` is ``dot.png``,
+    ``.png`` is ``.png.png``)."""
     if os.path.splitext(out)[1][1:]:
         return out
-    return out.rstrip(".") + ".png"
+    import matplotlib
+
+    return out.rstrip(".") + "." + matplotlib.rcParams["savefig.format"]
 
 
 def _run_sphere(args: argparse.Namespace, names: list[str], dims: list[int]) -> int:

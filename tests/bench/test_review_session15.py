@@ -116,3 +116,21 @@ def test_cli_corners_from_the_cli_review(tmp_path) -> None:
     np.save(tmp_path / "y.npy", np.arange(6) % 2)
     args = ["eval", "--embeddings", str(tmp_path / "e.npy"), "--labels", str(tmp_path / "y.npy")]
     assert main([*args, "--output", ""]) == 2
+
+
+def test_the_printed_figure_follows_savefig_format(monkeypatch) -> None:
+    """From the review of the CLI fix: a name without a suffix was given .png where
+    matplotlib adds its savefig.format setting's; --device cuda:0 lost its index in the
+    error."""
+    import matplotlib
+
+    from pml_margins.bench.cli_sphere import saved_figure_path
+    from pml_margins.cli import device_arg
+
+    monkeypatch.setitem(matplotlib.rcParams, "savefig.format", "svg")
+    assert saved_figure_path("fig") == "fig.svg" and saved_figure_path("f.png") == "f.png"
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"--device cuda:0 but CUDA is not available"):
+            device_arg("cuda:0")
