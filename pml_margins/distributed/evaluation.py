@@ -32,7 +32,6 @@ from pml_margins.distributed.collectives import (
 )
 from pml_margins.evaluation import RetrievalAccuracyCalculator
 from pml_margins.evaluation.calculator import (
-    check_metric_names,
     common_float,
     describe_knn,
 )
@@ -332,8 +331,7 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             """(query, query_labels, shard, shard_labels), checked, on the compute device;
             query and its labels are None when the set is evaluated against itself (the
             whole set is then gathered from the shards)."""
-            check_metric_names(include, exclude)
-            self._check_call_metrics(include, exclude)
+            self._check_call_metrics(include, exclude)  # (their type first)
             if refused is not None:
                 raise refused
             if reference is None:  # PML then ignores reference_labels: the query's own

@@ -634,7 +634,6 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
                 the query.
         """
         ref_includes_query = bool(ref_includes_query)  # PML reads its truth value
-        check_metric_names(include, exclude)
         self._check_call_metrics(include, exclude)
         self.refresh_search()
         ignored = None
@@ -679,27 +678,36 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         )
 
     def _check_call_metrics(self, include: Sequence[str], exclude: Sequence[str]) -> None:
-        """``ValueError`` for a name in a call's ``include`` that this calculator does not
-        compute (its construction's ``include``/``exclude``/``recall_ks``) or in its
-        ``exclude`` that no metric has: PML drops them silently (``include=
-        ("recall_at_10",)`` with the default ``recall_ks`` returned ``{}``)."""
+        """A call's ``include``/``exclude`` checked: their type (:func:`check_metric_names`),
+        then ``ValueError`` for a name in ``include`` that this calculator does not compute
+        (its construction's ``include``/``exclude``/``recall_ks``) or in ``exclude`` that
+        no metric has (any ``recall_at_K`` allowed: another calculator's cut-off): PML drops
+        them silently (``include=("recall_at_10",)`` with the default ``recall_ks``
+        returned ``{}``)."""
+        check_metric_names(include, exclude)
         computed = list(self.original_function_dict)
-        prefix = "calculate_"
-        known = {name[len(prefix) :] for name in dir(self) if name.startswith(prefix)}
-        known.update(computed)  # (a metric added to the dict after construction)
-        for what, names, allowed in (("include", include, computed), ("exclude", exclude, known)):
-            unknown = [  # excluding any recall_at_K is harmless (another calculator's K)
-                name
-                for name in names
-                if name not in allowed
-                and not (what == "exclude" and _RECALL_NAME.fullmatch(str(name)))
-            ]
-            if unknown:
-                raise ValueError(
-                    f"get_accuracy's {what} names {unknown}, which this calculator does not "
-                    f"compute; it computes {computed} (set at construction by include, "
-                    "exclude and recall_ks)"
-                )
+        unknown = [name for name in include if name not in computed]
+        if unknown:
+            self._refuse_call_metrics("include", unknown, computed)
+        unknown = [
+            name
+            for name in exclude
+            if name not in computed and not _RECALL_NAME.fullmatch(str(name))
+        ]
+        if unknown:  # (the class's calculate_* names, read only for such a name)
+            prefix = "calculate_"
+            known = {name[len(prefix) :] for name in dir(self) if name.startswith(prefix)}
+            unknown = [name for name in unknown if name not in known]
+        if unknown:
+            self._refuse_call_metrics("exclude", unknown, computed)
+
+    @staticmethod
+    def _refuse_call_metrics(what: str, unknown: list, computed: list[str]) -> None:
+        raise ValueError(
+            f"get_accuracy's {what} names {unknown}, which this calculator does not "
+            f"compute; it computes {computed} (set at construction by include, "
+            "exclude and recall_ks)"
+        )
 
     def _check_ignored_reference_labels(self, given: Any, query_labels: torch.Tensor) -> None:
         """``reference_labels`` given without ``reference``: PML ignores them; here they

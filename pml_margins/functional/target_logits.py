@@ -230,7 +230,7 @@ def _cos_multiple_angle_of_tensor(cosine: torch.Tensor, multiplier: torch.Tensor
     with torch.no_grad():
         theta = angle_of(cosine)
         slope = -theta * torch.sin(m.to(theta.dtype) * theta)
-    return value + ((m - m.detach()).to(value.dtype) * slope).to(value.dtype)
+    return value + (m - m.detach()).to(value.dtype) * slope  # (slope: value's dtype)
 
 
 def angle_of(cosine: torch.Tensor) -> torch.Tensor:
