@@ -13,6 +13,7 @@ angle) ``atan2`` of :func:`safe_sine` and the cosine, so gradients stay finite a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -124,12 +125,12 @@ def arcface_target(cosine: torch.Tensor, margin: float, easy_margin: bool = Fals
     """
     margin = check_number_or_tensor(margin, check_signed_angle_margin, "margin")
     easy_margin = easy_margin if caller_checked() else check_bool(easy_margin, "easy_margin")
-    cos_m, sin_m, threshold = _cos_sin(margin)
+    cos_m, sin_m = _cos_sin(margin)
     cosine = angle_cosine(cosine)
     with_margin = cosine * cos_m - safe_sine(cosine) * sin_m
     if easy_margin:
         return torch.where(cosine > 0, with_margin, cosine)
-    return torch.where(cosine > threshold, with_margin, cosine - margin * sin_m)
+    return torch.where(_within_margin(cosine, margin), with_margin, cosine - margin * sin_m)
 
 
 def arcface_value_and_slope(
@@ -146,7 +147,7 @@ def arcface_value_and_slope(
     """
     margin = check_number_or_tensor(margin, check_signed_angle_margin, "margin")
     easy_margin = easy_margin if caller_checked() else check_bool(easy_margin, "easy_margin")
-    cos_m, sin_m, threshold = _cos_sin(margin)
+    cos_m, sin_m = _cos_sin(margin)
     given, cosine = cosine, angle_cosine(cosine)
     sine = ((1 - cosine) * (1 + cosine)).sqrt_()  # (both factors >= 0: cosine is clamped)
     value = cosine * cos_m - sine * sin_m
@@ -160,20 +161,61 @@ def arcface_value_and_slope(
         return torch.where(above, value, cosine), _outside_slope(
             torch.where(above, slope, 1.0), given
         )
-    above = cosine > threshold
+    above = _within_margin(cosine, margin)
     value = torch.where(above, value, cosine - margin * sin_m)
     return value, _outside_slope(torch.where(above, slope, 1.0), given)
 
 
-def _cos_sin(margin: float | torch.Tensor) -> tuple[Any, Any, Any]:
-    """``cos m``, ``sin m`` and ArcFace's threshold ``cos(pi - m)``, below every cosine
-    (-2) for ``m < 0`` (``theta + m <= pi`` always): floats for a number, tensors (with
-    their graph: a learnable or per-row margin) for a tensor."""
+def _cos_sin(margin: float | torch.Tensor) -> tuple[Any, Any]:
+    """``cos m`` and ``sin m``: floats for a number, tensors (with their graph: a learnable
+    or per-row margin) for a tensor."""
     if isinstance(margin, torch.Tensor):
-        cos_m = torch.cos(margin)
-        return cos_m, torch.sin(margin), torch.where(margin < 0, -2.0, -cos_m.detach())
-    threshold = math.cos(math.pi - margin) if margin >= 0 else -2.0
-    return math.cos(margin), math.sin(margin), threshold
+        return torch.cos(margin), torch.sin(margin)
+    return math.cos(margin), math.sin(margin)
+
+
+def _within_margin(cosine: torch.Tensor, margin: float | torch.Tensor) -> torch.Tensor:
+    r"""Where :math:`\theta + m \le \pi` (PML's rule), :math:`\theta` the angle of each
+    cosine as given in its dtype: :math:`\cos\theta \ge \cos(\pi - m) = -\cos m`, the
+    threshold taken up to the least value of the cosines' dtype at or above it (everywhere
+    for :math:`m < 0`). Rounded to the nearest value instead, a threshold that rounds
+    toward 0 equals a cosine whose angle is inside the margin's range and sent it to the
+    fallback (float32, ``m = 0.5``: the cosine -0.87758255). Exact for a number ``m``; for
+    a tensor (per row, learnable) from ``-cos m`` in float64, so exact for float32 and
+    narrower cosines, and for float64 ones up to the last bits of that threshold."""
+    if not isinstance(margin, torch.Tensor):
+        return cosine >= _threshold_at_or_above(margin, cosine.dtype)
+    if margin.device.type == "mps":  # (no float64 there)
+        return cosine >= torch.where(margin < 0, -2.0, -torch.cos(margin.detach()))
+    wide = margin.detach().to(torch.float64)
+    threshold = torch.where(wide < 0, -2.0, -torch.cos(wide))
+    if cosine.dtype == torch.float64:
+        return cosine >= threshold
+    rounded = threshold.to(cosine.dtype)
+    up = torch.nextafter(rounded, torch.full_like(rounded, math.inf))
+    return cosine >= torch.where(rounded.to(torch.float64) < threshold, up, rounded)
+
+
+@torch.compiler.assume_constant_result  # (torch.compile: a constant of the trace)
+def _threshold_at_or_above(margin: float, dtype: torch.dtype) -> float:
+    r"""The least value of ``dtype`` at or above :math:`-\cos m` (-2 for ``m < 0``)."""
+    return _exact_threshold(margin, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _exact_threshold(margin: float, dtype: torch.dtype) -> float:
+    r"""The least value of ``dtype`` at or above :math:`-\cos m` (-2 for ``m < 0``), from
+    mpmath's 40 digits (a dependency of torch's, through sympy)."""
+    if margin < 0:
+        return -2.0
+    import mpmath
+
+    with mpmath.workdps(40):
+        exact = -mpmath.cos(mpmath.mpf(margin))
+        rounded = torch.tensor(float(exact), dtype=torch.float64).to(dtype)
+        if mpmath.mpf(rounded.item()) < exact:
+            rounded = torch.nextafter(rounded, torch.tensor(math.inf, dtype=dtype))
+    return rounded.item()
 
 
 def cos_multiple_angle(cosine: torch.Tensor, multiplier: float) -> torch.Tensor:
@@ -372,7 +414,7 @@ def combined_margin_target(cosine: torch.Tensor, m1: float, m2: float, m3: float
 def _combined_general(cosine: torch.Tensor, m1: Any, m2: Any, m3: Any) -> torch.Tensor:
     r"""The A-Softmax extension :math:`(-1)^k\cos(m_1\theta + m_2) - 2k - m_3` (see
     :func:`combined_margin_target`); through the angle for a tensor ``m1``."""
-    cos_m2, sin_m2, _ = _cos_sin(m2)
+    cos_m2, sin_m2 = _cos_sin(m2)
     if isinstance(m1, torch.Tensor):
         angle = m1 * angle_of(cosine)
         cos_m1, sin_m1 = torch.cos(angle), torch.sin(angle)

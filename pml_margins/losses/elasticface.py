@@ -12,6 +12,7 @@ from pml_margins.function_transforms import values_under_transforms
 from pml_margins.functional.margin_softmax import TargetLogitFn
 from pml_margins.functional.target_logits import (
     TargetWithSlope,
+    _within_margin,
     angle_cosine,
     arcface_target,
     arcface_value_and_slope,
@@ -48,13 +49,14 @@ def elastic_arc_target(cosine: torch.Tensor, margins: torch.Tensor) -> torch.Ten
     :math:`[0, \pi]`, would turn a margin above :math:`\pi` into a bonus
     (:math:`\sin m_i < 0`).
     """
-    margins = margins.to(cosine.dtype)
+    given, margins = margins, margins.to(cosine.dtype)
     cos_m, sin_m = torch.cos(margins), torch.sin(margins)
     cosine = angle_cosine(cosine)
     with_margin = cosine * cos_m - safe_sine(cosine) * sin_m
     # theta + m <= pi (the test on cosines holds for m in [0, pi]), or a margin outside it
     outside = (margins < 0) | (margins > math.pi)
-    return torch.where((cosine > -cos_m) | outside, with_margin, cosine - margins * sin_m)
+    inside = _within_margin(cosine, given)
+    return torch.where(inside | outside, with_margin, cosine - margins * sin_m)
 
 
 def elastic_cos_target(cosine: torch.Tensor, margins: torch.Tensor) -> torch.Tensor:
