@@ -309,6 +309,7 @@ def check_embeddings(
     checks: ValueChecks | None = None,
     compute_dtype: torch.dtype | None = None,
     norms_taken: bool = True,
+    rows_required: bool = True,
 ) -> torch.Tensor:
     """Check a ``(N, D)`` floating tensor with finite values and return it.
 
@@ -320,7 +321,9 @@ def check_embeddings(
     input, else float32), where every normalization and norm gives a wrong number
     (unless ``norms_taken=False``: the caller takes no norm of the rows, a raw dot
     product's logits, say): the sum of the squares is the one value read back, and only
-    where it overflows are the rows' norms computed.
+    where it overflows are the rows' norms computed. ``rows_required=False`` takes
+    ``N = 0`` (the queries of a pair-based loss against a reference set: PML's
+    ``CrossBatchMemory`` passes none when the whole batch is enqueued).
 
     Raises:
         TypeError: not a tensor, or not a floating dtype.
@@ -338,7 +341,7 @@ def check_embeddings(
         raise ValueError(
             f"{name} must be 2-D (batch_size, embedding_size), got shape {tuple(embeddings.shape)}"
         )
-    if embeddings.shape[0] == 0:
+    if embeddings.shape[0] == 0 and rows_required:
         raise ValueError(f"{name} is empty: the batch has no rows")
     if embeddings.shape[1] == 0:
         raise ValueError(f"{name} has width 0: a row needs at least one coordinate")
@@ -1064,6 +1067,23 @@ def check_bool(value: object, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
+
+
+def check_flag(value: object, name: str) -> bool:
+    """A truth value given as PML's callers pass one: a bool, a numpy bool, a number equal
+    to 0 or 1 (Python's or numpy's), or a one-element tensor holding 0 or 1.
+
+    Raises:
+        TypeError: anything else (a string such as ``"False"`` was read as true, 2 as
+            "subtract 2").
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, (int, float, np.integer, np.floating)) and value in (0, 1)
+    ):
+        return bool(value)
+    return check_bool(value, name)  # (its message)
 
 
 def check_positive(value: object, name: str) -> float:

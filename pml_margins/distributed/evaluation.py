@@ -46,6 +46,7 @@ from pml_margins.evaluation.knn import (
     thread_limit,
     uses_faiss,
 )
+from pml_margins.validation import check_flag
 
 __all__ = ["ShardedRetrievalAccuracyCalculator", "sharded_exact_knn"]
 
@@ -320,7 +321,7 @@ class ShardedRetrievalAccuracyCalculator(RetrievalAccuracyCalculator):
             include, exclude: as PML.
         """
 
-        ref_includes_query = bool(ref_includes_query)  # PML reads its truth value
+        ref_includes_query = check_flag(ref_includes_query, "ref_includes_query")
         try:  # (raised in check: every rank then raises together)
             self.refresh_search()
             refused = None

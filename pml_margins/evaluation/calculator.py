@@ -46,7 +46,7 @@ from pml_margins.evaluation.inputs import (
 from pml_margins.evaluation.knn import Backend, Metric, check_num_threads, exact_knn, uses_faiss
 from pml_margins.evaluation.label_matching import compared, custom_relevance, label_positions
 from pml_margins.losses.pml_calls import runs_as_its_class
-from pml_margins.validation import check_bool
+from pml_margins.validation import check_bool, check_flag
 
 __all__ = [
     "RetrievalAccuracyCalculator",
@@ -628,12 +628,13 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
 
         Raises:
             TypeError: embeddings neither floating nor integer, labels complex,
-                ``include``/``exclude`` not a tuple or list.
+                ``include``/``exclude`` not a tuple or list, ``ref_includes_query`` not
+                a truth value (a bool, 0 or 1; a string such as ``"False"`` is refused).
             ValueError: empty sets, NaN/Inf, mismatched lengths or widths, or
                 ``ref_includes_query`` with a reference that does not start with
                 the query.
         """
-        ref_includes_query = bool(ref_includes_query)  # PML reads its truth value
+        ref_includes_query = check_flag(ref_includes_query, "ref_includes_query")
         self._check_call_metrics(include, exclude)
         self.refresh_search()
         ignored = None

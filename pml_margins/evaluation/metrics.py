@@ -20,12 +20,11 @@ With :math:`m_{ij}` the match matrix and :math:`R_i` the relevant count:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from pml_margins.evaluation.inputs import check_int
 from pml_margins.evaluation.label_matching import unique_labels
-from pml_margins.validation import check_bool
+from pml_margins.validation import check_bool, check_flag
 
 __all__ = [
     "aggregate",
@@ -102,7 +101,7 @@ def relevant_counts(
         TypeError / ValueError: labels that are not 1-D real tensors on one device, an
             empty reference set, ``ref_includes_query`` not a bool.
     """
-    ref_includes_query = _as_flag(ref_includes_query, "ref_includes_query")
+    ref_includes_query = check_flag(ref_includes_query, "ref_includes_query")
     for name, labels in (("query_labels", query_labels), ("reference_labels", reference_labels)):
         if not isinstance(labels, torch.Tensor) or labels.is_complex():
             got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
@@ -124,17 +123,6 @@ def relevant_counts(
     found = unique[position] == query_labels
     label_count = torch.where(found, counts[position], torch.zeros_like(counts[position]))
     return label_count, (label_count - int(ref_includes_query)).clamp_(min=0)
-
-
-def _as_flag(value: object, name: str) -> bool:
-    """A truth value given as a bool, a numpy bool, 0/1 or a one-element bool or integer
-    tensor holding 0 or 1 (what PML's callers pass); ``TypeError`` otherwise (2 was taken
-    as "subtract 2")."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = value.item()
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, int) and value in (0, 1)):
-        return bool(value)
-    return check_bool(value, name)  # (its message)
 
 
 def _by_row_chunks(fn, *tensors: torch.Tensor) -> torch.Tensor:

@@ -190,7 +190,9 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
         """Embeddings, labels or a miner's tuple, and an optional reference set."""
         self._check_distance()
         checks = ValueChecks()
-        check_embeddings(embeddings, checks=checks)
+        # no query rows against a reference set: no pairs, a loss of 0 (PML's
+        # CrossBatchMemory with every row enqueued)
+        check_embeddings(embeddings, checks=checks, rows_required=ref_emb is None)
         if labels is None and indices_tuple is None:
             raise ValueError("CircleLoss needs labels or an indices_tuple")
         if labels is not None:
@@ -219,6 +221,8 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
         # decided before the distance runs (a hook that removes itself: unchecked after)
         self.__dict__["_cosine_step"] = cosines = self._cosines()
         sim = self.similarity(embeddings, ref_emb)
+        if batch == 0:  # no queries against a reference set: no pairs, 0 as PML's (for
+            return self._whole_dict(sim.sum())  # every reducer: already reduced)
         if indices_tuple is None:
             if ref_labels is None:  # ref_emb's rows take the labels (PML's get_all_pairs_indices)
                 ref_labels = labels

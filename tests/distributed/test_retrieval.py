@@ -104,8 +104,11 @@ def test_single_process_and_bad_input() -> None:
     assert calc.get_accuracy(q, labels, None, labels.clone()) == calc.get_accuracy(q, labels)
     r_labels = torch.tensor([0, 0, 1, 1, 0, 1, 0, 1])
     q_in_r = torch.cat([q, r[5:]])  # the reference starts with the query
-    truthy = calc.get_accuracy(q, labels, q_in_r, r_labels[:8], ref_includes_query=2)
+    truthy = calc.get_accuracy(q, labels, q_in_r, r_labels[:8], ref_includes_query=1)
     assert truthy == calc.get_accuracy(q, labels, q_in_r, r_labels[:8], ref_includes_query=True)
+    for flag in (2, "False"):  # (PML's int() of 2 counted the query twice; a string, true)
+        with pytest.raises(TypeError, match="ref_includes_query must be a bool"):
+            calc.get_accuracy(q, labels, q_in_r, r_labels[:8], ref_includes_query=flag)
     with pytest.raises(ValueError, match="reference_labels given without reference, unlike"):
         calc.get_accuracy(q, labels, None, labels.flip(0))
     from pytorch_metric_learning.distances import LpDistance
