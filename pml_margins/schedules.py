@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 from pml_margins.validation import (
@@ -35,6 +36,8 @@ __all__ = ["MarginScheduler", "SphereFaceLambdaScheduler"]
 
 #: most steps of a ramp whose values are checked when a scheduler is built
 RAMP_PROBES = 100_000
+#: a loss's sizes: numbers, but what its parameters' shapes are built from
+_STRUCTURE = ("num_classes", "embedding_size", "sub_centers")
 
 
 class _AttributeScheduler:
@@ -48,6 +51,16 @@ class _AttributeScheduler:
             hint = f" (its .loss, a {type(inner).__name__}, has it)" if hasattr(inner, attr) else ""
             raise ValueError(f"{type(loss).__name__} has no hyper-parameter {attr!r}{hint}")
         value = getattr(loss, attr)
+        if (
+            attr in _STRUCTURE
+            or isinstance(value, (bool, np.bool_, str, torch.nn.Module))
+            or callable(value)
+        ):
+            why = ", one of the sizes its parameters are built from" if attr in _STRUCTURE else ""
+            raise ValueError(
+                f"{type(loss).__name__}.{attr} is not a numeric hyper-parameter a scheduler "
+                f"can drive (a {type(value).__name__}{why})"
+            )
         if isinstance(value, torch.Tensor):
             what = (
                 "a learned parameter"
@@ -113,6 +126,9 @@ class _AttributeScheduler:
         try:  # a scheduler built from the state runs every check of a new one
             fresh = type(self)(self.loss, **{k: v for k, v in state_dict.items() if k in arguments})
             setattr(self.loss, self.attr, fresh.value_at(last_step))
+        except (TypeError, ValueError) as error:
+            setattr(self.loss, self.attr, before)
+            raise ValueError(f"the state cannot be loaded: {error}") from error
         except Exception:
             setattr(self.loss, self.attr, before)
             raise

@@ -8,6 +8,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
+
 __all__ = ["ThreadSwitch"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -19,9 +21,12 @@ class ThreadSwitch:
 
     As a context manager it restores, on exit, the setting it found, and every further
     ``with`` of the same object switches it again (as ``torch.no_grad()`` objects may be
-    reused); as a decorator it leaves the setting as it was and switches it around each
-    call (of a generator function: around each resume of its body). Subclasses give
-    their own ``_state`` (a ``threading.local``) and ``default``.
+    reused; what each thread's ``with`` restores is kept per thread, so threads may share
+    the object, and only the thread that built it, before it builds another, keeps the
+    constructor's switch at the first ``with`` rather than switch again); as a decorator
+    it leaves the setting as it was and switches it around each call (of a generator
+    function: around each resume of its body; a coroutine function is refused).
+    Subclasses give their own ``_state`` (a ``threading.local``) and ``default``.
     """
 
     _state: ClassVar[threading.local]
@@ -33,29 +38,56 @@ class ThreadSwitch:
         return getattr(cls._state, "enabled", cls.default)
 
     def __init__(self, enabled: bool) -> None:
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-        self.enabled = enabled
-        self._previous = [self.current()]  # what each open ``with`` restores
-        self._fresh = True  # switched by the constructor, not yet entered
-        type(self)._state.enabled = enabled
+        if not isinstance(enabled, (bool, np.bool_)):
+            kind = type(enabled)
+            raise TypeError(f"enabled must be a bool, got {kind.__module__}.{kind.__qualname__}")
+        self.enabled = enabled = bool(enabled)
+        # Per thread, in the class's thread-local state (nothing on the object, which
+        # stays copyable, and nothing torch.compile cannot trace): the setting this
+        # object's constructor found, until its first ``with`` or decoration in this
+        # thread (only the latest object built here: plain calls leave nothing behind)...
+        state = type(self)._state
+        state.fresh = {id(self): self.current()}
+        state.enabled = enabled
+
+    def _stack(self) -> list[bool]:
+        """...and what each open ``with`` of this object in this thread restores."""
+        state = type(self)._state
+        stacks = getattr(state, "stacks", None)
+        if stacks is None:
+            stacks = state.stacks = {}
+        return stacks.setdefault(id(self), [])
+
+    def _found(self) -> bool | None:
+        """The setting the constructor found, if this object is this thread's fresh one."""
+        fresh = getattr(type(self)._state, "fresh", None)
+        return None if fresh is None else fresh.pop(id(self), None)
 
     def __enter__(self) -> ThreadSwitch:
-        if self._fresh:
-            self._fresh = False
-        else:
-            self._previous.append(self.current())
+        found = self._found()
+        if found is None:
+            found = self.current()
             type(self)._state.enabled = self.enabled
+        self._stack().append(found)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        type(self)._state.enabled = self._previous.pop()
+        stack = self._stack()
+        type(self)._state.enabled = stack.pop()
+        if not stack:
+            del type(self)._state.stacks[id(self)]
 
     def __call__(self, function: F) -> F:
         """Decorate ``function``: this setting around each of its calls only."""
-        if self._fresh:  # undo the constructor's switch
-            self._fresh = False
-            type(self)._state.enabled = self._previous.pop()
+        found = self._found()
+        if found is not None:  # undo the constructor's switch
+            type(self)._state.enabled = found
+        if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+            raise TypeError(
+                f"{type(self).__name__} does not decorate coroutine functions (the setting "
+                "is per thread, which other coroutines share between awaits): use it as "
+                "a `with` block inside"
+            )
         cls, enabled = type(self), self.enabled
         if inspect.isgeneratorfunction(function):
             return _switch_each_resume(function, cls, enabled)  # type: ignore[return-value]

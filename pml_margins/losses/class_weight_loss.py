@@ -89,6 +89,19 @@ def is_plain_similarity(distance: BaseDistance) -> bool:
 #: what forms a class-weight loss's logits: redefined without a ``fused_logits`` that
 #: describes them, they move the loss to the plain path
 _LOGIT_METHODS = ("base_logits", "cosine", "weights_for")
+#: the steps of PML's ``LargeMarginSoftmaxLoss.compute_loss`` (its ArcFace, CosFace,
+#: SphereFace and Sub-center losses): a subclass of ours that defines one expects it
+#: called, which it would not be
+_PML_HOOKS = (
+    "get_cosine",
+    "get_angles",
+    "get_target_mask",
+    "modify_cosine_of_target_classes",
+    "get_cos_with_margin",
+    "scale_logits",
+    "cast_types",
+    "init_margin",
+)
 
 
 def _redefined(loss: ClassWeightLoss, name: str) -> bool:
@@ -184,6 +197,13 @@ class ClassWeightLoss(
       :meth:`fused_logits` at least as low in its MRO is moved to the plain path
       automatically, whatever else it overrides; so is a loss whose method is set on
       the instance or patched on its class after the class was defined.
+    * *PML's hooks are not ours*: PML's ``LargeMarginSoftmaxLoss`` steps
+      (``get_cosine``, ``modify_cosine_of_target_classes``, ``scale_logits``,
+      ``get_cos_with_margin``, ``get_target_mask``, ``get_angles``, ``cast_types``,
+      ``init_margin``) are never called here; a subclass that defines one (itself, in a
+      mixin or by also deriving from PML's loss) is refused with a ``TypeError`` when the
+      class is created (its margin would be silently
+      ignored). Port such a subclass to :meth:`target_logit_fn` or :meth:`base_logits`.
     * *A margin that changes the non-target logits* (CurricularFace, the class-level
       Circle loss): override :meth:`non_target_logit_fn` to return :math:`\phi`, applied
       element-wise to blocks of base logits (cosines) of every row before scaling. It
@@ -258,6 +278,14 @@ class ClassWeightLoss(
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        hooks = [name for name in _PML_HOOKS if hasattr(cls, name)]  # (a mixin's too)
+        if hooks:
+            raise TypeError(
+                f"{cls.__name__} defines {', '.join(hooks)}: a step of PML's "
+                "LargeMarginSoftmaxLoss that pml-margins' losses do not call. A margin on "
+                "the target logit is target_logit_fn, other logits base_logits (see "
+                "ClassWeightLoss's docstring)"
+            )
         # the class (in the MRO, mixins included) that defines each method the subclass
         # gets: logits defined below the fused_logits that would describe them are not it
         first = {

@@ -39,6 +39,9 @@ class CombinedMarginLoss(ClassWeightLoss):
 
     Recommended (insightface, faces): ``(1.0, 0.3, 0.2)`` or ``(1.0, 0.5, 0.0)``
     with ``s = 64``. Units: ``m1`` a multiplier, ``m2`` radians, ``m3`` a cosine.
+    Here every margin applies, as the paper's formula (and insightface's MXNet code);
+    insightface's PyTorch ``CombinedMarginLoss`` (``arcface_torch``) ignores ``m2``
+    whenever ``m3 > 0``, so at ``(1.0, 0.3, 0.2)`` it computes CosFace's ``cos - 0.2``.
 
     Args:
         num_classes: number of classes ``C``.

@@ -106,7 +106,8 @@ class MagFaceLoss(ClassWeightLoss):
 
     **Units:** ``l_m``, ``u_m`` in radians; ``l_a``, ``u_a`` are norms. Recommended
     (paper, faces, MS1MV2): ``s = 64``, ``l_a = 10``, ``u_a = 110``, ``l_m = 0.45``,
-    ``u_m = 0.8``, ``lambda_g = 35``. The norm range must match the backbone's: for a
+    ``u_m = 0.8``, ``lambda_g = 35`` (the official ``trainer.py``'s argument defaults to
+    20). The norm range must match the backbone's: for a
     small retrieval model whose features have norms of a few units, scale ``l_a``/``u_a``
     down accordingly (the glyph benchmark uses 1 and 20).
 

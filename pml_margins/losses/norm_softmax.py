@@ -64,6 +64,11 @@ class NormSoftmaxLoss(ClassWeightLoss):
     def __init__(
         self, num_classes: int, embedding_size: int, scale: float = 30.0, **kwargs: Any
     ) -> None:
+        if "temperature" in kwargs:
+            raise TypeError(
+                "NormSoftmaxLoss takes scale = 1 / temperature, not PML's temperature "
+                f"(temperature={kwargs['temperature']!r}: scale=1/{kwargs['temperature']!r})"
+            )
         self.scale = scale
         super().__init__(num_classes, embedding_size, **kwargs)
 
