@@ -1,8 +1,8 @@
 """Benchmark: pml_margins CircleLoss vs PML's CircleLoss, forward + backward.
 
-Runs the two implementations interleaved (A B A B ...) on the same inputs and
-reports the median time of each, their ratio, and the value difference of the
-same run. Sizes: B = 256, 1024, 4096 with D = 512, labels only and with
+Runs the two implementations interleaved (A B, B A, ...: each goes first every other
+round) on the same inputs and reports the median time of each, their ratio, and the value
+difference of the same run. Sizes: B = 256, 1024, 4096 with D = 512, labels only and with
 ``MultiSimilarityMiner`` (mining is done once, outside the timed region).
 
 Usage::
