@@ -1231,7 +1231,7 @@ MAX_CIRCLE_MARGIN = 1000.0
 
 def check_circle_margin(value: object, name: str) -> float:
     """Circle loss's relaxation margin ``m``: a real number, negative or above 0.5 as PML
-    takes it (the paper recommends 0.25-0.4; beyond 0.5 the optima cross, ``1 - m < m``),
+    takes it (the paper recommends 0.25-0.4; beyond 0.5 the margins cross, ``1 - m < m``),
     with ``|m| <= MAX_CIRCLE_MARGIN``."""
     return check_in_interval(value, name, -MAX_CIRCLE_MARGIN, MAX_CIRCLE_MARGIN)
 

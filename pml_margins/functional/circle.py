@@ -426,7 +426,9 @@ def circle_loss_whole(s_p: torch.Tensor, s_n: torch.Tensor, m: float, gamma: flo
                                        + \operatorname{LSE}_{i\in\mathcal P}\ell_p^i\big)
 
     This is the paper's Eq. 4 applied to the whole batch, as in the seed
-    implementation (which takes each unordered pair of the batch once).
+    implementation (which takes each unordered pair of the batch once), with
+    :math:`\alpha` detached as in the paper (the seed snippet differentiates through it:
+    the same value, other gradients).
 
     Args:
         s_p: similarities of all positive pairs (any shape).

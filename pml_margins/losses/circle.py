@@ -128,7 +128,9 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
     reduced so the reducer does not apply): with labels only, each unordered pair
     of the batch is taken once when the batch is its own reference set, as in the
     seed code (another ``ref_emb``, a second view, gives every pair of the two sets);
-    with a miner, its pair set.
+    with a miner, its pair set. The weights :math:`\alpha` are detached, as in the paper
+    and its official code (the seed snippet differentiates through them: same value,
+    other gradients).
 
     No loop over anchors: the per-anchor form runs on the ``B x R`` matrix or on
     the pair lists, whichever is smaller (see ``_choose_path``); every path has the
@@ -136,7 +138,7 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
 
     Args:
         m: relaxation margin, any real number as in PML (recommended 0.25-0.4; beyond
-            0.5 the optima cross).
+            0.5 the margins cross, :math:`\Delta_p = 1 - m < \Delta_n = m`).
         gamma: scale, > 0.
         per_anchor: one loss per anchor (PML's form, default) or one for the whole set.
         **kwargs: PML options (``reducer``, ``embedding_regularizer``, ``distance`` --
