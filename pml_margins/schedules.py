@@ -36,8 +36,28 @@ __all__ = ["MarginScheduler", "SphereFaceLambdaScheduler"]
 
 #: most steps of a ramp whose values are checked when a scheduler is built
 RAMP_PROBES = 100_000
-#: a loss's sizes: numbers, but what its parameters' shapes are built from
-_STRUCTURE = ("num_classes", "embedding_size", "sub_centers")
+#: a loss's sizes and layout (the sharded loss's shard and seed too): numbers, but what
+#: its parameters' shapes and sampling are built from
+_STRUCTURE = (
+    "num_classes",
+    "embedding_size",
+    "sub_centers",
+    "class_start",
+    "class_end",
+    "num_local",
+    "rank",
+    "world_size",
+    "seed",
+)
+#: PML's module and function slots, which may hold None
+_SLOTS = (
+    "reducer",
+    "distance",
+    "embedding_regularizer",
+    "weight_regularizer",
+    "weight_init_func",
+    "miner",
+)
 
 
 class _AttributeScheduler:
@@ -53,6 +73,7 @@ class _AttributeScheduler:
         value = getattr(loss, attr)
         if (
             attr in _STRUCTURE
+            or attr in _SLOTS
             or isinstance(value, (bool, np.bool_, str, torch.nn.Module))
             or callable(value)
         ):
@@ -148,7 +169,11 @@ class MarginScheduler(_AttributeScheduler):
 
     Args:
         loss: any loss with the attribute ``attr`` (``margin``; ``m2``/``m3`` for
-            :class:`~pml_margins.losses.CombinedMarginLoss`; ``scale`` works too).
+            :class:`~pml_margins.losses.CombinedMarginLoss`; ``scale`` works too). Ours
+            read every hyper-parameter at each call; some of PML's losses derive others
+            from one in their constructor (PML's ``CircleLoss`` its optima from ``m``,
+            ``LargeMarginSoftmaxLoss`` its polynomial from ``margin``), which a scheduler
+            on that attribute does not update: check such a loss's source first.
         start: value at step 0 (set on construction).
         end: value from ``total_steps`` on.
         total_steps: length of the ramp, in calls to :meth:`step`.

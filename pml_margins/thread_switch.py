@@ -14,6 +14,9 @@ __all__ = ["ThreadSwitch"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: objects per thread whose constructor's switch is remembered until their first ``with``
+_FRESH_KEPT = 16
+
 
 class ThreadSwitch:
     """A setting of this thread, switched when the object is made (as
@@ -22,8 +25,9 @@ class ThreadSwitch:
     As a context manager it restores, on exit, the setting it found, and every further
     ``with`` of the same object switches it again (as ``torch.no_grad()`` objects may be
     reused; what each thread's ``with`` restores is kept per thread, so threads may share
-    the object, and only the thread that built it, before it builds another, keeps the
-    constructor's switch at the first ``with`` rather than switch again); as a decorator
+    the object, and only the thread that built it keeps the constructor's switch at the
+    first ``with`` rather than switch again, for the last 16 objects it built and has not
+    entered yet); as a decorator
     it leaves the setting as it was and switches it around each call (of a generator
     function: around each resume of its body; a coroutine function is refused).
     Subclasses give their own ``_state`` (a ``threading.local``) and ``default``.
@@ -45,9 +49,16 @@ class ThreadSwitch:
         # Per thread, in the class's thread-local state (nothing on the object, which
         # stays copyable, and nothing torch.compile cannot trace): the setting this
         # object's constructor found, until its first ``with`` or decoration in this
-        # thread (only the latest object built here: plain calls leave nothing behind)...
+        # thread. The entry holds the object, so its id is not reused while it is there
+        # (a copy, being another object, never matches); the oldest entries beyond
+        # _FRESH_KEPT go (plain calls, never entered, would pile up otherwise)...
         state = type(self)._state
-        state.fresh = {id(self): self.current()}
+        fresh = getattr(state, "fresh", None)
+        if fresh is None:
+            fresh = state.fresh = {}
+        fresh[id(self)] = (self, self.current())
+        while len(fresh) > _FRESH_KEPT:
+            del fresh[next(iter(fresh))]
         state.enabled = enabled
 
     def _stack(self) -> list[bool]:
@@ -59,9 +70,14 @@ class ThreadSwitch:
         return stacks.setdefault(id(self), [])
 
     def _found(self) -> bool | None:
-        """The setting the constructor found, if this object is this thread's fresh one."""
+        """The setting the constructor found, if this object's switch is still to be
+        entered in this thread."""
         fresh = getattr(type(self)._state, "fresh", None)
-        return None if fresh is None else fresh.pop(id(self), None)
+        entry = None if fresh is None else fresh.get(id(self))
+        if entry is None or entry[0] is not self:
+            return None
+        del fresh[id(self)]
+        return entry[1]
 
     def __enter__(self) -> ThreadSwitch:
         found = self._found()

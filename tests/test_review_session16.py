@@ -135,3 +135,43 @@ def test_switch_objects_copy_pickle_and_compile_in_one_graph():
     torch._dynamo.reset()
     assert torch.compile(step, fullgraph=True)(torch.ones(3)).tolist() == [3.0, 3.0, 3.0]
     assert pml_margins.value_checks_enabled()
+
+
+def test_a_switch_keeps_its_constructors_switch_when_a_decorated_function_ran_between():
+    # the decorator's wrapper builds a switch per call: it replaced the one remembered
+    # switch, and `s` then restored its own setting (checks left off)
+    @pml_margins.value_checks(True)
+    def helper():
+        return pml_margins.value_checks_enabled()
+
+    s = pml_margins.value_checks(False)
+    assert helper()
+    with s:
+        assert not pml_margins.value_checks_enabled()
+    assert pml_margins.value_checks_enabled()
+    # as before: a switch built earlier keeps its constructor's switch at its first with
+    later_off, later_on = pml_margins.value_checks(False), pml_margins.value_checks(True)
+    with later_off:
+        assert pml_margins.value_checks_enabled()  # (later_on's setting)
+    with later_on:  # (its constructor found later_off's False: restored on exit)
+        assert pml_margins.value_checks_enabled()
+    assert not pml_margins.value_checks_enabled()
+    pml_margins.value_checks(True)
+
+
+@pytest.mark.parametrize("attr", ["seed", "rank", "class_start", "embedding_regularizer"])
+def test_a_scheduler_refuses_layout_and_empty_module_slots(attr):
+    loss = ArcFaceLoss(4, 3)
+    if attr != "embedding_regularizer":
+        setattr(loss, attr, 0)  # (as the sharded loss holds them)
+    assert hasattr(loss, attr)
+    with pytest.raises(ValueError, match="is not a numeric hyper-parameter"):
+        MarginScheduler(loss, 0.1, 0.3, total_steps=2, attr=attr)
+
+
+def test_norm_softmax_takes_scale_by_keyword_only():
+    from pml_margins.losses import NormSoftmaxLoss
+
+    with pytest.raises(TypeError):
+        NormSoftmaxLoss(10, 8, 0.05)  # PML's positional temperature was read as a scale
+    assert NormSoftmaxLoss(10, 8, scale=20.0).scale == 20.0

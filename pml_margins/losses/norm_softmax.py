@@ -62,7 +62,7 @@ class NormSoftmaxLoss(ClassWeightLoss):
     scale = Hyperparameter(check_logit_scale)
 
     def __init__(
-        self, num_classes: int, embedding_size: int, scale: float = 30.0, **kwargs: Any
+        self, num_classes: int, embedding_size: int, *, scale: float = 30.0, **kwargs: Any
     ) -> None:
         if "temperature" in kwargs:
             raise TypeError(
