@@ -111,7 +111,6 @@ class PlainTorchLoss(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         w = F.normalize(self.W, dim=0)
-        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         cos = F.normalize(x, dim=1) @ w
         if self.name == "subcenter":
             cos = cos.unflatten(1, (-1, SUB_CENTERS)).max(dim=2).values
@@ -125,7 +124,10 @@ class PlainTorchLoss(torch.nn.Module):
             target = target - COS_MARGIN
         elif self.name == "sphereface":
             target = sphereface_psi(target, 4)
-        scale = norms if self.name == "sphereface" else (NSL_SCALE if self.name == "nsl" else SCALE)
+        if self.name == "sphereface":  # (the norms only where they are the scale)
+            scale = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        else:
+            scale = NSL_SCALE if self.name == "nsl" else SCALE
         logits = cos.scatter(1, labels.unsqueeze(1), target) * scale
         return F.cross_entropy(logits, labels)
 
