@@ -29,6 +29,7 @@ from pml_margins.functional.margin_softmax import (
     products_dtype,
     takes_unit_columns,
 )
+from pml_margins.functional.saved_inputs import save_inputs, saved_inputs
 
 __all__ = ["cosine_logits"]
 
@@ -45,7 +46,7 @@ class _CosineLogits(torch.autograd.Function):
             # r_j^2 where |w_j| >= eps, else 0: F.normalize's clamp passes the gradient at
             # equality and stops the norm's (the radial term) below it
             radial_scale = (inv_norm * inv_norm).masked_fill_(norms < _EPS, 0.0)
-        ctx.save_for_backward(x_hat, weight, inv_norm, radial_scale)
+        save_inputs(ctx, x_hat, weight, inv_norm, radial_scale)
         if takes_unit_columns(products_dtype(compute_dtype(x_hat.dtype), device_type)):
             return x_hat @ (weight * inv_norm)  # float16 products: raw columns may leave its range
         return (x_hat @ weight).mul_(inv_norm)
@@ -53,7 +54,7 @@ class _CosineLogits(torch.autograd.Function):
     @staticmethod
     @backward_once("the sharded cosine logits", SHARDED_REMEDY)
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x_hat, weight, inv_norm, radial_scale = ctx.saved_tensors
+        x_hat, weight, inv_norm, radial_scale = saved_inputs(ctx)
         scaled_grad = grad * inv_norm
         grad_x = scaled_grad @ weight.t() if ctx.needs_input_grad[0] else None
         grad_w = None

@@ -29,6 +29,7 @@ from pml_margins.distributed.sharding import class_columns, shard_range
 from pml_margins.evaluation.calculator import describe_distance
 from pml_margins.evaluation.inputs import as_int
 from pml_margins.functional.dense_margin_softmax import check_norm_scale_form
+from pml_margins.functional.saved_inputs import outside_inference
 from pml_margins.losses.atomic_load import load_all_or_nothing
 from pml_margins.losses.checked_forward import in_loss_dtype
 from pml_margins.losses.class_weight_loss import ClassWeightLoss, _check_logit_columns
@@ -589,7 +590,8 @@ class ShardedMarginSoftmaxLoss(torch.nn.Module):
 
     def _gathered_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """:meth:`forward`'s loss after its checks: the batch gathered, reduced, checked."""
-        work = embeddings.to(self.loss.compute_dtype(embeddings))
+        # (one rank's gather returns its input: autograd refuses to save an inference tensor)
+        work = outside_inference(embeddings.to(self.loss.compute_dtype(embeddings)))
         all_emb, _ = gather_rows_with_grad(work, self.group)
         all_labels, _ = all_gather_rows(labels.to(embeddings.device, torch.int64), self.group)
         local = all_labels.long() - self.class_start

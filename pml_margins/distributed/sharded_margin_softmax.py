@@ -51,6 +51,7 @@ from pml_margins.functional.margin_softmax import (
     elementwise_result,
     scale_logits,
 )
+from pml_margins.functional.saved_inputs import save_inputs, saved_inputs
 from pml_margins.validation import (
     caller_checked,
     check_class_labels,
@@ -94,7 +95,7 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         # unchecked (value checks off), a row that no rank or several own has no one target:
         # NaN, its loss and its gradients, rather than a softmax toward no class
         single = stats[:, 2] == 1
-        ctx.save_for_backward(exp, stats[:, 0], target, single)
+        save_inputs(ctx, exp, stats[:, 0], target, single)
         return torch.where(single, torch.log(stats[:, 0]) - stats[:, 1], torch.nan)
 
     @staticmethod
@@ -106,7 +107,7 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
                 "(one B x C_local buffer, not two): a second backward through the same graph "
                 "(retain_graph=True) is not supported; run the forward again"
             )
-        exp, sum_exp, target, single = ctx.saved_tensors
+        exp, sum_exp, target, single = saved_inputs(ctx)
         ctx.backward_done = True
         grad = torch.where(single, grad, torch.nan)
         # in place: the softmax buffer becomes the gradient

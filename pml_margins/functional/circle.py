@@ -27,6 +27,7 @@ import torch
 from pml_margins.function_transforms import values_under_transforms
 from pml_margins.functional.autograd_switch import backward_once, plain_autograd_needed
 from pml_margins.functional.margin_softmax import compute_dtype, exp_in_place
+from pml_margins.functional.saved_inputs import save_inputs, saved_inputs
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
     caller_checked,
@@ -220,13 +221,13 @@ class _DenseCircle(torch.autograd.Function):
         (lse_p, has_p), (lse_n, has_n) = lses
         valid = has_p & has_n
         z = lse_p + lse_n
-        ctx.save_for_backward(pos_mask, slope, *saved, z, valid)
+        save_inputs(ctx, pos_mask, slope, *saved, z, valid)
         return torch.where(valid, _softplus(z), 0.0)
 
     @staticmethod
     @backward_once("the dense Circle loss", _CIRCLE_REMEDY)
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        pos_mask, slope, exp_p, sum_p, exp_n, sum_n, z, valid = ctx.saved_tensors
+        pos_mask, slope, exp_p, sum_p, exp_n, sum_n, z, valid = saved_inputs(ctx)
         row = torch.where(valid, grad * torch.sigmoid(z), 0.0)
         grad_l = exp_p * (row / sum_p).unsqueeze(1)
         grad_l.addcmul_(exp_n, (row / sum_n).unsqueeze(1))
@@ -307,15 +308,13 @@ class _DenseNegativesCircle(torch.autograd.Function):
 
         valid = has_p & has_n
         z = torch.log(sum_p) + shift_p + torch.log(sum_n) + shift_n
-        ctx.save_for_backward(
-            pos_keys, rows, slope_p, exp_p, sum_p, slope_n, exp_n, sum_n, z, valid
-        )
+        save_inputs(ctx, pos_keys, rows, slope_p, exp_p, sum_p, slope_n, exp_n, sum_n, z, valid)
         return torch.where(valid, _softplus(z), 0.0)
 
     @staticmethod
     @backward_once("the dense Circle loss", _CIRCLE_REMEDY)
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        pos_keys, rows, slope_p, exp_p, sum_p, slope_n, exp_n, sum_n, z, valid = ctx.saved_tensors
+        pos_keys, rows, slope_p, exp_p, sum_p, slope_n, exp_n, sum_n, z, valid = saved_inputs(ctx)
         row = torch.where(valid, grad * torch.sigmoid(z), 0.0)
         grad_sim = exp_n * (row / sum_n).unsqueeze(1)
         grad_sim.mul_(slope_n)

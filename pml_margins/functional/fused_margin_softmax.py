@@ -129,6 +129,7 @@ from pml_margins.functional.margin_softmax import (
     row_norms,
     takes_unit_columns,
 )
+from pml_margins.functional.saved_inputs import outside_inference, save_inputs, saved_inputs
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
     FLOAT_DTYPE_NAMES,
@@ -541,7 +542,12 @@ def fused_margin_softmax_cross_entropy(
     )
     # raw inner products are not bounded: their losses are read back (check_function_result)
     unbounded = not (normalize_embeddings and normalize_weight)
-    labels = labels.long()
+    # the small inputs copied where made under torch.inference_mode: autograd saves a
+    # gather's index and a product's factors, and refuses inference tensors
+    labels = outside_inference(labels.long())
+    if isinstance(scale, torch.Tensor):
+        scale = outside_inference(scale)
+    bias, target_cosines = outside_inference(bias), outside_inference(target_cosines)
     if sample_rate < 1 and is_batched(labels):  # (the draw reads the labels only)
         raise ValueError(  # (torch.unique has no batching rule: vmap's internal error)
             "sample_rate < 1 draws a set of classes per call, which torch.func.vmap cannot "
@@ -591,6 +597,8 @@ def fused_margin_softmax_cross_entropy(
                 scale_by_norm=scale_by_norm,
             ),
         )
+    # the batch too on the other paths (the dense function saves it without a copy)
+    embeddings = outside_inference(embeddings)
     if scale_by_norm:  # the norms through autograd on the other paths
         scale = _norm_scale(embeddings, weight, scale)
     # half embeddings are widened before the normalization, so it does not round to their dtype
@@ -793,13 +801,13 @@ class _Float16Products(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         with autocast_off(x.device.type):
             x_half, w_half = x.detach().half(), w.detach().half()
-            ctx.save_for_backward(x_half, w_half)
+            save_inputs(ctx, x_half, w_half)
             ctx.dtypes = x.dtype, w.dtype
             return torch.matmul(x_half, w_half).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_half, w_half = ctx.saved_tensors
+        x_half, w_half = saved_inputs(ctx)
         with autocast_off(grad.device.type):
             planes = grad if grad.ndim == 3 else grad.unsqueeze(0)  # (K, B, C)
             column_max = w_half.abs().amax().float()
@@ -1339,7 +1347,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         ctx.config = config
         ctx.has_scale = scale_tensor is not None
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(
+        save_inputs(
+            ctx,
             x,
             weight,
             scale_tensor,
@@ -1377,7 +1386,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             target_winner,
             inv_norm,
             active,
-        ) = ctx.saved_tensors
+        ) = saved_inputs(ctx)
         config: _Config = ctx.config
         dtype, mm_dtype = config.dtype, config.mm_dtype
         need_x, need_w, need_s, need_b, need_t = ctx.needs_input_grad[:5]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from pml_margins.function_transforms import in_function_transform, is_compiling
 from pml_margins.functional.autograd_switch import has_forward_tangent
+from pml_margins.functional.saved_inputs import outside_inference
 from pml_margins.validation import (
     MAX_LOGIT_TERM,
     caller_checked,
@@ -308,9 +309,10 @@ def margin_softmax_cross_entropy(
     dtype = compute_dtype(logits.dtype)
     with autocast_off(logits.device.type):
         logits = logits.to(dtype)
-        if isinstance(scale, torch.Tensor):
-            scale = scale.to(dtype).reshape(-1, 1)
-        index = labels.long().unsqueeze(1)
+        if isinstance(scale, torch.Tensor):  # (autograd saves the factors of a product,
+            scale = outside_inference(scale.to(dtype).reshape(-1, 1))  # and a gather's index)
+        labels = outside_inference(labels.long())
+        index = labels.unsqueeze(1)
         base = logits
         if non_target_logit_fn is not None:  # (in the compute dtype, as the fused core's)
             base = elementwise_result(non_target_logit_fn(logits), logits, "non_target_logit_fn")
@@ -325,4 +327,4 @@ def margin_softmax_cross_entropy(
                 target = target_logit_fn(cosines)
                 target = elementwise_result(target, cosines, "target_logit_fn").to(dtype)
             scaled = scaled.scatter(1, index, target.unsqueeze(1) * scale)
-        return F.cross_entropy(scaled, labels.long(), reduction="none")
+        return F.cross_entropy(scaled, labels, reduction="none")

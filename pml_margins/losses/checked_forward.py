@@ -11,6 +11,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from torch.nn.utils import parametrize
 
 from pml_margins.function_transforms import in_function_transform, is_batched, is_compiling
+from pml_margins.functional.saved_inputs import outside_inference
 from pml_margins.losses.pml_calls import runs_as_its_class
 from pml_margins.validation import check_finite_flags, finite_flag
 
@@ -91,10 +92,11 @@ def follow_device(loss: torch.nn.Module, device: torch.device) -> None:
 def _int64(values: torch.Tensor | None) -> torch.Tensor | None:
     """Checked integer (or bool) labels or indices as int64 (the same tensor when they
     are); floating labels, which only a pair-based loss takes (compared for equality), as
-    given: truncated, 0.25 and 0.5 would become one class."""
-    if values is None or values.dtype == torch.int64 or values.is_floating_point():
+    given: truncated, 0.25 and 0.5 would become one class. An inference tensor is copied
+    (PML's losses index with them, and autograd saves an index)."""
+    if values is None or values.is_floating_point():
         return values
-    return values.long()
+    return outside_inference(values if values.dtype == torch.int64 else values.long())
 
 
 def check_rows_and_reduced(
@@ -199,6 +201,8 @@ class CheckedForwardMixin:
         if direct is not None:
             return direct
         self.check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        # autograd records this route's ops, and refuses to save an inference tensor
+        embeddings, ref_emb = outside_inference(embeddings), outside_inference(ref_emb)
         # int64 from here on: PML's reducers and miner-weight helpers index with them, and
         # read uint8 as a mask and refuse int8/int16 (the checks accept any integer dtype)
         same = ref_labels is labels

@@ -39,6 +39,7 @@ from pml_margins.functional.margin_softmax import (
     margin_softmax_cross_entropy,
     row_norms,
 )
+from pml_margins.functional.saved_inputs import outside_inference
 from pml_margins.losses.atomic_load import AtomicLoadMixin
 from pml_margins.losses.checked_forward import (
     CheckedForwardMixin,
@@ -638,7 +639,7 @@ class ClassWeightLoss(
             norms_taken=self._norms_taken(),
         )
         follow_device(self, embeddings.device)
-        logits, scale = self.base_logits(embeddings)
+        logits, scale = self.base_logits(outside_inference(embeddings))
         _check_logit_columns(self, logits)
         if isinstance(scale, torch.Tensor):
             scale = scale.to(logits.dtype).unsqueeze(1)
@@ -848,6 +849,8 @@ class ClassWeightLoss(
             formed = None if statistics is None else statistics.formed_target_cosines()
             return self._fused_losses(embeddings, labels, form, non_target_fn, formed)
         self._check_plain_mode()
+        # autograd records this route (a PML distance, a gather): it refuses inference tensors
+        embeddings, labels = outside_inference(embeddings), outside_inference(labels)
         logits, scale = self.base_logits(embeddings)
         _check_logit_columns(self, logits)
         if self.collect_stats and self.logits_are_cosines:
