@@ -94,20 +94,44 @@ AMI_SLOW_NUM_CLASSES = 1000
 _CALLS = threading.local()
 
 
-def _check_recall_depth(
-    recall_k: int, knn_labels: torch.Tensor, counts: torch.Tensor, kwargs: dict[str, Any]
-) -> None:
-    """``ValueError`` where ``knn_labels`` (given to a ``calculate_recall_at_K``) hold fewer
-    neighbours than Recall@K reads: ``min(K, references)``, less the query itself when the
-    reference set includes it. ``counts``: the references' label counts."""
-    available = int(counts.sum()) - int(bool(kwargs.get("ref_includes_query", False)))
+def _reference_count(kwargs: dict[str, Any]) -> int | None:
+    """How many references the kwargs of a ``calculate_*`` call describe: the length of
+    PML's ``reference_labels`` (or ``reference``) where passed, else ``None`` (unknown)."""
+    for name in ("reference_labels", "reference"):
+        given = kwargs.get(name)
+        if given is not None and hasattr(given, "__len__"):
+            return len(given)
+    return None
+
+
+def _check_recall_depth(recall_k: int, knn_labels: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    """``ValueError`` where ``knn_labels`` (given to a ``calculate_recall_at_K``) may hold
+    fewer neighbours than Recall@K reads: ``min(K, references)``, less the query itself
+    when the reference set includes it. The number of references is that of
+    ``reference_labels`` (or ``reference``), which PML's ``get_accuracy`` hands its
+    metrics; without them it is unknown, and a list narrower than ``K`` is refused (a
+    query's missed neighbour would count as a miss). ``label_counts`` cannot tell: they
+    count the references that match each query label, not the references."""
     width = knn_labels.shape[1] if knn_labels.ndim > 1 else 1
-    if width < min(recall_k, available):
+    if width >= recall_k:
+        return
+    references = _reference_count(kwargs)
+    if references is not None:
+        available = references - int(bool(kwargs.get("ref_includes_query", False)))
+        if width >= available:
+            return
         raise ValueError(
-            f"recall_at_{recall_k} reads each query's {recall_k} nearest references, but "
-            f"knn_labels holds {width} (PML's k): pass the knn_labels of a k >= {recall_k}, "
-            "or the ones get_accuracy hands its metrics (they reach every Recall@K)"
+            f"recall_at_{recall_k} reads each query's {min(recall_k, available)} nearest "
+            f"references, but knn_labels holds {width} (PML's k): pass the knn_labels of a "
+            f"k >= {recall_k}, or the ones get_accuracy hands its metrics (they reach every "
+            "Recall@K)"
         )
+    raise ValueError(
+        f"recall_at_{recall_k} reads each query's {recall_k} nearest references, but "
+        f"knn_labels holds {width} (PML's k) and the number of references is unknown: pass "
+        f"the knn_labels of a k >= {recall_k}, or reference_labels (as get_accuracy hands "
+        "its metrics) where the reference set has fewer references"
+    )
 
 
 def _calls_in_progress() -> dict[int, Any]:
@@ -991,7 +1015,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             # never below 0 (a label absent from the counts: its at-R metrics are NaN)
             relevant = (relevant - int(kwargs.get("ref_includes_query", False))).clamp_(min=0)
             if full_k:
-                _check_recall_depth(full_k, knn_labels, counts, kwargs)
+                _check_recall_depth(full_k, knn_labels, kwargs)
         if bool(mask.all()):
             return match, relevant, labels
         return match[mask], relevant[mask], labels[mask]

@@ -129,12 +129,14 @@ def test_calculate_methods_accept_pml_kwargs():
     assert ours.calculate_recall_at_4(**kwargs) == pytest.approx(
         float((knn_labels[:, :4] == y[:, None]).any(1).double().mean())
     )
-    # lists shorter than Recall@K reads: refused (it was Recall@3 under the name at 4)
-    with pytest.raises(ValueError, match=r"recall_at_4 reads each query's 4 nearest .* holds 3"):
-        ours.calculate_recall_at_4(**{**kwargs, "knn_labels": knn_labels[:, :3]})
+    # lists shorter than Recall@K reads: refused (it was Recall@3 under the name at 4),
+    # the number of references known or not
+    short = {**kwargs, "knn_labels": knn_labels[:, :3]}
+    for given in ({}, {"reference_labels": y}, {"reference": x}):
+        with pytest.raises(ValueError, match=r"recall_at_4 reads each query's 4 nearest .* 3"):
+            ours.calculate_recall_at_4(**short, **given)
     # ... unless the reference set has no more (4 references, the query among them)
-    few = {**kwargs, "label_counts": (torch.tensor([0, 1]), torch.tensor([2, 2]))}
-    ours.calculate_recall_at_4(**{**few, "knn_labels": knn_labels[:, :3]})
+    ours.calculate_recall_at_4(**short, reference_labels=y[:4])
 
 
 def test_a_copied_calculator_computes_recall_beyond_k_with_its_own_settings():
