@@ -196,12 +196,8 @@ class CenterLoss(
         overflowed = "overflowed" if rows is not None else "(or their mean) overflowed"
 
         def rows_error() -> ValueError:
-            if not bool(torch.isfinite(self.centers.detach()).all()):  # (read on error only)
-                return ValueError(
-                    "CenterLoss's centers hold NaN/Inf (a diverged optimizer step on "
-                    "update='sgd' centers, or an edit in place), so its losses are not finite; "
-                    "reset or reload the centers and lower the learning rate"
-                )
+            if not self._centers_finite():  # (read on error only)
+                return _non_finite_centers("so its losses are not finite")
             return ValueError(
                 "CenterLoss gave non-finite losses from finite embeddings and centers: a "
                 f"squared distance 0.5 |x - c|^2 {overflowed}; scale the embeddings down"
@@ -244,6 +240,8 @@ class CenterLoss(
         )
 
         def error() -> ValueError:
+            if not self._centers_finite():  # a row the batch does not touch (read on error)
+                return _non_finite_centers("so the update is refused (they are unchanged)")
             return ValueError(
                 f"CenterLoss's center update left {self.centers.dtype}'s range (the "
                 "embeddings' values are beyond what the centers can hold); the centers are "
@@ -252,6 +250,9 @@ class CenterLoss(
 
         check_finite_flags((finite_flag(new),), (error,))
         self.centers.copy_(new)
+
+    def _centers_finite(self) -> bool:
+        return bool(torch.isfinite(self.centers.detach()).all())
 
     def compute_loss(
         self,
@@ -285,6 +286,15 @@ class CenterLoss(
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
             f"update={self.update!r}{alpha}"
         )
+
+
+def _non_finite_centers(consequence: str) -> ValueError:
+    """The error for centres that already hold NaN/Inf, and what it stops."""
+    return ValueError(
+        "CenterLoss's centers hold NaN/Inf (a diverged optimizer step on update='sgd' "
+        f"centers, or an edit in place), {consequence}; reset or reload the centers and "
+        "lower the learning rate"
+    )
 
 
 @torch.compiler.disable

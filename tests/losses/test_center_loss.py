@@ -328,3 +328,23 @@ def test_non_finite_centers_are_named_not_the_embeddings(update):
     big = torch.full((8, 3), 3e19)  # finite centres: the squares overflow, as before
     with pytest.raises(ValueError, match="scale the embeddings down"):
         loss(big, y)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_centers_outside_the_batch_are_named_by_the_update(value):
+    """A NaN/Inf centre of a class the batch does not hold: the losses are finite, and
+    the EMA update's check named float32's range and the embeddings; it names the
+    centres, and the update leaves them as they were."""
+    torch.manual_seed(0)
+    loss = CenterLoss(5, 3)
+    with torch.no_grad():
+        loss.centers[4, 0] = value
+    before = loss.centers.clone()
+    x, y = torch.randn(8, 3), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    with pytest.raises(ValueError, match="centers hold NaN/Inf") as info:
+        loss(x, y)
+    assert "range" not in str(info.value) and "scale the embeddings" not in str(info.value)
+    torch.testing.assert_close(loss.centers, before, equal_nan=True)
+    with torch.no_grad():  # finite centres: the update runs
+        loss.centers[4, 0] = 0.0
+    assert torch.isfinite(loss(x, y))
