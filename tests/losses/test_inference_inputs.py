@@ -27,11 +27,11 @@ MADE_IN_INFERENCE = ["embeddings", "labels", "both"]
 NUM_CLASSES, WIDTH, BATCH = 7, 6, 10
 
 
-def _run(build, mode: dict, inference: str, dtype: torch.dtype, autocast: bool):
+def _run(build, mode: dict, inference: str, dtype: torch.dtype, autocast, device="cpu"):
     torch.manual_seed(0)
-    loss_fn = build(NUM_CLASSES, WIDTH, **mode)
-    x = torch.randn(BATCH, WIDTH, dtype=dtype)
-    y = torch.arange(BATCH) % NUM_CLASSES
+    loss_fn = build(NUM_CLASSES, WIDTH, **mode).to(device)
+    x = torch.randn(BATCH, WIDTH, dtype=dtype).to(device)
+    y = (torch.arange(BATCH) % NUM_CLASSES).to(device)
     if inference != "none":
         with torch.inference_mode():
             x_inf, y_inf = x.clone(), y.clone()
@@ -41,13 +41,13 @@ def _run(build, mode: dict, inference: str, dtype: torch.dtype, autocast: bool):
             y = y_inf
         assert x.is_inference() or y.is_inference()
     torch.manual_seed(1)  # ElasticFace's margins, Partial FC's classes
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
         value = loss_fn(x, y)
     value.backward()
     return value.detach(), loss_fn.W.grad
 
 
-@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast_bf16"])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["plain", "autocast_bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("inference", MADE_IN_INFERENCE)
 @pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
@@ -58,6 +58,20 @@ def test_class_weight_losses_train_on_inference_tensors(name, mode, inference, d
     value, grad = _run(build, mode, inference, dtype, autocast)
     assert torch.equal(value, want_value)
     assert grad is not None and torch.equal(grad, want_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("autocast", [None, torch.float16], ids=["plain", "autocast_fp16"])
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+@pytest.mark.parametrize("name", BUILDERS)
+def test_class_weight_losses_train_on_inference_tensors_on_cuda(name, mode, autocast):
+    """The accelerator's defaults (the logits materialized, one large block) too."""
+    build = BUILDERS[name]
+    want = _run(build, mode, "none", torch.float32, autocast, "cuda")
+    got = _run(build, mode, "both", torch.float32, autocast, "cuda")
+    # (the same kernels on the same inputs; atomics in a reduction may reorder sums)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("inference", MADE_IN_INFERENCE)
