@@ -423,8 +423,8 @@ def _norm_overflow(x: torch.Tensor, name: str, dtype: torch.dtype) -> ValueError
     row = int(over[0])
     return ValueError(
         f"{name} row {row} has norm {float(norms[row]):.4g}: its square overflows {dtype} "
-        f"(norms up to {limit:.4g}), so normalizing it gives a wrong number; scale the "
-        "embeddings down"
+        f"(norms up to {limit:.4g}), so its norm (a normalization's or a distance's) is "
+        "wrong; scale the embeddings down"
     )
 
 
@@ -810,10 +810,12 @@ def check_reference(
     labels_required: bool,
     checks: ValueChecks | None = None,
     label_rows: int | None = None,
+    rows_required: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Check the reference set of a pair-based loss (``ref_emb``, ``ref_labels``).
 
-    ``ref_emb`` must be ``(R, width)`` like :func:`check_embeddings`; ``ref_labels``,
+    ``ref_emb`` must be ``(R, width)`` like :func:`check_embeddings` (``R = 0`` taken
+    where not ``rows_required``: no pairs); ``ref_labels``,
     when given, 1-D labels of length ``R`` (:func:`check_compared_labels`). ``ref_labels`` without
     ``ref_emb`` is an error, and so is ``ref_emb`` without ``ref_labels`` when the
     pairs have to be formed from labels (``labels_required``), unless ``ref_emb`` has
@@ -829,7 +831,7 @@ def check_reference(
         if ref_labels is not None:
             raise ValueError("ref_labels was given without ref_emb")
         return None, None
-    ref_emb = check_embeddings(ref_emb, name="ref_emb", checks=checks)
+    ref_emb = check_embeddings(ref_emb, name="ref_emb", checks=checks, rows_required=rows_required)
     if ref_emb.shape[1] != width:
         raise ValueError(
             f"ref_emb has width {ref_emb.shape[1]} but the embeddings have width {width}"

@@ -49,7 +49,9 @@ def load_array(path: str | Path, key: str | None = None) -> torch.Tensor:
         if isinstance(obj, np.ndarray):
             obj = _from_numpy(obj)
         if not isinstance(obj, torch.Tensor):
-            raise ValueError(f"{path} holds a {type(obj).__name__}, not a tensor")
+            kind = type(obj).__name__
+            article = "an" if kind[:1].lower() in "aeiou" else "a"
+            raise ValueError(f"{path} holds {article} {kind}, not a tensor")
         return obj
     raise ValueError(f"{path}: expected a .npy, .npz or .pt file")
 

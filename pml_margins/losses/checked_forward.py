@@ -201,8 +201,11 @@ class CheckedForwardMixin:
         if direct is not None:
             return direct
         self.check_inputs(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        # autograd records this route's ops, and refuses to save an inference tensor
-        embeddings, ref_emb = outside_inference(embeddings), outside_inference(ref_emb)
+        # autograd records this route's ops, and refuses to save an inference tensor (the
+        # batch as its own reference set stays one tensor: a pair loss reads ``is``)
+        same_emb = ref_emb is embeddings
+        embeddings = outside_inference(embeddings)
+        ref_emb = embeddings if same_emb else outside_inference(ref_emb)
         # int64 from here on: PML's reducers and miner-weight helpers index with them, and
         # read uint8 as a mask and refuse int8/int16 (the checks accept any integer dtype)
         same = ref_labels is labels

@@ -206,6 +206,7 @@ class CircleLoss(HyperparameterAttributes, CheckedForwardMixin, BaseMetricLossFu
             labels_required=indices_tuple is None,
             checks=checks,
             label_rows=None if labels is None else embeddings.shape[0],
+            rows_required=False,  # an empty reference set: no pairs, 0 (as PML's)
         )
         ref_size = None if ref_emb is None else ref_emb.shape[0]
         check_indices_tuple(indices_tuple, embeddings.shape[0], ref_size, checks=checks)

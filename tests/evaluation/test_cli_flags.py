@@ -140,6 +140,9 @@ def test_help_lists_metrics_and_flags(capsys):
         ("zip.npy", "y.npy", "zip.npy: cannot read: not a .npy file: it is a zip archive"),
         ("array.npz", "y.npy", "array.npz: cannot read: not a .npz file: it is a .npy array"),
         ("empty.npy", "y.npy", "empty.npy: cannot read: not a .npy file: it is empty"),
+        # the article follows the type's name ("holds a int" before; found by review)
+        ("int.pt", "y.npy", "int.pt: cannot read: int.pt holds an int, not a tensor"),
+        ("list.pt", "y.npy", "list.pt: cannot read: list.pt holds a list, not a tensor"),
     ],
 )
 def test_bad_files_give_one_line_and_status_2(
@@ -161,6 +164,8 @@ def test_bad_files_give_one_line_and_status_2(
     (tmp / "text.pt").write_text("epoch 3")
     (tmp / "npy.pt").write_bytes((tmp / "array.npy").read_bytes())
     (tmp / "pickle.pt").write_bytes(b"\x80\x02junk")
+    torch.save(3, tmp / "int.pt")
+    torch.save([1.0, 2.0], tmp / "list.pt")
     np.save(tmp / "nan_labels.npy", np.where(np.arange(120) == 3, np.nan, np.arange(120) % 4))
     monkeypatch.chdir(tmp)
     assert main(["eval", "--embeddings", embeddings, "--labels", labels]) == 2

@@ -742,3 +742,27 @@ def test_softplus_is_exact_above_20_on_both_paths() -> None:
     assert fast.max() > 20  # the case: softplus past its threshold
     torch.testing.assert_close(fast, slow, rtol=1e-15, atol=0)
     torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("per_anchor", [False, True])
+@pytest.mark.parametrize("queries", [0, 5])
+def test_an_empty_reference_set_gives_no_pairs_and_a_loss_of_0_as_pml(per_anchor, queries):
+    """PML's CircleLoss returns 0 for a reference set of no rows (no pairs); ours refused
+    it ("ref_emb is empty"), although the mirror case (no queries) gave 0."""
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    torch.manual_seed(0)
+    x = torch.randn(queries, 6, requires_grad=True)
+    y = torch.arange(queries) % 3
+    ref, ref_y = torch.randn(0, 6), torch.zeros(0, dtype=torch.long)
+    empty = torch.zeros(0, dtype=torch.long)
+    for reducer in (None, MeanReducer()):
+        kw = {} if reducer is None else {"reducer": reducer}
+        ours = CircleLoss(per_anchor=per_anchor, **kw)
+        pml = pml_losses.CircleLoss(**kw)
+        for args in ((y, None, ref, ref_y), (y, (empty, empty, empty, empty), ref, ref_y)):
+            got, want = ours(x, *args), pml(x, *args)
+            assert float(got) == float(want) == 0.0
+            got.backward()
+            assert x.grad is None or not x.grad.any()

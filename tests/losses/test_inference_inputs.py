@@ -171,3 +171,18 @@ def test_sharded_loss_on_one_rank_trains_on_inference_tensors() -> None:
             results.append((value.detach(), loss_fn.W_local.grad))
         (want, want_grad), (got, grad) = results
         assert torch.equal(got, want) and torch.equal(grad, want_grad), spec_id
+
+
+@pytest.mark.parametrize("per_anchor", [False, True])
+def test_circle_loss_keeps_the_batch_as_its_own_reference_set(per_anchor) -> None:
+    """From the review of the change: the batch passed as its own ``ref_emb`` and copied
+    out of inference mode became two tensors, and the whole-batch form (each unordered
+    pair once where the reference set is the batch) counted every pair twice."""
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 6), torch.arange(12) % 3
+    loss_fn = CircleLoss(per_anchor=per_anchor)
+    want = loss_fn(x, y)
+    assert torch.equal(loss_fn(x, y, None, x, y), want)
+    x_inf, y_inf = _made_in_inference(x, y)
+    assert torch.equal(loss_fn(x_inf, y_inf), want)
+    assert torch.equal(loss_fn(x_inf, y_inf, None, x_inf, y_inf), want)
