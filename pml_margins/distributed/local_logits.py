@@ -29,7 +29,7 @@ from pml_margins.functional.margin_softmax import (
     products_dtype,
     takes_unit_columns,
 )
-from pml_margins.functional.saved_inputs import save_inputs, saved_inputs
+from pml_margins.functional.saved_inputs import save_inputs
 
 __all__ = ["cosine_logits"]
 
@@ -54,7 +54,7 @@ class _CosineLogits(torch.autograd.Function):
     @staticmethod
     @backward_once("the sharded cosine logits", SHARDED_REMEDY)
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x_hat, weight, inv_norm, radial_scale = saved_inputs(ctx)
+        x_hat, weight, inv_norm, radial_scale = ctx.saved_tensors
         scaled_grad = grad * inv_norm
         grad_x = scaled_grad @ weight.t() if ctx.needs_input_grad[0] else None
         grad_w = None

@@ -51,7 +51,7 @@ from pml_margins.functional.margin_softmax import (
     elementwise_result,
     scale_logits,
 )
-from pml_margins.functional.saved_inputs import save_inputs, saved_inputs
+from pml_margins.functional.saved_inputs import save_inputs
 from pml_margins.validation import (
     caller_checked,
     check_class_labels,
@@ -107,7 +107,7 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
                 "(one B x C_local buffer, not two): a second backward through the same graph "
                 "(retain_graph=True) is not supported; run the forward again"
             )
-        exp, sum_exp, target, single = saved_inputs(ctx)
+        exp, sum_exp, target, single = ctx.saved_tensors
         ctx.backward_done = True
         grad = torch.where(single, grad, torch.nan)
         # in place: the softmax buffer becomes the gradient

@@ -27,7 +27,7 @@ import torch
 from pml_margins.function_transforms import values_under_transforms
 from pml_margins.functional.autograd_switch import backward_once, plain_autograd_needed
 from pml_margins.functional.margin_softmax import compute_dtype, exp_in_place
-from pml_margins.functional.saved_inputs import save_inputs, saved_inputs
+from pml_margins.functional.saved_inputs import outside_inference, save_inputs
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
     caller_checked,
@@ -93,7 +93,7 @@ def segment_logsumexp(
         check_similarities(values, "values", 1, checks, minus_inf=True)  # logits: -inf is log 0
         _check_anchors(segments, "segments", values, "values", num_segments, "num_segments", checks)
         checks.run()
-    segments = segments.long()
+    segments = outside_inference(segments.long())  # (autograd saves an index)
     shift = torch.full((num_segments,), float("-inf"), dtype=values.dtype, device=values.device)
     shift = shift.scatter_reduce(0, segments, values.detach(), reduce="amax")
     present = torch.zeros_like(shift).index_add(0, segments, torch.ones_like(values)) > 0
@@ -227,7 +227,7 @@ class _DenseCircle(torch.autograd.Function):
     @staticmethod
     @backward_once("the dense Circle loss", _CIRCLE_REMEDY)
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        pos_mask, slope, exp_p, sum_p, exp_n, sum_n, z, valid = saved_inputs(ctx)
+        pos_mask, slope, exp_p, sum_p, exp_n, sum_n, z, valid = ctx.saved_tensors
         row = torch.where(valid, grad * torch.sigmoid(z), 0.0)
         grad_l = exp_p * (row / sum_p).unsqueeze(1)
         grad_l.addcmul_(exp_n, (row / sum_n).unsqueeze(1))
@@ -314,7 +314,7 @@ class _DenseNegativesCircle(torch.autograd.Function):
     @staticmethod
     @backward_once("the dense Circle loss", _CIRCLE_REMEDY)
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        pos_keys, rows, slope_p, exp_p, sum_p, slope_n, exp_n, sum_n, z, valid = saved_inputs(ctx)
+        pos_keys, rows, slope_p, exp_p, sum_p, slope_n, exp_n, sum_n, z, valid = ctx.saved_tensors
         row = torch.where(valid, grad * torch.sigmoid(z), 0.0)
         grad_sim = exp_n * (row / sum_n).unsqueeze(1)
         grad_sim.mul_(slope_n)
@@ -485,6 +485,8 @@ def circle_loss_masked(
     m, gamma = _margin(m), _gamma(gamma)
     per_anchor = check_bool(per_anchor, "per_anchor")  # ("no" was taken as True)
     _check_matrix(sim, {"pos_mask": pos_mask, "neg_mask": neg_mask})
+    # (masks made under torch.inference_mode: copied, as torch.where saves its condition)
+    pos_mask, neg_mask = outside_inference(pos_mask), outside_inference(neg_mask)
     with torch.autocast(device_type=sim.device.type, enabled=False):
         sim = sim.to(compute_dtype(sim.dtype))
         dims = (1,) if per_anchor else (0, 1)

@@ -50,7 +50,7 @@ from pml_margins.functional.margin_softmax import (
     products_dtype,
     takes_unit_columns,
 )
-from pml_margins.functional.saved_inputs import outside_inference, save_inputs, saved_inputs
+from pml_margins.functional.saved_inputs import outside_inference, save_inputs
 
 __all__ = ["NORM_EPS", "dense_margin_softmax_cross_entropy", "target_and_slope"]
 
@@ -188,9 +188,10 @@ def dense_margin_softmax_cross_entropy(
     """
     if scale_by_norm:
         check_norm_scale_form(normalize_embeddings, bias, scale)
-    # made under torch.inference_mode: the small inputs copied (autograd saves a gather's
-    # index, a product's factors); the batch kept as it is (see saved_inputs.py)
-    labels, bias = outside_inference(labels), outside_inference(bias)
+    # made under torch.inference_mode: copied once (autograd saves a gather's index, the
+    # backward reads the batch; see saved_inputs.py)
+    embeddings, labels = outside_inference(embeddings), outside_inference(labels)
+    bias = outside_inference(bias)
     if isinstance(scale, torch.Tensor):
         scale = outside_inference(scale)
     dtype = compute_dtype(torch.promote_types(embeddings.dtype, weight.dtype))
@@ -319,14 +320,14 @@ class _DenseMarginSoftmax(torch.autograd.Function):
         ctx.dtypes = embeddings.dtype, weight.dtype, None if bias is None else bias.dtype
         # the inputs through save_for_backward: one changed in place before the backward
         # (an optimizer step) raises autograd's usual error instead of wrong gradients
-        # (an inference tensor, which cannot be, kept as it is: saved_inputs.py)
+        # (an inference tensor, which has no version counter, as its copy: saved_inputs.py)
         save_inputs(ctx, log_prob, z, weight, embeddings, scale_tensor)
         return losses
 
     @staticmethod
     @backward_once("the dense margin softmax", SOFTMAX_REMEDY)
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        log_prob, z, weight, embeddings, _ = saved_inputs(ctx)  # (the version checks)
+        log_prob, z, weight, embeddings, _ = ctx.saved_tensors  # (the version checks)
         saved: _Saved = ctx.saved
         x, index, mm_dtype = saved.x, saved.index, saved.mm_dtype
         need_x, need_w, need_s, need_b, need_t = ctx.needs_input_grad[:5]

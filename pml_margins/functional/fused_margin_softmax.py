@@ -129,7 +129,7 @@ from pml_margins.functional.margin_softmax import (
     row_norms,
     takes_unit_columns,
 )
-from pml_margins.functional.saved_inputs import outside_inference, save_inputs, saved_inputs
+from pml_margins.functional.saved_inputs import outside_inference, save_inputs
 from pml_margins.validation import (
     CHECKED_BY_CALLER,
     FLOAT_DTYPE_NAMES,
@@ -597,7 +597,7 @@ def fused_margin_softmax_cross_entropy(
                 scale_by_norm=scale_by_norm,
             ),
         )
-    # the batch too on the other paths (the dense function saves it without a copy)
+    # the batch too on the other paths (the dense function copies its own)
     embeddings = outside_inference(embeddings)
     if scale_by_norm:  # the norms through autograd on the other paths
         scale = _norm_scale(embeddings, weight, scale)
@@ -807,7 +807,7 @@ class _Float16Products(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_half, w_half = saved_inputs(ctx)
+        x_half, w_half = ctx.saved_tensors
         with autocast_off(grad.device.type):
             planes = grad if grad.ndim == 3 else grad.unsqueeze(0)  # (K, B, C)
             column_max = w_half.abs().amax().float()
@@ -1386,7 +1386,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             target_winner,
             inv_norm,
             active,
-        ) = saved_inputs(ctx)
+        ) = ctx.saved_tensors
         config: _Config = ctx.config
         dtype, mm_dtype = config.dtype, config.mm_dtype
         need_x, need_w, need_s, need_b, need_t = ctx.needs_input_grad[:5]

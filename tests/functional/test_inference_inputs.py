@@ -64,3 +64,55 @@ def test_inference_inputs_give_the_same_values_and_gradients(name) -> None:
     got, grad = _run(CALLS[name], inference=True)
     assert torch.equal(got, want)
     assert torch.equal(grad, want_grad)
+
+
+def test_circle_functions_take_inference_masks_and_indices() -> None:
+    """``torch.where`` saves its condition and an index op its index: the masks, keys and
+    anchors of the Circle functions are copied where made in inference mode (the dense
+    form under ``autograd_only`` falls back to the masked one)."""
+    import pml_margins
+    from pml_margins.functional import (
+        circle_loss_dense,
+        circle_loss_dense_negatives,
+        circle_loss_masked,
+        circle_loss_pairs,
+    )
+
+    torch.manual_seed(0)
+    sim_leaf = torch.rand(6, 6, dtype=torch.float64) * 2 - 1
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    pos = labels.unsqueeze(1) == labels.unsqueeze(0)
+    pos.fill_diagonal_(False)
+    neg = labels.unsqueeze(1) != labels.unsqueeze(0)
+    keys = torch.nonzero(pos.flatten()).flatten()
+    anchors = torch.nonzero(pos)[:, 0]
+    neg_anchors = torch.nonzero(neg)[:, 0]
+
+    def calls(p, n, k, a, na):
+        sim = sim_leaf.clone().requires_grad_(True)
+        yield sim, lambda: circle_loss_dense(sim, p, n, 0.25, 32.0)
+        with pml_margins.autograd_only():
+            yield sim, lambda: circle_loss_dense(sim, p, n, 0.25, 32.0)
+        yield sim, lambda: circle_loss_dense_negatives(sim, n, k, 0.25, 32.0)
+        yield sim, lambda: circle_loss_masked(sim, p, n, 0.25, 32.0, per_anchor=False)
+        s_p, s_n = sim[pos], sim[neg]
+        yield sim, lambda: circle_loss_pairs(s_p, a, s_n, na, 6, 0.25, 32.0)
+
+    def results(*inputs):
+        out = []
+        for sim, call in calls(*inputs):
+            value = call().sum()
+            (grad,) = torch.autograd.grad(value, sim)
+            out.append((value.detach(), grad))
+        return out
+
+    normal = (pos, neg, keys, anchors, neg_anchors)
+    for (want, want_grad), (got, grad) in zip(
+        results(*normal), results(*_made_in_inference(*normal)), strict=True
+    ):
+        assert torch.equal(got, want) and torch.equal(grad, want_grad)
+
+
+def _made_in_inference(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    with torch.inference_mode():
+        return tuple(t.clone() for t in tensors)

@@ -186,3 +186,65 @@ def test_circle_loss_keeps_the_batch_as_its_own_reference_set(per_anchor) -> Non
     x_inf, y_inf = _made_in_inference(x, y)
     assert torch.equal(loss_fn(x_inf, y_inf), want)
     assert torch.equal(loss_fn(x_inf, y_inf, None, x_inf, y_inf), want)
+
+
+@pytest.mark.parametrize("name", ["SoftmaxLoss", "NormSoftmaxLoss", "ArcFaceLoss"])
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+def test_an_inference_batch_refilled_before_backward_gives_the_forwards_gradient(name, mode):
+    """From the review of the change: the first version kept the inference batch itself
+    (it has no version counter) and SoftmaxLoss's raw rows were a view of it: a frozen
+    backbone's buffer refilled in inference mode before ``backward()`` gave the gradient
+    of the next batch (0.36 off), silently. The batch is copied instead."""
+    torch.manual_seed(0)
+    y = torch.arange(BATCH) % NUM_CLASSES
+    batch, next_batch = torch.randn(BATCH, WIDTH), torch.randn(BATCH, WIDTH)
+    torch.manual_seed(1)
+    reference = BUILDERS[name](NUM_CLASSES, WIDTH, **mode)
+    torch.manual_seed(2)
+    reference(batch.clone(), y).backward()
+    torch.manual_seed(1)
+    loss_fn = BUILDERS[name](NUM_CLASSES, WIDTH, **mode)
+    (features,) = _made_in_inference(batch)
+    torch.manual_seed(2)
+    value = loss_fn(features, y)
+    with torch.inference_mode():
+        features.copy_(next_batch)  # the backbone's buffer, reused
+    value.backward()
+    assert torch.equal(loss_fn.W.grad, reference.W.grad)
+
+
+def test_compiled_functions_read_no_inference_flag() -> None:
+    """From the review of the change: Dynamo cannot trace ``Tensor.is_inference()``; the
+    copies broke ``fullgraph=True`` compilation of the public functions and added graph
+    breaks to the fused core (none before). While tracing nothing is copied."""
+    from torch._dynamo.utils import counters
+
+    from pml_margins.functional import (
+        fused_margin_softmax_cross_entropy,
+        margin_softmax_cross_entropy,
+    )
+
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 8, requires_grad=True), torch.randn(8, 5, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    plain = torch.compile(
+        lambda a, b: margin_softmax_cross_entropy(a @ w, b, None, 4.0),
+        backend="eager",
+        fullgraph=True,
+    )
+    torch.testing.assert_close(plain(x, y), margin_softmax_cross_entropy(x @ w, y, None, 4.0))
+    torch._dynamo.reset()
+    counters.clear()
+    fused = torch.compile(
+        lambda a, b: fused_margin_softmax_cross_entropy(a, w, b, None, 4.0), backend="eager"
+    )
+    fused(x, y).sum().backward()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    counters.clear()
+    chunked = torch.compile(  # (its out= products break the graph, as before)
+        lambda a, b: fused_margin_softmax_cross_entropy(a, w, b, None, 4.0, chunk_size=2),
+        backend="eager",
+    )
+    chunked(x, y).sum().backward()
+    assert not [r for r in counters["graph_break"] if "inference" in str(r)]
+    torch._dynamo.reset()
