@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from pml_margins.functional.margin_softmax import compute_dtype
+from pml_margins.functional.saved_inputs import outside_inference
 from pml_margins.validation import (
     caller_checked,
     check_embeddings,
@@ -45,7 +46,8 @@ def center_distances(
     _check_centers(embeddings, centers, labels)
     dtype = compute_dtype(torch.promote_types(embeddings.dtype, centers.dtype))
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        diff = embeddings.to(dtype) - centers.to(dtype).index_select(0, labels.long())
+        index = outside_inference(labels.long())  # (autograd saves an index)
+        diff = embeddings.to(dtype) - centers.to(dtype).index_select(0, index)
         # d (d / 2): the bits of d^2 / 2 (halving is exact), without d^2 overflowing first
         losses = (diff * (0.5 * diff)).sum(dim=1)
     check_function_result(losses, _overflow_error("center_distances", "1/2 |x - c|^2"))

@@ -116,3 +116,17 @@ def test_circle_functions_take_inference_masks_and_indices() -> None:
 def _made_in_inference(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     with torch.inference_mode():
         return tuple(t.clone() for t in tensors)
+
+
+def test_center_distances_take_inference_labels() -> None:
+    """From a review: the centres' gather saved the labels' index (the loss copied them;
+    the public function did not)."""
+    from pml_margins.functional import center_distances
+
+    torch.manual_seed(0)
+    x, y = torch.randn(9, 5), torch.arange(9) % 6
+    centers = torch.randn(6, 5, requires_grad=True)
+    (want,) = torch.autograd.grad(center_distances(x, centers, y).sum(), centers)
+    x_inf, y_inf = _made_in_inference(x, y)
+    (got,) = torch.autograd.grad(center_distances(x_inf, centers, y_inf).sum(), centers)
+    assert torch.equal(got, want)
