@@ -51,7 +51,6 @@ from pml_margins.functional.margin_softmax import (
     elementwise_result,
     scale_logits,
 )
-from pml_margins.functional.saved_inputs import save_inputs
 from pml_margins.validation import (
     caller_checked,
     check_class_labels,
@@ -95,7 +94,7 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         # unchecked (value checks off), a row that no rank or several own has no one target:
         # NaN, its loss and its gradients, rather than a softmax toward no class
         single = stats[:, 2] == 1
-        save_inputs(ctx, exp, stats[:, 0], target, single)
+        ctx.save_for_backward(exp, stats[:, 0], target, single)
         return torch.where(single, torch.log(stats[:, 0]) - stats[:, 1], torch.nan)
 
     @staticmethod
