@@ -722,14 +722,44 @@ def _operand(
     return w.to(config.mm_dtype), inv
 
 
+def _column_scratch(rows: int, columns: int, config: _Config, device: torch.device) -> torch.Tensor:
+    """A flat buffer for one column block's ``(rows, k K)`` element-wise products in the
+    compute dtype (:func:`column_dots`), allocated once per call and reused by every block."""
+    width = min(columns, config.block * config.sub_centers)
+    return torch.empty(rows * width, dtype=config.dtype, device=device)
+
+
+def column_dots(
+    a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum_d a[d, j] b[d, j]`` for each column ``j`` of two ``(D, k)`` tensors.
+
+    The values of ``torch.linalg.vecdot(a, b, dim=0)`` (which is the element-wise product,
+    then a sum over rows), with the product written into ``scratch`` (flat, at least
+    ``D k`` elements of the dtype) where given. A column block of ``W`` at 10k classes x 3
+    sub-centres makes that product 4 MiB: allocated anew for every block, glibc hands it
+    back to the system and the next block faults it in again (4-5k page faults, 10-14 ms
+    of a ~215 ms CPU step, measured).
+    """
+    if scratch is None:
+        return torch.linalg.vecdot(a, b, dim=0)
+    products = scratch[: a.numel()].view(a.shape)
+    return torch.mul(a, b, out=products).sum(0)
+
+
 def _inverse_column_norms(
-    w: torch.Tensor, dtype: torch.dtype, out: torch.Tensor, active: torch.Tensor | None = None
+    w: torch.Tensor,
+    dtype: torch.dtype,
+    out: torch.Tensor,
+    active: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``1 / max(|w_j|, eps)`` of a block's columns, into ``out``; into ``active``, where
     given, whether ``|w_j| >= eps``: the columns whose gradient keeps its radial term
-    (``F.normalize``'s clamp passes the gradient at equality)."""
+    (``F.normalize``'s clamp passes the gradient at equality). ``scratch``: see
+    :func:`column_dots`."""
     wc = w.to(dtype)
-    squares = torch.linalg.vecdot(wc, wc, dim=0)
+    squares = column_dots(wc, wc, scratch)
     if active is not None:
         torch.ge(squares.sqrt(), _NORM_EPS, out=active)  # (norms: as in _column_inverse_norms)
     return torch.rsqrt(squares.clamp_min_(_NORM_EPS**2), out=out)
@@ -1144,20 +1174,22 @@ def _sub_centre_block(
     winner: torch.Tensor | None,
     norms_given: bool = False,
     active: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One block of whole classes: its ``(B, k)`` class cosines.
 
     Fills ``inv`` (the block's ``1/|W|`` per column, when normalizing; unless
     ``norms_given``: the forward's, for a recomputation) and ``active`` (whether each
     column's norm is at least eps; where given), and ``winner`` (the winning
-    sub-centres, when asked). Where no two sub-centres may tie (:func:`_may_tie`), one
+    sub-centres, when asked); ``scratch``: see :func:`column_dots`. Where no two
+    sub-centres may tie (:func:`_may_tie`), one
     product over the block's columns in ``W``'s own layout (no copy: at 10k classes
     x 3, ~10 ms of a ~200 ms CPU step); else one per plane (:func:`_planes`).
     """
     dtype = config.dtype
     if not _may_tie(w, per_class):
         if inv is not None and not norms_given:
-            _inverse_column_norms(w, dtype, inv, active)
+            _inverse_column_norms(w, dtype, inv, active, scratch)
         w_mm, inv_after = _operand(w, inv, config)
         z = _block_logits(xs, w_mm, inv_after, None, 0, dtype)
         classes = z.shape[1] // per_class  # explicit: an empty batch has no -1 to infer
@@ -1254,6 +1286,9 @@ def _forward(
         elif config.normalize_weight:
             inv_norm = torch.empty(columns, **opts)
             active = torch.empty(columns, dtype=torch.bool, device=x.device)
+        scratch = None  # for the blocks' column norms
+        if inv_norm is not None and config.cosines is None:
+            scratch = _column_scratch(x.shape[1], columns, config, x.device)
         lowest = torch.finfo(dtype).min
         stores_slope = config.stores_slope = (
             buffer is not None and phi is not None and bias is None and scale_tensor is None
@@ -1274,7 +1309,9 @@ def _forward(
                 winner = None
                 if winners is not None:
                     winner = winners[batch * start : batch * stop].view(batch, stop - start)
-                z = _sub_centre_block(xs, w, inv, per_class, config, winner, active=on)
+                z = _sub_centre_block(
+                    xs, w, inv, per_class, config, winner, active=on, scratch=scratch
+                )
                 if phi is None:
                     logits = _scaled_logits(z, s_col, bias_d, start, dtype, out)
                 elif out is not None and not stores_slope:
@@ -1283,7 +1320,7 @@ def _forward(
                 logits = _scaled_logits(out, s_col, bias_d, start, dtype, out)
             else:
                 if inv is not None:
-                    _inverse_column_norms(w, dtype, inv, on)
+                    _inverse_column_norms(w, dtype, inv, on, scratch)
                 w_mm, inv_after = _operand(w, inv, config)
                 if phi is None and config.fold_scale:
                     logits = _block_logits(xs, w_mm, inv_after, bias_d, start, dtype, out)
@@ -1425,6 +1462,9 @@ class _FusedMarginSoftmax(torch.autograd.Function):
             # with phi and a tensor scale: sum over j != y of p_ij phi(z_ij), for grad s
             phi_sum = torch.zeros_like(lse) if phi is not None and need_s else None
             radial_scale = None if inv_norm is None else inv_norm * inv_norm * active
+            scratch = None  # for the blocks' radial terms (and recomputed column norms)
+            if inv_norm is not None and grad_w is not None:
+                scratch = _column_scratch(x.shape[1], weight.shape[1], config, x.device)
             for k, (start, stop) in enumerate(_blocks(num_classes, config.block)):
                 first, last = start * per_class, stop * per_class  # the block's columns
                 w = w_d[:, first:last]
@@ -1485,7 +1525,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                         g1.mul_(inv)  # lacks diag(1/n)
                     if inv is not None:
                         wc = w.to(dtype)
-                        radial = torch.linalg.vecdot(g1, wc, dim=0).mul_(radial_scale[first:last])
+                        radial = column_dots(g1, wc, scratch).mul_(radial_scale[first:last])
                         g1.addcmul_(wc, radial, value=-1)
                     if not direct:
                         dest.copy_(g1)
