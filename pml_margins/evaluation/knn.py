@@ -219,6 +219,21 @@ def _normalize_overflowed(rows: torch.Tensor, norms: torch.Tensor) -> None:
     norms[wide] = 1.0
 
 
+#: dtypes whose every value float64 holds exactly, so that a float64 operation on them
+#: equals the same operation on a float64 copy (integers of up to 32 bits, bool too)
+_EXACT_IN_FLOAT64 = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.bool,
+)
+
+
 def _candidate_width(k: int, num_reference: int) -> int:
     """Candidates kept per query for a top ``k``: ``k`` and a margin, at most every
     reference (then no float32 pass is needed: every reference is a candidate)."""
@@ -461,12 +476,20 @@ def _rescore(
 ) -> torch.Tensor:
     """float64 ranking values of the candidates: squared distance or dot product,
     from the original values (identical rows give identical values). Row chunks
-    run in ``workers`` threads (torch's kernels release the GIL)."""
+    run in ``workers`` threads (torch's kernels release the GIL). On an accelerator,
+    without ``normalize``, the gathered rows enter the float64 difference (or product)
+    in their own dtype: each dtype of :data:`_EXACT_IN_FLOAT64` converts to float64
+    exactly, so the values are those of a float64 copy, without writing and reading
+    that copy (a third of the re-scoring's memory traffic: on an H200 at CUB size the
+    copy took 1.0 of the re-scoring's 3.1 ms). On CPU the copy stays: a kernel that
+    mixes dtypes there is no faster than the copy and a same-dtype one (294 against
+    284 ms at CUB size, 2 threads)."""
     num, width, dim = len(query), indices.shape[1], query.shape[1]
     if 2 * width >= len(reference) > 0:
         return _rescore_wide(query, reference, indices, metric, normalize, workers)
     out = torch.empty(num, width, dtype=torch.float64, device=query.device)
     rows = max(1, min(num, _chunk_elements(query.device) // max(1, width * dim)))
+    mixed = query.device.type != "cpu"  # (see above)
 
     def run(starts: Sequence[int]) -> None:
         opts = {"dtype": torch.float64, "device": query.device}
@@ -476,10 +499,13 @@ def _rescore(
             n = min(rows, num - s)
             flat = indices[s : s + n].clamp(min=0).flatten()
             torch.index_select(reference, 0, flat, out=gathered[: n * width])
-            picked = _rows64(gathered[: n * width], normalize, picked64).view(n, width, dim)
+            picked = gathered[: n * width]
+            if normalize or not mixed or reference.dtype not in _EXACT_IN_FLOAT64:
+                picked = _rows64(picked, normalize, picked64)
             q = _rows64(query[s : s + n], normalize, query64)[:, None, :]
-            _pair_terms(picked, q, metric, picked)
-            torch.sum(picked, dim=2, out=out[s : s + n])
+            terms = picked64[: n * width].view(n, width, dim)
+            _pair_terms(picked.view(n, width, dim), q, metric, terms)
+            torch.sum(terms, dim=2, out=out[s : s + n])
 
     _in_threads(run, range(0, num, rows), workers)
     return out
@@ -607,7 +633,7 @@ def knn_float64(
             own = done[:, None] - (self_offset if self_offset is not None else -nr)  # or none
             cand = torch.where(cand < 0, own, cand)  # the own column, left out of faiss's heaps
             v = _rescore(query[done], reference, cand, metric, normalize, cpu_threads)
-            v[cand == own] = -torch.inf if metric == "dot" else torch.inf
+            v.masked_fill_(cand == own, -torch.inf if metric == "dot" else torch.inf)  # no sync
             values[done], indices[done] = merge_neighbours(v, cand, k, metric == "dot")
         todo, width, first = todo[~ok], min(nr, 4 * width), False
     return values, indices

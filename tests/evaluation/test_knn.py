@@ -289,6 +289,31 @@ def test_cuda_equals_cpu():
         exact_knn(x.cuda(), x.cuda(), 2, backend="faiss")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.uint8, torch.int64]
+)
+@pytest.mark.parametrize("metric", ["sqeuclidean", "dot"])
+def test_cuda_rescoring_from_each_dtype_equals_cpu(dtype, metric):
+    """On CUDA the candidates enter the float64 re-scoring in their own dtype (no float64
+    copy): the values and the ties (duplicates) are those of float64 input, bit for bit,
+    and (small integer values: every sum exact in any order) the CPU's."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 9, (900, 24), generator=gen)
+    x = x if dtype == torch.uint8 else x - 100  # off-centre where the dtype holds it
+    x = torch.cat([x, x[:300]]).to(dtype)  # 300 rows twice: exact ties
+    for normalize in (False, True):
+        opts = {"metric": metric, "normalize": normalize, "exclude_self": True}
+        gpu = exact_knn(x.cuda(), x.cuda(), 40, **opts)
+        wide = exact_knn(x.cuda().double(), x.cuda().double(), 40, **opts)
+        assert torch.equal(gpu[1], wide[1])
+        assert torch.equal(gpu[0], wide[0].to(gpu[0].dtype))
+        if not normalize:
+            cpu = exact_knn(x, x, 40, **opts)
+            assert torch.equal(gpu[1].cpu(), cpu[1])
+            assert torch.equal(gpu[0].cpu(), cpu[0])
+
+
 def test_inference_mode_reaches_the_rescoring_threads() -> None:
     """Under ``torch.inference_mode`` (Lightning's validation) the float64 re-scoring,
     spread over worker threads, writes its inference-mode output, same result."""
