@@ -83,10 +83,15 @@ def adaface_target(
         g_{angle} = -m\hat z_i,\quad g_{add} = m\hat z_i + m
 
     with :math:`\theta = \arccos(\mathrm{clip}(\cos\theta, -1 + \epsilon, 1 - \epsilon))`
-    (finite gradients at :math:`\cos\theta = \pm1`, where the slope is 0).
+    (finite gradients at :math:`\cos\theta = \pm1`, where the slope is 0). An
+    :math:`\epsilon` below half the unit roundoff of ``cosine``'s dtype (``2^-25`` for
+    float32), where :math:`1 - \epsilon` would round to 1 and the clip hold nothing
+    (``acos``'s gradient at 1 is infinite: NaN gradients), clips at the dtype's largest
+    value below 1 instead.
     """
     scaler = scaler.to(cosine.dtype)
-    theta = torch.acos(cosine.clamp(-1 + eps, 1 - eps))
+    bound = min(1.0 - eps, 1.0 - torch.finfo(cosine.dtype).eps / 2)  # < 1 in the dtype
+    theta = torch.acos(cosine.clamp(-bound, bound))
     angle = (theta - margin * scaler).clamp(eps, math.pi - eps)
     return torch.cos(angle) - margin * (scaler + 1)
 

@@ -183,3 +183,29 @@ def test_bad_hyperparameters(kwargs, error, message: str) -> None:
 def test_target_logit_fn_alone_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="depend on the embeddings' norms"):
         AdaFaceLoss(C, D).target_logit_fn()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [1e-3, 2e-8, 1e-12, 1e-300])
+@pytest.mark.parametrize("mode", [{}, {"chunk_size": 2}])
+def test_an_eps_below_the_dtypes_roundoff_still_clips_below_one(dtype, eps, mode) -> None:
+    """``1 - eps`` rounding to 1 (float32: eps < 2^-25) left the clip holding nothing:
+    an embedding along its class weight (cos = 1) gave NaN gradients, silently."""
+    torch.manual_seed(0)
+    loss = AdaFaceLoss(num_classes=4, embedding_size=8, eps=eps, **mode).to(dtype)
+    x = (loss.W.detach().t()[:3] * 30).clone().requires_grad_()  # each row on its class
+    value = loss(x, torch.tensor([0, 1, 2]))
+    value.backward()
+    assert torch.isfinite(value)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(loss.W.grad).all()
+
+
+def test_the_clip_of_a_tiny_eps_is_the_largest_value_below_one() -> None:
+    below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))
+    cosine = torch.tensor([1.0, -1.0, 0.5], requires_grad=True)
+    scaler = torch.zeros(3)
+    tiny = adaface_target(cosine, scaler, 0.4, 1e-20)
+    at_bound = adaface_target(torch.tensor([below_one, -below_one, 0.5]), scaler, 0.4, 1e-20)
+    assert torch.equal(tiny, at_bound)
+    tiny.sum().backward()
+    assert torch.equal(cosine.grad[:2], torch.zeros(2))  # clipped: zero slope, not NaN
