@@ -45,6 +45,7 @@ from pml_margins.evaluation.inputs import (
 )
 from pml_margins.evaluation.knn import Backend, Metric, check_num_threads, exact_knn, uses_faiss
 from pml_margins.evaluation.label_matching import compared, custom_relevance, label_positions
+from pml_margins.evaluation.metric_kwargs import checked_metric_kwargs, checked_query_mask
 from pml_margins.losses.pml_calls import runs_as_its_class
 from pml_margins.validation import check_bool, check_flag
 
@@ -1003,20 +1004,21 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             match, relevant = own.full, own.relevant
             if not full_k:
                 match = match[:, : knn_labels.shape[1]] if own.shown is None else own.shown
-        else:
+        else:  # a direct call (or a subclass's changed kwargs): PML's kwargs, checked
+            given = checked_metric_kwargs(kwargs)
+            labels, knn_labels = given.query_labels, given.knn_labels
+            mask = checked_query_mask(mask, len(labels), labels.device)
             match = self._matches(labels, knn_labels)
             if own is not None and own.absent is not None and knn_labels is own.knn_labels:
                 match = match & ~own.absent.to(match.device)  # (inference tensors, say)
-            unique, counts = (  # PML only zips them: sequences work there too
-                torch.as_tensor(t, device=labels.device) for t in kwargs["label_counts"]
-            )
-            counts = torch.cat([counts, counts.new_zeros(1)])  # a label absent from them: 0
-            relevant = counts[label_positions(unique, labels)]
+            # a label absent from the counts: 0 (PML only zips them: sequences work too)
+            counts = torch.cat([given.counts, given.counts.new_zeros(1)])
+            relevant = counts[label_positions(given.unique, labels)]
             # never below 0 (a label absent from the counts: its at-R metrics are NaN)
-            relevant = (relevant - int(kwargs.get("ref_includes_query", False))).clamp_(min=0)
+            relevant = (relevant - int(given.ref_includes_query)).clamp_(min=0)
             if full_k:
                 _check_recall_depth(full_k, knn_labels, kwargs)
-        if bool(mask.all()):
+        if mask.dtype == torch.bool and bool(mask.all()):
             return match, relevant, labels
         return match[mask], relevant[mask], labels[mask]
 
