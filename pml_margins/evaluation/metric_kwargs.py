@@ -57,13 +57,14 @@ def checked_metric_kwargs(kwargs: dict[str, Any]) -> MetricKwargs:
             f"knn_labels (shape {tuple(knn_labels.shape)}) must have one row per query "
             f"label (query_labels: shape {tuple(labels.shape)})"
         )
-    pair = kwargs["label_counts"]
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+    try:  # a tuple, a list, or a (2, n) tensor or array: what PML's indexing reads
+        unique, counts = kwargs["label_counts"]
+    except (TypeError, ValueError):
         raise TypeError(
             "label_counts must be a pair (distinct labels, their counts), as "
             "get_label_counts returns"
-        )
-    unique, counts = (torch.as_tensor(t, device=labels.device) for t in pair)
+        ) from None
+    unique, counts = (torch.as_tensor(t, device=labels.device) for t in (unique, counts))
     if unique.ndim == 0 or counts.ndim != 1 or len(unique) != len(counts):
         raise ValueError(
             f"label_counts pairs each distinct label with its count, got {len(unique)} labels "

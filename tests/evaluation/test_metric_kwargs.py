@@ -34,6 +34,18 @@ def test_a_mask_of_another_length_is_refused(metric, length):
 
 
 @pytest.mark.parametrize("metric", METRICS)
+def test_label_counts_as_any_pair_pml_reads(metric):
+    kwargs = _kwargs()
+    unique, counts = kwargs["label_counts"]
+    expected = getattr(AccuracyCalculator(), f"calculate_{metric}")(**kwargs)
+    for pair in ([unique, counts], torch.stack([unique, counts]), (unique.tolist(), counts)):
+        got = getattr(RetrievalAccuracyCalculator(), f"calculate_{metric}")(
+            **{**kwargs, "label_counts": pair}
+        )
+        assert got == pytest.approx(expected, abs=1e-7)
+
+
+@pytest.mark.parametrize("metric", METRICS)
 def test_a_mask_as_a_list_or_of_indices_is_read_as_pml_reads_it(metric):
     kwargs = _kwargs()
     mask = [bool(i % 3) for i in range(30)]
