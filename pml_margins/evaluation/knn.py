@@ -220,7 +220,8 @@ def _normalize_overflowed(rows: torch.Tensor, norms: torch.Tensor) -> None:
 
 
 #: dtypes whose every value float64 holds exactly, so that a float64 operation on them
-#: equals the same operation on a float64 copy (integers of up to 32 bits, bool too)
+#: equals the same operation on a float64 copy (integers of up to 32 bits; bool input
+#: arrives as uint8, :func:`.inputs.as_embeddings`)
 _EXACT_IN_FLOAT64 = (
     torch.float16,
     torch.bfloat16,
@@ -230,7 +231,6 @@ _EXACT_IN_FLOAT64 = (
     torch.uint8,
     torch.int16,
     torch.int32,
-    torch.bool,
 )
 
 
