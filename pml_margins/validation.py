@@ -1149,12 +1149,14 @@ def check_unit_interval(value: object, name: str) -> float:
     return check_in_interval(value, name, 0.0, 1.0, low_inclusive=False)
 
 
-def check_angle_margin(value: object, name: str) -> float:
-    """An angular margin in radians, in ``[0, pi)``; a value above pi is taken for degrees."""
+def check_angle_margin(value: object, name: str, pi_allowed: bool = False) -> float:
+    """An angular margin in radians, in ``[0, pi)`` (``[0, pi]`` if ``pi_allowed``); a
+    value above pi is taken for degrees."""
     value = check_non_negative(value, name)
-    if value >= math.pi:
+    if value > math.pi or (value == math.pi and not pi_allowed):
         raise ValueError(
-            f"{name} is in radians and must lie in [0, pi), got {value}; "
+            f"{name} is in radians and must lie in [0, pi{']' if pi_allowed else ')'}, "
+            f"got {value}; "
             f"if you meant {value} degrees (PML's unit), pass math.radians({value})"
         )
     return value

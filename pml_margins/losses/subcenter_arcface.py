@@ -111,7 +111,8 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         Args:
             embeddings: ``(B, D)``.
             labels: ``(B,)`` classes in ``[0, C)``.
-            threshold: angle in radians, ``[0, pi)``; default 75 degrees.
+            threshold: angle in radians, ``[0, pi]`` (``pi``: no outlier); default 75
+                degrees.
             return_dominant_centers: also return the dominant sub-centres.
 
         Returns:
@@ -121,7 +122,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
             in ``embeddings``, in the embeddings' dtype as in PML (so that they multiply
             them; ``W`` keeps its own). (PML always returns the pair.)
         """
-        threshold = check_angle_margin(threshold, "threshold")
+        threshold = check_angle_margin(threshold, "threshold", pi_allowed=True)
         self.check_inputs(embeddings, labels, None, None, None)
         follow_device(self, embeddings.device)  # as PML's
         labels = labels.long()

@@ -309,7 +309,7 @@ def test_against_paper_formula_with_far_sub_centres() -> None:
 
 
 # --- get_outliers --------------------------------------------------------------------
-@pytest.mark.parametrize("degrees", [30.0, 60.0, 75.0, 90.0])
+@pytest.mark.parametrize("degrees", [0.0, 30.0, 60.0, 75.0, 90.0, 180.0])
 def test_get_outliers_equals_pml(degrees: float) -> None:
     torch.manual_seed(4)
     pml, ours = _pair()
@@ -418,3 +418,10 @@ def test_plain_subclass_rejects_fused_only_options() -> None:
     loss = PlainSubCenter(C, D, chunk_size=4)
     with pytest.raises(ValueError, match="chunk_size and sample_rate are not supported"):
         loss(torch.randn(3, D), torch.tensor([0, 1, 2]))
+
+
+def test_get_outliers_refuses_an_angle_beyond_pi_naming_degrees() -> None:
+    _, ours = _pair()
+    x, y = torch.randn(6, D), torch.arange(6) % 2
+    with pytest.raises(ValueError, match=r"\[0, pi\].*math.radians\(75"):
+        ours.get_outliers(x, y, threshold=75)
