@@ -390,14 +390,32 @@ CHECKPOINTS = "checkpoints"
 
 
 def _finish(results: dict[str, Any], out: str, reevaluated: bool = False) -> None:
+    """Write the run's json, table and plot into ``out``: each to a hidden temporary name
+    first, then all moved over the previous run's (``os.replace``, one file at a time)
+    only once all three are written, so that a write that fails (a full disk, a dangling
+    link at ``recall.png``) leaves the previous set (and, in the caller, its checkpoints)
+    as they were, with a one-line error."""
     from pml_margins.bench import report
 
     table = report.markdown_table(results)
     names = REEVALUATED_FILES if reevaluated else RESULT_FILES
-    with open(os.path.join(out, names[1]), "w") as f:
-        f.write(table)
-    report.write_json(results, os.path.join(out, names[0]))
-    report.plot_recall(results, os.path.join(out, names[2]))
+    paths = [os.path.join(out, name) for name in names]
+    temporary = [
+        os.path.join(out, f".{name}.{os.getpid()}.tmp{os.path.splitext(name)[1]}") for name in names
+    ]
+    try:
+        report.write_json(results, temporary[0])
+        with open(temporary[1], "w") as f:
+            f.write(table)
+        report.plot_recall(results, temporary[2])
+        for written, path in zip(temporary, paths, strict=True):
+            os.replace(written, path)
+    except OSError as err:
+        raise SystemExit(f"error: cannot write the results into {out}: {one_line(err)}") from err
+    finally:
+        for written in temporary:
+            with contextlib.suppress(OSError):
+                os.remove(written)
     print(table, end="")
     print(f"\nwrote {out}/{', '.join(names)}")
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sys
 import tarfile
 import zipfile
 import zlib
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
+
+from pml_margins.terminal import bars_reach_a_terminal
 
 __all__ = [
     "DATASET_LAYOUTS",
@@ -563,7 +564,8 @@ def load_image_dataset(
     classes = {name: getattr(datasets, DATASET_LAYOUTS[name].pml_class)}
     root = os.fspath(root)
     folder = os.path.join(root, DATASET_LAYOUTS[name].subdir)
-    if download and (not os.path.isdir(root) or not os.listdir(root)):
+    empty = not os.path.isdir(root) or not os.listdir(root)
+    if download and empty:
         existed = os.path.isdir(root)
         try:  # PML downloads inside the constructor, then reads the split files
             classes[name](root=root, split="train", download=True)
@@ -579,7 +581,15 @@ def load_image_dataset(
         except BaseException:  # Ctrl-C and anything else: the leftovers go too
             _remove_download_leftovers(root, existed)
             raise
-    check_dataset_folder(name, root)
+    try:
+        check_dataset_folder(name, root)
+    except DatasetFolderError as err:
+        if not (download and not empty):
+            raise
+        raise DatasetFolderError(  # (what a user passing --download would not guess)
+            f"{err}. --download was skipped: {root} is not empty, and PML downloads into a "
+            "missing or empty folder only (move what is there, or pass another --data-root)"
+        ) from None
     test_transform = transform or ImageToTensor(image_size)
     train_transform = train_transform or transform or ImageToTensor(image_size, augment=True)
     try:
@@ -646,7 +656,7 @@ def check_image_headers(paths: Sequence[str], max_listed: int = 3, progress: boo
     from PIL import Image
 
     bad = []
-    quiet = not progress or not sys.stdout.isatty()
+    quiet = not progress or not bars_reach_a_terminal()
     for path in tqdm(paths, desc="image headers", unit="image", leave=False, disable=quiet):
         try:
             with Image.open(path) as image:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pml_margins.bench.registry import LossSetup
+from pml_margins.terminal import bars_reach_a_terminal
 
 __all__ = [
     "AMP_DTYPES",
@@ -187,7 +187,7 @@ class _Progress:
 
     def __init__(self, enabled: bool, total: int, label: str, epochs: int) -> None:
         self.label, self.epochs = label, epochs
-        self.lines = enabled and not sys.stdout.isatty()
+        self.lines = enabled and not bars_reach_a_terminal()
         self.bar = tqdm(total=total, desc=label, disable=not enabled or self.lines, unit="step")
 
     def step(self) -> None:
@@ -343,7 +343,7 @@ def embed(
     dev = resolve_device(device)
     model.to(dev).eval()
     chunks, labels = [], []
-    shown = progress and sys.stdout.isatty()
+    shown = progress and bars_reach_a_terminal()
     batches = tqdm(
         _batches(dataset, batch_size, num_workers),
         total=_batch_count(dataset, batch_size) if shown else None,

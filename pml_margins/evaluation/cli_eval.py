@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pml_margins.terminal import bars_reach_a_terminal
 from pml_margins.torch_files import TORCH_SAVE_HEADERS, error_name
 
 __all__ = ["format_table", "load_array", "register", "run"]
 
-#: above this many query × reference pairs the k-nn shows a progress bar
+#: above this many query × reference pairs the k-nn shows a progress bar (stderr a terminal)
 PROGRESS_MIN_PAIRS = 10**8
 #: ``knn.BACKENDS``, spelled out: importing the engine here would slow ``--help``
 BACKEND_CHOICES = ("auto", "faiss", "torch")
@@ -375,7 +376,7 @@ def _run(args: argparse.Namespace) -> int:
             recall_ks=_recall_ks(args),
             distance=CosineSimilarity() if args.distance == "cosine" else None,
             device=device,
-            progress=pairs >= PROGRESS_MIN_PAIRS,
+            progress=pairs >= PROGRESS_MIN_PAIRS and bars_reach_a_terminal(),
             backend=args.backend,
             num_threads=args.num_threads,
         )

@@ -664,6 +664,37 @@ def test_a_failed_run_leaves_the_previous_results_and_checkpoints(tmp_path: Path
     )
 
 
+def test_results_that_cannot_be_written_leave_the_previous_set(tmp_path, monkeypatch) -> None:
+    """The table, json and plot were written over the previous run's one by one: a plot
+    that failed (a full disk) left new results beside the old checkpoints, with a
+    traceback (found by review). Now all three are moved in once written."""
+    from pml_margins.bench import report
+
+    out = tmp_path / "out"
+    assert main(["bench", *TINY, "--losses", "nsl", "--out", str(out)]) == 0
+    before = _files(out)
+
+    def full_disk(results, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "plot_recall", full_disk)
+    with pytest.raises(SystemExit, match=r"^error: cannot write the results into .*No space"):
+        main(["bench", *TINY, "--losses", "cosface", "--out", str(out)])
+    assert _files(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["checkpoints", "results.json", "results.md", "recall.png"]
+    )
+
+
+def test_a_dangling_link_at_a_result_is_replaced(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "recall.png").symlink_to(tmp_path / "missing" / "x.png")
+    assert main(["bench", *TINY, "--losses", "nsl", "--out", str(out)]) == 0
+    assert not (out / "recall.png").is_symlink()
+    assert (out / "recall.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_a_run_replaces_every_checkpoint_of_the_previous_one(tmp_path: Path) -> None:
     """A re-evaluation read models of earlier, differently configured runs beside this
     run's; now checkpoints/ is exactly this run's losses (a folder in the way included)."""

@@ -177,6 +177,19 @@ def test_download_passes_through_to_pml(
     assert calls == [str(root)]
 
 
+@pytest.mark.parametrize("download", [False, True])
+def test_a_skipped_download_is_named(tmp_path: Path, download: bool) -> None:
+    """A non-empty --data-root without the dataset: the error advised --download, which
+    had been passed and silently skipped (found by review)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "notes.txt").write_text("x")
+    with pytest.raises(data.DatasetFolderError) as caught:
+        data.load_image_dataset("cub", root, download=download, image_size=8)
+    skipped = "--download was skipped: " + str(root) + " is not empty"
+    assert (skipped in str(caught.value)) is download
+
+
 def test_an_index_file_with_a_byte_order_mark_is_named(fake_cub: Path) -> None:
     """PML reads the first id with the BOM attached and fails: the check says why first
     (it dropped the BOM and passed; found by review)."""
