@@ -124,7 +124,13 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--image-size", type=int, help="glyphs: 32 (default; a multiple of 16), cub/sop: 224"
     )
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="DataLoader worker processes (default 0: load in this process); a run repeats "
+        "at a given value, but each value draws the augmentations from its own streams",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--threads",

@@ -413,11 +413,18 @@ class ImageToTensor:
         self.size, self.augment = size, bool(augment)
 
     def __call__(self, image: Any) -> torch.Tensor:
+        name = getattr(image, "filename", "") or "an image"
         try:  # Pillow reads lazily: a truncated file fails here, not where it was opened
-            image = _eight_bit(image).convert("RGB")
+            image = _eight_bit(image)
+            if image.mode == "La":  # (premultiplied alpha: Pillow converts it to LA only)
+                image = image.convert("LA")
+            image = image.convert("RGB")
             image = self._random_crop(image) if self.augment else self._centre_crop(image)
         except (OSError, SyntaxError) as err:
-            name = getattr(image, "filename", "") or "an image"
+            raise ValueError(f"cannot read image {name}: {err}") from None
+        except ValueError as err:  # a mode Pillow cannot convert to RGB (or _eight_bit's)
+            if str(err).startswith("cannot read image"):
+                raise
             raise ValueError(f"cannot read image {name}: {err}") from None
         array = np.asarray(image, dtype=np.float32) / 255.0
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)

@@ -152,6 +152,28 @@ def test_image_to_tensor_converts_grayscale() -> None:
     assert torch.allclose(tensor[0, 0, 0], (torch.tensor(128 / 255) - 0.485) / 0.229)
 
 
+def test_a_premultiplied_alpha_image_reads_and_an_unconvertible_one_is_named(tmp_path) -> None:
+    """Pillow converts mode La to LA only: the image failed with Pillow's own message,
+    which names no file (found by review)."""
+    from PIL import Image
+
+    path = tmp_path / "grey.png"
+    Image.new("LA", (7, 5), color=(128, 255)).save(path)
+    with Image.open(path) as opened:
+        expected = data.ImageToTensor(4)(opened)
+    premultiplied = Image.new("La", (7, 5), color=(128, 255))
+    assert torch.equal(data.ImageToTensor(4)(premultiplied), expected)
+
+    class Unconvertible:  # a Pillow image whose mode has no RGB conversion
+        mode, filename = "La", str(tmp_path / "odd.png")
+
+        def convert(self, mode):
+            raise ValueError(f"conversion from La to {mode} not supported")
+
+    with pytest.raises(ValueError, match=r"cannot read image .*odd\.png: conversion from La"):
+        data.ImageToTensor(4)(Unconvertible())
+
+
 @pytest.mark.parametrize("name", ["cub", "sop"])
 def test_download_passes_through_to_pml(
     tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
