@@ -200,11 +200,18 @@ def checked_on_every_rank(
             raise ValueError(f"the ranks' {name} differ (this rank's: {shown}); they must agree")
     for name, (start, n) in spans.items():
         high, low = verdict[start : start + n], [-v for v in verdict[start + n : start + 2 * n]]
-        if any(_differ(h, lo) for h, lo in zip(high, low, strict=True)):
-            raise ValueError(
-                f"the ranks' {name} differ (between {[_shown(v) for v in low]} and "
-                f"{[_shown(v) for v in high]}); they must be equal ({equal_hint})"
+        differing = [i for i, (h, lo) in enumerate(zip(high, low, strict=True)) if _differ(h, lo)]
+        if not differing:
+            continue
+        if n <= 4:
+            between = f"between {[_shown(v) for v in low]} and {[_shown(v) for v in high]}"
+        else:  # (a summary per row: name the first that differs, not every value)
+            i = differing[0]
+            between = (
+                f"{len(differing)} of {n} values, the first at {i}: between "
+                f"{_shown(low[i])} and {_shown(high[i])}"
             )
+        raise ValueError(f"the ranks' {name} differ ({between}); they must be equal ({equal_hint})")
     return result  # type: ignore[return-value]  # check() returned: no error above
 
 

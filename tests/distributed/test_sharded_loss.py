@@ -275,6 +275,10 @@ def test_bad_input_on_one_rank_raises_on_every_rank(runs, world_size: int) -> No
         ):
             assert re.search(f"ranks' {name} differ.*same query set", errors[case]), errors[case]
         assert errors["calc_query_rounding"] == "no error", errors["calc_query_rounding"]
+        one = errors["calc_one_query_coordinate"]
+        assert re.search(
+            r"query values \(summarized\) differ \(2 of 6000 values, the first at 2468", one
+        ), one
         empty = "reference is empty" if rank == 0 else "another rank's input is invalid"
         assert empty in errors["empty_reference"]
         # the public sharded function: local checks agreed, then one owner per row

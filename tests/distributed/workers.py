@@ -323,8 +323,14 @@ def bad_input_on_one_rank(rank: int, world_size: int, out: pathlib.Path) -> None
     # each rank its own query set (its slice, say): each ranked its own queries and counted
     # with its own labels, P@1 0.3 on every rank where each one's alone gives 0.2 (review)
     mine = torch.randn(3, 4, generator=torch.Generator().manual_seed(rank))
+    # one coordinate of one of 3,000 x 64 queries 0.1 apart: one summary of the whole set
+    # took it for rounding (relative 5e-7); each rank ranked its own (found by review)
+    many = torch.randn(3000, 64, generator=torch.Generator().manual_seed(11))
+    many[1234, 7] += 0.1 * rank
+    many_labels = torch.arange(3000) % 7
     for case, args in {
         "calc_query_values": (mine, labels, shard, labels[:1].repeat(5)),
+        "calc_one_query_coordinate": (many, many_labels, many[:5] + rank, labels[:1].repeat(5)),
         "calc_query_labels": (query, (labels + rank) % 2, shard, labels[:1].repeat(5)),
         # ulp-level differences (a model recomputed on each rank): the same query set
         "calc_query_rounding": (query * (1 + rank * 2**-23), labels, shard, labels[:1].repeat(5)),
